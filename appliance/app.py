@@ -1,0 +1,256 @@
+"""The Litestar app: thin handlers over the supervisor and the engine proxy.
+
+Resources (HTTP session, supervisor) open and close in the lifespan. Every error
+leaves through ``_error_response`` in the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from litestar import Litestar, Request, Response, get, post
+from litestar.exceptions import HTTPException
+from litestar.response import Stream
+
+from .config import Config
+from .errors import (
+    ApplianceError,
+    BadRequest,
+    PayloadTooLarge,
+    ShuttingDown,
+    encode_error,
+    error_for_status,
+)
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    ModelCard,
+    ModelList,
+    RequestT,
+    decode_request,
+)
+from .proxy import EngineProxy, make_session
+from .supervisor import Supervisor
+
+log = logging.getLogger("appliance.api")
+
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Runtime:
+    """What the lifespan opens and the handlers use."""
+
+    cfg: Config
+    supervisor: Supervisor
+    proxy: EngineProxy
+    metrics: Metrics
+    started: float = field(default_factory=time.time)
+    draining: bool = False
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def _request_id(request: Request) -> str:
+    rid = request.headers.get("x-request-id")
+    if not rid or len(rid) > 128:
+        rid = uuid.uuid4().hex
+    request.scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
+    return rid
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes")
+    try:
+        body = await request.body()
+    except HTTPException as exc:
+        if exc.status_code == 413:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes") from None
+        raise
+    if len(body) > limit:
+        raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
+    return body
+
+
+async def _forward(request: Request, path: str, cls: type[RequestT], endpoint: str) -> Response:
+    rt = _runtime(request)
+    started = time.perf_counter()
+    rid = _request_id(request)
+    if rt.draining:
+        raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
+                           retry_after=5)
+    body = await _read_body(request, rt.cfg.server.max_body_bytes)
+    req = decode_request(body, cls)
+    deployment = rt.supervisor.deployment(req.model)
+    if cls is EmbeddingRequest and not deployment.model.embeddings:
+        raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
+                         code="embeddings_not_supported")
+    replica = deployment.pick()
+    headers = {"Content-Type": JSON, "X-Request-Id": rid}
+    model = req.model
+
+    if getattr(req, "stream", False):
+        def done(status: int) -> None:
+            rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
+
+        chunks = await rt.proxy.open_stream(replica, path, body, headers, done)
+        return Stream(chunks, media_type="text/event-stream", status_code=200,
+                      headers={**SSE_HEADERS, "X-Request-Id": rid})
+
+    status, data, content_type = await rt.proxy.unary(replica, path, body, headers)
+    rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
+    return Response(data, status_code=status, media_type=content_type, headers={"X-Request-Id": rid})
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat_completions(request: Request) -> Response:
+    return await _forward(request, "/v1/chat/completions", ChatCompletionRequest, "chat")
+
+
+@post("/v1/completions", status_code=200)
+async def completions(request: Request) -> Response:
+    return await _forward(request, "/v1/completions", CompletionRequest, "completions")
+
+
+@post("/v1/embeddings", status_code=200)
+async def embeddings(request: Request) -> Response:
+    return await _forward(request, "/v1/embeddings", EmbeddingRequest, "embeddings")
+
+
+@get("/v1/models")
+async def list_models(request: Request) -> Response:
+    rt = _runtime(request)
+    created = int(rt.started)
+    cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
+    return Response(ModelList(data=cards), media_type=JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str) -> Response:
+    rt = _runtime(request)
+    name = model_id.lstrip("/")
+    rt.supervisor.deployment(name)  # 404 in the envelope if unknown
+    return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
+
+
+@get("/healthz")
+async def healthz() -> Response:
+    return Response({"status": "alive"}, media_type=JSON)
+
+
+@get("/readyz")
+async def readyz(request: Request) -> Response:
+    rt = _runtime(request)
+    models = {name: d.ready for name, d in rt.supervisor.deployments.items()}
+    ready = rt.supervisor.ready and not rt.draining
+    status = "draining" if rt.draining else ("ready" if ready else "starting")
+    headers = {} if ready else {"Retry-After": "5"}
+    return Response({"status": status, "models": models}, status_code=200 if ready else 503,
+                    media_type=JSON, headers=headers)
+
+
+@get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(_runtime(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+@get("/admin/status")
+async def admin_status(request: Request) -> Response:
+    rt = _runtime(request)
+    body = {
+        "version": _version(),
+        "config": rt.cfg.origin,
+        "uptime_s": round(time.time() - rt.started, 1),
+        "draining": rt.draining,
+        "ready": rt.supervisor.ready,
+        "listen": f"{rt.cfg.server.host}:{rt.cfg.server.port}",
+        "paths": {"state": rt.cfg.paths.state_dir, "cache": rt.cfg.paths.cache_dir,
+                  "logs": rt.cfg.paths.log_dir},
+        **rt.supervisor.status(),
+    }
+    return Response(body, media_type=JSON)
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+# --- errors: the one place domain errors become HTTP ---------------------------
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ApplianceError):
+        err = exc
+    elif isinstance(exc, HTTPException):
+        err = error_for_status(exc.status_code, _framework_message(exc))
+        if exc.status_code == 405:
+            err.message = f"Method {request.method} is not allowed on {request.url.path}"
+    else:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        err = ApplianceError("Internal error; the appliance's log has the details")
+    headers = err.headers()
+    rid = request.scope.get("request_id")
+    if rid:
+        headers["X-Request-Id"] = rid
+    return Response(err.envelope(), status_code=err.status, media_type=JSON, headers=headers)
+
+
+def _framework_message(exc: HTTPException) -> str:
+    if exc.status_code == 404:
+        return "Not found: no such endpoint"
+    return exc.detail or "Request rejected"
+
+
+# --- the app --------------------------------------------------------------------
+
+
+def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
+    """The real app; tests pass a supervisor_factory to inject a runner or clock."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        session = make_session(cfg)
+        factory = supervisor_factory or (lambda c, s: Supervisor(c, s))
+        supervisor = factory(cfg, session)
+        runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
+                          metrics=Metrics(supervisor))
+        app.state.runtime = runtime
+        supervisor.start()
+        log.info("serving %s on http://%s:%d/v1 (config: %s)",
+                 ", ".join(supervisor.deployments), cfg.server.host, cfg.server.port, cfg.origin)
+        try:
+            yield
+        finally:
+            runtime.draining = True
+            await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
+            await session.close()
+            log.info("stopped")
+
+    return Litestar(
+        route_handlers=[chat_completions, completions, embeddings, list_models, get_model,
+                        healthz, readyz, metrics, admin_status],
+        lifespan=[lifespan],
+        exception_handlers={Exception: _error_response},
+        request_max_body_size=cfg.server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+
+
+__all__ = ["Runtime", "create_app", "encode_error"]

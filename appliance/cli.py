@@ -1,0 +1,152 @@
+"""The `appliance` command: serve, status, models."""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+import click
+
+from .config import Config, ConfigError, load_config, model_path
+
+CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
+
+
+def _load(config: str | None) -> Config:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="appliance")
+def main() -> None:
+    """Sovereign on-prem LLM serving: an OpenAI-compatible API on localhost."""
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--host", help="Address to bind (overrides server.host).")
+@click.option("--port", type=int, help="Port to bind (overrides server.port).")
+def serve(config: str | None, host: str | None, port: int | None) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
+    import msgspec
+
+    from .logs import setup_logging
+    from .server import run
+
+    cfg = _load(config)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+    setup_logging(cfg.server.log_level)
+    _check_files(cfg)
+    sys.exit(run(cfg))
+
+
+def _check_files(cfg: Config) -> None:
+    """Fail at start, with the fix, when the CPU engine or a model file is missing."""
+    import os
+
+    for m in cfg.models:
+        if m.server != "llamacpp":
+            continue
+        binary = cfg.engines.llamacpp.binary
+        if not os.access(binary, os.X_OK):
+            raise click.ClickException(
+                f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
+        path = model_path(cfg, m)
+        if path is not None and not path.is_file():
+            raise click.ClickException(
+                f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
+                "for the bundled model")
+
+
+def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+    url = f"http://{host}:{cfg.server.port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return json.loads(exc.read() or b"{}")
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(config: str | None, port: int | None, as_json: bool) -> None:
+    """Show the running daemon's models and replicas."""
+    cfg = _with_port(_load(config), port)
+    data = _daemon_get(cfg, "/admin/status")
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    state = "draining" if data.get("draining") else ("ready" if data.get("ready") else "starting")
+    click.echo(f"appliance {data.get('version')}  {state}  listening on {data.get('listen')}  "
+               f"up {data.get('uptime_s')}s  config {data.get('config')}")
+    for m in data.get("models", []):
+        click.echo(f"\n{m['name']}  ({m['server']})  {'ready' if m['ready'] else 'not ready'}")
+        for r in m["replicas"]:
+            where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
+            click.echo(f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  "
+                       f"restarts {r['restarts']}")
+            if r.get("last_error"):
+                click.echo(f"      last error: {r['last_error']}")
+            for line in r.get("log_tail") or []:
+                click.echo(f"      | {line}")
+    if not data.get("ready"):
+        sys.exit(3)
+
+
+def _with_port(cfg: Config, port: int | None) -> Config:
+    import msgspec
+
+    if port is None:
+        return cfg
+    return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=port))
+
+
+@main.group()
+def models() -> None:
+    """Model deployments."""
+
+
+@models.command("ls")
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
+    """List configured models, with their live state when the daemon runs."""
+    cfg = _with_port(_load(config), port)
+    try:
+        live = {m["name"]: m for m in _daemon_get(cfg, "/admin/status", timeout=1.5).get("models", [])}
+    except click.ClickException:
+        live = None
+    rows = []
+    for m in cfg.models:
+        state = "daemon not running"
+        if live is not None:
+            info = live.get(m.name)
+            states = [r["state"] for r in info["replicas"]] if info else []
+            state = ",".join(states) or "unknown"
+        path = model_path(cfg, m)
+        rows.append({"name": m.name, "server": m.server,
+                     "source": str(path) if path else (m.url or " ".join(m.command)),
+                     "replicas": max(m.autoscaling.min_replicas, 1), "state": state})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}")
+
+
+if __name__ == "__main__":
+    main()

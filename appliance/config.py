@@ -1,0 +1,314 @@
+"""Configuration: loaded, defaulted and validated here and nowhere else.
+
+One TOML file (``/etc/appliance/appliance.toml`` by default, ``--config`` or
+``APPLIANCE_CONFIG`` to override). With no file at all the daemon serves the
+embedded default model. Every validation error names the file and the field.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
+EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
+EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+BUILTIN_PREFIX = "builtin:"
+
+ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ConfigError(Exception):
+    """A config problem, phrased for the operator: file, field, what is wrong."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    # SIGTERM: stop accepting, give in-flight requests this long to finish.
+    drain_timeout_s: float = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class PathsConfig(_Section):
+    # Empty means: FHS defaults for root, XDG defaults for other users.
+    state_dir: str = ""
+    cache_dir: str = ""
+    log_dir: str = ""
+
+
+class UpstreamConfig(_Section):
+    connect_timeout_s: float = 5.0
+    # Longest silence between two bytes of an engine's answer.
+    read_timeout_s: float = 600.0
+    # Pooled keep-alive connections kept open to each engine replica.
+    max_connections_per_replica: int = 256
+
+
+class SupervisorConfig(_Section):
+    startup_timeout_s: float = 300.0
+    # Grace between SIGTERM and SIGKILL when an engine is stopped.
+    stop_grace_s: float = 10.0
+    backoff_initial_s: float = 1.0
+    backoff_max_s: float = 30.0
+    # More than max_crashes within crash_window_s marks a replica FATAL.
+    max_crashes: int = 5
+    crash_window_s: float = 120.0
+    health_interval_s: float = 5.0
+    health_failures_before_restart: int = 3
+    # Each replica's log file is capped at this size (one rotated copy is kept).
+    log_max_bytes: int = 10 * 1024 * 1024
+
+
+class LlamaCppConfig(_Section):
+    # Empty: the llama-server installed next to this program (install.sh puts it there).
+    binary: str = ""
+
+
+class EnginesConfig(_Section):
+    llamacpp: LlamaCppConfig = msgspec.field(default_factory=LlamaCppConfig)
+
+
+class GpuRequest(_Section):
+    type: str = "any"
+    count: int = 0
+
+
+class Autoscaling(_Section):
+    metric: Literal["rps"] = "rps"
+    min_replicas: int = 1
+    max_replicas: int = 1
+    target_rps_per_replica: float = 4.0
+    scale_to_zero_after: str = "0s"
+
+
+class ModelConfig(_Section):
+    name: str
+    server: ServerKind = "llamacpp"
+    # A GGUF path, a directory, or builtin:<name> for the bundled model.
+    source: str = ""
+    # openai engine: a command template ({port}, {host}, {model_path}, {model_name}) to
+    # supervise, or the URL of an external server that is only health-checked.
+    command: list[str] = msgspec.field(default_factory=list)
+    url: str = ""
+    # Extra engine arguments and environment, appended after the adapter's own.
+    args: list[str] = msgspec.field(default_factory=list)
+    env: dict[str, str] = msgspec.field(default_factory=dict)
+    # llama.cpp: parallel decode slots and total context (shared by the slots).
+    parallel: int = 4
+    context_length: int = 8192
+    threads: int = 0
+    embeddings: bool = False
+    tags: list[str] = msgspec.field(default_factory=list)
+    gpus: GpuRequest = msgspec.field(default_factory=GpuRequest)
+    autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
+
+
+class Config(_Section):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
+    supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
+    engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
+    models: list[ModelConfig] = msgspec.field(default_factory=list)
+    # Where the config came from, for messages; not a TOML key.
+    origin: str = "<built-in defaults>"
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def embedded_default_model() -> ModelConfig:
+    return ModelConfig(
+        name=EMBEDDED_MODEL_NAME,
+        server="llamacpp",
+        source=BUILTIN_PREFIX + EMBEDDED_MODEL_NAME,
+        parallel=4,
+        context_length=8192,
+    )
+
+
+# --- paths -------------------------------------------------------------------
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+def default_paths() -> PathsConfig:
+    """FHS locations for root (a system service), XDG locations for a user."""
+    if _is_root():
+        return PathsConfig(
+            state_dir="/var/lib/appliance",
+            cache_dir="/var/cache/appliance",
+            log_dir="/var/log/appliance",
+        )
+    home = Path.home()
+    state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local/state") / "appliance"
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or home / ".cache") / "appliance"
+    return PathsConfig(state_dir=str(state), cache_dir=str(cache), log_dir=str(state / "log"))
+
+
+def install_prefix() -> Path:
+    """The virtual environment this program runs from; install.sh puts the
+    CPU engine in its bin/ and the bundled model in its share/appliance/."""
+    return Path(sys.prefix)
+
+
+def default_llama_server() -> str:
+    candidate = install_prefix() / "bin" / "llama-server"
+    return str(candidate)
+
+
+def builtin_model_path(name: str) -> Path:
+    if name != EMBEDDED_MODEL_NAME:
+        raise KeyError(name)
+    return install_prefix() / "share" / "appliance" / "models" / EMBEDDED_MODEL_FILE
+
+
+# --- loading -----------------------------------------------------------------
+
+
+def resolve_config_path(cli_path: str | None) -> tuple[Path, bool]:
+    """The config file to read and whether the operator asked for it explicitly
+    (an explicit file that is missing is an error; the default may be absent)."""
+    if cli_path:
+        return Path(cli_path), True
+    env = os.environ.get("APPLIANCE_CONFIG")
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def load_config(cli_path: str | None = None) -> Config:
+    path, explicit = resolve_config_path(cli_path)
+    if not path.exists():
+        if explicit:
+            raise ConfigError(f"{path}: config file not found")
+        return finalize(Config(), origin="<built-in defaults>")
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    return parse_config(raw, origin=str(path))
+
+
+def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
+    try:
+        cfg = msgspec.toml.decode(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {_field_message(exc)}") from None
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    return finalize(cfg, origin=origin)
+
+
+def _field_message(exc: msgspec.ValidationError) -> str:
+    # msgspec says "Expected `int`, got `str` - at `$.server.port`"; turn the
+    # JSON path into the TOML field the operator edits: server.port, models[0].name.
+    text = str(exc)
+    match = re.search(r" - at `\$(.*)`$", text)
+    if not match:
+        return text
+    field = match.group(1).lstrip(".")
+    message = text[: match.start()]
+    return f"field '{field}': {message}"
+
+
+def finalize(cfg: Config, origin: str) -> Config:
+    """Fill defaults that depend on the machine, then check cross-field rules."""
+    defaults = default_paths()
+    paths = PathsConfig(
+        state_dir=cfg.paths.state_dir or defaults.state_dir,
+        cache_dir=cfg.paths.cache_dir or defaults.cache_dir,
+        log_dir=cfg.paths.log_dir or defaults.log_dir,
+    )
+    models = cfg.models or [embedded_default_model()]
+    engines = cfg.engines
+    if not engines.llamacpp.binary:
+        engines = EnginesConfig(llamacpp=LlamaCppConfig(binary=default_llama_server()))
+    cfg = msgspec.structs.replace(cfg, paths=paths, models=models, engines=engines, origin=origin)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: Config) -> None:
+    errors: list[str] = []
+
+    def need(ok: bool, field: str, message: str) -> None:
+        if not ok:
+            errors.append(f"field '{field}': {message}")
+
+    s = cfg.server
+    need(0 < s.port < 65536, "server.port", f"must be 1-65535, got {s.port}")
+    need(s.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")
+    need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
+    u = cfg.upstream
+    need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
+    need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")
+    need(u.max_connections_per_replica >= 1, "upstream.max_connections_per_replica", "must be >= 1")
+    sv = cfg.supervisor
+    for field in ("startup_timeout_s", "backoff_initial_s", "backoff_max_s", "crash_window_s",
+                  "health_interval_s"):
+        need(getattr(sv, field) > 0, f"supervisor.{field}", "must be positive")
+    need(sv.stop_grace_s >= 0, "supervisor.stop_grace_s", "must not be negative")
+    need(sv.max_crashes >= 1, "supervisor.max_crashes", "must be >= 1")
+    need(sv.log_max_bytes >= 4096, "supervisor.log_max_bytes", "must be at least 4096")
+
+    seen: set[str] = set()
+    for i, m in enumerate(cfg.models):
+        at = f"models[{i}]"
+        need(bool(_NAME_RE.match(m.name)), f"{at}.name",
+             f"{m.name!r} is not a valid model name (letters, digits, . _ : / -)")
+        need(m.name not in seen, f"{at}.name", f"duplicate model name {m.name!r}")
+        seen.add(m.name)
+        a = m.autoscaling
+        need(a.min_replicas >= 0, f"{at}.autoscaling.min_replicas", "must not be negative")
+        need(a.max_replicas >= max(a.min_replicas, 1), f"{at}.autoscaling.max_replicas",
+             "must be >= min_replicas and >= 1")
+        need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
+        need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
+        need(m.threads >= 0, f"{at}.threads", "must not be negative")
+        if m.server == "llamacpp":
+            need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
+            if m.source.startswith(BUILTIN_PREFIX):
+                name = m.source[len(BUILTIN_PREFIX):]
+                need(name == EMBEDDED_MODEL_NAME, f"{at}.source",
+                     f"unknown builtin model {name!r}; the bundled one is {EMBEDDED_MODEL_NAME!r}")
+        elif m.server == "openai":
+            need(bool(m.command) != bool(m.url), f"{at}",
+                 "an openai engine needs exactly one of 'command' (supervised) or 'url' (external)")
+            if m.url:
+                need(m.url.startswith(("http://", "https://")), f"{at}.url", "must be an http(s) URL")
+            if m.command:
+                need(any("{port}" in part for part in m.command), f"{at}.command",
+                     "must contain {port} so the engine listens where the supervisor expects")
+        else:
+            errors.append(f"field '{at}.server': {m.server!r} engines arrive with GPU support; "
+                          "this build runs 'llamacpp' and 'openai'")
+    if errors:
+        raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
+
+
+def model_path(cfg: Config, model: ModelConfig) -> Path | None:
+    """The weights a model deployment loads, or None for engines that bring their own."""
+    if not model.source:
+        return None
+    if model.source.startswith(BUILTIN_PREFIX):
+        return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
+    path = Path(model.source).expanduser()
+    if not path.is_absolute():
+        path = Path(cfg.paths.cache_dir) / "models" / path
+    return path

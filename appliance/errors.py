@@ -1,0 +1,135 @@
+"""Domain errors and their one mapping to HTTP and the OpenAI error envelope.
+
+Every error the API returns has the shape
+``{"error": {"message": ..., "type": ..., "param": ..., "code": ...}}``.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class ErrorBody(msgspec.Struct, omit_defaults=False):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorEnvelope(msgspec.Struct):
+    error: ErrorBody
+
+
+class ApplianceError(Exception):
+    """Base of every error that becomes an HTTP answer."""
+
+    status = 500
+    type = "server_error"
+    code: str | None = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        self.retry_after = retry_after
+
+    def envelope(self) -> bytes:
+        return encode_error(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+
+class BadRequest(ApplianceError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class Unauthorized(ApplianceError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(ApplianceError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+    def __init__(self, model: str) -> None:
+        # Name only what the caller sent; never list what else the box serves.
+        super().__init__(f"The model '{model}' does not exist", param="model")
+
+
+class MethodNotAllowed(ApplianceError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class PayloadTooLarge(ApplianceError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class NoCapacity(ApplianceError):
+    """No replica can take the request now; the client should retry later."""
+
+    status = 503
+    type = "server_error"
+    code = "no_capacity"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class ShuttingDown(NoCapacity):
+    code = "shutting_down"
+
+
+class EngineFailure(ApplianceError):
+    """The engine broke the request: refused connection, reset, timeout, 5xx."""
+
+    status = 502
+    type = "server_error"
+    code = "engine_error"
+
+
+class EngineTimeout(EngineFailure):
+    status = 504
+    code = "engine_timeout"
+
+
+def encode_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
+    return msgspec.json.encode(ErrorEnvelope(ErrorBody(message, type_, param, code)))
+
+
+# Status codes that reach us from frameworks (Litestar, Granian) rather than our
+# own code, mapped to the envelope's type and code.
+_STATUS_KIND: dict[int, tuple[str, str]] = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    429: ("rate_limit_error", "rate_limited"),
+}
+
+
+def error_for_status(status: int, message: str) -> ApplianceError:
+    err_type, code = _STATUS_KIND.get(status, ("server_error", "internal_error"))
+    err = ApplianceError(message, code=code)
+    err.status = status
+    err.type = err_type
+    return err

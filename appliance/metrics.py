@@ -1,0 +1,61 @@
+"""Prometheus metrics: request counters on the hot path, replica state read at scrape time."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+if TYPE_CHECKING:
+    from .supervisor import Supervisor
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _SupervisorCollector:
+    """Replica states, in-flight and restarts, read from the supervisor per scrape
+    so the request path pays nothing for them."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def collect(self):
+        from .replica import State
+
+        state = GaugeMetricFamily("appliance_replica_state", "1 for the state each replica is in",
+                                  labels=["model", "replica", "state"])
+        inflight = GaugeMetricFamily("appliance_replica_inflight_requests",
+                                     "Requests being served by each replica", labels=["model", "replica"])
+        restarts = CounterMetricFamily("appliance_replica_restarts", "Engine restarts after a crash",
+                                       labels=["model", "replica"])
+        ready = GaugeMetricFamily("appliance_model_ready", "1 when a model has a READY replica",
+                                  labels=["model"])
+        for name, dep in self.supervisor.deployments.items():
+            ready.add_metric([name], 1.0 if dep.ready else 0.0)
+            for r in dep.replicas:
+                idx = str(r.index)
+                for s in State:
+                    state.add_metric([name, idx, s.value], 1.0 if r.state is s else 0.0)
+                inflight.add_metric([name, idx], float(r.inflight))
+                restarts.add_metric([name, idx], float(r.restarts))
+        yield from (state, inflight, restarts, ready)
+
+
+class Metrics:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("appliance_requests", "API requests answered",
+                                ["model", "endpoint", "status"], registry=self.registry)
+        self.duration = Histogram("appliance_request_duration_seconds",
+                                  "Time from request to the last byte of the answer",
+                                  ["model", "endpoint"], registry=self.registry,
+                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.registry.register(_SupervisorCollector(supervisor))
+
+    def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
+        self.duration.labels(model, endpoint).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,106 @@
+"""OpenAI protocol types: what the appliance reads from a request.
+
+Only the fields the appliance itself acts on or must type-check are declared.
+The request body is forwarded to the engine byte for byte, so fields declared
+nowhere here (tools, response_format, logprobs, ...) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from .errors import BadRequest
+
+
+class _Request(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    max_tokens: int | None = None
+    n: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: str
+    # str, a list of content parts, or null (assistant turns with tool calls).
+    content: Any = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+# A prompt is a string, or a list of strings, of token ids, or of token-id lists;
+# msgspec checks the outer shape, the engine the rest.
+Prompt = str | list[str | int | list[int]]
+
+
+class CompletionRequest(_Request):
+    prompt: Prompt
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: Prompt
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+
+_DECODERS = {
+    cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+}
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def decode_request(body: bytes, cls: type[RequestT]) -> RequestT:
+    """Parse and type-check a request body; a 400 that names the field otherwise."""
+    if not body:
+        raise BadRequest("Request body is empty; expected a JSON object")
+    try:
+        req = _DECODERS[cls].decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT.search(text)
+        param = match.group(1) if match else None
+        message = text[: match.start()] if match else text
+        if param:
+            message = f"{message} for '{param}'"
+        raise BadRequest(f"Invalid request: {message}", param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    _check_ranges(req)
+    return req
+
+
+def _check_ranges(req: RequestT) -> None:
+    for field in ("max_tokens", "max_completion_tokens", "n"):
+        value = getattr(req, field, None)
+        if value is not None and value < 1:
+            raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
+    if isinstance(req, ChatCompletionRequest) and not req.messages:
+        raise BadRequest("'messages' must contain at least one message", param="messages")
+    if not getattr(req, "model", ""):
+        raise BadRequest("'model' must be a non-empty string", param="model")
+
+
+# --- responses the appliance itself produces ----------------------------------
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "appliance"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"

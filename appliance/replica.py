@@ -1,0 +1,407 @@
+"""One engine replica, owned by one asyncio task.
+
+The owner task is the only code that changes the replica's state, through
+``_transition``, which logs and publishes every change. Callers ask
+(``wait_ready``, ``stop``); they never check-then-act on the state.
+
+    STOPPED -> STARTING -> READY -> DRAINING -> STOPPED
+                  |          |
+                  v          v
+               BACKOFF <-----+        (crash, failed start, failed health)
+                  |
+                  v
+                FATAL                 (too many crashes within the window)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import signal
+import socket
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import aiohttp
+
+from engines import EngineAdapter, ProbeFailed
+
+from .config import Config, ModelConfig
+from .process import ProcessHandle, ProcessRunner
+
+log = logging.getLogger("appliance.replica")
+
+
+class State(enum.Enum):
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    READY = "READY"
+    DRAINING = "DRAINING"
+    BACKOFF = "BACKOFF"
+    FATAL = "FATAL"
+
+
+class Clock(Protocol):
+    def monotonic(self) -> float: ...
+
+    async def sleep(self, seconds: float) -> None: ...
+
+
+class RealClock:
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Transition:
+    at: float
+    old: State
+    new: State
+    reason: str
+
+
+class ReplicaUnavailable(Exception):
+    """The replica cannot become ready (FATAL or stopped); the message says why."""
+
+
+class _External:
+    """Stands in for the process of an engine the appliance does not supervise."""
+
+    pid = 0
+
+    def __init__(self) -> None:
+        self._done = asyncio.get_running_loop().create_future()
+
+    async def wait(self) -> int:
+        return await self._done
+
+    def signal_group(self, sig: int) -> None:
+        if not self._done.done():
+            self._done.set_result(0)
+
+    def tail(self, lines: int) -> list[str]:
+        return []
+
+
+class _Crash(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+Listener = Callable[["Replica", Transition], None]
+
+
+class Replica:
+    HOST = "127.0.0.1"
+
+    def __init__(self, *, cfg: Config, model: ModelConfig, index: int, adapter: EngineAdapter,
+                 runner: ProcessRunner, session: aiohttp.ClientSession, log_dir: Path,
+                 clock: Clock | None = None, port_allocator: Callable[[], int] = free_port,
+                 listener: Listener | None = None) -> None:
+        self.cfg = cfg
+        self.model = model
+        self.index = index
+        self.adapter = adapter
+        self.runner = runner
+        self.session = session
+        self.clock = clock or RealClock()
+        self.port_allocator = port_allocator
+        self.listener = listener
+        self.log_path = log_dir / f"{model.name.replace('/', '_')}-{index}.log"
+        self.supervised = adapter.supervised(model)
+
+        self.state = State.STOPPED
+        self.history: deque[Transition] = deque(maxlen=32)
+        self.port = 0
+        self.base_url = ""
+        self.pid = 0
+        self.restarts = 0
+        self.last_error = ""
+        self.fatal_log_tail: list[str] = []
+        self.inflight = 0
+        self.ready_since = 0.0
+
+        self._crash_times: deque[float] = deque()
+        self._proc: ProcessHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+        self._changed = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    @property
+    def name(self) -> str:
+        return f"{self.model.name}#{self.index}"
+
+    # --- what callers may ask ---------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._own(), name=f"replica-{self.name}")
+
+    async def wait_ready(self, timeout: float) -> None:
+        deadline = self.clock.monotonic() + timeout
+        while self.state is not State.READY:
+            if self.state is State.FATAL:
+                raise ReplicaUnavailable(f"{self.name} is FATAL: {self.last_error}")
+            if self._stop.is_set() or self._task is None:
+                raise ReplicaUnavailable(f"{self.name} is stopped")
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s ({self.state.value})")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        """Drain in-flight requests (bounded), stop the engine, end the owner task."""
+        self._drain_timeout = drain_timeout
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    @contextlib.contextmanager
+    def lease(self):
+        """Count a request against this replica while it runs (drain waits for it)."""
+        self.inflight += 1
+        self._idle.clear()
+        try:
+            yield self
+        finally:
+            self.inflight -= 1
+            if self.inflight == 0:
+                self._idle.set()
+
+    def snapshot(self) -> dict:
+        return {
+            "replica": self.name,
+            "index": self.index,
+            "state": self.state.value,
+            "pid": self.pid or None,
+            "port": self.port or None,
+            "url": self.base_url or None,
+            "supervised": self.supervised,
+            "inflight": self.inflight,
+            "restarts": self.restarts,
+            "last_error": self.last_error or None,
+            "log_file": str(self.log_path) if self.supervised else None,
+            "log_tail": self.fatal_log_tail if self.state is State.FATAL else [],
+        }
+
+    # --- the owner task -----------------------------------------------------------
+
+    _drain_timeout = 0.0
+
+    def _transition(self, new: State, reason: str) -> None:
+        old = self.state
+        if old is new:
+            return
+        self.state = new
+        event = Transition(self.clock.monotonic(), old, new, reason)
+        self.history.append(event)
+        level = logging.WARNING if new in (State.BACKOFF, State.FATAL) else logging.INFO
+        log.log(level, "replica %s %s -> %s: %s", self.name, old.value, new.value, reason)
+        if new is State.READY:
+            self.ready_since = event.at
+        self._changed.set()
+        if self.listener is not None:
+            self.listener(self, event)
+
+    async def _own(self) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    await self._run_once()
+                except _Crash as crash:
+                    if self._stop.is_set():
+                        break
+                    if not await self._after_crash(crash.reason):
+                        return  # FATAL: stays until stopped
+            await self._shutdown("stop requested")
+        except asyncio.CancelledError:
+            await asyncio.shield(self._kill_now())
+            self._transition(State.STOPPED, "owner task cancelled")
+            raise
+
+    async def _run_once(self) -> None:
+        self.port = self.port_allocator() if self.supervised else 0
+        self.base_url = self.adapter.base_url(self.model, self.HOST, self.port)
+        self._transition(State.STARTING, f"starting on {self.base_url}")
+        self._proc = await self._spawn()
+        self.pid = self._proc.pid
+        await self._until_ready()
+        if self._stop.is_set():
+            return
+        self._transition(State.READY, "answered a 1-token completion")
+        self._crash_times_trim()
+        await self._watch()
+
+    async def _spawn(self) -> ProcessHandle:
+        if not self.supervised:
+            return _External()
+        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port)
+        try:
+            return await self.runner.spawn(spec.argv, spec.env, self.log_path)
+        except OSError as exc:
+            raise _Crash(str(exc)) from None
+
+    async def _until_ready(self) -> None:
+        """Probe until the engine answers; a crash if it exits or takes too long."""
+        sv = self.cfg.supervisor
+        deadline = self.clock.monotonic() + sv.startup_timeout_s
+        last = "no answer yet"
+        while not self._stop.is_set():
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                await self._kill_now()
+                raise _Crash(f"not ready within {sv.startup_timeout_s:.0f}s: {last}")
+            probe = self.adapter.probe_ready(self.session, self.base_url, self.model,
+                                             timeout=min(remaining, 30.0))
+            outcome = await self._race(probe)
+            if outcome == "done":
+                return
+            if outcome == "exited":
+                raise _Crash(self._exit_reason("exited while starting"))
+            if isinstance(outcome, ProbeFailed):
+                last = str(outcome)
+            await self._race(self.clock.sleep(0.25))
+
+    async def _watch(self) -> None:
+        """While READY: notice an exit or a run of failed health checks."""
+        sv = self.cfg.supervisor
+        failures = 0
+        while not self._stop.is_set():
+            outcome = await self._race(self.clock.sleep(sv.health_interval_s))
+            if outcome == "exited":
+                raise _Crash(self._exit_reason("exited"))
+            if outcome == "stopped":
+                return
+            probe = self.adapter.probe_health(self.session, self.base_url, timeout=sv.health_interval_s)
+            outcome = await self._race(probe)
+            if outcome == "exited":
+                raise _Crash(self._exit_reason("exited"))
+            if isinstance(outcome, ProbeFailed):
+                failures += 1
+                self.last_error = str(outcome)
+                if failures >= sv.health_failures_before_restart:
+                    await self._kill_now()
+                    raise _Crash(f"unhealthy: {failures} failed health checks, last: {outcome}")
+            else:
+                failures = 0
+
+    async def _race(self, coro) -> object:
+        """Run coro against the process exiting and a stop request.
+
+        Returns "done", "exited", "stopped", or the ProbeFailed coro raised."""
+        work = asyncio.ensure_future(coro)
+        exited = asyncio.ensure_future(self._proc.wait()) if self._proc else None
+        stopped = asyncio.ensure_future(self._stop.wait())
+        waiters = [w for w in (work, exited, stopped) if w is not None]
+        try:
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                if not w.done():
+                    w.cancel()
+            for w in (work, stopped):
+                with contextlib.suppress(BaseException):
+                    if w.cancelled():
+                        await w
+        if work in done:
+            exc = work.exception()
+            if isinstance(exc, ProbeFailed):
+                return exc
+            if exc is not None:
+                raise exc
+            return "done"
+        if exited is not None and exited in done:
+            self._exit_code = exited.result()
+            return "exited"
+        return "stopped"
+
+    _exit_code: int | None = None
+
+    def _exit_reason(self, what: str) -> str:
+        code = self._exit_code
+        if code is None:
+            how = ""
+        elif code < 0:
+            how = f" (killed by {signal.Signals(-code).name})"
+        else:
+            how = f" (exit code {code})"
+        return f"engine {what}{how}"
+
+    def _crash_times_trim(self) -> None:
+        window = self.cfg.supervisor.crash_window_s
+        now = self.clock.monotonic()
+        while self._crash_times and now - self._crash_times[0] > window:
+            self._crash_times.popleft()
+
+    async def _after_crash(self, reason: str) -> bool:
+        """BACKOFF then try again (True), or FATAL (False) after too many crashes."""
+        sv = self.cfg.supervisor
+        self.last_error = reason
+        tail = self._proc.tail(20) if self._proc else []
+        self._proc, self.pid = None, 0
+        self._crash_times.append(self.clock.monotonic())
+        self._crash_times_trim()
+        if self.supervised and len(self._crash_times) > sv.max_crashes:
+            self.fatal_log_tail = tail
+            self._transition(State.FATAL, f"{len(self._crash_times)} crashes within "
+                                          f"{sv.crash_window_s:.0f}s; last: {reason}")
+            for line in tail[-5:]:
+                log.error("replica %s log: %s", self.name, line)
+            return False
+        delay = min(sv.backoff_max_s, sv.backoff_initial_s * 2 ** (len(self._crash_times) - 1))
+        self.restarts += 1
+        self._transition(State.BACKOFF, f"{reason}; restarting in {delay:.1f}s")
+        await self._race(self.clock.sleep(delay))
+        return True
+
+    async def _shutdown(self, reason: str) -> None:
+        if self.state is State.READY and self.inflight:
+            self._transition(State.DRAINING, f"{reason}; waiting for {self.inflight} in-flight")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout=self._drain_timeout)
+        elif self.state not in (State.STOPPED, State.FATAL):
+            self._transition(State.DRAINING, reason)
+        await self._terminate()
+        self._transition(State.STOPPED, reason)
+
+    async def _terminate(self) -> None:
+        """SIGTERM the engine's process group, SIGKILL it after the grace period."""
+        proc = self._proc
+        if proc is None:
+            return
+        proc.signal_group(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=self.cfg.supervisor.stop_grace_s)
+        except asyncio.TimeoutError:
+            log.warning("replica %s ignored SIGTERM for %.0fs; sending SIGKILL",
+                        self.name, self.cfg.supervisor.stop_grace_s)
+            await self._kill_now()
+        self._proc, self.pid = None, 0
+
+    async def _kill_now(self) -> None:
+        proc = self._proc
+        if proc is None:
+            return
+        proc.signal_group(signal.SIGKILL)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(proc.wait(), timeout=10)

@@ -1,0 +1,78 @@
+"""Running the daemon: the Litestar app on Granian, embedded in our own event loop.
+
+Embedding Granian (rather than letting it fork workers) keeps one process that
+owns the engines: its death takes them along (PR_SET_PDEATHSIG), and SIGTERM
+runs the drain sequence below.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from granian.constants import Interfaces
+from granian.server.embed import Server
+
+from .app import create_app
+from .config import Config
+
+log = logging.getLogger("appliance.server")
+
+
+def run(cfg: Config) -> int:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(serve(cfg))
+    return uvloop.run(serve(cfg))
+
+
+async def serve(cfg: Config, app=None) -> int:
+    """Serve until SIGTERM/SIGINT, then: stop taking requests, let in-flight ones
+    finish (bounded by server.drain_timeout_s), stop the engines, return 0."""
+    app = app or create_app(cfg)
+    server = Server(
+        app,
+        address=cfg.server.host,
+        port=cfg.server.port,
+        interface=Interfaces.ASGI,
+        log_enabled=False,
+        backlog=1024,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    serving = asyncio.create_task(server.serve(), name="granian")
+    stopping = asyncio.create_task(stop.wait(), name="signals")
+    done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    if serving in done:
+        stopping.cancel()
+        exc = serving.exception()
+        if exc is not None:
+            log.error("server failed: %s", exc)
+            return 1
+        return 0
+
+    log.info("shutdown requested: draining in-flight requests (up to %.0fs)", cfg.server.drain_timeout_s)
+    runtime = getattr(app.state, "runtime", None)
+    if runtime is not None:
+        runtime.draining = True
+        await _drained(runtime, cfg.server.drain_timeout_s)
+    server.stop()
+    with contextlib.suppress(Exception):
+        await serving
+    return 0
+
+
+async def _drained(runtime, timeout: float) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        if sum(r.inflight for r in runtime.supervisor.replicas()) == 0:
+            return
+        await asyncio.sleep(0.05)
+    log.warning("drain timeout: stopping with requests still in flight")

@@ -1,0 +1,61 @@
+"""llama.cpp's llama-server on CPU: parallel slots, continuous batching, prompt cache."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from .base import LaunchSpec, http_ok, one_token_completion
+
+if TYPE_CHECKING:
+    from appliance.config import Config, ModelConfig
+
+
+class LlamaCppAdapter:
+    name = "llamacpp"
+
+    def supervised(self, model: ModelConfig) -> bool:
+        return True
+
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int) -> LaunchSpec:
+        from appliance.config import model_path
+
+        path = model_path(cfg, model)
+        threads = model.threads or max(1, os.cpu_count() or 1)
+        argv = [
+            cfg.engines.llamacpp.binary,
+            "--model", str(path),
+            "--alias", model.name,
+            "--host", host,
+            "--port", str(port),
+            "--ctx-size", str(model.context_length),
+            "--parallel", str(model.parallel),
+            "--threads", str(threads),
+            "--cont-batching",
+            # Keep each slot's KV cache between requests and reuse shifted chunks of
+            # it, so a conversation's next turn skips the prefill of its history.
+            "--cache-prompt",
+            "--cache-reuse", "256",
+            "--metrics",
+            "--no-webui",
+            "--offline",
+            "--log-colors", "off",
+        ]
+        if model.embeddings:
+            argv.append("--embeddings")
+        argv += model.args
+        # Never reach for a model hub: the appliance runs air-gapped.
+        env = {"LLAMA_OFFLINE": "1", **model.env}
+        return LaunchSpec(argv=argv, env=env)
+
+    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
+        return f"http://{host}:{port}"
+
+    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
+                          timeout: float) -> None:
+        await one_token_completion(session, base_url, model.name, timeout)
+
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+        await http_ok(session, f"{base_url}/health", timeout)

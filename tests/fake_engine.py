@@ -1,0 +1,148 @@
+"""A fake OpenAI-compatible engine, run as a real subprocess by tests and benchmarks.
+
+    python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
+        [--chunk-delay 0.01] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
+        [--embeddings] [--fail-status 500]
+
+It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
+/v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
+(requests, streams started, completed and cancelled by the client, the last body).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+
+from aiohttp import web
+
+STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0,
+         "last_body": None, "pid": os.getpid()}
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--model", default="fake-model")
+    p.add_argument("--latency", type=float, default=0.0, help="seconds before a unary answer")
+    p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
+    p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
+    p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
+    p.add_argument("--ignore-sigterm", action="store_true")
+    p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
+    p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
+    return p.parse_args(argv)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def make_app(args: argparse.Namespace) -> web.Application:
+    async def counted(request: web.Request) -> dict:
+        STATS["requests"] += 1
+        body = await request.json()
+        STATS["last_body"] = body
+        return body
+
+    def maybe_crash() -> None:
+        if args.crash_after and STATS["requests"] >= args.crash_after:
+            asyncio.get_running_loop().call_later(0.05, os._exit, 3)
+
+    async def completion(request: web.Request) -> web.StreamResponse:
+        body = await counted(request)
+        chat = request.path.endswith("/chat/completions")
+        if args.fail_status:
+            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
+                                     status=args.fail_status)
+        max_tokens = body.get("max_tokens") or args.chunks
+        n = max(1, min(args.chunks, max_tokens))
+        if body.get("stream"):
+            return await stream(request, chat, n)
+        if args.latency:
+            await asyncio.sleep(args.latency)
+        text = " ".join(f"tok{i}" for i in range(n))
+        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                  if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+        maybe_crash()
+        return web.json_response({
+            "id": "fake-1", "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()), "model": body.get("model", args.model),
+            "choices": [choice], "usage": _usage(5, n),
+        })
+
+    async def stream(request: web.Request, chat: bool, n: int) -> web.StreamResponse:
+        STATS["streams_started"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(n):
+                if args.chunk_delay:
+                    await asyncio.sleep(args.chunk_delay)
+                delta = ({"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}
+                         if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
+                chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                         "created": int(time.time()), "model": args.model, "choices": [delta]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            STATS["streams_cancelled"] += 1
+            raise
+        STATS["streams_completed"] += 1
+        maybe_crash()
+        return resp
+
+    async def embeddings(request: web.Request) -> web.Response:
+        body = await counted(request)
+        if not args.embeddings:
+            return web.json_response({"error": {"message": "embeddings not enabled"}}, status=501)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(len(inputs))]
+        return web.json_response({"object": "list", "data": data, "model": args.model, "usage": _usage(3, 0)})
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": args.model, "object": "model"}]})
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def stats(request: web.Request) -> web.Response:
+        return web.json_response(STATS)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app.router.add_post("/v1/chat/completions", completion)
+    app.router.add_post("/v1/completions", completion)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/fake/stats", stats)
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.ignore_sigterm:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if args.slow_start:
+        time.sleep(args.slow_start)
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    web.run_app(make_app(args), host=args.host, port=args.port, print=None,
+                handle_signals=not args.ignore_sigterm, access_log=None)
+
+
+if __name__ == "__main__":
+    main()
