@@ -2,7 +2,7 @@
 
     python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
         [--chunk-delay 0.01] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
-        [--embeddings] [--fail-status 500]
+        [--embeddings] [--fail-status 500 [--fail-from 2]]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
 /v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
@@ -37,7 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
-    p.add_argument("--fail-status", type=int, default=0, help="answer every completion with this status")
+    p.add_argument("--fail-status", type=int, default=0,
+                   help="answer completions with this status (from request --fail-from on)")
+    p.add_argument("--fail-from", type=int, default=2,
+                   help="first request number that fails (default 2: the readiness probe passes)")
     return p.parse_args(argv)
 
 
@@ -60,7 +63,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def completion(request: web.Request) -> web.StreamResponse:
         body = await counted(request)
         chat = request.path.endswith("/chat/completions")
-        if args.fail_status:
+        if args.fail_status and STATS["requests"] >= args.fail_from:
             return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
                                      status=args.fail_status)
         max_tokens = body.get("max_tokens") or args.chunks

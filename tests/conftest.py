@@ -1,0 +1,164 @@
+"""Shared fixtures: real daemons and real fake-engine subprocesses on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
+PY = sys.executable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    """True while pid runs; a zombie (exited, not yet reaped) counts as gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fake_model(name: str = "fake", *flags: str, embeddings: bool = False, extra: str = "") -> str:
+    """A [[models]] entry supervising tests/fake_engine.py through the openai adapter."""
+    argv = [PY, str(FAKE_ENGINE), "--port", "{port}", "--model", name, *flags]
+    if embeddings:
+        argv.append("--embeddings")
+    command = ", ".join(f'"{a}"' for a in argv)
+    return (f'[[models]]\nname = "{name}"\nserver = "openai"\ncommand = [{command}]\n'
+            f"embeddings = {'true' if embeddings else 'false'}\n{extra}\n")
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen
+    port: int
+    config: Path
+    log: Path
+    engine_pids: set[int] = field(default_factory=set)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def status(self) -> dict:
+        data = httpx.get(f"{self.url}/admin/status", timeout=5).json()
+        for m in data["models"]:
+            self.engine_pids |= {r["pid"] for r in m["replicas"] if r["pid"]}
+        return data
+
+    def replicas(self, model: str) -> list[dict]:
+        return next(m for m in self.status()["models"] if m["name"] == model)["replicas"]
+
+    def wait_ready(self, timeout: float = 30) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                return httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(ready, timeout, what="daemon ready")
+        self.status()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def terminate(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+
+class DaemonFactory:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.daemons: list[Daemon] = []
+
+    def write_config(self, models: str, extra: str = "", port: int | None = None,
+                     server: str = "", supervisor: str = "") -> tuple[Path, int]:
+        port = port or free_port()
+        cfg = self.tmp / f"appliance-{port}.toml"
+        cfg.write_text(
+            f"[server]\nport = {port}\ndrain_timeout_s = 10\n{server}\n"
+            f'[paths]\nstate_dir = "{self.tmp}/state"\ncache_dir = "{self.tmp}/cache"\n'
+            f'log_dir = "{self.tmp}/log"\n\n'
+            "[supervisor]\nstop_grace_s = 2\nhealth_interval_s = 0.5\nbackoff_initial_s = 0.2\n"
+            f"backoff_max_s = 1\n{supervisor}\n\n"
+            f"{extra}\n{models}"
+        )
+        return cfg, port
+
+    def start(self, models: str, extra: str = "", wait: bool = True, env: dict | None = None,
+              port: int | None = None, server: str = "", supervisor: str = "") -> Daemon:
+        cfg, port = self.write_config(models, extra, port, server, supervisor)
+        log = self.tmp / f"daemon-{port}.log"
+        proc = subprocess.Popen(
+            [PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+            stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
+        )
+        daemon = Daemon(proc, port, cfg, log)
+        self.daemons.append(daemon)
+        if wait:
+            daemon.wait_ready()
+        return daemon
+
+    def cleanup(self) -> None:
+        for d in self.daemons:
+            if d.proc.poll() is None:
+                d.proc.kill()
+                d.proc.wait(timeout=10)
+            for pid in d.engine_pids:
+                if pid_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon(tmp_path_factory) -> Iterator[Daemon]:
+    """One daemon for the API tests: a fast fake model, a slow-streaming one, and
+    an embeddings one."""
+    factory = DaemonFactory(tmp_path_factory.mktemp("shared"))
+    models = (fake_model("fake", "--chunks", "4", "--latency", "0.01")
+              + fake_model("slow", "--chunks", "50", "--chunk-delay", "0.1")
+              + fake_model("embedder", embeddings=True))
+    daemon = factory.start(models, server="max_body_bytes = 65536")
+    yield daemon
+    factory.cleanup()

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible API through the real daemon (Granian + Litestar) and a
+real fake-engine subprocess."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import pytest
+
+from .conftest import wait_until
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) -> dict:
+    assert resp.status_code == status, resp.text
+    assert resp.headers["content-type"].startswith("application/json")
+    body = resp.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["message"]
+    assert "Traceback" not in resp.text
+    if code:
+        assert body["error"]["code"] == code
+    return body["error"]
+
+
+def fake_stats(daemon, model: str) -> dict:
+    url = daemon.replicas(model)[0]["url"]
+    return httpx.get(f"{url}/fake/stats", timeout=5).json()
+
+
+def test_chat_completion_answers_200_with_the_engines_body(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 200
+    body = resp.json()
+    assert body["choices"][0]["message"]["content"] == "tok0 tok1 tok2 tok3"
+    assert body["usage"]["completion_tokens"] == 4
+    assert resp.headers["x-request-id"]
+
+
+def test_completion_answers_200(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 200
+    assert resp.json()["choices"][0]["text"] == "tok0 tok1"
+
+
+def test_unknown_fields_pass_through_to_the_engine_untouched(shared_daemon):
+    request = {**CHAT, "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+               "response_format": {"type": "json_object"}, "logprobs": True, "x_vendor": {"a": [1, 2]}}
+    with shared_daemon.client() as c:
+        assert c.post("/v1/chat/completions", json=request).status_code == 200
+    assert fake_stats(shared_daemon, "fake")["last_body"] == request
+
+
+def test_request_id_from_the_client_is_echoed(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json=CHAT, headers={"X-Request-Id": "abc-123"})
+    assert resp.headers["x-request-id"] == "abc-123"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_streaming_sends_sse_chunks_then_done(shared_daemon, path):
+    body = ({**CHAT, "stream": True} if "chat" in path
+            else {"model": "fake", "prompt": "hi", "stream": True})
+    with shared_daemon.client() as c, c.stream("POST", path, json=body) as resp:
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in resp.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert len(chunks) == 4
+
+
+def test_streaming_is_incremental(shared_daemon):
+    """The first chunk reaches the client long before the engine finishes
+    (50 chunks, 0.1 s apart: the whole answer takes 5 s)."""
+    started = time.monotonic()
+    with shared_daemon.client() as c, c.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "model": "slow", "stream": True}
+    ) as resp:
+        first = next(line for line in resp.iter_lines() if line.startswith("data: "))
+        first_at = time.monotonic() - started
+    assert json.loads(first[6:])["choices"][0]["delta"]["content"] == "tok0 "
+    assert first_at < 2.5, f"first chunk after {first_at:.2f}s: the stream is buffered"
+
+
+def test_client_disconnect_cancels_the_upstream_stream(shared_daemon):
+    before = fake_stats(shared_daemon, "slow")
+    with shared_daemon.client() as c, c.stream(
+        "POST", "/v1/chat/completions", json={**CHAT, "model": "slow", "stream": True}
+    ) as resp:
+        next(line for line in resp.iter_lines() if line.startswith("data: "))
+    # Leaving the block closes the connection after one chunk of fifty.
+    wait_until(lambda: fake_stats(shared_daemon, "slow")["streams_cancelled"]
+               > before["streams_cancelled"], timeout=5, what="the engine to see the cancel")
+    after = fake_stats(shared_daemon, "slow")
+    assert after["streams_completed"] == before["streams_completed"]
+    wait_until(lambda: shared_daemon.replicas("slow")[0]["inflight"] == 0, timeout=5,
+               what="the replica's in-flight count to drop")
+
+
+def test_models_lists_configured_models(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.get("/v1/models")
+        one = c.get("/v1/models/fake")
+    assert resp.status_code == 200
+    assert {m["id"] for m in resp.json()["data"]} == {"fake", "slow", "embedder"}
+    assert resp.json()["object"] == "list"
+    assert one.status_code == 200 and one.json()["id"] == "fake"
+
+
+def test_embeddings_are_proxied_to_an_engine_that_serves_them(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/embeddings", json={"model": "embedder", "input": ["a", "b"]})
+    assert resp.status_code == 200
+    assert len(resp.json()["data"]) == 2
+
+
+def test_embeddings_on_a_model_without_them_is_a_clear_400(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/embeddings", json={"model": "fake", "input": "a"})
+    err = assert_envelope(resp, 400, "embeddings_not_supported")
+    assert "fake" in err["message"]
+
+
+# --- errors ----------------------------------------------------------------------------
+
+
+def test_malformed_json_is_400(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", content=b'{"model": "fake", "messages": [',
+                      headers={"content-type": "application/json"})
+    assert_envelope(resp, 400, "invalid_request")
+
+
+def test_wrong_field_type_is_400_naming_the_field(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "max_tokens": "many"})
+    err = assert_envelope(resp, 400)
+    assert err["param"] == "max_tokens"
+
+
+def test_missing_messages_is_400_naming_the_field(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json={"model": "fake"})
+    err = assert_envelope(resp, 400)
+    assert "messages" in err["message"]
+
+
+def test_empty_body_is_400(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", content=b"")
+    assert_envelope(resp, 400)
+
+
+def test_unknown_model_is_404_and_lists_nothing_private(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "model": "gpt-4o"})
+        card = c.get("/v1/models/gpt-4o")
+    err = assert_envelope(resp, 404, "model_not_found")
+    assert err["param"] == "model"
+    for private in ("fake", "slow", "embedder", "127.0.0.1"):
+        assert private not in err["message"]
+    assert_envelope(card, 404, "model_not_found")
+
+
+def test_body_over_the_limit_is_413(shared_daemon):
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * 70_000}]}
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json=big)
+    assert_envelope(resp, 413, "request_too_large")
+
+
+def test_body_over_the_limit_without_content_length_is_413(shared_daemon):
+    def chunks():
+        for _ in range(20):
+            yield b"x" * 8192
+
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", content=chunks(),
+                      headers={"content-type": "application/json"})
+    assert_envelope(resp, 413, "request_too_large")
+
+
+def test_unknown_route_and_wrong_method_use_the_envelope(shared_daemon):
+    with shared_daemon.client() as c:
+        missing = c.get("/v1/nothing-here")
+        wrong = c.get("/v1/chat/completions")
+    assert_envelope(missing, 404)
+    assert_envelope(wrong, 405)
+
+
+def test_a_raw_garbage_request_gets_an_http_error_not_a_hang(shared_daemon):
+    with socket.create_connection(("127.0.0.1", shared_daemon.port), timeout=5) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n\xff\xfe\x00\x01\x02")
+        reply = s.recv(65536)
+    assert reply.startswith(b"HTTP/1.1 400")
+
+
+# --- health, readiness, metrics ------------------------------------------------------
+
+
+def test_health_ready_and_metrics(shared_daemon):
+    with shared_daemon.client() as c:
+        assert c.get("/healthz").status_code == 200
+        ready = c.get("/readyz")
+        c.post("/v1/chat/completions", json=CHAT)
+        metrics = c.get("/metrics")
+    assert ready.status_code == 200 and ready.json()["models"]["fake"] is True
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+    text = metrics.text
+    assert 'appliance_requests_total{endpoint="chat",model="fake",status="200"}' in text
+    assert 'appliance_replica_state{model="fake",replica="0",state="READY"} 1.0' in text
+    assert "appliance_request_duration_seconds_bucket" in text

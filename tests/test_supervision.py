@@ -1,0 +1,161 @@
+"""Supervision through the real daemon: crashes, restarts, FATAL, failures as
+errors, and shutdown that leaves no engine process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+
+import httpx
+
+from .conftest import fake_model, pid_alive, wait_until
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def test_a_crashed_replica_is_restarted_and_serves_again(daemons):
+    d = daemons.start(fake_model("fake", "--crash-after", "2"))
+    first_pid = d.replicas("fake")[0]["pid"]
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200  # engine exits after this
+    wait_until(lambda: not pid_alive(first_pid), timeout=5, what="the engine to crash")
+
+    def back() -> dict | None:
+        r = d.replicas("fake")[0]
+        return r if r["state"] == "READY" and r["pid"] != first_pid else None
+
+    replica = wait_until(back, timeout=15, what="a new READY replica")
+    assert replica["restarts"] == 1
+    assert "exit code 3" in replica["last_error"]
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
+def test_repeated_crashes_mark_the_replica_fatal_with_its_log_tail(daemons, tmp_path):
+    # An engine that dies at start every time, saying why on its way out.
+    script = tmp_path / "broken_engine.py"
+    script.write_text("import sys\nprint('CUDA error: out of memory (pretend)')\nsys.exit(7)\n")
+    model = (f'[[models]]\nname = "broken"\nserver = "openai"\n'
+             f'command = ["{sys.executable}", "{script}", "--port", "{{port}}"]\n')
+    d = daemons.start(model, wait=False, supervisor="max_crashes = 2")
+    wait_until(lambda: _reachable(d), timeout=15, what="daemon up")
+
+    def fatal() -> dict | None:
+        r = d.replicas("broken")[0]
+        return r if r["state"] == "FATAL" else None
+
+    replica = wait_until(fatal, timeout=30, what="FATAL")
+    assert replica["restarts"] == 2  # two restarts, the third crash is one too many
+    assert "exit code 7" in replica["last_error"]
+    assert any("CUDA error: out of memory" in line for line in replica["log_tail"])
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "model": "broken"})
+        ready = c.get("/readyz")
+    assert resp.status_code == 503
+    assert int(resp.headers["retry-after"]) > 0
+    assert resp.json()["error"]["code"] == "no_capacity"
+    assert ready.status_code == 503
+    assert "FATAL" in d.log_text() and "CUDA error" in d.log_text()
+
+
+def test_a_model_still_starting_answers_503_with_retry_after(daemons):
+    d = daemons.start(fake_model("fake") + fake_model("sleepy", "--slow-start", "30"), wait=False)
+    wait_until(lambda: _reachable(d), timeout=15, what="daemon up")
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "model": "sleepy"})
+        ready = c.get("/readyz")
+    assert resp.status_code == 503
+    assert int(resp.headers["retry-after"]) > 0
+    assert resp.json()["error"]["code"] == "no_capacity"
+    assert ready.status_code == 503 and ready.json()["models"]["sleepy"] is False
+
+
+def _reachable(d) -> bool:
+    try:
+        httpx.get(f"{d.url}/healthz", timeout=1)
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+def test_an_engine_5xx_becomes_502_in_the_envelope(daemons):
+    d = daemons.start(fake_model("fake", "--fail-status", "500"))
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 502
+    err = resp.json()["error"]
+    assert err["code"] == "engine_error"
+    assert "fake failure" in err["message"]
+
+
+def test_an_engine_4xx_keeps_its_status_in_our_envelope(daemons):
+    d = daemons.start(fake_model("fake", "--fail-status", "400"))
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 400
+    assert resp.json()["error"]["message"] == "fake failure"
+    assert set(resp.json()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_an_engine_that_dies_mid_request_gives_502(daemons):
+    d = daemons.start(fake_model("fake", "--latency", "3"))
+    pid = d.replicas("fake")[0]["pid"]
+    result: dict = {}
+
+    def call() -> None:
+        with d.client() as c:
+            result["resp"] = c.post("/v1/chat/completions", json=CHAT)
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=10)
+    resp = result["resp"]
+    assert resp.status_code == 502
+    err = resp.json()["error"]
+    assert err["code"] == "engine_error" and "Traceback" not in resp.text
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits_0_with_no_orphans(daemons):
+    d = daemons.start(fake_model("fake", "--latency", "1.5"))
+    engine_pid = d.replicas("fake")[0]["pid"]
+    result: dict = {}
+
+    def call() -> None:
+        with d.client() as c:
+            result["resp"] = c.post("/v1/chat/completions", json=CHAT)
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
+    started = time.monotonic()
+    code = d.terminate(signal.SIGTERM)
+    t.join(timeout=10)
+    assert code == 0
+    assert result["resp"].status_code == 200
+    assert result["resp"].json()["choices"][0]["message"]["content"]
+    assert time.monotonic() - started < 10
+    assert not pid_alive(engine_pid)
+    assert "DRAINING" in d.log_text()
+
+
+def test_an_engine_ignoring_sigterm_is_killed_after_the_grace_period(daemons):
+    d = daemons.start(fake_model("fake", "--ignore-sigterm"))
+    engine_pid = d.replicas("fake")[0]["pid"]
+    assert d.terminate(signal.SIGTERM) == 0
+    assert not pid_alive(engine_pid)
+    assert "ignored SIGTERM" in d.log_text()
+
+
+def test_no_engine_outlives_a_daemon_killed_with_sigkill(daemons):
+    d = daemons.start(fake_model("fake") + fake_model("other", "--ignore-sigterm"))
+    pids = {r["pid"] for m in ("fake", "other") for r in d.replicas(m)}
+    assert len(pids) == 2 and all(pid_alive(p) for p in pids)
+    d.terminate(signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5,
+               what="engines to die with the daemon")
