@@ -7,6 +7,7 @@
 #   ./install.sh --dev    the same into .venv/ in this checkout, the project installed
 #                         editable, plus the test dependencies
 #
+# APPLIANCE_PREFIX (the virtual environment) and APPLIANCE_BIN_LINK override where.
 # Every run is idempotent: what is already in place is left alone and said so.
 # The llama-server build (a few minutes on 2 cores) is cached in
 # ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
@@ -24,7 +25,7 @@ mode=system
 case "${1:-}" in
   --dev) mode=dev ;;
   ""|--system) ;;
-  -h|--help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
 
@@ -49,6 +50,9 @@ else
   prefix="${XDG_DATA_HOME:-$HOME/.local/share}/appliance/venv"
   bin_link="$HOME/.local/bin/appliance"
 fi
+# Elsewhere (a staging directory, a test): APPLIANCE_PREFIX and APPLIANCE_BIN_LINK.
+prefix=${APPLIANCE_PREFIX:-$prefix}
+bin_link=${APPLIANCE_BIN_LINK:-$bin_link}
 say "installing into $prefix ($mode)"
 
 # --- the Python environment -------------------------------------------------------

@@ -139,9 +139,9 @@ async def list_models(request: Request) -> Response:
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(request: Request, model_id: str) -> Response:
+async def get_model(request: Request) -> Response:
     rt = _runtime(request)
-    name = model_id.lstrip("/")
+    name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
     return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
 

@@ -9,7 +9,14 @@ import urllib.request
 
 import click
 
-from .config import Config, ConfigError, load_config, model_path
+from .config import (
+    BUILTIN_PREFIX,
+    EMBEDDED_MODEL_SHA256,
+    Config,
+    ConfigError,
+    load_config,
+    model_path,
+)
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
 
@@ -63,6 +70,22 @@ def _check_files(cfg: Config) -> None:
             raise click.ClickException(
                 f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
                 "for the bundled model")
+        if m.source.startswith(BUILTIN_PREFIX) and path is not None:
+            digest = _sha256(path)
+            if digest != EMBEDDED_MODEL_SHA256:
+                raise click.ClickException(
+                    f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
+                    "the file is damaged: run ./install.sh to restore it")
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:

@@ -88,7 +88,7 @@ class _External:
         self._done = asyncio.get_running_loop().create_future()
 
     async def wait(self) -> int:
-        return await self._done
+        return await asyncio.shield(self._done)  # a cancelled waiter must not cancel the exit
 
     def signal_group(self, sig: int) -> None:
         if not self._done.done():
@@ -323,6 +323,11 @@ class Replica:
                 with contextlib.suppress(BaseException):
                     if w.cancelled():
                         await w
+        # An exit outranks whatever finished with it: a probe that passed just
+        # before the engine died must not mark a dead replica READY.
+        if exited is not None and exited in done:
+            self._exit_code = exited.result()
+            return "exited"
         if work in done:
             exc = work.exception()
             if isinstance(exc, ProbeFailed):
@@ -330,9 +335,6 @@ class Replica:
             if exc is not None:
                 raise exc
             return "done"
-        if exited is not None and exited in done:
-            self._exit_code = exited.result()
-            return "exited"
         return "stopped"
 
     _exit_code: int | None = None

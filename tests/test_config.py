@@ -1,0 +1,138 @@
+"""Config: loaded, defaulted and validated in one place; errors name the file and field."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from appliance import config as config_mod
+from appliance.config import (
+    EMBEDDED_MODEL_NAME,
+    Config,
+    ConfigError,
+    load_config,
+    model_path,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "appliance.example.toml"
+
+
+def test_the_example_config_loads_and_equals_the_built_in_defaults():
+    example = load_config(str(EXAMPLE))
+    defaults = parse_config("")
+    # The example documents every default: apart from where it came from, it is the same config.
+    assert msgspec.structs.replace(example, origin="") == msgspec.structs.replace(defaults, origin="")
+
+
+def test_the_example_config_names_every_setting():
+    text = EXAMPLE.read_text()
+
+    def fields(struct_type, prefix=""):
+        for f in msgspec.structs.fields(struct_type):
+            if f.name == "origin":
+                continue
+            t = f.type
+            if isinstance(t, type) and issubclass(t, msgspec.Struct):
+                yield from fields(t, f"{prefix}{f.name}.")
+            else:
+                yield f.name
+
+    missing = [name for name in fields(Config) if f"{name} =" not in text and name != "models"]
+    model_fields = [f.name for f in msgspec.structs.fields(config_mod.ModelConfig)]
+    missing += [n for n in model_fields if f"{n} =" not in text and f"[models.{n}]" not in text]
+    assert missing == []
+
+
+def test_no_config_file_serves_the_embedded_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    cfg = load_config(None)
+    assert [m.name for m in cfg.models] == [EMBEDDED_MODEL_NAME]
+    assert cfg.models[0].server == "llamacpp"
+    assert model_path(cfg, cfg.models[0]).name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert cfg.server.host == "127.0.0.1" and cfg.server.port == 8000
+
+
+def test_appliance_config_env_is_used_and_cli_wins_over_it(monkeypatch, tmp_path):
+    env_file = tmp_path / "env.toml"
+    env_file.write_text("[server]\nport = 9001\n")
+    cli_file = tmp_path / "cli.toml"
+    cli_file.write_text("[server]\nport = 9002\n")
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(env_file))
+    assert load_config(None).server.port == 9001
+    assert load_config(str(cli_file)).server.port == 9002
+
+
+def test_an_explicit_config_that_is_missing_is_an_error(tmp_path):
+    with pytest.raises(ConfigError, match="absent.toml: config file not found"):
+        load_config(str(tmp_path / "absent.toml"))
+
+
+def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_mod, "_is_root", lambda: True)
+    root = parse_config("")
+    assert (root.paths.state_dir, root.paths.cache_dir) == ("/var/lib/appliance", "/var/cache/appliance")
+    monkeypatch.setattr(config_mod, "_is_root", lambda: False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    user = parse_config("")
+    assert user.paths.state_dir == str(tmp_path / "state" / "appliance")
+    assert user.paths.cache_dir == str(tmp_path / "cache" / "appliance")
+    explicit = parse_config('[paths]\nstate_dir = "/srv/st"\n')
+    assert explicit.paths.state_dir == "/srv/st"
+
+
+@pytest.mark.parametrize(
+    ("toml", "field", "message"),
+    [
+        ('[server]\nport = "eighty"\n', "server.port", "Expected `int`, got `str`"),
+        ("[server]\nport = 70000\n", "server.port", "must be 1-65535"),
+        ("[server]\nprot = 8000\n", "server", "unknown field `prot`"),
+        ("[supervisor]\nmax_crashes = 0\n", "supervisor.max_crashes", "must be >= 1"),
+        ('[[models]]\nname = "a"\nserver = "tpu"\n', "models[0].server", "Invalid enum value 'tpu'"),
+        ('[[models]]\nname = "bad name!"\nsource = "x.gguf"\n', "models[0].name", "not a valid model name"),
+        ('[[models]]\nname = "a"\nserver = "llamacpp"\n', "models[0].source", "needs a GGUF file"),
+        ('[[models]]\nname = "a"\nserver = "openai"\n', "models[0]", "exactly one of 'command'"),
+        ('[[models]]\nname = "a"\nserver = "openai"\ncommand = ["srv"]\n', "models[0].command",
+         "must contain {port}"),
+        ('[[models]]\nname = "a"\nsource = "a.gguf"\n[[models]]\nname = "a"\nsource = "b.gguf"\n',
+         "models[1].name", "duplicate model name"),
+        ('[[models]]\nname = "a"\nsource = "a.gguf"\n[models.autoscaling]\nmin_replicas = 3\n'
+         "max_replicas = 2\n", "models[0].autoscaling.max_replicas", "must be >= min_replicas"),
+        ('[[models]]\nname = "a"\nsource = "builtin:llama-70b"\n', "models[0].source",
+         "unknown builtin model"),
+        ('[[models]]\nname = "a"\nserver = "vllm"\nsource = "x"\n', "models[0].server",
+         "arrive with GPU support"),
+    ],
+)
+def test_validation_errors_name_the_file_and_the_field(tmp_path, toml, field, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    text = str(info.value)
+    assert text.startswith(f"{path}: ")
+    assert f"field '{field}'" in text or f"`{field}`" in text or f"'{field}'" in text, text
+    assert message in text, text
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[server\nport = 1\n")
+    with pytest.raises(ConfigError, match=f"{path}: not valid TOML"):
+        load_config(str(path))
+
+
+def test_relative_model_sources_resolve_under_the_cache_dir():
+    cfg = parse_config('[paths]\ncache_dir = "/srv/cache"\n[[models]]\nname = "a"\nsource = "a.gguf"\n')
+    assert model_path(cfg, cfg.models[0]) == Path("/srv/cache/models/a.gguf")
+
+
+def test_the_llama_server_defaults_to_the_one_next_to_the_daemon():
+    cfg = parse_config("")
+    assert cfg.engines.llamacpp.binary == os.path.join(os.sys.prefix, "bin", "llama-server")

@@ -1,0 +1,83 @@
+"""End to end: the real llama.cpp server with the bundled SmolLM2, called through
+the openai Python SDK, exactly as a local app would."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import openai
+import pytest
+
+from appliance.config import builtin_model_path, default_llama_server
+
+from .conftest import pid_alive
+
+pytestmark = pytest.mark.e2e
+
+MODEL = "smollm2-135m-instruct"
+
+
+@pytest.fixture(scope="module")
+def llama_daemon(tmp_path_factory):
+    missing = [p for p in (default_llama_server(), str(builtin_model_path(MODEL))) if not os.path.exists(p)]
+    if missing:
+        pytest.fail(f"run ./install.sh --dev first: missing {', '.join(missing)}")
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path_factory.mktemp("e2e"))
+    # No [[models]]: the embedded default is what a fresh install serves.
+    daemon = factory.start("", wait=False)
+    daemon.wait_ready(timeout=120)
+    yield daemon
+    factory.cleanup()
+
+
+@pytest.fixture
+def client(llama_daemon):
+    return openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def test_chat_completion(client):
+    resp = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=16, temperature=0)
+    assert resp.choices[0].message.content.strip()
+    assert resp.usage.prompt_tokens > 0 and resp.usage.completion_tokens > 0
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+
+def test_chat_completion_streamed(client):
+    stream = client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Count to five."}],
+        max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True})
+    pieces, usage = [], None
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage:
+            usage = chunk.usage
+    assert len(pieces) > 1 and "".join(pieces).strip()
+    assert usage is not None and usage.completion_tokens > 0
+
+
+def test_completion(client):
+    resp = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8, temperature=0)
+    assert resp.choices[0].text.strip()
+    assert resp.usage.completion_tokens > 0
+
+
+def test_models_and_errors_through_the_sdk(client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["code"] == "model_not_found"
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=MODEL, input="hi")
+
+
+def test_the_engine_stops_with_the_daemon(llama_daemon):
+    pid = llama_daemon.replicas(MODEL)[0]["pid"]
+    assert pid_alive(pid)
+    assert llama_daemon.terminate(signal.SIGTERM) == 0
+    assert not pid_alive(pid)

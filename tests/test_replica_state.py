@@ -1,0 +1,266 @@
+"""The replica state machine with an injected clock, process runner and engine
+probes: every transition, without spawning anything."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from appliance.config import parse_config
+from appliance.replica import Replica, ReplicaUnavailable, State
+from engines import LaunchSpec, ProbeFailed
+
+
+class FakeClock:
+    """Virtual time: sleeping advances it at once (and yields to the loop)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
+
+
+class FakeProcess:
+    _next_pid = 100
+
+    def __init__(self, output: list[str]) -> None:
+        FakeProcess._next_pid += 1
+        self.pid = FakeProcess._next_pid
+        self.exited = asyncio.get_running_loop().create_future()
+        self.signals: list[int] = []
+        self.output = output
+        self.ignore_sigterm = False
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self.exited)
+
+    def exit(self, code: int) -> None:
+        if not self.exited.done():
+            self.exited.set_result(code)
+
+    def signal_group(self, sig: int) -> None:
+        self.signals.append(sig)
+        if sig == 15 and self.ignore_sigterm:
+            return
+        self.exit(-sig)
+
+    def tail(self, lines: int) -> list[str]:
+        return self.output[-lines:]
+
+
+class FakeRunner:
+    def __init__(self) -> None:
+        self.processes: list[FakeProcess] = []
+        self.fail_spawn: str | None = None
+        self.output: list[str] = []
+        self.ignore_sigterm = False
+
+    async def spawn(self, argv, env, log_path: Path) -> FakeProcess:
+        if self.fail_spawn:
+            raise OSError(self.fail_spawn)
+        proc = FakeProcess(list(self.output))
+        proc.ignore_sigterm = self.ignore_sigterm
+        self.processes.append(proc)
+        return proc
+
+
+class ScriptedAdapter:
+    """Readiness answers come from a list: True = ready, a string = ProbeFailed(reason)."""
+
+    name = "scripted"
+
+    def __init__(self, ready: list[bool | str] | None = None, supervised: bool = True) -> None:
+        self.ready_answers = list(ready or [True])
+        self.health_ok = True
+        self._supervised = supervised
+
+    def supervised(self, model) -> bool:
+        return self._supervised
+
+    def launch(self, cfg, model, host, port) -> LaunchSpec:
+        return LaunchSpec(argv=["engine", "--port", str(port)])
+
+    def base_url(self, model, host, port) -> str:
+        return f"http://{host}:{port}"
+
+    async def probe_ready(self, session, base_url, model, timeout) -> None:
+        answer = self.ready_answers.pop(0) if len(self.ready_answers) > 1 else self.ready_answers[0]
+        if answer is not True:
+            raise ProbeFailed(str(answer))
+
+    async def probe_health(self, session, base_url, timeout) -> None:
+        if not self.health_ok:
+            raise ProbeFailed("health says no")
+
+
+CONFIG = """
+[supervisor]
+startup_timeout_s = 10
+backoff_initial_s = 1
+backoff_max_s = 8
+max_crashes = 3
+crash_window_s = 100
+health_interval_s = 1
+health_failures_before_restart = 2
+stop_grace_s = 5
+[[models]]
+name = "m"
+server = "openai"
+command = ["engine", "{port}"]
+"""
+
+
+def make(tmp_path, adapter=None, runner=None, clock=None):
+    cfg = parse_config(CONFIG)
+    transitions: list[tuple[State, State]] = []
+    runner = runner or FakeRunner()
+    replica = Replica(cfg=cfg, model=cfg.models[0], index=0, adapter=adapter or ScriptedAdapter(),
+                      runner=runner, session=None, log_dir=tmp_path, clock=clock or FakeClock(),
+                      port_allocator=iter(range(20000, 20100)).__next__,
+                      listener=lambda r, t: transitions.append((t.old, t.new)))
+    return replica, runner, transitions
+
+
+async def settle(predicate, rounds: int = 2000) -> None:
+    for _ in range(rounds):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("state never reached")
+
+
+async def test_start_probe_ready_then_stop(tmp_path):
+    replica, runner, transitions = make(tmp_path, ScriptedAdapter(["loading", "loading", True]))
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    assert replica.state is State.READY
+    assert replica.port == 20000 and replica.pid == runner.processes[0].pid
+    await replica.stop()
+    assert transitions == [(State.STOPPED, State.STARTING), (State.STARTING, State.READY),
+                           (State.READY, State.DRAINING), (State.DRAINING, State.STOPPED)]
+    assert runner.processes[0].signals == [15]
+
+
+async def test_crash_backs_off_exponentially_then_restarts_on_a_new_port(tmp_path):
+    clock = FakeClock()
+    replica, runner, transitions = make(tmp_path, clock=clock)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    runner.processes[0].exit(1)
+    await settle(lambda: len(runner.processes) == 2 and replica.state is State.READY)
+    assert (State.READY, State.BACKOFF) in transitions
+    assert replica.restarts == 1 and "exit code 1" in replica.last_error
+    assert replica.port == 20001
+    t0 = clock.now
+    runner.processes[1].exit(1)
+    await settle(lambda: len(runner.processes) == 3 and replica.state is State.READY)
+    # second crash within the window: 2 s backoff (1 s, then doubled)
+    assert clock.now - t0 >= 2
+    await replica.stop()
+
+
+async def test_too_many_crashes_in_the_window_is_fatal_with_the_log_tail(tmp_path):
+    runner = FakeRunner()
+    runner.output = ["loading weights", "RuntimeError: CUDA out of memory"]
+    replica, runner, transitions = make(tmp_path, runner=runner)
+    replica.start()
+    for n in range(4):
+        await settle(lambda: len(runner.processes) == n + 1 and replica.state is State.READY)
+        runner.processes[n].exit(9)
+    await settle(lambda: replica.state is State.FATAL)
+    assert replica.fatal_log_tail[-1] == "RuntimeError: CUDA out of memory"
+    assert replica.snapshot()["log_tail"] == replica.fatal_log_tail
+    with pytest.raises(ReplicaUnavailable, match="FATAL"):
+        await replica.wait_ready(timeout=1)
+    await replica.stop()
+    assert replica.state is State.FATAL  # stopping does not hide why it died
+
+
+async def test_crashes_outside_the_window_do_not_accumulate(tmp_path):
+    clock = FakeClock()
+    replica, runner, _ = make(tmp_path, clock=clock)
+    replica.start()
+    for n in range(6):
+        await settle(lambda: len(runner.processes) == n + 1 and replica.state is State.READY)
+        clock.now += 500  # longer than crash_window_s between crashes
+        runner.processes[n].exit(1)
+    await settle(lambda: len(runner.processes) == 7 and replica.state is State.READY)
+    assert replica.state is State.READY
+    await replica.stop()
+
+
+async def test_a_spawn_failure_is_a_crash_with_the_reason(tmp_path):
+    runner = FakeRunner()
+    runner.fail_spawn = "engine program not found or not executable: engine"
+    replica, runner, _ = make(tmp_path, runner=runner)
+    replica.start()
+    await settle(lambda: replica.state is State.FATAL)
+    assert "not found" in replica.last_error
+    await replica.stop()
+
+
+async def test_not_ready_within_the_startup_timeout_kills_and_retries(tmp_path):
+    replica, runner, transitions = make(tmp_path, ScriptedAdapter(["still loading"]))
+    replica.start()
+    await settle(lambda: len(runner.processes) >= 2)
+    assert "not ready within 10s: still loading" in replica.last_error
+    assert runner.processes[0].signals == [9]
+    await replica.stop()
+
+
+async def test_failed_health_checks_restart_a_ready_replica(tmp_path):
+    adapter = ScriptedAdapter()
+    replica, runner, transitions = make(tmp_path, adapter)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    adapter.health_ok = False
+    await settle(lambda: replica.state is State.BACKOFF)
+    assert "2 failed health checks" in replica.last_error
+    assert runner.processes[0].signals == [9]
+    adapter.health_ok = True
+    await settle(lambda: replica.state is State.READY)
+    await replica.stop()
+
+
+async def test_stop_waits_for_in_flight_requests_to_drain(tmp_path):
+    replica, runner, transitions = make(tmp_path)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    with replica.lease():
+        stopping = asyncio.create_task(replica.stop(drain_timeout=30))
+        await settle(lambda: replica.state is State.DRAINING)
+        assert runner.processes[0].signals == []  # still serving the lease
+    await stopping
+    assert replica.state is State.STOPPED and runner.processes[0].signals == [15]
+
+
+async def test_sigkill_follows_sigterm_after_the_grace_period(tmp_path):
+    runner = FakeRunner()
+    runner.ignore_sigterm = True
+    replica, runner, _ = make(tmp_path, runner=runner)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    replica.cfg.supervisor.stop_grace_s = 0.05
+    await replica.stop()
+    assert runner.processes[0].signals == [15, 9]
+    assert replica.state is State.STOPPED
+
+
+async def test_an_external_engine_is_never_spawned_nor_fatal(tmp_path):
+    adapter = ScriptedAdapter(supervised=False)
+    replica, runner, _ = make(tmp_path, adapter)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    assert runner.processes == [] and replica.pid == 0
+    adapter.health_ok = False
+    adapter.ready_answers = ["down"]
+    await settle(lambda: replica.restarts >= 5, rounds=20000)
+    assert replica.state is not State.FATAL
+    await replica.stop()
