@@ -136,6 +136,63 @@ def _with_port(cfg: Config, port: int | None) -> Config:
     return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=port))
 
 
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--inventory", metavar="FILE",
+              help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
+    """Show where each GPU replica would be placed, and why, without starting anything."""
+    import logging
+
+    from .gpu import GiB, NvmlProbe, SimulatedProbe
+    from .planning import gpu_models
+    from .planning import plan as make_plan
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = _load(config)
+    source = inventory or cfg.gpu.inventory
+    try:
+        inv = SimulatedProbe(source).read() if source else NvmlProbe().read()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
+                for i in range(max(m.autoscaling.min_replicas, 1))]
+    rows = make_plan(cfg, inv, replicas)
+    if as_json:
+        click.echo(json.dumps({
+            "inventory": {"source": inv.source, "error": inv.error,
+                          "gpus": [{"index": g.index, "name": g.name, "kind": g.kind, "uuid": g.uuid,
+                                    "total_bytes": g.total_bytes, "used_bytes": g.used_bytes,
+                                    "free_bytes": g.free_bytes, "utilization_pct": g.utilization_pct,
+                                    "processes": [vars(p) for p in g.processes]} for g in inv.gpus]},
+            "placements": [{"replica": r.replica, "model": r.model, "error": r.error,
+                            "gpus": list(r.assignment.gpus) if r.assignment else None,
+                            "tp": r.assignment.tp if r.assignment else None,
+                            "bytes_per_gpu": r.assignment.bytes_per_gpu if r.assignment else None,
+                            "memory_fraction": r.assignment.memory_fraction if r.assignment else None,
+                            "reason": r.assignment.reason if r.assignment else None} for r in rows],
+        }, indent=2))
+    else:
+        click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
+        taken: dict[int, int] = {}
+        for r in rows:
+            for g in (r.assignment.gpus if r.assignment else ()):
+                taken[g] = taken.get(g, 0) + r.assignment.bytes_per_gpu
+        for g in inv.gpus:
+            procs = ", ".join(f"pid {p.pid} {p.used_bytes / GiB:.1f} GiB" for p in g.processes) or "none"
+            util = f"{g.utilization_pct}%" if g.utilization_pct is not None else "n/a"
+            click.echo(f"  GPU {g.index}  {g.name} ({g.kind})  {g.used_bytes / GiB:.1f}/"
+                       f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
+                       f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
+        if not rows:
+            click.echo("No GPU models in the config (server = vllm or sglang).")
+        for r in rows:
+            click.echo(r.describe())
+    if any(r.error for r in rows):
+        sys.exit(2)
+
+
 @main.group()
 def models() -> None:
     """Model deployments."""

@@ -22,6 +22,7 @@ EMBEDDED_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea3737
 BUILTIN_PREFIX = "builtin:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
+GPU_SERVERS = ("vllm", "sglang")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
@@ -77,12 +78,32 @@ class LlamaCppConfig(_Section):
     binary: str = ""
 
 
+class GpuEngineConfig(_Section):
+    # argv that starts the engine's OpenAI server from its pinned environment (images/).
+    command: list[str] = msgspec.field(default_factory=list)
+    # GPU memory beyond weights and KV cache: CUDA context, activations, CUDA graphs.
+    overhead_gib: float = 3.0
+
+
+def _vllm_default() -> GpuEngineConfig:
+    return GpuEngineConfig(command=["/opt/appliance/engines/vllm/bin/vllm", "serve"])
+
+
+def _sglang_default() -> GpuEngineConfig:
+    return GpuEngineConfig(command=["/opt/appliance/engines/sglang/bin/python", "-m",
+                                    "sglang.launch_server"])
+
+
 class EnginesConfig(_Section):
     llamacpp: LlamaCppConfig = msgspec.field(default_factory=LlamaCppConfig)
+    vllm: GpuEngineConfig = msgspec.field(default_factory=_vllm_default)
+    sglang: GpuEngineConfig = msgspec.field(default_factory=_sglang_default)
 
 
 class GpuRequest(_Section):
+    # A GPU family ("H100", "A100", "L40S", ...) every GPU of a replica must be, or "any".
     type: str = "any"
+    # GPUs per replica (the tensor-parallel size); 0 = the smallest count that fits.
     count: int = 0
 
 
@@ -111,13 +132,27 @@ class ModelConfig(_Section):
     context_length: int = 8192
     threads: int = 0
     embeddings: bool = False
+    # GPU engines: KV-cache budget in tokens (0 = context_length x parallel), its
+    # dtype ("auto" = the model's), engine overhead override (0 = the engine's),
+    # and vLLM's sleep mode (a warm tier: weights to host RAM, GPU memory freed).
+    kv_cache_tokens: int = 0
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"] = "auto"
+    gpu_overhead_gib: float = 0.0
+    sleep_mode: bool = False
     tags: list[str] = msgspec.field(default_factory=list)
     gpus: GpuRequest = msgspec.field(default_factory=GpuRequest)
     autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
 
 
+class GpuConfig(_Section):
+    # A simulated GPU inventory (TOML or JSON) instead of NVML: for planning and
+    # tests on machines without GPUs. Empty: read the real GPUs.
+    inventory: str = ""
+
+
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
@@ -238,7 +273,7 @@ def finalize(cfg: Config, origin: str) -> Config:
     models = cfg.models or [embedded_default_model()]
     engines = cfg.engines
     if not engines.llamacpp.binary:
-        engines = EnginesConfig(llamacpp=LlamaCppConfig(binary=default_llama_server()))
+        engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server()))
     cfg = msgspec.structs.replace(cfg, paths=paths, models=models, engines=engines, origin=origin)
     _validate(cfg)
     return cfg
@@ -295,11 +330,27 @@ def _validate(cfg: Config) -> None:
             if m.command:
                 need(any("{port}" in part for part in m.command), f"{at}.command",
                      "must contain {port} so the engine listens where the supervisor expects")
-        else:
-            errors.append(f"field '{at}.server': {m.server!r} engines arrive with GPU support; "
-                          "this build runs 'llamacpp' and 'openai'")
+        else:  # vllm, sglang
+            need(bool(m.source), f"{at}.source", f"{m.server} needs a model directory (a hub snapshot)")
+            need(not m.source.startswith(BUILTIN_PREFIX), f"{at}.source",
+                 f"the bundled model is a GGUF for llamacpp, not for {m.server}")
+            need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative")
+            need(m.kv_cache_tokens >= 0, f"{at}.kv_cache_tokens", "must not be negative")
+            need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
+            need(not m.sleep_mode or m.server == "vllm", f"{at}.sleep_mode", "only vllm has a sleep mode")
+            need(bool(getattr(cfg.engines, m.server).command), f"engines.{m.server}.command",
+                 "must name the engine's server command")
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
+
+
+def kv_tokens(model: ModelConfig) -> int:
+    return model.kv_cache_tokens or model.context_length * model.parallel
+
+
+def overhead_bytes(cfg: Config, model: ModelConfig) -> int:
+    gib = model.gpu_overhead_gib or getattr(cfg.engines, model.server).overhead_gib
+    return int(gib * 1024**3)
 
 
 def model_path(cfg: Config, model: ModelConfig) -> Path | None:

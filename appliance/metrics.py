@@ -31,6 +31,11 @@ class _SupervisorCollector:
                                        labels=["model", "replica"])
         ready = GaugeMetricFamily("appliance_model_ready", "1 when a model has a READY replica",
                                   labels=["model"])
+        load = {field: GaugeMetricFamily(f"appliance_engine_{field}", help_, labels=["model", "replica"])
+                for field, help_ in (("running", "Requests the engine is decoding"),
+                                     ("waiting", "Requests queued inside the engine"),
+                                     ("kv_cache_usage", "Fraction of the engine's KV cache in use"),
+                                     ("prefix_cache_hit_rate", "Engine prefix-cache hit rate"))}
         for name, dep in self.supervisor.deployments.items():
             ready.add_metric([name], 1.0 if dep.ready else 0.0)
             for r in dep.replicas:
@@ -39,7 +44,12 @@ class _SupervisorCollector:
                     state.add_metric([name, idx, s.value], 1.0 if r.state is s else 0.0)
                 inflight.add_metric([name, idx], float(r.inflight))
                 restarts.add_metric([name, idx], float(r.restarts))
-        yield from (state, inflight, restarts, ready)
+                if r.load is not None:
+                    for field, family in load.items():
+                        value = getattr(r.load, field)
+                        if value is not None:
+                            family.add_metric([name, idx], float(value))
+        yield from (state, inflight, restarts, ready, *load.values())
 
 
 class Metrics:

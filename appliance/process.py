@@ -136,3 +136,24 @@ class SubprocessRunner:
             log.close()
             raise OSError(f"cannot start {exe}: {exc.strerror or exc}") from exc
         return _RealProcess(proc, log)
+
+
+def descendants(pid: int) -> set[int]:
+    """pid and every process below it (engines fork a worker per GPU)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

@@ -30,7 +30,7 @@ from typing import Protocol
 
 import aiohttp
 
-from engines import EngineAdapter, ProbeFailed
+from engines import EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
 
 from .config import Config, ModelConfig
 from .process import ProcessHandle, ProcessRunner
@@ -42,6 +42,7 @@ class State(enum.Enum):
     STOPPED = "STOPPED"
     STARTING = "STARTING"
     READY = "READY"
+    SLEEPING = "SLEEPING"
     DRAINING = "DRAINING"
     BACKOFF = "BACKOFF"
     FATAL = "FATAL"
@@ -59,6 +60,12 @@ class RealClock:
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
+
+
+def _load_dict(load: EngineLoad | None) -> dict | None:
+    if load is None:
+        return None
+    return {k: v for k, v in vars(load).items() if v is not None}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -136,11 +143,18 @@ class Replica:
         self.fatal_log_tail: list[str] = []
         self.inflight = 0
         self.ready_since = 0.0
+        self.load: EngineLoad | None = None
+        # GPU engines: where the placer put this replica; kept across restarts so a
+        # crashed replica comes back on the same GPUs.
+        self.slot: GpuSlot | None = None
+        self.cannot_start: str | None = None
+        self._want_sleep = False
 
         self._crash_times: deque[float] = deque()
         self._proc: ProcessHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
+        self._poke = asyncio.Event()
         self._changed = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -162,6 +176,8 @@ class Replica:
                 raise ReplicaUnavailable(f"{self.name} is FATAL: {self.last_error}")
             if self._stop.is_set() or self._task is None:
                 raise ReplicaUnavailable(f"{self.name} is stopped")
+            if self._task.done():
+                raise ReplicaUnavailable(f"{self.name}'s owner task ended: {self._task_error()}")
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s ({self.state.value})")
@@ -169,12 +185,39 @@ class Replica:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
+    def _task_error(self) -> str:
+        exc = self._task.exception() if self._task and not self._task.cancelled() else None
+        return repr(exc) if exc else "no error"
+
     async def stop(self, drain_timeout: float = 0.0) -> None:
         """Drain in-flight requests (bounded), stop the engine, end the owner task."""
         self._drain_timeout = drain_timeout
         self._stop.set()
         if self._task is not None:
             await self._task
+
+    async def sleep(self, timeout: float = 120.0) -> None:
+        """Put a READY replica to sleep (vLLM level 1): GPU memory freed, weights in host RAM."""
+        if not getattr(self.adapter, "can_sleep", False) or not self.model.sleep_mode:
+            raise ReplicaUnavailable(f"{self.name}: sleep needs vllm with sleep_mode = true")
+        self._want_sleep = True
+        self._poke.set()
+        await self._until(lambda: self.state in (State.SLEEPING, State.FATAL, State.STOPPED), timeout)
+
+    async def wake(self, timeout: float = 300.0) -> None:
+        self._want_sleep = False
+        self._poke.set()
+        await self.wait_ready(timeout)
+
+    async def _until(self, done, timeout: float) -> None:
+        deadline = self.clock.monotonic() + timeout
+        while not done():
+            remaining = deadline - self.clock.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"{self.name} still {self.state.value} after {timeout:.0f}s")
+            self._changed.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
     @contextlib.contextmanager
     def lease(self):
@@ -199,6 +242,9 @@ class Replica:
             "supervised": self.supervised,
             "inflight": self.inflight,
             "restarts": self.restarts,
+            "gpus": list(self.slot.gpus) if self.slot else None,
+            "memory_fraction": self.slot.memory_fraction if self.slot else None,
+            "load": _load_dict(self.load),
             "last_error": self.last_error or None,
             "log_file": str(self.log_path) if self.supervised else None,
             "log_tail": self.fatal_log_tail if self.state is State.FATAL else [],
@@ -224,6 +270,10 @@ class Replica:
             self.listener(self, event)
 
     async def _own(self) -> None:
+        if self.cannot_start:
+            self.last_error = self.cannot_start
+            self._transition(State.FATAL, self.cannot_start)
+            return
         try:
             while not self._stop.is_set():
                 try:
@@ -238,6 +288,12 @@ class Replica:
             await asyncio.shield(self._kill_now())
             self._transition(State.STOPPED, "owner task cancelled")
             raise
+        except Exception as exc:
+            # A bug, not an engine failure: never leave an engine running unowned.
+            log.exception("replica %s: owner task failed", self.name)
+            await self._kill_now()
+            self.last_error = f"internal error: {exc!r}"
+            self._transition(State.FATAL, self.last_error)
 
     async def _run_once(self) -> None:
         self.port = self.port_allocator() if self.supervised else 0
@@ -255,7 +311,7 @@ class Replica:
     async def _spawn(self) -> ProcessHandle:
         if not self.supervised:
             return _External()
-        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port)
+        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port, self.slot)
         try:
             return await self.runner.spawn(spec.argv, spec.env, self.log_path)
         except OSError as exc:
@@ -283,15 +339,19 @@ class Replica:
             await self._race(self.clock.sleep(0.25))
 
     async def _watch(self) -> None:
-        """While READY: notice an exit or a run of failed health checks."""
+        """While READY or SLEEPING: notice an exit or a run of failed health
+        checks, and carry out sleep and wake requests."""
         sv = self.cfg.supervisor
         failures = 0
         while not self._stop.is_set():
-            outcome = await self._race(self.clock.sleep(sv.health_interval_s))
+            if self._want_sleep != (self.state is State.SLEEPING):
+                await self._sleep_or_wake()
+                continue
+            outcome = await self._race(self.clock.sleep(sv.health_interval_s), poke=True)
             if outcome == "exited":
                 raise _Crash(self._exit_reason("exited"))
-            if outcome == "stopped":
-                return
+            if outcome in ("stopped", "poked"):
+                continue
             probe = self.adapter.probe_health(self.session, self.base_url, timeout=sv.health_interval_s)
             outcome = await self._race(probe)
             if outcome == "exited":
@@ -304,24 +364,55 @@ class Replica:
                     raise _Crash(f"unhealthy: {failures} failed health checks, last: {outcome}")
             else:
                 failures = 0
+                self.load = self._last_result
 
-    async def _race(self, coro) -> object:
-        """Run coro against the process exiting and a stop request.
+    async def _sleep_or_wake(self) -> None:
+        timeout = self.cfg.supervisor.startup_timeout_s
+        if self._want_sleep:
+            if self.inflight:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout=self.cfg.server.drain_timeout_s)
+            outcome = await self._race(self.adapter.sleep(self.session, self.base_url, timeout))
+            new, reason = State.SLEEPING, "asleep: weights in host RAM, GPU memory freed"
+        else:
+            outcome = await self._race(self.adapter.wake(self.session, self.base_url, timeout))
+            if outcome == "done":
+                probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=timeout)
+                outcome = await self._race(probe)
+            new, reason = State.READY, "woken: answered a 1-token completion"
+        if outcome == "exited":
+            raise _Crash(self._exit_reason("exited"))
+        if isinstance(outcome, ProbeFailed):
+            await self._kill_now()
+            raise _Crash(f"{'sleep' if self._want_sleep else 'wake'} failed: {outcome}")
+        if outcome == "done":
+            self._transition(new, reason)
 
-        Returns "done", "exited", "stopped", or the ProbeFailed coro raised."""
+    _last_result: object = None
+
+    async def _race(self, coro, poke: bool = False) -> object:
+        """Run coro against the process exiting, a stop request and (if poke) a
+        sleep/wake request.
+
+        Returns "done" (its result in _last_result), "exited", "stopped", "poked",
+        or the ProbeFailed coro raised."""
         work = asyncio.ensure_future(coro)
         exited = asyncio.ensure_future(self._proc.wait()) if self._proc else None
         stopped = asyncio.ensure_future(self._stop.wait())
-        waiters = [w for w in (work, exited, stopped) if w is not None]
+        poked = None
+        if poke:
+            self._poke.clear()
+            poked = asyncio.ensure_future(self._poke.wait())
+        waiters = [w for w in (work, exited, stopped, poked) if w is not None]
         try:
             done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for w in waiters:
                 if not w.done():
                     w.cancel()
-            for w in (work, stopped):
+            for w in (work, stopped, poked):
                 with contextlib.suppress(BaseException):
-                    if w.cancelled():
+                    if w is not None and w.cancelled():
                         await w
         # An exit outranks whatever finished with it: a probe that passed just
         # before the engine died must not mark a dead replica READY.
@@ -334,7 +425,10 @@ class Replica:
                 return exc
             if exc is not None:
                 raise exc
+            self._last_result = work.result()
             return "done"
+        if poked is not None and poked in done:
+            return "poked"
         return "stopped"
 
     _exit_code: int | None = None

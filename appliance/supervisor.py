@@ -10,12 +10,15 @@ from pathlib import Path
 
 import aiohttp
 
-from engines import adapter_for
+from engines import GpuSlot, adapter_for
 
 from .config import Config, ModelConfig
 from .errors import ModelNotFound, NoCapacity
-from .process import ProcessRunner, SubprocessRunner
-from .replica import Clock, Listener, Replica, State, free_port
+from .gpu import GpuProbe, NvmlProbe, SimulatedProbe
+from .memory import MeasuredMemory
+from .planning import PlanRow, plan
+from .process import ProcessRunner, SubprocessRunner, descendants
+from .replica import Clock, Listener, Replica, State, Transition, free_port
 
 log = logging.getLogger("appliance.supervisor")
 
@@ -53,14 +56,30 @@ class Deployment:
         return any(r.state is State.READY for r in self.replicas)
 
 
+def default_probe(cfg: Config) -> GpuProbe:
+    return SimulatedProbe(cfg.gpu.inventory) if cfg.gpu.inventory else NvmlProbe()
+
+
 class Supervisor:
     def __init__(self, cfg: Config, session: aiohttp.ClientSession, *,
                  runner: ProcessRunner | None = None, clock: Clock | None = None,
                  port_allocator: Callable[[], int] = free_port,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, probe: GpuProbe | None = None) -> None:
         self.cfg = cfg
         self.session = session
         self.runner = runner or SubprocessRunner(cfg.supervisor.log_max_bytes)
+        self.probe = probe or default_probe(cfg)
+        self.measured = MeasuredMemory()
+        self.placements: list[PlanRow] = []
+        outer_listener = listener
+
+        def on_change(replica: Replica, event: Transition) -> None:
+            if event.new is State.READY and replica.slot is not None:
+                self._measure(replica)
+            if outer_listener is not None:
+                outer_listener(replica, event)
+
+        listener = on_change
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self.deployments: dict[str, Deployment] = {}
         for model in cfg.models:
@@ -79,8 +98,35 @@ class Supervisor:
 
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._place_gpu_replicas()
         for replica in self.replicas():
             replica.start()
+
+    def _place_gpu_replicas(self) -> None:
+        """Give each GPU replica its GPUs before it starts; one that cannot fit is
+        FATAL with the placer's reason (what is missing, where)."""
+        wanted = [r for r in self.replicas() if r.adapter.gpu]
+        if not wanted:
+            return
+        inventory = self.probe.read()
+        self.placements = plan(self.cfg, inventory, [(r.model, r.name) for r in wanted],
+                               measured=self.measured)
+        for replica, row in zip(wanted, self.placements, strict=True):
+            if row.assignment is None:
+                replica.cannot_start = f"cannot place on GPUs: {row.error}"
+            else:
+                replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction)
+            log.info("placement %s", row.describe())
+
+    def _measure(self, replica: Replica) -> None:
+        """NVML's per-process memory of a ready replica (its whole process tree:
+        engines run workers per GPU) corrects the estimate for later placements."""
+        inventory = self.probe.read()
+        pids = descendants(replica.pid)
+        per_gpu = [g.used_by(pids) for g in inventory.gpus if g.index in replica.slot.gpus]
+        if per_gpu and max(per_gpu) > 0:
+            self.measured.observe(replica.model.name, replica.slot.tp, max(per_gpu))
+            log.info("replica %s uses %.1f GiB per GPU (NVML)", replica.name, max(per_gpu) / 1024**3)
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),

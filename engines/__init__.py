@@ -1,12 +1,17 @@
 """Engine adapters, one per engine the appliance can supervise."""
 
-from .base import EngineAdapter, LaunchSpec, ProbeFailed
+from .base import EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
 from .llamacpp import LlamaCppAdapter
+from .metrics import EngineLoad
 from .openai import OpenAIAdapter
+from .sglang import SglangAdapter
+from .vllm import VllmAdapter
 
 ADAPTERS: dict[str, EngineAdapter] = {
     "llamacpp": LlamaCppAdapter(),
     "openai": OpenAIAdapter(),
+    "vllm": VllmAdapter(),
+    "sglang": SglangAdapter(),
 }
 
 
@@ -17,4 +22,5 @@ def adapter_for(server: str) -> EngineAdapter:
         raise KeyError(f"no engine adapter named {server!r}") from None
 
 
-__all__ = ["ADAPTERS", "EngineAdapter", "LaunchSpec", "ProbeFailed", "adapter_for"]
+__all__ = ["ADAPTERS", "EngineAdapter", "EngineLoad", "GpuSlot", "LaunchSpec", "ProbeFailed",
+           "adapter_for"]

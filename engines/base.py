@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
+from .metrics import EngineLoad
+
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
 
@@ -27,14 +29,34 @@ class LaunchSpec:
     env: dict[str, str] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class GpuSlot:
+    """Where the placer put a GPU replica: which GPUs, and its share of each."""
+
+    gpus: tuple[int, ...]
+    memory_fraction: float
+
+    @property
+    def tp(self) -> int:
+        return len(self.gpus)
+
+    @property
+    def cuda_visible_devices(self) -> str:
+        return ",".join(str(g) for g in self.gpus)
+
+
 class EngineAdapter(Protocol):
     name: str
+    gpu: bool        # replicas need GPUs from the placer
+    can_sleep: bool  # sleep()/wake() exist (vLLM's sleep mode)
 
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int) -> LaunchSpec:
-        """argv and extra environment for one replica listening on host:port."""
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+               slot: GpuSlot | None = None) -> LaunchSpec:
+        """argv and extra environment for one replica listening on host:port
+        (on the GPUs of slot, for GPU engines)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
@@ -43,8 +65,10 @@ class EngineAdapter(Protocol):
                           timeout: float) -> None:
         """Return once the replica answered a real request; raise ProbeFailed otherwise."""
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
-        """Cheap periodic liveness check of a READY replica; raise ProbeFailed when unhealthy."""
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
+                           timeout: float) -> EngineLoad | None:
+        """Cheap periodic liveness check of a READY replica, with the engine's load
+        where it exposes one; raise ProbeFailed when unhealthy."""
 
 
 async def one_token_completion(session: aiohttp.ClientSession, base_url: str, model_name: str,
@@ -69,3 +93,31 @@ async def http_ok(session: aiohttp.ClientSession, url: str, timeout: float) -> N
                 raise ProbeFailed(f"GET {url} answered {resp.status}")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise ProbeFailed(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+async def http_text(session: aiohttp.ClientSession, url: str, timeout: float) -> str:
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.text()
+            if resp.status != 200:
+                raise ProbeFailed(f"GET {url} answered {resp.status}")
+            return body
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise ProbeFailed(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+async def http_post(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+    try:
+        async with session.post(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.read()
+            if resp.status != 200:
+                raise ProbeFailed(f"POST {url} answered {resp.status}: {body[:200]!r}")
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        raise ProbeFailed(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+def offline_env(cfg: Config) -> dict[str, str]:
+    """Air-gapped: no hub, no telemetry, caches under the appliance's cache dir."""
+    hf_home = f"{cfg.paths.cache_dir}/hf"
+    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "HF_HOME": hf_home, "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import LaunchSpec, http_ok, one_token_completion
+from .base import GpuSlot, LaunchSpec, http_text, one_token_completion
+from .metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
@@ -15,11 +16,14 @@ if TYPE_CHECKING:
 
 class LlamaCppAdapter:
     name = "llamacpp"
+    gpu = False
+    can_sleep = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return True
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int) -> LaunchSpec:
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+               slot: GpuSlot | None = None) -> LaunchSpec:
         from appliance.config import model_path
 
         path = model_path(cfg, model)
@@ -57,5 +61,7 @@ class LlamaCppAdapter:
                           timeout: float) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
-        await http_ok(session, f"{base_url}/health", timeout)
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
+                           timeout: float) -> EngineLoad | None:
+        # /metrics answers only while the server runs: one request, liveness and load.
+        return parse_llamacpp(await http_text(session, f"{base_url}/metrics", timeout))

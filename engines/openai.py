@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import LaunchSpec, http_ok, one_token_completion
+from .base import GpuSlot, LaunchSpec, http_ok, one_token_completion
+from .metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
@@ -19,11 +20,14 @@ if TYPE_CHECKING:
 
 class OpenAIAdapter:
     name = "openai"
+    gpu = False
+    can_sleep = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int) -> LaunchSpec:
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+               slot: GpuSlot | None = None) -> LaunchSpec:
         from appliance.config import model_path
 
         path = model_path(cfg, model)
@@ -41,6 +45,8 @@ class OpenAIAdapter:
                           timeout: float) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
+                           timeout: float) -> EngineLoad | None:
         # /v1/models is the one endpoint every OpenAI-compatible server has.
         await http_ok(session, f"{base_url}/v1/models", timeout)
+        return None

@@ -26,10 +26,15 @@ STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_c
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--as-engine", choices=["vllm", "sglang"], default=None,
+                   help="accept that engine's argv (unknown flags ignored, recorded in /fake/stats) "
+                        "and speak its /metrics, and vLLM's /sleep, /wake_up, /is_sleeping")
+    p.add_argument("--served-model-name", dest="model", default=None)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--model", default="fake-model")
+    p.add_argument("--model", dest="model", default=None)
     p.add_argument("--latency", type=float, default=0.0, help="seconds before a unary answer")
     p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
@@ -41,7 +46,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="answer completions with this status (from request --fail-from on)")
     p.add_argument("--fail-from", type=int, default=2,
                    help="first request number that fails (default 2: the readiness probe passes)")
-    return p.parse_args(argv)
+    args, unknown = p.parse_known_args(argv)
+    if unknown and not args.as_engine:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.model = args.model or "fake-model"
+    STATS["argv"] = argv
+    STATS["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return args
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -121,6 +132,38 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(STATS)
 
+    async def metrics(request: web.Request) -> web.Response:
+        running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
+        if args.as_engine == "sglang":
+            text = (f"sglang:num_running_reqs{{model_name=\"{args.model}\"}} {running}\n"
+                    f"sglang:num_queue_reqs{{model_name=\"{args.model}\"}} 0\n"
+                    f"sglang:token_usage{{model_name=\"{args.model}\"}} 0.25\n"
+                    f"sglang:cache_hit_rate{{model_name=\"{args.model}\"}} 0.5\n")
+        else:
+            text = ("# TYPE vllm:num_requests_running gauge\n"
+                    f"vllm:num_requests_running{{model_name=\"{args.model}\"}} {running}\n"
+                    "# TYPE vllm:num_requests_waiting gauge\n"
+                    f"vllm:num_requests_waiting{{model_name=\"{args.model}\"}} 0\n"
+                    "# TYPE vllm:kv_cache_usage_perc gauge\n"
+                    f"vllm:kv_cache_usage_perc{{model_name=\"{args.model}\"}} 0.25\n"
+                    "# TYPE vllm:prefix_cache_queries counter\n"
+                    f"vllm:prefix_cache_queries_total{{model_name=\"{args.model}\"}} 400\n"
+                    "# TYPE vllm:prefix_cache_hits counter\n"
+                    f"vllm:prefix_cache_hits_total{{model_name=\"{args.model}\"}} 100\n")
+        return web.Response(text=text, content_type="text/plain")
+
+    async def sleep(request: web.Request) -> web.Response:
+        STATS["sleeping"] = True
+        STATS["sleep_level"] = int(request.query.get("level", "1"))
+        return web.Response()
+
+    async def wake_up(request: web.Request) -> web.Response:
+        STATS["sleeping"] = False
+        return web.Response()
+
+    async def is_sleeping(request: web.Request) -> web.Response:
+        return web.json_response({"is_sleeping": bool(STATS.get("sleeping"))})
+
     app = web.Application(client_max_size=64 * 1024 * 1024)
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
@@ -128,6 +171,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/fake/stats", stats)
+    if args.as_engine:
+        app.router.add_get("/metrics", metrics)
+    if args.as_engine == "vllm":
+        app.router.add_post("/sleep", sleep)
+        app.router.add_post("/wake_up", wake_up)
+        app.router.add_get("/is_sleeping", is_sleeping)
     return app
 
 

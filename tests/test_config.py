@@ -106,8 +106,9 @@ def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
          "max_replicas = 2\n", "models[0].autoscaling.max_replicas", "must be >= min_replicas"),
         ('[[models]]\nname = "a"\nsource = "builtin:llama-70b"\n', "models[0].source",
          "unknown builtin model"),
-        ('[[models]]\nname = "a"\nserver = "vllm"\nsource = "x"\n', "models[0].server",
-         "arrive with GPU support"),
+        ('[[models]]\nname = "a"\nserver = "vllm"\n', "models[0].source", "needs a model directory"),
+        ('[[models]]\nname = "a"\nserver = "sglang"\nsource = "/m"\nsleep_mode = true\n',
+         "models[0].sleep_mode", "only vllm has a sleep mode"),
     ],
 )
 def test_validation_errors_name_the_file_and_the_field(tmp_path, toml, field, message):

@@ -84,7 +84,7 @@ class ScriptedAdapter:
     def supervised(self, model) -> bool:
         return self._supervised
 
-    def launch(self, cfg, model, host, port) -> LaunchSpec:
+    def launch(self, cfg, model, host, port, slot=None) -> LaunchSpec:
         return LaunchSpec(argv=["engine", "--port", str(port)])
 
     def base_url(self, model, host, port) -> str:

@@ -1,0 +1,126 @@
+"""How much GPU memory one replica of a model needs, per GPU, at each
+tensor-parallel size:
+
+    per GPU = weights / tp + KV-cache budget / tp + engine overhead
+
+- weights: the bytes of the model's weight files (safetensors, bin, pt);
+- KV cache: tokens x layers x KV heads x head size x 2 (K and V) x dtype bytes,
+  with the shape read from the model's config.json;
+- overhead: CUDA context, activations, CUDA graphs; per engine, from config.
+
+Tensor-parallel sizes offered are those that divide the attention heads (and the
+KV heads) and are at most the number of GPUs. Once a replica is running, NVML's
+per-process memory replaces the estimate for later placements of that model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+GiB = 1024**3
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2,
+               "fp16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+
+
+class ModelShapeError(Exception):
+    """The model's files do not say enough to size it; the message says what is missing."""
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+
+    def kv_bytes_per_token(self, kv_dtype_bytes: int | None = None) -> int:
+        per = kv_dtype_bytes or self.dtype_bytes
+        return self.layers * self.kv_heads * self.head_dim * 2 * per
+
+
+def read_shape(model_dir: Path) -> ModelShape:
+    path = model_dir / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ModelShapeError(f"{path} not found: cannot size the KV cache") from None
+    except ValueError as exc:
+        raise ModelShapeError(f"{path}: not valid JSON ({exc})") from None
+    cfg = cfg.get("text_config", cfg)  # multimodal configs nest the language model
+    try:
+        layers = int(cfg["num_hidden_layers"])
+        heads = int(cfg["num_attention_heads"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelShapeError(f"{path}: needs num_hidden_layers and num_attention_heads") from None
+    kv_heads = int(cfg.get("num_key_value_heads") or heads)
+    head_dim = int(cfg.get("head_dim") or int(cfg.get("hidden_size", 0)) // heads)
+    if head_dim <= 0:
+        raise ModelShapeError(f"{path}: needs head_dim or hidden_size")
+    dtype = str(cfg.get("torch_dtype") or cfg.get("dtype") or "bfloat16").replace("torch.", "")
+    return ModelShape(layers, heads, kv_heads, head_dim, DTYPE_BYTES.get(dtype, 2))
+
+
+def weight_bytes(model_dir: Path) -> int:
+    """Bytes of the weight files (links followed: a hub snapshot is links to blobs)."""
+    total = sum(p.stat().st_size for p in model_dir.rglob("*")
+                if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if total == 0:
+        raise ModelShapeError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    return total
+
+
+def tp_sizes(shape: ModelShape, gpu_count: int) -> list[int]:
+    """Tensor-parallel sizes the engines accept for this model on up to gpu_count GPUs."""
+    return [tp for tp in (1, 2, 4, 8, 16) if tp <= gpu_count
+            and shape.attention_heads % tp == 0 and (shape.kv_heads % tp == 0 or tp % shape.kv_heads == 0)]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    weights: int
+    kv_cache: int
+    overhead: int
+    per_gpu: dict[int, int]  # tp -> bytes on each GPU
+    measured: bool = False
+
+    def describe(self, tp: int) -> str:
+        src = "measured" if self.measured else "estimated"
+        return (f"{src} {self.per_gpu[tp] / GiB:.1f} GiB/GPU at tp={tp} "
+                f"(weights {self.weights / GiB:.1f} GiB + KV {self.kv_cache / GiB:.1f} GiB "
+                f"over {tp} GPU(s) + overhead {self.overhead / GiB:.1f} GiB)")
+
+
+def estimate(model_dir: Path, kv_tokens: int, overhead_bytes: int, gpu_count: int,
+             kv_dtype_bytes: int | None = None, fixed_tp: int | None = None) -> Estimate:
+    shape = read_shape(model_dir)
+    weights = weight_bytes(model_dir)
+    kv = kv_tokens * shape.kv_bytes_per_token(kv_dtype_bytes)
+    sizes = [fixed_tp] if fixed_tp else tp_sizes(shape, max(gpu_count, 1))
+    if not sizes:
+        raise ModelShapeError(f"{model_dir}: no tensor-parallel size up to {gpu_count} divides "
+                              f"{shape.attention_heads} attention heads")
+    per_gpu = {tp: math.ceil(weights / tp) + math.ceil(kv / tp) + overhead_bytes for tp in sizes}
+    return Estimate(weights=weights, kv_cache=kv, overhead=overhead_bytes, per_gpu=per_gpu)
+
+
+class MeasuredMemory:
+    """Per-GPU bytes that running replicas actually used, by (model, tp), from NVML.
+    Later placements of the same model use the measured figure."""
+
+    def __init__(self) -> None:
+        self._by_model: dict[tuple[str, int], int] = {}
+
+    def observe(self, model: str, tp: int, bytes_per_gpu: int) -> None:
+        if bytes_per_gpu > 0:
+            self._by_model[(model, tp)] = bytes_per_gpu
+
+    def correct(self, model: str, est: Estimate) -> Estimate:
+        measured = {tp: self._by_model[(model, tp)] for tp in est.per_gpu if (model, tp) in self._by_model}
+        if not measured:
+            return est
+        return Estimate(est.weights, est.kv_cache, est.overhead, {**est.per_gpu, **measured}, measured=True)

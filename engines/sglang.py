@@ -1,0 +1,62 @@
+"""SGLang's OpenAI server on GPUs, from the pinned environment in images/sglang.
+
+Prefix caching is SGLang's radix cache, on by default (never --disable-radix-cache).
+Every flag emitted here exists in the pinned version (images/sglang/flags-*.txt).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from .base import GpuSlot, LaunchSpec, http_text, offline_env, one_token_completion
+from .metrics import EngineLoad, parse_sglang
+
+if TYPE_CHECKING:
+    from appliance.config import Config, ModelConfig
+
+
+class SglangAdapter:
+    name = "sglang"
+    gpu = True
+    can_sleep = False
+
+    def supervised(self, model: ModelConfig) -> bool:
+        return True
+
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+               slot: GpuSlot | None = None) -> LaunchSpec:
+        from appliance.config import model_path
+
+        if slot is None:
+            raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
+        argv = [
+            *cfg.engines.sglang.command,
+            "--model-path", str(model_path(cfg, model)),
+            "--served-model-name", model.name,
+            "--host", host,
+            "--port", str(port),
+            "--tp-size", str(slot.tp),
+            "--mem-fraction-static", f"{slot.memory_fraction:.2f}",
+            "--context-length", str(model.context_length),
+            "--max-running-requests", str(model.parallel),
+            "--enable-metrics",
+        ]
+        if model.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
+            argv += ["--kv-cache-dtype", model.kv_cache_dtype]
+        argv += model.args
+        env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
+               "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
+        return LaunchSpec(argv=argv, env={**env, **model.env})
+
+    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
+        return f"http://{host}:{port}"
+
+    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
+                          timeout: float) -> None:
+        await one_token_completion(session, base_url, model.name, timeout)
+
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
+                           timeout: float) -> EngineLoad | None:
+        return parse_sglang(await http_text(session, f"{base_url}/metrics", timeout))

@@ -1,0 +1,71 @@
+"""vLLM's OpenAI server on GPUs, from the pinned environment in images/vllm.
+
+Every flag emitted here exists in the pinned version: tests check the argv
+against images/vllm/flags-<version>.txt, taken from vLLM's own parser.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+
+from .base import GpuSlot, LaunchSpec, http_post, http_text, offline_env, one_token_completion
+from .metrics import EngineLoad, parse_vllm
+
+if TYPE_CHECKING:
+    from appliance.config import Config, ModelConfig
+
+
+class VllmAdapter:
+    name = "vllm"
+    gpu = True
+    can_sleep = True
+
+    def supervised(self, model: ModelConfig) -> bool:
+        return True
+
+    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+               slot: GpuSlot | None = None) -> LaunchSpec:
+        from appliance.config import model_path
+
+        if slot is None:
+            raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
+        argv = [
+            *cfg.engines.vllm.command, str(model_path(cfg, model)),
+            "--served-model-name", model.name,
+            "--host", host,
+            "--port", str(port),
+            "--tensor-parallel-size", str(slot.tp),
+            "--gpu-memory-utilization", f"{slot.memory_fraction:.2f}",
+            "--max-model-len", str(model.context_length),
+            "--max-num-seqs", str(model.parallel),
+            "--enable-prefix-caching",
+        ]
+        if model.kv_cache_dtype != "auto":
+            argv += ["--kv-cache-dtype", model.kv_cache_dtype]
+        env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
+               "VLLM_NO_USAGE_STATS": "1"}
+        if model.sleep_mode:
+            argv.append("--enable-sleep-mode")
+            env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
+        argv += model.args
+        return LaunchSpec(argv=argv, env={**env, **model.env})
+
+    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
+        return f"http://{host}:{port}"
+
+    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
+                          timeout: float) -> None:
+        await one_token_completion(session, base_url, model.name, timeout)
+
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
+                           timeout: float) -> EngineLoad | None:
+        return parse_vllm(await http_text(session, f"{base_url}/metrics", timeout))
+
+    async def sleep(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+        """Level 1: weights offloaded to host RAM, KV cache dropped, GPU memory freed."""
+        await http_post(session, f"{base_url}/sleep?level=1", timeout)
+
+    async def wake(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+        await http_post(session, f"{base_url}/wake_up", timeout)

@@ -1,0 +1,121 @@
+"""vLLM and SGLang adapters: argv and env exactly as expected, every flag in the
+pinned engine's own flag list, and each engine's metrics in one shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from appliance.config import parse_config
+from engines import GpuSlot, adapter_for
+from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pinned_flags(engine: str) -> set[str]:
+    files = sorted((ROOT / "images" / engine).glob("flags-*.txt"))
+    assert len(files) == 1, f"exactly one pinned flag list for {engine}, found {files}"
+    return {line.strip() for line in files[0].read_text().splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+CFG = parse_config("""
+[paths]
+cache_dir = "/var/cache/appliance"
+[[models]]
+name = "llama-8b"
+server = "vllm"
+source = "/srv/models/llama-8b"
+context_length = 16384
+parallel = 32
+sleep_mode = true
+kv_cache_dtype = "fp8"
+[[models]]
+name = "qwen-32b"
+server = "sglang"
+source = "/srv/models/qwen-32b"
+""")
+SLOT = GpuSlot(gpus=(2, 3), memory_fraction=0.45)
+
+
+def test_vllm_argv_and_env():
+    spec = adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT)
+    assert spec.argv == [
+        "/opt/appliance/engines/vllm/bin/vllm", "serve", "/srv/models/llama-8b",
+        "--served-model-name", "llama-8b", "--host", "127.0.0.1", "--port", "9100",
+        "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.45",
+        "--max-model-len", "16384", "--max-num-seqs", "32", "--enable-prefix-caching",
+        "--kv-cache-dtype", "fp8", "--enable-sleep-mode",
+    ]
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
+    assert spec.env["HF_HUB_OFFLINE"] == "1" and spec.env["HF_HOME"] == "/var/cache/appliance/hf"
+    assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+
+
+def test_sglang_argv_and_env():
+    spec = adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9200, SLOT)
+    assert spec.argv == [
+        "/opt/appliance/engines/sglang/bin/python", "-m", "sglang.launch_server",
+        "--model-path", "/srv/models/qwen-32b", "--served-model-name", "qwen-32b",
+        "--host", "127.0.0.1", "--port", "9200", "--tp-size", "2", "--mem-fraction-static", "0.45",
+        "--context-length", "8192", "--max-running-requests", "4", "--enable-metrics",
+    ]
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3" and spec.env["HF_HUB_OFFLINE"] == "1"
+
+
+@pytest.mark.parametrize(("engine", "model"), [("vllm", 0), ("sglang", 1)])
+def test_every_flag_the_adapter_emits_exists_in_the_pinned_engine(engine, model):
+    spec = adapter_for(engine).launch(CFG, CFG.models[model], "127.0.0.1", 9100, SLOT)
+    emitted = {a for a in spec.argv if a.startswith("--")}
+    assert emitted - pinned_flags(engine) == set()
+
+
+def test_a_gpu_engine_without_a_slot_is_refused():
+    with pytest.raises(ValueError, match="needs GPUs from the placer"):
+        adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, None)
+
+
+VLLM_METRICS = """\
+# TYPE vllm:num_requests_running gauge
+vllm:num_requests_running{model_name="llama-8b"} 3.0
+# TYPE vllm:num_requests_waiting gauge
+vllm:num_requests_waiting{model_name="llama-8b"} 2.0
+# TYPE vllm:kv_cache_usage_perc gauge
+vllm:kv_cache_usage_perc{model_name="llama-8b"} 0.42
+# TYPE vllm:prefix_cache_queries counter
+vllm:prefix_cache_queries_total{model_name="llama-8b"} 1000.0
+# TYPE vllm:prefix_cache_hits counter
+vllm:prefix_cache_hits_total{model_name="llama-8b"} 750.0
+"""
+SGLANG_METRICS = """\
+sglang:num_running_reqs{model_name="qwen"} 5.0
+sglang:num_queue_reqs{model_name="qwen"} 1.0
+sglang:token_usage{model_name="qwen"} 0.3
+sglang:cache_hit_rate{model_name="qwen"} 0.6
+"""
+LLAMACPP_METRICS = """\
+# TYPE llamacpp:prompt_tokens_total counter
+llamacpp:prompt_tokens_total 300
+# TYPE llamacpp:prompt_tokens_cached_total counter
+llamacpp:prompt_tokens_cached_total 100
+# TYPE llamacpp:requests_processing gauge
+llamacpp:requests_processing 2
+# TYPE llamacpp:requests_deferred gauge
+llamacpp:requests_deferred 1
+"""
+
+
+def test_each_engines_metrics_read_into_one_shape():
+    v = parse_vllm(VLLM_METRICS)
+    assert (v.running, v.waiting, v.kv_cache_usage, v.prefix_cache_hit_rate) == (3, 2, 0.42, 0.75)
+    s = parse_sglang(SGLANG_METRICS)
+    assert (s.running, s.waiting, s.kv_cache_usage, s.prefix_cache_hit_rate) == (5, 1, 0.3, 0.6)
+    c = parse_llamacpp(LLAMACPP_METRICS)
+    assert (c.running, c.waiting, c.kv_cache_usage, c.prefix_cache_hit_rate) == (2, 1, None, 0.25)
+
+
+def test_older_vllm_metric_names_are_read_too():
+    v = parse_vllm('vllm:gpu_cache_usage_perc{m="x"} 0.5\nvllm:gpu_prefix_cache_hit_rate{m="x"} 0.2\n')
+    assert v.kv_cache_usage == 0.5 and v.prefix_cache_hit_rate == 0.2

@@ -1,0 +1,203 @@
+"""GPU replicas on a simulated inventory: placed before they start, launched with
+their GPUs, their load read from the engine's metrics, put to sleep and woken.
+The engine is tests/fake_engine.py speaking as vLLM or SGLang."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import httpx
+import pytest
+
+from appliance.config import parse_config
+from appliance.gpu import GiB, SimulatedProbe
+from appliance.replica import State
+from appliance.supervisor import Supervisor
+
+from .conftest import FAKE_ENGINE, PY, ROOT, wait_until
+
+DATA = Path(__file__).parent / "data"
+
+
+def make_model(base: Path, name: str, weights_gib: float, heads: int = 32) -> Path:
+    d = base / name
+    d.mkdir(parents=True)
+    (d / "config.json").write_text(json.dumps({
+        "num_hidden_layers": 32, "num_attention_heads": heads, "num_key_value_heads": 8,
+        "head_dim": 128, "torch_dtype": "bfloat16"}))
+    with open(d / "model.safetensors", "wb") as f:
+        f.truncate(int(weights_gib * GiB))  # sparse: only the size matters
+    return d
+
+
+def gpu_config(tmp_path: Path, models: str) -> str:
+    fake = f'["{PY}", "{FAKE_ENGINE}", "--as-engine", "vllm"]'
+    fake_sglang = f'["{PY}", "{FAKE_ENGINE}", "--as-engine", "sglang"]'
+    return (f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+            f'log_dir = "{tmp_path}/log"\n'
+            f'[gpu]\ninventory = "{DATA / "inventory-8xh100.toml"}"\n'
+            f"[engines.vllm]\ncommand = {fake}\noverhead_gib = 2\n"
+            f"[engines.sglang]\ncommand = {fake_sglang}\noverhead_gib = 2\n"
+            "[supervisor]\nhealth_interval_s = 0.2\n" + models)
+
+
+@pytest.fixture
+async def gpu_supervisor(tmp_path):
+    small = make_model(tmp_path, "small", 14)
+    big = make_model(tmp_path, "big", 130)
+    cfg = parse_config(gpu_config(tmp_path, f"""
+[[models]]
+name = "small"
+server = "vllm"
+source = "{small}"
+sleep_mode = true
+kv_cache_tokens = 32768
+[[models]]
+name = "qwen"
+server = "sglang"
+source = "{small}"
+kv_cache_tokens = 32768
+[[models]]
+name = "big"
+server = "vllm"
+source = "{big}"
+[models.gpus]
+count = 1
+"""))
+    session = aiohttp.ClientSession()
+    sup = Supervisor(cfg, session)
+    sup.start()
+    yield sup
+    await sup.stop()
+    await session.close()
+
+
+async def stats(replica) -> dict:
+    async with aiohttp.ClientSession() as s, s.get(f"{replica.base_url}/fake/stats") as r:
+        return await r.json()
+
+
+async def test_replicas_are_placed_then_launched_on_their_gpus(gpu_supervisor):
+    small = gpu_supervisor.deployment("small").replicas[0]
+    qwen = gpu_supervisor.deployment("qwen").replicas[0]
+    await small.wait_ready(30)
+    await qwen.wait_ready(30)
+    # 14 GiB + 4 GiB KV + 2 GiB overhead = 20 GiB: both fit in the 40 GiB left on
+    # half-used GPU 0 (best fit), never on an empty card.
+    assert small.slot.gpus == (0,) and qwen.slot.gpus == (0,)
+    assert small.slot.memory_fraction == 0.25
+    seen = await stats(small)
+    assert seen["cuda_visible_devices"] == "0"
+    assert ["--tensor-parallel-size", "1"] == seen["argv"][seen["argv"].index("--tensor-parallel-size"):][:2]
+    assert "--enable-sleep-mode" in seen["argv"]
+    assert (await stats(qwen))["argv"][2:4] == ["--model-path", str(small.cfg.models[0].source)]
+
+
+async def test_a_replica_that_cannot_fit_is_fatal_saying_what_is_missing(gpu_supervisor):
+    big = gpu_supervisor.deployment("big").replicas[0]
+    await big._until(lambda: big.state is State.FATAL, 10)
+    assert "cannot place on GPUs" in big.last_error and "big#0 needs" in big.last_error
+    assert "largest free" in big.last_error
+
+
+async def test_engine_load_is_read_from_its_metrics(gpu_supervisor):
+    small = gpu_supervisor.deployment("small").replicas[0]
+    qwen = gpu_supervisor.deployment("qwen").replicas[0]
+    await small.wait_ready(30)
+    await qwen.wait_ready(30)
+    await small._until(lambda: small.load is not None and qwen.load is not None, 10)
+    assert small.load.kv_cache_usage == 0.25 and small.load.prefix_cache_hit_rate == 0.25
+    assert qwen.load.prefix_cache_hit_rate == 0.5
+    assert small.snapshot()["load"]["kv_cache_usage"] == 0.25
+
+
+async def test_a_vllm_replica_sleeps_and_wakes(gpu_supervisor):
+    small = gpu_supervisor.deployment("small").replicas[0]
+    await small.wait_ready(30)
+    await small.sleep(timeout=10)
+    assert small.state is State.SLEEPING and (await stats(small))["sleeping"] is True
+    assert (await stats(small))["sleep_level"] == 1
+    with pytest.raises(Exception, match="no ready replica"):
+        gpu_supervisor.deployment("small").pick()
+    await small.wake(timeout=10)
+    assert small.state is State.READY and (await stats(small))["sleeping"] is False
+    assert gpu_supervisor.deployment("small").pick() is small
+
+
+async def test_sleep_is_refused_where_the_engine_has_none(gpu_supervisor):
+    qwen = gpu_supervisor.deployment("qwen").replicas[0]
+    await qwen.wait_ready(30)
+    with pytest.raises(Exception, match="sleep needs vllm"):
+        await qwen.sleep()
+
+
+def test_plan_shows_placements_and_reasons_without_starting_anything(tmp_path):
+    small = make_model(tmp_path, "small", 14)
+    big = make_model(tmp_path, "big", 130)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(gpu_config(tmp_path, f"""
+[[models]]
+name = "small"
+server = "vllm"
+source = "{small}"
+kv_cache_tokens = 32768
+[models.autoscaling]
+min_replicas = 3
+max_replicas = 3
+[[models]]
+name = "big"
+server = "vllm"
+source = "{big}"
+[models.gpus]
+count = 2
+"""))
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "GPU 0  NVIDIA H100 80GB HBM3 (H100)  40.0/80.0 GiB used" in text
+    assert "pid 4242 40.0 GiB" in text
+    for i in range(3):
+        assert f"small#{i}: GPU" in text
+    assert "big#0: GPU" in text and "tp=2" in text
+    data = json.loads(subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg), "--json"],
+                                     cwd=ROOT, capture_output=True, text=True, timeout=60).stdout)
+    rows = {r["replica"]: r for r in data["placements"]}
+    assert all(r["error"] is None for r in rows.values())
+    used = {}
+    for r in rows.values():
+        for g in r["gpus"]:
+            used[g] = used.get(g, 0) + r["bytes_per_gpu"]
+    free = {g["index"]: g["free_bytes"] for g in data["inventory"]["gpus"]}
+    assert all(used[g] <= free[g] for g in used), (used, free)
+
+
+def test_plan_on_a_machine_without_gpus_says_so(tmp_path):
+    small = make_model(tmp_path, "small", 1)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n')
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "No GPUs: NVML cannot start" in out.stdout
+    assert "small#0: cannot place: no usable NVIDIA GPU" in out.stdout
+
+
+def test_the_daemon_reports_gpu_placement_in_status(daemons, tmp_path):
+    small = make_model(tmp_path, "small", 14)
+    text = gpu_config(tmp_path, "")
+    extra = text.split("[supervisor]")[0].split("[gpu]", 1)[1]
+    d = daemons.start(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n'
+                      f"kv_cache_tokens = 32768\n", extra="[gpu]" + extra)
+    replica = d.replicas("small")[0]
+    assert replica["gpus"] == [0] and replica["memory_fraction"] == 0.25
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json={"model": "small", "messages": [{"role": "user",
+                                                                                   "content": "hi"}]})
+    assert resp.status_code == 200
+    wait_until(lambda: "appliance_engine_kv_cache_usage" in httpx.get(f"{d.url}/metrics").text, 10,
+               what="engine load in /metrics")
+    assert SimulatedProbe(DATA / "inventory-8xh100.toml").read().gpus[0].free_bytes == 40 * GiB
