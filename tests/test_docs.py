@@ -52,3 +52,26 @@ def test_the_pinned_model_hash_matches_the_one_serve_verifies():
 
     pin = (ROOT / "images" / "llamacpp" / "pin.env").read_text()
     assert f"MODEL_SHA256={EMBEDDED_MODEL_SHA256}" in pin
+
+
+def test_every_appliance_command_in_the_readme_exists():
+    import subprocess
+    import sys
+
+    commands = set(re.findall(r"^appliance ([a-z]+(?: ls)?)", README, flags=re.M))
+    assert {"serve", "status", "models ls", "plan"} <= commands
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *command.split(), "--help"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+def test_the_gpu_doc_inventory_example_loads(tmp_path):
+    from appliance.gpu import load_inventory
+
+    doc = (ROOT / "docs" / "gpu.md").read_text()
+    example = re.search(r"```toml\n(.+?)```", doc, flags=re.S).group(1)
+    path = tmp_path / "inv.toml"
+    path.write_text(example)
+    inv = load_inventory(path)
+    assert len(inv.gpus) == 8 and inv.gpus[0].processes[0].pid == 4242

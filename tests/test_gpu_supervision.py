@@ -201,3 +201,56 @@ def test_the_daemon_reports_gpu_placement_in_status(daemons, tmp_path):
     wait_until(lambda: "appliance_engine_kv_cache_usage" in httpx.get(f"{d.url}/metrics").text, 10,
                what="engine load in /metrics")
     assert SimulatedProbe(DATA / "inventory-8xh100.toml").read().gpus[0].free_bytes == 40 * GiB
+
+
+class AttributingProbe:
+    """The simulated 8x H100 inventory, plus NVML's view of our own replica: its
+    engine PID uses 21 GiB on GPU 0 (what the real probe reports once it runs)."""
+
+    def __init__(self) -> None:
+        self.base = SimulatedProbe(DATA / "inventory-8xh100.toml").read()
+        self.engine_pids: set[int] = set()
+
+    def read(self):
+        from dataclasses import replace
+
+        from appliance.gpu import GpuProcess
+
+        gpus = list(self.base.gpus)
+        extra = tuple(GpuProcess(pid=p, used_bytes=21 * GiB) for p in self.engine_pids)
+        gpus[0] = replace(gpus[0], processes=gpus[0].processes + extra,
+                          used_bytes=gpus[0].used_bytes + 21 * GiB * len(extra))
+        return replace(self.base, gpus=tuple(gpus))
+
+
+async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
+    from appliance.planning import plan
+
+    small = make_model(tmp_path, "small", 14)
+    cfg = parse_config(gpu_config(tmp_path, f'[[models]]\nname = "small"\nserver = "vllm"\n'
+                                            f'source = "{small}"\nkv_cache_tokens = 32768\n'))
+    probe = AttributingProbe()
+    session = aiohttp.ClientSession()
+    sup = Supervisor(cfg, session, probe=probe)
+    replica = sup.deployment("small").replicas[0]
+    original = replica.runner.spawn
+
+    async def spawn_and_note(argv, env, log_path):
+        proc = await original(argv, env, log_path)
+        probe.engine_pids.add(proc.pid)
+        return proc
+
+    replica.runner.spawn = spawn_and_note
+    try:
+        sup.start()
+        await replica.wait_ready(30)
+        estimated = sup.placements[0].assignment.bytes_per_gpu
+        assert sup.measured.correct("small", sup.placements[0].estimate).per_gpu[1] == 21 * GiB
+        # The next placement of this model uses the measured 21 GiB, not the estimate.
+        [row] = plan(cfg, probe.read(), [(cfg.models[0], "small#1")], measured=sup.measured,
+                     ours=probe.engine_pids)
+        assert row.estimate.measured and row.estimate.per_gpu[1] == 21 * GiB
+        assert row.assignment.bytes_per_gpu != estimated
+    finally:
+        await sup.stop()
+        await session.close()
