@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from random import getrandbits as _getrandbits
 
-from litestar import Litestar, Request, Response, get, post
+from litestar import Litestar, Request, Response, asgi, get
 from litestar.exceptions import HTTPException
 from litestar.response import Stream
+from litestar.types import Receive, Scope, Send
 
 from .config import Config
 from .errors import (
     ApplianceError,
     BadRequest,
+    MethodNotAllowed,
     PayloadTooLarge,
     ShuttingDown,
     encode_error,
@@ -62,37 +64,63 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def _request_id(request: Request) -> str:
-    rid = request.headers.get("x-request-id")
-    if not rid or len(rid) > 128:
-        rid = uuid.uuid4().hex
-    request.scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
-    return rid
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {declared} bytes exceeds the limit of {limit} bytes")
-    try:
-        body = await request.body()
-    except HTTPException as exc:
-        if exc.status_code == 413:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes") from None
-        raise
+async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """The whole request body straight from the ASGI receive channel."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    message = await receive()
+    body = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientDisconnected
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    elif message["type"] == "http.disconnect":
+        raise ClientDisconnected
     if len(body) > limit:
         raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
     return body
 
 
-async def _forward(request: Request, path: str, cls: type[RequestT], endpoint: str) -> Response:
-    rt = _runtime(request)
+class ClientDisconnected(Exception):
+    """The client went away before its request body arrived; nothing to answer."""
+
+
+def _new_request_id() -> str:
+    # Unique enough for correlating logs; not a secret, so no urandom syscall per request.
+    return "%032x" % _getrandbits(128)
+
+
+async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: type[RequestT],
+                   endpoint: str) -> None:
+    """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
+    exception middleware turns anything raised here, before the answer starts,
+    into the OpenAI envelope (``_error_response``)."""
+    if scope["method"] != "POST":
+        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
     started = time.perf_counter()
-    rid = _request_id(request)
+    rid = declared = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+        elif name == b"content-length":
+            declared = value
+    if not rid or len(rid) > 128:
+        rid = _new_request_id()
+    scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
+    rt: Runtime = scope["app"].state.runtime
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
                            retry_after=5)
-    body = await _read_body(request, rt.cfg.server.max_body_bytes)
+    body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes)
     req = decode_request(body, cls)
     deployment = rt.supervisor.deployment(req.model)
     if cls is EmbeddingRequest and not deployment.model.embeddings:
@@ -107,27 +135,43 @@ async def _forward(request: Request, path: str, cls: type[RequestT], endpoint: s
             rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
 
         chunks = await rt.proxy.open_stream(replica, path, body, headers, done)
-        return Stream(chunks, media_type="text/event-stream", status_code=200,
-                      headers={**SSE_HEADERS, "X-Request-Id": rid})
+        stream = Stream(chunks, media_type="text/event-stream", status_code=200,
+                        headers={**SSE_HEADERS, "X-Request-Id": rid})
+        request: Request = Request(scope, receive, send)
+        await stream.to_asgi_response(None, request)(scope, receive, send)
+        return
 
     status, data, content_type = await rt.proxy.unary(replica, path, body, headers)
     rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
-    return Response(data, status_code=status, media_type=content_type, headers={"X-Request-Id": rid})
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode("latin-1")),
+                            (b"content-length", str(len(data)).encode()),
+                            (b"x-request-id", rid.encode("latin-1"))]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request) -> Response:
-    return await _forward(request, "/v1/chat/completions", ChatCompletionRequest, "chat")
+@asgi("/v1/chat/completions", copy_scope=False)
+async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
+    try:
+        await _forward(scope, receive, send, "/v1/chat/completions", ChatCompletionRequest, "chat")
+    except ClientDisconnected:
+        return
 
 
-@post("/v1/completions", status_code=200)
-async def completions(request: Request) -> Response:
-    return await _forward(request, "/v1/completions", CompletionRequest, "completions")
+@asgi("/v1/completions", copy_scope=False)
+async def completions(scope: Scope, receive: Receive, send: Send) -> None:
+    try:
+        await _forward(scope, receive, send, "/v1/completions", CompletionRequest, "completions")
+    except ClientDisconnected:
+        return
 
 
-@post("/v1/embeddings", status_code=200)
-async def embeddings(request: Request) -> Response:
-    return await _forward(request, "/v1/embeddings", EmbeddingRequest, "embeddings")
+@asgi("/v1/embeddings", copy_scope=False)
+async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+    try:
+        await _forward(scope, receive, send, "/v1/embeddings", EmbeddingRequest, "embeddings")
+    except ClientDisconnected:
+        return
 
 
 @get("/v1/models")

@@ -62,10 +62,18 @@ class Metrics:
                                   ["model", "endpoint"], registry=self.registry,
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.registry.register(_SupervisorCollector(supervisor))
+        # labels() locks and builds its key on every call; the label sets are few.
+        self._children: dict[tuple[str, str, int], tuple] = {}
 
     def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        self.requests.labels(model, endpoint, str(status)).inc()
-        self.duration.labels(model, endpoint).observe(seconds)
+        key = (model, endpoint, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(model, endpoint, str(status)),
+                        self.duration.labels(model, endpoint))
+            self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

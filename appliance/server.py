@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 
@@ -33,6 +34,7 @@ async def serve(cfg: Config, app=None) -> int:
     """Serve until SIGTERM/SIGINT, then: stop taking requests, let in-flight ones
     finish (bounded by server.drain_timeout_s), stop the engines, return 0."""
     app = app or create_app(cfg)
+    _tune_gc()
     server = Server(
         app,
         address=cfg.server.host,
@@ -66,6 +68,18 @@ async def serve(cfg: Config, app=None) -> int:
     with contextlib.suppress(Exception):
         await serving
     return 0
+
+
+def _tune_gc() -> None:
+    """Each proxied request allocates a few hundred container objects (aiohttp,
+    asyncio, ASGI messages), so CPython's default gen0 threshold (700) collects
+    every few requests, and the older generations re-walk everything imported at
+    start (Litestar, aiohttp, msgspec...). Freeze what exists at start (it lives
+    as long as the process) and collect the young generation less often.
+    bench/gateway_overhead.py, c=64: ~140 -> ~105 us CPU per request, p99 ~45 -> ~18 ms."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 10, 10)
 
 
 async def _drained(runtime, timeout: float) -> None:

@@ -1,0 +1,358 @@
+"""Gateway overhead: the same chat request sent straight to an engine and through the appliance.
+
+    PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
+        [--concurrency 1,16,64] [--client auto|wrk|python] [--no-pin] [--profile DIR]
+
+Starts ``tests/fake_engine.py`` (a real aiohttp server) and ``appliance serve``
+pointed at it as an external (unsupervised) ``openai`` engine, both on 127.0.0.1
+only, then for each concurrency runs the load generator for --warmup seconds
+(discarded) and --duration seconds (measured) against the engine directly and
+through the appliance, and prints one table. Every load run is bounded in time
+(--duration plus a hard subprocess timeout) and in count (--max-requests per run).
+
+Load generator. On a small box the client competes for CPU with the server under
+test, so it must be as cheap as possible per request: ``wrk`` (C, epoll, one
+thread) costs a few microseconds of CPU per request; a Python client costs ~10x
+that and would tax the appliance run (3 busy processes) more than the direct run
+(2 busy processes). ``--client auto`` uses wrk when installed (``apt-get install
+wrk``) and otherwise falls back, with a warning, to the lean asyncio/uvloop
+raw-socket client in this file.
+
+CPU pinning (default on when the box has >= 2 cores; --no-pin turns it off).
+The engine gets a core of its own (the last one) in BOTH measurements; the load
+generator and the appliance share the other core(s). This keeps the engine's
+capacity identical between the two runs, so the throughput ratio says whether
+the proxy (not the shared CPU) becomes the bottleneck, which is what matters on
+the real box, where the engine runs on a GPU and the daemon has CPU of its own.
+The table also reports the appliance's own CPU time per request (utime+stime of
+its process, all threads, read from /proc), the most stable measure of its cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
+PATH = "/v1/chat/completions"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.body = '%(body)s'
+wrk.headers["Content-Type"] = "application/json"
+local max_requests = %(max_requests)d
+local count = 0
+function response(status, headers, body)
+  count = count + 1
+  if count >= max_requests then wrk.thread:stop() end
+end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    'RESULT {"requests":%%d,"duration_us":%%d,"p50_us":%%d,"p99_us":%%d,"mean_us":%%f,' ..
+    '"connect":%%d,"read":%%d,"write":%%d,"status":%%d,"timeout":%%d}\n',
+    summary.requests, summary.duration, latency:percentile(50), latency:percentile(99),
+    latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"{what} exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    raise SystemExit(f"{what} not ready at {url} after {timeout:.0f}s")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds per thread: "main" (the event loop) and the others by name, summed."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def taskset(cpus: str | None) -> list[str]:
+    return ["taskset", "-c", cpus] if cpus else []
+
+
+# --- the lean Python client (fallback) ------------------------------------------------
+
+
+async def _py_worker(host: str, port: int, request: bytes, stop_at: float, budget: list[int],
+                     lat: list[float], errors: list[int]) -> None:
+    reader, writer = await asyncio.open_connection(host, port)
+    clock = time.perf_counter
+    try:
+        while budget[0] > 0 and clock() < stop_at:
+            budget[0] -= 1
+            t0 = clock()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line[:15].lower() == b"content-length:":
+                    length = int(line[15:])
+            await reader.readexactly(length)
+            lat.append(clock() - t0)
+            if head[9:12] != b"200":
+                errors[0] += 1
+    finally:
+        writer.close()
+
+
+async def _py_load(port: int, concurrency: int, duration: float, max_requests: int) -> dict:
+    request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
+    lat: list[float] = []
+    errors = [0]
+    budget = [max_requests]
+    t0 = time.perf_counter()
+    stop_at = t0 + duration
+    await asyncio.wait_for(
+        asyncio.gather(*(_py_worker("127.0.0.1", port, request, stop_at, budget, lat, errors)
+                         for _ in range(concurrency))),
+        timeout=duration + 30)
+    elapsed = time.perf_counter() - t0
+    lat.sort()
+    pick = (lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1e6) if lat else (lambda q: 0.0)
+    return {"requests": len(lat), "duration_us": elapsed * 1e6, "p50_us": pick(0.50),
+            "p99_us": pick(0.99), "status": errors[0]}
+
+
+def py_client_main(argv: list[str]) -> None:
+    port, concurrency, duration, max_requests = int(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    print("RESULT " + json.dumps(run(_py_load(port, concurrency, duration, max_requests))), flush=True)
+
+
+# --- running a load -----------------------------------------------------------------
+
+
+class Load:
+    def __init__(self, client: str, cpus: str | None, max_requests: int, tmp: Path) -> None:
+        self.client = client
+        self.cpus = cpus
+        self.max_requests = max_requests
+        self.script = tmp / "post.lua"
+        self.script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "max_requests": max_requests})
+
+    def run(self, port: int, concurrency: int, duration: float) -> dict:
+        if self.client == "wrk":
+            # One wrk thread: the whole load fits one core and leaves the rest to the servers.
+            cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
+                   "-s", str(self.script), f"http://127.0.0.1:{port}{PATH}"]
+        else:
+            cmd = [sys.executable, __file__, "--_py-client", str(port), str(concurrency), str(duration),
+                   str(self.max_requests)]
+        out = subprocess.run(taskset(self.cpus) + cmd, capture_output=True, text=True,
+                             timeout=duration + 60, check=False)
+        for line in out.stdout.splitlines():
+            if line.startswith("RESULT "):
+                res = json.loads(line[7:])
+                res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+                res["errors"] = sum(res.get(k, 0) for k in ("connect", "read", "write", "status", "timeout"))
+                return res
+        raise SystemExit(f"load generator failed (rc {out.returncode}): {out.stderr.strip()[-800:]}")
+
+
+# --- main ---------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
+    p.add_argument("--warmup", type=float, default=2.0, help="discarded seconds before each run (default 2)")
+    p.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
+    p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
+    p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per load run")
+    p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
+    p.add_argument("--engine-latency", type=float, default=0.0, help="fake engine --latency (s)")
+    p.add_argument("--only", choices=("direct", "appliance"), help="measure one side only")
+    p.add_argument("--profile", metavar="DIR",
+                   help="py-spy record the appliance during each measured appliance run into DIR")
+    p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--_py-client"]:
+        py_client_main(argv[1:])
+        return 0
+    args = parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+
+    client = args.client
+    if client in ("auto", "wrk") and shutil.which("wrk") is None:
+        if client == "wrk":
+            raise SystemExit("wrk not found: install it with `apt-get install wrk` (Debian/Ubuntu) "
+                             "or `brew install wrk`, or use --client python")
+        print("warning: wrk not found (`apt-get install wrk`); falling back to the Python client, "
+              "which costs the box ~10x more CPU per request and understates the appliance",
+              file=sys.stderr)
+        client = "python"
+    elif client == "auto":
+        client = "wrk"
+
+    ncpu = len(os.sched_getaffinity(0))
+    pin = not args.no_pin and ncpu >= 2 and shutil.which("taskset") is not None
+    cpus = sorted(os.sched_getaffinity(0))
+    engine_cpus = str(cpus[-1]) if pin else None
+    rest_cpus = ",".join(str(c) for c in cpus[:-1]) if pin else None
+
+    tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
+    engine_port, app_port = free_port(), free_port()
+    cfg = tmp / "appliance.toml"
+    cfg.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {app_port}
+log_level = "warning"
+[paths]
+state_dir = "{tmp}/state"
+cache_dir = "{tmp}/cache"
+log_dir = "{tmp}/log"
+[[models]]
+name = "fake"
+server = "openai"
+url = "http://127.0.0.1:{engine_port}"
+""")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    procs: list[subprocess.Popen] = []
+    try:
+        engine_cmd = [sys.executable, str(ROOT / "tests" / "fake_engine.py"), "--port", str(engine_port)]
+        if args.engine_latency:
+            engine_cmd += ["--latency", str(args.engine_latency)]
+        engine = subprocess.Popen(taskset(engine_cpus) + engine_cmd, env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "engine.log", "wb"))
+        procs.append(engine)
+        wait_http(f"http://127.0.0.1:{engine_port}/health", engine, 30, "fake engine")
+        app = subprocess.Popen(
+            taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+            env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(tmp / "appliance.log", "wb"))
+        procs.append(app)
+        wait_http(f"http://127.0.0.1:{app_port}/readyz", app, 60, "appliance")
+
+        load = Load(client, rest_cpus, args.max_requests, tmp)
+        print(f"client={client} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
+              f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu}", file=sys.stderr)
+        results = []
+        for c in levels:
+            row: dict = {"concurrency": c}
+            for side, port in (("direct", engine_port), ("appliance", app_port)):
+                if args.only and side != args.only:
+                    continue
+                if args.warmup > 0:
+                    load.run(port, c, args.warmup)
+                spy = None
+                if args.profile and side == "appliance":
+                    Path(args.profile).mkdir(parents=True, exist_ok=True)
+                    # PYSPY_EXTRA="--native --threads" etc.; --native cannot run non-blocking.
+                    pyspy_extra = os.environ.get("PYSPY_EXTRA", "").split()
+                    if "--native" not in pyspy_extra and "-n" not in pyspy_extra:
+                        pyspy_extra.append("--nonblocking")
+                    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+                    spy = subprocess.Popen(
+                        [pyspy, "record", "--pid", str(app.pid), "--rate", "250", *pyspy_extra,
+                         "--duration", str(int(args.duration)), "--format", "raw",
+                         "-o", str(Path(args.profile) / f"c{c}.txt")],
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                cpu0, threads0 = cpu_seconds(app.pid), thread_cpu(app.pid)
+                res = load.run(port, c, args.duration)
+                n = max(1, res["requests"])
+                res["app_cpu_us_per_req"] = (cpu_seconds(app.pid) - cpu0) * 1e6 / n
+                res["app_thread_cpu_us_per_req"] = {
+                    k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
+                    for k, v in thread_cpu(app.pid).items() if v - threads0.get(k, 0.0) > 0}
+                if spy is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        spy.wait(timeout=args.duration + 30)
+                    if spy.poll() is None:
+                        spy.kill()
+                row[side] = res
+            results.append(row)
+            print(f"  c={c} done", file=sys.stderr)
+        print_table(results)
+        if args.json:
+            print(json.dumps(results, indent=1))
+        if app.poll() is not None:
+            print(f"warning: appliance exited ({app.returncode}); see {tmp}/appliance.log", file=sys.stderr)
+        return 0
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in reversed(procs):
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def print_table(results: list[dict]) -> None:
+    head = (f"{'conc':>4} | {'direct rps':>10} {'p50 ms':>7} {'p99 ms':>7} | {'appl rps':>9} {'p50 ms':>7} "
+            f"{'p99 ms':>7} | {'added p50':>9} {'ratio':>6} | {'appl CPU us/req':>15} {'errors':>6}")
+    print(head)
+    print("-" * len(head))
+    for row in results:
+        d, a = row.get("direct"), row.get("appliance")
+        cells = [f"{row['concurrency']:>4} |"]
+        cells.append(f"{d['rps']:>10.0f} {d['p50_us'] / 1e3:>7.3f} {d['p99_us'] / 1e3:>7.3f} |" if d
+                     else f"{'-':>10} {'-':>7} {'-':>7} |")
+        cells.append(f"{a['rps']:>9.0f} {a['p50_us'] / 1e3:>7.3f} {a['p99_us'] / 1e3:>7.3f} |" if a
+                     else f"{'-':>9} {'-':>7} {'-':>7} |")
+        if d and a:
+            cells.append(f"{(a['p50_us'] - d['p50_us']) / 1e3:>9.3f} {a['rps'] / d['rps']:>6.2f} |")
+        else:
+            cells.append(f"{'-':>9} {'-':>6} |")
+        cells.append(f"{a['app_cpu_us_per_req']:>15.0f}" if a else f"{'-':>15}")
+        cells.append(f"{(d or {}).get('errors', 0) + (a or {}).get('errors', 0):>6}")
+        print(" ".join(cells))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
