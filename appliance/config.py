@@ -112,7 +112,30 @@ class Autoscaling(_Section):
     min_replicas: int = 1
     max_replicas: int = 1
     target_rps_per_replica: float = 4.0
-    scale_to_zero_after: str = "0s"
+    # Idle this long (no requests, nothing in flight): go to zero replicas. "" = the
+    # global [autoscaling] idle_ttl; "0s" = never. A pinned model never idles out.
+    scale_to_zero_after: str = ""
+    # vLLM with sleep_mode: put idle replicas to sleep after this ("0s" = never),
+    # then to zero after scale_to_zero_after.
+    sleep_after: str = "0s"
+
+
+class AutoscalerConfig(_Section):
+    interval_s: float = 1.0
+    idle_ttl: str = "0s"
+    # Scale down only after the desired count stayed lower this long, and this
+    # long after the last change; one replica at a time.
+    stabilization_s: float = 30.0
+    cooldown_s: float = 10.0
+    # Requests held per model while it cold-starts: beyond max_queue 429, after
+    # queue_timeout_s 503, both with Retry-After.
+    max_queue: int = 64
+    queue_timeout_s: float = 120.0
+    # Streamed requests held during a cold start get an SSE comment this often
+    # so proxies and clients do not time out (0 = off).
+    keepalive_s: float = 5.0
+    # CPU engines: cores their replicas may use together (0 = all cores).
+    cpu_cores: int = 0
 
 
 class ModelConfig(_Section):
@@ -153,6 +176,7 @@ class GpuConfig(_Section):
 class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
+    autoscaling: AutoscalerConfig = msgspec.field(default_factory=AutoscalerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
@@ -302,6 +326,13 @@ def _validate(cfg: Config) -> None:
     need(sv.max_crashes >= 1, "supervisor.max_crashes", "must be >= 1")
     need(sv.log_max_bytes >= 4096, "supervisor.log_max_bytes", "must be at least 4096")
 
+    asc = cfg.autoscaling
+    need(asc.interval_s > 0, "autoscaling.interval_s", "must be positive")
+    need(asc.max_queue >= 0, "autoscaling.max_queue", "must not be negative")
+    need(asc.queue_timeout_s > 0, "autoscaling.queue_timeout_s", "must be positive")
+    need(asc.cpu_cores >= 0, "autoscaling.cpu_cores", "must not be negative")
+    _duration(asc.idle_ttl, "autoscaling.idle_ttl", errors)
+
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
         at = f"models[{i}]"
@@ -313,6 +344,12 @@ def _validate(cfg: Config) -> None:
         need(a.min_replicas >= 0, f"{at}.autoscaling.min_replicas", "must not be negative")
         need(a.max_replicas >= max(a.min_replicas, 1), f"{at}.autoscaling.max_replicas",
              "must be >= min_replicas and >= 1")
+        need(a.target_rps_per_replica > 0, f"{at}.autoscaling.target_rps_per_replica", "must be positive")
+        if a.scale_to_zero_after:
+            _duration(a.scale_to_zero_after, f"{at}.autoscaling.scale_to_zero_after", errors)
+        sleep = _duration(a.sleep_after, f"{at}.autoscaling.sleep_after", errors)
+        need(not sleep or m.sleep_mode, f"{at}.autoscaling.sleep_after",
+             "needs sleep_mode = true (vllm)")
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
@@ -342,6 +379,22 @@ def _validate(cfg: Config) -> None:
                  "must name the engine's server command")
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
+
+
+def _duration(text: str, field: str, errors: list[str]) -> float:
+    from .autoscaler import parse_duration
+
+    try:
+        return parse_duration(text, field)
+    except ValueError:
+        errors.append(f"field '{field}': {text!r} is not a duration (e.g. 90s, 5m, 1h, 0s)")
+        return 0.0
+
+
+def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
+    from .autoscaler import parse_duration
+
+    return parse_duration(model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl)
 
 
 def kv_tokens(model: ModelConfig) -> int:
