@@ -13,15 +13,22 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 
-from litestar import Litestar, Request, Response, asgi, get
+import hmac
+from pathlib import Path
+
+import msgspec
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
-from litestar.response import Stream
 from litestar.types import Receive, Scope, Send
 
-from .config import Config
+from .config import Config, read_admin_token
 from .errors import (
     ApplianceError,
     BadRequest,
+    Forbidden,
+    NotFound,
+    Unauthorized,
     MethodNotAllowed,
     PayloadTooLarge,
     ShuttingDown,
@@ -40,7 +47,9 @@ from .protocol import (
     decode_request,
 )
 from .proxy import EngineProxy, make_session
-from .supervisor import Supervisor
+from .serving import forward_stream, forward_unary
+from .state import StateStore
+from .supervisor import ClientGone, Supervisor
 
 log = logging.getLogger("appliance.api")
 
@@ -58,6 +67,7 @@ class Runtime:
     metrics: Metrics
     started: float = field(default_factory=time.time)
     draining: bool = False
+    admin_token: str = ""
 
 
 def _runtime(request: Request) -> Runtime:
@@ -126,7 +136,6 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
     if cls is EmbeddingRequest and not deployment.model.embeddings:
         raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
                          code="embeddings_not_supported")
-    replica = deployment.pick()
     headers = {"Content-Type": JSON, "X-Request-Id": rid}
     model = req.model
 
@@ -134,14 +143,10 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
         def done(status: int) -> None:
             rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
 
-        chunks = await rt.proxy.open_stream(replica, path, body, headers, done)
-        stream = Stream(chunks, media_type="text/event-stream", status_code=200,
-                        headers={**SSE_HEADERS, "X-Request-Id": rid})
-        request: Request = Request(scope, receive, send)
-        await stream.to_asgi_response(None, request)(scope, receive, send)
+        await forward_stream(rt, deployment, path, body, headers, receive, send, done)
         return
 
-    status, data, content_type = await rt.proxy.unary(replica, path, body, headers)
+    status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive)
     rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode("latin-1")),
@@ -154,7 +159,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
 async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         await _forward(scope, receive, send, "/v1/chat/completions", ChatCompletionRequest, "chat")
-    except ClientDisconnected:
+    except (ClientDisconnected, ClientGone):
         return
 
 
@@ -162,7 +167,7 @@ async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
 async def completions(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         await _forward(scope, receive, send, "/v1/completions", CompletionRequest, "completions")
-    except ClientDisconnected:
+    except (ClientDisconnected, ClientGone):
         return
 
 
@@ -170,7 +175,7 @@ async def completions(scope: Scope, receive: Receive, send: Send) -> None:
 async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
     try:
         await _forward(scope, receive, send, "/v1/embeddings", EmbeddingRequest, "embeddings")
-    except ClientDisconnected:
+    except (ClientDisconnected, ClientGone):
         return
 
 
@@ -213,7 +218,7 @@ async def metrics(request: Request) -> Response:
 
 @get("/admin/status")
 async def admin_status(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _admin(request)
     body = {
         "version": _version(),
         "config": rt.cfg.origin,
@@ -226,6 +231,85 @@ async def admin_status(request: Request) -> Response:
         **rt.supervisor.status(),
     }
     return Response(body, media_type=JSON)
+
+
+# --- admin: operator control (the CLI and the TUI use these) ----------------------
+
+
+class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
+    replicas: int | None
+
+
+def _admin(request: Request) -> Runtime:
+    """Admin routes: loopback or the admin token (constant-time comparison)."""
+    rt = _runtime(request)
+    token = rt.admin_token
+    if token:
+        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(sent.encode(), token.encode()):
+            raise Unauthorized("Admin API: missing or wrong admin token", code="invalid_admin_token")
+    elif not _is_loopback(request):
+        raise Forbidden("Admin API is served to loopback clients only unless server.admin_token_file is set")
+    return rt
+
+
+def _is_loopback(request: Request) -> bool:
+    client = request.scope.get("client")
+    host = client[0] if client else ""
+    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") or not host
+
+
+async def _json_body(request: Request, cls):
+    try:
+        return msgspec.json.decode(await request.body(), type=cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"Invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+
+
+def _model_status(rt: Runtime, name: str) -> Response:
+    body = next(m for m in rt.supervisor.status()["models"] if m["name"] == name)
+    return Response(body, media_type=JSON)
+
+
+@post("/admin/models/{model:str}/scale", status_code=200)
+async def admin_scale(request: Request) -> Response:
+    rt = _admin(request)
+    model = request.path_params["model"]
+    body = await _json_body(request, ScaleBody)
+    if body.replicas is not None and body.replicas < 0:
+        raise BadRequest("'replicas' must be >= 0 (or null for autoscaling)", param="replicas")
+    rt.supervisor.scale(model, body.replicas)
+    return _model_status(rt, model)
+
+
+@post("/admin/models/{model:str}/{action:str}", status_code=200)
+async def admin_model_action(request: Request) -> Response:
+    rt = _admin(request)
+    model, action = request.path_params["model"], request.path_params["action"]
+    sup = rt.supervisor
+    actions = {"load": lambda: sup.load(model), "unload": lambda: sup.unload(model),
+               "pin": lambda: sup.pin(model, True), "unpin": lambda: sup.pin(model, False)}
+    if action not in actions:
+        raise NotFound(f"No admin action '{action}' (load, unload, pin, unpin, scale)")
+    actions[action]()
+    return _model_status(rt, model)
+
+
+@post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200)
+async def admin_replica_action(request: Request) -> Response:
+    rt = _admin(request)
+    p = request.path_params
+    model, index, action = p["model"], p["index"], p["action"]
+    replica = rt.supervisor.replica(model, index)
+    if action == "restart":
+        replica.restart()
+    elif action == "drain":
+        rt.supervisor.retire(replica, "operator drained the replica")
+    else:
+        raise NotFound(f"No replica action '{action}' (restart, drain)")
+    return Response(replica.snapshot(), media_type=JSON)
 
 
 def _version() -> str:
@@ -269,25 +353,38 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         session = make_session(cfg)
-        factory = supervisor_factory or (lambda c, s: Supervisor(c, s))
-        supervisor = factory(cfg, session)
+        state = StateStore(Path(cfg.paths.state_dir) / "appliance.db")
+        factory = supervisor_factory or (lambda c, s, st: Supervisor(c, s, state=st))
+        supervisor = factory(cfg, session, state)
         runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
-                          metrics=Metrics(supervisor))
+                          metrics=Metrics(supervisor), admin_token=read_admin_token(cfg))
         app.state.runtime = runtime
         supervisor.start()
+        scheduler = AsyncIOScheduler()
+
+        async def autoscale() -> None:
+            # A coroutine, so APScheduler runs it on this event loop, not in a thread.
+            supervisor.tick()
+
+        scheduler.add_job(autoscale, "interval", seconds=cfg.autoscaling.interval_s,
+                          id="autoscaler", max_instances=1, coalesce=True)
+        scheduler.start()
         log.info("serving %s on http://%s:%d/v1 (config: %s)",
                  ", ".join(supervisor.deployments), cfg.server.host, cfg.server.port, cfg.origin)
         try:
             yield
         finally:
             runtime.draining = True
+            scheduler.shutdown(wait=False)
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
             await session.close()
+            state.close()
             log.info("stopped")
 
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, get_model,
-                        healthz, readyz, metrics, admin_status],
+                        healthz, readyz, metrics, admin_status, admin_scale, admin_model_action,
+                        admin_replica_action],
         lifespan=[lifespan],
         exception_handlers={Exception: _error_response},
         request_max_body_size=cfg.server.max_body_bytes,

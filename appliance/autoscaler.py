@@ -105,7 +105,9 @@ class Autoscaler:
         if inp.queued or inp.inflight:
             need = max(need, 1)
         idle = p.idle_ttl_s > 0 and inp.idle_s >= p.idle_ttl_s and not inp.inflight and not inp.queued
-        floor = p.min_replicas
+        # A running model keeps at least one replica until it is idle: only the idle
+        # TTL takes the last one away, never a lull in the request rate.
+        floor = max(p.min_replicas, 1 if inp.current else 0)
         if idle and not inp.pinned:
             floor = 0
             why += f"; idle {inp.idle_s:.0f}s >= {p.idle_ttl_s:.0f}s"

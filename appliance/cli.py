@@ -193,6 +193,80 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
         sys.exit(2)
 
 
+def _daemon_post(cfg: Config, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+    url = f"http://{host}:{cfg.server.port}{path}"
+    headers = {"Content-Type": "application/json"}
+    from .config import read_admin_token
+
+    token = read_admin_token(cfg)
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else b""
+    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read())["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {exc.code}"
+        raise click.ClickException(message) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _model_line(m: dict) -> str:
+    states = ",".join(r["state"] for r in m["replicas"]) or "none"
+    how = f"operator set {m['override']}" if m.get("override") is not None else "autoscaling"
+    pin = ", pinned" if m.get("pinned") else ""
+    return f"{m['name']}: replicas {len(m['replicas'])} [{states}] ({how}{pin})"
+
+
+_MODEL_OPTIONS = [click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
+                  click.option("--port", type=int, help="Port of the running daemon.")]
+
+
+def _with_model_options(f):
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("model")
+@click.argument("replicas")
+@_with_model_options
+def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
+    """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
+    cfg = _with_port(_load(config), port)
+    if replicas == "auto":
+        value = None
+    elif replicas.isdigit():
+        value = int(replicas)
+    else:
+        raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
+    click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/scale", {"replicas": value})))
+
+
+def _model_action(action: str, doc: str):
+    @click.argument("model")
+    @_with_model_options
+    def command(model: str, config: str | None, port: int | None) -> None:
+        cfg = _with_port(_load(config), port)
+        click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/{action}")))
+
+    command.__doc__ = doc
+    return main.command(name=action)(command)
+
+
+_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived.")
+_model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
+_model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
+_model_action("unpin", "Let MODEL idle to zero again.")
+
+
 @main.group()
 def models() -> None:
     """Model deployments."""

@@ -41,6 +41,9 @@ class ServerConfig(_Section):
     # SIGTERM: stop accepting, give in-flight requests this long to finish.
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # A file holding the admin token (a systemd credential, say). Without it the
+    # admin API (/admin/...) answers loopback clients only.
+    admin_token_file: str = ""
 
 
 class PathsConfig(_Section):
@@ -395,6 +398,21 @@ def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
     from .autoscaler import parse_duration
 
     return parse_duration(model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl)
+
+
+def read_admin_token(cfg: Config) -> str:
+    if not cfg.server.admin_token_file:
+        return ""
+    path = Path(cfg.server.admin_token_file)
+    try:
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
+                          f"{exc.strerror}") from None
+    if len(token) < 16:
+        raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': the token in {path} is "
+                          "shorter than 16 characters")
+    return token
 
 
 def kv_tokens(model: ModelConfig) -> int:

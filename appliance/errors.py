@@ -96,12 +96,36 @@ class ShuttingDown(NoCapacity):
     code = "shutting_down"
 
 
+class QueueFull(ApplianceError):
+    """Too many requests already wait for this model to start."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
+class QueueTimeout(NoCapacity):
+    code = "queue_timeout"
+
+
+class Forbidden(ApplianceError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
 class EngineFailure(ApplianceError):
     """The engine broke the request: refused connection, reset, timeout, 5xx."""
 
     status = 502
     type = "server_error"
     code = "engine_error"
+    # True when the engine failed before answering a byte in a way that did not
+    # depend on the request (refused, reset): another replica may take it.
+    retryable = False
 
 
 class EngineTimeout(EngineFailure):

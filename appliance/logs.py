@@ -20,3 +20,4 @@ def setup_logging(level: str = "info") -> None:
     # Granian's own logger is loud at info; ours says what matters.
     logging.getLogger("_granian").setLevel(logging.WARNING)
     logging.getLogger("granian").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

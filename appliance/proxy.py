@@ -80,7 +80,10 @@ class EngineProxy:
         except asyncio.TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise EngineFailure(f"Engine {replica.name} failed: {type(exc).__name__}") from None
+            err = EngineFailure(f"Engine {replica.name} failed: {type(exc).__name__}")
+            # No byte of an answer came back: the request is safe on another replica.
+            err.retryable = isinstance(exc, (aiohttp.ClientConnectionError, OSError))
+            raise err from None
 
     @staticmethod
     async def _raise_for_engine_status(replica: Replica, resp: aiohttp.ClientResponse) -> None:

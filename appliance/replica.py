@@ -106,9 +106,10 @@ class _External:
 
 
 class _Crash(Exception):
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, counted: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.counted = counted  # an operator's restart is no crash: no backoff, no FATAL
 
 
 Listener = Callable[["Replica", Transition], None]
@@ -148,7 +149,9 @@ class Replica:
         # crashed replica comes back on the same GPUs.
         self.slot: GpuSlot | None = None
         self.cannot_start: str | None = None
+        self.retiring = False  # taken out of service: drains, then stops
         self._want_sleep = False
+        self._want_restart = False
 
         self._crash_times: deque[float] = deque()
         self._proc: ProcessHandle | None = None
@@ -204,6 +207,19 @@ class Replica:
         self._poke.set()
         await self._until(lambda: self.state in (State.SLEEPING, State.FATAL, State.STOPPED), timeout)
 
+    def restart(self) -> None:
+        """Stop the engine and start it again (an operator's action, not a crash).
+        A FATAL replica gets a fresh start with its crash history cleared."""
+        if self.state is State.FATAL and self._task is not None and self._task.done():
+            self._crash_times.clear()
+            self.cannot_start = None
+            self._task = None
+            self._transition(State.STOPPED, "restart requested by the operator")
+            self.start()
+            return
+        self._want_restart = True
+        self._poke.set()
+
     async def wake(self, timeout: float = 300.0) -> None:
         self._want_sleep = False
         self._poke.set()
@@ -241,6 +257,7 @@ class Replica:
             "url": self.base_url or None,
             "supervised": self.supervised,
             "inflight": self.inflight,
+            "retiring": self.retiring,
             "restarts": self.restarts,
             "gpus": list(self.slot.gpus) if self.slot else None,
             "memory_fraction": self.slot.memory_fraction if self.slot else None,
@@ -281,6 +298,10 @@ class Replica:
                 except _Crash as crash:
                     if self._stop.is_set():
                         break
+                    if not crash.counted:
+                        self._proc, self.pid = None, 0
+                        self._transition(State.BACKOFF, crash.reason)
+                        continue
                     if not await self._after_crash(crash.reason):
                         return  # FATAL: stays until stopped
             await self._shutdown("stop requested")
@@ -344,6 +365,10 @@ class Replica:
         sv = self.cfg.supervisor
         failures = 0
         while not self._stop.is_set():
+            if self._want_restart:
+                self._want_restart = False
+                await self._terminate()
+                raise _Crash("restart requested by the operator", counted=False)
             if self._want_sleep != (self.state is State.SLEEPING):
                 await self._sleep_or_wake()
                 continue

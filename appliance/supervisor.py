@@ -1,59 +1,219 @@
-"""The supervisor: every model deployment's replicas, started and stopped together."""
+"""The supervisor: every model deployment's replicas, how many there are, and
+which one takes a request.
+
+A request for a model with no ready replica does not fail: ``Deployment.acquire``
+starts one (or wakes a sleeping one) and holds the request in a bounded FIFO
+queue until a replica is READY. The autoscaler's decisions (``tick``) and the
+operator's commands (``scale``, ``load``, ``unload``, ``pin``) change the count;
+a replica taken out of service is drained before it stops.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-from collections.abc import Callable
+import math
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 
 from engines import GpuSlot, adapter_for
 
-from .config import Config, ModelConfig
-from .errors import ModelNotFound, NoCapacity
+from .autoscaler import Autoscaler, Decision, Inputs, Policy, parse_duration
+from .config import Config, ModelConfig, idle_ttl_s
+from .errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
 from .gpu import GpuProbe, NvmlProbe, SimulatedProbe
 from .memory import MeasuredMemory
+from .placement import Placed
 from .planning import PlanRow, plan
 from .process import ProcessRunner, SubprocessRunner, descendants
-from .replica import Clock, Listener, Replica, State, Transition, free_port
+from .replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
+from .signals import RateWindow
+from .state import ModelControl, StateStore
 
 log = logging.getLogger("appliance.supervisor")
 
+# States from which a replica may still serve without the operator's help.
+LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
+
 
 class Deployment:
-    """A model's replicas and how requests are spread over them."""
+    """A model's replicas, its request signals and its queue of held requests."""
 
-    def __init__(self, model: ModelConfig, replicas: list[Replica]) -> None:
+    def __init__(self, model: ModelConfig, supervisor: Supervisor) -> None:
         self.model = model
-        self.replicas = replicas
+        self.supervisor = supervisor
+        self.replicas: list[Replica] = []
+        self.rate = RateWindow(60, clock=supervisor.clock.monotonic)
+        self.rate.last_event = supervisor.clock.monotonic()  # idle timers start at boot
+        self.waiters: deque[asyncio.Future] = deque()
+        self.control = ModelControl()
+        self.last_cold_start_s: float | None = None
         self._rr = itertools.count()
 
-    def pick(self) -> Replica:
-        """The READY replica with the fewest requests in flight (round-robin on ties)."""
-        ready = [r for r in self.replicas if r.state is State.READY]
-        if not ready:
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        if len(ready) == 1:
-            return ready[0]
+    # --- the request path ---------------------------------------------------------
+
+    def pick_ready(self, exclude: Exclude | None = None) -> Replica | None:
+        """The READY replica with the fewest requests in flight (round-robin on ties),
+        skipping one that just failed a request until it has restarted or the
+        exclusion lapsed (a dropped keep-alive connection is no crash)."""
+        if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
+            exclude = None
+        ready = [r for r in self.replicas if r.state is State.READY and not r.retiring
+                 and (exclude is None or not exclude.matches(r))]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
         start = next(self._rr) % len(ready)
         rotated = ready[start:] + ready[:start]
         return min(rotated, key=lambda r: r.inflight)
 
+    def pick(self) -> Replica:
+        replica = self.pick_ready()
+        if replica is None:
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
+        return replica
+
+    async def acquire(self, disconnected: Callable[[], Awaitable] | None = None,
+                      exclude: Exclude | None = None) -> Replica:
+        """A READY replica for one request; if there is none, start or wake one and
+        wait for it in arrival order (bounded queue, bounded wait). disconnected()
+        completes when the client goes away; it is only called if the request waits."""
+        self.rate.record()
+        replica = self.pick_ready(exclude)
+        if replica is not None:
+            return replica
+        return await self._hold(disconnected, exclude)
+
+    async def _hold(self, disconnected: Callable[[], Awaitable] | None,
+                    exclude: Exclude | None) -> Replica:
+        asc = self.supervisor.cfg.autoscaling
+        if not self.can_become_ready():
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
+        if len(self.waiters) >= asc.max_queue:
+            raise QueueFull(f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
+                            "already wait for it; retry shortly", retry_after=self._retry_after())
+        self.supervisor.on_demand(self)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + asc.queue_timeout_s
+        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            while True:
+                waiter = loop.create_future()
+                self.waiters.append(waiter)
+                try:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    # With an exclusion, look again when it lapses even if no READY comes.
+                    step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
+                    done, _ = await asyncio.wait([w for w in (waiter, gone) if w is not None],
+                                                 timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    with contextlib.suppress(ValueError):
+                        self.waiters.remove(waiter)
+                if gone is not None and gone in done:
+                    raise ClientGone
+                if not done and loop.time() >= deadline:
+                    raise asyncio.TimeoutError
+                if waiter.done() and waiter.exception() is not None:
+                    raise waiter.exception()
+                replica = self.pick_ready(exclude)
+                if replica is not None:
+                    return replica
+        except asyncio.TimeoutError:
+            raise QueueTimeout(f"Model '{self.model.name}' did not become ready within "
+                               f"{asc.queue_timeout_s:.0f}s", retry_after=self._retry_after()) from None
+        finally:
+            if gone is not None and not gone.done():
+                gone.cancel()
+
+    def wake_waiters(self) -> None:
+        """A replica became READY: release the held requests, oldest first."""
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def fail_waiters(self, error: Exception) -> None:
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def can_become_ready(self) -> bool:
+        """Some replica is or may become READY, or a new one may be started."""
+        if any(r.state in LIVE for r in self.replicas):
+            return True
+        return self.supervisor.room_for(self) > 0
+
     def _why_unavailable(self) -> str:
         states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
-        return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}); retry shortly"
+        errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
+        why = f"; {errors[0]}" if errors else ""
+        return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
 
     def _retry_after(self) -> int:
-        if any(r.state in (State.STARTING, State.BACKOFF) for r in self.replicas):
+        if any(r.state in (State.STARTING, State.BACKOFF, State.SLEEPING) for r in self.replicas):
             return 5
         return 30
+
+    # --- signals ----------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
         return any(r.state is State.READY for r in self.replicas)
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.replicas)
+
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas if r.state in LIVE]
+
+    def kept(self) -> list[Replica]:
+        """Replicas not being taken out of service, FATAL ones included: a FATAL
+        replica holds its place (and its reason) until the operator acts."""
+        return [r for r in self.replicas if not r.retiring]
+
+    def policy(self, cfg: Config) -> Policy:
+        a = self.model.autoscaling
+        return Policy(
+            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+            target_rps_per_replica=a.target_rps_per_replica, idle_ttl_s=idle_ttl_s(cfg, self.model),
+            sleep_after_s=parse_duration(a.sleep_after), stabilization_s=cfg.autoscaling.stabilization_s,
+            cooldown_s=cfg.autoscaling.cooldown_s)
+
+    def inputs(self, now: float, room: int) -> Inputs:
+        live = self.live()
+        waiting = sum((r.load.waiting or 0) for r in live if r.load is not None)
+        return Inputs(
+            now=now, current=len(live), ready=sum(r.state is State.READY for r in live),
+            sleeping=sum(r.state is State.SLEEPING for r in live), rps_10s=self.rate.rate(10),
+            rps_60s=self.rate.rate(60), inflight=self.inflight, queued=len(self.waiters),
+            engine_waiting=waiting, idle_s=self.rate.idle_for(), pinned=self.control.pinned,
+            override=self.control.override, capacity=len(live) + room)
+
+
+class Exclude:
+    """A replica that just failed a request, as it was then (its pid)."""
+
+    SECONDS = 2.0
+
+    def __init__(self, replica: Replica, now: float) -> None:
+        self.replica, self.pid, self.until = replica, replica.pid, now + self.SECONDS
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def matches(self, replica: Replica) -> bool:
+        return replica is self.replica and replica.pid == self.pid
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was held; nothing to answer."""
 
 
 def default_probe(cfg: Config) -> GpuProbe:
@@ -64,59 +224,164 @@ class Supervisor:
     def __init__(self, cfg: Config, session: aiohttp.ClientSession, *,
                  runner: ProcessRunner | None = None, clock: Clock | None = None,
                  port_allocator: Callable[[], int] = free_port,
-                 listener: Listener | None = None, probe: GpuProbe | None = None) -> None:
+                 listener: Listener | None = None, probe: GpuProbe | None = None,
+                 state: StateStore | None = None) -> None:
         self.cfg = cfg
         self.session = session
         self.runner = runner or SubprocessRunner(cfg.supervisor.log_max_bytes)
+        self.clock = clock or RealClock()
+        self.port_allocator = port_allocator
         self.probe = probe or default_probe(cfg)
+        self.state = state
         self.measured = MeasuredMemory()
+        self.autoscaler = Autoscaler()
         self.placements: list[PlanRow] = []
-        outer_listener = listener
-
-        def on_change(replica: Replica, event: Transition) -> None:
-            if event.new is State.READY and replica.slot is not None:
-                self._measure(replica)
-            if outer_listener is not None:
-                outer_listener(replica, event)
-
-        listener = on_change
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
-        self.deployments: dict[str, Deployment] = {}
-        for model in cfg.models:
-            adapter = adapter_for(model.server)
-            count = max(model.autoscaling.min_replicas, 1)
-            replicas = [
-                Replica(cfg=cfg, model=model, index=i, adapter=adapter, runner=self.runner,
-                        session=session, log_dir=self.log_dir, clock=clock,
-                        port_allocator=port_allocator, listener=listener)
-                for i in range(count)
-            ]
-            self.deployments[model.name] = Deployment(model, replicas)
+        self._outer_listener = listener
+        self._retiring: set[asyncio.Task] = set()
+        self._stopping = False
+        self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        if state is not None:
+            for name, control in state.all().items():
+                if name in self.deployments:
+                    self.deployments[name].control = control
+
+    # --- lifecycle ------------------------------------------------------------------------
 
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas]
 
     def start(self) -> None:
+        """Start each model at its operator-set count, else its min_replicas."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self._place_gpu_replicas()
-        for replica in self.replicas():
-            replica.start()
+        for dep in self.deployments.values():
+            wanted = dep.control.override
+            if wanted is None:
+                wanted = dep.model.autoscaling.min_replicas
+            for _ in range(min(wanted, dep.model.autoscaling.max_replicas)):
+                self.add_replica(dep, reason="boot")
 
-    def _place_gpu_replicas(self) -> None:
-        """Give each GPU replica its GPUs before it starts; one that cannot fit is
-        FATAL with the placer's reason (what is missing, where)."""
-        wanted = [r for r in self.replicas() if r.adapter.gpu]
-        if not wanted:
-            return
-        inventory = self.probe.read()
-        self.placements = plan(self.cfg, inventory, [(r.model, r.name) for r in wanted],
-                               measured=self.measured)
-        for replica, row in zip(wanted, self.placements, strict=True):
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        self._stopping = True
+        for dep in self.deployments.values():
+            dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
+        await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),
+                             *self._retiring, return_exceptions=True)
+
+    def deployment(self, model: str) -> Deployment:
+        try:
+            return self.deployments[model]
+        except KeyError:
+            raise ModelNotFound(model) from None
+
+    @property
+    def ready(self) -> bool:
+        """Ready to serve: no model that should be running lacks a READY replica
+        (a model scaled to zero is ready: its next request starts it)."""
+        return all(d.ready or not d.kept() for d in self.deployments.values()) and not self._stopping
+
+    # --- replicas in and out ---------------------------------------------------------------
+
+    def room_for(self, dep: Deployment) -> int:
+        """How many more replicas this model may get: max_replicas, the CPU core
+        budget for CPU engines, the placer for GPU engines."""
+        room = dep.model.autoscaling.max_replicas - len(dep.kept())
+        if room <= 0:
+            return 0
+        if dep.model.server == "llamacpp":
+            budget = self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+            used = sum(self._cores(r.model) for r in self.replicas()
+                       if r.model.server == "llamacpp" and r.state in LIVE)
+            room = min(room, (budget - used) // self._cores(dep.model))
+        return max(room, 0)
+
+    def _cores(self, model: ModelConfig) -> int:
+        budget = self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+        return min(model.threads or budget, budget)
+
+    def add_replica(self, dep: Deployment, reason: str) -> Replica | None:
+        if self._stopping or self.room_for(dep) <= 0:
+            return None
+        used = {r.index for r in dep.replicas}
+        index = next(i for i in itertools.count() if i not in used)
+        replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
+                          runner=self.runner, session=self.session, log_dir=self.log_dir,
+                          clock=self.clock, port_allocator=self.port_allocator, listener=self._on_change)
+        if replica.adapter.gpu:
+            row = self._place(replica)
             if row.assignment is None:
-                replica.cannot_start = f"cannot place on GPUs: {row.error}"
-            else:
-                replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction)
-            log.info("placement %s", row.describe())
+                if not dep.live():
+                    # Nothing else can serve it: say why, as a FATAL replica in status.
+                    replica.cannot_start = f"cannot place on GPUs: {row.error}"
+                    dep.replicas.append(replica)
+                    replica.start()
+                else:
+                    log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
+                return None
+            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction)
+        dep.replicas.append(replica)
+        log.info("adding replica %s (%s)", replica.name, reason)
+        replica.start()
+        return replica
+
+    def _place(self, replica: Replica) -> PlanRow:
+        inventory = self.probe.read()
+        ours: set[int] = set()
+        placed = []
+        for r in self.replicas():
+            if r.slot is not None and r.state in LIVE:
+                ours |= descendants(r.pid) if r.pid else set()
+                placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
+                                     bytes_per_gpu=self._reserved(r), sleeping=r.state is State.SLEEPING))
+        [row] = plan(self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours,
+                     measured=self.measured)
+        self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
+        log.info("placement %s", row.describe())
+        return row
+
+    def _reserved(self, r: Replica) -> int:
+        inventory = self.probe.read()
+        total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
+        return math.ceil(r.slot.memory_fraction * total)
+
+    def retire(self, replica: Replica, reason: str) -> None:
+        """Take a replica out of service: no new requests; in-flight ones finish
+        (bounded by server.drain_timeout_s), then it stops and leaves the list."""
+        dep = self.deployments[replica.model.name]
+
+        async def drain() -> None:
+            try:
+                await replica.stop(self.cfg.server.drain_timeout_s)
+            finally:
+                with contextlib.suppress(ValueError):
+                    dep.replicas.remove(replica)
+
+        log.info("retiring replica %s (%s)", replica.name, reason)
+        replica.retiring = True
+        task = asyncio.create_task(drain(), name=f"retire-{replica.name}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _victim(self, dep: Deployment) -> Replica | None:
+        """The replica whose removal costs least: not serving first, then least busy, newest."""
+        kept = dep.kept()
+        if not kept:
+            return None
+        return min(kept, key=lambda r: (r.state is State.READY, r.inflight, -r.index))
+
+    def _on_change(self, replica: Replica, event: Transition) -> None:
+        dep = self.deployments.get(replica.model.name)
+        if event.new is State.READY:
+            if replica.slot is not None:
+                self._measure(replica)
+            if dep is not None:
+                if event.old is State.STARTING and len(replica.history) > 1:
+                    dep.last_cold_start_s = round(event.at - replica.history[-2].at, 3)
+                dep.wake_waiters()
+        elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
+            dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        if self._outer_listener is not None:
+            self._outer_listener(replica, event)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
@@ -128,22 +393,116 @@ class Supervisor:
             self.measured.observe(replica.model.name, replica.slot.tp, max(per_gpu))
             log.info("replica %s uses %.1f GiB per GPU (NVML)", replica.name, max(per_gpu) / 1024**3)
 
-    async def stop(self, drain_timeout: float = 0.0) -> None:
-        await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),
-                             return_exceptions=True)
+    # --- demand, decisions, operator commands --------------------------------------------------
 
-    def deployment(self, model: str) -> Deployment:
-        try:
-            return self.deployments[model]
-        except KeyError:
-            raise ModelNotFound(model) from None
+    def on_demand(self, dep: Deployment) -> None:
+        """A request is waiting and nothing is READY: start or wake a replica now,
+        without waiting for the autoscaler's next tick."""
+        live = dep.live()
+        if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
+            return
+        sleeping = [r for r in live if r.state is State.SLEEPING]
+        if sleeping:
+            self._background(sleeping[0].wake(), f"wake-{sleeping[0].name}")
+        elif not live:
+            self.add_replica(dep, reason="a request arrived for a model at zero")
 
-    @property
-    def ready(self) -> bool:
-        """Ready to serve: every model has at least one READY replica."""
-        return all(d.ready for d in self.deployments.values())
+    def tick(self) -> list[Decision]:
+        """One autoscaler pass over every model; carry out what it decides."""
+        now = self.clock.monotonic()
+        decisions = []
+        for dep in self.deployments.values():
+            decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, self.room_for(dep)),
+                                              dep.policy(self.cfg))
+            self._apply(dep, decision)
+            decisions.append(decision)
+        return decisions
+
+    def _apply(self, dep: Deployment, d: Decision) -> None:
+        if self._stopping:
+            return
+        if d.action == "up":
+            for _ in range(d.desired - d.current):
+                if self.add_replica(dep, reason=d.reason) is None:
+                    break
+        elif d.action == "down":
+            victim = self._victim(dep)
+            if victim is not None:
+                self.retire(victim, d.reason)
+        elif d.action == "sleep":
+            for r in dep.replicas:
+                if r.state is State.READY:
+                    self._background(r.sleep(), f"sleep-{r.name}")
+        elif d.action == "wake":
+            self.on_demand(dep)
+
+    def _background(self, coro, name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # logged, the replica's state tells the rest
+                log.warning("%s failed: %s", name, exc)
+
+        task = asyncio.create_task(run(), name=name)
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def scale(self, model: str, replicas: int | None) -> None:
+        """The operator's count for a model (None: back to autoscaling); persisted."""
+        dep = self.deployment(model)
+        if replicas is not None:
+            replicas = max(0, min(replicas, dep.model.autoscaling.max_replicas))
+        self._set_control(dep, override=replicas)
+        if replicas is None:
+            return
+        while len(dep.kept()) > replicas:
+            self.retire(self._victim(dep), f"operator scaled to {replicas}")
+        while len(dep.kept()) < replicas:
+            if self.add_replica(dep, reason=f"operator scaled to {replicas}") is None:
+                break
+
+    def load(self, model: str) -> None:
+        """Pre-warm: as if a request had arrived."""
+        dep = self.deployment(model)
+        dep.rate.last_event = self.clock.monotonic()
+        if not dep.ready:
+            self.on_demand(dep)
+
+    def unload(self, model: str) -> None:
+        """Down to zero now (drained); the next request starts it again."""
+        dep = self.deployment(model)
+        if dep.control.override:
+            self._set_control(dep, override=None)
+        for r in dep.kept():
+            self.retire(r, "operator unloaded the model")
+
+    def pin(self, model: str, pinned: bool) -> None:
+        dep = self.deployment(model)
+        self._set_control(dep, pinned=pinned)
+        if pinned and len(dep.kept()) < dep.model.autoscaling.min_replicas:
+            for _ in range(dep.model.autoscaling.min_replicas - len(dep.kept())):
+                self.add_replica(dep, reason="pinned at min_replicas")
+
+    def _set_control(self, dep: Deployment, **change) -> None:
+        current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
+        dep.control = ModelControl(**current)
+        if self.state is not None:
+            if "override" in change:
+                self.state.set_override(dep.model.name, change["override"])
+            if "pinned" in change:
+                self.state.set_pinned(dep.model.name, change["pinned"])
+
+    def replica(self, model: str, index: int) -> Replica:
+        dep = self.deployment(model)
+        for r in dep.replicas:
+            if r.index == index:
+                return r
+        raise ModelNotFound(f"{model}#{index}")
+
+    # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict:
+        now = self.clock.monotonic()
         return {
             "models": [
                 {
@@ -151,7 +510,19 @@ class Supervisor:
                     "server": d.model.server,
                     "source": d.model.source or d.model.url or None,
                     "ready": d.ready,
+                    "pinned": d.control.pinned,
+                    "override": d.control.override,
+                    "rps_10s": round(d.rate.rate(10), 3),
+                    "rps_60s": round(d.rate.rate(60), 3),
+                    "inflight": d.inflight,
+                    "queued": len(d.waiters),
+                    "idle_s": round(now - d.rate.last_event, 1),
+                    "idle_ttl_s": idle_ttl_s(self.cfg, d.model),
+                    "last_cold_start_s": d.last_cold_start_s,
+                    "min_replicas": d.model.autoscaling.min_replicas,
+                    "max_replicas": d.model.autoscaling.max_replicas,
                     "replicas": [r.snapshot() for r in d.replicas],
+                    "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
                 }
                 for d in self.deployments.values()
             ]

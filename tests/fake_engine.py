@@ -36,6 +36,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--model", dest="model", default=None)
     p.add_argument("--latency", type=float, default=0.0, help="seconds before a unary answer")
+    p.add_argument("--latency-from", type=int, default=1,
+                   help="first request number that gets --latency (2: the readiness probe is quick)")
     p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
@@ -81,7 +83,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         n = max(1, min(args.chunks, max_tokens))
         if body.get("stream"):
             return await stream(request, chat, n)
-        if args.latency:
+        if args.latency and STATS["requests"] >= args.latency_from:
             await asyncio.sleep(args.latency)
         text = " ".join(f"tok{i}" for i in range(n))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}

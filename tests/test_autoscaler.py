@@ -141,3 +141,13 @@ def test_durations(text, seconds):
 def test_a_bad_duration_names_the_field():
     with pytest.raises(ValueError, match="idle_ttl: 'soon' is not a duration"):
         parse_duration("soon", "idle_ttl")
+
+
+def test_a_lull_never_takes_the_last_replica_only_the_idle_ttl_does():
+    policy = Policy(min_replicas=0, max_replicas=2, target_rps_per_replica=10, idle_ttl_s=0)
+    a = Autoscaler()
+    for i in range(100):
+        d = a.decide("m", inputs(now=1000 + i, idle_s=i), policy)
+        assert d.desired == 1
+    at_zero = a.decide("z", inputs(current=0, ready=0), policy)
+    assert (at_zero.action, at_zero.desired) == ("hold", 0)

@@ -232,17 +232,17 @@ async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
     probe = AttributingProbe()
     session = aiohttp.ClientSession()
     sup = Supervisor(cfg, session, probe=probe)
-    replica = sup.deployment("small").replicas[0]
-    original = replica.runner.spawn
+    original = sup.runner.spawn
 
     async def spawn_and_note(argv, env, log_path):
         proc = await original(argv, env, log_path)
         probe.engine_pids.add(proc.pid)
         return proc
 
-    replica.runner.spawn = spawn_and_note
+    sup.runner.spawn = spawn_and_note
     try:
         sup.start()
+        replica = sup.deployment("small").replicas[0]
         await replica.wait_ready(30)
         estimated = sup.placements[0].assignment.bytes_per_gpu
         assert sup.measured.correct("small", sup.placements[0].estimate).per_gpu[1] == 21 * GiB

@@ -1,0 +1,150 @@
+"""Serving one OpenAI request: choose a replica (holding the request while its
+model cold-starts), forward it, retry on another replica when the engine failed
+before answering a byte, and relay the answer, streamed or whole.
+
+Raw ASGI on purpose: this is the hot path (see bench/gateway_overhead.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from .errors import ApplianceError, EngineFailure, encode_error
+from .supervisor import ClientGone, Deployment, Exclude
+
+log = logging.getLogger("appliance.serving")
+
+MAX_ATTEMPTS = 3
+SSE_START_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                     (b"x-accel-buffering", b"no")]
+
+
+async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
+                        receive) -> tuple[int, bytes, str]:
+    failed = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed)
+        try:
+            return await rt.proxy.unary(replica, path, body, headers)
+        except EngineFailure as exc:
+            if not exc.retryable or attempt == MAX_ATTEMPTS:
+                raise
+            log.warning("retrying request %s on another replica: %s", headers.get("X-Request-Id"), exc)
+            failed = Exclude(replica, dep.supervisor.clock.monotonic())
+    raise AssertionError("unreachable")
+
+
+async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
+                         receive, send, done: Callable[[int], None]) -> None:
+    """Open the engine's stream, then relay it. Errors before the answer starts
+    raise (the client gets a real status); after, they end the stream with an
+    SSE error event. A client that goes away cancels the engine's work."""
+    keepalive = rt.cfg.autoscaling.keepalive_s
+    started = False
+    watcher = None
+    try:
+        chunks = await _open_with_keepalive(rt, dep, path, body, headers, receive, send, keepalive, done)
+        if isinstance(chunks, _Started):
+            started, chunks = True, chunks.chunks
+        if not started:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
+            started = True
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        pump = asyncio.ensure_future(_pump(chunks, send))
+        await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if not pump.done():
+            pump.cancel()  # the client left: closing the engine's stream stops its work
+            with contextlib.suppress(BaseException):
+                await pump
+            return
+        pump.result()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except ApplianceError as exc:
+        if not started:
+            done(exc.status)
+            raise
+        await _send_sse_error(send, exc)
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+
+
+class _Started:
+    """The response already started (keepalive comments went out while held)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+
+async def _open_with_keepalive(rt, dep, path, body, headers, receive, send, keepalive: float, done):
+    if keepalive <= 0 or dep.pick_ready() is not None:
+        return await _open_stream(rt, dep, path, body, headers, receive, done)
+    opening = asyncio.ensure_future(_open_stream(rt, dep, path, body, headers, receive, done))
+    try:
+        done, _ = await asyncio.wait([opening], timeout=keepalive)
+        if done:
+            return opening.result()
+        # Still loading: start the answer now, and keep it alive with SSE comments.
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
+        while True:
+            await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
+            done, _ = await asyncio.wait([opening], timeout=keepalive)
+            if done:
+                try:
+                    return _Started(opening.result())
+                except ApplianceError as exc:
+                    await _send_sse_error(send, exc)
+                    return _Started(_empty())
+    finally:
+        if not opening.done():
+            opening.cancel()
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    return
+    yield b""  # pragma: no cover - makes this an async generator
+
+
+async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done) -> AsyncIterator[bytes]:
+    failed = None
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed)
+        try:
+            return await rt.proxy.open_stream(replica, path, body, headers, done)
+        except EngineFailure as exc:
+            if not exc.retryable or attempt == MAX_ATTEMPTS:
+                raise
+            log.warning("retrying stream %s on another replica: %s", headers.get("X-Request-Id"), exc)
+            failed = Exclude(replica, dep.supervisor.clock.monotonic())
+    raise AssertionError("unreachable")
+
+
+async def _pump(chunks: AsyncIterator[bytes], send) -> None:
+    try:
+        async for chunk in chunks:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _wait_disconnect(receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _send_sse_error(send, exc: ApplianceError) -> None:
+    event = b"data: " + encode_error(exc.message, exc.type, exc.param, exc.code) + b"\n\n"
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+__all__ = ["ClientGone", "forward_stream", "forward_unary"]
