@@ -97,7 +97,10 @@ class Supervisor:
         return [r for d in self.deployments.values() for r in d.replicas]
 
     def start(self) -> None:
+        from .store_guard import admit_store_models
+
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store_leases = admit_store_models(self.cfg, self.deployments)
         self._place_gpu_replicas()
         for replica in self.replicas():
             replica.start()
