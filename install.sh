@@ -95,6 +95,14 @@ if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   export PATH="$tools/bin:$PATH"
 fi
 APPLIANCE_BUILD_CACHE="$cache_root" "$here/images/llamacpp/build.sh" "$prefix/bin"
+# The llamacpp engine image (<prefix>/images/llamacpp/current): what the supervisor
+# launches; from the same cached build. The definitions go along for later rebuilds.
+mkdir -p "$prefix/share/appliance"
+rm -rf "$prefix/share/appliance/images.tmp"
+cp -r "$here/images" "$prefix/share/appliance/images.tmp"
+rm -rf "$prefix/share/appliance/images" && mv "$prefix/share/appliance/images.tmp" "$prefix/share/appliance/images"
+APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
+  "$prefix/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
 
 # --- the bundled model ----------------------------------------------------------------
 models_dir="$prefix/share/appliance/models"

@@ -112,7 +112,7 @@ def list_images(cfg: Config | None = None) -> list[dict]:
     base = images_dir(cfg)
     for engine in ENGINES:
         current = current_dir(engine, cfg)
-        for d in sorted((base / engine).glob("*/" + MANIFEST)):
+        for d in sorted(p for p in (base / engine).glob("*/" + MANIFEST) if not p.parent.is_symlink()):
             info = json.loads(d.read_text())
             info["current"] = current is not None and d.parent.resolve() == current.resolve()
             info["path"] = str(d.parent)
@@ -202,7 +202,7 @@ def _set_current(base: Path, target: Path) -> None:
 
 
 def _versions(base: Path) -> list[Path]:
-    dirs = [p.parent for p in base.glob("*/" + MANIFEST)]
+    dirs = [p.parent for p in base.glob("*/" + MANIFEST) if not p.parent.is_symlink()]
     return sorted(dirs, key=lambda p: json.loads((p / MANIFEST).read_text())["built_at"])
 
 
