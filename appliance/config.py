@@ -20,6 +20,7 @@ EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 BUILTIN_PREFIX = "builtin:"
+STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")
@@ -53,6 +54,28 @@ class PathsConfig(_Section):
     log_dir: str = ""
 
 
+# Licenses a model may carry and be served without an operator's acceptance.
+DEFAULT_ALLOWED_LICENSES = ["Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC-BY-4.0", "CC0-1.0"]
+
+
+class StoreConfig(_Section):
+    # The default: `appliance models pull` is refused; models arrive on offline media.
+    offline: bool = True
+    # Hub endpoint for pulls (a mirror on the LAN); empty: huggingface_hub's default.
+    hub_endpoint: str = ""
+    # Disk budget for stored weights; 0 = no budget. Imports evict least-recently-used
+    # unpinned models that no replica uses to stay under it.
+    budget_gib: float = 0.0
+    allowed_licenses: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_ALLOWED_LICENSES))
+
+
+class ImagesConfig(_Section):
+    # Where engine images are built; empty: <the appliance's venv>/images.
+    dir: str = ""
+    # Versions kept per engine: the current one and the previous ones, for rollback.
+    keep: int = 2
+
+
 class UpstreamConfig(_Section):
     connect_timeout_s: float = 5.0
     # Longest silence between two bytes of an engine's answer.
@@ -77,7 +100,7 @@ class SupervisorConfig(_Section):
 
 
 class LlamaCppConfig(_Section):
-    # Empty: the llama-server installed next to this program (install.sh puts it there).
+    # Empty: the current llamacpp engine image's llama-server (install.sh builds the image).
     binary: str = ""
 
 
@@ -144,7 +167,8 @@ class AutoscalerConfig(_Section):
 class ModelConfig(_Section):
     name: str
     server: ServerKind = "llamacpp"
-    # A GGUF path, a directory, or builtin:<name> for the bundled model.
+    # A GGUF path, a directory, builtin:<name> for the bundled model, or store:<name>
+    # for a model imported into the store (`appliance models import`).
     source: str = ""
     # openai engine: a command template ({port}, {host}, {model_path}, {model_name}) to
     # supervise, or the URL of an external server that is only health-checked.
@@ -181,6 +205,8 @@ class Config(_Section):
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     autoscaling: AutoscalerConfig = msgspec.field(default_factory=AutoscalerConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
@@ -229,9 +255,13 @@ def install_prefix() -> Path:
     return Path(sys.prefix)
 
 
-def default_llama_server() -> str:
-    candidate = install_prefix() / "bin" / "llama-server"
-    return str(candidate)
+def default_llama_server(images_dir: str = "") -> str:
+    """The current llamacpp engine image's llama-server (`appliance images build llamacpp`);
+    before an image is built, the one install.sh put next to this program."""
+    from .images import llama_server
+
+    image = llama_server(images_dir)
+    return str(image or install_prefix() / "bin" / "llama-server")
 
 
 def builtin_model_path(name: str) -> Path:
@@ -300,7 +330,7 @@ def finalize(cfg: Config, origin: str) -> Config:
     models = cfg.models or [embedded_default_model()]
     engines = cfg.engines
     if not engines.llamacpp.binary:
-        engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server()))
+        engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server(cfg.images.dir)))
     cfg = msgspec.structs.replace(cfg, paths=paths, models=models, engines=engines, origin=origin)
     _validate(cfg)
     return cfg
@@ -328,6 +358,8 @@ def _validate(cfg: Config) -> None:
     need(sv.stop_grace_s >= 0, "supervisor.stop_grace_s", "must not be negative")
     need(sv.max_crashes >= 1, "supervisor.max_crashes", "must be >= 1")
     need(sv.log_max_bytes >= 4096, "supervisor.log_max_bytes", "must be at least 4096")
+    need(cfg.store.budget_gib >= 0, "store.budget_gib", "must not be negative")
+    need(cfg.images.keep >= 1, "images.keep", "must be >= 1")
 
     asc = cfg.autoscaling
     need(asc.interval_s > 0, "autoscaling.interval_s", "must be positive")
@@ -356,6 +388,13 @@ def _validate(cfg: Config) -> None:
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
+        if m.source.startswith(STORE_PREFIX):
+            from .store import StoreError, check_name
+
+            try:
+                check_name(m.source[len(STORE_PREFIX):])
+            except StoreError as exc:
+                need(False, f"{at}.source", str(exc))
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
             if m.source.startswith(BUILTIN_PREFIX):
@@ -430,6 +469,10 @@ def model_path(cfg: Config, model: ModelConfig) -> Path | None:
         return None
     if model.source.startswith(BUILTIN_PREFIX):
         return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
+    if model.source.startswith(STORE_PREFIX):
+        from .store import resolve
+
+        return resolve(cfg, model.source[len(STORE_PREFIX):])
     path = Path(model.source).expanduser()
     if not path.is_absolute():
         path = Path(cfg.paths.cache_dir) / "models" / path

@@ -54,6 +54,8 @@ class Deployment:
         self.waiters: deque[asyncio.Future] = deque()
         self.control = ModelControl()
         self.last_cold_start_s: float | None = None
+        # Why this model must not be served (store admission), if it must not.
+        self.blocked: str | None = None
         self._rr = itertools.count()
 
     # --- the request path ---------------------------------------------------------
@@ -253,7 +255,10 @@ class Supervisor:
 
     def start(self) -> None:
         """Start each model at its operator-set count, else its min_replicas."""
+        from .store_guard import admit_store_models
+
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store_leases = admit_store_models(self.cfg, self.deployments)
         for dep in self.deployments.values():
             wanted = dep.control.override
             if wanted is None:
@@ -307,7 +312,9 @@ class Supervisor:
         replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
                           runner=self.runner, session=self.session, log_dir=self.log_dir,
                           clock=self.clock, port_allocator=self.port_allocator, listener=self._on_change)
-        if replica.adapter.gpu:
+        if dep.blocked:
+            replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
+        elif replica.adapter.gpu:
             row = self._place(replica)
             if row.assignment is None:
                 if not dep.live():

@@ -134,6 +134,14 @@ def test_relative_model_sources_resolve_under_the_cache_dir():
     assert model_path(cfg, cfg.models[0]) == Path("/srv/cache/models/a.gguf")
 
 
-def test_the_llama_server_defaults_to_the_one_next_to_the_daemon():
-    cfg = parse_config("")
+def test_the_llama_server_defaults_to_the_current_llamacpp_image(tmp_path):
+    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
+    # No image built there: the one install.sh put next to the daemon.
     assert cfg.engines.llamacpp.binary == os.path.join(os.sys.prefix, "bin", "llama-server")
+    image = tmp_path / "llamacpp" / "11434.0.0-x"
+    (image / "bin").mkdir(parents=True)
+    (image / "bin" / "llama-server").write_bytes(b"")
+    (image / "image.json").write_text("{}")
+    (tmp_path / "llamacpp" / "current").symlink_to(image.name)
+    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
+    assert cfg.engines.llamacpp.binary == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")

@@ -75,3 +75,26 @@ def test_the_gpu_doc_inventory_example_loads(tmp_path):
     path.write_text(example)
     inv = load_inventory(path)
     assert len(inv.gpus) == 8 and inv.gpus[0].processes[0].pid == 4242
+
+
+MODEL_STORE = (ROOT / "docs" / "model-store.md").read_text()
+
+
+def test_every_command_in_the_model_store_doc_exists():
+    import subprocess
+    import sys
+
+    commands = set(re.findall(r"^appliance ((?:models|images|bundle) [a-z-]+)", MODEL_STORE, flags=re.M))
+    assert len(commands) == 14, commands  # every models, images and bundle command
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *command.split(), "--help"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert result.returncode == 0, (command, result.stderr)
+
+
+def test_the_model_store_doc_config_loads():
+    from appliance.config import parse_config
+
+    for snippet in re.findall(r"```toml\n(.+?)```", MODEL_STORE, flags=re.S):
+        cfg = parse_config(snippet, origin="docs/model-store.md")
+        assert cfg.models[0].source == "store:smollm2"

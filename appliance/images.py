@@ -1,0 +1,246 @@
+"""Engine images: each engine in its own virtual environment, built from the pinned,
+hashed definition in ``images/<engine>/``, recorded with its checksums, the previous
+version kept for rollback.
+
+    <images.dir>/<engine>/<version>-<definition hash>/   a venv (+ bin/llama-server for llamacpp)
+                                     .../image.json      engine, version, python, files' sha256
+    <images.dir>/<engine>/current -> <version>-<hash>    what the supervisor launches
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import Config, install_prefix
+
+ENGINES = ("llamacpp", "vllm", "sglang")
+MANIFEST = "image.json"
+
+
+class ImageError(Exception):
+    """One line for the operator."""
+
+
+def definitions_dir() -> Path:
+    """The image definitions: $APPLIANCE_IMAGE_DEFS, this checkout's images/, or the
+    copy install.sh puts in <venv>/share/appliance/images."""
+    if env := os.environ.get("APPLIANCE_IMAGE_DEFS"):
+        return Path(env)
+    checkout = Path(__file__).resolve().parent.parent / "images"
+    if (checkout / "llamacpp" / "image.toml").exists():
+        return checkout
+    return install_prefix() / "share" / "appliance" / "images"
+
+
+def images_dir(cfg: Config | None = None) -> Path:
+    if cfg is not None and cfg.images.dir:
+        return Path(cfg.images.dir)
+    return install_prefix() / "images"
+
+
+@dataclass(frozen=True)
+class Definition:
+    engine: str
+    version: str
+    python: str
+    folder: Path
+    requirements: Path
+    lock: Path | None
+
+    @property
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for f in sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt",
+                                                                                           ".env", ".lock", ".sh")
+                        and not p.name.startswith("flags-")):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        return h.hexdigest()[:12]
+
+    @property
+    def tag(self) -> str:
+        return f"{self.version}-{self.digest}"
+
+
+def definition(engine: str, root: Path | None = None) -> Definition:
+    if engine not in ENGINES:
+        raise ImageError(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
+    folder = (root or definitions_dir()) / engine
+    try:
+        spec = tomllib.loads((folder / "image.toml").read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ImageError(f"{folder / 'image.toml'}: {exc}") from None
+    lock = folder / spec["lock"] if spec.get("lock") else None
+    return Definition(engine, spec["version"], spec["python"], folder, folder / spec["requirements"], lock)
+
+
+def hashed_requirements(path: Path) -> list[tuple[str, list[str]]]:
+    """(pin, hashes) of each requirement in a pip requirements file."""
+    out: list[tuple[str, list[str]]] = []
+    joined = path.read_text().replace("\\\n", " ")
+    for line in joined.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        out.append((parts[0], [p.split("=", 1)[1] for p in parts[1:] if p.startswith("--hash=")]))
+    return out
+
+
+def _file_digests(root: Path) -> dict[str, str]:
+    digests = {}
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and not p.is_symlink() and "__pycache__" not in p.parts and p.name != MANIFEST:
+            h = hashlib.sha256()
+            with open(p, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digests[p.relative_to(root).as_posix()] = h.hexdigest()
+    return digests
+
+
+def list_images(cfg: Config | None = None) -> list[dict]:
+    rows = []
+    base = images_dir(cfg)
+    for engine in ENGINES:
+        current = current_dir(engine, cfg)
+        for d in sorted(p for p in (base / engine).glob("*/" + MANIFEST) if not p.parent.is_symlink()):
+            info = json.loads(d.read_text())
+            info["current"] = current is not None and d.parent.resolve() == current.resolve()
+            info["path"] = str(d.parent)
+            rows.append(info)
+    return rows
+
+
+def current_dir(engine: str, cfg: Config | None = None) -> Path | None:
+    link = images_dir(cfg) / engine / "current"
+    return link.resolve() if link.is_symlink() and (link.resolve() / MANIFEST).exists() else None
+
+
+def llama_server(cfg_images_dir: str = "") -> Path | None:
+    """The current llamacpp image's binary, if one is built."""
+    link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / "llamacpp" / "current"
+    binary = link / "bin" / "llama-server"
+    return binary if (link / MANIFEST).exists() and binary.exists() else None
+
+
+def build(engine: str, cfg: Config | None = None, *, log=print) -> dict:
+    d = definition(engine)
+    base = images_dir(cfg) / engine
+    target = base / d.tag
+    if (target / MANIFEST).exists():
+        _set_current(base, target)
+        log(f"{engine} {d.tag} up to date")
+        return json.loads((target / MANIFEST).read_text())
+    # Built where it lives (a venv records its own path); the image exists once its
+    # image.json is written, last. A build killed half-way is removed by the next one.
+    shutil.rmtree(target, ignore_errors=True)
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        if engine == "llamacpp":
+            _build_llamacpp(d, target, base, log)
+        else:
+            _build_python_engine(d, target, log)
+        manifest = {"engine": engine, "version": d.version, "tag": d.tag, "python": d.python,
+                    "built_at": time.time(), "files": _file_digests(target)}
+        tmp = target / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        os.replace(tmp, target / MANIFEST)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
+    _set_current(base, target)
+    _prune(base, keep=cfg.images.keep if cfg else 2)
+    log(f"built {engine} {d.tag} in {target}")
+    return manifest
+
+
+def _run(argv: list[str], what: str, env: dict | None = None) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if result.returncode != 0:
+        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+        raise ImageError(f"{what} failed: " + " | ".join(tail))
+
+
+def _build_llamacpp(d: Definition, tmp: Path, base: Path, log) -> None:
+    _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
+    env = dict(os.environ)
+    if not shutil.which("cmake") or not shutil.which("ninja"):
+        tools = base / ".tools"
+        if not (tools / "bin" / "cmake").exists():
+            log("installing the pinned build tools (cmake, ninja) with --require-hashes")
+            _run([sys.executable, "-m", "venv", str(tools)], "creating the tools venv")
+            _run([str(tools / "bin" / "pip"), "install", "--quiet", "--require-hashes", "-r",
+                  str(d.requirements)], "installing build tools")
+        env["PATH"] = f"{tools / 'bin'}:{env['PATH']}"
+    _run([str(d.folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env)
+
+
+def _build_python_engine(d: Definition, tmp: Path, log) -> None:
+    if d.lock is None or not d.lock.exists():
+        raise ImageError(f"{d.engine}: {d.lock} is missing: generate the hashed lock of the full "
+                         f"dependency tree first (see {d.folder / 'README.md'})")
+    _run([sys.executable, "-m", "venv", str(tmp)], "creating the venv")
+    _run([str(tmp / "bin" / "pip"), "install", "--quiet", "--require-hashes", "--no-deps", "-r",
+          str(d.lock)], f"installing {d.engine}")
+
+
+def _set_current(base: Path, target: Path) -> None:
+    link = base / "current"
+    tmp = base / f".current-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target.name)
+    os.replace(tmp, link)
+
+
+def _versions(base: Path) -> list[Path]:
+    dirs = [p.parent for p in base.glob("*/" + MANIFEST) if not p.parent.is_symlink()]
+    return sorted(dirs, key=lambda p: json.loads((p / MANIFEST).read_text())["built_at"])
+
+
+def _prune(base: Path, keep: int) -> None:
+    current = (base / "current").resolve()
+    old = [p for p in _versions(base) if p.resolve() != current]
+    for p in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def rollback(engine: str, cfg: Config | None = None) -> str:
+    base = images_dir(cfg) / engine
+    current = current_dir(engine, cfg)
+    older = [p for p in _versions(base) if current is None or p.resolve() != current]
+    if not older:
+        raise ImageError(f"{engine}: no previous image to roll back to")
+    _set_current(base, older[-1])
+    return older[-1].name
+
+
+def remove(engine: str, tag: str, cfg: Config | None = None) -> None:
+    base = images_dir(cfg) / engine
+    target = base / tag
+    if "/" in tag or ".." in tag or not (target / MANIFEST).exists():
+        raise ImageError(f"{engine}: no image {tag!r} (see `appliance images ls`)")
+    if current_dir(engine, cfg) == target.resolve():
+        raise ImageError(f"{engine} {tag} is the current image; build or roll back to another first")
+    shutil.rmtree(target)
+
+
+def verify(engine: str, cfg: Config | None = None) -> list[str]:
+    """Problems of the current image (empty when every recorded file hashes the same)."""
+    current = current_dir(engine, cfg)
+    if current is None:
+        return [f"{engine}: no image built (`appliance images build {engine}`)"]
+    recorded = json.loads((current / MANIFEST).read_text())["files"]
+    actual = _file_digests(current)
+    problems = [f"{engine}: {path}: sha256 {actual.get(path, 'missing')}, expected {digest}"
+                for path, digest in recorded.items() if actual.get(path) != digest]
+    problems += [f"{engine}: {path}: not part of the image" for path in actual.keys() - recorded.keys()]
+    return problems
