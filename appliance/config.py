@@ -207,7 +207,21 @@ def _is_root() -> bool:
 
 
 def default_paths() -> PathsConfig:
-    """FHS locations for root (a system service), XDG locations for a user."""
+    """The directories systemd made for the service (appliance.service's
+    StateDirectory=, CacheDirectory=, LogsDirectory=), else FHS locations for
+    root, XDG locations for a user."""
+    fallback = _user_paths()
+    return PathsConfig(state_dir=_systemd_dir("STATE_DIRECTORY") or fallback.state_dir,
+                       cache_dir=_systemd_dir("CACHE_DIRECTORY") or fallback.cache_dir,
+                       log_dir=_systemd_dir("LOGS_DIRECTORY") or fallback.log_dir)
+
+
+def _systemd_dir(variable: str) -> str:
+    # A colon-separated list when a unit names several; the first is ours.
+    return os.environ.get(variable, "").split(":")[0]
+
+
+def _user_paths() -> PathsConfig:
     if _is_root():
         return PathsConfig(
             state_dir="/var/lib/appliance",

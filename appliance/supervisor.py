@@ -71,13 +71,13 @@ class Supervisor:
         self.probe = probe or default_probe(cfg)
         self.measured = MeasuredMemory()
         self.placements: list[PlanRow] = []
-        outer_listener = listener
+        self._listeners: list[Listener] = [listener] if listener is not None else []
 
         def on_change(replica: Replica, event: Transition) -> None:
             if event.new is State.READY and replica.slot is not None:
                 self._measure(replica)
-            if outer_listener is not None:
-                outer_listener(replica, event)
+            for fn in self._listeners:
+                fn(replica, event)
 
         listener = on_change
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
@@ -92,6 +92,10 @@ class Supervisor:
                 for i in range(count)
             ]
             self.deployments[model.name] = Deployment(model, replicas)
+
+    def add_listener(self, listener: Listener) -> None:
+        """Also call listener(replica, transition) on every replica state change."""
+        self._listeners.append(listener)
 
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas]
