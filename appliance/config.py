@@ -41,6 +41,10 @@ class ServerConfig(_Section):
     # SIGTERM: stop accepting, give in-flight requests this long to finish.
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # The daemon logs to stderr (the journal under systemd); a path here also
+    # appends it to that file (relative: under paths.log_dir), which `appliance
+    # logs` follows when systemd does not run.
+    log_file: str = ""
 
 
 class PathsConfig(_Section):
@@ -312,7 +316,11 @@ def finalize(cfg: Config, origin: str) -> Config:
     engines = cfg.engines
     if not engines.llamacpp.binary:
         engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server()))
-    cfg = msgspec.structs.replace(cfg, paths=paths, models=models, engines=engines, origin=origin)
+    server = cfg.server
+    if server.log_file:
+        server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
+    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, engines=engines,
+                                  origin=origin)
     _validate(cfg)
     return cfg
 
