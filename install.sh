@@ -3,15 +3,26 @@
 #
 #   ./install.sh          the daemon, the CPU engine (llama-server) and the bundled
 #                         model, into /opt/appliance (root) or ~/.local/share/appliance,
-#                         with `appliance` linked into /usr/local/bin or ~/.local/bin
+#                         with `appliance` linked into /usr/local/bin or ~/.local/bin.
+#                         As root also the service: the system user `appliance`,
+#                         /etc/appliance (a default config unless one exists; never
+#                         overwritten), /var/{lib,cache,log}/appliance, the systemd
+#                         unit, enabled and started when systemd runs
 #   ./install.sh --dev    the same into .venv/ in this checkout, the project installed
-#                         editable, plus the test dependencies
+#                         editable, plus the test dependencies (and systemd-analyze)
 #   ./install.sh --offline BUNDLE
 #                         the same as the first, with no network at all, from a bundle
 #                         made by `appliance bundle create` (every checksum verified first)
+#   --uninstall           remove the program and the unit; keep the config, models,
+#                         database, logs and user
+#   --uninstall --purge   remove those too
+#   --root DIR            the root install into DIR instead of / (tests, staging);
+#                         nothing is asked of systemd
 #
-# APPLIANCE_PREFIX (the virtual environment) and APPLIANCE_BIN_LINK override where.
-# Every run is idempotent: what is already in place is left alone and said so.
+# APPLIANCE_PREFIX (the virtual environment) and APPLIANCE_BIN_LINK override where;
+# with APPLIANCE_PREFIX only the program is installed (no user, unit or config).
+# Every run is idempotent: what is already in place is left alone and said so, and
+# the last line counts what changed. docs/operations.md has the service side.
 # The llama-server build (a few minutes on 2 cores) is cached in
 # ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
 # Air-gapped: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
@@ -24,19 +35,74 @@ here=$(cd "$(dirname "$0")" && pwd)
 PYTHON=${PYTHON:-python3}
 cache_root=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}
 
-mode=system
-offline_bundle=""
-case "${1:-}" in
-  --dev) mode=dev ;;
-  --offline) offline_bundle=${2:-}
-             [ -n "$offline_bundle" ] || { echo "install.sh: --offline needs a BUNDLE file" >&2; exit 2; } ;;
-  ""|--system) ;;
-  -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-  *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
-esac
-
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+changes=0
+changed() { say "$*"; changes=$((changes + 1)); }
+
+# --- options: parsed here and nowhere else ----------------------------------------
+mode=system      # system | dev
+offline_bundle=""  # --offline BUNDLE: install from it with no network at all
+action=install   # install | uninstall
+purge=0
+root=""          # --root DIR: the root layout under DIR
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dev) mode=dev ;;
+    --system) mode=system ;;
+    --offline) [ $# -ge 2 ] || die "--offline needs a BUNDLE file"; offline_bundle=$2; shift ;;
+    --uninstall) action=uninstall ;;
+    --purge) purge=1 ;;
+    --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift ;;
+    --root=*) root=${1#--root=} ;;
+    -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+[ "$purge" = 0 ] || [ "$action" = uninstall ] || die "--purge goes with --uninstall"
+[ -z "$root" ] || [ "$mode" = system ] || die "--root is for the system install, not --dev"
+if [ -n "$root" ]; then
+  mkdir -p "$root"
+  root=$(cd "$root" && pwd)
+fi
+
+# --- where things go ------------------------------------------------------------------
+# service=1: the root layout with the service (user, directories, config, unit).
+service=0
+if [ "$mode" = system ] && [ -z "${APPLIANCE_PREFIX:-}" ] && { [ -n "$root" ] || [ "$(id -u)" = 0 ]; }; then
+  service=1
+fi
+if [ "$mode" = dev ]; then
+  prefix="$here/.venv"
+  bin_link=""
+elif [ "$service" = 1 ] || [ "$(id -u)" = 0 ]; then
+  prefix="$root/opt/appliance/venv"
+  bin_link="$root/usr/local/bin/appliance"
+else
+  prefix="${XDG_DATA_HOME:-$HOME/.local/share}/appliance/venv"
+  bin_link="$HOME/.local/bin/appliance"
+fi
+# Elsewhere (a staging directory, a test): APPLIANCE_PREFIX and APPLIANCE_BIN_LINK.
+prefix=${APPLIANCE_PREFIX:-$prefix}
+bin_link=${APPLIANCE_BIN_LINK:-$bin_link}
+etc_dir="$root/etc/appliance"
+unit_file="$root/etc/systemd/system/appliance.service"
+state_dir="$root/var/lib/appliance"
+cache_dir="$root/var/cache/appliance"
+log_dir="$root/var/log/appliance"
+systemd_runs=0
+if [ -z "$root" ] && [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+  systemd_runs=1
+fi
+
+# shellcheck source=systemd/install-service.sh
+. "$here/systemd/install-service.sh"
+
+if [ "$action" = uninstall ]; then
+  uninstall
+  exit 0
+fi
 
 # --- preflight ------------------------------------------------------------------
 command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 or newer (Debian: apt-get install python3 python3-venv)"
@@ -45,20 +111,7 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 o
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
   || die "Python's venv module is missing (Debian: apt-get install python3-venv)"
 [ "$(uname -s)" = Linux ] || die "the appliance runs on Linux; this is $(uname -s)"
-
-if [ "$mode" = dev ]; then
-  prefix="$here/.venv"
-  bin_link=""
-elif [ "$(id -u)" = 0 ]; then
-  prefix=/opt/appliance/venv
-  bin_link=/usr/local/bin/appliance
-else
-  prefix="${XDG_DATA_HOME:-$HOME/.local/share}/appliance/venv"
-  bin_link="$HOME/.local/bin/appliance"
-fi
-# Elsewhere (a staging directory, a test): APPLIANCE_PREFIX and APPLIANCE_BIN_LINK.
-prefix=${APPLIANCE_PREFIX:-$prefix}
-bin_link=${APPLIANCE_BIN_LINK:-$bin_link}
+preflight
 say "installing into $prefix ($mode)"
 
 # --- an offline bundle: verified whole before anything is installed -------------
@@ -92,7 +145,7 @@ fi
 if [ ! -x "$prefix/bin/python" ]; then
   "$PYTHON" -m venv "$prefix"
   "$prefix/bin/python" -m pip install --quiet --upgrade pip
-  say "created virtual environment $prefix"
+  changed "created virtual environment $prefix"
 fi
 
 # A stamp of what was installed from which source: re-running with the same
@@ -111,7 +164,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
 else
   "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check "${spec[@]}"
   echo "$fingerprint" > "$stamp"
-  say "installed the appliance package ($(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2))"
+  changed "installed the appliance package ($(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2))"
 fi
 
 # --- the CPU engine: llama-server, built once and cached ---------------------------
@@ -123,19 +176,24 @@ if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   if [ ! -x "$tools/bin/cmake" ] || [ ! -x "$tools/bin/ninja" ]; then
     "$PYTHON" -m venv "$tools"
     "$tools/bin/python" -m pip install --quiet cmake ninja
-    say "installed cmake and ninja into $tools"
+    changed "installed cmake and ninja into $tools"
   fi
   export PATH="$tools/bin:$PATH"
 fi
+engine_before=$(stat -c '%Y %s' "$prefix/bin/llama-server" 2>/dev/null || true)
 APPLIANCE_BUILD_CACHE="$cache_root" "$here/images/llamacpp/build.sh" "$prefix/bin"
 # The llamacpp engine image (<prefix>/images/llamacpp/current): what the supervisor
 # launches; from the same cached build. The definitions go along for later rebuilds.
 mkdir -p "$prefix/share/appliance"
-rm -rf "$prefix/share/appliance/images.tmp"
-cp -r "$here/images" "$prefix/share/appliance/images.tmp"
-rm -rf "$prefix/share/appliance/images" && mv "$prefix/share/appliance/images.tmp" "$prefix/share/appliance/images"
+if ! diff -r -q "$here/images" "$prefix/share/appliance/images" >/dev/null 2>&1; then
+  rm -rf "$prefix/share/appliance/images.tmp"
+  cp -r "$here/images" "$prefix/share/appliance/images.tmp"
+  rm -rf "$prefix/share/appliance/images" && mv "$prefix/share/appliance/images.tmp" "$prefix/share/appliance/images"
+  changed "copied the engine image definitions"
+fi
 APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
   "$prefix/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
+[ "$(stat -c '%Y %s' "$prefix/bin/llama-server" 2>/dev/null)" = "$engine_before" ] || changes=$((changes + 1))
 
 # --- the bundled model ----------------------------------------------------------------
 models_dir="$prefix/share/appliance/models"
@@ -168,7 +226,7 @@ PY
   chmod 0444 "$tmp"
   mv -f "$tmp" "$model_file"   # appears whole or not at all
   trap cleanup_bundle EXIT
-  say "installed bundled model $(basename "$model_file") (sha256 verified)"
+  changed "installed bundled model $(basename "$model_file") (sha256 verified)"
 fi
 
 # --- the bundle's models, into the store --------------------------------------------------
@@ -183,13 +241,20 @@ if [ -n "$bin_link" ]; then
     say "$bin_link up to date"
   else
     ln -sfn "$prefix/bin/appliance" "$bin_link"
-    say "linked $bin_link"
+    changed "linked $bin_link"
   fi
   case ":$PATH:" in
     *":$(dirname "$bin_link"):"*) ;;
-    *) say "note: $(dirname "$bin_link") is not on your PATH; run $bin_link directly" ;;
+    *) [ -n "$root" ] || say "note: $(dirname "$bin_link") is not on your PATH; run $bin_link directly" ;;
   esac
+fi
+
+if [ "$service" = 1 ]; then
+  install_service
+elif [ -n "$bin_link" ]; then
   say "done: run 'appliance serve', then point an OpenAI client at http://127.0.0.1:8000/v1"
 else
+  dev_tools
   say "done: run the tests with .venv/bin/python -m pytest"
 fi
+summary

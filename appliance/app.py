@@ -35,6 +35,7 @@ from .errors import (
     encode_error,
     error_for_status,
 )
+from .logs import bind_request_id
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .metrics import Metrics
 from .protocol import (
@@ -126,6 +127,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
+    bind_request_id(rid)  # log lines of this request carry its id
     rt: Runtime = scope["app"].state.runtime
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",

@@ -50,7 +50,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
-    setup_logging(cfg.server.log_level)
+    setup_logging(cfg.server.log_level, cfg.server.log_file or None)
     _check_files(cfg)
     sys.exit(run(cfg))
 
@@ -268,6 +268,36 @@ _model_action("load", "Pre-warm MODEL: start a replica now, as if a request had 
 _model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
 _model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
 _model_action("unpin", "Let MODEL idle to zero again.")
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--replica", "replicas", multiple=True, metavar="MODEL#N",
+              help="Show this replica's engine log instead of the daemon's; MODEL: all its "
+                   "replicas, all: every replica. Repeatable.")
+@click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show first.")
+@click.option("-f/-F", "--follow/--no-follow", default=True,
+              help="Keep printing what is appended until Ctrl-C (the default), or not.")
+def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool) -> None:
+    """Follow the daemon's log (the journal under systemd, else server.log_file) or the replicas'."""
+    import os
+
+    from .logview import LogError, daemon_log_file, journal_command, replica_log_files, show
+
+    cfg = _load(config)
+    try:
+        if replicas:
+            files = replica_log_files(cfg, replicas)
+        else:
+            argv = journal_command(lines, follow)
+            if argv is not None:
+                os.execvp(argv[0], argv)
+            files = [("appliance", daemon_log_file(cfg))]
+        show(files, lines, follow, click.echo)
+    except LogError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
 
 
 @main.group()

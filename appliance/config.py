@@ -45,6 +45,10 @@ class ServerConfig(_Section):
     # A file holding the admin token (a systemd credential, say). Without it the
     # admin API (/admin/...) answers loopback clients only.
     admin_token_file: str = ""
+    # The daemon logs to stderr (the journal under systemd); a path here also
+    # appends it to that file (relative: under paths.log_dir), which `appliance
+    # logs` follows when systemd does not run.
+    log_file: str = ""
 
 
 class PathsConfig(_Section):
@@ -236,7 +240,21 @@ def _is_root() -> bool:
 
 
 def default_paths() -> PathsConfig:
-    """FHS locations for root (a system service), XDG locations for a user."""
+    """The directories systemd made for the service (appliance.service's
+    StateDirectory=, CacheDirectory=, LogsDirectory=), else FHS locations for
+    root, XDG locations for a user."""
+    fallback = _user_paths()
+    return PathsConfig(state_dir=_systemd_dir("STATE_DIRECTORY") or fallback.state_dir,
+                       cache_dir=_systemd_dir("CACHE_DIRECTORY") or fallback.cache_dir,
+                       log_dir=_systemd_dir("LOGS_DIRECTORY") or fallback.log_dir)
+
+
+def _systemd_dir(variable: str) -> str:
+    # A colon-separated list when a unit names several; the first is ours.
+    return os.environ.get(variable, "").split(":")[0]
+
+
+def _user_paths() -> PathsConfig:
     if _is_root():
         return PathsConfig(
             state_dir="/var/lib/appliance",
@@ -331,7 +349,11 @@ def finalize(cfg: Config, origin: str) -> Config:
     engines = cfg.engines
     if not engines.llamacpp.binary:
         engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server(cfg.images.dir)))
-    cfg = msgspec.structs.replace(cfg, paths=paths, models=models, engines=engines, origin=origin)
+    server = cfg.server
+    if server.log_file:
+        server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
+    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, engines=engines,
+                                  origin=origin)
     _validate(cfg)
     return cfg
 

@@ -195,6 +195,8 @@ def _build_python_engine(d: Definition, tmp: Path, log) -> None:
 
 def _set_current(base: Path, target: Path) -> None:
     link = base / "current"
+    if link.is_symlink() and os.readlink(link) == target.name:
+        return  # already current: an idempotent install touches nothing
     tmp = base / f".current-{os.getpid()}"
     tmp.unlink(missing_ok=True)
     tmp.symlink_to(target.name)

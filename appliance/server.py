@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import logging
 import signal
+import sys
 
 from granian.constants import Interfaces
 from granian.server.embed import Server
 
 from .app import create_app
 from .config import Config
+from .service import ServiceNotifier
 
 log = logging.getLogger("appliance.server")
 
 
 def run(cfg: Config) -> int:
+    # A hung daemon is killed by systemd's watchdog with SIGABRT: print every
+    # thread's stack to stderr (the journal) on the way out.
+    faulthandler.enable(sys.stderr)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -32,8 +38,11 @@ def run(cfg: Config) -> int:
 
 async def serve(cfg: Config, app=None) -> int:
     """Serve until SIGTERM/SIGINT, then: stop taking requests, let in-flight ones
-    finish (bounded by server.drain_timeout_s), stop the engines, return 0."""
+    finish (bounded by server.drain_timeout_s), stop the engines, return 0.
+    Under systemd it notifies READY, STATUS, WATCHDOG and STOPPING (appliance/service.py)."""
+    service = ServiceNotifier()
     app = app or create_app(cfg)
+    app.on_startup.append(service.on_startup)
     _tune_gc()
     server = Server(
         app,
@@ -48,11 +57,13 @@ async def serve(cfg: Config, app=None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    service.start(cfg.server.host, cfg.server.port)
     serving = asyncio.create_task(server.serve(), name="granian")
     stopping = asyncio.create_task(stop.wait(), name="signals")
     done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if serving in done:
         stopping.cancel()
+        await service.close()
         exc = serving.exception()
         if exc is not None:
             log.error("server failed: %s", exc)
@@ -61,12 +72,15 @@ async def serve(cfg: Config, app=None) -> int:
 
     log.info("shutdown requested: draining in-flight requests (up to %.0fs)", cfg.server.drain_timeout_s)
     runtime = getattr(app.state, "runtime", None)
+    service.stopping(runtime, cfg)
     if runtime is not None:
         runtime.draining = True
         await _drained(runtime, cfg.server.drain_timeout_s)
+    service.status("stopping the engines")
     server.stop()
     with contextlib.suppress(Exception):
         await serving
+    await service.close()
     return 0
 
 

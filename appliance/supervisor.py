@@ -238,8 +238,8 @@ class Supervisor:
         self.measured = MeasuredMemory()
         self.autoscaler = Autoscaler()
         self.placements: list[PlanRow] = []
+        self._listeners: list[Listener] = [listener] if listener is not None else []
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
-        self._outer_listener = listener
         self._retiring: set[asyncio.Task] = set()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
@@ -249,6 +249,10 @@ class Supervisor:
                     self.deployments[name].control = control
 
     # --- lifecycle ------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Also call listener(replica, transition) on every replica state change."""
+        self._listeners.append(listener)
 
     def replicas(self) -> list[Replica]:
         return [r for d in self.deployments.values() for r in d.replicas]
@@ -387,8 +391,8 @@ class Supervisor:
                 dep.wake_waiters()
         elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
-        if self._outer_listener is not None:
-            self._outer_listener(replica, event)
+        for fn in self._listeners:
+            fn(replica, event)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:

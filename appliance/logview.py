@@ -1,0 +1,155 @@
+"""`appliance logs`: where the daemon's and the replicas' logs are, and following them.
+
+The daemon logs to stderr: under systemd that is the journal (journalctl -u
+appliance); without systemd, server.log_file if the config sets one. Each
+replica's engine logs to <log_dir>/replicas/<model>-<n>.log, rotated to .log.1
+when it reaches supervisor.log_max_bytes; following survives the rotation.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from .config import Config
+
+UNIT = "appliance.service"
+SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)
+
+
+class LogError(Exception):
+    """No such log; the message says where it was looked for and what to do."""
+
+
+def journal_command(lines: int, follow: bool, systemd_dir: Path = SYSTEMD_RUNNING) -> list[str] | None:
+    """The journalctl call that shows the daemon's log, when systemd runs it."""
+    if not systemd_dir.is_dir() or shutil.which("journalctl") is None:
+        return None
+    return ["journalctl", "-u", UNIT, "-n", str(lines), *(["-f"] if follow else ["--no-pager"])]
+
+
+def daemon_log_file(cfg: Config) -> Path:
+    if not cfg.server.log_file:
+        raise LogError("the daemon logs to stderr only: run it under systemd (journalctl -u appliance), "
+                       "or set server.log_file in the config to have a file to follow")
+    path = Path(cfg.server.log_file)
+    if not path.is_file():
+        raise LogError(f"no daemon log at {path} (server.log_file) yet: has the daemon started?")
+    return path
+
+
+def replica_log_files(cfg: Config, selectors: Iterable[str]) -> list[tuple[str, Path]]:
+    """MODEL#N: that replica; MODEL: all its replicas; all: every replica."""
+    folder = Path(cfg.paths.log_dir) / "replicas"
+    found: list[tuple[str, Path]] = []
+    for sel in selectors:
+        if sel == "all":
+            paths = sorted(folder.glob("*.log"))
+        elif "#" in sel:
+            model, _, index = sel.rpartition("#")
+            paths = [folder / f"{model.replace('/', '_')}-{index}.log"]
+            paths = [p for p in paths if p.is_file()]
+        else:
+            paths = sorted(p for p in folder.glob(f"{sel.replace('/', '_')}-*.log")
+                           if p.stem.rpartition("-")[2].isdigit())
+        if not paths:
+            known = ", ".join(_label(p) for p in sorted(folder.glob("*.log"))) or "none yet"
+            raise LogError(f"no replica log for {sel!r} in {folder} (replica logs there: {known})")
+        found += [(_label(p), p) for p in paths if (_label(p), p) not in found]
+    return found
+
+
+def _label(path: Path) -> str:
+    model, _, index = path.stem.rpartition("-")
+    return f"{model}#{index}"
+
+
+class Tail:
+    """One file followed like `tail -F`: survives rotation (a new file under the
+    name) and truncation, and only ever yields whole lines."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = None
+        self._ino = None
+        self._partial = b""
+
+    def last_lines(self, count: int) -> list[str]:
+        self._open()
+        block = 1 << 16
+        size = os.fstat(self._file.fileno()).st_size
+        start = size
+        data = b""
+        while start > 0 and data.count(b"\n") <= count:
+            start = max(0, start - block)
+            self._file.seek(start)
+            data = self._file.read(size - start)
+        self._file.seek(size)
+        lines = data.split(b"\n")
+        self._partial = lines.pop()  # after the last newline: not a whole line yet
+        if start > 0:
+            lines = lines[1:]  # the first one may be cut
+        return [_text(line) for line in deque(lines, maxlen=count)] if count > 0 else []
+
+    def poll(self) -> list[str]:
+        if self._file is None:
+            if not self.path.exists():
+                return []
+            self._open()
+        out = self._read()
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return out  # rotated away, the new file not there yet
+        if st.st_ino != self._ino or st.st_size < self._file.tell():
+            self._file.close()
+            self._file = None
+            if self._partial:  # the old file's unterminated last line
+                out.append(_text(self._partial))
+                self._partial = b""
+            self._open()
+            out += self._read()
+        return out
+
+    def _open(self) -> None:
+        self._file = open(self.path, "rb")  # noqa: SIM115 - kept open while following
+        self._ino = os.fstat(self._file.fileno()).st_ino
+
+    def _read(self) -> list[str]:
+        data = self._partial + self._file.read()
+        *lines, self._partial = data.split(b"\n")
+        return [_text(line) for line in lines]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace").rstrip("\r")
+
+
+def show(files: list[tuple[str, Path]], lines: int, follow: bool, echo: Callable[[str], None],
+         interval: float = 0.25) -> None:
+    """Print the last lines of each file, then (follow) what is appended, until interrupted."""
+    prefix = len(files) > 1
+    tails = [(label, Tail(path)) for label, path in files]
+    try:
+        for label, tail in tails:
+            for line in tail.last_lines(lines):
+                echo(f"{label} | {line}" if prefix else line)
+        while follow:
+            quiet = True
+            for label, tail in tails:
+                for line in tail.poll():
+                    quiet = False
+                    echo(f"{label} | {line}" if prefix else line)
+            if quiet:
+                time.sleep(interval)
+    finally:
+        for _, tail in tails:
+            tail.close()
