@@ -41,6 +41,7 @@ class Inputs:
     queued: int
     engine_waiting: float   # requests waiting inside the engines, summed
     idle_s: float           # since the last request arrived
+    rps_2s: float = 0.0     # the fast signal: a step up shows here within a second
     pinned: bool = False
     override: int | None = None   # the operator's `appliance scale MODEL N`
     capacity: int = 1_000_000     # most replicas the placer or CPU budget can hold
@@ -97,8 +98,11 @@ class Autoscaler:
         if inp.override is not None:
             n = max(0, min(inp.override, p.max_replicas, inp.capacity))
             return n, f"operator set {inp.override} replicas"
-        need = math.ceil(inp.rps_10s / p.target_rps_per_replica) if p.target_rps_per_replica else 0
-        why = f"{inp.rps_10s:.1f} rps / {p.target_rps_per_replica:g} per replica = {need}"
+        # Up on the fast 2 s rate, down on the 10 s one (and only after the
+        # stabilisation window): quick to add capacity, slow to take it away.
+        rps = max(inp.rps_10s, inp.rps_2s)
+        need = math.ceil(rps / p.target_rps_per_replica) if p.target_rps_per_replica else 0
+        why = f"{rps:.1f} rps / {p.target_rps_per_replica:g} per replica = {need}"
         if inp.ready and inp.engine_waiting >= inp.ready:
             need = max(need, inp.current + 1)
             why += f"; engines report {inp.engine_waiting:.0f} waiting"

@@ -36,8 +36,18 @@ class _SupervisorCollector:
                                      ("waiting", "Requests queued inside the engine"),
                                      ("kv_cache_usage", "Fraction of the engine's KV cache in use"),
                                      ("prefix_cache_hit_rate", "Engine prefix-cache hit rate"))}
+        rps = GaugeMetricFamily("appliance_model_requests_per_second",
+                                "Requests per second over a sliding window", labels=["model", "window"])
+        queued = GaugeMetricFamily("appliance_model_queued_requests",
+                                   "Requests held while the model starts", labels=["model"])
+        replicas = GaugeMetricFamily("appliance_model_replicas", "Replicas that exist (not draining)",
+                                     labels=["model"])
         for name, dep in self.supervisor.deployments.items():
             ready.add_metric([name], 1.0 if dep.ready else 0.0)
+            rps.add_metric([name, "10s"], dep.rate.rate(10))
+            rps.add_metric([name, "60s"], dep.rate.rate(60))
+            queued.add_metric([name], float(len(dep.waiters)))
+            replicas.add_metric([name], float(len(dep.kept())))
             for r in dep.replicas:
                 idx = str(r.index)
                 for s in State:
@@ -49,7 +59,7 @@ class _SupervisorCollector:
                         value = getattr(r.load, field)
                         if value is not None:
                             family.add_metric([name, idx], float(value))
-        yield from (state, inflight, restarts, ready, *load.values())
+        yield from (state, inflight, restarts, ready, rps, queued, replicas, *load.values())
 
 
 class Metrics:

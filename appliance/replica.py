@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import enum
 import logging
 import signal
@@ -170,7 +171,10 @@ class Replica:
 
     def start(self) -> None:
         if self._task is None:
-            self._task = asyncio.create_task(self._own(), name=f"replica-{self.name}")
+            # A fresh context: the replica outlives the request that may have started
+            # it, and must not log under that request's id.
+            self._task = asyncio.create_task(self._own(), name=f"replica-{self.name}",
+                                             context=contextvars.Context())
 
     async def wait_ready(self, timeout: float) -> None:
         deadline = self.clock.monotonic() + timeout
@@ -357,7 +361,9 @@ class Replica:
                 raise _Crash(self._exit_reason("exited while starting"))
             if isinstance(outcome, ProbeFailed):
                 last = str(outcome)
-            await self._race(self.clock.sleep(0.25))
+            # Poll often: a refused connection costs nothing, and a request held
+            # for this replica waits for exactly this loop to notice it is up.
+            await self._race(self.clock.sleep(0.05))
 
     async def _watch(self) -> None:
         """While READY or SLEEPING: notice an exit or a run of failed health

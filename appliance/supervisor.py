@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import math
@@ -194,7 +195,7 @@ class Deployment:
         return Inputs(
             now=now, current=len(live), ready=sum(r.state is State.READY for r in live),
             sleeping=sum(r.state is State.SLEEPING for r in live), rps_10s=self.rate.rate(10),
-            rps_60s=self.rate.rate(60), inflight=self.inflight, queued=len(self.waiters),
+            rps_60s=self.rate.rate(60), rps_2s=self.rate.rate(2), inflight=self.inflight, queued=len(self.waiters),
             engine_waiting=waiting, idle_s=self.rate.idle_for(), pinned=self.control.pinned,
             override=self.control.override, capacity=len(live) + room)
 
@@ -369,7 +370,7 @@ class Supervisor:
 
         log.info("retiring replica %s (%s)", replica.name, reason)
         replica.retiring = True
-        task = asyncio.create_task(drain(), name=f"retire-{replica.name}")
+        task = asyncio.create_task(drain(), name=f"retire-{replica.name}", context=contextvars.Context())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -454,7 +455,7 @@ class Supervisor:
             except Exception as exc:  # logged, the replica's state tells the rest
                 log.warning("%s failed: %s", name, exc)
 
-        task = asyncio.create_task(run(), name=name)
+        task = asyncio.create_task(run(), name=name, context=contextvars.Context())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
@@ -484,6 +485,10 @@ class Supervisor:
         dep = self.deployment(model)
         if dep.control.override:
             self._set_control(dep, override=None)
+        # Forget the recent rate: the traffic before the unload must not bring the
+        # model straight back; its next request will.
+        dep.rate = RateWindow(60, clock=self.clock.monotonic)
+        dep.rate.last_event = self.clock.monotonic()
         for r in dep.kept():
             self.retire(r, "operator unloaded the model")
 

@@ -219,3 +219,5 @@ def test_health_ready_and_metrics(shared_daemon):
     assert 'appliance_requests_total{endpoint="chat",model="fake",status="200"}' in text
     assert 'appliance_replica_state{model="fake",replica="0",state="READY"} 1.0' in text
     assert "appliance_request_duration_seconds_bucket" in text
+    assert 'appliance_model_requests_per_second{model="fake",window="10s"}' in text
+    assert 'appliance_model_queued_requests{model="fake"} 0.0' in text

@@ -151,3 +151,9 @@ def test_a_lull_never_takes_the_last_replica_only_the_idle_ttl_does():
         assert d.desired == 1
     at_zero = a.decide("z", inputs(current=0, ready=0), policy)
     assert (at_zero.action, at_zero.desired) == ("hold", 0)
+
+
+def test_a_step_up_shows_in_the_fast_rate_before_the_10s_window_catches_up():
+    d = Autoscaler().decide("m", inputs(rps_10s=6, rps_2s=38), POLICY)
+    assert (d.action, d.desired) == ("up", 4)
+    assert "38.0 rps" in d.reason

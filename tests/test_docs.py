@@ -98,3 +98,18 @@ def test_the_model_store_doc_config_loads():
     for snippet in re.findall(r"```toml\n(.+?)```", MODEL_STORE, flags=re.S):
         cfg = parse_config(snippet, origin="docs/model-store.md")
         assert cfg.models[0].source == "store:smollm2"
+
+
+def test_the_autoscaling_doc_names_real_commands_and_settings():
+    import msgspec
+
+    from appliance.config import AutoscalerConfig
+
+    doc = (ROOT / "docs" / "autoscaling.md").read_text()
+    for field in msgspec.structs.fields(AutoscalerConfig):
+        if field.name not in ("interval_s", "cpu_cores", "idle_ttl", "keepalive_s", "max_queue",
+                              "queue_timeout_s", "stabilization_s", "cooldown_s"):
+            continue
+        assert field.name in doc, field.name
+    for command in re.findall(r"^appliance (\w+)", doc, flags=re.M):
+        assert command in ("scale", "load", "unload", "pin", "unpin"), command

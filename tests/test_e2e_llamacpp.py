@@ -81,3 +81,22 @@ def test_the_engine_stops_with_the_daemon(llama_daemon):
     assert pid_alive(pid)
     assert llama_daemon.terminate(signal.SIGTERM) == 0
     assert not pid_alive(pid)
+
+
+def test_the_default_model_at_zero_answers_its_first_request(tmp_path):
+    """Scale to zero, then a request: held while llama-server loads, then answered."""
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path)
+    model = ('[[models]]\nname = "smollm2-135m-instruct"\nserver = "llamacpp"\n'
+             'source = "builtin:smollm2-135m-instruct"\n[models.autoscaling]\nmin_replicas = 0\n')
+    try:
+        d = factory.start(model)
+        assert d.replicas(MODEL) == []
+        client = openai.OpenAI(base_url=f"{d.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        resp = client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "Say hi."}], max_tokens=8)
+        assert resp.choices[0].message.content.strip()
+        assert [r["state"] for r in d.replicas(MODEL)] == ["READY"]
+    finally:
+        factory.cleanup()
