@@ -373,6 +373,10 @@ class Replica:
         while not self._stop.is_set():
             if self._want_restart:
                 self._want_restart = False
+                # Drain first: no new requests, in-flight ones finish (bounded).
+                self._transition(State.DRAINING, f"restart requested; {self.inflight} in flight")
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._idle.wait(), timeout=self.cfg.server.drain_timeout_s)
                 await self._terminate()
                 raise _Crash("restart requested by the operator", counted=False)
             if self._want_sleep != (self.state is State.SLEEPING):

@@ -264,3 +264,30 @@ async def test_an_external_engine_is_never_spawned_nor_fatal(tmp_path):
     await settle(lambda: replica.restarts >= 5, rounds=20000)
     assert replica.state is not State.FATAL
     await replica.stop()
+
+
+async def test_an_operator_restart_drains_then_restarts_without_counting_a_crash(tmp_path):
+    replica, runner, transitions = make(tmp_path)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    with replica.lease():
+        replica.restart()
+        await settle(lambda: replica.state is State.DRAINING)
+        assert runner.processes[0].signals == []  # the lease is still being served
+    await settle(lambda: len(runner.processes) == 2 and replica.state is State.READY)
+    assert runner.processes[0].signals == [15]
+    assert replica.restarts == 0 and not replica._crash_times
+    await replica.stop()
+
+
+async def test_a_fatal_replica_restarts_on_the_operators_request(tmp_path):
+    runner = FakeRunner()
+    runner.fail_spawn = "no such engine"
+    replica, runner, _ = make(tmp_path, runner=runner)
+    replica.start()
+    await settle(lambda: replica.state is State.FATAL)
+    runner.fail_spawn = None
+    replica.restart()
+    await replica.wait_ready(timeout=5)
+    assert replica.state is State.READY
+    await replica.stop()
