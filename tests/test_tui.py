@@ -23,7 +23,9 @@ SCALING = "[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 3\n"
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
     factory = DaemonFactory(tmp_path_factory.mktemp("tui"))
-    d = factory.start(fake_model("fake", extra=SCALING) + fake_model("other", extra=SCALING))
+    # "other" starts at zero and stays where the operator puts it (no minimum, no idle TTL).
+    d = factory.start(fake_model("fake", extra=SCALING)
+                      + fake_model("other", extra=SCALING.replace("min_replicas = 1", "min_replicas = 0")))
     d.socket = str(factory.tmp / "state" / "admin.sock")
     yield d
     factory.cleanup()
@@ -88,18 +90,17 @@ async def test_pin_and_unpin(daemon):
         await until(lambda: not model(daemon, "other")["pinned"], what="unpinned")
 
 
-async def test_unload_asks_first_then_load_brings_it_back(daemon):
+async def test_load_then_unload_after_a_confirmation(daemon):
     app = tui(daemon)
     async with app.run_test(size=SIZE) as pilot:
         await on_row(app, pilot, "m:other")
+        await pilot.press("l")
+        await until(lambda: [r["state"] for r in kept(daemon, "other")] == ["READY"], what="loaded")
         await pilot.press("u", "n")  # declined: nothing happens
         await pilot.pause(0.5)
         assert len(kept(daemon, "other")) == 1
         await pilot.press("u", "y")
         await until(lambda: model(daemon, "other")["replicas"] == [], what="unloaded")
-        await pilot.press("l")
-        await until(lambda: [r["state"] for r in model(daemon, "other")["replicas"]] == ["READY"],
-                    what="loaded again")
 
 
 async def test_restart_and_drain_a_replica(daemon):
@@ -110,37 +111,39 @@ async def test_restart_and_drain_a_replica(daemon):
         await pilot.press("r", "y")
         await until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
                                 for r in kept(daemon)), what="a new engine process")
+        [restarted] = kept(daemon)
         await pilot.press("d", "y")
-        await until(lambda: kept(daemon) == [], what="drained")
-    httpx.post(f"{daemon.url}/admin/models/fake/load", timeout=10)  # leave it serving for the next test
-    await until(lambda: any(r["state"] == "READY" for r in kept(daemon)), what="fake back")
+        # Drained and gone (the autoscaler may add a new replica for min_replicas: another pid).
+        await until(lambda: all(r["pid"] != restarted["pid"] or r["retiring"]
+                                for r in model(daemon)["replicas"]), what="drained")
+    await until(lambda: any(r["state"] == "READY" for r in kept(daemon)), what="fake serving again")
 
 
 async def test_a_daemon_error_is_a_notification_not_a_crash(daemon):
+    httpx.post(f"{daemon.url}/admin/models/other/load", timeout=10)
+    [replica] = await until(lambda: kept(daemon, "other"), what="other loaded")
     app = tui(daemon, interval=3600)  # the table keeps what it first saw
     async with app.run_test(size=SIZE) as pilot:
-        index = kept(daemon)[0]["index"]
-        await on_row(app, pilot, f"r:fake:{index}")
-        httpx.post(f"{daemon.url}/admin/models/fake/replicas/{index}/drain", timeout=10)
-        await until(lambda: all(r["index"] != index for r in model(daemon)["replicas"]), what="gone")
+        await on_row(app, pilot, f"r:other:{replica['index']}")
+        httpx.post(f"{daemon.url}/admin/models/other/unload", timeout=10)
+        await until(lambda: model(daemon, "other")["replicas"] == [], what="gone")
         await pilot.press("r", "y")  # restart a replica the daemon no longer has
-        await until(lambda: any("fake#%d" % index in n.message for n in app._notifications),
+        await until(lambda: [n for n in app._notifications if "failed" in (n.title or "")],
                     what="a notification")
-        [note] = [n for n in app._notifications if "failed" in (n.title or "")]
-        assert note.severity == "error"
+        [note] = app._notifications
+        assert note.severity == "error" and f"other#{replica['index']}" in note.message
         assert app.is_running
-    httpx.post(f"{daemon.url}/admin/models/fake/load", timeout=10)
 
 
 async def test_the_log_view_follows_the_chosen_replica(daemon):
     app = tui(daemon)
     async with app.run_test(size=SIZE) as pilot:
-        await on_row(app, pilot, "m:other")
+        index = kept(daemon)[0]["index"]
+        await on_row(app, pilot, f"r:fake:{index}")
         await pilot.press("4")
         log = app.query_one("#log")
-        await until(lambda: any("fake_engine" in line or "starting" in line for line in log.lines),
-                    what="the replica's log")
-        assert str(app.log_replica[0]) == "other"
+        await until(lambda: any("fake_engine" in line for line in log.lines), what="the replica's log")
+        assert app.log_replica == ("fake", index)
 
 
 async def test_a_daemon_that_is_down_is_said_so_then_found(tmp_path):
