@@ -383,8 +383,7 @@ class ApplianceTUI(App):
         title = self.query_one("#log-title", Static)
         where = data.get("file") or data.get("error") or ""
         title.update(Text.assemble((f"{data.get('replica', '?')}", "bold"),
-                                   f"  {'following' if self.follow else 'paused'}  {where}  "
-                                   "([ ] other replica, f follow)"))
+                                   f"  {'following' if self.follow else 'paused'}  {where}"))
         lines = data.get("lines") or []
         log = self.query_one("#log", Log)
         old = self.log_lines
