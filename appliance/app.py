@@ -51,6 +51,9 @@ from .proxy import EngineProxy, make_session
 from .serving import forward_stream, forward_unary
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
+from .admin_socket import via_admin_socket
+from .admin_views import gpu_view, replica_log
+from .ttft import TtftTracker, first_token_send
 
 log = logging.getLogger("appliance.api")
 
@@ -69,6 +72,7 @@ class Runtime:
     started: float = field(default_factory=time.time)
     draining: bool = False
     admin_token: str = ""
+    ttft: TtftTracker = field(default_factory=TtftTracker)
 
 
 def _runtime(request: Request) -> Runtime:
@@ -145,11 +149,17 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
         def done(status: int) -> None:
             rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
 
+        def first_token(seconds: float) -> None:
+            rt.ttft.observe(model, seconds)
+
+        send = first_token_send(send, first_token, started)
         await forward_stream(rt, deployment, path, body, headers, receive, send, done)
         return
 
     status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive)
     rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
+    if status == 200:
+        rt.ttft.observe(model, time.perf_counter() - started)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode("latin-1")),
                             (b"content-length", str(len(data)).encode()),
@@ -232,7 +242,26 @@ async def admin_status(request: Request) -> Response:
                   "logs": rt.cfg.paths.log_dir},
         **rt.supervisor.status(),
     }
+    body["monotonic"] = rt.supervisor.clock.monotonic()  # what the decisions' "at" counts from
+    for m in body["models"]:
+        m["ttft_p50_ms"] = rt.ttft.p50_ms(m["name"])
     return Response(body, media_type=JSON)
+
+
+@get("/admin/gpus")
+async def admin_gpus(request: Request) -> Response:
+    """Each GPU (NVML or the simulated inventory) with the replicas placed on it,
+    and the CPU engines' core budget."""
+    return Response(gpu_view(_admin(request).supervisor), media_type=JSON)
+
+
+@get("/admin/models/{model:str}/replicas/{index:int}/log")
+async def admin_replica_log(request: Request) -> Response:
+    """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
+    rt = _admin(request)
+    p = request.path_params
+    replica = rt.supervisor.replica(p["model"], p["index"])
+    return Response(replica_log(replica, request.query_params.get("lines", "100")), media_type=JSON)
 
 
 # --- admin: operator control (the CLI and the TUI use these) ----------------------
@@ -243,9 +272,12 @@ class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
 
 
 def _admin(request: Request) -> Runtime:
-    """Admin routes: loopback or the admin token (constant-time comparison)."""
+    """Admin routes: the admin socket (its file permissions decided), loopback,
+    or the admin token (constant-time comparison)."""
     rt = _runtime(request)
     token = rt.admin_token
+    if via_admin_socket(request.scope):
+        return rt
     if token:
         sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
         if not hmac.compare_digest(sent.encode(), token.encode()):
@@ -386,7 +418,7 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
     return Litestar(
         route_handlers=[chat_completions, completions, embeddings, list_models, get_model,
                         healthz, readyz, metrics, admin_status, admin_scale, admin_model_action,
-                        admin_replica_action],
+                        admin_replica_action, admin_gpus, admin_replica_log],
         lifespan=[lifespan],
         exception_handlers={Exception: _error_response},
         request_max_body_size=cfg.server.max_body_bytes,

@@ -272,6 +272,26 @@ _model_action("unpin", "Let MODEL idle to zero again.")
 
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--socket", metavar="PATH", help="The daemon's admin socket (default: server.admin_socket).")
+@click.option("--url", metavar="URL",
+              help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token.")
+@click.option("--token-file", metavar="FILE",
+              help="The admin token for --url (default: server.admin_token_file).")
+def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
+    """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
+    from tui.app import ApplianceTUI
+    from tui.client import target_from_config
+
+    cfg = _load(config)
+    try:
+        target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
+    except (ConfigError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    ApplianceTUI(target.client()).run()
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--replica", "replicas", multiple=True, metavar="MODEL#N",
               help="Show this replica's engine log instead of the daemon's; MODEL: all its "
                    "replicas, all: every replica. Repeatable.")

@@ -24,6 +24,7 @@ STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")
+UNIX_PATH_MAX = 108  # sun_path, the terminating NUL included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
@@ -45,6 +46,9 @@ class ServerConfig(_Section):
     # A file holding the admin token (a systemd credential, say). Without it the
     # admin API (/admin/...) answers loopback clients only.
     admin_token_file: str = ""
+    # The admin API also on a unix socket (relative: under paths.state_dir), mode
+    # 0660: who may open the file may administer, no token needed. Empty: off.
+    admin_socket: str = "admin.sock"
     # The daemon logs to stderr (the journal under systemd); a path here also
     # appends it to that file (relative: under paths.log_dir), which `appliance
     # logs` follows when systemd does not run.
@@ -352,6 +356,8 @@ def finalize(cfg: Config, origin: str) -> Config:
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
+    if server.admin_socket:
+        server = msgspec.structs.replace(server, admin_socket=str(Path(paths.state_dir) / server.admin_socket))
     cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, engines=engines,
                                   origin=origin)
     _validate(cfg)
@@ -369,6 +375,8 @@ def _validate(cfg: Config) -> None:
     need(0 < s.port < 65536, "server.port", f"must be 1-65535, got {s.port}")
     need(s.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
+    need(len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX, "server.admin_socket",
+         f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)")
     u = cfg.upstream
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
     need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")

@@ -18,6 +18,7 @@ import sys
 from granian.constants import Interfaces
 from granian.server.embed import Server
 
+from .admin_socket import admin_socket_server
 from .app import create_app
 from .config import Config
 from .service import ServiceNotifier
@@ -43,6 +44,8 @@ async def serve(cfg: Config, app=None) -> int:
     service = ServiceNotifier()
     app = app or create_app(cfg)
     app.on_startup.append(service.on_startup)
+    admin = AdminSocket(cfg.server.admin_socket, app)
+    app.on_startup.append(admin.on_startup)
     _tune_gc()
     server = Server(
         app,
@@ -63,6 +66,7 @@ async def serve(cfg: Config, app=None) -> int:
     done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
     if serving in done:
         stopping.cancel()
+        await admin.stop()
         await service.close()
         exc = serving.exception()
         if exc is not None:
@@ -77,11 +81,41 @@ async def serve(cfg: Config, app=None) -> int:
         runtime.draining = True
         await _drained(runtime, cfg.server.drain_timeout_s)
     service.status("stopping the engines")
+    await admin.stop()
     server.stop()
     with contextlib.suppress(Exception):
         await serving
     await service.close()
     return 0
+
+
+class AdminSocket:
+    """The admin API's unix socket server (server.admin_socket), started once the
+    app's lifespan has opened the supervisor, stopped before the TCP server."""
+
+    def __init__(self, path: str, app) -> None:
+        self.path, self.app = path, app
+        self.server = None
+        self.task: asyncio.Task | None = None
+
+    def on_startup(self, app) -> None:
+        if not self.path:
+            return
+        try:
+            self.server = admin_socket_server(self.app, self.path)
+        except OSError as exc:
+            log.error("admin socket off: %s", exc)
+            return
+        self.task = asyncio.create_task(self.server.serve(), name="granian-admin-socket")
+        log.info("admin API on unix:%s", self.path)
+
+    async def stop(self) -> None:
+        if self.task is None:
+            return
+        if not self.task.done():
+            self.server.stop()
+        with contextlib.suppress(Exception):
+            await self.task
 
 
 def _tune_gc() -> None:

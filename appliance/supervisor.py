@@ -305,6 +305,13 @@ class Supervisor:
             room = min(room, (budget - used) // self._cores(dep.model))
         return max(room, 0)
 
+    def cpu_budget(self) -> dict:
+        """The CPU engines' core budget and the live replicas that use it."""
+        users = [{"replica": r.name, "cores": self._cores(r.model), "state": r.state.value}
+                 for r in self.replicas() if r.model.server == "llamacpp" and r.state in LIVE]
+        return {"cores": self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1,
+                "used": sum(u["cores"] for u in users), "replicas": users}
+
     def _cores(self, model: ModelConfig) -> int:
         budget = self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
         return min(model.threads or budget, budget)

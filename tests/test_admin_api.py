@@ -1,0 +1,131 @@
+"""The admin API the TUI uses: the unix socket (trusted by its file mode), GPUs
+and CPU budget, a replica's log tail, TTFT p50 in the status."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import fake_model, wait_until
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def over_socket(path: Path) -> httpx.Client:
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance",
+                        timeout=10)
+
+
+@pytest.fixture(scope="module")
+def token_daemon(tmp_path_factory):
+    from .conftest import DaemonFactory
+
+    tmp = tmp_path_factory.mktemp("adm")
+    token = tmp / "token"
+    token.write_text("s3cret-admin-token-0123456789\n")
+    factory = DaemonFactory(tmp)
+    daemon = factory.start(fake_model("fake", "--chunks", "3"), server=f'admin_token_file = "{token}"',
+                           wait=False)
+    wait_until(lambda: _ready(daemon), 30, what="daemon ready")
+    daemon.socket = tmp / "state" / "admin.sock"
+    daemon.token = token.read_text().strip()
+    yield daemon
+    factory.cleanup()
+
+
+def _ready(daemon) -> bool:
+    try:
+        return httpx.get(f"{daemon.url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_the_admin_socket_is_mode_0660_and_needs_no_token(token_daemon):
+    mode = os.stat(token_daemon.socket).st_mode
+    assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    with over_socket(token_daemon.socket) as c:
+        status = c.get("/admin/status")
+        assert status.status_code == 200
+        assert [m["name"] for m in status.json()["models"]] == ["fake"]
+        assert c.post("/admin/models/fake/pin").json()["pinned"] is True
+    # Over TCP the same daemon wants its token.
+    assert httpx.get(f"{token_daemon.url}/admin/status").status_code == 401
+    auth = {"Authorization": f"Bearer {token_daemon.token}"}
+    assert httpx.get(f"{token_daemon.url}/admin/status", headers=auth).json()["models"][0]["pinned"] is True
+
+
+def test_the_admin_socket_serves_admin_paths_only(token_daemon):
+    with over_socket(token_daemon.socket) as c:
+        resp = c.post("/v1/chat/completions", json=CHAT)
+    assert resp.status_code == 404
+    assert resp.json()["error"]["message"] == "The admin socket serves /admin/ only"
+
+
+def test_gpus_shows_the_cpu_budget_on_a_machine_without_gpus(token_daemon):
+    with over_socket(token_daemon.socket) as c:
+        body = c.get("/admin/gpus").json()
+    assert body["cpu"]["cores"] >= 1
+    assert isinstance(body["gpus"], list)
+
+
+def test_gpus_shows_each_gpu_with_the_replicas_placed_on_it(daemons, tmp_path):
+    from .conftest import FAKE_ENGINE, PY
+    from .test_gpu_supervision import DATA, make_model
+
+    small = make_model(tmp_path, "small", 14)
+    extra = (f'[gpu]\ninventory = "{DATA / "inventory-8xh100.toml"}"\n'
+             f'[engines.vllm]\ncommand = ["{PY}", "{FAKE_ENGINE}", "--as-engine", "vllm"]\n'
+             "overhead_gib = 2\n")
+    daemons.start(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n'
+                  "kv_cache_tokens = 32768\n", extra=extra)
+    with over_socket(tmp_path / "state" / "admin.sock") as c:
+        body = c.get("/admin/gpus").json()
+    assert len(body["gpus"]) == 8
+    placed = {g["index"]: [r["replica"] for r in g["replicas"]] for g in body["gpus"] if g["replicas"]}
+    assert list(placed.values()) == [["small#0"]]
+    gpu = body["gpus"][0]
+    assert gpu["name"].startswith("NVIDIA H100") and gpu["total_bytes"] > 0
+
+
+def test_a_replicas_log_tail(token_daemon):
+    with over_socket(token_daemon.socket) as c:
+        body = c.get("/admin/models/fake/replicas/0/log", params={"lines": 5}).json()
+        assert body["replica"] == "fake#0"
+        assert 0 < len(body["lines"]) <= 5
+        assert c.get("/admin/models/fake/replicas/7/log").status_code == 404
+        assert c.get("/admin/models/fake/replicas/0/log", params={"lines": 0}).status_code == 400
+
+
+def test_status_has_the_ttft_p50_of_answered_requests(token_daemon):
+    def ttft() -> float | None:
+        with over_socket(token_daemon.socket) as c:
+            return c.get("/admin/status").json()["models"][0]["ttft_p50_ms"]
+
+    assert ttft() is None
+    with token_daemon.client() as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+        with c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+            assert resp.status_code == 200
+            resp.read()
+    assert ttft() > 0
+
+
+def test_a_stale_socket_from_a_killed_daemon_is_replaced(daemons, tmp_path):
+    import signal
+
+    first = daemons.start(fake_model("fake"))
+    sock = tmp_path / "state" / "admin.sock"
+    first.terminate(signal.SIGKILL)
+    assert sock.exists()  # a killed daemon cannot clean up
+    second = daemons.start(fake_model("fake"))
+    with over_socket(sock) as c:
+        assert c.get("/admin/status").json()["listen"].endswith(str(second.port))
+
+
+def test_an_empty_admin_socket_turns_it_off(daemons, tmp_path):
+    daemons.start(fake_model("fake"), server='admin_socket = ""')
+    assert not (tmp_path / "state" / "admin.sock").exists()
