@@ -42,6 +42,7 @@ class Inputs:
     engine_waiting: float   # requests waiting inside the engines, summed
     idle_s: float           # since the last request arrived
     rps_2s: float = 0.0     # the fast signal: a step up shows here within a second
+    unloaded: bool = False  # the operator unloaded it: zero until a request or a load
     pinned: bool = False
     override: int | None = None   # the operator's `appliance scale MODEL N`
     capacity: int = 1_000_000     # most replicas the placer or CPU budget can hold
@@ -112,7 +113,10 @@ class Autoscaler:
         # A running model keeps at least one replica until it is idle: only the idle
         # TTL takes the last one away, never a lull in the request rate.
         floor = max(p.min_replicas, 1 if inp.current else 0)
-        if idle and not inp.pinned:
+        if inp.unloaded and not inp.pinned:
+            floor = 0
+            why += "; unloaded by the operator"
+        elif idle and not inp.pinned:
             floor = 0
             why += f"; idle {inp.idle_s:.0f}s >= {p.idle_ttl_s:.0f}s"
         elif inp.pinned:

@@ -57,6 +57,8 @@ class Deployment:
         self.last_cold_start_s: float | None = None
         # Why this model must not be served (store admission), if it must not.
         self.blocked: str | None = None
+        # The operator unloaded it: it stays at zero until a request or a load.
+        self.unloaded = False
         self._rr = itertools.count()
 
     # --- the request path ---------------------------------------------------------
@@ -197,6 +199,7 @@ class Deployment:
             sleeping=sum(r.state is State.SLEEPING for r in live), rps_10s=self.rate.rate(10),
             rps_60s=self.rate.rate(60), rps_2s=self.rate.rate(2), inflight=self.inflight, queued=len(self.waiters),
             engine_waiting=waiting, idle_s=self.rate.idle_for(), pinned=self.control.pinned,
+            unloaded=self.unloaded,
             override=self.control.override, capacity=len(live) + room)
 
 
@@ -417,6 +420,7 @@ class Supervisor:
     def on_demand(self, dep: Deployment) -> None:
         """A request is waiting and nothing is READY: start or wake a replica now,
         without waiting for the autoscaler's next tick."""
+        dep.unloaded = False
         live = dep.live()
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
@@ -484,6 +488,7 @@ class Supervisor:
         """Pre-warm: as if a request had arrived."""
         dep = self.deployment(model)
         dep.rate.last_event = self.clock.monotonic()
+        dep.unloaded = False
         if not dep.ready:
             self.on_demand(dep)
 
@@ -496,6 +501,7 @@ class Supervisor:
         # model straight back; its next request will.
         dep.rate = RateWindow(60, clock=self.clock.monotonic)
         dep.rate.last_event = self.clock.monotonic()
+        dep.unloaded = True
         for r in dep.kept():
             self.retire(r, "operator unloaded the model")
 

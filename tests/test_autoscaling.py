@@ -198,3 +198,15 @@ def test_an_unloaded_model_is_not_brought_back_by_the_traffic_before_it(daemons)
     wait_until(lambda: model_status(d)["replicas"] == [], 10, what="unload")
     time.sleep(1)  # several autoscaler ticks
     assert model_status(d)["replicas"] == []
+
+
+def test_unload_sticks_for_a_model_with_min_replicas_until_a_request_comes(daemons):
+    d = daemons.start(fake_model("fake", extra=scaling(1, 2)), extra=FAST)
+    admin(d, "fake/unload")
+    wait_until(lambda: model_status(d)["replicas"] == [], 10, what="unload")
+    time.sleep(1)  # several autoscaler ticks: min_replicas does not bring it back
+    assert model_status(d)["replicas"] == []
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=CHAT).status_code == 200
+    time.sleep(1)
+    assert len(model_status(d)["replicas"]) == 1  # in use again: min_replicas holds
