@@ -86,34 +86,46 @@ async def one_token_completion(session: aiohttp.ClientSession, base_url: str, mo
 
 
 async def http_ok(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            await resp.read()
-            if resp.status != 200:
-                raise ProbeFailed(f"GET {url} answered {resp.status}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise ProbeFailed(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+    await http_text(session, url, timeout)
 
 
 async def http_text(session: aiohttp.ClientSession, url: str, timeout: float) -> str:
-    try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.text()
-            if resp.status != 200:
-                raise ProbeFailed(f"GET {url} answered {resp.status}")
-            return body
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise ProbeFailed(f"GET {url} failed: {type(exc).__name__}: {exc}") from None
+    return await _request(session, "GET", url, timeout)
 
 
 async def http_post(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
+    await _request(session, "POST", url, timeout)
+
+
+async def _request(session: aiohttp.ClientSession, method: str, url: str, timeout: float) -> str:
+    """The body of a 200 answer; ProbeFailed (saying why) for anything else."""
     try:
-        async with session.post(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
-            body = await resp.read()
+        async with session.request(method, url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            body = await resp.text()
             if resp.status != 200:
-                raise ProbeFailed(f"POST {url} answered {resp.status}: {body[:200]!r}")
+                raise ProbeFailed(f"{method} {url} answered {resp.status}: {body[:200]!r}")
+            return body
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-        raise ProbeFailed(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+        raise ProbeFailed(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+class LocalEngine:
+    """What every engine the appliance launches on 127.0.0.1 shares: supervised,
+    reached at http://host:port, ready once a real 1-token completion answers."""
+
+    name = ""
+    gpu = False
+    can_sleep = False
+
+    def supervised(self, model: ModelConfig) -> bool:
+        return True
+
+    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
+        return f"http://{host}:{port}"
+
+    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
+                          timeout: float) -> None:
+        await one_token_completion(session, base_url, model.name, timeout)
 
 
 def offline_env(cfg: Config) -> dict[str, str]:

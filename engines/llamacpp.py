@@ -7,20 +7,15 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_text, one_token_completion
+from .base import GpuSlot, LaunchSpec, LocalEngine, http_text
 from .metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
 
 
-class LlamaCppAdapter:
+class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
-    gpu = False
-    can_sleep = False
-
-    def supervised(self, model: ModelConfig) -> bool:
-        return True
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None = None) -> LaunchSpec:
@@ -53,13 +48,6 @@ class LlamaCppAdapter:
         # Never reach for a model hub: the appliance runs air-gapped.
         env = {"LLAMA_OFFLINE": "1", **model.env}
         return LaunchSpec(argv=argv, env=env)
-
-    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
-        return f"http://{host}:{port}"
-
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
-        await one_token_completion(session, base_url, model.name, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

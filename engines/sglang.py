@@ -10,20 +10,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_text, offline_env, one_token_completion
+from .base import GpuSlot, LaunchSpec, LocalEngine, http_text, offline_env
 from .metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
 
 
-class SglangAdapter:
+class SglangAdapter(LocalEngine):
     name = "sglang"
     gpu = True
     can_sleep = False
-
-    def supervised(self, model: ModelConfig) -> bool:
-        return True
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None = None) -> LaunchSpec:
@@ -49,13 +46,6 @@ class SglangAdapter:
         env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
         return LaunchSpec(argv=argv, env={**env, **model.env})
-
-    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
-        return f"http://{host}:{port}"
-
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
-        await one_token_completion(session, base_url, model.name, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

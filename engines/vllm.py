@@ -10,20 +10,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_post, http_text, offline_env, one_token_completion
+from .base import GpuSlot, LaunchSpec, LocalEngine, http_post, http_text, offline_env
 from .metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
 
 
-class VllmAdapter:
+class VllmAdapter(LocalEngine):
     name = "vllm"
     gpu = True
     can_sleep = True
-
-    def supervised(self, model: ModelConfig) -> bool:
-        return True
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None = None) -> LaunchSpec:
@@ -51,13 +48,6 @@ class VllmAdapter:
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env})
-
-    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
-        return f"http://{host}:{port}"
-
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
-        await one_token_completion(session, base_url, model.name, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:
