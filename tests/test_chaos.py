@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from .chaos_load import Load, chat
 from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
@@ -181,3 +183,48 @@ def test_state_survives_a_daemon_sigkill_and_restart_intact(daemons, tmp_path):
     with again.client() as c:
         assert c.post("/v1/chat/completions", json=chat("fake")).status_code == 200
     no_orphans(again, tmp_path)
+def _can_mount_tmpfs() -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs root and mount namespaces (unshare -m)")
+def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_and_serving_goes_on(daemons, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    # The daemon runs in its own mount namespace with a 1 MiB tmpfs as its state dir;
+    # this test reaches that tmpfs through /proc/<pid>/root.
+    wrapper = tmp_path / "on_tmpfs.sh"
+    wrapper.write_text(f'#!/bin/sh\nmount --make-rprivate / && mount -t tmpfs -o size=1m tmpfs "{state}" '
+                       f'&& exec "$@"\n')
+    wrapper.chmod(0o755)
+    d = daemons.start(two_replicas(tmp_path), extra=FAST, wait=False, launcher=["unshare", "-m", str(wrapper)])
+    d.wait_ready()
+    seen = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
+    assert (seen / "appliance.db").exists() and not (state / "appliance.db").exists()
+    admin = f"{d.url}/admin/models/fake"
+    assert httpx.post(f"{admin}/pin", timeout=10).status_code == 200
+
+    with Load(d.url, BODIES, rate=20) as load:
+        load.wait_for(5)
+        with open(seen / "filler", "wb") as f:  # fill the disk to the last byte
+            with pytest.raises(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        refused = httpx.post(f"{admin}/unpin", timeout=10)
+        load.wait_for(load.tally.sent + 10)
+    assert refused.status_code == 503, refused.text
+    err = refused.json()["error"]
+    assert err["code"] == "state_write_failed" and "full" in err["message"]
+    assert "Retry-After" in refused.headers
+    # The change was refused as a whole: the daemon did not unpin what it could not save.
+    assert next(m for m in d.status()["models"] if m["name"] == "fake")["pinned"] is True
+    assert_nothing_lost(load)
+    assert load.tally["ok"] > 0
+    (seen / "filler").unlink()
+    assert httpx.post(f"{admin}/unpin", timeout=10).json()["pinned"] is False
+    assert next(m for m in d.status()["models"] if m["name"] == "fake")["pinned"] is False
