@@ -46,6 +46,7 @@ from .protocol import (
     ModelList,
     RequestT,
     decode_request,
+    hostile_json,
 )
 from .proxy import EngineProxy, make_session
 from .serving import forward_stream, forward_unary
@@ -268,6 +269,8 @@ async def _json_body(request: Request, cls):
         raise BadRequest(f"Invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise hostile_json(exc) from None
 
 
 def _model_status(rt: Runtime, name: str) -> Response:
@@ -348,6 +351,9 @@ def _framework_message(exc: HTTPException) -> str:
 
 # --- the app --------------------------------------------------------------------
 
+ROUTE_HANDLERS = [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz,
+                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action]
+
 
 def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
     """The real app; tests pass a supervisor_factory to inject a runner or clock."""
@@ -384,9 +390,7 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
             log.info("stopped")
 
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, get_model,
-                        healthz, readyz, metrics, admin_status, admin_scale, admin_model_action,
-                        admin_replica_action],
+        route_handlers=ROUTE_HANDLERS,
         lifespan=[lifespan],
         exception_handlers={Exception: _error_response},
         request_max_body_size=cfg.server.max_body_bytes,
