@@ -70,6 +70,7 @@ class Runtime:
     started: float = field(default_factory=time.time)
     draining: bool = False
     admin_token: str = ""
+    openapi: dict | None = None
 
 
 def _runtime(request: Request) -> Runtime:
@@ -317,6 +318,17 @@ async def admin_replica_action(request: Request) -> Response:
     return Response(replica.snapshot(), media_type=JSON)
 
 
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> Response:
+    """The API's OpenAPI document (appliance/openapi.py); admin access, like /admin/*."""
+    rt = _admin(request)
+    if rt.openapi is None:
+        from .openapi import build
+
+        rt.openapi = build(ROUTE_HANDLERS, list(rt.supervisor.deployments), _version())
+    return Response(rt.openapi, media_type=JSON)
+
+
 def _version() -> str:
     from . import __version__
 
@@ -352,7 +364,8 @@ def _framework_message(exc: HTTPException) -> str:
 # --- the app --------------------------------------------------------------------
 
 ROUTE_HANDLERS = [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz,
-                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action]
+                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
+                  openapi_document]
 
 
 def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
