@@ -46,6 +46,7 @@ from .protocol import (
     ModelList,
     RequestT,
     decode_request,
+    hostile_json,
 )
 from .proxy import EngineProxy, make_session
 from .serving import forward_stream, forward_unary
@@ -73,6 +74,7 @@ class Runtime:
     draining: bool = False
     admin_token: str = ""
     ttft: TtftTracker = field(default_factory=TtftTracker)
+    openapi: dict | None = None
 
 
 def _runtime(request: Request) -> Runtime:
@@ -300,6 +302,8 @@ async def _json_body(request: Request, cls):
         raise BadRequest(f"Invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise hostile_json(exc) from None
 
 
 def _model_status(rt: Runtime, name: str) -> Response:
@@ -346,6 +350,17 @@ async def admin_replica_action(request: Request) -> Response:
     return Response(replica.snapshot(), media_type=JSON)
 
 
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> Response:
+    """The API's OpenAPI document (appliance/openapi.py); admin access, like /admin/*."""
+    rt = _admin(request)
+    if rt.openapi is None:
+        from .openapi import build
+
+        rt.openapi = build(ROUTE_HANDLERS, list(rt.supervisor.deployments), _version())
+    return Response(rt.openapi, media_type=JSON)
+
+
 def _version() -> str:
     from . import __version__
 
@@ -379,6 +394,10 @@ def _framework_message(exc: HTTPException) -> str:
 
 
 # --- the app --------------------------------------------------------------------
+
+ROUTE_HANDLERS = [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz,
+                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
+                  admin_gpus, admin_replica_log, openapi_document]
 
 
 def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
@@ -416,9 +435,7 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
             log.info("stopped")
 
     return Litestar(
-        route_handlers=[chat_completions, completions, embeddings, list_models, get_model,
-                        healthz, readyz, metrics, admin_status, admin_scale, admin_model_action,
-                        admin_replica_action, admin_gpus, admin_replica_log],
+        route_handlers=ROUTE_HANDLERS,
         lifespan=[lifespan],
         exception_handlers={Exception: _error_response},
         request_max_body_size=cfg.server.max_body_bytes,

@@ -40,6 +40,9 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
+    # A client must send its request line and headers within this long, or its
+    # connection is closed (slowloris); other clients are not affected.
+    header_read_timeout_s: float = 10.0
     # SIGTERM: stop accepting, give in-flight requests this long to finish.
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -374,6 +377,7 @@ def _validate(cfg: Config) -> None:
     s = cfg.server
     need(0 < s.port < 65536, "server.port", f"must be 1-65535, got {s.port}")
     need(s.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")
+    need(0 < s.header_read_timeout_s <= 3600, "server.header_read_timeout_s", "must be within 0-3600 s")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
     need(len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX, "server.admin_socket",
          f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)")

@@ -111,6 +111,17 @@ class QueueTimeout(NoCapacity):
     code = "queue_timeout"
 
 
+class StateWriteFailed(ApplianceError):
+    """The state database refused a write (disk full, read-only): nothing changed."""
+
+    status = 503
+    type = "server_error"
+    code = "state_write_failed"
+
+    def __init__(self, message: str, retry_after: int = 30) -> None:
+        super().__init__(message, retry_after=retry_after)
+
+
 class Forbidden(ApplianceError):
     status = 403
     type = "permission_error"

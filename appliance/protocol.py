@@ -26,8 +26,12 @@ class _Request(msgspec.Struct, kw_only=True):
     user: str | None = None
 
 
+# The roles OpenAI accepts; any other is a 400 here, not an engine's 500.
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
 class ChatMessage(msgspec.Struct, kw_only=True):
-    role: str
+    role: Role
     # str, a list of content parts, or null (assistant turns with tool calls).
     content: Any = None
 
@@ -76,8 +80,21 @@ def decode_request(body: bytes, cls: type[RequestT]) -> RequestT:
         raise BadRequest(f"Invalid request: {message}", param=param or None) from None
     except msgspec.DecodeError as exc:
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise hostile_json(exc) from None
     _check_ranges(req)
     return req
+
+
+def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
+    """What msgspec raises outside its own errors, on bytes no client should send."""
+    if isinstance(exc, UnicodeDecodeError):
+        return BadRequest(f"Request body is not valid UTF-8 (byte {exc.start})")
+    return BadRequest("Malformed JSON in request body: nested too deeply")
+
+
+# Engines keep counts in 32-bit integers; larger ones are errors, not work.
+MAX_COUNT = 2**31 - 1
 
 
 def _check_ranges(req: RequestT) -> None:
@@ -85,6 +102,8 @@ def _check_ranges(req: RequestT) -> None:
         value = getattr(req, field, None)
         if value is not None and value < 1:
             raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
+        if value is not None and value > MAX_COUNT:
+            raise BadRequest(f"'{field}' must be at most {MAX_COUNT}", param=field)
     if isinstance(req, ChatCompletionRequest) and not req.messages:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     if not getattr(req, "model", ""):

@@ -16,6 +16,7 @@ import signal
 import sys
 
 from granian.constants import Interfaces
+from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
 from .admin_socket import admin_socket_server
@@ -54,6 +55,8 @@ async def serve(cfg: Config, app=None) -> int:
         interface=Interfaces.ASGI,
         log_enabled=False,
         backlog=1024,
+        # A client trickling its headers (slowloris) is cut after this long.
+        http1_settings=HTTP1Settings(header_read_timeout=int(cfg.server.header_read_timeout_s * 1000)),
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import StateWriteFailed
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS model_control (
     model      TEXT PRIMARY KEY,
@@ -54,12 +56,17 @@ class StateStore:
 
     def _upsert(self, model: str, column: str, value) -> None:
         assert column in ("override", "pinned")
-        with self._db:
-            self._db.execute(
-                f"INSERT INTO model_control (model, {column}, updated_at) VALUES (?, ?, ?) "
-                f"ON CONFLICT(model) DO UPDATE SET {column} = excluded.{column}, "
-                "updated_at = excluded.updated_at",
-                (model, value, time.time()))
+        try:
+            with self._db:
+                self._db.execute(
+                    f"INSERT INTO model_control (model, {column}, updated_at) VALUES (?, ?, ?) "
+                    f"ON CONFLICT(model) DO UPDATE SET {column} = excluded.{column}, "
+                    "updated_at = excluded.updated_at",
+                    (model, value, time.time()))
+        except sqlite3.Error as exc:
+            # A full or read-only state disk: the transaction rolled back, nothing changed.
+            raise StateWriteFailed(f"Cannot save the change for model '{model}' in {self.path}: {exc}; "
+                                   "nothing was changed") from None
 
     def close(self) -> None:
         self._db.close()

@@ -514,12 +514,13 @@ class Supervisor:
 
     def _set_control(self, dep: Deployment, **change) -> None:
         current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
-        dep.control = ModelControl(**current)
+        # Saved first: a write the state disk refuses (StateWriteFailed) changes nothing.
         if self.state is not None:
             if "override" in change:
                 self.state.set_override(dep.model.name, change["override"])
             if "pinned" in change:
                 self.state.set_pinned(dep.model.name, change["pinned"])
+        dep.control = ModelControl(**current)
 
     def replica(self, model: str, index: int) -> Replica:
         dep = self.deployment(model)

@@ -120,11 +120,13 @@ class DaemonFactory:
         return cfg, port
 
     def start(self, models: str, extra: str = "", wait: bool = True, env: dict | None = None,
-              port: int | None = None, server: str = "", supervisor: str = "") -> Daemon:
+              port: int | None = None, server: str = "", supervisor: str = "",
+              launcher: list[str] = ()) -> Daemon:
+        """launcher: argv the daemon's command is appended to (it must exec it)."""
         cfg, port = self.write_config(models, extra, port, server, supervisor)
         log = self.tmp / f"daemon-{port}.log"
         proc = subprocess.Popen(
-            [PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+            [*launcher, PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
             stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=ROOT, env={**os.environ, **(env or {})}, start_new_session=True,
         )

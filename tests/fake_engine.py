@@ -7,6 +7,7 @@
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
 /v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
 (requests, streams started, completed and cancelled by the client, the last body).
+POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def stats(request: web.Request) -> web.Response:
         return web.json_response(STATS)
 
+    async def set_latency(request: web.Request) -> web.Response:
+        # Chaos: make a running replica answer slowly (or quickly again).
+        args.latency, args.latency_from = float(request.query["seconds"]), 1
+        args.chunk_delay = args.latency / max(args.chunks, 1)
+        return web.json_response({"latency": args.latency})
+
     async def metrics(request: web.Request) -> web.Response:
         running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
         if args.as_engine == "sglang":
@@ -173,6 +180,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/fake/stats", stats)
+    app.router.add_post("/fake/latency", set_latency)
     if args.as_engine:
         app.router.add_get("/metrics", metrics)
     if args.as_engine == "vllm":

@@ -1,0 +1,160 @@
+"""Hostile input: schemathesis against the daemon's own OpenAPI document (OpenAI
+and admin routes), then targeted abuse. Every bad request gets a clear 4xx in the
+OpenAI envelope, nothing gets a 5xx, and the daemon keeps serving others."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import httpx
+import hypothesis
+import hypothesis.errors
+import schemathesis
+import pytest
+from schemathesis import GenerationMode
+from schemathesis.checks import positive_data_acceptance
+
+from .conftest import DaemonFactory, fake_model
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.fixture(scope="module")
+def hostile_daemon(tmp_path_factory):
+    factory = DaemonFactory(tmp_path_factory.mktemp("hostile"))
+    models = (fake_model("fake", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 2\n")
+              + fake_model("embedder", embeddings=True))
+    daemon = factory.start(models, server="max_body_bytes = 65536\nheader_read_timeout_s = 2",
+                           extra="[autoscaling]\nqueue_timeout_s = 20\nkeepalive_s = 0\n")
+    yield daemon
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def api_schema(hostile_daemon):
+    return schemathesis.openapi.from_url(f"{hostile_daemon.url}/openapi.json")
+
+
+def _fuzz(api_schema, mode: GenerationMode, examples: int) -> list[str]:
+    failures = []
+    for result in api_schema.get_all_operations():
+        op = result.ok()
+
+        @hypothesis.given(case=op.as_strategy(generation_mode=mode))
+        @hypothesis.settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                             suppress_health_check=list(hypothesis.HealthCheck),
+                             phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate])
+        def run(case) -> None:
+            # Not positive_data_acceptance: JSON Schema counts 2.0 as an integer, msgspec
+            # (like OpenAI) answers 400 for it; every other check runs.
+            case.call_and_validate(timeout=30, excluded_checks=[positive_data_acceptance])
+
+        try:
+            run()
+        except hypothesis.errors.Unsatisfiable:
+            continue  # nothing in this operation can be made invalid (no parameters, no body)
+        except Exception as exc:  # one failing operation must not hide the others
+            failures.append(f"{op.label} ({mode.value}): {exc}")
+    return failures
+
+
+def test_generated_valid_requests_get_no_5xx_and_answers_match_the_document(api_schema):
+    failures = _fuzz(api_schema, GenerationMode.POSITIVE, 50)
+    assert not failures, "\n\n".join(failures)
+
+
+def test_generated_invalid_requests_get_a_4xx_in_the_envelope(api_schema):
+    failures = _fuzz(api_schema, GenerationMode.NEGATIVE, 50)
+    assert not failures, "\n\n".join(failures)
+
+
+def _post(d, body: bytes, headers: dict | None = None) -> httpx.Response:
+    return httpx.post(f"{d.url}/v1/chat/completions", content=body, timeout=30,
+                      headers={"Content-Type": "application/json", **(headers or {})})
+
+
+def _envelope_4xx(resp: httpx.Response, status: int | None = None) -> dict:
+    assert 400 <= resp.status_code < 500, (resp.status_code, resp.text[:300])
+    if status is not None:
+        assert resp.status_code == status, resp.text[:300]
+    err = resp.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    return err
+
+
+def _still_serves(d) -> None:
+    assert _post(d, json.dumps(CHAT).encode()).status_code == 200
+
+
+HOSTILE_BODIES = {
+    "over the body limit": (b'{"model": "fake", "messages": [], "x": "' + b"a" * 70_000 + b'"}', 413),
+    "deep JSON nesting": (b'{"model": "fake", "messages": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400),
+    "deep JSON nesting in an unknown field": (b'{"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}", 400),
+    "invalid UTF-8": (b'{"model": "fake\xff\xfe", "messages": [{"role": "user", "content": "\xc3\x28"}]}', 400),
+    "huge max_tokens": (json.dumps({**CHAT, "max_tokens": 10**30}).encode(), 400),
+    "negative max_tokens": (json.dumps({**CHAT, "max_tokens": -5}).encode(), 400),
+    "absurd n": (json.dumps({**CHAT, "n": -(2**63)}).encode(), 400),
+    "a float where an integer goes": (json.dumps({**CHAT, "max_tokens": 1e308}).encode(), 400),
+    "unknown role": (json.dumps({"model": "fake", "messages": [{"role": "root", "content": "x"}]}).encode(), 400),
+    "empty messages": (json.dumps({"model": "fake", "messages": []}).encode(), 400),
+    "no body": (b"", 400),
+    "not an object": (b'"just a string"', 400),
+    "NUL bytes": (b'{"model": "fake\x00", "messages": [\x00]}', 400),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_BODIES))
+def test_a_hostile_body_gets_a_clear_4xx_in_the_envelope_and_others_are_served(hostile_daemon, case):
+    body, status = HOSTILE_BODIES[case]
+    _envelope_4xx(_post(hostile_daemon, body), status)
+    _still_serves(hostile_daemon)
+
+
+@pytest.mark.parametrize("size", [1024 * 1024, 8 * 1024 * 1024])
+def test_a_header_of_extreme_size_is_refused_and_others_are_served(hostile_daemon, size):
+    try:
+        resp = _post(hostile_daemon, json.dumps(CHAT).encode(), {"X-Huge": "a" * size})
+        assert 400 <= resp.status_code < 500, resp.status_code
+        if resp.headers.get("content-type", "").startswith("application/json"):
+            _envelope_4xx(resp)
+    except httpx.RemoteProtocolError:
+        pass  # the server closed the connection on the oversized header: also a refusal
+    _still_serves(hostile_daemon)
+
+
+def test_a_slowloris_client_is_cut_after_the_header_timeout_and_others_are_served(hostile_daemon):
+    # header_read_timeout_s = 2 in this daemon's config: a byte every 0.2 s never finishes the headers.
+    sock = socket.create_connection(("127.0.0.1", hostile_daemon.port), timeout=30)
+    request = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 10_000
+    cut = False
+    started = time.monotonic()
+    try:
+        for i, byte in enumerate(request):
+            sock.send(bytes([byte]))
+            if i % 5 == 0:
+                _still_serves(hostile_daemon)  # others are served while it trickles
+            time.sleep(0.2)
+            if time.monotonic() - started > 60:
+                break
+    except OSError:
+        cut = True  # the server closed the connection: sending fails
+    if not cut:
+        sock.settimeout(30)
+        try:
+            answer = sock.recv(65536)
+            cut = answer == b"" or answer.startswith((b"HTTP/1.1 408", b"HTTP/1.1 400"))
+        except ConnectionError:
+            cut = True
+        except TimeoutError:
+            cut = False
+    sock.close()
+    assert cut
+    _still_serves(hostile_daemon)
+
+
+def test_admin_bodies_of_invalid_utf8_or_deep_nesting_get_400(hostile_daemon):
+    for body in (b'{"replicas": "\xff"}', b'{"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"):
+        resp = httpx.post(f"{hostile_daemon.url}/admin/models/fake/scale", content=body, timeout=10)
+        _envelope_4xx(resp, 400)

@@ -1,0 +1,99 @@
+"""Security defaults: loopback bind, the admin API over TCP only with the admin
+token, and no secret or request body in logs, errors or /metrics."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+
+import httpx
+import pytest
+
+from appliance.config import parse_config
+
+from .conftest import fake_model, wait_until
+
+
+def _ready(d) -> None:
+    """wait_ready without /admin/status, which needs the token here."""
+    def ready() -> bool:
+        try:
+            return httpx.get(f"{d.url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_until(ready, 30, what="daemon ready")
+
+
+def test_the_daemon_binds_loopback_unless_configured_otherwise():
+    assert parse_config("").server.host == "127.0.0.1"
+
+
+def _non_loopback_address() -> str | None:
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))  # no packet is sent: this only picks the outgoing address
+            address = s.getsockname()[0]
+    except OSError:
+        return None
+    return None if address.startswith("127.") else address
+
+
+NON_LOOPBACK = _non_loopback_address()
+ADMIN_PATHS = ["/admin/status", "/openapi.json"]
+
+
+@pytest.mark.skipif(NON_LOOPBACK is None, reason="no non-loopback IPv4 address on this machine")
+def test_the_admin_api_over_non_loopback_tcp_is_refused_without_an_admin_token(daemons):
+    d = daemons.start(fake_model("fake"), server='host = "0.0.0.0"')
+    outside = f"http://{NON_LOOPBACK}:{d.port}"
+    for path in ADMIN_PATHS:
+        resp = httpx.get(outside + path, timeout=10)
+        assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
+        assert httpx.post(outside + "/admin/models/fake/unload", timeout=10).status_code == 403
+        assert httpx.get(d.url + path, timeout=10).status_code == 200  # loopback: the operator's box
+    assert httpx.get(outside + "/v1/models", timeout=10).status_code == 200
+
+
+@pytest.mark.skipif(NON_LOOPBACK is None, reason="no non-loopback IPv4 address on this machine")
+def test_with_an_admin_token_the_admin_api_needs_it_from_everywhere(daemons, tmp_path):
+    token = secrets.token_urlsafe(24)
+    (tmp_path / "admin.token").write_text(token + "\n")
+    d = daemons.start(fake_model("fake"),
+                      server=f'host = "0.0.0.0"\nadmin_token_file = "{tmp_path}/admin.token"', wait=False)
+    _ready(d)
+    for base in (f"http://{NON_LOOPBACK}:{d.port}", d.url):
+        for path in ADMIN_PATHS:
+            for sent in (None, "wrong", token[:-1], token + "x"):
+                headers = {"Authorization": f"Bearer {sent}"} if sent else {}
+                resp = httpx.get(base + path, headers=headers, timeout=10)
+                assert resp.status_code == 401, (base, path, sent)
+                assert resp.json()["error"]["code"] == "invalid_admin_token"
+            ok = httpx.get(base + path, headers={"Authorization": f"Bearer {token}"}, timeout=10)
+            assert ok.status_code == 200
+
+
+def test_secrets_and_request_bodies_never_reach_logs_errors_or_metrics(daemons, tmp_path):
+    token = "admintoken-" + secrets.token_hex(16)
+    body_canary = "bodycanary-" + secrets.token_hex(8)
+    (tmp_path / "admin.token").write_text(token)
+    d = daemons.start(fake_model("fake") + fake_model("broken", "--fail-status", "500"),
+                      server=f'admin_token_file = "{tmp_path}/admin.token"\nlog_level = "debug"', wait=False)
+    _ready(d)
+    auth = {"Authorization": f"Bearer {token}"}
+    seen: list[str] = []
+    with d.client() as c:
+        chat = {"model": "fake", "messages": [{"role": "user", "content": body_canary}]}
+        seen.append(c.post("/v1/chat/completions", json=chat, headers=auth).text)
+        seen.append(c.post("/v1/chat/completions", json={**chat, "model": "broken"}, headers=auth).text)
+        seen.append(c.post("/v1/chat/completions", json={**chat, "max_tokens": -1}).text)
+        seen.append(c.post("/v1/chat/completions", content=b'{"model": "' + body_canary.encode() + b'"',
+                           headers=auth).text)
+        seen.append(c.get("/admin/status", headers={"Authorization": f"Bearer {token}x"}).text)
+        seen.append(c.get("/admin/status", headers=auth).text)
+        seen.append(c.get("/metrics").text)
+    d.terminate()
+    logs = d.log_text() + "".join(p.read_text(errors="replace") for p in (tmp_path / "log").rglob("*.log"))
+    for where, text in [("answers", "\n".join(seen)), ("logs", logs)]:
+        assert token not in text, f"the admin token leaked into {where}"
+    assert body_canary not in logs, "a request body reached the logs"
+    assert body_canary not in seen[-1], "a request body reached /metrics"
