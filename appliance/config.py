@@ -226,8 +226,9 @@ class RouteConfig(_Section):
     fallbacks: list[str] = msgspec.field(default_factory=list)
     # Regulated traffic never leaves this server: no commercial provider, ever.
     regulated: bool = True
-    # Burst to the fallbacks when this many requests already wait locally
-    # beyond the engines' slots (-1 = never burst, only fail over).
+    # Burst to the fallbacks when taking a request locally would make more than
+    # this many wait beyond the engines' slots (0: as soon as every slot is
+    # busy; -1 = never burst, only fail over).
     burst_at_queue: int = -1
 
 
