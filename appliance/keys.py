@@ -103,6 +103,10 @@ class KeyStore:
             out[key_id] = row[0] if row else 0
         return out
 
+    def version(self) -> int:
+        """Changes whenever another connection (the CLI, the audit writer) commits."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
     def close(self) -> None:
         self.db.close()
 
@@ -143,11 +147,12 @@ class Gate:
         self.keys: dict[str, ApiKey] = {}
         self.used: dict[str, tuple[int, int]] = {}  # key id -> (period start, tokens)
         self.buckets: dict[str, _Bucket] = {}
-        self._last_miss = 0.0
+        self._version = -1
         self.refresh()
 
     def refresh(self) -> None:
         """Reload keys (the CLI writes them from another process) and their usage."""
+        self._version = self.store.version()
         keys = {k.id: k for k in self.store.all() if k.revoked_at is None}
         now = self.clock()
         starts = {k.id: period_bounds(k.budget_period, now)[0] for k in keys.values() if k.budget_tokens}
@@ -168,9 +173,8 @@ class Gate:
             return None
         key_id, _, secret = token[len(PREFIX):].partition("-")
         key = self.keys.get(key_id)
-        if key is None and self.clock() - self._last_miss > 1.0:
-            self._last_miss = self.clock()  # a key created a moment ago: look once more
-            self.refresh()
+        if key is None and self.store.version() != self._version:
+            self.refresh()  # a key created a moment ago by `appliance keys create`
             key = self.keys.get(key_id)
         expected = key.secret_sha256 if key is not None else "0" * 64
         if not hmac.compare_digest(_digest(secret), expected) or key is None:
