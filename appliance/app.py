@@ -49,12 +49,16 @@ from .protocol import (
     hostile_json,
 )
 from .proxy import EngineProxy, make_session
-from .serving import forward_stream, forward_unary
+from .audit import AuditLog, UsageTap, ask_stream_usage, unary_usage
+from .keys import Gate, KeyStore
+from .routing import RequestCtx, Routes, finish, with_fallback
+from .serving import forward_stream, forward_unary, open_local_stream
+from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
 from .admin_socket import via_admin_socket
 from .admin_views import gpu_view, replica_log
-from .ttft import TtftTracker, first_token_send
+from .ttft import TtftTracker
 
 log = logging.getLogger("appliance.api")
 
@@ -75,6 +79,11 @@ class Runtime:
     admin_token: str = ""
     ttft: TtftTracker = field(default_factory=TtftTracker)
     openapi: dict | None = None
+    routes: Routes = field(default_factory=lambda: Routes([]))
+    providers: dict[str, Provider] = field(default_factory=dict)
+    gate: Gate | None = None
+    audit: AuditLog | None = None
+    tag_header: bytes = b"x-appliance-tag"
 
 
 def _runtime(request: Request) -> Runtime:
@@ -124,49 +133,99 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
     if scope["method"] != "POST":
         raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
     started = time.perf_counter()
-    rid = declared = None
+    rt: Runtime = scope["app"].state.runtime
+    rid = declared = auth = tag = None
+    tag_header = rt.tag_header
     for name, value in scope["headers"]:
         if name == b"x-request-id":
             rid = value.decode("latin-1")
         elif name == b"content-length":
             declared = value
+        elif name == b"authorization":
+            auth = value
+        elif name == tag_header:
+            tag = value
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
-    rt: Runtime = scope["app"].state.runtime
+    ctx = RequestCtx(rid, started, time.time(), "", endpoint)
+    try:
+        await _serve(rt, ctx, scope, receive, send, path, cls, declared, auth, tag)
+    except ApplianceError as exc:
+        finish(rt, ctx, exc.status)
+        raise
+
+
+async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
+                 cls: type[RequestT], declared, auth, tag) -> None:
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
                            retry_after=5)
+    gate = rt.gate
+    key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
     body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes)
     req = decode_request(body, cls)
-    deployment = rt.supervisor.deployment(req.model)
+    model = ctx.model = req.model
+    route = None
+    if rt.routes.models:
+        route = ctx.route = rt.routes.resolve(model, tag.decode("latin-1") if tag else (key.tag if key else ""))
+    if key is not None:
+        gate.admit(key, route.name if route is not None else None)
+    target = route.target if route is not None else model
+    deployment = rt.supervisor.deployment(target)
     if cls is EmbeddingRequest and not deployment.model.embeddings:
         raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
                          code="embeddings_not_supported")
-    headers = {"Content-Type": JSON, "X-Request-Id": rid}
-    model = req.model
+    if target != model:
+        body = set_fields(body, model=target)
+    if len(deployment.replicas) > 1 and cls is not EmbeddingRequest:
+        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest)
+    request_text = None
+    if rt.cfg.audit.include_text:
+        request_text, ctx.response_text = body, b""
+    headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
+    fallbacks = route is not None and bool(route.fallbacks)
 
     if getattr(req, "stream", False):
+        if rt.cfg.audit.enabled or key is not None:
+            body, injected = ask_stream_usage(body)
+            ctx.tap = UsageTap(strip=injected)
+
         def done(status: int) -> None:
-            rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
+            finish(rt, ctx, status, request_text)
 
-        def first_token(seconds: float) -> None:
-            rt.ttft.observe(model, seconds)
-
-        send = first_token_send(send, first_token, started)
-        await forward_stream(rt, deployment, path, body, headers, receive, send, done)
+        opener = None
+        if fallbacks:
+            def opener():
+                return with_fallback(
+                    rt, ctx, deployment,
+                    lambda d: open_local_stream(rt, d, path, _for(d, body, target), headers, receive, done, ctx),
+                    lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers), done))
+        await forward_stream(rt, deployment, path, body, headers, receive, send, done, ctx, opener)
         return
 
-    status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive)
-    rt.metrics.observe(model, endpoint, status, time.perf_counter() - started)
-    if status == 200:
-        rt.ttft.observe(model, time.perf_counter() - started)
+    if fallbacks:
+        status, data, content_type = await with_fallback(
+            rt, ctx, deployment,
+            lambda d: forward_unary(rt, d, path, _for(d, body, target), headers, receive, ctx),
+            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers)))
+    else:
+        status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive, ctx)
+    ctx.usage = unary_usage(data)
+    if ctx.response_text is not None:
+        ctx.response_text = data
+    finish(rt, ctx, status, request_text)
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode("latin-1")),
                             (b"content-length", str(len(data)).encode()),
-                            (b"x-request-id", rid.encode("latin-1"))]})
+                            (b"x-request-id", ctx.rid.encode("latin-1"))]})
     await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+def _for(dep, body: bytes, target: str) -> bytes:
+    """The body for a local fallback model: its own name in "model"."""
+    return body if dep.model.name == target else set_fields(body, model=dep.model.name)
 
 
 @asgi("/v1/chat/completions", copy_scope=False)
@@ -406,14 +465,26 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         session = make_session(cfg)
-        state = StateStore(Path(cfg.paths.state_dir) / "appliance.db")
+        db_path = Path(cfg.paths.state_dir) / "appliance.db"
+        state = StateStore(db_path)
         factory = supervisor_factory or (lambda c, s, st: Supervisor(c, s, state=st))
         supervisor = factory(cfg, session, state)
+        audit = AuditLog(db_path, cfg.audit)
+        keys = KeyStore(db_path)
+        gate = Gate(keys, cfg.keys.required, audit.charge)
         runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
-                          metrics=Metrics(supervisor), admin_token=read_admin_token(cfg))
+                          metrics=Metrics(supervisor), admin_token=read_admin_token(cfg),
+                          routes=Routes(cfg.routes), providers=load_providers(cfg), gate=gate, audit=audit,
+                          tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
         app.state.runtime = runtime
         supervisor.start()
+        audit.start()
         scheduler = AsyncIOScheduler()
+
+        async def refresh_keys() -> None:
+            gate.refresh()  # keys created or revoked by `appliance keys` in another process
+
+        scheduler.add_job(refresh_keys, "interval", seconds=1.0, id="keys", max_instances=1, coalesce=True)
 
         async def autoscale() -> None:
             # A coroutine, so APScheduler runs it on this event loop, not in a thread.
@@ -431,6 +502,8 @@ def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
             scheduler.shutdown(wait=False)
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
             await session.close()
+            await audit.close()
+            keys.close()
             state.close()
             log.info("stopped")
 

@@ -51,8 +51,23 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
+    _check_policy(cfg)
     _check_files(cfg)
     sys.exit(run(cfg))
+
+
+def _check_policy(cfg: Config) -> None:
+    """Refuse to start on a non-loopback address without keys, or without a provider's key."""
+    from .config import bind_error
+    from .upstreams import load_providers
+
+    problem = bind_error(cfg)
+    if problem:
+        raise click.ClickException(f"{cfg.origin}: {problem}")
+    try:
+        load_providers(cfg)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _check_files(cfg: Config) -> None:
@@ -364,6 +379,9 @@ def _register_store_commands() -> None:
     from .cli_store import register
 
     register(main, models)
+    from .cli_keys import register as register_keys
+
+    register_keys(main, _load)
 
 
 _register_store_commands()

@@ -205,6 +205,75 @@ class ModelConfig(_Section):
     autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
 
 
+class RoutingConfig(_Section):
+    # Prefix-aware choice among a model's READY replicas (docs/routing.md). The
+    # request as the engine sees it (tools, then every message, in order) is
+    # hashed in chained blocks of this many bytes (~4 bytes per token).
+    prefix_block_bytes: int = 512
+    # A match shorter than this many blocks is no match: the prefix is new.
+    prefix_min_match_blocks: int = 2
+    # The preferred replica is skipped for the least-loaded one when its requests
+    # in flight exceed the least-loaded one's by more than this.
+    prefix_load_margin: int = 4
+    # Memory for each replica's index of recently routed blocks (LRU beyond it).
+    prefix_index_mib: float = 8.0
+    # Request header carrying the tag a route may match on.
+    tag_header: str = "x-appliance-tag"
+
+
+class RouteConfig(_Section):
+    name: str
+    # The model name clients request, and optionally a tag (tag_header, or the
+    # API key's default tag); "" matches any tag.
+    model: str
+    # The local model that serves the route.
+    target: str
+    tag: str = ""
+    # Tried in order when the local model cannot serve: provider or local model names.
+    fallbacks: list[str] = msgspec.field(default_factory=list)
+    # Regulated traffic never leaves this server: no commercial provider, ever.
+    regulated: bool = True
+    # Burst to the fallbacks when taking a request locally would make more than
+    # this many wait beyond the engines' slots (0: as soon as every slot is
+    # busy; -1 = never burst, only fail over).
+    burst_at_queue: int = -1
+
+
+class ProviderConfig(_Section):
+    name: str
+    # Any OpenAI-compatible API, e.g. https://api.openai.com/v1.
+    base_url: str
+    # The API key: a file (relative: under $CREDENTIALS_DIRECTORY, systemd's
+    # LoadCredential=) or an environment variable. Never in this config.
+    api_key_file: str = ""
+    api_key_env: str = ""
+    # A commercial provider; regulated routes may never use one.
+    commercial: bool = True
+    # Requested model name -> the provider's model name (unmapped: sent as is).
+    models: dict[str, str] = msgspec.field(default_factory=dict)
+    connect_timeout_s: float = 5.0
+    read_timeout_s: float = 120.0
+    # This many failures in a row open the circuit breaker for breaker_reset_s.
+    breaker_failures: int = 5
+    breaker_reset_s: float = 30.0
+
+
+class KeysConfig(_Section):
+    # false: clients on loopback may call without a key (an ak-... key sent is
+    # still checked and applied). A non-loopback server.host requires true.
+    required: bool = False
+
+
+class AuditConfig(_Section):
+    # One row per request in the state database (time, key, route, model, where
+    # it ran, tokens, status, latency, fallback reason); written in batches.
+    enabled: bool = True
+    # Also keep the request body and the answer (off: no prompt or completion text).
+    include_text: bool = False
+    flush_interval_s: float = 1.0
+    flush_rows: int = 256
+
+
 class GpuConfig(_Section):
     # A simulated GPU inventory (TOML or JSON) instead of NVML: for planning and
     # tests on machines without GPUs. Empty: read the real GPUs.
@@ -221,7 +290,12 @@ class Config(_Section):
     upstream: UpstreamConfig = msgspec.field(default_factory=UpstreamConfig)
     supervisor: SupervisorConfig = msgspec.field(default_factory=SupervisorConfig)
     engines: EnginesConfig = msgspec.field(default_factory=EnginesConfig)
+    routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
+    keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
+    audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
+    routes: list[RouteConfig] = msgspec.field(default_factory=list)
+    providers: list[ProviderConfig] = msgspec.field(default_factory=list)
     # Where the config came from, for messages; not a TOML key.
     origin: str = "<built-in defaults>"
 
@@ -453,8 +527,74 @@ def _validate(cfg: Config) -> None:
             need(not m.sleep_mode or m.server == "vllm", f"{at}.sleep_mode", "only vllm has a sleep mode")
             need(bool(getattr(cfg.engines, m.server).command), f"engines.{m.server}.command",
                  "must name the engine's server command")
+    _validate_routes(cfg, need)
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def is_loopback(host: str) -> bool:
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def bind_error(cfg: Config) -> str | None:
+    """Why this config must not serve on its bind address, if it must not."""
+    if not is_loopback(cfg.server.host) and not cfg.keys.required:
+        return (f"field 'keys.required': server.host {cfg.server.host!r} is not loopback, so API keys "
+                "are required: set keys.required = true and create keys with `appliance keys create`")
+    return None
+
+
+def _validate_routes(cfg: Config, need) -> None:
+    r = cfg.routing
+    need(r.prefix_block_bytes >= 16, "routing.prefix_block_bytes", "must be >= 16")
+    need(r.prefix_min_match_blocks >= 1, "routing.prefix_min_match_blocks", "must be >= 1")
+    need(r.prefix_load_margin >= 0, "routing.prefix_load_margin", "must not be negative")
+    need(r.prefix_index_mib > 0, "routing.prefix_index_mib", "must be positive")
+    need(bool(r.tag_header), "routing.tag_header", "must not be empty")
+    a = cfg.audit
+    need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
+    need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
+    bind = bind_error(cfg)
+    if bind:
+        need(False, "keys.required", bind.split(": ", 1)[1])
+    models = {m.name for m in cfg.models}
+    providers: dict[str, ProviderConfig] = {}
+    for i, p in enumerate(cfg.providers):
+        at = f"providers[{i}]"
+        need(bool(_NAME_RE.match(p.name)), f"{at}.name", f"{p.name!r} is not a valid name")
+        need(p.name not in providers and p.name not in models, f"{at}.name",
+             f"{p.name!r} is already a provider or model name")
+        providers[p.name] = p
+        need(p.base_url.startswith(("http://", "https://")), f"{at}.base_url", "must be an http(s) URL")
+        need(not (p.api_key_file and p.api_key_env), f"{at}",
+             "name at most one of 'api_key_file' and 'api_key_env'")
+        need(p.connect_timeout_s > 0, f"{at}.connect_timeout_s", "must be positive")
+        need(p.read_timeout_s > 0, f"{at}.read_timeout_s", "must be positive")
+        need(p.breaker_failures >= 1, f"{at}.breaker_failures", "must be >= 1")
+        need(p.breaker_reset_s > 0, f"{at}.breaker_reset_s", "must be positive")
+    names: set[str] = set()
+    matches: set[tuple[str, str]] = set()
+    for i, route in enumerate(cfg.routes):
+        at = f"routes[{i}]"
+        need(bool(_NAME_RE.match(route.name)), f"{at}.name", f"{route.name!r} is not a valid route name")
+        need(route.name not in names, f"{at}.name", f"duplicate route name {route.name!r}")
+        names.add(route.name)
+        need(bool(route.model), f"{at}.model", "must name the model clients request")
+        need((route.model, route.tag) not in matches, f"{at}.model",
+             f"another route already matches model {route.model!r} with tag {route.tag!r}")
+        matches.add((route.model, route.tag))
+        need(route.target in models, f"{at}.target", f"{route.target!r} is not a configured model")
+        need(route.burst_at_queue >= -1, f"{at}.burst_at_queue", "must be >= -1")
+        for name in route.fallbacks:
+            need(name in providers or name in models, f"{at}.fallbacks",
+                 f"{name!r} is neither a provider nor a model")
+            provider = providers.get(name)
+            need(not (route.regulated and provider is not None and provider.commercial),
+                 f"{at}.fallbacks", f"route {route.name!r} is regulated: it may not fall back to the "
+                 f"commercial provider {name!r} (regulated traffic never leaves this server)")
 
 
 def _duration(text: str, field: str, errors: list[str]) -> float:

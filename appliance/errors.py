@@ -144,6 +144,23 @@ class EngineTimeout(EngineFailure):
     code = "engine_timeout"
 
 
+class RegulatedFailClosed(NoCapacity):
+    """A fallback would send a regulated route's request off this server: refused."""
+
+    code = "regulated_fail_closed"
+
+
+class RateLimited(ApplianceError):
+    """An API key is over its requests-per-minute limit or its token budget."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int, code: str | None = None) -> None:
+        super().__init__(message, retry_after=max(1, retry_after), code=code)
+
+
 def encode_error(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:
     return msgspec.json.encode(ErrorEnvelope(ErrorBody(message, type_, param, code)))
 

@@ -42,7 +42,13 @@ class _SupervisorCollector:
                                    "Requests held while the model starts", labels=["model"])
         replicas = GaugeMetricFamily("appliance_model_replicas", "Replicas that exist (not draining)",
                                      labels=["model"])
+        prefix = CounterMetricFamily("appliance_prefix_routing_decisions",
+                                     "Prefix-aware replica choices: hit (longest cached prefix), miss (new "
+                                     "prefix, rendezvous hash), load_guard (sent to the least-loaded)",
+                                     labels=["model", "outcome"])
         for name, dep in self.supervisor.deployments.items():
+            for outcome, count in dep.prefix.outcomes.items():
+                prefix.add_metric([name, outcome], float(count))
             ready.add_metric([name], 1.0 if dep.ready else 0.0)
             rps.add_metric([name, "10s"], dep.rate.rate(10))
             rps.add_metric([name, "60s"], dep.rate.rate(60))
@@ -59,7 +65,7 @@ class _SupervisorCollector:
                         value = getattr(r.load, field)
                         if value is not None:
                             family.add_metric([name, idx], float(value))
-        yield from (state, inflight, restarts, ready, rps, queued, replicas, *load.values())
+        yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, *load.values())
 
 
 class Metrics:
@@ -71,6 +77,14 @@ class Metrics:
                                   "Time from request to the last byte of the answer",
                                   ["model", "endpoint"], registry=self.registry,
                                   buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("appliance_time_to_first_token_seconds",
+                              "Streams: time from request to the first chunk of the answer",
+                              ["model"], registry=self.registry,
+                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60))
+        self.tokens = Counter("appliance_tokens", "Tokens from the engines' and providers' usage fields",
+                              ["model", "kind"], registry=self.registry)
+        self.fallbacks = Counter("appliance_fallbacks", "Fallback decisions of routes, by reason",
+                                 ["route", "reason", "target"], registry=self.registry)
         self.registry.register(_SupervisorCollector(supervisor))
         # labels() locks and builds its key on every call; the label sets are few.
         self._children: dict[tuple[str, str, int], tuple] = {}
@@ -84,6 +98,18 @@ class Metrics:
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)
+
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
+
+    def usage(self, model: str, prompt: int, completion: int) -> None:
+        if prompt:
+            self.tokens.labels(model, "prompt").inc(prompt)
+        if completion:
+            self.tokens.labels(model, "completion").inc(completion)
+
+    def fallback(self, route: str, reason: str, target: str) -> None:
+        self.fallbacks.labels(route, reason, target).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

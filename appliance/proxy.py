@@ -76,7 +76,8 @@ class EngineProxy:
                     headers: dict[str, str]) -> aiohttp.ClientResponse:
         url = replica.base_url + path
         try:
-            return await self.session.post(url, data=body, headers=headers, timeout=self.timeout)
+            return await self.session.post(url, data=body, headers=headers,
+                                           timeout=getattr(replica, "timeout", None) or self.timeout)
         except asyncio.TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:

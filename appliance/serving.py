@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 
 from .errors import ApplianceError, EngineFailure, encode_error
@@ -23,10 +24,14 @@ SSE_START_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control",
 
 
 async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
-                        receive) -> tuple[int, bytes, str]:
+                        receive, ctx=None) -> tuple[int, bytes, str]:
     failed = None
+    prefix = ctx.prefix if ctx is not None else None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed)
+        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed,
+                                    prefix=prefix)
+        if ctx is not None:
+            ctx.served_by = replica.name
         try:
             return await rt.proxy.unary(replica, path, body, headers)
         except EngineFailure as exc:
@@ -38,23 +43,29 @@ async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: di
 
 
 async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
-                         receive, send, done: Callable[[int], None]) -> None:
+                         receive, send, done: Callable[[int], None], ctx=None, opener=None) -> None:
     """Open the engine's stream, then relay it. Errors before the answer starts
     raise (the client gets a real status); after, they end the stream with an
-    SSE error event. A client that goes away cancels the engine's work."""
+    SSE error event. A client that goes away cancels the engine's work.
+    opener(), when given, opens the stream instead (a route with fallbacks)."""
     keepalive = rt.cfg.autoscaling.keepalive_s
     started = False
     watcher = None
+    if opener is None:
+        def opener():
+            return _open_stream(rt, dep, path, body, headers, receive, done, ctx)
     try:
-        chunks = await _open_with_keepalive(rt, dep, path, body, headers, receive, send, keepalive, done)
+        chunks = await _open_with_keepalive(dep, opener, headers, send, keepalive, ctx)
         if isinstance(chunks, _Started):
             started, chunks = True, chunks.chunks
         if not started:
+            if ctx is not None:
+                ctx.bytes_sent = True
             await send({"type": "http.response.start", "status": 200,
                         "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
             started = True
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
-        pump = asyncio.ensure_future(_pump(chunks, send))
+        pump = asyncio.ensure_future(_pump(chunks, send, ctx))
         await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
         if not pump.done():
             pump.cancel()  # the client left: closing the engine's stream stops its work
@@ -80,15 +91,18 @@ class _Started:
         self.chunks = chunks
 
 
-async def _open_with_keepalive(rt, dep, path, body, headers, receive, send, keepalive: float, done):
+async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx):
     if keepalive <= 0 or dep.pick_ready() is not None:
-        return await _open_stream(rt, dep, path, body, headers, receive, done)
-    opening = asyncio.ensure_future(_open_stream(rt, dep, path, body, headers, receive, done))
+        return await opener()
+    opening = asyncio.ensure_future(opener())
     try:
         done, _ = await asyncio.wait([opening], timeout=keepalive)
         if done:
             return opening.result()
         # Still loading: start the answer now, and keep it alive with SSE comments.
+        # From here on the answer has begun: no fallback may take over.
+        if ctx is not None:
+            ctx.bytes_sent = True
         await send({"type": "http.response.start", "status": 200,
                     "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
         while True:
@@ -110,10 +124,19 @@ async def _empty() -> AsyncIterator[bytes]:
     yield b""  # pragma: no cover - makes this an async generator
 
 
-async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done) -> AsyncIterator[bytes]:
+def open_local_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None):
+    return _open_stream(rt, dep, path, body, headers, receive, done, ctx)
+
+
+async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None
+                       ) -> AsyncIterator[bytes]:
     failed = None
+    prefix = ctx.prefix if ctx is not None else None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed)
+        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed,
+                                    prefix=prefix)
+        if ctx is not None:
+            ctx.served_by = replica.name
         try:
             return await rt.proxy.open_stream(replica, path, body, headers, done)
         except EngineFailure as exc:
@@ -124,11 +147,25 @@ async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done) 
     raise AssertionError("unreachable")
 
 
-async def _pump(chunks: AsyncIterator[bytes], send) -> None:
+async def _pump(chunks: AsyncIterator[bytes], send, ctx=None) -> None:
+    tap = ctx.tap if ctx is not None else None
+    text = [] if ctx is not None and ctx.response_text is not None else None
     try:
         async for chunk in chunks:
+            if ctx is not None and ctx.ttft is None:
+                ctx.ttft = time.perf_counter() - ctx.started
+            if tap is not None:
+                chunk = tap.feed(chunk)
+                if not chunk:
+                    continue
+            if text is not None:
+                text.append(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        if tap is not None and (rest := tap.rest()):
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
     finally:
+        if text is not None:
+            ctx.response_text = b"".join(text)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -147,4 +184,4 @@ async def _send_sse_error(send, exc: ApplianceError) -> None:
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-__all__ = ["ClientGone", "forward_stream", "forward_unary"]
+__all__ = ["ClientGone", "forward_stream", "forward_unary", "open_local_stream"]

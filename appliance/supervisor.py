@@ -32,6 +32,7 @@ from .gpu import GpuProbe, NvmlProbe, SimulatedProbe
 from .memory import MeasuredMemory
 from .placement import Placed
 from .planning import PlanRow, plan
+from .prefix import PrefixRouter
 from .process import ProcessRunner, SubprocessRunner, descendants
 from .replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
 from .signals import RateWindow
@@ -60,19 +61,25 @@ class Deployment:
         # The operator unloaded it: it stays at zero until a request or a load.
         self.unloaded = False
         self._rr = itertools.count()
+        self.prefix = PrefixRouter(supervisor.cfg.routing)
 
     # --- the request path ---------------------------------------------------------
 
-    def pick_ready(self, exclude: Exclude | None = None) -> Replica | None:
-        """The READY replica with the fewest requests in flight (round-robin on ties),
-        skipping one that just failed a request until it has restarted or the
-        exclusion lapsed (a dropped keep-alive connection is no crash)."""
+    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None
+                   ) -> Replica | None:
+        """The READY replica with the longest cached prefix of the request (its
+        block hashes, appliance/prefix.py) within the load margin, else the one
+        with the fewest requests in flight (round-robin on ties), skipping one
+        that just failed a request until it has restarted or the exclusion
+        lapsed (a dropped keep-alive connection is no crash)."""
         if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
             exclude = None
         ready = [r for r in self.replicas if r.state is State.READY and not r.retiring
                  and (exclude is None or not exclude.matches(r))]
         if len(ready) <= 1:
             return ready[0] if ready else None
+        if prefix:
+            return self.prefix.choose(ready, prefix)
         start = next(self._rr) % len(ready)
         rotated = ready[start:] + ready[:start]
         return min(rotated, key=lambda r: r.inflight)
@@ -84,18 +91,18 @@ class Deployment:
         return replica
 
     async def acquire(self, disconnected: Callable[[], Awaitable] | None = None,
-                      exclude: Exclude | None = None) -> Replica:
+                      exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica:
         """A READY replica for one request; if there is none, start or wake one and
         wait for it in arrival order (bounded queue, bounded wait). disconnected()
         completes when the client goes away; it is only called if the request waits."""
         self.rate.record()
-        replica = self.pick_ready(exclude)
+        replica = self.pick_ready(exclude, prefix)
         if replica is not None:
             return replica
-        return await self._hold(disconnected, exclude)
+        return await self._hold(disconnected, exclude, prefix)
 
     async def _hold(self, disconnected: Callable[[], Awaitable] | None,
-                    exclude: Exclude | None) -> Replica:
+                    exclude: Exclude | None, prefix: list[int] | None = None) -> Replica:
         asc = self.supervisor.cfg.autoscaling
         if not self.can_become_ready():
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
@@ -127,7 +134,7 @@ class Deployment:
                     raise asyncio.TimeoutError
                 if waiter.done() and waiter.exception() is not None:
                     raise waiter.exception()
-                replica = self.pick_ready(exclude)
+                replica = self.pick_ready(exclude, prefix)
                 if replica is not None:
                     return replica
         except asyncio.TimeoutError:
@@ -393,6 +400,8 @@ class Supervisor:
 
     def _on_change(self, replica: Replica, event: Transition) -> None:
         dep = self.deployments.get(replica.model.name)
+        if dep is not None and event.new is not State.READY:
+            dep.prefix.forget(replica.name)  # its engine's cache is gone
         if event.new is State.READY:
             if replica.slot is not None:
                 self._measure(replica)

@@ -5,7 +5,6 @@ the answer (a streamed answer's first token; for a whole answer, the answer)."""
 from __future__ import annotations
 
 import statistics
-import time
 from collections import deque
 
 WINDOW = 256
@@ -27,19 +26,3 @@ class TtftTracker:
         if not samples:
             return None
         return round(statistics.median(samples) * 1000, 1)
-
-def first_token_send(send, on_first, started: float):
-    """``send`` that calls on_first(seconds since started) with the first body chunk
-    carrying data (SSE keepalive comments, which start with ':', are not tokens)."""
-    seen = False
-
-    async def wrapped(message) -> None:
-        nonlocal seen
-        if not seen and message["type"] == "http.response.body":
-            body = message.get("body", b"")
-            if body and not body.startswith(b":"):
-                seen = True
-                on_first(time.perf_counter() - started)
-        await send(message)
-
-    return wrapped

@@ -43,6 +43,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
     p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
+    p.add_argument("--die-mid-stream", type=int, default=0,
+                   help="exit(3) after sending this many chunks of a streamed answer")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
     p.add_argument("--fail-status", type=int, default=0,
@@ -83,7 +85,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         max_tokens = body.get("max_tokens") or args.chunks
         n = max(1, min(args.chunks, max_tokens))
         if body.get("stream"):
-            return await stream(request, chat, n)
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            return await stream(request, chat, n, usage)
         if args.latency and STATS["requests"] >= args.latency_from:
             await asyncio.sleep(args.latency)
         text = " ".join(f"tok{i}" for i in range(n))
@@ -96,7 +99,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             "choices": [choice], "usage": _usage(5, n),
         })
 
-    async def stream(request: web.Request, chat: bool, n: int) -> web.StreamResponse:
+    async def stream(request: web.Request, chat: bool, n: int, usage: bool = False) -> web.StreamResponse:
         STATS["streams_started"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -109,6 +112,13 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": int(time.time()), "model": args.model, "choices": [delta]}
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                if args.die_mid_stream and i + 1 >= args.die_mid_stream:
+                    os._exit(3)
+            if usage:  # stream_options.include_usage: one more event, no choices, the usage
+                last = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                        "created": int(time.time()), "model": args.model, "choices": [],
+                        "usage": _usage(5, n)}
+                await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):

@@ -42,9 +42,13 @@ def test_the_example_config_names_every_setting():
             else:
                 yield f.name
 
-    missing = [name for name in fields(Config) if f"{name} =" not in text and name != "models"]
+    lists = ("models", "routes", "providers")
+    missing = [name for name in fields(Config) if f"{name} =" not in text and name not in lists]
     model_fields = [f.name for f in msgspec.structs.fields(config_mod.ModelConfig)]
     missing += [n for n in model_fields if f"{n} =" not in text and f"[models.{n}]" not in text]
+    for struct, table in ((config_mod.RouteConfig, "routes"), (config_mod.ProviderConfig, "providers")):
+        assert f"# [[{table}]]" in text
+        missing += [f"{table}.{f.name}" for f in msgspec.structs.fields(struct) if f"# {f.name} =" not in text]
     assert missing == []
 
 

@@ -44,7 +44,8 @@ ADMIN_PATHS = ["/admin/status", "/openapi.json"]
 
 @pytest.mark.skipif(NON_LOOPBACK is None, reason="no non-loopback IPv4 address on this machine")
 def test_the_admin_api_over_non_loopback_tcp_is_refused_without_an_admin_token(daemons):
-    d = daemons.start(fake_model("fake"), server='host = "0.0.0.0"')
+    # A non-loopback bind needs API keys (issue 6): required, none created yet.
+    d = daemons.start(fake_model("fake"), server='host = "0.0.0.0"', extra="[keys]\nrequired = true\n")
     outside = f"http://{NON_LOOPBACK}:{d.port}"
     for path in ADMIN_PATHS:
         resp = httpx.get(outside + path, timeout=10)
@@ -59,7 +60,8 @@ def test_with_an_admin_token_the_admin_api_needs_it_from_everywhere(daemons, tmp
     token = secrets.token_urlsafe(24)
     (tmp_path / "admin.token").write_text(token + "\n")
     d = daemons.start(fake_model("fake"),
-                      server=f'host = "0.0.0.0"\nadmin_token_file = "{tmp_path}/admin.token"', wait=False)
+                      server=f'host = "0.0.0.0"\nadmin_token_file = "{tmp_path}/admin.token"',
+                      extra="[keys]\nrequired = true\n", wait=False)
     _ready(d)
     for base in (f"http://{NON_LOOPBACK}:{d.port}", d.url):
         for path in ADMIN_PATHS:

@@ -1,0 +1,211 @@
+"""API keys, limits, usage and audit through the real daemon; the fail-closed
+guard against a real recording provider."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import aiohttp
+import httpx
+import msgspec
+import pytest
+
+from appliance.config import parse_config
+from appliance.errors import NoCapacity, RegulatedFailClosed
+from appliance.metrics import Metrics
+from appliance.routing import RequestCtx, with_fallback
+from appliance.upstreams import Breaker, load_providers
+
+from .conftest import PY, ROOT, fake_model, wait_until
+from .test_routes import Recorder, provider, recorder  # noqa: F401  (the module fixture)
+
+CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+
+
+def keys_cli(daemon, *args: str) -> str:
+    result = subprocess.run([PY, "-m", "appliance.cli", "keys", *args, "--config", str(daemon.config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def keyed(tmp_path_factory):
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path_factory.mktemp("keys"))
+    daemon = factory.start(fake_model("fake", "--chunks", "3"), server="",
+                           extra="[keys]\nrequired = true\n\n[audit]\nflush_interval_s = 0.2\n\n"
+                                 '[[routes]]\nname = "r1"\nmodel = "m1"\ntarget = "fake"\n\n'
+                                 '[[routes]]\nname = "r2"\nmodel = "m2"\ntarget = "fake"\n')
+    yield daemon
+    factory.cleanup()
+
+
+def post(daemon, key: str | None, body=CHAT, **kw) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with daemon.client() as c:
+        return c.post("/v1/chat/completions", json=body, headers=headers, **kw)
+
+
+def test_a_missing_or_wrong_key_gets_401_in_the_envelope(keyed):
+    assert post(keyed, None).status_code == 401
+    token = keys_cli(keyed, "create", "--name", "app")
+    wrong = token[:-4] + ("aaaa" if not token.endswith("aaaa") else "bbbb")
+    for resp in (post(keyed, None), post(keyed, wrong), post(keyed, "sk-something-else")):
+        assert resp.status_code == 401
+        assert resp.json()["error"]["type"] == "authentication_error"
+    assert post(keyed, token).status_code == 200
+
+
+def test_a_key_is_shown_once_and_stored_hashed(keyed):
+    token = keys_cli(keyed, "create", "--name", "hashed")
+    listing = keys_cli(keyed, "ls", "--json")
+    assert token.split("-", 2)[2] not in listing
+    db = sqlite3.connect(Path(keyed.config.read_text().split('state_dir = "')[1].split('"')[0]) / "appliance.db")
+    assert token.split("-", 2)[2] not in json.dumps(db.execute("SELECT * FROM api_keys").fetchall())
+
+
+def test_a_revoked_key_is_refused(keyed):
+    token = keys_cli(keyed, "create", "--name", "leaving")
+    assert post(keyed, token).status_code == 200
+    keys_cli(keyed, "revoke", token.split("-")[1])
+    wait_until(lambda: post(keyed, token).status_code == 401, 10, what="the revocation to apply")
+
+
+def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
+    token = keys_cli(keyed, "create", "--name", "chatty", "--rpm", "2")
+    assert [post(keyed, token).status_code for _ in range(2)] == [200, 200]
+    resp = post(keyed, token)
+    assert resp.status_code == 429 and int(resp.headers["retry-after"]) >= 1
+    assert resp.json()["error"]["code"] == "rate_limited"
+
+
+def test_a_key_over_its_token_budget_gets_429_until_the_period_ends(keyed):
+    token = keys_cli(keyed, "create", "--name", "thrifty", "--budget-tokens", "10",
+                     "--budget-period", "day")
+    # The fake engine's usage: 5 prompt + 3 completion tokens; a stream counts too.
+    assert post(keyed, token).status_code == 200
+    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
+                                      headers={"Authorization": f"Bearer {token}"}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    # The client did not ask for usage: the extra usage-only event was kept from it...
+    assert all('"usage"' not in e for e in events) and events[-1] == "data: [DONE]"
+    resp = post(keyed, token)  # ...but it was counted: 16 >= 10
+    assert resp.status_code == 429 and resp.json()["error"]["code"] == "budget_exceeded"
+    assert 0 < int(resp.headers["retry-after"]) <= 86400
+
+
+def test_a_stream_that_asks_for_usage_gets_it(keyed):
+    token = keys_cli(keyed, "create", "--name", "meter")
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", json=body,
+                                      headers={"Authorization": f"Bearer {token}"}) as r:
+        events = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert len(events) >= 2, (r.status_code, events)
+    assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
+
+
+def test_a_key_may_use_only_its_routes_and_its_tag_picks_the_route(keyed):
+    token = keys_cli(keyed, "create", "--name", "scoped", "--route", "r1")
+    assert post(keyed, token, {**CHAT, "model": "m1"}).status_code == 200
+    denied = post(keyed, token, {**CHAT, "model": "m2"})
+    assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
+    assert post(keyed, token, {**CHAT, "model": "fake"}).status_code == 403
+
+
+def test_every_request_gets_an_audit_row_without_text(keyed):
+    token = keys_cli(keyed, "create", "--name", "audited")
+    assert post(keyed, token, {**CHAT, "model": "m1"}).status_code == 200
+    key_id = token.split("-")[1]
+    db = Path(keyed.config.read_text().split('state_dir = "')[1].split('"')[0]) / "appliance.db"
+
+    def row():
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT route, model, served_by, status, prompt_tokens, completion_tokens, "
+                                "latency_ms, request_text, response_text FROM audit WHERE key_id = ?",
+                                (key_id,)).fetchone()
+
+    route, model, served_by, status, p, c, latency, req_text, resp_text = wait_until(row, 10, what="a row")
+    assert (route, model, served_by, status, p, c) == ("r1", "m1", "fake#0", 200, 5, 3)
+    assert latency > 0 and req_text is None and resp_text is None
+    metrics = httpx.get(f"{keyed.url}/metrics").text
+    assert 'appliance_tokens_total{kind="prompt",model="m1"}' in metrics
+
+
+def test_a_non_loopback_address_without_keys_refuses_to_start(tmp_path):
+    cfg = tmp_path / "open.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n' + fake_model("fake"))
+    result = subprocess.run([PY, "-m", "appliance.cli", "serve", "--config", str(cfg), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode != 0 and "keys.required" in result.stderr
+
+
+# --- the fail-closed guard, with validation bypassed -----------------------------
+
+
+class _Rt:
+    """What with_fallback reads from the runtime."""
+
+    def __init__(self, cfg, session) -> None:
+        from appliance.proxy import EngineProxy
+
+        self.providers = load_providers(cfg)
+        self.proxy = EngineProxy(cfg, session)
+        self.supervisor = type("S", (), {"deployments": {}})()
+        self.metrics = Metrics(self.supervisor)
+
+
+async def test_the_runtime_check_fails_closed_even_when_config_validation_was_bypassed(tmp_path, recorder):
+    cfg = parse_config(provider(recorder, tmp_path) + fake_model("m")
+                       + '[[routes]]\nname = "claims"\nmodel = "claims"\ntarget = "m"\n')
+    # A reloaded or hand-built config that slipped a commercial fallback into a regulated route:
+    route = msgspec.structs.replace(cfg.routes[0], fallbacks=["cloud"], regulated=True, burst_at_queue=0)
+    before = recorder.requests()
+    async with aiohttp.ClientSession() as session:
+        rt = _Rt(cfg, session)
+        ctx = RequestCtx("rid", 0.0, 0.0, "claims", "chat", route=route)
+        dep = type("D", (), {"replicas": [], "waiters": [], "inflight": 0})()
+
+        async def local(_):
+            raise NoCapacity("local model down")
+
+        async def remote(p):
+            return await rt.proxy.unary(p, p.path("/v1/chat/completions"),
+                                        p.body(json.dumps(CHAT).encode(), "claims"), p.headers({}))
+
+        with pytest.raises(RegulatedFailClosed) as info:
+            await with_fallback(rt, ctx, dep, local, remote)
+        assert info.value.status == 503 and "regulated" in info.value.message
+        # The same route, not regulated, does reach the provider: the recorder records.
+        ctx.route = msgspec.structs.replace(route, regulated=False)
+        status, _, _ = await with_fallback(rt, ctx, dep, local, remote)
+    assert status == 200
+    assert recorder.requests() == before + 1
+
+
+def test_the_circuit_breaker_opens_after_failures_and_half_opens_after_the_reset():
+    now = [0.0]
+    b = Breaker(failures=2, reset_s=10, clock=lambda: now[0])
+    b.failure()
+    assert b.allow()
+    b.failure()
+    assert not b.allow() and b.state == "open"
+    now[0] = 10.0
+    assert b.allow() and not b.allow()  # one trial request
+    b.failure()
+    assert b.state == "open"
+    now[0] = 20.0
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow()
+
+
+def test_provider_keys_never_show_in_a_repr(tmp_path, recorder):
+    cfg = parse_config(provider(recorder, tmp_path))
+    p = load_providers(cfg)["cloud"]
+    assert "sk-test" not in repr(p) and "sk-test" not in repr(p.__dict__)
+    assert p.headers({})["Authorization"] == "Bearer sk-test-secret-never-logged"
