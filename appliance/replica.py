@@ -361,9 +361,11 @@ class Replica:
                 raise _Crash(self._exit_reason("exited while starting"))
             if isinstance(outcome, ProbeFailed):
                 last = str(outcome)
-            # Poll often: a refused connection costs nothing, and a request held
-            # for this replica waits for exactly this loop to notice it is up.
-            await self._race(self.clock.sleep(0.05))
+            # Poll often at first: a refused connection costs nothing, and a request
+            # held for this replica waits for exactly this loop to notice it is up.
+            # A long load (a 70B model) is polled less.
+            elapsed = sv.startup_timeout_s - (deadline - self.clock.monotonic())
+            await self._race(self.clock.sleep(0.02 if elapsed < 30 else 0.25))
 
     async def _watch(self) -> None:
         """While READY or SLEEPING: notice an exit or a run of failed health

@@ -4,8 +4,9 @@ CPU engine's first token from zero. Loopback only, bounded in time and requests.
     .venv/bin/python bench/autoscale.py [--quick]
 
 1. Scale from zero (fake engine): time to first token through the appliance for a
-   model at zero replicas, minus the engine's own start time (measured directly:
-   spawn to first answered 1-token completion, polled every 10 ms). Goal <= 50 ms.
+   model at zero replicas, minus the engine's own cold start (measured directly:
+   spawn, poll every 10 ms until it answers, then the same streamed request; spawn
+   to its first token). Goal <= 50 ms.
 2. RPS step 2 -> 40 (fake engine, 10 rps per replica): time from the step until a
    replica added for it serves a request, minus the engine's start time. Goal <= 2 s.
 3. A full ramp up and down: failed requests. Goal 0.
@@ -55,7 +56,8 @@ async def first_token(session: aiohttp.ClientSession, url: str, model: str) -> f
 
 
 async def engine_start_time(argv: list[str], port: int, model: str) -> float:
-    """Spawn to the first answered 1-token completion, polled every 10 ms."""
+    """The engine on its own, cold: spawn, poll every 10 ms until it answers, then the
+    same streamed request the appliance is timed with; spawn to its first token."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -65,10 +67,12 @@ async def engine_start_time(argv: list[str], port: int, model: str) -> float:
                     async with s.post(f"http://127.0.0.1:{port}/v1/completions",
                                       json={"model": model, "prompt": "ok", "max_tokens": 1}) as r:
                         if r.status == 200:
-                            return time.perf_counter() - t0
+                            break
                 except aiohttp.ClientError:
                     pass
                 await asyncio.sleep(0.01)
+            await first_token(s, f"http://127.0.0.1:{port}", model)
+            return time.perf_counter() - t0
     finally:
         proc.terminate()
         proc.wait(10)
@@ -235,12 +239,12 @@ async def main() -> None:
     failed_ramp = sum(1 for r in ramp if r != 200)
     rows = [
         ("scale from zero: TTFT - engine start (fake)", f"{(ttft0 - fake_start) * 1000:.0f} ms",
-         f"TTFT {ttft0 * 1000:.0f} ms, engine start {fake_start * 1000:.0f} ms", "<= 50 ms"),
+         f"TTFT {ttft0 * 1000:.0f} ms, engine alone, cold: {fake_start * 1000:.0f} ms", "<= 50 ms"),
         ("RPS 2 -> 40: added replica serves, minus start", f"{step_s:.2f} s",
          f"{failed_step} failed of {len(step_results)}", "<= 2 s"),
         ("full ramp 5 -> 40 -> 1 rps: failed requests", f"{failed_ramp}", f"of {len(ramp)}", "0"),
         ("CPU engine from zero: TTFT", f"{cpu_ttft * 1000:.0f} ms",
-         f"llama-server start {cpu_start * 1000:.0f} ms; overhead {(cpu_ttft - cpu_start) * 1000:.0f} ms",
+         f"llama-server alone, cold: {cpu_start * 1000:.0f} ms; overhead {(cpu_ttft - cpu_start) * 1000:.0f} ms",
          "-"),
     ]
     print(f"\nautoscale benchmark (median of {args.runs} runs where repeated), {os.cpu_count()} cores\n")
