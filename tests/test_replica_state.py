@@ -209,7 +209,7 @@ async def test_a_spawn_failure_is_a_crash_with_the_reason(tmp_path):
 async def test_not_ready_within_the_startup_timeout_kills_and_retries(tmp_path):
     replica, runner, transitions = make(tmp_path, ScriptedAdapter(["still loading"]))
     replica.start()
-    await settle(lambda: len(runner.processes) >= 2)
+    await settle(lambda: len(runner.processes) >= 2, rounds=50_000)
     assert "not ready within 10s: still loading" in replica.last_error
     assert runner.processes[0].signals == [9]
     await replica.stop()
