@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 
+import asyncio
 import hmac
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from .errors import (
     Unauthorized,
     MethodNotAllowed,
     PayloadTooLarge,
+    RequestTimeout,
     ShuttingDown,
     encode_error,
     error_for_status,
@@ -90,8 +92,18 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    """The whole request body straight from the ASGI receive channel."""
+async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int,
+                          timeout: float = 30.0) -> bytes:
+    """The whole request body straight from the ASGI receive channel, within
+    timeout seconds (a client trickling its body byte by byte gets 408)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _receive_body(receive, declared, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"Request body not received within {timeout:g}s") from None
+
+
+async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
     message = await receive()
@@ -164,7 +176,8 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
                            retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes)
+    body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
+                                 rt.cfg.server.body_read_timeout_s)
     req = decode_request(body, cls)
     model = ctx.model = req.model
     route = None

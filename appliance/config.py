@@ -43,6 +43,8 @@ class ServerConfig(_Section):
     # A client must send its request line and headers within this long, or its
     # connection is closed (slowloris); other clients are not affected.
     header_read_timeout_s: float = 10.0
+    # The request body must arrive within this; a client trickling it gets 408.
+    body_read_timeout_s: float = 30.0
     # SIGTERM: stop accepting, give in-flight requests this long to finish.
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -452,6 +454,7 @@ def _validate(cfg: Config) -> None:
     need(0 < s.port < 65536, "server.port", f"must be 1-65535, got {s.port}")
     need(s.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")
     need(0 < s.header_read_timeout_s <= 3600, "server.header_read_timeout_s", "must be within 0-3600 s")
+    need(0 < s.body_read_timeout_s <= 3600, "server.body_read_timeout_s", "must be within 0-3600 s")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
     need(len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX, "server.admin_socket",
          f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)")

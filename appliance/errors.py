@@ -75,6 +75,12 @@ class MethodNotAllowed(ApplianceError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ApplianceError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(ApplianceError):
     status = 413
     type = "invalid_request_error"

@@ -26,7 +26,7 @@ def hostile_daemon(tmp_path_factory):
     factory = DaemonFactory(tmp_path_factory.mktemp("hostile"))
     models = (fake_model("fake", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 2\n")
               + fake_model("embedder", embeddings=True))
-    daemon = factory.start(models, server="max_body_bytes = 65536\nheader_read_timeout_s = 2",
+    daemon = factory.start(models, server="max_body_bytes = 65536\nheader_read_timeout_s = 2\nbody_read_timeout_s = 2",
                            extra="[autoscaling]\nqueue_timeout_s = 20\nkeepalive_s = 0\n")
     yield daemon
     factory.cleanup()
@@ -151,6 +151,36 @@ def test_a_slowloris_client_is_cut_after_the_header_timeout_and_others_are_serve
             cut = False
     sock.close()
     assert cut
+    _still_serves(hostile_daemon)
+
+
+def test_a_client_trickling_its_body_gets_408_and_others_are_served(hostile_daemon):
+    # body_read_timeout_s = 2 in this daemon's config: the headers arrive at once,
+    # then the body a byte every 0.3 s, which never finishes in time.
+    body = json.dumps(CHAT).encode()
+    sock = socket.create_connection(("127.0.0.1", hostile_daemon.port), timeout=30)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n")
+    answer = b""
+    try:
+        for i, byte in enumerate(body):
+            sock.send(bytes([byte]))
+            if i == 2:
+                _still_serves(hostile_daemon)
+            time.sleep(0.3)
+            sock.setblocking(False)
+            try:
+                answer = sock.recv(65536)
+            except BlockingIOError:
+                pass
+            sock.setblocking(True)
+            if answer:
+                break
+    except OSError:
+        pass
+    sock.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b'"code":"request_timeout"' in answer
     _still_serves(hostile_daemon)
 
 
