@@ -98,3 +98,34 @@ def test_the_model_store_doc_config_loads():
     for snippet in re.findall(r"```toml\n(.+?)```", MODEL_STORE, flags=re.S):
         cfg = parse_config(snippet, origin="docs/model-store.md")
         assert cfg.models[0].source == "store:smollm2"
+
+
+ROUTING = (ROOT / "docs" / "routing.md").read_text()
+
+
+def test_the_routing_doc_config_loads_and_refuses_what_it_says(tmp_path, monkeypatch):
+    from appliance.config import ConfigError, parse_config
+
+    snippets = re.findall(r"```toml\n(.+?)```", ROUTING, flags=re.S)
+    cfg = parse_config("\n".join(snippets), origin="docs/routing.md")
+    assert [r.name for r in cfg.routes] == ["claims", "general"] and cfg.routes[0].regulated
+    assert cfg.providers[0].name == "openai"
+    bad = snippets[0].replace('regulated = true ', 'fallbacks = ["openai"]\nregulated = true ', 1)
+    try:
+        parse_config(bad, origin="docs/routing.md")
+    except ConfigError as exc:
+        assert "route 'claims' is regulated" in str(exc)
+    else:
+        raise AssertionError("a regulated route with a commercial fallback was accepted")
+
+
+def test_every_command_in_the_routing_doc_exists():
+    import subprocess
+    import sys
+
+    commands = set(re.findall(r"^appliance (keys [a-z]+)", ROUTING, flags=re.M))
+    assert commands == {"keys create", "keys ls", "keys revoke"}
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *command.split(), "--help"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert result.returncode == 0, (command, result.stderr)
