@@ -192,7 +192,7 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
                          code="embeddings_not_supported")
     if target != model:
         body = set_fields(body, model=target)
-    if len(deployment.replicas) > 1 and cls is not EmbeddingRequest:
+    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and cls is not EmbeddingRequest:
         ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest)
     request_text = None
     if rt.cfg.audit.include_text:

@@ -211,6 +211,8 @@ class RoutingConfig(_Section):
     # Prefix-aware choice among a model's READY replicas (docs/routing.md). The
     # request as the engine sees it (tools, then every message, in order) is
     # hashed in chained blocks of this many bytes (~4 bytes per token).
+    # false: least requests in flight, round-robin on ties.
+    prefix_aware: bool = True
     prefix_block_bytes: int = 512
     # A match shorter than this many blocks is no match: the prefix is new.
     prefix_min_match_blocks: int = 2

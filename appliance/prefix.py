@@ -34,6 +34,7 @@ from .config import RoutingConfig
 # included, takes 170-200 bytes.
 ENTRY_BYTES = 200
 _MASK = (1 << 64) - 1
+BYTES_PER_TOKEN = 4
 
 
 class _ReplicaLike(Protocol):
@@ -89,11 +90,14 @@ def _mix(x: int) -> int:
 class PrefixRouter:
     """One model's per-replica indices and the choice among its READY replicas."""
 
-    def __init__(self, cfg: RoutingConfig) -> None:
+    def __init__(self, cfg: RoutingConfig, engine_kv_tokens: int = 0) -> None:
         self.block = cfg.prefix_block_bytes
         self.min_match = cfg.prefix_min_match_blocks
         self.margin = cfg.prefix_load_margin
         self.capacity = max(1, int(cfg.prefix_index_mib * 1024 * 1024 / ENTRY_BYTES))
+        if engine_kv_tokens:
+            # Remember no more than the engine can keep: ~4 bytes of request per token.
+            self.capacity = min(self.capacity, max(1, engine_kv_tokens * BYTES_PER_TOKEN // self.block))
         self.indices: dict[str, OrderedDict[int, None]] = {}
         self._salts: dict[str, int] = {}
         # Read by the metrics collector at scrape time.

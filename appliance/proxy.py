@@ -77,7 +77,7 @@ class EngineProxy:
         url = replica.base_url + path
         try:
             return await self.session.post(url, data=body, headers=headers,
-                                           timeout=getattr(replica, "timeout", None) or self.timeout)
+                                           timeout=replica.timeout or self.timeout)
         except asyncio.TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:

@@ -119,6 +119,8 @@ Listener = Callable[["Replica", Transition], None]
 class Replica:
     HOST = "127.0.0.1"
 
+    timeout = None  # the proxy's default timeouts (a provider has its own)
+
     def __init__(self, *, cfg: Config, model: ModelConfig, index: int, adapter: EngineAdapter,
                  runner: ProcessRunner, session: aiohttp.ClientSession, log_dir: Path,
                  clock: Clock | None = None, port_allocator: Callable[[], int] = free_port,

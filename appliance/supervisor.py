@@ -26,7 +26,7 @@ import aiohttp
 from engines import GpuSlot, adapter_for
 
 from .autoscaler import Autoscaler, Decision, Inputs, Policy, parse_duration
-from .config import Config, ModelConfig, idle_ttl_s
+from .config import Config, ModelConfig, idle_ttl_s, kv_tokens
 from .errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
 from .gpu import GpuProbe, NvmlProbe, SimulatedProbe
 from .memory import MeasuredMemory
@@ -61,7 +61,9 @@ class Deployment:
         # The operator unloaded it: it stays at zero until a request or a load.
         self.unloaded = False
         self._rr = itertools.count()
-        self.prefix = PrefixRouter(supervisor.cfg.routing)
+        # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
+        cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
+        self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
 
     # --- the request path ---------------------------------------------------------
 

@@ -113,3 +113,34 @@ def test_the_autoscaling_doc_names_real_commands_and_settings():
         assert field.name in doc, field.name
     for command in re.findall(r"^appliance (\w+)", doc, flags=re.M):
         assert command in ("scale", "load", "unload", "pin", "unpin"), command
+
+
+ROUTING = (ROOT / "docs" / "routing.md").read_text()
+
+
+def test_the_routing_doc_config_loads_and_refuses_what_it_says(tmp_path, monkeypatch):
+    from appliance.config import ConfigError, parse_config
+
+    snippets = re.findall(r"```toml\n(.+?)```", ROUTING, flags=re.S)
+    cfg = parse_config("\n".join(snippets), origin="docs/routing.md")
+    assert [r.name for r in cfg.routes] == ["claims", "general"] and cfg.routes[0].regulated
+    assert cfg.providers[0].name == "openai"
+    bad = snippets[0].replace('regulated = true ', 'fallbacks = ["openai"]\nregulated = true ', 1)
+    try:
+        parse_config(bad, origin="docs/routing.md")
+    except ConfigError as exc:
+        assert "route 'claims' is regulated" in str(exc)
+    else:
+        raise AssertionError("a regulated route with a commercial fallback was accepted")
+
+
+def test_every_command_in_the_routing_doc_exists():
+    import subprocess
+    import sys
+
+    commands = set(re.findall(r"^appliance (keys [a-z]+)", ROUTING, flags=re.M))
+    assert commands == {"keys create", "keys ls", "keys revoke"}
+    for command in commands:
+        result = subprocess.run([sys.executable, "-m", "appliance.cli", *command.split(), "--help"],
+                                capture_output=True, text=True, cwd=ROOT, timeout=30)
+        assert result.returncode == 0, (command, result.stderr)
