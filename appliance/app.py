@@ -80,6 +80,9 @@ class Runtime:
     draining: bool = False
     admin_token: str = ""
     ttft: TtftTracker = field(default_factory=TtftTracker)
+    # (route, fallback target) -> times taken; key name -> [requests, prompt, completion].
+    fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
+    key_usage: dict[str, list[int]] = field(default_factory=dict)
     openapi: dict | None = None
     routes: Routes = field(default_factory=lambda: Routes([]))
     providers: dict[str, Provider] = field(default_factory=dict)
@@ -319,6 +322,13 @@ async def admin_status(request: Request) -> Response:
     body["monotonic"] = rt.supervisor.clock.monotonic()  # what the decisions' "at" counts from
     for m in body["models"]:
         m["ttft_p50_ms"] = rt.ttft.p50_ms(m["name"])
+    body["routes"] = [
+        {"name": r.name, "model": r.model, "tag": r.tag, "target": r.target, "regulated": r.regulated,
+         "fallbacks": list(r.fallbacks),
+         "fired": {f: rt.fallbacks_fired.get((r.name, f), 0) for f in r.fallbacks}}
+        for r in rt.cfg.routes]
+    body["usage"] = [{"key": name, "requests": n, "prompt_tokens": p, "completion_tokens": c,
+                      "tokens": p + c} for name, (n, p, c) in sorted(rt.key_usage.items())]
     return Response(body, media_type=JSON)
 
 

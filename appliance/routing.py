@@ -172,6 +172,8 @@ def _decide(rt, ctx: RequestCtx, target: str, reason: str, taken: bool = True) -
     log.info("route %s: %s %s (%s)", route, "falling back to" if taken else "skipping", target, reason)
     if taken:
         ctx.fallback_reason = reason
+        key = (route, target)
+        rt.fallbacks_fired[key] = rt.fallbacks_fired.get(key, 0) + 1
 
 
 def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) -> None:
@@ -190,6 +192,12 @@ def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) 
         rt.metrics.usage(ctx.model, prompt, completion)
         if ctx.key is not None:
             rt.gate.charge(ctx.key, prompt + completion)
+    if ctx.key is not None:
+        # Per key since the daemon started, for the status and the TUI's usage view.
+        seen = rt.key_usage.setdefault(ctx.key.name, [0, 0, 0])
+        seen[0] += 1
+        seen[1] += prompt or 0
+        seen[2] += completion or 0
     ttft_ms = None
     if status == 200 and ctx.ttft is None and ctx.endpoint != "embeddings" and not ctx.bytes_sent:
         ctx.ttft = latency  # a whole answer: its first token came with it

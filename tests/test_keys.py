@@ -107,6 +107,8 @@ def test_a_stream_that_asks_for_usage_gets_it(keyed):
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert len(events) >= 2, (r.status_code, events)
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
+    usage = {u["key"]: u for u in httpx.get(f"{keyed.url}/admin/status").json()["usage"]}
+    assert usage["meter"]["requests"] == 1 and usage["meter"]["completion_tokens"] == 3
 
 
 def test_a_key_may_use_only_its_routes_and_its_tag_picks_the_route(keyed):
@@ -157,6 +159,7 @@ class _Rt:
         self.proxy = EngineProxy(cfg, session)
         self.supervisor = type("S", (), {"deployments": {}})()
         self.metrics = Metrics(self.supervisor)
+        self.fallbacks_fired: dict = {}
 
 
 async def test_the_runtime_check_fails_closed_even_when_config_validation_was_bypassed(tmp_path, recorder):

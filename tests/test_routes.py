@@ -190,6 +190,9 @@ def test_fallback_decisions_are_audited_and_counted(policy_daemon):
     metrics = httpx.get(f"{policy_daemon.url}/metrics").text
     assert 'appliance_fallbacks_total{reason="engine_error",route="general",target="cloud"}' in metrics
     assert "sk-test-secret" not in policy_daemon.log_text()
+    # The status (what the TUI's routes view shows) counts each fallback that fired.
+    routes = {r["name"]: r for r in httpx.get(f"{policy_daemon.url}/admin/status").json()["routes"]}
+    assert routes["general"]["regulated"] is False and routes["general"]["fired"]["cloud"] >= 1
 
 
 def test_config_refuses_a_regulated_route_with_a_commercial_fallback(tmp_path, recorder):
