@@ -228,3 +228,32 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
     (seen / "filler").unlink()
     assert httpx.post(f"{admin}/unpin", timeout=10).json()["pinned"] is False
     assert next(m for m in d.status()["models"] if m["name"] == "fake")["pinned"] is False
+
+
+def test_keys_and_their_usage_survive_a_daemon_sigkill_and_restart(daemons, tmp_path):
+    import sqlite3
+
+    served = fake_model("fake", "--chunks", "3")
+    extra = FAST + "\n[audit]\nflush_interval_s = 0.2\n"
+    d = daemons.start(served, extra=extra)
+    token = _cli(d.config, "keys", "create", "--name", "survivor", "--budget-tokens", "1000").splitlines()[0]
+    headers = {"Authorization": f"Bearer {token}"}
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json=chat("fake"), headers=headers).status_code == 200
+    db = Path(d.config.read_text().split('state_dir = "', 1)[1].split('"', 1)[0]) / "appliance.db"
+
+    def used() -> int:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT sum(tokens) FROM usage_ledger").fetchone()
+        return row[0] or 0
+
+    before = wait_until(used, 10, what="the usage ledger to be written")
+    d.terminate(signal.SIGKILL)
+    again = daemons.start(served, extra=extra, port=d.port)
+    keys = json.loads(_cli(again.config, "keys", "ls", "--json"))
+    assert [k["name"] for k in keys if not k.get("revoked_at")] == ["survivor"]
+    assert used() == before
+    with again.client() as c:
+        assert c.post("/v1/chat/completions", json=chat("fake"), headers=headers).status_code == 200
+        assert c.post("/v1/chat/completions", json=chat("fake"),
+                      headers={"Authorization": "Bearer ak-nope-nope"}).status_code == 401
