@@ -25,6 +25,14 @@ SSE_START_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control",
 
 async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
                         receive, ctx=None) -> tuple[int, bytes, str]:
+    return await _on_a_replica(dep, receive, ctx, headers,
+                               lambda replica: rt.proxy.unary(replica, path, body, headers))
+
+
+async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], call):
+    """call(replica) on a READY replica (held while the model starts); when the
+    engine failed before answering a byte, again on another one (or the same,
+    restarted), up to MAX_ATTEMPTS."""
     failed = None
     prefix = ctx.prefix if ctx is not None else None
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -33,7 +41,7 @@ async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: di
         if ctx is not None:
             ctx.served_by = replica.name
         try:
-            return await rt.proxy.unary(replica, path, body, headers)
+            return await call(replica)
         except EngineFailure as exc:
             if not exc.retryable or attempt == MAX_ATTEMPTS:
                 raise
@@ -130,21 +138,8 @@ def open_local_stream(rt, dep: Deployment, path, body, headers, receive, done, c
 
 async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None
                        ) -> AsyncIterator[bytes]:
-    failed = None
-    prefix = ctx.prefix if ctx is not None else None
-    for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed,
-                                    prefix=prefix)
-        if ctx is not None:
-            ctx.served_by = replica.name
-        try:
-            return await rt.proxy.open_stream(replica, path, body, headers, done)
-        except EngineFailure as exc:
-            if not exc.retryable or attempt == MAX_ATTEMPTS:
-                raise
-            log.warning("retrying stream %s on another replica: %s", headers.get("X-Request-Id"), exc)
-            failed = Exclude(replica, dep.supervisor.clock.monotonic())
-    raise AssertionError("unreachable")
+    return await _on_a_replica(dep, receive, ctx, headers,
+                               lambda replica: rt.proxy.open_stream(replica, path, body, headers, done))
 
 
 async def _pump(chunks: AsyncIterator[bytes], send, ctx=None) -> None:

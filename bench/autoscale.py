@@ -122,20 +122,26 @@ def fake_model(name: str, *flags: str, autoscaling: str) -> str:
 async def scale_from_zero(runs: int) -> tuple[float, float, list[float]]:
     starts = [await engine_start_time([PY, str(FAKE), "--port", str(p := free_port()), "--model", "f"],
                                       p, "f") for _ in range(runs)]
-    d = Daemon(fake_model("f", autoscaling="min_replicas = 0\nmax_replicas = 1"))
+    ttfts = await ttfts_from_zero(Daemon(fake_model("f", autoscaling="min_replicas = 0\nmax_replicas = 1")),
+                                  "f", runs)
+    return statistics.median(ttfts), statistics.median(starts), ttfts
+
+
+async def ttfts_from_zero(d: Daemon, model: str, runs: int) -> list[float]:
+    """Time to first token for a model at zero replicas, unloading it between runs."""
     ttfts = []
     try:
         await d.ready()
         async with aiohttp.ClientSession() as s:
             for _ in range(runs):
-                ttfts.append(await first_token(s, d.url, "f"))
-                async with s.post(f"{d.url}/admin/models/f/unload") as r:
+                ttfts.append(await first_token(s, d.url, model))
+                async with s.post(f"{d.url}/admin/models/{model}/unload") as r:
                     assert r.status == 200
-                while (await d.status(s, "f"))["replicas"]:
+                while (await d.status(s, model))["replicas"]:
                     await asyncio.sleep(0.05)
     finally:
         d.stop()
-    return statistics.median(ttfts), statistics.median(starts), ttfts
+    return ttfts
 
 
 async def load(session, url: str, model: str, rate: float, seconds: float, results: list) -> None:
@@ -211,18 +217,7 @@ async def cpu_engine(runs: int) -> tuple[float, float]:
              "--alias", "m", "--ctx-size", "8192", "--parallel", "4", "--no-webui"], port, "m"))
     d = Daemon('[[models]]\nname = "m"\nserver = "llamacpp"\nsource = "builtin:smollm2-135m-instruct"\n'
                "[models.autoscaling]\nmin_replicas = 0\n")
-    ttfts = []
-    try:
-        await d.ready()
-        async with aiohttp.ClientSession() as s:
-            for _ in range(runs):
-                ttfts.append(await first_token(s, d.url, "m"))
-                async with s.post(f"{d.url}/admin/models/m/unload") as r:
-                    assert r.status == 200
-                while (await d.status(s, "m"))["replicas"]:
-                    await asyncio.sleep(0.05)
-    finally:
-        d.stop()
+    ttfts = await ttfts_from_zero(d, "m", runs)
     return statistics.median(ttfts), statistics.median(starts)
 
 
