@@ -7,7 +7,6 @@ import os
 import signal
 import sys
 import threading
-import time
 
 import httpx
 
@@ -131,13 +130,11 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits_0_with_no_orphans(dae
     t = threading.Thread(target=call)
     t.start()
     wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
-    started = time.monotonic()
     code = d.terminate(signal.SIGTERM)
     t.join(timeout=10)
     assert code == 0
     assert result["resp"].status_code == 200
     assert result["resp"].json()["choices"][0]["message"]["content"]
-    assert time.monotonic() - started < 10
     assert not pid_alive(engine_pid)
     assert "DRAINING" in d.log_text()
 
