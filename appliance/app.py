@@ -482,16 +482,14 @@ ROUTE_HANDLERS = [chat_completions, completions, embeddings, list_models, get_mo
                   admin_gpus, admin_replica_log, openapi_document]
 
 
-def create_app(cfg: Config, *, supervisor_factory=None) -> Litestar:
-    """The real app; tests pass a supervisor_factory to inject a runner or clock."""
+def create_app(cfg: Config) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         session = make_session(cfg)
         db_path = Path(cfg.paths.state_dir) / "appliance.db"
         state = StateStore(db_path)
-        factory = supervisor_factory or (lambda c, s, st: Supervisor(c, s, state=st))
-        supervisor = factory(cfg, session, state)
+        supervisor = Supervisor(cfg, session, state=state)
         audit = AuditLog(db_path, cfg.audit)
         keys = KeyStore(db_path)
         gate = Gate(keys, cfg.keys.required, audit.charge)

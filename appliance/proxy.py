@@ -15,7 +15,7 @@ import aiohttp
 import msgspec
 
 from .config import Config
-from .errors import ApplianceError, EngineFailure, EngineTimeout, encode_error, error_for_status
+from .errors import EngineFailure, EngineTimeout, encode_error, error_for_status
 from .replica import Replica
 
 log = logging.getLogger("appliance.proxy")

@@ -86,12 +86,6 @@ class Deployment:
         rotated = ready[start:] + ready[:start]
         return min(rotated, key=lambda r: r.inflight)
 
-    def pick(self) -> Replica:
-        replica = self.pick_ready()
-        if replica is None:
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        return replica
-
     async def acquire(self, disconnected: Callable[[], Awaitable] | None = None,
                       exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica:
         """A READY replica for one request; if there is none, start or wake one and
@@ -231,6 +225,12 @@ class ClientGone(Exception):
     """The client disconnected while its request was held; nothing to answer."""
 
 
+def _reserved(r: Replica, inventory) -> int:
+    """What a placed replica holds on each of its GPUs: its fraction of the card."""
+    total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
+    return math.ceil(r.slot.memory_fraction * total)
+
+
 def default_probe(cfg: Config) -> GpuProbe:
     return SimulatedProbe(cfg.gpu.inventory) if cfg.gpu.inventory else NvmlProbe()
 
@@ -363,17 +363,13 @@ class Supervisor:
             if r.slot is not None and r.state in LIVE:
                 ours |= descendants(r.pid) if r.pid else set()
                 placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
-                                     bytes_per_gpu=self._reserved(r), sleeping=r.state is State.SLEEPING))
+                                     bytes_per_gpu=_reserved(r, inventory),
+                                     sleeping=r.state is State.SLEEPING))
         [row] = plan(self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours,
                      measured=self.measured)
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
         return row
-
-    def _reserved(self, r: Replica) -> int:
-        inventory = self.probe.read()
-        total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
-        return math.ceil(r.slot.memory_fraction * total)
 
     def retire(self, replica: Replica, reason: str) -> None:
         """Take a replica out of service: no new requests; in-flight ones finish

@@ -166,9 +166,14 @@ async def load(session, url: str, model: str, rate: float, seconds: float, resul
     await asyncio.gather(*tasks)
 
 
+def scaling_daemon() -> Daemon:
+    """A fake engine answering in 50 ms, 1 to 4 replicas at 10 requests/s each."""
+    return Daemon(fake_model("f", "--latency", "0.05", "--latency-from", "2",
+                             autoscaling="min_replicas = 1\nmax_replicas = 4\ntarget_rps_per_replica = 10"))
+
+
 async def rps_step(fake_start: float) -> tuple[float, list]:
-    d = Daemon(fake_model("f", "--latency", "0.05", "--latency-from", "2",
-                          autoscaling="min_replicas = 1\nmax_replicas = 4\ntarget_rps_per_replica = 10"))
+    d = scaling_daemon()
     results: list = []
     try:
         await d.ready()
@@ -191,8 +196,7 @@ async def rps_step(fake_start: float) -> tuple[float, list]:
 
 
 async def full_ramp() -> list:
-    d = Daemon(fake_model("f", "--latency", "0.05", "--latency-from", "2",
-                          autoscaling="min_replicas = 1\nmax_replicas = 4\ntarget_rps_per_replica = 10"))
+    d = scaling_daemon()
     results: list = []
     try:
         await d.ready()

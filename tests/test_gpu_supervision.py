@@ -120,11 +120,10 @@ async def test_a_vllm_replica_sleeps_and_wakes(gpu_supervisor):
     await small.sleep(timeout=10)
     assert small.state is State.SLEEPING and (await stats(small))["sleeping"] is True
     assert (await stats(small))["sleep_level"] == 1
-    with pytest.raises(Exception, match="no ready replica"):
-        gpu_supervisor.deployment("small").pick()
+    assert gpu_supervisor.deployment("small").pick_ready() is None  # asleep: takes no requests
     await small.wake(timeout=10)
     assert small.state is State.READY and (await stats(small))["sleeping"] is False
-    assert gpu_supervisor.deployment("small").pick() is small
+    assert gpu_supervisor.deployment("small").pick_ready() is small
 
 
 async def test_sleep_is_refused_where_the_engine_has_none(gpu_supervisor):

@@ -15,6 +15,21 @@ from .conftest import fake_model, pid_alive, wait_until
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def request_in_flight(d) -> tuple[threading.Thread, dict]:
+    """A chat request sent from a thread, returned once the replica is serving it;
+    result["resp"] holds the answer after the thread is joined."""
+    result: dict = {}
+
+    def call() -> None:
+        with d.client() as c:
+            result["resp"] = c.post("/v1/chat/completions", json=CHAT)
+
+    t = threading.Thread(target=call)
+    t.start()
+    wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
+    return t, result
+
+
 def test_a_crashed_replica_is_restarted_and_serves_again(daemons):
     d = daemons.start(fake_model("fake", "--crash-after", "2"))
     first_pid = d.replicas("fake")[0]["pid"]
@@ -92,15 +107,7 @@ def test_an_engine_that_dies_mid_request_is_retried_once_it_restarts(daemons):
     """No byte had come back: the request is requeued, not failed."""
     d = daemons.start(fake_model("fake", "--latency", "1"))
     pid = d.replicas("fake")[0]["pid"]
-    result: dict = {}
-
-    def call() -> None:
-        with d.client() as c:
-            result["resp"] = c.post("/v1/chat/completions", json=CHAT)
-
-    t = threading.Thread(target=call)
-    t.start()
-    wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
+    t, result = request_in_flight(d)
     os.kill(pid, signal.SIGKILL)
     t.join(timeout=30)
     resp = result["resp"]
@@ -121,15 +128,7 @@ def test_an_engine_that_hangs_mid_request_times_out_with_504(daemons):
 def test_sigterm_lets_in_flight_requests_finish_then_exits_0_with_no_orphans(daemons):
     d = daemons.start(fake_model("fake", "--latency", "1.5"))
     engine_pid = d.replicas("fake")[0]["pid"]
-    result: dict = {}
-
-    def call() -> None:
-        with d.client() as c:
-            result["resp"] = c.post("/v1/chat/completions", json=CHAT)
-
-    t = threading.Thread(target=call)
-    t.start()
-    wait_until(lambda: d.replicas("fake")[0]["inflight"] == 1, timeout=5, what="request in flight")
+    t, result = request_in_flight(d)
     code = d.terminate(signal.SIGTERM)
     t.join(timeout=10)
     assert code == 0

@@ -16,7 +16,7 @@ import pytest
 from appliance.sdnotify import Notifier
 from appliance.service import replica_summary
 
-from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .conftest import PY, ROOT, fake_model, pid_alive
 
 
 class FakeSystemd:
