@@ -90,8 +90,10 @@ class Deployment:
                       exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica:
         """A READY replica for one request; if there is none, start or wake one and
         wait for it in arrival order (bounded queue, bounded wait). disconnected()
-        completes when the client goes away; it is only called if the request waits."""
-        self.rate.record()
+        completes when the client goes away; it is only called if the request waits.
+        A retry (exclude set) is the same request: it is not counted again."""
+        if exclude is None:
+            self.rate.record()
         replica = self.pick_ready(exclude, prefix)
         if replica is not None:
             return replica
