@@ -11,9 +11,10 @@ Also here: reading token usage from an engine's answer, unary or streamed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,21 @@ def connect(path: Path | str) -> sqlite3.Connection:
     return db
 
 
+@contextlib.contextmanager
+def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """One explicit transaction. The connection is in autocommit mode
+    (isolation_level=None), where ``with db:`` opens none: each statement, and each
+    row of an executemany, would commit on its own (a WAL append and lock round trip
+    per row) and a batch's audit rows and ledger charges would not commit together."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        yield db
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
 class AuditLog:
     def __init__(self, path: Path | str, cfg: AuditConfig) -> None:
         self.cfg = cfg
@@ -116,7 +132,7 @@ class AuditLog:
                     raise
 
     def _write(self, rows: list[tuple], ledger: dict[tuple[str, int], int]) -> None:
-        with self.db:
+        with transaction(self.db):
             self.db.executemany(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES "
                                 f"({', '.join('?' * len(COLUMNS))})", rows)
             self.db.executemany(

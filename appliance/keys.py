@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .audit import connect
+from .audit import connect, transaction
 from .errors import Forbidden, RateLimited, Unauthorized
 
 PREFIX = "ak-"
@@ -76,7 +76,7 @@ class KeyStore:
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         key = ApiKey(key_id, name, _digest(secret), list(routes), tag, rpm, budget_tokens, budget_period,
                      time.time())
-        with self.db:
+        with transaction(self.db):
             self.db.execute("INSERT INTO api_keys (id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
                             "budget_period, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (key.id, name, key.secret_sha256, json.dumps(key.routes), tag, rpm,
@@ -89,7 +89,7 @@ class KeyStore:
         return [ApiKey(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
-        with self.db:
+        with transaction(self.db):
             cur = self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
                                   (time.time(), key_id))
         return cur.rowcount == 1
