@@ -15,12 +15,12 @@ import logging
 import signal
 import sys
 
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
 from .admin_socket import admin_socket_server
-from .app import create_app
+from .app import create_app, front_door
 from .config import Config
 from .service import ServiceNotifier
 
@@ -49,10 +49,14 @@ async def serve(cfg: Config, app=None) -> int:
     app.on_startup.append(admin.on_startup)
     _tune_gc()
     server = Server(
-        app,
+        front_door(app),
         address=cfg.server.host,
         port=cfg.server.port,
         interface=Interfaces.ASGI,
+        # Local apps speak HTTP/1.1 (the OpenAI SDKs do): no protocol sniffing, no
+        # websocket upgrade path on each request.
+        http=HTTPModes.http1,
+        websockets=False,
         log_enabled=False,
         backlog=1024,
         # A client trickling its headers (slowloris) is cut after this long.

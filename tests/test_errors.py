@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -65,3 +66,41 @@ def test_replica_logs_are_capped_and_keep_one_rotated_copy(tmp_path):
     assert rotated.exists() and rotated.stat().st_size <= 4096
     assert "line 0199" in path.read_text()
     assert list(log.lines) == [f"line {i:04d} {'x' * 40}" for i in (197, 198, 199)]
+
+
+def _call_front_door(runtime) -> list[dict]:
+    """One POST /v1/chat/completions through the daemon's ASGI front door, in process."""
+    from litestar.datastructures import State
+
+    from appliance.app import create_app, front_door
+    from appliance.config import Config
+
+    app = create_app(Config())
+    app.state = State({"runtime": runtime})
+    sent: list[dict] = []
+    body = [{"type": "http.request", "body": b'{"model":"m","messages":[]}', "more_body": False}]
+
+    async def receive():
+        return body.pop(0) if body else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": [],
+             "query_string": b"", "http_version": "1.1", "scheme": "http", "root_path": ""}
+    asyncio.run(front_door(app)(scope, receive, send))
+    return sent
+
+
+def test_an_unexpected_error_on_the_proxy_fast_path_is_a_500_envelope_not_a_dropped_connection(caplog):
+    # The front door bypasses Litestar's exception middleware for the proxy endpoints;
+    # it must still answer every failure in the envelope and log the traceback.
+    sent = _call_front_door(runtime=None)  # no runtime: _forward fails on its first attribute
+    start, body = sent
+    assert start["status"] == 500
+    headers = dict(start["headers"])
+    assert headers[b"content-type"] == b"application/json"
+    err = json.loads(body["body"])["error"]
+    assert err["type"] == "server_error" and "Traceback" not in err["message"]
+    assert "appliance's log" in err["message"]
+    assert any(r.exc_info for r in caplog.records), "the traceback goes to the log"
