@@ -24,7 +24,7 @@ from importlib.metadata import version as dist_version
 from pathlib import Path
 
 from .config import Config
-from .images import definition
+from .images import definition, target_pip_args
 from .store import Store, hash_file
 
 
@@ -125,9 +125,9 @@ def _engine_wheelhouse(engine: str, dest: Path, pins: dict[str, str], log) -> No
         return
     if d.lock is None or not d.lock.exists():
         raise BundleError(f"{engine}: {d.lock} is missing; see images/{engine}/README.md for how to make it")
-    log(f"downloading the {engine} wheelhouse (several GB)")
-    _pip(["download", "--quiet", "--no-deps", "--require-hashes", "-d", str(dest), "-r", str(d.lock)],
-         f"download of the {engine} wheelhouse")
+    log(f"downloading the {engine} wheelhouse (several GB, {d.platform}, Python {d.python})")
+    _pip(["download", "--quiet", "--no-deps", "--require-hashes", *target_pip_args(d), "-d", str(dest),
+          "-r", str(d.lock)], f"download of the {engine} wheelhouse")
 
 
 def _model(store: Store, name: str, dest: Path, log) -> dict:

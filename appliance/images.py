@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -55,6 +56,7 @@ class Definition:
     folder: Path
     requirements: Path
     lock: Path | None
+    platform: str | None = None  # the lock's target wheel platform, e.g. manylinux_2_31_x86_64
 
     @property
     def digest(self) -> str:
@@ -79,7 +81,30 @@ def definition(engine: str, root: Path | None = None) -> Definition:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ImageError(f"{folder / 'image.toml'}: {exc}") from None
     lock = folder / spec["lock"] if spec.get("lock") else None
-    return Definition(engine, spec["version"], spec["python"], folder, folder / spec["requirements"], lock)
+    return Definition(engine, spec["version"], spec["python"], folder, folder / spec["requirements"], lock,
+                      spec.get("platform"))
+
+
+def wheel_platforms(platform: str) -> list[str]:
+    """pip's --platform values for a manylinux_2_Y_ARCH target: the tag and every older one it
+    runs (pip does not widen a manylinux_2_Y tag by itself), legacy aliases included."""
+    m = re.fullmatch(r"manylinux_2_(\d+)_(\w+)", platform)
+    if not m:
+        raise ImageError(f"platform {platform!r}: expected manylinux_2_Y_ARCH")
+    glibc, arch = int(m[1]), m[2]
+    legacy = {17: "manylinux2014", 12: "manylinux2010", 5: "manylinux1"}
+    return ([f"manylinux_2_{y}_{arch}" for y in range(glibc, 4, -1)]
+            + [f"{name}_{arch}" for y, name in legacy.items() if y <= glibc])
+
+
+def target_pip_args(d: Definition) -> list[str]:
+    """`pip download` options that select the wheels of the image's target, not this machine's."""
+    if not d.platform:
+        raise ImageError(f"{d.engine}: image.toml names no platform for its lock")
+    args = ["--only-binary", ":all:", "--implementation", "cp", "--python-version", d.python]
+    for tag in wheel_platforms(d.platform):
+        args += ["--platform", tag]
+    return args
 
 
 def hashed_requirements(path: Path) -> list[tuple[str, list[str]]]:
@@ -189,8 +214,10 @@ def _build_python_engine(d: Definition, tmp: Path, log) -> None:
         raise ImageError(f"{d.engine}: {d.lock} is missing: generate the hashed lock of the full "
                          f"dependency tree first (see {d.folder / 'README.md'})")
     _run([sys.executable, "-m", "venv", str(tmp)], "creating the venv")
-    _run([str(tmp / "bin" / "pip"), "install", "--quiet", "--require-hashes", "--no-deps", "-r",
-          str(d.lock)], f"installing {d.engine}")
+    # Wheels only: every package of the lock has one for the image's platform; on an older
+    # glibc pip says which is missing instead of compiling a source tree.
+    _run([str(tmp / "bin" / "pip"), "install", "--quiet", "--require-hashes", "--no-deps",
+          "--only-binary", ":all:", "-r", str(d.lock)], f"installing {d.engine}")
 
 
 def _set_current(base: Path, target: Path) -> None:

@@ -1,19 +1,26 @@
 """Engine images: the llamacpp image is built, recorded, verified, rolled back and launched
-here; the GPU images' definitions are checked (hashed pins that resolve on PyPI)."""
+here; the GPU images' definitions are checked (hashed pins that resolve on PyPI, a full
+hashed lock that pip takes in --require-hashes mode)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-import shutil
 import re
+import shutil
 import subprocess
+import tarfile
 import urllib.error
 import urllib.request
+import zipfile
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
-from appliance.images import definition, hashed_requirements
+from appliance.images import definition, hashed_requirements, wheel_platforms
 
 from .conftest import PY, ROOT
 
@@ -107,3 +114,181 @@ def test_llamacpp_image_builds_records_verifies_rolls_back_and_is_what_serve_lau
         f.write(b"tampered")
     bad = appliance(tmp_path, "images", "verify", "llamacpp", check=False)
     assert bad.returncode == 1 and "bin/llama-server: sha256" in bad.stderr
+
+
+# --- the GPU images' locks (offline) ------------------------------------------------------
+
+GPU_ENGINES = ["vllm", "sglang"]
+HASH = re.compile(r"--hash=sha256:[0-9a-f]{64}")
+
+
+def lock_entries(path) -> list[tuple[str, list[str]]]:
+    """(requirement, options) of each entry of a pip requirements file: comment lines
+    dropped, backslash continuations joined."""
+    text = "\n".join(line for line in path.read_text().splitlines() if not line.lstrip().startswith("#"))
+    return [(req, opts) for req, *opts in (line.split() for line in text.replace("\\\n", " ").splitlines()
+                                           if line.strip())]
+
+
+def lock_pins(path) -> dict[str, str]:
+    return {canonicalize_name(Requirement(req).name): str(Requirement(req).specifier)[2:]
+            for req, _ in lock_entries(path)}
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_the_lock_pins_every_package_exactly_with_sha256_hashes(engine):
+    d = definition(engine)
+    assert d.lock is not None and d.lock.is_file(), d.lock
+    entries = lock_entries(d.lock)
+    assert len(entries) > 100  # the whole tree: torch, CUDA wheels, kernels, the server stack
+    names = []
+    for req, opts in entries:
+        r = Requirement(req)
+        (spec,) = r.specifier
+        assert spec.operator == "==" and "*" not in spec.version, req
+        Version(spec.version)
+        assert r.marker is None and r.url is None and not r.extras, req
+        assert opts and all(HASH.fullmatch(o) for o in opts), (req, [o for o in opts if not HASH.fullmatch(o)])
+        names.append(canonicalize_name(r.name))
+    assert len(names) == len(set(names))
+    assert {"torch", "triton", "nvidia-cublas"} <= set(names)
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_the_engine_pin_is_the_same_in_image_toml_requirements_and_lock(engine):
+    d = definition(engine)
+    (top_pin, top_hashes), = hashed_requirements(d.requirements)
+    assert top_pin == f"{engine}=={d.version}"
+    assert lock_pins(d.lock)[engine] == d.version
+    lock_hashes = {canonicalize_name(Requirement(req).name): opts for req, opts in lock_entries(d.lock)}[engine]
+    assert {f"--hash={h}" for h in top_hashes} <= set(lock_hashes)
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_the_lock_header_says_how_for_what_and_when_it_was_made(engine):
+    d = definition(engine)
+    header = "\n".join(line for line in d.lock.read_text().splitlines() if line.startswith("#"))
+    base, arch = re.fullmatch(r"(manylinux_\d+_\d+)_(\w+)", d.platform).groups()
+    assert f"Made by: python3 images/lock.py {engine}" in header
+    assert re.search(r"date: \d{4}-\d\d-\d\d", header)
+    assert f"--python-version {d.python} --python-platform {arch}-{base}" in header
+    assert "--generate-hashes --only-binary :all:" in header and "--index-url https://pypi.org/simple" in header
+    assert f"Target: Linux {arch}, CPython {d.python}, glibc >= " in header and d.platform in header
+    assert f"torch=={lock_pins(d.lock)['torch']}" in header
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_the_image_readme_says_how_the_lock_is_made_and_used(engine):
+    d = definition(engine)
+    readme = (d.folder / "README.md").read_text()
+    assert "requirements.lock" in readme and f"python3 images/lock.py {engine}" in readme
+    assert f"torch=={lock_pins(d.lock)['torch']}" in readme
+    assert d.platform in readme
+    download = re.search(r"pip download (?:.*\\\n)*.*", readme).group(0)  # with its continued lines
+    assert "--require-hashes" in download and f"-r images/{engine}/requirements.lock" in download
+    assert "--only-binary :all:" in download and f"--python-version {d.python}" in download
+    glibc = re.fullmatch(r"manylinux_2_(\d+)_x86_64", d.platform)[1]
+    assert f"seq {glibc} -1 5" in download and "--platform manylinux2014_x86_64" in download
+
+
+def test_the_wheel_platforms_of_a_target_are_it_and_every_older_manylinux_tag():
+    tags = wheel_platforms("manylinux_2_31_x86_64")
+    assert tags[0] == "manylinux_2_31_x86_64" and "manylinux_2_5_x86_64" in tags
+    assert {"manylinux_2_28_x86_64", "manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64"} <= set(tags)
+    assert "manylinux_2_32_x86_64" not in tags and all(t.endswith("_x86_64") for t in tags)
+    assert "manylinux2014_aarch64" in wheel_platforms("manylinux_2_17_aarch64")
+    assert "manylinux2014_aarch64" not in wheel_platforms("manylinux_2_16_aarch64")
+
+
+def _wheel(folder, name: str, version: str):
+    """A minimal pure-Python wheel, built here: a stand-in for the engine's wheelhouse."""
+    mod = name.replace("-", "_")
+    path = folder / f"{mod}-{version}-py3-none-any.whl"
+    info = f"{mod}-{version}.dist-info"
+    files = {f"{mod}/__init__.py": f"VERSION = {version!r}\n",
+             f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
+             f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: tests\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = "".join(f"{p},,\n" for p in [*files, f"{info}/RECORD"])
+    with zipfile.ZipFile(path, "w") as zf:
+        for p, text in {**files, f"{info}/RECORD": record}.items():
+            zf.writestr(p, text)
+    return path
+
+
+def test_a_gpu_image_installs_its_lock_with_require_hashes_and_wheels_only(tmp_path):
+    """`images build vllm` from a definition whose lock is a wheel made here: refused without
+    the lock, refused for a requirement without a hash (so --require-hashes is on), a hash
+    that does not match or a source tree (wheels only), built when the hash matches."""
+    defs = tmp_path / "defs"
+    shutil.copytree(ROOT / "images", defs)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    whl = _wheel(wheels, "demo-engine-dep", "1.0")
+    env = {"APPLIANCE_IMAGE_DEFS": str(defs), "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(wheels)}
+    lock = defs / "vllm" / "requirements.lock"
+
+    lock.unlink()
+    missing = appliance(tmp_path, "images", "build", "vllm", env=env, check=False)
+    assert missing.returncode == 1 and "requirements.lock is missing" in missing.stderr
+
+    lock.write_text("demo-engine-dep==1.0\n")
+    unhashed = appliance(tmp_path, "images", "build", "vllm", env=env, check=False)
+    assert unhashed.returncode == 1 and "Hashes are required in --require-hashes mode" in unhashed.stderr
+
+    lock.write_text(f"demo-engine-dep==1.0 \\\n    --hash=sha256:{'0' * 64}\n")
+    wrong = appliance(tmp_path, "images", "build", "vllm", env=env, check=False)
+    assert wrong.returncode == 1 and "Expected sha256 " + "0" * 64 in wrong.stderr
+
+    sdist = wheels / "demo_source_only-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tf:
+        setup = tmp_path / "setup.py"
+        setup.write_text("from setuptools import setup\nsetup(name='demo-source-only', version='1.0')\n")
+        tf.add(setup, arcname="demo_source_only-1.0/setup.py")
+    lock.write_text(f"demo-source-only==1.0 \\\n    --hash=sha256:{hashlib.sha256(sdist.read_bytes()).hexdigest()}\n")
+    source = appliance(tmp_path, "images", "build", "vllm", env=env, check=False)
+    assert source.returncode == 1 and "No matching distribution found for demo-source-only==1.0" in source.stderr
+
+    lock.write_text(f"demo-engine-dep==1.0 \\\n    --hash=sha256:{hashlib.sha256(whl.read_bytes()).hexdigest()}\n")
+    appliance(tmp_path, "images", "build", "vllm", env=env)
+    rows = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
+    assert [(r["engine"], r["version"], r["current"]) for r in rows] == [("vllm", "0.33.0", True)]
+    venv_python = tmp_path / "images" / "vllm" / "current" / "bin" / "python"
+    out = subprocess.run([venv_python, "-c", "import demo_engine_dep; print(demo_engine_dep.VERSION)"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "1.0", out.stderr
+    assert "ok: vllm" in appliance(tmp_path, "images", "verify", "vllm", env=env).stdout
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_pip_takes_the_real_lock_in_require_hashes_mode_up_to_fetching_wheels(tmp_path, engine):
+    """The checked-in lock, offline: pip parses all of it with --require-hashes and the
+    image's target options, and stops only because there is no wheel to fetch."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(empty)}
+    built = appliance(tmp_path, "images", "build", engine, env=env, check=False)
+    assert built.returncode == 1 and f"installing {engine} failed" in built.stderr
+    missing = re.search(r"No matching distribution found for (\S+)==(\S+)", built.stderr)
+    assert missing and lock_pins(definition(engine).lock)[canonicalize_name(missing[1])] == missing[2], built.stderr
+
+
+@pytest.mark.parametrize("engine", GPU_ENGINES)
+def test_bundle_create_downloads_the_gpu_wheelhouse_from_the_lock_for_the_target(tmp_path, engine):
+    """`bundle create --engine vllm|sglang`, offline: it reaches pip download of the lock with
+    --require-hashes and the target platform options (no GPU wheels are fetched here)."""
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    pins = dict(line.split("=", 1) for line in (ROOT / "images/llamacpp/pin.env").read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+    _wheel(cache / "wheels", pins["MODEL_WHEEL_NAME"], pins["MODEL_WHEEL_VERSION"])  # the embedded model
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = {"APPLIANCE_BUILD_CACHE": str(cache), "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(empty)}
+    made = appliance(tmp_path, "bundle", "create", "-o", str(tmp_path / "b.tar"), "--engine", engine,
+                     "--wheelhouse", str(empty), env=env, check=False)
+    assert made.returncode == 1 and f"download of the {engine} wheelhouse failed" in made.stderr, made.stderr
+    missing = re.search(r"No matching distribution found for (\S+)==(\S+)", made.stderr)
+    assert missing and lock_pins(definition(engine).lock)[canonicalize_name(missing[1])] == missing[2], made.stderr
+    assert not (tmp_path / "b.tar").exists()
