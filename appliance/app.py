@@ -58,6 +58,7 @@ from .serving import forward_stream, forward_unary, open_local_stream
 from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
+from .store_guard import Scrubber
 from .admin_socket import via_admin_socket
 from .admin_views import gpu_view, replica_log
 from .ttft import TtftTracker
@@ -563,6 +564,10 @@ def create_app(cfg: Config) -> Litestar:
         scheduler.add_job(autoscale, "interval", seconds=cfg.autoscaling.interval_s,
                           id="autoscaler", max_instances=1, coalesce=True)
         scheduler.start()
+        # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
+        scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
+        if scrub is not None:
+            scrub.start()
         log.info("serving %s on http://%s:%d/v1 (config: %s)",
                  ", ".join(supervisor.deployments), cfg.server.host, cfg.server.port, cfg.origin)
         try:
@@ -570,6 +575,8 @@ def create_app(cfg: Config) -> Litestar:
         finally:
             runtime.draining = True
             scheduler.shutdown(wait=False)
+            if scrub is not None:
+                await scrub.close()
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
             await session.close()
             await audit.close()

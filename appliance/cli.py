@@ -134,6 +134,8 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
                f"up {data.get('uptime_s')}s  config {data.get('config')}")
     for m in data.get("models", []):
         click.echo(f"\n{m['name']}  ({m['server']})  {'ready' if m['ready'] else 'not ready'}")
+        if m.get("blocked"):
+            click.echo(f"  not served: {m['blocked']}")
         for r in m["replicas"]:
             where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
             click.echo(f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  "

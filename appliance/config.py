@@ -80,6 +80,12 @@ class StoreConfig(_Section):
     # unpinned models that no replica uses to stay under it.
     budget_gib: float = 0.0
     allowed_licenses: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_ALLOWED_LICENSES))
+    # The daemon rehashes, in the background, store files last verified longer ago than
+    # this (bit rot changes no file's stat, so the start-time checks cannot see it); 0 = off.
+    scrub_interval_h: float = 168.0
+    # The background scrub reads at most this many MB (10^6 bytes) per second, so that it
+    # does not starve cold starts; 0 = unlimited.
+    scrub_mb_per_s: float = 200.0
 
 
 class ImagesConfig(_Section):
@@ -472,6 +478,8 @@ def _validate(cfg: Config) -> None:
     need(sv.max_crashes >= 1, "supervisor.max_crashes", "must be >= 1")
     need(sv.log_max_bytes >= 4096, "supervisor.log_max_bytes", "must be at least 4096")
     need(cfg.store.budget_gib >= 0, "store.budget_gib", "must not be negative")
+    need(cfg.store.scrub_interval_h >= 0, "store.scrub_interval_h", "must not be negative (0 = off)")
+    need(cfg.store.scrub_mb_per_s >= 0, "store.scrub_mb_per_s", "must not be negative (0 = unlimited)")
     need(cfg.images.keep >= 1, "images.keep", "must be >= 1")
 
     asc = cfg.autoscaling

@@ -24,7 +24,7 @@ import signal
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -113,6 +113,10 @@ class _Crash(Exception):
         self.counted = counted  # an operator's restart is no crash: no backoff, no FATAL
 
 
+class _Blocked(Exception):
+    """The preflight refused the start (the reason): FATAL, not a crash to retry."""
+
+
 Listener = Callable[["Replica", Transition], None]
 
 
@@ -152,6 +156,9 @@ class Replica:
         # crashed replica comes back on the same GPUs.
         self.slot: GpuSlot | None = None
         self.cannot_start: str | None = None
+        # Awaited before each engine start; a reason means: do not start, FATAL with it
+        # (a store model whose files failed verification).
+        self.preflight: Callable[[], Awaitable[str | None]] | None = None
         self.retiring = False  # taken out of service: drains, then stops
         self._want_sleep = False
         self._want_restart = False
@@ -301,6 +308,10 @@ class Replica:
             while not self._stop.is_set():
                 try:
                     await self._run_once()
+                except _Blocked as blocked:
+                    self.last_error = str(blocked)
+                    self._transition(State.FATAL, self.last_error)
+                    return
                 except _Crash as crash:
                     if self._stop.is_set():
                         break
@@ -326,6 +337,12 @@ class Replica:
         self.port = self.port_allocator() if self.supervised else 0
         self.base_url = self.adapter.base_url(self.model, self.HOST, self.port)
         self._transition(State.STARTING, f"starting on {self.base_url}")
+        if self.preflight is not None:
+            outcome = await self._race(self.preflight())
+            if outcome == "stopped":
+                return
+            if outcome == "done" and self._last_result:
+                raise _Blocked(str(self._last_result))
         self._proc = await self._spawn()
         self.pid = self._proc.pid
         await self._until_ready()

@@ -12,6 +12,13 @@ A GGUF model is a repo with one ``.gguf`` file. The manifest (``<cache_dir>/stor
 SQLite in WAL mode) is the truth: a model exists once its row is committed, after
 its blobs and snapshot are on disk, so a kill at any moment leaves the old state or
 the complete new model; what a killed import left on disk is removed on the next write.
+
+Integrity at serve time: each file's row records the stat fingerprint (device, inode,
+size, mtime, ctime) it had when it was last hashed, and when. A file whose fingerprint
+changed since is rehashed before it is served (any write, chmod, rename or replacement
+changes its ctime, which only the kernel sets); an unchanged one is not, so a start
+costs a stat per file. Bit rot changes no stat: the daemon's scrub
+(appliance/store_guard.py) rehashes files whose last verification is old.
 """
 
 from __future__ import annotations
@@ -25,14 +32,16 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import tarfile
+import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import sqlite_utils
 
@@ -130,14 +139,62 @@ def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], 
     return h.hexdigest(), size
 
 
-def hash_file(path: Path) -> str:
+class Interrupted(Exception):
+    """A throttled read was stopped (the daemon is stopping)."""
+
+
+class Throttle:
+    """Paces a read to bytes_per_s on average (0: unlimited); once stop is set, the next
+    chunk raises Interrupted. clock and sleep are seams for tests; sleep(s) waits up to s
+    seconds and returns True when stopped (threading.Event.wait)."""
+
+    def __init__(self, bytes_per_s: float = 0, stop: threading.Event | None = None, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], bool] | None = None) -> None:
+        self.bytes_per_s = bytes_per_s
+        self.stop = stop or threading.Event()
+        self.clock = clock
+        self.sleep = sleep or self.stop.wait
+        self._start: float | None = None
+        self._done = 0
+
+    def __call__(self, n: int) -> None:
+        """n more bytes were read."""
+        if self.stop.is_set():
+            raise Interrupted
+        if not self.bytes_per_s:
+            return
+        now = self.clock()
+        if self._start is None:
+            self._start = now
+        self._done += n
+        ahead = self._done / self.bytes_per_s - (now - self._start)
+        if ahead > 0 and self.sleep(ahead):
+            raise Interrupted
+
+
+class Hasher(Protocol):
+    def __call__(self, path: Path, throttle: Throttle | None = None) -> str: ...
+
+
+def hash_file(path: Path, throttle: Throttle | None = None) -> str:
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(path, "rb", buffering=0) as f:
         while n := f.readinto(buf):
             h.update(view[:n])
+            if throttle is not None:
+                throttle(n)
     return h.hexdigest()
+
+
+def fingerprint(st: os.stat_result) -> str:
+    """What changes when a file is written, truncated, chmod-ed, renamed or replaced. The
+    kernel sets ctime to its clock on every such change; nobody can set it back (short of
+    setting the system clock back). Text, not integers: inode and device numbers may not
+    fit SQLite's signed 64 bits."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -152,7 +209,8 @@ class Store:
     def __init__(self, cache_dir: str | Path, *, budget_bytes: int = 0,
                  allowed_licenses: tuple[str, ...] | list[str] = (),
                  clock: Callable[[], float] = time.time,
-                 write: Callable[[int, memoryview], None] = _write_all) -> None:
+                 write: Callable[[int, memoryview], None] = _write_all,
+                 hasher: Hasher = hash_file) -> None:
         self.cache_dir = Path(cache_dir)
         self.root = self.cache_dir / "hf" / "hub"
         self.db_path = self.cache_dir / "store.db"
@@ -160,6 +218,7 @@ class Store:
         self.allowed = {lic.lower() for lic in allowed_licenses}
         self.clock = clock
         self.write = write
+        self.hasher = hasher
         self._db: sqlite_utils.Database | None = None
 
     @classmethod
@@ -182,10 +241,16 @@ class Store:
                     "license": str, "license_accepted_by": str, "license_accepted_at": float,
                     "imported_at": float, "last_used_at": float, "pinned": int, "state": str,
                     "state_reason": str}, pk="name", if_not_exists=True)
-                db["files"].create({"model": str, "path": str, "sha256": str, "size": int},
-                                   pk=("model", "path"), if_not_exists=True)
+                db["files"].create({"model": str, "path": str, "sha256": str, "size": int,
+                                    **FILE_CHECK_COLUMNS}, pk=("model", "path"), if_not_exists=True)
+            else:
+                _migrate(db)
             self._db = db
         return self._db
+
+    def exists(self) -> bool:
+        """Whether there is a manifest at all (reading one creates it)."""
+        return self.db_path.exists()
 
     def close(self) -> None:
         if self._db is not None:
@@ -306,6 +371,13 @@ class Store:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
             fmt = "gguf" if len(hashed) == 1 and next(iter(hashed)).endswith(".gguf") else "hf"
+            # Hashed on the way in: the published blobs' fingerprints are their verified state
+            # (none recorded, so hashed at the first check, if the clock does not move on).
+            snap = self.root / repo_folder(incoming.name) / "snapshots" / revision
+            stats = {path: (snap / path).stat() for path in hashed}
+            settled = self._clock_past(max(st.st_ctime_ns for st in stats.values()))
+            prints = {path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st)
+                      else None for path, st in stats.items()}
             now = self.clock()
             with self.db.conn:
                 self.db["models"].insert({
@@ -315,7 +387,8 @@ class Store:
                     "license_accepted_at": None, "imported_at": now, "last_used_at": None,
                     "pinned": 0, "state": READY, "state_reason": ""})
                 self.db["files"].insert_all(
-                    {"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size}
+                    {"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
+                     "fingerprint": prints[f.path], "verified_at": now}
                     for f in incoming.files)
             log.info("imported %s (%d files, %d bytes, license %s)", incoming.name,
                      len(hashed), incoming.total_bytes, incoming.license)
@@ -429,38 +502,130 @@ class Store:
         with self.db.conn:
             self.db["models"].update(name, values)
 
-    def verify(self, name: str, *, full: bool = True) -> ModelRecord:
-        """Rehash (or, with full=False, size-check) every file; a mismatch quarantines the model,
-        a model that matches again is ready again."""
+    def verify(self, name: str, *, full: bool = True, hash_changed: bool = True,
+               throttle: Throttle | None = None) -> ModelRecord:
+        """full: rehash every file; a model that matches again is ready again. Otherwise check
+        sizes and rehash only the files whose stat fingerprint changed since they were last
+        hashed (or that have none recorded: a manifest of an older appliance), or with
+        hash_changed=False sizes only; a quarantined model is left as it is. A mismatch
+        quarantines the model. A file that hashes right gets its fingerprint recorded."""
         record = self.need(name)
+        if not full and record.state == QUARANTINED:
+            return record  # known bad: `appliance models verify` (full) is what clears it
+        rehash = True if full else (None if hash_changed else False)
         problem = ""
-        snap = self.snapshot_dir(record)
-        for f in record.files:
-            path = snap / f["path"]
-            try:
-                size = path.stat().st_size
-            except OSError:
-                problem = f"file {f['path']} is missing ({path})"
+        for row in self._file_rows(name):
+            problem = self._check_file(record, row, rehash=rehash, throttle=throttle)
+            if problem:
                 break
-            if size != f["size"]:
-                problem = f"file {f['path']} is {size} bytes, expected {f['size']}"
-                break
-            if full:
-                digest = hash_file(path)
-                if digest != f["sha256"]:
-                    problem = f"file {f['path']} has sha256 {digest}, expected {f['sha256']}"
-                    break
         if problem:
-            if record.state != QUARANTINED or record.state_reason != problem:
-                log.error("model %s quarantined: %s", name, problem)
-            self._update(name, state=QUARANTINED, state_reason=problem)
+            self._quarantine(name, problem)
         elif full and record.state == QUARANTINED:
             log.info("model %s verified again: ready", name)
             self._update(name, state=READY, state_reason="")
         return self.need(name)
 
-    def admission(self, name: str) -> str | None:
-        """Why the daemon must not serve this store model, or None when it may."""
+    def _file_rows(self, name: str) -> list[dict]:
+        return list(self.db["files"].rows_where("model = ?", [name], order_by="path"))
+
+    def _check_file(self, record: ModelRecord, row: dict, *, rehash: bool | None,
+                    throttle: Throttle | None = None) -> str:
+        """What is wrong with one file ('' when nothing). rehash: True always, None when its
+        fingerprint changed, False never (size only)."""
+        rel = row["path"]
+        path = self.snapshot_dir(record) / rel
+        try:
+            st = path.stat()
+        except OSError:
+            return f"file {rel} is missing ({path})"
+        if st.st_size != row["size"]:
+            return f"file {rel} is {st.st_size} bytes, expected {row['size']}"
+        before = fingerprint(st)
+        if rehash is False or (rehash is None and before == row.get("fingerprint")):
+            return ""
+        # What is read from here on includes every change that left this ctime.
+        settled = self._clock_past(st.st_ctime_ns)
+        try:
+            digest = self.hasher(path, throttle)
+        except FileNotFoundError:
+            return f"file {rel} is missing ({path})"
+        except OSError as exc:  # EIO from a failing disk is bit rot too
+            return f"file {rel} cannot be read: {exc}"
+        if digest != row["sha256"]:
+            return f"file {rel} has sha256 {digest}, expected {row['sha256']}"
+        try:
+            after = fingerprint(path.stat())
+        except OSError:
+            after = None
+        # Changed while being hashed: what was read may not be what is there; the next check
+        # hashes it again.
+        if after == before and settled:
+            with self.db.conn:
+                self.db.execute("UPDATE files SET fingerprint = ?, verified_at = ? "
+                                "WHERE model = ? AND path = ? AND sha256 = ?",
+                                [after, self.clock(), record.name, rel, row["sha256"]])
+        return ""
+
+    def _clock_past(self, ctime_ns: int, limit_s: float = 5.0) -> bool:
+        """Wait until the store filesystem's clock has moved past ctime_ns (file timestamps
+        are coarse: a kernel tick on most filesystems, up to 2 s on some), so that any later
+        change to a file gets a later ctime: its fingerprint taken now cannot miss it. The
+        writers' lock file is the probe (touching it changes no lock). False when the clock
+        does not get there (set back, or no write access): record no fingerprint then."""
+        probe = self.root / ".lock"
+        deadline = time.monotonic() + limit_s
+        try:
+            while True:
+                probe.touch()
+                if probe.stat().st_ctime_ns > ctime_ns:
+                    return True
+                if time.monotonic() > deadline:
+                    return False
+                time.sleep(0.001)
+        except OSError:
+            return False
+
+    def _quarantine(self, name: str, problem: str) -> None:
+        record = self.get(name)
+        if record is None:  # removed meanwhile
+            return
+        if record.state != QUARANTINED or record.state_reason != problem:
+            log.error("model %s quarantined: %s", name, problem)
+        self._update(name, state=QUARANTINED, state_reason=problem)
+
+    def next_scrub(self, interval_s: float) -> tuple[float, str, str] | None:
+        """(when it is due, model, path): the ready model's file whose last verification is
+        the oldest; never verified since an older appliance imported it counts from its
+        import. A verification in the future means the clock was set back: due now."""
+        now = self.clock()
+        best = None
+        for model, path, at in self.db.execute(
+                "SELECT f.model, f.path, COALESCE(f.verified_at, m.imported_at) FROM files f "
+                "JOIN models m ON m.name = f.model WHERE m.state = ?", [READY]).fetchall():
+            due = now if at is None or at > now + 60 else at + interval_s
+            if best is None or (due, model, path) < best:
+                best = (due, model, path)
+        return best
+
+    def scrub_file(self, name: str, path: str, throttle: Throttle | None = None) -> str:
+        """Rehash one file of a ready model whatever its fingerprint says; a mismatch
+        quarantines the model. Returns the problem, '' when there is none."""
+        record = self.get(name)
+        row = next((r for r in self._file_rows(name) if r["path"] == path), None)
+        if record is None or row is None or record.state != READY:
+            return ""
+        problem = self._check_file(record, row, rehash=True, throttle=throttle)
+        if problem:
+            current = self.get(name)
+            if current is None or current.revision != record.revision:
+                return ""  # removed or replaced while being hashed
+            self._quarantine(name, problem)
+        return problem
+
+    def admission(self, name: str, *, hash_changed: bool = True,
+                  throttle: Throttle | None = None) -> str | None:
+        """Why the daemon must not serve this store model, or None when it may. Files whose
+        fingerprint changed are rehashed first unless hash_changed is False (sizes only)."""
         try:
             record = self.get(name)
         except StoreError as exc:
@@ -468,14 +633,38 @@ class Store:
         if record is None:
             return (f"model '{name}' is not in the store: `appliance models import PATH --name {name}` "
                     "first")
-        record = self.verify(name, full=False)
+        record = self.verify(name, full=False, hash_changed=hash_changed, throttle=throttle)
         if record.state == QUARANTINED:
-            return (f"model '{name}' is quarantined: {record.state_reason}; re-import it, or "
-                    f"`appliance models verify {name}` once restored")
+            return quarantine_reason(record)
         if not self.license_ok(record):
             return (f"model '{name}' has license {record.license}, not in store.allowed_licenses; "
                     f"`appliance models accept-license {name}` to serve it")
         return None
+
+
+def quarantine_reason(record: ModelRecord) -> str:
+    return (f"model '{record.name}' is quarantined: {record.state_reason}; re-import it, or "
+            f"`appliance models verify {record.name}` once restored")
+
+
+# Added to the files table after the first release: nullable, so a manifest and the
+# appliance that wrote it stay readable and writable by either version (a row without
+# a fingerprint is simply hashed again at its next check).
+FILE_CHECK_COLUMNS = {"fingerprint": str, "verified_at": float}
+
+
+def _migrate(db: sqlite_utils.Database) -> None:
+    columns = db["files"].columns_dict
+    for column, kind in FILE_CHECK_COLUMNS.items():
+        if column not in columns:
+            try:
+                db["files"].add_column(column, kind)
+            except sqlite3.OperationalError as exc:
+                if "duplicate column" in str(exc):  # another process added it first
+                    continue
+                if "readonly" in str(exc):  # a reader without write access: the writer migrates
+                    return
+                raise
 
 
 def _content_revision(hashed: dict[str, str]) -> str:

@@ -37,6 +37,8 @@ from .process import ProcessRunner, SubprocessRunner, descendants
 from .replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
 from .signals import RateWindow
 from .state import ModelControl, StateStore
+from .store import Store
+from .store_guard import StoreChecks, admit_store_models, store_name
 
 log = logging.getLogger("appliance.supervisor")
 
@@ -154,7 +156,10 @@ class Deployment:
                 waiter.set_exception(error)
 
     def can_become_ready(self) -> bool:
-        """Some replica is or may become READY, or a new one may be started."""
+        """Some replica is or may become READY, or a new one may be started (never for a
+        blocked model)."""
+        if self.blocked:
+            return False
         if any(r.state in LIVE for r in self.replicas):
             return True
         return self.supervisor.room_for(self) > 0
@@ -162,7 +167,7 @@ class Deployment:
     def _why_unavailable(self) -> str:
         states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
         errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
-        why = f"; {errors[0]}" if errors else ""
+        why = f"; {self.blocked}" if self.blocked else (f"; {errors[0]}" if errors else "")
         return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
 
     def _retry_after(self) -> int:
@@ -258,6 +263,8 @@ class Supervisor:
         self._retiring: set[asyncio.Task] = set()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        self.store_checks: StoreChecks | None = None
+        self.store_leases: list = []
         if state is not None:
             for name, control in state.all().items():
                 if name in self.deployments:
@@ -273,11 +280,16 @@ class Supervisor:
         return [r for d in self.deployments.values() for r in d.replicas]
 
     def start(self) -> None:
-        """Start each model at its operator-set count, else its min_replicas."""
-        from .store_guard import admit_store_models
-
+        """Start each model at its operator-set count, else its min_replicas. Store models
+        are admitted first, and their files' fingerprints checked (in a worker thread) for
+        every admitted one, with or without replicas: each replica waits for that check."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.store_leases = admit_store_models(self.cfg, self.deployments)
+        if any(store_name(d.model) for d in self.deployments.values()):
+            self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
+            for name in sorted({store_name(d.model) for d in self.deployments.values()
+                                if store_name(d.model) and not d.blocked}):
+                self._background(self.store_checks.check(name), f"store-check-{name}")
         for dep in self.deployments.values():
             wanted = dep.control.override
             if wanted is None:
@@ -289,8 +301,12 @@ class Supervisor:
         self._stopping = True
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
+        if self.store_checks is not None:
+            self.store_checks.interrupt()
         await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),
                              *self._retiring, return_exceptions=True)
+        if self.store_checks is not None:
+            await self.store_checks.close()
 
     def deployment(self, model: str) -> Deployment:
         try:
@@ -333,11 +349,15 @@ class Supervisor:
     def add_replica(self, dep: Deployment, reason: str) -> Replica | None:
         if self._stopping or self.room_for(dep) <= 0:
             return None
+        if dep.blocked and dep.kept():
+            return None  # one FATAL replica says why; more would say it again
         used = {r.index for r in dep.replicas}
         index = next(i for i in itertools.count() if i not in used)
         replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
                           runner=self.runner, session=self.session, log_dir=self.log_dir,
                           clock=self.clock, port_allocator=self.port_allocator, listener=self._on_change)
+        if store_name(dep.model) and self.store_checks is not None:
+            replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif replica.adapter.gpu:
@@ -372,6 +392,40 @@ class Supervisor:
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
         return row
+
+    async def _store_preflight(self, dep: Deployment) -> str | None:
+        """Before a replica loads a store model (each start and restart): its files as
+        verified, a changed one rehashed first (appliance/store_guard.py)."""
+        if dep.blocked:
+            return dep.blocked
+        reason = await self.store_checks.check(store_name(dep.model))
+        if self._stopping and not reason:
+            # An interrupted check found nothing, which is no verdict: start nothing; the
+            # replica's stop (Supervisor.stop stops every replica) ends this wait.
+            await asyncio.Event().wait()
+        return reason
+
+    def block_store_model(self, name: str, reason: str) -> None:
+        """Store model NAME failed a check (quarantined): block every model serving it."""
+        for dep in self.deployments.values():
+            if store_name(dep.model) == name:
+                self.block(dep, reason)
+
+    def block(self, dep: Deployment, reason: str) -> None:
+        """Stop serving a model (as admission does at boot): no replica of it starts again,
+        the running ones drain and stop, held and new requests get 503 with the reason,
+        and a FATAL replica in its place says why in `appliance status`. Until the daemon
+        restarts."""
+        if dep.blocked or self._stopping:
+            return
+        dep.blocked = reason
+        log.error("not serving %s: %s", dep.model.name, reason)
+        had_replicas = bool(dep.kept())
+        for r in dep.kept():
+            self.retire(r, "not served any more: its store files failed verification")
+        dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        if had_replicas:
+            self.add_replica(dep, reason="blocked")
 
     def retire(self, replica: Replica, reason: str) -> None:
         """Take a replica out of service: no new requests; in-flight ones finish
@@ -560,6 +614,7 @@ class Supervisor:
                     "last_cold_start_s": d.last_cold_start_s,
                     "min_replicas": d.model.autoscaling.min_replicas,
                     "max_replicas": d.model.autoscaling.max_replicas,
+                    "blocked": d.blocked,
                     "replicas": [r.snapshot() for r in d.replicas],
                     "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
                 }

@@ -98,6 +98,8 @@ def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
         ("[server]\nport = 70000\n", "server.port", "must be 1-65535"),
         ("[server]\nprot = 8000\n", "server", "unknown field `prot`"),
         ("[supervisor]\nmax_crashes = 0\n", "supervisor.max_crashes", "must be >= 1"),
+        ("[store]\nscrub_interval_h = -1\n", "store.scrub_interval_h", "must not be negative"),
+        ("[store]\nscrub_mb_per_s = -200\n", "store.scrub_mb_per_s", "must not be negative"),
         ('[[models]]\nname = "a"\nserver = "tpu"\n', "models[0].server", "Invalid enum value 'tpu'"),
         ('[[models]]\nname = "bad name!"\nsource = "x.gguf"\n', "models[0].name", "not a valid model name"),
         ('[[models]]\nname = "a"\nserver = "llamacpp"\n', "models[0].source", "needs a GGUF file"),

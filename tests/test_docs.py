@@ -100,6 +100,16 @@ def test_the_model_store_doc_config_loads():
         assert cfg.models[0].source == "store:smollm2"
 
 
+def test_the_model_store_doc_names_the_integrity_settings_with_their_defaults():
+    from appliance.config import StoreConfig
+
+    section = MODEL_STORE.split("## Integrity at serve time", 1)[1].split("\n## ", 1)[0]
+    defaults = StoreConfig()
+    for field in ("scrub_interval_h", "scrub_mb_per_s"):
+        assert f"`store.{field}`" in section, field
+        assert f"default {getattr(defaults, field):g}" in section, field
+
+
 def test_the_autoscaling_doc_names_real_commands_and_settings():
     import msgspec
 

@@ -171,6 +171,8 @@ def model_detail(status: dict, name: str | None) -> RenderableType:
         Text(f"rps {m.get('rps_10s', 0):.2f} (10s) {m.get('rps_60s', 0):.2f} (60s)  TTFT p50 "
              f"{ms(m.get('ttft_p50_ms'))}  last cold start {duration(m.get('last_cold_start_s'))}"),
     ]
+    if m.get("blocked"):
+        lines.append(Text(f"not served: {m['blocked']}", style="red"))
     for r in m.get("replicas", []):
         where = f"port {r['port']}" if r.get("port") else (r.get("url") or "")
         gpus = f" GPU {','.join(map(str, r['gpus']))}" if r.get("gpus") else ""

@@ -1,0 +1,318 @@
+"""Integrity at serve time: verified stat fingerprints (a changed file is rehashed before
+it is served, an unchanged one is not), the background scrub for bit rot, and what the
+daemon does with a mismatch: the model is quarantined and blocked, status and log say
+which file and what was expected."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+import sqlite_utils
+
+from appliance.store import Interrupted, Store, Throttle, hash_file
+from appliance.store_guard import Scrubber
+
+from .conftest import PY, ROOT, fake_model, wait_until
+from .test_store import gguf, listing, run
+
+
+class CountingHasher:
+    """The real sha256, and the files it was asked to hash."""
+
+    def __init__(self) -> None:
+        self.calls: list[Path] = []
+
+    def __call__(self, path: Path, throttle: Throttle | None = None) -> str:
+        self.calls.append(Path(path))
+        return hash_file(path, throttle)
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _store(cache: Path, **kw) -> Store:
+    return Store(cache, allowed_licenses=["MIT"], **kw)
+
+
+def _import(store: Store, tmp_path: Path, name: str, seed: bytes = b"a") -> tuple[Path, str]:
+    """Import one GGUF file as NAME; its blob and sha256."""
+    from appliance.model_sources import incoming_from
+
+    src = gguf(tmp_path / f"{name}.gguf", seed=seed)
+    [incoming] = incoming_from(str(src), name=name, license="MIT", sha256=None, expected_version="")
+    store.add(incoming)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    return store.root / f"models--{name}" / "blobs" / digest, digest
+
+
+def _rewrite(blob: Path, keep_times: bool = False) -> None:
+    """Flip a byte in place: same size, same inode, other content."""
+    st = blob.stat()
+    os.chmod(blob, 0o644)
+    data = bytearray(blob.read_bytes())
+    data[100] ^= 0xFF
+    blob.write_bytes(bytes(data))
+    if keep_times:
+        os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _as_if_bit_rot(cache: Path, name: str, verified_at: float | None = None) -> None:
+    """Bit rot changes no stat: record the file's current fingerprint as the verified one."""
+    from appliance.store import fingerprint
+
+    store = _store(cache)
+    record = store.need(name)
+    db = sqlite_utils.Database(cache / "store.db")
+    for f in record.files:
+        stamp = {"fingerprint": fingerprint((store.snapshot_dir(record) / f["path"]).stat())}
+        if verified_at is not None:
+            stamp["verified_at"] = verified_at
+        db["files"].update((name, f["path"]), stamp)
+    db.conn.close()
+    store.close()
+
+
+def test_an_unchanged_fingerprint_skips_the_rehash_and_any_change_to_the_file_rehashes_it(tmp_path):
+    hasher = CountingHasher()
+    store = _store(tmp_path / "cache", hasher=hasher)
+    blob, _ = _import(store, tmp_path, "tiny")
+    # Hashed on import: starts and replica loads only stat it.
+    assert store.admission("tiny") is None
+    assert store.verify("tiny", full=False).state == "ready"
+    assert hasher.calls == []
+    # A chmod changes no byte, but ctime: rehashed once, matches, the new fingerprint recorded.
+    os.chmod(blob, 0o444)
+    assert store.admission("tiny") is None
+    assert [p.resolve() for p in hasher.calls] == [blob]
+    assert store.admission("tiny") is None
+    assert len(hasher.calls) == 1
+    # `models verify` rehashes whatever the fingerprint says.
+    store.verify("tiny")
+    assert len(hasher.calls) == 2
+
+
+def test_a_rewrite_that_puts_mtime_back_is_still_rehashed_and_quarantined_by_its_ctime(tmp_path):
+    hasher = CountingHasher()
+    store = _store(tmp_path / "cache", hasher=hasher)
+    blob, digest = _import(store, tmp_path, "tiny")
+    _rewrite(blob, keep_times=True)
+    reason = store.admission("tiny")
+    assert len(hasher.calls) == 1
+    assert reason is not None and "quarantined: file tiny.gguf has sha256" in reason
+    assert f"expected {digest}" in reason
+    record = store.need("tiny")
+    assert record.state == "quarantined" and "tiny.gguf" in record.state_reason
+    # Known bad: later starts do not hash it again; `models verify` still does.
+    assert store.admission("tiny") == reason and len(hasher.calls) == 1
+
+
+def test_a_manifest_without_fingerprints_is_migrated_and_each_file_rehashed_once(tmp_path):
+    cache = tmp_path / "cache"
+    store = _store(cache)
+    _import(store, tmp_path, "old")
+    store.close()
+    # The manifest as the appliance before fingerprints wrote it.
+    db = sqlite_utils.Database(cache / "store.db")
+    db["files"].transform(drop={"fingerprint", "verified_at"})
+    assert set(db["files"].columns_dict) == {"model", "path", "sha256", "size"}
+    db.conn.close()
+
+    hasher = CountingHasher()
+    store = _store(cache, hasher=hasher)
+    assert store.admission("old") is None
+    assert len(hasher.calls) == 1  # no fingerprint recorded: treated as changed
+    assert {"fingerprint", "verified_at"} <= set(store.db["files"].columns_dict)
+    assert store.admission("old") is None
+    assert len(hasher.calls) == 1
+    # An older appliance still writes this manifest, rows without the new columns: such a
+    # file is hashed at its next check.
+    _import(store, tmp_path, "newer", seed=b"n")
+    [row] = store.db["files"].rows_where("model = ?", ["newer"])
+    store.db["files"].delete_where("model = ?", ["newer"])
+    store.db["files"].insert({k: row[k] for k in ("model", "path", "sha256", "size")})
+    assert store.admission("newer") is None
+    assert [p.name for p in hasher.calls[1:]] == ["newer.gguf"]
+    assert store.admission("newer") is None and len(hasher.calls) == 2
+
+
+def test_the_scrub_rehashes_only_files_verified_longer_ago_than_the_interval_oldest_first(tmp_path):
+    clock = Clock(1000.0)
+    hasher = CountingHasher()
+    cache = tmp_path / "cache"
+    store = _store(cache, clock=clock, hasher=hasher)
+    _import(store, tmp_path, "first", seed=b"1")
+    clock.now = 1200.0
+    _import(store, tmp_path, "second", seed=b"2")
+    found: list = []
+    scrub = Scrubber(lambda: _store(cache, clock=clock, hasher=hasher), interval_s=600, bytes_per_s=0,
+                     on_quarantine=lambda *a: found.append(a))
+
+    clock.now = 1599.0
+    step = scrub.step()
+    assert (step.model, step.wait_s) == ("", 1.0) and hasher.calls == []
+    clock.now = 1600.0
+    step = scrub.step()
+    assert (step.model, step.path, step.problem) == ("first", "first.gguf", "")
+    assert [p.name for p in hasher.calls] == ["first.gguf"]
+    step = scrub.step()  # "first" is verified as of now; "second" is due at 1800
+    assert (step.model, step.wait_s) == ("", 200.0) and len(hasher.calls) == 1
+    clock.now = 1800.0
+    assert scrub.step().model == "second"
+    step = scrub.step()  # "first" is next due at 1600 + 600; the scrub looks again sooner than that
+    assert step.model == "" and step.wait_s == min(400.0, Scrubber.IDLE_MAX_S) and len(hasher.calls) == 2
+    assert found == []
+
+
+def test_the_scrub_quarantines_bit_rot_that_the_fingerprint_cannot_see(tmp_path):
+    clock = Clock(1000.0)
+    hasher = CountingHasher()
+    cache = tmp_path / "cache"
+    store = _store(cache, clock=clock, hasher=hasher)
+    blob, digest = _import(store, tmp_path, "rotten")
+    _rewrite(blob)
+    _as_if_bit_rot(cache, "rotten")
+    assert store.admission("rotten") is None and hasher.calls == []  # the stat looks as verified
+
+    scrub = Scrubber(lambda: _store(cache, clock=clock, hasher=hasher), interval_s=3600, bytes_per_s=0,
+                     on_quarantine=lambda *a: None)
+    clock.now = 1000.0 + 3600
+    step = scrub.step()
+    assert step.model == "rotten" and step.problem.startswith("file rotten.gguf has sha256 ")
+    assert step.problem.endswith(f"expected {digest}")
+    assert "model 'rotten' is quarantined" in step.reason
+    assert store.need("rotten").state == "quarantined"
+    assert "quarantined" in store.admission("rotten")
+    # A quarantined model is not scrubbed again (re-import or `models verify` decide).
+    assert scrub.step().model == "" and len(hasher.calls) == 1
+
+
+def test_the_scrub_reads_at_its_rate_and_stops_when_asked(tmp_path):
+    big = tmp_path / "big"
+    big.write_bytes(os.urandom(10 << 20))
+    clock = Clock(0.0)
+    slept: list[float] = []
+
+    def sleep(seconds: float) -> bool:
+        slept.append(seconds)
+        clock.now += seconds
+        return False
+
+    rate = 2_000_000
+    assert hash_file(big, Throttle(rate, clock=clock, sleep=sleep)) == hashlib.sha256(big.read_bytes()).hexdigest()
+    # The fake clock advances only by the sleeps: reading took exactly size / rate.
+    assert abs(sum(slept) - (10 << 20) / rate) < 1e-9
+    throttle = Throttle(0)
+    throttle.stop.set()  # the daemon is stopping
+    with pytest.raises(Interrupted):
+        hash_file(big, throttle)
+
+
+# --- the daemon -------------------------------------------------------------------
+
+def _served_from_store(name: str, store_name: str, extra: str = "") -> str:
+    return fake_model(name, extra=extra).replace('server = "openai"',
+                                                  f'server = "openai"\nsource = "store:{store_name}"')
+
+
+def _fatal(daemon, model):
+    try:
+        replicas = daemon.replicas(model)
+    except httpx.HTTPError:
+        return None
+    return next((r for r in replicas if r["state"] == "FATAL"), None)
+
+
+def _blocked(daemon, model):
+    try:
+        return next(m for m in daemon.status()["models"] if m["name"] == model)["blocked"]
+    except httpx.HTTPError:
+        return None
+
+
+def _assert_blocked_naming(daemon, tmp_path: Path, model: str, store_name: str, file: str, digest: str,
+                           replicas: bool = True) -> None:
+    if replicas:  # one FATAL replica in place of the model's replicas, with the reason
+        replica = wait_until(lambda: _fatal(daemon, model), timeout=60, what="FATAL replica")
+        assert f"model '{store_name}' is quarantined: file {file} has sha256" in replica["last_error"]
+        assert f"expected {digest}" in replica["last_error"]
+    blocked = wait_until(lambda: _blocked(daemon, model), timeout=60, what="model blocked")
+    assert f"model '{store_name}' is quarantined: file {file} has sha256" in blocked
+    assert f"expected {digest}" in blocked
+    entry = next(m for m in daemon.status()["models"] if m["name"] == model)
+    assert [r["state"] for r in entry["replicas"]] == (["FATAL"] if replicas else [])
+    status = subprocess.run([PY, "-m", "appliance.cli", "status", "--config", str(daemon.config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert "not served: model" in status.stdout and file in status.stdout and digest in status.stdout
+    with daemon.client() as c:
+        resp = c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 503 and f"expected {digest}" in resp.json()["error"]["message"]
+    errors = [line for line in daemon.log_text().splitlines() if line.startswith("ERROR")]
+    assert any(f"quarantined: file {file} has sha256" in e and f"expected {digest}" in e for e in errors)
+    assert listing(tmp_path)[store_name]["store_state"] == "quarantined"
+
+
+def test_a_file_rewritten_after_import_is_caught_at_daemon_start(tmp_path, daemons):
+    src = gguf(tmp_path / "m.gguf")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
+    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    # Same size: the size check at admission passes; the changed fingerprint gets it rehashed.
+    daemon = daemons.start(_served_from_store("victim-model", "victim"), wait=False)
+    _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
+
+
+def test_a_model_at_zero_replicas_is_checked_at_daemon_start_too(tmp_path, daemons):
+    src = gguf(tmp_path / "m.gguf")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
+    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    daemon = daemons.start(_served_from_store("victim-model", "victim",
+                                              extra="[models.autoscaling]\nmin_replicas = 0\n"))
+    # No replica starts: the status and a request say why, and none is started for it.
+    _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest, replicas=False)
+    assert daemon.replicas("victim-model") == []
+
+
+def test_a_file_changed_while_the_daemon_runs_is_caught_before_a_replica_loads_it(tmp_path, daemons):
+    src = gguf(tmp_path / "m.gguf")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
+    daemon = daemons.start(_served_from_store("victim-model", "victim"))
+    with daemon.client() as c:
+        assert c.post("/v1/completions", json={"model": "victim-model", "prompt": "hi",
+                                               "max_tokens": 2}).status_code == 200
+        _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+        assert c.post("/admin/models/victim-model/unload").status_code == 200
+        wait_until(lambda: not daemon.replicas("victim-model"), timeout=30, what="unloaded")
+        assert c.post("/admin/models/victim-model/load").status_code == 200
+    _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
+
+
+def test_bit_rot_under_an_unchanged_fingerprint_is_served_until_the_scrub_blocks_it(tmp_path, daemons):
+    src = gguf(tmp_path / "m.gguf")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
+    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    _as_if_bit_rot(tmp_path / "cache", "victim", verified_at=0.0)  # last verified long ago
+    models = _served_from_store("victim-model", "victim")
+
+    # Without the scrub, nothing at start can tell: the model is served.
+    daemon = daemons.start(models, extra="[store]\nscrub_interval_h = 0\n")
+    with daemon.client() as c:
+        assert c.post("/v1/completions", json={"model": "victim-model", "prompt": "hi",
+                                               "max_tokens": 2}).status_code == 200
+    assert daemon.terminate() == 0
+
+    # The scrub (weekly by default) finds the file overdue, rehashes it and blocks the model.
+    daemon = daemons.start(models, wait=False)
+    _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
