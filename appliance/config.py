@@ -281,7 +281,7 @@ class AuditConfig(_Section):
     # Also keep the request body and the answer (off: no prompt or completion text).
     include_text: bool = False
     flush_interval_s: float = 1.0
-    flush_rows: int = 256
+    flush_rows: int = 2048
 
 
 class GpuConfig(_Section):

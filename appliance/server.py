@@ -15,7 +15,7 @@ import logging
 import signal
 import sys
 
-from granian.constants import HTTPModes, Interfaces
+from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
@@ -53,10 +53,7 @@ async def serve(cfg: Config, app=None) -> int:
         address=cfg.server.host,
         port=cfg.server.port,
         interface=Interfaces.ASGI,
-        # Local apps speak HTTP/1.1 (the OpenAI SDKs do): no protocol sniffing, no
-        # websocket upgrade path on each request.
-        http=HTTPModes.http1,
-        websockets=False,
+        websockets=False,  # the API has no websocket endpoint
         log_enabled=False,
         backlog=1024,
         # A client trickling its headers (slowloris) is cut after this long.
