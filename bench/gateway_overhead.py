@@ -1,13 +1,22 @@
 """Gateway overhead: the same chat request sent straight to an engine and through the appliance.
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
-        [--concurrency 1,16,64] [--client auto|wrk|python] [--no-pin] [--profile DIR]
+        [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
+        [--no-naive] [--profile DIR]
 
-Starts ``tests/fake_engine.py`` (a real aiohttp server) and ``appliance serve``
-pointed at it as an external (unsupervised) ``openai`` engine, both on 127.0.0.1
-only, then for each concurrency runs the load generator for --warmup seconds
-(discarded) and --duration seconds (measured) against the engine directly and
-through the appliance, and prints one table. Every load run is bounded in time
+Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
+pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
+``bench/naive_proxy.py`` (a naive aiohttp proxy on Granian: the bar DEVELOPERS.md
+sets), all on 127.0.0.1 only. For each concurrency it runs the load generator for
+--warmup seconds (discarded) and --duration seconds (measured) against the engine
+directly, through the naive proxy and through the appliance, and prints one table:
+each side's req/s, p50, p99 and CPU per request, and each proxy against direct.
+
+--engine-latency S makes the fake engine take S seconds per answer. At 0 the
+engine answers in ~40 us of CPU, far below any real LLM engine, and the run
+measures the proxies' CPU cost per request; with a service time like a real
+engine's (a GPU engine takes tens of ms for even a short answer) it measures
+whether the proxy keeps up with the engine. Every load run is bounded in time
 (--duration plus a hard subprocess timeout) and in count (--max-requests per run).
 
 Load generator. On a small box the client competes for CPU with the server under
@@ -50,6 +59,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 PATH = "/v1/chat/completions"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SIDES = ("direct", "naive", "appliance")
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -209,7 +219,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per load run")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--engine-latency", type=float, default=0.0, help="fake engine --latency (s)")
-    p.add_argument("--only", choices=("direct", "appliance"), help="measure one side only")
+    p.add_argument("--only", choices=SIDES, help="measure one side only")
+    p.add_argument("--no-naive", action="store_true", help="skip the naive-proxy baseline")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record the appliance during each measured appliance run into DIR")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
@@ -275,14 +286,28 @@ url = "http://127.0.0.1:{engine_port}"
         procs.append(app)
         wait_http(f"http://127.0.0.1:{app_port}/readyz", app, 60, "appliance")
 
+        ports = {"direct": engine_port, "appliance": app_port}
+        if not args.no_naive:
+            naive_port = free_port()
+            naive = subprocess.Popen(
+                taskset(rest_cpus) + [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(naive_port),
+                                      f"http://127.0.0.1:{engine_port}"],
+                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(tmp / "naive.log", "wb"))
+            procs.append(naive)
+            wait_http(f"http://127.0.0.1:{naive_port}/health", naive, 60, "naive proxy")
+            ports["naive"] = naive_port
+        pids = {"appliance": app.pid, "naive": ports.get("naive") and naive.pid, "direct": engine.pid}
+
         load = Load(client, rest_cpus, args.max_requests, tmp)
         print(f"client={client} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
               f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu}", file=sys.stderr)
         results = []
         for c in levels:
             row: dict = {"concurrency": c}
-            for side, port in (("direct", engine_port), ("appliance", app_port)):
-                if args.only and side != args.only:
+            for side in SIDES:
+                port = ports.get(side)
+                if port is None or (args.only and side != args.only):
                     continue
                 if args.warmup > 0:
                     load.run(port, c, args.warmup)
@@ -299,13 +324,16 @@ url = "http://127.0.0.1:{engine_port}"
                          "--duration", str(int(args.duration)), "--format", "raw",
                          "-o", str(Path(args.profile) / f"c{c}.txt")],
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                cpu0, threads0 = cpu_seconds(app.pid), thread_cpu(app.pid)
+                # CPU per request of the process that serves this side (the engine itself
+                # for "direct", the proxy for the others).
+                pid = pids[side]
+                cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
                 res = load.run(port, c, args.duration)
                 n = max(1, res["requests"])
-                res["app_cpu_us_per_req"] = (cpu_seconds(app.pid) - cpu0) * 1e6 / n
-                res["app_thread_cpu_us_per_req"] = {
+                res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
+                res["thread_cpu_us_per_req"] = {
                     k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
-                    for k, v in thread_cpu(app.pid).items() if v - threads0.get(k, 0.0) > 0}
+                    for k, v in thread_cpu(pid).items() if v - threads0.get(k, 0.0) > 0}
                 if spy is not None:
                     with contextlib.suppress(subprocess.TimeoutExpired):
                         spy.wait(timeout=args.duration + 30)
@@ -334,24 +362,28 @@ url = "http://127.0.0.1:{engine_port}"
 
 
 def print_table(results: list[dict]) -> None:
-    head = (f"{'conc':>4} | {'direct rps':>10} {'p50 ms':>7} {'p99 ms':>7} | {'appl rps':>9} {'p50 ms':>7} "
-            f"{'p99 ms':>7} | {'added p50':>9} {'ratio':>6} | {'appl CPU us/req':>15} {'errors':>6}")
+    """One row per concurrency: each side's req/s, p50, p99 and CPU per request;
+    then the appliance against direct (added p50, throughput ratio) and against the
+    naive proxy measured in the same run."""
+    head = (f"{'conc':>4} | {'side':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
+            f"{'errors':>6} | {'added p50 ms':>12} {'vs direct':>9}")
     print(head)
     print("-" * len(head))
     for row in results:
-        d, a = row.get("direct"), row.get("appliance")
-        cells = [f"{row['concurrency']:>4} |"]
-        cells.append(f"{d['rps']:>10.0f} {d['p50_us'] / 1e3:>7.3f} {d['p99_us'] / 1e3:>7.3f} |" if d
-                     else f"{'-':>10} {'-':>7} {'-':>7} |")
-        cells.append(f"{a['rps']:>9.0f} {a['p50_us'] / 1e3:>7.3f} {a['p99_us'] / 1e3:>7.3f} |" if a
-                     else f"{'-':>9} {'-':>7} {'-':>7} |")
-        if d and a:
-            cells.append(f"{(a['p50_us'] - d['p50_us']) / 1e3:>9.3f} {a['rps'] / d['rps']:>6.2f} |")
-        else:
-            cells.append(f"{'-':>9} {'-':>6} |")
-        cells.append(f"{a['app_cpu_us_per_req']:>15.0f}" if a else f"{'-':>15}")
-        cells.append(f"{(d or {}).get('errors', 0) + (a or {}).get('errors', 0):>6}")
-        print(" ".join(cells))
+        d = row.get("direct")
+        for side in SIDES:
+            r = row.get(side)
+            if r is None:
+                continue
+            cells = (f"{row['concurrency']:>4} | {side:<9} {r['rps']:>8.0f} {r['p50_us'] / 1e3:>7.3f} "
+                     f"{r['p99_us'] / 1e3:>7.3f} {r['cpu_us_per_req']:>10.0f} {r.get('errors', 0):>6} |")
+            if d is not None and side != "direct":
+                cells += f" {(r['p50_us'] - d['p50_us']) / 1e3:>12.3f} {r['rps'] / d['rps']:>9.2f}"
+            print(cells)
+        a, n = row.get("appliance"), row.get("naive")
+        if a is not None and n is not None:
+            print(f"{row['concurrency']:>4} | appliance vs naive proxy: {a['rps'] / n['rps']:.2f}x req/s, "
+                  f"{n['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x less CPU per request")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,54 @@
+"""The baseline for bench/gateway_overhead.py: a naive aiohttp proxy on Granian.
+
+    python bench/naive_proxy.py PORT UPSTREAM_URL
+
+What DEVELOPERS.md calls the bar to beat, written the obvious way: a Litestar
+``@post`` handler that takes the request, forwards its body with one shared
+aiohttp ``ClientSession`` and returns the engine's answer; Granian (ASGI) in front.
+No routing, no audit, no metrics: only the proxying.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import aiohttp
+import uvloop
+from granian.constants import Interfaces
+from granian.server.embed import Server
+from litestar import Litestar, Request, Response, get, post
+
+UPSTREAM = sys.argv[2] if len(sys.argv) > 2 else "http://127.0.0.1:8001"
+SESSION: dict[str, aiohttp.ClientSession] = {}
+
+
+@post("/v1/chat/completions", status_code=200)
+async def chat(request: Request) -> Response:
+    body = await request.body()
+    async with SESSION["s"].post(UPSTREAM + "/v1/chat/completions", data=body,
+                                 headers={"Content-Type": "application/json"}) as resp:
+        data = await resp.read()
+        return Response(data, status_code=resp.status, media_type="application/json")
+
+
+@get("/health")
+async def health() -> str:
+    return "ok"
+
+
+async def open_session() -> None:
+    SESSION["s"] = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+async def close_session() -> None:
+    await SESSION["s"].close()
+
+
+async def main(port: int) -> None:
+    app = Litestar([chat, health], on_startup=[open_session], on_shutdown=[close_session], openapi_config=None)
+    await Server(app, address="127.0.0.1", port=port, interface=Interfaces.ASGI, log_enabled=False,
+                 backlog=1024).serve()
+
+
+if __name__ == "__main__":
+    uvloop.run(main(int(sys.argv[1])))
