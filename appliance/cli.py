@@ -138,8 +138,9 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
             click.echo(f"  not served: {m['blocked']}")
         for r in m["replicas"]:
             where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
+            image = f"  image {r['image']}" if r.get("image") else ""
             click.echo(f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  "
-                       f"restarts {r['restarts']}")
+                       f"restarts {r['restarts']}{image}")
             if r.get("last_error"):
                 click.echo(f"      last error: {r['last_error']}")
             for line in r.get("log_tail") or []:

@@ -201,15 +201,25 @@ def images() -> None:
     """Engine images: each engine pinned in its own virtual environment."""
 
 
+class _NoPython(click.ClickException):
+    exit_code = 3  # install.sh skips a GPU image on it, and installs the rest
+
+
 @images.command("build")
 @click.argument("engine", type=click.Choice(ENGINES))
+@click.option("--python", "python", metavar="PATH",
+              help="The interpreter for the image's venv; it must be the Python version image.toml "
+                   "names (default: the appliance's own if it is, else pythonX.Y on PATH).")
 @CONFIG_OPTION
-def images_build(engine, config):
-    """Build ENGINE's image from images/ENGINE (the previous one is kept for rollback)."""
+def images_build(engine, python, config):
+    """Build ENGINE's image from images/ENGINE (the previous one is kept for rollback).
+    Exits 3 when no interpreter of the Python version the image needs is found."""
     from . import images as img
 
     try:
-        img.build(engine, _load(config), log=click.echo)
+        img.build(engine, _load(config), python=python, log=click.echo)
+    except img.PythonNotFound as exc:
+        raise _NoPython(str(exc)) from None
     except ImageError as exc:
         raise _fail(exc) from None
 

@@ -124,25 +124,18 @@ class LlamaCppConfig(_Section):
 
 
 class GpuEngineConfig(_Section):
-    # argv that starts the engine's OpenAI server from its pinned environment (images/).
+    # argv that starts the engine's OpenAI server. Empty: the engine's current image
+    # (`appliance images build vllm|sglang`): <images.dir>/vllm/current/bin/vllm serve,
+    # <images.dir>/sglang/current/bin/python -m sglang.launch_server.
     command: list[str] = msgspec.field(default_factory=list)
     # GPU memory beyond weights and KV cache: CUDA context, activations, CUDA graphs.
     overhead_gib: float = 3.0
 
 
-def _vllm_default() -> GpuEngineConfig:
-    return GpuEngineConfig(command=["/opt/appliance/engines/vllm/bin/vllm", "serve"])
-
-
-def _sglang_default() -> GpuEngineConfig:
-    return GpuEngineConfig(command=["/opt/appliance/engines/sglang/bin/python", "-m",
-                                    "sglang.launch_server"])
-
-
 class EnginesConfig(_Section):
     llamacpp: LlamaCppConfig = msgspec.field(default_factory=LlamaCppConfig)
-    vllm: GpuEngineConfig = msgspec.field(default_factory=_vllm_default)
-    sglang: GpuEngineConfig = msgspec.field(default_factory=_sglang_default)
+    vllm: GpuEngineConfig = msgspec.field(default_factory=GpuEngineConfig)
+    sglang: GpuEngineConfig = msgspec.field(default_factory=GpuEngineConfig)
 
 
 class GpuRequest(_Section):
@@ -538,8 +531,6 @@ def _validate(cfg: Config) -> None:
             need(m.kv_cache_tokens >= 0, f"{at}.kv_cache_tokens", "must not be negative")
             need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
             need(not m.sleep_mode or m.server == "vllm", f"{at}.sleep_mode", "only vllm has a sleep mode")
-            need(bool(getattr(cfg.engines, m.server).command), f"engines.{m.server}.command",
-                 "must name the engine's server command")
     _validate_routes(cfg, need)
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))

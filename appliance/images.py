@@ -5,6 +5,10 @@ version kept for rollback.
     <images.dir>/<engine>/<version>-<definition hash>/   a venv (+ bin/llama-server for llamacpp)
                                      .../image.json      engine, version, python, files' sha256
     <images.dir>/<engine>/current -> <version>-<hash>    what the supervisor launches
+
+The GPU engines' venvs are made with the Python image.toml names (their locks are
+that CPython's wheels): the appliance's own when it matches, else pythonX.Y on PATH,
+else --python PATH.
 """
 
 from __future__ import annotations
@@ -29,6 +33,15 @@ MANIFEST = "image.json"
 
 class ImageError(Exception):
     """One line for the operator."""
+
+
+class PythonNotFound(ImageError):
+    """No interpreter of the version an image needs: `images build` exits 3 for it."""
+
+
+# What a GPU engine's image runs: a file of its venv, then the arguments before the appliance's.
+GPU_ENTRY_POINTS = {"vllm": ("bin/vllm", ["serve"]),
+                    "sglang": ("bin/python", ["-m", "sglang.launch_server"])}
 
 
 def definitions_dir() -> Path:
@@ -150,6 +163,23 @@ def current_dir(engine: str, cfg: Config | None = None) -> Path | None:
     return link.resolve() if link.is_symlink() and (link.resolve() / MANIFEST).exists() else None
 
 
+def gpu_engine_command(engine: str, cfg: Config) -> tuple[list[str], str]:
+    """The argv that starts a GPU engine's server, and the image tag it runs from: the
+    configured [engines.<engine>] command when there is one (tag ""), else the current
+    image's entry point. ImageError, naming the fix, when neither exists."""
+    configured = getattr(cfg.engines, engine).command
+    if configured:
+        return list(configured), ""
+    exe, args = GPU_ENTRY_POINTS[engine]
+    current = current_dir(engine, cfg)
+    if current is None or not (current / exe).exists():
+        raise ImageError(f"no {engine} engine image in {images_dir(cfg) / engine}: run "
+                         f"`appliance images build {engine}` (or set engines.{engine}.command)")
+    # The resolved folder, not current/: the tag recorded is the one that runs, even if
+    # `current` moves (a build, a rollback) while the engine starts.
+    return [str(current / exe), *args], current.name
+
+
 def llama_server(cfg_images_dir: str = "") -> Path | None:
     """The current llamacpp image's binary, if one is built."""
     link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / "llamacpp" / "current"
@@ -157,7 +187,39 @@ def llama_server(cfg_images_dir: str = "") -> Path | None:
     return binary if (link / MANIFEST).exists() and binary.exists() else None
 
 
-def build(engine: str, cfg: Config | None = None, *, log=print) -> dict:
+def _python_version(python: str) -> str | None:
+    """major.minor of an interpreter, None when it does not run (a pyenv shim without
+    that version installed, say)."""
+    try:
+        result = subprocess.run([python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+                                capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    out = result.stdout.strip()
+    return out if result.returncode == 0 and re.fullmatch(r"\d+\.\d+", out) else None
+
+
+def find_python(d: Definition, python: str | None = None) -> str:
+    """The interpreter to make d's venv with: `python` (--python) if it is d.python,
+    else the appliance's own if it is, else python<d.python> on PATH."""
+    if python:
+        found = _python_version(python)
+        if found is None:
+            raise PythonNotFound(f"--python {python}: not a Python interpreter that runs")
+        if found != d.python:
+            raise PythonNotFound(f"--python {python} is Python {found}; the {d.engine} image needs "
+                                 f"Python {d.python} ({d.folder / 'image.toml'})")
+        return python
+    if "%d.%d" % sys.version_info[:2] == d.python:
+        return sys.executable
+    on_path = shutil.which(f"python{d.python}")
+    if on_path and _python_version(on_path) == d.python:
+        return on_path
+    raise PythonNotFound(f"the {d.engine} image needs Python {d.python} (its lock is CPython {d.python} "
+                         f"wheels): install python{d.python}, or pass --python PATH")
+
+
+def build(engine: str, cfg: Config | None = None, *, python: str | None = None, log=print) -> dict:
     d = definition(engine)
     base = images_dir(cfg) / engine
     target = base / d.tag
@@ -165,16 +227,27 @@ def build(engine: str, cfg: Config | None = None, *, log=print) -> dict:
         _set_current(base, target)
         log(f"{engine} {d.tag} up to date")
         return json.loads((target / MANIFEST).read_text())
+    # llama-server is a static binary; its venv only runs the build tools (wheels for any
+    # Python 3), so any interpreter does. A GPU engine's venv runs its lock's cp wheels.
+    if engine == "llamacpp":
+        interpreter = python or sys.executable
+        version = _python_version(interpreter) or d.python
+    else:
+        interpreter, version = find_python(d, python), d.python
+    if engine != "llamacpp" and (d.lock is None or not d.lock.exists()):
+        raise ImageError(f"{d.engine}: {d.lock} is missing: generate the hashed lock of the full "
+                         f"dependency tree first (see {d.folder / 'README.md'})")
     # Built where it lives (a venv records its own path); the image exists once its
     # image.json is written, last. A build killed half-way is removed by the next one.
     shutil.rmtree(target, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     try:
         if engine == "llamacpp":
-            _build_llamacpp(d, target, base, log)
+            _build_llamacpp(d, target, base, interpreter, log)
         else:
-            _build_python_engine(d, target, log)
-        manifest = {"engine": engine, "version": d.version, "tag": d.tag, "python": d.python,
+            _build_python_engine(d, target, interpreter, log)
+        manifest = {"engine": engine, "version": d.version, "tag": d.tag,
+                    "python": version,
                     "built_at": time.time(), "files": _file_digests(target)}
         tmp = target / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -195,25 +268,23 @@ def _run(argv: list[str], what: str, env: dict | None = None) -> None:
         raise ImageError(f"{what} failed: " + " | ".join(tail))
 
 
-def _build_llamacpp(d: Definition, tmp: Path, base: Path, log) -> None:
-    _run([sys.executable, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
+def _build_llamacpp(d: Definition, tmp: Path, base: Path, python: str, log) -> None:
+    _run([python, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
     env = dict(os.environ)
     if not shutil.which("cmake") or not shutil.which("ninja"):
         tools = base / ".tools"
         if not (tools / "bin" / "cmake").exists():
             log("installing the pinned build tools (cmake, ninja) with --require-hashes")
-            _run([sys.executable, "-m", "venv", str(tools)], "creating the tools venv")
+            _run([python, "-m", "venv", str(tools)], "creating the tools venv")
             _run([str(tools / "bin" / "pip"), "install", "--quiet", "--require-hashes", "-r",
                   str(d.requirements)], "installing build tools")
         env["PATH"] = f"{tools / 'bin'}:{env['PATH']}"
     _run([str(d.folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env)
 
 
-def _build_python_engine(d: Definition, tmp: Path, log) -> None:
-    if d.lock is None or not d.lock.exists():
-        raise ImageError(f"{d.engine}: {d.lock} is missing: generate the hashed lock of the full "
-                         f"dependency tree first (see {d.folder / 'README.md'})")
-    _run([sys.executable, "-m", "venv", str(tmp)], "creating the venv")
+def _build_python_engine(d: Definition, tmp: Path, python: str, log) -> None:
+    log(f"making the {d.engine} venv with {python} (Python {d.python})")
+    _run([python, "-m", "venv", str(tmp)], "creating the venv")
     # Wheels only: every package of the lock has one for the image's platform; on an older
     # glibc pip says which is missing instead of compiling a source tree.
     _run([str(tmp / "bin" / "pip"), "install", "--quiet", "--require-hashes", "--no-deps",

@@ -10,7 +10,8 @@ The owner task is the only code that changes the replica's state, through
                BACKOFF <-----+        (crash, failed start, failed health)
                   |
                   v
-                FATAL                 (too many crashes within the window)
+                FATAL                 (too many crashes within the window; at once when
+                                       there is nothing to launch, e.g. no engine image)
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import Protocol
 
 import aiohttp
 
-from engines import EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
+from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
 
 from .config import Config, ModelConfig
 from .process import ProcessHandle, ProcessRunner
@@ -155,6 +156,7 @@ class Replica:
         # GPU engines: where the placer put this replica; kept across restarts so a
         # crashed replica comes back on the same GPUs.
         self.slot: GpuSlot | None = None
+        self.image = ""  # the engine image (<version>-<hash>) of the last launch, if any
         self.cannot_start: str | None = None
         # Awaited before each engine start; a reason means: do not start, FATAL with it
         # (a store model whose files failed verification).
@@ -274,6 +276,7 @@ class Replica:
             "restarts": self.restarts,
             "gpus": list(self.slot.gpus) if self.slot else None,
             "memory_fraction": self.slot.memory_fraction if self.slot else None,
+            "image": self.image or None,
             "load": _load_dict(self.load),
             "last_error": self.last_error or None,
             "log_file": str(self.log_path) if self.supervised else None,
@@ -310,6 +313,13 @@ class Replica:
                     await self._run_once()
                 except _Blocked as blocked:
                     self.last_error = str(blocked)
+                    self._transition(State.FATAL, self.last_error)
+                    return
+                except CannotLaunch as exc:
+                    # Nothing to run until the operator acts (builds the image, then
+                    # restarts the replica): FATAL now, not a crash loop.
+                    self.port, self.base_url = 0, ""
+                    self.last_error = str(exc)
                     self._transition(State.FATAL, self.last_error)
                     return
                 except _Crash as crash:
@@ -356,6 +366,7 @@ class Replica:
         if not self.supervised:
             return _External()
         spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port, self.slot)
+        self.image = spec.image
         try:
             return await self.runner.spawn(spec.argv, spec.env, self.log_path)
         except OSError as exc:

@@ -1,6 +1,6 @@
 """Engine adapters, one per engine the appliance can supervise."""
 
-from .base import EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
+from .base import CannotLaunch, EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
 from .llamacpp import LlamaCppAdapter
 from .metrics import EngineLoad
 from .openai import OpenAIAdapter
@@ -22,5 +22,5 @@ def adapter_for(server: str) -> EngineAdapter:
         raise KeyError(f"no engine adapter named {server!r}") from None
 
 
-__all__ = ["ADAPTERS", "EngineAdapter", "EngineLoad", "GpuSlot", "LaunchSpec", "ProbeFailed",
+__all__ = ["ADAPTERS", "CannotLaunch", "EngineAdapter", "EngineLoad", "GpuSlot", "LaunchSpec", "ProbeFailed",
            "adapter_for"]

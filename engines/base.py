@@ -23,10 +23,16 @@ class ProbeFailed(Exception):
     """A readiness or health probe got no good answer; the message says why."""
 
 
+class CannotLaunch(Exception):
+    """The engine cannot be started at all (no image built, say): the replica goes FATAL
+    at once with this one-line reason, which names the fix; no crash loop."""
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    image: str = ""  # the engine image (<version>-<hash>) the argv runs from, if any
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,16 @@ class LocalEngine:
     async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
                           timeout: float) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
+
+
+def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
+    """[engines.<engine>] command, else the current image's entry point; and its image tag."""
+    from appliance.images import ImageError, gpu_engine_command as command
+
+    try:
+        return command(engine, cfg)
+    except ImageError as exc:
+        raise CannotLaunch(str(exc)) from None
 
 
 def offline_env(cfg: Config) -> dict[str, str]:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, http_text, offline_env
+from .base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
 from .metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
@@ -28,8 +28,9 @@ class SglangAdapter(LocalEngine):
 
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
+        command, image = gpu_engine_command(cfg, "sglang")
         argv = [
-            *cfg.engines.sglang.command,
+            *command,
             "--model-path", str(model_path(cfg, model)),
             "--served-model-name", model.name,
             "--host", host,
@@ -45,7 +46,7 @@ class SglangAdapter(LocalEngine):
         argv += model.args
         env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
-        return LaunchSpec(argv=argv, env={**env, **model.env})
+        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, http_post, http_text, offline_env
+from .base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_post, http_text, offline_env
 from .metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
@@ -28,8 +28,9 @@ class VllmAdapter(LocalEngine):
 
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
+        command, image = gpu_engine_command(cfg, "vllm")
         argv = [
-            *cfg.engines.vllm.command, str(model_path(cfg, model)),
+            *command, str(model_path(cfg, model)),
             "--served-model-name", model.name,
             "--host", host,
             "--port", str(port),
@@ -47,7 +48,7 @@ class VllmAdapter(LocalEngine):
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
         argv += model.args
-        return LaunchSpec(argv=argv, env={**env, **model.env})
+        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

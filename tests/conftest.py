@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -53,6 +54,24 @@ def fake_model(name: str = "fake", *flags: str, embeddings: bool = False, extra:
     command = ", ".join(f'"{a}"' for a in argv)
     return (f'[[models]]\nname = "{name}"\nserver = "openai"\ncommand = [{command}]\n'
             f"embeddings = {'true' if embeddings else 'false'}\n{extra}\n")
+
+
+def fake_engine_image(images_dir: Path, engine: str, tag: str = "0.0.0-fake", current: bool = True) -> Path:
+    """A built engine image (images_dir/<engine>/<tag>, `current` linking it) whose entry
+    point, bin/vllm or bin/python for sglang, runs tests/fake_engine.py speaking as that
+    engine with the arguments it was given: what a GPU model with no configured
+    [engines.<engine>] command launches."""
+    folder = images_dir / engine / tag
+    exe = folder / ("bin/vllm" if engine == "vllm" else "bin/python")
+    exe.parent.mkdir(parents=True)
+    exe.write_text(f'#!/bin/sh\nexec "{PY}" "{FAKE_ENGINE}" --as-engine {engine} "$@"\n')
+    exe.chmod(0o755)
+    (folder / "image.json").write_text(json.dumps({"engine": engine, "version": tag.split("-")[0], "tag": tag,
+                                                   "python": "3.11", "built_at": 0, "files": {}}))
+    if current:
+        (images_dir / engine / "current").unlink(missing_ok=True)
+        (images_dir / engine / "current").symlink_to(tag)
+    return folder
 
 
 @dataclass

@@ -113,6 +113,7 @@ def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
         ('[[models]]\nname = "a"\nsource = "builtin:llama-70b"\n', "models[0].source",
          "unknown builtin model"),
         ('[[models]]\nname = "a"\nserver = "vllm"\n', "models[0].source", "needs a model directory"),
+        ('[engines.vllm]\ncommand = "vllm serve"\n', "engines.vllm.command", "Expected `array`, got `str`"),
         ('[[models]]\nname = "a"\nserver = "sglang"\nsource = "/m"\nsleep_mode = true\n',
          "models[0].sleep_mode", "only vllm has a sleep mode"),
     ],
@@ -151,3 +152,14 @@ def test_the_llama_server_defaults_to_the_current_llamacpp_image(tmp_path):
     (tmp_path / "llamacpp" / "current").symlink_to(image.name)
     cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
     assert cfg.engines.llamacpp.binary == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
+
+
+def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():
+    # No command: the supervisor runs the current engine image (tests/test_gpu_adapters.py);
+    # a GPU model needs nothing more in the config.
+    cfg = parse_config('[[models]]\nname = "a"\nserver = "vllm"\nsource = "/m"\n'
+                       '[[models]]\nname = "b"\nserver = "sglang"\nsource = "/m"\n')
+    assert cfg.engines.vllm.command == [] and cfg.engines.sglang.command == []
+    cfg = parse_config('[engines.vllm]\ncommand = ["/srv/vllm/bin/vllm", "serve"]\noverhead_gib = 4\n')
+    assert cfg.engines.vllm.command == ["/srv/vllm/bin/vllm", "serve"] and cfg.engines.vllm.overhead_gib == 4
+    assert cfg.engines.sglang.command == []

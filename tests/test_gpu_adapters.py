@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from engines import GpuSlot, adapter_for
+from engines import CannotLaunch, GpuSlot, adapter_for
 from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
+
+from .conftest import fake_engine_image
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,6 +26,10 @@ def pinned_flags(engine: str) -> set[str]:
 CFG = parse_config("""
 [paths]
 cache_dir = "/var/cache/appliance"
+[engines.vllm]
+command = ["/opt/appliance/engines/vllm/bin/vllm", "serve"]
+[engines.sglang]
+command = ["/opt/appliance/engines/sglang/bin/python", "-m", "sglang.launch_server"]
 [[models]]
 name = "llama-8b"
 server = "vllm"
@@ -70,6 +76,60 @@ def test_every_flag_the_adapter_emits_exists_in_the_pinned_engine(engine, model)
     spec = adapter_for(engine).launch(CFG, CFG.models[model], "127.0.0.1", 9100, SLOT)
     emitted = {a for a in spec.argv if a.startswith("--")}
     assert emitted - pinned_flags(engine) == set()
+
+
+def test_a_configured_command_is_what_runs_and_names_no_image():
+    # (CFG sets [engines.*] command: an operator's own environment wins over the images.)
+    assert adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT).image == ""
+    assert adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9100, SLOT).image == ""
+
+
+def _image_config(images: Path):
+    return parse_config(f"""
+[images]
+dir = "{images}"
+[[models]]
+name = "llama-8b"
+server = "vllm"
+source = "/srv/models/llama-8b"
+[[models]]
+name = "qwen-32b"
+server = "sglang"
+source = "/srv/models/qwen-32b"
+""")
+
+
+def test_with_no_command_configured_gpu_engines_run_from_their_current_image(tmp_path):
+    cfg = _image_config(tmp_path)
+    assert cfg.engines.vllm.command == [] and cfg.engines.sglang.command == []
+    vllm = fake_engine_image(tmp_path, "vllm", "0.33.0-aaaaaaaaaaaa")
+    sglang = fake_engine_image(tmp_path, "sglang", "0.5.23-bbbbbbbbbbbb")
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT)
+    assert spec.argv[:3] == [str(vllm / "bin" / "vllm"), "serve", "/srv/models/llama-8b"]
+    assert spec.image == "0.33.0-aaaaaaaaaaaa"
+    spec = adapter_for("sglang").launch(cfg, cfg.models[1], "127.0.0.1", 9100, SLOT)
+    assert spec.argv[:5] == [str(sglang / "bin" / "python"), "-m", "sglang.launch_server",
+                             "--model-path", "/srv/models/qwen-32b"]
+    assert spec.image == "0.5.23-bbbbbbbbbbbb"
+    # A rollback moves `current`: the next launch runs (and names) the other image.
+    older = fake_engine_image(tmp_path, "vllm", "0.32.0-cccccccccccc")
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT)
+    assert spec.image == "0.32.0-cccccccccccc" and spec.argv[0] == str(older / "bin" / "vllm")
+
+
+@pytest.mark.parametrize(("engine", "model"), [("vllm", 0), ("sglang", 1)])
+def test_with_no_image_and_no_command_a_gpu_engine_cannot_launch_and_says_the_fix(tmp_path, engine, model):
+    cfg = _image_config(tmp_path / "images")
+    with pytest.raises(CannotLaunch) as info:
+        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT)
+    message = str(info.value)
+    assert f"run `appliance images build {engine}`" in message and f"engines.{engine}.command" in message
+    assert str(tmp_path / "images" / engine) in message and "\n" not in message
+    # An interrupted build (a folder, `current`, no image.json) is no image either.
+    (tmp_path / "images" / engine / "0.1-x" / "bin").mkdir(parents=True)
+    (tmp_path / "images" / engine / "current").symlink_to("0.1-x")
+    with pytest.raises(CannotLaunch, match=f"appliance images build {engine}"):
+        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT)
 
 
 def test_a_gpu_engine_without_a_slot_is_refused():

@@ -17,7 +17,7 @@ from appliance.gpu import GiB, SimulatedProbe
 from appliance.replica import State
 from appliance.supervisor import Supervisor
 
-from .conftest import FAKE_ENGINE, PY, ROOT, wait_until
+from .conftest import FAKE_ENGINE, PY, ROOT, fake_engine_image, wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -200,6 +200,63 @@ def test_the_daemon_reports_gpu_placement_in_status(daemons, tmp_path):
     wait_until(lambda: "appliance_engine_kv_cache_usage" in httpx.get(f"{d.url}/metrics").text, 10,
                what="engine load in /metrics")
     assert SimulatedProbe(DATA / "inventory-8xh100.toml").read().gpus[0].free_bytes == 40 * GiB
+
+
+def _image_model(tmp_path: Path, images: Path) -> tuple[str, str]:
+    """A vllm model with no [engines.vllm] command: it runs from the current image in images."""
+    small = make_model(tmp_path, "small", 14)
+    return (f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\nkv_cache_tokens = 32768\n',
+            f'[gpu]\ninventory = "{DATA / "inventory-8xh100.toml"}"\n[images]\ndir = "{images}"\n')
+
+
+def _status_text(d) -> str:
+    return subprocess.run([PY, "-m", "appliance.cli", "status", "--config", str(d.config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=30).stdout
+
+
+def test_a_gpu_model_with_no_command_is_served_from_the_engines_current_image(daemons, tmp_path):
+    fake_engine_image(tmp_path / "images", "vllm", "0.33.0-0123456789ab")
+    models, extra = _image_model(tmp_path, tmp_path / "images")
+    d = daemons.start(models, extra=extra)
+    [replica] = d.replicas("small")
+    assert replica["state"] == "READY" and replica["image"] == "0.33.0-0123456789ab"
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json={"model": "small", "messages": [{"role": "user",
+                                                                                   "content": "hi"}]})
+    assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
+    # The image's bin/vllm (the fake: `--as-engine vllm`, then what it was given) ran with
+    # vLLM's own argv: `serve MODEL_DIR --served-model-name small ...`.
+    argv = httpx.get(f"{replica['url']}/fake/stats", timeout=5).json()["argv"]
+    assert argv[:4] == ["--as-engine", "vllm", "serve", str(tmp_path / "small")]
+    assert argv[argv.index("--served-model-name") + 1] == "small"
+    assert "image 0.33.0-0123456789ab" in _status_text(d)
+
+
+def test_a_gpu_model_with_no_command_and_no_image_is_fatal_naming_the_fix(daemons, tmp_path):
+    models, extra = _image_model(tmp_path, tmp_path / "images")
+    d = daemons.start(models, extra=extra, wait=False)
+
+    def fatal():
+        try:
+            return next((r for r in d.replicas("small") if r["state"] == "FATAL"), None)
+        except httpx.HTTPError:
+            return None
+
+    replica = wait_until(fatal, 30, what="FATAL replica")
+    assert replica["last_error"] == (f"no vllm engine image in {tmp_path / 'images' / 'vllm'}: run "
+                                     "`appliance images build vllm` (or set engines.vllm.command)")
+    assert replica["restarts"] == 0 and replica["pid"] is None  # FATAL at once: nothing ever ran
+    status = _status_text(d)
+    assert "FATAL" in status and "appliance images build vllm" in status
+    with d.client() as c:
+        resp = c.post("/v1/completions", json={"model": "small", "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 503 and "appliance images build vllm" in resp.json()["error"]["message"]
+
+    # The fix: build the image, restart the replica; it comes up from the image.
+    fake_engine_image(tmp_path / "images", "vllm", "0.33.0-0123456789ab")
+    assert httpx.post(f"{d.url}/admin/models/small/replicas/0/restart", timeout=10).status_code == 200
+    wait_until(lambda: d.replicas("small")[0]["state"] == "READY", 30, what="READY from the image")
+    assert d.replicas("small")[0]["image"] == "0.33.0-0123456789ab"
 
 
 class AttributingProbe:

@@ -260,6 +260,57 @@ def test_a_gpu_image_installs_its_lock_with_require_hashes_and_wheels_only(tmp_p
     assert "ok: vllm" in appliance(tmp_path, "images", "verify", "vllm", env=env).stdout
 
 
+def _python_named(folder, name: str, reports: str):
+    """An interpreter called NAME that answers the version probe with REPORTS and runs this
+    Python for everything else: a stand-in for a pythonX.Y this machine does not have."""
+    folder.mkdir(exist_ok=True)
+    exe = folder / name
+    exe.write_text(f'#!/bin/sh\ncase "$2" in *sys.version_info*) echo {reports}; exit 0 ;; esac\n'
+                   f'exec "{PY}" "$@"\n')
+    exe.chmod(0o755)
+    return exe
+
+
+def test_a_gpu_image_venv_is_made_with_the_python_image_toml_names_or_refused(tmp_path):
+    """image.toml's python is the venv's: a version no interpreter here has is refused in one
+    line naming it and --python (exit 3, nothing written); so is --python of another version;
+    python3.X on PATH is taken when the appliance's own Python is not 3.X."""
+    defs = tmp_path / "defs"
+    shutil.copytree(ROOT / "images", defs)
+    toml = defs / "vllm" / "image.toml"
+    toml.write_text(toml.read_text().replace('python = "3.11"', 'python = "3.99"'))
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    whl = _wheel(wheels, "demo-engine-dep", "1.0")
+    (defs / "vllm" / "requirements.lock").write_text(
+        f"demo-engine-dep==1.0 \\\n    --hash=sha256:{hashlib.sha256(whl.read_bytes()).hexdigest()}\n")
+    env = {"APPLIANCE_IMAGE_DEFS": str(defs), "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(wheels)}
+    images = tmp_path / "images"
+
+    refused = appliance(tmp_path, "images", "build", "vllm", env=env, check=False)
+    assert refused.returncode == 3, refused.stderr
+    assert refused.stderr.strip() == ("Error: the vllm image needs Python 3.99 (its lock is CPython 3.99 "
+                                      "wheels): install python3.99, or pass --python PATH")
+    assert not images.exists()
+
+    other = _python_named(tmp_path / "bin", "python3.12", "3.12")
+    wrong = appliance(tmp_path, "images", "build", "vllm", "--python", str(other), env=env, check=False)
+    assert wrong.returncode == 3
+    assert f"--python {other} is Python 3.12; the vllm image needs Python 3.99" in wrong.stderr
+    assert not images.exists()
+
+    on_path = _python_named(tmp_path / "bin", "python3.99", "3.99")
+    built = appliance(tmp_path, "images", "build", "vllm",
+                      env={**env, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    assert f"making the vllm venv with {on_path} (Python 3.99)" in built.stdout
+    [row] = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
+    assert (row["engine"], row["python"], row["current"]) == ("vllm", "3.99", True)
+    out = subprocess.run([images / "vllm" / "current" / "bin" / "python", "-c",
+                          "import demo_engine_dep; print(demo_engine_dep.VERSION)"], capture_output=True, text=True)
+    assert out.stdout.strip() == "1.0", out.stderr
+
+
 @pytest.mark.parametrize("engine", GPU_ENGINES)
 def test_pip_takes_the_real_lock_in_require_hashes_mode_up_to_fetching_wheels(tmp_path, engine):
     """The checked-in lock, offline: pip parses all of it with --require-hashes and the

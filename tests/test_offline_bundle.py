@@ -1,11 +1,13 @@
 """The offline bundle: `appliance bundle create` on this (connected) machine, then
 `./install.sh --offline BUNDLE` inside a network namespace with only loopback, then a
 completion served from a store model that came in the bundle. A damaged bundle stops
-the install before anything is installed, naming the bad file."""
+the install before anything is installed, naming the bad file. A bundle with a GPU
+engine's wheelhouse gets that engine's image built by the offline install."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import PY, ROOT, free_port
+from .test_images import _wheel, needs_llama_build
 from .test_store import SMOLLM_WHEEL
 
 
@@ -89,6 +92,73 @@ wait $daemon
     assert "imported smollm2" in out
     completion = out.split("COMPLETION:", 1)[1].splitlines()[0]
     assert completion.strip()
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.skipif(not _netns_available(), reason="needs unshare -n (root, network namespaces)")
+@needs_llama_build  # the bundle carries no llama.cpp sdist: install.sh takes the cached llama-server
+def test_offline_install_builds_the_gpu_engine_image_the_bundle_carries(bundle, tmp_path):
+    """`bundle create --engine vllm` with a stand-in vllm definition (its lock: one small wheel
+    made here), made offline from the first bundle's wheels; then install.sh --offline with no
+    network builds the vllm image from the bundle's wheelhouse, leaves it alone when run again,
+    and skips (saying why, installing the rest) an image whose Python this machine lacks."""
+    parts = tmp_path / "parts"
+    with tarfile.open(bundle) as tf:
+        tf.extractall(parts, filter="data")
+    defs = tmp_path / "defs"
+    shutil.copytree(ROOT / "images", defs)
+    engine_wheels = tmp_path / "engine-wheels"
+    engine_wheels.mkdir()
+    whl = _wheel(engine_wheels, "demo-engine-dep", "1.0")
+    (defs / "vllm" / "requirements.lock").write_text(
+        f"demo-engine-dep==1.0 \\\n    --hash=sha256:{hashlib.sha256(whl.read_bytes()).hexdigest()}\n")
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+                   f'log_dir = "{tmp_path}/log"\n')
+    env = {**os.environ, "APPLIANCE_IMAGE_DEFS": str(defs), "PIP_CONFIG_FILE": os.devnull, "PIP_NO_INDEX": "1",
+           "PIP_FIND_LINKS": str(engine_wheels)}
+    gpu_bundle = tmp_path / "gpu.tar"
+    made = subprocess.run([PY, "-m", "appliance.cli", "bundle", "create", "-o", str(gpu_bundle),
+                           "--engine", "vllm", "--wheelhouse", str(parts / "wheels"),
+                           "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert made.returncode == 0, made.stderr
+    with tarfile.open(gpu_bundle) as tf:
+        assert f"images/vllm/{whl.name}" in tf.getnames()
+        assert json.load(tf.extractfile("bundle.json"))["engines"] == ["vllm"]
+
+    prefix = tmp_path / "venv"
+    no_python = tmp_path / "defs-3.99"
+    shutil.copytree(defs, no_python)
+    toml = no_python / "vllm" / "image.toml"
+    toml.write_text(toml.read_text().replace('python = "3.11"', 'python = "3.99"'))
+
+    def install(image_defs: Path) -> str:
+        script = (f"APPLIANCE_CONFIG={cfg} APPLIANCE_PREFIX={prefix} APPLIANCE_BIN_LINK={tmp_path}/bin/appliance "
+                  f"APPLIANCE_IMAGE_DEFS={image_defs} {ROOT}/install.sh --offline {gpu_bundle}")
+        result = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True,
+                                timeout=600, env={k: v for k, v in os.environ.items() if not k.startswith("PIP_")})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    first = install(defs)
+    assert "bundle verified" in first and "install.sh: built vllm 0.33.0-" in first
+    assert "WARNING" not in first  # pip's find-links are folders the bundle has
+    current = prefix / "images" / "vllm" / "current"
+    assert current.is_symlink() and (current / "image.json").is_file()
+    tag = json.loads((current / "image.json").read_text())["tag"]
+    out = subprocess.run([current / "bin" / "python", "-c", "import demo_engine_dep; print(demo_engine_dep.VERSION)"],
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "1.0", out.stderr
+
+    again = install(defs)
+    assert f"install.sh: vllm {tag} up to date" in again and "install.sh: nothing changed" in again
+
+    skipped = install(no_python)
+    assert ("install.sh: skipped the vllm engine image: the vllm image needs Python 3.99 (its lock is CPython "
+            "3.99 wheels): install python3.99, or pass --python PATH; everything else is installed (run "
+            "install.sh --offline again once that Python is there)") in skipped
+    assert "install.sh: nothing changed" in skipped
+    assert json.loads((current / "image.json").read_text())["tag"] == tag  # the built one stays current
 
 
 def _repack(bundle: Path, dest: Path, change) -> Path:
