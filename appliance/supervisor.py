@@ -186,7 +186,10 @@ class Deployment:
         return sum(r.inflight for r in self.replicas)
 
     def live(self) -> list[Replica]:
-        return [r for r in self.replicas if r.state in LIVE]
+        # A replica draining for an operator's restart comes back: it still counts
+        # (else the autoscaler would start a second one to cover the gap).
+        return [r for r in self.replicas
+                if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
 
     def kept(self) -> list[Replica]:
         """Replicas not being taken out of service, FATAL ones included: a FATAL

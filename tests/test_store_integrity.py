@@ -261,21 +261,25 @@ def _assert_blocked_naming(daemon, tmp_path: Path, model: str, store_name: str, 
     assert listing(tmp_path)[store_name]["store_state"] == "quarantined"
 
 
-def test_a_file_rewritten_after_import_is_caught_at_daemon_start(tmp_path, daemons):
+def _import_victim(tmp_path: Path) -> tuple[str, Path]:
+    """Import m.gguf as store model "victim": its sha256 and its blob's path."""
     src = gguf(tmp_path / "m.gguf")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
-    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    return digest, tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest
+
+
+def test_a_file_rewritten_after_import_is_caught_at_daemon_start(tmp_path, daemons):
+    digest, blob = _import_victim(tmp_path)
+    _rewrite(blob)
     # Same size: the size check at admission passes; the changed fingerprint gets it rehashed.
     daemon = daemons.start(_served_from_store("victim-model", "victim"), wait=False)
     _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
 
 
 def test_a_model_at_zero_replicas_is_checked_at_daemon_start_too(tmp_path, daemons):
-    src = gguf(tmp_path / "m.gguf")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
-    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    digest, blob = _import_victim(tmp_path)
+    _rewrite(blob)
     daemon = daemons.start(_served_from_store("victim-model", "victim",
                                               extra="[models.autoscaling]\nmin_replicas = 0\n"))
     # No replica starts: the status and a request say why, and none is started for it.
@@ -284,14 +288,12 @@ def test_a_model_at_zero_replicas_is_checked_at_daemon_start_too(tmp_path, daemo
 
 
 def test_a_file_changed_while_the_daemon_runs_is_caught_before_a_replica_loads_it(tmp_path, daemons):
-    src = gguf(tmp_path / "m.gguf")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
+    digest, blob = _import_victim(tmp_path)
     daemon = daemons.start(_served_from_store("victim-model", "victim"))
     with daemon.client() as c:
         assert c.post("/v1/completions", json={"model": "victim-model", "prompt": "hi",
                                                "max_tokens": 2}).status_code == 200
-        _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+        _rewrite(blob)
         assert c.post("/admin/models/victim-model/unload").status_code == 200
         wait_until(lambda: not daemon.replicas("victim-model"), timeout=30, what="unloaded")
         assert c.post("/admin/models/victim-model/load").status_code == 200
@@ -299,10 +301,8 @@ def test_a_file_changed_while_the_daemon_runs_is_caught_before_a_replica_loads_i
 
 
 def test_bit_rot_under_an_unchanged_fingerprint_is_served_until_the_scrub_blocks_it(tmp_path, daemons):
-    src = gguf(tmp_path / "m.gguf")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "MIT")
-    _rewrite(tmp_path / "cache" / "hf" / "hub" / "models--victim" / "blobs" / digest)
+    digest, blob = _import_victim(tmp_path)
+    _rewrite(blob)
     _as_if_bit_rot(tmp_path / "cache", "victim", verified_at=0.0)  # last verified long ago
     models = _served_from_store("victim-model", "victim")
 

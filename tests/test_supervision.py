@@ -153,3 +153,16 @@ def test_no_engine_outlives_a_daemon_killed_with_sigkill(daemons):
     d.terminate(signal.SIGKILL)
     wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=5,
                what="engines to die with the daemon")
+
+
+def test_an_operator_restart_of_the_only_replica_does_not_start_a_second_one(daemons):
+    # Regression: while the replica drained for its restart it did not count as live,
+    # so the autoscaler (min_replicas = 1) started another to cover the gap.
+    d = daemons.start(fake_model("fake", "--ignore-sigterm",
+                                 extra="[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 3\n"),
+                      extra="[autoscaling]\ninterval_s = 0.2\n")  # ticks all through the 2 s grace
+    [before] = d.replicas("fake")
+    assert httpx.post(f"{d.url}/admin/models/fake/replicas/{before['index']}/restart", timeout=10).status_code == 200
+    wait_until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
+                           for r in d.replicas("fake")), timeout=30, what="the restarted engine")
+    assert [r["index"] for r in d.replicas("fake")] == [before["index"]]
