@@ -2,12 +2,13 @@
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
-        [--no-naive] [--profile DIR]
+        [--no-naive] [--raw] [--profile DIR]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
 ``bench/naive_proxy.py`` (a naive aiohttp proxy on Granian: the bar DEVELOPERS.md
-sets), all on 127.0.0.1 only. For each concurrency it runs the load generator for
+sets) and, with --raw, the floor of the stack (a bare ASGI proxy, same server
+and client), all on 127.0.0.1 only. For each concurrency it runs the load generator for
 --warmup seconds (discarded) and --duration seconds (measured) against the engine
 directly, through the naive proxy and through the appliance, and prints one table:
 each side's req/s, p50, p99 and CPU per request, and each proxy against direct.
@@ -59,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 PATH = "/v1/chat/completions"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SIDES = ("direct", "naive", "appliance")
+SIDES = ("direct", "naive", "raw", "appliance")
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -221,6 +222,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--engine-latency", type=float, default=0.0, help="fake engine --latency (s)")
     p.add_argument("--only", choices=SIDES, help="measure one side only")
     p.add_argument("--no-naive", action="store_true", help="skip the naive-proxy baseline")
+    p.add_argument("--raw", action="store_true",
+                   help="also measure the floor of the stack: a bare ASGI proxy on the same server and client")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record the appliance during each measured appliance run into DIR")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
@@ -287,17 +290,19 @@ url = "http://127.0.0.1:{engine_port}"
         wait_http(f"http://127.0.0.1:{app_port}/readyz", app, 60, "appliance")
 
         ports = {"direct": engine_port, "appliance": app_port}
-        if not args.no_naive:
-            naive_port = free_port()
-            naive = subprocess.Popen(
-                taskset(rest_cpus) + [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(naive_port),
-                                      f"http://127.0.0.1:{engine_port}"],
+        pids = {"appliance": app.pid, "direct": engine.pid}
+        for side, wanted in (("naive", not args.no_naive), ("raw", args.raw)):
+            if not wanted:
+                continue
+            port = free_port()
+            proc = subprocess.Popen(
+                taskset(rest_cpus) + [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(port),
+                                      f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
                 env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(tmp / "naive.log", "wb"))
-            procs.append(naive)
-            wait_http(f"http://127.0.0.1:{naive_port}/health", naive, 60, "naive proxy")
-            ports["naive"] = naive_port
-        pids = {"appliance": app.pid, "naive": ports.get("naive") and naive.pid, "direct": engine.pid}
+                stderr=open(tmp / f"{side}.log", "wb"))
+            procs.append(proc)
+            wait_http(f"http://127.0.0.1:{port}/health", proc, 60, f"{side} proxy")
+            ports[side], pids[side] = port, proc.pid
 
         load = Load(client, rest_cpus, args.max_requests, tmp)
         print(f"client={client} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "

@@ -1,11 +1,15 @@
-"""The baseline for bench/gateway_overhead.py: a naive aiohttp proxy on Granian.
+"""The baselines for bench/gateway_overhead.py: proxies on Granian with no features.
 
-    python bench/naive_proxy.py PORT UPSTREAM_URL
+    python bench/naive_proxy.py PORT UPSTREAM_URL [--raw]
 
-What DEVELOPERS.md calls the bar to beat, written the obvious way: a Litestar
-``@post`` handler that takes the request, forwards its body with one shared
-aiohttp ``ClientSession`` and returns the engine's answer; Granian (ASGI) in front.
-No routing, no audit, no metrics: only the proxying.
+Default: what DEVELOPERS.md calls the bar to beat, written the obvious way: a
+Litestar ``@post`` handler that takes the request, forwards its body with one
+shared aiohttp ``ClientSession`` and returns the engine's answer; Granian (ASGI)
+in front. No routing, no audit, no metrics: only the proxying.
+
+--raw: the floor of the stack: a bare ASGI callable (no framework) doing the same
+forwarding with the same session on the same server. Nothing built on Granian's
+ASGI and aiohttp's client can be much cheaper per request than this.
 """
 
 from __future__ import annotations
@@ -44,11 +48,32 @@ async def close_session() -> None:
     await SESSION["s"].close()
 
 
-async def main(port: int) -> None:
-    app = Litestar([chat, health], on_startup=[open_session], on_shutdown=[close_session], openapi_config=None)
+async def raw_app(scope, receive, send) -> None:
+    if scope["type"] == "lifespan":
+        while (message := await receive())["type"] != "lifespan.shutdown":
+            await open_session()
+            await send({"type": "lifespan.startup.complete"})
+        await close_session()
+        await send({"type": "lifespan.shutdown.complete"})
+        return
+    if scope["path"] == "/health":
+        data, status = b"ok", 200
+    else:
+        body = (await receive())["body"]
+        async with SESSION["s"].post(UPSTREAM + scope["path"], data=body,
+                                     headers={"Content-Type": "application/json"}) as resp:
+            data, status = await resp.read(), resp.status
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data, "more_body": False})
+
+
+async def main(port: int, raw: bool) -> None:
+    app = raw_app if raw else Litestar([chat, health], on_startup=[open_session], on_shutdown=[close_session],
+                                       openapi_config=None)
     await Server(app, address="127.0.0.1", port=port, interface=Interfaces.ASGI, log_enabled=False,
                  backlog=1024).serve()
 
 
 if __name__ == "__main__":
-    uvloop.run(main(int(sys.argv[1])))
+    uvloop.run(main(int(sys.argv[1]), "--raw" in sys.argv[3:]))
