@@ -389,6 +389,19 @@ def print_table(results: list[dict]) -> None:
         if a is not None and n is not None:
             print(f"{row['concurrency']:>4} | appliance vs naive proxy: {a['rps'] / n['rps']:.2f}x req/s, "
                   f"{n['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x less CPU per request")
+    print_goals(results)
+
+
+def print_goals(results: list[dict]) -> None:
+    """The issue's two goals, as this run measured them."""
+    rows = {row["concurrency"]: row for row in results if "direct" in row and "appliance" in row}
+    if 1 in rows:
+        added = (rows[1]["appliance"]["p50_us"] - rows[1]["direct"]["p50_us"]) / 1e3
+        print(f"goal: added p50 <= 0.5 ms at concurrency 1: {added:.3f} ms, {'met' if added <= 0.5 else 'NOT met'}")
+    if 64 in rows:
+        ratio = rows[64]["appliance"]["rps"] / rows[64]["direct"]["rps"]
+        print(f"goal: throughput >= 80% of direct at concurrency 64: {ratio:.2f}, "
+              f"{'met' if ratio >= 0.8 else 'NOT met'}")
 
 
 if __name__ == "__main__":
