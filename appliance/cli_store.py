@@ -298,19 +298,23 @@ def bundle() -> None:
 
 @bundle.command("create")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The archive to write (.tar).")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES), default=["llamacpp"],
-              show_default=True, help="Engine images whose wheelhouse to include (repeatable).")
+@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
+              help="GPU engine images whose wheelhouse to include (repeatable).")
+@click.option("--cpu-engine/--no-cpu-engine", default=True, show_default=True,
+              help="Include the CPU engine (llamacpp) that serves the embedded default; without it "
+                   "install.sh --offline needs a llama-server build already cached on the server.")
 @click.option("--model", "models", multiple=True, metavar="NAME", help="Store models to include (repeatable).")
 @click.option("--wheelhouse", metavar="DIR",
               help="Take the appliance's wheels from DIR instead of building them (offline rebuild).")
 @CONFIG_OPTION
-def bundle_create(output, engines, models, wheelhouse, config):
+def bundle_create(output, engines, cpu_engine, models, wheelhouse, config):
     """Write one archive with the appliance's wheels, engine wheelhouses, models and SHA256SUMS."""
     from .bundle import BundleError, create
 
     cfg = _load(config)
     try:
-        path = create(cfg, Path(output), engines=list(engines), models=list(models),
+        engines = ["llamacpp", *engines] if cpu_engine else [e for e in engines if e != "llamacpp"]
+        path = create(cfg, Path(output), engines=list(dict.fromkeys(engines)), models=list(models),
                       wheelhouse=Path(wheelhouse) if wheelhouse else None, log=click.echo)
     except (BundleError, StoreError, ImageError) as exc:
         raise _fail(exc) from None
