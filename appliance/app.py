@@ -58,7 +58,7 @@ from .serving import forward_stream, forward_unary, open_local_stream
 from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
-from .store_guard import Scrubber
+from .store_guard import RECHECK_S, Scrubber
 from .admin_socket import via_admin_socket
 from .admin_views import gpu_view, replica_log
 from .ttft import TtftTracker
@@ -563,6 +563,11 @@ def create_app(cfg: Config) -> Litestar:
 
         scheduler.add_job(autoscale, "interval", seconds=cfg.autoscaling.interval_s,
                           id="autoscaler", max_instances=1, coalesce=True)
+        if supervisor.store_checks is not None:
+            # A blocked store model that passes admission again (re-imported, verified, its
+            # license accepted) is served again.
+            scheduler.add_job(supervisor.recheck_blocked, "interval", seconds=RECHECK_S,
+                              id="store-recheck", max_instances=1, coalesce=True)
         scheduler.start()
         # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
         scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)

@@ -16,7 +16,10 @@ Three checks, cheapest first:
 
 A mismatch quarantines the model in the store and blocks its deployments
 (``Supervisor.block_store_model``): its replicas drain and stop, requests get 503 with
-the reason.
+the reason. While a model is blocked, its admission is checked again every
+``RECHECK_S`` seconds (``Supervisor.recheck_blocked``: a manifest read and a stat per
+file); once it passes (re-imported, `models verify` found it right again, its license
+accepted) the block is lifted and the model is served again, no restart.
 """
 
 from __future__ import annotations
@@ -35,17 +38,20 @@ from .store import Interrupted, Store, Throttle, quarantine_reason
 
 log = logging.getLogger("appliance.store")
 
+# How often the daemon checks blocked store models' admission again, in seconds.
+RECHECK_S = 5.0
+
 
 def store_name(model) -> str | None:
     """NAME of a model served from ``store:NAME``, else None."""
     return model.source[len(STORE_PREFIX):] if model.source.startswith(STORE_PREFIX) else None
 
 
-def admit_store_models(cfg: Config, deployments: dict) -> list[BinaryIO]:
+def admit_store_models(cfg: Config, deployments: dict) -> dict[str, BinaryIO]:
     """Check each store model (no hashing: fingerprints are StoreChecks' work); lease the
-    admitted ones (eviction and rm leave a leased model alone) and return the leases,
-    held for the daemon's life."""
-    leases: list[BinaryIO] = []
+    admitted ones (eviction and rm leave a leased model alone) and return the leases by
+    store name, held for the daemon's life."""
+    leases: dict[str, BinaryIO] = {}
     store: Store | None = None
     for deployment in deployments.values():
         name = store_name(deployment.model)
@@ -57,7 +63,8 @@ def admit_store_models(cfg: Config, deployments: dict) -> list[BinaryIO]:
             log.error("not serving %s: %s", deployment.model.name, reason)
             deployment.blocked = reason
             continue
-        leases.append(store.lease(name))
+        if name not in leases:
+            leases[name] = store.lease(name)
         store.touch(name)
     if store is not None:
         store.close()

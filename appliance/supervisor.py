@@ -267,7 +267,7 @@ class Supervisor:
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         self.store_checks: StoreChecks | None = None
-        self.store_leases: list = []
+        self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
         if state is not None:
             for name, control in state.all().items():
                 if name in self.deployments:
@@ -417,8 +417,8 @@ class Supervisor:
     def block(self, dep: Deployment, reason: str) -> None:
         """Stop serving a model (as admission does at boot): no replica of it starts again,
         the running ones drain and stop, held and new requests get 503 with the reason,
-        and a FATAL replica in its place says why in `appliance status`. Until the daemon
-        restarts."""
+        and a FATAL replica in its place says why in `appliance status`. Until its store
+        entry passes admission again (``recheck_blocked``)."""
         if dep.blocked or self._stopping:
             return
         dep.blocked = reason
@@ -429,6 +429,65 @@ class Supervisor:
         dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
         if had_replicas:
             self.add_replica(dep, reason="blocked")
+
+    async def recheck_blocked(self) -> list[str]:
+        """Check the admission of every blocked store model again (the StoreChecks worker:
+        a manifest read and a stat per file; a quarantined model is not rehashed: `models
+        verify` decides). Those that pass are served again (``unblock_store_model``).
+        Returns the store names lifted."""
+        if self.store_checks is None or self._stopping:
+            return []
+        names = sorted({store_name(d.model) for d in self.deployments.values()
+                        if d.blocked and store_name(d.model)})
+        lifted = []
+        for name in names:
+            reason = await self.store_checks.check(name)
+            if self._stopping:
+                break  # an interrupted check found nothing, which is no verdict
+            if reason is None:
+                self.unblock_store_model(name)
+                lifted.append(name)
+            else:  # still blocked, maybe for another reason now (verified, license not accepted)
+                for dep in self.deployments.values():
+                    if store_name(dep.model) == name and dep.blocked and dep.blocked != reason:
+                        dep.blocked = reason
+                        for r in dep.kept():
+                            if r.state is State.FATAL and r.cannot_start:
+                                r.cannot_start = r.last_error = reason
+        return lifted
+
+    def unblock_store_model(self, name: str) -> None:
+        """Store model NAME passed admission again: serve every model blocked on it."""
+        if name not in self.store_leases:
+            try:
+                store = Store.from_config(self.cfg)
+                try:
+                    self.store_leases[name] = store.lease(name)
+                    store.touch(name)
+                finally:
+                    store.close()
+            except Exception as exc:  # a lock or manifest we cannot write: serve it anyway
+                log.warning("cannot lease store model %s: %s", name, exc)
+        for dep in self.deployments.values():
+            if store_name(dep.model) == name and dep.blocked:
+                self.unblock(dep)
+                log.info("store model %s verified again: serving %s", name, dep.model.name)
+
+    def unblock(self, dep: Deployment) -> None:
+        """Serve a blocked model again: its FATAL replica goes, and it gets its count back
+        (the operator's, else min_replicas; none if unloaded: a request starts one)."""
+        if not dep.blocked or self._stopping:
+            return
+        dep.blocked = None
+        for r in dep.kept():
+            if r.state is State.FATAL:
+                self.retire(r, "its store model is served again")
+        wanted = dep.control.override
+        if wanted is None:
+            wanted = 0 if dep.unloaded else dep.model.autoscaling.min_replicas
+        while len(dep.kept()) < min(wanted, dep.model.autoscaling.max_replicas):
+            if self.add_replica(dep, reason="its store model is served again") is None:
+                break
 
     def retire(self, replica: Replica, reason: str) -> None:
         """Take a replica out of service: no new requests; in-flight ones finish

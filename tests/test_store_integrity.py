@@ -316,3 +316,95 @@ def test_bit_rot_under_an_unchanged_fingerprint_is_served_until_the_scrub_blocks
     # The scrub (weekly by default) finds the file overdue, rehashes it and blocks the model.
     daemon = daemons.start(models, wait=False)
     _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
+
+
+# --- a block lifts once the store model is right again ------------------------------
+
+def _served(daemon, model) -> dict:
+    entry = next(m for m in daemon.status()["models"] if m["name"] == model)
+    return entry if entry["blocked"] is None else None
+
+
+def _assert_served_again(daemon, model: str, store_name: str) -> None:
+    """The running daemon lifts the block by itself: status clean, a completion served."""
+    entry = wait_until(lambda: _served(daemon, model), timeout=60, what="block lifted")
+    assert "FATAL" not in [r["state"] for r in entry["replicas"]]
+    with daemon.client(timeout=60) as c:
+        resp = c.post("/v1/completions", json={"model": model, "prompt": "hi", "max_tokens": 2})
+    assert resp.status_code == 200, resp.text
+    assert f"store model {store_name} verified again: serving {model}" in daemon.log_text()
+    status = subprocess.run([PY, "-m", "appliance.cli", "status", "--config", str(daemon.config)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert "not served" not in status.stdout
+
+
+def test_a_model_blocked_at_start_is_served_again_after_models_verify_without_a_restart(tmp_path, daemons):
+    digest, blob = _import_victim(tmp_path)
+    _rewrite(blob)
+    daemon = daemons.start(_served_from_store("victim-model", "victim"), wait=False)
+    _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
+    pid = daemon.proc.pid
+
+    _rewrite(blob)  # the same byte flipped back: the original content
+    assert run(tmp_path, "models", "verify", "victim").stdout.strip() == "victim: ok"
+    _assert_served_again(daemon, "victim-model", "victim")
+    assert daemon.proc.pid == pid and daemon.proc.poll() is None
+    entry = next(m for m in daemon.status()["models"] if m["name"] == "victim-model")
+    assert [r["state"] for r in entry["replicas"]] == ["READY"]  # its min_replicas, no more
+    # Admitted now, so leased: eviction and rm leave it alone while it is served.
+    assert Store(tmp_path / "cache").in_use("victim")
+    assert listing(tmp_path)["victim"]["store_state"] == "ready"
+
+
+def test_a_model_blocked_for_its_license_is_served_once_the_license_is_accepted(tmp_path, daemons):
+    src = gguf(tmp_path / "m.gguf")
+    run(tmp_path, "models", "import", str(src), "--name", "victim", "--license", "LicenseRef-acme")
+    daemon = daemons.start(_served_from_store("victim-model", "victim"), wait=False)
+    blocked = wait_until(lambda: _blocked(daemon, "victim-model"), timeout=60, what="model blocked")
+    assert "license LicenseRef-acme" in blocked and "accept-license victim" in blocked
+    with daemon.client() as c:
+        assert c.post("/v1/completions", json={"model": "victim-model", "prompt": "hi",
+                                               "max_tokens": 2}).status_code == 503
+
+    run(tmp_path, "models", "accept-license", "victim")
+    _assert_served_again(daemon, "victim-model", "victim")
+
+
+async def test_recheck_lifts_only_blocks_whose_store_model_passes_admission_again(tmp_path):
+    """The recheck's decision: still quarantined (the file restored but not verified) stays
+    blocked, with no rehash; verified again is served again, leased, at its count."""
+    import aiohttp
+
+    from appliance.config import parse_config
+    from appliance.supervisor import Supervisor
+
+    digest, blob = _import_victim(tmp_path)
+    _rewrite(blob)
+    store = Store(tmp_path / "cache", allowed_licenses=["MIT"])
+    assert "quarantined" in store.admission("victim")
+    cfg = parse_config(
+        f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+        f'log_dir = "{tmp_path}/log"\n'
+        + _served_from_store("victim-model", "victim", extra="[models.autoscaling]\nmin_replicas = 0\n"))
+    session = aiohttp.ClientSession()
+    sup = Supervisor(cfg, session)
+    try:
+        sup.start()
+        dep = sup.deployments["victim-model"]
+        assert "quarantined" in dep.blocked and dep.replicas == []
+        assert "victim" not in sup.store_leases
+
+        _rewrite(blob)  # restored, but the store still says quarantined until `models verify`
+        assert await sup.recheck_blocked() == []
+        assert "quarantined" in dep.blocked and "victim" not in sup.store_leases
+
+        assert store.verify("victim").state == "ready"
+        assert await sup.recheck_blocked() == ["victim"]
+        assert dep.blocked is None and dep.replicas == []  # min_replicas 0: on demand
+        assert "victim" in sup.store_leases and store.in_use("victim")
+        assert dep.can_become_ready()
+        assert await sup.recheck_blocked() == []  # nothing blocked: nothing to do
+    finally:
+        await sup.stop()
+        await session.close()
+        store.close()
