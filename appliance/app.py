@@ -233,11 +233,16 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     if ctx.response_text is not None:
         ctx.response_text = data
     finish(rt, ctx, status, request_text)
+    await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
+    """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", content_type.encode("latin-1")),
-                            (b"content-length", str(len(data)).encode()),
-                            (b"x-request-id", ctx.rid.encode("latin-1"))]})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
+                            (b"content-length", str(len(body)).encode()),
+                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 def _for(dep, body: bytes, target: str) -> bytes:
@@ -262,18 +267,9 @@ async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
         return
 
 
-@asgi("/v1/chat/completions", copy_scope=False)
-async def chat_completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await _proxy_endpoint(scope, receive, send)
-
-
-@asgi("/v1/completions", copy_scope=False)
-async def completions(scope: Scope, receive: Receive, send: Send) -> None:
-    await _proxy_endpoint(scope, receive, send)
-
-
-@asgi("/v1/embeddings", copy_scope=False)
-async def embeddings(scope: Scope, receive: Receive, send: Send) -> None:
+@asgi(list(PROXY_ENDPOINTS), copy_scope=False)
+async def proxy_endpoints(scope: Scope, receive: Receive, send: Send) -> None:
+    """The proxy endpoints as Litestar routes them (its TestClient, methods other than POST)."""
     await _proxy_endpoint(scope, receive, send)
 
 
@@ -301,15 +297,10 @@ def front_door(app: Litestar):
                 if started:  # the answer is on its way: nothing sane to add to it
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
-                await send({"type": "http.response.start", "status": status,
-                            "headers": [(b"content-type", JSON.encode()),
-                                        (b"content-length", str(len(body)).encode()),
-                                        *((k.lower().encode(), v.encode("latin-1")) for k, v in headers.items())]})
-                await send({"type": "http.response.body", "body": body, "more_body": False})
+                await _send_whole(send, status, JSON, body, headers)
             return
         await app(scope, receive, send)
 
-    front.litestar = app  # type: ignore[attr-defined]
     return front
 
 
@@ -527,7 +518,7 @@ def _framework_message(exc: HTTPException) -> str:
 
 # --- the app --------------------------------------------------------------------
 
-ROUTE_HANDLERS = [chat_completions, completions, embeddings, list_models, get_model, healthz, readyz,
+ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, healthz, readyz,
                   metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
                   admin_gpus, admin_replica_log, openapi_document]
 

@@ -114,10 +114,6 @@ class _Crash(Exception):
         self.counted = counted  # an operator's restart is no crash: no backoff, no FATAL
 
 
-class _Blocked(Exception):
-    """The preflight refused the start (the reason): FATAL, not a crash to retry."""
-
-
 Listener = Callable[["Replica", Transition], None]
 
 
@@ -311,13 +307,9 @@ class Replica:
             while not self._stop.is_set():
                 try:
                     await self._run_once()
-                except _Blocked as blocked:
-                    self.last_error = str(blocked)
-                    self._transition(State.FATAL, self.last_error)
-                    return
                 except CannotLaunch as exc:
-                    # Nothing to run until the operator acts (builds the image, then
-                    # restarts the replica): FATAL now, not a crash loop.
+                    # Nothing to run until the operator acts (builds the image, fixes the
+                    # store files, then the replica restarts): FATAL now, not a crash loop.
                     self.port, self.base_url = 0, ""
                     self.last_error = str(exc)
                     self._transition(State.FATAL, self.last_error)
@@ -352,7 +344,7 @@ class Replica:
             if outcome == "stopped":
                 return
             if outcome == "done" and self._last_result:
-                raise _Blocked(str(self._last_result))
+                raise CannotLaunch(str(self._last_result))  # the preflight refused: its reason
         self._proc = await self._spawn()
         self.pid = self._proc.pid
         await self._until_ready()

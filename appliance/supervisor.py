@@ -185,6 +185,14 @@ class Deployment:
     def inflight(self) -> int:
         return sum(r.inflight for r in self.replicas)
 
+    def standing_count(self) -> int:
+        """Replicas the model keeps with no traffic: the operator's count, else
+        min_replicas (none once unloaded: a request starts one), at most max_replicas."""
+        wanted = self.control.override
+        if wanted is None:
+            wanted = 0 if self.unloaded else self.model.autoscaling.min_replicas
+        return min(wanted, self.model.autoscaling.max_replicas)
+
     def live(self) -> list[Replica]:
         # A replica draining for an operator's restart comes back: it still counts
         # (else the autoscaler would start a second one to cover the gap).
@@ -294,10 +302,7 @@ class Supervisor:
                                 if store_name(d.model) and not d.blocked}):
                 self._background(self.store_checks.check(name), f"store-check-{name}")
         for dep in self.deployments.values():
-            wanted = dep.control.override
-            if wanted is None:
-                wanted = dep.model.autoscaling.min_replicas
-            for _ in range(min(wanted, dep.model.autoscaling.max_replicas)):
+            for _ in range(dep.standing_count()):
                 self.add_replica(dep, reason="boot")
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
@@ -449,12 +454,17 @@ class Supervisor:
                 lifted.append(name)
             else:  # still blocked, maybe for another reason now (verified, license not accepted)
                 for dep in self.deployments.values():
-                    if store_name(dep.model) == name and dep.blocked and dep.blocked != reason:
-                        dep.blocked = reason
-                        for r in dep.kept():
-                            if r.state is State.FATAL and r.cannot_start:
-                                r.cannot_start = r.last_error = reason
+                    if store_name(dep.model) == name and dep.blocked:
+                        self._reword_block(dep, reason)
         return lifted
+
+    @staticmethod
+    def _reword_block(dep: Deployment, reason: str) -> None:
+        """A blocked model's reason changed: the block and its FATAL replica say the new one."""
+        dep.blocked = reason
+        for r in dep.kept():
+            if r.state is State.FATAL and r.cannot_start:
+                r.cannot_start = r.last_error = reason
 
     def unblock_store_model(self, name: str) -> None:
         """Store model NAME passed admission again: serve every model blocked on it."""
@@ -482,10 +492,7 @@ class Supervisor:
         for r in dep.kept():
             if r.state is State.FATAL:
                 self.retire(r, "its store model is served again")
-        wanted = dep.control.override
-        if wanted is None:
-            wanted = 0 if dep.unloaded else dep.model.autoscaling.min_replicas
-        while len(dep.kept()) < min(wanted, dep.model.autoscaling.max_replicas):
+        while len(dep.kept()) < dep.standing_count():
             if self.add_replica(dep, reason="its store model is served again") is None:
                 break
 
