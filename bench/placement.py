@@ -16,8 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import appliance.placement as placement  # noqa: E402
-from appliance.placement import GiB, Demand, Gpu, PlacementError, gpus_in_use, place  # noqa: E402
-from tests.placement_oracle import optimum, random_instance  # noqa: E402
+from appliance.placement import GiB, Demand, Gpu, PlacementError, place  # noqa: E402
+from tests.placement_oracle import against_optimum  # noqa: E402
 
 
 def node_8x32(rng: random.Random, scale: float = 1.0):
@@ -51,24 +51,9 @@ def timings(instances, runs: int) -> list[float]:
 
 
 def quality(seed: int, n: int) -> dict:
-    rng = random.Random(seed)
-    feasible = optimal = excess = failed = 0
-    while feasible < n:
-        gpus, placed, demands = random_instance(rng, max_gpus=4, max_replicas=6)
-        best = optimum(gpus, placed, demands)
-        if best is None:
-            continue
-        feasible += 1
-        try:
-            got = len(gpus_in_use(placed, place(gpus, placed, demands)))
-        except PlacementError:
-            failed += 1
-            continue
-        optimal += got == best
-        excess += got - best
-    placed_ok = feasible - failed
-    return {"n": feasible, "optimal": optimal / feasible,
-            "excess": excess / max(1, placed_ok), "failed": failed}
+    q = against_optimum(seed, n)
+    return {"n": q["cases"], "optimal": q["optimal"] / q["cases"],
+            "excess": q["excess"] / max(1, q["cases"] - q["failed"]), "failed": q["failed"]}
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from appliance.placement import GiB, Demand, Gpu, Placed
+from appliance.placement import GiB, Demand, Gpu, Placed, PlacementError, gpus_in_use, place
 
 KINDS = {"H100": 80 * GiB, "A100": 40 * GiB, "L40S": 48 * GiB}
 
@@ -107,3 +107,29 @@ def random_instance(rng: random.Random, max_gpus: int = 4, max_replicas: int = 6
         tp = rng.choice(sizes) if rng.random() < 0.15 else None
         demands.append(Demand(f"m{k}#0", per, kind, tp))
     return gpus, placed, demands
+
+
+def against_optimum(seed: int, n: int, check=None) -> dict:
+    """The placer on n feasible random small instances against the exhaustive optimum:
+    counts of cases, optimal ones, extra GPUs in all and failures. check(gpus, placed,
+    demands, result), when given, vets each placement."""
+    rng = random.Random(seed)
+    cases = optimal = excess = failed = 0
+    while cases < n:
+        gpus, placed, demands = random_instance(rng, max_gpus=4, max_replicas=6)
+        best = optimum(gpus, placed, demands)
+        if best is None:
+            continue
+        cases += 1
+        try:
+            result = place(gpus, placed, demands)
+        except PlacementError:
+            failed += 1
+            continue
+        if check is not None:
+            check(gpus, placed, demands, result)
+        got = len(gpus_in_use(placed, result))
+        assert got >= best, f"the placer beat the optimum ({got} < {best}): the oracle is wrong"
+        optimal += got == best
+        excess += got - best
+    return {"cases": cases, "optimal": optimal, "excess": excess, "failed": failed}

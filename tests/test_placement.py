@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -12,7 +11,7 @@ from appliance.placement import (
     GiB, Assignment, Demand, Gpu, Placed, PlacementError, free_bytes, gpus_in_use, place,
 )
 
-from .placement_oracle import KINDS, optimum, random_instance
+from .placement_oracle import KINDS, against_optimum, optimum
 
 PROPERTY = settings(max_examples=300, derandomize=True, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -138,28 +137,11 @@ def test_a_sleeping_replica_frees_its_gpu_memory(node):
 
 
 def test_the_heuristic_matches_the_exhaustive_optimum_in_95_percent_of_cases():
-    rng = random.Random(20240611)
-    cases = optimal = excess = failed = 0
-    while cases < 400:
-        gpus, placed, demands = random_instance(rng, max_gpus=4, max_replicas=6)
-        best = optimum(gpus, placed, demands)
-        if best is None:
-            continue
-        cases += 1
-        try:
-            result = place(gpus, placed, demands)
-        except PlacementError:
-            failed += 1
-            continue
-        check_assignments(gpus, placed, demands, result)
-        got = len(gpus_in_use(placed, result))
-        assert got >= best
-        optimal += got == best
-        excess += got - best
-    rate = optimal / cases
-    print(f"\nplacement: optimal in {optimal}/{cases} = {rate:.1%} of feasible small instances, "
-          f"{excess} extra GPUs in all, {failed} failed")
-    assert rate >= 0.95, f"heuristic optimal in only {rate:.1%} of {cases} cases"
+    q = against_optimum(20240611, 400, check=check_assignments)
+    rate = q["optimal"] / q["cases"]
+    print(f"\nplacement: optimal in {q['optimal']}/{q['cases']} = {rate:.1%} of feasible small instances, "
+          f"{q['excess']} extra GPUs in all, {q['failed']} failed")
+    assert rate >= 0.95, f"heuristic optimal in only {rate:.1%} of {q['cases']} cases"
 
 
 # ----------------------------------------------------------------- units
