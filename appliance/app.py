@@ -217,15 +217,12 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     tenancy = rt.tenancy
     stream = getattr(req, "stream", False)
     if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated):
-        asked = req.stream_options is not None and bool(req.stream_options.include_usage)
-        if not asked:
-            fields["stream_options"] = usage_option(body)
-        ctx.tap = (StreamTap(not asked, scrub, USAGE_OR_REVEALING) if tenancy.isolated
-                   else StreamTap(not asked))
+        _tap(ctx, req, tenancy.isolated, fields)
     if fields:
         body = set_fields(body, **fields)
     tenant = tenancy.tenant(key, route)
-    salt = tenancy.salt(tenant, getattr(req, "cache_salt", None)) if tenant is not None else None
+    salt = (tenancy.salt(tenant, req.cache_salt)
+            if tenant is not None and cls is not EmbeddingRequest else None)
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and cls is not EmbeddingRequest:
         ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest, tenancy.seed(tenant))
     request_text = None
@@ -269,6 +266,16 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
 
 
+def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict) -> None:
+    """A metered or tenant-isolated stream: the engine is asked for its usage (an
+    event kept from a client that did not ask for it), and the relay watches the
+    events (appliance/metering.py: StreamTap)."""
+    asked = req.stream_options is not None and bool(req.stream_options.include_usage)
+    if not asked:
+        fields["stream_options"] = usage_option(ctx.body)
+    ctx.tap = StreamTap(not asked, scrub, USAGE_OR_REVEALING) if isolated else StreamTap(not asked)
+
+
 def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict) -> None:
     """Admit the key's request against its limits and hold the most it may cost
     against its budget (appliance/keys.py). A request that set no completion
@@ -278,7 +285,7 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
     route = ctx.route.name if ctx.route is not None else None
     dep = rt.supervisor.deployments.get(target)
     if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
-        ctx.reservation = rt.gate.admit(key, route, 0, 0)
+        ctx.reservation = rt.gate.admit(key, route)
         return
     context = dep.model.context_length
     ceiling = dep.model.default_max_tokens or context

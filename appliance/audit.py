@@ -156,10 +156,8 @@ class AuditLog:
                     async with asyncio.timeout(self.cfg.flush_interval_s):
                         await self._wake.wait()
             self._wake.clear()
-            try:
+            with contextlib.suppress(Exception):  # kept for the next flush; _decide logged it
                 await self.flush()
-            except Exception:  # kept for the next flush; admit() refuses meanwhile
-                log.exception("audit flush failed")
 
     async def flush(self) -> None:
         """Write every row and charge waiting, in one transaction on the writer thread."""
@@ -185,9 +183,14 @@ class AuditLog:
     def _decide(self, job: Future, rows: list, ledger: dict, waiters: list) -> None:
         error = job.exception()
         if error is None:
+            if self.failing is not None:
+                log.warning("audit: the state database takes writes again")
             self.failing = None
             _resolve(waiters)
             return
+        if self.failing is None:
+            log.error("audit: cannot write %d rows to the state database, keeping them to retry "
+                      "(keyed and regulated requests get 503 meanwhile): %s", len(rows), error)
         self.failing = f"{type(error).__name__}: {error}"
         self.rows[:0] = rows
         for k, v in ledger.items():

@@ -193,7 +193,7 @@ class Gate:
             raise Unauthorized("Invalid or revoked API key")
         return key
 
-    def admit(self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = None,
+    def admit(self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0,
               ceiling: int = 0, choices: int = 1) -> Reservation:
         """Admit one request of the key, or refuse it (403, 429). A budgeted key
         holds prompt + cap tokens; with no cap (the request set no length), the

@@ -3,10 +3,10 @@ go when that model cannot.
 
 A route matches the requested model name and optionally a tag (the tag header,
 or the API key's tag). A key's tag binds it: the header may repeat it, never
-replace it, and a tag no route carries is a 400. Its fallbacks are tried in order, for permitted
-routes only: a burst when the local model is saturated, a failover when it
-cannot start or fails before the first byte (connection error, timeout, 5xx).
-Once a streamed answer has sent a byte there is no fallback.
+replace it, and a tag no route carries is a 400. Its fallbacks are tried in
+order, for permitted routes only: a burst when the local model is saturated, a
+failover when it cannot start or fails before the first byte (connection
+error, timeout, 5xx). Once a streamed answer has sent a byte there is no fallback.
 
 Regulated routes never reach a commercial provider. Config validation refuses
 such a fallback, and ``check_may_send`` repeats the check on every fallback
@@ -27,8 +27,8 @@ from .config import RouteConfig
 from .errors import (
     BadRequest,
     EngineFailure,
-    Forbidden,
     EngineTimeout,
+    Forbidden,
     NoCapacity,
     QueueFull,
     QueueTimeout,

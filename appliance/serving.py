@@ -48,31 +48,33 @@ async def unless_client_leaves(receive, work: Awaitable[T]) -> T:
     The request's own task is cancelled, not a task of its own for work: one
     task fewer per request."""
     task = asyncio.current_task()
-    state = {"waiting": True, "gone": False}
-    watcher: list[asyncio.Future] = []
+    waiting, gone = True, False
+    watcher: asyncio.Future | None = None
 
     def left(w: asyncio.Future) -> None:
-        if state["waiting"] and not w.cancelled():
-            state["gone"] = True
+        nonlocal gone
+        if waiting and not w.cancelled():
+            gone = True
             task.cancel()
 
     def watch() -> None:
-        watcher.append(asyncio.ensure_future(_wait_disconnect(receive)))
-        watcher[0].add_done_callback(left)
+        nonlocal watcher
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher.add_done_callback(left)
 
     timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
     try:
         return await work
     except asyncio.CancelledError:
-        if state["gone"]:
+        if gone:
             task.uncancel()
             raise ClientGone from None
         raise
     finally:
-        state["waiting"] = False
+        waiting = False
         timer.cancel()
-        if watcher:
-            watcher[0].cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], call):
