@@ -58,7 +58,7 @@ from .keys import ApiKey, Gate, KeyStore
 from .metering import StreamTap, choices, completion_cap, prompt_bound, unary_usage, usage_option
 from .routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from .serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
-from .tenancy import SALTED_SERVERS, USAGE_OR_REVEALING, Tenancy, scrub
+from .tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
 from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
@@ -273,7 +273,7 @@ def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict) -> None:
     asked = req.stream_options is not None and bool(req.stream_options.include_usage)
     if not asked:
         fields["stream_options"] = usage_option(ctx.body)
-    ctx.tap = StreamTap(not asked, scrub, USAGE_OR_REVEALING) if isolated else StreamTap(not asked)
+    ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
 
 
 def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict) -> None:

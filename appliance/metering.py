@@ -27,7 +27,6 @@ The estimators, and their error:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,7 +105,6 @@ def estimated_usage(body: bytes, events: int, completion_cap: int | None) -> Usa
 
 
 DONE = b"data: [DONE]\n\n"
-_USAGE = re.compile(rb'"usage"')
 
 
 @dataclass(eq=False, slots=True)
@@ -119,15 +117,19 @@ class StreamTap:
     accounting is durable. Only events that need it are parsed."""
 
     strip_usage: bool
+    # With scrub, revealing(data) says whether data may name a field scrub removes.
     scrub: Callable[[bytes], bytes] | None = None
-    watch: re.Pattern = _USAGE
+    revealing: Callable[[bytes], bool] | None = None
     usage: Usage | None = None
     events: int = 0
     done: bool = False
     _buf: bytes = b""
 
+    def _watched(self, data: bytes) -> bool:
+        return b'"usage"' in data or (self.revealing is not None and self.revealing(data))
+
     def feed(self, chunk: bytes) -> bytes:
-        if not self._buf and chunk.endswith(b"\n\n") and self.watch.search(chunk) is None:
+        if not self._buf and chunk.endswith(b"\n\n") and not self._watched(chunk):
             self.events += chunk.count(b"data: {")
             return self._hold_done(chunk)
         data = self._buf + chunk
@@ -137,11 +139,11 @@ class StreamTap:
             return b""
         complete, self._buf = data[:cut + 2], data[cut + 2:]
         self.events += complete.count(b"data: {")
-        if self.watch.search(complete) is None:
+        if not self._watched(complete):
             return self._hold_done(complete)
         out = []
         for event in complete.split(b"\n\n")[:-1]:
-            if event.startswith(b"data: {") and self.watch.search(event) is not None:
+            if event.startswith(b"data: {") and self._watched(event):
                 event = self._event(event)
                 if event is None:
                     continue

@@ -32,7 +32,6 @@ import base64
 import hashlib
 import hmac
 import os
-import re
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -50,8 +49,14 @@ SALTED_SERVERS = ("vllm", "sglang")
 # id), and counters inside usage.
 _REVEALING = ("timings", "prompt_progress", "tokens_cached", "id_slot")
 _REVEALING_USAGE = ("cached_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens")
-REVEALING = re.compile(rb'"(?:' + b"|".join(n.encode() for n in _REVEALING + _REVEALING_USAGE) + rb')"')
-USAGE_OR_REVEALING = re.compile(rb'"(?:usage|' + REVEALING.pattern[4:])
+
+
+def revealing(data: bytes) -> bool:
+    """Whether data may name a cache-revealing field. Two substring scans (cheaper
+    than a regex alternation): every counter's name has "cache" in it, and
+    llama-server's prompt_progress carries one ("cache": N); its slot id appears
+    in its native API only, which the appliance does not serve."""
+    return b"cache" in data or b"timings" in data
 
 _OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
@@ -97,7 +102,7 @@ class Tenancy:
 
     def answer(self, data: bytes) -> bytes:
         """A whole JSON answer without its cache-revealing fields."""
-        if not self.isolated or REVEALING.search(data) is None:
+        if not self.isolated or not revealing(data):
             return data
         return scrub(data)
 
@@ -113,7 +118,7 @@ def scrub(data: bytes) -> bytes:
     for name in _REVEALING:
         changed |= top.pop(name, None) is not None
     usage = top.get("usage")
-    if usage is not None and REVEALING.search(usage) is not None:
+    if usage is not None and revealing(bytes(usage)):
         top["usage"] = msgspec.Raw(_without_cache_counters(bytes(usage)))
         changed = True
     return msgspec.json.encode(top) if changed else data
@@ -137,4 +142,4 @@ def _without_cache_counters(usage: bytes) -> bytes:
     return msgspec.json.encode(fields)
 
 
-__all__ = ["REVEALING", "SALTED_SERVERS", "USAGE_OR_REVEALING", "Tenancy", "scrub"]
+__all__ = ["SALTED_SERVERS", "Tenancy", "revealing", "scrub"]

@@ -11,7 +11,7 @@ from appliance.errors import RateLimited
 from appliance.keys import Gate, KeyStore
 from appliance.metering import DONE, StreamTap, completion_cap, prompt_bound
 from appliance.protocol import ChatCompletionRequest, decode_request
-from appliance.tenancy import USAGE_OR_REVEALING, Tenancy, scrub
+from appliance.tenancy import Tenancy, revealing, scrub
 
 
 def _gate(tmp_path, budget: int):
@@ -70,7 +70,7 @@ def test_the_tap_strips_the_usage_event_it_asked_for_counts_events_and_holds_don
     usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
                                       "prompt_tokens_details": {"cached_tokens": 3}}}
     stream = _events(content, content, usage, "[DONE]")
-    tap = StreamTap(True, scrub, USAGE_OR_REVEALING)
+    tap = StreamTap(True, scrub, revealing)
     out = b"".join(tap.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))
     assert out == _events(content, content) and tap.events == 2
     assert tap.usage.prompt_tokens == 4 and tap.rest() == DONE
@@ -80,7 +80,7 @@ def test_the_tap_scrubs_a_usage_event_the_client_asked_for():
     usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
                                       "prompt_tokens_details": {"cached_tokens": 3, "audio_tokens": 0}},
              "timings": {"cache_n": 3, "prompt_n": 1}}
-    tap = StreamTap(False, scrub, USAGE_OR_REVEALING)
+    tap = StreamTap(False, scrub, revealing)
     out = json.loads(tap.feed(_events(usage))[6:])
     assert out == {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 2,
                                             "prompt_tokens_details": {"audio_tokens": 0}}}
