@@ -304,4 +304,8 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
                               license=m.get("license", "unknown"), revision=m.get("revision")))
     if only and not found:
         raise StoreError(f"{p}: the bundle has no model '{only}'")
+    names = [m.name for m in found]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise StoreError(f"{p}: the bundle lists model '{twice[0]}' more than once")
     return found

@@ -179,6 +179,14 @@ def test_duplicate_paths_in_a_bundle_are_refused_naming_the_path_and_nothing_is_
     assert run(tmp_path, "models", "verify").stdout.strip() == "keep: ok"
 
 
+def test_a_model_listed_twice_in_a_bundle_is_refused_before_either_is_imported(tmp_path):
+    bundle = make_bundle(tmp_path / "twice.tar", [
+        {"name": "m", "revision": "r1", "files": {"a.gguf": b"GGUF one"}},
+        {"name": "m", "revision": "r2", "files": {"b.gguf": b"GGUF two"}}])
+    _refused(run(tmp_path, "models", "import", str(bundle), check=False), "'m' more than once")
+    assert listing(tmp_path) == {}
+
+
 def test_a_file_that_is_also_a_directory_in_a_bundle_is_refused(tmp_path):
     files = {"a": b"file", "a/b.json": b"{}"}
     bundle = make_bundle(tmp_path / "clash.tar", [{"name": "clash", "revision": "r1", "files": files}])
