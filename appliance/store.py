@@ -102,7 +102,7 @@ class Incoming:
             if type(f.size) is not int or f.size < 0:
                 raise StoreError(f"{self.source}: {f.path} has size {f.size!r}, not a number of bytes")
             if f.expected_sha256 is not None and not (isinstance(f.expected_sha256, str)
-                                                      and _HEX64.match(f.expected_sha256)):
+                                                      and _HEX64.fullmatch(f.expected_sha256)):
                 raise StoreError(f"{self.source}: {f.path} has sha256 {f.expected_sha256!r}, not 64 hex digits")
         return self
 
@@ -762,7 +762,7 @@ def _content_revision(hashed: dict[str, str]) -> str:
 
 def _blob_name(digest: object) -> str:
     """A blob's file name: its sha256, nothing else (it comes from the manifest)."""
-    if not isinstance(digest, str) or not _HEX64.match(digest):
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
         raise StoreError(f"invalid blob name {digest!r}: not a sha256")
     return digest
 

@@ -38,10 +38,10 @@ class StoreError(Exception):
 
 
 _NAME_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-_NAME_RE = re.compile(rf"^{_NAME_PART}(?:/{_NAME_PART})?$")
+_NAME_RE = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})?")  # fullmatch: "$" would let "\n" in
 _REVISION_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
-_REVISION_RE = re.compile(rf"^{_REVISION_PART}$")
-_REF_RE = re.compile(rf"^{_REVISION_PART}(?:/{_REVISION_PART})*$")
+_REVISION_RE = re.compile(_REVISION_PART)
+_REF_RE = re.compile(rf"{_REVISION_PART}(?:/{_REVISION_PART})*")
 MAX_REVISION = 128
 MAX_REF = 255
 MAX_PATH = 1024
@@ -50,7 +50,7 @@ _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 
 def check_name(name: object) -> str:
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name or "--" in name:
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name or "--" in name:
         raise StoreError(f"invalid model name {name!r}: use NAME or ORG/NAME (letters, digits, . _ -; "
                          "each part up to 96, starting with a letter or digit; no '..' or '--')")
     return name
@@ -58,7 +58,7 @@ def check_name(name: object) -> str:
 
 def check_revision(revision: object) -> str:
     """The name of a snapshot folder: one safe name, never a path."""
-    if not isinstance(revision, str) or len(revision) > MAX_REVISION or not _REVISION_RE.match(revision) \
+    if not isinstance(revision, str) or len(revision) > MAX_REVISION or not _REVISION_RE.fullmatch(revision) \
             or ".." in revision:
         raise StoreError(f"invalid revision {revision!r}: a revision is one name of letters, digits and "
                          f". _ - (up to {MAX_REVISION}, e.g. a 40-hex commit), never a path")
@@ -67,7 +67,7 @@ def check_revision(revision: object) -> str:
 
 def check_hub_ref(ref: str) -> str:
     """A revision a hub pull asks for: a revision, or a ref with slashes (refs/pr/1)."""
-    if len(ref) > MAX_REF or not _REF_RE.match(ref) or ".." in ref or ref.endswith(".lock"):
+    if len(ref) > MAX_REF or not _REF_RE.fullmatch(ref) or ".." in ref or ref.endswith(".lock"):
         raise StoreError(f"invalid revision {ref!r}: use a commit, a branch or tag (main, v1.0) or a "
                          "ref like refs/pr/1 (letters, digits, . _ - and /; no '..', no leading '/')")
     return ref

@@ -30,7 +30,7 @@ def test_a_hub_style_name_is_accepted(name):
 
 
 @pytest.mark.parametrize("name", ["", "../evil", "a/../b", "/abs", "a/b/c", "a--b", "a..b", "-a", "_a",
-                                  "org/.hidden", "a\\b", "a b", "a\x00b", "ü", "x" * 97, 7, None])
+                                  "org/.hidden", "a\\b", "a b", "a\x00b", "a\n", "ü", "x" * 97, 7, None])
 def test_a_name_outside_the_hub_grammar_is_refused(name):
     with pytest.raises(StoreError, match="invalid model name"):
         check_name(name)
@@ -43,7 +43,7 @@ def test_a_revision_that_is_one_safe_name_is_accepted(revision):
 
 
 @pytest.mark.parametrize("revision", ["/var/lib/appliance", "../../..", "..", ".", "refs/pr/1", "a/b", "",
-                                      ".hidden", "a..b", "a\\b", "a\x00b", "x" * 129, 40, ["main"]])
+                                      ".hidden", "a..b", "a\\b", "a\x00b", "r1\n", "x" * 129, 40, ["main"]])
 def test_a_revision_that_is_a_path_is_refused(revision):
     with pytest.raises(StoreError, match="invalid revision"):
         check_revision(revision)
