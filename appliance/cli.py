@@ -45,15 +45,24 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
 
     from .logs import setup_logging
     from .server import run
+    from .state_lock import StateDirBusy, hold_state_dir
 
     cfg = _load(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+    try:
+        lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
+    except StateDirBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot lock state directory {cfg.paths.state_dir}: {exc}") from None
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
     _check_policy(cfg)
     _check_files(cfg)
-    sys.exit(run(cfg))
+    code = run(cfg)
+    lock.close()
+    sys.exit(code)
 
 
 def _check_policy(cfg: Config) -> None:
