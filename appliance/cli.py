@@ -400,6 +400,9 @@ def _register_store_commands() -> None:
     from .cli_keys import register as register_keys
 
     register_keys(main, _load)
+    from .cli_export import export
+
+    main.add_command(export)
 
 
 _register_store_commands()
