@@ -15,6 +15,7 @@ from functools import cache
 from pathlib import Path
 
 import jsonschema
+import msgspec
 import pytest
 import yaml
 
@@ -543,3 +544,26 @@ def test_the_schema_check_refuses_what_the_api_server_would(source):
         mutate(bad)
         with pytest.raises(AssertionError):
             k8s_objects(yaml.safe_dump(bad))
+
+
+def test_a_file_name_that_would_break_out_of_the_manifest_is_refused(tmp_path):
+    """A store file named with a newline would end its SHA256SUMS line, and could end the node
+    script's here-document and run what follows on every node."""
+    evil = "a\nSHA256SUMS\ntouch pwned\n: "
+    model = hf_dir(tmp_path / "src")
+    (model / evil).write_text("x")
+    store = Store(tmp_path / "cache")
+    [incoming] = incoming_from(model, name="org/evil", license="Apache-2.0")
+    store.add(incoming)
+    store.close()
+    cfg = parse_config(config_text(tmp_path, MODELS.replace("store:org/small", "store:org/evil")))
+    with pytest.raises(ExportError, match="refusing to export the file name"):
+        gather(cfg, "Small-Chat", SimulatedProbe(INVENTORY).read())
+
+
+def test_an_env_name_that_is_not_a_variable_name_is_refused_not_written_into_a_script(source):
+    hostile = dataclasses.replace(source, model=msgspec.structs.replace(
+        source.model, env={"X=1; touch pwned; Y": "v"}))
+    for target, options in (("vllm-multinode", Options(head_address="10.0.0.1")), ("llm-d", Options())):
+        with pytest.raises(ExportError, match="not an environment variable name"):
+            render(target, hostile, options)

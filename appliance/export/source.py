@@ -16,6 +16,10 @@ from ..planning import NodeSpec, estimate_for, node_spec
 from ..store import Store, StoreError
 
 
+_UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f\\]")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
 class ExportError(Exception):
     """Why this model cannot be exported as asked, and the fix; one line for the operator."""
 
@@ -35,6 +39,15 @@ class Manifest:
     revision: str
     license: str
     files: tuple[WeightFile, ...]
+
+    def __post_init__(self) -> None:
+        # Each path becomes a line of SHA256SUMS inside a shell script and a ConfigMap: a
+        # newline (or any control character) would end the line, and could end the script's
+        # here-document. No model file is legitimately named so.
+        for f in self.files:
+            if _UNSAFE_PATH.search(f.path) or not _HEX64.match(f.sha256):
+                raise ExportError(f"model '{self.name}': refusing to export the file name {f.path!r} "
+                                  "(control characters or backslashes); rename it and re-import the model")
 
     @property
     def total_bytes(self) -> int:
@@ -149,12 +162,17 @@ def engine_pin(cfg: Config, engine: str) -> EnginePin:
                      python=str(folder / "bin" / "python"))
 
 
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSW|API_?KEY|CREDENTIAL|PRIVATE", re.IGNORECASE)
 
 
 def split_env(model: ModelConfig) -> tuple[dict[str, str], list[str]]:
     """The model's extra engine environment, less what looks like a secret: an export is
     handed around, so those are only named, for the operator to provide on the nodes."""
+    for name in model.env:
+        if not _ENV_NAME.match(name):
+            raise ExportError(f"model '{model.name}': env name {name!r} is not an environment variable name "
+                              "(letters, digits, _; not starting with a digit)")
     public = {k: v for k, v in model.env.items() if not SECRET_NAME.search(k)}
     return public, sorted(set(model.env) - set(public))
 
