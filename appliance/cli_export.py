@@ -7,10 +7,14 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
-from .export import TARGETS, ExportError, Options, Rendered, gather, render
+from .export import TARGETS
+
+if TYPE_CHECKING:
+    from .export.source import Rendered
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
 
@@ -56,6 +60,8 @@ def export(model: str, target: str, output: str | None, nodes: int | None, gpus_
     (kserve), or model servers and their InferencePool (llm-d). The appliance never runs them itself:
     it fronts them (server = "openai", url = ...) with its routes, keys and audit."""
     from .cli import _load, read_inventory
+    from .export import render
+    from .export.source import ExportError, Options, gather
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = _load(config)

@@ -20,8 +20,8 @@ import pytest
 import yaml
 
 from appliance.config import parse_config
-from appliance.export import Options, Source, gather, render
-from appliance.export.source import ExportError
+from appliance.export import render
+from appliance.export.source import ExportError, Options, Source, gather
 from appliance.gpu import SimulatedProbe
 from appliance.memory import estimate, per_gpu_bytes, read_shape, smallest_shape
 from appliance.model_sources import incoming_from
