@@ -260,6 +260,15 @@ def test_kserve_takes_the_weights_as_an_oci_artifact_named_by_digest(source):
     assert docs["LLMInferenceService"]["spec"]["model"]["uri"] == f"oci://{ref}"
     job = docs["Job"]["spec"]["template"]["spec"]
     assert {"name": "model", "image": {"reference": ref, "pullPolicy": "IfNotPresent"}} in job["volumes"]
+    # llm-d mounts the artifact as an image volume; LoRA adapters still come from the claim.
+    docs = by_kind(k8s_objects(render("llm-d", source, Options(oci=ref)).document))
+    pod = (docs["Deployment"]["spec"]["template"] if "Deployment" in docs
+           else docs["LeaderWorkerSet"]["spec"]["leaderWorkerTemplate"]["leaderTemplate"])["spec"]
+    assert {"name": "model", "image": {"reference": ref, "pullPolicy": "IfNotPresent"}} in pod["volumes"]
+    assert {"name": "lora", "persistentVolumeClaim": {"claimName": "appliance-models", "readOnly": True}} \
+        in pod["volumes"]
+    args = engine_args(source, pod["containers"][0])
+    assert one(args, "MODEL") == "/mnt/models/models" and args["--lora-modules"] == ["sql=/mnt/lora/sql"]
 
 
 @pytest.mark.parametrize("ref", ["registry.local/models/small:v1", "registry.local/models/small",

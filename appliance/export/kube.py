@@ -52,12 +52,12 @@ class Weights:
     model_dir: str          # the model's directory inside a pod
     claim: str              # the PVC that holds LoRA adapters (under lora/<name>)
     pvc_path: str = ""      # the weights' directory in the claim ("" for OCI)
-    digest_pinned: bool = False
+    oci: bool = False       # the weights are an OCI artifact (named by digest)
 
     @property
     def lora_dir(self) -> str:
         """Where a pod finds the claim's lora/ (mounted on its own beside an OCI artifact)."""
-        return "/mnt/lora" if self.digest_pinned else f"{MOUNT}/lora"
+        return "/mnt/lora" if self.oci else f"{MOUNT}/lora"
 
 
 def weights(src: Source, opts: Options) -> Weights:
@@ -76,7 +76,7 @@ def weights(src: Source, opts: Options) -> Weights:
         # KServe's modelcar layout: the files under /models in the artifact.
         return Weights(uri=f"oci://{ref}", volume={"name": "model", "image": {"reference": ref,
                                                                              "pullPolicy": "IfNotPresent"}},
-                       model_dir=f"{MOUNT}/models", claim=claim, digest_pinned=True)
+                       model_dir=f"{MOUNT}/models", claim=claim, oci=True)
     return Weights(uri=f"pvc://{claim}/{path}",
                    volume={"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}},
                    model_dir=f"{MOUNT}/{path}", claim=claim, pvc_path=path)
@@ -170,7 +170,7 @@ def notes(src: Source, opts: Options, w: Weights, target: str, front_url: str) -
     m, s = src.model, src.shape
     ref = image(src, opts)
     secrets = split_env(m)[1]
-    where = (f"the OCI artifact {w.uri.removeprefix('oci://')} (the files under /models)" if w.digest_pinned
+    where = (f"the OCI artifact {w.uri.removeprefix('oci://')} (the files under /models)" if w.oci
              else f"PVC {w.claim}, directory {w.pvc_path}")
     out = [
         f"{m.name} for {target}: {src.engine.label}, {s.pp} pod(s) of {s.tp} GPU(s) per replica "

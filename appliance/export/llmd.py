@@ -36,7 +36,7 @@ def _workload(src: Source, opts: Options, name: str, w: kube.Weights, serving: d
     adapters, extra = split_lora(engine, src.model.args)
     extra = with_lora(engine, extra, [(n, f"{w.lora_dir}/{n}") for n, _ in adapters])
     volumes = [w.volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}]
-    if adapters and w.digest_pinned:  # weights from OCI; the adapters still come from the claim
+    if adapters and w.oci:  # weights from OCI; the adapters still come from the claim
         volumes.append({"name": "lora", "persistentVolumeClaim": {"claimName": w.claim, "readOnly": True}})
 
     def pod(rank: int | str) -> dict:
@@ -48,7 +48,7 @@ def _workload(src: Source, opts: Options, name: str, w: kube.Weights, serving: d
         c = kube.container(src, opts, engine, args, name, command=kube.ENTRY_POINTS[engine])
         c["volumeMounts"] = [{"name": "model", "mountPath": kube.MOUNT, "readOnly": True},
                              {"name": "dshm", "mountPath": "/dev/shm"}]
-        if adapters and w.digest_pinned:
+        if adapters and w.oci:
             c["volumeMounts"].append({"name": "lora", "mountPath": w.lora_dir, "subPath": "lora", "readOnly": True})
         if leader:
             c |= _probes(opts.api_port)
