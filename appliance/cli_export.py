@@ -74,7 +74,10 @@ def export(model: str, target: str, output: str | None, nodes: int | None, gpus_
     if output is None:
         click.echo(rendered.document, nl=False)
         return
-    written = write(rendered, Path(output), as_dir=output.endswith("/"))
+    try:
+        written = write(rendered, Path(output), as_dir=output.endswith("/"))
+    except OSError as exc:
+        raise click.ClickException(f"cannot write {exc.filename or output}: {exc.strerror}") from None
     click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 

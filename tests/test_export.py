@@ -576,3 +576,14 @@ def test_an_env_name_that_is_not_a_variable_name_is_refused_not_written_into_a_s
     for target, options in (("vllm-multinode", Options(head_address="10.0.0.1")), ("llm-d", Options())):
         with pytest.raises(ExportError, match="not an environment variable name"):
             render(target, hostile, options)
+
+
+def test_an_output_that_cannot_be_written_is_one_line_not_a_traceback(box, tmp_path):
+    cfg, _ = box
+    config = tmp_path / "appliance.toml"
+    config.write_text(config_text(Path(cfg.paths.state_dir).parent, MODELS))
+    out = subprocess.run([PY, "-m", "appliance.cli", "export", "Small-Chat", "--to", "kserve", "--config",
+                          str(config), "-o", str(tmp_path / "missing" / "svc.yaml")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("Error: cannot write ") and "No such file or directory" in out.stderr

@@ -120,6 +120,9 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         "",
         f"Shape: {s.describe()}. Memory: {src.memory_line()}.",
         "",
+        f"Files: this README, {', '.join(f'`node-{n.rank}.sh`' for n in nodes)} and `SHA256SUMS` "
+        f"(`appliance export {m.name} --to {e.engine}-multinode ... -o DIR/` writes them all).",
+        "",
         "## Network: private only",
         "",
         "The engine processes exchange tensors (NCCL) and coordination (torch.distributed, the "
