@@ -170,25 +170,28 @@ def _with_port(cfg: Config, port: int | None) -> Config:
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--inventory", metavar="FILE",
               help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs.")
+@click.option("--gpus-per-node", type=click.IntRange(1, 64), metavar="N",
+              help="For a model too large for this box: size its multi-node shape for machines of "
+                   "N GPUs (default: this box's).")
+@click.option("--gpu-memory", "gpu_gib", type=click.FloatRange(1, 4096), metavar="GIB",
+              help="... and GIB GiB per GPU (default: this box's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
-    """Show where each GPU replica would be placed, and why, without starting anything."""
+def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, gpu_gib: float | None,
+         as_json: bool) -> None:
+    """Show where each GPU replica would be placed, and why, without starting anything; for a model
+    too large for this box, the smallest multi-node shape that would hold it."""
     import logging
 
-    from .gpu import GiB, NvmlProbe, SimulatedProbe
+    from .gpu import GiB
     from .planning import gpu_models
     from .planning import plan as make_plan
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = _load(config)
-    source = inventory or cfg.gpu.inventory
-    try:
-        inv = SimulatedProbe(source).read() if source else NvmlProbe().read()
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    inv = read_inventory(cfg, inventory)
     replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
                 for i in range(max(m.autoscaling.min_replicas, 1))]
-    rows = make_plan(cfg, inv, replicas)
+    rows = make_plan(cfg, inv, replicas, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib)
     if as_json:
         click.echo(json.dumps({
             "inventory": {"source": inv.source, "error": inv.error,
@@ -201,7 +204,8 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
                             "tp": r.assignment.tp if r.assignment else None,
                             "bytes_per_gpu": r.assignment.bytes_per_gpu if r.assignment else None,
                             "memory_fraction": r.assignment.memory_fraction if r.assignment else None,
-                            "reason": r.assignment.reason if r.assignment else None} for r in rows],
+                            "reason": r.assignment.reason if r.assignment else None,
+                            "beyond_this_box": r.beyond.as_dict() if r.beyond else None} for r in rows],
         }, indent=2))
     else:
         click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
@@ -221,6 +225,17 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
             click.echo(r.describe())
     if any(r.error for r in rows):
         sys.exit(2)
+
+
+def read_inventory(cfg: Config, inventory: str | None):
+    """The GPUs: a simulated inventory file (--inventory, else gpu.inventory), else NVML's."""
+    from .gpu import NvmlProbe, SimulatedProbe
+
+    source = inventory or cfg.gpu.inventory
+    try:
+        return SimulatedProbe(source).read() if source else NvmlProbe().read()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _daemon_post(cfg: Config, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
@@ -394,6 +409,9 @@ def _register_store_commands() -> None:
     from .cli_keys import register as register_keys
 
     register_keys(main, _load)
+    from .cli_export import export
+
+    main.add_command(export)
 
 
 _register_store_commands()

@@ -144,8 +144,11 @@ def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
         raise CannotLaunch(str(exc)) from None
 
 
+# Air-gapped: no hub, no telemetry (also what `appliance export` gives engines elsewhere).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+
+
 def offline_env(cfg: Config) -> dict[str, str]:
-    """Air-gapped: no hub, no telemetry, caches under the appliance's cache dir."""
-    hf_home = f"{cfg.paths.cache_dir}/hf"
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "HF_HOME": hf_home, "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+    """Air-gapped, with caches under the appliance's cache dir."""
+    return {**OFFLINE_ENV, "HF_HOME": f"{cfg.paths.cache_dir}/hf"}
