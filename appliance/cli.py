@@ -17,6 +17,7 @@ from .config import (
     ConfigError,
     load_config,
     model_path,
+    uses_gpus,
 )
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
@@ -78,7 +79,7 @@ def _check_files(cfg: Config) -> None:
         if m.server != "llamacpp":
             continue
         binary = cfg.engines.llamacpp.binary
-        if not os.access(binary, os.X_OK):
+        if not uses_gpus(m) and not os.access(binary, os.X_OK):
             raise click.ClickException(
                 f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
         if m.source.startswith(STORE_PREFIX):
@@ -207,7 +208,8 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
                        f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
                        f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
         if not rows:
-            click.echo("No GPU models in the config (server = vllm or sglang).")
+            click.echo("No GPU models in the config (server = vllm or sglang, or llamacpp with "
+                       "[models.gpus] count >= 1).")
         for r in rows:
             click.echo(r.describe())
     if any(r.error for r in rows):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import GPU_SERVERS, Config, ModelConfig, kv_tokens, model_path, overhead_bytes
+from .config import Config, ModelConfig, kv_tokens, model_path, overhead_bytes, uses_gpus
 from .gpu import GiB, Inventory
-from .memory import Estimate, MeasuredMemory, ModelShapeError, estimate
+from .memory import Estimate, MeasuredMemory, ModelShapeError, estimate, estimate_gguf
 from .placement import Assignment, Demand, Gpu, Placed, PlacementError, place
 
 KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2}
@@ -32,7 +32,7 @@ class PlanRow:
 
 
 def gpu_models(cfg: Config) -> list[ModelConfig]:
-    return [m for m in cfg.models if m.server in GPU_SERVERS]
+    return [m for m in cfg.models if uses_gpus(m)]
 
 
 def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
@@ -48,9 +48,13 @@ def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
 def demand_for(cfg: Config, model: ModelConfig, replica: str, gpu_count: int,
                measured: MeasuredMemory) -> tuple[Demand, Estimate]:
     path = model_path(cfg, model)
-    est = estimate(path, kv_tokens=kv_tokens(model), overhead_bytes=overhead_bytes(cfg, model),
-                   gpu_count=gpu_count, kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
-                   fixed_tp=model.gpus.count or None)
+    if model.server == "llamacpp":  # a GGUF file, sized from its header, on exactly gpus.count GPUs
+        est = estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v,
+                            overhead_bytes(cfg, model), model.gpus.count)
+    else:
+        est = estimate(path, kv_tokens=kv_tokens(model), overhead_bytes=overhead_bytes(cfg, model),
+                       gpu_count=gpu_count, kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
+                       fixed_tp=model.gpus.count or None)
     est = measured.correct(model.name, est)
     kind = None if model.gpus.type.lower() == "any" else model.gpus.type
     return Demand(replica=replica, per_gpu_bytes=dict(est.per_gpu), gpu_kind=kind,
