@@ -89,6 +89,13 @@ def _check_files(cfg: Config) -> None:
             raise click.ClickException(
                 f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
                 "for the bundled model")
+        if path is not None:
+            from .gguf import GgufError, read_shape
+
+            try:
+                read_shape(path)
+            except GgufError as exc:
+                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
         if m.source.startswith(BUILTIN_PREFIX) and path is not None:
             digest = _sha256(path)
             if digest != EMBEDDED_MODEL_SHA256:

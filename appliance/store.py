@@ -415,6 +415,8 @@ class Store:
             if f.expected_sha256 and digest != f.expected_sha256:
                 raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected "
                                  f"{f.expected_sha256}")
+            if f.path.endswith(".gguf"):
+                _check_gguf(incoming.source, f.path, dest)
             hashed[f.path] = digest
         return hashed
 
@@ -672,6 +674,17 @@ def _content_revision(hashed: dict[str, str]) -> str:
     for path, digest in sorted(hashed.items()):
         h.update(f"{path}\0{digest}\n".encode())
     return h.hexdigest()[:40]
+
+
+def _check_gguf(source: str, path: str, staged: Path) -> None:
+    """A GGUF file must be whole and readable (its header, every tensor inside the file)
+    before it is stored: never hand llama.cpp a file it would choke on."""
+    from .gguf import GgufError, read
+
+    try:
+        read(staged)
+    except GgufError as exc:
+        raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
 
 
 def _check_relpath(path: str) -> None:

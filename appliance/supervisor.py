@@ -175,7 +175,7 @@ class Deployment:
         blocked model)."""
         if self.blocked:
             return False
-        if any(r.state in LIVE for r in self.replicas):
+        if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
             return True
         return self.supervisor.room_for(self) > 0 and not self.no_room
 
@@ -389,13 +389,14 @@ class Supervisor:
         evict (what asks: request, load, scale_up): make room by stopping idle replicas of
         other models (appliance/eviction.py) when there is none, or else say why in
         dep.no_room; without it (boot, the autoscaler's floor) nothing is evicted."""
+        if evict and not dep.blocked:
+            self._forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
             return None
         if dep.blocked and dep.kept():
             return None  # one FATAL replica says why; more would say it again
         victims: list[Replica] = []
         if evict and not dep.blocked:
-            self._forget_unplaced(dep)
             found = self._make_room(dep, evict)
             if found is None:
                 return None
@@ -781,7 +782,7 @@ class Supervisor:
         dep.unloaded = False
         if not dep.ready:
             self.on_demand(dep, trigger="load")
-            if not dep.live():
+            if not dep.can_become_ready():
                 raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
 
     def unload(self, model: str) -> None:

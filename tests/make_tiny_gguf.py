@@ -3,7 +3,7 @@ no download, a few MB by default, a tokenizer in its metadata (SentencePiece-sty
 with byte fallback, so any text tokenizes) and a chat template.
 
     python tests/make_tiny_gguf.py OUT.gguf [--embd 256] [--layers 2] [--heads 4]
-        [--kv-heads 2] [--ff 768] [--context 4096] [--seed 0]
+        [--kv-heads 2] [--ff 768] [--context 32768] [--seed 0]
 
 The answers are gibberish; what it is for is loading, serving, sizing and
 placement: the CPU suite where SmolLM2's answers do not matter, and the GPU check
@@ -130,6 +130,12 @@ def write(path: Path, a) -> int:
     return path.stat().st_size
 
 
+def opaque(payload: bytes) -> bytes:
+    """A valid GGUF with no tensors, followed by payload: for tests of the store, where a
+    file's bytes matter and its weights do not."""
+    return b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + _kv("general.architecture", STR, "opaque") + payload
+
+
 def parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path)
@@ -138,7 +144,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--kv-heads", type=int, default=2)
     p.add_argument("--ff", type=int, default=768)
-    p.add_argument("--context", type=int, default=4096, help="the trained context it claims")
+    p.add_argument("--context", type=int, default=32768, help="the trained context it claims")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="tiny-random-llama")
     a = p.parse_args(argv)
