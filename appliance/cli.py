@@ -89,19 +89,19 @@ def _check_files(cfg: Config) -> None:
             raise click.ClickException(
                 f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
                 "for the bundled model")
-        if path is not None:
-            from .gguf import GgufError, read_shape
-
-            try:
-                read_shape(path)
-            except GgufError as exc:
-                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
         if m.source.startswith(BUILTIN_PREFIX) and path is not None:
             digest = _sha256(path)
             if digest != EMBEDDED_MODEL_SHA256:
                 raise click.ClickException(
                     f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
                     "the file is damaged: run ./install.sh to restore it")
+        if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
+            from .gguf import GgufError, read_shape
+
+            try:
+                read_shape(path)
+            except GgufError as exc:
+                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
 
 
 def _sha256(path) -> str:

@@ -41,7 +41,7 @@ if [ -n "${APPLIANCE_LLAMACPP_CUDA_ARCHS:-}" ]; then
                 "-DCMAKE_CUDA_ARCHITECTURES=$APPLIANCE_LLAMACPP_CUDA_ARCHS"
                 "-DGGML_CUDA_FA=${APPLIANCE_LLAMACPP_CUDA_FA:-ON}")
 fi
-key=$(printf '%s\n' "$LLAMACPP_SDIST_VERSION" "${cmake_flags[@]}" "$toolchain" "$(uname -m)" \
+key=$(printf '%s\n' "$LLAMACPP_SDIST_VERSION" "${cmake_flags[@]}" ${toolchain:+"$toolchain"} "$(uname -m)" \
       | sha256sum | cut -c1-16)
 cached="$cache_root/llama-server-$LLAMACPP_SDIST_VERSION-$key/llama-server"
 
