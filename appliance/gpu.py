@@ -213,6 +213,8 @@ class SimulatedProbe:
         name = "NVIDIA H100 80GB HBM3"
         memory_gib = 80
         count = 8
+        # uuid = "GPU-..."   (count = 1 only) a real card's UUID: a budget smaller than
+        #                    that card, with engines launched on it (tests/gpu_check.py)
 
         [[process]]          # memory already used by something that is not ours
         gpu = 0
@@ -237,14 +239,17 @@ def load_inventory(path: Path) -> Inventory:
         raise ValueError(f"{path}: not a valid inventory: {exc}") from None
     specs = data.get("gpu") or data.get("gpus") or []
     procs = data.get("process") or data.get("processes") or []
-    expanded: list[tuple[str, int, str]] = []
+    expanded: list[tuple[str, int, str, str | None]] = []
     for n, spec in enumerate(specs):
         try:
             name = str(spec["name"])
             total = int(float(spec["memory_gib"]) * GiB)
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: gpu[{n}] needs 'name' and 'memory_gib'") from None
-        expanded += [(name, total, str(spec.get("compute_capability", "")))] * int(spec.get("count", 1))
+        count = int(spec.get("count", 1))
+        if spec.get("uuid") and count != 1:
+            raise ValueError(f"{path}: gpu[{n}] names a uuid: its count must be 1")
+        expanded += [(name, total, str(spec.get("compute_capability", "")), spec.get("uuid"))] * count
     per_gpu: dict[int, list[GpuProcess]] = {}
     for n, proc in enumerate(procs):
         idx = int(proc.get("gpu", -1))
@@ -254,10 +259,10 @@ def load_inventory(path: Path) -> Inventory:
             pid=int(proc.get("pid", 0)), used_bytes=int(float(proc["used_gib"]) * GiB),
             name=str(proc.get("name", ""))))
     gpus = []
-    for i, (name, total, capability) in enumerate(expanded):
+    for i, (name, total, capability, uuid) in enumerate(expanded):
         ps = tuple(per_gpu.get(i, ()))
         used = min(total, sum(p.used_bytes for p in ps))
-        gpus.append(GpuInfo(index=i, uuid=f"GPU-sim-{i:04d}", name=name, total_bytes=total,
+        gpus.append(GpuInfo(index=i, uuid=str(uuid or f"GPU-sim-{i:04d}"), name=name, total_bytes=total,
                             used_bytes=used, free_bytes=total - used,
                             utilization_pct=50 if ps else 0, processes=ps,
                             compute_capability=capability))

@@ -57,8 +57,9 @@ def demand_for(cfg: Config, model: ModelConfig, replica: str, gpu_count: int,
                        fixed_tp=model.gpus.count or None)
     est = measured.correct(model.name, est)
     kind = None if model.gpus.type.lower() == "any" else model.gpus.type
+    # llama.cpp allocates what it needs, not a fraction of the card: it reserves exactly that.
     return Demand(replica=replica, per_gpu_bytes=dict(est.per_gpu), gpu_kind=kind,
-                  tp=model.gpus.count or None), est
+                  tp=model.gpus.count or None, exact=model.server == "llamacpp"), est
 
 
 def plan(cfg: Config, inventory: Inventory, replicas: list[tuple[ModelConfig, str]],

@@ -266,7 +266,10 @@ class ClientGone(Exception):
 
 
 def _reserved(r: Replica, inventory) -> int:
-    """What a placed replica holds on each of its GPUs: its fraction of the card."""
+    """What a placed replica holds on each of its GPUs: what the placer reserved for it,
+    else its fraction of the card."""
+    if r.slot.bytes_per_gpu:
+        return r.slot.bytes_per_gpu
     total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
     return math.ceil(r.slot.memory_fraction * total)
 
@@ -427,7 +430,8 @@ class Supervisor:
                 else:
                     log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
                 return None
-            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids)
+            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids,
+                                   row.assignment.bytes_per_gpu)
         if victims:
             replica.preflight = self._after_stopped(victims, replica.preflight)
         dep.no_room = None

@@ -42,6 +42,7 @@ class GpuSlot:
     gpus: tuple[int, ...]
     memory_fraction: float
     uuids: tuple[str, ...] = ()  # NVML's UUIDs of those GPUs, where the probe knows them
+    bytes_per_gpu: int = 0       # what the placer reserved on each (0: memory_fraction of the card)
 
     @property
     def tp(self) -> int:
