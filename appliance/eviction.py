@@ -52,6 +52,9 @@ class Plan:
     # Holders that may not be evicted, each with the reason (for the 503 when none fits).
     kept: tuple[tuple[Holder, str], ...] = ()
     fits: bool = False       # the new replica fits once the victims are gone
+    # It would not fit even with every replica of other models gone: too big for the box,
+    # which the placer says better than a list of holders.
+    never: bool = False
 
     def explain(self, what: str) -> str:
         """One line for an operator or a client: who holds ``what`` and why it stays."""
@@ -67,6 +70,8 @@ def plan(model: str, priority: int, holders: Sequence[Holder], fits: Callable[[f
     ``model`` fit, by the module's rules; Plan(fits=False) with the reasons if none do."""
     if fits(frozenset()):
         return Plan(fits=True)
+    if not fits(frozenset(h.replica for h in holders if h.model != model)):
+        return Plan(never=True)
     per_model: dict[str, int] = {}
     for h in holders:
         per_model[h.model] = per_model.get(h.model, 0) + 1

@@ -480,9 +480,13 @@ class Supervisor:
         by_name = {r.name: r for r, _ in holders}
         decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], fits,
                                 self.clock.monotonic())
+        if decided.never:
+            return []  # too big whatever goes: the placer says what is missing
         if not decided.fits:
-            dep.no_room = f"no room: {decided.explain(what)}"
-            log.warning("cannot start %s: %s", dep.model.name, dep.no_room)
+            why = f"no room: {decided.explain(what)}"
+            if why != dep.no_room:  # once per change, not once per held request or tick
+                log.warning("cannot start %s: %s", dep.model.name, why)
+            dep.no_room = why
             return None
         victims = [by_name[h.replica] for h in decided.victims]
         for h, victim in zip(decided.victims, victims):

@@ -100,3 +100,9 @@ def test_cpu_cores_are_freed_the_same_way():
     p = plan("new", 0, [busy], core_fits(0, {"a#0": 2}, 2), NOW)
     assert not p.fits and p.explain("the CPU engines' budget of 2 cores") == (
         "the CPU engines' budget of 2 cores is held by a#0 (1 request in flight)")
+
+
+def test_nothing_is_evicted_for_a_replica_that_could_never_fit():
+    a, b = holder("a#0", last_used=1), holder("b#0", last_used=2)
+    p = plan("huge", 0, [a, b], gpu_case(a, b, need_gib=90), NOW)
+    assert p.never and not p.fits and p.victims == ()
