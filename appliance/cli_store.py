@@ -301,8 +301,10 @@ def bundle() -> None:
 
 @bundle.command("create")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The archive to write (.tar).")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
-              help="GPU engine images whose wheelhouse to include (repeatable).")
+@click.option("--engine", "engines", multiple=True,
+              type=click.Choice([e for e in ENGINES if e != "llamacpp-cuda"]),
+              help="GPU engine images whose wheelhouse to include (repeatable). llamacpp-cuda needs "
+                   "none: install.sh builds it from the llamacpp sdist the bundle carries.")
 @click.option("--cpu-engine/--no-cpu-engine", default=True, show_default=True,
               help="Include the CPU engine (llamacpp) that serves the embedded default; without it "
                    "install.sh --offline needs a llama-server build already cached on the server.")
