@@ -190,8 +190,8 @@ def _parse(path: Path, r: _Reader) -> GgufFile:
             raise GgufError(f"tensor {name}: {n_dims} dimensions")
         shape = tuple(r.scalar("Q", name) for _ in range(n_dims))
         infos.append((name, shape, r.scalar("I", name), r.scalar("Q", name)))
-    alignment = int(metadata.get("general.alignment", 32) or 32)
-    if alignment & (alignment - 1):
+    alignment = metadata.get("general.alignment", 32) or 32
+    if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
         raise GgufError(f"general.alignment {alignment} is not a power of two")
     data_offset = -(-r.f.tell() // alignment) * alignment
     tensors = _sized(infos, r.size - data_offset)
@@ -225,6 +225,13 @@ def _sized(infos, data_bytes: int) -> tuple[Tensor, ...]:
 
 def shape(g: GgufFile) -> GgufShape:
     """The numbers a memory estimate needs; GgufError naming the first one missing."""
+    try:
+        return _shape(g)
+    except (TypeError, ValueError) as exc:  # a number of the wrong type
+        raise GgufError(f"{g.architecture or 'the header'}: a shape field is not a number ({exc})") from None
+
+
+def _shape(g: GgufFile) -> GgufShape:
     arch = g.architecture
     if not arch:
         raise GgufError("no general.architecture in the header")
