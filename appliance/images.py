@@ -239,7 +239,7 @@ def find_python(d: Definition, python: str | None = None) -> str:
 def cuda_archs(requested: str = "") -> str:
     """The CUDA architectures to build llama-server for: ``requested`` (e.g. "90" or
     "80;90"), else every compute capability NVML reports on this box. ImageError when
-    there is neither: a CUDA build for no GPU is not worth its half hour."""
+    there is neither: a CUDA build for no GPU would be minutes to hours for nothing."""
     if requested:
         archs = [a.strip() for a in requested.replace(",", ";").split(";") if a.strip()]
         if not archs or not all(re.fullmatch(r"\d{2,3}[af]?", a) for a in archs):
