@@ -291,7 +291,9 @@ def _model_action(action: str, doc: str):
     return main.command(name=action)(command)
 
 
-_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived.")
+_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
+                      "replicas of other models if there is no room; an error saying who holds it if none "
+                      "may go).")
 _model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
 _model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
 _model_action("unpin", "Let MODEL idle to zero again.")
