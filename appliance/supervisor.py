@@ -391,7 +391,7 @@ class Supervisor:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
         evict (what asks: request, load, scale_up): make room by stopping idle replicas of
         other models (appliance/eviction.py) when there is none, or else say why in
-        dep.no_room; without it (boot, the autoscaler's floor) nothing is evicted."""
+        dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted."""
         if evict and not dep.blocked:
             self._forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
@@ -732,8 +732,8 @@ class Supervisor:
         decisions = []
         for dep in self.deployments.values():
             room = self.room_for(dep)
-            if not room and dep.waiters and len(dep.kept()) < dep.model.autoscaling.max_replicas:
-                room = 1  # requests wait: a scale-up may evict for one more replica
+            if not room and self._busy(dep) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
+                room = 1  # in use: a scale-up may evict idle replicas of other models for one more
             decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
             self._apply(dep, decision)
             decisions.append(decision)
@@ -744,7 +744,7 @@ class Supervisor:
             return
         if d.action == "up":
             for _ in range(d.desired - d.current):
-                if self.add_replica(dep, reason=d.reason, evict="scale_up" if dep.waiters else None) is None:
+                if self.add_replica(dep, reason=d.reason, evict="scale_up" if self._busy(dep) else None) is None:
                     break
         elif d.action == "down":
             victim = self._victim(dep)
@@ -756,6 +756,11 @@ class Supervisor:
                     self._background(r.sleep(), f"sleep-{r.name}")
         elif d.action == "wake":
             self.on_demand(dep)
+
+    @staticmethod
+    def _busy(dep: Deployment) -> bool:
+        """Requests in flight or held: a scale-up is demand (one to restore a floor is not)."""
+        return bool(dep.waiters) or dep.inflight > 0
 
     def _background(self, coro, name: str) -> None:
         async def run() -> None:

@@ -182,3 +182,24 @@ def test_real_llama_cpp_three_models_on_a_budget_for_two_each_answer_in_turn(dae
         evicted += [m for m, n in evictions(d).items() if n > before.get(m, 0)]
     # Each found no room and evicted the least recently used other model.
     assert [m for m, _ in evicted] == ["a", "b", "c", "a"]
+
+
+def test_a_scale_up_under_load_evicts_an_idle_model_for_the_extra_replica(daemons, tmp_path, tiny):
+    binary = fake_llama_server(tmp_path)
+    extra = (f'[engines.llamacpp]\nbinary = "{binary}"\n'
+             '[autoscaling]\ncpu_cores = 4\nmin_residency = "0s"\ninterval_s = 0.2\n')
+    busy = gguf_model("a", tiny, gpus=0, extra='args = ["--latency", "2", "--latency-from", "2"]\n') + (
+        "[models.autoscaling]\nmax_replicas = 2\ntarget_rps_per_replica = 0.5\n")
+    d = daemons.start(busy + gguf_model("b", tiny, gpus=0), extra=extra)
+    assert len(live(d, "a")) == 1 and len(live(d, "b")) == 1  # 2 + 2 cores: the budget is full
+    import threading
+
+    threads = [threading.Thread(target=chat, args=(d, "a")) for _ in range(6)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len([r for r in live(d, "a") if r["state"] == "READY"]) == 2, 30,
+               what="a scaled up to 2 replicas")
+    for t in threads:
+        t.join()
+    assert evictions(d) == {("b", "scale_up"): 1.0}
+    assert live(d, "b") == []
