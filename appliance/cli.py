@@ -17,6 +17,7 @@ from .config import (
     ConfigError,
     load_config,
     model_path,
+    uses_gpus,
 )
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
@@ -87,7 +88,7 @@ def _check_files(cfg: Config) -> None:
         if m.server != "llamacpp":
             continue
         binary = cfg.engines.llamacpp.binary
-        if not os.access(binary, os.X_OK):
+        if not uses_gpus(m) and not os.access(binary, os.X_OK):
             raise click.ClickException(
                 f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
         if m.source.startswith(STORE_PREFIX):
@@ -103,6 +104,13 @@ def _check_files(cfg: Config) -> None:
                 raise click.ClickException(
                     f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
                     "the file is damaged: run ./install.sh to restore it")
+        if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
+            from .gguf import GgufError, read_shape
+
+            try:
+                read_shape(path)
+            except GgufError as exc:
+                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
 
 
 def _sha256(path) -> str:
@@ -220,7 +228,8 @@ def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, g
                        f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
                        f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
         if not rows:
-            click.echo("No GPU models in the config (server = vllm or sglang).")
+            click.echo("No GPU models in the config (server = vllm or sglang, or llamacpp with "
+                       "[models.gpus] count >= 1).")
         for r in rows:
             click.echo(r.describe())
     if any(r.error for r in rows):
@@ -306,7 +315,9 @@ def _model_action(action: str, doc: str):
     return main.command(name=action)(command)
 
 
-_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived.")
+_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
+                      "replicas of other models if there is no room; an error saying who holds it if none "
+                      "may go).")
 _model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
 _model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
 _model_action("unpin", "Let MODEL idle to zero again.")

@@ -23,7 +23,9 @@ BUILTIN_PREFIX = "builtin:"
 STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
-GPU_SERVERS = ("vllm", "sglang")
+GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
+# llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
+CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 UNIX_PATH_MAX = 108  # sun_path, the terminating NUL included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -121,6 +123,12 @@ class SupervisorConfig(_Section):
 class LlamaCppConfig(_Section):
     # Empty: the current llamacpp engine image's llama-server (install.sh builds the image).
     binary: str = ""
+    # GGUF models with [models.gpus] count >= 1 run this CUDA build. Empty: the current
+    # llamacpp-cuda image's llama-server (`appliance images build llamacpp-cuda`).
+    cuda_binary: str = ""
+    # GPU memory of a replica beyond weights, KV cache and compute buffers (sized from
+    # the GGUF header): the CUDA context and cuBLAS; measured on an H200 with CUDA 13.
+    overhead_gib: float = 0.58
 
 
 class GpuEngineConfig(_Section):
@@ -156,6 +164,8 @@ class Autoscaling(_Section):
     # vLLM with sleep_mode: put idle replicas to sleep after this ("0s" = never),
     # then to zero after scale_to_zero_after.
     sleep_after: str = "0s"
+    # Not evicted for another model within this long of loading; "" = [autoscaling] min_residency.
+    min_residency: str = ""
 
 
 class AutoscalerConfig(_Section):
@@ -174,6 +184,9 @@ class AutoscalerConfig(_Section):
     keepalive_s: float = 5.0
     # CPU engines: cores their replicas may use together (0 = all cores).
     cpu_cores: int = 0
+    # A replica loaded less than this long ago is never evicted to make room for another
+    # model (anti-thrash); per model: [models.autoscaling] min_residency.
+    min_residency: str = "30s"
 
 
 class ModelConfig(_Section):
@@ -201,6 +214,13 @@ class ModelConfig(_Section):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"] = "auto"
     gpu_overhead_gib: float = 0.0
     sleep_mode: bool = False
+    # llama.cpp's KV-cache types (--cache-type-k/-v): f16, bf16, q8_0, q4_0, ... A
+    # quantized V cache needs FlashAttention (on by default where the GPU has it).
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    # When capacity runs out, a model's request may evict idle replicas of models of
+    # the same or a lower priority, never of a higher one.
+    priority: int = 0
     tags: list[str] = msgspec.field(default_factory=list)
     gpus: GpuRequest = msgspec.field(default_factory=GpuRequest)
     autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
@@ -432,7 +452,8 @@ def finalize(cfg: Config, origin: str) -> Config:
     models = cfg.models or [embedded_default_model()]
     engines = cfg.engines
     if not engines.llamacpp.binary:
-        engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server(cfg.images.dir)))
+        llamacpp = msgspec.structs.replace(engines.llamacpp, binary=default_llama_server(cfg.images.dir))
+        engines = msgspec.structs.replace(engines, llamacpp=llamacpp)
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
@@ -481,6 +502,7 @@ def _validate(cfg: Config) -> None:
     need(asc.queue_timeout_s > 0, "autoscaling.queue_timeout_s", "must be positive")
     need(asc.cpu_cores >= 0, "autoscaling.cpu_cores", "must not be negative")
     _duration(asc.idle_ttl, "autoscaling.idle_ttl", errors)
+    _duration(asc.min_residency, "autoscaling.min_residency", errors)
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
@@ -496,6 +518,8 @@ def _validate(cfg: Config) -> None:
         need(a.target_rps_per_replica > 0, f"{at}.autoscaling.target_rps_per_replica", "must be positive")
         if a.scale_to_zero_after:
             _duration(a.scale_to_zero_after, f"{at}.autoscaling.scale_to_zero_after", errors)
+        if a.min_residency:
+            _duration(a.min_residency, f"{at}.autoscaling.min_residency", errors)
         sleep = _duration(a.sleep_after, f"{at}.autoscaling.sleep_after", errors)
         need(not sleep or m.sleep_mode, f"{at}.autoscaling.sleep_after",
              "needs sleep_mode = true (vllm)")
@@ -511,6 +535,11 @@ def _validate(cfg: Config) -> None:
                 need(False, f"{at}.source", str(exc))
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
+            need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")
+            need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
+            for field in ("cache_type_k", "cache_type_v"):
+                need(getattr(m, field) in CACHE_TYPES, f"{at}.{field}",
+                     f"{getattr(m, field)!r} is not a llama.cpp cache type ({', '.join(CACHE_TYPES)})")
             if m.source.startswith(BUILTIN_PREFIX):
                 name = m.source[len(BUILTIN_PREFIX):]
                 need(name == EMBEDDED_MODEL_NAME, f"{at}.source",
@@ -634,6 +663,18 @@ def read_admin_token(cfg: Config) -> str:
 
 def kv_tokens(model: ModelConfig) -> int:
     return model.kv_cache_tokens or model.context_length * model.parallel
+
+
+def uses_gpus(model: ModelConfig) -> bool:
+    """Replicas of this model need GPUs from the placer: vLLM and SGLang always, a GGUF
+    model on llama.cpp when it asks for GPUs ([models.gpus] count >= 1); else the CPU."""
+    return model.server in GPU_SERVERS or (model.server == "llamacpp" and model.gpus.count >= 1)
+
+
+def min_residency_s(cfg: Config, model: ModelConfig) -> float:
+    from .autoscaler import parse_duration
+
+    return parse_duration(model.autoscaling.min_residency or cfg.autoscaling.min_residency)
 
 
 def overhead_bytes(cfg: Config, model: ModelConfig) -> int:

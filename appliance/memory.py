@@ -11,6 +11,12 @@ tensor-parallel size:
 Tensor-parallel sizes offered are those that divide the attention heads (and the
 KV heads) and are at most the number of GPUs. Once a replica is running, NVML's
 per-process memory replaces the estimate for later placements of that model.
+
+A GGUF model on llama.cpp (``estimate_gguf``) is sized from its file's header
+instead (appliance/gguf.py): the tensors' bytes, a KV cache of ``context_length``
+tokens (llama-server's --ctx-size is the total its slots share) at the chosen
+--cache-type-k/-v, and the compute buffers llama.cpp allocates for a 512-token
+micro-batch, on top of the engine's overhead (CUDA context, cuBLAS).
 """
 
 from __future__ import annotations
@@ -112,6 +118,38 @@ def estimate(model_dir: Path, kv_tokens: int, overhead_bytes: int, gpu_count: in
                               f"{shape.attention_heads} attention heads")
     per_gpu = {tp: per_gpu_bytes(weights, kv, overhead_bytes, tp) for tp in sizes}
     return Estimate(weights=weights, kv_cache=kv, overhead=overhead_bytes, per_gpu=per_gpu)
+
+
+# llama.cpp's default micro-batch (--ubatch-size): its compute buffers scale with it.
+LLAMACPP_UBATCH = 512
+
+
+def estimate_gguf(path: Path, context_length: int, cache_type_k: str, cache_type_v: str,
+                  overhead_bytes: int, gpus: int) -> Estimate:
+    """Per-GPU bytes of a llama.cpp replica with every layer offloaded to ``gpus`` GPUs
+    (--split-mode layer: each holds its share of the layers and their KV cache).
+
+    On an H200 with CUDA 13, NVML's figure per replica was 0.58 GiB + weights + KV +
+    these compute buffers, within 2.2%, for 3.4 MiB to 0.7 GiB of weights and 4k to
+    128k tokens of context (docs/gpu.md):
+      - logits and activations of a micro-batch: 512 x 4 bytes x (vocab + 4 x max(ff, embd));
+      - a quantized K or V cache: one layer's K and V dequantized to f16 for attention.
+    """
+    from .gguf import CACHE_TYPE_BYTES, GgufError, read_shape
+
+    try:
+        shape = read_shape(path)
+    except GgufError as exc:
+        raise ModelShapeError(f"{path}: {exc}") from None
+    tokens = -(-context_length // 256) * 256  # llama.cpp pads the context to 256 cells
+    kv = math.ceil(tokens * shape.kv_bytes_per_token(cache_type_k, cache_type_v))
+    compute = LLAMACPP_UBATCH * 4 * (shape.vocab + 4 * max(shape.feed_forward, shape.embedding))
+    if CACHE_TYPE_BYTES[cache_type_k] < 2 or CACHE_TYPE_BYTES[cache_type_v] < 2:
+        compute += tokens * max(shape.kv_heads) * (shape.key_length + shape.value_length) * 2
+    weights = shape.tensor_bytes
+    overhead = overhead_bytes + compute
+    per_gpu = {gpus: math.ceil(weights / gpus) + math.ceil(kv / gpus) + overhead}
+    return Estimate(weights=weights, kv_cache=kv, overhead=overhead, per_gpu=per_gpu)
 
 
 class MeasuredMemory:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import GPU_SERVERS, Config, ModelConfig, kv_tokens, model_path, overhead_bytes
+from .config import Config, ModelConfig, kv_tokens, model_path, overhead_bytes, uses_gpus
 from .gpu import GiB, Inventory, kinds_match
 from .memory import (
     MAX_NODES,
@@ -14,6 +14,7 @@ from .memory import (
     ModelShapeError,
     NodeShape,
     estimate,
+    estimate_gguf,
     read_shape,
     smallest_shape,
 )
@@ -104,8 +105,9 @@ def node_spec(inventory: Inventory, model: ModelConfig, gpus: int | None = None,
 def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec,
                node: NodeSpec) -> Beyond | None:
     """None when some tensor-parallel size fits the model on `box` (this machine, every GPU
-    free); else the smallest shape over machines like `node`."""
-    if any(tp <= box.gpus and need <= box.gpu_bytes for tp, need in est.per_gpu.items()):
+    free); else the smallest shape over machines like `node`. A GGUF model (llama.cpp) has
+    no multi-node engine to hand it to: None."""
+    if model.server == "llamacpp" or any(tp <= box.gpus and need <= box.gpu_bytes for tp, need in est.per_gpu.items()):
         return None
     shape = read_shape(model_path(cfg, model))
     return Beyond(node, smallest_shape(shape, est, node.gpus, node.gpu_bytes,
@@ -113,7 +115,7 @@ def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec,
 
 
 def gpu_models(cfg: Config) -> list[ModelConfig]:
-    return [m for m in cfg.models if m.server in GPU_SERVERS]
+    return [m for m in cfg.models if uses_gpus(m)]
 
 
 def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
@@ -128,9 +130,12 @@ def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
 
 def estimate_for(cfg: Config, model: ModelConfig, gpu_count: int) -> Estimate:
     """The memory model's estimate for one replica of a configured model."""
-    return estimate(model_path(cfg, model), kv_tokens=kv_tokens(model),
-                    overhead_bytes=overhead_bytes(cfg, model), gpu_count=gpu_count,
-                    kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
+    path = model_path(cfg, model)
+    if model.server == "llamacpp":  # a GGUF file, sized from its header, on exactly gpus.count GPUs
+        return estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v,
+                             overhead_bytes(cfg, model), model.gpus.count)
+    return estimate(path, kv_tokens=kv_tokens(model), overhead_bytes=overhead_bytes(cfg, model),
+                    gpu_count=gpu_count, kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
                     fixed_tp=model.gpus.count or None)
 
 
@@ -138,8 +143,9 @@ def demand_for(cfg: Config, model: ModelConfig, replica: str, gpu_count: int,
                measured: MeasuredMemory) -> tuple[Demand, Estimate]:
     est = measured.correct(model.name, estimate_for(cfg, model, gpu_count))
     kind = None if model.gpus.type.lower() == "any" else model.gpus.type
+    # llama.cpp allocates what it needs, not a fraction of the card: it reserves exactly that.
     return Demand(replica=replica, per_gpu_bytes=dict(est.per_gpu), gpu_kind=kind,
-                  tp=model.gpus.count or None), est
+                  tp=model.gpus.count or None, exact=model.server == "llamacpp"), est
 
 
 def plan(cfg: Config, inventory: Inventory, replicas: list[tuple[ModelConfig, str]],

@@ -498,6 +498,8 @@ class Store:
             if f.expected_sha256 and digest != f.expected_sha256:
                 raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected "
                                  f"{f.expected_sha256}")
+            if f.path.endswith(".gguf"):
+                _check_gguf(incoming.source, f.path, dest)
             hashed[f.path] = digest
         return hashed
 
@@ -765,6 +767,17 @@ def _blob_name(digest: object) -> str:
     if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
         raise StoreError(f"invalid blob name {digest!r}: not a sha256")
     return digest
+
+
+def _check_gguf(source: str, path: str, staged: Path) -> None:
+    """A GGUF file must be whole and readable (its header, every tensor inside the file)
+    before it is stored: never hand llama.cpp a file it would choke on."""
+    from .gguf import GgufError, read
+
+    try:
+        read(staged)
+    except GgufError as exc:
+        raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
 
 
 def _gib(n: int) -> str:

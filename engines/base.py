@@ -41,6 +41,8 @@ class GpuSlot:
 
     gpus: tuple[int, ...]
     memory_fraction: float
+    uuids: tuple[str, ...] = ()  # NVML's UUIDs of those GPUs, where the probe knows them
+    bytes_per_gpu: int = 0       # what the placer reserved on each (0: memory_fraction of the card)
 
     @property
     def tp(self) -> int:
@@ -49,6 +51,12 @@ class GpuSlot:
     @property
     def cuda_visible_devices(self) -> str:
         return ",".join(str(g) for g in self.gpus)
+
+    @property
+    def cuda_visible_uuids(self) -> str:
+        """CUDA_VISIBLE_DEVICES by UUID: CUDA numbers GPUs fastest first, NVML by PCI bus, so
+        an index can name another card; a UUID cannot. Indices where UUIDs are unknown."""
+        return ",".join(self.uuids) if len(self.uuids) == len(self.gpus) else self.cuda_visible_devices
 
 
 class EngineAdapter(Protocol):

@@ -29,7 +29,7 @@ STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_c
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--as-engine", choices=["vllm", "sglang"], default=None,
+    p.add_argument("--as-engine", choices=["vllm", "sglang", "llamacpp"], default=None,
                    help="accept that engine's argv (unknown flags ignored, recorded in /fake/stats) "
                         "and speak its /metrics, and vLLM's /sleep, /wake_up, /is_sleeping")
     p.add_argument("--served-model-name", dest="model", default=None)
@@ -153,7 +153,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def metrics(request: web.Request) -> web.Response:
         running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
-        if args.as_engine == "sglang":
+        if args.as_engine == "llamacpp":
+            text = (f"llamacpp:requests_processing {running}\nllamacpp:requests_deferred 0\n"
+                    "llamacpp:kv_cache_usage_ratio 0.125\n")
+        elif args.as_engine == "sglang":
             text = (f"sglang:num_running_reqs{{model_name=\"{args.model}\"}} {running}\n"
                     f"sglang:num_queue_reqs{{model_name=\"{args.model}\"}} 0\n"
                     f"sglang:token_usage{{model_name=\"{args.model}\"}} 0.25\n"

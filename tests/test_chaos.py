@@ -19,6 +19,7 @@ import pytest
 
 from .chaos_load import Load, chat
 from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .make_tiny_gguf import opaque
 
 FAST = ("[autoscaling]\ninterval_s = 0.2\nstabilization_s = 600\ncooldown_s = 0.5\n"
         "queue_timeout_s = 30\nkeepalive_s = 0\n")
@@ -157,7 +158,7 @@ def _cli(cfg: Path, *args: str) -> str:
 def test_state_survives_a_daemon_sigkill_and_restart_intact(daemons, tmp_path):
     # A model in the store, served from it; the operator's pin and count in appliance.db.
     weights = tmp_path / "tiny.gguf"
-    weights.write_bytes(b"GGUF" + os.urandom(64 * 1024))
+    weights.write_bytes(opaque(os.urandom(64 * 1024)))
     cfg, _ = daemons.write_config("")
     _cli(cfg, "models", "import", str(weights), "--name", "acme/tiny", "--license", "mit")
     stored = json.loads(_cli(cfg, "models", "ls", "--json", "--port", "1"))

@@ -90,3 +90,21 @@ def test_serve_refuses_a_damaged_bundled_model(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode != 0
     assert "has sha256" in result.stderr and "damaged" in result.stderr
+
+
+def test_serve_refuses_a_gguf_source_that_is_not_a_whole_gguf_file(tmp_path):
+    from . import make_tiny_gguf
+
+    cut = tmp_path / "cut.gguf"
+    make_tiny_gguf.main([str(cut)])
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    engine = tmp_path / "llama-server"
+    engine.write_text("#!/bin/sh\nexit 1\n")
+    engine.chmod(0o755)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[engines.llamacpp]\nbinary = "{engine}"\n[[models]]\nname = "cut"\nsource = "{cut}"\n')
+    result = subprocess.run([PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode != 0
+    assert f"model 'cut': {cut} is not a usable GGUF file: truncated: the tensors end at byte" in result.stderr

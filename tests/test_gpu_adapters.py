@@ -179,3 +179,84 @@ def test_each_engines_metrics_read_into_one_shape():
 def test_older_vllm_metric_names_are_read_too():
     v = parse_vllm('vllm:gpu_cache_usage_perc{m="x"} 0.5\nvllm:gpu_prefix_cache_hit_rate{m="x"} 0.2\n')
     assert v.kv_cache_usage == 0.5 and v.prefix_cache_hit_rate == 0.2
+
+
+LLAMA_CFG = parse_config("""
+[engines.llamacpp]
+binary = "/opt/appliance/venv/bin/llama-server"
+cuda_binary = "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
+[[models]]
+name = "qwen-gguf"
+source = "/srv/models/qwen.gguf"
+context_length = 32768
+parallel = 8
+cache_type_k = "q8_0"
+cache_type_v = "q8_0"
+[models.gpus]
+count = 1
+[[models]]
+name = "cpu-gguf"
+source = "/srv/models/small.gguf"
+threads = 4
+""")
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by_uuid():
+    slot = GpuSlot(gpus=(3,), memory_fraction=0.05, uuids=("GPU-3a1e",))
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    argv = spec.argv
+    assert argv[0] == "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
+    assert _flag(argv, "--n-gpu-layers") == "all" and _flag(argv, "--split-mode") == "none"
+    assert _flag(argv, "--fit") == "off"  # the placer sized it: llama.cpp must not shrink the context
+    assert _flag(argv, "--ctx-size") == "32768" and _flag(argv, "--parallel") == "8"
+    assert _flag(argv, "--cache-type-k") == "q8_0" and _flag(argv, "--cache-type-v") == "q8_0"
+    assert _flag(argv, "--threads") == "2"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-3a1e" and spec.env["LLAMA_OFFLINE"] == "1"
+
+
+def test_llamacpp_over_two_gpus_splits_by_layer():
+    slot = GpuSlot(gpus=(2, 5), memory_fraction=0.3, uuids=("GPU-b", "GPU-c"))
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    assert _flag(spec.argv, "--split-mode") == "layer"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-b,GPU-c"
+    # Where the probe knows no UUIDs (an inventory without them), the indices.
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+                                          GpuSlot(gpus=(2, 5), memory_fraction=0.3))
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,5"
+
+
+def test_llamacpp_on_the_cpu_is_as_before():
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], "127.0.0.1", 9201)
+    assert spec.argv[0] == "/opt/appliance/venv/bin/llama-server"
+    assert "--n-gpu-layers" not in spec.argv and "--cache-type-k" not in spec.argv
+    assert _flag(spec.argv, "--threads") == "4"
+    assert "CUDA_VISIBLE_DEVICES" not in spec.env
+
+
+def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(tmp_path):
+    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n[[models]]\nname = "m"\nsource = "/srv/m.gguf"\n'
+                       "[models.gpus]\ncount = 1\n")
+    with pytest.raises(CannotLaunch, match=r"no llamacpp-cuda engine image in .*: run `appliance images build "
+                                           r"llamacpp-cuda` \(it needs the CUDA toolkit: nvcc\).*remove "
+                                           r"\[models.gpus\] to serve this model on the CPU"):
+        adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9202, GpuSlot((0,), 0.1))
+
+
+def test_every_llamacpp_gpu_flag_is_in_the_pinned_llama_server():
+    """The CPU build is the same pinned source: its --help lists the GPU options too."""
+    import subprocess
+
+    from appliance.config import default_llama_server
+
+    binary = default_llama_server()
+    if not Path(binary).exists():
+        pytest.skip("llama-server is not built (./install.sh)")
+    text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+                                          GpuSlot((0, 1), 0.1, ("GPU-a", "GPU-b")))
+    for flag in (a for a in spec.argv if a.startswith("--")):
+        assert f"{flag}" in text, f"{flag} is not an option of the pinned llama-server"

@@ -157,7 +157,7 @@ class _Rt:
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)
-        self.supervisor = type("S", (), {"deployments": {}})()
+        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 
