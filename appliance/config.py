@@ -182,8 +182,10 @@ class ModelConfig(_Section):
     # A GGUF path, a directory, builtin:<name> for the bundled model, or store:<name>
     # for a model imported into the store (`appliance models import`).
     source: str = ""
-    # openai engine: a command template ({port}, {host}, {model_path}, {model_name}) to
-    # supervise, or the URL of an external server that is only health-checked.
+    # openai engine: a command template ({port}, {host}, {model_path}, {model_name},
+    # {api_key_file}) to supervise, which must refuse requests without the replica's key
+    # ($ENGINE_API_KEY, or the file {api_key_file}); or the URL of an external server
+    # that is only health-checked.
     command: list[str] = msgspec.field(default_factory=list)
     url: str = ""
     # Extra engine arguments and environment, appended after the adapter's own.

@@ -35,7 +35,9 @@ class ProcessHandle(Protocol):
 
 class ProcessRunner(Protocol):
     async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
-        """Start argv; raise OSError (with a clear message) if it cannot start."""
+        """Start argv with exactly env as its environment (nothing of the daemon's
+        is added: appliance/engine_access.py decides); raise OSError (with a clear
+        message) if it cannot start."""
 
 
 class CappedLog:
@@ -118,14 +120,14 @@ class SubprocessRunner:
 
     async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
         exe = argv[0]
-        if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe) is None:
+        if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")
         log = CappedLog(log_path, self.log_max_bytes)
         log.write(f"--- appliance: starting {' '.join(argv)}\n".encode())
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                env={**os.environ, **env},
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

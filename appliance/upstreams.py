@@ -79,6 +79,8 @@ class _Secret:
 
 
 class Provider:
+    session = None  # the proxy's shared session (a replica has its own)
+
     def __init__(self, cfg: ProviderConfig, key: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.name = f"provider:{cfg.name}"

@@ -46,6 +46,28 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def engine_key(pid: int) -> str:
+    """A replica's key, read as its engine finds it (the tests run as the daemon's user,
+    who alone may read /proc/PID/environ and the replica's private directory)."""
+    environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+    for variable in ("ENGINE_API_KEY", "VLLM_API_KEY"):
+        if variable in environ:
+            return environ[variable]
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    if "--api-key-file" in argv:
+        return Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
+    return json.loads(Path(argv[argv.index("--config") + 1]).read_text())["api-key"]
+
+
+def engine_client(replica: dict) -> httpx.Client:
+    """A client straight to one replica of /admin/status (its URL or unix socket), with its key."""
+    url, transport = replica["url"], None
+    if url.startswith("unix:"):
+        url, transport = "http://localhost", httpx.HTTPTransport(uds=url.removeprefix("unix:"))
+    return httpx.Client(base_url=url, transport=transport, timeout=5,
+                        headers={"Authorization": f"Bearer {engine_key(replica['pid'])}"})
+
+
 def fake_model(name: str = "fake", *flags: str, embeddings: bool = False, extra: str = "") -> str:
     """A [[models]] entry supervising tests/fake_engine.py through the openai adapter."""
     argv = [PY, str(FAKE_ENGINE), "--port", "{port}", "--model", name, *flags]

@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from .chaos_load import Load, chat
-from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .conftest import PY, ROOT, engine_client, fake_model, pid_alive, wait_until
 
 FAST = ("[autoscaling]\ninterval_s = 0.2\nstabilization_s = 600\ncooldown_s = 0.5\n"
         "queue_timeout_s = 30\nkeepalive_s = 0\n")
@@ -108,14 +108,16 @@ def test_a_hung_replica_is_noticed_by_health_checks_and_replaced(daemons, tmp_pa
 def test_a_slow_replica_answers_slowly_or_times_out_in_the_envelope(daemons, tmp_path):
     d = daemons.start(two_replicas(tmp_path), extra=FAST + "[upstream]\nread_timeout_s = 1.5\n")
     slow, _ = sorted(ready_pids(d))
-    port = next(r["port"] for r in d.replicas("fake") if r["pid"] == slow)
-    httpx.post(f"http://127.0.0.1:{port}/fake/latency?seconds=0.5", timeout=5).raise_for_status()
+    replica = next(r for r in d.replicas("fake") if r["pid"] == slow)
+    with engine_client(replica) as engine:
+        engine.post("/fake/latency?seconds=0.5").raise_for_status()
     with Load(d.url, BODIES, rate=20, max_requests=40) as load:
         load.wait_for(40)
     assert_nothing_lost(load)
     assert load.tally["ok"] == 40  # slow is not broken: under read_timeout_s every answer arrives
 
-    httpx.post(f"http://127.0.0.1:{port}/fake/latency?seconds=5", timeout=5).raise_for_status()
+    with engine_client(replica) as engine:
+        engine.post("/fake/latency?seconds=5").raise_for_status()
     with Load(d.url, BODIES, rate=10, max_requests=20) as load:
         load.wait_for(20)
     assert_nothing_lost(load)

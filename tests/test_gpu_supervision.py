@@ -17,7 +17,7 @@ from appliance.gpu import GiB, SimulatedProbe
 from appliance.replica import State
 from appliance.supervisor import Supervisor
 
-from .conftest import FAKE_ENGINE, PY, ROOT, fake_engine_image, wait_until
+from .conftest import FAKE_ENGINE, PY, ROOT, engine_client, fake_engine_image, wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -76,7 +76,7 @@ count = 1
 
 
 async def stats(replica) -> dict:
-    async with aiohttp.ClientSession() as s, s.get(f"{replica.base_url}/fake/stats") as r:
+    async with replica.session.get(f"{replica.base_url}/fake/stats") as r:  # its socket, its key
         return await r.json()
 
 
@@ -226,7 +226,8 @@ def test_a_gpu_model_with_no_command_is_served_from_the_engines_current_image(da
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
     # The image's bin/vllm (the fake: `--as-engine vllm`, then what it was given) ran with
     # vLLM's own argv: `serve MODEL_DIR --served-model-name small ...`.
-    argv = httpx.get(f"{replica['url']}/fake/stats", timeout=5).json()["argv"]
+    with engine_client(replica) as engine:
+        argv = engine.get("/fake/stats").json()["argv"]
     assert argv[:4] == ["--as-engine", "vllm", "serve", str(tmp_path / "small")]
     assert argv[argv.index("--served-model-name") + 1] == "small"
     assert "image 0.33.0-0123456789ab" in _status_text(d)
