@@ -28,13 +28,12 @@ from pathlib import Path
 
 import aiohttp
 
+from .config import UNIX_PATH_MAX
+
 # The daemon's variables an engine may see: the program search path, the locale,
 # and what the GPU stack reads (library paths, CUDA/NCCL/NVIDIA settings).
 PASSED = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "LD_LIBRARY_PATH"})
 PASSED_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_")
-
-# A unix socket path longer than this does not fit in sockaddr_un.
-MAX_SOCKET_PATH = 107
 
 _root: Path | None = None
 _serial = itertools.count()
@@ -79,14 +78,13 @@ class EngineAccess:
 
 def open_access() -> EngineAccess:
     """A fresh secret and an empty private directory for one replica start."""
-    folder = _private_root() / f"r{next(_serial)}"
-    folder.mkdir(mode=0o700)
-    access = EngineAccess(secrets.token_hex(32), folder)
-    access.tmp.mkdir(mode=0o700)
-    access.private_file("api-key", access.secret + "\n")
-    if len(str(access.socket)) > MAX_SOCKET_PATH:
+    access = EngineAccess(secrets.token_hex(32), _private_root() / f"r{next(_serial)}")
+    if len(os.fsencode(access.socket)) >= UNIX_PATH_MAX:
         raise OSError(f"engine socket path {access.socket} is too long for a unix socket: "
                       "run the daemon with a shorter $TMPDIR (or under systemd, $RUNTIME_DIRECTORY)")
+    access.dir.mkdir(mode=0o700)
+    access.tmp.mkdir(mode=0o700)
+    access.private_file("api-key", access.secret + "\n")
     return access
 
 

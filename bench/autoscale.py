@@ -135,7 +135,7 @@ async def ttfts_from_zero(d: Daemon, model: str, runs: int) -> list[float]:
         async with aiohttp.ClientSession() as s:
             for _ in range(runs):
                 ttfts.append(await first_token(s, d.url, model))
-                async with s.post(f"{d.url}/admin/models/{model}/unload") as r:
+                async with s.post(f"{d.url}/admin/models/{model}/unload", json={}) as r:
                     assert r.status == 200
                 while (await d.status(s, model))["replicas"]:
                     await asyncio.sleep(0.05)

@@ -214,7 +214,7 @@ def fault_disk_full(d: Daemon, note: list[str]) -> None:
         pass
     answers = []
     for action in ("pin", "unpin"):
-        resp = httpx.post(f"{d.url}/admin/models/fake/{action}", timeout=10)
+        resp = httpx.post(f"{d.url}/admin/models/fake/{action}", json={}, timeout=10)
         answers.append(f"{action}: {resp.status_code} {resp.json()['error']['code'] if resp.status_code >= 400 else ''}")
     note.append("admin writes on the full disk: " + "; ".join(answers))
 

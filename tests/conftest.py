@@ -111,8 +111,18 @@ class Daemon:
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
 
+    @property
+    def admin_socket(self) -> Path:
+        return self.config.parent / "state" / "admin.sock"
+
     def status(self) -> dict:
-        data = httpx.get(f"{self.url}/admin/status", timeout=5).json()
+        """/admin/status over loopback TCP, else (TCP admin needs a token once keys
+        are required) over the admin socket."""
+        resp = httpx.get(f"{self.url}/admin/status", timeout=5)
+        if resp.status_code in (401, 403) and self.admin_socket.exists():
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)), timeout=5) as c:
+                resp = c.get("http://appliance/admin/status")
+        data = resp.json()
         for m in data["models"]:
             self.engine_pids |= {r["pid"] for r in m["replicas"] if r["pid"]}
         return data

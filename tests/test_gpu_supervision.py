@@ -255,7 +255,7 @@ def test_a_gpu_model_with_no_command_and_no_image_is_fatal_naming_the_fix(daemon
 
     # The fix: build the image, restart the replica; it comes up from the image.
     fake_engine_image(tmp_path / "images", "vllm", "0.33.0-0123456789ab")
-    assert httpx.post(f"{d.url}/admin/models/small/replicas/0/restart", timeout=10).status_code == 200
+    assert httpx.post(f"{d.url}/admin/models/small/replicas/0/restart", json={}, timeout=10).status_code == 200
     wait_until(lambda: d.replicas("small")[0]["state"] == "READY", 30, what="READY from the image")
     assert d.replicas("small")[0]["image"] == "0.33.0-0123456789ab"
 
