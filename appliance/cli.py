@@ -313,9 +313,8 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""
-    from .cli_store import store_rows
-
     from .admin_client import AdminError, DaemonDown, call, target_from_config
+    from .cli_store import store_rows
 
     cfg = _load(config)
     live, down = None, "daemon not running"

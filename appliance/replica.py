@@ -388,7 +388,7 @@ class Replica:
             for name, text in spec.files.items():
                 self.access.private_file(name, text)
             env = engine_environment(spec.env, Path(self.cfg.paths.cache_dir) / "engine-home", self.access)
-            return await self.runner.spawn(spec.argv, env, self.log_path)
+            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret)
         except OSError as exc:
             raise _Crash(str(exc)) from None
 

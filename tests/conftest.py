@@ -130,7 +130,8 @@ class Daemon:
     def replicas(self, model: str) -> list[dict]:
         return next(m for m in self.status()["models"] if m["name"] == model)["replicas"]
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 30, status: bool = True) -> None:
+        """Until /readyz answers 200; then (status) read /admin/status once."""
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
@@ -140,7 +141,8 @@ class Daemon:
                 return False
 
         wait_until(ready, timeout, what="daemon ready")
-        self.status()
+        if status:
+            self.status()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

@@ -234,6 +234,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.as_engine == "sglang":  # SGLang logs its arguments at start, its api_key included
+        print(f"server_args=ServerArgs(model_path={args.model!r}, api_key={args.api_key!r})", flush=True)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.slow_start:

@@ -13,7 +13,7 @@ import subprocess
 import httpx
 import pytest
 
-from .conftest import PY, ROOT, fake_model, wait_until
+from .conftest import PY, ROOT, fake_model
 from .test_keys import keys_cli
 
 
@@ -43,18 +43,11 @@ def keyed_daemon(tmp_path_factory):
     factory = DaemonFactory(tmp)
     d = factory.start(fake_model("fake"), server=f'admin_token_file = "{tmp / "admin.token"}"',
                       extra="[keys]\nrequired = true\n", wait=False)
-    wait_until(lambda: _up(d), 30, what="daemon ready")
+    d.wait_ready(status=False)
     d.token = token
     d.key = keys_cli(d, "create", "--name", "app")
     yield d
     factory.cleanup()
-
-
-def _up(d) -> bool:
-    try:
-        return httpx.get(f"{d.url}/readyz", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def bearer(secret: str) -> dict[str, str]:
@@ -63,7 +56,7 @@ def bearer(secret: str) -> dict[str, str]:
 
 def test_tcp_admin_without_a_token_is_refused_once_keys_are_required(daemons):
     d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False)
-    wait_until(lambda: _up(d), 30, what="daemon ready")
+    d.wait_ready(status=False)
     for path in ("/admin/status", "/admin/gpus", "/openapi.json", "/admin/models/fake/replicas/0/log"):
         resp = httpx.get(d.url + path, timeout=10)
         assert resp.status_code == 403, path
@@ -141,7 +134,7 @@ def test_with_keys_required_models_and_metrics_need_a_key_or_the_admin_credentia
 def test_metrics_public_opens_metrics_alone_for_a_local_prometheus(daemons):
     d = daemons.start(fake_model("fake"), server="metrics_public = true", extra="[keys]\nrequired = true\n",
                       wait=False)
-    wait_until(lambda: _up(d), 30, what="daemon ready")
+    d.wait_ready(status=False)
     assert httpx.get(f"{d.url}/metrics", timeout=10).status_code == 200
     assert httpx.get(f"{d.url}/v1/models", timeout=10).status_code == 401
 
@@ -158,7 +151,7 @@ def test_the_cli_sends_the_admin_token_over_tcp(daemons, tmp_path):
     # No admin socket: the CLI has only TCP, which wants the token (keys required).
     d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False,
                       server=f'admin_token_file = "{tmp_path / "admin.token"}"\nadmin_socket = ""')
-    wait_until(lambda: _up(d), 30, what="daemon ready")
+    d.wait_ready(status=False)
     status = cli(d, "status")
     assert status.returncode == 0, status.stderr
     assert "None" not in status.stdout and "fake" in status.stdout and "READY" in status.stdout
@@ -176,7 +169,7 @@ def test_the_cli_sends_the_admin_token_over_tcp(daemons, tmp_path):
 
 def test_the_cli_uses_the_admin_socket_when_tcp_admin_is_closed(daemons):
     d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False)
-    wait_until(lambda: _up(d), 30, what="daemon ready")
+    d.wait_ready(status=False)
     status = cli(d, "status", "--json")
     assert status.returncode == 0, status.stderr
     assert [m["name"] for m in json.loads(status.stdout)["models"]] == ["fake"]

@@ -124,6 +124,9 @@ def test_engines_get_a_minimal_environment_and_no_secret_on_their_command_line(d
         assert stat.S_IMODE(Path(environ["TMPDIR"]).stat().st_mode) == 0o700
         cmdline = Path(f"/proc/{pid}/cmdline").read_text()
         assert not any(key in cmdline for key in keys), cmdline
+    # SGLang prints its key at start (the fake does too): the replica log has it redacted.
+    log = (tmp_path / "log" / "replicas" / "s-0.log").read_text()
+    assert "api_key='<redacted>'" in log and not any(key in log for key in keys)
     # The files that carry a secret are the daemon user's alone.
     a = d.replicas("a")[0]
     key_dir = Path(_environ(a["pid"])["TMPDIR"]).parent

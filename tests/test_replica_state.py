@@ -62,7 +62,7 @@ class FakeRunner:
         self.output: list[str] = []
         self.ignore_sigterm = False
 
-    async def spawn(self, argv, env, log_path: Path) -> FakeProcess:
+    async def spawn(self, argv, env, log_path: Path, redact: str = "") -> FakeProcess:
         if self.fail_spawn:
             raise OSError(self.fail_spawn)
         proc = FakeProcess(list(self.output))

@@ -11,17 +11,7 @@ import pytest
 
 from appliance.config import parse_config
 
-from .conftest import fake_model, wait_until
-
-
-def _ready(d) -> None:
-    """wait_ready without /admin/status, which needs the token here."""
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{d.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_until(ready, 30, what="daemon ready")
+from .conftest import fake_model
 
 
 def test_the_daemon_binds_loopback_unless_configured_otherwise():
@@ -65,7 +55,7 @@ def test_with_an_admin_token_the_admin_api_needs_it_from_everywhere(daemons, tmp
     d = daemons.start(fake_model("fake"),
                       server=f'host = "0.0.0.0"\nadmin_token_file = "{tmp_path}/admin.token"',
                       extra="[keys]\nrequired = true\n", wait=False)
-    _ready(d)
+    d.wait_ready(status=False)  # /admin/status needs the token here
     for base in (f"http://{NON_LOOPBACK}:{d.port}", d.url):
         for path in ADMIN_PATHS:
             for sent in (None, "wrong", token[:-1], token + "x"):
@@ -83,7 +73,7 @@ def test_secrets_and_request_bodies_never_reach_logs_errors_or_metrics(daemons, 
     (tmp_path / "admin.token").write_text(token)
     d = daemons.start(fake_model("fake") + fake_model("broken", "--fail-status", "500"),
                       server=f'admin_token_file = "{tmp_path}/admin.token"\nlog_level = "debug"', wait=False)
-    _ready(d)
+    d.wait_ready(status=False)  # /admin/status needs the token here
     auth = {"Authorization": f"Bearer {token}"}
     seen: list[str] = []
     with d.client() as c:
