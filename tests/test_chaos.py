@@ -168,7 +168,7 @@ def test_state_survives_a_daemon_sigkill_and_restart_intact(daemons, tmp_path):
     d = daemons.start(served, extra=FAST)
     admin = f"{d.url}/admin/models/fake"
     assert httpx.post(f"{admin}/scale", json={"replicas": 2}, timeout=10).json()["override"] == 2
-    assert httpx.post(f"{admin}/pin", timeout=10).json()["pinned"] is True
+    assert httpx.post(f"{admin}/pin", json={}, timeout=10).json()["pinned"] is True
     engines = ready_pids(d)
     with Load(d.url, BODIES, rate=20) as load:
         load.wait_for(10)
@@ -207,7 +207,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
     seen = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
     assert (seen / "appliance.db").exists() and not (state / "appliance.db").exists()
     admin = f"{d.url}/admin/models/fake"
-    assert httpx.post(f"{admin}/pin", timeout=10).status_code == 200
+    assert httpx.post(f"{admin}/pin", json={}, timeout=10).status_code == 200
 
     with Load(d.url, BODIES, rate=20) as load:
         load.wait_for(5)
@@ -216,7 +216,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
                 while True:
                     f.write(b"\0" * 65536)
                     f.flush()
-        refused = httpx.post(f"{admin}/unpin", timeout=10)
+        refused = httpx.post(f"{admin}/unpin", json={}, timeout=10)
         load.wait_for(load.tally.sent + 10)
     assert refused.status_code == 503, refused.text
     err = refused.json()["error"]
@@ -227,7 +227,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
     assert_nothing_lost(load)
     assert load.tally["ok"] > 0
     (seen / "filler").unlink()
-    assert httpx.post(f"{admin}/unpin", timeout=10).json()["pinned"] is False
+    assert httpx.post(f"{admin}/unpin", json={}, timeout=10).json()["pinned"] is False
     assert next(m for m in d.status()["models"] if m["name"] == "fake")["pinned"] is False
 
 
