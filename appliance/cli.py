@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
 
 import click
 
@@ -123,16 +121,16 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:
-    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
-    url = f"http://{host}:{cfg.server.port}{path}"
+def _admin_call(cfg: Config, port: int | None, method: str, path: str, body: dict | None = None,
+                timeout: float = 30.0) -> dict:
+    """The running daemon's admin API: its admin socket when this user may open it,
+    else TCP (--port, server.port) with the admin token (appliance/admin_client.py)."""
+    from .admin_client import AdminError, DaemonDown, call, target_from_config
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read() or b"{}")
-    except (urllib.error.URLError, OSError) as exc:
-        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
+        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, body, timeout)
+    except (DaemonDown, AdminError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -141,8 +139,7 @@ def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
-    cfg = _with_port(_load(config), port)
-    data = _daemon_get(cfg, "/admin/status")
+    data = _admin_call(_load(config), port, "GET", "/admin/status", timeout=5.0)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -164,14 +161,6 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
                 click.echo(f"      | {line}")
     if not data.get("ready"):
         sys.exit(3)
-
-
-def _with_port(cfg: Config, port: int | None) -> Config:
-    import msgspec
-
-    if port is None:
-        return cfg
-    return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=port))
 
 
 @main.command()
@@ -247,30 +236,6 @@ def read_inventory(cfg: Config, inventory: str | None):
         raise click.ClickException(str(exc)) from None
 
 
-def _daemon_post(cfg: Config, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
-    url = f"http://{host}:{cfg.server.port}{path}"
-    headers = {"Content-Type": "application/json"}
-    from .config import read_admin_token
-
-    token = read_admin_token(cfg)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise click.ClickException(message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
-
-
 def _model_line(m: dict) -> str:
     states = ",".join(r["state"] for r in m["replicas"]) or "none"
     how = f"operator set {m['override']}" if m.get("override") is not None else "autoscaling"
@@ -294,22 +259,21 @@ def _with_model_options(f):
 @_with_model_options
 def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
     """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
-    cfg = _with_port(_load(config), port)
+    cfg = _load(config)
     if replicas == "auto":
         value = None
     elif replicas.isdigit():
         value = int(replicas)
     else:
         raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
-    click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/scale", {"replicas": value})))
+    click.echo(_model_line(_admin_call(cfg, port, "POST", f"/admin/models/{model}/scale", {"replicas": value})))
 
 
 def _model_action(action: str, doc: str):
     @click.argument("model")
     @_with_model_options
     def command(model: str, config: str | None, port: int | None) -> None:
-        cfg = _with_port(_load(config), port)
-        click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/{action}")))
+        click.echo(_model_line(_admin_call(_load(config), port, "POST", f"/admin/models/{model}/{action}")))
 
     command.__doc__ = doc
     return main.command(name=action)(command)
@@ -333,14 +297,14 @@ _model_action("unpin", "Let MODEL idle to zero again.")
 def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
     """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
     from tui.app import ApplianceTUI
-    from tui.client import target_from_config
+    from tui.client import AdminClient, target_from_config
 
     cfg = _load(config)
     try:
         target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
     except (ConfigError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    ApplianceTUI(target.client()).run()
+    ApplianceTUI(AdminClient.to(target)).run()
 
 
 @main.command()
@@ -384,16 +348,22 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""
+    from .admin_client import AdminError, DaemonDown, call, target_from_config
     from .cli_store import store_rows
 
-    cfg = _with_port(_load(config), port)
+    cfg = _load(config)
+    live, down = None, "daemon not running"
     try:
-        live = {m["name"]: m for m in _daemon_get(cfg, "/admin/status", timeout=1.5).get("models", [])}
-    except click.ClickException:
-        live = None
+        target = target_from_config(cfg, port=port, socket_if_usable=True)
+        live = {m["name"]: m for m in call(target, "GET", "/admin/status", timeout=1.5).get("models", [])}
+    except DaemonDown:
+        pass
+    except (AdminError, ConfigError) as exc:
+        down = "unknown"
+        click.echo(f"warning: no live state: {exc}", err=True)
     rows = []
     for m in cfg.models:
-        state = "daemon not running"
+        state = down
         if live is not None:
             info = live.get(m.name)
             states = [r["state"] for r in info["replicas"]] if info else []

@@ -7,6 +7,7 @@ embedded default model. Every validation error names the file and the field.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -26,6 +27,8 @@ ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
 # llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
 CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+log = logging.getLogger("appliance.config")
+
 UNIX_PATH_MAX = 108  # sun_path, the terminating NUL included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -51,8 +54,19 @@ class ServerConfig(_Section):
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # A file holding the admin token (a systemd credential, say). Without it the
-    # admin API (/admin/...) answers loopback clients only.
+    # admin API (/admin/...) answers over TCP only loopback clients of a loopback
+    # bind, and only while keys.required is false; the admin socket always works.
     admin_token_file: str = ""
+    # Names (besides loopback addresses, localhost and server.host) the admin API
+    # answers to in the Host header: the DNS name of a reverse proxy, say. A
+    # DNS-rebinding web page sends its own name and is refused.
+    admin_hosts: list[str] = msgspec.field(default_factory=list)
+    # With keys.required, /metrics needs an API key or the admin token; true opens it
+    # to anyone who reaches the port (a local Prometheus without credentials).
+    metrics_public: bool = False
+    # A provider key file (providers[].api_key_file) its group or others may read:
+    # "refuse" (the daemon does not start, naming the file and the fix) or "warn".
+    key_file_permissions: Literal["refuse", "warn"] = "refuse"
     # The admin API also on a unix socket (relative: under paths.state_dir), mode
     # 0660: who may open the file may administer, no token needed. Empty: off.
     admin_socket: str = "admin.sock"
@@ -195,8 +209,10 @@ class ModelConfig(_Section):
     # A GGUF path, a directory, builtin:<name> for the bundled model, or store:<name>
     # for a model imported into the store (`appliance models import`).
     source: str = ""
-    # openai engine: a command template ({port}, {host}, {model_path}, {model_name}) to
-    # supervise, or the URL of an external server that is only health-checked.
+    # openai engine: a command template ({port}, {host}, {model_path}, {model_name},
+    # {api_key_file}) to supervise, which must refuse requests without the replica's key
+    # ($ENGINE_API_KEY, or the file {api_key_file}); or the URL of an external server
+    # that is only health-checked.
     command: list[str] = msgspec.field(default_factory=list)
     url: str = ""
     # Extra engine arguments and environment, appended after the adapter's own.
@@ -654,11 +670,40 @@ def read_admin_token(cfg: Config) -> str:
         token = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
-                          f"{exc.strerror}") from None
+                          f"{exc.strerror}; create it (one line of 16 or more characters, mode 0600, "
+                          "readable by the daemon's user) or remove the setting") from None
     if len(token) < 16:
         raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': the token in {path} is "
                           "shorter than 16 characters")
+    if problem := exposed_secret(path):
+        log.warning("field 'server.admin_token_file': %s", problem)
     return token
+
+
+def exposed_secret(path: Path) -> str | None:
+    """Why a file holding a secret is open to more than its owner, if it is."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o044:
+        return (f"{path} is readable by its group or others (mode {mode:04o}): run chmod 600 {path} "
+                "(and chown it to the daemon's user)")
+    return None
+
+
+def check_writable_dirs(cfg: Config) -> None:
+    """The directories the daemon writes, made if missing and tried with a real file:
+    a ConfigError naming the field, the path and the fix, before anything opens there."""
+    import tempfile
+
+    for field, path in (("paths.state_dir", cfg.paths.state_dir), ("paths.cache_dir", cfg.paths.cache_dir),
+                        ("paths.log_dir", cfg.paths.log_dir)):
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{cfg.origin}: field '{field}': {path} is not writable by this user "
+                              f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access "
+                              f"(chown/chmod) or point {field} elsewhere") from None
 
 
 def kv_tokens(model: ModelConfig) -> int:

@@ -1,5 +1,10 @@
 """llama.cpp's llama-server: parallel slots, continuous batching, prompt cache; on the CPU,
-or with every layer on the GPUs the placer chose (the CUDA build, `llamacpp-cuda`)."""
+or with every layer on the GPUs the placer chose (the CUDA build, `llamacpp-cuda`).
+
+Its key comes from --api-key-file (never --api-key: argv is public); with a key,
+llama-server refuses every endpoint but /health and /v1/health without it,
+/metrics and /props included. /slots (the prompts in each slot) is off.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from .metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
 
 # With every layer on the GPU, the CPU threads only sample and schedule.
 GPU_THREADS = 2
@@ -22,7 +28,7 @@ class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         from appliance.config import model_path
 
         path = model_path(cfg, model)
@@ -37,6 +43,7 @@ class LlamaCppAdapter(LocalEngine):
             "--alias", model.name,
             "--host", host,
             "--port", str(port),
+            "--api-key-file", str(access.key_file),
             "--ctx-size", str(model.context_length),
             "--parallel", str(model.parallel),
             "--threads", str(threads),
@@ -46,6 +53,7 @@ class LlamaCppAdapter(LocalEngine):
             "--cache-prompt",
             "--cache-reuse", "256",
             "--metrics",
+            "--no-slots",
             "--no-webui",
             "--offline",
             "--log-colors", "off",
