@@ -44,6 +44,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
 
     from .logs import setup_logging
     from .server import run
+    from .config import ConfigError, check_writable_dirs
     from .state_lock import StateDirBusy, hold_state_dir
 
     cfg = _load(config)
@@ -51,7 +52,11 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
     try:
+        # The directories first, so an unwritable one is named with its field and fix.
+        check_writable_dirs(cfg)
         lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     except StateDirBusy as exc:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:

@@ -288,7 +288,7 @@ def serve_and_measure(args, work: Path, binary: Path, models: dict[str, Path], r
             held = sum(replica_bytes(probe, r["pid"]) for r in d.ready(model)) if probe else 0
             # The last one: the device back at its baseline (what it used before the daemon).
             target = None if probe is None else (baseline if step == 1 else used_bytes(probe) - held)
-            httpx.post(f"{d.url}/admin/models/{model}/unload", timeout=30).raise_for_status()
+            httpx.post(f"{d.url}/admin/models/{model}/unload", json={}, timeout=30).raise_for_status()
             seconds = wait_freed(probe, pids, None if target is None else target + 64 * MiB, 30)
             what = f"{model} unloaded to zero: its GPU memory freed" + (", NVML at baseline" if step else "")
             if seconds is None:

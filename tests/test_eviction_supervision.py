@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from . import make_tiny_gguf
-from .conftest import FAKE_ENGINE, PY, wait_until
+from .conftest import FAKE_ENGINE, PY, engine_client, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +89,7 @@ def test_a_request_for_a_model_with_no_room_on_the_gpu_evicts_the_idle_one_and_i
     assert resp.status_code == 200, resp.text
     [b] = live(d, "b")
     assert b["state"] == "READY" and b["gpus"] == [0]
-    stats = httpx.get(f"{b['url']}/fake/stats", timeout=5).json()
+    stats = engine_client(b).get("/fake/stats").json()
     assert stats["cuda_visible_devices"] == "GPU-sim-0000"  # by UUID
     assert "--n-gpu-layers" in stats["argv"]
     wait_until(lambda: not live(d, "a"), 15, what="a's replica stopped")
@@ -125,14 +125,14 @@ def test_a_model_inside_its_residency_window_is_not_evicted(daemons, tmp_path, t
     assert resp.status_code == 503
     assert re.search(r"a#0 \(loaded \d+s ago, min_residency 3600s\)", resp.json()["error"]["message"])
     # `appliance load` says the same instead of reporting a success that started nothing.
-    load = httpx.post(f"{d.url}/admin/models/b/load", timeout=10)
+    load = httpx.post(f"{d.url}/admin/models/b/load", json={}, timeout=10)
     assert load.status_code == 503 and "min_residency 3600s" in load.json()["error"]["message"]
     assert [r["state"] for r in live(d, "a")] == ["READY"]
 
 
 def test_a_pinned_model_is_not_evicted_below_its_pin(daemons, tmp_path, tiny):
     d = gpu_daemon(daemons, tmp_path, tiny)
-    assert httpx.post(f"{d.url}/admin/models/a/pin", timeout=10).status_code == 200
+    assert httpx.post(f"{d.url}/admin/models/a/pin", json={}, timeout=10).status_code == 200
     resp = chat(d, "b")
     assert resp.status_code == 503
     assert "a keeps 1 replica (pinned or set by the operator)" in resp.json()["error"]["message"]
@@ -158,7 +158,7 @@ def test_on_the_cpu_core_budget_a_request_evicts_the_idle_model_and_load_says_wh
     wait_until(lambda: not live(d, "a"), 15, what="a's replica stopped")
     assert evictions(d) == {("a", "request"): 1.0}
     # The operator's load is demand too: it evicts b for a.
-    load = httpx.post(f"{d.url}/admin/models/a/load", timeout=10)
+    load = httpx.post(f"{d.url}/admin/models/a/load", json={}, timeout=10)
     assert load.status_code == 200
     wait_until(lambda: [r["state"] for r in live(d, "a")] == ["READY"], 15, what="a loaded")
     assert evictions(d)[("b", "load")] == 1.0
