@@ -6,6 +6,7 @@ leaves through ``_error_response`` in the OpenAI envelope.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,6 @@ from random import getrandbits as _getrandbits
 
 import asyncio
 import contextlib
-import hmac
 from pathlib import Path
 
 import msgspec
@@ -24,11 +24,10 @@ from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 
-from .config import Config, read_admin_token
+from .config import Config, ConfigError, check_writable_dirs, read_admin_token
 from .errors import (
     ApplianceError,
     BadRequest,
-    Forbidden,
     NotFound,
     Unauthorized,
     MethodNotAllowed,
@@ -63,7 +62,7 @@ from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
 from .store_guard import RECHECK_S, Scrubber
-from .admin_socket import via_admin_socket
+from .admin_access import AdminAccess
 from .admin_views import gpu_view, replica_log
 from .ttft import TtftTracker
 
@@ -83,7 +82,7 @@ class Runtime:
     metrics: Metrics
     started: float = field(default_factory=time.time)
     draining: bool = False
-    admin_token: str = ""
+    admin: AdminAccess | None = None
     ttft: TtftTracker = field(default_factory=TtftTracker)
     # (route, fallback target) -> times taken; key name -> [requests, prompt, completion].
     fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -124,7 +123,7 @@ async def _receive_body(receive: Receive, declared: bytes | None, limit: int) ->
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnected
+                raise _body_broken(size)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -132,14 +131,19 @@ async def _receive_body(receive: Receive, declared: bytes | None, limit: int) ->
             chunks.append(chunk)
         body = b"".join(chunks)
     elif message["type"] == "http.disconnect":
-        raise ClientDisconnected
+        raise _body_broken(0)
     if len(body) > limit:
         raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
     return body
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its request body arrived; nothing to answer."""
+def _body_broken(received: int) -> BadRequest:
+    """Granian ends the body with http.disconnect both when the client left and when
+    its framing broke (a bad chunk size, a chunk longer than it said, the connection
+    closed mid-body): a 400 for whoever still listens, logged and audited."""
+    log.info("request body ended after %d bytes: malformed chunked encoding or connection closed", received)
+    return BadRequest(f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
+                      "encoding, or the connection closed before the whole body arrived", code="invalid_body")
 
 
 def _new_request_id() -> str:
@@ -336,7 +340,7 @@ async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     cls, endpoint = PROXY_ENDPOINTS[path]
     try:
         await _forward(scope, receive, send, path, cls, endpoint)
-    except (ClientDisconnected, ClientGone):
+    except ClientGone:
         return
 
 
@@ -370,16 +374,27 @@ def front_door(app: Litestar):
                 if started:  # the answer is on its way: nothing sane to add to it
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
-                await _send_whole(send, status, JSON, body, headers)
+                with contextlib.suppress(Exception):  # the client may have gone already
+                    await _send_whole(send, status, JSON, body, headers)
             return
         await app(scope, receive, send)
 
     return front
 
 
+def _client_or_admin(request: Request) -> Runtime:
+    """What the API shows about the box (its models, its metrics): with keys required,
+    only to a caller with an API key or the admin credential."""
+    rt = _runtime(request)
+    if rt.gate.required and not rt.admin.is_admin(request):
+        auth = request.headers.get("authorization")
+        rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
+    return rt
+
+
 @get("/v1/models")
 async def list_models(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _client_or_admin(request)
     created = int(rt.started)
     cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
     return Response(ModelList(data=cards), media_type=JSON)
@@ -387,7 +402,7 @@ async def list_models(request: Request) -> Response:
 
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _client_or_admin(request)
     name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
     return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
@@ -405,13 +420,26 @@ async def readyz(request: Request) -> Response:
     ready = rt.supervisor.ready and not rt.draining
     status = "draining" if rt.draining else ("ready" if ready else "starting")
     headers = {} if ready else {"Retry-After": "5"}
-    return Response({"status": status, "models": models}, status_code=200 if ready else 503,
-                    media_type=JSON, headers=headers)
+    body = {"status": status, "models": models}
+    if rt.gate.required and not _has_credential(rt, request):
+        del body["models"]  # the box's model names are for callers with a key
+    return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
+
+
+def _has_credential(rt: Runtime, request: Request) -> bool:
+    try:
+        _client_or_admin(request)
+    except Unauthorized:
+        return False
+    return True
 
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_runtime(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    rt = _runtime(request)
+    if not rt.cfg.server.metrics_public:
+        _client_or_admin(request)
+    return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @get("/admin/status")
@@ -464,31 +492,30 @@ class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
     replicas: int | None
 
 
+class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The other actions say nothing: their body is {} (still JSON, see admin_access)."""
+
+
 def _admin(request: Request) -> Runtime:
-    """Admin routes: the admin socket (its file permissions decided), loopback,
-    or the admin token (constant-time comparison)."""
+    """Admin routes: the one credential model (appliance/admin_access.py)."""
     rt = _runtime(request)
-    token = rt.admin_token
-    if via_admin_socket(request.scope):
-        return rt
-    if token:
-        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(sent.encode(), token.encode()):
-            raise Unauthorized("Admin API: missing or wrong admin token", code="invalid_admin_token")
-    elif not _is_loopback(request):
-        raise Forbidden("Admin API is served to loopback clients only unless server.admin_token_file is set")
+    rt.admin.check(request)
     return rt
 
 
-def _is_loopback(request: Request) -> bool:
-    client = request.scope.get("client")
-    host = client[0] if client else ""
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") or not host
+async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
+    """A state-changing admin call: allowed, and its whole body read (a malformed
+    one is refused before anything changes)."""
+    rt = _admin(request)
+    declared = request.headers.get("content-length")
+    body = await _read_body_asgi(request.receive, declared.encode() if declared else None,
+                                 rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s)
+    return rt, body
 
 
-async def _json_body(request: Request, cls):
+def _json_body(body: bytes, cls):
     try:
-        return msgspec.json.decode(await request.body(), type=cls)
+        return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"Invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -504,9 +531,9 @@ def _model_status(rt: Runtime, name: str) -> Response:
 
 @post("/admin/models/{model:str}/scale", status_code=200)
 async def admin_scale(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
     model = request.path_params["model"]
-    body = await _json_body(request, ScaleBody)
+    body = _json_body(raw, ScaleBody)
     if body.replicas is not None and body.replicas < 0:
         raise BadRequest("'replicas' must be >= 0 (or null for autoscaling)", param="replicas")
     rt.supervisor.scale(model, body.replicas)
@@ -515,7 +542,8 @@ async def admin_scale(request: Request) -> Response:
 
 @post("/admin/models/{model:str}/{action:str}", status_code=200)
 async def admin_model_action(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
     model, action = request.path_params["model"], request.path_params["action"]
     sup = rt.supervisor
     actions = {"load": lambda: sup.load(model), "unload": lambda: sup.unload(model),
@@ -528,7 +556,8 @@ async def admin_model_action(request: Request) -> Response:
 
 @post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200)
 async def admin_replica_action(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
     p = request.path_params
     model, index, action = p["model"], p["index"], p["action"]
     replica = rt.supervisor.replica(model, index)
@@ -600,16 +629,29 @@ def create_app(cfg: Config) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        session = make_session(cfg)
-        db_path = Path(cfg.paths.state_dir) / "appliance.db"
-        state = StateStore(db_path)
-        supervisor = Supervisor(cfg, session, state=state)
-        audit = AuditLog(db_path, cfg.audit)
-        keys = KeyStore(db_path)
-        gate = Gate(keys, cfg.keys.required, audit.charge)
+        session = None
+        try:
+            # What the config or the machine may get wrong, first: its message (field,
+            # path, fix) is what the log and the exit status say (server.serve).
+            check_writable_dirs(cfg)
+            admin = AdminAccess(cfg, read_admin_token(cfg))
+            providers = load_providers(cfg)
+            session = make_session(cfg)
+            db_path = Path(cfg.paths.state_dir) / "appliance.db"
+            state = StateStore(db_path)
+            supervisor = Supervisor(cfg, session, state=state)
+            audit = AuditLog(db_path, cfg.audit)
+            keys = KeyStore(db_path)
+            gate = Gate(keys, cfg.keys.required, audit.charge)
+        except Exception as exc:
+            app.state.startup_error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("startup failed: %s", app.state.startup_error)
+            if session is not None:
+                await session.close()
+            raise
         runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
-                          metrics=Metrics(supervisor), admin_token=read_admin_token(cfg),
-                          routes=Routes(cfg.routes), providers=load_providers(cfg), gate=gate, audit=audit,
+                          metrics=Metrics(supervisor), admin=admin,
+                          routes=Routes(cfg.routes), providers=providers, gate=gate, audit=audit,
                           tenancy=Tenancy(cfg.routing.tenant_isolation),
                           tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
         app.state.runtime = runtime

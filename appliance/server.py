@@ -74,7 +74,9 @@ async def serve(cfg: Config, app=None) -> int:
         await service.close()
         exc = serving.exception()
         if exc is not None:
-            log.error("server failed: %s", exc)
+            # A failed lifespan logged its own error; Granian's says only "ASGI lifespan startup".
+            if getattr(app.state, "startup_error", None) is None:
+                log.error("server failed: %s", exc)
             return 1
         return 0
 

@@ -16,12 +16,18 @@ prompt's words as its tokens and keeps a prefix cache per cache_salt: answers sa
 many leading words were cached, in usage.prompt_tokens_details.cached_tokens and
 llama-server's timings (cache_n, prompt_n). --no-usage leaves usage out of every
 answer (an engine that ignores stream_options).
+
+It takes its API key the way the engine it plays does: $ENGINE_API_KEY or
+--api-key-file (a server = "openai" command), $VLLM_API_KEY (--as-engine vllm,
+which also listens on --uds), the "api-key" of its --config file (--as-engine
+sglang); with a key, every path but /health answers 401 without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import signal
@@ -38,12 +44,15 @@ CACHE: dict[str, list[list[str]]] = {}  # cache_salt -> prompts seen (as words),
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--as-engine", choices=["vllm", "sglang"], default=None,
+    p.add_argument("--as-engine", choices=["vllm", "sglang", "llamacpp"], default=None,
                    help="accept that engine's argv (unknown flags ignored, recorded in /fake/stats) "
                         "and speak its /metrics, and vLLM's /sleep, /wake_up, /is_sleeping")
     p.add_argument("--served-model-name", dest="model", default=None)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--uds", default="", help="listen on this unix socket instead (vLLM's flag)")
+    p.add_argument("--api-key-file", default="", help="the API key, in this file (llama-server's flag)")
+    p.add_argument("--config", default="", help="a JSON/YAML file whose 'api-key' is the key (SGLang's)")
     p.add_argument("--model", dest="model", default=None)
     p.add_argument("--latency", type=float, default=0.0, help="seconds before a unary answer")
     p.add_argument("--latency-from", type=int, default=1,
@@ -66,10 +75,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not (args.port or args.uds):
+        p.error("--port or --uds is required")
+    args.api_key = api_key(args)
     args.model = args.model or "fake-model"
     STATS["argv"] = argv
     STATS["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return args
+
+
+def api_key(args: argparse.Namespace) -> str:
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            return f.read().strip()
+    if args.config:
+        with open(args.config) as f:
+            return json.load(f)["api-key"]
+    return os.environ.get("VLLM_API_KEY" if args.as_engine == "vllm" else "ENGINE_API_KEY", "")
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None) -> dict:
@@ -211,7 +233,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def metrics(request: web.Request) -> web.Response:
         running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
-        if args.as_engine == "sglang":
+        if args.as_engine == "llamacpp":
+            text = (f"llamacpp:requests_processing {running}\nllamacpp:requests_deferred 0\n"
+                    "llamacpp:kv_cache_usage_ratio 0.125\n")
+        elif args.as_engine == "sglang":
             text = (f"sglang:num_running_reqs{{model_name=\"{args.model}\"}} {running}\n"
                     f"sglang:num_queue_reqs{{model_name=\"{args.model}\"}} 0\n"
                     f"sglang:token_usage{{model_name=\"{args.model}\"}} 0.25\n"
@@ -241,7 +266,17 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def is_sleeping(request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": bool(STATS.get("sleeping"))})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    @web.middleware
+    async def require_key(request: web.Request, handler):
+        if args.api_key and request.path != "/health":
+            sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(sent.encode(), args.api_key.encode()):
+                STATS["refused"] = STATS.get("refused", 0) + 1
+                return web.json_response({"error": {"message": "Invalid API Key", "type": "authentication_error"}},
+                                         status=401)
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[require_key])
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -260,6 +295,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.as_engine == "sglang":  # SGLang logs its arguments at start, its api_key included
+        print(f"server_args=ServerArgs(model_path={args.model!r}, api_key={args.api_key!r})", flush=True)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.slow_start:
@@ -272,7 +309,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     # handler_cancellation: a client that disconnects cancels its request, as real
     # engines stop generating for a connection that closed.
-    web.run_app(make_app(args), host=args.host, port=args.port, print=None,
+    where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    web.run_app(make_app(args), **where, print=None,
                 handle_signals=not args.ignore_sigterm, access_log=None, handler_cancellation=True)
 
 

@@ -110,7 +110,7 @@ def test_a_stream_that_asks_for_usage_gets_it(keyed):
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert len(events) >= 2, (r.status_code, events)
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
-    usage = {u["key"]: u for u in httpx.get(f"{keyed.url}/admin/status").json()["usage"]}
+    usage = {u["key"]: u for u in keyed.status()["usage"]}
     assert usage["meter"]["requests"] == 1 and usage["meter"]["completion_tokens"] == 3
 
 
@@ -137,7 +137,7 @@ def test_every_request_gets_an_audit_row_without_text(keyed):
     route, model, served_by, status, p, c, latency, req_text, resp_text = wait_until(row, 10, what="a row")
     assert (route, model, served_by, status, p, c) == ("r1", "m1", "fake#0", 200, 5, 3)
     assert latency > 0 and req_text is None and resp_text is None
-    metrics = httpx.get(f"{keyed.url}/metrics").text
+    metrics = httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
     assert 'appliance_tokens_total{kind="prompt",model="m1"}' in metrics
 
 
@@ -160,7 +160,7 @@ class _Rt:
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)
-        self.supervisor = type("S", (), {"deployments": {}})()
+        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from .conftest import DaemonFactory, fake_model, wait_until
+from .conftest import DaemonFactory, engine_client, fake_model, wait_until
 from .test_keys import keys_cli
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -74,7 +74,8 @@ def chat(daemon, token: str, body: dict, stream: bool = False, timeout: float = 
 
 
 def engine_stats(daemon, model: str) -> dict:
-    return httpx.get(f"{daemon.replicas(model)[0]['url']}/fake/stats", timeout=5).json()
+    with engine_client(daemon.replicas(model)[0]) as engine:
+        return engine.get("/fake/stats").json()
 
 
 # --- request validation owns what the appliance acts on ----------------------------
