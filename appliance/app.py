@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 
 import asyncio
-import contextlib
 from pathlib import Path
 
 import msgspec
@@ -187,7 +186,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
         raise
     except BaseException as exc:
         # A client that left (499), or a bug (500): its row, and its budget hold released.
-        finish(rt, ctx, 499 if isinstance(exc, (ClientDisconnected, ClientGone, asyncio.CancelledError)) else 500)
+        finish(rt, ctx, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
         raise
     finally:
         rt.inflight -= 1

@@ -128,7 +128,7 @@ def test_a_concurrent_burst_never_spends_more_than_the_budget(ledger):
     assert {json.loads(r[1])["error"]["code"] for r in refused} == {"budget_exceeded"}
     spent = charged(ledger, token)
     assert 0 < spent <= budget
-    usage = {u["key"]: u for u in httpx.get(f"{ledger.url}/admin/status").json()["usage"]}
+    usage = {u["key"]: u for u in ledger.status()["usage"]}
     assert usage["burst"]["tokens"] == spent  # the ledger on disk and the daemon agree
 
 
