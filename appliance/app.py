@@ -33,6 +33,7 @@ from .errors import (
     PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
+    StateWriteFailed,
     encode_error,
     error_for_status,
 )
@@ -50,10 +51,12 @@ from .protocol import (
     hostile_json,
 )
 from .proxy import EngineProxy, make_session
-from .audit import AuditLog, UsageTap, ask_stream_usage, unary_usage
-from .keys import Gate, KeyStore
-from .routing import RequestCtx, Routes, finish, with_fallback
-from .serving import forward_stream, forward_unary, open_local_stream
+from .audit import AuditLog
+from .keys import ApiKey, Gate, KeyStore
+from .metering import StreamTap, choices, completion_cap, prompt_bound, unary_usage, usage_option
+from .routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
+from .serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
+from .tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
 from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
@@ -88,7 +91,9 @@ class Runtime:
     providers: dict[str, Provider] = field(default_factory=dict)
     gate: Gate | None = None
     audit: AuditLog | None = None
+    tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
     tag_header: bytes = b"x-appliance-tag"
+    inflight: int = 0  # requests on the hot path, from arrival to their answer's end
 
 
 def _runtime(request: Request) -> Runtime:
@@ -170,11 +175,24 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     ctx = RequestCtx(rid, started, time.time(), "", endpoint)
+    rt.inflight += 1
     try:
         await _serve(rt, ctx, scope, receive, send, path, cls, declared, auth, tag)
     except ApplianceError as exc:
         finish(rt, ctx, exc.status)
+        if not isinstance(exc, StateWriteFailed):
+            with contextlib.suppress(StateWriteFailed):
+                await committed(ctx)  # an error answer is accounted for like any other
         raise
+    except BaseException as exc:
+        # A client that left (499), or a bug (500): its row, and its budget hold released.
+        finish(rt, ctx, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
+        raise
+    finally:
+        rt.inflight -= 1
+        if not ctx.finished:  # every path finishes its request; never leave a budget hold behind
+            log.warning("request %s ended without being finished", rid)
+            finish(rt, ctx, 500)
 
 
 async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
@@ -184,35 +202,42 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
                            retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
-                                 rt.cfg.server.body_read_timeout_s)
+    body = ctx.body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
+                                            rt.cfg.server.body_read_timeout_s)
     req = decode_request(body, cls)
     model = ctx.model = req.model
-    route = None
-    if rt.routes.models:
-        route = ctx.route = rt.routes.resolve(model, tag.decode("latin-1") if tag else (key.tag if key else ""))
-    if key is not None:
-        gate.admit(key, route.name if route is not None else None)
+    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key,
+                                        rt.cfg.routing.tag_header)
+    rt.audit.admit(accountable(ctx))
     target = route.target if route is not None else model
+    fields: dict = {} if target == model else {"model": target}
+    if key is not None:
+        _reserve(rt, ctx, key, req, target, fields)
     deployment = rt.supervisor.deployment(target)
     if cls is EmbeddingRequest and not deployment.model.embeddings:
         raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
                          code="embeddings_not_supported")
-    if target != model:
-        body = set_fields(body, model=target)
+    tenancy = rt.tenancy
+    stream = getattr(req, "stream", False)
+    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated):
+        _tap(ctx, req, tenancy.isolated, fields)
+    if fields:
+        body = set_fields(body, **fields)
+    tenant = tenancy.tenant(key, route)
+    salt = (tenancy.salt(tenant, req.cache_salt)
+            if tenant is not None and cls is not EmbeddingRequest else None)
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and cls is not EmbeddingRequest:
-        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest)
+        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
         request_text, ctx.response_text = body, b""
     headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
     fallbacks = route is not None and bool(route.fallbacks)
 
-    if getattr(req, "stream", False):
-        if rt.cfg.audit.enabled or key is not None:
-            body, injected = ask_stream_usage(body)
-            ctx.tap = UsageTap(strip=injected)
+    def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
+        return _for(dep, body, target, salt)
 
+    if stream:
         def done(status: int) -> None:
             finish(rt, ctx, status, request_text)
 
@@ -221,23 +246,66 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
             def opener():
                 return with_fallback(
                     rt, ctx, deployment,
-                    lambda d: open_local_stream(rt, d, path, _for(d, body, target), headers, receive, done, ctx),
+                    lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
                     lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers), done))
-        await forward_stream(rt, deployment, path, body, headers, receive, send, done, ctx, opener)
+        await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
         return
 
     if fallbacks:
-        status, data, content_type = await with_fallback(
+        work = with_fallback(
             rt, ctx, deployment,
-            lambda d: forward_unary(rt, d, path, _for(d, body, target), headers, receive, ctx),
+            lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
             lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers)))
     else:
-        status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive, ctx)
+        work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
+    # A client that leaves cancels the engine's work, as a stream's does.
+    status, data, content_type = await unless_client_leaves(receive, work)
     ctx.usage = unary_usage(data)
+    data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
     finish(rt, ctx, status, request_text)
+    await committed(ctx)
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict) -> None:
+    """A metered or tenant-isolated stream: the engine is asked for its usage (an
+    event kept from a client that did not ask for it), and the relay watches the
+    events (appliance/metering.py: StreamTap)."""
+    asked = req.stream_options is not None and bool(req.stream_options.include_usage)
+    if not asked:
+        fields["stream_options"] = usage_option(ctx.body)
+    ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
+
+
+def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict) -> None:
+    """Admit the key's request against its limits and hold the most it may cost
+    against its budget (appliance/keys.py). A request that set no completion
+    length is reserved at the model's default cap (default_max_tokens, else its
+    context); when the budget leaves less, or the default is below the context,
+    the engine is told the cap, so it can never generate more than was reserved."""
+    route = ctx.route.name if ctx.route is not None else None
+    dep = rt.supervisor.deployments.get(target)
+    if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
+        ctx.reservation = rt.gate.admit(key, route)
+        return
+    context = dep.model.context_length
+    ceiling = dep.model.default_max_tokens or context
+    cap = 0 if isinstance(req, EmbeddingRequest) else completion_cap(req)
+    n = choices(req)
+    prompt = prompt_bound(ctx.body)
+    res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
+    ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
+    limit = None
+    if res.completion is not None and res.completion < context:
+        # Keep prompt + max_tokens within the context (the prompt is at most its bound).
+        limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
+        fields["max_tokens"] = limit
+    n_predict = getattr(req, "n_predict", None)
+    if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
+        # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
+        fields["n_predict"] = limit if limit is not None else cap // n
 
 
 async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
@@ -249,9 +317,13 @@ async def _send_whole(send: Send, status: int, content_type: str, body: bytes, h
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _for(dep, body: bytes, target: str) -> bytes:
-    """The body for a local fallback model: its own name in "model"."""
-    return body if dep.model.name == target else set_fields(body, model=dep.model.name)
+def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
+    """The body for a local model: its own name in "model", and for an engine
+    that partitions its prefix cache by one, the tenant's cache salt."""
+    fields: dict = {} if dep.model.name == target else {"model": dep.model.name}
+    if salt is not None and dep.model.server in SALTED_SERVERS:
+        fields["cache_salt"] = salt
+    return set_fields(body, **fields) if fields else body
 
 
 # The proxy endpoints: what each path decodes its body as, and its name in metrics.
@@ -579,6 +651,7 @@ def create_app(cfg: Config) -> Litestar:
         runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
                           metrics=Metrics(supervisor), admin=admin,
                           routes=Routes(cfg.routes), providers=providers, gate=gate, audit=audit,
+                          tenancy=Tenancy(cfg.routing.tenant_isolation),
                           tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
         app.state.runtime = runtime
         supervisor.start()

@@ -230,6 +230,10 @@ class ModelConfig(_Section):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"] = "auto"
     gpu_overhead_gib: float = 0.0
     sleep_mode: bool = False
+    # A budgeted API key's request that sets no max_tokens is reserved for, and
+    # capped at, this many completion tokens per choice; 0 = context_length (the
+    # most the engine generates on its own).
+    default_max_tokens: int = 0
     # llama.cpp's KV-cache types (--cache-type-k/-v): f16, bf16, q8_0, q4_0, ... A
     # quantized V cache needs FlashAttention (on by default where the GPU has it).
     cache_type_k: str = "f16"
@@ -258,6 +262,10 @@ class RoutingConfig(_Section):
     prefix_index_mib: float = 8.0
     # Request header carrying the tag a route may match on.
     tag_header: str = "x-appliance-tag"
+    # Whose engine prompt caches are kept apart (appliance/tenancy.py): "key" (each
+    # API key; keyless loopback clients together), "route" (each route), or "shared"
+    # (one team: answers relayed untouched, cache counters included).
+    tenant_isolation: Literal["key", "route", "shared"] = "key"
 
 
 class RouteConfig(_Section):
@@ -309,8 +317,17 @@ class AuditConfig(_Section):
     enabled: bool = True
     # Also keep the request body and the answer (off: no prompt or completion text).
     include_text: bool = False
+    # When a keyed or regulated request's row and token charge reach the disk:
+    # "commit" before its answer ends (batched with concurrent requests' rows; a
+    # crash or SIGKILL loses none), "fsync" the same and fsync'd (power loss loses
+    # none either), "batch" every flush_interval_s like other rows (a crash loses
+    # up to that window).
+    durability: Literal["commit", "fsync", "batch"] = "commit"
     flush_interval_s: float = 1.0
     flush_rows: int = 2048
+    # While the state database cannot be written (disk full), rows wait in memory;
+    # beyond this many, requests get 503 state_write_failed.
+    max_pending_rows: int = 100_000
 
 
 class GpuConfig(_Section):
@@ -542,6 +559,7 @@ def _validate(cfg: Config) -> None:
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
+        need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         if m.source.startswith(STORE_PREFIX):
             from .store import StoreError, check_name
 
@@ -606,6 +624,7 @@ def _validate_routes(cfg: Config, need) -> None:
     a = cfg.audit
     need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
+    need(a.max_pending_rows >= a.flush_rows, "audit.max_pending_rows", "must be >= flush_rows")
     bind = bind_error(cfg)
     if bind:
         need(False, "keys.required", bind.split(": ", 1)[1])

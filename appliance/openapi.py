@@ -47,6 +47,9 @@ def _components() -> dict[str, Any]:
             props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
                                       {"type": "null"}]}
         props["model"] = {"type": "string", "minLength": 1}
+        props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
+                                        {"type": "null"}]}
+        props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
     defs["ChatCompletionRequest"]["properties"]["messages"]["minItems"] = 1
     defs["EmbeddingRequest"]["properties"]["model"] = {"type": "string", "minLength": 1}
     defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}

@@ -137,10 +137,12 @@ def _tune_gc() -> None:
 
 
 async def _drained(runtime, timeout: float) -> None:
+    """Wait until no request is on the hot path (held, at an engine or a provider,
+    or waiting for its audit row to commit), up to timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        if sum(r.inflight for r in runtime.supervisor.replicas()) == 0:
+        if runtime.inflight == 0:
             return
         await asyncio.sleep(0.05)
     log.warning("drain timeout: stopping with requests still in flight")

@@ -2,12 +2,20 @@
 
     python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
         [--chunk-delay 0.01] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
-        [--embeddings] [--fail-status 500 [--fail-from 2]]
+        [--embeddings] [--fail-status 500 [--fail-from 2]] [--cache-report] [--no-usage]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
 /v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
-(requests, streams started, completed and cancelled by the client, the last body).
+(requests, streams started, completed and cancelled by the client, unary answers
+completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
+
+Like llama-server, the completion's length is n_predict, else max_tokens, else
+max_completion_tokens (a negative n_predict: --chunks). --cache-report counts the
+prompt's words as its tokens and keeps a prefix cache per cache_salt: answers say how
+many leading words were cached, in usage.prompt_tokens_details.cached_tokens and
+llama-server's timings (cache_n, prompt_n). --no-usage leaves usage out of every
+answer (an engine that ignores stream_options).
 
 It takes its API key the way the engine it plays does: $ENGINE_API_KEY or
 --api-key-file (a server = "openai" command), $VLLM_API_KEY (--as-engine vllm,
@@ -29,7 +37,8 @@ import time
 from aiohttp import web
 
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0,
-         "last_body": None, "pid": os.getpid()}
+         "unary_completed": 0, "unary_cancelled": 0, "last_body": None, "pid": os.getpid()}
+CACHE: dict[str, list[list[str]]] = {}  # cache_salt -> prompts seen (as words), for --cache-report
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -60,6 +69,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="answer completions with this status (from request --fail-from on)")
     p.add_argument("--fail-from", type=int, default=2,
                    help="first request number that fails (default 2: the readiness probe passes)")
+    p.add_argument("--cache-report", action="store_true",
+                   help="report cached prompt tokens like llama-server (cached_tokens, timings)")
+    p.add_argument("--no-usage", action="store_true", help="never report usage")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -82,9 +94,42 @@ def api_key(args: argparse.Namespace) -> str:
     return os.environ.get("VLLM_API_KEY" if args.as_engine == "vllm" else "ENGINE_API_KEY", "")
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None) -> dict:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _length(body: dict, default: int) -> int:
+    """The completion's length as llama-server reads it."""
+    n_predict = body.get("n_predict")
+    if n_predict is not None:
+        return default if n_predict < 0 else n_predict
+    return body.get("max_tokens") or body.get("max_completion_tokens") or default
+
+
+def _prompt_words(body: dict) -> list[str]:
+    if "messages" in body:
+        text = " ".join(str(m.get("content", "")) for m in body["messages"])
+    else:
+        text = str(body.get("prompt", ""))
+    return text.split()
+
+
+def _cached(body: dict) -> tuple[int, int]:
+    """(prompt tokens, how many leading ones an earlier prompt of the same cache salt shared)."""
+    words = _prompt_words(body)
+    seen = CACHE.setdefault(str(body.get("cache_salt", "")), [])
+    best = 0
+    for earlier in seen:
+        n = 0
+        while n < min(len(words), len(earlier)) and words[n] == earlier[n]:
+            n += 1
+        best = max(best, n)
+    seen.append(words)
+    return len(words), best
 
 
 def make_app(args: argparse.Namespace) -> web.Application:
@@ -104,24 +149,35 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if args.fail_status and STATS["requests"] >= args.fail_from:
             return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
                                      status=args.fail_status)
-        max_tokens = body.get("max_tokens") or args.chunks
-        n = max(1, min(args.chunks, max_tokens))
+        n = max(1, min(args.chunks, _length(body, args.chunks)))
+        prompt, cached = _cached(body) if args.cache_report else (5, None)
+        STATS["last_cached"] = cached
+        extra = {}
+        if cached is not None:
+            extra["timings"] = {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1.0,
+                                "predicted_n": n, "predicted_ms": 1.0}
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await stream(request, chat, n, usage)
-        if args.latency and STATS["requests"] >= args.latency_from:
-            await asyncio.sleep(args.latency)
+            usage = bool((body.get("stream_options") or {}).get("include_usage")) and not args.no_usage
+            return await stream(request, chat, n, usage, prompt, cached, extra)
+        try:
+            if args.latency and STATS["requests"] >= args.latency_from:
+                await asyncio.sleep(args.latency)
+        except asyncio.CancelledError:  # the client went away: the "slot" is freed
+            STATS["unary_cancelled"] += 1
+            raise
         text = " ".join(f"tok{i}" for i in range(n))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                   if chat else {"index": 0, "text": text, "finish_reason": "stop"})
         maybe_crash()
-        return web.json_response({
-            "id": "fake-1", "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": body.get("model", args.model),
-            "choices": [choice], "usage": _usage(5, n),
-        })
+        STATS["unary_completed"] += 1
+        answer = {"id": "fake-1", "object": "chat.completion" if chat else "text_completion",
+                  "created": int(time.time()), "model": body.get("model", args.model), "choices": [choice]}
+        if not args.no_usage:
+            answer["usage"] = _usage(prompt, n, cached)
+        return web.json_response({**answer, **extra})
 
-    async def stream(request: web.Request, chat: bool, n: int, usage: bool = False) -> web.StreamResponse:
+    async def stream(request: web.Request, chat: bool, n: int, usage: bool = False, prompt: int = 5,
+                     cached: int | None = None, extra: dict | None = None) -> web.StreamResponse:
         STATS["streams_started"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -133,13 +189,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
                          if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": int(time.time()), "model": args.model, "choices": [delta]}
+                if i == n - 1 and extra:  # llama-server: timings on the last content chunk
+                    chunk.update(extra)
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
             if usage:  # stream_options.include_usage: one more event, no choices, the usage
                 last = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()), "model": args.model, "choices": [],
-                        "usage": _usage(5, n)}
+                        "usage": _usage(prompt, n, cached)}
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -249,9 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
+    # handler_cancellation: a client that disconnects cancels its request, as real
+    # engines stop generating for a connection that closed.
     where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
     web.run_app(make_app(args), **where, print=None,
-                handle_signals=not args.ignore_sigterm, access_log=None)
+                handle_signals=not args.ignore_sigterm, access_log=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -85,16 +85,19 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
 
 
 def test_a_key_over_its_token_budget_gets_429_until_the_period_ends(keyed):
-    token = keys_cli(keyed, "create", "--name", "thrifty", "--budget-tokens", "10",
+    # A request holds its prompt's bound (one token per byte of body) plus max_tokens while
+    # it runs; the fake engine's usage is 5 prompt + 3 completion tokens, a stream's too.
+    streamed = json.dumps({**CHAT, "max_tokens": 3, "stream": True}).encode()
+    token = keys_cli(keyed, "create", "--name", "thrifty", "--budget-tokens", str(len(streamed) + 3 + 15),
                      "--budget-period", "day")
-    # The fake engine's usage: 5 prompt + 3 completion tokens; a stream counts too.
-    assert post(keyed, token).status_code == 200
-    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
-                                      headers={"Authorization": f"Bearer {token}"}) as r:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    assert post(keyed, token, {**CHAT, "max_tokens": 3}).status_code == 200
+    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", content=streamed, headers=headers) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     # The client did not ask for usage: the extra usage-only event was kept from it...
     assert all('"usage"' not in e for e in events) and events[-1] == "data: [DONE]"
-    resp = post(keyed, token)  # ...but it was counted: 16 >= 10
+    with keyed.client() as c:  # ...but it was counted: 16 used, one token short for this one
+        resp = c.post("/v1/chat/completions", content=streamed, headers=headers)
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "budget_exceeded"
     assert 0 < int(resp.headers["retry-after"]) <= 86400
 
