@@ -176,7 +176,7 @@ def test_an_exported_model_fronted_by_the_appliance_keeps_its_route_policy(daemo
              "[autoscaling]\nqueue_timeout_s = 2\n\n" + provider(recorder, tmp_path) + routes)
     daemon = daemons.start(front, extra=extra, supervisor="health_failures_before_restart = 1")
     key = subprocess.run([PY, "-m", "appliance.cli", "keys", "create", "--name", "claims-app", "--route",
-                          "claims", "--route", "general", "--budget-tokens", "40", "--budget-period", "day",
+                          "claims", "--route", "general", "--budget-tokens", "150", "--budget-period", "day",
                           "--config", str(daemon.config)], capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert key.returncode == 0, key.stderr
     auth = {"Authorization": f"Bearer {key.stdout.strip()}"}
@@ -184,7 +184,8 @@ def test_an_exported_model_fronted_by_the_appliance_keeps_its_route_policy(daemo
     def chat(model: str, headers: dict | None = auth) -> httpx.Response:
         with daemon.client() as c:
             return c.post("/v1/chat/completions", headers=headers,
-                          json={"model": model, "messages": [{"role": "user", "content": "hi"}]})
+                          json={"model": model, "max_tokens": 8,
+                                "messages": [{"role": "user", "content": "hi"}]})
 
     assert chat("claims", headers=None).status_code == 401          # keys, as before
     served = chat("claims")
