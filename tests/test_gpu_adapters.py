@@ -232,7 +232,7 @@ def _flag(argv: list[str], flag: str) -> str:
 
 def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by_uuid():
     slot = GpuSlot(gpus=(3,), memory_fraction=0.05, uuids=("GPU-3a1e",))
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot, ACCESS)
     argv = spec.argv
     assert argv[0] == "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
     assert _flag(argv, "--n-gpu-layers") == "all" and _flag(argv, "--split-mode") == "none"
@@ -245,17 +245,17 @@ def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by
 
 def test_llamacpp_over_two_gpus_splits_by_layer():
     slot = GpuSlot(gpus=(2, 5), memory_fraction=0.3, uuids=("GPU-b", "GPU-c"))
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot, ACCESS)
     assert _flag(spec.argv, "--split-mode") == "layer"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-b,GPU-c"
     # Where the probe knows no UUIDs (an inventory without them), the indices.
     spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
-                                          GpuSlot(gpus=(2, 5), memory_fraction=0.3))
+                                          GpuSlot(gpus=(2, 5), memory_fraction=0.3), ACCESS)
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,5"
 
 
 def test_llamacpp_on_the_cpu_is_as_before():
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], "127.0.0.1", 9201)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], "127.0.0.1", 9201, None, ACCESS)
     assert spec.argv[0] == "/opt/appliance/venv/bin/llama-server"
     assert "--n-gpu-layers" not in spec.argv and "--cache-type-k" not in spec.argv
     assert _flag(spec.argv, "--threads") == "4"
@@ -268,7 +268,7 @@ def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(t
     with pytest.raises(CannotLaunch, match=r"no llamacpp-cuda engine image in .*: run `appliance images build "
                                            r"llamacpp-cuda` \(it needs the CUDA toolkit: nvcc\).*remove "
                                            r"\[models.gpus\] to serve this model on the CPU"):
-        adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9202, GpuSlot((0,), 0.1))
+        adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9202, GpuSlot((0,), 0.1), ACCESS)
 
 
 def test_every_llamacpp_gpu_flag_is_in_the_pinned_llama_server():
@@ -282,6 +282,6 @@ def test_every_llamacpp_gpu_flag_is_in_the_pinned_llama_server():
         pytest.skip("llama-server is not built (./install.sh)")
     text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
     spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
-                                          GpuSlot((0, 1), 0.1, ("GPU-a", "GPU-b")))
+                                          GpuSlot((0, 1), 0.1, ("GPU-a", "GPU-b")), ACCESS)
     for flag in (a for a in spec.argv if a.startswith("--")):
         assert f"{flag}" in text, f"{flag} is not an option of the pinned llama-server"
