@@ -567,6 +567,8 @@ class Supervisor:
         now = self.clock.monotonic()
         decisions = []
         for dep in self.deployments.values():
+            if dep.blocked:
+                continue  # nothing of it may start until the block lifts (unblock restores its count)
             decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, self.room_for(dep)),
                                               dep.policy(self.cfg))
             self._apply(dep, decision)
