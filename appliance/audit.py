@@ -3,7 +3,8 @@
 The request path only appends a tuple to a list; a background task writes the
 batch to SQLite (its own connection, in a thread) every ``audit.flush_interval_s``
 or as soon as ``audit.flush_rows`` rows wait. Token usage per API key and
-budget period goes to the ``usage_ledger`` table in the same transaction.
+budget period goes to the ``usage_ledger`` table in the same transaction. Both
+tables are in the state database; their schema is appliance/statedb.py's migrations.
 
 Also here: reading token usage from an engine's answer, unary or streamed.
 """
@@ -21,51 +22,14 @@ from pathlib import Path
 import msgspec
 
 from .config import AuditConfig
+from .statedb import connect
 from .upstreams import set_fields
 
 log = logging.getLogger("appliance.audit")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id                INTEGER PRIMARY KEY,
-    ts                REAL NOT NULL,      -- unix time the request arrived
-    request_id        TEXT NOT NULL,
-    key_id            TEXT,               -- NULL: a keyless local client
-    route             TEXT,               -- NULL: the model was requested directly
-    model             TEXT NOT NULL,      -- the model the client asked for
-    endpoint          TEXT NOT NULL,
-    served_by         TEXT,               -- a replica (model#n) or provider:<name>
-    status            INTEGER NOT NULL,
-    prompt_tokens     INTEGER,
-    completion_tokens INTEGER,
-    latency_ms        REAL NOT NULL,
-    ttft_ms           REAL,
-    fallback_reason   TEXT,
-    request_text      TEXT,               -- only with audit.include_text
-    response_text     TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
-CREATE TABLE IF NOT EXISTS usage_ledger (
-    key_id       TEXT NOT NULL,
-    period_start INTEGER NOT NULL,
-    tokens       INTEGER NOT NULL,
-    PRIMARY KEY (key_id, period_start)
-);
-"""
-
 COLUMNS = ("ts", "request_id", "key_id", "route", "model", "endpoint", "served_by", "status",
            "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "fallback_reason",
            "request_text", "response_text")
-
-
-def connect(path: Path | str) -> sqlite3.Connection:
-    if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(SCHEMA)
-    return db
 
 
 @contextlib.contextmanager

@@ -45,6 +45,8 @@ from typing import BinaryIO, Protocol
 
 import sqlite_utils
 
+from . import migrations
+
 log = logging.getLogger("appliance.store")
 
 STORE_PREFIX = "store:"
@@ -232,20 +234,16 @@ class Store:
     def db(self) -> sqlite_utils.Database:
         if self._db is None:
             self.root.mkdir(parents=True, exist_ok=True)
-            db = sqlite_utils.Database(self.db_path)
-            db.enable_wal()
-            db.conn.execute("PRAGMA busy_timeout = 10000")
-            if "models" not in db.table_names():
-                db["models"].create({
-                    "name": str, "format": str, "source": str, "revision": str, "total_bytes": int,
-                    "license": str, "license_accepted_by": str, "license_accepted_at": float,
-                    "imported_at": float, "last_used_at": float, "pinned": int, "state": str,
-                    "state_reason": str}, pk="name", if_not_exists=True)
-                db["files"].create({"model": str, "path": str, "sha256": str, "size": int,
-                                    **FILE_CHECK_COLUMNS}, pk=("model", "path"), if_not_exists=True)
-            else:
-                _migrate(db)
-            self._db = db
+            try:
+                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise StoreError(f"{self.db_path}: {exc}") from None
+                # A reader without write access (an operator's `models ls`): the writer migrates.
+                conn = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+            except migrations.SchemaError as exc:
+                raise StoreError(str(exc)) from None
+            self._db = sqlite_utils.Database(conn)
         return self._db
 
     def exists(self) -> bool:
@@ -647,24 +645,42 @@ def quarantine_reason(record: ModelRecord) -> str:
             f"`appliance models verify {record.name}` once restored")
 
 
-# Added to the files table after the first release: nullable, so a manifest and the
-# appliance that wrote it stay readable and writable by either version (a row without
-# a fingerprint is simply hashed again at its next check).
-FILE_CHECK_COLUMNS = {"fingerprint": str, "verified_at": float}
+def _v1_tables(db: sqlite3.Connection) -> None:
+    """The manifest of appliance 0.1.0 (a manifest it wrote, version 0, may lack the files'
+    fingerprint and verified_at columns: its rows are hashed again at their next check)."""
+    migrations.run_script(db, """
+CREATE TABLE IF NOT EXISTS "models" (
+   "name" TEXT PRIMARY KEY,
+   "format" TEXT,
+   "source" TEXT,
+   "revision" TEXT,
+   "total_bytes" INTEGER,
+   "license" TEXT,
+   "license_accepted_by" TEXT,
+   "license_accepted_at" REAL,
+   "imported_at" REAL,
+   "last_used_at" REAL,
+   "pinned" INTEGER,
+   "state" TEXT,
+   "state_reason" TEXT
+);
+CREATE TABLE IF NOT EXISTS "files" (
+   "model" TEXT,
+   "path" TEXT,
+   "sha256" TEXT,
+   "size" INTEGER,
+   PRIMARY KEY ("model", "path")
+);
+""")
+    migrations.add_column(db, "files", "fingerprint", "TEXT")
+    migrations.add_column(db, "files", "verified_at", "REAL")
 
 
-def _migrate(db: sqlite_utils.Database) -> None:
-    columns = db["files"].columns_dict
-    for column, kind in FILE_CHECK_COLUMNS.items():
-        if column not in columns:
-            try:
-                db["files"].add_column(column, kind)
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" in str(exc):  # another process added it first
-                    continue
-                if "readonly" in str(exc):  # a reader without write access: the writer migrates
-                    return
-                raise
+# The manifest's schema (appliance/migrations.py): append a step to change it, e.g.
+# `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
+MIGRATIONS = migrations.Registry("store manifest", (
+    _v1_tables,
+))
 
 
 def _content_revision(hashed: dict[str, str]) -> str:
