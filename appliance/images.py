@@ -243,7 +243,7 @@ def build(engine: str, cfg: Config | None = None, *, python: str | None = None, 
     base.mkdir(parents=True, exist_ok=True)
     try:
         if engine == "llamacpp":
-            _build_llamacpp(d, target, base, interpreter, log)
+            _build_llamacpp(d, target, interpreter)
         else:
             _build_python_engine(d, target, interpreter, log)
         manifest = {"engine": engine, "version": d.version, "tag": d.tag,
@@ -268,18 +268,12 @@ def _run(argv: list[str], what: str, env: dict | None = None) -> None:
         raise ImageError(f"{what} failed: " + " | ".join(tail))
 
 
-def _build_llamacpp(d: Definition, tmp: Path, base: Path, python: str, log) -> None:
+def _build_llamacpp(d: Definition, tmp: Path, python: str) -> None:
+    """build.sh: the cached build, a prebuilt one that fits, or compiled (the build tools
+    of d.requirements provisioned by it when missing)."""
     _run([python, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
-    env = dict(os.environ)
-    if not shutil.which("cmake") or not shutil.which("ninja"):
-        tools = base / ".tools"
-        if not (tools / "bin" / "cmake").exists():
-            log("installing the pinned build tools (cmake, ninja) with --require-hashes")
-            _run([python, "-m", "venv", str(tools)], "creating the tools venv")
-            _run([str(tools / "bin" / "pip"), "install", "--quiet", "--require-hashes", "-r",
-                  str(d.requirements)], "installing build tools")
-        env["PATH"] = f"{tools / 'bin'}:{env['PATH']}"
-    _run([str(d.folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env)
+    _run([str(d.folder / "build.sh"), str(tmp / "bin")], "building llama-server",
+         env={**os.environ, "PYTHON": os.environ.get("PYTHON") or python})
 
 
 def _build_python_engine(d: Definition, tmp: Path, python: str, log) -> None:

