@@ -11,6 +11,9 @@ import pytest
 
 from .conftest import ROOT, DaemonFactory, free_port, wait_until
 
+# A fresh install is a venv and a pip install: minutes on a loaded 2-core machine.
+pytestmark = pytest.mark.timeout(1800)
+
 
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory):
