@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import email.parser
 import json
+import os
 import re
 import tarfile
 import zipfile
@@ -37,7 +38,9 @@ def incoming_from(path: str | Path, *, name: str | None = None, license: str | N
     p = Path(path)
     if not p.exists():
         raise StoreError(f"{p}: no such file or directory")
-    if p.is_dir():
+    if p.is_dir() and (p / BUNDLE_MANIFEST).is_file():
+        found = from_bundle(p, expected_version, only=name)  # one install.sh unpacked and verified
+    elif p.is_dir():
         found = [from_directory(p, name)]
     elif p.suffix == ".gguf":
         found = [from_gguf(p, name, sha256)]
@@ -133,23 +136,31 @@ def _common_dir(paths: list[str]) -> str:
 
 def read_bundle_manifest(p: Path) -> dict:
     try:
+        if p.is_dir():
+            return json.loads((p / BUNDLE_MANIFEST).read_bytes())
         with tarfile.open(p) as tf:
             member = tf.extractfile(BUNDLE_MANIFEST)
             return json.loads(member.read())
-    except (KeyError, tarfile.TarError, json.JSONDecodeError, EOFError) as exc:
+    except (OSError, KeyError, tarfile.TarError, json.JSONDecodeError, EOFError) as exc:
         raise StoreError(f"{p}: not an appliance bundle ({BUNDLE_MANIFEST} unreadable: {exc})") from None
 
 
 def from_bundle(p: Path, expected_version: str | None, only: str | None = None) -> list[Incoming]:
+    """The models of a bundle: its .tar, or the folder install.sh unpacked it into."""
     manifest = read_bundle_manifest(p)
     version = manifest.get("appliance_version")
     if expected_version and version != expected_version:
         raise StoreError(f"{p}: bundle is for appliance {version}, this is {expected_version}; "
                          "use a bundle made by the same version")
-    tf = tarfile.open(p)  # noqa: SIM115 - read lazily by the files' openers during the import
+    tf = None if p.is_dir() else tarfile.open(p)  # noqa: SIM115 - read lazily by the files' openers
 
     def opener(member: str):
         def open_member():
+            if tf is None:  # no links followed: a link in the folder is not the bundle's file
+                try:
+                    return os.fdopen(os.open(p / member, os.O_RDONLY | os.O_NOFOLLOW), "rb")
+                except OSError as exc:
+                    raise StoreError(f"{p}: {member}: {exc.strerror}") from None
             try:
                 f = tf.extractfile(member)
             except KeyError:
@@ -167,7 +178,9 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
         files = [SourceFile(f["path"], f["size"], opener(base + f["path"]), f["sha256"])
                  for f in m["files"]]
         found.append(Incoming(name=m["name"], source=f"{p.resolve()}#{m['name']}", files=files,
-                              license=m.get("license", "unknown"), revision=m.get("revision")))
+                              license=m.get("license", "unknown"), revision=m.get("revision"),
+                              license_accepted_by=m.get("license_accepted_by"),
+                              license_accepted_at=m.get("license_accepted_at")))
     if only and not found:
         raise StoreError(f"{p}: the bundle has no model '{only}'")
     return found

@@ -90,6 +90,9 @@ class Incoming:
     files: list[SourceFile]
     license: str = "unknown"
     revision: str | None = None
+    # A license accepted where the model came from (a bundle): accepted here too.
+    license_accepted_by: str | None = None
+    license_accepted_at: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -381,8 +384,8 @@ class Store:
                 self.db["models"].insert({
                     "name": incoming.name, "format": fmt, "source": incoming.source,
                     "revision": revision, "total_bytes": incoming.total_bytes,
-                    "license": incoming.license, "license_accepted_by": None,
-                    "license_accepted_at": None, "imported_at": now, "last_used_at": None,
+                    "license": incoming.license, "license_accepted_by": incoming.license_accepted_by,
+                    "license_accepted_at": incoming.license_accepted_at, "imported_at": now, "last_used_at": None,
                     "pinned": 0, "state": READY, "state_reason": ""})
                 self.db["files"].insert_all(
                     {"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
