@@ -74,8 +74,8 @@ class Definition:
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
-        for f in sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt",
-                                                                                           ".env", ".lock", ".sh")
+        for f in sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt", ".env",
+                                                                                           ".lock", ".sh", ".cmake")
                         and not p.name.startswith("flags-")):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
         return h.hexdigest()[:12]

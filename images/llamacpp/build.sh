@@ -62,6 +62,7 @@ common_flags=(
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_ALL_WARNINGS=OFF -DGGML_ALL_WARNINGS=OFF
   "-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++ -static-libgcc"
+  "-DCMAKE_PROJECT_INCLUDE=$here/glue-flags.cmake"   # -O3 for the inference, -O1 for the glue
 )
 
 # This machine's CPU features that a compiler may use (the arch's ISA extensions, as
@@ -96,8 +97,9 @@ glibc=$(getconf GNU_LIBC_VERSION 2>/dev/null | awk '{print $2}')
 variant_flags "$variant"
 cmake_flags=("${common_flags[@]}" "${flags[@]}")
 compiler=$( (c++ --version 2>/dev/null || echo none) | head -n1)
-key=$(printf '%s\n' "$LLAMACPP_SDIST_VERSION" "$variant" "${cmake_flags[@]}" "$arch" "$glibc" "$compiler" "$needs" \
-      | sha256sum | cut -c1-16)
+# The key: what the build is made of, not where this folder is (a checkout, an installed copy).
+key=$(printf '%s\n' "$LLAMACPP_SDIST_VERSION" "$variant" "${cmake_flags[@]//$here/}" "$arch" "$glibc" "$compiler" \
+      "$needs" "$(cat "$here/glue-flags.cmake")" | sha256sum | cut -c1-16)
 cached_dir="$cache_root/llama-server/$LLAMACPP_SDIST_VERSION-$variant-$key"
 
 # --- into DEST_DIR --------------------------------------------------------------------
