@@ -45,6 +45,9 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# The caller's Python search path is not the program's: with it, pip could take another
+# tree's appliance for installed, and the installed program could run another's code.
+unset PYTHONPATH PYTHONHOME
 # shellcheck source=images/llamacpp/pin.env
 . "$here/images/llamacpp/pin.env"
 PYTHON=${PYTHON:-python3}

@@ -116,10 +116,10 @@ rollback() {
 # Only where the version rolled back to refuses them (its `appliance check` says a database
 # is from a newer appliance): an older one that reads the migrated files keeps every row.
 restore_databases() {  # version_rolled_back_to
-  local backups="$state_dir/pre-upgrade" db live stamp
+  local backups="$state_dir/pre-upgrade" db live stamp verdict
   [ -f "$backups/FROM_VERSION" ] && [ "$(cat "$backups/FROM_VERSION")" = "$1" ] || return 0
-  run_as_service "$prefix/bin/appliance" check "${config_args[@]}" 2>&1 | grep -q "written by a newer appliance" \
-    || return 0
+  verdict=$(run_as_service "$prefix/bin/appliance" check "${config_args[@]}" 2>&1 || true)
+  case "$verdict" in *"written by a newer appliance"*) ;; *) return 0 ;; esac
   stamp=$(date +%Y%m%dT%H%M%S)
   for db in "$backups"/*.db; do
     [ -f "$db" ] || continue

@@ -24,6 +24,8 @@ from .test_images import _wheel, needs_llama_build
 from .test_store import SMOLLM_WHEEL, gguf
 
 RESTRICTED = "acme/restricted"  # a license not in store.allowed_licenses, accepted before bundling
+# Making the bundle (pip wheel of the appliance and its dependencies) and installing it: minutes.
+pytestmark = pytest.mark.timeout(1200)
 
 
 @pytest.fixture(scope="module")

@@ -236,3 +236,53 @@ echo "versions: $(ls {root}/opt/appliance/versions | tr '\n' ' ')"
     versions = result.stdout.split("versions: ", 1)[1].splitlines()[0].split()
     assert [f"versions/{v}" for v in versions] == [current]  # the half-made one is gone
     assert result.stdout.splitlines()[-1].startswith("ok: ")  # and the installed one still checks out
+
+
+@pytest.mark.timeout(1800)
+def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keeps_the_migrated_one(
+        tmp_path, service_root):
+    """This tree installed and serving (its state database migrated to today's schema), then
+    a release whose registry has one more step: the upgrade copies the database first, its
+    daemon migrates it; --rollback finds this tree refusing the newer database, puts the copy
+    back (the migrated file kept beside it) and serves with the same key."""
+    root = service_root / "schema"
+    port = free_port()
+    (root / "etc/appliance").mkdir(parents=True)
+    (root / "etc/appliance/appliance.toml").write_text(f"[server]\nport = {port}\n[keys]\nrequired = true\n")
+    s = Server(root, port)
+    first = s.install(ROOT)
+    assert first.returncode == 0, first.stdout + first.stderr
+    token = s.cli("keys", "create", "--name", "billing").strip().splitlines()[-1]
+    assert s.serving(token).strip()
+    today = s.current()
+
+    later = _copy_of_this_tree(tmp_path / "later")
+    statedb_py = later / "appliance" / "statedb.py"
+    statedb_py.write_text(statedb_py.read_text().replace(
+        "    _v1_tables,\n))",
+        '    _v1_tables,\n    lambda db: add_column(db, "api_keys", "note", "TEXT"),\n))').replace(
+        "from .migrations import Registry,", "from .migrations import Registry, add_column,"))
+    upgraded = s.install(later)
+    assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
+    assert f"copied {root}/var/lib/appliance/appliance.db (schema {statedb.MIGRATIONS.latest})" in upgraded.stdout
+    assert s.serving(token).strip()  # the later release migrates it at its start
+    db = root / "var/lib/appliance/appliance.db"
+    assert _user_version(db) == statedb.MIGRATIONS.latest + 1
+
+    back = s.install(ROOT, "--rollback")
+    out = back.stdout + back.stderr
+    assert back.returncode == 0, out
+    assert s.current() == today
+    assert f"put back {db} as it was before the upgrade (the migrated one is kept as {db}.migrated-" in out
+    assert _user_version(db) == statedb.MIGRATIONS.latest
+    [kept] = list(db.parent.glob("appliance.db.migrated-*[0-9]"))
+    assert _user_version(kept) == statedb.MIGRATIONS.latest + 1
+    assert s.serving(token).strip()
+
+
+def _user_version(path: Path) -> int:
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return db.execute("PRAGMA user_version").fetchone()[0]
+    finally:
+        db.close()
