@@ -67,7 +67,11 @@ try:
 except OSError as e:
     print("no network:", e)'"""
 
-COMPLETION = """{py} - <<'EOF'
+# Shell: start the daemon ({serve}, output to {log}), wait for /readyz, print one chat
+# completion of the embedded model after COMPLETION:, stop the daemon.
+SERVE_ONE_COMPLETION = """{serve} > {log} 2>&1 &
+daemon=$!
+{py} - <<'EOF'
 import json, time, urllib.request
 url = "http://127.0.0.1:{port}"
 for _ in range(600):
@@ -76,11 +80,23 @@ for _ in range(600):
             break
     except OSError:
         time.sleep(0.5)
-body = json.dumps({{"model": "{model}", "max_tokens": 8,
+body = json.dumps({{"model": "smollm2-135m-instruct", "max_tokens": 8,
                    "messages": [{{"role": "user", "content": "Say hello."}}]}}).encode()
 req = urllib.request.Request(url + "/v1/chat/completions", body, {{"Content-Type": "application/json"}})
 print("COMPLETION:", json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["message"]["content"])
-EOF"""
+EOF
+kill -TERM $daemon
+wait $daemon"""
+
+
+def run_no_network(script: str, unshare: str, log: Path, timeout: int) -> str:
+    """script in new namespaces (unshare -n, or -mn); its output, which must say there is no network."""
+    result = subprocess.run(["unshare", unshare, "bash", "-c", script], capture_output=True, text=True,
+                            timeout=timeout)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out + (log.read_text(errors="replace") if log.exists() else "")
+    assert "no network:" in out and "NETWORK REACHABLE" not in out
+    return out
 
 
 def test_the_bundle_contents_carry_the_installer_prebuilt_engine_and_accepted_license(bundle):
@@ -121,6 +137,9 @@ def test_the_bundle_alone_installs_a_server_under_root_with_no_network_no_compil
            f"APPLIANCE_BUILD_CACHE={root}/var/cache/appliance-build PATH={shims}:{os.environ['PATH']}")
     as_service = (f"env STATE_DIRECTORY={root}/var/lib/appliance CACHE_DIRECTORY={root}/var/cache/appliance "
                   f"LOGS_DIRECTORY={root}/var/log/appliance setpriv --reuid=$uid --regid=$gid --clear-groups --")
+    appliance = f"{as_service} {root}/opt/appliance/venv/bin/appliance"
+    serve = SERVE_ONE_COMPLETION.format(serve=f"{appliance} serve --config {root}/etc/appliance/appliance.toml",
+                                        log=f"{root}/tmp/serve.log", py=PY, port=port)
     script = f"""
 set -e
 ip link set lo up
@@ -133,21 +152,10 @@ tar -xf {bundle} -C {root}/tmp/bundle
 env {env} {root}/tmp/bundle/install.sh --root {root}
 uid=$(awk -F: '$1 == "appliance" {{print $3}}' {root}/etc/passwd)
 gid=$(awk -F: '$1 == "appliance" {{print $4}}' {root}/etc/passwd)
-{as_service} {root}/opt/appliance/venv/bin/appliance models ls --json --port 1 \\
-  --config {root}/etc/appliance/appliance.toml > {root}/tmp/models.json
-{as_service} {root}/opt/appliance/venv/bin/appliance serve --config {root}/etc/appliance/appliance.toml \\
-  > {root}/tmp/serve.log 2>&1 &
-daemon=$!
-{COMPLETION.format(py=PY, port=port, model="smollm2-135m-instruct")}
-kill -TERM $daemon
-wait $daemon
+{appliance} models ls --json --port 1 --config {root}/etc/appliance/appliance.toml > {root}/tmp/models.json
+{serve}
 """
-    result = subprocess.run(["unshare", "-mn", "bash", "-c", script], capture_output=True, text=True,
-                            timeout=1100)
-    out = result.stdout + result.stderr
-    serve_log = root / "tmp/serve.log"
-    assert result.returncode == 0, out + (serve_log.read_text(errors="replace") if serve_log.exists() else "")
-    assert "no network:" in out and "NETWORK REACHABLE" not in out
+    out = run_no_network(script, "-mn", root / "tmp/serve.log", timeout=1100)
     assert "COMPILER INVOKED" not in out
     assert "bundle verified" in out and "using the prebuilt llama-server" in out
     assert out.split("COMPLETION:", 1)[1].splitlines()[0].strip()
@@ -175,6 +183,8 @@ def test_install_sh_offline_from_a_checkout_hands_over_to_the_bundles_installer(
     cfg.write_text(f'[server]\nport = {port}\n[paths]\ncache_dir = "{tmp_path}/cache"\n'
                    f'state_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n'
                    '[[models]]\nname = "smollm2-135m-instruct"\nsource = "store:smollm2"\ncontext_length = 512\n')
+    serve = SERVE_ONE_COMPLETION.format(serve=f"{tmp_path}/venv/bin/appliance serve --config {cfg}",
+                                        log=f"{tmp_path}/serve.log", py=PY, port=port)
     prefix = tmp_path / "venv"
     script = f"""
 set -e
@@ -184,17 +194,9 @@ mkdir -p {tmp_path}/tmp
 TMPDIR={tmp_path}/tmp APPLIANCE_CONFIG={cfg} APPLIANCE_PREFIX={prefix} APPLIANCE_BIN_LINK={tmp_path}/bin/appliance \\
   {ROOT}/install.sh --offline {bundle}
 {prefix}/bin/appliance models ls --config {cfg} --port 1
-{prefix}/bin/appliance serve --config {cfg} > {tmp_path}/serve.log 2>&1 &
-daemon=$!
-{COMPLETION.format(py=PY, port=port, model="smollm2-135m-instruct")}
-kill -TERM $daemon
-wait $daemon
+{serve}
 """
-    result = subprocess.run(["unshare", "-n", "bash", "-c", script], capture_output=True, text=True,
-                            timeout=850)
-    out = result.stdout + result.stderr
-    assert result.returncode == 0, out + (tmp_path / "serve.log").read_text(errors="replace")
-    assert "no network:" in out and "NETWORK REACHABLE" not in out
+    out = run_no_network(script, "-n", tmp_path / "serve.log", timeout=850)
     assert "bundle verified" in out and "imported smollm2" in out
     assert out.count("bundle verified") == 1  # checked once, by the installer that unpacked it
     assert out.split("COMPLETION:", 1)[1].splitlines()[0].strip()

@@ -134,12 +134,21 @@ def server(tmp_path_factory, service_root) -> Server:
     return s
 
 
-def _audit_rows(root: Path) -> int:
-    db = sqlite3.connect(f"file:{root}/var/lib/appliance/appliance.db?mode=ro", uri=True)
+def _read(path: Path, sql: str):
+    """One value from a database, read-only."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        return db.execute("SELECT COUNT(*) FROM audit").fetchone()[0]
+        return db.execute(sql).fetchone()[0]
     finally:
         db.close()
+
+
+def _audit_rows(root: Path) -> int:
+    return _read(root / "var/lib/appliance/appliance.db", "SELECT COUNT(*) FROM audit")
+
+
+def _user_version(path: Path) -> int:
+    return _read(path, "PRAGMA user_version")
 
 
 @pytest.mark.timeout(1800)
@@ -163,9 +172,7 @@ def test_an_upgrade_keeps_config_keys_pins_and_usage_and_serves_with_the_same_ke
         assert [k["name"] for k in json.loads(server.cli("keys", "ls", "--json"))] == ["billing"]
 
     assert server.serving(server.token, then=intact).strip()
-    db = sqlite3.connect(f"file:{server.root}/var/lib/appliance/appliance.db?mode=ro", uri=True)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == statedb.MIGRATIONS.latest
-    db.close()
+    assert _user_version(server.root / "var/lib/appliance/appliance.db") == statedb.MIGRATIONS.latest
     assert _audit_rows(server.root) >= rows_before + 1
 
     again = server.install(ROOT)
@@ -279,10 +286,3 @@ def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keep
     assert _user_version(kept) == statedb.MIGRATIONS.latest + 1
     assert s.serving(token).strip()
 
-
-def _user_version(path: Path) -> int:
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-    try:
-        return db.execute("PRAGMA user_version").fetchone()[0]
-    finally:
-        db.close()
