@@ -25,6 +25,7 @@ while [ $# -gt 0 ]; do
 done
 wants() { [ ${#only[@]} = 0 ] || [[ " ${only[*]} " == *" $1 "* ]]; }
 scratch=$(mktemp -d "${TMPDIR:-/tmp}/first-install.XXXXXX")
+chmod 0755 "$scratch"   # a --root install's readiness check runs as its service user
 trap 'rm -rf "$scratch"' EXIT
 rows=()
 load() { cut -d' ' -f1 /proc/loadavg; }
