@@ -374,8 +374,16 @@ if [ "$mode" != dev ]; then
   printf '%s\n' "$check" | grep '^warning: ' | sed 's/^/install.sh: /' || true
 fi
 if [ "$service" = 1 ]; then
-  start_service
-  if [ "$systemd_runs" = 1 ]; then
+  # Under systemd: the new version must be as ready as the one it replaces was (every
+  # model serving, if they all were; else at least started: a GPU model without a driver
+  # is not the upgrade's fault).
+  was_ready=0
+  if [ "$systemd_runs" = 1 ] && run_as_service "$prefix/bin/appliance" check "${config_args[@]}" --wait-ready 1 \
+       >/dev/null 2>&1; then
+    was_ready=1
+  fi
+  start_service || fail_upgrade "appliance $this_version did not start: systemctl status appliance says why"
+  if [ "$systemd_runs" = 1 ] && [ "$was_ready" = 1 ]; then
     check=$(run_as_service "$prefix/bin/appliance" check "${config_args[@]}" --wait-ready "$ready_timeout" 2>&1) \
       || fail_upgrade "appliance $this_version did not become ready: $(printf '%s\n' "$check" | tail -n1 | sed 's/^Error: //')"
     say "appliance.service is ready"

@@ -3,6 +3,7 @@
 # preflight              checks with clear messages: OS, disk space, NVIDIA driver or CPU-only
 # install_service_files  the system user, directories, default config, unit
 # start_service          systemctl: enabled, started, or restarted once when this run changed it
+#                        (returns 1 when systemd could not start it)
 # run_as_service         a command as the service user, with the service's directories
 # uninstall              the program and unit; with --purge also config, data, logs and user
 #
@@ -156,10 +157,10 @@ start_service() {
       changed "enabled appliance.service (starts at boot)"
     fi
     if ! systemctl is-active --quiet appliance.service; then
-      systemctl start appliance.service
+      systemctl start appliance.service || return 1
       changed "started appliance.service"
     elif [ "$changes" -gt 0 ]; then
-      systemctl restart appliance.service
+      systemctl restart appliance.service || return 1
       changed "restarted appliance.service (this run changed it)"
     else
       say "appliance.service running"

@@ -167,7 +167,7 @@ install_program() {  # dir spec...
       || program_failed "$dir" "$log" "creating the virtual environment"
   fi
   say "installing the appliance package with pip into $dir"
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >>"$log" 2>&1 \
+  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --prefer-binary "$@" >>"$log" 2>&1 \
     || program_failed "$dir" "$log" "installing the appliance package"
   grep -v "^WARNING: Location '.*' is ignored" "$log" | grep -i "warning\|error" | sed 's/^/install.sh: pip: /' || true
   rm -f "$log"
