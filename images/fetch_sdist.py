@@ -162,10 +162,14 @@ def _local_dir(location: str) -> Path | None:
 
 
 def _links_in_html(text: str, base: str) -> list[tuple[str, str]]:
-    """(file name, absolute URL with its #sha256= fragment if any) of each anchor."""
+    """(file name, absolute URL with its #sha256= fragment if any) of each anchor. A page
+    from the network may link to the network only (not to this machine's files)."""
     out = []
+    remote = urllib.parse.urlsplit(base).scheme in ("http", "https")
     for href in _ANCHOR.findall(text):
         url = urllib.parse.urljoin(base, html.unescape(href))
+        if remote and urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            continue
         out.append((urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1]), url))
     return out
 
@@ -193,9 +197,10 @@ def _index_page(web: Web, index: str, project: str) -> list[tuple[str, str]]:
         raise FetchError(f"{_redact(page)}: {getattr(exc, 'reason', exc)}") from None
     if "json" in kind:
         files = json.loads(body).get("files", [])
-        return [(f["filename"], urllib.parse.urljoin(final, f["url"]).split("#")[0]
-                 + (f"#sha256={f['hashes']['sha256']}" if f.get("hashes", {}).get("sha256") else ""))
-                for f in files]
+        links = [(f["filename"], urllib.parse.urljoin(final, f["url"]).split("#")[0]
+                  + (f"#sha256={f['hashes']['sha256']}" if f.get("hashes", {}).get("sha256") else ""))
+                 for f in files]
+        return [(name, url) for name, url in links if urllib.parse.urlsplit(url).scheme in ("http", "https")]
     return _links_in_html(body, final)
 
 

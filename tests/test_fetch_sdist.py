@@ -156,3 +156,27 @@ def test_the_cache_serves_the_next_fetch_without_the_network(index, tmp_path):
     Index.seen.clear()
     again = fetch(tmp_path, {"PIP_NO_INDEX": "1"}, "--cache", str(cache))
     assert again.returncode == 0 and Index.seen == [] and "from the cache" in again.stderr
+
+
+def test_a_network_index_cannot_point_at_this_machines_files(index, tmp_path):
+    """An index page linking to file:///... (a file here with the right bytes, even) is not followed."""
+    here = tmp_path / "local" / FILE
+    here.parent.mkdir()
+    here.write_bytes(DATA)
+
+    class LocalLink(Index):
+        def do_GET(self):  # noqa: N802
+            body = f'<a href="{here.as_uri()}#sha256={SHA}">{FILE}</a>'.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), LocalLink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = fetch(tmp_path, {"PIP_INDEX_URL": f"http://127.0.0.1:{server.server_address[1]}/simple"})
+    finally:
+        server.shutdown()
+    assert result.returncode == 1 and "was not found" in result.stderr
+    assert not (tmp_path / "dest" / FILE).exists()
