@@ -174,10 +174,12 @@ install_program() {  # dir spec...
 }
 
 program_failed() {  # dir log what
-  local kept="nothing was installed" mountpoint
+  local kept="nothing was installed" mountpoint free_kib
   [ -z "$(current_version_dir)" ] || kept="the installed version ($(version_of "$prefix")) is unchanged"
+  # Measured before the half-made folder goes: venv does not repeat ensurepip's ENOSPC.
+  free_kib=$(df -Pk "$(dirname "$1")" | awk 'NR==2 {print $4}')
   [ "$mode" = dev ] || rm -rf "$1"
-  if grep -q "No space left on device" "$2"; then
+  if grep -q "No space left on device" "$2" || [ "$free_kib" -lt 65536 ]; then
     rm -f "$2"
     mountpoint=$(df -P "$(dirname "$1")" | awk 'NR==2 {print $6}')
     die "disk full while $3 into $1: free some space on $mountpoint and run install.sh again; $kept"
