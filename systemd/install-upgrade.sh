@@ -23,7 +23,7 @@ current_version_dir() {  # the version folder prefix links to ("" when none, or 
 }
 
 version_of() {  # the appliance version a program folder holds
-  "$1/bin/python" -c 'from importlib.metadata import version; print(version("appliance"))' 2>/dev/null \
+  "$1/bin/python" -I -c 'from importlib.metadata import version; print(version("appliance"))' 2>/dev/null \
     || echo unknown
 }
 
@@ -62,7 +62,8 @@ adopt_unversioned_install() {
 backup_databases() {  # new_program_dir from_version
   local new=$1 from=$2 backups="$state_dir/pre-upgrade"
   [ -f "$state_dir/appliance.db" ] || [ -f "$cache_dir/store.db" ] || return 0
-  run_as_service "$new/bin/python" - "$state_dir/appliance.db" "$cache_dir/store.db" "$backups" "$from" <<'PY'
+  # -I: that version's modules, not a checkout's that happens to be the working directory.
+  run_as_service "$new/bin/python" -I - "$state_dir/appliance.db" "$cache_dir/store.db" "$backups" "$from" <<'PY'
 import os, shutil, sqlite3, sys
 from pathlib import Path
 from appliance import statedb, store

@@ -52,8 +52,9 @@ def test_the_installed_command_serves_the_embedded_default(installed, tmp_path):
     assert os.path.islink(link)
     port = free_port()
     cfg, _ = DaemonFactory(tmp_path).write_config("", port=port)
+    installed_code = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.Popen([str(link), "serve", "--config", str(cfg)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=installed_code)
     try:
         def ready():
             try:
@@ -96,5 +97,5 @@ def test_an_install_killed_half_way_is_finished_by_the_next_run(tmp_path):
     assert f"installed the appliance package (0.1.0) into {half}" in again.stdout
     assert (half / ".appliance-installed").exists() and os.readlink(tmp_path / "venv") == f"versions/{half.name}"
     check = subprocess.run([str(tmp_path / "venv" / "bin" / "appliance"), "check"], capture_output=True, text=True,
-                           timeout=120, env={**env, "APPLIANCE_CONFIG": ""})
+                           timeout=120, env={**env, "APPLIANCE_CONFIG": "", "PYTHONPATH": ""})
     assert check.returncode == 0, check.stderr

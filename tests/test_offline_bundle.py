@@ -135,8 +135,9 @@ def test_the_bundle_alone_installs_a_server_under_root_with_no_network_no_compil
         (shims / tool).chmod(0o755)
     env = (f"HOME={root}/root TMPDIR={root}/tmp PIP_NO_CACHE_DIR=1 PIP_CONFIG_FILE=/dev/null "
            f"APPLIANCE_BUILD_CACHE={root}/var/cache/appliance-build PATH={shims}:{os.environ['PATH']}")
-    as_service = (f"env STATE_DIRECTORY={root}/var/lib/appliance CACHE_DIRECTORY={root}/var/cache/appliance "
-                  f"LOGS_DIRECTORY={root}/var/log/appliance setpriv --reuid=$uid --regid=$gid --clear-groups --")
+    as_service = (f"env -u PYTHONPATH STATE_DIRECTORY={root}/var/lib/appliance "
+                  f"CACHE_DIRECTORY={root}/var/cache/appliance LOGS_DIRECTORY={root}/var/log/appliance "
+                  "setpriv --reuid=$uid --regid=$gid --clear-groups --")
     appliance = f"{as_service} {root}/opt/appliance/venv/bin/appliance"
     serve = SERVE_ONE_COMPLETION.format(serve=f"{appliance} serve --config {root}/etc/appliance/appliance.toml",
                                         log=f"{root}/tmp/serve.log", py=PY, port=port)
@@ -183,7 +184,7 @@ def test_install_sh_offline_from_a_checkout_hands_over_to_the_bundles_installer(
     cfg.write_text(f'[server]\nport = {port}\n[paths]\ncache_dir = "{tmp_path}/cache"\n'
                    f'state_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n'
                    '[[models]]\nname = "smollm2-135m-instruct"\nsource = "store:smollm2"\ncontext_length = 512\n')
-    serve = SERVE_ONE_COMPLETION.format(serve=f"{tmp_path}/venv/bin/appliance serve --config {cfg}",
+    serve = SERVE_ONE_COMPLETION.format(serve=f"env -u PYTHONPATH {tmp_path}/venv/bin/appliance serve --config {cfg}",
                                         log=f"{tmp_path}/serve.log", py=PY, port=port)
     prefix = tmp_path / "venv"
     script = f"""
@@ -193,7 +194,7 @@ ip link set lo up
 mkdir -p {tmp_path}/tmp
 TMPDIR={tmp_path}/tmp APPLIANCE_CONFIG={cfg} APPLIANCE_PREFIX={prefix} APPLIANCE_BIN_LINK={tmp_path}/bin/appliance \\
   {ROOT}/install.sh --offline {bundle}
-{prefix}/bin/appliance models ls --config {cfg} --port 1
+env -u PYTHONPATH {prefix}/bin/appliance models ls --config {cfg} --port 1
 {serve}
 """
     out = run_no_network(script, "-n", tmp_path / "serve.log", timeout=850)

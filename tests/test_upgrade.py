@@ -69,7 +69,7 @@ class Server:
     def as_service(self, *argv: str) -> list[str]:
         uid, gid = next(line.split(":")[2:4] for line in (self.root / "etc/passwd").read_text().splitlines()
                         if line.startswith("appliance:"))
-        return ["env", f"STATE_DIRECTORY={self.root}/var/lib/appliance",
+        return ["env", "-u", "PYTHONPATH", f"STATE_DIRECTORY={self.root}/var/lib/appliance",
                 f"CACHE_DIRECTORY={self.root}/var/cache/appliance", f"LOGS_DIRECTORY={self.root}/var/log/appliance",
                 "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--", *argv]
 
@@ -271,7 +271,8 @@ def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keep
         "from .migrations import Registry,", "from .migrations import Registry, add_column,"))
     upgraded = s.install(later)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
-    assert f"copied {root}/var/lib/appliance/appliance.db (schema {statedb.MIGRATIONS.latest})" in upgraded.stdout
+    assert f"copied {root}/var/lib/appliance/appliance.db (schema {statedb.MIGRATIONS.latest})" in upgraded.stdout, \
+        upgraded.stdout + upgraded.stderr
     assert s.serving(token).strip()  # the later release migrates it at its start
     db = root / "var/lib/appliance/appliance.db"
     assert _user_version(db) == statedb.MIGRATIONS.latest + 1
