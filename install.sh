@@ -3,6 +3,9 @@
 #
 #   ./install.sh          the daemon, the CPU engine (llama-server) and the bundled
 #                         model, into /opt/appliance (root) or ~/.local/share/appliance,
+#                         and, where an NVIDIA driver and the CUDA toolkit (nvcc) are
+#                         found, llama-server with CUDA for this box's GPUs (the
+#                         llamacpp-cuda image, for GGUF models with [models.gpus]),
 #                         with `appliance` linked into /usr/local/bin or ~/.local/bin.
 #                         As root also the service: the system user `appliance`,
 #                         /etc/appliance (a default config unless one exists; never
@@ -258,6 +261,26 @@ APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" PYTHON="
   "$program/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
 [ "$(stat -c '%Y %s' "$program/bin/llama-server" 2>/dev/null)" = "$engine_before" ] || changes=$((changes + 1))
 [ "$mode" = dev ] || install_installer "$program"
+
+# --- the CUDA engine: the same llama-server with CUDA, for GGUF models on GPUs -------------
+# Built (from the same sdist, offline too) where the driver lists a GPU and nvcc is found;
+# else the line says why. Either way the rest stands: GGUF models without [models.gpus] run
+# on the CPU; those with it are not placed until the image exists.
+if cuda=$("$here/images/llamacpp-cuda/probe.sh"); then
+  say "CUDA toolkit found ($cuda): building llama-server with CUDA for this box's GPUs"
+  rc=0
+  out=$(PATH="$(dirname "$cuda"):$PATH" APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
+        PYTHON="$PYTHON" "$program/bin/appliance" images build llamacpp-cuda 2>&1) || rc=$?
+  if [ "$rc" = 0 ]; then
+    printf '%s\n' "$out" | sed 's/^/install.sh: /'
+    case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac
+  else
+    say "the CUDA engine (llamacpp-cuda) did not build: $(printf '%s' "$out" | tail -n 1);" \
+        "GGUF models with [models.gpus] will not be placed; everything else is installed"
+  fi
+else
+  say "no CUDA engine: $cuda; GGUF models run on the CPU, those with [models.gpus] are not placed"
+fi
 
 # --- the bundled model ----------------------------------------------------------------
 models_dir="$program/share/appliance/models"

@@ -23,7 +23,8 @@ def gpu_view(sup: Supervisor) -> dict:
             continue
         for g in r.slot.gpus:
             on_gpu.setdefault(g, []).append({"replica": r.name, "state": r.state.value,
-                                             "memory_fraction": r.slot.memory_fraction})
+                                             "memory_fraction": r.slot.memory_fraction,
+                                             "reserved_bytes": r.slot.bytes_per_gpu or None})
     return {
         "source": inventory.source,
         "error": inventory.error,

@@ -6,6 +6,7 @@ leaves through ``_error_response`` in the OpenAI envelope.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
 
 import asyncio
-import hmac
 from pathlib import Path
 
 import msgspec
@@ -23,17 +23,17 @@ from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 
-from .config import Config, read_admin_token
+from .config import Config, ConfigError, check_writable_dirs, read_admin_token
 from .errors import (
     ApplianceError,
     BadRequest,
-    Forbidden,
     NotFound,
     Unauthorized,
     MethodNotAllowed,
     PayloadTooLarge,
     RequestTimeout,
     ShuttingDown,
+    StateWriteFailed,
     encode_error,
     error_for_status,
 )
@@ -51,15 +51,17 @@ from .protocol import (
     hostile_json,
 )
 from .proxy import EngineProxy, make_session
-from .audit import AuditLog, UsageTap, ask_stream_usage, unary_usage
-from .keys import Gate, KeyStore
-from .routing import RequestCtx, Routes, finish, with_fallback
-from .serving import forward_stream, forward_unary, open_local_stream
+from .audit import AuditLog
+from .keys import ApiKey, Gate, KeyStore
+from .metering import StreamTap, choices, completion_cap, prompt_bound, unary_usage, usage_option
+from .routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
+from .serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
+from .tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
 from .upstreams import Provider, load_providers, set_fields
 from .state import StateStore
 from .supervisor import ClientGone, Supervisor
 from .store_guard import RECHECK_S, Scrubber
-from .admin_socket import via_admin_socket
+from .admin_access import AdminAccess
 from .admin_views import gpu_view, replica_log
 from .ttft import TtftTracker
 
@@ -79,7 +81,7 @@ class Runtime:
     metrics: Metrics
     started: float = field(default_factory=time.time)
     draining: bool = False
-    admin_token: str = ""
+    admin: AdminAccess | None = None
     ttft: TtftTracker = field(default_factory=TtftTracker)
     # (route, fallback target) -> times taken; key name -> [requests, prompt, completion].
     fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
@@ -89,7 +91,9 @@ class Runtime:
     providers: dict[str, Provider] = field(default_factory=dict)
     gate: Gate | None = None
     audit: AuditLog | None = None
+    tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
     tag_header: bytes = b"x-appliance-tag"
+    inflight: int = 0  # requests on the hot path, from arrival to their answer's end
 
 
 def _runtime(request: Request) -> Runtime:
@@ -118,7 +122,7 @@ async def _receive_body(receive: Receive, declared: bytes | None, limit: int) ->
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
-                raise ClientDisconnected
+                raise _body_broken(size)
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
@@ -126,14 +130,19 @@ async def _receive_body(receive: Receive, declared: bytes | None, limit: int) ->
             chunks.append(chunk)
         body = b"".join(chunks)
     elif message["type"] == "http.disconnect":
-        raise ClientDisconnected
+        raise _body_broken(0)
     if len(body) > limit:
         raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
     return body
 
 
-class ClientDisconnected(Exception):
-    """The client went away before its request body arrived; nothing to answer."""
+def _body_broken(received: int) -> BadRequest:
+    """Granian ends the body with http.disconnect both when the client left and when
+    its framing broke (a bad chunk size, a chunk longer than it said, the connection
+    closed mid-body): a 400 for whoever still listens, logged and audited."""
+    log.info("request body ended after %d bytes: malformed chunked encoding or connection closed", received)
+    return BadRequest(f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
+                      "encoding, or the connection closed before the whole body arrived", code="invalid_body")
 
 
 def _new_request_id() -> str:
@@ -166,11 +175,24 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     ctx = RequestCtx(rid, started, time.time(), "", endpoint)
+    rt.inflight += 1
     try:
         await _serve(rt, ctx, scope, receive, send, path, cls, declared, auth, tag)
     except ApplianceError as exc:
         finish(rt, ctx, exc.status)
+        if not isinstance(exc, StateWriteFailed):
+            with contextlib.suppress(StateWriteFailed):
+                await committed(ctx)  # an error answer is accounted for like any other
         raise
+    except BaseException as exc:
+        # A client that left (499), or a bug (500): its row, and its budget hold released.
+        finish(rt, ctx, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
+        raise
+    finally:
+        rt.inflight -= 1
+        if not ctx.finished:  # every path finishes its request; never leave a budget hold behind
+            log.warning("request %s ended without being finished", rid)
+            finish(rt, ctx, 500)
 
 
 async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
@@ -180,35 +202,42 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
                            retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
-                                 rt.cfg.server.body_read_timeout_s)
+    body = ctx.body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
+                                            rt.cfg.server.body_read_timeout_s)
     req = decode_request(body, cls)
     model = ctx.model = req.model
-    route = None
-    if rt.routes.models:
-        route = ctx.route = rt.routes.resolve(model, tag.decode("latin-1") if tag else (key.tag if key else ""))
-    if key is not None:
-        gate.admit(key, route.name if route is not None else None)
+    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key,
+                                        rt.cfg.routing.tag_header)
+    rt.audit.admit(accountable(ctx))
     target = route.target if route is not None else model
+    fields: dict = {} if target == model else {"model": target}
+    if key is not None:
+        _reserve(rt, ctx, key, req, target, fields)
     deployment = rt.supervisor.deployment(target)
     if cls is EmbeddingRequest and not deployment.model.embeddings:
         raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
                          code="embeddings_not_supported")
-    if target != model:
-        body = set_fields(body, model=target)
+    tenancy = rt.tenancy
+    stream = getattr(req, "stream", False)
+    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated):
+        _tap(ctx, req, tenancy.isolated, fields)
+    if fields:
+        body = set_fields(body, **fields)
+    tenant = tenancy.tenant(key, route)
+    salt = (tenancy.salt(tenant, req.cache_salt)
+            if tenant is not None and cls is not EmbeddingRequest else None)
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and cls is not EmbeddingRequest:
-        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest)
+        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
         request_text, ctx.response_text = body, b""
     headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
     fallbacks = route is not None and bool(route.fallbacks)
 
-    if getattr(req, "stream", False):
-        if rt.cfg.audit.enabled or key is not None:
-            body, injected = ask_stream_usage(body)
-            ctx.tap = UsageTap(strip=injected)
+    def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
+        return _for(dep, body, target, salt)
 
+    if stream:
         def done(status: int) -> None:
             finish(rt, ctx, status, request_text)
 
@@ -217,23 +246,66 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
             def opener():
                 return with_fallback(
                     rt, ctx, deployment,
-                    lambda d: open_local_stream(rt, d, path, _for(d, body, target), headers, receive, done, ctx),
+                    lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
                     lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers), done))
-        await forward_stream(rt, deployment, path, body, headers, receive, send, done, ctx, opener)
+        await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
         return
 
     if fallbacks:
-        status, data, content_type = await with_fallback(
+        work = with_fallback(
             rt, ctx, deployment,
-            lambda d: forward_unary(rt, d, path, _for(d, body, target), headers, receive, ctx),
+            lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
             lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers)))
     else:
-        status, data, content_type = await forward_unary(rt, deployment, path, body, headers, receive, ctx)
+        work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
+    # A client that leaves cancels the engine's work, as a stream's does.
+    status, data, content_type = await unless_client_leaves(receive, work)
     ctx.usage = unary_usage(data)
+    data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
     finish(rt, ctx, status, request_text)
+    await committed(ctx)
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict) -> None:
+    """A metered or tenant-isolated stream: the engine is asked for its usage (an
+    event kept from a client that did not ask for it), and the relay watches the
+    events (appliance/metering.py: StreamTap)."""
+    asked = req.stream_options is not None and bool(req.stream_options.include_usage)
+    if not asked:
+        fields["stream_options"] = usage_option(ctx.body)
+    ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
+
+
+def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict) -> None:
+    """Admit the key's request against its limits and hold the most it may cost
+    against its budget (appliance/keys.py). A request that set no completion
+    length is reserved at the model's default cap (default_max_tokens, else its
+    context); when the budget leaves less, or the default is below the context,
+    the engine is told the cap, so it can never generate more than was reserved."""
+    route = ctx.route.name if ctx.route is not None else None
+    dep = rt.supervisor.deployments.get(target)
+    if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
+        ctx.reservation = rt.gate.admit(key, route)
+        return
+    context = dep.model.context_length
+    ceiling = dep.model.default_max_tokens or context
+    cap = 0 if isinstance(req, EmbeddingRequest) else completion_cap(req)
+    n = choices(req)
+    prompt = prompt_bound(ctx.body)
+    res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
+    ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
+    limit = None
+    if res.completion is not None and res.completion < context:
+        # Keep prompt + max_tokens within the context (the prompt is at most its bound).
+        limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
+        fields["max_tokens"] = limit
+    n_predict = getattr(req, "n_predict", None)
+    if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
+        # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
+        fields["n_predict"] = limit if limit is not None else cap // n
 
 
 async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
@@ -245,9 +317,13 @@ async def _send_whole(send: Send, status: int, content_type: str, body: bytes, h
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def _for(dep, body: bytes, target: str) -> bytes:
-    """The body for a local fallback model: its own name in "model"."""
-    return body if dep.model.name == target else set_fields(body, model=dep.model.name)
+def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
+    """The body for a local model: its own name in "model", and for an engine
+    that partitions its prefix cache by one, the tenant's cache salt."""
+    fields: dict = {} if dep.model.name == target else {"model": dep.model.name}
+    if salt is not None and dep.model.server in SALTED_SERVERS:
+        fields["cache_salt"] = salt
+    return set_fields(body, **fields) if fields else body
 
 
 # The proxy endpoints: what each path decodes its body as, and its name in metrics.
@@ -263,7 +339,7 @@ async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     cls, endpoint = PROXY_ENDPOINTS[path]
     try:
         await _forward(scope, receive, send, path, cls, endpoint)
-    except (ClientDisconnected, ClientGone):
+    except ClientGone:
         return
 
 
@@ -297,16 +373,27 @@ def front_door(app: Litestar):
                 if started:  # the answer is on its way: nothing sane to add to it
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
-                await _send_whole(send, status, JSON, body, headers)
+                with contextlib.suppress(Exception):  # the client may have gone already
+                    await _send_whole(send, status, JSON, body, headers)
             return
         await app(scope, receive, send)
 
     return front
 
 
+def _client_or_admin(request: Request) -> Runtime:
+    """What the API shows about the box (its models, its metrics): with keys required,
+    only to a caller with an API key or the admin credential."""
+    rt = _runtime(request)
+    if rt.gate.required and not rt.admin.is_admin(request):
+        auth = request.headers.get("authorization")
+        rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
+    return rt
+
+
 @get("/v1/models")
 async def list_models(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _client_or_admin(request)
     created = int(rt.started)
     cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
     return Response(ModelList(data=cards), media_type=JSON)
@@ -314,7 +401,7 @@ async def list_models(request: Request) -> Response:
 
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request) -> Response:
-    rt = _runtime(request)
+    rt = _client_or_admin(request)
     name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
     return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
@@ -332,13 +419,26 @@ async def readyz(request: Request) -> Response:
     ready = rt.supervisor.ready and not rt.draining
     status = "draining" if rt.draining else ("ready" if ready else "starting")
     headers = {} if ready else {"Retry-After": "5"}
-    return Response({"status": status, "models": models}, status_code=200 if ready else 503,
-                    media_type=JSON, headers=headers)
+    body = {"status": status, "models": models}
+    if rt.gate.required and not _has_credential(rt, request):
+        del body["models"]  # the box's model names are for callers with a key
+    return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
+
+
+def _has_credential(rt: Runtime, request: Request) -> bool:
+    try:
+        _client_or_admin(request)
+    except Unauthorized:
+        return False
+    return True
 
 
 @get("/metrics")
 async def metrics(request: Request) -> Response:
-    return Response(_runtime(request).metrics.render(), media_type=METRICS_CONTENT_TYPE)
+    rt = _runtime(request)
+    if not rt.cfg.server.metrics_public:
+        _client_or_admin(request)
+    return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 
 @get("/admin/status")
@@ -391,31 +491,30 @@ class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
     replicas: int | None
 
 
+class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The other actions say nothing: their body is {} (still JSON, see admin_access)."""
+
+
 def _admin(request: Request) -> Runtime:
-    """Admin routes: the admin socket (its file permissions decided), loopback,
-    or the admin token (constant-time comparison)."""
+    """Admin routes: the one credential model (appliance/admin_access.py)."""
     rt = _runtime(request)
-    token = rt.admin_token
-    if via_admin_socket(request.scope):
-        return rt
-    if token:
-        sent = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(sent.encode(), token.encode()):
-            raise Unauthorized("Admin API: missing or wrong admin token", code="invalid_admin_token")
-    elif not _is_loopback(request):
-        raise Forbidden("Admin API is served to loopback clients only unless server.admin_token_file is set")
+    rt.admin.check(request)
     return rt
 
 
-def _is_loopback(request: Request) -> bool:
-    client = request.scope.get("client")
-    host = client[0] if client else ""
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.") or not host
+async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
+    """A state-changing admin call: allowed, and its whole body read (a malformed
+    one is refused before anything changes)."""
+    rt = _admin(request)
+    declared = request.headers.get("content-length")
+    body = await _read_body_asgi(request.receive, declared.encode() if declared else None,
+                                 rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s)
+    return rt, body
 
 
-async def _json_body(request: Request, cls):
+def _json_body(body: bytes, cls):
     try:
-        return msgspec.json.decode(await request.body(), type=cls)
+        return msgspec.json.decode(body, type=cls)
     except msgspec.ValidationError as exc:
         raise BadRequest(f"Invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
@@ -431,9 +530,9 @@ def _model_status(rt: Runtime, name: str) -> Response:
 
 @post("/admin/models/{model:str}/scale", status_code=200)
 async def admin_scale(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
     model = request.path_params["model"]
-    body = await _json_body(request, ScaleBody)
+    body = _json_body(raw, ScaleBody)
     if body.replicas is not None and body.replicas < 0:
         raise BadRequest("'replicas' must be >= 0 (or null for autoscaling)", param="replicas")
     rt.supervisor.scale(model, body.replicas)
@@ -442,7 +541,8 @@ async def admin_scale(request: Request) -> Response:
 
 @post("/admin/models/{model:str}/{action:str}", status_code=200)
 async def admin_model_action(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
     model, action = request.path_params["model"], request.path_params["action"]
     sup = rt.supervisor
     actions = {"load": lambda: sup.load(model), "unload": lambda: sup.unload(model),
@@ -455,7 +555,8 @@ async def admin_model_action(request: Request) -> Response:
 
 @post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200)
 async def admin_replica_action(request: Request) -> Response:
-    rt = _admin(request)
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
     p = request.path_params
     model, index, action = p["model"], p["index"], p["action"]
     replica = rt.supervisor.replica(model, index)
@@ -527,16 +628,30 @@ def create_app(cfg: Config) -> Litestar:
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        session = make_session(cfg)
-        db_path = Path(cfg.paths.state_dir) / "appliance.db"
-        state = StateStore(db_path)
-        supervisor = Supervisor(cfg, session, state=state)
-        audit = AuditLog(db_path, cfg.audit)
-        keys = KeyStore(db_path)
-        gate = Gate(keys, cfg.keys.required, audit.charge)
+        session = None
+        try:
+            # What the config or the machine may get wrong, first: its message (field,
+            # path, fix) is what the log and the exit status say (server.serve).
+            check_writable_dirs(cfg)
+            admin = AdminAccess(cfg, read_admin_token(cfg))
+            providers = load_providers(cfg)
+            session = make_session(cfg)
+            db_path = Path(cfg.paths.state_dir) / "appliance.db"
+            state = StateStore(db_path)
+            supervisor = Supervisor(cfg, session, state=state)
+            audit = AuditLog(db_path, cfg.audit)
+            keys = KeyStore(db_path)
+            gate = Gate(keys, cfg.keys.required, audit.charge)
+        except Exception as exc:
+            app.state.startup_error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("startup failed: %s", app.state.startup_error)
+            if session is not None:
+                await session.close()
+            raise
         runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
-                          metrics=Metrics(supervisor), admin_token=read_admin_token(cfg),
-                          routes=Routes(cfg.routes), providers=load_providers(cfg), gate=gate, audit=audit,
+                          metrics=Metrics(supervisor), admin=admin,
+                          routes=Routes(cfg.routes), providers=providers, gate=gate, audit=audit,
+                          tenancy=Tenancy(cfg.routing.tenant_isolation),
                           tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
         app.state.runtime = runtime
         supervisor.start()

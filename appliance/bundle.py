@@ -39,7 +39,8 @@ from pathlib import Path
 
 from .config import Config, install_prefix
 from .images import definition, target_pip_args
-from .store import Store, hash_file
+from .store import Store, StoreError, copy_and_hash, hash_file
+from .store_paths import check_file_path, open_regular
 
 FORMAT = 2
 # What the installer reads beside install.sh (install.sh's and systemd/install-*.sh's $here).
@@ -142,7 +143,9 @@ def _appliance_wheels(dest: Path, wheelhouse: Path | None, log) -> None:
     dest.mkdir(parents=True)
     if wheelhouse is not None:
         for whl in wheelhouse.glob("*.whl"):
-            shutil.copy2(whl, dest / whl.name)
+            with open_regular(whl) as src:  # a link's target is not the operator's wheelhouse
+                copy_and_hash(src, dest / whl.name)
+            os.chmod(dest / whl.name, 0o644)  # a public package, as pip would write it
         return
     log("building the appliance's wheelhouse (pip wheel; its dependencies as published wheels)")
     _pip(["wheel", "--quiet", "--only-binary", ":all:", "--wheel-dir", str(dest), str(_checkout())],
@@ -214,16 +217,24 @@ def _prebuilt_llama_server(variant: str, dest: Path, log) -> dict:
 
 
 def _model(store: Store, name: str, dest: Path, log) -> dict:
+    """The model's blobs, each read as itself (never through a link) and hashed as it is
+    copied: what the bundle carries is what the manifest says, or nothing."""
     record = store.need(name)
-    record = store.verify(name)
     if record.state != "ready":
         raise BundleError(f"model '{name}' is quarantined: {record.state_reason}")
     folder = dest / name.replace("/", "--")
-    snap = store.snapshot_dir(record)
     for f in record.files:
-        target = folder / f["path"]
+        target = folder / check_file_path(f["path"])
         target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(snap / f["path"], target)
+        try:
+            with store.open_blob(record, f) as src:
+                digest, _ = copy_and_hash(src, target)
+        except StoreError as exc:
+            raise BundleError(f"model '{name}' file {f['path']}: {exc}") from None
+        if digest != f["sha256"]:
+            store.verify(name)  # quarantines it
+            raise BundleError(f"model '{name}' file {f['path']} has sha256 {digest}, expected {f['sha256']}; "
+                              f"it is quarantined: re-import it")
     log(f"added model {name} ({record.total_bytes / 1024**2:.1f} MiB)")
     entry = {"name": name, "license": record.license, "revision": record.revision, "format": record.format,
              "files": record.files}

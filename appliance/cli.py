@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
 
 import click
 
@@ -17,6 +15,7 @@ from .config import (
     ConfigError,
     load_config,
     model_path,
+    uses_gpus,
 )
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
@@ -47,18 +46,32 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
 
     from .logs import setup_logging
     from .server import run
+    from .config import ConfigError, check_writable_dirs
+    from .state_lock import StateDirBusy, hold_state_dir
 
     cfg = _load(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+    try:
+        # The directories first, so an unwritable one is named with its field and fix.
+        check_writable_dirs(cfg)
+        lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except StateDirBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot lock state directory {cfg.paths.state_dir}: {exc}") from None
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
     for warning in cfg.deprecations:
         logging.getLogger("appliance.config").warning("%s", warning)
     _check_policy(cfg)
     _check_files(cfg)
     _check_databases(cfg, migrate=True)
-    sys.exit(run(cfg))
+    code = run(cfg)
+    lock.close()
+    sys.exit(code)
 
 
 @main.command()
@@ -153,7 +166,7 @@ def _check_files(cfg: Config) -> None:
         if m.server != "llamacpp":
             continue
         binary = cfg.engines.llamacpp.binary
-        if not os.access(binary, os.X_OK):
+        if not uses_gpus(m) and not os.access(binary, os.X_OK):
             raise click.ClickException(
                 f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
         if m.source.startswith(STORE_PREFIX):
@@ -169,6 +182,13 @@ def _check_files(cfg: Config) -> None:
                 raise click.ClickException(
                     f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
                     "the file is damaged: run ./install.sh to restore it")
+        if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
+            from .gguf import GgufError, read_shape
+
+            try:
+                read_shape(path)
+            except GgufError as exc:
+                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
 
 
 def _sha256(path) -> str:
@@ -181,16 +201,16 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:
-    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
-    url = f"http://{host}:{cfg.server.port}{path}"
+def _admin_call(cfg: Config, port: int | None, method: str, path: str, body: dict | None = None,
+                timeout: float = 30.0) -> dict:
+    """The running daemon's admin API: its admin socket when this user may open it,
+    else TCP (--port, server.port) with the admin token (appliance/admin_client.py)."""
+    from .admin_client import AdminError, DaemonDown, call, target_from_config
+
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return json.loads(exc.read() or b"{}")
-    except (urllib.error.URLError, OSError) as exc:
-        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
+        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, body, timeout)
+    except (DaemonDown, AdminError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @main.command()
@@ -199,8 +219,7 @@ def _daemon_get(cfg: Config, path: str, timeout: float = 3.0) -> dict:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
-    cfg = _with_port(_load(config), port)
-    data = _daemon_get(cfg, "/admin/status")
+    data = _admin_call(_load(config), port, "GET", "/admin/status", timeout=5.0)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -224,37 +243,32 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         sys.exit(3)
 
 
-def _with_port(cfg: Config, port: int | None) -> Config:
-    import msgspec
-
-    if port is None:
-        return cfg
-    return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, port=port))
-
-
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--inventory", metavar="FILE",
               help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs.")
+@click.option("--gpus-per-node", type=click.IntRange(1, 64), metavar="N",
+              help="For a model too large for this box: size its multi-node shape for machines of "
+                   "N GPUs (default: this box's).")
+@click.option("--gpu-memory", "gpu_gib", type=click.FloatRange(1, 4096), metavar="GIB",
+              help="... and GIB GiB per GPU (default: this box's).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
-    """Show where each GPU replica would be placed, and why, without starting anything."""
+def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, gpu_gib: float | None,
+         as_json: bool) -> None:
+    """Show where each GPU replica would be placed, and why, without starting anything; for a model
+    too large for this box, the smallest multi-node shape that would hold it."""
     import logging
 
-    from .gpu import GiB, NvmlProbe, SimulatedProbe
+    from .gpu import GiB
     from .planning import gpu_models
     from .planning import plan as make_plan
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = _load(config)
-    source = inventory or cfg.gpu.inventory
-    try:
-        inv = SimulatedProbe(source).read() if source else NvmlProbe().read()
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
+    inv = read_inventory(cfg, inventory)
     replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
                 for i in range(max(m.autoscaling.min_replicas, 1))]
-    rows = make_plan(cfg, inv, replicas)
+    rows = make_plan(cfg, inv, replicas, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib)
     if as_json:
         click.echo(json.dumps({
             "inventory": {"source": inv.source, "error": inv.error,
@@ -267,7 +281,8 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
                             "tp": r.assignment.tp if r.assignment else None,
                             "bytes_per_gpu": r.assignment.bytes_per_gpu if r.assignment else None,
                             "memory_fraction": r.assignment.memory_fraction if r.assignment else None,
-                            "reason": r.assignment.reason if r.assignment else None} for r in rows],
+                            "reason": r.assignment.reason if r.assignment else None,
+                            "beyond_this_box": r.beyond.as_dict() if r.beyond else None} for r in rows],
         }, indent=2))
     else:
         click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
@@ -282,35 +297,23 @@ def plan(config: str | None, inventory: str | None, as_json: bool) -> None:
                        f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
                        f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
         if not rows:
-            click.echo("No GPU models in the config (server = vllm or sglang).")
+            click.echo("No GPU models in the config (server = vllm or sglang, or llamacpp with "
+                       "[models.gpus] count >= 1).")
         for r in rows:
             click.echo(r.describe())
     if any(r.error for r in rows):
         sys.exit(2)
 
 
-def _daemon_post(cfg: Config, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
-    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
-    url = f"http://{host}:{cfg.server.port}{path}"
-    headers = {"Content-Type": "application/json"}
-    from .config import read_admin_token
+def read_inventory(cfg: Config, inventory: str | None):
+    """The GPUs: a simulated inventory file (--inventory, else gpu.inventory), else NVML's."""
+    from .gpu import NvmlProbe, SimulatedProbe
 
-    token = read_admin_token(cfg)
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    data = json.dumps(body).encode() if body is not None else b""
-    req = urllib.request.Request(url, data=data, headers=headers, method="POST")
+    source = inventory or cfg.gpu.inventory
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read())["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = f"HTTP {exc.code}"
-        raise click.ClickException(message) from None
-    except (urllib.error.URLError, OSError) as exc:
-        raise click.ClickException(f"daemon not reachable at {url}: {getattr(exc, 'reason', exc)}") from None
+        return SimulatedProbe(source).read() if source else NvmlProbe().read()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def _model_line(m: dict) -> str:
@@ -336,28 +339,29 @@ def _with_model_options(f):
 @_with_model_options
 def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
     """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
-    cfg = _with_port(_load(config), port)
+    cfg = _load(config)
     if replicas == "auto":
         value = None
     elif replicas.isdigit():
         value = int(replicas)
     else:
         raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
-    click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/scale", {"replicas": value})))
+    click.echo(_model_line(_admin_call(cfg, port, "POST", f"/admin/models/{model}/scale", {"replicas": value})))
 
 
 def _model_action(action: str, doc: str):
     @click.argument("model")
     @_with_model_options
     def command(model: str, config: str | None, port: int | None) -> None:
-        cfg = _with_port(_load(config), port)
-        click.echo(_model_line(_daemon_post(cfg, f"/admin/models/{model}/{action}")))
+        click.echo(_model_line(_admin_call(_load(config), port, "POST", f"/admin/models/{model}/{action}")))
 
     command.__doc__ = doc
     return main.command(name=action)(command)
 
 
-_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived.")
+_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
+                      "replicas of other models if there is no room; an error saying who holds it if none "
+                      "may go).")
 _model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
 _model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
 _model_action("unpin", "Let MODEL idle to zero again.")
@@ -373,14 +377,14 @@ _model_action("unpin", "Let MODEL idle to zero again.")
 def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
     """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
     from tui.app import ApplianceTUI
-    from tui.client import target_from_config
+    from tui.client import AdminClient, target_from_config
 
     cfg = _load(config)
     try:
         target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
     except (ConfigError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    ApplianceTUI(target.client()).run()
+    ApplianceTUI(AdminClient.to(target)).run()
 
 
 @main.command()
@@ -424,16 +428,22 @@ def models() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""
+    from .admin_client import AdminError, DaemonDown, call, target_from_config
     from .cli_store import store_rows
 
-    cfg = _with_port(_load(config), port)
+    cfg = _load(config)
+    live, down = None, "daemon not running"
     try:
-        live = {m["name"]: m for m in _daemon_get(cfg, "/admin/status", timeout=1.5).get("models", [])}
-    except click.ClickException:
-        live = None
+        target = target_from_config(cfg, port=port, socket_if_usable=True)
+        live = {m["name"]: m for m in call(target, "GET", "/admin/status", timeout=1.5).get("models", [])}
+    except DaemonDown:
+        pass
+    except (AdminError, ConfigError) as exc:
+        down = "unknown"
+        click.echo(f"warning: no live state: {exc}", err=True)
     rows = []
     for m in cfg.models:
-        state = "daemon not running"
+        state = down
         if live is not None:
             info = live.get(m.name)
             states = [r["state"] for r in info["replicas"]] if info else []
@@ -460,6 +470,9 @@ def _register_store_commands() -> None:
     from .cli_keys import register as register_keys
 
     register_keys(main, _load)
+    from .cli_export import export
+
+    main.add_command(export)
 
 
 _register_store_commands()

@@ -27,6 +27,19 @@ def register(main: click.Group, load) -> None:
         except SchemaError as exc:
             raise click.ClickException(str(exc)) from None
 
+    def check_binding(config: str | None, routes: tuple[str, ...], tag: str) -> None:
+        """A key's routes and tag bind it: each must exist in the config it is served by."""
+        cfg = load(config)
+        names = [r.name for r in cfg.routes]
+        tags = sorted({r.tag for r in cfg.routes if r.tag})
+        for route in routes:
+            if route not in names:
+                raise click.ClickException(f"no route {route!r} in {cfg.origin}; its routes: "
+                                           f"{', '.join(names) or '(none)'}")
+        if tag and tag not in tags:
+            raise click.ClickException(f"no route has tag {tag!r} in {cfg.origin}; its routes' tags: "
+                                       f"{', '.join(tags) or '(none)'}")
+
     @main.group()
     def keys() -> None:
         """API keys: create (shown once), list, revoke."""
@@ -36,13 +49,15 @@ def register(main: click.Group, load) -> None:
     @click.option("--name", required=True, help="Who or what the key is for.")
     @click.option("--route", "routes", multiple=True, metavar="ROUTE",
                   help="A route the key may use (repeat; none: every route and model).")
-    @click.option("--tag", default="", help="Default tag for route matching.")
+    @click.option("--tag", default="", help="The tag the key's requests match routes with (binding: a "
+                                            "request's tag header may not change it).")
     @click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute (0: no limit).")
     @click.option("--budget-tokens", type=click.IntRange(min=0), default=0,
                   help="Tokens per budget period (0: no budget).")
     @click.option("--budget-period", type=click.Choice(PERIODS), default="day", show_default=True)
     def create(config, name, routes, tag, rpm, budget_tokens, budget_period) -> None:
         """Create a key and print it once."""
+        check_binding(config, routes, tag)
         s = store(config)
         key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
         s.close()

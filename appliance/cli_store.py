@@ -210,14 +210,17 @@ class _NoPython(click.ClickException):
 @click.option("--python", "python", metavar="PATH",
               help="The interpreter for the image's venv; it must be the Python version image.toml "
                    "names (default: the appliance's own if it is, else pythonX.Y on PATH).")
+@click.option("--cuda-archs", "archs", metavar="ARCHS", default="",
+              help="llamacpp-cuda: the CUDA architectures to build for, e.g. 90 or '80;90' "
+                   "(default: those of this box's GPUs, from NVML).")
 @CONFIG_OPTION
-def images_build(engine, python, config):
+def images_build(engine, python, archs, config):
     """Build ENGINE's image from images/ENGINE (the previous one is kept for rollback).
     Exits 3 when no interpreter of the Python version the image needs is found."""
     from . import images as img
 
     try:
-        img.build(engine, _load(config), python=python, log=click.echo)
+        img.build(engine, _load(config), python=python, log=click.echo, archs=archs)
     except img.PythonNotFound as exc:
         raise _NoPython(str(exc)) from None
     except ImageError as exc:
@@ -298,8 +301,10 @@ def bundle() -> None:
 
 @bundle.command("create")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The archive to write (.tar).")
-@click.option("--engine", "engines", multiple=True, type=click.Choice(ENGINES),
-              help="GPU engine images whose wheelhouse to include (repeatable).")
+@click.option("--engine", "engines", multiple=True,
+              type=click.Choice([e for e in ENGINES if e != "llamacpp-cuda"]),
+              help="GPU engine images whose wheelhouse to include (repeatable). llamacpp-cuda needs "
+                   "none: install.sh builds it from the llamacpp sdist the bundle carries.")
 @click.option("--cpu-engine/--no-cpu-engine", default=True, show_default=True,
               help="Include the CPU engine (llamacpp) that serves the embedded default; without it "
                    "install.sh --offline needs a llama-server build already cached on the server.")

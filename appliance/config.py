@@ -7,6 +7,7 @@ embedded default model. Every validation error names the file and the field.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -23,7 +24,11 @@ BUILTIN_PREFIX = "builtin:"
 STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
-GPU_SERVERS = ("vllm", "sglang")
+GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
+# llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
+CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
+log = logging.getLogger("appliance.config")
+
 UNIX_PATH_MAX = 108  # sun_path, the terminating NUL included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -49,8 +54,19 @@ class ServerConfig(_Section):
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     # A file holding the admin token (a systemd credential, say). Without it the
-    # admin API (/admin/...) answers loopback clients only.
+    # admin API (/admin/...) answers over TCP only loopback clients of a loopback
+    # bind, and only while keys.required is false; the admin socket always works.
     admin_token_file: str = ""
+    # Names (besides loopback addresses, localhost and server.host) the admin API
+    # answers to in the Host header: the DNS name of a reverse proxy, say. A
+    # DNS-rebinding web page sends its own name and is refused.
+    admin_hosts: list[str] = msgspec.field(default_factory=list)
+    # With keys.required, /metrics needs an API key or the admin token; true opens it
+    # to anyone who reaches the port (a local Prometheus without credentials).
+    metrics_public: bool = False
+    # A provider key file (providers[].api_key_file) its group or others may read:
+    # "refuse" (the daemon does not start, naming the file and the fix) or "warn".
+    key_file_permissions: Literal["refuse", "warn"] = "refuse"
     # The admin API also on a unix socket (relative: under paths.state_dir), mode
     # 0660: who may open the file may administer, no token needed. Empty: off.
     admin_socket: str = "admin.sock"
@@ -121,6 +137,12 @@ class SupervisorConfig(_Section):
 class LlamaCppConfig(_Section):
     # Empty: the current llamacpp engine image's llama-server (install.sh builds the image).
     binary: str = ""
+    # GGUF models with [models.gpus] count >= 1 run this CUDA build. Empty: the current
+    # llamacpp-cuda image's llama-server (`appliance images build llamacpp-cuda`).
+    cuda_binary: str = ""
+    # GPU memory of a replica beyond weights, KV cache and compute buffers (sized from
+    # the GGUF header): the CUDA context and cuBLAS; measured on an H200 with CUDA 13.
+    overhead_gib: float = 0.58
 
 
 class GpuEngineConfig(_Section):
@@ -156,6 +178,8 @@ class Autoscaling(_Section):
     # vLLM with sleep_mode: put idle replicas to sleep after this ("0s" = never),
     # then to zero after scale_to_zero_after.
     sleep_after: str = "0s"
+    # Not evicted for another model within this long of loading; "" = [autoscaling] min_residency.
+    min_residency: str = ""
 
 
 class AutoscalerConfig(_Section):
@@ -174,6 +198,9 @@ class AutoscalerConfig(_Section):
     keepalive_s: float = 5.0
     # CPU engines: cores their replicas may use together (0 = all cores).
     cpu_cores: int = 0
+    # A replica loaded less than this long ago is never evicted to make room for another
+    # model (anti-thrash); per model: [models.autoscaling] min_residency.
+    min_residency: str = "30s"
 
 
 class ModelConfig(_Section):
@@ -182,8 +209,10 @@ class ModelConfig(_Section):
     # A GGUF path, a directory, builtin:<name> for the bundled model, or store:<name>
     # for a model imported into the store (`appliance models import`).
     source: str = ""
-    # openai engine: a command template ({port}, {host}, {model_path}, {model_name}) to
-    # supervise, or the URL of an external server that is only health-checked.
+    # openai engine: a command template ({port}, {host}, {model_path}, {model_name},
+    # {api_key_file}) to supervise, which must refuse requests without the replica's key
+    # ($ENGINE_API_KEY, or the file {api_key_file}); or the URL of an external server
+    # that is only health-checked.
     command: list[str] = msgspec.field(default_factory=list)
     url: str = ""
     # Extra engine arguments and environment, appended after the adapter's own.
@@ -201,6 +230,17 @@ class ModelConfig(_Section):
     kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2", "bfloat16", "float16"] = "auto"
     gpu_overhead_gib: float = 0.0
     sleep_mode: bool = False
+    # A budgeted API key's request that sets no max_tokens is reserved for, and
+    # capped at, this many completion tokens per choice; 0 = context_length (the
+    # most the engine generates on its own).
+    default_max_tokens: int = 0
+    # llama.cpp's KV-cache types (--cache-type-k/-v): f16, bf16, q8_0, q4_0, ... A
+    # quantized V cache needs FlashAttention (on by default where the GPU has it).
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    # When capacity runs out, a model's request may evict idle replicas of models of
+    # the same or a lower priority, never of a higher one.
+    priority: int = 0
     tags: list[str] = msgspec.field(default_factory=list)
     gpus: GpuRequest = msgspec.field(default_factory=GpuRequest)
     autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
@@ -222,6 +262,10 @@ class RoutingConfig(_Section):
     prefix_index_mib: float = 8.0
     # Request header carrying the tag a route may match on.
     tag_header: str = "x-appliance-tag"
+    # Whose engine prompt caches are kept apart (appliance/tenancy.py): "key" (each
+    # API key; keyless loopback clients together), "route" (each route), or "shared"
+    # (one team: answers relayed untouched, cache counters included).
+    tenant_isolation: Literal["key", "route", "shared"] = "key"
 
 
 class RouteConfig(_Section):
@@ -273,8 +317,17 @@ class AuditConfig(_Section):
     enabled: bool = True
     # Also keep the request body and the answer (off: no prompt or completion text).
     include_text: bool = False
+    # When a keyed or regulated request's row and token charge reach the disk:
+    # "commit" before its answer ends (batched with concurrent requests' rows; a
+    # crash or SIGKILL loses none), "fsync" the same and fsync'd (power loss loses
+    # none either), "batch" every flush_interval_s like other rows (a crash loses
+    # up to that window).
+    durability: Literal["commit", "fsync", "batch"] = "commit"
     flush_interval_s: float = 1.0
     flush_rows: int = 2048
+    # While the state database cannot be written (disk full), rows wait in memory;
+    # beyond this many, requests get 503 state_write_failed.
+    max_pending_rows: int = 100_000
 
 
 class GpuConfig(_Section):
@@ -492,7 +545,8 @@ def finalize(cfg: Config, origin: str) -> Config:
     models = cfg.models or [embedded_default_model()]
     engines = cfg.engines
     if not engines.llamacpp.binary:
-        engines = msgspec.structs.replace(engines, llamacpp=LlamaCppConfig(binary=default_llama_server(cfg.images.dir)))
+        llamacpp = msgspec.structs.replace(engines.llamacpp, binary=default_llama_server(cfg.images.dir))
+        engines = msgspec.structs.replace(engines, llamacpp=llamacpp)
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
@@ -541,6 +595,7 @@ def _validate(cfg: Config) -> None:
     need(asc.queue_timeout_s > 0, "autoscaling.queue_timeout_s", "must be positive")
     need(asc.cpu_cores >= 0, "autoscaling.cpu_cores", "must not be negative")
     _duration(asc.idle_ttl, "autoscaling.idle_ttl", errors)
+    _duration(asc.min_residency, "autoscaling.min_residency", errors)
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
@@ -556,12 +611,15 @@ def _validate(cfg: Config) -> None:
         need(a.target_rps_per_replica > 0, f"{at}.autoscaling.target_rps_per_replica", "must be positive")
         if a.scale_to_zero_after:
             _duration(a.scale_to_zero_after, f"{at}.autoscaling.scale_to_zero_after", errors)
+        if a.min_residency:
+            _duration(a.min_residency, f"{at}.autoscaling.min_residency", errors)
         sleep = _duration(a.sleep_after, f"{at}.autoscaling.sleep_after", errors)
         need(not sleep or m.sleep_mode, f"{at}.autoscaling.sleep_after",
              "needs sleep_mode = true (vllm)")
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
+        need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         if m.source.startswith(STORE_PREFIX):
             from .store import StoreError, check_name
 
@@ -571,6 +629,11 @@ def _validate(cfg: Config) -> None:
                 need(False, f"{at}.source", str(exc))
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
+            need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")
+            need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
+            for field in ("cache_type_k", "cache_type_v"):
+                need(getattr(m, field) in CACHE_TYPES, f"{at}.{field}",
+                     f"{getattr(m, field)!r} is not a llama.cpp cache type ({', '.join(CACHE_TYPES)})")
             if m.source.startswith(BUILTIN_PREFIX):
                 name = m.source[len(BUILTIN_PREFIX):]
                 need(name == EMBEDDED_MODEL_NAME, f"{at}.source",
@@ -621,6 +684,7 @@ def _validate_routes(cfg: Config, need) -> None:
     a = cfg.audit
     need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
+    need(a.max_pending_rows >= a.flush_rows, "audit.max_pending_rows", "must be >= flush_rows")
     bind = bind_error(cfg)
     if bind:
         need(False, "keys.required", bind.split(": ", 1)[1])
@@ -685,15 +749,56 @@ def read_admin_token(cfg: Config) -> str:
         token = path.read_text().strip()
     except OSError as exc:
         raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
-                          f"{exc.strerror}") from None
+                          f"{exc.strerror}; create it (one line of 16 or more characters, mode 0600, "
+                          "readable by the daemon's user) or remove the setting") from None
     if len(token) < 16:
         raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': the token in {path} is "
                           "shorter than 16 characters")
+    if problem := exposed_secret(path):
+        log.warning("field 'server.admin_token_file': %s", problem)
     return token
+
+
+def exposed_secret(path: Path) -> str | None:
+    """Why a file holding a secret is open to more than its owner, if it is."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o044:
+        return (f"{path} is readable by its group or others (mode {mode:04o}): run chmod 600 {path} "
+                "(and chown it to the daemon's user)")
+    return None
+
+
+def check_writable_dirs(cfg: Config) -> None:
+    """The directories the daemon writes, made if missing and tried with a real file:
+    a ConfigError naming the field, the path and the fix, before anything opens there."""
+    import tempfile
+
+    for field, path in (("paths.state_dir", cfg.paths.state_dir), ("paths.cache_dir", cfg.paths.cache_dir),
+                        ("paths.log_dir", cfg.paths.log_dir)):
+        try:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{cfg.origin}: field '{field}': {path} is not writable by this user "
+                              f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access "
+                              f"(chown/chmod) or point {field} elsewhere") from None
 
 
 def kv_tokens(model: ModelConfig) -> int:
     return model.kv_cache_tokens or model.context_length * model.parallel
+
+
+def uses_gpus(model: ModelConfig) -> bool:
+    """Replicas of this model need GPUs from the placer: vLLM and SGLang always, a GGUF
+    model on llama.cpp when it asks for GPUs ([models.gpus] count >= 1); else the CPU."""
+    return model.server in GPU_SERVERS or (model.server == "llamacpp" and model.gpus.count >= 1)
+
+
+def min_residency_s(cfg: Config, model: ModelConfig) -> float:
+    from .autoscaler import parse_duration
+
+    return parse_duration(model.autoscaling.min_residency or cfg.autoscaling.min_residency)
 
 
 def overhead_bytes(cfg: Config, model: ModelConfig) -> int:

@@ -87,6 +87,12 @@ class PayloadTooLarge(ApplianceError):
     code = "request_too_large"
 
 
+class UnsupportedMediaType(ApplianceError):
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_media_type"
+
+
 class NoCapacity(ApplianceError):
     """No replica can take the request now; the client should retry later."""
 

@@ -41,6 +41,7 @@ class GpuInfo:
     free_bytes: int
     utilization_pct: int | None = None
     processes: tuple[GpuProcess, ...] = ()
+    compute_capability: str = ""  # "9.0" (H100/H200): what a CUDA build targets
 
     @property
     def kind(self) -> str:
@@ -158,6 +159,7 @@ class NvmlProbe:
                 free_bytes=int(mem.free),
                 utilization_pct=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
                 processes=tuple(_processes(h)),
+                compute_capability=_capability(h),
             ))
         return gpus
 
@@ -175,6 +177,15 @@ def _processes(handle) -> list[GpuProcess]:
             # usedGpuMemory is None where the driver cannot attribute (some containers).
             seen[int(p.pid)] = seen.get(int(p.pid), 0) + int(p.usedGpuMemory or 0)
     return [GpuProcess(pid=pid, used_bytes=used) for pid, used in sorted(seen.items())]
+
+
+def _capability(handle) -> str:
+    import pynvml
+
+    try:
+        return "%d.%d" % tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+    except Exception:
+        return ""
 
 
 def _optional(read) -> int | None:
@@ -202,6 +213,8 @@ class SimulatedProbe:
         name = "NVIDIA H100 80GB HBM3"
         memory_gib = 80
         count = 8
+        # uuid = "GPU-..."   (count = 1 only) a real card's UUID: a budget smaller than
+        #                    that card, with engines launched on it (tests/gpu_check.py)
 
         [[process]]          # memory already used by something that is not ours
         gpu = 0
@@ -226,14 +239,17 @@ def load_inventory(path: Path) -> Inventory:
         raise ValueError(f"{path}: not a valid inventory: {exc}") from None
     specs = data.get("gpu") or data.get("gpus") or []
     procs = data.get("process") or data.get("processes") or []
-    expanded: list[tuple[str, int]] = []
+    expanded: list[tuple[str, int, str, str | None]] = []
     for n, spec in enumerate(specs):
         try:
             name = str(spec["name"])
             total = int(float(spec["memory_gib"]) * GiB)
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: gpu[{n}] needs 'name' and 'memory_gib'") from None
-        expanded += [(name, total)] * int(spec.get("count", 1))
+        count = int(spec.get("count", 1))
+        if spec.get("uuid") and count != 1:
+            raise ValueError(f"{path}: gpu[{n}] names a uuid: its count must be 1")
+        expanded += [(name, total, str(spec.get("compute_capability", "")), spec.get("uuid"))] * count
     per_gpu: dict[int, list[GpuProcess]] = {}
     for n, proc in enumerate(procs):
         idx = int(proc.get("gpu", -1))
@@ -243,10 +259,11 @@ def load_inventory(path: Path) -> Inventory:
             pid=int(proc.get("pid", 0)), used_bytes=int(float(proc["used_gib"]) * GiB),
             name=str(proc.get("name", ""))))
     gpus = []
-    for i, (name, total) in enumerate(expanded):
+    for i, (name, total, capability, uuid) in enumerate(expanded):
         ps = tuple(per_gpu.get(i, ()))
         used = min(total, sum(p.used_bytes for p in ps))
-        gpus.append(GpuInfo(index=i, uuid=f"GPU-sim-{i:04d}", name=name, total_bytes=total,
+        gpus.append(GpuInfo(index=i, uuid=str(uuid or f"GPU-sim-{i:04d}"), name=name, total_bytes=total,
                             used_bytes=used, free_bytes=total - used,
-                            utilization_pct=50 if ps else 0, processes=ps))
+                            utilization_pct=50 if ps else 0, processes=ps,
+                            compute_capability=capability))
     return Inventory(gpus=tuple(gpus), source=f"simulated:{path}")

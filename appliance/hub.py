@@ -1,19 +1,22 @@
 """`appliance models pull`: a model hub download into the store, on a connected machine only.
 
 huggingface_hub is optional (`pip install appliance[hub]`) and imported only here.
-Downloads go to <hub>/.downloads/<repo>@<revision>, which survives an interrupted
+Downloads go to <hub>/.downloads/<repo>@<ref>, which survives an interrupted
 pull (huggingface_hub resumes the partial files there); the store import then
-verifies and publishes the snapshot atomically.
+verifies and publishes the snapshot atomically. The repo, the ref and the store name
+are checked (appliance/store_paths.py) before anything is downloaded or written: a ref
+with slashes (refs/pr/1) is %-encoded in the download folder's name and its snapshot is
+named by its content.
 """
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 from .model_sources import from_directory
-from .store import ModelRecord, Store, StoreError, check_name, repo_folder
+from .store import ModelRecord, Store, StoreError, repo_folder
+from .store_paths import check_name, download_folder, snapshot_revision
 
 Downloader = Callable[..., str]
 
@@ -34,8 +37,9 @@ def pull(cfg, store: Store, spec: str, *, name: str | None = None,
                          "or set [store] offline = false on a connected machine")
     repo, _, revision = spec.partition("@")
     check_name(repo)
-    target = store.root / ".downloads" / f"{repo_folder(repo)}@{revision or 'main'}"
-    target.mkdir(parents=True, exist_ok=True)
+    if name is not None:
+        check_name(name)
+    target = store.download_dir(download_folder(repo_folder(repo), revision or "main"))
     kwargs = {"repo_id": repo, "revision": revision or None, "local_dir": str(target)}
     if cfg.store.hub_endpoint:
         kwargs["endpoint"] = cfg.store.hub_endpoint
@@ -47,7 +51,7 @@ def pull(cfg, store: Store, spec: str, *, name: str | None = None,
         raise StoreError(f"pull of {spec} failed (rerun to resume): {type(exc).__name__}: {exc}") from None
     incoming = from_directory(local, name or repo)
     incoming.source = f"hub:{spec}"
-    incoming.revision = revision or None
+    incoming.revision = snapshot_revision(revision) if revision else None
     record, _ = store.add(incoming)
-    shutil.rmtree(target, ignore_errors=True)
+    store.discard(target)
     return record

@@ -6,6 +6,11 @@ version kept for rollback.
                                      .../image.json      engine, version, python, files' sha256
     <images.dir>/<engine>/current -> <version>-<hash>    what the supervisor launches
 
+``llamacpp-cuda`` is llama-server built from the same pinned source as ``llamacpp``
+(images/llamacpp/build.sh with GGML_CUDA) for the CUDA architectures of this box's
+GPUs (NVML's compute capability, or --cuda-archs): its tag covers them, so a box that
+gains another kind of GPU builds a new image.
+
 The GPU engines' venvs are made with the Python image.toml names (their locks are
 that CPython's wheels): the appliance's own when it matches, else pythonX.Y on PATH,
 else --python PATH.
@@ -13,6 +18,7 @@ else --python PATH.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -27,7 +33,8 @@ from pathlib import Path
 
 from .config import Config, install_prefix
 
-ENGINES = ("llamacpp", "vllm", "sglang")
+ENGINES = ("llamacpp", "llamacpp-cuda", "vllm", "sglang")
+LLAMACPP_ENGINES = ("llamacpp", "llamacpp-cuda")  # llama-server builds: a static binary in bin/
 MANIFEST = "image.json"
 
 
@@ -70,14 +77,23 @@ class Definition:
     requirements: Path
     lock: Path | None
     platform: str | None = None  # the lock's target wheel platform, e.g. manylinux_2_31_x86_64
+    source: Path | None = None   # the folder with build.sh and pin.env, when not this one
+    cuda_archs: str = ""         # llamacpp-cuda: the CUDA architectures built for, e.g. "90"
+
+    @property
+    def build_folder(self) -> Path:
+        return self.source or self.folder
 
     @property
     def digest(self) -> str:
         h = hashlib.sha256()
-        for f in sorted(p for p in self.folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt", ".env",
-                                                                                           ".lock", ".sh", ".cmake")
-                        and not p.name.startswith("flags-")):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        for folder in dict.fromkeys((self.folder, self.build_folder)):
+            for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt", ".env",
+                                                                                         ".lock", ".sh", ".cmake")
+                            and not p.name.startswith("flags-")):
+                h.update(f.name.encode() + b"\0" + f.read_bytes())
+        if self.cuda_archs:
+            h.update(b"cuda-archs\0" + self.cuda_archs.encode())
         return h.hexdigest()[:12]
 
     @property
@@ -94,8 +110,9 @@ def definition(engine: str, root: Path | None = None) -> Definition:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ImageError(f"{folder / 'image.toml'}: {exc}") from None
     lock = folder / spec["lock"] if spec.get("lock") else None
+    source = (folder / spec["source"]).resolve() if spec.get("source") else None
     return Definition(engine, spec["version"], spec["python"], folder, folder / spec["requirements"], lock,
-                      spec.get("platform"))
+                      spec.get("platform"), source)
 
 
 def wheel_platforms(platform: str) -> list[str]:
@@ -180,9 +197,9 @@ def gpu_engine_command(engine: str, cfg: Config) -> tuple[list[str], str]:
     return [str(current / exe), *args], current.name
 
 
-def llama_server(cfg_images_dir: str = "") -> Path | None:
-    """The current llamacpp image's binary, if one is built."""
-    link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / "llamacpp" / "current"
+def llama_server(cfg_images_dir: str = "", engine: str = "llamacpp") -> Path | None:
+    """The current llamacpp (or llamacpp-cuda) image's binary, if one is built."""
+    link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / engine / "current"
     binary = link / "bin" / "llama-server"
     return binary if (link / MANIFEST).exists() and binary.exists() else None
 
@@ -219,8 +236,31 @@ def find_python(d: Definition, python: str | None = None) -> str:
                          f"wheels): install python{d.python}, or pass --python PATH")
 
 
-def build(engine: str, cfg: Config | None = None, *, python: str | None = None, log=print) -> dict:
+def cuda_archs(requested: str = "") -> str:
+    """The CUDA architectures to build llama-server for: ``requested`` (e.g. "90" or
+    "80;90"), else every compute capability NVML reports on this box. ImageError when
+    there is neither: a CUDA build for no GPU would be minutes to hours for nothing."""
+    if requested:
+        archs = [a.strip() for a in requested.replace(",", ";").split(";") if a.strip()]
+        if not archs or not all(re.fullmatch(r"\d{2,3}[af]?", a) for a in archs):
+            raise ImageError(f"--cuda-archs {requested!r}: expected CUDA architectures like 90 or 80;90")
+        return ";".join(archs)
+    from .gpu import NvmlProbe
+
+    inventory = NvmlProbe().read()
+    found = sorted({g.compute_capability.replace(".", "") for g in inventory.gpus if g.compute_capability})
+    if not found:
+        why = inventory.error or "NVML reports no compute capability"
+        raise ImageError(f"no NVIDIA GPU to build llamacpp-cuda for ({why}); pass --cuda-archs "
+                         "(e.g. 90 for H100/H200, 89 for L40S, 80 for A100)")
+    return ";".join(found)
+
+
+def build(engine: str, cfg: Config | None = None, *, python: str | None = None, log=print,
+          archs: str = "") -> dict:
     d = definition(engine)
+    if engine == "llamacpp-cuda":
+        d = dataclasses.replace(d, cuda_archs=cuda_archs(archs))
     base = images_dir(cfg) / engine
     target = base / d.tag
     if (target / MANIFEST).exists():
@@ -229,12 +269,12 @@ def build(engine: str, cfg: Config | None = None, *, python: str | None = None, 
         return json.loads((target / MANIFEST).read_text())
     # llama-server is a static binary; its venv only runs the build tools (wheels for any
     # Python 3), so any interpreter does. A GPU engine's venv runs its lock's cp wheels.
-    if engine == "llamacpp":
+    if engine in LLAMACPP_ENGINES:
         interpreter = python or sys.executable
         version = _python_version(interpreter) or d.python
     else:
         interpreter, version = find_python(d, python), d.python
-    if engine != "llamacpp" and (d.lock is None or not d.lock.exists()):
+    if engine not in LLAMACPP_ENGINES and (d.lock is None or not d.lock.exists()):
         raise ImageError(f"{d.engine}: {d.lock} is missing: generate the hashed lock of the full "
                          f"dependency tree first (see {d.folder / 'README.md'})")
     # Built where it lives (a venv records its own path); the image exists once its
@@ -242,12 +282,12 @@ def build(engine: str, cfg: Config | None = None, *, python: str | None = None, 
     shutil.rmtree(target, ignore_errors=True)
     base.mkdir(parents=True, exist_ok=True)
     try:
-        if engine == "llamacpp":
-            _build_llamacpp(d, target, interpreter)
+        if engine in LLAMACPP_ENGINES:
+            _build_llamacpp(d, target, interpreter, log)
         else:
             _build_python_engine(d, target, interpreter, log)
         manifest = {"engine": engine, "version": d.version, "tag": d.tag,
-                    "python": version,
+                    "python": version, **({"cuda_archs": d.cuda_archs} if d.cuda_archs else {}),
                     "built_at": time.time(), "files": _file_digests(target)}
         tmp = target / f".{MANIFEST}.tmp"
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -268,12 +308,16 @@ def _run(argv: list[str], what: str, env: dict | None = None) -> None:
         raise ImageError(f"{what} failed: " + " | ".join(tail))
 
 
-def _build_llamacpp(d: Definition, tmp: Path, python: str) -> None:
+def _build_llamacpp(d: Definition, tmp: Path, python: str, log) -> None:
     """build.sh: the cached build, a prebuilt one that fits, or compiled (the build tools
     of d.requirements provisioned by it when missing)."""
     _run([python, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
-    _run([str(d.folder / "build.sh"), str(tmp / "bin")], "building llama-server",
-         env={**os.environ, "PYTHON": os.environ.get("PYTHON") or python})
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON") or python}
+    if d.cuda_archs:
+        env["APPLIANCE_LLAMACPP_CUDA_ARCHS"] = d.cuda_archs
+        log(f"building llama-server with CUDA for sm {d.cuda_archs} (a few minutes on 16 cores, "
+            "much longer on few)")
+    _run([str(d.build_folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env)
 
 
 def _build_python_engine(d: Definition, tmp: Path, python: str, log) -> None:

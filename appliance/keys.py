@@ -3,8 +3,19 @@
 A key is ``ak-<id>-<secret>``; it is shown once, and only the SHA-256 of its
 secret is stored (table ``api_keys`` in the state database). The daemon looks a
 key up by its id and compares digests in constant time. Per key: the routes it
-may use (empty: any), a default tag for route matching, a requests-per-minute
-limit and a token budget per period (hour, day or month, UTC), both 0 = none.
+may use (empty: any), a tag that binds it (appliance/routing.py: Routes.match),
+a requests-per-minute limit and a token budget per period (hour, day or month,
+UTC), both 0 = none.
+
+A budget is reserved, then settled: admission holds the most the request can
+cost (its prompt's bound plus its completion cap, appliance/metering.py) against
+what the key has left, minus what its requests in flight hold, and refuses it
+with 429 when that does not fit; the end of the request settles the hold to its
+real usage. Check and hold happen with no await between them, so concurrent
+requests can never together spend more than the budget. ``Gate.admit`` and
+``Gate.settle`` are the whole interface: a data plane of several processes
+would run the same two calls against one authority (the daemon, or a row
+updated under BEGIN IMMEDIATE) instead of this in-process one.
 """
 
 from __future__ import annotations
@@ -129,6 +140,7 @@ class Gate:
         self._charge = charge
         self.keys: dict[str, ApiKey] = {}
         self.used: dict[str, tuple[int, int]] = {}  # key id -> (period start, tokens)
+        self.held: dict[str, int] = {}  # key id -> tokens its requests in flight hold
         self.buckets: dict[str, _Bucket] = {}
         self._version = -1
         self.refresh()
@@ -164,18 +176,18 @@ class Gate:
             raise Unauthorized("Invalid or revoked API key")
         return key
 
-    def admit(self, key: ApiKey, route: str | None) -> None:
+    def admit(self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0,
+              ceiling: int = 0, choices: int = 1) -> Reservation:
+        """Admit one request of the key, or refuse it (403, 429). A budgeted key
+        holds prompt + cap tokens; with no cap (the request set no length), the
+        completion is reserved at ``ceiling`` per choice, or at what the budget
+        has left for it, which the caller must then impose on the engine
+        (Reservation.completion)."""
         if key.routes and route not in key.routes:
             raise Forbidden(f"This API key may not use {'route ' + repr(route) if route else 'this model'}",
                             code="route_not_allowed")
         now = self.clock()
-        if key.budget_tokens:
-            start, end = period_bounds(key.budget_period, now)
-            used = self.used.get(key.id, (start, 0))
-            if used[0] == start and used[1] >= key.budget_tokens:
-                raise RateLimited(f"This API key used its budget of {key.budget_tokens} tokens per "
-                                  f"{key.budget_period}", retry_after=math.ceil(end - now),
-                                  code="budget_exceeded")
+        bucket = None
         if key.rpm:
             bucket = self.buckets.get(key.id)
             if bucket is None:
@@ -185,16 +197,78 @@ class Gate:
             if bucket.tokens < 1.0:
                 raise RateLimited(f"This API key is over its limit of {key.rpm} requests per minute",
                                   retry_after=math.ceil((1.0 - bucket.tokens) * 60.0 / key.rpm))
+        reservation = Reservation(key, 0, 0, None)
+        if key.budget_tokens:
+            self._reserve(reservation, now, prompt, cap, ceiling, choices)
+        if bucket is not None:
             bucket.tokens -= 1.0
+        return reservation
 
-    def charge(self, key: ApiKey, tokens: int) -> None:
+    def _reserve(self, res: Reservation, now: float, prompt: int, cap: int | None, ceiling: int,
+                 choices: int) -> None:
+        key = res.key
+        start, end = period_bounds(key.budget_period, now)
+        used = self._used(key.id, start)
+        held = self.held.get(key.id, 0)
+        left = key.budget_tokens - used - held
+        if cap is None:
+            completion = min(ceiling, (left - prompt) // choices)
+            need = prompt + max(completion, 1) * choices
+            res.completion = completion
+        else:
+            need = prompt + cap
+        if need > left:
+            raise _over_budget(key, need, used, end - now)
+        res.period_start, res.held = start, need
+        self.held[key.id] = held + need
+
+    def _used(self, key_id: str, start: int) -> int:
+        current = self.used.get(key_id)
+        return current[1] if current is not None and current[0] == start else 0
+
+    def settle(self, res: Reservation, tokens: int) -> None:
+        """The request is over: release its hold, charge what it used."""
+        key = res.key
+        if res.held:
+            held = self.held.get(key.id, 0) - res.held
+            if held > 0:
+                self.held[key.id] = held
+            else:
+                self.held.pop(key.id, None)
+            res.held = 0
         if not tokens:
             return
-        start = period_bounds(key.budget_period, self.clock())[0]
-        current = self.used.get(key.id)
-        total = (current[1] if current and current[0] == start else 0) + tokens
-        self.used[key.id] = (start, total)
+        start = res.period_start or period_bounds(key.budget_period, self.clock())[0]
+        self.used[key.id] = (start, self._used(key.id, start) + tokens)
         self._charge(key.id, start, tokens)
 
 
-__all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "period_bounds"]
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request of a key holds against its budget."""
+
+    key: ApiKey
+    period_start: int
+    held: int
+    # The completion reserved per choice for a budgeted request that named no
+    # length; when below what the engine would generate, it must be told.
+    completion: int | None
+
+
+def _over_budget(key: ApiKey, need: int, used: int, until_reset: float) -> RateLimited:
+    per = f"{key.budget_tokens} tokens per {key.budget_period}"
+    if need > key.budget_tokens:
+        message = (f"This request may cost up to {need} tokens (its prompt counts one token per byte until "
+                   f"the engine reports it, plus its completion limit), more than this API key's budget of {per}")
+    elif need <= key.budget_tokens - used:
+        # It would fit once this key's requests in flight settle to what they really used.
+        return RateLimited(f"This API key's requests in flight hold the rest of its budget of {per}; "
+                           "retry when they finish", retry_after=2, code="budget_exceeded")
+    else:
+        message = (f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
+                   f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
+                   "it, plus its completion limit)")
+    return RateLimited(message, retry_after=math.ceil(until_reset), code="budget_exceeded")
+
+
+__all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "Reservation", "period_bounds"]

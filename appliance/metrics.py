@@ -46,6 +46,12 @@ class _SupervisorCollector:
                                      "Prefix-aware replica choices: hit (longest cached prefix), miss (new "
                                      "prefix, rendezvous hash), load_guard (sent to the least-loaded)",
                                      labels=["model", "outcome"])
+        evictions = CounterMetricFamily("appliance_evictions",
+                                        "Replicas stopped to make room for another model, by the model "
+                                        "evicted and what asked for the room (request, load, scale_up)",
+                                        labels=["model", "reason"])
+        for (model, reason), count in sorted(self.supervisor.evictions.items()):
+            evictions.add_metric([model, reason], float(count))
         for name, dep in self.supervisor.deployments.items():
             for outcome, count in dep.prefix.outcomes.items():
                 prefix.add_metric([name, outcome], float(count))
@@ -65,7 +71,7 @@ class _SupervisorCollector:
                         value = getattr(r.load, field)
                         if value is not None:
                             family.add_metric([name, idx], float(value))
-        yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, *load.values())
+        yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, evictions, *load.values())
 
 
 class Metrics:

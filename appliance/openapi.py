@@ -47,8 +47,12 @@ def _components() -> dict[str, Any]:
             props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
                                       {"type": "null"}]}
         props["model"] = {"type": "string", "minLength": 1}
+        props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
+                                        {"type": "null"}]}
+        props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
     defs["ChatCompletionRequest"]["properties"]["messages"]["minItems"] = 1
     defs["EmbeddingRequest"]["properties"]["model"] = {"type": "string", "minLength": 1}
+    defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}
     defs["ScaleBody"] = {"type": "object", "additionalProperties": False, "required": ["replicas"],
                          "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0},
                                                               {"type": "null"}]}}}
@@ -104,7 +108,8 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     paths["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
         "$ref": REF + "ModelCard"}
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-    readiness = {"type": "object", "required": ["status", "models"],
+    # "models" only to a caller with a key or the admin credential once keys are required.
+    readiness = {"type": "object", "required": ["status"],
                  "properties": {"status": {"enum": ["ready", "starting", "draining"]},
                                 "models": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
     ready = paths["/readyz"]["get"]["responses"]
@@ -113,6 +118,9 @@ def build(handlers: list, models: list[str], version: str) -> dict:
                     "content": {"application/json": {"schema": readiness}}}
     paths["/admin/models/{model}/scale"]["post"]["requestBody"] = _json_body("ScaleBody")
     for path, actions in _ACTIONS.items():
+        # State-changing admin calls are JSON, even with nothing to say ({}): no
+        # cross-site "simple" request can send that content type.
+        paths[path]["post"]["requestBody"] = _json_body("ActionBody")
         for p in paths[path]["post"]["parameters"]:
             if p["name"] == "action":
                 p["schema"] = {"type": "string", "enum": actions}

@@ -15,7 +15,8 @@ Reservation
     SGLang ``--mem-fraction-static``), rounded UP to 0.01, and takes that
     fraction of the total. So a replica reserves ``ceil(fraction * total)`` bytes,
     not its raw need: ``Assignment.bytes_per_gpu`` is that reservation, and the
-    value to record in ``Placed.bytes_per_gpu`` once it runs.
+    value to record in ``Placed.bytes_per_gpu`` once it runs. An engine that takes
+    what it needs and no more (llama.cpp: ``Demand.exact``) reserves its need.
 
 Rules
     * Existing ``Placed`` replicas never move and are never changed.
@@ -78,6 +79,10 @@ class Demand:
     per_gpu_bytes: dict[int, int]  # TP size -> bytes needed on EACH GPU at that size
     gpu_kind: str | None = None    # None or "any": any kind; else every GPU must be this kind
     tp: int | None = None          # fixed TP size, or None: the smallest listed size that fits
+    exact: bool = False            # reserves its need, not a whole-percent fraction of the card
+
+    def reserve(self, need: int, total: int) -> int:
+        return min(need, total) if self.exact else reserved_bytes(need, total)
 
 
 @dataclass(frozen=True)
@@ -214,7 +219,7 @@ def _best_choice(d: Demand, groups: _Groups, free: dict[int, int], used: set[int
             pct = fraction_percent(need, total)
             if pct > 100:
                 continue
-            r = reserved_bytes(need, total)
+            r = d.reserve(need, total)
             # Rank: GPUs in use first, by least left (best fit); then idle
             # GPUs, by least left, or by most left under the roomy policy.
             sign = -1 if roomy else 1
@@ -266,7 +271,7 @@ def _explain(d: Demand, gpus: Sequence[Gpu], groups: _Groups, free: dict[int, in
         need = d.per_gpu_bytes[tp]
         totals = [t for (k, t), idxs in groups.items()
                   if (want is None or k == want) and len(idxs) >= tp]
-        shown = min((reserved_bytes(need, t) for t in totals
+        shown = min((d.reserve(need, t) for t in totals
                      if fraction_percent(need, t) <= 100), default=need)
         needs.append(f"{_gib(shown)} GiB on {tp} GPU{'s' if tp > 1 else ''}")
     head = f"{d.replica} needs " + " or ".join(needs) + of_kind
@@ -323,7 +328,7 @@ def _search(gpus, groups, placed, demands, bound, steps=None):
                     continue
                 if fraction_percent(need, total) > 100:
                     continue
-                r = reserved_bytes(need, total)
+                r = d.reserve(need, total)
                 fit = [i for i in idxs if free[i] >= r]
                 # Idle GPUs with equal free memory are interchangeable: only
                 # combinations taking the lowest-indexed ones of each class.

@@ -67,10 +67,11 @@ def engine_view(body: bytes, chat: bool) -> bytes:
         return b""
 
 
-def block_hashes(data: bytes, block: int) -> list[int]:
+def block_hashes(data: bytes, block: int, seed: int = 0) -> list[int]:
     """Chained 64-bit hashes of every whole block of data: hash i covers
-    data[:block*(i+1)] (each block's xxh3 is seeded with the previous hash)."""
-    h = 0
+    data[:block*(i+1)] (each block's xxh3 is seeded with the previous hash, the
+    first with seed: a tenant's, so tenants' prefixes never match each other)."""
+    h = seed
     view = memoryview(data)
     out = []
     digest = xxhash.xxh3_64_intdigest
@@ -103,8 +104,8 @@ class PrefixRouter:
         # Read by the metrics collector at scrape time.
         self.outcomes = {"hit": 0, "miss": 0, "load_guard": 0}
 
-    def hashes(self, body: bytes, chat: bool) -> list[int]:
-        return block_hashes(engine_view(body, chat), self.block)
+    def hashes(self, body: bytes, chat: bool, seed: int = 0) -> list[int]:
+        return block_hashes(engine_view(body, chat), self.block, seed)
 
     def forget(self, replica_name: str) -> None:
         """The replica's engine lost its cache (stopped, crashed, slept)."""

@@ -34,23 +34,37 @@ class ProcessHandle(Protocol):
 
 
 class ProcessRunner(Protocol):
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
-        """Start argv; raise OSError (with a clear message) if it cannot start."""
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
+        """Start argv with exactly env as its environment (nothing of the daemon's
+        is added: appliance/engine_access.py decides), its output logged with redact
+        (the replica's key, which some engines print) replaced; raise OSError (with a
+        clear message) if it cannot start."""
 
 
 class CappedLog:
     """An engine's output: a file capped at max_bytes (one rotated copy kept),
-    plus the last lines in memory for status and FATAL reports."""
+    plus the last lines in memory for status and FATAL reports; a secret in it
+    (redact) is written as <redacted>."""
 
-    def __init__(self, path: Path, max_bytes: int, keep_lines: int = 50) -> None:
+    def __init__(self, path: Path, max_bytes: int, keep_lines: int = 50, redact: str = "") -> None:
         self.path = path
         self.max_bytes = max_bytes
         self.lines: deque[str] = deque(maxlen=keep_lines)
+        self._redact = redact.encode()
+        self._held = b""  # the end of the output so far that may be the start of the secret
         path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
         self._size = self._file.tell()
 
     def write(self, chunk: bytes) -> None:
+        if self._redact:
+            chunk = (self._held + chunk).replace(self._redact, b"<redacted>")
+            held = next((n for n in range(min(len(chunk), len(self._redact) - 1), 0, -1)
+                         if chunk.endswith(self._redact[:n])), 0)  # what the next write may complete
+            chunk, self._held = chunk[:len(chunk) - held], chunk[len(chunk) - held:]
+        self._append(chunk)
+
+    def _append(self, chunk: bytes) -> None:
         if self._size + len(chunk) > self.max_bytes:
             self._rotate()
         self._file.write(chunk)
@@ -66,6 +80,7 @@ class CappedLog:
         self._size = 0
 
     def close(self) -> None:
+        self._append(self._held)
         self._file.close()
 
 
@@ -116,16 +131,16 @@ class SubprocessRunner:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
 
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path) -> ProcessHandle:
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
         exe = argv[0]
-        if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe) is None:
+        if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")
-        log = CappedLog(log_path, self.log_max_bytes)
+        log = CappedLog(log_path, self.log_max_bytes, redact=redact)
         log.write(f"--- appliance: starting {' '.join(argv)}\n".encode())
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                env={**os.environ, **env},
+                env=env,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,

@@ -1,8 +1,11 @@
 """OpenAI protocol types: what the appliance reads from a request.
 
-Only the fields the appliance itself acts on or must type-check are declared.
-The request body is forwarded to the engine byte for byte, so fields declared
-nowhere here (tools, response_format, logprobs, ...) pass through untouched.
+Only the fields the appliance itself acts on or must type-check are declared:
+every one it acts on (stream, stream_options, the completion-length fields it
+reserves a key's budget for, n, cache_salt, model) is typed here, so a wrong type
+is a 400 naming the field, never a silently skipped rewrite. The request body is
+forwarded to the engine byte for byte, so fields declared nowhere here (tools,
+response_format, logprobs, ...) pass through untouched.
 """
 
 from __future__ import annotations
@@ -15,11 +18,24 @@ import msgspec
 from .errors import BadRequest
 
 
+class StreamOptions(msgspec.Struct, kw_only=True):
+    # The appliance asks for usage on every metered stream (and keeps the extra
+    # event from a client that did not ask); other options pass through.
+    include_usage: bool | None = None
+
+
 class _Request(msgspec.Struct, kw_only=True):
     model: str
     stream: bool = False
+    stream_options: StreamOptions | None = None
     max_tokens: int | None = None
+    # llama.cpp's own name for max_tokens; it wins over max_tokens there, so a
+    # key's budget reserves for it too. Negative: until the context is full.
+    n_predict: int | None = None
     n: int | None = None
+    # vLLM and SGLang partition their prefix cache by it; the appliance sets its
+    # own per tenant (appliance/tenancy.py), narrowed by the client's.
+    cache_salt: str | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -104,6 +120,12 @@ def _check_ranges(req: RequestT) -> None:
             raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
         if value is not None and value > MAX_COUNT:
             raise BadRequest(f"'{field}' must be at most {MAX_COUNT}", param=field)
+    n_predict = getattr(req, "n_predict", None)
+    if n_predict is not None and not -2 <= n_predict <= MAX_COUNT:
+        raise BadRequest(f"'n_predict' must be within -2 (until the context is full) and {MAX_COUNT}",
+                         param="n_predict")
+    if getattr(req, "cache_salt", None) == "":
+        raise BadRequest("'cache_salt' must be a non-empty string", param="cache_salt")
     if isinstance(req, ChatCompletionRequest) and not req.messages:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     if not getattr(req, "model", ""):

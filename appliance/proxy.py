@@ -15,6 +15,7 @@ import aiohttp
 import msgspec
 
 from .config import Config
+from .engine_access import http_session, tcp_connector
 from .errors import EngineFailure, EngineTimeout, encode_error, error_for_status
 from .replica import Replica
 
@@ -24,19 +25,8 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def make_session(cfg: Config) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(
-        limit=0,  # no global cap: per replica is what matters
-        limit_per_host=cfg.upstream.max_connections_per_replica,
-        keepalive_timeout=60,
-        enable_cleanup_closed=True,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        # The session never decodes, follows redirects or keeps cookies for engines.
-        auto_decompress=False,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        skip_auto_headers=("User-Agent",),
-    )
+    """The shared session: providers and external engines (a supervised replica has its own)."""
+    return http_session(tcp_connector(cfg.upstream.max_connections_per_replica))
 
 
 class _EngineError(msgspec.Struct):
@@ -75,9 +65,15 @@ class EngineProxy:
     async def _open(self, replica: Replica, path: str, body: bytes,
                     headers: dict[str, str]) -> aiohttp.ClientResponse:
         url = replica.base_url + path
+        # A supervised replica's own session carries its secret (appliance/engine_access.py).
+        session = replica.session or self.session
+        if session.closed:  # the replica restarted since it was chosen: safe on another one
+            err = EngineFailure(f"Engine {replica.name} restarted")
+            err.retryable = True
+            raise err
         try:
-            return await self.session.post(url, data=body, headers=headers,
-                                           timeout=replica.timeout or self.timeout)
+            return await session.post(url, data=body, headers=headers,
+                                      timeout=replica.timeout or self.timeout)
         except asyncio.TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:

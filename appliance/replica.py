@@ -35,6 +35,7 @@ import aiohttp
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
 
 from .config import Config, ModelConfig
+from .engine_access import EngineAccess, engine_environment, engine_session, open_access
 from .process import ProcessHandle, ProcessRunner
 
 log = logging.getLogger("appliance.replica")
@@ -131,12 +132,17 @@ class Replica:
         self.index = index
         self.adapter = adapter
         self.runner = runner
-        self.session = session
+        self.log_path = log_dir / f"{model.name.replace('/', '_')}-{index}.log"
+        self.supervised = adapter.supervised(model)
+        # How the proxy and the probes reach the engine: a supervised replica's own
+        # session, made at each start with that start's secret; an external engine's
+        # is the shared one.
+        self.session: aiohttp.ClientSession | None = None if self.supervised else session
+        self.access: EngineAccess | None = None
+        self.unix_socket = self.supervised and adapter.unix_socket
         self.clock = clock or RealClock()
         self.port_allocator = port_allocator
         self.listener = listener
-        self.log_path = log_dir / f"{model.name.replace('/', '_')}-{index}.log"
-        self.supervised = adapter.supervised(model)
 
         self.state = State.STOPPED
         self.history: deque[Transition] = deque(maxlen=32)
@@ -173,6 +179,13 @@ class Replica:
     @property
     def name(self) -> str:
         return f"{self.model.name}#{self.index}"
+
+    @property
+    def address(self) -> str:
+        """Where the engine listens: its URL, or unix:<socket> (vLLM)."""
+        if self.unix_socket and self.access is not None:
+            return f"unix:{self.access.socket}"
+        return self.base_url
 
     # --- what callers may ask ---------------------------------------------------
 
@@ -265,7 +278,7 @@ class Replica:
             "state": self.state.value,
             "pid": self.pid or None,
             "port": self.port or None,
-            "url": self.base_url or None,
+            "url": self.address or None,
             "supervised": self.supervised,
             "inflight": self.inflight,
             "retiring": self.retiring,
@@ -310,9 +323,11 @@ class Replica:
                 except CannotLaunch as exc:
                     # Nothing to run until the operator acts (builds the image, fixes the
                     # store files, then the replica restarts): FATAL now, not a crash loop.
+                    await self._kill_now()
+                    self._proc, self.pid = None, 0
                     self.port, self.base_url = 0, ""
                     self.last_error = str(exc)
-                    self._transition(State.FATAL, self.last_error)
+                    await self._fatal(self.last_error)
                     return
                 except _Crash as crash:
                     if self._stop.is_set():
@@ -333,12 +348,22 @@ class Replica:
             log.exception("replica %s: owner task failed", self.name)
             await self._kill_now()
             self.last_error = f"internal error: {exc!r}"
-            self._transition(State.FATAL, self.last_error)
+            await self._fatal(self.last_error)
+        finally:
+            await self._release_access()
 
     async def _run_once(self) -> None:
-        self.port = self.port_allocator() if self.supervised else 0
+        await self._release_access()  # the last start's secret, session and directory
+        if self.supervised:
+            try:
+                self.access = open_access()
+            except OSError as exc:
+                raise _Crash(f"cannot make the engine's private directory: {exc}") from None
+            self.session = engine_session(self.cfg.upstream.max_connections_per_replica, self.access,
+                                          self.unix_socket)
+        self.port = self.port_allocator() if self.supervised and not self.unix_socket else 0
         self.base_url = self.adapter.base_url(self.model, self.HOST, self.port)
-        self._transition(State.STARTING, f"starting on {self.base_url}")
+        self._transition(State.STARTING, f"starting on {self.address}")
         if self.preflight is not None:
             outcome = await self._race(self.preflight())
             if outcome == "stopped":
@@ -357,12 +382,32 @@ class Replica:
     async def _spawn(self) -> ProcessHandle:
         if not self.supervised:
             return _External()
-        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port, self.slot)
+        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port, self.slot, self.access)
         self.image = spec.image
         try:
-            return await self.runner.spawn(spec.argv, spec.env, self.log_path)
+            for name, text in spec.files.items():
+                self.access.private_file(name, text)
+            env = engine_environment(spec.env, Path(self.cfg.paths.cache_dir) / "engine-home", self.access)
+            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret)
         except OSError as exc:
             raise _Crash(str(exc)) from None
+
+    async def _fatal(self, reason: str) -> None:
+        """FATAL, its secret and session released first: FATAL is where the owner
+        task ends, and an operator's restart may follow at once."""
+        await self._release_access()
+        self._transition(State.FATAL, reason)
+
+    async def _release_access(self) -> None:
+        """Close the session to the last engine process and remove its secret: the
+        next start gets new ones."""
+        if not self.supervised:
+            return
+        if self.session is not None:
+            await self.session.close()  # kept: the proxy sees it closed and retries elsewhere
+        if self.access is not None:
+            self.access.close()
+            self.access = None
 
     async def _until_ready(self) -> None:
         """Probe until the engine answers; a crash if it exits or takes too long."""
@@ -518,8 +563,7 @@ class Replica:
         self._crash_times_trim()
         if self.supervised and len(self._crash_times) > sv.max_crashes:
             self.fatal_log_tail = tail
-            self._transition(State.FATAL, f"{len(self._crash_times)} crashes within "
-                                          f"{sv.crash_window_s:.0f}s; last: {reason}")
+            await self._fatal(f"{len(self._crash_times)} crashes within {sv.crash_window_s:.0f}s; last: {reason}")
             for line in tail[-5:]:
                 log.error("replica %s log: %s", self.name, line)
             return False

@@ -2,10 +2,11 @@
 go when that model cannot.
 
 A route matches the requested model name and optionally a tag (the tag header,
-or the API key's default tag). Its fallbacks are tried in order, for permitted
-routes only: a burst when the local model is saturated, a failover when it
-cannot start or fails before the first byte (connection error, timeout, 5xx).
-Once a streamed answer has sent a byte there is no fallback.
+or the API key's tag). A key's tag binds it: the header may repeat it, never
+replace it, and a tag no route carries is a 400. Its fallbacks are tried in
+order, for permitted routes only: a burst when the local model is saturated, a
+failover when it cannot start or fails before the first byte (connection
+error, timeout, 5xx). Once a streamed answer has sent a byte there is no fallback.
 
 Regulated routes never reach a commercial provider. Config validation refuses
 such a fallback, and ``check_may_send`` repeats the check on every fallback
@@ -15,6 +16,7 @@ decision, right before the request would leave: whatever path got there
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,19 +25,23 @@ from typing import TYPE_CHECKING, Any
 
 from .config import RouteConfig
 from .errors import (
+    BadRequest,
     EngineFailure,
     EngineTimeout,
+    Forbidden,
     NoCapacity,
     QueueFull,
     QueueTimeout,
     RegulatedFailClosed,
     ShuttingDown,
+    StateWriteFailed,
 )
+from .metering import estimated_usage
 from .replica import State
 
 if TYPE_CHECKING:
-    from .audit import Usage, UsageTap
-    from .keys import ApiKey
+    from .keys import ApiKey, Reservation
+    from .metering import StreamTap, Usage
     from .supervisor import Deployment
     from .upstreams import Provider
 
@@ -60,22 +66,47 @@ class RequestCtx:
     served_by: str | None = None
     fallback_reason: str | None = None
     ttft: float | None = None
-    tap: UsageTap | None = None
+    tap: StreamTap | None = None
     usage: Usage | None = None
     bytes_sent: bool = False
     response_text: bytes | None = None   # b"" collects the answer (audit.include_text)
     finished: bool = False
+    # Metering: what the key's budget holds for the request, the body it is
+    # charged by when the engine reports no usage, and its completion cap.
+    reservation: Reservation | None = None
+    body: bytes = b""
+    completion_cap: int | None = None
+    # The audit row and the future that resolves once it (and the request's
+    # charge) is on disk; None when the row is written in the background.
+    row: list | None = None
+    receipt: asyncio.Future | None = None
 
 
 class Routes:
     def __init__(self, routes: list[RouteConfig]) -> None:
         self.table = {(r.model, r.tag): r for r in routes}
         self.models = {r.model for r in routes}
+        self.tags = {r.tag for r in routes if r.tag}
 
     def resolve(self, model: str, tag: str) -> RouteConfig | None:
         if model not in self.models:
             return None
         return self.table.get((model, tag)) or self.table.get((model, ""))
+
+    def match(self, model: str, sent_tag: str, key: ApiKey | None, header: str) -> RouteConfig | None:
+        """The route for a request: its model and the tag it carries. A key's tag
+        is a ceiling: the tag header may repeat it, never move the key to
+        another tag's routes (a catch-all route, tag "", matches every tag)."""
+        if sent_tag and sent_tag not in self.tags:
+            raise BadRequest(f"Unknown tag {sent_tag!r} in the {header} header: no route carries it",
+                             code="unknown_tag")
+        key_tag = key.tag if key is not None else ""
+        if key_tag and sent_tag and sent_tag != key_tag:
+            raise Forbidden(f"This API key is bound to tag {key_tag!r}; the {header} header may not "
+                            f"change it to {sent_tag!r}", code="tag_not_allowed")
+        if not self.models:
+            return None
+        return self.resolve(model, sent_tag or key_tag)
 
 
 def check_may_send(route: RouteConfig | None, provider: Provider) -> None:
@@ -177,7 +208,8 @@ def _decide(rt, ctx: RequestCtx, target: str, reason: str, taken: bool = True) -
 
 
 def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) -> None:
-    """The request is answered: metrics, token ledger, one audit row."""
+    """The request is answered: metrics, the key's budget settled, one audit row
+    (awaited by ``committed`` before the answer ends, for a keyed or regulated request)."""
     if ctx.finished:
         return
     ctx.finished = True
@@ -186,12 +218,17 @@ def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) 
     if ctx.served_by is not None or ctx.route is not None:
         rt.metrics.observe(ctx.model, endpoint, status, latency)
     usage = ctx.usage or (ctx.tap.usage if ctx.tap is not None else None)
+    events = ctx.tap.events if ctx.tap is not None else 0
+    if usage is None and ctx.served_by is not None and (status in (200, 499) or events):
+        # The engine ran it but never said what it used (a client that left, a
+        # stream cut short, an engine that ignores stream_options): our count.
+        usage = estimated_usage(ctx.body, events, ctx.completion_cap)
     prompt = completion = None
     if usage is not None:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
         rt.metrics.usage(ctx.model, prompt, completion)
-        if ctx.key is not None:
-            rt.gate.charge(ctx.key, prompt + completion)
+    if ctx.reservation is not None:
+        rt.gate.settle(ctx.reservation, (prompt or 0) + (completion or 0))
     if ctx.key is not None:
         # Per key since the daemon started, for the status and the TUI's usage view.
         seen = rt.key_usage.setdefault(ctx.key.name, [0, 0, 0])
@@ -205,10 +242,33 @@ def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) 
         rt.metrics.first_token(ctx.model, ctx.ttft)
         rt.ttft.observe(ctx.model, ctx.ttft)  # the in-memory p50 the status and the TUI show
         ttft_ms = round(ctx.ttft * 1000, 3)
-    rt.audit.record((ctx.arrived, ctx.rid, ctx.key.id if ctx.key is not None else None,
-                     ctx.route.name if ctx.route is not None else None, ctx.model, endpoint,
-                     ctx.served_by, status, prompt, completion, round(latency * 1000, 3), ttft_ms,
-                     ctx.fallback_reason, _text(request_text), _text(ctx.response_text)))
+    ctx.row = [ctx.arrived, ctx.rid, ctx.key.id if ctx.key is not None else None,
+               ctx.route.name if ctx.route is not None else None, ctx.model, endpoint,
+               ctx.served_by, status, prompt, completion, round(latency * 1000, 3), ttft_ms,
+               ctx.fallback_reason, _text(request_text), _text(ctx.response_text)]
+    ctx.receipt = rt.audit.record(ctx.row, durable=accountable(ctx))
+
+
+def accountable(ctx: RequestCtx) -> bool:
+    """A keyed or regulated request: its audit row and charge are on disk before its answer ends."""
+    return ctx.key is not None or (ctx.route is not None and ctx.route.regulated)
+
+
+STATUS = 7  # the status column of an audit row
+
+
+async def committed(ctx: RequestCtx) -> None:
+    """Wait until the request's audit row and charge are durable (a no-op for one
+    written in the background). When the state database cannot take them, the
+    request fails with 503 state_write_failed, and so says its row (kept to retry)."""
+    if ctx.receipt is None:
+        return
+    try:
+        await ctx.receipt
+    except StateWriteFailed:
+        if ctx.row is not None:
+            ctx.row[STATUS] = StateWriteFailed.status
+        raise
 
 
 def _text(data: bytes | None) -> str | None:

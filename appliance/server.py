@@ -74,7 +74,9 @@ async def serve(cfg: Config, app=None) -> int:
         await service.close()
         exc = serving.exception()
         if exc is not None:
-            log.error("server failed: %s", exc)
+            # A failed lifespan logged its own error; Granian's says only "ASGI lifespan startup".
+            if getattr(app.state, "startup_error", None) is None:
+                log.error("server failed: %s", exc)
             return 1
         return 0
 
@@ -135,10 +137,12 @@ def _tune_gc() -> None:
 
 
 async def _drained(runtime, timeout: float) -> None:
+    """Wait until no request is on the hot path (held, at an engine or a provider,
+    or waiting for its audit row to commit), up to timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        if sum(r.inflight for r in runtime.supervisor.replicas()) == 0:
+        if runtime.inflight == 0:
             return
         await asyncio.sleep(0.05)
     log.warning("drain timeout: stopping with requests still in flight")

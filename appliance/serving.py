@@ -11,10 +11,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
 from .errors import ApplianceError, EngineFailure, encode_error
+from .routing import committed
 from .supervisor import ClientGone, Deployment, Exclude
+
+T = TypeVar("T")
 
 log = logging.getLogger("appliance.serving")
 
@@ -25,8 +29,52 @@ SSE_START_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control",
 
 async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
                         receive, ctx=None) -> tuple[int, bytes, str]:
+    """The engine's whole answer. receive: watched for the client leaving while
+    the request is held (None: the caller watches, see unless_client_leaves)."""
     return await _on_a_replica(dep, receive, ctx, headers,
                                lambda replica: rt.proxy.unary(replica, path, body, headers))
+
+
+# A unary answer quicker than this is not watched for the client leaving: most are,
+# and watching costs a task per request (bench/gateway_overhead.py); a client that
+# leaves sooner is noticed this much later.
+WATCH_AFTER_S = 0.2
+
+
+async def unless_client_leaves(receive, work: Awaitable[T]) -> T:
+    """work's result, unless the client disconnects first: then the request's task
+    is cancelled out of work (a held request leaves the queue; the engine's
+    connection is closed, which stops its generation) and ClientGone raised.
+    The request's own task is cancelled, not a task of its own for work: one
+    task fewer per request."""
+    task = asyncio.current_task()
+    waiting, gone = True, False
+    watcher: asyncio.Future | None = None
+
+    def left(w: asyncio.Future) -> None:
+        nonlocal gone
+        if waiting and not w.cancelled():
+            gone = True
+            task.cancel()
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(_wait_disconnect(receive))
+        watcher.add_done_callback(left)
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        waiting = False
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
 
 
 async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], call):
@@ -36,8 +84,8 @@ async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], 
     failed = None
     prefix = ctx.prefix if ctx is not None else None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=lambda: _wait_disconnect(receive), exclude=failed,
-                                    prefix=prefix)
+        replica = await dep.acquire(disconnected=(lambda: _wait_disconnect(receive)) if receive else None,
+                                    exclude=failed, prefix=prefix)
         if ctx is not None:
             ctx.served_by = replica.name
         try:
@@ -63,7 +111,7 @@ async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: d
         def opener():
             return _open_stream(rt, dep, path, body, headers, receive, done, ctx)
     try:
-        chunks = await _open_with_keepalive(dep, opener, headers, send, keepalive, ctx)
+        chunks = await _open_with_keepalive(dep, opener, headers, send, keepalive, ctx, done)
         if isinstance(chunks, _Started):
             started, chunks = True, chunks.chunks
         if not started:
@@ -99,7 +147,7 @@ class _Started:
         self.chunks = chunks
 
 
-async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx):
+async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx, done):
     if keepalive <= 0 or dep.pick_ready() is not None:
         return await opener()
     opening = asyncio.ensure_future(opener())
@@ -120,6 +168,7 @@ async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx
                 try:
                     return _Started(opening.result())
                 except ApplianceError as exc:
+                    done(exc.status)
                     await _send_sse_error(send, exc)
                     return _Started(_empty())
     finally:
@@ -156,6 +205,10 @@ async def _pump(chunks: AsyncIterator[bytes], send, ctx=None) -> None:
             if text is not None:
                 text.append(chunk)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # The engine's stream ended and the relay finished the request (its row);
+        # the closing [DONE], held back by the tap, waits until that row is durable.
+        if ctx is not None:
+            await committed(ctx)
         if tap is not None and (rest := tap.rest()):
             await send({"type": "http.response.body", "body": rest, "more_body": True})
     finally:
@@ -179,4 +232,4 @@ async def _send_sse_error(send, exc: ApplianceError) -> None:
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-__all__ = ["ClientGone", "forward_stream", "forward_unary", "open_local_stream"]
+__all__ = ["ClientGone", "forward_stream", "forward_unary", "open_local_stream", "unless_client_leaves"]

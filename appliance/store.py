@@ -19,6 +19,12 @@ changed since is rehashed before it is served (any write, chmod, rename or repla
 changes its ctime, which only the kernel sets); an unchanged one is not, so a start
 costs a stat per file. Bit rot changes no stat: the daemon's scrub
 (appliance/store_guard.py) rehashes files whose last verification is old.
+
+Nothing from outside is trusted (appliance/store_paths.py): names, revisions and file
+paths are checked before any filesystem call, every removal and rename goes through
+``Store.discard`` / ``Store._rename`` (strictly inside the store's root), blobs are
+0440, and what a root import writes belongs to the owner of ``cache_dir`` (the daemon's
+user), so the daemon reads it.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ from typing import BinaryIO, Protocol
 import sqlite_utils
 
 from . import migrations
+from .store_paths import StoreError, check_file_set, check_name, check_revision, inside, open_regular
 
 log = logging.getLogger("appliance.store")
 
@@ -53,20 +60,8 @@ STORE_PREFIX = "store:"
 READY = "ready"
 QUARANTINED = "quarantined"
 CHUNK = 4 << 20
-# ORG/NAME or NAME, each part a hub-style name; no "..", no "--" (the folder separator).
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}(/[A-Za-z0-9][A-Za-z0-9._-]{0,95})?$")
+BLOB_MODE = 0o440  # read-only, and not for other users: weights may be licensed or private
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-class StoreError(Exception):
-    """One line for the operator: what is wrong and, where there is one, the fix."""
-
-
-def check_name(name: str) -> str:
-    if not _NAME_RE.match(name) or ".." in name or "--" in name:
-        raise StoreError(f"invalid model name {name!r}: use NAME or ORG/NAME (letters, digits, . _ -; "
-                         "no '..' or '--')")
-    return name
 
 
 def repo_folder(name: str) -> str:
@@ -97,6 +92,23 @@ class Incoming:
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+    def check(self) -> Incoming:
+        """Name, revision and every file's path, size and hash against the store's grammar:
+        called before anything is read or written (a bundle's models all at once)."""
+        check_name(self.name)
+        if self.revision is not None:
+            check_revision(self.revision)
+        if not self.files:
+            raise StoreError(f"{self.source}: no model files found")
+        check_file_set((f.path for f in self.files), self.source)
+        for f in self.files:
+            if type(f.size) is not int or f.size < 0:
+                raise StoreError(f"{self.source}: {f.path} has size {f.size!r}, not a number of bytes")
+            if f.expected_sha256 is not None and not (isinstance(f.expected_sha256, str)
+                                                      and _HEX64.fullmatch(f.expected_sha256)):
+                raise StoreError(f"{self.source}: {f.path} has sha256 {f.expected_sha256!r}, not 64 hex digits")
+        return self
 
 
 @dataclass
@@ -132,7 +144,7 @@ def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], 
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     size = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         while n := src.readinto(buf):
             h.update(view[:n])
@@ -225,6 +237,7 @@ class Store:
         self.write = write
         self.hasher = hasher
         self._db: sqlite_utils.Database | None = None
+        self._owner: tuple[int, int] | None = None
 
     @classmethod
     def from_config(cls, cfg) -> Store:
@@ -236,7 +249,11 @@ class Store:
     @property
     def db(self) -> sqlite_utils.Database:
         if self._db is None:
-            self.root.mkdir(parents=True, exist_ok=True)
+            self._mkdir(self.root)
+            if not self.db_path.exists():
+                # Owned by the store's owner before SQLite opens it: its -wal and -shm get that owner.
+                self.db_path.touch()
+                self._own(self.db_path)
             try:
                 conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
             except sqlite3.OperationalError as exc:
@@ -285,20 +302,79 @@ class Store:
     def model_path(self, record: ModelRecord) -> Path:
         """What an engine loads: the GGUF file, or the snapshot directory."""
         snap = self.snapshot_dir(record)
-        if record.format == "gguf":
+        if record.format == "gguf" and record.files:
             return snap / record.files[0]["path"]
         return snap
 
     def license_ok(self, record: ModelRecord) -> bool:
         return record.license.lower() in self.allowed or record.license_accepted_at is not None
 
+    def open_blob(self, record: ModelRecord, file: dict) -> BinaryIO:
+        """One file's blob, read as itself: never through a link (``bundle create``)."""
+        return open_regular(self.root / repo_folder(record.name) / "blobs" / _blob_name(file["sha256"]))
+
+    # --- what the store writes: inside its tree, owned by its owner ------------
+
+    def discard(self, path: Path) -> None:
+        """Every removal in the store (and of a finished download): strictly inside its root
+        (store_paths.inside)."""
+        real = inside(self.root, path)
+        if real.is_symlink() or (real.exists() and not real.is_dir()):
+            real.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(real, ignore_errors=True)
+
+    def _rename(self, src: Path, dest: Path) -> None:
+        """Every rename in the store: both ends strictly inside its root."""
+        os.replace(inside(self.root, src), inside(self.root, dest))
+
+    def _store_owner(self) -> tuple[int, int] | None:
+        """Whom what this process writes must belong to, when not to itself: root (sudo,
+        install.sh) writing into a store whose cache_dir another user (the daemon's) owns."""
+        if self._owner is None and os.geteuid() == 0:
+            try:
+                st = self.cache_dir.stat()
+            except OSError:
+                return None
+            self._owner = (st.st_uid, st.st_gid)
+        return self._owner if self._owner and self._owner != (os.geteuid(), os.getegid()) else None
+
+    def _own(self, path: Path) -> None:
+        owner = self._store_owner()
+        if owner is not None:
+            os.chown(path, *owner, follow_symlinks=False)
+
+    def _mkdir(self, path: Path) -> None:
+        """PATH and its missing parents, each owned by the store's owner."""
+        missing = []
+        while not path.exists() and path != path.parent:
+            missing.append(path)
+            path = path.parent
+        for p in reversed(missing):
+            try:
+                p.mkdir()
+            except FileExistsError:
+                continue
+            self._own(p)
+
+    def _lock_file(self, path: Path) -> BinaryIO:
+        self._mkdir(path.parent)
+        f = open(path, "a+b")  # noqa: SIM115 - held by the caller
+        self._own(path)
+        return f
+
+    def download_dir(self, folder: str) -> Path:
+        """A folder under the store for a download in progress (hub pulls)."""
+        path = inside(self.root, self.root / ".downloads" / folder)
+        self._mkdir(path)
+        return path
+
     # --- locking --------------------------------------------------------------
 
     @contextlib.contextmanager
     def _writer(self) -> Iterator[None]:
         """One writer at a time; the first thing a writer does is clear what a killed one left."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.root / ".lock", "a+b") as lock:
+        with self._lock_file(self.root / ".lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._recover()
             yield
@@ -306,9 +382,7 @@ class Store:
     def lease(self, name: str) -> BinaryIO:
         """A shared lock held while a replica may use the model; eviction and rm skip it.
         The kernel drops it when the holder dies, so a crashed daemon leaks nothing."""
-        leases = self.root / ".leases"
-        leases.mkdir(parents=True, exist_ok=True)
-        f = open(leases / f"{repo_folder(name)}.lock", "a+b")  # noqa: SIM115 - held by the caller
+        f = self._lock_file(self.root / ".leases" / f"{repo_folder(name)}.lock")
         fcntl.flock(f, fcntl.LOCK_SH)
         return f
 
@@ -316,7 +390,7 @@ class Store:
         path = self.root / ".leases" / f"{repo_folder(name)}.lock"
         if not path.exists():
             return False
-        with open(path, "a+b") as f:
+        with self._lock_file(path) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -326,7 +400,7 @@ class Store:
 
     def _recover(self) -> None:
         """Remove staging dirs, snapshots and blobs that no committed row refers to."""
-        shutil.rmtree(self.root / ".staging", ignore_errors=True)
+        self.discard(self.root / ".staging")
         wanted_snaps: dict[str, set[str]] = {}
         wanted_blobs: dict[str, set[str]] = {}
         for row in self.db["models"].rows:
@@ -338,27 +412,24 @@ class Store:
             snaps, blobs = repo / "snapshots", repo / "blobs"
             for snap in snaps.glob("*") if snaps.is_dir() else ():
                 if snap.name not in wanted_snaps.get(repo.name, set()):
-                    _remove_tree(snap)
+                    self.discard(snap)
             for blob in blobs.glob("*") if blobs.is_dir() else ():
                 if blob.name not in wanted_blobs.get(repo.name, set()):
-                    blob.unlink(missing_ok=True)
+                    self.discard(blob)
             if repo.name not in wanted_snaps:
-                _remove_tree(repo)
+                self.discard(repo)
 
     # --- import ---------------------------------------------------------------
 
     def add(self, incoming: Incoming) -> tuple[ModelRecord, list[str]]:
-        """Import a model; returns its record and the names evicted to make room."""
-        check_name(incoming.name)
-        if not incoming.files:
-            raise StoreError(f"{incoming.source}: no model files found")
+        """Import a model; returns its record and the names evicted to make room. Models are
+        evicted only once the import is staged and checked: a bad one evicts nothing."""
+        incoming.check()
         with self._writer():
             existing = self.get(incoming.name)
             evicted: list[str] = []
-            if existing is None:
-                evicted = self._make_room(incoming.total_bytes, incoming.name)
             staging = self.root / ".staging" / uuid.uuid4().hex
-            staging.mkdir(parents=True)
+            self._mkdir(staging)
             try:
                 hashed = self._stage(incoming, staging)
                 revision = incoming.revision or _content_revision(hashed)
@@ -368,9 +439,10 @@ class Store:
                         return existing, []
                     raise StoreError(f"model '{incoming.name}' is already in the store (revision "
                                      f"{existing.revision}); `appliance models rm {incoming.name}` first")
+                evicted = self._make_room(incoming.total_bytes, incoming.name)
                 self._publish(incoming.name, revision, hashed, staging)
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                self.discard(staging)
             fmt = "gguf" if len(hashed) == 1 and next(iter(hashed)).endswith(".gguf") else "hf"
             # Hashed on the way in: the published blobs' fingerprints are their verified state
             # (none recorded, so hashed at the first check, if the clock does not move on).
@@ -380,25 +452,36 @@ class Store:
             prints = {path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st)
                       else None for path, st in stats.items()}
             now = self.clock()
-            with self.db.conn:
-                self.db["models"].insert({
-                    "name": incoming.name, "format": fmt, "source": incoming.source,
-                    "revision": revision, "total_bytes": incoming.total_bytes,
-                    "license": incoming.license, "license_accepted_by": incoming.license_accepted_by,
-                    "license_accepted_at": incoming.license_accepted_at, "imported_at": now, "last_used_at": None,
-                    "pinned": 0, "state": READY, "state_reason": ""})
-                self.db["files"].insert_all(
-                    {"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
-                     "fingerprint": prints[f.path], "verified_at": now}
-                    for f in incoming.files)
+            self._commit({"name": incoming.name, "format": fmt, "source": incoming.source,
+                          "revision": revision, "total_bytes": incoming.total_bytes,
+                          "license": incoming.license, "license_accepted_by": incoming.license_accepted_by,
+                          "license_accepted_at": incoming.license_accepted_at, "imported_at": now,
+                          "last_used_at": None, "pinned": 0, "state": READY, "state_reason": ""},
+                         [{"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
+                           "fingerprint": prints[f.path], "verified_at": now} for f in incoming.files])
             log.info("imported %s (%d files, %d bytes, license %s)", incoming.name,
                      len(hashed), incoming.total_bytes, incoming.license)
             return self.need(incoming.name), evicted
 
+    def _commit(self, model: dict, files: list[dict]) -> None:
+        """The model's row and its files' rows in one transaction: all of them or none.
+        (sqlite_utils' insert commits on its own, so plain SQL here.)"""
+        def insert(table: str, rows: list[dict]) -> None:
+            columns = list(rows[0])
+            self.db.conn.executemany(
+                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                [[row[c] for c in columns] for row in rows])
+        try:
+            with self.db.conn:
+                insert("models", [model])
+                insert("files", files)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot record model '{model['name']}' in {self.db_path}: {exc}; "
+                             "nothing was imported") from None
+
     def _stage(self, incoming: Incoming, staging: Path) -> dict[str, str]:
         hashed: dict[str, str] = {}
         for i, f in enumerate(incoming.files):
-            _check_relpath(f.path)
             dest = staging / f"{i}.blob"
             try:
                 with f.open() as src:
@@ -416,6 +499,8 @@ class Store:
             if f.expected_sha256 and digest != f.expected_sha256:
                 raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected "
                                  f"{f.expected_sha256}")
+            if f.path.endswith(".gguf"):
+                _check_gguf(incoming.source, f.path, dest)
             hashed[f.path] = digest
         return hashed
 
@@ -424,24 +509,26 @@ class Store:
         snapshot directory, built in staging, renamed into place in one step."""
         repo = self.root / repo_folder(name)
         blobs = repo / "blobs"
-        blobs.mkdir(parents=True, exist_ok=True)
-        (repo / "snapshots").mkdir(exist_ok=True)
+        self._mkdir(blobs)
+        self._mkdir(repo / "snapshots")
         snap_tmp = staging / "snapshot"
         for i, (path, digest) in enumerate(hashed.items()):
             blob = blobs / digest
             if not blob.exists():
                 tmp = staging / f"{i}.blob"
-                os.chmod(tmp, 0o444)
-                os.replace(tmp, blob)
+                self._own(tmp)
+                os.chmod(tmp, BLOB_MODE)
+                self._rename(tmp, blob)
             link = snap_tmp / path
-            link.parent.mkdir(parents=True, exist_ok=True)
+            self._mkdir(link.parent)
             depth = len(Path(path).parts) + 1  # snapshots/<rev>/<path...>
             link.symlink_to(Path(*([".."] * depth)) / "blobs" / digest)
+            self._own(link)
         _fsync_dir(blobs)
-        target = repo / "snapshots" / revision
+        target = repo / "snapshots" / check_revision(revision)
         if target.exists():  # a leftover of a killed import of this very content
-            _remove_tree(target)
-        os.replace(snap_tmp, target)
+            self.discard(target)
+        self._rename(snap_tmp, target)
         _fsync_dir(repo / "snapshots")
 
     def _make_room(self, incoming: int, name: str) -> list[str]:
@@ -483,7 +570,7 @@ class Store:
         with self.db.conn:
             self.db["files"].delete_where("model = ?", [name])
             self.db["models"].delete_where("name = ?", [name])
-        _remove_tree(self.root / repo_folder(name))
+        self.discard(self.root / repo_folder(name))
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.need(name)
@@ -514,8 +601,9 @@ class Store:
         if not full and record.state == QUARANTINED:
             return record  # known bad: `appliance models verify` (full) is what clears it
         rehash = True if full else (None if hash_changed else False)
-        problem = ""
-        for row in self._file_rows(name):
+        rows = self._file_rows(name)
+        problem = "" if rows else "the manifest lists no files for it (a damaged import); re-import it"
+        for row in rows:
             problem = self._check_file(record, row, rehash=rehash, throttle=throttle)
             if problem:
                 break
@@ -693,18 +781,22 @@ def _content_revision(hashed: dict[str, str]) -> str:
     return h.hexdigest()[:40]
 
 
-def _check_relpath(path: str) -> None:
-    p = Path(path)
-    if p.is_absolute() or ".." in p.parts or not p.parts:
-        raise StoreError(f"refusing file path {path!r}: it leaves the model directory")
+def _blob_name(digest: object) -> str:
+    """A blob's file name: its sha256, nothing else (it comes from the manifest)."""
+    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+        raise StoreError(f"invalid blob name {digest!r}: not a sha256")
+    return digest
 
 
-def _remove_tree(path: Path) -> None:
-    """Blobs are read-only; their directories are not, so rmtree works as is."""
-    if path.is_symlink() or path.is_file():
-        path.unlink(missing_ok=True)
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+def _check_gguf(source: str, path: str, staged: Path) -> None:
+    """A GGUF file must be whole and readable (its header, every tensor inside the file)
+    before it is stored: never hand llama.cpp a file it would choke on."""
+    from .gguf import GgufError, read
+
+    try:
+        read(staged)
+    except GgufError as exc:
+        raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
 
 
 def _gib(n: int) -> str:

@@ -26,12 +26,13 @@ import aiohttp
 from engines import GpuSlot, adapter_for
 
 from .autoscaler import Autoscaler, Decision, Inputs, Policy, parse_duration
-from .config import Config, ModelConfig, idle_ttl_s, kv_tokens
+from . import eviction
+from .config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
 from .errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
-from .gpu import GpuProbe, NvmlProbe, SimulatedProbe
-from .memory import MeasuredMemory
+from .gpu import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
+from .memory import MeasuredMemory, ModelShapeError
 from .placement import Placed
-from .planning import PlanRow, plan
+from .planning import PlanRow, demand_for, gpus_from, plan
 from .prefix import PrefixRouter
 from .process import ProcessRunner, SubprocessRunner, descendants
 from .replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
@@ -44,6 +45,13 @@ log = logging.getLogger("appliance.supervisor")
 
 # States from which a replica may still serve without the operator's help.
 LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
+CANNOT_PLACE = "cannot place on GPUs: "
+
+
+def holds_capacity(r: Replica) -> bool:
+    """The replica holds its GPU memory or CPU cores: from the moment it is added (before
+    its owner task has run) until its engine has stopped (draining, it still holds them)."""
+    return r.state is not State.FATAL and not (r.state is State.STOPPED and r.history)
 
 
 class Deployment:
@@ -60,8 +68,12 @@ class Deployment:
         self.last_cold_start_s: float | None = None
         # Why this model must not be served (store admission), if it must not.
         self.blocked: str | None = None
-        # The operator unloaded it: it stays at zero until a request or a load.
+        # The operator unloaded it (or it was evicted for another model): it stays at
+        # zero until a request or a load.
         self.unloaded = False
+        # Why the last start for a request found no room (GPU memory or CPU cores held by
+        # replicas that may not be evicted), for the 503; None once one starts.
+        self.no_room: str | None = None
         self._rr = itertools.count()
         # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
         cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
@@ -104,12 +116,15 @@ class Deployment:
     async def _hold(self, disconnected: Callable[[], Awaitable] | None,
                     exclude: Exclude | None, prefix: list[int] | None = None) -> Replica:
         asc = self.supervisor.cfg.autoscaling
-        if not self.can_become_ready():
+        if self.blocked:
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
         if len(self.waiters) >= asc.max_queue:
             raise QueueFull(f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
                             "already wait for it; retry shortly", retry_after=self._retry_after())
+        # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
         self.supervisor.on_demand(self)
+        if not self.can_become_ready():
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + asc.queue_timeout_s
         gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
@@ -160,14 +175,16 @@ class Deployment:
         blocked model)."""
         if self.blocked:
             return False
-        if any(r.state in LIVE for r in self.replicas):
+        if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
             return True
-        return self.supervisor.room_for(self) > 0
+        return self.supervisor.room_for(self) > 0 and not self.no_room
 
     def _why_unavailable(self) -> str:
         states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
         errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
         why = f"; {self.blocked}" if self.blocked else (f"; {errors[0]}" if errors else "")
+        if self.no_room and not self.blocked:
+            why += f"; {self.no_room}"
         return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
 
     def _retry_after(self) -> int:
@@ -239,12 +256,20 @@ class Exclude:
         return replica is self.replica and replica.pid == self.pid
 
 
+def on_cpu(model: ModelConfig) -> bool:
+    """A llama.cpp replica on the CPU: it takes its cores from the CPU engines' budget."""
+    return model.server == "llamacpp" and not uses_gpus(model)
+
+
 class ClientGone(Exception):
     """The client disconnected while its request was held; nothing to answer."""
 
 
 def _reserved(r: Replica, inventory) -> int:
-    """What a placed replica holds on each of its GPUs: its fraction of the card."""
+    """What a placed replica holds on each of its GPUs: what the placer reserved for it,
+    else its fraction of the card."""
+    if r.slot.bytes_per_gpu:
+        return r.slot.bytes_per_gpu
     total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
     return math.ceil(r.slot.memory_fraction * total)
 
@@ -272,6 +297,9 @@ class Supervisor:
         self._listeners: list[Listener] = [listener] if listener is not None else []
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
+        self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
+        # Replicas stopped to make room for another model: (evicted model, trigger) -> count.
+        self.evictions: dict[tuple[str, str], int] = {}
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         self.store_checks: StoreChecks | None = None
@@ -330,35 +358,55 @@ class Supervisor:
 
     # --- replicas in and out ---------------------------------------------------------------
 
-    def room_for(self, dep: Deployment) -> int:
-        """How many more replicas this model may get: max_replicas, the CPU core
-        budget for CPU engines, the placer for GPU engines."""
+    def room_for(self, dep: Deployment, ignoring: frozenset[str] = frozenset()) -> int:
+        """How many more replicas this model may get: max_replicas, and for CPU engines
+        the core budget (less what the replicas named in ``ignoring`` hold: they are being
+        evicted for this one). GPU engines ask the placer when they start."""
         room = dep.model.autoscaling.max_replicas - len(dep.kept())
         if room <= 0:
             return 0
-        if dep.model.server == "llamacpp":
-            budget = self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
-            used = sum(self._cores(r.model) for r in self.replicas()
-                       if r.model.server == "llamacpp" and r.state in LIVE)
-            room = min(room, (budget - used) // self._cores(dep.model))
+        if on_cpu(dep.model):
+            free = self._cpu_cores() - sum(self._cores(r.model) for r in self._cpu_holders()
+                                           if r.name not in ignoring)
+            room = min(room, free // self._cores(dep.model))
         return max(room, 0)
 
     def cpu_budget(self) -> dict:
-        """The CPU engines' core budget and the live replicas that use it."""
+        """The CPU engines' core budget and the replicas that hold it."""
         users = [{"replica": r.name, "cores": self._cores(r.model), "state": r.state.value}
-                 for r in self.replicas() if r.model.server == "llamacpp" and r.state in LIVE]
-        return {"cores": self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1,
-                "used": sum(u["cores"] for u in users), "replicas": users}
+                 for r in self._cpu_holders()]
+        return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
+
+    def _cpu_cores(self) -> int:
+        return self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+
+    def _cpu_holders(self) -> list[Replica]:
+        return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]
 
     def _cores(self, model: ModelConfig) -> int:
-        budget = self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+        budget = self._cpu_cores()
         return min(model.threads or budget, budget)
 
-    def add_replica(self, dep: Deployment, reason: str) -> Replica | None:
-        if self._stopping or self.room_for(dep) <= 0:
+    def add_replica(self, dep: Deployment, reason: str, evict: str | None = None) -> Replica | None:
+        """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
+        evict (what asks: request, load, scale_up): make room by stopping idle replicas of
+        other models (appliance/eviction.py) when there is none, or else say why in
+        dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted."""
+        if evict and not dep.blocked:
+            self._forget_unplaced(dep)
+        if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
             return None
         if dep.blocked and dep.kept():
             return None  # one FATAL replica says why; more would say it again
+        victims: list[Replica] = []
+        if evict and not dep.blocked:
+            found = self._make_room(dep, evict)
+            if found is None:
+                return None
+            victims = found
+        ignoring = frozenset(v.name for v in victims)
+        if self.room_for(dep, ignoring) <= 0:
+            return None
         used = {r.index for r in dep.replicas}
         index = next(i for i in itertools.count() if i not in used)
         replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
@@ -368,38 +416,150 @@ class Supervisor:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
-        elif replica.adapter.gpu:
-            row = self._place(replica)
+        elif uses_gpus(dep.model):
+            row, uuids = self._place(replica, ignoring)
             if row.assignment is None:
+                if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
+                    dep.no_room = f"{CANNOT_PLACE}{row.error}"
+                    return None
                 if not dep.live():
                     # Nothing else can serve it: say why, as a FATAL replica in status.
-                    replica.cannot_start = f"cannot place on GPUs: {row.error}"
+                    replica.cannot_start = f"{CANNOT_PLACE}{row.error}"
                     dep.replicas.append(replica)
                     replica.start()
                 else:
                     log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
                 return None
-            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction)
+            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids,
+                                   row.assignment.bytes_per_gpu)
+        if victims:
+            replica.preflight = self._after_stopped(victims, replica.preflight)
+        dep.no_room = None
         dep.replicas.append(replica)
         log.info("adding replica %s (%s)", replica.name, reason)
         replica.start()
         return replica
 
-    def _place(self, replica: Replica) -> PlanRow:
+    def _gpu_view(self, ignoring: frozenset[str] = frozenset()) -> tuple[Inventory, list[Placed], set[int]]:
+        """The GPUs as NVML sees them, the placed replicas that hold memory on them (less
+        those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
         inventory = self.probe.read()
         ours: set[int] = set()
         placed = []
         for r in self.replicas():
-            if r.slot is not None and r.state in LIVE:
+            if r.slot is not None and holds_capacity(r):
                 ours |= descendants(r.pid) if r.pid else set()
-                placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
-                                     bytes_per_gpu=_reserved(r, inventory),
-                                     sleeping=r.state is State.SLEEPING))
+                if r.name not in ignoring:
+                    placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
+                                         bytes_per_gpu=_reserved(r, inventory),
+                                         sleeping=r.state is State.SLEEPING))
+        return inventory, placed, ours
+
+    def _place(self, replica: Replica, ignoring: frozenset[str] = frozenset()) -> tuple[PlanRow, tuple[str, ...]]:
+        """Where the replica goes (the replicas in ``ignoring`` are being evicted for it),
+        and the UUIDs of those GPUs."""
+        inventory, placed, ours = self._gpu_view(ignoring)
         [row] = plan(self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours,
                      measured=self.measured)
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
-        return row
+        uuid = {g.index: g.uuid for g in inventory.gpus}
+        uuids = tuple(uuid[i] for i in row.assignment.gpus) if row.assignment else ()
+        return row, uuids
+
+    # --- making room: demand-driven eviction ------------------------------------------------
+
+    def _make_room(self, dep: Deployment, trigger: str) -> list[Replica] | None:
+        """Room for one more replica of dep: [] when there is room already, the replicas
+        stopped (retired) for it when idle replicas of other models had to go, or None
+        (dep.no_room says who holds the room and why they stay)."""
+        snapshot = self._room_snapshot(dep)
+        if snapshot is None:
+            return []  # nothing to size it by: the placer will say why
+        what, holders, fits = snapshot
+        by_name = {r.name: r for r, _ in holders}
+        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], fits,
+                                self.clock.monotonic())
+        if decided.never:
+            return []  # too big whatever goes: the placer says what is missing
+        if not decided.fits:
+            why = f"no room: {decided.explain(what)}"
+            if why != dep.no_room:  # once per change, not once per held request or tick
+                log.warning("cannot start %s: %s", dep.model.name, why)
+            dep.no_room = why
+            return None
+        victims = [by_name[h.replica] for h in decided.victims]
+        for h, victim in zip(decided.victims, victims):
+            self._evict(victim, h, dep, trigger)
+        return victims
+
+    def _room_snapshot(self, dep: Deployment):
+        """(what is scarce, [(replica, Holder)], fits) for one more replica of dep, or None."""
+        now = self.clock.monotonic()
+        if uses_gpus(dep.model):
+            inventory, placed, ours = self._gpu_view()
+            if inventory.cpu_only:
+                return None
+            gpus = gpus_from(inventory, ours)
+            try:
+                demand, _ = demand_for(self.cfg, dep.model, f"{dep.model.name}#new", len(gpus), self.measured)
+            except (ModelShapeError, OSError):
+                return None
+            reserved = {p.replica: p for p in placed}
+            holders = [(r, self._holder(r, now, gpus=r.slot.gpus, bytes_per_gpu=reserved[r.name].bytes_per_gpu))
+                       for r in self.replicas() if r.name in reserved]
+            return "GPU memory", holders, eviction.gpu_fits(gpus, placed, demand)
+        if not on_cpu(dep.model):
+            return None
+        cpu = self._cpu_holders()
+        holders = [(r, self._holder(r, now, cores=self._cores(r.model))) for r in cpu]
+        free = self._cpu_cores() - sum(h.cores for _, h in holders)
+        what = f"the CPU engines' budget of {self._cpu_cores()} cores"
+        return what, holders, eviction.core_fits(free, {h.replica: h.cores for _, h in holders},
+                                                 self._cores(dep.model))
+
+    def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
+        d = self.deployments[r.model.name]
+        keep = d.control.override if d.control.override is not None else (
+            d.model.autoscaling.min_replicas if d.control.pinned else 0)
+        # A replica still starting is inside its residency window from now on.
+        loaded_at = now if r.state in (State.STARTING, State.STOPPED) else r.ready_since
+        return eviction.Holder(
+            replica=r.name, model=r.model.name, priority=r.model.priority, last_used=d.rate.last_event,
+            loaded_at=loaded_at, min_residency_s=min_residency_s(self.cfg, r.model), inflight=r.inflight,
+            held=len(d.waiters), keep=keep, serving=r.state is State.READY and not r.retiring, **holds)
+
+    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str) -> None:
+        if victim.retiring:
+            return  # already on its way out (scaled down, unloaded): only waited for
+        idle = self.clock.monotonic() - h.last_used
+        log.info("evicting %s for %s (%s): idle %.0fs, least recently used%s", victim.name, dep.model.name,
+                 trigger, idle, f", priority {h.priority}" if h.priority else "")
+        key = (victim.model.name, trigger)
+        self.evictions[key] = self.evictions.get(key, 0) + 1
+        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; idle {idle:.0f}s)")
+        owner = self.deployments[victim.model.name]
+        if not owner.kept():
+            owner.unloaded = True  # back on its next request, not by its min_replicas floor
+
+    def _after_stopped(self, victims: list[Replica], then):
+        """A preflight that waits for the evicted replicas' engines to have stopped (their
+        memory freed) before the engine starts, then runs ``then`` (the store check)."""
+        drains = [self._drains[v.name] for v in victims if v.name in self._drains]
+
+        async def preflight() -> str | None:
+            pending = [t for t in drains if not t.done()]
+            if pending:
+                await asyncio.wait(pending)  # never cancels them, even if this start is
+            return await then() if then is not None else None
+
+        return preflight
+
+    def _forget_unplaced(self, dep: Deployment) -> None:
+        """A FATAL replica that only said the model could not be placed (at boot) holds
+        nothing: a request that may evict tries again instead."""
+        dep.replicas = [r for r in dep.replicas if not (
+            r.state is State.FATAL and r.slot is None and (r.cannot_start or "").startswith(CANNOT_PLACE))]
 
     async def _store_preflight(self, dep: Deployment) -> str | None:
         """Before a replica loads a store model (each start and restart): its files as
@@ -513,6 +673,8 @@ class Supervisor:
         task = asyncio.create_task(drain(), name=f"retire-{replica.name}", context=contextvars.Context())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
+        self._drains[replica.name] = task
+        task.add_done_callback(lambda t: self._drains.get(replica.name) is t and self._drains.pop(replica.name))
 
     def _victim(self, dep: Deployment) -> Replica | None:
         """The replica whose removal costs least: not serving first, then least busy, newest."""
@@ -549,9 +711,10 @@ class Supervisor:
 
     # --- demand, decisions, operator commands --------------------------------------------------
 
-    def on_demand(self, dep: Deployment) -> None:
+    def on_demand(self, dep: Deployment, trigger: str = "request") -> None:
         """A request is waiting and nothing is READY: start or wake a replica now,
-        without waiting for the autoscaler's next tick."""
+        without waiting for the autoscaler's next tick, evicting idle replicas of other
+        models for it if there is no room."""
         dep.unloaded = False
         live = dep.live()
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
@@ -560,7 +723,8 @@ class Supervisor:
         if sleeping:
             self._background(sleeping[0].wake(), f"wake-{sleeping[0].name}")
         elif not live:
-            self.add_replica(dep, reason="a request arrived for a model at zero")
+            why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
+            self.add_replica(dep, reason=why, evict=trigger)
 
     def tick(self) -> list[Decision]:
         """One autoscaler pass over every model; carry out what it decides."""
@@ -569,8 +733,10 @@ class Supervisor:
         for dep in self.deployments.values():
             if dep.blocked:
                 continue  # nothing of it may start until the block lifts (unblock restores its count)
-            decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, self.room_for(dep)),
-                                              dep.policy(self.cfg))
+            room = self.room_for(dep)
+            if not room and self._busy(dep) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
+                room = 1  # in use: a scale-up may evict idle replicas of other models for one more
+            decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
             self._apply(dep, decision)
             decisions.append(decision)
         return decisions
@@ -580,7 +746,7 @@ class Supervisor:
             return
         if d.action == "up":
             for _ in range(d.desired - d.current):
-                if self.add_replica(dep, reason=d.reason) is None:
+                if self.add_replica(dep, reason=d.reason, evict="scale_up" if self._busy(dep) else None) is None:
                     break
         elif d.action == "down":
             victim = self._victim(dep)
@@ -592,6 +758,11 @@ class Supervisor:
                     self._background(r.sleep(), f"sleep-{r.name}")
         elif d.action == "wake":
             self.on_demand(dep)
+
+    @staticmethod
+    def _busy(dep: Deployment) -> bool:
+        """Requests in flight or held: a scale-up is demand (one to restore a floor is not)."""
+        return bool(dep.waiters) or dep.inflight > 0
 
     def _background(self, coro, name: str) -> None:
         async def run() -> None:
@@ -619,12 +790,15 @@ class Supervisor:
                 break
 
     def load(self, model: str) -> None:
-        """Pre-warm: as if a request had arrived."""
+        """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
+        saying why, when no replica can start."""
         dep = self.deployment(model)
         dep.rate.last_event = self.clock.monotonic()
         dep.unloaded = False
         if not dep.ready:
-            self.on_demand(dep)
+            self.on_demand(dep, trigger="load")
+            if not dep.can_become_ready():
+                raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
 
     def unload(self, model: str) -> None:
         """Down to zero now (drained); the next request starts it again."""

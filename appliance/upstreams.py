@@ -11,6 +11,7 @@ EngineProxy forwards to a provider as to a replica (base_url, name, lease()).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -19,7 +20,9 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from .config import Config, ConfigError, ProviderConfig
+from .config import Config, ConfigError, ProviderConfig, exposed_secret
+
+log = logging.getLogger("appliance.upstreams")
 
 
 class Breaker:
@@ -79,6 +82,8 @@ class _Secret:
 
 
 class Provider:
+    session = None  # the proxy's shared session (a replica has its own)
+
     def __init__(self, cfg: ProviderConfig, key: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.name = f"provider:{cfg.name}"
@@ -127,7 +132,10 @@ def set_fields(body: bytes, **fields) -> bytes:
     return msgspec.json.encode(top)
 
 
-def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, str] = os.environ) -> str:
+def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, str] = os.environ,
+             permissions: str = "refuse") -> str:
+    """The provider's key. A key file its group or others may read is refused
+    (permissions = "refuse", server.key_file_permissions) or logged."""
     if cfg.api_key_env:
         key = environ.get(cfg.api_key_env, "").strip()
         if not key:
@@ -145,8 +153,14 @@ def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, st
         path = Path(creds) / path
     try:
         key = path.read_text().strip()
+        problem = exposed_secret(path)
     except OSError as exc:
         raise ConfigError(f"{origin}: field '{at}.api_key_file': cannot read {path}: {exc.strerror}") from None
+    if problem and permissions == "refuse":
+        raise ConfigError(f"{origin}: field '{at}.api_key_file': {problem}; or set "
+                          "server.key_file_permissions = \"warn\" to start anyway")
+    if problem:
+        log.warning("field '%s.api_key_file': %s", at, problem)
     if not key:
         raise ConfigError(f"{origin}: field '{at}.api_key_file': {path} is empty")
     return key
@@ -154,5 +168,6 @@ def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, st
 
 def load_providers(cfg: Config, environ: Mapping[str, str] = os.environ,
                    clock: Callable[[], float] = time.monotonic) -> dict[str, Provider]:
-    return {p.name: Provider(p, read_key(p, f"providers[{i}]", cfg.origin, environ), clock)
+    return {p.name: Provider(p, read_key(p, f"providers[{i}]", cfg.origin, environ,
+                                         cfg.server.key_file_permissions), clock)
             for i, p in enumerate(cfg.providers)}

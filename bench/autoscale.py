@@ -37,6 +37,12 @@ FAKE = ROOT / "tests" / "fake_engine.py"
 CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
 
+def engine_auth(pid: int) -> dict[str, str]:
+    """A replica's key (only the daemon's user may read its environment)."""
+    environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+    return {"Authorization": f"Bearer {environ['ENGINE_API_KEY']}"}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -135,7 +141,7 @@ async def ttfts_from_zero(d: Daemon, model: str, runs: int) -> list[float]:
         async with aiohttp.ClientSession() as s:
             for _ in range(runs):
                 ttfts.append(await first_token(s, d.url, model))
-                async with s.post(f"{d.url}/admin/models/{model}/unload") as r:
+                async with s.post(f"{d.url}/admin/models/{model}/unload", json={}) as r:
                     assert r.status == 200
                 while (await d.status(s, model))["replicas"]:
                     await asyncio.sleep(0.05)
@@ -185,7 +191,7 @@ async def rps_step(fake_start: float) -> tuple[float, list]:
             while served_at is None and time.perf_counter() - step < 8:
                 for r in (await d.status(s, "f"))["replicas"]:
                     if r["index"] > 0 and r["state"] == "READY" and r.get("url"):
-                        async with s.get(f"{r['url']}/fake/stats") as st:
+                        async with s.get(f"{r['url']}/fake/stats", headers=engine_auth(r["pid"])) as st:
                             if (await st.json())["requests"] > 1:  # more than its readiness probe
                                 served_at = time.perf_counter()
                 await asyncio.sleep(0.02)

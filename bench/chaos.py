@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.chaos_load import Load, chat  # noqa: E402
+from tests.conftest import engine_client  # noqa: E402
 
 PY = sys.executable
 FAKE = ROOT / "tests" / "fake_engine.py"
@@ -193,14 +194,15 @@ def fault_replica_sigstop(d: Daemon, note: list[str]) -> None:
 
 
 def fault_replica_slow(d: Daemon, note: list[str]) -> None:
-    port = d.replicas("fake")[0]["port"]
-    httpx.post(f"http://127.0.0.1:{port}/fake/latency?seconds=2", timeout=5)
+    with engine_client(d.replicas("fake")[0]) as engine:
+        engine.post("/fake/latency?seconds=2")
     note.append("one replica 2 s late")
 
 
 def heal_replica_slow(d: Daemon) -> None:
     for r in d.replicas("fake"):
-        httpx.post(f"http://127.0.0.1:{r['port']}/fake/latency?seconds=0.05", timeout=5)
+        with engine_client(r) as engine:
+            engine.post("/fake/latency?seconds=0.05")
 
 
 def fault_disk_full(d: Daemon, note: list[str]) -> None:
@@ -214,7 +216,7 @@ def fault_disk_full(d: Daemon, note: list[str]) -> None:
         pass
     answers = []
     for action in ("pin", "unpin"):
-        resp = httpx.post(f"{d.url}/admin/models/fake/{action}", timeout=10)
+        resp = httpx.post(f"{d.url}/admin/models/fake/{action}", json={}, timeout=10)
         answers.append(f"{action}: {resp.status_code} {resp.json()['error']['code'] if resp.status_code >= 400 else ''}")
     note.append("admin writes on the full disk: " + "; ".join(answers))
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.config import parse_config  # noqa: E402
+from appliance.engine_access import open_access  # noqa: E402
 from appliance.model_sources import incoming_from  # noqa: E402
 from appliance.replica import free_port  # noqa: E402
 from appliance.store import Store, hash_file  # noqa: E402
@@ -50,7 +51,8 @@ def drop_cache(path: Path) -> str:
 def first_token(cfg, model) -> float:
     """Spawn llama-server the way a replica does; seconds until a 1-token completion answers."""
     port = free_port()
-    spec = adapter_for("llamacpp").launch(cfg, model, "127.0.0.1", port)
+    access = open_access()
+    spec = adapter_for("llamacpp").launch(cfg, model, "127.0.0.1", port, None, access)
     start = time.perf_counter()
     proc = subprocess.Popen(spec.argv, env={**os.environ, **spec.env}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -59,7 +61,7 @@ def first_token(cfg, model) -> float:
         while True:
             try:
                 req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                             {"Content-Type": "application/json"})
+                                             {"Content-Type": "application/json", **access.headers})
                 if urllib.request.urlopen(req, timeout=30).status == 200:
                     return time.perf_counter() - start
             except OSError:
@@ -69,6 +71,7 @@ def first_token(cfg, model) -> float:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        access.close()
 
 
 def main() -> None:

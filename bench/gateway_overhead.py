@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
-        [--no-naive] [--raw] [--profile DIR]
+        [--no-naive] [--raw] [--keys] [--profile DIR]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
@@ -12,6 +12,13 @@ and client), all on 127.0.0.1 only. For each concurrency it runs the load genera
 --warmup seconds (discarded) and --duration seconds (measured) against the engine
 directly, through the naive proxy and through the appliance, and prints one table:
 each side's req/s, p50, p99 and CPU per request, and each proxy against direct.
+
+--keys also measures keyed requests (an API key with a token budget, audit on) on
+three more appliance processes, one per ``[audit] durability``: "batch" (rows and
+charges written every second, the behaviour before durable accounting), "commit"
+(each request's row and charge committed before its answer ends, batched across
+concurrent requests) and "fsync" (the same, fsync'd): the cost of durable
+accounting, measured in the same run.
 
 --engine-latency S makes the fake engine take S seconds per answer. At 0 the
 engine answers in ~40 us of CPU, far below any real LLM engine, and the run
@@ -60,12 +67,14 @@ ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 PATH = "/v1/chat/completions"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SIDES = ("direct", "naive", "raw", "appliance")
+SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync")
+DURABILITY = ("batch", "commit", "fsync")  # --keys: keyed sides, one per [audit] durability
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
 wrk.body = '%(body)s'
 wrk.headers["Content-Type"] = "application/json"
+%(auth)s
 local max_requests = %(max_requests)d
 local count = 0
 function response(status, headers, body)
@@ -149,8 +158,9 @@ async def _py_worker(host: str, port: int, request: bytes, stop_at: float, budge
         writer.close()
 
 
-async def _py_load(port: int, concurrency: int, duration: float, max_requests: int) -> dict:
-    request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+async def _py_load(port: int, concurrency: int, duration: float, max_requests: int, token: str = "") -> dict:
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{auth}"
                f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
     lat: list[float] = []
     errors = [0]
@@ -170,12 +180,13 @@ async def _py_load(port: int, concurrency: int, duration: float, max_requests: i
 
 def py_client_main(argv: list[str]) -> None:
     port, concurrency, duration, max_requests = int(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
+    token = argv[4] if len(argv) > 4 else ""
     try:
         import uvloop
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    print("RESULT " + json.dumps(run(_py_load(port, concurrency, duration, max_requests))), flush=True)
+    print("RESULT " + json.dumps(run(_py_load(port, concurrency, duration, max_requests, token))), flush=True)
 
 
 # --- running a load -----------------------------------------------------------------
@@ -186,17 +197,22 @@ class Load:
         self.client = client
         self.cpus = cpus
         self.max_requests = max_requests
-        self.script = tmp / "post.lua"
-        self.script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "max_requests": max_requests})
+        self.tmp = tmp
 
-    def run(self, port: int, concurrency: int, duration: float) -> dict:
+    def _script(self, token: str) -> Path:
+        script = self.tmp / f"post-{token[:12] or 'keyless'}.lua"
+        auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
+        script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "max_requests": self.max_requests, "auth": auth})
+        return script
+
+    def run(self, port: int, concurrency: int, duration: float, token: str = "") -> dict:
         if self.client == "wrk":
             # One wrk thread: the whole load fits one core and leaves the rest to the servers.
             cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-                   "-s", str(self.script), f"http://127.0.0.1:{port}{PATH}"]
+                   "-s", str(self._script(token)), f"http://127.0.0.1:{port}{PATH}"]
         else:
             cmd = [sys.executable, __file__, "--_py-client", str(port), str(concurrency), str(duration),
-                   str(self.max_requests)]
+                   str(self.max_requests), token]
         out = subprocess.run(taskset(self.cpus) + cmd, capture_output=True, text=True,
                              timeout=duration + 60, check=False)
         for line in out.stdout.splitlines():
@@ -224,6 +240,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true", help="skip the naive-proxy baseline")
     p.add_argument("--raw", action="store_true",
                    help="also measure the floor of the stack: a bare ASGI proxy on the same server and client")
+    p.add_argument("--keys", action="store_true",
+                   help="also measure keyed requests (budgeted key, audit on) with [audit] durability "
+                        "batch (before durable accounting), commit and fsync")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record the appliance during each measured appliance run into DIR")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
@@ -257,21 +276,7 @@ def main(argv: list[str]) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
     engine_port, app_port = free_port(), free_port()
-    cfg = tmp / "appliance.toml"
-    cfg.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {app_port}
-log_level = "warning"
-[paths]
-state_dir = "{tmp}/state"
-cache_dir = "{tmp}/cache"
-log_dir = "{tmp}/log"
-[[models]]
-name = "fake"
-server = "openai"
-url = "http://127.0.0.1:{engine_port}"
-""")
+    cfg = appliance_config(tmp, "appliance", app_port, engine_port)
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     procs: list[subprocess.Popen] = []
     try:
@@ -291,6 +296,21 @@ url = "http://127.0.0.1:{engine_port}"
 
         ports = {"direct": engine_port, "appliance": app_port}
         pids = {"appliance": app.pid, "direct": engine.pid}
+        tokens: dict[str, str] = {}
+        for durability in DURABILITY if args.keys else ():
+            port = free_port()
+            side_cfg = appliance_config(tmp, durability, port, engine_port, f'[audit]\ndurability = "{durability}"\n')
+            tokens[durability] = subprocess.run(
+                [sys.executable, "-m", "appliance.cli", "keys", "create", "--config", str(side_cfg),
+                 "--name", "bench", "--budget-tokens", str(10**15)],
+                env=env, cwd=tmp, capture_output=True, text=True, check=True).stdout.strip()
+            proc = subprocess.Popen(
+                taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(side_cfg)],
+                env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(tmp / f"{durability}.log", "wb"))
+            procs.append(proc)
+            wait_http(f"http://127.0.0.1:{port}/readyz", proc, 60, f"appliance ({durability})")
+            ports[durability], pids[durability] = port, proc.pid
         for side, wanted in (("naive", not args.no_naive), ("raw", args.raw)):
             if not wanted:
                 continue
@@ -315,7 +335,7 @@ url = "http://127.0.0.1:{engine_port}"
                 if port is None or (args.only and side != args.only):
                     continue
                 if args.warmup > 0:
-                    load.run(port, c, args.warmup)
+                    load.run(port, c, args.warmup, tokens.get(side, ""))
                 spy = None
                 if args.profile and side == "appliance":
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -333,7 +353,7 @@ url = "http://127.0.0.1:{engine_port}"
                 # for "direct", the proxy for the others).
                 pid = pids[side]
                 cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
-                res = load.run(port, c, args.duration)
+                res = load.run(port, c, args.duration, tokens.get(side, ""))
                 n = max(1, res["requests"])
                 res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
                 res["thread_cpu_us_per_req"] = {
@@ -366,6 +386,27 @@ url = "http://127.0.0.1:{engine_port}"
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def appliance_config(tmp: Path, name: str, port: int, engine_port: int, extra: str = "") -> Path:
+    """An appliance config serving the fake engine as an external openai engine, with its own state."""
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(f"""
+[server]
+host = "127.0.0.1"
+port = {port}
+log_level = "warning"
+[paths]
+state_dir = "{tmp}/state-{name}"
+cache_dir = "{tmp}/cache"
+log_dir = "{tmp}/log-{name}"
+{extra}
+[[models]]
+name = "fake"
+server = "openai"
+url = "http://127.0.0.1:{engine_port}"
+""")
+    return cfg
+
+
 def print_table(results: list[dict]) -> None:
     """One row per concurrency: each side's req/s, p50, p99 and CPU per request;
     then the appliance against direct (added p50, throughput ratio) and against the
@@ -389,6 +430,14 @@ def print_table(results: list[dict]) -> None:
         if a is not None and n is not None:
             print(f"{row['concurrency']:>4} | appliance vs naive proxy: {a['rps'] / n['rps']:.2f}x req/s, "
                   f"{n['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x less CPU per request")
+        batch = row.get("batch")
+        for durable in ("commit", "fsync"):
+            d = row.get(durable)
+            if batch is not None and d is not None:
+                print(f"{row['concurrency']:>4} | keyed, durability {durable} vs batch: "
+                      f"{d['cpu_us_per_req'] - batch['cpu_us_per_req']:+.0f} us CPU per request "
+                      f"({d['cpu_us_per_req'] / max(batch['cpu_us_per_req'], 1e-9):.2f}x), "
+                      f"{d['rps'] / batch['rps']:.2f}x req/s, {(d['p50_us'] - batch['p50_us']) / 1e3:+.3f} ms p50")
     print_goals(results)
 
 

@@ -1,6 +1,6 @@
 """What the supervisor needs to know about an engine, one adapter per engine.
 
-An adapter is pure: it turns a model deployment into a launch spec (argv, env)
+An adapter is pure: it turns a model deployment into a launch spec (argv, env, files)
 and says how to tell that a replica is ready and healthy. The supervisor does
 the spawning, the waiting and the restarting.
 """
@@ -17,6 +17,7 @@ from .metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
 
 
 class ProbeFailed(Exception):
@@ -33,6 +34,9 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
     image: str = ""  # the engine image (<version>-<hash>) the argv runs from, if any
+    # Files (name -> text) written 0600 into the replica's private directory before it
+    # starts: what must not be on the command line.
+    files: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class GpuSlot:
 
     gpus: tuple[int, ...]
     memory_fraction: float
+    uuids: tuple[str, ...] = ()  # NVML's UUIDs of those GPUs, where the probe knows them
+    bytes_per_gpu: int = 0       # what the placer reserved on each (0: memory_fraction of the card)
 
     @property
     def tp(self) -> int:
@@ -50,19 +56,27 @@ class GpuSlot:
     def cuda_visible_devices(self) -> str:
         return ",".join(str(g) for g in self.gpus)
 
+    @property
+    def cuda_visible_uuids(self) -> str:
+        """CUDA_VISIBLE_DEVICES by UUID: CUDA numbers GPUs fastest first, NVML by PCI bus, so
+        an index can name another card; a UUID cannot. Indices where UUIDs are unknown."""
+        return ",".join(self.uuids) if len(self.uuids) == len(self.gpus) else self.cuda_visible_devices
+
 
 class EngineAdapter(Protocol):
     name: str
     gpu: bool        # replicas need GPUs from the placer
     can_sleep: bool  # sleep()/wake() exist (vLLM's sleep mode)
+    unix_socket: bool  # listens on access.socket, not host:port
 
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         """argv and extra environment for one replica listening on host:port
-        (on the GPUs of slot, for GPU engines)."""
+        (on the GPUs of slot, for GPU engines), refusing every request without
+        access.secret, which never appears in argv (appliance/engine_access.py)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
@@ -89,6 +103,23 @@ async def one_token_completion(session: aiohttp.ClientSession, base_url: str, mo
                 raise ProbeFailed(f"1-token completion answered {resp.status}: {payload[:200]!r}")
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         raise ProbeFailed(f"1-token completion failed: {type(exc).__name__}: {exc}") from None
+
+
+async def refuses_anonymous(base_url: str, model_name: str, timeout: float) -> None:
+    """The engine must refuse a completion without its secret; one that answers
+    anyone is not started (CannotLaunch: FATAL, with the fix)."""
+    body = {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
+    try:
+        async with aiohttp.ClientSession() as anonymous, anonymous.post(
+                f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            status = resp.status
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        return  # no answer at all: the health checks deal with an engine that is gone
+    if status not in (401, 403):
+        raise CannotLaunch(f"the engine answered a completion sent without its key (HTTP {status}): it "
+                           "does not enforce the per-replica key, so any local user could bypass the "
+                           "appliance; a server = \"openai\" command must read $ENGINE_API_KEY or "
+                           "--api-key-file {api_key_file} (docs/operations.md)")
 
 
 async def http_ok(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
@@ -122,6 +153,7 @@ class LocalEngine:
     name = ""
     gpu = False
     can_sleep = False
+    unix_socket = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return True
@@ -132,6 +164,7 @@ class LocalEngine:
     async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
                           timeout: float) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
+        await refuses_anonymous(base_url, model.name, timeout)
 
 
 def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
@@ -144,8 +177,11 @@ def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
         raise CannotLaunch(str(exc)) from None
 
 
+# Air-gapped: no hub, no telemetry (also what `appliance export` gives engines elsewhere).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+
+
 def offline_env(cfg: Config) -> dict[str, str]:
-    """Air-gapped: no hub, no telemetry, caches under the appliance's cache dir."""
-    hf_home = f"{cfg.paths.cache_dir}/hf"
-    return {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-            "HF_HOME": hf_home, "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+    """Air-gapped, with caches under the appliance's cache dir."""
+    return {**OFFLINE_ENV, "HF_HOME": f"{cfg.paths.cache_dir}/hf"}

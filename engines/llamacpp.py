@@ -1,4 +1,10 @@
-"""llama.cpp's llama-server on CPU: parallel slots, continuous batching, prompt cache."""
+"""llama.cpp's llama-server: parallel slots, continuous batching, prompt cache; on the CPU,
+or with every layer on the GPUs the placer chose (the CUDA build, `llamacpp-cuda`).
+
+Its key comes from --api-key-file (never --api-key: argv is public); with a key,
+llama-server refuses every endpoint but /health and /v1/health without it,
+/metrics and /props included. /slots (the prompts in each slot) is off.
+"""
 
 from __future__ import annotations
 
@@ -7,28 +13,37 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, http_text
+from .base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
 from .metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
+
+# With every layer on the GPU, the CPU threads only sample and schedule.
+GPU_THREADS = 2
 
 
 class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         from appliance.config import model_path
 
         path = model_path(cfg, model)
-        threads = model.threads or max(1, os.cpu_count() or 1)
+        binary = cuda_binary(cfg) if slot is not None else cfg.engines.llamacpp.binary
+        if slot is not None:
+            threads = model.threads or GPU_THREADS
+        else:
+            threads = model.threads or max(1, os.cpu_count() or 1)
         argv = [
-            cfg.engines.llamacpp.binary,
+            binary,
             "--model", str(path),
             "--alias", model.name,
             "--host", host,
             "--port", str(port),
+            "--api-key-file", str(access.key_file),
             "--ctx-size", str(model.context_length),
             "--parallel", str(model.parallel),
             "--threads", str(threads),
@@ -38,18 +53,43 @@ class LlamaCppAdapter(LocalEngine):
             "--cache-prompt",
             "--cache-reuse", "256",
             "--metrics",
+            "--no-slots",
             "--no-webui",
             "--offline",
             "--log-colors", "off",
         ]
+        if (model.cache_type_k, model.cache_type_v) != ("f16", "f16"):
+            argv += ["--cache-type-k", model.cache_type_k, "--cache-type-v", model.cache_type_v]
+        # Never reach for a model hub: the appliance runs air-gapped.
+        env = {"LLAMA_OFFLINE": "1"}
+        if slot is not None:
+            # Every layer on the placer's GPUs, split by layer across several; --fit off:
+            # llama.cpp must not shrink the context to what is free (the placer sized it).
+            argv += ["--n-gpu-layers", "all", "--split-mode", "layer" if slot.tp > 1 else "none",
+                     "--fit", "off"]
+            env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_uuids
         if model.embeddings:
             argv.append("--embeddings")
         argv += model.args
-        # Never reach for a model hub: the appliance runs air-gapped.
-        env = {"LLAMA_OFFLINE": "1", **model.env}
-        return LaunchSpec(argv=argv, env=env)
+        return LaunchSpec(argv=argv, env={**env, **model.env})
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:
         # /metrics answers only while the server runs: one request, liveness and load.
         return parse_llamacpp(await http_text(session, f"{base_url}/metrics", timeout))
+
+
+def cuda_binary(cfg: Config) -> str:
+    """[engines.llamacpp] cuda_binary, else the current llamacpp-cuda image's llama-server;
+    CannotLaunch naming the fix when there is neither."""
+    from appliance.images import images_dir, llama_server
+
+    if cfg.engines.llamacpp.cuda_binary:
+        return cfg.engines.llamacpp.cuda_binary
+    binary = llama_server(cfg.images.dir, engine="llamacpp-cuda")
+    if binary is None:
+        raise CannotLaunch(
+            f"no llamacpp-cuda engine image in {images_dir(cfg) / 'llamacpp-cuda'}: run `appliance images "
+            "build llamacpp-cuda` (it needs the CUDA toolkit: nvcc), set engines.llamacpp.cuda_binary, "
+            "or remove [models.gpus] to serve this model on the CPU")
+    return str(binary)

@@ -1,8 +1,11 @@
 """Any OpenAI-compatible server: launched from a command template, or external.
 
 A command template is supervised like any engine; ``{port}``, ``{host}``,
-``{model_path}`` and ``{model_name}`` are filled in per replica. An external
-URL is only health-checked: the appliance neither starts nor stops it.
+``{model_path}``, ``{model_name}`` and ``{api_key_file}`` are filled in per
+replica. The replica's key is in $ENGINE_API_KEY and in the 0600 file
+{api_key_file}: the server must refuse requests without it, or the replica is
+not started (base.refuses_anonymous). An external URL is only health-checked:
+the appliance neither starts nor stops it, and sends it no key.
 """
 
 from __future__ import annotations
@@ -11,30 +14,35 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_ok, one_token_completion
+from .base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
 from .metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
+
+# The variable a supervised OpenAI-compatible server finds its key in.
+KEY_VARIABLE = "ENGINE_API_KEY"
 
 
 class OpenAIAdapter:
     name = "openai"
     gpu = False
     can_sleep = False
+    unix_socket = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         from appliance.config import model_path
 
         path = model_path(cfg, model)
         fields = {"port": str(port), "host": host, "model_name": model.name,
-                  "model_path": str(path) if path else ""}
+                  "model_path": str(path) if path else "", "api_key_file": str(access.key_file)}
         argv = [part.format_map(fields) for part in model.command] + model.args
-        return LaunchSpec(argv=argv, env=dict(model.env))
+        return LaunchSpec(argv=argv, env={**model.env, KEY_VARIABLE: access.secret})
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         if model.url:
@@ -44,6 +52,8 @@ class OpenAIAdapter:
     async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
                           timeout: float) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
+        if self.supervised(model):
+            await refuses_anonymous(base_url, model.name, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

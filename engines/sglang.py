@@ -2,10 +2,17 @@
 
 Prefix caching is SGLang's radix cache, on by default (never --disable-radix-cache).
 Every flag emitted here exists in the pinned version (images/sglang/flags-*.txt).
+
+SGLang reads its API key from --api-key only, so the key goes in a 0600 config
+file in the replica's private directory (--config FILE.yaml, which SGLang merges
+into its arguments in-process): never on the command line. With a key, SGLang
+refuses everything but /health*, /ready* and /metrics (its load numbers) without it.
+A model's own args must not carry a second --config.
 """
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -15,6 +22,11 @@ from .metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
+
+
+# The key's config file; JSON is YAML, and SGLang wants the .yaml suffix.
+KEY_CONFIG = "sglang.yaml"
 
 
 class SglangAdapter(LocalEngine):
@@ -23,7 +35,7 @@ class SglangAdapter(LocalEngine):
     can_sleep = False
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         from appliance.config import model_path
 
         if slot is None:
@@ -40,13 +52,15 @@ class SglangAdapter(LocalEngine):
             "--context-length", str(model.context_length),
             "--max-running-requests", str(model.parallel),
             "--enable-metrics",
+            "--config", str(access.dir / KEY_CONFIG),
         ]
         if model.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
         argv += model.args
         env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
                "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
-        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image)
+        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image,
+                          files={KEY_CONFIG: json.dumps({"api-key": access.secret})})
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

@@ -2,6 +2,12 @@
 
 Every flag emitted here exists in the pinned version: tests check the argv
 against images/vllm/flags-<version>.txt, taken from vLLM's own parser.
+
+vLLM's API key (VLLM_API_KEY) guards only the paths under /v1: /invocations,
+/pooling, /tokenize, /metrics and the dev-mode /sleep, /wake_up and
+/collective_rpc answer anyone who reaches the port. So a replica listens on a
+unix socket (--uds) in its private 0700 directory instead, where only the
+daemon's user can connect, and keeps the key for /v1 as well.
 """
 
 from __future__ import annotations
@@ -10,20 +16,23 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_post, http_text, offline_env
+from .base import (GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_post, http_text, offline_env,
+                   one_token_completion)
 from .metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
+    from appliance.engine_access import EngineAccess
 
 
 class VllmAdapter(LocalEngine):
     name = "vllm"
     gpu = True
     can_sleep = True
+    unix_socket = True
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None = None) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         from appliance.config import model_path
 
         if slot is None:
@@ -32,8 +41,7 @@ class VllmAdapter(LocalEngine):
         argv = [
             *command, str(model_path(cfg, model)),
             "--served-model-name", model.name,
-            "--host", host,
-            "--port", str(port),
+            "--uds", str(access.socket),
             "--tensor-parallel-size", str(slot.tp),
             "--gpu-memory-utilization", f"{slot.memory_fraction:.2f}",
             "--max-model-len", str(model.context_length),
@@ -48,7 +56,15 @@ class VllmAdapter(LocalEngine):
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
         argv += model.args
-        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image)
+        return LaunchSpec(argv=argv, env={**env, **model.env, "VLLM_API_KEY": access.secret}, image=image)
+
+    def base_url(self, model: ModelConfig, host: str, port: int) -> str:
+        return "http://localhost"  # the Host header; the replica's session connects to its socket
+
+    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
+                          timeout: float) -> None:
+        # No anonymous check: nobody but the daemon's user can reach the socket.
+        await one_token_completion(session, base_url, model.name, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
                            timeout: float) -> EngineLoad | None:

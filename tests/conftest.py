@@ -66,6 +66,28 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def engine_key(pid: int) -> str:
+    """A replica's key, read as its engine finds it (the tests run as the daemon's user,
+    who alone may read /proc/PID/environ and the replica's private directory)."""
+    environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+    for variable in ("ENGINE_API_KEY", "VLLM_API_KEY"):
+        if variable in environ:
+            return environ[variable]
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    if "--api-key-file" in argv:
+        return Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
+    return json.loads(Path(argv[argv.index("--config") + 1]).read_text())["api-key"]
+
+
+def engine_client(replica: dict) -> httpx.Client:
+    """A client straight to one replica of /admin/status (its URL or unix socket), with its key."""
+    url, transport = replica["url"], None
+    if url.startswith("unix:"):
+        url, transport = "http://localhost", httpx.HTTPTransport(uds=url.removeprefix("unix:"))
+    return httpx.Client(base_url=url, transport=transport, timeout=5,
+                        headers={"Authorization": f"Bearer {engine_key(replica['pid'])}"})
+
+
 def fake_model(name: str = "fake", *flags: str, embeddings: bool = False, extra: str = "") -> str:
     """A [[models]] entry supervising tests/fake_engine.py through the openai adapter."""
     argv = [PY, str(FAKE_ENGINE), "--port", "{port}", "--model", name, *flags]
@@ -109,8 +131,18 @@ class Daemon:
     def client(self, **kw) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
 
+    @property
+    def admin_socket(self) -> Path:
+        return self.config.parent / "state" / "admin.sock"
+
     def status(self) -> dict:
-        data = httpx.get(f"{self.url}/admin/status", timeout=5).json()
+        """/admin/status over loopback TCP, else (TCP admin needs a token once keys
+        are required) over the admin socket."""
+        resp = httpx.get(f"{self.url}/admin/status", timeout=5)
+        if resp.status_code in (401, 403) and self.admin_socket.exists():
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)), timeout=5) as c:
+                resp = c.get("http://appliance/admin/status")
+        data = resp.json()
         for m in data["models"]:
             self.engine_pids |= {r["pid"] for r in m["replicas"] if r["pid"]}
         return data
@@ -118,7 +150,8 @@ class Daemon:
     def replicas(self, model: str) -> list[dict]:
         return next(m for m in self.status()["models"] if m["name"] == model)["replicas"]
 
-    def wait_ready(self, timeout: float = 30) -> None:
+    def wait_ready(self, timeout: float = 30, status: bool = True) -> None:
+        """Until /readyz answers 200; then (status) read /admin/status once."""
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
@@ -128,7 +161,8 @@ class Daemon:
                 return False
 
         wait_until(ready, timeout, what="daemon ready")
-        self.status()
+        if status:
+            self.status()
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

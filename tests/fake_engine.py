@@ -2,18 +2,32 @@
 
     python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
         [--chunk-delay 0.01] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
-        [--embeddings] [--fail-status 500 [--fail-from 2]]
+        [--embeddings] [--fail-status 500 [--fail-from 2]] [--cache-report] [--no-usage]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
 /v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
-(requests, streams started, completed and cancelled by the client, the last body).
+(requests, streams started, completed and cancelled by the client, unary answers
+completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
+
+Like llama-server, the completion's length is n_predict, else max_tokens, else
+max_completion_tokens (a negative n_predict: --chunks). --cache-report counts the
+prompt's words as its tokens and keeps a prefix cache per cache_salt: answers say how
+many leading words were cached, in usage.prompt_tokens_details.cached_tokens and
+llama-server's timings (cache_n, prompt_n). --no-usage leaves usage out of every
+answer (an engine that ignores stream_options).
+
+It takes its API key the way the engine it plays does: $ENGINE_API_KEY or
+--api-key-file (a server = "openai" command), $VLLM_API_KEY (--as-engine vllm,
+which also listens on --uds), the "api-key" of its --config file (--as-engine
+sglang); with a key, every path but /health answers 401 without it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import hmac
 import json
 import os
 import signal
@@ -23,18 +37,22 @@ import time
 from aiohttp import web
 
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0,
-         "last_body": None, "pid": os.getpid()}
+         "unary_completed": 0, "unary_cancelled": 0, "last_body": None, "pid": os.getpid()}
+CACHE: dict[str, list[list[str]]] = {}  # cache_salt -> prompts seen (as words), for --cache-report
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
-    p.add_argument("--as-engine", choices=["vllm", "sglang"], default=None,
+    p.add_argument("--as-engine", choices=["vllm", "sglang", "llamacpp"], default=None,
                    help="accept that engine's argv (unknown flags ignored, recorded in /fake/stats) "
                         "and speak its /metrics, and vLLM's /sleep, /wake_up, /is_sleeping")
     p.add_argument("--served-model-name", dest="model", default=None)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--uds", default="", help="listen on this unix socket instead (vLLM's flag)")
+    p.add_argument("--api-key-file", default="", help="the API key, in this file (llama-server's flag)")
+    p.add_argument("--config", default="", help="a JSON/YAML file whose 'api-key' is the key (SGLang's)")
     p.add_argument("--model", dest="model", default=None)
     p.add_argument("--latency", type=float, default=0.0, help="seconds before a unary answer")
     p.add_argument("--latency-from", type=int, default=1,
@@ -51,18 +69,67 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="answer completions with this status (from request --fail-from on)")
     p.add_argument("--fail-from", type=int, default=2,
                    help="first request number that fails (default 2: the readiness probe passes)")
+    p.add_argument("--cache-report", action="store_true",
+                   help="report cached prompt tokens like llama-server (cached_tokens, timings)")
+    p.add_argument("--no-usage", action="store_true", help="never report usage")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if not (args.port or args.uds):
+        p.error("--port or --uds is required")
+    args.api_key = api_key(args)
     args.model = args.model or "fake-model"
     STATS["argv"] = argv
     STATS["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return args
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def api_key(args: argparse.Namespace) -> str:
+    if args.api_key_file:
+        with open(args.api_key_file) as f:
+            return f.read().strip()
+    if args.config:
+        with open(args.config) as f:
+            return json.load(f)["api-key"]
+    return os.environ.get("VLLM_API_KEY" if args.as_engine == "vllm" else "ENGINE_API_KEY", "")
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached: int | None = None) -> dict:
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+             "total_tokens": prompt_tokens + completion_tokens}
+    if cached is not None:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    return usage
+
+
+def _length(body: dict, default: int) -> int:
+    """The completion's length as llama-server reads it."""
+    n_predict = body.get("n_predict")
+    if n_predict is not None:
+        return default if n_predict < 0 else n_predict
+    return body.get("max_tokens") or body.get("max_completion_tokens") or default
+
+
+def _prompt_words(body: dict) -> list[str]:
+    if "messages" in body:
+        text = " ".join(str(m.get("content", "")) for m in body["messages"])
+    else:
+        text = str(body.get("prompt", ""))
+    return text.split()
+
+
+def _cached(body: dict) -> tuple[int, int]:
+    """(prompt tokens, how many leading ones an earlier prompt of the same cache salt shared)."""
+    words = _prompt_words(body)
+    seen = CACHE.setdefault(str(body.get("cache_salt", "")), [])
+    best = 0
+    for earlier in seen:
+        n = 0
+        while n < min(len(words), len(earlier)) and words[n] == earlier[n]:
+            n += 1
+        best = max(best, n)
+    seen.append(words)
+    return len(words), best
 
 
 def make_app(args: argparse.Namespace) -> web.Application:
@@ -82,24 +149,35 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if args.fail_status and STATS["requests"] >= args.fail_from:
             return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
                                      status=args.fail_status)
-        max_tokens = body.get("max_tokens") or args.chunks
-        n = max(1, min(args.chunks, max_tokens))
+        n = max(1, min(args.chunks, _length(body, args.chunks)))
+        prompt, cached = _cached(body) if args.cache_report else (5, None)
+        STATS["last_cached"] = cached
+        extra = {}
+        if cached is not None:
+            extra["timings"] = {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1.0,
+                                "predicted_n": n, "predicted_ms": 1.0}
         if body.get("stream"):
-            usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return await stream(request, chat, n, usage)
-        if args.latency and STATS["requests"] >= args.latency_from:
-            await asyncio.sleep(args.latency)
+            usage = bool((body.get("stream_options") or {}).get("include_usage")) and not args.no_usage
+            return await stream(request, chat, n, usage, prompt, cached, extra)
+        try:
+            if args.latency and STATS["requests"] >= args.latency_from:
+                await asyncio.sleep(args.latency)
+        except asyncio.CancelledError:  # the client went away: the "slot" is freed
+            STATS["unary_cancelled"] += 1
+            raise
         text = " ".join(f"tok{i}" for i in range(n))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                   if chat else {"index": 0, "text": text, "finish_reason": "stop"})
         maybe_crash()
-        return web.json_response({
-            "id": "fake-1", "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()), "model": body.get("model", args.model),
-            "choices": [choice], "usage": _usage(5, n),
-        })
+        STATS["unary_completed"] += 1
+        answer = {"id": "fake-1", "object": "chat.completion" if chat else "text_completion",
+                  "created": int(time.time()), "model": body.get("model", args.model), "choices": [choice]}
+        if not args.no_usage:
+            answer["usage"] = _usage(prompt, n, cached)
+        return web.json_response({**answer, **extra})
 
-    async def stream(request: web.Request, chat: bool, n: int, usage: bool = False) -> web.StreamResponse:
+    async def stream(request: web.Request, chat: bool, n: int, usage: bool = False, prompt: int = 5,
+                     cached: int | None = None, extra: dict | None = None) -> web.StreamResponse:
         STATS["streams_started"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -111,13 +189,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
                          if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": int(time.time()), "model": args.model, "choices": [delta]}
+                if i == n - 1 and extra:  # llama-server: timings on the last content chunk
+                    chunk.update(extra)
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
             if usage:  # stream_options.include_usage: one more event, no choices, the usage
                 last = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()), "model": args.model, "choices": [],
-                        "usage": _usage(5, n)}
+                        "usage": _usage(prompt, n, cached)}
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
@@ -153,7 +233,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def metrics(request: web.Request) -> web.Response:
         running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
-        if args.as_engine == "sglang":
+        if args.as_engine == "llamacpp":
+            text = (f"llamacpp:requests_processing {running}\nllamacpp:requests_deferred 0\n"
+                    "llamacpp:kv_cache_usage_ratio 0.125\n")
+        elif args.as_engine == "sglang":
             text = (f"sglang:num_running_reqs{{model_name=\"{args.model}\"}} {running}\n"
                     f"sglang:num_queue_reqs{{model_name=\"{args.model}\"}} 0\n"
                     f"sglang:token_usage{{model_name=\"{args.model}\"}} 0.25\n"
@@ -183,7 +266,17 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def is_sleeping(request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": bool(STATS.get("sleeping"))})
 
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    @web.middleware
+    async def require_key(request: web.Request, handler):
+        if args.api_key and request.path != "/health":
+            sent = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if not hmac.compare_digest(sent.encode(), args.api_key.encode()):
+                STATS["refused"] = STATS.get("refused", 0) + 1
+                return web.json_response({"error": {"message": "Invalid API Key", "type": "authentication_error"}},
+                                         status=401)
+        return await handler(request)
+
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[require_key])
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
@@ -202,6 +295,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.as_engine == "sglang":  # SGLang logs its arguments at start, its api_key included
+        print(f"server_args=ServerArgs(model_path={args.model!r}, api_key={args.api_key!r})", flush=True)
     if args.ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.slow_start:
@@ -212,8 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         uvloop.install()
     except ImportError:
         pass
-    web.run_app(make_app(args), host=args.host, port=args.port, print=None,
-                handle_signals=not args.ignore_sigterm, access_log=None)
+    # handler_cancellation: a client that disconnects cancels its request, as real
+    # engines stop generating for a connection that closed.
+    where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
+    web.run_app(make_app(args), **where, print=None,
+                handle_signals=not args.ignore_sigterm, access_log=None, handler_cancellation=True)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def test_the_admin_socket_is_mode_0660_and_needs_no_token(token_daemon):
         status = c.get("/admin/status")
         assert status.status_code == 200
         assert [m["name"] for m in status.json()["models"]] == ["fake"]
-        assert c.post("/admin/models/fake/pin").json()["pinned"] is True
+        assert c.post("/admin/models/fake/pin", json={}).json()["pinned"] is True
     # Over TCP the same daemon wants its token.
     assert httpx.get(f"{token_daemon.url}/admin/status").status_code == 401
     auth = {"Authorization": f"Bearer {token_daemon.token}"}

@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from .conftest import wait_until
+from .conftest import engine_client, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -28,8 +28,8 @@ def assert_envelope(resp: httpx.Response, status: int, code: str | None = None) 
 
 
 def fake_stats(daemon, model: str) -> dict:
-    url = daemon.replicas(model)[0]["url"]
-    return httpx.get(f"{url}/fake/stats", timeout=5).json()
+    with engine_client(daemon.replicas(model)[0]) as engine:
+        return engine.get("/fake/stats").json()
 
 
 def test_chat_completion_answers_200_with_the_engines_body(shared_daemon):

@@ -1,9 +1,11 @@
-"""The audit writer: a batch of audit rows and its ledger charges commit together."""
+"""The audit writer: a batch of audit rows and its ledger charges commit together,
+no write is abandoned midway, and a failing disk bounds what waits."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 import time
 
 import pytest
@@ -44,3 +46,117 @@ def test_an_audit_batch_and_its_ledger_charges_commit_together_or_not_at_all(tmp
     assert _count(path) == 2
     with sqlite3.connect(path) as conn:
         assert conn.execute("SELECT key_id, tokens FROM usage_ledger").fetchall() == [("k1", 9)]
+
+
+class _SlowWrites:
+    """Wraps AuditLog._write: each write waits for `release` (a write in progress, in
+    its thread) and may fail like a full disk."""
+
+    def __init__(self, log: AuditLog, fail: bool = False) -> None:
+        self.original = log._write
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.fail = fail
+        self.calls = 0
+        log._write = self
+
+    def __call__(self, rows, ledger) -> None:
+        self.calls += 1
+        self.started.set()
+        self.release.wait(10)
+        if self.fail:
+            raise sqlite3.OperationalError("database or disk is full")
+        self.original(rows, ledger)
+
+
+async def _until(event: threading.Event) -> None:
+    while not event.is_set():
+        await asyncio.sleep(0.01)
+
+
+def test_a_shutdown_during_a_write_waits_for_it_and_loses_no_row(tmp_path):
+    # Regression: close() cancelled the periodic flush while its thread was writing,
+    # closed the connection under that thread, and the rows it had taken were lost.
+    path = tmp_path / "audit.db"
+
+    async def scenario() -> None:
+        log = AuditLog(path, AuditConfig(flush_interval_s=0.05))
+        slow = _SlowWrites(log)
+        log.start()
+        for i in range(5):
+            log.record(_row(f"r{i}"))
+        log.charge("k1", 0, 40)
+        await _until(slow.started)  # the writer's thread is inside its write
+        closing = asyncio.ensure_future(log.close())
+        await asyncio.sleep(0.1)
+        log.record(_row("late"))  # answered while the shutdown drains
+        slow.release.set()
+        await closing
+
+    asyncio.run(scenario())
+    assert _count(path) == 6
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT tokens FROM usage_ledger WHERE key_id = 'k1'").fetchone() == (40,)
+
+
+def test_a_cancelled_flush_keeps_the_rows_of_its_failed_write(tmp_path):
+    # Regression: CancelledError is a BaseException, so `except Exception` did not put
+    # back the rows a cancelled flush had taken; the write then failed, and they were gone.
+    async def scenario() -> AuditLog:
+        log = AuditLog(tmp_path / "audit.db", AuditConfig())
+        slow = _SlowWrites(log, fail=True)
+        log.record(_row("a"))
+        log.record(_row("b"))
+        flushing = asyncio.ensure_future(log.flush())
+        await _until(slow.started)
+        flushing.cancel()
+        slow.release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await flushing
+        return log
+
+    log = asyncio.run(scenario())
+    assert [r[1] for r in log.rows] == ["a", "b"]
+
+
+def test_a_failing_disk_fails_the_waiting_answers_and_bounds_the_queue(tmp_path):
+    from appliance.errors import StateWriteFailed
+
+    async def scenario() -> None:
+        log = AuditLog(tmp_path / "audit.db", AuditConfig(flush_rows=2, max_pending_rows=4))
+        slow = _SlowWrites(log, fail=True)
+        slow.release.set()
+        receipt = log.record(_row("keyed"), durable=True)
+        with pytest.raises(sqlite3.OperationalError):
+            await log.flush()
+        with pytest.raises(StateWriteFailed):
+            await receipt  # the answer that waited for it fails (503), its row is kept
+        with pytest.raises(StateWriteFailed):
+            log.admit(True)  # keyed and regulated requests are refused while the disk fails
+        for i in range(3):
+            log.admit(False)
+            log.record(_row(f"free{i}"))
+        with pytest.raises(StateWriteFailed):
+            log.admit(False)  # 4 rows wait: memory stays bounded
+        slow.fail = False
+        await log.flush()
+        log.admit(True)
+        await log.close()
+
+    asyncio.run(scenario())
+    assert _count(tmp_path / "audit.db") == 4
+
+
+def test_concurrent_durable_rows_share_one_commit(tmp_path):
+    async def scenario() -> int:
+        log = AuditLog(tmp_path / "audit.db", AuditConfig())
+        slow = _SlowWrites(log)
+        slow.release.set()
+        log.start()
+        receipts = [log.record(_row(f"r{i}"), durable=True) for i in range(50)]
+        await asyncio.gather(*receipts)
+        await log.close()
+        return slow.calls
+
+    assert asyncio.run(scenario()) == 1
+    assert _count(tmp_path / "audit.db") == 50

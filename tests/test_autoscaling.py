@@ -30,7 +30,7 @@ def model_status(d, name="fake") -> dict:
 
 
 def admin(d, path: str, body: dict | None = None) -> httpx.Response:
-    return httpx.post(f"{d.url}/admin/models/{path}", json=body, timeout=30)
+    return httpx.post(f"{d.url}/admin/models/{path}", json={} if body is None else body, timeout=30)
 
 
 def test_a_request_to_a_model_at_zero_is_held_and_answered(daemons):

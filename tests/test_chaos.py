@@ -18,7 +18,8 @@ import httpx
 import pytest
 
 from .chaos_load import Load, chat
-from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .conftest import PY, ROOT, engine_client, fake_model, pid_alive, wait_until
+from .make_tiny_gguf import opaque
 
 FAST = ("[autoscaling]\ninterval_s = 0.2\nstabilization_s = 600\ncooldown_s = 0.5\n"
         "queue_timeout_s = 30\nkeepalive_s = 0\n")
@@ -108,14 +109,16 @@ def test_a_hung_replica_is_noticed_by_health_checks_and_replaced(daemons, tmp_pa
 def test_a_slow_replica_answers_slowly_or_times_out_in_the_envelope(daemons, tmp_path):
     d = daemons.start(two_replicas(tmp_path), extra=FAST + "[upstream]\nread_timeout_s = 1.5\n")
     slow, _ = sorted(ready_pids(d))
-    port = next(r["port"] for r in d.replicas("fake") if r["pid"] == slow)
-    httpx.post(f"http://127.0.0.1:{port}/fake/latency?seconds=0.5", timeout=5).raise_for_status()
+    replica = next(r for r in d.replicas("fake") if r["pid"] == slow)
+    with engine_client(replica) as engine:
+        engine.post("/fake/latency?seconds=0.5").raise_for_status()
     with Load(d.url, BODIES, rate=20, max_requests=40) as load:
         load.wait_for(40)
     assert_nothing_lost(load)
     assert load.tally["ok"] == 40  # slow is not broken: under read_timeout_s every answer arrives
 
-    httpx.post(f"http://127.0.0.1:{port}/fake/latency?seconds=5", timeout=5).raise_for_status()
+    with engine_client(replica) as engine:
+        engine.post("/fake/latency?seconds=5").raise_for_status()
     with Load(d.url, BODIES, rate=10, max_requests=20) as load:
         load.wait_for(20)
     assert_nothing_lost(load)
@@ -157,7 +160,7 @@ def _cli(cfg: Path, *args: str) -> str:
 def test_state_survives_a_daemon_sigkill_and_restart_intact(daemons, tmp_path):
     # A model in the store, served from it; the operator's pin and count in appliance.db.
     weights = tmp_path / "tiny.gguf"
-    weights.write_bytes(b"GGUF" + os.urandom(64 * 1024))
+    weights.write_bytes(opaque(os.urandom(64 * 1024)))
     cfg, _ = daemons.write_config("")
     _cli(cfg, "models", "import", str(weights), "--name", "acme/tiny", "--license", "mit")
     stored = json.loads(_cli(cfg, "models", "ls", "--json", "--port", "1"))
@@ -166,7 +169,7 @@ def test_state_survives_a_daemon_sigkill_and_restart_intact(daemons, tmp_path):
     d = daemons.start(served, extra=FAST)
     admin = f"{d.url}/admin/models/fake"
     assert httpx.post(f"{admin}/scale", json={"replicas": 2}, timeout=10).json()["override"] == 2
-    assert httpx.post(f"{admin}/pin", timeout=10).json()["pinned"] is True
+    assert httpx.post(f"{admin}/pin", json={}, timeout=10).json()["pinned"] is True
     engines = ready_pids(d)
     with Load(d.url, BODIES, rate=20) as load:
         load.wait_for(10)
@@ -205,7 +208,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
     seen = Path(f"/proc/{d.proc.pid}/root") / str(state).lstrip("/")
     assert (seen / "appliance.db").exists() and not (state / "appliance.db").exists()
     admin = f"{d.url}/admin/models/fake"
-    assert httpx.post(f"{admin}/pin", timeout=10).status_code == 200
+    assert httpx.post(f"{admin}/pin", json={}, timeout=10).status_code == 200
 
     with Load(d.url, BODIES, rate=20) as load:
         load.wait_for(5)
@@ -214,7 +217,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
                 while True:
                     f.write(b"\0" * 65536)
                     f.flush()
-        refused = httpx.post(f"{admin}/unpin", timeout=10)
+        refused = httpx.post(f"{admin}/unpin", json={}, timeout=10)
         load.wait_for(load.tally.sent + 10)
     assert refused.status_code == 503, refused.text
     err = refused.json()["error"]
@@ -225,7 +228,7 @@ def test_a_full_state_disk_refuses_admin_writes_in_the_envelope_changes_nothing_
     assert_nothing_lost(load)
     assert load.tally["ok"] > 0
     (seen / "filler").unlink()
-    assert httpx.post(f"{admin}/unpin", timeout=10).json()["pinned"] is False
+    assert httpx.post(f"{admin}/unpin", json={}, timeout=10).json()["pinned"] is False
     assert next(m for m in d.status()["models"] if m["name"] == "fake")["pinned"] is False
 
 

@@ -45,7 +45,7 @@ def test_status_without_a_daemon_says_so(tmp_path):
     cfg.write_text("[server]\nport = 1\n")
     result = appliance("status", "--config", str(cfg))
     assert result.returncode == 1
-    assert "daemon not reachable at http://127.0.0.1:1" in result.stderr
+    assert "the daemon is not running (nothing answers at http://127.0.0.1:1)" in result.stderr
 
 
 def test_models_ls_without_a_daemon_lists_the_config(tmp_path):
@@ -90,3 +90,79 @@ def test_serve_refuses_a_damaged_bundled_model(tmp_path):
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode != 0
     assert "has sha256" in result.stderr and "damaged" in result.stderr
+
+
+def test_serve_refuses_a_gguf_source_that_is_not_a_whole_gguf_file(tmp_path):
+    from . import make_tiny_gguf
+
+    cut = tmp_path / "cut.gguf"
+    make_tiny_gguf.main([str(cut)])
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    engine = tmp_path / "llama-server"
+    engine.write_text("#!/bin/sh\nexit 1\n")
+    engine.chmod(0o755)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[engines.llamacpp]\nbinary = "{engine}"\n[[models]]\nname = "cut"\nsource = "{cut}"\n')
+    result = subprocess.run([PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode != 0
+    assert f"model 'cut': {cut} is not a usable GGUF file: truncated: the tensors end at byte" in result.stderr
+
+
+def _serve(tmp_path, server: str = "", paths: str = "", extra: str = ""):
+    """`appliance serve` with a fake model, expected to refuse to start: its result."""
+    from .conftest import fake_model, free_port
+
+    cfg = tmp_path / "appliance.toml"
+    paths = paths or (f'state_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+                      f'log_dir = "{tmp_path}/log"\n')
+    cfg.write_text(f"[server]\nport = {free_port()}\n{server}\n[paths]\n{paths}\n{extra}\n{fake_model('fake')}")
+    return appliance("serve", "--config", str(cfg), timeout=60)
+
+
+def test_a_lifespan_failure_exits_non_zero_with_the_original_message(tmp_path):
+    # A missing admin token file is found inside the app's lifespan, under Granian.
+    result = _serve(tmp_path, server=f'admin_token_file = "{tmp_path}/missing.token"')
+    assert result.returncode == 1
+    assert "ASGI lifespan" not in result.stderr
+    assert f"field 'server.admin_token_file': cannot read {tmp_path}/missing.token" in result.stderr
+    assert "No such file or directory" in result.stderr and "create it" in result.stderr
+    assert "Unclosed client session" not in result.stderr
+
+
+def test_a_state_dir_that_cannot_be_written_is_named_with_the_fix(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    result = _serve(tmp_path, paths=f'state_dir = "{tmp_path}/a-file/state"\ncache_dir = "{tmp_path}/cache"\n'
+                                    f'log_dir = "{tmp_path}/log"\n')
+    assert result.returncode == 1 and "ASGI lifespan" not in result.stderr
+    assert f"field 'paths.state_dir': {tmp_path}/a-file/state is not writable" in result.stderr
+    assert "point paths.state_dir elsewhere" in result.stderr
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_a_provider_key_file_others_may_read_is_refused_naming_the_file_and_the_fix(tmp_path, mode):
+    key = tmp_path / "cloud.key"
+    key.write_text("sk-test-provider-key\n")
+    key.chmod(mode)
+    provider = f'[[providers]]\nname = "cloud"\nbase_url = "https://api.example.com/v1"\napi_key_file = "{key}"\n'
+    result = _serve(tmp_path, extra=provider)
+    assert result.returncode == 1
+    line = next(line for line in result.stderr.splitlines() if str(key) in line)
+    assert "providers[0].api_key_file" in line and f"mode 0{mode:o}" in line and f"chmod 600 {key}" in line
+    assert "sk-test-provider-key" not in result.stderr
+
+
+def test_a_provider_key_file_only_its_owner_reads_is_accepted(tmp_path, caplog):
+    from appliance.config import parse_config
+    from appliance.upstreams import load_providers
+
+    key = tmp_path / "cloud.key"
+    key.write_text("sk-test-provider-key\n")
+    provider = f'[[providers]]\nname = "cloud"\nbase_url = "https://api.example.com/v1"\napi_key_file = "{key}"\n'
+    key.chmod(0o600)
+    assert load_providers(parse_config(provider))["cloud"].headers({})["Authorization"].endswith("provider-key")
+    key.chmod(0o644)  # and with the switch at "warn", an open one is logged, not refused
+    warn = parse_config('[server]\nkey_file_permissions = "warn"\n' + provider)
+    assert "cloud" in load_providers(warn)
+    assert f"chmod 600 {key}" in caplog.text

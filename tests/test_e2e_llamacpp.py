@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -74,6 +76,41 @@ def test_models_and_errors_through_the_sdk(client):
     assert info.value.body["code"] == "model_not_found"
     with pytest.raises(openai.BadRequestError):
         client.embeddings.create(model=MODEL, input="hi")
+
+
+def test_a_second_key_reads_no_prompt_cache_signal_from_llama_server(llama_daemon):
+    # Regression: llama-server's cached_tokens and timings were relayed as is; a second key
+    # sending a prefix plus a guess read how much of another key's prompt was cached.
+    from .test_keys import keys_cli
+
+    victim, attacker = (keys_cli(llama_daemon, "create", "--name", n) for n in ("victim", "attacker"))
+    secret = "the vault code is 8 3 5 1"
+    openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key=victim, max_retries=0, timeout=120).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": secret}], max_tokens=2)
+    spy = openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key=attacker, max_retries=0, timeout=120)
+    for guess in ("the vault code is 1", "the vault code is 8 3", secret):
+        messages = [{"role": "user", "content": guess}]
+        raw = spy.chat.completions.with_raw_response.create(model=MODEL, messages=messages, max_tokens=2)
+        streamed = spy.chat.completions.with_raw_response.create(
+            model=MODEL, messages=messages, max_tokens=2, stream=True, stream_options={"include_usage": True})
+        for text in (raw.text, "".join(streamed.http_response.iter_text())):
+            assert '"usage"' in text and not any(f in text for f in ("cached_tokens", "timings", "cache_n")), text
+
+
+def test_llama_server_refuses_everyone_but_the_appliance(llama_daemon):
+    # The port as a local user finds it (the process table), not from /admin/status.
+    from .test_engine_door import assert_every_engine_port_refuses_strangers, engine_processes, _environ
+
+    assert_every_engine_port_refuses_strangers(llama_daemon, expected_ports=1)
+    [pid] = engine_processes(llama_daemon)
+    argv = Path(f"/proc/{pid}/cmdline").read_text().split("\0")
+    key = Path(argv[argv.index("--api-key-file") + 1]).read_text().strip()
+    assert len(key) == 64 and "LLAMA_API_KEY" not in _environ(pid)
+    [port] = {r["port"] for r in llama_daemon.replicas(MODEL)}
+    auth = {"Authorization": f"Bearer {key}"}
+    assert httpx.get(f"http://127.0.0.1:{port}/metrics", headers=auth, timeout=10).status_code == 200
+    assert httpx.get(f"http://127.0.0.1:{port}/slots", headers=auth, timeout=10).status_code == 501  # off
+    assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).status_code == 200  # public by design
 
 
 def test_the_engine_stops_with_the_daemon(llama_daemon):

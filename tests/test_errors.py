@@ -104,3 +104,18 @@ def test_an_unexpected_error_on_the_proxy_fast_path_is_a_500_envelope_not_a_drop
     assert err["type"] == "server_error" and "Traceback" not in err["message"]
     assert "appliance's log" in err["message"]
     assert any(r.exc_info for r in caplog.records), "the traceback goes to the log"
+
+
+def test_an_engine_log_never_holds_the_replica_key_even_split_across_writes(tmp_path):
+    # SGLang prints its server_args (api_key included) at start: the key is redacted,
+    # wherever the pipe's reads cut it.
+    secret = "k" * 20 + "0123456789abcdef" * 3
+    log = CappedLog(tmp_path / "m-0.log", max_bytes=1 << 20, redact=secret)
+    text = f"server_args=ServerArgs(api_key='{secret}', port=1)\nagain {secret}\n".encode()
+    for cut in (5, 40, 61, 70, len(text) - 3):
+        log.write(text[:cut])
+        log.write(text[cut:])
+    log.close()
+    written = (tmp_path / "m-0.log").read_text()
+    assert secret not in written and written.count("<redacted>") == 10
+    assert "server_args=ServerArgs(api_key='<redacted>', port=1)" in log.lines

@@ -3,11 +3,13 @@ pinned engine's own flag list, and each engine's metrics in one shape."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from appliance.config import parse_config
+from appliance.engine_access import EngineAccess
 from engines import CannotLaunch, GpuSlot, adapter_for
 from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
 
@@ -44,13 +46,14 @@ server = "sglang"
 source = "/srv/models/qwen-32b"
 """)
 SLOT = GpuSlot(gpus=(2, 3), memory_fraction=0.45)
+ACCESS = EngineAccess(secret="s3cr3t-" + "0" * 57, dir=Path("/run/appliance/engines/r7"))
 
 
 def test_vllm_argv_and_env():
-    spec = adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT)
+    spec = adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv == [
         "/opt/appliance/engines/vllm/bin/vllm", "serve", "/srv/models/llama-8b",
-        "--served-model-name", "llama-8b", "--host", "127.0.0.1", "--port", "9100",
+        "--served-model-name", "llama-8b", "--uds", "/run/appliance/engines/r7/engine.sock",
         "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.45",
         "--max-model-len", "16384", "--max-num-seqs", "32", "--enable-prefix-caching",
         "--kv-cache-dtype", "fp8", "--enable-sleep-mode",
@@ -58,30 +61,52 @@ def test_vllm_argv_and_env():
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
     assert spec.env["HF_HUB_OFFLINE"] == "1" and spec.env["HF_HOME"] == "/var/cache/appliance/hf"
     assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
+    # The key by environment (never argv); the socket is what keeps the rest of vLLM private.
+    assert spec.env["VLLM_API_KEY"] == ACCESS.secret and spec.files == {}
+
+
+def test_the_replica_key_is_never_on_an_engine_command_line():
+    cfg = parse_config('[[models]]\nname = "gguf"\nsource = "/srv/models/m.gguf"\n'
+                       '[[models]]\nname = "own"\nserver = "openai"\n'
+                       'command = ["srv", "--port", "{port}", "--key-file", "{api_key_file}"]\n'
+                       'env = { ENGINE_API_KEY = "operator-set" }\n')
+    llama = adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9100, None, ACCESS)
+    own = adapter_for("openai").launch(cfg, cfg.models[1], "127.0.0.1", 9100, None, ACCESS)
+    specs = [llama, own] + [adapter_for(e).launch(CFG, CFG.models[m], "127.0.0.1", 9100, SLOT, ACCESS)
+                            for e, m in (("vllm", 0), ("sglang", 1))]
+    for spec in specs:
+        assert not any(ACCESS.secret in a for a in spec.argv), spec.argv
+    assert llama.argv[llama.argv.index("--api-key-file") + 1] == str(ACCESS.key_file)
+    assert "--no-slots" in llama.argv and "--api-key" not in llama.argv
+    assert own.argv == ["srv", "--port", "9100", "--key-file", str(ACCESS.key_file)]
+    assert own.env["ENGINE_API_KEY"] == ACCESS.secret  # the model's env cannot replace it
 
 
 def test_sglang_argv_and_env():
-    spec = adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9200, SLOT)
+    spec = adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9200, SLOT, ACCESS)
     assert spec.argv == [
         "/opt/appliance/engines/sglang/bin/python", "-m", "sglang.launch_server",
         "--model-path", "/srv/models/qwen-32b", "--served-model-name", "qwen-32b",
         "--host", "127.0.0.1", "--port", "9200", "--tp-size", "2", "--mem-fraction-static", "0.45",
         "--context-length", "8192", "--max-running-requests", "4", "--enable-metrics",
+        "--config", "/run/appliance/engines/r7/sglang.yaml",
     ]
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3" and spec.env["HF_HUB_OFFLINE"] == "1"
+    # SGLang reads its key from --api-key only: it goes in the config file the replica writes 0600.
+    assert json.loads(spec.files["sglang.yaml"]) == {"api-key": ACCESS.secret}
 
 
 @pytest.mark.parametrize(("engine", "model"), [("vllm", 0), ("sglang", 1)])
 def test_every_flag_the_adapter_emits_exists_in_the_pinned_engine(engine, model):
-    spec = adapter_for(engine).launch(CFG, CFG.models[model], "127.0.0.1", 9100, SLOT)
+    spec = adapter_for(engine).launch(CFG, CFG.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
     emitted = {a for a in spec.argv if a.startswith("--")}
     assert emitted - pinned_flags(engine) == set()
 
 
 def test_a_configured_command_is_what_runs_and_names_no_image():
     # (CFG sets [engines.*] command: an operator's own environment wins over the images.)
-    assert adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT).image == ""
-    assert adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9100, SLOT).image == ""
+    assert adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT, ACCESS).image == ""
+    assert adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9100, SLOT, ACCESS).image == ""
 
 
 def _image_config(images: Path):
@@ -104,16 +129,16 @@ def test_with_no_command_configured_gpu_engines_run_from_their_current_image(tmp
     assert cfg.engines.vllm.command == [] and cfg.engines.sglang.command == []
     vllm = fake_engine_image(tmp_path, "vllm", "0.33.0-aaaaaaaaaaaa")
     sglang = fake_engine_image(tmp_path, "sglang", "0.5.23-bbbbbbbbbbbb")
-    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT)
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv[:3] == [str(vllm / "bin" / "vllm"), "serve", "/srv/models/llama-8b"]
     assert spec.image == "0.33.0-aaaaaaaaaaaa"
-    spec = adapter_for("sglang").launch(cfg, cfg.models[1], "127.0.0.1", 9100, SLOT)
+    spec = adapter_for("sglang").launch(cfg, cfg.models[1], "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv[:5] == [str(sglang / "bin" / "python"), "-m", "sglang.launch_server",
                              "--model-path", "/srv/models/qwen-32b"]
     assert spec.image == "0.5.23-bbbbbbbbbbbb"
     # A rollback moves `current`: the next launch runs (and names) the other image.
     older = fake_engine_image(tmp_path, "vllm", "0.32.0-cccccccccccc")
-    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT)
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.image == "0.32.0-cccccccccccc" and spec.argv[0] == str(older / "bin" / "vllm")
 
 
@@ -121,7 +146,7 @@ def test_with_no_command_configured_gpu_engines_run_from_their_current_image(tmp
 def test_with_no_image_and_no_command_a_gpu_engine_cannot_launch_and_says_the_fix(tmp_path, engine, model):
     cfg = _image_config(tmp_path / "images")
     with pytest.raises(CannotLaunch) as info:
-        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT)
+        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
     message = str(info.value)
     assert f"run `appliance images build {engine}`" in message and f"engines.{engine}.command" in message
     assert str(tmp_path / "images" / engine) in message and "\n" not in message
@@ -129,12 +154,12 @@ def test_with_no_image_and_no_command_a_gpu_engine_cannot_launch_and_says_the_fi
     (tmp_path / "images" / engine / "0.1-x" / "bin").mkdir(parents=True)
     (tmp_path / "images" / engine / "current").symlink_to("0.1-x")
     with pytest.raises(CannotLaunch, match=f"appliance images build {engine}"):
-        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT)
+        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
 
 
 def test_a_gpu_engine_without_a_slot_is_refused():
     with pytest.raises(ValueError, match="needs GPUs from the placer"):
-        adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, None)
+        adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, None, ACCESS)
 
 
 VLLM_METRICS = """\
@@ -179,3 +204,84 @@ def test_each_engines_metrics_read_into_one_shape():
 def test_older_vllm_metric_names_are_read_too():
     v = parse_vllm('vllm:gpu_cache_usage_perc{m="x"} 0.5\nvllm:gpu_prefix_cache_hit_rate{m="x"} 0.2\n')
     assert v.kv_cache_usage == 0.5 and v.prefix_cache_hit_rate == 0.2
+
+
+LLAMA_CFG = parse_config("""
+[engines.llamacpp]
+binary = "/opt/appliance/venv/bin/llama-server"
+cuda_binary = "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
+[[models]]
+name = "qwen-gguf"
+source = "/srv/models/qwen.gguf"
+context_length = 32768
+parallel = 8
+cache_type_k = "q8_0"
+cache_type_v = "q8_0"
+[models.gpus]
+count = 1
+[[models]]
+name = "cpu-gguf"
+source = "/srv/models/small.gguf"
+threads = 4
+""")
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by_uuid():
+    slot = GpuSlot(gpus=(3,), memory_fraction=0.05, uuids=("GPU-3a1e",))
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    argv = spec.argv
+    assert argv[0] == "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
+    assert _flag(argv, "--n-gpu-layers") == "all" and _flag(argv, "--split-mode") == "none"
+    assert _flag(argv, "--fit") == "off"  # the placer sized it: llama.cpp must not shrink the context
+    assert _flag(argv, "--ctx-size") == "32768" and _flag(argv, "--parallel") == "8"
+    assert _flag(argv, "--cache-type-k") == "q8_0" and _flag(argv, "--cache-type-v") == "q8_0"
+    assert _flag(argv, "--threads") == "2"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-3a1e" and spec.env["LLAMA_OFFLINE"] == "1"
+
+
+def test_llamacpp_over_two_gpus_splits_by_layer():
+    slot = GpuSlot(gpus=(2, 5), memory_fraction=0.3, uuids=("GPU-b", "GPU-c"))
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot)
+    assert _flag(spec.argv, "--split-mode") == "layer"
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-b,GPU-c"
+    # Where the probe knows no UUIDs (an inventory without them), the indices.
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+                                          GpuSlot(gpus=(2, 5), memory_fraction=0.3))
+    assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,5"
+
+
+def test_llamacpp_on_the_cpu_is_as_before():
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], "127.0.0.1", 9201)
+    assert spec.argv[0] == "/opt/appliance/venv/bin/llama-server"
+    assert "--n-gpu-layers" not in spec.argv and "--cache-type-k" not in spec.argv
+    assert _flag(spec.argv, "--threads") == "4"
+    assert "CUDA_VISIBLE_DEVICES" not in spec.env
+
+
+def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(tmp_path):
+    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n[[models]]\nname = "m"\nsource = "/srv/m.gguf"\n'
+                       "[models.gpus]\ncount = 1\n")
+    with pytest.raises(CannotLaunch, match=r"no llamacpp-cuda engine image in .*: run `appliance images build "
+                                           r"llamacpp-cuda` \(it needs the CUDA toolkit: nvcc\).*remove "
+                                           r"\[models.gpus\] to serve this model on the CPU"):
+        adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9202, GpuSlot((0,), 0.1))
+
+
+def test_every_llamacpp_gpu_flag_is_in_the_pinned_llama_server():
+    """The CPU build is the same pinned source: its --help lists the GPU options too."""
+    import subprocess
+
+    from appliance.config import default_llama_server
+
+    binary = default_llama_server()
+    if not Path(binary).exists():
+        pytest.skip("llama-server is not built (./install.sh)")
+    text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+                                          GpuSlot((0, 1), 0.1, ("GPU-a", "GPU-b")))
+    for flag in (a for a in spec.argv if a.startswith("--")):
+        assert f"{flag}" in text, f"{flag} is not an option of the pinned llama-server"

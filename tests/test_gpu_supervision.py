@@ -17,7 +17,7 @@ from appliance.gpu import GiB, SimulatedProbe
 from appliance.replica import State
 from appliance.supervisor import Supervisor
 
-from .conftest import FAKE_ENGINE, PY, ROOT, fake_engine_image, wait_until
+from .conftest import FAKE_ENGINE, PY, ROOT, engine_client, fake_engine_image, wait_until
 
 DATA = Path(__file__).parent / "data"
 
@@ -76,7 +76,7 @@ count = 1
 
 
 async def stats(replica) -> dict:
-    async with aiohttp.ClientSession() as s, s.get(f"{replica.base_url}/fake/stats") as r:
+    async with replica.session.get(f"{replica.base_url}/fake/stats") as r:  # its socket, its key
         return await r.json()
 
 
@@ -226,7 +226,8 @@ def test_a_gpu_model_with_no_command_is_served_from_the_engines_current_image(da
     assert resp.status_code == 200 and resp.json()["choices"][0]["message"]["content"]
     # The image's bin/vllm (the fake: `--as-engine vllm`, then what it was given) ran with
     # vLLM's own argv: `serve MODEL_DIR --served-model-name small ...`.
-    argv = httpx.get(f"{replica['url']}/fake/stats", timeout=5).json()["argv"]
+    with engine_client(replica) as engine:
+        argv = engine.get("/fake/stats").json()["argv"]
     assert argv[:4] == ["--as-engine", "vllm", "serve", str(tmp_path / "small")]
     assert argv[argv.index("--served-model-name") + 1] == "small"
     assert "image 0.33.0-0123456789ab" in _status_text(d)
@@ -254,7 +255,7 @@ def test_a_gpu_model_with_no_command_and_no_image_is_fatal_naming_the_fix(daemon
 
     # The fix: build the image, restart the replica; it comes up from the image.
     fake_engine_image(tmp_path / "images", "vllm", "0.33.0-0123456789ab")
-    assert httpx.post(f"{d.url}/admin/models/small/replicas/0/restart", timeout=10).status_code == 200
+    assert httpx.post(f"{d.url}/admin/models/small/replicas/0/restart", json={}, timeout=10).status_code == 200
     wait_until(lambda: d.replicas("small")[0]["state"] == "READY", 30, what="READY from the image")
     assert d.replicas("small")[0]["image"] == "0.33.0-0123456789ab"
 
@@ -290,8 +291,8 @@ async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
     sup = Supervisor(cfg, session, probe=probe)
     original = sup.runner.spawn
 
-    async def spawn_and_note(argv, env, log_path):
-        proc = await original(argv, env, log_path)
+    async def spawn_and_note(argv, env, log_path, redact=""):
+        proc = await original(argv, env, log_path, redact)
         probe.engine_pids.add(proc.pid)
         return proc
 

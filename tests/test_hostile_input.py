@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 
 import httpx
@@ -16,7 +17,7 @@ import pytest
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from .conftest import DaemonFactory, fake_model
+from .conftest import DaemonFactory, fake_model, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -186,5 +187,58 @@ def test_a_client_trickling_its_body_gets_408_and_others_are_served(hostile_daem
 
 def test_admin_bodies_of_invalid_utf8_or_deep_nesting_get_400(hostile_daemon):
     for body in (b'{"replicas": "\xff"}', b'{"x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"):
-        resp = httpx.post(f"{hostile_daemon.url}/admin/models/fake/scale", content=body, timeout=10)
+        resp = httpx.post(f"{hostile_daemon.url}/admin/models/fake/scale", content=body, timeout=10,
+                          headers={"Content-Type": "application/json"})
         _envelope_4xx(resp, 400)
+
+
+def _raw(port: int, request: bytes, half_close: bool = False) -> bytes:
+    """Send raw bytes (optionally closing our side after them); the whole answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except TimeoutError:
+            pass
+    return answer
+
+
+def _audited_statuses(d, request_id: str) -> list[int]:
+    db = d.config.parent / "state" / "appliance.db"
+    with sqlite3.connect(db) as conn:
+        return [s for (s,) in conn.execute("SELECT status FROM audit WHERE request_id = ?", (request_id,))]
+
+
+CHUNKED = [("bad-size", b"zz\r\n{}\r\n0\r\n\r\n", False),
+           ("chunk-overruns-its-size", b"3\r\n{\"model\": 1}\r\n0\r\n\r\n", False),
+           ("truncated", b"40\r\n{\"model\": \"fake\", \"mess", True)]
+
+
+@pytest.mark.parametrize(("case", "body", "half_close"), CHUNKED, ids=[c[0] for c in CHUNKED])
+def test_a_malformed_chunked_body_gets_a_400_envelope_logged_and_audited(hostile_daemon, case, body, half_close):
+    rid = f"chunked-{case}-{time.monotonic_ns()}"
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Transfer-Encoding: chunked\r\nX-Request-Id: " + rid.encode() + b"\r\nConnection: close\r\n\r\n")
+    answer = _raw(hostile_daemon.port, head + body, half_close)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "invalid_body" and "chunked" in error["message"]
+    wait_until(lambda: _audited_statuses(hostile_daemon, rid) == [400], 10, what="the audit row")
+    assert "malformed chunked encoding" in hostile_daemon.log_text()
+    _still_serves(hostile_daemon)
+
+
+def test_a_malformed_chunked_admin_body_changes_nothing(hostile_daemon):
+    before = next(m for m in hostile_daemon.status()["models"] if m["name"] == "fake")["pinned"]
+    for path in (b"/admin/models/fake/pin", b"/admin/models/fake/scale"):
+        answer = _raw(hostile_daemon.port, b"POST " + path + b" HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                      b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+                      b"zz\r\n{}\r\n0\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+        assert b'"code":"invalid_body"' in answer
+    after = next(m for m in hostile_daemon.status()["models"] if m["name"] == "fake")
+    assert after["pinned"] == before and after["override"] is None

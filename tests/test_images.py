@@ -348,3 +348,38 @@ def test_bundle_create_downloads_the_gpu_wheelhouse_from_the_lock_for_the_target
     missing = re.search(r"No matching distribution found for (\S+)==(\S+)", made.stderr)
     assert missing and lock_pins(definition(engine).lock)[canonicalize_name(missing[1])] == missing[2], made.stderr
     assert not (tmp_path / "b.tar").exists()
+
+
+def test_the_llamacpp_cuda_image_is_built_for_the_gpus_architectures_by_the_llamacpp_build(tmp_path):
+    """llamacpp-cuda runs images/llamacpp/build.sh with the CUDA architectures (here a
+    stand-in build.sh that records them); its tag covers them; serve finds its binary."""
+    defs = tmp_path / "defs"
+    shutil.copytree(ROOT / "images", defs)
+    (defs / "llamacpp" / "build.sh").write_text(
+        '#!/bin/sh\nmkdir -p "$1"\nprintf \'#!/bin/sh\\necho cuda %s\\n\' "$APPLIANCE_LLAMACPP_CUDA_ARCHS" '
+        '> "$1/llama-server"\nchmod 755 "$1/llama-server"\n')
+    env = {"APPLIANCE_IMAGE_DEFS": str(defs)}
+    out = appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "90", env=env)
+    assert "building llama-server with CUDA for sm 90" in out.stdout
+    binary = tmp_path / "images" / "llamacpp-cuda" / "current" / "bin" / "llama-server"
+    assert subprocess.run([str(binary)], capture_output=True, text=True).stdout.strip() == "cuda 90"
+    [row] = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
+    assert (row["engine"], row["cuda_archs"], row["current"]) == ("llamacpp-cuda", "90", True)
+    # Another architecture is another image; the same one is up to date.
+    assert "up to date" in appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "90",
+                                     env=env).stdout
+    appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "80;90", env=env)
+    rows = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
+    assert len({r["tag"] for r in rows}) == 2 and next(r for r in rows if r["current"])["cuda_archs"] == "80;90"
+
+    from appliance.images import llama_server
+
+    assert llama_server(str(tmp_path / "images"), engine="llamacpp-cuda") == binary
+
+
+def test_the_llamacpp_cuda_image_needs_a_gpu_or_architectures_named(tmp_path):
+    no_gpu = appliance(tmp_path, "images", "build", "llamacpp-cuda", check=False)
+    assert no_gpu.returncode == 1
+    assert "no NVIDIA GPU to build llamacpp-cuda for" in no_gpu.stderr and "--cuda-archs" in no_gpu.stderr
+    bad = appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "sm_90", check=False)
+    assert bad.returncode == 1 and "expected CUDA architectures like 90" in bad.stderr

@@ -99,3 +99,63 @@ def test_an_install_killed_half_way_is_finished_by_the_next_run(tmp_path):
     check = subprocess.run([str(tmp_path / "venv" / "bin" / "appliance"), "check"], capture_output=True, text=True,
                            timeout=120, env={**env, "APPLIANCE_CONFIG": "", "PYTHONPATH": ""})
     assert check.returncode == 0, check.stderr
+
+
+PROBE = ROOT / "images" / "llamacpp-cuda" / "probe.sh"
+
+
+def _fake_tools(folder, nvidia_smi: str | None = "GPU 0: NVIDIA H200 (UUID: GPU-2768d482)", nvcc: bool = True):
+    """A folder of stand-ins for the driver's nvidia-smi and the toolkit's nvcc."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if nvidia_smi is not None:
+        (folder / "nvidia-smi").write_text(f"#!/bin/sh\necho '{nvidia_smi}'\n")
+    if nvcc:
+        (folder / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 13.0, V13.0.88'\n")
+    for f in folder.iterdir():
+        f.chmod(0o755)
+    return folder
+
+
+def _probe(tmp_path, tools, **env):
+    # /usr/bin and /bin only: this machine's own nvcc (if any) is not on that PATH.
+    run_env = {"PATH": f"{tools}:/usr/bin:/bin", "APPLIANCE_CUDA_HOME": str(tmp_path / "no-cuda"), **env}
+    return subprocess.run([str(PROBE)], capture_output=True, text=True, env=run_env, timeout=30)
+
+
+@pytest.mark.parametrize("case, tools, expected", [
+    ("no driver", dict(nvidia_smi=None), "no NVIDIA driver (nvidia-smi not found)"),
+    ("no gpu", dict(nvidia_smi=""), "the NVIDIA driver lists no GPU (nvidia-smi -L)"),
+    ("no toolkit", dict(nvcc=False), "no CUDA toolkit (nvcc not found on PATH or in "),
+])
+def test_the_cuda_probe_says_why_not(tmp_path, case, tools, expected):
+    out = _probe(tmp_path, _fake_tools(tmp_path / "bin", **tools))
+    assert out.returncode == 1 and out.stdout.startswith(expected), out.stdout + out.stderr
+
+
+def test_the_cuda_probe_finds_nvcc_on_path_in_cudacxx_or_in_the_toolkit_home(tmp_path):
+    tools = _fake_tools(tmp_path / "bin")
+    out = _probe(tmp_path, tools)
+    assert out.returncode == 0 and out.stdout.strip() == str(tools / "nvcc")
+    (tools / "nvcc").unlink()
+    home = _fake_tools(tmp_path / "cuda" / "bin", nvidia_smi=None)
+    out = _probe(tmp_path, tools, APPLIANCE_CUDA_HOME=str(tmp_path / "cuda"))
+    assert out.returncode == 0 and out.stdout.strip() == str(home / "nvcc")
+    out = _probe(tmp_path, tools, CUDACXX=str(home / "nvcc"))
+    assert out.returncode == 0 and out.stdout.strip() == str(home / "nvcc")
+
+
+def test_install_builds_the_cuda_engine_only_where_the_probe_finds_a_driver_and_nvcc(installed, tmp_path):
+    base, env, first = installed
+    # This machine has no NVIDIA driver: the install says so, and what it means.
+    assert ("no CUDA engine: no NVIDIA driver (nvidia-smi not found); GGUF models run on the CPU, "
+            "those with [models.gpus] are not placed") in first.stdout
+    # With a driver and nvcc (faked), install.sh goes for the CUDA build; NVML (no GPU here)
+    # has no architecture to build for, and the install still succeeds, saying what that means.
+    tools = _fake_tools(tmp_path / "bin")
+    again = subprocess.run([str(ROOT / "install.sh")], capture_output=True, text=True, timeout=600,
+                           env={**env, "PATH": f"{tools}:{env['PATH']}"})
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"CUDA toolkit found ({tools / 'nvcc'}): building llama-server with CUDA" in again.stdout
+    assert "the CUDA engine (llamacpp-cuda) did not build: " in again.stdout
+    assert "no NVIDIA GPU to build llamacpp-cuda for" in again.stdout
+    assert "GGUF models with [models.gpus] will not be placed; everything else is installed" in again.stdout

@@ -85,16 +85,19 @@ def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
 
 
 def test_a_key_over_its_token_budget_gets_429_until_the_period_ends(keyed):
-    token = keys_cli(keyed, "create", "--name", "thrifty", "--budget-tokens", "10",
+    # A request holds its prompt's bound (one token per byte of body) plus max_tokens while
+    # it runs; the fake engine's usage is 5 prompt + 3 completion tokens, a stream's too.
+    streamed = json.dumps({**CHAT, "max_tokens": 3, "stream": True}).encode()
+    token = keys_cli(keyed, "create", "--name", "thrifty", "--budget-tokens", str(len(streamed) + 3 + 15),
                      "--budget-period", "day")
-    # The fake engine's usage: 5 prompt + 3 completion tokens; a stream counts too.
-    assert post(keyed, token).status_code == 200
-    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True},
-                                      headers={"Authorization": f"Bearer {token}"}) as r:
+    headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    assert post(keyed, token, {**CHAT, "max_tokens": 3}).status_code == 200
+    with keyed.client() as c, c.stream("POST", "/v1/chat/completions", content=streamed, headers=headers) as r:
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     # The client did not ask for usage: the extra usage-only event was kept from it...
     assert all('"usage"' not in e for e in events) and events[-1] == "data: [DONE]"
-    resp = post(keyed, token)  # ...but it was counted: 16 >= 10
+    with keyed.client() as c:  # ...but it was counted: 16 used, one token short for this one
+        resp = c.post("/v1/chat/completions", content=streamed, headers=headers)
     assert resp.status_code == 429 and resp.json()["error"]["code"] == "budget_exceeded"
     assert 0 < int(resp.headers["retry-after"]) <= 86400
 
@@ -107,7 +110,7 @@ def test_a_stream_that_asks_for_usage_gets_it(keyed):
         events = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert len(events) >= 2, (r.status_code, events)
     assert json.loads(events[-2][6:])["usage"]["completion_tokens"] == 3
-    usage = {u["key"]: u for u in httpx.get(f"{keyed.url}/admin/status").json()["usage"]}
+    usage = {u["key"]: u for u in keyed.status()["usage"]}
     assert usage["meter"]["requests"] == 1 and usage["meter"]["completion_tokens"] == 3
 
 
@@ -134,7 +137,7 @@ def test_every_request_gets_an_audit_row_without_text(keyed):
     route, model, served_by, status, p, c, latency, req_text, resp_text = wait_until(row, 10, what="a row")
     assert (route, model, served_by, status, p, c) == ("r1", "m1", "fake#0", 200, 5, 3)
     assert latency > 0 and req_text is None and resp_text is None
-    metrics = httpx.get(f"{keyed.url}/metrics").text
+    metrics = httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {token}"}).text
     assert 'appliance_tokens_total{kind="prompt",model="m1"}' in metrics
 
 
@@ -157,7 +160,7 @@ class _Rt:
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)
-        self.supervisor = type("S", (), {"deployments": {}})()
+        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 

@@ -62,7 +62,7 @@ class FakeRunner:
         self.output: list[str] = []
         self.ignore_sigterm = False
 
-    async def spawn(self, argv, env, log_path: Path) -> FakeProcess:
+    async def spawn(self, argv, env, log_path: Path, redact: str = "") -> FakeProcess:
         if self.fail_spawn:
             raise OSError(self.fail_spawn)
         proc = FakeProcess(list(self.output))
@@ -75,6 +75,7 @@ class ScriptedAdapter:
     """Readiness answers come from a list: True = ready, a string = ProbeFailed(reason)."""
 
     name = "scripted"
+    unix_socket = False
 
     def __init__(self, ready: list[bool | str] | None = None, supervised: bool = True) -> None:
         self.ready_answers = list(ready or [True])
@@ -84,7 +85,7 @@ class ScriptedAdapter:
     def supervised(self, model) -> bool:
         return self._supervised
 
-    def launch(self, cfg, model, host, port, slot=None) -> LaunchSpec:
+    def launch(self, cfg, model, host, port, slot, access) -> LaunchSpec:
         return LaunchSpec(argv=["engine", "--port", str(port)])
 
     def base_url(self, model, host, port) -> str:

@@ -54,6 +54,7 @@ def recorder(tmp_path_factory):
 def provider(rec: Recorder, tmp: Path) -> str:
     key = tmp / "cloud.key"
     key.write_text("sk-test-secret-never-logged\n")
+    key.chmod(0o600)  # a key file others may read is refused
     return (f'[[providers]]\nname = "cloud"\nbase_url = "{rec.url}/v1"\napi_key_file = "{key}"\n'
             'models = { general = "cloud-large" }\nread_timeout_s = 5\n\n')
 

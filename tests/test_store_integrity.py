@@ -299,9 +299,9 @@ def test_a_file_changed_while_the_daemon_runs_is_caught_before_a_replica_loads_i
         assert c.post("/v1/completions", json={"model": "victim-model", "prompt": "hi",
                                                "max_tokens": 2}).status_code == 200
         _rewrite(blob)
-        assert c.post("/admin/models/victim-model/unload").status_code == 200
+        assert c.post("/admin/models/victim-model/unload", json={}).status_code == 200
         wait_until(lambda: not daemon.replicas("victim-model"), timeout=30, what="unloaded")
-        assert c.post("/admin/models/victim-model/load").status_code == 200
+        assert c.post("/admin/models/victim-model/load", json={}).status_code == 200
     _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest)
 
 

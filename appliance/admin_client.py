@@ -1,0 +1,101 @@
+"""How the CLI and the TUI reach the daemon's admin API: the admin socket (file
+permissions decide who may administer), else TCP with the admin token. One
+resolution (``target_from_config``), one way to say why the daemon did not answer."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+class DaemonDown(Exception):
+    """The daemon does not answer (not running, or the socket is not ours to open)."""
+
+
+class AdminError(Exception):
+    """The daemon answered with an error; its message is for the operator."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where the admin API is: a unix socket, or a URL with the admin token."""
+
+    socket: str | None = None
+    url: str | None = None
+    token: str = ""
+
+    @property
+    def where(self) -> str:
+        return f"unix:{self.socket}" if self.socket else (self.url or "")
+
+    def client_options(self) -> dict[str, Any]:
+        """httpx.Client / AsyncClient keyword arguments: base URL and the token header
+        (the transport, for a socket, is the caller's: sync or async)."""
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        return {"base_url": "http://appliance" if self.socket else (self.url or "").rstrip("/"),
+                "headers": headers}
+
+    def why_down(self, exc: Exception) -> str:
+        text = str(exc) or type(exc).__name__
+        if self.socket and "Permission denied" in text:
+            return (f"no permission to open {self.socket}: administering needs its owner or group "
+                    "(ls -l shows them), or the admin token over TCP")
+        if "No such file" in text or "Connection refused" in text or "Errno 111" in text:
+            return f"the daemon is not running (nothing answers at {self.where})"
+        return f"the daemon does not answer at {self.where}: {text}"
+
+
+def target_from_config(cfg, *, socket: str | None = None, url: str | None = None,
+                       token_file: str | None = None, port: int | None = None,
+                       socket_if_usable: bool = False) -> Target:
+    """--url (or --port): TCP with the admin token (--token-file, else
+    server.admin_token_file); else the admin socket (--socket, else
+    server.admin_socket); with the socket off, TCP to server.host:server.port.
+    socket_if_usable: fall back to TCP when the socket is not there or not ours
+    to open (the CLI; the TUI reports it instead)."""
+    from appliance.config import read_admin_token
+
+    def token() -> str:
+        if token_file:
+            return Path(token_file).read_text().strip()
+        return read_admin_token(cfg)
+
+    if url:
+        return Target(url=url, token=token())
+    path = socket or cfg.server.admin_socket
+    if path and port is None and (not socket_if_usable or os.access(path, os.R_OK | os.W_OK)):
+        return Target(socket=path)
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+    if ":" in host:
+        host = f"[{host}]"
+    return Target(url=f"http://{host}:{port or cfg.server.port}", token=token())
+
+
+def answer(resp: httpx.Response) -> dict:
+    """The JSON of a good answer; AdminError with the daemon's own message otherwise."""
+    if resp.status_code >= 400:
+        try:
+            message = resp.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = f"HTTP {resp.status_code}"
+        raise AdminError(message)
+    try:
+        return resp.json()
+    except ValueError:
+        raise AdminError(f"{resp.request.method} {resp.request.url.path}: the daemon's answer is not JSON") from None
+
+
+def call(target: Target, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+    """One admin call, synchronously (the CLI). State-changing calls always send a
+    JSON body: the daemon refuses any other content type."""
+    transport = httpx.HTTPTransport(uds=target.socket) if target.socket else None
+    kwargs = {"json": body if body is not None else {}} if method != "GET" else {}
+    try:
+        with httpx.Client(transport=transport, timeout=timeout, **target.client_options()) as client:
+            return answer(client.request(method, path, **kwargs))
+    except httpx.TransportError as exc:
+        raise DaemonDown(target.why_down(exc)) from None

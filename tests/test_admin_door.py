@@ -1,0 +1,176 @@
+"""The admin API has one credential model (issue 13, point 4): the admin socket
+or the admin token; TCP admin without a token only on a developer's loopback box
+with keys not required; never to a DNS-rebinding page, a cross-site POST or a
+body that is not JSON; and with keys required, the box's models and metrics only
+to a caller with a key or the admin credential. The CLI sends the token."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+
+import httpx
+import pytest
+
+from .conftest import PY, ROOT, fake_model
+from .test_keys import keys_cli
+
+
+def state(d) -> list[str]:
+    return [r["state"] for r in d.replicas("fake")]
+
+
+@pytest.fixture(scope="module")
+def dev_daemon(tmp_path_factory):
+    """The developer's default: loopback, no admin token, keys not required."""
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path_factory.mktemp("dev"))
+    yield factory.start(fake_model("fake"))
+    factory.cleanup()
+
+
+@pytest.fixture(scope="module")
+def keyed_daemon(tmp_path_factory):
+    """Keys required, an admin token."""
+    from .conftest import DaemonFactory
+
+    tmp = tmp_path_factory.mktemp("keyed")
+    token = "adm-" + secrets.token_hex(16)
+    (tmp / "admin.token").write_text(token + "\n")
+    (tmp / "admin.token").chmod(0o600)
+    factory = DaemonFactory(tmp)
+    d = factory.start(fake_model("fake"), server=f'admin_token_file = "{tmp / "admin.token"}"',
+                      extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    d.token = token
+    d.key = keys_cli(d, "create", "--name", "app")
+    yield d
+    factory.cleanup()
+
+
+def bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def test_tcp_admin_without_a_token_is_refused_once_keys_are_required(daemons):
+    d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    for path in ("/admin/status", "/admin/gpus", "/openapi.json", "/admin/models/fake/replicas/0/log"):
+        resp = httpx.get(d.url + path, timeout=10)
+        assert resp.status_code == 403, path
+        message = resp.json()["error"]["message"]
+        assert "keys.required" in message and "admin_token_file" in message and "admin socket" in message
+    resp = httpx.post(f"{d.url}/admin/models/fake/unload", json={}, timeout=10)
+    assert resp.status_code == 403
+    assert state(d) == ["READY"]  # (over the admin socket) nothing changed
+
+
+def test_a_cross_site_post_from_a_web_page_changes_nothing(dev_daemon):
+    d = dev_daemon
+    url = f"{d.url}/admin/models/fake/unload"
+    # What a page on another site can send without a preflight: a "simple" request.
+    for headers in ({"Origin": "http://evil.example", "Content-Type": "text/plain"},
+                    {"Origin": "http://evil.example", "Content-Type": "application/json"},
+                    {"Origin": "null", "Content-Type": "application/x-www-form-urlencoded"},
+                    {"Origin": "http://localhost:3000", "Content-Type": "text/plain"},  # another local server
+                    {"Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain"}):
+        resp = httpx.post(url, content=b'{"replicas": 0}', headers=headers, timeout=10)
+        assert resp.status_code == 403, headers
+        assert resp.json()["error"]["code"] == "cross_origin"
+    # No Origin at all (a no-cors fetch may omit it): a simple content type is still refused.
+    for content_type in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data", None):
+        headers = {"Content-Type": content_type} if content_type else {}
+        resp = httpx.post(url, content=b"{}", headers=headers, timeout=10)
+        assert resp.status_code == 415, content_type
+        error = resp.json()["error"]
+        assert error["code"] == "unsupported_media_type" and "application/json" in error["message"]
+    resp = httpx.post(f"{d.url}/admin/models/fake/scale", content=b'{"replicas": 0}',
+                      headers={"Content-Type": "text/plain"}, timeout=10)
+    assert resp.status_code == 415
+    assert state(d) == ["READY"]
+    # The daemon's own origin, with JSON, is the operator.
+    same = {"Origin": f"http://127.0.0.1:{d.port}"}
+    assert httpx.post(f"{d.url}/admin/models/fake/pin", json={}, headers=same, timeout=10).status_code == 200
+
+
+def test_a_dns_rebinding_page_cannot_read_or_change_anything(dev_daemon):
+    d = dev_daemon
+    for host in (f"evil.example:{d.port}", "evil.example", f"localhost.evil.example:{d.port}", "10.11.12.13"):
+        for path in ("/admin/status", "/admin/gpus", "/openapi.json"):
+            resp = httpx.get(d.url + path, headers={"Host": host}, timeout=10)
+            assert resp.status_code == 403, (host, path)
+            assert resp.json()["error"]["code"] == "untrusted_host"
+            assert host in resp.json()["error"]["message"]
+        resp = httpx.post(f"{d.url}/admin/models/fake/unload", json={}, headers={"Host": host}, timeout=10)
+        assert resp.status_code == 403
+    assert state(d) == ["READY"]
+    for host in (f"localhost:{d.port}", f"127.0.0.1:{d.port}", "localhost", f"[::1]:{d.port}"):
+        assert httpx.get(d.url + "/admin/status", headers={"Host": host}, timeout=10).status_code == 200, host
+
+
+def test_with_keys_required_models_and_metrics_need_a_key_or_the_admin_credential(keyed_daemon):
+    d = keyed_daemon
+    for path in ("/v1/models", "/v1/models/fake", "/metrics"):
+        for headers in ({}, bearer("wrong"), bearer("ak-nope-nope")):
+            resp = httpx.get(d.url + path, headers=headers, timeout=10)
+            assert resp.status_code == 401, (path, headers)
+            assert resp.json()["error"]["type"] == "authentication_error"
+            assert "fake" not in resp.text
+        for secret in (d.key, d.token):
+            assert httpx.get(d.url + path, headers=bearer(secret), timeout=10).status_code == 200, path
+    assert [m["id"] for m in httpx.get(f"{d.url}/v1/models", headers=bearer(d.key)).json()["data"]] == ["fake"]
+    # /healthz and /readyz stay open for probes; /readyz names no model without a credential.
+    assert httpx.get(f"{d.url}/healthz").status_code == 200
+    anonymous = httpx.get(f"{d.url}/readyz")
+    assert anonymous.status_code == 200 and anonymous.json() == {"status": "ready"}
+    assert httpx.get(f"{d.url}/readyz", headers=bearer(d.key)).json()["models"] == {"fake": True}
+    # The OpenAPI document is the admin's only.
+    assert httpx.get(f"{d.url}/openapi.json", headers=bearer(d.key)).status_code == 401
+    assert httpx.get(f"{d.url}/openapi.json", headers=bearer(d.token)).status_code == 200
+
+
+def test_metrics_public_opens_metrics_alone_for_a_local_prometheus(daemons):
+    d = daemons.start(fake_model("fake"), server="metrics_public = true", extra="[keys]\nrequired = true\n",
+                      wait=False)
+    d.wait_ready(status=False)
+    assert httpx.get(f"{d.url}/metrics", timeout=10).status_code == 200
+    assert httpx.get(f"{d.url}/v1/models", timeout=10).status_code == 401
+
+
+def cli(d, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "appliance.cli", *args, "--config", str(d.config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_the_cli_sends_the_admin_token_over_tcp(daemons, tmp_path):
+    token = "adm-" + secrets.token_hex(16)
+    (tmp_path / "admin.token").write_text(token)
+    (tmp_path / "admin.token").chmod(0o600)
+    # No admin socket: the CLI has only TCP, which wants the token (keys required).
+    d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False,
+                      server=f'admin_token_file = "{tmp_path / "admin.token"}"\nadmin_socket = ""')
+    d.wait_ready(status=False)
+    status = cli(d, "status")
+    assert status.returncode == 0, status.stderr
+    assert "None" not in status.stdout and "fake" in status.stdout and "READY" in status.stdout
+    listing = cli(d, "models", "ls", "--json")
+    assert listing.returncode == 0, listing.stderr
+    assert json.loads(listing.stdout)[0]["state"] == "READY"
+    assert cli(d, "pin", "fake").returncode == 0
+    assert cli(d, "scale", "fake", "1").returncode == 0
+    assert cli(d, "unpin", "fake").returncode == 0
+    # A wrong token is an error that says so, not a status of Nones.
+    (tmp_path / "admin.token").write_text("wrong-" + secrets.token_hex(16))
+    refused = cli(d, "status")
+    assert refused.returncode == 1 and "admin token" in refused.stderr and "None" not in refused.stdout
+
+
+def test_the_cli_uses_the_admin_socket_when_tcp_admin_is_closed(daemons):
+    d = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    status = cli(d, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert [m["name"] for m in json.loads(status.stdout)["models"]] == ["fake"]
+    assert cli(d, "load", "fake").returncode == 0
