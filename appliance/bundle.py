@@ -200,14 +200,10 @@ def _prebuilt_llama_server(variant: str, dest: Path, log) -> dict:
         build = Path(os.environ["APPLIANCE_IMAGE_DEFS"]) / "llamacpp" / "build.sh"
     out = dest / ".new"
     log(f"the {variant} llama-server: from the build cache, else compiled here once (minutes)")
-    result = subprocess.run([str(build), "--variant", variant, str(out)],
-                            env={**os.environ, "PYTHON": sys.executable}, stderr=subprocess.PIPE, text=True)
-    if result.returncode != 0:
-        raise BundleError("building the portable llama-server failed: "
-                          + " | ".join(result.stderr.strip().splitlines()[-3:]))
-    for line in result.stderr.splitlines():
-        if "building llama-server" in line or "built in" in line:
-            log(line)
+    # build.sh's lines (its progress every 30 s, or why it failed) go straight to stderr.
+    if subprocess.run([str(build), "--variant", variant, str(out)],
+                      env={**os.environ, "PYTHON": sys.executable}).returncode != 0:
+        raise BundleError(f"building the {variant} llama-server failed (build.sh's lines above say why)")
     info = json.loads((out / "build.json").read_text())
     key = f"{info['arch']}-glibc{info['glibc']}-{info['variant']}"
     os.replace(out, dest / key)

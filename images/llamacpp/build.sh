@@ -225,7 +225,7 @@ ccache=""
 if command -v ccache >/dev/null; then ccache=", ccache"; fi
 described=$variant
 [ "$variant" != cuda ] || described="cuda: sm $APPLIANCE_LLAMACPP_CUDA_ARCHS, FlashAttention ${APPLIANCE_LLAMACPP_CUDA_FA:-ON}"
-log "building llama-server $LLAMACPP_SDIST_VERSION ($described$ccache) with -j$jobs (CPU: about 6 min on 2 free cores)"
+log "building llama-server $LLAMACPP_SDIST_VERSION ($described$ccache) with -j$jobs (CPU: 5-6 min on 2 free cores)"
 cmake -S "$src" -B "$work/build" -G Ninja "${cmake_flags[@]}" >"$work/configure.log" 2>&1 \
   || { tail -n 40 "$work/configure.log" >&2; die "configuring llama.cpp failed"; }
 
