@@ -252,7 +252,10 @@ class Store:
             self._mkdir(self.root)
             if not self.db_path.exists():
                 # Owned by the store's owner before SQLite opens it: its -wal and -shm get that owner.
-                self.db_path.touch()
+                try:
+                    self.db_path.touch()
+                except OSError as exc:
+                    raise StoreError(f"{self.db_path}: cannot create the store's manifest: {exc.strerror}") from None
                 self._own(self.db_path)
             try:
                 conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
