@@ -90,7 +90,7 @@ def _pip(args: list[str], what: str) -> None:
 
 
 def create(cfg: Config, output: Path, *, engines: list[str], models: list[str],
-           wheelhouse: Path | None = None, prebuilt: str | None = "portable",
+           wheelhouse: Path | None = None, prebuilt: str | None = "native",
            log: Callable[[str], None] = print) -> Path:
     output = output.resolve()
     work = output.parent / f".{output.name}.parts"
@@ -207,7 +207,9 @@ def _prebuilt_llama_server(variant: str, dest: Path, log) -> dict:
     info = json.loads((out / "build.json").read_text())
     key = f"{info['arch']}-glibc{info['glibc']}-{info['variant']}"
     os.replace(out, dest / key)
-    log(f"added the prebuilt llama-server {key}")
+    needs = " ".join(info.get("cpu_needs") or []) or "the arch's baseline"
+    log(f"added the prebuilt llama-server {key}: servers with glibc >= {info['glibc']} and these CPU "
+        f"features use it ({needs}); others compile it from the carried sdist")
     return {"engine": "llamacpp", "path": f"prebuilt/llamacpp/{key}", **{k: info[k] for k in (
         "variant", "arch", "glibc", "cpu_needs")}}
 

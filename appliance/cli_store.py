@@ -311,11 +311,12 @@ def bundle() -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME", help="Store models to include (repeatable).")
 @click.option("--wheelhouse", metavar="DIR",
               help="Take the appliance's wheels from DIR instead of building them (offline rebuild).")
-@click.option("--prebuilt", type=click.Choice(["portable", "native", "none"]), default="portable",
+@click.option("--prebuilt", type=click.Choice(["native", "portable", "none"]), default="native",
               show_default=True,
-              help="The llama-server built here to carry (compiled once, then cached), which servers it fits "
-                   "use instead of compiling: portable (any x86-64-v3 / armv8-a CPU), native (this machine's "
-                   "CPU: servers with the same CPU features or more), none (every server compiles it).")
+              help="The llama-server built here to carry, which servers it fits use instead of compiling: "
+                   "native (the build this machine's install already cached; servers with the same CPU "
+                   "features or more), portable (any x86-64-v3 / armv8-a CPU: for a mixed fleet; compiled "
+                   "once here, minutes, then cached), none (every server compiles it).")
 @CONFIG_OPTION
 def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, config):
     """Write one archive that installs the appliance with no network and no checkout: its

@@ -43,8 +43,8 @@ def bundle(tmp_path_factory) -> Path:
                  ["accept-license", RESTRICTED, "--by", "legal@example"]):
         subprocess.run([*cli, "models", *args, "--config", str(cfg)], check=True, capture_output=True, cwd=ROOT,
                        timeout=120)
-    # The native build install.sh --dev made is the one carried: it fits this machine, and
-    # the test compiles nothing more (the default, portable, is another build).
+    # The native build install.sh --dev made is the one carried (the default, named here
+    # as what the test relies on): it fits this machine, and the test compiles nothing more.
     made = subprocess.run([*cli, "bundle", "create", "-o", str(base / "appliance.tar"), "--model", "smollm2",
                            "--model", RESTRICTED, "--prebuilt", "native", "--config", str(cfg)],
                           capture_output=True, text=True, cwd=ROOT, timeout=900)
