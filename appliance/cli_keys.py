@@ -19,8 +19,13 @@ def register(main: click.Group, load) -> None:
     from .keys import PERIODS, KeyStore
 
     def store(config: str | None) -> KeyStore:
+        from .migrations import SchemaError
+
         cfg = load(config)
-        return KeyStore(Path(cfg.paths.state_dir) / "appliance.db")
+        try:
+            return KeyStore(Path(cfg.paths.state_dir) / "appliance.db")
+        except SchemaError as exc:
+            raise click.ClickException(str(exc)) from None
 
     def check_binding(config: str | None, routes: tuple[str, ...], tag: str) -> None:
         """A key's routes and tag bind it: each must exist in the config it is served by."""

@@ -311,16 +311,24 @@ def bundle() -> None:
 @click.option("--model", "models", multiple=True, metavar="NAME", help="Store models to include (repeatable).")
 @click.option("--wheelhouse", metavar="DIR",
               help="Take the appliance's wheels from DIR instead of building them (offline rebuild).")
+@click.option("--prebuilt", type=click.Choice(["native", "portable", "none"]), default="native",
+              show_default=True,
+              help="The llama-server built here to carry, which servers it fits use instead of compiling: "
+                   "native (the build this machine's install already cached; servers with the same CPU "
+                   "features or more), portable (any x86-64-v3 / armv8-a CPU: for a mixed fleet; compiled "
+                   "once here, minutes, then cached), none (every server compiles it).")
 @CONFIG_OPTION
-def bundle_create(output, engines, cpu_engine, models, wheelhouse, config):
-    """Write one archive with the appliance's wheels, engine wheelhouses, models and SHA256SUMS."""
+def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, config):
+    """Write one archive that installs the appliance with no network and no checkout: its
+    installer, wheels, engine wheelhouses and prebuilt llama-server, models, SHA256SUMS."""
     from .bundle import BundleError, create
 
     cfg = _load(config)
     try:
         engines = ["llamacpp", *engines] if cpu_engine else [e for e in engines if e != "llamacpp"]
         path = create(cfg, Path(output), engines=list(dict.fromkeys(engines)), models=list(models),
-                      wheelhouse=Path(wheelhouse) if wheelhouse else None, log=click.echo)
+                      wheelhouse=Path(wheelhouse) if wheelhouse else None,
+                      prebuilt=None if prebuilt == "none" else prebuilt, log=click.echo)
     except (BundleError, StoreError, ImageError) as exc:
         raise _fail(exc) from None
     click.echo(f"wrote {path}")

@@ -354,6 +354,8 @@ class Config(_Section):
     providers: list[ProviderConfig] = msgspec.field(default_factory=list)
     # Where the config came from, for messages; not a TOML key.
     origin: str = "<built-in defaults>"
+    # Renamed keys this file still uses (RENAMED_KEYS), one warning each; not a TOML key.
+    deprecations: tuple[str, ...] = ()
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
@@ -454,12 +456,70 @@ def load_config(cli_path: str | None = None) -> Config:
 
 def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
     try:
-        cfg = msgspec.toml.decode(raw, type=Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(f"{origin}: {_field_message(exc)}") from None
+        table = msgspec.toml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
-    return finalize(cfg, origin=origin)
+    if not isinstance(table, dict):
+        raise ConfigError(f"{origin}: not a TOML table")
+    deprecations = _rename_keys(table, origin)
+    try:
+        cfg = msgspec.convert(table, type=Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{origin}: {_field_message(exc)}") from None
+    return finalize(msgspec.structs.replace(cfg, deprecations=tuple(deprecations)), origin=origin)
+
+
+# Keys renamed in a release: (old, new, the release that renamed it). The old name is read
+# as the new one, with a warning, for one release; then the entry goes and the old name is
+# an unknown field. "models[].x" is key x of every [[models]] table.
+RENAMED_KEYS: list[tuple[str, str, str]] = []
+
+
+def _rename_keys(table: dict, origin: str) -> list[str]:
+    """Move each renamed key the file uses to its new name; a warning for each."""
+    warnings = []
+    for old, new, release in RENAMED_KEYS:
+        for where, parent, new_parent in _key_places(table, old, new):
+            old_key, new_key = old.rsplit(".", 1)[-1], new.rsplit(".", 1)[-1]
+            if new_key in new_parent:
+                raise ConfigError(f"{origin}: field '{where}{old_key}' is the old name of '{new}' (renamed in "
+                                  f"{release}) and both are set; keep only '{new}'")
+            new_parent[new_key] = parent.pop(old_key)
+            warnings.append(f"{origin}: field '{where}{old_key}' is deprecated: it was renamed '{new}' in "
+                            f"{release} and is read as that for now; rename it before the next release")
+    return warnings
+
+
+def _key_places(table: dict, old: str, new: str) -> list[tuple[str, dict, dict]]:
+    """(path shown, the table holding the old key, the table the new key goes in) for each
+    place the file sets old."""
+    *old_path, old_key = old.split(".")
+    new_path = new.split(".")[:-1]
+    places = [("", table)]
+    for part in old_path:
+        many = part.endswith("[]")
+        name = part.removesuffix("[]")
+        found = []
+        for shown, t in places:
+            value = t.get(name)
+            items = value if many and isinstance(value, list) else [value] if not many else []
+            for i, item in enumerate(items):
+                if isinstance(item, dict):
+                    found.append((f"{shown}{name}[{i}]." if many else f"{shown}{name}.", item))
+        places = found
+    out = []
+    for shown, parent in places:
+        if old_key not in parent:
+            continue
+        target = parent if new_path == old_path else _subtable(table, new_path)
+        out.append((shown, parent, target))
+    return out
+
+
+def _subtable(table: dict, path: list[str]) -> dict:
+    for part in path:
+        table = table.setdefault(part, {})
+    return table
 
 
 def _field_message(exc: msgspec.ValidationError) -> str:

@@ -89,7 +89,7 @@ class Definition:
         h = hashlib.sha256()
         for folder in dict.fromkeys((self.folder, self.build_folder)):
             for f in sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".toml", ".txt", ".env",
-                                                                                         ".lock", ".sh")
+                                                                                         ".lock", ".sh", ".cmake")
                             and not p.name.startswith("flags-")):
                 h.update(f.name.encode() + b"\0" + f.read_bytes())
         if self.cuda_archs:
@@ -283,7 +283,7 @@ def build(engine: str, cfg: Config | None = None, *, python: str | None = None, 
     base.mkdir(parents=True, exist_ok=True)
     try:
         if engine in LLAMACPP_ENGINES:
-            _build_llamacpp(d, target, base, interpreter, log)
+            _build_llamacpp(d, target, interpreter, log)
         else:
             _build_python_engine(d, target, interpreter, log)
         manifest = {"engine": engine, "version": d.version, "tag": d.tag,
@@ -308,17 +308,11 @@ def _run(argv: list[str], what: str, env: dict | None = None) -> None:
         raise ImageError(f"{what} failed: " + " | ".join(tail))
 
 
-def _build_llamacpp(d: Definition, tmp: Path, base: Path, python: str, log) -> None:
+def _build_llamacpp(d: Definition, tmp: Path, python: str, log) -> None:
+    """build.sh: the cached build, a prebuilt one that fits, or compiled (the build tools
+    of d.requirements provisioned by it when missing)."""
     _run([python, "-m", "venv", "--without-pip", str(tmp)], "creating the venv")
-    env = dict(os.environ)
-    if not shutil.which("cmake") or not shutil.which("ninja"):
-        tools = base / ".tools"
-        if not (tools / "bin" / "cmake").exists():
-            log("installing the pinned build tools (cmake, ninja) with --require-hashes")
-            _run([python, "-m", "venv", str(tools)], "creating the tools venv")
-            _run([str(tools / "bin" / "pip"), "install", "--quiet", "--require-hashes", "-r",
-                  str(d.requirements)], "installing build tools")
-        env["PATH"] = f"{tools / 'bin'}:{env['PATH']}"
+    env = {**os.environ, "PYTHON": os.environ.get("PYTHON") or python}
     if d.cuda_archs:
         env["APPLIANCE_LLAMACPP_CUDA_ARCHS"] = d.cuda_archs
         log(f"building llama-server with CUDA for sm {d.cuda_archs} (a few minutes on 16 cores, "

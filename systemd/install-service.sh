@@ -1,8 +1,11 @@
 # systemd/install-service.sh: the service side of install.sh (sourced by it, not run).
 #
-# preflight        checks with clear messages: OS, disk space, NVIDIA driver or CPU-only
-# install_service  the system user, directories, default config, unit; systemctl
-# uninstall        the program and unit; with --purge also config, data, logs and user
+# preflight              checks with clear messages: OS, disk space, NVIDIA driver or CPU-only
+# install_service_files  the system user, directories, default config, unit
+# start_service          systemctl: enabled, started, or restarted once when this run changed it
+#                        (returns 1 when systemd could not start it)
+# run_as_service         a command as the service user, with the service's directories
+# uninstall              the program and unit; with --purge also config, data, logs and user
 #
 # Uses install.sh's variables: root, prefix, bin_link, etc_dir, unit_file, state_dir,
 # cache_dir, log_dir, service, systemd_runs, purge, mode, here, and say/changed/die.
@@ -79,8 +82,39 @@ _ensure_file() {  # source destination mode: install or update, say which
   changed "$verb $2"
 }
 
-install_service() {
-  local unit_changed=0 owner
+# What the appliance's own commands get to run as the service would: its config, and the
+# directories systemd gives it (under --root, those inside DIR).
+config_args=()
+if [ "$service" = 1 ]; then config_args=(--config "$etc_dir/appliance.toml"); fi
+
+run_as_service() {  # command...: as the service user where there is one
+  if [ "$service" = 0 ]; then
+    "$@"
+    return
+  fi
+  local ids
+  ids=$(_owner)
+  if [ "$(id -u)" = 0 ] && [ "${ids%:*}" != 0 ]; then
+    env HOME="$state_dir" STATE_DIRECTORY="$state_dir" CACHE_DIRECTORY="$cache_dir" LOGS_DIRECTORY="$log_dir"       setpriv --reuid="${ids%:*}" --regid="${ids#*:}" --clear-groups -- "$@"
+  else
+    env STATE_DIRECTORY="$state_dir" CACHE_DIRECTORY="$cache_dir" LOGS_DIRECTORY="$log_dir" "$@"
+  fi
+}
+
+share_with_service() {  # dir: readable by the service user (a bundle being imported)
+  [ "$service" = 1 ] && [ "$(id -u)" = 0 ] || return 0
+  local ids
+  ids=$(_owner)
+  if [ "$1" = "${bundle_tmp:-}" ]; then
+    chgrp -R "${ids#*:}" "$1" && chmod -R g+rX,o-rwx "$1"
+  elif ! run_as_service test -r "$1/bundle.json" -a -x "$1/models"; then
+    die "the service user $SERVICE_USER cannot read the bundle in $1: unpack it where it can, or pass" \
+        "the .tar to --offline"
+  fi
+}
+
+install_service_files() {
+  local owner
   # The user the daemon runs as; no login, home in its state directory.
   if _user_exists; then
     say "system user $SERVICE_USER up to date"
@@ -108,10 +142,14 @@ install_service() {
     install -m 0644 "$here/appliance.example.toml" "$etc_dir/appliance.toml"
     changed "installed the default config $etc_dir/appliance.toml (edit it, then restart the service)"
   fi
-  if _ensure_file "$here/systemd/appliance.service" "$unit_file" 0644; then unit_changed=1; fi
+  if _ensure_file "$here/systemd/appliance.service" "$unit_file" 0644 && [ "$systemd_runs" = 1 ]; then
+    systemctl daemon-reload
+    changed "reloaded systemd's units"
+  fi
+}
 
+start_service() {
   if [ "$systemd_runs" = 1 ]; then
-    if [ "$unit_changed" = 1 ]; then systemctl daemon-reload; changed "reloaded systemd's units"; fi
     if systemctl is-enabled --quiet appliance.service; then
       say "appliance.service enabled"
     else
@@ -119,10 +157,10 @@ install_service() {
       changed "enabled appliance.service (starts at boot)"
     fi
     if ! systemctl is-active --quiet appliance.service; then
-      systemctl start appliance.service
+      systemctl start appliance.service || return 1
       changed "started appliance.service"
     elif [ "$changes" -gt 0 ]; then
-      systemctl restart appliance.service
+      systemctl restart appliance.service || return 1
       changed "restarted appliance.service (this run changed it)"
     else
       say "appliance.service running"
@@ -162,9 +200,12 @@ uninstall() {
   fi
   _remove "$prefix" "the program"
   if [ "$service" = 1 ]; then
-    # /opt/appliance also holds the GPU engines' environments (images/vllm, images/sglang).
+    # /opt/appliance also holds the versions and the engine images (images/vllm, images/sglang).
     _remove "$(dirname "$prefix")" "the program directory"
   else
+    _remove "$versions_dir" "the program's versions"
+    _remove "$program_root/previous" "the link to the previous version"
+    _remove "$program_root/images" "the engine images"
     rmdir "$(dirname "$prefix")" 2>/dev/null || true
   fi
   local data

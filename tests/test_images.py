@@ -22,12 +22,12 @@ from packaging.version import Version
 
 from appliance.images import definition, hashed_requirements, wheel_platforms
 
-from .conftest import PY, ROOT
+from .conftest import BUILD_CACHE, PY, ROOT, cached_llama_server
 
-BUILD_CACHE = os.environ.get("APPLIANCE_BUILD_CACHE") or os.path.expanduser("~/.cache/appliance-build")
-needs_llama_build = pytest.mark.skipif(
-    not any(p.startswith("llama-server-") for p in os.listdir(BUILD_CACHE)) if os.path.isdir(BUILD_CACHE)
-    else True, reason="install.sh builds and caches llama-server first")
+# Tests that make venvs (each a pip run, or several): minutes on a loaded 2-core machine.
+VENV_BUILDING = pytest.mark.timeout(600)
+needs_llama_build = pytest.mark.skipif(cached_llama_server() is None,
+                                       reason="install.sh builds and caches llama-server first")
 
 
 def appliance(tmp_path, *args, env=None, check=True):
@@ -77,9 +77,10 @@ def test_pinned_hashes_are_files_pypi_serves_for_the_pins(engine):
             assert f"-{version}-" in match.group(1) or f"-{version}." in match.group(1), (pin, match.group(1))
 
 
+@VENV_BUILDING
 @needs_llama_build
 def test_llamacpp_image_builds_records_verifies_rolls_back_and_is_what_serve_launches(tmp_path):
-    env = {"APPLIANCE_BUILD_CACHE": BUILD_CACHE}
+    env = {"APPLIANCE_BUILD_CACHE": str(BUILD_CACHE)}
     appliance(tmp_path, "images", "build", "llamacpp", env=env)
     rows = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
     assert [(r["engine"], r["version"], r["current"]) for r in rows] == [("llamacpp", "11434.0.0", True)]
@@ -215,6 +216,7 @@ def _wheel(folder, name: str, version: str):
     return path
 
 
+@VENV_BUILDING
 def test_a_gpu_image_installs_its_lock_with_require_hashes_and_wheels_only(tmp_path):
     """`images build vllm` from a definition whose lock is a wheel made here: refused without
     the lock, refused for a requirement without a hash (so --require-hashes is on), a hash
@@ -271,6 +273,7 @@ def _python_named(folder, name: str, reports: str):
     return exe
 
 
+@VENV_BUILDING
 def test_a_gpu_image_venv_is_made_with_the_python_image_toml_names_or_refused(tmp_path):
     """image.toml's python is the venv's: a version no interpreter here has is refused in one
     line naming it and --python (exit 3, nothing written); so is --python of another version;
@@ -311,6 +314,7 @@ def test_a_gpu_image_venv_is_made_with_the_python_image_toml_names_or_refused(tm
     assert out.stdout.strip() == "1.0", out.stderr
 
 
+@VENV_BUILDING
 @pytest.mark.parametrize("engine", GPU_ENGINES)
 def test_pip_takes_the_real_lock_in_require_hashes_mode_up_to_fetching_wheels(tmp_path, engine):
     """The checked-in lock, offline: pip parses all of it with --require-hashes and the
@@ -324,6 +328,7 @@ def test_pip_takes_the_real_lock_in_require_hashes_mode_up_to_fetching_wheels(tm
     assert missing and lock_pins(definition(engine).lock)[canonicalize_name(missing[1])] == missing[2], built.stderr
 
 
+@VENV_BUILDING
 @pytest.mark.parametrize("engine", GPU_ENGINES)
 def test_bundle_create_downloads_the_gpu_wheelhouse_from_the_lock_for_the_target(tmp_path, engine):
     """`bundle create --engine vllm|sglang`, offline: it reaches pip download of the lock with

