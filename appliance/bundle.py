@@ -227,6 +227,9 @@ def _model(store: Store, name: str, dest: Path, log) -> dict:
         try:
             with store.open_blob(record, f) as src:
                 digest, _ = copy_and_hash(src, target)
+            # Readable by all, as every other file of the bundle: the server imports it as its
+            # service user, whoever unpacked it (copy_and_hash creates 0600 files).
+            target.chmod(0o644)
         except StoreError as exc:
             raise BundleError(f"model '{name}' file {f['path']}: {exc}") from None
         if digest != f["sha256"]:

@@ -192,17 +192,24 @@ program_failed() {  # dir log what
 
 # What a later install.sh --rollback and `appliance bundle create` (run from the installed
 # program, no checkout) need: this installer, in <version>/share/appliance/installer/.
+# Whether dest holds this installer already (compared in place: a scratch copy beside it
+# would touch its parent folder, and a second install must change nothing).
+installer_current() {  # dest
+  local dest=$1 f
+  [ "$(readlink "$dest/images" 2>/dev/null)" = ../images ] || return 1
+  for f in install.sh pyproject.toml appliance.example.toml; do cmp -s "$here/$f" "$dest/$f" || return 1; done
+  for f in "$here"/systemd/*; do cmp -s "$f" "$dest/systemd/${f##*/}" || return 1; done
+  [ "$(ls -A "$dest/systemd" | wc -l)" = "$(ls -A "$here/systemd" | wc -l)" ]
+}
+
 install_installer() {  # program_dir
   local dest="$1/share/appliance/installer" tmp f
+  installer_current "$dest" && return
   tmp="$dest.tmp.$$"
   rm -rf "$tmp" && mkdir -p "$tmp/systemd"
   for f in install.sh pyproject.toml appliance.example.toml; do cp -p "$here/$f" "$tmp/$f"; done
   cp -p "$here"/systemd/* "$tmp/systemd/"
   ln -s ../images "$tmp/images"
-  if diff -r -q "$tmp" "$dest" >/dev/null 2>&1; then
-    rm -rf "$tmp"
-    return
-  fi
   rm -rf "$dest" && mv "$tmp" "$dest"
   changed "copied the installer to $dest (install.sh --rollback, bundle create)"
 }

@@ -135,9 +135,11 @@ def test_the_bundle_alone_installs_a_server_under_root_with_no_network_no_compil
         (shims / tool).chmod(0o755)
     env = (f"HOME={root}/root TMPDIR={root}/tmp PIP_NO_CACHE_DIR=1 PIP_CONFIG_FILE=/dev/null "
            f"APPLIANCE_BUILD_CACHE={root}/var/cache/appliance-build PATH={shims}:{os.environ['PATH']}")
+    # As systemd runs it: its directories, the runtime one too (engine secrets and sockets;
+    # / and so /tmp are read-only here).
     as_service = (f"env -u PYTHONPATH STATE_DIRECTORY={root}/var/lib/appliance "
                   f"CACHE_DIRECTORY={root}/var/cache/appliance LOGS_DIRECTORY={root}/var/log/appliance "
-                  "setpriv --reuid=$uid --regid=$gid --clear-groups --")
+                  f"RUNTIME_DIRECTORY={root}/run/appliance setpriv --reuid=$uid --regid=$gid --clear-groups --")
     appliance = f"{as_service} {root}/opt/appliance/venv/bin/appliance"
     serve = SERVE_ONE_COMPLETION.format(serve=f"{appliance} serve --config {root}/etc/appliance/appliance.toml",
                                         log=f"{root}/tmp/serve.log", py=PY, port=port)
@@ -153,6 +155,7 @@ tar -xf {bundle} -C {root}/tmp/bundle
 env {env} {root}/tmp/bundle/install.sh --root {root}
 uid=$(awk -F: '$1 == "appliance" {{print $3}}' {root}/etc/passwd)
 gid=$(awk -F: '$1 == "appliance" {{print $4}}' {root}/etc/passwd)
+install -d -m 0700 -o "$uid" -g "$gid" {root}/run/appliance
 {appliance} models ls --json --port 1 --config {root}/etc/appliance/appliance.toml > {root}/tmp/models.json
 {serve}
 """

@@ -122,9 +122,10 @@ def test_a_manifest_without_fingerprints_is_migrated_and_each_file_rehashed_once
     store = _store(cache)
     _import(store, tmp_path, "old")
     store.close()
-    # The manifest as the appliance before fingerprints wrote it.
+    # The manifest as the appliance before fingerprints (and before schema versions) wrote it.
     db = sqlite_utils.Database(cache / "store.db")
     db["files"].transform(drop={"fingerprint", "verified_at"})
+    db.execute("PRAGMA user_version = 0")
     assert set(db["files"].columns_dict) == {"model", "path", "sha256", "size"}
     db.conn.close()
 
