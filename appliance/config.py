@@ -25,7 +25,7 @@ STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
-# llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
+# llama.cpp's --cache-type-k/-v values (appliance/store/gguf.py knows their sizes).
 CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 log = logging.getLogger("appliance.config")
 
@@ -262,7 +262,7 @@ class RoutingConfig(_Section):
     prefix_index_mib: float = 8.0
     # Request header carrying the tag a route may match on.
     tag_header: str = "x-appliance-tag"
-    # Whose engine prompt caches are kept apart (appliance/tenancy.py): "key" (each
+    # Whose engine prompt caches are kept apart (appliance/access/tenancy.py): "key" (each
     # API key; keyless loopback clients together), "route" (each route), or "shared"
     # (one team: answers relayed untouched, cache counters included).
     tenant_isolation: Literal["key", "route", "shared"] = "key"
@@ -415,7 +415,7 @@ def install_prefix() -> Path:
 def default_llama_server(images_dir: str = "") -> str:
     """The current llamacpp engine image's llama-server (`appliance images build llamacpp`);
     before an image is built, the one install.sh put next to this program."""
-    from .images import llama_server
+    from appliance.dist.images import llama_server
 
     image = llama_server(images_dir)
     return str(image or install_prefix() / "bin" / "llama-server")
@@ -621,7 +621,7 @@ def _validate(cfg: Config) -> None:
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         if m.source.startswith(STORE_PREFIX):
-            from .store import StoreError, check_name
+            from appliance.store.store import StoreError, check_name
 
             try:
                 check_name(m.source[len(STORE_PREFIX):])
@@ -726,7 +726,7 @@ def _validate_routes(cfg: Config, need) -> None:
 
 
 def _duration(text: str, field: str, errors: list[str]) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     try:
         return parse_duration(text, field)
@@ -736,7 +736,7 @@ def _duration(text: str, field: str, errors: list[str]) -> float:
 
 
 def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     return parse_duration(model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl)
 
@@ -796,7 +796,7 @@ def uses_gpus(model: ModelConfig) -> bool:
 
 
 def min_residency_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     return parse_duration(model.autoscaling.min_residency or cfg.autoscaling.min_residency)
 
@@ -813,7 +813,7 @@ def model_path(cfg: Config, model: ModelConfig) -> Path | None:
     if model.source.startswith(BUILTIN_PREFIX):
         return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
     if model.source.startswith(STORE_PREFIX):
-        from .store import resolve
+        from appliance.store.store import resolve
 
         return resolve(cfg, model.source[len(STORE_PREFIX):])
     path = Path(model.source).expanduser()
