@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
@@ -72,9 +73,10 @@ class EngineAdapter(Protocol):
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        """argv and extra environment for one replica listening on host:port
+        """argv and extra environment for one replica of model, loading weights (resolved by
+        the appliance; None for an engine that brings its own), listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
         access.secret, which never appears in argv (appliance/fleet/engine_access.py)."""
 

@@ -17,6 +17,8 @@ from engines.base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_te
 from engines.metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
     from appliance.fleet.engine_access import EngineAccess
 
@@ -27,19 +29,18 @@ GPU_THREADS = 2
 class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
+        from appliance.dist.images import llamacpp_binary
 
-        path = model_path(cfg, model)
-        binary = cuda_binary(cfg) if slot is not None else cfg.engines.llamacpp.binary
+        binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
         if slot is not None:
             threads = model.threads or GPU_THREADS
         else:
             threads = model.threads or max(1, os.cpu_count() or 1)
         argv = [
             binary,
-            "--model", str(path),
+            "--model", str(weights),
             "--alias", model.name,
             "--host", host,
             "--port", str(port),

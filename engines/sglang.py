@@ -21,6 +21,8 @@ from engines.base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, h
 from engines.metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
     from appliance.fleet.engine_access import EngineAccess
 
@@ -34,16 +36,14 @@ class SglangAdapter(LocalEngine):
     gpu = True
     can_sleep = False
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
-
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "sglang")
         argv = [
             *command,
-            "--model-path", str(model_path(cfg, model)),
+            "--model-path", str(weights),
             "--served-model-name", model.name,
             "--host", host,
             "--port", str(port),

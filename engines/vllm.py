@@ -29,6 +29,8 @@ from engines.base import (
 from engines.metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
     from appliance.fleet.engine_access import EngineAccess
 
@@ -39,15 +41,13 @@ class VllmAdapter(LocalEngine):
     can_sleep = True
     unix_socket = True
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
-
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "vllm")
         argv = [
-            *command, str(model_path(cfg, model)),
+            *command, str(weights),
             "--served-model-name", model.name,
             "--uds", str(access.socket),
             "--tensor-parallel-size", str(slot.tp),

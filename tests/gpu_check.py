@@ -363,7 +363,7 @@ def main() -> int:
             if not args.sdist:
                 ap.error("--sdist is needed to build (see tests/gpu_check_prepare.sh)")
         else:
-            from appliance.config import default_llama_server
+            from appliance.dist.images import default_llama_server
 
             binary = Path(args.binary or default_llama_server())
             if not binary.exists():

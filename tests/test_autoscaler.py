@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.fleet.autoscaler import Autoscaler, Inputs, Policy, parse_duration
+from appliance.config import parse_duration
+from appliance.fleet.autoscaler import Autoscaler, Inputs, Policy
 from appliance.fleet.rates import RateWindow
 from appliance.state.decisions import StateStore
 

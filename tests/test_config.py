@@ -14,9 +14,9 @@ from appliance.config import (
     Config,
     ConfigError,
     load_config,
-    model_path,
     parse_config,
 )
+from appliance.store.store import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "appliance.example.toml"
@@ -142,16 +142,17 @@ def test_relative_model_sources_resolve_under_the_cache_dir():
 
 
 def test_the_llama_server_defaults_to_the_current_llamacpp_image(tmp_path):
+    from appliance.dist.images import llamacpp_binary
+
     cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
     # No image built there: the one install.sh put next to the daemon.
-    assert cfg.engines.llamacpp.binary == os.path.join(os.sys.prefix, "bin", "llama-server")
+    assert llamacpp_binary(cfg) == os.path.join(os.sys.prefix, "bin", "llama-server")
     image = tmp_path / "llamacpp" / "11434.0.0-x"
     (image / "bin").mkdir(parents=True)
     (image / "bin" / "llama-server").write_bytes(b"")
     (image / "image.json").write_text("{}")
     (tmp_path / "llamacpp" / "current").symlink_to(image.name)
-    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
-    assert cfg.engines.llamacpp.binary == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
+    assert llamacpp_binary(cfg) == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
 
 
 def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():

@@ -11,7 +11,8 @@ import httpx
 import openai
 import pytest
 
-from appliance.config import builtin_model_path, default_llama_server
+from appliance.config import builtin_model_path
+from appliance.dist.images import default_llama_server
 
 from .conftest import pid_alive
 

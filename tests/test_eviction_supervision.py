@@ -165,7 +165,7 @@ def test_on_the_cpu_core_budget_a_request_evicts_the_idle_model_and_load_says_wh
 
 
 def test_real_llama_cpp_three_models_on_a_budget_for_two_each_answer_in_turn(daemons, tmp_path, tiny):
-    from appliance.config import default_llama_server
+    from appliance.dist.images import default_llama_server
 
     binary = Path(default_llama_server())
     if not binary.exists():

@@ -91,9 +91,10 @@ def test_llamacpp_image_builds_records_verifies_rolls_back_and_is_what_serve_lau
     assert "ok: llamacpp" in appliance(tmp_path, "images", "verify").stdout
 
     from appliance.config import parse_config
+    from appliance.dist.images import llamacpp_binary
 
     cfg = parse_config(f'[images]\ndir = "{tmp_path}/images"\n')
-    assert cfg.engines.llamacpp.binary == str(binary)
+    assert llamacpp_binary(cfg) == str(binary)
 
     # A changed definition is a new version; the previous one stays for rollback.
     defs = tmp_path / "defs"

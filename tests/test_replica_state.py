@@ -85,7 +85,7 @@ class ScriptedAdapter:
     def supervised(self, model) -> bool:
         return self._supervised
 
-    def launch(self, cfg, model, host, port, slot, access) -> LaunchSpec:
+    def launch(self, cfg, model, weights, host, port, slot, access) -> LaunchSpec:
         return LaunchSpec(argv=["engine", "--port", str(port)])
 
     def base_url(self, model, host, port) -> str:

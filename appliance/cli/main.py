@@ -14,7 +14,6 @@ from appliance.config import (
     Config,
     ConfigError,
     load_config,
-    model_path,
     uses_gpus,
 )
 
@@ -163,10 +162,13 @@ def _check_files(cfg: Config) -> None:
     """Fail at start, with the fix, when the CPU engine or a model file is missing."""
     import os
 
+    from appliance.dist.images import llamacpp_binary
+    from appliance.store.store import model_path
+
     for m in cfg.models:
         if m.server != "llamacpp":
             continue
-        binary = cfg.engines.llamacpp.binary
+        binary = llamacpp_binary(cfg)
         if not uses_gpus(m) and not os.access(binary, os.X_OK):
             raise click.ClickException(
                 f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
@@ -431,6 +433,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""
     from appliance.cli.store import store_rows
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
+    from appliance.store.store import model_path
 
     cfg = _load(config)
     live, down = None, "daemon not running"

@@ -197,6 +197,21 @@ def gpu_engine_command(engine: str, cfg: Config) -> tuple[list[str], str]:
     return [str(current / exe), *args], current.name
 
 
+def llamacpp_binary(cfg: Config) -> str:
+    """The llama-server a CPU llama.cpp replica runs: [engines.llamacpp] binary, else the current
+    llamacpp image's (`appliance images build llamacpp`), else, before an image is built, the one
+    install.sh put next to this program. Resolved at each launch, as the GPU engines' are."""
+    if cfg.engines.llamacpp.binary:
+        return cfg.engines.llamacpp.binary
+    return default_llama_server(cfg.images.dir)
+
+
+def default_llama_server(images_dir: str = "") -> str:
+    """The current llamacpp engine image's llama-server; before an image is built, the one
+    install.sh put next to this program."""
+    return str(llama_server(images_dir) or install_prefix() / "bin" / "llama-server")
+
+
 def llama_server(cfg_images_dir: str = "", engine: str = "llamacpp") -> Path | None:
     """The current llamacpp (or llamacpp-cuda) image's binary, if one is built."""
     link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / engine / "current"

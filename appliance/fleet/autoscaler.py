@@ -168,16 +168,3 @@ def _inputs(inp: Inputs) -> dict:
         out["capacity"] = None
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
 
-
-def parse_duration(text: str | float | int, field_name: str = "duration") -> float:
-    """'90s', '5m', '1h', '0' or a number of seconds."""
-    if isinstance(text, (int, float)):
-        return float(text)
-    s = text.strip().lower()
-    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
-    for unit in ("ms", "s", "m", "h", "d"):
-        if s.endswith(unit) and s[: -len(unit)].replace(".", "", 1).isdigit():
-            return float(s[: -len(unit)]) * units[unit]
-    if s.replace(".", "", 1).isdigit():
-        return float(s)
-    raise ValueError(f"{field_name}: {text!r} is not a duration (e.g. 90s, 5m, 1h, 0)")

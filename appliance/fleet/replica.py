@@ -35,6 +35,7 @@ import aiohttp
 from appliance.config import Config, ModelConfig
 from appliance.fleet.engine_access import EngineAccess, engine_environment, engine_session, open_access
 from appliance.fleet.process import ProcessHandle, ProcessRunner
+from appliance.store.store import model_path
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
 
 log = logging.getLogger("appliance.replica")
@@ -381,7 +382,8 @@ class Replica:
     async def _spawn(self) -> ProcessHandle:
         if not self.supervised:
             return _External()
-        spec = self.adapter.launch(self.cfg, self.model, self.HOST, self.port, self.slot, self.access)
+        weights = model_path(self.cfg, self.model)
+        spec = self.adapter.launch(self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access)
         self.image = spec.image
         try:
             for name, text in spec.files.items():

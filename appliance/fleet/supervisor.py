@@ -26,7 +26,7 @@ import aiohttp
 from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
 from appliance.fleet import eviction
-from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy, parse_duration
+from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.rates import RateWindow
@@ -225,7 +225,7 @@ class Deployment:
         return Policy(
             min_replicas=a.min_replicas, max_replicas=a.max_replicas,
             target_rps_per_replica=a.target_rps_per_replica, idle_ttl_s=idle_ttl_s(cfg, self.model),
-            sleep_after_s=parse_duration(a.sleep_after), stabilization_s=cfg.autoscaling.stabilization_s,
+            sleep_after_s=a.sleep_after.seconds, stabilization_s=cfg.autoscaling.stabilization_s,
             cooldown_s=cfg.autoscaling.cooldown_s)
 
     def inputs(self, now: float, room: int) -> Inputs:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from appliance.config import Config, ModelConfig, kv_tokens, model_path, overhead_bytes, uses_gpus
+from appliance.config import Config, ModelConfig, kv_tokens, overhead_bytes, uses_gpus
 from appliance.gpu.memory import (
     MAX_NODES,
     Estimate,
@@ -19,6 +19,7 @@ from appliance.gpu.memory import (
 )
 from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, place
 from appliance.gpu.probe import GiB, Inventory, kinds_match
+from appliance.store.store import model_path
 
 KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2}
 

@@ -51,12 +51,13 @@ from typing import BinaryIO, Protocol
 
 import sqlite_utils
 
+from appliance.config import BUILTIN_PREFIX, STORE_PREFIX, Config, ModelConfig, builtin_model_path
 from appliance.safe_paths import StoreError, check_file_set, check_name, check_revision, inside, open_regular
 from appliance.state import migrations
 
 log = logging.getLogger("appliance.store")
 
-STORE_PREFIX = "store:"
+
 READY = "ready"
 QUARANTINED = "quarantined"
 CHUNK = 4 << 20
@@ -806,8 +807,23 @@ def _gib(n: int) -> str:
     return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
-def resolve(cfg, name: str) -> Path:
-    """The path a store:NAME source loads (config.model_path calls this)."""
+def model_path(cfg: Config, model: ModelConfig) -> Path | None:
+    """The weights a model deployment loads (builtin:NAME, store:NAME or a path), or None for
+    engines that bring their own."""
+    if not model.source:
+        return None
+    if model.source.startswith(BUILTIN_PREFIX):
+        return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
+    if model.source.startswith(STORE_PREFIX):
+        return _resolve(cfg, model.source[len(STORE_PREFIX):])
+    path = Path(model.source).expanduser()
+    if not path.is_absolute():
+        path = Path(cfg.paths.cache_dir) / "models" / path
+    return path
+
+
+def _resolve(cfg: Config, name: str) -> Path:
+    """The path a store:NAME source loads."""
     store = Store.from_config(cfg)
     try:
         record = store.get(name)
