@@ -243,18 +243,24 @@ class AutoscalerConfig(_Section):
     # long after the last change; one replica at a time.
     stabilization_s: float = 30.0
     cooldown_s: float = 10.0
-    # Requests held per model while it cold-starts: beyond max_queue 429, after
-    # queue_timeout_s 503, both with Retry-After.
-    max_queue: int = 64
-    queue_timeout_s: float = 120.0
-    # Streamed requests held during a cold start get an SSE comment this often
-    # so proxies and clients do not time out (0 = off).
-    keepalive_s: float = 5.0
-    # CPU engines: cores their replicas may use together (0 = all cores).
-    cpu_cores: int = 0
     # A replica loaded less than this long ago is never evicted to make room for another
     # model (anti-thrash); per model: [models.autoscaling] min_residency.
     min_residency: Duration = Duration("30s")
+
+
+class QueueConfig(_Section):
+    # Requests held per model while it cold-starts: beyond max_held 429, after timeout_s
+    # 503, both with Retry-After.
+    max_held: int = 64
+    timeout_s: float = 120.0
+    # Streamed requests held during a cold start get an SSE comment this often
+    # so proxies and clients do not time out (0 = off).
+    keepalive_s: float = 5.0
+
+
+class CpuConfig(_Section):
+    # CPU engines (llama.cpp on the CPU): cores their replicas may use together (0 = all cores).
+    cores: int = 0
 
 
 class ModelConfig(_Section):
@@ -394,6 +400,8 @@ class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     autoscaling: AutoscalerConfig = msgspec.field(default_factory=AutoscalerConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    cpu: CpuConfig = msgspec.field(default_factory=CpuConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
@@ -517,7 +525,13 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
 # Keys renamed in a release: (old, new, the release that renamed it). The old name is read
 # as the new one, with a warning, for one release; then the entry goes and the old name is
 # an unknown field. "models[].x" is key x of every [[models]] table.
-RENAMED_KEYS: list[tuple[str, str, str]] = []
+RENAMED_KEYS: list[tuple[str, str, str]] = [
+    # [autoscaling] keeps only autoscaling: the cold-start queue and the CPU budget have their own.
+    ("autoscaling.max_queue", "queue.max_held", "0.2.0"),
+    ("autoscaling.queue_timeout_s", "queue.timeout_s", "0.2.0"),
+    ("autoscaling.keepalive_s", "queue.keepalive_s", "0.2.0"),
+    ("autoscaling.cpu_cores", "cpu.cores", "0.2.0"),
+]
 
 
 def _rename_keys(table: dict, origin: str) -> list[str]:
@@ -632,9 +646,9 @@ def _validate(cfg: Config) -> None:
 
     asc = cfg.autoscaling
     need(asc.interval_s > 0, "autoscaling.interval_s", "must be positive")
-    need(asc.max_queue >= 0, "autoscaling.max_queue", "must not be negative")
-    need(asc.queue_timeout_s > 0, "autoscaling.queue_timeout_s", "must be positive")
-    need(asc.cpu_cores >= 0, "autoscaling.cpu_cores", "must not be negative")
+    need(cfg.queue.max_held >= 0, "queue.max_held", "must not be negative")
+    need(cfg.queue.timeout_s > 0, "queue.timeout_s", "must be positive")
+    need(cfg.cpu.cores >= 0, "cpu.cores", "must not be negative")
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):

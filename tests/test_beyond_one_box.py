@@ -173,7 +173,7 @@ def test_an_exported_model_fronted_by_the_appliance_keeps_its_route_policy(daemo
               '[[routes]]\nname = "general"\nmodel = "general"\ntarget = "Small-Chat"\nregulated = false\n'
               'fallbacks = ["cloud"]\n\n')
     extra = ("[keys]\nrequired = true\n\n[audit]\nflush_interval_s = 0.2\n\n"
-             "[autoscaling]\nqueue_timeout_s = 2\n\n" + provider(recorder, tmp_path) + routes)
+             "[queue]\ntimeout_s = 2\n\n" + provider(recorder, tmp_path) + routes)
     daemon = daemons.start(front, extra=extra, supervisor="health_failures_before_restart = 1")
     key = subprocess.run([PY, "-m", "appliance.cli", "keys", "create", "--name", "claims-app", "--route",
                           "claims", "--route", "general", "--budget-tokens", "150", "--budget-period", "day",

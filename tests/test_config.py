@@ -206,3 +206,23 @@ def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tm
     result = CliRunner().invoke(main, ["check", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert f"warning: {path}: field 'server.listen_port' is deprecated: it was renamed 'server.port'" in result.output
+
+
+def test_the_queue_and_cpu_settings_moved_out_of_autoscaling_are_still_read_with_a_warning():
+    cfg = parse_config("[autoscaling]\ninterval_s = 2\nmax_queue = 7\nqueue_timeout_s = 9\nkeepalive_s = 0\n"
+                       "cpu_cores = 3\n", "old.toml")
+    assert (cfg.queue.max_held, cfg.queue.timeout_s, cfg.queue.keepalive_s, cfg.cpu.cores) == (7, 9, 0, 3)
+    assert cfg.autoscaling.interval_s == 2
+    assert [w.split(":")[1].split("'")[1] for w in cfg.deprecations] == [
+        "autoscaling.max_queue", "autoscaling.queue_timeout_s", "autoscaling.keepalive_s", "autoscaling.cpu_cores"]
+    assert "renamed 'queue.max_held' in 0.2.0" in cfg.deprecations[0]
+    with pytest.raises(ConfigError, match="both are set; keep only 'cpu.cores'"):
+        parse_config("[autoscaling]\ncpu_cores = 3\n[cpu]\ncores = 2\n", "both.toml")
+
+
+def test_durations_are_parsed_once_at_load():
+    cfg = parse_config('[autoscaling]\nidle_ttl = "5m"\n[[models]]\nname = "a"\nsource = "a.gguf"\n'
+                       '[models.autoscaling]\nmin_residency = "90s"\n')
+    model = cfg.models[0]
+    assert (cfg.autoscaling.idle_ttl.seconds, model.autoscaling.min_residency.seconds) == (300, 90)
+    assert str(cfg.autoscaling.idle_ttl) == "5m" and not model.autoscaling.scale_to_zero_after

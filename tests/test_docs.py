@@ -113,14 +113,14 @@ def test_the_model_store_doc_names_the_integrity_settings_with_their_defaults():
 def test_the_autoscaling_doc_names_real_commands_and_settings():
     import msgspec
 
-    from appliance.config import AutoscalerConfig
+    from appliance.config import AutoscalerConfig, CpuConfig, QueueConfig
 
     doc = (ROOT / "docs" / "autoscaling.md").read_text()
-    for field in msgspec.structs.fields(AutoscalerConfig):
-        if field.name not in ("interval_s", "cpu_cores", "idle_ttl", "keepalive_s", "max_queue",
-                              "queue_timeout_s", "stabilization_s", "cooldown_s"):
-            continue
-        assert field.name in doc, field.name
+    for section in (AutoscalerConfig, QueueConfig, CpuConfig):
+        for field in msgspec.structs.fields(section):
+            if field.name in ("interval_s", "idle_ttl", "stabilization_s", "cooldown_s", "max_held",
+                              "timeout_s", "keepalive_s", "cores"):
+                assert field.name in doc, field.name
     for command in re.findall(r"^appliance (\w+)", doc, flags=re.M):
         assert command in ("scale", "load", "unload", "pin", "unpin"), command
 

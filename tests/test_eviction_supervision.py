@@ -142,7 +142,7 @@ def test_a_pinned_model_is_not_evicted_below_its_pin(daemons, tmp_path, tiny):
 def cpu_daemon(daemons, tmp_path: Path, tiny: Path, binary: Path, names=("a", "b"), cores: int = 2,
                threads: int = 2):
     extra = (f'[engines.llamacpp]\nbinary = "{binary}"\n'
-             f'[autoscaling]\ncpu_cores = {cores}\nmin_residency = "0s"\n')
+             f'[cpu]\ncores = {cores}\n[autoscaling]\nmin_residency = "0s"\n')
     models = "".join(gguf_model(n, tiny, gpus=0, threads=threads) for n in names)
     return daemons.start(models, extra=extra)
 
@@ -187,7 +187,7 @@ def test_real_llama_cpp_three_models_on_a_budget_for_two_each_answer_in_turn(dae
 def test_a_scale_up_under_load_evicts_an_idle_model_for_the_extra_replica(daemons, tmp_path, tiny):
     binary = fake_llama_server(tmp_path)
     extra = (f'[engines.llamacpp]\nbinary = "{binary}"\n'
-             '[autoscaling]\ncpu_cores = 4\nmin_residency = "0s"\ninterval_s = 0.2\n')
+             '[cpu]\ncores = 4\n[autoscaling]\nmin_residency = "0s"\ninterval_s = 0.2\n')
     busy = gguf_model("a", tiny, gpus=0, extra='args = ["--latency", "2", "--latency-from", "2"]\n') + (
         "[models.autoscaling]\nmax_replicas = 2\ntarget_rps_per_replica = 0.5\n")
     d = daemons.start(busy + gguf_model("b", tiny, gpus=0), extra=extra)

@@ -114,10 +114,10 @@ class Deployment:
 
     async def _hold(self, disconnected: Callable[[], Awaitable] | None,
                     exclude: Exclude | None, prefix: list[int] | None = None) -> Replica:
-        asc = self.supervisor.cfg.autoscaling
+        queue = self.supervisor.cfg.queue
         if self.blocked:
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        if len(self.waiters) >= asc.max_queue:
+        if len(self.waiters) >= queue.max_held:
             raise QueueFull(f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
                             "already wait for it; retry shortly", retry_after=self._retry_after())
         # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
@@ -125,7 +125,7 @@ class Deployment:
         if not self.can_become_ready():
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + asc.queue_timeout_s
+        deadline = loop.time() + queue.timeout_s
         gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             while True:
@@ -153,7 +153,7 @@ class Deployment:
                     return replica
         except asyncio.TimeoutError:
             raise QueueTimeout(f"Model '{self.model.name}' did not become ready within "
-                               f"{asc.queue_timeout_s:.0f}s", retry_after=self._retry_after()) from None
+                               f"{queue.timeout_s:.0f}s", retry_after=self._retry_after()) from None
         finally:
             if gone is not None and not gone.done():
                 gone.cancel()
@@ -377,7 +377,7 @@ class Supervisor:
         return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
 
     def _cpu_cores(self) -> int:
-        return self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+        return self.cfg.cpu.cores or os.cpu_count() or 1
 
     def _cpu_holders(self) -> list[Replica]:
         return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]

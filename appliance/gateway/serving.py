@@ -104,7 +104,7 @@ async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: d
     raise (the client gets a real status); after, they end the stream with an
     SSE error event. A client that goes away cancels the engine's work.
     opener(), when given, opens the stream instead (a route with fallbacks)."""
-    keepalive = rt.cfg.autoscaling.keepalive_s
+    keepalive = rt.cfg.queue.keepalive_s
     started = False
     watcher = None
     if opener is None:
