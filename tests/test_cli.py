@@ -166,3 +166,15 @@ def test_a_provider_key_file_only_its_owner_reads_is_accepted(tmp_path, caplog):
     warn = parse_config('[server]\nkey_file_permissions = "warn"\n' + provider)
     assert "cloud" in load_providers(warn)
     assert f"chmod 600 {key}" in caplog.text
+
+
+def test_check_wait_ready_without_a_daemon_says_it_was_not_ready(tmp_path):
+    """install.sh's readiness check after a systemd start: no daemon answering is one line
+    naming /readyz and the fix, exit 1 (it was a NameError traceback)."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[server]\nport = 9\n[paths]\nstate_dir = "{tmp_path}/s"\ncache_dir = "{tmp_path}/c"\n'
+                   f'log_dir = "{tmp_path}/l"\n')
+    result = appliance("check", "--config", str(cfg), "--wait-ready", "1")
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "was not ready within 1 s (http://127.0.0.1:9/readyz" in result.stderr

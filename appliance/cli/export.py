@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 
 import click
 
+from appliance.cli.options import CONFIG_HELP, load, read_inventory
 from appliance.export import TARGETS
 
 if TYPE_CHECKING:
     from appliance.export.source import Rendered
 
-CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
 
 
 @click.command()
@@ -59,12 +59,11 @@ def export(model: str, target: str, output: str | None, nodes: int | None, gpus_
     and the pinned engine: per-node scripts (vllm-multinode, sglang-multinode), an LLMInferenceService
     (kserve), or model servers and their InferencePool (llm-d). The appliance never runs them itself:
     it fronts them (server = "openai", url = ...) with its routes, keys and audit."""
-    from appliance.cli.main import _load, read_inventory
     from appliance.export import render
     from appliance.export.source import ExportError, Options, gather
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = _load(config)
+    cfg = load(config)
     try:
         src = gather(cfg, model, read_inventory(cfg, inventory), nodes=nodes, gpus_per_node=gpus_per_node,
                      gpu_gib=gpu_gib)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
+from appliance.cli.options import CONFIG_HELP
 
 
 def register(main: click.Group, load) -> None:

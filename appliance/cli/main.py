@@ -7,24 +7,15 @@ import sys
 
 import click
 
+from appliance.cli.options import CONFIG_HELP, load, read_inventory
 from appliance.config import (
     BUILTIN_PREFIX,
     EMBEDDED_MODEL_SHA256,
     STORE_PREFIX,
     Config,
     ConfigError,
-    load_config,
     uses_gpus,
 )
-
-CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
-
-
-def _load(config: str | None) -> Config:
-    try:
-        return load_config(config)
-    except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -48,7 +39,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     from appliance.logs import setup_logging
     from appliance.state.lock import StateDirBusy, hold_state_dir
 
-    cfg = _load(config)
+    cfg = load(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
@@ -81,7 +72,7 @@ def check(config: str | None, wait_ready: float | None) -> None:
     """Whether the daemon can start: the config (renamed keys are warned about), the engine
     and model files, the databases (readable, none from a newer appliance). Writes nothing;
     install.sh runs it as an upgrade's readiness check."""
-    cfg = _load(config)
+    cfg = load(config)
     for warning in cfg.deprecations:
         click.echo(f"warning: {warning}", err=True)
     _check_policy(cfg)
@@ -125,6 +116,8 @@ def _check_databases(cfg: Config, migrate: bool) -> None:
 
 def _wait_ready(cfg: Config, seconds: float) -> None:
     import time
+    import urllib.error
+    import urllib.request
 
     host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
     url = f"http://{host}:{cfg.server.port}/readyz"
@@ -222,7 +215,7 @@ def _admin_call(cfg: Config, port: int | None, method: str, path: str, body: dic
 @click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
-    data = _admin_call(_load(config), port, "GET", "/admin/status", timeout=5.0)
+    data = _admin_call(load(config), port, "GET", "/admin/status", timeout=5.0)
     if as_json:
         click.echo(json.dumps(data, indent=2))
         return
@@ -267,7 +260,7 @@ def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, g
     from appliance.gpu.probe import GiB
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    cfg = _load(config)
+    cfg = load(config)
     inv = read_inventory(cfg, inventory)
     replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
                 for i in range(max(m.autoscaling.min_replicas, 1))]
@@ -308,17 +301,6 @@ def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, g
         sys.exit(2)
 
 
-def read_inventory(cfg: Config, inventory: str | None):
-    """The GPUs: a simulated inventory file (--inventory, else gpu.inventory), else NVML's."""
-    from appliance.gpu.probe import NvmlProbe, SimulatedProbe
-
-    source = inventory or cfg.gpu.inventory
-    try:
-        return SimulatedProbe(source).read() if source else NvmlProbe().read()
-    except (OSError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-
-
 def _model_line(m: dict) -> str:
     states = ",".join(r["state"] for r in m["replicas"]) or "none"
     how = f"operator set {m['override']}" if m.get("override") is not None else "autoscaling"
@@ -342,7 +324,7 @@ def _with_model_options(f):
 @_with_model_options
 def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
     """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
-    cfg = _load(config)
+    cfg = load(config)
     if replicas == "auto":
         value = None
     elif replicas.isdigit():
@@ -356,7 +338,7 @@ def _model_action(action: str, doc: str):
     @click.argument("model")
     @_with_model_options
     def command(model: str, config: str | None, port: int | None) -> None:
-        click.echo(_model_line(_admin_call(_load(config), port, "POST", f"/admin/models/{model}/{action}")))
+        click.echo(_model_line(_admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}")))
 
     command.__doc__ = doc
     return main.command(name=action)(command)
@@ -382,7 +364,7 @@ def tui(config: str | None, socket: str | None, url: str | None, token_file: str
     from tui.app import ApplianceTUI
     from tui.client import AdminClient, target_from_config
 
-    cfg = _load(config)
+    cfg = load(config)
     try:
         target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
     except (ConfigError, OSError) as exc:
@@ -404,7 +386,7 @@ def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool
 
     from appliance.logview import LogError, daemon_log_file, journal_command, replica_log_files, show
 
-    cfg = _load(config)
+    cfg = load(config)
     try:
         if replicas:
             files = replica_log_files(cfg, replicas)
@@ -435,7 +417,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
     from appliance.store.store import model_path
 
-    cfg = _load(config)
+    cfg = load(config)
     live, down = None, "daemon not running"
     try:
         target = target_from_config(cfg, port=port, socket_if_usable=True)
@@ -473,7 +455,7 @@ def _register_store_commands() -> None:
     register(main, models)
     from appliance.cli.keys import register as register_keys
 
-    register_keys(main, _load)
+    register_keys(main, load)
     from appliance.cli.export import export
 
     main.add_command(export)

@@ -11,25 +11,19 @@ from pathlib import Path
 
 import click
 
+from appliance.cli.options import CONFIG_HELP, load
 from appliance.config import Config
 from appliance.dist.images import ENGINES, ImageError
 from appliance.store.store import Store, StoreError
 
 log = logging.getLogger("appliance.store")
-CONFIG_OPTION = click.option("--config", "config", metavar="FILE",
-                             help="Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml).")
+CONFIG_OPTION = click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 JSON_OPTION = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-
-
-def _load(config: str | None) -> Config:
-    from appliance.cli.main import _load as load
-
-    return load(config)
 
 
 def _store(config: str | None) -> Store:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return Store.from_config(_load(config))
+    return Store.from_config(load(config))
 
 
 def _fail(exc: Exception) -> click.ClickException:
@@ -102,7 +96,7 @@ def models_pull(repo, name, config, as_json):
     """Download REPO[@REVISION] from a model hub into the store (a connected machine only)."""
     from appliance.store.hub import pull
 
-    cfg = _load(config)
+    cfg = load(config)
     store = Store.from_config(cfg)
     try:
         record = pull(cfg, store, repo, name=name)
@@ -220,7 +214,7 @@ def images_build(engine, python, archs, config):
     from appliance.dist import images as img
 
     try:
-        img.build(engine, _load(config), python=python, log=click.echo, archs=archs)
+        img.build(engine, load(config), python=python, log=click.echo, archs=archs)
     except img.PythonNotFound as exc:
         raise _NoPython(str(exc)) from None
     except ImageError as exc:
@@ -234,7 +228,7 @@ def images_ls(config, as_json):
     """List built engine images."""
     from appliance.dist import images as img
 
-    rows = img.list_images(_load(config))
+    rows = img.list_images(load(config))
     if as_json:
         click.echo(json.dumps([{k: v for k, v in r.items() if k != "files"} for r in rows], indent=2))
         return
@@ -252,7 +246,7 @@ def images_verify(engine, config):
     """Rehash the current image's files against what was recorded at build."""
     from appliance.dist import images as img
 
-    cfg = _load(config)
+    cfg = load(config)
     engines = [engine] if engine else [e for e in ENGINES if img.current_dir(e, cfg)]
     problems = [p for e in engines for p in img.verify(e, cfg)]
     for p in problems:
@@ -271,7 +265,7 @@ def images_rm(engine, tag, config):
     from appliance.dist import images as img
 
     try:
-        img.remove(engine, tag, _load(config))
+        img.remove(engine, tag, load(config))
     except ImageError as exc:
         raise _fail(exc) from None
     click.echo(f"removed {engine} {tag}")
@@ -285,7 +279,7 @@ def images_rollback(engine, config):
     from appliance.dist import images as img
 
     try:
-        tag = img.rollback(engine, _load(config))
+        tag = img.rollback(engine, load(config))
     except ImageError as exc:
         raise _fail(exc) from None
     click.echo(f"{engine} current image is now {tag}")
@@ -323,7 +317,7 @@ def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, con
     installer, wheels, engine wheelhouses and prebuilt llama-server, models, SHA256SUMS."""
     from appliance.dist.bundle import BundleError, create
 
-    cfg = _load(config)
+    cfg = load(config)
     try:
         engines = ["llamacpp", *engines] if cpu_engine else [e for e in engines if e != "llamacpp"]
         path = create(cfg, Path(output), engines=list(dict.fromkeys(engines)), models=list(models),
