@@ -7,7 +7,6 @@ the spawning, the waiting and the restarting.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -103,7 +102,7 @@ async def one_token_completion(session: aiohttp.ClientSession, base_url: str, mo
             payload = await resp.read()
             if resp.status != 200:
                 raise ProbeFailed(f"1-token completion answered {resp.status}: {payload[:200]!r}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ProbeFailed(f"1-token completion failed: {type(exc).__name__}: {exc}") from None
 
 
@@ -115,7 +114,7 @@ async def refuses_anonymous(base_url: str, model_name: str, timeout: float) -> N
         async with aiohttp.ClientSession() as anonymous, anonymous.post(
                 f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return  # no answer at all: the health checks deal with an engine that is gone
     if status not in (401, 403):
         raise CannotLaunch(f"the engine answered a completion sent without its key (HTTP {status}): it "
@@ -144,7 +143,7 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, timeou
             if resp.status != 200:
                 raise ProbeFailed(f"{method} {url} answered {resp.status}: {body[:200]!r}")
             return body
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ProbeFailed(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
 
 

@@ -17,7 +17,7 @@ def quick_start_commands() -> list[str]:
 def test_the_quick_start_is_exactly_two_commands():
     commands = quick_start_commands()
     assert commands == ["./install.sh && appliance serve",
-                        "./install.sh --dev && .venv/bin/python -m pytest"]
+                        "./install.sh --dev && .ci/lint && .venv/bin/python -m pytest"]
 
 
 def test_ci_runs_exactly_the_readme_test_command():

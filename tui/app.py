@@ -170,7 +170,7 @@ class ApplianceTUI(App):
         current = [row.key.value for row in table.ordered_rows]
         if keys == current:
             for key, cells in rows:
-                for col, value in zip(views.MODEL_COLUMNS, cells):
+                for col, value in zip(views.MODEL_COLUMNS, cells, strict=False):
                     table.update_cell(key, col, value)
         else:
             selected = self.selected_key

@@ -112,7 +112,7 @@ async def _answers(host: str, port: int, timeout: float) -> bool:
                 writer.close()
             if line.startswith(b"HTTP/"):
                 return True
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         await asyncio.sleep(0.02)
     return False

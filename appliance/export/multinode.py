@@ -136,7 +136,8 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         "",
         "## Weights",
         "",
-        f"Every node needs the same {len(src.manifest.files)} files ({size(src.manifest.total_bytes)}) at `{weights}`: copy them from this box (`rsync -a --copy-links {src.weights_dir}/ "
+        f"Every node needs the same {len(src.manifest.files)} files ({size(src.manifest.total_bytes)}) "
+        f"at `{weights}`: copy them from this box (`rsync -a --copy-links {src.weights_dir}/ "
         f"NODE:{weights}/`, or share them read-only). Each script checks them against `SHA256SUMS`, "
         "the store's manifest, before it starts the engine, and refuses to start on any difference.",
         "",

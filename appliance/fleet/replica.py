@@ -592,7 +592,7 @@ class Replica:
         proc.signal_group(signal.SIGTERM)
         try:
             await asyncio.wait_for(proc.wait(), timeout=self.cfg.supervisor.stop_grace_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("replica %s ignored SIGTERM for %.0fs; sending SIGKILL",
                         self.name, self.cfg.supervisor.stop_grace_s)
             await self._kill_now()

@@ -134,7 +134,7 @@ class Deployment:
                 try:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
-                        raise asyncio.TimeoutError
+                        raise TimeoutError
                     # With an exclusion, look again when it lapses even if no READY comes.
                     step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
                     done, _ = await asyncio.wait([w for w in (waiter, gone) if w is not None],
@@ -145,13 +145,13 @@ class Deployment:
                 if gone is not None and gone in done:
                     raise ClientGone
                 if not done and loop.time() >= deadline:
-                    raise asyncio.TimeoutError
+                    raise TimeoutError
                 if waiter.done() and waiter.exception() is not None:
                     raise waiter.exception()
                 replica = self.pick_ready(exclude, prefix)
                 if replica is not None:
                     return replica
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise QueueTimeout(f"Model '{self.model.name}' did not become ready within "
                                f"{queue.timeout_s:.0f}s", retry_after=self._retry_after()) from None
         finally:
@@ -488,7 +488,7 @@ class Supervisor:
             dep.no_room = why
             return None
         victims = [by_name[h.replica] for h in decided.victims]
-        for h, victim in zip(decided.victims, victims):
+        for h, victim in zip(decided.victims, victims, strict=True):
             self._evict(victim, h, dep, trigger)
         return victims
 

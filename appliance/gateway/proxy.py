@@ -74,7 +74,7 @@ class EngineProxy:
         try:
             return await session.post(url, data=body, headers=headers,
                                       timeout=replica.timeout or self.timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
             err = EngineFailure(f"Engine {replica.name} failed: {type(exc).__name__}")
@@ -89,7 +89,7 @@ class EngineProxy:
             return
         try:
             body = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, aiohttp.ClientError, OSError):
             body = b""
         finally:
             resp.release()
@@ -106,7 +106,7 @@ class EngineProxy:
             await self._raise_for_engine_status(replica, resp)
             try:
                 data = await resp.read()
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise EngineTimeout(f"Engine {replica.name} stalled mid-answer") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise EngineFailure(f"Engine {replica.name} broke mid-answer: {type(exc).__name__}") from None
@@ -136,7 +136,7 @@ class EngineProxy:
             async for chunk in resp.content.iter_any():
                 yield chunk
             finished = True
-        except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # Bytes have gone out already: the status cannot change, so end the
             # stream with an explicit error event the client's SDK will raise.
             status = 502

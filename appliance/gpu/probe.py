@@ -157,7 +157,7 @@ class NvmlProbe:
                 total_bytes=int(mem.total),
                 used_bytes=int(mem.used),
                 free_bytes=int(mem.free),
-                utilization_pct=_optional(lambda: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                utilization_pct=_optional(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
                 processes=tuple(_processes(h)),
                 compute_capability=_capability(h),
             ))

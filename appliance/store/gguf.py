@@ -255,8 +255,8 @@ def _shape(g: GgufFile) -> GgufShape:
     ff = g.arch("feed_forward_length", 4 * embedding)
     feed_forward = max((int(x) for x in ff), default=0) if isinstance(ff, list) else int(ff)
     return GgufShape(architecture=arch, layers=layers, context_length=int(g.arch("context_length", 0)),
-                     embedding=embedding, feed_forward=feed_forward, heads=heads, kv_heads=kv_heads, key_length=key_length,
-                     value_length=value_length, vocab=vocab, tensor_bytes=g.tensor_bytes)
+                     embedding=embedding, feed_forward=feed_forward, heads=heads, kv_heads=kv_heads,
+                     key_length=key_length, value_length=value_length, vocab=vocab, tensor_bytes=g.tensor_bytes)
 
 
 def read_shape(path: str | Path) -> GgufShape:
