@@ -67,7 +67,6 @@ from appliance.store.guard import RECHECK_S, Scrubber
 log = logging.getLogger("appliance.api")
 
 JSON = "application/json"
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass

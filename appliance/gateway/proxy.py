@@ -21,8 +21,6 @@ from appliance.fleet.replica import Replica
 
 log = logging.getLogger("appliance.proxy")
 
-JSON_HEADERS = {"Content-Type": "application/json"}
-
 
 def make_session(cfg: Config) -> aiohttp.ClientSession:
     """The shared session: providers and external engines (a supervised replica has its own)."""
