@@ -73,11 +73,12 @@ class EngineAdapter(Protocol):
         """False for an external server the appliance only health-checks."""
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         """argv and extra environment for one replica of model, loading weights (resolved by
         the appliance; None for an engine that brings its own), listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
-        access.secret, which never appears in argv (appliance/fleet/engine_access.py)."""
+        access.secret, which never appears in argv (appliance/fleet/engine_access.py); a CPU
+        replica runs one thread per core in cpus (the supervisor's share of the CPU budget)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""

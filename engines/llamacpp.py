@@ -30,14 +30,14 @@ class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         from appliance.dist.images import llamacpp_binary
 
         binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
         if slot is not None:
             threads = model.threads or GPU_THREADS
-        else:
-            threads = model.threads or max(1, os.cpu_count() or 1)
+        else:  # exactly the cores the supervisor budgeted, and is bound to (launched alone: all)
+            threads = len(cpus) or model.threads or max(1, os.cpu_count() or 1)
         argv = [
             binary,
             "--model", str(weights),

@@ -37,7 +37,7 @@ class OpenAIAdapter:
         return not model.url
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         fields = {"port": str(port), "host": host, "model_name": model.name,
                   "model_path": str(weights) if weights else "", "api_key_file": str(access.key_file)}
         argv = [part.format_map(fields) for part in model.command] + model.args

@@ -37,7 +37,7 @@ class SglangAdapter(LocalEngine):
     can_sleep = False
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "sglang")

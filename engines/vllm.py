@@ -42,7 +42,7 @@ class VllmAdapter(LocalEngine):
     unix_socket = True
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "vllm")

@@ -263,6 +263,13 @@ def test_llamacpp_on_the_cpu_is_as_before():
     assert "CUDA_VISIBLE_DEVICES" not in spec.env
 
 
+def test_llamacpp_on_the_cpu_runs_one_thread_per_core_it_was_given():
+    model = LLAMA_CFG.models[1]
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, model, model_path(LLAMA_CFG, model), "127.0.0.1", 9201, None,
+                                          ACCESS, cpus=frozenset({2, 3}))
+    assert _flag(spec.argv, "--threads") == "2"
+
+
 def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(tmp_path):
     cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n[[models]]\nname = "m"\nsource = "/srv/m.gguf"\n'
                        "[models.gpus]\ncount = 1\n")

@@ -291,8 +291,8 @@ async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
     sup = Supervisor(cfg, session, probe=probe)
     original = sup.runner.spawn
 
-    async def spawn_and_note(argv, env, log_path, redact=""):
-        proc = await original(argv, env, log_path, redact)
+    async def spawn_and_note(argv, env, log_path, redact="", cpus=frozenset()):
+        proc = await original(argv, env, log_path, redact, cpus)
         probe.engine_pids.add(proc.pid)
         return proc
 

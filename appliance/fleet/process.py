@@ -34,11 +34,13 @@ class ProcessHandle(Protocol):
 
 
 class ProcessRunner(Protocol):
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "",
+                    cpus: frozenset[int] = frozenset()) -> ProcessHandle:
         """Start argv with exactly env as its environment (nothing of the daemon's
         is added: appliance/fleet/engine_access.py decides), its output logged with redact
-        (the replica's key, which some engines print) replaced; raise OSError (with a
-        clear message) if it cannot start."""
+        (the replica's key, which some engines print) replaced, on the CPUs in cpus only
+        (empty: wherever the daemon may run); raise OSError (with a clear message) if it
+        cannot start."""
 
 
 class CappedLog:
@@ -97,6 +99,20 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
+def _pinned(preexec: Callable[[], None] | None, cpus: frozenset[int]) -> Callable[[], None] | None:
+    """preexec, then the child (and every thread it starts) bound to cpus, before it runs
+    the engine: two replicas never share a core."""
+    if not cpus:
+        return preexec
+
+    def pin() -> None:
+        if preexec is not None:
+            preexec()
+        os.sched_setaffinity(0, cpus)
+
+    return pin
+
+
 class _RealProcess:
     def __init__(self, proc: asyncio.subprocess.Process, log: CappedLog) -> None:
         self._proc = proc
@@ -131,7 +147,8 @@ class SubprocessRunner:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
 
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "",
+                    cpus: frozenset[int] = frozenset()) -> ProcessHandle:
         exe = argv[0]
         if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")
@@ -145,7 +162,7 @@ class SubprocessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop it whole
-                preexec_fn=self._preexec,
+                preexec_fn=_pinned(self._preexec, cpus),
             )
         except OSError as exc:
             log.close()

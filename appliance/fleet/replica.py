@@ -158,6 +158,9 @@ class Replica:
         # GPU engines: where the placer put this replica; kept across restarts so a
         # crashed replica comes back on the same GPUs.
         self.slot: GpuSlot | None = None
+        # CPU engines: the cores the supervisor gave this replica out of the CPU budget; it
+        # runs one thread per core, bound to them. Kept across restarts, like slot.
+        self.cpus: frozenset[int] = frozenset()
         self.image = ""  # the engine image (<version>-<hash>) of the last launch, if any
         self.cannot_start: str | None = None
         # Awaited before each engine start; a reason means: do not start, FATAL with it
@@ -383,13 +386,15 @@ class Replica:
         if not self.supervised:
             return _External()
         weights = model_path(self.cfg, self.model)
-        spec = self.adapter.launch(self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access)
+        spec = self.adapter.launch(self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access,
+                                   cpus=self.cpus)
         self.image = spec.image
         try:
             for name, text in spec.files.items():
                 self.access.private_file(name, text)
             env = engine_environment(spec.env, Path(self.cfg.paths.cache_dir) / "engine-home", self.access)
-            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret)
+            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret,
+                                           cpus=self.cpus)
         except OSError as exc:
             raise _Crash(str(exc)) from None
 

@@ -372,7 +372,7 @@ class Supervisor:
 
     def cpu_budget(self) -> dict:
         """The CPU engines' core budget and the replicas that hold it."""
-        users = [{"replica": r.name, "cores": self._cores(r.model), "state": r.state.value}
+        users = [{"replica": r.name, "cores": self._cores(r.model), "cpus": sorted(r.cpus), "state": r.state.value}
                  for r in self._cpu_holders()]
         return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
 
@@ -383,8 +383,22 @@ class Supervisor:
         return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]
 
     def _cores(self, model: ModelConfig) -> int:
+        """The cores one CPU replica of model takes from the budget: its threads, or all of it."""
         budget = self._cpu_cores()
         return min(model.threads or budget, budget)
+
+    def _cpu_set(self, model: ModelConfig, ignoring: frozenset[str]) -> frozenset[int]:
+        """The CPUs a new CPU replica of model is bound to: _cores(model) of the budget's that
+        no other replica holds (those in ignoring are being evicted for it), lowest first. The
+        budget's cores are the daemon's own CPUs in order; a budget larger than the machine
+        wraps around them (and replicas then share cores: the operator asked for more)."""
+        mine = sorted(os.sched_getaffinity(0))
+        held = {c for r in self._cpu_holders() if r.name not in ignoring for c in r.cpus}
+        free = [mine[i % len(mine)] for i in range(self._cpu_cores())]
+        for cpu in held:
+            if cpu in free:
+                free.remove(cpu)
+        return frozenset(free[:self._cores(model)])
 
     def add_replica(self, dep: Deployment, reason: str, evict: str | None = None) -> Replica | None:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
@@ -431,6 +445,8 @@ class Supervisor:
                 return None
             replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids,
                                    row.assignment.bytes_per_gpu)
+        elif on_cpu(dep.model):
+            replica.cpus = self._cpu_set(dep.model, ignoring)
         if victims:
             replica.preflight = self._after_stopped(victims, replica.preflight)
         dep.no_room = None
