@@ -16,6 +16,8 @@ from typing import Literal
 
 import msgspec
 
+from appliance.safe_paths import StoreError, check_name
+
 DEFAULT_CONFIG_PATH = Path("/etc/appliance/appliance.toml")
 EMBEDDED_MODEL_NAME = "smollm2-135m-instruct"
 EMBEDDED_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,12 +27,64 @@ STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
-# llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
+# llama.cpp's --cache-type-k/-v values (appliance/store/gguf.py knows their sizes).
 CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 log = logging.getLogger("appliance.config")
 
 UNIX_PATH_MAX = 108  # sun_path, the terminating NUL included
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+def parse_duration(text: str | float | int, field_name: str = "duration") -> float:
+    """'90s', '5m', '1h', '0' or a number of seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    s = text.strip().lower()
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+    for unit in ("ms", "s", "m", "h", "d"):
+        if s.endswith(unit) and s[: -len(unit)].replace(".", "", 1).isdigit():
+            return float(s[: -len(unit)]) * units[unit]
+    if s.replace(".", "", 1).isdigit():
+        return float(s)
+    raise ValueError(f"{field_name}: {text!r} is not a duration (e.g. 90s, 5m, 1h, 0)")
+
+
+class Duration:
+    """A length of time as the operator wrote it ("90s", "5m", "1h", "0s"; "" = not set) and
+    in seconds, parsed once when the config is loaded."""
+
+    __slots__ = ("seconds", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.seconds = parse_duration(text) if text else 0.0
+
+    def __bool__(self) -> bool:
+        return bool(self.text)
+
+    def __str__(self) -> str:
+        return self.text
+
+    def __repr__(self) -> str:
+        return f"Duration({self.text!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Duration) and other.text == self.text
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def _decode_duration(type_: type, value: object) -> object:
+    """msgspec's hook for Duration fields: a TOML string, parsed here, at load."""
+    if type_ is not Duration:
+        raise NotImplementedError(type_)
+    if not isinstance(value, str):
+        raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
+    try:
+        return Duration(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a duration (e.g. 90s, 5m, 1h, 0s)") from None
 
 
 class ConfigError(Exception):
@@ -174,33 +228,39 @@ class Autoscaling(_Section):
     target_rps_per_replica: float = 4.0
     # Idle this long (no requests, nothing in flight): go to zero replicas. "" = the
     # global [autoscaling] idle_ttl; "0s" = never. A pinned model never idles out.
-    scale_to_zero_after: str = ""
+    scale_to_zero_after: Duration = Duration("")
     # vLLM with sleep_mode: put idle replicas to sleep after this ("0s" = never),
     # then to zero after scale_to_zero_after.
-    sleep_after: str = "0s"
+    sleep_after: Duration = Duration("0s")
     # Not evicted for another model within this long of loading; "" = [autoscaling] min_residency.
-    min_residency: str = ""
+    min_residency: Duration = Duration("")
 
 
 class AutoscalerConfig(_Section):
     interval_s: float = 1.0
-    idle_ttl: str = "0s"
+    idle_ttl: Duration = Duration("0s")
     # Scale down only after the desired count stayed lower this long, and this
     # long after the last change; one replica at a time.
     stabilization_s: float = 30.0
     cooldown_s: float = 10.0
-    # Requests held per model while it cold-starts: beyond max_queue 429, after
-    # queue_timeout_s 503, both with Retry-After.
-    max_queue: int = 64
-    queue_timeout_s: float = 120.0
+    # A replica loaded less than this long ago is never evicted to make room for another
+    # model (anti-thrash); per model: [models.autoscaling] min_residency.
+    min_residency: Duration = Duration("30s")
+
+
+class QueueConfig(_Section):
+    # Requests held per model while it cold-starts: beyond max_held 429, after timeout_s
+    # 503, both with Retry-After.
+    max_held: int = 64
+    timeout_s: float = 120.0
     # Streamed requests held during a cold start get an SSE comment this often
     # so proxies and clients do not time out (0 = off).
     keepalive_s: float = 5.0
-    # CPU engines: cores their replicas may use together (0 = all cores).
-    cpu_cores: int = 0
-    # A replica loaded less than this long ago is never evicted to make room for another
-    # model (anti-thrash); per model: [models.autoscaling] min_residency.
-    min_residency: str = "30s"
+
+
+class CpuConfig(_Section):
+    # CPU engines (llama.cpp on the CPU): cores their replicas may use together (0 = all cores).
+    cores: int = 0
 
 
 class ModelConfig(_Section):
@@ -262,7 +322,7 @@ class RoutingConfig(_Section):
     prefix_index_mib: float = 8.0
     # Request header carrying the tag a route may match on.
     tag_header: str = "x-appliance-tag"
-    # Whose engine prompt caches are kept apart (appliance/tenancy.py): "key" (each
+    # Whose engine prompt caches are kept apart (appliance/access/tenancy.py): "key" (each
     # API key; keyless loopback clients together), "route" (each route), or "shared"
     # (one team: answers relayed untouched, cache counters included).
     tenant_isolation: Literal["key", "route", "shared"] = "key"
@@ -340,6 +400,8 @@ class Config(_Section):
     server: ServerConfig = msgspec.field(default_factory=ServerConfig)
     gpu: GpuConfig = msgspec.field(default_factory=GpuConfig)
     autoscaling: AutoscalerConfig = msgspec.field(default_factory=AutoscalerConfig)
+    queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
+    cpu: CpuConfig = msgspec.field(default_factory=CpuConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
@@ -412,15 +474,6 @@ def install_prefix() -> Path:
     return Path(sys.prefix)
 
 
-def default_llama_server(images_dir: str = "") -> str:
-    """The current llamacpp engine image's llama-server (`appliance images build llamacpp`);
-    before an image is built, the one install.sh put next to this program."""
-    from .images import llama_server
-
-    image = llama_server(images_dir)
-    return str(image or install_prefix() / "bin" / "llama-server")
-
-
 def builtin_model_path(name: str) -> Path:
     if name != EMBEDDED_MODEL_NAME:
         raise KeyError(name)
@@ -463,7 +516,7 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
         raise ConfigError(f"{origin}: not a TOML table")
     deprecations = _rename_keys(table, origin)
     try:
-        cfg = msgspec.convert(table, type=Config)
+        cfg = msgspec.convert(table, type=Config, dec_hook=_decode_duration)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"{origin}: {_field_message(exc)}") from None
     return finalize(msgspec.structs.replace(cfg, deprecations=tuple(deprecations)), origin=origin)
@@ -472,7 +525,13 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
 # Keys renamed in a release: (old, new, the release that renamed it). The old name is read
 # as the new one, with a warning, for one release; then the entry goes and the old name is
 # an unknown field. "models[].x" is key x of every [[models]] table.
-RENAMED_KEYS: list[tuple[str, str, str]] = []
+RENAMED_KEYS: list[tuple[str, str, str]] = [
+    # [autoscaling] keeps only autoscaling: the cold-start queue and the CPU budget have their own.
+    ("autoscaling.max_queue", "queue.max_held", "0.2.0"),
+    ("autoscaling.queue_timeout_s", "queue.timeout_s", "0.2.0"),
+    ("autoscaling.keepalive_s", "queue.keepalive_s", "0.2.0"),
+    ("autoscaling.cpu_cores", "cpu.cores", "0.2.0"),
+]
 
 
 def _rename_keys(table: dict, origin: str) -> list[str]:
@@ -543,16 +602,12 @@ def finalize(cfg: Config, origin: str) -> Config:
         log_dir=cfg.paths.log_dir or defaults.log_dir,
     )
     models = cfg.models or [embedded_default_model()]
-    engines = cfg.engines
-    if not engines.llamacpp.binary:
-        llamacpp = msgspec.structs.replace(engines.llamacpp, binary=default_llama_server(cfg.images.dir))
-        engines = msgspec.structs.replace(engines, llamacpp=llamacpp)
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
     if server.admin_socket:
         server = msgspec.structs.replace(server, admin_socket=str(Path(paths.state_dir) / server.admin_socket))
-    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, engines=engines,
+    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models,
                                   origin=origin)
     _validate(cfg)
     return cfg
@@ -591,11 +646,9 @@ def _validate(cfg: Config) -> None:
 
     asc = cfg.autoscaling
     need(asc.interval_s > 0, "autoscaling.interval_s", "must be positive")
-    need(asc.max_queue >= 0, "autoscaling.max_queue", "must not be negative")
-    need(asc.queue_timeout_s > 0, "autoscaling.queue_timeout_s", "must be positive")
-    need(asc.cpu_cores >= 0, "autoscaling.cpu_cores", "must not be negative")
-    _duration(asc.idle_ttl, "autoscaling.idle_ttl", errors)
-    _duration(asc.min_residency, "autoscaling.min_residency", errors)
+    need(cfg.queue.max_held >= 0, "queue.max_held", "must not be negative")
+    need(cfg.queue.timeout_s > 0, "queue.timeout_s", "must be positive")
+    need(cfg.cpu.cores >= 0, "cpu.cores", "must not be negative")
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
@@ -609,20 +662,13 @@ def _validate(cfg: Config) -> None:
         need(a.max_replicas >= max(a.min_replicas, 1), f"{at}.autoscaling.max_replicas",
              "must be >= min_replicas and >= 1")
         need(a.target_rps_per_replica > 0, f"{at}.autoscaling.target_rps_per_replica", "must be positive")
-        if a.scale_to_zero_after:
-            _duration(a.scale_to_zero_after, f"{at}.autoscaling.scale_to_zero_after", errors)
-        if a.min_residency:
-            _duration(a.min_residency, f"{at}.autoscaling.min_residency", errors)
-        sleep = _duration(a.sleep_after, f"{at}.autoscaling.sleep_after", errors)
-        need(not sleep or m.sleep_mode, f"{at}.autoscaling.sleep_after",
+        need(not a.sleep_after.seconds or m.sleep_mode, f"{at}.autoscaling.sleep_after",
              "needs sleep_mode = true (vllm)")
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         if m.source.startswith(STORE_PREFIX):
-            from .store import StoreError, check_name
-
             try:
                 check_name(m.source[len(STORE_PREFIX):])
             except StoreError as exc:
@@ -725,20 +771,8 @@ def _validate_routes(cfg: Config, need) -> None:
                  f"commercial provider {name!r} (regulated traffic never leaves this server)")
 
 
-def _duration(text: str, field: str, errors: list[str]) -> float:
-    from .autoscaler import parse_duration
-
-    try:
-        return parse_duration(text, field)
-    except ValueError:
-        errors.append(f"field '{field}': {text!r} is not a duration (e.g. 90s, 5m, 1h, 0s)")
-        return 0.0
-
-
 def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
-
-    return parse_duration(model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl)
+    return (model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl).seconds
 
 
 def read_admin_token(cfg: Config) -> str:
@@ -796,27 +830,10 @@ def uses_gpus(model: ModelConfig) -> bool:
 
 
 def min_residency_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
-
-    return parse_duration(model.autoscaling.min_residency or cfg.autoscaling.min_residency)
+    return (model.autoscaling.min_residency or cfg.autoscaling.min_residency).seconds
 
 
 def overhead_bytes(cfg: Config, model: ModelConfig) -> int:
     gib = model.gpu_overhead_gib or getattr(cfg.engines, model.server).overhead_gib
     return int(gib * 1024**3)
 
-
-def model_path(cfg: Config, model: ModelConfig) -> Path | None:
-    """The weights a model deployment loads, or None for engines that bring their own."""
-    if not model.source:
-        return None
-    if model.source.startswith(BUILTIN_PREFIX):
-        return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
-    if model.source.startswith(STORE_PREFIX):
-        from .store import resolve
-
-        return resolve(cfg, model.source[len(STORE_PREFIX):])
-    path = Path(model.source).expanduser()
-    if not path.is_absolute():
-        path = Path(cfg.paths.cache_dir) / "models" / path
-    return path

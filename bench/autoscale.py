@@ -93,7 +93,7 @@ class Daemon:
         cfg.write_text(f"[server]\nport = {self.port}\n[paths]\nstate_dir = \"{self.tmp}/s\"\n"
                        f"cache_dir = \"{self.tmp}/c\"\nlog_dir = \"{self.tmp}/l\"\n"
                        "[autoscaling]\ninterval_s = 0.25\nstabilization_s = 3\ncooldown_s = 1\n"
-                       f"keepalive_s = 0\n{extra}\n{models}")
+                       f"[queue]\nkeepalive_s = 0\n{extra}\n{models}")
         self.proc = subprocess.Popen([PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
                                      stdout=(self.tmp / "log").open("wb"), stderr=subprocess.STDOUT,
                                      cwd=ROOT, start_new_session=True)

@@ -75,7 +75,7 @@ def config(tmp: Path, port: int, llama: bool) -> str:
             "[supervisor]\nstop_grace_s = 2\nhealth_interval_s = 1\nhealth_failures_before_restart = 2\n"
             "backoff_initial_s = 0.2\nbackoff_max_s = 1\nstartup_timeout_s = 60\n"
             "[upstream]\nread_timeout_s = 20\n"
-            "[autoscaling]\nstabilization_s = 600\nqueue_timeout_s = 30\nkeepalive_s = 0\n"
+            "[autoscaling]\nstabilization_s = 600\n[queue]\ntimeout_s = 30\nkeepalive_s = 0\n"
             f"{fake}{smol}")
 
 

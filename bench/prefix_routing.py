@@ -4,7 +4,7 @@
         [--concurrency 2] [--parallel 4] [--prompt-tokens 1500] [--timeout 600]
 
 Two replicas of the bundled SmolLM2-135M (llama-server, one thread each,
-``[autoscaling] cpu_cores = 2``), each with --parallel slots and no host prompt
+``[cpu] cores = 2``), each with --parallel slots and no host prompt
 cache (``--cache-ram 0``): a replica keeps at most --parallel prompts' KV, so
 with more tenants than one replica's slots it cannot keep every tenant's
 ~1,500-token system prompt, as in production where KV memory is scarce.
@@ -65,8 +65,8 @@ port = {port}
 state_dir = "{tmp}/state"
 cache_dir = "{tmp}/cache"
 log_dir = "{tmp}/log"
-[autoscaling]
-cpu_cores = 2
+[cpu]
+cores = 2
 [audit]
 enabled = false
 [routing]
@@ -174,7 +174,7 @@ async def measure(args, tmp: Path, prefix: bool, prompts, sequence) -> tuple[dic
 
 def decision_cost(text_words: int) -> tuple[float, int]:
     from appliance.config import RoutingConfig
-    from appliance.prefix import PrefixRouter
+    from appliance.fleet.prefix import PrefixRouter
 
     class Rep:
         def __init__(self, name: str) -> None:

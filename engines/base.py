@@ -7,17 +7,17 @@ the spawning, the waiting and the restarting.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
-from .metrics import EngineLoad
+from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 class ProbeFailed(Exception):
@@ -72,11 +72,13 @@ class EngineAdapter(Protocol):
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        """argv and extra environment for one replica listening on host:port
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+        """argv and extra environment for one replica of model, loading weights (resolved by
+        the appliance; None for an engine that brings its own), listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
-        access.secret, which never appears in argv (appliance/engine_access.py)."""
+        access.secret, which never appears in argv (appliance/fleet/engine_access.py); a CPU
+        replica runs one thread per core in cpus (the supervisor's share of the CPU budget)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
@@ -101,7 +103,7 @@ async def one_token_completion(session: aiohttp.ClientSession, base_url: str, mo
             payload = await resp.read()
             if resp.status != 200:
                 raise ProbeFailed(f"1-token completion answered {resp.status}: {payload[:200]!r}")
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ProbeFailed(f"1-token completion failed: {type(exc).__name__}: {exc}") from None
 
 
@@ -113,7 +115,7 @@ async def refuses_anonymous(base_url: str, model_name: str, timeout: float) -> N
         async with aiohttp.ClientSession() as anonymous, anonymous.post(
                 f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
             status = resp.status
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+    except (TimeoutError, aiohttp.ClientError, OSError):
         return  # no answer at all: the health checks deal with an engine that is gone
     if status not in (401, 403):
         raise CannotLaunch(f"the engine answered a completion sent without its key (HTTP {status}): it "
@@ -142,7 +144,7 @@ async def _request(session: aiohttp.ClientSession, method: str, url: str, timeou
             if resp.status != 200:
                 raise ProbeFailed(f"{method} {url} answered {resp.status}: {body[:200]!r}")
             return body
-    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
         raise ProbeFailed(f"{method} {url} failed: {type(exc).__name__}: {exc}") from None
 
 
@@ -169,7 +171,8 @@ class LocalEngine:
 
 def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
     """[engines.<engine>] command, else the current image's entry point; and its image tag."""
-    from appliance.images import ImageError, gpu_engine_command as command
+    from appliance.dist.images import ImageError
+    from appliance.dist.images import gpu_engine_command as command
 
     try:
         return command(engine, cfg)

@@ -13,12 +13,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
-from .metrics import EngineLoad, parse_llamacpp
+from engines.base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
+from engines.metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 # With every layer on the GPU, the CPU threads only sample and schedule.
 GPU_THREADS = 2
@@ -27,19 +29,18 @@ GPU_THREADS = 2
 class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+        from appliance.dist.images import llamacpp_binary
 
-        path = model_path(cfg, model)
-        binary = cuda_binary(cfg) if slot is not None else cfg.engines.llamacpp.binary
+        binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
         if slot is not None:
             threads = model.threads or GPU_THREADS
-        else:
-            threads = model.threads or max(1, os.cpu_count() or 1)
+        else:  # exactly the cores the supervisor budgeted, and is bound to (launched alone: all)
+            threads = len(cpus) or model.threads or max(1, os.cpu_count() or 1)
         argv = [
             binary,
-            "--model", str(path),
+            "--model", str(weights),
             "--alias", model.name,
             "--host", host,
             "--port", str(port),
@@ -82,7 +83,7 @@ class LlamaCppAdapter(LocalEngine):
 def cuda_binary(cfg: Config) -> str:
     """[engines.llamacpp] cuda_binary, else the current llamacpp-cuda image's llama-server;
     CannotLaunch naming the fix when there is neither."""
-    from appliance.images import images_dir, llama_server
+    from appliance.dist.images import images_dir, llama_server
 
     if cfg.engines.llamacpp.cuda_binary:
         return cfg.engines.llamacpp.cuda_binary

@@ -14,12 +14,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
-from .metrics import EngineLoad
+from engines.base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
+from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 # The variable a supervised OpenAI-compatible server finds its key in.
 KEY_VARIABLE = "ENGINE_API_KEY"
@@ -34,13 +36,10 @@ class OpenAIAdapter:
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
-
-        path = model_path(cfg, model)
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         fields = {"port": str(port), "host": host, "model_name": model.name,
-                  "model_path": str(path) if path else "", "api_key_file": str(access.key_file)}
+                  "model_path": str(weights) if weights else "", "api_key_file": str(access.key_file)}
         argv = [part.format_map(fields) for part in model.command] + model.args
         return LaunchSpec(argv=argv, env={**model.env, KEY_VARIABLE: access.secret})
 

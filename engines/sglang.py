@@ -17,12 +17,14 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
-from .metrics import EngineLoad, parse_sglang
+from engines.base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
+from engines.metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 # The key's config file; JSON is YAML, and SGLang wants the .yaml suffix.
@@ -34,16 +36,14 @@ class SglangAdapter(LocalEngine):
     gpu = True
     can_sleep = False
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
-
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "sglang")
         argv = [
             *command,
-            "--model-path", str(model_path(cfg, model)),
+            "--model-path", str(weights),
             "--served-model-name", model.name,
             "--host", host,
             "--port", str(port),

@@ -16,13 +16,23 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import (GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_post, http_text, offline_env,
-                   one_token_completion)
-from .metrics import EngineLoad, parse_vllm
+from engines.base import (
+    GpuSlot,
+    LaunchSpec,
+    LocalEngine,
+    gpu_engine_command,
+    http_post,
+    http_text,
+    offline_env,
+    one_token_completion,
+)
+from engines.metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 class VllmAdapter(LocalEngine):
@@ -31,15 +41,13 @@ class VllmAdapter(LocalEngine):
     can_sleep = True
     unix_socket = True
 
-    def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.config import model_path
-
+    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
+               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "vllm")
         argv = [
-            *command, str(model_path(cfg, model)),
+            *command, str(weights),
             "--served-model-name", model.name,
             "--uds", str(access.socket),
             "--tensor-parallel-size", str(slot.tp),

@@ -16,7 +16,7 @@ from .conftest import PY, ROOT, fake_model, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 FAST = ("[autoscaling]\ninterval_s = 0.2\nstabilization_s = 1.5\ncooldown_s = 0.5\n"
-        "queue_timeout_s = 30\nkeepalive_s = 0\n")
+        "[queue]\ntimeout_s = 30\nkeepalive_s = 0\n")
 
 
 def scaling(min_r: int, max_r: int, target: float = 5, ttl: str = "") -> str:
@@ -58,7 +58,7 @@ def test_a_held_stream_gets_keepalive_comments_then_the_answer(daemons):
 
 def test_queue_full_gives_429_with_retry_after(daemons):
     d = daemons.start(fake_model("fake", "--slow-start", "3", extra=scaling(0, 1)),
-                      extra=FAST + "max_queue = 1\n")
+                      extra=FAST + "max_held = 1\n")
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         first = pool.submit(lambda: httpx.post(f"{d.url}/v1/chat/completions", json=CHAT, timeout=30))
         wait_until(lambda: model_status(d)["queued"] == 1, 5, what="one request queued")
@@ -71,7 +71,7 @@ def test_queue_full_gives_429_with_retry_after(daemons):
 
 def test_queue_timeout_gives_503_with_retry_after(daemons):
     d = daemons.start(fake_model("fake", "--slow-start", "30", extra=scaling(0, 1)),
-                      extra=FAST.replace("queue_timeout_s = 30", "queue_timeout_s = 1"))
+                      extra=FAST.replace("timeout_s = 30", "timeout_s = 1"))
     with d.client() as c:
         resp = c.post("/v1/chat/completions", json=CHAT)
     assert resp.status_code == 503

@@ -22,7 +22,7 @@ from .conftest import PY, ROOT, engine_client, fake_model, pid_alive, wait_until
 from .make_tiny_gguf import opaque
 
 FAST = ("[autoscaling]\ninterval_s = 0.2\nstabilization_s = 600\ncooldown_s = 0.5\n"
-        "queue_timeout_s = 30\nkeepalive_s = 0\n")
+        "[queue]\ntimeout_s = 30\nkeepalive_s = 0\n")
 BODIES = [chat("fake"), chat("fake", stream=True)]
 
 

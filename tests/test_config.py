@@ -14,9 +14,9 @@ from appliance.config import (
     Config,
     ConfigError,
     load_config,
-    model_path,
     parse_config,
 )
+from appliance.store.store import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "appliance.example.toml"
@@ -142,16 +142,17 @@ def test_relative_model_sources_resolve_under_the_cache_dir():
 
 
 def test_the_llama_server_defaults_to_the_current_llamacpp_image(tmp_path):
+    from appliance.dist.images import llamacpp_binary
+
     cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
     # No image built there: the one install.sh put next to the daemon.
-    assert cfg.engines.llamacpp.binary == os.path.join(os.sys.prefix, "bin", "llama-server")
+    assert llamacpp_binary(cfg) == os.path.join(os.sys.prefix, "bin", "llama-server")
     image = tmp_path / "llamacpp" / "11434.0.0-x"
     (image / "bin").mkdir(parents=True)
     (image / "bin" / "llama-server").write_bytes(b"")
     (image / "image.json").write_text("{}")
     (tmp_path / "llamacpp" / "current").symlink_to(image.name)
-    cfg = parse_config(f'[images]\ndir = "{tmp_path}"\n')
-    assert cfg.engines.llamacpp.binary == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
+    assert llamacpp_binary(cfg) == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
 
 
 def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():
@@ -196,7 +197,7 @@ def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tm
     """`appliance check` (install.sh's readiness check) prints each warning; the config still loads."""
     from click.testing import CliRunner
 
-    from appliance.cli import main
+    from appliance.cli.main import main
 
     monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0")])
     path = tmp_path / "old.toml"
@@ -205,3 +206,23 @@ def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tm
     result = CliRunner().invoke(main, ["check", "--config", str(path)])
     assert result.exit_code == 0, result.output
     assert f"warning: {path}: field 'server.listen_port' is deprecated: it was renamed 'server.port'" in result.output
+
+
+def test_the_queue_and_cpu_settings_moved_out_of_autoscaling_are_still_read_with_a_warning():
+    cfg = parse_config("[autoscaling]\ninterval_s = 2\nmax_queue = 7\nqueue_timeout_s = 9\nkeepalive_s = 0\n"
+                       "cpu_cores = 3\n", "old.toml")
+    assert (cfg.queue.max_held, cfg.queue.timeout_s, cfg.queue.keepalive_s, cfg.cpu.cores) == (7, 9, 0, 3)
+    assert cfg.autoscaling.interval_s == 2
+    assert [w.split(":")[1].split("'")[1] for w in cfg.deprecations] == [
+        "autoscaling.max_queue", "autoscaling.queue_timeout_s", "autoscaling.keepalive_s", "autoscaling.cpu_cores"]
+    assert "renamed 'queue.max_held' in 0.2.0" in cfg.deprecations[0]
+    with pytest.raises(ConfigError, match="both are set; keep only 'cpu.cores'"):
+        parse_config("[autoscaling]\ncpu_cores = 3\n[cpu]\ncores = 2\n", "both.toml")
+
+
+def test_durations_are_parsed_once_at_load():
+    cfg = parse_config('[autoscaling]\nidle_ttl = "5m"\n[[models]]\nname = "a"\nsource = "a.gguf"\n'
+                       '[models.autoscaling]\nmin_residency = "90s"\n')
+    model = cfg.models[0]
+    assert (cfg.autoscaling.idle_ttl.seconds, model.autoscaling.min_residency.seconds) == (300, 90)
+    assert str(cfg.autoscaling.idle_ttl) == "5m" and not model.autoscaling.scale_to_zero_after

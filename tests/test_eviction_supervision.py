@@ -8,6 +8,7 @@ on the CPU with three tiny models on a budget for two."""
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -142,7 +143,7 @@ def test_a_pinned_model_is_not_evicted_below_its_pin(daemons, tmp_path, tiny):
 def cpu_daemon(daemons, tmp_path: Path, tiny: Path, binary: Path, names=("a", "b"), cores: int = 2,
                threads: int = 2):
     extra = (f'[engines.llamacpp]\nbinary = "{binary}"\n'
-             f'[autoscaling]\ncpu_cores = {cores}\nmin_residency = "0s"\n')
+             f'[cpu]\ncores = {cores}\n[autoscaling]\nmin_residency = "0s"\n')
     models = "".join(gguf_model(n, tiny, gpus=0, threads=threads) for n in names)
     return daemons.start(models, extra=extra)
 
@@ -165,7 +166,7 @@ def test_on_the_cpu_core_budget_a_request_evicts_the_idle_model_and_load_says_wh
 
 
 def test_real_llama_cpp_three_models_on_a_budget_for_two_each_answer_in_turn(daemons, tmp_path, tiny):
-    from appliance.config import default_llama_server
+    from appliance.dist.images import default_llama_server
 
     binary = Path(default_llama_server())
     if not binary.exists():
@@ -187,7 +188,7 @@ def test_real_llama_cpp_three_models_on_a_budget_for_two_each_answer_in_turn(dae
 def test_a_scale_up_under_load_evicts_an_idle_model_for_the_extra_replica(daemons, tmp_path, tiny):
     binary = fake_llama_server(tmp_path)
     extra = (f'[engines.llamacpp]\nbinary = "{binary}"\n'
-             '[autoscaling]\ncpu_cores = 4\nmin_residency = "0s"\ninterval_s = 0.2\n')
+             '[cpu]\ncores = 4\n[autoscaling]\nmin_residency = "0s"\ninterval_s = 0.2\n')
     busy = gguf_model("a", tiny, gpus=0, extra='args = ["--latency", "2", "--latency-from", "2"]\n') + (
         "[models.autoscaling]\nmax_replicas = 2\ntarget_rps_per_replica = 0.5\n")
     d = daemons.start(busy + gguf_model("b", tiny, gpus=0), extra=extra)
@@ -203,3 +204,37 @@ def test_a_scale_up_under_load_evicts_an_idle_model_for_the_extra_replica(daemon
         t.join()
     assert evictions(d) == {("b", "scale_up"): 1.0}
     assert live(d, "b") == []
+
+
+def _engine_threads_and_cpus(pid: int) -> tuple[int, set[int]]:
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    threads = int(argv[argv.index(b"--threads") + 1])
+    allowed = next(line.split(":")[1].strip() for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                   if line.startswith("Cpus_allowed_list"))
+    cpus = set()
+    for part in allowed.split(","):
+        lo, _, hi = part.partition("-")
+        cpus.update(range(int(lo), int(hi or lo) + 1))
+    return threads, cpus
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs")
+def test_cpu_replicas_run_the_threads_they_are_budgeted_each_bound_to_its_own_cores(daemons, tmp_path, tiny):
+    """[cpu] cores = 2, two models of one thread each: each replica runs --threads 1 on a core
+    of its own. (Before, a replica counted as its budget but ran threads or every core.)"""
+    binary = fake_llama_server(tmp_path)
+    d = cpu_daemon(daemons, tmp_path, tiny, binary, names=("a", "b"), cores=2, threads=1)
+    wait_until(lambda: all(r["state"] == "READY" for m in "ab" for r in live(d, m)), 30, what="a and b READY")
+    seen = [_engine_threads_and_cpus(live(d, m)[0]["pid"]) for m in "ab"]
+    assert [threads for threads, _ in seen] == [1, 1]
+    assert all(len(cpus) == 1 for _, cpus in seen) and seen[0][1] != seen[1][1]
+    budget = httpx.get(f"{d.url}/admin/gpus", timeout=10).json()["cpu"]
+    assert sorted(u["cpus"][0] for u in budget["replicas"]) == sorted(min(c) for _, c in seen)
+
+
+def test_a_cpu_replica_without_threads_runs_one_per_budgeted_core_not_one_per_machine_core(daemons, tmp_path, tiny):
+    binary = fake_llama_server(tmp_path)
+    d = cpu_daemon(daemons, tmp_path, tiny, binary, names=("a",), cores=1, threads=0)
+    wait_until(lambda: [r["state"] for r in live(d, "a")] == ["READY"], 30, what="a READY")
+    threads, cpus = _engine_threads_and_cpus(live(d, "a")[0]["pid"])
+    assert threads == 1 and len(cpus) == 1

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from appliance.engine_access import EngineAccess
+from appliance.fleet.engine_access import EngineAccess
+from appliance.store.store import model_path
 from engines import CannotLaunch, GpuSlot, adapter_for
 from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
 
@@ -50,7 +51,7 @@ ACCESS = EngineAccess(secret="s3cr3t-" + "0" * 57, dir=Path("/run/appliance/engi
 
 
 def test_vllm_argv_and_env():
-    spec = adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
+    spec = adapter_for("vllm").launch(CFG, CFG.models[0], model_path(CFG, CFG.models[0]), "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv == [
         "/opt/appliance/engines/vllm/bin/vllm", "serve", "/srv/models/llama-8b",
         "--served-model-name", "llama-8b", "--uds", "/run/appliance/engines/r7/engine.sock",
@@ -70,9 +71,9 @@ def test_the_replica_key_is_never_on_an_engine_command_line():
                        '[[models]]\nname = "own"\nserver = "openai"\n'
                        'command = ["srv", "--port", "{port}", "--key-file", "{api_key_file}"]\n'
                        'env = { ENGINE_API_KEY = "operator-set" }\n')
-    llama = adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9100, None, ACCESS)
-    own = adapter_for("openai").launch(cfg, cfg.models[1], "127.0.0.1", 9100, None, ACCESS)
-    specs = [llama, own] + [adapter_for(e).launch(CFG, CFG.models[m], "127.0.0.1", 9100, SLOT, ACCESS)
+    llama = adapter_for("llamacpp").launch(cfg, cfg.models[0], model_path(cfg, cfg.models[0]), "127.0.0.1", 9100, None, ACCESS)
+    own = adapter_for("openai").launch(cfg, cfg.models[1], model_path(cfg, cfg.models[1]), "127.0.0.1", 9100, None, ACCESS)
+    specs = [llama, own] + [adapter_for(e).launch(CFG, CFG.models[m], model_path(CFG, CFG.models[m]), "127.0.0.1", 9100, SLOT, ACCESS)
                             for e, m in (("vllm", 0), ("sglang", 1))]
     for spec in specs:
         assert not any(ACCESS.secret in a for a in spec.argv), spec.argv
@@ -83,7 +84,7 @@ def test_the_replica_key_is_never_on_an_engine_command_line():
 
 
 def test_sglang_argv_and_env():
-    spec = adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9200, SLOT, ACCESS)
+    spec = adapter_for("sglang").launch(CFG, CFG.models[1], model_path(CFG, CFG.models[1]), "127.0.0.1", 9200, SLOT, ACCESS)
     assert spec.argv == [
         "/opt/appliance/engines/sglang/bin/python", "-m", "sglang.launch_server",
         "--model-path", "/srv/models/qwen-32b", "--served-model-name", "qwen-32b",
@@ -98,15 +99,15 @@ def test_sglang_argv_and_env():
 
 @pytest.mark.parametrize(("engine", "model"), [("vllm", 0), ("sglang", 1)])
 def test_every_flag_the_adapter_emits_exists_in_the_pinned_engine(engine, model):
-    spec = adapter_for(engine).launch(CFG, CFG.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
+    spec = adapter_for(engine).launch(CFG, CFG.models[model], model_path(CFG, CFG.models[model]), "127.0.0.1", 9100, SLOT, ACCESS)
     emitted = {a for a in spec.argv if a.startswith("--")}
     assert emitted - pinned_flags(engine) == set()
 
 
 def test_a_configured_command_is_what_runs_and_names_no_image():
     # (CFG sets [engines.*] command: an operator's own environment wins over the images.)
-    assert adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, SLOT, ACCESS).image == ""
-    assert adapter_for("sglang").launch(CFG, CFG.models[1], "127.0.0.1", 9100, SLOT, ACCESS).image == ""
+    assert adapter_for("vllm").launch(CFG, CFG.models[0], model_path(CFG, CFG.models[0]), "127.0.0.1", 9100, SLOT, ACCESS).image == ""
+    assert adapter_for("sglang").launch(CFG, CFG.models[1], model_path(CFG, CFG.models[1]), "127.0.0.1", 9100, SLOT, ACCESS).image == ""
 
 
 def _image_config(images: Path):
@@ -129,16 +130,16 @@ def test_with_no_command_configured_gpu_engines_run_from_their_current_image(tmp
     assert cfg.engines.vllm.command == [] and cfg.engines.sglang.command == []
     vllm = fake_engine_image(tmp_path, "vllm", "0.33.0-aaaaaaaaaaaa")
     sglang = fake_engine_image(tmp_path, "sglang", "0.5.23-bbbbbbbbbbbb")
-    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], model_path(cfg, cfg.models[0]), "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv[:3] == [str(vllm / "bin" / "vllm"), "serve", "/srv/models/llama-8b"]
     assert spec.image == "0.33.0-aaaaaaaaaaaa"
-    spec = adapter_for("sglang").launch(cfg, cfg.models[1], "127.0.0.1", 9100, SLOT, ACCESS)
+    spec = adapter_for("sglang").launch(cfg, cfg.models[1], model_path(cfg, cfg.models[1]), "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.argv[:5] == [str(sglang / "bin" / "python"), "-m", "sglang.launch_server",
                              "--model-path", "/srv/models/qwen-32b"]
     assert spec.image == "0.5.23-bbbbbbbbbbbb"
     # A rollback moves `current`: the next launch runs (and names) the other image.
     older = fake_engine_image(tmp_path, "vllm", "0.32.0-cccccccccccc")
-    spec = adapter_for("vllm").launch(cfg, cfg.models[0], "127.0.0.1", 9100, SLOT, ACCESS)
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], model_path(cfg, cfg.models[0]), "127.0.0.1", 9100, SLOT, ACCESS)
     assert spec.image == "0.32.0-cccccccccccc" and spec.argv[0] == str(older / "bin" / "vllm")
 
 
@@ -146,7 +147,7 @@ def test_with_no_command_configured_gpu_engines_run_from_their_current_image(tmp
 def test_with_no_image_and_no_command_a_gpu_engine_cannot_launch_and_says_the_fix(tmp_path, engine, model):
     cfg = _image_config(tmp_path / "images")
     with pytest.raises(CannotLaunch) as info:
-        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
+        adapter_for(engine).launch(cfg, cfg.models[model], model_path(cfg, cfg.models[model]), "127.0.0.1", 9100, SLOT, ACCESS)
     message = str(info.value)
     assert f"run `appliance images build {engine}`" in message and f"engines.{engine}.command" in message
     assert str(tmp_path / "images" / engine) in message and "\n" not in message
@@ -154,12 +155,12 @@ def test_with_no_image_and_no_command_a_gpu_engine_cannot_launch_and_says_the_fi
     (tmp_path / "images" / engine / "0.1-x" / "bin").mkdir(parents=True)
     (tmp_path / "images" / engine / "current").symlink_to("0.1-x")
     with pytest.raises(CannotLaunch, match=f"appliance images build {engine}"):
-        adapter_for(engine).launch(cfg, cfg.models[model], "127.0.0.1", 9100, SLOT, ACCESS)
+        adapter_for(engine).launch(cfg, cfg.models[model], model_path(cfg, cfg.models[model]), "127.0.0.1", 9100, SLOT, ACCESS)
 
 
 def test_a_gpu_engine_without_a_slot_is_refused():
     with pytest.raises(ValueError, match="needs GPUs from the placer"):
-        adapter_for("vllm").launch(CFG, CFG.models[0], "127.0.0.1", 9100, None, ACCESS)
+        adapter_for("vllm").launch(CFG, CFG.models[0], model_path(CFG, CFG.models[0]), "127.0.0.1", 9100, None, ACCESS)
 
 
 VLLM_METRICS = """\
@@ -232,7 +233,7 @@ def _flag(argv: list[str], flag: str) -> str:
 
 def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by_uuid():
     slot = GpuSlot(gpus=(3,), memory_fraction=0.05, uuids=("GPU-3a1e",))
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot, ACCESS)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], model_path(LLAMA_CFG, LLAMA_CFG.models[0]), "127.0.0.1", 9200, slot, ACCESS)
     argv = spec.argv
     assert argv[0] == "/opt/appliance/venv/images/llamacpp-cuda/current/bin/llama-server"
     assert _flag(argv, "--n-gpu-layers") == "all" and _flag(argv, "--split-mode") == "none"
@@ -245,21 +246,28 @@ def test_llamacpp_on_one_gpu_runs_the_cuda_build_with_every_layer_on_that_gpu_by
 
 def test_llamacpp_over_two_gpus_splits_by_layer():
     slot = GpuSlot(gpus=(2, 5), memory_fraction=0.3, uuids=("GPU-b", "GPU-c"))
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200, slot, ACCESS)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], model_path(LLAMA_CFG, LLAMA_CFG.models[0]), "127.0.0.1", 9200, slot, ACCESS)
     assert _flag(spec.argv, "--split-mode") == "layer"
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "GPU-b,GPU-c"
     # Where the probe knows no UUIDs (an inventory without them), the indices.
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], model_path(LLAMA_CFG, LLAMA_CFG.models[0]), "127.0.0.1", 9200,
                                           GpuSlot(gpus=(2, 5), memory_fraction=0.3), ACCESS)
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,5"
 
 
 def test_llamacpp_on_the_cpu_is_as_before():
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], "127.0.0.1", 9201, None, ACCESS)
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[1], model_path(LLAMA_CFG, LLAMA_CFG.models[1]), "127.0.0.1", 9201, None, ACCESS)
     assert spec.argv[0] == "/opt/appliance/venv/bin/llama-server"
     assert "--n-gpu-layers" not in spec.argv and "--cache-type-k" not in spec.argv
     assert _flag(spec.argv, "--threads") == "4"
     assert "CUDA_VISIBLE_DEVICES" not in spec.env
+
+
+def test_llamacpp_on_the_cpu_runs_one_thread_per_core_it_was_given():
+    model = LLAMA_CFG.models[1]
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, model, model_path(LLAMA_CFG, model), "127.0.0.1", 9201, None,
+                                          ACCESS, cpus=frozenset({2, 3}))
+    assert _flag(spec.argv, "--threads") == "2"
 
 
 def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(tmp_path):
@@ -268,20 +276,20 @@ def test_llamacpp_on_gpus_without_a_cuda_build_cannot_launch_and_names_the_fix(t
     with pytest.raises(CannotLaunch, match=r"no llamacpp-cuda engine image in .*: run `appliance images build "
                                            r"llamacpp-cuda` \(it needs the CUDA toolkit: nvcc\).*remove "
                                            r"\[models.gpus\] to serve this model on the CPU"):
-        adapter_for("llamacpp").launch(cfg, cfg.models[0], "127.0.0.1", 9202, GpuSlot((0,), 0.1), ACCESS)
+        adapter_for("llamacpp").launch(cfg, cfg.models[0], model_path(cfg, cfg.models[0]), "127.0.0.1", 9202, GpuSlot((0,), 0.1), ACCESS)
 
 
 def test_every_llamacpp_gpu_flag_is_in_the_pinned_llama_server():
     """The CPU build is the same pinned source: its --help lists the GPU options too."""
     import subprocess
 
-    from appliance.config import default_llama_server
+    from appliance.dist.images import default_llama_server
 
     binary = default_llama_server()
     if not Path(binary).exists():
         pytest.skip("llama-server is not built (./install.sh)")
     text = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=60).stdout
-    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], "127.0.0.1", 9200,
+    spec = adapter_for("llamacpp").launch(LLAMA_CFG, LLAMA_CFG.models[0], model_path(LLAMA_CFG, LLAMA_CFG.models[0]), "127.0.0.1", 9200,
                                           GpuSlot((0, 1), 0.1, ("GPU-a", "GPU-b")), ACCESS)
     for flag in (a for a in spec.argv if a.startswith("--")):
         assert f"{flag}" in text, f"{flag} is not an option of the pinned llama-server"

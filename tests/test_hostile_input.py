@@ -12,8 +12,8 @@ import time
 import httpx
 import hypothesis
 import hypothesis.errors
-import schemathesis
 import pytest
+import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
@@ -28,7 +28,7 @@ def hostile_daemon(tmp_path_factory):
     models = (fake_model("fake", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 2\n")
               + fake_model("embedder", embeddings=True))
     daemon = factory.start(models, server="max_body_bytes = 65536\nheader_read_timeout_s = 2\nbody_read_timeout_s = 2",
-                           extra="[autoscaling]\nqueue_timeout_s = 20\nkeepalive_s = 0\n")
+                           extra="[queue]\ntimeout_s = 20\nkeepalive_s = 0\n")
     yield daemon
     factory.cleanup()
 

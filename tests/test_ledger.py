@@ -38,7 +38,7 @@ ROUTES = ('[[routes]]\nname = "claims"\nmodel = "assistant"\ntag = "claims"\ntar
 @pytest.fixture(scope="module")
 def ledger(tmp_path_factory):
     factory = DaemonFactory(tmp_path_factory.mktemp("ledger"))
-    daemon = factory.start(MODELS, extra="[keys]\nrequired = true\n\n[autoscaling]\nkeepalive_s = 0\n\n" + ROUTES)
+    daemon = factory.start(MODELS, extra="[keys]\nrequired = true\n\n[queue]\nkeepalive_s = 0\n\n" + ROUTES)
     yield daemon
     factory.cleanup()
 

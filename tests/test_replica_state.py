@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from appliance.replica import Replica, ReplicaUnavailable, State
+from appliance.fleet.replica import Replica, ReplicaUnavailable, State
 from engines import LaunchSpec, ProbeFailed
 
 
@@ -62,7 +62,7 @@ class FakeRunner:
         self.output: list[str] = []
         self.ignore_sigterm = False
 
-    async def spawn(self, argv, env, log_path: Path, redact: str = "") -> FakeProcess:
+    async def spawn(self, argv, env, log_path: Path, redact: str = "", cpus=frozenset()) -> FakeProcess:
         if self.fail_spawn:
             raise OSError(self.fail_spawn)
         proc = FakeProcess(list(self.output))
@@ -85,7 +85,7 @@ class ScriptedAdapter:
     def supervised(self, model) -> bool:
         return self._supervised
 
-    def launch(self, cfg, model, host, port, slot, access) -> LaunchSpec:
+    def launch(self, cfg, model, weights, host, port, slot, access, cpus=frozenset()) -> LaunchSpec:
         return LaunchSpec(argv=["engine", "--port", str(port)])
 
     def base_url(self, model, host, port) -> str:

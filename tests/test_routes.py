@@ -88,7 +88,7 @@ def policy_daemon(tmp_path_factory, recorder):
     routes += "".join(route(f"gen-{k}", f"gen-{k}", m, False, ["cloud"], "burst_at_queue = 0")
                       for k, m in FAILURES.items())
     routes += route("general", "general", "err5xx", False, ["cloud"])
-    limits = "[upstream]\nread_timeout_s = 1\n\n[autoscaling]\nqueue_timeout_s = 3\nkeepalive_s = 0\n\n"
+    limits = "[upstream]\nread_timeout_s = 1\n\n[queue]\ntimeout_s = 3\nkeepalive_s = 0\n\n"
     daemon = factory.start(FAILING_MODELS, extra=limits + provider(recorder, tmp) + routes, wait=False,
                            supervisor="max_crashes = 5\ncrash_window_s = 60\nstartup_timeout_s = 10")
 

@@ -15,9 +15,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 
-from . import views
-from .client import Admin, AdminError, DaemonDown
-from .screens import ConfirmScreen, ScaleScreen
+from tui import views
+from tui.client import Admin, AdminError, DaemonDown
+from tui.screens import ConfirmScreen, ScaleScreen
 
 TABS = ("overview", "models", "routes", "logs", "usage")
 MODEL_ACTIONS = {"scale", "load", "unload", "pin", "restart", "drain"}
@@ -170,7 +170,7 @@ class ApplianceTUI(App):
         current = [row.key.value for row in table.ordered_rows]
         if keys == current:
             for key, cells in rows:
-                for col, value in zip(views.MODEL_COLUMNS, cells):
+                for col, value in zip(views.MODEL_COLUMNS, cells, strict=False):
                     table.update_cell(key, col, value)
         else:
             selected = self.selected_key

@@ -12,8 +12,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from .engine_args import engine_env, parallel_args, server_args, sizing_args
-from .source import ExportError, Options, Rendered, Source, size, split_env
+from appliance.export.engine_args import engine_env, parallel_args, server_args, sizing_args
+from appliance.export.source import ExportError, Options, Rendered, Source, size, split_env
 
 # A hostname or an IPv4/IPv6 address: what --master-addr and --dist-init-addr take.
 _ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$|^[0-9A-Fa-f:.]{2,45}$")
@@ -136,7 +136,8 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         "",
         "## Weights",
         "",
-        f"Every node needs the same {len(src.manifest.files)} files ({size(src.manifest.total_bytes)}) at `{weights}`: copy them from this box (`rsync -a --copy-links {src.weights_dir}/ "
+        f"Every node needs the same {len(src.manifest.files)} files ({size(src.manifest.total_bytes)}) "
+        f"at `{weights}`: copy them from this box (`rsync -a --copy-links {src.weights_dir}/ "
         f"NODE:{weights}/`, or share them read-only). Each script checks them against `SHA256SUMS`, "
         "the store's manifest, before it starts the engine, and refuses to start on any difference.",
         "",
