@@ -16,7 +16,8 @@ import msgspec
 
 from .config import Config
 from .engine_access import http_session, tcp_connector
-from .errors import EngineFailure, EngineTimeout, encode_error, error_for_status
+from .dialects import OPENAI, Dialect
+from .errors import EngineFailure, EngineTimeout, error_for_status
 from .replica import Replica
 
 log = logging.getLogger("appliance.proxy")
@@ -115,9 +116,10 @@ class EngineProxy:
             return resp.status, data, resp.headers.get("Content-Type", "application/json")
 
     async def open_stream(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
-                          done: Done) -> AsyncIterator[bytes]:
+                          done: Done, dialect: Dialect = OPENAI) -> AsyncIterator[bytes]:
         """Open the engine's stream; errors before the first byte raise (so the
-        client gets a real status code). Returns the chunk iterator."""
+        client gets a real status code). Returns the chunk iterator; a stream
+        that breaks ends with the error event of its API's dialect."""
         lease = replica.lease()
         lease.__enter__()
         try:
@@ -126,10 +128,10 @@ class EngineProxy:
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-        return self._relay(replica, resp, lease, done)
+        return self._relay(replica, resp, lease, done, dialect)
 
-    async def _relay(self, replica: Replica, resp: aiohttp.ClientResponse, lease, done: Done
-                     ) -> AsyncIterator[bytes]:
+    async def _relay(self, replica: Replica, resp: aiohttp.ClientResponse, lease, done: Done,
+                     dialect: Dialect) -> AsyncIterator[bytes]:
         status = 200
         finished = False
         try:
@@ -141,9 +143,8 @@ class EngineProxy:
             # stream with an explicit error event the client's SDK will raise.
             status = 502
             log.warning("stream from %s broke: %s", replica.name, type(exc).__name__)
-            err = encode_error(f"Engine {replica.name} broke mid-stream: {type(exc).__name__}",
-                               EngineFailure.type, None, EngineFailure.code)
-            yield b"data: " + err + b"\n\n"
+            yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: "
+                                                     f"{type(exc).__name__}"))
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away; closing resp cancels the engine's work
             raise

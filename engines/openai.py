@@ -30,6 +30,10 @@ class OpenAIAdapter:
     gpu = False
     can_sleep = False
     unix_socket = False
+    # Whatever the operator's server is: every endpoint; the model's tasks narrow it.
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
+                           "tokenize", "detokenize", "infill", "rerank", "score"})
+    responses_store = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url

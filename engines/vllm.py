@@ -30,6 +30,10 @@ class VllmAdapter(LocalEngine):
     gpu = True
     can_sleep = True
     unix_socket = True
+    # vLLM's OpenAI server: Responses (stored with VLLM_ENABLE_RESPONSES_API_STORE),
+    # pooling models' rerank and score, tokenize and detokenize.
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "tokenize", "detokenize",
+                           "rerank", "score"})
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
