@@ -6,9 +6,14 @@ through. Every one names its model, which routes it like any request.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+from .protocol import MAX_COUNT
+
+# A token id: engines index their vocabulary with 32-bit integers.
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
 
 
 class TokenizeRequest(msgspec.Struct, kw_only=True):
@@ -22,7 +27,7 @@ class TokenizeRequest(msgspec.Struct, kw_only=True):
 
 class DetokenizeRequest(msgspec.Struct, kw_only=True):
     model: str
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class InfillRequest(msgspec.Struct, kw_only=True):

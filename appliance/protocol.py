@@ -116,11 +116,11 @@ def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
 # Engines keep counts in 32-bit integers; larger ones are errors, not work.
 MAX_COUNT = 2**31 - 1
 # Counts that must be within 1 and MAX_COUNT, in any endpoint's request.
-_AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
+AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
 
 
 def _check_ranges(req: RequestT) -> None:
-    for field in _AT_LEAST_ONE:
+    for field in AT_LEAST_ONE:
         value = getattr(req, field, None)
         if value is not None and value < 1:
             raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)

@@ -299,7 +299,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def detokenize(request: web.Request) -> web.Response:
         body = await counted(request)
-        return web.json_response({"content": " ".join("x" * (t - 1000) for t in body["tokens"])})
+        return web.json_response({"content": " ".join("x" * (t - 1000) if 1000 <= t < 1100 else f"<{t}>"
+                                                      for t in body["tokens"])})
 
     async def infill(request: web.Request) -> web.StreamResponse:
         """llama-server's own completion shape: tokens_evaluated, tokens_predicted."""
