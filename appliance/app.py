@@ -53,6 +53,7 @@ from .keys import ApiKey, Gate, KeyStore
 from . import capabilities
 from .capabilities import Endpoint
 from .dialects import dialect_for_path
+from .response_homes import ResponseHomes, response_id
 from .metering import StreamTap, choices, completion_cap, prompt_bound, usage_option
 from .routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from .serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
@@ -92,6 +93,7 @@ class Runtime:
     gate: Gate | None = None
     audit: AuditLog | None = None
     tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
+    response_homes: ResponseHomes = field(default_factory=ResponseHomes)
     tag_header: bytes = b"x-appliance-tag"
     inflight: int = 0  # requests on the hot path, from arrival to their answer's end
 
@@ -218,9 +220,12 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     capabilities.check(path, ep, deployment.model, getattr(req, "stateful", False))
     if ep.engine_path:
         path = ep.engine_path
+    # Responses an engine stores: where each lives (a conversation goes back there).
+    stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
+    pinned = _home_of(rt, req, key, deployment) if stores else None
     tenancy = rt.tenancy
     stream = getattr(req, "stream", False)
-    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated):
+    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
         _tap(ctx, req, tenancy.isolated, fields, ep)
     if fields:
         body = set_fields(body, **fields)
@@ -240,10 +245,17 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
 
     if stream:
         def done(status: int) -> None:
+            if stores and ctx.tap.held:  # the response.completed event, held back
+                _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
             finish(rt, ctx, status, request_text)
 
         opener = None
-        if fallbacks:
+        if pinned is not None:
+            ctx.served_by = pinned.name
+
+            def opener():
+                return rt.proxy.open_stream(pinned, path, local(deployment), headers, done, ep.dialect)
+        elif fallbacks:
             def opener():
                 return with_fallback(
                     rt, ctx, deployment,
@@ -253,7 +265,10 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
         await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
         return
 
-    if fallbacks:
+    if pinned is not None:
+        ctx.served_by = pinned.name
+        work = rt.proxy.unary(pinned, path, local(deployment), headers)
+    elif fallbacks:
         work = with_fallback(
             rt, ctx, deployment,
             lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
@@ -263,12 +278,33 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
     ctx.usage = ep.dialect.usage(data)
+    if stores and status == 200:
+        _remember(rt, ctx, deployment, data)
     data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
     finish(rt, ctx, status, request_text)
     await committed(ctx)
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
+    """The replica a Responses request with previous_response_id must run on."""
+    previous = req.previous_response_id
+    if previous is None:
+        return None
+    replica = rt.response_homes.find(previous, key, "previous_response_id")
+    if replica not in deployment.replicas:
+        raise BadRequest(f"Response '{previous}' was made by another model than '{req.model}'",
+                         param="previous_response_id", code="response_model_mismatch")
+    return replica
+
+
+def _remember(rt: Runtime, ctx: RequestCtx, deployment, answer: bytes) -> None:
+    """Where the response just made is stored: the local replica that served it."""
+    replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
+    if replica is not None:
+        rt.response_homes.remember(response_id(answer), replica, ctx.key)
 
 
 def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
@@ -338,6 +374,7 @@ def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
 # The proxy endpoints: what each path decodes its body as, its name in metrics,
 # its dialect (appliance/capabilities.py).
 PROXY_ENDPOINTS = capabilities.ENDPOINTS
+RESPONSES_ENDPOINT = PROXY_ENDPOINTS["/v1/responses"]
 
 
 async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
@@ -410,6 +447,22 @@ async def get_model(request: Request) -> Response:
     name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
     return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
+
+
+@get("/v1/responses/{response_id:str}")
+async def get_response(request: Request) -> Response:
+    """A stored Response, from the replica that stored it, for the key that made it."""
+    rt = _runtime(request)
+    auth = request.headers.get("authorization")
+    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
+        auth = "Bearer " + api_key
+    key = (rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
+           if auth is not None or rt.gate.required else None)
+    rid = request.path_params["response_id"]
+    replica = rt.response_homes.find(rid, key, "response_id")
+    headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}
+    status, data, content_type = await rt.proxy.unary(replica, f"/v1/responses/{rid}", None, headers, "GET")
+    return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 
 @get("/healthz")
@@ -624,7 +677,7 @@ def _framework_message(exc: HTTPException) -> str:
 
 # --- the app --------------------------------------------------------------------
 
-ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, healthz, readyz,
+ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, get_response, healthz, readyz,
                   metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
                   admin_gpus, admin_replica_log, openapi_document]
 

@@ -96,6 +96,11 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
                          "conversation's items in 'input'", param="store", code="responses_store_not_supported")
 
 
+def keeps_responses(model: ModelConfig) -> bool:
+    """Whether the model's engine stores Responses (store, previous_response_id)."""
+    return adapter_for(model.server).responses_store
+
+
 def serves(model: ModelConfig, name: str) -> bool:
     """Whether the model serves the endpoint of this name (a fallback's check)."""
     endpoint = BY_NAME[name]
@@ -103,4 +108,4 @@ def serves(model: ModelConfig, name: str) -> bool:
             and (not endpoint.task or endpoint.task in tasks_of(model)))
 
 
-__all__ = ["ALL", "BY_NAME", "ENDPOINTS", "TASKS", "Endpoint", "check", "serves", "tasks_of"]
+__all__ = ["ALL", "BY_NAME", "ENDPOINTS", "TASKS", "Endpoint", "check", "keeps_responses", "serves", "tasks_of"]

@@ -63,8 +63,8 @@ class EngineProxy:
             sock_read=cfg.upstream.read_timeout_s,
         )
 
-    async def _open(self, replica: Replica, path: str, body: bytes,
-                    headers: dict[str, str]) -> aiohttp.ClientResponse:
+    async def _open(self, replica: Replica, path: str, body: bytes | None,
+                    headers: dict[str, str], method: str = "POST") -> aiohttp.ClientResponse:
         url = replica.base_url + path
         # A supervised replica's own session carries its secret (appliance/engine_access.py).
         session = replica.session or self.session
@@ -73,8 +73,8 @@ class EngineProxy:
             err.retryable = True
             raise err
         try:
-            return await session.post(url, data=body, headers=headers,
-                                      timeout=replica.timeout or self.timeout)
+            return await session.request(method, url, data=body, headers=headers,
+                                         timeout=replica.timeout or self.timeout)
         except asyncio.TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -99,11 +99,11 @@ class EngineProxy:
             raise EngineFailure(f"Engine {replica.name} answered {resp.status}: {message}")
         raise error_for_status(resp.status, message)
 
-    async def unary(self, replica: Replica, path: str, body: bytes,
-                    headers: dict[str, str]) -> tuple[int, bytes, str]:
+    async def unary(self, replica: Replica, path: str, body: bytes | None,
+                    headers: dict[str, str], method: str = "POST") -> tuple[int, bytes, str]:
         """The engine's whole answer: (status, body, content type)."""
         with replica.lease():
-            resp = await self._open(replica, path, body, headers)
+            resp = await self._open(replica, path, body, headers, method)
             await self._raise_for_engine_status(replica, resp)
             try:
                 data = await resp.read()

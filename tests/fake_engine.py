@@ -41,6 +41,7 @@ from aiohttp import web
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0,
          "unary_completed": 0, "unary_cancelled": 0, "last_body": None, "pid": os.getpid()}
 CACHE: dict[str, list[list[str]]] = {}  # cache_salt -> prompts seen (as words), for --cache-report
+STORED: dict[str, dict] = {}  # Responses kept like vLLM's store (store unless false), by id
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -247,11 +248,16 @@ def make_app(args: argparse.Namespace) -> web.Application:
         n = max(1, min(args.chunks, _length(body, args.chunks)))
         prompt, cached = _cached(body) if args.cache_report else (5, None)
         text = " ".join(f"tok{i}" for i in range(n))
+        previous = body.get("previous_response_id") if responses else None
+        if previous is not None and previous not in STORED:
+            return web.json_response({"error": {"message": f"Response {previous} not found",
+                                                 "type": "invalid_request_error"}}, status=404)
         if responses:
             usage = {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n}
             if cached is not None:
                 usage["input_tokens_details"] = {"cached_tokens": cached}
-            answer = {"id": "resp_fake", "object": "response", "status": "completed",
+            answer = {"id": f"resp_{os.getpid()}_{STATS['requests']}", "object": "response", "status": "completed",
+                      "previous_response_id": previous,
                       "model": body.get("model", args.model), "usage": usage,
                       "output": [{"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
                                   "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
@@ -264,6 +270,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
                       "stop_sequence": None, "usage": usage}
         if args.no_usage:
             answer.pop("usage")
+        if responses and body.get("store", True) is not False:
+            STORED[answer["id"]] = answer
         if not body.get("stream"):
             STATS["unary_completed"] += 1
             return web.json_response(answer)
@@ -287,6 +295,13 @@ def make_app(args: argparse.Namespace) -> web.Application:
             raise
         STATS["streams_completed"] += 1
         return resp
+
+    async def stored(request: web.Request) -> web.Response:
+        found = STORED.get(request.match_info["id"])
+        if found is None:
+            return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}},
+                                     status=404)
+        return web.json_response(found)
 
     async def count_tokens(request: web.Request) -> web.Response:
         body = await counted(request)
@@ -407,6 +422,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", dialect)
     app.router.add_post("/v1/messages", dialect)
+    app.router.add_get("/v1/responses/{id}", stored)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)

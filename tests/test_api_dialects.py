@@ -59,6 +59,7 @@ def daemon(tmp_path_factory, recorder):
               + fake_model("reranker", extra='tasks = ["rerank"]')
               + fake_model("mid", "--chunks", "8", "--chunk-delay", "0.05", "--die-mid-stream", "3")
               + fake_model("broken", "--fail-status", "500")
+              + fake_model("stateful", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
               + fake_model("cold", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1"))
     factory = DaemonFactory(tmp)
     d = factory.start(models, extra="[autoscaling]\nkeepalive_s = 0\n\n" + providers + routes,
@@ -117,11 +118,47 @@ def test_an_endpoint_the_model_does_not_serve_is_refused_before_anything_starts(
     assert daemon.replicas("cold") == []
 
 
-def test_a_stateful_responses_request_needs_an_engine_that_keeps_responses(daemon):
-    for extra in ({"store": True}, {"previous_response_id": "resp_1"}, {"background": True}):
-        resp = _post(daemon, "/v1/responses", {**RESP, **extra, "model": "fake"})
-        assert resp.status_code == 400 and resp.json()["error"]["code"] == "responses_store_not_supported"
-    assert _post(daemon, "/v1/responses", {**RESP, "store": False, "model": "fake"}).status_code == 200
+def test_a_stored_response_is_found_again_on_the_replica_that_stored_it_for_its_key_only(daemon):
+    owner = keys_cli(daemon, "create", "--name", "owner")
+    other = keys_cli(daemon, "create", "--name", "other")
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key=owner, max_retries=0)
+    first = oai.responses.create(model="stateful", input="remember this", max_output_tokens=2, store=True)
+    # Two replicas, each with its own store: every turn must reach the one that has it.
+    previous = first.id
+    for turn in range(6):
+        stream = turn % 2 == 1
+        if stream:
+            events = list(oai.responses.create(model="stateful", input=f"turn {turn}", max_output_tokens=2,
+                                               previous_response_id=previous, stream=True))
+            reply = events[-1].response
+        else:
+            reply = oai.responses.create(model="stateful", input=f"turn {turn}", max_output_tokens=2,
+                                         previous_response_id=previous)
+        assert reply.previous_response_id == previous
+        previous = reply.id
+    assert oai.responses.retrieve(first.id).id == first.id
+    # Another key's response is as unknown as one that never was.
+    spy = openai.OpenAI(base_url=daemon.url + "/v1", api_key=other, max_retries=0)
+    for call in (lambda: spy.responses.retrieve(first.id),
+                 lambda: spy.responses.create(model="stateful", input="x", previous_response_id=first.id)):
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert err.value.body["code"] == "response_not_found"
+    with pytest.raises(openai.NotFoundError):
+        oai.responses.retrieve("resp_never")
+
+
+def test_a_stored_response_whose_replica_restarted_is_gone_not_guessed(daemon):
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
+    made = oai.responses.create(model="stateful", input="hi", max_output_tokens=2)
+    pids = {r["pid"] for r in daemon.replicas("stateful")}
+    with daemon.client() as c:  # restart every replica: their stores are empty now
+        for r in daemon.replicas("stateful"):
+            assert c.post(f"/admin/models/stateful/replicas/{r['index']}/restart", json={}).status_code == 200
+    wait_until(lambda: all(r["state"] == "READY" and r["pid"] not in pids for r in daemon.replicas("stateful")),
+               30, what="the restarted replicas")
+    resp = httpx.get(daemon.url + "/v1/responses/" + made.id)
+    assert resp.status_code == 404 and "restarted" in resp.json()["error"]["message"], resp.text
 
 
 def _usage(d, name: str) -> tuple[int, int]:

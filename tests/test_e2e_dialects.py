@@ -125,3 +125,12 @@ def test_tokenize_round_trip(llama_daemon, key):
         # SmolLM2 is a chat model: rerank is refused before anything runs, naming both.
         resp = c.post("/v1/rerank", json={"model": MODEL, "query": "a", "documents": ["a", "b"]})
         assert resp.status_code == 400 and "/v1/rerank" in resp.text and MODEL in resp.text
+
+
+def test_llama_server_keeps_no_responses_so_a_stateful_request_is_a_clear_400(llama_daemon, oai):
+    for extra in ({"store": True}, {"previous_response_id": "resp_1"}, {"background": True}):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, **extra)
+        assert err.value.body["code"] == "responses_store_not_supported"
+        assert "llamacpp" in err.value.body["message"]
+    assert oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False).status == "completed"
