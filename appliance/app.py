@@ -54,7 +54,7 @@ from . import capabilities
 from .capabilities import Endpoint
 from .dialects import dialect_for_path
 from .response_homes import ResponseHomes, response_id
-from .metering import StreamTap, choices, completion_cap, prompt_bound, usage_option
+from .metering import StreamTap, Usage, choices, completion_cap, prompt_bound, usage_option
 from .routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from .serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from .tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
@@ -277,7 +277,7 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
-    ctx.usage = ep.dialect.usage(data)
+    ctx.usage = FREE if ep.free else ep.dialect.usage(data)
     if stores and status == 200:
         _remember(rt, ctx, deployment, data)
     data = tenancy.answer(data)
@@ -339,7 +339,7 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
     ceiling = dep.model.default_max_tokens or context
     cap = completion_cap(req) if ep.generates else 0
     n = choices(req)
-    prompt = prompt_bound(ctx.body)
+    prompt = 0 if ep.free else prompt_bound(ctx.body)
     res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
@@ -375,6 +375,7 @@ def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
 # its dialect (appliance/capabilities.py).
 PROXY_ENDPOINTS = capabilities.ENDPOINTS
 RESPONSES_ENDPOINT = PROXY_ENDPOINTS["/v1/responses"]
+FREE = Usage(0, 0)  # what a free endpoint (a tokenizer's work) is charged
 
 
 async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:

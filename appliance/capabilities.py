@@ -45,6 +45,8 @@ class Endpoint:
     view: bool | str = ""      # the prefix index's view of the body (prefix.engine_view); "": none
     length_field: str = "max_tokens"  # where a budget's completion cap is written
     engine_path: str = ""      # the engine's path for it ("": the path the client called)
+    # Runs no inference (a tokenizer's work): audited and rate-limited, charged no tokens.
+    free: bool = False
 
 
 _RERANK = Endpoint("rerank", RerankRequest, "rerank", generates=False, engine_path="/v1/rerank")
@@ -57,9 +59,9 @@ ENDPOINTS: dict[str, Endpoint] = {
                               length_field="max_output_tokens"),
     "/v1/messages": Endpoint("messages", MessagesRequest, "chat", ANTHROPIC, view="messages"),
     "/v1/messages/count_tokens": Endpoint("count_tokens", CountTokensRequest, "chat", ANTHROPIC,
-                                          generates=False),
-    "/tokenize": Endpoint("tokenize", TokenizeRequest, "", generates=False),
-    "/detokenize": Endpoint("detokenize", DetokenizeRequest, "", generates=False),
+                                          generates=False, free=True),
+    "/tokenize": Endpoint("tokenize", TokenizeRequest, "", generates=False, free=True),
+    "/detokenize": Endpoint("detokenize", DetokenizeRequest, "", generates=False, free=True),
     "/infill": Endpoint("infill", InfillRequest, "chat", LLAMACPP),
     "/v1/rerank": _RERANK,
     "/rerank": _RERANK,

@@ -187,6 +187,16 @@ def test_budgets_are_charged_from_each_apis_usage_shape(daemon, stream):
     assert _usage(daemon, name) == (3 + 4, 2 + 3)
 
 
+def test_a_tokenizers_work_is_audited_and_charged_no_tokens(daemon):
+    key = keys_cli(daemon, "create", "--name", "counter", "--budget-tokens", "100")
+    headers = {"Authorization": f"Bearer {key}"}
+    for path in ("/tokenize", "/detokenize", "/v1/messages/count_tokens"):
+        resp = httpx.post(daemon.url + path, json={**CALLS[path], "model": "fake", "pad": "x" * 500},
+                          headers=headers, timeout=30)
+        assert resp.status_code == 200, resp.text  # a 500-byte body within a 100-token budget
+    assert _usage(daemon, "counter") == (0, 0)
+
+
 def test_no_cache_oracle_in_any_apis_answer(daemon):
     first = {"model": "cachey", "max_tokens": 2, "messages": [{"role": "user", "content": "secret prefix here"}]}
     _post(daemon, "/v1/messages", first)
