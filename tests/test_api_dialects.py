@@ -17,7 +17,7 @@ import pytest
 
 from .conftest import fake_model, wait_until
 from .test_keys import keys_cli
-from .test_routes import Recorder, route
+from .test_routes import recorder, route  # noqa: F401  (the recording provider)
 
 MSG = {"max_tokens": 3, "messages": [{"role": "user", "content": "hello there"}]}
 RESP = {"input": "hello there", "max_output_tokens": 3}
@@ -30,14 +30,6 @@ CALLS = {  # path -> body (without the model) for every new endpoint
     "/infill": {"input_prefix": "def f(", "input_suffix": "):", "n_predict": 3},
 }
 RERANK = {"query": "q", "documents": ["a", "b", "c"]}
-
-
-@pytest.fixture(scope="module")
-def recorder(tmp_path_factory):
-    rec = Recorder(tmp_path_factory.mktemp("rec"))
-    yield rec
-    rec.proc.kill()
-    rec.proc.wait()
 
 
 @pytest.fixture(scope="module")

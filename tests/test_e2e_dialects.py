@@ -4,36 +4,18 @@ anthropic SDKs exactly as a local app or an agent would, with a budgeted key."""
 
 from __future__ import annotations
 
-import os
-
 import anthropic
 import httpx
 import openai
 import pytest
 
-from appliance.config import builtin_model_path, default_llama_server
-
+from .test_e2e_llamacpp import MODEL, llama_daemon  # noqa: F401  (the daemon on the bundled model)
 from .test_keys import keys_cli
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "smollm2-135m-instruct"
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
-
-
-@pytest.fixture(scope="module")
-def llama_daemon(tmp_path_factory):
-    missing = [p for p in (default_llama_server(), str(builtin_model_path(MODEL))) if not os.path.exists(p)]
-    if missing:
-        pytest.fail(f"run ./install.sh --dev first: missing {', '.join(missing)}")
-    from .conftest import DaemonFactory
-
-    factory = DaemonFactory(tmp_path_factory.mktemp("e2e-dialects"))
-    daemon = factory.start("", wait=False)
-    daemon.wait_ready(timeout=120)
-    yield daemon
-    factory.cleanup()
 
 
 @pytest.fixture(scope="module")
