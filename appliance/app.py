@@ -429,9 +429,16 @@ def _client_or_admin(request: Request) -> Runtime:
     only to a caller with an API key or the admin credential."""
     rt = _runtime(request)
     if rt.gate.required and not rt.admin.is_admin(request):
-        auth = request.headers.get("authorization")
-        rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
+        rt.gate.authenticate(_authorization(request))
     return rt
+
+
+def _authorization(request: Request) -> bytes | None:
+    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
+    auth = request.headers.get("authorization")
+    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
+        auth = "Bearer " + api_key
+    return auth.encode("latin-1") if auth is not None else None
 
 
 @get("/v1/models")
@@ -454,11 +461,8 @@ async def get_model(request: Request) -> Response:
 async def get_response(request: Request) -> Response:
     """A stored Response, from the replica that stored it, for the key that made it."""
     rt = _runtime(request)
-    auth = request.headers.get("authorization")
-    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
-        auth = "Bearer " + api_key
-    key = (rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
-           if auth is not None or rt.gate.required else None)
+    auth = _authorization(request)
+    key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
     rid = request.path_params["response_id"]
     replica = rt.response_homes.find(rid, key, "response_id")
     headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}

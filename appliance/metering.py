@@ -206,7 +206,8 @@ class StreamTap:
         return out
 
     def rest(self) -> bytes:
-        """What is left to send: an unfinished event, then the held [DONE]."""
+        """What is left to send: an unfinished event, then the held [DONE] (or
+        another API's held last event)."""
         rest, self._buf = self._buf + self.held, b""
         self.held = b""
         if self.done:

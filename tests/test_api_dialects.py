@@ -52,11 +52,12 @@ def daemon(tmp_path_factory, recorder):
               + fake_model("mid", "--chunks", "8", "--chunk-delay", "0.05", "--die-mid-stream", "3")
               + fake_model("broken", "--fail-status", "500")
               + fake_model("stateful", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
-              + fake_model("cold", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1"))
+              + fake_model("cold", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
+              + fake_model("sleepy", "--slow-start", "1", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1"))
     factory = DaemonFactory(tmp)
     d = factory.start(models, extra="[autoscaling]\nkeepalive_s = 0\n\n" + providers + routes,
                       supervisor="max_crashes = 50\ncrash_window_s = 60")
-    wait_until(lambda: all(m["ready"] for m in d.status()["models"] if m["name"] != "cold"), 30,
+    wait_until(lambda: all(m["ready"] for m in d.status()["models"] if m["name"] not in ("cold", "sleepy")), 30,
                what="the models")
     yield d
     factory.cleanup()
@@ -108,6 +109,14 @@ def test_an_endpoint_the_model_does_not_serve_is_refused_before_anything_starts(
     # A model at zero is not started for a request it cannot serve.
     assert _post(daemon, "/v1/rerank", {**RERANK, "model": "cold"}).status_code == 400
     assert daemon.replicas("cold") == []
+
+
+def test_a_messages_stream_for_a_model_at_zero_is_held_while_it_starts_then_answered(daemon):
+    assert daemon.replicas("sleepy") == []
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="x", max_retries=0, timeout=60)
+    with claude.messages.stream(model="sleepy", max_tokens=3, messages=MSG["messages"]) as s:
+        assert "".join(s.text_stream) == "tok0 tok1 tok2 "
+    assert [r["state"] for r in daemon.replicas("sleepy")] == ["READY"]
 
 
 def test_a_stored_response_is_found_again_on_the_replica_that_stored_it_for_its_key_only(daemon):
