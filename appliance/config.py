@@ -25,7 +25,7 @@ STORE_PREFIX = "store:"
 
 ServerKind = Literal["llamacpp", "openai", "vllm", "sglang"]
 GPU_SERVERS = ("vllm", "sglang")  # always on GPUs; llamacpp when [models.gpus] count >= 1
-# llama.cpp's --cache-type-k/-v values (appliance/gguf.py knows their sizes).
+# llama.cpp's --cache-type-k/-v values (appliance/store/gguf.py knows their sizes).
 CACHE_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl")
 log = logging.getLogger("appliance.config")
 
@@ -225,7 +225,7 @@ class ModelConfig(_Section):
     embeddings: bool = False
     # What the model is for: "chat" (chat, completions, responses, messages, infill),
     # "embed" (embeddings), "rerank" (rerank, score). Empty: ["chat"], plus "embed"
-    # with embeddings = true. Other endpoints get a 400 (appliance/capabilities.py).
+    # with embeddings = true. Other endpoints get a 400 (appliance/gateway/capabilities.py).
     tasks: list[str] = msgspec.field(default_factory=list)
     # GPU engines: KV-cache budget in tokens (0 = context_length x parallel), its
     # dtype ("auto" = the model's), engine overhead override (0 = the engine's),
@@ -266,7 +266,7 @@ class RoutingConfig(_Section):
     prefix_index_mib: float = 8.0
     # Request header carrying the tag a route may match on.
     tag_header: str = "x-appliance-tag"
-    # Whose engine prompt caches are kept apart (appliance/tenancy.py): "key" (each
+    # Whose engine prompt caches are kept apart (appliance/access/tenancy.py): "key" (each
     # API key; keyless loopback clients together), "route" (each route), or "shared"
     # (one team: answers relayed untouched, cache counters included).
     tenant_isolation: Literal["key", "route", "shared"] = "key"
@@ -422,7 +422,7 @@ def install_prefix() -> Path:
 def default_llama_server(images_dir: str = "") -> str:
     """The current llamacpp engine image's llama-server (`appliance images build llamacpp`);
     before an image is built, the one install.sh put next to this program."""
-    from .images import llama_server
+    from appliance.dist.images import llama_server
 
     image = llama_server(images_dir)
     return str(image or install_prefix() / "bin" / "llama-server")
@@ -629,7 +629,7 @@ def _validate(cfg: Config) -> None:
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         _validate_tasks(m, at, need)
         if m.source.startswith(STORE_PREFIX):
-            from .store import StoreError, check_name
+            from appliance.store.store import StoreError, check_name
 
             try:
                 check_name(m.source[len(STORE_PREFIX):])
@@ -711,7 +711,7 @@ def _validate_routes(cfg: Config, need) -> None:
         need(p.read_timeout_s > 0, f"{at}.read_timeout_s", "must be positive")
         need(p.breaker_failures >= 1, f"{at}.breaker_failures", "must be >= 1")
         need(p.breaker_reset_s > 0, f"{at}.breaker_reset_s", "must be positive")
-        from .capabilities import ALL
+        from appliance.gateway.capabilities import ALL
 
         unknown = [a for a in p.apis if a not in ALL]
         need(not unknown, f"{at}.apis", f"unknown API(s) {unknown}: known are {', '.join(sorted(ALL))}")
@@ -738,7 +738,7 @@ def _validate_routes(cfg: Config, need) -> None:
 
 
 def _validate_tasks(m: ModelConfig, at: str, need) -> None:
-    from .capabilities import TASKS
+    from appliance.gateway.capabilities import TASKS
 
     unknown = [t for t in m.tasks if t not in TASKS]
     need(not unknown, f"{at}.tasks", f"unknown task(s) {unknown}: a model is for {', '.join(TASKS)}")
@@ -747,7 +747,7 @@ def _validate_tasks(m: ModelConfig, at: str, need) -> None:
 
 
 def _duration(text: str, field: str, errors: list[str]) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     try:
         return parse_duration(text, field)
@@ -757,7 +757,7 @@ def _duration(text: str, field: str, errors: list[str]) -> float:
 
 
 def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     return parse_duration(model.autoscaling.scale_to_zero_after or cfg.autoscaling.idle_ttl)
 
@@ -817,7 +817,7 @@ def uses_gpus(model: ModelConfig) -> bool:
 
 
 def min_residency_s(cfg: Config, model: ModelConfig) -> float:
-    from .autoscaler import parse_duration
+    from appliance.fleet.autoscaler import parse_duration
 
     return parse_duration(model.autoscaling.min_residency or cfg.autoscaling.min_residency)
 
@@ -834,7 +834,7 @@ def model_path(cfg: Config, model: ModelConfig) -> Path | None:
     if model.source.startswith(BUILTIN_PREFIX):
         return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
     if model.source.startswith(STORE_PREFIX):
-        from .store import resolve
+        from appliance.store.store import resolve
 
         return resolve(cfg, model.source[len(STORE_PREFIX):])
     path = Path(model.source).expanduser()

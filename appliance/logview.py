@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from .config import Config
+from appliance.config import Config
 
 UNIT = "appliance.service"
 SYSTEMD_RUNNING = Path("/run/systemd/system")  # sd_booted(3)

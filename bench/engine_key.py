@@ -1,6 +1,6 @@
 """What the per-replica engine key costs the proxy: CPU per request of the client
 side of the hop, the shared session with no key (before) against the replica's
-own session that sends its key as a default header (appliance/engine_access.py).
+own session that sends its key as a default header (appliance/fleet/engine_access.py).
 
     PYTHONPATH=. python bench/engine_key.py [--requests 20000] [--concurrency 16] [--rounds 3]
 
@@ -26,8 +26,8 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from appliance.engine_access import engine_session, http_session, open_access, tcp_connector  # noqa: E402
-from appliance.replica import free_port  # noqa: E402
+from appliance.fleet.engine_access import engine_session, http_session, open_access, tcp_connector  # noqa: E402
+from appliance.fleet.replica import free_port  # noqa: E402
 
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 HEADERS = {"Content-Type": "application/json", "X-Request-Id": "0" * 32}

@@ -15,8 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import appliance.placement as placement  # noqa: E402
-from appliance.placement import GiB, Demand, Gpu, PlacementError, place  # noqa: E402
+import appliance.gpu.placement as placement  # noqa: E402
+from appliance.gpu.placement import Demand, GiB, Gpu, PlacementError, place  # noqa: E402
 from tests.placement_oracle import against_optimum  # noqa: E402
 
 

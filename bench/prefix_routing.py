@@ -174,7 +174,7 @@ async def measure(args, tmp: Path, prefix: bool, prompts, sequence) -> tuple[dic
 
 def decision_cost(text_words: int) -> tuple[float, int]:
     from appliance.config import RoutingConfig
-    from appliance.prefix import PrefixRouter
+    from appliance.fleet.prefix import PrefixRouter
 
     class Rep:
         def __init__(self, name: str) -> None:

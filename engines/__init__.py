@@ -1,11 +1,11 @@
 """Engine adapters, one per engine the appliance can supervise."""
 
-from .base import CannotLaunch, EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
-from .llamacpp import LlamaCppAdapter
-from .metrics import EngineLoad
-from .openai import OpenAIAdapter
-from .sglang import SglangAdapter
-from .vllm import VllmAdapter
+from engines.base import CannotLaunch, EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
+from engines.llamacpp import LlamaCppAdapter
+from engines.metrics import EngineLoad
+from engines.openai import OpenAIAdapter
+from engines.sglang import SglangAdapter
+from engines.vllm import VllmAdapter
 
 ADAPTERS: dict[str, EngineAdapter] = {
     "llamacpp": LlamaCppAdapter(),

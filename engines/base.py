@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
 
-from .metrics import EngineLoad
+from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 class ProbeFailed(Exception):
@@ -68,7 +68,7 @@ class EngineAdapter(Protocol):
     gpu: bool        # replicas need GPUs from the placer
     can_sleep: bool  # sleep()/wake() exist (vLLM's sleep mode)
     unix_socket: bool  # listens on access.socket, not host:port
-    # The proxy endpoints it serves (appliance/capabilities.py names them), and
+    # The proxy endpoints it serves (appliance/gateway/capabilities.py names them), and
     # whether it keeps Responses (store, previous_response_id) for a later request.
     endpoints: frozenset[str]
     responses_store: bool
@@ -80,7 +80,7 @@ class EngineAdapter(Protocol):
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
         """argv and extra environment for one replica listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
-        access.secret, which never appears in argv (appliance/engine_access.py)."""
+        access.secret, which never appears in argv (appliance/fleet/engine_access.py)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
@@ -175,7 +175,8 @@ class LocalEngine:
 
 def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
     """[engines.<engine>] command, else the current image's entry point; and its image tag."""
-    from appliance.images import ImageError, gpu_engine_command as command
+    from appliance.dist.images import ImageError
+    from appliance.dist.images import gpu_engine_command as command
 
     try:
         return command(engine, cfg)

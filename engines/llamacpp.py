@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
-from .metrics import EngineLoad, parse_llamacpp
+from engines.base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
+from engines.metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 # With every layer on the GPU, the CPU threads only sample and schedule.
 GPU_THREADS = 2
@@ -33,7 +33,7 @@ class LlamaCppAdapter(LocalEngine):
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.capabilities import tasks_of
+        from appliance.gateway.capabilities import tasks_of
         from appliance.config import model_path
 
         path = model_path(cfg, model)
@@ -90,7 +90,7 @@ class LlamaCppAdapter(LocalEngine):
 def cuda_binary(cfg: Config) -> str:
     """[engines.llamacpp] cuda_binary, else the current llamacpp-cuda image's llama-server;
     CannotLaunch naming the fix when there is neither."""
-    from appliance.images import images_dir, llama_server
+    from appliance.dist.images import images_dir, llama_server
 
     if cfg.engines.llamacpp.cuda_binary:
         return cfg.engines.llamacpp.cuda_binary

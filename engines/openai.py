@@ -14,12 +14,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
-from .metrics import EngineLoad
+from engines.base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
+from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 # The variable a supervised OpenAI-compatible server finds its key in.
 KEY_VARIABLE = "ENGINE_API_KEY"

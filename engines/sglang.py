@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
-from .metrics import EngineLoad, parse_sglang
+from engines.base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
+from engines.metrics import EngineLoad, parse_sglang
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 # The key's config file; JSON is YAML, and SGLang wants the .yaml suffix.

@@ -16,13 +16,21 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from .base import (GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_post, http_text, offline_env,
-                   one_token_completion)
-from .metrics import EngineLoad, parse_vllm
+from engines.base import (
+    GpuSlot,
+    LaunchSpec,
+    LocalEngine,
+    gpu_engine_command,
+    http_post,
+    http_text,
+    offline_env,
+    one_token_completion,
+)
+from engines.metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
     from appliance.config import Config, ModelConfig
-    from appliance.engine_access import EngineAccess
+    from appliance.fleet.engine_access import EngineAccess
 
 
 class VllmAdapter(LocalEngine):

@@ -66,8 +66,9 @@ backup_databases() {  # new_program_dir from_version
   run_as_service "$new/bin/python" -I - "$state_dir/appliance.db" "$cache_dir/store.db" "$backups" "$from" <<'PY'
 import os, shutil, sqlite3, sys
 from pathlib import Path
-from appliance import statedb, store
-from appliance.migrations import schema_version
+from appliance.state import db as statedb
+from appliance.store import store
+from appliance.state.migrations import schema_version
 
 state_db, store_db, backups, from_version = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
 todo = [(p, r) for p, r in ((state_db, statedb.MIGRATIONS), (store_db, store.MIGRATIONS))

@@ -17,7 +17,7 @@ import signal
 import socket
 import time
 
-import appliance.server as server
+import appliance.daemon.server as server
 
 _serve = server.serve
 
@@ -42,6 +42,6 @@ async def _blocking_serve(cfg, app=None):
 server.serve = _blocking_serve
 
 if __name__ == "__main__":
-    from appliance.cli import main
+    from appliance.cli.main import main
 
     main()

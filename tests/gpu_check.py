@@ -47,9 +47,9 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 
-from appliance.gpu import GiB, MiB, NvmlProbe  # noqa: E402
-from appliance.memory import estimate_gguf  # noqa: E402
-from appliance.process import descendants  # noqa: E402
+from appliance.fleet.process import descendants  # noqa: E402
+from appliance.gpu.memory import estimate_gguf  # noqa: E402
+from appliance.gpu.probe import GiB, MiB, NvmlProbe  # noqa: E402
 from tests import make_tiny_gguf  # noqa: E402
 
 OVERHEAD_GIB = 0.58           # [engines.llamacpp] overhead_gib's default

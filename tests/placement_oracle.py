@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 
-from appliance.placement import GiB, Demand, Gpu, Placed, PlacementError, gpus_in_use, place
+from appliance.gpu.placement import Demand, GiB, Gpu, Placed, PlacementError, gpus_in_use, place
 
 KINDS = {"H100": 80 * GiB, "A100": 40 * GiB, "L40S": 48 * GiB}
 

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from appliance.audit import AuditLog
+from appliance.access.audit import AuditLog
 from appliance.config import AuditConfig
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from appliance.autoscaler import Autoscaler, Inputs, Policy, parse_duration
-from appliance.signals import RateWindow
-from appliance.state import StateStore
+from appliance.fleet.autoscaler import Autoscaler, Inputs, Policy, parse_duration
+from appliance.fleet.rates import RateWindow
+from appliance.state.decisions import StateStore
 
 POLICY = Policy(min_replicas=1, max_replicas=4, target_rps_per_replica=10, idle_ttl_s=300,
                 stabilization_s=30, cooldown_s=10)

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.memory import GiB, estimate, per_gpu_bytes, read_shape, smallest_shape
+from appliance.gpu.memory import GiB, estimate, per_gpu_bytes, read_shape, smallest_shape
 
 from .conftest import FAKE_ENGINE, PY, ROOT, free_port, wait_until
 from .test_export import INVENTORY, MODELS, config_text, hf_dir
@@ -132,8 +132,8 @@ def cluster(tmp_path):
     """An exported head node, started from its own script: the weights checked against the
     store's manifest, then the engine (tests/fake_engine.py speaking as vLLM) run with the
     rendered argv, on loopback."""
-    from appliance.model_sources import incoming_from
-    from appliance.store import Store
+    from appliance.store.sources import incoming_from
+    from appliance.store.store import Store
 
     [incoming] = incoming_from(hf_dir(tmp_path / "src"), name="org/small", license="Apache-2.0")
     Store(tmp_path / "cache").add(incoming)

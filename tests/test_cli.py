@@ -85,7 +85,7 @@ def test_serve_refuses_a_damaged_bundled_model(tmp_path):
     engine.chmod(0o755)
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'[engines.llamacpp]\nbinary = "{engine}"\n')
-    code = ("import sys; sys.prefix = sys.argv.pop(1); from appliance.cli import main; main()")
+    code = ("import sys; sys.prefix = sys.argv.pop(1); from appliance.cli.main import main; main()")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path), "serve", "--config", str(cfg)],
                             capture_output=True, text=True, cwd=ROOT, timeout=30)
     assert result.returncode != 0
@@ -155,7 +155,7 @@ def test_a_provider_key_file_others_may_read_is_refused_naming_the_file_and_the_
 
 def test_a_provider_key_file_only_its_owner_reads_is_accepted(tmp_path, caplog):
     from appliance.config import parse_config
-    from appliance.upstreams import load_providers
+    from appliance.gateway.providers import load_providers
 
     key = tmp_path / "cloud.key"
     key.write_text("sk-test-provider-key\n")

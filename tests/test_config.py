@@ -196,7 +196,7 @@ def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tm
     """`appliance check` (install.sh's readiness check) prints each warning; the config still loads."""
     from click.testing import CliRunner
 
-    from appliance.cli import main
+    from appliance.cli.main import main
 
     monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0")])
     path = tmp_path / "old.toml"

@@ -8,12 +8,12 @@ import json
 
 import pytest
 
-from appliance import api_messages, api_responses
-from appliance.capabilities import ENDPOINTS, check, serves
+from appliance.access.tenancy import revealing, scrub
 from appliance.config import ConfigError, parse_config
 from appliance.errors import BadRequest
-from appliance.metering import StreamTap
-from appliance.tenancy import revealing, scrub
+from appliance.gateway import api_messages, api_responses
+from appliance.gateway.capabilities import ENDPOINTS, check, serves
+from appliance.gateway.metering import StreamTap
 
 
 def _sse(events: list[tuple[str, dict]]) -> bytes:

@@ -31,7 +31,7 @@ def test_the_readme_opens_with_what_the_appliance_is():
 
 
 def test_every_endpoint_in_the_readme_is_served():
-    from appliance.app import create_app
+    from appliance.api.app import create_app
     from appliance.config import parse_config
 
     app = create_app(parse_config(""))
@@ -67,7 +67,7 @@ def test_every_appliance_command_in_the_readme_exists():
 
 
 def test_the_gpu_doc_inventory_example_loads(tmp_path):
-    from appliance.gpu import load_inventory
+    from appliance.gpu.probe import load_inventory
 
     doc = (ROOT / "docs" / "gpu.md").read_text()
     example = re.search(r"```toml\n(.+?)```", doc, flags=re.S).group(1)

@@ -99,7 +99,7 @@ def test_a_second_key_reads_no_prompt_cache_signal_from_llama_server(llama_daemo
 
 def test_llama_server_refuses_everyone_but_the_appliance(llama_daemon):
     # The port as a local user finds it (the process table), not from /admin/status.
-    from .test_engine_door import assert_every_engine_port_refuses_strangers, engine_processes, _environ
+    from .test_engine_door import _environ, assert_every_engine_port_refuses_strangers, engine_processes
 
     assert_every_engine_port_refuses_strangers(llama_daemon, expected_ports=1)
     [pid] = engine_processes(llama_daemon)

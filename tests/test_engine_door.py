@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from appliance.process import descendants
+from appliance.fleet.process import descendants
 
 from .conftest import FAKE_ENGINE, PY, engine_key, fake_model, wait_until
 from .test_gpu_supervision import DATA, make_model

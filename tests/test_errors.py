@@ -17,7 +17,7 @@ from appliance.errors import (
     ShuttingDown,
     error_for_status,
 )
-from appliance.process import CappedLog
+from appliance.fleet.process import CappedLog
 
 
 @pytest.mark.parametrize(
@@ -72,7 +72,7 @@ def _call_front_door(runtime) -> list[dict]:
     """One POST /v1/chat/completions through the daemon's ASGI front door, in process."""
     from litestar.datastructures import State
 
-    from appliance.app import create_app, front_door
+    from appliance.api.app import create_app, front_door
     from appliance.config import Config
 
     app = create_app(Config())

@@ -1,10 +1,10 @@
-"""The eviction decision (appliance/eviction.py), pure: which idle replicas of other
+"""The eviction decision (appliance/fleet/eviction.py), pure: which idle replicas of other
 models are stopped so that a replica of this one fits, and why the others stay."""
 
 from __future__ import annotations
 
-from appliance.eviction import Holder, core_fits, gpu_fits, plan
-from appliance.placement import GiB, Demand, Gpu, Placed
+from appliance.fleet.eviction import Holder, core_fits, gpu_fits, plan
+from appliance.gpu.placement import Demand, GiB, Gpu, Placed
 
 NOW = 1000.0
 ONE_GPU = [Gpu(0, "H100", 80 * GiB)]

@@ -22,11 +22,11 @@ import yaml
 from appliance.config import parse_config
 from appliance.export import render
 from appliance.export.source import ExportError, Options, Source, gather
-from appliance.gpu import SimulatedProbe
-from appliance.memory import estimate, per_gpu_bytes, read_shape, smallest_shape
-from appliance.model_sources import incoming_from
-from appliance.store import Store
-from appliance.store_paths import StoreError
+from appliance.gpu.memory import estimate, per_gpu_bytes, read_shape, smallest_shape
+from appliance.gpu.probe import SimulatedProbe
+from appliance.safe_paths import StoreError
+from appliance.store.sources import incoming_from
+from appliance.store.store import Store
 
 from .conftest import PY, ROOT
 from .test_gpu_adapters import pinned_flags
@@ -559,7 +559,7 @@ def test_the_schema_check_refuses_what_the_api_server_would(source):
 def test_a_file_name_that_would_break_out_of_the_manifest_is_refused(tmp_path):
     """A store file named with a newline would end its SHA256SUMS line, and could end the node
     script's here-document and run what follows on every node. The store refuses such a name at
-    import (appliance/store_paths.py), so no manifest an export reads can hold one."""
+    import (appliance/safe_paths.py), so no manifest an export reads can hold one."""
     evil = "a\nSHA256SUMS\ntouch pwned\n: "
     model = hf_dir(tmp_path / "src")
     (model / evil).write_text("x")

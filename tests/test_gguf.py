@@ -1,4 +1,4 @@
-"""GGUF files read from their header (appliance/gguf.py), sized for a GPU
+"""GGUF files read from their header (appliance/store/gguf.py), sized for a GPU
 (memory.estimate_gguf), and placed beside vLLM models on a simulated inventory."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance import gguf
 from appliance.config import builtin_model_path, parse_config
-from appliance.gpu import GiB, MiB, SimulatedProbe
-from appliance.memory import LLAMACPP_UBATCH, ModelShapeError, estimate_gguf
-from appliance.planning import gpu_models, plan
+from appliance.gpu.memory import LLAMACPP_UBATCH, ModelShapeError, estimate_gguf
+from appliance.gpu.planning import gpu_models, plan
+from appliance.gpu.probe import GiB, MiB, SimulatedProbe
+from appliance.store import gguf
 
 from . import make_tiny_gguf
 from .test_gpu_supervision import make_model

@@ -9,7 +9,7 @@ from pathlib import Path
 import pynvml
 import pytest
 
-from appliance.gpu import GiB, NvmlProbe, SimulatedProbe, gpu_kind, kinds_match, load_inventory
+from appliance.gpu.probe import GiB, NvmlProbe, SimulatedProbe, gpu_kind, kinds_match, load_inventory
 
 DATA = Path(__file__).parent / "data"
 

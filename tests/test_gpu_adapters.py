@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from appliance.engine_access import EngineAccess
+from appliance.fleet.engine_access import EngineAccess
 from engines import CannotLaunch, GpuSlot, adapter_for
 from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
 

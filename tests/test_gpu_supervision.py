@@ -13,9 +13,9 @@ import httpx
 import pytest
 
 from appliance.config import parse_config
-from appliance.gpu import GiB, SimulatedProbe
-from appliance.replica import State
-from appliance.supervisor import Supervisor
+from appliance.fleet.replica import State
+from appliance.fleet.supervisor import Supervisor
+from appliance.gpu.probe import GiB, SimulatedProbe
 
 from .conftest import FAKE_ENGINE, PY, ROOT, engine_client, fake_engine_image, wait_until
 
@@ -271,7 +271,7 @@ class AttributingProbe:
     def read(self):
         from dataclasses import replace
 
-        from appliance.gpu import GpuProcess
+        from appliance.gpu.probe import GpuProcess
 
         gpus = list(self.base.gpus)
         extra = tuple(GpuProcess(pid=p, used_bytes=21 * GiB) for p in self.engine_pids)
@@ -281,7 +281,7 @@ class AttributingProbe:
 
 
 async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
-    from appliance.planning import plan
+    from appliance.gpu.planning import plan
 
     small = make_model(tmp_path, "small", 14)
     cfg = parse_config(gpu_config(tmp_path, f'[[models]]\nname = "small"\nserver = "vllm"\n'

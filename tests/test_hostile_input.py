@@ -12,8 +12,8 @@ import time
 import httpx
 import hypothesis
 import hypothesis.errors
-import schemathesis
 import pytest
+import schemathesis
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 

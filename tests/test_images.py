@@ -20,7 +20,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from appliance.images import definition, hashed_requirements, wheel_platforms
+from appliance.dist.images import definition, hashed_requirements, wheel_platforms
 
 from .conftest import BUILD_CACHE, PY, ROOT, cached_llama_server
 
@@ -372,7 +372,7 @@ def test_the_llamacpp_cuda_image_is_built_for_the_gpus_architectures_by_the_llam
     rows = json.loads(appliance(tmp_path, "images", "ls", "--json").stdout)
     assert len({r["tag"] for r in rows}) == 2 and next(r for r in rows if r["current"])["cuda_archs"] == "80;90"
 
-    from appliance.images import llama_server
+    from appliance.dist.images import llama_server
 
     assert llama_server(str(tmp_path / "images"), engine="llamacpp-cuda") == binary
 

@@ -13,11 +13,11 @@ import httpx
 import msgspec
 import pytest
 
+from appliance.api.metrics import Metrics
 from appliance.config import parse_config
 from appliance.errors import NoCapacity, RegulatedFailClosed
-from appliance.metrics import Metrics
-from appliance.routing import RequestCtx, with_fallback
-from appliance.upstreams import Breaker, load_providers
+from appliance.gateway.providers import Breaker, load_providers
+from appliance.gateway.routing import RequestCtx, with_fallback
 
 from .conftest import PY, ROOT, fake_model, wait_until
 from .test_routes import Recorder, provider, recorder  # noqa: F401  (the module fixture)
@@ -156,7 +156,7 @@ class _Rt:
     """What with_fallback reads from the runtime."""
 
     def __init__(self, cfg, session) -> None:
-        from appliance.proxy import EngineProxy
+        from appliance.gateway.proxy import EngineProxy
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)

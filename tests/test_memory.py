@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from appliance.memory import GiB, MeasuredMemory, ModelShapeError, estimate, read_shape, tp_sizes
+from appliance.gpu.memory import GiB, MeasuredMemory, ModelShapeError, estimate, read_shape, tp_sizes
 
 
 def model_dir(tmp_path, weights_bytes=16 * GiB, **config):

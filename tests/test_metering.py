@@ -7,11 +7,11 @@ import json
 
 import pytest
 
+from appliance.access.keys import Gate, KeyStore
+from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.errors import RateLimited
-from appliance.keys import Gate, KeyStore
-from appliance.metering import DONE, StreamTap, completion_cap, prompt_bound
-from appliance.protocol import ChatCompletionRequest, decode_request
-from appliance.tenancy import Tenancy, revealing, scrub
+from appliance.gateway.metering import DONE, StreamTap, completion_cap, prompt_bound
+from appliance.gateway.protocol import ChatCompletionRequest, decode_request
 
 
 def _gate(tmp_path, budget: int):

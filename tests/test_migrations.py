@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from appliance import statedb
-from appliance.audit import AuditLog
+from appliance.access.audit import AuditLog
+from appliance.access.keys import Gate, KeyStore
 from appliance.config import AuditConfig
-from appliance.keys import Gate, KeyStore
-from appliance.migrations import Registry, SchemaError, connect, schema_version
-from appliance.state import StateStore
-from appliance.store import MIGRATIONS as STORE_MIGRATIONS, Store, StoreError
+from appliance.state import db as statedb
+from appliance.state.decisions import StateStore
+from appliance.state.migrations import Registry, SchemaError, connect, schema_version
+from appliance.store.store import MIGRATIONS as STORE_MIGRATIONS
+from appliance.store.store import Store, StoreError
 
 from .conftest import PY, ROOT, fake_model
 

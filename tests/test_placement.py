@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.placement import (
-    GiB, Assignment, Demand, Gpu, Placed, PlacementError, free_bytes, gpus_in_use, place,
+from appliance.gpu.placement import (
+    Assignment,
+    Demand,
+    GiB,
+    Gpu,
+    Placed,
+    PlacementError,
+    free_bytes,
+    gpus_in_use,
+    place,
 )
 
 from .placement_oracle import KINDS, against_optimum, optimum

@@ -1,4 +1,4 @@
-"""Prefix-aware routing among READY replicas (appliance/prefix.py)."""
+"""Prefix-aware routing among READY replicas (appliance/fleet/prefix.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 from appliance.config import RoutingConfig
-from appliance.prefix import PrefixRouter, block_hashes, engine_view
+from appliance.fleet.prefix import PrefixRouter, block_hashes, engine_view
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from appliance.replica import Replica, ReplicaUnavailable, State
+from appliance.fleet.replica import Replica, ReplicaUnavailable, State
 from engines import LaunchSpec, ProbeFailed
 
 

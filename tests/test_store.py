@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Incoming, SourceFile, Store, StoreError
+from appliance.store.store import Incoming, SourceFile, Store, StoreError
 
 from . import make_tiny_gguf
 from .conftest import BUILD_CACHE, PY, ROOT, fake_model
@@ -304,8 +304,8 @@ KILL_POINTS = ["copy", "publish", "snapshot-rename", "before-commit", "after-com
 KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from appliance import store as s
-from appliance.model_sources import incoming_from
+from appliance.store import store as s
+from appliance.store.sources import incoming_from
 point, cache, src = sys.argv[1], sys.argv[2], sys.argv[3]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 calls = {"n": 0}
@@ -405,7 +405,7 @@ def test_pull_is_refused_offline_which_is_the_default(tmp_path):
 
 def test_pull_downloads_through_the_hub_client_and_imports_the_snapshot(tmp_path):
     from appliance.config import parse_config
-    from appliance.hub import pull
+    from appliance.store.hub import pull
 
     cfg = parse_config(f'[paths]\ncache_dir = "{tmp_path}/cache"\n[store]\noffline = false\n'
                        'hub_endpoint = "http://127.0.0.1:9"\n')

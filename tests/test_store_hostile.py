@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store import Store, StoreError
-from appliance.store_paths import check_file_path, check_name, check_revision
+from appliance.safe_paths import check_file_path, check_name, check_revision
+from appliance.store.store import Store, StoreError
 
 from .test_store import SMOLLM_WHEEL, gguf, listing, run, store_state
 
@@ -210,7 +210,7 @@ def test_a_model_row_commits_with_its_files_or_not_at_all(tmp_path):
 
 
 def test_an_import_that_fails_its_checks_evicts_nothing(tmp_path):
-    from appliance.store import Incoming, SourceFile
+    from appliance.store.store import Incoming, SourceFile
 
     store = Store(tmp_path / "cache", budget_bytes=int(1.5 * (1 << 20)))
     old = gguf(tmp_path / "old.gguf")
@@ -258,7 +258,7 @@ def _fake_hub(calls: list):
 
 @pytest.mark.parametrize("kind", ["absolute", "relative"])
 def test_a_hostile_revision_in_a_pull_is_refused_before_any_download(tmp_path, victim, kind):
-    from appliance.hub import pull
+    from appliance.store.hub import pull
 
     revision = _hostile_revisions(victim)[kind]
     calls: list = []
@@ -281,7 +281,7 @@ def test_models_pull_on_the_command_line_refuses_a_hostile_spec_in_one_line(tmp_
 def test_a_pull_of_a_ref_with_slashes_lands_under_its_content_revision(tmp_path):
     """refs/pr/1 is a hub ref, not a directory name: it is sent to the hub as is, the download
     folder's name encodes it, and the snapshot is named by its content."""
-    from appliance.hub import pull
+    from appliance.store.hub import pull
 
     calls: list = []
     store = Store(tmp_path / "cache")
@@ -367,7 +367,7 @@ def test_a_hub_snapshot_whose_link_leaves_its_blobs_is_refused(tmp_path, secret)
 def test_a_file_swapped_for_a_link_after_the_check_is_not_read(tmp_path, secret):
     """TOCTOU: the directory is checked, then a file is replaced by a link to a secret before
     it is read. Each file is opened without following links and must be the very file checked."""
-    from appliance.model_sources import incoming_from
+    from appliance.store.sources import incoming_from
 
     src = _model_dir(tmp_path)
     (src / "config.json").write_bytes(b" " * secret.stat().st_size)  # the same size: only identity tells
@@ -434,7 +434,7 @@ def test_a_snapshots_folder_linked_out_of_the_store_is_not_published_into(tmp_pa
 
 
 def test_bundle_create_carries_only_the_store_blobs_never_a_link_out(tmp_path, secret):
-    from appliance.bundle import BundleError, _model
+    from appliance.dist.bundle import BundleError, _model
 
     run(tmp_path, "models", "import", str(gguf(tmp_path / "m.gguf")), "--name", "m")
     store = Store(tmp_path / "cache")

@@ -15,8 +15,8 @@ import httpx
 import pytest
 import sqlite_utils
 
-from appliance.store import Interrupted, Store, Throttle, hash_file
-from appliance.store_guard import Scrubber
+from appliance.store.guard import Scrubber
+from appliance.store.store import Interrupted, Store, Throttle, hash_file
 
 from .conftest import PY, ROOT, fake_model, wait_until
 from .test_store import gguf, listing, run
@@ -47,7 +47,7 @@ def _store(cache: Path, **kw) -> Store:
 
 def _import(store: Store, tmp_path: Path, name: str, seed: bytes = b"a") -> tuple[Path, str]:
     """Import one GGUF file as NAME; its blob and sha256."""
-    from appliance.model_sources import incoming_from
+    from appliance.store.sources import incoming_from
 
     src = gguf(tmp_path / f"{name}.gguf", seed=seed)
     [incoming] = incoming_from(str(src), name=name, license="MIT", sha256=None, expected_version="")
@@ -69,7 +69,7 @@ def _rewrite(blob: Path, keep_times: bool = False) -> None:
 
 def _as_if_bit_rot(cache: Path, name: str, verified_at: float | None = None) -> None:
     """Bit rot changes no stat: record the file's current fingerprint as the verified one."""
-    from appliance.store import fingerprint
+    from appliance.store.store import fingerprint
 
     store = _store(cache)
     record = store.need(name)
@@ -381,7 +381,7 @@ async def test_recheck_lifts_only_blocks_whose_store_model_passes_admission_agai
     import aiohttp
 
     from appliance.config import parse_config
-    from appliance.supervisor import Supervisor
+    from appliance.fleet.supervisor import Supervisor
 
     digest, blob = _import_victim(tmp_path)
     _rewrite(blob)

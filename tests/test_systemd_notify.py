@@ -13,8 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance.sdnotify import Notifier
-from appliance.service import replica_summary
+from appliance.daemon.sdnotify import Notifier
+from appliance.daemon.service_manager import replica_summary
 
 from .conftest import PY, ROOT, fake_model, pid_alive
 
@@ -158,7 +158,7 @@ def test_replica_summary_names_what_is_not_ready():
         def __init__(self, name, state):
             self.name, self.state = name, state
 
-    from appliance.replica import State
+    from appliance.fleet.replica import State
 
     replicas = [R("a#0", State.READY), R("b#0", State.STARTING), R("b#1", State.BACKOFF)]
     assert replica_summary(replicas) == "1/3 replicas ready; b#0 starting, b#1 backoff"

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from appliance import statedb
+from appliance.state import db as statedb
 
 from .conftest import BUILD_CACHE, ROOT, cached_llama_server, free_port, wait_until
 
@@ -194,7 +194,7 @@ def test_a_release_that_fails_its_readiness_check_is_rolled_back_by_its_install(
     assert good.returncode == 0, good.stdout + good.stderr
     good_version = server.current()
     broken = _copy_of_this_tree(tmp_path / "broken")
-    cli = broken / "appliance" / "cli.py"
+    cli = broken / "appliance" / "cli" / "main.py"
     cli.write_text(cli.read_text().replace(
         "    _check_databases(cfg, migrate=False)\n",
         '    raise click.ClickException("this release cannot start: forced failure")\n', 1))
@@ -264,7 +264,7 @@ def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keep
     today = s.current()
 
     later = _copy_of_this_tree(tmp_path / "later")
-    statedb_py = later / "appliance" / "statedb.py"
+    statedb_py = later / "appliance" / "state" / "db.py"
     statedb_py.write_text(statedb_py.read_text().replace(
         "    _v1_tables,\n))",
         '    _v1_tables,\n    lambda db: add_column(db, "api_keys", "note", "TEXT"),\n))').replace(

@@ -15,9 +15,9 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 
-from . import views
-from .client import Admin, AdminError, DaemonDown
-from .screens import ConfirmScreen, ScaleScreen
+from tui import views
+from tui.client import Admin, AdminError, DaemonDown
+from tui.screens import ConfirmScreen, ScaleScreen
 
 TABS = ("overview", "models", "routes", "logs", "usage")
 MODEL_ACTIONS = {"scale", "load", "unload", "pin", "restart", "drain"}

@@ -7,7 +7,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from appliance.admin_client import AdminError, DaemonDown, Target, answer, target_from_config
+from appliance.daemon.admin_client import AdminError, DaemonDown, Target, answer, target_from_config
 
 __all__ = ["Admin", "AdminClient", "AdminError", "DaemonDown", "Target", "target_from_config"]
 

@@ -11,14 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .source import Options, Rendered, Source
+    from appliance.export.source import Options, Rendered, Source
 
 TARGETS = ("vllm-multinode", "sglang-multinode", "kserve", "llm-d")
 
 
 def render(target: str, src: Source, opts: Options) -> Rendered:
-    from . import kserve, llmd, multinode
-    from .source import ExportError
+    from appliance.export import kserve, llmd, multinode
+    from appliance.export.source import ExportError
 
     if target.endswith("-multinode"):
         engine = target.removesuffix("-multinode")

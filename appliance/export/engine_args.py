@@ -8,10 +8,9 @@ import json
 import math
 from pathlib import PurePosixPath
 
+from appliance.export.source import Source
+from appliance.gpu.placement import fraction_percent
 from engines.base import OFFLINE_ENV
-
-from ..placement import fraction_percent
-from .source import Source
 
 
 def server_args(src: Source, model_dir: str, host: str | None, port: int | None) -> list[str]:

@@ -6,9 +6,9 @@ model's own arguments. LoRA adapters named in the model's args become `model.lor
 
 from __future__ import annotations
 
-from . import kube
-from .engine_args import sizing_args, split_lora
-from .source import ExportError, Options, Rendered, Source
+from appliance.export import kube
+from appliance.export.engine_args import sizing_args, split_lora
+from appliance.export.source import ExportError, Options, Rendered, Source
 
 API_VERSION = "serving.kserve.io/v1alpha2"
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import yaml
 
-from .engine_args import engine_env
-from .source import ExportError, Options, Source, size, split_env
+from appliance.export.engine_args import engine_env
+from appliance.export.source import ExportError, Options, Source, size, split_env
 
 MiB = 1024**2
 MOUNT = "/mnt/models"

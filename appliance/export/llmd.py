@@ -4,9 +4,9 @@ selects their leaders for llm-d's prefix-aware scheduler (its endpoint picker)."
 
 from __future__ import annotations
 
-from . import kube
-from .engine_args import parallel_args, server_args, sizing_args, split_lora, with_lora
-from .source import Options, Rendered, Source
+from appliance.export import kube
+from appliance.export.engine_args import parallel_args, server_args, sizing_args, split_lora, with_lora
+from appliance.export.source import Options, Rendered, Source
 
 EPP_PORT = 9002       # the endpoint picker's gRPC port (llm-d's inference scheduler)
 LWS_API = "leaderworkerset.x-k8s.io/v1"

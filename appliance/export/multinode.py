@@ -12,8 +12,8 @@ import re
 import shlex
 from dataclasses import dataclass
 
-from .engine_args import engine_env, parallel_args, server_args, sizing_args
-from .source import ExportError, Options, Rendered, Source, size, split_env
+from appliance.export.engine_args import engine_env, parallel_args, server_args, sizing_args
+from appliance.export.source import ExportError, Options, Rendered, Source, size, split_env
 
 # A hostname or an IPv4/IPv6 address: what --master-addr and --dist-init-addr take.
 _ADDRESS = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$|^[0-9A-Fa-f:.]{2,45}$")

@@ -8,13 +8,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import GPU_SERVERS, STORE_PREFIX, Config, ModelConfig, kv_tokens
-from ..gpu import GiB, Inventory
-from ..images import GPU_ENTRY_POINTS, ImageError, current_dir, definition, images_dir
-from ..memory import MAX_NODES, Estimate, ModelShapeError, NodeShape, read_shape, smallest_shape
-from ..planning import NodeSpec, estimate_for, node_spec
-from ..store import Store, StoreError
-
+from appliance.config import GPU_SERVERS, STORE_PREFIX, Config, ModelConfig, kv_tokens
+from appliance.dist.images import GPU_ENTRY_POINTS, ImageError, current_dir, definition, images_dir
+from appliance.gpu.memory import MAX_NODES, Estimate, ModelShapeError, NodeShape, read_shape, smallest_shape
+from appliance.gpu.planning import NodeSpec, estimate_for, node_spec
+from appliance.gpu.probe import GiB, Inventory
+from appliance.store.store import Store, StoreError
 
 _UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f\\]")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")

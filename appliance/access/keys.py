@@ -1,0 +1,274 @@
+"""API keys: created and revoked by the CLI, checked by the daemon.
+
+A key is ``ak-<id>-<secret>``; it is shown once, and only the SHA-256 of its
+secret is stored (table ``api_keys`` in the state database). The daemon looks a
+key up by its id and compares digests in constant time. Per key: the routes it
+may use (empty: any), a tag that binds it (appliance/gateway/routing.py: Routes.match),
+a requests-per-minute limit and a token budget per period (hour, day or month,
+UTC), both 0 = none.
+
+A budget is reserved, then settled: admission holds the most the request can
+cost (its prompt's bound plus its completion cap, appliance/gateway/metering.py) against
+what the key has left, minus what its requests in flight hold, and refuses it
+with 429 when that does not fit; the end of the request settles the hold to its
+real usage. Check and hold happen with no await between them, so concurrent
+requests can never together spend more than the budget. ``Gate.admit`` and
+``Gate.settle`` are the whole interface: a data plane of several processes
+would run the same two calls against one authority (the daemon, or a row
+updated under BEGIN IMMEDIATE) instead of this in-process one.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.access.audit import connect, transaction
+from appliance.errors import Forbidden, RateLimited, Unauthorized
+
+PREFIX = "ak-"
+PERIODS = ("hour", "day", "month")
+
+@dataclass
+class ApiKey:
+    id: str
+    name: str
+    secret_sha256: str
+    routes: list[str] = field(default_factory=list)
+    tag: str = ""
+    rpm: int = 0
+    budget_tokens: int = 0
+    budget_period: str = "day"
+    created_at: float = 0.0
+    revoked_at: float | None = None
+
+    def public(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "secret_sha256"}
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class KeyStore:
+    def __init__(self, path: Path | str) -> None:
+        self.db = connect(path)  # table api_keys: appliance/state/db.py
+
+    def create(self, name: str, routes: list[str] = (), tag: str = "", rpm: int = 0,
+               budget_tokens: int = 0, budget_period: str = "day") -> tuple[ApiKey, str]:
+        """A new key and its one-time token (never stored)."""
+        if budget_period not in PERIODS:
+            raise ValueError(f"budget period must be one of {', '.join(PERIODS)}")
+        key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+        key = ApiKey(key_id, name, _digest(secret), list(routes), tag, rpm, budget_tokens, budget_period,
+                     time.time())
+        with transaction(self.db):
+            self.db.execute("INSERT INTO api_keys (id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
+                            "budget_period, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (key.id, name, key.secret_sha256, json.dumps(key.routes), tag, rpm,
+                             budget_tokens, budget_period, key.created_at))
+        return key, f"{PREFIX}{key_id}-{secret}"
+
+    def all(self) -> list[ApiKey]:
+        rows = self.db.execute("SELECT id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
+                               "budget_period, created_at, revoked_at FROM api_keys ORDER BY created_at")
+        return [ApiKey(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
+
+    def revoke(self, key_id: str) -> bool:
+        with transaction(self.db):
+            cur = self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                                  (time.time(), key_id))
+        return cur.rowcount == 1
+
+    def used(self, period_starts: dict[str, int]) -> dict[str, int]:
+        """Tokens each key used in its current budget period (from the ledger)."""
+        out = {}
+        for key_id, start in period_starts.items():
+            row = self.db.execute("SELECT tokens FROM usage_ledger WHERE key_id = ? AND period_start = ?",
+                                  (key_id, start)).fetchone()
+            out[key_id] = row[0] if row else 0
+        return out
+
+    def version(self) -> int:
+        """Changes whenever another connection (the CLI, the audit writer) commits."""
+        return self.db.execute("PRAGMA data_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()
+
+
+def period_bounds(period: str, now: float) -> tuple[int, int]:
+    """[start, end) of the UTC hour, day or month holding now."""
+    t = time.gmtime(now)
+    if period == "hour":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, t.tm_hour, 0, 0))
+        return start, start + 3600
+    if period == "day":
+        start = calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0))
+        return start, start + 86400
+    start = calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0))
+    year, month = (t.tm_year + 1, 1) if t.tm_mon == 12 else (t.tm_year, t.tm_mon + 1)
+    return start, calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+class _Bucket:
+    """A token bucket: rpm requests a minute, bursts up to rpm."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, rpm: int, now: float) -> None:
+        self.tokens = float(rpm)
+        self.at = now
+
+
+class Gate:
+    """The daemon's view of the keys: authenticate, limit, charge usage."""
+
+    def __init__(self, store: KeyStore, required: bool, charge: Callable[[str, int, int], None],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.required = required
+        self.clock = clock
+        self._charge = charge
+        self.keys: dict[str, ApiKey] = {}
+        self.used: dict[str, tuple[int, int]] = {}  # key id -> (period start, tokens)
+        self.held: dict[str, int] = {}  # key id -> tokens its requests in flight hold
+        self.buckets: dict[str, _Bucket] = {}
+        self._version = -1
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Reload keys (the CLI writes them from another process) and their usage."""
+        self._version = self.store.version()
+        keys = {k.id: k for k in self.store.all() if k.revoked_at is None}
+        now = self.clock()
+        starts = {k.id: period_bounds(k.budget_period, now)[0] for k in keys.values() if k.budget_tokens}
+        stored = self.store.used(starts)
+        for key_id, start in starts.items():
+            current = self.used.get(key_id)
+            if current is None or current[0] != start or stored[key_id] > current[1]:
+                self.used[key_id] = (start, max(stored[key_id], current[1] if current and current[0] == start else 0))
+        self.keys = keys
+
+    def authenticate(self, authorization: bytes | None) -> ApiKey | None:
+        """The caller's key; None for a keyless local client where that is allowed."""
+        token = authorization.decode("latin-1").removeprefix("Bearer ").strip() if authorization else ""
+        if not token.startswith(PREFIX):
+            if self.required:
+                raise Unauthorized("Missing API key: send 'Authorization: Bearer ak-...'"
+                                   if not token else "Invalid API key")
+            return None
+        key_id, _, secret = token[len(PREFIX):].partition("-")
+        key = self.keys.get(key_id)
+        if key is None and self.store.version() != self._version:
+            self.refresh()  # a key created a moment ago by `appliance keys create`
+            key = self.keys.get(key_id)
+        expected = key.secret_sha256 if key is not None else "0" * 64
+        if not hmac.compare_digest(_digest(secret), expected) or key is None:
+            raise Unauthorized("Invalid or revoked API key")
+        return key
+
+    def admit(self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0,
+              ceiling: int = 0, choices: int = 1) -> Reservation:
+        """Admit one request of the key, or refuse it (403, 429). A budgeted key
+        holds prompt + cap tokens; with no cap (the request set no length), the
+        completion is reserved at ``ceiling`` per choice, or at what the budget
+        has left for it, which the caller must then impose on the engine
+        (Reservation.completion)."""
+        if key.routes and route not in key.routes:
+            raise Forbidden(f"This API key may not use {'route ' + repr(route) if route else 'this model'}",
+                            code="route_not_allowed")
+        now = self.clock()
+        bucket = None
+        if key.rpm:
+            bucket = self.buckets.get(key.id)
+            if bucket is None:
+                bucket = self.buckets[key.id] = _Bucket(key.rpm, now)
+            bucket.tokens = min(float(key.rpm), bucket.tokens + (now - bucket.at) * key.rpm / 60.0)
+            bucket.at = now
+            if bucket.tokens < 1.0:
+                raise RateLimited(f"This API key is over its limit of {key.rpm} requests per minute",
+                                  retry_after=math.ceil((1.0 - bucket.tokens) * 60.0 / key.rpm))
+        reservation = Reservation(key, 0, 0, None)
+        if key.budget_tokens:
+            self._reserve(reservation, now, prompt, cap, ceiling, choices)
+        if bucket is not None:
+            bucket.tokens -= 1.0
+        return reservation
+
+    def _reserve(self, res: Reservation, now: float, prompt: int, cap: int | None, ceiling: int,
+                 choices: int) -> None:
+        key = res.key
+        start, end = period_bounds(key.budget_period, now)
+        used = self._used(key.id, start)
+        held = self.held.get(key.id, 0)
+        left = key.budget_tokens - used - held
+        if cap is None:
+            completion = min(ceiling, (left - prompt) // choices)
+            need = prompt + max(completion, 1) * choices
+            res.completion = completion
+        else:
+            need = prompt + cap
+        if need > left:
+            raise _over_budget(key, need, used, end - now)
+        res.period_start, res.held = start, need
+        self.held[key.id] = held + need
+
+    def _used(self, key_id: str, start: int) -> int:
+        current = self.used.get(key_id)
+        return current[1] if current is not None and current[0] == start else 0
+
+    def settle(self, res: Reservation, tokens: int) -> None:
+        """The request is over: release its hold, charge what it used."""
+        key = res.key
+        if res.held:
+            held = self.held.get(key.id, 0) - res.held
+            if held > 0:
+                self.held[key.id] = held
+            else:
+                self.held.pop(key.id, None)
+            res.held = 0
+        if not tokens:
+            return
+        start = res.period_start or period_bounds(key.budget_period, self.clock())[0]
+        self.used[key.id] = (start, self._used(key.id, start) + tokens)
+        self._charge(key.id, start, tokens)
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What one admitted request of a key holds against its budget."""
+
+    key: ApiKey
+    period_start: int
+    held: int
+    # The completion reserved per choice for a budgeted request that named no
+    # length; when below what the engine would generate, it must be told.
+    completion: int | None
+
+
+def _over_budget(key: ApiKey, need: int, used: int, until_reset: float) -> RateLimited:
+    per = f"{key.budget_tokens} tokens per {key.budget_period}"
+    if need > key.budget_tokens:
+        message = (f"This request may cost up to {need} tokens (its prompt counts one token per byte until "
+                   f"the engine reports it, plus its completion limit), more than this API key's budget of {per}")
+    elif need <= key.budget_tokens - used:
+        # It would fit once this key's requests in flight settle to what they really used.
+        return RateLimited(f"This API key's requests in flight hold the rest of its budget of {per}; "
+                           "retry when they finish", retry_after=2, code="budget_exceeded")
+    else:
+        message = (f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
+                   f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
+                   "it, plus its completion limit)")
+    return RateLimited(message, retry_after=math.ceil(until_reset), code="budget_exceeded")
+
+
+__all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "Reservation", "period_bounds"]

@@ -1,0 +1,131 @@
+"""Who may use the admin API: one credential model, checked in one place.
+
+- The admin socket (server.admin_socket, mode 0660): its file permissions decide,
+  no token. A browser cannot reach it.
+- TCP: the admin token (server.admin_token_file) when one is set, from anywhere.
+  Without one, loopback clients only, and only on a loopback-bound daemon whose
+  API keys are not required (a developer's box): once keys.required is true, or
+  the daemon listens beyond loopback, TCP admin needs the token.
+
+Every admin request over TCP must also name this server in its Host header (a
+DNS-rebinding page sends its own name), come from no other web origin (a page in
+the operator's browser posting cross-site), and a state-changing call must send
+``Content-Type: application/json``, which no cross-site "simple" request can.
+The same credential (admin token or admin socket) also opens /metrics and
+/v1/models when API keys are required.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from urllib.parse import urlsplit
+
+from litestar import Request
+
+from appliance.api.admin_socket import via_admin_socket
+from appliance.config import Config, is_loopback
+from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType
+
+WILDCARD_BINDS = ("0.0.0.0", "::", "")
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class AdminAccess:
+    def __init__(self, cfg: Config, token: str) -> None:
+        self.token = token
+        self.port = cfg.server.port
+        self.bind = cfg.server.host.lower()
+        self.names = {n.lower().rstrip(".") for n in cfg.server.admin_hosts}
+        self.socket = cfg.server.admin_socket
+        self.keys_required = cfg.keys.required
+
+    def check(self, request: Request) -> None:
+        """Raise, saying what was refused and why, unless this request may administer."""
+        if via_admin_socket(request.scope):
+            self._check_content_type(request)
+            return
+        self._check_origin(request)
+        sent = _bearer(request)
+        if self.token:
+            if not hmac.compare_digest(sent.encode(), self.token.encode()):
+                raise Unauthorized("Admin API: missing or wrong admin token", code="invalid_admin_token")
+        else:
+            self._check_tokenless(request)
+        self._check_content_type(request)
+
+    def is_admin(self, request: Request) -> bool:
+        """The admin credential without raising: for what it opens besides /admin/."""
+        if via_admin_socket(request.scope):
+            return True
+        return bool(self.token) and hmac.compare_digest(_bearer(request).encode(), self.token.encode())
+
+    def _check_tokenless(self, request: Request) -> None:
+        fix = (f"set server.admin_token_file and send it as 'Authorization: Bearer <token>', or use "
+               f"the admin socket ({self.socket or 'server.admin_socket'})")
+        if self.keys_required:
+            raise Forbidden(f"Admin API over TCP needs the admin token when keys.required = true: {fix}")
+        if not is_loopback(self.bind):
+            raise Forbidden(f"Admin API over TCP needs the admin token when server.host is not loopback: {fix}")
+        client = request.scope.get("client")
+        if client and client[0] and not is_loopback(client[0]):
+            raise Forbidden("Admin API is served to loopback clients only unless server.admin_token_file is set")
+
+    def _check_origin(self, request: Request) -> None:
+        headers = request.headers
+        host = headers.get("host", "")
+        if host and not self._our_name(_hostname(host)):
+            raise Forbidden(f"Admin API: Host {host!r} is not this server's address (a DNS-rebinding page "
+                            "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
+                            code="untrusted_host")
+        origin = headers.get("origin")
+        if origin is not None and not self._our_origin(origin):
+            raise Forbidden(f"Admin API: refused a cross-origin request from {origin!r} (a web page may not "
+                            "administer this server)", code="cross_origin")
+        if headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
+            raise Forbidden("Admin API: refused a request a browser marked cross-site", code="cross_origin")
+
+    def _our_name(self, name: str) -> bool:
+        if name == "localhost" or name == self.bind or name in self.names:
+            return True
+        try:
+            ip = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        # No DNS name is involved with an address literal, so no rebinding: a loopback one,
+        # or, for a daemon listening on every address, any of them.
+        return ip.is_loopback or self.bind in WILDCARD_BINDS
+
+    def _our_origin(self, origin: str) -> bool:
+        try:
+            parts = urlsplit(origin)
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+        except ValueError:
+            return False
+        name = (parts.hostname or "").rstrip(".")
+        if parts.scheme not in ("http", "https") or not self._our_name(name):
+            return False
+        # Another port on localhost is another web origin (any local user's server).
+        return port == self.port or name in self.names
+
+    @staticmethod
+    def _check_content_type(request: Request) -> None:
+        if request.method in SAFE_METHODS:
+            return
+        sent = request.headers.get("content-type", "")
+        if sent.split(";", 1)[0].strip().lower() != "application/json":
+            raise UnsupportedMediaType(f"Admin API: a {request.method} needs 'Content-Type: application/json' "
+                                       f"(got {sent or 'none'!r}); nothing was changed")
+
+
+def _bearer(request: Request) -> str:
+    return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+
+
+def _hostname(host: str) -> str:
+    """The name in a Host header: without its port, IPv6 brackets or trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
+

@@ -1,0 +1,771 @@
+"""The Litestar app: thin handlers over the supervisor and the engine proxy.
+
+Resources (HTTP session, supervisor) open and close in the lifespan. Every error
+leaves through ``_error_response`` in the OpenAI envelope.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from random import getrandbits as _getrandbits
+
+import msgspec
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from litestar import Litestar, Request, Response, asgi, get, post
+from litestar.exceptions import HTTPException
+from litestar.types import Receive, Scope, Send
+
+from appliance.access.audit import AuditLog
+from appliance.access.keys import ApiKey, Gate, KeyStore
+from appliance.access.tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
+from appliance.api.admin_access import AdminAccess
+from appliance.api.admin_views import gpu_view, replica_log
+from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from appliance.api.metrics import Metrics
+from appliance.config import Config, ConfigError, check_writable_dirs, read_admin_token
+from appliance.errors import (
+    ApplianceError,
+    BadRequest,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestTimeout,
+    ShuttingDown,
+    StateWriteFailed,
+    Unauthorized,
+    encode_error,
+    error_for_status,
+)
+from appliance.fleet.supervisor import ClientGone, Supervisor
+from appliance.gateway import capabilities
+from appliance.gateway.capabilities import Endpoint
+from appliance.gateway.dialects import dialect_for_path
+from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, prompt_bound, usage_option
+from appliance.gateway.protocol import (
+    ModelCard,
+    ModelList,
+    RequestT,
+    decode_request,
+    hostile_json,
+)
+from appliance.gateway.providers import Provider, load_providers, set_fields
+from appliance.gateway.proxy import EngineProxy, make_session
+from appliance.gateway.response_homes import ResponseHomes, response_id
+from appliance.gateway.routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
+from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
+from appliance.gateway.ttft import TtftTracker
+from appliance.logs import bind_request_id
+from appliance.state.decisions import StateStore
+from appliance.store.guard import RECHECK_S, Scrubber
+
+log = logging.getLogger("appliance.api")
+
+JSON = "application/json"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class Runtime:
+    """What the lifespan opens and the handlers use."""
+
+    cfg: Config
+    supervisor: Supervisor
+    proxy: EngineProxy
+    metrics: Metrics
+    started: float = field(default_factory=time.time)
+    draining: bool = False
+    admin: AdminAccess | None = None
+    ttft: TtftTracker = field(default_factory=TtftTracker)
+    # (route, fallback target) -> times taken; key name -> [requests, prompt, completion].
+    fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
+    key_usage: dict[str, list[int]] = field(default_factory=dict)
+    openapi: dict | None = None
+    routes: Routes = field(default_factory=lambda: Routes([]))
+    providers: dict[str, Provider] = field(default_factory=dict)
+    gate: Gate | None = None
+    audit: AuditLog | None = None
+    tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
+    response_homes: ResponseHomes = field(default_factory=ResponseHomes)
+    tag_header: bytes = b"x-appliance-tag"
+    inflight: int = 0  # requests on the hot path, from arrival to their answer's end
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int,
+                          timeout: float = 30.0) -> bytes:
+    """The whole request body straight from the ASGI receive channel, within
+    timeout seconds (a client trickling its body byte by byte gets 408)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await _receive_body(receive, declared, limit)
+    except TimeoutError:
+        raise RequestTimeout(f"Request body not received within {timeout:g}s") from None
+
+
+async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+    message = await receive()
+    body = message.get("body", b"")
+    if message.get("more_body", False):
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _body_broken(size)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+    elif message["type"] == "http.disconnect":
+        raise _body_broken(0)
+    if len(body) > limit:
+        raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
+    return body
+
+
+def _body_broken(received: int) -> BadRequest:
+    """Granian ends the body with http.disconnect both when the client left and when
+    its framing broke (a bad chunk size, a chunk longer than it said, the connection
+    closed mid-body): a 400 for whoever still listens, logged and audited."""
+    log.info("request body ended after %d bytes: malformed chunked encoding or connection closed", received)
+    return BadRequest(f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
+                      "encoding, or the connection closed before the whole body arrived", code="invalid_body")
+
+
+def _new_request_id() -> str:
+    # Unique enough for correlating logs; not a secret, so no urandom syscall per request.
+    return "%032x" % _getrandbits(128)
+
+
+async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
+    """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
+    exception middleware turns anything raised here, before the answer starts,
+    into the OpenAI envelope (``_error_response``)."""
+    if scope["method"] != "POST":
+        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
+    started = time.perf_counter()
+    rt: Runtime = scope["app"].state.runtime
+    rid = declared = auth = tag = None
+    tag_header = rt.tag_header
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            rid = value.decode("latin-1")
+        elif name == b"content-length":
+            declared = value
+        elif name == b"authorization":
+            auth = value
+        elif name == tag_header:
+            tag = value
+        elif name == b"x-api-key" and auth is None:  # the Anthropic SDK's header
+            auth = b"Bearer " + value
+    if not rid or len(rid) > 128:
+        rid = _new_request_id()
+    scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
+    bind_request_id(rid)  # log lines of this request carry its id
+    ctx = RequestCtx(rid, started, time.time(), "", ep.name, dialect=ep.dialect)
+    rt.inflight += 1
+    try:
+        await _serve(rt, ctx, scope, receive, send, path, ep, declared, auth, tag)
+    except ApplianceError as exc:
+        finish(rt, ctx, exc.status)
+        if not isinstance(exc, StateWriteFailed):
+            with contextlib.suppress(StateWriteFailed):
+                await committed(ctx)  # an error answer is accounted for like any other
+        raise
+    except BaseException as exc:
+        # A client that left (499), or a bug (500): its row, and its budget hold released.
+        finish(rt, ctx, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
+        raise
+    finally:
+        rt.inflight -= 1
+        if not ctx.finished:  # every path finishes its request; never leave a budget hold behind
+            log.warning("request %s ended without being finished", rid)
+            finish(rt, ctx, 500)
+
+
+async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
+                 ep: Endpoint, declared, auth, tag) -> None:
+    if rt.draining:
+        raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
+                           retry_after=5)
+    gate = rt.gate
+    key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
+    body = ctx.body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
+                                            rt.cfg.server.body_read_timeout_s)
+    req = decode_request(body, ep.cls)
+    model = ctx.model = req.model
+    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key,
+                                        rt.cfg.routing.tag_header)
+    rt.audit.admit(accountable(ctx))
+    target = route.target if route is not None else model
+    fields: dict = {} if target == model else {"model": target}
+    if key is not None:
+        _reserve(rt, ctx, key, req, target, fields, ep)
+    deployment = rt.supervisor.deployment(target)
+    capabilities.check(path, ep, deployment.model, getattr(req, "stateful", False))
+    if ep.engine_path:
+        path = ep.engine_path
+    # Responses an engine stores: where each lives (a conversation goes back there).
+    stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
+    pinned = _home_of(rt, req, key, deployment) if stores else None
+    tenancy = rt.tenancy
+    stream = getattr(req, "stream", False)
+    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
+        _tap(ctx, req, tenancy.isolated, fields, ep)
+    if fields:
+        body = set_fields(body, **fields)
+    tenant = tenancy.tenant(key, route)
+    client_salt = getattr(req, "cache_salt", None)
+    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates else None
+    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
+        ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
+    request_text = None
+    if rt.cfg.audit.include_text:
+        request_text, ctx.response_text = body, b""
+    headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
+    fallbacks = route is not None and bool(route.fallbacks)
+
+    def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
+        return _for(dep, body, target, salt)
+
+    if stream:
+        def done(status: int) -> None:
+            if stores and ctx.tap.held:  # the response.completed event, held back
+                _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
+            finish(rt, ctx, status, request_text)
+
+        opener = None
+        if pinned is not None:
+            ctx.served_by = pinned.name
+
+            def opener():
+                return rt.proxy.open_stream(pinned, path, local(deployment), headers, done, ep.dialect)
+        elif fallbacks:
+            def opener():
+                return with_fallback(
+                    rt, ctx, deployment,
+                    lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
+                    lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers, ep.name),
+                                                   done, ep.dialect))
+        await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
+        return
+
+    if pinned is not None:
+        ctx.served_by = pinned.name
+        work = rt.proxy.unary(pinned, path, local(deployment), headers)
+    elif fallbacks:
+        work = with_fallback(
+            rt, ctx, deployment,
+            lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
+            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers, ep.name)))
+    else:
+        work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
+    # A client that leaves cancels the engine's work, as a stream's does.
+    status, data, content_type = await unless_client_leaves(receive, work)
+    ctx.usage = FREE if ep.free else ep.dialect.usage(data)
+    if stores and status == 200:
+        _remember(rt, ctx, deployment, data)
+    data = tenancy.answer(data)
+    if ctx.response_text is not None:
+        ctx.response_text = data
+    finish(rt, ctx, status, request_text)
+    await committed(ctx)
+    await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
+    """The replica a Responses request with previous_response_id must run on."""
+    previous = req.previous_response_id
+    if previous is None:
+        return None
+    replica = rt.response_homes.find(previous, key, "previous_response_id")
+    if replica not in deployment.replicas:
+        raise BadRequest(f"Response '{previous}' was made by another model than '{req.model}'",
+                         param="previous_response_id", code="response_model_mismatch")
+    return replica
+
+
+def _remember(rt: Runtime, ctx: RequestCtx, deployment, answer: bytes) -> None:
+    """Where the response just made is stored: the local replica that served it."""
+    replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
+    if replica is not None:
+        rt.response_homes.remember(response_id(answer), replica, ctx.key)
+
+
+def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
+    """A metered or tenant-isolated stream: the engine is asked for its usage (an
+    event kept from a client that did not ask for it), and the relay watches the
+    events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
+    always carry their usage, in their own events (appliance/gateway/dialects.py)."""
+    if not ep.dialect.asks_usage:
+        ctx.tap = StreamTap(False, scrub if isolated else None, revealing if isolated else None,
+                            usage_of=ep.dialect.usage, usage_marker=ep.dialect.usage_marker,
+                            terminal=ep.dialect.terminal)
+        return
+    asked = req.stream_options is not None and bool(req.stream_options.include_usage)
+    if not asked:
+        fields["stream_options"] = usage_option(ctx.body)
+    ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
+
+
+def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict,
+             ep: Endpoint) -> None:
+    """Admit the key's request against its limits and hold the most it may cost
+    against its budget (appliance/access/keys.py). A request that set no completion
+    length is reserved at the model's default cap (default_max_tokens, else its
+    context); when the budget leaves less, or the default is below the context,
+    the engine is told the cap, so it can never generate more than was reserved."""
+    route = ctx.route.name if ctx.route is not None else None
+    dep = rt.supervisor.deployments.get(target)
+    if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
+        ctx.reservation = rt.gate.admit(key, route)
+        return
+    context = dep.model.context_length
+    ceiling = dep.model.default_max_tokens or context
+    cap = completion_cap(req) if ep.generates else 0
+    n = choices(req)
+    prompt = 0 if ep.free else prompt_bound(ctx.body)
+    res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
+    ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
+    limit = None
+    if res.completion is not None and res.completion < context:
+        # Keep prompt + max_tokens within the context (the prompt is at most its bound).
+        limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
+        fields[ep.length_field] = limit
+    n_predict = getattr(req, "n_predict", None)
+    if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
+        # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
+        fields["n_predict"] = limit if limit is not None else cap // n
+
+
+async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
+    """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", content_type.encode("latin-1")),
+                            (b"content-length", str(len(body)).encode()),
+                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
+    """The body for a local model: its own name in "model", and for an engine
+    that partitions its prefix cache by one, the tenant's cache salt."""
+    fields: dict = {} if dep.model.name == target else {"model": dep.model.name}
+    if salt is not None and dep.model.server in SALTED_SERVERS:
+        fields["cache_salt"] = salt
+    return set_fields(body, **fields) if fields else body
+
+
+# The proxy endpoints: what each path decodes its body as, its name in metrics,
+# its dialect (appliance/capabilities.py).
+PROXY_ENDPOINTS = capabilities.ENDPOINTS
+RESPONSES_ENDPOINT = PROXY_ENDPOINTS["/v1/responses"]
+FREE = Usage(0, 0)  # what a free endpoint (a tokenizer's work) is charged
+
+
+async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    path = scope["path"]
+    try:
+        await _forward(scope, receive, send, path, PROXY_ENDPOINTS[path])
+    except ClientGone:
+        return
+
+
+@asgi(list(PROXY_ENDPOINTS), copy_scope=False)
+async def proxy_endpoints(scope: Scope, receive: Receive, send: Send) -> None:
+    """The proxy endpoints as Litestar routes them (its TestClient, methods other than POST)."""
+    await _proxy_endpoint(scope, receive, send)
+
+
+def front_door(app: Litestar):
+    """The ASGI callable the server runs. A POST to a proxy endpoint (nearly all of
+    the traffic) goes straight to the hot path: Litestar's routing, scope copy and
+    exception middleware cost a measurable share of a proxied request (see
+    bench/gateway_overhead.py). Everything else goes through Litestar, which also
+    routes the proxy endpoints to the same code (its TestClient, other methods).
+    Errors take the same shape either way (``error_parts``)."""
+
+    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXY_ENDPOINTS:
+            scope["app"] = app  # type: ignore[typeddict-item]  # _forward finds the runtime here
+            started = False
+
+            async def tracking_send(message) -> None:
+                nonlocal started
+                started = True
+                await send(message)
+
+            try:
+                await _proxy_endpoint(scope, receive, tracking_send)
+            except Exception as exc:
+                if started:  # the answer is on its way: nothing sane to add to it
+                    raise
+                status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
+                with contextlib.suppress(Exception):  # the client may have gone already
+                    await _send_whole(send, status, JSON, body, headers)
+            return
+        await app(scope, receive, send)
+
+    return front
+
+
+def _client_or_admin(request: Request) -> Runtime:
+    """What the API shows about the box (its models, its metrics): with keys required,
+    only to a caller with an API key or the admin credential."""
+    rt = _runtime(request)
+    if rt.gate.required and not rt.admin.is_admin(request):
+        rt.gate.authenticate(_authorization(request))
+    return rt
+
+
+def _authorization(request: Request) -> bytes | None:
+    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
+    auth = request.headers.get("authorization")
+    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
+        auth = "Bearer " + api_key
+    return auth.encode("latin-1") if auth is not None else None
+
+
+@get("/v1/models")
+async def list_models(request: Request) -> Response:
+    rt = _client_or_admin(request)
+    created = int(rt.started)
+    cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
+    return Response(ModelList(data=cards), media_type=JSON)
+
+
+@get("/v1/models/{model_id:path}")
+async def get_model(request: Request) -> Response:
+    rt = _client_or_admin(request)
+    name = str(request.path_params["model_id"]).lstrip("/")
+    rt.supervisor.deployment(name)  # 404 in the envelope if unknown
+    return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
+
+
+@get("/v1/responses/{response_id:str}")
+async def get_response(request: Request) -> Response:
+    """A stored Response, from the replica that stored it, for the key that made it."""
+    rt = _runtime(request)
+    auth = _authorization(request)
+    key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
+    rid = request.path_params["response_id"]
+    replica = rt.response_homes.find(rid, key, "response_id")
+    headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}
+    status, data, content_type = await rt.proxy.unary(replica, f"/v1/responses/{rid}", None, headers, "GET")
+    return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
+
+
+@get("/healthz")
+async def healthz() -> Response:
+    return Response({"status": "alive"}, media_type=JSON)
+
+
+@get("/readyz")
+async def readyz(request: Request) -> Response:
+    rt = _runtime(request)
+    models = {name: d.ready for name, d in rt.supervisor.deployments.items()}
+    ready = rt.supervisor.ready and not rt.draining
+    status = "draining" if rt.draining else ("ready" if ready else "starting")
+    headers = {} if ready else {"Retry-After": "5"}
+    body = {"status": status, "models": models}
+    if rt.gate.required and not _has_credential(rt, request):
+        del body["models"]  # the box's model names are for callers with a key
+    return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
+
+
+def _has_credential(rt: Runtime, request: Request) -> bool:
+    try:
+        _client_or_admin(request)
+    except Unauthorized:
+        return False
+    return True
+
+
+@get("/metrics")
+async def metrics(request: Request) -> Response:
+    rt = _runtime(request)
+    if not rt.cfg.server.metrics_public:
+        _client_or_admin(request)
+    return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+@get("/admin/status")
+async def admin_status(request: Request) -> Response:
+    rt = _admin(request)
+    body = {
+        "version": _version(),
+        "config": rt.cfg.origin,
+        "uptime_s": round(time.time() - rt.started, 1),
+        "draining": rt.draining,
+        "ready": rt.supervisor.ready,
+        "listen": f"{rt.cfg.server.host}:{rt.cfg.server.port}",
+        "paths": {"state": rt.cfg.paths.state_dir, "cache": rt.cfg.paths.cache_dir,
+                  "logs": rt.cfg.paths.log_dir},
+        **rt.supervisor.status(),
+    }
+    body["monotonic"] = rt.supervisor.clock.monotonic()  # what the decisions' "at" counts from
+    for m in body["models"]:
+        m["ttft_p50_ms"] = rt.ttft.p50_ms(m["name"])
+    body["routes"] = [
+        {"name": r.name, "model": r.model, "tag": r.tag, "target": r.target, "regulated": r.regulated,
+         "fallbacks": list(r.fallbacks),
+         "fired": {f: rt.fallbacks_fired.get((r.name, f), 0) for f in r.fallbacks}}
+        for r in rt.cfg.routes]
+    body["usage"] = [{"key": name, "requests": n, "prompt_tokens": p, "completion_tokens": c,
+                      "tokens": p + c} for name, (n, p, c) in sorted(rt.key_usage.items())]
+    return Response(body, media_type=JSON)
+
+
+@get("/admin/gpus")
+async def admin_gpus(request: Request) -> Response:
+    """Each GPU (NVML or the simulated inventory) with the replicas placed on it,
+    and the CPU engines' core budget."""
+    return Response(gpu_view(_admin(request).supervisor), media_type=JSON)
+
+
+@get("/admin/models/{model:str}/replicas/{index:int}/log")
+async def admin_replica_log(request: Request) -> Response:
+    """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
+    rt = _admin(request)
+    p = request.path_params
+    replica = rt.supervisor.replica(p["model"], p["index"])
+    return Response(replica_log(replica, request.query_params.get("lines", "100")), media_type=JSON)
+
+
+# --- admin: operator control (the CLI and the TUI use these) ----------------------
+
+
+class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
+    replicas: int | None
+
+
+class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
+    """The other actions say nothing: their body is {} (still JSON, see admin_access)."""
+
+
+def _admin(request: Request) -> Runtime:
+    """Admin routes: the one credential model (appliance/api/admin_access.py)."""
+    rt = _runtime(request)
+    rt.admin.check(request)
+    return rt
+
+
+async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
+    """A state-changing admin call: allowed, and its whole body read (a malformed
+    one is refused before anything changes)."""
+    rt = _admin(request)
+    declared = request.headers.get("content-length")
+    body = await _read_body_asgi(request.receive, declared.encode() if declared else None,
+                                 rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s)
+    return rt, body
+
+
+def _json_body(body: bytes, cls):
+    try:
+        return msgspec.json.decode(body, type=cls)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"Invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise hostile_json(exc) from None
+
+
+def _model_status(rt: Runtime, name: str) -> Response:
+    body = next(m for m in rt.supervisor.status()["models"] if m["name"] == name)
+    return Response(body, media_type=JSON)
+
+
+@post("/admin/models/{model:str}/scale", status_code=200)
+async def admin_scale(request: Request) -> Response:
+    rt, raw = await _admin_write(request)
+    model = request.path_params["model"]
+    body = _json_body(raw, ScaleBody)
+    if body.replicas is not None and body.replicas < 0:
+        raise BadRequest("'replicas' must be >= 0 (or null for autoscaling)", param="replicas")
+    rt.supervisor.scale(model, body.replicas)
+    return _model_status(rt, model)
+
+
+@post("/admin/models/{model:str}/{action:str}", status_code=200)
+async def admin_model_action(request: Request) -> Response:
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
+    model, action = request.path_params["model"], request.path_params["action"]
+    sup = rt.supervisor
+    actions = {"load": lambda: sup.load(model), "unload": lambda: sup.unload(model),
+               "pin": lambda: sup.pin(model, True), "unpin": lambda: sup.pin(model, False)}
+    if action not in actions:
+        raise NotFound(f"No admin action '{action}' (load, unload, pin, unpin, scale)")
+    actions[action]()
+    return _model_status(rt, model)
+
+
+@post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200)
+async def admin_replica_action(request: Request) -> Response:
+    rt, raw = await _admin_write(request)
+    _json_body(raw, ActionBody)
+    p = request.path_params
+    model, index, action = p["model"], p["index"], p["action"]
+    replica = rt.supervisor.replica(model, index)
+    if action == "restart":
+        replica.restart()
+    elif action == "drain":
+        rt.supervisor.retire(replica, "operator drained the replica")
+    else:
+        raise NotFound(f"No replica action '{action}' (restart, drain)")
+    return Response(replica.snapshot(), media_type=JSON)
+
+
+@get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> Response:
+    """The API's OpenAPI document (appliance/api/openapi.py); admin access, like /admin/*."""
+    rt = _admin(request)
+    if rt.openapi is None:
+        from appliance.api.openapi import build
+
+        rt.openapi = build(ROUTE_HANDLERS, list(rt.supervisor.deployments), _version())
+    return Response(rt.openapi, media_type=JSON)
+
+
+def _version() -> str:
+    from appliance import __version__
+
+    return __version__
+
+
+# --- errors: the one place domain errors become HTTP ---------------------------
+
+
+def _error_response(request: Request, exc: Exception) -> Response:
+    status, headers, body = error_parts(exc, request.method, request.url.path, request.scope.get("request_id"))
+    return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and the OpenAI envelope for any exception: the one mapping."""
+    if isinstance(exc, ApplianceError):
+        err = exc
+    elif isinstance(exc, HTTPException):
+        err = error_for_status(exc.status_code, _framework_message(exc))
+        if exc.status_code == 405:
+            err.message = f"Method {method} is not allowed on {path}"
+    else:
+        log.error("unhandled error on %s %s", method, path, exc_info=exc)
+        err = ApplianceError("Internal error; the appliance's log has the details")
+    headers = err.headers()
+    if rid:
+        headers["X-Request-Id"] = rid
+    return err.status, headers, dialect_for_path(path).envelope(err)
+
+
+def _framework_message(exc: HTTPException) -> str:
+    if exc.status_code == 404:
+        return "Not found: no such endpoint"
+    return exc.detail or "Request rejected"
+
+
+# --- the app --------------------------------------------------------------------
+
+ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, get_response, healthz, readyz,
+                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
+                  admin_gpus, admin_replica_log, openapi_document]
+
+
+def create_app(cfg: Config) -> Litestar:
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        session = None
+        try:
+            # What the config or the machine may get wrong, first: its message (field,
+            # path, fix) is what the log and the exit status say (server.serve).
+            check_writable_dirs(cfg)
+            admin = AdminAccess(cfg, read_admin_token(cfg))
+            providers = load_providers(cfg)
+            session = make_session(cfg)
+            db_path = Path(cfg.paths.state_dir) / "appliance.db"
+            state = StateStore(db_path)
+            supervisor = Supervisor(cfg, session, state=state)
+            audit = AuditLog(db_path, cfg.audit)
+            keys = KeyStore(db_path)
+            gate = Gate(keys, cfg.keys.required, audit.charge)
+        except Exception as exc:
+            app.state.startup_error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
+            log.error("startup failed: %s", app.state.startup_error)
+            if session is not None:
+                await session.close()
+            raise
+        runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
+                          metrics=Metrics(supervisor), admin=admin,
+                          routes=Routes(cfg.routes), providers=providers, gate=gate, audit=audit,
+                          tenancy=Tenancy(cfg.routing.tenant_isolation),
+                          tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
+        app.state.runtime = runtime
+        supervisor.start()
+        audit.start()
+        scheduler = AsyncIOScheduler()
+
+        async def refresh_keys() -> None:
+            gate.refresh()  # keys created or revoked by `appliance keys` in another process
+
+        scheduler.add_job(refresh_keys, "interval", seconds=1.0, id="keys", max_instances=1, coalesce=True)
+
+        async def autoscale() -> None:
+            # A coroutine, so APScheduler runs it on this event loop, not in a thread.
+            supervisor.tick()
+
+        scheduler.add_job(autoscale, "interval", seconds=cfg.autoscaling.interval_s,
+                          id="autoscaler", max_instances=1, coalesce=True)
+        if supervisor.store_checks is not None:
+            # A blocked store model that passes admission again (re-imported, verified, its
+            # license accepted) is served again.
+            scheduler.add_job(supervisor.recheck_blocked, "interval", seconds=RECHECK_S,
+                              id="store-recheck", max_instances=1, coalesce=True)
+        scheduler.start()
+        # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
+        scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
+        if scrub is not None:
+            scrub.start()
+        log.info("serving %s on http://%s:%d/v1 (config: %s)",
+                 ", ".join(supervisor.deployments), cfg.server.host, cfg.server.port, cfg.origin)
+        try:
+            yield
+        finally:
+            runtime.draining = True
+            scheduler.shutdown(wait=False)
+            if scrub is not None:
+                await scrub.close()
+            await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
+            await session.close()
+            await audit.close()
+            keys.close()
+            state.close()
+            log.info("stopped")
+
+    return Litestar(
+        route_handlers=ROUTE_HANDLERS,
+        lifespan=[lifespan],
+        exception_handlers={Exception: _error_response},
+        request_max_body_size=cfg.server.max_body_bytes,
+        openapi_config=None,
+        logging_config=None,
+        debug=False,
+    )
+
+
+__all__ = ["Runtime", "create_app", "encode_error", "error_parts", "front_door"]

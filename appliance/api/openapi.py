@@ -1,0 +1,157 @@
+"""The API's OpenAPI document (GET /openapi.json), built once on first request.
+
+Litestar generates the typed handlers' part (paths, path parameters). What it
+cannot see is added here, in one place: the raw ASGI OpenAI routes (their
+request bodies are the msgspec Structs in protocol.py), the admin request
+bodies, the content types that are not JSON, and the one error envelope
+(errors.py) that every error of every route uses.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgspec
+from litestar import Litestar
+from litestar.openapi import OpenAPIConfig
+
+from appliance.errors import ErrorEnvelope
+from appliance.gateway.capabilities import ENDPOINTS
+from appliance.gateway.protocol import AT_LEAST_ONE, MAX_COUNT, ModelCard, ModelList
+
+REF = "#/components/schemas/"
+ERROR = {"$ref": REF + "ErrorEnvelope"}
+ANY_OBJECT = {"type": "object"}
+# Each server-sent event: data is a JSON chunk, [DONE], or an error envelope.
+SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
+
+# What each proxy endpoint does (appliance/capabilities.py: ENDPOINTS says which
+# models serve it; any other gets a 400).
+_SUMMARIES = {
+    "/v1/chat/completions": "Create a chat completion (proxied to a replica)",
+    "/v1/completions": "Create a completion (proxied to a replica)",
+    "/v1/embeddings": "Create embeddings (models with embeddings = true)",
+    "/v1/responses": "Create a response (OpenAI Responses API; stateless: store false)",
+    "/v1/messages": "Create a message (Anthropic Messages API; x-api-key accepted)",
+    "/v1/messages/count_tokens": "Count a message's input tokens (Anthropic Messages API)",
+    "/tokenize": "Tokenize text with a model's tokenizer",
+    "/detokenize": "Turn token ids back into text",
+    "/infill": "Fill in the middle of code (llama.cpp's infill; models with FIM tokens)",
+    "/v1/rerank": "Rerank documents against a query (models with the rerank task)",
+    "/rerank": "Rerank documents against a query (alias of /v1/rerank)",
+    "/v2/rerank": "Rerank documents against a query (alias of /v1/rerank)",
+    "/v1/score": "Score text pairs (models with the rerank task)",
+}
+# Anthropic's envelope, what every error on the /v1/messages paths is.
+ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+# The operation ids the first endpoints always had.
+_OPERATION_IDS = {"/v1/chat/completions": "ChatCompletion", "/v1/completions": "Completion",
+                  "/v1/embeddings": "Embedding"}
+_ACTIONS = {"/admin/models/{model}/{action}": ["load", "unload", "pin", "unpin"],
+            "/admin/models/{model}/replicas/{index}/{action}": ["restart", "drain"]}
+
+
+def _requests() -> list[type]:
+    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values()))
+
+
+def _components() -> dict[str, Any]:
+    _, defs = msgspec.json.schema_components([*_requests(), ErrorEnvelope, ModelList, ModelCard],
+                                             ref_template=REF + "{name}")
+    for cls in _requests():
+        props = defs[cls.__name__]["properties"]
+        for field in set(AT_LEAST_ONE) & set(props):
+            count = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
+            required = field in defs[cls.__name__].get("required", ())
+            props[field] = count if required else {"anyOf": [count, {"type": "null"}]}
+        props["model"] = {"type": "string", "minLength": 1}
+        if "n_predict" in props:
+            props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
+                                            {"type": "null"}]}
+        if "cache_salt" in props:
+            props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
+        if "messages" in props and "messages" in defs[cls.__name__].get("required", ()):
+            props["messages"]["minItems"] = 1
+    defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}
+    defs["ScaleBody"] = {"type": "object", "additionalProperties": False, "required": ["replicas"],
+                         "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0},
+                                                              {"type": "null"}]}}}
+    return defs
+
+
+def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthropic: bool = False) -> None:
+    responses = operation.setdefault("responses", {})
+    for status in list(responses):
+        if status[0] in "45":
+            del responses[status]
+    for status in statuses:
+        responses[status] = {"description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} "
+                                            "error envelope",
+                             "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic
+                                                              else ERROR}}}
+
+
+def _json_body(ref: str) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": REF + ref}}}}
+
+
+def _model_names(doc: dict, models: list[str]) -> None:
+    """The configured model names are the only ones served: any other is a 404."""
+    for item in doc["paths"].values():
+        for op in item.values():
+            for p in op.get("parameters", []):
+                if p["name"] in ("model", "model_id"):
+                    p["schema"] = {"type": "string", "enum": models}
+
+
+def build(handlers: list, models: list[str], version: str) -> dict:
+    """The document for the app's route handlers and the configured models."""
+    probe = Litestar(route_handlers=handlers, openapi_config=OpenAPIConfig(title="appliance", version=version))
+    doc = copy.deepcopy(probe.openapi_schema.to_schema())
+    doc["info"]["description"] = ("OpenAI-compatible API and admin API of the appliance. Every error is "
+                                  '{"error": {"message", "type", "param", "code"}}.')
+    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    schemas.update(_components())
+    for cls in _requests():
+        schemas[cls.__name__]["properties"]["model"]["enum"] = models
+    paths = doc["paths"]
+    for path, endpoint in ENDPOINTS.items():
+        body = endpoint.cls.__name__
+        answer = {"application/json": {"schema": ANY_OBJECT}}
+        if "stream" in endpoint.cls.__struct_fields__:
+            answer["text/event-stream"] = {"schema": SSE_EVENT}
+        operation = path.strip("/").replace("/", "_") if path not in _OPERATION_IDS else _OPERATION_IDS[path]
+        paths[path] = {"post": {
+            "summary": _SUMMARIES[path], "operationId": operation, "requestBody": _json_body(body),
+            "responses": {"200": {"description": "The engine's answer, byte for byte (SSE when stream is true)",
+                                  "content": answer}}}}
+    for path, item in paths.items():
+        for op in item.values():
+            _errors(op, anthropic=path.startswith("/v1/messages"))
+    paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "$ref": REF + "ModelList"}
+    paths["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
+        "$ref": REF + "ModelCard"}
+    paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
+    # "models" only to a caller with a key or the admin credential once keys are required.
+    readiness = {"type": "object", "required": ["status"],
+                 "properties": {"status": {"enum": ["ready", "starting", "draining"]},
+                                "models": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
+    ready = paths["/readyz"]["get"]["responses"]
+    ready["200"]["content"]["application/json"]["schema"] = readiness
+    ready["503"] = {"description": "Not ready (starting or draining): the same body, with Retry-After",
+                    "content": {"application/json": {"schema": readiness}}}
+    paths["/admin/models/{model}/scale"]["post"]["requestBody"] = _json_body("ScaleBody")
+    for path, actions in _ACTIONS.items():
+        # State-changing admin calls are JSON, even with nothing to say ({}): no
+        # cross-site "simple" request can send that content type.
+        paths[path]["post"]["requestBody"] = _json_body("ActionBody")
+        for p in paths[path]["post"]["parameters"]:
+            if p["name"] == "action":
+                p["schema"] = {"type": "string", "enum": actions}
+    _model_names(doc, models)
+    return doc

@@ -1,0 +1,95 @@
+"""`appliance keys create|ls|revoke`: API keys in the state database.
+
+A key is printed once, at creation; only its hash is stored. The running daemon
+picks up new and revoked keys within a second.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import click
+
+CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
+
+
+def register(main: click.Group, load) -> None:
+    from appliance.access.keys import PERIODS, KeyStore
+
+    def store(config: str | None) -> KeyStore:
+        from appliance.state.migrations import SchemaError
+
+        cfg = load(config)
+        try:
+            return KeyStore(Path(cfg.paths.state_dir) / "appliance.db")
+        except SchemaError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    def check_binding(config: str | None, routes: tuple[str, ...], tag: str) -> None:
+        """A key's routes and tag bind it: each must exist in the config it is served by."""
+        cfg = load(config)
+        names = [r.name for r in cfg.routes]
+        tags = sorted({r.tag for r in cfg.routes if r.tag})
+        for route in routes:
+            if route not in names:
+                raise click.ClickException(f"no route {route!r} in {cfg.origin}; its routes: "
+                                           f"{', '.join(names) or '(none)'}")
+        if tag and tag not in tags:
+            raise click.ClickException(f"no route has tag {tag!r} in {cfg.origin}; its routes' tags: "
+                                       f"{', '.join(tags) or '(none)'}")
+
+    @main.group()
+    def keys() -> None:
+        """API keys: create (shown once), list, revoke."""
+
+    @keys.command("create")
+    @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+    @click.option("--name", required=True, help="Who or what the key is for.")
+    @click.option("--route", "routes", multiple=True, metavar="ROUTE",
+                  help="A route the key may use (repeat; none: every route and model).")
+    @click.option("--tag", default="", help="The tag the key's requests match routes with (binding: a "
+                                            "request's tag header may not change it).")
+    @click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute (0: no limit).")
+    @click.option("--budget-tokens", type=click.IntRange(min=0), default=0,
+                  help="Tokens per budget period (0: no budget).")
+    @click.option("--budget-period", type=click.Choice(PERIODS), default="day", show_default=True)
+    def create(config, name, routes, tag, rpm, budget_tokens, budget_period) -> None:
+        """Create a key and print it once."""
+        check_binding(config, routes, tag)
+        s = store(config)
+        key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
+        s.close()
+        click.echo(token)
+        click.echo(f"key {key.id} ({name}) created; the key above is shown only this once", err=True)
+
+    @keys.command("ls")
+    @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+    @click.option("--json", "as_json", is_flag=True)
+    def ls(config, as_json) -> None:
+        """List keys (never their secrets)."""
+        s = store(config)
+        rows = [k.public() for k in s.all()]
+        s.close()
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'ID':<12}  {'NAME':<20}  {'STATE':<8}  {'RPM':>5}  {'BUDGET':<16}  ROUTES")
+        for k in rows:
+            budget = f"{k['budget_tokens']}/{k['budget_period']}" if k["budget_tokens"] else "-"
+            state = "revoked" if k["revoked_at"] else "active"
+            click.echo(f"{k['id']:<12}  {k['name']:<20}  {state:<8}  {k['rpm'] or '-':>5}  {budget:<16}  "
+                       f"{','.join(k['routes']) or '*'}")
+
+    @keys.command("revoke")
+    @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+    @click.argument("key_id")
+    def revoke(config, key_id) -> None:
+        """Revoke a key by its id (the running daemon refuses it within a second)."""
+        s = store(config)
+        ok = s.revoke(key_id.removeprefix("ak-").split("-")[0])
+        s.close()
+        if not ok:
+            raise click.ClickException(f"no active key {key_id!r}")
+        click.echo(f"key {key_id} revoked at {time.strftime('%Y-%m-%d %H:%M:%S')}")

@@ -1,0 +1,483 @@
+"""The `appliance` command: serve, status, models."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from appliance.config import (
+    BUILTIN_PREFIX,
+    EMBEDDED_MODEL_SHA256,
+    STORE_PREFIX,
+    Config,
+    ConfigError,
+    load_config,
+    model_path,
+    uses_gpus,
+)
+
+CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
+
+
+def _load(config: str | None) -> Config:
+    try:
+        return load_config(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="appliance")
+def main() -> None:
+    """Sovereign on-prem LLM serving: an OpenAI-compatible API on localhost."""
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--host", help="Address to bind (overrides server.host).")
+@click.option("--port", type=int, help="Port to bind (overrides server.port).")
+def serve(config: str | None, host: str | None, port: int | None) -> None:
+    """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
+    import logging
+
+    import msgspec
+
+    from appliance.config import ConfigError, check_writable_dirs
+    from appliance.daemon.server import run
+    from appliance.logs import setup_logging
+    from appliance.state.lock import StateDirBusy, hold_state_dir
+
+    cfg = _load(config)
+    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+    if overrides:
+        cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+    try:
+        # The directories first, so an unwritable one is named with its field and fix.
+        check_writable_dirs(cfg)
+        lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    except StateDirBusy as exc:
+        raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise click.ClickException(f"cannot lock state directory {cfg.paths.state_dir}: {exc}") from None
+    setup_logging(cfg.server.log_level, cfg.server.log_file or None)
+    for warning in cfg.deprecations:
+        logging.getLogger("appliance.config").warning("%s", warning)
+    _check_policy(cfg)
+    _check_files(cfg)
+    _check_databases(cfg, migrate=True)
+    code = run(cfg)
+    lock.close()
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--wait-ready", "wait_ready", type=float, metavar="SECONDS",
+              help="Then wait up to SECONDS for the running daemon's /readyz to answer 200.")
+def check(config: str | None, wait_ready: float | None) -> None:
+    """Whether the daemon can start: the config (renamed keys are warned about), the engine
+    and model files, the databases (readable, none from a newer appliance). Writes nothing;
+    install.sh runs it as an upgrade's readiness check."""
+    cfg = _load(config)
+    for warning in cfg.deprecations:
+        click.echo(f"warning: {warning}", err=True)
+    _check_policy(cfg)
+    _check_files(cfg)
+    _check_databases(cfg, migrate=False)
+    if wait_ready is not None:
+        _wait_ready(cfg, wait_ready)
+    click.echo(f"ok: {cfg.origin}: {len(cfg.models)} model(s), config, engine files and databases usable"
+               + (", the daemon is ready" if wait_ready is not None else ""))
+
+
+def _check_databases(cfg: Config, migrate: bool) -> None:
+    """The state database and the store manifest: migrated to this version's schema (once,
+    in a transaction), or with migrate=False only checked that they can be (read-only). A
+    damaged one, or one written by a newer appliance, stops here in one line."""
+    import sqlite3
+
+    from appliance.state import db as statedb
+    from appliance.state.migrations import SchemaError, schema_version, too_new
+    from appliance.store.store import MIGRATIONS as STORE_MIGRATIONS
+    from appliance.store.store import Store, StoreError
+
+    store = Store.from_config(cfg)
+    dbs = ((statedb.path_in(cfg.paths.state_dir), statedb.MIGRATIONS), (store.db_path, STORE_MIGRATIONS))
+    try:
+        for path, registry in dbs:
+            if not migrate:
+                version = schema_version(path) if path.exists() else 0
+                if version > registry.latest:
+                    raise too_new(path, registry, version)
+            elif registry is statedb.MIGRATIONS:
+                statedb.connect(path).close()
+            elif path.exists():
+                store.db  # noqa: B018 - opening it migrates it
+                store.close()
+    except (SchemaError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except sqlite3.Error as exc:
+        raise click.ClickException(f"{path}: {exc}") from None
+
+
+def _wait_ready(cfg: Config, seconds: float) -> None:
+    import time
+
+    host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
+    url = f"http://{host}:{cfg.server.port}/readyz"
+    deadline = time.monotonic() + seconds
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=5) as resp:
+                if resp.status == 200:
+                    return
+        except urllib.error.HTTPError as exc:
+            last = f"HTTP {exc.code}"
+        except OSError as exc:
+            last = str(getattr(exc, "reason", exc))
+        time.sleep(1)
+    raise click.ClickException(f"the daemon was not ready within {seconds:.0f} s ({url}: {last}); "
+                               "`appliance status` and `appliance logs` say why")
+
+
+def _check_policy(cfg: Config) -> None:
+    """Refuse to start on a non-loopback address without keys, or without a provider's key."""
+    from appliance.config import bind_error
+    from appliance.gateway.providers import load_providers
+
+    problem = bind_error(cfg)
+    if problem:
+        raise click.ClickException(f"{cfg.origin}: {problem}")
+    try:
+        load_providers(cfg)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _check_files(cfg: Config) -> None:
+    """Fail at start, with the fix, when the CPU engine or a model file is missing."""
+    import os
+
+    for m in cfg.models:
+        if m.server != "llamacpp":
+            continue
+        binary = cfg.engines.llamacpp.binary
+        if not uses_gpus(m) and not os.access(binary, os.X_OK):
+            raise click.ClickException(
+                f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
+        if m.source.startswith(STORE_PREFIX):
+            continue  # the supervisor checks store models and marks them FATAL with the reason
+        path = model_path(cfg, m)
+        if path is not None and not path.is_file():
+            raise click.ClickException(
+                f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
+                "for the bundled model")
+        if m.source.startswith(BUILTIN_PREFIX) and path is not None:
+            digest = _sha256(path)
+            if digest != EMBEDDED_MODEL_SHA256:
+                raise click.ClickException(
+                    f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
+                    "the file is damaged: run ./install.sh to restore it")
+        if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
+            from appliance.store.gguf import GgufError, read_shape
+
+            try:
+                read_shape(path)
+            except GgufError as exc:
+                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _admin_call(cfg: Config, port: int | None, method: str, path: str, body: dict | None = None,
+                timeout: float = 30.0) -> dict:
+    """The running daemon's admin API: its admin socket when this user may open it,
+    else TCP (--port, server.port) with the admin token (appliance/daemon/admin_client.py)."""
+    from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
+
+    try:
+        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, body, timeout)
+    except (DaemonDown, AdminError, ConfigError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+def status(config: str | None, port: int | None, as_json: bool) -> None:
+    """Show the running daemon's models and replicas."""
+    data = _admin_call(_load(config), port, "GET", "/admin/status", timeout=5.0)
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    state = "draining" if data.get("draining") else ("ready" if data.get("ready") else "starting")
+    click.echo(f"appliance {data.get('version')}  {state}  listening on {data.get('listen')}  "
+               f"up {data.get('uptime_s')}s  config {data.get('config')}")
+    for m in data.get("models", []):
+        click.echo(f"\n{m['name']}  ({m['server']})  {'ready' if m['ready'] else 'not ready'}")
+        if m.get("blocked"):
+            click.echo(f"  not served: {m['blocked']}")
+        for r in m["replicas"]:
+            where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
+            image = f"  image {r['image']}" if r.get("image") else ""
+            click.echo(f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  "
+                       f"restarts {r['restarts']}{image}")
+            if r.get("last_error"):
+                click.echo(f"      last error: {r['last_error']}")
+            for line in r.get("log_tail") or []:
+                click.echo(f"      | {line}")
+    if not data.get("ready"):
+        sys.exit(3)
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--inventory", metavar="FILE",
+              help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs.")
+@click.option("--gpus-per-node", type=click.IntRange(1, 64), metavar="N",
+              help="For a model too large for this box: size its multi-node shape for machines of "
+                   "N GPUs (default: this box's).")
+@click.option("--gpu-memory", "gpu_gib", type=click.FloatRange(1, 4096), metavar="GIB",
+              help="... and GIB GiB per GPU (default: this box's).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, gpu_gib: float | None,
+         as_json: bool) -> None:
+    """Show where each GPU replica would be placed, and why, without starting anything; for a model
+    too large for this box, the smallest multi-node shape that would hold it."""
+    import logging
+
+    from appliance.gpu.planning import gpu_models
+    from appliance.gpu.planning import plan as make_plan
+    from appliance.gpu.probe import GiB
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    cfg = _load(config)
+    inv = read_inventory(cfg, inventory)
+    replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
+                for i in range(max(m.autoscaling.min_replicas, 1))]
+    rows = make_plan(cfg, inv, replicas, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib)
+    if as_json:
+        click.echo(json.dumps({
+            "inventory": {"source": inv.source, "error": inv.error,
+                          "gpus": [{"index": g.index, "name": g.name, "kind": g.kind, "uuid": g.uuid,
+                                    "total_bytes": g.total_bytes, "used_bytes": g.used_bytes,
+                                    "free_bytes": g.free_bytes, "utilization_pct": g.utilization_pct,
+                                    "processes": [vars(p) for p in g.processes]} for g in inv.gpus]},
+            "placements": [{"replica": r.replica, "model": r.model, "error": r.error,
+                            "gpus": list(r.assignment.gpus) if r.assignment else None,
+                            "tp": r.assignment.tp if r.assignment else None,
+                            "bytes_per_gpu": r.assignment.bytes_per_gpu if r.assignment else None,
+                            "memory_fraction": r.assignment.memory_fraction if r.assignment else None,
+                            "reason": r.assignment.reason if r.assignment else None,
+                            "beyond_this_box": r.beyond.as_dict() if r.beyond else None} for r in rows],
+        }, indent=2))
+    else:
+        click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
+        taken: dict[int, int] = {}
+        for r in rows:
+            for g in (r.assignment.gpus if r.assignment else ()):
+                taken[g] = taken.get(g, 0) + r.assignment.bytes_per_gpu
+        for g in inv.gpus:
+            procs = ", ".join(f"pid {p.pid} {p.used_bytes / GiB:.1f} GiB" for p in g.processes) or "none"
+            util = f"{g.utilization_pct}%" if g.utilization_pct is not None else "n/a"
+            click.echo(f"  GPU {g.index}  {g.name} ({g.kind})  {g.used_bytes / GiB:.1f}/"
+                       f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
+                       f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
+        if not rows:
+            click.echo("No GPU models in the config (server = vllm or sglang, or llamacpp with "
+                       "[models.gpus] count >= 1).")
+        for r in rows:
+            click.echo(r.describe())
+    if any(r.error for r in rows):
+        sys.exit(2)
+
+
+def read_inventory(cfg: Config, inventory: str | None):
+    """The GPUs: a simulated inventory file (--inventory, else gpu.inventory), else NVML's."""
+    from appliance.gpu.probe import NvmlProbe, SimulatedProbe
+
+    source = inventory or cfg.gpu.inventory
+    try:
+        return SimulatedProbe(source).read() if source else NvmlProbe().read()
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _model_line(m: dict) -> str:
+    states = ",".join(r["state"] for r in m["replicas"]) or "none"
+    how = f"operator set {m['override']}" if m.get("override") is not None else "autoscaling"
+    pin = ", pinned" if m.get("pinned") else ""
+    return f"{m['name']}: replicas {len(m['replicas'])} [{states}] ({how}{pin})"
+
+
+_MODEL_OPTIONS = [click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
+                  click.option("--port", type=int, help="Port of the running daemon.")]
+
+
+def _with_model_options(f):
+    for option in reversed(_MODEL_OPTIONS):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.argument("model")
+@click.argument("replicas")
+@_with_model_options
+def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
+    """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
+    cfg = _load(config)
+    if replicas == "auto":
+        value = None
+    elif replicas.isdigit():
+        value = int(replicas)
+    else:
+        raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
+    click.echo(_model_line(_admin_call(cfg, port, "POST", f"/admin/models/{model}/scale", {"replicas": value})))
+
+
+def _model_action(action: str, doc: str):
+    @click.argument("model")
+    @_with_model_options
+    def command(model: str, config: str | None, port: int | None) -> None:
+        click.echo(_model_line(_admin_call(_load(config), port, "POST", f"/admin/models/{model}/{action}")))
+
+    command.__doc__ = doc
+    return main.command(name=action)(command)
+
+
+_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
+                      "replicas of other models if there is no room; an error saying who holds it if none "
+                      "may go).")
+_model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
+_model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
+_model_action("unpin", "Let MODEL idle to zero again.")
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--socket", metavar="PATH", help="The daemon's admin socket (default: server.admin_socket).")
+@click.option("--url", metavar="URL",
+              help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token.")
+@click.option("--token-file", metavar="FILE",
+              help="The admin token for --url (default: server.admin_token_file).")
+def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
+    """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
+    from tui.app import ApplianceTUI
+    from tui.client import AdminClient, target_from_config
+
+    cfg = _load(config)
+    try:
+        target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
+    except (ConfigError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    ApplianceTUI(AdminClient.to(target)).run()
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--replica", "replicas", multiple=True, metavar="MODEL#N",
+              help="Show this replica's engine log instead of the daemon's; MODEL: all its "
+                   "replicas, all: every replica. Repeatable.")
+@click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show first.")
+@click.option("-f/-F", "--follow/--no-follow", default=True,
+              help="Keep printing what is appended until Ctrl-C (the default), or not.")
+def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool) -> None:
+    """Follow the daemon's log (the journal under systemd, else server.log_file) or the replicas'."""
+    import os
+
+    from appliance.logview import LogError, daemon_log_file, journal_command, replica_log_files, show
+
+    cfg = _load(config)
+    try:
+        if replicas:
+            files = replica_log_files(cfg, replicas)
+        else:
+            argv = journal_command(lines, follow)
+            if argv is not None:
+                os.execvp(argv[0], argv)
+            files = [("appliance", daemon_log_file(cfg))]
+        show(files, lines, follow, click.echo)
+    except LogError as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        pass
+
+
+@main.group()
+def models() -> None:
+    """Model deployments."""
+
+
+@models.command("ls")
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
+    """List configured models, with their live state when the daemon runs, then the store's models."""
+    from appliance.cli.store import store_rows
+    from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
+
+    cfg = _load(config)
+    live, down = None, "daemon not running"
+    try:
+        target = target_from_config(cfg, port=port, socket_if_usable=True)
+        live = {m["name"]: m for m in call(target, "GET", "/admin/status", timeout=1.5).get("models", [])}
+    except DaemonDown:
+        pass
+    except (AdminError, ConfigError) as exc:
+        down = "unknown"
+        click.echo(f"warning: no live state: {exc}", err=True)
+    rows = []
+    for m in cfg.models:
+        state = down
+        if live is not None:
+            info = live.get(m.name)
+            states = [r["state"] for r in info["replicas"]] if info else []
+            state = ",".join(states) or "unknown"
+        path = model_path(cfg, m)
+        rows.append({"name": m.name, "server": m.server,
+                     "source": str(path) if path else (m.url or " ".join(m.command)),
+                     "replicas": max(m.autoscaling.min_replicas, 1), "state": state})
+    configured = {m.source[len(STORE_PREFIX):] for m in cfg.models if m.source.startswith(STORE_PREFIX)}
+    rows += [dict(r, state=r["state"] + (", configured" if r["name"] in configured else ""))
+             for r in store_rows(cfg)]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}")
+
+
+def _register_store_commands() -> None:
+    from appliance.cli.store import register
+
+    register(main, models)
+    from appliance.cli.keys import register as register_keys
+
+    register_keys(main, _load)
+    from appliance.cli.export import export
+
+    main.add_command(export)
+
+
+_register_store_commands()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Which idle replicas of other models to stop so that a replica of this one can start.
+
+Pure and deterministic, like the placer and the autoscaler: the supervisor describes
+every replica that holds the scarce thing (GPU memory, or the CPU engines' core
+budget) as a ``Holder``, says how to tell whether the new replica fits once some
+holders are gone (``fits``), and gets back a ``Plan``: the victims, or why there are
+none. The supervisor carries it out (retires the victims, starts the new replica
+once they have stopped).
+
+Rules (issue 17):
+  * only replicas of OTHER models, and only idle ones: no request in flight on the
+    replica, none held in its model's queue;
+  * never below a model's floor: a pinned model keeps its min_replicas, a model the
+    operator scaled keeps that count (``Holder.keep``);
+  * never a replica loaded less than its model's ``min_residency`` ago (anti-thrash);
+  * never one of a model with a higher ``priority`` than the model asking;
+  * order: lowest priority first, then replicas that serve nothing (backing off)
+    before serving ones, then least recently used, then the newest replica;
+  * as few as needed: victims are taken in that order until the new replica fits,
+    then any that turned out not to be needed are given back, most recently used first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from appliance.gpu.placement import Demand, Gpu, Placed, PlacementError, place
+
+
+@dataclass(frozen=True)
+class Holder:
+    replica: str             # "a#0"
+    model: str
+    priority: int = 0
+    last_used: float = 0.0   # the model's last request (monotonic seconds)
+    loaded_at: float = 0.0   # when the replica became READY (0: never)
+    min_residency_s: float = 0.0
+    inflight: int = 0        # requests the replica is serving
+    held: int = 0            # requests waiting in its model's queue
+    keep: int = 0            # replicas of its model that must stay (pin, operator's count)
+    serving: bool = True     # READY (False: backing off, nothing to lose)
+    # What it holds: GPU memory on these GPUs, or CPU cores.
+    gpus: tuple[int, ...] = ()
+    bytes_per_gpu: int = 0
+    cores: int = 0
+
+
+@dataclass(frozen=True)
+class Plan:
+    victims: tuple[Holder, ...] = ()
+    # Holders that may not be evicted, each with the reason (for the 503 when none fits).
+    kept: tuple[tuple[Holder, str], ...] = ()
+    fits: bool = False       # the new replica fits once the victims are gone
+    # It would not fit even with every replica of other models gone: too big for the box,
+    # which the placer says better than a list of holders.
+    never: bool = False
+
+    def explain(self, what: str) -> str:
+        """One line for an operator or a client: who holds ``what`` and why it stays."""
+        if not self.kept:
+            return f"{what} is not enough even with every idle replica of another model stopped"
+        held = "; ".join(f"{h.replica} ({why})" for h, why in self.kept)
+        return f"{what} is held by {held}"
+
+
+def plan(model: str, priority: int, holders: Sequence[Holder], fits: Callable[[frozenset[str]], bool],
+         now: float) -> Plan:
+    """The fewest idle replicas of other models whose stopping makes the new replica of
+    ``model`` fit, by the module's rules; Plan(fits=False) with the reasons if none do."""
+    if fits(frozenset()):
+        return Plan(fits=True)
+    if not fits(frozenset(h.replica for h in holders if h.model != model)):
+        return Plan(never=True)
+    per_model: dict[str, int] = {}
+    for h in holders:
+        per_model[h.model] = per_model.get(h.model, 0) + 1
+    candidates, kept = [], []
+    for h in holders:
+        if h.model == model:
+            continue
+        why = _why_kept(h, priority, now)
+        (kept.append((h, why)) if why else candidates.append(h))
+    candidates.sort(key=lambda h: (h.priority, h.serving, h.last_used, -_index(h.replica), h.replica))
+    room = {m: n - next(h.keep for h in holders if h.model == m) for m, n in per_model.items()}
+    chosen: list[Holder] = []
+    for h in candidates:
+        if room[h.model] <= 0:
+            kept.append((h, _floor(h)))
+            continue
+        chosen.append(h)
+        room[h.model] -= 1
+        if fits(frozenset(c.replica for c in chosen)):
+            break
+    else:
+        return Plan(kept=tuple(kept))
+    for h in reversed(chosen[:-1]):  # the last one was needed: without it, it did not fit
+        rest = frozenset(c.replica for c in chosen if c is not h)
+        if fits(rest):
+            chosen.remove(h)
+    return Plan(victims=tuple(chosen), kept=tuple(kept), fits=True)
+
+
+def _why_kept(h: Holder, priority: int, now: float) -> str | None:
+    if h.inflight:
+        return f"{h.inflight} request{'s' if h.inflight > 1 else ''} in flight"
+    if h.held:
+        return f"{h.held} request{'s' if h.held > 1 else ''} of {h.model} waiting"
+    if h.priority > priority:
+        return f"priority {h.priority} is higher than {priority}"
+    if h.loaded_at and now - h.loaded_at < h.min_residency_s:
+        return f"loaded {now - h.loaded_at:.0f}s ago, min_residency {h.min_residency_s:.0f}s"
+    return None
+
+
+def _floor(h: Holder) -> str:
+    return f"{h.model} keeps {h.keep} replica{'s' if h.keep > 1 else ''} (pinned or set by the operator)"
+
+
+def _index(replica: str) -> int:
+    tail = replica.rpartition("#")[2]
+    return int(tail) if tail.isdigit() else 0
+
+
+# --- what "fits" means -----------------------------------------------------------------------
+
+def gpu_fits(gpus: Sequence[Gpu], placed: Iterable[Placed], demand: Demand) -> Callable[[frozenset[str]], bool]:
+    """The new replica's demand can be placed once the named placed replicas are gone."""
+    placed = list(placed)
+
+    def fits(removed: frozenset[str]) -> bool:
+        try:
+            place(gpus, [p for p in placed if p.replica not in removed], [demand])
+        except PlacementError:
+            return False
+        return True
+
+    return fits
+
+
+def core_fits(free_cores: int, cores: dict[str, int], need: int) -> Callable[[frozenset[str]], bool]:
+    """``need`` cores are free once the named replicas (holding ``cores``) are gone."""
+    def fits(removed: frozenset[str]) -> bool:
+        return free_cores + sum(cores.get(name, 0) for name in removed) >= need
+
+    return fits

@@ -1,0 +1,174 @@
+"""Process spawning behind a seam, so the supervisor is tested without engines.
+
+The real runner starts each engine replica in its own process group, tied to
+the daemon's life with PR_SET_PDEATHSIG, its output drained into a capped log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+PR_SET_PDEATHSIG = 1
+
+
+class ProcessHandle(Protocol):
+    pid: int
+
+    async def wait(self) -> int:
+        """Wait for exit; the exit code (negative: killed by that signal)."""
+
+    def signal_group(self, sig: int) -> None:
+        """Send sig to the process's whole group; no error if it is gone."""
+
+    def tail(self, lines: int) -> list[str]:
+        """The last lines the process wrote."""
+
+
+class ProcessRunner(Protocol):
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
+        """Start argv with exactly env as its environment (nothing of the daemon's
+        is added: appliance/fleet/engine_access.py decides), its output logged with redact
+        (the replica's key, which some engines print) replaced; raise OSError (with a
+        clear message) if it cannot start."""
+
+
+class CappedLog:
+    """An engine's output: a file capped at max_bytes (one rotated copy kept),
+    plus the last lines in memory for status and FATAL reports; a secret in it
+    (redact) is written as <redacted>."""
+
+    def __init__(self, path: Path, max_bytes: int, keep_lines: int = 50, redact: str = "") -> None:
+        self.path = path
+        self.max_bytes = max_bytes
+        self.lines: deque[str] = deque(maxlen=keep_lines)
+        self._redact = redact.encode()
+        self._held = b""  # the end of the output so far that may be the start of the secret
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        self._size = self._file.tell()
+
+    def write(self, chunk: bytes) -> None:
+        if self._redact:
+            chunk = (self._held + chunk).replace(self._redact, b"<redacted>")
+            held = next((n for n in range(min(len(chunk), len(self._redact) - 1), 0, -1)
+                         if chunk.endswith(self._redact[:n])), 0)  # what the next write may complete
+            chunk, self._held = chunk[:len(chunk) - held], chunk[len(chunk) - held:]
+        self._append(chunk)
+
+    def _append(self, chunk: bytes) -> None:
+        if self._size + len(chunk) > self.max_bytes:
+            self._rotate()
+        self._file.write(chunk)
+        self._size += len(chunk)
+        for line in chunk.decode("utf-8", "replace").splitlines():
+            if line.strip():
+                self.lines.append(line)
+
+    def _rotate(self) -> None:
+        self._file.close()
+        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self._size = 0
+
+    def close(self) -> None:
+        self._append(self._held)
+        self._file.close()
+
+
+def _pdeathsig_preexec() -> Callable[[], None] | None:
+    """A preexec hook that kills the child when the daemon dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+    def preexec() -> None:
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+    return preexec
+
+
+class _RealProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, log: CappedLog) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+        self._log = log
+        self._drain = asyncio.create_task(self._pump(), name=f"log-pump-{proc.pid}")
+
+    async def _pump(self) -> None:
+        assert self._proc.stdout is not None
+        try:
+            while chunk := await self._proc.stdout.read(65536):
+                self._log.write(chunk)
+        finally:
+            self._log.close()
+
+    async def wait(self) -> int:
+        code = await self._proc.wait()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(asyncio.shield(self._drain), timeout=2)
+        return code
+
+    def signal_group(self, sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, sig)
+
+    def tail(self, lines: int) -> list[str]:
+        return list(self._log.lines)[-lines:]
+
+
+class SubprocessRunner:
+    def __init__(self, log_max_bytes: int) -> None:
+        self.log_max_bytes = log_max_bytes
+        self._preexec = _pdeathsig_preexec()
+
+    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "") -> ProcessHandle:
+        exe = argv[0]
+        if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
+            raise OSError(f"engine program not found or not executable: {exe}")
+        log = CappedLog(log_path, self.log_max_bytes, redact=redact)
+        log.write(f"--- appliance: starting {' '.join(argv)}\n".encode())
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,  # own process group: stop it whole
+                preexec_fn=self._preexec,
+            )
+        except OSError as exc:
+            log.close()
+            raise OSError(f"cannot start {exe}: {exc.strerror or exc}") from exc
+        return _RealProcess(proc, log)
+
+
+def descendants(pid: int) -> set[int]:
+    """pid and every process below it (engines fork a worker per GPU)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = {pid}, [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found

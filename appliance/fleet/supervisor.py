@@ -1,0 +1,867 @@
+"""The supervisor: every model deployment's replicas, how many there are, and
+which one takes a request.
+
+A request for a model with no ready replica does not fail: ``Deployment.acquire``
+starts one (or wakes a sleeping one) and holds the request in a bounded FIFO
+queue until a replica is READY. The autoscaler's decisions (``tick``) and the
+operator's commands (``scale``, ``load``, ``unload``, ``pin``) change the count;
+a replica taken out of service is drained before it stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import itertools
+import logging
+import math
+import os
+from collections import deque
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiohttp
+
+from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
+from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
+from appliance.fleet import eviction
+from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy, parse_duration
+from appliance.fleet.prefix import PrefixRouter
+from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
+from appliance.fleet.rates import RateWindow
+from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
+from appliance.gpu.memory import MeasuredMemory, ModelShapeError
+from appliance.gpu.placement import Placed
+from appliance.gpu.planning import PlanRow, demand_for, gpus_from, plan
+from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
+from appliance.state.decisions import ModelControl, StateStore
+from appliance.store.guard import StoreChecks, admit_store_models, store_name
+from appliance.store.store import Store
+from engines import GpuSlot, adapter_for
+
+log = logging.getLogger("appliance.supervisor")
+
+# States from which a replica may still serve without the operator's help.
+LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
+CANNOT_PLACE = "cannot place on GPUs: "
+
+
+def holds_capacity(r: Replica) -> bool:
+    """The replica holds its GPU memory or CPU cores: from the moment it is added (before
+    its owner task has run) until its engine has stopped (draining, it still holds them)."""
+    return r.state is not State.FATAL and not (r.state is State.STOPPED and r.history)
+
+
+class Deployment:
+    """A model's replicas, its request signals and its queue of held requests."""
+
+    def __init__(self, model: ModelConfig, supervisor: Supervisor) -> None:
+        self.model = model
+        self.supervisor = supervisor
+        self.replicas: list[Replica] = []
+        self.rate = RateWindow(60, clock=supervisor.clock.monotonic)
+        self.rate.last_event = supervisor.clock.monotonic()  # idle timers start at boot
+        self.waiters: deque[asyncio.Future] = deque()
+        self.control = ModelControl()
+        self.last_cold_start_s: float | None = None
+        # Why this model must not be served (store admission), if it must not.
+        self.blocked: str | None = None
+        # The operator unloaded it (or it was evicted for another model): it stays at
+        # zero until a request or a load.
+        self.unloaded = False
+        # Why the last start for a request found no room (GPU memory or CPU cores held by
+        # replicas that may not be evicted), for the 503; None once one starts.
+        self.no_room: str | None = None
+        self._rr = itertools.count()
+        # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
+        cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
+        self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
+
+    # --- the request path ---------------------------------------------------------
+
+    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None
+                   ) -> Replica | None:
+        """The READY replica with the longest cached prefix of the request (its
+        block hashes, appliance/fleet/prefix.py) within the load margin, else the one
+        with the fewest requests in flight (round-robin on ties), skipping one
+        that just failed a request until it has restarted or the exclusion
+        lapsed (a dropped keep-alive connection is no crash)."""
+        if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
+            exclude = None
+        ready = [r for r in self.replicas if r.state is State.READY and not r.retiring
+                 and (exclude is None or not exclude.matches(r))]
+        if len(ready) <= 1:
+            return ready[0] if ready else None
+        if prefix:
+            return self.prefix.choose(ready, prefix)
+        start = next(self._rr) % len(ready)
+        rotated = ready[start:] + ready[:start]
+        return min(rotated, key=lambda r: r.inflight)
+
+    async def acquire(self, disconnected: Callable[[], Awaitable] | None = None,
+                      exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica:
+        """A READY replica for one request; if there is none, start or wake one and
+        wait for it in arrival order (bounded queue, bounded wait). disconnected()
+        completes when the client goes away; it is only called if the request waits.
+        A retry (exclude set) is the same request: it is not counted again."""
+        if exclude is None:
+            self.rate.record()
+        replica = self.pick_ready(exclude, prefix)
+        if replica is not None:
+            return replica
+        return await self._hold(disconnected, exclude, prefix)
+
+    async def _hold(self, disconnected: Callable[[], Awaitable] | None,
+                    exclude: Exclude | None, prefix: list[int] | None = None) -> Replica:
+        asc = self.supervisor.cfg.autoscaling
+        if self.blocked:
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
+        if len(self.waiters) >= asc.max_queue:
+            raise QueueFull(f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
+                            "already wait for it; retry shortly", retry_after=self._retry_after())
+        # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
+        self.supervisor.on_demand(self)
+        if not self.can_become_ready():
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + asc.queue_timeout_s
+        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
+        try:
+            while True:
+                waiter = loop.create_future()
+                self.waiters.append(waiter)
+                try:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise asyncio.TimeoutError
+                    # With an exclusion, look again when it lapses even if no READY comes.
+                    step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
+                    done, _ = await asyncio.wait([w for w in (waiter, gone) if w is not None],
+                                                 timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    with contextlib.suppress(ValueError):
+                        self.waiters.remove(waiter)
+                if gone is not None and gone in done:
+                    raise ClientGone
+                if not done and loop.time() >= deadline:
+                    raise asyncio.TimeoutError
+                if waiter.done() and waiter.exception() is not None:
+                    raise waiter.exception()
+                replica = self.pick_ready(exclude, prefix)
+                if replica is not None:
+                    return replica
+        except asyncio.TimeoutError:
+            raise QueueTimeout(f"Model '{self.model.name}' did not become ready within "
+                               f"{asc.queue_timeout_s:.0f}s", retry_after=self._retry_after()) from None
+        finally:
+            if gone is not None and not gone.done():
+                gone.cancel()
+
+    def wake_waiters(self) -> None:
+        """A replica became READY: release the held requests, oldest first."""
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def fail_waiters(self, error: Exception) -> None:
+        for waiter in list(self.waiters):
+            if not waiter.done():
+                waiter.set_exception(error)
+
+    def can_become_ready(self) -> bool:
+        """Some replica is or may become READY, or a new one may be started (never for a
+        blocked model)."""
+        if self.blocked:
+            return False
+        if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
+            return True
+        return self.supervisor.room_for(self) > 0 and not self.no_room
+
+    def _why_unavailable(self) -> str:
+        states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
+        errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
+        why = f"; {self.blocked}" if self.blocked else (f"; {errors[0]}" if errors else "")
+        if self.no_room and not self.blocked:
+            why += f"; {self.no_room}"
+        return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
+
+    def _retry_after(self) -> int:
+        if any(r.state in (State.STARTING, State.BACKOFF, State.SLEEPING) for r in self.replicas):
+            return 5
+        return 30
+
+    # --- signals ----------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return any(r.state is State.READY for r in self.replicas)
+
+    @property
+    def inflight(self) -> int:
+        return sum(r.inflight for r in self.replicas)
+
+    def standing_count(self) -> int:
+        """Replicas the model keeps with no traffic: the operator's count, else
+        min_replicas (none once unloaded: a request starts one), at most max_replicas."""
+        wanted = self.control.override
+        if wanted is None:
+            wanted = 0 if self.unloaded else self.model.autoscaling.min_replicas
+        return min(wanted, self.model.autoscaling.max_replicas)
+
+    def live(self) -> list[Replica]:
+        # A replica draining for an operator's restart comes back: it still counts
+        # (else the autoscaler would start a second one to cover the gap).
+        return [r for r in self.replicas
+                if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
+
+    def kept(self) -> list[Replica]:
+        """Replicas not being taken out of service, FATAL ones included: a FATAL
+        replica holds its place (and its reason) until the operator acts."""
+        return [r for r in self.replicas if not r.retiring]
+
+    def policy(self, cfg: Config) -> Policy:
+        a = self.model.autoscaling
+        return Policy(
+            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
+            target_rps_per_replica=a.target_rps_per_replica, idle_ttl_s=idle_ttl_s(cfg, self.model),
+            sleep_after_s=parse_duration(a.sleep_after), stabilization_s=cfg.autoscaling.stabilization_s,
+            cooldown_s=cfg.autoscaling.cooldown_s)
+
+    def inputs(self, now: float, room: int) -> Inputs:
+        live = self.live()
+        waiting = sum((r.load.waiting or 0) for r in live if r.load is not None)
+        return Inputs(
+            now=now, current=len(live), ready=sum(r.state is State.READY for r in live),
+            sleeping=sum(r.state is State.SLEEPING for r in live), rps_10s=self.rate.rate(10),
+            rps_60s=self.rate.rate(60), rps_2s=self.rate.rate(2), inflight=self.inflight, queued=len(self.waiters),
+            engine_waiting=waiting, idle_s=self.rate.idle_for(), pinned=self.control.pinned,
+            unloaded=self.unloaded,
+            override=self.control.override, capacity=len(live) + room)
+
+
+class Exclude:
+    """A replica that just failed a request, as it was then (its pid)."""
+
+    SECONDS = 2.0
+
+    def __init__(self, replica: Replica, now: float) -> None:
+        self.replica, self.pid, self.until = replica, replica.pid, now + self.SECONDS
+
+    def active(self, now: float) -> bool:
+        return now < self.until
+
+    def matches(self, replica: Replica) -> bool:
+        return replica is self.replica and replica.pid == self.pid
+
+
+def on_cpu(model: ModelConfig) -> bool:
+    """A llama.cpp replica on the CPU: it takes its cores from the CPU engines' budget."""
+    return model.server == "llamacpp" and not uses_gpus(model)
+
+
+class ClientGone(Exception):
+    """The client disconnected while its request was held; nothing to answer."""
+
+
+def _reserved(r: Replica, inventory) -> int:
+    """What a placed replica holds on each of its GPUs: what the placer reserved for it,
+    else its fraction of the card."""
+    if r.slot.bytes_per_gpu:
+        return r.slot.bytes_per_gpu
+    total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
+    return math.ceil(r.slot.memory_fraction * total)
+
+
+def default_probe(cfg: Config) -> GpuProbe:
+    return SimulatedProbe(cfg.gpu.inventory) if cfg.gpu.inventory else NvmlProbe()
+
+
+class Supervisor:
+    def __init__(self, cfg: Config, session: aiohttp.ClientSession, *,
+                 runner: ProcessRunner | None = None, clock: Clock | None = None,
+                 port_allocator: Callable[[], int] = free_port,
+                 listener: Listener | None = None, probe: GpuProbe | None = None,
+                 state: StateStore | None = None) -> None:
+        self.cfg = cfg
+        self.session = session
+        self.runner = runner or SubprocessRunner(cfg.supervisor.log_max_bytes)
+        self.clock = clock or RealClock()
+        self.port_allocator = port_allocator
+        self.probe = probe or default_probe(cfg)
+        self.state = state
+        self.measured = MeasuredMemory()
+        self.autoscaler = Autoscaler()
+        self.placements: list[PlanRow] = []
+        self._listeners: list[Listener] = [listener] if listener is not None else []
+        self.log_dir = Path(cfg.paths.log_dir) / "replicas"
+        self._retiring: set[asyncio.Task] = set()
+        self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
+        # Replicas stopped to make room for another model: (evicted model, trigger) -> count.
+        self.evictions: dict[tuple[str, str], int] = {}
+        self._stopping = False
+        self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        self.store_checks: StoreChecks | None = None
+        self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
+        if state is not None:
+            for name, control in state.all().items():
+                if name in self.deployments:
+                    self.deployments[name].control = control
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def add_listener(self, listener: Listener) -> None:
+        """Also call listener(replica, transition) on every replica state change."""
+        self._listeners.append(listener)
+
+    def replicas(self) -> list[Replica]:
+        return [r for d in self.deployments.values() for r in d.replicas]
+
+    def start(self) -> None:
+        """Start each model at its operator-set count, else its min_replicas. Store models
+        are admitted first, and their files' fingerprints checked (in a worker thread) for
+        every admitted one, with or without replicas: each replica waits for that check."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.store_leases = admit_store_models(self.cfg, self.deployments)
+        if any(store_name(d.model) for d in self.deployments.values()):
+            self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
+            for name in sorted({store_name(d.model) for d in self.deployments.values()
+                                if store_name(d.model) and not d.blocked}):
+                self._background(self.store_checks.check(name), f"store-check-{name}")
+        for dep in self.deployments.values():
+            for _ in range(dep.standing_count()):
+                self.add_replica(dep, reason="boot")
+
+    async def stop(self, drain_timeout: float = 0.0) -> None:
+        self._stopping = True
+        for dep in self.deployments.values():
+            dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
+        if self.store_checks is not None:
+            self.store_checks.interrupt()
+        await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),
+                             *self._retiring, return_exceptions=True)
+        if self.store_checks is not None:
+            await self.store_checks.close()
+
+    def deployment(self, model: str) -> Deployment:
+        try:
+            return self.deployments[model]
+        except KeyError:
+            raise ModelNotFound(model) from None
+
+    @property
+    def ready(self) -> bool:
+        """Ready to serve: no model that should be running lacks a READY replica
+        (a model scaled to zero is ready: its next request starts it)."""
+        return all(d.ready or not d.kept() for d in self.deployments.values()) and not self._stopping
+
+    # --- replicas in and out ---------------------------------------------------------------
+
+    def room_for(self, dep: Deployment, ignoring: frozenset[str] = frozenset()) -> int:
+        """How many more replicas this model may get: max_replicas, and for CPU engines
+        the core budget (less what the replicas named in ``ignoring`` hold: they are being
+        evicted for this one). GPU engines ask the placer when they start."""
+        room = dep.model.autoscaling.max_replicas - len(dep.kept())
+        if room <= 0:
+            return 0
+        if on_cpu(dep.model):
+            free = self._cpu_cores() - sum(self._cores(r.model) for r in self._cpu_holders()
+                                           if r.name not in ignoring)
+            room = min(room, free // self._cores(dep.model))
+        return max(room, 0)
+
+    def cpu_budget(self) -> dict:
+        """The CPU engines' core budget and the replicas that hold it."""
+        users = [{"replica": r.name, "cores": self._cores(r.model), "state": r.state.value}
+                 for r in self._cpu_holders()]
+        return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
+
+    def _cpu_cores(self) -> int:
+        return self.cfg.autoscaling.cpu_cores or os.cpu_count() or 1
+
+    def _cpu_holders(self) -> list[Replica]:
+        return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]
+
+    def _cores(self, model: ModelConfig) -> int:
+        budget = self._cpu_cores()
+        return min(model.threads or budget, budget)
+
+    def add_replica(self, dep: Deployment, reason: str, evict: str | None = None) -> Replica | None:
+        """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
+        evict (what asks: request, load, scale_up): make room by stopping idle replicas of
+        other models (appliance/fleet/eviction.py) when there is none, or else say why in
+        dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted."""
+        if evict and not dep.blocked:
+            self._forget_unplaced(dep)
+        if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
+            return None
+        if dep.blocked and dep.kept():
+            return None  # one FATAL replica says why; more would say it again
+        victims: list[Replica] = []
+        if evict and not dep.blocked:
+            found = self._make_room(dep, evict)
+            if found is None:
+                return None
+            victims = found
+        ignoring = frozenset(v.name for v in victims)
+        if self.room_for(dep, ignoring) <= 0:
+            return None
+        used = {r.index for r in dep.replicas}
+        index = next(i for i in itertools.count() if i not in used)
+        replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
+                          runner=self.runner, session=self.session, log_dir=self.log_dir,
+                          clock=self.clock, port_allocator=self.port_allocator, listener=self._on_change)
+        if store_name(dep.model) and self.store_checks is not None:
+            replica.preflight = lambda: self._store_preflight(dep)
+        if dep.blocked:
+            replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
+        elif uses_gpus(dep.model):
+            row, uuids = self._place(replica, ignoring)
+            if row.assignment is None:
+                if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
+                    dep.no_room = f"{CANNOT_PLACE}{row.error}"
+                    return None
+                if not dep.live():
+                    # Nothing else can serve it: say why, as a FATAL replica in status.
+                    replica.cannot_start = f"{CANNOT_PLACE}{row.error}"
+                    dep.replicas.append(replica)
+                    replica.start()
+                else:
+                    log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
+                return None
+            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids,
+                                   row.assignment.bytes_per_gpu)
+        if victims:
+            replica.preflight = self._after_stopped(victims, replica.preflight)
+        dep.no_room = None
+        dep.replicas.append(replica)
+        log.info("adding replica %s (%s)", replica.name, reason)
+        replica.start()
+        return replica
+
+    def _gpu_view(self, ignoring: frozenset[str] = frozenset()) -> tuple[Inventory, list[Placed], set[int]]:
+        """The GPUs as NVML sees them, the placed replicas that hold memory on them (less
+        those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
+        inventory = self.probe.read()
+        ours: set[int] = set()
+        placed = []
+        for r in self.replicas():
+            if r.slot is not None and holds_capacity(r):
+                ours |= descendants(r.pid) if r.pid else set()
+                if r.name not in ignoring:
+                    placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
+                                         bytes_per_gpu=_reserved(r, inventory),
+                                         sleeping=r.state is State.SLEEPING))
+        return inventory, placed, ours
+
+    def _place(self, replica: Replica, ignoring: frozenset[str] = frozenset()) -> tuple[PlanRow, tuple[str, ...]]:
+        """Where the replica goes (the replicas in ``ignoring`` are being evicted for it),
+        and the UUIDs of those GPUs."""
+        inventory, placed, ours = self._gpu_view(ignoring)
+        [row] = plan(self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours,
+                     measured=self.measured)
+        self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
+        log.info("placement %s", row.describe())
+        uuid = {g.index: g.uuid for g in inventory.gpus}
+        uuids = tuple(uuid[i] for i in row.assignment.gpus) if row.assignment else ()
+        return row, uuids
+
+    # --- making room: demand-driven eviction ------------------------------------------------
+
+    def _make_room(self, dep: Deployment, trigger: str) -> list[Replica] | None:
+        """Room for one more replica of dep: [] when there is room already, the replicas
+        stopped (retired) for it when idle replicas of other models had to go, or None
+        (dep.no_room says who holds the room and why they stay)."""
+        snapshot = self._room_snapshot(dep)
+        if snapshot is None:
+            return []  # nothing to size it by: the placer will say why
+        what, holders, fits = snapshot
+        by_name = {r.name: r for r, _ in holders}
+        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], fits,
+                                self.clock.monotonic())
+        if decided.never:
+            return []  # too big whatever goes: the placer says what is missing
+        if not decided.fits:
+            why = f"no room: {decided.explain(what)}"
+            if why != dep.no_room:  # once per change, not once per held request or tick
+                log.warning("cannot start %s: %s", dep.model.name, why)
+            dep.no_room = why
+            return None
+        victims = [by_name[h.replica] for h in decided.victims]
+        for h, victim in zip(decided.victims, victims):
+            self._evict(victim, h, dep, trigger)
+        return victims
+
+    def _room_snapshot(self, dep: Deployment):
+        """(what is scarce, [(replica, Holder)], fits) for one more replica of dep, or None."""
+        now = self.clock.monotonic()
+        if uses_gpus(dep.model):
+            inventory, placed, ours = self._gpu_view()
+            if inventory.cpu_only:
+                return None
+            gpus = gpus_from(inventory, ours)
+            try:
+                demand, _ = demand_for(self.cfg, dep.model, f"{dep.model.name}#new", len(gpus), self.measured)
+            except (ModelShapeError, OSError):
+                return None
+            reserved = {p.replica: p for p in placed}
+            holders = [(r, self._holder(r, now, gpus=r.slot.gpus, bytes_per_gpu=reserved[r.name].bytes_per_gpu))
+                       for r in self.replicas() if r.name in reserved]
+            return "GPU memory", holders, eviction.gpu_fits(gpus, placed, demand)
+        if not on_cpu(dep.model):
+            return None
+        cpu = self._cpu_holders()
+        holders = [(r, self._holder(r, now, cores=self._cores(r.model))) for r in cpu]
+        free = self._cpu_cores() - sum(h.cores for _, h in holders)
+        what = f"the CPU engines' budget of {self._cpu_cores()} cores"
+        return what, holders, eviction.core_fits(free, {h.replica: h.cores for _, h in holders},
+                                                 self._cores(dep.model))
+
+    def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
+        d = self.deployments[r.model.name]
+        keep = d.control.override if d.control.override is not None else (
+            d.model.autoscaling.min_replicas if d.control.pinned else 0)
+        # A replica still starting is inside its residency window from now on.
+        loaded_at = now if r.state in (State.STARTING, State.STOPPED) else r.ready_since
+        return eviction.Holder(
+            replica=r.name, model=r.model.name, priority=r.model.priority, last_used=d.rate.last_event,
+            loaded_at=loaded_at, min_residency_s=min_residency_s(self.cfg, r.model), inflight=r.inflight,
+            held=len(d.waiters), keep=keep, serving=r.state is State.READY and not r.retiring, **holds)
+
+    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str) -> None:
+        if victim.retiring:
+            return  # already on its way out (scaled down, unloaded): only waited for
+        idle = self.clock.monotonic() - h.last_used
+        log.info("evicting %s for %s (%s): idle %.0fs, least recently used%s", victim.name, dep.model.name,
+                 trigger, idle, f", priority {h.priority}" if h.priority else "")
+        key = (victim.model.name, trigger)
+        self.evictions[key] = self.evictions.get(key, 0) + 1
+        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; idle {idle:.0f}s)")
+        owner = self.deployments[victim.model.name]
+        if not owner.kept():
+            owner.unloaded = True  # back on its next request, not by its min_replicas floor
+
+    def _after_stopped(self, victims: list[Replica], then):
+        """A preflight that waits for the evicted replicas' engines to have stopped (their
+        memory freed) before the engine starts, then runs ``then`` (the store check)."""
+        drains = [self._drains[v.name] for v in victims if v.name in self._drains]
+
+        async def preflight() -> str | None:
+            pending = [t for t in drains if not t.done()]
+            if pending:
+                await asyncio.wait(pending)  # never cancels them, even if this start is
+            return await then() if then is not None else None
+
+        return preflight
+
+    def _forget_unplaced(self, dep: Deployment) -> None:
+        """A FATAL replica that only said the model could not be placed (at boot) holds
+        nothing: a request that may evict tries again instead."""
+        dep.replicas = [r for r in dep.replicas if not (
+            r.state is State.FATAL and r.slot is None and (r.cannot_start or "").startswith(CANNOT_PLACE))]
+
+    async def _store_preflight(self, dep: Deployment) -> str | None:
+        """Before a replica loads a store model (each start and restart): its files as
+        verified, a changed one rehashed first (appliance/store/guard.py)."""
+        if dep.blocked:
+            return dep.blocked
+        reason = await self.store_checks.check(store_name(dep.model))
+        if self._stopping and not reason:
+            # An interrupted check found nothing, which is no verdict: start nothing; the
+            # replica's stop (Supervisor.stop stops every replica) ends this wait.
+            await asyncio.Event().wait()
+        return reason
+
+    def block_store_model(self, name: str, reason: str) -> None:
+        """Store model NAME failed a check (quarantined): block every model serving it."""
+        for dep in self.deployments.values():
+            if store_name(dep.model) == name:
+                self.block(dep, reason)
+
+    def block(self, dep: Deployment, reason: str) -> None:
+        """Stop serving a model (as admission does at boot): no replica of it starts again,
+        the running ones drain and stop, held and new requests get 503 with the reason,
+        and a FATAL replica in its place says why in `appliance status`. Until its store
+        entry passes admission again (``recheck_blocked``)."""
+        if dep.blocked or self._stopping:
+            return
+        dep.blocked = reason
+        log.error("not serving %s: %s", dep.model.name, reason)
+        had_replicas = bool(dep.kept())
+        for r in dep.kept():
+            self.retire(r, "not served any more: its store files failed verification")
+        dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        if had_replicas:
+            self.add_replica(dep, reason="blocked")
+
+    async def recheck_blocked(self) -> list[str]:
+        """Check the admission of every blocked store model again (the StoreChecks worker:
+        a manifest read and a stat per file; a quarantined model is not rehashed: `models
+        verify` decides). Those that pass are served again (``unblock_store_model``).
+        Returns the store names lifted."""
+        if self.store_checks is None or self._stopping:
+            return []
+        names = sorted({store_name(d.model) for d in self.deployments.values()
+                        if d.blocked and store_name(d.model)})
+        lifted = []
+        for name in names:
+            reason = await self.store_checks.check(name)
+            if self._stopping:
+                break  # an interrupted check found nothing, which is no verdict
+            if reason is None:
+                self.unblock_store_model(name)
+                lifted.append(name)
+            else:  # still blocked, maybe for another reason now (verified, license not accepted)
+                for dep in self.deployments.values():
+                    if store_name(dep.model) == name and dep.blocked:
+                        self._reword_block(dep, reason)
+        return lifted
+
+    @staticmethod
+    def _reword_block(dep: Deployment, reason: str) -> None:
+        """A blocked model's reason changed: the block and its FATAL replica say the new one."""
+        dep.blocked = reason
+        for r in dep.kept():
+            if r.state is State.FATAL and r.cannot_start:
+                r.cannot_start = r.last_error = reason
+
+    def unblock_store_model(self, name: str) -> None:
+        """Store model NAME passed admission again: serve every model blocked on it."""
+        if name not in self.store_leases:
+            try:
+                store = Store.from_config(self.cfg)
+                try:
+                    self.store_leases[name] = store.lease(name)
+                    store.touch(name)
+                finally:
+                    store.close()
+            except Exception as exc:  # a lock or manifest we cannot write: serve it anyway
+                log.warning("cannot lease store model %s: %s", name, exc)
+        for dep in self.deployments.values():
+            if store_name(dep.model) == name and dep.blocked:
+                self.unblock(dep)
+                log.info("store model %s verified again: serving %s", name, dep.model.name)
+
+    def unblock(self, dep: Deployment) -> None:
+        """Serve a blocked model again: its FATAL replica goes, and it gets its count back
+        (the operator's, else min_replicas; none if unloaded: a request starts one)."""
+        if not dep.blocked or self._stopping:
+            return
+        dep.blocked = None
+        for r in dep.kept():
+            if r.state is State.FATAL:
+                self.retire(r, "its store model is served again")
+        while len(dep.kept()) < dep.standing_count():
+            if self.add_replica(dep, reason="its store model is served again") is None:
+                break
+
+    def retire(self, replica: Replica, reason: str) -> None:
+        """Take a replica out of service: no new requests; in-flight ones finish
+        (bounded by server.drain_timeout_s), then it stops and leaves the list."""
+        dep = self.deployments[replica.model.name]
+
+        async def drain() -> None:
+            try:
+                await replica.stop(self.cfg.server.drain_timeout_s)
+            finally:
+                with contextlib.suppress(ValueError):
+                    dep.replicas.remove(replica)
+
+        log.info("retiring replica %s (%s)", replica.name, reason)
+        replica.retiring = True
+        task = asyncio.create_task(drain(), name=f"retire-{replica.name}", context=contextvars.Context())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+        self._drains[replica.name] = task
+        task.add_done_callback(lambda t: self._drains.get(replica.name) is t and self._drains.pop(replica.name))
+
+    def _victim(self, dep: Deployment) -> Replica | None:
+        """The replica whose removal costs least: not serving first, then least busy, newest."""
+        kept = dep.kept()
+        if not kept:
+            return None
+        return min(kept, key=lambda r: (r.state is State.READY, r.inflight, -r.index))
+
+    def _on_change(self, replica: Replica, event: Transition) -> None:
+        dep = self.deployments.get(replica.model.name)
+        if dep is not None and event.new is not State.READY:
+            dep.prefix.forget(replica.name)  # its engine's cache is gone
+        if event.new is State.READY:
+            if replica.slot is not None:
+                self._measure(replica)
+            if dep is not None:
+                if event.old is State.STARTING and len(replica.history) > 1:
+                    dep.last_cold_start_s = round(event.at - replica.history[-2].at, 3)
+                dep.wake_waiters()
+        elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
+            dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        for fn in self._listeners:
+            fn(replica, event)
+
+    def _measure(self, replica: Replica) -> None:
+        """NVML's per-process memory of a ready replica (its whole process tree:
+        engines run workers per GPU) corrects the estimate for later placements."""
+        inventory = self.probe.read()
+        pids = descendants(replica.pid)
+        per_gpu = [g.used_by(pids) for g in inventory.gpus if g.index in replica.slot.gpus]
+        if per_gpu and max(per_gpu) > 0:
+            self.measured.observe(replica.model.name, replica.slot.tp, max(per_gpu))
+            log.info("replica %s uses %.1f GiB per GPU (NVML)", replica.name, max(per_gpu) / 1024**3)
+
+    # --- demand, decisions, operator commands --------------------------------------------------
+
+    def on_demand(self, dep: Deployment, trigger: str = "request") -> None:
+        """A request is waiting and nothing is READY: start or wake a replica now,
+        without waiting for the autoscaler's next tick, evicting idle replicas of other
+        models for it if there is no room."""
+        dep.unloaded = False
+        live = dep.live()
+        if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
+            return
+        sleeping = [r for r in live if r.state is State.SLEEPING]
+        if sleeping:
+            self._background(sleeping[0].wake(), f"wake-{sleeping[0].name}")
+        elif not live:
+            why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
+            self.add_replica(dep, reason=why, evict=trigger)
+
+    def tick(self) -> list[Decision]:
+        """One autoscaler pass over every model; carry out what it decides."""
+        now = self.clock.monotonic()
+        decisions = []
+        for dep in self.deployments.values():
+            if dep.blocked:
+                continue  # nothing of it may start until the block lifts (unblock restores its count)
+            room = self.room_for(dep)
+            if not room and self._busy(dep) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
+                room = 1  # in use: a scale-up may evict idle replicas of other models for one more
+            decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
+            self._apply(dep, decision)
+            decisions.append(decision)
+        return decisions
+
+    def _apply(self, dep: Deployment, d: Decision) -> None:
+        if self._stopping:
+            return
+        if d.action == "up":
+            for _ in range(d.desired - d.current):
+                if self.add_replica(dep, reason=d.reason, evict="scale_up" if self._busy(dep) else None) is None:
+                    break
+        elif d.action == "down":
+            victim = self._victim(dep)
+            if victim is not None:
+                self.retire(victim, d.reason)
+        elif d.action == "sleep":
+            for r in dep.replicas:
+                if r.state is State.READY:
+                    self._background(r.sleep(), f"sleep-{r.name}")
+        elif d.action == "wake":
+            self.on_demand(dep)
+
+    @staticmethod
+    def _busy(dep: Deployment) -> bool:
+        """Requests in flight or held: a scale-up is demand (one to restore a floor is not)."""
+        return bool(dep.waiters) or dep.inflight > 0
+
+    def _background(self, coro, name: str) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except Exception as exc:  # logged, the replica's state tells the rest
+                log.warning("%s failed: %s", name, exc)
+
+        task = asyncio.create_task(run(), name=name, context=contextvars.Context())
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def scale(self, model: str, replicas: int | None) -> None:
+        """The operator's count for a model (None: back to autoscaling); persisted."""
+        dep = self.deployment(model)
+        if replicas is not None:
+            replicas = max(0, min(replicas, dep.model.autoscaling.max_replicas))
+        self._set_control(dep, override=replicas)
+        if replicas is None:
+            return
+        while len(dep.kept()) > replicas:
+            self.retire(self._victim(dep), f"operator scaled to {replicas}")
+        while len(dep.kept()) < replicas:
+            if self.add_replica(dep, reason=f"operator scaled to {replicas}") is None:
+                break
+
+    def load(self, model: str) -> None:
+        """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
+        saying why, when no replica can start."""
+        dep = self.deployment(model)
+        dep.rate.last_event = self.clock.monotonic()
+        dep.unloaded = False
+        if not dep.ready:
+            self.on_demand(dep, trigger="load")
+            if not dep.can_become_ready():
+                raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
+
+    def unload(self, model: str) -> None:
+        """Down to zero now (drained); the next request starts it again."""
+        dep = self.deployment(model)
+        if dep.control.override:
+            self._set_control(dep, override=None)
+        # Forget the recent rate: the traffic before the unload must not bring the
+        # model straight back; its next request will.
+        dep.rate = RateWindow(60, clock=self.clock.monotonic)
+        dep.rate.last_event = self.clock.monotonic()
+        dep.unloaded = True
+        for r in dep.kept():
+            self.retire(r, "operator unloaded the model")
+
+    def pin(self, model: str, pinned: bool) -> None:
+        dep = self.deployment(model)
+        self._set_control(dep, pinned=pinned)
+        if pinned and len(dep.kept()) < dep.model.autoscaling.min_replicas:
+            for _ in range(dep.model.autoscaling.min_replicas - len(dep.kept())):
+                self.add_replica(dep, reason="pinned at min_replicas")
+
+    def _set_control(self, dep: Deployment, **change) -> None:
+        current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
+        # Saved first: a write the state disk refuses (StateWriteFailed) changes nothing.
+        if self.state is not None:
+            if "override" in change:
+                self.state.set_override(dep.model.name, change["override"])
+            if "pinned" in change:
+                self.state.set_pinned(dep.model.name, change["pinned"])
+        dep.control = ModelControl(**current)
+
+    def replica(self, model: str, index: int) -> Replica:
+        dep = self.deployment(model)
+        for r in dep.replicas:
+            if r.index == index:
+                return r
+        raise ModelNotFound(f"{model}#{index}")
+
+    # --- status -------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        now = self.clock.monotonic()
+        return {
+            "models": [
+                {
+                    "name": d.model.name,
+                    "server": d.model.server,
+                    "source": d.model.source or d.model.url or None,
+                    "ready": d.ready,
+                    "pinned": d.control.pinned,
+                    "override": d.control.override,
+                    "rps_10s": round(d.rate.rate(10), 3),
+                    "rps_60s": round(d.rate.rate(60), 3),
+                    "inflight": d.inflight,
+                    "queued": len(d.waiters),
+                    "idle_s": round(now - d.rate.last_event, 1),
+                    "idle_ttl_s": idle_ttl_s(self.cfg, d.model),
+                    "last_cold_start_s": d.last_cold_start_s,
+                    "min_replicas": d.model.autoscaling.min_replicas,
+                    "max_replicas": d.model.autoscaling.max_replicas,
+                    "blocked": d.blocked,
+                    "replicas": [r.snapshot() for r in d.replicas],
+                    "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
+                }
+                for d in self.deployments.values()
+            ]
+        }

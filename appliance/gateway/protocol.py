@@ -1,0 +1,153 @@
+"""OpenAI protocol types: what the appliance reads from a request.
+
+Only the fields the appliance itself acts on or must type-check are declared:
+every one it acts on (stream, stream_options, the completion-length fields it
+reserves a key's budget for, n, cache_salt, model) is typed here, so a wrong type
+is a 400 naming the field, never a silently skipped rewrite. The request body is
+forwarded to the engine byte for byte, so fields declared nowhere here (tools,
+response_format, logprobs, ...) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import msgspec
+
+from appliance.errors import BadRequest
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    # The appliance asks for usage on every metered stream (and keeps the extra
+    # event from a client that did not ask); other options pass through.
+    include_usage: bool | None = None
+
+
+class _Request(msgspec.Struct, kw_only=True):
+    model: str
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = None
+    # llama.cpp's own name for max_tokens; it wins over max_tokens there, so a
+    # key's budget reserves for it too. Negative: until the context is full.
+    n_predict: int | None = None
+    n: int | None = None
+    # vLLM and SGLang partition their prefix cache by it; the appliance sets its
+    # own per tenant (appliance/access/tenancy.py), narrowed by the client's.
+    cache_salt: str | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: str | list[str] | None = None
+    user: str | None = None
+
+
+# The roles OpenAI accepts; any other is a 400 here, not an engine's 500.
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+
+
+class ChatMessage(msgspec.Struct, kw_only=True):
+    role: Role
+    # str, a list of content parts, or null (assistant turns with tool calls).
+    content: Any = None
+
+
+class ChatCompletionRequest(_Request):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+
+
+# A prompt is a string, or a list of strings, of token ids, or of token-id lists;
+# msgspec checks the outer shape, the engine the rest.
+Prompt = str | list[str | int | list[int]]
+
+
+class CompletionRequest(_Request):
+    prompt: Prompt
+
+
+class EmbeddingRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input: Prompt
+    encoding_format: Literal["float", "base64"] | None = None
+
+
+RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+
+_DECODERS = {
+    cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+}
+_AT = re.compile(r" - at `\$\.?([^`]*)`$")
+
+
+def decode_request(body: bytes, cls: type[RequestT]) -> RequestT:
+    """Parse and type-check a request body (any proxy endpoint's msgspec Struct);
+    a 400 that names the field otherwise."""
+    if not body:
+        raise BadRequest("Request body is empty; expected a JSON object")
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        decoder = _DECODERS[cls] = msgspec.json.Decoder(cls)
+    try:
+        req = decoder.decode(body)
+    except msgspec.ValidationError as exc:
+        text = str(exc)
+        match = _AT.search(text)
+        param = match.group(1) if match else None
+        message = text[: match.start()] if match else text
+        if param:
+            message = f"{message} for '{param}'"
+        raise BadRequest(f"Invalid request: {message}", param=param or None) from None
+    except msgspec.DecodeError as exc:
+        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise hostile_json(exc) from None
+    _check_ranges(req)
+    return req
+
+
+def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
+    """What msgspec raises outside its own errors, on bytes no client should send."""
+    if isinstance(exc, UnicodeDecodeError):
+        return BadRequest(f"Request body is not valid UTF-8 (byte {exc.start})")
+    return BadRequest("Malformed JSON in request body: nested too deeply")
+
+
+# Engines keep counts in 32-bit integers; larger ones are errors, not work.
+MAX_COUNT = 2**31 - 1
+# Counts that must be within 1 and MAX_COUNT, in any endpoint's request.
+AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
+
+
+def _check_ranges(req: RequestT) -> None:
+    for field in AT_LEAST_ONE:
+        value = getattr(req, field, None)
+        if value is not None and value < 1:
+            raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
+        if value is not None and value > MAX_COUNT:
+            raise BadRequest(f"'{field}' must be at most {MAX_COUNT}", param=field)
+    n_predict = getattr(req, "n_predict", None)
+    if n_predict is not None and not -2 <= n_predict <= MAX_COUNT:
+        raise BadRequest(f"'n_predict' must be within -2 (until the context is full) and {MAX_COUNT}",
+                         param="n_predict")
+    if getattr(req, "cache_salt", None) == "":
+        raise BadRequest("'cache_salt' must be a non-empty string", param="cache_salt")
+    if getattr(req, "messages", True) == []:
+        raise BadRequest("'messages' must contain at least one message", param="messages")
+    if not getattr(req, "model", ""):
+        raise BadRequest("'model' must be a non-empty string", param="model")
+
+
+# --- responses the appliance itself produces ----------------------------------
+
+
+class ModelCard(msgspec.Struct):
+    id: str
+    object: str = "model"
+    created: int = 0
+    owned_by: str = "appliance"
+
+
+class ModelList(msgspec.Struct):
+    data: list[ModelCard]
+    object: str = "list"

@@ -1,0 +1,183 @@
+"""From config and measured GPUs to a placement: the glue between the memory
+model, the GPU probe and the placer, shared by the supervisor and `appliance plan`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from appliance.config import Config, ModelConfig, kv_tokens, model_path, overhead_bytes, uses_gpus
+from appliance.gpu.memory import (
+    MAX_NODES,
+    Estimate,
+    MeasuredMemory,
+    ModelShapeError,
+    NodeShape,
+    estimate,
+    estimate_gguf,
+    read_shape,
+    smallest_shape,
+)
+from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, place
+from appliance.gpu.probe import GiB, Inventory, kinds_match
+
+KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    replica: str
+    model: str
+    assignment: Assignment | None = None
+    error: str | None = None
+    estimate: Estimate | None = None
+    # Set when the model cannot fit on this box's GPUs at any tensor-parallel size.
+    beyond: Beyond | None = None
+
+    def describe(self) -> str:
+        if self.error:
+            return f"{self.replica}: cannot place: {self.error}"
+        a = self.assignment
+        gpus = ",".join(str(g) for g in a.gpus)
+        return (f"{self.replica}: GPU {gpus} (tp={a.tp}, {a.bytes_per_gpu / GiB:.1f} GiB/GPU, "
+                f"memory fraction {a.memory_fraction:.2f}): {a.reason}; "
+                f"{self.estimate.describe(a.tp) if self.estimate else ''}")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """What one machine of a multi-node deployment is assumed to have: all alike."""
+
+    gpus: int
+    gpu_bytes: int
+    kind: str = "GPU"
+    source: str = "this box"
+
+    def describe(self) -> str:
+        return f"{self.gpus}x {self.kind} {self.gpu_bytes / GiB:.1f} GiB ({self.source})"
+
+
+@dataclass(frozen=True)
+class Beyond:
+    """A model too large for this box: the smallest multi-node shape that holds it (None:
+    not even MAX_NODES machines), and the machines it assumes."""
+
+    node: NodeSpec
+    shape: NodeShape | None
+
+    def describe(self, model: str) -> str:
+        if self.shape is None:
+            return (f"it cannot fit on this box at any tensor-parallel size, nor on up to "
+                    f"{MAX_NODES} nodes of {self.node.describe()}")
+        return (f"it cannot fit on this box at any tensor-parallel size; the smallest shape that holds "
+                f"it is {self.shape.describe()}, on nodes of {self.node.describe()}: `appliance export "
+                f"{model} --to vllm-multinode|sglang-multinode|kserve|llm-d` renders it")
+
+    def as_dict(self) -> dict:
+        shape = self.shape
+        return {"assumed_node": {"gpus": self.node.gpus, "gpu_bytes": self.node.gpu_bytes,
+                                 "kind": self.node.kind, "source": self.node.source},
+                "shape": None if shape is None else {
+                    "nodes": shape.nodes, "gpus_per_node": shape.gpus_per_node, "tp": shape.tp,
+                    "pp": shape.pp, "bytes_per_gpu": shape.bytes_per_gpu}}
+
+
+def node_spec(inventory: Inventory, model: ModelConfig, gpus: int | None = None,
+              gpu_gib: float | None = None) -> NodeSpec | None:
+    """The machine a multi-node shape assumes: this box's largest group of GPUs of one kind and
+    size that the model may use, with the operator's overrides; None when there is nothing to
+    go by (no GPUs here and no overrides)."""
+    wanted = None if model.gpus.type.lower() == "any" else model.gpus.type
+    groups: dict[tuple[str, int], int] = {}
+    for g in inventory.gpus:
+        if kinds_match(wanted, g.kind):
+            groups[(g.kind, g.total_bytes)] = groups.get((g.kind, g.total_bytes), 0) + 1
+    here = max(groups.items(), key=lambda item: item[1] * item[0][1], default=None)
+    if here is None and not (gpus and gpu_gib):
+        return None
+    kind, total = here[0] if here else (wanted or "GPU", 0)
+    count = here[1] if here else 0
+    given = [f"{flag} {value:g}" for flag, value in (("--gpus-per-node", gpus), ("--gpu-memory", gpu_gib))
+             if value]
+    return NodeSpec(gpus=gpus or count, gpu_bytes=int(gpu_gib * GiB) if gpu_gib else total, kind=kind,
+                    source=", ".join(given) or "this box")
+
+
+def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec,
+               node: NodeSpec) -> Beyond | None:
+    """None when some tensor-parallel size fits the model on `box` (this machine, every GPU
+    free); else the smallest shape over machines like `node`. A GGUF model (llama.cpp) has
+    no multi-node engine to hand it to: None."""
+    if model.server == "llamacpp" or any(tp <= box.gpus and need <= box.gpu_bytes for tp, need in est.per_gpu.items()):
+        return None
+    shape = read_shape(model_path(cfg, model))
+    return Beyond(node, smallest_shape(shape, est, node.gpus, node.gpu_bytes,
+                                       fixed_tp=model.gpus.count or None))
+
+
+def gpu_models(cfg: Config) -> list[ModelConfig]:
+    return [m for m in cfg.models if uses_gpus(m)]
+
+
+def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
+    """The placer's view: memory used by anything that is not one of our replicas
+    (foreign processes, and whatever NVML cannot attribute) counts as used."""
+    out = []
+    for g in inventory.gpus:
+        foreign = max(0, g.used_bytes - g.used_by(ours))
+        out.append(Gpu(index=g.index, kind=g.kind, total_bytes=g.total_bytes, foreign_bytes=foreign))
+    return out
+
+
+def estimate_for(cfg: Config, model: ModelConfig, gpu_count: int) -> Estimate:
+    """The memory model's estimate for one replica of a configured model."""
+    path = model_path(cfg, model)
+    if model.server == "llamacpp":  # a GGUF file, sized from its header, on exactly gpus.count GPUs
+        return estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v,
+                             overhead_bytes(cfg, model), model.gpus.count)
+    return estimate(path, kv_tokens=kv_tokens(model), overhead_bytes=overhead_bytes(cfg, model),
+                    gpu_count=gpu_count, kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
+                    fixed_tp=model.gpus.count or None)
+
+
+def demand_for(cfg: Config, model: ModelConfig, replica: str, gpu_count: int,
+               measured: MeasuredMemory) -> tuple[Demand, Estimate]:
+    est = measured.correct(model.name, estimate_for(cfg, model, gpu_count))
+    kind = None if model.gpus.type.lower() == "any" else model.gpus.type
+    # llama.cpp allocates what it needs, not a fraction of the card: it reserves exactly that.
+    return Demand(replica=replica, per_gpu_bytes=dict(est.per_gpu), gpu_kind=kind,
+                  tp=model.gpus.count or None, exact=model.server == "llamacpp"), est
+
+
+def plan(cfg: Config, inventory: Inventory, replicas: list[tuple[ModelConfig, str]],
+         placed: list[Placed] | None = None, ours: set[int] | None = None,
+         measured: MeasuredMemory | None = None, gpus_per_node: int | None = None,
+         gpu_gib: float | None = None) -> list[PlanRow]:
+    """Place each replica in turn (one that cannot fit does not stop the others). One that
+    cannot fit on this box at any tensor-parallel size, even with every GPU free, names the
+    smallest multi-node shape that would hold it, on machines like this one unless
+    gpus_per_node / gpu_gib say otherwise."""
+    measured = measured or MeasuredMemory()
+    placed = list(placed or [])
+    if inventory.cpu_only:
+        why = f"no usable NVIDIA GPU ({inventory.error or 'none found'})"
+        return [PlanRow(replica, model.name, error=why) for model, replica in replicas]
+    gpus = gpus_from(inventory, ours or set())
+    rows = []
+    for model, replica in replicas:
+        try:
+            demand, est = demand_for(cfg, model, replica, len(gpus), measured)
+        except (ModelShapeError, OSError) as exc:
+            rows.append(PlanRow(replica, model.name, error=str(exc)))
+            continue
+        try:
+            [assignment] = place(gpus, placed, [demand])
+        except PlacementError as exc:
+            box = node_spec(inventory, model)
+            beyond = box and beyond_box(cfg, model, est, box,
+                                        node_spec(inventory, model, gpus_per_node, gpu_gib))
+            error = f"{exc}; {beyond.describe(model.name)}" if beyond else str(exc)
+            rows.append(PlanRow(replica, model.name, error=error, estimate=est, beyond=beyond))
+            continue
+        placed.append(Placed(replica=replica, gpus=assignment.gpus, bytes_per_gpu=assignment.bytes_per_gpu))
+        rows.append(PlanRow(replica, model.name, assignment=assignment, estimate=est))
+    return rows
