@@ -33,8 +33,8 @@ class LlamaCppAdapter(LocalEngine):
 
     def launch(self, cfg: Config, model: ModelConfig, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess) -> LaunchSpec:
-        from appliance.gateway.capabilities import tasks_of
         from appliance.config import model_path
+        from appliance.gateway.capabilities import tasks_of
 
         path = model_path(cfg, model)
         binary = cuda_binary(cfg) if slot is not None else cfg.engines.llamacpp.binary
