@@ -283,6 +283,10 @@ class ModelConfig(_Section):
     context_length: int = 8192
     threads: int = 0
     embeddings: bool = False
+    # What the model is for: "chat" (chat, completions, responses, messages, infill),
+    # "embed" (embeddings), "rerank" (rerank, score). Empty: ["chat"], plus "embed"
+    # with embeddings = true. Other endpoints get a 400 (appliance/gateway/capabilities.py).
+    tasks: list[str] = msgspec.field(default_factory=list)
     # GPU engines: KV-cache budget in tokens (0 = context_length x parallel), its
     # dtype ("auto" = the model's), engine overhead override (0 = the engine's),
     # and vLLM's sleep mode (a warm tier: weights to host RAM, GPU memory freed).
@@ -358,6 +362,9 @@ class ProviderConfig(_Section):
     commercial: bool = True
     # Requested model name -> the provider's model name (unmapped: sent as is).
     models: dict[str, str] = msgspec.field(default_factory=dict)
+    # The APIs it serves (chat, completions, embeddings, responses, messages,
+    # count_tokens, ...): a route falls back to it only for those.
+    apis: list[str] = msgspec.field(default_factory=lambda: ["chat", "completions", "embeddings"])
     connect_timeout_s: float = 5.0
     read_timeout_s: float = 120.0
     # This many failures in a row open the circuit breaker for breaker_reset_s.
@@ -668,6 +675,7 @@ def _validate(cfg: Config) -> None:
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
+        _validate_tasks(m, at, need)
         if m.source.startswith(STORE_PREFIX):
             try:
                 check_name(m.source[len(STORE_PREFIX):])
@@ -749,6 +757,8 @@ def _validate_routes(cfg: Config, need) -> None:
         need(p.read_timeout_s > 0, f"{at}.read_timeout_s", "must be positive")
         need(p.breaker_failures >= 1, f"{at}.breaker_failures", "must be >= 1")
         need(p.breaker_reset_s > 0, f"{at}.breaker_reset_s", "must be positive")
+        unknown = [a for a in p.apis if a not in ENDPOINT_NAMES]
+        need(not unknown, f"{at}.apis", f"unknown API(s) {unknown}: known are {', '.join(sorted(ENDPOINT_NAMES))}")
     names: set[str] = set()
     matches: set[tuple[str, str]] = set()
     for i, route in enumerate(cfg.routes):
@@ -769,6 +779,28 @@ def _validate_routes(cfg: Config, need) -> None:
             need(not (route.regulated and provider is not None and provider.commercial),
                  f"{at}.fallbacks", f"route {route.name!r} is regulated: it may not fall back to the "
                  f"commercial provider {name!r} (regulated traffic never leaves this server)")
+
+
+# What a model can be for (tasks = [...]); the gateway's endpoints each need one of them.
+TASKS = ("chat", "embed", "rerank")
+# The proxy endpoints' names, as providers (apis = [...]) and engine adapters list them
+# (gateway/capabilities.py has each one's table row).
+ENDPOINT_NAMES = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
+                            "tokenize", "detokenize", "infill", "rerank", "score"})
+
+
+def tasks_of(model: ModelConfig) -> tuple[str, ...]:
+    """A model's tasks: as configured, else chat (and embed with embeddings = true)."""
+    if model.tasks:
+        return tuple(model.tasks)
+    return ("chat", "embed") if model.embeddings else ("chat",)
+
+
+def _validate_tasks(m: ModelConfig, at: str, need) -> None:
+    unknown = [t for t in m.tasks if t not in TASKS]
+    need(not unknown, f"{at}.tasks", f"unknown task(s) {unknown}: a model is for {', '.join(TASKS)}")
+    need(not (m.tasks and m.embeddings and "embed" not in m.tasks), f"{at}.tasks",
+         'embeddings = true needs "embed" among the tasks (or leave tasks empty)')
 
 
 def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
-        [--no-naive] [--raw] [--keys] [--profile DIR]
+        [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--profile DIR]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
@@ -19,6 +19,11 @@ charges written every second, the behaviour before durable accounting), "commit"
 (each request's row and charge committed before its answer ends, batched across
 concurrent requests) and "fsync" (the same, fsync'd): the cost of durable
 accounting, measured in the same run.
+
+--endpoint responses|messages also sends that API's request (the OpenAI Responses
+API, the Anthropic Messages API) straight to the engine ("ep-direct") and through
+the appliance ("ep-appl") in the same run, and prints its added p50 and CPU per
+request against chat's.
 
 --engine-latency S makes the fake engine take S seconds per answer. At 0 the
 engine answers in ~40 us of CPU, far below any real LLM engine, and the run
@@ -66,8 +71,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 PATH = "/v1/chat/completions"
+# --endpoint: the same small request in another API (path, body).
+REQUESTS = {
+    "chat": (PATH, BODY),
+    "responses": ("/v1/responses", b'{"model":"fake","input":"hi","max_output_tokens":4}'),
+    "messages": ("/v1/messages", b'{"model":"fake","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'),
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync")
+SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl")
+# Sides that send the --endpoint request instead of chat's.
+ENDPOINT_SIDES = ("ep-direct", "ep-appl")
 DURABILITY = ("batch", "commit", "fsync")  # --keys: keyed sides, one per [audit] durability
 
 WRK_SCRIPT = r"""
@@ -158,10 +171,12 @@ async def _py_worker(host: str, port: int, request: bytes, stop_at: float, budge
         writer.close()
 
 
-async def _py_load(port: int, concurrency: int, duration: float, max_requests: int, token: str = "") -> dict:
+async def _py_load(port: int, concurrency: int, duration: float, max_requests: int, token: str = "",
+                   endpoint: str = "chat") -> dict:
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    request = (f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{auth}"
-               f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
+    path, body = REQUESTS[endpoint]
+    request = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n{auth}"
+               f"Content-Length: {len(body)}\r\n\r\n").encode() + body
     lat: list[float] = []
     errors = [0]
     budget = [max_requests]
@@ -181,12 +196,14 @@ async def _py_load(port: int, concurrency: int, duration: float, max_requests: i
 def py_client_main(argv: list[str]) -> None:
     port, concurrency, duration, max_requests = int(argv[0]), int(argv[1]), float(argv[2]), int(argv[3])
     token = argv[4] if len(argv) > 4 else ""
+    endpoint = argv[5] if len(argv) > 5 else "chat"
     try:
         import uvloop
         run = uvloop.run
     except ImportError:
         run = asyncio.run
-    print("RESULT " + json.dumps(run(_py_load(port, concurrency, duration, max_requests, token))), flush=True)
+    print("RESULT " + json.dumps(run(_py_load(port, concurrency, duration, max_requests, token, endpoint))),
+          flush=True)
 
 
 # --- running a load -----------------------------------------------------------------
@@ -199,20 +216,21 @@ class Load:
         self.max_requests = max_requests
         self.tmp = tmp
 
-    def _script(self, token: str) -> Path:
-        script = self.tmp / f"post-{token[:12] or 'keyless'}.lua"
+    def _script(self, token: str, endpoint: str) -> Path:
+        script = self.tmp / f"post-{token[:12] or 'keyless'}-{endpoint}.lua"
         auth = f'wrk.headers["Authorization"] = "Bearer {token}"' if token else ""
-        script.write_text(WRK_SCRIPT % {"body": BODY.decode(), "max_requests": self.max_requests, "auth": auth})
+        script.write_text(WRK_SCRIPT % {"body": REQUESTS[endpoint][1].decode(), "max_requests": self.max_requests,
+                                        "auth": auth})
         return script
 
-    def run(self, port: int, concurrency: int, duration: float, token: str = "") -> dict:
+    def run(self, port: int, concurrency: int, duration: float, token: str = "", endpoint: str = "chat") -> dict:
         if self.client == "wrk":
             # One wrk thread: the whole load fits one core and leaves the rest to the servers.
             cmd = ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--timeout", "10s",
-                   "-s", str(self._script(token)), f"http://127.0.0.1:{port}{PATH}"]
+                   "-s", str(self._script(token, endpoint)), f"http://127.0.0.1:{port}{REQUESTS[endpoint][0]}"]
         else:
             cmd = [sys.executable, __file__, "--_py-client", str(port), str(concurrency), str(duration),
-                   str(self.max_requests), token]
+                   str(self.max_requests), token, endpoint]
         out = subprocess.run(taskset(self.cpus) + cmd, capture_output=True, text=True,
                              timeout=duration + 60, check=False)
         for line in out.stdout.splitlines():
@@ -245,6 +263,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "batch (before durable accounting), commit and fsync")
     p.add_argument("--profile", metavar="DIR",
                    help="py-spy record the appliance during each measured appliance run into DIR")
+    p.add_argument("--endpoint", choices=("responses", "messages"),
+                   help="also measure this API's request, direct and through the appliance, against chat's")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     return p.parse_args(argv)
 
@@ -296,6 +316,9 @@ def main(argv: list[str]) -> int:
 
         ports = {"direct": engine_port, "appliance": app_port}
         pids = {"appliance": app.pid, "direct": engine.pid}
+        if args.endpoint:
+            ports.update({"ep-direct": engine_port, "ep-appl": app_port})
+            pids.update({"ep-direct": engine.pid, "ep-appl": app.pid})
         tokens: dict[str, str] = {}
         for durability in DURABILITY if args.keys else ():
             port = free_port()
@@ -334,8 +357,9 @@ def main(argv: list[str]) -> int:
                 port = ports.get(side)
                 if port is None or (args.only and side != args.only):
                     continue
+                endpoint = args.endpoint if side in ENDPOINT_SIDES else "chat"
                 if args.warmup > 0:
-                    load.run(port, c, args.warmup, tokens.get(side, ""))
+                    load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
                 spy = None
                 if args.profile and side == "appliance":
                     Path(args.profile).mkdir(parents=True, exist_ok=True)
@@ -353,7 +377,7 @@ def main(argv: list[str]) -> int:
                 # for "direct", the proxy for the others).
                 pid = pids[side]
                 cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
-                res = load.run(port, c, args.duration, tokens.get(side, ""))
+                res = load.run(port, c, args.duration, tokens.get(side, ""), endpoint)
                 n = max(1, res["requests"])
                 res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
                 res["thread_cpu_us_per_req"] = {
@@ -367,7 +391,7 @@ def main(argv: list[str]) -> int:
                 row[side] = res
             results.append(row)
             print(f"  c={c} done", file=sys.stderr)
-        print_table(results)
+        print_table(results, args.endpoint)
         if args.json:
             print(json.dumps(results, indent=1))
         if app.poll() is not None:
@@ -407,7 +431,7 @@ url = "http://127.0.0.1:{engine_port}"
     return cfg
 
 
-def print_table(results: list[dict]) -> None:
+def print_table(results: list[dict], endpoint: str | None = None) -> None:
     """One row per concurrency: each side's req/s, p50, p99 and CPU per request;
     then the appliance against direct (added p50, throughput ratio) and against the
     naive proxy measured in the same run."""
@@ -416,14 +440,14 @@ def print_table(results: list[dict]) -> None:
     print(head)
     print("-" * len(head))
     for row in results:
-        d = row.get("direct")
         for side in SIDES:
             r = row.get(side)
             if r is None:
                 continue
+            d = row.get("ep-direct" if side in ENDPOINT_SIDES else "direct")
             cells = (f"{row['concurrency']:>4} | {side:<9} {r['rps']:>8.0f} {r['p50_us'] / 1e3:>7.3f} "
                      f"{r['p99_us'] / 1e3:>7.3f} {r['cpu_us_per_req']:>10.0f} {r.get('errors', 0):>6} |")
-            if d is not None and side != "direct":
+            if d is not None and side not in ("direct", "ep-direct"):
                 cells += f" {(r['p50_us'] - d['p50_us']) / 1e3:>12.3f} {r['rps'] / d['rps']:>9.2f}"
             print(cells)
         a, n = row.get("appliance"), row.get("naive")
@@ -438,7 +462,24 @@ def print_table(results: list[dict]) -> None:
                       f"{d['cpu_us_per_req'] - batch['cpu_us_per_req']:+.0f} us CPU per request "
                       f"({d['cpu_us_per_req'] / max(batch['cpu_us_per_req'], 1e-9):.2f}x), "
                       f"{d['rps'] / batch['rps']:.2f}x req/s, {(d['p50_us'] - batch['p50_us']) / 1e3:+.3f} ms p50")
+        if endpoint:
+            print_endpoint(row, endpoint)
     print_goals(results)
+
+
+def print_endpoint(row: dict, endpoint: str) -> None:
+    """The --endpoint API against chat, both through the appliance in this run: added
+    p50 (over each one's direct p50) and the appliance's CPU per request."""
+    sides = [row.get(s) for s in ("direct", "appliance", "ep-direct", "ep-appl")]
+    if any(s is None for s in sides):
+        return
+    direct, chat, ep_direct, ep = sides
+    added_chat = (chat["p50_us"] - direct["p50_us"]) / 1e3
+    added_ep = (ep["p50_us"] - ep_direct["p50_us"]) / 1e3
+    cpu = ep["cpu_us_per_req"] / max(chat["cpu_us_per_req"], 1e-9)
+    print(f"{row['concurrency']:>4} | {endpoint} vs chat through the appliance: added p50 {added_ep:.3f} ms vs "
+          f"{added_chat:.3f} ms ({added_ep / added_chat if added_chat > 0 else float('nan'):.2f}x), "
+          f"CPU {ep['cpu_us_per_req']:.0f} vs {chat['cpu_us_per_req']:.0f} us/req ({cpu:.2f}x)")
 
 
 def print_goals(results: list[dict]) -> None:

@@ -68,6 +68,10 @@ class EngineAdapter(Protocol):
     gpu: bool        # replicas need GPUs from the placer
     can_sleep: bool  # sleep()/wake() exist (vLLM's sleep mode)
     unix_socket: bool  # listens on access.socket, not host:port
+    # The proxy endpoints it serves (appliance/gateway/capabilities.py names them), and
+    # whether it keeps Responses (store, previous_response_id) for a later request.
+    endpoints: frozenset[str]
+    responses_store: bool
 
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
@@ -156,6 +160,8 @@ class LocalEngine:
     gpu = False
     can_sleep = False
     unix_socket = False
+    endpoints: frozenset[str] = frozenset({"chat", "completions", "embeddings"})
+    responses_store = False
 
     def supervised(self, model: ModelConfig) -> bool:
         return True

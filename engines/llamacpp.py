@@ -28,9 +28,14 @@ GPU_THREADS = 2
 
 class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
+    # What the pinned llama-server answers (checked by tests/test_e2e_dialects.py);
+    # rerank needs --reranking, embeddings --embeddings: added for the model's tasks.
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
+                           "tokenize", "detokenize", "infill", "rerank"})
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+        from appliance.config import tasks_of
         from appliance.dist.images import llamacpp_binary
 
         binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
@@ -69,8 +74,11 @@ class LlamaCppAdapter(LocalEngine):
             argv += ["--n-gpu-layers", "all", "--split-mode", "layer" if slot.tp > 1 else "none",
                      "--fit", "off"]
             env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_uuids
-        if model.embeddings:
+        tasks = tasks_of(model)
+        if "embed" in tasks:
             argv.append("--embeddings")
+        if "rerank" in tasks:
+            argv.append("--reranking")
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env})
 

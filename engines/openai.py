@@ -32,6 +32,12 @@ class OpenAIAdapter:
     gpu = False
     can_sleep = False
     unix_socket = False
+    # Whatever the operator's server is: every endpoint, stored Responses (routed back
+    # to the replica that made them; a server that keeps none says so itself); the
+    # model's tasks narrow it.
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
+                           "tokenize", "detokenize", "infill", "rerank", "score"})
+    responses_store = True
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url

@@ -35,6 +35,7 @@ class SglangAdapter(LocalEngine):
     name = "sglang"
     gpu = True
     can_sleep = False
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "rerank"})
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:

@@ -40,6 +40,11 @@ class VllmAdapter(LocalEngine):
     gpu = True
     can_sleep = True
     unix_socket = True
+    # vLLM's OpenAI server: Responses (stored with VLLM_ENABLE_RESPONSES_API_STORE),
+    # pooling models' rerank and score, tokenize and detokenize.
+    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "tokenize", "detokenize",
+                           "rerank", "score"})
+    responses_store = True  # in the replica's memory (VLLM_ENABLE_RESPONSES_API_STORE)
 
     def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
                slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
@@ -59,7 +64,7 @@ class VllmAdapter(LocalEngine):
         if model.kv_cache_dtype != "auto":
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
         env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
-               "VLLM_NO_USAGE_STATS": "1"}
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
         if model.sleep_mode:
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode

@@ -5,7 +5,9 @@
         [--embeddings] [--fail-status 500 [--fail-from 2]] [--cache-report] [--no-usage]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
-/v1/embeddings, /v1/models and /health, and reports what it saw at /fake/stats
+/v1/embeddings, /v1/responses and /v1/messages (streamed as their own events),
+/v1/messages/count_tokens, /tokenize, /detokenize, /infill (llama-server's shape),
+/v1/rerank, /v1/score, /v1/models and /health, and reports what it saw at /fake/stats
 (requests, streams started, completed and cancelled by the client, unary answers
 completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
@@ -39,6 +41,7 @@ from aiohttp import web
 STATS = {"requests": 0, "streams_started": 0, "streams_completed": 0, "streams_cancelled": 0,
          "unary_completed": 0, "unary_cancelled": 0, "last_body": None, "pid": os.getpid()}
 CACHE: dict[str, list[list[str]]] = {}  # cache_salt -> prompts seen (as words), for --cache-report
+STORED: dict[str, dict] = {}  # Responses kept like vLLM's store (store unless false), by id
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -107,14 +110,15 @@ def _length(body: dict, default: int) -> int:
     n_predict = body.get("n_predict")
     if n_predict is not None:
         return default if n_predict < 0 else n_predict
-    return body.get("max_tokens") or body.get("max_completion_tokens") or default
+    return (body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+            or default)
 
 
 def _prompt_words(body: dict) -> list[str]:
     if "messages" in body:
         text = " ".join(str(m.get("content", "")) for m in body["messages"])
     else:
-        text = str(body.get("prompt", ""))
+        text = str(body.get("prompt", body.get("input", "")))
     return text.split()
 
 
@@ -130,6 +134,32 @@ def _cached(body: dict) -> tuple[int, int]:
         best = max(best, n)
     seen.append(words)
     return len(words), best
+
+
+def _responses_events(answer: dict, n: int) -> list[tuple[str, dict]]:
+    head = {k: v for k, v in answer.items() if k not in ("output", "usage")}
+    events = [("response.created", {"type": "response.created", "response": {**head, "status": "in_progress"}})]
+    events += [("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_fake",
+                                               "output_index": 0, "content_index": 0, "delta": f"tok{i} "})
+               for i in range(n)]
+    return events + [("response.completed", {"type": "response.completed", "response": answer})]
+
+
+def _messages_events(answer: dict, n: int) -> list[tuple[str, dict]]:
+    usage = answer.get("usage")
+    start = {**answer, "content": [], "stop_reason": None}
+    if usage is not None:
+        start["usage"] = {**usage, "output_tokens": 1}
+    events = [("message_start", {"type": "message_start", "message": start}),
+              ("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "text", "text": ""}})]
+    events += [("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                        "delta": {"type": "text_delta", "text": f"tok{i} "}}) for i in range(n)]
+    delta = {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}}
+    if usage is not None:
+        delta["usage"] = {"output_tokens": usage["output_tokens"]}
+    return events + [("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                     ("message_delta", delta), ("message_stop", {"type": "message_stop"})]
 
 
 def make_app(args: argparse.Namespace) -> web.Application:
@@ -208,6 +238,116 @@ def make_app(args: argparse.Namespace) -> web.Application:
         maybe_crash()
         return resp
 
+    async def dialect(request: web.Request) -> web.StreamResponse:
+        """/v1/responses and /v1/messages: the Responses and Anthropic Messages shapes."""
+        body = await counted(request)
+        responses = request.path == "/v1/responses"
+        if args.fail_status and STATS["requests"] >= args.fail_from:
+            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
+                                     status=args.fail_status)
+        n = max(1, min(args.chunks, _length(body, args.chunks)))
+        prompt, cached = _cached(body) if args.cache_report else (5, None)
+        text = " ".join(f"tok{i}" for i in range(n))
+        previous = body.get("previous_response_id") if responses else None
+        if previous is not None and previous not in STORED:
+            return web.json_response({"error": {"message": f"Response {previous} not found",
+                                                 "type": "invalid_request_error"}}, status=404)
+        if responses:
+            usage = {"input_tokens": prompt, "output_tokens": n, "total_tokens": prompt + n}
+            if cached is not None:
+                usage["input_tokens_details"] = {"cached_tokens": cached}
+            answer = {"id": f"resp_{os.getpid()}_{STATS['requests']}", "object": "response", "status": "completed",
+                      "previous_response_id": previous,
+                      "model": body.get("model", args.model), "usage": usage,
+                      "output": [{"type": "message", "id": "msg_fake", "role": "assistant", "status": "completed",
+                                  "content": [{"type": "output_text", "text": text, "annotations": []}]}]}
+        else:
+            usage = {"input_tokens": prompt - (cached or 0), "output_tokens": n}
+            if cached is not None:
+                usage["cache_read_input_tokens"] = cached
+            answer = {"id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model", args.model),
+                      "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                      "stop_sequence": None, "usage": usage}
+        if args.no_usage:
+            answer.pop("usage")
+        if responses and body.get("store", True) is not False:
+            STORED[answer["id"]] = answer
+        if not body.get("stream"):
+            STATS["unary_completed"] += 1
+            return web.json_response(answer)
+        events = _responses_events(answer, n) if responses else _messages_events(answer, n)
+        return await send_events(request, events)
+
+    async def send_events(request: web.Request, events: list[tuple[str, dict]]) -> web.StreamResponse:
+        STATS["streams_started"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i, (name, data) in enumerate(events):
+                if args.chunk_delay:
+                    await asyncio.sleep(args.chunk_delay)
+                await resp.write(f"event: {name}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n".encode())
+                if args.die_mid_stream and i + 1 >= args.die_mid_stream:
+                    os._exit(3)
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            STATS["streams_cancelled"] += 1
+            raise
+        STATS["streams_completed"] += 1
+        return resp
+
+    async def stored(request: web.Request) -> web.Response:
+        found = STORED.get(request.match_info["id"])
+        if found is None:
+            return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}},
+                                     status=404)
+        return web.json_response(found)
+
+    async def count_tokens(request: web.Request) -> web.Response:
+        body = await counted(request)
+        return web.json_response({"input_tokens": len(_prompt_words(body)) + 3})
+
+    async def tokenize(request: web.Request) -> web.Response:
+        body = await counted(request)
+        words = str(body.get("content", body.get("prompt", ""))).split()
+        return web.json_response({"tokens": [1000 + len(w) for w in words]})
+
+    async def detokenize(request: web.Request) -> web.Response:
+        body = await counted(request)
+        return web.json_response({"content": " ".join("x" * (t - 1000) if 1000 <= t < 1100 else f"<{t}>"
+                                                      for t in body["tokens"])})
+
+    async def infill(request: web.Request) -> web.StreamResponse:
+        """llama-server's own completion shape: tokens_evaluated, tokens_predicted."""
+        body = await counted(request)
+        n = max(1, min(args.chunks, _length(body, args.chunks)))
+        prompt = len(str(body.get("input_prefix", "")).split()) + len(str(body.get("input_suffix", "")).split())
+        last = {"content": "", "stop": True, "tokens_evaluated": prompt, "tokens_predicted": n,
+                "timings": {"cache_n": 0, "prompt_n": prompt}}
+        if not body.get("stream"):
+            return web.json_response({**last, "content": " ".join(f"tok{i}" for i in range(n))})
+        STATS["streams_started"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(n):
+            await resp.write(b"data: " + json.dumps({"content": f"tok{i} ", "stop": False}).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
+        await resp.write_eof()
+        STATS["streams_completed"] += 1
+        return resp
+
+    async def rerank(request: web.Request) -> web.Response:
+        body = await counted(request)
+        docs = body["documents"]
+        results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
+        return web.json_response({"model": args.model, "results": results[: body.get("top_n") or len(docs)],
+                                  "usage": {"prompt_tokens": 7 * len(docs), "total_tokens": 7 * len(docs)}})
+
+    async def score(request: web.Request) -> web.Response:
+        await counted(request)
+        return web.json_response({"object": "list", "model": args.model, "data": [{"index": 0, "score": 0.5}],
+                                  "usage": {"prompt_tokens": 6, "total_tokens": 6}})
+
     async def embeddings(request: web.Request) -> web.Response:
         body = await counted(request)
         if not args.embeddings:
@@ -280,6 +420,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/chat/completions", completion)
     app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", dialect)
+    app.router.add_post("/v1/messages", dialect)
+    app.router.add_get("/v1/responses/{id}", stored)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_post("/infill", infill)
+    app.router.add_post("/v1/rerank", rerank)
+    app.router.add_post("/v1/score", score)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/fake/stats", stats)

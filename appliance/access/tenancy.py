@@ -49,6 +49,11 @@ SALTED_SERVERS = ("vllm", "sglang")
 # id), and counters inside usage.
 _REVEALING = ("timings", "prompt_progress", "tokens_cached", "id_slot")
 _REVEALING_USAGE = ("cached_tokens", "prompt_cache_hit_tokens", "prompt_cache_miss_tokens")
+# Anthropic's usage counts the cache's prompt tokens apart from input_tokens: they
+# are folded back into it (input_tokens alone would say what was cached).
+_ANTHROPIC_CACHE = ("cache_read_input_tokens", "cache_creation_input_tokens")
+# Where a Responses or Messages stream event carries the answer (and its usage).
+_NESTED = ("response", "message")
 
 
 def revealing(data: bytes) -> bool:
@@ -121,6 +126,11 @@ def scrub(data: bytes) -> bytes:
     if usage is not None and revealing(bytes(usage)):
         top["usage"] = msgspec.Raw(_without_cache_counters(bytes(usage)))
         changed = True
+    for name in _NESTED:
+        inner = top.get(name)
+        if inner is not None and bytes(inner).startswith(b"{") and revealing(bytes(inner)):
+            top[name] = msgspec.Raw(scrub(bytes(inner)))
+            changed = True
     return msgspec.json.encode(top) if changed else data
 
 
@@ -131,14 +141,23 @@ def _without_cache_counters(usage: bytes) -> bytes:
         return b"null"
     for name in _REVEALING_USAGE:
         fields.pop(name, None)
-    details = fields.get("prompt_tokens_details")
-    if details is not None and b"cached_tokens" in bytes(details):
+    cached = [fields.pop(name) for name in _ANTHROPIC_CACHE if name in fields]
+    if cached:
         try:
-            inner = _OBJECT.decode(details)
-            inner.pop("cached_tokens", None)
-            fields["prompt_tokens_details"] = msgspec.Raw(msgspec.json.encode(inner))
+            total = sum(msgspec.json.decode(bytes(n), type=int | None) or 0 for n in cached)
+            total += msgspec.json.decode(bytes(fields.get("input_tokens", b"0")), type=int)
+            fields["input_tokens"] = msgspec.Raw(str(total).encode())
         except msgspec.MsgspecError:
-            fields.pop("prompt_tokens_details")
+            fields.pop("input_tokens", None)
+    for name in ("prompt_tokens_details", "input_tokens_details"):  # chat's, Responses'
+        details = fields.get(name)
+        if details is not None and b"cached_tokens" in bytes(details):
+            try:
+                inner = _OBJECT.decode(details)
+                inner.pop("cached_tokens", None)
+                fields[name] = msgspec.Raw(msgspec.json.encode(inner))
+            except msgspec.MsgspecError:
+                fields.pop(name)
     return msgspec.json.encode(fields)
 
 

@@ -44,11 +44,11 @@ from appliance.errors import (
     error_for_status,
 )
 from appliance.fleet.supervisor import ClientGone, Supervisor
-from appliance.gateway.metering import StreamTap, choices, completion_cap, prompt_bound, unary_usage, usage_option
+from appliance.gateway import capabilities
+from appliance.gateway.capabilities import Endpoint
+from appliance.gateway.dialects import dialect_for_path
+from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, prompt_bound, usage_option
 from appliance.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
     ModelCard,
     ModelList,
     RequestT,
@@ -57,6 +57,7 @@ from appliance.gateway.protocol import (
 )
 from appliance.gateway.providers import Provider, load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
+from appliance.gateway.response_homes import ResponseHomes, response_id
 from appliance.gateway.routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from appliance.gateway.ttft import TtftTracker
@@ -90,6 +91,7 @@ class Runtime:
     gate: Gate | None = None
     audit: AuditLog | None = None
     tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
+    response_homes: ResponseHomes = field(default_factory=ResponseHomes)
     tag_header: bytes = b"x-appliance-tag"
     inflight: int = 0  # requests on the hot path, from arrival to their answer's end
 
@@ -148,8 +150,7 @@ def _new_request_id() -> str:
     return "%032x" % _getrandbits(128)
 
 
-async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: type[RequestT],
-                   endpoint: str) -> None:
+async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
     """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
     exception middleware turns anything raised here, before the answer starts,
     into the OpenAI envelope (``_error_response``)."""
@@ -168,14 +169,16 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
             auth = value
         elif name == tag_header:
             tag = value
+        elif name == b"x-api-key" and auth is None:  # the Anthropic SDK's header
+            auth = b"Bearer " + value
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
-    ctx = RequestCtx(rid, started, time.time(), "", endpoint)
+    ctx = RequestCtx(rid, started, time.time(), "", ep.name, dialect=ep.dialect)
     rt.inflight += 1
     try:
-        await _serve(rt, ctx, scope, receive, send, path, cls, declared, auth, tag)
+        await _serve(rt, ctx, scope, receive, send, path, ep, declared, auth, tag)
     except ApplianceError as exc:
         finish(rt, ctx, exc.status)
         if not isinstance(exc, StateWriteFailed):
@@ -194,7 +197,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, cls: t
 
 
 async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
-                 cls: type[RequestT], declared, auth, tag) -> None:
+                 ep: Endpoint, declared, auth, tag) -> None:
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
                            retry_after=5)
@@ -202,7 +205,7 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
     body = ctx.body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
                                             rt.cfg.server.body_read_timeout_s)
-    req = decode_request(body, cls)
+    req = decode_request(body, ep.cls)
     model = ctx.model = req.model
     route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key,
                                         rt.cfg.routing.tag_header)
@@ -210,22 +213,25 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     target = route.target if route is not None else model
     fields: dict = {} if target == model else {"model": target}
     if key is not None:
-        _reserve(rt, ctx, key, req, target, fields)
+        _reserve(rt, ctx, key, req, target, fields, ep)
     deployment = rt.supervisor.deployment(target)
-    if cls is EmbeddingRequest and not deployment.model.embeddings:
-        raise BadRequest(f"Model '{req.model}' does not serve embeddings", param="model",
-                         code="embeddings_not_supported")
+    capabilities.check(path, ep, deployment.model, getattr(req, "stateful", False))
+    if ep.engine_path:
+        path = ep.engine_path
+    # Responses an engine stores: where each lives (a conversation goes back there).
+    stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
+    pinned = _home_of(rt, req, key, deployment) if stores else None
     tenancy = rt.tenancy
     stream = getattr(req, "stream", False)
-    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated):
-        _tap(ctx, req, tenancy.isolated, fields)
+    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
+        _tap(ctx, req, tenancy.isolated, fields, ep)
     if fields:
         body = set_fields(body, **fields)
     tenant = tenancy.tenant(key, route)
-    salt = (tenancy.salt(tenant, req.cache_salt)
-            if tenant is not None and cls is not EmbeddingRequest else None)
-    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and cls is not EmbeddingRequest:
-        ctx.prefix = deployment.prefix.hashes(body, cls is ChatCompletionRequest, tenancy.seed(tenant))
+    client_salt = getattr(req, "cache_salt", None)
+    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates else None
+    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
+        ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
         request_text, ctx.response_text = body, b""
@@ -237,28 +243,41 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
 
     if stream:
         def done(status: int) -> None:
+            if stores and ctx.tap.held:  # the response.completed event, held back
+                _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
             finish(rt, ctx, status, request_text)
 
         opener = None
-        if fallbacks:
+        if pinned is not None:
+            ctx.served_by = pinned.name
+
+            def opener():
+                return rt.proxy.open_stream(pinned, path, local(deployment), headers, done, ep.dialect)
+        elif fallbacks:
             def opener():
                 return with_fallback(
                     rt, ctx, deployment,
                     lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
-                    lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers), done))
+                    lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers, ep.name),
+                                                   done, ep.dialect))
         await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
         return
 
-    if fallbacks:
+    if pinned is not None:
+        ctx.served_by = pinned.name
+        work = rt.proxy.unary(pinned, path, local(deployment), headers)
+    elif fallbacks:
         work = with_fallback(
             rt, ctx, deployment,
             lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
-            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers)))
+            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers, ep.name)))
     else:
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
-    ctx.usage = unary_usage(data)
+    ctx.usage = FREE if ep.free else ep.dialect.usage(data)
+    if stores and status == 200:
+        _remember(rt, ctx, deployment, data)
     data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
@@ -267,17 +286,43 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
 
 
-def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict) -> None:
+def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
+    """The replica a Responses request with previous_response_id must run on."""
+    previous = req.previous_response_id
+    if previous is None:
+        return None
+    replica = rt.response_homes.find(previous, key, "previous_response_id")
+    if replica not in deployment.replicas:
+        raise BadRequest(f"Response '{previous}' was made by another model than '{req.model}'",
+                         param="previous_response_id", code="response_model_mismatch")
+    return replica
+
+
+def _remember(rt: Runtime, ctx: RequestCtx, deployment, answer: bytes) -> None:
+    """Where the response just made is stored: the local replica that served it."""
+    replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
+    if replica is not None:
+        rt.response_homes.remember(response_id(answer), replica, ctx.key)
+
+
+def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
     """A metered or tenant-isolated stream: the engine is asked for its usage (an
     event kept from a client that did not ask for it), and the relay watches the
-    events (appliance/gateway/metering.py: StreamTap)."""
+    events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
+    always carry their usage, in their own events (appliance/gateway/dialects.py)."""
+    if not ep.dialect.asks_usage:
+        ctx.tap = StreamTap(False, scrub if isolated else None, revealing if isolated else None,
+                            usage_of=ep.dialect.usage, usage_marker=ep.dialect.usage_marker,
+                            terminal=ep.dialect.terminal)
+        return
     asked = req.stream_options is not None and bool(req.stream_options.include_usage)
     if not asked:
         fields["stream_options"] = usage_option(ctx.body)
     ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
 
 
-def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict) -> None:
+def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict,
+             ep: Endpoint) -> None:
     """Admit the key's request against its limits and hold the most it may cost
     against its budget (appliance/access/keys.py). A request that set no completion
     length is reserved at the model's default cap (default_max_tokens, else its
@@ -290,16 +335,16 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
         return
     context = dep.model.context_length
     ceiling = dep.model.default_max_tokens or context
-    cap = 0 if isinstance(req, EmbeddingRequest) else completion_cap(req)
+    cap = completion_cap(req) if ep.generates else 0
     n = choices(req)
-    prompt = prompt_bound(ctx.body)
+    prompt = 0 if ep.free else prompt_bound(ctx.body)
     res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
     if res.completion is not None and res.completion < context:
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
-        fields["max_tokens"] = limit
+        fields[ep.length_field] = limit
     n_predict = getattr(req, "n_predict", None)
     if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
         # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
@@ -324,19 +369,17 @@ def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
     return set_fields(body, **fields) if fields else body
 
 
-# The proxy endpoints: what each path decodes its body as, and its name in metrics.
-PROXY_ENDPOINTS: dict[str, tuple[type, str]] = {
-    "/v1/chat/completions": (ChatCompletionRequest, "chat"),
-    "/v1/completions": (CompletionRequest, "completions"),
-    "/v1/embeddings": (EmbeddingRequest, "embeddings"),
-}
+# The proxy endpoints: what each path decodes its body as, its name in metrics,
+# its dialect (appliance/capabilities.py).
+PROXY_ENDPOINTS = capabilities.ENDPOINTS
+RESPONSES_ENDPOINT = PROXY_ENDPOINTS["/v1/responses"]
+FREE = Usage(0, 0)  # what a free endpoint (a tokenizer's work) is charged
 
 
 async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     path = scope["path"]
-    cls, endpoint = PROXY_ENDPOINTS[path]
     try:
-        await _forward(scope, receive, send, path, cls, endpoint)
+        await _forward(scope, receive, send, path, PROXY_ENDPOINTS[path])
     except ClientGone:
         return
 
@@ -384,9 +427,16 @@ def _client_or_admin(request: Request) -> Runtime:
     only to a caller with an API key or the admin credential."""
     rt = _runtime(request)
     if rt.gate.required and not rt.admin.is_admin(request):
-        auth = request.headers.get("authorization")
-        rt.gate.authenticate(auth.encode("latin-1") if auth is not None else None)
+        rt.gate.authenticate(_authorization(request))
     return rt
+
+
+def _authorization(request: Request) -> bytes | None:
+    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
+    auth = request.headers.get("authorization")
+    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
+        auth = "Bearer " + api_key
+    return auth.encode("latin-1") if auth is not None else None
 
 
 @get("/v1/models")
@@ -403,6 +453,19 @@ async def get_model(request: Request) -> Response:
     name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
     return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
+
+
+@get("/v1/responses/{response_id:str}")
+async def get_response(request: Request) -> Response:
+    """A stored Response, from the replica that stored it, for the key that made it."""
+    rt = _runtime(request)
+    auth = _authorization(request)
+    key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
+    rid = request.path_params["response_id"]
+    replica = rt.response_homes.find(rid, key, "response_id")
+    headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}
+    status, data, content_type = await rt.proxy.unary(replica, f"/v1/responses/{rid}", None, headers, "GET")
+    return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 
 @get("/healthz")
@@ -606,7 +669,7 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     headers = err.headers()
     if rid:
         headers["X-Request-Id"] = rid
-    return err.status, headers, err.envelope()
+    return err.status, headers, dialect_for_path(path).envelope(err)
 
 
 def _framework_message(exc: HTTPException) -> str:
@@ -617,7 +680,7 @@ def _framework_message(exc: HTTPException) -> str:
 
 # --- the app --------------------------------------------------------------------
 
-ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, healthz, readyz,
+ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, get_response, healthz, readyz,
                   metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
                   admin_gpus, admin_replica_log, openapi_document]
 

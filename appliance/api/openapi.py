@@ -17,14 +17,8 @@ from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
 from appliance.errors import ErrorEnvelope
-from appliance.gateway.protocol import (
-    MAX_COUNT,
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    ModelCard,
-    ModelList,
-)
+from appliance.gateway.capabilities import ENDPOINTS
+from appliance.gateway.protocol import AT_LEAST_ONE, MAX_COUNT, ModelCard, ModelList
 
 REF = "#/components/schemas/"
 ERROR = {"$ref": REF + "ErrorEnvelope"}
@@ -32,33 +26,56 @@ ANY_OBJECT = {"type": "object"}
 # Each server-sent event: data is a JSON chunk, [DONE], or an error envelope.
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
 
-# Limits protocol.decode_request enforces beyond the types (its _check_ranges).
-_AT_LEAST_ONE = {"max_tokens", "max_completion_tokens", "n"}
-
-_OPENAI_ROUTES = {
-    "/v1/chat/completions": ("ChatCompletionRequest", "Create a chat completion (proxied to a replica)"),
-    "/v1/completions": ("CompletionRequest", "Create a completion (proxied to a replica)"),
-    "/v1/embeddings": ("EmbeddingRequest", "Create embeddings (models with embeddings = true)"),
+# What each proxy endpoint does (appliance/capabilities.py: ENDPOINTS says which
+# models serve it; any other gets a 400).
+_SUMMARIES = {
+    "/v1/chat/completions": "Create a chat completion (proxied to a replica)",
+    "/v1/completions": "Create a completion (proxied to a replica)",
+    "/v1/embeddings": "Create embeddings (models with embeddings = true)",
+    "/v1/responses": "Create a response (OpenAI Responses API; stateless: store false)",
+    "/v1/messages": "Create a message (Anthropic Messages API; x-api-key accepted)",
+    "/v1/messages/count_tokens": "Count a message's input tokens (Anthropic Messages API)",
+    "/tokenize": "Tokenize text with a model's tokenizer",
+    "/detokenize": "Turn token ids back into text",
+    "/infill": "Fill in the middle of code (llama.cpp's infill; models with FIM tokens)",
+    "/v1/rerank": "Rerank documents against a query (models with the rerank task)",
+    "/rerank": "Rerank documents against a query (alias of /v1/rerank)",
+    "/v2/rerank": "Rerank documents against a query (alias of /v1/rerank)",
+    "/v1/score": "Score text pairs (models with the rerank task)",
 }
+# Anthropic's envelope, what every error on the /v1/messages paths is.
+ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
+    "type": {"const": "error"},
+    "error": {"type": "object", "required": ["type", "message"],
+              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+# The operation ids the first endpoints always had.
+_OPERATION_IDS = {"/v1/chat/completions": "ChatCompletion", "/v1/completions": "Completion",
+                  "/v1/embeddings": "Embedding"}
 _ACTIONS = {"/admin/models/{model}/{action}": ["load", "unload", "pin", "unpin"],
             "/admin/models/{model}/replicas/{index}/{action}": ["restart", "drain"]}
 
 
+def _requests() -> list[type]:
+    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values()))
+
+
 def _components() -> dict[str, Any]:
-    _, defs = msgspec.json.schema_components(
-        [ChatCompletionRequest, CompletionRequest, EmbeddingRequest, ErrorEnvelope, ModelList, ModelCard],
-        ref_template=REF + "{name}")
-    for name in ("ChatCompletionRequest", "CompletionRequest"):
-        props = defs[name]["properties"]
-        for field in _AT_LEAST_ONE & set(props):
-            props[field] = {"anyOf": [{"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
-                                      {"type": "null"}]}
+    _, defs = msgspec.json.schema_components([*_requests(), ErrorEnvelope, ModelList, ModelCard],
+                                             ref_template=REF + "{name}")
+    for cls in _requests():
+        props = defs[cls.__name__]["properties"]
+        for field in set(AT_LEAST_ONE) & set(props):
+            count = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
+            required = field in defs[cls.__name__].get("required", ())
+            props[field] = count if required else {"anyOf": [count, {"type": "null"}]}
         props["model"] = {"type": "string", "minLength": 1}
-        props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
-                                        {"type": "null"}]}
-        props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
-    defs["ChatCompletionRequest"]["properties"]["messages"]["minItems"] = 1
-    defs["EmbeddingRequest"]["properties"]["model"] = {"type": "string", "minLength": 1}
+        if "n_predict" in props:
+            props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
+                                            {"type": "null"}]}
+        if "cache_salt" in props:
+            props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
+        if "messages" in props and "messages" in defs[cls.__name__].get("required", ()):
+            props["messages"]["minItems"] = 1
     defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}
     defs["ScaleBody"] = {"type": "object", "additionalProperties": False, "required": ["replicas"],
                          "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0},
@@ -66,14 +83,16 @@ def _components() -> dict[str, Any]:
     return defs
 
 
-def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX")) -> None:
+def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthropic: bool = False) -> None:
     responses = operation.setdefault("responses", {})
     for status in list(responses):
         if status[0] in "45":
             del responses[status]
     for status in statuses:
-        responses[status] = {"description": "An error, in the OpenAI error envelope",
-                             "content": {"application/json": {"schema": ERROR}}}
+        responses[status] = {"description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} "
+                                            "error envelope",
+                             "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic
+                                                              else ERROR}}}
 
 
 def _json_body(ref: str) -> dict:
@@ -97,19 +116,22 @@ def build(handlers: list, models: list[str], version: str) -> dict:
                                   '{"error": {"message", "type", "param", "code"}}.')
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(_components())
-    for name in ("ChatCompletionRequest", "CompletionRequest", "EmbeddingRequest"):
-        schemas[name]["properties"]["model"]["enum"] = models
+    for cls in _requests():
+        schemas[cls.__name__]["properties"]["model"]["enum"] = models
     paths = doc["paths"]
-    for path, (body, summary) in _OPENAI_ROUTES.items():
+    for path, endpoint in ENDPOINTS.items():
+        body = endpoint.cls.__name__
+        answer: dict[str, dict] = {"application/json": {"schema": ANY_OBJECT}}
+        if "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
+            answer["text/event-stream"] = {"schema": SSE_EVENT}
+        operation = path.strip("/").replace("/", "_") if path not in _OPERATION_IDS else _OPERATION_IDS[path]
         paths[path] = {"post": {
-            "summary": summary, "operationId": body.removesuffix("Request"),
-            "requestBody": _json_body(body),
+            "summary": _SUMMARIES[path], "operationId": operation, "requestBody": _json_body(body),
             "responses": {"200": {"description": "The engine's answer, byte for byte (SSE when stream is true)",
-                                  "content": {"application/json": {"schema": ANY_OBJECT},
-                                              "text/event-stream": {"schema": SSE_EVENT}}}}}}
-    for item in paths.values():
+                                  "content": answer}}}}
+    for path, item in paths.items():
         for op in item.values():
-            _errors(op)
+            _errors(op, anthropic=path.startswith("/v1/messages"))
     paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
         "$ref": REF + "ModelList"}
     paths["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {

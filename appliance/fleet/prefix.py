@@ -51,14 +51,39 @@ class _PromptShape(msgspec.Struct):
     prompt: msgspec.Raw = msgspec.Raw(b"")
 
 
+class _ResponsesShape(msgspec.Struct):
+    instructions: msgspec.Raw = msgspec.Raw(b"")
+    tools: msgspec.Raw = msgspec.Raw(b"")
+    input: msgspec.Raw = msgspec.Raw(b"")
+
+
+class _MessagesShape(msgspec.Struct):
+    system: msgspec.Raw = msgspec.Raw(b"")
+    tools: msgspec.Raw = msgspec.Raw(b"")
+    messages: list[msgspec.Raw] = []
+
+
 _CHAT = msgspec.json.Decoder(_ChatShape)
 _PROMPT = msgspec.json.Decoder(_PromptShape)
+_RESPONSES = msgspec.json.Decoder(_ResponsesShape)
+_MESSAGES = msgspec.json.Decoder(_MessagesShape)
+_ITEMS = msgspec.json.Decoder(list[msgspec.Raw])
 
 
-def engine_view(body: bytes, chat: bool) -> bytes:
-    """What the engine's prompt is made of, in its order: tools, then every message
-    (or the prompt), each exactly as the client sent it."""
+def engine_view(body: bytes, chat: bool | str) -> bytes:
+    """What the engine's prompt is made of, in its order, each part exactly as the
+    client sent it: tools, then every message (chat: True), or the prompt (False);
+    a Responses request's instructions, tools and input items ("responses"); a
+    Messages request's system prompt, tools and messages ("messages")."""
     try:
+        if chat == "responses":
+            r = _RESPONSES.decode(body)
+            raw = bytes(r.input or b"")
+            items = _ITEMS.decode(raw) if raw.startswith(b"[") else [raw]
+            return b"\x1e".join([bytes(r.instructions or b""), bytes(r.tools or b""), *map(bytes, items)])
+        if chat == "messages":
+            m = _MESSAGES.decode(body)
+            return b"\x1e".join([bytes(m.system or b""), bytes(m.tools or b""), *map(bytes, m.messages)])
         if chat:
             shape = _CHAT.decode(body)
             return b"\x1e".join([bytes(shape.tools or b""), *map(bytes, shape.messages)])
@@ -104,7 +129,7 @@ class PrefixRouter:
         # Read by the metrics collector at scrape time.
         self.outcomes = {"hit": 0, "miss": 0, "load_guard": 0}
 
-    def hashes(self, body: bytes, chat: bool, seed: int = 0) -> list[int]:
+    def hashes(self, body: bytes, chat: bool | str, seed: int = 0) -> list[int]:
         return block_hashes(engine_view(body, chat), self.block, seed)
 
     def forget(self, replica_name: str) -> None:

@@ -52,7 +52,8 @@ def completion_cap(req: RequestT) -> int | None:
     None when it set no limit. Engines differ in which length field wins when a
     body has several (llama.cpp reads n_predict first), so the largest counts."""
     caps = [v for v in (getattr(req, "max_tokens", None), getattr(req, "max_completion_tokens", None),
-                        getattr(req, "n_predict", None)) if v is not None and v >= 0]
+                        getattr(req, "n_predict", None), getattr(req, "max_output_tokens", None))
+            if v is not None and v >= 0]
     if not caps:
         return None
     return max(caps) * choices(req)
@@ -120,13 +121,22 @@ class StreamTap:
     # With scrub, revealing(data) says whether data may name a field scrub removes.
     scrub: Callable[[bytes], bytes] | None = None
     revealing: Callable[[bytes], bool] | None = None
+    # Another API's stream (appliance/dialects.py): usage_of(data) reads an event's
+    # usage (the largest of each count is kept: Anthropic reports the prompt's in
+    # message_start, the completion's in message_delta), and an event whose type
+    # names one of terminal is held back like [DONE].
+    usage_of: Callable[[bytes], Usage | None] | None = None
+    usage_marker: bytes = b'"usage"'
+    terminal: tuple[bytes, ...] = ()
+    held: bytes = b""
     usage: Usage | None = None
     events: int = 0
     done: bool = False
     _buf: bytes = b""
 
     def _watched(self, data: bytes) -> bool:
-        return b'"usage"' in data or (self.revealing is not None and self.revealing(data))
+        return (self.usage_marker in data or (self.revealing is not None and self.revealing(data))
+                or any(m in data for m in self.terminal))
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._buf and chunk.endswith(b"\n\n") and not self._watched(chunk):
@@ -143,7 +153,11 @@ class StreamTap:
             return self._hold_done(complete)
         out = []
         for event in complete.split(b"\n\n")[:-1]:
-            if event.startswith(b"data: {") and self._watched(event):
+            if self.usage_of is not None:
+                event = self._dialect_event(event)
+                if event is None:
+                    continue
+            elif event.startswith(b"data: {") and self._watched(event):
                 event = self._event(event)
                 if event is None:
                     continue
@@ -166,6 +180,25 @@ class StreamTap:
             return b"data: " + self.scrub(payload)
         return event
 
+    def _dialect_event(self, event: bytes) -> bytes | None:
+        """An event of a Responses or Messages stream ("event: TYPE" then "data: {...}")."""
+        at = 0 if event.startswith(b"data: ") else event.find(b"\ndata: ") + 1
+        if at == 0 and not event.startswith(b"data: ") or not self._watched(event):
+            return event
+        head, payload = event[:at + 6], event[at + 6:]
+        if self.usage_marker in payload:
+            found = self.usage_of(payload)
+            if found is not None:
+                seen = self.usage
+                self.usage = found if seen is None else Usage(max(seen.prompt_tokens, found.prompt_tokens),
+                                                              max(seen.completion_tokens, found.completion_tokens))
+        if self.scrub is not None and self.revealing(payload):
+            event = head + self.scrub(payload)
+        if any(m in event[:at + 40] for m in self.terminal):
+            self.held += event + b"\n\n"
+            return None
+        return event
+
     def _hold_done(self, out: bytes) -> bytes:
         if out.endswith(DONE):
             self.done = True
@@ -173,8 +206,10 @@ class StreamTap:
         return out
 
     def rest(self) -> bytes:
-        """What is left to send: an unfinished event, then the held [DONE]."""
-        rest, self._buf = self._buf, b""
+        """What is left to send: an unfinished event, then the held [DONE] (or
+        another API's held last event)."""
+        rest, self._buf = self._buf + self.held, b""
+        self.held = b""
         if self.done:
             self.done = False
             rest += DONE

@@ -81,11 +81,15 @@ _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
 def decode_request(body: bytes, cls: type[RequestT]) -> RequestT:
-    """Parse and type-check a request body; a 400 that names the field otherwise."""
+    """Parse and type-check a request body (any proxy endpoint's msgspec Struct);
+    a 400 that names the field otherwise."""
     if not body:
         raise BadRequest("Request body is empty; expected a JSON object")
+    decoder = _DECODERS.get(cls)
+    if decoder is None:
+        decoder = _DECODERS[cls] = msgspec.json.Decoder(cls)
     try:
-        req = _DECODERS[cls].decode(body)
+        req = decoder.decode(body)
     except msgspec.ValidationError as exc:
         text = str(exc)
         match = _AT.search(text)
@@ -111,10 +115,12 @@ def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
 
 # Engines keep counts in 32-bit integers; larger ones are errors, not work.
 MAX_COUNT = 2**31 - 1
+# Counts that must be within 1 and MAX_COUNT, in any endpoint's request.
+AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
 
 
 def _check_ranges(req: RequestT) -> None:
-    for field in ("max_tokens", "max_completion_tokens", "n"):
+    for field in AT_LEAST_ONE:
         value = getattr(req, field, None)
         if value is not None and value < 1:
             raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
@@ -126,7 +132,7 @@ def _check_ranges(req: RequestT) -> None:
                          param="n_predict")
     if getattr(req, "cache_salt", None) == "":
         raise BadRequest("'cache_salt' must be a non-empty string", param="cache_salt")
-    if isinstance(req, ChatCompletionRequest) and not req.messages:
+    if getattr(req, "messages", True) == []:
         raise BadRequest("'messages' must contain at least one message", param="messages")
     if not getattr(req, "model", ""):
         raise BadRequest("'model' must be a non-empty string", param="model")

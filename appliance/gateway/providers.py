@@ -110,10 +110,14 @@ class Provider:
         """/v1/chat/completions -> /chat/completions: base_url ends in the API's /v1."""
         return path.removeprefix("/v1")
 
-    def headers(self, headers: dict[str, str]) -> dict[str, str]:
+    def headers(self, headers: dict[str, str], api: str = "chat") -> dict[str, str]:
         out = {"Content-Type": "application/json"}
         if self._key.reveal():
             out["Authorization"] = "Bearer " + self._key.reveal()
+            if api in ("messages", "count_tokens"):  # Anthropic's API reads its key here
+                out["x-api-key"] = self._key.reveal()
+        if api in ("messages", "count_tokens"):
+            out["anthropic-version"] = ANTHROPIC_VERSION
         return out
 
     def body(self, body: bytes, requested_model: str) -> bytes:
@@ -121,6 +125,8 @@ class Provider:
 
 
 _TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+# The Messages API version a provider is asked for (the one the Anthropic SDK sends).
+ANTHROPIC_VERSION = "2023-06-01"
 
 
 def set_fields(body: bytes, **fields) -> bytes:

@@ -37,6 +37,8 @@ from appliance.errors import (
     StateWriteFailed,
 )
 from appliance.fleet.replica import State
+from appliance.gateway.capabilities import serves
+from appliance.gateway.dialects import OPENAI, Dialect
 from appliance.gateway.metering import estimated_usage
 
 if TYPE_CHECKING:
@@ -60,6 +62,7 @@ class RequestCtx:
     arrived: float          # unix time at arrival
     model: str              # the model the client asked for
     endpoint: str
+    dialect: Dialect = OPENAI  # the API the client speaks (errors on its stream)
     key: ApiKey | None = None
     route: RouteConfig | None = None
     prefix: list[int] | None = None
@@ -169,6 +172,9 @@ async def with_fallback(rt, ctx: RequestCtx, dep: Deployment, local: Attempt, re
         provider = rt.providers.get(name)
         if provider is not None:
             check_may_send(route, provider)
+            if ctx.endpoint not in provider.cfg.apis:  # it does not speak this request's API
+                _decide(rt, ctx, name, "api_not_served", taken=False)
+                continue
             if not provider.breaker.allow():
                 _decide(rt, ctx, name, "breaker_open", taken=False)
                 continue
@@ -183,7 +189,9 @@ async def with_fallback(rt, ctx: RequestCtx, dep: Deployment, local: Attempt, re
             provider.breaker.success()
             return result
         other = rt.supervisor.deployments.get(name)
-        if other is not None:
+        if other is not None and not serves(other.model, ctx.endpoint):
+            _decide(rt, ctx, name, "api_not_served", taken=False)
+        elif other is not None:
             _decide(rt, ctx, name, reason)
             try:
                 return await local(other)

@@ -14,8 +14,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
-from appliance.errors import ApplianceError, EngineFailure, encode_error
+from appliance.errors import ApplianceError, EngineFailure
 from appliance.fleet.supervisor import ClientGone, Deployment, Exclude
+from appliance.gateway.dialects import OPENAI, Dialect
 from appliance.gateway.routing import committed
 
 T = TypeVar("T")
@@ -134,7 +135,7 @@ async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: d
         if not started:
             done(exc.status)
             raise
-        await _send_sse_error(send, exc)
+        await _send_sse_error(send, exc, ctx)
     finally:
         if watcher is not None and not watcher.done():
             watcher.cancel()
@@ -169,7 +170,7 @@ async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx
                     return _Started(opening.result())
                 except ApplianceError as exc:
                     done(exc.status)
-                    await _send_sse_error(send, exc)
+                    await _send_sse_error(send, exc, ctx)
                     return _Started(_empty())
     finally:
         if not opening.done():
@@ -188,7 +189,8 @@ def open_local_stream(rt, dep: Deployment, path, body, headers, receive, done, c
 async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None
                        ) -> AsyncIterator[bytes]:
     return await _on_a_replica(dep, receive, ctx, headers,
-                               lambda replica: rt.proxy.open_stream(replica, path, body, headers, done))
+                               lambda replica: rt.proxy.open_stream(replica, path, body, headers, done,
+                                                                    _dialect(ctx)))
 
 
 async def _pump(chunks: AsyncIterator[bytes], send, ctx=None) -> None:
@@ -226,8 +228,13 @@ async def _wait_disconnect(receive) -> None:
             return
 
 
-async def _send_sse_error(send, exc: ApplianceError) -> None:
-    event = b"data: " + encode_error(exc.message, exc.type, exc.param, exc.code) + b"\n\n"
+def _dialect(ctx) -> Dialect:
+    return ctx.dialect if ctx is not None else OPENAI
+
+
+async def _send_sse_error(send, exc: ApplianceError, ctx) -> None:
+    """The stream's end, in its API's error event (appliance/dialects.py)."""
+    event = _dialect(ctx).stream_error(exc)
     with contextlib.suppress(Exception):
         await send({"type": "http.response.body", "body": event, "more_body": False})
 

@@ -1,0 +1,1 @@
+"""What the appliance installs beside itself: engine images and offline bundles."""

@@ -1,0 +1,91 @@
+"""The Anthropic Messages API (POST /v1/messages, /v1/messages/count_tokens):
+what the appliance reads from a request, the usage it charges, and errors in
+Anthropic's own envelope and stream event.
+
+Clients send their key as ``x-api-key`` (or ``Authorization: Bearer``) and an
+``anthropic-version`` header; both are accepted (appliance/api/app.py). Anthropic's
+``input_tokens`` leaves out the prompt tokens read from (or written to) the
+prompt cache: the charge counts them all.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from appliance.gateway.metering import Usage
+
+
+class AnthropicMessage(msgspec.Struct, kw_only=True):
+    role: Literal["user", "assistant"]
+    # A string, or a list of content blocks (text, image, tool_use, tool_result, ...).
+    content: str | list[Any]
+
+
+class CountTokensRequest(msgspec.Struct, kw_only=True):
+    model: str
+    messages: list[AnthropicMessage]
+    system: str | list[Any] | None = None
+    tools: list[Any] | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    # Required by the Messages API: the budget reserves for it.
+    max_tokens: int
+    stream: bool = False
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stop_sequences: list[str] | None = None
+
+
+class _Usage(msgspec.Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_input_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+
+
+class _WithUsage(msgspec.Struct):
+    usage: _Usage | None = None
+    # message_start carries the prompt's usage in its message.
+    message: _WithUsage | None = None
+
+
+_DECODER = msgspec.json.Decoder(_WithUsage)
+
+
+def usage(data: bytes) -> Usage | None:
+    """Usage of a whole message, or of a message_start / message_delta event (the
+    stream's relay keeps the largest of each count: output_tokens grows)."""
+    try:
+        top = _DECODER.decode(data)
+    except msgspec.MsgspecError:
+        return None
+    found = top.usage or (top.message.usage if top.message is not None else None)
+    if found is None:
+        return None
+    prompt = found.input_tokens + (found.cache_read_input_tokens or 0) + (found.cache_creation_input_tokens or 0)
+    return Usage(prompt, found.output_tokens)
+
+
+TERMINAL = (b"message_stop",)
+
+# Our status codes as Anthropic's error types (https://docs.anthropic.com/en/api/errors).
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+          413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
+          503: "overloaded_error", 504: "timeout_error"}
+
+
+def error_type(status: int) -> str:
+    return _TYPES.get(status, "api_error")
+
+
+def envelope(status: int, message: str) -> bytes:
+    return msgspec.json.encode({"type": "error", "error": {"type": error_type(status), "message": message}})
+
+
+def stream_error(status: int, message: str) -> bytes:
+    return b"event: error\ndata: " + envelope(status, message) + b"\n\n"

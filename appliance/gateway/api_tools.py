@@ -1,0 +1,56 @@
+"""The engines' tool endpoints: tokenize and detokenize (llama.cpp, vLLM), infill
+(llama.cpp's fill-in-the-middle, what editor plugins send), rerank and score
+(retrieval). What the appliance reads from their requests; the rest passes
+through. Every one names its model, which routes it like any request.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import msgspec
+
+from appliance.gateway.protocol import MAX_COUNT
+
+# A token id: engines index their vocabulary with 32-bit integers.
+TokenId = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+
+
+class TokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    # llama.cpp reads "content", vLLM "prompt" (or "messages").
+    content: str | None = None
+    prompt: str | None = None
+    messages: list[Any] | None = None
+    add_special: bool | None = None
+
+
+class DetokenizeRequest(msgspec.Struct, kw_only=True):
+    model: str
+    tokens: list[TokenId]
+
+
+class InfillRequest(msgspec.Struct, kw_only=True):
+    model: str
+    input_prefix: str = ""
+    input_suffix: str = ""
+    input_extra: list[Any] | None = None
+    prompt: str = ""
+    stream: bool = False
+    max_tokens: int | None = None
+    n_predict: int | None = None
+    temperature: float | None = None
+
+
+class RerankRequest(msgspec.Struct, kw_only=True):
+    model: str
+    query: str
+    # Strings, or objects with a "text" (vLLM, Cohere's v2 shape).
+    documents: list[str | dict[str, Any]]
+    top_n: int | None = None
+
+
+class ScoreRequest(msgspec.Struct, kw_only=True):
+    model: str
+    text_1: str | list[str]
+    text_2: str | list[str]

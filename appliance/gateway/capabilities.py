@@ -1,0 +1,107 @@
+"""What each proxy endpoint is, and who may serve it.
+
+An endpoint (``ENDPOINTS``: the paths clients call) has a request type, a
+dialect (appliance/gateway/dialects.py), the task a model must be for, and how the
+appliance meters and routes it. A model serves an endpoint when both
+
+- its engine's adapter declares the endpoint (``adapter.endpoints``,
+  engines/*.py; llama.cpp's rerank needs ``--reranking``, which its adapter
+  adds for a model with the "rerank" task), and
+- the model is for the endpoint's task (``[[models]] tasks``; default
+  ``["chat"]``, plus ``"embed"`` with ``embeddings = true``).
+
+Anything else is a 400 naming the endpoint and the model, before a replica is
+started or a request queued. A provider serves the endpoints its ``apis`` name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
+from appliance.errors import BadRequest
+from appliance.fleet.engine_traits import engine_of
+from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
+from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
+from appliance.gateway.dialects import ANTHROPIC, LLAMACPP, OPENAI, RESPONSES, Dialect
+from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+
+if TYPE_CHECKING:
+    from appliance.config import ModelConfig
+
+# What a model can be for: config.TASKS; "" (an endpoint's task): any model (tokenize, detokenize).
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    name: str             # in metrics, audit rows, adapters' and providers' lists
+    cls: type             # the request body's type (protocol.decode_request)
+    task: str             # what the model must be for ("": any)
+    dialect: Dialect = OPENAI
+    generates: bool = True     # a key's budget reserves completion tokens for it
+    view: bool | str = ""      # the prefix index's view of the body (fleet/prefix.engine_view); "": none
+    length_field: str = "max_tokens"  # where a budget's completion cap is written
+    engine_path: str = ""      # the engine's path for it ("": the path the client called)
+    # Runs no inference (a tokenizer's work): audited and rate-limited, charged no tokens.
+    free: bool = False
+
+
+_RERANK = Endpoint("rerank", RerankRequest, "rerank", generates=False, engine_path="/v1/rerank")
+
+ENDPOINTS: dict[str, Endpoint] = {
+    "/v1/chat/completions": Endpoint("chat", ChatCompletionRequest, "chat", view=True),
+    "/v1/completions": Endpoint("completions", CompletionRequest, "chat", view=False),
+    "/v1/embeddings": Endpoint("embeddings", EmbeddingRequest, "embed", generates=False),
+    "/v1/responses": Endpoint("responses", ResponsesRequest, "chat", RESPONSES, view="responses",
+                              length_field="max_output_tokens"),
+    "/v1/messages": Endpoint("messages", MessagesRequest, "chat", ANTHROPIC, view="messages"),
+    "/v1/messages/count_tokens": Endpoint("count_tokens", CountTokensRequest, "chat", ANTHROPIC,
+                                          generates=False, free=True),
+    "/tokenize": Endpoint("tokenize", TokenizeRequest, "", generates=False, free=True),
+    "/detokenize": Endpoint("detokenize", DetokenizeRequest, "", generates=False, free=True),
+    "/infill": Endpoint("infill", InfillRequest, "chat", LLAMACPP),
+    "/v1/rerank": _RERANK,
+    "/rerank": _RERANK,
+    "/v2/rerank": _RERANK,
+    "/v1/score": Endpoint("score", ScoreRequest, "rerank", generates=False),
+}
+
+BY_NAME = {e.name: e for e in ENDPOINTS.values()}
+# Every endpoint's name (what adapters and providers declare; config validates providers' lists).
+ALL = frozenset(BY_NAME)
+assert ALL == ENDPOINT_NAMES, "config.ENDPOINT_NAMES must name every endpoint of ENDPOINTS"
+
+
+def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = False) -> None:
+    """A 400 naming the endpoint and the model, unless the model serves it (and,
+    for a Responses request that needs state, its engine keeps responses)."""
+    adapter = engine_of(model)
+    code = "embeddings_not_supported" if endpoint.name == "embeddings" else "endpoint_not_supported"
+    if endpoint.name not in adapter.endpoints:
+        raise BadRequest(f"Model '{model.name}' runs on the {adapter.name} engine, which does not serve "
+                         f"{path}", param="model", code=code)
+    tasks = tasks_of(model)
+    if endpoint.task and endpoint.task not in tasks:
+        raise BadRequest(f"Model '{model.name}' does not serve {path}: it is for {', '.join(tasks)} "
+                         f"(its tasks), not {endpoint.task}", param="model", code=code)
+    if stateful and not adapter.responses_store:
+        raise BadRequest(f"Model '{model.name}' runs on the {adapter.name} engine, which keeps no responses: "
+                         "send store: false (and no previous_response_id or background), and the "
+                         "conversation's items in 'input'", param="store", code="responses_store_not_supported")
+
+
+def keeps_responses(model: ModelConfig) -> bool:
+    """Whether the model's engine stores Responses (store, previous_response_id)."""
+    return engine_of(model).responses_store
+
+
+def serves(model: ModelConfig, name: str) -> bool:
+    """Whether the model serves the endpoint of this name (a fallback's check)."""
+    endpoint = BY_NAME[name]
+    return (endpoint.name in engine_of(model).endpoints
+            and (not endpoint.task or endpoint.task in tasks_of(model)))
+
+
+__all__ = ["ALL", "BY_NAME", "ENDPOINTS", "TASKS", "Endpoint", "check", "keeps_responses", "serves", "tasks_of"]

@@ -1,0 +1,83 @@
+"""The APIs clients speak, and what differs between them once a request is
+routed: the error envelope, the event that reports an error on a stream, where
+an answer says what it used, and which event ends a stream.
+
+- OpenAI (chat, completions, embeddings, tokenize, rerank, ...):
+  ``{"error": {...}}``; a stream's usage comes only when asked for
+  (stream_options.include_usage), and ``data: [DONE]`` ends it.
+- Responses (appliance/gateway/api_responses.py): the OpenAI envelope; an ``error``
+  event on a stream; usage in the response, response.completed ends a stream.
+- llama.cpp's own API (infill): usage as tokens_evaluated, tokens_predicted.
+- Anthropic Messages (appliance/gateway/api_messages.py): Anthropic's envelope and
+  ``event: error``; usage in message_start and message_delta; message_stop ends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+from appliance.errors import ApplianceError, encode_error
+from appliance.gateway import api_messages, api_responses
+from appliance.gateway.metering import Usage, unary_usage
+
+
+@dataclass(frozen=True, slots=True)
+class Dialect:
+    name: str
+    # Usage from a whole answer or one streamed event's JSON (None: it says none).
+    usage: Callable[[bytes], Usage | None]
+    # Markers of a stream's last events, held back until the request's charge is
+    # durable (OpenAI's [DONE] is held by the StreamTap itself).
+    terminal: tuple[bytes, ...] = ()
+    # The engine reports a stream's usage only when asked (stream_options).
+    asks_usage: bool = False
+    # What an event that may carry usage contains (cheap to look for).
+    usage_marker: bytes = b'"usage"'
+
+    def envelope(self, err: ApplianceError) -> bytes:
+        if self is ANTHROPIC:
+            return api_messages.envelope(err.status, err.message)
+        return err.envelope()
+
+    def stream_error(self, err: ApplianceError) -> bytes:
+        """The event that tells a client its stream failed after it had begun."""
+        if self is ANTHROPIC:
+            return api_messages.stream_error(err.status, err.message)
+        if self is RESPONSES:
+            return api_responses.stream_error(err.message, err.type, err.param, err.code)
+        return b"data: " + encode_error(err.message, err.type, err.param, err.code) + b"\n\n"
+
+
+class _NativeUsage(msgspec.Struct):
+    tokens_evaluated: int = 0
+    tokens_predicted: int = 0
+
+
+_NATIVE = msgspec.json.Decoder(_NativeUsage)
+
+
+def _native_usage(data: bytes) -> Usage | None:
+    try:
+        counts = _NATIVE.decode(data)
+    except msgspec.MsgspecError:
+        return None
+    return Usage(counts.tokens_evaluated, counts.tokens_predicted)
+
+
+OPENAI = Dialect("openai", unary_usage, asks_usage=True)
+# llama-server's own API (/infill): the OpenAI envelope; its answers and a stream's
+# last event count tokens_evaluated and tokens_predicted.
+LLAMACPP = Dialect("llamacpp", _native_usage, usage_marker=b'"tokens_predicted"')
+RESPONSES = Dialect("responses", api_responses.usage, api_responses.TERMINAL)
+ANTHROPIC = Dialect("anthropic", api_messages.usage, api_messages.TERMINAL)
+
+
+def dialect_for_path(path: str) -> Dialect:
+    """The dialect an error on this path answers in (any path, a 404 included)."""
+    return ANTHROPIC if path.startswith("/v1/messages") else OPENAI
+
+
+__all__ = ["ANTHROPIC", "LLAMACPP", "OPENAI", "RESPONSES", "Dialect", "dialect_for_path"]

@@ -1,0 +1,118 @@
+"""End to end: the APIs beyond chat (Responses, Anthropic Messages, tokenize) on the
+real llama.cpp server with the bundled SmolLM2, called through the openai and
+anthropic SDKs exactly as a local app or an agent would, with a budgeted key."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from .test_e2e_llamacpp import MODEL, llama_daemon  # noqa: F401  (the daemon on the bundled model)
+from .test_keys import keys_cli
+
+pytestmark = pytest.mark.e2e
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+
+
+@pytest.fixture(scope="module")
+def key(llama_daemon):
+    return keys_cli(llama_daemon, "create", "--name", "agent", "--budget-tokens", "100000")
+
+
+def _used(llama_daemon, name: str) -> tuple[int, int]:
+    usage = {u["key"]: u for u in llama_daemon.status()["usage"]}.get(name)
+    return (usage["prompt_tokens"], usage["completion_tokens"]) if usage else (0, 0)
+
+
+@pytest.fixture
+def oai(llama_daemon, key):
+    return openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key=key, max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def claude(llama_daemon, key):
+    return anthropic.Anthropic(base_url=llama_daemon.url, api_key=key, max_retries=0, timeout=120)
+
+
+def test_responses_create_with_a_function_tool_is_answered_and_charged(llama_daemon, oai):
+    before = _used(llama_daemon, "agent")
+    resp = oai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                max_output_tokens=16)
+    assert resp.status == "completed" and resp.output
+    assert resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
+    assert getattr(resp.usage.input_tokens_details, "cached_tokens", None) is None  # no cache oracle
+    after = _used(llama_daemon, "agent")
+    assert after == (before[0] + resp.usage.input_tokens, before[1] + resp.usage.output_tokens)
+
+
+def test_responses_streamed_ends_with_completed_and_is_charged(llama_daemon, oai):
+    before = _used(llama_daemon, "agent")
+    events = list(oai.responses.create(model=MODEL, input="Say hello", max_output_tokens=8, stream=True))
+    types = [e.type for e in events]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert any(t == "response.output_text.delta" for t in types)
+    usage = events[-1].response.usage
+    after = _used(llama_daemon, "agent")
+    assert after == (before[0] + usage.input_tokens, before[1] + usage.output_tokens)
+
+
+def test_messages_create_with_a_system_prompt_is_answered_and_charged_all_its_prompt(llama_daemon, claude):
+    claude.messages.create(model=MODEL, system="You are terse.", max_tokens=8,
+                           messages=[{"role": "user", "content": "Hello"}])  # warms llama's prompt cache
+    before = _used(llama_daemon, "agent")
+    msg = claude.messages.create(model=MODEL, system="You are terse.", max_tokens=8,
+                                 messages=[{"role": "user", "content": "Hello"}])
+    assert msg.type == "message" and msg.role == "assistant" and msg.content[0].text
+    # The prompt cache's share is folded into input_tokens: the whole prompt, no oracle.
+    assert msg.usage.cache_read_input_tokens is None
+    count = claude.messages.count_tokens(model=MODEL, system="You are terse.",
+                                         messages=[{"role": "user", "content": "Hello"}])
+    assert msg.usage.input_tokens >= count.input_tokens - 2 > 0
+    prompt, completion = _used(llama_daemon, "agent")
+    assert completion == before[1] + msg.usage.output_tokens
+    assert prompt >= before[0] + msg.usage.input_tokens  # + count_tokens' own prompt
+
+
+def test_messages_streamed_events_and_charge(llama_daemon, claude):
+    before = _used(llama_daemon, "agent")
+    with claude.messages.stream(model=MODEL, max_tokens=8, system="Be brief.",
+                                messages=[{"role": "user", "content": "Hi"}]) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text and final.stop_reason in ("max_tokens", "end_turn")
+    after = _used(llama_daemon, "agent")
+    assert after[1] == before[1] + final.usage.output_tokens
+    assert after[0] == before[0] + final.usage.input_tokens
+
+
+def test_messages_errors_come_in_anthropics_envelope(llama_daemon, claude):
+    with pytest.raises(anthropic.NotFoundError) as err:
+        claude.messages.create(model="no-such-model", max_tokens=8, messages=[{"role": "user", "content": "x"}])
+    assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "not_found_error"
+    bad = anthropic.Anthropic(base_url=llama_daemon.url, api_key="ak-nope-nope", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        bad.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": "x"}])
+
+
+def test_tokenize_round_trip(llama_daemon, key):
+    with httpx.Client(base_url=llama_daemon.url, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+        tokens = c.post("/tokenize", json={"model": MODEL, "content": "Hello world"}).json()["tokens"]
+        assert tokens and all(isinstance(t, int) for t in tokens)
+        text = c.post("/detokenize", json={"model": MODEL, "tokens": tokens}).json()["content"]
+        assert text.strip() == "Hello world"
+        # SmolLM2 is a chat model: rerank is refused before anything runs, naming both.
+        resp = c.post("/v1/rerank", json={"model": MODEL, "query": "a", "documents": ["a", "b"]})
+        assert resp.status_code == 400 and "/v1/rerank" in resp.text and MODEL in resp.text
+
+
+def test_llama_server_keeps_no_responses_so_a_stateful_request_is_a_clear_400(llama_daemon, oai):
+    for extra in ({"store": True}, {"previous_response_id": "resp_1"}, {"background": True}):
+        with pytest.raises(openai.BadRequestError) as err:
+            oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, **extra)
+        assert err.value.body["code"] == "responses_store_not_supported"
+        assert "llamacpp" in err.value.body["message"]
+    assert oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False).status == "completed"
