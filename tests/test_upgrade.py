@@ -268,7 +268,7 @@ def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keep
     statedb_py.write_text(statedb_py.read_text().replace(
         "    _v1_tables,\n))",
         '    _v1_tables,\n    lambda db: add_column(db, "api_keys", "note", "TEXT"),\n))').replace(
-        "from .migrations import Registry,", "from .migrations import Registry, add_column,"))
+        "from appliance.state.migrations import Registry,", "from appliance.state.migrations import Registry, add_column,"))
     upgraded = s.install(later)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert f"copied {root}/var/lib/appliance/appliance.db (schema {statedb.MIGRATIONS.latest})" in upgraded.stdout, \
