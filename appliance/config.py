@@ -452,9 +452,11 @@ def default_paths() -> PathsConfig:
     StateDirectory=, CacheDirectory=, LogsDirectory=), else FHS locations for
     root, XDG locations for a user."""
     fallback = _user_paths()
-    return PathsConfig(state_dir=_systemd_dir("STATE_DIRECTORY") or fallback.state_dir,
-                       cache_dir=_systemd_dir("CACHE_DIRECTORY") or fallback.cache_dir,
-                       log_dir=_systemd_dir("LOGS_DIRECTORY") or fallback.log_dir)
+    return PathsConfig(
+        state_dir=_systemd_dir("STATE_DIRECTORY") or fallback.state_dir,
+        cache_dir=_systemd_dir("CACHE_DIRECTORY") or fallback.cache_dir,
+        log_dir=_systemd_dir("LOGS_DIRECTORY") or fallback.log_dir,
+    )
 
 
 def _systemd_dir(variable: str) -> str:
@@ -548,11 +550,15 @@ def _rename_keys(table: dict, origin: str) -> list[str]:
         for where, parent, new_parent in _key_places(table, old, new):
             old_key, new_key = old.rsplit(".", 1)[-1], new.rsplit(".", 1)[-1]
             if new_key in new_parent:
-                raise ConfigError(f"{origin}: field '{where}{old_key}' is the old name of '{new}' (renamed in "
-                                  f"{release}) and both are set; keep only '{new}'")
+                raise ConfigError(
+                    f"{origin}: field '{where}{old_key}' is the old name of '{new}' (renamed in "
+                    f"{release}) and both are set; keep only '{new}'"
+                )
             new_parent[new_key] = parent.pop(old_key)
-            warnings.append(f"{origin}: field '{where}{old_key}' is deprecated: it was renamed '{new}' in "
-                            f"{release} and is read as that for now; rename it before the next release")
+            warnings.append(
+                f"{origin}: field '{where}{old_key}' is deprecated: it was renamed '{new}' in "
+                f"{release} and is read as that for now; rename it before the next release"
+            )
     return warnings
 
 
@@ -614,8 +620,7 @@ def finalize(cfg: Config, origin: str) -> Config:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
     if server.admin_socket:
         server = msgspec.structs.replace(server, admin_socket=str(Path(paths.state_dir) / server.admin_socket))
-    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models,
-                                  origin=origin)
+    cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, origin=origin)
     _validate(cfg)
     return cfg
 
@@ -633,15 +638,17 @@ def _validate(cfg: Config) -> None:
     need(0 < s.header_read_timeout_s <= 3600, "server.header_read_timeout_s", "must be within 0-3600 s")
     need(0 < s.body_read_timeout_s <= 3600, "server.body_read_timeout_s", "must be within 0-3600 s")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
-    need(len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX, "server.admin_socket",
-         f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)")
+    need(
+        len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX,
+        "server.admin_socket",
+        f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)",
+    )
     u = cfg.upstream
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
     need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")
     need(u.max_connections_per_replica >= 1, "upstream.max_connections_per_replica", "must be >= 1")
     sv = cfg.supervisor
-    for field in ("startup_timeout_s", "backoff_initial_s", "backoff_max_s", "crash_window_s",
-                  "health_interval_s"):
+    for field in ("startup_timeout_s", "backoff_initial_s", "backoff_max_s", "crash_window_s", "health_interval_s"):
         need(getattr(sv, field) > 0, f"supervisor.{field}", "must be positive")
     need(sv.stop_grace_s >= 0, "supervisor.stop_grace_s", "must not be negative")
     need(sv.max_crashes >= 1, "supervisor.max_crashes", "must be >= 1")
@@ -660,17 +667,24 @@ def _validate(cfg: Config) -> None:
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
         at = f"models[{i}]"
-        need(bool(_NAME_RE.match(m.name)), f"{at}.name",
-             f"{m.name!r} is not a valid model name (letters, digits, . _ : / -)")
+        need(
+            bool(_NAME_RE.match(m.name)),
+            f"{at}.name",
+            f"{m.name!r} is not a valid model name (letters, digits, . _ : / -)",
+        )
         need(m.name not in seen, f"{at}.name", f"duplicate model name {m.name!r}")
         seen.add(m.name)
         a = m.autoscaling
         need(a.min_replicas >= 0, f"{at}.autoscaling.min_replicas", "must not be negative")
-        need(a.max_replicas >= max(a.min_replicas, 1), f"{at}.autoscaling.max_replicas",
-             "must be >= min_replicas and >= 1")
+        need(
+            a.max_replicas >= max(a.min_replicas, 1),
+            f"{at}.autoscaling.max_replicas",
+            "must be >= min_replicas and >= 1",
+        )
         need(a.target_rps_per_replica > 0, f"{at}.autoscaling.target_rps_per_replica", "must be positive")
-        need(not a.sleep_after.seconds or m.sleep_mode, f"{at}.autoscaling.sleep_after",
-             "needs sleep_mode = true (vllm)")
+        need(
+            not a.sleep_after.seconds or m.sleep_mode, f"{at}.autoscaling.sleep_after", "needs sleep_mode = true (vllm)"
+        )
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
@@ -678,7 +692,7 @@ def _validate(cfg: Config) -> None:
         _validate_tasks(m, at, need)
         if m.source.startswith(STORE_PREFIX):
             try:
-                check_name(m.source[len(STORE_PREFIX):])
+                check_name(m.source[len(STORE_PREFIX) :])
             except StoreError as exc:
                 need(False, f"{at}.source", str(exc))
         if m.server == "llamacpp":
@@ -686,24 +700,39 @@ def _validate(cfg: Config) -> None:
             need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")
             need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
             for field in ("cache_type_k", "cache_type_v"):
-                need(getattr(m, field) in CACHE_TYPES, f"{at}.{field}",
-                     f"{getattr(m, field)!r} is not a llama.cpp cache type ({', '.join(CACHE_TYPES)})")
+                need(
+                    getattr(m, field) in CACHE_TYPES,
+                    f"{at}.{field}",
+                    f"{getattr(m, field)!r} is not a llama.cpp cache type ({', '.join(CACHE_TYPES)})",
+                )
             if m.source.startswith(BUILTIN_PREFIX):
-                name = m.source[len(BUILTIN_PREFIX):]
-                need(name == EMBEDDED_MODEL_NAME, f"{at}.source",
-                     f"unknown builtin model {name!r}; the bundled one is {EMBEDDED_MODEL_NAME!r}")
+                name = m.source[len(BUILTIN_PREFIX) :]
+                need(
+                    name == EMBEDDED_MODEL_NAME,
+                    f"{at}.source",
+                    f"unknown builtin model {name!r}; the bundled one is {EMBEDDED_MODEL_NAME!r}",
+                )
         elif m.server == "openai":
-            need(bool(m.command) != bool(m.url), f"{at}",
-                 "an openai engine needs exactly one of 'command' (supervised) or 'url' (external)")
+            need(
+                bool(m.command) != bool(m.url),
+                f"{at}",
+                "an openai engine needs exactly one of 'command' (supervised) or 'url' (external)",
+            )
             if m.url:
                 need(m.url.startswith(("http://", "https://")), f"{at}.url", "must be an http(s) URL")
             if m.command:
-                need(any("{port}" in part for part in m.command), f"{at}.command",
-                     "must contain {port} so the engine listens where the supervisor expects")
+                need(
+                    any("{port}" in part for part in m.command),
+                    f"{at}.command",
+                    "must contain {port} so the engine listens where the supervisor expects",
+                )
         else:  # vllm, sglang
             need(bool(m.source), f"{at}.source", f"{m.server} needs a model directory (a hub snapshot)")
-            need(not m.source.startswith(BUILTIN_PREFIX), f"{at}.source",
-                 f"the bundled model is a GGUF for llamacpp, not for {m.server}")
+            need(
+                not m.source.startswith(BUILTIN_PREFIX),
+                f"{at}.source",
+                f"the bundled model is a GGUF for llamacpp, not for {m.server}",
+            )
             need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative")
             need(m.kv_cache_tokens >= 0, f"{at}.kv_cache_tokens", "must not be negative")
             need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
@@ -723,8 +752,10 @@ def is_loopback(host: str) -> bool:
 def bind_error(cfg: Config) -> str | None:
     """Why this config must not serve on its bind address, if it must not."""
     if not is_loopback(cfg.server.host) and not cfg.keys.required:
-        return (f"field 'keys.required': server.host {cfg.server.host!r} is not loopback, so API keys "
-                "are required: set keys.required = true and create keys with `appliance keys create`")
+        return (
+            f"field 'keys.required': server.host {cfg.server.host!r} is not loopback, so API keys "
+            "are required: set keys.required = true and create keys with `appliance keys create`"
+        )
     return None
 
 
@@ -747,12 +778,14 @@ def _validate_routes(cfg: Config, need) -> None:
     for i, p in enumerate(cfg.providers):
         at = f"providers[{i}]"
         need(bool(_NAME_RE.match(p.name)), f"{at}.name", f"{p.name!r} is not a valid name")
-        need(p.name not in providers and p.name not in models, f"{at}.name",
-             f"{p.name!r} is already a provider or model name")
+        need(
+            p.name not in providers and p.name not in models,
+            f"{at}.name",
+            f"{p.name!r} is already a provider or model name",
+        )
         providers[p.name] = p
         need(p.base_url.startswith(("http://", "https://")), f"{at}.base_url", "must be an http(s) URL")
-        need(not (p.api_key_file and p.api_key_env), f"{at}",
-             "name at most one of 'api_key_file' and 'api_key_env'")
+        need(not (p.api_key_file and p.api_key_env), f"{at}", "name at most one of 'api_key_file' and 'api_key_env'")
         need(p.connect_timeout_s > 0, f"{at}.connect_timeout_s", "must be positive")
         need(p.read_timeout_s > 0, f"{at}.read_timeout_s", "must be positive")
         need(p.breaker_failures >= 1, f"{at}.breaker_failures", "must be >= 1")
@@ -767,26 +800,44 @@ def _validate_routes(cfg: Config, need) -> None:
         need(route.name not in names, f"{at}.name", f"duplicate route name {route.name!r}")
         names.add(route.name)
         need(bool(route.model), f"{at}.model", "must name the model clients request")
-        need((route.model, route.tag) not in matches, f"{at}.model",
-             f"another route already matches model {route.model!r} with tag {route.tag!r}")
+        need(
+            (route.model, route.tag) not in matches,
+            f"{at}.model",
+            f"another route already matches model {route.model!r} with tag {route.tag!r}",
+        )
         matches.add((route.model, route.tag))
         need(route.target in models, f"{at}.target", f"{route.target!r} is not a configured model")
         need(route.burst_at_queue >= -1, f"{at}.burst_at_queue", "must be >= -1")
         for name in route.fallbacks:
-            need(name in providers or name in models, f"{at}.fallbacks",
-                 f"{name!r} is neither a provider nor a model")
+            need(name in providers or name in models, f"{at}.fallbacks", f"{name!r} is neither a provider nor a model")
             provider = providers.get(name)
-            need(not (route.regulated and provider is not None and provider.commercial),
-                 f"{at}.fallbacks", f"route {route.name!r} is regulated: it may not fall back to the "
-                 f"commercial provider {name!r} (regulated traffic never leaves this server)")
+            need(
+                not (route.regulated and provider is not None and provider.commercial),
+                f"{at}.fallbacks",
+                f"route {route.name!r} is regulated: it may not fall back to the "
+                f"commercial provider {name!r} (regulated traffic never leaves this server)",
+            )
 
 
 # What a model can be for (tasks = [...]); the gateway's endpoints each need one of them.
 TASKS = ("chat", "embed", "rerank")
 # The proxy endpoints' names, as providers (apis = [...]) and engine adapters list them
 # (gateway/capabilities.py has each one's table row).
-ENDPOINT_NAMES = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
-                            "tokenize", "detokenize", "infill", "rerank", "score"})
+ENDPOINT_NAMES = frozenset(
+    {
+        "chat",
+        "completions",
+        "embeddings",
+        "responses",
+        "messages",
+        "count_tokens",
+        "tokenize",
+        "detokenize",
+        "infill",
+        "rerank",
+        "score",
+    }
+)
 
 
 def tasks_of(model: ModelConfig) -> tuple[str, ...]:
@@ -799,8 +850,11 @@ def tasks_of(model: ModelConfig) -> tuple[str, ...]:
 def _validate_tasks(m: ModelConfig, at: str, need) -> None:
     unknown = [t for t in m.tasks if t not in TASKS]
     need(not unknown, f"{at}.tasks", f"unknown task(s) {unknown}: a model is for {', '.join(TASKS)}")
-    need(not (m.tasks and m.embeddings and "embed" not in m.tasks), f"{at}.tasks",
-         'embeddings = true needs "embed" among the tasks (or leave tasks empty)')
+    need(
+        not (m.tasks and m.embeddings and "embed" not in m.tasks),
+        f"{at}.tasks",
+        'embeddings = true needs "embed" among the tasks (or leave tasks empty)',
+    )
 
 
 def idle_ttl_s(cfg: Config, model: ModelConfig) -> float:
@@ -814,12 +868,15 @@ def read_admin_token(cfg: Config) -> str:
     try:
         token = path.read_text().strip()
     except OSError as exc:
-        raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
-                          f"{exc.strerror}; create it (one line of 16 or more characters, mode 0600, "
-                          "readable by the daemon's user) or remove the setting") from None
+        raise ConfigError(
+            f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
+            f"{exc.strerror}; create it (one line of 16 or more characters, mode 0600, "
+            "readable by the daemon's user) or remove the setting"
+        ) from None
     if len(token) < 16:
-        raise ConfigError(f"{cfg.origin}: field 'server.admin_token_file': the token in {path} is "
-                          "shorter than 16 characters")
+        raise ConfigError(
+            f"{cfg.origin}: field 'server.admin_token_file': the token in {path} is shorter than 16 characters"
+        )
     if problem := exposed_secret(path):
         log.warning("field 'server.admin_token_file': %s", problem)
     return token
@@ -829,8 +886,10 @@ def exposed_secret(path: Path) -> str | None:
     """Why a file holding a secret is open to more than its owner, if it is."""
     mode = path.stat().st_mode & 0o777
     if mode & 0o044:
-        return (f"{path} is readable by its group or others (mode {mode:04o}): run chmod 600 {path} "
-                "(and chown it to the daemon's user)")
+        return (
+            f"{path} is readable by its group or others (mode {mode:04o}): run chmod 600 {path} "
+            "(and chown it to the daemon's user)"
+        )
     return None
 
 
@@ -839,16 +898,21 @@ def check_writable_dirs(cfg: Config) -> None:
     a ConfigError naming the field, the path and the fix, before anything opens there."""
     import tempfile
 
-    for field, path in (("paths.state_dir", cfg.paths.state_dir), ("paths.cache_dir", cfg.paths.cache_dir),
-                        ("paths.log_dir", cfg.paths.log_dir)):
+    for field, path in (
+        ("paths.state_dir", cfg.paths.state_dir),
+        ("paths.cache_dir", cfg.paths.cache_dir),
+        ("paths.log_dir", cfg.paths.log_dir),
+    ):
         try:
             Path(path).mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:
-            raise ConfigError(f"{cfg.origin}: field '{field}': {path} is not writable by this user "
-                              f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access "
-                              f"(chown/chmod) or point {field} elsewhere") from None
+            raise ConfigError(
+                f"{cfg.origin}: field '{field}': {path} is not writable by this user "
+                f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access "
+                f"(chown/chmod) or point {field} elsewhere"
+            ) from None
 
 
 def kv_tokens(model: ModelConfig) -> int:
@@ -868,4 +932,3 @@ def min_residency_s(cfg: Config, model: ModelConfig) -> float:
 def overhead_bytes(cfg: Config, model: ModelConfig) -> int:
     gib = model.gpu_overhead_gib or getattr(cfg.engines, model.server).overhead_gib
     return int(gib * 1024**3)
-

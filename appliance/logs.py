@@ -85,8 +85,11 @@ def setup_logging(level: str = "info", log_file: str | None = None, stream: Text
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         # Reopened when logrotate moves it away.
         to_file = logging.handlers.WatchedFileHandler(log_file, encoding="utf-8")
-        to_file.setFormatter(LineFormatter("%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s",
-                                           one_line=True, priority_prefix=False))
+        to_file.setFormatter(
+            LineFormatter(
+                "%(asctime)s %(levelname)s %(name)s%(request)s: %(message)s", one_line=True, priority_prefix=False
+            )
+        )
         handlers.append(to_file)
     for h in handlers:
         h.addFilter(RequestIdFilter())

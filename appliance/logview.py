@@ -34,8 +34,10 @@ def journal_command(lines: int, follow: bool, systemd_dir: Path = SYSTEMD_RUNNIN
 
 def daemon_log_file(cfg: Config) -> Path:
     if not cfg.server.log_file:
-        raise LogError("the daemon logs to stderr only: run it under systemd (journalctl -u appliance), "
-                       "or set server.log_file in the config to have a file to follow")
+        raise LogError(
+            "the daemon logs to stderr only: run it under systemd (journalctl -u appliance), "
+            "or set server.log_file in the config to have a file to follow"
+        )
     path = Path(cfg.server.log_file)
     if not path.is_file():
         raise LogError(f"no daemon log at {path} (server.log_file) yet: has the daemon started?")
@@ -54,8 +56,9 @@ def replica_log_files(cfg: Config, selectors: Iterable[str]) -> list[tuple[str, 
             paths = [folder / f"{model.replace('/', '_')}-{index}.log"]
             paths = [p for p in paths if p.is_file()]
         else:
-            paths = sorted(p for p in folder.glob(f"{sel.replace('/', '_')}-*.log")
-                           if p.stem.rpartition("-")[2].isdigit())
+            paths = sorted(
+                p for p in folder.glob(f"{sel.replace('/', '_')}-*.log") if p.stem.rpartition("-")[2].isdigit()
+            )
         if not paths:
             known = ", ".join(_label(p) for p in sorted(folder.glob("*.log"))) or "none yet"
             raise LogError(f"no replica log for {sel!r} in {folder} (replica logs there: {known})")
@@ -133,8 +136,9 @@ def _text(line: bytes) -> str:
     return line.decode("utf-8", "replace").rstrip("\r")
 
 
-def show(files: list[tuple[str, Path]], lines: int, follow: bool, echo: Callable[[str], None],
-         interval: float = 0.25) -> None:
+def show(
+    files: list[tuple[str, Path]], lines: int, follow: bool, echo: Callable[[str], None], interval: float = 0.25
+) -> None:
     """Print the last lines of each file, then (follow) what is appended, until interrupted."""
     prefix = len(files) > 1
     tails = [(label, Tail(path)) for label, path in files]

@@ -51,25 +51,35 @@ _UNSAFE_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
 
 def check_name(name: object) -> str:
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name or "--" in name:
-        raise StoreError(f"invalid model name {name!r}: use NAME or ORG/NAME (letters, digits, . _ -; "
-                         "each part up to 96, starting with a letter or digit; no '..' or '--')")
+        raise StoreError(
+            f"invalid model name {name!r}: use NAME or ORG/NAME (letters, digits, . _ -; "
+            "each part up to 96, starting with a letter or digit; no '..' or '--')"
+        )
     return name
 
 
 def check_revision(revision: object) -> str:
     """The name of a snapshot folder: one safe name, never a path."""
-    if not isinstance(revision, str) or len(revision) > MAX_REVISION or not _REVISION_RE.fullmatch(revision) \
-            or ".." in revision:
-        raise StoreError(f"invalid revision {revision!r}: a revision is one name of letters, digits and "
-                         f". _ - (up to {MAX_REVISION}, e.g. a 40-hex commit), never a path")
+    if (
+        not isinstance(revision, str)
+        or len(revision) > MAX_REVISION
+        or not _REVISION_RE.fullmatch(revision)
+        or ".." in revision
+    ):
+        raise StoreError(
+            f"invalid revision {revision!r}: a revision is one name of letters, digits and "
+            f". _ - (up to {MAX_REVISION}, e.g. a 40-hex commit), never a path"
+        )
     return revision
 
 
 def check_hub_ref(ref: str) -> str:
     """A revision a hub pull asks for: a revision, or a ref with slashes (refs/pr/1)."""
     if len(ref) > MAX_REF or not _REF_RE.fullmatch(ref) or ".." in ref or ref.endswith(".lock"):
-        raise StoreError(f"invalid revision {ref!r}: use a commit, a branch or tag (main, v1.0) or a "
-                         "ref like refs/pr/1 (letters, digits, . _ - and /; no '..', no leading '/')")
+        raise StoreError(
+            f"invalid revision {ref!r}: use a commit, a branch or tag (main, v1.0) or a "
+            "ref like refs/pr/1 (letters, digits, . _ - and /; no '..', no leading '/')"
+        )
     return ref
 
 
@@ -163,8 +173,10 @@ def open_regular(path: Path, expected: tuple[int, int] | None = None) -> BinaryI
         if not stat.S_ISREG(st.st_mode):
             raise StoreError(f"refusing {path}: not a regular file")
         if expected is not None and identity(st) != expected:
-            raise StoreError(f"refusing {path}: it changed since it was checked (replaced or linked "
-                             "elsewhere); nothing was imported, run the import again")
+            raise StoreError(
+                f"refusing {path}: it changed since it was checked (replaced or linked "
+                "elsewhere); nothing was imported, run the import again"
+            )
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb", buffering=0)
     except BaseException:

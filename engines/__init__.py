@@ -22,5 +22,13 @@ def adapter_for(server: str) -> EngineAdapter:
         raise KeyError(f"no engine adapter named {server!r}") from None
 
 
-__all__ = ["ADAPTERS", "CannotLaunch", "EngineAdapter", "EngineLoad", "GpuSlot", "LaunchSpec", "ProbeFailed",
-           "adapter_for"]
+__all__ = [
+    "ADAPTERS",
+    "CannotLaunch",
+    "EngineAdapter",
+    "EngineLoad",
+    "GpuSlot",
+    "LaunchSpec",
+    "ProbeFailed",
+    "adapter_for",
+]

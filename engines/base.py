@@ -46,7 +46,7 @@ class GpuSlot:
     gpus: tuple[int, ...]
     memory_fraction: float
     uuids: tuple[str, ...] = ()  # NVML's UUIDs of those GPUs, where the probe knows them
-    bytes_per_gpu: int = 0       # what the placer reserved on each (0: memory_fraction of the card)
+    bytes_per_gpu: int = 0  # what the placer reserved on each (0: memory_fraction of the card)
 
     @property
     def tp(self) -> int:
@@ -65,7 +65,7 @@ class GpuSlot:
 
 class EngineAdapter(Protocol):
     name: str
-    gpu: bool        # replicas need GPUs from the placer
+    gpu: bool  # replicas need GPUs from the placer
     can_sleep: bool  # sleep()/wake() exist (vLLM's sleep mode)
     unix_socket: bool  # listens on access.socket, not host:port
     # The proxy endpoints it serves (appliance/gateway/capabilities.py names them), and
@@ -76,8 +76,17 @@ class EngineAdapter(Protocol):
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
 
-    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+    def launch(
+        self,
+        cfg: Config,
+        model: ModelConfig,
+        weights: Path | None,
+        host: str,
+        port: int,
+        slot: GpuSlot | None,
+        access: EngineAccess,
+        cpus: frozenset[int] = frozenset(),
+    ) -> LaunchSpec:
         """argv and extra environment for one replica of model, loading weights (resolved by
         the appliance; None for an engine that brings its own), listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
@@ -87,23 +96,23 @@ class EngineAdapter(Protocol):
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
 
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
+    async def probe_ready(
+        self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
+    ) -> None:
         """Return once the replica answered a real request; raise ProbeFailed otherwise."""
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
-                           timeout: float) -> EngineLoad | None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         """Cheap periodic liveness check of a READY replica, with the engine's load
         where it exposes one; raise ProbeFailed when unhealthy."""
 
 
-async def one_token_completion(session: aiohttp.ClientSession, base_url: str, model_name: str,
-                               timeout: float) -> None:
+async def one_token_completion(session: aiohttp.ClientSession, base_url: str, model_name: str, timeout: float) -> None:
     """Readiness is a real 1-token completion answered, not an open port."""
     body = {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
     try:
-        async with session.post(f"{base_url}/v1/completions", json=body,
-                                timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with session.post(
+            f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+        ) as resp:
             payload = await resp.read()
             if resp.status != 200:
                 raise ProbeFailed(f"1-token completion answered {resp.status}: {payload[:200]!r}")
@@ -116,16 +125,22 @@ async def refuses_anonymous(base_url: str, model_name: str, timeout: float) -> N
     anyone is not started (CannotLaunch: FATAL, with the fix)."""
     body = {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
     try:
-        async with aiohttp.ClientSession() as anonymous, anonymous.post(
-                f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+        async with (
+            aiohttp.ClientSession() as anonymous,
+            anonymous.post(
+                f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp,
+        ):
             status = resp.status
     except (TimeoutError, aiohttp.ClientError, OSError):
         return  # no answer at all: the health checks deal with an engine that is gone
     if status not in (401, 403):
-        raise CannotLaunch(f"the engine answered a completion sent without its key (HTTP {status}): it "
-                           "does not enforce the per-replica key, so any local user could bypass the "
-                           "appliance; a server = \"openai\" command must read $ENGINE_API_KEY or "
-                           "--api-key-file {api_key_file} (docs/operations.md)")
+        raise CannotLaunch(
+            f"the engine answered a completion sent without its key (HTTP {status}): it "
+            "does not enforce the per-replica key, so any local user could bypass the "
+            'appliance; a server = "openai" command must read $ENGINE_API_KEY or '
+            "--api-key-file {api_key_file} (docs/operations.md)"
+        )
 
 
 async def http_ok(session: aiohttp.ClientSession, url: str, timeout: float) -> None:
@@ -169,8 +184,9 @@ class LocalEngine:
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         return f"http://{host}:{port}"
 
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
+    async def probe_ready(
+        self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
+    ) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
         await refuses_anonymous(base_url, model.name, timeout)
 
@@ -187,8 +203,13 @@ def gpu_engine_command(cfg: Config, engine: str) -> tuple[list[str], str]:
 
 
 # Air-gapped: no hub, no telemetry (also what `appliance export` gives engines elsewhere).
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-               "HF_HUB_DISABLE_TELEMETRY": "1", "DO_NOT_TRACK": "1"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+}
 
 
 def offline_env(cfg: Config) -> dict[str, str]:

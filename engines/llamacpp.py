@@ -30,11 +30,32 @@ class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
     # What the pinned llama-server answers (checked by tests/test_e2e_dialects.py);
     # rerank needs --reranking, embeddings --embeddings: added for the model's tasks.
-    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
-                           "tokenize", "detokenize", "infill", "rerank"})
+    endpoints = frozenset(
+        {
+            "chat",
+            "completions",
+            "embeddings",
+            "responses",
+            "messages",
+            "count_tokens",
+            "tokenize",
+            "detokenize",
+            "infill",
+            "rerank",
+        }
+    )
 
-    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+    def launch(
+        self,
+        cfg: Config,
+        model: ModelConfig,
+        weights: Path | None,
+        host: str,
+        port: int,
+        slot: GpuSlot | None,
+        access: EngineAccess,
+        cpus: frozenset[int] = frozenset(),
+    ) -> LaunchSpec:
         from appliance.config import tasks_of
         from appliance.dist.images import llamacpp_binary
 
@@ -45,24 +66,34 @@ class LlamaCppAdapter(LocalEngine):
             threads = len(cpus) or model.threads or max(1, os.cpu_count() or 1)
         argv = [
             binary,
-            "--model", str(weights),
-            "--alias", model.name,
-            "--host", host,
-            "--port", str(port),
-            "--api-key-file", str(access.key_file),
-            "--ctx-size", str(model.context_length),
-            "--parallel", str(model.parallel),
-            "--threads", str(threads),
+            "--model",
+            str(weights),
+            "--alias",
+            model.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--api-key-file",
+            str(access.key_file),
+            "--ctx-size",
+            str(model.context_length),
+            "--parallel",
+            str(model.parallel),
+            "--threads",
+            str(threads),
             "--cont-batching",
             # Keep each slot's KV cache between requests and reuse shifted chunks of
             # it, so a conversation's next turn skips the prefill of its history.
             "--cache-prompt",
-            "--cache-reuse", "256",
+            "--cache-reuse",
+            "256",
             "--metrics",
             "--no-slots",
             "--no-webui",
             "--offline",
-            "--log-colors", "off",
+            "--log-colors",
+            "off",
         ]
         if (model.cache_type_k, model.cache_type_v) != ("f16", "f16"):
             argv += ["--cache-type-k", model.cache_type_k, "--cache-type-v", model.cache_type_v]
@@ -71,8 +102,7 @@ class LlamaCppAdapter(LocalEngine):
         if slot is not None:
             # Every layer on the placer's GPUs, split by layer across several; --fit off:
             # llama.cpp must not shrink the context to what is free (the placer sized it).
-            argv += ["--n-gpu-layers", "all", "--split-mode", "layer" if slot.tp > 1 else "none",
-                     "--fit", "off"]
+            argv += ["--n-gpu-layers", "all", "--split-mode", "layer" if slot.tp > 1 else "none", "--fit", "off"]
             env["CUDA_VISIBLE_DEVICES"] = slot.cuda_visible_uuids
         tasks = tasks_of(model)
         if "embed" in tasks:
@@ -82,8 +112,7 @@ class LlamaCppAdapter(LocalEngine):
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env})
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
-                           timeout: float) -> EngineLoad | None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         # /metrics answers only while the server runs: one request, liveness and load.
         return parse_llamacpp(await http_text(session, f"{base_url}/metrics", timeout))
 
@@ -100,5 +129,6 @@ def cuda_binary(cfg: Config) -> str:
         raise CannotLaunch(
             f"no llamacpp-cuda engine image in {images_dir(cfg) / 'llamacpp-cuda'}: run `appliance images "
             "build llamacpp-cuda` (it needs the CUDA toolkit: nvcc), set engines.llamacpp.cuda_binary, "
-            "or remove [models.gpus] to serve this model on the CPU")
+            "or remove [models.gpus] to serve this model on the CPU"
+        )
     return str(binary)

@@ -9,9 +9,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 @dataclass(frozen=True)
 class EngineLoad:
-    running: float | None = None           # requests being decoded
-    waiting: float | None = None           # requests queued inside the engine
-    kv_cache_usage: float | None = None    # 0..1 of the KV cache in use
+    running: float | None = None  # requests being decoded
+    waiting: float | None = None  # requests queued inside the engine
+    kv_cache_usage: float | None = None  # 0..1 of the KV cache in use
     prefix_cache_hit_rate: float | None = None  # 0..1, since the engine started
 
 
@@ -45,7 +45,8 @@ def parse_vllm(text: str) -> EngineLoad:
         running=_first(v, "vllm:num_requests_running"),
         waiting=_first(v, "vllm:num_requests_waiting"),
         kv_cache_usage=_first(v, "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"),
-        prefix_cache_hit_rate=_ratio(hits, queries) if queries is not None
+        prefix_cache_hit_rate=_ratio(hits, queries)
+        if queries is not None
         else _first(v, "vllm:gpu_prefix_cache_hit_rate"),
     )
 

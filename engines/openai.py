@@ -35,17 +35,44 @@ class OpenAIAdapter:
     # Whatever the operator's server is: every endpoint, stored Responses (routed back
     # to the replica that made them; a server that keeps none says so itself); the
     # model's tasks narrow it.
-    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "messages", "count_tokens",
-                           "tokenize", "detokenize", "infill", "rerank", "score"})
+    endpoints = frozenset(
+        {
+            "chat",
+            "completions",
+            "embeddings",
+            "responses",
+            "messages",
+            "count_tokens",
+            "tokenize",
+            "detokenize",
+            "infill",
+            "rerank",
+            "score",
+        }
+    )
     responses_store = True
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url
 
-    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
-        fields = {"port": str(port), "host": host, "model_name": model.name,
-                  "model_path": str(weights) if weights else "", "api_key_file": str(access.key_file)}
+    def launch(
+        self,
+        cfg: Config,
+        model: ModelConfig,
+        weights: Path | None,
+        host: str,
+        port: int,
+        slot: GpuSlot | None,
+        access: EngineAccess,
+        cpus: frozenset[int] = frozenset(),
+    ) -> LaunchSpec:
+        fields = {
+            "port": str(port),
+            "host": host,
+            "model_name": model.name,
+            "model_path": str(weights) if weights else "",
+            "api_key_file": str(access.key_file),
+        }
         argv = [part.format_map(fields) for part in model.command] + model.args
         return LaunchSpec(argv=argv, env={**model.env, KEY_VARIABLE: access.secret})
 
@@ -54,14 +81,14 @@ class OpenAIAdapter:
             return model.url.rstrip("/").removesuffix("/v1")
         return f"http://{host}:{port}"
 
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
+    async def probe_ready(
+        self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
+    ) -> None:
         await one_token_completion(session, base_url, model.name, timeout)
         if self.supervised(model):
             await refuses_anonymous(base_url, model.name, timeout)
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
-                           timeout: float) -> EngineLoad | None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         # /v1/models is the one endpoint every OpenAI-compatible server has.
         await http_ok(session, f"{base_url}/v1/models", timeout)
         return None

@@ -37,32 +37,53 @@ class SglangAdapter(LocalEngine):
     can_sleep = False
     endpoints = frozenset({"chat", "completions", "embeddings", "responses", "rerank"})
 
-    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+    def launch(
+        self,
+        cfg: Config,
+        model: ModelConfig,
+        weights: Path | None,
+        host: str,
+        port: int,
+        slot: GpuSlot | None,
+        access: EngineAccess,
+        cpus: frozenset[int] = frozenset(),
+    ) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "sglang")
         argv = [
             *command,
-            "--model-path", str(weights),
-            "--served-model-name", model.name,
-            "--host", host,
-            "--port", str(port),
-            "--tp-size", str(slot.tp),
-            "--mem-fraction-static", f"{slot.memory_fraction:.2f}",
-            "--context-length", str(model.context_length),
-            "--max-running-requests", str(model.parallel),
+            "--model-path",
+            str(weights),
+            "--served-model-name",
+            model.name,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--tp-size",
+            str(slot.tp),
+            "--mem-fraction-static",
+            f"{slot.memory_fraction:.2f}",
+            "--context-length",
+            str(model.context_length),
+            "--max-running-requests",
+            str(model.parallel),
             "--enable-metrics",
-            "--config", str(access.dir / KEY_CONFIG),
+            "--config",
+            str(access.dir / KEY_CONFIG),
         ]
         if model.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
         argv += model.args
-        env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
-               "SGLANG_DISABLE_REQUEST_LOGGING": "1"}
-        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image,
-                          files={KEY_CONFIG: json.dumps({"api-key": access.secret})})
+        env = {
+            **offline_env(cfg),
+            "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
+            "SGLANG_DISABLE_REQUEST_LOGGING": "1",
+        }
+        return LaunchSpec(
+            argv=argv, env={**env, **model.env}, image=image, files={KEY_CONFIG: json.dumps({"api-key": access.secret})}
+        )
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
-                           timeout: float) -> EngineLoad | None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         return parse_sglang(await http_text(session, f"{base_url}/metrics", timeout))

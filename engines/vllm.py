@@ -42,29 +42,50 @@ class VllmAdapter(LocalEngine):
     unix_socket = True
     # vLLM's OpenAI server: Responses (stored with VLLM_ENABLE_RESPONSES_API_STORE),
     # pooling models' rerank and score, tokenize and detokenize.
-    endpoints = frozenset({"chat", "completions", "embeddings", "responses", "tokenize", "detokenize",
-                           "rerank", "score"})
+    endpoints = frozenset(
+        {"chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "rerank", "score"}
+    )
     responses_store = True  # in the replica's memory (VLLM_ENABLE_RESPONSES_API_STORE)
 
-    def launch(self, cfg: Config, model: ModelConfig, weights: Path | None, host: str, port: int,
-               slot: GpuSlot | None, access: EngineAccess, cpus: frozenset[int] = frozenset()) -> LaunchSpec:
+    def launch(
+        self,
+        cfg: Config,
+        model: ModelConfig,
+        weights: Path | None,
+        host: str,
+        port: int,
+        slot: GpuSlot | None,
+        access: EngineAccess,
+        cpus: frozenset[int] = frozenset(),
+    ) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
         command, image = gpu_engine_command(cfg, "vllm")
         argv = [
-            *command, str(weights),
-            "--served-model-name", model.name,
-            "--uds", str(access.socket),
-            "--tensor-parallel-size", str(slot.tp),
-            "--gpu-memory-utilization", f"{slot.memory_fraction:.2f}",
-            "--max-model-len", str(model.context_length),
-            "--max-num-seqs", str(model.parallel),
+            *command,
+            str(weights),
+            "--served-model-name",
+            model.name,
+            "--uds",
+            str(access.socket),
+            "--tensor-parallel-size",
+            str(slot.tp),
+            "--gpu-memory-utilization",
+            f"{slot.memory_fraction:.2f}",
+            "--max-model-len",
+            str(model.context_length),
+            "--max-num-seqs",
+            str(model.parallel),
             "--enable-prefix-caching",
         ]
         if model.kv_cache_dtype != "auto":
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
-        env = {**offline_env(cfg), "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
-               "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_RESPONSES_API_STORE": "1"}
+        env = {
+            **offline_env(cfg),
+            "CUDA_VISIBLE_DEVICES": slot.cuda_visible_devices,
+            "VLLM_NO_USAGE_STATS": "1",
+            "VLLM_ENABLE_RESPONSES_API_STORE": "1",
+        }
         if model.sleep_mode:
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
@@ -74,13 +95,13 @@ class VllmAdapter(LocalEngine):
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         return "http://localhost"  # the Host header; the replica's session connects to its socket
 
-    async def probe_ready(self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig,
-                          timeout: float) -> None:
+    async def probe_ready(
+        self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
+    ) -> None:
         # No anonymous check: nobody but the daemon's user can reach the socket.
         await one_token_completion(session, base_url, model.name, timeout)
 
-    async def probe_health(self, session: aiohttp.ClientSession, base_url: str,
-                           timeout: float) -> EngineLoad | None:
+    async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         return parse_vllm(await http_text(session, f"{base_url}/metrics", timeout))
 
     async def sleep(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:

@@ -142,12 +142,14 @@ class ApplianceTUI(App):
             banner.remove_class("down")
             return
         shown = "; the views show its last answer" if self.status is not None else ""
-        banner.update(Text.assemble(("DAEMON NOT REACHABLE", "bold reverse"), f"  {message}. ",
-                                    f"Retrying every {self.interval:g}s{shown}."))
+        banner.update(
+            Text.assemble(
+                ("DAEMON NOT REACHABLE", "bold reverse"), f"  {message}. ", f"Retrying every {self.interval:g}s{shown}."
+            )
+        )
         banner.add_class("down")
         top = self.query_one("#top", Static)
-        top.update(Text.assemble(("appliance", "bold"), "  ", ("DOWN", "bold reverse"),
-                                 f"  {self.admin.where}"))
+        top.update(Text.assemble(("appliance", "bold"), "  ", ("DOWN", "bold reverse"), f"  {self.admin.where}"))
 
     # --- rendering -----------------------------------------------------------------------
 
@@ -236,8 +238,7 @@ class ApplianceTUI(App):
         replicas = self._model(model).get("replicas", [])
         if len(replicas) == 1:
             return model, replicas[0]["index"]
-        self.notify(f"{model} has {len(replicas)} replicas: move the cursor onto one (down arrow)",
-                    severity="warning")
+        self.notify(f"{model} has {len(replicas)} replicas: move the cursor onto one (down arrow)", severity="warning")
         return None
 
     # --- actions ----------------------------------------------------------------------------
@@ -276,9 +277,12 @@ class ApplianceTUI(App):
                 return
             label = f"scale {model} to {'auto' if value is None else value}"
             if value is not None and value < current:
-                self._confirm(f"Scale {model} down from {current} to {value} replica(s)? "
-                              "Replicas taken away stop serving (drained first).",
-                              label, lambda: self.admin.scale(model, value))
+                self._confirm(
+                    f"Scale {model} down from {current} to {value} replica(s)? "
+                    "Replicas taken away stop serving (drained first).",
+                    label,
+                    lambda: self.admin.scale(model, value),
+                )
             else:
                 self._run(label, lambda: self.admin.scale(model, value))
 
@@ -292,9 +296,11 @@ class ApplianceTUI(App):
     def action_unload(self) -> None:
         model = self._selected_model()
         if model is not None:
-            self._confirm(f"Unload {model}? All its replicas drain and stop; its next request "
-                          "starts it again.", f"unload {model}",
-                          lambda: self.admin.model_action(model, "unload"))
+            self._confirm(
+                f"Unload {model}? All its replicas drain and stop; its next request starts it again.",
+                f"unload {model}",
+                lambda: self.admin.model_action(model, "unload"),
+            )
 
     def action_pin(self) -> None:
         model = self._selected_model()
@@ -307,17 +313,21 @@ class ApplianceTUI(App):
         target = self._replica()
         if target is not None:
             model, index = target
-            self._confirm(f"Restart {model}#{index}? It stops serving until its engine is ready again.",
-                          f"restart {model}#{index}",
-                          lambda: self.admin.replica_action(model, index, "restart"))
+            self._confirm(
+                f"Restart {model}#{index}? It stops serving until its engine is ready again.",
+                f"restart {model}#{index}",
+                lambda: self.admin.replica_action(model, index, "restart"),
+            )
 
     def action_drain(self) -> None:
         target = self._replica()
         if target is not None:
             model, index = target
-            self._confirm(f"Drain {model}#{index}? It takes no new requests, finishes the ones in "
-                          "flight, then stops.", f"drain {model}#{index}",
-                          lambda: self.admin.replica_action(model, index, "drain"))
+            self._confirm(
+                f"Drain {model}#{index}? It takes no new requests, finishes the ones in flight, then stops.",
+                f"drain {model}#{index}",
+                lambda: self.admin.replica_action(model, index, "drain"),
+            )
 
     def _confirm(self, question: str, label: str, call: Callable[[], Awaitable]) -> None:
         def answered(yes: bool | None) -> None:
@@ -382,8 +392,11 @@ class ApplianceTUI(App):
     def _render_log(self, data: dict) -> None:
         title = self.query_one("#log-title", Static)
         where = data.get("file") or data.get("error") or ""
-        title.update(Text.assemble((f"{data.get('replica', '?')}", "bold"),
-                                   f"  {'following' if self.follow else 'paused'}  {where}"))
+        title.update(
+            Text.assemble(
+                (f"{data.get('replica', '?')}", "bold"), f"  {'following' if self.follow else 'paused'}  {where}"
+            )
+        )
         lines = data.get("lines") or []
         log = self.query_one("#log", Log)
         old = self.log_lines

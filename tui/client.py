@@ -27,10 +27,10 @@ class Admin(Protocol):
 
 
 class AdminClient:
-    def __init__(self, *, socket: str | None = None, url: str | None = None, token: str = "",
-                 timeout: float = 5.0) -> None:
-        self.target = Target(socket=socket, url=url or (None if socket else "http://127.0.0.1:8000"),
-                             token=token)
+    def __init__(
+        self, *, socket: str | None = None, url: str | None = None, token: str = "", timeout: float = 5.0
+    ) -> None:
+        self.target = Target(socket=socket, url=url or (None if socket else "http://127.0.0.1:8000"), token=token)
         self.where = self.target.where
         transport = httpx.AsyncHTTPTransport(uds=socket) if socket else None
         self.http = httpx.AsyncClient(transport=transport, timeout=timeout, **self.target.client_options())

@@ -58,8 +58,10 @@ class ScaleScreen(ModalScreen["int | None | str"]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="dialog"):
-            yield Label(f"Scale {self.model}: {self.current} replica(s) now, at most {self.maximum}.\n"
-                        "A number, or 'auto' to hand it back to the autoscaler. Enter to apply, Esc to cancel.")
+            yield Label(
+                f"Scale {self.model}: {self.current} replica(s) now, at most {self.maximum}.\n"
+                "A number, or 'auto' to hand it back to the autoscaler. Enter to apply, Esc to cancel."
+            )
             yield Input(placeholder="replicas or auto", id="replicas")
 
     def on_input_submitted(self, event: Input.Submitted) -> None:

@@ -11,8 +11,15 @@ from rich.table import Table
 from rich.text import Text
 
 GiB = 1024**3
-STATE_STYLE = {"READY": "green", "STARTING": "yellow", "BACKOFF": "yellow", "SLEEPING": "cyan",
-               "DRAINING": "magenta", "STOPPED": "dim", "FATAL": "bold red"}
+STATE_STYLE = {
+    "READY": "green",
+    "STARTING": "yellow",
+    "BACKOFF": "yellow",
+    "SLEEPING": "cyan",
+    "DRAINING": "magenta",
+    "STOPPED": "dim",
+    "FATAL": "bold red",
+}
 
 
 # --- small formats ------------------------------------------------------------------
@@ -63,9 +70,12 @@ def header(status: dict | None, where: str) -> Text:
     if status is None:
         return Text.assemble(("appliance", "bold"), f"  connecting to {where}")
     state = "draining" if status.get("draining") else ("ready" if status.get("ready") else "starting")
-    return Text.assemble(("appliance", "bold"), f" {status.get('version', '?')} │ ",
-                         (state.upper(), "bold"), f" │ up {duration(status.get('uptime_s'))} │ "
-                         f"{status.get('listen', '?')} │ {short_where(where)}")
+    return Text.assemble(
+        ("appliance", "bold"),
+        f" {status.get('version', '?')} │ ",
+        (state.upper(), "bold"),
+        f" │ up {duration(status.get('uptime_s'))} │ {status.get('listen', '?')} │ {short_where(where)}",
+    )
 
 
 def short_where(where: str, width: int = 24) -> str:
@@ -91,12 +101,15 @@ def overview(status: dict, gpus: dict | None) -> RenderableType:
         for g in gpus["gpus"]:
             used, total = g.get("used_bytes", 0), g.get("total_bytes", 0)
             util = g.get("utilization_pct")
-            table.add_row(f"GPU{g['index']}", _short_gpu_name(g.get("name", "")), bar(used, total, 16),
-                          f"{used / GiB:5.1f}/{total / GiB:.0f} GiB",
-                          f"util {util:>3d}%" if util is not None else "util  n/a")
+            table.add_row(
+                f"GPU{g['index']}",
+                _short_gpu_name(g.get("name", "")),
+                bar(used, total, 16),
+                f"{used / GiB:5.1f}/{total / GiB:.0f} GiB",
+                f"util {util:>3d}%" if util is not None else "util  n/a",
+            )
             placed = ", ".join(f"{r['replica']} {r['state']}" for r in g.get("replicas", []))
-            table.add_row("", Text(f"  └ {placed or 'no replicas'}", style="dim" if not placed else ""),
-                          "", "", "")
+            table.add_row("", Text(f"  └ {placed or 'no replicas'}", style="dim" if not placed else ""), "", "", "")
         parts.append(table)
     else:
         why = gpus.get("error") or "no GPUs found"
@@ -124,8 +137,14 @@ def models_summary(status: dict) -> RenderableType:
     models = status.get("models", [])
     for m in models:
         states = " ".join(r["state"] for r in m.get("replicas", [])) or "-"
-        table.add_row(m["name"], state_text(model_state(m)), states[:24], f"{m.get('rps_10s', 0):.1f}",
-                      str(m.get("queued", 0)), str(m.get("inflight", 0)))
+        table.add_row(
+            m["name"],
+            state_text(model_state(m)),
+            states[:24],
+            f"{m.get('rps_10s', 0):.1f}",
+            str(m.get("queued", 0)),
+            str(m.get("inflight", 0)),
+        )
     if not models:
         return Text("No models configured.")
     return table
@@ -145,15 +164,30 @@ def model_rows(status: dict) -> list[tuple[str, tuple]]:
         count = f"{len(replicas)}/{m.get('max_replicas', '?')}"
         if m.get("override") is not None:
             count += "!"
-        rows.append((f"m:{m['name']}", (
-            Text(m["name"], style="bold"), state_text(model_state(m)), count, f"{m.get('rps_10s', 0):.1f}",
-            str(m.get("queued", 0)), str(m.get("inflight", 0)), ms(m.get("ttft_p50_ms")),
-            "yes" if m.get("pinned") else "no")))
+        rows.append(
+            (
+                f"m:{m['name']}",
+                (
+                    Text(m["name"], style="bold"),
+                    state_text(model_state(m)),
+                    count,
+                    f"{m.get('rps_10s', 0):.1f}",
+                    str(m.get("queued", 0)),
+                    str(m.get("inflight", 0)),
+                    ms(m.get("ttft_p50_ms")),
+                    "yes" if m.get("pinned") else "no",
+                ),
+            )
+        )
         for r in replicas:
             name = f"  #{r['index']}" + (f" pid {r['pid']}" if r.get("pid") else "")
             state = r["state"] + (" (out)" if r.get("retiring") else "")
-            rows.append((f"r:{m['name']}:{r['index']}", (
-                name, state_text(state), "", "", "", str(r.get("inflight", 0)), "", "")))
+            rows.append(
+                (
+                    f"r:{m['name']}:{r['index']}",
+                    (name, state_text(state), "", "", "", str(r.get("inflight", 0)), "", ""),
+                )
+            )
     return rows
 
 
@@ -161,23 +195,33 @@ def model_detail(status: dict, name: str | None) -> RenderableType:
     m = next((m for m in status.get("models", []) if m["name"] == name), None)
     if m is None:
         return Text("No model selected.")
-    how = (f"operator set {m['override']} replicas" if m.get("override") is not None
-           else f"autoscaling {m.get('min_replicas', 0)}-{m.get('max_replicas', '?')}")
+    how = (
+        f"operator set {m['override']} replicas"
+        if m.get("override") is not None
+        else f"autoscaling {m.get('min_replicas', 0)}-{m.get('max_replicas', '?')}"
+    )
     ttl = m.get("idle_ttl_s") or 0
     idle = f"idle {duration(m.get('idle_s'))}" + (f" of {duration(ttl)}" if ttl else ", no TTL")
     lines = [
-        Text.assemble((m["name"], "bold"), f"  {m.get('server', '?')}  {how}  pinned: "
-                      f"{'yes' if m.get('pinned') else 'no'}  {idle}"),
-        Text(f"rps {m.get('rps_10s', 0):.2f} (10s) {m.get('rps_60s', 0):.2f} (60s)  TTFT p50 "
-             f"{ms(m.get('ttft_p50_ms'))}  last cold start {duration(m.get('last_cold_start_s'))}"),
+        Text.assemble(
+            (m["name"], "bold"),
+            f"  {m.get('server', '?')}  {how}  pinned: {'yes' if m.get('pinned') else 'no'}  {idle}",
+        ),
+        Text(
+            f"rps {m.get('rps_10s', 0):.2f} (10s) {m.get('rps_60s', 0):.2f} (60s)  TTFT p50 "
+            f"{ms(m.get('ttft_p50_ms'))}  last cold start {duration(m.get('last_cold_start_s'))}"
+        ),
     ]
     if m.get("blocked"):
         lines.append(Text(f"not served: {m['blocked']}", style="red"))
     for r in m.get("replicas", []):
         where = f"port {r['port']}" if r.get("port") else (r.get("url") or "")
         gpus = f" GPU {','.join(map(str, r['gpus']))}" if r.get("gpus") else ""
-        line = Text.assemble(f"#{r['index']} ", state_text(r["state"]),
-                             f" {where}{gpus} in-flight {r.get('inflight', 0)} restarts {r.get('restarts', 0)}")
+        line = Text.assemble(
+            f"#{r['index']} ",
+            state_text(r["state"]),
+            f" {where}{gpus} in-flight {r.get('inflight', 0)} restarts {r.get('restarts', 0)}",
+        )
         if r.get("last_error"):
             line.append(f"  last error: {r['last_error']}", style="red")
         lines.append(line)
@@ -215,8 +259,13 @@ def routes(status: dict) -> RenderableType:
         model = r.get("model", "")
         if r.get("tag"):
             model += f" [{r['tag']}]"
-        table.add_row(r.get("name", "?"), model, r.get("target", ""),
-                      "yes" if r.get("regulated", True) else "no", ", ".join(fallbacks) or "none")
+        table.add_row(
+            r.get("name", "?"),
+            model,
+            r.get("target", ""),
+            "yes" if r.get("regulated", True) else "no",
+            ", ".join(fallbacks) or "none",
+        )
     return table
 
 
@@ -231,6 +280,11 @@ def usage(status: dict) -> RenderableType:
         table.add_column(col, justify="left" if col == "KEY" else "right")
     for u in items:
         prompt, completion = u.get("prompt_tokens", 0), u.get("completion_tokens", 0)
-        table.add_row(str(u.get("key") or u.get("name") or "?"), str(u.get("requests", 0)), str(prompt),
-                      str(completion), str(u.get("tokens", prompt + completion)))
+        table.add_row(
+            str(u.get("key") or u.get("name") or "?"),
+            str(u.get("requests", 0)),
+            str(prompt),
+            str(completion),
+            str(u.get("tokens", prompt + completion)),
+        )
     return table

@@ -24,9 +24,23 @@ from appliance.state.db import connect
 
 log = logging.getLogger("appliance.audit")
 
-COLUMNS = ("ts", "request_id", "key_id", "route", "model", "endpoint", "served_by", "status",
-           "prompt_tokens", "completion_tokens", "latency_ms", "ttft_ms", "fallback_reason",
-           "request_text", "response_text")
+COLUMNS = (
+    "ts",
+    "request_id",
+    "key_id",
+    "route",
+    "model",
+    "endpoint",
+    "served_by",
+    "status",
+    "prompt_tokens",
+    "completion_tokens",
+    "latency_ms",
+    "ttft_ms",
+    "fallback_reason",
+    "request_text",
+    "response_text",
+)
 
 
 @contextlib.contextmanager
@@ -87,8 +101,10 @@ class AuditLog:
         """Refuse a request whose row or charge could not be kept: the state
         database fails (for keyed and regulated requests), or too many rows wait."""
         if len(self.rows) >= self.cfg.max_pending_rows or (accountable and self.failing and self._durable):
-            raise StateWriteFailed("The appliance cannot write its audit log and token ledger now "
-                                   f"({self.failing or 'too many rows wait for the disk'}); retry later")
+            raise StateWriteFailed(
+                "The appliance cannot write its audit log and token ledger now "
+                f"({self.failing or 'too many rows wait for the disk'}); retry later"
+            )
 
     def record(self, row: list | tuple, durable: bool = False) -> asyncio.Future | None:
         """Queue one audit row; for a durable one, the future its answer awaits."""
@@ -153,8 +169,12 @@ class AuditLog:
             _resolve(waiters)
             return
         if self.failing is None:
-            log.error("audit: cannot write %d rows to the state database, keeping them to retry "
-                      "(keyed and regulated requests get 503 meanwhile): %s", len(rows), error)
+            log.error(
+                "audit: cannot write %d rows to the state database, keeping them to retry "
+                "(keyed and regulated requests get 503 meanwhile): %s",
+                len(rows),
+                error,
+            )
         self.failing = f"{type(error).__name__}: {error}"
         self.rows[:0] = rows
         for k, v in ledger.items():
@@ -164,12 +184,14 @@ class AuditLog:
 
     def _write(self, rows: list, ledger: dict[tuple[str, int], int]) -> None:
         with transaction(self.db):
-            self.db.executemany(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES "
-                                f"({', '.join('?' * len(COLUMNS))})", rows)
+            self.db.executemany(
+                f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows
+            )
             self.db.executemany(
                 "INSERT INTO usage_ledger (key_id, period_start, tokens) VALUES (?, ?, ?) "
                 "ON CONFLICT(key_id, period_start) DO UPDATE SET tokens = tokens + excluded.tokens",
-                [(k, p, t) for (k, p), t in ledger.items()])
+                [(k, p, t) for (k, p), t in ledger.items()],
+            )
 
     async def close(self) -> None:
         """Stop the writer after its current write, write what is left, close the
@@ -206,8 +228,12 @@ class AuditLog:
 
     def _lost(self) -> None:
         if self.rows or self.ledger:
-            log.error("audit: %d rows and %d ledger charges could not be written before shutdown (%s)",
-                      len(self.rows), len(self.ledger), self.failing or "write failed")
+            log.error(
+                "audit: %d rows and %d ledger charges could not be written before shutdown (%s)",
+                len(self.rows),
+                len(self.ledger),
+                self.failing or "write failed",
+            )
 
 
 def _resolve(waiters: list[asyncio.Future]) -> None:
@@ -218,6 +244,7 @@ def _resolve(waiters: list[asyncio.Future]) -> None:
 
 def _fail(waiter: asyncio.Future, why: str) -> None:
     if not waiter.done():
-        waiter.set_exception(StateWriteFailed(f"The appliance could not write its audit log and token "
-                                              f"ledger ({why}); retry later"))
+        waiter.set_exception(
+            StateWriteFailed(f"The appliance could not write its audit log and token ledger ({why}); retry later")
+        )
         waiter.exception()  # retrieved: a request that gave up waiting must not log it

@@ -37,6 +37,7 @@ from appliance.errors import Forbidden, RateLimited, Unauthorized
 PREFIX = "ak-"
 PERIODS = ("hour", "day", "month")
 
+
 @dataclass
 class ApiKey:
     id: str
@@ -62,38 +63,59 @@ class KeyStore:
     def __init__(self, path: Path | str) -> None:
         self.db = connect(path)  # table api_keys: appliance/state/db.py
 
-    def create(self, name: str, routes: list[str] = (), tag: str = "", rpm: int = 0,
-               budget_tokens: int = 0, budget_period: str = "day") -> tuple[ApiKey, str]:
+    def create(
+        self,
+        name: str,
+        routes: list[str] = (),
+        tag: str = "",
+        rpm: int = 0,
+        budget_tokens: int = 0,
+        budget_period: str = "day",
+    ) -> tuple[ApiKey, str]:
         """A new key and its one-time token (never stored)."""
         if budget_period not in PERIODS:
             raise ValueError(f"budget period must be one of {', '.join(PERIODS)}")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
-        key = ApiKey(key_id, name, _digest(secret), list(routes), tag, rpm, budget_tokens, budget_period,
-                     time.time())
+        key = ApiKey(key_id, name, _digest(secret), list(routes), tag, rpm, budget_tokens, budget_period, time.time())
         with transaction(self.db):
-            self.db.execute("INSERT INTO api_keys (id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
-                            "budget_period, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (key.id, name, key.secret_sha256, json.dumps(key.routes), tag, rpm,
-                             budget_tokens, budget_period, key.created_at))
+            self.db.execute(
+                "INSERT INTO api_keys (id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
+                "budget_period, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    name,
+                    key.secret_sha256,
+                    json.dumps(key.routes),
+                    tag,
+                    rpm,
+                    budget_tokens,
+                    budget_period,
+                    key.created_at,
+                ),
+            )
         return key, f"{PREFIX}{key_id}-{secret}"
 
     def all(self) -> list[ApiKey]:
-        rows = self.db.execute("SELECT id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
-                               "budget_period, created_at, revoked_at FROM api_keys ORDER BY created_at")
+        rows = self.db.execute(
+            "SELECT id, name, secret_sha256, routes, tag, rpm, budget_tokens, "
+            "budget_period, created_at, revoked_at FROM api_keys ORDER BY created_at"
+        )
         return [ApiKey(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
 
     def revoke(self, key_id: str) -> bool:
         with transaction(self.db):
-            cur = self.db.execute("UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
-                                  (time.time(), key_id))
+            cur = self.db.execute(
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+            )
         return cur.rowcount == 1
 
     def used(self, period_starts: dict[str, int]) -> dict[str, int]:
         """Tokens each key used in its current budget period (from the ledger)."""
         out = {}
         for key_id, start in period_starts.items():
-            row = self.db.execute("SELECT tokens FROM usage_ledger WHERE key_id = ? AND period_start = ?",
-                                  (key_id, start)).fetchone()
+            row = self.db.execute(
+                "SELECT tokens FROM usage_ledger WHERE key_id = ? AND period_start = ?", (key_id, start)
+            ).fetchone()
             out[key_id] = row[0] if row else 0
         return out
 
@@ -132,8 +154,13 @@ class _Bucket:
 class Gate:
     """The daemon's view of the keys: authenticate, limit, charge usage."""
 
-    def __init__(self, store: KeyStore, required: bool, charge: Callable[[str, int, int], None],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        required: bool,
+        charge: Callable[[str, int, int], None],
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.required = required
         self.clock = clock
@@ -163,10 +190,11 @@ class Gate:
         token = authorization.decode("latin-1").removeprefix("Bearer ").strip() if authorization else ""
         if not token.startswith(PREFIX):
             if self.required:
-                raise Unauthorized("Missing API key: send 'Authorization: Bearer ak-...'"
-                                   if not token else "Invalid API key")
+                raise Unauthorized(
+                    "Missing API key: send 'Authorization: Bearer ak-...'" if not token else "Invalid API key"
+                )
             return None
-        key_id, _, secret = token[len(PREFIX):].partition("-")
+        key_id, _, secret = token[len(PREFIX) :].partition("-")
         key = self.keys.get(key_id)
         if key is None and self.store.version() != self._version:
             self.refresh()  # a key created a moment ago by `appliance keys create`
@@ -176,16 +204,19 @@ class Gate:
             raise Unauthorized("Invalid or revoked API key")
         return key
 
-    def admit(self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0,
-              ceiling: int = 0, choices: int = 1) -> Reservation:
+    def admit(
+        self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0, ceiling: int = 0, choices: int = 1
+    ) -> Reservation:
         """Admit one request of the key, or refuse it (403, 429). A budgeted key
         holds prompt + cap tokens; with no cap (the request set no length), the
         completion is reserved at ``ceiling`` per choice, or at what the budget
         has left for it, which the caller must then impose on the engine
         (Reservation.completion)."""
         if key.routes and route not in key.routes:
-            raise Forbidden(f"This API key may not use {'route ' + repr(route) if route else 'this model'}",
-                            code="route_not_allowed")
+            raise Forbidden(
+                f"This API key may not use {'route ' + repr(route) if route else 'this model'}",
+                code="route_not_allowed",
+            )
         now = self.clock()
         bucket = None
         if key.rpm:
@@ -195,8 +226,10 @@ class Gate:
             bucket.tokens = min(float(key.rpm), bucket.tokens + (now - bucket.at) * key.rpm / 60.0)
             bucket.at = now
             if bucket.tokens < 1.0:
-                raise RateLimited(f"This API key is over its limit of {key.rpm} requests per minute",
-                                  retry_after=math.ceil((1.0 - bucket.tokens) * 60.0 / key.rpm))
+                raise RateLimited(
+                    f"This API key is over its limit of {key.rpm} requests per minute",
+                    retry_after=math.ceil((1.0 - bucket.tokens) * 60.0 / key.rpm),
+                )
         reservation = Reservation(key, 0, 0, None)
         if key.budget_tokens:
             self._reserve(reservation, now, prompt, cap, ceiling, choices)
@@ -204,8 +237,7 @@ class Gate:
             bucket.tokens -= 1.0
         return reservation
 
-    def _reserve(self, res: Reservation, now: float, prompt: int, cap: int | None, ceiling: int,
-                 choices: int) -> None:
+    def _reserve(self, res: Reservation, now: float, prompt: int, cap: int | None, ceiling: int, choices: int) -> None:
         key = res.key
         start, end = period_bounds(key.budget_period, now)
         used = self._used(key.id, start)
@@ -258,16 +290,23 @@ class Reservation:
 def _over_budget(key: ApiKey, need: int, used: int, until_reset: float) -> RateLimited:
     per = f"{key.budget_tokens} tokens per {key.budget_period}"
     if need > key.budget_tokens:
-        message = (f"This request may cost up to {need} tokens (its prompt counts one token per byte until "
-                   f"the engine reports it, plus its completion limit), more than this API key's budget of {per}")
+        message = (
+            f"This request may cost up to {need} tokens (its prompt counts one token per byte until "
+            f"the engine reports it, plus its completion limit), more than this API key's budget of {per}"
+        )
     elif need <= key.budget_tokens - used:
         # It would fit once this key's requests in flight settle to what they really used.
-        return RateLimited(f"This API key's requests in flight hold the rest of its budget of {per}; "
-                           "retry when they finish", retry_after=2, code="budget_exceeded")
+        return RateLimited(
+            f"This API key's requests in flight hold the rest of its budget of {per}; retry when they finish",
+            retry_after=2,
+            code="budget_exceeded",
+        )
     else:
-        message = (f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
-                   f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
-                   "it, plus its completion limit)")
+        message = (
+            f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
+            f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
+            "it, plus its completion limit)"
+        )
     return RateLimited(message, retry_after=math.ceil(until_reset), code="budget_exceeded")
 
 

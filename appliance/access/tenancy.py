@@ -63,6 +63,7 @@ def revealing(data: bytes) -> bool:
     in its native API only, which the appliance does not serve."""
     return b"cache" in data or b"timings" in data
 
+
 _OBJECT = msgspec.json.Decoder(dict[str, msgspec.Raw])
 
 

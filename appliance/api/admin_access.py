@@ -61,8 +61,10 @@ class AdminAccess:
         return bool(self.token) and hmac.compare_digest(_bearer(request).encode(), self.token.encode())
 
     def _check_tokenless(self, request: Request) -> None:
-        fix = (f"set server.admin_token_file and send it as 'Authorization: Bearer <token>', or use "
-               f"the admin socket ({self.socket or 'server.admin_socket'})")
+        fix = (
+            f"set server.admin_token_file and send it as 'Authorization: Bearer <token>', or use "
+            f"the admin socket ({self.socket or 'server.admin_socket'})"
+        )
         if self.keys_required:
             raise Forbidden(f"Admin API over TCP needs the admin token when keys.required = true: {fix}")
         if not is_loopback(self.bind):
@@ -75,13 +77,18 @@ class AdminAccess:
         headers = request.headers
         host = headers.get("host", "")
         if host and not self._our_name(_hostname(host)):
-            raise Forbidden(f"Admin API: Host {host!r} is not this server's address (a DNS-rebinding page "
-                            "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
-                            code="untrusted_host")
+            raise Forbidden(
+                f"Admin API: Host {host!r} is not this server's address (a DNS-rebinding page "
+                "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
+                code="untrusted_host",
+            )
         origin = headers.get("origin")
         if origin is not None and not self._our_origin(origin):
-            raise Forbidden(f"Admin API: refused a cross-origin request from {origin!r} (a web page may not "
-                            "administer this server)", code="cross_origin")
+            raise Forbidden(
+                f"Admin API: refused a cross-origin request from {origin!r} (a web page may not "
+                "administer this server)",
+                code="cross_origin",
+            )
         if headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
             raise Forbidden("Admin API: refused a request a browser marked cross-site", code="cross_origin")
 
@@ -114,8 +121,10 @@ class AdminAccess:
             return
         sent = request.headers.get("content-type", "")
         if sent.split(";", 1)[0].strip().lower() != "application/json":
-            raise UnsupportedMediaType(f"Admin API: a {request.method} needs 'Content-Type: application/json' "
-                                       f"(got {sent or 'none'!r}); nothing was changed")
+            raise UnsupportedMediaType(
+                f"Admin API: a {request.method} needs 'Content-Type: application/json' "
+                f"(got {sent or 'none'!r}); nothing was changed"
+            )
 
 
 def _bearer(request: Request) -> str:
@@ -128,4 +137,3 @@ def _hostname(host: str) -> str:
     if host.startswith("["):
         return host[1:].split("]", 1)[0]
     return host.rsplit(":", 1)[0].rstrip(".") if host.count(":") == 1 else host.rstrip(".")
-

@@ -40,11 +40,17 @@ class SocketApp:
         if scope["type"] == "http":
             path = scope.get("path", "")
             if not (path.startswith("/admin/") or path == "/healthz"):
-                body = encode_error("The admin socket serves /admin/ only", "invalid_request_error",
-                                    None, "not_found")
-                await send({"type": "http.response.start", "status": 404,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
+                body = encode_error("The admin socket serves /admin/ only", "invalid_request_error", None, "not_found")
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 404,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
             scope[SCOPE_KEY] = True

@@ -22,15 +22,29 @@ def gpu_view(sup: Supervisor) -> dict:
         if r.slot is None:
             continue
         for g in r.slot.gpus:
-            on_gpu.setdefault(g, []).append({"replica": r.name, "state": r.state.value,
-                                             "memory_fraction": r.slot.memory_fraction,
-                                             "reserved_bytes": r.slot.bytes_per_gpu or None})
+            on_gpu.setdefault(g, []).append(
+                {
+                    "replica": r.name,
+                    "state": r.state.value,
+                    "memory_fraction": r.slot.memory_fraction,
+                    "reserved_bytes": r.slot.bytes_per_gpu or None,
+                }
+            )
     return {
         "source": inventory.source,
         "error": inventory.error,
-        "gpus": [{"index": g.index, "name": g.name, "kind": g.kind, "total_bytes": g.total_bytes,
-                  "used_bytes": g.used_bytes, "utilization_pct": g.utilization_pct,
-                  "replicas": on_gpu.get(g.index, [])} for g in inventory.gpus],
+        "gpus": [
+            {
+                "index": g.index,
+                "name": g.name,
+                "kind": g.kind,
+                "total_bytes": g.total_bytes,
+                "used_bytes": g.used_bytes,
+                "utilization_pct": g.utilization_pct,
+                "replicas": on_gpu.get(g.index, []),
+            }
+            for g in inventory.gpus
+        ],
         "cpu": sup.cpu_budget(),
     }
 

@@ -100,8 +100,7 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int,
-                          timeout: float = 30.0) -> bytes:
+async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int, timeout: float = 30.0) -> bytes:
     """The whole request body straight from the ASGI receive channel, within
     timeout seconds (a client trickling its body byte by byte gets 408)."""
     try:
@@ -141,8 +140,11 @@ def _body_broken(received: int) -> BadRequest:
     its framing broke (a bad chunk size, a chunk longer than it said, the connection
     closed mid-body): a 400 for whoever still listens, logged and audited."""
     log.info("request body ended after %d bytes: malformed chunked encoding or connection closed", received)
-    return BadRequest(f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
-                      "encoding, or the connection closed before the whole body arrived", code="invalid_body")
+    return BadRequest(
+        f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
+        "encoding, or the connection closed before the whole body arrived",
+        code="invalid_body",
+    )
 
 
 def _new_request_id() -> str:
@@ -196,19 +198,28 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: En
             finish(rt, ctx, 500)
 
 
-async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, send: Send, path: str,
-                 ep: Endpoint, declared, auth, tag) -> None:
+async def _serve(
+    rt: Runtime,
+    ctx: RequestCtx,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    path: str,
+    ep: Endpoint,
+    declared,
+    auth,
+    tag,
+) -> None:
     if rt.draining:
-        raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly",
-                           retry_after=5)
+        raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = ctx.body = await _read_body_asgi(receive, declared, rt.cfg.server.max_body_bytes,
-                                            rt.cfg.server.body_read_timeout_s)
+    body = ctx.body = await _read_body_asgi(
+        receive, declared, rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s
+    )
     req = decode_request(body, ep.cls)
     model = ctx.model = req.model
-    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key,
-                                        rt.cfg.routing.tag_header)
+    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
     rt.audit.admit(accountable(ctx))
     target = route.target if route is not None else model
     fields: dict = {} if target == model else {"model": target}
@@ -242,6 +253,7 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
         return _for(dep, body, target, salt)
 
     if stream:
+
         def done(status: int) -> None:
             if stores and ctx.tap.held:  # the response.completed event, held back
                 _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
@@ -254,12 +266,18 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
             def opener():
                 return rt.proxy.open_stream(pinned, path, local(deployment), headers, done, ep.dialect)
         elif fallbacks:
+
             def opener():
                 return with_fallback(
-                    rt, ctx, deployment,
+                    rt,
+                    ctx,
+                    deployment,
                     lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
-                    lambda p: rt.proxy.open_stream(p, p.path(path), p.body(body, model), p.headers(headers, ep.name),
-                                                   done, ep.dialect))
+                    lambda p: rt.proxy.open_stream(
+                        p, p.path(path), p.body(body, model), p.headers(headers, ep.name), done, ep.dialect
+                    ),
+                )
+
         await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
         return
 
@@ -268,9 +286,12 @@ async def _serve(rt: Runtime, ctx: RequestCtx, scope: Scope, receive: Receive, s
         work = rt.proxy.unary(pinned, path, local(deployment), headers)
     elif fallbacks:
         work = with_fallback(
-            rt, ctx, deployment,
+            rt,
+            ctx,
+            deployment,
             lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
-            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers, ep.name)))
+            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers, ep.name)),
+        )
     else:
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
@@ -293,8 +314,11 @@ def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
         return None
     replica = rt.response_homes.find(previous, key, "previous_response_id")
     if replica not in deployment.replicas:
-        raise BadRequest(f"Response '{previous}' was made by another model than '{req.model}'",
-                         param="previous_response_id", code="response_model_mismatch")
+        raise BadRequest(
+            f"Response '{previous}' was made by another model than '{req.model}'",
+            param="previous_response_id",
+            code="response_model_mismatch",
+        )
     return replica
 
 
@@ -311,9 +335,14 @@ def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpo
     events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
     always carry their usage, in their own events (appliance/gateway/dialects.py)."""
     if not ep.dialect.asks_usage:
-        ctx.tap = StreamTap(False, scrub if isolated else None, revealing if isolated else None,
-                            usage_of=ep.dialect.usage, usage_marker=ep.dialect.usage_marker,
-                            terminal=ep.dialect.terminal)
+        ctx.tap = StreamTap(
+            False,
+            scrub if isolated else None,
+            revealing if isolated else None,
+            usage_of=ep.dialect.usage,
+            usage_marker=ep.dialect.usage_marker,
+            terminal=ep.dialect.terminal,
+        )
         return
     asked = req.stream_options is not None and bool(req.stream_options.include_usage)
     if not asked:
@@ -321,8 +350,7 @@ def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpo
     ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
 
 
-def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict,
-             ep: Endpoint) -> None:
+def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict, ep: Endpoint) -> None:
     """Admit the key's request against its limits and hold the most it may cost
     against its budget (appliance/access/keys.py). A request that set no completion
     length is reserved at the model's default cap (default_max_tokens, else its
@@ -353,10 +381,17 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
 
 async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
     """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", content_type.encode("latin-1")),
-                            (b"content-length", str(len(body)).encode()),
-                            *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+            ],
+        }
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -512,20 +547,28 @@ async def admin_status(request: Request) -> Response:
         "draining": rt.draining,
         "ready": rt.supervisor.ready,
         "listen": f"{rt.cfg.server.host}:{rt.cfg.server.port}",
-        "paths": {"state": rt.cfg.paths.state_dir, "cache": rt.cfg.paths.cache_dir,
-                  "logs": rt.cfg.paths.log_dir},
+        "paths": {"state": rt.cfg.paths.state_dir, "cache": rt.cfg.paths.cache_dir, "logs": rt.cfg.paths.log_dir},
         **rt.supervisor.status(),
     }
     body["monotonic"] = rt.supervisor.clock.monotonic()  # what the decisions' "at" counts from
     for m in body["models"]:
         m["ttft_p50_ms"] = rt.ttft.p50_ms(m["name"])
     body["routes"] = [
-        {"name": r.name, "model": r.model, "tag": r.tag, "target": r.target, "regulated": r.regulated,
-         "fallbacks": list(r.fallbacks),
-         "fired": {f: rt.fallbacks_fired.get((r.name, f), 0) for f in r.fallbacks}}
-        for r in rt.cfg.routes]
-    body["usage"] = [{"key": name, "requests": n, "prompt_tokens": p, "completion_tokens": c,
-                      "tokens": p + c} for name, (n, p, c) in sorted(rt.key_usage.items())]
+        {
+            "name": r.name,
+            "model": r.model,
+            "tag": r.tag,
+            "target": r.target,
+            "regulated": r.regulated,
+            "fallbacks": list(r.fallbacks),
+            "fired": {f: rt.fallbacks_fired.get((r.name, f), 0) for f in r.fallbacks},
+        }
+        for r in rt.cfg.routes
+    ]
+    body["usage"] = [
+        {"key": name, "requests": n, "prompt_tokens": p, "completion_tokens": c, "tokens": p + c}
+        for name, (n, p, c) in sorted(rt.key_usage.items())
+    ]
     return Response(body, media_type=JSON)
 
 
@@ -568,8 +611,12 @@ async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
     one is refused before anything changes)."""
     rt = _admin(request)
     declared = request.headers.get("content-length")
-    body = await _read_body_asgi(request.receive, declared.encode() if declared else None,
-                                 rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s)
+    body = await _read_body_asgi(
+        request.receive,
+        declared.encode() if declared else None,
+        rt.cfg.server.max_body_bytes,
+        rt.cfg.server.body_read_timeout_s,
+    )
     return rt, body
 
 
@@ -606,8 +653,12 @@ async def admin_model_action(request: Request) -> Response:
     _json_body(raw, ActionBody)
     model, action = request.path_params["model"], request.path_params["action"]
     sup = rt.supervisor
-    actions = {"load": lambda: sup.load(model), "unload": lambda: sup.unload(model),
-               "pin": lambda: sup.pin(model, True), "unpin": lambda: sup.pin(model, False)}
+    actions = {
+        "load": lambda: sup.load(model),
+        "unload": lambda: sup.unload(model),
+        "pin": lambda: sup.pin(model, True),
+        "unpin": lambda: sup.pin(model, False),
+    }
     if action not in actions:
         raise NotFound(f"No admin action '{action}' (load, unload, pin, unpin, scale)")
     actions[action]()
@@ -680,9 +731,22 @@ def _framework_message(exc: HTTPException) -> str:
 
 # --- the app --------------------------------------------------------------------
 
-ROUTE_HANDLERS = [proxy_endpoints, list_models, get_model, get_response, healthz, readyz,
-                  metrics, admin_status, admin_scale, admin_model_action, admin_replica_action,
-                  admin_gpus, admin_replica_log, openapi_document]
+ROUTE_HANDLERS = [
+    proxy_endpoints,
+    list_models,
+    get_model,
+    get_response,
+    healthz,
+    readyz,
+    metrics,
+    admin_status,
+    admin_scale,
+    admin_model_action,
+    admin_replica_action,
+    admin_gpus,
+    admin_replica_log,
+    openapi_document,
+]
 
 
 def create_app(cfg: Config) -> Litestar:
@@ -709,11 +773,19 @@ def create_app(cfg: Config) -> Litestar:
             if session is not None:
                 await session.close()
             raise
-        runtime = Runtime(cfg=cfg, supervisor=supervisor, proxy=EngineProxy(cfg, session),
-                          metrics=Metrics(supervisor), admin=admin,
-                          routes=Routes(cfg.routes), providers=providers, gate=gate, audit=audit,
-                          tenancy=Tenancy(cfg.routing.tenant_isolation),
-                          tag_header=cfg.routing.tag_header.lower().encode("latin-1"))
+        runtime = Runtime(
+            cfg=cfg,
+            supervisor=supervisor,
+            proxy=EngineProxy(cfg, session),
+            metrics=Metrics(supervisor),
+            admin=admin,
+            routes=Routes(cfg.routes),
+            providers=providers,
+            gate=gate,
+            audit=audit,
+            tenancy=Tenancy(cfg.routing.tenant_isolation),
+            tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
+        )
         app.state.runtime = runtime
         supervisor.start()
         audit.start()
@@ -728,20 +800,32 @@ def create_app(cfg: Config) -> Litestar:
             # A coroutine, so APScheduler runs it on this event loop, not in a thread.
             supervisor.tick()
 
-        scheduler.add_job(autoscale, "interval", seconds=cfg.autoscaling.interval_s,
-                          id="autoscaler", max_instances=1, coalesce=True)
+        scheduler.add_job(
+            autoscale, "interval", seconds=cfg.autoscaling.interval_s, id="autoscaler", max_instances=1, coalesce=True
+        )
         if supervisor.store_checks is not None:
             # A blocked store model that passes admission again (re-imported, verified, its
             # license accepted) is served again.
-            scheduler.add_job(supervisor.recheck_blocked, "interval", seconds=RECHECK_S,
-                              id="store-recheck", max_instances=1, coalesce=True)
+            scheduler.add_job(
+                supervisor.recheck_blocked,
+                "interval",
+                seconds=RECHECK_S,
+                id="store-recheck",
+                max_instances=1,
+                coalesce=True,
+            )
         scheduler.start()
         # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
         scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
         if scrub is not None:
             scrub.start()
-        log.info("serving %s on http://%s:%d/v1 (config: %s)",
-                 ", ".join(supervisor.deployments), cfg.server.host, cfg.server.port, cfg.origin)
+        log.info(
+            "serving %s on http://%s:%d/v1 (config: %s)",
+            ", ".join(supervisor.deployments),
+            cfg.server.host,
+            cfg.server.port,
+            cfg.origin,
+        )
         try:
             yield
         finally:

@@ -23,33 +23,46 @@ class _SupervisorCollector:
     def collect(self):
         from appliance.fleet.replica import State
 
-        state = GaugeMetricFamily("appliance_replica_state", "1 for the state each replica is in",
-                                  labels=["model", "replica", "state"])
-        inflight = GaugeMetricFamily("appliance_replica_inflight_requests",
-                                     "Requests being served by each replica", labels=["model", "replica"])
-        restarts = CounterMetricFamily("appliance_replica_restarts", "Engine restarts after a crash",
-                                       labels=["model", "replica"])
-        ready = GaugeMetricFamily("appliance_model_ready", "1 when a model has a READY replica",
-                                  labels=["model"])
-        load = {field: GaugeMetricFamily(f"appliance_engine_{field}", help_, labels=["model", "replica"])
-                for field, help_ in (("running", "Requests the engine is decoding"),
-                                     ("waiting", "Requests queued inside the engine"),
-                                     ("kv_cache_usage", "Fraction of the engine's KV cache in use"),
-                                     ("prefix_cache_hit_rate", "Engine prefix-cache hit rate"))}
-        rps = GaugeMetricFamily("appliance_model_requests_per_second",
-                                "Requests per second over a sliding window", labels=["model", "window"])
-        queued = GaugeMetricFamily("appliance_model_queued_requests",
-                                   "Requests held while the model starts", labels=["model"])
-        replicas = GaugeMetricFamily("appliance_model_replicas", "Replicas that exist (not draining)",
-                                     labels=["model"])
-        prefix = CounterMetricFamily("appliance_prefix_routing_decisions",
-                                     "Prefix-aware replica choices: hit (longest cached prefix), miss (new "
-                                     "prefix, rendezvous hash), load_guard (sent to the least-loaded)",
-                                     labels=["model", "outcome"])
-        evictions = CounterMetricFamily("appliance_evictions",
-                                        "Replicas stopped to make room for another model, by the model "
-                                        "evicted and what asked for the room (request, load, scale_up)",
-                                        labels=["model", "reason"])
+        state = GaugeMetricFamily(
+            "appliance_replica_state", "1 for the state each replica is in", labels=["model", "replica", "state"]
+        )
+        inflight = GaugeMetricFamily(
+            "appliance_replica_inflight_requests", "Requests being served by each replica", labels=["model", "replica"]
+        )
+        restarts = CounterMetricFamily(
+            "appliance_replica_restarts", "Engine restarts after a crash", labels=["model", "replica"]
+        )
+        ready = GaugeMetricFamily("appliance_model_ready", "1 when a model has a READY replica", labels=["model"])
+        load = {
+            field: GaugeMetricFamily(f"appliance_engine_{field}", help_, labels=["model", "replica"])
+            for field, help_ in (
+                ("running", "Requests the engine is decoding"),
+                ("waiting", "Requests queued inside the engine"),
+                ("kv_cache_usage", "Fraction of the engine's KV cache in use"),
+                ("prefix_cache_hit_rate", "Engine prefix-cache hit rate"),
+            )
+        }
+        rps = GaugeMetricFamily(
+            "appliance_model_requests_per_second",
+            "Requests per second over a sliding window",
+            labels=["model", "window"],
+        )
+        queued = GaugeMetricFamily(
+            "appliance_model_queued_requests", "Requests held while the model starts", labels=["model"]
+        )
+        replicas = GaugeMetricFamily("appliance_model_replicas", "Replicas that exist (not draining)", labels=["model"])
+        prefix = CounterMetricFamily(
+            "appliance_prefix_routing_decisions",
+            "Prefix-aware replica choices: hit (longest cached prefix), miss (new "
+            "prefix, rendezvous hash), load_guard (sent to the least-loaded)",
+            labels=["model", "outcome"],
+        )
+        evictions = CounterMetricFamily(
+            "appliance_evictions",
+            "Replicas stopped to make room for another model, by the model "
+            "evicted and what asked for the room (request, load, scale_up)",
+            labels=["model", "reason"],
+        )
         for (model, reason), count in sorted(self.supervisor.evictions.items()):
             evictions.add_metric([model, reason], float(count))
         for name, dep in self.supervisor.deployments.items():
@@ -77,20 +90,35 @@ class _SupervisorCollector:
 class Metrics:
     def __init__(self, supervisor: Supervisor) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter("appliance_requests", "API requests answered",
-                                ["model", "endpoint", "status"], registry=self.registry)
-        self.duration = Histogram("appliance_request_duration_seconds",
-                                  "Time from request to the last byte of the answer",
-                                  ["model", "endpoint"], registry=self.registry,
-                                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.ttft = Histogram("appliance_time_to_first_token_seconds",
-                              "Streams: time from request to the first chunk of the answer",
-                              ["model"], registry=self.registry,
-                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60))
-        self.tokens = Counter("appliance_tokens", "Tokens from the engines' and providers' usage fields",
-                              ["model", "kind"], registry=self.registry)
-        self.fallbacks = Counter("appliance_fallbacks", "Fallback decisions of routes, by reason",
-                                 ["route", "reason", "target"], registry=self.registry)
+        self.requests = Counter(
+            "appliance_requests", "API requests answered", ["model", "endpoint", "status"], registry=self.registry
+        )
+        self.duration = Histogram(
+            "appliance_request_duration_seconds",
+            "Time from request to the last byte of the answer",
+            ["model", "endpoint"],
+            registry=self.registry,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.ttft = Histogram(
+            "appliance_time_to_first_token_seconds",
+            "Streams: time from request to the first chunk of the answer",
+            ["model"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+        )
+        self.tokens = Counter(
+            "appliance_tokens",
+            "Tokens from the engines' and providers' usage fields",
+            ["model", "kind"],
+            registry=self.registry,
+        )
+        self.fallbacks = Counter(
+            "appliance_fallbacks",
+            "Fallback decisions of routes, by reason",
+            ["route", "reason", "target"],
+            registry=self.registry,
+        )
         self.registry.register(_SupervisorCollector(supervisor))
         # labels() locks and builds its key on every call; the label sets are few.
         self._children: dict[tuple[str, str, int], tuple] = {}
@@ -99,8 +127,7 @@ class Metrics:
         key = (model, endpoint, status)
         children = self._children.get(key)
         if children is None:
-            children = (self.requests.labels(model, endpoint, str(status)),
-                        self.duration.labels(model, endpoint))
+            children = (self.requests.labels(model, endpoint, str(status)), self.duration.labels(model, endpoint))
             self._children[key] = children
         children[0].inc()
         children[1].observe(seconds)

@@ -44,15 +44,28 @@ _SUMMARIES = {
     "/v1/score": "Score text pairs (models with the rerank task)",
 }
 # Anthropic's envelope, what every error on the /v1/messages paths is.
-ANTHROPIC_ERROR = {"type": "object", "required": ["type", "error"], "properties": {
-    "type": {"const": "error"},
-    "error": {"type": "object", "required": ["type", "message"],
-              "properties": {"type": {"type": "string"}, "message": {"type": "string"}}}}}
+ANTHROPIC_ERROR = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
 # The operation ids the first endpoints always had.
-_OPERATION_IDS = {"/v1/chat/completions": "ChatCompletion", "/v1/completions": "Completion",
-                  "/v1/embeddings": "Embedding"}
-_ACTIONS = {"/admin/models/{model}/{action}": ["load", "unload", "pin", "unpin"],
-            "/admin/models/{model}/replicas/{index}/{action}": ["restart", "drain"]}
+_OPERATION_IDS = {
+    "/v1/chat/completions": "ChatCompletion",
+    "/v1/completions": "Completion",
+    "/v1/embeddings": "Embedding",
+}
+_ACTIONS = {
+    "/admin/models/{model}/{action}": ["load", "unload", "pin", "unpin"],
+    "/admin/models/{model}/replicas/{index}/{action}": ["restart", "drain"],
+}
 
 
 def _requests() -> list[type]:
@@ -60,8 +73,9 @@ def _requests() -> list[type]:
 
 
 def _components() -> dict[str, Any]:
-    _, defs = msgspec.json.schema_components([*_requests(), ErrorEnvelope, ModelList, ModelCard],
-                                             ref_template=REF + "{name}")
+    _, defs = msgspec.json.schema_components(
+        [*_requests(), ErrorEnvelope, ModelList, ModelCard], ref_template=REF + "{name}"
+    )
     for cls in _requests():
         props = defs[cls.__name__]["properties"]
         for field in set(AT_LEAST_ONE) & set(props):
@@ -70,16 +84,18 @@ def _components() -> dict[str, Any]:
             props[field] = count if required else {"anyOf": [count, {"type": "null"}]}
         props["model"] = {"type": "string", "minLength": 1}
         if "n_predict" in props:
-            props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT},
-                                            {"type": "null"}]}
+            props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT}, {"type": "null"}]}
         if "cache_salt" in props:
             props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
         if "messages" in props and "messages" in defs[cls.__name__].get("required", ()):
             props["messages"]["minItems"] = 1
     defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}
-    defs["ScaleBody"] = {"type": "object", "additionalProperties": False, "required": ["replicas"],
-                         "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0},
-                                                              {"type": "null"}]}}}
+    defs["ScaleBody"] = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["replicas"],
+        "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}},
+    }
     return defs
 
 
@@ -89,10 +105,10 @@ def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthrop
         if status[0] in "45":
             del responses[status]
     for status in statuses:
-        responses[status] = {"description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} "
-                                            "error envelope",
-                             "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic
-                                                              else ERROR}}}
+        responses[status] = {
+            "description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} error envelope",
+            "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic else ERROR}},
+        }
 
 
 def _json_body(ref: str) -> dict:
@@ -112,8 +128,10 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     """The document for the app's route handlers and the configured models."""
     probe = Litestar(route_handlers=handlers, openapi_config=OpenAPIConfig(title="appliance", version=version))
     doc = copy.deepcopy(probe.openapi_schema.to_schema())
-    doc["info"]["description"] = ("OpenAI-compatible API and admin API of the appliance. Every error is "
-                                  '{"error": {"message", "type", "param", "code"}}.')
+    doc["info"]["description"] = (
+        "OpenAI-compatible API and admin API of the appliance. Every error is "
+        '{"error": {"message", "type", "param", "code"}}.'
+    )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     schemas.update(_components())
     for cls in _requests():
@@ -125,26 +143,44 @@ def build(handlers: list, models: list[str], version: str) -> dict:
         if "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
             answer["text/event-stream"] = {"schema": SSE_EVENT}
         operation = path.strip("/").replace("/", "_") if path not in _OPERATION_IDS else _OPERATION_IDS[path]
-        paths[path] = {"post": {
-            "summary": _SUMMARIES[path], "operationId": operation, "requestBody": _json_body(body),
-            "responses": {"200": {"description": "The engine's answer, byte for byte (SSE when stream is true)",
-                                  "content": answer}}}}
+        paths[path] = {
+            "post": {
+                "summary": _SUMMARIES[path],
+                "operationId": operation,
+                "requestBody": _json_body(body),
+                "responses": {
+                    "200": {
+                        "description": "The engine's answer, byte for byte (SSE when stream is true)",
+                        "content": answer,
+                    }
+                },
+            }
+        }
     for path, item in paths.items():
         for op in item.values():
             _errors(op, anthropic=path.startswith("/v1/messages"))
     paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
-        "$ref": REF + "ModelList"}
+        "$ref": REF + "ModelList"
+    }
     paths["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
-        "$ref": REF + "ModelCard"}
+        "$ref": REF + "ModelCard"
+    }
     paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
     # "models" only to a caller with a key or the admin credential once keys are required.
-    readiness = {"type": "object", "required": ["status"],
-                 "properties": {"status": {"enum": ["ready", "starting", "draining"]},
-                                "models": {"type": "object", "additionalProperties": {"type": "boolean"}}}}
+    readiness = {
+        "type": "object",
+        "required": ["status"],
+        "properties": {
+            "status": {"enum": ["ready", "starting", "draining"]},
+            "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
+        },
+    }
     ready = paths["/readyz"]["get"]["responses"]
     ready["200"]["content"]["application/json"]["schema"] = readiness
-    ready["503"] = {"description": "Not ready (starting or draining): the same body, with Retry-After",
-                    "content": {"application/json": {"schema": readiness}}}
+    ready["503"] = {
+        "description": "Not ready (starting or draining): the same body, with Retry-After",
+        "content": {"application/json": {"schema": readiness}},
+    }
     paths["/admin/models/{model}/scale"]["post"]["requestBody"] = _json_body("ScaleBody")
     for path, actions in _ACTIONS.items():
         # State-changing admin calls are JSON, even with nothing to say ({}): no

@@ -34,11 +34,13 @@ def register(main: click.Group, load) -> None:
         tags = sorted({r.tag for r in cfg.routes if r.tag})
         for route in routes:
             if route not in names:
-                raise click.ClickException(f"no route {route!r} in {cfg.origin}; its routes: "
-                                           f"{', '.join(names) or '(none)'}")
+                raise click.ClickException(
+                    f"no route {route!r} in {cfg.origin}; its routes: {', '.join(names) or '(none)'}"
+                )
         if tag and tag not in tags:
-            raise click.ClickException(f"no route has tag {tag!r} in {cfg.origin}; its routes' tags: "
-                                       f"{', '.join(tags) or '(none)'}")
+            raise click.ClickException(
+                f"no route has tag {tag!r} in {cfg.origin}; its routes' tags: {', '.join(tags) or '(none)'}"
+            )
 
     @main.group()
     def keys() -> None:
@@ -47,13 +49,22 @@ def register(main: click.Group, load) -> None:
     @keys.command("create")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
     @click.option("--name", required=True, help="Who or what the key is for.")
-    @click.option("--route", "routes", multiple=True, metavar="ROUTE",
-                  help="A route the key may use (repeat; none: every route and model).")
-    @click.option("--tag", default="", help="The tag the key's requests match routes with (binding: a "
-                                            "request's tag header may not change it).")
+    @click.option(
+        "--route",
+        "routes",
+        multiple=True,
+        metavar="ROUTE",
+        help="A route the key may use (repeat; none: every route and model).",
+    )
+    @click.option(
+        "--tag",
+        default="",
+        help="The tag the key's requests match routes with (binding: a request's tag header may not change it).",
+    )
     @click.option("--rpm", type=click.IntRange(min=0), default=0, help="Requests per minute (0: no limit).")
-    @click.option("--budget-tokens", type=click.IntRange(min=0), default=0,
-                  help="Tokens per budget period (0: no budget).")
+    @click.option(
+        "--budget-tokens", type=click.IntRange(min=0), default=0, help="Tokens per budget period (0: no budget)."
+    )
     @click.option("--budget-period", type=click.Choice(PERIODS), default="day", show_default=True)
     def create(config, name, routes, tag, rpm, budget_tokens, budget_period) -> None:
         """Create a key and print it once."""
@@ -79,8 +90,10 @@ def register(main: click.Group, load) -> None:
         for k in rows:
             budget = f"{k['budget_tokens']}/{k['budget_period']}" if k["budget_tokens"] else "-"
             state = "revoked" if k["revoked_at"] else "active"
-            click.echo(f"{k['id']:<12}  {k['name']:<20}  {state:<8}  {k['rpm'] or '-':>5}  {budget:<16}  "
-                       f"{','.join(k['routes']) or '*'}")
+            click.echo(
+                f"{k['id']:<12}  {k['name']:<20}  {state:<8}  {k['rpm'] or '-':>5}  {budget:<16}  "
+                f"{','.join(k['routes']) or '*'}"
+            )
 
     @keys.command("revoke")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)

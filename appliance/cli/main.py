@@ -66,8 +66,13 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
 
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--wait-ready", "wait_ready", type=float, metavar="SECONDS",
-              help="Then wait up to SECONDS for the running daemon's /readyz to answer 200.")
+@click.option(
+    "--wait-ready",
+    "wait_ready",
+    type=float,
+    metavar="SECONDS",
+    help="Then wait up to SECONDS for the running daemon's /readyz to answer 200.",
+)
 def check(config: str | None, wait_ready: float | None) -> None:
     """Whether the daemon can start: the config (renamed keys are warned about), the engine
     and model files, the databases (readable, none from a newer appliance). Writes nothing;
@@ -80,8 +85,10 @@ def check(config: str | None, wait_ready: float | None) -> None:
     _check_databases(cfg, migrate=False)
     if wait_ready is not None:
         _wait_ready(cfg, wait_ready)
-    click.echo(f"ok: {cfg.origin}: {len(cfg.models)} model(s), config, engine files and databases usable"
-               + (", the daemon is ready" if wait_ready is not None else ""))
+    click.echo(
+        f"ok: {cfg.origin}: {len(cfg.models)} model(s), config, engine files and databases usable"
+        + (", the daemon is ready" if wait_ready is not None else "")
+    )
 
 
 def _check_databases(cfg: Config, migrate: bool) -> None:
@@ -133,8 +140,10 @@ def _wait_ready(cfg: Config, seconds: float) -> None:
         except OSError as exc:
             last = str(getattr(exc, "reason", exc))
         time.sleep(1)
-    raise click.ClickException(f"the daemon was not ready within {seconds:.0f} s ({url}: {last}); "
-                               "`appliance status` and `appliance logs` say why")
+    raise click.ClickException(
+        f"the daemon was not ready within {seconds:.0f} s ({url}: {last}); "
+        "`appliance status` and `appliance logs` say why"
+    )
 
 
 def _check_policy(cfg: Config) -> None:
@@ -164,20 +173,23 @@ def _check_files(cfg: Config) -> None:
         binary = llamacpp_binary(cfg)
         if not uses_gpus(m) and not os.access(binary, os.X_OK):
             raise click.ClickException(
-                f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary")
+                f"llama-server not found at {binary}: run ./install.sh, or set engines.llamacpp.binary"
+            )
         if m.source.startswith(STORE_PREFIX):
             continue  # the supervisor checks store models and marks them FATAL with the reason
         path = model_path(cfg, m)
         if path is not None and not path.is_file():
             raise click.ClickException(
                 f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
-                "for the bundled model")
+                "for the bundled model"
+            )
         if m.source.startswith(BUILTIN_PREFIX) and path is not None:
             digest = _sha256(path)
             if digest != EMBEDDED_MODEL_SHA256:
                 raise click.ClickException(
                     f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
-                    "the file is damaged: run ./install.sh to restore it")
+                    "the file is damaged: run ./install.sh to restore it"
+                )
         if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
             from appliance.store.gguf import GgufError, read_shape
 
@@ -197,8 +209,9 @@ def _sha256(path) -> str:
     return h.hexdigest()
 
 
-def _admin_call(cfg: Config, port: int | None, method: str, path: str, body: dict | None = None,
-                timeout: float = 30.0) -> dict:
+def _admin_call(
+    cfg: Config, port: int | None, method: str, path: str, body: dict | None = None, timeout: float = 30.0
+) -> dict:
     """The running daemon's admin API: its admin socket when this user may open it,
     else TCP (--port, server.port) with the admin token (appliance/daemon/admin_client.py)."""
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
@@ -220,8 +233,10 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         click.echo(json.dumps(data, indent=2))
         return
     state = "draining" if data.get("draining") else ("ready" if data.get("ready") else "starting")
-    click.echo(f"appliance {data.get('version')}  {state}  listening on {data.get('listen')}  "
-               f"up {data.get('uptime_s')}s  config {data.get('config')}")
+    click.echo(
+        f"appliance {data.get('version')}  {state}  listening on {data.get('listen')}  "
+        f"up {data.get('uptime_s')}s  config {data.get('config')}"
+    )
     for m in data.get("models", []):
         click.echo(f"\n{m['name']}  ({m['server']})  {'ready' if m['ready'] else 'not ready'}")
         if m.get("blocked"):
@@ -229,8 +244,9 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         for r in m["replicas"]:
             where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
             image = f"  image {r['image']}" if r.get("image") else ""
-            click.echo(f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  "
-                       f"restarts {r['restarts']}{image}")
+            click.echo(
+                f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  restarts {r['restarts']}{image}"
+            )
             if r.get("last_error"):
                 click.echo(f"      last error: {r['last_error']}")
             for line in r.get("log_tail") or []:
@@ -241,16 +257,26 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
 
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--inventory", metavar="FILE",
-              help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs.")
-@click.option("--gpus-per-node", type=click.IntRange(1, 64), metavar="N",
-              help="For a model too large for this box: size its multi-node shape for machines of "
-                   "N GPUs (default: this box's).")
-@click.option("--gpu-memory", "gpu_gib", type=click.FloatRange(1, 4096), metavar="GIB",
-              help="... and GIB GiB per GPU (default: this box's).")
+@click.option(
+    "--inventory", metavar="FILE", help="A simulated GPU inventory (TOML or JSON) instead of this machine's GPUs."
+)
+@click.option(
+    "--gpus-per-node",
+    type=click.IntRange(1, 64),
+    metavar="N",
+    help="For a model too large for this box: size its multi-node shape for machines of N GPUs (default: this box's).",
+)
+@click.option(
+    "--gpu-memory",
+    "gpu_gib",
+    type=click.FloatRange(1, 4096),
+    metavar="GIB",
+    help="... and GIB GiB per GPU (default: this box's).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, gpu_gib: float | None,
-         as_json: bool) -> None:
+def plan(
+    config: str | None, inventory: str | None, gpus_per_node: int | None, gpu_gib: float | None, as_json: bool
+) -> None:
     """Show where each GPU replica would be placed, and why, without starting anything; for a model
     too large for this box, the smallest multi-node shape that would hold it."""
     import logging
@@ -262,39 +288,66 @@ def plan(config: str | None, inventory: str | None, gpus_per_node: int | None, g
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     cfg = load(config)
     inv = read_inventory(cfg, inventory)
-    replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg)
-                for i in range(max(m.autoscaling.min_replicas, 1))]
+    replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg) for i in range(max(m.autoscaling.min_replicas, 1))]
     rows = make_plan(cfg, inv, replicas, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib)
     if as_json:
-        click.echo(json.dumps({
-            "inventory": {"source": inv.source, "error": inv.error,
-                          "gpus": [{"index": g.index, "name": g.name, "kind": g.kind, "uuid": g.uuid,
-                                    "total_bytes": g.total_bytes, "used_bytes": g.used_bytes,
-                                    "free_bytes": g.free_bytes, "utilization_pct": g.utilization_pct,
-                                    "processes": [vars(p) for p in g.processes]} for g in inv.gpus]},
-            "placements": [{"replica": r.replica, "model": r.model, "error": r.error,
+        click.echo(
+            json.dumps(
+                {
+                    "inventory": {
+                        "source": inv.source,
+                        "error": inv.error,
+                        "gpus": [
+                            {
+                                "index": g.index,
+                                "name": g.name,
+                                "kind": g.kind,
+                                "uuid": g.uuid,
+                                "total_bytes": g.total_bytes,
+                                "used_bytes": g.used_bytes,
+                                "free_bytes": g.free_bytes,
+                                "utilization_pct": g.utilization_pct,
+                                "processes": [vars(p) for p in g.processes],
+                            }
+                            for g in inv.gpus
+                        ],
+                    },
+                    "placements": [
+                        {
+                            "replica": r.replica,
+                            "model": r.model,
+                            "error": r.error,
                             "gpus": list(r.assignment.gpus) if r.assignment else None,
                             "tp": r.assignment.tp if r.assignment else None,
                             "bytes_per_gpu": r.assignment.bytes_per_gpu if r.assignment else None,
                             "memory_fraction": r.assignment.memory_fraction if r.assignment else None,
                             "reason": r.assignment.reason if r.assignment else None,
-                            "beyond_this_box": r.beyond.as_dict() if r.beyond else None} for r in rows],
-        }, indent=2))
+                            "beyond_this_box": r.beyond.as_dict() if r.beyond else None,
+                        }
+                        for r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
     else:
         click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
         taken: dict[int, int] = {}
         for r in rows:
-            for g in (r.assignment.gpus if r.assignment else ()):
+            for g in r.assignment.gpus if r.assignment else ():
                 taken[g] = taken.get(g, 0) + r.assignment.bytes_per_gpu
         for g in inv.gpus:
             procs = ", ".join(f"pid {p.pid} {p.used_bytes / GiB:.1f} GiB" for p in g.processes) or "none"
             util = f"{g.utilization_pct}%" if g.utilization_pct is not None else "n/a"
-            click.echo(f"  GPU {g.index}  {g.name} ({g.kind})  {g.used_bytes / GiB:.1f}/"
-                       f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
-                       f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB")
+            click.echo(
+                f"  GPU {g.index}  {g.name} ({g.kind})  {g.used_bytes / GiB:.1f}/"
+                f"{g.total_bytes / GiB:.1f} GiB used, util {util}, processes: {procs}; "
+                f"plan adds {taken.get(g.index, 0) / GiB:.1f} GiB"
+            )
         if not rows:
-            click.echo("No GPU models in the config (server = vllm or sglang, or llamacpp with "
-                       "[models.gpus] count >= 1).")
+            click.echo(
+                "No GPU models in the config (server = vllm or sglang, or llamacpp with [models.gpus] count >= 1)."
+            )
         for r in rows:
             click.echo(r.describe())
     if any(r.error for r in rows):
@@ -308,8 +361,10 @@ def _model_line(m: dict) -> str:
     return f"{m['name']}: replicas {len(m['replicas'])} [{states}] ({how}{pin})"
 
 
-_MODEL_OPTIONS = [click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
-                  click.option("--port", type=int, help="Port of the running daemon.")]
+_MODEL_OPTIONS = [
+    click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
+    click.option("--port", type=int, help="Port of the running daemon."),
+]
 
 
 def _with_model_options(f):
@@ -344,9 +399,12 @@ def _model_action(action: str, doc: str):
     return main.command(name=action)(command)
 
 
-_model_action("load", "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
-                      "replicas of other models if there is no room; an error saying who holds it if none "
-                      "may go).")
+_model_action(
+    "load",
+    "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
+    "replicas of other models if there is no room; an error saying who holds it if none "
+    "may go).",
+)
 _model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
 _model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
 _model_action("unpin", "Let MODEL idle to zero again.")
@@ -355,10 +413,10 @@ _model_action("unpin", "Let MODEL idle to zero again.")
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--socket", metavar="PATH", help="The daemon's admin socket (default: server.admin_socket).")
-@click.option("--url", metavar="URL",
-              help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token.")
-@click.option("--token-file", metavar="FILE",
-              help="The admin token for --url (default: server.admin_token_file).")
+@click.option(
+    "--url", metavar="URL", help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token."
+)
+@click.option("--token-file", metavar="FILE", help="The admin token for --url (default: server.admin_token_file).")
 def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
     """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
     from tui.app import ApplianceTUI
@@ -374,12 +432,21 @@ def tui(config: str | None, socket: str | None, url: str | None, token_file: str
 
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--replica", "replicas", multiple=True, metavar="MODEL#N",
-              help="Show this replica's engine log instead of the daemon's; MODEL: all its "
-                   "replicas, all: every replica. Repeatable.")
+@click.option(
+    "--replica",
+    "replicas",
+    multiple=True,
+    metavar="MODEL#N",
+    help="Show this replica's engine log instead of the daemon's; MODEL: all its "
+    "replicas, all: every replica. Repeatable.",
+)
 @click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show first.")
-@click.option("-f/-F", "--follow/--no-follow", default=True,
-              help="Keep printing what is appended until Ctrl-C (the default), or not.")
+@click.option(
+    "-f/-F",
+    "--follow/--no-follow",
+    default=True,
+    help="Keep printing what is appended until Ctrl-C (the default), or not.",
+)
 def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool) -> None:
     """Follow the daemon's log (the journal under systemd, else server.log_file) or the replicas'."""
     import os
@@ -435,12 +502,17 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
             states = [r["state"] for r in info["replicas"]] if info else []
             state = ",".join(states) or "unknown"
         path = model_path(cfg, m)
-        rows.append({"name": m.name, "server": m.server,
-                     "source": str(path) if path else (m.url or " ".join(m.command)),
-                     "replicas": max(m.autoscaling.min_replicas, 1), "state": state})
-    configured = {m.source[len(STORE_PREFIX):] for m in cfg.models if m.source.startswith(STORE_PREFIX)}
-    rows += [dict(r, state=r["state"] + (", configured" if r["name"] in configured else ""))
-             for r in store_rows(cfg)]
+        rows.append(
+            {
+                "name": m.name,
+                "server": m.server,
+                "source": str(path) if path else (m.url or " ".join(m.command)),
+                "replicas": max(m.autoscaling.min_replicas, 1),
+                "state": state,
+            }
+        )
+    configured = {m.source[len(STORE_PREFIX) :] for m in cfg.models if m.source.startswith(STORE_PREFIX)}
+    rows += [dict(r, state=r["state"] + (", configured" if r["name"] in configured else "")) for r in store_rows(cfg)]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

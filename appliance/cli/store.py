@@ -46,8 +46,15 @@ def _record_json(store: Store, r) -> dict:
 
 
 def register(main: click.Group, models: click.Group) -> None:
-    for command in (models_import, models_pull, models_verify, models_rm, models_pin, models_unpin,
-                    models_accept_license):
+    for command in (
+        models_import,
+        models_pull,
+        models_verify,
+        models_rm,
+        models_pin,
+        models_unpin,
+        models_accept_license,
+    ):
         models.add_command(command)
     main.add_command(images)
     main.add_command(bundle)
@@ -66,8 +73,7 @@ def models_import(path, name, license_, sha256, config, as_json):
 
     store = _store(config)
     try:
-        found = incoming_from(path, name=name, license=license_, sha256=sha256,
-                              expected_version=appliance_version())
+        found = incoming_from(path, name=name, license=license_, sha256=sha256, expected_version=appliance_version())
         results = []
         for incoming in found:
             record, evicted = store.add(incoming)
@@ -80,11 +86,15 @@ def models_import(path, name, license_, sha256, config, as_json):
     for r, evicted in results:
         for e in evicted:
             click.echo(f"evicted {e} (least recently used) to stay within store.budget_gib")
-        click.echo(f"imported {r.name} revision {r.revision[:12]} ({len(r.files)} files, "
-                   f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}")
+        click.echo(
+            f"imported {r.name} revision {r.revision[:12]} ({len(r.files)} files, "
+            f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
+        )
         if not store.license_ok(r):
-            click.echo(f"  license {r.license} is not in store.allowed_licenses: not served until "
-                       f"`appliance models accept-license {r.name}`")
+            click.echo(
+                f"  license {r.license} is not in store.allowed_licenses: not served until "
+                f"`appliance models accept-license {r.name}`"
+            )
 
 
 @click.command("pull")
@@ -102,8 +112,11 @@ def models_pull(repo, name, config, as_json):
         record = pull(cfg, store, repo, name=name)
     except StoreError as exc:
         raise _fail(exc) from None
-    click.echo(json.dumps(_record_json(store, record), indent=2) if as_json else
-               f"pulled {record.name} revision {record.revision[:12]} -> {store.model_path(record)}")
+    click.echo(
+        json.dumps(_record_json(store, record), indent=2)
+        if as_json
+        else f"pulled {record.name} revision {record.revision[:12]} -> {store.model_path(record)}"
+    )
 
 
 @click.command("verify")
@@ -181,10 +194,21 @@ def store_rows(cfg: Config) -> list[dict]:
     store = Store.from_config(cfg)
     if not store.db_path.exists():
         return []
-    return [{"name": r.name, "server": "store", "source": str(store.model_path(r)),
-             "replicas": 0, "state": _store_state(store, r),
-             "license": r.license, "pinned": r.pinned, "total_bytes": r.total_bytes,
-             "store_state": r.state, "license_ok": store.license_ok(r)} for r in store.models()]
+    return [
+        {
+            "name": r.name,
+            "server": "store",
+            "source": str(store.model_path(r)),
+            "replicas": 0,
+            "state": _store_state(store, r),
+            "license": r.license,
+            "pinned": r.pinned,
+            "total_bytes": r.total_bytes,
+            "store_state": r.state,
+            "license_ok": store.license_ok(r),
+        }
+        for r in store.models()
+    ]
 
 
 # --- images -------------------------------------------------------------------
@@ -201,12 +225,21 @@ class _NoPython(click.ClickException):
 
 @images.command("build")
 @click.argument("engine", type=click.Choice(ENGINES))
-@click.option("--python", "python", metavar="PATH",
-              help="The interpreter for the image's venv; it must be the Python version image.toml "
-                   "names (default: the appliance's own if it is, else pythonX.Y on PATH).")
-@click.option("--cuda-archs", "archs", metavar="ARCHS", default="",
-              help="llamacpp-cuda: the CUDA architectures to build for, e.g. 90 or '80;90' "
-                   "(default: those of this box's GPUs, from NVML).")
+@click.option(
+    "--python",
+    "python",
+    metavar="PATH",
+    help="The interpreter for the image's venv; it must be the Python version image.toml "
+    "names (default: the appliance's own if it is, else pythonX.Y on PATH).",
+)
+@click.option(
+    "--cuda-archs",
+    "archs",
+    metavar="ARCHS",
+    default="",
+    help="llamacpp-cuda: the CUDA architectures to build for, e.g. 90 or '80;90' "
+    "(default: those of this box's GPUs, from NVML).",
+)
 @CONFIG_OPTION
 def images_build(engine, python, archs, config):
     """Build ENGINE's image from images/ENGINE (the previous one is kept for rollback).
@@ -235,8 +268,10 @@ def images_ls(config, as_json):
     if not rows:
         click.echo("no engine images built (`appliance images build llamacpp`)")
     for r in rows:
-        click.echo(f"{r['engine']:<9} {r['tag']:<28} {'current' if r['current'] else '       '} "
-                   f"python {r['python']}  {len(r['files'])} files  {r['path']}")
+        click.echo(
+            f"{r['engine']:<9} {r['tag']:<28} {'current' if r['current'] else '       '} "
+            f"python {r['python']}  {len(r['files'])} files  {r['path']}"
+        )
 
 
 @images.command("verify")
@@ -295,22 +330,37 @@ def bundle() -> None:
 
 @bundle.command("create")
 @click.option("-o", "--output", required=True, metavar="FILE", help="The archive to write (.tar).")
-@click.option("--engine", "engines", multiple=True,
-              type=click.Choice([e for e in ENGINES if e != "llamacpp-cuda"]),
-              help="GPU engine images whose wheelhouse to include (repeatable). llamacpp-cuda needs "
-                   "none: install.sh builds it from the llamacpp sdist the bundle carries.")
-@click.option("--cpu-engine/--no-cpu-engine", default=True, show_default=True,
-              help="Include the CPU engine (llamacpp) that serves the embedded default; without it "
-                   "install.sh --offline needs a llama-server build already cached on the server.")
+@click.option(
+    "--engine",
+    "engines",
+    multiple=True,
+    type=click.Choice([e for e in ENGINES if e != "llamacpp-cuda"]),
+    help="GPU engine images whose wheelhouse to include (repeatable). llamacpp-cuda needs "
+    "none: install.sh builds it from the llamacpp sdist the bundle carries.",
+)
+@click.option(
+    "--cpu-engine/--no-cpu-engine",
+    default=True,
+    show_default=True,
+    help="Include the CPU engine (llamacpp) that serves the embedded default; without it "
+    "install.sh --offline needs a llama-server build already cached on the server.",
+)
 @click.option("--model", "models", multiple=True, metavar="NAME", help="Store models to include (repeatable).")
-@click.option("--wheelhouse", metavar="DIR",
-              help="Take the appliance's wheels from DIR instead of building them (offline rebuild).")
-@click.option("--prebuilt", type=click.Choice(["native", "portable", "none"]), default="native",
-              show_default=True,
-              help="The llama-server built here to carry, which servers it fits use instead of compiling: "
-                   "native (the build this machine's install already cached; servers with the same CPU "
-                   "features or more), portable (any x86-64-v3 / armv8-a CPU: for a mixed fleet; compiled "
-                   "once here, minutes, then cached), none (every server compiles it).")
+@click.option(
+    "--wheelhouse",
+    metavar="DIR",
+    help="Take the appliance's wheels from DIR instead of building them (offline rebuild).",
+)
+@click.option(
+    "--prebuilt",
+    type=click.Choice(["native", "portable", "none"]),
+    default="native",
+    show_default=True,
+    help="The llama-server built here to carry, which servers it fits use instead of compiling: "
+    "native (the build this machine's install already cached; servers with the same CPU "
+    "features or more), portable (any x86-64-v3 / armv8-a CPU: for a mixed fleet; compiled "
+    "once here, minutes, then cached), none (every server compiles it).",
+)
 @CONFIG_OPTION
 def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, config):
     """Write one archive that installs the appliance with no network and no checkout: its
@@ -320,9 +370,15 @@ def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, con
     cfg = load(config)
     try:
         engines = ["llamacpp", *engines] if cpu_engine else [e for e in engines if e != "llamacpp"]
-        path = create(cfg, Path(output), engines=list(dict.fromkeys(engines)), models=list(models),
-                      wheelhouse=Path(wheelhouse) if wheelhouse else None,
-                      prebuilt=None if prebuilt == "none" else prebuilt, log=click.echo)
+        path = create(
+            cfg,
+            Path(output),
+            engines=list(dict.fromkeys(engines)),
+            models=list(models),
+            wheelhouse=Path(wheelhouse) if wheelhouse else None,
+            prebuilt=None if prebuilt == "none" else prebuilt,
+            log=click.echo,
+        )
     except (BundleError, StoreError, ImageError) as exc:
         raise _fail(exc) from None
     click.echo(f"wrote {path}")

@@ -36,22 +36,29 @@ class Target:
         """httpx.Client / AsyncClient keyword arguments: base URL and the token header
         (the transport, for a socket, is the caller's: sync or async)."""
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        return {"base_url": "http://appliance" if self.socket else (self.url or "").rstrip("/"),
-                "headers": headers}
+        return {"base_url": "http://appliance" if self.socket else (self.url or "").rstrip("/"), "headers": headers}
 
     def why_down(self, exc: Exception) -> str:
         text = str(exc) or type(exc).__name__
         if self.socket and "Permission denied" in text:
-            return (f"no permission to open {self.socket}: administering needs its owner or group "
-                    "(ls -l shows them), or the admin token over TCP")
+            return (
+                f"no permission to open {self.socket}: administering needs its owner or group "
+                "(ls -l shows them), or the admin token over TCP"
+            )
         if "No such file" in text or "Connection refused" in text or "Errno 111" in text:
             return f"the daemon is not running (nothing answers at {self.where})"
         return f"the daemon does not answer at {self.where}: {text}"
 
 
-def target_from_config(cfg, *, socket: str | None = None, url: str | None = None,
-                       token_file: str | None = None, port: int | None = None,
-                       socket_if_usable: bool = False) -> Target:
+def target_from_config(
+    cfg,
+    *,
+    socket: str | None = None,
+    url: str | None = None,
+    token_file: str | None = None,
+    port: int | None = None,
+    socket_if_usable: bool = False,
+) -> Target:
     """--url (or --port): TCP with the admin token (--token-file, else
     server.admin_token_file); else the admin socket (--socket, else
     server.admin_socket); with the socket off, TCP to server.host:server.port.

@@ -49,8 +49,10 @@ class ServiceNotifier:
         """Start pinging the watchdog, and announce READY once the API answers."""
         if not self.enabled or self._tasks:
             return
-        self._tasks = [asyncio.create_task(self.notifier.watchdog(), name="sd-watchdog"),
-                       asyncio.create_task(self._ready_when_answering(host, port), name="sd-ready")]
+        self._tasks = [
+            asyncio.create_task(self.notifier.watchdog(), name="sd-watchdog"),
+            asyncio.create_task(self._ready_when_answering(host, port), name="sd-ready"),
+        ]
 
     def on_startup(self, app) -> None:
         """A Litestar on_startup hook: the lifespan has opened the supervisor."""
@@ -71,8 +73,9 @@ class ServiceNotifier:
         """READY=1 once the lifespan started and the API answers an HTTP request."""
         await self._started.wait()
         if not await _answers(host, port, timeout):
-            log.warning("the API did not answer on %s:%d within %.0fs; telling systemd it is ready anyway",
-                        host, port, timeout)
+            log.warning(
+                "the API did not answer on %s:%d within %.0fs; telling systemd it is ready anyway", host, port, timeout
+            )
         self.notifier.ready(self._summary())
 
     def stopping(self, runtime, cfg) -> None:

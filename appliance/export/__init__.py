@@ -23,7 +23,9 @@ def render(target: str, src: Source, opts: Options) -> Rendered:
     if target.endswith("-multinode"):
         engine = target.removesuffix("-multinode")
         if engine != src.engine.engine:
-            raise ExportError(f"model '{src.model.name}' runs on {src.engine.engine} (server = "
-                              f"\"{src.model.server}\"): export it with --to {src.engine.engine}-multinode")
+            raise ExportError(
+                f"model '{src.model.name}' runs on {src.engine.engine} (server = "
+                f'"{src.model.server}"): export it with --to {src.engine.engine}-multinode'
+            )
         return multinode.render(src, opts)
     return {"kserve": kserve.render, "llm-d": llmd.render}[target](src, opts)

@@ -33,8 +33,18 @@ def parallel_args(src: Source, nnodes: int, rank: int | str, head: str, rendezvo
     if src.engine.engine == "vllm":
         argv = ["--tensor-parallel-size", str(s.tp), "--pipeline-parallel-size", str(s.pp)]
         if nnodes > 1:
-            argv += ["--distributed-executor-backend", "mp", "--nnodes", str(nnodes), "--node-rank", str(rank),
-                     "--master-addr", head, "--master-port", str(rendezvous_port)]
+            argv += [
+                "--distributed-executor-backend",
+                "mp",
+                "--nnodes",
+                str(nnodes),
+                "--node-rank",
+                str(rank),
+                "--master-addr",
+                head,
+                "--master-port",
+                str(rendezvous_port),
+            ]
             if str(rank) != "0":
                 argv.append("--headless")
         return argv
@@ -50,16 +60,30 @@ def sizing_args(src: Source) -> list[str]:
     in tokens; context, concurrency and prefix caching as on the box."""
     m, s = src.model, src.shape
     if src.engine.engine == "vllm":
-        argv = ["--kv-cache-memory-bytes", str(math.ceil(src.estimate.kv_cache / s.gpus)),
-                "--max-model-len", str(m.context_length), "--max-num-seqs", str(m.parallel),
-                "--enable-prefix-caching"]
+        argv = [
+            "--kv-cache-memory-bytes",
+            str(math.ceil(src.estimate.kv_cache / s.gpus)),
+            "--max-model-len",
+            str(m.context_length),
+            "--max-num-seqs",
+            str(m.parallel),
+            "--enable-prefix-caching",
+        ]
         if m.kv_cache_dtype != "auto":
             argv += ["--kv-cache-dtype", m.kv_cache_dtype]
         return argv
     fraction = fraction_percent(s.bytes_per_gpu, src.node.gpu_bytes) / 100
-    argv = ["--mem-fraction-static", f"{fraction:.2f}", "--max-total-tokens", str(src.kv_tokens),
-            "--context-length", str(m.context_length), "--max-running-requests", str(m.parallel),
-            "--enable-metrics"]
+    argv = [
+        "--mem-fraction-static",
+        f"{fraction:.2f}",
+        "--max-total-tokens",
+        str(src.kv_tokens),
+        "--context-length",
+        str(m.context_length),
+        "--max-running-requests",
+        str(m.parallel),
+        "--enable-metrics",
+    ]
     if m.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
         argv += ["--kv-cache-dtype", m.kv_cache_dtype]
     return argv
@@ -88,7 +112,7 @@ def split_lora(engine: str, args: list[str]) -> tuple[list[tuple[str, str]], lis
             taking = True
             continue
         if arg.startswith(flag + "="):
-            taking, arg = True, arg[len(flag) + 1:]
+            taking, arg = True, arg[len(flag) + 1 :]
         elif arg.startswith("--"):
             taking = False
         if taking:

@@ -46,16 +46,23 @@ def launches(src: Source, opts: Options) -> list[NodeLaunch]:
     out = []
     for rank in range(n):
         api = (head, opts.api_port) if rank == 0 else (None, None)
-        argv = [*src.engine.command, *server_args(src, weights, *api),
-                *parallel_args(src, n, rank, head, opts.rendezvous_port), *sizing_args(src), *src.model.args]
+        argv = [
+            *src.engine.command,
+            *server_args(src, weights, *api),
+            *parallel_args(src, n, rank, head, opts.rendezvous_port),
+            *sizing_args(src),
+            *src.model.args,
+        ]
         out.append(NodeLaunch(rank, tuple(argv), dict(env)))
     return out
 
 
 def _checked(opts: Options) -> str:
     if not opts.head_address:
-        raise ExportError("give --head-address ADDR: the head node's address on the private network "
-                          "(the API listens there, the other nodes meet there)")
+        raise ExportError(
+            "give --head-address ADDR: the head node's address on the private network "
+            "(the API listens there, the other nodes meet there)"
+        )
     if not _ADDRESS.match(opts.head_address):
         raise ExportError(f"--head-address {opts.head_address!r} is not a hostname or an IP address")
     if opts.interface and not _INTERFACE.match(opts.interface):
@@ -116,7 +123,8 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         f"Rendered by `appliance export {m.name} --to {e.engine}-multinode` from the model's config, the "
         f"store's manifest of its weights ({src.manifest.name}, revision {src.manifest.revision}, "
         f"license {src.manifest.license}) and the pinned engine ({e.label}"
-        + (f", image {e.image_tag}" if e.image_tag else "") + ").",
+        + (f", image {e.image_tag}" if e.image_tag else "")
+        + ").",
         "",
         f"Shape: {s.describe()}. Memory: {src.memory_line()}.",
         "",
@@ -129,8 +137,11 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         f"rendezvous on {head}:{opts.rendezvous_port}) in the clear, without authentication: anyone "
         "who reaches those ports can disturb or read the model's work. Run every node on a private "
         "network that nothing else shares, and firewall it from everything else"
-        + (f"; the scripts keep NCCL and Gloo on interface {opts.interface}." if opts.interface else
-           "; `--interface IFACE` pins NCCL and Gloo to that network's interface.")
+        + (
+            f"; the scripts keep NCCL and Gloo on interface {opts.interface}."
+            if opts.interface
+            else "; `--interface IFACE` pins NCCL and Gloo to that network's interface."
+        )
         + f" Only the head serves the OpenAI API, on {head}:{opts.api_port}, for the appliance that "
         "fronts it (below): it has no keys of its own.",
         "",
@@ -144,18 +155,32 @@ def _readme(src: Source, opts: Options, nodes: list[NodeLaunch], weights: str) -
         "## Engine",
         "",
         f"Every node runs {e.label}: "
-        + ("the same command as this box (`[engines." + e.engine + "] command`)." if not e.python else
-           f"its image at the same path as here (`appliance images build {e.engine}` on each node, or the "
-           "`./install.sh --offline` bundle); the scripts check the version."),
+        + (
+            "the same command as this box (`[engines." + e.engine + "] command`)."
+            if not e.python
+            else f"its image at the same path as here (`appliance images build {e.engine}` on each node, or the "
+            "`./install.sh --offline` bundle); the scripts check the version."
+        ),
         "",
     ]
     if secrets:
-        out += [f"Left out of the scripts because they look like secrets: {', '.join(secrets)}. Set them "
-                "in the environment of each node yourself.", ""]
+        out += [
+            f"Left out of the scripts because they look like secrets: {', '.join(secrets)}. Set them "
+            "in the environment of each node yourself.",
+            "",
+        ]
     for node in nodes:
         what = f"serves the API on {head}:{opts.api_port}" if node.rank == 0 else "joins the head"
-        out += [f"## Node {node.rank} ({node.role}): {what}", "",
-                f"`node-{node.rank}.sh` runs, after the checks:", "", "```sh", _command(node), "```", ""]
+        out += [
+            f"## Node {node.rank} ({node.role}): {what}",
+            "",
+            f"`node-{node.rank}.sh` runs, after the checks:",
+            "",
+            "```sh",
+            _command(node),
+            "```",
+            "",
+        ]
     out += [
         "Start the head first, then the workers; the API answers once every node has joined and the "
         "weights are loaded.",

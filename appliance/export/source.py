@@ -25,7 +25,7 @@ class ExportError(Exception):
 
 @dataclass(frozen=True)
 class WeightFile:
-    path: str      # relative to the model's directory
+    path: str  # relative to the model's directory
     sha256: str
     size: int
 
@@ -45,8 +45,10 @@ class Manifest:
         # here-document. No model file is legitimately named so.
         for f in self.files:
             if _UNSAFE_PATH.search(f.path) or not _HEX64.match(f.sha256):
-                raise ExportError(f"model '{self.name}': refusing to export the file name {f.path!r} "
-                                  "(control characters or backslashes); rename it and re-import the model")
+                raise ExportError(
+                    f"model '{self.name}': refusing to export the file name {f.path!r} "
+                    "(control characters or backslashes); rename it and re-import the model"
+                )
 
     @property
     def total_bytes(self) -> int:
@@ -59,11 +61,11 @@ class Manifest:
 
 @dataclass(frozen=True)
 class EnginePin:
-    engine: str                 # vllm | sglang
-    version: str                # images/<engine>/image.toml: what every node must run
-    command: tuple[str, ...]    # the engine server's argv prefix on a node
-    image_tag: str = ""         # the built image (<version>-<hash>) the command runs from, if any
-    python: str = ""            # the image's interpreter, to check the version on a node
+    engine: str  # vllm | sglang
+    version: str  # images/<engine>/image.toml: what every node must run
+    command: tuple[str, ...]  # the engine server's argv prefix on a node
+    image_tag: str = ""  # the built image (<version>-<hash>) the command runs from, if any
+    python: str = ""  # the image's interpreter, to check the version on a node
 
     @property
     def label(self) -> str:
@@ -75,9 +77,9 @@ class Source:
     model: ModelConfig
     manifest: Manifest
     engine: EnginePin
-    weights_dir: Path       # where the weights are on this box (the store's snapshot)
+    weights_dir: Path  # where the weights are on this box (the store's snapshot)
     estimate: Estimate
-    node: NodeSpec          # the machines the shape assumes
+    node: NodeSpec  # the machines the shape assumes
     shape: NodeShape
 
     @property
@@ -86,46 +88,68 @@ class Source:
 
     def memory_line(self) -> str:
         e, s = self.estimate, self.shape
-        return (f"{size(s.bytes_per_gpu)} per GPU: weights {size(e.weights)} and KV cache {size(e.kv_cache)} "
-                f"({self.kv_tokens} tokens) over {s.gpus} GPU(s), plus {size(e.overhead)} engine overhead; "
-                f"nodes assumed: {self.node.describe()}")
+        return (
+            f"{size(s.bytes_per_gpu)} per GPU: weights {size(e.weights)} and KV cache {size(e.kv_cache)} "
+            f"({self.kv_tokens} tokens) over {s.gpus} GPU(s), plus {size(e.overhead)} engine overhead; "
+            f"nodes assumed: {self.node.describe()}"
+        )
 
 
 def size(n: int) -> str:
     return f"{n / GiB:.1f} GiB" if n >= GiB else f"{n / 1024**2:.1f} MiB"
 
 
-def gather(cfg: Config, name: str, inventory: Inventory, *, nodes: int | None = None,
-           gpus_per_node: int | None = None, gpu_gib: float | None = None) -> Source:
+def gather(
+    cfg: Config,
+    name: str,
+    inventory: Inventory,
+    *,
+    nodes: int | None = None,
+    gpus_per_node: int | None = None,
+    gpu_gib: float | None = None,
+) -> Source:
     model = cfg.model(name)
     if model is None:
         known = ", ".join(m.name for m in cfg.models if m.server in GPU_SERVERS) or "none"
         raise ExportError(f"no model {name!r} in {cfg.origin} (GPU models: {known})")
     if model.server not in GPU_SERVERS:
-        raise ExportError(f"model '{name}' runs on {model.server}; only vllm and sglang models are "
-                          "exported (server = \"vllm\" or \"sglang\")")
+        raise ExportError(
+            f"model '{name}' runs on {model.server}; only vllm and sglang models are "
+            'exported (server = "vllm" or "sglang")'
+        )
     if not model.source.startswith(STORE_PREFIX):
-        raise ExportError(f"model '{name}': its weights ({model.source}) are not in the verified store, so "
-                          "there is no manifest to hand on: `appliance models import DIR --name NAME`, "
-                          "then source = \"store:NAME\"")
-    store_name = model.source[len(STORE_PREFIX):]
+        raise ExportError(
+            f"model '{name}': its weights ({model.source}) are not in the verified store, so "
+            "there is no manifest to hand on: `appliance models import DIR --name NAME`, "
+            'then source = "store:NAME"'
+        )
+    store_name = model.source[len(STORE_PREFIX) :]
     manifest, weights = _manifest(cfg, store_name)
     node = node_spec(inventory, model, gpus_per_node, gpu_gib)
     if node is None or not node.gpu_bytes:
-        raise ExportError("no GPUs on this box to size the nodes after: give --gpus-per-node N and "
-                          "--gpu-memory GIB")
+        raise ExportError("no GPUs on this box to size the nodes after: give --gpus-per-node N and --gpu-memory GIB")
     try:
         est = estimate_for(cfg, model, node.gpus)
-        shape = smallest_shape(read_shape(weights), est, node.gpus, node.gpu_bytes,
-                               fixed_tp=model.gpus.count or None, nodes=nodes)
+        shape = smallest_shape(
+            read_shape(weights), est, node.gpus, node.gpu_bytes, fixed_tp=model.gpus.count or None, nodes=nodes
+        )
     except ModelShapeError as exc:
         raise ExportError(f"model '{name}': {exc}") from None
     if shape is None:
         where = f"{nodes} node(s)" if nodes else f"up to {MAX_NODES} nodes"
-        raise ExportError(f"model '{name}' does not fit on {where} of {node.describe()}"
-                          + (f" with gpus.count = {model.gpus.count}" if model.gpus.count else ""))
-    return Source(model=model, manifest=manifest, engine=engine_pin(cfg, model.server), weights_dir=weights,
-                  estimate=est, node=node, shape=shape)
+        raise ExportError(
+            f"model '{name}' does not fit on {where} of {node.describe()}"
+            + (f" with gpus.count = {model.gpus.count}" if model.gpus.count else "")
+        )
+    return Source(
+        model=model,
+        manifest=manifest,
+        engine=engine_pin(cfg, model.server),
+        weights_dir=weights,
+        estimate=est,
+        node=node,
+        shape=shape,
+    )
 
 
 def _manifest(cfg: Config, store_name: str) -> tuple[Manifest, Path]:
@@ -157,8 +181,13 @@ def engine_pin(cfg: Config, engine: str) -> EnginePin:
     exe, args = GPU_ENTRY_POINTS[engine]
     current = current_dir(engine, cfg)
     folder = current if current is not None else images_dir(cfg) / engine / "current"
-    return EnginePin(engine, version, (str(folder / exe), *args), image_tag=current.name if current else "",
-                     python=str(folder / "bin" / "python"))
+    return EnginePin(
+        engine,
+        version,
+        (str(folder / exe), *args),
+        image_tag=current.name if current else "",
+        python=str(folder / "bin" / "python"),
+    )
 
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -170,8 +199,10 @@ def split_env(model: ModelConfig) -> tuple[dict[str, str], list[str]]:
     handed around, so those are only named, for the operator to provide on the nodes."""
     for name in model.env:
         if not _ENV_NAME.match(name):
-            raise ExportError(f"model '{model.name}': env name {name!r} is not an environment variable name "
-                              "(letters, digits, _; not starting with a digit)")
+            raise ExportError(
+                f"model '{model.name}': env name {name!r} is not an environment variable name "
+                "(letters, digits, _; not starting with a digit)"
+            )
     public = {k: v for k, v in model.env.items() if not SECRET_NAME.search(k)}
     return public, sorted(set(model.env) - set(public))
 
@@ -180,16 +211,16 @@ def split_env(model: ModelConfig) -> tuple[dict[str, str], list[str]]:
 class Options:
     """The operator's choices an export cannot take from the config (CLI flags)."""
 
-    head_address: str | None = None      # multi-node: the head's address on the private network
-    rendezvous_port: int = 29500         # multi-node: where the nodes find the head
-    api_port: int = 8000                 # the OpenAI API on the head (on a pod)
-    interface: str | None = None         # multi-node: the private network's interface on every node
-    weights_dir: str | None = None       # multi-node: where the weights are on the nodes (default: as here)
-    pvc: str = "appliance-models"        # Kubernetes: CLAIM[/PATH] holding the weights (and LoRA adapters)
-    oci: str | None = None               # Kubernetes: the weights as an OCI artifact, REF@sha256:DIGEST
-    image: str | None = None             # Kubernetes: the engine's container image
-    namespace: str | None = None         # Kubernetes
-    replicas: int | None = None          # default: the model's autoscaling.min_replicas (at least 1)
+    head_address: str | None = None  # multi-node: the head's address on the private network
+    rendezvous_port: int = 29500  # multi-node: where the nodes find the head
+    api_port: int = 8000  # the OpenAI API on the head (on a pod)
+    interface: str | None = None  # multi-node: the private network's interface on every node
+    weights_dir: str | None = None  # multi-node: where the weights are on the nodes (default: as here)
+    pvc: str = "appliance-models"  # Kubernetes: CLAIM[/PATH] holding the weights (and LoRA adapters)
+    oci: str | None = None  # Kubernetes: the weights as an OCI artifact, REF@sha256:DIGEST
+    image: str | None = None  # Kubernetes: the engine's container image
+    namespace: str | None = None  # Kubernetes
+    replicas: int | None = None  # default: the model's autoscaling.min_replicas (at least 1)
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ class Policy:
     min_replicas: int
     max_replicas: int
     target_rps_per_replica: float
-    idle_ttl_s: float                 # 0: never idle to zero
-    sleep_after_s: float = 0.0        # 0: no sleep tier
+    idle_ttl_s: float  # 0: never idle to zero
+    sleep_after_s: float = 0.0  # 0: no sleep tier
     stabilization_s: float = 30.0
     cooldown_s: float = 10.0
 
@@ -32,20 +32,20 @@ class Policy:
 @dataclass(frozen=True)
 class Inputs:
     now: float
-    current: int            # replicas that exist (starting, ready, sleeping, backing off)
+    current: int  # replicas that exist (starting, ready, sleeping, backing off)
     ready: int
     sleeping: int
     rps_10s: float
     rps_60s: float
     inflight: int
     queued: int
-    engine_waiting: float   # requests waiting inside the engines, summed
-    idle_s: float           # since the last request arrived
-    rps_2s: float = 0.0     # the fast signal: a step up shows here within a second
+    engine_waiting: float  # requests waiting inside the engines, summed
+    idle_s: float  # since the last request arrived
+    rps_2s: float = 0.0  # the fast signal: a step up shows here within a second
     unloaded: bool = False  # the operator unloaded it: zero until a request or a load
     pinned: bool = False
-    override: int | None = None   # the operator's `appliance scale MODEL N`
-    capacity: int = 1_000_000     # most replicas the placer or CPU budget can hold
+    override: int | None = None  # the operator's `appliance scale MODEL N`
+    capacity: int = 1_000_000  # most replicas the placer or CPU budget can hold
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Decision:
     at: float
     current: int
     desired: int
-    action: str             # up | down | hold | sleep | wake
+    action: str  # up | down | hold | sleep | wake
     reason: str
     inputs: dict = field(default_factory=dict)
 
@@ -77,15 +77,22 @@ class Autoscaler:
             window.popleft()
 
         if inp.sleeping and (inp.queued or inp.rps_10s > 0) and inp.ready == 0:
-            decision = Decision(model, inp.now, inp.current, max(desired, 1), "wake",
-                                f"traffic for a sleeping model ({why})")
+            decision = Decision(
+                model, inp.now, inp.current, max(desired, 1), "wake", f"traffic for a sleeping model ({why})"
+            )
         elif desired > inp.current:
             decision = Decision(model, inp.now, inp.current, desired, "up", why)
         elif desired < inp.current:
             decision = self._down(model, inp, policy, window, desired, why)
         elif self._should_sleep(inp, policy):
-            decision = Decision(model, inp.now, inp.current, desired, "sleep",
-                                f"idle {inp.idle_s:.0f}s >= sleep_after {policy.sleep_after_s:.0f}s")
+            decision = Decision(
+                model,
+                inp.now,
+                inp.current,
+                desired,
+                "sleep",
+                f"idle {inp.idle_s:.0f}s >= sleep_after {policy.sleep_after_s:.0f}s",
+            )
         else:
             decision = Decision(model, inp.now, inp.current, desired, "hold", why)
         if decision.action in ("up", "down"):
@@ -133,19 +140,31 @@ class Autoscaler:
     def _down(self, model, inp, p, window, desired, why) -> Decision:
         highest = max(d for _, d in window)
         if highest >= inp.current:
-            return Decision(model, inp.now, inp.current, inp.current, "hold",
-                            f"{why}; waiting out the {p.stabilization_s:.0f}s stabilisation window")
+            return Decision(
+                model,
+                inp.now,
+                inp.current,
+                inp.current,
+                "hold",
+                f"{why}; waiting out the {p.stabilization_s:.0f}s stabilisation window",
+            )
         since = inp.now - self._last_change.get(model, float("-inf"))
         if since < p.cooldown_s:
-            return Decision(model, inp.now, inp.current, inp.current, "hold",
-                            f"{why}; cooldown {since:.0f}s < {p.cooldown_s:.0f}s")
-        return Decision(model, inp.now, inp.current, inp.current - 1, "down",
-                        f"{why}; one replica at a time")
+            return Decision(
+                model, inp.now, inp.current, inp.current, "hold", f"{why}; cooldown {since:.0f}s < {p.cooldown_s:.0f}s"
+            )
+        return Decision(model, inp.now, inp.current, inp.current - 1, "down", f"{why}; one replica at a time")
 
     @staticmethod
     def _should_sleep(inp: Inputs, p: Policy) -> bool:
-        return (p.sleep_after_s > 0 and inp.ready > 0 and inp.idle_s >= p.sleep_after_s
-                and not inp.inflight and not inp.queued and not inp.pinned)
+        return (
+            p.sleep_after_s > 0
+            and inp.ready > 0
+            and inp.idle_s >= p.sleep_after_s
+            and not inp.inflight
+            and not inp.queued
+            and not inp.pinned
+        )
 
     def _record(self, d: Decision) -> None:
         key = (d.action, d.current, d.desired)
@@ -167,4 +186,3 @@ def _inputs(inp: Inputs) -> dict:
     if out["capacity"] >= 1_000_000:
         out["capacity"] = None
     return {k: (round(v, 3) if isinstance(v, float) else v) for k, v in out.items()}
-

@@ -80,8 +80,10 @@ def open_access() -> EngineAccess:
     """A fresh secret and an empty private directory for one replica start."""
     access = EngineAccess(secrets.token_hex(32), _private_root() / f"r{next(_serial)}")
     if len(os.fsencode(access.socket)) >= UNIX_PATH_MAX:
-        raise OSError(f"engine socket path {access.socket} is too long for a unix socket: "
-                      "run the daemon with a shorter $TMPDIR (or under systemd, $RUNTIME_DIRECTORY)")
+        raise OSError(
+            f"engine socket path {access.socket} is too long for a unix socket: "
+            "run the daemon with a shorter $TMPDIR (or under systemd, $RUNTIME_DIRECTORY)"
+        )
     access.dir.mkdir(mode=0o700)
     access.tmp.mkdir(mode=0o700)
     access.private_file("api-key", access.secret + "\n")
@@ -99,8 +101,9 @@ def _private_root() -> Path:
     return _root
 
 
-def engine_environment(engine_env: Mapping[str, str], home: Path, access: EngineAccess,
-                       environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+def engine_environment(
+    engine_env: Mapping[str, str], home: Path, access: EngineAccess, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
     """The whole environment of an engine process: the allow-listed variables of
     the daemon's, HOME and TMPDIR of the appliance's, then the adapter's and the
     model's own (engine_env)."""
@@ -117,19 +120,25 @@ def engine_session(max_connections: int, access: EngineAccess, unix_socket: bool
     replica's secret with every request, over TCP or the replica's unix socket."""
     if unix_socket:
         connector: aiohttp.BaseConnector = aiohttp.UnixConnector(
-            path=str(access.socket), limit=max_connections, keepalive_timeout=60)
+            path=str(access.socket), limit=max_connections, keepalive_timeout=60
+        )
     else:
         connector = tcp_connector(max_connections)
     return http_session(connector, access.headers)
 
 
 def tcp_connector(max_connections_per_host: int) -> aiohttp.TCPConnector:
-    return aiohttp.TCPConnector(limit=0, limit_per_host=max_connections_per_host, keepalive_timeout=60,
-                                enable_cleanup_closed=True)
+    return aiohttp.TCPConnector(
+        limit=0, limit_per_host=max_connections_per_host, keepalive_timeout=60, enable_cleanup_closed=True
+    )
 
 
-def http_session(connector: aiohttp.BaseConnector, headers: Mapping[str, str] | None = None
-                 ) -> aiohttp.ClientSession:
+def http_session(connector: aiohttp.BaseConnector, headers: Mapping[str, str] | None = None) -> aiohttp.ClientSession:
     # The session never decodes, follows redirects or keeps cookies for engines.
-    return aiohttp.ClientSession(connector=connector, headers=headers, auto_decompress=False,
-                                 cookie_jar=aiohttp.DummyCookieJar(), skip_auto_headers=("User-Agent",))
+    return aiohttp.ClientSession(
+        connector=connector,
+        headers=headers,
+        auto_decompress=False,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",),
+    )

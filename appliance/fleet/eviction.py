@@ -30,16 +30,16 @@ from appliance.gpu.placement import Demand, Gpu, Placed, PlacementError, place
 
 @dataclass(frozen=True)
 class Holder:
-    replica: str             # "a#0"
+    replica: str  # "a#0"
     model: str
     priority: int = 0
-    last_used: float = 0.0   # the model's last request (monotonic seconds)
-    loaded_at: float = 0.0   # when the replica became READY (0: never)
+    last_used: float = 0.0  # the model's last request (monotonic seconds)
+    loaded_at: float = 0.0  # when the replica became READY (0: never)
     min_residency_s: float = 0.0
-    inflight: int = 0        # requests the replica is serving
-    held: int = 0            # requests waiting in its model's queue
-    keep: int = 0            # replicas of its model that must stay (pin, operator's count)
-    serving: bool = True     # READY (False: backing off, nothing to lose)
+    inflight: int = 0  # requests the replica is serving
+    held: int = 0  # requests waiting in its model's queue
+    keep: int = 0  # replicas of its model that must stay (pin, operator's count)
+    serving: bool = True  # READY (False: backing off, nothing to lose)
     # What it holds: GPU memory on these GPUs, or CPU cores.
     gpus: tuple[int, ...] = ()
     bytes_per_gpu: int = 0
@@ -51,7 +51,7 @@ class Plan:
     victims: tuple[Holder, ...] = ()
     # Holders that may not be evicted, each with the reason (for the 503 when none fits).
     kept: tuple[tuple[Holder, str], ...] = ()
-    fits: bool = False       # the new replica fits once the victims are gone
+    fits: bool = False  # the new replica fits once the victims are gone
     # It would not fit even with every replica of other models gone: too big for the box,
     # which the placer says better than a list of holders.
     never: bool = False
@@ -64,8 +64,9 @@ class Plan:
         return f"{what} is held by {held}"
 
 
-def plan(model: str, priority: int, holders: Sequence[Holder], fits: Callable[[frozenset[str]], bool],
-         now: float) -> Plan:
+def plan(
+    model: str, priority: int, holders: Sequence[Holder], fits: Callable[[frozenset[str]], bool], now: float
+) -> Plan:
     """The fewest idle replicas of other models whose stopping makes the new replica of
     ``model`` fit, by the module's rules; Plan(fits=False) with the reasons if none do."""
     if fits(frozenset()):
@@ -124,6 +125,7 @@ def _index(replica: str) -> int:
 
 # --- what "fits" means -----------------------------------------------------------------------
 
+
 def gpu_fits(gpus: Sequence[Gpu], placed: Iterable[Placed], demand: Demand) -> Callable[[frozenset[str]], bool]:
     """The new replica's demand can be placed once the named placed replicas are gone."""
     placed = list(placed)
@@ -140,6 +142,7 @@ def gpu_fits(gpus: Sequence[Gpu], placed: Iterable[Placed], demand: Demand) -> C
 
 def core_fits(free_cores: int, cores: dict[str, int], need: int) -> Callable[[frozenset[str]], bool]:
     """``need`` cores are free once the named replicas (holding ``cores``) are gone."""
+
     def fits(removed: frozenset[str]) -> bool:
         return free_cores + sum(cores.get(name, 0) for name in removed) >= need
 

@@ -101,7 +101,7 @@ def block_hashes(data: bytes, block: int, seed: int = 0) -> list[int]:
     out = []
     digest = xxhash.xxh3_64_intdigest
     for end in range(block, len(data) + 1, block):
-        h = digest(view[end - block:end], h)
+        h = digest(view[end - block : end], h)
         out.append(h)
     return out
 
@@ -169,9 +169,12 @@ class PrefixRouter:
         best_len, best = 0, None
         for r in ready:
             n = self.match(r.name, hashes)
-            if n > best_len or (n == best_len and best is not None and n and
-                                (r.inflight, -self._weight(r.name, head))
-                                < (best.inflight, -self._weight(best.name, head))):
+            if n > best_len or (
+                n == best_len
+                and best is not None
+                and n
+                and (r.inflight, -self._weight(r.name, head)) < (best.inflight, -self._weight(best.name, head))
+            ):
                 best_len, best = n, r
         if best_len >= self.min_match:
             chosen, outcome = best, "hit"

@@ -34,8 +34,9 @@ class ProcessHandle(Protocol):
 
 
 class ProcessRunner(Protocol):
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "",
-                    cpus: frozenset[int] = frozenset()) -> ProcessHandle:
+    async def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "", cpus: frozenset[int] = frozenset()
+    ) -> ProcessHandle:
         """Start argv with exactly env as its environment (nothing of the daemon's
         is added: appliance/fleet/engine_access.py decides), its output logged with redact
         (the replica's key, which some engines print) replaced, on the CPUs in cpus only
@@ -61,9 +62,10 @@ class CappedLog:
     def write(self, chunk: bytes) -> None:
         if self._redact:
             chunk = (self._held + chunk).replace(self._redact, b"<redacted>")
-            held = next((n for n in range(min(len(chunk), len(self._redact) - 1), 0, -1)
-                         if chunk.endswith(self._redact[:n])), 0)  # what the next write may complete
-            chunk, self._held = chunk[:len(chunk) - held], chunk[len(chunk) - held:]
+            held = next(
+                (n for n in range(min(len(chunk), len(self._redact) - 1), 0, -1) if chunk.endswith(self._redact[:n])), 0
+            )  # what the next write may complete
+            chunk, self._held = chunk[: len(chunk) - held], chunk[len(chunk) - held :]
         self._append(chunk)
 
     def _append(self, chunk: bytes) -> None:
@@ -147,8 +149,9 @@ class SubprocessRunner:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
 
-    async def spawn(self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "",
-                    cpus: frozenset[int] = frozenset()) -> ProcessHandle:
+    async def spawn(
+        self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "", cpus: frozenset[int] = frozenset()
+    ) -> ProcessHandle:
         exe = argv[0]
         if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")

@@ -123,10 +123,20 @@ class Replica:
 
     timeout = None  # the proxy's default timeouts (a provider has its own)
 
-    def __init__(self, *, cfg: Config, model: ModelConfig, index: int, adapter: EngineAdapter,
-                 runner: ProcessRunner, session: aiohttp.ClientSession, log_dir: Path,
-                 clock: Clock | None = None, port_allocator: Callable[[], int] = free_port,
-                 listener: Listener | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        cfg: Config,
+        model: ModelConfig,
+        index: int,
+        adapter: EngineAdapter,
+        runner: ProcessRunner,
+        session: aiohttp.ClientSession,
+        log_dir: Path,
+        clock: Clock | None = None,
+        port_allocator: Callable[[], int] = free_port,
+        listener: Listener | None = None,
+    ) -> None:
         self.cfg = cfg
         self.model = model
         self.index = index
@@ -196,8 +206,7 @@ class Replica:
         if self._task is None:
             # A fresh context: the replica outlives the request that may have started
             # it, and must not log under that request's id.
-            self._task = asyncio.create_task(self._own(), name=f"replica-{self.name}",
-                                             context=contextvars.Context())
+            self._task = asyncio.create_task(self._own(), name=f"replica-{self.name}", context=contextvars.Context())
 
     async def wait_ready(self, timeout: float) -> None:
         deadline = self.clock.monotonic() + timeout
@@ -362,8 +371,7 @@ class Replica:
                 self.access = open_access()
             except OSError as exc:
                 raise _Crash(f"cannot make the engine's private directory: {exc}") from None
-            self.session = engine_session(self.cfg.upstream.max_connections_per_replica, self.access,
-                                          self.unix_socket)
+            self.session = engine_session(self.cfg.upstream.max_connections_per_replica, self.access, self.unix_socket)
         self.port = self.port_allocator() if self.supervised and not self.unix_socket else 0
         self.base_url = self.adapter.base_url(self.model, self.HOST, self.port)
         self._transition(State.STARTING, f"starting on {self.address}")
@@ -386,15 +394,15 @@ class Replica:
         if not self.supervised:
             return _External()
         weights = model_path(self.cfg, self.model)
-        spec = self.adapter.launch(self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access,
-                                   cpus=self.cpus)
+        spec = self.adapter.launch(
+            self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access, cpus=self.cpus
+        )
         self.image = spec.image
         try:
             for name, text in spec.files.items():
                 self.access.private_file(name, text)
             env = engine_environment(spec.env, Path(self.cfg.paths.cache_dir) / "engine-home", self.access)
-            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret,
-                                           cpus=self.cpus)
+            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret, cpus=self.cpus)
         except OSError as exc:
             raise _Crash(str(exc)) from None
 
@@ -425,8 +433,7 @@ class Replica:
             if remaining <= 0:
                 await self._kill_now()
                 raise _Crash(f"not ready within {sv.startup_timeout_s:.0f}s: {last}")
-            probe = self.adapter.probe_ready(self.session, self.base_url, self.model,
-                                             timeout=min(remaining, 30.0))
+            probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=min(remaining, 30.0))
             outcome = await self._race(probe)
             if outcome == "done":
                 return
@@ -598,8 +605,9 @@ class Replica:
         try:
             await asyncio.wait_for(proc.wait(), timeout=self.cfg.supervisor.stop_grace_s)
         except TimeoutError:
-            log.warning("replica %s ignored SIGTERM for %.0fs; sending SIGKILL",
-                        self.name, self.cfg.supervisor.stop_grace_s)
+            log.warning(
+                "replica %s ignored SIGTERM for %.0fs; sending SIGKILL", self.name, self.cfg.supervisor.stop_grace_s
+            )
             await self._kill_now()
         self._proc, self.pid = None, 0
 

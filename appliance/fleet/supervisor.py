@@ -80,8 +80,7 @@ class Deployment:
 
     # --- the request path ---------------------------------------------------------
 
-    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None
-                   ) -> Replica | None:
+    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica | None:
         """The READY replica with the longest cached prefix of the request (its
         block hashes, appliance/fleet/prefix.py) within the load margin, else the one
         with the fewest requests in flight (round-robin on ties), skipping one
@@ -89,8 +88,11 @@ class Deployment:
         lapsed (a dropped keep-alive connection is no crash)."""
         if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
             exclude = None
-        ready = [r for r in self.replicas if r.state is State.READY and not r.retiring
-                 and (exclude is None or not exclude.matches(r))]
+        ready = [
+            r
+            for r in self.replicas
+            if r.state is State.READY and not r.retiring and (exclude is None or not exclude.matches(r))
+        ]
         if len(ready) <= 1:
             return ready[0] if ready else None
         if prefix:
@@ -99,8 +101,12 @@ class Deployment:
         rotated = ready[start:] + ready[:start]
         return min(rotated, key=lambda r: r.inflight)
 
-    async def acquire(self, disconnected: Callable[[], Awaitable] | None = None,
-                      exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica:
+    async def acquire(
+        self,
+        disconnected: Callable[[], Awaitable] | None = None,
+        exclude: Exclude | None = None,
+        prefix: list[int] | None = None,
+    ) -> Replica:
         """A READY replica for one request; if there is none, start or wake one and
         wait for it in arrival order (bounded queue, bounded wait). disconnected()
         completes when the client goes away; it is only called if the request waits.
@@ -112,14 +118,18 @@ class Deployment:
             return replica
         return await self._hold(disconnected, exclude, prefix)
 
-    async def _hold(self, disconnected: Callable[[], Awaitable] | None,
-                    exclude: Exclude | None, prefix: list[int] | None = None) -> Replica:
+    async def _hold(
+        self, disconnected: Callable[[], Awaitable] | None, exclude: Exclude | None, prefix: list[int] | None = None
+    ) -> Replica:
         queue = self.supervisor.cfg.queue
         if self.blocked:
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
         if len(self.waiters) >= queue.max_held:
-            raise QueueFull(f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
-                            "already wait for it; retry shortly", retry_after=self._retry_after())
+            raise QueueFull(
+                f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
+                "already wait for it; retry shortly",
+                retry_after=self._retry_after(),
+            )
         # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
         self.supervisor.on_demand(self)
         if not self.can_become_ready():
@@ -137,8 +147,9 @@ class Deployment:
                         raise TimeoutError
                     # With an exclusion, look again when it lapses even if no READY comes.
                     step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
-                    done, _ = await asyncio.wait([w for w in (waiter, gone) if w is not None],
-                                                 timeout=step, return_when=asyncio.FIRST_COMPLETED)
+                    done, _ = await asyncio.wait(
+                        [w for w in (waiter, gone) if w is not None], timeout=step, return_when=asyncio.FIRST_COMPLETED
+                    )
                 finally:
                     with contextlib.suppress(ValueError):
                         self.waiters.remove(waiter)
@@ -152,8 +163,10 @@ class Deployment:
                 if replica is not None:
                     return replica
         except TimeoutError:
-            raise QueueTimeout(f"Model '{self.model.name}' did not become ready within "
-                               f"{queue.timeout_s:.0f}s", retry_after=self._retry_after()) from None
+            raise QueueTimeout(
+                f"Model '{self.model.name}' did not become ready within {queue.timeout_s:.0f}s",
+                retry_after=self._retry_after(),
+            ) from None
         finally:
             if gone is not None and not gone.done():
                 gone.cancel()
@@ -212,8 +225,7 @@ class Deployment:
     def live(self) -> list[Replica]:
         # A replica draining for an operator's restart comes back: it still counts
         # (else the autoscaler would start a second one to cover the gap).
-        return [r for r in self.replicas
-                if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
+        return [r for r in self.replicas if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
 
     def kept(self) -> list[Replica]:
         """Replicas not being taken out of service, FATAL ones included: a FATAL
@@ -223,21 +235,35 @@ class Deployment:
     def policy(self, cfg: Config) -> Policy:
         a = self.model.autoscaling
         return Policy(
-            min_replicas=a.min_replicas, max_replicas=a.max_replicas,
-            target_rps_per_replica=a.target_rps_per_replica, idle_ttl_s=idle_ttl_s(cfg, self.model),
-            sleep_after_s=a.sleep_after.seconds, stabilization_s=cfg.autoscaling.stabilization_s,
-            cooldown_s=cfg.autoscaling.cooldown_s)
+            min_replicas=a.min_replicas,
+            max_replicas=a.max_replicas,
+            target_rps_per_replica=a.target_rps_per_replica,
+            idle_ttl_s=idle_ttl_s(cfg, self.model),
+            sleep_after_s=a.sleep_after.seconds,
+            stabilization_s=cfg.autoscaling.stabilization_s,
+            cooldown_s=cfg.autoscaling.cooldown_s,
+        )
 
     def inputs(self, now: float, room: int) -> Inputs:
         live = self.live()
         waiting = sum((r.load.waiting or 0) for r in live if r.load is not None)
         return Inputs(
-            now=now, current=len(live), ready=sum(r.state is State.READY for r in live),
-            sleeping=sum(r.state is State.SLEEPING for r in live), rps_10s=self.rate.rate(10),
-            rps_60s=self.rate.rate(60), rps_2s=self.rate.rate(2), inflight=self.inflight, queued=len(self.waiters),
-            engine_waiting=waiting, idle_s=self.rate.idle_for(), pinned=self.control.pinned,
+            now=now,
+            current=len(live),
+            ready=sum(r.state is State.READY for r in live),
+            sleeping=sum(r.state is State.SLEEPING for r in live),
+            rps_10s=self.rate.rate(10),
+            rps_60s=self.rate.rate(60),
+            rps_2s=self.rate.rate(2),
+            inflight=self.inflight,
+            queued=len(self.waiters),
+            engine_waiting=waiting,
+            idle_s=self.rate.idle_for(),
+            pinned=self.control.pinned,
             unloaded=self.unloaded,
-            override=self.control.override, capacity=len(live) + room)
+            override=self.control.override,
+            capacity=len(live) + room,
+        )
 
 
 class Exclude:
@@ -278,11 +304,18 @@ def default_probe(cfg: Config) -> GpuProbe:
 
 
 class Supervisor:
-    def __init__(self, cfg: Config, session: aiohttp.ClientSession, *,
-                 runner: ProcessRunner | None = None, clock: Clock | None = None,
-                 port_allocator: Callable[[], int] = free_port,
-                 listener: Listener | None = None, probe: GpuProbe | None = None,
-                 state: StateStore | None = None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        session: aiohttp.ClientSession,
+        *,
+        runner: ProcessRunner | None = None,
+        clock: Clock | None = None,
+        port_allocator: Callable[[], int] = free_port,
+        listener: Listener | None = None,
+        probe: GpuProbe | None = None,
+        state: StateStore | None = None,
+    ) -> None:
         self.cfg = cfg
         self.session = session
         self.runner = runner or SubprocessRunner(cfg.supervisor.log_max_bytes)
@@ -325,8 +358,9 @@ class Supervisor:
         self.store_leases = admit_store_models(self.cfg, self.deployments)
         if any(store_name(d.model) for d in self.deployments.values()):
             self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
-            for name in sorted({store_name(d.model) for d in self.deployments.values()
-                                if store_name(d.model) and not d.blocked}):
+            for name in sorted(
+                {store_name(d.model) for d in self.deployments.values() if store_name(d.model) and not d.blocked}
+            ):
                 self._background(self.store_checks.check(name), f"store-check-{name}")
         for dep in self.deployments.values():
             for _ in range(dep.standing_count()):
@@ -338,8 +372,7 @@ class Supervisor:
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
         if self.store_checks is not None:
             self.store_checks.interrupt()
-        await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()),
-                             *self._retiring, return_exceptions=True)
+        await asyncio.gather(*(r.stop(drain_timeout) for r in self.replicas()), *self._retiring, return_exceptions=True)
         if self.store_checks is not None:
             await self.store_checks.close()
 
@@ -365,15 +398,16 @@ class Supervisor:
         if room <= 0:
             return 0
         if on_cpu(dep.model):
-            free = self._cpu_cores() - sum(self._cores(r.model) for r in self._cpu_holders()
-                                           if r.name not in ignoring)
+            free = self._cpu_cores() - sum(self._cores(r.model) for r in self._cpu_holders() if r.name not in ignoring)
             room = min(room, free // self._cores(dep.model))
         return max(room, 0)
 
     def cpu_budget(self) -> dict:
         """The CPU engines' core budget and the replicas that hold it."""
-        users = [{"replica": r.name, "cores": self._cores(r.model), "cpus": sorted(r.cpus), "state": r.state.value}
-                 for r in self._cpu_holders()]
+        users = [
+            {"replica": r.name, "cores": self._cores(r.model), "cpus": sorted(r.cpus), "state": r.state.value}
+            for r in self._cpu_holders()
+        ]
         return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
 
     def _cpu_cores(self) -> int:
@@ -398,7 +432,7 @@ class Supervisor:
         for cpu in held:
             if cpu in free:
                 free.remove(cpu)
-        return frozenset(free[:self._cores(model)])
+        return frozenset(free[: self._cores(model)])
 
     def add_replica(self, dep: Deployment, reason: str, evict: str | None = None) -> Replica | None:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
@@ -422,9 +456,18 @@ class Supervisor:
             return None
         used = {r.index for r in dep.replicas}
         index = next(i for i in itertools.count() if i not in used)
-        replica = Replica(cfg=self.cfg, model=dep.model, index=index, adapter=adapter_for(dep.model.server),
-                          runner=self.runner, session=self.session, log_dir=self.log_dir,
-                          clock=self.clock, port_allocator=self.port_allocator, listener=self._on_change)
+        replica = Replica(
+            cfg=self.cfg,
+            model=dep.model,
+            index=index,
+            adapter=adapter_for(dep.model.server),
+            runner=self.runner,
+            session=self.session,
+            log_dir=self.log_dir,
+            clock=self.clock,
+            port_allocator=self.port_allocator,
+            listener=self._on_change,
+        )
         if store_name(dep.model) and self.store_checks is not None:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
@@ -443,8 +486,9 @@ class Supervisor:
                 else:
                     log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
                 return None
-            replica.slot = GpuSlot(row.assignment.gpus, row.assignment.memory_fraction, uuids,
-                                   row.assignment.bytes_per_gpu)
+            replica.slot = GpuSlot(
+                row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
+            )
         elif on_cpu(dep.model):
             replica.cpus = self._cpu_set(dep.model, ignoring)
         if victims:
@@ -465,17 +509,23 @@ class Supervisor:
             if r.slot is not None and holds_capacity(r):
                 ours |= descendants(r.pid) if r.pid else set()
                 if r.name not in ignoring:
-                    placed.append(Placed(replica=r.name, gpus=r.slot.gpus,
-                                         bytes_per_gpu=_reserved(r, inventory),
-                                         sleeping=r.state is State.SLEEPING))
+                    placed.append(
+                        Placed(
+                            replica=r.name,
+                            gpus=r.slot.gpus,
+                            bytes_per_gpu=_reserved(r, inventory),
+                            sleeping=r.state is State.SLEEPING,
+                        )
+                    )
         return inventory, placed, ours
 
     def _place(self, replica: Replica, ignoring: frozenset[str] = frozenset()) -> tuple[PlanRow, tuple[str, ...]]:
         """Where the replica goes (the replicas in ``ignoring`` are being evicted for it),
         and the UUIDs of those GPUs."""
         inventory, placed, ours = self._gpu_view(ignoring)
-        [row] = plan(self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours,
-                     measured=self.measured)
+        [row] = plan(
+            self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours, measured=self.measured
+        )
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
         uuid = {g.index: g.uuid for g in inventory.gpus}
@@ -493,8 +543,9 @@ class Supervisor:
             return []  # nothing to size it by: the placer will say why
         what, holders, fits = snapshot
         by_name = {r.name: r for r, _ in holders}
-        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], fits,
-                                self.clock.monotonic())
+        decided = eviction.plan(
+            dep.model.name, dep.model.priority, [h for _, h in holders], fits, self.clock.monotonic()
+        )
         if decided.never:
             return []  # too big whatever goes: the placer says what is missing
         if not decided.fits:
@@ -521,8 +572,11 @@ class Supervisor:
             except (ModelShapeError, OSError):
                 return None
             reserved = {p.replica: p for p in placed}
-            holders = [(r, self._holder(r, now, gpus=r.slot.gpus, bytes_per_gpu=reserved[r.name].bytes_per_gpu))
-                       for r in self.replicas() if r.name in reserved]
+            holders = [
+                (r, self._holder(r, now, gpus=r.slot.gpus, bytes_per_gpu=reserved[r.name].bytes_per_gpu))
+                for r in self.replicas()
+                if r.name in reserved
+            ]
             return "GPU memory", holders, eviction.gpu_fits(gpus, placed, demand)
         if not on_cpu(dep.model):
             return None
@@ -530,26 +584,43 @@ class Supervisor:
         holders = [(r, self._holder(r, now, cores=self._cores(r.model))) for r in cpu]
         free = self._cpu_cores() - sum(h.cores for _, h in holders)
         what = f"the CPU engines' budget of {self._cpu_cores()} cores"
-        return what, holders, eviction.core_fits(free, {h.replica: h.cores for _, h in holders},
-                                                 self._cores(dep.model))
+        return what, holders, eviction.core_fits(free, {h.replica: h.cores for _, h in holders}, self._cores(dep.model))
 
     def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
         d = self.deployments[r.model.name]
-        keep = d.control.override if d.control.override is not None else (
-            d.model.autoscaling.min_replicas if d.control.pinned else 0)
+        keep = (
+            d.control.override
+            if d.control.override is not None
+            else (d.model.autoscaling.min_replicas if d.control.pinned else 0)
+        )
         # A replica still starting is inside its residency window from now on.
         loaded_at = now if r.state in (State.STARTING, State.STOPPED) else r.ready_since
         return eviction.Holder(
-            replica=r.name, model=r.model.name, priority=r.model.priority, last_used=d.rate.last_event,
-            loaded_at=loaded_at, min_residency_s=min_residency_s(self.cfg, r.model), inflight=r.inflight,
-            held=len(d.waiters), keep=keep, serving=r.state is State.READY and not r.retiring, **holds)
+            replica=r.name,
+            model=r.model.name,
+            priority=r.model.priority,
+            last_used=d.rate.last_event,
+            loaded_at=loaded_at,
+            min_residency_s=min_residency_s(self.cfg, r.model),
+            inflight=r.inflight,
+            held=len(d.waiters),
+            keep=keep,
+            serving=r.state is State.READY and not r.retiring,
+            **holds,
+        )
 
     def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str) -> None:
         if victim.retiring:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
-        log.info("evicting %s for %s (%s): idle %.0fs, least recently used%s", victim.name, dep.model.name,
-                 trigger, idle, f", priority {h.priority}" if h.priority else "")
+        log.info(
+            "evicting %s for %s (%s): idle %.0fs, least recently used%s",
+            victim.name,
+            dep.model.name,
+            trigger,
+            idle,
+            f", priority {h.priority}" if h.priority else "",
+        )
         key = (victim.model.name, trigger)
         self.evictions[key] = self.evictions.get(key, 0) + 1
         self.retire(victim, f"evicted for {dep.model.name} ({trigger}; idle {idle:.0f}s)")
@@ -573,8 +644,11 @@ class Supervisor:
     def _forget_unplaced(self, dep: Deployment) -> None:
         """A FATAL replica that only said the model could not be placed (at boot) holds
         nothing: a request that may evict tries again instead."""
-        dep.replicas = [r for r in dep.replicas if not (
-            r.state is State.FATAL and r.slot is None and (r.cannot_start or "").startswith(CANNOT_PLACE))]
+        dep.replicas = [
+            r
+            for r in dep.replicas
+            if not (r.state is State.FATAL and r.slot is None and (r.cannot_start or "").startswith(CANNOT_PLACE))
+        ]
 
     async def _store_preflight(self, dep: Deployment) -> str | None:
         """Before a replica loads a store model (each start and restart): its files as
@@ -617,8 +691,7 @@ class Supervisor:
         Returns the store names lifted."""
         if self.store_checks is None or self._stopping:
             return []
-        names = sorted({store_name(d.model) for d in self.deployments.values()
-                        if d.blocked and store_name(d.model)})
+        names = sorted({store_name(d.model) for d in self.deployments.values() if d.blocked and store_name(d.model)})
         lifted = []
         for name in names:
             reason = await self.store_checks.check(name)

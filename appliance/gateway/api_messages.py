@@ -73,10 +73,19 @@ def usage(data: bytes) -> Usage | None:
 TERMINAL = (b"message_stop",)
 
 # Our status codes as Anthropic's error types (https://docs.anthropic.com/en/api/errors).
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-          404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
-          413: "request_too_large", 415: "invalid_request_error", 429: "rate_limit_error",
-          503: "overloaded_error", 504: "timeout_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    408: "timeout_error",
+    413: "request_too_large",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+}
 
 
 def error_type(status: int) -> str:

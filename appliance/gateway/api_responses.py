@@ -68,6 +68,5 @@ def stream_error(message: str, type_: str, param: str | None, code: str | None) 
     """An ``error`` event, as the Responses API sends one: the typed event's fields,
     and an ``error`` object, which the OpenAI SDK raises as an APIError."""
     error = {"type": type_, "code": code, "message": message, "param": param}
-    data = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": 0,
-            "error": error}
+    data = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": 0, "error": error}
     return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"

@@ -36,14 +36,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True, slots=True)
 class Endpoint:
-    name: str             # in metrics, audit rows, adapters' and providers' lists
-    cls: type             # the request body's type (protocol.decode_request)
-    task: str             # what the model must be for ("": any)
+    name: str  # in metrics, audit rows, adapters' and providers' lists
+    cls: type  # the request body's type (protocol.decode_request)
+    task: str  # what the model must be for ("": any)
     dialect: Dialect = OPENAI
-    generates: bool = True     # a key's budget reserves completion tokens for it
-    view: bool | str = ""      # the prefix index's view of the body (fleet/prefix.engine_view); "": none
+    generates: bool = True  # a key's budget reserves completion tokens for it
+    view: bool | str = ""  # the prefix index's view of the body (fleet/prefix.engine_view); "": none
     length_field: str = "max_tokens"  # where a budget's completion cap is written
-    engine_path: str = ""      # the engine's path for it ("": the path the client called)
+    engine_path: str = ""  # the engine's path for it ("": the path the client called)
     # Runs no inference (a tokenizer's work): audited and rate-limited, charged no tokens.
     free: bool = False
 
@@ -54,11 +54,13 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/v1/chat/completions": Endpoint("chat", ChatCompletionRequest, "chat", view=True),
     "/v1/completions": Endpoint("completions", CompletionRequest, "chat", view=False),
     "/v1/embeddings": Endpoint("embeddings", EmbeddingRequest, "embed", generates=False),
-    "/v1/responses": Endpoint("responses", ResponsesRequest, "chat", RESPONSES, view="responses",
-                              length_field="max_output_tokens"),
+    "/v1/responses": Endpoint(
+        "responses", ResponsesRequest, "chat", RESPONSES, view="responses", length_field="max_output_tokens"
+    ),
     "/v1/messages": Endpoint("messages", MessagesRequest, "chat", ANTHROPIC, view="messages"),
-    "/v1/messages/count_tokens": Endpoint("count_tokens", CountTokensRequest, "chat", ANTHROPIC,
-                                          generates=False, free=True),
+    "/v1/messages/count_tokens": Endpoint(
+        "count_tokens", CountTokensRequest, "chat", ANTHROPIC, generates=False, free=True
+    ),
     "/tokenize": Endpoint("tokenize", TokenizeRequest, "", generates=False, free=True),
     "/detokenize": Endpoint("detokenize", DetokenizeRequest, "", generates=False, free=True),
     "/infill": Endpoint("infill", InfillRequest, "chat", LLAMACPP),
@@ -80,16 +82,27 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
     adapter = engine_of(model)
     code = "embeddings_not_supported" if endpoint.name == "embeddings" else "endpoint_not_supported"
     if endpoint.name not in adapter.endpoints:
-        raise BadRequest(f"Model '{model.name}' runs on the {adapter.name} engine, which does not serve "
-                         f"{path}", param="model", code=code)
+        raise BadRequest(
+            f"Model '{model.name}' runs on the {adapter.name} engine, which does not serve {path}",
+            param="model",
+            code=code,
+        )
     tasks = tasks_of(model)
     if endpoint.task and endpoint.task not in tasks:
-        raise BadRequest(f"Model '{model.name}' does not serve {path}: it is for {', '.join(tasks)} "
-                         f"(its tasks), not {endpoint.task}", param="model", code=code)
+        raise BadRequest(
+            f"Model '{model.name}' does not serve {path}: it is for {', '.join(tasks)} "
+            f"(its tasks), not {endpoint.task}",
+            param="model",
+            code=code,
+        )
     if stateful and not adapter.responses_store:
-        raise BadRequest(f"Model '{model.name}' runs on the {adapter.name} engine, which keeps no responses: "
-                         "send store: false (and no previous_response_id or background), and the "
-                         "conversation's items in 'input'", param="store", code="responses_store_not_supported")
+        raise BadRequest(
+            f"Model '{model.name}' runs on the {adapter.name} engine, which keeps no responses: "
+            "send store: false (and no previous_response_id or background), and the "
+            "conversation's items in 'input'",
+            param="store",
+            code="responses_store_not_supported",
+        )
 
 
 def keeps_responses(model: ModelConfig) -> bool:
@@ -100,8 +113,7 @@ def keeps_responses(model: ModelConfig) -> bool:
 def serves(model: ModelConfig, name: str) -> bool:
     """Whether the model serves the endpoint of this name (a fallback's check)."""
     endpoint = BY_NAME[name]
-    return (endpoint.name in engine_of(model).endpoints
-            and (not endpoint.task or endpoint.task in tasks_of(model)))
+    return endpoint.name in engine_of(model).endpoints and (not endpoint.task or endpoint.task in tasks_of(model))
 
 
 __all__ = ["ALL", "BY_NAME", "ENDPOINTS", "TASKS", "Endpoint", "check", "keeps_responses", "serves", "tasks_of"]

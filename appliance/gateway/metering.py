@@ -51,9 +51,16 @@ def completion_cap(req: RequestT) -> int | None:
     """The most completion tokens the request asked for, all choices together;
     None when it set no limit. Engines differ in which length field wins when a
     body has several (llama.cpp reads n_predict first), so the largest counts."""
-    caps = [v for v in (getattr(req, "max_tokens", None), getattr(req, "max_completion_tokens", None),
-                        getattr(req, "n_predict", None), getattr(req, "max_output_tokens", None))
-            if v is not None and v >= 0]
+    caps = [
+        v
+        for v in (
+            getattr(req, "max_tokens", None),
+            getattr(req, "max_completion_tokens", None),
+            getattr(req, "n_predict", None),
+            getattr(req, "max_output_tokens", None),
+        )
+        if v is not None and v >= 0
+    ]
     if not caps:
         return None
     return max(caps) * choices(req)
@@ -135,8 +142,11 @@ class StreamTap:
     _buf: bytes = b""
 
     def _watched(self, data: bytes) -> bool:
-        return (self.usage_marker in data or (self.revealing is not None and self.revealing(data))
-                or any(m in data for m in self.terminal))
+        return (
+            self.usage_marker in data
+            or (self.revealing is not None and self.revealing(data))
+            or any(m in data for m in self.terminal)
+        )
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._buf and chunk.endswith(b"\n\n") and not self._watched(chunk):
@@ -147,7 +157,7 @@ class StreamTap:
         if cut < 0:
             self._buf = data
             return b""
-        complete, self._buf = data[:cut + 2], data[cut + 2:]
+        complete, self._buf = data[: cut + 2], data[cut + 2 :]
         self.events += complete.count(b"data: {")
         if not self._watched(complete):
             return self._hold_done(complete)
@@ -185,16 +195,22 @@ class StreamTap:
         at = 0 if event.startswith(b"data: ") else event.find(b"\ndata: ") + 1
         if at == 0 and not event.startswith(b"data: ") or not self._watched(event):
             return event
-        head, payload = event[:at + 6], event[at + 6:]
+        head, payload = event[: at + 6], event[at + 6 :]
         if self.usage_marker in payload:
             found = self.usage_of(payload)
             if found is not None:
                 seen = self.usage
-                self.usage = found if seen is None else Usage(max(seen.prompt_tokens, found.prompt_tokens),
-                                                              max(seen.completion_tokens, found.completion_tokens))
+                self.usage = (
+                    found
+                    if seen is None
+                    else Usage(
+                        max(seen.prompt_tokens, found.prompt_tokens),
+                        max(seen.completion_tokens, found.completion_tokens),
+                    )
+                )
         if self.scrub is not None and self.revealing(payload):
             event = head + self.scrub(payload)
-        if any(m in event[:at + 40] for m in self.terminal):
+        if any(m in event[: at + 40] for m in self.terminal):
             self.held += event + b"\n\n"
             return None
         return event
@@ -202,7 +218,7 @@ class StreamTap:
     def _hold_done(self, out: bytes) -> bytes:
         if out.endswith(DONE):
             self.done = True
-            return out[:-len(DONE)]
+            return out[: -len(DONE)]
         return out
 
     def rest(self) -> bytes:
@@ -216,5 +232,13 @@ class StreamTap:
         return rest
 
 
-__all__ = ["StreamTap", "Usage", "completion_cap", "estimated_usage", "prompt_bound", "prompt_guess",
-           "unary_usage", "usage_option"]
+__all__ = [
+    "StreamTap",
+    "Usage",
+    "completion_cap",
+    "estimated_usage",
+    "prompt_bound",
+    "prompt_guess",
+    "unary_usage",
+    "usage_option",
+]

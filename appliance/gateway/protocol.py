@@ -74,9 +74,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 
 RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
 
-_DECODERS = {
-    cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
-}
+_DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)}
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
@@ -128,8 +126,9 @@ def _check_ranges(req: RequestT) -> None:
             raise BadRequest(f"'{field}' must be at most {MAX_COUNT}", param=field)
     n_predict = getattr(req, "n_predict", None)
     if n_predict is not None and not -2 <= n_predict <= MAX_COUNT:
-        raise BadRequest(f"'n_predict' must be within -2 (until the context is full) and {MAX_COUNT}",
-                         param="n_predict")
+        raise BadRequest(
+            f"'n_predict' must be within -2 (until the context is full) and {MAX_COUNT}", param="n_predict"
+        )
     if getattr(req, "cache_salt", None) == "":
         raise BadRequest("'cache_salt' must be a non-empty string", param="cache_salt")
     if getattr(req, "messages", True) == []:

@@ -89,8 +89,9 @@ class Provider:
         self.name = f"provider:{cfg.name}"
         self.base_url = cfg.base_url.rstrip("/")
         self.commercial = cfg.commercial
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=cfg.connect_timeout_s,
-                                             sock_read=cfg.read_timeout_s)
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
+        )
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s, clock)
         self.inflight = 0
         self._key = _Secret(key)
@@ -138,15 +139,15 @@ def set_fields(body: bytes, **fields) -> bytes:
     return msgspec.json.encode(top)
 
 
-def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, str] = os.environ,
-             permissions: str = "refuse") -> str:
+def read_key(
+    cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, str] = os.environ, permissions: str = "refuse"
+) -> str:
     """The provider's key. A key file its group or others may read is refused
     (permissions = "refuse", server.key_file_permissions) or logged."""
     if cfg.api_key_env:
         key = environ.get(cfg.api_key_env, "").strip()
         if not key:
-            raise ConfigError(f"{origin}: field '{at}.api_key_env': environment variable "
-                              f"{cfg.api_key_env} is not set")
+            raise ConfigError(f"{origin}: field '{at}.api_key_env': environment variable {cfg.api_key_env} is not set")
         return key
     if not cfg.api_key_file:
         return ""
@@ -154,8 +155,10 @@ def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, st
     if not path.is_absolute():
         creds = environ.get("CREDENTIALS_DIRECTORY", "")
         if not creds:
-            raise ConfigError(f"{origin}: field '{at}.api_key_file': {cfg.api_key_file!r} is relative and "
-                              "$CREDENTIALS_DIRECTORY is not set (systemd LoadCredential=, docs/operations.md)")
+            raise ConfigError(
+                f"{origin}: field '{at}.api_key_file': {cfg.api_key_file!r} is relative and "
+                "$CREDENTIALS_DIRECTORY is not set (systemd LoadCredential=, docs/operations.md)"
+            )
         path = Path(creds) / path
     try:
         key = path.read_text().strip()
@@ -163,8 +166,10 @@ def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, st
     except OSError as exc:
         raise ConfigError(f"{origin}: field '{at}.api_key_file': cannot read {path}: {exc.strerror}") from None
     if problem and permissions == "refuse":
-        raise ConfigError(f"{origin}: field '{at}.api_key_file': {problem}; or set "
-                          "server.key_file_permissions = \"warn\" to start anyway")
+        raise ConfigError(
+            f"{origin}: field '{at}.api_key_file': {problem}; or set "
+            'server.key_file_permissions = "warn" to start anyway'
+        )
     if problem:
         log.warning("field '%s.api_key_file': %s", at, problem)
     if not key:
@@ -172,8 +177,10 @@ def read_key(cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, st
     return key
 
 
-def load_providers(cfg: Config, environ: Mapping[str, str] = os.environ,
-                   clock: Callable[[], float] = time.monotonic) -> dict[str, Provider]:
-    return {p.name: Provider(p, read_key(p, f"providers[{i}]", cfg.origin, environ,
-                                         cfg.server.key_file_permissions), clock)
-            for i, p in enumerate(cfg.providers)}
+def load_providers(
+    cfg: Config, environ: Mapping[str, str] = os.environ, clock: Callable[[], float] = time.monotonic
+) -> dict[str, Provider]:
+    return {
+        p.name: Provider(p, read_key(p, f"providers[{i}]", cfg.origin, environ, cfg.server.key_file_permissions), clock)
+        for i, p in enumerate(cfg.providers)
+    }

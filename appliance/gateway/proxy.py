@@ -61,8 +61,9 @@ class EngineProxy:
             sock_read=cfg.upstream.read_timeout_s,
         )
 
-    async def _open(self, replica: Replica, path: str, body: bytes | None,
-                    headers: dict[str, str], method: str = "POST") -> aiohttp.ClientResponse:
+    async def _open(
+        self, replica: Replica, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+    ) -> aiohttp.ClientResponse:
         url = replica.base_url + path
         # A supervised replica's own session carries its secret (appliance/fleet/engine_access.py).
         session = replica.session or self.session
@@ -71,8 +72,9 @@ class EngineProxy:
             err.retryable = True
             raise err
         try:
-            return await session.request(method, url, data=body, headers=headers,
-                                         timeout=replica.timeout or self.timeout)
+            return await session.request(
+                method, url, data=body, headers=headers, timeout=replica.timeout or self.timeout
+            )
         except TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except (aiohttp.ClientError, OSError) as exc:
@@ -97,8 +99,9 @@ class EngineProxy:
             raise EngineFailure(f"Engine {replica.name} answered {resp.status}: {message}")
         raise error_for_status(resp.status, message)
 
-    async def unary(self, replica: Replica, path: str, body: bytes | None,
-                    headers: dict[str, str], method: str = "POST") -> tuple[int, bytes, str]:
+    async def unary(
+        self, replica: Replica, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+    ) -> tuple[int, bytes, str]:
         """The engine's whole answer: (status, body, content type)."""
         with replica.lease():
             resp = await self._open(replica, path, body, headers, method)
@@ -113,8 +116,9 @@ class EngineProxy:
                 resp.release()
             return resp.status, data, resp.headers.get("Content-Type", "application/json")
 
-    async def open_stream(self, replica: Replica, path: str, body: bytes, headers: dict[str, str],
-                          done: Done, dialect: Dialect = OPENAI) -> AsyncIterator[bytes]:
+    async def open_stream(
+        self, replica: Replica, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
+    ) -> AsyncIterator[bytes]:
         """Open the engine's stream; errors before the first byte raise (so the
         client gets a real status code). Returns the chunk iterator; a stream
         that breaks ends with the error event of its API's dialect."""
@@ -128,8 +132,9 @@ class EngineProxy:
             raise
         return self._relay(replica, resp, lease, done, dialect)
 
-    async def _relay(self, replica: Replica, resp: aiohttp.ClientResponse, lease, done: Done,
-                     dialect: Dialect) -> AsyncIterator[bytes]:
+    async def _relay(
+        self, replica: Replica, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect
+    ) -> AsyncIterator[bytes]:
         status = 200
         finished = False
         try:
@@ -141,8 +146,7 @@ class EngineProxy:
             # stream with an explicit error event the client's SDK will raise.
             status = 502
             log.warning("stream from %s broke: %s", replica.name, type(exc).__name__)
-            yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: "
-                                                     f"{type(exc).__name__}"))
+            yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: {type(exc).__name__}"))
         except (asyncio.CancelledError, GeneratorExit):
             status = 499  # the client went away; closing resp cancels the engine's work
             raise

@@ -30,7 +30,7 @@ CAPACITY = 100_000
 @dataclass(frozen=True, slots=True)
 class Home:
     replica: Replica
-    pid: int | None   # the engine process that holds it (a restart empties its store)
+    pid: int | None  # the engine process that holds it (a restart empties its store)
     owner: str | None  # the API key id that created it (None: keyless)
 
 
@@ -74,8 +74,11 @@ class ResponseHomes:
         replica = home.replica
         if replica.state is not State.READY or replica.pid != home.pid:
             del self._homes[rid]
-            raise NotFound(f"Response '{rid}' is gone: the engine replica that stored it has restarted or "
-                           "stopped since", param=param, code="response_not_found")
+            raise NotFound(
+                f"Response '{rid}' is gone: the engine replica that stored it has restarted or stopped since",
+                param=param,
+                code="response_not_found",
+            )
         return replica
 
 

@@ -58,9 +58,9 @@ class RequestCtx:
     """One request's facts, from admission to its audit row."""
 
     rid: str
-    started: float          # perf_counter at arrival
-    arrived: float          # unix time at arrival
-    model: str              # the model the client asked for
+    started: float  # perf_counter at arrival
+    arrived: float  # unix time at arrival
+    model: str  # the model the client asked for
     endpoint: str
     dialect: Dialect = OPENAI  # the API the client speaks (errors on its stream)
     key: ApiKey | None = None
@@ -72,7 +72,7 @@ class RequestCtx:
     tap: StreamTap | None = None
     usage: Usage | None = None
     bytes_sent: bool = False
-    response_text: bytes | None = None   # b"" collects the answer (audit.include_text)
+    response_text: bytes | None = None  # b"" collects the answer (audit.include_text)
     finished: bool = False
     # Metering: what the key's budget holds for the request, the body it is
     # charged by when the engine reports no usage, and its completion cap.
@@ -101,12 +101,15 @@ class Routes:
         is a ceiling: the tag header may repeat it, never move the key to
         another tag's routes (a catch-all route, tag "", matches every tag)."""
         if sent_tag and sent_tag not in self.tags:
-            raise BadRequest(f"Unknown tag {sent_tag!r} in the {header} header: no route carries it",
-                             code="unknown_tag")
+            raise BadRequest(
+                f"Unknown tag {sent_tag!r} in the {header} header: no route carries it", code="unknown_tag"
+            )
         key_tag = key.tag if key is not None else ""
         if key_tag and sent_tag and sent_tag != key_tag:
-            raise Forbidden(f"This API key is bound to tag {key_tag!r}; the {header} header may not "
-                            f"change it to {sent_tag!r}", code="tag_not_allowed")
+            raise Forbidden(
+                f"This API key is bound to tag {key_tag!r}; the {header} header may not change it to {sent_tag!r}",
+                code="tag_not_allowed",
+            )
         if not self.models:
             return None
         return self.resolve(model, sent_tag or key_tag)
@@ -116,11 +119,12 @@ def check_may_send(route: RouteConfig | None, provider: Provider) -> None:
     """The last check before a request leaves for a provider: fail closed."""
     if route is None or (route.regulated and provider.commercial):
         name = route.name if route is not None else "(none)"
-        log.error("refused to send route %s to commercial provider %s: the route is regulated",
-                  name, provider.cfg.name)
+        log.error("refused to send route %s to commercial provider %s: the route is regulated", name, provider.cfg.name)
         raise RegulatedFailClosed(
             f"Route '{name}' is regulated: its requests are served on this server only, and the "
-            "local model cannot serve this one now", retry_after=30)
+            "local model cannot serve this one now",
+            retry_after=30,
+        )
 
 
 def saturated(dep: Deployment, burst_at_queue: int) -> bool:
@@ -250,10 +254,23 @@ def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) 
         rt.metrics.first_token(ctx.model, ctx.ttft)
         rt.ttft.observe(ctx.model, ctx.ttft)  # the in-memory p50 the status and the TUI show
         ttft_ms = round(ctx.ttft * 1000, 3)
-    ctx.row = [ctx.arrived, ctx.rid, ctx.key.id if ctx.key is not None else None,
-               ctx.route.name if ctx.route is not None else None, ctx.model, endpoint,
-               ctx.served_by, status, prompt, completion, round(latency * 1000, 3), ttft_ms,
-               ctx.fallback_reason, _text(request_text), _text(ctx.response_text)]
+    ctx.row = [
+        ctx.arrived,
+        ctx.rid,
+        ctx.key.id if ctx.key is not None else None,
+        ctx.route.name if ctx.route is not None else None,
+        ctx.model,
+        endpoint,
+        ctx.served_by,
+        status,
+        prompt,
+        completion,
+        round(latency * 1000, 3),
+        ttft_ms,
+        ctx.fallback_reason,
+        _text(request_text),
+        _text(ctx.response_text),
+    ]
     ctx.receipt = rt.audit.record(ctx.row, durable=accountable(ctx))
 
 

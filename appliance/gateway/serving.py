@@ -24,16 +24,19 @@ T = TypeVar("T")
 log = logging.getLogger("appliance.serving")
 
 MAX_ATTEMPTS = 3
-SSE_START_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
-                     (b"x-accel-buffering", b"no")]
+SSE_START_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
 
 
-async def forward_unary(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
-                        receive, ctx=None) -> tuple[int, bytes, str]:
+async def forward_unary(
+    rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str], receive, ctx=None
+) -> tuple[int, bytes, str]:
     """The engine's whole answer. receive: watched for the client leaving while
     the request is held (None: the caller watches, see unless_client_leaves)."""
-    return await _on_a_replica(dep, receive, ctx, headers,
-                               lambda replica: rt.proxy.unary(replica, path, body, headers))
+    return await _on_a_replica(dep, receive, ctx, headers, lambda replica: rt.proxy.unary(replica, path, body, headers))
 
 
 # A unary answer quicker than this is not watched for the client leaving: most are,
@@ -85,8 +88,9 @@ async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], 
     failed = None
     prefix = ctx.prefix if ctx is not None else None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=(lambda: _wait_disconnect(receive)) if receive else None,
-                                    exclude=failed, prefix=prefix)
+        replica = await dep.acquire(
+            disconnected=(lambda: _wait_disconnect(receive)) if receive else None, exclude=failed, prefix=prefix
+        )
         if ctx is not None:
             ctx.served_by = replica.name
         try:
@@ -99,8 +103,18 @@ async def _on_a_replica(dep: Deployment, receive, ctx, headers: dict[str, str], 
     raise AssertionError("unreachable")
 
 
-async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: dict[str, str],
-                         receive, send, done: Callable[[int], None], ctx=None, opener=None) -> None:
+async def forward_stream(
+    rt,
+    dep: Deployment,
+    path: str,
+    body: bytes,
+    headers: dict[str, str],
+    receive,
+    send,
+    done: Callable[[int], None],
+    ctx=None,
+    opener=None,
+) -> None:
     """Open the engine's stream, then relay it. Errors before the answer starts
     raise (the client gets a real status); after, they end the stream with an
     SSE error event. A client that goes away cancels the engine's work.
@@ -109,8 +123,10 @@ async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: d
     started = False
     watcher = None
     if opener is None:
+
         def opener():
             return _open_stream(rt, dep, path, body, headers, receive, done, ctx)
+
     try:
         chunks = await _open_with_keepalive(dep, opener, headers, send, keepalive, ctx, done)
         if isinstance(chunks, _Started):
@@ -118,8 +134,13 @@ async def forward_stream(rt, dep: Deployment, path: str, body: bytes, headers: d
         if not started:
             if ctx is not None:
                 ctx.bytes_sent = True
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())],
+                }
+            )
             started = True
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         pump = asyncio.ensure_future(_pump(chunks, send, ctx))
@@ -160,8 +181,13 @@ async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx
         # From here on the answer has begun: no fallback may take over.
         if ctx is not None:
             ctx.bytes_sent = True
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())],
+            }
+        )
         while True:
             await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
             done, _ = await asyncio.wait([opening], timeout=keepalive)
@@ -186,11 +212,14 @@ def open_local_stream(rt, dep: Deployment, path, body, headers, receive, done, c
     return _open_stream(rt, dep, path, body, headers, receive, done, ctx)
 
 
-async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None
-                       ) -> AsyncIterator[bytes]:
-    return await _on_a_replica(dep, receive, ctx, headers,
-                               lambda replica: rt.proxy.open_stream(replica, path, body, headers, done,
-                                                                    _dialect(ctx)))
+async def _open_stream(rt, dep: Deployment, path, body, headers, receive, done, ctx=None) -> AsyncIterator[bytes]:
+    return await _on_a_replica(
+        dep,
+        receive,
+        ctx,
+        headers,
+        lambda replica: rt.proxy.open_stream(replica, path, body, headers, done, _dialect(ctx)),
+    )
 
 
 async def _pump(chunks: AsyncIterator[bytes], send, ctx=None) -> None:

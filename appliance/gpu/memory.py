@@ -28,8 +28,20 @@ from pathlib import Path
 
 GiB = 1024**3
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-DTYPE_BYTES = {"float32": 4, "float": 4, "fp32": 4, "bfloat16": 2, "float16": 2, "half": 2, "bf16": 2,
-               "fp16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "int8": 1}
+DTYPE_BYTES = {
+    "float32": 4,
+    "float": 4,
+    "fp32": 4,
+    "bfloat16": 2,
+    "float16": 2,
+    "half": 2,
+    "bf16": 2,
+    "fp16": 2,
+    "fp8": 1,
+    "fp8_e4m3": 1,
+    "fp8_e5m2": 1,
+    "int8": 1,
+}
 
 
 class ModelShapeError(Exception):
@@ -73,8 +85,7 @@ def read_shape(model_dir: Path) -> ModelShape:
 
 def weight_bytes(model_dir: Path) -> int:
     """Bytes of the weight files (links followed: a hub snapshot is links to blobs)."""
-    total = sum(p.stat().st_size for p in model_dir.rglob("*")
-                if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    total = sum(p.stat().st_size for p in model_dir.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if total == 0:
         raise ModelShapeError(f"{model_dir}: no weight files ({', '.join(WEIGHT_SUFFIXES)})")
     return total
@@ -82,8 +93,13 @@ def weight_bytes(model_dir: Path) -> int:
 
 def tp_sizes(shape: ModelShape, gpu_count: int) -> list[int]:
     """Tensor-parallel sizes the engines accept for this model on up to gpu_count GPUs."""
-    return [tp for tp in (1, 2, 4, 8, 16) if tp <= gpu_count
-            and shape.attention_heads % tp == 0 and (shape.kv_heads % tp == 0 or tp % shape.kv_heads == 0)]
+    return [
+        tp
+        for tp in (1, 2, 4, 8, 16)
+        if tp <= gpu_count
+        and shape.attention_heads % tp == 0
+        and (shape.kv_heads % tp == 0 or tp % shape.kv_heads == 0)
+    ]
 
 
 def per_gpu_bytes(weights: int, kv_cache: int, overhead: int, gpus: int) -> int:
@@ -102,20 +118,29 @@ class Estimate:
 
     def describe(self, tp: int) -> str:
         src = "measured" if self.measured else "estimated"
-        return (f"{src} {self.per_gpu[tp] / GiB:.1f} GiB/GPU at tp={tp} "
-                f"(weights {self.weights / GiB:.1f} GiB + KV {self.kv_cache / GiB:.1f} GiB "
-                f"over {tp} GPU(s) + overhead {self.overhead / GiB:.1f} GiB)")
+        return (
+            f"{src} {self.per_gpu[tp] / GiB:.1f} GiB/GPU at tp={tp} "
+            f"(weights {self.weights / GiB:.1f} GiB + KV {self.kv_cache / GiB:.1f} GiB "
+            f"over {tp} GPU(s) + overhead {self.overhead / GiB:.1f} GiB)"
+        )
 
 
-def estimate(model_dir: Path, kv_tokens: int, overhead_bytes: int, gpu_count: int,
-             kv_dtype_bytes: int | None = None, fixed_tp: int | None = None) -> Estimate:
+def estimate(
+    model_dir: Path,
+    kv_tokens: int,
+    overhead_bytes: int,
+    gpu_count: int,
+    kv_dtype_bytes: int | None = None,
+    fixed_tp: int | None = None,
+) -> Estimate:
     shape = read_shape(model_dir)
     weights = weight_bytes(model_dir)
     kv = kv_tokens * shape.kv_bytes_per_token(kv_dtype_bytes)
     sizes = [fixed_tp] if fixed_tp else tp_sizes(shape, max(gpu_count, 1))
     if not sizes:
-        raise ModelShapeError(f"{model_dir}: no tensor-parallel size up to {gpu_count} divides "
-                              f"{shape.attention_heads} attention heads")
+        raise ModelShapeError(
+            f"{model_dir}: no tensor-parallel size up to {gpu_count} divides {shape.attention_heads} attention heads"
+        )
     per_gpu = {tp: per_gpu_bytes(weights, kv, overhead_bytes, tp) for tp in sizes}
     return Estimate(weights=weights, kv_cache=kv, overhead=overhead_bytes, per_gpu=per_gpu)
 
@@ -124,8 +149,9 @@ def estimate(model_dir: Path, kv_tokens: int, overhead_bytes: int, gpu_count: in
 LLAMACPP_UBATCH = 512
 
 
-def estimate_gguf(path: Path, context_length: int, cache_type_k: str, cache_type_v: str,
-                  overhead_bytes: int, gpus: int) -> Estimate:
+def estimate_gguf(
+    path: Path, context_length: int, cache_type_k: str, cache_type_v: str, overhead_bytes: int, gpus: int
+) -> Estimate:
     """Per-GPU bytes of a llama.cpp replica with every layer offloaded to ``gpus`` GPUs
     (--split-mode layer: each holds its share of the layers and their KV cache).
 
@@ -192,13 +218,21 @@ class NodeShape:
 
     def describe(self) -> str:
         nodes = f"{self.nodes} node{'s' if self.nodes > 1 else ''}"
-        return (f"{nodes} x {self.gpus_per_node} GPUs (tp={self.tp} x pp={self.pp}), "
-                f"{self.bytes_per_gpu / GiB:.1f} GiB/GPU")
+        return (
+            f"{nodes} x {self.gpus_per_node} GPUs (tp={self.tp} x pp={self.pp}), {self.bytes_per_gpu / GiB:.1f} GiB/GPU"
+        )
 
 
-def smallest_shape(shape: ModelShape, est: Estimate, gpus_per_node: int, gpu_bytes: int, *,
-                   fixed_tp: int | None = None, nodes: int | None = None,
-                   max_nodes: int = MAX_NODES) -> NodeShape | None:
+def smallest_shape(
+    shape: ModelShape,
+    est: Estimate,
+    gpus_per_node: int,
+    gpu_bytes: int,
+    *,
+    fixed_tp: int | None = None,
+    nodes: int | None = None,
+    max_nodes: int = MAX_NODES,
+) -> NodeShape | None:
     """The fewest machines of `gpus_per_node` GPUs of `gpu_bytes` each that hold one replica,
     by the same memory model as one box (weights + KV budget over the GPUs, plus overhead on
     each), or exactly `nodes` of them; None when none does. On one machine: the smallest
@@ -207,8 +241,9 @@ def smallest_shape(shape: ModelShape, est: Estimate, gpus_per_node: int, gpu_byt
     latency), the stages spread evenly (vLLM's and SGLang's multi-node layout)."""
     sizes = [tp for tp in ([fixed_tp] if fixed_tp else tp_sizes(shape, gpus_per_node)) if tp <= gpus_per_node]
     for n in [nodes] if nodes else range(1, max_nodes + 1):
-        found = (_one_machine(est, sizes, gpu_bytes) if n == 1 else None) \
-            or _whole_machines(shape, est, sizes, n, gpus_per_node, gpu_bytes)
+        found = (_one_machine(est, sizes, gpu_bytes) if n == 1 else None) or _whole_machines(
+            shape, est, sizes, n, gpus_per_node, gpu_bytes
+        )
         if found is not None:
             return found
     return None
@@ -223,8 +258,9 @@ def _one_machine(est: Estimate, sizes: list[int], gpu_bytes: int) -> NodeShape |
     return None
 
 
-def _whole_machines(shape: ModelShape, est: Estimate, sizes: list[int], nodes: int, gpus_per_node: int,
-                    gpu_bytes: int) -> NodeShape | None:
+def _whole_machines(
+    shape: ModelShape, est: Estimate, sizes: list[int], nodes: int, gpus_per_node: int, gpu_bytes: int
+) -> NodeShape | None:
     """Pipeline stages of the largest tensor-parallel size that fits, filling every machine."""
     for tp in sorted(sizes, reverse=True):
         pp = nodes * (gpus_per_node // tp)

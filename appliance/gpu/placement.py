@@ -47,17 +47,26 @@ from dataclasses import dataclass
 GiB = 1024**3
 
 __all__ = [
-    "GiB", "Gpu", "Placed", "Demand", "Assignment", "PlacementError",
-    "place", "free_bytes", "gpus_in_use", "fraction_percent", "reserved_bytes",
+    "GiB",
+    "Gpu",
+    "Placed",
+    "Demand",
+    "Assignment",
+    "PlacementError",
+    "place",
+    "free_bytes",
+    "gpus_in_use",
+    "fraction_percent",
+    "reserved_bytes",
 ]
 
 
 @dataclass(frozen=True)
 class Gpu:
     index: int
-    kind: str            # normalized type, e.g. "H100"; compared case-insensitively
+    kind: str  # normalized type, e.g. "H100"; compared case-insensitively
     total_bytes: int
-    foreign_bytes: int = 0   # used by processes that are not our replicas
+    foreign_bytes: int = 0  # used by processes that are not our replicas
 
 
 @dataclass(frozen=True)
@@ -67,19 +76,19 @@ class Placed:
     replica: str
     gpus: tuple[int, ...]
     bytes_per_gpu: int
-    sleeping: bool = False   # vLLM sleep level 1: GPU memory free, weights in host RAM
-    host_bytes: int = 0      # host RAM held while sleeping
+    sleeping: bool = False  # vLLM sleep level 1: GPU memory free, weights in host RAM
+    host_bytes: int = 0  # host RAM held while sleeping
 
 
 @dataclass(frozen=True)
 class Demand:
     """A replica to place."""
 
-    replica: str                   # e.g. "llama-8b#1"
+    replica: str  # e.g. "llama-8b#1"
     per_gpu_bytes: dict[int, int]  # TP size -> bytes needed on EACH GPU at that size
-    gpu_kind: str | None = None    # None or "any": any kind; else every GPU must be this kind
-    tp: int | None = None          # fixed TP size, or None: the smallest listed size that fits
-    exact: bool = False            # reserves its need, not a whole-percent fraction of the card
+    gpu_kind: str | None = None  # None or "any": any kind; else every GPU must be this kind
+    tp: int | None = None  # fixed TP size, or None: the smallest listed size that fits
+    exact: bool = False  # reserves its need, not a whole-percent fraction of the card
 
     def reserve(self, need: int, total: int) -> int:
         return min(need, total) if self.exact else reserved_bytes(need, total)
@@ -88,11 +97,11 @@ class Demand:
 @dataclass(frozen=True)
 class Assignment:
     replica: str
-    gpus: tuple[int, ...]      # ascending
+    gpus: tuple[int, ...]  # ascending
     tp: int
-    bytes_per_gpu: int         # reserved on each GPU: ceil(memory_fraction * total)
-    memory_fraction: float     # need / total rounded UP to 0.01
-    reason: str                # why these GPUs, one sentence
+    bytes_per_gpu: int  # reserved on each GPU: ceil(memory_fraction * total)
+    memory_fraction: float  # need / total rounded UP to 0.01
+    reason: str  # why these GPUs, one sentence
 
 
 class PlacementError(Exception):
@@ -104,6 +113,7 @@ class PlacementError(Exception):
 
 
 # --------------------------------------------------------------------------- helpers
+
 
 def _gib(n: int) -> str:
     """Bytes as GiB with one decimal."""
@@ -198,15 +208,13 @@ def _order_tp(d: Demand) -> tuple:
 
 # (order of the demands, roomiest idle GPU first?): the first is plain best-fit
 # decreasing; the others repair its typical misses (see the module doc).
-_STRATEGIES = tuple((o, roomy) for roomy in (False, True)
-                    for o in (_order_total, _order_per_gpu, _order_tp))
+_STRATEGIES = tuple((o, roomy) for roomy in (False, True) for o in (_order_total, _order_per_gpu, _order_tp))
 
 # A group of interchangeable-for-TP GPUs: (kind key, total bytes) -> ascending indices.
 _Groups = dict[tuple[str, int], list[int]]
 
 
-def _best_choice(d: Demand, groups: _Groups, free: dict[int, int], used: set[int],
-                 roomy: bool):
+def _best_choice(d: Demand, groups: _Groups, free: dict[int, int], used: set[int], roomy: bool):
     """The best (tp, indices, reserved, pct, tried) for d now, or None."""
     want = _kind_key(d.gpu_kind)
     tried: list[int] = []
@@ -223,8 +231,9 @@ def _best_choice(d: Demand, groups: _Groups, free: dict[int, int], used: set[int
             # Rank: GPUs in use first, by least left (best fit); then idle
             # GPUs, by least left, or by most left under the roomy policy.
             sign = -1 if roomy else 1
-            ranked = sorted((False, free[i] - r, i) if i in used else (True, sign * (free[i] - r), i)
-                            for i in idxs if free[i] >= r)
+            ranked = sorted(
+                (False, free[i] - r, i) if i in used else (True, sign * (free[i] - r), i) for i in idxs if free[i] >= r
+            )
             if len(ranked) < tp:
                 continue
             top = ranked[:tp]
@@ -261,24 +270,21 @@ def _reason(tp: int, chosen, tried: list[int], sizes: list[int], how: str = "bes
     return text
 
 
-def _explain(d: Demand, gpus: Sequence[Gpu], groups: _Groups, free: dict[int, int],
-             before: int = 0) -> str:
+def _explain(d: Demand, gpus: Sequence[Gpu], groups: _Groups, free: dict[int, int], before: int = 0) -> str:
     want = _kind_key(d.gpu_kind)
     eligible = sorted(g.index for g in gpus if want is None or _kind_key(g.kind) == want)
     of_kind = f" of kind {d.gpu_kind}" if want is not None else ""
     needs = []
     for tp in _sizes(d):
         need = d.per_gpu_bytes[tp]
-        totals = [t for (k, t), idxs in groups.items()
-                  if (want is None or k == want) and len(idxs) >= tp]
-        shown = min((d.reserve(need, t) for t in totals
-                     if fraction_percent(need, t) <= 100), default=need)
+        totals = [t for (k, t), idxs in groups.items() if (want is None or k == want) and len(idxs) >= tp]
+        shown = min((d.reserve(need, t) for t in totals if fraction_percent(need, t) <= 100), default=need)
         needs.append(f"{_gib(shown)} GiB on {tp} GPU{'s' if tp > 1 else ''}")
     head = f"{d.replica} needs " + " or ".join(needs) + of_kind
     if not eligible:
         kinds = ", ".join(sorted({g.kind for g in gpus})) or "none"
         return f"{head}; no GPU of that kind (GPUs: {kinds})"
-    top = sorted(eligible, key=lambda i: (-free[i], i))[:max(_sizes(d))]
+    top = sorted(eligible, key=lambda i: (-free[i], i))[: max(_sizes(d))]
     blocks = ", ".join(f"{_gib(free[i])} GiB on GPU {i}" for i in top)
     after = ""
     if before:
@@ -299,8 +305,7 @@ def _run(order, roomy, gpus, groups, placed, demands):
         for i in idxs:
             free[i] -= r
             used.add(i)
-        out[d.replica] = Assignment(d.replica, idxs, tp, r, pct / 100,
-                                    _reason(tp, chosen, tried, _sizes(d)))
+        out[d.replica] = Assignment(d.replica, idxs, tp, r, pct / 100, _reason(tp, chosen, tried, _sizes(d)))
     return [out[d.replica] for d in demands], len(used)
 
 
@@ -349,7 +354,7 @@ def _search(gpus, groups, placed, demands, bound, steps=None):
                     if canonical:
                         new = sum(i not in used for i in combo)
                         out.append((tp, new, sum(free[i] - r for i in combo), combo, r))
-        out.sort()   # smallest TP, fewest idle GPUs opened, best fit, lowest indices
+        out.sort()  # smallest TP, fewest idle GPUs opened, best fit, lowest indices
         return out
 
     def dfs(k: int) -> None:
@@ -384,9 +389,13 @@ def _search(gpus, groups, placed, demands, bound, steps=None):
     for d, tp, r, chosen in best[0]:
         smaller = [t for t in _sizes(d) if t < tp]
         out[d.replica] = Assignment(
-            d.replica, tuple(sorted(c[2] for c in chosen)), tp, r,
+            d.replica,
+            tuple(sorted(c[2] for c in chosen)),
+            tp,
+            r,
             fraction_percent(d.per_gpu_bytes[tp], _by_index(gpus)[chosen[0][2]].total_bytes) / 100,
-            _reason(tp, chosen, smaller, _sizes(d), "found by search"))
+            _reason(tp, chosen, smaller, _sizes(d), "found by search"),
+        )
     return [out[d.replica] for d in demands], best[1], exhausted
 
 
@@ -410,8 +419,12 @@ def _lower_bound(gpus: Sequence[Gpu], placed: Sequence[Placed], demands: Sequenc
     return count
 
 
-def place(gpus: Sequence[Gpu], placed: Sequence[Placed] = (), demands: Sequence[Demand] = (),
-          host_free_bytes: int | None = None) -> list[Assignment]:
+def place(
+    gpus: Sequence[Gpu],
+    placed: Sequence[Placed] = (),
+    demands: Sequence[Demand] = (),
+    host_free_bytes: int | None = None,
+) -> list[Assignment]:
     """Assign every demand to GPUs; one Assignment per demand, in the demands' order.
 
     ``host_free_bytes``: when given, the host RAM budget for sleeping replicas'
@@ -432,7 +445,8 @@ def place(gpus: Sequence[Gpu], placed: Sequence[Placed] = (), demands: Sequence[
         if held > host_free_bytes:
             raise PlacementError(
                 f"sleeping replicas need {_gib(held)} GiB of host RAM; "
-                f"only {_gib(max(0, host_free_bytes))} GiB available")
+                f"only {_gib(max(0, host_free_bytes))} GiB available"
+            )
     groups: _Groups = {}
     for g in sorted(gpus, key=lambda g: g.index):
         groups.setdefault((_kind_key(g.kind) or "", g.total_bytes), []).append(g.index)
@@ -449,7 +463,7 @@ def place(gpus: Sequence[Gpu], placed: Sequence[Placed] = (), demands: Sequence[
         if best is None or n_used < best[1]:
             best = (result, n_used)
         if n_used <= bound:
-            break   # provably optimal: no strategy can do better
+            break  # provably optimal: no strategy can do better
     if best is None:
         # Greedy found nothing; a bounded exact search may still (it may pick
         # a larger TP size than the smallest that fits on its own).
@@ -458,7 +472,6 @@ def place(gpus: Sequence[Gpu], placed: Sequence[Placed] = (), demands: Sequence[
         if result is not None:
             return result
         if not exhausted:
-            raise PlacementError(f"{first_error} (search gave up after {SEARCH_STEPS} steps)",
-                                 first_error.replica)
+            raise PlacementError(f"{first_error} (search gave up after {SEARCH_STEPS} steps)", first_error.replica)
         raise first_error
     return best[0]

@@ -39,9 +39,11 @@ class PlanRow:
             return f"{self.replica}: cannot place: {self.error}"
         a = self.assignment
         gpus = ",".join(str(g) for g in a.gpus)
-        return (f"{self.replica}: GPU {gpus} (tp={a.tp}, {a.bytes_per_gpu / GiB:.1f} GiB/GPU, "
-                f"memory fraction {a.memory_fraction:.2f}): {a.reason}; "
-                f"{self.estimate.describe(a.tp) if self.estimate else ''}")
+        return (
+            f"{self.replica}: GPU {gpus} (tp={a.tp}, {a.bytes_per_gpu / GiB:.1f} GiB/GPU, "
+            f"memory fraction {a.memory_fraction:.2f}): {a.reason}; "
+            f"{self.estimate.describe(a.tp) if self.estimate else ''}"
+        )
 
 
 @dataclass(frozen=True)
@@ -67,23 +69,40 @@ class Beyond:
 
     def describe(self, model: str) -> str:
         if self.shape is None:
-            return (f"it cannot fit on this box at any tensor-parallel size, nor on up to "
-                    f"{MAX_NODES} nodes of {self.node.describe()}")
-        return (f"it cannot fit on this box at any tensor-parallel size; the smallest shape that holds "
-                f"it is {self.shape.describe()}, on nodes of {self.node.describe()}: `appliance export "
-                f"{model} --to vllm-multinode|sglang-multinode|kserve|llm-d` renders it")
+            return (
+                f"it cannot fit on this box at any tensor-parallel size, nor on up to "
+                f"{MAX_NODES} nodes of {self.node.describe()}"
+            )
+        return (
+            f"it cannot fit on this box at any tensor-parallel size; the smallest shape that holds "
+            f"it is {self.shape.describe()}, on nodes of {self.node.describe()}: `appliance export "
+            f"{model} --to vllm-multinode|sglang-multinode|kserve|llm-d` renders it"
+        )
 
     def as_dict(self) -> dict:
         shape = self.shape
-        return {"assumed_node": {"gpus": self.node.gpus, "gpu_bytes": self.node.gpu_bytes,
-                                 "kind": self.node.kind, "source": self.node.source},
-                "shape": None if shape is None else {
-                    "nodes": shape.nodes, "gpus_per_node": shape.gpus_per_node, "tp": shape.tp,
-                    "pp": shape.pp, "bytes_per_gpu": shape.bytes_per_gpu}}
+        return {
+            "assumed_node": {
+                "gpus": self.node.gpus,
+                "gpu_bytes": self.node.gpu_bytes,
+                "kind": self.node.kind,
+                "source": self.node.source,
+            },
+            "shape": None
+            if shape is None
+            else {
+                "nodes": shape.nodes,
+                "gpus_per_node": shape.gpus_per_node,
+                "tp": shape.tp,
+                "pp": shape.pp,
+                "bytes_per_gpu": shape.bytes_per_gpu,
+            },
+        }
 
 
-def node_spec(inventory: Inventory, model: ModelConfig, gpus: int | None = None,
-              gpu_gib: float | None = None) -> NodeSpec | None:
+def node_spec(
+    inventory: Inventory, model: ModelConfig, gpus: int | None = None, gpu_gib: float | None = None
+) -> NodeSpec | None:
     """The machine a multi-node shape assumes: this box's largest group of GPUs of one kind and
     size that the model may use, with the operator's overrides; None when there is nothing to
     go by (no GPUs here and no overrides)."""
@@ -97,22 +116,23 @@ def node_spec(inventory: Inventory, model: ModelConfig, gpus: int | None = None,
         return None
     kind, total = here[0] if here else (wanted or "GPU", 0)
     count = here[1] if here else 0
-    given = [f"{flag} {value:g}" for flag, value in (("--gpus-per-node", gpus), ("--gpu-memory", gpu_gib))
-             if value]
-    return NodeSpec(gpus=gpus or count, gpu_bytes=int(gpu_gib * GiB) if gpu_gib else total, kind=kind,
-                    source=", ".join(given) or "this box")
+    given = [f"{flag} {value:g}" for flag, value in (("--gpus-per-node", gpus), ("--gpu-memory", gpu_gib)) if value]
+    return NodeSpec(
+        gpus=gpus or count,
+        gpu_bytes=int(gpu_gib * GiB) if gpu_gib else total,
+        kind=kind,
+        source=", ".join(given) or "this box",
+    )
 
 
-def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec,
-               node: NodeSpec) -> Beyond | None:
+def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec, node: NodeSpec) -> Beyond | None:
     """None when some tensor-parallel size fits the model on `box` (this machine, every GPU
     free); else the smallest shape over machines like `node`. A GGUF model (llama.cpp) has
     no multi-node engine to hand it to: None."""
     if model.server == "llamacpp" or any(tp <= box.gpus and need <= box.gpu_bytes for tp, need in est.per_gpu.items()):
         return None
     shape = read_shape(model_path(cfg, model))
-    return Beyond(node, smallest_shape(shape, est, node.gpus, node.gpu_bytes,
-                                       fixed_tp=model.gpus.count or None))
+    return Beyond(node, smallest_shape(shape, est, node.gpus, node.gpu_bytes, fixed_tp=model.gpus.count or None))
 
 
 def gpu_models(cfg: Config) -> list[ModelConfig]:
@@ -133,26 +153,49 @@ def estimate_for(cfg: Config, model: ModelConfig, gpu_count: int) -> Estimate:
     """The memory model's estimate for one replica of a configured model."""
     path = model_path(cfg, model)
     if model.server == "llamacpp":  # a GGUF file, sized from its header, on exactly gpus.count GPUs
-        return estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v,
-                             overhead_bytes(cfg, model), model.gpus.count)
-    return estimate(path, kv_tokens=kv_tokens(model), overhead_bytes=overhead_bytes(cfg, model),
-                    gpu_count=gpu_count, kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
-                    fixed_tp=model.gpus.count or None)
+        return estimate_gguf(
+            path,
+            model.context_length,
+            model.cache_type_k,
+            model.cache_type_v,
+            overhead_bytes(cfg, model),
+            model.gpus.count,
+        )
+    return estimate(
+        path,
+        kv_tokens=kv_tokens(model),
+        overhead_bytes=overhead_bytes(cfg, model),
+        gpu_count=gpu_count,
+        kv_dtype_bytes=KV_DTYPE_BYTES.get(model.kv_cache_dtype),
+        fixed_tp=model.gpus.count or None,
+    )
 
 
-def demand_for(cfg: Config, model: ModelConfig, replica: str, gpu_count: int,
-               measured: MeasuredMemory) -> tuple[Demand, Estimate]:
+def demand_for(
+    cfg: Config, model: ModelConfig, replica: str, gpu_count: int, measured: MeasuredMemory
+) -> tuple[Demand, Estimate]:
     est = measured.correct(model.name, estimate_for(cfg, model, gpu_count))
     kind = None if model.gpus.type.lower() == "any" else model.gpus.type
     # llama.cpp allocates what it needs, not a fraction of the card: it reserves exactly that.
-    return Demand(replica=replica, per_gpu_bytes=dict(est.per_gpu), gpu_kind=kind,
-                  tp=model.gpus.count or None, exact=model.server == "llamacpp"), est
+    return Demand(
+        replica=replica,
+        per_gpu_bytes=dict(est.per_gpu),
+        gpu_kind=kind,
+        tp=model.gpus.count or None,
+        exact=model.server == "llamacpp",
+    ), est
 
 
-def plan(cfg: Config, inventory: Inventory, replicas: list[tuple[ModelConfig, str]],
-         placed: list[Placed] | None = None, ours: set[int] | None = None,
-         measured: MeasuredMemory | None = None, gpus_per_node: int | None = None,
-         gpu_gib: float | None = None) -> list[PlanRow]:
+def plan(
+    cfg: Config,
+    inventory: Inventory,
+    replicas: list[tuple[ModelConfig, str]],
+    placed: list[Placed] | None = None,
+    ours: set[int] | None = None,
+    measured: MeasuredMemory | None = None,
+    gpus_per_node: int | None = None,
+    gpu_gib: float | None = None,
+) -> list[PlanRow]:
     """Place each replica in turn (one that cannot fit does not stop the others). One that
     cannot fit on this box at any tensor-parallel size, even with every GPU free, names the
     smallest multi-node shape that would hold it, on machines like this one unless
@@ -174,8 +217,7 @@ def plan(cfg: Config, inventory: Inventory, replicas: list[tuple[ModelConfig, st
             [assignment] = place(gpus, placed, [demand])
         except PlacementError as exc:
             box = node_spec(inventory, model)
-            beyond = box and beyond_box(cfg, model, est, box,
-                                        node_spec(inventory, model, gpus_per_node, gpu_gib))
+            beyond = box and beyond_box(cfg, model, est, box, node_spec(inventory, model, gpus_per_node, gpu_gib))
             error = f"{exc}; {beyond.describe(model.name)}" if beyond else str(exc)
             rows.append(PlanRow(replica, model.name, error=error, estimate=est, beyond=beyond))
             continue

@@ -77,8 +77,30 @@ class GpuProbe(Protocol):
 
 # Families by the name NVML reports ("NVIDIA H100 80GB HBM3" -> "H100"). Longer
 # names first so "L40S" is not read as "L40", "GH200" not as "H200".
-_KINDS = ("GH200", "GB200", "B200", "B100", "H200", "H100", "H800", "H20", "A100", "A800", "A40",
-          "A30", "A10G", "A10", "L40S", "L40", "L20", "L4", "V100", "T4", "RTX 6000 ADA", "RTX A6000")
+_KINDS = (
+    "GH200",
+    "GB200",
+    "B200",
+    "B100",
+    "H200",
+    "H100",
+    "H800",
+    "H20",
+    "A100",
+    "A800",
+    "A40",
+    "A30",
+    "A10G",
+    "A10",
+    "L40S",
+    "L40",
+    "L20",
+    "L4",
+    "V100",
+    "T4",
+    "RTX 6000 ADA",
+    "RTX A6000",
+)
 
 
 def gpu_kind(name: str) -> str:
@@ -150,17 +172,19 @@ class NvmlProbe:
         for i in range(pynvml.nvmlDeviceGetCount()):
             h = pynvml.nvmlDeviceGetHandleByIndex(i)
             mem = pynvml.nvmlDeviceGetMemoryInfo(h)
-            gpus.append(GpuInfo(
-                index=i,
-                uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
-                name=_text(pynvml.nvmlDeviceGetName(h)),
-                total_bytes=int(mem.total),
-                used_bytes=int(mem.used),
-                free_bytes=int(mem.free),
-                utilization_pct=_optional(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
-                processes=tuple(_processes(h)),
-                compute_capability=_capability(h),
-            ))
+            gpus.append(
+                GpuInfo(
+                    index=i,
+                    uuid=_text(pynvml.nvmlDeviceGetUUID(h)),
+                    name=_text(pynvml.nvmlDeviceGetName(h)),
+                    total_bytes=int(mem.total),
+                    used_bytes=int(mem.used),
+                    free_bytes=int(mem.free),
+                    utilization_pct=_optional(lambda h=h: pynvml.nvmlDeviceGetUtilizationRates(h).gpu),
+                    processes=tuple(_processes(h)),
+                    compute_capability=_capability(h),
+                )
+            )
         return gpus
 
 
@@ -209,18 +233,18 @@ def _nvml_text(exc: Exception) -> str:
 class SimulatedProbe:
     """An inventory from a TOML or JSON file:
 
-        [[gpu]]
-        name = "NVIDIA H100 80GB HBM3"
-        memory_gib = 80
-        count = 8
-        # uuid = "GPU-..."   (count = 1 only) a real card's UUID: a budget smaller than
-        #                    that card, with engines launched on it (tests/gpu_check.py)
+    [[gpu]]
+    name = "NVIDIA H100 80GB HBM3"
+    memory_gib = 80
+    count = 8
+    # uuid = "GPU-..."   (count = 1 only) a real card's UUID: a budget smaller than
+    #                    that card, with engines launched on it (tests/gpu_check.py)
 
-        [[process]]          # memory already used by something that is not ours
-        gpu = 0
-        pid = 4242
-        used_gib = 40
-        name = "training-job"
+    [[process]]          # memory already used by something that is not ours
+    gpu = 0
+    pid = 4242
+    used_gib = 40
+    name = "training-job"
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -255,15 +279,28 @@ def load_inventory(path: Path) -> Inventory:
         idx = int(proc.get("gpu", -1))
         if not 0 <= idx < len(expanded):
             raise ValueError(f"{path}: process[{n}].gpu must be 0-{len(expanded) - 1}")
-        per_gpu.setdefault(idx, []).append(GpuProcess(
-            pid=int(proc.get("pid", 0)), used_bytes=int(float(proc["used_gib"]) * GiB),
-            name=str(proc.get("name", ""))))
+        per_gpu.setdefault(idx, []).append(
+            GpuProcess(
+                pid=int(proc.get("pid", 0)),
+                used_bytes=int(float(proc["used_gib"]) * GiB),
+                name=str(proc.get("name", "")),
+            )
+        )
     gpus = []
     for i, (name, total, capability, uuid) in enumerate(expanded):
         ps = tuple(per_gpu.get(i, ()))
         used = min(total, sum(p.used_bytes for p in ps))
-        gpus.append(GpuInfo(index=i, uuid=str(uuid or f"GPU-sim-{i:04d}"), name=name, total_bytes=total,
-                            used_bytes=used, free_bytes=total - used,
-                            utilization_pct=50 if ps else 0, processes=ps,
-                            compute_capability=capability))
+        gpus.append(
+            GpuInfo(
+                index=i,
+                uuid=str(uuid or f"GPU-sim-{i:04d}"),
+                name=name,
+                total_bytes=total,
+                used_bytes=used,
+                free_bytes=total - used,
+                utilization_pct=50 if ps else 0,
+                processes=ps,
+                compute_capability=capability,
+            )
+        )
     return Inventory(gpus=tuple(gpus), source=f"simulated:{path}")

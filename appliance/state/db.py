@@ -24,7 +24,9 @@ from appliance.state.migrations import connect as _connect
 
 def _v1_tables(db: sqlite3.Connection) -> None:
     """The tables of appliance 0.1.0 (a database it wrote, version 0, has some or all)."""
-    run_script(db, """
+    run_script(
+        db,
+        """
 CREATE TABLE IF NOT EXISTS model_control (
     model      TEXT PRIMARY KEY,
     override   INTEGER,          -- replicas the operator asked for; NULL = autoscale
@@ -68,13 +70,12 @@ CREATE TABLE IF NOT EXISTS usage_ledger (
     tokens       INTEGER NOT NULL,
     PRIMARY KEY (key_id, period_start)
 );
-""")
+""",
+    )
 
 
 # Append only: step N takes the schema from version N-1 to N.
-MIGRATIONS = Registry("state database", (
-    _v1_tables,
-))
+MIGRATIONS = Registry("state database", (_v1_tables,))
 
 
 def connect(path: Path | str) -> sqlite3.Connection:

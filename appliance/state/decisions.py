@@ -27,8 +27,7 @@ class StateStore:
         self._db = connect(path)  # table model_control: appliance/state/db.py
 
     def control(self, model: str) -> ModelControl:
-        row = self._db.execute("SELECT override, pinned FROM model_control WHERE model = ?",
-                               (model,)).fetchone()
+        row = self._db.execute("SELECT override, pinned FROM model_control WHERE model = ?", (model,)).fetchone()
         return ModelControl(row[0], bool(row[1])) if row else ModelControl()
 
     def all(self) -> dict[str, ModelControl]:
@@ -49,11 +48,13 @@ class StateStore:
                     f"INSERT INTO model_control (model, {column}, updated_at) VALUES (?, ?, ?) "
                     f"ON CONFLICT(model) DO UPDATE SET {column} = excluded.{column}, "
                     "updated_at = excluded.updated_at",
-                    (model, value, time.time()))
+                    (model, value, time.time()),
+                )
         except sqlite3.Error as exc:
             # A full or read-only state disk: the transaction rolled back, nothing changed.
-            raise StateWriteFailed(f"Cannot save the change for model '{model}' in {self.path}: {exc}; "
-                                   "nothing was changed") from None
+            raise StateWriteFailed(
+                f"Cannot save the change for model '{model}' in {self.path}: {exc}; nothing was changed"
+            ) from None
 
     def close(self) -> None:
         self._db.close()

@@ -34,8 +34,10 @@ def hold_state_dir(state_dir: str | Path) -> BinaryIO:
     except BlockingIOError:
         holder = _holder(f)
         f.close()
-        raise StateDirBusy(f"another appliance daemon (pid {holder}) is running on state directory "
-                           f"{path.parent}; stop it first, or give this one its own paths.state_dir") from None
+        raise StateDirBusy(
+            f"another appliance daemon (pid {holder}) is running on state directory "
+            f"{path.parent}; stop it first, or give this one its own paths.state_dir"
+        ) from None
     except BaseException:
         f.close()
         raise

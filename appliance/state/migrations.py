@@ -92,19 +92,24 @@ def schema_version(path: Path) -> int:
 
 
 def unreadable(path: Path | str, exc: Exception | str) -> SchemaError:
-    return SchemaError(f"{path}: not a usable SQLite database ({exc}); restore it from a backup (install.sh "
-                       f"keeps one from before each upgrade, see docs/operations.md), or move it aside to "
-                       f"start with an empty one")
+    return SchemaError(
+        f"{path}: not a usable SQLite database ({exc}); restore it from a backup (install.sh "
+        f"keeps one from before each upgrade, see docs/operations.md), or move it aside to "
+        f"start with an empty one"
+    )
 
 
 def too_new(path: Path | str, registry: Registry, version: int) -> SchemaError:
-    return SchemaError(f"{path}: {registry.what} schema version {version} was written by a newer appliance "
-                       f"(this one knows up to {registry.latest}); it was left unchanged: run the newer "
-                       f"appliance again, or `install.sh --rollback` restores the copy taken before the upgrade")
+    return SchemaError(
+        f"{path}: {registry.what} schema version {version} was written by a newer appliance "
+        f"(this one knows up to {registry.latest}); it was left unchanged: run the newer "
+        f"appliance again, or `install.sh --rollback` restores the copy taken before the upgrade"
+    )
 
 
-def connect(path: Path | str, registry: Registry, *, timeout: float = 10,
-            isolation_level: str | None = None) -> sqlite3.Connection:
+def connect(
+    path: Path | str, registry: Registry, *, timeout: float = 10, isolation_level: str | None = None
+) -> sqlite3.Connection:
     """The database at path (created if missing), in WAL mode, at the registry's latest version.
     isolation_level: sqlite3's (None: autocommit, transactions explicit)."""
     memory = str(path) == ":memory:"
@@ -151,9 +156,11 @@ def migrate(db: sqlite3.Connection, registry: Registry, path: Path | str) -> int
     except BaseException as exc:
         db.execute("ROLLBACK")
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
-            raise SchemaError(f"{path}: disk full while updating its {registry.what} schema to version "
-                              f"{registry.latest}; it was left as it was (version {version}): free some space "
-                              f"on that filesystem and start again") from None
+            raise SchemaError(
+                f"{path}: disk full while updating its {registry.what} schema to version "
+                f"{registry.latest}; it was left as it was (version {version}): free some space "
+                f"on that filesystem and start again"
+            ) from None
         raise
     db.execute("COMMIT")
     if version < registry.latest:

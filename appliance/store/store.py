@@ -106,8 +106,9 @@ class Incoming:
         for f in self.files:
             if type(f.size) is not int or f.size < 0:
                 raise StoreError(f"{self.source}: {f.path} has size {f.size!r}, not a number of bytes")
-            if f.expected_sha256 is not None and not (isinstance(f.expected_sha256, str)
-                                                      and _HEX64.fullmatch(f.expected_sha256)):
+            if f.expected_sha256 is not None and not (
+                isinstance(f.expected_sha256, str) and _HEX64.fullmatch(f.expected_sha256)
+            ):
                 raise StoreError(f"{self.source}: {f.path} has sha256 {f.expected_sha256!r}, not 64 hex digits")
         return self
 
@@ -166,9 +167,14 @@ class Throttle:
     chunk raises Interrupted. clock and sleep are seams for tests; sleep(s) waits up to s
     seconds and returns True when stopped (threading.Event.wait)."""
 
-    def __init__(self, bytes_per_s: float = 0, stop: threading.Event | None = None, *,
-                 clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], bool] | None = None) -> None:
+    def __init__(
+        self,
+        bytes_per_s: float = 0,
+        stop: threading.Event | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], bool] | None = None,
+    ) -> None:
         self.bytes_per_s = bytes_per_s
         self.stop = stop or threading.Event()
         self.clock = clock
@@ -224,11 +230,16 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Store:
-    def __init__(self, cache_dir: str | Path, *, budget_bytes: int = 0,
-                 allowed_licenses: tuple[str, ...] | list[str] = (),
-                 clock: Callable[[], float] = time.time,
-                 write: Callable[[int, memoryview], None] = _write_all,
-                 hasher: Hasher = hash_file) -> None:
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        *,
+        budget_bytes: int = 0,
+        allowed_licenses: tuple[str, ...] | list[str] = (),
+        clock: Callable[[], float] = time.time,
+        write: Callable[[int, memoryview], None] = _write_all,
+        hasher: Hasher = hash_file,
+    ) -> None:
         self.cache_dir = Path(cache_dir)
         self.root = self.cache_dir / "hf" / "hub"
         self.db_path = self.cache_dir / "store.db"
@@ -242,8 +253,11 @@ class Store:
 
     @classmethod
     def from_config(cls, cfg) -> Store:
-        return cls(cfg.paths.cache_dir, budget_bytes=int(cfg.store.budget_gib * 1024**3),
-                   allowed_licenses=cfg.store.allowed_licenses)
+        return cls(
+            cfg.paths.cache_dir,
+            budget_bytes=int(cfg.store.budget_gib * 1024**3),
+            allowed_licenses=cfg.store.allowed_licenses,
+        )
 
     # --- the manifest ---------------------------------------------------------
 
@@ -290,15 +304,15 @@ class Store:
     def need(self, name: str) -> ModelRecord:
         record = self.get(name)
         if record is None:
-            raise StoreError(f"model '{name}' is not in the store ({self.root}); "
-                             "`appliance models ls` lists what is")
+            raise StoreError(f"model '{name}' is not in the store ({self.root}); `appliance models ls` lists what is")
         return record
 
     def _record(self, row: dict) -> ModelRecord:
         files = list(self.db["files"].rows_where("model = ?", [row["name"]], order_by="path"))
-        return ModelRecord(**{**row, "pinned": bool(row["pinned"])},
-                           files=[{"path": f["path"], "sha256": f["sha256"], "size": f["size"]}
-                                  for f in files])
+        return ModelRecord(
+            **{**row, "pinned": bool(row["pinned"])},
+            files=[{"path": f["path"], "sha256": f["sha256"], "size": f["size"]} for f in files],
+        )
 
     def snapshot_dir(self, record: ModelRecord) -> Path:
         return self.root / repo_folder(record.name) / "snapshots" / record.revision
@@ -438,11 +452,14 @@ class Store:
                 hashed = self._stage(incoming, staging)
                 revision = incoming.revision or _content_revision(hashed)
                 if existing is not None:
-                    if existing.revision == revision and \
-                            {(f["path"], f["sha256"]) for f in existing.files} == set(hashed.items()):
+                    if existing.revision == revision and {(f["path"], f["sha256"]) for f in existing.files} == set(
+                        hashed.items()
+                    ):
                         return existing, []
-                    raise StoreError(f"model '{incoming.name}' is already in the store (revision "
-                                     f"{existing.revision}); `appliance models rm {incoming.name}` first")
+                    raise StoreError(
+                        f"model '{incoming.name}' is already in the store (revision "
+                        f"{existing.revision}); `appliance models rm {incoming.name}` first"
+                    )
                 evicted = self._make_room(incoming.total_bytes, incoming.name)
                 self._publish(incoming.name, revision, hashed, staging)
             finally:
@@ -453,35 +470,67 @@ class Store:
             snap = self.root / repo_folder(incoming.name) / "snapshots" / revision
             stats = {path: (snap / path).stat() for path in hashed}
             settled = self._clock_past(max(st.st_ctime_ns for st in stats.values()))
-            prints = {path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st)
-                      else None for path, st in stats.items()}
+            prints = {
+                path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st) else None
+                for path, st in stats.items()
+            }
             now = self.clock()
-            self._commit({"name": incoming.name, "format": fmt, "source": incoming.source,
-                          "revision": revision, "total_bytes": incoming.total_bytes,
-                          "license": incoming.license, "license_accepted_by": incoming.license_accepted_by,
-                          "license_accepted_at": incoming.license_accepted_at, "imported_at": now,
-                          "last_used_at": None, "pinned": 0, "state": READY, "state_reason": ""},
-                         [{"model": incoming.name, "path": f.path, "sha256": hashed[f.path], "size": f.size,
-                           "fingerprint": prints[f.path], "verified_at": now} for f in incoming.files])
-            log.info("imported %s (%d files, %d bytes, license %s)", incoming.name,
-                     len(hashed), incoming.total_bytes, incoming.license)
+            self._commit(
+                {
+                    "name": incoming.name,
+                    "format": fmt,
+                    "source": incoming.source,
+                    "revision": revision,
+                    "total_bytes": incoming.total_bytes,
+                    "license": incoming.license,
+                    "license_accepted_by": incoming.license_accepted_by,
+                    "license_accepted_at": incoming.license_accepted_at,
+                    "imported_at": now,
+                    "last_used_at": None,
+                    "pinned": 0,
+                    "state": READY,
+                    "state_reason": "",
+                },
+                [
+                    {
+                        "model": incoming.name,
+                        "path": f.path,
+                        "sha256": hashed[f.path],
+                        "size": f.size,
+                        "fingerprint": prints[f.path],
+                        "verified_at": now,
+                    }
+                    for f in incoming.files
+                ],
+            )
+            log.info(
+                "imported %s (%d files, %d bytes, license %s)",
+                incoming.name,
+                len(hashed),
+                incoming.total_bytes,
+                incoming.license,
+            )
             return self.need(incoming.name), evicted
 
     def _commit(self, model: dict, files: list[dict]) -> None:
         """The model's row and its files' rows in one transaction: all of them or none.
         (sqlite_utils' insert commits on its own, so plain SQL here.)"""
+
         def insert(table: str, rows: list[dict]) -> None:
             columns = list(rows[0])
             self.db.conn.executemany(
                 f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                [[row[c] for c in columns] for row in rows])
+                [[row[c] for c in columns] for row in rows],
+            )
+
         try:
             with self.db.conn:
                 insert("models", [model])
                 insert("files", files)
         except sqlite3.Error as exc:
-            raise StoreError(f"cannot record model '{model['name']}' in {self.db_path}: {exc}; "
-                             "nothing was imported") from None
+            raise StoreError(
+                f"cannot record model '{model['name']}' in {self.db_path}: {exc}; nothing was imported"
+            ) from None
 
     def _stage(self, incoming: Incoming, staging: Path) -> dict[str, str]:
         hashed: dict[str, str] = {}
@@ -494,15 +543,14 @@ class Store:
                 raise StoreError(f"{incoming.source}: {f.path} is damaged or truncated: {exc}") from None
             except OSError as exc:
                 if exc.errno == errno.ENOSPC:
-                    raise StoreError(f"disk full while importing {f.path} into {self.root}; "
-                                     "nothing was changed") from None
+                    raise StoreError(
+                        f"disk full while importing {f.path} into {self.root}; nothing was changed"
+                    ) from None
                 raise StoreError(f"{incoming.source}: cannot read {f.path}: {exc}") from None
             if size != f.size:
-                raise StoreError(f"{incoming.source}: {f.path} is {size} bytes, expected {f.size} "
-                                 "(truncated?)")
+                raise StoreError(f"{incoming.source}: {f.path} is {size} bytes, expected {f.size} (truncated?)")
             if f.expected_sha256 and digest != f.expected_sha256:
-                raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected "
-                                 f"{f.expected_sha256}")
+                raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected {f.expected_sha256}")
             if f.path.endswith(".gguf"):
                 _check_gguf(incoming.source, f.path, dest)
             hashed[f.path] = digest
@@ -542,8 +590,10 @@ class Store:
         used = sum(m.total_bytes for m in models)
         if used + incoming <= self.budget_bytes:
             return []
-        candidates = sorted((m for m in models if not m.pinned and not self.in_use(m.name)),
-                            key=lambda m: m.last_used_at or m.imported_at)
+        candidates = sorted(
+            (m for m in models if not m.pinned and not self.in_use(m.name)),
+            key=lambda m: m.last_used_at or m.imported_at,
+        )
         plan, freed = [], 0
         for m in candidates:
             if used - freed + incoming <= self.budget_bytes:
@@ -554,11 +604,11 @@ class Store:
             raise StoreError(
                 f"not enough room for '{name}': it needs {_gib(incoming)}, the store budget is "
                 f"{_gib(self.budget_bytes)} with {_gib(used)} used and only {_gib(freed)} evictable "
-                "(pinned or in use models are kept); raise store.budget_gib or rm a model")
+                "(pinned or in use models are kept); raise store.budget_gib or rm a model"
+            )
         for m in plan:
             self._delete(m.name)
-            log.warning("evicted %s (%s, least recently used) to make room for %s", m.name,
-                        _gib(m.total_bytes), name)
+            log.warning("evicted %s (%s, least recently used) to make room for %s", m.name, _gib(m.total_bytes), name)
         return [m.name for m in plan]
 
     # --- everything else that writes ------------------------------------------
@@ -594,8 +644,9 @@ class Store:
         with self.db.conn:
             self.db["models"].update(name, values)
 
-    def verify(self, name: str, *, full: bool = True, hash_changed: bool = True,
-               throttle: Throttle | None = None) -> ModelRecord:
+    def verify(
+        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: Throttle | None = None
+    ) -> ModelRecord:
         """full: rehash every file; a model that matches again is ready again. Otherwise check
         sizes and rehash only the files whose stat fingerprint changed since they were last
         hashed (or that have none recorded: a manifest of an older appliance), or with
@@ -621,8 +672,9 @@ class Store:
     def _file_rows(self, name: str) -> list[dict]:
         return list(self.db["files"].rows_where("model = ?", [name], order_by="path"))
 
-    def _check_file(self, record: ModelRecord, row: dict, *, rehash: bool | None,
-                    throttle: Throttle | None = None) -> str:
+    def _check_file(
+        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: Throttle | None = None
+    ) -> str:
         """What is wrong with one file ('' when nothing). rehash: True always, None when its
         fingerprint changed, False never (size only)."""
         rel = row["path"]
@@ -654,9 +706,10 @@ class Store:
         # hashes it again.
         if after == before and settled:
             with self.db.conn:
-                self.db.execute("UPDATE files SET fingerprint = ?, verified_at = ? "
-                                "WHERE model = ? AND path = ? AND sha256 = ?",
-                                [after, self.clock(), record.name, rel, row["sha256"]])
+                self.db.execute(
+                    "UPDATE files SET fingerprint = ?, verified_at = ? WHERE model = ? AND path = ? AND sha256 = ?",
+                    [after, self.clock(), record.name, rel, row["sha256"]],
+                )
         return ""
 
     def _clock_past(self, ctime_ns: int, limit_s: float = 5.0) -> bool:
@@ -693,8 +746,10 @@ class Store:
         now = self.clock()
         best = None
         for model, path, at in self.db.execute(
-                "SELECT f.model, f.path, COALESCE(f.verified_at, m.imported_at) FROM files f "
-                "JOIN models m ON m.name = f.model WHERE m.state = ?", [READY]).fetchall():
+            "SELECT f.model, f.path, COALESCE(f.verified_at, m.imported_at) FROM files f "
+            "JOIN models m ON m.name = f.model WHERE m.state = ?",
+            [READY],
+        ).fetchall():
             due = now if at is None or at > now + 60 else at + interval_s
             if best is None or (due, model, path) < best:
                 best = (due, model, path)
@@ -715,8 +770,7 @@ class Store:
             self._quarantine(name, problem)
         return problem
 
-    def admission(self, name: str, *, hash_changed: bool = True,
-                  throttle: Throttle | None = None) -> str | None:
+    def admission(self, name: str, *, hash_changed: bool = True, throttle: Throttle | None = None) -> str | None:
         """Why the daemon must not serve this store model, or None when it may. Files whose
         fingerprint changed are rehashed first unless hash_changed is False (sizes only)."""
         try:
@@ -724,26 +778,31 @@ class Store:
         except StoreError as exc:
             return str(exc)
         if record is None:
-            return (f"model '{name}' is not in the store: `appliance models import PATH --name {name}` "
-                    "first")
+            return f"model '{name}' is not in the store: `appliance models import PATH --name {name}` first"
         record = self.verify(name, full=False, hash_changed=hash_changed, throttle=throttle)
         if record.state == QUARANTINED:
             return quarantine_reason(record)
         if not self.license_ok(record):
-            return (f"model '{name}' has license {record.license}, not in store.allowed_licenses; "
-                    f"`appliance models accept-license {name}` to serve it")
+            return (
+                f"model '{name}' has license {record.license}, not in store.allowed_licenses; "
+                f"`appliance models accept-license {name}` to serve it"
+            )
         return None
 
 
 def quarantine_reason(record: ModelRecord) -> str:
-    return (f"model '{record.name}' is quarantined: {record.state_reason}; re-import it, or "
-            f"`appliance models verify {record.name}` once restored")
+    return (
+        f"model '{record.name}' is quarantined: {record.state_reason}; re-import it, or "
+        f"`appliance models verify {record.name}` once restored"
+    )
 
 
 def _v1_tables(db: sqlite3.Connection) -> None:
     """The manifest of appliance 0.1.0 (a manifest it wrote, version 0, may lack the files'
     fingerprint and verified_at columns: its rows are hashed again at their next check)."""
-    migrations.run_script(db, """
+    migrations.run_script(
+        db,
+        """
 CREATE TABLE IF NOT EXISTS "models" (
    "name" TEXT PRIMARY KEY,
    "format" TEXT,
@@ -766,16 +825,15 @@ CREATE TABLE IF NOT EXISTS "files" (
    "size" INTEGER,
    PRIMARY KEY ("model", "path")
 );
-""")
+""",
+    )
     migrations.add_column(db, "files", "fingerprint", "TEXT")
     migrations.add_column(db, "files", "verified_at", "REAL")
 
 
 # The manifest's schema (appliance/state/migrations.py): append a step to change it, e.g.
 # `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
-MIGRATIONS = migrations.Registry("store manifest", (
-    _v1_tables,
-))
+MIGRATIONS = migrations.Registry("store manifest", (_v1_tables,))
 
 
 def _content_revision(hashed: dict[str, str]) -> str:
@@ -813,9 +871,9 @@ def model_path(cfg: Config, model: ModelConfig) -> Path | None:
     if not model.source:
         return None
     if model.source.startswith(BUILTIN_PREFIX):
-        return builtin_model_path(model.source[len(BUILTIN_PREFIX):])
+        return builtin_model_path(model.source[len(BUILTIN_PREFIX) :])
     if model.source.startswith(STORE_PREFIX):
-        return _resolve(cfg, model.source[len(STORE_PREFIX):])
+        return _resolve(cfg, model.source[len(STORE_PREFIX) :])
     path = Path(model.source).expanduser()
     if not path.is_absolute():
         path = Path(cfg.paths.cache_dir) / "models" / path
