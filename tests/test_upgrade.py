@@ -37,6 +37,10 @@ def _tree_at(rev: str, dest: Path) -> Path:
     if archive.returncode != 0:
         pytest.skip(f"no {rev} to upgrade from (a shallow clone?): {archive.stderr.decode().strip()}")
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+    # Always another release than this tree, even when the last commit changed no code (the
+    # install's version folder is named after the code's content).
+    with (dest / "appliance/__init__.py").open("a") as init:
+        init.write(f"# the release before this one ({rev})\n")
     (dest / "images/llamacpp/build.sh").write_text(
         '#!/bin/sh\nfor dest in "$@"; do :; done\n'
         f'mkdir -p "$dest" && install -m 0755 {cached_llama_server()} "$dest/llama-server"\n')
@@ -265,10 +269,11 @@ def test_a_rollback_over_a_schema_change_puts_the_pre_upgrade_copy_back_and_keep
 
     later = _copy_of_this_tree(tmp_path / "later")
     statedb_py = later / "appliance" / "state" / "db.py"
-    statedb_py.write_text(statedb_py.read_text().replace(
-        "    _v1_tables,\n))",
-        '    _v1_tables,\n    lambda db: add_column(db, "api_keys", "note", "TEXT"),\n))').replace(
-        "from appliance.state.migrations import Registry,", "from appliance.state.migrations import Registry, add_column,"))
+    # One more step appended to the registry (whatever the module's formatting).
+    statedb_py.write_text(statedb_py.read_text() + (
+        "\n\nfrom appliance.state.migrations import add_column as _add_column  # noqa: E402\n\n"
+        'MIGRATIONS = Registry(MIGRATIONS.what, (*MIGRATIONS.steps, '
+        'lambda db: _add_column(db, "api_keys", "note", "TEXT")))\n'))
     upgraded = s.install(later)
     assert upgraded.returncode == 0, upgraded.stdout + upgraded.stderr
     assert f"copied {root}/var/lib/appliance/appliance.db (schema {statedb.MIGRATIONS.latest})" in upgraded.stdout, \
