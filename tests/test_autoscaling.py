@@ -56,6 +56,21 @@ def test_a_held_stream_gets_keepalive_comments_then_the_answer(daemons):
     assert any(line.startswith("data: {") for line in lines)
 
 
+def test_a_held_stream_that_times_out_after_its_keepalives_ends_with_the_error_event(daemons):
+    """The answer began with keepalive comments, then the hold timed out: the stream ends with
+    the API's error event (not a bare disconnect), and the request is finished and counted."""
+    d = daemons.start(fake_model("fake", "--slow-start", "30", extra=scaling(0, 1)),
+                      extra=FAST.replace("keepalive_s = 0", "keepalive_s = 0.3").replace("timeout_s = 30",
+                                                                                         "timeout_s = 1.5"))
+    with d.client() as c, c.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as resp:
+        assert resp.status_code == 200
+        lines = [line for line in resp.iter_lines() if line]
+    assert lines[0] == ": model is loading"
+    assert lines[-1].startswith("data: {"), lines
+    assert json.loads(lines[-1][len("data: "):])["error"]["code"] == "queue_timeout"
+    assert "TypeError" not in d.log_text()
+
+
 def test_queue_full_gives_429_with_retry_after(daemons):
     d = daemons.start(fake_model("fake", "--slow-start", "3", extra=scaling(0, 1)),
                       extra=FAST + "max_held = 1\n")

@@ -132,15 +132,7 @@ async def forward_stream(
         if isinstance(chunks, _Started):
             started, chunks = True, chunks.chunks
         if not started:
-            if ctx is not None:
-                ctx.bytes_sent = True
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())],
-                }
-            )
+            await _start_sse(send, headers, ctx)
             started = True
         watcher = asyncio.ensure_future(_wait_disconnect(receive))
         pump = asyncio.ensure_future(_pump(chunks, send, ctx))
@@ -174,24 +166,15 @@ async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx
         return await opener()
     opening = asyncio.ensure_future(opener())
     try:
-        done, _ = await asyncio.wait([opening], timeout=keepalive)
-        if done:
+        opened, _ = await asyncio.wait([opening], timeout=keepalive)
+        if opened:
             return opening.result()
         # Still loading: start the answer now, and keep it alive with SSE comments.
-        # From here on the answer has begun: no fallback may take over.
-        if ctx is not None:
-            ctx.bytes_sent = True
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())],
-            }
-        )
+        await _start_sse(send, headers, ctx)
         while True:
             await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
-            done, _ = await asyncio.wait([opening], timeout=keepalive)
-            if done:
+            opened, _ = await asyncio.wait([opening], timeout=keepalive)
+            if opened:
                 try:
                     return _Started(opening.result())
                 except ApplianceError as exc:
@@ -201,6 +184,19 @@ async def _open_with_keepalive(dep, opener, headers, send, keepalive: float, ctx
     finally:
         if not opening.done():
             opening.cancel()
+
+
+async def _start_sse(send, headers, ctx) -> None:
+    """Start a 200 event-stream answer; from here on no fallback may take over the request."""
+    if ctx is not None:
+        ctx.bytes_sent = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*SSE_START_HEADERS, (b"x-request-id", headers["X-Request-Id"].encode())],
+        }
+    )
 
 
 async def _empty() -> AsyncIterator[bytes]:
