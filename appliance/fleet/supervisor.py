@@ -362,9 +362,7 @@ class Supervisor:
                 {store_name(d.model) for d in self.deployments.values() if store_name(d.model) and not d.blocked}
             ):
                 self._background(self.store_checks.check(name), f"store-check-{name}")
-        for dep in self.deployments.values():
-            for _ in range(dep.standing_count()):
-                self.add_replica(dep, reason="boot")
+        self.add_together([(dep, dep.standing_count()) for dep in self.deployments.values()], reason="boot")
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         self._stopping = True
@@ -434,11 +432,38 @@ class Supervisor:
                 free.remove(cpu)
         return frozenset(free[: self._cores(model)])
 
-    def add_replica(self, dep: Deployment, reason: str, evict: str | None = None) -> Replica | None:
+    def add_together(self, wanted: list[tuple[Deployment, int]], reason: str) -> None:
+        """Start several replicas at once (boot, an operator's count, a scale-up by more than
+        one) without evicting: the GPU ones are placed as one set (planning.plan packs them
+        largest first), so a set that fits is never refused for the order it is listed in."""
+        planned = self._place_together(wanted)
+        for dep, count in wanted:
+            for _ in range(count):
+                if self.add_replica(dep, reason=reason, planned=planned) is None:
+                    break
+
+    def _place_together(self, wanted: list[tuple[Deployment, int]]) -> dict[str, PlanRow]:
+        """Placements for the GPU replicas add_replica will create for ``wanted``, by name."""
+        replicas = []
+        for dep, count in wanted:
+            if uses_gpus(dep.model) and not dep.blocked and count > 0:
+                used = {r.index for r in dep.replicas}
+                free = itertools.islice((i for i in itertools.count() if i not in used), count)
+                replicas += [(dep.model, f"{dep.model.name}#{i}") for i in free]
+        if not replicas:
+            return {}
+        inventory, placed, ours = self._gpu_view()
+        rows = plan(self.cfg, inventory, replicas, placed=placed, ours=ours, measured=self.measured)
+        return {row.replica: row for row in rows}
+
+    def add_replica(
+        self, dep: Deployment, reason: str, evict: str | None = None, planned: dict[str, PlanRow] | None = None
+    ) -> Replica | None:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
         evict (what asks: request, load, scale_up): make room by stopping idle replicas of
         other models (appliance/fleet/eviction.py) when there is none, or else say why in
-        dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted."""
+        dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted.
+        planned: placements made for a set of replicas together (add_together)."""
         if evict and not dep.blocked:
             self._forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
@@ -473,7 +498,7 @@ class Supervisor:
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif uses_gpus(dep.model):
-            row, uuids = self._place(replica, ignoring)
+            row, uuids = self._place(replica, ignoring, None if victims else (planned or {}).get(replica.name))
             if row.assignment is None:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
                     dep.no_room = f"{CANNOT_PLACE}{row.error}"
@@ -519,13 +544,18 @@ class Supervisor:
                     )
         return inventory, placed, ours
 
-    def _place(self, replica: Replica, ignoring: frozenset[str] = frozenset()) -> tuple[PlanRow, tuple[str, ...]]:
-        """Where the replica goes (the replicas in ``ignoring`` are being evicted for it),
-        and the UUIDs of those GPUs."""
+    def _place(
+        self, replica: Replica, ignoring: frozenset[str] = frozenset(), planned: PlanRow | None = None
+    ) -> tuple[PlanRow, tuple[str, ...]]:
+        """Where the replica goes (the replicas in ``ignoring`` are being evicted for it; or
+        where the set it starts with placed it), and the UUIDs of those GPUs."""
         inventory, placed, ours = self._gpu_view(ignoring)
-        [row] = plan(
-            self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours, measured=self.measured
-        )
+        if planned is not None:
+            row = planned
+        else:
+            [row] = plan(
+                self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours, measured=self.measured
+            )
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
         uuid = {g.index: g.uuid for g in inventory.gpus}
@@ -873,9 +903,7 @@ class Supervisor:
             return
         while len(dep.kept()) > replicas:
             self.retire(self._victim(dep), f"operator scaled to {replicas}")
-        while len(dep.kept()) < replicas:
-            if self.add_replica(dep, reason=f"operator scaled to {replicas}") is None:
-                break
+        self.add_together([(dep, replicas - len(dep.kept()))], reason=f"operator scaled to {replicas}")
 
     def load(self, model: str) -> None:
         """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,

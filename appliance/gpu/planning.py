@@ -196,31 +196,67 @@ def plan(
     gpus_per_node: int | None = None,
     gpu_gib: float | None = None,
 ) -> list[PlanRow]:
-    """Place each replica in turn (one that cannot fit does not stop the others). One that
-    cannot fit on this box at any tensor-parallel size, even with every GPU free, names the
-    smallest multi-node shape that would hold it, on machines like this one unless
-    gpus_per_node / gpu_gib say otherwise."""
+    """Place the replicas as one set (the placer packs them together: largest first, with
+    an exact search behind it), so a set that fits in some order is placed whatever order
+    the config lists it in. When the whole set cannot fit, as many as possible: one by one
+    both largest first and in the listed order, keeping whichever places more (never worse
+    than one by one). Replicas in ``placed`` never move. One that cannot fit on this box at
+    any tensor-parallel size, even with every GPU free, names the smallest multi-node shape
+    that would hold it, on machines like this one unless gpus_per_node / gpu_gib say
+    otherwise. Rows come back in the order asked."""
     measured = measured or MeasuredMemory()
     placed = list(placed or [])
     if inventory.cpu_only:
         why = f"no usable NVIDIA GPU ({inventory.error or 'none found'})"
         return [PlanRow(replica, model.name, error=why) for model, replica in replicas]
     gpus = gpus_from(inventory, ours or set())
-    rows = []
+    rows: dict[str, PlanRow] = {}
+    sized: list[tuple[ModelConfig, Demand, Estimate]] = []
     for model, replica in replicas:
         try:
             demand, est = demand_for(cfg, model, replica, len(gpus), measured)
         except (ModelShapeError, OSError) as exc:
-            rows.append(PlanRow(replica, model.name, error=str(exc)))
+            rows[replica] = PlanRow(replica, model.name, error=str(exc))
             continue
+        sized.append((model, demand, est))
+    try:
+        together = place(gpus, placed, [d for _, d, _ in sized])
+    except PlacementError:
+        largest_first = _one_by_one(gpus, placed, sorted(sized, key=lambda s: _largest_first(s[1])))
+        listed = _one_by_one(gpus, placed, sized)
+        chosen = max(listed, largest_first, key=lambda result: sum(a is not None for a, _ in result.values()))
+    else:
+        chosen = {d.replica: (a, None) for (_, d, _), a in zip(sized, together, strict=True)}
+    for model, demand, est in sized:
+        assignment, error = chosen[demand.replica]
+        if assignment is not None:
+            rows[demand.replica] = PlanRow(demand.replica, model.name, assignment=assignment, estimate=est)
+            continue
+        box = node_spec(inventory, model)
+        beyond = box and beyond_box(cfg, model, est, box, node_spec(inventory, model, gpus_per_node, gpu_gib))
+        error = f"{error}; {beyond.describe(model.name)}" if beyond else str(error)
+        rows[demand.replica] = PlanRow(demand.replica, model.name, error=error, estimate=est, beyond=beyond)
+    return [rows[replica] for _, replica in replicas]
+
+
+def _largest_first(d: Demand) -> tuple:
+    """Most memory in all first (at the smallest size it may take), then the name."""
+    tp = d.tp or min(d.per_gpu_bytes)
+    return (-d.per_gpu_bytes[tp] * tp, d.replica)
+
+
+def _one_by_one(
+    gpus: list[Gpu], placed: list[Placed], sized: list[tuple[ModelConfig, Demand, Estimate]]
+) -> dict[str, tuple[Assignment | None, PlacementError | None]]:
+    """Each demand in turn on what the earlier ones left (one that cannot fit is skipped)."""
+    placed = list(placed)
+    out: dict[str, tuple[Assignment | None, PlacementError | None]] = {}
+    for _, demand, _ in sized:
         try:
             [assignment] = place(gpus, placed, [demand])
         except PlacementError as exc:
-            box = node_spec(inventory, model)
-            beyond = box and beyond_box(cfg, model, est, box, node_spec(inventory, model, gpus_per_node, gpu_gib))
-            error = f"{exc}; {beyond.describe(model.name)}" if beyond else str(exc)
-            rows.append(PlanRow(replica, model.name, error=error, estimate=est, beyond=beyond))
+            out[demand.replica] = (None, exc)
             continue
-        placed.append(Placed(replica=replica, gpus=assignment.gpus, bytes_per_gpu=assignment.bytes_per_gpu))
-        rows.append(PlanRow(replica, model.name, assignment=assignment, estimate=est))
-    return rows
+        placed.append(Placed(replica=demand.replica, gpus=assignment.gpus, bytes_per_gpu=assignment.bytes_per_gpu))
+        out[demand.replica] = (assignment, None)
+    return out
