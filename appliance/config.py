@@ -259,8 +259,15 @@ class QueueConfig(_Section):
 
 
 class CpuConfig(_Section):
-    # CPU engines (llama.cpp on the CPU): cores their replicas may use together (0 = all cores).
+    # CPU engines (llama.cpp on the CPU): cores their replicas may use together (0 = every
+    # CPU this daemon may run on: its affinity mask, not the machine's count).
     cores: int = 0
+
+
+class CapacityConfig(_Section):
+    # Host RAM that CPU engine replicas and sleeping GPU replicas (their weights) may hold
+    # together, in GiB; 0 = /proc/meminfo's MemTotal less a tenth (at least 2 GiB).
+    host_ram_gib: float = 0.0
 
 
 class ModelConfig(_Section):
@@ -409,6 +416,7 @@ class Config(_Section):
     autoscaling: AutoscalerConfig = msgspec.field(default_factory=AutoscalerConfig)
     queue: QueueConfig = msgspec.field(default_factory=QueueConfig)
     cpu: CpuConfig = msgspec.field(default_factory=CpuConfig)
+    capacity: CapacityConfig = msgspec.field(default_factory=CapacityConfig)
     paths: PathsConfig = msgspec.field(default_factory=PathsConfig)
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     images: ImagesConfig = msgspec.field(default_factory=ImagesConfig)
@@ -663,6 +671,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.queue.max_held >= 0, "queue.max_held", "must not be negative")
     need(cfg.queue.timeout_s > 0, "queue.timeout_s", "must be positive")
     need(cfg.cpu.cores >= 0, "cpu.cores", "must not be negative")
+    need(cfg.capacity.host_ram_gib >= 0, "capacity.host_ram_gib", "must not be negative (0 = MemTotal less a reserve)")
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):

@@ -1,10 +1,10 @@
 """Which idle replicas of other models to stop so that a replica of this one can start.
 
 Pure and deterministic, like the placer and the autoscaler: the supervisor describes
-every replica that holds the scarce thing (GPU memory, or the CPU engines' core
-budget) as a ``Holder``, says how to tell whether the new replica fits once some
-holders are gone (``fits``), and gets back a ``Plan``: the victims, or why there are
-none. The supervisor carries it out (retires the victims, starts the new replica
+every replica that holds the scarce thing (GPU memory, or the CPU engines' cores and
+host RAM; appliance/fleet/capacity.py says who holds what) as a ``Holder``, says how
+to tell whether the new replica fits once some holders are gone (``fits``), and gets
+back a ``Plan``: the victims, or why there are none. The supervisor carries it out (retires the victims, starts the new replica
 once they have stopped).
 
 Rules (issue 17):
@@ -40,10 +40,11 @@ class Holder:
     held: int = 0  # requests waiting in its model's queue
     keep: int = 0  # replicas of its model that must stay (pin, operator's count)
     serving: bool = True  # READY (False: backing off, nothing to lose)
-    # What it holds: GPU memory on these GPUs, or CPU cores.
+    # What it holds: GPU memory on these GPUs, or CPU cores and host RAM.
     gpus: tuple[int, ...] = ()
     bytes_per_gpu: int = 0
     cores: int = 0
+    host_bytes: int = 0
 
 
 @dataclass(frozen=True)

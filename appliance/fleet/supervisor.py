@@ -15,8 +15,6 @@ import contextlib
 import contextvars
 import itertools
 import logging
-import math
-import os
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -27,14 +25,14 @@ from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_res
 from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
 from appliance.fleet import eviction
 from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
+from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.rates import RateWindow
 from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
-from appliance.gpu.memory import MeasuredMemory, ModelShapeError
-from appliance.gpu.placement import Placed
-from appliance.gpu.planning import PlanRow, demand_for, gpus_from, plan
-from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
+from appliance.gpu.memory import MeasuredMemory
+from appliance.gpu.planning import PlanRow
+from appliance.gpu.probe import GpuProbe, NvmlProbe, SimulatedProbe
 from appliance.state.decisions import ModelControl, StateStore
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
 from appliance.store.store import Store
@@ -45,12 +43,6 @@ log = logging.getLogger("appliance.supervisor")
 # States from which a replica may still serve without the operator's help.
 LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
 CANNOT_PLACE = "cannot place on GPUs: "
-
-
-def holds_capacity(r: Replica) -> bool:
-    """The replica holds its GPU memory or CPU cores: from the moment it is added (before
-    its owner task has run) until its engine has stopped (draining, it still holds them)."""
-    return r.state is not State.FATAL and not (r.state is State.STOPPED and r.history)
 
 
 class Deployment:
@@ -281,22 +273,8 @@ class Exclude:
         return replica is self.replica and replica.pid == self.pid
 
 
-def on_cpu(model: ModelConfig) -> bool:
-    """A llama.cpp replica on the CPU: it takes its cores from the CPU engines' budget."""
-    return model.server == "llamacpp" and not uses_gpus(model)
-
-
 class ClientGone(Exception):
     """The client disconnected while its request was held; nothing to answer."""
-
-
-def _reserved(r: Replica, inventory) -> int:
-    """What a placed replica holds on each of its GPUs: what the placer reserved for it,
-    else its fraction of the card."""
-    if r.slot.bytes_per_gpu:
-        return r.slot.bytes_per_gpu
-    total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
-    return math.ceil(r.slot.memory_fraction * total)
 
 
 def default_probe(cfg: Config) -> GpuProbe:
@@ -324,6 +302,7 @@ class Supervisor:
         self.probe = probe or default_probe(cfg)
         self.state = state
         self.measured = MeasuredMemory()
+        self.capacity = Capacity(cfg, self.probe, self.replicas, self.measured)
         self.autoscaler = Autoscaler()
         self.placements: list[PlanRow] = []
         self._listeners: list[Listener] = [listener] if listener is not None else []
@@ -390,47 +369,18 @@ class Supervisor:
 
     def room_for(self, dep: Deployment, ignoring: frozenset[str] = frozenset()) -> int:
         """How many more replicas this model may get: max_replicas, and for CPU engines
-        the core budget (less what the replicas named in ``ignoring`` hold: they are being
-        evicted for this one). GPU engines ask the placer when they start."""
+        the core and host RAM budgets (less what the replicas named in ``ignoring`` hold:
+        they are being evicted for this one). GPU engines ask the placer when they start."""
         room = dep.model.autoscaling.max_replicas - len(dep.kept())
         if room <= 0:
             return 0
         if on_cpu(dep.model):
-            free = self._cpu_cores() - sum(self._cores(r.model) for r in self._cpu_holders() if r.name not in ignoring)
-            room = min(room, free // self._cores(dep.model))
+            room = min(room, self.capacity.cpu_room(dep.model, ignoring))
         return max(room, 0)
 
     def cpu_budget(self) -> dict:
-        """The CPU engines' core budget and the replicas that hold it."""
-        users = [
-            {"replica": r.name, "cores": self._cores(r.model), "cpus": sorted(r.cpus), "state": r.state.value}
-            for r in self._cpu_holders()
-        ]
-        return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
-
-    def _cpu_cores(self) -> int:
-        return self.cfg.cpu.cores or os.cpu_count() or 1
-
-    def _cpu_holders(self) -> list[Replica]:
-        return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]
-
-    def _cores(self, model: ModelConfig) -> int:
-        """The cores one CPU replica of model takes from the budget: its threads, or all of it."""
-        budget = self._cpu_cores()
-        return min(model.threads or budget, budget)
-
-    def _cpu_set(self, model: ModelConfig, ignoring: frozenset[str]) -> frozenset[int]:
-        """The CPUs a new CPU replica of model is bound to: _cores(model) of the budget's that
-        no other replica holds (those in ignoring are being evicted for it), lowest first. The
-        budget's cores are the daemon's own CPUs in order; a budget larger than the machine
-        wraps around them (and replicas then share cores: the operator asked for more)."""
-        mine = sorted(os.sched_getaffinity(0))
-        held = {c for r in self._cpu_holders() if r.name not in ignoring for c in r.cpus}
-        free = [mine[i % len(mine)] for i in range(self._cpu_cores())]
-        for cpu in held:
-            if cpu in free:
-                free.remove(cpu)
-        return frozenset(free[: self._cores(model)])
+        """The CPU engines' cores and host RAM, and the replicas that hold them (status)."""
+        return self.capacity.cpu_budget()
 
     def add_together(self, wanted: list[tuple[Deployment, int]], reason: str) -> None:
         """Start several replicas at once (boot, an operator's count, a scale-up by more than
@@ -444,17 +394,13 @@ class Supervisor:
 
     def _place_together(self, wanted: list[tuple[Deployment, int]]) -> dict[str, PlanRow]:
         """Placements for the GPU replicas add_replica will create for ``wanted``, by name."""
-        replicas = []
-        for dep, count in wanted:
-            if uses_gpus(dep.model) and not dep.blocked and count > 0:
-                used = {r.index for r in dep.replicas}
-                free = itertools.islice((i for i in itertools.count() if i not in used), count)
-                replicas += [(dep.model, f"{dep.model.name}#{i}") for i in free]
-        if not replicas:
-            return {}
-        inventory, placed, ours = self._gpu_view()
-        rows = plan(self.cfg, inventory, replicas, placed=placed, ours=ours, measured=self.measured)
-        return {row.replica: row for row in rows}
+        replicas = [
+            (dep.model, f"{dep.model.name}#{i}")
+            for dep, count in wanted
+            if uses_gpus(dep.model) and not dep.blocked
+            for i in next_indices({r.index for r in dep.replicas}, count)
+        ]
+        return self.capacity.place_together(replicas)
 
     def add_replica(
         self, dep: Deployment, reason: str, evict: str | None = None, planned: dict[str, PlanRow] | None = None
@@ -479,8 +425,7 @@ class Supervisor:
         ignoring = frozenset(v.name for v in victims)
         if self.room_for(dep, ignoring) <= 0:
             return None
-        used = {r.index for r in dep.replicas}
-        index = next(i for i in itertools.count() if i not in used)
+        [index] = next_indices({r.index for r in dep.replicas}, 1)
         replica = Replica(
             cfg=self.cfg,
             model=dep.model,
@@ -515,7 +460,7 @@ class Supervisor:
                 row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
             )
         elif on_cpu(dep.model):
-            replica.cpus = self._cpu_set(dep.model, ignoring)
+            replica.cpus = self.capacity.cpu_set(dep.model, ignoring)
         if victims:
             replica.preflight = self._after_stopped(victims, replica.preflight)
         dep.no_room = None
@@ -524,38 +469,15 @@ class Supervisor:
         replica.start()
         return replica
 
-    def _gpu_view(self, ignoring: frozenset[str] = frozenset()) -> tuple[Inventory, list[Placed], set[int]]:
-        """The GPUs as NVML sees them, the placed replicas that hold memory on them (less
-        those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
-        inventory = self.probe.read()
-        ours: set[int] = set()
-        placed = []
-        for r in self.replicas():
-            if r.slot is not None and holds_capacity(r):
-                ours |= descendants(r.pid) if r.pid else set()
-                if r.name not in ignoring:
-                    placed.append(
-                        Placed(
-                            replica=r.name,
-                            gpus=r.slot.gpus,
-                            bytes_per_gpu=_reserved(r, inventory),
-                            sleeping=r.state is State.SLEEPING,
-                        )
-                    )
-        return inventory, placed, ours
-
     def _place(
         self, replica: Replica, ignoring: frozenset[str] = frozenset(), planned: PlanRow | None = None
     ) -> tuple[PlanRow, tuple[str, ...]]:
         """Where the replica goes (the replicas in ``ignoring`` are being evicted for it; or
         where the set it starts with placed it), and the UUIDs of those GPUs."""
-        inventory, placed, ours = self._gpu_view(ignoring)
         if planned is not None:
-            row = planned
+            row, inventory = planned, self.probe.read()
         else:
-            [row] = plan(
-                self.cfg, inventory, [(replica.model, replica.name)], placed=placed, ours=ours, measured=self.measured
-            )
+            row, inventory = self.capacity.place(replica.model, replica.name, ignoring)
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
         log.info("placement %s", row.describe())
         uuid = {g.index: g.uuid for g in inventory.gpus}
@@ -568,18 +490,17 @@ class Supervisor:
         """Room for one more replica of dep: [] when there is room already, the replicas
         stopped (retired) for it when idle replicas of other models had to go, or None
         (dep.no_room says who holds the room and why they stay)."""
-        snapshot = self._room_snapshot(dep)
-        if snapshot is None:
+        scarce = self.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
+        if scarce is None:
             return []  # nothing to size it by: the placer will say why
-        what, holders, fits = snapshot
+        now = self.clock.monotonic()
+        holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
         by_name = {r.name: r for r, _ in holders}
-        decided = eviction.plan(
-            dep.model.name, dep.model.priority, [h for _, h in holders], fits, self.clock.monotonic()
-        )
+        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now)
         if decided.never:
             return []  # too big whatever goes: the placer says what is missing
         if not decided.fits:
-            why = f"no room: {decided.explain(what)}"
+            why = f"no room: {decided.explain(scarce.what)}"
             if why != dep.no_room:  # once per change, not once per held request or tick
                 log.warning("cannot start %s: %s", dep.model.name, why)
             dep.no_room = why
@@ -588,33 +509,6 @@ class Supervisor:
         for h, victim in zip(decided.victims, victims, strict=True):
             self._evict(victim, h, dep, trigger)
         return victims
-
-    def _room_snapshot(self, dep: Deployment):
-        """(what is scarce, [(replica, Holder)], fits) for one more replica of dep, or None."""
-        now = self.clock.monotonic()
-        if uses_gpus(dep.model):
-            inventory, placed, ours = self._gpu_view()
-            if inventory.cpu_only:
-                return None
-            gpus = gpus_from(inventory, ours)
-            try:
-                demand, _ = demand_for(self.cfg, dep.model, f"{dep.model.name}#new", len(gpus), self.measured)
-            except (ModelShapeError, OSError):
-                return None
-            reserved = {p.replica: p for p in placed}
-            holders = [
-                (r, self._holder(r, now, gpus=r.slot.gpus, bytes_per_gpu=reserved[r.name].bytes_per_gpu))
-                for r in self.replicas()
-                if r.name in reserved
-            ]
-            return "GPU memory", holders, eviction.gpu_fits(gpus, placed, demand)
-        if not on_cpu(dep.model):
-            return None
-        cpu = self._cpu_holders()
-        holders = [(r, self._holder(r, now, cores=self._cores(r.model))) for r in cpu]
-        free = self._cpu_cores() - sum(h.cores for _, h in holders)
-        what = f"the CPU engines' budget of {self._cpu_cores()} cores"
-        return what, holders, eviction.core_fits(free, {h.replica: h.cores for _, h in holders}, self._cores(dep.model))
 
     def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
         d = self.deployments[r.model.name]

@@ -58,6 +58,7 @@ __all__ = [
     "gpus_in_use",
     "fraction_percent",
     "reserved_bytes",
+    "kind_key",
 ]
 
 
@@ -120,7 +121,9 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.1f}"
 
 
-def _kind_key(kind: str | None) -> str | None:
+def kind_key(kind: str | None) -> str | None:
+    """The one normaliser of a GPU kind (a model's ``gpus.type``, a GPU's kind): casefolded;
+    None, "" or "any" (any case) -> None, meaning any kind."""
     if kind is None:
         return None
     k = kind.strip().casefold()
@@ -216,7 +219,7 @@ _Groups = dict[tuple[str, int], list[int]]
 
 def _best_choice(d: Demand, groups: _Groups, free: dict[int, int], used: set[int], roomy: bool):
     """The best (tp, indices, reserved, pct, tried) for d now, or None."""
-    want = _kind_key(d.gpu_kind)
+    want = kind_key(d.gpu_kind)
     tried: list[int] = []
     for tp in _sizes(d):
         need = d.per_gpu_bytes[tp]
@@ -271,8 +274,8 @@ def _reason(tp: int, chosen, tried: list[int], sizes: list[int], how: str = "bes
 
 
 def _explain(d: Demand, gpus: Sequence[Gpu], groups: _Groups, free: dict[int, int], before: int = 0) -> str:
-    want = _kind_key(d.gpu_kind)
-    eligible = sorted(g.index for g in gpus if want is None or _kind_key(g.kind) == want)
+    want = kind_key(d.gpu_kind)
+    eligible = sorted(g.index for g in gpus if want is None or kind_key(g.kind) == want)
     of_kind = f" of kind {d.gpu_kind}" if want is not None else ""
     needs = []
     for tp in _sizes(d):
@@ -324,7 +327,7 @@ def _search(gpus, groups, placed, demands, bound, steps=None):
     path: list = []
 
     def options(d: Demand):
-        want = _kind_key(d.gpu_kind)
+        want = kind_key(d.gpu_kind)
         out = []
         for tp in _sizes(d):
             need = d.per_gpu_bytes[tp]
@@ -449,7 +452,7 @@ def place(
             )
     groups: _Groups = {}
     for g in sorted(gpus, key=lambda g: g.index):
-        groups.setdefault((_kind_key(g.kind) or "", g.total_bytes), []).append(g.index)
+        groups.setdefault((kind_key(g.kind) or "", g.total_bytes), []).append(g.index)
 
     bound = _lower_bound(gpus, placed, demands)
     best = None

@@ -17,7 +17,7 @@ from appliance.gpu.memory import (
     read_shape,
     smallest_shape,
 )
-from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, place
+from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, kind_key, place
 from appliance.gpu.probe import GiB, Inventory, kinds_match
 from appliance.store.store import model_path
 
@@ -106,7 +106,7 @@ def node_spec(
     """The machine a multi-node shape assumes: this box's largest group of GPUs of one kind and
     size that the model may use, with the operator's overrides; None when there is nothing to
     go by (no GPUs here and no overrides)."""
-    wanted = None if model.gpus.type.lower() == "any" else model.gpus.type
+    wanted = model.gpus.type if kind_key(model.gpus.type) else None
     groups: dict[tuple[str, int], int] = {}
     for g in inventory.gpus:
         if kinds_match(wanted, g.kind):
@@ -175,12 +175,11 @@ def demand_for(
     cfg: Config, model: ModelConfig, replica: str, gpu_count: int, measured: MeasuredMemory
 ) -> tuple[Demand, Estimate]:
     est = measured.correct(model.name, estimate_for(cfg, model, gpu_count))
-    kind = None if model.gpus.type.lower() == "any" else model.gpus.type
     # llama.cpp allocates what it needs, not a fraction of the card: it reserves exactly that.
     return Demand(
         replica=replica,
         per_gpu_bytes=dict(est.per_gpu),
-        gpu_kind=kind,
+        gpu_kind=model.gpus.type,
         tp=model.gpus.count or None,
         exact=model.server == "llamacpp",
     ), est

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from appliance.gpu.placement import kind_key
+
 log = logging.getLogger("appliance.gpu")
 
 GiB = 1024**3
@@ -112,7 +114,9 @@ def gpu_kind(name: str) -> str:
 
 
 def kinds_match(wanted: str | None, kind: str) -> bool:
-    return not wanted or wanted.lower() == "any" or wanted.upper() == kind.upper()
+    """A GPU of ``kind`` is one a model asking for ``wanted`` may use ("any" or none: all)."""
+    want = kind_key(wanted)
+    return want is None or want == kind_key(kind)
 
 
 # --- NVML ------------------------------------------------------------------------

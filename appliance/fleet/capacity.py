@@ -1,0 +1,303 @@
+"""Capacity: the one owner of what engine replicas may hold on this box.
+
+Three budgets, one set of rules, asked by the supervisor for every start (boot, a
+request for a model at zero, a scale-up, an operator's count or load), by eviction
+(what a replica frees when it goes) and by status:
+
+  * CPU cores: the CPU engines' budget, ``[cpu] cores`` (0 = the CPUs this daemon may
+    run on, ``os.sched_getaffinity``, not the machine's count). A CPU replica takes its
+    ``threads`` cores, or all of the budget, and is bound to cores no other replica holds.
+  * Host RAM: ``[capacity] host_ram_gib`` (0 = MemTotal less a reserve). A CPU replica
+    holds its weights, KV cache and compute buffers; a sleeping vLLM replica holds its
+    weights (level 1 sleep moves them to host RAM).
+  * GPU memory: what the placer (appliance/gpu/planning, placement) reserves for each
+    replica on its GPUs; a sleeping replica's GPU memory is free.
+
+A replica holds its share from the moment it is added (before its owner task has run)
+until its engine has stopped (draining, it still holds it).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.config import Config, ModelConfig, uses_gpus
+from appliance.fleet import eviction
+from appliance.fleet.process import descendants
+from appliance.fleet.replica import Replica, State
+from appliance.gpu.memory import MeasuredMemory, ModelShapeError, estimate_gguf
+from appliance.gpu.placement import GiB, Placed, free_bytes
+from appliance.gpu.planning import PlanRow, demand_for, estimate_for, gpus_from, plan
+from appliance.gpu.probe import GpuProbe, Inventory
+from appliance.store.store import model_path
+
+# Host RAM kept for the OS, the daemon and page cache when [capacity] host_ram_gib is 0:
+# a tenth of it, at least this much.
+HOST_RESERVE_MIN = 2 * GiB
+
+
+def on_cpu(model: ModelConfig) -> bool:
+    """A llama.cpp replica on the CPU: it takes its cores from the CPU engines' budget."""
+    return model.server == "llamacpp" and not uses_gpus(model)
+
+
+def holds_capacity(r: Replica) -> bool:
+    """The replica holds its cores, RAM or GPU memory: from the moment it is added until
+    its engine has stopped."""
+    return r.state is not State.FATAL and not (r.state is State.STOPPED and r.history)
+
+
+def mem_total(meminfo: Path = Path("/proc/meminfo")) -> int:
+    """The machine's RAM in bytes (0 if /proc/meminfo cannot say)."""
+    try:
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def default_host_ram(total: int) -> int:
+    return max(0, total - max(HOST_RESERVE_MIN, total // 10))
+
+
+@dataclass(frozen=True)
+class Scarce:
+    """What a new replica lacks and who holds it, for eviction: (replica, what it holds)
+    pairs and whether the new one fits once the named replicas are gone."""
+
+    what: str
+    holds: list[tuple[Replica, dict]] = field(default_factory=list)
+    fits: Callable[[frozenset[str]], bool] = lambda removed: True
+
+
+class Capacity:
+    def __init__(
+        self,
+        cfg: Config,
+        probe: GpuProbe,
+        replicas: Callable[[], list[Replica]],
+        measured: MeasuredMemory,
+        host_total: Callable[[], int] = mem_total,
+    ) -> None:
+        self.cfg = cfg
+        self.probe = probe
+        self.replicas = replicas
+        self.measured = measured
+        self._host_total = host_total
+        self._host_need: dict[tuple[str, bool], int] = {}  # (model, sleeping) -> bytes
+
+    # --- CPU cores ----------------------------------------------------------------------------
+
+    def cpu_cores(self) -> int:
+        """The CPU engines' budget: [cpu] cores, else every CPU this daemon may run on."""
+        return self.cfg.cpu.cores or len(os.sched_getaffinity(0)) or 1
+
+    def cores(self, model: ModelConfig) -> int:
+        """The cores one CPU replica of model takes from the budget: its threads, or all of it."""
+        budget = self.cpu_cores()
+        return min(model.threads or budget, budget)
+
+    def cpu_holders(self) -> list[Replica]:
+        return [r for r in self.replicas() if on_cpu(r.model) and holds_capacity(r)]
+
+    def cpu_set(self, model: ModelConfig, ignoring: frozenset[str]) -> frozenset[int]:
+        """The CPUs a new CPU replica of model is bound to: cores(model) of the budget's that
+        no other replica holds (those in ignoring are being evicted for it), lowest first. The
+        budget's cores are the daemon's own CPUs in order; a budget larger than the machine
+        wraps around them (and replicas then share cores: the operator asked for more)."""
+        mine = sorted(os.sched_getaffinity(0))
+        held = {c for r in self.cpu_holders() if r.name not in ignoring for c in r.cpus}
+        free = [mine[i % len(mine)] for i in range(self.cpu_cores())]
+        for cpu in held:
+            if cpu in free:
+                free.remove(cpu)
+        return frozenset(free[: self.cores(model)])
+
+    # --- host RAM --------------------------------------------------------------------------------
+
+    def host_ram(self) -> int:
+        """The host RAM budget for CPU replicas and sleeping ones, in bytes."""
+        gib = self.cfg.capacity.host_ram_gib
+        return int(gib * GiB) if gib else default_host_ram(self._host_total())
+
+    def host_bytes(self, r: Replica) -> int:
+        """What a replica holds in host RAM: a CPU replica its whole footprint, a sleeping
+        GPU replica its weights; the others nothing we budget (their memory is on GPUs)."""
+        if on_cpu(r.model):
+            return self.host_need(r.model)
+        if r.state is State.SLEEPING:
+            return self.host_need(r.model, sleeping=True)
+        return 0
+
+    def host_need(self, model: ModelConfig, sleeping: bool = False) -> int:
+        """Host RAM one replica of model needs: on the CPU, its GGUF's weights, KV cache and
+        buffers; asleep, its weights. 0 when the model's files cannot tell (nothing is refused
+        for a size nobody can know). Read once per model."""
+        key = (model.name, sleeping)
+        if key not in self._host_need:
+            try:
+                if sleeping:
+                    need = estimate_for(self.cfg, model, 1).weights
+                else:
+                    path = model_path(self.cfg, model)
+                    est = estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v, 0, 1)
+                    need = est.per_gpu[1]
+            except (ModelShapeError, OSError, ValueError):
+                need = 0
+            self._host_need[key] = need
+        return self._host_need[key]
+
+    def host_used(self, ignoring: frozenset[str] = frozenset()) -> int:
+        return sum(self.host_bytes(r) for r in self.replicas() if holds_capacity(r) and r.name not in ignoring)
+
+    def may_sleep(self, r: Replica) -> bool:
+        """A GPU replica may go to sleep: its weights fit in the host RAM left."""
+        return self.host_used() + self.host_need(r.model, sleeping=True) <= self.host_ram()
+
+    # --- room for a new replica ------------------------------------------------------------------
+
+    def cpu_room(self, model: ModelConfig, ignoring: frozenset[str] = frozenset()) -> int:
+        """How many more CPU replicas of model the core and host RAM budgets allow (the
+        replicas in ``ignoring`` are being evicted for them)."""
+        holders = [r for r in self.cpu_holders() if r.name not in ignoring]
+        free_cores = self.cpu_cores() - sum(self.cores(r.model) for r in holders)
+        room = free_cores // self.cores(model)
+        need = self.host_need(model)
+        if need:
+            room = min(room, (self.host_ram() - self.host_used(ignoring)) // need)
+        return max(room, 0)
+
+    def scarce_for(self, model: ModelConfig, replica: str) -> Scarce | None:
+        """For eviction: what one more replica of model lacks, who holds it and how to tell
+        it fits once some of them are gone; None when nothing sizes it (the placer says why)."""
+        if uses_gpus(model):
+            return self._scarce_gpu(model, replica)
+        if not on_cpu(model):
+            return None
+        holders = self.cpu_holders()
+        sleepers = [r for r in self.replicas() if holds_capacity(r) and not on_cpu(r.model) and self.host_bytes(r)]
+        cores = {r.name: self.cores(r.model) for r in holders}
+        ram = {r.name: self.host_bytes(r) for r in holders + sleepers}
+        fits_cores = eviction.core_fits(self.cpu_cores() - sum(cores.values()), cores, self.cores(model))
+        ram_free, ram_need = self.host_ram() - sum(ram.values()), self.host_need(model)
+        what = f"the CPU engines' budget of {self.cpu_cores()} cores"
+        if ram_need:
+            what += f" and {self.host_ram() / GiB:.1f} GiB of host RAM"
+
+        def fits(removed: frozenset[str]) -> bool:
+            freed = sum(ram.get(name, 0) for name in removed)
+            return fits_cores(removed) and (not ram_need or ram_free + freed >= ram_need)
+
+        holds = [(r, {"cores": cores.get(r.name, 0), "host_bytes": ram[r.name]}) for r in holders + sleepers]
+        return Scarce(what, holds, fits)
+
+    def _scarce_gpu(self, model: ModelConfig, replica: str) -> Scarce | None:
+        inventory, placed, ours = self.gpu_view()
+        if inventory.cpu_only:
+            return None
+        gpus = gpus_from(inventory, ours)
+        try:
+            demand, _ = demand_for(self.cfg, model, replica, len(gpus), self.measured)
+        except (ModelShapeError, OSError):
+            return None
+        reserved = {p.replica: p for p in placed}
+        holds = [
+            (r, {"gpus": r.slot.gpus, "bytes_per_gpu": reserved[r.name].bytes_per_gpu})
+            for r in self.replicas()
+            if r.name in reserved and not reserved[r.name].sleeping
+        ]
+        return Scarce("GPU memory", holds, eviction.gpu_fits(gpus, placed, demand))
+
+    # --- GPU memory ------------------------------------------------------------------------------
+
+    def gpu_view(self, ignoring: frozenset[str] = frozenset()) -> tuple[Inventory, list[Placed], set[int]]:
+        """The GPUs as NVML sees them, the placed replicas that hold memory on them (less
+        those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
+        inventory = self.probe.read()
+        ours: set[int] = set()
+        placed = []
+        for r in self.replicas():
+            if r.slot is not None and holds_capacity(r):
+                ours |= descendants(r.pid) if r.pid else set()
+                if r.name not in ignoring:
+                    placed.append(
+                        Placed(
+                            replica=r.name,
+                            gpus=r.slot.gpus,
+                            bytes_per_gpu=reserved(r, inventory),
+                            sleeping=r.state is State.SLEEPING,
+                        )
+                    )
+        return inventory, placed, ours
+
+    def place(
+        self, model: ModelConfig, replica: str, ignoring: frozenset[str] = frozenset()
+    ) -> tuple[PlanRow, Inventory]:
+        """Where one new replica goes (those in ``ignoring`` are being evicted for it)."""
+        inventory, placed, ours = self.gpu_view(ignoring)
+        [row] = plan(self.cfg, inventory, [(model, replica)], placed=placed, ours=ours, measured=self.measured)
+        return row, inventory
+
+    def place_together(self, replicas: list[tuple[ModelConfig, str]]) -> dict[str, PlanRow]:
+        """Placements for several new GPU replicas as one set (planning.plan), by name."""
+        if not replicas:
+            return {}
+        inventory, placed, ours = self.gpu_view()
+        rows = plan(self.cfg, inventory, replicas, placed=placed, ours=ours, measured=self.measured)
+        return {row.replica: row for row in rows}
+
+    def fits_on_its_gpus(self, r: Replica) -> bool:
+        """A sleeping replica's memory is free again on its own GPUs (so it may wake there)."""
+        inventory, placed, ours = self.gpu_view(frozenset({r.name}))
+        free = free_bytes(gpus_from(inventory, ours), placed)
+        need = reserved(r, inventory)
+        return all(free.get(i, 0) >= need for i in r.slot.gpus)
+
+    # --- status --------------------------------------------------------------------------------
+
+    def cpu_budget(self) -> dict:
+        """The CPU engines' core budget and host RAM, and the replicas that hold them."""
+        users = [
+            {
+                "replica": r.name,
+                "cores": self.cores(r.model),
+                "cpus": sorted(r.cpus),
+                "host_bytes": self.host_bytes(r),
+                "state": r.state.value,
+            }
+            for r in self.cpu_holders()
+        ]
+        sleeping = [
+            {"replica": r.name, "host_bytes": self.host_bytes(r), "gpus": list(r.slot.gpus) if r.slot else []}
+            for r in self.replicas()
+            if r.state is State.SLEEPING
+        ]
+        return {
+            "cores": self.cpu_cores(),
+            "used": sum(u["cores"] for u in users),
+            "replicas": users,
+            "host_ram_bytes": self.host_ram(),
+            "host_ram_used_bytes": self.host_used(),
+            "sleeping": sleeping,
+        }
+
+
+def reserved(r: Replica, inventory: Inventory) -> int:
+    """What a placed replica holds on each of its GPUs: what the placer reserved for it,
+    else its fraction of the card."""
+    if r.slot.bytes_per_gpu:
+        return r.slot.bytes_per_gpu
+    total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
+    return math.ceil(r.slot.memory_fraction * total)
+
+
+def next_indices(taken: set[int], count: int) -> list[int]:
+    """The ``count`` lowest replica indices not in ``taken``."""
+    return list(itertools.islice((i for i in itertools.count() if i not in taken), count))
