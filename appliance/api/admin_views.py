@@ -1,5 +1,7 @@
-"""What the admin API shows beyond /admin/status: the GPUs with the replicas on
-them and the CPU budget (/admin/gpus), a replica's log tail (.../log)."""
+"""What the admin API shows beyond /admin/status: the capacity market (/admin/gpus:
+the GPUs with what each replica holds on them, the CPU cores and host RAM with the
+replicas that hold them, sleeping ones included, and recent evictions), a replica's
+log tail (.../log)."""
 
 from __future__ import annotations
 
@@ -17,19 +19,7 @@ MAX_LOG_LINES = 5000
 
 def gpu_view(sup: Supervisor) -> dict:
     inventory = sup.probe.read()
-    on_gpu: dict[int, list[dict]] = {}
-    for r in sup.replicas():
-        if r.slot is None:
-            continue
-        for g in r.slot.gpus:
-            on_gpu.setdefault(g, []).append(
-                {
-                    "replica": r.name,
-                    "state": r.state.value,
-                    "memory_fraction": r.slot.memory_fraction,
-                    "reserved_bytes": r.slot.bytes_per_gpu or None,
-                }
-            )
+    on_gpu = sup.gpu_holdings(inventory)
     return {
         "source": inventory.source,
         "error": inventory.error,
@@ -46,6 +36,7 @@ def gpu_view(sup: Supervisor) -> dict:
             for g in inventory.gpus
         ],
         "cpu": sup.cpu_budget(),
+        "evictions": sup.market.recent(),
     }
 
 

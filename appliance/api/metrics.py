@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 if TYPE_CHECKING:
     from appliance.fleet.supervisor import Supervisor
@@ -63,8 +63,17 @@ class _SupervisorCollector:
             "evicted and what asked for the room (request, load, scale_up)",
             labels=["model", "reason"],
         )
-        for (model, reason), count in sorted(self.supervisor.evictions.items()):
+        for (model, reason), count in sorted(self.supervisor.market.evictions.items()):
             evictions.add_metric([model, reason], float(count))
+        waits = HistogramMetricFamily(
+            "appliance_wait_seconds",
+            "How long requests held for a model with no ready replica waited, by what the wait "
+            "paid for: evict (other models' replicas stopped first), wake, cold (a cold start)",
+            labels=["model", "cause"],
+        )
+        for model, cause in sorted(self.supervisor.market.waits.series):
+            buckets, total = self.supervisor.market.waits.cumulative(model, cause)
+            waits.add_metric([model, cause], buckets, total)
         for name, dep in self.supervisor.deployments.items():
             for outcome, count in dep.prefix.outcomes.items():
                 prefix.add_metric([name, outcome], float(count))
@@ -84,7 +93,7 @@ class _SupervisorCollector:
                         value = getattr(r.load, field)
                         if value is not None:
                             family.add_metric([name, idx], float(value))
-        yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, evictions, *load.values())
+        yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, evictions, waits, *load.values())
 
 
 class Metrics:

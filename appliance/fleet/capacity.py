@@ -255,6 +255,8 @@ class Capacity:
 
     def fits_on_its_gpus(self, r: Replica) -> bool:
         """A sleeping replica's memory is free again on its own GPUs (so it may wake there)."""
+        if r.slot is None:
+            return True
         inventory, placed, ours = self.gpu_view(frozenset({r.name}))
         free = free_bytes(gpus_from(inventory, ours), placed)
         need = reserved(r, inventory)

@@ -4,8 +4,8 @@ Pure and deterministic, like the placer and the autoscaler: the supervisor descr
 every replica that holds the scarce thing (GPU memory, or the CPU engines' cores and
 host RAM; appliance/fleet/capacity.py says who holds what) as a ``Holder``, says how
 to tell whether the new replica fits once some holders are gone (``fits``), and gets
-back a ``Plan``: the victims, or why there are none. The supervisor carries it out (retires the victims, starts the new replica
-once they have stopped).
+back a ``Plan``: the victims, or why there are none. The supervisor carries it out
+(stops the victims, or puts them to sleep, and starts the new replica once they have).
 
 Rules (issue 17):
   * only replicas of OTHER models, and only idle ones: no request in flight on the

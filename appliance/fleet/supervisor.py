@@ -26,6 +26,7 @@ from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
 from appliance.fleet import eviction
 from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
+from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.rates import RateWindow
@@ -65,6 +66,9 @@ class Deployment:
         # Why the last start for a request found no room (GPU memory or CPU cores held by
         # replicas that may not be evicted), for the 503; None once one starts.
         self.no_room: str | None = None
+        # What the replica being brought up for held requests costs: evict, wake or cold
+        # (appliance/fleet/market.py); what their waits are counted under.
+        self.loading_cause = "cold"
         self._rr = itertools.count()
         # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
         cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
@@ -127,7 +131,8 @@ class Deployment:
         if not self.can_become_ready():
             raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + queue.timeout_s
+        held_at = loop.time()
+        deadline = held_at + queue.timeout_s
         gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
         try:
             while True:
@@ -153,6 +158,7 @@ class Deployment:
                     raise waiter.exception()
                 replica = self.pick_ready(exclude, prefix)
                 if replica is not None:
+                    self.supervisor.market.waits.observe(self.model.name, self.loading_cause, loop.time() - held_at)
                     return replica
         except TimeoutError:
             raise QueueTimeout(
@@ -309,8 +315,8 @@ class Supervisor:
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
-        # Replicas stopped to make room for another model: (evicted model, trigger) -> count.
-        self.evictions: dict[tuple[str, str], int] = {}
+        # Evictions (what, for whom, why) and how long requests waited for a load.
+        self.market = Market()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         self.store_checks: StoreChecks | None = None
@@ -463,6 +469,7 @@ class Supervisor:
             replica.cpus = self.capacity.cpu_set(dep.model, ignoring)
         if victims:
             replica.preflight = self._after_stopped(victims, replica.preflight)
+        dep.loading_cause = "evict" if victims else "cold"
         dep.no_room = None
         dep.replicas.append(replica)
         log.info("adding replica %s (%s)", replica.name, reason)
@@ -506,8 +513,13 @@ class Supervisor:
             dep.no_room = why
             return None
         victims = [by_name[h.replica] for h in decided.victims]
+        ram_left = self.capacity.host_ram() - self.capacity.host_used()
         for h, victim in zip(decided.victims, victims, strict=True):
-            self._evict(victim, h, dep, trigger)
+            # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
+            # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
+            asleep = scarce.what == "GPU memory" and self._may_sleep(victim, ram_left)
+            ram_left -= self.capacity.host_need(victim.model, sleeping=True) if asleep else 0
+            self._evict(victim, h, dep, trigger, asleep)
         return victims
 
     def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
@@ -533,28 +545,38 @@ class Supervisor:
             **holds,
         )
 
-    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str) -> None:
+    def _may_sleep(self, r: Replica, ram_left: int) -> bool:
+        need = self.capacity.host_need(r.model, sleeping=True)
+        return bool(r.model.sleep_mode and getattr(r.adapter, "can_sleep", False) and need and need <= ram_left)
+
+    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str, asleep: bool) -> None:
+        """Stop (or put to sleep) one replica for dep; the preflight of dep's new replica
+        waits for it (``_after_stopped``)."""
         if victim.retiring:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
-        log.info(
-            "evicting %s for %s (%s): idle %.0fs, least recently used%s",
-            victim.name,
-            dep.model.name,
-            trigger,
-            idle,
-            f", priority {h.priority}" if h.priority else "",
-        )
-        key = (victim.model.name, trigger)
-        self.evictions[key] = self.evictions.get(key, 0) + 1
-        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; idle {idle:.0f}s)")
+        why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
+        to = "sleep" if asleep else "stop"
+        log.info("evicting %s for %s (%s): %s%s", victim.name, dep.model.name, trigger, why, "; to sleep" * asleep)
+        self.market.evicted(Eviction(victim.name, victim.model.name, to, dep.model.name, trigger, why, now()))
+        if asleep:
+
+            async def sleep() -> None:
+                try:
+                    await victim.sleep()
+                except Exception as exc:  # its state says the rest (a crash restarts it)
+                    log.warning("evicting %s to sleep failed: %s", victim.name, exc)
+
+            self._freeing(victim, sleep(), f"evict-sleep-{victim.name}")
+            return
+        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; {why})")
         owner = self.deployments[victim.model.name]
         if not owner.kept():
             owner.unloaded = True  # back on its next request, not by its min_replicas floor
 
     def _after_stopped(self, victims: list[Replica], then):
-        """A preflight that waits for the evicted replicas' engines to have stopped (their
-        memory freed) before the engine starts, then runs ``then`` (the store check)."""
+        """A preflight that waits for the evicted replicas' engines to have stopped or slept
+        (their memory freed) before the engine starts, then runs ``then`` (the store check)."""
         drains = [self._drains[v.name] for v in victims if v.name in self._drains]
 
         async def preflight() -> str | None:
@@ -682,7 +704,12 @@ class Supervisor:
 
         log.info("retiring replica %s (%s)", replica.name, reason)
         replica.retiring = True
-        task = asyncio.create_task(drain(), name=f"retire-{replica.name}", context=contextvars.Context())
+        self._freeing(replica, drain(), f"retire-{replica.name}")
+
+    def _freeing(self, replica: Replica, coro, name: str) -> None:
+        """Run the task that frees replica's capacity (a drain and stop, or a sleep): awaited
+        at shutdown, and by a replica that starts in its room (``_after_stopped``)."""
+        task = asyncio.create_task(coro, name=name, context=contextvars.Context())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
         self._drains[replica.name] = task
@@ -732,9 +759,13 @@ class Supervisor:
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
         sleeping = [r for r in live if r.state is State.SLEEPING]
-        if sleeping:
+        if sleeping and self.capacity.fits_on_its_gpus(sleeping[0]):
+            dep.loading_cause = "wake"  # cheaper than any cold start
             self._background(sleeping[0].wake(), f"wake-{sleeping[0].name}")
-        elif not live:
+            return
+        for r in sleeping:  # its GPU memory went to another model meanwhile: start afresh
+            self.retire(r, "asleep, and its GPU memory is in use by another model: started again instead")
+        if not live or sleeping:
             why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
             self.add_replica(dep, reason=why, evict=trigger)
 
@@ -766,7 +797,7 @@ class Supervisor:
                 self.retire(victim, d.reason)
         elif d.action == "sleep":
             for r in dep.replicas:
-                if r.state is State.READY:
+                if r.state is State.READY and self.capacity.may_sleep(r):  # its weights fit in host RAM
                     self._background(r.sleep(), f"sleep-{r.name}")
         elif d.action == "wake":
             self.on_demand(dep)
@@ -874,5 +905,28 @@ class Supervisor:
                     "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
                 }
                 for d in self.deployments.values()
-            ]
+            ],
+            "evictions": self.market.recent(),
         }
+
+    def gpu_holdings(self, inventory) -> dict[int, list[dict]]:
+        """Per GPU index, what each replica placed on it holds: reserved by the placer, and
+        used as NVML measures it once its engine runs (its whole process tree)."""
+        on_gpu: dict[int, list[dict]] = {}
+        by_index = {g.index: g for g in inventory.gpus}
+        for r in self.replicas():
+            if r.slot is None:
+                continue
+            pids = descendants(r.pid) if r.pid else set()
+            for i in r.slot.gpus:
+                gpu = by_index.get(i)
+                on_gpu.setdefault(i, []).append(
+                    {
+                        "replica": r.name,
+                        "state": r.state.value,
+                        "memory_fraction": r.slot.memory_fraction,
+                        "reserved_bytes": r.slot.bytes_per_gpu or None,
+                        "used_bytes": (gpu.used_by(pids) or None) if gpu is not None and pids else None,
+                    }
+                )
+        return on_gpu
