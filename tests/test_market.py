@@ -10,11 +10,16 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from appliance.config import parse_config
+from appliance.fleet.replica import State
 from appliance.fleet.supervisor import Supervisor
+from appliance.gpu.probe import GiB
 
+from . import make_tiny_gguf
 from .conftest import PY, ROOT
+from .test_eviction_supervision import fake_llama_server, gguf_model
 from .test_gpu_supervision import DATA, gpu_config, make_model
 
 
@@ -24,10 +29,10 @@ def two_gpus(tmp_path: Path) -> Path:
     return inv
 
 
-def vllm_model(tmp_path: Path, name: str, weights_gib: float) -> str:
+def vllm_model(tmp_path: Path, name: str, weights_gib: float, extra: str = "") -> str:
     source = make_model(tmp_path, name, weights_gib)
     return (f'[[models]]\nname = "{name}"\nserver = "vllm"\nsource = "{source}"\nkv_cache_tokens = 1024\n'
-            "[models.gpus]\ncount = 1\n")
+            f"{extra}[models.gpus]\ncount = 1\n")
 
 
 def worst_order_set(tmp_path: Path) -> str:
@@ -84,3 +89,141 @@ def test_when_the_whole_set_cannot_fit_plan_places_no_fewer_than_one_by_one(tmp_
     assert sum(r.assignment is not None for r in rows) == 4
     [refused] = [r for r in rows if r.error]
     assert "needs 49.6 GiB" in refused.error
+
+
+# --- the sleep tier (issue 17, point 3) -----------------------------------------------------
+
+
+def one_gpu_two_models(tmp_path: Path, host_ram_gib: float) -> str:
+    """One 80 GiB GPU with room for one of a and b (each ~42 GiB), a at boot, b at zero."""
+    inv = tmp_path / "one-gpu.toml"
+    inv.write_text('[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = 80\ncount = 1\n')
+    a = vllm_model(tmp_path, "a", 40, extra="sleep_mode = true\n")
+    b = vllm_model(tmp_path, "b", 40) + "[models.autoscaling]\nmin_replicas = 0\n"
+    text = gpu_config(tmp_path, a + b).replace(str(DATA / "inventory-8xh100.toml"), str(inv))
+    return text + f'[autoscaling]\nmin_residency = "0s"\n[capacity]\nhost_ram_gib = {host_ram_gib}\n'
+
+
+async def started(text: str) -> tuple[Supervisor, aiohttp.ClientSession]:
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(text), session)
+    sup.start()
+    await sup.deployment("a").replicas[0].wait_ready(30)
+    return sup, session
+
+
+async def test_an_idle_vllm_replica_is_evicted_to_sleep_in_host_ram_and_woken_in_place_for_its_next_request(
+    tmp_path,
+):
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        [a] = sup.deployment("a").replicas
+        pid = a.pid
+        b = await sup.deployment("b").acquire()
+        assert b.state is State.READY and b.slot.gpus == (0,)
+        assert a.state is State.SLEEPING and not a.retiring  # evicted to sleep, not stopped
+        [evicted] = sup.market.recent()
+        assert (evicted["replica"], evicted["to"], evicted["for_model"], evicted["trigger"]) == (
+            "a#0", "sleep", "b", "request")
+        budget = sup.cpu_budget()
+        assert [s["replica"] for s in budget["sleeping"]] == ["a#0"]
+        assert budget["host_ram_used_bytes"] == budget["sleeping"][0]["host_bytes"] >= 40 * GiB
+
+        # a's next request: its GPU is held by b (idle): b goes (no sleep mode: stopped), a wakes
+        # where it slept, the same engine process (no cold start).
+        again = await sup.deployment("a").acquire()
+        assert again is a and a.state is State.READY and a.pid == pid
+        assert [(e["replica"], e["to"]) for e in sup.market.recent()] == [("b#0", "stop"), ("a#0", "sleep")]
+        assert ("a", "evict") in sup.market.waits.series and ("b", "evict") in sup.market.waits.series
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_an_idle_vllm_replica_whose_weights_do_not_fit_in_host_ram_is_stopped_not_slept(tmp_path):
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=30))
+    try:
+        [a] = sup.deployment("a").replicas
+        b = await sup.deployment("b").acquire()
+        assert b.state is State.READY
+        assert a.retiring  # stopped: 40 GiB of weights do not fit in 30 GiB of host RAM
+        assert [(e["replica"], e["to"]) for e in sup.market.recent()] == [("a#0", "stop")]
+        assert sup.cpu_budget()["sleeping"] == []
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+# --- the CPU budget ------------------------------------------------------------------------------
+
+
+async def test_the_cpu_budget_defaults_to_the_cpus_the_daemon_may_run_on_not_the_machines_count(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    monkeypatch.setattr("os.cpu_count", lambda: 64)
+    cfg = parse_config(gpu_config(tmp_path, ""))
+    session = aiohttp.ClientSession()
+    try:
+        assert Supervisor(cfg, session).cpu_budget()["cores"] == 3
+    finally:
+        await session.close()
+
+
+# --- host RAM -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    make_tiny_gguf.main([str(path)])
+    return path
+
+
+def cpu_models(tmp_path: Path, tiny: Path, names: str, host_ram_gib: float, cores: int = 4) -> str:
+    models = "".join(gguf_model(n, tiny, gpus=0, threads=1) for n in names)
+    return (gpu_config(tmp_path, models) + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n'
+            f'[cpu]\ncores = {cores}\n[autoscaling]\nmin_residency = "0s"\n'
+            f"[capacity]\nhost_ram_gib = {host_ram_gib}\n")
+
+
+async def test_cpu_replicas_are_budgeted_by_host_ram_and_a_request_evicts_for_it(tmp_path, tiny):
+    """Cores for four, host RAM for one tiny model (~14 MiB): b stays at zero at boot, and
+    its request evicts a (it is idle) instead of overcommitting the RAM."""
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(cpu_models(tmp_path, tiny, "ab", host_ram_gib=0.02)), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        assert sup.deployment("b").replicas == []
+        budget = sup.cpu_budget()
+        assert budget["host_ram_bytes"] == int(0.02 * GiB) and budget["host_ram_used_bytes"] > 0
+        b = await sup.deployment("b").acquire()
+        assert b.state is State.READY and a.retiring
+        [evicted] = sup.market.recent()
+        assert (evicted["replica"], evicted["to"], evicted["for_model"]) == ("a#0", "stop", "b")
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a_cpu_replica(tmp_path, tiny):
+    """a sleeps with its 40 GiB of weights in host RAM; a budget of 40 GiB + 10 MiB leaves
+    no room for c on the CPU (~14 MiB): c's request stops the sleeping a."""
+    text = one_gpu_two_models(tmp_path, host_ram_gib=40.01).replace(
+        "[autoscaling]", gguf_model("c", tiny, gpus=0, threads=1)
+        + "[models.autoscaling]\nmin_replicas = 0\n"
+        + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n[autoscaling]')
+    sup, session = await started(text)
+    try:
+        [a] = sup.deployment("a").replicas
+        await a.sleep(timeout=10)
+        assert sup.cpu_budget()["host_ram_used_bytes"] >= 40 * GiB
+        c = await sup.deployment("c").acquire()
+        assert c.state is State.READY and a.retiring
+        [evicted] = sup.market.recent()
+        assert (evicted["replica"], evicted["to"], evicted["for_model"]) == ("a#0", "stop", "c")
+    finally:
+        await sup.stop()
+        await session.close()

@@ -253,14 +253,28 @@ class Capacity:
         rows = plan(self.cfg, inventory, replicas, placed=placed, ours=ours, measured=self.measured)
         return {row.replica: row for row in rows}
 
-    def fits_on_its_gpus(self, r: Replica) -> bool:
-        """A sleeping replica's memory is free again on its own GPUs (so it may wake there)."""
+    def fits_on_its_gpus(self, r: Replica, removed: frozenset[str] = frozenset()) -> bool:
+        """A sleeping replica's memory is free again on its own GPUs (so it may wake there),
+        once the replicas named in ``removed`` are gone."""
         if r.slot is None:
             return True
-        inventory, placed, ours = self.gpu_view(frozenset({r.name}))
+        inventory, placed, ours = self.gpu_view(removed | {r.name})
         free = free_bytes(gpus_from(inventory, ours), placed)
         need = reserved(r, inventory)
         return all(free.get(i, 0) >= need for i in r.slot.gpus)
+
+    def scarce_for_wake(self, r: Replica) -> Scarce:
+        """For eviction: the awake replicas on a sleeping replica's GPUs, and whether it may
+        wake there once some of them are gone."""
+        _, placed, _ = self.gpu_view()
+        mine = set(r.slot.gpus) if r.slot else set()
+        on_mine = {p.replica: p for p in placed if not p.sleeping and mine & set(p.gpus)}
+        holds = [
+            (o, {"gpus": o.slot.gpus, "bytes_per_gpu": on_mine[o.name].bytes_per_gpu})
+            for o in self.replicas()
+            if o.name in on_mine
+        ]
+        return Scarce("GPU memory", holds, lambda removed: self.fits_on_its_gpus(r, removed))
 
     # --- status --------------------------------------------------------------------------------
 

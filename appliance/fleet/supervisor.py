@@ -493,11 +493,15 @@ class Supervisor:
 
     # --- making room: demand-driven eviction ------------------------------------------------
 
-    def _make_room(self, dep: Deployment, trigger: str) -> list[Replica] | None:
-        """Room for one more replica of dep: [] when there is room already, the replicas
-        stopped (retired) for it when idle replicas of other models had to go, or None
-        (dep.no_room says who holds the room and why they stay)."""
-        scarce = self.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
+    def _make_room(self, dep: Deployment, trigger: str, waking: Replica | None = None) -> list[Replica] | None:
+        """Room for one more replica of dep (or for its sleeping replica ``waking`` on its
+        own GPUs): [] when there is room already, the replicas stopped or put to sleep for
+        it when idle replicas of other models had to go, or None (dep.no_room says who
+        holds the room and why they stay)."""
+        if waking is not None:
+            scarce = self.capacity.scarce_for_wake(waking)
+        else:
+            scarce = self.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
         if scarce is None:
             return []  # nothing to size it by: the placer will say why
         now = self.clock.monotonic()
@@ -505,7 +509,8 @@ class Supervisor:
         by_name = {r.name: r for r, _ in holders}
         decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now)
         if decided.never:
-            return []  # too big whatever goes: the placer says what is missing
+            # Too big whatever goes: the placer says what is missing (a sleeper starts afresh).
+            return [] if waking is None else None
         if not decided.fits:
             why = f"no room: {decided.explain(scarce.what)}"
             if why != dep.no_room:  # once per change, not once per held request or tick
@@ -759,15 +764,24 @@ class Supervisor:
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
         sleeping = [r for r in live if r.state is State.SLEEPING]
-        if sleeping and self.capacity.fits_on_its_gpus(sleeping[0]):
-            dep.loading_cause = "wake"  # cheaper than any cold start
-            self._background(sleeping[0].wake(), f"wake-{sleeping[0].name}")
-            return
-        for r in sleeping:  # its GPU memory went to another model meanwhile: start afresh
-            self.retire(r, "asleep, and its GPU memory is in use by another model: started again instead")
+        if sleeping:
+            # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
+            # another model took its memory meanwhile.
+            victims = self._make_room(dep, trigger, waking=sleeping[0])
+            if victims is not None:
+                dep.loading_cause = "evict" if victims else "wake"
+                self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
+                return
+            for r in sleeping:  # its GPUs are held by replicas that stay: start afresh elsewhere
+                self.retire(r, "asleep, and its GPU memory is held by another model: started again instead")
         if not live or sleeping:
             why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
             self.add_replica(dep, reason=why, evict=trigger)
+
+    async def _wake(self, r: Replica, victims: list[Replica]) -> None:
+        """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
+        await self._after_stopped(victims, None)()
+        await r.wake()
 
     def tick(self) -> list[Decision]:
         """One autoscaler pass over every model; carry out what it decides."""
