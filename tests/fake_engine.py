@@ -63,6 +63,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
+    p.add_argument("--sleep-delay", type=float, default=0.0, help="seconds vLLM's /sleep takes")
+    p.add_argument("--wake-delay", type=float, default=0.0, help="seconds vLLM's /wake_up takes")
     p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
     p.add_argument("--die-mid-stream", type=int, default=0,
                    help="exit(3) after sending this many chunks of a streamed answer")
@@ -395,11 +397,13 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.Response(text=text, content_type="text/plain")
 
     async def sleep(request: web.Request) -> web.Response:
+        await asyncio.sleep(args.sleep_delay)
         STATS["sleeping"] = True
         STATS["sleep_level"] = int(request.query.get("level", "1"))
         return web.Response()
 
     async def wake_up(request: web.Request) -> web.Response:
+        await asyncio.sleep(args.wake_delay)
         STATS["sleeping"] = False
         return web.Response()
 

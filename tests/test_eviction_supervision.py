@@ -103,21 +103,31 @@ def test_a_request_for_a_model_with_no_room_on_the_gpu_evicts_the_idle_one_and_i
     assert evictions(d) == {("a", "request"): 1.0, ("b", "request"): 1.0}
 
 
-def test_a_replica_with_a_request_in_flight_is_not_evicted_and_the_503_says_so(daemons, tmp_path, tiny):
+def test_a_replica_with_a_request_in_flight_is_not_evicted_the_request_for_another_model_waits_for_it(
+        daemons, tmp_path, tiny):
+    """Room held by a busy replica comes when its request ends: b's request is held (not
+    503'd), a is evicted only once idle, and b is answered."""
     d = gpu_daemon(daemons, tmp_path, tiny, a_extra='args = ["--latency", "4", "--latency-from", "2"]\n')
     import threading
+    import time
 
-    slow = threading.Thread(target=chat, args=(d, "a"))
-    slow.start()
+    finished = {}
+
+    def slow() -> None:
+        finished["status"] = chat(d, "a").status_code
+        finished["at"] = time.monotonic()
+
+    t = threading.Thread(target=slow)
+    t.start()
     wait_until(lambda: any(r["inflight"] for r in d.replicas("a")), 10, what="a request in flight on a")
     resp = chat(d, "b")
-    slow.join()
-    assert resp.status_code == 503 and resp.headers["Retry-After"]
-    message = resp.json()["error"]["message"]
-    assert resp.json()["error"]["code"] == "no_capacity"
-    assert "no room: GPU memory is held by a#0 (1 request in flight)" in message, message
-    assert evictions(d) == {}
-    assert [r["state"] for r in live(d, "a")] == ["READY"]
+    answered = time.monotonic()
+    t.join()
+    assert finished["status"] == 200  # a's request was served to its end
+    assert resp.status_code == 200, resp.text
+    assert answered >= finished["at"] - 0.5  # b was answered only after a's request ended
+    assert evictions(d) == {("a", "request"): 1.0}
+    assert re.search(r"cannot start b: no room: GPU memory is held by a#0 \(1 request in flight\)", d.log_text())
 
 
 def test_a_model_inside_its_residency_window_is_not_evicted(daemons, tmp_path, tiny):

@@ -94,14 +94,14 @@ def test_when_the_whole_set_cannot_fit_plan_places_no_fewer_than_one_by_one(tmp_
 # --- the sleep tier (issue 17, point 3) -----------------------------------------------------
 
 
-def one_gpu_two_models(tmp_path: Path, host_ram_gib: float) -> str:
+def one_gpu_two_models(tmp_path: Path, host_ram_gib: float, residency: str = "0s", sleeps: bool = True) -> str:
     """One 80 GiB GPU with room for one of a and b (each ~42 GiB), a at boot, b at zero."""
     inv = tmp_path / "one-gpu.toml"
     inv.write_text('[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = 80\ncount = 1\n')
-    a = vllm_model(tmp_path, "a", 40, extra="sleep_mode = true\n")
+    a = vllm_model(tmp_path, "a", 40, extra="sleep_mode = true\n" if sleeps else "")
     b = vllm_model(tmp_path, "b", 40) + "[models.autoscaling]\nmin_replicas = 0\n"
     text = gpu_config(tmp_path, a + b).replace(str(DATA / "inventory-8xh100.toml"), str(inv))
-    return text + f'[autoscaling]\nmin_residency = "0s"\n[capacity]\nhost_ram_gib = {host_ram_gib}\n'
+    return text + f'[autoscaling]\nmin_residency = "{residency}"\n[capacity]\nhost_ram_gib = {host_ram_gib}\n'
 
 
 async def started(text: str) -> tuple[Supervisor, aiohttp.ClientSession]:
@@ -224,6 +224,50 @@ async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a
         assert c.state is State.READY and a.retiring
         [evicted] = sup.market.recent()
         assert (evicted["replica"], evicted["to"], evicted["for_model"]) == ("a#0", "stop", "c")
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+# --- waiting for room, residency, thrash ------------------------------------------------------
+
+
+async def test_a_request_finding_room_inside_another_models_residency_is_held_until_it_ends_and_answered(tmp_path):
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency="2s", sleeps=False))
+    try:
+        [a] = sup.deployment("a").replicas
+        b = await sup.deployment("b").acquire()  # held (not 503): a was loaded less than 2 s ago
+        assert b.state is State.READY and a.retiring
+        assert sup.clock.monotonic() - a.ready_since >= 2.0  # evicted only once its window ended
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_residency_beyond_the_queue_timeout_answers_503_at_once_naming_the_holder(tmp_path):
+    from appliance.errors import NoCapacity
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency="1h", sleeps=False))
+    try:
+        with pytest.raises(NoCapacity, match=r"a#0 \(loaded \d+s ago, min_residency 3600s\)"):
+            await sup.deployment("b").acquire()
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_two_models_alternating_on_room_for_one_swap_no_faster_than_their_residency(tmp_path):
+    residency = 1.0
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency="1s", sleeps=False))
+    try:
+        for model in "babab":
+            replica = await sup.deployment(model).acquire()
+            with replica.lease():
+                pass
+        at = sorted(e["at"] for e in sup.market.recent())
+        assert len(at) == 5
+        # Each eviction waited for the model it evicted to have been loaded for its residency.
+        assert all(later - earlier >= residency - 0.05 for earlier, later in zip(at, at[1:], strict=False))
     finally:
         await sup.stop()
         await session.close()

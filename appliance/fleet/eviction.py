@@ -56,6 +56,11 @@ class Plan:
     # It would not fit even with every replica of other models gone: too big for the box,
     # which the placer says better than a list of holders.
     never: bool = False
+    # When it does not fit now but would once holders that are only busy (requests in
+    # flight or held) or recently loaded (inside min_residency) may go: the seconds until
+    # the soonest of them may (0: when a request ends). None: waiting does not help
+    # (pinned floors, higher priorities).
+    room_in: float | None = None
 
     def explain(self, what: str) -> str:
         """One line for an operator or a client: who holds ``what`` and why it stays."""
@@ -77,12 +82,14 @@ def plan(
     per_model: dict[str, int] = {}
     for h in holders:
         per_model[h.model] = per_model.get(h.model, 0) + 1
-    candidates, kept = [], []
+    candidates, kept, later = [], [], []
     for h in holders:
         if h.model == model:
             continue
         why = _why_kept(h, priority, now)
         (kept.append((h, why)) if why else candidates.append(h))
+        if why and h.priority <= priority:
+            later.append(h)  # busy or recently loaded: it may go later
     candidates.sort(key=lambda h: (h.priority, h.serving, h.last_used, -_index(h.replica), h.replica))
     room = {m: n - next(h.keep for h in holders if h.model == m) for m, n in per_model.items()}
     chosen: list[Holder] = []
@@ -95,12 +102,38 @@ def plan(
         if fits(frozenset(c.replica for c in chosen)):
             break
     else:
-        return Plan(kept=tuple(kept))
+        return Plan(kept=tuple(kept), room_in=_room_in(chosen, later, room, fits, now))
     for h in reversed(chosen[:-1]):  # the last one was needed: without it, it did not fit
         rest = frozenset(c.replica for c in chosen if c is not h)
         if fits(rest):
             chosen.remove(h)
     return Plan(victims=tuple(chosen), kept=tuple(kept), fits=True)
+
+
+def _room_in(
+    chosen: list[Holder],
+    later: list[Holder],
+    room: dict[str, int],
+    fits: Callable[[frozenset[str]], bool],
+    now: float,
+) -> float | None:
+    """Seconds until the holders that are only busy or recently loaded may go, if their
+    going (within their models' floors, beside the idle ones ``chosen``) would make room;
+    None if it would not."""
+    free = dict(room)  # what the floors still allow once the chosen idle ones are gone
+    going = list(chosen)
+    for h in sorted(later, key=lambda h: _lapse(h, now)):
+        if free[h.model] > 0:
+            free[h.model] -= 1
+            going.append(h)
+    if not later or not fits(frozenset(h.replica for h in going)):
+        return None
+    return min(_lapse(h, now) for h in later if h in going)
+
+
+def _lapse(h: Holder, now: float) -> float:
+    """Seconds until h's residency ends (0 when only its requests hold it)."""
+    return max(0.0, h.loaded_at + h.min_residency_s - now) if h.loaded_at else 0.0
 
 
 def _why_kept(h: Holder, priority: int, now: float) -> str | None:

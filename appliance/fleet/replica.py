@@ -164,6 +164,9 @@ class Replica:
         self.fatal_log_tail: list[str] = []
         self.inflight = 0
         self.ready_since = 0.0
+        # When the engine's own start or wake began (after any wait for room): READY minus
+        # this is what the engine took, the rest of a held request's wait is the daemon's.
+        self.loading_since = 0.0
         self.load: EngineLoad | None = None
         # GPU engines: where the placer put this replica; kept across restarts so a
         # crashed replica comes back on the same GPUs.
@@ -381,6 +384,7 @@ class Replica:
                 return
             if outcome == "done" and self._last_result:
                 raise CannotLaunch(str(self._last_result))  # the preflight refused: its reason
+        self.loading_since = self.clock.monotonic()  # the engine's own start begins (after the preflight)
         self._proc = await self._spawn()
         self.pid = self._proc.pid
         await self._until_ready()
@@ -492,6 +496,7 @@ class Replica:
             outcome = await self._race(self.adapter.sleep(self.session, self.base_url, timeout))
             new, reason = State.SLEEPING, "asleep: weights in host RAM, GPU memory freed"
         else:
+            self.loading_since = self.clock.monotonic()
             outcome = await self._race(self.adapter.wake(self.session, self.base_url, timeout))
             if outcome == "done":
                 probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=timeout)

@@ -41,6 +41,9 @@ from engines import GpuSlot, adapter_for
 
 log = logging.getLogger("appliance.supervisor")
 
+# A request held for room that replicas of other models still hold (busy, or inside their
+# residency) looks for it again this often.
+ROOM_POLL_S = 0.25
 # States from which a replica may still serve without the operator's help.
 LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
 CANNOT_PLACE = "cannot place on GPUs: "
@@ -66,6 +69,10 @@ class Deployment:
         # Why the last start for a request found no room (GPU memory or CPU cores held by
         # replicas that may not be evicted), for the 503; None once one starts.
         self.no_room: str | None = None
+        # ... and when room may come (replicas that are busy or inside their residency may
+        # go by then; appliance/fleet/eviction.Plan.room_in): None, waiting does not help.
+        self.room_in: float | None = None
+        self._room_polled = 0.0
         # What the replica being brought up for held requests costs: evict, wake or cold
         # (appliance/fleet/market.py); what their waits are counted under.
         self.loading_cause = "cold"
@@ -142,8 +149,10 @@ class Deployment:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
                         raise TimeoutError
-                    # With an exclusion, look again when it lapses even if no READY comes.
+                    # With an exclusion, look again when it lapses even if no READY comes;
+                    # waiting for room, look for it again shortly.
                     step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
+                    step = min(step, ROOM_POLL_S) if self.no_room else step
                     done, _ = await asyncio.wait(
                         [w for w in (waiter, gone) if w is not None], timeout=step, return_when=asyncio.FIRST_COMPLETED
                     )
@@ -160,14 +169,27 @@ class Deployment:
                 if replica is not None:
                     self.supervisor.market.waits.observe(self.model.name, self.loading_cause, loop.time() - held_at)
                     return replica
+                if self.no_room:
+                    self._look_for_room()
         except TimeoutError:
+            waited_for = f"; {self.no_room}" if self.no_room else ""
             raise QueueTimeout(
-                f"Model '{self.model.name}' did not become ready within {queue.timeout_s:.0f}s",
+                f"Model '{self.model.name}' did not become ready within {queue.timeout_s:.0f}s{waited_for}",
                 retry_after=self._retry_after(),
             ) from None
         finally:
             if gone is not None and not gone.done():
                 gone.cancel()
+
+    def _look_for_room(self) -> None:
+        """Held for room that others held: try to start again (at most every ROOM_POLL_S,
+        whatever the number held); NoCapacity once waiting cannot help any more."""
+        now = self.supervisor.clock.monotonic()
+        if now - self._room_polled >= ROOM_POLL_S:
+            self._room_polled = now
+            self.supervisor.on_demand(self)
+        if not self.can_become_ready():
+            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
 
     def wake_waiters(self) -> None:
         """A replica became READY: release the held requests, oldest first."""
@@ -181,13 +203,16 @@ class Deployment:
                 waiter.set_exception(error)
 
     def can_become_ready(self) -> bool:
-        """Some replica is or may become READY, or a new one may be started (never for a
+        """Some replica is or may become READY, or a new one may be started, now or once
+        replicas of other models that are busy or just loaded may be evicted (never for a
         blocked model)."""
         if self.blocked:
             return False
         if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
             return True
-        return self.supervisor.room_for(self) > 0 and not self.no_room
+        if self.no_room:  # the last start found no room: worth waiting if it comes in time
+            return self.room_in is not None and self.room_in < self.supervisor.cfg.queue.timeout_s
+        return self.supervisor.room_for(self) > 0
 
     def _why_unavailable(self) -> str:
         states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
@@ -452,7 +477,7 @@ class Supervisor:
             row, uuids = self._place(replica, ignoring, None if victims else (planned or {}).get(replica.name))
             if row.assignment is None:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
-                    dep.no_room = f"{CANNOT_PLACE}{row.error}"
+                    dep.no_room, dep.room_in = f"{CANNOT_PLACE}{row.error}", None
                     return None
                 if not dep.live():
                     # Nothing else can serve it: say why, as a FATAL replica in status.
@@ -470,7 +495,7 @@ class Supervisor:
         if victims:
             replica.preflight = self._after_stopped(victims, replica.preflight)
         dep.loading_cause = "evict" if victims else "cold"
-        dep.no_room = None
+        dep.no_room, dep.room_in = None, None
         dep.replicas.append(replica)
         log.info("adding replica %s (%s)", replica.name, reason)
         replica.start()
@@ -515,7 +540,7 @@ class Supervisor:
             why = f"no room: {decided.explain(scarce.what)}"
             if why != dep.no_room:  # once per change, not once per held request or tick
                 log.warning("cannot start %s: %s", dep.model.name, why)
-            dep.no_room = why
+            dep.no_room, dep.room_in = why, decided.room_in
             return None
         victims = [by_name[h.replica] for h in decided.victims]
         ram_left = self.capacity.host_ram() - self.capacity.host_used()
@@ -735,8 +760,9 @@ class Supervisor:
             if replica.slot is not None:
                 self._measure(replica)
             if dep is not None:
-                if event.old is State.STARTING and len(replica.history) > 1:
-                    dep.last_cold_start_s = round(event.at - replica.history[-2].at, 3)
+                if event.old is State.STARTING and replica.loading_since:
+                    # the engine's own start: from its spawn, not from a wait for room before it
+                    dep.last_cold_start_s = round(event.at - replica.loading_since, 3)
                 dep.wake_waiters()
         elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
@@ -802,8 +828,11 @@ class Supervisor:
         if self._stopping:
             return
         if d.action == "up":
+            # Requests held for a model at zero are what asks for its first replica, whoever
+            # (this tick or the held requests' own look for room) gets there first.
+            trigger = "request" if dep.waiters and not dep.live() else "scale_up"
             for _ in range(d.desired - d.current):
-                if self.add_replica(dep, reason=d.reason, evict="scale_up" if self._busy(dep) else None) is None:
+                if self.add_replica(dep, reason=d.reason, evict=trigger if self._busy(dep) else None) is None:
                     break
         elif d.action == "down":
             victim = self._victim(dep)

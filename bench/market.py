@@ -1,0 +1,338 @@
+"""Benchmark of the capacity market (issue 17): a request trace over N models with Zipf
+popularity, on GPUs with room for k < N of them, served three ways by the real supervisor
+(appliance/fleet/supervisor.py) and fake vLLM engines (tests/fake_engine.py) whose cold
+start, sleep and wake take the times given (measured here, not assumed):
+
+  none    today without eviction: nothing is ever evicted (min_residency beyond the run),
+          a model that does not fit answers 503;
+  swap    one model at a time (llama-swap's exclusive group): every model takes every GPU,
+          a request for another model stops the loaded one (no sleep, no residency);
+  market  each model on one GPU; idle replicas of other models evicted least recently used
+          first, to sleep in host RAM where it allows, woken in place for their next request.
+
+Printed per mode: requests, failed, the wait of requests held for a load (p50/p99) over
+the engine's own start or wake time (of the requests that caused a load), evictions per minute,
+and GPU memory utilisation
+(reserved by awake replicas, mean over the run); failed requests against `none`.
+
+Run from the repository root (no GPU needed):
+
+    .venv/bin/python bench/market.py [--models 6] [--gpus 2] [--duration 60] [--rate 2]
+        [--zipf 1.1] [--cold-start 3] [--wake 0.3] [--sleep 0.2] [--service 0.3]
+        [--residency 2] [--host-ram-gib 0] [--modes none,swap,market] [--trace FILE]
+
+--trace FILE: one request per line, "SECONDS MODEL" (MODEL: an index 0..N-1 or m<index>),
+or a JSON list of {"t": SECONDS, "model": ...}; replaces the generated trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import aiohttp  # noqa: E402
+
+from appliance.config import parse_config  # noqa: E402
+from appliance.errors import ApplianceError  # noqa: E402
+from appliance.fleet.replica import State, free_port  # noqa: E402
+from appliance.fleet.supervisor import Supervisor  # noqa: E402
+from appliance.gpu.probe import GiB  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKE = ROOT / "tests" / "fake_engine.py"
+GPU_GIB = 80
+WEIGHTS_GIB = 40  # + 2 GiB overhead and a small KV cache: one model per 80 GiB GPU
+
+
+# --- the trace --------------------------------------------------------------------------------
+
+
+def zipf_trace(models: int, duration: float, rate: float, s: float, seed: int) -> list[tuple[float, int]]:
+    """Poisson arrivals at ``rate`` per second; model i with probability ~ 1 / (i + 1)^s."""
+    rng = random.Random(seed)
+    weights = [1 / (i + 1) ** s for i in range(models)]
+    out, t = [], 0.0
+    while True:
+        t += rng.expovariate(rate)
+        if t >= duration:
+            return out
+        out.append((round(t, 3), rng.choices(range(models), weights)[0]))
+
+
+def read_trace(path: Path, models: int) -> list[tuple[float, int]]:
+    text = path.read_text()
+    if text.lstrip().startswith("["):
+        rows = [(float(r["t"]), r["model"]) for r in json.loads(text)]
+    else:
+        rows = [(float(t), m) for t, m in (line.split()[:2] for line in text.splitlines() if line.strip())]
+    out = []
+    for t, m in rows:
+        index = int(str(m).lstrip("m"))
+        if not 0 <= index < models:
+            raise SystemExit(f"{path}: model {m} is not one of the {models} models (--models)")
+        out.append((t, index))
+    return sorted(out)
+
+
+# --- the engines' own times ---------------------------------------------------------------------
+
+
+def engine_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        str(FAKE),
+        "--as-engine",
+        "vllm",
+        "--slow-start",
+        str(args.cold_start),
+        "--sleep-delay",
+        str(args.sleep),
+        "--wake-delay",
+        str(args.wake),
+        "--latency",
+        str(args.service),
+        "--latency-from",
+        "2",
+    ]
+
+
+def measure_engine(args: argparse.Namespace) -> dict[str, float]:
+    """Cold start (spawn to a health answer), sleep and wake of one fake engine."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [*engine_argv(args), "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        while True:
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.01)
+        cold = time.perf_counter() - start
+        times = {"cold": cold}
+        for name, path in (("sleep", "/sleep?level=1"), ("wake", "/wake_up")):
+            t = time.perf_counter()
+            urllib.request.urlopen(urllib.request.Request(f"{base}{path}", method="POST"), timeout=30).close()
+            times[name] = time.perf_counter() - t
+        return times
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- one mode -------------------------------------------------------------------------------------
+
+
+def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
+    inv = tmp / "inventory.toml"
+    inv.write_text(f'[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = {GPU_GIB}\ncount = {args.gpus}\n')
+    tp = args.gpus if mode == "swap" else 1
+    weights = tmp / f"weights-{tp}"
+    weights.mkdir()
+    (weights / "config.json").write_text(
+        json.dumps(
+            {
+                "num_hidden_layers": 32,
+                "num_attention_heads": 32,
+                "num_key_value_heads": 8,
+                "head_dim": 128,
+                "torch_dtype": "bfloat16",
+            }
+        )
+    )
+    with open(weights / "model.safetensors", "wb") as f:
+        f.truncate(WEIGHTS_GIB * tp * GiB)  # sparse: only the size matters
+    residency = {"none": "1000h", "swap": "0s", "market": f"{args.residency}s"}[mode]
+    host_ram = args.host_ram_gib or WEIGHTS_GIB * args.models
+    command = json.dumps(engine_argv(args))
+    text = (
+        f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
+        f'[gpu]\ninventory = "{inv}"\n[engines.vllm]\ncommand = {command}\noverhead_gib = 2\n'
+        "[supervisor]\nhealth_interval_s = 0.1\n"
+        f'[autoscaling]\nmin_residency = "{residency}"\n'
+        f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
+        f"[capacity]\nhost_ram_gib = {host_ram}\n"
+    )
+    for i in range(args.models):
+        text += (
+            f'[[models]]\nname = "m{i}"\nserver = "vllm"\nsource = "{weights}"\nkv_cache_tokens = 1024\n'
+            f"sleep_mode = {'true' if mode == 'market' else 'false'}\n[models.gpus]\ncount = {tp}\n"
+        )
+    return text
+
+
+@dataclass
+class Result:
+    mode: str
+    requests: int = 0
+    failed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
+    over: list[float] = field(default_factory=list)  # waits of requests that caused a load, over the engine's own time
+    evictions: int = 0
+    utilisation: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+async def run_mode(mode: str, trace: list[tuple[float, int]], own: dict[str, float], args) -> Result:
+    result = Result(mode)
+    with tempfile.TemporaryDirectory(prefix=f"market-{mode}-") as tmp:
+        cfg = parse_config(config_text(Path(tmp), mode, args))
+        session = aiohttp.ClientSession()
+        sup = Supervisor(cfg, session)
+        sup.start()
+        try:
+            await boot(sup)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            sampler = asyncio.create_task(sample(sup, result, args.gpus))
+            tasks = []
+            for at, model in trace:
+                delay = t0 + at - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(one_request(sup, f"m{model}", own, result)))
+            await asyncio.gather(*tasks)
+            result.seconds = loop.time() - t0
+            sampler.cancel()
+            result.evictions = sum(sup.market.evictions.values())
+        finally:
+            await sup.stop()
+            await session.close()
+    return result
+
+
+async def boot(sup: Supervisor) -> None:
+    """Wait until every replica started at boot is READY (or could not be placed)."""
+    for _ in range(600):
+        if all(r.state in (State.READY, State.FATAL) for r in sup.replicas()):
+            return
+        await asyncio.sleep(0.1)
+    raise SystemExit("boot replicas did not become ready within 60 s")
+
+
+async def sample(sup: Supervisor, result: Result, gpus: int) -> None:
+    total = gpus * GPU_GIB * GiB
+    while True:
+        _, placed, _ = sup.capacity.gpu_view()
+        used = sum(p.bytes_per_gpu * len(p.gpus) for p in placed if not p.sleeping)
+        result.utilisation.append(used / total)
+        await asyncio.sleep(0.25)
+
+
+async def one_request(sup: Supervisor, model: str, own: dict[str, float], result: Result) -> None:
+    result.requests += 1
+    dep = sup.deployment(model)
+    loop = asyncio.get_running_loop()
+    # It causes a load: nothing of its model is ready, and no request is held for one already.
+    caused = dep.pick_ready() is None and not dep.waiters
+    start = loop.time()
+    try:
+        replica = await dep.acquire()
+    except ApplianceError as exc:
+        result.failed += 1
+        result.reasons[exc.code] = result.reasons.get(exc.code, 0) + 1
+        return
+    waited = loop.time() - start
+    if caused:
+        # The engine's own time: from its spawn or wake request to READY (the time before,
+        # waiting for room, and after, handing the replica over, is the market's).
+        engine = replica.ready_since - replica.loading_since
+        result.over.append(waited - engine)
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    with replica.lease():
+        try:
+            async with replica.session.post(f"{replica.base_url}/v1/chat/completions", json=body) as resp:
+                await resp.read()
+                ok = resp.status == 200
+        except aiohttp.ClientError:
+            ok = False
+    if not ok:
+        result.failed += 1
+        result.reasons["engine"] = result.reasons.get("engine", 0) + 1
+
+
+# --- the table ------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], q: float) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0] * 1000:.0f}"
+    return f"{statistics.quantiles(values, n=100, method='inclusive')[q - 1] * 1000:.0f}"
+
+
+def table(results: list[Result], own: dict[str, float]) -> str:
+    base = next((r for r in results if r.mode == "none"), results[0])
+    lines = [
+        f"engine's own times (measured): cold start {own['cold']:.2f} s, sleep {own['sleep']:.2f} s, "
+        f"wake {own['wake']:.2f} s",
+        "| mode | requests | failed (vs none) | load waits | wait over own p50 / p99 ms | evictions/min "
+        "| GPU memory used (mean) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        ratio = f"{r.failed / base.failed:.2f}x" if base.failed else "-"
+        why = ", ".join(f"{k} {v}" for k, v in sorted(r.reasons.items()))
+        failed = f"{r.failed} ({ratio}{'; ' + why if why else ''})"
+        per_min = r.evictions / (r.seconds / 60) if r.seconds else 0.0
+        util = statistics.fmean(r.utilisation) if r.utilisation else 0.0
+        lines.append(
+            f"| {r.mode} | {r.requests} | {failed} | {len(r.over)} | {pct(r.over, 50)} / {pct(r.over, 99)} "
+            f"| {per_min:.1f} | {util:.0%} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", type=int, default=6, help="N models")
+    p.add_argument("--gpus", type=int, default=2, help="k GPUs, each with room for one model")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of generated trace")
+    p.add_argument("--rate", type=float, default=2.0, help="requests per second")
+    p.add_argument("--zipf", type=float, default=1.1, help="Zipf exponent of the models' popularity")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cold-start", type=float, default=3.0, help="the fake engine's seconds before listening")
+    p.add_argument("--wake", type=float, default=0.3, help="the fake engine's /wake_up seconds")
+    p.add_argument("--sleep", type=float, default=0.2, help="the fake engine's /sleep seconds")
+    p.add_argument("--service", type=float, default=0.3, help="seconds per answer")
+    p.add_argument("--residency", type=float, default=2.0, help="the market's min_residency, seconds")
+    p.add_argument("--host-ram-gib", type=float, default=0.0, help="0: room for every model asleep")
+    p.add_argument("--queue-timeout", type=float, default=120.0)
+    p.add_argument("--modes", default="none,swap,market")
+    p.add_argument("--trace", type=Path, default=None)
+    args = p.parse_args()
+    if not 0 < args.gpus < args.models:
+        p.error("the benchmark wants capacity for k < N models: 0 < --gpus < --models")
+    trace = (
+        read_trace(args.trace, args.models)
+        if args.trace
+        else zipf_trace(args.models, args.duration, args.rate, args.zipf, args.seed)
+    )
+    own = measure_engine(args)
+    print(
+        f"{len(trace)} requests over {args.models} models on {args.gpus} GPUs; load average {os.getloadavg()[0]:.2f}",
+        flush=True,
+    )
+    results = [asyncio.run(run_mode(mode, trace, own, args)) for mode in args.modes.split(",")]
+    print(table(results, own))
+
+
+if __name__ == "__main__":
+    main()
