@@ -147,6 +147,8 @@ class Capacity:
                     need = estimate_for(self.cfg, model, 1).weights
                 else:
                     path = model_path(self.cfg, model)
+                    if path is None:
+                        raise OSError("no model file")
                     est = estimate_gguf(path, model.context_length, model.cache_type_k, model.cache_type_v, 0, 1)
                     need = est.per_gpu[1]
             except (ModelShapeError, OSError, ValueError):
@@ -209,7 +211,7 @@ class Capacity:
             return None
         reserved = {p.replica: p for p in placed}
         holds = [
-            (r, {"gpus": r.slot.gpus, "bytes_per_gpu": reserved[r.name].bytes_per_gpu})
+            (r, {"gpus": reserved[r.name].gpus, "bytes_per_gpu": reserved[r.name].bytes_per_gpu})
             for r in self.replicas()
             if r.name in reserved and not reserved[r.name].sleeping
         ]
@@ -270,7 +272,7 @@ class Capacity:
         mine = set(r.slot.gpus) if r.slot else set()
         on_mine = {p.replica: p for p in placed if not p.sleeping and mine & set(p.gpus)}
         holds = [
-            (o, {"gpus": o.slot.gpus, "bytes_per_gpu": on_mine[o.name].bytes_per_gpu})
+            (o, {"gpus": on_mine[o.name].gpus, "bytes_per_gpu": on_mine[o.name].bytes_per_gpu})
             for o in self.replicas()
             if o.name in on_mine
         ]
@@ -308,10 +310,13 @@ class Capacity:
 def reserved(r: Replica, inventory: Inventory) -> int:
     """What a placed replica holds on each of its GPUs: what the placer reserved for it,
     else its fraction of the card."""
-    if r.slot.bytes_per_gpu:
-        return r.slot.bytes_per_gpu
-    total = max((g.total_bytes for g in inventory.gpus if g.index in r.slot.gpus), default=0)
-    return math.ceil(r.slot.memory_fraction * total)
+    slot = r.slot
+    if slot is None:
+        return 0
+    if slot.bytes_per_gpu:
+        return slot.bytes_per_gpu
+    total = max((g.total_bytes for g in inventory.gpus if g.index in slot.gpus), default=0)
+    return math.ceil(slot.memory_fraction * total)
 
 
 def next_indices(taken: set[int], count: int) -> list[int]:
