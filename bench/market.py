@@ -189,7 +189,7 @@ class Result:
     seconds: float = 0.0
 
 
-async def run_mode(mode: str, trace: list[tuple[float, int]], own: dict[str, float], args) -> Result:
+async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
     result = Result(mode)
     with tempfile.TemporaryDirectory(prefix=f"market-{mode}-") as tmp:
         cfg = parse_config(config_text(Path(tmp), mode, args))
@@ -206,7 +206,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], own: dict[str, flo
                 delay = t0 + at - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(one_request(sup, f"m{model}", own, result)))
+                tasks.append(asyncio.create_task(one_request(sup, f"m{model}", result)))
             await asyncio.gather(*tasks)
             result.seconds = loop.time() - t0
             sampler.cancel()
@@ -235,7 +235,7 @@ async def sample(sup: Supervisor, result: Result, gpus: int) -> None:
         await asyncio.sleep(0.25)
 
 
-async def one_request(sup: Supervisor, model: str, own: dict[str, float], result: Result) -> None:
+async def one_request(sup: Supervisor, model: str, result: Result) -> None:
     result.requests += 1
     dep = sup.deployment(model)
     loop = asyncio.get_running_loop()
@@ -330,7 +330,7 @@ def main() -> None:
         f"{len(trace)} requests over {args.models} models on {args.gpus} GPUs; load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
-    results = [asyncio.run(run_mode(mode, trace, own, args)) for mode in args.modes.split(",")]
+    results = [asyncio.run(run_mode(mode, trace, args)) for mode in args.modes.split(",")]
     print(table(results, own))
 
 

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from . import make_tiny_gguf
-from .conftest import FAKE_ENGINE, PY, engine_client, wait_until
+from .conftest import FAKE_ENGINE, PY, engine_client, pid_alive, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +248,32 @@ def test_a_cpu_replica_without_threads_runs_one_per_budgeted_core_not_one_per_ma
     wait_until(lambda: [r["state"] for r in live(d, "a")] == ["READY"], 30, what="a READY")
     threads, cpus = _engine_threads_and_cpus(live(d, "a")[0]["pid"])
     assert threads == 1 and len(cpus) == 1
+
+
+def test_a_daemon_killed_mid_eviction_restarts_to_a_consistent_state(daemons, tmp_path, tiny):
+    """SIGKILL while a (ignoring SIGTERM: its stop takes stop_grace_s) drains for b: no engine
+    outlives the daemon, and the restarted daemon holds a at its floor and b at zero, nothing
+    overcommitted; b's next request evicts a and is answered."""
+    import contextlib
+    import signal
+    import threading
+
+    d = gpu_daemon(daemons, tmp_path, tiny, a_extra='args = ["--ignore-sigterm"]\n')
+    [a] = live(d, "a")
+    def held_request() -> None:
+        with contextlib.suppress(httpx.HTTPError):  # the daemon is killed under it
+            chat(d, "b", 10)
+
+    threading.Thread(target=held_request, daemon=True).start()
+    wait_until(lambda: any(r["retiring"] for r in d.replicas("a")), 15, what="a evicted (draining)")
+    pids = {r["pid"] for m in "ab" for r in d.replicas(m) if r["pid"]}
+    d.terminate(signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in pids), 15, what="the engines gone with the daemon")
+
+    again = gpu_daemon(daemons, tmp_path, tiny, a_extra='args = ["--ignore-sigterm"]\n')
+    assert [r["state"] for r in live(again, "a")] == ["READY"] and live(again, "b") == []
+    gpus = httpx.get(f"{again.url}/admin/gpus", timeout=10).json()
+    [gpu] = gpus["gpus"]
+    assert [r["replica"] for r in gpu["replicas"] if r["state"] != "STOPPED"] == ["a#0"]
+    assert a["pid"] not in {r["pid"] for r in live(again, "a")}
+    assert chat(again, "b").status_code == 200

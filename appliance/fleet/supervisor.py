@@ -534,8 +534,10 @@ class Supervisor:
         by_name = {r.name: r for r, _ in holders}
         decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now)
         if decided.never:
-            # Too big whatever goes: the placer says what is missing (a sleeper starts afresh).
-            return [] if waking is None else None
+            if waking is not None:  # not even with every other replica gone: it starts afresh
+                dep.no_room, dep.room_in = None, None
+                return None
+            return []  # too big whatever goes: the placer says what is missing
         if not decided.fits:
             why = f"no room: {decided.explain(scarce.what)}"
             if why != dep.no_room:  # once per change, not once per held request or tick
@@ -798,6 +800,8 @@ class Supervisor:
                 dep.loading_cause = "evict" if victims else "wake"
                 self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
                 return
+            if dep.no_room and dep.room_in is not None and dep.room_in < self.cfg.queue.timeout_s:
+                return  # its GPUs free up once a request ends or a residency lapses: wait to wake
             for r in sleeping:  # its GPUs are held by replicas that stay: start afresh elsewhere
                 self.retire(r, "asleep, and its GPU memory is held by another model: started again instead")
         if not live or sleeping:
