@@ -62,8 +62,8 @@ class LlamaCppAdapter(LocalEngine):
         binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
         if slot is not None:
             threads = model.threads or GPU_THREADS
-        else:  # exactly the cores the supervisor budgeted, and is bound to (launched alone: all)
-            threads = len(cpus) or model.threads or max(1, os.cpu_count() or 1)
+        else:  # exactly the cores the supervisor budgeted, and is bound to (launched alone: all ours)
+            threads = len(cpus) or model.threads or max(1, len(os.sched_getaffinity(0)))
         argv = [
             binary,
             "--model",

@@ -536,13 +536,14 @@ class Replica:
                 with contextlib.suppress(BaseException):
                     if w is not None and w.cancelled():
                         await w
+        # Read even when another waiter wins with it (else: "exception never retrieved").
+        exc = work.exception() if work.done() and not work.cancelled() else None
         # An exit outranks whatever finished with it: a probe that passed just
         # before the engine died must not mark a dead replica READY.
         if exited is not None and exited in done:
             self._exit_code = exited.result()
             return "exited"
         if work in done:
-            exc = work.exception()
             if isinstance(exc, ProbeFailed):
                 return exc
             if exc is not None:
