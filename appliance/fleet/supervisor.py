@@ -340,6 +340,7 @@ class Supervisor:
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
+        self._waking: set[str] = set()  # sleeping replicas a wake is on its way to
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
         self._stopping = False
@@ -792,12 +793,15 @@ class Supervisor:
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
         sleeping = [r for r in live if r.state is State.SLEEPING]
+        if any(r.name in self._waking for r in sleeping):
+            return  # a wake is on its way
         if sleeping:
             # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
             # another model took its memory meanwhile.
             victims = self._make_room(dep, trigger, waking=sleeping[0])
             if victims is not None:
                 dep.loading_cause = "evict" if victims else "wake"
+                self._waking.add(sleeping[0].name)
                 self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
                 return
             if dep.no_room and dep.room_in is not None and dep.room_in < self.cfg.queue.timeout_s:
@@ -810,8 +814,11 @@ class Supervisor:
 
     async def _wake(self, r: Replica, victims: list[Replica]) -> None:
         """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
-        await self._after_stopped(victims, None)()
-        await r.wake()
+        try:
+            await self._after_stopped(victims, None)()
+            await r.wake()
+        finally:
+            self._waking.discard(r.name)
 
     def tick(self) -> list[Decision]:
         """One autoscaler pass over every model; carry out what it decides."""
