@@ -271,3 +271,18 @@ async def test_two_models_alternating_on_room_for_one_swap_no_faster_than_their_
     finally:
         await sup.stop()
         await session.close()
+
+
+async def test_load_does_not_report_success_while_the_room_is_still_held_and_says_when_to_retry(tmp_path):
+    from appliance.errors import NoCapacity
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency="30s", sleeps=False))
+    try:
+        with pytest.raises(NoCapacity, match=r"a#0 \(loaded \d+s ago, min_residency 30s\)") as raised:
+            sup.load("b")
+        assert 1 <= raised.value.retry_after <= 30
+        assert sup.deployment("b").replicas == []  # nothing started, nothing evicted
+        assert sup.market.recent() == []
+    finally:
+        await sup.stop()
+        await session.close()

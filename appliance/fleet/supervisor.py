@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import itertools
 import logging
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -801,6 +802,7 @@ class Supervisor:
             victims = self._make_room(dep, trigger, waking=sleeping[0])
             if victims is not None:
                 dep.loading_cause = "evict" if victims else "wake"
+                dep.no_room, dep.room_in = None, None
                 self._waking.add(sleeping[0].name)
                 self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
                 return
@@ -886,14 +888,16 @@ class Supervisor:
 
     def load(self, model: str) -> None:
         """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
-        saying why, when no replica can start."""
+        saying why, when no replica can start now (a load, unlike a request, is not held
+        for room that replicas of other models hold for now: Retry-After says when)."""
         dep = self.deployment(model)
         dep.rate.last_event = self.clock.monotonic()
         dep.unloaded = False
         if not dep.ready:
             self.on_demand(dep, trigger="load")
-            if not dep.can_become_ready():
-                raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
+            if dep.no_room or not dep.can_become_ready():
+                later = math.ceil(dep.room_in) if dep.no_room and dep.room_in is not None else None
+                raise NoCapacity(dep._why_unavailable(), retry_after=max(1, later or dep._retry_after()))
 
     def unload(self, model: str) -> None:
         """Down to zero now (drained); the next request starts it again."""
