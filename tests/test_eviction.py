@@ -106,3 +106,17 @@ def test_nothing_is_evicted_for_a_replica_that_could_never_fit():
     a, b = holder("a#0", last_used=1), holder("b#0", last_used=2)
     p = plan("huge", 0, [a, b], gpu_case(a, b, need_gib=90), NOW)
     assert p.never and not p.fits and p.victims == ()
+
+
+def test_room_held_only_for_now_says_when_it_may_come_and_room_held_for_good_says_none():
+    busy = holder("a#0", inflight=1)
+    assert plan("new", 0, [busy], gpu_case(busy, need_gib=60), NOW).room_in == 0.0  # when its request ends
+    fresh = holder("a#0", loaded_at=NOW - 5, min_residency_s=30)
+    assert plan("new", 0, [fresh], gpu_case(fresh, need_gib=60), NOW).room_in == 25.0
+    pinned = holder("a#0", keep=1)
+    assert plan("new", 0, [pinned], gpu_case(pinned, need_gib=60), NOW).room_in is None
+    high = holder("high#0", priority=5, inflight=1)
+    assert plan("new", 0, [high], gpu_case(high, need_gib=60), NOW).room_in is None
+    # Room needs both: the busy one and a pinned one that never goes: waiting cannot help.
+    a, b = holder("a#0", inflight=1), holder("b#0", keep=1)
+    assert plan("new", 0, [a, b], gpu_case(a, b, need_gib=80), NOW).room_in is None
