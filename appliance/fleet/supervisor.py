@@ -16,6 +16,7 @@ import contextvars
 import itertools
 import logging
 import math
+import re
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +49,7 @@ ROOM_POLL_S = 0.25
 # States from which a replica may still serve without the operator's help.
 LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
 CANNOT_PLACE = "cannot place on GPUs: "
+_DIGITS = re.compile(r"\d+")
 
 
 class Deployment:
@@ -542,7 +544,8 @@ class Supervisor:
             return []  # too big whatever goes: the placer says what is missing
         if not decided.fits:
             why = f"no room: {decided.explain(scarce.what)}"
-            if why != dep.no_room:  # once per change, not once per held request or tick
+            # Once per change of who holds it and why, not once per look or per second it ages.
+            if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
                 log.warning("cannot start %s: %s", dep.model.name, why)
             dep.no_room, dep.room_in = why, decided.room_in
             return None
