@@ -160,7 +160,9 @@ class _Rt:
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)
-        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}})()
+        from appliance.fleet.market import Market
+
+        self.supervisor = type("S", (), {"deployments": {}, "market": Market()})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 
