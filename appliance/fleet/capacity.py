@@ -23,7 +23,7 @@ import itertools
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.config import Config, ModelConfig, uses_gpus
@@ -73,8 +73,8 @@ class Scarce:
     pairs and whether the new one fits once the named replicas are gone."""
 
     what: str
-    holds: list[tuple[Replica, dict]] = field(default_factory=list)
-    fits: Callable[[frozenset[str]], bool] = lambda removed: True
+    holds: list[tuple[Replica, dict]]
+    fits: Callable[[frozenset[str]], bool]
 
 
 class Capacity:

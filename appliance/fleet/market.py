@@ -17,7 +17,6 @@ from dataclasses import asdict, dataclass
 RECENT = 50
 # Seconds: a wake takes a fraction of a second to a few, a cold start tens.
 WAIT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-CAUSES = ("evict", "wake", "cold")
 
 
 @dataclass(frozen=True)
