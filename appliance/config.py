@@ -275,6 +275,10 @@ class ModelConfig(_Section):
     # that is only health-checked.
     command: list[str] = msgspec.field(default_factory=list)
     url: str = ""
+    # openai engine: ready when a GET of this path (e.g. "/health") answers 200. Empty:
+    # /v1/models, then a 1-token completion (a 1-token chat completion from a server
+    # without /v1/completions).
+    health_path: str = ""
     # Extra engine arguments and environment, appended after the adapter's own.
     args: list[str] = msgspec.field(default_factory=list)
     env: dict[str, str] = msgspec.field(default_factory=dict)
@@ -695,6 +699,7 @@ def _validate(cfg: Config) -> None:
                 check_name(m.source[len(STORE_PREFIX) :])
             except StoreError as exc:
                 need(False, f"{at}.source", str(exc))
+        need(not m.health_path or m.server == "openai", f"{at}.health_path", "only an openai engine has one")
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
             need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")
@@ -713,6 +718,11 @@ def _validate(cfg: Config) -> None:
                     f"unknown builtin model {name!r}; the bundled one is {EMBEDDED_MODEL_NAME!r}",
                 )
         elif m.server == "openai":
+            need(
+                not m.health_path or bool(re.fullmatch(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/?", m.health_path)),
+                f"{at}.health_path",
+                f'{m.health_path!r} is not a URL path (like "/health": a leading /, no query, no dot segments)',
+            )
             need(
                 bool(m.command) != bool(m.url),
                 f"{at}",
