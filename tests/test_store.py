@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -427,3 +428,22 @@ def test_pull_downloads_through_the_hub_client_and_imports_the_snapshot(tmp_path
     assert (record.name, record.revision, record.license, record.source) == \
         ("org/model", "abc123", "MIT", "hub:org/model@abc123")
     assert [f["path"] for f in record.files] == ["README.md", "config.json"]
+
+
+def test_a_gguf_import_takes_the_license_its_header_declares(tmp_path):
+    # Before: the bundled GGUF imported as "license unknown" although its own header says
+    # general.license = apache-2.0; --license still overrides, and a header without one is unknown.
+    from appliance.config import builtin_model_path
+
+    bundled = builtin_model_path("smollm2-135m-instruct")
+    if not bundled.exists():
+        pytest.fail("run ./install.sh --dev first: the bundled model is missing")
+    src = tmp_path / "smol.gguf"
+    shutil.copyfile(bundled, src)
+    out = json.loads(run(tmp_path, "models", "import", str(src), "--json").stdout)[0]
+    assert out["license"] == "Apache-2.0"
+    told = json.loads(run(tmp_path, "models", "import", str(src), "--name", "smol-mit", "--license", "mit",
+                          "--json").stdout)[0]
+    assert told["license"] == "MIT"
+    bare = json.loads(run(tmp_path, "models", "import", str(gguf(tmp_path / "bare.gguf")), "--json").stdout)[0]
+    assert bare["license"] == "unknown"
