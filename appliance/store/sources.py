@@ -14,8 +14,8 @@ checked, so nothing swapped in meanwhile is read.
 from __future__ import annotations
 
 import base64
-import io
 import email.parser
+import io
 import json
 import os
 import re
