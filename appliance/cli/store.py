@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.options import CONFIG_HELP, load
+from appliance.cli.progress import QUIET_OPTION, ByteProgress
 from appliance.config import Config
 from appliance.dist.images import ENGINES, ImageError
 from appliance.store.store import Store, StoreError
@@ -67,7 +68,8 @@ def register(main: click.Group, models: click.Group) -> None:
 @click.option("--sha256", help="Expected sha256 of a single GGUF file.")
 @CONFIG_OPTION
 @JSON_OPTION
-def models_import(path, name, license_, sha256, config, as_json):
+@QUIET_OPTION
+def models_import(path, name, license_, sha256, config, as_json, quiet):
     """Import a model directory, GGUF file, model wheel or offline bundle into the store."""
     from appliance.store.sources import incoming_from
 
@@ -76,7 +78,8 @@ def models_import(path, name, license_, sha256, config, as_json):
         found = incoming_from(path, name=name, license=license_, sha256=sha256, expected_version=appliance_version())
         results = []
         for incoming in found:
-            record, evicted = store.add(incoming)
+            with ByteProgress(f"importing {incoming.name}", incoming.total_bytes, quiet=quiet) as progress:
+                record, evicted = store.add(incoming, progress)
             results.append((record, evicted))
     except StoreError as exc:
         raise _fail(exc) from None
@@ -123,12 +126,16 @@ def models_pull(repo, name, config, as_json):
 @click.argument("name", required=False)
 @CONFIG_OPTION
 @JSON_OPTION
-def models_verify(name, config, as_json):
+@QUIET_OPTION
+def models_verify(name, config, as_json, quiet):
     """Rehash every file of NAME (default: every model); a mismatch quarantines the model."""
     store = _store(config)
     try:
         names = [name] if name else [r.name for r in store.models()]
-        records = [store.verify(n) for n in names]
+        records = []
+        for n in names:
+            with ByteProgress(f"verifying {n}", store.need(n).total_bytes, quiet=quiet) as progress:
+                records.append(store.verify(n, throttle=progress))
     except StoreError as exc:
         raise _fail(exc) from None
     if as_json:

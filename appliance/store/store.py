@@ -140,8 +140,14 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], None] = _write_all) -> tuple[str, int]:
-    """Stream src into dest and hash it in the same pass (one read of the source)."""
+def copy_and_hash(
+    src: BinaryIO,
+    dest: Path,
+    write: Callable[[int, memoryview], None] = _write_all,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    """Stream src into dest and hash it in the same pass (one read of the source);
+    progress is told each chunk's size."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -152,6 +158,8 @@ def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], 
             h.update(view[:n])
             write(fd, view[:n])
             size += n
+            if progress is not None:
+                progress(n)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -197,11 +205,15 @@ class Throttle:
             raise Interrupted
 
 
+# Told the size of each chunk read: a Throttle paces the reads, a progress bar counts them.
+PerChunk = Callable[[int], None]
+
+
 class Hasher(Protocol):
-    def __call__(self, path: Path, throttle: Throttle | None = None) -> str: ...
+    def __call__(self, path: Path, throttle: PerChunk | None = None) -> str: ...
 
 
-def hash_file(path: Path, throttle: Throttle | None = None) -> str:
+def hash_file(path: Path, throttle: PerChunk | None = None) -> str:
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -439,9 +451,10 @@ class Store:
 
     # --- import ---------------------------------------------------------------
 
-    def add(self, incoming: Incoming) -> tuple[ModelRecord, list[str]]:
+    def add(self, incoming: Incoming, progress: Callable[[int], None] | None = None) -> tuple[ModelRecord, list[str]]:
         """Import a model; returns its record and the names evicted to make room. Models are
-        evicted only once the import is staged and checked: a bad one evicts nothing."""
+        evicted only once the import is staged and checked: a bad one evicts nothing.
+        progress is told the size of each chunk copied."""
         incoming.check()
         with self._writer():
             existing = self.get(incoming.name)
@@ -449,7 +462,7 @@ class Store:
             staging = self.root / ".staging" / uuid.uuid4().hex
             self._mkdir(staging)
             try:
-                hashed = self._stage(incoming, staging)
+                hashed = self._stage(incoming, staging, progress)
                 revision = incoming.revision or _content_revision(hashed)
                 if existing is not None:
                     if existing.revision == revision and {(f["path"], f["sha256"]) for f in existing.files} == set(
@@ -532,13 +545,15 @@ class Store:
                 f"cannot record model '{model['name']}' in {self.db_path}: {exc}; nothing was imported"
             ) from None
 
-    def _stage(self, incoming: Incoming, staging: Path) -> dict[str, str]:
+    def _stage(
+        self, incoming: Incoming, staging: Path, progress: Callable[[int], None] | None = None
+    ) -> dict[str, str]:
         hashed: dict[str, str] = {}
         for i, f in enumerate(incoming.files):
             dest = staging / f"{i}.blob"
             try:
                 with f.open() as src:
-                    digest, size = copy_and_hash(src, dest, self.write)
+                    digest, size = copy_and_hash(src, dest, self.write, progress)
             except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
                 raise StoreError(f"{incoming.source}: {f.path} is damaged or truncated: {exc}") from None
             except OSError as exc:
@@ -645,7 +660,7 @@ class Store:
             self.db["models"].update(name, values)
 
     def verify(
-        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: Throttle | None = None
+        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: PerChunk | None = None
     ) -> ModelRecord:
         """full: rehash every file; a model that matches again is ready again. Otherwise check
         sizes and rehash only the files whose stat fingerprint changed since they were last
@@ -673,7 +688,7 @@ class Store:
         return list(self.db["files"].rows_where("model = ?", [name], order_by="path"))
 
     def _check_file(
-        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: Throttle | None = None
+        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: PerChunk | None = None
     ) -> str:
         """What is wrong with one file ('' when nothing). rehash: True always, None when its
         fingerprint changed, False never (size only)."""
@@ -755,7 +770,7 @@ class Store:
                 best = (due, model, path)
         return best
 
-    def scrub_file(self, name: str, path: str, throttle: Throttle | None = None) -> str:
+    def scrub_file(self, name: str, path: str, throttle: PerChunk | None = None) -> str:
         """Rehash one file of a ready model whatever its fingerprint says; a mismatch
         quarantines the model. Returns the problem, '' when there is none."""
         record = self.get(name)
@@ -770,7 +785,7 @@ class Store:
             self._quarantine(name, problem)
         return problem
 
-    def admission(self, name: str, *, hash_changed: bool = True, throttle: Throttle | None = None) -> str | None:
+    def admission(self, name: str, *, hash_changed: bool = True, throttle: PerChunk | None = None) -> str | None:
         """Why the daemon must not serve this store model, or None when it may. Files whose
         fingerprint changed are rehashed first unless hash_changed is False (sizes only)."""
         try:
