@@ -447,3 +447,40 @@ def test_a_gguf_import_takes_the_license_its_header_declares(tmp_path):
     assert told["license"] == "MIT"
     bare = json.loads(run(tmp_path, "models", "import", str(gguf(tmp_path / "bare.gguf")), "--json").stdout)[0]
     assert bare["license"] == "unknown"
+
+
+def test_one_gguf_under_three_names_is_one_blob_and_each_name_survives_the_others(tmp_path):
+    # Before: three imports of one file took three copies (and three times the budget).
+    clock = iter(range(100, 1000))
+    store = Store(tmp_path / "cache", budget_bytes=int(1.5 * (1 << 20)), clock=lambda: next(clock))
+    f = gguf(tmp_path / "same.gguf", 1 << 20)
+
+    def add(name: str):
+        return store.add(Incoming(name, str(f), [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]))
+
+    for name in ("one", "two", "three"):
+        assert add(name)[1] == []  # within a budget for one copy: nothing evicted
+    blobs = {store.model_path(store.need(n)).resolve() for n in ("one", "two", "three")}
+    inodes = {(b.stat().st_dev, b.stat().st_ino) for b in blobs}
+    assert len(blobs) == 3 and len(inodes) == 1  # three names, one copy
+    # The sharing changed the blob's ctime, not its content: the recorded fingerprints follow,
+    # so no model is rehashed at its next check; a full verify still finds all of them right.
+    fingerprints = {row["fingerprint"] for row in store.db["files"].rows}
+    assert len(fingerprints) == 1 and None not in fingerprints
+    store.remove("one")
+    store.remove("two")
+    assert store.verify("three", full=True).state == "ready"
+    assert store.model_path(store.need("three")).read_bytes() == f.read_bytes()
+    assert not (tmp_path / "cache" / "hf" / "hub" / "models--one").exists()
+
+
+def test_a_shared_blob_that_changed_is_not_linked_again(tmp_path):
+    store = Store(tmp_path / "cache")
+    f = gguf(tmp_path / "m.gguf", 1 << 16)
+    src = [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]
+    store.add(Incoming("first", str(f), src))
+    blob = store.model_path(store.need("first")).resolve()
+    blob.chmod(0o640)  # a change to the first name's blob (its metadata): not as verified any more
+    store.add(Incoming("second", str(f), [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]))
+    second = store.model_path(store.need("second")).resolve()
+    assert second.stat().st_ino != blob.stat().st_ino  # a copy of its own
