@@ -399,6 +399,12 @@ class AuditConfig(_Section):
     # While the state database cannot be written (disk full), rows wait in memory;
     # beyond this many, requests get 503 state_write_failed.
     max_pending_rows: int = 100_000
+    # Retention (0: keep forever): rows older than this many days, and rows beyond the
+    # newest max_rows, are deleted every purge_interval in small batches, and the freed
+    # space goes back to the filesystem (appliance/access/retention.py).
+    retention_days: float = 0.0
+    max_rows: int = 0
+    purge_interval: Duration = Duration("1h")
 
 
 class GpuConfig(_Section):
@@ -780,6 +786,9 @@ def _validate_routes(cfg: Config, need) -> None:
     need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
     need(a.max_pending_rows >= a.flush_rows, "audit.max_pending_rows", "must be >= flush_rows")
+    need(a.retention_days >= 0, "audit.retention_days", "must not be negative (0: keep forever)")
+    need(a.max_rows >= 0, "audit.max_rows", "must not be negative (0: no limit)")
+    need(a.purge_interval.seconds >= 1, "audit.purge_interval", "must be at least 1s")
     bind = bind_error(cfg)
     if bind:
         need(False, "keys.required", bind.split(": ", 1)[1])

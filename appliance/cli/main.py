@@ -536,6 +536,9 @@ def _register_store_commands() -> None:
     from appliance.cli.export import export
 
     main.add_command(export)
+    from appliance.cli.audit import audit
+
+    main.add_command(audit)
 
 
 _register_store_commands()
