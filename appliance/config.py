@@ -282,9 +282,12 @@ class ModelConfig(_Section):
     # Extra engine arguments and environment, appended after the adapter's own.
     args: list[str] = msgspec.field(default_factory=list)
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    # llama.cpp: parallel decode slots and total context (shared by the slots).
+    # llama.cpp: parallel decode slots and total context (shared by the slots: each
+    # request gets context_length / parallel tokens, prompt and answer together), or the
+    # context each request gets (then context_length = context_per_request x parallel).
     parallel: int = 4
     context_length: int = 8192
+    context_per_request: int = 0
     threads: int = 0
     embeddings: bool = False
     # What the model is for: "chat" (chat, completions, responses, messages, infill),
@@ -624,7 +627,7 @@ def finalize(cfg: Config, origin: str) -> Config:
         cache_dir=cfg.paths.cache_dir or defaults.cache_dir,
         log_dir=cfg.paths.log_dir or defaults.log_dir,
     )
-    models = cfg.models or [embedded_default_model()]
+    models = [_with_request_context(m) for m in cfg.models or [embedded_default_model()]]
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
@@ -633,6 +636,18 @@ def finalize(cfg: Config, origin: str) -> Config:
     cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, origin=origin)
     _validate(cfg)
     return cfg
+
+
+def _with_request_context(m: ModelConfig) -> ModelConfig:
+    """llama.cpp's slots share its context: context_per_request set, the total is that x parallel."""
+    if m.context_per_request <= 0 or m.server != "llamacpp":
+        return m
+    return msgspec.structs.replace(m, context_length=m.context_per_request * m.parallel)
+
+
+def request_context(m: ModelConfig) -> int:
+    """The tokens one request may use, prompt and answer together."""
+    return m.context_length // m.parallel if m.server == "llamacpp" else m.context_length
 
 
 def _validate(cfg: Config) -> None:
@@ -697,6 +712,11 @@ def _validate(cfg: Config) -> None:
         )
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
+        need(
+            m.context_per_request == 0 or (m.context_per_request >= 64 and m.server == "llamacpp"),
+            f"{at}.context_per_request",
+            "must be >= 64, and only for llamacpp (whose slots share context_length; 0: not set)",
+        )
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         _validate_tasks(m, at, need)
