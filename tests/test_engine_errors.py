@@ -25,3 +25,19 @@ def test_llama_servers_context_error_names_context_length_parallel_and_the_numbe
 def test_other_engine_answers_are_relayed_as_they_are():
     assert explain(_model(), 200, LLAMA_400) is None
     assert explain(_model(), 400, b'{"error":{"message":"bad temperature"}}') is None
+
+
+def test_a_required_tool_on_a_template_without_tools_is_a_400_and_auto_is_left_alone():
+    import pytest
+
+    from appliance.errors import BadRequest
+    from appliance.gateway.capabilities import check_tools
+
+    cfg = parse_config("")  # the bundled SmolLM2: its template never mentions tools
+    model = cfg.models[0]
+    for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+        with pytest.raises(BadRequest, match="cannot call tools") as info:
+            check_tools(cfg, model, choice)
+        assert info.value.code == "tools_not_supported" and info.value.param == "tool_choice"
+    for choice in (None, "auto", "none"):
+        check_tools(cfg, model, choice)
