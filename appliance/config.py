@@ -282,12 +282,19 @@ class ModelConfig(_Section):
     # that is only health-checked.
     command: list[str] = msgspec.field(default_factory=list)
     url: str = ""
+    # openai engine: ready when a GET of this path (e.g. "/health") answers 200. Empty:
+    # /v1/models, then a 1-token completion (a 1-token chat completion from a server
+    # without /v1/completions).
+    health_path: str = ""
     # Extra engine arguments and environment, appended after the adapter's own.
     args: list[str] = msgspec.field(default_factory=list)
     env: dict[str, str] = msgspec.field(default_factory=dict)
-    # llama.cpp: parallel decode slots and total context (shared by the slots).
+    # llama.cpp: parallel decode slots and total context (shared by the slots: each
+    # request gets context_length / parallel tokens, prompt and answer together), or the
+    # context each request gets (then context_length = context_per_request x parallel).
     parallel: int = 4
     context_length: int = 8192
+    context_per_request: int = 0
     threads: int = 0
     embeddings: bool = False
     # What the model is for: "chat" (chat, completions, responses, messages, infill),
@@ -402,6 +409,12 @@ class AuditConfig(_Section):
     # While the state database cannot be written (disk full), rows wait in memory;
     # beyond this many, requests get 503 state_write_failed.
     max_pending_rows: int = 100_000
+    # Retention (0: keep forever): rows older than this many days, and rows beyond the
+    # newest max_rows, are deleted every purge_interval in small batches, and the freed
+    # space goes back to the filesystem (appliance/access/retention.py).
+    retention_days: float = 0.0
+    max_rows: int = 0
+    purge_interval: Duration = Duration("1h")
 
 
 class GpuConfig(_Section):
@@ -622,7 +635,7 @@ def finalize(cfg: Config, origin: str) -> Config:
         cache_dir=cfg.paths.cache_dir or defaults.cache_dir,
         log_dir=cfg.paths.log_dir or defaults.log_dir,
     )
-    models = cfg.models or [embedded_default_model()]
+    models = [_with_request_context(m) for m in cfg.models or [embedded_default_model()]]
     server = cfg.server
     if server.log_file:
         server = msgspec.structs.replace(server, log_file=str(Path(paths.log_dir) / server.log_file))
@@ -631,6 +644,18 @@ def finalize(cfg: Config, origin: str) -> Config:
     cfg = msgspec.structs.replace(cfg, server=server, paths=paths, models=models, origin=origin)
     _validate(cfg)
     return cfg
+
+
+def _with_request_context(m: ModelConfig) -> ModelConfig:
+    """llama.cpp's slots share its context: context_per_request set, the total is that x parallel."""
+    if m.context_per_request <= 0 or m.server != "llamacpp":
+        return m
+    return msgspec.structs.replace(m, context_length=m.context_per_request * m.parallel)
+
+
+def request_context(m: ModelConfig) -> int:
+    """The tokens one request may use, prompt and answer together."""
+    return m.context_length // m.parallel if m.server == "llamacpp" else m.context_length
 
 
 def _validate(cfg: Config) -> None:
@@ -696,6 +721,11 @@ def _validate(cfg: Config) -> None:
         )
         need(m.parallel >= 1, f"{at}.parallel", "must be >= 1")
         need(m.context_length >= 64, f"{at}.context_length", "must be >= 64")
+        need(
+            m.context_per_request == 0 or (m.context_per_request >= 64 and m.server == "llamacpp"),
+            f"{at}.context_per_request",
+            "must be >= 64, and only for llamacpp (whose slots share context_length; 0: not set)",
+        )
         need(m.threads >= 0, f"{at}.threads", "must not be negative")
         need(m.default_max_tokens >= 0, f"{at}.default_max_tokens", "must not be negative (0 = context_length)")
         _validate_tasks(m, at, need)
@@ -704,6 +734,7 @@ def _validate(cfg: Config) -> None:
                 check_name(m.source[len(STORE_PREFIX) :])
             except StoreError as exc:
                 need(False, f"{at}.source", str(exc))
+        need(not m.health_path or m.server == "openai", f"{at}.health_path", "only an openai engine has one")
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
             need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")
@@ -722,6 +753,11 @@ def _validate(cfg: Config) -> None:
                     f"unknown builtin model {name!r}; the bundled one is {EMBEDDED_MODEL_NAME!r}",
                 )
         elif m.server == "openai":
+            need(
+                not m.health_path or bool(re.fullmatch(r"(/[A-Za-z0-9_~-][A-Za-z0-9._~-]*)+/?", m.health_path)),
+                f"{at}.health_path",
+                f'{m.health_path!r} is not a URL path (like "/health": a leading /, no query, no dot segments)',
+            )
             need(
                 bool(m.command) != bool(m.url),
                 f"{at}",
@@ -779,6 +815,9 @@ def _validate_routes(cfg: Config, need) -> None:
     need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
     need(a.max_pending_rows >= a.flush_rows, "audit.max_pending_rows", "must be >= flush_rows")
+    need(a.retention_days >= 0, "audit.retention_days", "must not be negative (0: keep forever)")
+    need(a.max_rows >= 0, "audit.max_rows", "must not be negative (0: no limit)")
+    need(a.purge_interval.seconds >= 1, "audit.purge_interval", "must be at least 1s")
     bind = bind_error(cfg)
     if bind:
         need(False, "keys.required", bind.split(": ", 1)[1])

@@ -106,41 +106,93 @@ class EngineAdapter(Protocol):
         where it exposes one; raise ProbeFailed when unhealthy."""
 
 
+COMPLETIONS = "/v1/completions"
+CHAT = "/v1/chat/completions"
+# What a server without an endpoint answers (a chat-only server has no /v1/completions).
+ABSENT = (404, 405, 501)
+
+
 async def one_token_completion(session: aiohttp.ClientSession, base_url: str, model_name: str, timeout: float) -> None:
     """Readiness is a real 1-token completion answered, not an open port."""
-    body = {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
+    status, payload = await _one_token(session, base_url, COMPLETIONS, model_name, timeout)
+    if status != 200:
+        raise ProbeFailed(f"1-token completion answered {status}: {payload[:200]!r}")
+
+
+async def one_token_generation(session: aiohttp.ClientSession, base_url: str, model_name: str, timeout: float) -> str:
+    """A 1-token completion or, from a server without /v1/completions (many
+    OpenAI-compatible servers are chat-only), a 1-token chat completion; the path
+    that answered."""
+    status, payload = await _one_token(session, base_url, COMPLETIONS, model_name, timeout)
+    if status == 200:
+        return COMPLETIONS
+    if status not in ABSENT:
+        raise ProbeFailed(f"1-token completion answered {status}: {payload[:200]!r}")
+    chat_status, chat_payload = await _one_token(session, base_url, CHAT, model_name, timeout)
+    if chat_status != 200:
+        raise ProbeFailed(
+            f"no /v1/completions (HTTP {status}), and a 1-token chat completion answered "
+            f"{chat_status}: {chat_payload[:200]!r}"
+        )
+    return CHAT
+
+
+EMBEDDINGS = "/v1/embeddings"
+
+
+def _one_token_body(path: str, model_name: str) -> dict:
+    if path == CHAT:
+        return {"model": model_name, "messages": [{"role": "user", "content": "ok"}], "max_tokens": 1, "temperature": 0}
+    if path == EMBEDDINGS:
+        return {"model": model_name, "input": "ok"}
+    return {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
+
+
+async def _one_token(
+    session: aiohttp.ClientSession, base_url: str, path: str, model_name: str, timeout: float
+) -> tuple[int, bytes]:
     try:
         async with session.post(
-            f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
+            f"{base_url}{path}", json=_one_token_body(path, model_name), timeout=aiohttp.ClientTimeout(total=timeout)
         ) as resp:
-            payload = await resp.read()
-            if resp.status != 200:
-                raise ProbeFailed(f"1-token completion answered {resp.status}: {payload[:200]!r}")
+            return resp.status, await resp.read()
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ProbeFailed(f"1-token completion failed: {type(exc).__name__}: {exc}") from None
+        raise ProbeFailed(
+            f"1-token {'chat ' if path == CHAT else ''}completion failed: {type(exc).__name__}: {exc}"
+        ) from None
 
 
-async def refuses_anonymous(base_url: str, model_name: str, timeout: float) -> None:
-    """The engine must refuse a completion without its secret; one that answers
-    anyone is not started (CannotLaunch: FATAL, with the fix)."""
-    body = {"model": model_name, "prompt": "ok", "max_tokens": 1, "temperature": 0}
-    try:
-        async with (
-            aiohttp.ClientSession() as anonymous,
-            anonymous.post(
-                f"{base_url}/v1/completions", json=body, timeout=aiohttp.ClientTimeout(total=timeout)
-            ) as resp,
-        ):
-            status = resp.status
-    except (TimeoutError, aiohttp.ClientError, OSError):
-        return  # no answer at all: the health checks deal with an engine that is gone
-    if status not in (401, 403):
-        raise CannotLaunch(
-            f"the engine answered a completion sent without its key (HTTP {status}): it "
-            "does not enforce the per-replica key, so any local user could bypass the "
-            'appliance; a server = "openai" command must read $ENGINE_API_KEY or '
-            "--api-key-file {api_key_file} (docs/operations.md)"
-        )
+async def refuses_anonymous(
+    base_url: str, model_name: str, timeout: float, paths: tuple[str, ...] = (COMPLETIONS,)
+) -> None:
+    """The engine must refuse a request without its secret; one that answers anyone is
+    not started (CannotLaunch: FATAL, with the fix). Tried on each of paths in turn
+    while the server has no such endpoint (404/405/501); one that has none of them
+    cannot be checked, so it is not started either."""
+    async with aiohttp.ClientSession() as anonymous:
+        for path in paths:
+            try:
+                async with anonymous.post(
+                    f"{base_url}{path}",
+                    json=_one_token_body(path, model_name),
+                    timeout=aiohttp.ClientTimeout(total=timeout),
+                ) as resp:
+                    status = resp.status
+            except (TimeoutError, aiohttp.ClientError, OSError):
+                return  # no answer at all: the health checks deal with an engine that is gone
+            if status in (401, 403):
+                return
+            if status not in ABSENT:
+                raise CannotLaunch(
+                    f"the engine answered a request to {path} sent without its key (HTTP {status}): it "
+                    "does not enforce the per-replica key, so any local user could bypass the "
+                    'appliance; a server = "openai" command must read $ENGINE_API_KEY or '
+                    "--api-key-file {api_key_file} (docs/operations.md)"
+                )
+    raise CannotLaunch(
+        f"the engine has none of {', '.join(paths)}, so whether it refuses requests without its "
+        "key cannot be checked; serve one of them behind the key (docs/operations.md)"
+    )
 
 
 async def http_ok(session: aiohttp.ClientSession, url: str, timeout: float) -> None:

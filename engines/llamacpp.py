@@ -107,6 +107,12 @@ class LlamaCppAdapter(LocalEngine):
         tasks = tasks_of(model)
         if "embed" in tasks:
             argv.append("--embeddings")
+            if "chat" in tasks and "--pooling" not in model.args:
+                # A chat model's GGUF declares no pooling, and llama-server refuses
+                # OpenAI embeddings without one ("Pooling type 'none' is not OAI
+                # compatible"); mean pooling serves both. A dedicated embedding model
+                # (tasks = ["embed"]) keeps the pooling its GGUF declares.
+                argv += ["--pooling", "mean"]
         if "rerank" in tasks:
             argv.append("--reranking")
         argv += model.args

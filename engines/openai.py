@@ -14,7 +14,17 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from engines.base import GpuSlot, LaunchSpec, http_ok, one_token_completion, refuses_anonymous
+from appliance.config import tasks_of
+from engines.base import (
+    CHAT,
+    COMPLETIONS,
+    EMBEDDINGS,
+    GpuSlot,
+    LaunchSpec,
+    http_ok,
+    one_token_generation,
+    refuses_anonymous,
+)
 from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
@@ -84,9 +94,19 @@ class OpenAIAdapter:
     async def probe_ready(
         self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
     ) -> None:
-        await one_token_completion(session, base_url, model.name, timeout)
+        """Ready by what the server serves: its model.health_path answering 200; else
+        /v1/models, then (for a chat model) a 1-token completion, or a 1-token chat
+        completion from a chat-only server. A supervised server must then refuse a
+        request without its key, on the path that answered."""
+        path = None
+        if model.health_path:
+            await http_ok(session, f"{base_url}{model.health_path}", timeout)
+        else:
+            await http_ok(session, f"{base_url}/v1/models", timeout)
+            if "chat" in tasks_of(model):
+                path = await one_token_generation(session, base_url, model.name, timeout)
         if self.supervised(model):
-            await refuses_anonymous(base_url, model.name, timeout)
+            await refuses_anonymous(base_url, model.name, timeout, (path,) if path else (COMPLETIONS, CHAT, EMBEDDINGS))
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         # /v1/models is the one endpoint every OpenAI-compatible server has.

@@ -169,10 +169,36 @@ install_program() {  # dir spec...
       || program_failed "$dir" "$log" "creating the virtual environment"
   fi
   say "installing the appliance package with pip into $dir"
-  "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --prefer-binary "$@" >>"$log" 2>&1 \
+  heartbeat "installing the appliance package" "$log" \
+    "$dir/bin/python" -m pip install --quiet --disable-pip-version-check --prefer-binary "$@" \
     || program_failed "$dir" "$log" "installing the appliance package"
   grep -v "^WARNING: Location '.*' is ignored" "$log" | grep -i "warning\|error" | sed 's/^/install.sh: pip: /' || true
   rm -f "$log"
+}
+
+# Runs the command, its output appended to log; while it runs, a line every
+# $APPLIANCE_PROGRESS_S (30) s says it still does (pip from empty caches takes minutes,
+# with nothing to show). Its status is returned.
+heartbeat() {  # what log command...
+  local what=$1 log=$2 start pid rc=0
+  shift 2
+  start=$(date +%s)
+  "$@" >>"$log" 2>&1 &
+  pid=$!
+  while ! wait_for "$pid" "${APPLIANCE_PROGRESS_S:-30}"; do
+    say "$what: $(( $(date +%s) - start ))s elapsed"
+  done
+  wait "$pid" || rc=$?
+  return "$rc"
+}
+
+wait_for() {  # pid seconds: true once pid has exited, false after seconds
+  local i
+  for ((i = 0; i < $2 * 10; i++)); do
+    kill -0 "$1" 2>/dev/null || return 0
+    sleep 0.1
+  done
+  ! kill -0 "$1" 2>/dev/null
 }
 
 program_failed() {  # dir log what

@@ -77,6 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-report", action="store_true",
                    help="report cached prompt tokens like llama-server (cached_tokens, timings)")
     p.add_argument("--no-usage", action="store_true", help="never report usage")
+    p.add_argument("--no-completions", action="store_true", help="no /v1/completions (chat-only)")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -422,7 +423,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=[require_key])
     app.router.add_post("/v1/chat/completions", completion)
-    app.router.add_post("/v1/completions", completion)
+    if not args.no_completions:  # a chat-only OpenAI-compatible server
+        app.router.add_post("/v1/completions", completion)
     app.router.add_post("/v1/embeddings", embeddings)
     app.router.add_post("/v1/responses", dialect)
     app.router.add_post("/v1/messages", dialect)

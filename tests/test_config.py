@@ -226,3 +226,13 @@ def test_durations_are_parsed_once_at_load():
     model = cfg.models[0]
     assert (cfg.autoscaling.idle_ttl.seconds, model.autoscaling.min_residency.seconds) == (300, 90)
     assert str(cfg.autoscaling.idle_ttl) == "5m" and not model.autoscaling.scale_to_zero_after
+
+
+def test_context_per_request_sets_the_total_the_slots_share():
+    cfg = parse_config('[[models]]\nname = "m"\nsource = "builtin:smollm2-135m-instruct"\nparallel = 4\n'
+                       "context_per_request = 4096\n")
+    from appliance.config import request_context
+
+    assert cfg.models[0].context_length == 16384 and request_context(cfg.models[0]) == 4096
+    with pytest.raises(ConfigError, match=r"models\[0\]\.context_per_request"):
+        parse_config('[[models]]\nname = "m"\nsource = "builtin:smollm2-135m-instruct"\ncontext_per_request = 10\n')

@@ -138,3 +138,23 @@ def test_the_default_model_at_zero_answers_its_first_request(tmp_path):
         assert [r["state"] for r in d.replicas(MODEL)] == ["READY"]
     finally:
         factory.cleanup()
+
+
+def test_embeddings_on_the_bundled_model_answer_the_sdk_and_chat_still_works(tmp_path):
+    # Before: llama-server answered "Pooling type 'none' is not OAI compatible" until the
+    # operator found args = ["--pooling", "mean"].
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path)
+    try:
+        daemon = factory.start(f'[[models]]\nname = "{MODEL}"\nsource = "builtin:{MODEL}"\nembeddings = true\n',
+                               wait=False)
+        daemon.wait_ready(timeout=120)
+        sdk = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        vectors = sdk.embeddings.create(model=MODEL, input=["the cat sat", "on the mat"]).data
+        assert len(vectors) == 2 and len(vectors[0].embedding) > 100
+        assert vectors[0].embedding != vectors[1].embedding
+        answer = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert answer.choices[0].message.content
+    finally:
+        factory.cleanup()

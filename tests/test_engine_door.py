@@ -148,6 +148,6 @@ def test_an_engine_that_ignores_its_key_is_not_served(daemons):
         return replica if replica["state"] == "FATAL" else None
 
     replica = wait_until(fatal, 60, what="the open engine to go FATAL")
-    assert "answered a completion sent without its key" in replica["last_error"]
+    assert "answered a request to /v1/completions sent without its key" in replica["last_error"]
     assert "ENGINE_API_KEY" in replica["last_error"]
     assert not listening_tcp_ports(engine_processes(d))  # it was stopped, not left running

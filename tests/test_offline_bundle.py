@@ -51,6 +51,10 @@ def bundle(tmp_path_factory) -> Path:
     if made.returncode != 0 and "failed" in made.stderr and "download" in made.stderr.lower():
         pytest.skip(f"PyPI not reachable to make the bundle: {made.stderr.strip()}")
     assert made.returncode == 0, made.stderr
+    # Each part says when it is done and how long it took (issue 19: no long silences).
+    for part in ("the appliance's wheels", "the llamacpp engine's sources and wheels", "model smollm2",
+                 "the checksums and the archive"):
+        assert f"{part}: done in " in made.stdout + made.stderr, made.stdout
     return base / "appliance.tar"
 
 

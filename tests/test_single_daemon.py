@@ -5,9 +5,10 @@ a daemon killed with SIGKILL leaves no lock behind."""
 from __future__ import annotations
 
 import signal
+import socket
 import sqlite3
 
-from .conftest import fake_model
+from .conftest import DaemonFactory, fake_model
 
 
 def test_a_second_daemon_on_one_state_dir_exits_naming_the_first_and_a_crash_frees_it(daemons, tmp_path):
@@ -34,3 +35,40 @@ def test_a_second_daemon_on_one_state_dir_exits_naming_the_first_and_a_crash_fre
         resp = c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2})
     assert resp.status_code == 200
     assert (tmp_path / "state" / "daemon.lock").read_text().strip() == str(again.proc.pid)
+
+
+def test_a_second_daemon_on_a_used_port_exits_naming_the_first_and_binds_nothing(tmp_path):
+    # Granian binds with SO_REUSEPORT: without the claim the second daemon listened too
+    # and the kernel spread clients over two daemons with different configs.
+    first_home, second_home = tmp_path / "first", tmp_path / "second"
+    first_home.mkdir(), second_home.mkdir()
+    firsts, seconds = DaemonFactory(first_home), DaemonFactory(second_home)
+    try:
+        first = firsts.start(fake_model("first"))
+        second = seconds.start(fake_model("second"), port=first.port, wait=False)
+        assert second.proc.wait(timeout=60) != 0
+        lines = second.log_text().strip().splitlines()
+        assert len(lines) == 1, lines
+        assert f"port {first.port}" in lines[0] and f"pid {first.proc.pid}" in lines[0], lines[0]
+        assert str(first.config) in lines[0], lines[0]
+        assert not (second_home / "state" / "appliance.db").exists()  # started nothing
+        with first.client() as c:  # every connection reaches the first daemon
+            for _ in range(20):
+                models = c.get("/v1/models").json()["data"]
+                assert [m["id"] for m in models] == ["first"]
+    finally:
+        seconds.cleanup()
+        firsts.cleanup()
+
+
+def test_a_port_held_by_another_program_is_one_line_naming_the_port(daemons):
+    with socket.socket() as other:  # the worst case: a listener that allows port sharing
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        daemon = daemons.start(fake_model("fake"), port=port, wait=False)
+        assert daemon.proc.wait(timeout=60) != 0
+    lines = daemon.log_text().strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"port {port} on 127.0.0.1 is already in use by another program" in lines[0], lines[0]

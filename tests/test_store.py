@@ -8,6 +8,7 @@ import base64
 import hashlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import tarfile
@@ -427,3 +428,59 @@ def test_pull_downloads_through_the_hub_client_and_imports_the_snapshot(tmp_path
     assert (record.name, record.revision, record.license, record.source) == \
         ("org/model", "abc123", "MIT", "hub:org/model@abc123")
     assert [f["path"] for f in record.files] == ["README.md", "config.json"]
+
+
+def test_a_gguf_import_takes_the_license_its_header_declares(tmp_path):
+    # Before: the bundled GGUF imported as "license unknown" although its own header says
+    # general.license = apache-2.0; --license still overrides, and a header without one is unknown.
+    from appliance.config import builtin_model_path
+
+    bundled = builtin_model_path("smollm2-135m-instruct")
+    if not bundled.exists():
+        pytest.fail("run ./install.sh --dev first: the bundled model is missing")
+    src = tmp_path / "smol.gguf"
+    shutil.copyfile(bundled, src)
+    out = json.loads(run(tmp_path, "models", "import", str(src), "--json").stdout)[0]
+    assert out["license"] == "Apache-2.0"
+    told = json.loads(run(tmp_path, "models", "import", str(src), "--name", "smol-mit", "--license", "mit",
+                          "--json").stdout)[0]
+    assert told["license"] == "MIT"
+    bare = json.loads(run(tmp_path, "models", "import", str(gguf(tmp_path / "bare.gguf")), "--json").stdout)[0]
+    assert bare["license"] == "unknown"
+
+
+def test_one_gguf_under_three_names_is_one_blob_and_each_name_survives_the_others(tmp_path):
+    # Before: three imports of one file took three copies (and three times the budget).
+    clock = iter(range(100, 1000))
+    store = Store(tmp_path / "cache", budget_bytes=int(1.5 * (1 << 20)), clock=lambda: next(clock))
+    f = gguf(tmp_path / "same.gguf", 1 << 20)
+
+    def add(name: str):
+        return store.add(Incoming(name, str(f), [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]))
+
+    for name in ("one", "two", "three"):
+        assert add(name)[1] == []  # within a budget for one copy: nothing evicted
+    blobs = {store.model_path(store.need(n)).resolve() for n in ("one", "two", "three")}
+    inodes = {(b.stat().st_dev, b.stat().st_ino) for b in blobs}
+    assert len(blobs) == 3 and len(inodes) == 1  # three names, one copy
+    # The sharing changed the blob's ctime, not its content: the recorded fingerprints follow,
+    # so no model is rehashed at its next check; a full verify still finds all of them right.
+    fingerprints = {row["fingerprint"] for row in store.db["files"].rows}
+    assert len(fingerprints) == 1 and None not in fingerprints
+    store.remove("one")
+    store.remove("two")
+    assert store.verify("three", full=True).state == "ready"
+    assert store.model_path(store.need("three")).read_bytes() == f.read_bytes()
+    assert not (tmp_path / "cache" / "hf" / "hub" / "models--one").exists()
+
+
+def test_a_shared_blob_that_changed_is_not_linked_again(tmp_path):
+    store = Store(tmp_path / "cache")
+    f = gguf(tmp_path / "m.gguf", 1 << 16)
+    src = [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]
+    store.add(Incoming("first", str(f), src))
+    blob = store.model_path(store.need("first")).resolve()
+    blob.chmod(0o640)  # a change to the first name's blob (its metadata): not as verified any more
+    store.add(Incoming("second", str(f), [SourceFile(f.name, f.stat().st_size, lambda: open(f, "rb"))]))
+    second = store.model_path(store.need("second")).resolve()
+    assert second.stat().st_ino != blob.stat().st_ino  # a copy of its own

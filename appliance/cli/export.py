@@ -3,6 +3,7 @@ multi-node, KServe or llm-d, printed or written (appliance/export/ renders it)."
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -102,6 +103,7 @@ if TYPE_CHECKING:
     help="Kubernetes: replicas (default: the model's autoscaling.min_replicas, at least 1).",
 )
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: each file's name, mode and text (or path, with -o).")
 def export(
     model: str,
     target: str,
@@ -111,6 +113,7 @@ def export(
     gpu_gib: float | None,
     inventory: str | None,
     config: str | None,
+    as_json: bool,
     **options,
 ) -> None:
     """Render MODEL's deployment beyond this box, from its config, the store's manifest of its weights
@@ -130,13 +133,23 @@ def export(
     except ExportError as exc:
         raise click.ClickException(str(exc)) from None
     if output is None:
-        click.echo(rendered.document, nl=False)
+        if as_json:
+            files = [
+                {"name": name, "executable": name in rendered.executable, "text": text}
+                for name, text in rendered.files.items()
+            ]
+            click.echo(json.dumps({"model": model, "to": target, "main": rendered.main, "files": files}, indent=2))
+        else:
+            click.echo(rendered.document, nl=False)
         return
     try:
         written = write(rendered, Path(output), as_dir=output.endswith("/"))
     except OSError as exc:
         raise click.ClickException(f"cannot write {exc.filename or output}: {exc.strerror}") from None
-    click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
+    if as_json:
+        click.echo(json.dumps({"model": model, "to": target, "written": [str(p) for p in written]}, indent=2))
+    else:
+        click.echo(f"wrote {', '.join(str(p) for p in written)}", err=True)
 
 
 def write(rendered: Rendered, out: Path, as_dir: bool = False) -> list[Path]:

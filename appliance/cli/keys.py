@@ -66,14 +66,15 @@ def register(main: click.Group, load) -> None:
         "--budget-tokens", type=click.IntRange(min=0), default=0, help="Tokens per budget period (0: no budget)."
     )
     @click.option("--budget-period", type=click.Choice(PERIODS), default="day", show_default=True)
-    def create(config, name, routes, tag, rpm, budget_tokens, budget_period) -> None:
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON: the key's record, the key in 'key'.")
+    def create(config, name, routes, tag, rpm, budget_tokens, budget_period, as_json) -> None:
         """Create a key and print it once."""
         check_binding(config, routes, tag)
         s = store(config)
         key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
         s.close()
-        click.echo(token)
-        click.echo(f"key {key.id} ({name}) created; the key above is shown only this once", err=True)
+        click.echo(json.dumps({**key.public(), "key": token}, indent=2) if as_json else token)
+        click.echo(f"key {key.id} ({name}) created; the key is shown only this once", err=True)
 
     @keys.command("ls")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
@@ -98,11 +99,17 @@ def register(main: click.Group, load) -> None:
     @keys.command("revoke")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
     @click.argument("key_id")
-    def revoke(config, key_id) -> None:
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+    def revoke(config, key_id, as_json) -> None:
         """Revoke a key by its id (the running daemon refuses it within a second)."""
         s = store(config)
         ok = s.revoke(key_id.removeprefix("ak-").split("-")[0])
         s.close()
         if not ok:
             raise click.ClickException(f"no active key {key_id!r}")
-        click.echo(f"key {key_id} revoked at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        now = time.time()
+        if as_json:  # revoked_at as `keys ls --json` gives it
+            document = {"id": key_id.removeprefix("ak-").split("-")[0], "revoked": True, "revoked_at": now}
+            click.echo(json.dumps(document, indent=2))
+        else:
+            click.echo(f"key {key_id} revoked at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}")

@@ -35,6 +35,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     import msgspec
 
     from appliance.config import ConfigError, check_writable_dirs
+    from appliance.daemon.port_claim import PortBusy, claim_port
     from appliance.daemon.server import run
     from appliance.logs import setup_logging
     from appliance.state.lock import StateDirBusy, hold_state_dir
@@ -47,6 +48,9 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
         # The directories first, so an unwritable one is named with its field and fix.
         check_writable_dirs(cfg)
         lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
+        claim = claim_port(cfg.server.host, cfg.server.port, config=cfg.origin, state_dir=cfg.paths.state_dir)
+    except PortBusy as exc:
+        raise click.ClickException(str(exc)) from None
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     except StateDirBusy as exc:
@@ -60,6 +64,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     _check_files(cfg)
     _check_databases(cfg, migrate=True)
     code = run(cfg)
+    claim.close()
     lock.close()
     sys.exit(code)
 
@@ -531,6 +536,9 @@ def _register_store_commands() -> None:
     from appliance.cli.export import export
 
     main.add_command(export)
+    from appliance.cli.audit import audit
+
+    main.add_command(audit)
 
 
 _register_store_commands()

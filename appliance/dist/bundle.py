@@ -26,6 +26,7 @@ llama.cpp sdist as a file checked against its pinned sha256 (images/fetch_sdist.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -33,14 +34,14 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib.metadata import version as dist_version
 from pathlib import Path
 
 from appliance.config import Config, install_prefix
 from appliance.dist.images import definition, target_pip_args
-from appliance.store.store import Store, StoreError, copy_and_hash, hash_file
 from appliance.safe_paths import check_file_path, open_regular
+from appliance.store.store import Store, StoreError, copy_and_hash, hash_file
 
 FORMAT = 2
 # What the installer reads beside install.sh (install.sh's and systemd/install-*.sh's $here).
@@ -100,29 +101,44 @@ def create(cfg: Config, output: Path, *, engines: list[str], models: list[str],
         manifest = {"format": FORMAT, "appliance_version": dist_version("appliance"), "created": time.time(),
                     "engines": engines, "prebuilt": [], "models": []}
         _installer(work)
-        _appliance_wheels(work / "wheels", wheelhouse, log)
+        with _part(log, "the appliance's wheels"):
+            _appliance_wheels(work / "wheels", wheelhouse, log)
         pins = _pin_env()
-        _embedded_model(work / "embedded", pins, log)
+        with _part(log, "the bundled model"):
+            _embedded_model(work / "embedded", pins, log)
         for engine in engines:
-            _engine_wheelhouse(engine, work / "wheelhouses" / engine, pins, log)
+            with _part(log, f"the {engine} engine's sources and wheels"):
+                _engine_wheelhouse(engine, work / "wheelhouses" / engine, pins, log)
         if "llamacpp" in engines and prebuilt:
-            manifest["prebuilt"].append(_prebuilt_llama_server(prebuilt, work / "prebuilt" / "llamacpp", log))
+            with _part(log, f"the {prebuilt} llama-server"):
+                manifest["prebuilt"].append(_prebuilt_llama_server(prebuilt, work / "prebuilt" / "llamacpp", log))
         store = Store.from_config(cfg)
         for name in models:
-            manifest["models"].append(_model(store, name, work / "models", log))
+            with _part(log, f"model {name}"):
+                manifest["models"].append(_model(store, name, work / "models", log))
         (work / "bundle.json").write_text(json.dumps(manifest, indent=1))
-        sums = [f"{hash_file(p)}  {p.relative_to(work).as_posix()}"
-                for p in sorted(work.rglob("*")) if p.is_file()]
-        (work / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-        tmp = output.with_name(output.name + ".tmp")
-        with tarfile.open(tmp, "w") as tf:
-            for p in sorted(work.rglob("*")):
-                if p.is_file():
-                    tf.add(p, arcname=p.relative_to(work).as_posix())
-        os.replace(tmp, output)
+        with _part(log, "the checksums and the archive"):
+            sums = [f"{hash_file(p)}  {p.relative_to(work).as_posix()}"
+                    for p in sorted(work.rglob("*")) if p.is_file()]
+            (work / "SHA256SUMS").write_text("\n".join(sums) + "\n")
+            tmp = output.with_name(output.name + ".tmp")
+            with tarfile.open(tmp, "w") as tf:
+                for p in sorted(work.rglob("*")):
+                    if p.is_file():
+                        tf.add(p, arcname=p.relative_to(work).as_posix())
+            os.replace(tmp, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output
+
+
+@contextlib.contextmanager
+def _part(log: Callable[[str], None], what: str) -> Iterator[None]:
+    """One line when a part of the bundle is done, with how long it took (parts take from
+    seconds to many minutes: the operator sees which one the time goes to)."""
+    start = time.monotonic()
+    yield
+    log(f"{what}: done in {time.monotonic() - start:.0f}s")
 
 
 def _installer(dest: Path) -> None:

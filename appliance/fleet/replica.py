@@ -40,6 +40,9 @@ from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFaile
 
 log = logging.getLogger("appliance.replica")
 
+# A replica failing its readiness probe for longer than this says why (status and log).
+STARTING_QUIET_S = 10.0
+
 
 class State(enum.Enum):
     STOPPED = "STOPPED"
@@ -440,16 +443,32 @@ class Replica:
             probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=min(remaining, 30.0))
             outcome = await self._race(probe)
             if outcome == "done":
+                if self._said_starting:
+                    self.last_error, self._said_starting = "", 0.0  # it was the start's, now answered
                 return
             if outcome == "exited":
                 raise _Crash(self._exit_reason("exited while starting"))
             if isinstance(outcome, ProbeFailed):
                 last = str(outcome)
+                self._still_starting(sv.startup_timeout_s - remaining, last)
             # Poll often at first: a refused connection costs nothing, and a request
             # held for this replica waits for exactly this loop to notice it is up.
             # A long load (a 70B model) is polled less.
             elapsed = sv.startup_timeout_s - (deadline - self.clock.monotonic())
             await self._race(self.clock.sleep(0.02 if elapsed < 30 else 0.25))
+
+    _said_starting = 0.0  # seconds into the start when last_error last told why it is not ready
+
+    def _still_starting(self, elapsed: float, why: str) -> None:
+        """A start's refused connections for its first seconds are normal; after that the
+        replica says why it is not ready yet, in its status now and in the log each minute
+        (an external server that never answers the probe would otherwise wait silently)."""
+        if elapsed < STARTING_QUIET_S:
+            return
+        self.last_error = f"not ready after {elapsed:.0f}s: {why}"
+        if not self._said_starting or elapsed - self._said_starting >= 60:
+            self._said_starting = elapsed
+            log.warning("replica %s still STARTING after %.0fs: %s", self.name, elapsed, why)
 
     async def _watch(self) -> None:
         """While READY or SLEEPING: notice an exit or a run of failed health

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
 from appliance.errors import BadRequest
-from appliance.fleet.engine_traits import engine_of
+from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
@@ -29,7 +29,7 @@ from appliance.gateway.dialects import ANTHROPIC, LLAMACPP, OPENAI, RESPONSES, D
 from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
-    from appliance.config import ModelConfig
+    from appliance.config import Config, ModelConfig
 
 # What a model can be for: config.TASKS; "" (an endpoint's task): any model (tokenize, detokenize).
 
@@ -105,6 +105,22 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
         )
 
 
+def check_tools(cfg: Config, model: ModelConfig, tool_choice: object) -> None:
+    """A request that must call a tool (tool_choice "required" or a named function) on a
+    model whose chat template has no tools gets a 400: the engine would drop the tools
+    and answer in words, which the client reads as the model refusing its tool."""
+    if tool_choice != "required" and not isinstance(tool_choice, dict):
+        return
+    if serves_tools(cfg, model) is False:
+        raise BadRequest(
+            f"Model '{model.name}' cannot call tools: its chat template has no tool support, so "
+            "tool_choice 'required' or a named function cannot be honoured; use a model whose "
+            "template supports tools (or give llama.cpp one with --chat-template-file in its args)",
+            param="tool_choice",
+            code="tools_not_supported",
+        )
+
+
 def keeps_responses(model: ModelConfig) -> bool:
     """Whether the model's engine stores Responses (store, previous_response_id)."""
     return engine_of(model).responses_store
@@ -116,4 +132,15 @@ def serves(model: ModelConfig, name: str) -> bool:
     return endpoint.name in engine_of(model).endpoints and (not endpoint.task or endpoint.task in tasks_of(model))
 
 
-__all__ = ["ALL", "BY_NAME", "ENDPOINTS", "TASKS", "Endpoint", "check", "keeps_responses", "serves", "tasks_of"]
+__all__ = [
+    "ALL",
+    "BY_NAME",
+    "ENDPOINTS",
+    "TASKS",
+    "Endpoint",
+    "check",
+    "check_tools",
+    "keeps_responses",
+    "serves",
+    "tasks_of",
+]

@@ -54,6 +54,9 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 class ChatCompletionRequest(_Request):
     messages: list[ChatMessage]
+    # "none", "auto", "required", or {"type": "function", ...}: the latter two need a model
+    # whose template renders tools (gateway/capabilities.check_tools).
+    tool_choice: str | dict[str, Any] | None = None
     max_completion_tokens: int | None = None
 
 

@@ -23,6 +23,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 MAGIC = b"GGUF"
 MAX_STRING = 1 << 20  # a key or a string value longer than 1 MiB is not a header
@@ -197,8 +198,16 @@ def read(path: str | Path) -> GgufFile:
     path = Path(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            return _parse(path, _Reader(f, size))
+            return read_open(path, f)
+    except OSError as exc:
+        raise GgufError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def read_open(path: Path, f: BinaryIO) -> GgufFile:
+    """The header of f, a GGUF file already opened (and checked) as path."""
+    try:
+        f.seek(0)
+        return _parse(path, _Reader(f, os.fstat(f.fileno()).st_size))
     except OSError as exc:
         raise GgufError(f"cannot read {path}: {exc.strerror or exc}") from None
 

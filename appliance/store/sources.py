@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import email.parser
+import io
 import json
 import os
 import re
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.safe_paths import check_revision, identity, open_regular
+from appliance.store import gguf
 from appliance.store.store import Incoming, SourceFile, StoreError, check_name
 
 BUNDLE_MANIFEST = "bundle.json"
@@ -112,7 +114,19 @@ def from_gguf(p: Path, st: os.stat_result, name: str | None, sha256: str | None)
         name=name or p.stem.lower(),
         source=str(p.resolve()),
         files=[SourceFile(p.name, st.st_size, _opener(p, st), sha256)],
+        license=_gguf_license(p, st),
     )
+
+
+def _gguf_license(p: Path, st: os.stat_result) -> str:
+    """The file's own general.license (SPDX), "unknown" without one. (Its general.name is
+    not a name to store it under: often a training run's label; the file name is kept.)"""
+    try:
+        with io.BufferedReader(open_regular(p, identity(st))) as f:  # type: ignore[arg-type]
+            found = gguf.read_open(p, f).metadata.get("general.license")
+    except gguf.GgufError:
+        return "unknown"  # not a GGUF header: the store's checks say what is wrong with it
+    return spdx(found) if isinstance(found, str) else "unknown"
 
 
 def _opener(path: Path, st: os.stat_result):

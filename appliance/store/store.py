@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import sqlite3
+import stat
 import tarfile
 import threading
 import time
@@ -140,8 +141,14 @@ def _write_all(fd: int, data: memoryview) -> None:
         data = data[written:]
 
 
-def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], None] = _write_all) -> tuple[str, int]:
-    """Stream src into dest and hash it in the same pass (one read of the source)."""
+def copy_and_hash(
+    src: BinaryIO,
+    dest: Path,
+    write: Callable[[int, memoryview], None] = _write_all,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[str, int]:
+    """Stream src into dest and hash it in the same pass (one read of the source);
+    progress is told each chunk's size."""
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -152,6 +159,8 @@ def copy_and_hash(src: BinaryIO, dest: Path, write: Callable[[int, memoryview], 
             h.update(view[:n])
             write(fd, view[:n])
             size += n
+            if progress is not None:
+                progress(n)
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -197,11 +206,15 @@ class Throttle:
             raise Interrupted
 
 
+# Told the size of each chunk read: a Throttle paces the reads, a progress bar counts them.
+PerChunk = Callable[[int], None]
+
+
 class Hasher(Protocol):
-    def __call__(self, path: Path, throttle: Throttle | None = None) -> str: ...
+    def __call__(self, path: Path, throttle: PerChunk | None = None) -> str: ...
 
 
-def hash_file(path: Path, throttle: Throttle | None = None) -> str:
+def hash_file(path: Path, throttle: PerChunk | None = None) -> str:
     h = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -439,9 +452,10 @@ class Store:
 
     # --- import ---------------------------------------------------------------
 
-    def add(self, incoming: Incoming) -> tuple[ModelRecord, list[str]]:
+    def add(self, incoming: Incoming, progress: Callable[[int], None] | None = None) -> tuple[ModelRecord, list[str]]:
         """Import a model; returns its record and the names evicted to make room. Models are
-        evicted only once the import is staged and checked: a bad one evicts nothing."""
+        evicted only once the import is staged and checked: a bad one evicts nothing.
+        progress is told the size of each chunk copied."""
         incoming.check()
         with self._writer():
             existing = self.get(incoming.name)
@@ -449,7 +463,7 @@ class Store:
             staging = self.root / ".staging" / uuid.uuid4().hex
             self._mkdir(staging)
             try:
-                hashed = self._stage(incoming, staging)
+                hashed = self._stage(incoming, staging, progress)
                 revision = incoming.revision or _content_revision(hashed)
                 if existing is not None:
                     if existing.revision == revision and {(f["path"], f["sha256"]) for f in existing.files} == set(
@@ -460,8 +474,9 @@ class Store:
                         f"model '{incoming.name}' is already in the store (revision "
                         f"{existing.revision}); `appliance models rm {incoming.name}` first"
                     )
-                evicted = self._make_room(incoming.total_bytes, incoming.name)
-                self._publish(incoming.name, revision, hashed, staging)
+                sizes = {hashed[f.path]: f.size for f in incoming.files}
+                evicted = self._make_room(sizes, incoming.name)
+                self._publish(incoming.name, revision, hashed, staging, sizes)
             finally:
                 self.discard(staging)
             fmt = "gguf" if len(hashed) == 1 and next(iter(hashed)).endswith(".gguf") else "hf"
@@ -532,13 +547,15 @@ class Store:
                 f"cannot record model '{model['name']}' in {self.db_path}: {exc}; nothing was imported"
             ) from None
 
-    def _stage(self, incoming: Incoming, staging: Path) -> dict[str, str]:
+    def _stage(
+        self, incoming: Incoming, staging: Path, progress: Callable[[int], None] | None = None
+    ) -> dict[str, str]:
         hashed: dict[str, str] = {}
         for i, f in enumerate(incoming.files):
             dest = staging / f"{i}.blob"
             try:
                 with f.open() as src:
-                    digest, size = copy_and_hash(src, dest, self.write)
+                    digest, size = copy_and_hash(src, dest, self.write, progress)
             except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
                 raise StoreError(f"{incoming.source}: {f.path} is damaged or truncated: {exc}") from None
             except OSError as exc:
@@ -556,8 +573,9 @@ class Store:
             hashed[f.path] = digest
         return hashed
 
-    def _publish(self, name: str, revision: str, hashed: dict[str, str], staging: Path) -> None:
-        """Blobs into place (content-addressed: renaming one twice is harmless), then the
+    def _publish(self, name: str, revision: str, hashed: dict[str, str], staging: Path, sizes: dict[str, int]) -> None:
+        """Blobs into place (content-addressed: renaming one twice is harmless; content another
+        model keeps already is a second name of its blob, one copy per sha256), then the
         snapshot directory, built in staging, renamed into place in one step."""
         repo = self.root / repo_folder(name)
         blobs = repo / "blobs"
@@ -566,7 +584,7 @@ class Store:
         snap_tmp = staging / "snapshot"
         for i, (path, digest) in enumerate(hashed.items()):
             blob = blobs / digest
-            if not blob.exists():
+            if not blob.exists() and not self._link_shared(digest, sizes[digest], blob, name):
                 tmp = staging / f"{i}.blob"
                 self._own(tmp)
                 os.chmod(tmp, BLOB_MODE)
@@ -583,26 +601,34 @@ class Store:
         self._rename(snap_tmp, target)
         _fsync_dir(repo / "snapshots")
 
-    def _make_room(self, incoming: int, name: str) -> list[str]:
+    def _make_room(self, incoming: dict[str, int], name: str) -> list[str]:
+        """Evict least recently used models until incoming (sha256 -> size) fits the budget.
+        Bytes are counted once per sha256: content already in the store costs nothing more,
+        and evicting a model frees only the blobs no other model keeps."""
         if not self.budget_bytes:
             return []
         models = self.models()
-        used = sum(m.total_bytes for m in models)
-        if used + incoming <= self.budget_bytes:
+        used = _unique_bytes(models)
+        stored = {f["sha256"] for m in models for f in m.files}
+        needed = sum(size for digest, size in incoming.items() if digest not in stored)
+        if used + needed <= self.budget_bytes:
             return []
         candidates = sorted(
             (m for m in models if not m.pinned and not self.in_use(m.name)),
             key=lambda m: m.last_used_at or m.imported_at,
         )
-        plan, freed = [], 0
+        plan: list[ModelRecord] = []
+        freed = 0
         for m in candidates:
-            if used - freed + incoming <= self.budget_bytes:
+            if used - freed + needed <= self.budget_bytes:
                 break
             plan.append(m)
-            freed += m.total_bytes
-        if used - freed + incoming > self.budget_bytes:
+            kept = [k for k in models if k not in plan]
+            freed = used - _unique_bytes(kept)
+            needed = sum(size for digest, size in incoming.items() if digest not in _digests(kept))
+        if used - freed + needed > self.budget_bytes:
             raise StoreError(
-                f"not enough room for '{name}': it needs {_gib(incoming)}, the store budget is "
+                f"not enough room for '{name}': it needs {_gib(needed)}, the store budget is "
                 f"{_gib(self.budget_bytes)} with {_gib(used)} used and only {_gib(freed)} evictable "
                 "(pinned or in use models are kept); raise store.budget_gib or rm a model"
             )
@@ -610,6 +636,51 @@ class Store:
             self._delete(m.name)
             log.warning("evicted %s (%s, least recently used) to make room for %s", m.name, _gib(m.total_bytes), name)
         return [m.name for m in plan]
+
+    # --- blobs shared between models: one copy per sha256 -------------------------
+
+    def _blob_of(self, model: str, digest: str) -> Path:
+        return self.root / repo_folder(model) / "blobs" / _blob_name(digest)
+
+    def _link_shared(self, digest: str, size: int, dest: Path, name: str) -> bool:
+        """dest made a second name of the blob another ready model keeps with this content,
+        if that blob is still as it was verified (its fingerprint unchanged: a link never
+        spreads a changed file); False when there is none (the staged copy is used)."""
+        rows = self.db.execute(
+            "SELECT f.model, f.fingerprint FROM files f JOIN models m ON m.name = f.model "
+            "WHERE f.sha256 = ? AND f.size = ? AND f.model != ? AND m.state = ?",
+            [digest, size, name, READY],
+        ).fetchall()
+        for model, recorded in rows:
+            existing = self._blob_of(model, digest)
+            try:
+                st = existing.lstat()
+            except OSError:
+                continue
+            if recorded is None or not stat.S_ISREG(st.st_mode) or fingerprint(st) != recorded:
+                continue
+            try:
+                os.link(inside(self.root, existing), inside(self.root, dest), follow_symlinks=False)
+            except OSError:
+                return False  # another filesystem, or links not allowed: a copy of its own
+            self._refingerprint(digest, recorded, dest)
+            return True
+        return False
+
+    def _refingerprint(self, digest: str, before: str, blob: Path) -> None:
+        """A name added to a blob or removed from it changes its ctime, not its content: the
+        rows that recorded it as it was (before) get its new fingerprint, so that the models
+        sharing it are not all rehashed at their next start. Once the clock is past the new
+        ctime (as at import), else none: then it is hashed at its next check."""
+        try:
+            st = blob.lstat()
+        except OSError:
+            return
+        now = fingerprint(st) if self._clock_past(st.st_ctime_ns) else None
+        with self.db.conn:
+            self.db.execute(
+                "UPDATE files SET fingerprint = ? WHERE sha256 = ? AND fingerprint = ?", [now, digest, before]
+            )
 
     # --- everything else that writes ------------------------------------------
 
@@ -621,10 +692,30 @@ class Store:
             self._delete(name)
 
     def _delete(self, name: str) -> None:
+        shared = self._shared_blobs(name)
         with self.db.conn:
             self.db["files"].delete_where("model = ?", [name])
             self.db["models"].delete_where("name = ?", [name])
         self.discard(self.root / repo_folder(name))
+        for digest, (before, other) in shared.items():
+            self._refingerprint(digest, before, other)
+
+    def _shared_blobs(self, name: str) -> dict[str, tuple[str, Path]]:
+        """The model's blobs that other models keep too: sha256 -> (fingerprint now, another
+        model's name of it)."""
+        rows = self.db.execute(
+            "SELECT DISTINCT f.sha256, o.model FROM files f JOIN files o ON o.sha256 = f.sha256 "
+            "WHERE f.model = ? AND o.model != ?",
+            [name, name],
+        ).fetchall()
+        shared: dict[str, tuple[str, Path]] = {}
+        for digest, other in rows:
+            blob = self._blob_of(other, digest)
+            try:
+                shared[digest] = (fingerprint(blob.lstat()), blob)
+            except OSError:
+                continue
+        return shared
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.need(name)
@@ -645,7 +736,7 @@ class Store:
             self.db["models"].update(name, values)
 
     def verify(
-        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: Throttle | None = None
+        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: PerChunk | None = None
     ) -> ModelRecord:
         """full: rehash every file; a model that matches again is ready again. Otherwise check
         sizes and rehash only the files whose stat fingerprint changed since they were last
@@ -673,7 +764,7 @@ class Store:
         return list(self.db["files"].rows_where("model = ?", [name], order_by="path"))
 
     def _check_file(
-        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: Throttle | None = None
+        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: PerChunk | None = None
     ) -> str:
         """What is wrong with one file ('' when nothing). rehash: True always, None when its
         fingerprint changed, False never (size only)."""
@@ -755,7 +846,7 @@ class Store:
                 best = (due, model, path)
         return best
 
-    def scrub_file(self, name: str, path: str, throttle: Throttle | None = None) -> str:
+    def scrub_file(self, name: str, path: str, throttle: PerChunk | None = None) -> str:
         """Rehash one file of a ready model whatever its fingerprint says; a mismatch
         quarantines the model. Returns the problem, '' when there is none."""
         record = self.get(name)
@@ -770,7 +861,7 @@ class Store:
             self._quarantine(name, problem)
         return problem
 
-    def admission(self, name: str, *, hash_changed: bool = True, throttle: Throttle | None = None) -> str | None:
+    def admission(self, name: str, *, hash_changed: bool = True, throttle: PerChunk | None = None) -> str | None:
         """Why the daemon must not serve this store model, or None when it may. Files whose
         fingerprint changed are rehashed first unless hash_changed is False (sizes only)."""
         try:
@@ -841,6 +932,15 @@ def _content_revision(hashed: dict[str, str]) -> str:
     for path, digest in sorted(hashed.items()):
         h.update(f"{path}\0{digest}\n".encode())
     return h.hexdigest()[:40]
+
+
+def _unique_bytes(models: list[ModelRecord]) -> int:
+    """What the models take on disk: each sha256 once."""
+    return sum({f["sha256"]: f["size"] for m in models for f in m.files}.values())
+
+
+def _digests(models: list[ModelRecord]) -> set[str]:
+    return {f["sha256"] for m in models for f in m.files}
 
 
 def _blob_name(digest: object) -> str:

@@ -1,0 +1,125 @@
+"""One daemon per port: a second `appliance serve` on a port in use exits with one line.
+
+Granian binds its listener with SO_REUSEPORT (on Linux, so that its workers can share
+it), so a second daemon run by the same user on the same port would bind too, and the
+kernel would spread clients over two daemons with different models and policies. Before
+anything starts, `serve` therefore:
+
+1. claims the port in the abstract UNIX socket namespace (``\\0appliance-port:HOST:PORT``,
+   per network namespace like the port itself, no file to leave behind, dropped by the
+   kernel when the holder dies, SIGKILL included). The holder answers whoever connects
+   with one JSON line naming its pid, config and state directory, so the second daemon's
+   error can name them;
+2. binds the TCP address once WITHOUT SO_REUSEPORT and lets it go: a listener of any
+   other program (or of an appliance of another version) makes that bind fail.
+
+Granian binds right after; the claim, held for the daemon's life, keeps another
+appliance from slipping in between.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import struct
+import threading
+from dataclasses import dataclass
+
+
+class PortBusy(Exception):
+    """One line: which address and port, who holds it if known, what to do."""
+
+
+@dataclass
+class PortClaim:
+    sock: socket.socket
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def claim_port(host: str, port: int, *, config: str, state_dir: str) -> PortClaim:
+    """The held claim (keep it for the daemon's life), or PortBusy."""
+    name = f"\0appliance-port:{host}:{port}"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # close-on-exec: engines don't hold it
+    try:
+        sock.bind(name)
+    except OSError as exc:
+        sock.close()
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        raise PortBusy(
+            f"{_where(host, port)} is already in use by another appliance daemon ({_holder(name)}); "
+            "stop it first, or give this one its own server.port"
+        ) from None
+    try:
+        _probe_tcp(host, port)
+    except BaseException:
+        sock.close()
+        raise
+    sock.listen(8)
+    me = json.dumps({"pid": os.getpid(), "config": config, "state_dir": state_dir}).encode() + b"\n"
+    threading.Thread(target=_answer, args=(sock, me), name="port-claim", daemon=True).start()
+    return PortClaim(sock)
+
+
+def _probe_tcp(host: str, port: int) -> None:
+    """Bind host:port as an exclusive listener would, and let it go at once."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise PortBusy(f"server.host {host!r} does not resolve: {exc.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        # SO_REUSEADDR: a port whose last connections sit in TIME_WAIT is free; a listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind(addr)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortBusy(
+                f"{_where(host, port)} is already in use by another program; "
+                "stop it, or set server.port (or --port) to a free port"
+            ) from None
+        raise PortBusy(f"cannot bind {_where(host, port)}: {exc.strerror}") from None
+    finally:
+        probe.close()
+
+
+def _where(host: str, port: int) -> str:
+    return f"port {port} on {host}"
+
+
+def _answer(sock: socket.socket, me: bytes) -> None:
+    """Tell whoever asks who holds the port (until the claim is closed)."""
+    while True:
+        try:
+            conn, _ = sock.accept()
+        except OSError:
+            return  # closed: the daemon is exiting
+        with conn:
+            conn.settimeout(1.0)
+            try:
+                conn.sendall(me)
+            except OSError:
+                pass
+
+
+def _holder(name: str) -> str:
+    """'pid N, config F, state directory D' of the daemon holding the claim, as far as known."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(2.0)
+        try:
+            conn.connect(name)
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+            pid = struct.unpack("3i", creds)[0]
+            line = conn.makefile("rb").readline(4096)
+        except OSError:
+            return "pid unknown"
+    try:
+        said = json.loads(line)
+        return f"pid {pid}, config {said['config']}, state directory {said['state_dir']}"
+    except (ValueError, KeyError, TypeError):
+        return f"pid {pid}"

@@ -1,0 +1,101 @@
+"""Audit retention (issue 21): exactly the rows older than retention_days or beyond the
+newest max_rows are deleted, in batches, the file shrinks (incremental vacuum), the
+budget ledger is never touched; `appliance audit export` streams JSON lines or CSV
+between two times with the key id, never the key."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+
+import pytest
+
+from appliance.access.audit import COLUMNS
+from appliance.access.retention import ensure_incremental_vacuum, iso, purge
+from appliance.config import ConfigError, parse_config
+from appliance.state.db import connect, path_in
+
+from .conftest import PY, ROOT
+
+DAY = 86400.0
+NOW = 1_800_000_000.0
+
+
+def _fill(db, stamps: list[float], text: str = "") -> None:
+    rows = [(ts, f"req-{i}", "k1", None, "m", "chat", "m#0", 200, 3, 4, 1.0, None, None, text or None, None)
+            for i, ts in enumerate(stamps)]
+    db.execute("BEGIN")
+    db.executemany(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+    db.execute("INSERT INTO usage_ledger (key_id, period_start, tokens) VALUES ('k1', 0, 7)")
+    db.execute("COMMIT")
+
+
+def _ids(db) -> list[str]:
+    return [r[0] for r in db.execute("SELECT request_id FROM audit ORDER BY id")]
+
+
+def test_retention_deletes_exactly_the_old_rows_in_batches_and_keeps_the_ledger(tmp_path):
+    db = connect(tmp_path / "appliance.db")
+    # Ten rows a day apart, the newest one day old: retention 4.5 days keeps the 4 newest.
+    _fill(db, [NOW - (10 - i) * DAY for i in range(10)])
+    pauses = []
+    purged = purge(db, retention_days=4.5, max_rows=0, now=NOW, batch=2, pause=lambda: pauses.append(1))
+    assert purged.by_age == 6 and purged.by_count == 0
+    assert _ids(db) == ["req-6", "req-7", "req-8", "req-9"]
+    assert len(pauses) == 3  # 6 rows in batches of 2: the hot path gets the lock between them
+    assert db.execute("SELECT tokens FROM usage_ledger").fetchone() == (7,)
+    # max_rows keeps the newest N, whatever their age.
+    assert purge(db, retention_days=0, max_rows=3, now=NOW).by_count == 1
+    assert _ids(db) == ["req-7", "req-8", "req-9"]
+    assert purge(db, retention_days=0, max_rows=3, now=NOW) == purge(db, retention_days=0, max_rows=0, now=NOW)
+
+
+def test_the_database_file_shrinks_after_a_purge(tmp_path):
+    path = tmp_path / "appliance.db"
+    db = connect(path)
+    _fill(db, [NOW - 30 * DAY] * 5000, text="x" * 2000)  # ~10 MB of old rows with their text
+    assert ensure_incremental_vacuum(db) and not ensure_incremental_vacuum(db)  # converted once
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    before = path.stat().st_size
+    purge(db, retention_days=7, max_rows=0, now=NOW)
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    assert _ids(db) == []
+    assert path.stat().st_size < before / 2
+
+
+@pytest.mark.parametrize(("snippet", "field"), [
+    ("[audit]\nretention_days = -1\n", "audit.retention_days"),
+    ("[audit]\nmax_rows = -5\n", "audit.max_rows"),
+    ('[audit]\npurge_interval = "0s"\n', "audit.purge_interval"),
+])
+def test_bad_retention_settings_are_refused_naming_the_field(snippet, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_config(snippet)
+
+
+def _export(cfg, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "appliance.cli", "audit", "export", "--config", str(cfg), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_audit_export_streams_jsonl_and_csv_between_two_times(tmp_path):
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    db = connect(path_in(tmp_path / "state"))
+    _fill(db, [NOW - 3 * DAY, NOW - 2 * DAY, NOW - DAY])
+    since, until = iso(NOW - 2.5 * DAY), iso(NOW - 0.5 * DAY)
+    out = _export(cfg, "--since", since, "--until", until)
+    assert out.returncode == 0, out.stderr
+    rows = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [r["request_id"] for r in rows] == ["req-1", "req-2"]
+    assert rows[0]["key_id"] == "k1" and rows[0]["ts"] == iso(NOW - 2 * DAY) and "exported 2 rows" in out.stderr
+    written = tmp_path / "audit.csv"
+    out = _export(cfg, "--format", "csv", "--since", since, "-o", str(written))
+    assert out.returncode == 0, out.stderr
+    table = list(csv.DictReader(io.StringIO(written.read_text())))
+    assert [r["request_id"] for r in table] == ["req-1", "req-2"] and set(COLUMNS) <= set(table[0])
+    assert _export(cfg, "--until", "2000-01-01").stdout == ""  # a date alone: its midnight, UTC
+    bad = _export(cfg, "--since", "last tuesday")
+    assert bad.returncode != 0 and "not an ISO date" in bad.stderr

@@ -1,0 +1,60 @@
+"""`--json` on every command (issue 19): one JSON document on stdout per command, its
+progress and notes on stderr; `keys create --json` gives the key in a field; the store's
+"pin" is `models protect` now (the old spelling kept, hidden)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from appliance.cli.main import main
+
+from .test_store import gguf, run
+
+# Commands with no document to print: the daemon itself, the interactive TUI, and the
+# audit export (its output is the export, in --format jsonl or csv).
+NO_DOCUMENT = {"serve", "tui", "audit export"}
+# Not yet: the daemon-facing actions and checks (issue 19 point 5, left open).
+NOT_YET = {"check", "scale", "load", "unload", "pin", "unpin", "logs"}
+
+
+def _leaves(cmd: click.Command, path: tuple[str, ...] = ()):
+    if isinstance(cmd, click.Group):
+        for name, sub in cmd.commands.items():
+            if not sub.hidden:
+                yield from _leaves(sub, (*path, name))
+    else:
+        yield " ".join(path), cmd
+
+
+@pytest.mark.parametrize(("name", "command"), list(_leaves(main)), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_command_takes_json(name, command):
+    if name in NO_DOCUMENT | NOT_YET:
+        pytest.skip(f"{name}: no --json (see the module docstring)")
+    assert any("--json" in p.opts for p in command.params), f"`appliance {name}` has no --json"
+
+
+def test_keys_create_json_gives_the_key_in_a_field_and_ls_never_shows_it(tmp_path):
+    created = json.loads(run(tmp_path, "keys", "create", "--name", "script", "--rpm", "5", "--json").stdout)
+    assert created["key"].startswith("ak-") and created["name"] == "script" and created["rpm"] == 5
+    listed = json.loads(run(tmp_path, "keys", "ls", "--json").stdout)
+    assert [k["id"] for k in listed] == [created["id"]]
+    assert created["key"] not in json.dumps(listed)
+    revoked = json.loads(run(tmp_path, "keys", "revoke", created["id"], "--json").stdout)
+    assert revoked["id"] == created["id"] and revoked["revoked"] is True
+
+
+def test_models_protect_is_the_stores_pin_and_the_old_spelling_still_works(tmp_path):
+    run(tmp_path, "models", "import", str(gguf(tmp_path / "a.gguf")), "--name", "a", "--quiet")
+    protected = json.loads(run(tmp_path, "models", "protect", "a", "--json").stdout)
+    assert protected["name"] == "a" and protected["pinned"] is True
+    assert "evictable again" in run(tmp_path, "models", "unprotect", "a").stdout
+    run(tmp_path, "models", "pin", "a")  # hidden alias
+    assert json.loads(run(tmp_path, "models", "ls", "--json", "--port", "1").stdout)[-1]["pinned"] is True
+    listed = CliRunner().invoke(main, ["models", "--help"]).output
+    assert "protect" in listed and " pin " not in listed
+    removed = json.loads(run(tmp_path, "models", "rm", "a", "--json").stdout)
+    assert removed == {"name": "a", "removed": True}
