@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import os
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -36,6 +37,8 @@ from appliance.gpu.placement import Placed
 from appliance.gpu.planning import PlanRow, demand_for, gpus_from, plan
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
 from appliance.state.decisions import ModelControl, StateStore
+from appliance.status import CpuBudget, CpuHolder, ModelStatus, at_wall_clock
+from appliance.status import Decision as DecisionStatus
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
 from appliance.store.store import Store
 from engines import GpuSlot, adapter_for
@@ -402,13 +405,13 @@ class Supervisor:
             room = min(room, free // self._cores(dep.model))
         return max(room, 0)
 
-    def cpu_budget(self) -> dict:
+    def cpu_budget(self) -> CpuBudget:
         """The CPU engines' core budget and the replicas that hold it."""
         users = [
-            {"replica": r.name, "cores": self._cores(r.model), "cpus": sorted(r.cpus), "state": r.state.value}
+            CpuHolder(replica=r.name, cores=self._cores(r.model), cpus=sorted(r.cpus), state=r.state.value)
             for r in self._cpu_holders()
         ]
-        return {"cores": self._cpu_cores(), "used": sum(u["cores"] for u in users), "replicas": users}
+        return CpuBudget(cores=self._cpu_cores(), used=sum(u.cores for u in users), replicas=users)
 
     def _cpu_cores(self) -> int:
         return self.cfg.cpu.cores or os.cpu_count() or 1
@@ -927,30 +930,45 @@ class Supervisor:
 
     # --- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> list[ModelStatus]:
+        """Every deployment as the admin API shows it (appliance/status.py)."""
         now = self.clock.monotonic()
-        return {
-            "models": [
-                {
-                    "name": d.model.name,
-                    "server": d.model.server,
-                    "source": d.model.source or d.model.url or None,
-                    "ready": d.ready,
-                    "pinned": d.control.pinned,
-                    "override": d.control.override,
-                    "rps_10s": round(d.rate.rate(10), 3),
-                    "rps_60s": round(d.rate.rate(60), 3),
-                    "inflight": d.inflight,
-                    "queued": len(d.waiters),
-                    "idle_s": round(now - d.rate.last_event, 1),
-                    "idle_ttl_s": idle_ttl_s(self.cfg, d.model),
-                    "last_cold_start_s": d.last_cold_start_s,
-                    "min_replicas": d.model.autoscaling.min_replicas,
-                    "max_replicas": d.model.autoscaling.max_replicas,
-                    "blocked": d.blocked,
-                    "replicas": [r.snapshot() for r in d.replicas],
-                    "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
-                }
-                for d in self.deployments.values()
-            ]
-        }
+        wall = time.time()
+        return [
+            ModelStatus(
+                name=d.model.name,
+                server=d.model.server,
+                source=d.model.source or d.model.url or None,
+                ready=d.ready,
+                pinned=d.control.pinned,
+                override=d.control.override,
+                rps_10s=round(d.rate.rate(10), 3),
+                rps_60s=round(d.rate.rate(60), 3),
+                inflight=d.inflight,
+                queued=len(d.waiters),
+                idle_s=round(now - d.rate.last_event, 1),
+                idle_ttl_s=idle_ttl_s(self.cfg, d.model),
+                last_cold_start_s=d.last_cold_start_s,
+                min_replicas=d.model.autoscaling.min_replicas,
+                max_replicas=d.model.autoscaling.max_replicas,
+                blocked=d.blocked,
+                replicas=[r.snapshot() for r in d.replicas],
+                decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
+                prefix_routing=dict(d.prefix.outcomes),
+            )
+            for d in self.deployments.values()
+        ]
+
+
+def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:
+    """An autoscaler decision with its monotonic time as a wall-clock timestamp."""
+    inputs = {k: v for k, v in d.inputs.items() if k != "now"}
+    return DecisionStatus(
+        model=d.model,
+        at=at_wall_clock(d.at, now, wall),
+        current=d.current,
+        desired=d.desired,
+        action=d.action,
+        reason=d.reason,
+        inputs=inputs,
+    )
