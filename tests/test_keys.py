@@ -160,7 +160,7 @@ class _Rt:
 
         self.providers = load_providers(cfg)
         self.proxy = EngineProxy(cfg, session)
-        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}})()
+        self.supervisor = type("S", (), {"deployments": {}, "evictions": {}, "status": lambda self: []})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from random import getrandbits as _getrandbits
 from typing import Annotated, TypeVar
 
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
@@ -64,6 +63,7 @@ from appliance.gateway.routing import RequestCtx, Routes, accountable, committed
 from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from appliance.gateway.ttft import TtftTracker
 from appliance.logs import bind_request_id
+from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
 from appliance.status import (
     SCALE,
@@ -763,32 +763,14 @@ def create_app(cfg: Config) -> Litestar:
         app.state.runtime = runtime
         supervisor.start()
         audit.start()
-        scheduler = AsyncIOScheduler()
-
-        async def refresh_keys() -> None:
-            gate.refresh()  # keys created or revoked by `appliance keys` in another process
-
-        scheduler.add_job(refresh_keys, "interval", seconds=1.0, id="keys", max_instances=1, coalesce=True)
-
-        async def autoscale() -> None:
-            # A coroutine, so APScheduler runs it on this event loop, not in a thread.
-            supervisor.tick()
-
-        scheduler.add_job(
-            autoscale, "interval", seconds=cfg.autoscaling.interval_s, id="autoscaler", max_instances=1, coalesce=True
-        )
+        jobs = Periodic()
+        # Keys created or revoked by `appliance keys` in another process.
+        jobs.every(1.0, "keys", gate.refresh)
+        jobs.every(cfg.autoscaling.interval_s, "autoscaler", supervisor.tick)
         if supervisor.store_checks is not None:
             # A blocked store model that passes admission again (re-imported, verified, its
             # license accepted) is served again.
-            scheduler.add_job(
-                supervisor.recheck_blocked,
-                "interval",
-                seconds=RECHECK_S,
-                id="store-recheck",
-                max_instances=1,
-                coalesce=True,
-            )
-        scheduler.start()
+            jobs.every(RECHECK_S, "store-recheck", supervisor.recheck_blocked)
         # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
         scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
         if scrub is not None:
@@ -804,7 +786,7 @@ def create_app(cfg: Config) -> Litestar:
             yield
         finally:
             runtime.draining = True
-            scheduler.shutdown(wait=False)
+            await jobs.close()
             if scrub is not None:
                 await scrub.close()
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
