@@ -97,14 +97,20 @@ def _components(bodies: list[type]) -> dict[str, Any]:
 
 def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthropic: bool = False) -> None:
     responses = operation.setdefault("responses", {})
-    for status in list(responses):
-        if status[0] in "45":
-            del responses[status]
+    for status, answer in list(responses.items()):
+        if status[0] in "45" and not _declared(answer):
+            del responses[status]  # Litestar's own error bodies: ours is the envelope
     for status in statuses:
         responses[status] = {
             "description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} error envelope",
             "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic else ERROR}},
         }
+
+
+def _declared(answer: dict) -> bool:
+    """An error answer its handler declares with one of our Structs (/readyz's 503)."""
+    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+    return schema.get("$ref", "").startswith(REF)
 
 
 def _json_body(ref: str) -> dict:
