@@ -623,13 +623,14 @@ async def admin_model_action(request: Request, action: ModelActionName) -> Model
     """Load, unload, pin or unpin the model (appliance/status.py: ModelAction)."""
     rt, raw = await _admin_write(request)
     decode_request(raw, ActionBody)
-    model = request.path_params["model"]
-    chosen = _action(ModelAction, action, "admin action", [*ModelAction, SCALE])
-    sup = rt.supervisor
-    if chosen in (ModelAction.LOAD, ModelAction.UNLOAD):
-        (sup.load if chosen is ModelAction.LOAD else sup.unload)(model)
-    else:
-        sup.pin(model, chosen is ModelAction.PIN)
+    model, sup = request.path_params["model"], rt.supervisor
+    carry_out = {
+        ModelAction.LOAD: lambda: sup.load(model),
+        ModelAction.UNLOAD: lambda: sup.unload(model),
+        ModelAction.PIN: lambda: sup.pin(model, True),
+        ModelAction.UNPIN: lambda: sup.pin(model, False),
+    }
+    carry_out[_action(ModelAction, action, "admin action", [*ModelAction, SCALE])]()
     return model_status(rt, model)
 
 
