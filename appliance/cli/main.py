@@ -237,7 +237,7 @@ def _admin_call(
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (what GET /admin/status answers).")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
     data = _admin_call(load(config), port, "GET", "/admin/status", DaemonStatus, timeout=5.0)

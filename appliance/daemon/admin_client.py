@@ -103,6 +103,14 @@ def answer(resp: httpx.Response, into: type[T]) -> T:
         raise AdminError(f"{where}: the daemon's answer is not what this client reads ({exc})") from None
 
 
+JSON_BODY = {"Content-Type": "application/json"}
+
+
+def encode_body(body: msgspec.Struct | None) -> bytes:
+    """A state-changing call's body: its Struct, or {} (ActionBody) when it says nothing."""
+    return msgspec.json.encode(body if body is not None else ActionBody())
+
+
 def call(
     target: Target, method: str, path: str, into: type[T], body: msgspec.Struct | None = None, timeout: float = 30.0
 ) -> T:
@@ -115,10 +123,3 @@ def call(
             return answer(client.request(method, path, **kwargs), into)
     except httpx.TransportError as exc:
         raise DaemonDown(target.why_down(exc)) from None
-
-
-JSON_BODY = {"Content-Type": "application/json"}
-
-
-def encode_body(body: msgspec.Struct | None) -> bytes:
-    return msgspec.json.encode(body if body is not None else ActionBody())

@@ -67,7 +67,14 @@ class RealClock:
 
 
 def _load_status(load: EngineLoad | None) -> ReplicaLoad | None:
-    return None if load is None else ReplicaLoad(**vars(load))
+    if load is None:
+        return None
+    return ReplicaLoad(
+        running=load.running,
+        waiting=load.waiting,
+        kv_cache_usage=load.kv_cache_usage,
+        prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
