@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -250,7 +250,7 @@ class Readiness(msgspec.Struct, kw_only=True, omit_defaults=True):
     """GET /readyz. ``models`` only to a caller with a key or the admin credential once
     keys are required."""
 
-    status: str  # ready, starting, draining
+    status: Literal["ready", "starting", "draining"]
     models: dict[str, bool] | None = None
 
 

@@ -548,8 +548,8 @@ def _has_credential(rt: Runtime, request: Request) -> bool:
     return True
 
 
-@get("/metrics")
-async def metrics(request: Request) -> Response:
+@get("/metrics", media_type=METRICS_CONTENT_TYPE)
+async def metrics(request: Request) -> Response[str]:
     rt = _runtime(request)
     if not rt.cfg.server.metrics_public:
         _client_or_admin(request)

@@ -5,9 +5,8 @@ their Structs (the admin API's in appliance/status.py, /v1/models' in protocol.p
 What it cannot see is added here, in one place: the raw ASGI OpenAI routes (their
 request bodies are the msgspec Structs in protocol.py, with the ranges
 ``decode_request`` checks), the admin calls' bodies (read by the handlers
-themselves, named in their ``opt["body"]``), the content types that are not JSON,
-the configured model names, and the one error envelope (errors.py) that every
-error of every route uses.
+themselves, named in their ``opt["body"]``), the configured model names, and the
+one error envelope (errors.py) that every error of every route uses.
 """
 
 from __future__ import annotations
@@ -167,7 +166,6 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     for path, item in paths.items():
         for op in item.values():
             _errors(op, anthropic=path.startswith("/v1/messages"))
-    paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
     for path, cls in bodies.items():
         # State-changing admin calls are JSON, even with nothing to say ({}): no
         # cross-site "simple" request can send that content type.
