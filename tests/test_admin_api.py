@@ -209,3 +209,15 @@ def test_the_openapi_document_describes_the_admin_answers_from_their_structs(tok
     scale = paths["/admin/models/{model}/scale"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert schemas[scale["$ref"].rsplit("/", 1)[1]]["properties"]["replicas"]["anyOf"][0]["minimum"] == 0
     assert answer("/readyz").endswith("/Readiness") and "503" in paths["/readyz"]["get"]["responses"]
+
+
+def test_metrics_labels_are_the_status_names_and_states(token_daemon):
+    wait_until(lambda: _ready(token_daemon), 30, what="daemon ready")
+    with over_socket(token_daemon.socket) as c:
+        status = c.get("/admin/status").json()
+    text = httpx.get(f"{token_daemon.url}/metrics", timeout=10).text
+    for m in status["models"]:
+        assert f'appliance_model_ready{{model="{m["name"]}"}} {1.0 if m["ready"] else 0.0}' in text
+        for r in m["replicas"]:
+            labels = f'model="{m["name"]}",replica="{r["index"]}",state="{r["state"]}"'
+            assert f"appliance_replica_state{{{labels}}} 1.0" in text
