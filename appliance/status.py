@@ -7,8 +7,9 @@ encodes them and generates their part of /openapi.json from them), ``appliance s
 values from them. Times are ISO-8601 timestamps (UTC), durations are seconds (``*_s``).
 
 Adding a field: one line in its Struct, with a default (so that a CLI or TUI older than
-the daemon still decodes the answer), and one where the status is built
-(``appliance/api/status_views.py``).
+the daemon still decodes the answer), and one where it is filled in: a model's in
+``Supervisor.status``, a replica's in ``Replica.snapshot``, the daemon's and the GPUs'
+in ``appliance/api/admin_views.py``.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class ReplicaAction(StrEnum):
 
 SCALE = "scale"  # POST /admin/models/{model}/scale, with a ScaleBody: `appliance scale MODEL N|auto`
 
-# What each action does, in the words the CLI's help and the TUI's confirmations use.
+# What each action does: the CLI commands' help.
 MODEL_ACTION_HELP = {
     ModelAction.LOAD: "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
     "replicas of other models if there is no room; an error saying who holds it if none may go).",
