@@ -7,12 +7,14 @@ notifications; an unreachable daemon becomes a banner, and polling goes on.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 
 from appliance.status import DaemonStatus, GpusStatus, ModelAction, ModelStatus, ReplicaAction, ReplicaLog
@@ -195,7 +197,8 @@ class ApplianceTUI(App):
         self.query_one("#model-detail", Static).update(views.model_detail(self.status, model))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._render_detail()
+        with contextlib.suppress(NoMatches):  # a highlight still queued while the app closes
+            self._render_detail()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
