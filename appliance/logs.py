@@ -99,4 +99,3 @@ def setup_logging(level: str = "info", log_file: str | None = None, stream: Text
     # Granian's own logger is loud at info; ours says what matters.
     logging.getLogger("_granian").setLevel(logging.WARNING)
     logging.getLogger("granian").setLevel(logging.WARNING)
-    logging.getLogger("apscheduler").setLevel(logging.WARNING)

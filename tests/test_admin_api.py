@@ -129,3 +129,95 @@ def test_a_stale_socket_from_a_killed_daemon_is_replaced(daemons, tmp_path):
 def test_an_empty_admin_socket_turns_it_off(daemons, tmp_path):
     daemons.start(fake_model("fake"), server='admin_socket = ""')
     assert not (tmp_path / "state" / "admin.sock").exists()
+
+
+def _fields(struct) -> set[str]:
+    return set(struct.__struct_fields__)
+
+
+def test_every_admin_answer_is_its_status_struct_field_for_field(token_daemon):
+    from appliance.status import DaemonStatus, GpusStatus, ModelStatus, ReplicaLog, ReplicaStatus
+
+    with over_socket(token_daemon.socket) as c:
+        status = c.get("/admin/status").json()
+        gpus = c.get("/admin/gpus").json()
+        log = c.get("/admin/models/fake/replicas/0/log", params={"lines": 1}).json()
+        pinned = c.post("/admin/models/fake/pin", json={}).json()
+        unpinned = c.post("/admin/models/fake/unpin", json={}).json()
+        restarted = c.post("/admin/models/fake/replicas/0/restart", json={}).json()
+    assert set(status) == _fields(DaemonStatus)
+    assert all(set(m) == _fields(ModelStatus) for m in status["models"] + [pinned, unpinned])
+    assert all(set(r) == _fields(ReplicaStatus) for m in status["models"] for r in m["replicas"])
+    assert set(restarted) == _fields(ReplicaStatus) and set(log) == _fields(ReplicaLog)
+    assert set(gpus) == _fields(GpusStatus)
+    assert pinned["pinned"] is True and unpinned["pinned"] is False and restarted["replica"] == "fake#0"
+    wait_until(lambda: _ready(token_daemon), 30, what="the restarted replica ready")
+
+
+def test_status_times_are_iso_timestamps_and_durations_seconds(token_daemon):
+    from datetime import datetime, timedelta
+
+    def models() -> list[dict]:
+        with over_socket(token_daemon.socket) as c:
+            return c.get("/admin/status").json()["models"]
+
+    wait_until(lambda: models()[0]["decisions"], 30, what="an autoscaler decision")
+    with over_socket(token_daemon.socket) as c:
+        status = c.get("/admin/status").json()
+    assert "monotonic" not in status
+    started, now = datetime.fromisoformat(status["started"]), datetime.fromisoformat(status["now"])
+    assert started.utcoffset() == timedelta(0) and started <= now
+    assert abs((now - started).total_seconds() - status["uptime_s"]) < 1
+    for decision in status["models"][0]["decisions"]:
+        at = datetime.fromisoformat(decision["at"])
+        assert started - timedelta(seconds=1) <= at <= now
+        assert "now" not in decision["inputs"]  # the monotonic clock stays inside the daemon
+
+
+def test_an_unknown_admin_action_is_a_404_that_lists_the_actions(token_daemon):
+    from appliance.status import ModelAction, ReplicaAction
+
+    with over_socket(token_daemon.socket) as c:
+        model = c.post("/admin/models/fake/explode", json={})
+        replica = c.post("/admin/models/fake/replicas/0/explode", json={})
+    assert model.status_code == 404 and replica.status_code == 404
+    assert all(a in model.json()["error"]["message"] for a in [*ModelAction, "scale"])
+    assert all(a in replica.json()["error"]["message"] for a in ReplicaAction)
+
+
+def test_the_openapi_document_describes_the_admin_answers_from_their_structs(token_daemon):
+    from appliance.status import DaemonStatus, ModelAction, ReplicaAction, ReplicaStatus
+
+    auth = {"Authorization": f"Bearer {token_daemon.token}"}
+    doc = httpx.get(f"{token_daemon.url}/openapi.json", headers=auth, timeout=10).json()
+    schemas, paths = doc["components"]["schemas"], doc["paths"]
+
+    def answer(path: str, method: str = "get") -> str:
+        return paths[path][method]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+
+    assert answer("/admin/status").endswith("/DaemonStatus")
+    assert set(schemas["DaemonStatus"]["properties"]) == _fields(DaemonStatus)
+    assert set(schemas["ReplicaStatus"]["properties"]) == _fields(ReplicaStatus)
+    assert schemas["DaemonStatus"]["properties"]["now"] == {"type": "string", "format": "date-time"}
+    assert answer("/admin/gpus").endswith("/GpusStatus")
+    assert answer("/admin/models/{model}/{action}", "post").endswith("/ModelStatus")
+    assert answer("/admin/models/{model}/replicas/{index}/{action}", "post").endswith("/ReplicaStatus")
+    actions = {p["name"]: p["schema"].get("enum") for p in paths["/admin/models/{model}/{action}"]["post"]["parameters"]}
+    assert actions["action"] == list(ModelAction)
+    replica = paths["/admin/models/{model}/replicas/{index}/{action}"]["post"]["parameters"]
+    assert next(p for p in replica if p["name"] == "action")["schema"]["enum"] == list(ReplicaAction)
+    scale = paths["/admin/models/{model}/scale"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert schemas[scale["$ref"].rsplit("/", 1)[1]]["properties"]["replicas"]["anyOf"][0]["minimum"] == 0
+    assert answer("/readyz").endswith("/Readiness") and "503" in paths["/readyz"]["get"]["responses"]
+
+
+def test_metrics_labels_are_the_status_names_and_states(token_daemon):
+    wait_until(lambda: _ready(token_daemon), 30, what="daemon ready")
+    with over_socket(token_daemon.socket) as c:
+        status = c.get("/admin/status").json()
+    text = httpx.get(f"{token_daemon.url}/metrics", timeout=10).text
+    for m in status["models"]:
+        assert f'appliance_model_ready{{model="{m["name"]}"}} {1.0 if m["ready"] else 0.0}' in text
+        for r in m["replicas"]:
+            labels = f'model="{m["name"]}",replica="{r["index"]}",state="{r["state"]}"'
+            assert f"appliance_replica_state{{{labels}}} 1.0" in text

@@ -178,3 +178,33 @@ def test_check_wait_ready_without_a_daemon_says_it_was_not_ready(tmp_path):
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert "was not ready within 1 s (http://127.0.0.1:9/readyz" in result.stderr
+
+
+def test_status_json_is_the_admin_apis_typed_status(shared_daemon):
+    import msgspec
+
+    from appliance.status import DaemonStatus
+
+    out = appliance("status", "--config", str(shared_daemon.config), "--json").stdout
+    status = msgspec.json.decode(out, type=DaemonStatus)
+    assert status.now >= status.started and status.now.utcoffset() is not None
+    assert set(json.loads(out)) == set(DaemonStatus.__struct_fields__)
+
+
+def test_the_cli_has_one_command_per_model_action_with_its_help():
+    from appliance.cli.main import main
+    from appliance.status import MODEL_ACTION_HELP, ModelAction
+
+    for action in ModelAction:
+        assert main.commands[action].help == MODEL_ACTION_HELP[action]
+
+
+def test_an_answer_this_cli_cannot_read_is_an_error_naming_the_call():
+    import httpx
+
+    from appliance.daemon.admin_client import AdminError, answer
+    from appliance.status import DaemonStatus
+
+    request = httpx.Request("GET", "http://appliance/admin/status")
+    with pytest.raises(AdminError, match="GET /admin/status: the daemon's answer is not what this client reads"):
+        answer(httpx.Response(200, json={"models": "not a list"}, request=request), DaemonStatus)

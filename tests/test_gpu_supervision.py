@@ -111,7 +111,7 @@ async def test_engine_load_is_read_from_its_metrics(gpu_supervisor):
     await small._until(lambda: small.load is not None and qwen.load is not None, 10)
     assert small.load.kv_cache_usage == 0.25 and small.load.prefix_cache_hit_rate == 0.25
     assert qwen.load.prefix_cache_hit_rate == 0.5
-    assert small.snapshot()["load"]["kv_cache_usage"] == 0.25
+    assert small.snapshot().load.kv_cache_usage == 0.25
 
 
 async def test_a_vllm_replica_sleeps_and_wakes(gpu_supervisor):

@@ -162,7 +162,7 @@ class _Rt:
         self.proxy = EngineProxy(cfg, session)
         from appliance.fleet.market import Market
 
-        self.supervisor = type("S", (), {"deployments": {}, "market": Market()})()
+        self.supervisor = type("S", (), {"deployments": {}, "market": Market(), "status": lambda self: []})()
         self.metrics = Metrics(self.supervisor)
         self.fallbacks_fired: dict = {}
 

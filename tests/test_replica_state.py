@@ -177,7 +177,7 @@ async def test_too_many_crashes_in_the_window_is_fatal_with_the_log_tail(tmp_pat
         runner.processes[n].exit(9)
     await settle(lambda: replica.state is State.FATAL)
     assert replica.fatal_log_tail[-1] == "RuntimeError: CUDA out of memory"
-    assert replica.snapshot()["log_tail"] == replica.fatal_log_tail
+    assert replica.snapshot().log_tail == replica.fatal_log_tail
     with pytest.raises(ReplicaUnavailable, match="FATAL"):
         await replica.wait_ready(timeout=1)
     await replica.stop()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import copy
+from datetime import UTC, datetime, timedelta
 
+import msgspec
+
+from appliance.status import DaemonStatus, GpusStatus, ModelStatus, ReplicaLog, ReplicaStatus
 from tui.client import AdminError, DaemonDown
 
 GiB = 1024**3
+NOW = datetime(2026, 11, 30, 9, 0, 0, tzinfo=UTC)
 
 
 def _replica(model: str, index: int, state: str, pid: int, **kw) -> dict:
@@ -16,14 +20,15 @@ def _replica(model: str, index: int, state: str, pid: int, **kw) -> dict:
             "load": None, "last_error": kw.get("last_error"), "log_file": None, "log_tail": []}
 
 
-def _decision(model: str, at: float, current: int, desired: int, action: str, reason: str) -> dict:
-    return {"model": model, "at": at, "current": current, "desired": desired, "action": action,
-            "reason": reason, "inputs": {}}
+def _decision(model: str, ago_s: float, current: int, desired: int, action: str, reason: str) -> dict:
+    return {"model": model, "at": (NOW - timedelta(seconds=ago_s)).isoformat(), "current": current,
+            "desired": desired, "action": action, "reason": reason, "inputs": {}}
 
 
 STATUS = {
     "version": "0.1.0", "config": "/etc/appliance/appliance.toml", "uptime_s": 7384.0, "draining": False,
-    "ready": True, "listen": "127.0.0.1:8000", "monotonic": 1000.0,
+    "ready": True, "listen": "127.0.0.1:8000", "now": NOW.isoformat(),
+    "started": (NOW - timedelta(seconds=7384)).isoformat(),
     "paths": {"state": "/var/lib/appliance", "cache": "/var/cache/appliance", "logs": "/var/log/appliance"},
     "models": [
         {"name": "llama-3.1-70b", "server": "vllm", "source": "store:llama-3.1-70b", "ready": True,
@@ -32,19 +37,19 @@ STATUS = {
          "ttft_p50_ms": 182.5,
          "replicas": [_replica("llama-3.1-70b", 0, "READY", 4101, inflight=4, gpus=[0, 1]),
                       _replica("llama-3.1-70b", 1, "READY", 4102, inflight=3, gpus=[2, 3], restarts=1)],
-         "decisions": [_decision("llama-3.1-70b", 620.0, 1, 2, "up", "6.4 rps / 4 per replica = 2"),
-                       _decision("llama-3.1-70b", 990.0, 2, 2, "hold", "5.9 rps / 4 per replica = 2")]},
+         "decisions": [_decision("llama-3.1-70b", 380.0, 1, 2, "up", "6.4 rps / 4 per replica = 2"),
+                       _decision("llama-3.1-70b", 10.0, 2, 2, "hold", "5.9 rps / 4 per replica = 2")]},
         {"name": "qwen2.5-7b", "server": "sglang", "source": "store:qwen2.5-7b", "ready": False,
          "pinned": False, "override": 1, "rps_10s": 0.3, "rps_60s": 0.2, "inflight": 0, "queued": 2,
          "idle_s": 4.0, "idle_ttl_s": 300.0, "last_cold_start_s": None, "min_replicas": 0, "max_replicas": 2,
          "ttft_p50_ms": None,
          "replicas": [_replica("qwen2.5-7b", 0, "STARTING", 4201, gpus=[4])],
-         "decisions": [_decision("qwen2.5-7b", 996.0, 0, 1, "up", "a request arrived for a model at zero")]},
+         "decisions": [_decision("qwen2.5-7b", 4.0, 0, 1, "up", "a request arrived for a model at zero")]},
         {"name": "smollm2-135m-instruct", "server": "llamacpp", "source": "builtin:smollm2-135m-instruct",
          "ready": False, "pinned": False, "override": None, "rps_10s": 0.0, "rps_60s": 0.0, "inflight": 0,
          "queued": 0, "idle_s": 1900.0, "idle_ttl_s": 600.0, "last_cold_start_s": 1.4, "min_replicas": 0,
          "max_replicas": 1, "ttft_p50_ms": 41.0, "replicas": [],
-         "decisions": [_decision("smollm2-135m-instruct", 400.0, 1, 0, "down", "idle 10m00s >= ttl 10m00s")]},
+         "decisions": [_decision("smollm2-135m-instruct", 600.0, 1, 0, "down", "idle 10m00s >= ttl 10m00s")]},
     ],
     "routes": [
         {"name": "general", "model": "assistant", "tag": "", "target": "llama-3.1-70b",
@@ -53,8 +58,9 @@ STATUS = {
          "fallbacks": ["qwen2.5-7b"], "regulated": True, "fired": {"qwen2.5-7b": 0}},
     ],
     "usage": [
-        {"key": "team-search", "requests": 18233, "prompt_tokens": 9120331, "completion_tokens": 1203002},
-        {"key": "batch-etl", "requests": 412, "prompt_tokens": 88210, "completion_tokens": 40113},
+        {"key": "team-search", "requests": 18233, "prompt_tokens": 9120331, "completion_tokens": 1203002,
+         "tokens": 10323333},
+        {"key": "batch-etl", "requests": 412, "prompt_tokens": 88210, "completion_tokens": 40113, "tokens": 128323},
     ],
 }
 
@@ -84,34 +90,38 @@ class FakeAdmin:
         self.down, self.fail = down, fail
         self.calls: list[tuple] = []
 
-    async def _answer(self, value: dict) -> dict:
+    async def _answer(self, value: dict, into):
+        """The answer as the real client gives it: decoded from JSON into its Struct."""
         if self.down:
             raise DaemonDown(self.down)
-        return copy.deepcopy(value)
+        return msgspec.json.decode(msgspec.json.encode(value), type=into)
 
-    async def status(self) -> dict:
-        return await self._answer(STATUS)
+    async def status(self) -> DaemonStatus:
+        return await self._answer(STATUS, DaemonStatus)
 
-    async def gpus(self) -> dict:
-        return await self._answer(GPUS)
+    async def gpus(self) -> GpusStatus:
+        return await self._answer(GPUS, GpusStatus)
 
-    async def log(self, model: str, index: int, lines: int) -> dict:
-        return await self._answer(LOG)
+    async def log(self, model: str, index: int, lines: int) -> ReplicaLog:
+        return await self._answer(LOG, ReplicaLog)
 
-    async def _act(self, *call) -> dict:
+    async def _act(self, into, *call):
         self.calls.append(call)
         if self.fail:
             raise AdminError(self.fail)
-        return {}
+        model = next(m for m in STATUS["models"] if m["name"] == call[1])
+        if into is ModelStatus:
+            return await self._answer(model, into)
+        return await self._answer(next(r for r in model["replicas"] if r["index"] == call[2]), into)
 
-    async def scale(self, model: str, replicas: int | None) -> dict:
-        return await self._act("scale", model, replicas)
+    async def scale(self, model: str, replicas: int | None) -> ModelStatus:
+        return await self._act(ModelStatus, "scale", model, replicas)
 
-    async def model_action(self, model: str, action: str) -> dict:
-        return await self._act(action, model)
+    async def model_action(self, model: str, action: str) -> ModelStatus:
+        return await self._act(ModelStatus, action, model)
 
-    async def replica_action(self, model: str, index: int, action: str) -> dict:
-        return await self._act(action, model, index)
+    async def replica_action(self, model: str, index: int, action: str) -> ReplicaStatus:
+        return await self._act(ReplicaStatus, action, model, index)
 
     async def close(self) -> None:
         pass

@@ -7,20 +7,25 @@ notifications; an unreachable daemon becomes a banner, and polling goes on.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable
 
 from rich.text import Text
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
 
+from appliance.status import DaemonStatus, GpusStatus, ModelAction, ModelStatus, ReplicaAction, ReplicaLog
 from tui import views
 from tui.client import Admin, AdminError, DaemonDown
 from tui.screens import ConfirmScreen, ScaleScreen
 
 TABS = ("overview", "models", "routes", "logs", "usage")
-MODEL_ACTIONS = {"scale", "load", "unload", "pin", "restart", "drain"}
+# The key bindings that act on the models tab's selection (appliance/status.py's vocabulary;
+# "pin" toggles pin and unpin).
+MODEL_ACTIONS = {"scale", ModelAction.LOAD, ModelAction.UNLOAD, ModelAction.PIN, *ReplicaAction}
 LOG_ACTIONS = {"prev_replica", "next_replica", "follow"}
 LOG_LINES = 200
 
@@ -60,8 +65,8 @@ class ApplianceTUI(App):
         super().__init__()
         self.admin = admin
         self.interval = interval
-        self.status: dict | None = None
-        self.gpus: dict | None = None
+        self.status: DaemonStatus | None = None
+        self.gpus: GpusStatus | None = None
         self.down: str | None = None
         self.log_replica: tuple[str, int] | None = None
         self.log_lines: list[str] = []
@@ -116,8 +121,8 @@ class ApplianceTUI(App):
                 if self.log_replica is not None:
                     try:
                         log = await self.admin.log(*self.log_replica, LOG_LINES)
-                    except AdminError as exc:
-                        log = {"replica": "%s#%d" % self.log_replica, "lines": [], "error": str(exc)}
+                    except AdminError as exc:  # shown where the file's name goes
+                        log = ReplicaLog(replica="%s#%d" % self.log_replica, file=str(exc))
         except DaemonDown as exc:
             self._show_down(str(exc))
         except AdminError as exc:
@@ -159,6 +164,8 @@ class ApplianceTUI(App):
 
     def _render_all(self) -> None:
         status = self.status
+        if status is None:
+            return
         self.query_one("#top", Static).update(views.header(status, self.admin.where))
         self.query_one("#overview-body", Static).update(views.overview(status, self.gpus))
         self.query_one("#routes-body", Static).update(views.routes(status))
@@ -167,7 +174,7 @@ class ApplianceTUI(App):
 
     def _render_models(self) -> None:
         table = self.query_one("#models-table", DataTable)
-        rows = views.model_rows(self.status)
+        rows = views.model_rows(self.status) if self.status is not None else []
         keys = [key for key, _ in rows]
         current = [row.key.value for row in table.ordered_rows]
         if keys == current:
@@ -190,7 +197,8 @@ class ApplianceTUI(App):
         self.query_one("#model-detail", Static).update(views.model_detail(self.status, model))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
-        self._render_detail()
+        with contextlib.suppress(NoMatches):  # a highlight still queued while the app closes
+            self._render_detail()
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
@@ -225,8 +233,8 @@ class ApplianceTUI(App):
             return model, int(index)
         return key[2:], None
 
-    def _model(self, name: str) -> dict:
-        return next((m for m in (self.status or {}).get("models", []) if m["name"] == name), {})
+    def _model(self, name: str) -> ModelStatus | None:
+        return next((m for m in self.status.models if m.name == name), None) if self.status is not None else None
 
     def _replica(self) -> tuple[str, int] | None:
         """The replica a replica action applies to: the cursor's, or the model's only one."""
@@ -235,9 +243,10 @@ class ApplianceTUI(App):
             return None
         if index is not None:
             return model, index
-        replicas = self._model(model).get("replicas", [])
+        m = self._model(model)
+        replicas = m.replicas if m is not None else []
         if len(replicas) == 1:
-            return model, replicas[0]["index"]
+            return model, replicas[0].index
         self.notify(f"{model} has {len(replicas)} replicas: move the cursor onto one (down arrow)", severity="warning")
         return None
 
@@ -270,7 +279,9 @@ class ApplianceTUI(App):
         if model is None:
             return
         m = self._model(model)
-        current = sum(1 for r in m.get("replicas", []) if not r.get("retiring"))
+        if m is None:
+            return
+        current = sum(1 for r in m.replicas if not r.retiring)
 
         def chosen(value) -> None:
             if value == "":
@@ -286,12 +297,12 @@ class ApplianceTUI(App):
             else:
                 self._run(label, lambda: self.admin.scale(model, value))
 
-        self.push_screen(ScaleScreen(model, current, m.get("max_replicas", 0)), chosen)
+        self.push_screen(ScaleScreen(model, current, m.max_replicas), chosen)
 
     def action_load(self) -> None:
         model = self._selected_model()
         if model is not None:
-            self._run(f"load {model}", lambda: self.admin.model_action(model, "load"))
+            self._run(f"load {model}", lambda: self.admin.model_action(model, ModelAction.LOAD))
 
     def action_unload(self) -> None:
         model = self._selected_model()
@@ -299,14 +310,15 @@ class ApplianceTUI(App):
             self._confirm(
                 f"Unload {model}? All its replicas drain and stop; its next request starts it again.",
                 f"unload {model}",
-                lambda: self.admin.model_action(model, "unload"),
+                lambda: self.admin.model_action(model, ModelAction.UNLOAD),
             )
 
     def action_pin(self) -> None:
         model = self._selected_model()
         if model is None:
             return
-        action = "unpin" if self._model(model).get("pinned") else "pin"
+        m = self._model(model)
+        action = ModelAction.UNPIN if m is not None and m.pinned else ModelAction.PIN
         self._run(f"{action} {model}", lambda: self.admin.model_action(model, action))
 
     def action_restart(self) -> None:
@@ -316,7 +328,7 @@ class ApplianceTUI(App):
             self._confirm(
                 f"Restart {model}#{index}? It stops serving until its engine is ready again.",
                 f"restart {model}#{index}",
-                lambda: self.admin.replica_action(model, index, "restart"),
+                lambda: self.admin.replica_action(model, index, ReplicaAction.RESTART),
             )
 
     def action_drain(self) -> None:
@@ -326,7 +338,7 @@ class ApplianceTUI(App):
             self._confirm(
                 f"Drain {model}#{index}? It takes no new requests, finishes the ones in flight, then stops.",
                 f"drain {model}#{index}",
-                lambda: self.admin.replica_action(model, index, "drain"),
+                lambda: self.admin.replica_action(model, index, ReplicaAction.DRAIN),
             )
 
     def _confirm(self, question: str, label: str, call: Callable[[], Awaitable]) -> None:
@@ -353,10 +365,10 @@ class ApplianceTUI(App):
 
     # --- logs --------------------------------------------------------------------------------
 
-    def _all_replicas(self, status: dict) -> list[tuple[str, int]]:
-        return [(m["name"], r["index"]) for m in status.get("models", []) for r in m.get("replicas", [])]
+    def _all_replicas(self, status: DaemonStatus | None) -> list[tuple[str, int]]:
+        return [(m.name, r.index) for m in status.models for r in m.replicas] if status is not None else []
 
-    def _choose_log_replica(self, status: dict) -> None:
+    def _choose_log_replica(self, status: DaemonStatus) -> None:
         replicas = self._all_replicas(status)
         if self.log_replica in replicas:
             return
@@ -365,7 +377,7 @@ class ApplianceTUI(App):
         self.log_replica = (mine or replicas or [None])[0]
 
     def _step_replica(self, step: int) -> None:
-        replicas = self._all_replicas(self.status or {})
+        replicas = self._all_replicas(self.status)
         if not replicas:
             self.notify("No replicas", severity="warning")
             return
@@ -389,15 +401,12 @@ class ApplianceTUI(App):
             log.scroll_end(animate=False)
         self.notify("following the log" if self.follow else "paused: scroll freely, f to follow again")
 
-    def _render_log(self, data: dict) -> None:
+    def _render_log(self, data: ReplicaLog) -> None:
         title = self.query_one("#log-title", Static)
-        where = data.get("file") or data.get("error") or ""
         title.update(
-            Text.assemble(
-                (f"{data.get('replica', '?')}", "bold"), f"  {'following' if self.follow else 'paused'}  {where}"
-            )
+            Text.assemble((data.replica, "bold"), f"  {'following' if self.follow else 'paused'}  {data.file}")
         )
-        lines = data.get("lines") or []
+        lines = data.lines
         log = self.query_one("#log", Log)
         old = self.log_lines
         if lines == old:

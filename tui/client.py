@@ -3,11 +3,32 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import httpx
 
-from appliance.daemon.admin_client import AdminError, DaemonDown, Target, answer, target_from_config
+from appliance.daemon.admin_client import (
+    JSON_BODY,
+    AdminError,
+    DaemonDown,
+    Target,
+    answer,
+    encode_body,
+    target_from_config,
+)
+from appliance.status import (
+    SCALE,
+    DaemonStatus,
+    GpusStatus,
+    ModelAction,
+    ModelStatus,
+    ReplicaAction,
+    ReplicaLog,
+    ReplicaStatus,
+    ScaleBody,
+)
+
+T = TypeVar("T")
 
 __all__ = ["Admin", "AdminClient", "AdminError", "DaemonDown", "Target", "target_from_config"]
 
@@ -17,12 +38,12 @@ class Admin(Protocol):
 
     where: str
 
-    async def status(self) -> dict: ...
-    async def gpus(self) -> dict: ...
-    async def log(self, model: str, index: int, lines: int) -> dict: ...
-    async def scale(self, model: str, replicas: int | None) -> dict: ...
-    async def model_action(self, model: str, action: str) -> dict: ...
-    async def replica_action(self, model: str, index: int, action: str) -> dict: ...
+    async def status(self) -> DaemonStatus: ...
+    async def gpus(self) -> GpusStatus: ...
+    async def log(self, model: str, index: int, lines: int) -> ReplicaLog: ...
+    async def scale(self, model: str, replicas: int | None) -> ModelStatus: ...
+    async def model_action(self, model: str, action: ModelAction) -> ModelStatus: ...
+    async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus: ...
     async def close(self) -> None: ...
 
 
@@ -39,32 +60,36 @@ class AdminClient:
     def to(cls, target: Target) -> AdminClient:
         return cls(socket=target.socket, url=target.url, token=target.token)
 
-    async def _call(self, method: str, path: str, **kw: Any) -> dict:
+    async def _call(self, method: str, path: str, into: type[T], **kw: Any) -> T:
         try:
             resp = await self.http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise DaemonDown(self.target.why_down(exc)) from None
-        return answer(resp)
+        return answer(resp, into)
 
-    async def status(self) -> dict:
-        return await self._call("GET", "/admin/status")
+    async def status(self) -> DaemonStatus:
+        return await self._call("GET", "/admin/status", DaemonStatus)
 
-    async def gpus(self) -> dict:
-        return await self._call("GET", "/admin/gpus")
+    async def gpus(self) -> GpusStatus:
+        return await self._call("GET", "/admin/gpus", GpusStatus)
 
-    async def log(self, model: str, index: int, lines: int) -> dict:
-        return await self._call("GET", f"/admin/models/{model}/replicas/{index}/log", params={"lines": lines})
+    async def log(self, model: str, index: int, lines: int) -> ReplicaLog:
+        path = f"/admin/models/{model}/replicas/{index}/log"
+        return await self._call("GET", path, ReplicaLog, params={"lines": lines})
 
     # State-changing calls send JSON (an empty object where there is nothing to say):
     # the daemon refuses any other content type.
-    async def scale(self, model: str, replicas: int | None) -> dict:
-        return await self._call("POST", f"/admin/models/{model}/scale", json={"replicas": replicas})
+    async def scale(self, model: str, replicas: int | None) -> ModelStatus:
+        return await self._post(f"/admin/models/{model}/{SCALE}", ModelStatus, ScaleBody(replicas=replicas))
 
-    async def model_action(self, model: str, action: str) -> dict:
-        return await self._call("POST", f"/admin/models/{model}/{action}", json={})
+    async def model_action(self, model: str, action: ModelAction) -> ModelStatus:
+        return await self._post(f"/admin/models/{model}/{action}", ModelStatus)
 
-    async def replica_action(self, model: str, index: int, action: str) -> dict:
-        return await self._call("POST", f"/admin/models/{model}/replicas/{index}/{action}", json={})
+    async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus:
+        return await self._post(f"/admin/models/{model}/replicas/{index}/{action}", ReplicaStatus)
+
+    async def _post(self, path: str, into: type[T], body: ScaleBody | None = None) -> T:
+        return await self._call("POST", path, into, content=encode_body(body), headers=JSON_BODY)
 
     async def close(self) -> None:
         await self.http.aclose()

@@ -13,20 +13,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from random import getrandbits as _getrandbits
+from typing import Annotated, TypeVar
 
-import msgspec
-from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
+from litestar.openapi import ResponseSpec
+from litestar.params import Parameter
 from litestar.types import Receive, Scope, Send
 
 from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
 from appliance.access.tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
 from appliance.api.admin_access import AdminAccess
-from appliance.api.admin_views import gpu_view, replica_log
+from appliance.api.admin_views import daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.api.metrics import Metrics
 from appliance.config import Config, ConfigError, check_writable_dirs, read_admin_token
@@ -53,7 +55,6 @@ from appliance.gateway.protocol import (
     ModelList,
     RequestT,
     decode_request,
-    hostile_json,
 )
 from appliance.gateway.providers import Provider, load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
@@ -62,12 +63,27 @@ from appliance.gateway.routing import RequestCtx, Routes, accountable, committed
 from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from appliance.gateway.ttft import TtftTracker
 from appliance.logs import bind_request_id
+from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
+from appliance.status import (
+    SCALE,
+    ActionBody,
+    DaemonStatus,
+    GpusStatus,
+    ModelAction,
+    ModelStatus,
+    Readiness,
+    ReplicaAction,
+    ReplicaLog,
+    ReplicaStatus,
+    ScaleBody,
+)
 from appliance.store.guard import RECHECK_S, Scrubber
 
 log = logging.getLogger("appliance.api")
 
 JSON = "application/json"
+Action = TypeVar("Action", bound=StrEnum)
 
 
 @dataclass
@@ -475,7 +491,7 @@ def _authorization(request: Request) -> bytes | None:
 
 
 @get("/v1/models")
-async def list_models(request: Request) -> Response:
+async def list_models(request: Request) -> Response[ModelList]:
     rt = _client_or_admin(request)
     created = int(rt.started)
     cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
@@ -483,7 +499,7 @@ async def list_models(request: Request) -> Response:
 
 
 @get("/v1/models/{model_id:path}")
-async def get_model(request: Request) -> Response:
+async def get_model(request: Request) -> Response[ModelCard]:
     rt = _client_or_admin(request)
     name = str(request.path_params["model_id"]).lstrip("/")
     rt.supervisor.deployment(name)  # 404 in the envelope if unknown
@@ -508,16 +524,19 @@ async def healthz() -> Response:
     return Response({"status": "alive"}, media_type=JSON)
 
 
-@get("/readyz")
-async def readyz(request: Request) -> Response:
+@get(
+    "/readyz",
+    responses={
+        503: ResponseSpec(Readiness, description="Not ready (starting or draining): the same body, with Retry-After")
+    },
+)
+async def readyz(request: Request) -> Response[Readiness]:
     rt = _runtime(request)
-    models = {name: d.ready for name, d in rt.supervisor.deployments.items()}
     ready = rt.supervisor.ready and not rt.draining
-    status = "draining" if rt.draining else ("ready" if ready else "starting")
+    body = Readiness(status="draining" if rt.draining else ("ready" if ready else "starting"))
+    if not rt.gate.required or _has_credential(rt, request):  # the box's model names are for callers with a key
+        body.models = {name: d.ready for name, d in rt.supervisor.deployments.items()}
     headers = {} if ready else {"Retry-After": "5"}
-    body = {"status": status, "models": models}
-    if rt.gate.required and not _has_credential(rt, request):
-        del body["models"]  # the box's model names are for callers with a key
     return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
 
 
@@ -529,8 +548,8 @@ def _has_credential(rt: Runtime, request: Request) -> bool:
     return True
 
 
-@get("/metrics")
-async def metrics(request: Request) -> Response:
+@get("/metrics", media_type=METRICS_CONTENT_TYPE)
+async def metrics(request: Request) -> Response[str]:
     rt = _runtime(request)
     if not rt.cfg.server.metrics_public:
         _client_or_admin(request)
@@ -538,65 +557,34 @@ async def metrics(request: Request) -> Response:
 
 
 @get("/admin/status")
-async def admin_status(request: Request) -> Response:
-    rt = _admin(request)
-    body = {
-        "version": _version(),
-        "config": rt.cfg.origin,
-        "uptime_s": round(time.time() - rt.started, 1),
-        "draining": rt.draining,
-        "ready": rt.supervisor.ready,
-        "listen": f"{rt.cfg.server.host}:{rt.cfg.server.port}",
-        "paths": {"state": rt.cfg.paths.state_dir, "cache": rt.cfg.paths.cache_dir, "logs": rt.cfg.paths.log_dir},
-        **rt.supervisor.status(),
-    }
-    body["monotonic"] = rt.supervisor.clock.monotonic()  # what the decisions' "at" counts from
-    for m in body["models"]:
-        m["ttft_p50_ms"] = rt.ttft.p50_ms(m["name"])
-    body["routes"] = [
-        {
-            "name": r.name,
-            "model": r.model,
-            "tag": r.tag,
-            "target": r.target,
-            "regulated": r.regulated,
-            "fallbacks": list(r.fallbacks),
-            "fired": {f: rt.fallbacks_fired.get((r.name, f), 0) for f in r.fallbacks},
-        }
-        for r in rt.cfg.routes
-    ]
-    body["usage"] = [
-        {"key": name, "requests": n, "prompt_tokens": p, "completion_tokens": c, "tokens": p + c}
-        for name, (n, p, c) in sorted(rt.key_usage.items())
-    ]
-    return Response(body, media_type=JSON)
+async def admin_status(request: Request) -> DaemonStatus:
+    """The daemon, its models and replicas (with the autoscaler's last decisions), routes, key usage."""
+    return daemon_status(_admin(request), _version())
 
 
 @get("/admin/gpus")
-async def admin_gpus(request: Request) -> Response:
+async def admin_gpus(request: Request) -> GpusStatus:
     """Each GPU (NVML or the simulated inventory) with the replicas placed on it,
     and the CPU engines' core budget."""
-    return Response(gpu_view(_admin(request).supervisor), media_type=JSON)
+    return gpu_view(_admin(request).supervisor)
 
 
 @get("/admin/models/{model:str}/replicas/{index:int}/log")
-async def admin_replica_log(request: Request) -> Response:
+async def admin_replica_log(request: Request) -> ReplicaLog:
     """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
     rt = _admin(request)
     p = request.path_params
     replica = rt.supervisor.replica(p["model"], p["index"])
-    return Response(replica_log(replica, request.query_params.get("lines", "100")), media_type=JSON)
+    return replica_log(replica, request.query_params.get("lines", "100"))
 
 
 # --- admin: operator control (the CLI and the TUI use these) ----------------------
 
 
-class ScaleBody(msgspec.Struct, forbid_unknown_fields=True):
-    replicas: int | None
-
-
-class ActionBody(msgspec.Struct, forbid_unknown_fields=True):
-    """The other actions say nothing: their body is {} (still JSON, see admin_access)."""
+# A path's action, documented as one of the vocabulary's (an unknown one is a 404 from
+# ``_action`` that lists them, not Litestar's 400).
+ModelActionName = Annotated[str, Parameter(schema_extra={"enum": [a.value for a in ModelAction]})]
+ReplicaActionName = Annotated[str, Parameter(schema_extra={"enum": [a.value for a in ReplicaAction]})]
 
 
 def _admin(request: Request) -> Runtime:
@@ -620,65 +608,52 @@ async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
     return rt, body
 
 
-def _json_body(body: bytes, cls):
-    try:
-        return msgspec.json.decode(body, type=cls)
-    except msgspec.ValidationError as exc:
-        raise BadRequest(f"Invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
-        raise BadRequest(f"Malformed JSON in request body: {exc}") from None
-    except (UnicodeDecodeError, RecursionError) as exc:
-        raise hostile_json(exc) from None
-
-
-def _model_status(rt: Runtime, name: str) -> Response:
-    body = next(m for m in rt.supervisor.status()["models"] if m["name"] == name)
-    return Response(body, media_type=JSON)
-
-
-@post("/admin/models/{model:str}/scale", status_code=200)
-async def admin_scale(request: Request) -> Response:
+@post("/admin/models/{model:str}/scale", status_code=200, opt={"body": ScaleBody})
+async def admin_scale(request: Request) -> ModelStatus:
+    """Set the model's replica count (kept across restarts); null hands it back to the autoscaler."""
     rt, raw = await _admin_write(request)
     model = request.path_params["model"]
-    body = _json_body(raw, ScaleBody)
-    if body.replicas is not None and body.replicas < 0:
-        raise BadRequest("'replicas' must be >= 0 (or null for autoscaling)", param="replicas")
+    body = decode_request(raw, ScaleBody)
     rt.supervisor.scale(model, body.replicas)
-    return _model_status(rt, model)
+    return model_status(rt, model)
 
 
-@post("/admin/models/{model:str}/{action:str}", status_code=200)
-async def admin_model_action(request: Request) -> Response:
+@post("/admin/models/{model:str}/{action:str}", status_code=200, opt={"body": ActionBody})
+async def admin_model_action(request: Request, action: ModelActionName) -> ModelStatus:
+    """Load, unload, pin or unpin the model (appliance/status.py: ModelAction)."""
     rt, raw = await _admin_write(request)
-    _json_body(raw, ActionBody)
-    model, action = request.path_params["model"], request.path_params["action"]
-    sup = rt.supervisor
-    actions = {
-        "load": lambda: sup.load(model),
-        "unload": lambda: sup.unload(model),
-        "pin": lambda: sup.pin(model, True),
-        "unpin": lambda: sup.pin(model, False),
+    decode_request(raw, ActionBody)
+    model, sup = request.path_params["model"], rt.supervisor
+    carry_out = {
+        ModelAction.LOAD: lambda: sup.load(model),
+        ModelAction.UNLOAD: lambda: sup.unload(model),
+        ModelAction.PIN: lambda: sup.pin(model, True),
+        ModelAction.UNPIN: lambda: sup.pin(model, False),
     }
-    if action not in actions:
-        raise NotFound(f"No admin action '{action}' (load, unload, pin, unpin, scale)")
-    actions[action]()
-    return _model_status(rt, model)
+    carry_out[_action(ModelAction, action, "admin action", [*ModelAction, SCALE])]()
+    return model_status(rt, model)
 
 
-@post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200)
-async def admin_replica_action(request: Request) -> Response:
+@post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200, opt={"body": ActionBody})
+async def admin_replica_action(request: Request, action: ReplicaActionName) -> ReplicaStatus:
+    """Restart or drain one replica (appliance/status.py: ReplicaAction)."""
     rt, raw = await _admin_write(request)
-    _json_body(raw, ActionBody)
+    decode_request(raw, ActionBody)
     p = request.path_params
-    model, index, action = p["model"], p["index"], p["action"]
-    replica = rt.supervisor.replica(model, index)
-    if action == "restart":
+    replica = rt.supervisor.replica(p["model"], p["index"])
+    if _action(ReplicaAction, action, "replica action", list(ReplicaAction)) is ReplicaAction.RESTART:
         replica.restart()
-    elif action == "drain":
-        rt.supervisor.retire(replica, "operator drained the replica")
     else:
-        raise NotFound(f"No replica action '{action}' (restart, drain)")
-    return Response(replica.snapshot(), media_type=JSON)
+        rt.supervisor.retire(replica, "operator drained the replica")
+    return replica.snapshot()
+
+
+def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Action:
+    """The action a path names; an unknown one is a 404 that lists the known ones."""
+    try:
+        return kind(name)
+    except ValueError:
+        raise NotFound(f"No {what} '{name}' ({', '.join(known)})") from None
 
 
 @get("/openapi.json", include_in_schema=False)
@@ -789,32 +764,14 @@ def create_app(cfg: Config) -> Litestar:
         app.state.runtime = runtime
         supervisor.start()
         audit.start()
-        scheduler = AsyncIOScheduler()
-
-        async def refresh_keys() -> None:
-            gate.refresh()  # keys created or revoked by `appliance keys` in another process
-
-        scheduler.add_job(refresh_keys, "interval", seconds=1.0, id="keys", max_instances=1, coalesce=True)
-
-        async def autoscale() -> None:
-            # A coroutine, so APScheduler runs it on this event loop, not in a thread.
-            supervisor.tick()
-
-        scheduler.add_job(
-            autoscale, "interval", seconds=cfg.autoscaling.interval_s, id="autoscaler", max_instances=1, coalesce=True
-        )
+        jobs = Periodic()
+        # Keys created or revoked by `appliance keys` in another process.
+        jobs.every(1.0, "keys", gate.refresh)
+        jobs.every(cfg.autoscaling.interval_s, "autoscaler", supervisor.tick)
         if supervisor.store_checks is not None:
             # A blocked store model that passes admission again (re-imported, verified, its
             # license accepted) is served again.
-            scheduler.add_job(
-                supervisor.recheck_blocked,
-                "interval",
-                seconds=RECHECK_S,
-                id="store-recheck",
-                max_instances=1,
-                coalesce=True,
-            )
-        scheduler.start()
+            jobs.every(RECHECK_S, "store-recheck", supervisor.recheck_blocked)
         # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
         scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
         if scrub is not None:
@@ -830,7 +787,7 @@ def create_app(cfg: Config) -> Litestar:
             yield
         finally:
             runtime.draining = True
-            scheduler.shutdown(wait=False)
+            await jobs.close()
             if scrub is not None:
                 await scrub.close()
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)

@@ -14,8 +14,9 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _SupervisorCollector:
-    """Replica states, in-flight and restarts, read from the supervisor per scrape
-    so the request path pays nothing for them."""
+    """Replica states, in-flight and restarts, read per scrape from the same typed
+    status the admin API shows (appliance/status.py), so the request path pays
+    nothing for them and a label means what the status's field means."""
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
@@ -74,18 +75,19 @@ class _SupervisorCollector:
         for model, cause in sorted(self.supervisor.market.waits.series):
             buckets, total = self.supervisor.market.waits.cumulative(model, cause)
             waits.add_metric([model, cause], buckets, total)
-        for name, dep in self.supervisor.deployments.items():
-            for outcome, count in dep.prefix.outcomes.items():
+        for m in self.supervisor.status():
+            name = m.name
+            for outcome, count in m.prefix_routing.items():
                 prefix.add_metric([name, outcome], float(count))
-            ready.add_metric([name], 1.0 if dep.ready else 0.0)
-            rps.add_metric([name, "10s"], dep.rate.rate(10))
-            rps.add_metric([name, "60s"], dep.rate.rate(60))
-            queued.add_metric([name], float(len(dep.waiters)))
-            replicas.add_metric([name], float(len(dep.kept())))
-            for r in dep.replicas:
+            ready.add_metric([name], 1.0 if m.ready else 0.0)
+            rps.add_metric([name, "10s"], m.rps_10s)
+            rps.add_metric([name, "60s"], m.rps_60s)
+            queued.add_metric([name], float(m.queued))
+            replicas.add_metric([name], float(sum(1 for r in m.replicas if not r.retiring)))
+            for r in m.replicas:
                 idx = str(r.index)
                 for s in State:
-                    state.add_metric([name, idx, s.value], 1.0 if r.state is s else 0.0)
+                    state.add_metric([name, idx, s.value], 1.0 if r.state == s.value else 0.0)
                 inflight.add_metric([name, idx], float(r.inflight))
                 restarts.add_metric([name, idx], float(r.restarts))
                 if r.load is not None:

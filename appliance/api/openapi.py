@@ -1,15 +1,18 @@
 """The API's OpenAPI document (GET /openapi.json), built once on first request.
 
-Litestar generates the typed handlers' part (paths, path parameters). What it
-cannot see is added here, in one place: the raw ASGI OpenAI routes (their
-request bodies are the msgspec Structs in protocol.py), the admin request
-bodies, the content types that are not JSON, and the one error envelope
-(errors.py) that every error of every route uses.
+Litestar generates the typed handlers' part: paths, parameters and answers, from
+their Structs (the admin API's in appliance/status.py, /v1/models' in protocol.py).
+What it cannot see is added here, in one place: the raw ASGI OpenAI routes (their
+request bodies are the msgspec Structs in protocol.py, with the ranges
+``decode_request`` checks), the admin calls' bodies (read by the handlers
+themselves, named in their ``opt["body"]``), the configured model names, and the
+one error envelope (errors.py) that every error of every route uses.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any
 
 import msgspec
@@ -18,7 +21,7 @@ from litestar.openapi import OpenAPIConfig
 
 from appliance.errors import ErrorEnvelope
 from appliance.gateway.capabilities import ENDPOINTS
-from appliance.gateway.protocol import AT_LEAST_ONE, MAX_COUNT, ModelCard, ModelList
+from appliance.gateway.protocol import AT_LEAST_ONE, MAX_COUNT
 
 REF = "#/components/schemas/"
 ERROR = {"$ref": REF + "ErrorEnvelope"}
@@ -62,20 +65,19 @@ _OPERATION_IDS = {
     "/v1/completions": "Completion",
     "/v1/embeddings": "Embedding",
 }
-_ACTIONS = {
-    "/admin/models/{model}/{action}": ["load", "unload", "pin", "unpin"],
-    "/admin/models/{model}/replicas/{index}/{action}": ["restart", "drain"],
-}
 
 
 def _requests() -> list[type]:
     return list(dict.fromkeys(e.cls for e in ENDPOINTS.values()))
 
 
-def _components() -> dict[str, Any]:
-    _, defs = msgspec.json.schema_components(
-        [*_requests(), ErrorEnvelope, ModelList, ModelCard], ref_template=REF + "{name}"
-    )
+def _admin_bodies(handlers: list) -> dict[str, type]:
+    """Path -> the request body type of each admin call that reads its own body."""
+    return {path: h.opt["body"] for h in handlers if "body" in h.opt for path in h.paths}
+
+
+def _components(bodies: list[type]) -> dict[str, Any]:
+    _, defs = msgspec.json.schema_components([*_requests(), ErrorEnvelope, *bodies], ref_template=REF + "{name}")
     for cls in _requests():
         props = defs[cls.__name__]["properties"]
         for field in set(AT_LEAST_ONE) & set(props):
@@ -89,21 +91,14 @@ def _components() -> dict[str, Any]:
             props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
         if "messages" in props and "messages" in defs[cls.__name__].get("required", ()):
             props["messages"]["minItems"] = 1
-    defs["ActionBody"] = {"type": "object", "additionalProperties": False, "properties": {}}
-    defs["ScaleBody"] = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["replicas"],
-        "properties": {"replicas": {"anyOf": [{"type": "integer", "minimum": 0}, {"type": "null"}]}},
-    }
     return defs
 
 
 def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthropic: bool = False) -> None:
     responses = operation.setdefault("responses", {})
-    for status in list(responses):
-        if status[0] in "45":
-            del responses[status]
+    for status, answer in list(responses.items()):
+        if status[0] in "45" and not _declared(answer):
+            del responses[status]  # Litestar's own error bodies: ours is the envelope
     for status in statuses:
         responses[status] = {
             "description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} error envelope",
@@ -111,8 +106,19 @@ def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthrop
         }
 
 
+def _declared(answer: dict) -> bool:
+    """An error answer its handler declares with one of our Structs (/readyz's 503)."""
+    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+    return schema.get("$ref", "").startswith(REF)
+
+
 def _json_body(ref: str) -> dict:
     return {"required": True, "content": {"application/json": {"schema": {"$ref": REF + ref}}}}
+
+
+def _openapi_path(path: str) -> str:
+    """A Litestar route path ({model:str}) as the document writes it ({model})."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
 def _model_names(doc: dict, models: list[str]) -> None:
@@ -133,7 +139,8 @@ def build(handlers: list, models: list[str], version: str) -> dict:
         '{"error": {"message", "type", "param", "code"}}.'
     )
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
-    schemas.update(_components())
+    bodies = _admin_bodies(handlers)
+    schemas.update(_components(list(bodies.values())))
     for cls in _requests():
         schemas[cls.__name__]["properties"]["model"]["enum"] = models
     paths = doc["paths"]
@@ -159,35 +166,9 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     for path, item in paths.items():
         for op in item.values():
             _errors(op, anthropic=path.startswith("/v1/messages"))
-    paths["/v1/models"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
-        "$ref": REF + "ModelList"
-    }
-    paths["/v1/models/{model_id}"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] = {
-        "$ref": REF + "ModelCard"
-    }
-    paths["/metrics"]["get"]["responses"]["200"]["content"] = {"text/plain": {"schema": {"type": "string"}}}
-    # "models" only to a caller with a key or the admin credential once keys are required.
-    readiness = {
-        "type": "object",
-        "required": ["status"],
-        "properties": {
-            "status": {"enum": ["ready", "starting", "draining"]},
-            "models": {"type": "object", "additionalProperties": {"type": "boolean"}},
-        },
-    }
-    ready = paths["/readyz"]["get"]["responses"]
-    ready["200"]["content"]["application/json"]["schema"] = readiness
-    ready["503"] = {
-        "description": "Not ready (starting or draining): the same body, with Retry-After",
-        "content": {"application/json": {"schema": readiness}},
-    }
-    paths["/admin/models/{model}/scale"]["post"]["requestBody"] = _json_body("ScaleBody")
-    for path, actions in _ACTIONS.items():
+    for path, cls in bodies.items():
         # State-changing admin calls are JSON, even with nothing to say ({}): no
         # cross-site "simple" request can send that content type.
-        paths[path]["post"]["requestBody"] = _json_body("ActionBody")
-        for p in paths[path]["post"]["parameters"]:
-            if p["name"] == "action":
-                p["schema"] = {"type": "string", "enum": actions}
+        paths[_openapi_path(path)]["post"]["requestBody"] = _json_body(cls.__name__)
     _model_names(doc, models)
     return doc

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TypeVar
 
 import click
+import msgspec
 
 from appliance.cli.options import CONFIG_HELP, load, read_inventory
 from appliance.config import (
@@ -16,6 +18,9 @@ from appliance.config import (
     ConfigError,
     uses_gpus,
 )
+from appliance.status import MODEL_ACTION_HELP, SCALE, DaemonStatus, ModelAction, ModelStatus, ScaleBody
+
+T = TypeVar("T")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -215,14 +220,21 @@ def _sha256(path) -> str:
 
 
 def _admin_call(
-    cfg: Config, port: int | None, method: str, path: str, body: dict | None = None, timeout: float = 30.0
-) -> dict:
+    cfg: Config,
+    port: int | None,
+    method: str,
+    path: str,
+    into: type[T],
+    body: msgspec.Struct | None = None,
+    timeout: float = 30.0,
+) -> T:
     """The running daemon's admin API: its admin socket when this user may open it,
-    else TCP (--port, server.port) with the admin token (appliance/daemon/admin_client.py)."""
+    else TCP (--port, server.port) with the admin token (appliance/daemon/admin_client.py);
+    the answer decoded into its type (appliance/status.py)."""
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
 
     try:
-        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, body, timeout)
+        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, into, body, timeout)
     except (DaemonDown, AdminError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -230,33 +242,30 @@ def _admin_call(
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
-@click.option("--json", "as_json", is_flag=True, help="Print the raw status as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (what GET /admin/status answers).")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
-    data = _admin_call(load(config), port, "GET", "/admin/status", timeout=5.0)
+    data = _admin_call(load(config), port, "GET", "/admin/status", DaemonStatus, timeout=5.0)
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2))
         return
-    state = "draining" if data.get("draining") else ("ready" if data.get("ready") else "starting")
+    state = "draining" if data.draining else ("ready" if data.ready else "starting")
     click.echo(
-        f"appliance {data.get('version')}  {state}  listening on {data.get('listen')}  "
-        f"up {data.get('uptime_s')}s  config {data.get('config')}"
+        f"appliance {data.version}  {state}  listening on {data.listen}  up {data.uptime_s}s  config {data.config}"
     )
-    for m in data.get("models", []):
-        click.echo(f"\n{m['name']}  ({m['server']})  {'ready' if m['ready'] else 'not ready'}")
-        if m.get("blocked"):
-            click.echo(f"  not served: {m['blocked']}")
-        for r in m["replicas"]:
-            where = f"pid {r['pid']} port {r['port']}" if r.get("pid") else (r.get("url") or "-")
-            image = f"  image {r['image']}" if r.get("image") else ""
-            click.echo(
-                f"  #{r['index']}  {r['state']:<9} {where}  in-flight {r['inflight']}  restarts {r['restarts']}{image}"
-            )
-            if r.get("last_error"):
-                click.echo(f"      last error: {r['last_error']}")
-            for line in r.get("log_tail") or []:
+    for m in data.models:
+        click.echo(f"\n{m.name}  ({m.server})  {'ready' if m.ready else 'not ready'}")
+        if m.blocked:
+            click.echo(f"  not served: {m.blocked}")
+        for r in m.replicas:
+            where = f"pid {r.pid} port {r.port}" if r.pid else (r.url or "-")
+            image = f"  image {r.image}" if r.image else ""
+            click.echo(f"  #{r.index}  {r.state:<9} {where}  in-flight {r.inflight}  restarts {r.restarts}{image}")
+            if r.last_error:
+                click.echo(f"      last error: {r.last_error}")
+            for line in r.log_tail:
                 click.echo(f"      | {line}")
-    if not data.get("ready"):
+    if not data.ready:
         sys.exit(3)
 
 
@@ -359,11 +368,11 @@ def plan(
         sys.exit(2)
 
 
-def _model_line(m: dict) -> str:
-    states = ",".join(r["state"] for r in m["replicas"]) or "none"
-    how = f"operator set {m['override']}" if m.get("override") is not None else "autoscaling"
-    pin = ", pinned" if m.get("pinned") else ""
-    return f"{m['name']}: replicas {len(m['replicas'])} [{states}] ({how}{pin})"
+def _model_line(m: ModelStatus) -> str:
+    states = ",".join(r.state for r in m.replicas) or "none"
+    how = f"operator set {m.override}" if m.override is not None else "autoscaling"
+    pin = ", pinned" if m.pinned else ""
+    return f"{m.name}: replicas {len(m.replicas)} [{states}] ({how}{pin})"
 
 
 _MODEL_OPTIONS = [
@@ -391,28 +400,22 @@ def scale(model: str, replicas: str, config: str | None, port: int | None) -> No
         value = int(replicas)
     else:
         raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
-    click.echo(_model_line(_admin_call(cfg, port, "POST", f"/admin/models/{model}/scale", {"replicas": value})))
+    path = f"/admin/models/{model}/{SCALE}"
+    click.echo(_model_line(_admin_call(cfg, port, "POST", path, ModelStatus, ScaleBody(replicas=value))))
 
 
-def _model_action(action: str, doc: str):
+def _model_action(action: ModelAction):
     @click.argument("model")
     @_with_model_options
     def command(model: str, config: str | None, port: int | None) -> None:
-        click.echo(_model_line(_admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}")))
+        click.echo(_model_line(_admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}", ModelStatus)))
 
-    command.__doc__ = doc
-    return main.command(name=action)(command)
+    command.__doc__ = MODEL_ACTION_HELP[action]
+    return main.command(name=action.value)(command)
 
 
-_model_action(
-    "load",
-    "Pre-warm MODEL: start a replica now, as if a request had arrived (stopping idle "
-    "replicas of other models if there is no room; an error saying who holds it if none "
-    "may go).",
-)
-_model_action("unload", "Drain MODEL's replicas down to zero; its next request starts it again.")
-_model_action("pin", "Keep MODEL at min_replicas however idle it is (kept across restarts).")
-_model_action("unpin", "Let MODEL idle to zero again.")
+for _action in ModelAction:
+    _model_action(_action)
 
 
 @main.command()
@@ -493,7 +496,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     live, down = None, "daemon not running"
     try:
         target = target_from_config(cfg, port=port, socket_if_usable=True)
-        live = {m["name"]: m for m in call(target, "GET", "/admin/status", timeout=1.5).get("models", [])}
+        live = {m.name: m for m in call(target, "GET", "/admin/status", DaemonStatus, timeout=1.5).models}
     except DaemonDown:
         pass
     except (AdminError, ConfigError) as exc:
@@ -504,7 +507,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
         state = down
         if live is not None:
             info = live.get(m.name)
-            states = [r["state"] for r in info["replicas"]] if info else []
+            states = [r.state for r in info.replicas] if info else []
             state = ",".join(states) or "unknown"
         path = model_path(cfg, m)
         rows.append(

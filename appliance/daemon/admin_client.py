@@ -7,9 +7,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
+import msgspec
+
+from appliance.status import ActionBody
+
+T = TypeVar("T")
 
 
 class DaemonDown(Exception):
@@ -82,8 +87,9 @@ def target_from_config(
     return Target(url=f"http://{host}:{port or cfg.server.port}", token=token())
 
 
-def answer(resp: httpx.Response) -> dict:
-    """The JSON of a good answer; AdminError with the daemon's own message otherwise."""
+def answer(resp: httpx.Response, into: type[T]) -> T:
+    """A good answer decoded into its type (appliance/status.py); AdminError with the
+    daemon's own message otherwise."""
     if resp.status_code >= 400:
         try:
             message = resp.json()["error"]["message"]
@@ -91,18 +97,29 @@ def answer(resp: httpx.Response) -> dict:
             message = f"HTTP {resp.status_code}"
         raise AdminError(message)
     try:
-        return resp.json()
-    except ValueError:
-        raise AdminError(f"{resp.request.method} {resp.request.url.path}: the daemon's answer is not JSON") from None
+        return msgspec.json.decode(resp.content, type=into)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        where = f"{resp.request.method} {resp.request.url.path}"
+        raise AdminError(f"{where}: the daemon's answer is not what this client reads ({exc})") from None
 
 
-def call(target: Target, method: str, path: str, body: dict | None = None, timeout: float = 30.0) -> dict:
+JSON_BODY = {"Content-Type": "application/json"}
+
+
+def encode_body(body: msgspec.Struct | None) -> bytes:
+    """A state-changing call's body: its Struct, or {} (ActionBody) when it says nothing."""
+    return msgspec.json.encode(body if body is not None else ActionBody())
+
+
+def call(
+    target: Target, method: str, path: str, into: type[T], body: msgspec.Struct | None = None, timeout: float = 30.0
+) -> T:
     """One admin call, synchronously (the CLI). State-changing calls always send a
-    JSON body: the daemon refuses any other content type."""
+    JSON body ({} when there is nothing to say): the daemon refuses any other content type."""
     transport = httpx.HTTPTransport(uds=target.socket) if target.socket else None
-    kwargs = {"json": body if body is not None else {}} if method != "GET" else {}
+    kwargs = {"content": encode_body(body), "headers": JSON_BODY} if method != "GET" else {}
     try:
         with httpx.Client(transport=transport, timeout=timeout, **target.client_options()) as client:
-            return answer(client.request(method, path, **kwargs))
+            return answer(client.request(method, path, **kwargs), into)
     except httpx.TransportError as exc:
         raise DaemonDown(target.why_down(exc)) from None

@@ -34,6 +34,7 @@ from appliance.gpu.memory import MeasuredMemory, ModelShapeError, estimate_gguf
 from appliance.gpu.placement import GiB, Placed, free_bytes
 from appliance.gpu.planning import PlanRow, demand_for, estimate_for, gpus_from, plan
 from appliance.gpu.probe import GpuProbe, Inventory
+from appliance.status import CpuBudget, CpuHolder, SleepingReplica
 from appliance.store.store import model_path
 
 # Host RAM kept for the OS, the daemon and page cache when [capacity] host_ram_gib is 0:
@@ -280,31 +281,31 @@ class Capacity:
 
     # --- status --------------------------------------------------------------------------------
 
-    def cpu_budget(self) -> dict:
+    def cpu_budget(self) -> CpuBudget:
         """The CPU engines' core budget and host RAM, and the replicas that hold them."""
         users = [
-            {
-                "replica": r.name,
-                "cores": self.cores(r.model),
-                "cpus": sorted(r.cpus),
-                "host_bytes": self.host_bytes(r),
-                "state": r.state.value,
-            }
+            CpuHolder(
+                replica=r.name,
+                cores=self.cores(r.model),
+                cpus=sorted(r.cpus),
+                host_bytes=self.host_bytes(r),
+                state=r.state.value,
+            )
             for r in self.cpu_holders()
         ]
         sleeping = [
-            {"replica": r.name, "host_bytes": self.host_bytes(r), "gpus": list(r.slot.gpus) if r.slot else []}
+            SleepingReplica(replica=r.name, host_bytes=self.host_bytes(r), gpus=list(r.slot.gpus) if r.slot else [])
             for r in self.replicas()
             if r.state is State.SLEEPING
         ]
-        return {
-            "cores": self.cpu_cores(),
-            "used": sum(u["cores"] for u in users),
-            "replicas": users,
-            "host_ram_bytes": self.host_ram(),
-            "host_ram_used_bytes": self.host_used(),
-            "sleeping": sleeping,
-        }
+        return CpuBudget(
+            cores=self.cpu_cores(),
+            used=sum(u.cores for u in users),
+            replicas=users,
+            host_ram_bytes=self.host_ram(),
+            host_ram_used_bytes=self.host_used(),
+            sleeping=sleeping,
+        )
 
 
 def reserved(r: Replica, inventory: Inventory) -> int:

@@ -13,6 +13,9 @@ import bisect
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+
+from appliance import status
 
 RECENT = 50
 # Seconds: a wake takes a fraction of a second to a few, a cold start tens.
@@ -66,9 +69,12 @@ class Market:
         self.evictions[key] = self.evictions.get(key, 0) + 1
         self._recent.append(e)
 
-    def recent(self, limit: int = 20) -> list[dict]:
-        """The latest evictions, newest first."""
-        return [asdict(e) for e in reversed(list(self._recent)[-limit:])]
+    def recent(self, limit: int = 20) -> list[status.Eviction]:
+        """The latest evictions, newest first (as the admin API shows them)."""
+        return [
+            status.Eviction(**{**asdict(e), "at": datetime.fromtimestamp(e.at, UTC)})
+            for e in reversed(list(self._recent)[-limit:])
+        ]
 
 
 def now() -> float:

@@ -35,6 +35,7 @@ import aiohttp
 from appliance.config import Config, ModelConfig
 from appliance.fleet.engine_access import EngineAccess, engine_environment, engine_session, open_access
 from appliance.fleet.process import ProcessHandle, ProcessRunner
+from appliance.status import ReplicaLoad, ReplicaStatus
 from appliance.store.store import model_path
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
 
@@ -68,10 +69,15 @@ class RealClock:
         await asyncio.sleep(seconds)
 
 
-def _load_dict(load: EngineLoad | None) -> dict | None:
+def _load_status(load: EngineLoad | None) -> ReplicaLoad | None:
     if load is None:
         return None
-    return {k: v for k, v in vars(load).items() if v is not None}
+    return ReplicaLoad(
+        running=load.running,
+        waiting=load.waiting,
+        kv_cache_usage=load.kv_cache_usage,
+        prefix_cache_hit_rate=load.prefix_cache_hit_rate,
+    )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -289,26 +295,26 @@ class Replica:
             if self.inflight == 0:
                 self._idle.set()
 
-    def snapshot(self) -> dict:
-        return {
-            "replica": self.name,
-            "index": self.index,
-            "state": self.state.value,
-            "pid": self.pid or None,
-            "port": self.port or None,
-            "url": self.address or None,
-            "supervised": self.supervised,
-            "inflight": self.inflight,
-            "retiring": self.retiring,
-            "restarts": self.restarts,
-            "gpus": list(self.slot.gpus) if self.slot else None,
-            "memory_fraction": self.slot.memory_fraction if self.slot else None,
-            "image": self.image or None,
-            "load": _load_dict(self.load),
-            "last_error": self.last_error or None,
-            "log_file": str(self.log_path) if self.supervised else None,
-            "log_tail": self.fatal_log_tail if self.state is State.FATAL else [],
-        }
+    def snapshot(self) -> ReplicaStatus:
+        return ReplicaStatus(
+            replica=self.name,
+            index=self.index,
+            state=self.state.value,
+            pid=self.pid or None,
+            port=self.port or None,
+            url=self.address or None,
+            supervised=self.supervised,
+            inflight=self.inflight,
+            retiring=self.retiring,
+            restarts=self.restarts,
+            gpus=list(self.slot.gpus) if self.slot else None,
+            memory_fraction=self.slot.memory_fraction if self.slot else None,
+            image=self.image or None,
+            load=_load_status(self.load),
+            last_error=self.last_error or None,
+            log_file=str(self.log_path) if self.supervised else None,
+            log_tail=list(self.fatal_log_tail) if self.state is State.FATAL else [],
+        )
 
     # --- the owner task -----------------------------------------------------------
 

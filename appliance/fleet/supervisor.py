@@ -17,6 +17,7 @@ import itertools
 import logging
 import math
 import re
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -35,8 +36,10 @@ from appliance.fleet.rates import RateWindow
 from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
-from appliance.gpu.probe import GpuProbe, NvmlProbe, SimulatedProbe
+from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
 from appliance.state.decisions import ModelControl, StateStore
+from appliance.status import CpuBudget, ModelStatus, PlacedReplica, at_wall_clock
+from appliance.status import Decision as DecisionStatus
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
 from appliance.store.store import Store
 from engines import GpuSlot, adapter_for
@@ -413,7 +416,7 @@ class Supervisor:
             room = min(room, self.capacity.cpu_room(dep.model, ignoring))
         return max(room, 0)
 
-    def cpu_budget(self) -> dict:
+    def cpu_budget(self) -> CpuBudget:
         """The CPU engines' cores and host RAM, and the replicas that hold them (status)."""
         return self.capacity.cpu_budget()
 
@@ -941,39 +944,39 @@ class Supervisor:
 
     # --- status -------------------------------------------------------------------------------
 
-    def status(self) -> dict:
+    def status(self) -> list[ModelStatus]:
+        """Every deployment as the admin API shows it (appliance/status.py)."""
         now = self.clock.monotonic()
-        return {
-            "models": [
-                {
-                    "name": d.model.name,
-                    "server": d.model.server,
-                    "source": d.model.source or d.model.url or None,
-                    "ready": d.ready,
-                    "pinned": d.control.pinned,
-                    "override": d.control.override,
-                    "rps_10s": round(d.rate.rate(10), 3),
-                    "rps_60s": round(d.rate.rate(60), 3),
-                    "inflight": d.inflight,
-                    "queued": len(d.waiters),
-                    "idle_s": round(now - d.rate.last_event, 1),
-                    "idle_ttl_s": idle_ttl_s(self.cfg, d.model),
-                    "last_cold_start_s": d.last_cold_start_s,
-                    "min_replicas": d.model.autoscaling.min_replicas,
-                    "max_replicas": d.model.autoscaling.max_replicas,
-                    "blocked": d.blocked,
-                    "replicas": [r.snapshot() for r in d.replicas],
-                    "decisions": [x.as_dict() for x in self.autoscaler.recent(d.model.name, 5)],
-                }
-                for d in self.deployments.values()
-            ],
-            "evictions": self.market.recent(),
-        }
+        wall = time.time()
+        return [
+            ModelStatus(
+                name=d.model.name,
+                server=d.model.server,
+                source=d.model.source or d.model.url or None,
+                ready=d.ready,
+                pinned=d.control.pinned,
+                override=d.control.override,
+                rps_10s=round(d.rate.rate(10), 3),
+                rps_60s=round(d.rate.rate(60), 3),
+                inflight=d.inflight,
+                queued=len(d.waiters),
+                idle_s=round(now - d.rate.last_event, 1),
+                idle_ttl_s=idle_ttl_s(self.cfg, d.model),
+                last_cold_start_s=d.last_cold_start_s,
+                min_replicas=d.model.autoscaling.min_replicas,
+                max_replicas=d.model.autoscaling.max_replicas,
+                blocked=d.blocked,
+                replicas=[r.snapshot() for r in d.replicas],
+                decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
+                prefix_routing=dict(d.prefix.outcomes),
+            )
+            for d in self.deployments.values()
+        ]
 
-    def gpu_holdings(self, inventory) -> dict[int, list[dict]]:
+    def gpu_holdings(self, inventory: Inventory) -> dict[int, list[PlacedReplica]]:
         """Per GPU index, what each replica placed on it holds: reserved by the placer, and
         used as NVML measures it once its engine runs (its whole process tree)."""
-        on_gpu: dict[int, list[dict]] = {}
+        on_gpu: dict[int, list[PlacedReplica]] = {}
         by_index = {g.index: g for g in inventory.gpus}
         for r in self.replicas():
             if r.slot is None:
@@ -982,12 +985,26 @@ class Supervisor:
             for i in r.slot.gpus:
                 gpu = by_index.get(i)
                 on_gpu.setdefault(i, []).append(
-                    {
-                        "replica": r.name,
-                        "state": r.state.value,
-                        "memory_fraction": r.slot.memory_fraction,
-                        "reserved_bytes": r.slot.bytes_per_gpu or None,
-                        "used_bytes": (gpu.used_by(pids) or None) if gpu is not None and pids else None,
-                    }
+                    PlacedReplica(
+                        replica=r.name,
+                        state=r.state.value,
+                        memory_fraction=r.slot.memory_fraction,
+                        reserved_bytes=r.slot.bytes_per_gpu or None,
+                        used_bytes=(gpu.used_by(pids) or None) if gpu is not None and pids else None,
+                    )
                 )
         return on_gpu
+
+
+def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:
+    """An autoscaler decision with its monotonic time as a wall-clock timestamp."""
+    inputs = {k: v for k, v in d.inputs.items() if k != "now"}
+    return DecisionStatus(
+        model=d.model,
+        at=at_wall_clock(d.at, now, wall),
+        current=d.current,
+        desired=d.desired,
+        action=d.action,
+        reason=d.reason,
+        inputs=inputs,
+    )
