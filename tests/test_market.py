@@ -123,17 +123,17 @@ async def test_an_idle_vllm_replica_is_evicted_to_sleep_in_host_ram_and_woken_in
         assert b.state is State.READY and b.slot.gpus == (0,)
         assert a.state is State.SLEEPING and not a.retiring  # evicted to sleep, not stopped
         [evicted] = sup.market.recent()
-        assert (evicted["replica"], evicted["to"], evicted["for_model"], evicted["trigger"]) == (
+        assert (evicted.replica, evicted.to, evicted.for_model, evicted.trigger) == (
             "a#0", "sleep", "b", "request")
         budget = sup.cpu_budget()
-        assert [s["replica"] for s in budget["sleeping"]] == ["a#0"]
-        assert budget["host_ram_used_bytes"] == budget["sleeping"][0]["host_bytes"] >= 40 * GiB
+        assert [s.replica for s in budget.sleeping] == ["a#0"]
+        assert budget.host_ram_used_bytes == budget.sleeping[0].host_bytes >= 40 * GiB
 
         # a's next request: its GPU is held by b (idle): b goes (no sleep mode: stopped), a wakes
         # where it slept, the same engine process (no cold start).
         again = await sup.deployment("a").acquire()
         assert again is a and a.state is State.READY and a.pid == pid
-        assert [(e["replica"], e["to"]) for e in sup.market.recent()] == [("b#0", "stop"), ("a#0", "sleep")]
+        assert [(e.replica, e.to) for e in sup.market.recent()] == [("b#0", "stop"), ("a#0", "sleep")]
         assert ("a", "evict") in sup.market.waits.series and ("b", "evict") in sup.market.waits.series
     finally:
         await sup.stop()
@@ -147,8 +147,8 @@ async def test_an_idle_vllm_replica_whose_weights_do_not_fit_in_host_ram_is_stop
         b = await sup.deployment("b").acquire()
         assert b.state is State.READY
         assert a.retiring  # stopped: 40 GiB of weights do not fit in 30 GiB of host RAM
-        assert [(e["replica"], e["to"]) for e in sup.market.recent()] == [("a#0", "stop")]
-        assert sup.cpu_budget()["sleeping"] == []
+        assert [(e.replica, e.to) for e in sup.market.recent()] == [("a#0", "stop")]
+        assert sup.cpu_budget().sleeping == []
     finally:
         await sup.stop()
         await session.close()
@@ -165,7 +165,7 @@ async def test_the_cpu_budget_defaults_to_the_cpus_the_daemon_may_run_on_not_the
     cfg = parse_config(gpu_config(tmp_path, ""))
     session = aiohttp.ClientSession()
     try:
-        assert Supervisor(cfg, session).cpu_budget()["cores"] == 3
+        assert Supervisor(cfg, session).cpu_budget().cores == 3
     finally:
         await session.close()
 
@@ -198,11 +198,11 @@ async def test_cpu_replicas_are_budgeted_by_host_ram_and_a_request_evicts_for_it
         await a.wait_ready(30)
         assert sup.deployment("b").replicas == []
         budget = sup.cpu_budget()
-        assert budget["host_ram_bytes"] == int(0.02 * GiB) and budget["host_ram_used_bytes"] > 0
+        assert budget.host_ram_bytes == int(0.02 * GiB) and budget.host_ram_used_bytes > 0
         b = await sup.deployment("b").acquire()
         assert b.state is State.READY and a.retiring
         [evicted] = sup.market.recent()
-        assert (evicted["replica"], evicted["to"], evicted["for_model"]) == ("a#0", "stop", "b")
+        assert (evicted.replica, evicted.to, evicted.for_model) == ("a#0", "stop", "b")
     finally:
         await sup.stop()
         await session.close()
@@ -219,11 +219,11 @@ async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a
     try:
         [a] = sup.deployment("a").replicas
         await a.sleep(timeout=10)
-        assert sup.cpu_budget()["host_ram_used_bytes"] >= 40 * GiB
+        assert sup.cpu_budget().host_ram_used_bytes >= 40 * GiB
         c = await sup.deployment("c").acquire()
         assert c.state is State.READY and a.retiring
         [evicted] = sup.market.recent()
-        assert (evicted["replica"], evicted["to"], evicted["for_model"]) == ("a#0", "stop", "c")
+        assert (evicted.replica, evicted.to, evicted.for_model) == ("a#0", "stop", "c")
     finally:
         await sup.stop()
         await session.close()
@@ -264,7 +264,7 @@ async def test_two_models_alternating_on_room_for_one_swap_no_faster_than_their_
             replica = await sup.deployment(model).acquire()
             with replica.lease():
                 pass
-        at = sorted(e["at"] for e in sup.market.recent())
+        at = sorted(e.at.timestamp() for e in sup.market.recent())
         assert len(at) == 5
         # Each eviction waited for the model it evicted to have been loaded for its residency.
         assert all(later - earlier >= residency - 0.05 for earlier, later in zip(at, at[1:], strict=False))
