@@ -99,3 +99,24 @@ def test_audit_export_streams_jsonl_and_csv_between_two_times(tmp_path):
     assert _export(cfg, "--until", "2000-01-01").stdout == ""  # a date alone: its midnight, UTC
     bad = _export(cfg, "--since", "last tuesday")
     assert bad.returncode != 0 and "not an ISO date" in bad.stderr
+
+
+def test_the_daemon_purges_old_rows_on_its_schedule_and_keeps_new_ones(daemons, tmp_path):
+    import time
+
+    from .conftest import fake_model, wait_until
+
+    db = connect(path_in(tmp_path / "state"))
+    _fill(db, [time.time() - 40 * DAY] * 50)
+    db.close()
+    d = daemons.start(fake_model("fake"), extra='[audit]\nretention_days = 30\npurge_interval = "1s"\n')
+    with d.client() as c:
+        assert c.post("/v1/completions", json={"model": "fake", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    db = connect(path_in(tmp_path / "state"))
+    try:
+        assert db.execute("PRAGMA auto_vacuum").fetchone()[0] == 2  # converted once, at start
+        wait_until(lambda: db.execute("SELECT COUNT(*) FROM audit WHERE ts < ?", (time.time() - DAY,)).fetchone()[0]
+                   == 0, 30, what="the old rows purged")
+        wait_until(lambda: db.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 1, 30, what="the new row kept")
+    finally:
+        db.close()

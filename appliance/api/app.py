@@ -24,6 +24,7 @@ from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
 from litestar.types import Receive, Scope, Send
 
+from appliance.access import retention
 from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
 from appliance.access.tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
@@ -772,6 +773,14 @@ def create_app(cfg: Config) -> Litestar:
             # A blocked store model that passes admission again (re-imported, verified, its
             # license accepted) is served again.
             jobs.every(RECHECK_S, "store-recheck", supervisor.recheck_blocked)
+        if retention.retention_on(cfg.audit):
+            state_db = db_path
+            # Blocking SQLite work, in a worker thread: the loop keeps serving.
+            jobs.every(
+                cfg.audit.purge_interval.seconds,
+                "audit-retention",
+                lambda: asyncio.to_thread(retention.purge_now, state_db, cfg.audit),
+            )
         # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
         scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
         if scrub is not None:

@@ -107,6 +107,7 @@ def _check_databases(cfg: Config, migrate: bool) -> None:
     damaged one, or one written by a newer appliance, stops here in one line."""
     import sqlite3
 
+    from appliance.access import retention
     from appliance.state import db as statedb
     from appliance.state.migrations import SchemaError, schema_version, too_new
     from appliance.store.store import MIGRATIONS as STORE_MIGRATIONS
@@ -122,6 +123,7 @@ def _check_databases(cfg: Config, migrate: bool) -> None:
                     raise too_new(path, registry, version)
             elif registry is statedb.MIGRATIONS:
                 statedb.connect(path).close()
+                retention.prepare(path, cfg.audit)  # incremental vacuum, once, before serving
             elif path.exists():
                 store.db  # noqa: B018 - opening it migrates it
                 store.close()
