@@ -8,6 +8,7 @@ when it reaches supervisor.log_max_bytes; following survives the rotation.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -25,11 +26,14 @@ class LogError(Exception):
     """No such log; the message says where it was looked for and what to do."""
 
 
-def journal_command(lines: int, follow: bool, systemd_dir: Path = SYSTEMD_RUNNING) -> list[str] | None:
+def journal_command(
+    lines: int, follow: bool, systemd_dir: Path = SYSTEMD_RUNNING, as_json: bool = False
+) -> list[str] | None:
     """The journalctl call that shows the daemon's log, when systemd runs it."""
     if not systemd_dir.is_dir() or shutil.which("journalctl") is None:
         return None
-    return ["journalctl", "-u", UNIT, "-n", str(lines), *(["-f"] if follow else ["--no-pager"])]
+    argv = ["journalctl", "-u", UNIT, "-n", str(lines), *(["-f"] if follow else ["--no-pager"])]
+    return [*argv, "-o", "json"] if as_json else argv
 
 
 def daemon_log_file(cfg: Config) -> Path:
@@ -137,21 +141,34 @@ def _text(line: bytes) -> str:
 
 
 def show(
-    files: list[tuple[str, Path]], lines: int, follow: bool, echo: Callable[[str], None], interval: float = 0.25
+    files: list[tuple[str, Path]],
+    lines: int,
+    follow: bool,
+    echo: Callable[[str], None],
+    interval: float = 0.25,
+    as_json: bool = False,
 ) -> None:
-    """Print the last lines of each file, then (follow) what is appended, until interrupted."""
+    """Print the last lines of each file, then (follow) what is appended, until interrupted;
+    as_json: one JSON object a line, {"source": ..., "line": ...}."""
     prefix = len(files) > 1
+
+    def out(label: str, line: str) -> None:
+        if as_json:
+            echo(json.dumps({"source": label, "line": line}))
+        else:
+            echo(f"{label} | {line}" if prefix else line)
+
     tails = [(label, Tail(path)) for label, path in files]
     try:
         for label, tail in tails:
             for line in tail.last_lines(lines):
-                echo(f"{label} | {line}" if prefix else line)
+                out(label, line)
         while follow:
             quiet = True
             for label, tail in tails:
                 for line in tail.poll():
                     quiet = False
-                    echo(f"{label} | {line}" if prefix else line)
+                    out(label, line)
             if quiet:
                 time.sleep(interval)
     finally:

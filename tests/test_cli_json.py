@@ -17,8 +17,6 @@ from .test_store import gguf, run
 # Commands with no document to print: the daemon itself, the interactive TUI, and the
 # audit export (its output is the export, in --format jsonl or csv).
 NO_DOCUMENT = {"serve", "tui", "audit export"}
-# Not yet: the daemon-facing actions and checks (issue 19 point 5, left open).
-NOT_YET = {"check", "scale", "load", "unload", "pin", "unpin", "logs"}
 
 
 def _leaves(cmd: click.Command, path: tuple[str, ...] = ()):
@@ -32,7 +30,7 @@ def _leaves(cmd: click.Command, path: tuple[str, ...] = ()):
 
 @pytest.mark.parametrize(("name", "command"), list(_leaves(main)), ids=lambda v: v if isinstance(v, str) else "")
 def test_every_command_takes_json(name, command):
-    if name in NO_DOCUMENT | NOT_YET:
+    if name in NO_DOCUMENT:
         pytest.skip(f"{name}: no --json (see the module docstring)")
     assert any("--json" in p.opts for p in command.params), f"`appliance {name}` has no --json"
 
@@ -58,3 +56,22 @@ def test_models_protect_is_the_stores_pin_and_the_old_spelling_still_works(tmp_p
     assert "protect" in listed and " pin " not in listed
     removed = json.loads(run(tmp_path, "models", "rm", "a", "--json").stdout)
     assert removed == {"name": "a", "removed": True}
+
+
+def test_model_actions_print_the_model_after_the_action_as_json(daemons):
+    import subprocess
+
+    from .conftest import PY, ROOT, fake_model
+
+    d = daemons.start(fake_model("fake"))
+
+    def cli(*args: str) -> dict:
+        out = subprocess.run([PY, "-m", "appliance.cli", *args, "--config", str(d.config), "--json"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    assert cli("pin", "fake")["pinned"] is True
+    assert cli("scale", "fake", "1")["override"] == 1
+    assert cli("unpin", "fake")["pinned"] is False
+    assert cli("check")["ok"] is True

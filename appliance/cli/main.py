@@ -83,7 +83,8 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     metavar="SECONDS",
     help="Then wait up to SECONDS for the running daemon's /readyz to answer 200.",
 )
-def check(config: str | None, wait_ready: float | None) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a failed check: its one line on stderr, exit 1).")
+def check(config: str | None, wait_ready: float | None, as_json: bool) -> None:
     """Whether the daemon can start: the config (renamed keys are warned about), the engine
     and model files, the databases (readable, none from a newer appliance). Writes nothing;
     install.sh runs it as an upgrade's readiness check."""
@@ -95,6 +96,10 @@ def check(config: str | None, wait_ready: float | None) -> None:
     _check_databases(cfg, migrate=False)
     if wait_ready is not None:
         _wait_ready(cfg, wait_ready)
+    if as_json:
+        document = {"ok": True, "config": cfg.origin, "models": [m.name for m in cfg.models]}
+        click.echo(json.dumps({**document, "ready": True} if wait_ready is not None else document, indent=2))
+        return
     click.echo(
         f"ok: {cfg.origin}: {len(cfg.models)} model(s), config, engine files and databases usable"
         + (", the daemon is ready" if wait_ready is not None else "")
@@ -380,7 +385,12 @@ def _model_line(m: ModelStatus) -> str:
 _MODEL_OPTIONS = [
     click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
     click.option("--port", type=int, help="Port of the running daemon."),
+    click.option("--json", "as_json", is_flag=True, help="Print the model as it is after the action (JSON)."),
 ]
+
+
+def _print_model(m: ModelStatus, as_json: bool) -> None:
+    click.echo(msgspec.json.format(msgspec.json.encode(m), indent=2).decode() if as_json else _model_line(m))
 
 
 def _with_model_options(f):
@@ -393,7 +403,7 @@ def _with_model_options(f):
 @click.argument("model")
 @click.argument("replicas")
 @_with_model_options
-def scale(model: str, replicas: str, config: str | None, port: int | None) -> None:
+def scale(model: str, replicas: str, config: str | None, port: int | None, as_json: bool) -> None:
     """Set MODEL's replica count (kept across restarts); REPLICAS 'auto' hands it back to the autoscaler."""
     cfg = load(config)
     if replicas == "auto":
@@ -403,14 +413,14 @@ def scale(model: str, replicas: str, config: str | None, port: int | None) -> No
     else:
         raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
     path = f"/admin/models/{model}/{SCALE}"
-    click.echo(_model_line(_admin_call(cfg, port, "POST", path, ModelStatus, ScaleBody(replicas=value))))
+    _print_model(_admin_call(cfg, port, "POST", path, ModelStatus, ScaleBody(replicas=value)), as_json)
 
 
 def _model_action(action: ModelAction):
     @click.argument("model")
     @_with_model_options
-    def command(model: str, config: str | None, port: int | None) -> None:
-        click.echo(_model_line(_admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}", ModelStatus)))
+    def command(model: str, config: str | None, port: int | None, as_json: bool) -> None:
+        _print_model(_admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}", ModelStatus), as_json)
 
     command.__doc__ = MODEL_ACTION_HELP[action]
     return main.command(name=action.value)(command)
@@ -457,7 +467,10 @@ def tui(config: str | None, socket: str | None, url: str | None, token_file: str
     default=True,
     help="Keep printing what is appended until Ctrl-C (the default), or not.",
 )
-def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool) -> None:
+@click.option(
+    "--json", "as_json", is_flag=True, help='One JSON object a line ({"source", "line"}; the journal\'s own).'
+)
+def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool, as_json: bool) -> None:
     """Follow the daemon's log (the journal under systemd, else server.log_file) or the replicas'."""
     import os
 
@@ -468,11 +481,11 @@ def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool
         if replicas:
             files = replica_log_files(cfg, replicas)
         else:
-            argv = journal_command(lines, follow)
+            argv = journal_command(lines, follow, as_json=as_json)
             if argv is not None:
                 os.execvp(argv[0], argv)
             files = [("appliance", daemon_log_file(cfg))]
-        show(files, lines, follow, click.echo)
+        show(files, lines, follow, click.echo, as_json=as_json)
     except LogError as exc:
         raise click.ClickException(str(exc)) from None
     except KeyboardInterrupt:
