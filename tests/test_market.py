@@ -286,3 +286,22 @@ async def test_load_does_not_report_success_while_the_room_is_still_held_and_say
     finally:
         await sup.stop()
         await session.close()
+
+
+def test_a_replica_that_cannot_be_placed_is_told_the_knobs_that_would_fit_with_the_numbers(tmp_path):
+    from appliance.gpu.planning import plan
+    from appliance.gpu.probe import SimulatedProbe
+
+    inv = tmp_path / "one-gpu.toml"
+    inv.write_text('[[gpu]]\nname = "NVIDIA L40S"\nmemory_gib = 48\ncount = 1\n')
+    # 40 GiB of weights with a KV cache that takes it past 48 GiB: fewer tokens, or fp8, fit.
+    text = vllm_model(tmp_path, "big", 40).replace("kv_cache_tokens = 1024", "kv_cache_tokens = 400000")
+    cfg = parse_config(text)
+    [row] = plan(cfg, SimulatedProbe(str(inv)).read(), [(cfg.models[0], "big#0")])
+    assert row.error is not None and "to fit in" in row.error, row.error
+    assert "kv_cache_tokens = " in row.error and "(now 400000)" in row.error, row.error
+    # The number named fits: planned with it, the replica is placed.
+    fitting = int(row.error.split("kv_cache_tokens = ")[1].split(" ")[0])
+    again = parse_config(text.replace("kv_cache_tokens = 400000", f"kv_cache_tokens = {fitting}"))
+    [placed] = plan(again, SimulatedProbe(str(inv)).read(), [(again.models[0], "big#0")])
+    assert placed.error is None, placed.error

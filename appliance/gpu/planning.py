@@ -17,7 +17,7 @@ from appliance.gpu.memory import (
     read_shape,
     smallest_shape,
 )
-from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, kind_key, place
+from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, free_bytes, kind_key, place
 from appliance.gpu.probe import GiB, Inventory, kinds_match
 from appliance.store.store import model_path
 
@@ -233,7 +233,9 @@ def plan(
             continue
         box = node_spec(inventory, model)
         beyond = box and beyond_box(cfg, model, est, box, node_spec(inventory, model, gpus_per_node, gpu_gib))
-        error = f"{error}; {beyond.describe(model.name)}" if beyond else str(error)
+        hint = knobs_that_fit(model, est, free_bytes(gpus, placed))
+        error = f"{error}; {hint}" if hint else str(error)
+        error = f"{error}; {beyond.describe(model.name)}" if beyond else error
         rows[demand.replica] = PlanRow(demand.replica, model.name, error=error, estimate=est, beyond=beyond)
     return [rows[replica] for _, replica in replicas]
 
@@ -259,3 +261,40 @@ def _one_by_one(
         placed.append(Placed(replica=demand.replica, gpus=assignment.gpus, bytes_per_gpu=assignment.bytes_per_gpu))
         out[demand.replica] = (assignment, None)
     return out
+
+
+def knobs_that_fit(model: ModelConfig, est: Estimate, free: dict[int, int]) -> str:
+    """The config changes that would make one replica fit the most free memory there is
+    (free: bytes per GPU), with the numbers: fewer KV-cache tokens, or a KV cache half the
+    size. "" when the KV cache is not what is in the way (the weights alone do not fit)."""
+    llamacpp = model.server == "llamacpp"
+    tokens = model.context_length if llamacpp else kv_tokens(model)
+    if not tokens or not est.kv_cache or not free:
+        return ""
+    per_token = est.kv_cache / tokens
+    roomiest = sorted(free.values(), reverse=True)
+    for tp in sorted(est.per_gpu):
+        if tp > len(roomiest):
+            break
+        over = (est.per_gpu[tp] - roomiest[tp - 1]) * tp  # KV bytes to shed, over all tp GPUs
+        fitting = int((est.kv_cache - over) / per_token) // 256 * 256
+        if over <= 0 or fitting < 256:
+            continue
+        where = f"{_gib(roomiest[tp - 1])} GiB free on {'a GPU' if tp == 1 else f'each of {tp} GPUs'}"
+        if llamacpp:
+            knobs = [f"context_length = {fitting} (now {tokens})"]
+            if over <= est.kv_cache / 2 and (model.cache_type_k, model.cache_type_v) == ("f16", "f16"):
+                knobs.append('cache_type_k = cache_type_v = "q8_0" (half the KV cache)')
+        else:
+            field = "kv_cache_tokens" if model.kv_cache_tokens else "context_length"
+            now = model.kv_cache_tokens or model.context_length
+            value = fitting if model.kv_cache_tokens else max(fitting // max(model.parallel, 1), 256)
+            knobs = [f"{field} = {value} (now {now})"]
+            if over <= est.kv_cache / 2 and model.kv_cache_dtype in ("auto", "bfloat16", "float16"):
+                knobs.append('kv_cache_dtype = "fp8" (half the KV cache)')
+        return f"to fit in {where}, set {' or '.join(knobs)}"
+    return ""
+
+
+def _gib(n: float) -> str:
+    return f"{n / GiB:.1f}"
