@@ -75,3 +75,21 @@ def test_model_actions_print_the_model_after_the_action_as_json(daemons):
     assert cli("scale", "fake", "1")["override"] == 1
     assert cli("unpin", "fake")["pinned"] is False
     assert cli("check")["ok"] is True
+
+
+def test_scale_above_max_replicas_says_it_was_clamped_and_logs_it_at_info(daemons):
+    import subprocess
+
+    from .conftest import PY, ROOT, fake_model
+
+    d = daemons.start(fake_model("fake", extra="[models.autoscaling]\nmax_replicas = 2\n"))
+    out = subprocess.run([PY, "-m", "appliance.cli", "scale", "fake", "5", "--config", str(d.config)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "clamped to 2 because max_replicas = 2" in out.stdout, out.stdout
+    assert "(operator set 2" in out.stdout  # the state after the action
+    said = json.loads(subprocess.run([PY, "-m", "appliance.cli", "unload", "fake", "--config", str(d.config),
+                                      "--json"], capture_output=True, text=True, cwd=ROOT, timeout=60).stdout)
+    assert said["said"].startswith("stopping 2 replicas")
+    log = d.log_text()
+    assert "INFO" in next(line for line in log.splitlines() if "operator scale 5 fake" in line)

@@ -351,14 +351,15 @@ class ApplianceTUI(App):
     def _run(self, label: str, call: Callable[[], Awaitable]) -> None:
         async def work() -> None:
             try:
-                await call()
+                answer = await call()
             except (AdminError, DaemonDown) as exc:
                 self.notify(str(exc), title=f"{label}: failed", severity="error", timeout=8)
                 return
             except Exception as exc:  # never crash on an action
                 self.notify(f"{type(exc).__name__}: {exc}", title=f"{label}: failed", severity="error")
                 return
-            self.notify(label, title="done")
+            # The daemon's own words (clamped, waiting for capacity, ...), not a bare "done".
+            self.notify(getattr(answer, "said", None) or label, title=label)
             self.poll()
 
         self.run_worker(work(), group="actions", exit_on_error=False)

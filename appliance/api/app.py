@@ -18,6 +18,7 @@ from pathlib import Path
 from random import getrandbits as _getrandbits
 from typing import Annotated, TypeVar
 
+import msgspec
 from litestar import Litestar, Request, Response, asgi, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
@@ -615,8 +616,8 @@ async def admin_scale(request: Request) -> ModelStatus:
     rt, raw = await _admin_write(request)
     model = request.path_params["model"]
     body = decode_request(raw, ScaleBody)
-    rt.supervisor.scale(model, body.replicas)
-    return model_status(rt, model)
+    said = rt.supervisor.scale(model, body.replicas)
+    return msgspec.structs.replace(model_status(rt, model), said=said)
 
 
 @post("/admin/models/{model:str}/{action:str}", status_code=200, opt={"body": ActionBody})
@@ -631,8 +632,8 @@ async def admin_model_action(request: Request, action: ModelActionName) -> Model
         ModelAction.PIN: lambda: sup.pin(model, True),
         ModelAction.UNPIN: lambda: sup.pin(model, False),
     }
-    carry_out[_action(ModelAction, action, "admin action", [*ModelAction, SCALE])]()
-    return model_status(rt, model)
+    said = carry_out[_action(ModelAction, action, "admin action", [*ModelAction, SCALE])]()
+    return msgspec.structs.replace(model_status(rt, model), said=said)
 
 
 @post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200, opt={"body": ActionBody})

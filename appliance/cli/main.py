@@ -379,7 +379,8 @@ def _model_line(m: ModelStatus) -> str:
     states = ",".join(r.state for r in m.replicas) or "none"
     how = f"operator set {m.override}" if m.override is not None else "autoscaling"
     pin = ", pinned" if m.pinned else ""
-    return f"{m.name}: replicas {len(m.replicas)} [{states}] ({how}{pin})"
+    line = f"{m.name}: replicas {len(m.replicas)} [{states}] ({how}{pin})"
+    return f"{m.said}\n{line}" if m.said else line
 
 
 _MODEL_OPTIONS = [

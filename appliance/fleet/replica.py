@@ -327,7 +327,9 @@ class Replica:
         self.state = new
         event = Transition(self.clock.monotonic(), old, new, reason)
         self.history.append(event)
-        level = logging.WARNING if new in (State.BACKOFF, State.FATAL) else logging.INFO
+        # A crash or a give-up is a WARNING; an operator's restart (no crash) is not.
+        operator = reason.startswith("restart requested by the operator")
+        level = logging.WARNING if new in (State.BACKOFF, State.FATAL) and not operator else logging.INFO
         log.log(level, "replica %s %s -> %s: %s", self.name, old.value, new.value, reason)
         if new is State.READY:
             self.ready_since = event.at

@@ -880,32 +880,51 @@ class Supervisor:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def scale(self, model: str, replicas: int | None) -> None:
-        """The operator's count for a model (None: back to autoscaling); persisted."""
+    def scale(self, model: str, replicas: int | None) -> str:
+        """The operator's count for a model (None: back to autoscaling); persisted. Returns
+        what the daemon does, and why, in words (logged, and the action's answer)."""
         dep = self.deployment(model)
+        asked, ceiling = replicas, dep.model.autoscaling.max_replicas
         if replicas is not None:
-            replicas = max(0, min(replicas, dep.model.autoscaling.max_replicas))
+            replicas = max(0, min(replicas, ceiling))
         self._set_control(dep, override=replicas)
         if replicas is None:
-            return
+            return self._said(model, "scale auto", "the autoscaler decides its replicas again")
         while len(dep.kept()) > replicas:
             self.retire(self._victim(dep), f"operator scaled to {replicas}")
         self.add_together([(dep, replicas - len(dep.kept()))], reason=f"operator scaled to {replicas}")
+        said = f"clamped to {replicas} because max_replicas = {ceiling}; " if asked != replicas else ""
+        have = len(dep.kept())
+        if have < replicas:
+            said += f"{have} of {replicas} replicas placed: {dep._why_unavailable()}"
+        else:
+            said += f"{replicas} replica{'s' if replicas != 1 else ''}, kept across restarts"
+        return self._said(model, f"scale {asked}", said)
 
-    def load(self, model: str) -> None:
+    @staticmethod
+    def _said(model: str, action: str, what: str) -> str:
+        """An operator action's outcome: logged at INFO (a refusal too, with its reason)."""
+        log.info("operator %s %s: %s", action, model, what)
+        return what
+
+    def load(self, model: str) -> str:
         """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
         saying why, when no replica can start now (a load, unlike a request, is not held
         for room that replicas of other models hold for now: Retry-After says when)."""
         dep = self.deployment(model)
         dep.rate.last_event = self.clock.monotonic()
         dep.unloaded = False
-        if not dep.ready:
-            self.on_demand(dep, trigger="load")
-            if dep.no_room or not dep.can_become_ready():
-                later = math.ceil(dep.room_in) if dep.no_room and dep.room_in is not None else None
-                raise NoCapacity(dep._why_unavailable(), retry_after=max(1, later or dep._retry_after()))
+        if dep.ready:
+            return self._said(model, "load", "already ready")
+        self.on_demand(dep, trigger="load")
+        if dep.no_room or not dep.can_become_ready():
+            later = math.ceil(dep.room_in) if dep.no_room and dep.room_in is not None else None
+            why = dep._why_unavailable()
+            self._said(model, "load", f"refused: {why}")
+            raise NoCapacity(why, retry_after=max(1, later or dep._retry_after()))
+        return self._said(model, "load", "starting a replica; requests are held until it is ready")
 
-    def unload(self, model: str) -> None:
+    def unload(self, model: str) -> str:
         """Down to zero now (drained); the next request starts it again."""
         dep = self.deployment(model)
         if dep.control.override:
@@ -915,15 +934,25 @@ class Supervisor:
         dep.rate = RateWindow(60, clock=self.clock.monotonic)
         dep.rate.last_event = self.clock.monotonic()
         dep.unloaded = True
-        for r in dep.kept():
+        kept = dep.kept()
+        for r in kept:
             self.retire(r, "operator unloaded the model")
+        what = f"stopping {len(kept)} replica{'s' if len(kept) != 1 else ''}, each once its requests finish"
+        return self._said(model, "unload", f"{what}; the next request starts one" if kept else "no replica to stop")
 
-    def pin(self, model: str, pinned: bool) -> None:
+    def pin(self, model: str, pinned: bool) -> str:
         dep = self.deployment(model)
         self._set_control(dep, pinned=pinned)
-        if pinned and len(dep.kept()) < dep.model.autoscaling.min_replicas:
-            for _ in range(dep.model.autoscaling.min_replicas - len(dep.kept())):
+        floor = dep.model.autoscaling.min_replicas
+        if not pinned:
+            return self._said(model, "unpin", "idle replicas may be unloaded again (autoscaling.idle_ttl)")
+        if len(dep.kept()) < floor:
+            for _ in range(floor - len(dep.kept())):
                 self.add_replica(dep, reason="pinned at min_replicas")
+        said = f"kept at min_replicas = {floor} however idle, across restarts"
+        if len(dep.kept()) < floor:
+            said += f"; {len(dep.kept())} placed now: {dep._why_unavailable()}"
+        return self._said(model, "pin", said)
 
     def _set_control(self, dep: Deployment, **change) -> None:
         current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
