@@ -79,6 +79,7 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     replica: str  # MODEL#INDEX
     index: int
     state: str  # STOPPED, STARTING, READY, SLEEPING, DRAINING, BACKOFF, FATAL
+    engine: str | None = None  # llamacpp, vllm, sglang, openai
     pid: int | None = None
     port: int | None = None
     url: str | None = None
@@ -88,6 +89,9 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     restarts: int = 0
     gpus: list[int] | None = None
     memory_fraction: float | None = None
+    cpus: list[int] = []  # the cores a CPU replica is bound to
+    rss_bytes: int | None = None  # host memory its engine process holds (resident)
+    uptime_s: float | None = None  # since it last became READY
     image: str | None = None
     load: ReplicaLoad | None = None
     last_error: str | None = None

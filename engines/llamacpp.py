@@ -57,7 +57,7 @@ class LlamaCppAdapter(LocalEngine):
         cpus: frozenset[int] = frozenset(),
     ) -> LaunchSpec:
         from appliance.config import tasks_of
-        from appliance.dist.images import llamacpp_binary
+        from appliance.dist.images import image_of, llamacpp_binary
 
         binary = cuda_binary(cfg) if slot is not None else llamacpp_binary(cfg)
         if slot is not None:
@@ -116,7 +116,7 @@ class LlamaCppAdapter(LocalEngine):
         if "rerank" in tasks:
             argv.append("--reranking")
         argv += model.args
-        return LaunchSpec(argv=argv, env={**env, **model.env})
+        return LaunchSpec(argv=argv, env={**env, **model.env}, image=image_of(binary))
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         # /metrics answers only while the server runs: one request, liveness and load.

@@ -93,3 +93,32 @@ def test_scale_above_max_replicas_says_it_was_clamped_and_logs_it_at_info(daemon
     assert said["said"].startswith("stopping 2 replicas")
     log = d.log_text()
     assert "INFO" in next(line for line in log.splitlines() if "operator scale 5 fake" in line)
+
+
+def test_ps_shows_each_replica_with_engine_state_place_memory_and_uptime(daemons):
+    import subprocess
+
+    from .conftest import PY, ROOT, fake_model
+
+    d = daemons.start(fake_model("fake"))
+
+    def cli(*args: str) -> str:
+        out = subprocess.run([PY, "-m", "appliance.cli", *args, "--config", str(d.config)],
+                             capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    header, row = cli("ps").splitlines()[:2]
+    assert header.split()[:4] == ["REPLICA", "ENGINE", "IMAGE", "STATE"]
+    assert row.split()[0] == "fake#0" and "openai" in row and "READY" in row
+    assert " MiB" in row  # its engine's resident memory
+    [replica] = json.loads(cli("ps", "--json"))
+    assert replica["model"] == "fake" and replica["rss_bytes"] > 0 and replica["uptime_s"] >= 0
+    assert "up " in cli("status") and "s  config" in cli("status")
+
+
+def test_durations_read_at_a_glance():
+    from appliance.cli.main import human_duration
+
+    assert [human_duration(s) for s in (5, 365.8, 3 * 3600 + 125, 2 * 86400 + 4 * 3600)] == \
+        ["5s", "6m05s", "3h02m", "2d04h"]

@@ -10,6 +10,7 @@ import click
 import msgspec
 
 from appliance.cli.options import CONFIG_HELP, load, read_inventory
+from appliance.cli.progress import human_bytes
 from appliance.config import (
     BUILTIN_PREFIX,
     EMBEDDED_MODEL_SHA256,
@@ -18,7 +19,15 @@ from appliance.config import (
     ConfigError,
     uses_gpus,
 )
-from appliance.status import MODEL_ACTION_HELP, SCALE, DaemonStatus, ModelAction, ModelStatus, ScaleBody
+from appliance.status import (
+    MODEL_ACTION_HELP,
+    SCALE,
+    DaemonStatus,
+    GpusStatus,
+    ModelAction,
+    ModelStatus,
+    ScaleBody,
+)
 
 T = TypeVar("T")
 
@@ -246,6 +255,71 @@ def _admin_call(
         raise click.ClickException(str(exc)) from None
 
 
+PS_COLUMNS = ("REPLICA", "ENGINE", "IMAGE", "STATE", "ON", "MEMORY", "IN-FLIGHT", "IDLE UNLOAD", "UP")
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--json", "as_json", is_flag=True, help="Print the replicas as JSON (those of GET /admin/status).")
+def ps(config: str | None, port: int | None, as_json: bool) -> None:
+    """One line per replica: engine and image, state, its GPUs or cores, memory, requests
+    in flight, time until an idle unload, uptime."""
+    cfg = load(config)
+    data = _admin_call(cfg, port, "GET", "/admin/status", DaemonStatus, timeout=5.0)
+    gpus = _admin_call(cfg, port, "GET", "/admin/gpus", GpusStatus, timeout=5.0)
+    if as_json:
+        rows = [{"model": m.name, **msgspec.to_builtins(r)} for m in data.models for r in m.replicas]
+        click.echo(json.dumps(rows, indent=2))
+        return
+    on_gpu = {(p.replica, g.index): p for g in gpus.gpus for p in g.replicas}
+    table = [PS_COLUMNS]
+    for m in data.models:
+        unload = "pinned" if m.pinned else _until_unload(m)
+        for r in m.replicas:
+            if r.gpus:
+                where = "GPU " + ",".join(map(str, r.gpus))
+                used = [on_gpu[(r.replica, g)].used_bytes for g in r.gpus if (r.replica, g) in on_gpu]
+                memory = sum(u for u in used if u) or r.rss_bytes
+            else:
+                where = f"{len(r.cpus)} cores" if r.cpus else ("external" if not r.supervised else "-")
+                memory = r.rss_bytes
+            table.append(
+                (
+                    r.replica,
+                    r.engine or m.server,
+                    r.image or "-",
+                    r.state,
+                    where,
+                    human_bytes(memory) if memory else "-",
+                    str(r.inflight),
+                    unload,
+                    human_duration(r.uptime_s) if r.uptime_s is not None else "-",
+                )
+            )
+    widths = [max(len(row[i]) for row in table) for i in range(len(PS_COLUMNS))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _until_unload(m: ModelStatus) -> str:
+    if not m.idle_ttl_s or m.min_replicas:
+        return "never" if m.min_replicas else "-"
+    return "now" if m.idle_s >= m.idle_ttl_s else f"in {human_duration(m.idle_ttl_s - m.idle_s)}"
+
+
+def human_duration(seconds: float) -> str:
+    """12s, 4m05s, 3h02m, 2d04h: what a person reads at a glance."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
 @main.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
@@ -258,7 +332,8 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         return
     state = "draining" if data.draining else ("ready" if data.ready else "starting")
     click.echo(
-        f"appliance {data.version}  {state}  listening on {data.listen}  up {data.uptime_s}s  config {data.config}"
+        f"appliance {data.version}  {state}  listening on {data.listen}  up {human_duration(data.uptime_s)}  "
+        f"config {data.config}"
     )
     for m in data.models:
         click.echo(f"\n{m.name}  ({m.server})  {'ready' if m.ready else 'not ready'}")

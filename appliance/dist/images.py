@@ -213,10 +213,19 @@ def default_llama_server(images_dir: str = "") -> str:
 
 
 def llama_server(cfg_images_dir: str = "", engine: str = "llamacpp") -> Path | None:
-    """The current llamacpp (or llamacpp-cuda) image's binary, if one is built."""
+    """The current llamacpp (or llamacpp-cuda) image's binary, if one is built: in the
+    resolved image folder, not current/, so its tag is the one that runs (image_of)."""
     link = (Path(cfg_images_dir) if cfg_images_dir else install_prefix() / "images") / engine / "current"
-    binary = link / "bin" / "llama-server"
-    return binary if (link / MANIFEST).exists() and binary.exists() else None
+    if not (link / MANIFEST).exists():
+        return None
+    binary = link.resolve() / "bin" / "llama-server"
+    return binary if binary.exists() else None
+
+
+def image_of(binary: str) -> str:
+    """The engine image tag a binary runs from (<image>/bin/<exe>), "" for one outside an image."""
+    folder = Path(binary).parent.parent
+    return folder.name if Path(binary).parent.name == "bin" and (folder / MANIFEST).exists() else ""
 
 
 def _python_version(python: str) -> str | None:

@@ -34,7 +34,7 @@ import aiohttp
 
 from appliance.config import Config, ModelConfig
 from appliance.fleet.engine_access import EngineAccess, engine_environment, engine_session, open_access
-from appliance.fleet.process import ProcessHandle, ProcessRunner
+from appliance.fleet.process import ProcessHandle, ProcessRunner, resident_bytes
 from appliance.status import ReplicaLoad, ReplicaStatus
 from appliance.store.store import model_path
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
@@ -300,6 +300,7 @@ class Replica:
             replica=self.name,
             index=self.index,
             state=self.state.value,
+            engine=self.model.server,
             pid=self.pid or None,
             port=self.port or None,
             url=self.address or None,
@@ -309,6 +310,9 @@ class Replica:
             restarts=self.restarts,
             gpus=list(self.slot.gpus) if self.slot else None,
             memory_fraction=self.slot.memory_fraction if self.slot else None,
+            cpus=sorted(self.cpus),
+            rss_bytes=resident_bytes(self.pid) if self.pid else None,
+            uptime_s=round(self.clock.monotonic() - self.ready_since, 1) if self.state is State.READY else None,
             image=self.image or None,
             load=_load_status(self.load),
             last_error=self.last_error or None,
