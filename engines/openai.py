@@ -48,6 +48,8 @@ class OpenAIAdapter:
             "infill",
             "rerank",
             "score",
+            "transcriptions",
+            "translations",
         }
     )
     responses_store = True

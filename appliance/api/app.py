@@ -44,10 +44,10 @@ from appliance.errors import (
     error_for_status,
 )
 from appliance.fleet.supervisor import ClientGone, Supervisor
-from appliance.gateway import capabilities
+from appliance.gateway import api_audio, capabilities
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import dialect_for_path
-from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, prompt_bound, usage_option
+from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, usage_option
 from appliance.gateway.protocol import (
     ModelCard,
     ModelList,
@@ -214,10 +214,10 @@ async def _serve(
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = ctx.body = await _read_body_asgi(
-        receive, declared, rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s
-    )
-    req = decode_request(body, ep.cls)
+    limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
+    body = ctx.body = await _read_body_asgi(receive, declared, limit, rt.cfg.server.body_read_timeout_s)
+    content_type = _header(scope, b"content-type") if ep.form else None
+    req = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
     model = ctx.model = req.model
     route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
     rt.audit.admit(accountable(ctx))
@@ -240,13 +240,13 @@ async def _serve(
         body = set_fields(body, **fields)
     tenant = tenancy.tenant(key, route)
     client_salt = getattr(req, "cache_salt", None)
-    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates else None
+    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates and not ep.form else None
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
         ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
         request_text, ctx.response_text = body, b""
-    headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
+    headers = {"Content-Type": content_type.decode("latin-1") if ep.form else JSON, "X-Request-Id": ctx.rid}
     fallbacks = route is not None and bool(route.fallbacks)
 
     def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
@@ -296,7 +296,7 @@ async def _serve(
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
-    ctx.usage = FREE if ep.free else ep.dialect.usage(data)
+    ctx.usage = FREE if ep.free else ep.dialect.answer_usage(ctx.body, data)
     if stores and status == 200:
         _remember(rt, ctx, deployment, data)
     data = tenancy.answer(data)
@@ -305,6 +305,10 @@ async def _serve(
     finish(rt, ctx, status, request_text)
     await committed(ctx)
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
@@ -365,11 +369,11 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
     ceiling = dep.model.default_max_tokens or context
     cap = completion_cap(req) if ep.generates else 0
     n = choices(req)
-    prompt = 0 if ep.free else prompt_bound(ctx.body)
+    prompt = 0 if ep.free else ep.dialect.bound(ctx.body)
     res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
-    if res.completion is not None and res.completion < context:
+    if res.completion is not None and res.completion < context and ep.length_field:
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
         fields[ep.length_field] = limit
