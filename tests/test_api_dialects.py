@@ -158,8 +158,11 @@ def test_a_stored_response_whose_replica_restarted_is_gone_not_guessed(daemon):
             assert c.post(f"/admin/models/stateful/replicas/{r['index']}/restart", json={}).status_code == 200
     wait_until(lambda: all(r["state"] == "READY" and r["pid"] not in pids for r in daemon.replicas("stateful")),
                30, what="the restarted replicas")
-    resp = httpx.get(daemon.url + "/v1/responses/" + made.id)
+    resp = httpx.delete(daemon.url + "/v1/responses/" + made.id)
     assert resp.status_code == 404 and "restarted" in resp.json()["error"]["message"], resp.text
+    for gone in (httpx.get(daemon.url + "/v1/responses/" + made.id),
+                 httpx.post(daemon.url + f"/v1/responses/{made.id}/cancel")):
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "response_not_found", gone.text
 
 
 def _usage(d, name: str) -> tuple[int, int]:
@@ -262,3 +265,27 @@ def test_a_route_falls_back_only_to_a_provider_that_declares_the_api(daemon, rec
     assert resp.status_code == 502 and resp.json()["type"] == "error"
     assert recorder.requests() == before + 2
     assert 'target="skipped:chatonly"' in httpx.get(daemon.url + "/metrics").text
+
+
+def test_a_stored_response_is_deleted_and_cancelled_on_its_replica_for_its_key_only_and_audited(daemon):
+    owner = keys_cli(daemon, "create", "--name", "keeper")
+    other = keys_cli(daemon, "create", "--name", "prowler")
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key=owner, max_retries=0)
+    spy = openai.OpenAI(base_url=daemon.url + "/v1", api_key=other, max_retries=0)
+    made = [oai.responses.create(model="stateful", input=f"keep {i}", max_output_tokens=2).id for i in range(4)]
+    for rid in made:  # another key's response: unknown to it, whatever it asks
+        for call in (spy.responses.retrieve, spy.responses.delete, spy.responses.cancel):
+            with pytest.raises(openai.NotFoundError) as err:
+                call(rid)
+            assert err.value.body["code"] == "response_not_found"
+    # Each on the replica that holds it (two replicas, each with its own store).
+    assert all(oai.responses.cancel(rid).status == "cancelled" for rid in made)
+    for rid in made:
+        oai.responses.delete(rid)
+        with pytest.raises(openai.NotFoundError):
+            oai.responses.retrieve(rid)
+    # Each call has its row: those that reached the replica name its model; the
+    # prowler's tries and the retrievals after the delete were refused here (404).
+    wanted = {("stateful", "responses_cancel", 200), ("stateful", "responses_delete", 200),
+              ("", "responses_get", 404), ("", "responses_delete", 404), ("", "responses_cancel", 404)}
+    wait_until(lambda: wanted <= {r[:3] for r in _audit(daemon)}, 10, what="the audit rows")

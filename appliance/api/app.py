@@ -18,7 +18,7 @@ from random import getrandbits as _getrandbits
 
 import msgspec
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from litestar import Litestar, Request, Response, asgi, get, post
+from litestar import Litestar, Request, Response, asgi, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.types import Receive, Scope, Send
 
@@ -497,13 +497,47 @@ async def get_model(request: Request) -> Response:
 @get("/v1/responses/{response_id:str}")
 async def get_response(request: Request) -> Response:
     """A stored Response, from the replica that stored it, for the key that made it."""
+    return await _stored_response(request, "GET", "", "responses_get")
+
+
+@delete("/v1/responses/{response_id:str}", status_code=200)
+async def delete_response(request: Request) -> Response:
+    """Delete a stored Response on the replica that holds it (the key that made it only)."""
+    return await _stored_response(request, "DELETE", "", "responses_delete")
+
+
+@post("/v1/responses/{response_id:str}/cancel", status_code=200)
+async def cancel_response(request: Request) -> Response:
+    """Cancel a background Response on the replica that runs it (the key that made it only)."""
+    return await _stored_response(request, "POST", "/cancel", "responses_cancel")
+
+
+async def _stored_response(request: Request, method: str, suffix: str, endpoint: str) -> Response:
+    """A call on a stored Response, sent to the replica that stored it for the key
+    that made it (another key's response is a 404, like one that never was),
+    audited like any request; runs no inference, so charges nothing."""
     rt = _runtime(request)
-    auth = _authorization(request)
-    key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
-    rid = request.path_params["response_id"]
-    replica = rt.response_homes.find(rid, key, "response_id")
-    headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}
-    status, data, content_type = await rt.proxy.unary(replica, f"/v1/responses/{rid}", None, headers, "GET")
+    rid = request.scope.get("request_id") or _new_request_id()
+    ctx = RequestCtx(rid, time.perf_counter(), time.time(), "", endpoint, usage=FREE)
+    try:
+        auth = _authorization(request)
+        ctx.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
+        rt.audit.admit(accountable(ctx))
+        response_id = request.path_params["response_id"]
+        replica = rt.response_homes.find(response_id, ctx.key, "response_id")
+        ctx.model, ctx.served_by = replica.model.name, replica.name
+        path = f"/v1/responses/{response_id}{suffix}"
+        status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+    except ApplianceError as exc:
+        finish(rt, ctx, exc.status)
+        if not isinstance(exc, StateWriteFailed):
+            with contextlib.suppress(StateWriteFailed):
+                await committed(ctx)
+        raise
+    if method == "DELETE":
+        rt.response_homes.forget(response_id)
+    finish(rt, ctx, status)
+    await committed(ctx)
     return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 
@@ -740,6 +774,8 @@ ROUTE_HANDLERS = [
     list_models,
     get_model,
     get_response,
+    delete_response,
+    cancel_response,
     healthz,
     readyz,
     metrics,

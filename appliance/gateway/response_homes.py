@@ -5,7 +5,12 @@ must reach that replica, and only for the API key that created it.
 
 The index is bounded (least recently used out); a response whose replica has
 restarted or gone since is gone with it: a 404 that says so, never another
-replica's guess.
+replica's guess. GET, DELETE and POST .../cancel all find the replica here.
+
+It lives in the daemon's memory only, on purpose: the responses it points to
+live in the replicas' memory (vLLM's store), and a daemon restart ends its
+engines, so an index kept on disk could only point at responses that are gone,
+and would outlive the API keys' rights to them for nothing.
 """
 
 from __future__ import annotations
@@ -64,6 +69,10 @@ class ResponseHomes:
         self._homes.move_to_end(rid)
         while len(self._homes) > self.capacity:
             self._homes.popitem(last=False)
+
+    def forget(self, rid: str) -> None:
+        """The response was deleted on its replica."""
+        self._homes.pop(rid, None)
 
     def find(self, rid: str, key: ApiKey | None, param: str) -> Replica:
         """The replica holding response rid, for this key; a 404 otherwise (another
