@@ -354,9 +354,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         stream_include_usage). The audio lasts its size / 32000 s (16 kHz, 16-bit PCM)."""
         STATS["requests"] += 1
         raw = await request.read()
-        if args.fail_status and STATS["requests"] >= args.fail_from:
-            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
-                                     status=args.fail_status)
+        if failed := failing():
+            return failed
         head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
         fields, audio = {}, None
         for part in email.parser.BytesParser().parsebytes(head + raw).get_payload():
@@ -397,8 +396,16 @@ def make_app(args: argparse.Namespace) -> web.Application:
                                       "text": text, "segments": []})
         return web.json_response({"text": text, "usage": {"type": "duration", "seconds": seconds}})
 
+    def failing() -> web.Response | None:
+        if args.fail_status and STATS["requests"] >= args.fail_from:
+            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
+                                     status=args.fail_status)
+        return None
+
     async def rerank(request: web.Request) -> web.Response:
         body = await counted(request)
+        if failed := failing():
+            return failed
         docs = body["documents"]
         results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
         return web.json_response({"model": args.model, "results": results[: body.get("top_n") or len(docs)],
@@ -406,6 +413,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def score(request: web.Request) -> web.Response:
         await counted(request)
+        if failed := failing():
+            return failed
         return web.json_response({"object": "list", "model": args.model, "data": [{"index": 0, "score": 0.5}],
                                   "usage": {"prompt_tokens": 6, "total_tokens": 6}})
 

@@ -45,10 +45,12 @@ def daemon(tmp_path_factory, recorder):
         f"apis = {apis}\nread_timeout_s = 5\n\n"
         for name, apis in (("cloud", '["chat", "responses", "messages"]'), ("chatonly", '["chat"]')))
     routes = (route("reg", "reg", "broken", True) + route("gen", "gen", "broken", False, ["cloud"])
+              + route("regrank", "regrank", "rankdown", True)
               + route("narrow", "narrow", "broken", False, ["chatonly"]))
     models = (fake_model("fake", "--chunks", "3")
               + fake_model("cachey", "--chunks", "3", "--cache-report")
               + fake_model("reranker", extra='tasks = ["rerank"]')
+              + fake_model("rankdown", "--fail-status", "500", extra='tasks = ["rerank"]')
               + fake_model("mid", "--chunks", "8", "--chunk-delay", "0.05", "--die-mid-stream", "3")
               + fake_model("broken", "--fail-status", "500")
               + fake_model("stateful", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
@@ -191,6 +193,22 @@ def test_budgets_are_charged_from_each_apis_usage_shape(daemon, stream):
     assert _usage(daemon, name) == (3 + 4, 2 + 3)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_budgets_are_charged_from_llamacpps_and_reranks_usage_shapes(daemon, stream):
+    name = f"shapes-{int(stream)}"
+    key = keys_cli(daemon, "create", "--name", name, "--budget-tokens", "100000")
+    headers = {"Authorization": f"Bearer {key}"}
+    infill = httpx.post(daemon.url + "/infill", json={**CALLS["/infill"], "model": "fake", "stream": stream},
+                        headers=headers, timeout=30)
+    assert infill.status_code == 200, infill.text
+    # llama.cpp's tokens_evaluated ("def f(" and "):" are 3 words) and tokens_predicted (3).
+    assert _usage(daemon, name) == (3, 3)
+    if not stream:  # rerank's usage.prompt_tokens: 7 per document, nothing generated
+        assert httpx.post(daemon.url + "/v1/rerank", json={**RERANK, "model": "reranker"}, headers=headers,
+                          timeout=30).status_code == 200
+        assert _usage(daemon, name) == (3 + 21, 3)
+
+
 def test_a_tokenizers_work_is_audited_and_charged_no_tokens(daemon):
     key = keys_cli(daemon, "create", "--name", "counter", "--budget-tokens", "100")
     headers = {"Authorization": f"Bearer {key}"}
@@ -252,6 +270,15 @@ def test_a_regulated_route_never_sends_a_new_endpoint_off_the_server(daemon, rec
         httpx.post(daemon.url + path, json=body, timeout=30)
     assert recorder.requests() == before
     assert resp.status_code in (200, 502), resp.text  # served here (tokenize) or the local failure
+
+
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"])
+def test_a_regulated_route_never_sends_a_rerank_or_score_off_the_server(daemon, recorder, path):
+    before = recorder.requests()
+    body = RERANK if "rerank" in path else {"text_1": "a", "text_2": ["b", "c"]}
+    resp = _post(daemon, path, {**body, "model": "regrank"})
+    assert resp.status_code == 502, resp.text  # the local model's failure, nowhere else
+    assert recorder.requests() == before
 
 
 def test_a_route_falls_back_only_to_a_provider_that_declares_the_api(daemon, recorder):

@@ -42,6 +42,8 @@ RESERVE_BYTES_PER_SECOND = 2_000
 # a model name, a language, a prompt, numbers.
 MAX_FIELD_BYTES = 64 * 1024
 
+# The fields the appliance acts on: each given once, as a value (never a file).
+_ROUTED = (b"model", b"stream", b"stream_include_usage")
 _BOUNDARY = re.compile(rb'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?')
 _NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
 _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
@@ -100,14 +102,15 @@ def decode(body: bytes, content_type: bytes | None) -> AudioRequest:
     for headers, start, end in _parts(body, boundary):
         named = _NAME.search(headers)
         name = named.group(1) if named is not None else b""
-        if _FILENAME.search(headers):
+        is_file = _FILENAME.search(headers) is not None
+        if name in _ROUTED and (name in spans or is_file):
+            # The engine might read another one than the appliance routed by.
+            raise BadRequest(f"Form field '{name.decode()}' is given more than once", param=name.decode())
+        if is_file:
             audio = audio or name == b"file"
             continue
         if end - start > MAX_FIELD_BYTES:
             raise BadRequest(f"Form field '{name.decode('latin-1')}' is longer than {MAX_FIELD_BYTES} bytes")
-        if name in (b"model", b"stream", b"stream_include_usage") and name in spans:
-            # The engine might read another one than the appliance routed by.
-            raise BadRequest(f"Form field '{name.decode()}' is given more than once", param=name.decode())
         spans[name] = (start, end)
     if not audio:
         raise BadRequest("The form has no 'file' part (the audio to transcribe)", param="file")
