@@ -64,7 +64,7 @@ def daemon(tmp_path_factory, recorder):
               + fake_model("sleeper", "--slow-start", "1",
                            extra=ear + "\n[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1"))
     factory = DaemonFactory(tmp)
-    d = factory.start(models, extra=providers + routes, server=f"max_upload_bytes = {MAX_UPLOAD}",
+    d = factory.start(models, extra="[audit]\ninclude_text = true\n\n" + providers + routes, server=f"max_upload_bytes = {MAX_UPLOAD}",
                       supervisor="max_crashes = 50\ncrash_window_s = 60")
     wait_until(lambda: all(m["ready"] for m in d.status()["models"] if m["name"] != "sleeper"), 30,
                what="the models")
@@ -103,6 +103,21 @@ def test_the_openai_sdks_transcription_is_answered_audited_counted_and_charged_b
     assert _usage(daemon, "scribe") == (2 * AUDIO_TOKENS_PER_SECOND, 4)
     wait_until(lambda: ("whisper", "transcriptions", 200, 100, 4) in _audit(daemon), 10, what="the audit row")
     assert 'endpoint="transcriptions"' in httpx.get(daemon.url + "/metrics").text
+
+
+def test_the_audit_log_keeps_the_forms_fields_not_its_audio(daemon):
+    audio = b"RIFF" + b"\xab" * 40_000
+    assert post_form(daemon, form("whisper", audio=audio, language="fr")).status_code == 200
+    db = Path(daemon.config.read_text().split('state_dir = "', 1)[1].split('"', 1)[0]) / "appliance.db"
+
+    def row():
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT request_text, response_text FROM audit WHERE request_text LIKE '%fr%' "
+                                "AND endpoint = 'transcriptions'").fetchone()
+
+    found = wait_until(row, 10, what="the audit row")
+    assert 'name="language"' in found[0] and "(40004 bytes)" in found[0] and "\ufffd" not in found[0]
+    assert TEXT in found[1]
 
 
 def test_translations_and_every_answer_format_are_charged_never_free(daemon):

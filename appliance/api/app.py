@@ -245,7 +245,7 @@ async def _serve(
         ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
-        request_text, ctx.response_text = body, b""
+        request_text, ctx.response_text = api_audio.without_audio(body) if ep.form else body, b""
     headers = {"Content-Type": content_type.decode("latin-1") if ep.form else JSON, "X-Request-Id": ctx.rid}
     fallbacks = route is not None and bool(route.fallbacks)
 

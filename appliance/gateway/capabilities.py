@@ -51,7 +51,6 @@ class Endpoint:
     form: bool = False
 
 
-_TRANSCRIBE = {"task": "transcribe", "dialect": AUDIO, "length_field": "", "form": True}
 _RERANK = Endpoint("rerank", RerankRequest, "rerank", generates=False, engine_path="/v1/rerank")
 
 ENDPOINTS: dict[str, Endpoint] = {
@@ -72,8 +71,10 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/rerank": _RERANK,
     "/v2/rerank": _RERANK,
     "/v1/score": Endpoint("score", ScoreRequest, "rerank", generates=False),
-    "/v1/audio/transcriptions": Endpoint("transcriptions", AudioRequest, **_TRANSCRIBE),
-    "/v1/audio/translations": Endpoint("translations", AudioRequest, **_TRANSCRIBE),
+    "/v1/audio/transcriptions": Endpoint(
+        "transcriptions", AudioRequest, "transcribe", AUDIO, length_field="", form=True
+    ),
+    "/v1/audio/translations": Endpoint("translations", AudioRequest, "transcribe", AUDIO, length_field="", form=True),
 }
 
 BY_NAME = {e.name: e for e in ENDPOINTS.values()}
