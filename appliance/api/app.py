@@ -44,7 +44,7 @@ from appliance.errors import (
     error_for_status,
 )
 from appliance.fleet.supervisor import ClientGone, Supervisor
-from appliance.gateway import api_audio, capabilities
+from appliance.gateway import api_audio, api_responses, capabilities
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import dialect_for_path
 from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, usage_option
@@ -57,7 +57,7 @@ from appliance.gateway.protocol import (
 )
 from appliance.gateway.providers import Provider, load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
-from appliance.gateway.response_homes import ResponseHomes, response_id
+from appliance.gateway.response_homes import ResponseHomes
 from appliance.gateway.routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from appliance.gateway.ttft import TtftTracker
@@ -256,7 +256,7 @@ async def _serve(
 
         def done(status: int) -> None:
             if stores and ctx.tap.held:  # the response.completed event, held back
-                _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
+                _remember(rt, ctx, deployment, api_responses.usage_and_id(ctx.tap.held.split(b"data: ", 1)[-1])[1])
             finish(rt, ctx, status, request_text)
 
         opener = None
@@ -296,9 +296,11 @@ async def _serve(
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
-    ctx.usage = FREE if ep.free else ep.dialect.answer_usage(ctx.body, data)
-    if stores and status == 200:
-        _remember(rt, ctx, deployment, data)
+    if stores:  # one parse for the usage and the id of the response the engine keeps
+        ctx.usage, made = api_responses.usage_and_id(data)
+        _remember(rt, ctx, deployment, made)
+    else:
+        ctx.usage = FREE if ep.free else ep.dialect.answer_usage(ctx.body, data)
     data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
@@ -326,11 +328,11 @@ def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
     return replica
 
 
-def _remember(rt: Runtime, ctx: RequestCtx, deployment, answer: bytes) -> None:
+def _remember(rt: Runtime, ctx: RequestCtx, deployment, made: str) -> None:
     """Where the response just made is stored: the local replica that served it."""
     replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
     if replica is not None:
-        rt.response_homes.remember(response_id(answer), replica, ctx.key)
+        rt.response_homes.remember(made, replica, ctx.key)
 
 
 def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
