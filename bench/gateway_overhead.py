@@ -510,9 +510,17 @@ def print_endpoint(row: dict, endpoint: str) -> None:
     direct, chat, ep_direct, ep = (row[n] for n in names)
     added_chat = (chat["p50_us"] - direct["p50_us"]) / 1e3
     added_ep = (ep["p50_us"] - ep_direct["p50_us"]) / 1e3
+    more = statistics.median(_added_difference(r) for r in rounds)
     print(f"{row['concurrency']:>4} | {endpoint} vs chat through the appliance ({len(rounds)} rounds, medians): "
-          f"added p50 {added_ep:.3f} vs {added_chat:.3f} ms ({_spread(p50s)}), "
+          f"added p50 {added_ep:.3f} vs {added_chat:.3f} ms ({_spread(p50s)}; {more:+.3f} ms), "
           f"CPU {ep['cpu_us_per_req']:.0f} vs {chat['cpu_us_per_req']:.0f} us/req ({_spread(cpus)})")
+
+
+def _added_difference(r: dict) -> float:
+    """One round's added p50 of the endpoint minus chat's, in ms (a ratio of two
+    near-zero numbers says nothing at concurrency 1)."""
+    added_chat = r["appliance"]["p50_us"] - r["direct"]["p50_us"]
+    return (r["ep-appl"]["p50_us"] - r["ep-direct"]["p50_us"] - added_chat) / 1e3
 
 
 def _endpoint_ratios(r: dict) -> tuple[float, float]:

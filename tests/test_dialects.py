@@ -99,7 +99,7 @@ def test_transcriptions_are_served_by_a_transcribe_model_on_an_engine_that_decla
     assert not serves(msgspec.structs.replace(llama, server="sglang"), "transcriptions")
 
 
-@pytest.mark.parametrize("fields", [{"model": "other"}, {"model": "other", "stream_include_usage": True}])
+@pytest.mark.parametrize("fields", [{"model": "other"}, {"model": "other", "stream": True}])
 def test_a_form_field_is_rewritten_in_place_and_every_other_byte_kept(fields):
     from appliance.gateway.api_audio import decode, set_form_fields
 
@@ -110,4 +110,4 @@ def test_a_form_field_is_rewritten_in_place_and_every_other_byte_kept(fields):
     out = set_form_fields(body, fields)
     req = decode(out, b"multipart/form-data; boundary=" + boundary)
     assert req.model == "other" and out.replace(b"other", b"whisper", 1).startswith(body[:-len(b"--b0undary--\r\n")])
-    assert (req.stream_options is not None) is ("stream_include_usage" in fields)
+    assert req.stream is ("stream" in fields)

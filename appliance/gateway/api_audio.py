@@ -33,7 +33,6 @@ import msgspec
 
 from appliance.errors import BadRequest
 from appliance.gateway.metering import BYTES_PER_TOKEN, Usage
-from appliance.gateway.protocol import StreamOptions
 
 AUDIO_TOKENS_PER_SECOND = 50
 SETTLE_BYTES_PER_SECOND = 16_000
@@ -43,7 +42,7 @@ RESERVE_BYTES_PER_SECOND = 2_000
 MAX_FIELD_BYTES = 64 * 1024
 
 # The fields the appliance acts on: each given once, as a value (never a file).
-_ROUTED = (b"model", b"stream", b"stream_include_usage")
+_ROUTED = (b"model", b"stream")
 _BOUNDARY = re.compile(rb'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?')
 _NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
 _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
@@ -52,12 +51,11 @@ _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
 class AudioRequest:
     """The form fields the appliance acts on (the rest pass through to the engine)."""
 
-    __slots__ = ("model", "stream", "stream_options")
+    __slots__ = ("model", "stream")
 
     def __init__(self, model: str, stream: bool) -> None:
         self.model = model
         self.stream = stream
-        self.stream_options: StreamOptions | None = None
 
 
 def boundary_of(content_type: bytes | None) -> bytes:
@@ -119,10 +117,7 @@ def decode(body: bytes, content_type: bytes | None) -> AudioRequest:
     model = _text(body, spans[b"model"], "model")
     if not model:
         raise BadRequest("'model' must be a non-empty string", param="model")
-    req = AudioRequest(model, _flag(body, spans, b"stream"))
-    if b"stream_include_usage" in spans:
-        req.stream_options = StreamOptions(include_usage=_flag(body, spans, b"stream_include_usage"))
-    return req
+    return AudioRequest(model, _flag(body, spans, b"stream"))
 
 
 def _text(body: bytes, span: tuple[int, int], name: str) -> str:
