@@ -206,7 +206,7 @@ _ANSWER = msgspec.json.Decoder(_Answer)
 
 
 def _audio_tokens(seconds: float) -> int:
-    return -(-int(seconds * AUDIO_TOKENS_PER_SECOND * 1000) // 1000)
+    return -(-int(max(seconds, 0.0) * AUDIO_TOKENS_PER_SECOND * 1000) // 1000)  # rounded up, never negative
 
 
 def audio_bound(body: bytes) -> int:
