@@ -123,14 +123,16 @@ def test_the_audit_log_keeps_the_forms_fields_not_its_audio(daemon):
 def test_translations_and_every_answer_format_are_charged_never_free(daemon):
     key = keys_cli(daemon, "create", "--name", "formats", "--budget-tokens", "1000000")
     sdk = _sdk(daemon, key)
-    verbose = sdk.audio.translations.create(model="whisper", file=("a.wav", WAV), response_format="verbose_json")
-    assert verbose.text == TEXT and verbose.duration == 2.0
+    assert sdk.audio.translations.create(model="whisper", file=("a.wav", WAV)).text == TEXT
     assert _usage(daemon, "formats") == (100, 4)
+    verbose = sdk.audio.transcriptions.create(model="whisper", file=("a.wav", WAV), response_format="verbose_json")
+    assert verbose.text == TEXT and verbose.duration == 2.0
+    assert _usage(daemon, "formats") == (200, 8)
     # The text format says no duration: the upload's size decides (at 16 kB/s), the text its tokens.
     text = sdk.audio.transcriptions.create(model="whisper", file=("a.wav", WAV), response_format="text")
     assert text.strip() == TEXT
     prompt, completion = _usage(daemon, "formats")
-    assert completion == 8 and prompt - 100 >= math.ceil(len(WAV) / SETTLE_BYTES_PER_SECOND * AUDIO_TOKENS_PER_SECOND)
+    assert completion == 12 and prompt - 200 >= math.ceil(len(WAV) / SETTLE_BYTES_PER_SECOND * AUDIO_TOKENS_PER_SECOND)
 
 
 def test_the_upload_reaches_the_engine_byte_for_byte_and_a_route_renames_only_its_model(daemon):
