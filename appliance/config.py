@@ -99,6 +99,8 @@ class ServerConfig(_Section):
     host: str = "127.0.0.1"
     port: int = 8000
     max_body_bytes: int = 4 * 1024 * 1024
+    # A multipart upload (the audio endpoints' file) may be this large; beyond, 413.
+    max_upload_bytes: int = 25 * 1024 * 1024
     # A client must send its request line and headers within this long, or its
     # connection is closed (slowloris); other clients are not affected.
     header_read_timeout_s: float = 10.0
@@ -298,7 +300,8 @@ class ModelConfig(_Section):
     threads: int = 0
     embeddings: bool = False
     # What the model is for: "chat" (chat, completions, responses, messages, infill),
-    # "embed" (embeddings), "rerank" (rerank, score). Empty: ["chat"], plus "embed"
+    # "embed" (embeddings), "rerank" (rerank, score), "transcribe" (audio transcriptions
+    # and translations: a Whisper-class model on vLLM). Empty: ["chat"], plus "embed"
     # with embeddings = true. Other endpoints get a 400 (appliance/gateway/capabilities.py).
     tasks: list[str] = msgspec.field(default_factory=list)
     # GPU engines: KV-cache budget in tokens (0 = context_length x parallel), its
@@ -668,6 +671,7 @@ def _validate(cfg: Config) -> None:
     s = cfg.server
     need(0 < s.port < 65536, "server.port", f"must be 1-65535, got {s.port}")
     need(s.max_body_bytes >= 1024, "server.max_body_bytes", "must be at least 1024")
+    need(s.max_upload_bytes >= 1024, "server.max_upload_bytes", "must be at least 1024")
     need(0 < s.header_read_timeout_s <= 3600, "server.header_read_timeout_s", "must be within 0-3600 s")
     need(0 < s.body_read_timeout_s <= 3600, "server.body_read_timeout_s", "must be within 0-3600 s")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
@@ -868,7 +872,7 @@ def _validate_routes(cfg: Config, need) -> None:
 
 
 # What a model can be for (tasks = [...]); the gateway's endpoints each need one of them.
-TASKS = ("chat", "embed", "rerank")
+TASKS = ("chat", "embed", "rerank", "transcribe")
 # The proxy endpoints' names, as providers (apis = [...]) and engine adapters list them
 # (gateway/capabilities.py has each one's table row).
 ENDPOINT_NAMES = frozenset(
@@ -884,6 +888,8 @@ ENDPOINT_NAMES = frozenset(
         "infill",
         "rerank",
         "score",
+        "transcriptions",
+        "translations",
     }
 )
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
-        [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--profile DIR]
+        [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--rounds N] [--profile DIR]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
@@ -24,6 +24,12 @@ accounting, measured in the same run.
 API, the Anthropic Messages API) straight to the engine ("ep-direct") and through
 the appliance ("ep-appl") in the same run, and prints its added p50 and CPU per
 request against chat's.
+
+--rounds N measures every side N times per concurrency, interleaved (odd rounds
+run the sides in reverse order, so a drift of the machine's load hits both APIs
+alike); the table shows each side's median, and the --endpoint line the median of
+the N per-round ratios with their range. On a shared machine single runs differ
+by 30%: compare ratios of 5 rounds or more, with `uptime` noted.
 
 --engine-latency S makes the fake engine take S seconds per answer. At 0 the
 engine answers in ~40 us of CPU, far below any real LLM engine, and the run
@@ -60,6 +66,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -265,6 +272,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="py-spy record the appliance during each measured appliance run into DIR")
     p.add_argument("--endpoint", choices=("responses", "messages"),
                    help="also measure this API's request, direct and through the appliance, against chat's")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure each side this many times, interleaved; report medians (default 1)")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     return p.parse_args(argv)
 
@@ -351,44 +360,14 @@ def main(argv: list[str]) -> int:
         print(f"client={client} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
               f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu}", file=sys.stderr)
         results = []
+        sides = [s for s in SIDES if s in ports and (not args.only or s == args.only)]
         for c in levels:
-            row: dict = {"concurrency": c}
-            for side in SIDES:
-                port = ports.get(side)
-                if port is None or (args.only and side != args.only):
-                    continue
-                endpoint = args.endpoint if side in ENDPOINT_SIDES else "chat"
-                if args.warmup > 0:
-                    load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
-                spy = None
-                if args.profile and side == "appliance":
-                    Path(args.profile).mkdir(parents=True, exist_ok=True)
-                    # PYSPY_EXTRA="--native --threads" etc.; --native cannot run non-blocking.
-                    pyspy_extra = os.environ.get("PYSPY_EXTRA", "").split()
-                    if "--native" not in pyspy_extra and "-n" not in pyspy_extra:
-                        pyspy_extra.append("--nonblocking")
-                    pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-                    spy = subprocess.Popen(
-                        [pyspy, "record", "--pid", str(app.pid), "--rate", "250", *pyspy_extra,
-                         "--duration", str(int(args.duration)), "--format", "raw",
-                         "-o", str(Path(args.profile) / f"c{c}.txt")],
-                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                # CPU per request of the process that serves this side (the engine itself
-                # for "direct", the proxy for the others).
-                pid = pids[side]
-                cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
-                res = load.run(port, c, args.duration, tokens.get(side, ""), endpoint)
-                n = max(1, res["requests"])
-                res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
-                res["thread_cpu_us_per_req"] = {
-                    k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
-                    for k, v in thread_cpu(pid).items() if v - threads0.get(k, 0.0) > 0}
-                if spy is not None:
-                    with contextlib.suppress(subprocess.TimeoutExpired):
-                        spy.wait(timeout=args.duration + 30)
-                    if spy.poll() is None:
-                        spy.kill()
-                row[side] = res
+            rounds: list[dict] = []
+            for r in range(max(1, args.rounds)):
+                rounds.append(measure_round(args, load, ports, pids, tokens, c, sides[:: -1 if r % 2 else 1], app))
+            row = median_row(rounds)
+            row["concurrency"] = c
+            row["rounds"] = rounds
             results.append(row)
             print(f"  c={c} done", file=sys.stderr)
         print_table(results, args.endpoint)
@@ -408,6 +387,57 @@ def main(argv: list[str]) -> int:
                 proc.kill()
                 proc.wait(timeout=5)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure_round(args, load, ports: dict, pids: dict, tokens: dict, c: int, sides: list[str], app) -> dict:
+    """One measured run of each side, in this order: {side: result}."""
+    row: dict = {}
+    for side in sides:
+        port = ports[side]
+        endpoint = args.endpoint if side in ENDPOINT_SIDES else "chat"
+        if args.warmup > 0:
+            load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
+        spy = None
+        if args.profile and side == "appliance":
+            Path(args.profile).mkdir(parents=True, exist_ok=True)
+            # PYSPY_EXTRA="--native --threads" etc.; --native cannot run non-blocking.
+            pyspy_extra = os.environ.get("PYSPY_EXTRA", "").split()
+            if "--native" not in pyspy_extra and "-n" not in pyspy_extra:
+                pyspy_extra.append("--nonblocking")
+            pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            spy = subprocess.Popen(
+                [pyspy, "record", "--pid", str(app.pid), "--rate", "250", *pyspy_extra,
+                 "--duration", str(int(args.duration)), "--format", "raw",
+                 "-o", str(Path(args.profile) / f"c{c}.txt")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # CPU per request of the process that serves this side (the engine itself
+        # for "direct", the proxy for the others).
+        pid = pids[side]
+        cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
+        res = load.run(port, c, args.duration, tokens.get(side, ""), endpoint)
+        n = max(1, res["requests"])
+        res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
+        res["thread_cpu_us_per_req"] = {
+            k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
+            for k, v in thread_cpu(pid).items() if v - threads0.get(k, 0.0) > 0}
+        if spy is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                spy.wait(timeout=args.duration + 30)
+            if spy.poll() is None:
+                spy.kill()
+        row[side] = res
+    return row
+
+
+def median_row(rounds: list[dict]) -> dict:
+    """Each side's median over the rounds, metric by metric."""
+    row: dict = {}
+    for side in rounds[0]:
+        runs = [r[side] for r in rounds]
+        row[side] = {**runs[0], **{k: statistics.median(run[k] for run in runs)
+                                   for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}}
+        row[side]["errors"] = sum(run.get("errors", 0) for run in runs)
+    return row
 
 
 def appliance_config(tmp: Path, name: str, port: int, engine_port: int, extra: str = "") -> Path:
@@ -469,17 +499,46 @@ def print_table(results: list[dict], endpoint: str | None = None) -> None:
 
 def print_endpoint(row: dict, endpoint: str) -> None:
     """The --endpoint API against chat, both through the appliance in this run: added
-    p50 (over each one's direct p50) and the appliance's CPU per request."""
-    sides = [row.get(s) for s in ("direct", "appliance", "ep-direct", "ep-appl")]
-    if any(s is None for s in sides):
+    p50 (over each one's direct p50) and the appliance's CPU per request; with
+    rounds, the median of the per-round ratios and their range."""
+    names = ("direct", "appliance", "ep-direct", "ep-appl")
+    rounds = [r for r in row.get("rounds", [row]) if all(n in r for n in names)]
+    if not rounds:
         return
-    direct, chat, ep_direct, ep = sides
+    added = [_endpoint_ratios(r) for r in rounds]
+    p50s, cpus = [a[0] for a in added], [a[1] for a in added]
+    direct, chat, ep_direct, ep = (row[n] for n in names)
     added_chat = (chat["p50_us"] - direct["p50_us"]) / 1e3
     added_ep = (ep["p50_us"] - ep_direct["p50_us"]) / 1e3
-    cpu = ep["cpu_us_per_req"] / max(chat["cpu_us_per_req"], 1e-9)
-    print(f"{row['concurrency']:>4} | {endpoint} vs chat through the appliance: added p50 {added_ep:.3f} ms vs "
-          f"{added_chat:.3f} ms ({added_ep / added_chat if added_chat > 0 else float('nan'):.2f}x), "
-          f"CPU {ep['cpu_us_per_req']:.0f} vs {chat['cpu_us_per_req']:.0f} us/req ({cpu:.2f}x)")
+    more = statistics.median(_added_difference(r) for r in rounds)
+    print(f"{row['concurrency']:>4} | {endpoint} vs chat through the appliance ({len(rounds)} rounds, medians): "
+          f"added p50 {added_ep:.3f} vs {added_chat:.3f} ms ({_spread(p50s)}; {more:+.3f} ms), "
+          f"CPU {ep['cpu_us_per_req']:.0f} vs {chat['cpu_us_per_req']:.0f} us/req ({_spread(cpus)})")
+
+
+def _added_difference(r: dict) -> float:
+    """One round's added p50 of the endpoint minus chat's, in ms (a ratio of two
+    near-zero numbers says nothing at concurrency 1)."""
+    added_chat = r["appliance"]["p50_us"] - r["direct"]["p50_us"]
+    return (r["ep-appl"]["p50_us"] - r["ep-direct"]["p50_us"] - added_chat) / 1e3
+
+
+def _endpoint_ratios(r: dict) -> tuple[float, float]:
+    """One round's (added p50, CPU per request) of the endpoint over chat's."""
+    added_chat = r["appliance"]["p50_us"] - r["direct"]["p50_us"]
+    added_ep = r["ep-appl"]["p50_us"] - r["ep-direct"]["p50_us"]
+    cpu = r["ep-appl"]["cpu_us_per_req"] / max(r["appliance"]["cpu_us_per_req"], 1e-9)
+    return (added_ep / added_chat if added_chat > 0 else float("nan")), cpu
+
+
+def _spread(ratios: list[float]) -> str:
+    """The median ratio and the rounds' range (a round whose chat added nothing has none)."""
+    ratios = [r for r in ratios if r == r]
+    if not ratios:
+        return "no ratio: chat added nothing measurable"
+    if len(ratios) == 1:
+        return f"{ratios[0]:.2f}x"
+    return f"{statistics.median(ratios):.2f}x, rounds {min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def print_goals(results: list[dict]) -> None:

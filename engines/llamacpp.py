@@ -30,6 +30,7 @@ class LlamaCppAdapter(LocalEngine):
     name = "llamacpp"
     # What the pinned llama-server answers (checked by tests/test_e2e_dialects.py);
     # rerank needs --reranking, embeddings --embeddings: added for the model's tasks.
+    # No /v1/audio/transcriptions: llama-server has no such endpoint.
     endpoints = frozenset(
         {
             "chat",

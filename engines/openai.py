@@ -58,6 +58,8 @@ class OpenAIAdapter:
             "infill",
             "rerank",
             "score",
+            "transcriptions",
+            "translations",
         }
     )
     responses_store = True

@@ -35,6 +35,7 @@ class SglangAdapter(LocalEngine):
     name = "sglang"
     gpu = True
     can_sleep = False
+    # No audio transcriptions: the OpenAI endpoints SGLang's docs list stop at these.
     endpoints = frozenset({"chat", "completions", "embeddings", "responses", "rerank"})
 
     def launch(

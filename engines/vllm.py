@@ -41,9 +41,21 @@ class VllmAdapter(LocalEngine):
     can_sleep = True
     unix_socket = True
     # vLLM's OpenAI server: Responses (stored with VLLM_ENABLE_RESPONSES_API_STORE),
-    # pooling models' rerank and score, tokenize and detokenize.
+    # pooling models' rerank and score, tokenize and detokenize, and Whisper-class
+    # models' audio transcriptions and translations.
     endpoints = frozenset(
-        {"chat", "completions", "embeddings", "responses", "tokenize", "detokenize", "rerank", "score"}
+        {
+            "chat",
+            "completions",
+            "embeddings",
+            "responses",
+            "tokenize",
+            "detokenize",
+            "rerank",
+            "score",
+            "transcriptions",
+            "translations",
+        }
     )
     responses_store = True  # in the replica's memory (VLLM_ENABLE_RESPONSES_API_STORE)
 

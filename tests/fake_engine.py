@@ -7,7 +7,9 @@
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
 /v1/embeddings, /v1/responses and /v1/messages (streamed as their own events),
 /v1/messages/count_tokens, /tokenize, /detokenize, /infill (llama-server's shape),
-/v1/rerank, /v1/score, /v1/models and /health, and reports what it saw at /fake/stats
+/v1/rerank, /v1/score, /v1/audio/transcriptions and /translations (vLLM's multipart
+shapes; GET/DELETE /v1/responses/{id} and POST .../cancel for stored Responses),
+/v1/models and /health, and reports what it saw at /fake/stats
 (requests, streams started, completed and cancelled by the client, unary answers
 completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import email.parser
+import hashlib
 import hmac
 import json
 import os
@@ -300,10 +304,18 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return resp
 
     async def stored(request: web.Request) -> web.Response:
-        found = STORED.get(request.match_info["id"])
+        """GET, DELETE and POST .../cancel of a stored Response, as vLLM keeps them."""
+        STATS["stored_calls"] = STATS.get("stored_calls", 0) + 1
+        rid = request.match_info["id"]
+        found = STORED.get(rid)
         if found is None:
             return web.json_response({"error": {"message": "not found", "type": "invalid_request_error"}},
                                      status=404)
+        if request.method == "DELETE":
+            del STORED[rid]
+            return web.json_response({"id": rid, "object": "response", "deleted": True})
+        if request.path.endswith("/cancel"):
+            found["status"] = "cancelled"
         return web.json_response(found)
 
     async def count_tokens(request: web.Request) -> web.Response:
@@ -339,8 +351,64 @@ def make_app(args: argparse.Namespace) -> web.Application:
         STATS["streams_completed"] += 1
         return resp
 
+    async def transcription(request: web.Request) -> web.StreamResponse:
+        """vLLM's audio API: multipart; json ({text, usage: {type: duration, seconds}}),
+        verbose_json (duration), text; streamed as chat-like chunks (usage when
+        stream_include_usage). The audio lasts its size / 32000 s (16 kHz, 16-bit PCM)."""
+        STATS["requests"] += 1
+        raw = await request.read()
+        if failed := failing():
+            return failed
+        head = f"Content-Type: {request.headers['Content-Type']}\r\n\r\n".encode()
+        fields, audio = {}, None
+        for part in email.parser.BytesParser().parsebytes(head + raw).get_payload():
+            if part.get_param("filename", header="content-disposition") is not None:
+                audio = (part.get_filename(), len(part.get_payload(decode=True)))
+            else:
+                fields[part.get_param("name", header="content-disposition")] = part.get_payload(decode=True).decode()
+        if audio is None:
+            return web.json_response({"error": {"message": "file is required"}}, status=400)
+        size = audio[1]
+        STATS["last_body"] = {**fields, "file": {"filename": audio[0], "size": size},
+                              "raw_sha256": hashlib.sha256(raw).hexdigest()}
+        seconds = max(1, size // 32000)
+        n = args.chunks
+        text = " ".join(f"tok{i}" for i in range(n))
+        if fields.get("stream") == "true":
+            STATS["streams_started"] += 1
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            head = {"id": "trsc-fake", "object": "transcription.chunk", "created": int(time.time()),
+                    "model": fields.get("model")}
+            for i in range(n):
+                chunk = {**head, "choices": [{"delta": {"content": f"tok{i} "}, "finish_reason": None}]}
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            if fields.get("stream_include_usage") == "true":
+                usage = {**head, "choices": [], "usage": _usage(4, n)}
+                await resp.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            STATS["streams_completed"] += 1
+            return resp
+        STATS["unary_completed"] += 1
+        fmt = fields.get("response_format", "json")
+        if fmt == "text":
+            return web.Response(text=text, content_type="text/plain")
+        if fmt == "verbose_json":
+            return web.json_response({"task": "transcribe", "language": "en", "duration": float(seconds),
+                                      "text": text, "segments": []})
+        return web.json_response({"text": text, "usage": {"type": "duration", "seconds": seconds}})
+
+    def failing() -> web.Response | None:
+        if args.fail_status and STATS["requests"] >= args.fail_from:
+            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
+                                     status=args.fail_status)
+        return None
+
     async def rerank(request: web.Request) -> web.Response:
         body = await counted(request)
+        if failed := failing():
+            return failed
         docs = body["documents"]
         results = [{"index": i, "relevance_score": 1.0 / (i + 1)} for i in range(len(docs))]
         return web.json_response({"model": args.model, "results": results[: body.get("top_n") or len(docs)],
@@ -348,6 +416,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
 
     async def score(request: web.Request) -> web.Response:
         await counted(request)
+        if failed := failing():
+            return failed
         return web.json_response({"object": "list", "model": args.model, "data": [{"index": 0, "score": 0.5}],
                                   "usage": {"prompt_tokens": 6, "total_tokens": 6}})
 
@@ -429,6 +499,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_post("/v1/responses", dialect)
     app.router.add_post("/v1/messages", dialect)
     app.router.add_get("/v1/responses/{id}", stored)
+    app.router.add_delete("/v1/responses/{id}", stored)
+    app.router.add_post("/v1/responses/{id}/cancel", stored)
+    app.router.add_post("/v1/audio/transcriptions", transcription)
+    app.router.add_post("/v1/audio/translations", transcription)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_post("/tokenize", tokenize)
     app.router.add_post("/detokenize", detokenize)

@@ -45,10 +45,12 @@ def daemon(tmp_path_factory, recorder):
         f"apis = {apis}\nread_timeout_s = 5\n\n"
         for name, apis in (("cloud", '["chat", "responses", "messages"]'), ("chatonly", '["chat"]')))
     routes = (route("reg", "reg", "broken", True) + route("gen", "gen", "broken", False, ["cloud"])
+              + route("regrank", "regrank", "rankdown", True)
               + route("narrow", "narrow", "broken", False, ["chatonly"]))
     models = (fake_model("fake", "--chunks", "3")
               + fake_model("cachey", "--chunks", "3", "--cache-report")
               + fake_model("reranker", extra='tasks = ["rerank"]')
+              + fake_model("rankdown", "--fail-status", "500", extra='tasks = ["rerank"]')
               + fake_model("mid", "--chunks", "8", "--chunk-delay", "0.05", "--die-mid-stream", "3")
               + fake_model("broken", "--fail-status", "500")
               + fake_model("stateful", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
@@ -158,8 +160,11 @@ def test_a_stored_response_whose_replica_restarted_is_gone_not_guessed(daemon):
             assert c.post(f"/admin/models/stateful/replicas/{r['index']}/restart", json={}).status_code == 200
     wait_until(lambda: all(r["state"] == "READY" and r["pid"] not in pids for r in daemon.replicas("stateful")),
                30, what="the restarted replicas")
-    resp = httpx.get(daemon.url + "/v1/responses/" + made.id)
+    resp = httpx.delete(daemon.url + "/v1/responses/" + made.id)
     assert resp.status_code == 404 and "restarted" in resp.json()["error"]["message"], resp.text
+    for gone in (httpx.get(daemon.url + "/v1/responses/" + made.id),
+                 httpx.post(daemon.url + f"/v1/responses/{made.id}/cancel")):
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "response_not_found", gone.text
 
 
 def _usage(d, name: str) -> tuple[int, int]:
@@ -186,6 +191,22 @@ def test_budgets_are_charged_from_each_apis_usage_shape(daemon, stream):
                                messages=[{"role": "user", "content": "one two three four"}])
     # Responses: input 3 words, output 2; Messages: input 4 words (cached or not), output 3.
     assert _usage(daemon, name) == (3 + 4, 2 + 3)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_budgets_are_charged_from_llamacpps_and_reranks_usage_shapes(daemon, stream):
+    name = f"shapes-{int(stream)}"
+    key = keys_cli(daemon, "create", "--name", name, "--budget-tokens", "100000")
+    headers = {"Authorization": f"Bearer {key}"}
+    infill = httpx.post(daemon.url + "/infill", json={**CALLS["/infill"], "model": "fake", "stream": stream},
+                        headers=headers, timeout=30)
+    assert infill.status_code == 200, infill.text
+    # llama.cpp's tokens_evaluated ("def f(" and "):" are 3 words) and tokens_predicted (3).
+    assert _usage(daemon, name) == (3, 3)
+    if not stream:  # rerank's usage.prompt_tokens: 7 per document, nothing generated
+        assert httpx.post(daemon.url + "/v1/rerank", json={**RERANK, "model": "reranker"}, headers=headers,
+                          timeout=30).status_code == 200
+        assert _usage(daemon, name) == (3 + 21, 3)
 
 
 def test_a_tokenizers_work_is_audited_and_charged_no_tokens(daemon):
@@ -251,6 +272,15 @@ def test_a_regulated_route_never_sends_a_new_endpoint_off_the_server(daemon, rec
     assert resp.status_code in (200, 502), resp.text  # served here (tokenize) or the local failure
 
 
+@pytest.mark.parametrize("path", ["/v1/rerank", "/rerank", "/v2/rerank", "/v1/score"])
+def test_a_regulated_route_never_sends_a_rerank_or_score_off_the_server(daemon, recorder, path):
+    before = recorder.requests()
+    body = RERANK if "rerank" in path else {"text_1": "a", "text_2": ["b", "c"]}
+    resp = _post(daemon, path, {**body, "model": "regrank"})
+    assert resp.status_code == 502, resp.text  # the local model's failure, nowhere else
+    assert recorder.requests() == before
+
+
 def test_a_route_falls_back_only_to_a_provider_that_declares_the_api(daemon, recorder):
     before = recorder.requests()
     assert _post(daemon, "/v1/messages", {**MSG, "model": "gen"}).status_code == 200  # cloud speaks it
@@ -262,3 +292,27 @@ def test_a_route_falls_back_only_to_a_provider_that_declares_the_api(daemon, rec
     assert resp.status_code == 502 and resp.json()["type"] == "error"
     assert recorder.requests() == before + 2
     assert 'target="skipped:chatonly"' in httpx.get(daemon.url + "/metrics").text
+
+
+def test_a_stored_response_is_deleted_and_cancelled_on_its_replica_for_its_key_only_and_audited(daemon):
+    owner = keys_cli(daemon, "create", "--name", "keeper")
+    other = keys_cli(daemon, "create", "--name", "prowler")
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key=owner, max_retries=0)
+    spy = openai.OpenAI(base_url=daemon.url + "/v1", api_key=other, max_retries=0)
+    made = [oai.responses.create(model="stateful", input=f"keep {i}", max_output_tokens=2).id for i in range(4)]
+    for rid in made:  # another key's response: unknown to it, whatever it asks
+        for call in (spy.responses.retrieve, spy.responses.delete, spy.responses.cancel):
+            with pytest.raises(openai.NotFoundError) as err:
+                call(rid)
+            assert err.value.body["code"] == "response_not_found"
+    # Each on the replica that holds it (two replicas, each with its own store).
+    assert all(oai.responses.cancel(rid).status == "cancelled" for rid in made)
+    for rid in made:
+        oai.responses.delete(rid)
+        with pytest.raises(openai.NotFoundError):
+            oai.responses.retrieve(rid)
+    # Each call has its row: those that reached the replica name its model; the
+    # prowler's tries and the retrievals after the delete were refused here (404).
+    wanted = {("stateful", "responses_cancel", 200), ("stateful", "responses_delete", 200),
+              ("", "responses_get", 404), ("", "responses_delete", 404), ("", "responses_cancel", 404)}
+    wait_until(lambda: wanted <= {r[:3] for r in _audit(daemon)}, 10, what="the audit rows")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 
 from appliance.access.tenancy import revealing, scrub
@@ -86,3 +87,27 @@ def test_a_model_serves_only_its_tasks_endpoints():
 def test_unknown_tasks_and_apis_are_config_errors_naming_the_field(snippet, field):
     with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
         parse_config(snippet)
+
+
+def test_transcriptions_are_served_by_a_transcribe_model_on_an_engine_that_declares_them():
+    cfg = parse_config('[[models]]\nname = "ear"\nsource = "builtin:smollm2-135m-instruct"\ntasks = ["transcribe"]\n')
+    llama = next(m for m in cfg.models if m.name == "ear")  # llama-server has no audio endpoint
+    with pytest.raises(BadRequest, match="llamacpp engine, which does not serve /v1/audio/transcriptions"):
+        check("/v1/audio/transcriptions", ENDPOINTS["/v1/audio/transcriptions"], llama)
+    vllm = msgspec.structs.replace(llama, server="vllm")
+    assert serves(vllm, "transcriptions") and serves(vllm, "translations") and not serves(vllm, "chat")
+    assert not serves(msgspec.structs.replace(llama, server="sglang"), "transcriptions")
+
+
+@pytest.mark.parametrize("fields", [{"model": "other"}, {"model": "other", "stream": True}])
+def test_a_form_field_is_rewritten_in_place_and_every_other_byte_kept(fields):
+    from appliance.gateway.api_audio import decode, set_form_fields
+
+    boundary = b"b0undary"
+    body = (b"--b0undary\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\nwhisper\r\n"
+            b"--b0undary\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.wav\"\r\n\r\n"
+            b"\x00\r\n--b0undar\xff\r\n--b0undary--\r\n")
+    out = set_form_fields(body, fields)
+    req = decode(out, b"multipart/form-data; boundary=" + boundary)
+    assert req.model == "other" and out.replace(b"other", b"whisper", 1).startswith(body[:-len(b"--b0undary--\r\n")])
+    assert req.stream is ("stream" in fields)

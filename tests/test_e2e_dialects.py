@@ -49,12 +49,13 @@ def test_responses_create_with_a_function_tool_is_answered_and_charged(llama_dae
     assert after == (before[0] + resp.usage.input_tokens, before[1] + resp.usage.output_tokens)
 
 
-def test_responses_streamed_ends_with_completed_and_is_charged(llama_daemon, oai):
+def test_responses_streamed_with_a_function_tool_ends_with_completed_and_is_charged(llama_daemon, oai):
     before = _used(llama_daemon, "agent")
-    events = list(oai.responses.create(model=MODEL, input="Say hello", max_output_tokens=8, stream=True))
+    events = list(oai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                                       max_output_tokens=8, stream=True))
     types = [e.type for e in events]
     assert types[0] == "response.created" and types[-1] == "response.completed"
-    assert any(t == "response.output_text.delta" for t in types)
+    assert any(t in ("response.output_text.delta", "response.function_call_arguments.delta") for t in types)
     usage = events[-1].response.usage
     after = _used(llama_daemon, "agent")
     assert after == (before[0] + usage.input_tokens, before[1] + usage.output_tokens)
@@ -116,3 +117,10 @@ def test_llama_server_keeps_no_responses_so_a_stateful_request_is_a_clear_400(ll
         assert err.value.body["code"] == "responses_store_not_supported"
         assert "llamacpp" in err.value.body["message"]
     assert oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False).status == "completed"
+
+
+def test_llama_server_transcribes_nothing_so_an_upload_is_a_400_naming_endpoint_and_model(llama_daemon, oai):
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.audio.transcriptions.create(model=MODEL, file=("a.wav", b"RIFF" + bytes(4000)))
+    assert err.value.body["code"] == "endpoint_not_supported"
+    assert "/v1/audio/transcriptions" in err.value.body["message"] and MODEL in err.value.body["message"]

@@ -19,7 +19,7 @@ from random import getrandbits as _getrandbits
 from typing import Annotated, TypeVar
 
 import msgspec
-from litestar import Litestar, Request, Response, asgi, get, post
+from litestar import Litestar, Request, Response, asgi, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
@@ -48,10 +48,10 @@ from appliance.errors import (
     error_for_status,
 )
 from appliance.fleet.supervisor import ClientGone, Supervisor
-from appliance.gateway import capabilities
+from appliance.gateway import api_audio, api_responses, capabilities
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import dialect_for_path
-from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, prompt_bound, usage_option
+from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, usage_option
 from appliance.gateway.protocol import (
     ModelCard,
     ModelList,
@@ -60,7 +60,7 @@ from appliance.gateway.protocol import (
 )
 from appliance.gateway.providers import Provider, load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
-from appliance.gateway.response_homes import ResponseHomes, response_id
+from appliance.gateway.response_homes import ResponseHomes
 from appliance.gateway.routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
 from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
 from appliance.gateway.ttft import TtftTracker
@@ -232,10 +232,10 @@ async def _serve(
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     gate = rt.gate
     key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    body = ctx.body = await _read_body_asgi(
-        receive, declared, rt.cfg.server.max_body_bytes, rt.cfg.server.body_read_timeout_s
-    )
-    req = decode_request(body, ep.cls)
+    limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
+    body = ctx.body = await _read_body_asgi(receive, declared, limit, rt.cfg.server.body_read_timeout_s)
+    content_type = _header(scope, b"content-type") if ep.form else None
+    req = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
     model = ctx.model = req.model
     route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
     rt.audit.admit(accountable(ctx))
@@ -258,13 +258,13 @@ async def _serve(
         body = set_fields(body, **fields)
     tenant = tenancy.tenant(key, route)
     client_salt = getattr(req, "cache_salt", None)
-    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates else None
+    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates and not ep.form else None
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
         ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
     request_text = None
     if rt.cfg.audit.include_text:
-        request_text, ctx.response_text = body, b""
-    headers = {"Content-Type": JSON, "X-Request-Id": ctx.rid}
+        request_text, ctx.response_text = api_audio.without_audio(body) if ep.form else body, b""
+    headers = {"Content-Type": content_type.decode("latin-1") if ep.form else JSON, "X-Request-Id": ctx.rid}
     fallbacks = route is not None and bool(route.fallbacks)
 
     def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
@@ -274,7 +274,7 @@ async def _serve(
 
         def done(status: int) -> None:
             if stores and ctx.tap.held:  # the response.completed event, held back
-                _remember(rt, ctx, deployment, ctx.tap.held.split(b"data: ", 1)[-1])
+                _remember(rt, ctx, deployment, api_responses.usage_and_id(ctx.tap.held.split(b"data: ", 1)[-1])[1])
             finish(rt, ctx, status, request_text)
 
         opener = None
@@ -314,15 +314,21 @@ async def _serve(
         work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
     # A client that leaves cancels the engine's work, as a stream's does.
     status, data, content_type = await unless_client_leaves(receive, work)
-    ctx.usage = FREE if ep.free else ep.dialect.usage(data)
-    if stores and status == 200:
-        _remember(rt, ctx, deployment, data)
+    if stores:  # one parse for the usage and the id of the response the engine keeps
+        ctx.usage, made = api_responses.usage_and_id(data)
+        _remember(rt, ctx, deployment, made)
+    else:
+        ctx.usage = FREE if ep.free else ep.dialect.answer_usage(ctx.body, data)
     data = tenancy.answer(data)
     if ctx.response_text is not None:
         ctx.response_text = data
     finish(rt, ctx, status, request_text)
     await committed(ctx)
     await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key == name), None)
 
 
 def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
@@ -340,11 +346,11 @@ def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
     return replica
 
 
-def _remember(rt: Runtime, ctx: RequestCtx, deployment, answer: bytes) -> None:
+def _remember(rt: Runtime, ctx: RequestCtx, deployment, made: str) -> None:
     """Where the response just made is stored: the local replica that served it."""
     replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
     if replica is not None:
-        rt.response_homes.remember(response_id(answer), replica, ctx.key)
+        rt.response_homes.remember(made, replica, ctx.key)
 
 
 def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
@@ -383,11 +389,11 @@ def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: s
     ceiling = dep.model.default_max_tokens or context
     cap = completion_cap(req) if ep.generates else 0
     n = choices(req)
-    prompt = 0 if ep.free else prompt_bound(ctx.body)
+    prompt = 0 if ep.free else ep.dialect.bound(ctx.body)
     res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
-    if res.completion is not None and res.completion < context:
+    if res.completion is not None and res.completion < context and ep.length_field:
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
         fields[ep.length_field] = limit
@@ -511,13 +517,47 @@ async def get_model(request: Request) -> Response[ModelCard]:
 @get("/v1/responses/{response_id:str}")
 async def get_response(request: Request) -> Response:
     """A stored Response, from the replica that stored it, for the key that made it."""
+    return await _stored_response(request, "GET", "", "responses_get")
+
+
+@delete("/v1/responses/{response_id:str}", status_code=200)
+async def delete_response(request: Request) -> Response:
+    """Delete a stored Response on the replica that holds it (the key that made it only)."""
+    return await _stored_response(request, "DELETE", "", "responses_delete")
+
+
+@post("/v1/responses/{response_id:str}/cancel", status_code=200)
+async def cancel_response(request: Request) -> Response:
+    """Cancel a background Response on the replica that runs it (the key that made it only)."""
+    return await _stored_response(request, "POST", "/cancel", "responses_cancel")
+
+
+async def _stored_response(request: Request, method: str, suffix: str, endpoint: str) -> Response:
+    """A call on a stored Response, sent to the replica that stored it for the key
+    that made it (another key's response is a 404, like one that never was),
+    audited like any request; runs no inference, so charges nothing."""
     rt = _runtime(request)
-    auth = _authorization(request)
-    key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
-    rid = request.path_params["response_id"]
-    replica = rt.response_homes.find(rid, key, "response_id")
-    headers = {"X-Request-Id": request.scope.get("request_id") or _new_request_id()}
-    status, data, content_type = await rt.proxy.unary(replica, f"/v1/responses/{rid}", None, headers, "GET")
+    rid = request.scope.get("request_id") or _new_request_id()
+    ctx = RequestCtx(rid, time.perf_counter(), time.time(), "", endpoint, usage=FREE)
+    try:
+        auth = _authorization(request)
+        ctx.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
+        rt.audit.admit(accountable(ctx))
+        response_id = request.path_params["response_id"]
+        replica = rt.response_homes.find(response_id, ctx.key, "response_id")
+        ctx.model, ctx.served_by = replica.model.name, replica.name
+        path = f"/v1/responses/{response_id}{suffix}"
+        status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+    except ApplianceError as exc:
+        finish(rt, ctx, exc.status)
+        if not isinstance(exc, StateWriteFailed):
+            with contextlib.suppress(StateWriteFailed):
+                await committed(ctx)
+        raise
+    if method == "DELETE":
+        rt.response_homes.forget(response_id)
+    finish(rt, ctx, status)
+    await committed(ctx)
     return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 
@@ -713,6 +753,8 @@ ROUTE_HANDLERS = [
     list_models,
     get_model,
     get_response,
+    delete_response,
+    cancel_response,
     healthz,
     readyz,
     metrics,

@@ -45,6 +45,8 @@ _SUMMARIES = {
     "/rerank": "Rerank documents against a query (alias of /v1/rerank)",
     "/v2/rerank": "Rerank documents against a query (alias of /v1/rerank)",
     "/v1/score": "Score text pairs (models with the rerank task)",
+    "/v1/audio/transcriptions": "Transcribe audio (multipart; models with the transcribe task)",
+    "/v1/audio/translations": "Translate audio into English text (multipart; models with the transcribe task)",
 }
 # Anthropic's envelope, what every error on the /v1/messages paths is.
 ANTHROPIC_ERROR = {
@@ -68,7 +70,7 @@ _OPERATION_IDS = {
 
 
 def _requests() -> list[type]:
-    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values()))
+    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values() if not e.form))
 
 
 def _admin_bodies(handlers: list) -> dict[str, type]:
@@ -121,6 +123,20 @@ def _openapi_path(path: str) -> str:
     return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
+def _form_body(models: list[str]) -> dict:
+    """An audio upload: multipart/form-data, the model a form field; other fields pass through."""
+    schema = {
+        "type": "object",
+        "required": ["model", "file"],
+        "properties": {
+            "model": {"type": "string", "enum": models},
+            "file": {"type": "string", "format": "binary"},
+            "stream": {"type": "boolean"},
+        },
+    }
+    return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
 def _model_names(doc: dict, models: list[str]) -> None:
     """The configured model names are the only ones served: any other is a 404."""
     for item in doc["paths"].values():
@@ -147,14 +163,14 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     for path, endpoint in ENDPOINTS.items():
         body = endpoint.cls.__name__
         answer: dict[str, dict] = {"application/json": {"schema": ANY_OBJECT}}
-        if "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
+        if endpoint.form or "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
             answer["text/event-stream"] = {"schema": SSE_EVENT}
         operation = path.strip("/").replace("/", "_") if path not in _OPERATION_IDS else _OPERATION_IDS[path]
         paths[path] = {
             "post": {
                 "summary": _SUMMARIES[path],
                 "operationId": operation,
-                "requestBody": _json_body(body),
+                "requestBody": _form_body(models) if endpoint.form else _json_body(body),
                 "responses": {
                     "200": {
                         "description": "The engine's answer, byte for byte (SSE when stream is true)",

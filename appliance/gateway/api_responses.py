@@ -41,23 +41,32 @@ class _Usage(msgspec.Struct):
     output_tokens: int = 0
 
 
-class _WithUsage(msgspec.Struct):
+class _Answer(msgspec.Struct):
+    id: str = ""
     usage: _Usage | None = None
     # A streamed event carries the response (and its usage) one level down.
-    response: _WithUsage | None = None
+    response: _Answer | None = None
 
 
-_DECODER = msgspec.json.Decoder(_WithUsage)
+_DECODER = msgspec.json.Decoder(_Answer)
 
 
 def usage(data: bytes) -> Usage | None:
     """Usage of a whole response, or of a response.completed/incomplete/failed event."""
+    return usage_and_id(data)[0]
+
+
+def usage_and_id(data: bytes) -> tuple[Usage | None, str]:
+    """Usage and id of a whole response, or of the response in a stream's event: one
+    parse, for a response the engine stores (its id goes into appliance/gateway/response_homes.py)."""
     try:
         top = _DECODER.decode(data)
     except msgspec.MsgspecError:
-        return None
-    found = top.usage or (top.response.usage if top.response is not None else None)
-    return Usage(found.input_tokens, found.output_tokens) if found is not None else None
+        return None, ""
+    inner = top.response
+    found = top.usage or (inner.usage if inner is not None else None)
+    made = inner.id if inner is not None else top.id
+    return (Usage(found.input_tokens, found.output_tokens) if found is not None else None), made
 
 
 # The events that end a stream: held until the request's accounting is durable.

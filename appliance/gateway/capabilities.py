@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
 from appliance.errors import BadRequest
 from appliance.fleet.engine_traits import engine_of, serves_tools
+from appliance.gateway.api_audio import AudioRequest
 from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
-from appliance.gateway.dialects import ANTHROPIC, LLAMACPP, OPENAI, RESPONSES, Dialect
+from appliance.gateway.dialects import ANTHROPIC, AUDIO, LLAMACPP, OPENAI, RESPONSES, Dialect
 from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 if TYPE_CHECKING:
@@ -42,10 +43,12 @@ class Endpoint:
     dialect: Dialect = OPENAI
     generates: bool = True  # a key's budget reserves completion tokens for it
     view: bool | str = ""  # the prefix index's view of the body (fleet/prefix.engine_view); "": none
-    length_field: str = "max_tokens"  # where a budget's completion cap is written
+    length_field: str = "max_tokens"  # where a budget's completion cap is written ("": nowhere)
     engine_path: str = ""  # the engine's path for it ("": the path the client called)
     # Runs no inference (a tokenizer's work): audited and rate-limited, charged no tokens.
     free: bool = False
+    # A multipart/form-data upload (appliance/gateway/api_audio.py), not a JSON body.
+    form: bool = False
 
 
 _RERANK = Endpoint("rerank", RerankRequest, "rerank", generates=False, engine_path="/v1/rerank")
@@ -68,6 +71,10 @@ ENDPOINTS: dict[str, Endpoint] = {
     "/rerank": _RERANK,
     "/v2/rerank": _RERANK,
     "/v1/score": Endpoint("score", ScoreRequest, "rerank", generates=False),
+    "/v1/audio/transcriptions": Endpoint(
+        "transcriptions", AudioRequest, "transcribe", AUDIO, length_field="", form=True
+    ),
+    "/v1/audio/translations": Endpoint("translations", AudioRequest, "transcribe", AUDIO, length_field="", form=True),
 }
 
 BY_NAME = {e.name: e for e in ENDPOINTS.values()}

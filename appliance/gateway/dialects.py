@@ -10,6 +10,8 @@ an answer says what it used, and which event ends a stream.
 - llama.cpp's own API (infill): usage as tokens_evaluated, tokens_predicted.
 - Anthropic Messages (appliance/gateway/api_messages.py): Anthropic's envelope and
   ``event: error``; usage in message_start and message_delta; message_stop ends it.
+- Audio (appliance/gateway/api_audio.py): the OpenAI envelope and stream; a
+  multipart upload charged by its audio's seconds, not its bytes.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from dataclasses import dataclass
 import msgspec
 
 from appliance.errors import ApplianceError, encode_error
-from appliance.gateway import api_messages, api_responses
-from appliance.gateway.metering import Usage, unary_usage
+from appliance.gateway import api_audio, api_messages, api_responses
+from appliance.gateway.metering import Usage, estimated_usage, prompt_bound, unary_usage
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,15 @@ class Dialect:
     asks_usage: bool = False
     # What an event that may carry usage contains (cheap to look for).
     usage_marker: bytes = b'"usage"'
+    # What a request may cost (its prompt's bound, from its body), and what it is
+    # charged when the engine says nothing: an upload's audio is not a prompt's text.
+    bound: Callable[[bytes], int] = prompt_bound
+    estimate: Callable[[bytes, int, int | None], Usage] = estimated_usage
+    # A whole answer's charge from the request's body and the answer (None: usage(answer)).
+    whole: Callable[[bytes, bytes], Usage | None] | None = None
+
+    def answer_usage(self, body: bytes, data: bytes) -> Usage | None:
+        return self.usage(data) if self.whole is None else self.whole(body, data)
 
     def envelope(self, err: ApplianceError) -> bytes:
         if self is ANTHROPIC:
@@ -73,6 +84,13 @@ OPENAI = Dialect("openai", unary_usage, asks_usage=True)
 LLAMACPP = Dialect("llamacpp", _native_usage, usage_marker=b'"tokens_predicted"')
 RESPONSES = Dialect("responses", api_responses.usage, api_responses.TERMINAL)
 ANTHROPIC = Dialect("anthropic", api_messages.usage, api_messages.TERMINAL)
+AUDIO = Dialect(
+    "audio",
+    api_audio.usage,
+    bound=api_audio.audio_bound,
+    estimate=api_audio.estimated_usage,
+    whole=api_audio.answer_usage,
+)
 
 
 def dialect_for_path(path: str) -> Dialect:
@@ -80,4 +98,4 @@ def dialect_for_path(path: str) -> Dialect:
     return ANTHROPIC if path.startswith("/v1/messages") else OPENAI
 
 
-__all__ = ["ANTHROPIC", "LLAMACPP", "OPENAI", "RESPONSES", "Dialect", "dialect_for_path"]
+__all__ = ["ANTHROPIC", "AUDIO", "LLAMACPP", "OPENAI", "RESPONSES", "Dialect", "dialect_for_path"]

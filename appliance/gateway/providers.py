@@ -21,6 +21,7 @@ import aiohttp
 import msgspec
 
 from appliance.config import Config, ConfigError, ProviderConfig, exposed_secret
+from appliance.gateway.api_audio import is_form, set_form_fields
 
 log = logging.getLogger("appliance.upstreams")
 
@@ -112,7 +113,7 @@ class Provider:
         return path.removeprefix("/v1")
 
     def headers(self, headers: dict[str, str], api: str = "chat") -> dict[str, str]:
-        out = {"Content-Type": "application/json"}
+        out = {"Content-Type": headers.get("Content-Type", "application/json")}
         if self._key.reveal():
             out["Authorization"] = "Bearer " + self._key.reveal()
             if api in ("messages", "count_tokens"):  # Anthropic's API reads its key here
@@ -132,7 +133,10 @@ ANTHROPIC_VERSION = "2023-06-01"
 
 def set_fields(body: bytes, **fields) -> bytes:
     """The request body with top-level fields replaced; every other field's bytes
-    are kept exactly (decoded as raw JSON, not parsed)."""
+    are kept exactly (decoded as raw JSON, not parsed; a multipart upload's other
+    parts untouched)."""
+    if is_form(body):
+        return set_form_fields(body, fields)
     top = _TOP.decode(body)
     for name, value in fields.items():
         top[name] = msgspec.Raw(msgspec.json.encode(value))

@@ -5,16 +5,18 @@ must reach that replica, and only for the API key that created it.
 
 The index is bounded (least recently used out); a response whose replica has
 restarted or gone since is gone with it: a 404 that says so, never another
-replica's guess.
+replica's guess. GET, DELETE and POST .../cancel all find the replica here.
+
+It lives in the daemon's memory only, on purpose: the responses it points to
+live in the replicas' memory (vLLM's store), and a daemon restart ends its
+engines, so an index kept on disk could only point at responses that are gone,
+and would outlive the API keys' rights to them for nothing.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-import msgspec
+from typing import TYPE_CHECKING, NamedTuple
 
 from appliance.errors import NotFound
 from appliance.fleet.replica import State
@@ -27,29 +29,10 @@ if TYPE_CHECKING:
 CAPACITY = 100_000
 
 
-@dataclass(frozen=True, slots=True)
-class Home:
+class Home(NamedTuple):  # a tuple: made once per stored response, on the hot path
     replica: Replica
     pid: int | None  # the engine process that holds it (a restart empties its store)
     owner: str | None  # the API key id that created it (None: keyless)
-
-
-class _Id(msgspec.Struct):
-    id: str = ""
-    # A stream's response.completed event carries the response one level down.
-    response: _Id | None = None
-
-
-_ID = msgspec.json.Decoder(_Id)
-
-
-def response_id(data: bytes) -> str:
-    """The id of a whole response, or of the response in a stream's event."""
-    try:
-        top = _ID.decode(data)
-    except msgspec.MsgspecError:
-        return ""
-    return top.response.id if top.response is not None else top.id
 
 
 class ResponseHomes:
@@ -60,10 +43,14 @@ class ResponseHomes:
     def remember(self, rid: str, replica: Replica, key: ApiKey | None) -> None:
         if not rid:
             return
-        self._homes[rid] = Home(replica, replica.pid, key.id if key is not None else None)
-        self._homes.move_to_end(rid)
-        while len(self._homes) > self.capacity:
-            self._homes.popitem(last=False)
+        homes = self._homes
+        homes[rid] = Home(replica, replica.pid, key.id if key is not None else None)  # ids are new: last
+        if len(homes) > self.capacity:
+            homes.popitem(last=False)
+
+    def forget(self, rid: str) -> None:
+        """The response was deleted on its replica."""
+        self._homes.pop(rid, None)
 
     def find(self, rid: str, key: ApiKey | None, param: str) -> Replica:
         """The replica holding response rid, for this key; a 404 otherwise (another
@@ -82,4 +69,4 @@ class ResponseHomes:
         return replica
 
 
-__all__ = ["Home", "ResponseHomes", "response_id"]
+__all__ = ["Home", "ResponseHomes"]

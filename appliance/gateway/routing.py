@@ -39,7 +39,6 @@ from appliance.errors import (
 from appliance.fleet.replica import State
 from appliance.gateway.capabilities import serves
 from appliance.gateway.dialects import OPENAI, Dialect
-from appliance.gateway.metering import estimated_usage
 
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey, Reservation
@@ -234,7 +233,7 @@ def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) 
     if usage is None and ctx.served_by is not None and (status in (200, 499) or events):
         # The engine ran it but never said what it used (a client that left, a
         # stream cut short, an engine that ignores stream_options): our count.
-        usage = estimated_usage(ctx.body, events, ctx.completion_cap)
+        usage = ctx.dialect.estimate(ctx.body, events, ctx.completion_cap)
     prompt = completion = None
     if usage is not None:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
