@@ -50,7 +50,7 @@ def daemon(tmp_path_factory, recorder):
     models = (fake_model("fake", "--chunks", "3")
               + fake_model("cachey", "--chunks", "3", "--cache-report")
               + fake_model("reranker", extra='tasks = ["rerank"]')
-              + fake_model("rankdown", "--fail-status", "500", extra='tasks = ["rerank"]')
+              + fake_model("rankdown", "--fail-status", "500", "--fail-from", "1", extra='tasks = ["rerank"]')
               + fake_model("mid", "--chunks", "8", "--chunk-delay", "0.05", "--die-mid-stream", "3")
               + fake_model("broken", "--fail-status", "500")
               + fake_model("stateful", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
