@@ -11,7 +11,7 @@ response_format, logprobs, ...) pass through untouched.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -73,13 +73,16 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
 
 
 RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest
+Body = TypeVar("Body", bound=msgspec.Struct)
 
-_DECODERS = {cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)}
+_DECODERS: dict[type, msgspec.json.Decoder] = {
+    cls: msgspec.json.Decoder(cls) for cls in (ChatCompletionRequest, CompletionRequest, EmbeddingRequest)
+}
 _AT = re.compile(r" - at `\$\.?([^`]*)`$")
 
 
-def decode_request(body: bytes, cls: type[RequestT]) -> RequestT:
-    """Parse and type-check a request body (any proxy endpoint's msgspec Struct);
+def decode_request(body: bytes, cls: type[Body]) -> Body:
+    """Parse and type-check a request body (any proxy endpoint's or admin call's msgspec Struct);
     a 400 that names the field otherwise."""
     if not body:
         raise BadRequest("Request body is empty; expected a JSON object")
@@ -117,7 +120,7 @@ MAX_COUNT = 2**31 - 1
 AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
 
 
-def _check_ranges(req: RequestT) -> None:
+def _check_ranges(req: msgspec.Struct) -> None:
     for field in AT_LEAST_ONE:
         value = getattr(req, field, None)
         if value is not None and value < 1:

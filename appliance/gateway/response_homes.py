@@ -11,6 +11,7 @@ replica's guess.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -64,6 +65,14 @@ class ResponseHomes:
         self._homes.move_to_end(rid)
         while len(self._homes) > self.capacity:
             self._homes.popitem(last=False)
+
+    def remember_answer(
+        self, answer: bytes, replicas: Iterable[Replica], served_by: str | None, key: ApiKey | None
+    ) -> None:
+        """The response in answer is stored on the local replica that served it (if one did)."""
+        replica = next((r for r in replicas if r.name == served_by), None)
+        if replica is not None:
+            self.remember(response_id(answer), replica, key)
 
     def find(self, rid: str, key: ApiKey | None, param: str) -> Replica:
         """The replica holding response rid, for this key; a 404 otherwise (another
