@@ -76,6 +76,7 @@ JSON = "application/json"
 class Runtime(Gateway):
     """What the lifespan opens: the hot path's runtime, and what only the other handlers use."""
 
+    metrics: Metrics  # the hot path's counters, and /metrics rendering them
     started: float = field(default_factory=time.time)
     admin: AdminAccess | None = None
     openapi: dict | None = None
