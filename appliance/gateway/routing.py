@@ -1,5 +1,6 @@
 """Routes and their policy: which local model serves a request, and where it may
-go when that model cannot.
+go when that model cannot. ``forward`` decides and sends the request there
+(appliance/gateway/serving.py), one ProxyRequest from start to end.
 
 A route matches the requested model name and optionally a tag (the tag header,
 or the API key's tag). A key's tag binds it: the header may repeat it, never
