@@ -10,7 +10,7 @@ Raw ASGI on purpose: this is the hot path (see bench/gateway_overhead.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -62,23 +62,27 @@ async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment) -> Answ
     raise AssertionError("unreachable")
 
 
-async def to_replica(rt: Gateway, req: ProxyRequest, replica: Replica, body: bytes) -> Answer:
+# to_replica and to_provider return the proxy's own coroutine, to be awaited by the
+# caller: no coroutine of their own on the hot path (bench/gateway_overhead.py).
+
+
+def to_replica(rt: Gateway, req: ProxyRequest, replica: Replica, body: bytes) -> Awaitable[Answer]:
     """The request on this one replica (a stored Response's home, or the one acquired)."""
     if req.stream:
         done = partial(finish_stream, rt, req)
-        return await rt.proxy.open_stream(replica, req.path, body, req.headers, done, req.endpoint.dialect)
-    return await rt.proxy.unary(replica, req.path, body, req.headers)
+        return rt.proxy.open_stream(replica, req.path, body, req.headers, done, req.endpoint.dialect)
+    return rt.proxy.unary(replica, req.path, body, req.headers)
 
 
-async def to_provider(rt: Gateway, req: ProxyRequest, provider: Provider) -> Answer:
+def to_provider(rt: Gateway, req: ProxyRequest, provider: Provider) -> Awaitable[Answer]:
     """The request on a provider: its path, its name for the model, its credentials."""
     path = provider.path(req.path)
     body = provider.body(req.forwarded, req.model)
     headers = provider.headers(req.headers, req.endpoint.name)
     if req.stream:
         done = partial(finish_stream, rt, req)
-        return await rt.proxy.open_stream(provider, path, body, headers, done, req.endpoint.dialect)
-    return await rt.proxy.unary(provider, path, body, headers)
+        return rt.proxy.open_stream(provider, path, body, headers, done, req.endpoint.dialect)
+    return rt.proxy.unary(provider, path, body, headers)
 
 
 def body_for(req: ProxyRequest, dep: Deployment) -> bytes:
