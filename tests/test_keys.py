@@ -17,7 +17,9 @@ from appliance.api.metrics import Metrics
 from appliance.config import parse_config
 from appliance.errors import NoCapacity, RegulatedFailClosed
 from appliance.gateway.providers import Breaker, load_providers
-from appliance.gateway.routing import RequestCtx, with_fallback
+from appliance.gateway.capabilities import ENDPOINTS
+from appliance.gateway.request import ProxyRequest
+from appliance.gateway.routing import forward
 
 from .conftest import PY, ROOT, fake_model, wait_until
 from .test_routes import Recorder, provider, recorder  # noqa: F401  (the module fixture)
@@ -153,7 +155,7 @@ def test_a_non_loopback_address_without_keys_refuses_to_start(tmp_path):
 
 
 class _Rt:
-    """What with_fallback reads from the runtime."""
+    """What routing reads from the runtime."""
 
     def __init__(self, cfg, session) -> None:
         from appliance.gateway.proxy import EngineProxy
@@ -167,6 +169,20 @@ class _Rt:
         self.fallbacks_fired: dict = {}
 
 
+class _DownDeployment:
+    """A local deployment that cannot take the request."""
+
+    replicas: list = []
+    waiters: list = []
+    inflight = 0
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    async def acquire(self, **_):
+        raise NoCapacity("local model down")
+
+
 async def test_the_runtime_check_fails_closed_even_when_config_validation_was_bypassed(tmp_path, recorder):
     cfg = parse_config(provider(recorder, tmp_path) + fake_model("m")
                        + '[[routes]]\nname = "claims"\nmodel = "claims"\ntarget = "m"\n')
@@ -175,22 +191,15 @@ async def test_the_runtime_check_fails_closed_even_when_config_validation_was_by
     before = recorder.requests()
     async with aiohttp.ClientSession() as session:
         rt = _Rt(cfg, session)
-        ctx = RequestCtx("rid", 0.0, 0.0, "claims", "chat", route=route)
-        dep = type("D", (), {"replicas": [], "waiters": [], "inflight": 0})()
-
-        async def local(_):
-            raise NoCapacity("local model down")
-
-        async def remote(p):
-            return await rt.proxy.unary(p, p.path("/v1/chat/completions"),
-                                        p.body(json.dumps(CHAT).encode(), "claims"), p.headers({}))
-
+        path = "/v1/chat/completions"
+        req = ProxyRequest("rid", 0.0, 0.0, ENDPOINTS[path], None, model="claims", route=route, target="m",
+                           deployment=_DownDeployment(cfg.models[0]), path=path, forwarded=json.dumps(CHAT).encode())
         with pytest.raises(RegulatedFailClosed) as info:
-            await with_fallback(rt, ctx, dep, local, remote)
+            await forward(rt, req)
         assert info.value.status == 503 and "regulated" in info.value.message
         # The same route, not regulated, does reach the provider: the recorder records.
-        ctx.route = msgspec.structs.replace(route, regulated=False)
-        status, _, _ = await with_fallback(rt, ctx, dep, local, remote)
+        req.route = msgspec.structs.replace(route, regulated=False)
+        status, _, _ = await forward(rt, req)
     assert status == 200
     assert recorder.requests() == before + 1
 

@@ -29,12 +29,12 @@ def test_reservations_in_flight_never_add_up_past_the_budget(tmp_path):
         for _ in range(100):
             held.append(gate.admit(key, None, prompt=50, cap=50))
     assert len(held) == 10 and refused.value.retry_after == 2  # the holds settle soon
-    gate.settle(held.pop(), 30)  # settled to its real usage: 70 of its 100 free again
+    gate.settle(key, held.pop(), 30, 0)  # settled to its real usage: 70 of its 100 free again
     held.append(gate.admit(key, None, prompt=50, cap=20))
     with pytest.raises(RateLimited):
         gate.admit(key, None, prompt=1, cap=0)
     for res in held:
-        gate.settle(res, res.held)
+        gate.settle(key, res, res.held, 0)
     assert sum(c[2] for c in charges) == 1000 and gate.held == {}
 
 
@@ -44,7 +44,7 @@ def test_a_request_without_a_cap_is_reserved_at_what_the_budget_leaves(tmp_path)
     assert res.completion == 450 and res.held == 1000
     with pytest.raises(RateLimited):
         gate.admit(key, None, prompt=1, cap=None, ceiling=8192)
-    gate.settle(res, 0)
+    gate.settle(key, res, 0, 0)
     roomy = gate.admit(key, None, prompt=100, cap=None, ceiling=64)
     assert roomy.completion == 64 and roomy.held == 164
 

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import httpx
@@ -164,3 +165,45 @@ def test_replica_summary_names_what_is_not_ready():
     assert replica_summary(replicas) == "1/3 replicas ready; b#0 starting, b#1 backoff"
     many = [R(f"m#{i}", State.STARTING) for i in range(9)]
     assert replica_summary(many).endswith("m#5 starting and 3 more")
+
+
+def test_the_drain_waits_for_a_request_at_a_provider_and_reports_it(daemons, fake_systemd, tmp_path):
+    # Regression: STOPPING said "draining 0 in-flight requests" while a request was at a
+    # provider, which the drain waits for (it counted only the replicas' requests).
+    from .conftest import FAKE_ENGINE, free_port, wait_until
+    from .test_routes import provider, route
+
+    port = free_port()
+    cloud = subprocess.Popen([PY, str(FAKE_ENGINE), "--port", str(port), "--model", "cloud", "--latency", "3"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        stats = f"http://127.0.0.1:{port}/fake/stats"
+        wait_until(lambda: _answers(stats), 15, what="the slow provider")
+        local = fake_model("err5xx", "--fail-status", "500")  # its engine fails: the route fails over
+        rec = type("Rec", (), {"url": f"http://127.0.0.1:{port}"})()
+        daemon = _start(daemons, fake_systemd, models=local + provider(rec, tmp_path)
+                        + route("general", "general", "err5xx", False, ["cloud"]))
+        daemon.wait_ready()
+        answers: list[httpx.Response] = []
+        body = {"model": "general", "messages": [{"role": "user", "content": "hi"}]}
+        asking = threading.Thread(target=lambda: answers.append(
+            httpx.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=30)))
+        asking.start()
+        wait_until(lambda: httpx.get(stats, timeout=5).json()["requests"] == 1, 15, what="the request at the provider")
+
+        daemon.proc.send_signal(signal.SIGTERM)
+        stopping = fake_systemd.until(lambda m: m.get("STOPPING") == "1")[-1]
+        assert stopping["STATUS"] == "draining 1 in-flight requests"
+        asking.join(30)
+        assert answers[0].status_code == 200, answers[0].text  # answered before the daemon stopped
+        assert daemon.proc.wait(timeout=30) == 0
+    finally:
+        cloud.kill()
+        cloud.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

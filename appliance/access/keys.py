@@ -168,6 +168,9 @@ class Gate:
         self.keys: dict[str, ApiKey] = {}
         self.used: dict[str, tuple[int, int]] = {}  # key id -> (period start, tokens)
         self.held: dict[str, int] = {}  # key id -> tokens its requests in flight hold
+        # key name -> [requests, prompt tokens, completion tokens] since the daemon started
+        # (the status and the TUI's usage view).
+        self.usage: dict[str, list[int]] = {}
         self.buckets: dict[str, _Bucket] = {}
         self._version = -1
         self.refresh()
@@ -258,9 +261,18 @@ class Gate:
         current = self.used.get(key_id)
         return current[1] if current is not None and current[0] == start else 0
 
-    def settle(self, res: Reservation, tokens: int) -> None:
-        """The request is over: release its hold, charge what it used."""
-        key = res.key
+    def settle(self, key: ApiKey, res: Reservation | None, prompt: int, completion: int) -> None:
+        """The key's request is over (admitted, or refused: no reservation): counted
+        in the key's usage, its hold released, what it used charged."""
+        seen = self.usage.get(key.name)
+        if seen is None:
+            seen = self.usage[key.name] = [0, 0, 0]
+        seen[0] += 1
+        seen[1] += prompt
+        seen[2] += completion
+        if res is None:
+            return
+        tokens = prompt + completion
         if res.held:
             held = self.held.get(key.id, 0) - res.held
             if held > 0:

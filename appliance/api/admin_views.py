@@ -58,7 +58,7 @@ def daemon_status(rt: Runtime, version: str) -> DaemonStatus:
         ],
         usage=[
             KeyUsage(key=name, requests=n, prompt_tokens=p, completion_tokens=c, tokens=p + c)
-            for name, (n, p, c) in sorted(rt.key_usage.items())
+            for name, (n, p, c) in sorted(rt.gate.usage.items())
         ],
         evictions=sup.market.recent(),
     )

@@ -28,7 +28,7 @@ from litestar.types import Receive, Scope, Send
 from appliance.access import retention
 from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
-from appliance.access.tenancy import SALTED_SERVERS, Tenancy, revealing, scrub
+from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.api.admin_access import AdminAccess
 from appliance.api.admin_views import daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -47,23 +47,26 @@ from appliance.errors import (
     encode_error,
     error_for_status,
 )
-from appliance.fleet.supervisor import ClientGone, Supervisor
-from appliance.gateway import api_audio, api_responses, capabilities
+from appliance.fleet.replica import Replica
+from appliance.fleet.supervisor import ClientGone, Deployment, Supervisor
+from appliance.gateway import api_audio, capabilities
+from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import dialect_for_path
-from appliance.gateway.metering import StreamTap, Usage, choices, completion_cap, usage_option
+from appliance.gateway.ledger import committed, finish
+from appliance.gateway.metering import StreamTap, choices, completion_cap, usage_option
 from appliance.gateway.protocol import (
     ModelCard,
     ModelList,
     RequestT,
     decode_request,
 )
-from appliance.gateway.providers import Provider, load_providers, set_fields
+from appliance.gateway.providers import load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
-from appliance.gateway.response_homes import ResponseHomes
-from appliance.gateway.routing import RequestCtx, Routes, accountable, committed, finish, with_fallback
-from appliance.gateway.serving import forward_stream, forward_unary, open_local_stream, unless_client_leaves
-from appliance.gateway.ttft import TtftTracker
+from appliance.gateway.relay import FREE, answer_stream, answer_whole, send_whole
+from appliance.gateway.request import ProxyRequest
+from appliance.gateway.routing import Routes
+from appliance.gateway.runtime import Gateway
 from appliance.logs import bind_request_id
 from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
@@ -89,29 +92,13 @@ Action = TypeVar("Action", bound=StrEnum)
 
 
 @dataclass
-class Runtime:
-    """What the lifespan opens and the handlers use."""
+class Runtime(Gateway):
+    """What the lifespan opens: the hot path's runtime, and what only the other handlers use."""
 
-    cfg: Config
-    supervisor: Supervisor
-    proxy: EngineProxy
-    metrics: Metrics
+    metrics: Metrics  # the hot path's counters, and /metrics rendering them
     started: float = field(default_factory=time.time)
-    draining: bool = False
     admin: AdminAccess | None = None
-    ttft: TtftTracker = field(default_factory=TtftTracker)
-    # (route, fallback target) -> times taken; key name -> [requests, prompt, completion].
-    fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
-    key_usage: dict[str, list[int]] = field(default_factory=dict)
     openapi: dict | None = None
-    routes: Routes = field(default_factory=lambda: Routes([]))
-    providers: dict[str, Provider] = field(default_factory=dict)
-    gate: Gate | None = None
-    audit: AuditLog | None = None
-    tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
-    response_homes: ResponseHomes = field(default_factory=ResponseHomes)
-    tag_header: bytes = b"x-appliance-tag"
-    inflight: int = 0  # requests on the hot path, from arrival to their answer's end
 
 
 def _runtime(request: Request) -> Runtime:
@@ -178,7 +165,7 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: En
         raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
     started = time.perf_counter()
     rt: Runtime = scope["app"].state.runtime
-    rid = declared = auth = tag = None
+    rid = declared = auth = tag = content_type = None
     tag_header = rt.tag_header
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -191,259 +178,168 @@ async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: En
             tag = value
         elif name == b"x-api-key" and auth is None:  # the Anthropic SDK's header
             auth = b"Bearer " + value
+        elif name == b"content-type" and ep.form:  # a multipart upload's boundary
+            content_type = value
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
-    ctx = RequestCtx(rid, started, time.time(), "", ep.name, dialect=ep.dialect)
+    req = ProxyRequest(rid, started, time.time(), ep, receive)
     rt.inflight += 1
     try:
-        await _serve(rt, ctx, scope, receive, send, path, ep, declared, auth, tag)
+        await _serve(rt, req, send, path, declared, auth, tag, content_type)
     except ApplianceError as exc:
-        finish(rt, ctx, exc.status)
+        finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):
             with contextlib.suppress(StateWriteFailed):
-                await committed(ctx)  # an error answer is accounted for like any other
+                await committed(req)  # an error answer is accounted for like any other
         raise
     except BaseException as exc:
         # A client that left (499), or a bug (500): its row, and its budget hold released.
-        finish(rt, ctx, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
+        finish(rt, req, 499 if isinstance(exc, (ClientGone, asyncio.CancelledError)) else 500)
         raise
     finally:
         rt.inflight -= 1
-        if not ctx.finished:  # every path finishes its request; never leave a budget hold behind
+        if not req.finished:  # every path finishes its request; never leave a budget hold behind
             log.warning("request %s ended without being finished", rid)
-            finish(rt, ctx, 500)
+            finish(rt, req, 500)
 
 
 async def _serve(
     rt: Runtime,
-    ctx: RequestCtx,
-    scope: Scope,
-    receive: Receive,
+    req: ProxyRequest,
     send: Send,
     path: str,
-    ep: Endpoint,
-    declared,
-    auth,
-    tag,
+    declared: bytes | None,
+    auth: bytes | None,
+    tag: bytes | None,
+    content_type: bytes | None,
 ) -> None:
+    """The front door's part: who asks (key), what for (body, model, route), what
+    it may cost (reservation), which deployment, with what the engine is sent;
+    then routing forwards it and the relay answers."""
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     gate = rt.gate
-    key = ctx.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
+    ep = req.endpoint
+    key = req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
     limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
-    body = ctx.body = await _read_body_asgi(receive, declared, limit, rt.cfg.server.body_read_timeout_s)
-    content_type = _header(scope, b"content-type") if ep.form else None
-    req = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
-    model = ctx.model = req.model
-    route = ctx.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
-    rt.audit.admit(accountable(ctx))
-    target = route.target if route is not None else model
+    body = req.body = await _read_body_asgi(req.receive, declared, limit, rt.cfg.server.body_read_timeout_s)
+    request = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
+    model = req.model = request.model
+    route = req.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
+    rt.audit.admit(req.accountable)
+    target = req.target = route.target if route is not None else model
     fields: dict = {} if target == model else {"model": target}
     if key is not None:
-        _reserve(rt, ctx, key, req, target, fields, ep)
-    deployment = rt.supervisor.deployment(target)
-    capabilities.check(path, ep, deployment.model, getattr(req, "stateful", False))
-    if ep.engine_path:
-        path = ep.engine_path
+        _reserve(rt, req, key, request, fields)
+    deployment = req.deployment = rt.supervisor.deployment(target)
+    capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
+    req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
-    stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
-    pinned = _home_of(rt, req, key, deployment) if stores else None
+    stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
+    if stores:
+        req.pinned = _home_of(rt, request, key, deployment)
     tenancy = rt.tenancy
-    stream = getattr(req, "stream", False)
+    stream = req.stream = bool(getattr(request, "stream", False))
     if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
-        _tap(ctx, req, tenancy.isolated, fields, ep)
-    if fields:
-        body = set_fields(body, **fields)
+        _tap(req, request, tenancy.isolated, fields)
+    req.forwarded = set_fields(body, **fields) if fields else body
     tenant = tenancy.tenant(key, route)
-    client_salt = getattr(req, "cache_salt", None)
-    salt = tenancy.salt(tenant, client_salt) if tenant is not None and ep.generates and not ep.form else None
+    if tenant is not None and ep.generates and not ep.form:
+        req.salt = tenancy.salt(tenant, getattr(request, "cache_salt", None))
     if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
-        ctx.prefix = deployment.prefix.hashes(body, ep.view, tenancy.seed(tenant))
-    request_text = None
+        req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, tenancy.seed(tenant))
     if rt.cfg.audit.include_text:
-        request_text, ctx.response_text = api_audio.without_audio(body) if ep.form else body, b""
-    headers = {"Content-Type": content_type.decode("latin-1") if ep.form else JSON, "X-Request-Id": ctx.rid}
-    fallbacks = route is not None and bool(route.fallbacks)
-
-    def local(dep) -> bytes:  # the body a local model gets: its name, its tenant's cache salt
-        return _for(dep, body, target, salt)
-
+        req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
+    content = content_type.decode("latin-1") if content_type is not None else JSON
+    req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
     if stream:
-
-        def done(status: int) -> None:
-            if stores and ctx.tap.held:  # the response.completed event, held back
-                _remember(rt, ctx, deployment, api_responses.usage_and_id(ctx.tap.held.split(b"data: ", 1)[-1])[1])
-            finish(rt, ctx, status, request_text)
-
-        opener = None
-        if pinned is not None:
-            ctx.served_by = pinned.name
-
-            def opener():
-                return rt.proxy.open_stream(pinned, path, local(deployment), headers, done, ep.dialect)
-        elif fallbacks:
-
-            def opener():
-                return with_fallback(
-                    rt,
-                    ctx,
-                    deployment,
-                    lambda d: open_local_stream(rt, d, path, local(d), headers, receive, done, ctx),
-                    lambda p: rt.proxy.open_stream(
-                        p, p.path(path), p.body(body, model), p.headers(headers, ep.name), done, ep.dialect
-                    ),
-                )
-
-        await forward_stream(rt, deployment, path, local(deployment), headers, receive, send, done, ctx, opener)
-        return
-
-    if pinned is not None:
-        ctx.served_by = pinned.name
-        work = rt.proxy.unary(pinned, path, local(deployment), headers)
-    elif fallbacks:
-        work = with_fallback(
-            rt,
-            ctx,
-            deployment,
-            lambda d: forward_unary(rt, d, path, local(d), headers, None, ctx),
-            lambda p: rt.proxy.unary(p, p.path(path), p.body(body, model), p.headers(headers, ep.name)),
-        )
+        await answer_stream(rt, req, send)
     else:
-        work = forward_unary(rt, deployment, path, local(deployment), headers, None, ctx)
-    # A client that leaves cancels the engine's work, as a stream's does.
-    status, data, content_type = await unless_client_leaves(receive, work)
-    if stores:  # one parse for the usage and the id of the response the engine keeps
-        ctx.usage, made = api_responses.usage_and_id(data)
-        _remember(rt, ctx, deployment, made)
-    else:
-        ctx.usage = FREE if ep.free else ep.dialect.answer_usage(ctx.body, data)
-    data = tenancy.answer(data)
-    if ctx.response_text is not None:
-        ctx.response_text = data
-    finish(rt, ctx, status, request_text)
-    await committed(ctx)
-    await _send_whole(send, status, content_type, data, {"x-request-id": ctx.rid})
+        await answer_whole(rt, req, send)
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    return next((value for key, value in scope["headers"] if key == name), None)
-
-
-def _home_of(rt: Runtime, req, key: ApiKey | None, deployment):
+def _home_of(rt: Runtime, request: RequestT, key: ApiKey | None, deployment: Deployment) -> Replica | None:
     """The replica a Responses request with previous_response_id must run on."""
-    previous = req.previous_response_id
+    previous = request.previous_response_id
     if previous is None:
         return None
     replica = rt.response_homes.find(previous, key, "previous_response_id")
     if replica not in deployment.replicas:
         raise BadRequest(
-            f"Response '{previous}' was made by another model than '{req.model}'",
+            f"Response '{previous}' was made by another model than '{request.model}'",
             param="previous_response_id",
             code="response_model_mismatch",
         )
     return replica
 
 
-def _remember(rt: Runtime, ctx: RequestCtx, deployment, made: str) -> None:
-    """Where the response just made is stored: the local replica that served it."""
-    replica = next((r for r in deployment.replicas if r.name == ctx.served_by), None)
-    if replica is not None:
-        rt.response_homes.remember(made, replica, ctx.key)
-
-
-def _tap(ctx: RequestCtx, req: RequestT, isolated: bool, fields: dict, ep: Endpoint) -> None:
+def _tap(req: ProxyRequest, request: RequestT, isolated: bool, fields: dict) -> None:
     """A metered or tenant-isolated stream: the engine is asked for its usage (an
     event kept from a client that did not ask for it), and the relay watches the
     events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
     always carry their usage, in their own events (appliance/gateway/dialects.py)."""
-    if not ep.dialect.asks_usage:
-        ctx.tap = StreamTap(
+    dialect = req.endpoint.dialect
+    if not dialect.asks_usage:
+        req.tap = StreamTap(
             False,
             scrub if isolated else None,
             revealing if isolated else None,
-            usage_of=ep.dialect.usage,
-            usage_marker=ep.dialect.usage_marker,
-            terminal=ep.dialect.terminal,
+            usage_of=dialect.usage,
+            usage_marker=dialect.usage_marker,
+            terminal=dialect.terminal,
         )
         return
-    asked = req.stream_options is not None and bool(req.stream_options.include_usage)
+    asked = request.stream_options is not None and bool(request.stream_options.include_usage)
     if not asked:
-        fields["stream_options"] = usage_option(ctx.body)
-    ctx.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
+        fields["stream_options"] = usage_option(req.body)
+    req.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
 
 
-def _reserve(rt: Runtime, ctx: RequestCtx, key: ApiKey, req: RequestT, target: str, fields: dict, ep: Endpoint) -> None:
+def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fields: dict) -> None:
     """Admit the key's request against its limits and hold the most it may cost
     against its budget (appliance/access/keys.py). A request that set no completion
     length is reserved at the model's default cap (default_max_tokens, else its
     context); when the budget leaves less, or the default is below the context,
     the engine is told the cap, so it can never generate more than was reserved."""
-    route = ctx.route.name if ctx.route is not None else None
-    dep = rt.supervisor.deployments.get(target)
+    route = req.route.name if req.route is not None else None
+    dep = rt.supervisor.deployments.get(req.target)
     if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
-        ctx.reservation = rt.gate.admit(key, route)
+        req.reservation = rt.gate.admit(key, route)
         return
+    ep = req.endpoint
     context = dep.model.context_length
     ceiling = dep.model.default_max_tokens or context
-    cap = completion_cap(req) if ep.generates else 0
-    n = choices(req)
-    prompt = 0 if ep.free else ep.dialect.bound(ctx.body)
-    res = ctx.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
-    ctx.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
+    cap = completion_cap(request) if ep.generates else 0
+    n = choices(request)
+    prompt = 0 if ep.free else ep.dialect.bound(req.body)
+    res = req.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
+    req.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
     if res.completion is not None and res.completion < context and ep.length_field:
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
         fields[ep.length_field] = limit
-    n_predict = getattr(req, "n_predict", None)
+    n_predict = getattr(request, "n_predict", None)
     if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
         # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
         fields["n_predict"] = limit if limit is not None else cap // n
 
 
-async def _send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
-    """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", content_type.encode("latin-1")),
-                (b"content-length", str(len(body)).encode()),
-                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _for(dep, body: bytes, target: str, salt: str | None) -> bytes:
-    """The body for a local model: its own name in "model", and for an engine
-    that partitions its prefix cache by one, the tenant's cache salt."""
-    fields: dict = {} if dep.model.name == target else {"model": dep.model.name}
-    if salt is not None and dep.model.server in SALTED_SERVERS:
-        fields["cache_salt"] = salt
-    return set_fields(body, **fields) if fields else body
-
-
-# The proxy endpoints: what each path decodes its body as, its name in metrics,
-# its dialect (appliance/capabilities.py).
-PROXY_ENDPOINTS = capabilities.ENDPOINTS
-RESPONSES_ENDPOINT = PROXY_ENDPOINTS["/v1/responses"]
-FREE = Usage(0, 0)  # what a free endpoint (a tokenizer's work) is charged
+# Its requests may ask the engine to store the response (gateway/response_homes.py).
+RESPONSES_ENDPOINT = capabilities.ENDPOINTS["/v1/responses"]
 
 
 async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     path = scope["path"]
     try:
-        await _forward(scope, receive, send, path, PROXY_ENDPOINTS[path])
+        await _forward(scope, receive, send, path, capabilities.ENDPOINTS[path])
     except ClientGone:
         return
 
 
-@asgi(list(PROXY_ENDPOINTS), copy_scope=False)
+@asgi(list(capabilities.ENDPOINTS), copy_scope=False)
 async def proxy_endpoints(scope: Scope, receive: Receive, send: Send) -> None:
     """The proxy endpoints as Litestar routes them (its TestClient, methods other than POST)."""
     await _proxy_endpoint(scope, receive, send)
@@ -458,7 +354,7 @@ def front_door(app: Litestar):
     Errors take the same shape either way (``error_parts``)."""
 
     async def front(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in PROXY_ENDPOINTS:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # type: ignore[typeddict-item]  # _forward finds the runtime here
             started = False
 
@@ -474,7 +370,7 @@ def front_door(app: Litestar):
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
                 with contextlib.suppress(Exception):  # the client may have gone already
-                    await _send_whole(send, status, JSON, body, headers)
+                    await send_whole(send, status, JSON, body, headers)
             return
         await app(scope, receive, send)
 
@@ -532,32 +428,39 @@ async def cancel_response(request: Request) -> Response:
     return await _stored_response(request, "POST", "/cancel", "responses_cancel")
 
 
+# Calls on a stored Response: audited, rate-limited like any request, charged nothing.
+_STORED = {
+    name: Endpoint(name, ResponsesRequest, "", generates=False, free=True)
+    for name in ("responses_get", "responses_delete", "responses_cancel")
+}
+
+
 async def _stored_response(request: Request, method: str, suffix: str, endpoint: str) -> Response:
     """A call on a stored Response, sent to the replica that stored it for the key
     that made it (another key's response is a 404, like one that never was),
     audited like any request; runs no inference, so charges nothing."""
     rt = _runtime(request)
     rid = request.scope.get("request_id") or _new_request_id()
-    ctx = RequestCtx(rid, time.perf_counter(), time.time(), "", endpoint, usage=FREE)
+    req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
     try:
         auth = _authorization(request)
-        ctx.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
-        rt.audit.admit(accountable(ctx))
+        req.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
+        rt.audit.admit(req.accountable)
         response_id = request.path_params["response_id"]
-        replica = rt.response_homes.find(response_id, ctx.key, "response_id")
-        ctx.model, ctx.served_by = replica.model.name, replica.name
+        replica = rt.response_homes.find(response_id, req.key, "response_id")
+        req.model, req.served_by = replica.model.name, replica.name
         path = f"/v1/responses/{response_id}{suffix}"
         status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
     except ApplianceError as exc:
-        finish(rt, ctx, exc.status)
+        finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):
             with contextlib.suppress(StateWriteFailed):
-                await committed(ctx)
+                await committed(req)
         raise
     if method == "DELETE":
         rt.response_homes.forget(response_id)
-    finish(rt, ctx, status)
-    await committed(ctx)
+    finish(rt, req, status)
+    await committed(req)
     return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 

@@ -84,7 +84,7 @@ class ServiceNotifier:
         stop grace, whatever the unit's TimeoutStopSec says."""
         if not self.enabled:
             return
-        inflight = sum(r.inflight for r in runtime.supervisor.replicas()) if runtime else 0
+        inflight = runtime.inflight if runtime else 0  # what the drain waits for (server._drained)
         extend = 2 * cfg.server.drain_timeout_s + cfg.supervisor.stop_grace_s + 10
         self.notifier.stopping(f"draining {inflight} in-flight requests", extend_s=extend)
 

@@ -163,15 +163,13 @@ class StreamTap:
             return self._hold_done(complete)
         out = []
         for event in complete.split(b"\n\n")[:-1]:
+            kept: bytes | None = event
             if self.usage_of is not None:
-                event = self._dialect_event(event)
-                if event is None:
-                    continue
+                kept = self._dialect_event(event)
             elif event.startswith(b"data: {") and self._watched(event):
-                event = self._event(event)
-                if event is None:
-                    continue
-            out.append(event + b"\n\n")
+                kept = self._event(event)
+            if kept is not None:
+                out.append(kept + b"\n\n")
         return self._hold_done(b"".join(out))
 
     def _event(self, event: bytes) -> bytes | None:
@@ -196,7 +194,7 @@ class StreamTap:
         if at == 0 and not event.startswith(b"data: ") or not self._watched(event):
             return event
         head, payload = event[: at + 6], event[at + 6 :]
-        if self.usage_marker in payload:
+        if self.usage_marker in payload and self.usage_of is not None:
             found = self.usage_of(payload)
             if found is not None:
                 seen = self.usage
@@ -208,7 +206,7 @@ class StreamTap:
                         max(seen.completion_tokens, found.completion_tokens),
                     )
                 )
-        if self.scrub is not None and self.revealing(payload):
+        if self.scrub is not None and self.revealing is not None and self.revealing(payload):
             event = head + self.scrub(payload)
         if any(m in event[: at + 40] for m in self.terminal):
             self.held += event + b"\n\n"

@@ -83,7 +83,7 @@ class _Secret:
 
 
 class Provider:
-    session = None  # the proxy's shared session (a replica has its own)
+    session: aiohttp.ClientSession | None = None  # the proxy's shared session (a replica has its own)
 
     def __init__(self, cfg: ProviderConfig, key: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
@@ -94,19 +94,15 @@ class Provider:
             total=None, sock_connect=cfg.connect_timeout_s, sock_read=cfg.read_timeout_s
         )
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset_s, clock)
-        self.inflight = 0
         self._key = _Secret(key)
 
     def __repr__(self) -> str:
         return f"Provider({self.cfg.name!r}, {self.base_url!r}, commercial={self.commercial})"
 
-    @contextlib.contextmanager
-    def lease(self):
-        self.inflight += 1
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
+    def lease(self) -> contextlib.nullcontext[Provider]:
+        """Nothing to hold: the drain counts a request at a provider as one on the
+        hot path (Gateway.inflight), and no replica choice weighs providers' load."""
+        return contextlib.nullcontext(self)
 
     def path(self, path: str) -> str:
         """/v1/chat/completions -> /chat/completions: base_url ends in the API's /v1."""

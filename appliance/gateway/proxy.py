@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractContextManager
+from typing import Protocol
 
 import aiohttp
 import msgspec
@@ -17,7 +19,6 @@ import msgspec
 from appliance.config import Config
 from appliance.errors import EngineFailure, EngineTimeout, error_for_status
 from appliance.fleet.engine_access import http_session, tcp_connector
-from appliance.fleet.replica import Replica
 from appliance.gateway.dialects import OPENAI, Dialect
 
 log = logging.getLogger("appliance.proxy")
@@ -52,6 +53,25 @@ def _engine_message(body: bytes) -> str:
 Done = Callable[[int], None]
 
 
+class Upstream(Protocol):
+    """Where a request is forwarded: an engine replica (appliance/fleet/replica.py)
+    or a provider (appliance/gateway/providers.py)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def base_url(self) -> str: ...
+
+    @property
+    def session(self) -> aiohttp.ClientSession | None: ...  # its own (a replica's secret), else the proxy's
+
+    @property
+    def timeout(self) -> aiohttp.ClientTimeout | None: ...  # its own, else the proxy's
+
+    def lease(self) -> AbstractContextManager[object]: ...  # held while a request is at it
+
+
 class EngineProxy:
     def __init__(self, cfg: Config, session: aiohttp.ClientSession) -> None:
         self.session = session
@@ -62,7 +82,7 @@ class EngineProxy:
         )
 
     async def _open(
-        self, replica: Replica, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+        self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
     ) -> aiohttp.ClientResponse:
         url = replica.base_url + path
         # A supervised replica's own session carries its secret (appliance/fleet/engine_access.py).
@@ -84,7 +104,7 @@ class EngineProxy:
             raise err from None
 
     @staticmethod
-    async def _raise_for_engine_status(replica: Replica, resp: aiohttp.ClientResponse) -> None:
+    async def _raise_for_engine_status(replica: Upstream, resp: aiohttp.ClientResponse) -> None:
         """Engine errors become ours: 4xx keep their status, 5xx become 502."""
         if resp.status < 400:
             return
@@ -100,7 +120,7 @@ class EngineProxy:
         raise error_for_status(resp.status, message)
 
     async def unary(
-        self, replica: Replica, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+        self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
     ) -> tuple[int, bytes, str]:
         """The engine's whole answer: (status, body, content type)."""
         with replica.lease():
@@ -117,7 +137,7 @@ class EngineProxy:
             return resp.status, data, resp.headers.get("Content-Type", "application/json")
 
     async def open_stream(
-        self, replica: Replica, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
+        self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
     ) -> AsyncIterator[bytes]:
         """Open the engine's stream; errors before the first byte raise (so the
         client gets a real status code). Returns the chunk iterator; a stream
@@ -133,7 +153,7 @@ class EngineProxy:
         return self._relay(replica, resp, lease, done, dialect)
 
     async def _relay(
-        self, replica: Replica, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect
+        self, replica: Upstream, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect
     ) -> AsyncIterator[bytes]:
         status = 200
         finished = False

@@ -16,6 +16,7 @@ and would outlive the API keys' rights to them for nothing.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from appliance.errors import NotFound
@@ -47,6 +48,12 @@ class ResponseHomes:
         homes[rid] = Home(replica, replica.pid, key.id if key is not None else None)  # ids are new: last
         if len(homes) > self.capacity:
             homes.popitem(last=False)
+
+    def remember_made(self, made: str, replicas: Iterable[Replica], served_by: str | None, key: ApiKey | None) -> None:
+        """Response made is stored on the local replica that served it (if one did)."""
+        replica = next((r for r in replicas if r.name == served_by), None)
+        if replica is not None:
+            self.remember(made, replica, key)
 
     def forget(self, rid: str) -> None:
         """The response was deleted on its replica."""

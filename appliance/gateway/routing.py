@@ -1,5 +1,6 @@
 """Routes and their policy: which local model serves a request, and where it may
-go when that model cannot.
+go when that model cannot. ``forward`` decides and sends the request there
+(appliance/gateway/serving.py), one ProxyRequest from start to end.
 
 A route matches the requested model name and optionally a tag (the tag header,
 or the API key's tag). A key's tag binds it: the header may repeat it, never
@@ -16,12 +17,8 @@ decision, right before the request would leave: whatever path got there
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from appliance.config import RouteConfig
 from appliance.errors import (
@@ -34,54 +31,22 @@ from appliance.errors import (
     QueueTimeout,
     RegulatedFailClosed,
     ShuttingDown,
-    StateWriteFailed,
 )
 from appliance.fleet.replica import State
 from appliance.gateway.capabilities import serves
-from appliance.gateway.dialects import OPENAI, Dialect
+from appliance.gateway.serving import Answer, body_for, to_deployment, to_provider, to_replica
 
 if TYPE_CHECKING:
-    from appliance.access.keys import ApiKey, Reservation
+    from appliance.access.keys import ApiKey
     from appliance.fleet.supervisor import Deployment
-    from appliance.gateway.metering import StreamTap, Usage
     from appliance.gateway.providers import Provider
+    from appliance.gateway.request import ProxyRequest
+    from appliance.gateway.runtime import Gateway
 
 log = logging.getLogger("appliance.routing")
 
 # Local failures a permitted route may fail over from.
 FALLBACK_ERRORS = (NoCapacity, QueueFull, EngineFailure)
-
-
-@dataclass(slots=True)
-class RequestCtx:
-    """One request's facts, from admission to its audit row."""
-
-    rid: str
-    started: float  # perf_counter at arrival
-    arrived: float  # unix time at arrival
-    model: str  # the model the client asked for
-    endpoint: str
-    dialect: Dialect = OPENAI  # the API the client speaks (errors on its stream)
-    key: ApiKey | None = None
-    route: RouteConfig | None = None
-    prefix: list[int] | None = None
-    served_by: str | None = None
-    fallback_reason: str | None = None
-    ttft: float | None = None
-    tap: StreamTap | None = None
-    usage: Usage | None = None
-    bytes_sent: bool = False
-    response_text: bytes | None = None  # b"" collects the answer (audit.include_text)
-    finished: bool = False
-    # Metering: what the key's budget holds for the request, the body it is
-    # charged by when the engine reports no usage, and its completion cap.
-    reservation: Reservation | None = None
-    body: bytes = b""
-    completion_cap: int | None = None
-    # The audit row and the future that resolves once it (and the request's
-    # charge) is on disk; None when the row is written in the background.
-    row: list | None = None
-    receipt: asyncio.Future | None = None
 
 
 class Routes:
@@ -150,41 +115,44 @@ def reason_of(exc: Exception) -> str:
     return "cannot_start"
 
 
-Attempt = Callable[[Any], Awaitable[Any]]
-
-
-async def with_fallback(rt, ctx: RequestCtx, dep: Deployment, local: Attempt, remote: Attempt):
-    """Run the request locally, or on the route's fallbacks as its policy allows.
-    local(deployment) and remote(provider) forward it; both raise before the
-    first byte reaches the client when they fail."""
-    route = ctx.route
+async def forward(rt: Gateway, req: ProxyRequest) -> Answer:
+    """Decide where the request goes and send it there: the replica holding the
+    stored Response it continues, else its local deployment, or the route's
+    fallbacks as its policy allows. Raises before the first byte reaches the
+    client when nothing could take it."""
+    dep = req.deployment
+    assert dep is not None, "the front door chose the deployment"
+    if req.pinned is not None:
+        req.served_by = req.pinned.name
+        return await to_replica(rt, req, req.pinned, body_for(req, dep))
+    route = req.route
     if route is None or not route.fallbacks:
-        return await local(dep)
+        return await to_deployment(rt, req, dep)
     err: Exception | None = None
-    reason = "saturated" if saturated(dep, route.burst_at_queue) else None
-    if reason is None:
+    reason = "saturated" if saturated(dep, route.burst_at_queue) else ""
+    if not reason:
         try:
-            return await local(dep)
+            return await to_deployment(rt, req, dep)
         except FALLBACK_ERRORS as exc:
-            if isinstance(exc, ShuttingDown) or ctx.bytes_sent:
+            if isinstance(exc, ShuttingDown) or req.bytes_sent:
                 raise
             err, reason = exc, reason_of(exc)
     for name in route.fallbacks:
-        if ctx.bytes_sent:
+        if req.bytes_sent:
             break  # a streamed answer has begun: no fallback, an SSE error event instead
         provider = rt.providers.get(name)
         if provider is not None:
             check_may_send(route, provider)
-            if ctx.endpoint not in provider.cfg.apis:  # it does not speak this request's API
-                _decide(rt, ctx, name, "api_not_served", taken=False)
+            if req.endpoint.name not in provider.cfg.apis:  # it does not speak this request's API
+                _decide(rt, req, name, "api_not_served", taken=False)
                 continue
             if not provider.breaker.allow():
-                _decide(rt, ctx, name, "breaker_open", taken=False)
+                _decide(rt, req, name, "breaker_open", taken=False)
                 continue
-            _decide(rt, ctx, name, reason)
-            ctx.served_by = provider.name
+            _decide(rt, req, name, reason)
+            req.served_by = provider.name
             try:
-                result = await remote(provider)
+                result = await to_provider(rt, req, provider)
             except EngineFailure as exc:
                 provider.breaker.failure()
                 err, reason = exc, reason_of(exc)
@@ -192,108 +160,27 @@ async def with_fallback(rt, ctx: RequestCtx, dep: Deployment, local: Attempt, re
             provider.breaker.success()
             return result
         other = rt.supervisor.deployments.get(name)
-        if other is not None and not serves(other.model, ctx.endpoint):
-            _decide(rt, ctx, name, "api_not_served", taken=False)
+        if other is not None and not serves(other.model, req.endpoint.name):
+            _decide(rt, req, name, "api_not_served", taken=False)
         elif other is not None:
-            _decide(rt, ctx, name, reason)
+            _decide(rt, req, name, reason)
             try:
-                return await local(other)
+                return await to_deployment(rt, req, other)
             except FALLBACK_ERRORS as exc:
-                if isinstance(exc, ShuttingDown) or ctx.bytes_sent:
+                if isinstance(exc, ShuttingDown) or req.bytes_sent:
                     raise
                 err, reason = exc, reason_of(exc)
     if err is None:  # saturated, and no fallback could take the burst: wait locally
-        ctx.fallback_reason = None
-        return await local(dep)
+        req.fallback_reason = None
+        return await to_deployment(rt, req, dep)
     raise err
 
 
-def _decide(rt, ctx: RequestCtx, target: str, reason: str, taken: bool = True) -> None:
-    route = ctx.route.name if ctx.route is not None else ""
+def _decide(rt: Gateway, req: ProxyRequest, target: str, reason: str, taken: bool = True) -> None:
+    route = req.route.name if req.route is not None else ""
     rt.metrics.fallback(route, reason, target if taken else f"skipped:{target}")
     log.info("route %s: %s %s (%s)", route, "falling back to" if taken else "skipping", target, reason)
     if taken:
-        ctx.fallback_reason = reason
+        req.fallback_reason = reason
         key = (route, target)
         rt.fallbacks_fired[key] = rt.fallbacks_fired.get(key, 0) + 1
-
-
-def finish(rt, ctx: RequestCtx, status: int, request_text: bytes | None = None) -> None:
-    """The request is answered: metrics, the key's budget settled, one audit row
-    (awaited by ``committed`` before the answer ends, for a keyed or regulated request)."""
-    if ctx.finished:
-        return
-    ctx.finished = True
-    latency = time.perf_counter() - ctx.started
-    endpoint = ctx.endpoint
-    if ctx.served_by is not None or ctx.route is not None:
-        rt.metrics.observe(ctx.model, endpoint, status, latency)
-    usage = ctx.usage or (ctx.tap.usage if ctx.tap is not None else None)
-    events = ctx.tap.events if ctx.tap is not None else 0
-    if usage is None and ctx.served_by is not None and (status in (200, 499) or events):
-        # The engine ran it but never said what it used (a client that left, a
-        # stream cut short, an engine that ignores stream_options): our count.
-        usage = ctx.dialect.estimate(ctx.body, events, ctx.completion_cap)
-    prompt = completion = None
-    if usage is not None:
-        prompt, completion = usage.prompt_tokens, usage.completion_tokens
-        rt.metrics.usage(ctx.model, prompt, completion)
-    if ctx.reservation is not None:
-        rt.gate.settle(ctx.reservation, (prompt or 0) + (completion or 0))
-    if ctx.key is not None:
-        # Per key since the daemon started, for the status and the TUI's usage view.
-        seen = rt.key_usage.setdefault(ctx.key.name, [0, 0, 0])
-        seen[0] += 1
-        seen[1] += prompt or 0
-        seen[2] += completion or 0
-    ttft_ms = None
-    if status == 200 and ctx.ttft is None and ctx.endpoint != "embeddings" and not ctx.bytes_sent:
-        ctx.ttft = latency  # a whole answer: its first token came with it
-    if ctx.ttft is not None:
-        rt.metrics.first_token(ctx.model, ctx.ttft)
-        rt.ttft.observe(ctx.model, ctx.ttft)  # the in-memory p50 the status and the TUI show
-        ttft_ms = round(ctx.ttft * 1000, 3)
-    ctx.row = [
-        ctx.arrived,
-        ctx.rid,
-        ctx.key.id if ctx.key is not None else None,
-        ctx.route.name if ctx.route is not None else None,
-        ctx.model,
-        endpoint,
-        ctx.served_by,
-        status,
-        prompt,
-        completion,
-        round(latency * 1000, 3),
-        ttft_ms,
-        ctx.fallback_reason,
-        _text(request_text),
-        _text(ctx.response_text),
-    ]
-    ctx.receipt = rt.audit.record(ctx.row, durable=accountable(ctx))
-
-
-def accountable(ctx: RequestCtx) -> bool:
-    """A keyed or regulated request: its audit row and charge are on disk before its answer ends."""
-    return ctx.key is not None or (ctx.route is not None and ctx.route.regulated)
-
-
-STATUS = 7  # the status column of an audit row
-
-
-async def committed(ctx: RequestCtx) -> None:
-    """Wait until the request's audit row and charge are durable (a no-op for one
-    written in the background). When the state database cannot take them, the
-    request fails with 503 state_write_failed, and so says its row (kept to retry)."""
-    if ctx.receipt is None:
-        return
-    try:
-        await ctx.receipt
-    except StateWriteFailed:
-        if ctx.row is not None:
-            ctx.row[STATUS] = StateWriteFailed.status
-        raise
-
-
-def _text(data: bytes | None) -> str | None:
-    return data.decode("utf-8", "replace") if data else None

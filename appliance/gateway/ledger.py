@@ -1,0 +1,99 @@
+"""A request's ledger entry, written from its ProxyRequest in this one place:
+its metrics, its key's budget settled to what it used (and the key's usage
+tally), its time to first token, and its audit row, which a keyed or regulated
+request's answer waits for (``committed``) before it ends."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from appliance.errors import StateWriteFailed
+from appliance.gateway.api_responses import usage_and_id
+
+if TYPE_CHECKING:
+    from appliance.gateway.request import ProxyRequest
+    from appliance.gateway.runtime import Gateway
+
+STATUS = 7  # the status column of an audit row
+
+
+def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
+    """The request is answered: metrics, the key's budget settled, one audit row
+    (awaited by ``committed`` before the answer ends, for a keyed or regulated request)."""
+    if req.finished:
+        return
+    req.finished = True
+    latency = time.perf_counter() - req.started
+    endpoint = req.endpoint.name
+    if req.served_by is not None or req.route is not None:
+        rt.metrics.observe(req.model, endpoint, status, latency)
+    tap = req.tap
+    usage = req.usage or (tap.usage if tap is not None else None)
+    events = tap.events if tap is not None else 0
+    if usage is None and req.served_by is not None and (status in (200, 499) or events):
+        # The engine ran it but never said what it used (a client that left, a
+        # stream cut short, an engine that ignores stream_options): our count.
+        usage = req.endpoint.dialect.estimate(req.body, events, req.completion_cap)
+    prompt = completion = None
+    if usage is not None:
+        prompt, completion = usage.prompt_tokens, usage.completion_tokens
+        rt.metrics.usage(req.model, prompt, completion)
+    if req.key is not None:
+        rt.gate.settle(req.key, req.reservation, prompt or 0, completion or 0)
+    ttft_ms = None
+    if status == 200 and req.ttft is None and endpoint != "embeddings" and not req.bytes_sent:
+        req.ttft = latency  # a whole answer: its first token came with it
+    if req.ttft is not None:
+        rt.metrics.first_token(req.model, req.ttft)
+        rt.ttft.observe(req.model, req.ttft)  # the in-memory p50 the status and the TUI show
+        ttft_ms = round(req.ttft * 1000, 3)
+    req.row = [
+        req.arrived,
+        req.rid,
+        req.key.id if req.key is not None else None,
+        req.route.name if req.route is not None else None,
+        req.model,
+        endpoint,
+        req.served_by,
+        status,
+        prompt,
+        completion,
+        round(latency * 1000, 3),
+        ttft_ms,
+        req.fallback_reason,
+        _text(req.request_text),
+        _text(req.response_text),
+    ]
+    req.receipt = rt.audit.record(req.row, durable=req.accountable)
+
+
+def finish_stream(rt: Gateway, req: ProxyRequest, status: int) -> None:
+    """A relayed stream ended (the proxy's callback): the Response it stored is
+    remembered where it lives, then the request is finished."""
+    if req.stores and req.tap is not None and req.tap.held and req.deployment is not None:
+        # The response.completed event, held back until now.
+        _, made = usage_and_id(req.tap.held.split(b"data: ", 1)[-1])
+        rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+    finish(rt, req, status)
+
+
+async def committed(req: ProxyRequest) -> None:
+    """Wait until the request's audit row and charge are durable (a no-op for one
+    written in the background). When the state database cannot take them, the
+    request fails with 503 state_write_failed, and so says its row (kept to retry)."""
+    if req.receipt is None:
+        return
+    try:
+        await req.receipt
+    except StateWriteFailed:
+        if req.row is not None:
+            req.row[STATUS] = StateWriteFailed.status
+        raise
+
+
+def _text(data: bytes | None) -> str | None:
+    return data.decode("utf-8", "replace") if data else None
+
+
+__all__ = ["committed", "finish", "finish_stream"]

@@ -1,0 +1,248 @@
+"""The answer's way back to the client: a whole answer sent once its ledger
+entry is written, or a stream relayed chunk by chunk as it arrives (kept alive
+with SSE comments while its model loads). Errors before the answer starts raise
+(the client gets a real status); after, the stream ends with its API's error
+event. A client that goes away cancels the engine's work.
+
+Raw ASGI on purpose: this is the hot path (see bench/gateway_overhead.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import TYPE_CHECKING, TypeVar
+
+from appliance.errors import ApplianceError
+from appliance.fleet.supervisor import ClientGone
+from appliance.gateway.api_responses import usage_and_id
+from appliance.gateway.ledger import committed, finish, finish_stream
+from appliance.gateway.metering import Usage
+from appliance.gateway.routing import forward
+from appliance.gateway.serving import wait_disconnect
+
+if TYPE_CHECKING:
+    from litestar.types import Receive, Send
+
+    from appliance.fleet.supervisor import Deployment
+    from appliance.gateway.request import ProxyRequest
+    from appliance.gateway.runtime import Gateway
+
+T = TypeVar("T")
+
+SSE_START_HEADERS = [
+    (b"content-type", b"text/event-stream"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+FREE = Usage(0, 0)  # what a free endpoint (a tokenizer's work) is charged
+
+
+async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
+    """Forward the request, then send the engine's whole answer once its ledger
+    entry is written (and, for a keyed or regulated request, durable)."""
+    # A client that leaves cancels the engine's work, as a stream's does.
+    answer = await unless_client_leaves(req.receive, forward(rt, req))
+    assert isinstance(answer, tuple), "a whole answer"
+    status, data, content_type = answer
+    endpoint = req.endpoint
+    if req.stores:  # one parse for the usage and the id of the response the engine keeps
+        req.usage, made = usage_and_id(data)
+        if status == 200 and req.deployment is not None:
+            rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+    else:
+        req.usage = FREE if endpoint.free else endpoint.dialect.answer_usage(req.body, data)
+    data = rt.tenancy.answer(data)
+    if req.response_text is not None:
+        req.response_text = data
+    finish(rt, req, status)
+    await committed(req)
+    await send_whole(send, status, content_type, data, {"x-request-id": req.rid})
+
+
+async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
+    """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", content_type.encode("latin-1")),
+                (b"content-length", str(len(body)).encode()),
+                *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# A whole answer quicker than this is not watched for the client leaving: most are,
+# and watching costs a task per request (bench/gateway_overhead.py); a client that
+# leaves sooner is noticed this much later.
+WATCH_AFTER_S = 0.2
+
+
+async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
+    """work's result, unless the client disconnects first: then the request's task
+    is cancelled out of work (a held request leaves the queue; the engine's
+    connection is closed, which stops its generation) and ClientGone raised.
+    The request's own task is cancelled, not a task of its own for work: one
+    task fewer per request."""
+    task = asyncio.current_task()
+    assert task is not None
+    waiting, gone = True, False
+    watcher: asyncio.Future | None = None
+
+    def left(w: asyncio.Future) -> None:
+        nonlocal gone
+        if waiting and not w.cancelled():
+            gone = True
+            task.cancel()
+
+    def watch() -> None:
+        nonlocal watcher
+        watcher = asyncio.ensure_future(wait_disconnect(receive))
+        watcher.add_done_callback(left)
+
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch)
+    try:
+        return await work
+    except asyncio.CancelledError:
+        if gone:
+            task.uncancel()
+            raise ClientGone from None
+        raise
+    finally:
+        waiting = False
+        timer.cancel()
+        if watcher is not None:
+            watcher.cancel()
+
+
+async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
+    """Open the stream (routing.forward), then relay it."""
+    started = False
+    watcher = None
+    try:
+        chunks = await _open_with_keepalive(rt, req, send)
+        if isinstance(chunks, _Started):
+            started, chunks = True, chunks.chunks
+        if not started:
+            await _start_sse(send, req)
+            started = True
+        watcher = asyncio.ensure_future(wait_disconnect(req.receive))
+        pump = asyncio.ensure_future(_pump(chunks, send, req))
+        await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
+        if not pump.done():
+            pump.cancel()  # the client left: closing the engine's stream stops its work
+            with contextlib.suppress(BaseException):
+                await pump
+            return
+        pump.result()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+    except ApplianceError as exc:
+        if not started:
+            finish_stream(rt, req, exc.status)
+            raise
+        await _send_sse_error(send, exc, req)
+    finally:
+        if watcher is not None and not watcher.done():
+            watcher.cancel()
+
+
+class _Started:
+    """The response already started (keepalive comments went out while held)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self.chunks = chunks
+
+
+async def _open(rt: Gateway, req: ProxyRequest) -> AsyncIterator[bytes]:
+    chunks = await forward(rt, req)
+    assert not isinstance(chunks, tuple), "a stream"
+    return chunks
+
+
+async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> AsyncIterator[bytes] | _Started:
+    keepalive = rt.cfg.queue.keepalive_s
+    dep: Deployment | None = req.deployment
+    if keepalive <= 0 or dep is None or dep.pick_ready() is not None:
+        return await _open(rt, req)
+    opening = asyncio.ensure_future(_open(rt, req))
+    try:
+        opened, _ = await asyncio.wait([opening], timeout=keepalive)
+        if opened:
+            return opening.result()
+        # Still loading: start the answer now, and keep it alive with SSE comments.
+        await _start_sse(send, req)
+        while True:
+            await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
+            opened, _ = await asyncio.wait([opening], timeout=keepalive)
+            if opened:
+                try:
+                    return _Started(opening.result())
+                except ApplianceError as exc:
+                    finish_stream(rt, req, exc.status)
+                    await _send_sse_error(send, exc, req)
+                    return _Started(_empty())
+    finally:
+        if not opening.done():
+            opening.cancel()
+
+
+async def _start_sse(send: Send, req: ProxyRequest) -> None:
+    """Start a 200 event-stream answer; from here on no fallback may take over the request."""
+    req.bytes_sent = True
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode())],
+        }
+    )
+
+
+async def _empty() -> AsyncIterator[bytes]:
+    """No chunks: the stream has ended with its error event already."""
+    chunks: tuple[bytes, ...] = ()
+    for chunk in chunks:
+        yield chunk
+
+
+async def _pump(chunks: AsyncIterator[bytes], send: Send, req: ProxyRequest) -> None:
+    tap = req.tap
+    text: list[bytes] | None = [] if req.response_text is not None else None
+    try:
+        async for chunk in chunks:
+            if req.ttft is None:
+                req.ttft = time.perf_counter() - req.started
+            if tap is not None:
+                chunk = tap.feed(chunk)
+                if not chunk:
+                    continue
+            if text is not None:
+                text.append(chunk)
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        # The engine's stream ended and the relay finished the request (its row);
+        # the closing [DONE], held back by the tap, waits until that row is durable.
+        await committed(req)
+        if tap is not None and (rest := tap.rest()):
+            await send({"type": "http.response.body", "body": rest, "more_body": True})
+    finally:
+        if text is not None:
+            req.response_text = b"".join(text)
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+async def _send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:
+    """The stream's end, in its API's error event (appliance/gateway/dialects.py)."""
+    event = req.endpoint.dialect.stream_error(exc)
+    with contextlib.suppress(Exception):
+        await send({"type": "http.response.body", "body": event, "more_body": False})
+
+
+__all__ = ["answer_stream", "answer_whole", "send_whole", "unless_client_leaves"]

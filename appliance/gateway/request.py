@@ -1,0 +1,78 @@
+"""One proxied request, from the front door to its ledger entry.
+
+The front door (appliance/api/app.py) fills in who sent it and what it asks
+for; routing (appliance/gateway/routing.py) decides where it goes and forwards
+it through serving (appliance/gateway/serving.py), which notes the replica or
+provider that served it; the relay (appliance/gateway/relay.py) records its
+first byte; the ledger (appliance/gateway/ledger.py) writes its metrics, budget
+settlement and audit row from it, once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from litestar.types import Receive
+
+    from appliance.access.keys import ApiKey, Reservation
+    from appliance.config import RouteConfig
+    from appliance.fleet.replica import Replica
+    from appliance.fleet.supervisor import Deployment
+    from appliance.gateway.capabilities import Endpoint
+    from appliance.gateway.metering import StreamTap, Usage
+
+
+@dataclass(slots=True)
+class ProxyRequest:
+    """A request's facts: what it asked, where it went, what it held and cost, how it ended."""
+
+    # Who and when.
+    rid: str
+    started: float  # perf_counter at arrival
+    arrived: float  # unix time at arrival
+    endpoint: Endpoint  # what the client called: its request type, dialect, metering
+    receive: Receive  # the client's side of the connection (a disconnect cancels the work)
+    key: ApiKey | None = None
+    # What it asks for.
+    model: str = ""  # the model the client asked for
+    body: bytes = b""  # as the client sent it (metered by it when the engine reports no usage)
+    stream: bool = False
+    route: RouteConfig | None = None
+    # Where it goes, and what it carries there.
+    target: str = ""  # the local model the route (or the name itself) points at
+    deployment: Deployment | None = None
+    pinned: Replica | None = None  # the replica holding the stored Response it continues
+    path: str = ""  # the engine's path for it
+    forwarded: bytes = b""  # the body sent on: the budget's cap, the usage option, the target's name
+    salt: str | None = None  # the tenant's cache salt, for engines that partition their cache by one
+    headers: dict[str, str] = field(default_factory=dict)
+    prefix: list[int] | None = None  # the prompt's block hashes (prefix-aware replica choice)
+    stores: bool = False  # a Responses request whose engine stores the response it makes
+    # The budget: what the key's reservation holds, and the completion's cap.
+    reservation: Reservation | None = None
+    completion_cap: int | None = None
+    # How it went.
+    served_by: str | None = None  # the replica or provider
+    fallback_reason: str | None = None
+    ttft: float | None = None
+    tap: StreamTap | None = None
+    usage: Usage | None = None
+    bytes_sent: bool = False  # the answer has started: no fallback may take over
+    request_text: bytes | None = None  # audit.include_text
+    response_text: bytes | None = None  # b"" collects the answer (audit.include_text)
+    # The ledger entry: written once; its audit row, and the future that resolves
+    # once it (and the request's charge) is on disk (None: written in the background).
+    finished: bool = False
+    row: list | None = None
+    receipt: asyncio.Future | None = None
+
+    @property
+    def accountable(self) -> bool:
+        """A keyed or regulated request: its audit row and charge are on disk before its answer ends."""
+        return self.key is not None or (self.route is not None and self.route.regulated)
+
+
+__all__ = ["ProxyRequest"]

@@ -1,0 +1,60 @@
+"""What the hot path runs on: the collaborators the app's lifespan opens, typed,
+so that the gateway's modules are checked without importing the API layer
+(appliance/api/app.py's Runtime adds what only its other handlers use)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from appliance.access.tenancy import Tenancy
+from appliance.gateway.response_homes import ResponseHomes
+from appliance.gateway.ttft import TtftTracker
+
+if TYPE_CHECKING:
+    from appliance.access.audit import AuditLog
+    from appliance.access.keys import Gate
+    from appliance.config import Config
+    from appliance.fleet.supervisor import Supervisor
+    from appliance.gateway.providers import Provider
+    from appliance.gateway.proxy import EngineProxy
+    from appliance.gateway.routing import Routes
+
+
+class RequestMetrics(Protocol):
+    """What the hot path tells /metrics (appliance/api/metrics.py)."""
+
+    def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None: ...
+
+    def first_token(self, model: str, seconds: float) -> None: ...
+
+    def usage(self, model: str, prompt: int, completion: int) -> None: ...
+
+    def fallback(self, route: str, reason: str, target: str) -> None: ...
+
+
+@dataclass
+class Gateway:
+    """The runtime of the proxy endpoints, from the front door to the ledger."""
+
+    cfg: Config
+    supervisor: Supervisor
+    proxy: EngineProxy
+    metrics: RequestMetrics
+    gate: Gate
+    audit: AuditLog
+    routes: Routes
+    providers: dict[str, Provider] = field(default_factory=dict)
+    tenancy: Tenancy = field(default_factory=lambda: Tenancy("key"))
+    response_homes: ResponseHomes = field(default_factory=ResponseHomes)
+    ttft: TtftTracker = field(default_factory=TtftTracker)
+    # (route, fallback target) -> times taken.
+    fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
+    tag_header: bytes = b"x-appliance-tag"
+    draining: bool = False
+    # Requests on the hot path, from arrival to their answer's end: held, at an
+    # engine or a provider, or waiting for their audit row. The drain waits for 0.
+    inflight: int = 0
+
+
+__all__ = ["Gateway", "RequestMetrics"]
