@@ -79,6 +79,30 @@ def test_models_and_errors_through_the_sdk(client):
         client.embeddings.create(model=MODEL, input="hi")
 
 
+def test_a_prompt_over_the_context_a_request_gets_names_the_config_fields(client):
+    # llama-server's own 400 named its numbers, not the knobs: context_length is shared by
+    # `parallel` slots, so the default model gives one request 8192 / 4 tokens.
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hello world " * 1500}],
+                                       max_tokens=4)
+    error = info.value.body
+    assert error["code"] == "context_length_exceeded", error
+    for words in ("2048 tokens", "context_length 8192", "parallel = 4", "context_per_request"):
+        assert words in error["message"], error["message"]
+
+
+def test_a_required_tool_on_the_bundled_model_is_a_clear_400_not_silence(client):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "weather?"}],
+                                       tools=tools, tool_choice="required", max_tokens=8)
+    assert info.value.body["code"] == "tools_not_supported" and info.value.body["param"] == "tool_choice"
+    # tool_choice auto (or none) is the model's to honour or not: answered.
+    answer = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                            tools=tools, tool_choice="auto", max_tokens=4)
+    assert answer.choices[0].message is not None
+
+
 def test_a_second_key_reads_no_prompt_cache_signal_from_llama_server(llama_daemon):
     # Regression: llama-server's cached_tokens and timings were relayed as is; a second key
     # sending a prefix plus a guess read how much of another key's prompt was cached.
@@ -158,3 +182,4 @@ def test_embeddings_on_the_bundled_model_answer_the_sdk_and_chat_still_works(tmp
         assert answer.choices[0].message.content
     finally:
         factory.cleanup()
+

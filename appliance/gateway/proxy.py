@@ -20,6 +20,7 @@ from appliance.config import Config
 from appliance.errors import EngineFailure, EngineTimeout, error_for_status
 from appliance.fleet.engine_access import http_session, tcp_connector
 from appliance.gateway.dialects import OPENAI, Dialect
+from appliance.gateway.engine_errors import explain
 
 log = logging.getLogger("appliance.proxy")
 
@@ -114,6 +115,10 @@ class EngineProxy:
             body = b""
         finally:
             resp.release()
+        model = getattr(replica, "model", None)  # a local replica's; a provider has none
+        explained = explain(model, resp.status, body) if model is not None else None
+        if explained is not None:  # an engine limit the operator sets: said in the config's words
+            raise explained
         message = _engine_message(body)
         if resp.status >= 500:
             raise EngineFailure(f"Engine {replica.name} answered {resp.status}: {message}")
