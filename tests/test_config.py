@@ -152,7 +152,12 @@ def test_the_llama_server_defaults_to_the_current_llamacpp_image(tmp_path):
     (image / "bin" / "llama-server").write_bytes(b"")
     (image / "image.json").write_text("{}")
     (tmp_path / "llamacpp" / "current").symlink_to(image.name)
-    assert llamacpp_binary(cfg) == str(tmp_path / "llamacpp" / "current" / "bin" / "llama-server")
+    # The resolved image, not current/: the tag recorded is the one that runs, even if
+    # `current` moves (a build, a rollback) while the engine starts.
+    from appliance.dist.images import image_of
+
+    assert llamacpp_binary(cfg) == str(image / "bin" / "llama-server")
+    assert image_of(llamacpp_binary(cfg)) == "11434.0.0-x"
 
 
 def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():

@@ -94,7 +94,7 @@ def test_llamacpp_image_builds_records_verifies_rolls_back_and_is_what_serve_lau
     from appliance.dist.images import llamacpp_binary
 
     cfg = parse_config(f'[images]\ndir = "{tmp_path}/images"\n')
-    assert llamacpp_binary(cfg) == str(binary)
+    assert llamacpp_binary(cfg) == str(binary.resolve())  # the resolved image: its tag is what runs
 
     # A changed definition is a new version; the previous one stays for rollback.
     defs = tmp_path / "defs"
@@ -375,7 +375,7 @@ def test_the_llamacpp_cuda_image_is_built_for_the_gpus_architectures_by_the_llam
 
     from appliance.dist.images import llama_server
 
-    assert llama_server(str(tmp_path / "images"), engine="llamacpp-cuda") == binary
+    assert llama_server(str(tmp_path / "images"), engine="llamacpp-cuda") == binary.resolve()
 
 
 def test_the_llamacpp_cuda_image_needs_a_gpu_or_architectures_named(tmp_path):
