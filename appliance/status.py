@@ -266,6 +266,13 @@ class GpusStatus(msgspec.Struct, kw_only=True):
     evictions: list[Eviction] = []  # the latest, newest first
 
 
+class DaemonLog(msgspec.Struct, kw_only=True):
+    """GET /admin/log: the last lines of the daemon's own log (what `appliance logs` shows)."""
+
+    source: str  # server.log_file, or the journalctl command that read the journal
+    lines: list[str] = []
+
+
 class ReplicaLog(msgspec.Struct, kw_only=True):
     """GET /admin/models/{model}/replicas/{index}/log: the last lines of its engine log."""
 

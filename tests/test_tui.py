@@ -5,16 +5,18 @@ notifications; a daemon that is down is said so, and found once it is up."""
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 
 import httpx
 import pytest
+from rich.console import Console
 
 from tui.app import ApplianceTUI
 from tui.client import AdminClient
 
 from .conftest import DaemonFactory, fake_model
-from .tui_fake import FakeAdmin
+from .tui_fake import CPU_ONLY, FakeAdmin
 
 SIZE = (80, 24)
 SCALING = "[models.autoscaling]\nmin_replicas = 1\nmax_replicas = 3\n"
@@ -25,7 +27,8 @@ def daemon(tmp_path_factory):
     factory = DaemonFactory(tmp_path_factory.mktemp("tui"))
     # "other" starts at zero and stays where the operator puts it (no minimum, no idle TTL).
     d = factory.start(fake_model("fake", extra=SCALING)
-                      + fake_model("other", extra=SCALING.replace("min_replicas = 1", "min_replicas = 0")))
+                      + fake_model("other", extra=SCALING.replace("min_replicas = 1", "min_replicas = 0")),
+                      server=f'log_file = "{factory.tmp / "appliance.log"}"')
     d.socket = str(factory.tmp / "state" / "admin.sock")
     yield d
     factory.cleanup()
@@ -143,7 +146,7 @@ async def test_the_log_view_follows_the_chosen_replica(daemon):
         await pilot.press("4")
         log = app.query_one("#log")
         await until(lambda: any("fake_engine" in line for line in log.lines), what="the replica's log")
-        assert app.log_replica == ("fake", index)
+        assert app.log_source == ("fake", index)
 
 
 async def test_a_daemon_that_is_down_is_said_so_then_found(tmp_path):
@@ -172,3 +175,118 @@ async def test_errors_from_actions_never_crash_the_ui():
         messages = [n.message for n in app._notifications]
         assert messages.count("Model 'x' is not configured") == 3
         assert app.is_running
+
+
+async def test_the_daemon_log_is_one_of_the_logs(daemon):
+    app = tui(daemon)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("4")
+        await until(lambda: app.log_source is not None, what="a log chosen")
+        await pilot.press("left_square_bracket")  # before the first replica: the daemon's own log
+        assert app.log_source == "daemon"
+        log = app.query_one("#log")
+        await until(lambda: any("appliance" in line for line in log.lines), what="the daemon's log")
+        assert "appliance.log" in str(app.query_one("#log-title").render())
+
+
+# --- the conventions of nvitop, k9s and htop, on fixed answers (tests/tui_fake.py) ------------
+
+
+def fake_tui(**kw) -> ApplianceTUI:
+    return ApplianceTUI(FakeAdmin(**kw), interval=3600)
+
+
+def rows(app: ApplianceTUI) -> list[str]:
+    return [r.key.value for r in app.query_one("#models-table").ordered_rows]
+
+
+def shown(app, widget: str) -> str:
+    """A Static's words as the terminal shows them, without styles."""
+    console = Console(width=100, record=True, file=io.StringIO())
+    console.print(app.query_one(widget).content)
+    return console.export_text()
+
+
+async def test_the_app_opens_on_the_overview():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert app.active_tab == "overview"
+        await until(lambda: "llama-3.1-70b" in shown(app, "#overview-body"), what="the overview filled")
+        assert "GPU0" in shown(app, "#overview-body")
+
+
+async def test_question_mark_lists_every_key_binding_per_view():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("question_mark")
+        await pilot.pause()
+        keys = app.keys_per_view()
+        listed = {does for found in keys.values() for _, does in found}
+        assert {b.description for b in app.BINDINGS} <= listed  # every binding, none forgotten
+        assert ("s", "Scale") in keys["Models"] and ("f", "Follow on/off") in keys["Logs"]
+        assert ("s", "Scale") not in keys["Logs"] and ("o", "Sort") in keys["Usage"]
+        text = shown(app.screen, "#help Static")
+        assert "Pin/unpin" in text and "Models" in text
+        await pilot.press("escape")
+        assert app.screen is app.screen_stack[0]
+
+
+async def test_slash_filters_the_current_table_and_escape_clears_it():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2", "slash", *"qwen")
+        await pilot.pause()
+        assert rows(app) == ["m:qwen2.5-7b", "r:qwen2.5-7b:0"]
+        await pilot.press("enter", "escape")
+        await pilot.pause()
+        assert len(rows(app)) == 6
+        await pilot.press("3", "slash", *"health")
+        await pilot.pause()
+        routes = shown(app, "#routes-body")
+        assert "health-records" in routes and "general" not in routes
+
+
+async def test_o_sorts_the_models_and_capital_o_reverses():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2", "o", "o", "o", "o")  # MODEL, STATE, REPL, RPS: highest first
+        await pilot.pause()
+        table = app.query_one("#models-table")
+        assert str(table.columns["RPS"].label) == "RPS ▼"
+        by_rps = ["m:llama-3.1-70b", "m:qwen2.5-7b", "m:smollm2-135m-instruct"]
+        assert [k for k in rows(app) if k.startswith("m:")] == by_rps
+        assert rows(app)[1:3] == ["r:llama-3.1-70b:0", "r:llama-3.1-70b:1"]  # replicas stay with their model
+        await pilot.press("O")
+        await pilot.pause()
+        assert [k for k in rows(app) if k.startswith("m:")] == by_rps[::-1]
+
+
+async def test_a_header_click_sorts_by_it():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await pilot.pause()
+        await pilot.click("#models-table", offset=(44, 0))  # the QUEUE header
+        await pilot.pause()
+        assert "QUEUE" in str(app.query_one("#models-table").ordered_columns[4].label)
+        assert rows(app)[0] == "m:qwen2.5-7b"  # 2 queued, the others none
+
+
+async def test_a_cpu_only_box_says_so_in_words():
+    app = fake_tui(gpus=CPU_ONLY)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(lambda: "CPU-only" in shown(app, "#overview-body"), what="the CPU-only line")
+        text = shown(app, "#overview-body")
+        assert "CPU-only: no NVIDIA GPU (the NVIDIA driver is not installed)" in text
+        assert "NVMLError" not in text
+        await pilot.pause()
+
+
+async def test_over_committed_cores_are_a_warning():
+    app = fake_tui(gpus=CPU_ONLY)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(lambda: "4/2 cores" in shown(app, "#overview-body"), what="the core budget")
+        text = shown(app, "#overview-body")
+        assert "WARNING over-committed: 4 cores budgeted, the machine has 2" in text
+        await pilot.pause()

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from appliance.status import DaemonStatus, GpusStatus, ModelStatus, ReplicaLog, ReplicaStatus
+from appliance.status import DaemonLog, DaemonStatus, GpusStatus, ModelStatus, ReplicaLog, ReplicaStatus
 from tui.client import AdminError, DaemonDown
 
 GiB = 1024**3
@@ -76,9 +76,21 @@ GPUS = {
     "cpu": {"cores": 16, "used": 0, "replicas": []},
 }
 
+# A box without NVIDIA's driver whose CPU engines are budgeted twice its cores.
+CPU_ONLY = {
+    "source": "nvml", "error": "NVMLError_LibraryNotFound: NVML Shared Library Not Found", "gpus": [],
+    "cpu": {"cores": 2, "used": 4, "replicas": [
+        {"replica": f"smollm2-135m-instruct#{i}", "cores": 2, "state": "READY"} for i in range(2)]},
+}
+
 LOG = {"replica": "llama-3.1-70b#0", "file": "/var/log/appliance/replicas/llama-3.1-70b-0.log",
        "lines": [f"INFO 10:0{i}:00 engine: step {i}: 7 running, 0 waiting, KV cache 41.{i}%"
                  for i in range(8)]}
+
+
+DAEMON_LOG = {"source": "/var/log/appliance/appliance.log",
+              "lines": ["2026-11-30 08:59:58 INFO appliance.api: listening on 127.0.0.1:8000",
+                        "2026-11-30 09:00:00 INFO appliance.fleet: llama-3.1-70b#1 READY in 94.2s"]}
 
 
 class FakeAdmin:
@@ -86,8 +98,8 @@ class FakeAdmin:
 
     where = "unix:/var/lib/appliance/admin.sock"
 
-    def __init__(self, down: str | None = None, fail: str | None = None) -> None:
-        self.down, self.fail = down, fail
+    def __init__(self, down: str | None = None, fail: str | None = None, gpus: dict = GPUS) -> None:
+        self.down, self.fail, self.gpus_answer = down, fail, gpus
         self.calls: list[tuple] = []
 
     async def _answer(self, value: dict, into):
@@ -100,10 +112,13 @@ class FakeAdmin:
         return await self._answer(STATUS, DaemonStatus)
 
     async def gpus(self) -> GpusStatus:
-        return await self._answer(GPUS, GpusStatus)
+        return await self._answer(self.gpus_answer, GpusStatus)
 
     async def log(self, model: str, index: int, lines: int) -> ReplicaLog:
         return await self._answer(LOG, ReplicaLog)
+
+    async def daemon_log(self, lines: int) -> DaemonLog:
+        return await self._answer(DAEMON_LOG, DaemonLog)
 
     async def _act(self, into, *call):
         self.calls.append(call)

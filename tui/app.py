@@ -8,6 +8,8 @@ notifications; an unreachable daemon becomes a banner, and polling goes on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 from collections.abc import Awaitable, Callable
 
 from rich.text import Text
@@ -15,19 +17,37 @@ from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.css.query import NoMatches
-from textual.widgets import DataTable, Footer, Log, Static, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, Log, Static, TabbedContent, TabPane
 
-from appliance.status import DaemonStatus, GpusStatus, ModelAction, ModelStatus, ReplicaAction, ReplicaLog
+from appliance.status import DaemonStatus, GpusStatus, ModelAction, ModelStatus, ReplicaAction
 from tui import views
 from tui.client import Admin, AdminError, DaemonDown
-from tui.screens import ConfirmScreen, ScaleScreen
+from tui.screens import ConfirmScreen, HelpScreen, ScaleScreen
 
+# The views, in the order of their number keys; the app opens on the first.
 TABS = ("overview", "models", "routes", "logs", "usage")
+# The views that are tables: `/` filters their rows, `o` / `O` (or a header click) sort them.
+TABLE_COLUMNS = {"models": views.MODEL_COLUMNS, "routes": views.ROUTE_COLUMNS, "usage": views.USAGE_COLUMNS}
+TABLE_ACTIONS = {"filter", "clear_filter", "sort_next", "sort_reverse"}
 # The key bindings that act on the models tab's selection (appliance/status.py's vocabulary;
 # "pin" toggles pin and unpin).
 MODEL_ACTIONS = {"scale", ModelAction.LOAD, ModelAction.UNLOAD, ModelAction.PIN, *ReplicaAction}
-LOG_ACTIONS = {"prev_replica", "next_replica", "follow"}
+LOG_ACTIONS = {"prev_log", "next_log", "follow"}
+# The logs view shows the daemon's own log or one replica's (model, index); `[` `]` step through them.
+DAEMON = "daemon"
+LogSource = str | tuple[str, int]
 LOG_LINES = 200
+
+
+def applies(action: str, view: str) -> bool:
+    """Whether a key's action works in a view (the footer and the help screen follow this)."""
+    if action in MODEL_ACTIONS:
+        return view == "models"
+    if action in LOG_ACTIONS:
+        return view == "logs"
+    if action in TABLE_ACTIONS:
+        return view in TABLE_COLUMNS
+    return True
 
 
 class ApplianceTUI(App):
@@ -46,17 +66,24 @@ class ApplianceTUI(App):
     #model-detail { height: 9; border-top: solid $accent; padding: 0 1; }
     #log-title { height: 1; padding: 0 1; background: $boost; }
     #log { height: 1fr; }
+    #filter { display: none; height: 1; border: none; padding: 0 1; background: $boost; }
+    #filter.shown { display: block; }
     """
     BINDINGS = [
         Binding("q", "quit", "Quit"),
+        Binding("question_mark", "help", "Help"),
+        Binding("slash", "filter", "Filter"),
+        Binding("escape", "clear_filter", "Clear filter", show=False),
+        Binding("o", "sort_next", "Sort"),
+        Binding("O", "sort_reverse", "Reverse sort", show=False),
         Binding("s", "scale", "Scale"),
         Binding("l", "load", "Load"),
         Binding("u", "unload", "Unload"),
         Binding("p", "pin", "Pin/unpin"),
         Binding("r", "restart", "Restart"),
         Binding("d", "drain", "Drain"),
-        Binding("left_square_bracket", "prev_replica", "Prev replica"),
-        Binding("right_square_bracket", "next_replica", "Next replica"),
+        Binding("left_square_bracket", "prev_log", "Prev log"),
+        Binding("right_square_bracket", "next_log", "Next log (daemon, replicas)"),
         Binding("f", "follow", "Follow on/off"),
         *(Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS)),
     ]
@@ -68,9 +95,10 @@ class ApplianceTUI(App):
         self.status: DaemonStatus | None = None
         self.gpus: GpusStatus | None = None
         self.down: str | None = None
-        self.log_replica: tuple[str, int] | None = None
+        self.log_source: LogSource | None = None
         self.log_lines: list[str] = []
         self.follow = True
+        self.orders = {view: views.Order() for view in TABLE_COLUMNS}  # each table's sort and filter
         self._polling = False
 
     # --- layout ------------------------------------------------------------------------
@@ -78,7 +106,7 @@ class ApplianceTUI(App):
     def compose(self) -> ComposeResult:
         yield Static(views.header(None, self.admin.where), id="top")
         yield Static("", id="banner")
-        with TabbedContent(initial="models"):
+        with TabbedContent(initial=TABS[0]):
             with TabPane("1 Overview", id="overview"), VerticalScroll():
                 yield Static("Waiting for the daemon...", id="overview-body")
             with TabPane("2 Models", id="models"):
@@ -91,13 +119,12 @@ class ApplianceTUI(App):
                 yield Log(id="log", max_lines=5000)
             with TabPane("5 Usage", id="usage"), VerticalScroll():
                 yield Static("Waiting for the daemon...", id="usage-body")
+        yield Input(placeholder="filter: type to narrow the rows, Enter to keep, Esc to clear", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
-        table = self.query_one("#models-table", DataTable)
-        for col in views.MODEL_COLUMNS:
-            table.add_column(col, key=col)
-        table.focus()
+        self._model_columns()
+        self._focus_view()
         self.poll()
         self.set_interval(self.interval, self.poll)
 
@@ -117,12 +144,8 @@ class ApplianceTUI(App):
             gpus = await self.admin.gpus() if self.active_tab == "overview" or self.gpus is None else self.gpus
             log = None
             if self.active_tab == "logs":
-                self._choose_log_replica(status)
-                if self.log_replica is not None:
-                    try:
-                        log = await self.admin.log(*self.log_replica, LOG_LINES)
-                    except AdminError as exc:  # shown where the file's name goes
-                        log = ReplicaLog(replica="%s#%d" % self.log_replica, file=str(exc))
+                self._choose_log_source(status)
+                log = await self._fetch_log()
         except DaemonDown as exc:
             self._show_down(str(exc))
         except AdminError as exc:
@@ -134,7 +157,7 @@ class ApplianceTUI(App):
             self._show_down(None)
             self._render_all()
             if log is not None:
-                self._render_log(log)
+                self._render_log(*log)
         finally:
             self._polling = False
 
@@ -168,18 +191,25 @@ class ApplianceTUI(App):
             return
         self.query_one("#top", Static).update(views.header(status, self.admin.where))
         self.query_one("#overview-body", Static).update(views.overview(status, self.gpus))
-        self.query_one("#routes-body", Static).update(views.routes(status))
-        self.query_one("#usage-body", Static).update(views.usage(status))
+        self.query_one("#routes-body", Static).update(views.routes(status, self.orders["routes"]))
+        self.query_one("#usage-body", Static).update(views.usage(status, self.orders["usage"]))
         self._render_models()
+
+    def _model_columns(self) -> None:
+        """(Re)label the models table's columns: the sorted one carries its arrow."""
+        table = self.query_one("#models-table", DataTable)
+        table.clear(columns=True)
+        for key, title in zip(views.MODEL_KEYS, views.titles(views.MODEL_COLUMNS, self.orders["models"]), strict=True):
+            table.add_column(title, key=key)
 
     def _render_models(self) -> None:
         table = self.query_one("#models-table", DataTable)
-        rows = views.model_rows(self.status) if self.status is not None else []
+        rows = views.model_rows(self.status, self.orders["models"]) if self.status is not None else []
         keys = [key for key, _ in rows]
         current = [row.key.value for row in table.ordered_rows]
         if keys == current:
             for key, cells in rows:
-                for col, value in zip(views.MODEL_COLUMNS, cells, strict=False):
+                for col, value in zip(views.MODEL_KEYS, cells, strict=False):
                     table.update_cell(key, col, value)
         else:
             selected = self.selected_key
@@ -202,6 +232,11 @@ class ApplianceTUI(App):
 
     def on_tabbed_content_tab_activated(self, event: TabbedContent.TabActivated) -> None:
         self.refresh_bindings()
+        self._show_filter(open_it=False)
+        self._focus_view()
+        self.poll()
+
+    def _focus_view(self) -> None:
         tab = self.active_tab
         if tab == "models":
             self.query_one("#models-table", DataTable).focus()
@@ -209,7 +244,6 @@ class ApplianceTUI(App):
             self.query_one("#log", Log).focus()
         else:  # arrows and page keys scroll the view
             self.query_one(f"#{tab} VerticalScroll", VerticalScroll).focus()
-        self.poll()
 
     # --- selection ---------------------------------------------------------------------------
 
@@ -253,17 +287,87 @@ class ApplianceTUI(App):
     # --- actions ----------------------------------------------------------------------------
 
     def check_action(self, action: str, parameters: tuple) -> bool | None:
-        if action in MODEL_ACTIONS:
-            return self._tab_is("models")
-        if action in LOG_ACTIONS:
-            return self._tab_is("logs")
-        return True
-
-    def _tab_is(self, tab: str) -> bool:
         try:
-            return self.active_tab == tab
-        except Exception:
+            return applies(action, self.active_tab)
+        except NoMatches:  # before the tabs exist
             return False
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.keys_per_view()))
+
+    def keys_per_view(self) -> dict[str, list[tuple[str, str]]]:
+        """Every key binding, grouped by where it works: made from BINDINGS, so it cannot drift."""
+        bindings = [b for b in self.BINDINGS if isinstance(b, Binding)]
+
+        def keys(where: Callable[[str], bool]) -> list[tuple[str, str]]:
+            return [(self._keys_shown(b), b.description) for b in bindings if where(b.action.split("(")[0])]
+
+        everywhere = keys(lambda action: all(applies(action, view) for view in TABS))
+        shown = {"Anywhere": everywhere}
+        for view in TABS:
+            shown[view.title()] = [k for k in keys(functools.partial(applies, view=view)) if k not in everywhere]
+        shown["Dialogs"] = [
+            (self._keys_shown(b), f"{b.description} ({screen.__name__.removesuffix('Screen').lower()})")
+            for screen in (ConfirmScreen, ScaleScreen)
+            for b in screen.BINDINGS
+            if isinstance(b, Binding)
+        ]
+        return {where: found for where, found in shown.items() if found}
+
+    def _keys_shown(self, binding: Binding) -> str:
+        """'n,escape' as 'n esc'."""
+        return " ".join(self.get_key_display(dataclasses.replace(binding, key=k)) for k in binding.key.split(","))
+
+    # --- filter and sort: the table of the current view ---------------------------------------
+
+    def _show_filter(self, open_it: bool) -> None:
+        """The filter line: open while typing, and shown while the current table is filtered."""
+        box = self.query_one("#filter", Input)
+        order = self.orders.get(self.active_tab)
+        box.set_class(order is not None and (open_it or bool(order.filter)), "shown")
+        if order is not None and box.value != order.filter:
+            box.value = order.filter
+        if open_it:
+            box.focus()
+
+    def action_filter(self) -> None:
+        self._show_filter(open_it=True)
+
+    def on_input_changed(self, event: Input.Changed) -> None:
+        if event.input.id == "filter" and self.active_tab in self.orders:
+            self._arrange(dataclasses.replace(self.orders[self.active_tab], filter=event.value))
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "filter":
+            self._show_filter(open_it=False)
+            self._focus_view()
+
+    def action_clear_filter(self) -> None:
+        self._arrange(dataclasses.replace(self.orders[self.active_tab], filter=""))
+        self._show_filter(open_it=False)
+        self._focus_view()
+
+    def action_sort_next(self) -> None:
+        view = self.active_tab
+        self._arrange(self.orders[view].next_column(len(TABLE_COLUMNS[view])))
+
+    def action_sort_reverse(self) -> None:
+        order = self.orders[self.active_tab]
+        self._arrange(dataclasses.replace(order, reverse=not order.reverse, column=order.column or 0))
+
+    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
+        """A click on a header sorts by it; a second click reverses."""
+        order = self.orders["models"]
+        same = order.column == event.column_index
+        self._arrange(dataclasses.replace(order, column=event.column_index, reverse=same and not order.reverse))
+
+    def _arrange(self, order: views.Order) -> None:
+        view = self.active_tab
+        sorted_by = self.orders[view].column, self.orders[view].reverse
+        self.orders[view] = order
+        if view == "models" and sorted_by != (order.column, order.reverse):
+            self._model_columns()
+        self._render_all()
 
     def action_show_tab(self, tab: str) -> None:
         self.query_one(TabbedContent).active = tab
@@ -366,33 +470,49 @@ class ApplianceTUI(App):
 
     # --- logs --------------------------------------------------------------------------------
 
-    def _all_replicas(self, status: DaemonStatus | None) -> list[tuple[str, int]]:
-        return [(m.name, r.index) for m in status.models for r in m.replicas] if status is not None else []
+    def _log_sources(self, status: DaemonStatus | None) -> list[LogSource]:
+        replicas = [(m.name, r.index) for m in status.models for r in m.replicas] if status is not None else []
+        return [DAEMON, *replicas]
 
-    def _choose_log_replica(self, status: DaemonStatus) -> None:
-        replicas = self._all_replicas(status)
-        if self.log_replica in replicas:
+    def _choose_log_source(self, status: DaemonStatus) -> None:
+        """Keep the chosen log while it exists; else the replica under the models' cursor,
+        else the first replica, else the daemon's own log."""
+        sources = self._log_sources(status)
+        if self.log_source in sources:
             return
         model, index = self.selection()
+        replicas = sources[1:]
         mine = [r for r in replicas if r[0] == model and (index is None or r[1] == index)]
-        self.log_replica = (mine or replicas or [None])[0]
+        self.log_source = (mine or replicas or [DAEMON])[0]
 
-    def _step_replica(self, step: int) -> None:
-        replicas = self._all_replicas(self.status)
-        if not replicas:
-            self.notify("No replicas", severity="warning")
-            return
-        at = replicas.index(self.log_replica) if self.log_replica in replicas else -step
-        self.log_replica = replicas[(at + step) % len(replicas)]
+    async def _fetch_log(self) -> tuple[str, str, list[str]] | None:
+        """(title, file, lines) of the chosen log; a refusal shows where the file's name goes."""
+        source = self.log_source
+        if source is None:
+            return None
+        title = "appliance daemon" if source == DAEMON else "%s#%d" % source
+        try:
+            if isinstance(source, tuple):
+                replica = await self.admin.log(*source, LOG_LINES)
+                return title, replica.file, replica.lines
+            daemon = await self.admin.daemon_log(LOG_LINES)
+            return title, daemon.source, daemon.lines
+        except AdminError as exc:
+            return title, str(exc), []
+
+    def _step_log(self, step: int) -> None:
+        sources = self._log_sources(self.status)
+        at = sources.index(self.log_source) if self.log_source in sources else -step
+        self.log_source = sources[(at + step) % len(sources)]
         self.log_lines = []
         self.query_one("#log", Log).clear()
         self.poll()
 
-    def action_prev_replica(self) -> None:
-        self._step_replica(-1)
+    def action_prev_log(self) -> None:
+        self._step_log(-1)
 
-    def action_next_replica(self) -> None:
-        self._step_replica(1)
+    def action_next_log(self) -> None:
+        self._step_log(1)
 
     def action_follow(self) -> None:
         self.follow = not self.follow
@@ -402,12 +522,9 @@ class ApplianceTUI(App):
             log.scroll_end(animate=False)
         self.notify("following the log" if self.follow else "paused: scroll freely, f to follow again")
 
-    def _render_log(self, data: ReplicaLog) -> None:
+    def _render_log(self, name: str, file: str, lines: list[str]) -> None:
         title = self.query_one("#log-title", Static)
-        title.update(
-            Text.assemble((data.replica, "bold"), f"  {'following' if self.follow else 'paused'}  {data.file}")
-        )
-        lines = data.lines
+        title.update(Text.assemble((name, "bold"), f"  {'following' if self.follow else 'paused'}  {file}"))
         log = self.query_one("#log", Log)
         old = self.log_lines
         if lines == old:

@@ -18,6 +18,7 @@ from appliance.daemon.admin_client import (
 )
 from appliance.status import (
     SCALE,
+    DaemonLog,
     DaemonStatus,
     GpusStatus,
     ModelAction,
@@ -41,6 +42,7 @@ class Admin(Protocol):
     async def status(self) -> DaemonStatus: ...
     async def gpus(self) -> GpusStatus: ...
     async def log(self, model: str, index: int, lines: int) -> ReplicaLog: ...
+    async def daemon_log(self, lines: int) -> DaemonLog: ...
     async def scale(self, model: str, replicas: int | None) -> ModelStatus: ...
     async def model_action(self, model: str, action: ModelAction) -> ModelStatus: ...
     async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus: ...
@@ -76,6 +78,9 @@ class AdminClient:
     async def log(self, model: str, index: int, lines: int) -> ReplicaLog:
         path = f"/admin/models/{model}/replicas/{index}/log"
         return await self._call("GET", path, ReplicaLog, params={"lines": lines})
+
+    async def daemon_log(self, lines: int) -> DaemonLog:
+        return await self._call("GET", "/admin/log", DaemonLog, params={"lines": lines})
 
     # State-changing calls send JSON (an empty object where there is nothing to say):
     # the daemon refuses any other content type.

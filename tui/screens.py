@@ -1,12 +1,14 @@
-"""Modal questions: a yes/no confirmation, and how many replicas."""
+"""Modal screens: a yes/no confirmation, how many replicas, and the key help."""
 
 from __future__ import annotations
 
+from rich.table import Table
+from rich.text import Text
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.containers import Horizontal, Vertical
+from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen
-from textual.widgets import Button, Input, Label
+from textual.widgets import Button, Input, Label, Static
 
 CSS = """
 ConfirmScreen, ScaleScreen { align: center middle; }
@@ -75,3 +77,36 @@ class ScaleScreen(ModalScreen["int | None | str"]):
 
     def action_cancel(self) -> None:
         self.dismiss("")
+
+
+class HelpScreen(ModalScreen[None]):
+    """`?`: every key, grouped by the view it works in (the app builds the list from its bindings)."""
+
+    DEFAULT_CSS = """
+    HelpScreen { align: center middle; }
+    #help { width: 72; max-width: 100%; height: 90%; border: heavy $accent; background: $panel; padding: 0 1; }
+    """
+    BINDINGS = [Binding("escape,question_mark,q", "close", "Close")]
+
+    def __init__(self, keys: dict[str, list[tuple[str, str]]]) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def compose(self) -> ComposeResult:
+        table = Table(box=None, padding=(0, 1), show_header=False)
+        table.add_column(no_wrap=True, style="bold")
+        table.add_column()
+        for where, keys in self.keys.items():
+            table.add_row(Text(where, style="bold underline"), "")
+            for key, does in keys:
+                table.add_row(f"  {key}", does)
+        with VerticalScroll(id="help"):
+            yield Static(table)
+            yield Label("Esc, ? or q closes this help.")
+
+    def on_mount(self) -> None:
+        self.query_one("#help").border_title = "Keys"
+        self.query_one("#help").focus()
+
+    def action_close(self) -> None:
+        self.dismiss(None)

@@ -7,11 +7,17 @@ block characters with its numbers), colour only repeats it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
 from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from appliance.status import DaemonStatus, GpusStatus, ModelStatus
+from appliance.status import DaemonStatus, GpusStatus, KeyUsage, ModelStatus, RouteStatus
+
+T = TypeVar("T")
 
 GiB = 1024**3
 STATE_STYLE = {
@@ -89,6 +95,57 @@ def short_where(where: str, width: int = 24) -> str:
     return where[: width - 1] + "…"
 
 
+# --- sorting and filtering the tables ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    """A sortable column: its title, and the value its rows sort by (numbers sort highest first)."""
+
+    title: str
+    value: Callable[[Any], Any]
+    numeric: bool = False
+
+
+@dataclass(frozen=True)
+class Order:
+    """How the operator arranged a table: a sort column (None: the daemon's order), and a filter."""
+
+    column: int | None = None
+    reverse: bool = False
+    filter: str = ""
+
+    def next_column(self, count: int) -> Order:
+        """htop's way: step to the next column; after the last, back to the daemon's order."""
+        column = 0 if self.column is None else self.column + 1
+        return Order(None if column >= count else column, False, self.filter)
+
+
+def arrange(items: Sequence[T], columns: Sequence[Column], order: Order, words: Callable[[T], str]) -> list[T]:
+    """The rows the filter keeps (every word of it found, any case), in the chosen order."""
+    wanted = order.filter.lower().split()
+    kept = [item for item in items if all(w in words(item).lower() for w in wanted)]
+    if order.column is None:
+        return kept
+    column = columns[order.column]
+
+    def key(item: T) -> tuple[bool, Any]:
+        value = column.value(item)
+        return (value is None, value if value is not None else 0)
+
+    descending = column.numeric != order.reverse
+    present = sorted((i for i in kept if column.value(i) is not None), key=key, reverse=descending)
+    return present + [i for i in kept if column.value(i) is None]  # unknown values last, either way
+
+
+def titles(columns: Sequence[Column], order: Order) -> list[str]:
+    """Column titles, the sorted one marked ▼ (highest first) or ▲."""
+    marks = {}
+    if order.column is not None:
+        marks[order.column] = " ▼" if columns[order.column].numeric != order.reverse else " ▲"
+    return [c.title + marks.get(i, "") for i, c in enumerate(columns)]
+
+
 # --- overview -------------------------------------------------------------------------
 
 
@@ -114,19 +171,57 @@ def overview(status: DaemonStatus, gpus: GpusStatus | None) -> RenderableType:
             table.add_row("", Text(f"  └ {placed or 'no replicas'}", style="dim" if not placed else ""), "", "", "")
         parts.append(table)
     else:
-        why = gpus.error or "no GPUs found"
-        parts.append(Text.assemble(("No GPUs", "bold"), f" ({why})"))
+        parts.append(cpu_only(gpus.error))
     if gpus is not None:
-        cpu = gpus.cpu
-        users = ", ".join(f"{r.replica} {r.cores}" for r in cpu.replicas) or "none"
         parts.append(Text(""))
-        parts.append(
-            Text.assemble(("CPU engines", "bold"), f"  {bar(cpu.used, cpu.cores, 16)} {cpu.used}/{cpu.cores} cores")
-        )
-        parts.append(Text(f"  └ {users}"))
+        parts.extend(cpu_budget(gpus))
     parts.append(Text(""))
     parts.append(models_summary(status))
     return Group(*parts)
+
+
+# NVML's failures as an operator reads them (install.sh says the same: "CPU-only mode").
+NVML_WORDS = {
+    "LibraryNotFound": "the NVIDIA driver is not installed",
+    "DriverNotLoaded": "the NVIDIA driver is not loaded",
+    "NoPermission": "no permission to open the NVIDIA devices",
+}
+
+
+def cpu_only(error: str | None) -> Text:
+    """The line that replaces the GPU table when there is none: why, in words."""
+    why = next((words for code, words in NVML_WORDS.items() if error and code in error), error or "none found")
+    return Text.assemble(("CPU-only", "bold"), f": no NVIDIA GPU ({why})")
+
+
+def cpu_budget(gpus: GpusStatus) -> list[Text]:
+    """The CPU engines' cores and host RAM; budgets beyond the machine stand out, in words."""
+    cpu = gpus.cpu
+    over = cpu.used > cpu.cores
+    cores = Text.assemble(
+        ("CPU engines", "bold"),
+        f"  {bar(cpu.used, cpu.cores, 16)} ",
+        (f"{cpu.used}/{cpu.cores} cores", "bold reverse red" if over else ""),
+    )
+    lines = [cores]
+    if over:
+        lines.append(
+            Text(
+                f"  WARNING over-committed: {cpu.used} cores budgeted, the machine has {cpu.cores}",
+                style="bold red",
+            )
+        )
+    if cpu.host_ram_bytes and cpu.host_ram_used_bytes > cpu.host_ram_bytes:
+        lines.append(
+            Text(
+                f"  WARNING over-committed: {cpu.host_ram_used_bytes / GiB:.1f} GiB host RAM budgeted, "
+                f"the machine has {cpu.host_ram_bytes / GiB:.1f} GiB",
+                style="bold red",
+            )
+        )
+    users = ", ".join(f"{r.replica} {r.cores}" for r in cpu.replicas) or "none"
+    lines.append(Text(f"  └ {users}"))
+    return lines
 
 
 def _short_gpu_name(name: str) -> str:
@@ -150,13 +245,27 @@ def models_summary(status: DaemonStatus) -> RenderableType:
 # --- models ---------------------------------------------------------------------------
 
 
-MODEL_COLUMNS = ("MODEL", "STATE", "REPL", "RPS", "QUEUE", "INFL", "TTFT p50", "PIN")
+MODEL_COLUMNS = (
+    Column("MODEL", lambda m: m.name),
+    Column("STATE", model_state),
+    Column("REPL", lambda m: len(m.replicas), numeric=True),
+    Column("RPS", lambda m: m.rps_10s, numeric=True),
+    Column("QUEUE", lambda m: m.queued, numeric=True),
+    Column("INFL", lambda m: m.inflight, numeric=True),
+    Column("TTFT p50", lambda m: m.ttft_p50_ms, numeric=True),
+    Column("PIN", lambda m: m.pinned),
+)
+MODEL_KEYS = tuple(c.title for c in MODEL_COLUMNS)  # the DataTable's column keys
 
 
-def model_rows(status: DaemonStatus) -> list[tuple[str, tuple]]:
-    """(row key, cells) for the models table: each model, then its replicas."""
+def _model_words(m: ModelStatus) -> str:
+    return " ".join([m.name, m.server, model_state(m), *(f"#{r.index} {r.state}" for r in m.replicas)])
+
+
+def model_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
+    """(row key, cells) for the models table: each model, then its replicas (they move with it)."""
     rows = []
-    for m in status.models:
+    for m in arrange(status.models, MODEL_COLUMNS, order, _model_words):
         count = f"{len(m.replicas)}/{m.max_replicas}"
         if m.override is not None:
             count += "!"
@@ -226,25 +335,55 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
 # --- routes and usage ---------------------------------------------------------------------
 
 
-def routes(status: DaemonStatus) -> RenderableType:
+ROUTE_COLUMNS = (
+    Column("ROUTE", lambda r: r.name),
+    Column("MODEL", lambda r: (r.model, r.tag)),
+    Column("TARGET", lambda r: r.target),
+    Column("REGULATED", lambda r: r.regulated),
+    Column("FALLBACKS (fired)", lambda r: sum(r.fired.values()), numeric=True),
+)
+USAGE_COLUMNS = (
+    Column("KEY", lambda u: u.key),
+    Column("REQUESTS", lambda u: u.requests, numeric=True),
+    Column("PROMPT TOKENS", lambda u: u.prompt_tokens, numeric=True),
+    Column("COMPLETION TOKENS", lambda u: u.completion_tokens, numeric=True),
+    Column("TOTAL", lambda u: u.tokens, numeric=True),
+)
+
+
+def _route_words(r: RouteStatus) -> str:
+    return " ".join([r.name, r.model, r.tag, r.target, *r.fallbacks, "regulated" if r.regulated else ""])
+
+
+def _filtered_out(kind: str, order: Order) -> Text:
+    return Text(f"No {kind} match the filter '{order.filter}' (Esc clears it).")
+
+
+def routes(status: DaemonStatus, order: Order = Order()) -> RenderableType:
     if not status.routes:
         return Text("No routes configured.")
+    shown = arrange(status.routes, ROUTE_COLUMNS, order, _route_words)
+    if not shown:
+        return _filtered_out("routes", order)
     table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for col in ("ROUTE", "MODEL", "TARGET", "REGULATED", "FALLBACKS (fired)"):
-        table.add_column(col, overflow="fold")
-    for r in status.routes:
+    for title in titles(ROUTE_COLUMNS, order):
+        table.add_column(title, overflow="fold")
+    for r in shown:
         fallbacks = [f"{f} ({r.fired.get(f, 0)})" for f in r.fallbacks]
         model = r.model + (f" [{r.tag}]" if r.tag else "")
         table.add_row(r.name, model, r.target, "yes" if r.regulated else "no", ", ".join(fallbacks) or "none")
     return table
 
 
-def usage(status: DaemonStatus) -> RenderableType:
+def usage(status: DaemonStatus, order: Order = Order()) -> RenderableType:
     if not status.usage:
         return Text("No API keys configured.")
+    shown: list[KeyUsage] = arrange(status.usage, USAGE_COLUMNS, order, lambda u: u.key)
+    if not shown:
+        return _filtered_out("keys", order)
     table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for col in ("KEY", "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "TOTAL"):
-        table.add_column(col, justify="left" if col == "KEY" else "right")
-    for u in status.usage:
+    for i, title in enumerate(titles(USAGE_COLUMNS, order)):
+        table.add_column(title, justify="left" if i == 0 else "right")
+    for u in shown:
         table.add_row(u.key, str(u.requests), str(u.prompt_tokens), str(u.completion_tokens), str(u.tokens))
     return table

@@ -1,17 +1,21 @@
 """What the admin API shows, as appliance/status.py's Structs: the daemon's status
 (/admin/status), the capacity market (/admin/gpus: the GPUs with what each replica
 holds on them, the CPU cores and host RAM with the replicas that hold them, sleeping
-ones included, and recent evictions), a replica's log tail (.../log)."""
+ones included, and recent evictions), a replica's log tail (.../log), the daemon's
+own log tail (/admin/log)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import BadRequest, NotFound
-from appliance.logview import Tail
+from appliance.logview import LogError, Tail, daemon_log_file, journal_command
 from appliance.status import (
+    DaemonLog,
     DaemonStatus,
     GpusStatus,
     GpuStatus,
@@ -24,10 +28,12 @@ from appliance.status import (
 
 if TYPE_CHECKING:
     from appliance.api.app import Runtime
+    from appliance.config import Config
     from appliance.fleet.replica import Replica
     from appliance.fleet.supervisor import Supervisor
 
 MAX_LOG_LINES = 5000
+JOURNAL_TIMEOUT_S = 10.0
 
 
 def daemon_status(rt: Runtime, version: str) -> DaemonStatus:
@@ -100,15 +106,51 @@ def gpu_view(sup: Supervisor) -> GpusStatus:
     )
 
 
-def replica_log(replica: Replica, lines: str) -> ReplicaLog:
+def _line_count(lines: str) -> int:
     if not (lines.isdigit() and 0 < int(lines) <= MAX_LOG_LINES):
         raise BadRequest(f"'lines' must be 1-{MAX_LOG_LINES}", param="lines")
+    return int(lines)
+
+
+def _last_lines(path: Path, count: int) -> list[str]:
+    tail = Tail(path)
+    try:
+        return tail.last_lines(count) if path.exists() else []
+    finally:
+        tail.close()
+
+
+def replica_log(replica: Replica, lines: str) -> ReplicaLog:
+    count = _line_count(lines)
     if not replica.supervised:
         raise NotFound(f"Replica {replica.name} is an external engine: it has no log here")
     path = replica.log_path
-    tail = Tail(path)
+    return ReplicaLog(replica=replica.name, file=str(path), lines=_last_lines(path, count))
+
+
+async def daemon_log(cfg: Config, lines: str) -> DaemonLog:
+    """The daemon's own log where `appliance logs` finds it: server.log_file, else the journal."""
+    count = _line_count(lines)
+    argv = None if cfg.server.log_file else journal_command(count, follow=False)
+    if argv is not None:
+        return DaemonLog(source=" ".join(argv), lines=await _journal(argv))
     try:
-        text = tail.last_lines(int(lines)) if path.exists() else []
-    finally:
-        tail.close()
-    return ReplicaLog(replica=replica.name, file=str(path), lines=text)
+        path = daemon_log_file(cfg)
+    except LogError as exc:
+        raise NotFound(str(exc)) from None
+    return DaemonLog(source=str(path), lines=_last_lines(path, count))
+
+
+async def _journal(argv: list[str]) -> list[str]:
+    proc = await asyncio.create_subprocess_exec(
+        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), JOURNAL_TIMEOUT_S)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise NotFound(f"journalctl gave no answer in {JOURNAL_TIMEOUT_S:g}s") from None
+    if proc.returncode != 0:  # e.g. the daemon's user may not read the system journal
+        raise NotFound(f"journalctl failed: {err.decode(errors='replace').strip()}")
+    return out.decode(errors="replace").splitlines()

@@ -30,7 +30,7 @@ from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
 from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.api.admin_access import AdminAccess
-from appliance.api.admin_views import daemon_status, gpu_view, model_status, replica_log
+from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.api.metrics import Metrics
 from appliance.config import Config, ConfigError, check_writable_dirs, read_admin_token
@@ -73,6 +73,7 @@ from appliance.state.decisions import StateStore
 from appliance.status import (
     SCALE,
     ActionBody,
+    DaemonLog,
     DaemonStatus,
     GpusStatus,
     ModelAction,
@@ -516,6 +517,14 @@ async def admin_gpus(request: Request) -> GpusStatus:
     return gpu_view(_admin(request).supervisor)
 
 
+@get("/admin/log")
+async def admin_daemon_log(request: Request) -> DaemonLog:
+    """The last ``?lines=N`` (default 100) lines of the daemon's own log: server.log_file,
+    or the systemd journal (what `appliance logs` shows)."""
+    rt = _admin(request)
+    return await daemon_log(rt.cfg, request.query_params.get("lines", "100"))
+
+
 @get("/admin/models/{model:str}/replicas/{index:int}/log")
 async def admin_replica_log(request: Request) -> ReplicaLog:
     """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
@@ -669,6 +678,7 @@ ROUTE_HANDLERS = [
     admin_replica_action,
     admin_gpus,
     admin_replica_log,
+    admin_daemon_log,
     openapi_document,
 ]
 
