@@ -41,6 +41,7 @@ def test_keys_create_json_gives_the_key_in_a_field_and_ls_never_shows_it(tmp_pat
     listed = json.loads(run(tmp_path, "keys", "ls", "--json").stdout)
     assert [k["id"] for k in listed] == [created["id"]]
     assert created["key"] not in json.dumps(listed)
+    assert listed[0]["created_at"].endswith("Z") and listed[0]["revoked_at"] is None  # ISO times in JSON
     revoked = json.loads(run(tmp_path, "keys", "revoke", created["id"], "--json").stdout)
     assert revoked["id"] == created["id"] and revoked["revoked"] is True
 

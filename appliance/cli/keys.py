@@ -8,11 +8,21 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
 from appliance.cli.options import CONFIG_HELP
+
+
+def _iso(ts: float | None) -> str | None:
+    """A unix time as JSON gives times: ISO 8601, UTC."""
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def _with_iso_times(key: dict) -> dict:
+    return {**key, "created_at": _iso(key["created_at"]), "revoked_at": _iso(key["revoked_at"])}
 
 
 def register(main: click.Group, load) -> None:
@@ -73,7 +83,7 @@ def register(main: click.Group, load) -> None:
         s = store(config)
         key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
         s.close()
-        click.echo(json.dumps({**key.public(), "key": token}, indent=2) if as_json else token)
+        click.echo(json.dumps({**_with_iso_times(key.public()), "key": token}, indent=2) if as_json else token)
         click.echo(f"key {key.id} ({name}) created; the key is shown only this once", err=True)
 
     @keys.command("ls")
@@ -85,7 +95,7 @@ def register(main: click.Group, load) -> None:
         rows = [k.public() for k in s.all()]
         s.close()
         if as_json:
-            click.echo(json.dumps(rows, indent=2))
+            click.echo(json.dumps([_with_iso_times(k) for k in rows], indent=2))
             return
         click.echo(f"{'ID':<12}  {'NAME':<20}  {'STATE':<8}  {'RPM':>5}  {'BUDGET':<16}  ROUTES")
         for k in rows:
@@ -108,8 +118,8 @@ def register(main: click.Group, load) -> None:
         if not ok:
             raise click.ClickException(f"no active key {key_id!r}")
         now = time.time()
-        if as_json:  # revoked_at as `keys ls --json` gives it
-            document = {"id": key_id.removeprefix("ak-").split("-")[0], "revoked": True, "revoked_at": now}
+        if as_json:
+            document = {"id": key_id.removeprefix("ak-").split("-")[0], "revoked": True, "revoked_at": _iso(now)}
             click.echo(json.dumps(document, indent=2))
         else:
             click.echo(f"key {key_id} revoked at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}")
