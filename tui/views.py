@@ -316,11 +316,20 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
         lines.append(Text(f"not served: {m.blocked}", style="red"))
     for r in m.replicas:
         where = f"port {r.port}" if r.port else (r.url or "")
-        gpus = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else ""
+        gpus = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else (f" {len(r.cpus)} cores" if r.cpus else "")
+        # What `appliance ps` shows, where the daemon measured it.
+        extra = "".join(
+            part
+            for part in (
+                f" mem {r.rss_bytes / 2**20:.0f} MiB" if r.rss_bytes else "",
+                f" up {duration(r.uptime_s)}" if r.uptime_s is not None else "",
+                f" image {r.image}" if r.image else "",
+            )
+        )
         line = Text.assemble(
             f"#{r.index} ",
             state_text(r.state),
-            f" {where}{gpus} in-flight {r.inflight} restarts {r.restarts}",
+            f" {where}{gpus} in-flight {r.inflight} restarts {r.restarts}{extra}",
         )
         if r.last_error:
             line.append(f"  last error: {r.last_error}", style="red")

@@ -342,7 +342,11 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         for r in m.replicas:
             where = f"pid {r.pid} port {r.port}" if r.pid else (r.url or "-")
             image = f"  image {r.image}" if r.image else ""
-            click.echo(f"  #{r.index}  {r.state:<9} {where}  in-flight {r.inflight}  restarts {r.restarts}{image}")
+            mem = f"  mem {human_bytes(r.rss_bytes)}" if r.rss_bytes else ""
+            up = f"  up {human_duration(r.uptime_s)}" if r.uptime_s is not None else ""
+            click.echo(
+                f"  #{r.index}  {r.state:<9} {where}  in-flight {r.inflight}  restarts {r.restarts}{mem}{up}{image}"
+            )
             if r.last_error:
                 click.echo(f"      last error: {r.last_error}")
             for line in r.log_tail:
