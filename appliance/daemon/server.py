@@ -87,8 +87,8 @@ async def serve(cfg: Config, app=None) -> int:
         runtime.draining = True
         await _drained(runtime, cfg.server.drain_timeout_s)
     service.status("stopping the engines")
+    server.stop()  # first: no new connection is accepted while the admin socket closes
     await admin.stop()
-    server.stop()
     with contextlib.suppress(Exception):
         await serving
     await service.close()
@@ -141,8 +141,19 @@ async def _drained(runtime, timeout: float) -> None:
     or waiting for its audit row to commit), up to timeout."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
+    quiet_since = None
     while loop.time() < deadline:
-        if runtime.inflight == 0:
+        if runtime.inflight:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= QUIET_S:
             return
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.02)
     log.warning("drain timeout: stopping with requests still in flight")
+
+
+# Nothing in flight for this long before the listener stops: a connection the server had
+# accepted but whose request had not reached the app yet gets its answer (a 503 while
+# draining), never a cut connection.
+QUIET_S = 0.2
