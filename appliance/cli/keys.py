@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import click
 
+from appliance.access.retention import iso
 from appliance.cli.options import CONFIG_HELP
 
 
 def _iso(ts: float | None) -> str | None:
-    """A unix time as JSON gives times: ISO 8601, UTC."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+    """A unix time as JSON gives times: ISO 8601, UTC (the audit export's format)."""
+    return None if ts is None else iso(ts)
 
 
 def _with_iso_times(key: dict) -> dict:
