@@ -34,6 +34,7 @@ import errno
 import fcntl
 import getpass
 import hashlib
+import io
 import logging
 import os
 import re
@@ -70,13 +71,17 @@ def repo_folder(name: str) -> str:
     return "models--" + check_name(name).replace("/", "--")
 
 
+# What an import reads a file from: a file of its own, a zip or tar member.
+Readable = io.RawIOBase | io.BufferedIOBase
+
+
 @dataclass(frozen=True)
 class SourceFile:
     """One file of a model being imported: where it goes, how to read it, what it must hash to."""
 
     path: str
     size: int
-    open: Callable[[], BinaryIO]
+    open: Callable[[], Readable]
     expected_sha256: str | None = None
 
 
@@ -142,7 +147,7 @@ def _write_all(fd: int, data: memoryview) -> None:
 
 
 def copy_and_hash(
-    src: BinaryIO,
+    src: Readable,
     dest: Path,
     write: Callable[[int, memoryview], None] = _write_all,
     progress: Callable[[int], None] | None = None,
@@ -286,7 +291,7 @@ class Store:
                     raise StoreError(f"{self.db_path}: cannot create the store's manifest: {exc.strerror}") from None
                 self._own(self.db_path)
             try:
-                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
+                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="DEFERRED")
             except sqlite3.OperationalError as exc:
                 if "readonly" not in str(exc):
                     raise StoreError(f"{self.db_path}: {exc}") from None
@@ -340,7 +345,7 @@ class Store:
     def license_ok(self, record: ModelRecord) -> bool:
         return record.license.lower() in self.allowed or record.license_accepted_at is not None
 
-    def open_blob(self, record: ModelRecord, file: dict) -> BinaryIO:
+    def open_blob(self, record: ModelRecord, file: dict) -> io.FileIO:
         """One file's blob, read as itself: never through a link (``bundle create``)."""
         return open_regular(self.root / repo_folder(record.name) / "blobs" / _blob_name(file["sha256"]))
 
@@ -694,8 +699,8 @@ class Store:
     def _delete(self, name: str) -> None:
         shared = self._shared_blobs(name)
         with self.db.conn:
-            self.db["files"].delete_where("model = ?", [name])
-            self.db["models"].delete_where("name = ?", [name])
+            self.db.table("files").delete_where("model = ?", [name])
+            self.db.table("models").delete_where("name = ?", [name])
         self.discard(self.root / repo_folder(name))
         for digest, (before, other) in shared.items():
             self._refingerprint(digest, before, other)
@@ -733,7 +738,7 @@ class Store:
 
     def _update(self, name: str, **values) -> None:
         with self.db.conn:
-            self.db["models"].update(name, values)
+            self.db.table("models").update(name, values)
 
     def verify(
         self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: PerChunk | None = None
