@@ -41,8 +41,9 @@ from typing import Any
 
 from appliance.config import Config, install_prefix
 from appliance.dist.images import definition, target_pip_args
-from appliance.safe_paths import check_file_path, open_regular
-from appliance.store.store import Store, StoreError, copy_and_hash, hash_file
+from appliance.safe_paths import StoreError, check_file_path, open_regular
+from appliance.store.hashing import copy_and_hash, hash_file
+from appliance.store.store import Store
 
 FORMAT = 2
 # What the installer reads beside install.sh (install.sh's and systemd/install-*.sh's $here).

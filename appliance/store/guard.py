@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from appliance.config import STORE_PREFIX, Config
-from appliance.store.store import Interrupted, Store, Throttle, quarantine_reason
+from appliance.store.hashing import Interrupted, Throttle
+from appliance.store.records import quarantine_reason
+from appliance.store.store import Store
 
 log = logging.getLogger("appliance.store")
 

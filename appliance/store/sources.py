@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from appliance.safe_paths import check_revision, identity, open_regular
+from appliance.safe_paths import StoreError, check_name, check_revision, identity, open_regular
 from appliance.store import gguf
-from appliance.store.store import Incoming, SourceFile, StoreError, check_name
+from appliance.store.records import Incoming, SourceFile
 
 BUNDLE_MANIFEST = "bundle.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
