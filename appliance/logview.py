@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import BinaryIO
 
 from appliance.config import Config
 
@@ -81,21 +82,21 @@ class Tail:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = None
-        self._ino = None
+        self._file: BinaryIO | None = None
+        self._ino: int | None = None
         self._partial = b""
 
     def last_lines(self, count: int) -> list[str]:
-        self._open()
+        file = self._open()
         block = 1 << 16
-        size = os.fstat(self._file.fileno()).st_size
+        size = os.fstat(file.fileno()).st_size
         start = size
         data = b""
         while start > 0 and data.count(b"\n") <= count:
             start = max(0, start - block)
-            self._file.seek(start)
-            data = self._file.read(size - start)
-        self._file.seek(size)
+            file.seek(start)
+            data = file.read(size - start)
+        file.seek(size)
         lines = data.split(b"\n")
         self._partial = lines.pop()  # after the last newline: not a whole line yet
         if start > 0:
@@ -103,31 +104,32 @@ class Tail:
         return [_text(line) for line in deque(lines, maxlen=count)] if count > 0 else []
 
     def poll(self) -> list[str]:
-        if self._file is None:
+        file = self._file
+        if file is None:
             if not self.path.exists():
                 return []
-            self._open()
-        out = self._read()
+            file = self._open()
+        out = self._read(file)
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return out  # rotated away, the new file not there yet
-        if st.st_ino != self._ino or st.st_size < self._file.tell():
-            self._file.close()
+        if st.st_ino != self._ino or st.st_size < file.tell():
+            file.close()
             self._file = None
             if self._partial:  # the old file's unterminated last line
                 out.append(_text(self._partial))
                 self._partial = b""
-            self._open()
-            out += self._read()
+            out += self._read(self._open())
         return out
 
-    def _open(self) -> None:
-        self._file = open(self.path, "rb")  # noqa: SIM115 - kept open while following
-        self._ino = os.fstat(self._file.fileno()).st_ino
+    def _open(self) -> BinaryIO:
+        file = self._file = open(self.path, "rb")  # noqa: SIM115 - kept open while following
+        self._ino = os.fstat(file.fileno()).st_ino
+        return file
 
-    def _read(self) -> list[str]:
-        data = self._partial + self._file.read()
+    def _read(self, file: BinaryIO) -> list[str]:
+        data = self._partial + file.read()
         *lines, self._partial = data.split(b"\n")
         return [_text(line) for line in lines]
 

@@ -24,13 +24,13 @@ never through a link, and only the file that was checked.
 from __future__ import annotations
 
 import errno
+import io
 import os
 import re
 import stat
 import urllib.parse
 from collections.abc import Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 
 class StoreError(Exception):
@@ -158,7 +158,7 @@ def identity(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def open_regular(path: Path, expected: tuple[int, int] | None = None) -> BinaryIO:
+def open_regular(path: Path, expected: tuple[int, int] | None = None) -> io.FileIO:
     """Open PATH for reading: never through a link at its end, only a regular file, and when
     EXPECTED (device, inode) is given, only that very file (it was checked earlier: anything
     swapped in since, through a link anywhere on the way, is refused)."""

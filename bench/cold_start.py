@@ -26,7 +26,8 @@ from appliance.config import parse_config  # noqa: E402
 from appliance.fleet.engine_access import open_access  # noqa: E402
 from appliance.fleet.replica import free_port  # noqa: E402
 from appliance.store.sources import incoming_from  # noqa: E402
-from appliance.store.store import Store, hash_file  # noqa: E402
+from appliance.store.hashing import hash_file  # noqa: E402
+from appliance.store.store import Store  # noqa: E402
 from engines import adapter_for  # noqa: E402
 
 WHEEL = (Path(os.environ.get("APPLIANCE_BUILD_CACHE") or Path.home() / ".cache/appliance-build")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from appliance.store.store import Incoming, SourceFile, Store, StoreError
+from appliance.store.records import Incoming, SourceFile
+from appliance.store.store import Store, StoreError
 
 from . import make_tiny_gguf
 from .conftest import BUILD_CACHE, PY, ROOT, fake_model

@@ -210,7 +210,7 @@ def test_a_model_row_commits_with_its_files_or_not_at_all(tmp_path):
 
 
 def test_an_import_that_fails_its_checks_evicts_nothing(tmp_path):
-    from appliance.store.store import Incoming, SourceFile
+    from appliance.store.records import Incoming, SourceFile
 
     store = Store(tmp_path / "cache", budget_bytes=int(1.5 * (1 << 20)))
     old = gguf(tmp_path / "old.gguf")

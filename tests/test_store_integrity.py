@@ -16,7 +16,8 @@ import pytest
 import sqlite_utils
 
 from appliance.store.guard import Scrubber
-from appliance.store.store import Interrupted, Store, Throttle, hash_file
+from appliance.store.hashing import Interrupted, Throttle, hash_file
+from appliance.store.store import Store
 
 from .conftest import PY, ROOT, fake_model, wait_until
 from .test_store import gguf, listing, run
@@ -69,7 +70,7 @@ def _rewrite(blob: Path, keep_times: bool = False) -> None:
 
 def _as_if_bit_rot(cache: Path, name: str, verified_at: float | None = None) -> None:
     """Bit rot changes no stat: record the file's current fingerprint as the verified one."""
-    from appliance.store.store import fingerprint
+    from appliance.store.hashing import fingerprint
 
     store = _store(cache)
     record = store.need(name)

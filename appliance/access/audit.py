@@ -157,8 +157,8 @@ class AuditLog:
         finally:
             self._writing = None
             self._decide(job, rows, ledger, waiters)
-        if job.exception() is not None:
-            raise job.exception()
+        if (error := job.exception()) is not None:
+            raise error
 
     def _decide(self, job: Future, rows: list, ledger: dict, waiters: list) -> None:
         error = job.exception()

@@ -27,7 +27,7 @@ import json
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,7 +66,7 @@ class KeyStore:
     def create(
         self,
         name: str,
-        routes: list[str] = (),
+        routes: Sequence[str] = (),
         tag: str = "",
         rpm: int = 0,
         budget_tokens: int = 0,

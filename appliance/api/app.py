@@ -16,14 +16,14 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from random import getrandbits as _getrandbits
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import msgspec
 from litestar import Litestar, Request, Response, asgi, delete, get, post
 from litestar.exceptions import HTTPException
 from litestar.openapi import ResponseSpec
 from litestar.params import Parameter
-from litestar.types import Receive, Scope, Send
+from litestar.types import HTTPScope, Receive, Scope, Send
 
 from appliance.access import retention
 from appliance.access.audit import AuditLog
@@ -56,6 +56,8 @@ from appliance.gateway.dialects import dialect_for_path
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.metering import StreamTap, choices, completion_cap, usage_option
 from appliance.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
     ModelCard,
     ModelList,
     RequestT,
@@ -98,7 +100,7 @@ class Runtime(Gateway):
 
     metrics: Metrics  # the hot path's counters, and /metrics rendering them
     started: float = field(default_factory=time.time)
-    admin: AdminAccess | None = None
+    admin: AdminAccess = field(kw_only=True)
     openapi: dict | None = None
 
 
@@ -119,7 +121,7 @@ async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int, 
 async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    message = await receive()
+    message: Any = await receive()  # an http.request or http.disconnect message
     body = message.get("body", b"")
     if message.get("more_body", False):
         chunks = [body]
@@ -158,7 +160,7 @@ def _new_request_id() -> str:
     return "%032x" % _getrandbits(128)
 
 
-async def _forward(scope: Scope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
+async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
     """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
     exception middleware turns anything raised here, before the answer starts,
     into the OpenAI envelope (``_error_response``)."""
@@ -226,7 +228,8 @@ async def _serve(
     key = req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
     limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
     body = req.body = await _read_body_asgi(req.receive, declared, limit, rt.cfg.server.body_read_timeout_s)
-    request = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
+    # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
+    request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
     model = req.model = request.model
     route = req.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
     rt.audit.admit(req.accountable)
@@ -237,7 +240,7 @@ async def _serve(
     deployment = req.deployment = rt.supervisor.deployment(target)
     capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
     if ep.name == "chat":
-        capabilities.check_tools(rt.cfg, deployment.model, request.tool_choice)  # type: ignore[union-attr]
+        capabilities.check_tools(rt.cfg, deployment.model, request.tool_choice)
     req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
     stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
@@ -263,7 +266,7 @@ async def _serve(
         await answer_whole(rt, req, send)
 
 
-def _home_of(rt: Runtime, request: RequestT, key: ApiKey | None, deployment: Deployment) -> Replica | None:
+def _home_of(rt: Runtime, request: ResponsesRequest, key: ApiKey | None, deployment: Deployment) -> Replica | None:
     """The replica a Responses request with previous_response_id must run on."""
     previous = request.previous_response_id
     if previous is None:
@@ -278,7 +281,7 @@ def _home_of(rt: Runtime, request: RequestT, key: ApiKey | None, deployment: Dep
     return replica
 
 
-def _tap(req: ProxyRequest, request: RequestT, isolated: bool, fields: dict) -> None:
+def _tap(req: ProxyRequest, request: ChatCompletionRequest | CompletionRequest, isolated: bool, fields: dict) -> None:
     """A metered or tenant-isolated stream: the engine is asked for its usage (an
     event kept from a client that did not ask for it), and the relay watches the
     events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
@@ -327,14 +330,14 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fie
     n_predict = getattr(request, "n_predict", None)
     if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
         # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
-        fields["n_predict"] = limit if limit is not None else cap // n
+        fields["n_predict"] = limit if limit is not None else (cap or 0) // n
 
 
 # Its requests may ask the engine to store the response (gateway/response_homes.py).
 RESPONSES_ENDPOINT = capabilities.ENDPOINTS["/v1/responses"]
 
 
-async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+async def _proxy_endpoint(scope: HTTPScope, receive: Receive, send: Send) -> None:
     path = scope["path"]
     try:
         await _forward(scope, receive, send, path, capabilities.ENDPOINTS[path])
@@ -345,7 +348,7 @@ async def _proxy_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
 @asgi(list(capabilities.ENDPOINTS), copy_scope=False)
 async def proxy_endpoints(scope: Scope, receive: Receive, send: Send) -> None:
     """The proxy endpoints as Litestar routes them (its TestClient, methods other than POST)."""
-    await _proxy_endpoint(scope, receive, send)
+    await _proxy_endpoint(cast("HTTPScope", scope), receive, send)
 
 
 def front_door(app: Litestar):
@@ -356,9 +359,10 @@ def front_door(app: Litestar):
     routes the proxy endpoints to the same code (its TestClient, other methods).
     Errors take the same shape either way (``error_parts``)."""
 
-    async def front(scope: Scope, receive: Receive, send: Send) -> None:
+    # The server's own scope: plain strings where Litestar's types say enums.
+    async def front(scope: Any, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
-            scope["app"] = app  # type: ignore[typeddict-item]  # _forward finds the runtime here
+            scope["app"] = app  # _forward finds the runtime here
             started = False
 
             async def tracking_send(message) -> None:
@@ -443,7 +447,7 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     that made it (another key's response is a 404, like one that never was),
     audited like any request; runs no inference, so charges nothing."""
     rt = _runtime(request)
-    rid = request.scope.get("request_id") or _new_request_id()
+    rid = _request_id(request) or _new_request_id()
     req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
     try:
         auth = _authorization(request)
@@ -497,7 +501,7 @@ def _has_credential(rt: Runtime, request: Request) -> bool:
 
 
 @get("/metrics", media_type=METRICS_CONTENT_TYPE)
-async def metrics(request: Request) -> Response[str]:
+async def metrics(request: Request) -> Response[bytes]:
     rt = _runtime(request)
     if not rt.cfg.server.metrics_public:
         _client_or_admin(request)
@@ -633,8 +637,14 @@ def _version() -> str:
 
 
 def _error_response(request: Request, exc: Exception) -> Response:
-    status, headers, body = error_parts(exc, request.method, request.url.path, request.scope.get("request_id"))
+    status, headers, body = error_parts(exc, request.method, request.url.path, _request_id(request))
     return Response(body, status_code=status, media_type=JSON, headers=headers)
+
+
+def _request_id(request: Request) -> str | None:
+    """The id the front door gave a proxied request (scope["request_id"]), if it has one."""
+    rid = request.scope.get("request_id")
+    return rid if isinstance(rid, str) else None
 
 
 def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tuple[int, dict[str, str], bytes]:

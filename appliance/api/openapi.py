@@ -1,12 +1,18 @@
 """The API's OpenAPI document (GET /openapi.json), built once on first request.
 
-Litestar generates the typed handlers' part: paths, parameters and answers, from
-their Structs (the admin API's in appliance/status.py, /v1/models' in protocol.py).
-What it cannot see is added here, in one place: the raw ASGI OpenAI routes (their
-request bodies are the msgspec Structs in protocol.py, with the ranges
-``decode_request`` checks), the admin calls' bodies (read by the handlers
-themselves, named in their ``opt["body"]``), the configured model names, and the
-one error envelope (errors.py) that every error of every route uses.
+Every part comes from a typed declaration; nothing here names a route:
+
+- the typed handlers (admin API, /v1/models, /readyz, ...): Litestar, from their
+  signatures and answer Structs (appliance/status.py, gateway/protocol.py);
+- the proxy endpoints, which the front door serves raw: one entry per row of
+  ``capabilities.ENDPOINTS``, its request body the row's msgspec Struct (with the
+  ranges msgspec checks as it decodes), its summary and operation id the row's;
+- the admin calls' bodies, which their handlers read themselves (a malformed or
+  trickled body is refused before anything changes): the Struct each names in
+  ``opt["body"]``;
+- every route's errors: its dialect's envelope (``dialects.dialect_for_path``, the
+  same choice ``app.error_parts`` makes), OpenAI's except on the Anthropic paths;
+- the configured model names, the only ones served (any other is a 404).
 """
 
 from __future__ import annotations
@@ -19,58 +25,13 @@ import msgspec
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
 
-from appliance.errors import ErrorEnvelope
-from appliance.gateway.capabilities import ENDPOINTS
-from appliance.gateway.protocol import AT_LEAST_ONE, MAX_COUNT
+from appliance.gateway.capabilities import ENDPOINTS, Endpoint
+from appliance.gateway.dialects import OPENAI, dialect_for_path
 
 REF = "#/components/schemas/"
-ERROR = {"$ref": REF + "ErrorEnvelope"}
 ANY_OBJECT = {"type": "object"}
 # Each server-sent event: data is a JSON chunk, [DONE], or an error envelope.
 SSE_EVENT = {"type": "object", "required": ["data"], "properties": {"data": {"type": "string"}}}
-
-# What each proxy endpoint does (appliance/capabilities.py: ENDPOINTS says which
-# models serve it; any other gets a 400).
-_SUMMARIES = {
-    "/v1/chat/completions": "Create a chat completion (proxied to a replica)",
-    "/v1/completions": "Create a completion (proxied to a replica)",
-    "/v1/embeddings": "Create embeddings (models with embeddings = true)",
-    "/v1/responses": "Create a response (OpenAI Responses API; stateless: store false)",
-    "/v1/messages": "Create a message (Anthropic Messages API; x-api-key accepted)",
-    "/v1/messages/count_tokens": "Count a message's input tokens (Anthropic Messages API)",
-    "/tokenize": "Tokenize text with a model's tokenizer",
-    "/detokenize": "Turn token ids back into text",
-    "/infill": "Fill in the middle of code (llama.cpp's infill; models with FIM tokens)",
-    "/v1/rerank": "Rerank documents against a query (models with the rerank task)",
-    "/rerank": "Rerank documents against a query (alias of /v1/rerank)",
-    "/v2/rerank": "Rerank documents against a query (alias of /v1/rerank)",
-    "/v1/score": "Score text pairs (models with the rerank task)",
-    "/v1/audio/transcriptions": "Transcribe audio (multipart; models with the transcribe task)",
-    "/v1/audio/translations": "Translate audio into English text (multipart; models with the transcribe task)",
-}
-# Anthropic's envelope, what every error on the /v1/messages paths is.
-ANTHROPIC_ERROR = {
-    "type": "object",
-    "required": ["type", "error"],
-    "properties": {
-        "type": {"const": "error"},
-        "error": {
-            "type": "object",
-            "required": ["type", "message"],
-            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
-        },
-    },
-}
-# The operation ids the first endpoints always had.
-_OPERATION_IDS = {
-    "/v1/chat/completions": "ChatCompletion",
-    "/v1/completions": "Completion",
-    "/v1/embeddings": "Embedding",
-}
-
-
-def _requests() -> list[type]:
-    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values() if not e.form))
 
 
 def _admin_bodies(handlers: list) -> dict[str, type]:
@@ -78,49 +39,38 @@ def _admin_bodies(handlers: list) -> dict[str, type]:
     return {path: h.opt["body"] for h in handlers if "body" in h.opt for path in h.paths}
 
 
-def _components(bodies: list[type]) -> dict[str, Any]:
-    _, defs = msgspec.json.schema_components([*_requests(), ErrorEnvelope, *bodies], ref_template=REF + "{name}")
-    for cls in _requests():
-        props = defs[cls.__name__]["properties"]
-        for field in set(AT_LEAST_ONE) & set(props):
-            count = {"type": "integer", "minimum": 1, "maximum": MAX_COUNT}
-            required = field in defs[cls.__name__].get("required", ())
-            props[field] = count if required else {"anyOf": [count, {"type": "null"}]}
-        props["model"] = {"type": "string", "minLength": 1}
-        if "n_predict" in props:
-            props["n_predict"] = {"anyOf": [{"type": "integer", "minimum": -2, "maximum": MAX_COUNT}, {"type": "null"}]}
-        if "cache_salt" in props:
-            props["cache_salt"] = {"anyOf": [{"type": "string", "minLength": 1}, {"type": "null"}]}
-        if "messages" in props and "messages" in defs[cls.__name__].get("required", ()):
-            props["messages"]["minItems"] = 1
+def _json_bodies() -> list[type]:
+    return list(dict.fromkeys(e.cls for e in ENDPOINTS.values() if not e.form))
+
+
+def _components(bodies: list[type], models: list[str]) -> dict[str, Any]:
+    """The request bodies' and the error envelopes' schemas, as msgspec decodes and encodes them."""
+    envelopes = {OPENAI.error_envelope, *(e.dialect.error_envelope for e in ENDPOINTS.values())}
+    _, defs = msgspec.json.schema_components([*_json_bodies(), *envelopes, *bodies], ref_template=REF + "{name}")
+    for cls in _json_bodies():
+        defs[cls.__name__]["properties"]["model"]["enum"] = models
     return defs
 
 
-def _errors(operation: dict, statuses: tuple[str, ...] = ("4XX", "5XX"), anthropic: bool = False) -> None:
-    responses = operation.setdefault("responses", {})
-    for status, answer in list(responses.items()):
-        if status[0] in "45" and not _declared(answer):
-            del responses[status]  # Litestar's own error bodies: ours is the envelope
-    for status in statuses:
-        responses[status] = {
-            "description": f"An error, in the {'Anthropic' if anthropic else 'OpenAI'} error envelope",
-            "content": {"application/json": {"schema": ANTHROPIC_ERROR if anthropic else ERROR}},
-        }
+def _proxy_operation(path: str, endpoint: Endpoint, first: str, models: list[str]) -> dict:
+    """The entry of one proxy endpoint, from its row; first: the path its row is first served at."""
+    answer: dict[str, dict] = {"application/json": {"schema": ANY_OBJECT}}
+    if endpoint.form or "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
+        answer["text/event-stream"] = {"schema": SSE_EVENT}
+    summary = endpoint.summary if path == first else f"Alias of {first}: {endpoint.summary}"
+    body = _form_body(models) if endpoint.form else _json_body(endpoint.cls)
+    return {
+        "summary": summary,
+        "operationId": (path == first and endpoint.operation_id) or path.strip("/").replace("/", "_"),
+        "requestBody": body,
+        "responses": {
+            "200": {"description": "The engine's answer, byte for byte (SSE when stream is true)", "content": answer}
+        },
+    }
 
 
-def _declared(answer: dict) -> bool:
-    """An error answer its handler declares with one of our Structs (/readyz's 503)."""
-    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
-    return schema.get("$ref", "").startswith(REF)
-
-
-def _json_body(ref: str) -> dict:
-    return {"required": True, "content": {"application/json": {"schema": {"$ref": REF + ref}}}}
-
-
-def _openapi_path(path: str) -> str:
-    """A Litestar route path ({model:str}) as the document writes it ({model})."""
-    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
+def _json_body(cls: type) -> dict:
+    return {"required": True, "content": {"application/json": {"schema": {"$ref": REF + cls.__name__}}}}
 
 
 def _form_body(models: list[str]) -> dict:
@@ -135,6 +85,31 @@ def _form_body(models: list[str]) -> dict:
         },
     }
     return {"required": True, "content": {"multipart/form-data": {"schema": schema}}}
+
+
+def _errors(path: str, operation: dict) -> None:
+    """The path's error answers: its dialect's envelope (Litestar's own error bodies are not ours)."""
+    responses = operation.setdefault("responses", {})
+    for status, answer in list(responses.items()):
+        if status[0] in "45" and not _declared(answer):
+            del responses[status]
+    envelope = dialect_for_path(path).error_envelope
+    for status in ("4XX", "5XX"):
+        responses[status] = {
+            "description": "An error, in the error envelope of the path's API",
+            "content": {"application/json": {"schema": {"$ref": REF + envelope.__name__}}},
+        }
+
+
+def _declared(answer: dict) -> bool:
+    """An error answer its handler declares with one of our Structs (/readyz's 503)."""
+    schema = answer.get("content", {}).get("application/json", {}).get("schema", {})
+    return schema.get("$ref", "").startswith(REF)
+
+
+def _openapi_path(path: str) -> str:
+    """A Litestar route path ({model:str}) as the document writes it ({model})."""
+    return re.sub(r"\{(\w+):\w+\}", r"{\1}", path)
 
 
 def _model_names(doc: dict, models: list[str]) -> None:
@@ -152,39 +127,21 @@ def build(handlers: list, models: list[str], version: str) -> dict:
     doc = copy.deepcopy(probe.openapi_schema.to_schema())
     doc["info"]["description"] = (
         "OpenAI-compatible API and admin API of the appliance. Every error is "
-        '{"error": {"message", "type", "param", "code"}}.'
+        '{"error": {"message", "type", "param", "code"}}, except on the Anthropic Messages '
+        'paths (/v1/messages...): {"type": "error", "error": {"type", "message"}}.'
     )
-    schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     bodies = _admin_bodies(handlers)
-    schemas.update(_components(list(bodies.values())))
-    for cls in _requests():
-        schemas[cls.__name__]["properties"]["model"]["enum"] = models
+    doc.setdefault("components", {}).setdefault("schemas", {}).update(_components(list(bodies.values()), models))
     paths = doc["paths"]
+    first: dict[int, str] = {}  # an endpoint's row -> the first path it is served at
     for path, endpoint in ENDPOINTS.items():
-        body = endpoint.cls.__name__
-        answer: dict[str, dict] = {"application/json": {"schema": ANY_OBJECT}}
-        if endpoint.form or "stream" in getattr(endpoint.cls, "__struct_fields__", ()):
-            answer["text/event-stream"] = {"schema": SSE_EVENT}
-        operation = path.strip("/").replace("/", "_") if path not in _OPERATION_IDS else _OPERATION_IDS[path]
-        paths[path] = {
-            "post": {
-                "summary": _SUMMARIES[path],
-                "operationId": operation,
-                "requestBody": _form_body(models) if endpoint.form else _json_body(body),
-                "responses": {
-                    "200": {
-                        "description": "The engine's answer, byte for byte (SSE when stream is true)",
-                        "content": answer,
-                    }
-                },
-            }
-        }
+        paths[path] = {"post": _proxy_operation(path, endpoint, first.setdefault(id(endpoint), path), models)}
     for path, item in paths.items():
         for op in item.values():
-            _errors(op, anthropic=path.startswith("/v1/messages"))
+            _errors(path, op)
     for path, cls in bodies.items():
         # State-changing admin calls are JSON, even with nothing to say ({}): no
         # cross-site "simple" request can send that content type.
-        paths[_openapi_path(path)]["post"]["requestBody"] = _json_body(cls.__name__)
+        paths[_openapi_path(path)]["post"]["requestBody"] = _json_body(cls)
     _model_names(doc, models)
     return doc

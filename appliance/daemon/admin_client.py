@@ -117,7 +117,7 @@ def call(
     """One admin call, synchronously (the CLI). State-changing calls always send a
     JSON body ({} when there is nothing to say): the daemon refuses any other content type."""
     transport = httpx.HTTPTransport(uds=target.socket) if target.socket else None
-    kwargs = {"content": encode_body(body), "headers": JSON_BODY} if method != "GET" else {}
+    kwargs: dict[str, Any] = {"content": encode_body(body), "headers": JSON_BODY} if method != "GET" else {}
     try:
         with httpx.Client(transport=transport, timeout=timeout, **target.client_options()) as client:
             return answer(client.request(method, path, **kwargs), into)

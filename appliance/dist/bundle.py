@@ -37,11 +37,13 @@ import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version as dist_version
 from pathlib import Path
+from typing import Any
 
 from appliance.config import Config, install_prefix
 from appliance.dist.images import definition, target_pip_args
-from appliance.safe_paths import check_file_path, open_regular
-from appliance.store.store import Store, StoreError, copy_and_hash, hash_file
+from appliance.safe_paths import StoreError, check_file_path, open_regular
+from appliance.store.hashing import copy_and_hash, hash_file
+from appliance.store.store import Store
 
 FORMAT = 2
 # What the installer reads beside install.sh (install.sh's and systemd/install-*.sh's $here).
@@ -98,7 +100,7 @@ def create(cfg: Config, output: Path, *, engines: list[str], models: list[str],
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
-        manifest = {"format": FORMAT, "appliance_version": dist_version("appliance"), "created": time.time(),
+        manifest: dict[str, Any] = {"format": FORMAT, "appliance_version": dist_version("appliance"), "created": time.time(),
                     "engines": engines, "prebuilt": [], "models": []}
         _installer(work)
         with _part(log, "the appliance's wheels"):
@@ -253,7 +255,7 @@ def _model(store: Store, name: str, dest: Path, log) -> dict:
             raise BundleError(f"model '{name}' file {f['path']} has sha256 {digest}, expected {f['sha256']}; "
                               f"it is quarantined: re-import it")
     log(f"added model {name} ({record.total_bytes / 1024**2:.1f} MiB)")
-    entry = {"name": name, "license": record.license, "revision": record.revision, "format": record.format,
+    entry: dict[str, Any] = {"name": name, "license": record.license, "revision": record.revision, "format": record.format,
              "files": record.files}
     if record.license_accepted_at is not None:  # accepted here: served there without asking again
         entry["license_accepted_by"] = record.license_accepted_by

@@ -6,6 +6,8 @@ model's own arguments. LoRA adapters named in the model's args become `model.lor
 
 from __future__ import annotations
 
+from typing import Any
+
 from appliance.export import kube
 from appliance.export.engine_args import sizing_args, split_lora
 from appliance.export.source import ExportError, Options, Rendered, Source
@@ -23,7 +25,7 @@ def render(src: Source, opts: Options) -> Rendered:
     w = kube.weights(src, opts)
     adapters, args = split_lora("vllm", src.model.args)
     args = [*sizing_args(src), *args]
-    model = {"uri": w.uri, "name": src.model.name}
+    model: dict[str, Any] = {"uri": w.uri, "name": src.model.name}
     if adapters:
         model["lora"] = {"adapters": [{"name": n, "uri": f"pvc://{w.claim}/lora/{n}"} for n, _ in adapters]}
     parallelism = {"tensor": src.shape.tp}

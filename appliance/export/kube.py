@@ -10,6 +10,7 @@ import math
 import re
 import textwrap
 from dataclasses import dataclass
+from typing import Any
 
 import yaml
 
@@ -137,7 +138,7 @@ def container(
     GPUs (a pipeline stage: tp of them), least privilege."""
     env, secrets = split_env(src.model)
     gpus = str(src.shape.tp)
-    out = {"name": name, "image": image(src, opts)}
+    out: dict[str, Any] = {"name": name, "image": image(src, opts)}
     if command:
         out["command"] = command
     out |= {

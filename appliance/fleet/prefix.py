@@ -176,7 +176,7 @@ class PrefixRouter:
                 and (r.inflight, -self._weight(r.name, head)) < (best.inflight, -self._weight(best.name, head))
             ):
                 best_len, best = n, r
-        if best_len >= self.min_match:
+        if best is not None and best_len >= self.min_match:
             chosen, outcome = best, "hit"
         else:
             chosen = max(ready, key=lambda r: self._weight(r.name, head))

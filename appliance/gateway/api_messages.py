@@ -10,11 +10,12 @@ prompt cache: the charge counts them all.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from appliance.gateway.metering import Usage
+from appliance.gateway.protocol import Count, Name
 
 
 class AnthropicMessage(msgspec.Struct, kw_only=True):
@@ -24,15 +25,15 @@ class AnthropicMessage(msgspec.Struct, kw_only=True):
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
-    model: str
-    messages: list[AnthropicMessage]
+    model: Name
+    messages: Annotated[list[AnthropicMessage], msgspec.Meta(min_length=1)]
     system: str | list[Any] | None = None
     tools: list[Any] | None = None
 
 
 class MessagesRequest(CountTokensRequest):
     # Required by the Messages API: the budget reserves for it.
-    max_tokens: int
+    max_tokens: Count
     stream: bool = False
     temperature: float | None = None
     top_p: float | None = None
@@ -92,8 +93,19 @@ def error_type(status: int) -> str:
     return _TYPES.get(status, "api_error")
 
 
+class AnthropicErrorBody(msgspec.Struct):
+    type: str
+    message: str
+
+
+class AnthropicError(msgspec.Struct, tag="error", tag_field="type"):
+    """Anthropic's error envelope: {"type": "error", "error": {"type", "message"}}."""
+
+    error: AnthropicErrorBody
+
+
 def envelope(status: int, message: str) -> bytes:
-    return msgspec.json.encode({"type": "error", "error": {"type": error_type(status), "message": message}})
+    return msgspec.json.encode(AnthropicError(AnthropicErrorBody(error_type(status), message)))
 
 
 def stream_error(status: int, message: str) -> bytes:

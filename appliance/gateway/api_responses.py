@@ -14,15 +14,16 @@ from typing import Any
 import msgspec
 
 from appliance.gateway.metering import Usage
+from appliance.gateway.protocol import Count, Name
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
-    model: str
+    model: Name
     # A string, or a list of input items (messages, function call outputs, ...).
     input: str | list[Any]
     instructions: str | None = None
     stream: bool = False
-    max_output_tokens: int | None = None
+    max_output_tokens: Count | None = None
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None

@@ -49,32 +49,111 @@ class Endpoint:
     free: bool = False
     # A multipart/form-data upload (appliance/gateway/api_audio.py), not a JSON body.
     form: bool = False
+    # What it does, in the OpenAPI document (appliance/api/openapi.py builds its entry from
+    # this row: the request body from cls, the errors from the dialect).
+    summary: str = ""
+    # Its operationId there ("": made from the path); set only where SDKs know another.
+    operation_id: str = ""
 
 
-_RERANK = Endpoint("rerank", RerankRequest, "rerank", generates=False, engine_path="/v1/rerank")
+_RERANK = Endpoint(
+    "rerank",
+    RerankRequest,
+    "rerank",
+    generates=False,
+    engine_path="/v1/rerank",
+    summary="Rerank documents against a query (models with the rerank task)",
+)
+_AUDIO = "(multipart; models with the transcribe task)"
 
 ENDPOINTS: dict[str, Endpoint] = {
-    "/v1/chat/completions": Endpoint("chat", ChatCompletionRequest, "chat", view=True),
-    "/v1/completions": Endpoint("completions", CompletionRequest, "chat", view=False),
-    "/v1/embeddings": Endpoint("embeddings", EmbeddingRequest, "embed", generates=False),
+    "/v1/chat/completions": Endpoint(
+        "chat",
+        ChatCompletionRequest,
+        "chat",
+        view=True,
+        summary="Create a chat completion (proxied to a replica)",
+        operation_id="ChatCompletion",
+    ),
+    "/v1/completions": Endpoint(
+        "completions",
+        CompletionRequest,
+        "chat",
+        view=False,
+        summary="Create a completion (proxied to a replica)",
+        operation_id="Completion",
+    ),
+    "/v1/embeddings": Endpoint(
+        "embeddings",
+        EmbeddingRequest,
+        "embed",
+        generates=False,
+        summary="Create embeddings (models with embeddings = true)",
+        operation_id="Embedding",
+    ),
     "/v1/responses": Endpoint(
-        "responses", ResponsesRequest, "chat", RESPONSES, view="responses", length_field="max_output_tokens"
+        "responses",
+        ResponsesRequest,
+        "chat",
+        RESPONSES,
+        view="responses",
+        length_field="max_output_tokens",
+        summary="Create a response (OpenAI Responses API)",
     ),
-    "/v1/messages": Endpoint("messages", MessagesRequest, "chat", ANTHROPIC, view="messages"),
+    "/v1/messages": Endpoint(
+        "messages",
+        MessagesRequest,
+        "chat",
+        ANTHROPIC,
+        view="messages",
+        summary="Create a message (Anthropic Messages API; x-api-key accepted)",
+    ),
     "/v1/messages/count_tokens": Endpoint(
-        "count_tokens", CountTokensRequest, "chat", ANTHROPIC, generates=False, free=True
+        "count_tokens",
+        CountTokensRequest,
+        "chat",
+        ANTHROPIC,
+        generates=False,
+        free=True,
+        summary="Count a message's input tokens (Anthropic Messages API)",
     ),
-    "/tokenize": Endpoint("tokenize", TokenizeRequest, "", generates=False, free=True),
-    "/detokenize": Endpoint("detokenize", DetokenizeRequest, "", generates=False, free=True),
-    "/infill": Endpoint("infill", InfillRequest, "chat", LLAMACPP),
+    "/tokenize": Endpoint(
+        "tokenize", TokenizeRequest, "", generates=False, free=True, summary="Tokenize text with a model's tokenizer"
+    ),
+    "/detokenize": Endpoint(
+        "detokenize", DetokenizeRequest, "", generates=False, free=True, summary="Turn token ids back into text"
+    ),
+    "/infill": Endpoint(
+        "infill",
+        InfillRequest,
+        "chat",
+        LLAMACPP,
+        summary="Fill in the middle of code (llama.cpp's infill; models with FIM tokens)",
+    ),
     "/v1/rerank": _RERANK,
     "/rerank": _RERANK,
     "/v2/rerank": _RERANK,
-    "/v1/score": Endpoint("score", ScoreRequest, "rerank", generates=False),
-    "/v1/audio/transcriptions": Endpoint(
-        "transcriptions", AudioRequest, "transcribe", AUDIO, length_field="", form=True
+    "/v1/score": Endpoint(
+        "score", ScoreRequest, "rerank", generates=False, summary="Score text pairs (models with the rerank task)"
     ),
-    "/v1/audio/translations": Endpoint("translations", AudioRequest, "transcribe", AUDIO, length_field="", form=True),
+    "/v1/audio/transcriptions": Endpoint(
+        "transcriptions",
+        AudioRequest,
+        "transcribe",
+        AUDIO,
+        length_field="",
+        form=True,
+        summary=f"Transcribe audio {_AUDIO}",
+    ),
+    "/v1/audio/translations": Endpoint(
+        "translations",
+        AudioRequest,
+        "transcribe",
+        AUDIO,
+        length_field="",
+        form=True,
+        summary=f"Translate audio into English text {_AUDIO}",
+    ),
 }
 
 BY_NAME = {e.name: e for e in ENDPOINTS.values()}

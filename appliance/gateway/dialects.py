@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from appliance.errors import ApplianceError, encode_error
+from appliance.errors import ApplianceError, ErrorEnvelope, encode_error
 from appliance.gateway import api_audio, api_messages, api_responses
 from appliance.gateway.metering import Usage, estimated_usage, prompt_bound, unary_usage
 
@@ -44,6 +44,8 @@ class Dialect:
     estimate: Callable[[bytes, int, int | None], Usage] = estimated_usage
     # A whole answer's charge from the request's body and the answer (None: usage(answer)).
     whole: Callable[[bytes, bytes], Usage | None] | None = None
+    # The shape of its errors (``envelope``), as the OpenAPI document declares them.
+    error_envelope: type = ErrorEnvelope
 
     def answer_usage(self, body: bytes, data: bytes) -> Usage | None:
         return self.usage(data) if self.whole is None else self.whole(body, data)
@@ -83,7 +85,7 @@ OPENAI = Dialect("openai", unary_usage, asks_usage=True)
 # last event count tokens_evaluated and tokens_predicted.
 LLAMACPP = Dialect("llamacpp", _native_usage, usage_marker=b'"tokens_predicted"')
 RESPONSES = Dialect("responses", api_responses.usage, api_responses.TERMINAL)
-ANTHROPIC = Dialect("anthropic", api_messages.usage, api_messages.TERMINAL)
+ANTHROPIC = Dialect("anthropic", api_messages.usage, api_messages.TERMINAL, error_envelope=api_messages.AnthropicError)
 AUDIO = Dialect(
     "audio",
     api_audio.usage,

@@ -11,11 +11,22 @@ response_format, logprobs, ...) pass through untouched.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
 from appliance.errors import BadRequest
+
+# The ranges every endpoint's request is held to, declared on its Struct: msgspec checks
+# them as it decodes (a 400 naming the field) and the OpenAPI document shows them.
+# Engines keep counts in 32-bit integers; larger ones are errors, not work.
+MAX_COUNT = 2**31 - 1
+# A completion length or a number of choices or results: at least 1.
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+# llama.cpp's completion length: -1 until the context is full, -2 until it is filled.
+NPredict = Annotated[int, msgspec.Meta(ge=-2, le=MAX_COUNT)]
+# A model's name, a cache salt: never empty.
+Name = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 class StreamOptions(msgspec.Struct, kw_only=True):
@@ -25,17 +36,17 @@ class StreamOptions(msgspec.Struct, kw_only=True):
 
 
 class _Request(msgspec.Struct, kw_only=True):
-    model: str
+    model: Name
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = None
+    max_tokens: Count | None = None
     # llama.cpp's own name for max_tokens; it wins over max_tokens there, so a
     # key's budget reserves for it too. Negative: until the context is full.
-    n_predict: int | None = None
-    n: int | None = None
+    n_predict: NPredict | None = None
+    n: Count | None = None
     # vLLM and SGLang partition their prefix cache by it; the appliance sets its
     # own per tenant (appliance/access/tenancy.py), narrowed by the client's.
-    cache_salt: str | None = None
+    cache_salt: Name | None = None
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
@@ -53,11 +64,11 @@ class ChatMessage(msgspec.Struct, kw_only=True):
 
 
 class ChatCompletionRequest(_Request):
-    messages: list[ChatMessage]
+    messages: Annotated[list[ChatMessage], msgspec.Meta(min_length=1)]
     # "none", "auto", "required", or {"type": "function", ...}: the latter two need a model
     # whose template renders tools (gateway/capabilities.check_tools).
     tool_choice: str | dict[str, Any] | None = None
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Count | None = None
 
 
 # A prompt is a string, or a list of strings, of token ids, or of token-id lists;
@@ -70,7 +81,7 @@ class CompletionRequest(_Request):
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
-    model: str
+    model: Name
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
 
@@ -106,7 +117,6 @@ def decode_request(body: bytes, cls: type[Body]) -> Body:
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
     except (UnicodeDecodeError, RecursionError) as exc:
         raise hostile_json(exc) from None
-    _check_ranges(req)
     return req
 
 
@@ -115,32 +125,6 @@ def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
     if isinstance(exc, UnicodeDecodeError):
         return BadRequest(f"Request body is not valid UTF-8 (byte {exc.start})")
     return BadRequest("Malformed JSON in request body: nested too deeply")
-
-
-# Engines keep counts in 32-bit integers; larger ones are errors, not work.
-MAX_COUNT = 2**31 - 1
-# Counts that must be within 1 and MAX_COUNT, in any endpoint's request.
-AT_LEAST_ONE = ("max_tokens", "max_completion_tokens", "n", "max_output_tokens", "top_n")
-
-
-def _check_ranges(req: msgspec.Struct) -> None:
-    for field in AT_LEAST_ONE:
-        value = getattr(req, field, None)
-        if value is not None and value < 1:
-            raise BadRequest(f"'{field}' must be at least 1, got {value}", param=field)
-        if value is not None and value > MAX_COUNT:
-            raise BadRequest(f"'{field}' must be at most {MAX_COUNT}", param=field)
-    n_predict = getattr(req, "n_predict", None)
-    if n_predict is not None and not -2 <= n_predict <= MAX_COUNT:
-        raise BadRequest(
-            f"'n_predict' must be within -2 (until the context is full) and {MAX_COUNT}", param="n_predict"
-        )
-    if getattr(req, "cache_salt", None) == "":
-        raise BadRequest("'cache_salt' must be a non-empty string", param="cache_salt")
-    if getattr(req, "messages", True) == []:
-        raise BadRequest("'messages' must contain at least one message", param="messages")
-    if getattr(req, "model", None) == "":
-        raise BadRequest("'model' must be a non-empty string", param="model")
 
 
 # --- responses the appliance itself produces ----------------------------------

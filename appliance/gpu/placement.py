@@ -340,7 +340,8 @@ def _search(gpus, groups, placed, demands, bound, steps=None):
                 fit = [i for i in idxs if free[i] >= r]
                 # Idle GPUs with equal free memory are interchangeable: only
                 # combinations taking the lowest-indexed ones of each class.
-                rank, seen = {}, {}
+                rank: dict[int, int] = {}
+                seen: dict[int, int] = {}
                 for i in fit:
                     if i not in used:
                         rank[i] = seen.get(free[i], 0)

@@ -4,6 +4,7 @@ model, the GPU probe and the placer, shared by the supervisor and `appliance pla
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from appliance.config import Config, ModelConfig, kv_tokens, overhead_bytes, uses_gpus
 from appliance.gpu.memory import (
@@ -35,9 +36,9 @@ class PlanRow:
     beyond: Beyond | None = None
 
     def describe(self) -> str:
-        if self.error:
-            return f"{self.replica}: cannot place: {self.error}"
         a = self.assignment
+        if self.error or a is None:
+            return f"{self.replica}: cannot place: {self.error}"
         gpus = ",".join(str(g) for g in a.gpus)
         return (
             f"{self.replica}: GPU {gpus} (tp={a.tp}, {a.bytes_per_gpu / GiB:.1f} GiB/GPU, "
@@ -131,8 +132,16 @@ def beyond_box(cfg: Config, model: ModelConfig, est: Estimate, box: NodeSpec, no
     no multi-node engine to hand it to: None."""
     if model.server == "llamacpp" or any(tp <= box.gpus and need <= box.gpu_bytes for tp, need in est.per_gpu.items()):
         return None
-    shape = read_shape(model_path(cfg, model))
+    shape = read_shape(_weights(cfg, model))
     return Beyond(node, smallest_shape(shape, est, node.gpus, node.gpu_bytes, fixed_tp=model.gpus.count or None))
+
+
+def _weights(cfg: Config, model: ModelConfig) -> Path:
+    """The weights the memory model sizes; a model without a source has none to size."""
+    path = model_path(cfg, model)
+    if path is None:
+        raise ModelShapeError(f"model '{model.name}' has no source: no weights to size")
+    return path
 
 
 def gpu_models(cfg: Config) -> list[ModelConfig]:
@@ -151,7 +160,7 @@ def gpus_from(inventory: Inventory, ours: set[int]) -> list[Gpu]:
 
 def estimate_for(cfg: Config, model: ModelConfig, gpu_count: int) -> Estimate:
     """The memory model's estimate for one replica of a configured model."""
-    path = model_path(cfg, model)
+    path = _weights(cfg, model)
     if model.server == "llamacpp":  # a GGUF file, sized from its header, on exactly gpus.count GPUs
         return estimate_gguf(
             path,
@@ -232,11 +241,12 @@ def plan(
             rows[demand.replica] = PlanRow(demand.replica, model.name, assignment=assignment, estimate=est)
             continue
         box = node_spec(inventory, model)
-        beyond = box and beyond_box(cfg, model, est, box, node_spec(inventory, model, gpus_per_node, gpu_gib))
+        node = node_spec(inventory, model, gpus_per_node, gpu_gib)
+        beyond = beyond_box(cfg, model, est, box, node) if box is not None and node is not None else None
         hint = knobs_that_fit(model, est, free_bytes(gpus, placed))
-        error = f"{error}; {hint}" if hint else str(error)
-        error = f"{error}; {beyond.describe(model.name)}" if beyond else error
-        rows[demand.replica] = PlanRow(demand.replica, model.name, error=error, estimate=est, beyond=beyond)
+        why = f"{error}; {hint}" if hint else str(error)
+        why = f"{why}; {beyond.describe(model.name)}" if beyond else why
+        rows[demand.replica] = PlanRow(demand.replica, model.name, error=why, estimate=est, beyond=beyond)
     return [rows[replica] for _, replica in replicas]
 
 

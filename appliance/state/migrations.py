@@ -26,6 +26,7 @@ import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger("appliance.migrations")
 
@@ -108,7 +109,11 @@ def too_new(path: Path | str, registry: Registry, version: int) -> SchemaError:
 
 
 def connect(
-    path: Path | str, registry: Registry, *, timeout: float = 10, isolation_level: str | None = None
+    path: Path | str,
+    registry: Registry,
+    *,
+    timeout: float = 10,
+    isolation_level: Literal["DEFERRED", "IMMEDIATE", "EXCLUSIVE"] | None = None,
 ) -> sqlite3.Connection:
     """The database at path (created if missing), in WAL mode, at the registry's latest version.
     isolation_level: sqlite3's (None: autocommit, transactions explicit)."""

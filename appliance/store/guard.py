@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from appliance.config import STORE_PREFIX, Config
-from appliance.store.store import Interrupted, Store, Throttle, quarantine_reason
+from appliance.store.hashing import Interrupted, Throttle
+from appliance.store.records import quarantine_reason
+from appliance.store.store import Store
 
 log = logging.getLogger("appliance.store")
 
@@ -198,6 +200,8 @@ class Scrubber:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
+        wake = self._wake
+        assert wake is not None, "start() sets the wake event before the task runs"
         while not self._stop.is_set():
             try:
                 step = await loop.run_in_executor(self._executor, self.step)
@@ -210,7 +214,7 @@ class Scrubber:
                 self.on_quarantine(step.model, step.reason)
             if step.wait_s > 0:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=step.wait_s)
+                    await asyncio.wait_for(wake.wait(), timeout=step.wait_s)
 
     async def close(self) -> None:
         self._stop.set()

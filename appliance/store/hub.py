@@ -14,9 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance.safe_paths import check_name, download_folder, snapshot_revision
+from appliance.safe_paths import StoreError, check_name, download_folder, snapshot_revision
+from appliance.store.records import ModelRecord, repo_folder
 from appliance.store.sources import from_directory
-from appliance.store.store import ModelRecord, Store, StoreError, repo_folder
+from appliance.store.store import Store
 
 Downloader = Callable[..., str]
 

