@@ -2,10 +2,12 @@
 which one takes a request.
 
 A request for a model with no ready replica does not fail: ``Deployment.acquire``
-starts one (or wakes a sleeping one) and holds the request in a bounded FIFO
-queue until a replica is READY. The autoscaler's decisions (``tick``) and the
-operator's commands (``scale``, ``load``, ``unload``, ``pin``) change the count;
-a replica taken out of service is drained before it stops.
+(appliance/fleet/deployment.py) asks the supervisor to start one (or wake a sleeping
+one, ``on_demand``) and holds the request in the model's bounded FIFO queue
+(appliance/fleet/hold.py) until a replica is READY. The autoscaler's decisions
+(``tick``) and the operator's commands (``scale``, ``load``, ``unload``, ``pin``:
+appliance/fleet/operator.py) change the count; a replica taken out of service is
+drained before it stops.
 """
 
 from __future__ import annotations
@@ -13,31 +15,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
-import math
 import re
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
-from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
-from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
-from appliance.fleet import eviction
-from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
+from appliance.config import Config, idle_ttl_s, min_residency_s, uses_gpus
+from appliance.errors import ModelNotFound, NoCapacity
+from appliance.fleet import eviction, operator
+from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
+from appliance.fleet.deployment import Deployment
+from appliance.fleet.hold import ClientGone as ClientGone  # re-exported: the gateway's import
+from appliance.fleet.hold import Exclude as Exclude  # re-exported: the gateway's import
 from appliance.fleet.market import Eviction, Market, now
-from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
-from appliance.fleet.rates import RateWindow
 from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
-from appliance.state.decisions import ModelControl, StateStore
+from appliance.state.decisions import StateStore
 from appliance.status import CpuBudget, ModelStatus, PlacedReplica, at_wall_clock
 from appliance.status import Decision as DecisionStatus
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
@@ -46,272 +46,8 @@ from engines import GpuSlot, adapter_for
 
 log = logging.getLogger("appliance.supervisor")
 
-# A request held for room that replicas of other models still hold (busy, or inside their
-# residency) looks for it again this often.
-ROOM_POLL_S = 0.25
-# States from which a replica may still serve without the operator's help.
-LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
 CANNOT_PLACE = "cannot place on GPUs: "
 _DIGITS = re.compile(r"\d+")
-
-
-class Deployment:
-    """A model's replicas, its request signals and its queue of held requests."""
-
-    def __init__(self, model: ModelConfig, supervisor: Supervisor) -> None:
-        self.model = model
-        self.supervisor = supervisor
-        self.replicas: list[Replica] = []
-        self.rate = RateWindow(60, clock=supervisor.clock.monotonic)
-        self.rate.last_event = supervisor.clock.monotonic()  # idle timers start at boot
-        self.waiters: deque[asyncio.Future] = deque()
-        self.control = ModelControl()
-        self.last_cold_start_s: float | None = None
-        # Why this model must not be served (store admission), if it must not.
-        self.blocked: str | None = None
-        # The operator unloaded it (or it was evicted for another model): it stays at
-        # zero until a request or a load.
-        self.unloaded = False
-        # Why the last start for a request found no room (GPU memory or CPU cores held by
-        # replicas that may not be evicted), for the 503; None once one starts.
-        self.no_room: str | None = None
-        # ... and when room may come (replicas that are busy or inside their residency may
-        # go by then; appliance/fleet/eviction.Plan.room_in): None, waiting does not help.
-        self.room_in: float | None = None
-        self._room_polled = 0.0
-        # What the replica being brought up for held requests costs: evict, wake or cold
-        # (appliance/fleet/market.py); what their waits are counted under.
-        self.loading_cause = "cold"
-        self._rr = itertools.count()
-        # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
-        cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
-        self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
-
-    # --- the request path ---------------------------------------------------------
-
-    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica | None:
-        """The READY replica with the longest cached prefix of the request (its
-        block hashes, appliance/fleet/prefix.py) within the load margin, else the one
-        with the fewest requests in flight (round-robin on ties), skipping one
-        that just failed a request until it has restarted or the exclusion
-        lapsed (a dropped keep-alive connection is no crash)."""
-        if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
-            exclude = None
-        ready = [
-            r
-            for r in self.replicas
-            if r.state is State.READY and not r.retiring and (exclude is None or not exclude.matches(r))
-        ]
-        if len(ready) <= 1:
-            return ready[0] if ready else None
-        if prefix:
-            return self.prefix.choose(ready, prefix)
-        start = next(self._rr) % len(ready)
-        rotated = ready[start:] + ready[:start]
-        return min(rotated, key=lambda r: r.inflight)
-
-    async def acquire(
-        self,
-        disconnected: Callable[[], Awaitable] | None = None,
-        exclude: Exclude | None = None,
-        prefix: list[int] | None = None,
-    ) -> Replica:
-        """A READY replica for one request; if there is none, start or wake one and
-        wait for it in arrival order (bounded queue, bounded wait). disconnected()
-        completes when the client goes away; it is only called if the request waits.
-        A retry (exclude set) is the same request: it is not counted again."""
-        if exclude is None:
-            self.rate.record()
-        replica = self.pick_ready(exclude, prefix)
-        if replica is not None:
-            return replica
-        return await self._hold(disconnected, exclude, prefix)
-
-    async def _hold(
-        self, disconnected: Callable[[], Awaitable] | None, exclude: Exclude | None, prefix: list[int] | None = None
-    ) -> Replica:
-        queue = self.supervisor.cfg.queue
-        if self.blocked:
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        if len(self.waiters) >= queue.max_held:
-            raise QueueFull(
-                f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
-                "already wait for it; retry shortly",
-                retry_after=self._retry_after(),
-            )
-        # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
-        self.supervisor.on_demand(self)
-        if not self.can_become_ready():
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        loop = asyncio.get_running_loop()
-        held_at = loop.time()
-        deadline = held_at + queue.timeout_s
-        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
-        try:
-            while True:
-                waiter = loop.create_future()
-                self.waiters.append(waiter)
-                try:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    # With an exclusion, look again when it lapses even if no READY comes;
-                    # waiting for room, look for it again shortly.
-                    step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
-                    step = min(step, ROOM_POLL_S) if self.no_room else step
-                    done, _ = await asyncio.wait(
-                        [w for w in (waiter, gone) if w is not None], timeout=step, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    with contextlib.suppress(ValueError):
-                        self.waiters.remove(waiter)
-                if gone is not None and gone in done:
-                    raise ClientGone
-                if not done and loop.time() >= deadline:
-                    raise TimeoutError
-                if waiter.done() and waiter.exception() is not None:
-                    raise waiter.exception()
-                replica = self.pick_ready(exclude, prefix)
-                if replica is not None:
-                    self.supervisor.market.waits.observe(self.model.name, self.loading_cause, loop.time() - held_at)
-                    return replica
-                if self.no_room:
-                    self._look_for_room()
-        except TimeoutError:
-            waited_for = f"; {self.no_room}" if self.no_room else ""
-            raise QueueTimeout(
-                f"Model '{self.model.name}' did not become ready within {queue.timeout_s:.0f}s{waited_for}",
-                retry_after=self._retry_after(),
-            ) from None
-        finally:
-            if gone is not None and not gone.done():
-                gone.cancel()
-
-    def _look_for_room(self) -> None:
-        """Held for room that others held: try to start again (at most every ROOM_POLL_S,
-        whatever the number held); NoCapacity once waiting cannot help any more."""
-        now = self.supervisor.clock.monotonic()
-        if now - self._room_polled >= ROOM_POLL_S:
-            self._room_polled = now
-            self.supervisor.on_demand(self)
-        if not self.can_become_ready():
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-
-    def wake_waiters(self) -> None:
-        """A replica became READY: release the held requests, oldest first."""
-        for waiter in list(self.waiters):
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def fail_waiters(self, error: Exception) -> None:
-        for waiter in list(self.waiters):
-            if not waiter.done():
-                waiter.set_exception(error)
-
-    def can_become_ready(self) -> bool:
-        """Some replica is or may become READY, or a new one may be started, now or once
-        replicas of other models that are busy or just loaded may be evicted (never for a
-        blocked model)."""
-        if self.blocked:
-            return False
-        if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
-            return True
-        if self.no_room:  # the last start found no room: worth waiting if it comes in time
-            return self.room_in is not None and self.room_in < self.supervisor.cfg.queue.timeout_s
-        return self.supervisor.room_for(self) > 0
-
-    def _why_unavailable(self) -> str:
-        states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
-        errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
-        why = f"; {self.blocked}" if self.blocked else (f"; {errors[0]}" if errors else "")
-        if self.no_room and not self.blocked:
-            why += f"; {self.no_room}"
-        return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
-
-    def _retry_after(self) -> int:
-        if any(r.state in (State.STARTING, State.BACKOFF, State.SLEEPING) for r in self.replicas):
-            return 5
-        return 30
-
-    # --- signals ----------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return any(r.state is State.READY for r in self.replicas)
-
-    @property
-    def inflight(self) -> int:
-        return sum(r.inflight for r in self.replicas)
-
-    def standing_count(self) -> int:
-        """Replicas the model keeps with no traffic: the operator's count, else
-        min_replicas (none once unloaded: a request starts one), at most max_replicas."""
-        wanted = self.control.override
-        if wanted is None:
-            wanted = 0 if self.unloaded else self.model.autoscaling.min_replicas
-        return min(wanted, self.model.autoscaling.max_replicas)
-
-    def live(self) -> list[Replica]:
-        # A replica draining for an operator's restart comes back: it still counts
-        # (else the autoscaler would start a second one to cover the gap).
-        return [r for r in self.replicas if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
-
-    def kept(self) -> list[Replica]:
-        """Replicas not being taken out of service, FATAL ones included: a FATAL
-        replica holds its place (and its reason) until the operator acts."""
-        return [r for r in self.replicas if not r.retiring]
-
-    def policy(self, cfg: Config) -> Policy:
-        a = self.model.autoscaling
-        return Policy(
-            min_replicas=a.min_replicas,
-            max_replicas=a.max_replicas,
-            target_rps_per_replica=a.target_rps_per_replica,
-            idle_ttl_s=idle_ttl_s(cfg, self.model),
-            sleep_after_s=a.sleep_after.seconds,
-            stabilization_s=cfg.autoscaling.stabilization_s,
-            cooldown_s=cfg.autoscaling.cooldown_s,
-        )
-
-    def inputs(self, now: float, room: int) -> Inputs:
-        live = self.live()
-        waiting = sum((r.load.waiting or 0) for r in live if r.load is not None)
-        return Inputs(
-            now=now,
-            current=len(live),
-            ready=sum(r.state is State.READY for r in live),
-            sleeping=sum(r.state is State.SLEEPING for r in live),
-            rps_10s=self.rate.rate(10),
-            rps_60s=self.rate.rate(60),
-            rps_2s=self.rate.rate(2),
-            inflight=self.inflight,
-            queued=len(self.waiters),
-            engine_waiting=waiting,
-            idle_s=self.rate.idle_for(),
-            pinned=self.control.pinned,
-            unloaded=self.unloaded,
-            override=self.control.override,
-            capacity=len(live) + room,
-        )
-
-
-class Exclude:
-    """A replica that just failed a request, as it was then (its pid)."""
-
-    SECONDS = 2.0
-
-    def __init__(self, replica: Replica, now: float) -> None:
-        self.replica, self.pid, self.until = replica, replica.pid, now + self.SECONDS
-
-    def active(self, now: float) -> bool:
-        return now < self.until
-
-    def matches(self, replica: Replica) -> bool:
-        return replica is self.replica and replica.pid == self.pid
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request was held; nothing to answer."""
 
 
 def default_probe(cfg: Config) -> GpuProbe:
@@ -880,89 +616,19 @@ class Supervisor:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def scale(self, model: str, replicas: int | None) -> str:
-        """The operator's count for a model (None: back to autoscaling); persisted. Returns
-        what the daemon does, and why, in words (logged, and the action's answer)."""
-        dep = self.deployment(model)
-        asked, ceiling = replicas, dep.model.autoscaling.max_replicas
-        if replicas is not None:
-            replicas = max(0, min(replicas, ceiling))
-        self._set_control(dep, override=replicas)
-        if replicas is None:
-            return self._said(model, "scale auto", "the autoscaler decides its replicas again")
-        while len(dep.kept()) > replicas:
-            self.retire(self._victim(dep), f"operator scaled to {replicas}")
-        self.add_together([(dep, replicas - len(dep.kept()))], reason=f"operator scaled to {replicas}")
-        said = f"clamped to {replicas} because max_replicas = {ceiling}; " if asked != replicas else ""
-        have = len(dep.kept())
-        if have < replicas:
-            said += f"{have} of {replicas} replicas placed: {dep._why_unavailable()}"
-        else:
-            said += f"{replicas} replica{'s' if replicas != 1 else ''}, kept across restarts"
-        return self._said(model, f"scale {asked}", said)
+    # The operator's commands (appliance/fleet/operator.py).
 
-    @staticmethod
-    def _said(model: str, action: str, what: str) -> str:
-        """An operator action's outcome: logged at INFO (a refusal too, with its reason)."""
-        log.info("operator %s %s: %s", action, model, what)
-        return what
+    def scale(self, model: str, replicas: int | None) -> str:
+        return operator.scale(self, model, replicas)
 
     def load(self, model: str) -> str:
-        """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
-        saying why, when no replica can start now (a load, unlike a request, is not held
-        for room that replicas of other models hold for now: Retry-After says when)."""
-        dep = self.deployment(model)
-        dep.rate.last_event = self.clock.monotonic()
-        dep.unloaded = False
-        if dep.ready:
-            return self._said(model, "load", "already ready")
-        self.on_demand(dep, trigger="load")
-        if dep.no_room or not dep.can_become_ready():
-            later = math.ceil(dep.room_in) if dep.no_room and dep.room_in is not None else None
-            why = dep._why_unavailable()
-            self._said(model, "load", f"refused: {why}")
-            raise NoCapacity(why, retry_after=max(1, later or dep._retry_after()))
-        return self._said(model, "load", "starting a replica; requests are held until it is ready")
+        return operator.load(self, model)
 
     def unload(self, model: str) -> str:
-        """Down to zero now (drained); the next request starts it again."""
-        dep = self.deployment(model)
-        if dep.control.override:
-            self._set_control(dep, override=None)
-        # Forget the recent rate: the traffic before the unload must not bring the
-        # model straight back; its next request will.
-        dep.rate = RateWindow(60, clock=self.clock.monotonic)
-        dep.rate.last_event = self.clock.monotonic()
-        dep.unloaded = True
-        kept = dep.kept()
-        for r in kept:
-            self.retire(r, "operator unloaded the model")
-        what = f"stopping {len(kept)} replica{'s' if len(kept) != 1 else ''}, each once its requests finish"
-        return self._said(model, "unload", f"{what}; the next request starts one" if kept else "no replica to stop")
+        return operator.unload(self, model)
 
     def pin(self, model: str, pinned: bool) -> str:
-        dep = self.deployment(model)
-        self._set_control(dep, pinned=pinned)
-        floor = dep.model.autoscaling.min_replicas
-        if not pinned:
-            return self._said(model, "unpin", "idle replicas may be unloaded again (autoscaling.idle_ttl)")
-        if len(dep.kept()) < floor:
-            for _ in range(floor - len(dep.kept())):
-                self.add_replica(dep, reason="pinned at min_replicas")
-        said = f"kept at min_replicas = {floor} however idle, across restarts"
-        if len(dep.kept()) < floor:
-            said += f"; {len(dep.kept())} placed now: {dep._why_unavailable()}"
-        return self._said(model, "pin", said)
-
-    def _set_control(self, dep: Deployment, **change) -> None:
-        current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
-        # Saved first: a write the state disk refuses (StateWriteFailed) changes nothing.
-        if self.state is not None:
-            if "override" in change:
-                self.state.set_override(dep.model.name, change["override"])
-            if "pinned" in change:
-                self.state.set_pinned(dep.model.name, change["pinned"])
-        dep.control = ModelControl(**current)
+        return operator.pin(self, model, pinned)
 
     def replica(self, model: str, index: int) -> Replica:
         dep = self.deployment(model)
