@@ -24,8 +24,10 @@ if TYPE_CHECKING:
     from appliance.fleet.replica import Replica
 
 # A request held for room that replicas of other models still hold (busy, or inside their
-# residency) looks for it again this often.
-ROOM_POLL_S = 0.25
+# residency) is told when room may have come (the supervisor looks again on every change of
+# a replica's state, a request's end and a residency's lapse); it also looks again this
+# often, in case something else freed it.
+ROOM_POLL_S = 1.0
 
 
 class Exclude:
@@ -71,8 +73,9 @@ class HoldQueue:
                 "already wait for it; retry shortly",
                 retry_after=dep._retry_after(),
             )
-        # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
-        dep.supervisor.on_demand(dep)
+        # Start (or wake) a replica, evicting idle replicas of other models for it if it must
+        # (with the models asked for at the same moment, as one set).
+        await asyncio.shield(dep.supervisor.want_replica(dep))  # shared: one going away cancels no other
         if not dep.can_become_ready():
             raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
         loop = asyncio.get_running_loop()
@@ -121,12 +124,13 @@ class HoldQueue:
 
     def _look_for_room(self) -> None:
         """Held for room that others held: try to start again (at most every ROOM_POLL_S,
-        whatever the number held); NoCapacity once waiting cannot help any more."""
+        whatever the number held; with the other models held for room, as one set);
+        NoCapacity once waiting cannot help any more."""
         dep = self.dep
         now = dep.supervisor.clock.monotonic()
         if now - self._room_polled >= ROOM_POLL_S:
             self._room_polled = now
-            dep.supervisor.on_demand(dep)
+            dep.supervisor.look_for_room()
         if not dep.can_become_ready():
             raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
 

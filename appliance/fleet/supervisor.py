@@ -83,6 +83,12 @@ class Supervisor:
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
         self._waking: set[str] = set()  # sleeping replicas a wake is on its way to
+        self._room_look: asyncio.Handle | None = None  # a look for room, due (``_room_may_have_come``)
+        # Models whose requests just arrived to find no READY replica, and the look for room
+        # that starts theirs once every request arriving with them is held (``want_replica``).
+        self._wanting: dict[str, Deployment] = {}
+        self._wanted: asyncio.Future | None = None
+        self._room_timers: dict[str, asyncio.TimerHandle] = {}  # model -> its residency lapse
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
         self._stopping = False
@@ -119,6 +125,9 @@ class Supervisor:
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         self._stopping = True
+        for timer in [self._room_look, *self._room_timers.values()]:
+            if timer is not None:
+                timer.cancel()
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
         if self.store_checks is not None:
@@ -177,20 +186,26 @@ class Supervisor:
         return self.capacity.place_together(replicas)
 
     def add_replica(
-        self, dep: Deployment, reason: str, evict: str | None = None, planned: dict[str, PlanRow] | None = None
+        self,
+        dep: Deployment,
+        reason: str,
+        evict: str | None = None,
+        planned: dict[str, PlanRow] | None = None,
+        freed_by: list[Replica] | None = None,
     ) -> Replica | None:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
         evict (what asks: request, load, scale_up): make room by stopping idle replicas of
         other models (appliance/fleet/eviction.py) when there is none, or else say why in
         dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted.
-        planned: placements made for a set of replicas together (add_together)."""
+        planned: placements made for a set of replicas together (add_together,
+        _start_together); freed_by: the replicas evicted for that set, waited for."""
         if evict and not dep.blocked:
             self._forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
             return None
         if dep.blocked and dep.kept():
             return None  # one FATAL replica says why; more would say it again
-        victims: list[Replica] = []
+        victims: list[Replica] = list(freed_by or [])
         if evict and not dep.blocked:
             found = self._make_room(dep, evict)
             if found is None:
@@ -212,12 +227,13 @@ class Supervisor:
             port_allocator=self.port_allocator,
             listener=self._on_change,
         )
+        replica.on_idle = self._room_may_have_come
         if store_name(dep.model) and self.store_checks is not None:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif uses_gpus(dep.model):
-            row, uuids = self._place(replica, ignoring, None if victims else (planned or {}).get(replica.name))
+            row, uuids = self._place(replica, ignoring, (planned or {}).get(replica.name))
             if row.assignment is None:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
                     dep.no_room, dep.room_in = f"{CANNOT_PLACE}{row.error}", None
@@ -287,15 +303,23 @@ class Supervisor:
             if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
                 log.warning("cannot start %s: %s", dep.model.name, why)
             dep.no_room, dep.room_in = why, decided.room_in
+            if decided.room_in:  # a residency lapses then: look again at that moment
+                self._look_for_room_in(dep, decided.room_in)
             return None
+        return self._evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, trigger)
+
+    def _evict_all(
+        self, decided: eviction.Plan, by_name: dict[str, Replica], gpu: bool, for_model: str, trigger: str
+    ) -> list[Replica]:
+        """Carry out an eviction plan; the replicas evicted."""
         victims = [by_name[h.replica] for h in decided.victims]
         ram_left = self.capacity.host_ram() - self.capacity.host_used()
         for h, victim in zip(decided.victims, victims, strict=True):
             # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
             # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
-            asleep = scarce.what == "GPU memory" and self._may_sleep(victim, ram_left)
+            asleep = gpu and self._may_sleep(victim, ram_left)
             ram_left -= self.capacity.host_need(victim.model, sleeping=True) if asleep else 0
-            self._evict(victim, h, dep, trigger, asleep)
+            self._evict(victim, h, for_model, trigger, asleep)
         return victims
 
     def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
@@ -325,16 +349,16 @@ class Supervisor:
         need = self.capacity.host_need(r.model, sleeping=True)
         return bool(r.model.sleep_mode and getattr(r.adapter, "can_sleep", False) and need and need <= ram_left)
 
-    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str, asleep: bool) -> None:
-        """Stop (or put to sleep) one replica for dep; the preflight of dep's new replica
-        waits for it (``_after_stopped``)."""
+    def _evict(self, victim: Replica, h: eviction.Holder, for_model: str, trigger: str, asleep: bool) -> None:
+        """Stop (or put to sleep) one replica for for_model (a model, or several placed as one
+        set: "a+b"); the preflight of the new replica waits for it (``_after_stopped``)."""
         if victim.retiring:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
         why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
         to = "sleep" if asleep else "stop"
-        log.info("evicting %s for %s (%s): %s%s", victim.name, dep.model.name, trigger, why, "; to sleep" * asleep)
-        self.market.evicted(Eviction(victim.name, victim.model.name, to, dep.model.name, trigger, why, now()))
+        log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
+        self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
         if asleep:
 
             async def sleep() -> None:
@@ -345,7 +369,7 @@ class Supervisor:
 
             self._freeing(victim, sleep(), f"evict-sleep-{victim.name}")
             return
-        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; {why})")
+        self.retire(victim, f"evicted for {for_model} ({trigger}; {why})")
         owner = self.deployments[victim.model.name]
         if not owner.kept():
             owner.unloaded = True  # back on its next request, not by its min_replicas floor
@@ -512,8 +536,96 @@ class Supervisor:
                 dep.wake_waiters()
         elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        self._room_may_have_come()  # stopped or asleep: its room is free; READY: its held requests go
         for fn in self._listeners:
             fn(replica, event)
+
+    # --- room that may have come: requests held for it look again at once -----------------------
+
+    def _room_may_have_come(self) -> None:
+        """A replica changed state or finished its last request, or a residency lapsed: models
+        whose held requests wait for room (dep.no_room) look for it again, once, soon (after
+        the requests a READY replica just released have taken it)."""
+        if self._room_look is None and any(d.no_room and d.waiters for d in self.deployments.values()):
+            with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
+                self._room_look = asyncio.get_running_loop().call_soon(self.look_for_room)
+
+    def want_replica(self, dep: Deployment) -> asyncio.Future:
+        """A request for dep found no READY replica: start or wake one for it once the requests
+        that arrived with it (this turn of the event loop) have asked too, so that several
+        models at zero asked for at once are placed as one set. Done when that look has run."""
+        self._wanting[dep.model.name] = dep
+        if self._wanted is None:
+            loop = asyncio.get_running_loop()
+            self._wanted = loop.create_future()
+            loop.call_soon(self._start_wanted)
+        return self._wanted
+
+    def _start_wanted(self) -> None:
+        done, self._wanted = self._wanted, None
+        wanting, self._wanting = list(self._wanting.values()), {}
+        try:
+            self.look_for_room(wanting)
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    def look_for_room(self, wanting: list[Deployment] | None = None) -> None:
+        """Models whose held requests wait for room (and those in ``wanting``, just asked
+        for) start what they can now: as one set where several wait (``_start_together``),
+        else each on its own (``on_demand``)."""
+        if self._room_look is not None:
+            self._room_look.cancel()
+        self._room_look = None
+        if self._stopping:
+            return
+        wanting = wanting or []
+        waiting = wanting + [d for d in self.deployments.values() if d.no_room and d.waiters and d not in wanting]
+        started = self._start_together(waiting)
+        for dep in waiting:
+            if dep not in started:
+                self.on_demand(dep)
+            if dep.waiters and not dep.can_become_ready():  # waiting cannot help any more: say why now
+                dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after()))
+
+    def _start_together(self, waiting: list[Deployment]) -> list[Deployment]:
+        """Several models at zero whose held requests wait for GPU room at once: their first
+        replicas placed as one set (planning.plan: a set that fits in some order is never
+        refused for the order it waits in), evicting for the set what the rules allow
+        (appliance/fleet/eviction.py, for the lowest priority among them). Those started;
+        none when the set does not fit even so (each then looks for room on its own)."""
+        deps = [d for d in waiting if uses_gpus(d.model) and not d.blocked and not d.live()]
+        if len(deps) < 2:
+            return []
+        for dep in deps:
+            self._forget_unplaced(dep)
+        names = [(d.model, f"{d.model.name}#{next_indices({r.index for r in d.replicas}, 1)[0]}") for d in deps]
+        scarce = self.capacity.scarce_for_set(names)
+        if scarce is None:
+            return []
+        now = self.clock.monotonic()
+        holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
+        for_set = "+".join(d.model.name for d in deps)
+        priority = min(d.model.priority for d in deps)
+        decided = eviction.plan(for_set, priority, [h for _, h in holders], scarce.fits, now)
+        if not decided.fits:
+            return []
+        victims = self._evict_all(decided, {r.name: r for r, _ in holders}, True, for_set, "request")
+        planned = self.capacity.place_together(names, frozenset(v.name for v in victims))
+        if any(planned[name].assignment is None for _, name in names):
+            return []  # (the plan said the set fits once the victims are gone)
+        for dep in deps:
+            dep.unloaded = False
+            self.add_replica(dep, reason=f"held requests, placed with {for_set}", planned=planned, freed_by=victims)
+        return deps
+
+    def _look_for_room_in(self, dep: Deployment, seconds: float) -> None:
+        """Look for room for dep again in ``seconds`` (when a residency lapses)."""
+        name = dep.model.name
+        if name in self._room_timers:
+            self._room_timers.pop(name).cancel()
+        loop = asyncio.get_running_loop()
+        self._room_timers[name] = loop.call_later(seconds + 0.001, self._room_may_have_come)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
