@@ -406,3 +406,29 @@ def test_plan_with_a_daemon_running_shows_its_market_too(daemons, tmp_path):
                          capture_output=True, text=True, timeout=60).stdout
     market = json.loads(out)["market"]
     assert [(e["replica"], e["to"], e["for_model"]) for e in market["evictions"]] == [("a#0", "stop", "b")]
+
+
+@pytest.mark.parametrize("held_by", ["a request in flight", "a residency"])
+async def test_a_request_held_for_room_goes_when_the_room_comes_not_at_a_poll(tmp_path, monkeypatch, held_by):
+    """The held request is told when a's request ends or its residency lapses: with the
+    held requests' own periodic look switched off, it is still answered."""
+    import asyncio
+
+    monkeypatch.setattr("appliance.fleet.hold.ROOM_POLL_S", 3600.0)
+    residency = "1s" if held_by == "a residency" else "0s"
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency=residency, sleeps=False))
+    try:
+        [a] = sup.deployment("a").replicas
+        if held_by == "a request in flight":
+            with a.lease():
+                held = asyncio.ensure_future(sup.deployment("b").acquire())
+                await asyncio.sleep(0.3)
+                assert not held.done() and sup.deployment("b").no_room  # a holds the GPU: b waits
+        else:
+            held = asyncio.ensure_future(sup.deployment("b").acquire())
+        b = await asyncio.wait_for(held, 60)
+        assert b.state is State.READY and a.retiring
+        assert sup.clock.monotonic() - a.ready_since >= 1.0 or held_by != "a residency"
+    finally:
+        await sup.stop()
+        await session.close()

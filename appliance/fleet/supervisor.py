@@ -610,10 +610,10 @@ class Supervisor:
         decided = eviction.plan(for_set, priority, [h for _, h in holders], scarce.fits, now)
         if not decided.fits:
             return []
-        victims = self._evict_all(decided, {r.name: r for r, _ in holders}, True, for_set, "request")
-        planned = self.capacity.place_together(names, frozenset(v.name for v in victims))
+        planned = self.capacity.place_together(names, frozenset(h.replica for h in decided.victims))
         if any(planned[name].assignment is None for _, name in names):
             return []  # (the plan said the set fits once the victims are gone)
+        victims = self._evict_all(decided, {r.name: r for r, _ in holders}, True, for_set, "request")
         for dep in deps:
             dep.unloaded = False
             self.add_replica(dep, reason=f"held requests, placed with {for_set}", planned=planned, freed_by=victims)
@@ -624,8 +624,9 @@ class Supervisor:
         name = dep.model.name
         if name in self._room_timers:
             self._room_timers.pop(name).cancel()
-        loop = asyncio.get_running_loop()
-        self._room_timers[name] = loop.call_later(seconds + 0.001, self._room_may_have_come)
+        with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
+            loop = asyncio.get_running_loop()
+            self._room_timers[name] = loop.call_later(seconds + 0.001, self._room_may_have_come)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
