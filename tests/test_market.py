@@ -432,3 +432,27 @@ async def test_a_request_held_for_room_goes_when_the_room_comes_not_at_a_poll(tm
     finally:
         await sup.stop()
         await session.close()
+
+
+async def test_a_replica_evicted_to_sleep_takes_no_new_request_on_its_way_and_one_that_comes_wakes_it_after(
+    tmp_path,
+):
+    """a takes 1 s to sleep for b: a request for a meanwhile does not go to a (it would hold
+    the memory b waits for); it is held, and a wakes for it once it has slept."""
+    import asyncio
+
+    text = one_gpu_two_models(tmp_path, host_ram_gib=100).replace(
+        '"--as-engine", "vllm"]', '"--as-engine", "vllm", "--sleep-delay", "1"]')
+    sup, session = await started(text)
+    try:
+        [a] = sup.deployment("a").replicas
+        for_b = asyncio.ensure_future(sup.deployment("b").acquire())
+        await asyncio.sleep(0.3)
+        assert a.state is State.READY and sup.deployment("a").pick_ready() is None  # on its way to sleep
+        for_a = asyncio.ensure_future(sup.deployment("a").acquire())
+        b = await asyncio.wait_for(for_b, 60)
+        assert b.state is State.READY
+        assert await asyncio.wait_for(for_a, 60) is a and a.state is State.READY  # woke again for it
+    finally:
+        await sup.stop()
+        await session.close()

@@ -70,7 +70,10 @@ class Deployment:
         ready = [
             r
             for r in self.replicas
-            if r.state is State.READY and not r.retiring and (exclude is None or not exclude.matches(r))
+            if r.state is State.READY
+            and not r.retiring
+            and not r.evicted
+            and (exclude is None or not exclude.matches(r))
         ]
         if len(ready) <= 1:
             return ready[0] if ready else None

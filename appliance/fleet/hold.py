@@ -91,9 +91,9 @@ class HoldQueue:
                     if remaining <= 0:
                         raise TimeoutError
                     # With an exclusion, look again when it lapses even if no READY comes;
-                    # waiting for room, look for it again shortly.
+                    # and look for room again now and then (room found wanting since).
                     step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
-                    step = min(step, ROOM_POLL_S) if dep.no_room else step
+                    step = min(step, ROOM_POLL_S)
                     done, _ = await asyncio.wait(
                         [w for w in (waiter, gone) if w is not None], timeout=step, return_when=asyncio.FIRST_COMPLETED
                     )
@@ -110,7 +110,7 @@ class HoldQueue:
                 if replica is not None:
                     dep.supervisor.market.waits.observe(dep.model.name, dep.loading_cause, loop.time() - held_at)
                     return replica
-                if dep.no_room:
+                if dep.no_room or not dep.kept():  # (its replica went before this request took it)
                     self._look_for_room()
         except TimeoutError:
             waited_for = f"; {dep.no_room}" if dep.no_room else ""
@@ -130,7 +130,7 @@ class HoldQueue:
         now = dep.supervisor.clock.monotonic()
         if now - self._room_polled >= ROOM_POLL_S:
             self._room_polled = now
-            dep.supervisor.look_for_room()
+            dep.supervisor.look_for_room([dep])
         if not dep.can_become_ready():
             raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
 

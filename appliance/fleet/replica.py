@@ -189,6 +189,9 @@ class Replica:
         # (a store model whose files failed verification).
         self.preflight: Callable[[], Awaitable[str | None]] | None = None
         self.retiring = False  # taken out of service: drains, then stops
+        # Evicted to sleep for another model: takes no new request (its GPU memory is wanted)
+        # while it goes to sleep; the supervisor clears it once it has left READY.
+        self.evicted = False
         # Called when its last request in flight ends (the supervisor: an idle replica may
         # now be evicted for requests held for room).
         self.on_idle: Callable[[], None] | None = None

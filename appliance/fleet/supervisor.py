@@ -339,7 +339,7 @@ class Supervisor:
             loaded_at=loaded_at,
             min_residency_s=min_residency_s(self.cfg, r.model),
             inflight=r.inflight,
-            held=len(d.waiters),
+            held=len(d.waiters),  # (one released for a READY replica, until it has taken it)
             keep=keep,
             serving=r.state is State.READY and not r.retiring,
             **holds,
@@ -360,12 +360,15 @@ class Supervisor:
         log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
         self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
         if asleep:
+            victim.evicted = True  # no new request delays the sleep that frees the memory
 
             async def sleep() -> None:
                 try:
                     await victim.sleep()
                 except Exception as exc:  # its state says the rest (a crash restarts it)
                     log.warning("evicting %s to sleep failed: %s", victim.name, exc)
+                finally:
+                    victim.evicted = False  # (still READY if it did not sleep: it serves again)
 
             self._freeing(victim, sleep(), f"evict-sleep-{victim.name}")
             return
@@ -526,6 +529,7 @@ class Supervisor:
         dep = self.deployments.get(replica.model.name)
         if dep is not None and event.new is not State.READY:
             dep.prefix.forget(replica.name)  # its engine's cache is gone
+            replica.evicted = False  # asleep (or gone): what it does next is its model's again
         if event.new is State.READY:
             if replica.slot is not None:
                 self._measure(replica)
@@ -536,6 +540,8 @@ class Supervisor:
                 dep.wake_waiters()
         elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        elif event.new is State.SLEEPING and dep is not None and dep.waiters:
+            self.on_demand(dep)  # requests came while it went to sleep (evicted): wake it again
         self._room_may_have_come()  # stopped or asleep: its room is free; READY: its held requests go
         for fn in self._listeners:
             fn(replica, event)
