@@ -47,6 +47,10 @@ from engines import GpuSlot, adapter_for
 log = logging.getLogger("appliance.supervisor")
 
 CANNOT_PLACE = "cannot place on GPUs: "
+# A replica entering these states frees its room (a backing-off one serves nothing: it goes
+# first), so requests held for room look again; READY frees nothing (the requests it
+# releases free its model's replicas for eviction only once they end: ``on_idle``).
+ROOM_FREED = (State.STOPPED, State.SLEEPING, State.BACKOFF, State.FATAL)
 _DIGITS = re.compile(r"\d+")
 
 
@@ -542,7 +546,8 @@ class Supervisor:
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
         elif event.new is State.SLEEPING and dep is not None and dep.waiters:
             self.on_demand(dep)  # requests came while it went to sleep (evicted): wake it again
-        self._room_may_have_come()  # stopped or asleep: its room is free; READY: its held requests go
+        if event.new in ROOM_FREED:
+            self._room_may_have_come()
         for fn in self._listeners:
             fn(replica, event)
 
