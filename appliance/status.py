@@ -292,3 +292,35 @@ class Readiness(msgspec.Struct, kw_only=True, omit_defaults=True):
 def at_wall_clock(monotonic_at: float, monotonic_now: float, wall_now: float) -> datetime:
     """A moment the daemon measured on its monotonic clock, as a UTC timestamp."""
     return datetime.fromtimestamp(wall_now - (monotonic_now - monotonic_at), UTC)
+
+
+def market_lines(gpus: GpusStatus) -> list[str]:
+    """The capacity market in words, one line each (`appliance plan` with a daemon running,
+    the TUI's overview): per GPU what each replica holds (reserved by the placer, and used
+    as NVML measures it once its engine runs), what sleeps in host RAM, and the recent
+    evictions: what, for whom, why."""
+    gib = 1024**3
+    lines = []
+    for g in gpus.gpus:
+        lines.append(f"GPU {g.index}  {g.name}  {g.used_bytes / gib:.1f}/{g.total_bytes / gib:.1f} GiB used")
+        for r in g.replicas:
+            held = f"reserved {r.reserved_bytes / gib:.1f} GiB" if r.reserved_bytes else "reserved -"
+            used = f", uses {r.used_bytes / gib:.1f} GiB (NVML)" if r.used_bytes else ""
+            lines.append(f"  {r.replica} {r.state}: {held}{used}")
+        if not g.replicas:
+            lines.append("  no replicas")
+    cpu = gpus.cpu
+    budget = f" of {cpu.host_ram_bytes / gib:.1f} GiB host RAM" if cpu.host_ram_bytes else ""
+    lines.append(f"Asleep in host RAM ({cpu.host_ram_used_bytes / gib:.1f}{budget} in use):")
+    for s in cpu.sleeping:
+        on = f", wakes on GPU {','.join(map(str, s.gpus))}" if s.gpus else ""
+        lines.append(f"  {s.replica}: {(s.host_bytes or 0) / gib:.1f} GiB{on}")
+    if not cpu.sleeping:
+        lines.append("  none")
+    lines.append("Recent evictions (newest first):")
+    for e in gpus.evictions:
+        done = "put to sleep" if e.to == "sleep" else "stopped"
+        lines.append(f"  {e.at:%H:%M:%S} {e.replica} {done} for {e.for_model} ({e.trigger}): {e.why}")
+    if not gpus.evictions:
+        lines.append("  none")
+    return lines

@@ -305,3 +305,154 @@ def test_a_replica_that_cannot_be_placed_is_told_the_knobs_that_would_fit_with_t
     again = parse_config(text.replace("kv_cache_tokens = 400000", f"kv_cache_tokens = {fitting}"))
     [placed] = plan(again, SimulatedProbe(str(inv)).read(), [(again.models[0], "big#0")])
     assert placed.error is None, placed.error
+
+
+def four_at_zero_and_z(tmp_path: Path, z_at_boot: bool) -> str:
+    """c1, c2 (29.6 GiB) and b1, b2 (49.6 GiB) at zero on two 80 GiB GPUs: they fit only as
+    one large and one small per GPU. z (62.4 GiB on each GPU) holds both at boot if asked."""
+    zero = "[models.autoscaling]\nmin_replicas = 0\n"
+    z = make_model(tmp_path, "z", 120)
+    models = (f'[[models]]\nname = "z"\nserver = "vllm"\nsource = "{z}"\nkv_cache_tokens = 1024\n'
+              f"[models.gpus]\ncount = 2\n{'' if z_at_boot else zero}")
+    models += "".join(vllm_model(tmp_path, n, w) + zero for n, w in (("c1", 27), ("c2", 27), ("b1", 47), ("b2", 47)))
+    text = gpu_config(tmp_path, models).replace(str(DATA / "inventory-8xh100.toml"), str(two_gpus(tmp_path)))
+    return text + '[autoscaling]\nmin_residency = "2s"\n'
+
+
+def one_large_and_one_small_per_gpu(replicas) -> bool:
+    return sorted((r.slot.gpus[0], r.model.name[0]) for r in replicas) == [(0, "b"), (0, "c"), (1, "b"), (1, "c")]
+
+
+async def test_requests_for_several_models_at_zero_arriving_at_once_are_placed_as_one_set(tmp_path):
+    """Started one by one in the order asked (c1, c2, b1, b2), the two small ones share a GPU
+    and b2 finds no room (held until one of them may be evicted); as one set, all four fit."""
+    import asyncio
+
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(four_at_zero_and_z(tmp_path, z_at_boot=False)), session)
+    try:
+        sup.start()
+        names = ("c1", "c2", "b1", "b2")
+        replicas = await asyncio.wait_for(asyncio.gather(*(sup.deployment(n).acquire() for n in names)), 60)
+        assert all(r.state is State.READY for r in replicas)
+        assert sup.market.recent() == []  # nothing evicted: each started where the set put it
+        assert one_large_and_one_small_per_gpu(replicas)
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_several_models_held_for_room_at_once_are_placed_as_one_set_evicting_only_for_the_set(tmp_path):
+    """z holds both GPUs inside its residency while requests for c1, c2, b1 and b2 wait.
+    When z may go, the four are placed together and z is the only eviction."""
+    import asyncio
+
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(four_at_zero_and_z(tmp_path, z_at_boot=True)), session)
+    try:
+        sup.start()
+        await sup.deployment("z").replicas[0].wait_ready(30)
+        names = ("c1", "c2", "b1", "b2")
+        replicas = await asyncio.wait_for(asyncio.gather(*(sup.deployment(n).acquire() for n in names)), 60)
+        assert all(r.state is State.READY for r in replicas)
+        assert [e.replica for e in sup.market.recent()] == ["z#0"]
+        assert one_large_and_one_small_per_gpu(replicas)
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+# --- one view of the market (issue 17, point 4) -------------------------------------------------
+
+
+async def test_the_market_view_shows_what_each_gpu_holds_what_sleeps_and_each_eviction(tmp_path):
+    """What /admin/gpus answers, in the words `appliance plan` and the TUI's overview use."""
+    from rich.console import Console
+
+    from appliance.api.admin_views import gpu_view
+    from appliance.status import market_lines
+    from tui.market import panel
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        await sup.deployment("b").acquire()
+        lines = market_lines(gpu_view(sup))
+        assert lines[0].startswith("GPU 0  NVIDIA H100 80GB HBM3")
+        assert any(line.startswith("  b#0 READY: reserved 42.") for line in lines), lines
+        asleep = lines.index(next(line for line in lines if line.startswith("Asleep in host RAM (4")))
+        assert lines[asleep + 1].startswith("  a#0: 4") and lines[asleep + 1].endswith("wakes on GPU 0"), lines
+        evicted = lines[lines.index("Recent evictions (newest first):") + 1]
+        assert "a#0 put to sleep for b (request): idle" in evicted, lines
+        console = Console(width=200, record=True)
+        console.print(panel(gpu_view(sup)))
+        assert evicted.strip() in console.export_text()
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+def test_plan_with_a_daemon_running_shows_its_market_too(daemons, tmp_path):
+    from .test_eviction_supervision import chat, gpu_daemon
+
+    tiny = tmp_path / "tiny.gguf"
+    make_tiny_gguf.main([str(tiny)])
+    d = gpu_daemon(daemons, tmp_path, tiny)
+    assert chat(d, "b").status_code == 200  # a (idle) stopped for b
+    text = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(d.config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60).stdout
+    assert "Now, in the running daemon (its capacity market):" in text, text
+    assert "b#0 READY: reserved" in text and "a#0 stopped for b (request): idle" in text, text
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(d.config), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
+    market = json.loads(out)["market"]
+    assert [(e["replica"], e["to"], e["for_model"]) for e in market["evictions"]] == [("a#0", "stop", "b")]
+
+
+@pytest.mark.parametrize("held_by", ["a request in flight", "a residency"])
+async def test_a_request_held_for_room_goes_when_the_room_comes_not_at_a_poll(tmp_path, monkeypatch, held_by):
+    """The held request is told when a's request ends or its residency lapses: with the
+    held requests' own periodic look switched off, it is still answered."""
+    import asyncio
+
+    monkeypatch.setattr("appliance.fleet.hold.ROOM_POLL_S", 3600.0)
+    residency = "1s" if held_by == "a residency" else "0s"
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100, residency=residency, sleeps=False))
+    try:
+        [a] = sup.deployment("a").replicas
+        if held_by == "a request in flight":
+            with a.lease():
+                held = asyncio.ensure_future(sup.deployment("b").acquire())
+                await asyncio.sleep(0.3)
+                assert not held.done() and sup.deployment("b").no_room  # a holds the GPU: b waits
+        else:
+            held = asyncio.ensure_future(sup.deployment("b").acquire())
+        b = await asyncio.wait_for(held, 60)
+        assert b.state is State.READY and a.retiring
+        assert sup.clock.monotonic() - a.ready_since >= 1.0 or held_by != "a residency"
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_replica_evicted_to_sleep_takes_no_new_request_on_its_way_and_one_that_comes_wakes_it_after(
+    tmp_path,
+):
+    """a takes 1 s to sleep for b: a request for a meanwhile does not go to a (it would hold
+    the memory b waits for); it is held, and a wakes for it once it has slept."""
+    import asyncio
+
+    text = one_gpu_two_models(tmp_path, host_ram_gib=100).replace(
+        '"--as-engine", "vllm"]', '"--as-engine", "vllm", "--sleep-delay", "1"]')
+    sup, session = await started(text)
+    try:
+        [a] = sup.deployment("a").replicas
+        for_b = asyncio.ensure_future(sup.deployment("b").acquire())
+        await asyncio.sleep(0.3)
+        assert a.state is State.READY and sup.deployment("a").pick_ready() is None  # on its way to sleep
+        for_a = asyncio.ensure_future(sup.deployment("a").acquire())
+        b = await asyncio.wait_for(for_b, 60)
+        assert b.state is State.READY
+        assert await asyncio.wait_for(for_a, 60) is a and a.state is State.READY  # woke again for it
+    finally:
+        await sup.stop()
+        await session.close()

@@ -16,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from appliance.status import DaemonStatus, GpusStatus, KeyUsage, ModelStatus, RouteStatus
+from tui import market
 
 T = TypeVar("T")
 
@@ -177,6 +178,8 @@ def overview(status: DaemonStatus, gpus: GpusStatus | None) -> RenderableType:
         parts.extend(cpu_budget(gpus))
     parts.append(Text(""))
     parts.append(models_summary(status))
+    if gpus is not None:
+        parts.extend([Text(""), market.panel(gpus)])
     return Group(*parts)
 
 

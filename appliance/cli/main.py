@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from typing import TypeVar
 
@@ -27,6 +28,7 @@ from appliance.status import (
     ModelAction,
     ModelStatus,
     ScaleBody,
+    market_lines,
 )
 
 T = TypeVar("T")
@@ -390,6 +392,7 @@ def plan(
     inv = read_inventory(cfg, inventory)
     replicas = [(m, f"{m.name}#{i}") for m in gpu_models(cfg) for i in range(max(m.autoscaling.min_replicas, 1))]
     rows = make_plan(cfg, inv, replicas, gpus_per_node=gpus_per_node, gpu_gib=gpu_gib)
+    market = _running_market(cfg)
     if as_json:
         click.echo(
             json.dumps(
@@ -426,6 +429,8 @@ def plan(
                         }
                         for r in rows
                     ],
+                    # The running daemon's market (GET /admin/gpus), null with none running.
+                    "market": msgspec.to_builtins(market) if market is not None else None,
                 },
                 indent=2,
             )
@@ -450,8 +455,26 @@ def plan(
             )
         for r in rows:
             click.echo(r.describe())
+        if market is not None:
+            click.echo("\nNow, in the running daemon (its capacity market):")
+            for line in market_lines(market):
+                click.echo(f"  {line}")
     if any(r.error for r in rows):
         sys.exit(2)
+
+
+def _running_market(cfg) -> GpusStatus | None:
+    """The running daemon's GPUs, sleeping replicas and evictions, asked on its admin
+    socket (no token needed); None when no daemon answers there."""
+    from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
+
+    path = cfg.server.admin_socket
+    if not path or not os.access(path, os.R_OK | os.W_OK):
+        return None
+    try:
+        return call(target_from_config(cfg), "GET", "/admin/gpus", GpusStatus, timeout=2.0)
+    except (DaemonDown, AdminError, ConfigError, OSError):
+        return None
 
 
 def _model_line(m: ModelStatus) -> str:

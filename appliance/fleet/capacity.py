@@ -202,12 +202,18 @@ class Capacity:
         return Scarce(what, holds, fits)
 
     def _scarce_gpu(self, model: ModelConfig, replica: str) -> Scarce | None:
+        return self.scarce_for_set([(model, replica)])
+
+    def scarce_for_set(self, replicas: list[tuple[ModelConfig, str]]) -> Scarce | None:
+        """For eviction: what several new GPU replicas lack together, who holds it, and
+        whether the whole set fits (placed as one set) once some holders are gone; None
+        when nothing sizes them (the placer says why)."""
         inventory, placed, ours = self.gpu_view()
         if inventory.cpu_only:
             return None
         gpus = gpus_from(inventory, ours)
         try:
-            demand, _ = demand_for(self.cfg, model, replica, len(gpus), self.measured)
+            demands = [demand_for(self.cfg, model, name, len(gpus), self.measured)[0] for model, name in replicas]
         except (ModelShapeError, OSError):
             return None
         reserved = {p.replica: p for p in placed}
@@ -216,7 +222,7 @@ class Capacity:
             for r in self.replicas()
             if r.name in reserved and not reserved[r.name].sleeping
         ]
-        return Scarce("GPU memory", holds, eviction.gpu_fits(gpus, placed, demand))
+        return Scarce("GPU memory", holds, eviction.gpu_fits(gpus, placed, *demands))
 
     # --- GPU memory ------------------------------------------------------------------------------
 
@@ -248,11 +254,14 @@ class Capacity:
         [row] = plan(self.cfg, inventory, [(model, replica)], placed=placed, ours=ours, measured=self.measured)
         return row, inventory
 
-    def place_together(self, replicas: list[tuple[ModelConfig, str]]) -> dict[str, PlanRow]:
-        """Placements for several new GPU replicas as one set (planning.plan), by name."""
+    def place_together(
+        self, replicas: list[tuple[ModelConfig, str]], ignoring: frozenset[str] = frozenset()
+    ) -> dict[str, PlanRow]:
+        """Placements for several new GPU replicas as one set (planning.plan), by name (the
+        replicas in ``ignoring`` are being evicted for them)."""
         if not replicas:
             return {}
-        inventory, placed, ours = self.gpu_view()
+        inventory, placed, ours = self.gpu_view(ignoring)
         rows = plan(self.cfg, inventory, replicas, placed=placed, ours=ours, measured=self.measured)
         return {row.replica: row for row in rows}
 

@@ -160,13 +160,14 @@ def _index(replica: str) -> int:
 # --- what "fits" means -----------------------------------------------------------------------
 
 
-def gpu_fits(gpus: Sequence[Gpu], placed: Iterable[Placed], demand: Demand) -> Callable[[frozenset[str]], bool]:
-    """The new replica's demand can be placed once the named placed replicas are gone."""
+def gpu_fits(gpus: Sequence[Gpu], placed: Iterable[Placed], *demands: Demand) -> Callable[[frozenset[str]], bool]:
+    """The new replicas' demands can be placed, as one set, once the named placed replicas
+    are gone."""
     placed = list(placed)
 
     def fits(removed: frozenset[str]) -> bool:
         try:
-            place(gpus, [p for p in placed if p.replica not in removed], [demand])
+            place(gpus, [p for p in placed if p.replica not in removed], list(demands))
         except PlacementError:
             return False
         return True

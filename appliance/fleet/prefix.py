@@ -22,7 +22,7 @@ from __future__ import annotations
 import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import msgspec
 import xxhash
@@ -38,8 +38,14 @@ BYTES_PER_TOKEN = 4
 
 
 class _ReplicaLike(Protocol):
-    name: str
-    inflight: int
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def inflight(self) -> int: ...
+
+
+R = TypeVar("R", bound=_ReplicaLike)
 
 
 class _ChatShape(msgspec.Struct):
@@ -158,7 +164,7 @@ class PrefixRouter:
             salt = self._salts[name] = _mix(zlib.crc32(name.encode()) | 1 << 40)
         return _mix(head ^ salt)
 
-    def choose(self, ready: Sequence[_ReplicaLike], hashes: Sequence[int]) -> _ReplicaLike:
+    def choose(self, ready: Sequence[R], hashes: Sequence[int]) -> R:
         """The replica for a request with these block hashes; records the choice."""
         least = min(ready, key=lambda r: r.inflight)
         if not hashes:

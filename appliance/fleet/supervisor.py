@@ -2,10 +2,12 @@
 which one takes a request.
 
 A request for a model with no ready replica does not fail: ``Deployment.acquire``
-starts one (or wakes a sleeping one) and holds the request in a bounded FIFO
-queue until a replica is READY. The autoscaler's decisions (``tick``) and the
-operator's commands (``scale``, ``load``, ``unload``, ``pin``) change the count;
-a replica taken out of service is drained before it stops.
+(appliance/fleet/deployment.py) asks the supervisor to start one (or wake a sleeping
+one, ``on_demand``) and holds the request in the model's bounded FIFO queue
+(appliance/fleet/hold.py) until a replica is READY. The autoscaler's decisions
+(``tick``) and the operator's commands (``scale``, ``load``, ``unload``, ``pin``:
+appliance/fleet/operator.py) change the count; a replica taken out of service is
+drained before it stops.
 """
 
 from __future__ import annotations
@@ -13,31 +15,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import itertools
 import logging
-import math
 import re
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
-from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
-from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
-from appliance.fleet import eviction
-from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
+from appliance.config import Config, idle_ttl_s, min_residency_s, uses_gpus
+from appliance.errors import ModelNotFound, NoCapacity
+from appliance.fleet import eviction, operator
+from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
+from appliance.fleet.deployment import Deployment
+from appliance.fleet.hold import ClientGone as ClientGone  # re-exported: the gateway's import
+from appliance.fleet.hold import Exclude as Exclude  # re-exported: the gateway's import
 from appliance.fleet.market import Eviction, Market, now
-from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
-from appliance.fleet.rates import RateWindow
 from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
-from appliance.state.decisions import ModelControl, StateStore
+from appliance.state.decisions import StateStore
 from appliance.status import CpuBudget, ModelStatus, PlacedReplica, at_wall_clock
 from appliance.status import Decision as DecisionStatus
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
@@ -46,272 +46,12 @@ from engines import GpuSlot, adapter_for
 
 log = logging.getLogger("appliance.supervisor")
 
-# A request held for room that replicas of other models still hold (busy, or inside their
-# residency) looks for it again this often.
-ROOM_POLL_S = 0.25
-# States from which a replica may still serve without the operator's help.
-LIVE = (State.STARTING, State.READY, State.BACKOFF, State.SLEEPING)
 CANNOT_PLACE = "cannot place on GPUs: "
+# A replica entering these states frees its room (a backing-off one serves nothing: it goes
+# first), so requests held for room look again; READY frees nothing (the requests it
+# releases free its model's replicas for eviction only once they end: ``on_idle``).
+ROOM_FREED = (State.STOPPED, State.SLEEPING, State.BACKOFF, State.FATAL)
 _DIGITS = re.compile(r"\d+")
-
-
-class Deployment:
-    """A model's replicas, its request signals and its queue of held requests."""
-
-    def __init__(self, model: ModelConfig, supervisor: Supervisor) -> None:
-        self.model = model
-        self.supervisor = supervisor
-        self.replicas: list[Replica] = []
-        self.rate = RateWindow(60, clock=supervisor.clock.monotonic)
-        self.rate.last_event = supervisor.clock.monotonic()  # idle timers start at boot
-        self.waiters: deque[asyncio.Future] = deque()
-        self.control = ModelControl()
-        self.last_cold_start_s: float | None = None
-        # Why this model must not be served (store admission), if it must not.
-        self.blocked: str | None = None
-        # The operator unloaded it (or it was evicted for another model): it stays at
-        # zero until a request or a load.
-        self.unloaded = False
-        # Why the last start for a request found no room (GPU memory or CPU cores held by
-        # replicas that may not be evicted), for the 503; None once one starts.
-        self.no_room: str | None = None
-        # ... and when room may come (replicas that are busy or inside their residency may
-        # go by then; appliance/fleet/eviction.Plan.room_in): None, waiting does not help.
-        self.room_in: float | None = None
-        self._room_polled = 0.0
-        # What the replica being brought up for held requests costs: evict, wake or cold
-        # (appliance/fleet/market.py); what their waits are counted under.
-        self.loading_cause = "cold"
-        self._rr = itertools.count()
-        # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
-        cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
-        self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
-
-    # --- the request path ---------------------------------------------------------
-
-    def pick_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica | None:
-        """The READY replica with the longest cached prefix of the request (its
-        block hashes, appliance/fleet/prefix.py) within the load margin, else the one
-        with the fewest requests in flight (round-robin on ties), skipping one
-        that just failed a request until it has restarted or the exclusion
-        lapsed (a dropped keep-alive connection is no crash)."""
-        if exclude is not None and not exclude.active(self.supervisor.clock.monotonic()):
-            exclude = None
-        ready = [
-            r
-            for r in self.replicas
-            if r.state is State.READY and not r.retiring and (exclude is None or not exclude.matches(r))
-        ]
-        if len(ready) <= 1:
-            return ready[0] if ready else None
-        if prefix:
-            return self.prefix.choose(ready, prefix)
-        start = next(self._rr) % len(ready)
-        rotated = ready[start:] + ready[:start]
-        return min(rotated, key=lambda r: r.inflight)
-
-    async def acquire(
-        self,
-        disconnected: Callable[[], Awaitable] | None = None,
-        exclude: Exclude | None = None,
-        prefix: list[int] | None = None,
-    ) -> Replica:
-        """A READY replica for one request; if there is none, start or wake one and
-        wait for it in arrival order (bounded queue, bounded wait). disconnected()
-        completes when the client goes away; it is only called if the request waits.
-        A retry (exclude set) is the same request: it is not counted again."""
-        if exclude is None:
-            self.rate.record()
-        replica = self.pick_ready(exclude, prefix)
-        if replica is not None:
-            return replica
-        return await self._hold(disconnected, exclude, prefix)
-
-    async def _hold(
-        self, disconnected: Callable[[], Awaitable] | None, exclude: Exclude | None, prefix: list[int] | None = None
-    ) -> Replica:
-        queue = self.supervisor.cfg.queue
-        if self.blocked:
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        if len(self.waiters) >= queue.max_held:
-            raise QueueFull(
-                f"Model '{self.model.name}' is starting and {len(self.waiters)} requests "
-                "already wait for it; retry shortly",
-                retry_after=self._retry_after(),
-            )
-        # Start (or wake) a replica, evicting idle replicas of other models for it if it must.
-        self.supervisor.on_demand(self)
-        if not self.can_become_ready():
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-        loop = asyncio.get_running_loop()
-        held_at = loop.time()
-        deadline = held_at + queue.timeout_s
-        gone = asyncio.ensure_future(disconnected()) if disconnected is not None else None
-        try:
-            while True:
-                waiter = loop.create_future()
-                self.waiters.append(waiter)
-                try:
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        raise TimeoutError
-                    # With an exclusion, look again when it lapses even if no READY comes;
-                    # waiting for room, look for it again shortly.
-                    step = min(remaining, Exclude.SECONDS) if exclude is not None else remaining
-                    step = min(step, ROOM_POLL_S) if self.no_room else step
-                    done, _ = await asyncio.wait(
-                        [w for w in (waiter, gone) if w is not None], timeout=step, return_when=asyncio.FIRST_COMPLETED
-                    )
-                finally:
-                    with contextlib.suppress(ValueError):
-                        self.waiters.remove(waiter)
-                if gone is not None and gone in done:
-                    raise ClientGone
-                if not done and loop.time() >= deadline:
-                    raise TimeoutError
-                if waiter.done() and waiter.exception() is not None:
-                    raise waiter.exception()
-                replica = self.pick_ready(exclude, prefix)
-                if replica is not None:
-                    self.supervisor.market.waits.observe(self.model.name, self.loading_cause, loop.time() - held_at)
-                    return replica
-                if self.no_room:
-                    self._look_for_room()
-        except TimeoutError:
-            waited_for = f"; {self.no_room}" if self.no_room else ""
-            raise QueueTimeout(
-                f"Model '{self.model.name}' did not become ready within {queue.timeout_s:.0f}s{waited_for}",
-                retry_after=self._retry_after(),
-            ) from None
-        finally:
-            if gone is not None and not gone.done():
-                gone.cancel()
-
-    def _look_for_room(self) -> None:
-        """Held for room that others held: try to start again (at most every ROOM_POLL_S,
-        whatever the number held); NoCapacity once waiting cannot help any more."""
-        now = self.supervisor.clock.monotonic()
-        if now - self._room_polled >= ROOM_POLL_S:
-            self._room_polled = now
-            self.supervisor.on_demand(self)
-        if not self.can_become_ready():
-            raise NoCapacity(self._why_unavailable(), retry_after=self._retry_after())
-
-    def wake_waiters(self) -> None:
-        """A replica became READY: release the held requests, oldest first."""
-        for waiter in list(self.waiters):
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def fail_waiters(self, error: Exception) -> None:
-        for waiter in list(self.waiters):
-            if not waiter.done():
-                waiter.set_exception(error)
-
-    def can_become_ready(self) -> bool:
-        """Some replica is or may become READY, or a new one may be started, now or once
-        replicas of other models that are busy or just loaded may be evicted (never for a
-        blocked model)."""
-        if self.blocked:
-            return False
-        if any(r.state in LIVE or not r.history for r in self.kept()):  # (no history: just added)
-            return True
-        if self.no_room:  # the last start found no room: worth waiting if it comes in time
-            return self.room_in is not None and self.room_in < self.supervisor.cfg.queue.timeout_s
-        return self.supervisor.room_for(self) > 0
-
-    def _why_unavailable(self) -> str:
-        states = sorted({r.state.value for r in self.replicas}) or ["no replicas"]
-        errors = sorted({r.last_error for r in self.replicas if r.state is State.FATAL and r.last_error})
-        why = f"; {self.blocked}" if self.blocked else (f"; {errors[0]}" if errors else "")
-        if self.no_room and not self.blocked:
-            why += f"; {self.no_room}"
-        return f"Model '{self.model.name}' has no ready replica ({', '.join(states)}){why}"
-
-    def _retry_after(self) -> int:
-        if any(r.state in (State.STARTING, State.BACKOFF, State.SLEEPING) for r in self.replicas):
-            return 5
-        return 30
-
-    # --- signals ----------------------------------------------------------------------
-
-    @property
-    def ready(self) -> bool:
-        return any(r.state is State.READY for r in self.replicas)
-
-    @property
-    def inflight(self) -> int:
-        return sum(r.inflight for r in self.replicas)
-
-    def standing_count(self) -> int:
-        """Replicas the model keeps with no traffic: the operator's count, else
-        min_replicas (none once unloaded: a request starts one), at most max_replicas."""
-        wanted = self.control.override
-        if wanted is None:
-            wanted = 0 if self.unloaded else self.model.autoscaling.min_replicas
-        return min(wanted, self.model.autoscaling.max_replicas)
-
-    def live(self) -> list[Replica]:
-        # A replica draining for an operator's restart comes back: it still counts
-        # (else the autoscaler would start a second one to cover the gap).
-        return [r for r in self.replicas if r.state in LIVE or (r.state is State.DRAINING and not r.retiring)]
-
-    def kept(self) -> list[Replica]:
-        """Replicas not being taken out of service, FATAL ones included: a FATAL
-        replica holds its place (and its reason) until the operator acts."""
-        return [r for r in self.replicas if not r.retiring]
-
-    def policy(self, cfg: Config) -> Policy:
-        a = self.model.autoscaling
-        return Policy(
-            min_replicas=a.min_replicas,
-            max_replicas=a.max_replicas,
-            target_rps_per_replica=a.target_rps_per_replica,
-            idle_ttl_s=idle_ttl_s(cfg, self.model),
-            sleep_after_s=a.sleep_after.seconds,
-            stabilization_s=cfg.autoscaling.stabilization_s,
-            cooldown_s=cfg.autoscaling.cooldown_s,
-        )
-
-    def inputs(self, now: float, room: int) -> Inputs:
-        live = self.live()
-        waiting = sum((r.load.waiting or 0) for r in live if r.load is not None)
-        return Inputs(
-            now=now,
-            current=len(live),
-            ready=sum(r.state is State.READY for r in live),
-            sleeping=sum(r.state is State.SLEEPING for r in live),
-            rps_10s=self.rate.rate(10),
-            rps_60s=self.rate.rate(60),
-            rps_2s=self.rate.rate(2),
-            inflight=self.inflight,
-            queued=len(self.waiters),
-            engine_waiting=waiting,
-            idle_s=self.rate.idle_for(),
-            pinned=self.control.pinned,
-            unloaded=self.unloaded,
-            override=self.control.override,
-            capacity=len(live) + room,
-        )
-
-
-class Exclude:
-    """A replica that just failed a request, as it was then (its pid)."""
-
-    SECONDS = 2.0
-
-    def __init__(self, replica: Replica, now: float) -> None:
-        self.replica, self.pid, self.until = replica, replica.pid, now + self.SECONDS
-
-    def active(self, now: float) -> bool:
-        return now < self.until
-
-    def matches(self, replica: Replica) -> bool:
-        return replica is self.replica and replica.pid == self.pid
-
-
-class ClientGone(Exception):
-    """The client disconnected while its request was held; nothing to answer."""
 
 
 def default_probe(cfg: Config) -> GpuProbe:
@@ -347,6 +87,12 @@ class Supervisor:
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
         self._waking: set[str] = set()  # sleeping replicas a wake is on its way to
+        self._room_look: asyncio.Handle | None = None  # a look for room, due (``_room_may_have_come``)
+        # Models whose requests just arrived to find no READY replica, and the look for room
+        # that starts theirs once every request arriving with them is held (``want_replica``).
+        self._wanting: dict[str, Deployment] = {}
+        self._wanted: asyncio.Future | None = None
+        self._room_timers: dict[str, asyncio.TimerHandle] = {}  # model -> its residency lapse
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
         self._stopping = False
@@ -383,6 +129,9 @@ class Supervisor:
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         self._stopping = True
+        for timer in [self._room_look, *self._room_timers.values()]:
+            if timer is not None:
+                timer.cancel()
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
         if self.store_checks is not None:
@@ -441,20 +190,26 @@ class Supervisor:
         return self.capacity.place_together(replicas)
 
     def add_replica(
-        self, dep: Deployment, reason: str, evict: str | None = None, planned: dict[str, PlanRow] | None = None
+        self,
+        dep: Deployment,
+        reason: str,
+        evict: str | None = None,
+        planned: dict[str, PlanRow] | None = None,
+        freed_by: list[Replica] | None = None,
     ) -> Replica | None:
         """Start one more replica of dep if max_replicas, the core budget or the GPUs allow.
         evict (what asks: request, load, scale_up): make room by stopping idle replicas of
         other models (appliance/fleet/eviction.py) when there is none, or else say why in
         dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted.
-        planned: placements made for a set of replicas together (add_together)."""
+        planned: placements made for a set of replicas together (add_together,
+        _start_together); freed_by: the replicas evicted for that set, waited for."""
         if evict and not dep.blocked:
             self._forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
             return None
         if dep.blocked and dep.kept():
             return None  # one FATAL replica says why; more would say it again
-        victims: list[Replica] = []
+        victims: list[Replica] = list(freed_by or [])
         if evict and not dep.blocked:
             found = self._make_room(dep, evict)
             if found is None:
@@ -476,12 +231,13 @@ class Supervisor:
             port_allocator=self.port_allocator,
             listener=self._on_change,
         )
+        replica.on_idle = self._room_may_have_come
         if store_name(dep.model) and self.store_checks is not None:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif uses_gpus(dep.model):
-            row, uuids = self._place(replica, ignoring, None if victims else (planned or {}).get(replica.name))
+            row, uuids = self._place(replica, ignoring, (planned or {}).get(replica.name))
             if row.assignment is None:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
                     dep.no_room, dep.room_in = f"{CANNOT_PLACE}{row.error}", None
@@ -551,15 +307,23 @@ class Supervisor:
             if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
                 log.warning("cannot start %s: %s", dep.model.name, why)
             dep.no_room, dep.room_in = why, decided.room_in
+            if decided.room_in:  # a residency lapses then: look again at that moment
+                self._look_for_room_in(dep, decided.room_in)
             return None
+        return self._evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, trigger)
+
+    def _evict_all(
+        self, decided: eviction.Plan, by_name: dict[str, Replica], gpu: bool, for_model: str, trigger: str
+    ) -> list[Replica]:
+        """Carry out an eviction plan; the replicas evicted."""
         victims = [by_name[h.replica] for h in decided.victims]
         ram_left = self.capacity.host_ram() - self.capacity.host_used()
         for h, victim in zip(decided.victims, victims, strict=True):
             # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
             # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
-            asleep = scarce.what == "GPU memory" and self._may_sleep(victim, ram_left)
+            asleep = gpu and self._may_sleep(victim, ram_left)
             ram_left -= self.capacity.host_need(victim.model, sleeping=True) if asleep else 0
-            self._evict(victim, h, dep, trigger, asleep)
+            self._evict(victim, h, for_model, trigger, asleep)
         return victims
 
     def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
@@ -579,7 +343,7 @@ class Supervisor:
             loaded_at=loaded_at,
             min_residency_s=min_residency_s(self.cfg, r.model),
             inflight=r.inflight,
-            held=len(d.waiters),
+            held=len(d.waiters),  # (one released for a READY replica, until it has taken it)
             keep=keep,
             serving=r.state is State.READY and not r.retiring,
             **holds,
@@ -589,27 +353,30 @@ class Supervisor:
         need = self.capacity.host_need(r.model, sleeping=True)
         return bool(r.model.sleep_mode and getattr(r.adapter, "can_sleep", False) and need and need <= ram_left)
 
-    def _evict(self, victim: Replica, h: eviction.Holder, dep: Deployment, trigger: str, asleep: bool) -> None:
-        """Stop (or put to sleep) one replica for dep; the preflight of dep's new replica
-        waits for it (``_after_stopped``)."""
+    def _evict(self, victim: Replica, h: eviction.Holder, for_model: str, trigger: str, asleep: bool) -> None:
+        """Stop (or put to sleep) one replica for for_model (a model, or several placed as one
+        set: "a+b"); the preflight of the new replica waits for it (``_after_stopped``)."""
         if victim.retiring:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
         why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
         to = "sleep" if asleep else "stop"
-        log.info("evicting %s for %s (%s): %s%s", victim.name, dep.model.name, trigger, why, "; to sleep" * asleep)
-        self.market.evicted(Eviction(victim.name, victim.model.name, to, dep.model.name, trigger, why, now()))
+        log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
+        self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
         if asleep:
+            victim.evicted = True  # no new request delays the sleep that frees the memory
 
             async def sleep() -> None:
                 try:
                     await victim.sleep()
                 except Exception as exc:  # its state says the rest (a crash restarts it)
                     log.warning("evicting %s to sleep failed: %s", victim.name, exc)
+                finally:
+                    victim.evicted = False  # (still READY if it did not sleep: it serves again)
 
             self._freeing(victim, sleep(), f"evict-sleep-{victim.name}")
             return
-        self.retire(victim, f"evicted for {dep.model.name} ({trigger}; {why})")
+        self.retire(victim, f"evicted for {for_model} ({trigger}; {why})")
         owner = self.deployments[victim.model.name]
         if not owner.kept():
             owner.unloaded = True  # back on its next request, not by its min_replicas floor
@@ -766,6 +533,7 @@ class Supervisor:
         dep = self.deployments.get(replica.model.name)
         if dep is not None and event.new is not State.READY:
             dep.prefix.forget(replica.name)  # its engine's cache is gone
+            replica.evicted = False  # asleep (or gone): what it does next is its model's again
         if event.new is State.READY:
             if replica.slot is not None:
                 self._measure(replica)
@@ -776,8 +544,100 @@ class Supervisor:
                 dep.wake_waiters()
         elif event.new is State.FATAL and dep is not None and not dep.can_become_ready():
             dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
+        elif event.new is State.SLEEPING and dep is not None and dep.waiters:
+            self.on_demand(dep)  # requests came while it went to sleep (evicted): wake it again
+        if event.new in ROOM_FREED:
+            self._room_may_have_come()
         for fn in self._listeners:
             fn(replica, event)
+
+    # --- room that may have come: requests held for it look again at once -----------------------
+
+    def _room_may_have_come(self) -> None:
+        """A replica changed state or finished its last request, or a residency lapsed: models
+        whose held requests wait for room (dep.no_room) look for it again, once, soon (after
+        the requests a READY replica just released have taken it)."""
+        if self._room_look is None and any(d.no_room and d.waiters for d in self.deployments.values()):
+            with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
+                self._room_look = asyncio.get_running_loop().call_soon(self.look_for_room)
+
+    def want_replica(self, dep: Deployment) -> asyncio.Future:
+        """A request for dep found no READY replica: start or wake one for it once the requests
+        that arrived with it (this turn of the event loop) have asked too, so that several
+        models at zero asked for at once are placed as one set. Done when that look has run."""
+        self._wanting[dep.model.name] = dep
+        if self._wanted is None:
+            loop = asyncio.get_running_loop()
+            self._wanted = loop.create_future()
+            loop.call_soon(self._start_wanted)
+        return self._wanted
+
+    def _start_wanted(self) -> None:
+        done, self._wanted = self._wanted, None
+        wanting, self._wanting = list(self._wanting.values()), {}
+        try:
+            self.look_for_room(wanting)
+        finally:
+            if done is not None and not done.done():
+                done.set_result(None)
+
+    def look_for_room(self, wanting: list[Deployment] | None = None) -> None:
+        """Models whose held requests wait for room (and those in ``wanting``, just asked
+        for) start what they can now: as one set where several wait (``_start_together``),
+        else each on its own (``on_demand``)."""
+        if self._room_look is not None:
+            self._room_look.cancel()
+        self._room_look = None
+        if self._stopping:
+            return
+        wanting = wanting or []
+        waiting = wanting + [d for d in self.deployments.values() if d.no_room and d.waiters and d not in wanting]
+        started = self._start_together(waiting)
+        for dep in waiting:
+            if dep not in started:
+                self.on_demand(dep)
+            if dep.waiters and not dep.can_become_ready():  # waiting cannot help any more: say why now
+                dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after()))
+
+    def _start_together(self, waiting: list[Deployment]) -> list[Deployment]:
+        """Several models at zero whose held requests wait for GPU room at once: their first
+        replicas placed as one set (planning.plan: a set that fits in some order is never
+        refused for the order it waits in), evicting for the set what the rules allow
+        (appliance/fleet/eviction.py, for the lowest priority among them). Those started;
+        none when the set does not fit even so (each then looks for room on its own)."""
+        deps = [d for d in waiting if uses_gpus(d.model) and not d.blocked and not d.live()]
+        if len(deps) < 2:
+            return []
+        for dep in deps:
+            self._forget_unplaced(dep)
+        names = [(d.model, f"{d.model.name}#{next_indices({r.index for r in d.replicas}, 1)[0]}") for d in deps]
+        scarce = self.capacity.scarce_for_set(names)
+        if scarce is None:
+            return []
+        now = self.clock.monotonic()
+        holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
+        for_set = "+".join(d.model.name for d in deps)
+        priority = min(d.model.priority for d in deps)
+        decided = eviction.plan(for_set, priority, [h for _, h in holders], scarce.fits, now)
+        if not decided.fits:
+            return []
+        planned = self.capacity.place_together(names, frozenset(h.replica for h in decided.victims))
+        if any(planned[name].assignment is None for _, name in names):
+            return []  # (the plan said the set fits once the victims are gone)
+        victims = self._evict_all(decided, {r.name: r for r, _ in holders}, True, for_set, "request")
+        for dep in deps:
+            dep.unloaded = False
+            self.add_replica(dep, reason=f"held requests, placed with {for_set}", planned=planned, freed_by=victims)
+        return deps
+
+    def _look_for_room_in(self, dep: Deployment, seconds: float) -> None:
+        """Look for room for dep again in ``seconds`` (when a residency lapses)."""
+        name = dep.model.name
+        if name in self._room_timers:
+            self._room_timers.pop(name).cancel()
+        with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
+            loop = asyncio.get_running_loop()
+            self._room_timers[name] = loop.call_later(seconds + 0.001, self._room_may_have_come)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
@@ -880,89 +740,19 @@ class Supervisor:
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
 
-    def scale(self, model: str, replicas: int | None) -> str:
-        """The operator's count for a model (None: back to autoscaling); persisted. Returns
-        what the daemon does, and why, in words (logged, and the action's answer)."""
-        dep = self.deployment(model)
-        asked, ceiling = replicas, dep.model.autoscaling.max_replicas
-        if replicas is not None:
-            replicas = max(0, min(replicas, ceiling))
-        self._set_control(dep, override=replicas)
-        if replicas is None:
-            return self._said(model, "scale auto", "the autoscaler decides its replicas again")
-        while len(dep.kept()) > replicas:
-            self.retire(self._victim(dep), f"operator scaled to {replicas}")
-        self.add_together([(dep, replicas - len(dep.kept()))], reason=f"operator scaled to {replicas}")
-        said = f"clamped to {replicas} because max_replicas = {ceiling}; " if asked != replicas else ""
-        have = len(dep.kept())
-        if have < replicas:
-            said += f"{have} of {replicas} replicas placed: {dep._why_unavailable()}"
-        else:
-            said += f"{replicas} replica{'s' if replicas != 1 else ''}, kept across restarts"
-        return self._said(model, f"scale {asked}", said)
+    # The operator's commands (appliance/fleet/operator.py).
 
-    @staticmethod
-    def _said(model: str, action: str, what: str) -> str:
-        """An operator action's outcome: logged at INFO (a refusal too, with its reason)."""
-        log.info("operator %s %s: %s", action, model, what)
-        return what
+    def scale(self, model: str, replicas: int | None) -> str:
+        return operator.scale(self, model, replicas)
 
     def load(self, model: str) -> str:
-        """Pre-warm: as if a request had arrived (evicting for it if it must); NoCapacity,
-        saying why, when no replica can start now (a load, unlike a request, is not held
-        for room that replicas of other models hold for now: Retry-After says when)."""
-        dep = self.deployment(model)
-        dep.rate.last_event = self.clock.monotonic()
-        dep.unloaded = False
-        if dep.ready:
-            return self._said(model, "load", "already ready")
-        self.on_demand(dep, trigger="load")
-        if dep.no_room or not dep.can_become_ready():
-            later = math.ceil(dep.room_in) if dep.no_room and dep.room_in is not None else None
-            why = dep._why_unavailable()
-            self._said(model, "load", f"refused: {why}")
-            raise NoCapacity(why, retry_after=max(1, later or dep._retry_after()))
-        return self._said(model, "load", "starting a replica; requests are held until it is ready")
+        return operator.load(self, model)
 
     def unload(self, model: str) -> str:
-        """Down to zero now (drained); the next request starts it again."""
-        dep = self.deployment(model)
-        if dep.control.override:
-            self._set_control(dep, override=None)
-        # Forget the recent rate: the traffic before the unload must not bring the
-        # model straight back; its next request will.
-        dep.rate = RateWindow(60, clock=self.clock.monotonic)
-        dep.rate.last_event = self.clock.monotonic()
-        dep.unloaded = True
-        kept = dep.kept()
-        for r in kept:
-            self.retire(r, "operator unloaded the model")
-        what = f"stopping {len(kept)} replica{'s' if len(kept) != 1 else ''}, each once its requests finish"
-        return self._said(model, "unload", f"{what}; the next request starts one" if kept else "no replica to stop")
+        return operator.unload(self, model)
 
     def pin(self, model: str, pinned: bool) -> str:
-        dep = self.deployment(model)
-        self._set_control(dep, pinned=pinned)
-        floor = dep.model.autoscaling.min_replicas
-        if not pinned:
-            return self._said(model, "unpin", "idle replicas may be unloaded again (autoscaling.idle_ttl)")
-        if len(dep.kept()) < floor:
-            for _ in range(floor - len(dep.kept())):
-                self.add_replica(dep, reason="pinned at min_replicas")
-        said = f"kept at min_replicas = {floor} however idle, across restarts"
-        if len(dep.kept()) < floor:
-            said += f"; {len(dep.kept())} placed now: {dep._why_unavailable()}"
-        return self._said(model, "pin", said)
-
-    def _set_control(self, dep: Deployment, **change) -> None:
-        current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
-        # Saved first: a write the state disk refuses (StateWriteFailed) changes nothing.
-        if self.state is not None:
-            if "override" in change:
-                self.state.set_override(dep.model.name, change["override"])
-            if "pinned" in change:
-                self.state.set_pinned(dep.model.name, change["pinned"])
-        dep.control = ModelControl(**current)
+        return operator.pin(self, model, pinned)
 
     def replica(self, model: str, index: int) -> Replica:
         dep = self.deployment(model)
