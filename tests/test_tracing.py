@@ -245,6 +245,14 @@ def test_each_fallback_attempt_is_a_span_and_the_failed_one_says_so(daemons, col
     assert failed.end_time_unix_nano <= fallback.start_time_unix_nano
 
 
+def test_a_collector_that_is_down_costs_requests_nothing_and_holds_no_exit(daemons):
+    d = daemons.start(fake_model("fake"), extra=f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{free_port()}"\n')
+    with d.client() as c:
+        for stream in (False, True, False):
+            assert chat(c, stream=stream).status_code == 200
+    assert d.terminate() == 0
+
+
 # --- off -----------------------------------------------------------------------------------
 
 

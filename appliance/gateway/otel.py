@@ -11,6 +11,9 @@ the loop nothing; past the queue's size, spans are dropped (the SDK logs it).
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
 from typing import TYPE_CHECKING
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -32,6 +35,10 @@ OK = Status(StatusCode.UNSET)
 # Spans appear at the collector within this long of their request's end.
 SCHEDULE_DELAY_MS = 1000
 EXPORT_TIMEOUT_S = 10.0
+# At shutdown, what is queued gets this long to leave; then the daemon exits anyway.
+CLOSE_TIMEOUT_S = 5.0
+# The SDK logs each span it drops while its queue is full: once a minute is enough.
+DROPS_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
 class OtlpExporter:
@@ -42,6 +49,7 @@ class OtlpExporter:
         self.scope = InstrumentationScope("appliance.gateway", version)
         exporter = OTLPSpanExporter(endpoint=traces_url(cfg), headers=dict(cfg.headers), timeout=EXPORT_TIMEOUT_S)
         self.processor = BatchSpanProcessor(exporter, schedule_delay_millis=SCHEDULE_DELAY_MS)
+        logging.getLogger(DROPS_LOGGER).addFilter(OncePerMinute())
 
     def export(self, trace_id: int, parent: Parent | None, spans: list[SpanRecord]) -> None:
         state = TraceState.from_header([parent.tracestate]) if parent is not None and parent.tracestate else None
@@ -67,8 +75,26 @@ class OtlpExporter:
             )
 
     def close(self) -> None:
-        """Send what is queued (bounded by the export timeout), then stop the thread."""
-        self.processor.shutdown()
+        """Send what is queued, for up to CLOSE_TIMEOUT_S (a collector that is down
+        must not hold the daemon's exit: the SDK's own bound is 30 s)."""
+        closing = threading.Thread(target=self.processor.shutdown, name="otel-shutdown", daemon=True)
+        closing.start()
+        closing.join(CLOSE_TIMEOUT_S)
+
+
+class OncePerMinute(logging.Filter):
+    """One record per message per minute (a full queue drops, and logs, every span)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last.get(record.msg, -60.0) < 60.0:
+            return False
+        self.last[record.msg] = now
+        return True
 
 
 __all__ = ["OtlpExporter"]

@@ -47,6 +47,7 @@ _TRACESTATE_MEMBER = re.compile(
     r"[a-z0-9][a-z0-9_\-*/@]{0,255}=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 )
 MAX_TRACESTATE = 512
+MAX_NAME = 256  # what a span keeps of a name the client chose
 SAMPLED = 0x01
 T = TypeVar("T")
 # A request's ``started`` is perf_counter's; replicas keep time by time.monotonic.
@@ -292,7 +293,7 @@ def _request_attributes(
         "appliance.stream": req.stream,
     }
     if req.model:
-        attrs["gen_ai.request.model"] = req.model
+        attrs["gen_ai.request.model"] = req.model[:MAX_NAME]  # the client's: any length
     if req.target:
         attrs["appliance.model"] = req.target
     if req.route is not None:
