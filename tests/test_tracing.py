@@ -120,7 +120,7 @@ def by_id(spans: list) -> dict:
 # --- the trace of a request ----------------------------------------------------------------
 
 
-def test_a_request_is_one_trace_of_queue_engine_and_first_token_spans_with_no_prompt_or_key(daemons, collector):
+def test_a_request_is_one_trace_of_engine_and_first_token_spans_with_no_prompt_or_key(daemons, collector):
     d = daemons.start(fake_model("fake"), extra=telemetry(collector) + "[keys]\nrequired = true\n")
     key, token = KeyStore(d.config.parent / "state" / "appliance.db").create("tracer")
     with d.client(headers={"Authorization": f"Bearer {token}"}) as c:
@@ -134,24 +134,22 @@ def test_a_request_is_one_trace_of_queue_engine_and_first_token_spans_with_no_pr
     collector.wait_for("time_to_first_token", 2)
     spans = collector.trace(stream.trace_id)
     names = sorted(s.name for s in spans)
-    assert names == ["POST /v1/chat/completions", "engine fake#0", "queue", "time_to_first_token"], names
+    # A READY replica at once: not held, so no queue span.
+    assert names == ["POST /v1/chat/completions", "engine fake#0", "time_to_first_token"], names
     index = by_id(spans)
-    queue = next(s for s in spans if s.name == "queue")
     engine = next(s for s in spans if s.name.startswith("engine"))
     first = next(s for s in spans if s.name == "time_to_first_token")
     assert stream.parent_span_id == b"" and stream.kind == stream.SPAN_KIND_SERVER
-    assert queue.parent_span_id == stream.span_id and engine.parent_span_id == stream.span_id
+    assert engine.parent_span_id == stream.span_id
     assert index[first.parent_span_id] is engine and engine.kind == engine.SPAN_KIND_CLIENT
     # Children lie within their parents.
-    for child in (queue, engine):
-        assert stream.start_time_unix_nano <= child.start_time_unix_nano <= child.end_time_unix_nano
-        assert child.end_time_unix_nano <= stream.end_time_unix_nano
+    assert stream.start_time_unix_nano <= engine.start_time_unix_nano <= engine.end_time_unix_nano
+    assert engine.end_time_unix_nano <= stream.end_time_unix_nano
     assert engine.start_time_unix_nano <= first.end_time_unix_nano <= engine.end_time_unix_nano
     a = attrs(stream)
     assert a["gen_ai.request.model"] == "fake" and a["http.response.status_code"] == 200
     assert a["appliance.key_id"] == key.id and a["appliance.served_by"] == "fake#0"
     assert a["gen_ai.usage.input_tokens"] == 5 and a["gen_ai.usage.output_tokens"] == 3
-    assert attrs(queue)["appliance.replica"] == "fake#0"
     resource = next(r for r, s in collector.spans if s is stream)
     assert resource["service.name"] == "box-7"
     # Nothing anywhere in what was sent holds the prompt, the answer or the key.
@@ -219,6 +217,7 @@ def test_a_request_held_through_a_cold_start_has_the_start_inside_its_queue_span
     spans = by_id(collector.trace(start.trace_id))
     queue = spans[start.parent_span_id]
     assert queue.name == "queue" and attrs(queue)["appliance.queue.cause"] == "cold"
+    assert attrs(queue)["appliance.replica"] == "cold#0" and attrs(start)["appliance.load.cause"] == "cold"
     assert spans[queue.parent_span_id].name == "POST /v1/chat/completions"
     assert queue.start_time_unix_nano <= start.start_time_unix_nano <= start.end_time_unix_nano
     assert start.end_time_unix_nano <= queue.end_time_unix_nano

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -37,7 +36,9 @@ SCHEDULE_DELAY_MS = 1000
 EXPORT_TIMEOUT_S = 10.0
 # At shutdown, what is queued gets this long to leave; then the daemon exits anyway.
 CLOSE_TIMEOUT_S = 5.0
-# The SDK logs each span it drops while its queue is full: once a minute is enough.
+# The SDK logs a warning for each span it drops while its queue is full (a LogRecord
+# each: ~60 us, per span, just when the collector is down). The exporter's own logger
+# says that the collector is down, once per failed batch: that is the message kept.
 DROPS_LOGGER = "opentelemetry.sdk._shared_internal"
 
 
@@ -49,21 +50,19 @@ class OtlpExporter:
         self.scope = InstrumentationScope("appliance.gateway", version)
         exporter = OTLPSpanExporter(endpoint=traces_url(cfg), headers=dict(cfg.headers), timeout=EXPORT_TIMEOUT_S)
         self.processor = BatchSpanProcessor(exporter, schedule_delay_millis=SCHEDULE_DELAY_MS)
-        logging.getLogger(DROPS_LOGGER).addFilter(OncePerMinute())
+        logging.getLogger(DROPS_LOGGER).setLevel(logging.ERROR)
 
     def export(self, trace_id: int, parent: Parent | None, spans: list[SpanRecord]) -> None:
         state = TraceState.from_header([parent.tracestate]) if parent is not None and parent.tracestate else None
-        remote = parent.span_id if parent is not None else 0
+        contexts = {s.span_id: SpanContext(trace_id, s.span_id, False, SAMPLED, state) for s in spans}
+        if parent is not None:
+            contexts[parent.span_id] = SpanContext(trace_id, parent.span_id, True, SAMPLED, state)
         for s in spans:
-            context = SpanContext(trace_id, s.span_id, is_remote=False, trace_flags=SAMPLED, trace_state=state)
-            up = None
-            if s.parent_id:
-                up = SpanContext(trace_id, s.parent_id, is_remote=s.parent_id == remote, trace_flags=SAMPLED)
             self.processor.on_end(
                 ReadableSpan(
                     name=s.name,
-                    context=context,
-                    parent=up,
+                    context=contexts[s.span_id],
+                    parent=contexts.get(s.parent_id),
                     resource=self.resource,
                     attributes=s.attributes,
                     kind=KINDS[s.kind],
@@ -80,21 +79,6 @@ class OtlpExporter:
         closing = threading.Thread(target=self.processor.shutdown, name="otel-shutdown", daemon=True)
         closing.start()
         closing.join(CLOSE_TIMEOUT_S)
-
-
-class OncePerMinute(logging.Filter):
-    """One record per message per minute (a full queue drops, and logs, every span)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last: dict[str, float] = {}
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        now = time.monotonic()
-        if now - self.last.get(record.msg, -60.0) < 60.0:
-            return False
-        self.last[record.msg] = now
-        return True
 
 
 __all__ = ["OtlpExporter"]

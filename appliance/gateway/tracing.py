@@ -9,7 +9,7 @@ imports OpenTelemetry), which builds the spans and queues them for its batch
 thread:
 
     POST /v1/chat/completions            the request (server span)
-    ├─ queue                             waiting for a READY replica (held through a start)
+    ├─ queue                             held: waiting for a READY replica (through its start)
     │  └─ cold_start | wake | evict      the part of the wait the replica spent loading
     ├─ engine <replica>                  one per attempt (a retry on another replica, too)
     │  └─ time_to_first_token            from sending to the engine to its first byte
@@ -48,6 +48,7 @@ _TRACESTATE_MEMBER = re.compile(
 )
 MAX_TRACESTATE = 512
 MAX_NAME = 256  # what a span keeps of a name the client chose
+HELD_S = 0.001  # a wait for a replica shorter than this (and no start) was none: no queue span
 SAMPLED = 0x01
 T = TypeVar("T")
 # A request's ``started`` is perf_counter's; replicas keep time by time.monotonic.
@@ -183,22 +184,28 @@ class RequestTrace:
     # --- the hooks (gateway/serving.py) ------------------------------------------------
 
     async def held(self, dep: Deployment, acquiring: Awaitable[Replica]) -> Replica:
-        """dep.acquire's replica, the wait recorded: a queue span, and inside it the
-        replica's start (or wake) when the request waited for one."""
+        """dep.acquire's replica. A request that was held (no READY replica for it at
+        once) gets a queue span, and inside it the replica's start (or wake) when it
+        waited for one; one that found a READY replica, nothing (a span per request
+        saying "no wait" is CPU spent on nothing)."""
         held_at = time.monotonic()
-        queue = SpanRecord(
-            "queue", new_id(64), self.span_id, self.ns(held_at), 0, attributes={"appliance.model": dep.model.name}
-        )
-        self.spans.append(queue)
+        model = dep.model.name
         try:
             replica = await acquiring
         except BaseException as exc:
-            queue.end_ns, queue.error = self.now(), _error_of(exc)
+            end = self.now()
+            queue = SpanRecord("queue", new_id(64), self.span_id, self.ns(held_at), end, error=_error_of(exc))
+            queue.attributes["appliance.model"] = model
+            self.spans.append(queue)
             raise
         now = time.monotonic()
-        queue.end_ns = self.ns(now)
-        queue.attributes["appliance.replica"] = replica.name
-        if replica.ready_since > held_at:  # it became READY while this request waited
+        started = replica.ready_since > held_at  # it became READY while this request waited
+        if not started and now - held_at < HELD_S:
+            return replica
+        queue = SpanRecord("queue", new_id(64), self.span_id, self.ns(held_at), self.ns(now))
+        queue.attributes.update({"appliance.model": model, "appliance.replica": replica.name})
+        self.spans.append(queue)
+        if started:
             cause = dep.loading_cause
             start = max(held_at, replica.loading_since) if cause != "wake" else held_at
             queue.attributes["appliance.queue.cause"] = cause
