@@ -244,6 +244,19 @@ def test_each_fallback_attempt_is_a_span_and_the_failed_one_says_so(daemons, col
     assert failed.end_time_unix_nano <= fallback.start_time_unix_nano
 
 
+def test_sample_ratio_zero_records_no_new_trace_but_a_clients_sampled_one_and_engines_learn_both(daemons, collector):
+    d = daemons.start(fake_model("fake"), extra=telemetry(collector, "sample_ratio = 0.0"))
+    with d.client() as c, engine_client(d.replicas("fake")[0]) as e:
+        assert chat(c).status_code == 200
+        unsampled = e.get("/fake/stats").json()["last_trace_headers"]["traceparent"]
+        assert chat(c, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"}).status_code == 200
+    assert unsampled.endswith("-00") and CLIENT_TRACE not in unsampled  # not recorded: the engine is told so
+    root = collector.wait_for("POST /v1/chat/completions")[0]
+    assert root.trace_id.hex() == CLIENT_TRACE
+    assert d.terminate() == 0  # what was queued is sent at shutdown: still only the client's trace
+    assert {s.trace_id.hex() for _, s in collector.spans} == {CLIENT_TRACE}
+
+
 def test_a_collector_that_is_down_costs_requests_nothing_and_holds_no_exit(daemons):
     d = daemons.start(fake_model("fake"), extra=f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{free_port()}"\n')
     with d.client() as c:

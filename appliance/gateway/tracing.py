@@ -188,6 +188,8 @@ class RequestTrace:
         once) gets a queue span, and inside it the replica's start (or wake) when it
         waited for one; one that found a READY replica, nothing (a span per request
         saying "no wait" is CPU spent on nothing)."""
+        if not self.sampled:
+            return await acquiring
         held_at = time.monotonic()
         model = dep.model.name
         try:
@@ -227,6 +229,8 @@ class RequestTrace:
         """One attempt at an engine (local: it gets a traceparent naming this span) or
         a provider. A failed attempt's span ends with its error; the one that answers
         stays open until the request ends (a stream's last byte)."""
+        if not self.sampled:  # not recorded; a local engine still learns its trace (and not to record it)
+            return await send(self._engine_headers(headers, new_id(64)) if local else headers)
         req = self.req
         fallback = req.fallback_reason is not None
         span = SpanRecord(
@@ -241,12 +245,8 @@ class RequestTrace:
         if fallback:
             span.attributes["appliance.fallback.reason"] = req.fallback_reason or ""
         self.spans.append(span)
-        if local:
-            headers = {**headers, "traceparent": traceparent(self.trace_id, span.span_id, self.sampled)}
-            if self.parent is not None and self.parent.tracestate:
-                headers["tracestate"] = self.parent.tracestate
         try:
-            answer = await send(headers)
+            answer = await send(self._engine_headers(headers, span.span_id) if local else headers)
         except BaseException as exc:
             span.end_ns, span.error = self.now(), _error_of(exc)
             raise
@@ -254,6 +254,13 @@ class RequestTrace:
             self._first_token(span, self.now())
         self.answered = span
         return answer
+
+    def _engine_headers(self, headers: dict[str, str], span_id: int) -> dict[str, str]:
+        """The engine's headers with the trace context naming its attempt's span."""
+        headers = {**headers, "traceparent": traceparent(self.trace_id, span_id, self.sampled)}
+        if self.parent is not None and self.parent.tracestate:
+            headers["tracestate"] = self.parent.tracestate
+        return headers
 
     def _first_token(self, attempt: SpanRecord, at_ns: int) -> None:
         self.spans.append(SpanRecord("time_to_first_token", new_id(64), attempt.span_id, attempt.start_ns, at_ns))
