@@ -25,6 +25,7 @@ from appliance.store.store import model_path
 from engines import GpuSlot, adapter_for
 
 from .conftest import ROOT, engine_client, fake_model, free_port, wait_until
+from .test_gpu_adapters import pinned_flags
 
 pytest.importorskip("opentelemetry.sdk", reason="the telemetry extra (pip install 'appliance[telemetry]')")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
@@ -365,5 +366,6 @@ def test_vllm_sends_its_spans_to_the_same_collector_when_telemetry_is_on():
     assert spec.env["OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"] == "http/protobuf"
     assert spec.env["OTEL_SERVICE_NAME"] == "appliance-vllm"
     assert spec.env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] == "x-tenant=a%20b"
+    assert "--otlp-traces-endpoint" in pinned_flags("vllm")  # the pinned vLLM has it
     off = _vllm_spec(VLLM)
     assert "--otlp-traces-endpoint" not in off.argv and not any(k.startswith("OTEL_") for k in off.env)
