@@ -26,6 +26,7 @@ from engines import GpuSlot, adapter_for
 
 from .conftest import ROOT, engine_client, fake_model, free_port, wait_until
 from .test_gpu_adapters import pinned_flags
+from .test_routes import Recorder, provider, route
 
 pytest.importorskip("opentelemetry.sdk", reason="the telemetry extra (pip install 'appliance[telemetry]')")
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest  # noqa: E402
@@ -69,7 +70,7 @@ class Collector:
 
         app = web.Application()
         app.router.add_post("/v1/traces", traces)
-        runner = web.AppRunner(app)
+        self._runner = runner = web.AppRunner(app)
         self._loop.run_until_complete(runner.setup())
         self._loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
         self._ready.set()
@@ -86,6 +87,7 @@ class Collector:
         return [s for _, s in list(self.spans) if s.trace_id == trace_id]
 
     def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
 
@@ -264,6 +266,25 @@ def test_a_collector_that_is_down_costs_requests_nothing_and_holds_no_exit(daemo
         for stream in (False, True, False):
             assert chat(c, stream=stream).status_code == 200
     assert d.terminate() == 0
+
+
+def test_a_providers_fallback_is_a_span_and_no_trace_context_leaves_the_box(daemons, collector, tmp_path):
+    rec = Recorder(tmp_path)
+    try:
+        routes = route("general", "general", "err5xx", False, ["cloud"])
+        models = fake_model("err5xx", "--fail-status", "500")
+        d = daemons.start(models, extra=telemetry(collector) + provider(rec, tmp_path) + routes)
+        sent = {"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01", "tracestate": "vendor=abc"}
+        with d.client() as c:
+            assert chat(c, "general", headers=sent).status_code == 200
+        assert rec.requests() == 1
+        assert httpx.get(f"{rec.url}/fake/stats", timeout=5).json()["last_trace_headers"] == {}
+    finally:
+        rec.proc.kill()
+        rec.proc.wait()
+    fallback = collector.wait_for("fallback provider:cloud")[0]
+    assert fallback.trace_id.hex() == CLIENT_TRACE and attrs(fallback)["appliance.provider"] == "provider:cloud"
+    assert attrs(fallback)["appliance.fallback.reason"] == "engine_error"
 
 
 # --- off -----------------------------------------------------------------------------------
