@@ -215,15 +215,15 @@ say "installing appliance $this_version into $prefix ($mode)"
 # under versions/, built beside the current one; the link switches further down.
 if [ "$mode" = dev ]; then
   program=$prefix
-  spec=("-e" "$here[test]")
+  spec=("-e" "$here[test,telemetry]")
   fingerprint=$(sha256sum < "$here/pyproject.toml" | cut -c1-32)
 else
   adopt_unversioned_install
   if [ -n "$bundle_dir" ]; then
-    spec=("appliance==$this_version")
+    spec=("appliance[telemetry]==$this_version")
     fingerprint=$(cat "$bundle_dir"/wheels/appliance-*.whl | sha256sum | cut -c1-32)
   else
-    spec=("$here")
+    spec=("$here[telemetry]")
     fingerprint=$( (cd "$here" && find appliance engines tui pyproject.toml -type f \
                    \( -name '*.py' -o -name '*.toml' -o -name '*.tcss' \) \
                    | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -c1-32)

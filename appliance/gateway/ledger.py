@@ -66,6 +66,8 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         _text(req.response_text),
     ]
     req.receipt = rt.audit.record(req.row, durable=req.accountable)
+    if req.trace is not None:
+        req.trace.finish(status, prompt, completion)
 
 
 def finish_stream(rt: Gateway, req: ProxyRequest, status: int) -> None:

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from appliance.fleet.supervisor import Deployment
     from appliance.gateway.capabilities import Endpoint
     from appliance.gateway.metering import StreamTap, Usage
+    from appliance.gateway.tracing import RequestTrace
 
 
 @dataclass(slots=True)
@@ -68,6 +69,7 @@ class ProxyRequest:
     finished: bool = False
     row: list | None = None
     receipt: asyncio.Future | None = None
+    trace: RequestTrace | None = None  # its trace, with [telemetry] on (appliance/gateway/tracing.py)
 
     @property
     def accountable(self) -> bool:

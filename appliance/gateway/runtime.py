@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from appliance.gateway.providers import Provider
     from appliance.gateway.proxy import EngineProxy
     from appliance.gateway.routing import Routes
+    from appliance.gateway.tracing import Tracing
 
 
 class RequestMetrics(Protocol):
@@ -55,6 +56,8 @@ class Gateway:
     # Requests on the hot path, from arrival to their answer's end: held, at an
     # engine or a provider, or waiting for their audit row. The drain waits for 0.
     inflight: int = 0
+    # Request traces ([telemetry] otlp_endpoint); None: off, and nothing is recorded.
+    tracing: Tracing | None = None
 
 
 __all__ = ["Gateway", "RequestMetrics"]

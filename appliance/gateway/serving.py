@@ -50,7 +50,8 @@ async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment) -> Answ
     disconnected = partial(wait_disconnect, receive) if req.stream else None
     failed = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        replica = await dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
+        acquiring = dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
+        replica = await (acquiring if req.trace is None else req.trace.held(dep, acquiring))
         req.served_by = replica.name
         try:
             return await to_replica(rt, req, replica, body)
@@ -68,10 +69,9 @@ async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment) -> Answ
 
 def to_replica(rt: Gateway, req: ProxyRequest, replica: Replica, body: bytes) -> Awaitable[Answer]:
     """The request on this one replica (a stored Response's home, or the one acquired)."""
-    if req.stream:
-        done = partial(finish_stream, rt, req)
-        return rt.proxy.open_stream(replica, req.path, body, req.headers, done, req.endpoint.dialect)
-    return rt.proxy.unary(replica, req.path, body, req.headers)
+    if req.trace is not None:  # traced: an attempt's span, and its traceparent for the engine
+        return req.trace.attempt(replica.name, True, req.headers, partial(_send, rt, req, replica, req.path, body))
+    return _send(rt, req, replica, req.path, body, req.headers)
 
 
 def to_provider(rt: Gateway, req: ProxyRequest, provider: Provider) -> Awaitable[Answer]:
@@ -79,10 +79,18 @@ def to_provider(rt: Gateway, req: ProxyRequest, provider: Provider) -> Awaitable
     path = provider.path(req.path)
     body = provider.body(req.forwarded, req.model)
     headers = provider.headers(req.headers, req.endpoint.name)
+    if req.trace is not None:  # traced: an attempt's span; no trace context leaves the box
+        return req.trace.attempt(provider.name, False, headers, partial(_send, rt, req, provider, path, body))
+    return _send(rt, req, provider, path, body, headers)
+
+
+def _send(
+    rt: Gateway, req: ProxyRequest, upstream: Replica | Provider, path: str, body: bytes, headers: dict[str, str]
+) -> Awaitable[Answer]:
     if req.stream:
         done = partial(finish_stream, rt, req)
-        return rt.proxy.open_stream(provider, path, body, headers, done, req.endpoint.dialect)
-    return rt.proxy.unary(provider, path, body, headers)
+        return rt.proxy.open_stream(upstream, path, body, headers, done, req.endpoint.dialect)
+    return rt.proxy.unary(upstream, path, body, headers)
 
 
 def body_for(req: ProxyRequest, dep: Deployment) -> bytes:
