@@ -114,12 +114,35 @@ async def test_restart_and_drain_a_replica(daemon):
         await pilot.press("r", "y")
         await until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
                                 for r in kept(daemon)), what="a new engine process")
+        # The daemon's own words for what it did, not a bare "done".
+        [note] = [n for n in app._notifications if n.title == f"restart fake#{before['index']}"]
+        assert note.message.startswith(f"restarting fake#{before['index']}: ") and "starts again" in note.message
         [restarted] = kept(daemon)
         await pilot.press("d", "y")
+        said = await until(lambda: [n.message for n in app._notifications if n.title.startswith("drain ")],
+                           what="the drain's notification")
+        assert said[0].startswith(f"draining fake#{restarted['index']}: no new requests; it stops")
         # Drained and gone (the autoscaler may add a new replica for min_replicas: another pid).
         await until(lambda: all(r["pid"] != restarted["pid"] or r["retiring"]
                                 for r in model(daemon)["replicas"]), what="drained")
     await until(lambda: any(r["state"] == "READY" for r in kept(daemon)), what="fake serving again")
+
+
+async def test_an_action_is_notified_in_the_daemons_own_words(daemon):
+    """Scale beyond max_replicas: the notification says it was clamped, and why (the
+    answer's `said`), not "done"."""
+    app = tui(daemon)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await on_row(app, pilot, "m:other")
+            await pilot.press("s", "9", "enter")
+            [note] = await until(lambda: [n for n in app._notifications if n.title == "scale other to 9"],
+                                 what="the scale's notification")
+            assert note.message.startswith("clamped to 3 because max_replicas = 3; "), note.message
+            assert note.severity == "information"
+    finally:
+        httpx.post(f"{daemon.url}/admin/models/other/unload", json={}, timeout=10)
+        await until(lambda: model(daemon, "other")["replicas"] == [], what="other unloaded again")
 
 
 async def test_a_daemon_error_is_a_notification_not_a_crash(daemon):

@@ -492,7 +492,7 @@ class Supervisor:
                     dep.replicas.append(replica)
                     replica.start()
                 else:
-                    log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
+                    log.info("cannot add a replica of %s: %s", dep.model.name, row.error)
                 return None
             replica.slot = GpuSlot(
                 row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
@@ -549,7 +549,7 @@ class Supervisor:
             why = f"no room: {decided.explain(scarce.what)}"
             # Once per change of who holds it and why, not once per look or per second it ages.
             if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
-                log.warning("cannot start %s: %s", dep.model.name, why)
+                log.info("cannot start %s: %s", dep.model.name, why)
             dep.no_room, dep.room_in = why, decided.room_in
             return None
         victims = [by_name[h.replica] for h in decided.victims]
@@ -953,6 +953,25 @@ class Supervisor:
         if len(dep.kept()) < floor:
             said += f"; {len(dep.kept())} placed now: {dep._why_unavailable()}"
         return self._said(model, "pin", said)
+
+    def restart_replica(self, replica: Replica) -> str:
+        """The operator's restart of one replica: drained (bounded), then started again."""
+        inflight = replica.inflight
+        replica.restart()
+        drain = f"once its {inflight} request{'s' if inflight != 1 else ''} in flight finish, " if inflight else ""
+        what = f"restarting {replica.name}: {drain}its engine stops and starts again; it serves once ready"
+        return self._said(replica.model.name, f"restart #{replica.index}", what)
+
+    def drain_replica(self, replica: Replica) -> str:
+        """The operator's drain of one replica: no new requests, then it stops for good."""
+        inflight = replica.inflight
+        self.retire(replica, "operator drained the replica")
+        finish = f"once its {inflight} request{'s' if inflight != 1 else ''} in flight finish" if inflight else "now"
+        what = f"draining {replica.name}: no new requests; it stops {finish}"
+        dep = self.deployments[replica.model.name]
+        if dep.control.override is None and dep.model.autoscaling.min_replicas > len(dep.kept()):
+            what += f"; the autoscaler starts another to keep min_replicas = {dep.model.autoscaling.min_replicas}"
+        return self._said(replica.model.name, f"drain #{replica.index}", what)
 
     def _set_control(self, dep: Deployment, **change) -> None:
         current = {"override": dep.control.override, "pinned": dep.control.pinned, **change}
