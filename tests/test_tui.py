@@ -219,8 +219,8 @@ def fake_tui(**kw) -> ApplianceTUI:
     return ApplianceTUI(FakeAdmin(**kw), interval=3600)
 
 
-def rows(app: ApplianceTUI) -> list[str]:
-    return [r.key.value for r in app.query_one("#models-table").ordered_rows]
+def rows(app: ApplianceTUI, view: str = "models") -> list[str]:
+    return [r.key.value for r in app.query_one(f"#{view}-table").ordered_rows]
 
 
 def shown(app, widget: str) -> str:
@@ -266,8 +266,11 @@ async def test_slash_filters_the_current_table_and_escape_clears_it():
         assert len(rows(app)) == 6
         await pilot.press("3", "slash", *"health")
         await pilot.pause()
-        routes = shown(app, "#routes-body")
-        assert "health-records" in routes and "general" not in routes
+        assert rows(app, "routes") == ["route:health-records"]
+        await pilot.press(*"x" * 3)
+        await pilot.pause()
+        assert rows(app, "routes") == []
+        assert "No routes match the filter 'healthxxx' (Esc clears it)." in shown(app, "#routes-note")
 
 
 async def test_o_sorts_the_models_and_capital_o_reverses():
@@ -294,6 +297,31 @@ async def test_a_header_click_sorts_by_it():
         await pilot.pause()
         assert "QUEUE" in str(app.query_one("#models-table").ordered_columns[4].label)
         assert rows(app)[0] == "m:qwen2.5-7b"  # 2 queued, the others none
+
+
+async def test_a_header_click_sorts_the_routes_and_usage_tables_too():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await until(lambda: rows(app, "usage"), what="the usage table filled")
+        assert rows(app, "usage") == ["key:team-search", "key:batch-etl"]  # the daemon's order
+        await pilot.click("#usage-table", offset=(2, 0))  # KEY: a to z
+        await pilot.pause()
+        assert rows(app, "usage") == ["key:batch-etl", "key:team-search"]
+        assert str(app.query_one("#usage-table").ordered_columns[0].label) == "KEY ▲"
+        await pilot.click("#usage-table", offset=(2, 0))  # again: reversed
+        await pilot.pause()
+        assert rows(app, "usage") == ["key:team-search", "key:batch-etl"]
+        assert str(app.query_one("#usage-table").ordered_columns[0].label) == "KEY ▼"
+        await pilot.press("3")
+        await until(lambda: rows(app, "routes"), what="the routes table filled")
+        await pilot.press("o")  # ROUTE
+        await pilot.pause()
+        assert rows(app, "routes") == ["route:general", "route:health-records"]
+        await pilot.press("O")
+        await pilot.pause()
+        assert rows(app, "routes") == ["route:health-records", "route:general"]
+        assert app.orders["usage"].column == 0 and app.orders["models"].column is None  # each its own
 
 
 @pytest.mark.parametrize("said", [

@@ -255,7 +255,6 @@ MODEL_COLUMNS = (
     Column("TTFT p50", lambda m: m.ttft_p50_ms, numeric=True),
     Column("PIN", lambda m: m.pinned),
 )
-MODEL_KEYS = tuple(c.title for c in MODEL_COLUMNS)  # the DataTable's column keys
 
 
 def _model_words(m: ModelStatus) -> str:
@@ -364,35 +363,29 @@ def _route_words(r: RouteStatus) -> str:
     return " ".join([r.name, r.model, r.tag, r.target, *r.fallbacks, "regulated" if r.regulated else ""])
 
 
-def _filtered_out(kind: str, order: Order) -> Text:
-    return Text(f"No {kind} match the filter '{order.filter}' (Esc clears it).")
-
-
-def routes(status: DaemonStatus, order: Order = Order()) -> RenderableType:
-    if not status.routes:
-        return Text("No routes configured.")
-    shown = arrange(status.routes, ROUTE_COLUMNS, order, _route_words)
+def empty_note(kind: str, none: str, total: int, shown: int, order: Order) -> str:
+    """What a table says when it shows no row: nothing configured, or nothing matches."""
+    if not total:
+        return none
     if not shown:
-        return _filtered_out("routes", order)
-    table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for title in titles(ROUTE_COLUMNS, order):
-        table.add_column(title, overflow="fold")
-    for r in shown:
-        fallbacks = [f"{f} ({r.fired.get(f, 0)})" for f in r.fallbacks]
+        return f"No {kind} match the filter '{order.filter}' (Esc clears it)."
+    return ""
+
+
+def route_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
+    """(row key, cells) for the routes table."""
+    rows = []
+    for r in arrange(status.routes, ROUTE_COLUMNS, order, _route_words):
+        fallbacks = ", ".join(f"{f} ({r.fired.get(f, 0)})" for f in r.fallbacks) or "none"
         model = r.model + (f" [{r.tag}]" if r.tag else "")
-        table.add_row(r.name, model, r.target, "yes" if r.regulated else "no", ", ".join(fallbacks) or "none")
-    return table
+        rows.append((f"route:{r.name}", (r.name, model, r.target, "yes" if r.regulated else "no", fallbacks)))
+    return rows
 
 
-def usage(status: DaemonStatus, order: Order = Order()) -> RenderableType:
-    if not status.usage:
-        return Text("No API keys configured.")
-    shown: list[KeyUsage] = arrange(status.usage, USAGE_COLUMNS, order, lambda u: u.key)
-    if not shown:
-        return _filtered_out("keys", order)
-    table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for i, title in enumerate(titles(USAGE_COLUMNS, order)):
-        table.add_column(title, justify="left" if i == 0 else "right")
-    for u in shown:
-        table.add_row(u.key, str(u.requests), str(u.prompt_tokens), str(u.completion_tokens), str(u.tokens))
-    return table
+def usage_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
+    """(row key, cells) for the usage table: one API key each, its counts right-aligned."""
+    rows = []
+    for u in arrange(status.usage, USAGE_COLUMNS, order, lambda u: u.key):
+        counts = (u.requests, u.prompt_tokens, u.completion_tokens, u.tokens)
+        rows.append((f"key:{u.key}", (u.key, *(Text(str(n), justify="right") for n in counts))))
+    return rows

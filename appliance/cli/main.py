@@ -621,7 +621,8 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}")
+        titled = f'  "{r["title"]}"' if r.get("title") else ""
+        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}{titled}")
 
 
 def _register_store_commands() -> None:

@@ -90,6 +90,7 @@ class Incoming:
     # A license accepted where the model came from (a bundle): accepted here too.
     license_accepted_by: str | None = None
     license_accepted_at: float | None = None
+    title: str = ""  # what the model calls itself (a GGUF's general.name), shown beside its name
 
     @property
     def total_bytes(self) -> int:
@@ -130,6 +131,7 @@ class ModelRecord:
     state: str
     state_reason: str
     files: list[dict] = field(default_factory=list)
+    title: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -323,7 +325,7 @@ class Store:
     def _record(self, row: dict) -> ModelRecord:
         files = list(self.db["files"].rows_where("model = ?", [row["name"]], order_by="path"))
         return ModelRecord(
-            **{**row, "pinned": bool(row["pinned"])},
+            **{**row, "pinned": bool(row["pinned"]), "title": row.get("title") or ""},
             files=[{"path": f["path"], "sha256": f["sha256"], "size": f["size"]} for f in files],
         )
 
@@ -505,6 +507,7 @@ class Store:
                     "pinned": 0,
                     "state": READY,
                     "state_reason": "",
+                    "title": incoming.title,
                 },
                 [
                     {
@@ -924,7 +927,12 @@ CREATE TABLE IF NOT EXISTS "files" (
 
 # The manifest's schema (appliance/state/migrations.py): append a step to change it, e.g.
 # `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
-MIGRATIONS = migrations.Registry("store manifest", (_v1_tables,))
+def _title_column(db: sqlite3.Connection) -> None:
+    """A model's title (a GGUF's general.name): shown, never used as its name."""
+    migrations.add_column(db, "models", "title", "TEXT")
+
+
+MIGRATIONS = migrations.Registry("store manifest", (_v1_tables, _title_column))
 
 
 def _content_revision(hashed: dict[str, str]) -> str:
