@@ -15,7 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from appliance.status import DaemonStatus, GpusStatus, KeyUsage, ModelStatus, RouteStatus
+from appliance.status import DaemonStatus, GpusStatus, ModelStatus, RouteStatus
 
 T = TypeVar("T")
 

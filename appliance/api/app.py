@@ -653,7 +653,8 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
         log.error("unhandled error on %s %s", method, path, exc_info=exc)
         err = ApplianceError("Internal error; the appliance's log has the details")
     # (An operator's refused action is logged by the supervisor, with its own words.)
-    if isinstance(err, (NoCapacity, QueueFull)) and not isinstance(err, ShuttingDown) and not path.startswith("/admin/"):
+    refused = isinstance(err, (NoCapacity, QueueFull)) and not isinstance(err, ShuttingDown)
+    if refused and not path.startswith("/admin/"):
         _REFUSALS.log(log, logging.INFO, f"refused {method} {path}: {err.status} {err.code}: {err.message}")
     headers = err.headers()
     if rid:

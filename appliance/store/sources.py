@@ -129,7 +129,8 @@ def _gguf_labels(p: Path, st: os.stat_result) -> dict[str, str]:
     except gguf.GgufError:
         return {}  # not a GGUF header: the store's checks say what is wrong with it
     found = metadata.get("general.license")
-    return {"license": spdx(found) if isinstance(found, str) else "unknown", "title": title(metadata.get("general.name"))}
+    license_ = spdx(found) if isinstance(found, str) else "unknown"
+    return {"license": license_, "title": title(metadata.get("general.name"))}
 
 
 TITLE_MAX = 200
