@@ -465,6 +465,11 @@ def test_a_gguf_import_keeps_its_general_name_as_the_title_not_the_name(tmp_path
     assert (row["name"], row["title"]) == ("smol", "Smollm2 135M 8k Lc100K Mix1 Ep2")
     [line] = [li for li in run(tmp_path, "models", "ls", "--port", "1").stdout.splitlines() if li.startswith("smol ")]
     assert line.endswith('  "Smollm2 135M 8k Lc100K Mix1 Ep2"')
+    # The case: the bundled model imported again under a second name is the same blob.
+    again = json.loads(run(tmp_path, "models", "import", str(src), "--name", "smol-too", "--json").stdout)[0]
+    assert again["title"] == row["title"]
+    paths = [Path(row["source"]).resolve(), Path(again["path"]).resolve()]
+    assert paths[0] != paths[1] and len({(p.stat().st_dev, p.stat().st_ino) for p in paths}) == 1
 
 
 def test_a_hostile_general_name_is_shown_without_its_escape_sequences(tmp_path):
