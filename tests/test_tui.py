@@ -239,6 +239,15 @@ async def test_the_app_opens_on_the_overview():
         assert "GPU0" in shown(app, "#overview-body")
 
 
+async def test_a_gpu_replicas_detail_shows_the_memory_nvml_measured():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(lambda: "#0 " in shown(app, "#model-detail"), what="the detail filled")
+        detail = shown(app, "#model-detail")
+        assert "GPU 0,1" in detail and "GPU mem 70.0 GiB" in detail  # 35 GiB on each of its 2 GPUs
+
+
 async def test_question_mark_lists_every_key_binding_per_view():
     app = fake_tui()
     async with app.run_test(size=SIZE) as pilot:

@@ -147,7 +147,9 @@ class ApplianceTUI(App):
     async def _poll(self) -> None:
         try:
             status = await self.admin.status()
-            gpus = await self.admin.gpus() if self.active_tab == "overview" or self.gpus is None else self.gpus
+            # (The models' detail shows each GPU replica's memory as NVML measures it.)
+            fresh = self.active_tab in ("overview", "models") or self.gpus is None
+            gpus = await self.admin.gpus() if fresh else self.gpus
             log = None
             if self.active_tab == "logs":
                 self._choose_log_source(status)
@@ -238,7 +240,7 @@ class ApplianceTUI(App):
         if self.status is None:
             return
         model, _ = self.selection()
-        self.query_one("#model-detail", Static).update(views.model_detail(self.status, model))
+        self.query_one("#model-detail", Static).update(views.model_detail(self.status, model, self.gpus))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         with contextlib.suppress(NoMatches):  # a highlight still queued while the app closes

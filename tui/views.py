@@ -290,7 +290,17 @@ def model_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, 
     return rows
 
 
-def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
+def gpu_memory(gpus: GpusStatus | None) -> dict[str, int]:
+    """Each GPU replica's memory as NVML measured it, summed over its GPUs."""
+    used: dict[str, int] = {}
+    for g in gpus.gpus if gpus is not None else []:
+        for p in g.replicas:
+            if p.used_bytes:
+                used[p.replica] = used.get(p.replica, 0) + p.used_bytes
+    return used
+
+
+def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None = None) -> RenderableType:
     m = next((m for m in status.models if m.name == name), None)
     if m is None:
         return Text("No model selected.")
@@ -313,6 +323,7 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
     ]
     if m.blocked:
         lines.append(Text(f"not served: {m.blocked}", style="red"))
+    measured = gpu_memory(gpus)
     for r in m.replicas:
         where = f"port {r.port}" if r.port else (r.url or "")
         gpus = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else (f" {len(r.cpus)} cores" if r.cpus else "")
@@ -320,6 +331,7 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
         extra = "".join(
             part
             for part in (
+                f" GPU mem {measured[r.replica] / GiB:.1f} GiB" if r.replica in measured else "",
                 f" mem {r.rss_bytes / 2**20:.0f} MiB" if r.rss_bytes else "",
                 f" up {duration(r.uptime_s)}" if r.uptime_s is not None else "",
                 f" image {r.image}" if r.image else "",
