@@ -269,10 +269,13 @@ APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" PYTHON="
 if cuda=$("$here/images/llamacpp-cuda/probe.sh"); then
   say "CUDA toolkit found ($cuda): building llama-server with CUDA for this box's GPUs"
   rc=0
-  out=$(PATH="$(dirname "$cuda"):$PATH" APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
-        PYTHON="$PYTHON" "$program/bin/appliance" images build llamacpp-cuda 2>&1) || rc=$?
+  # Its progress (ninja's steps, the elapsed time) shown as it comes: the CUDA build takes minutes.
+  cuda_log=$(mktemp)
+  PATH="$(dirname "$cuda"):$PATH" APPLIANCE_IMAGE_DEFS="$here/images" APPLIANCE_BUILD_CACHE="$cache_root" \
+    PYTHON="$PYTHON" "$program/bin/appliance" images build llamacpp-cuda 2>&1 | tee "$cuda_log" \
+    | sed 's/^/install.sh: /' || rc=$?
+  out=$(cat "$cuda_log") && rm -f "$cuda_log"
   if [ "$rc" = 0 ]; then
-    printf '%s\n' "$out" | sed 's/^/install.sh: /'
     case "$out" in *"up to date"*) ;; *) changes=$((changes + 1)) ;; esac
   else
     say "the CUDA engine (llamacpp-cuda) did not build: $(printf '%s' "$out" | tail -n 1);" \

@@ -16,7 +16,9 @@ from __future__ import annotations
 import logging
 import logging.handlers
 import os
+import re
 import sys
+import time
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TextIO
@@ -99,3 +101,26 @@ def setup_logging(level: str = "info", log_file: str | None = None, stream: Text
     # Granian's own logger is loud at info; ours says what matters.
     logging.getLogger("_granian").setLevel(logging.WARNING)
     logging.getLogger("granian").setLevel(logging.WARNING)
+
+
+class OncePer:
+    """Logs a recurring event once per ``every_s`` for each distinct text (its numbers
+    ignored), with how many times it recurred meanwhile: a refusal that repeats for every
+    request says so once, not once per request."""
+
+    _DIGITS = re.compile(r"\d+")
+
+    def __init__(self, every_s: float = 60.0, clock=time.monotonic, most: int = 256) -> None:
+        self.every_s, self.clock, self.most = every_s, clock, most
+        self._seen: dict[str, tuple[float, int]] = {}  # shape -> (last logged, recurrences since)
+
+    def log(self, logger: logging.Logger, level: int, text: str) -> None:
+        shape, now = self._DIGITS.sub("#", text), self.clock()
+        last, since = self._seen.get(shape, (None, 0))
+        if last is not None and now - last < self.every_s:
+            self._seen[shape] = (last, since + 1)
+            return
+        if len(self._seen) >= self.most:
+            self._seen.clear()  # bounded: forgetting only costs a line logged again
+        self._seen[shape] = (now, 0)
+        logger.log(level, "%s%s", text, f" (and {since} more like it since)" if since else "")

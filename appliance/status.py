@@ -97,6 +97,8 @@ class ReplicaStatus(msgspec.Struct, kw_only=True):
     last_error: str | None = None
     log_file: str | None = None
     log_tail: list[str] = []  # the last log lines of a FATAL replica
+    # In the answer to an operator's restart or drain: what the daemon does, in words.
+    said: str | None = None
 
 
 class Decision(msgspec.Struct, kw_only=True):

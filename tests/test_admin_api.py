@@ -100,6 +100,24 @@ def test_a_replicas_log_tail(token_daemon):
         assert c.get("/admin/models/fake/replicas/0/log", params={"lines": 0}).status_code == 400
 
 
+def test_the_daemons_own_log_refuses_a_bad_line_count_and_says_where_no_log_is(token_daemon):
+    """GET /admin/log: 400 naming `lines` for a count out of 1-5000 or not a number; 404
+    saying what to do when the daemon logs to stderr only (no server.log_file, no systemd);
+    the admin credential like every /admin path."""
+    from appliance.logview import journal_command
+
+    with over_socket(token_daemon.socket) as c:
+        for bad in ("0", "-1", "abc", "5001", "1.5"):
+            resp = c.get("/admin/log", params={"lines": bad})
+            assert resp.status_code == 400, bad
+            assert resp.json()["error"]["param"] == "lines"
+        if journal_command(1, follow=False) is None:  # not under systemd: nothing to read
+            resp = c.get("/admin/log")
+            assert resp.status_code == 404
+            assert "server.log_file" in resp.json()["error"]["message"]
+    assert httpx.get(f"{token_daemon.url}/admin/log").status_code == 401
+
+
 def test_status_has_the_ttft_p50_of_answered_requests(token_daemon):
     def ttft() -> float | None:
         with over_socket(token_daemon.socket) as c:

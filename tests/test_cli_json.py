@@ -5,6 +5,8 @@ progress and notes on stderr; `keys create --json` gives the key in a field; the
 from __future__ import annotations
 
 import json
+import re
+from datetime import UTC, datetime
 
 import click
 import pytest
@@ -101,7 +103,8 @@ def test_ps_shows_each_replica_with_engine_state_place_memory_and_uptime(daemons
 
     from .conftest import PY, ROOT, fake_model
 
-    d = daemons.start(fake_model("fake"))
+    idles = '[models.autoscaling]\nmin_replicas = 0\nscale_to_zero_after = "1h"\n'
+    d = daemons.start(fake_model("fake") + fake_model("idles", extra=idles))
 
     def cli(*args: str) -> str:
         out = subprocess.run([PY, "-m", "appliance.cli", *args, "--config", str(d.config)],
@@ -114,7 +117,17 @@ def test_ps_shows_each_replica_with_engine_state_place_memory_and_uptime(daemons
     assert row.split()[0] == "fake#0" and "openai" in row and "READY" in row
     assert " MiB" in row  # its engine's resident memory
     [replica] = json.loads(cli("ps", "--json"))
+    cli("load", "idles")
+    [line] = [li for li in cli("ps").splitlines() if li.startswith("idles#0")]
+    assert re.search(r" in (59m\d\ds|1h00m) ", line), line  # unloaded once idle for an hour
+    [idles] = [r for r in json.loads(cli("ps", "--json")) if r["model"] == "idles"]
+    in_s = (datetime.fromisoformat(idles["idle_unload_at"]) - datetime.now(UTC)).total_seconds()
+    assert 3000 < in_s <= 3600
     assert replica["model"] == "fake" and replica["rss_bytes"] > 0 and replica["uptime_s"] >= 0
+    # What the text columns add, in JSON: the memory measured, times as ISO timestamps.
+    assert replica["memory_bytes"] == replica["rss_bytes"]
+    assert datetime.fromisoformat(replica["ready_since"]).tzinfo is not None
+    assert replica["idle_unload_at"] is None  # fake_model keeps a replica (min_replicas = 1)
     assert "up " in cli("status") and "s  config" in cli("status")
 
 

@@ -138,6 +138,16 @@ def test_a_model_inside_its_residency_window_is_not_evicted(daemons, tmp_path, t
     # `appliance load` says the same instead of reporting a success that started nothing.
     load = httpx.post(f"{d.url}/admin/models/b/load", json={}, timeout=10)
     assert load.status_code == 503 and "min_residency 3600s" in load.json()["error"]["message"]
+    # Every refusal is in the log at INFO with its reason (an expected outcome, not a fault),
+    # the request's once per reason, not once per request.
+    assert chat(d, "b").status_code == 503
+    text = d.log_text()
+    assert re.search(r"INFO appliance\.\w+(?: \[req \w+\])?: cannot start b: no room: .*min_residency 3600s", text)
+    refused = re.findall(r"(\w+) appliance\.api.*: refused POST /v1/chat/completions: 503 no_capacity: "
+                         r"Model 'b' has no ready replica.*min_residency 3600s", text)
+    assert refused == ["INFO"]
+    assert re.search(r"INFO appliance\.\w+: operator load b: refused: .*min_residency 3600s", text)
+    assert not re.search(r"WARNING .*(cannot start b|refused)", text)
     assert [r["state"] for r in live(d, "a")] == ["READY"]
 
 

@@ -378,6 +378,32 @@ def test_the_llamacpp_cuda_image_is_built_for_the_gpus_architectures_by_the_llam
     assert llama_server(str(tmp_path / "images"), engine="llamacpp-cuda") == binary.resolve()
 
 
+def test_an_image_build_passes_on_the_builds_progress_and_says_how_long_a_quiet_step_runs(tmp_path):
+    """Never minutes of silence: build.sh's own lines (ninja's [n/m]) come through as they
+    come, and a quiet stretch says the elapsed time; a failure ends with the build's last lines."""
+    defs = tmp_path / "defs"
+    shutil.copytree(ROOT / "images", defs)
+    build = defs / "llamacpp" / "build.sh"
+    build.write_text(
+        '#!/bin/sh\necho "build.sh: building llama-server: 12/240 steps (5%), 0m30s elapsed" >&2\n'
+        'sleep 1.5\n[ -z "$FAIL" ] || { echo "ninja: build stopped: subcommand failed." >&2; exit 1; }\n'
+        'mkdir -p "$1"\nprintf \'#!/bin/sh\\n\' > "$1/llama-server"\nchmod 755 "$1/llama-server"\n')
+    env = {"APPLIANCE_IMAGE_DEFS": str(defs), "APPLIANCE_BUILD_PROGRESS_S": "0.5"}
+    out = appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "90", env=env).stdout
+    lines = out.splitlines()
+    assert "build.sh: building llama-server: 12/240 steps (5%), 0m30s elapsed" in lines
+    assert any(re.fullmatch(r"building llama-server: 0m0\ds elapsed", line) for line in lines), out
+    assert lines[-1].startswith("built llamacpp-cuda ")
+    # --json: the progress on stderr, the document alone on stdout.
+    shutil.rmtree(tmp_path / "images")
+    made = appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "90", "--json", env=env)
+    assert json.loads(made.stdout)["engine"] == "llamacpp-cuda" and "12/240 steps" in made.stderr
+    failed = appliance(tmp_path, "images", "build", "llamacpp-cuda", "--cuda-archs", "80", check=False,
+                       env={**env, "FAIL": "1"})
+    assert failed.returncode == 1 and "12/240 steps" in failed.stdout
+    assert "building llama-server failed: " in failed.stderr and "subcommand failed" in failed.stderr
+
+
 def test_the_llamacpp_cuda_image_needs_a_gpu_or_architectures_named(tmp_path):
     no_gpu = appliance(tmp_path, "images", "build", "llamacpp-cuda", check=False)
     assert no_gpu.returncode == 1

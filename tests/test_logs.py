@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from appliance.config import parse_config
-from appliance.logs import bind_request_id, setup_logging
+from appliance.logs import OncePer, bind_request_id, setup_logging
 from appliance.logview import journal_command
 
 from .conftest import PY, ROOT, fake_model, wait_until
@@ -173,3 +173,21 @@ def test_following_a_replica_log_survives_rotation(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_a_recurring_refusal_is_logged_once_per_reason_then_with_its_count(caplog):
+    now = [0.0]
+    once = OncePer(60.0, clock=lambda: now[0])
+    logger = logging.getLogger("appliance.test")
+    with caplog.at_level(logging.INFO, logger="appliance.test"):
+        for i in range(5):  # the same reason, its numbers changing: one line
+            once.log(logger, logging.INFO, f"refused: no room, retry in {i}s")
+        once.log(logger, logging.INFO, "refused: queue full")  # another reason: its own line
+        now[0] = 61.0
+        once.log(logger, logging.INFO, "refused: no room, retry in 9s")
+    assert [r.getMessage() for r in caplog.records] == [
+        "refused: no room, retry in 0s",
+        "refused: queue full",
+        "refused: no room, retry in 9s (and 4 more like it since)",
+    ]
+    assert {r.levelno for r in caplog.records} == {logging.INFO}

@@ -450,6 +450,41 @@ def test_a_gguf_import_takes_the_license_its_header_declares(tmp_path):
     assert bare["license"] == "unknown"
 
 
+def test_a_gguf_import_keeps_its_general_name_as_the_title_not_the_name(tmp_path):
+    """The bundled file's general.name is a training run's label: it is shown beside the
+    model (models import, models ls, a bundle's manifest), the store name stays the file's."""
+    from appliance.config import builtin_model_path
+
+    bundled = builtin_model_path("smollm2-135m-instruct")
+    if not bundled.exists():
+        pytest.fail("run ./install.sh --dev first: the bundled model is missing")
+    src = tmp_path / "smol.gguf"
+    shutil.copyfile(bundled, src)
+    said = run(tmp_path, "models", "import", str(src)).stdout
+    assert said.startswith('imported smol "Smollm2 135M 8k Lc100K Mix1 Ep2" revision '), said
+    [row] = [r for r in json.loads(run(tmp_path, "models", "ls", "--json").stdout) if r["server"] == "store"]
+    assert (row["name"], row["title"]) == ("smol", "Smollm2 135M 8k Lc100K Mix1 Ep2")
+    [line] = [li for li in run(tmp_path, "models", "ls", "--port", "1").stdout.splitlines() if li.startswith("smol ")]
+    assert line.endswith('  "Smollm2 135M 8k Lc100K Mix1 Ep2"')
+    # The issue's case: the bundled model imported again under a second name is the same blob.
+    again = json.loads(run(tmp_path, "models", "import", str(src), "--name", "smol-too", "--json").stdout)[0]
+    assert again["title"] == row["title"]
+    paths = [Path(row["source"]).resolve(), Path(again["path"]).resolve()]
+    assert paths[0] != paths[1] and len({(p.stat().st_dev, p.stat().st_ino) for p in paths}) == 1
+
+
+def test_a_hostile_general_name_is_shown_without_its_escape_sequences(tmp_path):
+    from . import make_tiny_gguf
+
+    src = tmp_path / "evil.gguf"
+    make_tiny_gguf.main([str(src), "--layers", "1", "--embd", "32", "--heads", "2", "--kv-heads", "1", "--ff", "32",
+                         "--name", "\x1b]0;owned\x07Evil\u202e\n\tModel " + "x" * 500])
+    out = json.loads(run(tmp_path, "models", "import", str(src), "--license", "mit", "--json").stdout)[0]
+    assert out["name"] == "evil"
+    assert out["title"].startswith("]0;owned Evil Model xxx") and len(out["title"]) == 200
+    assert not any(c in out["title"] for c in "\x1b\x07\u202e\n\t")
+
+
 def test_one_gguf_under_three_names_is_one_blob_and_each_name_survives_the_others(tmp_path):
     # Before: three imports of one file took three copies (and three times the budget).
     clock = iter(range(100, 1000))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -174,6 +175,22 @@ def test_the_scrub_rehashes_only_files_verified_longer_ago_than_the_interval_old
     step = scrub.step()  # "first" is next due at 1600 + 600; the scrub looks again sooner than that
     assert step.model == "" and step.wait_s == min(400.0, Scrubber.IDLE_MAX_S) and len(hasher.calls) == 2
     assert found == []
+
+
+def test_the_scrub_logs_a_files_progress_with_bytes_and_rate_then_what_it_took(tmp_path, caplog):
+    clock = Clock(1000.0)
+    cache = tmp_path / "cache"
+    _import(_store(cache, clock=clock), tmp_path, "first")
+    size = _store(cache).need("first").files[0]["size"]
+    scrub = Scrubber(lambda: _store(cache, clock=clock), interval_s=600, bytes_per_s=0, on_quarantine=print)
+    scrub.progress_every_s = 0.0  # every chunk (a file here is one chunk)
+    clock.now = 1600.0
+    with caplog.at_level("INFO", logger="appliance.store"):
+        assert scrub.step().model == "first"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("store scrub: ")]
+    mib = f"{size / 2**20:.1f} MiB"
+    assert re.fullmatch(rf"store scrub: first file first\.gguf: {mib} of {mib} \(100%\), [\d.]+ MiB/s", lines[0])
+    assert re.fullmatch(rf"store scrub: first file first\.gguf verified: {mib} in \d+s, [\d.]+ MiB/s", lines[-1])
 
 
 def test_the_scrub_quarantines_bit_rot_that_the_fingerprint_cannot_see(tmp_path):

@@ -114,12 +114,35 @@ async def test_restart_and_drain_a_replica(daemon):
         await pilot.press("r", "y")
         await until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
                                 for r in kept(daemon)), what="a new engine process")
+        # The daemon's own words for what it did, not a bare "done".
+        [note] = [n for n in app._notifications if n.title == f"restart fake#{before['index']}"]
+        assert note.message.startswith(f"restarting fake#{before['index']}: ") and "starts again" in note.message
         [restarted] = kept(daemon)
         await pilot.press("d", "y")
+        said = await until(lambda: [n.message for n in app._notifications if n.title.startswith("drain ")],
+                           what="the drain's notification")
+        assert said[0].startswith(f"draining fake#{restarted['index']}: no new requests; it stops")
         # Drained and gone (the autoscaler may add a new replica for min_replicas: another pid).
         await until(lambda: all(r["pid"] != restarted["pid"] or r["retiring"]
                                 for r in model(daemon)["replicas"]), what="drained")
     await until(lambda: any(r["state"] == "READY" for r in kept(daemon)), what="fake serving again")
+
+
+async def test_an_action_is_notified_in_the_daemons_own_words(daemon):
+    """Scale beyond max_replicas: the notification says it was clamped, and why (the
+    answer's `said`), not "done"."""
+    app = tui(daemon)
+    try:
+        async with app.run_test(size=SIZE) as pilot:
+            await on_row(app, pilot, "m:other")
+            await pilot.press("s", "9", "enter")
+            [note] = await until(lambda: [n for n in app._notifications if n.title == "scale other to 9"],
+                                 what="the scale's notification")
+            assert note.message.startswith("clamped to 3 because max_replicas = 3; "), note.message
+            assert note.severity == "information"
+    finally:
+        httpx.post(f"{daemon.url}/admin/models/other/unload", json={}, timeout=10)
+        await until(lambda: model(daemon, "other")["replicas"] == [], what="other unloaded again")
 
 
 async def test_a_daemon_error_is_a_notification_not_a_crash(daemon):
@@ -196,8 +219,8 @@ def fake_tui(**kw) -> ApplianceTUI:
     return ApplianceTUI(FakeAdmin(**kw), interval=3600)
 
 
-def rows(app: ApplianceTUI) -> list[str]:
-    return [r.key.value for r in app.query_one("#models-table").ordered_rows]
+def rows(app: ApplianceTUI, view: str = "models") -> list[str]:
+    return [r.key.value for r in app.query_one(f"#{view}-table").ordered_rows]
 
 
 def shown(app, widget: str) -> str:
@@ -214,6 +237,15 @@ async def test_the_app_opens_on_the_overview():
         assert app.active_tab == "overview"
         await until(lambda: "llama-3.1-70b" in shown(app, "#overview-body"), what="the overview filled")
         assert "GPU0" in shown(app, "#overview-body")
+
+
+async def test_a_gpu_replicas_detail_shows_the_memory_nvml_measured():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(lambda: "#0 " in shown(app, "#model-detail"), what="the detail filled")
+        detail = shown(app, "#model-detail")
+        assert "GPU 0,1" in detail and "GPU mem 70.0 GiB" in detail  # 35 GiB on each of its 2 GPUs
 
 
 async def test_question_mark_lists_every_key_binding_per_view():
@@ -243,8 +275,11 @@ async def test_slash_filters_the_current_table_and_escape_clears_it():
         assert len(rows(app)) == 6
         await pilot.press("3", "slash", *"health")
         await pilot.pause()
-        routes = shown(app, "#routes-body")
-        assert "health-records" in routes and "general" not in routes
+        assert rows(app, "routes") == ["route:health-records"]
+        await pilot.press(*"x" * 3)
+        await pilot.pause()
+        assert rows(app, "routes") == []
+        assert "No routes match the filter 'healthxxx' (Esc clears it)." in shown(app, "#routes-note")
 
 
 async def test_o_sorts_the_models_and_capital_o_reverses():
@@ -271,6 +306,31 @@ async def test_a_header_click_sorts_by_it():
         await pilot.pause()
         assert "QUEUE" in str(app.query_one("#models-table").ordered_columns[4].label)
         assert rows(app)[0] == "m:qwen2.5-7b"  # 2 queued, the others none
+
+
+async def test_a_header_click_sorts_the_routes_and_usage_tables_too():
+    app = fake_tui()
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await until(lambda: rows(app, "usage"), what="the usage table filled")
+        assert rows(app, "usage") == ["key:team-search", "key:batch-etl"]  # the daemon's order
+        await pilot.click("#usage-table", offset=(2, 0))  # KEY: a to z
+        await pilot.pause()
+        assert rows(app, "usage") == ["key:batch-etl", "key:team-search"]
+        assert str(app.query_one("#usage-table").ordered_columns[0].label) == "KEY ▲"
+        await pilot.click("#usage-table", offset=(2, 0))  # again: reversed
+        await pilot.pause()
+        assert rows(app, "usage") == ["key:team-search", "key:batch-etl"]
+        assert str(app.query_one("#usage-table").ordered_columns[0].label) == "KEY ▼"
+        await pilot.press("3")
+        await until(lambda: rows(app, "routes"), what="the routes table filled")
+        await pilot.press("o")  # ROUTE
+        await pilot.pause()
+        assert rows(app, "routes") == ["route:general", "route:health-records"]
+        await pilot.press("O")
+        await pilot.pause()
+        assert rows(app, "routes") == ["route:health-records", "route:general"]
+        assert app.orders["usage"].column == 0 and app.orders["models"].column is None  # each its own
 
 
 @pytest.mark.parametrize("said", [

@@ -68,7 +68,8 @@ GPUS = {
     "source": "nvml", "error": None,
     "gpus": [{"index": i, "name": "NVIDIA H100 80GB HBM3", "kind": "H100", "total_bytes": 80 * GiB,
               "used_bytes": used * GiB, "utilization_pct": util,
-              "replicas": [{"replica": r, "state": s, "memory_fraction": 0.9} for r, s in placed]}
+              "replicas": [{"replica": r, "state": s, "memory_fraction": 0.9, "used_bytes": 35 * GiB}
+                           for r, s in placed]}
              for i, used, util, placed in [
                  (0, 71, 64, [("llama-3.1-70b#0", "READY")]), (1, 71, 61, [("llama-3.1-70b#0", "READY")]),
                  (2, 70, 58, [("llama-3.1-70b#1", "READY")]), (3, 70, 57, [("llama-3.1-70b#1", "READY")]),

@@ -28,6 +28,7 @@ from tui.screens import ConfirmScreen, HelpScreen, ScaleScreen
 TABS = ("overview", "models", "routes", "logs", "usage")
 # The views that are tables: `/` filters their rows, `o` / `O` (or a header click) sort them.
 TABLE_COLUMNS = {"models": views.MODEL_COLUMNS, "routes": views.ROUTE_COLUMNS, "usage": views.USAGE_COLUMNS}
+TABLE_IDS = {view: f"{view}-table" for view in TABLE_COLUMNS}
 TABLE_ACTIONS = {"filter", "clear_filter", "sort_next", "sort_reverse"}
 # The key bindings that act on the models tab's selection (appliance/status.py's vocabulary;
 # "pin" toggles pin and unpin).
@@ -63,6 +64,8 @@ class ApplianceTUI(App):
     TabPane { padding: 0; height: 1fr; }
     VerticalScroll { padding: 0 1; }
     #models-table { height: 1fr; min-height: 5; }
+    #routes-table, #usage-table { height: auto; max-height: 1fr; }
+    .note { height: auto; padding: 0 1; }
     #model-detail { height: 9; border-top: solid $accent; padding: 0 1; }
     #log-title { height: 1; padding: 0 1; background: $boost; }
     #log { height: 1fr; }
@@ -112,18 +115,21 @@ class ApplianceTUI(App):
             with TabPane("2 Models", id="models"):
                 yield DataTable(id="models-table", cursor_type="row")
                 yield Static("", id="model-detail")
-            with TabPane("3 Routes", id="routes"), VerticalScroll():
-                yield Static("Waiting for the daemon...", id="routes-body")
+            with TabPane("3 Routes", id="routes"):
+                yield DataTable(id="routes-table", cursor_type="row")
+                yield Static("Waiting for the daemon...", id="routes-note", classes="note")
             with TabPane("4 Logs", id="logs"):
                 yield Static("No replica chosen", id="log-title")
                 yield Log(id="log", max_lines=5000)
-            with TabPane("5 Usage", id="usage"), VerticalScroll():
-                yield Static("Waiting for the daemon...", id="usage-body")
+            with TabPane("5 Usage", id="usage"):
+                yield DataTable(id="usage-table", cursor_type="row")
+                yield Static("Waiting for the daemon...", id="usage-note", classes="note")
         yield Input(placeholder="filter: type to narrow the rows, Enter to keep, Esc to clear", id="filter")
         yield Footer()
 
     def on_mount(self) -> None:
-        self._model_columns()
+        for view in TABLE_COLUMNS:
+            self._columns(view)
         self._focus_view()
         self.poll()
         self.set_interval(self.interval, self.poll)
@@ -141,7 +147,9 @@ class ApplianceTUI(App):
     async def _poll(self) -> None:
         try:
             status = await self.admin.status()
-            gpus = await self.admin.gpus() if self.active_tab == "overview" or self.gpus is None else self.gpus
+            # (The models' detail shows each GPU replica's memory as NVML measures it.)
+            fresh = self.active_tab in ("overview", "models") or self.gpus is None
+            gpus = await self.admin.gpus() if fresh else self.gpus
             log = None
             if self.active_tab == "logs":
                 self._choose_log_source(status)
@@ -191,40 +199,48 @@ class ApplianceTUI(App):
             return
         self.query_one("#top", Static).update(views.header(status, self.admin.where))
         self.query_one("#overview-body", Static).update(views.overview(status, self.gpus))
-        self.query_one("#routes-body", Static).update(views.routes(status, self.orders["routes"]))
-        self.query_one("#usage-body", Static).update(views.usage(status, self.orders["usage"]))
-        self._render_models()
-
-    def _model_columns(self) -> None:
-        """(Re)label the models table's columns: the sorted one carries its arrow."""
-        table = self.query_one("#models-table", DataTable)
-        table.clear(columns=True)
-        for key, title in zip(views.MODEL_KEYS, views.titles(views.MODEL_COLUMNS, self.orders["models"]), strict=True):
-            table.add_column(title, key=key)
-
-    def _render_models(self) -> None:
-        table = self.query_one("#models-table", DataTable)
-        rows = views.model_rows(self.status, self.orders["models"]) if self.status is not None else []
-        keys = [key for key, _ in rows]
-        current = [row.key.value for row in table.ordered_rows]
-        if keys == current:
-            for key, cells in rows:
-                for col, value in zip(views.MODEL_KEYS, cells, strict=False):
-                    table.update_cell(key, col, value)
-        else:
-            selected = self.selected_key
-            table.clear()
-            for key, cells in rows:
-                table.add_row(*cells, key=key)
-            if selected in keys:
-                table.move_cursor(row=keys.index(selected))
+        self._fill("models", views.model_rows(status, self.orders["models"]))
         self._render_detail()
+        routes = self._fill("routes", views.route_rows(status, self.orders["routes"]))
+        note = views.empty_note("routes", "No routes configured.", len(status.routes), routes, self.orders["routes"])
+        self.query_one("#routes-note", Static).update(note)
+        keys = self._fill("usage", views.usage_rows(status, self.orders["usage"]))
+        note = views.empty_note("keys", "No API keys configured.", len(status.usage), keys, self.orders["usage"])
+        self.query_one("#usage-note", Static).update(note)
+
+    def _table(self, view: str) -> DataTable:
+        return self.query_one(f"#{TABLE_IDS[view]}", DataTable)
+
+    def _columns(self, view: str) -> None:
+        """(Re)label a table's columns: the sorted one carries its arrow."""
+        table = self._table(view)
+        table.clear(columns=True)
+        columns = TABLE_COLUMNS[view]
+        for column, title in zip(columns, views.titles(columns, self.orders[view]), strict=True):
+            table.add_column(title, key=column.title)
+
+    def _fill(self, view: str, rows: list[tuple[str, tuple]]) -> int:
+        """Show rows (key, cells) in a view's table, its cursor kept on the same row; how many."""
+        table = self._table(view)
+        keys = [key for key, _ in rows]
+        if keys == [row.key.value for row in table.ordered_rows]:
+            for key, cells in rows:
+                for column, value in zip(TABLE_COLUMNS[view], cells, strict=False):
+                    table.update_cell(key, column.title, value)
+            return len(rows)
+        selected = self._cursor_key(table)
+        table.clear()
+        for key, cells in rows:
+            table.add_row(*cells, key=key)
+        if selected in keys:
+            table.move_cursor(row=keys.index(selected))
+        return len(rows)
 
     def _render_detail(self) -> None:
         if self.status is None:
             return
         model, _ = self.selection()
-        self.query_one("#model-detail", Static).update(views.model_detail(self.status, model))
+        self.query_one("#model-detail", Static).update(views.model_detail(self.status, model, self.gpus))
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         with contextlib.suppress(NoMatches):  # a highlight still queued while the app closes
@@ -238,8 +254,8 @@ class ApplianceTUI(App):
 
     def _focus_view(self) -> None:
         tab = self.active_tab
-        if tab == "models":
-            self.query_one("#models-table", DataTable).focus()
+        if tab in TABLE_IDS:
+            self._table(tab).focus()
         elif tab == "logs":
             self.query_one("#log", Log).focus()
         else:  # arrows and page keys scroll the view
@@ -249,7 +265,10 @@ class ApplianceTUI(App):
 
     @property
     def selected_key(self) -> str | None:
-        table = self.query_one("#models-table", DataTable)
+        return self._cursor_key(self._table("models"))
+
+    @staticmethod
+    def _cursor_key(table: DataTable) -> str | None:
         if table.row_count == 0:
             return None
         try:
@@ -356,17 +375,18 @@ class ApplianceTUI(App):
         self._arrange(dataclasses.replace(order, reverse=not order.reverse, column=order.column or 0))
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        """A click on a header sorts by it; a second click reverses."""
-        order = self.orders["models"]
+        """A click on a header sorts its table by it; a second click reverses."""
+        view = next(v for v, table_id in TABLE_IDS.items() if table_id == event.data_table.id)
+        order = self.orders[view]
         same = order.column == event.column_index
-        self._arrange(dataclasses.replace(order, column=event.column_index, reverse=same and not order.reverse))
+        self._arrange(dataclasses.replace(order, column=event.column_index, reverse=same and not order.reverse), view)
 
-    def _arrange(self, order: views.Order) -> None:
-        view = self.active_tab
+    def _arrange(self, order: views.Order, view: str | None = None) -> None:
+        view = view or self.active_tab
         sorted_by = self.orders[view].column, self.orders[view].reverse
         self.orders[view] = order
-        if view == "models" and sorted_by != (order.column, order.reverse):
-            self._model_columns()
+        if sorted_by != (order.column, order.reverse):
+            self._columns(view)
         self._render_all()
 
     def action_show_tab(self, tab: str) -> None:

@@ -15,7 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from appliance.status import DaemonStatus, GpusStatus, KeyUsage, ModelStatus, RouteStatus
+from appliance.status import DaemonStatus, GpusStatus, ModelStatus, RouteStatus
 from tui import market
 
 T = TypeVar("T")
@@ -258,7 +258,6 @@ MODEL_COLUMNS = (
     Column("TTFT p50", lambda m: m.ttft_p50_ms, numeric=True),
     Column("PIN", lambda m: m.pinned),
 )
-MODEL_KEYS = tuple(c.title for c in MODEL_COLUMNS)  # the DataTable's column keys
 
 
 def _model_words(m: ModelStatus) -> str:
@@ -294,7 +293,17 @@ def model_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, 
     return rows
 
 
-def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
+def gpu_memory(gpus: GpusStatus | None) -> dict[str, int]:
+    """Each GPU replica's memory as NVML measured it, summed over its GPUs."""
+    used: dict[str, int] = {}
+    for g in gpus.gpus if gpus is not None else []:
+        for p in g.replicas:
+            if p.used_bytes:
+                used[p.replica] = used.get(p.replica, 0) + p.used_bytes
+    return used
+
+
+def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None = None) -> RenderableType:
     m = next((m for m in status.models if m.name == name), None)
     if m is None:
         return Text("No model selected.")
@@ -317,6 +326,7 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
     ]
     if m.blocked:
         lines.append(Text(f"not served: {m.blocked}", style="red"))
+    measured = gpu_memory(gpus)
     for r in m.replicas:
         where = f"port {r.port}" if r.port else (r.url or "")
         gpus = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else (f" {len(r.cpus)} cores" if r.cpus else "")
@@ -324,6 +334,7 @@ def model_detail(status: DaemonStatus, name: str | None) -> RenderableType:
         extra = "".join(
             part
             for part in (
+                f" GPU mem {measured[r.replica] / GiB:.1f} GiB" if r.replica in measured else "",
                 f" mem {r.rss_bytes / 2**20:.0f} MiB" if r.rss_bytes else "",
                 f" up {duration(r.uptime_s)}" if r.uptime_s is not None else "",
                 f" image {r.image}" if r.image else "",
@@ -367,35 +378,29 @@ def _route_words(r: RouteStatus) -> str:
     return " ".join([r.name, r.model, r.tag, r.target, *r.fallbacks, "regulated" if r.regulated else ""])
 
 
-def _filtered_out(kind: str, order: Order) -> Text:
-    return Text(f"No {kind} match the filter '{order.filter}' (Esc clears it).")
-
-
-def routes(status: DaemonStatus, order: Order = Order()) -> RenderableType:
-    if not status.routes:
-        return Text("No routes configured.")
-    shown = arrange(status.routes, ROUTE_COLUMNS, order, _route_words)
+def empty_note(kind: str, none: str, total: int, shown: int, order: Order) -> str:
+    """What a table says when it shows no row: nothing configured, or nothing matches."""
+    if not total:
+        return none
     if not shown:
-        return _filtered_out("routes", order)
-    table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for title in titles(ROUTE_COLUMNS, order):
-        table.add_column(title, overflow="fold")
-    for r in shown:
-        fallbacks = [f"{f} ({r.fired.get(f, 0)})" for f in r.fallbacks]
+        return f"No {kind} match the filter '{order.filter}' (Esc clears it)."
+    return ""
+
+
+def route_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
+    """(row key, cells) for the routes table."""
+    rows = []
+    for r in arrange(status.routes, ROUTE_COLUMNS, order, _route_words):
+        fallbacks = ", ".join(f"{f} ({r.fired.get(f, 0)})" for f in r.fallbacks) or "none"
         model = r.model + (f" [{r.tag}]" if r.tag else "")
-        table.add_row(r.name, model, r.target, "yes" if r.regulated else "no", ", ".join(fallbacks) or "none")
-    return table
+        rows.append((f"route:{r.name}", (r.name, model, r.target, "yes" if r.regulated else "no", fallbacks)))
+    return rows
 
 
-def usage(status: DaemonStatus, order: Order = Order()) -> RenderableType:
-    if not status.usage:
-        return Text("No API keys configured.")
-    shown: list[KeyUsage] = arrange(status.usage, USAGE_COLUMNS, order, lambda u: u.key)
-    if not shown:
-        return _filtered_out("keys", order)
-    table = Table(box=None, padding=(0, 1), header_style="bold", expand=True)
-    for i, title in enumerate(titles(USAGE_COLUMNS, order)):
-        table.add_column(title, justify="left" if i == 0 else "right")
-    for u in shown:
-        table.add_row(u.key, str(u.requests), str(u.prompt_tokens), str(u.completion_tokens), str(u.tokens))
-    return table
+def usage_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
+    """(row key, cells) for the usage table: one API key each, its counts right-aligned."""
+    rows = []
+    for u in arrange(status.usage, USAGE_COLUMNS, order, lambda u: u.key):
+        counts = (u.requests, u.prompt_tokens, u.completion_tokens, u.tokens)
+        rows.append((f"key:{u.key}", (u.key, *(Text(str(n), justify="right") for n in counts))))
+    return rows

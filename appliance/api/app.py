@@ -38,8 +38,10 @@ from appliance.errors import (
     ApplianceError,
     BadRequest,
     MethodNotAllowed,
+    NoCapacity,
     NotFound,
     PayloadTooLarge,
+    QueueFull,
     RequestTimeout,
     ShuttingDown,
     StateWriteFailed,
@@ -70,7 +72,7 @@ from appliance.gateway.request import ProxyRequest
 from appliance.gateway.routing import Routes
 from appliance.gateway.runtime import Gateway
 from appliance.gateway.tracing import open_tracing
-from appliance.logs import bind_request_id
+from appliance.logs import OncePer, bind_request_id
 from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
 from appliance.status import (
@@ -90,6 +92,8 @@ from appliance.status import (
 from appliance.store.guard import RECHECK_S, Scrubber
 
 log = logging.getLogger("appliance.api")
+# Requests refused for capacity: each reason logged at INFO, not once per request.
+_REFUSALS = OncePer(60.0)
 
 JSON = "application/json"
 Action = TypeVar("Action", bound=StrEnum)
@@ -605,10 +609,10 @@ async def admin_replica_action(request: Request, action: ReplicaActionName) -> R
     p = request.path_params
     replica = rt.supervisor.replica(p["model"], p["index"])
     if _action(ReplicaAction, action, "replica action", list(ReplicaAction)) is ReplicaAction.RESTART:
-        replica.restart()
+        said = rt.supervisor.restart_replica(replica)
     else:
-        rt.supervisor.retire(replica, "operator drained the replica")
-    return replica.snapshot()
+        said = rt.supervisor.drain_replica(replica)
+    return msgspec.structs.replace(replica.snapshot(), said=said)
 
 
 def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Action:
@@ -661,6 +665,10 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     else:
         log.error("unhandled error on %s %s", method, path, exc_info=exc)
         err = ApplianceError("Internal error; the appliance's log has the details")
+    # (An operator's refused action is logged by the supervisor, with its own words.)
+    refused = isinstance(err, (NoCapacity, QueueFull)) and not isinstance(err, ShuttingDown)
+    if refused and not path.startswith("/admin/"):
+        _REFUSALS.log(log, logging.INFO, f"refused {method} {path}: {err.status} {err.code}: {err.message}")
     headers = err.headers()
     if rid:
         headers["X-Request-Id"] = rid

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import click
@@ -27,6 +28,7 @@ from appliance.status import (
     GpusStatus,
     ModelAction,
     ModelStatus,
+    ReplicaStatus,
     ScaleBody,
     market_lines,
 )
@@ -270,22 +272,32 @@ def ps(config: str | None, port: int | None, as_json: bool) -> None:
     cfg = load(config)
     data = _admin_call(cfg, port, "GET", "/admin/status", DaemonStatus, timeout=5.0)
     gpus = _admin_call(cfg, port, "GET", "/admin/gpus", GpusStatus, timeout=5.0)
+    on_gpu = {(p.replica, g.index): p for g in gpus.gpus for p in g.replicas}
     if as_json:
-        rows = [{"model": m.name, **msgspec.to_builtins(r)} for m in data.models for r in m.replicas]
+        # The replicas of GET /admin/status, with what the text columns add: the memory
+        # measured (NVML on GPUs), when it became ready and when an idle unload is due (ISO).
+        rows = [
+            {
+                "model": m.name,
+                **msgspec.to_builtins(r),
+                "memory_bytes": _measured(r, on_gpu),
+                "ready_since": _iso(data.now, -r.uptime_s) if r.uptime_s is not None else None,
+                "idle_unload_at": _iso(data.now, _unload_in_s(m)) if _unload_in_s(m) is not None else None,
+            }
+            for m in data.models
+            for r in m.replicas
+        ]
         click.echo(json.dumps(rows, indent=2))
         return
-    on_gpu = {(p.replica, g.index): p for g in gpus.gpus for p in g.replicas}
     table = [PS_COLUMNS]
     for m in data.models:
         unload = "pinned" if m.pinned else _until_unload(m)
         for r in m.replicas:
             if r.gpus:
                 where = "GPU " + ",".join(map(str, r.gpus))
-                used = [on_gpu[(r.replica, g)].used_bytes for g in r.gpus if (r.replica, g) in on_gpu]
-                memory = sum(u for u in used if u) or r.rss_bytes
             else:
                 where = f"{len(r.cpus)} cores" if r.cpus else ("external" if not r.supervised else "-")
-                memory = r.rss_bytes
+            memory = _measured(r, on_gpu)
             table.append(
                 (
                     r.replica,
@@ -304,10 +316,30 @@ def ps(config: str | None, port: int | None, as_json: bool) -> None:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
 
 
+def _measured(r: ReplicaStatus, on_gpu: dict) -> int | None:
+    """A replica's memory as measured: its engine's use of its GPUs (NVML), else its RSS."""
+    if r.gpus:
+        used = [on_gpu[(r.replica, g)].used_bytes for g in r.gpus if (r.replica, g) in on_gpu]
+        return sum(u for u in used if u) or r.rss_bytes
+    return r.rss_bytes
+
+
+def _unload_in_s(m: ModelStatus) -> float | None:
+    """Seconds until an idle unload (0: due now); None when none comes (pinned, a floor, no TTL)."""
+    if m.pinned or m.min_replicas or not m.idle_ttl_s:
+        return None
+    return max(0.0, m.idle_ttl_s - m.idle_s)
+
+
+def _iso(now: datetime, offset_s: float) -> str:
+    return (now + timedelta(seconds=offset_s)).isoformat()
+
+
 def _until_unload(m: ModelStatus) -> str:
-    if not m.idle_ttl_s or m.min_replicas:
+    due = _unload_in_s(m)
+    if due is None:
         return "never" if m.min_replicas else "-"
-    return "now" if m.idle_s >= m.idle_ttl_s else f"in {human_duration(m.idle_ttl_s - m.idle_s)}"
+    return "now" if due == 0 else f"in {human_duration(due)}"
 
 
 def human_duration(seconds: float) -> str:
@@ -644,7 +676,8 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
         return
     width = max(len(r["name"]) for r in rows)
     for r in rows:
-        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}")
+        titled = f'  "{r["title"]}"' if r.get("title") else ""
+        click.echo(f"{r['name']:<{width}}  {r['server']:<8}  {r['state']:<18}  {r['source']}{titled}")
 
 
 def _register_store_commands() -> None:

@@ -103,8 +103,9 @@ def models_import(path, name, license_, sha256, config, as_json, quiet):
     for r, evicted in results:
         for e in evicted:
             click.echo(f"evicted {e} (least recently used) to stay within store.budget_gib")
+        titled = f' "{r.title}"' if r.title else ""
         click.echo(
-            f"imported {r.name} revision {r.revision[:12]} ({len(r.files)} files, "
+            f"imported {r.name}{titled} revision {r.revision[:12]} ({len(r.files)} files, "
             f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
         )
         if not store.license_ok(r):
@@ -230,6 +231,7 @@ def store_rows(cfg: Config) -> list[dict]:
     return [
         {
             "name": r.name,
+            "title": r.title,
             "server": "store",
             "source": str(store.model_path(r)),
             "replicas": 0,

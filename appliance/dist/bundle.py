@@ -259,6 +259,8 @@ def _model(store: Store, name: str, dest: Path, log) -> dict:
     log(f"added model {name} ({record.total_bytes / 1024**2:.1f} MiB)")
     entry: dict[str, Any] = {"name": name, "license": record.license, "revision": record.revision, "format": record.format,
              "files": record.files}
+    if record.title:
+        entry["title"] = record.title
     if record.license_accepted_at is not None:  # accepted here: served there without asking again
         entry["license_accepted_by"] = record.license_accepted_by
         entry["license_accepted_at"] = record.license_accepted_at

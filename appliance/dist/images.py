@@ -22,12 +22,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import tomllib
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -325,11 +328,58 @@ def build(engine: str, cfg: Config | None = None, *, python: str | None = None, 
     return manifest
 
 
-def _run(argv: list[str], what: str, env: dict | None = None) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, env=env)
-    if result.returncode != 0:
-        tail = (result.stderr or result.stdout).strip().splitlines()[-5:]
+def _progress_every_s() -> float:
+    """How often a build step quiet meanwhile (pip) says it is alive: build.sh's own
+    interval for its progress lines, APPLIANCE_BUILD_PROGRESS_S (30 s)."""
+    try:
+        return max(0.1, float(os.environ.get("APPLIANCE_BUILD_PROGRESS_S", "30")))
+    except ValueError:
+        return 30.0
+
+
+def _run(argv: list[str], what: str, env: dict | None = None, log=None) -> None:
+    """Run one build step. With log, never minutes of silence: the step's own lines
+    (build.sh's progress: ninja's [n/m] and the elapsed time) are passed on as they come,
+    and a step quiet for every_s says how long it has been running."""
+    if log is None:
+        result = subprocess.run(argv, capture_output=True, text=True, env=env)
+        output, code = result.stderr or result.stdout, result.returncode
+    else:
+        output, code = _run_speaking(argv, what, env, log, _progress_every_s())
+    if code != 0:
+        tail = output.strip().splitlines()[-5:]
         raise ImageError(f"{what} failed: " + " | ".join(tail))
+
+
+def _run_speaking(argv: list[str], what: str, env: dict | None, log, every_s: float) -> tuple[str, int]:
+    lines: queue.Queue[str | None] = queue.Queue()
+    kept: deque[str] = deque(maxlen=40)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            stdin=subprocess.DEVNULL)
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=read, name="build-output", daemon=True).start()
+    started = said = time.monotonic()
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, said + every_s - time.monotonic()))
+        except queue.Empty:
+            elapsed = int(time.monotonic() - started)
+            log(f"{what}: {elapsed // 60}m{elapsed % 60:02d}s elapsed")
+            said = time.monotonic()
+            continue
+        if line is None:
+            break
+        kept.append(line)
+        if line.strip():
+            log(line)
+            said = time.monotonic()
+    return "\n".join(kept), proc.wait()
 
 
 def _build_llamacpp(d: Definition, tmp: Path, python: str, log) -> None:
@@ -341,7 +391,7 @@ def _build_llamacpp(d: Definition, tmp: Path, python: str, log) -> None:
         env["APPLIANCE_LLAMACPP_CUDA_ARCHS"] = d.cuda_archs
         log(f"building llama-server with CUDA for sm {d.cuda_archs} (a few minutes on 16 cores, "
             "much longer on few)")
-    _run([str(d.build_folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env)
+    _run([str(d.build_folder / "build.sh"), str(tmp / "bin")], "building llama-server", env=env, log=log)
 
 
 def _build_python_engine(d: Definition, tmp: Path, python: str, log) -> None:
@@ -350,7 +400,7 @@ def _build_python_engine(d: Definition, tmp: Path, python: str, log) -> None:
     # Wheels only: every package of the lock has one for the image's platform; on an older
     # glibc pip says which is missing instead of compiling a source tree.
     _run([str(tmp / "bin" / "pip"), "install", "--quiet", "--require-hashes", "--no-deps",
-          "--only-binary", ":all:", "-r", str(d.lock)], f"installing {d.engine}")
+          "--only-binary", ":all:", "-r", str(d.lock)], f"installing {d.engine}", log=log)
 
 
 def _set_current(base: Path, target: Path) -> None:

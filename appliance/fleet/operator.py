@@ -1,4 +1,4 @@
-"""The operator's commands on a model (``appliance scale|load|unload|pin``, the admin API):
+"""The operator's commands (``appliance scale|load|unload|pin``, a replica's restart and drain):
 what each changes, persisted where the operator expects it to last (the state store), and
 what the daemon does about it, in words: the answer the operator gets, logged at INFO.
 
@@ -16,6 +16,7 @@ from appliance.state.decisions import ModelControl
 
 if TYPE_CHECKING:
     from appliance.fleet.deployment import Deployment
+    from appliance.fleet.replica import Replica
     from appliance.fleet.supervisor import Supervisor
 
 log = logging.getLogger("appliance.supervisor")
@@ -97,6 +98,27 @@ def pin(sup: Supervisor, model: str, pinned: bool) -> str:
     if len(dep.kept()) < floor:
         said += f"; {len(dep.kept())} placed now: {dep._why_unavailable()}"
     return _said(model, "pin", said)
+
+
+def restart_replica(sup: Supervisor, replica: Replica) -> str:
+    """The operator's restart of one replica: drained (bounded), then started again."""
+    inflight = replica.inflight
+    replica.restart()
+    drain = f"once its {inflight} request{'s' if inflight != 1 else ''} in flight finish, " if inflight else ""
+    what = f"restarting {replica.name}: {drain}its engine stops and starts again; it serves once ready"
+    return _said(replica.model.name, f"restart #{replica.index}", what)
+
+
+def drain_replica(sup: Supervisor, replica: Replica) -> str:
+    """The operator's drain of one replica: no new requests, then it stops for good."""
+    inflight = replica.inflight
+    sup.retire(replica, "operator drained the replica")
+    finish = f"once its {inflight} request{'s' if inflight != 1 else ''} in flight finish" if inflight else "now"
+    what = f"draining {replica.name}: no new requests; it stops {finish}"
+    dep = sup.deployments[replica.model.name]
+    if dep.control.override is None and dep.model.autoscaling.min_replicas > len(dep.kept()):
+        what += f"; the autoscaler starts another to keep min_replicas = {dep.model.autoscaling.min_replicas}"
+    return _said(replica.model.name, f"drain #{replica.index}", what)
 
 
 def _set_control(sup: Supervisor, dep: Deployment, **change) -> None:

@@ -248,7 +248,7 @@ class Supervisor:
                     dep.replicas.append(replica)
                     replica.start()
                 else:
-                    log.warning("cannot add a replica of %s: %s", dep.model.name, row.error)
+                    log.info("cannot add a replica of %s: %s", dep.model.name, row.error)
                 return None
             replica.slot = GpuSlot(
                 row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
@@ -305,7 +305,7 @@ class Supervisor:
             why = f"no room: {decided.explain(scarce.what)}"
             # Once per change of who holds it and why, not once per look or per second it ages.
             if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
-                log.warning("cannot start %s: %s", dep.model.name, why)
+                log.info("cannot start %s: %s", dep.model.name, why)
             dep.no_room, dep.room_in = why, decided.room_in
             if decided.room_in:  # a residency lapses then: look again at that moment
                 self._look_for_room_in(dep, decided.room_in)
@@ -753,6 +753,12 @@ class Supervisor:
 
     def pin(self, model: str, pinned: bool) -> str:
         return operator.pin(self, model, pinned)
+
+    def restart_replica(self, replica: Replica) -> str:
+        return operator.restart_replica(self, replica)
+
+    def drain_replica(self, replica: Replica) -> str:
+        return operator.drain_replica(self, replica)
 
     def replica(self, model: str, index: int) -> Replica:
         dep = self.deployment(model)

@@ -28,13 +28,14 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
 
 from appliance.config import STORE_PREFIX, Config
-from appliance.store.hashing import Interrupted, Throttle
+from appliance.store.hashing import Interrupted, PerChunk, Throttle
 from appliance.store.records import quarantine_reason
 from appliance.store.store import Store
 
@@ -144,6 +145,7 @@ class Scrubber:
     on_quarantine(name, reason) on the event loop."""
 
     IDLE_MAX_S = 300.0  # look again at least this often (imports, `models verify`, clock changes)
+    progress_every_s = 60.0  # a file being scrubbed logs how far it is this often
 
     def __init__(
         self,
@@ -186,9 +188,11 @@ class Scrubber:
             wait = at - store.clock()
             if wait > 0:
                 return ScrubStep(wait_s=min(wait, self.IDLE_MAX_S))
-            problem = store.scrub_file(name, path, Throttle(self.bytes_per_s, self._stop))
+            size = next((f["size"] for f in store.need(name).files if f["path"] == path), 0)
+            progress = ScrubProgress(f"store scrub: {name} file {path}", size, self.progress_every_s)
+            problem = store.scrub_file(name, path, progress.paced(Throttle(self.bytes_per_s, self._stop)))
             if not problem:
-                log.info("store scrub: %s file %s verified", name, path)
+                progress.verified()
                 return ScrubStep(name, path)
             return ScrubStep(name, path, problem, quarantine_reason(store.need(name)))
         finally:
@@ -224,3 +228,34 @@ class Scrubber:
             with contextlib.suppress(Exception):
                 await self._task
         self._executor.shutdown(wait=False)
+
+
+class ScrubProgress:
+    """A scrubbed file's progress in the daemon's log: bytes, share and rate every every_s
+    (a multi-GB file at store.scrub_mb_per_s takes minutes), and what the whole took."""
+
+    def __init__(self, label: str, total: int, every_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.label, self.total, self.every_s, self.clock = label, total, every_s, clock
+        self.done = 0
+        self.started = self.said = clock()
+
+    def paced(self, throttle: PerChunk) -> PerChunk:
+        def chunk(n: int) -> None:
+            throttle(n)
+            self.done += n
+            if self.clock() - self.said >= self.every_s:
+                self.said = self.clock()
+                share = f" ({100 * self.done // self.total}%)" if self.total else ""
+                log.info("%s: %s of %s%s, %s", self.label, _mib(self.done), _mib(self.total), share, self._rate())
+
+        return chunk
+
+    def verified(self) -> None:
+        log.info("%s verified: %s in %.0fs, %s", self.label, _mib(self.done), self.clock() - self.started, self._rate())
+
+    def _rate(self) -> str:
+        return f"{_mib(self.done / max(self.clock() - self.started, 1e-9))}/s"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"

@@ -44,6 +44,7 @@ class Incoming:
     # A license accepted where the model came from (a bundle): accepted here too.
     license_accepted_by: str | None = None
     license_accepted_at: float | None = None
+    title: str = ""  # what the model calls itself (a GGUF's general.name), shown beside its name
 
     @property
     def total_bytes(self) -> int:
@@ -84,6 +85,7 @@ class ModelRecord:
     state: str
     state_reason: str
     files: list[dict] = field(default_factory=list)
+    title: str = ""
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

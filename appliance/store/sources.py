@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import tarfile
+import unicodedata
 import zipfile
 from collections import Counter
 from collections.abc import Callable
@@ -112,23 +113,40 @@ def from_gguf(p: Path, st: os.stat_result, name: str | None, sha256: str | None)
         raise StoreError(
             f"{p}: a hard link ({st.st_nlink} names): its other names cannot be checked; import a copy (cp) instead"
         )
+    license_, title_ = _gguf_labels(p, st)
     return Incoming(
         name=name or p.stem.lower(),
         source=str(p.resolve()),
         files=[SourceFile(p.name, st.st_size, _opener(p, st), sha256)],
-        license=_gguf_license(p, st),
+        license=license_,
+        title=title_,
     )
 
 
-def _gguf_license(p: Path, st: os.stat_result) -> str:
-    """The file's own general.license (SPDX), "unknown" without one. (Its general.name is
-    not a name to store it under: often a training run's label; the file name is kept.)"""
+def _gguf_labels(p: Path, st: os.stat_result) -> tuple[str, str]:
+    """The file's own general.license (SPDX; "unknown" without one) and general.name, as
+    the record's title. (Not a name to store it under: often a training run's label, so
+    the file name stays the name.)"""
     try:
         with io.BufferedReader(open_regular(p, identity(st))) as f:
-            found = gguf.read_open(p, f).metadata.get("general.license")
+            metadata = gguf.read_open(p, f).metadata
     except gguf.GgufError:
-        return "unknown"  # not a GGUF header: the store's checks say what is wrong with it
-    return spdx(found) if isinstance(found, str) else "unknown"
+        return "unknown", ""  # not a GGUF header: the store's checks say what is wrong with it
+    found = metadata.get("general.license")
+    license_ = spdx(found) if isinstance(found, str) else "unknown"
+    return license_, title(metadata.get("general.name"))
+
+
+TITLE_MAX = 200
+
+
+def title(text: object) -> str:
+    """A label a file gives itself, fit to show on a terminal: text only, without control
+    or format characters (no escape sequences from a hostile file), one line, bounded."""
+    if not isinstance(text, str):
+        return ""
+    shown = "".join(c if unicodedata.category(c)[0] not in "CZ" or c == " " else " " for c in text)
+    return " ".join(shown.split())[:TITLE_MAX]
 
 
 def _opener(path: Path, st: os.stat_result):
@@ -391,6 +409,7 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
                 revision=m.get("revision"),
                 license_accepted_by=m.get("license_accepted_by"),
                 license_accepted_at=m.get("license_accepted_at"),
+                title=title(m.get("title")),
             )
         )
     if only and not found:

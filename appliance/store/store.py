@@ -157,7 +157,7 @@ class Store:
     def _record(self, row: dict) -> ModelRecord:
         files = list(self.db["files"].rows_where("model = ?", [row["name"]], order_by="path"))
         return ModelRecord(
-            **{**row, "pinned": bool(row["pinned"])},
+            **{**row, "pinned": bool(row["pinned"]), "title": row.get("title") or ""},
             files=[{"path": f["path"], "sha256": f["sha256"], "size": f["size"]} for f in files],
         )
 
@@ -339,6 +339,7 @@ class Store:
                     "pinned": 0,
                     "state": READY,
                     "state_reason": "",
+                    "title": incoming.title,
                 },
                 [
                     {
@@ -555,7 +556,12 @@ CREATE TABLE IF NOT EXISTS "files" (
 
 # The manifest's schema (appliance/state/migrations.py): append a step to change it, e.g.
 # `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
-MIGRATIONS = migrations.Registry("store manifest", (_v1_tables,))
+def _title_column(db: sqlite3.Connection) -> None:
+    """A model's title (a GGUF's general.name): shown, never used as its name."""
+    migrations.add_column(db, "models", "title", "TEXT")
+
+
+MIGRATIONS = migrations.Registry("store manifest", (_v1_tables, _title_column))
 
 
 def _check_gguf(source: str, path: str, staged: Path) -> None:
