@@ -292,3 +292,33 @@ class Readiness(msgspec.Struct, kw_only=True, omit_defaults=True):
 def at_wall_clock(monotonic_at: float, monotonic_now: float, wall_now: float) -> datetime:
     """A moment the daemon measured on its monotonic clock, as a UTC timestamp."""
     return datetime.fromtimestamp(wall_now - (monotonic_now - monotonic_at), UTC)
+
+
+# --- a config reload (appliance/api/reload.py) ----------------------------------------------
+
+
+class ReloadBody(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /admin/reload: wait for the replicas of changed models to be replaced
+    (else the answer comes once the new config is live and the rolls have started)."""
+
+    wait: bool = False
+
+
+class ReloadReport(msgspec.Struct, kw_only=True):
+    """What a reload changed: the answer to POST /admin/reload and `appliance reload`."""
+
+    config: str  # the file read
+    added: list[str] = []  # models started
+    removed: list[str] = []  # models drained, then stopped
+    changed: dict[str, list[str]] = {}  # model -> its changed settings
+    rolling: list[str] = []  # models whose replicas are being replaced (engine settings changed)
+    rolled: dict[str, str] = {}  # model -> how its roll ended (when the caller waited for it)
+    policy: list[str] = []  # routes, providers and live settings changed: swapped at once
+    seconds: float = 0.0  # from the request to the new config live (rolls included when waited for)
+
+    def summary(self) -> str:
+        rolls = len(self.rolling) + len(self.rolled)
+        return (
+            f"{len(self.added)} models added, {len(self.removed)} removed, {rolls} rolled, "
+            f"{len(self.changed) - rolls} changed live, {len(self.policy)} policy changes"
+        )

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -33,7 +33,8 @@ from appliance.api.admin_access import AdminAccess
 from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.api.metrics import Metrics
-from appliance.config import Config, ConfigError, check_writable_dirs, read_admin_token
+from appliance.api.reload import Reloader
+from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
 from appliance.errors import (
     ApplianceError,
     BadRequest,
@@ -79,6 +80,8 @@ from appliance.status import (
     ModelAction,
     ModelStatus,
     Readiness,
+    ReloadBody,
+    ReloadReport,
     ReplicaAction,
     ReplicaLog,
     ReplicaStatus,
@@ -100,6 +103,7 @@ class Runtime(Gateway):
     started: float = field(default_factory=time.time)
     admin: AdminAccess | None = None
     openapi: dict | None = None
+    reloader: Reloader | None = None
 
 
 def _runtime(request: Request) -> Runtime:
@@ -604,6 +608,18 @@ async def admin_replica_action(request: Request, action: ReplicaActionName) -> R
     return replica.snapshot()
 
 
+@post("/admin/reload", status_code=200, opt={"body": ReloadBody})
+async def admin_reload(request: Request) -> ReloadReport:
+    """Read the config file again and apply what changed (appliance/api/reload.py); an
+    invalid file, or a change only a restart may make, is a 400 naming the file and the
+    field, and changes nothing."""
+    rt, raw = await _admin_write(request)
+    body = decode_request(raw, ReloadBody)
+    assert rt.reloader is not None, "the lifespan made it"
+    log.info("operator reload requested over the admin API")
+    return await rt.reloader.reload(wait=body.wait)
+
+
 def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Action:
     """The action a path names; an unknown one is a 404 that lists the known ones."""
     try:
@@ -676,6 +692,7 @@ ROUTE_HANDLERS = [
     admin_scale,
     admin_model_action,
     admin_replica_action,
+    admin_reload,
     admin_gpus,
     admin_replica_log,
     admin_daemon_log,
@@ -683,7 +700,9 @@ ROUTE_HANDLERS = [
 ]
 
 
-def create_app(cfg: Config) -> Litestar:
+def create_app(cfg: Config, reread: Callable[[], Config] | None = None) -> Litestar:
+    """reread: the config as the daemon's command line reads it, for reloads (default:
+    the file cfg came from)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -720,6 +739,7 @@ def create_app(cfg: Config) -> Litestar:
             tenancy=Tenancy(cfg.routing.tenant_isolation),
             tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
         )
+        runtime.reloader = Reloader(runtime, reread or (lambda: load_config(_config_file(cfg))))
         app.state.runtime = runtime
         supervisor.start()
         audit.start()
@@ -773,6 +793,10 @@ def create_app(cfg: Config) -> Litestar:
         logging_config=None,
         debug=False,
     )
+
+
+def _config_file(cfg: Config) -> str | None:
+    return None if cfg.origin.startswith("<") else cfg.origin
 
 
 __all__ = ["Runtime", "create_app", "encode_error", "error_parts", "front_door"]

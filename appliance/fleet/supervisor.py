@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
+import msgspec
 
 from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
@@ -33,7 +34,16 @@ from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.rates import RateWindow
-from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
+from appliance.fleet.replica import (
+    Clock,
+    Listener,
+    RealClock,
+    Replica,
+    ReplicaUnavailable,
+    State,
+    Transition,
+    free_port,
+)
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
@@ -351,6 +361,8 @@ class Supervisor:
         self.market = Market()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        # Models a config reload removed whose replicas still drain (remove_deployment).
+        self.leaving: list[Deployment] = []
         self.store_checks: StoreChecks | None = None
         self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
         if state is not None:
@@ -365,7 +377,7 @@ class Supervisor:
         self._listeners.append(listener)
 
     def replicas(self) -> list[Replica]:
-        return [r for d in self.deployments.values() for r in d.replicas]
+        return [r for d in [*self.deployments.values(), *self.leaving] for r in d.replicas]
 
     def start(self) -> None:
         """Start each model at its operator-set count, else its min_replicas. Store models
@@ -1023,6 +1035,105 @@ class Supervisor:
                     )
                 )
         return on_gpu
+
+    # --- config reload: deployments added, removed, rolled (appliance/api/reload.py decides) --------
+
+    def add_deployment(self, model: ModelConfig) -> Deployment:
+        """A model new in a reloaded config: admitted like one at boot (store admission,
+        the operator's saved count), started at its standing count."""
+        dep = Deployment(model, self)
+        if self.state is not None and (control := self.state.all().get(model.name)) is not None:
+            dep.control = control
+        for name, lease in admit_store_models(self.cfg, {model.name: dep}).items():
+            if name in self.store_leases:
+                lease.close()  # already held for another model of the same store entry
+            else:
+                self.store_leases[name] = lease
+        if (name := store_name(model)) and not dep.blocked:
+            if self.store_checks is None:
+                self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
+            self._background(self.store_checks.check(name), f"store-check-{name}")
+        self.deployments[model.name] = dep
+        self.add_together([(dep, dep.standing_count())], reason="added by a config reload")
+        return dep
+
+    def remove_deployment(self, name: str) -> None:
+        """A model gone from a reloaded config: no new request finds it from now on;
+        the requests held for it still get a replica, those in flight finish, then
+        its replicas stop (each bounded by server.drain_timeout_s)."""
+        dep = self.deployments.pop(name)
+        self.leaving.append(dep)
+
+        def wake(replica: Replica, event: Transition) -> None:
+            if event.new is State.READY and replica in dep.replicas:
+                dep.wake_waiters()  # _on_change no longer finds it by name
+
+        self.add_listener(wake)
+
+        async def leave() -> None:
+            try:
+                while dep.waiters and not self._stopping:
+                    await asyncio.sleep(ROOM_POLL_S)
+                log.info("stopping the replicas of %s (removed from the config)", name)
+                for r in dep.replicas:
+                    r.retiring = True
+                await asyncio.gather(*(r.stop(self.cfg.server.drain_timeout_s) for r in dep.replicas))
+            finally:
+                self._listeners.remove(wake)
+                self.leaving.remove(dep)
+
+        self._background(leave(), f"remove-{name}")
+
+    async def roll(self, name: str, model: ModelConfig) -> str:
+        """New engine arguments for a model: each replica of the old config is replaced
+        by one of the new, one at a time: the new one READY before the old one drains
+        when there is room beside it (one above max_replicas, for the roll), else the
+        old one drains first (requests are held meanwhile). A new replica that does not
+        become READY stops the roll, and what is left of the old config keeps serving.
+        Returns what happened, in words."""
+        dep = self.deployments[name]
+        old = dep.kept()
+        surge = msgspec.structs.replace(model.autoscaling, max_replicas=model.autoscaling.max_replicas + 1)
+        dep.model = msgspec.structs.replace(model, autoscaling=surge)
+        saved = dep.control
+        try:
+            for r in old:
+                # The autoscaler holds the count still while the roll adds and retires.
+                dep.control = ModelControl(override=len(dep.kept()) + 1, pinned=saved.pinned)
+                frozen = dep.control
+                new = self.add_replica(dep, reason=f"config reload: replaces {r.name}")
+                if new is None:  # no room beside it: the old one goes first
+                    await self._retired(r, "config reload: replaced by the new config (no room beside it)")
+                    new = self.add_replica(dep, reason=f"config reload: replaces {r.name}")
+                    if new is None:
+                        return f"stopped: no room for a replica of the new config ({dep._why_unavailable()})"
+                if not await self._until_ready(new):
+                    why = new.last_error or f"not ready within {self.cfg.supervisor.startup_timeout_s:.0f}s"
+                    self.retire(new, "config reload: the new config's replica did not become ready")
+                    return f"stopped at {new.name}: {why}; the replicas of the previous config keep serving"
+                if not r.retiring:
+                    self.retire(r, f"config reload: replaced by {new.name}")
+                if dep.control is not frozen:
+                    saved = dep.control  # the operator changed it meanwhile: theirs stays
+        finally:
+            dep.model = model
+            dep.control = saved
+        return f"rolled {len(old)} replica{'s' if len(old) != 1 else ''}"
+
+    async def _retired(self, replica: Replica, reason: str) -> None:
+        self.retire(replica, reason)
+        task = self._drains.get(replica.name)
+        if task is not None:
+            await asyncio.wait([task])
+
+    async def _until_ready(self, replica: Replica) -> bool:
+        """True once the replica is READY; False once it is FATAL, stopped, or not ready
+        within the startup timeout (its own restarts included)."""
+        try:
+            await replica.wait_ready(self.cfg.supervisor.startup_timeout_s)
+        except (ReplicaUnavailable, TimeoutError):
+            return False
+        return True
 
 
 def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:

@@ -56,5 +56,12 @@ class Gateway:
     # engine or a provider, or waiting for their audit row. The drain waits for 0.
     inflight: int = 0
 
+    def adopt(self, cfg: Config, routes: Routes, providers: dict[str, Provider], tenancy: Tenancy) -> None:
+        """A reloaded config's policy, built whole and checked (appliance/api/reload.py),
+        made live in one step: a request reads all of it before or all of it after."""
+        self.cfg, self.routes, self.providers, self.tenancy = cfg, routes, providers, tenancy
+        self.tag_header = cfg.routing.tag_header.lower().encode("latin-1")
+        self.gate.required = cfg.keys.required
+
 
 __all__ = ["Gateway", "RequestMetrics"]

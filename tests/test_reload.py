@@ -1,0 +1,150 @@
+"""Live reload through the real daemon (SIGHUP, `appliance reload`), under a steady load
+of real requests to fake engines, with the recording fake provider of test_routes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+
+import httpx
+
+from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .test_routes import provider, recorder, route  # noqa: F401  (the recording provider)
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+class Load:
+    """Requests sent one after another per model, until stopped: every answer's status kept."""
+
+    def __init__(self, daemon, models: list[str], pause: float = 0.05) -> None:
+        self.daemon, self.pause = daemon, pause
+        self.answers: list[tuple[str, int, str]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._send, args=(m,), daemon=True) for m in models]
+        for t in self._threads:
+            t.start()
+
+    def _send(self, model: str) -> None:
+        with self.daemon.client(timeout=30) as c:
+            while not self._stop.is_set():
+                r = c.post("/v1/chat/completions", json={**CHAT, "model": model})
+                self.answers.append((model, r.status_code, r.text[:300]))
+                time.sleep(self.pause)
+
+    def stop(self) -> list[tuple[str, int, str]]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(30)
+        return [a for a in self.answers if a[1] != 200]
+
+
+def _reload_cli(daemon, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PY, "-m", "appliance.cli", "reload", "--config", str(daemon.config), *flags],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def _chat(daemon, model: str, **kw) -> httpx.Response:
+    with daemon.client(timeout=kw.pop("timeout", 30)) as c:
+        return c.post("/v1/chat/completions", json={**CHAT, "model": model}, **kw)
+
+
+MODELS = (fake_model("steady", "--latency", "0.01")
+          + fake_model("leaving", "--latency", "0.01")
+          + fake_model("changing", "--latency", "0.01"))
+
+
+def test_reload_under_load_adds_removes_rolls_and_regulates_without_a_failed_request(daemons, recorder, tmp_path):
+    extra = provider(recorder, tmp_path) + route("general", "general", "steady", False, ["cloud"])
+    daemon = daemons.start(MODELS, extra=extra)
+    changing_pid = daemon.replicas("changing")[0]["pid"]
+    leaving_pid = daemon.replicas("leaving")[0]["pid"]
+    load = Load(daemon, ["steady", "changing", "general"])
+    wait_until(lambda: len(load.answers) >= 20, 20, what="the load to run")
+
+    new_models = (fake_model("steady", "--latency", "0.01")
+                  + fake_model("changing", "--latency", "0.02")  # engine arguments: a roll
+                  + fake_model("arriving", "--latency", "0.01"))
+    daemons.write_config(new_models, extra=provider(recorder, tmp_path) + route("general", "general", "steady", True),
+                         port=daemon.port)
+    done = _reload_cli(daemon, "--json")
+    time.sleep(0.5)  # requests keep coming after the swap too
+    failed = load.stop()
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["added"] == ["arriving"] and report["removed"] == ["leaving"]
+    assert report["rolled"]["changing"].startswith("rolled 1 replica"), report
+    assert "route general: fallbacks, regulated changed" in report["policy"]
+    assert failed == [], failed[:5]
+    assert len(load.answers) > 40
+    # The new behaviour: the new model answers, the removed one is gone and its engine
+    # stopped, the changed one runs a new engine, the route is regulated.
+    assert _chat(daemon, "arriving").status_code == 200
+    assert _chat(daemon, "leaving").status_code == 404
+    wait_until(lambda: not pid_alive(leaving_pid), 20, what="the removed model's engine to stop")
+    [replica] = daemon.replicas("changing")
+    assert replica["pid"] != changing_pid and not pid_alive(changing_pid)
+    routes = {r["name"]: r for r in daemon.status()["routes"]}
+    assert routes["general"]["regulated"] is True
+
+
+def test_an_invalid_config_changes_nothing_and_the_cli_names_the_field(daemons):
+    daemon = daemons.start(fake_model("steady"))
+    pid = daemon.replicas("steady")[0]["pid"]
+    good = daemon.config.read_text()
+
+    daemon.config.write_text(good + '\n[[models]]\nname = "broken"\nserver = "openai"\nparallel = "four"\n')
+    bad = _reload_cli(daemon)
+    assert bad.returncode == 1
+    assert str(daemon.config) in bad.stderr and "parallel" in bad.stderr, bad.stderr
+
+    daemon.config.write_text(good.replace("drain_timeout_s = 10", "drain_timeout_s = 10\nadmin_socket = 'x.sock'"))
+    restart = _reload_cli(daemon)
+    assert restart.returncode == 1
+    assert "server.admin_socket" in restart.stderr and "restart" in restart.stderr, restart.stderr
+
+    names = [m["name"] for m in daemon.status()["models"]]
+    assert names == ["steady"] and daemon.replicas("steady")[0]["pid"] == pid
+    assert _chat(daemon, "steady").status_code == 200
+
+
+def test_sighup_reloads_and_a_second_model_serves(daemons):
+    daemon = daemons.start(fake_model("steady"))
+    daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port)
+    daemon.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: _chat(daemon, "second").status_code == 200, 20, what="the reloaded model to answer")
+    assert daemon.proc.poll() is None
+    assert "config reloaded" in daemon.log_text()
+
+
+def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_provider(daemons, recorder, tmp_path):
+    # "late" answers its first request at once (the readiness probe), then after 3 s;
+    # the daemon gives up on it after 1.5 s and would fall back to the provider.
+    models = fake_model("late", "--latency", "3", "--latency-from", "2")
+    limits = "[upstream]\nread_timeout_s = 1.5\n\n"
+    cfg = provider(recorder, tmp_path)
+    daemon = daemons.start(models, extra=limits + cfg + route("general", "general", "late", False, ["cloud"]))
+    before = recorder.requests()
+    answer: list[httpx.Response] = []
+    body = {**CHAT, "model": "general"}
+    sender = threading.Thread(target=lambda: answer.append(daemon.client().post("/v1/chat/completions", json=body)))
+    sender.start()
+    wait_until(lambda: daemon.replicas("late")[0]["inflight"] >= 1, 10, what="the request to reach the engine")
+
+    daemons.write_config(models, extra=limits + cfg + route("general", "general", "late", True), port=daemon.port)
+    done = _reload_cli(daemon, "--no-wait")
+    assert done.returncode == 0, done.stderr
+    sender.join(20)
+
+    # Judged by one policy: admitted under the old route, its data did not leave the
+    # box once the new one made the route regulated (fail closed, 503).
+    assert recorder.requests() == before
+    [r] = answer
+    assert r.status_code == 503 and r.json()["error"]["code"] == "regulated_fail_closed", r.text
+    # After the swap, a new request to the route is served locally or refused, never sent away.
+    _chat(daemon, "general")
+    assert recorder.requests() == before
