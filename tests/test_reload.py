@@ -57,7 +57,7 @@ MODELS = (fake_model("steady", "--latency", "0.01")
           + fake_model("changing", "--latency", "0.01"))
 
 
-def test_reload_under_load_adds_removes_rolls_and_regulates_without_a_failed_request(daemons, recorder, tmp_path):
+def test_reload_under_load_adds_removes_rolls_and_regulates_without_a_failed_request(daemons, recorder, tmp_path):  # noqa: F811
     extra = provider(recorder, tmp_path) + route("general", "general", "steady", False, ["cloud"])
     daemon = daemons.start(MODELS, extra=extra)
     changing_pid = daemon.replicas("changing")[0]["pid"]
@@ -121,7 +121,7 @@ def test_sighup_reloads_and_a_second_model_serves(daemons):
     assert "config reloaded" in daemon.log_text()
 
 
-def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_provider(daemons, recorder, tmp_path):
+def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_provider(daemons, recorder, tmp_path):  # noqa: F811
     # "late" answers its first request at once (the readiness probe), then after 3 s;
     # the daemon gives up on it after 1.5 s and would fall back to the provider.
     models = fake_model("late", "--latency", "3", "--latency-from", "2")
