@@ -148,3 +148,36 @@ def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_
     # After the swap, a new request to the route is served locally or refused, never sent away.
     _chat(daemon, "general")
     assert recorder.requests() == before
+
+
+def test_a_request_held_for_a_model_removed_by_a_reload_is_still_served(daemons):
+    cold = fake_model("cold", "--slow-start", "3", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
+    daemon = daemons.start(fake_model("steady") + cold)
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(_chat(daemon, "cold")))
+    sender.start()
+    wait_until(lambda: next(m for m in daemon.status()["models"] if m["name"] == "cold")["queued"] >= 1, 10,
+               what="the request to be held")
+    daemons.write_config(fake_model("steady"), port=daemon.port)
+    done = _reload_cli(daemon, "--json")
+    assert done.returncode == 0 and json.loads(done.stdout)["removed"] == ["cold"], done.stderr
+    assert _chat(daemon, "cold").status_code == 404  # no new request reaches it
+    sender.join(30)
+    [r] = answer
+    assert r.status_code == 200, r.text  # the held one was not failed by the reload
+    wait_until(lambda: "stopping the replicas of cold" in daemon.log_text(), 20, what="the removed model to stop")
+
+
+def test_the_diff_tells_rolls_from_live_changes_and_restart_only_settings():
+    from appliance.api.reload import diff_models, restart_only
+    from appliance.config import parse_config
+
+    old = parse_config(fake_model("a") + fake_model("b") + fake_model("c"))
+    new = parse_config("[server]\nport = 9\nmax_body_bytes = 10000\n[queue]\ntimeout_s = 5\n"
+                       + fake_model("a", extra="priority = 3\n[models.autoscaling]\nmax_replicas = 2")
+                       + fake_model("b", "--latency", "1") + fake_model("d"))
+    diff = diff_models(old.models, new.models)
+    assert [m.name for m in diff.added] == ["d"] and diff.removed == ["c"]
+    assert diff.rolled == {"b": ["command"]}
+    assert diff.updated == {"a": ["autoscaling.max_replicas", "priority"]}
+    assert restart_only(old, new) == ["server.port"]  # body limits and the queue change live
