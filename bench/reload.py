@@ -36,6 +36,8 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 FAKE_ENGINE = ROOT / "tests" / "fake_engine.py"
 PY = sys.executable
+# The tree measured: `python -m` puts its working directory first on sys.path.
+TREE = os.environ.get("PYTHONPATH", "").split(":")[0] or str(ROOT)
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 
 
@@ -78,7 +80,7 @@ class Daemon:
             [PY, "-m", "appliance.cli", "serve", "--config", str(self.cfg)],
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=TREE,
             start_new_session=True,
         )
 
@@ -188,6 +190,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for how in ("restart", "reload"):  # alternating, so drift hits both alike
             rows[how].append(asyncio.run(one_round(how, args.rps, args.start_s)))
+    print(f"tree: {TREE}")
     print(f"load: {args.rps:g} req/s open loop; fake engines load in {args.start_s:g} s; {args.rounds} rounds")
     print(f"machine: {os.getloadavg()[0]:.2f} load average (1 min)\n")
     print("| applying the change | to new config live, median s (each) | requests | failed | failed % |")
