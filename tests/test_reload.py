@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -181,3 +182,21 @@ def test_the_diff_tells_rolls_from_live_changes_and_restart_only_settings():
     assert diff.rolled == {"b": ["command"]}
     assert diff.updated == {"a": ["autoscaling.max_replicas", "priority"]}
     assert restart_only(old, new) == ["server.port"]  # body limits and the queue change live
+
+
+def test_a_request_whose_body_arrives_across_a_reload_is_judged_by_the_policy_it_started_with(daemons):
+    daemon = daemons.start(fake_model("steady"), extra=route("alias", "alias", "steady", True))
+    body = json.dumps({**CHAT, "model": "alias"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body[:10])
+        time.sleep(0.3)  # admitted: its policy read, its body still coming
+        daemons.write_config(fake_model("steady"), port=daemon.port)  # the route "alias" is gone
+        done = _reload_cli(daemon, "--no-wait")
+        assert done.returncode == 0, done.stderr
+        s.sendall(body[10:])
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert _chat(daemon, "alias").status_code == 404  # a new request: the new policy

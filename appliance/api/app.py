@@ -225,14 +225,16 @@ async def _serve(
     then routing forwards it and the relay answers."""
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
-    gate = rt.gate
+    # The policy as it is now, for the whole request: a reload swaps these (Gateway.adopt)
+    # in one step, and the body's read below must not let a request see half of each.
+    gate, cfg, routes, tenancy = rt.gate, rt.cfg, rt.routes, rt.tenancy
     ep = req.endpoint
     key = req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
-    body = req.body = await _read_body_asgi(req.receive, declared, limit, rt.cfg.server.body_read_timeout_s)
+    limit = cfg.server.max_upload_bytes if ep.form else cfg.server.max_body_bytes
+    body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
     request = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
     model = req.model = request.model
-    route = req.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
+    route = req.route = routes.match(model, tag.decode("latin-1") if tag else "", key, cfg.routing.tag_header)
     rt.audit.admit(req.accountable)
     target = req.target = route.target if route is not None else model
     fields: dict = {} if target == model else {"model": target}
@@ -241,23 +243,22 @@ async def _serve(
     deployment = req.deployment = rt.supervisor.deployment(target)
     capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
     if ep.name == "chat":
-        capabilities.check_tools(rt.cfg, deployment.model, request.tool_choice)  # type: ignore[union-attr]
+        capabilities.check_tools(cfg, deployment.model, request.tool_choice)  # type: ignore[union-attr]
     req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
     stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
     if stores:
         req.pinned = _home_of(rt, request, key, deployment)
-    tenancy = rt.tenancy
     stream = req.stream = bool(getattr(request, "stream", False))
-    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
+    if stream and (cfg.audit.enabled or key is not None or tenancy.isolated or stores):
         _tap(req, request, tenancy.isolated, fields)
     req.forwarded = set_fields(body, **fields) if fields else body
     tenant = tenancy.tenant(key, route)
     if tenant is not None and ep.generates and not ep.form:
         req.salt = tenancy.salt(tenant, getattr(request, "cache_salt", None))
-    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
+    if len(deployment.replicas) > 1 and cfg.routing.prefix_aware and ep.view != "":
         req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, tenancy.seed(tenant))
-    if rt.cfg.audit.include_text:
+    if cfg.audit.include_text:
         req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
     content = content_type.decode("latin-1") if content_type is not None else JSON
     req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
