@@ -123,10 +123,10 @@ def test_sighup_reloads_and_a_second_model_serves(daemons):
 
 
 def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_provider(daemons, recorder, tmp_path):  # noqa: F811
-    # "late" answers its first request at once (the readiness probe), then after 3 s;
-    # the daemon gives up on it after 1.5 s and would fall back to the provider.
-    models = fake_model("late", "--latency", "3", "--latency-from", "2")
-    limits = "[upstream]\nread_timeout_s = 1.5\n\n"
+    # "late" answers its first request at once (the readiness probe), then after 30 s;
+    # the daemon gives up on it after 6 s and would fall back to the provider.
+    models = fake_model("late", "--latency", "30", "--latency-from", "2")
+    limits = "[upstream]\nread_timeout_s = 6\n\n"
     cfg = provider(recorder, tmp_path)
     daemon = daemons.start(models, extra=limits + cfg + route("general", "general", "late", False, ["cloud"]))
     before = recorder.requests()
@@ -137,8 +137,10 @@ def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_
     wait_until(lambda: daemon.replicas("late")[0]["inflight"] >= 1, 10, what="the request to reach the engine")
 
     daemons.write_config(models, extra=limits + cfg + route("general", "general", "late", True), port=daemon.port)
-    done = _reload_cli(daemon, "--no-wait")
-    assert done.returncode == 0, done.stderr
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=10) as admin:
+        done = admin.post("http://appliance/admin/reload", json={})
+    assert done.status_code == 200 and done.json()["policy"] == ["route general: fallbacks, regulated changed"]
+    assert answer == []  # still in flight at the swap
     sender.join(20)
 
     # Judged by one policy: admitted under the old route, its data did not leave the
@@ -200,3 +202,18 @@ def test_a_request_whose_body_arrives_across_a_reload_is_judged_by_the_policy_it
             answer += chunk
     assert answer.startswith(b"HTTP/1.1 200"), answer[:300]
     assert _chat(daemon, "alias").status_code == 404  # a new request: the new policy
+
+
+def test_a_roll_whose_new_replica_never_gets_ready_stops_and_the_old_one_keeps_serving(daemons):
+    daemon = daemons.start(fake_model("changing"), supervisor="startup_timeout_s = 3")
+    old_pid = daemon.replicas("changing")[0]["pid"]
+    load = Load(daemon, ["changing"])
+    daemons.write_config(fake_model("changing", "--fail-status", "500", "--fail-from", "1"),
+                         port=daemon.port, supervisor="startup_timeout_s = 3")
+    done = _reload_cli(daemon)
+    failed = load.stop()
+    assert done.returncode == 1 and "roll stopped for changing" in done.stderr, done.stdout + done.stderr
+    assert failed == [], failed[:5]
+    wait_until(lambda: [r["pid"] for r in daemon.replicas("changing")] == [old_pid], 20,
+               what="the failed replica to go")
+    assert _chat(daemon, "changing").status_code == 200

@@ -21,6 +21,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import aiohttp
 import msgspec
@@ -1044,18 +1045,23 @@ class Supervisor:
         dep = Deployment(model, self)
         if self.state is not None and (control := self.state.all().get(model.name)) is not None:
             dep.control = control
-        for name, lease in admit_store_models(self.cfg, {model.name: dep}).items():
+        self._admit_store_model(dep)
+        self.deployments[model.name] = dep
+        self.add_together([(dep, dep.standing_count())], reason="added by a config reload")
+        return dep
+
+    def _admit_store_model(self, dep: Deployment | SimpleNamespace) -> None:
+        """A store model configured while serving: admitted (or dep.blocked says why),
+        leased and its files checked, as start() does at boot."""
+        for name, lease in admit_store_models(self.cfg, {dep.model.name: dep}).items():
             if name in self.store_leases:
                 lease.close()  # already held for another model of the same store entry
             else:
                 self.store_leases[name] = lease
-        if (name := store_name(model)) and not dep.blocked:
+        if (name := store_name(dep.model)) and not dep.blocked:
             if self.store_checks is None:
                 self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
             self._background(self.store_checks.check(name), f"store-check-{name}")
-        self.deployments[model.name] = dep
-        self.add_together([(dep, dep.standing_count())], reason="added by a config reload")
-        return dep
 
     def remove_deployment(self, name: str) -> None:
         """A model gone from a reloaded config: no new request finds it from now on;
@@ -1092,10 +1098,15 @@ class Supervisor:
         become READY stops the roll, and what is left of the old config keeps serving.
         Returns what happened, in words."""
         dep = self.deployments[name]
+        if store_name(model) != store_name(dep.model):  # a new store entry passes admission first
+            admitted = SimpleNamespace(model=model, blocked=None)
+            self._admit_store_model(admitted)
+            if admitted.blocked:
+                return f"refused: {admitted.blocked}; the replicas of the previous config keep serving"
         old = dep.kept()
         surge = msgspec.structs.replace(model.autoscaling, max_replicas=model.autoscaling.max_replicas + 1)
         dep.model = msgspec.structs.replace(model, autoscaling=surge)
-        saved = dep.control
+        saved = frozen = dep.control
         try:
             for r in old:
                 # The autoscaler holds the count still while the roll adds and retires.
@@ -1113,11 +1124,10 @@ class Supervisor:
                     return f"stopped at {new.name}: {why}; the replicas of the previous config keep serving"
                 if not r.retiring:
                     self.retire(r, f"config reload: replaced by {new.name}")
-                if dep.control is not frozen:
-                    saved = dep.control  # the operator changed it meanwhile: theirs stays
+                saved = _operators(saved, frozen, dep.control)
         finally:
             dep.model = model
-            dep.control = saved
+            dep.control = _operators(saved, frozen, dep.control)
         return f"rolled {len(old)} replica{'s' if len(old) != 1 else ''}"
 
     async def _retired(self, replica: Replica, reason: str) -> None:
@@ -1134,6 +1144,14 @@ class Supervisor:
         except (ReplicaUnavailable, TimeoutError):
             return False
         return True
+
+
+def _operators(saved: ModelControl, frozen: ModelControl, now: ModelControl) -> ModelControl:
+    """The operator's control once a roll ends: what they set during it (now differs from
+    the roll's frozen count), else what they had before (saved)."""
+    if now is frozen:
+        return saved
+    return ModelControl(override=saved.override if now.override == frozen.override else now.override, pinned=now.pinned)
 
 
 def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:
