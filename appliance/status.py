@@ -313,6 +313,7 @@ class ReloadReport(msgspec.Struct, kw_only=True):
     changed: dict[str, list[str]] = {}  # model -> its changed settings
     rolling: list[str] = []  # models whose replicas are being replaced (engine settings changed)
     rolled: dict[str, str] = {}  # model -> how its roll ended (when the caller waited for it)
+    failed: dict[str, str] = {}  # model -> why it could not be added (the rest was applied)
     policy: list[str] = []  # routes, providers and live settings changed: swapped at once
     seconds: float = 0.0  # from the request to the new config live (rolls included when waited for)
 

@@ -212,7 +212,7 @@ def test_a_roll_whose_new_replica_never_gets_ready_stops_and_the_old_one_keeps_s
                          port=daemon.port, supervisor="startup_timeout_s = 3")
     done = _reload_cli(daemon)
     failed = load.stop()
-    assert done.returncode == 1 and "roll stopped for changing" in done.stderr, done.stdout + done.stderr
+    assert done.returncode == 1 and "not all applied: changing: stopped at" in done.stderr, done.stdout + done.stderr
     assert failed == [], failed[:5]
     wait_until(lambda: [r["pid"] for r in daemon.replicas("changing")] == [old_pid], 20,
                what="the failed replica to go")

@@ -87,10 +87,10 @@ class ModelDiff(msgspec.Struct, frozen=True):
     updated: dict[str, list[str]]  # live settings only
 
 
-def changed_fields(old: msgspec.Struct, new: msgspec.Struct, prefix: str = "") -> list[str]:
+def changed_fields(old: msgspec.Struct, new: msgspec.Struct) -> list[str]:
     """Dotted names of the fields whose values differ (nested tables walked)."""
     a, b = msgspec.to_builtins(old, enc_hook=str), msgspec.to_builtins(new, enc_hook=str)  # str: a Duration
-    return _differences(a, b, prefix)
+    return _differences(a, b, "")
 
 
 def _differences(a: object, b: object, at: str) -> list[str]:
@@ -160,7 +160,8 @@ class Reloader:
 
     async def reload(self, wait: bool = False) -> ReloadReport:
         """Apply the config file as it is now; wait: until the rolls it started end.
-        Raises ReloadRefused when nothing changed."""
+        An invalid file, or a change only a restart may make: ReloadRefused, and
+        nothing changed."""
         started = time.monotonic()
         try:
             report = self._apply(self.reread())
@@ -212,8 +213,13 @@ class Reloader:
             sup.remove_deployment(name)
         for name in models.updated:
             sup.deployments[name].model = by_name[name]
+        failed = {}
         for m in models.added:
-            sup.add_deployment(m)
+            try:
+                sup.add_deployment(m)
+            except Exception as exc:  # e.g. the store cannot be opened: said, the rest applied
+                log.exception("reload: model %s could not be added", m.name)
+                failed[m.name] = f"not added: {exc}"
         for name in models.rolled:
             self._start_roll(name, by_name[name])
         report = ReloadReport(
@@ -225,6 +231,7 @@ class Reloader:
             policy=diff_named("route", old.routes, new.routes)
             + diff_named("provider", old.providers, new.providers)
             + [f"{f} changed" for f in changed_fields(old, new) if f in LIVE_SETTINGS],
+            failed=failed,
         )
         log.info("config reloaded from %s: %s", new.origin, report.summary())
         return report

@@ -547,8 +547,9 @@ def reload(config: str | None, port: int | None, no_wait: bool, as_json: bool) -
     for line in report.policy:
         click.echo(f"  {line}")
     failed = [f"{name}: {how}" for name, how in report.rolled.items() if not how.startswith("rolled")]
+    failed += [f"{name}: {why}" for name, why in report.failed.items()]
     if failed:
-        raise click.ClickException("roll stopped for " + "; ".join(failed))
+        raise click.ClickException("not all applied: " + "; ".join(failed))
 
 
 @main.command()
