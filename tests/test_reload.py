@@ -11,6 +11,7 @@ import threading
 import time
 
 import httpx
+import pytest
 
 from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
 from .test_routes import provider, recorder, route  # noqa: F401  (the recording provider)
@@ -217,3 +218,17 @@ def test_a_roll_whose_new_replica_never_gets_ready_stops_and_the_old_one_keeps_s
     wait_until(lambda: [r["pid"] for r in daemon.replicas("changing")] == [old_pid], 20,
                what="the failed replica to go")
     assert _chat(daemon, "changing").status_code == 200
+
+
+def test_the_regulated_check_runs_on_the_built_policy():
+    from appliance.api.reload import check_regulated
+    from appliance.config import ConfigError, ProviderConfig, RouteConfig
+    from appliance.gateway.providers import Provider
+    from appliance.gateway.routing import Routes
+
+    routes = Routes([RouteConfig(name="r", model="m", target="t", regulated=True, fallbacks=["cloud"])])
+    cloud = Provider(ProviderConfig(name="cloud", base_url="http://127.0.0.1:9/v1"), "")
+    with pytest.raises(ConfigError, match="routes.r.fallbacks"):
+        check_regulated(routes, {"cloud": cloud}, "appliance.toml")
+    on_prem = Provider(ProviderConfig(name="cloud", base_url="http://127.0.0.1:9/v1", commercial=False), "")
+    check_regulated(routes, {"cloud": on_prem}, "appliance.toml")

@@ -526,9 +526,10 @@ for _action in ModelAction:
 @click.option("--no-wait", is_flag=True, help="Return once the new config is live, before changed models roll.")
 @click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON (what POST /admin/reload answers).")
 def reload(config: str | None, port: int | None, no_wait: bool, as_json: bool) -> None:
-    """Make the running daemon read its config file again and apply what changed, without
-    a restart (as systemctl reload does). An invalid file, or a change only a restart may
-    make, changes nothing: the error names the file and the field, and the exit status is 1."""
+    """Make the running daemon read its config file again (the one it was started with;
+    --config only finds the daemon) and apply what changed, without a restart (as
+    systemctl reload does). An invalid file, or a change only a restart may make, changes
+    nothing: the error names the file and the field, and the exit status is 1."""
     cfg = load(config)
     # A roll waits for new replicas to start: as long as an engine's startup may take.
     timeout = cfg.supervisor.startup_timeout_s * 2 + 30 if not no_wait else 30.0
