@@ -155,7 +155,7 @@ def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_
 
 
 def test_a_request_held_for_a_model_removed_by_a_reload_is_still_served(daemons):
-    cold = fake_model("cold", "--slow-start", "3", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
+    cold = fake_model("cold", "--slow-start", "5", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
     daemon = daemons.start(fake_model("steady") + cold)
     answer: list[httpx.Response] = []
     sender = threading.Thread(target=lambda: answer.append(_chat(daemon, "cold")))
