@@ -317,6 +317,11 @@ class ReloadReport(msgspec.Struct, kw_only=True):
     policy: list[str] = []  # routes, providers and live settings changed: swapped at once
     seconds: float = 0.0  # from the request to the new config live (rolls included when waited for)
 
+    @property
+    def said(self) -> str:
+        """In the words of the operator actions' answers (the TUI shows them)."""
+        return f"config reloaded: {self.summary()}"
+
     def summary(self) -> str:
         rolls = len(self.rolling) + len(self.rolled)
         return (
