@@ -326,3 +326,39 @@ def market_lines(gpus: GpusStatus) -> list[str]:
     if not gpus.evictions:
         lines.append("  none")
     return lines
+
+
+# --- a config reload (appliance/api/reload.py) ----------------------------------------------
+
+
+class ReloadBody(msgspec.Struct, forbid_unknown_fields=True):
+    """POST /admin/reload: wait for the replicas of changed models to be replaced
+    (else the answer comes once the new config is live and the rolls have started)."""
+
+    wait: bool = False
+
+
+class ReloadReport(msgspec.Struct, kw_only=True):
+    """What a reload changed: the answer to POST /admin/reload and `appliance reload`."""
+
+    config: str  # the file read
+    added: list[str] = []  # models started
+    removed: list[str] = []  # models drained, then stopped
+    changed: dict[str, list[str]] = {}  # model -> its changed settings
+    rolling: list[str] = []  # models whose replicas are being replaced (engine settings changed)
+    rolled: dict[str, str] = {}  # model -> how its roll ended (when the caller waited for it)
+    failed: dict[str, str] = {}  # model -> why it could not be added (the rest was applied)
+    policy: list[str] = []  # routes, providers and live settings changed: swapped at once
+    seconds: float = 0.0  # from the request to the new config live (rolls included when waited for)
+
+    @property
+    def said(self) -> str:
+        """In the words of the operator actions' answers (the TUI shows them)."""
+        return f"config reloaded: {self.summary()}"
+
+    def summary(self) -> str:
+        rolls = len(self.rolling) + len(self.rolled)
+        return (
+            f"{len(self.added)} models added, {len(self.removed)} removed, {rolls} rolled, "
+            f"{len(self.changed) - rolls} changed live, {len(self.policy)} policy changes"
+        )

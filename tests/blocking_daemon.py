@@ -22,7 +22,7 @@ import appliance.daemon.server as server
 _serve = server.serve
 
 
-async def _blocking_serve(cfg, app=None):
+async def _blocking_serve(cfg, app=None, **kw):
     address = os.environ["NOTIFY_SOCKET"]  # read before the daemon removes it
     block_s = float(os.environ["TEST_BLOCK_S"])
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -36,7 +36,7 @@ async def _blocking_serve(cfg, app=None):
         mark("end")
 
     asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, block)
-    return await _serve(cfg, app)
+    return await _serve(cfg, app, **kw)
 
 
 server.serve = _blocking_serve

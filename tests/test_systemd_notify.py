@@ -207,3 +207,25 @@ def _answers(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_sighup_reloads_between_reloading_and_ready(daemons, fake_systemd):
+    daemon = _start(daemons, fake_systemd)
+    fake_systemd.until(lambda m: m.get("READY") == "1")
+    daemon.wait_ready()
+    daemons.write_config(fake_model("fake") + fake_model("second"), port=daemon.port)
+
+    daemon.proc.send_signal(signal.SIGHUP)
+    reloading = fake_systemd.until(lambda m: m.get("RELOADING") == "1")[-1]
+    assert int(reloading["MONOTONIC_USEC"]) > 0  # systemd 253+ matches it to its own reload
+    ready = fake_systemd.until(lambda m: m.get("READY") == "1")[-1]
+    assert ready["STATUS"].startswith("config reloaded: 1 models added")
+    assert httpx.get(f"{daemon.url}/v1/models", timeout=5).json()["data"][-1]["id"] == "second"
+
+    # A broken file: refused, READY again with the reason, the daemon still up.
+    daemon.config.write_text(daemon.config.read_text() + "\n[bogus]\n")
+    daemon.proc.send_signal(signal.SIGHUP)
+    fake_systemd.until(lambda m: m.get("RELOADING") == "1")
+    refused = fake_systemd.until(lambda m: m.get("READY") == "1")[-1]
+    assert refused["STATUS"].startswith("reload refused, running the previous config") and "bogus" in refused["STATUS"]
+    assert daemon.proc.poll() is None

@@ -61,7 +61,7 @@ def _system_units() -> Path:
 
 def verify_root(tmp_path: Path, unit_text: str, dropins: dict[str, str] | None = None) -> Path:
     """A filesystem root where the unit can be verified: systemd's own units, the
-    unit under /etc, and an executable where ExecStart points."""
+    unit under /etc, and an executable where ExecStart and ExecReload point."""
     root = tmp_path / "root"
     (root / "usr/lib/systemd").mkdir(parents=True)
     shutil.copytree(_system_units(), root / "usr/lib/systemd/system", symlinks=True)
@@ -71,10 +71,12 @@ def verify_root(tmp_path: Path, unit_text: str, dropins: dict[str, str] | None =
     for name, text in (dropins or {}).items():
         (units / "appliance.service.d").mkdir(exist_ok=True)
         (units / "appliance.service.d" / name).write_text(text)
-    exe = root / unit_settings(units / "appliance.service")["ExecStart"][0].split()[0].lstrip("/")
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    settings = unit_settings(units / "appliance.service")
+    for command in settings["ExecStart"] + settings.get("ExecReload", []):
+        exe = root / command.split()[0].lstrip("/")
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     return root
 
 

@@ -344,3 +344,16 @@ async def test_a_cpu_only_over_committed_box_says_so_in_words(said):
         text = shown(app, "#overview-body")
         assert said in text and "NVMLError" not in text
         await pilot.pause()
+
+
+async def test_r_reloads_the_config_after_a_confirmation():
+    admin = FakeAdmin()
+    app = ApplianceTUI(admin, interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("R", "n")  # asked first: no, nothing sent
+        await pilot.pause(0.2)
+        assert ("reload",) not in admin.calls
+        await pilot.press("R", "y")
+        await until(lambda: ("reload",) in admin.calls, what="the reload sent")
+        await until(lambda: any(n.message.startswith("config reloaded: 1 models added") for n in app._notifications),
+                    what="what it did, said")

@@ -6,7 +6,15 @@ from datetime import UTC, datetime, timedelta
 
 import msgspec
 
-from appliance.status import DaemonLog, DaemonStatus, GpusStatus, ModelStatus, ReplicaLog, ReplicaStatus
+from appliance.status import (
+    DaemonLog,
+    DaemonStatus,
+    GpusStatus,
+    ModelStatus,
+    ReloadReport,
+    ReplicaLog,
+    ReplicaStatus,
+)
 from tui.client import AdminError, DaemonDown
 
 GiB = 1024**3
@@ -138,6 +146,12 @@ class FakeAdmin:
 
     async def replica_action(self, model: str, index: int, action: str) -> ReplicaStatus:
         return await self._act(ReplicaStatus, action, model, index)
+
+    async def reload(self) -> ReloadReport:
+        self.calls.append(("reload",))
+        if self.fail:
+            raise AdminError(self.fail)
+        return ReloadReport(config="/etc/appliance/appliance.toml", added=["new"])
 
     async def close(self) -> None:
         pass

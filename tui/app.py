@@ -85,6 +85,7 @@ class ApplianceTUI(App):
         Binding("p", "pin", "Pin/unpin"),
         Binding("r", "restart", "Restart"),
         Binding("d", "drain", "Drain"),
+        Binding("R", "reload", "Reload config", show=False),  # in docs/tui.md; the footer is full
         Binding("left_square_bracket", "prev_log", "Prev log"),
         Binding("right_square_bracket", "next_log", "Next log (daemon, replicas)"),
         Binding("f", "follow", "Follow on/off"),
@@ -464,6 +465,13 @@ class ApplianceTUI(App):
                 f"drain {model}#{index}",
                 lambda: self.admin.replica_action(model, index, ReplicaAction.DRAIN),
             )
+
+    def action_reload(self) -> None:
+        self._confirm(
+            "Reload the config file? What changed is applied without a restart; an invalid file changes nothing.",
+            "reload",
+            self.admin.reload,
+        )
 
     def _confirm(self, question: str, label: str, call: Callable[[], Awaitable]) -> None:
         def answered(yes: bool | None) -> None:

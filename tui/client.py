@@ -23,6 +23,8 @@ from appliance.status import (
     GpusStatus,
     ModelAction,
     ModelStatus,
+    ReloadBody,
+    ReloadReport,
     ReplicaAction,
     ReplicaLog,
     ReplicaStatus,
@@ -46,6 +48,7 @@ class Admin(Protocol):
     async def scale(self, model: str, replicas: int | None) -> ModelStatus: ...
     async def model_action(self, model: str, action: ModelAction) -> ModelStatus: ...
     async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus: ...
+    async def reload(self) -> ReloadReport: ...
     async def close(self) -> None: ...
 
 
@@ -93,7 +96,10 @@ class AdminClient:
     async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus:
         return await self._post(f"/admin/models/{model}/replicas/{index}/{action}", ReplicaStatus)
 
-    async def _post(self, path: str, into: type[T], body: ScaleBody | None = None) -> T:
+    async def reload(self) -> ReloadReport:
+        return await self._post("/admin/reload", ReloadReport, ReloadBody())
+
+    async def _post(self, path: str, into: type[T], body: ScaleBody | ReloadBody | None = None) -> T:
         return await self._call("POST", path, into, content=encode_body(body), headers=JSON_BODY)
 
     async def close(self) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -33,7 +33,8 @@ from appliance.api.admin_access import AdminAccess
 from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.api.metrics import Metrics
-from appliance.config import Config, ConfigError, check_writable_dirs, read_admin_token
+from appliance.api.reload import Reloader
+from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
 from appliance.errors import (
     ApplianceError,
     BadRequest,
@@ -84,6 +85,8 @@ from appliance.status import (
     ModelAction,
     ModelStatus,
     Readiness,
+    ReloadBody,
+    ReloadReport,
     ReplicaAction,
     ReplicaLog,
     ReplicaStatus,
@@ -107,6 +110,7 @@ class Runtime(Gateway):
     started: float = field(default_factory=time.time)
     admin: AdminAccess = field(kw_only=True)
     openapi: dict | None = None
+    reloader: Reloader | None = None
 
 
 def _runtime(request: Request) -> Runtime:
@@ -230,15 +234,17 @@ async def _serve(
     then routing forwards it and the relay answers."""
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
-    gate = rt.gate
+    # The policy as it is now, for the whole request: a reload swaps these (Gateway.adopt)
+    # in one step, and the body's read below must not let a request see half of each.
+    gate, cfg, routes, tenancy = rt.gate, rt.cfg, rt.routes, rt.tenancy
     ep = req.endpoint
     key = req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
-    limit = rt.cfg.server.max_upload_bytes if ep.form else rt.cfg.server.max_body_bytes
-    body = req.body = await _read_body_asgi(req.receive, declared, limit, rt.cfg.server.body_read_timeout_s)
+    limit = cfg.server.max_upload_bytes if ep.form else cfg.server.max_body_bytes
+    body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
     # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
     request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
     model = req.model = request.model
-    route = req.route = rt.routes.match(model, tag.decode("latin-1") if tag else "", key, rt.cfg.routing.tag_header)
+    route = req.route = routes.match(model, tag.decode("latin-1") if tag else "", key, cfg.routing.tag_header)
     rt.audit.admit(req.accountable)
     target = req.target = route.target if route is not None else model
     fields: dict = {} if target == model else {"model": target}
@@ -247,23 +253,22 @@ async def _serve(
     deployment = req.deployment = rt.supervisor.deployment(target)
     capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
     if ep.name == "chat":
-        capabilities.check_tools(rt.cfg, deployment.model, request.tool_choice)
+        capabilities.check_tools(cfg, deployment.model, request.tool_choice)
     req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
     stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
     if stores:
         req.pinned = _home_of(rt, request, key, deployment)
-    tenancy = rt.tenancy
     stream = req.stream = bool(getattr(request, "stream", False))
-    if stream and (rt.cfg.audit.enabled or key is not None or tenancy.isolated or stores):
+    if stream and (cfg.audit.enabled or key is not None or tenancy.isolated or stores):
         _tap(req, request, tenancy.isolated, fields)
     req.forwarded = set_fields(body, **fields) if fields else body
     tenant = tenancy.tenant(key, route)
     if tenant is not None and ep.generates and not ep.form:
         req.salt = tenancy.salt(tenant, getattr(request, "cache_salt", None))
-    if len(deployment.replicas) > 1 and rt.cfg.routing.prefix_aware and ep.view != "":
+    if len(deployment.replicas) > 1 and cfg.routing.prefix_aware and ep.view != "":
         req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, tenancy.seed(tenant))
-    if rt.cfg.audit.include_text:
+    if cfg.audit.include_text:
         req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
     content = content_type.decode("latin-1") if content_type is not None else JSON
     req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
@@ -615,6 +620,18 @@ async def admin_replica_action(request: Request, action: ReplicaActionName) -> R
     return msgspec.structs.replace(replica.snapshot(), said=said)
 
 
+@post("/admin/reload", status_code=200, opt={"body": ReloadBody})
+async def admin_reload(request: Request) -> ReloadReport:
+    """Read the config file again and apply what changed (appliance/api/reload.py); an
+    invalid file, or a change only a restart may make, is a 400 naming the file and the
+    field, and changes nothing."""
+    rt, raw = await _admin_write(request)
+    body = decode_request(raw, ReloadBody)
+    assert rt.reloader is not None, "the lifespan made it"
+    log.info("operator reload requested over the admin API")
+    return await rt.reloader.reload(wait=body.wait)
+
+
 def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Action:
     """The action a path names; an unknown one is a 404 that lists the known ones."""
     try:
@@ -697,6 +714,7 @@ ROUTE_HANDLERS = [
     admin_scale,
     admin_model_action,
     admin_replica_action,
+    admin_reload,
     admin_gpus,
     admin_replica_log,
     admin_daemon_log,
@@ -704,7 +722,9 @@ ROUTE_HANDLERS = [
 ]
 
 
-def create_app(cfg: Config) -> Litestar:
+def create_app(cfg: Config, reread: Callable[[], Config] | None = None) -> Litestar:
+    """reread: the config as the daemon's command line reads it, for reloads (default:
+    the file cfg came from)."""
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -743,6 +763,7 @@ def create_app(cfg: Config) -> Litestar:
             tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
             tracing=tracing,
         )
+        runtime.reloader = Reloader(runtime, reread or (lambda: load_config(_config_file(cfg))))
         app.state.runtime = runtime
         supervisor.start()
         audit.start()
@@ -798,6 +819,10 @@ def create_app(cfg: Config) -> Litestar:
         logging_config=None,
         debug=False,
     )
+
+
+def _config_file(cfg: Config) -> str | None:
+    return None if cfg.origin.startswith("<") else cfg.origin
 
 
 __all__ = ["Runtime", "create_app", "encode_error", "error_parts", "front_door"]

@@ -28,6 +28,8 @@ from appliance.status import (
     GpusStatus,
     ModelAction,
     ModelStatus,
+    ReloadBody,
+    ReloadReport,
     ReplicaStatus,
     ScaleBody,
     market_lines,
@@ -58,8 +60,16 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     from appliance.logs import setup_logging
     from appliance.state.lock import StateDirBusy, hold_state_dir
 
-    cfg = load(config)
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+
+    def read() -> Config:
+        """The config as this command line reads it: at start, and again on each reload."""
+        from appliance.config import load_config
+
+        cfg = load_config(config)
+        return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
+
+    cfg = load(config)
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
     try:
@@ -81,7 +91,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     _check_policy(cfg)
     _check_files(cfg)
     _check_databases(cfg, migrate=True)
-    code = run(cfg)
+    code = run(cfg, reread=read)
     claim.close()
     lock.close()
     sys.exit(code)
@@ -563,6 +573,39 @@ def _model_action(action: ModelAction):
 
 for _action in ModelAction:
     _model_action(_action)
+
+
+@main.command()
+@click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--no-wait", is_flag=True, help="Return once the new config is live, before changed models roll.")
+@click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON (what POST /admin/reload answers).")
+def reload(config: str | None, port: int | None, no_wait: bool, as_json: bool) -> None:
+    """Make the running daemon read its config file again (the one it was started with;
+    --config only finds the daemon) and apply what changed, without a restart (as
+    systemctl reload does). An invalid file, or a change only a restart may make, changes
+    nothing: the error names the file and the field, and the exit status is 1."""
+    cfg = load(config)
+    # A roll waits for new replicas to start: as long as an engine's startup may take.
+    timeout = cfg.supervisor.startup_timeout_s * 2 + 30 if not no_wait else 30.0
+    report = _admin_call(cfg, port, "POST", "/admin/reload", ReloadReport, ReloadBody(wait=not no_wait), timeout)
+    if as_json:
+        click.echo(msgspec.json.encode(report).decode())
+        return
+    click.echo(f"reloaded {report.config} in {report.seconds:.1f}s: {report.summary()}")
+    for name in report.added:
+        click.echo(f"  model {name}: added")
+    for name in report.removed:
+        click.echo(f"  model {name}: removed (drained, then stopped)")
+    for name, fields in report.changed.items():
+        how = report.rolled.get(name) or ("rolling" if name in report.rolling else "changed live")
+        click.echo(f"  model {name}: {', '.join(fields)} ({how})")
+    for line in report.policy:
+        click.echo(f"  {line}")
+    failed = [f"{name}: {how}" for name, how in report.rolled.items() if not how.startswith("rolled")]
+    failed += [f"{name}: {why}" for name, why in report.failed.items()]
+    if failed:
+        raise click.ClickException("not all applied: " + "; ".join(failed))
 
 
 @main.command()

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import MutableMapping
 
 log = logging.getLogger("appliance.sdnotify")
@@ -69,6 +70,12 @@ class Notifier:
 
     def ready(self, status: str = "") -> bool:
         return self.send("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def reloading(self, status: str = "") -> bool:
+        """RELOADING=1 with the monotonic time systemd matches it against (Type=notify-reload,
+        systemd 253+; older ones read RELOADING=1 alone). READY=1 ends the reload."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        return self.send("RELOADING=1", f"MONOTONIC_USEC={usec}", *([f"STATUS={_one_line(status)}"] if status else []))
 
     def status(self, text: str) -> bool:
         return self.send(f"STATUS={_one_line(text)}")

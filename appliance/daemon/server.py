@@ -14,6 +14,7 @@ import gc
 import logging
 import signal
 import sys
+from collections.abc import Callable
 
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
@@ -23,27 +24,30 @@ from appliance.api.admin_socket import admin_socket_server
 from appliance.api.app import create_app, front_door
 from appliance.config import Config
 from appliance.daemon.service_manager import ServiceNotifier
+from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.server")
 
 
-def run(cfg: Config) -> int:
+def run(cfg: Config, reread: Callable[[], Config] | None = None) -> int:
     # A hung daemon is killed by systemd's watchdog with SIGABRT: print every
     # thread's stack to stderr (the journal) on the way out.
     faulthandler.enable(sys.stderr)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(serve(cfg))
-    return uvloop.run(serve(cfg))
+        return asyncio.run(serve(cfg, reread=reread))
+    return uvloop.run(serve(cfg, reread=reread))
 
 
-async def serve(cfg: Config, app=None) -> int:
+async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = None) -> int:
     """Serve until SIGTERM/SIGINT, then: stop taking requests, let in-flight ones
-    finish (bounded by server.drain_timeout_s), stop the engines, return 0.
-    Under systemd it notifies READY, STATUS, WATCHDOG and STOPPING (appliance/daemon/service_manager.py)."""
+    finish (bounded by server.drain_timeout_s), stop the engines, return 0. SIGHUP
+    reloads the config (appliance/api/reload.py; reread: the config as the command
+    line reads it). Under systemd it notifies READY, STATUS, WATCHDOG, RELOADING and
+    STOPPING (appliance/daemon/service_manager.py)."""
     service = ServiceNotifier()
-    app = app or create_app(cfg)
+    app = app or create_app(cfg, reread)
     app.on_startup.append(service.on_startup)
     admin = AdminSocket(cfg.server.admin_socket, app)
     app.on_startup.append(admin.on_startup)
@@ -63,6 +67,8 @@ async def serve(cfg: Config, app=None) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    reloads = SignalReloads(app, service)
+    loop.add_signal_handler(signal.SIGHUP, reloads.on_signal)
 
     service.start(cfg.server.host, cfg.server.port)
     serving = asyncio.create_task(server.serve(), name="granian")
@@ -122,6 +128,39 @@ class AdminSocket:
             self.server.stop()
         with contextlib.suppress(Exception):
             await self.task
+
+
+class SignalReloads:
+    """SIGHUP (systemctl reload): the config reloaded, systemd told RELOADING=1, then
+    READY=1 once the new config is live or the reload was refused (STATUS= says which;
+    the log has the refusal's field)."""
+
+    def __init__(self, app, service: ServiceNotifier) -> None:
+        self.app, self.service = app, service
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def on_signal(self) -> None:
+        task = asyncio.create_task(self.reload(), name="sighup-reload")
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def reload(self) -> None:
+        runtime = getattr(self.app.state, "runtime", None)
+        if runtime is None or runtime.reloader is None:
+            log.warning("SIGHUP before the daemon started serving: ignored")
+            return
+        log.info("SIGHUP: reloading the config")
+        self.service.reloading()
+        try:
+            report = await runtime.reloader.reload()
+        except ApplianceError as exc:
+            self.service.reloaded(f"reload refused, running the previous config: {exc.message}")
+            return
+        except Exception:
+            log.exception("reload failed")
+            self.service.reloaded("reload failed, running the previous config; see the log")
+            return
+        self.service.reloaded(f"config reloaded: {report.summary()}")
 
 
 def _tune_gc() -> None:

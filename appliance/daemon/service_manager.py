@@ -3,6 +3,7 @@
     start ──▶ WATCHDOG=1 every WatchdogSec/2, from a task on the event loop
           ──▶ READY=1 once the app's lifespan started and the API answers
           ──▶ STATUS=1/2 replicas ready; llama#1 starting   (on every replica transition)
+    SIGHUP ──▶ RELOADING=1 + MONOTONIC_USEC, then READY=1 with what the reload did
     SIGTERM ▶ STOPPING=1, STATUS=draining N in-flight requests, EXTEND_TIMEOUT_USEC
 
 Without systemd (no NOTIFY_SOCKET) every call here is a no-op.
@@ -90,6 +91,13 @@ class ServiceNotifier:
 
     def status(self, text: str) -> None:
         self.notifier.status(text)
+
+    def reloading(self) -> None:
+        self.notifier.reloading("reloading the config")
+
+    def reloaded(self, text: str) -> None:
+        """READY=1 again: the reload is over, applied or refused (STATUS= says which)."""
+        self.notifier.ready(text)
 
     async def close(self) -> None:
         for task in self._tasks:

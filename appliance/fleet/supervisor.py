@@ -23,9 +23,9 @@ from pathlib import Path
 
 import aiohttp
 
-from appliance.config import Config, idle_ttl_s, min_residency_s, uses_gpus
+from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import eviction, operator
+from appliance.fleet import eviction, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
@@ -33,7 +33,15 @@ from appliance.fleet.hold import ClientGone as ClientGone  # re-exported: the ga
 from appliance.fleet.hold import Exclude as Exclude  # re-exported: the gateway's import
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
-from appliance.fleet.replica import Clock, Listener, RealClock, Replica, State, Transition, free_port
+from appliance.fleet.replica import (
+    Clock,
+    Listener,
+    RealClock,
+    Replica,
+    State,
+    Transition,
+    free_port,
+)
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
@@ -97,6 +105,8 @@ class Supervisor:
         self.market = Market()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        # Models a config reload removed whose replicas still drain (remove_deployment).
+        self.leaving: list[Deployment] = []
         self.store_checks: StoreChecks | None = None
         self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
         if state is not None:
@@ -111,7 +121,7 @@ class Supervisor:
         self._listeners.append(listener)
 
     def replicas(self) -> list[Replica]:
-        return [r for d in self.deployments.values() for r in d.replicas]
+        return [r for d in [*self.deployments.values(), *self.leaving] for r in d.replicas]
 
     def start(self) -> None:
         """Start each model at its operator-set count, else its min_replicas. Store models
@@ -819,6 +829,17 @@ class Supervisor:
                     )
                 )
         return on_gpu
+
+    # --- config reload: deployments added, removed, rolled (appliance/fleet/rollout.py) ---------
+
+    def add_deployment(self, model: ModelConfig) -> Deployment:
+        return rollout.add_deployment(self, model)
+
+    def remove_deployment(self, name: str) -> None:
+        rollout.remove_deployment(self, name)
+
+    async def roll(self, name: str, model: ModelConfig) -> str:
+        return await rollout.roll(self, name, model)
 
 
 def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:

@@ -54,6 +54,7 @@ class Routes:
         self.table = {(r.model, r.tag): r for r in routes}
         self.models = {r.model for r in routes}
         self.tags = {r.tag for r in routes if r.tag}
+        self.named = {r.name: r for r in routes}
 
     def resolve(self, model: str, tag: str) -> RouteConfig | None:
         if model not in self.models:
@@ -143,6 +144,8 @@ async def forward(rt: Gateway, req: ProxyRequest) -> Answer:
         provider = rt.providers.get(name)
         if provider is not None:
             check_may_send(route, provider)
+            # A reload since this request's admission may have made its route regulated.
+            check_may_send(rt.routes.named.get(route.name, route), provider)
             if req.endpoint.name not in provider.cfg.apis:  # it does not speak this request's API
                 _decide(rt, req, name, "api_not_served", taken=False)
                 continue

@@ -59,5 +59,12 @@ class Gateway:
     # Request traces ([telemetry] otlp_endpoint); None: off, and nothing is recorded.
     tracing: Tracing | None = None
 
+    def adopt(self, cfg: Config, routes: Routes, providers: dict[str, Provider], tenancy: Tenancy) -> None:
+        """A reloaded config's policy, built whole and checked (appliance/api/reload.py),
+        made live in one step: a request reads all of it before or all of it after."""
+        self.cfg, self.routes, self.providers, self.tenancy = cfg, routes, providers, tenancy
+        self.tag_header = cfg.routing.tag_header.lower().encode("latin-1")
+        self.gate.required = cfg.keys.required
+
 
 __all__ = ["Gateway", "RequestMetrics"]
