@@ -34,6 +34,9 @@ Run from the repository root (no GPU needed):
         [--zipf 1.1] [--cold-start 3] [--wake 0.3] [--sleep 0.2] [--service 0.3]
         [--residency 2] [--host-ram-gib 0] [--modes none,swap,market] [--trace FILE]
 
+With PYTHONPATH set, the appliance measured is the one there (a checkout of the code
+before a change, to compare against: run both, alternating, and note the load average).
+
 --trace FILE: one request per line, "SECONDS MODEL" (MODEL: an index 0..N-1 or m<index>),
 or a JSON list of {"t": SECONDS, "model": ...}; replaces the generated trace.
 """
