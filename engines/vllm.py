@@ -20,6 +20,7 @@ from engines.base import (
     GpuSlot,
     LaunchSpec,
     LocalEngine,
+    Lora,
     gpu_engine_command,
     http_post,
     http_text,
@@ -58,6 +59,7 @@ class VllmAdapter(LocalEngine):
         }
     )
     responses_store = True  # in the replica's memory (VLLM_ENABLE_RESPONSES_API_STORE)
+    lora = True
 
     def launch(
         self,
@@ -69,6 +71,7 @@ class VllmAdapter(LocalEngine):
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
@@ -101,6 +104,12 @@ class VllmAdapter(LocalEngine):
         if model.sleep_mode:
             argv.append("--enable-sleep-mode")
             env["VLLM_SERVER_DEV_MODE"] = "1"  # the /sleep and /wake_up endpoints live in dev mode
+        if loras:
+            argv += lora_args(loras, "--lora-modules", "--max-loras")
+            # /v1/load_lora_adapter and /v1/unload_lora_adapter: adapters added or removed
+            # by a reload without a restart (appliance/fleet/lora.py). Under /v1, so behind
+            # the replica's key, on its private socket.
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env, "VLLM_API_KEY": access.secret}, image=image)
 
@@ -122,3 +131,18 @@ class VllmAdapter(LocalEngine):
 
     async def wake(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
         await http_post(session, f"{base_url}/wake_up", timeout)
+
+
+# The ranks vLLM and SGLang size their LoRA buffers for (--max-lora-rank's choices).
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_args(loras: tuple[Lora, ...], paths_flag: str, count_flag: str) -> list[str]:
+    """LoRA serving on: each adapter as NAME=PATH (the name clients request), room for
+    all of them in one batch, and buffers for the largest rank among them (the engine's
+    default of 16 where none says)."""
+    argv = ["--enable-lora", count_flag, str(len(loras))]
+    rank = max(lora.rank for lora in loras)
+    if rank > 0:
+        argv += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
+    return [*argv, paths_flag, *(f"{lora.name}={lora.path}" for lora in loras)]

@@ -163,7 +163,7 @@ def test_a_newer_database_is_refused_and_left_byte_identical(old_dbs):
             opener(state_db)
         message = str(refused.value)
         assert str(state_db) in message and "newer appliance" in message and "install.sh --rollback" in message
-    with pytest.raises(StoreError, match=f"{store_db}: store manifest schema version 2 was written by a newer"):
+    with pytest.raises(StoreError, match=f"{store_db}: store manifest schema version {STORE_MIGRATIONS.latest + 1} was written by a newer"):
         Store(store_db.parent).models()
     for path, digest in digests.items():
         assert hashlib.sha256(path.read_bytes()).hexdigest() == digest

@@ -26,9 +26,10 @@ import aiohttp
 
 from appliance.config import Config, ModelConfig, idle_ttl_s, kv_tokens, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity, QueueFull, QueueTimeout
-from appliance.fleet import eviction
+from appliance.fleet import eviction, lora
 from appliance.fleet.autoscaler import Autoscaler, Decision, Inputs, Policy
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
+from appliance.fleet.lora import LoraServing
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
@@ -86,6 +87,8 @@ class Deployment:
         # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
         cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
         self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
+        # Its LoRA adapters, each a model name it serves (resolved at start: fleet/lora.py).
+        self.lora: LoraServing | None = None
 
     # --- the request path ---------------------------------------------------------
 
@@ -351,6 +354,10 @@ class Supervisor:
         self.market = Market()
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
+        # LoRA adapter name -> the deployment of its base model (appliance/fleet/lora.py).
+        self.adapters: dict[str, Deployment] = {
+            a.name: self.deployments[m.name] for m in cfg.models for a in m.adapters
+        }
         self.store_checks: StoreChecks | None = None
         self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
         if state is not None:
@@ -373,6 +380,7 @@ class Supervisor:
         every admitted one, with or without replicas: each replica waits for that check."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.store_leases = admit_store_models(self.cfg, self.deployments)
+        self._resolve_adapters()
         if any(store_name(d.model) for d in self.deployments.values()):
             self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
             for name in sorted(
@@ -392,10 +400,32 @@ class Supervisor:
             await self.store_checks.close()
 
     def deployment(self, model: str) -> Deployment:
+        """The deployment serving a model name: its own, or its base's for a LoRA adapter
+        (NoCapacity with the reason for an adapter that failed its checks)."""
         try:
             return self.deployments[model]
         except KeyError:
-            raise ModelNotFound(model) from None
+            dep = self.adapters.get(model)
+            if dep is None:
+                raise ModelNotFound(model) from None
+            if dep.lora is not None and model in dep.lora.refused:
+                raise NoCapacity(dep.lora.refused[model], retry_after=30) from None
+            return dep
+
+    def find(self, model: str) -> Deployment | None:
+        """The deployment serving a model name (a LoRA adapter's: its base's), or None."""
+        return self.deployments.get(model) or self.adapters.get(model)
+
+    def model_names(self) -> list[str]:
+        """Every model name served here: the models', then their adapters'."""
+        return [*self.deployments, *self.adapters]
+
+    def _resolve_adapters(self) -> None:
+        """Which LoRA adapters each base's replicas load (checked, store ones leased)."""
+        for dep in self.deployments.values():
+            if dep.model.adapters:
+                dep.lora = lora.resolve(self.cfg, dep.model, lambda: Store.from_config(self.cfg))
+                self.store_leases.update(dep.lora.leases)
 
     @property
     def ready(self) -> bool:
@@ -476,6 +506,8 @@ class Supervisor:
             port_allocator=self.port_allocator,
             listener=self._on_change,
         )
+        if dep.lora is not None:
+            replica.loras = dep.lora.loras
         if store_name(dep.model) and self.store_checks is not None:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:

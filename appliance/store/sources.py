@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.safe_paths import check_revision, identity, open_regular
-from appliance.store import gguf
+from appliance.store import adapters, gguf
 from appliance.store.store import Incoming, SourceFile, StoreError, check_name
 
 BUNDLE_MANIFEST = "bundle.json"
@@ -97,6 +97,9 @@ def incoming_from(
     for item in found:
         if license:
             item.license = spdx(license)
+        item.kind = adapters.kind_of(
+            [f.path for f in item.files], adapters.gguf_type(p, st) if p.suffix == ".gguf" else None
+        )
         item.check()
     return found
 

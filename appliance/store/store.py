@@ -90,6 +90,7 @@ class Incoming:
     # A license accepted where the model came from (a bundle): accepted here too.
     license_accepted_by: str | None = None
     license_accepted_at: float | None = None
+    kind: str = "model"  # or "adapter": a LoRA adapter (appliance/store/adapters.py)
 
     @property
     def total_bytes(self) -> int:
@@ -130,6 +131,7 @@ class ModelRecord:
     state: str
     state_reason: str
     files: list[dict] = field(default_factory=list)
+    kind: str = "model"  # or "adapter": a LoRA adapter (appliance/store/adapters.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -505,6 +507,7 @@ class Store:
                     "pinned": 0,
                     "state": READY,
                     "state_reason": "",
+                    "kind": incoming.kind,
                 },
                 [
                     {
@@ -924,7 +927,10 @@ CREATE TABLE IF NOT EXISTS "files" (
 
 # The manifest's schema (appliance/state/migrations.py): append a step to change it, e.g.
 # `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
-MIGRATIONS = migrations.Registry("store manifest", (_v1_tables,))
+MIGRATIONS = migrations.Registry(
+    "store manifest",
+    (_v1_tables, lambda db: migrations.add_column(db, "models", "kind", "TEXT NOT NULL DEFAULT 'model'")),
+)
 
 
 def _content_revision(hashed: dict[str, str]) -> str:
