@@ -340,8 +340,8 @@ class LoraAdapterConfig(_Section):
     # PEFT directory (adapter_config.json + weights) for vllm and sglang, a LoRA GGUF
     # file for llamacpp; relative paths are under paths.cache_dir/models.
     source: str
-    # The adapter's license (SPDX), shown with the model; a store adapter's license is
-    # the store's, gated by store.allowed_licenses like weights.
+    # A path adapter's license (SPDX): one not in store.allowed_licenses is not served;
+    # "" = undeclared. A store adapter's license is its record's, gated like weights.
     license: str = ""
 
 

@@ -18,7 +18,7 @@ from appliance.config import ConfigError, ModelConfig, builtin_model_path, lora_
 from appliance.dist.images import default_llama_server
 from appliance.errors import BadRequest
 from appliance.fleet.engine_access import EngineAccess
-from appliance.fleet.lora import LoraServing, adapters_changed
+from appliance.fleet.lora import LoraServing, adapters_changed, resolve
 from appliance.safe_paths import StoreError
 from appliance.store import adapters as on_disk
 from appliance.store.sources import incoming_from
@@ -245,6 +245,40 @@ def test_the_store_imports_an_adapter_hashed_and_recorded_as_one(tmp_path, lora_
         assert store.admission("sql-lora") is None
     finally:
         store.close()
+
+
+def test_resolve_serves_the_adapters_that_pass_and_says_why_of_the_others(tmp_path, lora_ggufs):
+    base, a, _ = lora_ggufs
+    good, licensed = peft_dir(tmp_path, "good"), peft_dir(tmp_path, "licensed")
+    (tmp_path / "linked").symlink_to(good)
+    cfg = parse_config(
+        f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+        + lora_config("vllm", [("good", str(good)), ("linked", str(tmp_path / "linked")),
+                               ("absent", "store:absent"), ("a-model", "store:tiny"), ("stored", "store:sql-lora"),
+                               ("a-gguf", "store:a-lora")])
+        + f'[[models.adapters]]\nname = "licensed"\nsource = "{licensed}"\nlicense = "cc-by-nc-4.0"\n'
+    )
+    store = Store.from_config(cfg)
+    for path, name in ((base, "tiny"), (a, "a-lora"), (peft_dir(tmp_path, "sql"), "sql-lora")):
+        [incoming] = incoming_from(path, name=name, license="apache-2.0")
+        store.add(incoming)
+    store.close()
+    serving = resolve(cfg, cfg.models[0], lambda: Store.from_config(cfg))
+    try:
+        assert [(lora.name, lora.rank) for lora in serving.loras] == [("good", 8), ("stored", 0)]
+        assert (serving.loras[1].path / "adapter_config.json").is_file()  # the store's snapshot
+        assert serving.leases.keys() == {"sql-lora"}
+        why = serving.refused
+        assert why.keys() == {"linked", "absent", "a-model", "licensed", "a-gguf"}
+        assert "a LoRA GGUF is for llamacpp; vllm loads a PEFT adapter directory" in why["a-gguf"]
+        assert "a link" in why["linked"] and "not in the store" in why["absent"]
+        assert "a model, not a LoRA adapter" in why["a-model"]
+        assert "license cc-by-nc-4.0 is not in store.allowed_licenses" in why["licensed"]
+        serving.block_store("sql-lora", "model 'sql-lora' is quarantined: a file changed")  # the scrubber
+        assert "is quarantined" in serving.refused["stored"] and "good" not in serving.refused
+    finally:
+        for lease in serving.leases.values():
+            lease.close()
 
 
 # --- the daemon: vLLM (the fake engine) ---------------------------------------------------

@@ -58,6 +58,7 @@ class LoraServing:
     refused: dict[str, str] = field(default_factory=dict)  # adapter name -> why it is not served
     leases: dict[str, BinaryIO] = field(default_factory=dict)  # store name -> lease
     blind: frozenset[str] = frozenset()  # endpoints that cannot apply an adapter (engines/)
+    stored: dict[str, str] = field(default_factory=dict)  # adapter name -> its store entry
     _fields: dict[str, dict] = field(default_factory=dict)
     _seeds: dict[str, int] = field(default_factory=dict)
 
@@ -88,6 +89,13 @@ class LoraServing:
         wanted = self._fields[served]
         return {k: v for k, v in wanted.items() if k != "model" or v != sent}
 
+    def block_store(self, store_name: str, reason: str) -> None:
+        """A store entry failed a check (the scrubber found it changed): the adapters
+        loaded from it are not served any more (503 with the reason) until a restart."""
+        for name, entry in self.stored.items():
+            if entry == store_name:
+                self.refused[name] = f"adapter '{name}' of model '{self.base}' is not served: {reason}"
+
     def seed(self, served: str) -> int:
         """The prefix index's seed for a name (0: the base's), mixed into the tenant's."""
         return self._seeds.get(served, 0)
@@ -98,41 +106,67 @@ def resolve(cfg: Config, model: ModelConfig, open_store: Callable[[], Store]) ->
     loras: list[Lora] = []
     refused: dict[str, str] = {}
     leases: dict[str, BinaryIO] = {}
+    stores: dict[str, str] = {}
     store: Store | None = None
     try:
         for a in model.adapters:
+            stored = a.source[len(STORE_PREFIX) :] if a.source.startswith(STORE_PREFIX) else None
             try:
-                if a.source.startswith(STORE_PREFIX):
+                if stored is not None:
                     store = store or open_store()
-                    path = _from_store(store, a, leases)
+                    path = _from_store(store, stored)
                 else:
+                    _check_declared_license(cfg, a)
                     path = on_disk.checked_path(_local_path(cfg, a.source))
-                if model.server == "llamacpp" and any(c in str(path) for c in ",:"):
-                    raise StoreError(f"{path}: llama-server's --lora-scaled cannot take a path with ',' or ':'")
+                _check_fits(model, path)
             except StoreError as exc:
                 refused[a.name] = f"adapter '{a.name}' of model '{model.name}' is not served: {exc}"
                 log.error("%s", refused[a.name])
                 continue
+            if store is not None and stored is not None and stored not in leases:
+                leases[stored] = store.lease(stored)  # eviction and `models rm` leave it alone
+            if stored is not None:
+                stores[a.name] = stored
             loras.append(Lora(a.name, path, on_disk.rank(path)))
     finally:
         if store is not None:
             store.close()
     serving = LoraServing.of(model, tuple(loras), refused)
-    serving.leases = leases
+    serving.leases, serving.stored = leases, stores
     return serving
 
 
-def _from_store(store: Store, a: LoraAdapterConfig, leases: dict[str, BinaryIO]) -> Path:
-    name = a.source[len(STORE_PREFIX) :]
+def _from_store(store: Store, name: str) -> Path:
+    """A store adapter's files, if the store's admission lets them be served."""
     reason = store.admission(name, hash_changed=False)
     if reason:
         raise StoreError(reason)
     record = store.need(name)
     if record.kind != on_disk.ADAPTER:
         raise StoreError(f"store entry '{name}' is a model, not a LoRA adapter")
-    if name not in leases:
-        leases[name] = store.lease(name)
     return store.model_path(record)
+
+
+def _check_fits(model: ModelConfig, path: Path) -> None:
+    """The adapter's shape is the one its base's engine loads."""
+    if model.server != "llamacpp":
+        if not path.is_dir():
+            raise StoreError(f"{path}: a LoRA GGUF is for llamacpp; {model.server} loads a PEFT adapter directory")
+    elif path.is_dir():
+        raise StoreError(f"{path}: a PEFT directory; llamacpp loads a LoRA GGUF file")
+    elif any(c in str(path) for c in ",:"):
+        raise StoreError(f"{path}: llama-server's --lora-scaled cannot take a path with ',' or ':'")
+
+
+def _check_declared_license(cfg: Config, a: LoraAdapterConfig) -> None:
+    """A path adapter whose declared license the box does not allow is not served (the
+    store's rule: accepting one is `appliance models import` then `accept-license`)."""
+    allowed = {lic.lower() for lic in cfg.store.allowed_licenses}
+    if a.license and a.license.lower() not in allowed:
+        raise StoreError(
+            f"its license {a.license} is not in store.allowed_licenses; import it into the store "
+            f"(`appliance models import {a.source}`) and `appliance models accept-license` it, or allow the license"
+        )
 
 
 def _local_path(cfg: Config, source: str) -> Path:

@@ -681,10 +681,13 @@ class Supervisor:
         return reason
 
     def block_store_model(self, name: str, reason: str) -> None:
-        """Store model NAME failed a check (quarantined): block every model serving it."""
+        """Store model NAME failed a check (quarantined): block every model serving it,
+        and refuse every LoRA adapter loaded from it."""
         for dep in self.deployments.values():
             if store_name(dep.model) == name:
                 self.block(dep, reason)
+            if dep.lora is not None:
+                dep.lora.block_store(name, reason)
 
     def block(self, dep: Deployment, reason: str) -> None:
         """Stop serving a model (as admission does at boot): no replica of it starts again,
