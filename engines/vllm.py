@@ -21,6 +21,7 @@ from engines.base import (
     LaunchSpec,
     LocalEngine,
     Lora,
+    ProbeFailed,
     gpu_engine_command,
     http_post,
     http_text,
@@ -131,6 +132,26 @@ class VllmAdapter(LocalEngine):
 
     async def wake(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
         await http_post(session, f"{base_url}/wake_up", timeout)
+
+    async def load_lora(self, session: aiohttp.ClientSession, base_url: str, lora: Lora, timeout: float) -> None:
+        """Serve one more adapter in a running replica (launched with LoRA on: lora_args)."""
+        await _lora_call(
+            session, f"{base_url}/v1/load_lora_adapter", {"lora_name": lora.name, "lora_path": str(lora.path)}, timeout
+        )
+
+    async def unload_lora(self, session: aiohttp.ClientSession, base_url: str, name: str, timeout: float) -> None:
+        await _lora_call(session, f"{base_url}/v1/unload_lora_adapter", {"lora_name": name}, timeout)
+
+
+async def _lora_call(session: aiohttp.ClientSession, url: str, body: dict, timeout: float) -> None:
+    """vLLM's runtime LoRA endpoints: ProbeFailed, saying why, unless they answer 200."""
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise ProbeFailed(f"POST {url} answered {resp.status}: {text[:200]!r}")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ProbeFailed(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
 
 
 # The ranks vLLM and SGLang size their LoRA buffers for (--max-lora-rank's choices).

@@ -5,12 +5,15 @@ GGUFs for the bundled SmolLM2)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import sqlite3
 import subprocess
 from pathlib import Path
+from types import SimpleNamespace
 
+import aiohttp
 import httpx
 import pytest
 
@@ -18,15 +21,15 @@ from appliance.config import ConfigError, ModelConfig, builtin_model_path, lora_
 from appliance.dist.images import default_llama_server
 from appliance.errors import BadRequest
 from appliance.fleet.engine_access import EngineAccess
-from appliance.fleet.lora import LoraServing, adapters_changed, resolve
+from appliance.fleet.lora import LoraServing, adapters_changed, apply_live, resolve
 from appliance.safe_paths import StoreError
 from appliance.store import adapters as on_disk
 from appliance.store.sources import incoming_from
 from appliance.store.store import Store
-from engines import GpuSlot, Lora, adapter_for
+from engines import GpuSlot, Lora, ProbeFailed, adapter_for
 
 from . import make_lora_gguf, make_tiny_gguf
-from .conftest import FAKE_ENGINE, PY, ROOT, engine_client, wait_until
+from .conftest import FAKE_ENGINE, PY, ROOT, engine_client, free_port, wait_until
 from .test_gpu_adapters import pinned_flags
 
 DATA = Path(__file__).parent / "data"
@@ -192,6 +195,50 @@ def test_adapters_changed_is_live_only_where_the_engine_loads_adapters_at_run_ti
     assert adapters_changed(model("llamacpp", "a"), model("llamacpp", "a", "b")) == "restart"
     assert adapters_changed(model("sglang", "a"), model("sglang", "b")) == "restart"
     assert adapters_changed(model("llamacpp", "a"), model("llamacpp", "a")) == "live"
+
+
+async def test_apply_live_loads_and_unloads_adapters_in_a_running_vllm_replica(tmp_path):
+    port = free_port()
+    env = {**os.environ, "VLLM_API_KEY": "k" * 64, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}
+    proc = subprocess.Popen([PY, str(FAKE_ENGINE), "--as-engine", "vllm", "--port", str(port), "--lora-modules",
+                             "sql=/srv/sql", "old=/srv/old"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        headers = {"Authorization": "Bearer " + "k" * 64}
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            try:
+                return httpx.get(f"{url}/health").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(up, 20, what="the fake vLLM")
+        async with aiohttp.ClientSession(headers=headers) as session:
+            replica = SimpleNamespace(loras=(Lora("sql", Path("/srv/sql")), Lora("old", Path("/srv/old"))),
+                                      adapter=adapter_for("vllm"), session=session, base_url=url)
+            new = (Lora("sql", Path("/srv/sql")), Lora("support", Path("/srv/support")))
+            await apply_live(replica, new)
+            assert replica.loras == new
+            stats = httpx.get(f"{url}/fake/stats", headers=headers).json()
+            assert stats["loras"] == {"sql": "/srv/sql", "support": "/srv/support"}
+            # The engine refuses (here: "support" is already loaded): the caller restarts the
+            # replica, whose next start loads the new set.
+            replica.loras = ()
+            with pytest.raises(ProbeFailed, match="answered 400"):
+                await apply_live(replica, new)
+            assert replica.loras == new
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_apply_live_refuses_an_engine_that_cannot_load_adapters_at_run_time():
+    replica = SimpleNamespace(loras=(Lora("a", Path("/a")),), adapter=adapter_for("llamacpp"), session=object(),
+                              base_url="http://127.0.0.1:9")
+    with pytest.raises(ProbeFailed, match="llamacpp cannot load or unload LoRA adapters at run time"):
+        asyncio.run(apply_live(replica, (Lora("b", Path("/b")),)))
+    assert replica.loras == (Lora("b", Path("/b")),)  # its restart loads the new set
 
 
 # --- adapters on disk and in the store ----------------------------------------------------

@@ -16,7 +16,8 @@ This module owns what differs for an adapter:
   is always set, for the base too, so a client's own "lora" never reaches it;
 * the prefix index's seed per name (``LoraServing.seed``): an adapter changes every
   token's KV, so two names never share a cached prefix;
-* whether a reload's new adapter set needs a restart (``adapters_changed``).
+* whether a reload's new adapter set needs a restart (``adapters_changed``), and
+  giving a running vLLM replica the new set when it does not (``apply_live``).
 """
 
 from __future__ import annotations
@@ -33,11 +34,14 @@ from appliance.errors import BadRequest
 from appliance.safe_paths import StoreError
 from appliance.store import adapters as on_disk
 from appliance.store.store import Store
-from engines import Lora, adapter_for
+from engines import Lora, ProbeFailed, adapter_for
 from engines.llamacpp import lora_selection
+from engines.vllm import VllmAdapter
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from appliance.fleet.replica import Replica
 
 log = logging.getLogger("appliance.lora")
 
@@ -187,3 +191,26 @@ def adapters_changed(old: ModelConfig, new: ModelConfig) -> Literal["live", "res
     if old.server != new.server or new.server not in LIVE_ENGINES or not old.adapters or not new.adapters:
         return "restart"  # LoRA switched on or off is an engine flag
     return "live"
+
+
+async def apply_live(replica: Replica, new: tuple[Lora, ...], timeout: float = 60.0) -> None:
+    """Give a running replica a new adapter set without a restart (adapters_changed said
+    "live"): the adapters gone are unloaded, the new ones loaded; its next start loads
+    the new set whatever happens here. A replica not serving takes it at that start.
+    ProbeFailed when the engine refuses (say, an adapter's rank above the replica's
+    --max-lora-rank): the caller restarts the replica instead."""
+    old = {lora.name: lora for lora in replica.loras}
+    wanted = {lora.name: lora for lora in new}
+    replica.loras = new
+    session, base_url, engine = replica.session, replica.base_url, replica.adapter
+    if session is None or not base_url or old == wanted:
+        return
+    if not isinstance(engine, VllmAdapter):
+        raise ProbeFailed(f"{engine.name} cannot load or unload LoRA adapters at run time")
+    for name in old.keys() - wanted.keys():
+        await engine.unload_lora(session, base_url, name, timeout)
+    for name, lora in wanted.items():
+        if old.get(name) != lora:
+            if name in old:  # another path under the same name
+                await engine.unload_lora(session, base_url, name, timeout)
+            await engine.load_lora(session, base_url, lora, timeout)
