@@ -376,6 +376,11 @@ def test_an_adapter_is_served_by_its_base_replica_under_its_own_name(daemons, tm
         assert c.post("/v1/chat/completions", json={**CHAT, "model": "nope"}).status_code == 404
     rows = wait_until(lambda: _audit(d, "request_id = ?", ("lora-1",)), 10, what="the audit row")
     assert rows == [(None, None, "sql", "base#0", 200)]
+    [base] = [m for m in d.status()["models"] if m["name"] == "base"]
+    assert base["adapters"]["sql"] == "" and "is not served" in base["adapters"]["missing"]
+    text = subprocess.run([PY, "-m", "appliance.cli", "status", "--config", str(d.config)], capture_output=True,
+                          text=True, cwd=ROOT, timeout=30).stdout
+    assert "LoRA adapters: sql, support, missing" in text and "adapter 'missing' of model 'base'" in text
 
 
 def test_a_key_restricted_to_an_adapters_route_gets_that_adapter_only(daemons, tmp_path):

@@ -1033,6 +1033,7 @@ class Supervisor:
                 replicas=[r.snapshot() for r in d.replicas],
                 decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
                 prefix_routing=dict(d.prefix.outcomes),
+                adapters={a.name: d.lora.refused.get(a.name, "") for a in d.model.adapters} if d.lora else {},
             )
             for d in self.deployments.values()
         ]
