@@ -294,6 +294,24 @@ def test_the_store_imports_an_adapter_hashed_and_recorded_as_one(tmp_path, lora_
         store.close()
 
 
+def test_models_import_and_ls_say_an_adapter_is_one(tmp_path):
+    config = tmp_path / "appliance.toml"
+    config.write_text(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+                      f'log_dir = "{tmp_path}/log"\n')
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([PY, "-m", "appliance.cli", "models", *args, "--config", str(config), "--json"],
+                              capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    [imported] = json.loads(cli("import", str(peft_dir(tmp_path, "sql")), "--name", "sql-lora",
+                                "--license", "apache-2.0"))
+    assert imported["kind"] == "adapter" and imported["license_ok"]
+    listed = {row["name"]: row for row in json.loads(cli("ls"))}
+    assert listed["sql-lora"]["kind"] == "adapter"
+
+
 def test_resolve_serves_the_adapters_that_pass_and_says_why_of_the_others(tmp_path, lora_ggufs):
     base, a, _ = lora_ggufs
     good, licensed = peft_dir(tmp_path, "good"), peft_dir(tmp_path, "licensed")

@@ -230,6 +230,7 @@ def store_rows(cfg: Config) -> list[dict]:
     return [
         {
             "name": r.name,
+            "kind": r.kind,  # model, or a LoRA adapter
             "server": "store",
             "source": str(store.model_path(r)),
             "replicas": 0,
