@@ -325,6 +325,84 @@ class ModelConfig(_Section):
     tags: list[str] = msgspec.field(default_factory=list)
     gpus: GpuRequest = msgspec.field(default_factory=GpuRequest)
     autoscaling: Autoscaling = msgspec.field(default_factory=Autoscaling)
+    # LoRA adapters served by this model's replicas, each under its own model name
+    # ([[models.adapters]], appliance/fleet/lora.py).
+    adapters: list[LoraAdapterConfig] = msgspec.field(default_factory=list)
+
+
+# --- LoRA adapters ([[models.adapters]]) ---------------------------------------------
+
+
+class LoraAdapterConfig(_Section):
+    # The model name clients request for the base model with this adapter applied.
+    name: str
+    # store:NAME (an adapter imported with `appliance models import`), or a path: a
+    # PEFT directory (adapter_config.json + weights) for vllm and sglang, a LoRA GGUF
+    # file for llamacpp; relative paths are under paths.cache_dir/models.
+    source: str
+    # A path adapter's license (SPDX): one not in store.allowed_licenses is not served;
+    # "" = undeclared. A store adapter's license is its record's, gated like weights.
+    license: str = ""
+
+
+# The engines that serve LoRA adapters (engines/: vllm --lora-modules, sglang
+# --lora-paths, llama-server --lora with per-request selection).
+LORA_SERVERS = ("llamacpp", "vllm", "sglang")
+
+
+def lora_names(cfg: Config) -> dict[str, ModelConfig]:
+    """Every adapter's model name -> the base model that serves it."""
+    return {a.name: m for m in cfg.models for a in m.adapters}
+
+
+def _validate_adapters(cfg: Config, need) -> None:
+    """Adapter names share the models' namespace (they are model names to clients);
+    a base model must be on an engine that applies LoRA adapters."""
+    taken = {m.name for m in cfg.models}
+    for i, m in enumerate(cfg.models):
+        for j, a in enumerate(m.adapters):
+            at = f"models[{i}].adapters[{j}]"
+            need(
+                bool(_NAME_RE.match(a.name)),
+                f"{at}.name",
+                f"{a.name!r} is not a valid model name (letters, digits, . _ : / -)",
+            )
+            need(
+                a.name not in taken,
+                f"{at}.name",
+                f"{a.name!r} is already a model or adapter name; give the adapter a name of its own",
+            )
+            taken.add(a.name)
+            need(
+                m.server in LORA_SERVERS,
+                f"{at}",
+                f"model {m.name!r} runs on {m.server!r}, which serves no LoRA adapters; serve "
+                f"it on {', '.join(LORA_SERVERS)}, or remove its [[models.adapters]]",
+            )
+            _validate_adapter_source(a.source, f"{at}.source", need)
+
+
+def _validate_adapter_source(source: str, field: str, need) -> None:
+    if source.startswith(STORE_PREFIX):
+        try:
+            check_name(source[len(STORE_PREFIX) :])
+        except StoreError as exc:
+            need(False, field, f"{exc}; name an adapter imported with `appliance models import`")
+        return
+    need(
+        bool(source) and not source.startswith(BUILTIN_PREFIX),
+        field,
+        "must be store:NAME or the path of a LoRA adapter (a PEFT directory, or a LoRA GGUF for llamacpp)",
+    )
+    parts = Path(source).parts
+    need(
+        ".." not in parts and "\0" not in source,
+        field,
+        f"{source!r}: no '..' segments (name the adapter's own path)",
+    )
+
+
+# --- end of LoRA adapters --------------------------------------------------------------
 
 
 class RoutingConfig(_Section):
@@ -855,6 +933,7 @@ def _validate(cfg: Config) -> None:
             need(m.kv_cache_tokens >= 0, f"{at}.kv_cache_tokens", "must not be negative")
             need(m.gpu_overhead_gib >= 0, f"{at}.gpu_overhead_gib", "must not be negative")
             need(not m.sleep_mode or m.server == "vllm", f"{at}.sleep_mode", "only vllm has a sleep mode")
+    _validate_adapters(cfg, need)
     _validate_routes(cfg, need)
     _validate_telemetry(cfg.telemetry, need)
     if errors:
@@ -895,7 +974,7 @@ def _validate_routes(cfg: Config, need) -> None:
     bind = bind_error(cfg)
     if bind:
         need(False, "keys.required", bind.split(": ", 1)[1])
-    models = {m.name for m in cfg.models}
+    models = {m.name for m in cfg.models} | set(lora_names(cfg))  # an adapter is a model name
     providers: dict[str, ProviderConfig] = {}
     for i, p in enumerate(cfg.providers):
         at = f"providers[{i}]"

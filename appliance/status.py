@@ -139,6 +139,8 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     replicas: list[ReplicaStatus] = []
     decisions: list[Decision] = []
     prefix_routing: dict[str, int] = {}  # outcome (hit, miss, load_guard) -> choices made
+    # Its LoRA adapters (model names of their own) -> why one is not served ("": served).
+    adapters: dict[str, str] = {}
     # In the answer to an operator action: what the daemon does, and why (clamped, waiting
     # for capacity held by X, ...), in words.
     said: str | None = None

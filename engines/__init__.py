@@ -1,6 +1,6 @@
 """Engine adapters, one per engine the appliance can supervise."""
 
-from engines.base import CannotLaunch, EngineAdapter, GpuSlot, LaunchSpec, ProbeFailed
+from engines.base import CannotLaunch, EngineAdapter, GpuSlot, LaunchSpec, Lora, ProbeFailed
 from engines.llamacpp import LlamaCppAdapter
 from engines.metrics import EngineLoad
 from engines.openai import OpenAIAdapter
@@ -29,6 +29,7 @@ __all__ = [
     "EngineLoad",
     "GpuSlot",
     "LaunchSpec",
+    "Lora",
     "ProbeFailed",
     "adapter_for",
 ]

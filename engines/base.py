@@ -40,6 +40,17 @@ class LaunchSpec:
 
 
 @dataclass(frozen=True)
+class Lora:
+    """A LoRA adapter a replica loads beside its weights, served under its own model
+    name: resolved and checked by the appliance (appliance/fleet/lora.py); rank 0
+    where the adapter does not say (a GGUF carries it in its tensors' shapes)."""
+
+    name: str
+    path: Path
+    rank: int = 0
+
+
+@dataclass(frozen=True)
 class GpuSlot:
     """Where the placer put a GPU replica: which GPUs, and its share of each."""
 
@@ -72,6 +83,8 @@ class EngineAdapter(Protocol):
     # whether it keeps Responses (store, previous_response_id) for a later request.
     endpoints: frozenset[str]
     responses_store: bool
+    lora: bool  # serves LoRA adapters (launch's loras) under their own names
+    lora_blind: frozenset[str]  # endpoints on which it cannot apply an adapter per request
 
     def supervised(self, model: ModelConfig) -> bool:
         """False for an external server the appliance only health-checks."""
@@ -86,12 +99,14 @@ class EngineAdapter(Protocol):
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         """argv and extra environment for one replica of model, loading weights (resolved by
         the appliance; None for an engine that brings its own), listening on host:port
         (on the GPUs of slot, for GPU engines), refusing every request without
         access.secret, which never appears in argv (appliance/fleet/engine_access.py); a CPU
-        replica runs one thread per core in cpus (the supervisor's share of the CPU budget)."""
+        replica runs one thread per core in cpus (the supervisor's share of the CPU budget);
+        loras: the LoRA adapters it serves, each under its own name (engines with lora)."""
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         """Where the replica's OpenAI API lives (without the /v1)."""
@@ -229,6 +244,8 @@ class LocalEngine:
     unix_socket = False
     endpoints: frozenset[str] = frozenset({"chat", "completions", "embeddings"})
     responses_store = False
+    lora = False
+    lora_blind: frozenset[str] = frozenset()
 
     def supervised(self, model: ModelConfig) -> bool:
         return True

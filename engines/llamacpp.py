@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from engines.base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, http_text
+from engines.base import CannotLaunch, GpuSlot, LaunchSpec, LocalEngine, Lora, http_text
 from engines.metrics import EngineLoad, parse_llamacpp
 
 if TYPE_CHECKING:
@@ -45,6 +45,10 @@ class LlamaCppAdapter(LocalEngine):
             "rerank",
         }
     )
+    lora = True
+    # Endpoints that apply no per-request "lora" field (llama-server reads it only for
+    # completions, chat, responses and infill): an adapter's name is refused there.
+    lora_blind = frozenset({"messages", "embeddings", "rerank"})
 
     def launch(
         self,
@@ -56,6 +60,7 @@ class LlamaCppAdapter(LocalEngine):
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         from appliance.config import tasks_of
         from appliance.dist.images import image_of, llamacpp_binary
@@ -116,6 +121,13 @@ class LlamaCppAdapter(LocalEngine):
                 argv += ["--pooling", "mean"]
         if "rerank" in tasks:
             argv.append("--reranking")
+        if loras:
+            # Adapter i is id i in a request's "lora" field. Loaded at scale 0: a request
+            # that selects none (and the endpoints that cannot: lora_blind) gets the base
+            # model, never every adapter at once (--lora's default scale is 1, and
+            # --lora-init-without-apply leaves the slots' scales at 1). One comma-separated
+            # list: a repeated flag keeps only its last value.
+            argv += ["--lora-scaled", ",".join(f"{lora.path}:0" for lora in loras)]
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env}, image=image_of(binary))
 
@@ -139,3 +151,10 @@ def cuda_binary(cfg: Config) -> str:
             "or remove [models.gpus] to serve this model on the CPU"
         )
     return str(binary)
+
+
+def lora_selection(loras: tuple[str, ...], chosen: str | None) -> list[dict[str, float | int]]:
+    """llama-server's per-request "lora" field: the adapter named chosen (its --lora
+    index) at scale 1, every other one at 0 (None: the base model alone). Every id is
+    set, so whatever a client sent in the field is replaced, never merged."""
+    return [{"id": i, "scale": 1.0 if name == chosen else 0.0} for i, name in enumerate(loras)]

@@ -21,6 +21,7 @@ from engines.base import (
     EMBEDDINGS,
     GpuSlot,
     LaunchSpec,
+    Lora,
     http_ok,
     one_token_generation,
     refuses_anonymous,
@@ -63,6 +64,8 @@ class OpenAIAdapter:
         }
     )
     responses_store = True
+    lora = False  # an operator's own server: its adapters are its own business
+    lora_blind: frozenset[str] = frozenset()
 
     def supervised(self, model: ModelConfig) -> bool:
         return not model.url
@@ -77,6 +80,7 @@ class OpenAIAdapter:
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         fields = {
             "port": str(port),

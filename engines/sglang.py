@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from engines.base import GpuSlot, LaunchSpec, LocalEngine, gpu_engine_command, http_text, offline_env
+from engines.base import GpuSlot, LaunchSpec, LocalEngine, Lora, gpu_engine_command, http_text, offline_env
 from engines.metrics import EngineLoad, parse_sglang
+from engines.vllm import lora_args
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -37,6 +38,7 @@ class SglangAdapter(LocalEngine):
     can_sleep = False
     # No audio transcriptions: the OpenAI endpoints SGLang's docs list stop at these.
     endpoints = frozenset({"chat", "completions", "embeddings", "responses", "rerank"})
+    lora = True
 
     def launch(
         self,
@@ -48,6 +50,7 @@ class SglangAdapter(LocalEngine):
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': an sglang replica needs GPUs from the placer")
@@ -76,6 +79,8 @@ class SglangAdapter(LocalEngine):
         ]
         if model.kv_cache_dtype not in ("auto", "bfloat16", "float16"):
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
+        if loras:
+            argv += lora_args(loras, "--lora-paths", "--max-loras-per-batch")
         argv += model.args
         env = {
             **offline_env(cfg),

@@ -20,6 +20,8 @@ from engines.base import (
     GpuSlot,
     LaunchSpec,
     LocalEngine,
+    Lora,
+    ProbeFailed,
     gpu_engine_command,
     http_post,
     http_text,
@@ -59,6 +61,7 @@ class VllmAdapter(LocalEngine):
         }
     )
     responses_store = True  # in the replica's memory (VLLM_ENABLE_RESPONSES_API_STORE)
+    lora = True
 
     def launch(
         self,
@@ -70,6 +73,7 @@ class VllmAdapter(LocalEngine):
         slot: GpuSlot | None,
         access: EngineAccess,
         cpus: frozenset[int] = frozenset(),
+        loras: tuple[Lora, ...] = (),
     ) -> LaunchSpec:
         if slot is None:
             raise ValueError(f"model '{model.name}': a vllm replica needs GPUs from the placer")
@@ -106,6 +110,12 @@ class VllmAdapter(LocalEngine):
         if traces is not None:  # its request spans join the gateway's traces (the traceparent it sends)
             argv += ["--otlp-traces-endpoint", traces[0]]
             env.update(traces[1])
+        if loras:
+            argv += lora_args(loras, "--lora-modules", "--max-loras")
+            # /v1/load_lora_adapter and /v1/unload_lora_adapter: adapters added or removed
+            # by a reload without a restart (appliance/fleet/lora.py). Under /v1, so behind
+            # the replica's key, on its private socket.
+            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         argv += model.args
         return LaunchSpec(argv=argv, env={**env, **model.env, "VLLM_API_KEY": access.secret}, image=image)
 
@@ -127,3 +137,38 @@ class VllmAdapter(LocalEngine):
 
     async def wake(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
         await http_post(session, f"{base_url}/wake_up", timeout)
+
+    async def load_lora(self, session: aiohttp.ClientSession, base_url: str, lora: Lora, timeout: float) -> None:
+        """Serve one more adapter in a running replica (launched with LoRA on: lora_args)."""
+        await _lora_call(
+            session, f"{base_url}/v1/load_lora_adapter", {"lora_name": lora.name, "lora_path": str(lora.path)}, timeout
+        )
+
+    async def unload_lora(self, session: aiohttp.ClientSession, base_url: str, name: str, timeout: float) -> None:
+        await _lora_call(session, f"{base_url}/v1/unload_lora_adapter", {"lora_name": name}, timeout)
+
+
+async def _lora_call(session: aiohttp.ClientSession, url: str, body: dict, timeout: float) -> None:
+    """vLLM's runtime LoRA endpoints: ProbeFailed, saying why, unless they answer 200."""
+    try:
+        async with session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            text = await resp.text()
+            if resp.status != 200:
+                raise ProbeFailed(f"POST {url} answered {resp.status}: {text[:200]!r}")
+    except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+        raise ProbeFailed(f"POST {url} failed: {type(exc).__name__}: {exc}") from None
+
+
+# The ranks vLLM and SGLang size their LoRA buffers for (--max-lora-rank's choices).
+LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_args(loras: tuple[Lora, ...], paths_flag: str, count_flag: str) -> list[str]:
+    """LoRA serving on: each adapter as NAME=PATH (the name clients request), room for
+    all of them in one batch, and buffers for the largest rank among them (the engine's
+    default of 16 where none says)."""
+    argv = ["--enable-lora", count_flag, str(len(loras))]
+    rank = max(lora.rank for lora in loras)
+    if rank > 0:
+        argv += ["--max-lora-rank", str(next((r for r in LORA_RANKS if r >= rank), rank))]
+    return [*argv, paths_flag, *(f"{lora.name}={lora.path}" for lora in loras)]

@@ -13,6 +13,8 @@ shapes; GET/DELETE /v1/responses/{id} and POST .../cancel for stored Responses),
 (requests, streams started, completed and cancelled by the client, unary answers
 completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
+As vLLM it keeps its LoRA adapters (--lora-modules, then /v1/load_lora_adapter and
+/v1/unload_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) in /fake/stats' "loras".
 
 Like llama-server, the completion's length is n_predict, else max_tokens, else
 max_completion_tokens (a negative n_predict: --chunks). --cache-report counts the
@@ -484,6 +486,32 @@ def make_app(args: argparse.Namespace) -> web.Application:
     async def is_sleeping(request: web.Request) -> web.Response:
         return web.json_response({"is_sleeping": bool(STATS.get("sleeping"))})
 
+    # vLLM's LoRA adapters: those of --lora-modules NAME=PATH, then loaded and unloaded at
+    # run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING), in STATS["loras"] (name -> path).
+    argv = STATS["argv"]
+    STATS["loras"] = {}
+    if "--lora-modules" in argv:
+        for value in argv[argv.index("--lora-modules") + 1:]:
+            if value.startswith("--"):
+                break
+            name, _, path = value.partition("=")
+            STATS["loras"][name] = path
+
+    async def load_lora(request: web.Request) -> web.Response:
+        body = await request.json()
+        if os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING") != "1":
+            return web.json_response({"error": {"message": "runtime LoRA updating is off"}}, status=404)
+        if body["lora_name"] in STATS["loras"]:
+            return web.json_response({"error": {"message": "already loaded"}}, status=400)
+        STATS["loras"][body["lora_name"]] = body["lora_path"]
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+    async def unload_lora(request: web.Request) -> web.Response:
+        body = await request.json()
+        if STATS["loras"].pop(body["lora_name"], None) is None:
+            return web.json_response({"error": {"message": "not found"}}, status=404)
+        return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' removed successfully.")
+
     @web.middleware
     async def require_key(request: web.Request, handler):
         if args.api_key and request.path != "/health":
@@ -522,6 +550,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         app.router.add_post("/sleep", sleep)
         app.router.add_post("/wake_up", wake_up)
         app.router.add_get("/is_sleeping", is_sleeping)
+        app.router.add_post("/v1/load_lora_adapter", load_lora)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora)
     return app
 
 

@@ -175,6 +175,7 @@ class _DownDeployment:
     replicas: list = []
     waiters: list = []
     inflight = 0
+    lora = None  # serves no LoRA adapters
 
     def __init__(self, model) -> None:
         self.model = model

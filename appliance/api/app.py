@@ -39,6 +39,7 @@ from appliance.errors import (
     ApplianceError,
     BadRequest,
     MethodNotAllowed,
+    ModelNotFound,
     NoCapacity,
     NotFound,
     PayloadTooLarge,
@@ -267,7 +268,8 @@ async def _serve(
     if tenant is not None and ep.generates and not ep.form:
         req.salt = tenancy.salt(tenant, getattr(request, "cache_salt", None))
     if len(deployment.replicas) > 1 and cfg.routing.prefix_aware and ep.view != "":
-        req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, tenancy.seed(tenant))
+        seed = tenancy.seed(tenant) ^ deployment.lora.seed(target) if deployment.lora else tenancy.seed(tenant)
+        req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, seed)
     if cfg.audit.include_text:
         req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
     content = content_type.decode("latin-1") if content_type is not None else JSON
@@ -322,7 +324,7 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fie
     context); when the budget leaves less, or the default is below the context,
     the engine is told the cap, so it can never generate more than was reserved."""
     route = req.route.name if req.route is not None else None
-    dep = rt.supervisor.deployments.get(req.target)
+    dep = rt.supervisor.find(req.target)
     if dep is None:  # the 404 comes next, once the key may ask (a 403 first)
         req.reservation = rt.gate.admit(key, route)
         return
@@ -417,16 +419,23 @@ def _authorization(request: Request) -> bytes | None:
 async def list_models(request: Request) -> Response[ModelList]:
     rt = _client_or_admin(request)
     created = int(rt.started)
-    cards = [ModelCard(id=name, created=created) for name in rt.supervisor.deployments]
+    cards = [_model_card(rt, name, created) for name in rt.supervisor.model_names()]
     return Response(ModelList(data=cards), media_type=JSON)
+
+
+def _model_card(rt: Runtime, name: str, created: int) -> ModelCard:
+    """A model, or a LoRA adapter (its base model as its parent)."""
+    base = rt.supervisor.adapters.get(name)
+    return ModelCard(id=name, created=created, parent=base.model.name if base is not None else None)
 
 
 @get("/v1/models/{model_id:path}")
 async def get_model(request: Request) -> Response[ModelCard]:
     rt = _client_or_admin(request)
     name = str(request.path_params["model_id"]).lstrip("/")
-    rt.supervisor.deployment(name)  # 404 in the envelope if unknown
-    return Response(ModelCard(id=name, created=int(rt.started)), media_type=JSON)
+    if rt.supervisor.find(name) is None:
+        raise ModelNotFound(name)  # 404 in the envelope
+    return Response(_model_card(rt, name, int(rt.started)), media_type=JSON)
 
 
 @get("/v1/responses/{response_id:str}")
@@ -499,7 +508,8 @@ async def readyz(request: Request) -> Response[Readiness]:
     ready = rt.supervisor.ready and not rt.draining
     body = Readiness(status="draining" if rt.draining else ("ready" if ready else "starting"))
     if not rt.gate.required or _has_credential(rt, request):  # the box's model names are for callers with a key
-        body.models = {name: d.ready for name, d in rt.supervisor.deployments.items()}
+        supervisor = rt.supervisor  # an adapter is as ready as its base
+        body.models = {name: d.ready for name in supervisor.model_names() if (d := supervisor.find(name)) is not None}
     headers = {} if ready else {"Retry-After": "5"}
     return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
 
@@ -647,7 +657,7 @@ async def openapi_document(request: Request) -> Response:
     if rt.openapi is None:
         from appliance.api.openapi import build
 
-        rt.openapi = build(ROUTE_HANDLERS, list(rt.supervisor.deployments), _version())
+        rt.openapi = build(ROUTE_HANDLERS, rt.supervisor.model_names(), _version())
     return Response(rt.openapi, media_type=JSON)
 
 

@@ -383,6 +383,10 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         click.echo(f"\n{m.name}  ({m.server})  {'ready' if m.ready else 'not ready'}")
         if m.blocked:
             click.echo(f"  not served: {m.blocked}")
+        if m.adapters:
+            click.echo(f"  LoRA adapters: {', '.join(m.adapters)}")
+            for reason in filter(None, m.adapters.values()):
+                click.echo(f"  not served: {reason}")
         for r in m.replicas:
             where = f"pid {r.pid} port {r.port}" if r.pid else (r.url or "-")
             image = f"  image {r.image}" if r.image else ""

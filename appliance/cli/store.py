@@ -232,6 +232,7 @@ def store_rows(cfg: Config) -> list[dict]:
         {
             "name": r.name,
             "title": r.title,
+            "kind": r.kind,  # model, or a LoRA adapter
             "server": "store",
             "source": str(store.model_path(r)),
             "replicas": 0,

@@ -20,6 +20,7 @@ from appliance.fleet.replica import Replica, State
 from appliance.state.decisions import ModelControl
 
 if TYPE_CHECKING:
+    from appliance.fleet.lora import LoraServing
     from appliance.fleet.supervisor import Supervisor
 
 # States from which a replica may still serve without the operator's help.
@@ -56,6 +57,8 @@ class Deployment:
         # llama.cpp's context is shared by its slots; GPU engines have a KV budget.
         cache = model.context_length if model.server == "llamacpp" else kv_tokens(model)
         self.prefix = PrefixRouter(supervisor.cfg.routing, cache)
+        # Its LoRA adapters, each a model name it serves (resolved at start: fleet/lora.py).
+        self.lora: LoraServing | None = None
 
     # --- the request path ---------------------------------------------------------
 

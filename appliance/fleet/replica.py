@@ -37,7 +37,7 @@ from appliance.fleet.engine_access import EngineAccess, engine_environment, engi
 from appliance.fleet.process import ProcessHandle, ProcessRunner, resident_bytes
 from appliance.status import ReplicaLoad, ReplicaStatus
 from appliance.store.store import model_path
-from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, ProbeFailed
+from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, Lora, ProbeFailed
 
 log = logging.getLogger("appliance.replica")
 
@@ -148,6 +148,7 @@ class Replica:
     ) -> None:
         self.cfg = cfg
         self.model = model
+        self.loras: tuple[Lora, ...] = ()  # the LoRA adapters it serves (appliance/fleet/lora.py)
         self.index = index
         self.adapter = adapter
         self.runner = runner
@@ -422,7 +423,15 @@ class Replica:
             return _External()
         weights = model_path(self.cfg, self.model)
         spec = self.adapter.launch(
-            self.cfg, self.model, weights, self.HOST, self.port, self.slot, self.access, cpus=self.cpus
+            self.cfg,
+            self.model,
+            weights,
+            self.HOST,
+            self.port,
+            self.slot,
+            self.access,
+            cpus=self.cpus,
+            loras=self.loras,
         )
         self.image = spec.image
         try:

@@ -36,6 +36,7 @@ def add_deployment(sup: Supervisor, model: ModelConfig) -> Deployment:
         dep.control = control
     _admit_store_model(sup, dep)
     sup.deployments[model.name] = dep
+    sup.serve_adapters(dep)
     sup.add_together([(dep, dep.standing_count())], reason="added by a config reload")
     return dep
 
@@ -59,6 +60,8 @@ def remove_deployment(sup: Supervisor, name: str) -> None:
     the requests held for it still get a replica, those in flight finish, then
     its replicas stop (each bounded by server.drain_timeout_s)."""
     dep = sup.deployments.pop(name)
+    for adapter in [n for n, d in sup.adapters.items() if d is dep]:
+        del sup.adapters[adapter]  # its LoRA adapters' names go with it
     sup.leaving.append(dep)
 
     def wake(replica: Replica, event: Transition) -> None:
@@ -97,7 +100,10 @@ async def roll(sup: Supervisor, name: str, model: ModelConfig) -> str:
             return f"refused: {admitted.blocked}; the replicas of the previous config keep serving"
     old = dep.kept()
     surge = msgspec.structs.replace(model.autoscaling, max_replicas=model.autoscaling.max_replicas + 1)
+    adapters_changed = model.adapters != dep.model.adapters
     dep.model = msgspec.structs.replace(model, autoscaling=surge)
+    if adapters_changed:  # the new replicas load the new set (the old ones serve theirs until they drain)
+        sup.serve_adapters(dep)
     saved = frozen = dep.control
     try:
         for r in old:

@@ -25,7 +25,7 @@ import aiohttp
 
 from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import eviction, operator, rollout
+from appliance.fleet import eviction, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
@@ -107,6 +107,10 @@ class Supervisor:
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         # Models a config reload removed whose replicas still drain (remove_deployment).
         self.leaving: list[Deployment] = []
+        # LoRA adapter name -> the deployment of its base model (appliance/fleet/lora.py).
+        self.adapters: dict[str, Deployment] = {
+            a.name: self.deployments[m.name] for m in cfg.models for a in m.adapters
+        }
         self.store_checks: StoreChecks | None = None
         self.store_leases: dict = {}  # store name -> its lease (a shared lock), see Store.lease
         if state is not None:
@@ -129,6 +133,7 @@ class Supervisor:
         every admitted one, with or without replicas: each replica waits for that check."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.store_leases = admit_store_models(self.cfg, self.deployments)
+        self._resolve_adapters()
         if any(store_name(d.model) for d in self.deployments.values()):
             self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
             for name in sorted(
@@ -151,10 +156,41 @@ class Supervisor:
             await self.store_checks.close()
 
     def deployment(self, model: str) -> Deployment:
+        """The deployment serving a model name: its own, or its base's for a LoRA adapter
+        (NoCapacity with the reason for an adapter that failed its checks)."""
         try:
             return self.deployments[model]
         except KeyError:
-            raise ModelNotFound(model) from None
+            dep = self.adapters.get(model)
+            if dep is None:
+                raise ModelNotFound(model) from None
+            if dep.lora is not None and model in dep.lora.refused:
+                raise NoCapacity(dep.lora.refused[model], retry_after=30) from None
+            return dep
+
+    def find(self, model: str) -> Deployment | None:
+        """The deployment serving a model name (a LoRA adapter's: its base's), or None."""
+        return self.deployments.get(model) or self.adapters.get(model)
+
+    def model_names(self) -> list[str]:
+        """Every model name served here: the models', then their adapters'."""
+        return [*self.deployments, *self.adapters]
+
+    def _resolve_adapters(self) -> None:
+        """Which LoRA adapters each base's replicas load (checked, store ones leased)."""
+        for dep in self.deployments.values():
+            self.serve_adapters(dep)
+
+    def serve_adapters(self, dep: Deployment) -> None:
+        """The model's adapters as its config says now (at boot, and when a reload adds or
+        rolls it): checked, store ones leased, each name served by this deployment."""
+        for name in [n for n, d in self.adapters.items() if d is dep]:
+            del self.adapters[name]
+        dep.lora = None
+        if dep.model.adapters:
+            dep.lora = lora.resolve(self.cfg, dep.model, lambda: Store.from_config(self.cfg))
+            self.store_leases.update(dep.lora.leases)
+            self.adapters.update({a.name: dep for a in dep.model.adapters})
 
     @property
     def ready(self) -> bool:
@@ -242,6 +278,8 @@ class Supervisor:
             listener=self._on_change,
         )
         replica.on_idle = self._room_may_have_come
+        if dep.lora is not None:
+            replica.loras = dep.lora.loras
         if store_name(dep.model) and self.store_checks is not None:
             replica.preflight = lambda: self._store_preflight(dep)
         if dep.blocked:
@@ -426,10 +464,13 @@ class Supervisor:
         return reason
 
     def block_store_model(self, name: str, reason: str) -> None:
-        """Store model NAME failed a check (quarantined): block every model serving it."""
+        """Store model NAME failed a check (quarantined): block every model serving it,
+        and refuse every LoRA adapter loaded from it."""
         for dep in self.deployments.values():
             if store_name(dep.model) == name:
                 self.block(dep, reason)
+            if dep.lora is not None:
+                dep.lora.block_store(name, reason)
 
     def block(self, dep: Deployment, reason: str) -> None:
         """Stop serving a model (as admission does at boot): no replica of it starts again,
@@ -804,6 +845,7 @@ class Supervisor:
                 replicas=[r.snapshot() for r in d.replicas],
                 decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
                 prefix_routing=dict(d.prefix.outcomes),
+                adapters={a.name: d.lora.refused.get(a.name, "") for a in d.model.adapters} if d.lora else {},
             )
             for d in self.deployments.values()
         ]

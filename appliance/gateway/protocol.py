@@ -135,6 +135,8 @@ class ModelCard(msgspec.Struct):
     object: str = "model"
     created: int = 0
     owned_by: str = "appliance"
+    # A LoRA adapter's base model (vLLM's field); None for a model.
+    parent: str | None = None
 
 
 class ModelList(msgspec.Struct):

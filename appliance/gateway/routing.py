@@ -162,13 +162,13 @@ async def forward(rt: Gateway, req: ProxyRequest) -> Answer:
                 continue
             provider.breaker.success()
             return result
-        other = rt.supervisor.deployments.get(name)
+        other = rt.supervisor.find(name)  # a model, or a LoRA adapter (its base's deployment)
         if other is not None and not serves(other.model, req.endpoint.name):
             _decide(rt, req, name, "api_not_served", taken=False)
         elif other is not None:
             _decide(rt, req, name, reason)
             try:
-                return await to_deployment(rt, req, other)
+                return await to_deployment(rt, req, other, name)
             except FALLBACK_ERRORS as exc:
                 if isinstance(exc, ShuttingDown) or req.bytes_sent:
                     raise

@@ -39,13 +39,14 @@ Whole = tuple[int, bytes, str]
 Answer = Whole | AsyncIterator[bytes]
 
 
-async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment) -> Answer:
+async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment, served: str | None = None) -> Answer:
     """The request on a READY replica of dep (held while the model starts); when
     the engine failed before answering a byte, again on another one (or the same,
     restarted), up to MAX_ATTEMPTS. A held stream's client that leaves takes it
     out of the queue (a whole answer's caller watches for that itself:
-    relay.unless_client_leaves)."""
-    body = body_for(req, dep)
+    relay.unless_client_leaves). served: the model name it is served as (a local
+    fallback's; else req.target), the base's or one of its LoRA adapters'."""
+    body = body_for(req, dep, served)
     receive = req.receive
     disconnected = partial(wait_disconnect, receive) if req.stream else None
     failed = None
@@ -93,10 +94,15 @@ def _send(
     return rt.proxy.unary(upstream, path, body, headers)
 
 
-def body_for(req: ProxyRequest, dep: Deployment) -> bytes:
-    """The body for a local model: its own name in "model", and for an engine
-    that partitions its prefix cache by one, the tenant's cache salt."""
-    fields: dict[str, object] = {} if dep.model.name == req.target else {"model": dep.model.name}
+def body_for(req: ProxyRequest, dep: Deployment, served: str | None = None) -> bytes:
+    """The body for a local model: the name its engine knows it by in "model" (and for
+    a LoRA adapter on llama-server, the adapter selected: appliance/fleet/lora.py), and
+    for an engine that partitions its prefix cache by one, the tenant's cache salt."""
+    fields: dict[str, object]
+    if dep.lora is not None:
+        fields = dep.lora.fields(served or req.target, req.target, req.endpoint.name)
+    else:
+        fields = {} if dep.model.name == req.target else {"model": dep.model.name}
     if req.salt is not None and dep.model.server in SALTED_SERVERS:
         fields["cache_salt"] = req.salt
     return set_fields(req.forwarded, **fields) if fields else req.forwarded

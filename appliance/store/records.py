@@ -45,6 +45,7 @@ class Incoming:
     license_accepted_by: str | None = None
     license_accepted_at: float | None = None
     title: str = ""  # what the model calls itself (a GGUF's general.name), shown beside its name
+    kind: str = "model"  # or "adapter": a LoRA adapter (appliance/store/adapters.py)
 
     @property
     def total_bytes(self) -> int:
@@ -86,6 +87,7 @@ class ModelRecord:
     state_reason: str
     files: list[dict] = field(default_factory=list)
     title: str = ""
+    kind: str = "model"  # or "adapter": a LoRA adapter (appliance/store/adapters.py)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)

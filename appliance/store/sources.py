@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import cast
 
 from appliance.safe_paths import StoreError, check_name, check_revision, identity, open_regular
-from appliance.store import gguf
+from appliance.store import adapters, gguf
 from appliance.store.records import Incoming, SourceFile
 
 BUNDLE_MANIFEST = "bundle.json"
@@ -100,6 +100,9 @@ def incoming_from(
     for item in found:
         if license:
             item.license = spdx(license)
+        item.kind = adapters.kind_of(
+            [f.path for f in item.files], adapters.gguf_type(p, st) if p.suffix == ".gguf" else None
+        )
         item.check()
     return found
 

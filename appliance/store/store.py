@@ -340,6 +340,7 @@ class Store:
                     "state": READY,
                     "state_reason": "",
                     "title": incoming.title,
+                    "kind": incoming.kind,
                 },
                 [
                     {
@@ -561,7 +562,12 @@ def _title_column(db: sqlite3.Connection) -> None:
     migrations.add_column(db, "models", "title", "TEXT")
 
 
-MIGRATIONS = migrations.Registry("store manifest", (_v1_tables, _title_column))
+def _kind_column(db: sqlite3.Connection) -> None:
+    """A model's kind: "model", or "adapter" for a LoRA adapter (appliance/store/adapters.py)."""
+    migrations.add_column(db, "models", "kind", "TEXT NOT NULL DEFAULT 'model'")
+
+
+MIGRATIONS = migrations.Registry("store manifest", (_v1_tables, _title_column, _kind_column))
 
 
 def _check_gguf(source: str, path: str, staged: Path) -> None:
