@@ -401,6 +401,32 @@ def test_an_adapter_is_served_by_its_base_replica_under_its_own_name(daemons, tm
     assert "LoRA adapters: sql, support, missing" in text and "adapter 'missing' of model 'base'" in text
 
 
+def test_a_reload_swaps_a_vllm_models_adapters_without_restarting_its_replica(daemons, tmp_path):
+    d, sql, support = _vllm_daemon(daemons, tmp_path)
+    [replica] = d.replicas("base")
+    extra = peft_dir(tmp_path, "extra")
+    config = d.config.read_text()
+    assert f'name = "support"\nsource = "{support}"' in config
+    d.config.write_text(config.replace(f'name = "support"\nsource = "{support}"',
+                                       f'name = "extra"\nsource = "{extra}"'))
+    done = subprocess.run([PY, "-m", "appliance.cli", "reload", "--config", str(d.config), "--json"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["rolling"] == [] and report["changed"] == {"base": ["adapters"]}, report
+
+    def loaded() -> dict:
+        with engine_client(replica) as engine:
+            return engine.get("/fake/stats").json()["loras"]
+
+    wait_until(lambda: loaded() == {"sql": str(sql), "extra": str(extra)}, 20, what="the new adapter set")
+    assert d.replicas("base")[0]["pid"] == replica["pid"]  # swapped in place: no restart
+    with d.client() as c:
+        assert c.post("/v1/chat/completions", json={**CHAT, "model": "extra"}).status_code == 200
+        assert c.post("/v1/chat/completions", json={**CHAT, "model": "support"}).status_code == 404
+        assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "sql", "extra", "missing"]
+
+
 def test_a_key_restricted_to_an_adapters_route_gets_that_adapter_only(daemons, tmp_path):
     routes = '[[routes]]\nname = "support-bot"\nmodel = "support-bot"\ntarget = "support"\nregulated = true\n'
     d, _, _ = _vllm_daemon(daemons, tmp_path, extra="[keys]\nrequired = true\n", routes=routes)

@@ -30,6 +30,7 @@ import msgspec
 from appliance.access.tenancy import Tenancy
 from appliance.config import Config, ConfigError, ModelConfig
 from appliance.errors import ApplianceError
+from appliance.fleet import lora, rollout
 from appliance.gateway.providers import Provider, load_providers
 from appliance.gateway.routing import Routes
 from appliance.status import ReloadReport
@@ -68,6 +69,7 @@ _NOT_SETTINGS = ("origin", "deprecations")
 # A model's settings that change without restarting its replicas (read from the
 # deployment, not the engine's command line); any other change rolls its replicas.
 MODEL_LIVE = frozenset({"autoscaling", "priority", "default_max_tokens"})
+# (and "adapters" where fleet/lora.adapters_changed says the engine swaps them live)
 
 
 class ReloadRefused(ApplianceError):
@@ -113,7 +115,9 @@ def diff_models(old: list[ModelConfig], new: list[ModelConfig]) -> ModelDiff:
     rolled, updated = {}, {}
     for name in before.keys() & after.keys():
         fields = changed_fields(before[name], after[name])
-        if any(f.split(".")[0] not in MODEL_LIVE for f in fields):
+        # LoRA adapters swap in place on an engine that loads them at run time (vLLM).
+        live = MODEL_LIVE | ({"adapters"} if lora.adapters_changed(before[name], after[name]) == "live" else set())
+        if any(f.split(".")[0] not in live for f in fields):
             rolled[name] = fields
         elif fields:
             updated[name] = fields
@@ -212,7 +216,10 @@ class Reloader:
         for name in models.removed:
             sup.remove_deployment(name)
         for name in models.updated:
-            sup.deployments[name].model = by_name[name]
+            dep = sup.deployments[name]
+            adapters_before, dep.model = dep.model.adapters, by_name[name]
+            if dep.model.adapters != adapters_before:
+                rollout.swap_adapters(sup, dep)
         failed = {}
         for m in models.added:
             try:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from appliance.config import ModelConfig
+from appliance.fleet import lora
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ROOM_POLL_S
 from appliance.fleet.replica import Replica, ReplicaUnavailable, State, Transition
@@ -152,3 +153,22 @@ def _operators(saved: ModelControl, frozen: ModelControl, now: ModelControl) -> 
     if now is frozen:
         return saved
     return ModelControl(override=saved.override if now.override == frozen.override else now.override, pinned=now.pinned)
+
+
+def swap_adapters(sup: Supervisor, dep: Deployment) -> None:
+    """A reload changed a model's LoRA adapters, and its engine loads and unloads them at
+    run time (fleet/lora.adapters_changed said "live"): the names switch now, and each of
+    its replicas takes the new set in place; one whose engine refuses (an adapter of a
+    rank above its --max-lora-rank) restarts with the new set instead."""
+    sup.serve_adapters(dep)
+    new = dep.lora.loras if dep.lora is not None else ()
+
+    async def swap(replica: Replica) -> None:
+        try:
+            await lora.apply_live(replica, new)
+        except Exception as exc:  # the engine refused or failed: its next start loads the new set
+            log.info("reload: %s restarts to load its new LoRA adapters (%s)", replica.name, exc)
+            replica.restart()
+
+    for replica in dep.kept():
+        sup._background(swap(replica), f"lora-{replica.name}")
