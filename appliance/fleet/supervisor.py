@@ -29,8 +29,6 @@ from appliance.fleet import eviction, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, Scarce, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
-from appliance.fleet.hold import ClientGone as ClientGone  # re-exported: the gateway's import
-from appliance.fleet.hold import Exclude as Exclude  # re-exported: the gateway's import
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import (
