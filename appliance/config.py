@@ -355,6 +355,11 @@ def lora_names(cfg: Config) -> dict[str, ModelConfig]:
     return {a.name: m for m in cfg.models for a in m.adapters}
 
 
+def _need_model_name(need, name: str, field: str) -> None:
+    """A name clients send as `model` (a model's or a LoRA adapter's)."""
+    need(bool(_NAME_RE.match(name)), field, f"{name!r} is not a valid model name (letters, digits, . _ : / -)")
+
+
 def _validate_adapters(cfg: Config, need) -> None:
     """Adapter names share the models' namespace (they are model names to clients);
     a base model must be on an engine that applies LoRA adapters."""
@@ -362,11 +367,7 @@ def _validate_adapters(cfg: Config, need) -> None:
     for i, m in enumerate(cfg.models):
         for j, a in enumerate(m.adapters):
             at = f"models[{i}].adapters[{j}]"
-            need(
-                bool(_NAME_RE.match(a.name)),
-                f"{at}.name",
-                f"{a.name!r} is not a valid model name (letters, digits, . _ : / -)",
-            )
+            _need_model_name(need, a.name, f"{at}.name")
             need(
                 a.name not in taken,
                 f"{at}.name",
@@ -852,11 +853,7 @@ def _validate(cfg: Config) -> None:
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):
         at = f"models[{i}]"
-        need(
-            bool(_NAME_RE.match(m.name)),
-            f"{at}.name",
-            f"{m.name!r} is not a valid model name (letters, digits, . _ : / -)",
-        )
+        _need_model_name(need, m.name, f"{at}.name")
         need(m.name not in seen, f"{at}.name", f"duplicate model name {m.name!r}")
         seen.add(m.name)
         a = m.autoscaling

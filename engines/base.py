@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import aiohttp
 
@@ -119,6 +119,15 @@ class EngineAdapter(Protocol):
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         """Cheap periodic liveness check of a READY replica, with the engine's load
         where it exposes one; raise ProbeFailed when unhealthy."""
+
+
+@runtime_checkable
+class SleepingEngine(Protocol):
+    """What an adapter with can_sleep adds: free a READY replica's GPU memory and bring it back."""
+
+    async def sleep(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None: ...
+
+    async def wake(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> None: ...
 
 
 COMPLETIONS = "/v1/completions"

@@ -85,7 +85,7 @@ class ScriptedAdapter:
     def supervised(self, model) -> bool:
         return self._supervised
 
-    def launch(self, cfg, model, weights, host, port, slot, access, cpus=frozenset()) -> LaunchSpec:
+    def launch(self, cfg, model, weights, host, port, slot, access, cpus=frozenset(), loras=()) -> LaunchSpec:
         return LaunchSpec(argv=["engine", "--port", str(port)])
 
     def base_url(self, model, host, port) -> str:
@@ -118,12 +118,17 @@ command = ["engine", "{port}"]
 """
 
 
+# What an external engine's replica is given (the daemon's shared aiohttp session): the
+# scripted adapter never uses it, a supervised replica makes its own.
+SHARED_SESSION = object()
+
+
 def make(tmp_path, adapter=None, runner=None, clock=None):
     cfg = parse_config(CONFIG)
     transitions: list[tuple[State, State]] = []
     runner = runner or FakeRunner()
     replica = Replica(cfg=cfg, model=cfg.models[0], index=0, adapter=adapter or ScriptedAdapter(),
-                      runner=runner, session=None, log_dir=tmp_path, clock=clock or FakeClock(),
+                      runner=runner, session=SHARED_SESSION, log_dir=tmp_path, clock=clock or FakeClock(),
                       port_allocator=iter(range(20000, 20100)).__next__,
                       listener=lambda r, t: transitions.append((t.old, t.new)))
     return replica, runner, transitions

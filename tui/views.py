@@ -266,7 +266,7 @@ def _model_words(m: ModelStatus) -> str:
 
 def model_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
     """(row key, cells) for the models table: each model, then its replicas (they move with it)."""
-    rows = []
+    rows: list[tuple[str, tuple]] = []
     for m in arrange(status.models, MODEL_COLUMNS, order, _model_words):
         count = f"{len(m.replicas)}/{m.max_replicas}"
         if m.override is not None:
@@ -329,7 +329,7 @@ def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None
     measured = gpu_memory(gpus)
     for r in m.replicas:
         where = f"port {r.port}" if r.port else (r.url or "")
-        gpus = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else (f" {len(r.cpus)} cores" if r.cpus else "")
+        placement = f" GPU {','.join(map(str, r.gpus))}" if r.gpus else (f" {len(r.cpus)} cores" if r.cpus else "")
         # What `appliance ps` shows, where the daemon measured it.
         extra = "".join(
             part
@@ -343,7 +343,7 @@ def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None
         line = Text.assemble(
             f"#{r.index} ",
             state_text(r.state),
-            f" {where}{gpus} in-flight {r.inflight} restarts {r.restarts}{extra}",
+            f" {where}{placement} in-flight {r.inflight} restarts {r.restarts}{extra}",
         )
         if r.last_error:
             line.append(f"  last error: {r.last_error}", style="red")

@@ -292,7 +292,7 @@ def ps(config: str | None, port: int | None, as_json: bool) -> None:
                 **msgspec.to_builtins(r),
                 "memory_bytes": _measured(r, on_gpu),
                 "ready_since": _iso(data.now, -r.uptime_s) if r.uptime_s is not None else None,
-                "idle_unload_at": _iso(data.now, _unload_in_s(m)) if _unload_in_s(m) is not None else None,
+                "idle_unload_at": _iso(data.now, due) if (due := _unload_in_s(m)) is not None else None,
             }
             for m in data.models
             for r in m.replicas
@@ -485,8 +485,9 @@ def plan(
         click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
         taken: dict[int, int] = {}
         for r in rows:
-            for g in r.assignment.gpus if r.assignment else ():
-                taken[g] = taken.get(g, 0) + r.assignment.bytes_per_gpu
+            if r.assignment:
+                for index in r.assignment.gpus:
+                    taken[index] = taken.get(index, 0) + r.assignment.bytes_per_gpu
         for g in inv.gpus:
             procs = ", ".join(f"pid {p.pid} {p.used_bytes / GiB:.1f} GiB" for p in g.processes) or "none"
             util = f"{g.utilization_pct}%" if g.utilization_pct is not None else "n/a"
@@ -699,7 +700,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     except (AdminError, ConfigError) as exc:
         down = "unknown"
         click.echo(f"warning: no live state: {exc}", err=True)
-    rows = []
+    rows: list[dict] = []
     for m in cfg.models:
         state = down
         if live is not None:

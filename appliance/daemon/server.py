@@ -107,7 +107,7 @@ class AdminSocket:
 
     def __init__(self, path: str, app) -> None:
         self.path, self.app = path, app
-        self.server = None
+        self.server: Server | None = None
         self.task: asyncio.Task | None = None
 
     def on_startup(self, app) -> None:
@@ -125,6 +125,7 @@ class AdminSocket:
         if self.task is None:
             return
         if not self.task.done():
+            assert self.server is not None, "on_startup set it with the task"
             self.server.stop()
         with contextlib.suppress(Exception):
             await self.task

@@ -38,6 +38,7 @@ from appliance.fleet.process import ProcessHandle, ProcessRunner, resident_bytes
 from appliance.status import ReplicaLoad, ReplicaStatus
 from appliance.store.store import model_path
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, Lora, ProbeFailed
+from engines.base import SleepingEngine
 
 log = logging.getLogger("appliance.replica")
 
@@ -421,6 +422,7 @@ class Replica:
     async def _spawn(self) -> ProcessHandle:
         if not self.supervised:
             return _External()
+        assert self.access is not None, "opened by _run_once for a supervised replica"
         weights = model_path(self.cfg, self.model)
         spec = self.adapter.launch(
             self.cfg,
@@ -469,7 +471,9 @@ class Replica:
             if remaining <= 0:
                 await self._kill_now()
                 raise _Crash(f"not ready within {sv.startup_timeout_s:.0f}s: {last}")
-            probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=min(remaining, 30.0))
+            probe = self.adapter.probe_ready(
+                self._engine_session(), self.base_url, self.model, timeout=min(remaining, 30.0)
+            )
             outcome = await self._race(probe)
             if outcome == "done":
                 if self._said_starting:
@@ -523,7 +527,7 @@ class Replica:
                 raise _Crash(self._exit_reason("exited"))
             if outcome in ("stopped", "poked"):
                 continue
-            probe = self.adapter.probe_health(self.session, self.base_url, timeout=sv.health_interval_s)
+            probe = self.adapter.probe_health(self._engine_session(), self.base_url, timeout=sv.health_interval_s)
             outcome = await self._race(probe)
             if outcome == "exited":
                 raise _Crash(self._exit_reason("exited"))
@@ -535,21 +539,23 @@ class Replica:
                     raise _Crash(f"unhealthy: {failures} failed health checks, last: {outcome}")
             else:
                 failures = 0
-                self.load = self._last_result
+                self.load = self._last_result if isinstance(self._last_result, EngineLoad) else None
 
     async def _sleep_or_wake(self) -> None:
         timeout = self.cfg.supervisor.startup_timeout_s
+        adapter = self.adapter
+        assert isinstance(adapter, SleepingEngine), "sleep() asks only a can_sleep adapter"
         if self._want_sleep:
             if self.inflight:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(self._idle.wait(), timeout=self.cfg.server.drain_timeout_s)
-            outcome = await self._race(self.adapter.sleep(self.session, self.base_url, timeout))
+            outcome = await self._race(adapter.sleep(self._engine_session(), self.base_url, timeout))
             new, reason = State.SLEEPING, "asleep: weights in host RAM, GPU memory freed"
         else:
             self.loading_since = self.clock.monotonic()
-            outcome = await self._race(self.adapter.wake(self.session, self.base_url, timeout))
+            outcome = await self._race(adapter.wake(self._engine_session(), self.base_url, timeout))
             if outcome == "done":
-                probe = self.adapter.probe_ready(self.session, self.base_url, self.model, timeout=timeout)
+                probe = self.adapter.probe_ready(self._engine_session(), self.base_url, self.model, timeout=timeout)
                 outcome = await self._race(probe)
             new, reason = State.READY, "woken: answered a 1-token completion"
         if outcome == "exited":
@@ -561,6 +567,10 @@ class Replica:
             self._transition(new, reason)
 
     _last_result: object = None
+
+    def _engine_session(self) -> aiohttp.ClientSession:
+        assert self.session is not None, "made by _run_once (supervised) or given (external)"
+        return self.session
 
     async def _race(self, coro, poke: bool = False) -> object:
         """Run coro against the process exiting, a stop request and (if poke) a

@@ -27,10 +27,8 @@ from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, u
 from appliance.errors import ModelNotFound, NoCapacity
 from appliance.fleet import eviction, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
-from appliance.fleet.capacity import Capacity, next_indices, on_cpu
+from appliance.fleet.capacity import Capacity, Scarce, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
-from appliance.fleet.hold import ClientGone as ClientGone  # re-exported: the gateway's import
-from appliance.fleet.hold import Exclude as Exclude  # re-exported: the gateway's import
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import (
@@ -137,7 +135,7 @@ class Supervisor:
         if any(store_name(d.model) for d in self.deployments.values()):
             self.store_checks = StoreChecks(lambda: Store.from_config(self.cfg), self.block_store_model)
             for name in sorted(
-                {store_name(d.model) for d in self.deployments.values() if store_name(d.model) and not d.blocked}
+                {name for d in self.deployments.values() if (name := store_name(d.model)) and not d.blocked}
             ):
                 self._background(self.store_checks.check(name), f"store-check-{name}")
         self.add_together([(dep, dep.standing_count()) for dep in self.deployments.values()], reason="boot")
@@ -334,6 +332,7 @@ class Supervisor:
         own GPUs): [] when there is room already, the replicas stopped or put to sleep for
         it when idle replicas of other models had to go, or None (dep.no_room says who
         holds the room and why they stay)."""
+        scarce: Scarce | None
         if waking is not None:
             scarce = self.capacity.scarce_for_wake(waking)
         else:
@@ -456,7 +455,9 @@ class Supervisor:
         verified, a changed one rehashed first (appliance/store/guard.py)."""
         if dep.blocked:
             return dep.blocked
-        reason = await self.store_checks.check(store_name(dep.model))
+        name = store_name(dep.model)
+        assert self.store_checks is not None and name is not None, "add_replica sets it only for a store model"
+        reason = await self.store_checks.check(name)
         if self._stopping and not reason:
             # An interrupted check found nothing, which is no verdict: start nothing; the
             # replica's stop (Supervisor.stop stops every replica) ends this wait.
@@ -495,12 +496,14 @@ class Supervisor:
         Returns the store names lifted."""
         if self.store_checks is None or self._stopping:
             return []
-        names = sorted({store_name(d.model) for d in self.deployments.values() if d.blocked and store_name(d.model)})
+        names = sorted({name for d in self.deployments.values() if d.blocked and (name := store_name(d.model))})
         lifted = []
         for name in names:
             reason = await self.store_checks.check(name)
             if self._stopping:
-                break  # an interrupted check found nothing, which is no verdict
+                # An interrupted check found nothing, which is no verdict. (mypy keeps the guard's
+                # `not self._stopping` across the await, which can change it.)
+                break  # type: ignore[unreachable]
             if reason is None:
                 self.unblock_store_model(name)
                 lifted.append(name)
@@ -693,11 +696,13 @@ class Supervisor:
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
         engines run workers per GPU) corrects the estimate for later placements."""
+        slot = replica.slot
+        assert slot is not None, "_on_change measures only a placed replica"
         inventory = self.probe.read()
         pids = descendants(replica.pid)
-        per_gpu = [g.used_by(pids) for g in inventory.gpus if g.index in replica.slot.gpus]
+        per_gpu = [g.used_by(pids) for g in inventory.gpus if g.index in slot.gpus]
         if per_gpu and max(per_gpu) > 0:
-            self.measured.observe(replica.model.name, replica.slot.tp, max(per_gpu))
+            self.measured.observe(replica.model.name, slot.tp, max(per_gpu))
             log.info("replica %s uses %.1f GiB per GPU (NVML)", replica.name, max(per_gpu) / 1024**3)
 
     # --- demand, decisions, operator commands --------------------------------------------------

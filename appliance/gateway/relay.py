@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
 from appliance.errors import ApplianceError
-from appliance.fleet.supervisor import ClientGone
+from appliance.fleet.hold import ClientGone
 from appliance.gateway.api_responses import usage_and_id
 from appliance.gateway.ledger import committed, finish, finish_stream
 from appliance.gateway.metering import Usage

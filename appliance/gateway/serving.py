@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from appliance.access.tenancy import SALTED_SERVERS
 from appliance.errors import EngineFailure
-from appliance.fleet.supervisor import Exclude
+from appliance.fleet.hold import Exclude
 from appliance.gateway.ledger import finish_stream
 from appliance.gateway.providers import set_fields
 
