@@ -51,9 +51,10 @@ from appliance.errors import (
     encode_error,
     error_for_status,
 )
+from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ClientGone
 from appliance.fleet.replica import Replica
-from appliance.fleet.supervisor import Deployment, Supervisor
+from appliance.fleet.supervisor import Supervisor
 from appliance.gateway import api_audio, capabilities
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint

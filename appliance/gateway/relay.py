@@ -26,7 +26,7 @@ from appliance.gateway.serving import wait_disconnect
 if TYPE_CHECKING:
     from litestar.types import Receive, Send
 
-    from appliance.fleet.supervisor import Deployment
+    from appliance.fleet.deployment import Deployment
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
 

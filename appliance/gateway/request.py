@@ -19,8 +19,8 @@ if TYPE_CHECKING:
 
     from appliance.access.keys import ApiKey, Reservation
     from appliance.config import RouteConfig
+    from appliance.fleet.deployment import Deployment
     from appliance.fleet.replica import Replica
-    from appliance.fleet.supervisor import Deployment
     from appliance.gateway.capabilities import Endpoint
     from appliance.gateway.metering import StreamTap, Usage
     from appliance.gateway.tracing import RequestTrace

@@ -38,7 +38,7 @@ from appliance.gateway.serving import Answer, body_for, to_deployment, to_provid
 
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey
-    from appliance.fleet.supervisor import Deployment
+    from appliance.fleet.deployment import Deployment
     from appliance.gateway.providers import Provider
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway

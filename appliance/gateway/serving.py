@@ -23,8 +23,8 @@ from appliance.gateway.providers import set_fields
 if TYPE_CHECKING:
     from litestar.types import Receive
 
+    from appliance.fleet.deployment import Deployment
     from appliance.fleet.replica import Replica
-    from appliance.fleet.supervisor import Deployment
     from appliance.gateway.providers import Provider
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 if TYPE_CHECKING:
     from appliance.config import Config
+    from appliance.fleet.deployment import Deployment
     from appliance.fleet.replica import Replica
-    from appliance.fleet.supervisor import Deployment
     from appliance.gateway.request import ProxyRequest
 
 # traceparent: version-traceid-parentid-flags, lowercase hex (W3C Trace Context, level 1).
