@@ -546,13 +546,20 @@ def _validate_telemetry(t: TelemetryConfig, need) -> None:
     try:
         url = urlsplit(t.otlp_endpoint)
         _ = url.port  # a port that is not a number raises here
-        ok = url.scheme in ("http", "https") and bool(url.hostname) and not (url.username or url.query or url.fragment)
+        ok = url.scheme in ("http", "https") and bool(url.hostname) and not (url.query or url.fragment)
+        # urlsplit drops tabs and line breaks: the URL as written must have none.
+        ok = ok and t.otlp_endpoint.isprintable()
     except ValueError:
         ok = False
+    # A credential in the URL (user:pw@, or :pw@ with no user) would be logged wherever
+    # the URL is: it goes in telemetry.headers, and is never echoed back.
+    credential = "@" in url.netloc if ok else "@" in t.otlp_endpoint
+    shown = "the URL (it holds a credential)" if credential else repr(t.otlp_endpoint)
     need(
-        ok,
+        ok and not credential,
         "telemetry.otlp_endpoint",
-        f'{t.otlp_endpoint!r} is not an http(s) URL of an OTLP/HTTP collector, e.g. "http://127.0.0.1:4318"',
+        f'{shown} is not an http(s) URL of an OTLP/HTTP collector, e.g. "http://127.0.0.1:4318"'
+        + ("; send a collector's credential as telemetry.headers (e.g. Authorization)" if credential else ""),
     )
     try:
         missing = [m for m in TELEMETRY_MODULES if find_spec(m) is None]

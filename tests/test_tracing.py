@@ -349,6 +349,21 @@ def test_a_bad_telemetry_setting_names_its_field(toml, field):
         parse_config(f"[telemetry]\n{toml}\n")
 
 
+@pytest.mark.parametrize(
+    "endpoint",
+    ["http://:s3cret@collector:4318", "http://user:s3cret@collector:4318", "https://s3cret@collector/v1/traces"],
+)
+def test_an_endpoint_holding_a_credential_is_refused_without_echoing_it(endpoint):
+    with pytest.raises(ConfigError, match="field 'telemetry.otlp_endpoint'") as refused:
+        parse_config(f'[telemetry]\notlp_endpoint = "{endpoint}"\n')
+    assert "s3cret" not in str(refused.value) and "telemetry.headers" in str(refused.value)
+
+
+def test_an_endpoint_with_a_line_break_is_refused():
+    with pytest.raises(ConfigError, match="field 'telemetry.otlp_endpoint'"):
+        parse_config('[telemetry]\notlp_endpoint = "http://collec\\ntor:4318"\n')
+
+
 def test_an_endpoint_without_the_packages_says_how_to_install_them(monkeypatch):
     monkeypatch.setattr("appliance.config.TELEMETRY_MODULES", ("opentelemetry.not_installed_here",))
     with pytest.raises(ConfigError, match=r"telemetry.otlp_endpoint.*pip install 'appliance\[telemetry\]'"):
