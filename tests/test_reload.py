@@ -232,3 +232,17 @@ def test_the_regulated_check_runs_on_the_built_policy():
         check_regulated(routes, {"cloud": cloud}, "appliance.toml")
     on_prem = Provider(ProviderConfig(name="cloud", base_url="http://127.0.0.1:9/v1", commercial=False), "")
     check_regulated(routes, {"cloud": on_prem}, "appliance.toml")
+
+
+def test_a_reload_while_the_daemon_shuts_down_is_refused_and_reads_nothing():
+    import asyncio
+    from types import SimpleNamespace
+
+    from appliance.api.reload import Reloader
+    from appliance.errors import ShuttingDown
+
+    read = []
+    reloader = Reloader(SimpleNamespace(draining=True), lambda: read.append("config") or pytest.fail("read"))
+    with pytest.raises(ShuttingDown, match="shutting down"):
+        asyncio.run(reloader.reload())
+    assert read == [] and reloader.rolling == {}

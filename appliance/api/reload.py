@@ -29,7 +29,7 @@ import msgspec
 
 from appliance.access.tenancy import Tenancy
 from appliance.config import Config, ConfigError, ModelConfig
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, ShuttingDown
 from appliance.fleet import lora, rollout
 from appliance.gateway.providers import Provider, load_providers
 from appliance.gateway.routing import Routes
@@ -165,7 +165,9 @@ class Reloader:
     async def reload(self, wait: bool = False) -> ReloadReport:
         """Apply the config file as it is now; wait: until the rolls it started end.
         An invalid file, or a change only a restart may make: ReloadRefused, and
-        nothing changed."""
+        nothing changed. While the daemon shuts down: ShuttingDown."""
+        if self.rt.draining:  # models added or rolled now would only be stopped again
+            raise ShuttingDown("The appliance is shutting down: the config was not reloaded", retry_after=30)
         started = time.monotonic()
         try:
             report = self._apply(self.reread())
