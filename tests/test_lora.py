@@ -153,12 +153,19 @@ def _serving(server: str) -> LoraServing:
     return LoraServing.of(model, (Lora("sql", Path("/a")), Lora("support", Path("/b"))), {})
 
 
-def test_vllm_and_sglang_know_an_adapter_by_its_own_name():
-    for server in ("vllm", "sglang"):
-        s = _serving(server)
-        assert s.fields("sql", "sql", "chat") == {}
-        assert s.fields("sql", "support-bot", "chat") == {"model": "sql"}  # a route's name for it
-        assert s.fields("base", "base", "chat") == {}
+def test_vllm_knows_an_adapter_by_its_own_name():
+    s = _serving("vllm")
+    assert s.fields("sql", "sql", "chat") == {}
+    assert s.fields("sql", "support-bot", "chat") == {"model": "sql"}  # a route's name for it
+    assert s.fields("base", "base", "chat") == {}
+
+
+def test_sglang_gets_the_adapter_in_lora_path_so_a_clients_own_never_selects_one():
+    s = _serving("sglang")
+    assert s.fields("sql", "sql", "chat") == {"lora_path": "sql"}
+    assert s.fields("sql", "support-bot", "chat") == {"model": "sql", "lora_path": "sql"}
+    # The base clears it: a key allowed only the base cannot pick an adapter by lora_path.
+    assert s.fields("base", "base", "chat") == {"lora_path": None}
 
 
 def test_llama_server_gets_the_base_name_and_exactly_one_adapter_selected():

@@ -13,7 +13,8 @@ This module owns what differs for an adapter:
 * what the engine is sent for a name (``LoraServing.fields``): vLLM and SGLang know
   each adapter by its own name (``--lora-modules NAME=PATH``); llama-server knows
   only the base's name and picks adapters per request from its "lora" field, which
-  is always set, for the base too, so a client's own "lora" never reaches it;
+  is always set, for the base too, so a client's own "lora" never reaches it; SGLang's
+  "lora_path" likewise (it applies the adapter that field names);
 * the prefix index's seed per name (``LoraServing.seed``): an adapter changes every
   token's KV, so two names never share a cached prefix;
 * whether a reload's new adapter set needs a restart (``adapters_changed``), and
@@ -74,6 +75,10 @@ class LoraServing:
             chosen = None if name == model.name else name
             if model.server == "llamacpp":
                 serving._fields[name] = {"model": model.name, "lora": lora_selection(names, chosen)}
+            elif model.server == "sglang":
+                # SGLang applies the adapter its "lora_path" names (a name from --lora-paths),
+                # not the one "model" names: always set, so a client's own never picks one.
+                serving._fields[name] = {"model": name, "lora_path": chosen}
             else:
                 serving._fields[name] = {"model": name}
             serving._seeds[name] = xxhash.xxh3_64_intdigest(name.encode()) if chosen else 0
