@@ -280,6 +280,15 @@ def test_an_adapter_path_is_checked_like_the_stores_imports(tmp_path, lora_ggufs
         on_disk.checked_path(tmp_path / "not-peft")
 
 
+@pytest.mark.parametrize("links", [{"dangling": "missing.bin"}, {"loop1": "loop2", "loop2": "loop1"}])
+def test_a_dangling_or_looping_link_in_an_adapter_directory_is_refused_not_a_crash(tmp_path, links):
+    peft = peft_dir(tmp_path, "peft")
+    for name, target in links.items():
+        (peft / name).symlink_to(target)
+    with pytest.raises(StoreError, match=f"{peft}/"):
+        on_disk.checked_path(peft)
+
+
 def test_the_store_imports_an_adapter_hashed_and_recorded_as_one(tmp_path, lora_ggufs):
     base, a, _ = lora_ggufs
     cfg = parse_config(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n')

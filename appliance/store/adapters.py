@@ -74,12 +74,17 @@ def _check_tree(root: Path) -> None:
     for folder, dirs, files in os.walk(root, followlinks=False):
         for name in dirs + files:
             entry = Path(folder) / name
-            st = entry.lstat()
-            if stat.S_ISLNK(st.st_mode):
-                target = entry.resolve()
-                if not target.is_relative_to(real_root):
-                    raise StoreError(f"{entry}: a link out of the adapter's directory (to {target}); copy the file in")
-                st = target.stat()
+            try:
+                st = entry.lstat()
+                if stat.S_ISLNK(st.st_mode):
+                    target = entry.resolve()
+                    if not target.is_relative_to(real_root):
+                        raise StoreError(
+                            f"{entry}: a link out of the adapter's directory (to {target}); copy the file in"
+                        )
+                    st = target.stat()
+            except (OSError, RuntimeError) as exc:  # a dangling link, a link loop, a file gone
+                raise StoreError(f"{entry}: {getattr(exc, 'strerror', None) or exc}") from None
             if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
                 raise StoreError(f"{entry}: not a regular file")
 
