@@ -246,3 +246,36 @@ def test_a_reload_while_the_daemon_shuts_down_is_refused_and_reads_nothing():
     with pytest.raises(ShuttingDown, match="shutting down"):
         asyncio.run(reloader.reload())
     assert read == [] and reloader.rolling == {}
+
+
+def test_a_reload_after_the_default_config_file_was_removed_is_refused_not_the_built_in_defaults(
+    tmp_path, monkeypatch
+):
+    """`appliance serve` with no --config reads /etc/appliance/appliance.toml; once that file
+    is gone, a reload must not read "no file" as the built-in defaults (no models at all)."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+    from appliance.config import ConfigError
+
+    from .conftest import free_port
+
+    default = tmp_path / "appliance.toml"
+    default.write_text(f'[server]\nport = {free_port()}\n[paths]\nstate_dir = "{tmp_path}/state"\n'
+                       f'cache_dir = "{tmp_path}/cache"\nlog_dir = "{tmp_path}/log"\n' + fake_model("steady"))
+    monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
+    monkeypatch.setattr("appliance.config.DEFAULT_CONFIG_PATH", default)
+    reread = []
+
+    def run(cfg, reread_config):  # the daemon, as far as serve hands it its reread
+        default.unlink()
+        with pytest.raises(ConfigError, match="config file not found"):
+            reread_config()
+        reread.append(cfg.origin)
+        return 0
+
+    monkeypatch.setattr("appliance.daemon.server.run", lambda cfg, reread: run(cfg, reread))
+    monkeypatch.setattr("appliance.logs.setup_logging", lambda *args: None)  # the test session's logging kept
+    result = CliRunner().invoke(main, ["serve"])
+    assert result.exit_code == 0, result.output
+    assert reread == [str(default)]

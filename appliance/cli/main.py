@@ -66,10 +66,13 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
         """The config as this command line reads it: at start, and again on each reload."""
         from appliance.config import load_config
 
-        cfg = load_config(config)
+        cfg = load_config(started_from)
         return msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
 
     cfg = load(config)
+    # A reload reads the file this start read: one removed since is refused, never taken
+    # for the built-in defaults (which would remove every model).
+    started_from = config or (None if cfg.origin.startswith("<") else cfg.origin)
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
     try:
