@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import aiohttp
 import httpx
+import msgspec
 import pytest
 
 from appliance.config import ConfigError, ModelConfig, builtin_model_path, lora_names, parse_config
@@ -22,6 +23,7 @@ from appliance.dist.images import default_llama_server
 from appliance.errors import BadRequest
 from appliance.fleet.engine_access import EngineAccess
 from appliance.fleet.lora import LoraServing, adapters_changed, apply_live, resolve
+from appliance.fleet.supervisor import Supervisor
 from appliance.safe_paths import StoreError
 from appliance.store import adapters as on_disk
 from appliance.store.sources import incoming_from
@@ -528,3 +530,22 @@ def test_the_real_llama_server_answers_through_each_adapter_by_its_name(daemons,
     assert base == answer("base")  # greedy: the same every time
     assert len(adapted) == 2 and base not in adapted  # each adapter, and only it, applied
     assert answer("lora-a") in adapted
+
+
+def test_an_adapter_set_served_again_releases_the_previous_sets_store_leases(tmp_path):
+    """A reload that changes a model's adapters must not keep the old set's store leases:
+    a leased entry can be neither removed nor evicted."""
+    paths = f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n'
+    cfg = parse_config(paths + lora_config("vllm", [("stored", "store:sql-lora")]))
+    store = Store.from_config(cfg)
+    [incoming] = incoming_from(peft_dir(tmp_path, "sql"), name="sql-lora", license="apache-2.0")
+    store.add(incoming)
+    sup = Supervisor(cfg, session=None)  # nothing is started: no session needed
+    [dep] = sup.deployments.values()
+    sup.serve_adapters(dep)
+    assert store.in_use("sql-lora") and sup.adapters == {"stored": dep}
+
+    dep.model = msgspec.structs.replace(dep.model, adapters=[])
+    sup.serve_adapters(dep)
+    assert not store.in_use("sql-lora") and "sql-lora" not in sup.store_leases and sup.adapters == {}
+    store.close()

@@ -184,11 +184,21 @@ class Supervisor:
         rolls it): checked, store ones leased, each name served by this deployment."""
         for name in [n for n, d in self.adapters.items() if d is dep]:
             del self.adapters[name]
+        before = dep.lora.leases if dep.lora is not None else {}
         dep.lora = None
         if dep.model.adapters:
-            dep.lora = lora.resolve(self.cfg, dep.model, lambda: Store.from_config(self.cfg))
+            try:
+                dep.lora = lora.resolve(self.cfg, dep.model, lambda: Store.from_config(self.cfg))
+            except Exception as exc:  # e.g. the store's database unreadable: refused, the base serves
+                log.exception("the LoRA adapters of %s could not be checked", dep.model.name)
+                why = f"adapters of model '{dep.model.name}' could not be checked: {exc}"
+                dep.lora = lora.LoraServing.of(dep.model, (), {a.name: why for a in dep.model.adapters})
             self.store_leases.update(dep.lora.leases)
             self.adapters.update({a.name: dep for a in dep.model.adapters})
+        for name, lease in before.items():  # the previous set's leases (a reload): released
+            if self.store_leases.get(name) is lease:
+                del self.store_leases[name]
+            lease.close()
 
     @property
     def ready(self) -> bool:
