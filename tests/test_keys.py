@@ -19,7 +19,7 @@ from appliance.errors import NoCapacity, RegulatedFailClosed
 from appliance.gateway.providers import Breaker, load_providers
 from appliance.gateway.capabilities import ENDPOINTS
 from appliance.gateway.request import ProxyRequest
-from appliance.gateway.routing import forward
+from appliance.gateway.routing import Routes, forward
 
 from .conftest import PY, ROOT, fake_model, wait_until
 from .test_routes import Recorder, provider, recorder  # noqa: F401  (the module fixture)
@@ -161,6 +161,7 @@ class _Rt:
         from appliance.gateway.proxy import EngineProxy
 
         self.providers = load_providers(cfg)
+        self.routes = Routes(cfg.routes)  # the live policy, checked again before data leaves
         self.proxy = EngineProxy(cfg, session)
         from appliance.fleet.market import Market
 
@@ -192,6 +193,7 @@ async def test_the_runtime_check_fails_closed_even_when_config_validation_was_by
     before = recorder.requests()
     async with aiohttp.ClientSession() as session:
         rt = _Rt(cfg, session)
+        rt.routes = Routes([route])
         path = "/v1/chat/completions"
         req = ProxyRequest("rid", 0.0, 0.0, ENDPOINTS[path], None, model="claims", route=route, target="m",
                            deployment=_DownDeployment(cfg.models[0]), path=path, forwarded=json.dumps(CHAT).encode())
@@ -200,6 +202,7 @@ async def test_the_runtime_check_fails_closed_even_when_config_validation_was_by
         assert info.value.status == 503 and "regulated" in info.value.message
         # The same route, not regulated, does reach the provider: the recorder records.
         req.route = msgspec.structs.replace(route, regulated=False)
+        rt.routes = Routes([req.route])
         status, _, _ = await forward(rt, req)
     assert status == 200
     assert recorder.requests() == before + 1
