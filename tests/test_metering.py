@@ -10,7 +10,7 @@ import pytest
 from appliance.access.keys import Gate, KeyStore
 from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.errors import RateLimited
-from appliance.gateway.metering import DONE, StreamTap, completion_cap, prompt_bound
+from appliance.gateway.metering import DONE, StreamTap, Usage, completion_cap, prompt_bound
 from appliance.gateway.protocol import ChatCompletionRequest, decode_request
 
 
@@ -74,6 +74,19 @@ def test_the_tap_strips_the_usage_event_it_asked_for_counts_events_and_holds_don
     out = b"".join(tap.feed(stream[i:i + 7]) for i in range(0, len(stream), 7))
     assert out == _events(content, content) and tap.events == 2
     assert tap.usage.prompt_tokens == 4 and tap.rest() == DONE
+
+
+def test_usage_is_still_counted_from_a_stream_whose_usage_event_is_split_across_reads():
+    # The engine's last events can arrive in any two reads: every cut point, even
+    # one inside the "usage" name the tap looks for, still yields the usage.
+    content = {"choices": [{"delta": {"content": "a"}}]}
+    usage = {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 1}}
+    stream = _events(content, usage, "[DONE]")
+    for cut in range(1, len(stream)):
+        tap = StreamTap(True)
+        out = tap.feed(stream[:cut]) + tap.feed(stream[cut:])
+        assert out == _events(content) and tap.events == 1, cut
+        assert tap.usage == Usage(4, 1) and tap.rest() == DONE, cut
 
 
 def test_the_tap_scrubs_a_usage_event_the_client_asked_for():

@@ -200,6 +200,9 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     req = ProxyRequest(rid, started, time.time(), ep, receive)
+    # The front door's error path reads whether the answer started (req.bytes_sent):
+    # no wrapper around send, which would cost a call per streamed piece.
+    scope["proxy_request"] = req  # type: ignore[typeddict-unknown-key]
     if rt.tracing is not None:
         req.trace = rt.tracing.begin(req, path, scope["headers"])
     rt.inflight += 1
@@ -379,17 +382,11 @@ def front_door(app: Litestar):
     async def front(scope: Any, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # _forward finds the runtime here
-            started = False
-
-            async def tracking_send(message) -> None:
-                nonlocal started
-                started = True
-                await send(message)
-
             try:
-                await _proxy_endpoint(scope, receive, tracking_send)
+                await _proxy_endpoint(scope, receive, send)
             except Exception as exc:
-                if started:  # the answer is on its way: nothing sane to add to it
+                req = scope.get("proxy_request")
+                if req is not None and req.bytes_sent:  # the answer is on its way: nothing sane to add to it
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
                 with contextlib.suppress(Exception):  # the client may have gone already

@@ -142,11 +142,13 @@ class StreamTap:
     _buf: bytes = b""
 
     def _watched(self, data: bytes) -> bool:
-        return (
-            self.usage_marker in data
-            or (self.revealing is not None and self.revealing(data))
-            or any(m in data for m in self.terminal)
-        )
+        # Called on every relayed piece: substring scans only, no generator or parse.
+        if self.usage_marker in data or (self.revealing is not None and self.revealing(data)):
+            return True
+        for marker in self.terminal:
+            if marker in data:
+                return True
+        return False
 
     def feed(self, chunk: bytes) -> bytes:
         if not self._buf and chunk.endswith(b"\n\n") and not self._watched(chunk):

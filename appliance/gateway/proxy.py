@@ -7,9 +7,8 @@ shared aiohttp session pools keep-alive connections to every replica.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Protocol
 
@@ -143,10 +142,10 @@ class EngineProxy:
 
     async def open_stream(
         self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
-    ) -> AsyncIterator[bytes]:
+    ) -> EngineStream:
         """Open the engine's stream; errors before the first byte raise (so the
-        client gets a real status code). Returns the chunk iterator; a stream
-        that breaks ends with the error event of its API's dialect."""
+        client gets a real status code). Returns the stream, to be read piece by
+        piece; a stream that breaks ends with the error event of its API's dialect."""
         lease = replica.lease()
         lease.__enter__()
         try:
@@ -155,32 +154,49 @@ class EngineProxy:
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-        return self._relay(replica, resp, lease, done, dialect)
+        return EngineStream(replica, resp, lease, done, dialect)
 
-    async def _relay(
-        self, replica: Upstream, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect
-    ) -> AsyncIterator[bytes]:
-        status = 200
-        finished = False
+
+class EngineStream:
+    """An engine's streamed answer on its way to the client. ``read`` gives
+    whatever bytes have arrived since the last read, as one piece (events the
+    engine sent together stay together; a piece is never held back waiting for
+    more), and b"" at the end. A plain method rather than an async generator: one
+    coroutine per piece is the relay's whole Python cost between aiohttp and the
+    server (bench/gateway_overhead.py --stream). ``close`` ends it however it went:
+    a finished answer's connection goes back to the pool, an unfinished one is
+    dropped so the engine notices and stops generating; it runs once."""
+
+    __slots__ = ("_content", "_dialect", "_done", "_lease", "_replica", "_resp", "_status")
+
+    def __init__(self, replica: Upstream, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect) -> None:
+        self._replica, self._resp, self._lease, self._done, self._dialect = replica, resp, lease, done, dialect
+        self._content = resp.content
+        self._status: int | None = None  # set when the engine's answer ended (200) or broke (502)
+
+    async def read(self) -> bytes:
+        if self._status is not None:
+            return b""
         try:
-            async for chunk in resp.content.iter_any():
-                yield chunk
-            finished = True
+            piece = await self._content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             # Bytes have gone out already: the status cannot change, so end the
             # stream with an explicit error event the client's SDK will raise.
-            status = 502
-            log.warning("stream from %s broke: %s", replica.name, type(exc).__name__)
-            yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: {type(exc).__name__}"))
-        except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # the client went away; closing resp cancels the engine's work
-            raise
-        finally:
-            # An unfinished answer must drop the connection so the engine notices
-            # and stops generating; a finished one returns it to the pool.
-            if finished:
-                resp.release()
-            else:
-                resp.close()
-            lease.__exit__(None, None, None)
-            done(status)
+            self._status = 502
+            name = self._replica.name
+            log.warning("stream from %s broke: %s", name, type(exc).__name__)
+            return self._dialect.stream_error(EngineFailure(f"Engine {name} broke mid-stream: {type(exc).__name__}"))
+        if not piece:
+            self._status = 200
+        return piece
+
+    def close(self) -> None:
+        if self._done is None:
+            return
+        if self._status == 200:
+            self._resp.release()
+        else:
+            self._resp.close()  # unfinished: the client went away (499), or the engine broke
+        self._lease.__exit__(None, None, None)
+        done, self._done = self._done, None
+        done(self._status or 499)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
 from appliance.errors import ApplianceError
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from litestar.types import Receive, Send
 
     from appliance.fleet.deployment import Deployment
+    from appliance.gateway.proxy import EngineStream
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
 
@@ -59,6 +60,7 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
         req.response_text = data
     finish(rt, req, status)
     await committed(req)
+    req.bytes_sent = True
     await send_whole(send, status, content_type, data, {"x-request-id": req.rid})
 
 
@@ -126,14 +128,16 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     started = False
     watcher = None
     try:
-        chunks = await _open_with_keepalive(rt, req, send)
-        if isinstance(chunks, _Started):
-            started, chunks = True, chunks.chunks
+        stream = await _open_with_keepalive(rt, req, send)
+        if isinstance(stream, _Started):
+            started, stream = True, stream.stream
         if not started:
             await _start_sse(send, req)
             started = True
+        if stream is None:  # it ended with its error event while the model loaded
+            return
         watcher = asyncio.ensure_future(wait_disconnect(req.receive))
-        pump = asyncio.ensure_future(_pump(chunks, send, req))
+        pump = asyncio.ensure_future(_pump(stream, send, req))
         await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
         if not pump.done():
             pump.cancel()  # the client left: closing the engine's stream stops its work
@@ -153,19 +157,20 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
 
 
 class _Started:
-    """The response already started (keepalive comments went out while held)."""
+    """The response already started (keepalive comments went out while held);
+    stream None: it has ended with its error event already."""
 
-    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
-        self.chunks = chunks
-
-
-async def _open(rt: Gateway, req: ProxyRequest) -> AsyncIterator[bytes]:
-    chunks = await forward(rt, req)
-    assert not isinstance(chunks, tuple), "a stream"
-    return chunks
+    def __init__(self, stream: EngineStream | None) -> None:
+        self.stream = stream
 
 
-async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> AsyncIterator[bytes] | _Started:
+async def _open(rt: Gateway, req: ProxyRequest) -> EngineStream:
+    stream = await forward(rt, req)
+    assert not isinstance(stream, tuple), "a stream"
+    return stream
+
+
+async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> EngineStream | _Started:
     keepalive = rt.cfg.queue.keepalive_s
     dep: Deployment | None = req.deployment
     if keepalive <= 0 or dep is None or dep.pick_ready() is not None:
@@ -186,7 +191,7 @@ async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> As
                 except ApplianceError as exc:
                     finish_stream(rt, req, exc.status)
                     await _send_sse_error(send, exc, req)
-                    return _Started(_empty())
+                    return _Started(None)
     finally:
         if not opening.done():
             opening.cancel()
@@ -204,38 +209,36 @@ async def _start_sse(send: Send, req: ProxyRequest) -> None:
     )
 
 
-async def _empty() -> AsyncIterator[bytes]:
-    """No chunks: the stream has ended with its error event already."""
-    chunks: tuple[bytes, ...] = ()
-    for chunk in chunks:
-        yield chunk
-
-
-async def _pump(chunks: AsyncIterator[bytes], send: Send, req: ProxyRequest) -> None:
+async def _pump(stream: EngineStream, send: Send, req: ProxyRequest) -> None:
+    """Each piece the engine sent, sent on as it arrives: one read and one send per
+    piece and nothing else awaited (the tap's work is a few substring scans). A piece
+    is whatever arrived since the last read (proxy.EngineStream), so events that
+    arrived during the last send go out together, and none waits for a later one."""
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
+    read = stream.read
     try:
-        async for chunk in chunks:
-            if req.ttft is None:
-                req.ttft = time.perf_counter() - req.started
+        chunk = await read()
+        if chunk:
+            req.ttft = time.perf_counter() - req.started
+        while chunk:
             if tap is not None:
                 chunk = tap.feed(chunk)
-                if not chunk:
-                    continue
-            if text is not None:
-                text.append(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if chunk:
+                if text is not None:
+                    text.append(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = await read()
         # The engine's stream ended and the relay finished the request (its row);
         # the closing [DONE], held back by the tap, waits until that row is durable.
+        stream.close()
         await committed(req)
         if tap is not None and (rest := tap.rest()):
             await send({"type": "http.response.body", "body": rest, "more_body": True})
     finally:
         if text is not None:
             req.response_text = b"".join(text)
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        stream.close()
 
 
 async def _send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:

@@ -10,7 +10,7 @@ Raw ASGI on purpose: this is the hot path (see bench/gateway_overhead.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -19,6 +19,7 @@ from appliance.errors import EngineFailure
 from appliance.fleet.hold import Exclude
 from appliance.gateway.ledger import finish_stream
 from appliance.gateway.providers import set_fields
+from appliance.gateway.proxy import EngineStream
 
 if TYPE_CHECKING:
     from litestar.types import Receive
@@ -36,7 +37,7 @@ MAX_ATTEMPTS = 3
 # An engine's whole answer: (status, body, content type).
 Whole = tuple[int, bytes, str]
 # What forwarding a request gives back: the whole answer, or a stream's chunks.
-Answer = Whole | AsyncIterator[bytes]
+Answer = Whole | EngineStream
 
 
 async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment, served: str | None = None) -> Answer:
