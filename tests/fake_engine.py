@@ -74,6 +74,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
     p.add_argument("--die-mid-stream", type=int, default=0,
                    help="exit(3) after sending this many chunks of a streamed answer")
+    p.add_argument("--stall-mid-stream", type=int, default=0,
+                   help="fall silent (connection open) after this many chunks of a streamed chat answer")
     p.add_argument("--ignore-sigterm", action="store_true")
     p.add_argument("--embeddings", action="store_true", help="serve /v1/embeddings")
     p.add_argument("--fail-status", type=int, default=0,
@@ -236,6 +238,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
+                if args.stall_mid_stream and i + 1 >= args.stall_mid_stream:
+                    await asyncio.sleep(3600)  # silent, connection open, until the client leaves
             if usage:  # stream_options.include_usage: one more event, no choices, the usage
                 last = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()), "model": args.model, "choices": [],

@@ -16,14 +16,17 @@ from .conftest import DaemonFactory, fake_model
 
 PACED_CHUNKS = 5
 SIMULTANEOUS = 64
+READ_TIMEOUT_S = 1
 
 
 @pytest.fixture(scope="module")
 def relay_daemon(tmp_path_factory):
     factory = DaemonFactory(tmp_path_factory.mktemp("relay"))
     models = (fake_model("paced", "--chunks", str(PACED_CHUNKS), "--chunk-delay", "0.25")
-              + fake_model("many", "--chunks", "20", "--chunk-delay", "0.02"))
-    daemon = factory.start(models)
+              + fake_model("many", "--chunks", "20", "--chunk-delay", "0.02")
+              + fake_model("unhurried", "--chunks", "4", "--chunk-delay", "0.7")
+              + fake_model("stalls", "--chunks", "5", "--stall-mid-stream", "2"))
+    daemon = factory.start(models, extra=f"[upstream]\nread_timeout_s = {READ_TIMEOUT_S}\n")
     yield daemon
     factory.cleanup()
 
@@ -72,3 +75,24 @@ def test_64_simultaneous_streams_are_all_answered_in_full(relay_daemon):
         assert events[-1] == "[DONE]"
         texts = [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1]]
         assert texts == [f"tok{i} " for i in range(20)]
+
+
+def _stream_events(daemon, model: str) -> list[str]:
+    with daemon.client() as c, c.stream("POST", "/v1/chat/completions", json={
+            "model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True}) as resp:
+        assert resp.status_code == 200
+        return [line[6:] for line in resp.iter_lines() if line.startswith("data: ")]
+
+
+def test_an_engine_that_falls_silent_mid_stream_ends_it_with_the_error_event(relay_daemon):
+    events = _stream_events(relay_daemon, "stalls")
+    assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:2]] == ["tok0 ", "tok1 "]
+    error = json.loads(events[-1])["error"]
+    assert "broke mid-stream" in error["message"] and "Timeout" in error["message"]
+    assert len(events) == 3
+
+
+def test_a_stream_longer_than_the_read_timeout_is_not_cut_while_its_engine_keeps_sending(relay_daemon):
+    # Each silence (0.7 s) is under read_timeout_s; the whole answer (2.8 s) is not.
+    events = _stream_events(relay_daemon, "unhurried")
+    assert events[-1] == "[DONE]" and len(events) == 5

@@ -7,6 +7,8 @@ shared aiohttp session pools keep-alive connections to every replica.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -82,7 +84,13 @@ class EngineProxy:
         )
 
     async def _open(
-        self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
+        self,
+        replica: Upstream,
+        path: str,
+        body: bytes | None,
+        headers: dict[str, str],
+        method: str = "POST",
+        timeout: aiohttp.ClientTimeout | None = None,
     ) -> aiohttp.ClientResponse:
         url = replica.base_url + path
         # A supervised replica's own session carries its secret (appliance/fleet/engine_access.py).
@@ -93,7 +101,7 @@ class EngineProxy:
             raise err
         try:
             return await session.request(
-                method, url, data=body, headers=headers, timeout=replica.timeout or self.timeout
+                method, url, data=body, headers=headers, timeout=timeout or replica.timeout or self.timeout
             )
         except TimeoutError:
             raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
@@ -146,15 +154,36 @@ class EngineProxy:
         """Open the engine's stream; errors before the first byte raise (so the
         client gets a real status code). Returns the stream, to be read piece by
         piece; a stream that breaks ends with the error event of its API's dialect."""
+        timeout = replica.timeout or self.timeout
         lease = replica.lease()
         lease.__enter__()
         try:
-            resp = await self._open(replica, path, body, headers)
-            await self._raise_for_engine_status(replica, resp)
+            # No sock_read on a stream's connection (EngineStream watches for silence):
+            # the answer's head, or an error's body, is bounded here, once.
+            async with asyncio.timeout(timeout.sock_read):
+                resp = await self._open(replica, path, body, headers, timeout=_without_sock_read(timeout))
+                await self._raise_for_engine_status(replica, resp)
+        except TimeoutError:
+            lease.__exit__(None, None, None)
+            raise EngineTimeout(f"Engine {replica.name} did not answer in time") from None
         except BaseException:
             lease.__exit__(None, None, None)
             raise
-        return EngineStream(replica, resp, lease, done, dialect)
+        return EngineStream(replica, resp, lease, done, dialect, timeout.sock_read)
+
+
+@functools.lru_cache(maxsize=64)
+def _without_sock_read(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
+    """A stream's timeouts: aiohttp's sock_read re-arms a timer on every piece the
+    engine sends (~3 us of CPU each, a tenth of a relayed chunk's cost), so a
+    stream's silence is watched by EngineStream instead, with one timer per period."""
+    return aiohttp.ClientTimeout(
+        total=timeout.total,
+        connect=timeout.connect,
+        sock_connect=timeout.sock_connect,
+        sock_read=None,
+        ceil_threshold=timeout.ceil_threshold,
+    )
 
 
 class EngineStream:
@@ -165,18 +194,59 @@ class EngineStream:
     coroutine per piece is the relay's whole Python cost between aiohttp and the
     server (bench/gateway_overhead.py --stream). ``close`` ends it however it went:
     a finished answer's connection goes back to the pool, an unfinished one is
-    dropped so the engine notices and stops generating; it runs once."""
+    dropped so the engine notices and stops generating; it runs once.
 
-    __slots__ = ("_content", "_dialect", "_done", "_lease", "_replica", "_resp", "_status")
+    An engine silent for ``silence`` seconds while a read waits (upstream.read_timeout_s,
+    a provider's own) breaks the stream as aiohttp's sock_read would, but its timer
+    is armed once per period rather than once per piece: it fires, finds the read
+    waiting since when, and either breaks the stream or sleeps until that read's
+    deadline. Time the relay spends sending (a slow client) is not the engine's."""
 
-    def __init__(self, replica: Upstream, resp: aiohttp.ClientResponse, lease, done: Done, dialect: Dialect) -> None:
+    __slots__ = (
+        "_content",
+        "_dialect",
+        "_done",
+        "_lease",
+        "_loop",
+        "_reading_since",
+        "_replica",
+        "_resp",
+        "_silence",
+        "_status",
+        "_watchdog",
+    )
+
+    def __init__(
+        self,
+        replica: Upstream,
+        resp: aiohttp.ClientResponse,
+        lease,
+        done: Done,
+        dialect: Dialect,
+        silence: float | None = None,
+    ) -> None:
         self._replica, self._resp, self._lease, self._done, self._dialect = replica, resp, lease, done, dialect
         self._content = resp.content
         self._status: int | None = None  # set when the engine's answer ended (200) or broke (502)
+        self._loop = asyncio.get_running_loop()
+        self._silence = silence
+        self._reading_since: float | None = None
+        self._watchdog = self._loop.call_later(silence, self._watch) if silence else None
+
+    def _watch(self) -> None:
+        assert self._silence is not None, "armed with a silence"
+        since = self._reading_since
+        if since is not None and self._loop.time() - since >= self._silence:
+            self._content.set_exception(aiohttp.SocketTimeoutError("Timeout on reading data from socket"))
+            return
+        self._watchdog = self._loop.call_at(
+            (self._loop.time() if since is None else since) + self._silence, self._watch
+        )
 
     async def read(self) -> bytes:
         if self._status is not None:
             return b""
+        self._reading_since = self._loop.time()
         try:
             piece = await self._content.readany()
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -186,6 +256,8 @@ class EngineStream:
             name = self._replica.name
             log.warning("stream from %s broke: %s", name, type(exc).__name__)
             return self._dialect.stream_error(EngineFailure(f"Engine {name} broke mid-stream: {type(exc).__name__}"))
+        finally:
+            self._reading_since = None
         if not piece:
             self._status = 200
         return piece
@@ -193,6 +265,8 @@ class EngineStream:
     def close(self) -> None:
         if self._done is None:
             return
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._status == 200:
             self._resp.release()
         else:
