@@ -94,7 +94,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead_peer import PEERS, start_peer  # noqa: E402
 from overhead_procs import ROOT, Sides, cpu_spent, free_port, taskset, thread_cpu, tree_cpu_seconds  # noqa: E402
+from overhead_summary import print_summary  # noqa: E402
 from overhead_stream import median_stream, print_stream_table, run_streams  # noqa: E402
 
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
@@ -105,7 +107,7 @@ REQUESTS = {
     "responses": ("/v1/responses", b'{"model":"fake","input":"hi","max_output_tokens":4}'),
     "messages": ("/v1/messages", b'{"model":"fake","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'),
 }
-SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
+SIDES = ("direct", "raw", "naive", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
 # Sides that send the --endpoint request instead of chat's.
 ENDPOINT_SIDES = ("ep-direct", "ep-appl")
 DURABILITY = ("batch", "commit", "fsync")  # --keys: keyed sides, one per [audit] durability
@@ -280,6 +282,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="--stream: the engine's time between chunks, ms (default 20)")
     p.add_argument("--no-gap", action="store_true",
                    help="--stream: also 16 streams with no time between chunks (the relay's CPU bound)")
+    p.add_argument("--peer", choices=PEERS,
+                   help="also measure a peer proxy, installed on demand into a throwaway venv "
+                        "($APPLIANCE_BENCH_PEER_DIR), with one worker and with its default")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = p.parse_args(argv)
     args.levels = [] if args.concurrency == "none" else [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -334,6 +339,8 @@ def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
             sides.start(side, [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(port),
                                f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
                         "/health", port=port)
+    if args.peer:
+        start_peer(args.peer, sides, engine_port)
     if args.endpoint:
         appliance = appliance_side(args.worker_counts[0])
         sides.ports.update({"ep-direct": sides.ports["direct"], "ep-appl": sides.ports[appliance]})
@@ -342,10 +349,13 @@ def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
 
 
 def side_order(names) -> list[str]:
-    """The sides in the table's order: direct, the baselines, the appliances, the variants."""
+    """The sides in the table's order: direct, the baselines, the appliances by workers, the
+    peers, then the appliance's variants (keys, tracing, another API)."""
     names = set(names)
     fixed = [s for s in SIDES if s in names]
-    return fixed[:3] + sorted(n for n in names if n not in SIDES) + fixed[3:]
+    appliances = sorted((n for n in names if n.startswith("appliance-w")), key=lambda n: int(n[11:]))
+    peers = sorted(n for n in names if n not in SIDES and n not in appliances)
+    return fixed[:4] + appliances + peers + fixed[4:]
 
 
 def main(argv: list[str]) -> int:
@@ -393,7 +403,9 @@ def main(argv: list[str]) -> int:
         scenarios = measure_streams(args, sides, tokens, rest_cpus, names) if args.stream else []
         if scenarios:
             print()
-            print_stream_table(scenarios, side_labels(args))
+            print_stream_table(scenarios)
+        print()
+        print_summary(results, scenarios, names)
         if args.json:
             print(json.dumps({"unary": results, "stream": scenarios}, indent=1))
         for side in sides.exited():
@@ -404,22 +416,14 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def side_labels(args) -> dict[str, str]:
-    """What each side is, in the stream table."""
-    labels = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "naive": "naive proxy"}
-    for n in args.worker_counts:
-        labels[appliance_side(n)] = f"appliance, workers={n}"
-    return labels
-
-
-STREAM_SIDES = ("direct", "raw", "naive")  # with the appliances: the sides a stream is measured on, in order
+STREAM_SIDES = ("direct", "raw", "naive")  # with the appliances and the peers: the sides a stream is measured on
 
 
 def measure_streams(args, sides: Sides, tokens: dict, cpus: str | None, names: list[str]) -> list[dict]:
     """Each stream scenario (--streams x --chunks at --pacing-ms; with --no-gap, 16 streams with no
     time between chunks), every stream side measured --rounds times, interleaved."""
     plan = [(args.streams, args.pacing_ms)] + ([(16, 0.0)] if args.no_gap else [])
-    wanted = [s for s in STREAM_SIDES if s in names] + [s for s in names if s.startswith("appliance")]
+    wanted = [s for s in names if s in STREAM_SIDES or s.startswith(("appliance", "litellm"))]
     engine = sides.pids["direct"]
     scenarios = []
     for streams, pacing_ms in plan:

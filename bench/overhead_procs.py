@@ -103,6 +103,17 @@ def taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
+LABELS = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "naive": "naive proxy",
+          "appliance": "appliance, workers=1", "litellm-1w": "LiteLLM, 1 worker", "litellm": "LiteLLM, default workers"}
+
+
+def side_label(side: str) -> str:
+    """What a side is, in the tables."""
+    if side.startswith("appliance-w"):
+        return f"appliance, workers={side[11:]}"
+    return LABELS.get(side, side)
+
+
 def appliance_config(tmp: Path, name: str, port: int, engine_port: int, extra: str = "",
                      server_extra: str = "") -> Path:
     """An appliance config serving the fake engine as an external openai engine, with its own state.
