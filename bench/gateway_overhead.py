@@ -284,7 +284,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="--stream: also 16 streams with no time between chunks (the relay's CPU bound)")
     p.add_argument("--peer", choices=PEERS,
                    help="also measure a peer proxy, installed on demand into a throwaway venv "
-                        "($APPLIANCE_BENCH_PEER_DIR), with one worker and with its default")
+                        "($APPLIANCE_BENCH_PEER_DIR), with each --workers value")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
     args = p.parse_args(argv)
     args.levels = [] if args.concurrency == "none" else [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -340,7 +340,7 @@ def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
                                f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
                         "/health", port=port)
     if args.peer:
-        start_peer(args.peer, sides, engine_port)
+        start_peer(args.peer, sides, engine_port, args.worker_counts)
     if args.endpoint:
         appliance = appliance_side(args.worker_counts[0])
         sides.ports.update({"ep-direct": sides.ports["direct"], "ep-appl": sides.ports[appliance]})
@@ -354,7 +354,7 @@ def side_order(names) -> list[str]:
     names = set(names)
     fixed = [s for s in SIDES if s in names]
     appliances = sorted((n for n in names if n.startswith("appliance-w")), key=lambda n: int(n[11:]))
-    peers = sorted(n for n in names if n not in SIDES and n not in appliances)
+    peers = sorted((n for n in names if n not in SIDES and n not in appliances), key=lambda n: (len(n), n))
     return fixed[:4] + appliances + peers + fixed[4:]
 
 

@@ -4,8 +4,8 @@ LiteLLM's proxy is installed on demand into a throwaway virtual environment of i
 own (never the product's dependencies, never in CI): $APPLIANCE_BENCH_PEER_DIR, else
 ``appliance-bench-peer-<uid>`` in the temp dir, reused when a previous run completed
 the install there. The peer serves one model, "fake", from the fake engine as an
-OpenAI-compatible base URL, and is measured twice: with one worker process
-(``--num_workers 1``) and with LiteLLM's default. A failed install or start is
+OpenAI-compatible base URL, with as many worker processes as each appliance side
+(--workers; one is LiteLLM's default, ``--num_workers 1``). A failed install or start is
 reported as the reason the side was not measured; the other sides still are.
 """
 
@@ -75,25 +75,29 @@ def litellm_config(tmp: Path, engine_port: int) -> Path:
       api_key: unused
 litellm_settings:
   set_verbose: false
+general_settings:
+  # Keyless, as the appliance sides are: no master key to check (loopback, throwaway).
+  dangerously_permit_weak_or_unset_master_key: true
 """)
     return cfg
 
 
-def start_litellm(sides: Sides, engine_port: int) -> None:
-    """The two LiteLLM sides: "litellm-1w" (one worker) and "litellm" (its default workers)."""
+def start_litellm(sides: Sides, engine_port: int, worker_counts: list[int]) -> None:
+    """A LiteLLM side per --workers value: "litellm" with one worker process (its default),
+    "litellm-wN" with --num_workers N."""
     litellm = install_litellm(peer_dir())
     cfg = litellm_config(sides.tmp, engine_port)
     # The model cost map from the package, not fetched; no telemetry; no colour in the log.
     env = {**sides.env, "LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_TELEMETRY": "False",
            "NO_COLOR": "1", "LITELLM_LOG": "ERROR"}
     env.pop("PYTHONPATH", None)  # its own venv, not this tree's modules
-    for name, workers in (("litellm-1w", ["--num_workers", "1"]), ("litellm", [])):
-        port = free_port()
-        sides.optional(name, lambda name=name, port=port, workers=workers: sides.start(
-            name, [str(litellm), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), *workers],
-            "/health/liveliness", port=port, env=env, timeout=180))
+    for n in worker_counts:
+        name, port = ("litellm" if n == 1 else f"litellm-w{n}"), free_port()
+        cmd = [str(litellm), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", str(n)]
+        sides.optional(name, lambda name=name, port=port, cmd=cmd: sides.start(
+            name, cmd, "/health/liveliness", port=port, env=env, timeout=180))
 
 
-def start_peer(peer: str, sides: Sides, engine_port: int) -> None:
+def start_peer(peer: str, sides: Sides, engine_port: int, worker_counts: list[int]) -> None:
     if peer == "litellm":
-        sides.optional("litellm", lambda: start_litellm(sides, engine_port))
+        sides.optional("litellm", lambda: start_litellm(sides, engine_port, worker_counts))

@@ -104,13 +104,14 @@ def taskset(cpus: str | None) -> list[str]:
 
 
 LABELS = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "naive": "naive proxy",
-          "appliance": "appliance, workers=1", "litellm-1w": "LiteLLM, 1 worker", "litellm": "LiteLLM, default workers"}
+          "appliance": "appliance, workers=1", "litellm": "LiteLLM, workers=1"}
 
 
 def side_label(side: str) -> str:
     """What a side is, in the tables."""
-    if side.startswith("appliance-w"):
-        return f"appliance, workers={side[11:]}"
+    for kind, name in (("appliance", "appliance"), ("litellm", "LiteLLM")):
+        if side.startswith(f"{kind}-w"):
+            return f"{name}, workers={side[len(kind) + 2:]}"
     return LABELS.get(side, side)
 
 

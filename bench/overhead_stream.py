@@ -1,7 +1,8 @@
 """Streamed answers through each side of bench/gateway_overhead.py (--stream).
 
 The fake engine streams M chunks per answer, one every --pacing-ms, each stamped with
-its send time ("sent_at", time.monotonic(), tests/fake_engine.py --stamp-chunks). The
+its send time (its text says "sent_at=" time.monotonic(), tests/fake_engine.py
+--stamp-chunks; in the text, so a proxy that rebuilds every chunk relays it too). The
 client, a lean aiohttp one in its own process pinned beside the proxies, starts N
 streams together (one event releases them all) and, for each chunk, notes its arrival
 on the same clock. Rounds of N streams run back to back for --duration seconds,
@@ -15,8 +16,7 @@ what a running server has). Per side it reports:
   what each proxy adds to direct's;
 - transit p50/p99: a chunk's arrival minus its stamp. Direct's transit is the
   floor of the measurement (engine write to client read); what a proxy adds to it is
-  the time a chunk spends in the proxy (the relay delay). A side that drops the stamp
-  (a peer that rebuilds every chunk) shows none.
+  the time a chunk spends in the proxy (the relay delay).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead_procs import cpu_spent, side_label, taskset, tree_cpu_seconds  # noqa: E402
 
-STAMP = b'"sent_at":'
+STAMP = b"sent_at="  # in the chunk's text: tests/fake_engine.py --stamp-chunks
 CONTENT = b'"tok'  # the fake engine's content is "tok0 ", "tok1 ", ...: a content chunk however re-encoded
 
 
@@ -73,8 +73,8 @@ async def _one_stream(session, url: str, body: bytes, go: asyncio.Event, headers
                     ttft.append(now - t0)
                 got += n
                 at = data.find(STAMP)
-                while at >= 0:  # a peer that rebuilds each chunk may drop the stamp
-                    end = data.find(b"}", at)
+                while at >= 0:
+                    end = data.find(b" ", at)
                     transit.append(now - float(data[at + len(STAMP):end]))
                     at = data.find(STAMP, end)
     except Exception as exc:  # noqa: BLE001 - a broken stream is counted, not fatal

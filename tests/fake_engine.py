@@ -14,8 +14,8 @@ shapes; GET/DELETE /v1/responses/{id} and POST .../cancel for stored Responses),
 completed and cancelled by the client, the last body).
 POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica);
 POST /fake/pacing?seconds=S changes --chunk-delay alone (bench/gateway_overhead.py --stream).
---stamp-chunks ends each streamed chat/completion chunk with "sent_at": the engine's
-time.monotonic() when it wrote the chunk, so a client on the same machine measures the time
+--stamp-chunks puts "sent_at=T" in each streamed chat/completion chunk's text, T the engine's
+time.monotonic() as it writes the chunk, so a client on the same machine measures the time
 the chunk spent between engine and client (bench/overhead_stream.py).
 As vLLM it keeps its LoRA adapters (--lora-modules, then /v1/load_lora_adapter and
 /v1/unload_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) in /fake/stats' "loras".
@@ -73,7 +73,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
     p.add_argument("--stamp-chunks", action="store_true",
-                   help='end each streamed chunk with "sent_at": time.monotonic() when it was written')
+                   help="put sent_at=time.monotonic() in each streamed chunk's text as it is written")
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
     p.add_argument("--sleep-delay", type=float, default=0.0, help="seconds vLLM's /sleep takes")
     p.add_argument("--wake-delay", type=float, default=0.0, help="seconds vLLM's /wake_up takes")
@@ -233,14 +233,14 @@ def make_app(args: argparse.Namespace) -> web.Application:
             for i in range(n):
                 if args.chunk_delay:
                     await asyncio.sleep(args.chunk_delay)
-                delta = ({"index": 0, "delta": {"content": f"tok{i} "}, "finish_reason": None}
-                         if chat else {"index": 0, "text": f"tok{i} ", "finish_reason": None})
+                # --stamp-chunks: in the text, which every proxy relays, however it re-encodes the chunk.
+                text = f"tok{i} sent_at={time.monotonic():.6f} " if args.stamp_chunks else f"tok{i} "
+                delta = ({"index": 0, "delta": {"content": text}, "finish_reason": None}
+                         if chat else {"index": 0, "text": text, "finish_reason": None})
                 chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                          "created": int(time.time()), "model": args.model, "choices": [delta]}
                 if i == n - 1 and extra:  # llama-server: timings on the last content chunk
                     chunk.update(extra)
-                if args.stamp_chunks:  # last, so a reader finds it without parsing the JSON
-                    chunk["sent_at"] = time.monotonic()
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
