@@ -225,7 +225,8 @@ class EngineStream:
         dialect: Dialect,
         silence: float | None = None,
     ) -> None:
-        self._replica, self._resp, self._lease, self._done, self._dialect = replica, resp, lease, done, dialect
+        self._replica, self._resp, self._lease, self._dialect = replica, resp, lease, dialect
+        self._done: Done | None = done  # None once closed
         self._content = resp.content
         self._status: int | None = None  # set when the engine's answer ended (200) or broke (502)
         self._loop = asyncio.get_running_loop()

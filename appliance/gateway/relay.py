@@ -128,9 +128,12 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     started = False
     watcher = None
     try:
-        stream = await _open_with_keepalive(rt, req, send)
-        if isinstance(stream, _Started):
-            started, stream = True, stream.stream
+        opened = await _open_with_keepalive(rt, req, send)
+        stream: EngineStream | None
+        if isinstance(opened, _Started):
+            started, stream = True, opened.stream
+        else:
+            stream = opened
         if not started:
             await _start_sse(send, req)
             started = True
