@@ -6,7 +6,8 @@ No server and no load generator: the app's ASGI front door (appliance/api/app.py
 called directly, in one process pinned to one core, and forwards to ``tests/fake_engine.py``
 (a real aiohttp server, on another core when there is one). For each tree and each
 concurrency (1 and 16) it measures the process's CPU time per request and, with cProfile,
-the Python function calls per request. The calls are the steadiest figure on a shared
+the Python function calls per request; then 64 streams of 100 chunks, one every 20 ms
+(row "s64": CPU time and calls per relayed chunk). The calls are the steadiest figure on a shared
 machine: they count work, not time, so other processes' load barely moves them (aiohttp's
 timing-dependent paths do, a little). The trees run alternately, each round in a fresh
 process; the table shows each side's medians and this tree against the base.
@@ -32,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 LEVELS = (1, 16)
+STREAMS, STREAM_CHUNKS = 64, 100  # the engine paces a stream's chunks 20 ms apart
+STREAM_BODY = (b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":%d,"stream":true}'
+               % STREAM_CHUNKS)
 
 
 def _free_port() -> int:
@@ -81,8 +85,10 @@ def measure(tree: str, port: int, requests: int) -> dict:
         await started.wait()
         statuses: set[int] = set()
 
-        async def one() -> None:
-            messages = [{"type": "http.request", "body": BODY, "more_body": False}]
+        relayed = [0]  # streamed events sent to the client
+
+        async def one(body: bytes = BODY) -> None:
+            messages = [{"type": "http.request", "body": body, "more_body": False}]
 
             async def receive() -> dict:
                 if messages:
@@ -93,8 +99,11 @@ def measure(tree: str, port: int, requests: int) -> dict:
             async def send(message: dict) -> None:
                 if message["type"] == "http.response.start":
                     statuses.add(message["status"])
+                elif body is not BODY:
+                    relayed[0] += message["body"].count(b"data: {")
 
-            await front(dict(scope, headers=list(headers)), receive, send)
+            hs = headers if body is BODY else [*headers[:2], (b"content-length", str(len(body)).encode())]
+            await front(dict(scope, headers=list(hs)), receive, send)
 
         async def batch(count: int, concurrency: int) -> None:
             for _ in range(count // concurrency):
@@ -111,6 +120,15 @@ def measure(tree: str, port: int, requests: int) -> dict:
             await batch(400, concurrency)
             profile.disable()
             out[concurrency] = (cpu_us, pstats.Stats(profile).total_calls / 400)
+        await asyncio.gather(*(one(STREAM_BODY) for _ in range(STREAMS)))  # warm-up
+        relayed[0], cpu = 0, time.process_time()
+        await asyncio.gather(*(one(STREAM_BODY) for _ in range(STREAMS)))
+        cpu_us = (time.process_time() - cpu) / relayed[0] * 1e6
+        relayed[0], profile = 0, cProfile.Profile()
+        profile.enable()
+        await asyncio.gather(*(one(STREAM_BODY) for _ in range(STREAMS)))
+        profile.disable()
+        out[f"s{STREAMS}"] = (cpu_us, pstats.Stats(profile).total_calls / relayed[0])
         if statuses != {200}:
             raise SystemExit(f"answers other than 200: {sorted(statuses)}")
         await events.put({"type": "lifespan.shutdown"})
@@ -135,7 +153,8 @@ def main(argv: list[str]) -> int:
     app_cpu, engine_cpu = cpus[0], cpus[-1]
     port = _free_port()
     engine = subprocess.Popen(["taskset", "-c", str(engine_cpu), sys.executable, str(ROOT / "tests" / "fake_engine.py"),
-                               "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                               "--port", str(port), "--chunks", str(STREAM_CHUNKS),
+                               "--chunk-delay", "0.02"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     results: dict[str, list[dict]] = {"base": [], "this": []}
     try:
         time.sleep(1.5)
@@ -146,14 +165,15 @@ def main(argv: list[str]) -> int:
                 out = subprocess.run(
                     ["taskset", "-c", str(app_cpu), sys.executable, __file__, "--_measure", tree, str(port),
                      str(args.requests)], capture_output=True, text=True, timeout=600, env=env, check=True)
-                results[side].append({int(k): v for k, v in json.loads(out.stdout.splitlines()[-1]).items()})
+                results[side].append(json.loads(out.stdout.splitlines()[-1]))
                 print(f"round {r + 1} {side}: done", file=sys.stderr)
     finally:
         engine.terminate()
         engine.wait(timeout=10)
     print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.rounds} rounds; base: {args.base}")
     print(f"{'conc':>4} | {'side':<4} | {'CPU us/req':>10} | {'calls/req':>9} | {'CPU ratio':>9} | {'calls ratio':>11}")
-    for level in LEVELS:
+    print("(s64: per relayed chunk of 64 paced streams)")
+    for level in [*map(str, LEVELS), f"s{STREAMS}"]:
         med = {
             side: tuple(statistics.median(run[level][i] for run in runs) for i in (0, 1))
             for side, runs in results.items()
