@@ -156,13 +156,14 @@ class Sides:
               env: dict | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.Popen:
         """Start one side's server, pinned, its log in the temp dir, and wait until its health
         path answers 200 (health is the path, on port)."""
-        proc = subprocess.Popen(taskset(self.cpus if cpus is None else cpus) + cmd, env=env or self.env,
-                                cwd=cwd or self.tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(self.tmp / f"{name}.log", "wb"))
+        with open(self.tmp / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(taskset(self.cpus if cpus is None else cpus) + cmd, env=env or self.env,
+                                    cwd=cwd or self.tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.procs.append(proc)
         try:
             wait_http(f"http://127.0.0.1:{port}{health}", proc, timeout, name)
         except SystemExit as exc:
+            self._end(proc)  # not left running (and taking CPU) beside the sides measured
             raise SystemExit(f"{exc}: {self.log_tail(name)}") from None
         self.ports[name], self.pids[name], self.named[name] = port, proc.pid, proc
         return proc
@@ -205,8 +206,14 @@ class Sides:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
