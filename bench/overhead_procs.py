@@ -145,7 +145,9 @@ class Sides:
     def __init__(self, tmp: Path, cpus: str | None) -> None:
         self.tmp = tmp
         self.cpus = cpus  # where the proxies run (beside the load generator)
-        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        # The appliance measured: the tree first on PYTHONPATH (a baseline checkout), else this one.
+        given = os.environ.get("PYTHONPATH")
+        self.env = {**os.environ, "PYTHONPATH": f"{given}{os.pathsep}{ROOT}" if given else str(ROOT)}
         self.procs: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
@@ -167,6 +169,12 @@ class Sides:
             raise SystemExit(f"{exc}: {self.log_tail(name)}") from None
         self.ports[name], self.pids[name], self.named[name] = port, proc.pid, proc
         return proc
+
+    def measured_tree(self) -> str:
+        """Where the appliance package that the appliance sides run comes from."""
+        out = subprocess.run([sys.executable, "-c", "import appliance; print(appliance.__file__)"], env=self.env,
+                             capture_output=True, text=True, check=False)
+        return str(Path(out.stdout.strip()).parent.parent) if out.returncode == 0 else f"? ({out.stderr[-200:]})"
 
     def log_tail(self, name: str) -> str:
         lines = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()
