@@ -77,7 +77,9 @@ capacity identical between the two runs, so the throughput ratio says whether
 the proxy (not the shared CPU) becomes the bottleneck, which is what matters on
 the real box, where the engine runs on a GPU and the daemon has CPU of its own.
 The table also reports the appliance's own CPU time per request (utime+stime of
-its process, all threads, read from /proc), the most stable measure of its cost.
+its process and the processes below it, all threads, read from /proc), the most
+stable measure of its cost. With more than one worker (--workers) the workers
+inherit the proxies' cores: --no-pin lets them spread over the box.
 """
 
 from __future__ import annotations
