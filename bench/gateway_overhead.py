@@ -415,7 +415,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps({"unary": results, "stream": scenarios}, indent=1))
         for side in sides.exited():
-            print(f"warning: {side} exited during the run; see its log, {tmp}/{side}.log", file=sys.stderr)
+            print(f"warning: {side} exited during the run: {sides.log_tail(side)}", file=sys.stderr)
         return 0
     finally:
         sides.stop()
