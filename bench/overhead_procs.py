@@ -172,8 +172,9 @@ class Sides:
 
     def measured_tree(self) -> str:
         """Where the appliance package that the appliance sides run comes from."""
+        # From the sides' working directory, as they start (python -c puts its directory first).
         out = subprocess.run([sys.executable, "-c", "import appliance; print(appliance.__file__)"], env=self.env,
-                             capture_output=True, text=True, check=False)
+                             cwd=self.tmp, capture_output=True, text=True, check=False)
         return str(Path(out.stdout.strip()).parent.parent) if out.returncode == 0 else f"? ({out.stderr[-200:]})"
 
     def log_tail(self, name: str) -> str:
