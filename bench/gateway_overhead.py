@@ -36,6 +36,9 @@ added to direct's (p50/p99), relay delay (a chunk's transit added to direct's,
 p50/p99), and each appliance against the floor. --no-gap adds 16 streams with no time
 between chunks. --concurrency none measures streams only.
 
+The appliance measured is the tree first on PYTHONPATH (a baseline checkout: the
+same bench against two versions), else this one; the run names it.
+
 --workers 1,2 runs one appliance per value with ``[server] workers = N`` (1 leaves
 the setting out, so a tree without it runs); a tree that refuses the setting gets
 "not measured" and the reason. CPU per request and per chunk is summed over each
@@ -74,7 +77,9 @@ capacity identical between the two runs, so the throughput ratio says whether
 the proxy (not the shared CPU) becomes the bottleneck, which is what matters on
 the real box, where the engine runs on a GPU and the daemon has CPU of its own.
 The table also reports the appliance's own CPU time per request (utime+stime of
-its process, all threads, read from /proc), the most stable measure of its cost.
+its process and the processes below it, all threads, read from /proc), the most
+stable measure of its cost. With more than one worker (--workers) the workers
+inherit the proxies' cores: --no-pin lets them spread over the box.
 """
 
 from __future__ import annotations
@@ -383,7 +388,8 @@ def main(argv: list[str]) -> int:
         tokens = start_sides(args, sides, engine_port)
 
         print(f"client={client if args.levels else 'aiohttp (streams)'} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
-              f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu}", file=sys.stderr)
+              f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu} appliance={sides.measured_tree()}",
+              file=sys.stderr)
         names = [s for s in side_order(sides.ports) if not args.only or s == args.only]
         results = []
         load = Load(client, rest_cpus, args.max_requests, tmp)
@@ -409,7 +415,7 @@ def main(argv: list[str]) -> int:
         if args.json:
             print(json.dumps({"unary": results, "stream": scenarios}, indent=1))
         for side in sides.exited():
-            print(f"warning: {side} exited during the run; see its log, {tmp}/{side}.log", file=sys.stderr)
+            print(f"warning: {side} exited during the run: {sides.log_tail(side)}", file=sys.stderr)
         return 0
     finally:
         sides.stop()

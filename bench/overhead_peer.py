@@ -94,8 +94,10 @@ def start_litellm(sides: Sides, engine_port: int, worker_counts: list[int]) -> N
     for n in worker_counts:
         name, port = ("litellm" if n == 1 else f"litellm-w{n}"), free_port()
         cmd = [str(litellm), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port), "--num_workers", str(n)]
+        if n > 1:  # uvicorn kills a worker that answers its health check late: a busy one, on a small box
+            cmd += ["--timeout_worker_healthcheck", "120"]
         sides.optional(name, lambda name=name, port=port, cmd=cmd: sides.start(
-            name, cmd, "/health/liveliness", port=port, env=env, timeout=180))
+            name, cmd, "/health/liveliness", port=port, env=env, timeout=300))
 
 
 def start_peer(peer: str, sides: Sides, engine_port: int, worker_counts: list[int]) -> None:

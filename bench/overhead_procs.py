@@ -145,7 +145,9 @@ class Sides:
     def __init__(self, tmp: Path, cpus: str | None) -> None:
         self.tmp = tmp
         self.cpus = cpus  # where the proxies run (beside the load generator)
-        self.env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+        # The appliance measured: the tree first on PYTHONPATH (a baseline checkout), else this one.
+        given = os.environ.get("PYTHONPATH")
+        self.env = {**os.environ, "PYTHONPATH": f"{given}{os.pathsep}{ROOT}" if given else str(ROOT)}
         self.procs: list[subprocess.Popen] = []
         self.ports: dict[str, int] = {}
         self.pids: dict[str, int] = {}
@@ -156,16 +158,24 @@ class Sides:
               env: dict | None = None, cwd: Path | None = None, timeout: float = 60) -> subprocess.Popen:
         """Start one side's server, pinned, its log in the temp dir, and wait until its health
         path answers 200 (health is the path, on port)."""
-        proc = subprocess.Popen(taskset(self.cpus if cpus is None else cpus) + cmd, env=env or self.env,
-                                cwd=cwd or self.tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=open(self.tmp / f"{name}.log", "wb"))
+        with open(self.tmp / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(taskset(self.cpus if cpus is None else cpus) + cmd, env=env or self.env,
+                                    cwd=cwd or self.tmp, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.procs.append(proc)
         try:
             wait_http(f"http://127.0.0.1:{port}{health}", proc, timeout, name)
         except SystemExit as exc:
+            self._end(proc)  # not left running (and taking CPU) beside the sides measured
             raise SystemExit(f"{exc}: {self.log_tail(name)}") from None
         self.ports[name], self.pids[name], self.named[name] = port, proc.pid, proc
         return proc
+
+    def measured_tree(self) -> str:
+        """Where the appliance package that the appliance sides run comes from."""
+        # From the sides' working directory, as they start (python -c puts its directory first).
+        out = subprocess.run([sys.executable, "-c", "import appliance; print(appliance.__file__)"], env=self.env,
+                             cwd=self.tmp, capture_output=True, text=True, check=False)
+        return str(Path(out.stdout.strip()).parent.parent) if out.returncode == 0 else f"? ({out.stderr[-200:]})"
 
     def log_tail(self, name: str) -> str:
         lines = (self.tmp / f"{name}.log").read_text(errors="replace").strip().splitlines()
@@ -205,8 +215,14 @@ class Sides:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(self.procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: subprocess.Popen) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
