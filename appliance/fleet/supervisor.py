@@ -25,10 +25,11 @@ import aiohttp
 
 from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import eviction, lora, operator, rollout
+from appliance.fleet import eviction, headroom, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, Scarce, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
+from appliance.fleet.fairness import FAIRNESS, Fairness
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import (
@@ -101,6 +102,7 @@ class Supervisor:
         self._room_timers: dict[str, asyncio.TimerHandle] = {}  # model -> its residency lapse
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
+        self.fairness = Fairness(self)  # models held for room too long take busy replicas' room
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         # Models a config reload removed whose replicas still drain (remove_deployment).
@@ -145,6 +147,7 @@ class Supervisor:
         for timer in [self._room_look, *self._room_timers.values()]:
             if timer is not None:
                 timer.cancel()
+        self.fairness.close()
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
         if self.store_checks is not None:
@@ -352,7 +355,9 @@ class Supervisor:
         now = self.clock.monotonic()
         holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
         by_name = {r.name: r for r, _ in holders}
-        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now)
+        decided = eviction.plan(
+            dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, preempt=trigger == FAIRNESS
+        )
         if decided.never:
             if waking is not None:  # not even with every other replica gone: it starts afresh
                 dep.no_room, dep.room_in = None, None
@@ -376,6 +381,8 @@ class Supervisor:
         victims = [by_name[h.replica] for h in decided.victims]
         ram_left = self.capacity.host_ram() - self.capacity.host_used()
         for h, victim in zip(decided.victims, victims, strict=True):
+            if h.leaving:
+                continue  # already on its way out: only waited for
             # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
             # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
             asleep = gpu and self._may_sleep(victim, ram_left)
@@ -403,6 +410,7 @@ class Supervisor:
             held=len(d.waiters),  # (one released for a READY replica, until it has taken it)
             keep=keep,
             serving=r.state is State.READY and not r.retiring,
+            leaving=r.retiring or r.evicted,
             **holds,
         )
 
@@ -417,6 +425,7 @@ class Supervisor:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
         why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
+        why = self.fairness.why(h, for_model) if trigger == FAIRNESS else why
         to = "sleep" if asleep else "stop"
         log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
         self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
@@ -660,6 +669,8 @@ class Supervisor:
         for dep in waiting:
             if dep not in started:
                 self.on_demand(dep)
+        self.fairness.look(waiting)
+        for dep in waiting:
             if dep.waiters and not dep.can_become_ready():  # waiting cannot help any more: say why now
                 dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after()))
 
@@ -743,8 +754,8 @@ class Supervisor:
             for r in sleeping:  # its GPUs are held by replicas that stay: start afresh elsewhere
                 self.retire(r, "asleep, and its GPU memory is held by another model: started again instead")
         if not live or sleeping:
-            why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
-            self.add_replica(dep, reason=why, evict=trigger)
+            why = {"request": "a request arrived for a model at zero", FAIRNESS: "its requests waited too long"}
+            self.add_replica(dep, reason=why.get(trigger, "operator load"), evict=trigger)
 
     async def _wake(self, r: Replica, victims: list[Replica]) -> None:
         """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
@@ -767,6 +778,7 @@ class Supervisor:
             decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
             self._apply(dep, decision)
             decisions.append(decision)
+        headroom.make(self, now)
         return decisions
 
     def _apply(self, dep: Deployment, d: Decision) -> None:

@@ -1,0 +1,55 @@
+"""Headroom (issue 17): room made before a request asks for it, so that a cold start does
+not wait for another engine to stop first.
+
+When a model must free room for a load, the evicted engine's own stop (a vLLM engine
+releasing its GPUs: seconds) or sleep lies on the waiting request's path, before its
+engine can even start. With ``[capacity] headroom_idle_s`` set, each autoscaler pass
+(``Supervisor.tick``) looks at the models at zero that were requested within the last
+minute and have no room now, the most recently requested first: replicas of other
+models unused for at least ``headroom_idle_s`` *and* for longer than that model are
+evicted for it in the background (to sleep where the sleep tier allows, else stopped),
+by the eviction rules (floors, residency, priority: appliance/fleet/eviction.py). So
+the resident set follows least-recently-used order ahead of demand; a model is never
+stopped for one used less recently than itself, which is what keeps this from
+thrashing. Off by default: a stopped idle model's next request pays a cold start it
+would not have paid, which only the operator can weigh against the others' waits.
+Evictions it makes are counted with reason ``headroom``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from appliance.fleet import eviction
+
+if TYPE_CHECKING:
+    from appliance.fleet.supervisor import Supervisor
+
+HEADROOM = "headroom"  # the eviction's trigger (appliance_evictions_total's reason)
+RECENT_S = 60  # "requested recently": within the deployments' rate window
+
+
+def make(sup: Supervisor, now: float) -> None:
+    """One pass: room for the most recently requested model at zero that lacks it."""
+    idle_s = sup.cfg.capacity.headroom_idle_s
+    if not idle_s or sup._stopping:
+        return
+    wanted = [
+        d
+        for d in sup.deployments.values()
+        if not d.live() and not d.blocked and not d.waiters and d.rate.count(RECENT_S)
+    ]
+    if not wanted:
+        return
+    dep = max(wanted, key=lambda d: d.rate.last_event)
+    scarce = sup.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
+    if scarce is None:
+        return
+    holders = [(r, sup._holder(r, now, **holds)) for r, holds in scarce.holds]
+    unused_for = max(idle_s, now - dep.rate.last_event + 0.001)  # and for longer than dep
+    decided = eviction.plan(
+        dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, idle_for=unused_for
+    )
+    if decided.fits and decided.victims:
+        by_name = {r.name: r for r, _ in holders}
+        sup._evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, HEADROOM)
