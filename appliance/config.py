@@ -864,7 +864,11 @@ def _validate(cfg: Config) -> None:
     need(cfg.queue.timeout_s > 0, "queue.timeout_s", "must be positive")
     need(cfg.cpu.cores >= 0, "cpu.cores", "must not be negative")
     need(cfg.capacity.host_ram_gib >= 0, "capacity.host_ram_gib", "must not be negative (0 = MemTotal less a reserve)")
-    need(cfg.capacity.max_wait_before_preempt_s >= 0, "capacity.max_wait_before_preempt_s", "must not be negative (0 = never)")
+    need(
+        cfg.capacity.max_wait_before_preempt_s >= 0,
+        "capacity.max_wait_before_preempt_s",
+        "must not be negative (0 = never)",
+    )
     need(cfg.capacity.headroom_idle_s >= 0, "capacity.headroom_idle_s", "must not be negative (0 = off)")
 
     seen: set[str] = set()
