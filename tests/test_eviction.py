@@ -158,3 +158,10 @@ def test_a_replica_already_leaving_is_only_waited_for_even_of_the_model_asking()
     leaving, idle = holder("a#0", leaving=True, inflight=1), holder("b#0", last_used=1)
     p = plan("a", 0, [leaving, idle], gpu_case(leaving, idle), NOW)
     assert p.fits and p.victims == (leaving,)
+
+
+def test_preempt_never_takes_a_replica_still_starting_for_its_models_waiting_requests():
+    # (with min_residency 0, two starved models would otherwise take each other's starts in turn)
+    starting = holder("a#0", held=3, serving=False, loaded_at=NOW, min_residency_s=0)
+    p = plan("new", 0, [starting], gpu_case(starting, need_gib=60), NOW, preempt=True)
+    assert not p.fits and "a#0 (starting for 3 requests of a)" in p.explain("GPU memory")
