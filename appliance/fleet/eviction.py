@@ -21,7 +21,7 @@ Rules (issue 17):
     held may be chosen too; they drain (take no new request, finish those in flight)
     before they go. Every other rule holds: floors, residency, priority;
   * ``idle_for`` (headroom, appliance/fleet/headroom.py: room made before it is asked
-    for): only replicas of models unused for at least that long.
+    for): only replicas of models unused for at least that long;
   * replicas already leaving (draining, or evicted to sleep) come first, at no cost: the
     new replica only waits for them (of its own model too);
   * as few as needed: victims are taken in that order until the new replica fits,

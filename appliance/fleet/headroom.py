@@ -37,7 +37,7 @@ def make(sup: Supervisor, now: float) -> None:
     wanted = [
         d
         for d in sup.deployments.values()
-        if not d.live() and not d.blocked and not d.waiters and d.rate.count(RECENT_S)
+        if not d.live() and not d.blocked and not d.waiters and d.control.override != 0 and d.rate.count(RECENT_S)
     ]
     if not wanted:
         return
