@@ -231,6 +231,7 @@ class Result:
     # Per request that caused a load: its wait cut into queued, freeing, engine, detect,
     # handoff (seconds) and its cause.
     loads: list[dict] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # every answered request's wait for a replica
     evictions: int = 0
     by_reason: dict[str, int] = field(default_factory=dict)
     utilisation: list[float] = field(default_factory=list)
@@ -331,6 +332,7 @@ async def one_request(sup: Supervisor, model: str, result: Result, decided: dict
         result.failed += 1
         result.reasons[exc.code] = result.reasons.get(exc.code, 0) + 1
         return
+    result.waits.append(time.monotonic() - start)
     if caused:
         load = cut(start, time.monotonic(), replica, decided.get(replica.name, start))
         result.loads.append({**load, "cause": dep.loading_cause, "pid": replica.pid})
@@ -356,7 +358,7 @@ def cut(arrived: float, held: float, replica, decided: float) -> dict[str, float
     engines_own replaces it by the engine's own time."""
     decided = min(max(decided, arrived), replica.loading_since)  # decided before it arrived: no queue
     return {
-        "queued": decided - arrived,
+        "queued": max(0.0, decided - arrived),  # (a load begun before it arrived: none)
         "freeing": replica.loading_since - decided,
         "engine": replica.ready_since - replica.loading_since,
         "handoff": held - replica.ready_since,
@@ -402,8 +404,9 @@ def table(results: list[Result], own: dict[str, float]) -> str:
     lines = [
         f"engine's own times (measured alone): cold start {own['cold']:.2f} s, sleep {own['sleep']:.2f} s, "
         f"wake {own['wake']:.2f} s, exit after SIGTERM {own['exit']:.2f} s",
-        "| mode | requests | failed (vs none) | loads | evictions/min (by reason) | GPU memory used (mean) |",
-        "|---|---|---|---|---|---|",
+        "| mode | requests | failed (vs none) | wait, every request: p50 / p99 / max ms | loads "
+        "| evictions/min (by reason) | GPU memory used (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.failed / base.failed:.2f}x" if base.failed else "-"
@@ -412,8 +415,10 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         per_min = r.evictions / (r.seconds / 60) if r.seconds else 0.0
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(r.by_reason.items()))
         util = statistics.fmean(r.utilisation) if r.utilisation else 0.0
+        waits = f"{pct(r.waits, 50)} / {pct(r.waits, 99)} / {max(r.waits, default=0) * 1000:.0f}"
         lines.append(
-            f"| {r.mode} | {r.requests} | {failed} | {len(r.loads)} | {per_min:.1f} ({reasons or '-'}) | {util:.0%} |"
+            f"| {r.mode} | {r.requests} | {failed} | {waits} | {len(r.loads)} | {per_min:.1f} ({reasons or '-'}) "
+            f"| {util:.0%} |"
         )
     lines += [
         "",

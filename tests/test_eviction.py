@@ -164,4 +164,4 @@ def test_preempt_never_takes_a_replica_still_starting_for_its_models_waiting_req
     # (with min_residency 0, two starved models would otherwise take each other's starts in turn)
     starting = holder("a#0", held=3, serving=False, loaded_at=NOW, min_residency_s=0)
     p = plan("new", 0, [starting], gpu_case(starting, need_gib=60), NOW, preempt=True)
-    assert not p.fits and "a#0 (starting for 3 requests of a)" in p.explain("GPU memory")
+    assert not p.fits and "a#0 (3 requests of a waiting)" in p.explain("GPU memory")

@@ -161,10 +161,8 @@ def _why_kept(h: Holder, priority: int, now: float, preempt: bool = False, idle_
     # (preempt: busy replicas may drain for a model whose requests have waited too long)
     if h.inflight and not preempt:
         return f"{h.inflight} request{'s' if h.inflight > 1 else ''} in flight"
-    if h.held and not preempt:
+    if h.held and (not preempt or not h.serving):  # (preempt: one starting for them stays)
         return f"{h.held} request{'s' if h.held > 1 else ''} of {h.model} waiting"
-    if h.held and not h.serving:  # (preempt: only one that serves; one starting for them stays)
-        return f"starting for {h.held} request{'s' if h.held > 1 else ''} of {h.model}"
     if h.priority > priority:
         return f"priority {h.priority} is higher than {priority}"
     if h.loaded_at and now - h.loaded_at < h.min_residency_s:
