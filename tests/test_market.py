@@ -456,3 +456,22 @@ async def test_a_replica_evicted_to_sleep_takes_no_new_request_on_its_way_and_on
     finally:
         await sup.stop()
         await session.close()
+
+
+async def test_a_gpu_view_reads_proc_once_whatever_the_number_of_replicas(tmp_path, monkeypatch):
+    # It is read on the event loop for every placement and every set of victims tried: once
+    # per replica made looks for room stall the loop for seconds on a busy host.
+    from appliance.fleet import process
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        await sup.deployment("b").acquire()  # a sleeps (still placed), b runs
+        assert len([r for r in sup.replicas() if r.slot is not None and r.pid]) == 2
+        reads = []
+        listdir = process.os.listdir
+        monkeypatch.setattr(process.os, "listdir", lambda path: reads.append(path) or listdir(path))
+        sup.capacity.gpu_view()
+        assert reads == ["/proc"]
+    finally:
+        await sup.stop()
+        await session.close()
