@@ -274,9 +274,9 @@ class CapacityConfig(_Section):
     # replicas of other models hold drains one of them (no new requests; those in flight
     # finish) and takes its room; floors, min_residency and priority still hold. 0 = never.
     max_wait_before_preempt_s: float = 10.0
-    # Headroom: a model idle this long is stopped (or put to sleep) in the background when
-    # a model used more recently, requested within the last minute, is at zero and has no
-    # room: its next cold start then frees nothing first. 0 = off.
+    # Headroom: a model unused this long is stopped (or put to sleep) in the background when
+    # a model requested within the last minute is at zero and has no room: its next cold
+    # start then frees nothing first. 0 = off.
     headroom_idle_s: float = 0.0
 
 

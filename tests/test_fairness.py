@@ -19,8 +19,10 @@ from .test_market import one_gpu_two_models, started
 def room_for_one(tmp_path, residency: str, bound: float, queue_timeout: float = 20, headroom: float = 0) -> str:
     """a at boot, b at zero, room for one of them; [capacity] is the config's last table."""
     text = one_gpu_two_models(tmp_path, host_ram_gib=100, residency=residency, sleeps=False)
-    return (f"{text}max_wait_before_preempt_s = {bound}\nheadroom_idle_s = {headroom}\n"
-            f"[queue]\ntimeout_s = {queue_timeout}\n")
+    return (
+        f"{text}max_wait_before_preempt_s = {bound}\nheadroom_idle_s = {headroom}\n"
+        f"[queue]\ntimeout_s = {queue_timeout}\n"
+    )
 
 
 async def keep_busy(sup, model: str, seconds: float, answered: Counter, failed: list) -> None:
@@ -95,7 +97,7 @@ async def test_a_pinned_busy_model_is_never_preempted(tmp_path):
         await session.close()
 
 
-async def test_headroom_stops_a_model_unused_for_longer_than_one_just_asked_for_so_its_next_start_frees_nothing(
+async def test_headroom_stops_a_long_unused_model_for_one_just_asked_for_so_its_next_start_frees_nothing(
     tmp_path,
 ):
     # b's first request finds a inside its residency (beyond b's queue timeout): 503 at once.

@@ -237,7 +237,7 @@ class Capacity:
                 replica=r.name,
                 gpus=r.slot.gpus,
                 bytes_per_gpu=reserved(r, inventory),
-                sleeping=r.state is State.SLEEPING,
+                sleeping=r.state is State.SLEEPING and not r.waking,
             )
             for r in holding
             if r.slot is not None and r.name not in ignoring

@@ -4,15 +4,15 @@ not wait for another engine to stop first.
 When a model must free room for a load, the evicted engine's own stop (a vLLM engine
 releasing its GPUs: seconds) or sleep lies on the waiting request's path, before its
 engine can even start. With ``[capacity] headroom_idle_s`` set, each autoscaler pass
-(``Supervisor.tick``) looks at the models at zero that were requested within the last
-minute and have no room now, the most recently requested first: replicas of other
-models unused for at least ``headroom_idle_s`` *and* for longer than that model are
-evicted for it in the background (to sleep where the sleep tier allows, else stopped),
-by the eviction rules (floors, residency, priority: appliance/fleet/eviction.py). So
-the resident set follows least-recently-used order ahead of demand; a model is never
-stopped for one used less recently than itself, which is what keeps this from
-thrashing. Off by default: a stopped idle model's next request pays a cold start it
-would not have paid, which only the operator can weigh against the others' waits.
+(``Supervisor.tick``) takes the most recently requested model at zero (asked for within
+the last minute, not scaled to 0 by the operator) that has no room now, and evicts for it
+in the background, by the eviction rules (floors, residency, priority:
+appliance/fleet/eviction.py), replicas of other models unused for at least
+``headroom_idle_s``, least recently used first, to sleep where the sleep tier allows.
+Room for one model is kept free this way: nothing more goes while there is room for it,
+and only models nobody used for that long go, so it does not thrash. Off by default: it
+trades the evicted model's next request (a cold start or a wake it would not have paid)
+for the next cold start's wait, which only the operator can weigh.
 Evictions it makes are counted with reason ``headroom``.
 """
 
@@ -46,9 +46,8 @@ def make(sup: Supervisor, now: float) -> None:
     if scarce is None:
         return
     holders = [(r, sup._holder(r, now, **holds)) for r, holds in scarce.holds]
-    unused_for = max(idle_s, now - dep.rate.last_event + 0.001)  # and for longer than dep
     decided = eviction.plan(
-        dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, idle_for=unused_for
+        dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, idle_for=idle_s
     )
     if decided.fits and decided.victims:
         by_name = {r.name: r for r, _ in holders}

@@ -93,7 +93,6 @@ class Supervisor:
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
-        self._waking: set[str] = set()  # sleeping replicas a wake is on its way to
         self._room_look: asyncio.Handle | None = None  # a look for room, due (``_room_may_have_come``)
         # Models whose requests just arrived to find no READY replica, and the look for room
         # that starts theirs once every request arriving with them is held (``want_replica``).
@@ -397,8 +396,8 @@ class Supervisor:
             if d.control.override is not None
             else (d.model.autoscaling.min_replicas if d.control.pinned else 0)
         )
-        # A replica still starting is inside its residency window from now on.
-        loaded_at = now if r.state in (State.STARTING, State.STOPPED) else r.ready_since
+        # A replica still starting (or waking) is inside its residency window from now on.
+        loaded_at = now if r.state in (State.STARTING, State.STOPPED) or r.waking else r.ready_since
         return eviction.Holder(
             replica=r.name,
             model=r.model.name,
@@ -737,7 +736,7 @@ class Supervisor:
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
         sleeping = [r for r in live if r.state is State.SLEEPING]
-        if any(r.name in self._waking for r in sleeping):
+        if any(r.waking for r in sleeping):
             return  # a wake is on its way
         if sleeping:
             # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
@@ -746,7 +745,7 @@ class Supervisor:
             if victims is not None:
                 dep.loading_cause = "evict" if victims else "wake"
                 dep.no_room, dep.room_in = None, None
-                self._waking.add(sleeping[0].name)
+                sleeping[0].waking = True  # its GPU memory is spoken for from now (capacity.py)
                 self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
                 return
             if dep.no_room and dep.room_in is not None and dep.room_in < self.cfg.queue.timeout_s:
@@ -763,7 +762,7 @@ class Supervisor:
             await self._after_stopped(victims, None)()
             await r.wake()
         finally:
-            self._waking.discard(r.name)
+            r.waking = False
 
     def tick(self) -> list[Decision]:
         """One autoscaler pass over every model; carry out what it decides."""
