@@ -32,10 +32,8 @@ def two_gpus(tmp_path: Path) -> Path:
 
 def vllm_model(tmp_path: Path, name: str, weights_gib: float, extra: str = "") -> str:
     source = make_model(tmp_path, name, weights_gib)
-    return (
-        f'[[models]]\nname = "{name}"\nserver = "vllm"\nsource = "{source}"\nkv_cache_tokens = 1024\n'
-        f"{extra}[models.gpus]\ncount = 1\n"
-    )
+    return (f'[[models]]\nname = "{name}"\nserver = "vllm"\nsource = "{source}"\nkv_cache_tokens = 1024\n'
+            f"{extra}[models.gpus]\ncount = 1\n")
 
 
 def worst_order_set(tmp_path: Path) -> str:
@@ -49,13 +47,8 @@ def worst_order_set(tmp_path: Path) -> str:
 def test_plan_places_a_packable_set_listed_in_the_worst_order(tmp_path):
     cfg = tmp_path / "a.toml"
     cfg.write_text(worst_order_set(tmp_path))
-    out = subprocess.run(
-        [PY, "-m", "appliance.cli", "plan", "--config", str(cfg), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
     rows = {r["replica"]: r for r in json.loads(out.stdout)["placements"]}
     assert [rows[n]["error"] for n in ("c1#0", "c2#0", "b1#0", "b2#0")] == [None] * 4
@@ -131,7 +124,8 @@ async def test_an_idle_vllm_replica_is_evicted_to_sleep_in_host_ram_and_woken_in
         assert b.state is State.READY and b.slot.gpus == (0,)
         assert a.state is State.SLEEPING and not a.retiring  # evicted to sleep, not stopped
         [evicted] = sup.market.recent()
-        assert (evicted.replica, evicted.to, evicted.for_model, evicted.trigger) == ("a#0", "sleep", "b", "request")
+        assert (evicted.replica, evicted.to, evicted.for_model, evicted.trigger) == (
+            "a#0", "sleep", "b", "request")
         budget = sup.cpu_budget()
         assert [s.replica for s in budget.sleeping] == ["a#0"]
         assert budget.host_ram_used_bytes == budget.sleeping[0].host_bytes >= 40 * GiB
@@ -164,7 +158,9 @@ async def test_an_idle_vllm_replica_whose_weights_do_not_fit_in_host_ram_is_stop
 # --- the CPU budget ------------------------------------------------------------------------------
 
 
-async def test_the_cpu_budget_defaults_to_the_cpus_the_daemon_may_run_on_not_the_machines_count(tmp_path, monkeypatch):
+async def test_the_cpu_budget_defaults_to_the_cpus_the_daemon_may_run_on_not_the_machines_count(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr("os.cpu_count", lambda: 64)
     cfg = parse_config(gpu_config(tmp_path, ""))
@@ -187,11 +183,9 @@ def tiny(tmp_path_factory) -> Path:
 
 def cpu_models(tmp_path: Path, tiny: Path, names: str, host_ram_gib: float, cores: int = 4) -> str:
     models = "".join(gguf_model(n, tiny, gpus=0, threads=1) for n in names)
-    return (
-        gpu_config(tmp_path, models) + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n'
-        f'[cpu]\ncores = {cores}\n[autoscaling]\nmin_residency = "0s"\n'
-        f"[capacity]\nhost_ram_gib = {host_ram_gib}\n"
-    )
+    return (gpu_config(tmp_path, models) + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n'
+            f'[cpu]\ncores = {cores}\n[autoscaling]\nmin_residency = "0s"\n'
+            f"[capacity]\nhost_ram_gib = {host_ram_gib}\n")
 
 
 async def test_cpu_replicas_are_budgeted_by_host_ram_and_a_request_evicts_for_it(tmp_path, tiny):
@@ -219,11 +213,9 @@ async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a
     """a sleeps with its 40 GiB of weights in host RAM; a budget of 40 GiB + 10 MiB leaves
     no room for c on the CPU (~14 MiB): c's request stops the sleeping a."""
     text = one_gpu_two_models(tmp_path, host_ram_gib=40.01).replace(
-        "[autoscaling]",
-        gguf_model("c", tiny, gpus=0, threads=1)
+        "[autoscaling]", gguf_model("c", tiny, gpus=0, threads=1)
         + "[models.autoscaling]\nmin_replicas = 0\n"
-        + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n[autoscaling]',
-    )
+        + f'[engines.llamacpp]\nbinary = "{fake_llama_server(tmp_path)}"\n[autoscaling]')
     sup, session = await started(text)
     try:
         [a] = sup.deployment("a").replicas
@@ -321,10 +313,8 @@ def four_at_zero_and_z(tmp_path: Path, z_at_boot: bool) -> str:
     one large and one small per GPU. z (62.4 GiB on each GPU) holds both at boot if asked."""
     zero = "[models.autoscaling]\nmin_replicas = 0\n"
     z = make_model(tmp_path, "z", 120)
-    models = (
-        f'[[models]]\nname = "z"\nserver = "vllm"\nsource = "{z}"\nkv_cache_tokens = 1024\n'
-        f"[models.gpus]\ncount = 2\n{'' if z_at_boot else zero}"
-    )
+    models = (f'[[models]]\nname = "z"\nserver = "vllm"\nsource = "{z}"\nkv_cache_tokens = 1024\n'
+              f"[models.gpus]\ncount = 2\n{'' if z_at_boot else zero}")
     models += "".join(vllm_model(tmp_path, n, w) + zero for n, w in (("c1", 27), ("c2", 27), ("b1", 47), ("b2", 47)))
     text = gpu_config(tmp_path, models).replace(str(DATA / "inventory-8xh100.toml"), str(two_gpus(tmp_path)))
     return text + '[autoscaling]\nmin_residency = "2s"\n'
@@ -409,22 +399,12 @@ def test_plan_with_a_daemon_running_shows_its_market_too(daemons, tmp_path):
     make_tiny_gguf.main([str(tiny)])
     d = gpu_daemon(daemons, tmp_path, tiny)
     assert chat(d, "b").status_code == 200  # a (idle) stopped for b
-    text = subprocess.run(
-        [PY, "-m", "appliance.cli", "plan", "--config", str(d.config)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    text = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(d.config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60).stdout
     assert "Now, in the running daemon (its capacity market):" in text, text
     assert "b#0 READY: reserved" in text and "a#0 stopped for b (request): idle" in text, text
-    out = subprocess.run(
-        [PY, "-m", "appliance.cli", "plan", "--config", str(d.config), "--json"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    ).stdout
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(d.config), "--json"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60).stdout
     market = json.loads(out)["market"]
     assert [(e["replica"], e["to"], e["for_model"]) for e in market["evictions"]] == [("a#0", "stop", "b")]
 
@@ -463,8 +443,7 @@ async def test_a_replica_evicted_to_sleep_takes_no_new_request_on_its_way_and_on
     import asyncio
 
     text = one_gpu_two_models(tmp_path, host_ram_gib=100).replace(
-        '"--as-engine", "vllm"]', '"--as-engine", "vllm", "--sleep-delay", "1"]'
-    )
+        '"--as-engine", "vllm"]', '"--as-engine", "vllm", "--sleep-delay", "1"]')
     sup, session = await started(text)
     try:
         [a] = sup.deployment("a").replicas
