@@ -4,8 +4,9 @@ not wait for another engine to stop first.
 When a model must free room for a load, the evicted engine's own stop (a vLLM engine
 releasing its GPUs: seconds) or sleep lies on the waiting request's path, before its
 engine can even start. With ``[capacity] headroom_idle_s`` set, each autoscaler pass
-(``Supervisor.tick``) takes the most recently requested model at zero (asked for within
-the last minute, not scaled to 0 by the operator) that has no room now, and evicts for it
+(``Supervisor.tick``) takes the most recently requested model at zero or asleep (asked for
+within the last minute, not scaled to 0 by the operator) that has no room now (for a
+sleeper: on its own GPUs, to wake there), and evicts for it
 in the background, by the eviction rules (floors, residency, priority:
 appliance/fleet/eviction.py), replicas of other models unused for at least
 ``headroom_idle_s``, least recently used first, to sleep where the sleep tier allows.
@@ -21,6 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from appliance.fleet import eviction
+from appliance.fleet.replica import State
 
 if TYPE_CHECKING:
     from appliance.fleet.supervisor import Supervisor
@@ -37,12 +39,21 @@ def make(sup: Supervisor, now: float) -> None:
     wanted = [
         d
         for d in sup.deployments.values()
-        if not d.live() and not d.blocked and not d.waiters and d.control.override != 0 and d.rate.count(RECENT_S)
+        if all(r.state is State.SLEEPING and not r.waking for r in d.live())  # at zero, or asleep
+        and not d.blocked
+        and not d.waiters
+        and d.control.override != 0
+        and d.rate.count(RECENT_S)
     ]
     if not wanted:
         return
     dep = max(wanted, key=lambda d: d.rate.last_event)
-    scarce = sup.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
+    sleeping = dep.live()
+    scarce = (
+        sup.capacity.scarce_for_wake(sleeping[0])  # its wake needs its own GPUs back
+        if sleeping
+        else sup.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
+    )
     if scarce is None:
         return
     holders = [(r, sup._holder(r, now, **holds)) for r, holds in scarce.holds]
