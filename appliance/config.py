@@ -270,6 +270,14 @@ class CapacityConfig(_Section):
     # Host RAM that CPU engine replicas and sleeping GPU replicas (their weights) may hold
     # together, in GiB; 0 = /proc/meminfo's MemTotal less a tenth (at least 2 GiB).
     host_ram_gib: float = 0.0
+    # Fairness: a model whose oldest held request has waited this long for room that busy
+    # replicas of other models hold drains one of them (no new requests; those in flight
+    # finish) and takes its room; floors, min_residency and priority still hold. 0 = never.
+    max_wait_before_preempt_s: float = 10.0
+    # Headroom: a model unused this long is stopped (or put to sleep) in the background when
+    # a model requested within the last minute is at zero and has no room: its next cold
+    # start then frees nothing first. 0 = off.
+    headroom_idle_s: float = 0.0
 
 
 class ModelConfig(_Section):
@@ -856,6 +864,12 @@ def _validate(cfg: Config) -> None:
     need(cfg.queue.timeout_s > 0, "queue.timeout_s", "must be positive")
     need(cfg.cpu.cores >= 0, "cpu.cores", "must not be negative")
     need(cfg.capacity.host_ram_gib >= 0, "capacity.host_ram_gib", "must not be negative (0 = MemTotal less a reserve)")
+    need(
+        cfg.capacity.max_wait_before_preempt_s >= 0,
+        "capacity.max_wait_before_preempt_s",
+        "must not be negative (0 = never)",
+    )
+    need(cfg.capacity.headroom_idle_s >= 0, "capacity.headroom_idle_s", "must not be negative (0 = off)")
 
     seen: set[str] = set()
     for i, m in enumerate(cfg.models):

@@ -176,7 +176,7 @@ class Eviction(msgspec.Struct, kw_only=True):
     model: str
     to: str  # "sleep" (weights to host RAM) or "stop"
     for_model: str  # the model that needed the room
-    trigger: str  # what asked for the room: request, load, scale_up
+    trigger: str  # what asked for the room: request, load, scale_up, fairness, headroom
     why: str
     at: datetime
 

@@ -10,29 +10,46 @@ start, sleep and wake take the times given (measured here, not assumed):
   market  each model on one GPU; idle replicas of other models evicted least recently used
           first, to sleep in host RAM where it allows, woken in place for their next request.
 
-Printed per mode: requests, failed (against `none`), evictions per minute, GPU memory
-utilisation (reserved by awake replicas, mean over the run), and for each request that
-caused a load (its model had no READY replica and no request already held for one) its
-wait, cut into what it was spent on (timestamps of the real supervisor and replica):
+Printed per mode: requests, failed (against `none`), evictions per minute (and by
+reason), GPU memory utilisation (reserved by awake replicas, mean over the run), and for
+each request that caused a load (its model had no READY replica and no request already
+held for one) its wait, cut into what it was spent on (timestamps of the real supervisor
+and replica, and the engine's own, which the fake engine writes, --stamp-dir):
 
   queued   from its arrival until the load was decided: room was held by replicas that
            may not go yet (requests in flight, inside min_residency): queueing behind
            other models' work, not part of a load;
   freeing  from the decision until the engine was spawned or asked to wake: the evicted
            replicas stopping or going to sleep (their engines' own stop and sleep times);
-  engine   the engine's own start or wake: spawn (or /wake_up) to the readiness answer;
-  handoff  READY to the held request holding its replica.
+  engine   THE ENGINE'S OWN START OR WAKE TIME, as the engine itself stamps it: for a cold
+           start, from the supervisor's spawn (Replica.loading_since, just before the fork)
+           to the engine starting to serve (its interpreter, imports, the simulated
+           --cold-start and its app set-up: all the engine's); for a wake, its /wake_up
+           handler's own time (the simulated --wake); and then its own time answering the
+           supervisor's 1-token readiness probe (after a wake the fake engine serves it at
+           --service). Nothing of the supervisor's is in it;
+  detect   the engine ready to READY: the supervisor noticing (readiness polls, the
+           1-token probe, the wake's HTTP round trip): ours;
+  handoff  READY to the held request holding its replica: ours.
 
 The issue's goal, "wait over the engine's own start or wake time", is `over` = wait -
-engine - queued = freeing + handoff. Freeing is bounded below by the evicted engines'
-own stop or sleep (printed on the first line, measured on one engine): what is left
-above that is the supervisor's own overhead.
+queued - engine = freeing + detect + handoff, reported per cause of the load (cold: on
+free room; wake: a sleeping replica woken in place; evict: others freed first). Freeing
+is bounded below by the evicted engines' own stop or sleep (printed on the first line,
+measured on one engine): that is on the request's path unless headroom was made ahead
+of it ([capacity] headroom_idle_s, --headroom-idle).
 
 Run from the repository root (no GPU needed):
 
     .venv/bin/python bench/market.py [--models 6] [--gpus 2] [--duration 60] [--rate 2]
         [--zipf 1.1] [--cold-start 3] [--wake 0.3] [--sleep 0.2] [--service 0.3]
         [--residency 2] [--host-ram-gib 0] [--modes none,swap,market] [--trace FILE]
+        [--preempt-after S] [--headroom-idle S]
+
+--preempt-after and --headroom-idle set [capacity] max_wait_before_preempt_s and
+headroom_idle_s in the market mode (absent: the appliance's defaults; a tree without these
+settings refuses them). The supervisor's autoscaler pass (``tick``) runs every
+[autoscaling] interval_s, as in the daemon.
 
 With PYTHONPATH set, the appliance measured is the one there (a checkout of the code
 before a change, to compare against: run both, alternating, and note the load average).
@@ -124,6 +141,7 @@ def engine_argv(args: argparse.Namespace) -> list[str]:
         str(args.service),
         "--latency-from",
         "2",
+        *(["--stamp-dir", str(args.stamp_dir)] if getattr(args, "stamp_dir", None) else []),
     ]
 
 
@@ -182,6 +200,11 @@ def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
         f.truncate(WEIGHTS_GIB * tp * GiB)  # sparse: only the size matters
     residency = {"none": "1000h", "swap": "0s", "market": f"{args.residency}s"}[mode]
     host_ram = args.host_ram_gib or WEIGHTS_GIB * args.models
+    market = ""
+    if mode == "market" and args.preempt_after is not None:
+        market += f"max_wait_before_preempt_s = {args.preempt_after}\n"
+    if mode == "market" and args.headroom_idle:
+        market += f"headroom_idle_s = {args.headroom_idle}\n"
     command = json.dumps(engine_argv(args))
     text = (
         f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
@@ -189,7 +212,7 @@ def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
         "[supervisor]\nhealth_interval_s = 0.1\n"
         f'[autoscaling]\nmin_residency = "{residency}"\n'
         f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
-        f"[capacity]\nhost_ram_gib = {host_ram}\n"
+        f"[capacity]\nhost_ram_gib = {host_ram}\n{market}"
     )
     for i in range(args.models):
         text += (
@@ -205,9 +228,12 @@ class Result:
     requests: int = 0
     failed: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
-    # Per request that caused a load: its wait cut into queued, freeing, engine, handoff (seconds).
-    loads: list[dict[str, float]] = field(default_factory=list)
+    # Per request that caused a load: its wait cut into queued, freeing, engine, detect,
+    # handoff (seconds) and its cause.
+    loads: list[dict] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)  # every answered request's wait for a replica
     evictions: int = 0
+    by_reason: dict[str, int] = field(default_factory=dict)
     utilisation: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -215,6 +241,8 @@ class Result:
 async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
     result = Result(mode)
     with tempfile.TemporaryDirectory(prefix=f"market-{mode}-") as tmp:
+        args.stamp_dir = Path(tmp) / "stamps"
+        args.stamp_dir.mkdir()
         cfg = parse_config(config_text(Path(tmp), mode, args))
         session = aiohttp.ClientSession()
         sup = Supervisor(cfg, session)
@@ -225,6 +253,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             sampler = asyncio.create_task(sample(sup, result, args.gpus))
+            ticker = asyncio.create_task(tick(sup))
             tasks = []
             for at, model in trace:
                 delay = t0 + at - loop.time()
@@ -234,7 +263,11 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             await asyncio.gather(*tasks)
             result.seconds = loop.time() - t0
             sampler.cancel()
+            ticker.cancel()
             result.evictions = sum(sup.market.evictions.values())
+            for (_, reason), n in sup.market.evictions.items():
+                result.by_reason[reason] = result.by_reason.get(reason, 0) + n
+            engines_own(result.loads, args.stamp_dir)
         finally:
             await sup.stop()
             await session.close()
@@ -248,6 +281,13 @@ async def boot(sup: Supervisor) -> None:
             return
         await asyncio.sleep(0.1)
     raise SystemExit("boot replicas did not become ready within 60 s")
+
+
+async def tick(sup: Supervisor) -> None:
+    """The autoscaler's pass, as the daemon runs it."""
+    while True:
+        await asyncio.sleep(sup.cfg.autoscaling.interval_s)
+        sup.tick()
 
 
 async def sample(sup: Supervisor, result: Result, gpus: int) -> None:
@@ -292,8 +332,10 @@ async def one_request(sup: Supervisor, model: str, result: Result, decided: dict
         result.failed += 1
         result.reasons[exc.code] = result.reasons.get(exc.code, 0) + 1
         return
+    result.waits.append(time.monotonic() - start)
     if caused:
-        result.loads.append(cut(start, time.monotonic(), replica, decided.get(replica.name, start)))
+        load = cut(start, time.monotonic(), replica, decided.get(replica.name, start))
+        result.loads.append({**load, "cause": dep.loading_cause, "pid": replica.pid})
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with replica.lease():
         try:
@@ -312,16 +354,41 @@ async def one_request(sup: Supervisor, model: str, result: Result, decided: dict
 
 def cut(arrived: float, held: float, replica, decided: float) -> dict[str, float]:
     """A load's wait in its parts (module docstring); the replica's timestamps are the
-    supervisor's clock (time.monotonic)."""
+    supervisor's clock (time.monotonic). ``engine`` is spawn (or wake) to READY until
+    engines_own replaces it by the engine's own time."""
     decided = min(max(decided, arrived), replica.loading_since)  # decided before it arrived: no queue
-    parts = {
-        "queued": decided - arrived,
+    return {
+        "queued": max(0.0, decided - arrived),  # (a load begun before it arrived: none)
         "freeing": replica.loading_since - decided,
         "engine": replica.ready_since - replica.loading_since,
         "handoff": held - replica.ready_since,
+        "loading_since": replica.loading_since,
     }
-    parts["over"] = parts["freeing"] + parts["handoff"]
-    return parts
+
+
+def engines_own(loads: list[dict], stamp_dir: Path) -> None:
+    """Each load's ``engine`` as the engine stamped it (module docstring), the rest of
+    spawn-to-READY as ``detect``; ``over`` = freeing + detect + handoff. A cold start is the
+    process's serving stamp; a wake the first wake stamped after the load began."""
+    stamps: dict[int, list[list[str]]] = {}
+    for f in stamp_dir.iterdir():
+        stamps[int(f.name)] = [line.split() for line in f.read_text().splitlines()]
+    for load in loads:
+        began, spawn_to_ready = load.pop("loading_since"), load["engine"]
+        rows = [(what, [float(x) for x in at]) for what, *at in stamps.get(load.pop("pid"), [])]
+        served = [t[0] for what, t in rows if what == "serving" and t[0] >= began - 0.001]
+        woken = [t[1] - t[0] for what, t in rows if what == "wake" and t[0] >= began - 0.001]
+        # A process spawned for this load: its start; else a wake of a sleeping one (counted
+        # under "wake", or "evict" when others were freed for it first: evict+cold, evict+wake).
+        own = served[0] - began if served else woken[0] if woken else spawn_to_ready
+        # ... and its answer to the readiness probe that follows (a 1-token completion)
+        first = served[0] if served else began
+        own += next((t[1] - t[0] for what, t in rows if what == "probe" and t[0] >= first), 0.0)
+        if load["cause"] == "evict":
+            load["cause"] = "evict+cold" if served else "evict+wake"
+        load["engine"] = own
+        load["detect"] = spawn_to_ready - own
+        load["over"] = load["freeing"] + load["detect"] + load["handoff"]
 
 
 def pct(values: list[float], q: int) -> str:
@@ -335,29 +402,46 @@ def pct(values: list[float], q: int) -> str:
 def table(results: list[Result], own: dict[str, float]) -> str:
     base = next((r for r in results if r.mode == "none"), results[0])
     lines = [
-        f"engine's own times (measured): cold start {own['cold']:.2f} s, sleep {own['sleep']:.2f} s, "
+        f"engine's own times (measured alone): cold start {own['cold']:.2f} s, sleep {own['sleep']:.2f} s, "
         f"wake {own['wake']:.2f} s, exit after SIGTERM {own['exit']:.2f} s",
-        "| mode | requests | failed (vs none) | loads | over own p50 / p99 ms (goal p50 <= 100) "
-        "| freeing p50 | handoff p50 | queued p50 / p99 | engine p50 | evictions/min | GPU memory used (mean) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| mode | requests | failed (vs none) | wait, every request: p50 / p99 / max ms | loads "
+        "| evictions/min (by reason) | GPU memory used (mean) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.failed / base.failed:.2f}x" if base.failed else "-"
         why = ", ".join(f"{k} {v}" for k, v in sorted(r.reasons.items()))
         failed = f"{r.failed} ({ratio}{'; ' + why if why else ''})"
         per_min = r.evictions / (r.seconds / 60) if r.seconds else 0.0
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(r.by_reason.items()))
         util = statistics.fmean(r.utilisation) if r.utilisation else 0.0
-        part = {k: [x[k] for x in r.loads] for k in ("over", "freeing", "handoff", "queued", "engine")}
+        waits = f"{pct(r.waits, 50)} / {pct(r.waits, 99)} / {max(r.waits, default=0) * 1000:.0f}"
         lines.append(
-            f"| {r.mode} | {r.requests} | {failed} | {len(r.loads)} | {pct(part['over'], 50)} / "
-            f"{pct(part['over'], 99)} | {pct(part['freeing'], 50)} | {pct(part['handoff'], 50)} "
-            f"| {pct(part['queued'], 50)} / {pct(part['queued'], 99)} | {pct(part['engine'], 50)} "
-            f"| {per_min:.1f} | {util:.0%} |"
+            f"| {r.mode} | {r.requests} | {failed} | {waits} | {len(r.loads)} | {per_min:.1f} ({reasons or '-'}) "
+            f"| {util:.0%} |"
         )
+    lines += [
+        "",
+        "| mode | cause | loads | over own p50 / p99 ms (goal p50 <= 100) | freeing p50 / p99 | detect p50 "
+        "| handoff p50 | queued p50 / p99 | engine's own p50 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for cause in ("cold", "wake", "evict+cold", "evict+wake", "all"):
+            loads = [x for x in r.loads if cause in ("all", x["cause"])]
+            if not loads:
+                continue
+            part = {k: [x[k] for x in loads] for k in ("over", "freeing", "detect", "handoff", "queued", "engine")}
+            lines.append(
+                f"| {r.mode} | {cause} | {len(loads)} | {pct(part['over'], 50)} / {pct(part['over'], 99)} "
+                f"| {pct(part['freeing'], 50)} / {pct(part['freeing'], 99)} | {pct(part['detect'], 50)} "
+                f"| {pct(part['handoff'], 50)} | {pct(part['queued'], 50)} / {pct(part['queued'], 99)} "
+                f"| {pct(part['engine'], 50)} |"
+            )
     lines.append(
-        "over own = freeing + handoff: the wait of a request that caused a load less its engine's own "
-        "start or wake and less the time it queued for room held by busy or resident replicas of other "
-        "models; freeing includes the evicted engines' own stop (SIGTERM to exit) or sleep."
+        "over own = freeing + detect + handoff: the wait of a request that caused a load less the engine's own "
+        "start or wake (as the engine stamps it) and less the time it queued for room held by busy or resident "
+        "replicas of other models; freeing includes the evicted engines' own stop (SIGTERM to exit) or sleep."
     )
     return "\n".join(lines)
 
@@ -379,6 +463,8 @@ def main() -> None:
     p.add_argument("--queue-timeout", type=float, default=120.0)
     p.add_argument("--modes", default="none,swap,market")
     p.add_argument("--trace", type=Path, default=None)
+    p.add_argument("--preempt-after", type=float, default=None, help="[capacity] max_wait_before_preempt_s")
+    p.add_argument("--headroom-idle", type=float, default=0.0, help="[capacity] headroom_idle_s (0: off)")
     args = p.parse_args()
     if not 0 < args.gpus < args.models:
         p.error("the benchmark wants capacity for k < N models: 0 < --gpus < --models")

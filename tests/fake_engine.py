@@ -77,6 +77,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
     p.add_argument("--sleep-delay", type=float, default=0.0, help="seconds vLLM's /sleep takes")
     p.add_argument("--wake-delay", type=float, default=0.0, help="seconds vLLM's /wake_up takes")
+    p.add_argument("--stamp-dir", default="",
+                   help="append to DIR/<pid> when it starts serving, and the start and end of each "
+                        "sleep, wake and 1-token answer (time.monotonic: the engine's own times, for "
+                        "bench/market.py)")
     p.add_argument("--crash-after", type=int, default=0, help="exit(3) after answering N requests")
     p.add_argument("--die-mid-stream", type=int, default=0,
                    help="exit(3) after sending this many chunks of a streamed answer")
@@ -209,12 +213,15 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage")) and not args.no_usage
             return await stream(request, chat, n, usage, prompt, cached, extra)
+        began = time.monotonic()
         try:
             if args.latency and STATS["requests"] >= args.latency_from:
                 await asyncio.sleep(args.latency)
         except asyncio.CancelledError:  # the client went away: the "slot" is freed
             STATS["unary_cancelled"] += 1
             raise
+        if body.get("max_tokens") == 1:  # a readiness probe: the engine's own answer time
+            stamp(args, "probe", began, time.monotonic())
         text = " ".join(f"tok{i}" for i in range(n))
         choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                   if chat else {"index": 0, "text": text, "finish_reason": "stop"})
@@ -490,13 +497,17 @@ def make_app(args: argparse.Namespace) -> web.Application:
         return web.Response(text=text, content_type="text/plain")
 
     async def sleep(request: web.Request) -> web.Response:
+        began = time.monotonic()
         await asyncio.sleep(args.sleep_delay)
+        stamp(args, "sleep", began, time.monotonic())
         STATS["sleeping"] = True
         STATS["sleep_level"] = int(request.query.get("level", "1"))
         return web.Response()
 
     async def wake_up(request: web.Request) -> web.Response:
+        began = time.monotonic()
         await asyncio.sleep(args.wake_delay)
+        stamp(args, "wake", began, time.monotonic())
         STATS["sleeping"] = False
         return web.Response()
 
@@ -573,6 +584,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
     return app
 
 
+def stamp(args: argparse.Namespace, what: str, *at: float) -> None:
+    if args.stamp_dir:
+        with open(os.path.join(args.stamp_dir, str(os.getpid())), "a") as f:
+            f.write(" ".join([what, *map(repr, at)]) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.as_engine == "sglang":  # SGLang logs its arguments at start, its api_key included
@@ -590,7 +607,13 @@ def main(argv: list[str] | None = None) -> None:
     # handler_cancellation: a client that disconnects cancels its request, as real
     # engines stop generating for a connection that closed.
     where = {"path": args.uds} if args.uds else {"host": args.host, "port": args.port}
-    web.run_app(make_app(args), **where, print=None,
+    app = make_app(args)
+
+    async def serving(app: web.Application) -> None:  # (just before it listens: an early stamp)
+        stamp(args, "serving", time.monotonic())
+
+    app.on_startup.append(serving)
+    web.run_app(app, **where, print=None,
                 handle_signals=not args.ignore_sigterm, access_log=None, handler_cancellation=True)
 
 

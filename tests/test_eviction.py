@@ -120,3 +120,48 @@ def test_room_held_only_for_now_says_when_it_may_come_and_room_held_for_good_say
     # Room needs both: the busy one and a pinned one that never goes: waiting cannot help.
     a, b = holder("a#0", inflight=1), holder("b#0", keep=1)
     assert plan("new", 0, [a, b], gpu_case(a, b, need_gib=80), NOW).room_in is None
+
+
+# --- fairness: preempt (appliance/fleet/fairness.py) and headroom (appliance/fleet/headroom.py) ---
+
+
+def test_preempt_takes_the_least_busy_busy_replica_a_plain_plan_keeps():
+    busier, busy = holder("a#0", inflight=3, held=2), holder("b#0", inflight=1)
+    assert not plan("new", 0, [busier, busy], gpu_case(busier, busy), NOW).fits
+    p = plan("new", 0, [busier, busy], gpu_case(busier, busy), NOW, preempt=True)
+    assert p.fits and p.victims == (busy,)
+
+
+def test_preempt_never_takes_a_pinned_floor_a_resident_replica_or_a_higher_priority():
+    pinned = holder("a#0", inflight=1, keep=1)
+    resident = holder("b#0", inflight=1, loaded_at=NOW - 5, min_residency_s=30)
+    higher = holder("c#0", inflight=1, priority=2)
+    reasons = {pinned: "a#0 (a keeps 1 replica (pinned or set by the operator))",
+               resident: "b#0 (loaded 5s ago, min_residency 30s)", higher: "c#0 (priority 2 is higher than 1)"}
+    for h, why in reasons.items():
+        p = plan("new", 1, [h], gpu_case(h, need_gib=60), NOW, preempt=True)
+        assert not p.fits and p.victims == ()
+        assert why in p.explain("GPU memory")
+
+
+def test_headroom_takes_only_replicas_unused_for_at_least_idle_for():
+    recent, old = holder("a#0", last_used=NOW - 5), holder("b#0", last_used=NOW - 50)
+    p = plan("new", 0, [recent, old], gpu_case(recent, old), NOW, idle_for=30)
+    assert p.fits and p.victims == (old,)
+    p = plan("new", 0, [recent], gpu_case(recent, need_gib=60), NOW, idle_for=30)
+    assert not p.fits and "a#0 (used 5s ago)" in p.explain("GPU memory")
+
+
+def test_a_replica_already_leaving_is_only_waited_for_even_of_the_model_asking():
+    # a#0 drains (its model's requests took by another's fairness): a's next replica needs
+    # exactly its room, which comes when it has stopped; nothing else goes for it.
+    leaving, idle = holder("a#0", leaving=True, inflight=1), holder("b#0", last_used=1)
+    p = plan("a", 0, [leaving, idle], gpu_case(leaving, idle), NOW)
+    assert p.fits and p.victims == (leaving,)
+
+
+def test_preempt_never_takes_a_replica_still_starting_for_its_models_waiting_requests():
+    # (with min_residency 0, two starved models would otherwise take each other's starts in turn)
+    starting = holder("a#0", held=3, serving=False, loaded_at=NOW, min_residency_s=0)
+    p = plan("new", 0, [starting], gpu_case(starting, need_gib=60), NOW, preempt=True)
+    assert not p.fits and "a#0 (3 requests of a waiting)" in p.explain("GPU memory")

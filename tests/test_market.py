@@ -5,6 +5,7 @@ Simulated GPU inventories and tests/fake_engine.py speaking as vLLM; no GPU need
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 from pathlib import Path
@@ -453,6 +454,54 @@ async def test_a_replica_evicted_to_sleep_takes_no_new_request_on_its_way_and_on
         b = await asyncio.wait_for(for_b, 60)
         assert b.state is State.READY
         assert await asyncio.wait_for(for_a, 60) is a and a.state is State.READY  # woke again for it
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_gpu_view_reads_proc_once_whatever_the_number_of_replicas(tmp_path, monkeypatch):
+    # It is read on the event loop for every placement and every set of victims tried: once
+    # per replica made looks for room stall the loop for seconds on a busy host.
+    from appliance.fleet import process
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        await sup.deployment("b").acquire()  # a sleeps (still placed), b runs
+        assert len([r for r in sup.replicas() if r.slot is not None and r.pid]) == 2
+        reads = []
+        listdir = process.os.listdir
+        monkeypatch.setattr(process.os, "listdir", lambda path: reads.append(path) or listdir(path))
+        sup.capacity.gpu_view()
+        assert reads == ["/proc"]
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_replica_on_its_way_to_wake_holds_its_gpu_memory_so_no_other_wakes_into_it(tmp_path):
+    # a's wake waits for b to go to sleep; b's own next request, meanwhile, found a's memory
+    # "free" (a still SLEEPING) and woke b into it: two replicas awake on room for one.
+    inv = tmp_path / "one-gpu.toml"
+    inv.write_text('[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = 80\ncount = 1\n')
+    a = vllm_model(tmp_path, "a", 40, extra="sleep_mode = true\n")
+    b = vllm_model(tmp_path, "b", 40, extra="sleep_mode = true\n") + "[models.autoscaling]\nmin_replicas = 0\n"
+    text = gpu_config(tmp_path, a + b).replace(str(DATA / "inventory-8xh100.toml"), str(inv))
+    text = text.replace('"vllm"]', '"vllm", "--sleep-delay", "0.3"]', 1)
+    sup, session = await started(text + '[autoscaling]\nmin_residency = "0s"\n[capacity]\nhost_ram_gib = 100\n')
+    awake_at_once = []
+    sup.add_listener(lambda r, e: awake_at_once.append(sum(x.state is State.READY for x in sup.replicas())))
+    try:
+        [a0] = sup.deployment("a").replicas
+        with (await sup.deployment("b").acquire()).lease():
+            pass  # a sleeps, b runs
+        for_a = asyncio.ensure_future(sup.deployment("a").acquire())  # b to sleep, then a wakes
+        while not a0.waking:
+            await asyncio.sleep(0.001)
+        for_b = asyncio.ensure_future(sup.deployment("b").acquire())
+        with (await for_a).lease():
+            await asyncio.sleep(0.05)
+        assert (await for_b).state is State.READY
+        assert max(awake_at_once) == 1
     finally:
         await sup.stop()
         await session.close()

@@ -61,7 +61,7 @@ class _SupervisorCollector:
         evictions = CounterMetricFamily(
             "appliance_evictions",
             "Replicas stopped to make room for another model, by the model "
-            "evicted and what asked for the room (request, load, scale_up)",
+            "evicted and what asked for the room (request, load, scale_up, fairness, headroom)",
             labels=["model", "reason"],
         )
         for (model, reason), count in sorted(self.supervisor.market.evictions.items()):

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from appliance.config import Config, ModelConfig, uses_gpus
 from appliance.fleet import eviction
-from appliance.fleet.process import descendants
+from appliance.fleet.process import process_trees
 from appliance.fleet.replica import Replica, State
 from appliance.gpu.memory import MeasuredMemory, ModelShapeError, estimate_gguf
 from appliance.gpu.placement import GiB, Placed, free_bytes
@@ -230,20 +230,18 @@ class Capacity:
         """The GPUs as NVML sees them, the placed replicas that hold memory on them (less
         those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
         inventory = self.probe.read()
-        ours: set[int] = set()
-        placed = []
-        for r in self.replicas():
-            if r.slot is not None and holds_capacity(r):
-                ours |= descendants(r.pid) if r.pid else set()
-                if r.name not in ignoring:
-                    placed.append(
-                        Placed(
-                            replica=r.name,
-                            gpus=r.slot.gpus,
-                            bytes_per_gpu=reserved(r, inventory),
-                            sleeping=r.state is State.SLEEPING,
-                        )
-                    )
+        holding = [r for r in self.replicas() if r.slot is not None and holds_capacity(r)]
+        ours = process_trees([r.pid for r in holding if r.pid])
+        placed = [
+            Placed(
+                replica=r.name,
+                gpus=r.slot.gpus,
+                bytes_per_gpu=reserved(r, inventory),
+                sleeping=r.state is State.SLEEPING and not r.waking,
+            )
+            for r in holding
+            if r.slot is not None and r.name not in ignoring
+        ]
         return inventory, placed, ours
 
     def place(
@@ -268,12 +266,22 @@ class Capacity:
     def fits_on_its_gpus(self, r: Replica, removed: frozenset[str] = frozenset()) -> bool:
         """A sleeping replica's memory is free again on its own GPUs (so it may wake there),
         once the replicas named in ``removed`` are gone."""
+        return self._wake_fits(r)(removed)
+
+    def _wake_fits(self, r: Replica) -> Callable[[frozenset[str]], bool]:
+        """fits_on_its_gpus over one snapshot of the GPUs (NVML and /proc read once, not
+        once per set of victims tried)."""
         if r.slot is None:
-            return True
-        inventory, placed, ours = self.gpu_view(removed | {r.name})
-        free = free_bytes(gpus_from(inventory, ours), placed)
-        need = reserved(r, inventory)
-        return all(free.get(i, 0) >= need for i in r.slot.gpus)
+            return lambda removed: True
+        slot = r.slot
+        inventory, placed, ours = self.gpu_view(frozenset({r.name}))
+        gpus, need = gpus_from(inventory, ours), reserved(r, inventory)
+
+        def fits(removed: frozenset[str]) -> bool:
+            free = free_bytes(gpus, [p for p in placed if p.replica not in removed])
+            return all(free.get(i, 0) >= need for i in slot.gpus)
+
+        return fits
 
     def scarce_for_wake(self, r: Replica) -> Scarce:
         """For eviction: the awake replicas on a sleeping replica's GPUs, and whether it may
@@ -286,7 +294,7 @@ class Capacity:
             for o in self.replicas()
             if o.name in on_mine
         ]
-        return Scarce("GPU memory", holds, lambda removed: self.fits_on_its_gpus(r, removed))
+        return Scarce("GPU memory", holds, self._wake_fits(r))
 
     # --- status --------------------------------------------------------------------------------
 

@@ -15,7 +15,15 @@ Rules (issue 17):
   * never a replica loaded less than its model's ``min_residency`` ago (anti-thrash);
   * never one of a model with a higher ``priority`` than the model asking;
   * order: lowest priority first, then replicas that serve nothing (backing off)
-    before serving ones, then least recently used, then the newest replica;
+    before serving ones, then the least busy, then least recently used, then the newest;
+  * ``preempt`` (fairness, appliance/fleet/fairness.py: a model whose requests have waited
+    past ``[capacity] max_wait_before_preempt_s``): replicas with requests in flight or
+    held may be chosen too; they drain (take no new request, finish those in flight)
+    before they go. Every other rule holds: floors, residency, priority;
+  * ``idle_for`` (headroom, appliance/fleet/headroom.py: room made before it is asked
+    for): only replicas of models unused for at least that long;
+  * replicas already leaving (draining, or evicted to sleep) come first, at no cost: the
+    new replica only waits for them (of its own model too);
   * as few as needed: victims are taken in that order until the new replica fits,
     then any that turned out not to be needed are given back, most recently used first.
 """
@@ -40,6 +48,9 @@ class Holder:
     held: int = 0  # requests waiting in its model's queue
     keep: int = 0  # replicas of its model that must stay (pin, operator's count)
     serving: bool = True  # READY (False: backing off, nothing to lose)
+    # Already on its way out (draining to stop, or evicted to sleep): not evicted again, and
+    # a replica that needs its room (of any model) only waits for it.
+    leaving: bool = False
     # What it holds: GPU memory on these GPUs, or CPU cores and host RAM.
     gpus: tuple[int, ...] = ()
     bytes_per_gpu: int = 0
@@ -71,37 +82,47 @@ class Plan:
 
 
 def plan(
-    model: str, priority: int, holders: Sequence[Holder], fits: Callable[[frozenset[str]], bool], now: float
+    model: str,
+    priority: int,
+    holders: Sequence[Holder],
+    fits: Callable[[frozenset[str]], bool],
+    now: float,
+    preempt: bool = False,
+    idle_for: float = 0.0,
 ) -> Plan:
     """The fewest idle replicas of other models whose stopping makes the new replica of
     ``model`` fit, by the module's rules; Plan(fits=False) with the reasons if none do."""
     if fits(frozenset()):
         return Plan(fits=True)
-    if not fits(frozenset(h.replica for h in holders if h.model != model)):
+    if not fits(frozenset(h.replica for h in holders if h.model != model or h.leaving)):
         return Plan(never=True)
     per_model: dict[str, int] = {}
     for h in holders:
-        per_model[h.model] = per_model.get(h.model, 0) + 1
+        if not h.leaving:
+            per_model[h.model] = per_model.get(h.model, 0) + 1
     candidates, kept, later = [], [], []
     for h in holders:
-        if h.model == model:
+        if h.model == model or h.leaving:
             continue
-        why = _why_kept(h, priority, now)
+        why = _why_kept(h, priority, now, preempt, idle_for)
         (kept.append((h, why)) if why else candidates.append(h))
         if why and h.priority <= priority:
             later.append(h)  # busy or recently loaded: it may go later
-    candidates.sort(key=lambda h: (h.priority, h.serving, h.last_used, -_index(h.replica), h.replica))
+    candidates.sort(
+        key=lambda h: (h.priority, h.serving, h.inflight + h.held, h.last_used, -_index(h.replica), h.replica)
+    )
     room = {m: n - next(h.keep for h in holders if h.model == m) for m, n in per_model.items()}
-    chosen: list[Holder] = []
+    # Those already on their way out cost nothing more: the new replica only waits for them.
+    chosen: list[Holder] = [h for h in holders if h.leaving]
     for h in candidates:
+        if fits(frozenset(c.replica for c in chosen)):
+            break
         if room[h.model] <= 0:
             kept.append((h, _floor(h)))
             continue
         chosen.append(h)
         room[h.model] -= 1
-        if fits(frozenset(c.replica for c in chosen)):
-            break
-    else:
+    if not fits(frozenset(c.replica for c in chosen)):
         return Plan(kept=tuple(kept), room_in=_room_in(chosen, later, room, fits, now))
     for h in reversed(chosen[:-1]):  # the last one was needed: without it, it did not fit
         rest = frozenset(c.replica for c in chosen if c is not h)
@@ -136,15 +157,18 @@ def _lapse(h: Holder, now: float) -> float:
     return max(0.0, h.loaded_at + h.min_residency_s - now) if h.loaded_at else 0.0
 
 
-def _why_kept(h: Holder, priority: int, now: float) -> str | None:
-    if h.inflight:
+def _why_kept(h: Holder, priority: int, now: float, preempt: bool = False, idle_for: float = 0.0) -> str | None:
+    # (preempt: busy replicas may drain for a model whose requests have waited too long)
+    if h.inflight and not preempt:
         return f"{h.inflight} request{'s' if h.inflight > 1 else ''} in flight"
-    if h.held:
+    if h.held and (not preempt or not h.serving):  # (preempt: one starting for them stays)
         return f"{h.held} request{'s' if h.held > 1 else ''} of {h.model} waiting"
     if h.priority > priority:
         return f"priority {h.priority} is higher than {priority}"
     if h.loaded_at and now - h.loaded_at < h.min_residency_s:
         return f"loaded {now - h.loaded_at:.0f}s ago, min_residency {h.min_residency_s:.0f}s"
+    if now - h.last_used < idle_for:
+        return f"used {now - h.last_used:.0f}s ago"
     return None
 
 

@@ -56,12 +56,27 @@ class HoldQueue:
         self.dep = dep
         self.waiters: deque[asyncio.Future] = deque()
         self._room_polled = 0.0
+        self._arrived: list[float] = []  # when each held request arrived (the supervisor's clock)
 
     def __len__(self) -> int:
         return len(self.waiters)
 
+    def waited(self, now: float) -> float:
+        """How long the oldest request held now has waited (0: none held)."""
+        return now - min(self._arrived) if self._arrived else 0.0
+
     async def hold(
         self, disconnected: Callable[[], Awaitable] | None, exclude: Exclude | None, prefix: list[int] | None = None
+    ) -> Replica:
+        arrived = self.dep.supervisor.clock.monotonic()
+        self._arrived.append(arrived)
+        try:
+            return await self._hold(disconnected, exclude, prefix)
+        finally:
+            self._arrived.remove(arrived)
+
+    async def _hold(
+        self, disconnected: Callable[[], Awaitable] | None, exclude: Exclude | None, prefix: list[int] | None
     ) -> Replica:
         dep = self.dep
         queue = dep.supervisor.cfg.queue

@@ -28,7 +28,7 @@ class Eviction:
     model: str
     to: str  # "sleep" (weights to host RAM) or "stop"
     for_model: str  # the model that needed the room
-    trigger: str  # what asked for the room: request, load, scale_up
+    trigger: str  # what asked for the room: request, load, scale_up, fairness, headroom
     why: str  # one line: idle for how long, least recently used, priority
     at: float  # wall-clock seconds
 

@@ -175,6 +175,14 @@ class SubprocessRunner:
 
 def descendants(pid: int) -> set[int]:
     """pid and every process below it (engines fork a worker per GPU)."""
+    return process_trees([pid])
+
+
+def process_trees(pids: list[int]) -> set[int]:
+    """Each of pids and every process below them: one read of /proc for all (it is read on
+    the event loop, for every placement and look for room)."""
+    if not pids:
+        return set()
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -185,7 +193,7 @@ def descendants(pid: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             continue
         children.setdefault(ppid, []).append(int(entry))
-    found, todo = {pid}, [pid]
+    found, todo = set(pids), list(pids)
     while todo:
         for child in children.get(todo.pop(), ()):
             if child not in found:

@@ -194,6 +194,9 @@ class Replica:
         # Evicted to sleep for another model: takes no new request (its GPU memory is wanted)
         # while it goes to sleep; the supervisor clears it once it has left READY.
         self.evicted = False
+        # A wake is on its way to it (the supervisor's): its GPU memory is spoken for, though
+        # it still sleeps, so nothing else is placed in it meanwhile.
+        self.waking = False
         # Called when its last request in flight ends (the supervisor: an idle replica may
         # now be evicted for requests held for room).
         self.on_idle: Callable[[], None] | None = None

@@ -25,10 +25,11 @@ import aiohttp
 
 from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import eviction, lora, operator, rollout
+from appliance.fleet import eviction, headroom, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, Scarce, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
+from appliance.fleet.fairness import FAIRNESS, Fairness
 from appliance.fleet.market import Eviction, Market, now
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import (
@@ -92,7 +93,6 @@ class Supervisor:
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
-        self._waking: set[str] = set()  # sleeping replicas a wake is on its way to
         self._room_look: asyncio.Handle | None = None  # a look for room, due (``_room_may_have_come``)
         # Models whose requests just arrived to find no READY replica, and the look for room
         # that starts theirs once every request arriving with them is held (``want_replica``).
@@ -101,6 +101,7 @@ class Supervisor:
         self._room_timers: dict[str, asyncio.TimerHandle] = {}  # model -> its residency lapse
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
+        self.fairness = Fairness(self)  # models held for room too long take busy replicas' room
         self._stopping = False
         self.deployments: dict[str, Deployment] = {m.name: Deployment(m, self) for m in cfg.models}
         # Models a config reload removed whose replicas still drain (remove_deployment).
@@ -145,6 +146,7 @@ class Supervisor:
         for timer in [self._room_look, *self._room_timers.values()]:
             if timer is not None:
                 timer.cancel()
+        self.fairness.close()
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
         if self.store_checks is not None:
@@ -352,7 +354,9 @@ class Supervisor:
         now = self.clock.monotonic()
         holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
         by_name = {r.name: r for r, _ in holders}
-        decided = eviction.plan(dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now)
+        decided = eviction.plan(
+            dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, preempt=trigger == FAIRNESS
+        )
         if decided.never:
             if waking is not None:  # not even with every other replica gone: it starts afresh
                 dep.no_room, dep.room_in = None, None
@@ -376,6 +380,8 @@ class Supervisor:
         victims = [by_name[h.replica] for h in decided.victims]
         ram_left = self.capacity.host_ram() - self.capacity.host_used()
         for h, victim in zip(decided.victims, victims, strict=True):
+            if h.leaving:
+                continue  # already on its way out: only waited for
             # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
             # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
             asleep = gpu and self._may_sleep(victim, ram_left)
@@ -390,8 +396,8 @@ class Supervisor:
             if d.control.override is not None
             else (d.model.autoscaling.min_replicas if d.control.pinned else 0)
         )
-        # A replica still starting is inside its residency window from now on.
-        loaded_at = now if r.state in (State.STARTING, State.STOPPED) else r.ready_since
+        # A replica still starting (or waking) is inside its residency window from now on.
+        loaded_at = now if r.state in (State.STARTING, State.STOPPED) or r.waking else r.ready_since
         return eviction.Holder(
             replica=r.name,
             model=r.model.name,
@@ -403,6 +409,7 @@ class Supervisor:
             held=len(d.waiters),  # (one released for a READY replica, until it has taken it)
             keep=keep,
             serving=r.state is State.READY and not r.retiring,
+            leaving=r.retiring or r.evicted,
             **holds,
         )
 
@@ -417,6 +424,7 @@ class Supervisor:
             return  # already on its way out (scaled down, unloaded): only waited for
         idle = self.clock.monotonic() - h.last_used
         why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
+        why = self.fairness.why(h, for_model) if trigger == FAIRNESS else why
         to = "sleep" if asleep else "stop"
         log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
         self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
@@ -660,6 +668,8 @@ class Supervisor:
         for dep in waiting:
             if dep not in started:
                 self.on_demand(dep)
+        self.fairness.look(waiting)
+        for dep in waiting:
             if dep.waiters and not dep.can_become_ready():  # waiting cannot help any more: say why now
                 dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after()))
 
@@ -726,7 +736,7 @@ class Supervisor:
         if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
             return
         sleeping = [r for r in live if r.state is State.SLEEPING]
-        if any(r.name in self._waking for r in sleeping):
+        if any(r.waking for r in sleeping):
             return  # a wake is on its way
         if sleeping:
             # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
@@ -735,7 +745,7 @@ class Supervisor:
             if victims is not None:
                 dep.loading_cause = "evict" if victims else "wake"
                 dep.no_room, dep.room_in = None, None
-                self._waking.add(sleeping[0].name)
+                sleeping[0].waking = True  # its GPU memory is spoken for from now (capacity.py)
                 self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
                 return
             if dep.no_room and dep.room_in is not None and dep.room_in < self.cfg.queue.timeout_s:
@@ -743,8 +753,8 @@ class Supervisor:
             for r in sleeping:  # its GPUs are held by replicas that stay: start afresh elsewhere
                 self.retire(r, "asleep, and its GPU memory is held by another model: started again instead")
         if not live or sleeping:
-            why = "a request arrived for a model at zero" if trigger == "request" else "operator load"
-            self.add_replica(dep, reason=why, evict=trigger)
+            why = {"request": "a request arrived for a model at zero", FAIRNESS: "its requests waited too long"}
+            self.add_replica(dep, reason=why.get(trigger, "operator load"), evict=trigger)
 
     async def _wake(self, r: Replica, victims: list[Replica]) -> None:
         """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
@@ -752,7 +762,7 @@ class Supervisor:
             await self._after_stopped(victims, None)()
             await r.wake()
         finally:
-            self._waking.discard(r.name)
+            r.waking = False
 
     def tick(self) -> list[Decision]:
         """One autoscaler pass over every model; carry out what it decides."""
@@ -767,6 +777,7 @@ class Supervisor:
             decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
             self._apply(dep, decision)
             decisions.append(decision)
+        headroom.make(self, now)
         return decisions
 
     def _apply(self, dep: Deployment, d: Decision) -> None:
