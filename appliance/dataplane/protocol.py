@@ -1,0 +1,126 @@
+"""The frames between a worker and the daemon, over their private socketpair.
+
+One connection per worker, multiplexed: a client's request is `rid` (numbered by
+the worker), an engine call the daemon asks the worker to make is `uid`
+(numbered by the daemon). Each frame is msgpack behind a 4-byte length.
+
+A client request:   worker -> Request, Body...   daemon -> Start, Body...
+                    worker -> Gone (the client left)
+An engine call:     daemon -> Call               worker -> Head, Chunk..., End
+                    daemon -> Cancel (stop it: the engine's connection is dropped)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+
+import msgspec
+
+
+class Request(msgspec.Struct, tag=1, array_like=True):
+    rid: int
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    client: tuple[str, int] | None
+    http_version: str
+
+
+class Body(msgspec.Struct, tag=2, array_like=True):
+    """A piece of a request's body (worker -> daemon) or of its answer (daemon -> worker)."""
+
+    rid: int
+    data: bytes
+    more: bool
+
+
+class Gone(msgspec.Struct, tag=3, array_like=True):
+    rid: int
+
+
+class Start(msgspec.Struct, tag=4, array_like=True):
+    rid: int
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+class Call(msgspec.Struct, tag=5, array_like=True):
+    uid: int
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    connect_timeout_s: float | None
+    read_timeout_s: float | None
+
+
+class Head(msgspec.Struct, tag=6, array_like=True):
+    uid: int
+    status: int
+    content_type: str
+
+
+class Chunk(msgspec.Struct, tag=7, array_like=True):
+    uid: int
+    data: bytes
+
+
+class End(msgspec.Struct, tag=8, array_like=True):
+    """An engine call's end: error "" (the whole answer came), "timeout", "connect"
+    (no byte of an answer came back: safe elsewhere) or "broke" (mid-answer)."""
+
+    uid: int
+    error: str
+    message: str
+
+
+class Cancel(msgspec.Struct, tag=9, array_like=True):
+    uid: int
+
+
+ToDaemon = Request | Body | Gone | Head | Chunk | End
+ToWorker = Start | Body | Call | Cancel
+
+_LEN = struct.Struct("!I")
+MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some
+
+
+class FrameWriter:
+    """Frames onto the socket; write() never waits (the socket buffers), drain() lets it flow."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.encode = msgspec.msgpack.Encoder().encode
+
+    def write(self, frame: msgspec.Struct) -> None:
+        data = self.encode(frame)
+        self.writer.write(_LEN.pack(len(data)) + data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+
+class FrameReader:
+    def __init__(self, reader: asyncio.StreamReader, types: object) -> None:
+        self.reader = reader
+        self.decode = msgspec.msgpack.Decoder(types).decode  # type: ignore[call-overload]
+
+    async def read(self):
+        """The next frame; IncompleteReadError when the other side is gone."""
+        (size,) = _LEN.unpack(await self.reader.readexactly(4))
+        if size > MAX_FRAME:
+            raise ValueError(f"frame of {size} bytes")
+        return self.decode(await self.reader.readexactly(size))
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    """What a worker is told on its command line (nothing secret: the link is a socketpair)."""
+
+    index: int
+    header_read_timeout_s: float
+    # Beyond this many body bytes the worker stops reading: the daemon answers 413.
+    max_body_bytes: int
+    max_connections_per_replica: int
+    backlog: int = 1024
