@@ -23,8 +23,8 @@ from granian.server.embed import Server
 from appliance.api.admin_socket import admin_socket_server
 from appliance.api.app import create_app, front_door
 from appliance.config import Config, worker_count
-from appliance.dataplane.front import WorkerFront
 from appliance.daemon.service_manager import ServiceNotifier
+from appliance.dataplane.front import WorkerFront
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.server")

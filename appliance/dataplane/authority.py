@@ -20,10 +20,6 @@ from typing import Any
 
 import msgspec
 
-from appliance.errors import EngineFailure, EngineTimeout
-from appliance.fleet.replica import Replica
-from appliance.gateway.dialects import OPENAI, Dialect
-from appliance.gateway.proxy import Done, EngineProxy, Upstream, engine_status_error
 from appliance.dataplane.protocol import (
     Body,
     Call,
@@ -37,6 +33,10 @@ from appliance.dataplane.protocol import (
     Request,
     Start,
 )
+from appliance.errors import EngineFailure, EngineTimeout
+from appliance.fleet.replica import Replica
+from appliance.gateway.dialects import OPENAI, Dialect
+from appliance.gateway.proxy import Done, EngineProxy, Upstream, engine_status_error
 
 log = logging.getLogger("appliance.dataplane")
 

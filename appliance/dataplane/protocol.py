@@ -105,7 +105,7 @@ class FrameWriter:
 class FrameReader:
     def __init__(self, reader: asyncio.StreamReader, types: object) -> None:
         self.reader = reader
-        self.decode = msgspec.msgpack.Decoder(types).decode  # type: ignore[call-overload]
+        self.decode = msgspec.msgpack.Decoder(types).decode
 
     async def read(self):
         """The next frame; IncompleteReadError when the other side is gone."""

@@ -58,7 +58,8 @@ class _OnInheritedSocket(Server):
 
     def _init_shared_socket(self) -> None:
         self._ssp = None
-        self._shd = SocketHolder(self._fd, False, self.backlog)
+        # Granian 2.x's SocketHolder(fd, is_uds, backlog); its .pyi lags behind.
+        self._shd = SocketHolder(self._fd, False, self.backlog)  # type: ignore[call-arg,assignment]
 
 
 class Worker:
