@@ -3,7 +3,8 @@
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
         [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--rounds N] [--profile DIR]
-        [--telemetry]
+        [--telemetry] [--workers 1,2] [--stream [--streams 64] [--chunks 200] [--pacing-ms 20]
+        [--no-gap]] [--peer litellm]
 
 Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
@@ -25,6 +26,20 @@ accounting, measured in the same run.
 ("traced": every request a sampled trace, exported to a local OTLP/HTTP sink that
 answers 200 and keeps nothing) and prints its CPU per request against the untraced
 appliance's in the same run: what tracing costs a request.
+
+--stream also measures streamed answers (bench/overhead_stream.py): --streams
+streams started together, each of --chunks chunks, the engine writing one every
+--pacing-ms and stamping it with its send time, against direct, the floor of the
+stack (``naive_proxy.py --raw`` relaying each read as it comes), the naive proxy and
+each appliance; one table of chunks/s, CPU per relayed chunk, time to first chunk
+added to direct's (p50/p99), relay delay (a chunk's transit added to direct's,
+p50/p99), and each appliance against the floor. --no-gap adds 16 streams with no time
+between chunks. --concurrency none measures streams only.
+
+--workers 1,2 runs one appliance per value with ``[server] workers = N`` (1 leaves
+the setting out, so a tree without it runs); a tree that refuses the setting gets
+"not measured" and the reason. CPU per request and per chunk is summed over each
+side's processes (the daemon and its children, the engine excepted).
 
 --endpoint responses|messages also sends that API's request (the OpenAI Responses
 API, the Anthropic Messages API) straight to the engine ("ep-direct") and through
@@ -70,18 +85,18 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from overhead_procs import ROOT, Sides, cpu_spent, free_port, taskset, thread_cpu, tree_cpu_seconds  # noqa: E402
+from overhead_stream import median_stream, print_stream_table, run_streams  # noqa: E402
+
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 PATH = "/v1/chat/completions"
 # --endpoint: the same small request in another API (path, body).
@@ -90,7 +105,6 @@ REQUESTS = {
     "responses": ("/v1/responses", b'{"model":"fake","input":"hi","max_output_tokens":4}'),
     "messages": ("/v1/messages", b'{"model":"fake","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'),
 }
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 SIDES = ("direct", "naive", "raw", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
 # Sides that send the --endpoint request instead of chat's.
 ENDPOINT_SIDES = ("ep-direct", "ep-appl")
@@ -128,47 +142,6 @@ function done(summary, latency, requests)
     latency.mean, e.connect, e.read, e.write, e.status, e.timeout))
 end
 """
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"{what} exited with {proc.returncode} before it was ready")
-        try:
-            with urllib.request.urlopen(url, timeout=1) as resp:  # noqa: S310 - loopback
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.1)
-    raise SystemExit(f"{what} not ready at {url} after {timeout:.0f}s")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
-
-
-def thread_cpu(pid: int) -> dict[str, float]:
-    """CPU seconds per thread: "main" (the event loop) and the others by name, summed."""
-    out: dict[str, float] = {}
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):
-            name = "main" if task.name == str(pid) else (task / "comm").read_text().strip()
-            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
-            out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return out
-
-
-def taskset(cpus: str | None) -> list[str]:
-    return ["taskset", "-c", cpus] if cpus else []
 
 
 # --- the lean Python client (fallback) ------------------------------------------------
@@ -274,12 +247,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per run (default 8)")
     p.add_argument("--warmup", type=float, default=2.0, help="discarded seconds before each run (default 2)")
-    p.add_argument("--concurrency", default="1,16,64", help="comma-separated (default 1,16,64)")
+    p.add_argument("--concurrency", default="1,16,64",
+                   help="comma-separated (default 1,16,64); none: no unary runs (with --stream)")
     p.add_argument("--client", choices=("auto", "wrk", "python"), default="auto")
     p.add_argument("--max-requests", type=int, default=2_000_000, help="cap per load run")
     p.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
     p.add_argument("--engine-latency", type=float, default=0.0, help="fake engine --latency (s)")
-    p.add_argument("--only", choices=SIDES, help="measure one side only")
+    p.add_argument("--only", help="measure this side only (direct, naive, raw, appliance, appliance-w2, ...)")
     p.add_argument("--no-naive", action="store_true", help="skip the naive-proxy baseline")
     p.add_argument("--raw", action="store_true",
                    help="also measure the floor of the stack: a bare ASGI proxy on the same server and client")
@@ -294,8 +268,84 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="measure each side this many times, interleaved; report medians (default 1)")
     p.add_argument("--telemetry", action="store_true",
                    help="also measure an appliance exporting a trace of every request ([telemetry])")
+    p.add_argument("--workers", default="1",
+                   help="comma-separated [server] workers of the appliance sides (default 1): one "
+                        "appliance per value; 1 leaves the setting out")
+    p.add_argument("--stream", action="store_true",
+                   help="also measure streamed answers: --streams streams of --chunks chunks, one every "
+                        "--pacing-ms, against direct, the floor, the naive proxy and the appliance")
+    p.add_argument("--streams", type=int, default=64, help="--stream: streams started together (default 64)")
+    p.add_argument("--chunks", type=int, default=200, help="--stream: chunks per stream (default 200)")
+    p.add_argument("--pacing-ms", type=float, default=20.0,
+                   help="--stream: the engine's time between chunks, ms (default 20)")
+    p.add_argument("--no-gap", action="store_true",
+                   help="--stream: also 16 streams with no time between chunks (the relay's CPU bound)")
     p.add_argument("--json", action="store_true", help="also print the raw results as JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.levels = [] if args.concurrency == "none" else [int(c) for c in args.concurrency.split(",") if c.strip()]
+    args.worker_counts = [int(n) for n in args.workers.split(",") if n.strip()]
+    if any(n < 1 for n in args.worker_counts):
+        p.error("--workers: each value must be >= 1")
+    if not args.levels and not args.stream:
+        p.error("--concurrency none measures nothing without --stream")
+    return args
+
+
+def pick_client(wanted: str) -> str:
+    if wanted in ("auto", "wrk") and shutil.which("wrk") is None:
+        if wanted == "wrk":
+            raise SystemExit("wrk not found: install it with `apt-get install wrk` (Debian/Ubuntu) "
+                             "or `brew install wrk`, or use --client python")
+        print("warning: wrk not found (`apt-get install wrk`); falling back to the Python client, "
+              "which costs the box ~10x more CPU per request and understates the appliance",
+              file=sys.stderr)
+        return "python"
+    return "wrk" if wanted == "auto" else wanted
+
+
+def appliance_side(workers: int) -> str:
+    """The appliance side's name: "appliance" with one worker (today's), else appliance-wN."""
+    return "appliance" if workers == 1 else f"appliance-w{workers}"
+
+
+def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
+    """Every side this run measures, but direct (the engine, started first); their tokens by side."""
+    tokens: dict[str, str] = {}
+    for n in args.worker_counts:
+        # One worker is said by leaving the setting out (a tree without [server] workers runs it);
+        # more may not start on such a tree, and are then reported as not measured.
+        if n == 1:
+            sides.appliance(appliance_side(n), engine_port)
+        else:
+            sides.optional(appliance_side(n), lambda n=n: sides.appliance(appliance_side(n), engine_port,
+                                                                        server_extra=f"workers = {n}"))
+    for durability in DURABILITY if args.keys else ():
+        tokens[durability] = sides.appliance(durability, engine_port, f'[audit]\ndurability = "{durability}"\n',
+                                             key=True)
+    if args.telemetry:
+        sink_port = free_port()
+        sides.procs.append(subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(sink_port)], env=sides.env,
+                                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))
+        sides.appliance("traced", engine_port, f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{sink_port}"\n')
+    for side, wanted in (("naive", not args.no_naive), ("raw", args.raw or args.stream)):
+        if wanted:
+            port = free_port()
+            sides.start(side, [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(port),
+                               f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
+                        "/health", port=port)
+    if args.endpoint:
+        appliance = appliance_side(args.worker_counts[0])
+        sides.ports.update({"ep-direct": sides.ports["direct"], "ep-appl": sides.ports[appliance]})
+        sides.pids.update({"ep-direct": sides.pids["direct"], "ep-appl": sides.pids[appliance]})
+    return tokens
+
+
+def side_order(names) -> list[str]:
+    """The sides in the table's order: direct, the baselines, the appliances, the variants."""
+    names = set(names)
+    fixed = [s for s in SIDES if s in names]
+    return fixed[:3] + sorted(n for n in names if n not in SIDES) + fixed[3:]
 
 
 def main(argv: list[str]) -> int:
@@ -303,20 +353,7 @@ def main(argv: list[str]) -> int:
         py_client_main(argv[1:])
         return 0
     args = parse_args(argv)
-    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-
-    client = args.client
-    if client in ("auto", "wrk") and shutil.which("wrk") is None:
-        if client == "wrk":
-            raise SystemExit("wrk not found: install it with `apt-get install wrk` (Debian/Ubuntu) "
-                             "or `brew install wrk`, or use --client python")
-        print("warning: wrk not found (`apt-get install wrk`); falling back to the Python client, "
-              "which costs the box ~10x more CPU per request and understates the appliance",
-              file=sys.stderr)
-        client = "python"
-    elif client == "auto":
-        client = "wrk"
-
+    client = pick_client(args.client) if args.levels else "python"
     ncpu = len(os.sched_getaffinity(0))
     pin = not args.no_pin and ncpu >= 2 and shutil.which("taskset") is not None
     cpus = sorted(os.sched_getaffinity(0))
@@ -324,110 +361,88 @@ def main(argv: list[str]) -> int:
     rest_cpus = ",".join(str(c) for c in cpus[:-1]) if pin else None
 
     tmp = Path(tempfile.mkdtemp(prefix="gw-bench-"))
-    engine_port, app_port = free_port(), free_port()
-    cfg = appliance_config(tmp, "appliance", app_port, engine_port)
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    procs: list[subprocess.Popen] = []
+    sides = Sides(tmp, rest_cpus)
     try:
+        engine_port = free_port()
         engine_cmd = [sys.executable, str(ROOT / "tests" / "fake_engine.py"), "--port", str(engine_port)]
         if args.engine_latency:
             engine_cmd += ["--latency", str(args.engine_latency)]
-        engine = subprocess.Popen(taskset(engine_cpus) + engine_cmd, env=env, stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.DEVNULL, stderr=open(tmp / "engine.log", "wb"))
-        procs.append(engine)
-        wait_http(f"http://127.0.0.1:{engine_port}/health", engine, 30, "fake engine")
-        app = subprocess.Popen(
-            taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(cfg)],
-            env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(tmp / "appliance.log", "wb"))
-        procs.append(app)
-        wait_http(f"http://127.0.0.1:{app_port}/readyz", app, 60, "appliance")
+        if args.stream:
+            engine_cmd += ["--stamp-chunks", "--chunks", str(max(args.chunks, 3))]
+        sides.start("direct", engine_cmd, "/health", port=engine_port, cpus=engine_cpus, timeout=30)
+        tokens = start_sides(args, sides, engine_port)
 
-        ports = {"direct": engine_port, "appliance": app_port}
-        pids = {"appliance": app.pid, "direct": engine.pid}
-        if args.endpoint:
-            ports.update({"ep-direct": engine_port, "ep-appl": app_port})
-            pids.update({"ep-direct": engine.pid, "ep-appl": app.pid})
-        tokens: dict[str, str] = {}
-        for durability in DURABILITY if args.keys else ():
-            port = free_port()
-            side_cfg = appliance_config(tmp, durability, port, engine_port, f'[audit]\ndurability = "{durability}"\n')
-            tokens[durability] = subprocess.run(
-                [sys.executable, "-m", "appliance.cli", "keys", "create", "--config", str(side_cfg),
-                 "--name", "bench", "--budget-tokens", str(10**15)],
-                env=env, cwd=tmp, capture_output=True, text=True, check=True).stdout.strip()
-            proc = subprocess.Popen(
-                taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(side_cfg)],
-                env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(tmp / f"{durability}.log", "wb"))
-            procs.append(proc)
-            wait_http(f"http://127.0.0.1:{port}/readyz", proc, 60, f"appliance ({durability})")
-            ports[durability], pids[durability] = port, proc.pid
-        if args.telemetry:
-            sink_port, port = free_port(), free_port()
-            sink = subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(sink_port)], env=env,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            procs.append(sink)
-            side_cfg = appliance_config(tmp, "traced", port, engine_port,
-                                        f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{sink_port}"\n')
-            proc = subprocess.Popen(
-                taskset(rest_cpus) + [sys.executable, "-m", "appliance.cli", "serve", "--config", str(side_cfg)],
-                env=env, cwd=tmp, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(tmp / "traced.log", "wb"))
-            procs.append(proc)
-            wait_http(f"http://127.0.0.1:{port}/readyz", proc, 60, "appliance (traced)")
-            ports["traced"], pids["traced"] = port, proc.pid
-        for side, wanted in (("naive", not args.no_naive), ("raw", args.raw)):
-            if not wanted:
-                continue
-            port = free_port()
-            proc = subprocess.Popen(
-                taskset(rest_cpus) + [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(port),
-                                      f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
-                env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(tmp / f"{side}.log", "wb"))
-            procs.append(proc)
-            wait_http(f"http://127.0.0.1:{port}/health", proc, 60, f"{side} proxy")
-            ports[side], pids[side] = port, proc.pid
-
-        load = Load(client, rest_cpus, args.max_requests, tmp)
-        print(f"client={client} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
+        print(f"client={client if args.levels else 'aiohttp (streams)'} pinning={'engine cpu ' + engine_cpus + ', client+appliance cpu ' + rest_cpus if pin else 'off'} "
               f"duration={args.duration:g}s warmup={args.warmup:g}s cpus={ncpu}", file=sys.stderr)
+        names = [s for s in side_order(sides.ports) if not args.only or s == args.only]
         results = []
-        sides = [s for s in SIDES if s in ports and (not args.only or s == args.only)]
-        for c in levels:
+        load = Load(client, rest_cpus, args.max_requests, tmp)
+        for c in args.levels:
             rounds: list[dict] = []
             for r in range(max(1, args.rounds)):
-                rounds.append(measure_round(args, load, ports, pids, tokens, c, sides[:: -1 if r % 2 else 1], app))
+                rounds.append(measure_round(args, load, sides, tokens, c, names[:: -1 if r % 2 else 1]))
             row = median_row(rounds)
             row["concurrency"] = c
             row["rounds"] = rounds
             results.append(row)
             print(f"  c={c} done", file=sys.stderr)
-        print_table(results, args.endpoint)
+        if results:
+            print_table(results, args.endpoint)
+        for side, why in sides.skipped.items():
+            print(f"{side}: not measured: {why}")
+        scenarios = measure_streams(args, sides, tokens, rest_cpus, names) if args.stream else []
+        if scenarios:
+            print()
+            print_stream_table(scenarios, side_labels(args))
         if args.json:
-            print(json.dumps(results, indent=1))
-        if app.poll() is not None:
-            print(f"warning: appliance exited ({app.returncode}); see {tmp}/appliance.log", file=sys.stderr)
+            print(json.dumps({"unary": results, "stream": scenarios}, indent=1))
+        for side in sides.exited():
+            print(f"warning: {side} exited during the run; see its log, {tmp}/{side}.log", file=sys.stderr)
         return 0
     finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in reversed(procs):
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+        sides.stop()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def measure_round(args, load, ports: dict, pids: dict, tokens: dict, c: int, sides: list[str], app) -> dict:
+def side_labels(args) -> dict[str, str]:
+    """What each side is, in the stream table."""
+    labels = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "naive": "naive proxy"}
+    for n in args.worker_counts:
+        labels[appliance_side(n)] = f"appliance, workers={n}"
+    return labels
+
+
+STREAM_SIDES = ("direct", "raw", "naive")  # with the appliances: the sides a stream is measured on, in order
+
+
+def measure_streams(args, sides: Sides, tokens: dict, cpus: str | None, names: list[str]) -> list[dict]:
+    """Each stream scenario (--streams x --chunks at --pacing-ms; with --no-gap, 16 streams with no
+    time between chunks), every stream side measured --rounds times, interleaved."""
+    plan = [(args.streams, args.pacing_ms)] + ([(16, 0.0)] if args.no_gap else [])
+    wanted = [s for s in STREAM_SIDES if s in names] + [s for s in names if s.startswith("appliance")]
+    engine = sides.pids["direct"]
+    scenarios = []
+    for streams, pacing_ms in plan:
+        urllib.request.urlopen(urllib.request.Request(  # noqa: S310 - loopback
+            f"http://127.0.0.1:{sides.ports['direct']}/fake/pacing?seconds={pacing_ms / 1e3}", method="POST"),
+            timeout=10).close()
+        runs: dict[str, list[dict]] = {s: [] for s in wanted}
+        for r in range(max(1, args.rounds)):
+            for side in wanted[:: -1 if r % 2 else 1]:
+                runs[side].append(run_streams(cpus, sides.ports[side], streams, args.chunks, args.duration,
+                                              sides.pids[side], engine, tokens.get(side, "")))
+        scenarios.append({"streams": streams, "chunks": args.chunks, "pacing_ms": pacing_ms,
+                          "sides": {s: median_stream(runs[s]) for s in wanted}})
+        print(f"  streams {streams}x{args.chunks} @{pacing_ms:g}ms done", file=sys.stderr)
+    return scenarios
+
+
+def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[str]) -> dict:
     """One measured run of each side, in this order: {side: result}."""
     row: dict = {}
-    for side in sides:
-        port = ports[side]
+    engine = sides.pids["direct"]
+    for side in names:
+        port = sides.ports[side]
         endpoint = args.endpoint if side in ENDPOINT_SIDES else "chat"
         if args.warmup > 0:
             load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
@@ -440,17 +455,18 @@ def measure_round(args, load, ports: dict, pids: dict, tokens: dict, c: int, sid
                 pyspy_extra.append("--nonblocking")
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(app.pid), "--rate", "250", *pyspy_extra,
+                [pyspy, "record", "--pid", str(sides.pids[side]), "--rate", "250", *pyspy_extra,
                  "--duration", str(int(args.duration)), "--format", "raw",
                  "-o", str(Path(args.profile) / f"c{c}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        # CPU per request of the process that serves this side (the engine itself
-        # for "direct", the proxy for the others).
-        pid = pids[side]
-        cpu0, threads0 = cpu_seconds(pid), thread_cpu(pid)
+        # CPU per request of the processes that serve this side (the engine itself for
+        # "direct"; for the others the proxy and every process below it, the engine excepted).
+        pid = sides.pids[side]
+        exclude = () if pid == engine else (engine,)
+        cpu0, threads0 = tree_cpu_seconds(pid, exclude), thread_cpu(pid)
         res = load.run(port, c, args.duration, tokens.get(side, ""), endpoint)
         n = max(1, res["requests"])
-        res["cpu_us_per_req"] = (cpu_seconds(pid) - cpu0) * 1e6 / n
+        res["cpu_us_per_req"] = cpu_spent(cpu0, tree_cpu_seconds(pid, exclude)) * 1e6 / n
         res["thread_cpu_us_per_req"] = {
             k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
             for k, v in thread_cpu(pid).items() if v - threads0.get(k, 0.0) > 0}
@@ -474,42 +490,19 @@ def median_row(rounds: list[dict]) -> dict:
     return row
 
 
-def appliance_config(tmp: Path, name: str, port: int, engine_port: int, extra: str = "") -> Path:
-    """An appliance config serving the fake engine as an external openai engine, with its own state."""
-    cfg = tmp / f"{name}.toml"
-    cfg.write_text(f"""
-[server]
-host = "127.0.0.1"
-port = {port}
-log_level = "warning"
-[paths]
-state_dir = "{tmp}/state-{name}"
-cache_dir = "{tmp}/cache"
-log_dir = "{tmp}/log-{name}"
-{extra}
-[[models]]
-name = "fake"
-server = "openai"
-url = "http://127.0.0.1:{engine_port}"
-""")
-    return cfg
-
-
 def print_table(results: list[dict], endpoint: str | None = None) -> None:
     """One row per concurrency: each side's req/s, p50, p99 and CPU per request;
     then the appliance against direct (added p50, throughput ratio) and against the
     naive proxy measured in the same run."""
-    head = (f"{'conc':>4} | {'side':<9} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
+    head = (f"{'conc':>4} | {'side':<12} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/req':>10} "
             f"{'errors':>6} | {'added p50 ms':>12} {'vs direct':>9}")
     print(head)
     print("-" * len(head))
     for row in results:
-        for side in SIDES:
-            r = row.get(side)
-            if r is None:
-                continue
+        for side in side_order(k for k, v in row.items() if isinstance(v, dict)):
+            r = row[side]
             d = row.get("ep-direct" if side in ENDPOINT_SIDES else "direct")
-            cells = (f"{row['concurrency']:>4} | {side:<9} {r['rps']:>8.0f} {r['p50_us'] / 1e3:>7.3f} "
+            cells = (f"{row['concurrency']:>4} | {side:<12} {r['rps']:>8.0f} {r['p50_us'] / 1e3:>7.3f} "
                      f"{r['p99_us'] / 1e3:>7.3f} {r['cpu_us_per_req']:>10.0f} {r.get('errors', 0):>6} |")
             if d is not None and side not in ("direct", "ep-direct"):
                 cells += f" {(r['p50_us'] - d['p50_us']) / 1e3:>12.3f} {r['rps'] / d['rps']:>9.2f}"
@@ -518,6 +511,7 @@ def print_table(results: list[dict], endpoint: str | None = None) -> None:
         if a is not None and n is not None:
             print(f"{row['concurrency']:>4} | appliance vs naive proxy: {a['rps'] / n['rps']:.2f}x req/s, "
                   f"{n['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x less CPU per request")
+        print_workers(row)
         batch = row.get("batch")
         for durable in ("commit", "fsync"):
             d = row.get(durable)
@@ -535,6 +529,21 @@ def print_table(results: list[dict], endpoint: str | None = None) -> None:
         if endpoint:
             print_endpoint(row, endpoint)
     print_goals(results)
+
+
+def print_workers(row: dict) -> None:
+    """Each appliance (by its workers) against the floor of the stack and against one worker:
+    req/s and CPU per request, summed over all its processes."""
+    floor, one = row.get("raw"), row.get("appliance")
+    for side in side_order(k for k in row if k.startswith("appliance")):
+        a = row[side]
+        if floor is not None:
+            print(f"{row['concurrency']:>4} | {side} vs floor: {a['rps'] / floor['rps']:.2f}x req/s, "
+                  f"{a['cpu_us_per_req'] / max(floor['cpu_us_per_req'], 1e-9):.2f}x CPU per request")
+        if one is not None and a is not one:
+            print(f"{row['concurrency']:>4} | {side} vs one worker: {a['rps'] / one['rps']:.2f}x req/s, "
+                  f"{a['cpu_us_per_req'] / max(one['cpu_us_per_req'], 1e-9):.2f}x CPU per request "
+                  "(all its processes)")
 
 
 def print_endpoint(row: dict, endpoint: str) -> None:

@@ -1,7 +1,7 @@
 """A fake OpenAI-compatible engine, run as a real subprocess by tests and benchmarks.
 
     python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
-        [--chunk-delay 0.01] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
+        [--chunk-delay 0.01] [--stamp-chunks] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
         [--embeddings] [--fail-status 500 [--fail-from 2]] [--cache-report] [--no-usage]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
@@ -12,7 +12,11 @@ shapes; GET/DELETE /v1/responses/{id} and POST .../cancel for stored Responses),
 /v1/models and /health, and reports what it saw at /fake/stats
 (requests, streams started, completed and cancelled by the client, unary answers
 completed and cancelled by the client, the last body).
-POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica).
+POST /fake/latency?seconds=S changes --latency while it runs (the chaos tests' slow replica);
+POST /fake/pacing?seconds=S changes --chunk-delay alone (bench/gateway_overhead.py --stream).
+--stamp-chunks ends each streamed chat/completion chunk with "sent_at": the engine's
+time.monotonic() when it wrote the chunk, so a client on the same machine measures the time
+the chunk spent between engine and client (bench/overhead_stream.py).
 As vLLM it keeps its LoRA adapters (--lora-modules, then /v1/load_lora_adapter and
 /v1/unload_lora_adapter with VLLM_ALLOW_RUNTIME_LORA_UPDATING=1) in /fake/stats' "loras".
 
@@ -68,6 +72,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="first request number that gets --latency (2: the readiness probe is quick)")
     p.add_argument("--chunks", type=int, default=3, help="content chunks in a streamed answer")
     p.add_argument("--chunk-delay", type=float, default=0.0, help="seconds between streamed chunks")
+    p.add_argument("--stamp-chunks", action="store_true",
+                   help='end each streamed chunk with "sent_at": time.monotonic() when it was written')
     p.add_argument("--slow-start", type=float, default=0.0, help="seconds before listening")
     p.add_argument("--sleep-delay", type=float, default=0.0, help="seconds vLLM's /sleep takes")
     p.add_argument("--wake-delay", type=float, default=0.0, help="seconds vLLM's /wake_up takes")
@@ -233,6 +239,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
                          "created": int(time.time()), "model": args.model, "choices": [delta]}
                 if i == n - 1 and extra:  # llama-server: timings on the last content chunk
                     chunk.update(extra)
+                if args.stamp_chunks:  # last, so a reader finds it without parsing the JSON
+                    chunk["sent_at"] = time.monotonic()
                 await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
@@ -449,6 +457,11 @@ def make_app(args: argparse.Namespace) -> web.Application:
         args.chunk_delay = args.latency / max(args.chunks, 1)
         return web.json_response({"latency": args.latency})
 
+    async def set_pacing(request: web.Request) -> web.Response:
+        # The bench's streams: the time between streamed chunks, unary answers untouched.
+        args.chunk_delay = float(request.query["seconds"])
+        return web.json_response({"chunk_delay": args.chunk_delay})
+
     async def metrics(request: web.Request) -> web.Response:
         running = STATS["streams_started"] - STATS["streams_completed"] - STATS["streams_cancelled"]
         if args.as_engine == "llamacpp":
@@ -544,6 +557,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
     app.router.add_get("/health", health)
     app.router.add_get("/fake/stats", stats)
     app.router.add_post("/fake/latency", set_latency)
+    app.router.add_post("/fake/pacing", set_pacing)
     if args.as_engine:
         app.router.add_get("/metrics", metrics)
     if args.as_engine == "vllm":
