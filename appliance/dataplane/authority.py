@@ -32,6 +32,7 @@ from appliance.dataplane.protocol import (
     Head,
     Request,
     Start,
+    Whole,
 )
 from appliance.errors import EngineFailure, EngineTimeout
 from appliance.fleet.replica import Replica
@@ -52,7 +53,7 @@ class WorkerLink:
     def __init__(self, app: Any, reader: FrameReader, writer: FrameWriter, server: tuple[str, int]) -> None:
         self.app, self.reader, self.out, self.server = app, reader, writer, server
         self.inboxes: dict[int, asyncio.Queue[Body | Gone]] = {}
-        self.calls: dict[int, asyncio.Queue[Head | Chunk | End]] = {}
+        self.calls: dict[int, asyncio.Queue[Whole | Head | Chunk | End]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -103,9 +104,14 @@ class WorkerLink:
             "server": self.server,
         }
         gone = False
+        first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
+        start: dict[str, Any] | None = None
 
         async def receive() -> dict[str, Any]:
-            nonlocal gone
+            nonlocal gone, first
+            if first is not None:
+                message, first = first, None
+                return message
             if not gone:
                 frame = await inbox.get()
                 if isinstance(frame, Body):
@@ -114,14 +120,23 @@ class WorkerLink:
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
+            # The answer's start goes with its first piece of body: one frame fewer.
+            nonlocal start
             if self.closed:
                 raise ConnectionResetError("the worker relaying this answer exited")
             if message["type"] == "http.response.start":
-                headers = [(bytes(k), bytes(v)) for k, v in message.get("headers", ())]
-                self.out.write(Start(req.rid, message["status"], headers))
-            elif message["type"] == "http.response.body":
-                self.out.write(Body(req.rid, message.get("body", b""), message.get("more_body", False)))
-                await self.out.drain()
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                return
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if start is not None:
+                headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
+                self.out.write(Start(req.rid, start["status"], headers, body, more))
+                start = None
+            else:
+                self.out.write(Body(req.rid, body, more))
+            await self.out.drain()
 
         try:
             await self.app(scope, receive, send)
@@ -131,7 +146,7 @@ class WorkerLink:
             del self.inboxes[req.rid]
 
     def call(self, frame: Call) -> EngineCall:
-        queue: asyncio.Queue[Head | Chunk | End] = asyncio.Queue()
+        queue: asyncio.Queue[Whole | Head | Chunk | End] = asyncio.Queue()
         self.calls[frame.uid] = queue
         if self.closed:
             queue.put_nowait(End(frame.uid, "broke", "the worker relaying it exited"))
@@ -143,13 +158,13 @@ class WorkerLink:
 class EngineCall:
     """One engine call a worker makes for the daemon: its head, then its chunks."""
 
-    def __init__(self, link: WorkerLink, uid: int, frames: asyncio.Queue[Head | Chunk | End]) -> None:
+    def __init__(self, link: WorkerLink, uid: int, frames: asyncio.Queue[Whole | Head | Chunk | End]) -> None:
         self.link, self.uid, self.frames = link, uid, frames
         self.ended = False
 
-    async def next(self) -> Head | Chunk | End:
+    async def next(self) -> Whole | Head | Chunk | End:
         frame = await self.frames.get()
-        if isinstance(frame, End):
+        if isinstance(frame, (End, Whole)):
             self.ended = True
         return frame
 
@@ -165,6 +180,9 @@ class EngineCall:
         self.link.calls.pop(self.uid, None)
         if not self.ended and not self.link.closed:
             self.link.out.write(Cancel(self.uid))
+
+
+MID_ANSWER = ("stalled", "broke")
 
 
 def _refused(upstream: Upstream, end: End) -> EngineFailure | EngineTimeout:
@@ -194,7 +212,7 @@ class RemoteProxy(EngineProxy):
         secret = _engine_headers(replica)
         if link is None or secret is None:
             return super().unary(replica, path, body, headers, method)
-        return self._unary(link, replica, self._call(replica, path, body, headers | secret, method))
+        return self._unary(link, replica, self._call(replica, path, body, headers | secret, method, False))
 
     async def open_stream(
         self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
@@ -205,7 +223,7 @@ class RemoteProxy(EngineProxy):
             return await super().open_stream(replica, path, body, headers, done, dialect)
         lease = replica.lease()
         lease.__enter__()
-        call = link.call(self._call(replica, path, body, headers | secret, "POST"))
+        call = link.call(self._call(replica, path, body, headers | secret, "POST", True))
         try:
             head = await call.next()
             if isinstance(head, End):
@@ -223,18 +241,15 @@ class RemoteProxy(EngineProxy):
         with replica.lease():
             call = link.call(frame)
             try:
-                head = await call.next()
-                if isinstance(head, End):
-                    raise _refused(replica, head)
-                assert isinstance(head, Head), "a call's first frame"
-                end, data = await call.whole()
+                answer = await call.next()
             finally:
                 call.close()
-            if head.status >= 400:
-                raise engine_status_error(replica, head.status, data)
-            if end.error:
-                raise _broke(replica, end)
-            return head.status, data, head.content_type
+            if isinstance(answer, End):
+                raise (_broke if answer.error in MID_ANSWER else _refused)(replica, answer)
+            assert isinstance(answer, Whole), "a whole call's answer"
+            if answer.status >= 400:
+                raise engine_status_error(replica, answer.status, answer.body)
+            return answer.status, answer.body, answer.content_type
 
     async def _relay_remote(
         self, replica: Upstream, call: EngineCall, lease: Any, done: Done, dialect: Dialect
@@ -257,11 +272,12 @@ class RemoteProxy(EngineProxy):
             lease.__exit__(None, None, None)
             done(status)
 
-    def _call(self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str) -> Call:
+    def _call(
+        self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str, stream: bool
+    ) -> Call:
         timeout = replica.timeout or self.timeout
-        return Call(
-            next(_uids), method, replica.base_url + path, headers, body, timeout.sock_connect, timeout.sock_read
-        )
+        url = replica.base_url + path
+        return Call(next(_uids), method, url, headers, body, timeout.sock_connect, timeout.sock_read, stream)
 
 
 def _engine_headers(upstream: Upstream) -> dict[str, str] | None:

@@ -4,10 +4,16 @@ One connection per worker, multiplexed: a client's request is `rid` (numbered by
 the worker), an engine call the daemon asks the worker to make is `uid`
 (numbered by the daemon). Each frame is msgpack behind a 4-byte length.
 
-A client request:   worker -> Request, Body...   daemon -> Start, Body...
+A client request:   worker -> Request (with the body's first piece), Body...
+                    daemon -> Start (with the answer's first piece), Body...
                     worker -> Gone (the client left)
-An engine call:     daemon -> Call               worker -> Head, Chunk..., End
+An engine call:     daemon -> Call
+                    worker -> Whole (a whole answer), or Head, Chunk..., End (a stream),
+                              or End alone (it failed)
                     daemon -> Cancel (stop it: the engine's connection is dropped)
+
+A unary request is thus four frames, two each way: the fewest hand-offs a request
+decided here and carried there can take (bench/gateway_overhead.py --workers).
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ class Request(msgspec.Struct, tag=1, array_like=True):
     headers: list[tuple[bytes, bytes]]
     client: tuple[str, int] | None
     http_version: str
+    body: bytes
+    more: bool
 
 
 class Body(msgspec.Struct, tag=2, array_like=True):
@@ -44,6 +52,8 @@ class Start(msgspec.Struct, tag=4, array_like=True):
     rid: int
     status: int
     headers: list[tuple[bytes, bytes]]
+    body: bytes
+    more: bool
 
 
 class Call(msgspec.Struct, tag=5, array_like=True):
@@ -54,6 +64,7 @@ class Call(msgspec.Struct, tag=5, array_like=True):
     body: bytes | None
     connect_timeout_s: float | None
     read_timeout_s: float | None
+    stream: bool
 
 
 class Head(msgspec.Struct, tag=6, array_like=True):
@@ -67,9 +78,19 @@ class Chunk(msgspec.Struct, tag=7, array_like=True):
     data: bytes
 
 
+class Whole(msgspec.Struct, tag=10, array_like=True):
+    """A whole (not streamed) engine answer."""
+
+    uid: int
+    status: int
+    content_type: str
+    body: bytes
+
+
 class End(msgspec.Struct, tag=8, array_like=True):
-    """An engine call's end: error "" (the whole answer came), "timeout", "connect"
-    (no byte of an answer came back: safe elsewhere) or "broke" (mid-answer)."""
+    """An engine call's end: error "" (the whole stream came); before an answer,
+    "timeout", "connect" (no byte of an answer came back: safe elsewhere) or
+    "failure"; mid-answer, "stalled" or "broke"."""
 
     uid: int
     error: str
@@ -80,7 +101,7 @@ class Cancel(msgspec.Struct, tag=9, array_like=True):
     uid: int
 
 
-ToDaemon = Request | Body | Gone | Head | Chunk | End
+ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End
 ToWorker = Start | Body | Call | Cancel
 
 _LEN = struct.Struct("!I")

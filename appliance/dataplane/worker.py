@@ -39,6 +39,7 @@ from appliance.dataplane.protocol import (
     Request,
     Start,
     ToWorker,
+    Whole,
     WorkerSettings,
 )
 from appliance.fleet.engine_access import http_session, tcp_connector
@@ -77,9 +78,14 @@ class Worker:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        first = await receive()
+        if first["type"] == "http.disconnect":
+            return
         rid = next(self.ids)
         answer: asyncio.Queue[Start | Body | None] = asyncio.Queue()
         self.requests[rid] = answer
+        left = self.settings.max_body_bytes + 1
+        data, more, left = _piece(first, left)
         try:
             self.out.write(
                 Request(
@@ -90,9 +96,11 @@ class Worker:
                     [(bytes(k), bytes(v)) for k, v in scope["headers"]],
                     (str(client[0]), int(client[1])) if (client := scope.get("client")) else None,
                     scope["http_version"],
+                    data,
+                    more,
                 )
             )
-            if not await self._pass_body(rid, receive):
+            if more and not await self._pass_body(rid, receive, left):
                 return
             watcher = asyncio.ensure_future(self._watch(rid, receive))
             try:
@@ -102,19 +110,16 @@ class Worker:
         finally:
             del self.requests[rid]
 
-    async def _pass_body(self, rid: int, receive: Any) -> bool:
-        """The request's body to the daemon as it arrives; False: the client left."""
-        left = self.settings.max_body_bytes + 1
+    async def _pass_body(self, rid: int, receive: Any, left: int) -> bool:
+        """The rest of the request's body to the daemon as it arrives; False: the client left."""
         while True:
+            await self.out.drain()
             message = await receive()
             if message["type"] == "http.disconnect":
                 self.out.write(Gone(rid))
                 return False
-            data = message.get("body", b"")[:left]
-            left -= len(data)
-            more = message.get("more_body", False) and left > 0  # past the limit: the daemon says 413
+            data, more, left = _piece(message, left)
             self.out.write(Body(rid, data, more))
-            await self.out.drain()
             if not more:
                 return True
 
@@ -131,8 +136,9 @@ class Worker:
             if isinstance(frame, Start):
                 headers = [*frame.headers, self.worker_header]
                 await send({"type": "http.response.start", "status": frame.status, "headers": headers})
-                continue
-            await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
+                await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
+            else:
+                await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
             if not frame.more:
                 return
 
@@ -159,6 +165,21 @@ class Worker:
         except aiohttp.ClientError as exc:
             self.out.write(End(uid, "failure", type(exc).__name__))
             return
+        if call.stream:
+            await self._relay_stream(uid, resp)
+            return
+        try:
+            data = await resp.read()
+        except TimeoutError:
+            self.out.write(End(uid, "stalled", "stalled mid-answer"))
+        except (aiohttp.ClientError, OSError) as exc:
+            self.out.write(End(uid, "broke", type(exc).__name__))
+        else:
+            self.out.write(Whole(uid, resp.status, resp.headers.get("Content-Type", "application/json"), data))
+        finally:
+            resp.release()
+
+    async def _relay_stream(self, uid: int, resp: aiohttp.ClientResponse) -> None:
         finished = False
         try:
             self.out.write(Head(uid, resp.status, resp.headers.get("Content-Type", "application/json")))
@@ -199,6 +220,14 @@ class Worker:
         finally:
             for answer in self.requests.values():
                 answer.put_nowait(None)
+
+
+def _piece(message: dict[str, Any], left: int) -> tuple[bytes, bool, int]:
+    """(data, more, bytes left) of a body message: past the limit the worker stops
+    reading, and the daemon, given one byte too many, answers 413."""
+    data = message.get("body", b"")[:left]
+    left -= len(data)
+    return data, message.get("more_body", False) and left > 0, left
 
 
 async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
