@@ -132,7 +132,7 @@ class ServerConfig(_Section):
     log_file: str = ""
     # Data-plane processes taking the port's connections (appliance/dataplane/): 1 is
     # the daemon alone; N > 1 adds N worker processes that do the HTTP work while the
-    # daemon still decides every request; "auto": one per 4 cores, at most 8 (worker_count).
+    # daemon still decides every request; "auto": one per 4 cores, at most 4 (worker_count).
     workers: int | Literal["auto"] = 1
 
 
@@ -825,13 +825,14 @@ MAX_WORKERS = 64
 
 def worker_count(server: ServerConfig, cores: int | None = None) -> int:
     """How many data-plane processes serve the port: server.workers, or for "auto" one
-    per 4 cores the daemon may run on, at most 8 (the rest is the daemon's, which
-    decides every request on one core, and the engines'; see docs/architecture.md)."""
+    per 4 cores the daemon may run on, at most 4: the other cores are the daemon's own
+    (it decides every request, on one core) and the engines', and beyond 4 workers
+    the daemon's core is the limit (docs/architecture.md, "Workers")."""
     if server.workers != "auto":
         return server.workers
     if cores is None:
         cores = len(os.sched_getaffinity(0))
-    return max(1, min(8, cores // 4))
+    return max(1, min(4, cores // 4))
 
 
 def _validate(cfg: Config) -> None:

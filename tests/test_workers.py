@@ -239,5 +239,5 @@ def test_a_bad_workers_setting_names_the_field_and_the_fix(value, message):
 
 def test_auto_workers_is_a_share_of_the_cores():
     auto = ServerConfig(workers="auto")
-    assert [worker_count(auto, cores) for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8]
+    assert [worker_count(auto, cores) for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
     assert worker_count(ServerConfig(workers=3), 2) == 3

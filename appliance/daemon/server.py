@@ -2,7 +2,9 @@
 
 Embedding Granian (rather than letting it fork workers) keeps one process that
 owns the engines: its death takes them along (PR_SET_PDEATHSIG), and SIGTERM
-runs the drain sequence below.
+runs the drain sequence below. With `[server] workers` > 1 the connections are
+taken by worker processes instead (appliance/dataplane/), and this process still
+decides every request.
 """
 
 from __future__ import annotations
