@@ -101,28 +101,48 @@ def test_requests_are_answered_through_every_worker(workers):
         assert c.post("/v1/chat/completions", json={**CHAT, "model": "fake"}).status_code == 401
 
 
+def clients_on_each_worker(daemon, per_worker: int) -> list[httpx.Client]:
+    """Keep-alive clients, per_worker of them connected to each of the two workers
+    (each new connection goes to whichever worker accepts it first)."""
+    on: dict[str, list[httpx.Client]] = {"1": [], "2": []}
+    spare: list[httpx.Client] = []
+    for _ in range(200):
+        if all(len(v) >= per_worker for v in on.values()):
+            break
+        c = httpx.Client(base_url=daemon.url, timeout=60)
+        group = on[c.get("/readyz").headers[WORKER]]
+        (group if len(group) < per_worker else spare).append(c)
+    for c in spare:
+        c.close()
+    assert all(len(v) == per_worker for v in on.values()), {k: len(v) for k, v in on.items()}
+    return on["1"] + on["2"]
+
+
 def test_a_concurrent_burst_through_two_workers_admits_exactly_the_budget(workers):
     # Each request holds its worst case (one token per body byte + max_tokens) while it
-    # streams for seconds: a budget of K worst cases admits exactly K of the burst, whichever
-    # worker each one came through (they reserve against the one ledger, in the daemon).
+    # streams for seconds: a budget of K worst cases admits exactly K of the burst, half of
+    # it sent through each worker (they reserve against the one ledger, in the daemon).
     k, burst = 3, 12
     body = json.dumps({**CHAT, "model": "slow", "max_tokens": 40, "stream": True}).encode()
     token = keys_cli(workers, "create", "--name", "burst", "--budget-tokens", str(k * (len(body) + 40)))
+    clients = clients_on_each_worker(workers, burst // 2)
     start = threading.Barrier(burst)
 
-    def one(_: int) -> tuple[int, str | None]:
-        with httpx.Client(base_url=workers.url, timeout=60) as c:
-            start.wait()
-            headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    def one(c: httpx.Client) -> tuple[int, str | None]:
+        start.wait()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
             with c.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
                 r.read()
                 return r.status_code, r.headers.get(WORKER)
+        finally:
+            c.close()
 
     with ThreadPoolExecutor(burst) as pool:
-        results = list(pool.map(one, range(burst)))
+        results = list(pool.map(one, clients))
     statuses = sorted(s for s, _ in results)
     assert statuses == [200] * k + [429] * (burst - k), results
-    assert len({w for _, w in results}) == 2, results  # both workers took part of the burst
+    assert sorted(w for _, w in results) == ["1"] * (burst // 2) + ["2"] * (burst // 2)
     spent = db_rows(workers, "SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE key_id = ?",
                     token.split("-")[1])[0][0]
     assert 0 < spent <= k * (len(body) + 40)
@@ -218,6 +238,24 @@ def test_sigterm_drains_through_the_workers_and_stops_them(daemons):
     assert first.startswith("data: ") and "data: [DONE]" in rest
     assert daemon.proc.wait(timeout=30) == 0
     assert not any(pid_alive(p) for p in pids.values())
+
+
+def test_a_reload_changes_policy_in_the_daemon_and_the_workers_serve_it_unchanged(daemons):
+    daemon = daemons.start(fake_model("steady"), server="workers = 2")
+    pids = worker_pids(daemon.proc.pid)
+    daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port, server="workers = 2")
+    daemon.proc.send_signal(signal.SIGHUP)
+
+    def second_answers() -> bool:
+        with daemon.client() as c:
+            return c.post("/v1/chat/completions", json={**CHAT, "model": "second"}).status_code == 200
+
+    wait_until(second_answers, 30, what="the reloaded model to answer through the workers")
+    assert worker_pids(daemon.proc.pid) == pids  # the workers hold no policy: nothing restarted
+    daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port, server="workers = 3")
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=10) as admin:
+        refused = admin.post("http://appliance/admin/reload", json={})
+    assert refused.status_code >= 400 and "server.workers" in refused.text, refused.text
 
 
 def test_with_one_worker_no_worker_process_exists(daemons):
