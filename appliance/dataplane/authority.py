@@ -106,6 +106,7 @@ class WorkerLink:
         gone = False
         first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
         start: dict[str, Any] | None = None
+        answered = False
 
         async def receive() -> dict[str, Any]:
             nonlocal gone, first
@@ -121,7 +122,7 @@ class WorkerLink:
 
         async def send(message: dict[str, Any]) -> None:
             # The answer's start goes with its first piece of body: one frame fewer.
-            nonlocal start
+            nonlocal start, answered
             if self.closed:
                 raise ConnectionResetError("the worker relaying this answer exited")
             if message["type"] == "http.response.start":
@@ -136,6 +137,7 @@ class WorkerLink:
                 start = None
             else:
                 self.out.write(Body(req.rid, body, more))
+            answered = not more
             await self.out.drain()
 
         try:
@@ -144,6 +146,10 @@ class WorkerLink:
             log.exception("request %d from a worker failed", req.rid)
         finally:
             del self.inboxes[req.rid]
+            if not answered and not self.closed:
+                # Ended without its whole answer (its client left, or it failed): the
+                # worker drops the connection instead of waiting for the rest.
+                self.out.write(Gone(req.rid))
 
     def call(self, frame: Call) -> EngineCall:
         queue: asyncio.Queue[Whole | Head | Chunk | End] = asyncio.Queue()

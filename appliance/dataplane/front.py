@@ -35,6 +35,8 @@ PR_SET_PDEATHSIG = 1
 # What a worker's environment keeps of the daemon's: nothing else (provider keys, credentials...).
 PASSED_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 RESPAWN_DELAY_S = 0.5
+RESPAWN_MAX_S = 30.0
+YOUNG_S = 10.0  # a worker that dies younger than this is crashing, not unlucky
 STOP_GRACE_S = 5.0
 
 
@@ -87,14 +89,20 @@ class WorkerFront:
         task.add_done_callback(self.tasks.discard)
 
     async def _keep_running(self, index: int) -> None:
-        """Worker index, replaced whenever it exits, until the daemon stops."""
+        """Worker index, replaced whenever it exits, until the daemon stops; one that
+        keeps dying young is replaced less and less often (up to RESPAWN_MAX_S apart)."""
+        loop = asyncio.get_running_loop()
+        delay = RESPAWN_DELAY_S
         while not self.stopped.is_set():
+            started = loop.time()
             try:
                 await self._run_once(index)
             except OSError as exc:
                 log.error("worker %d could not start: %s", index, exc)
+            young = loop.time() - started < YOUNG_S
+            delay = min(delay * 2, RESPAWN_MAX_S) if young else RESPAWN_DELAY_S
             if not self.stopped.is_set():
-                await asyncio.sleep(RESPAWN_DELAY_S)
+                await asyncio.sleep(delay)
 
     async def _run_once(self, index: int) -> None:
         assert self.sock is not None, "bound by serve"

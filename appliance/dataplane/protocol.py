@@ -6,7 +6,7 @@ the worker), an engine call the daemon asks the worker to make is `uid`
 
 A client request:   worker -> Request (with the body's first piece), Body...
                     daemon -> Start (with the answer's first piece), Body...
-                    worker -> Gone (the client left)
+                    worker -> Gone (the client left); daemon -> Gone (no more answer)
 An engine call:     daemon -> Call
                     worker -> Whole (a whole answer), or Head, Chunk..., End (a stream),
                               or End alone (it failed)
@@ -45,6 +45,9 @@ class Body(msgspec.Struct, tag=2, array_like=True):
 
 
 class Gone(msgspec.Struct, tag=3, array_like=True):
+    """The client left (worker -> daemon), or the daemon is done with a request
+    whose answer it did not finish (daemon -> worker: drop the connection)."""
+
     rid: int
 
 
@@ -102,7 +105,7 @@ class Cancel(msgspec.Struct, tag=9, array_like=True):
 
 
 ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End
-ToWorker = Start | Body | Call | Cancel
+ToWorker = Start | Body | Gone | Call | Cancel
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some

@@ -131,7 +131,7 @@ class Worker:
     async def _answer(self, answer: asyncio.Queue[Start | Body | None], send: Any) -> None:
         while True:
             frame = await answer.get()
-            if frame is None:  # the daemon is gone: the connection closes
+            if frame is None:  # no more answer (the daemon is done with it, or gone): the connection closes
                 return
             if isinstance(frame, Start):
                 headers = [*frame.headers, self.worker_header]
@@ -207,10 +207,10 @@ class Worker:
         try:
             while True:
                 frame = await self.reader.read()
-                if isinstance(frame, (Start, Body)):
+                if isinstance(frame, (Start, Body, Gone)):
                     answer = self.requests.get(frame.rid)
                     if answer is not None:
-                        answer.put_nowait(frame)
+                        answer.put_nowait(None if isinstance(frame, Gone) else frame)
                 elif isinstance(frame, Call):
                     self._call(frame)
                 elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
