@@ -102,16 +102,19 @@ def test_requests_are_answered_through_every_worker(workers):
 
 
 def clients_on_each_worker(daemon, per_worker: int) -> list[httpx.Client]:
-    """Keep-alive clients, per_worker of them connected to each of the two workers
-    (each new connection goes to whichever worker accepts it first)."""
+    """Keep-alive clients, per_worker of them connected to each of the two workers. A new
+    connection goes to whichever worker accepts it first: connecting many at once spreads
+    them (one at a time, an idle box gives them all to the same worker)."""
     on: dict[str, list[httpx.Client]] = {"1": [], "2": []}
     spare: list[httpx.Client] = []
-    for _ in range(200):
-        if all(len(v) >= per_worker for v in on.values()):
-            break
-        c = httpx.Client(base_url=daemon.url, timeout=60)
-        group = on[c.get("/readyz").headers[WORKER]]
-        (group if len(group) < per_worker else spare).append(c)
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(20):
+            if all(len(v) >= per_worker for v in on.values()):
+                break
+            batch = [httpx.Client(base_url=daemon.url, timeout=60) for _ in range(16)]
+            for c, r in zip(batch, pool.map(lambda c: c.get("/readyz"), batch)):
+                group = on[r.headers[WORKER]]
+                (group if len(group) < per_worker else spare).append(c)
     for c in spare:
         c.close()
     assert all(len(v) == per_worker for v in on.values()), {k: len(v) for k, v in on.items()}

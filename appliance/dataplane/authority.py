@@ -30,6 +30,7 @@ from appliance.dataplane.protocol import (
     FrameWriter,
     Gone,
     Head,
+    Mailbox,
     Request,
     Start,
     Whole,
@@ -52,8 +53,8 @@ class WorkerLink:
 
     def __init__(self, app: Any, reader: FrameReader, writer: FrameWriter, server: tuple[str, int]) -> None:
         self.app, self.reader, self.out, self.server = app, reader, writer, server
-        self.inboxes: dict[int, asyncio.Queue[Body | Gone]] = {}
-        self.calls: dict[int, asyncio.Queue[Whole | Head | Chunk | End]] = {}
+        self.inboxes: dict[int, Mailbox[Body | Gone]] = {}
+        self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
 
@@ -66,9 +67,9 @@ class WorkerLink:
                     self._start(frame)
                 elif isinstance(frame, (Body, Gone)):
                     if (inbox := self.inboxes.get(frame.rid)) is not None:
-                        inbox.put_nowait(frame)
+                        inbox.put(frame)
                 elif (call := self.calls.get(frame.uid)) is not None:
-                    call.put_nowait(frame)
+                    call.put(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker exited
         except (ValueError, msgspec.MsgspecError) as exc:
@@ -76,18 +77,18 @@ class WorkerLink:
         finally:
             self.closed = True
             for rid, inbox in self.inboxes.items():
-                inbox.put_nowait(Gone(rid))
+                inbox.put(Gone(rid))
             for uid, call in self.calls.items():
-                call.put_nowait(End(uid, "broke", "the worker relaying it exited"))
+                call.put(End(uid, "broke", "the worker relaying it exited"))
 
     def _start(self, req: Request) -> None:
-        inbox: asyncio.Queue[Body | Gone] = asyncio.Queue()
+        inbox: Mailbox[Body | Gone] = Mailbox()
         self.inboxes[req.rid] = inbox
         task = asyncio.create_task(self._serve(req, inbox))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, req: Request, inbox: asyncio.Queue[Body | Gone]) -> None:
+    async def _serve(self, req: Request, inbox: Mailbox[Body | Gone]) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
         scope = {
             "type": "http",
@@ -152,10 +153,10 @@ class WorkerLink:
                 self.out.write(Gone(req.rid))
 
     def call(self, frame: Call) -> EngineCall:
-        queue: asyncio.Queue[Whole | Head | Chunk | End] = asyncio.Queue()
+        queue: Mailbox[Whole | Head | Chunk | End] = Mailbox()
         self.calls[frame.uid] = queue
         if self.closed:
-            queue.put_nowait(End(frame.uid, "broke", "the worker relaying it exited"))
+            queue.put(End(frame.uid, "broke", "the worker relaying it exited"))
         else:
             self.out.write(frame)
         return EngineCall(self, frame.uid, queue)
@@ -164,7 +165,7 @@ class WorkerLink:
 class EngineCall:
     """One engine call a worker makes for the daemon: its head, then its chunks."""
 
-    def __init__(self, link: WorkerLink, uid: int, frames: asyncio.Queue[Whole | Head | Chunk | End]) -> None:
+    def __init__(self, link: WorkerLink, uid: int, frames: Mailbox[Whole | Head | Chunk | End]) -> None:
         self.link, self.uid, self.frames = link, uid, frames
         self.ended = False
 

@@ -36,6 +36,7 @@ from appliance.dataplane.protocol import (
     FrameWriter,
     Gone,
     Head,
+    Mailbox,
     Request,
     Start,
     ToWorker,
@@ -69,7 +70,7 @@ class Worker:
         self.reader, self.out = reader, writer
         self.worker_header = (WORKER_HEADER, str(settings.index).encode())
         self.ids = itertools.count(1)
-        self.requests: dict[int, asyncio.Queue[Start | Body | None]] = {}
+        self.requests: dict[int, Mailbox[Start | Body | None]] = {}
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.session = http_session(tcp_connector(settings.max_connections_per_replica))
 
@@ -82,7 +83,7 @@ class Worker:
         if first["type"] == "http.disconnect":
             return
         rid = next(self.ids)
-        answer: asyncio.Queue[Start | Body | None] = asyncio.Queue()
+        answer: Mailbox[Start | Body | None] = Mailbox()
         self.requests[rid] = answer
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
@@ -128,7 +129,7 @@ class Worker:
             pass
         self.out.write(Gone(rid))
 
-    async def _answer(self, answer: asyncio.Queue[Start | Body | None], send: Any) -> None:
+    async def _answer(self, answer: Mailbox[Start | Body | None], send: Any) -> None:
         while True:
             frame = await answer.get()
             if frame is None:  # no more answer (the daemon is done with it, or gone): the connection closes
@@ -210,7 +211,7 @@ class Worker:
                 if isinstance(frame, (Start, Body, Gone)):
                     answer = self.requests.get(frame.rid)
                     if answer is not None:
-                        answer.put_nowait(None if isinstance(frame, Gone) else frame)
+                        answer.put(None if isinstance(frame, Gone) else frame)
                 elif isinstance(frame, Call):
                     self._call(frame)
                 elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
@@ -219,7 +220,7 @@ class Worker:
             pass
         finally:
             for answer in self.requests.values():
-                answer.put_nowait(None)
+                answer.put(None)
 
 
 def _piece(message: dict[str, Any], left: int) -> tuple[bytes, bool, int]:
