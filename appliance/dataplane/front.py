@@ -38,6 +38,7 @@ RESPAWN_DELAY_S = 0.5
 RESPAWN_MAX_S = 30.0
 YOUNG_S = 10.0  # a worker that dies younger than this is crashing, not unlucky
 STOP_GRACE_S = 5.0
+BACKLOG = 1024
 
 
 def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
@@ -55,6 +56,8 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
 
 
 class WorkerFront:
+    """The listening socket, the app's lifespan and the workers, from serve() until stop()."""
+
     def __init__(self, app: Any, asgi: Any, cfg: Config, workers: int) -> None:
         self.app, self.asgi, self.cfg, self.count = app, asgi, cfg, workers
         self.lifespan = Lifespan(asgi)
@@ -101,8 +104,8 @@ class WorkerFront:
                 log.error("worker %d could not start: %s", index, exc)
             young = loop.time() - started < YOUNG_S
             delay = min(delay * 2, RESPAWN_MAX_S) if young else RESPAWN_DELAY_S
-            if not self.stopped.is_set():
-                await asyncio.sleep(delay)
+            with contextlib.suppress(TimeoutError):  # a stop does not wait for the delay
+                await asyncio.wait_for(self.stopped.wait(), delay)
 
     async def _run_once(self, index: int) -> None:
         assert self.sock is not None, "bound by serve"
@@ -162,9 +165,6 @@ class WorkerFront:
                     proc.kill()
             if late:
                 await asyncio.wait(late)
-
-
-BACKLOG = 1024
 
 
 def _die_with_parent():
