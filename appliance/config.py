@@ -130,6 +130,10 @@ class ServerConfig(_Section):
     # appends it to that file (relative: under paths.log_dir), which `appliance
     # logs` follows when systemd does not run.
     log_file: str = ""
+    # Data-plane processes taking the port's connections (appliance/dataplane/): 1 is
+    # the daemon alone; N > 1 adds N worker processes that do the HTTP work while the
+    # daemon still decides every request; "auto": one per 4 cores, at most 4 (worker_count).
+    workers: int | Literal["auto"] = 1
 
 
 class PathsConfig(_Section):
@@ -824,6 +828,21 @@ def request_context(m: ModelConfig) -> int:
     return m.context_length // m.parallel if m.server == "llamacpp" else m.context_length
 
 
+MAX_WORKERS = 64
+
+
+def worker_count(server: ServerConfig, cores: int | None = None) -> int:
+    """How many data-plane processes serve the port: server.workers, or for "auto" one
+    per 4 cores the daemon may run on, at most 4: the other cores are the daemon's own
+    (it decides every request, on one core) and the engines', and beyond 4 workers
+    the daemon's core is the limit (docs/architecture.md, "Workers")."""
+    if server.workers != "auto":
+        return server.workers
+    if cores is None:
+        cores = len(os.sched_getaffinity(0))
+    return max(1, min(4, cores // 4))
+
+
 def _validate(cfg: Config) -> None:
     errors: list[str] = []
 
@@ -842,6 +861,11 @@ def _validate(cfg: Config) -> None:
         len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX,
         "server.admin_socket",
         f"{s.admin_socket} is longer than a unix socket path may be ({UNIX_PATH_MAX - 1} bytes)",
+    )
+    need(
+        s.workers == "auto" or 1 <= s.workers <= MAX_WORKERS,
+        "server.workers",
+        f'must be 1-{MAX_WORKERS} or "auto", got {s.workers!r}: 1 runs the daemon alone, more adds worker processes',
     )
     u = cfg.upstream
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")

@@ -2,7 +2,9 @@
 
 Embedding Granian (rather than letting it fork workers) keeps one process that
 owns the engines: its death takes them along (PR_SET_PDEATHSIG), and SIGTERM
-runs the drain sequence below.
+runs the drain sequence below. With `[server] workers` > 1 the connections are
+taken by worker processes instead (appliance/dataplane/), and this process still
+decides every request.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from granian.server.embed import Server
 
 from appliance.api.admin_socket import admin_socket_server
 from appliance.api.app import create_app, front_door
-from appliance.config import Config
+from appliance.config import Config, worker_count
 from appliance.daemon.service_manager import ServiceNotifier
+from appliance.dataplane.front import WorkerFront
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.server")
@@ -52,17 +55,12 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
     admin = AdminSocket(cfg.server.admin_socket, app)
     app.on_startup.append(admin.on_startup)
     _tune_gc()
-    server = Server(
-        front_door(app),
-        address=cfg.server.host,
-        port=cfg.server.port,
-        interface=Interfaces.ASGI,
-        websockets=False,  # the API has no websocket endpoint
-        log_enabled=False,
-        backlog=1024,
-        # A client trickling its headers (slowloris) is cut after this long.
-        http1_settings=HTTP1Settings(header_read_timeout=int(cfg.server.header_read_timeout_s * 1000)),
-    )
+    workers = worker_count(cfg.server)
+    server: Server | WorkerFront
+    if workers > 1:  # N processes take the connections; this one decides (appliance/dataplane/)
+        server = WorkerFront(app, front_door(app), cfg, workers)
+    else:
+        server = _granian(cfg, app)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -99,6 +97,21 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
         await serving
     await service.close()
     return 0
+
+
+def _granian(cfg: Config, app) -> Server:
+    """The daemon alone on the port: Granian in this process, on this event loop."""
+    return Server(
+        front_door(app),
+        address=cfg.server.host,
+        port=cfg.server.port,
+        interface=Interfaces.ASGI,
+        websockets=False,  # the API has no websocket endpoint
+        log_enabled=False,
+        backlog=1024,
+        # A client trickling its headers (slowloris) is cut after this long.
+        http1_settings=HTTP1Settings(header_read_timeout=int(cfg.server.header_read_timeout_s * 1000)),
+    )
 
 
 class AdminSocket:

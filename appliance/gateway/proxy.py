@@ -18,7 +18,7 @@ import aiohttp
 import msgspec
 
 from appliance.config import Config
-from appliance.errors import EngineFailure, EngineTimeout, error_for_status
+from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, error_for_status
 from appliance.fleet.engine_access import http_session, tcp_connector
 from appliance.gateway.dialects import OPENAI, Dialect
 from appliance.gateway.engine_errors import explain
@@ -74,6 +74,18 @@ class Upstream(Protocol):
     def lease(self) -> AbstractContextManager[object]: ...  # held while a request is at it
 
 
+def engine_status_error(replica: Upstream, status: int, body: bytes) -> ApplianceError:
+    """An engine's error answer as ours: 4xx keep their status, 5xx become 502."""
+    model = getattr(replica, "model", None)  # a local replica's; a provider has none
+    explained = explain(model, status, body) if model is not None else None
+    if explained is not None:  # an engine limit the operator sets: said in the config's words
+        return explained
+    message = _engine_message(body)
+    if status >= 500:
+        return EngineFailure(f"Engine {replica.name} answered {status}: {message}")
+    return error_for_status(status, message)
+
+
 class EngineProxy:
     def __init__(self, cfg: Config, session: aiohttp.ClientSession) -> None:
         self.session = session
@@ -122,14 +134,7 @@ class EngineProxy:
             body = b""
         finally:
             resp.release()
-        model = getattr(replica, "model", None)  # a local replica's; a provider has none
-        explained = explain(model, resp.status, body) if model is not None else None
-        if explained is not None:  # an engine limit the operator sets: said in the config's words
-            raise explained
-        message = _engine_message(body)
-        if resp.status >= 500:
-            raise EngineFailure(f"Engine {replica.name} answered {resp.status}: {message}")
-        raise error_for_status(resp.status, message)
+        raise engine_status_error(replica, resp.status, body)
 
     async def unary(
         self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"

@@ -1,0 +1,304 @@
+"""The daemon's end of the data plane: each worker's link, the requests its
+clients send run on the daemon's own app (so every decision — key, route,
+budget, replica, hold queue, fallback, audit row — is made here, exactly as with
+no workers), and the engine calls those requests make are made by that worker
+(RemoteProxy), whose process relays the bytes.
+
+A worker that dies takes its clients' connections along: its requests here see
+the client gone, its engine calls end as broken, so each request ends the way a
+cut connection ends it today (its reservation settled, its audit row written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from typing import Any
+
+import msgspec
+
+from appliance.dataplane.protocol import (
+    Body,
+    Call,
+    Cancel,
+    Chunk,
+    End,
+    FrameReader,
+    FrameWriter,
+    Gone,
+    Head,
+    Mailbox,
+    Request,
+    Start,
+    Whole,
+)
+from appliance.errors import EngineFailure, EngineTimeout
+from appliance.fleet.replica import Replica
+from appliance.gateway.dialects import OPENAI, Dialect
+from appliance.gateway.proxy import Done, EngineProxy, Upstream, engine_status_error
+
+log = logging.getLogger("appliance.dataplane")
+
+# The link of the worker whose client sent the request this task serves (None: no worker's).
+CURRENT: ContextVar[WorkerLink | None] = ContextVar("appliance_worker_link", default=None)
+
+_uids = itertools.count(1)
+
+
+class WorkerLink:
+    """One worker's link: its requests run on app; the engine calls they make go back to it."""
+
+    def __init__(self, app: Any, reader: FrameReader, writer: FrameWriter, server: tuple[str, int]) -> None:
+        self.app, self.reader, self.out, self.server = app, reader, writer, server
+        self.inboxes: dict[int, Mailbox[Body | Gone]] = {}
+        self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.closed = False
+
+    async def run(self) -> None:
+        """Frames from the worker, until it is gone; then its requests end as cut."""
+        try:
+            while True:
+                frame = await self.reader.read()
+                if isinstance(frame, Request):
+                    self._start(frame)
+                elif isinstance(frame, (Body, Gone)):
+                    if (inbox := self.inboxes.get(frame.rid)) is not None:
+                        inbox.put(frame)
+                elif (call := self.calls.get(frame.uid)) is not None:
+                    call.put(frame)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the worker exited
+        except (ValueError, msgspec.MsgspecError) as exc:
+            log.error("worker link: bad frame (%s): dropping the worker", exc)
+        finally:
+            self.closed = True
+            for rid, inbox in self.inboxes.items():
+                inbox.put(Gone(rid))
+            for uid, call in self.calls.items():
+                call.put(End(uid, "broke", "the worker relaying it exited"))
+
+    def _start(self, req: Request) -> None:
+        inbox: Mailbox[Body | Gone] = Mailbox()
+        self.inboxes[req.rid] = inbox
+        task = asyncio.create_task(self._serve(req, inbox))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _serve(self, req: Request, inbox: Mailbox[Body | Gone]) -> None:
+        CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},
+            "http_version": req.http_version,
+            "method": req.method,
+            "scheme": "http",
+            "path": req.path,
+            "raw_path": req.path.encode(),
+            "query_string": req.query,
+            "root_path": "",
+            "headers": req.headers,
+            "client": req.client,
+            "server": self.server,
+        }
+        gone = False
+        first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
+        start: dict[str, Any] | None = None
+        answered = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal gone, first
+            if first is not None:
+                message, first = first, None
+                return message
+            if not gone:
+                frame = await inbox.get()
+                if isinstance(frame, Body):
+                    return {"type": "http.request", "body": frame.data, "more_body": frame.more}
+                gone = True
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            # The answer's start goes with its first piece of body: one frame fewer.
+            nonlocal start, answered
+            if self.closed:
+                raise ConnectionResetError("the worker relaying this answer exited")
+            if message["type"] == "http.response.start":
+                start = message
+                return
+            if message["type"] != "http.response.body":
+                return
+            body, more = message.get("body", b""), message.get("more_body", False)
+            if start is not None:
+                headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
+                self.out.write(Start(req.rid, start["status"], headers, body, more))
+                start = None
+            else:
+                self.out.write(Body(req.rid, body, more))
+            answered = not more
+            await self.out.drain()
+
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            log.exception("request %d from a worker failed", req.rid)
+        finally:
+            del self.inboxes[req.rid]
+            if not answered and not self.closed:
+                # Ended without its whole answer (its client left, or it failed): the
+                # worker drops the connection instead of waiting for the rest.
+                self.out.write(Gone(req.rid))
+
+    def call(self, frame: Call) -> EngineCall:
+        queue: Mailbox[Whole | Head | Chunk | End] = Mailbox()
+        self.calls[frame.uid] = queue
+        if self.closed:
+            queue.put(End(frame.uid, "broke", "the worker relaying it exited"))
+        else:
+            self.out.write(frame)
+        return EngineCall(self, frame.uid, queue)
+
+
+class EngineCall:
+    """One engine call a worker makes for the daemon: its head, then its chunks."""
+
+    def __init__(self, link: WorkerLink, uid: int, frames: Mailbox[Whole | Head | Chunk | End]) -> None:
+        self.link, self.uid, self.frames = link, uid, frames
+        self.ended = False
+
+    async def next(self) -> Whole | Head | Chunk | End:
+        frame = await self.frames.get()
+        if isinstance(frame, (End, Whole)):
+            self.ended = True
+        return frame
+
+    async def whole(self) -> tuple[End, bytes]:
+        parts = []
+        while not isinstance(frame := await self.next(), End):
+            if isinstance(frame, Chunk):
+                parts.append(frame.data)
+        return frame, b"".join(parts)
+
+    def close(self) -> None:
+        """Done with it: an engine call not at its end is cancelled (the engine stops)."""
+        self.link.calls.pop(self.uid, None)
+        if not self.ended and not self.link.closed:
+            self.link.out.write(Cancel(self.uid))
+
+
+MID_ANSWER = ("stalled", "broke")
+
+
+def _refused(upstream: Upstream, end: End) -> EngineFailure | EngineTimeout:
+    """An engine call that ended before its answer's head."""
+    if end.error == "timeout":
+        return EngineTimeout(f"Engine {upstream.name} did not answer in time")
+    err = EngineFailure(f"Engine {upstream.name} failed: {end.message}")
+    err.retryable = end.error == "connect"  # no byte of an answer came back: safe on another replica
+    return err
+
+
+def _broke(upstream: Upstream, end: End) -> EngineFailure | EngineTimeout:
+    """An engine call that ended mid-answer."""
+    if end.error == "stalled":
+        return EngineTimeout(f"Engine {upstream.name} stalled mid-answer")
+    return EngineFailure(f"Engine {upstream.name} broke mid-answer: {end.message}")
+
+
+class RemoteProxy(EngineProxy):
+    """The engine proxy of a daemon with workers: a request a worker's client sent
+    has its engine calls made by that worker; any other (the admin socket's, or one
+    to a provider, whose credentials stay in the daemon, or to an engine on a unix
+    socket) is made here, as without workers."""
+
+    def unary(self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"):
+        link = CURRENT.get()
+        secret = _engine_headers(replica)
+        if link is None or secret is None:
+            return super().unary(replica, path, body, headers, method)
+        return self._unary(link, replica, self._call(replica, path, body, headers | secret, method, False))
+
+    async def open_stream(
+        self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
+    ) -> AsyncIterator[bytes]:
+        link = CURRENT.get()
+        secret = _engine_headers(replica)
+        if link is None or secret is None:
+            return await super().open_stream(replica, path, body, headers, done, dialect)
+        lease = replica.lease()
+        lease.__enter__()
+        call = link.call(self._call(replica, path, body, headers | secret, "POST", True))
+        try:
+            head = await call.next()
+            if isinstance(head, End):
+                raise _refused(replica, head)
+            if isinstance(head, Head) and head.status >= 400:
+                _, data = await call.whole()
+                raise engine_status_error(replica, head.status, data)
+        except BaseException:
+            call.close()
+            lease.__exit__(None, None, None)
+            raise
+        return self._relay_remote(replica, call, lease, done, dialect)
+
+    async def _unary(self, link: WorkerLink, replica: Upstream, frame: Call) -> tuple[int, bytes, str]:
+        with replica.lease():
+            call = link.call(frame)
+            try:
+                answer = await call.next()
+            finally:
+                call.close()
+            if isinstance(answer, End):
+                raise (_broke if answer.error in MID_ANSWER else _refused)(replica, answer)
+            assert isinstance(answer, Whole), "a whole call's answer"
+            if answer.status >= 400:
+                raise engine_status_error(replica, answer.status, answer.body)
+            return answer.status, answer.body, answer.content_type
+
+    async def _relay_remote(
+        self, replica: Upstream, call: EngineCall, lease: Any, done: Done, dialect: Dialect
+    ) -> AsyncIterator[bytes]:
+        status = 200
+        try:
+            while not isinstance(frame := await call.next(), End):
+                if isinstance(frame, Chunk):
+                    yield frame.data
+            if frame.error:
+                # Bytes have gone out already: end the stream with its API's error event.
+                status = 502
+                log.warning("stream from %s broke: %s", replica.name, frame.message)
+                yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: {frame.message}"))
+        except (asyncio.CancelledError, GeneratorExit):
+            status = 499  # the client went away; cancelling the call closes the engine's connection
+            raise
+        finally:
+            call.close()
+            lease.__exit__(None, None, None)
+            done(status)
+
+    def _call(
+        self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str, stream: bool
+    ) -> Call:
+        timeout = replica.timeout or self.timeout
+        url = replica.base_url + path
+        return Call(next(_uids), method, url, headers, body, timeout.sock_connect, timeout.sock_read, stream)
+
+
+def _engine_headers(upstream: Upstream) -> dict[str, str] | None:
+    """What a worker must add for this engine to take its call (a supervised replica's
+    secret), or None when the daemon makes the call itself: a provider (its
+    credentials stay here), an engine on a unix socket, a replica restarting."""
+    if not isinstance(upstream, Replica) or upstream.unix_socket:
+        return None
+    if not upstream.supervised:
+        return {}  # an external engine: the shared session sends nothing of its own
+    session = upstream.session
+    if upstream.access is None or session is None or session.closed:
+        return None  # the proxy here says "restarted": safe on another replica
+    return upstream.access.headers
+
+
+__all__ = ["CURRENT", "RemoteProxy", "WorkerLink"]

@@ -1,0 +1,179 @@
+"""The frames between a worker and the daemon, over their private socketpair.
+
+One connection per worker, multiplexed: a client's request is `rid` (numbered by
+the worker), an engine call the daemon asks the worker to make is `uid`
+(numbered by the daemon). Each frame is msgpack behind a 4-byte length.
+
+A client request:   worker -> Request (with the body's first piece), Body...
+                    daemon -> Start (with the answer's first piece), Body...
+                    worker -> Gone (the client left); daemon -> Gone (no more answer)
+An engine call:     daemon -> Call
+                    worker -> Whole (a whole answer), or Head, Chunk..., End (a stream),
+                              or End alone (it failed)
+                    daemon -> Cancel (stop it: the engine's connection is dropped)
+
+A unary request is thus four frames, two each way: the fewest hand-offs a request
+decided here and carried there can take (bench/gateway_overhead.py --workers).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections import deque
+from typing import Generic, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+
+class Request(msgspec.Struct, tag=1, array_like=True):
+    rid: int
+    method: str
+    path: str
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    client: tuple[str, int] | None
+    http_version: str
+    body: bytes
+    more: bool
+
+
+class Body(msgspec.Struct, tag=2, array_like=True):
+    """A piece of a request's body (worker -> daemon) or of its answer (daemon -> worker)."""
+
+    rid: int
+    data: bytes
+    more: bool
+
+
+class Gone(msgspec.Struct, tag=3, array_like=True):
+    """The client left (worker -> daemon), or the daemon is done with a request
+    whose answer it did not finish (daemon -> worker: drop the connection)."""
+
+    rid: int
+
+
+class Start(msgspec.Struct, tag=4, array_like=True):
+    rid: int
+    status: int
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    more: bool
+
+
+class Call(msgspec.Struct, tag=5, array_like=True):
+    uid: int
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes | None
+    connect_timeout_s: float | None
+    read_timeout_s: float | None
+    stream: bool
+
+
+class Head(msgspec.Struct, tag=6, array_like=True):
+    uid: int
+    status: int
+    content_type: str
+
+
+class Chunk(msgspec.Struct, tag=7, array_like=True):
+    uid: int
+    data: bytes
+
+
+class Whole(msgspec.Struct, tag=10, array_like=True):
+    """A whole (not streamed) engine answer."""
+
+    uid: int
+    status: int
+    content_type: str
+    body: bytes
+
+
+class End(msgspec.Struct, tag=8, array_like=True):
+    """An engine call's end: error "" (the whole stream came); before an answer,
+    "timeout", "connect" (no byte of an answer came back: safe elsewhere) or
+    "failure"; mid-answer, "stalled" or "broke"."""
+
+    uid: int
+    error: str
+    message: str
+
+
+class Cancel(msgspec.Struct, tag=9, array_like=True):
+    uid: int
+
+
+ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End
+ToWorker = Start | Body | Gone | Call | Cancel
+
+_LEN = struct.Struct("!I")
+MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some
+
+
+class FrameWriter:
+    """Frames onto the socket; write() never waits (the socket buffers), drain() lets it flow."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self.writer = writer
+        self.encode = msgspec.msgpack.Encoder().encode
+
+    def write(self, frame: msgspec.Struct) -> None:
+        data = self.encode(frame)
+        self.writer.write(_LEN.pack(len(data)) + data)
+
+    async def drain(self) -> None:
+        await self.writer.drain()
+
+
+class FrameReader:
+    def __init__(self, reader: asyncio.StreamReader, types: object) -> None:
+        self.reader = reader
+        self.decode = msgspec.msgpack.Decoder(types).decode
+
+    async def read(self):
+        """The next frame; IncompleteReadError when the other side is gone."""
+        (size,) = _LEN.unpack(await self.reader.readexactly(4))
+        if size > MAX_FRAME:
+            raise ValueError(f"frame of {size} bytes")
+        return self.decode(await self.reader.readexactly(size))
+
+
+class WorkerSettings(msgspec.Struct, frozen=True):
+    """What a worker is told on its command line (nothing secret: the link is a socketpair)."""
+
+    index: int
+    header_read_timeout_s: float
+    # Beyond this many body bytes the worker stops reading: the daemon answers 413.
+    max_body_bytes: int
+    max_connections_per_replica: int
+    backlog: int = 1024
+
+
+class Mailbox(Generic[T]):
+    """The frames for one request or engine call, in order: asyncio.Queue without
+    what it costs (bounds, putters, task accounting) on the path of every request."""
+
+    __slots__ = ("items", "waiter")
+
+    def __init__(self) -> None:
+        self.items: deque[T] = deque()
+        self.waiter: asyncio.Future[None] | None = None
+
+    def put(self, item: T) -> None:
+        self.items.append(item)
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def get(self) -> T:
+        while not self.items:
+            self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self.waiter
+            finally:
+                self.waiter = None
+        return self.items.popleft()

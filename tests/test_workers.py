@@ -1,0 +1,284 @@
+"""[server] workers = N (appliance/dataplane/): N worker processes take the port's
+connections and make the engine calls; the daemon still decides every request.
+Through the real daemon, with fake-engine replicas and a recording provider."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import socket
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from appliance.config import ServerConfig, parse_config, worker_count
+
+from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
+from .test_keys import keys_cli
+from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+WORKER = "x-appliance-worker"
+MODELS = (
+    fake_model("fake", "--chunks", "3", "--latency", "0.05")
+    + fake_model("slow", "--chunks", "60", "--chunk-delay", "0.1")
+    + fake_model("err5xx", "--fail-status", "500")
+    + fake_model("pair", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
+)
+
+
+@pytest.fixture(scope="module")
+def workers(tmp_path_factory, recorder):  # noqa: F811  (the module fixture)
+    tmp = tmp_path_factory.mktemp("workers")
+    factory = DaemonFactory(tmp)
+    routes = route("claims", "claims", "err5xx", True) + route("general", "general", "err5xx", False, ["cloud"])
+    extra = "[keys]\nrequired = true\n\n[queue]\nkeepalive_s = 0\n\n" + provider(recorder, tmp) + routes
+    daemon = factory.start(MODELS, extra=extra, server="workers = 2", wait=False)
+    wait_until(lambda: _all_ready(daemon), 60, what="the replicas")
+    yield daemon
+    factory.cleanup()
+
+
+def _all_ready(daemon) -> bool:
+    assert daemon.proc.poll() is None, daemon.log_text()
+    try:
+        models = {m["name"]: m for m in daemon.status()["models"]}
+    except (httpx.HTTPError, KeyError, ValueError):
+        return False
+    pair = models["pair"]["replicas"]
+    return len(pair) == 2 and all(r["state"] == "READY" for r in pair) and models["fake"]["ready"]
+
+
+def worker_pids(daemon_pid: int) -> dict[int, int]:
+    """{worker index: pid} of the daemon's worker processes, from /proc."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == daemon_pid and b"appliance.dataplane.worker" in argv:
+            found[json.loads(argv[-2])["index"]] = int(entry.name)
+    return found
+
+
+def db_rows(daemon, sql: str, *args):
+    state = Path(daemon.config.read_text().split('state_dir = "')[1].split('"')[0])
+    with sqlite3.connect(state / "appliance.db") as conn:
+        return conn.execute(sql, args).fetchall()
+
+
+def post(daemon, token: str, body: dict, timeout: float = 30) -> httpx.Response:
+    with httpx.Client(base_url=daemon.url, timeout=timeout) as c:  # a new connection each time
+        return c.post("/v1/chat/completions", json={**CHAT, **body}, headers={"Authorization": f"Bearer {token}"})
+
+
+def test_requests_are_answered_through_every_worker(workers):
+    token = keys_cli(workers, "create", "--name", "spread")
+    assert sorted(worker_pids(workers.proc.pid)) == [1, 2]
+    seen: set[str] = set()
+    deadline = time.monotonic() + 60
+    with ThreadPoolExecutor(16) as pool:
+        while seen != {"1", "2"} and time.monotonic() < deadline:
+            answers = list(pool.map(lambda _: post(workers, token, {"model": "fake"}), range(32)))
+            assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+            seen |= {r.headers[WORKER] for r in answers}
+    assert seen == {"1", "2"}
+    with workers.client() as c:  # what is not a proxied request works on the port too
+        assert c.get("/v1/models", headers={"Authorization": f"Bearer {token}"}).status_code == 200
+        assert c.get("/readyz").status_code == 200
+        assert c.post("/v1/chat/completions", json={**CHAT, "model": "fake"}).status_code == 401
+
+
+def clients_on_each_worker(daemon, per_worker: int) -> list[httpx.Client]:
+    """Keep-alive clients, per_worker of them connected to each of the two workers. A new
+    connection goes to whichever worker accepts it first: connecting many at once spreads
+    them (one at a time, an idle box gives them all to the same worker)."""
+    on: dict[str, list[httpx.Client]] = {"1": [], "2": []}
+    spare: list[httpx.Client] = []
+    with ThreadPoolExecutor(16) as pool:
+        for _ in range(20):
+            if all(len(v) >= per_worker for v in on.values()):
+                break
+            batch = [httpx.Client(base_url=daemon.url, timeout=60) for _ in range(16)]
+            for c, r in zip(batch, pool.map(lambda c: c.get("/readyz"), batch)):
+                group = on[r.headers[WORKER]]
+                (group if len(group) < per_worker else spare).append(c)
+    for c in spare:
+        c.close()
+    assert all(len(v) == per_worker for v in on.values()), {k: len(v) for k, v in on.items()}
+    return on["1"] + on["2"]
+
+
+def test_a_concurrent_burst_through_two_workers_admits_exactly_the_budget(workers):
+    # Each request holds its worst case (one token per body byte + max_tokens) while it
+    # streams for seconds: a budget of K worst cases admits exactly K of the burst, half of
+    # it sent through each worker (they reserve against the one ledger, in the daemon).
+    k, burst = 3, 12
+    body = json.dumps({**CHAT, "model": "slow", "max_tokens": 40, "stream": True}).encode()
+    token = keys_cli(workers, "create", "--name", "burst", "--budget-tokens", str(k * (len(body) + 40)))
+    clients = clients_on_each_worker(workers, burst // 2)
+    start = threading.Barrier(burst)
+
+    def one(c: httpx.Client) -> tuple[int, str | None]:
+        start.wait()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        try:
+            with c.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
+                r.read()
+                return r.status_code, r.headers.get(WORKER)
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(burst) as pool:
+        results = list(pool.map(one, clients))
+    statuses = sorted(s for s, _ in results)
+    assert statuses == [200] * k + [429] * (burst - k), results
+    assert sorted(w for _, w in results) == ["1"] * (burst // 2) + ["2"] * (burst // 2)
+    spent = db_rows(workers, "SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE key_id = ?",
+                    token.split("-")[1])[0][0]
+    assert 0 < spent <= k * (len(body) + 40)
+
+
+def test_a_regulated_route_never_leaves_the_box_through_the_workers(workers, recorder):  # noqa: F811
+    token = keys_cli(workers, "create", "--name", "regulated")
+    before = recorder.requests()
+    for _ in range(4):
+        assert post(workers, token, {"model": "claims"}).status_code == 502  # the local engine fails
+    assert recorder.requests() == before
+    general = post(workers, token, {"model": "general"})  # the same failure, not regulated: it falls back
+    assert general.status_code == 200 and recorder.requests() == before + 1
+
+
+def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(workers):
+    token = keys_cli(workers, "create", "--name", "prefix")
+    system = "You are a careful assistant. " * 80  # several prefix blocks
+    body = {"model": "pair", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
+    answers = [post(workers, token, body) for _ in range(8)]
+    assert {r.status_code for r in answers} == {200}
+    rids = [r.headers["x-request-id"] for r in answers]
+    served = {row[0] for rid in rids
+              for row in db_rows(workers, "SELECT served_by FROM audit WHERE request_id = ?", rid)}
+    assert len(served) == 1 and next(iter(served)).startswith("pair#"), served
+
+
+def test_a_worker_killed_mid_stream_is_replaced_its_client_is_not_left_hanging_and_the_request_is_audited(workers):
+    token = keys_cli(workers, "create", "--name", "victim")
+    before = worker_pids(workers.proc.pid)
+    body = {**CHAT, "model": "slow", "stream": True}
+    with httpx.Client(base_url=workers.url, timeout=httpx.Timeout(30, read=10)) as c, \
+            c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
+        assert r.status_code == 200
+        rid, index = r.headers["x-request-id"], int(r.headers[WORKER])
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        os.kill(before[index], signal.SIGKILL)
+        ended = time.monotonic()
+        with pytest.raises(httpx.HTTPError):  # the stream ends: a cut connection, not a hang
+            for _ in lines:
+                pass
+        assert time.monotonic() - ended < 10
+    wait_until(lambda: worker_pids(workers.proc.pid).get(index) not in (None, before[index]), 20,
+               what="the worker's replacement")
+    wait_until(lambda: db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid), 10,
+               what="the cut request's audit row")
+    assert db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid)[0][0] in (499, 502)
+    # No other process bound the port meanwhile, and the replacement serves it.
+    assert {post(workers, token, {"model": "fake"}).status_code for _ in range(4)} == {200}
+
+
+def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
+    for reuse_port in (False, True):
+        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if reuse_port:  # what Granian and other servers that share a port do
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        with probe, pytest.raises(OSError) as err:
+            probe.bind(("127.0.0.1", workers.port))
+        assert err.value.errno == errno.EADDRINUSE
+
+
+def test_the_daemons_death_takes_its_workers_along(daemons):
+    daemon = daemons.start(fake_model("fake"), server="workers = 2")
+    pids = worker_pids(daemon.proc.pid)
+    assert len(pids) == 2
+    daemon.terminate(signal.SIGKILL)
+    wait_until(lambda: not any(pid_alive(p) for p in pids.values()), 10, what="the workers to die")
+    wait_until(lambda: _bindable(daemon.port), 10, what="nothing to hold the port any more")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            import subprocess
+            print(subprocess.run(["ss", "-ltnp", f"sport = :{port}"], capture_output=True, text=True).stdout)
+            return False
+    return True
+
+
+def test_sigterm_drains_through_the_workers_and_stops_them(daemons):
+    daemon = daemons.start(fake_model("slow", "--chunks", "10", "--chunk-delay", "0.1"), server="workers = 2")
+    pids = worker_pids(daemon.proc.pid)
+    with daemon.client() as c, c.stream("POST", "/v1/chat/completions",
+                                        json={**CHAT, "model": "slow", "stream": True}) as r:
+        lines = r.iter_lines()
+        first = next(lines)
+        daemon.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)  # the in-flight stream finishes
+    assert first.startswith("data: ") and "data: [DONE]" in rest
+    assert daemon.proc.wait(timeout=30) == 0
+    assert not any(pid_alive(p) for p in pids.values())
+
+
+def test_a_reload_changes_policy_in_the_daemon_and_the_workers_serve_it_unchanged(daemons):
+    daemon = daemons.start(fake_model("steady"), server="workers = 2")
+    pids = worker_pids(daemon.proc.pid)
+    daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port, server="workers = 2")
+    daemon.proc.send_signal(signal.SIGHUP)
+
+    def second_answers() -> bool:
+        with daemon.client() as c:
+            return c.post("/v1/chat/completions", json={**CHAT, "model": "second"}).status_code == 200
+
+    wait_until(second_answers, 30, what="the reloaded model to answer through the workers")
+    assert worker_pids(daemon.proc.pid) == pids  # the workers hold no policy: nothing restarted
+    daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port, server="workers = 3")
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=10) as admin:
+        refused = admin.post("http://appliance/admin/reload", json={})
+    assert refused.status_code >= 400 and "server.workers" in refused.text, refused.text
+
+
+def test_with_one_worker_no_worker_process_exists(daemons):
+    daemon = daemons.start(fake_model("fake"))
+    with daemon.client() as c:
+        resp = c.post("/v1/chat/completions", json={**CHAT, "model": "fake"})
+    assert resp.status_code == 200 and WORKER not in resp.headers
+    assert worker_pids(daemon.proc.pid) == {}
+
+
+@pytest.mark.parametrize("value, message", [
+    ("0", "must be 1-64"), ("65", "must be 1-64"), ('"many"', "server.workers"), ("2.5", "server.workers"),
+])
+def test_a_bad_workers_setting_names_the_field_and_the_fix(value, message):
+    with pytest.raises(Exception) as err:
+        parse_config(f"[server]\nworkers = {value}\n")
+    assert message in str(err.value) and "server.workers" in str(err.value)
+
+
+def test_auto_workers_is_a_share_of_the_cores():
+    auto = ServerConfig(workers="auto")
+    assert [worker_count(auto, cores) for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
+    assert worker_count(ServerConfig(workers=3), 2) == 3
