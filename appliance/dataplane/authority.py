@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import AsyncIterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -38,7 +37,7 @@ from appliance.dataplane.protocol import (
 from appliance.errors import EngineFailure, EngineTimeout
 from appliance.fleet.replica import Replica
 from appliance.gateway.dialects import OPENAI, Dialect
-from appliance.gateway.proxy import Done, EngineProxy, Upstream, engine_status_error
+from appliance.gateway.proxy import AnswerStream, Done, EngineProxy, Upstream, engine_status_error
 
 log = logging.getLogger("appliance.dataplane")
 
@@ -223,7 +222,7 @@ class RemoteProxy(EngineProxy):
 
     async def open_stream(
         self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
-    ) -> AsyncIterator[bytes]:
+    ) -> AnswerStream:
         link = CURRENT.get()
         secret = _engine_headers(replica)
         if link is None or secret is None:
@@ -242,7 +241,7 @@ class RemoteProxy(EngineProxy):
             call.close()
             lease.__exit__(None, None, None)
             raise
-        return self._relay_remote(replica, call, lease, done, dialect)
+        return RemoteStream(replica, call, lease, done, dialect)
 
     async def _unary(self, link: WorkerLink, replica: Upstream, frame: Call) -> tuple[int, bytes, str]:
         with replica.lease():
@@ -258,33 +257,54 @@ class RemoteProxy(EngineProxy):
                 raise engine_status_error(replica, answer.status, answer.body)
             return answer.status, answer.body, answer.content_type
 
-    async def _relay_remote(
-        self, replica: Upstream, call: EngineCall, lease: Any, done: Done, dialect: Dialect
-    ) -> AsyncIterator[bytes]:
-        status = 200
-        try:
-            while not isinstance(frame := await call.next(), End):
-                if isinstance(frame, Chunk):
-                    yield frame.data
-            if frame.error:
-                # Bytes have gone out already: end the stream with its API's error event.
-                status = 502
-                log.warning("stream from %s broke: %s", replica.name, frame.message)
-                yield dialect.stream_error(EngineFailure(f"Engine {replica.name} broke mid-stream: {frame.message}"))
-        except (asyncio.CancelledError, GeneratorExit):
-            status = 499  # the client went away; cancelling the call closes the engine's connection
-            raise
-        finally:
-            call.close()
-            lease.__exit__(None, None, None)
-            done(status)
-
     def _call(
         self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str, stream: bool
     ) -> Call:
         timeout = replica.timeout or self.timeout
         url = replica.base_url + path
         return Call(next(_uids), method, url, headers, body, timeout.sock_connect, timeout.sock_read, stream)
+
+
+class RemoteStream:
+    """An engine's stream that a worker reads and relays here frame by frame (the
+    relay's AnswerStream): each Chunk frame is a piece, End the stream's end (with an
+    error: its API's error event, since bytes have gone out). ``close`` ends the
+    worker's call (an unfinished one closes the engine's connection there) and
+    reports how it went, once: 200, 502 (broken) or 499 (the client left)."""
+
+    __slots__ = ("_call", "_dialect", "_done", "_lease", "_replica", "_status")
+
+    def __init__(self, replica: Upstream, call: EngineCall, lease: Any, done: Done, dialect: Dialect) -> None:
+        self._replica, self._call, self._lease, self._dialect = replica, call, lease, dialect
+        self._done: Done | None = done  # None once closed
+        self._status: int | None = None
+
+    async def read(self) -> bytes:
+        while self._status is None:
+            frame = await self._call.next()
+            if isinstance(frame, Chunk):
+                if frame.data:
+                    return frame.data
+            elif isinstance(frame, Whole):  # the answer in one frame: it has ended
+                self._status = 200
+                return frame.body
+            elif isinstance(frame, End):
+                if not frame.error:
+                    self._status = 200
+                    return b""
+                self._status = 502
+                name = self._replica.name
+                log.warning("stream from %s broke: %s", name, frame.message)
+                return self._dialect.stream_error(EngineFailure(f"Engine {name} broke mid-stream: {frame.message}"))
+        return b""
+
+    def close(self) -> None:
+        if self._done is None:
+            return
+        self._call.close()  # the client went away (499): the worker closes the engine's connection
+        self._lease.__exit__(None, None, None)
+        done, self._done = self._done, None
+        done(self._status or 499)
 
 
 def _engine_headers(upstream: Upstream) -> dict[str, str] | None:

@@ -155,7 +155,7 @@ class EngineProxy:
 
     async def open_stream(
         self, replica: Upstream, path: str, body: bytes, headers: dict[str, str], done: Done, dialect: Dialect = OPENAI
-    ) -> EngineStream:
+    ) -> AnswerStream:
         """Open the engine's stream; errors before the first byte raise (so the
         client gets a real status code). Returns the stream, to be read piece by
         piece; a stream that breaks ends with the error event of its API's dialect."""
@@ -189,6 +189,17 @@ def _without_sock_read(timeout: aiohttp.ClientTimeout) -> aiohttp.ClientTimeout:
         sock_read=None,
         ceil_threshold=timeout.ceil_threshold,
     )
+
+
+class AnswerStream(Protocol):
+    """A streamed answer as the relay reads it (gateway/relay._pump): ``read`` gives
+    the next piece as it arrives, b"" at the end (a broken stream's last piece is its
+    API's error event); ``close`` ends it however it went, once. EngineStream reads an
+    engine's connection here; a worker's stream (appliance/dataplane) reads frames."""
+
+    async def read(self) -> bytes: ...
+
+    def close(self) -> None: ...
 
 
 class EngineStream:

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from litestar.types import Receive, Send
 
     from appliance.fleet.deployment import Deployment
-    from appliance.gateway.proxy import EngineStream
+    from appliance.gateway.proxy import AnswerStream
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
 
@@ -129,7 +129,7 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     watcher = None
     try:
         opened = await _open_with_keepalive(rt, req, send)
-        stream: EngineStream | None
+        stream: AnswerStream | None
         if isinstance(opened, _Started):
             started, stream = True, opened.stream
         else:
@@ -163,17 +163,17 @@ class _Started:
     """The response already started (keepalive comments went out while held);
     stream None: it has ended with its error event already."""
 
-    def __init__(self, stream: EngineStream | None) -> None:
+    def __init__(self, stream: AnswerStream | None) -> None:
         self.stream = stream
 
 
-async def _open(rt: Gateway, req: ProxyRequest) -> EngineStream:
+async def _open(rt: Gateway, req: ProxyRequest) -> AnswerStream:
     stream = await forward(rt, req)
     assert not isinstance(stream, tuple), "a stream"
     return stream
 
 
-async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> EngineStream | _Started:
+async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> AnswerStream | _Started:
     keepalive = rt.cfg.queue.keepalive_s
     dep: Deployment | None = req.deployment
     if keepalive <= 0 or dep is None or dep.pick_ready() is not None:
@@ -212,7 +212,7 @@ async def _start_sse(send: Send, req: ProxyRequest) -> None:
     )
 
 
-async def _pump(stream: EngineStream, send: Send, req: ProxyRequest) -> None:
+async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
     """Each piece the engine sent, sent on as it arrives: one read and one send per
     piece and nothing else awaited (the tap's work is a few substring scans). A piece
     is whatever arrived since the last read (proxy.EngineStream), so events that

@@ -19,7 +19,7 @@ from appliance.errors import EngineFailure
 from appliance.fleet.hold import Exclude
 from appliance.gateway.ledger import finish_stream
 from appliance.gateway.providers import set_fields
-from appliance.gateway.proxy import EngineStream
+from appliance.gateway.proxy import AnswerStream
 
 if TYPE_CHECKING:
     from litestar.types import Receive
@@ -37,7 +37,7 @@ MAX_ATTEMPTS = 3
 # An engine's whole answer: (status, body, content type).
 Whole = tuple[int, bytes, str]
 # What forwarding a request gives back: the whole answer, or a stream's chunks.
-Answer = Whole | EngineStream
+Answer = Whole | AnswerStream
 
 
 async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment, served: str | None = None) -> Answer:
