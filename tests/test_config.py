@@ -54,7 +54,7 @@ def test_the_example_config_names_every_setting():
 
 def test_no_config_file_serves_the_embedded_default(monkeypatch, tmp_path):
     monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
-    monkeypatch.setattr(config_mod, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    monkeypatch.setattr(config_mod.loading, "DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     cfg = load_config(None)
     assert [m.name for m in cfg.models] == [EMBEDDED_MODEL_NAME]
     assert cfg.models[0].server == "llamacpp"
@@ -78,10 +78,10 @@ def test_an_explicit_config_that_is_missing_is_an_error(tmp_path):
 
 
 def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_mod, "_is_root", lambda: True)
+    monkeypatch.setattr(config_mod.paths, "_is_root", lambda: True)
     root = parse_config("")
     assert (root.paths.state_dir, root.paths.cache_dir) == ("/var/lib/appliance", "/var/cache/appliance")
-    monkeypatch.setattr(config_mod, "_is_root", lambda: False)
+    monkeypatch.setattr(config_mod.paths, "_is_root", lambda: False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     user = parse_config("")
@@ -172,7 +172,7 @@ def test_gpu_engines_run_from_their_image_unless_a_command_is_configured():
 
 
 def test_a_renamed_key_is_read_under_its_new_name_with_a_warning(monkeypatch, tmp_path):
-    monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0"),
+    monkeypatch.setattr(config_mod.loading, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0"),
                                                      ("models[].ctx", "models[].context_length", "0.2.0"),
                                                      ("store.max_gib", "store.budget_gib", "0.2.0")])
     path = tmp_path / "old.toml"
@@ -204,7 +204,7 @@ def test_appliance_check_and_serve_say_which_keys_are_deprecated(monkeypatch, tm
 
     from appliance.cli.main import main
 
-    monkeypatch.setattr(config_mod, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0")])
+    monkeypatch.setattr(config_mod.loading, "RENAMED_KEYS", [("server.listen_port", "server.port", "0.2.0")])
     path = tmp_path / "old.toml"
     path.write_text(f'[server]\nlisten_port = 9001\n[paths]\nstate_dir = "{tmp_path}/s"\ncache_dir = "{tmp_path}/c"\n'
                     '[[models]]\nname = "ext"\nserver = "openai"\nurl = "http://127.0.0.1:9/v1"\n')

@@ -264,7 +264,7 @@ def test_a_reload_after_the_default_config_file_was_removed_is_refused_not_the_b
     default.write_text(f'[server]\nport = {free_port()}\n[paths]\nstate_dir = "{tmp_path}/state"\n'
                        f'cache_dir = "{tmp_path}/cache"\nlog_dir = "{tmp_path}/log"\n' + fake_model("steady"))
     monkeypatch.delenv("APPLIANCE_CONFIG", raising=False)
-    monkeypatch.setattr("appliance.config.DEFAULT_CONFIG_PATH", default)
+    monkeypatch.setattr("appliance.config.loading.DEFAULT_CONFIG_PATH", default)
     reread = []
 
     def run(cfg, reread_config):  # the daemon, as far as serve hands it its reread

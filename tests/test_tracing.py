@@ -365,7 +365,7 @@ def test_an_endpoint_with_a_line_break_is_refused():
 
 
 def test_an_endpoint_without_the_packages_says_how_to_install_them(monkeypatch):
-    monkeypatch.setattr("appliance.config.TELEMETRY_MODULES", ("opentelemetry.not_installed_here",))
+    monkeypatch.setattr("appliance.config.telemetry.TELEMETRY_MODULES", ("opentelemetry.not_installed_here",))
     with pytest.raises(ConfigError, match=r"telemetry.otlp_endpoint.*pip install 'appliance\[telemetry\]'"):
         parse_config('[telemetry]\notlp_endpoint = "http://127.0.0.1:4318"\n')
 
