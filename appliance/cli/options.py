@@ -1,16 +1,20 @@
 """What every `appliance` subcommand shares: the --config option, loading the config it
-names (an error is one line, no traceback), and reading the GPUs."""
+names (an error is one line, no traceback), reading the GPUs, and calling the running
+daemon's admin API."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import click
+import msgspec
 
 from appliance.config import Config, ConfigError, load_config
 
 if TYPE_CHECKING:
     from appliance.gpu.probe import Inventory
+
+T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
 
@@ -30,4 +34,24 @@ def read_inventory(cfg: Config, inventory: str | None) -> Inventory:
     try:
         return SimulatedProbe(source).read() if source else NvmlProbe().read()
     except (OSError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def admin_call(
+    cfg: Config,
+    port: int | None,
+    method: str,
+    path: str,
+    into: type[T],
+    body: msgspec.Struct | None = None,
+    timeout: float = 30.0,
+) -> T:
+    """The running daemon's admin API: its admin socket when this user may open it,
+    else TCP (--port, server.port) with the admin token (appliance/daemon/admin_client.py);
+    the answer decoded into its type (appliance/status.py)."""
+    from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
+
+    try:
+        return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, into, body, timeout)
+    except (DaemonDown, AdminError, ConfigError) as exc:
         raise click.ClickException(str(exc)) from None
