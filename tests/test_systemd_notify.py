@@ -229,3 +229,26 @@ def test_sighup_reloads_between_reloading_and_ready(daemons, fake_systemd):
     refused = fake_systemd.until(lambda m: m.get("READY") == "1")[-1]
     assert refused["STATUS"].startswith("reload refused, running the previous config") and "bogus" in refused["STATUS"]
     assert daemon.proc.poll() is None
+
+
+def test_a_reload_by_the_cli_or_the_admin_api_notifies_systemd_as_sighup_does(daemons, fake_systemd):
+    daemon = _start(daemons, fake_systemd)
+    fake_systemd.until(lambda m: m.get("READY") == "1")
+    daemon.wait_ready()
+    daemons.write_config(fake_model("fake") + fake_model("second"), port=daemon.port)
+
+    done = subprocess.run([PY, "-m", "appliance.cli", "reload", "--config", str(daemon.config)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 0, done.stderr
+    reloading = fake_systemd.until(lambda m: m.get("RELOADING") == "1")[-1]
+    assert int(reloading["MONOTONIC_USEC"]) > 0
+    ready = fake_systemd.until(lambda m: m.get("READY") == "1")[-1]
+    assert ready["STATUS"].startswith("config reloaded: 1 models added")
+
+    # Refused over the admin API: READY again with the reason, as after a refused SIGHUP.
+    daemon.config.write_text(daemon.config.read_text() + "\n[bogus]\n")
+    answer = httpx.post(f"{daemon.url}/admin/reload", json={}, timeout=30)
+    assert answer.status_code == 400, answer.text
+    fake_systemd.until(lambda m: m.get("RELOADING") == "1")
+    refused = fake_systemd.until(lambda m: m.get("READY") == "1")[-1]
+    assert refused["STATUS"].startswith("reload refused, running the previous config") and "bogus" in refused["STATUS"]

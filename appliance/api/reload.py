@@ -23,7 +23,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 
@@ -153,6 +153,25 @@ def check_regulated(routes: Routes, providers: dict[str, Provider], origin: str)
                 )
 
 
+class ReloadNotices(Protocol):
+    """Who hears that a reload started, and how it ended (appliance/daemon/service_manager.py)."""
+
+    def reloading(self) -> None: ...
+
+    def reloaded(self, text: str) -> None: ...
+
+
+class _NoNotices:
+    def reloading(self) -> None:
+        pass
+
+    def reloaded(self, text: str) -> None:
+        pass
+
+
+_NO_NOTICES = _NoNotices()
+
+
 class Reloader:
     """The one owner of reloads. Each is applied in one synchronous step, so two never
     interleave; a model's roll finishes before a reload may change that model again."""
@@ -161,6 +180,9 @@ class Reloader:
         self.rt = rt
         self.reread = reread  # the config as `appliance serve` reads it (its --config, --host, --port)
         self.rolling: dict[str, asyncio.Task[str]] = {}
+        # Told of every reload, whoever asked (SIGHUP, POST /admin/reload: the CLI, the TUI):
+        # the daemon's service manager (RELOADING=1, then READY=1 with what it did).
+        self.notices: ReloadNotices = _NO_NOTICES
 
     async def reload(self, wait: bool = False) -> ReloadReport:
         """Apply the config file as it is now; wait: until the rolls it started end.
@@ -169,11 +191,17 @@ class Reloader:
         if self.rt.draining:  # models added or rolled now would only be stopped again
             raise ShuttingDown("The appliance is shutting down: the config was not reloaded", retry_after=30)
         started = time.monotonic()
+        self.notices.reloading()
         try:
             report = self._apply(self.reread())
         except ConfigError as exc:
             log.error("reload refused, nothing changed: %s", exc)
+            self.notices.reloaded(f"reload refused, running the previous config: {exc}")
             raise ReloadRefused(str(exc)) from None
+        except Exception:
+            self.notices.reloaded("reload failed, running the previous config; see the log")
+            raise
+        self.notices.reloaded(f"config reloaded: {report.summary()}")
         rolls = {name: self.rolling[name] for name in report.rolling}
         if wait and rolls:
             await asyncio.wait(rolls.values())

@@ -65,7 +65,7 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    reloads = SignalReloads(app, service)
+    reloads = SignalReloads(app)
     loop.add_signal_handler(signal.SIGHUP, reloads.on_signal)
 
     service.start(cfg.server.host, cfg.server.port)
@@ -145,12 +145,12 @@ class AdminSocket:
 
 
 class SignalReloads:
-    """SIGHUP (systemctl reload): the config reloaded, systemd told RELOADING=1, then
-    READY=1 once the new config is live or the reload was refused (STATUS= says which;
-    the log has the refusal's field)."""
+    """SIGHUP (systemctl reload): the config reloaded. The reloader tells systemd
+    RELOADING=1, then READY=1 once the new config is live or the reload was refused
+    (STATUS= says which; the log has the refusal's field), as for any reload."""
 
-    def __init__(self, app, service: ServiceNotifier) -> None:
-        self.app, self.service = app, service
+    def __init__(self, app) -> None:
+        self.app = app
         self.tasks: set[asyncio.Task[None]] = set()
 
     def on_signal(self) -> None:
@@ -164,17 +164,12 @@ class SignalReloads:
             log.warning("SIGHUP before the daemon started serving: ignored")
             return
         log.info("SIGHUP: reloading the config")
-        self.service.reloading()
         try:
-            report = await runtime.reloader.reload()
-        except ApplianceError as exc:
-            self.service.reloaded(f"reload refused, running the previous config: {exc.message}")
-            return
+            await runtime.reloader.reload()
+        except ApplianceError:
+            pass  # refused (the reloader logged why and told systemd) or shutting down
         except Exception:
             log.exception("reload failed")
-            self.service.reloaded("reload failed, running the previous config; see the log")
-            return
-        self.service.reloaded(f"config reloaded: {report.summary()}")
 
 
 def _tune_gc() -> None:

@@ -3,7 +3,8 @@
     start ──▶ WATCHDOG=1 every WatchdogSec/2, from a task on the event loop
           ──▶ READY=1 once the app's lifespan started and the API answers
           ──▶ STATUS=1/2 replicas ready; llama#1 starting   (on every replica transition)
-    SIGHUP ──▶ RELOADING=1 + MONOTONIC_USEC, then READY=1 with what the reload did
+    reload ──▶ RELOADING=1 + MONOTONIC_USEC, then READY=1 with what the reload did
+              (SIGHUP, POST /admin/reload: `appliance reload`, the TUI)
     SIGTERM ▶ STOPPING=1, STATUS=draining N in-flight requests, EXTEND_TIMEOUT_USEC
 
 Without systemd (no NOTIFY_SOCKET) every call here is a no-op.
@@ -61,6 +62,8 @@ class ServiceNotifier:
         if self.enabled and runtime is not None:
             self._supervisor = runtime.supervisor
             runtime.supervisor.add_listener(self._on_transition)
+            if runtime.reloader is not None:  # every reload, not only SIGHUP's
+                runtime.reloader.notices = self
         self._started.set()
 
     def _on_transition(self, replica, event) -> None:
