@@ -432,3 +432,45 @@ async def test_recheck_lifts_only_blocks_whose_store_model_passes_admission_agai
         await sup.stop()
         await session.close()
         store.close()
+
+
+async def test_a_model_removed_by_a_reload_releases_its_store_lease_once_no_other_model_uses_it(tmp_path):
+    """A leased entry can be neither removed nor evicted: the lease goes with the last model
+    served from it (once its replicas stopped), not at the daemon's restart."""
+    import asyncio
+
+    import aiohttp
+
+    from appliance.config import parse_config
+    from appliance.fleet.supervisor import Supervisor
+
+    _import_victim(tmp_path)
+    store = Store(tmp_path / "cache", allowed_licenses=["MIT"])
+    on_demand = "[models.autoscaling]\nmin_replicas = 0\n"
+    cfg = parse_config(
+        f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+        f'log_dir = "{tmp_path}/log"\n'
+        + _served_from_store("first", "victim", extra=on_demand)
+        + _served_from_store("second", "victim", extra=on_demand))
+    session = aiohttp.ClientSession()
+    sup = Supervisor(cfg, session)
+
+    async def removed(name: str) -> None:
+        sup.remove_deployment(name)
+        for _ in range(500):
+            if not sup.leaving:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{name} still leaving")
+
+    try:
+        sup.start()
+        assert store.in_use("victim")
+        await removed("first")
+        assert store.in_use("victim") and "victim" in sup.store_leases  # "second" is served from it
+        await removed("second")
+        assert not store.in_use("victim") and "victim" not in sup.store_leases
+    finally:
+        await sup.stop()
+        await session.close()
+        store.close()

@@ -79,6 +79,7 @@ def remove_deployment(sup: Supervisor, name: str) -> None:
             for r in dep.replicas:
                 r.retiring = True
             await asyncio.gather(*(r.stop(sup.cfg.server.drain_timeout_s) for r in dep.replicas))
+            release_store_leases(sup, dep)
         finally:
             sup._listeners.remove(wake)
             sup.leaving.remove(dep)
@@ -172,3 +173,19 @@ def swap_adapters(sup: Supervisor, dep: Deployment) -> None:
 
     for replica in dep.kept():
         sup._background(swap(replica), f"lora-{replica.name}")
+
+
+def release_store_leases(sup: Supervisor, dep: Deployment) -> None:
+    """A removed model's store leases, once its replicas have stopped: eviction and `models
+    rm` may take its entry again, unless another model (configured, or still leaving) is
+    served from it. Its adapters' leases are its own (lora.resolve took them): all released."""
+    name = store_name(dep.model)
+    others = [d for d in (*sup.deployments.values(), *sup.leaving) if d is not dep]
+    if name is not None and all(store_name(d.model) != name for d in others):
+        lease = sup.store_leases.pop(name, None)
+        if lease is not None:
+            lease.close()
+    for adapter, lease in (dep.lora.leases if dep.lora is not None else {}).items():
+        if sup.store_leases.get(adapter) is lease:
+            del sup.store_leases[adapter]
+        lease.close()
