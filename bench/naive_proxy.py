@@ -66,7 +66,7 @@ async def close_session() -> None:
 
 async def raw_app(scope, receive, send) -> None:
     if scope["type"] == "lifespan":
-        while (message := await receive())["type"] != "lifespan.shutdown":
+        while (await receive())["type"] != "lifespan.shutdown":
             await open_session()
             await send({"type": "lifespan.startup.complete"})
         await close_session()

@@ -103,7 +103,8 @@ def test_scrubbing_leaves_an_answer_without_cache_fields_byte_for_byte():
     tenancy = Tenancy("key")
     plain = b'{"choices":[{"message":{"content":"\\"timings\\" are private"}}],"usage":{"prompt_tokens":1}}'
     assert tenancy.answer(plain) is plain
-    leaky = b'{"id":"x","timings":{"cache_n":40},"usage":{"prompt_tokens":44,"prompt_tokens_details":{"cached_tokens":41}}}'
+    leaky = (b'{"id":"x","timings":{"cache_n":40},'
+             b'"usage":{"prompt_tokens":44,"prompt_tokens_details":{"cached_tokens":41}}}')
     assert json.loads(tenancy.answer(leaky)) == {"id": "x", "usage": {"prompt_tokens": 44, "prompt_tokens_details": {}}}
     assert Tenancy("shared").answer(leaky) is leaky
 
