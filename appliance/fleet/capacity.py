@@ -201,6 +201,14 @@ class Capacity:
         holds = [(r, {"cores": cores.get(r.name, 0), "host_bytes": ram[r.name]}) for r in holders + sleepers]
         return Scarce(what, holds, fits)
 
+    def fits_once_others_go(self, model: ModelConfig, replica: str) -> bool:
+        """Whether one more replica of model would fit once every replica of other models
+        is gone: room that others hold now (it waits for it), not a model too big for the box."""
+        scarce = self.scarce_for(model, replica)
+        if scarce is None:
+            return False
+        return scarce.fits(frozenset(r.name for r, _ in scarce.holds if r.model.name != model.name))
+
     def _scarce_gpu(self, model: ModelConfig, replica: str) -> Scarce | None:
         return self.scarce_for_set([(model, replica)])
 
