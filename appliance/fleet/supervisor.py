@@ -323,7 +323,7 @@ class Supervisor:
         replica.start()
         return replica
 
-    def _wait_for_room(self, dep: Deployment, error: str) -> None:
+    def _wait_for_room(self, dep: Deployment, error: str | None) -> None:
         """No room for a replica that nothing asked to evict for (boot, a floor): status shows
         the model waiting for room (``no_room``), each autoscaler pass tries again, and a
         request for it may evict idle replicas of other models."""
