@@ -198,6 +198,9 @@ async def test_cpu_replicas_are_budgeted_by_host_ram_and_a_request_evicts_for_it
         [a] = sup.deployment("a").replicas
         await a.wait_ready(30)
         assert sup.deployment("b").replicas == []
+        [waiting] = [m.waiting_for_room for m in sup.status() if m.name == "b"]  # (its floor, at boot)
+        assert waiting is not None and "b needs 1 of the CPU engines' 4 cores and " in waiting
+        assert waiting.endswith("held by a#0")
         budget = sup.cpu_budget()
         assert budget.host_ram_bytes == int(0.02 * GiB) and budget.host_ram_used_bytes > 0
         b = await sup.deployment("b").acquire()

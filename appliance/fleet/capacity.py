@@ -177,6 +177,14 @@ class Capacity:
             room = min(room, (self.host_ram() - self.host_used(ignoring)) // need)
         return max(room, 0)
 
+    def cpu_lack(self, model: ModelConfig) -> str:
+        """What one more CPU replica of model lacks, and who holds it, in words."""
+        what = f"{model.name} needs {self.cores(model)} of the CPU engines' {self.cpu_cores()} cores"
+        if need := self.host_need(model):
+            what += f" and {need / GiB:.2f} GiB of their {self.host_ram() / GiB:.2f} GiB of host RAM"
+        held = ", ".join(sorted(r.name for r in self.cpu_holders())) or "nobody"
+        return f"{what}, held by {held}"
+
     def scarce_for(self, model: ModelConfig, replica: str) -> Scarce | None:
         """For eviction: what one more replica of model lacks, who holds it and how to tell
         it fits once some of them are gone; None when nothing sizes it (the placer says why)."""

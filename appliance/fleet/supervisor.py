@@ -274,6 +274,8 @@ class Supervisor:
             victims = found
         ignoring = frozenset(v.name for v in victims)
         if self.room_for(dep, ignoring) <= 0:
+            if not evict and on_cpu(dep.model) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
+                self._wait_for_room(dep, self.capacity.cpu_lack(dep.model))
             return None
         [index] = next_indices({r.index for r in dep.replicas}, 1)
         replica = Replica(
