@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -551,8 +552,6 @@ async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evict
         c = await sup.deployment("c").acquire()
         assert c.state is State.READY and c.slot.gpus == (0, 1)
         assert sorted(e.replica for e in sup.market.recent()) == ["a#0", "b#0"]
-        import signal
-
         assert sorted(seen_when_decided[0]) == [("a#0", signal.SIGTERM), ("b#0", signal.SIGTERM)]
         assert sorted(signalled) == sorted(seen_when_decided[0])  # once each, never again by the owner
         assert a.state is State.STOPPED and b.state is State.STOPPED
