@@ -135,6 +135,9 @@ class ModelStatus(msgspec.Struct, kw_only=True):
     min_replicas: int = 0
     max_replicas: int = 0
     blocked: str | None = None  # why a store model is not served
+    # Why a replica it wants (its floor, or one for requests held) has not started: the room
+    # it needs is held by other models (the capacity market, appliance/fleet/eviction.py).
+    waiting_for_room: str | None = None
     ttft_p50_ms: float | None = None
     replicas: list[ReplicaStatus] = []
     decisions: list[Decision] = []

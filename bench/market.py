@@ -34,10 +34,21 @@ and replica, and the engine's own, which the fake engine writes, --stamp-dir):
 
 The issue's goal, "wait over the engine's own start or wake time", is `over` = wait -
 queued - engine = freeing + detect + handoff, reported per cause of the load (cold: on
-free room; wake: a sleeping replica woken in place; evict: others freed first). Freeing
-is bounded below by the evicted engines' own stop or sleep (printed on the first line,
-measured on one engine): that is on the request's path unless headroom was made ahead
-of it ([capacity] headroom_idle_s, --headroom-idle).
+free room; wake: a sleeping replica woken in place; evict: others freed first, then a
+cold start or a wake). "The engine's own start or wake" is the loaded engine's only: for
+a load that evicts, `over` still holds the evicted engines' own stop or sleep, which are
+engine time too, but another engine's. So each load that evicted is also given
+
+  victims  the evicted engines' own stop or sleep on its path: from the daemon's SIGTERM to
+           the exit of the victim's process (as the daemon sees it), or the victim's
+           /sleep handler's own time (its stamp); victims freed in parallel count once
+           (the longest);
+  ours     over - victims: what the daemon adds to the engines' own times (for cold and
+           wake loads, ours = over).
+
+The victims' stop is on the request's path unless headroom was made ahead of it
+([capacity] headroom_idle_s, --headroom-idle); the first line prints it measured on one
+engine alone.
 
 Run from the repository root (no GPU needed):
 
@@ -82,6 +93,7 @@ import aiohttp  # noqa: E402
 
 from appliance.config import parse_config  # noqa: E402
 from appliance.errors import ApplianceError  # noqa: E402
+from appliance.fleet import process  # noqa: E402
 from appliance.fleet.replica import State, free_port  # noqa: E402
 from appliance.fleet.supervisor import Supervisor  # noqa: E402
 from appliance.gpu.probe import GiB  # noqa: E402
@@ -238,6 +250,42 @@ class Result:
     seconds: float = 0.0
 
 
+# Each engine process's SIGTERM (its first) and its exit as the daemon saw them, by pid
+# (monotonic seconds), and each eviction as it was decided: (when, victim's pid, to, for).
+SIGNALLED: dict[int, float] = {}
+EXITED: dict[int, float] = {}
+
+
+def observe_processes() -> None:
+    """Time each engine's SIGTERM and its exit, in any version of the appliance (the
+    process seam, appliance/fleet/process.py)."""
+    signal_group, wait = process._RealProcess.signal_group, process._RealProcess.wait
+
+    def signalled(self, sig):
+        SIGNALLED.setdefault(self.pid, time.monotonic())
+        return signal_group(self, sig)
+
+    async def exited(self):
+        await self._proc.wait()
+        EXITED.setdefault(self.pid, time.monotonic())
+        return await wait(self)
+
+    process._RealProcess.signal_group, process._RealProcess.wait = signalled, exited
+
+
+def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str]]:
+    evictions: list[tuple[float, int, str, str]] = []
+    evicted = sup.market.evicted
+
+    def observed(e):
+        pid = next((r.pid for r in sup.replicas() if r.name == e.replica), 0)
+        evictions.append((time.monotonic(), pid, e.to, e.for_model))
+        return evicted(e)
+
+    sup.market.evicted = observed  # type: ignore[method-assign]
+    return evictions
+
+
 async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
     result = Result(mode)
     with tempfile.TemporaryDirectory(prefix=f"market-{mode}-") as tmp:
@@ -247,6 +295,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
         session = aiohttp.ClientSession()
         sup = Supervisor(cfg, session)
         decided = watch_decisions(sup)
+        evictions = watch_evictions(sup)
         sup.start()
         try:
             await boot(sup)
@@ -267,7 +316,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             result.evictions = sum(sup.market.evictions.values())
             for (_, reason), n in sup.market.evictions.items():
                 result.by_reason[reason] = result.by_reason.get(reason, 0) + n
-            engines_own(result.loads, args.stamp_dir)
+            engines_own(result.loads, args.stamp_dir, evictions)
         finally:
             await sup.stop()
             await session.close()
@@ -335,7 +384,7 @@ async def one_request(sup: Supervisor, model: str, result: Result, decided: dict
     result.waits.append(time.monotonic() - start)
     if caused:
         load = cut(start, time.monotonic(), replica, decided.get(replica.name, start))
-        result.loads.append({**load, "cause": dep.loading_cause, "pid": replica.pid})
+        result.loads.append({**load, "cause": dep.loading_cause, "pid": replica.pid, "model": model, "at": start})
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     with replica.lease():
         try:
@@ -366,15 +415,17 @@ def cut(arrived: float, held: float, replica, decided: float) -> dict[str, float
     }
 
 
-def engines_own(loads: list[dict], stamp_dir: Path) -> None:
+def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float, int, str, str]]) -> None:
     """Each load's ``engine`` as the engine stamped it (module docstring), the rest of
-    spawn-to-READY as ``detect``; ``over`` = freeing + detect + handoff. A cold start is the
-    process's serving stamp; a wake the first wake stamped after the load began."""
+    spawn-to-READY as ``detect``; ``over`` = freeing + detect + handoff; ``victims`` and
+    ``ours``. A cold start is the process's serving stamp; a wake the first wake stamped
+    after the load began."""
     stamps: dict[int, list[list[str]]] = {}
     for f in stamp_dir.iterdir():
         stamps[int(f.name)] = [line.split() for line in f.read_text().splitlines()]
     for load in loads:
         began, spawn_to_ready = load.pop("loading_since"), load["engine"]
+        load["victims"] = min(victims_own(load.pop("model"), load.pop("at"), began, evictions, stamps), load["freeing"])
         rows = [(what, [float(x) for x in at]) for what, *at in stamps.get(load.pop("pid"), [])]
         served = [t[0] for what, t in rows if what == "serving" and t[0] >= began - 0.001]
         woken = [t[1] - t[0] for what, t in rows if what == "wake" and t[0] >= began - 0.001]
@@ -389,6 +440,26 @@ def engines_own(loads: list[dict], stamp_dir: Path) -> None:
         load["engine"] = own
         load["detect"] = spawn_to_ready - own
         load["over"] = load["freeing"] + load["detect"] + load["handoff"]
+        load["ours"] = load["over"] - load["victims"]
+
+
+def victims_own(
+    model: str, arrived: float, began: float, evictions: list[tuple[float, int, str, str]], stamps: dict
+) -> float:
+    """The longest own stop (SIGTERM to exit) or sleep (its /sleep stamp) of the engines
+    evicted for ``model`` between the request's arrival and its engine's start or wake."""
+    own = [0.0]
+    for at, pid, to, for_model in evictions:
+        if model not in for_model.split("+") or not arrived - 0.001 <= at <= began:
+            continue
+        if to == "stop" and pid in SIGNALLED and pid in EXITED:
+            own.append(EXITED[pid] - SIGNALLED[pid])
+        elif to == "sleep":
+            slept = [
+                float(t[1]) - float(t[0]) for what, *t in stamps.get(pid, []) if what == "sleep" and float(t[0]) >= at
+            ]
+            own += slept[:1]
+    return max(own)
 
 
 def pct(values: list[float], q: int) -> str:
@@ -422,18 +493,22 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         )
     lines += [
         "",
-        "| mode | cause | loads | over own p50 / p99 ms (goal p50 <= 100) | freeing p50 / p99 | detect p50 "
-        "| handoff p50 | queued p50 / p99 | engine's own p50 |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| mode | cause | loads | over own p50 / p99 ms (goal p50 <= 100) | victims p50 | ours p50 / p99 "
+        "| freeing p50 / p99 | detect p50 | handoff p50 | queued p50 / p99 | engine's own p50 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    causes = {"evict": ("evict+cold", "evict+wake"), "all": None}
     for r in results:
-        for cause in ("cold", "wake", "evict+cold", "evict+wake", "all"):
-            loads = [x for x in r.loads if cause in ("all", x["cause"])]
+        for cause in ("cold", "wake", "evict", "evict+cold", "evict+wake", "all"):
+            kinds = causes.get(cause, (cause,))
+            loads = [x for x in r.loads if kinds is None or x["cause"] in kinds]
             if not loads:
                 continue
-            part = {k: [x[k] for x in loads] for k in ("over", "freeing", "detect", "handoff", "queued", "engine")}
+            keys = ("over", "victims", "ours", "freeing", "detect", "handoff", "queued", "engine")
+            part = {k: [x[k] for x in loads] for k in keys}
             lines.append(
                 f"| {r.mode} | {cause} | {len(loads)} | {pct(part['over'], 50)} / {pct(part['over'], 99)} "
+                f"| {pct(part['victims'], 50)} | {pct(part['ours'], 50)} / {pct(part['ours'], 99)} "
                 f"| {pct(part['freeing'], 50)} / {pct(part['freeing'], 99)} | {pct(part['detect'], 50)} "
                 f"| {pct(part['handoff'], 50)} | {pct(part['queued'], 50)} / {pct(part['queued'], 99)} "
                 f"| {pct(part['engine'], 50)} |"
@@ -441,7 +516,8 @@ def table(results: list[Result], own: dict[str, float]) -> str:
     lines.append(
         "over own = freeing + detect + handoff: the wait of a request that caused a load less the engine's own "
         "start or wake (as the engine stamps it) and less the time it queued for room held by busy or resident "
-        "replicas of other models; freeing includes the evicted engines' own stop (SIGTERM to exit) or sleep."
+        "replicas of other models; freeing includes the evicted engines' own stop (SIGTERM to exit) or sleep, "
+        "shown as victims; ours = over - victims."
     )
     return "\n".join(lines)
 
@@ -474,6 +550,7 @@ def main() -> None:
         else zipf_trace(args.models, args.duration, args.rate, args.zipf, args.seed)
     )
     own = measure_engine(args)
+    observe_processes()
     print(
         f"{len(trace)} requests over {args.models} models on {args.gpus} GPUs; load average {os.getloadavg()[0]:.2f}",
         flush=True,

@@ -82,9 +82,12 @@ def test_a_request_for_a_model_with_no_room_on_the_gpu_evicts_the_idle_one_and_i
     d = gpu_daemon(daemons, tmp_path, tiny, b_at_boot=True)
     [a] = live(d, "a")
     assert a["state"] == "READY" and a["gpus"] == [0]
-    # b did not fit at boot (nothing is evicted for a model's floor): FATAL, saying why.
-    [b] = d.replicas("b")
-    assert b["state"] == "FATAL" and "cannot place on GPUs" in b["last_error"]
+    # b did not fit at boot (nothing is evicted for a model's floor): it waits for the room a
+    # holds, saying so, with no FATAL replica in its place (and the daemon is ready).
+    assert d.replicas("b") == []
+    [b] = [m for m in d.status()["models"] if m["name"] == "b"]
+    assert b["waiting_for_room"].startswith("waiting for room held by other models: b#0 needs")
+    assert httpx.get(f"{d.url}/readyz", timeout=5).status_code == 200
 
     resp = chat(d, "b")
     assert resp.status_code == 200, resp.text

@@ -157,3 +157,41 @@ async def test_a_request_for_a_model_whose_replica_is_being_evicted_waits_and_is
     finally:
         await sup.stop()
         await session.close()
+
+
+async def test_a_reload_that_sets_max_wait_before_preempt_s_applies_to_requests_already_held(tmp_path):
+    """[capacity] settings change live: with preemption off (0) b's request waits behind a,
+    which always has a request in flight; a reload that sets the bound (no restart) lets the
+    held request take a's room, drained. Before, the reload was refused as restart-only."""
+    from types import SimpleNamespace
+
+    from appliance.api.reload import Reloader
+    from appliance.config import parse_config
+
+    text = room_for_one(tmp_path, residency="0s", bound=0, queue_timeout=60)
+    sup, session = await started(text)
+    try:
+        answered: Counter = Counter()
+        failed: list[str] = []
+        busy = asyncio.gather(*(keep_busy(sup, "a", 4, answered, failed) for _ in range(2)))
+        held = asyncio.ensure_future(sup.deployment("b").acquire())
+        await asyncio.sleep(1.0)
+        assert not held.done() and sup.market.recent() == []  # waits: preemption is off
+
+        new = parse_config(text.replace("max_wait_before_preempt_s = 0\n", "max_wait_before_preempt_s = 0.2\n"))
+        rt = SimpleNamespace(
+            cfg=sup.cfg, draining=False, adopt=lambda *a: None, openapi=None, supervisor=sup, providers={},
+            tenancy=None,
+        )
+        report = await Reloader(rt, lambda: new).reload()
+        assert "capacity.max_wait_before_preempt_s changed" in report.policy
+        assert sup.cfg.capacity.max_wait_before_preempt_s == 0.2
+
+        b = await asyncio.wait_for(held, 30)
+        assert b.state is State.READY
+        assert [(e.model, e.trigger) for e in sup.market.recent()] == [("a", "fairness")]
+        await busy
+        assert failed == []
+    finally:
+        await sup.stop()
+        await session.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 from pathlib import Path
 
@@ -198,6 +199,9 @@ async def test_cpu_replicas_are_budgeted_by_host_ram_and_a_request_evicts_for_it
         [a] = sup.deployment("a").replicas
         await a.wait_ready(30)
         assert sup.deployment("b").replicas == []
+        [waiting] = [m.waiting_for_room for m in sup.status() if m.name == "b"]  # (its floor, at boot)
+        assert waiting is not None and "b needs 1 of the CPU engines' 4 cores and " in waiting
+        assert waiting.endswith("held by a#0")
         budget = sup.cpu_budget()
         assert budget.host_ram_bytes == int(0.02 * GiB) and budget.host_ram_used_bytes > 0
         b = await sup.deployment("b").acquire()
@@ -502,6 +506,106 @@ async def test_a_replica_on_its_way_to_wake_holds_its_gpu_memory_so_no_other_wak
             await asyncio.sleep(0.05)
         assert (await for_b).state is State.READY
         assert max(awake_at_once) == 1
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+# --- freeing room: the victims' stop on the path of the request (issue 17) -------------------
+
+
+def two_idle_models_and_one_for_both_gpus(tmp_path: Path) -> str:
+    """a and b (~42 GiB each) at boot, one per 80 GiB GPU; c at zero needs both GPUs."""
+    a, b = vllm_model(tmp_path, "a", 40), vllm_model(tmp_path, "b", 40)
+    c = vllm_model(tmp_path, "c", 80, extra="[models.autoscaling]\nmin_replicas = 0\n").replace(
+        "count = 1", "count = 2"
+    )
+    text = gpu_config(tmp_path, a + b + c).replace(str(DATA / "inventory-8xh100.toml"), str(two_gpus(tmp_path)))
+    return text + '[autoscaling]\nmin_residency = "0s"\n'
+
+
+async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evicts_them(tmp_path):
+    """Idle victims have nothing to drain: each engine gets its SIGTERM in the eviction's own
+    step (not a loop turn or more later from its owner task), so the victims of one load stop
+    in parallel and the first byte of their stop is not queued behind other work."""
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(two_idle_models_and_one_for_both_gpus(tmp_path)), session)
+    try:
+        sup.start()
+        a, b = (sup.deployment(m).replicas[0] for m in "ab")
+        await a.wait_ready(30)
+        await b.wait_ready(30)
+        assert {a.slot.gpus, b.slot.gpus} == {(0,), (1,)}
+        signalled: list[tuple[str, int]] = []
+        for r in (a, b):
+            send = r._proc.signal_group
+            r._proc.signal_group = lambda sig, r=r, send=send: (signalled.append((r.name, sig)), send(sig))[1]
+        evict_all = sup._evict_all
+        seen_when_decided: list[list[tuple[str, int]]] = []
+
+        def observed(*args, **kwargs):
+            victims = evict_all(*args, **kwargs)
+            seen_when_decided.append(list(signalled))  # before this step yields to the loop
+            return victims
+
+        sup._evict_all = observed
+        c = await sup.deployment("c").acquire()
+        assert c.state is State.READY and c.slot.gpus == (0, 1)
+        assert sorted(e.replica for e in sup.market.recent()) == ["a#0", "b#0"]
+        assert sorted(seen_when_decided[0]) == [("a#0", signal.SIGTERM), ("b#0", signal.SIGTERM)]
+        assert sorted(signalled) == sorted(seen_when_decided[0])  # once each, never again by the owner
+        assert a.state is State.STOPPED and b.state is State.STOPPED
+        assert [t.new for t in a.history][-2:] == [State.DRAINING, State.STOPPED]
+        assert a.restarts == 0 and not a.last_error  # its exit was the stop it was asked for, no crash
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_model_whose_floor_finds_no_room_waits_for_it_not_fatal_and_starts_when_room_comes(tmp_path):
+    """b's min_replicas is 1 but a holds the one GPU: nothing is evicted for a floor, so b waits.
+    An operator sees it waiting for room (status, `appliance status`), not a FATAL replica that
+    only an operator's restart would clear; the daemon is ready; each autoscaler pass tries
+    again and b starts once a goes."""
+    text = one_gpu_two_models(tmp_path, host_ram_gib=100, sleeps=False).replace(
+        "[models.autoscaling]\nmin_replicas = 0\n", ""
+    )
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(text), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        for _ in range(3):
+            sup.tick()
+        assert sup.deployment("b").replicas == []
+        [b] = [m for m in sup.status() if m.name == "b"]
+        assert b.waiting_for_room is not None and "b#0 needs" in b.waiting_for_room
+        assert b.waiting_for_room.startswith("waiting for room held by other models")
+        assert sup.ready  # a model waiting for room does not hold the daemon's readiness
+        assert [m.waiting_for_room for m in sup.status() if m.name == "a"] == [None]
+
+        sup.unload("a")
+        await sup._drains["a#0"]
+        sup.tick()
+        [b0] = sup.deployment("b").replicas
+        await b0.wait_ready(30)
+        assert [m.waiting_for_room for m in sup.status() if m.name == "b"] == [None]
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_model_too_big_for_the_box_whatever_goes_is_still_fatal_saying_why(tmp_path):
+    text = one_gpu_two_models(tmp_path, host_ram_gib=100, sleeps=False) + vllm_model(tmp_path, "huge", 90)
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(text), session)
+    try:
+        sup.start()
+        await sup.deployment("a").replicas[0].wait_ready(30)
+        [huge] = sup.deployment("huge").replicas
+        await huge._until(lambda: huge.state is State.FATAL, 10)
+        assert huge.last_error.startswith("cannot place on GPUs: huge#0 needs")
     finally:
         await sup.stop()
         await session.close()

@@ -326,6 +326,8 @@ def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None
     ]
     if m.blocked:
         lines.append(Text(f"not served: {m.blocked}", style="red"))
+    if m.waiting_for_room:
+        lines.append(Text(m.waiting_for_room, style="yellow"))
     measured = gpu_memory(gpus)
     for r in m.replicas:
         where = f"port {r.port}" if r.port else (r.url or "")

@@ -56,6 +56,11 @@ LIVE_SETTINGS = frozenset(
         "autoscaling.stabilization_s",
         "autoscaling.cooldown_s",
         "autoscaling.min_residency",
+        # The capacity market reads these at each decision (appliance/fleet/fairness.py,
+        # headroom.py, capacity.py); held requests look for room again once they change.
+        "capacity.max_wait_before_preempt_s",
+        "capacity.headroom_idle_s",
+        "capacity.host_ram_gib",
         "routing.tag_header",
         "routing.tenant_isolation",
         "routing.prefix_aware",
@@ -259,6 +264,8 @@ class Reloader:
                 failed[m.name] = f"not added: {exc}"
         for name in models.rolled:
             self._start_roll(name, by_name[name])
+        if changed_fields(old.capacity, new.capacity):
+            sup.capacity_changed()
         report = ReloadReport(
             config=new.origin,
             added=[m.name for m in models.added],

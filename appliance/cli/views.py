@@ -130,6 +130,8 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         click.echo(f"\n{m.name}  ({m.server})  {'ready' if m.ready else 'not ready'}")
         if m.blocked:
             click.echo(f"  not served: {m.blocked}")
+        if m.waiting_for_room:
+            click.echo(f"  {m.waiting_for_room}")
         if m.adapters:
             click.echo(f"  LoRA adapters: {', '.join(m.adapters)}")
             for reason in filter(None, m.adapters.values()):

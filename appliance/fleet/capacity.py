@@ -177,6 +177,14 @@ class Capacity:
             room = min(room, (self.host_ram() - self.host_used(ignoring)) // need)
         return max(room, 0)
 
+    def cpu_lack(self, model: ModelConfig) -> str:
+        """What one more CPU replica of model lacks, and who holds it, in words."""
+        what = f"{model.name} needs {self.cores(model)} of the CPU engines' {self.cpu_cores()} cores"
+        if need := self.host_need(model):
+            what += f" and {need / GiB:.2f} GiB of their {self.host_ram() / GiB:.2f} GiB of host RAM"
+        held = ", ".join(sorted(r.name for r in self.cpu_holders())) or "nobody"
+        return f"{what}, held by {held}"
+
     def scarce_for(self, model: ModelConfig, replica: str) -> Scarce | None:
         """For eviction: what one more replica of model lacks, who holds it and how to tell
         it fits once some of them are gone; None when nothing sizes it (the placer says why)."""
@@ -200,6 +208,14 @@ class Capacity:
 
         holds = [(r, {"cores": cores.get(r.name, 0), "host_bytes": ram[r.name]}) for r in holders + sleepers]
         return Scarce(what, holds, fits)
+
+    def fits_once_others_go(self, model: ModelConfig, replica: str) -> bool:
+        """Whether one more replica of model would fit once every replica of other models
+        is gone: room that others hold now (it waits for it), not a model too big for the box."""
+        scarce = self.scarce_for(model, replica)
+        if scarce is None:
+            return False
+        return scarce.fits(frozenset(r.name for r, _ in scarce.holds if r.model.name != model.name))
 
     def _scarce_gpu(self, model: ModelConfig, replica: str) -> Scarce | None:
         return self.scarce_for_set([(model, replica)])

@@ -258,6 +258,22 @@ class Replica:
         if self._task is not None:
             await self._task
 
+    def stop_now_if_idle(self) -> bool:
+        """Begin the stop now, in the caller's step, when the engine has nothing to finish:
+        READY or asleep, no request in flight. Its process group gets SIGTERM here instead
+        of a loop turn or more later from the owner task (under load, tens of milliseconds
+        on the path of the request the room is freed for); the owner task then sees the
+        exit as the stop it asked for (``_stop`` is set first) and finishes it as ``stop``
+        does. Only for a replica that takes no new request (retiring), whose callers lease
+        it in the step they pick it (appliance/gateway/proxy.py), so none can be lost in
+        between. Whether it did."""
+        if self.inflight or self.state not in (State.READY, State.SLEEPING) or self._proc is None:
+            return False
+        self._stop.set()
+        self._signalled = True
+        self._proc.signal_group(signal.SIGTERM)
+        return True
+
     async def sleep(self, timeout: float = 120.0) -> None:
         """Put a READY replica to sleep (vLLM level 1): GPU memory freed, weights in host RAM."""
         if not getattr(self.adapter, "can_sleep", False) or not self.model.sleep_mode:
@@ -336,6 +352,7 @@ class Replica:
     # --- the owner task -----------------------------------------------------------
 
     _drain_timeout = 0.0
+    _signalled = False  # SIGTERM sent to the current process by stop_now_if_idle
 
     def _transition(self, new: State, reason: str) -> None:
         old = self.state
@@ -670,7 +687,9 @@ class Replica:
         proc = self._proc
         if proc is None:
             return
-        proc.signal_group(signal.SIGTERM)
+        if not self._signalled:  # (stop_now_if_idle sent it already: once is enough)
+            proc.signal_group(signal.SIGTERM)
+        self._signalled = False
         try:
             await asyncio.wait_for(proc.wait(), timeout=self.cfg.supervisor.stop_grace_s)
         except TimeoutError:

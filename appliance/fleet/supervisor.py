@@ -54,6 +54,7 @@ from engines import GpuSlot, adapter_for
 log = logging.getLogger("appliance.supervisor")
 
 CANNOT_PLACE = "cannot place on GPUs: "
+WAITING_FOR_ROOM = "waiting for room held by other models: "
 # A replica entering these states frees its room (a backing-off one serves nothing: it goes
 # first), so requests held for room look again; READY frees nothing (the requests it
 # releases free its model's replicas for eviction only once they end: ``on_idle``).
@@ -273,6 +274,8 @@ class Supervisor:
             victims = found
         ignoring = frozenset(v.name for v in victims)
         if self.room_for(dep, ignoring) <= 0:
+            if not evict and on_cpu(dep.model) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
+                self._wait_for_room(dep, self.capacity.cpu_lack(dep.model))
             return None
         [index] = next_indices({r.index for r in dep.replicas}, 1)
         replica = Replica(
@@ -300,13 +303,13 @@ class Supervisor:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
                     dep.no_room, dep.room_in = f"{CANNOT_PLACE}{row.error}", None
                     return None
-                if not dep.live():
-                    # Nothing else can serve it: say why, as a FATAL replica in status.
+                if not dep.live() and not self.capacity.fits_once_others_go(dep.model, replica.name):
+                    # Too big for this box whatever else goes: say why, as a FATAL replica in status.
                     replica.cannot_start = f"{CANNOT_PLACE}{row.error}"
                     dep.replicas.append(replica)
                     replica.start()
-                else:
-                    log.info("cannot add a replica of %s: %s", dep.model.name, row.error)
+                else:  # room that other models hold: no fault of its own; it waits for it
+                    self._wait_for_room(dep, row.error)
                 return None
             replica.slot = GpuSlot(
                 row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
@@ -322,6 +325,15 @@ class Supervisor:
         replica.start()
         return replica
 
+    def _wait_for_room(self, dep: Deployment, error: str | None) -> None:
+        """No room for a replica that nothing asked to evict for (boot, a floor): status shows
+        the model waiting for room (``no_room``), each autoscaler pass tries again, and a
+        request for it may evict idle replicas of other models."""
+        why = f"{WAITING_FOR_ROOM}{error}"
+        if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
+            log.info("%s: %s", dep.model.name, why)
+        dep.no_room, dep.room_in = why, None
+
     def _place(
         self, replica: Replica, ignoring: frozenset[str] = frozenset(), planned: PlanRow | None = None
     ) -> tuple[PlanRow, tuple[str, ...]]:
@@ -331,8 +343,11 @@ class Supervisor:
             row, inventory = planned, self.probe.read()
         else:
             row, inventory = self.capacity.place(replica.model, replica.name, ignoring)
+        last = next((p for p in self.placements if p.replica == replica.name), None)
         self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
-        log.info("placement %s", row.describe())
+        # A model waiting for room is placed again at each autoscaler pass: its refusal is said once.
+        said = bool(row.error and last and last.error and _DIGITS.sub("#", last.error) == _DIGITS.sub("#", row.error))
+        log.log(logging.DEBUG if said else logging.INFO, "placement %s", row.describe())
         uuid = {g.index: g.uuid for g in inventory.gpus}
         uuids = tuple(uuid[i] for i in row.assignment.gpus) if row.assignment else ()
         return row, uuids
@@ -583,6 +598,7 @@ class Supervisor:
 
         log.info("retiring replica %s (%s)", replica.name, reason)
         replica.retiring = True
+        replica.stop_now_if_idle()  # nothing to drain: its engine is told now, not a loop turn later
         self._freeing(replica, drain(), f"retire-{replica.name}")
 
     def _freeing(self, replica: Replica, coro, name: str) -> None:
@@ -632,6 +648,12 @@ class Supervisor:
         if self._room_look is None and any(d.no_room and d.waiters for d in self.deployments.values()):
             with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
                 self._room_look = asyncio.get_running_loop().call_soon(self.look_for_room)
+
+    def capacity_changed(self) -> None:
+        """A reload changed [capacity]: requests held for room look again under the new
+        settings (a shorter max_wait_before_preempt_s may have passed already)."""
+        self.fairness.close()  # (a look due under the old bound)
+        self._room_may_have_come()
 
     def want_replica(self, dep: Deployment) -> asyncio.Future:
         """A request for dep found no READY replica: start or wake one for it once the requests
@@ -868,6 +890,7 @@ class Supervisor:
                 min_replicas=d.model.autoscaling.min_replicas,
                 max_replicas=d.model.autoscaling.max_replicas,
                 blocked=d.blocked,
+                waiting_for_room=d.no_room if d.waiters or len(d.kept()) < d.standing_count() else None,
                 replicas=[r.snapshot() for r in d.replicas],
                 decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
                 prefix_routing=dict(d.prefix.outcomes),
