@@ -17,6 +17,12 @@ what a running server has). Per side it reports:
 - transit p50/p99: a chunk's arrival minus its stamp. Direct's transit is the
   floor of the measurement (engine write to client read); what a proxy adds to it is
   the time a chunk spends in the proxy (the relay delay).
+
+Under load, direct's own transit p99 (tens of ms on a busy 2-core machine) says nothing
+of a proxy's, and a proxy's includes the stack's: N streams paced together put N chunks
+on the one loop at once, each sent after those ahead of it. So the appliance's delays
+are also given over the floor's (the bare relay on the same stack, same run, same
+percentile): the appliance's own share, which cancels what the stack and the machine add.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead_procs import cpu_spent, side_label, taskset, tree_cpu_seconds  # noqa: E402
+from overhead_summary import over_floor  # noqa: E402
 
 STAMP = b"sent_at="  # in the chunk's text: tests/fake_engine.py --stamp-chunks
 CONTENT = b'"tok'  # the fake engine's content is "tok0 ", "tok1 ", ...: a content chunk however re-encoded
@@ -192,7 +199,9 @@ def print_stream_table(scenarios: list[dict]) -> None:
             if side.startswith("appliance") and floor:
                 print(f"{what:<22} | {side_label(side)} vs floor: "
                       f"{r['cpu_us_per_chunk'] / max(floor['cpu_us_per_chunk'], 1e-9):.2f}x CPU per chunk, "
-                      f"{r['chunks_per_s'] / max(floor['chunks_per_s'], 1e-9):.2f}x chunks/s")
+                      f"{r['chunks_per_s'] / max(floor['chunks_per_s'], 1e-9):.2f}x chunks/s, "
+                      f"time to first chunk {over_floor(r, floor, 'ttft', 2)}, relay delay "
+                      f"{over_floor(r, floor, 'transit', 3)} (p50 / p99 over the floor's)")
     print("(+TTFT: time to first chunk added to direct's; relay: chunk transit (arrival minus the engine's "
           "send stamp) added to direct's; direct's row shows its own transit; missing: chunks not received; errors: "
           "failed streams)")

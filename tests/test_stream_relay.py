@@ -8,11 +8,12 @@ import asyncio
 import json
 import re
 import socket
+import subprocess
 
 import httpx
 import pytest
 
-from .conftest import DaemonFactory, fake_model
+from .conftest import FAKE_ENGINE, PY, ROOT, DaemonFactory, fake_model, free_port, wait_until
 
 PACED_CHUNKS = 5
 SIMULTANEOUS = 64
@@ -96,3 +97,110 @@ def test_a_stream_longer_than_the_read_timeout_is_not_cut_while_its_engine_keeps
     # Each silence (0.7 s) is under read_timeout_s; the whole answer (2.8 s) is not.
     events = _stream_events(relay_daemon, "unhurried")
     assert events[-1] == "[DONE]" and len(events) == 5
+
+
+def test_64_streams_starting_together_are_all_answered_and_none_sets_up_a_task_before_its_first_chunk(tmp_path):
+    # Each stream's start-up work runs one after another on the one loop: a task (and a
+    # wait) set up per stream before its first chunk is work that every other stream
+    # starting at the same time waits behind. In process, through the real front door
+    # to a real fake engine: every stream is answered in full, and no task is created
+    # between the first request's arrival and the last stream's first chunk (the relay
+    # runs in the request's own task; the client is watched only once a stream outlives
+    # relay.WATCH_AFTER_S).
+    from appliance.api.app import create_app, front_door
+    from appliance.config import parse_config
+
+    port = free_port()
+    engine = subprocess.Popen([PY, str(FAKE_ENGINE), "--port", str(port), "--chunks", "3", "--chunk-delay", "0.01"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: _answers(f"http://127.0.0.1:{port}/health"), 15, what="the fake engine")
+        cfg = parse_config(
+            f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\nlog_dir = "{tmp_path}/log"\n'
+            f'[[models]]\nname = "fake"\nserver = "openai"\nurl = "http://127.0.0.1:{port}"\n')
+        answers, created_before_first_chunks = asyncio.run(_simultaneous_in_process(front_door, create_app(cfg)))
+    finally:
+        engine.terminate()
+        engine.wait(timeout=10)
+    assert len(answers) == SIMULTANEOUS
+    for events in answers:
+        assert events[-1] == b"[DONE]"
+        assert [json.loads(e)["choices"][0]["delta"]["content"] for e in events[:-1] if b'"delta"' in e] == [
+            "tok0 ", "tok1 ", "tok2 "]
+    assert created_before_first_chunks == []
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+APPLIANCE = str(ROOT / "appliance")
+
+
+async def _simultaneous_in_process(front_door, app) -> tuple[list[list[bytes]], list[str]]:
+    """SIMULTANEOUS streams through the app's front door at once: each one's SSE events,
+    and the appliance's own tasks (their coroutines' names) created before the last first chunk went out."""
+    loop = asyncio.get_running_loop()
+    created: list[str] = []
+    waiting_first = {"n": SIMULTANEOUS}
+
+    def counting_factory(loop, coro, **kwargs):
+        code = getattr(coro, "cr_code", None)  # the appliance's own tasks (aiohttp's writer has one too)
+        if waiting_first["n"] > 0 and code is not None and code.co_filename.startswith(APPLIANCE):
+            created.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    lifespan: asyncio.Queue = asyncio.Queue()
+    up, down = asyncio.Event(), asyncio.Event()
+    await lifespan.put({"type": "lifespan.startup"})
+
+    async def lifespan_send(message: dict) -> None:
+        (up if message["type"] == "lifespan.startup.complete" else down).set()
+
+    life = asyncio.create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}, lifespan.get,
+                                   lifespan_send))
+    await up.wait()
+    body = json.dumps({"model": "fake", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+
+    async def one() -> list[bytes]:
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+        sent: list[bytes] = []
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # the client stays until its answer ends
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            if message["type"] == "http.response.body" and message["body"]:
+                if not sent:
+                    waiting_first["n"] -= 1
+                sent.append(message["body"])
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+                 "http_version": "1.1", "scheme": "http", "root_path": "", "raw_path": b"/v1/chat/completions"}
+        await front_door(app)(scope, receive, send)
+        return [e.removeprefix(b"data: ") for e in b"".join(sent).split(b"\n\n") if e]
+
+    deployment = app.state.runtime.supervisor.deployment("fake")
+    for _ in range(200):  # the external engine found READY, as on a running server
+        if deployment.ready:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.gather(*(one() for _ in range(SIMULTANEOUS)))  # warm-up: the pool's connections open
+    waiting_first["n"] = SIMULTANEOUS
+    requests = [asyncio.ensure_future(one()) for _ in range(SIMULTANEOUS)]  # the server's own request tasks
+    loop.set_task_factory(counting_factory)
+    try:
+        answers = await asyncio.gather(*requests)
+    finally:
+        loop.set_task_factory(None)
+    await lifespan.put({"type": "lifespan.shutdown"})
+    await down.wait()
+    await life
+    return answers, created

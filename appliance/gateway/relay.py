@@ -80,9 +80,10 @@ async def send_whole(send: Send, status: int, content_type: str, body: bytes, he
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-# A whole answer quicker than this is not watched for the client leaving: most are,
-# and watching costs a task per request (bench/gateway_overhead.py); a client that
-# leaves sooner is noticed this much later.
+# An answer quicker than this is not watched for the client leaving: most whole ones
+# are, and watching costs a task per request (bench/gateway_overhead.py); a stream's
+# watch starts this late, after its first chunks. A client that leaves sooner is
+# noticed this much later (the engine's work stops then).
 WATCH_AFTER_S = 0.2
 
 
@@ -126,7 +127,6 @@ async def unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
 async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     """Open the stream (routing.forward), then relay it."""
     started = False
-    watcher = None
     try:
         opened = await _open_with_keepalive(rt, req, send)
         stream: AnswerStream | None
@@ -139,24 +139,19 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
             started = True
         if stream is None:  # it ended with its error event while the model loaded
             return
-        watcher = asyncio.ensure_future(wait_disconnect(req.receive))
-        pump = asyncio.ensure_future(_pump(stream, send, req))
-        await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
-        if not pump.done():
-            pump.cancel()  # the client left: closing the engine's stream stops its work
-            with contextlib.suppress(BaseException):
-                await pump
-            return
-        pump.result()
+        # Relayed in the request's own task, the client watched only once the stream
+        # outlives WATCH_AFTER_S: no task and no wait set up per stream before its
+        # first chunk, work every other stream starting at the same time waits behind.
+        try:
+            await unless_client_leaves(req.receive, _pump(stream, send, req))
+        except ClientGone:
+            return  # the pump, cancelled, closed the engine's stream: that stops its work
         await send({"type": "http.response.body", "body": b"", "more_body": False})
     except ApplianceError as exc:
         if not started:
             finish_stream(rt, req, exc.status)
             raise
         await _send_sse_error(send, exc, req)
-    finally:
-        if watcher is not None and not watcher.done():
-            watcher.cancel()
 
 
 class _Started:
