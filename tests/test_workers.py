@@ -26,6 +26,7 @@ from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 WORKER = "x-appliance-worker"
+CARRIED = "x-appliance-path"  # "fast": the worker carried it on the daemon's grant
 MODELS = (
     fake_model("fake", "--chunks", "3", "--latency", "0.05")
     + fake_model("slow", "--chunks", "60", "--chunk-delay", "0.1")
@@ -93,6 +94,7 @@ def test_requests_are_answered_through_every_worker(workers):
         while seen != {"1", "2"} and time.monotonic() < deadline:
             answers = list(pool.map(lambda _: post(workers, token, {"model": "fake"}), range(32)))
             assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+            assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
             seen |= {r.headers[WORKER] for r in answers}
     assert seen == {"1", "2"}
     with workers.client() as c:  # what is not a proxied request works on the port too
@@ -137,6 +139,7 @@ def test_a_concurrent_burst_through_two_workers_admits_exactly_the_budget(worker
         try:
             with c.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
                 r.read()
+                assert r.status_code != 200 or r.headers.get(CARRIED) == "fast"
                 return r.status_code, r.headers.get(WORKER)
         finally:
             c.close()
@@ -167,6 +170,7 @@ def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(
     body = {"model": "pair", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
     answers = [post(workers, token, body) for _ in range(8)]
     assert {r.status_code for r in answers} == {200}
+    assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
     rids = [r.headers["x-request-id"] for r in answers]
     served = {row[0] for rid in rids
               for row in db_rows(workers, "SELECT served_by FROM audit WHERE request_id = ?", rid)}
@@ -179,7 +183,7 @@ def test_a_worker_killed_mid_stream_is_replaced_its_client_is_not_left_hanging_a
     body = {**CHAT, "model": "slow", "stream": True}
     with httpx.Client(base_url=workers.url, timeout=httpx.Timeout(30, read=10)) as c, \
             c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200 and r.headers.get(CARRIED) == "fast"
         rid, index = r.headers["x-request-id"], int(r.headers[WORKER])
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")

@@ -115,7 +115,8 @@ class Worker:
         self.requests[rid] = answer
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
-        decide = not more and scope["path"] in FAST_PATHS and scope["method"] == "POST"
+        decide = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
+        more = more and not decide
         try:
             self.out.write(
                 Request(
@@ -439,6 +440,15 @@ def _failed(rid: int, exc: Exception) -> Finish:
     assert isinstance(exc, EngineFailure)
     kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
     return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)
+
+
+def _came_whole(scope: Any, data: bytes) -> bool:
+    """Whether the first piece is the whole body its Content-Length declares (Granian
+    says more_body until it has read past the end: the next message is empty)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.isdigit() and int(value) == len(data)
+    return False
 
 
 def _piece(message: dict[str, Any], left: int) -> tuple[bytes, bool, int]:
