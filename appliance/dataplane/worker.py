@@ -61,7 +61,15 @@ from appliance.fleet.hold import ClientGone
 from appliance.gateway.capabilities import ENDPOINTS
 from appliance.gateway.metering import StreamTap
 from appliance.gateway.proxy import EngineProxy
-from appliance.gateway.relay import FREE, SSE_START_HEADERS, _pump, _send_sse_error, send_whole, unless_client_leaves
+from appliance.gateway.relay import (
+    FREE,
+    SSE_START_HEADERS,
+    WATCH_AFTER_S,
+    _pump,
+    _send_sse_error,
+    send_whole,
+    unless_client_leaves,
+)
 from appliance.gateway.request import ProxyRequest
 from appliance.gateway.serving import wait_disconnect
 
@@ -185,23 +193,23 @@ class Worker:
     async def _decided(self, rid: int, frames: Mailbox[Any], carried: Carried, receive: Any, send: Any) -> None:
         """Granted, the request is carried here (again, when the daemon retries it on
         another replica); refused, or answered by the daemon, that answer is relayed."""
-        watcher = asyncio.ensure_future(self._watch(rid, receive))
+        watch = _ClientWatch(self, rid, receive)
         try:
             while True:
                 frame = await frames.get()
                 if not isinstance(frame, Grant):
                     await self._answer(frames, send, frame)
                     return
-                if watcher.done():  # the client left before the grant came: nothing to carry
+                if watch.gone:  # the client left before the grant came: nothing to carry
                     self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
                     continue
-                watcher.cancel()  # the relay watches the client from here
+                watch.stop()  # the relay watches the client from here
                 carry = self._carry_stream if frame.stream else self._carry_whole
                 if await carry(rid, frame, carried, receive, send, frames):
                     return
-                watcher = asyncio.ensure_future(self._watch(rid, receive))
+                watch = _ClientWatch(self, rid, receive)
         finally:
-            watcher.cancel()
+            watch.stop()
 
     async def _carry_whole(
         self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
@@ -376,6 +384,33 @@ class Worker:
             for receipt in self.receipts.values():  # the daemon is gone: no last bytes without its word
                 if not receipt.done():
                     receipt.set_exception(_NOT_WRITTEN)
+
+
+class _ClientWatch:
+    """A client watched for leaving while the daemon decides its request (a held one:
+    its Gone takes it out of the queue), from WATCH_AFTER_S on: most decisions take
+    less, and watching costs a task (as relay.unless_client_leaves does)."""
+
+    __slots__ = ("gone", "receive", "rid", "task", "timer", "worker")
+
+    def __init__(self, worker: Worker, rid: int, receive: Any) -> None:
+        self.worker, self.rid, self.receive = worker, rid, receive
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await wait_disconnect(self.receive)
+        self.gone = True
+        self.worker.out.write(Gone(self.rid))
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
 
 
 class Carried:
