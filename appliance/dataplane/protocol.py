@@ -177,17 +177,30 @@ MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and 
 
 
 class FrameWriter:
-    """Frames onto the socket; write() never waits (the socket buffers), drain() lets it flow."""
+    """Frames onto the socket. write() never waits: the frames written in one turn of
+    the event loop leave together, in one send at its end (under load a turn writes
+    several requests' frames: one system call for all, not one each); drain() sends
+    what is pending and lets the socket's buffer flow."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.encode = msgspec.msgpack.Encoder().encode
+        self.pending: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, frame: msgspec.Struct) -> None:
         data = self.encode(frame)
-        self.writer.write(_LEN.pack(len(data)) + data)
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(_LEN.pack(len(data)) + data)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write(b"".join(self.pending))
+            self.pending.clear()
 
     async def drain(self) -> None:
+        self.flush()
         await self.writer.drain()
 
 
