@@ -101,6 +101,7 @@ class Worker:
         self.settings = settings
         self.reader, self.out = reader, writer
         self.worker_header = (WORKER_HEADER, str(settings.index).encode())
+        self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
         self.ids = itertools.count(1)
         self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | None]] = {}
         self.calls: dict[int, asyncio.Task[None]] = {}
@@ -236,8 +237,7 @@ class Worker:
             if not isinstance(settled, Settled):  # the daemon answers instead (503: not written)
                 await self._answer(frames, send, settled)
                 return True
-        headers = {"x-request-id": grant.request_id, "x-appliance-worker": self.worker_header[1].decode()}
-        await send_whole(send, status, content_type, data, headers | {"x-appliance-path": "fast"})
+        await send_whole(send, status, content_type, data, {"x-request-id": grant.request_id, **self.carried_headers})
         return True
 
     async def _carry_stream(
