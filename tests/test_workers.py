@@ -26,11 +26,13 @@ from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 WORKER = "x-appliance-worker"
+CARRIED = "x-appliance-path"  # "fast": the worker carried it on the daemon's grant
 MODELS = (
     fake_model("fake", "--chunks", "3", "--latency", "0.05")
     + fake_model("slow", "--chunks", "60", "--chunk-delay", "0.1")
     + fake_model("err5xx", "--fail-status", "500")
     + fake_model("pair", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
+    + fake_model("flood", "--chunks", "100000")
 )
 
 
@@ -53,7 +55,8 @@ def _all_ready(daemon) -> bool:
     except (httpx.HTTPError, KeyError, ValueError):
         return False
     pair = models["pair"]["replicas"]
-    return len(pair) == 2 and all(r["state"] == "READY" for r in pair) and models["fake"]["ready"]
+    ready = models["fake"]["ready"] and models["flood"]["ready"] and models["slow"]["ready"]
+    return len(pair) == 2 and all(r["state"] == "READY" for r in pair) and ready
 
 
 def worker_pids(daemon_pid: int) -> dict[int, int]:
@@ -93,6 +96,7 @@ def test_requests_are_answered_through_every_worker(workers):
         while seen != {"1", "2"} and time.monotonic() < deadline:
             answers = list(pool.map(lambda _: post(workers, token, {"model": "fake"}), range(32)))
             assert {r.status_code for r in answers} == {200}, [r.text for r in answers]
+            assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
             seen |= {r.headers[WORKER] for r in answers}
     assert seen == {"1", "2"}
     with workers.client() as c:  # what is not a proxied request works on the port too
@@ -137,6 +141,7 @@ def test_a_concurrent_burst_through_two_workers_admits_exactly_the_budget(worker
         try:
             with c.stream("POST", "/v1/chat/completions", content=body, headers=headers) as r:
                 r.read()
+                assert r.status_code != 200 or r.headers.get(CARRIED) == "fast"
                 return r.status_code, r.headers.get(WORKER)
         finally:
             c.close()
@@ -167,6 +172,7 @@ def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(
     body = {"model": "pair", "messages": [{"role": "system", "content": system}, {"role": "user", "content": "hi"}]}
     answers = [post(workers, token, body) for _ in range(8)]
     assert {r.status_code for r in answers} == {200}
+    assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
     rids = [r.headers["x-request-id"] for r in answers]
     served = {row[0] for rid in rids
               for row in db_rows(workers, "SELECT served_by FROM audit WHERE request_id = ?", rid)}
@@ -179,7 +185,7 @@ def test_a_worker_killed_mid_stream_is_replaced_its_client_is_not_left_hanging_a
     body = {**CHAT, "model": "slow", "stream": True}
     with httpx.Client(base_url=workers.url, timeout=httpx.Timeout(30, read=10)) as c, \
             c.stream("POST", "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}) as r:
-        assert r.status_code == 200
+        assert r.status_code == 200 and r.headers.get(CARRIED) == "fast"
         rid, index = r.headers["x-request-id"], int(r.headers[WORKER])
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -196,6 +202,123 @@ def test_a_worker_killed_mid_stream_is_replaced_its_client_is_not_left_hanging_a
     assert db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid)[0][0] in (499, 502)
     # No other process bound the port meanwhile, and the replacement serves it.
     assert {post(workers, token, {"model": "fake"}).status_code for _ in range(4)} == {200}
+
+
+def _refusals(daemon, token: str, budgeted: str) -> list[tuple[int, str | None, str | None, dict]]:
+    """Status, content type, Retry-After and envelope of each refusal the fast path meets."""
+    big = json.dumps({**CHAT, "model": "fake", "pad": "x" * ServerConfig().max_body_bytes})
+    asks = [
+        ({"Authorization": "Bearer sk-not-a-key"}, json.dumps({**CHAT, "model": "fake"})),
+        ({"Authorization": f"Bearer {token}"}, '{"model": "fake", "messages": '),  # malformed JSON
+        ({"Authorization": f"Bearer {token}"}, json.dumps({"model": "fake", "messages": "hi"})),  # wrong type
+        ({"Authorization": f"Bearer {token}"}, json.dumps({**CHAT, "model": "nothing-here"})),
+        ({"Authorization": f"Bearer {budgeted}"}, json.dumps({**CHAT, "model": "fake", "max_tokens": 10**6})),
+        ({"Authorization": f"Bearer {token}"}, big),
+    ]
+    out = []
+    with httpx.Client(base_url=daemon.url, timeout=30) as c:
+        for headers, body in asks:
+            r = c.post("/v1/chat/completions", content=body, headers={**headers, "Content-Type": "application/json"})
+            out.append((r.status_code, r.headers.get("content-type"), r.headers.get("retry-after"), r.json()))
+    return out
+
+
+def test_a_workers_refusals_are_one_processs_envelopes(workers, daemons):
+    single = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n")
+    answers = []
+    for daemon in (workers, single):
+        token = keys_cli(daemon, "create", "--name", "envelopes")
+        budgeted = keys_cli(daemon, "create", "--name", "small", "--budget-tokens", "100")
+        time.sleep(1.5)  # the keys' refresh (each second)
+        answers.append(_refusals(daemon, token, budgeted))
+    assert [a[0] for a in answers[0]] == [401, 400, 400, 404, 429, 413]
+    # The budget's Retry-After counts the seconds to its window's end: the two runs were moments apart.
+    waits = [int(a[4][2]) for a in answers]
+    assert abs(waits[0] - waits[1]) <= 60, waits
+    assert [a[:4] + a[5:] for a in answers[0]] != [] and answers[0][:4] + answers[0][5:] == answers[1][:4] + answers[1][5:]
+    assert [a[4][:2] + a[4][3:] for a in answers] == [answers[1][4][:2] + answers[1][4][3:]] * 2
+
+
+def test_a_carried_stream_settles_exactly_the_usage_the_engine_reported(workers):
+    token = keys_cli(workers, "create", "--name", "metered", "--budget-tokens", "100000")
+    headers = {"Authorization": f"Bearer {token}"}
+    asked = {**CHAT, "model": "fake", "stream": True, "stream_options": {"include_usage": True}}
+    rows = []
+    with workers.client() as c:
+        for body in (asked, {**CHAT, "model": "fake", "stream": True}):
+            with c.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+                assert r.status_code == 200 and r.headers.get(CARRIED) == "fast"
+                events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            usages = [json.loads(e)["usage"] for e in events[:-1] if json.loads(e).get("usage")]
+            rows.append((r.headers["x-request-id"], usages))
+    (asked_rid, [reported]), (kept_rid, kept) = rows
+    assert kept == []  # asked for the appliance's metering, not shown to a client that did not ask
+    expected = (reported["prompt_tokens"], reported["completion_tokens"])
+    for rid in (asked_rid, kept_rid):
+        sql = "SELECT prompt_tokens, completion_tokens FROM audit WHERE request_id = ?"
+        wait_until(lambda rid=rid: db_rows(workers, sql, rid), 10, what="the stream's audit row")
+        assert db_rows(workers, sql, rid)[0] == expected
+    spent = db_rows(workers, "SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE key_id = ?",
+                    token.split("-")[1])[0][0]
+    assert spent == 2 * sum(expected)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_a_slow_reader_slows_the_engine_not_its_workers_memory(workers):
+    token = keys_cli(workers, "create", "--name", "slow-reader")
+    body = json.dumps({**CHAT, "model": "flood", "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+               + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+    pids = worker_pids(workers.proc.pid)
+    with socket.create_connection(("127.0.0.1", workers.port)) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        sock.sendall(request)
+        head = sock.recv(65536)
+        assert b" 200 " in head.split(b"\r\n", 1)[0] and b"x-appliance-path: fast" in head, head[:300]
+        index = int(head.split(b"x-appliance-worker: ")[1].split(b"\r\n")[0])
+        before = _rss_kib(pids[index])
+        time.sleep(4)  # not reading: the engine's ~15 MB answer must wait in the engine, not in the worker
+        grown = _rss_kib(pids[index]) - before
+        received = len(head)
+        sock.settimeout(10)
+        while received < 40 * 1024 * 1024 and (data := sock.recv(1 << 20)):
+            received += len(data)
+    assert received > 8 * 1024 * 1024  # the whole answer came, once read
+    assert grown < 8 * 1024, f"the worker grew {grown} KiB while its client did not read"
+
+
+def test_a_worker_killed_holding_granted_tickets_leaves_no_reservation_or_replica_slot(workers):
+    body = {**CHAT, "model": "slow", "max_tokens": 40, "stream": True}
+    worst = len(json.dumps(body).encode()) + 40
+    token = keys_cli(workers, "create", "--name", "held", "--budget-tokens", str(worst + worst // 2))
+    headers = {"Authorization": f"Bearer {token}"}
+
+    def slow_inflight() -> int:
+        return sum(r["inflight"] for m in workers.status()["models"] if m["name"] == "slow" for r in m["replicas"])
+
+    with httpx.Client(base_url=workers.url, timeout=httpx.Timeout(30, read=10)) as c, \
+            c.stream("POST", "/v1/chat/completions", content=json.dumps(body), headers=headers) as r:
+        assert r.status_code == 200 and r.headers.get(CARRIED) == "fast"
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert slow_inflight() == 1
+        held = post(workers, token, {"model": "slow", "max_tokens": 40})  # the budget is held by the stream
+        assert held.status_code == 429, held.text
+        os.kill(worker_pids(workers.proc.pid)[int(r.headers[WORKER])], signal.SIGKILL)
+        with pytest.raises(httpx.HTTPError):
+            for _ in lines:
+                pass
+    wait_until(lambda: slow_inflight() == 0, 10, what="the dead worker's replica slot back")
+    again = post(workers, token, {"model": "slow", "max_tokens": 40})
+    assert again.status_code == 200, again.text  # its reservation was settled, not left held
+    wait_until(lambda: len(worker_pids(workers.proc.pid)) == 2, 20, what="the worker's replacement")
 
 
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):

@@ -279,7 +279,9 @@ async def _serve(
         req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
     content = content_type.decode("latin-1") if content_type is not None else JSON
     req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
-    if stream:
+    if rt.answer is not None:  # workers: the data plane answers it (appliance/dataplane/authority.py)
+        await rt.answer(rt, req, send)
+    elif stream:
         await answer_stream(rt, req, send)
     else:
         await answer_whole(rt, req, send)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -133,6 +133,8 @@ class Metrics:
         self.registry.register(_SupervisorCollector(supervisor))
         # labels() locks and builds its key on every call; the label sets are few.
         self._children: dict[tuple[str, str, int], tuple] = {}
+        self._ttft: dict[str, Any] = {}
+        self._tokens: dict[tuple[str, str], Any] = {}
 
     def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
         key = (model, endpoint, status)
@@ -144,13 +146,22 @@ class Metrics:
         children[1].observe(seconds)
 
     def first_token(self, model: str, seconds: float) -> None:
-        self.ttft.labels(model).observe(seconds)
+        child = self._ttft.get(model)
+        if child is None:
+            child = self._ttft[model] = self.ttft.labels(model)
+        child.observe(seconds)
 
     def usage(self, model: str, prompt: int, completion: int) -> None:
         if prompt:
-            self.tokens.labels(model, "prompt").inc(prompt)
+            self._tokens_of(model, "prompt").inc(prompt)
         if completion:
-            self.tokens.labels(model, "completion").inc(completion)
+            self._tokens_of(model, "completion").inc(completion)
+
+    def _tokens_of(self, model: str, kind: str) -> Any:
+        child = self._tokens.get((model, kind))
+        if child is None:
+            child = self._tokens[(model, kind)] = self.tokens.labels(model, kind)
+        return child
 
     def fallback(self, route: str, reason: str, target: str) -> None:
         self.fallbacks.labels(route, reason, target).inc()

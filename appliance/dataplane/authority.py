@@ -1,8 +1,15 @@
 """The daemon's end of the data plane: each worker's link, the requests its
 clients send run on the daemon's own app (so every decision — key, route,
 budget, replica, hold queue, fallback, audit row — is made here, exactly as with
-no workers), and the engine calls those requests make are made by that worker
-(RemoteProxy), whose process relays the bytes.
+no workers).
+
+A request on the fast path (Request.decide: a hot endpoint whose whole body the
+worker has) is decided here by the same front door, then granted (``answer``,
+the runtime's answerer): the worker calls the replica chosen here and answers its
+client itself; its Finish frame comes back here, where the replica's slot is
+released and the request settled and audited (gateway/ledger.finish), as the
+relay would. Any other request is answered here, and the engine calls it makes
+are made by its worker (RemoteProxy), whose process relays the bytes.
 
 A worker that dies takes its clients' connections along: its requests here see
 the client gone, its engine calls end as broken, so each request ends the way a
@@ -15,6 +22,7 @@ import asyncio
 import itertools
 import logging
 from contextvars import ContextVar
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -25,19 +33,27 @@ from appliance.dataplane.protocol import (
     Cancel,
     Chunk,
     End,
+    Finish,
     FrameReader,
     FrameWriter,
     Gone,
+    Grant,
     Head,
     Mailbox,
     Request,
+    Settled,
     Start,
     Whole,
 )
-from appliance.errors import EngineFailure, EngineTimeout
+from appliance.errors import EngineFailure, EngineTimeout, StateWriteFailed
+from appliance.fleet.hold import ClientGone, Exclude
 from appliance.fleet.replica import Replica
 from appliance.gateway.dialects import OPENAI, Dialect
+from appliance.gateway.ledger import committed, finish
+from appliance.gateway.metering import Usage
 from appliance.gateway.proxy import AnswerStream, Done, EngineProxy, Upstream, engine_status_error
+from appliance.gateway.relay import answer_stream, answer_whole
+from appliance.gateway.serving import MAX_ATTEMPTS, body_for, wait_disconnect
 
 log = logging.getLogger("appliance.dataplane")
 
@@ -52,7 +68,7 @@ class WorkerLink:
 
     def __init__(self, app: Any, reader: FrameReader, writer: FrameWriter, server: tuple[str, int]) -> None:
         self.app, self.reader, self.out, self.server = app, reader, writer, server
-        self.inboxes: dict[int, Mailbox[Body | Gone]] = {}
+        self.inboxes: dict[int, Mailbox[Body | Gone | Finish]] = {}
         self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -64,7 +80,7 @@ class WorkerLink:
                 frame = await self.reader.read()
                 if isinstance(frame, Request):
                     self._start(frame)
-                elif isinstance(frame, (Body, Gone)):
+                elif isinstance(frame, (Body, Gone, Finish)):
                     if (inbox := self.inboxes.get(frame.rid)) is not None:
                         inbox.put(frame)
                 elif (call := self.calls.get(frame.uid)) is not None:
@@ -81,14 +97,16 @@ class WorkerLink:
                 call.put(End(uid, "broke", "the worker relaying it exited"))
 
     def _start(self, req: Request) -> None:
-        inbox: Mailbox[Body | Gone] = Mailbox()
+        inbox: Mailbox[Body | Gone | Finish] = Mailbox()
         self.inboxes[req.rid] = inbox
         task = asyncio.create_task(self._serve(req, inbox))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, req: Request, inbox: Mailbox[Body | Gone]) -> None:
+    async def _serve(self, req: Request, inbox: Mailbox[Body | Gone | Finish]) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
+        ticket = Ticket(self, req.rid, inbox) if req.decide else None
+        TICKET.set(ticket)
         scope = {
             "type": "http",
             "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -146,7 +164,7 @@ class WorkerLink:
             log.exception("request %d from a worker failed", req.rid)
         finally:
             del self.inboxes[req.rid]
-            if not answered and not self.closed:
+            if not answered and not self.closed and (ticket is None or not ticket.carried):
                 # Ended without its whole answer (its client left, or it failed): the
                 # worker drops the connection instead of waiting for the rest.
                 self.out.write(Gone(req.rid))
@@ -159,6 +177,137 @@ class WorkerLink:
         else:
             self.out.write(frame)
         return EngineCall(self, frame.uid, queue)
+
+
+class Ticket:
+    """A request its worker asked to carry (Request.decide): granted, the worker calls
+    the replica chosen here; each Finish it sends back ends one attempt."""
+
+    __slots__ = ("carried", "inbox", "link", "rid")
+
+    def __init__(self, link: WorkerLink, rid: int, inbox: Mailbox[Body | Gone | Finish]) -> None:
+        self.link, self.rid, self.inbox = link, rid, inbox
+        self.carried = False  # the worker answered its client (or is gone): nothing more to tell it
+
+    async def carry(self, rt: Any, req: Any) -> None:
+        """to_deployment's loop (serving.py), the engine call made by the worker: a
+        READY replica (held while the model starts), its slot leased until the Finish,
+        again on another replica when the engine failed before answering a byte."""
+        dep = req.deployment
+        body = body_for(req, dep)
+        failed = None
+        for attempt in range(1, MAX_ATTEMPTS + 1):
+            replica = await dep.acquire(partial(wait_disconnect, req.receive), failed, req.prefix)
+            req.served_by = replica.name
+            try:
+                with replica.lease():
+                    end = await self._attempt(rt, req, replica, body)
+            except EngineFailure as exc:
+                if not exc.retryable or attempt == MAX_ATTEMPTS:
+                    raise
+                log.warning("retrying request %s on another replica: %s", req.rid, exc)
+                failed = Exclude(replica, dep.supervisor.clock.monotonic())
+                continue
+            await self._settle(rt, req, end)
+            return
+
+    async def _attempt(self, rt: Any, req: Any, replica: Replica, body: bytes) -> Finish:
+        """One grant, and how it went: the worker's Finish (an engine that refused or
+        failed before answering raises here, as the proxy's call would)."""
+        secret = _engine_headers(replica)
+        if secret is None:  # restarted since it was chosen: safe on another replica
+            err = EngineFailure(f"Engine {replica.name} restarted")
+            err.retryable = True
+            raise err
+        timeout = replica.timeout or rt.proxy.timeout
+        tap = None if req.tap is None else req.tap.strip_usage
+        grant = Grant(
+            self.rid,
+            req.rid,
+            replica.name,
+            replica.base_url + req.path,
+            req.headers | secret if secret else req.headers,
+            body,
+            req.stream,
+            timeout.sock_connect,
+            timeout.sock_read,
+            tap,
+            rt.tenancy.isolated,
+            req.accountable,
+        )
+        self.link.out.write(grant)
+        while True:
+            frame = await self.inbox.get()
+            if isinstance(frame, Finish):
+                break
+            if isinstance(frame, Gone) and self.link.closed:
+                # The worker died with the ticket: its client's connection went with it.
+                self.carried = True
+                return Finish(self.rid, 502, "", "the worker carrying it exited", b"", None, 0, None, True)
+            # Else its client left (a Gone) before the grant arrived: its Finish says so.
+        if frame.error == "status":
+            raise engine_status_error(replica, frame.status, frame.body)
+        if frame.error:  # the proxy's own error, made in the worker (its message names the replica)
+            err = EngineTimeout(frame.message) if frame.error == "timeout" else EngineFailure(frame.message)
+            err.retryable = frame.error == "connect"
+            raise err
+        if frame.status == 499 and not frame.started:
+            raise ClientGone  # as relay.unless_client_leaves says it: the front door finishes it 499
+        return frame
+
+    async def _settle(self, rt: Any, req: Any, end: Finish) -> None:
+        """The relay's end, for an answer the worker relayed: the request finished (its
+        metrics, its budget settled, its audit row), and for a keyed or regulated one,
+        the worker told once that row is durable (its last bytes wait for it)."""
+        req.bytes_sent, req.ttft = end.started, end.ttft
+        if end.usage is not None:
+            req.usage = Usage(*end.usage)
+        elif req.tap is not None:
+            req.tap.events = end.events
+        if self.carried and end.usage is None:  # it died with the ticket: charged as a cut stream is
+            req.usage = req.endpoint.dialect.estimate(req.body, end.events, req.completion_cap)
+        finish(rt, req, end.status)
+        try:
+            await committed(req)
+        except StateWriteFailed:
+            if not end.started and not self.carried:
+                raise  # a whole answer becomes the 503 the worker sends instead, as the relay's does
+            ok = False
+        else:
+            ok = True
+        if req.accountable and not self.link.closed:
+            self.link.out.write(Settled(self.rid, ok))
+        self.carried = True
+
+
+def grantable(rt: Any, req: Any) -> bool:
+    """Whether a decided request's worker may carry it: a local deployment's
+    replicas on TCP, no fallback to weigh, no stored Response, nothing the relay
+    here must see (traces, audit text), no stream to keep alive while its model loads."""
+    dep = req.deployment
+    if req.pinned is not None or req.stores or req.trace is not None or req.response_text is not None:
+        return False
+    if (req.route is not None and req.route.fallbacks) or req.endpoint.dialect is not OPENAI:
+        return False
+    if any(not isinstance(r, Replica) or r.unix_socket for r in dep.replicas):
+        return False
+    return not (req.stream and rt.cfg.queue.keepalive_s > 0 and dep.pick_ready() is None)
+
+
+async def answer(rt: Any, req: Any, send: Any) -> None:
+    """The runtime's answerer with workers (Gateway.answer): a request its worker
+    asked to carry, and may, is granted to it; any other is relayed here."""
+    ticket = TICKET.get()
+    if ticket is not None and grantable(rt, req):
+        await ticket.carry(rt, req)
+    elif req.stream:
+        await answer_stream(rt, req, send)
+    else:
+        await answer_whole(rt, req, send)
+
+
+# The ticket of the request this task serves, when its worker asked to carry it.
+TICKET: ContextVar[Ticket | None] = ContextVar("appliance_ticket", default=None)
 
 
 class EngineCall:
@@ -321,4 +470,4 @@ def _engine_headers(upstream: Upstream) -> dict[str, str] | None:
     return upstream.access.headers
 
 
-__all__ = ["CURRENT", "RemoteProxy", "WorkerLink"]
+__all__ = ["CURRENT", "RemoteProxy", "WorkerLink", "answer"]

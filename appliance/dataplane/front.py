@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 
 from appliance.config import Config
-from appliance.dataplane.authority import RemoteProxy, WorkerLink
+from appliance.dataplane.authority import RemoteProxy, WorkerLink, answer
 from appliance.dataplane.protocol import FrameReader, FrameWriter, ToDaemon, WorkerSettings
 
 log = logging.getLogger("appliance.dataplane")
@@ -77,6 +77,8 @@ class WorkerFront:
             runtime = self.app.state.runtime
             # Engine calls of the workers' requests are made by those workers.
             runtime.proxy = RemoteProxy(self.cfg, runtime.proxy.session)
+            # A request its worker may carry is decided here and granted to it.
+            runtime.answer = answer
             for index in range(1, self.count + 1):
                 self._keep(index)
             log.info("%d data-plane workers on %s:%d", self.count, s.host, s.port)

@@ -12,8 +12,23 @@ An engine call:     daemon -> Call
                               or End alone (it failed)
                     daemon -> Cancel (stop it: the engine's connection is dropped)
 
-A unary request is thus four frames, two each way: the fewest hand-offs a request
-decided here and carried there can take (bench/gateway_overhead.py --workers).
+The fast path (a hot proxy endpoint whose whole body the worker has in hand,
+Request.decide): the daemon runs the same front door on it (key, route, budget,
+replica, hold queue), then, for a request a worker may carry alone, grants it:
+                    daemon -> Grant (the replica's address, the engine's headers, the
+                              body to send, the ticket's settings)
+                    worker -> Finish (how the engine call went: status, usage,
+                              time to first token; or why it failed before answering)
+                    daemon -> Grant again (a retry on another replica), Start (a
+                              refusal, answered verbatim), or Settled (a keyed or
+                              regulated request's row is durable: the last bytes may go)
+The engine's answer never crosses the link: a unary request is three frames (a
+keyed one four), a stream's chunks none. Anything else (not on the fast path, or
+not grantable: fallbacks, a provider, a stored Response, a loading model) is
+answered by the daemon as a whole request, with Start and Body frames.
+
+A whole request's unary answer is thus four frames, two each way
+(bench/gateway_overhead.py --workers).
 """
 
 from __future__ import annotations
@@ -38,6 +53,8 @@ class Request(msgspec.Struct, tag=1, array_like=True):
     http_version: str
     body: bytes
     more: bool
+    # The worker has the whole body and would carry the answer itself: grant it if you may.
+    decide: bool = False
 
 
 class Body(msgspec.Struct, tag=2, array_like=True):
@@ -108,25 +125,82 @@ class Cancel(msgspec.Struct, tag=9, array_like=True):
     uid: int
 
 
-ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End
-ToWorker = Start | Body | Gone | Call | Cancel
+class Grant(msgspec.Struct, tag=11, array_like=True):
+    """A decided request's ticket: the worker calls the engine itself and answers its client."""
+
+    rid: int
+    request_id: str  # the X-Request-Id its answer carries
+    replica: str  # the replica's name (its errors' words)
+    url: str
+    headers: dict[str, str]
+    body: bytes
+    stream: bool
+    connect_timeout_s: float | None
+    read_timeout_s: float | None
+    # What a stream's relay watches: None (nothing), else whether the usage event
+    # is the appliance's own (not the client's: kept from it); scrub: the tenant's
+    # cache-revealing fields come out of the answer.
+    tap: bool | None
+    scrub: bool
+    accountable: bool  # wait for Settled before the answer's last bytes
+
+
+class Finish(msgspec.Struct, tag=12, array_like=True):
+    """How a granted engine call went. error "": answered (the engine's status; 499:
+    the client left, 502: a stream broke); "status": the engine refused (its status
+    and body); else the proxy's error (its message): "timeout", "connect" (no byte
+    came back: safe on another replica) or "failure"."""
+
+    rid: int
+    status: int
+    error: str
+    message: str
+    body: bytes
+    usage: tuple[int, int] | None
+    events: int
+    ttft: float | None
+    started: bool  # bytes of the answer went to the client
+
+
+class Settled(msgspec.Struct, tag=13, array_like=True):
+    """A keyed or regulated request's row and charge are durable (ok), or could not be written."""
+
+    rid: int
+    ok: bool
+
+
+ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish
+ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some
 
 
 class FrameWriter:
-    """Frames onto the socket; write() never waits (the socket buffers), drain() lets it flow."""
+    """Frames onto the socket. write() never waits: the frames written in one turn of
+    the event loop leave together, in one send at its end (under load a turn writes
+    several requests' frames: one system call for all, not one each); drain() sends
+    what is pending and lets the socket's buffer flow."""
 
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self.writer = writer
         self.encode = msgspec.msgpack.Encoder().encode
+        self.pending: list[bytes] = []
+        self.loop = asyncio.get_running_loop()
 
     def write(self, frame: msgspec.Struct) -> None:
         data = self.encode(frame)
-        self.writer.write(_LEN.pack(len(data)) + data)
+        if not self.pending:
+            self.loop.call_soon(self.flush)
+        self.pending.append(_LEN.pack(len(data)) + data)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.writer.write(b"".join(self.pending))
+            self.pending.clear()
 
     async def drain(self) -> None:
+        self.flush()
         await self.writer.drain()
 
 

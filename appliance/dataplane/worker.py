@@ -6,6 +6,12 @@ a socketpair): the daemon decides everything and answers; the engine calls it
 asks for (protocol.Call) the worker makes and relays, byte for byte. A worker
 holds no key, route, budget or ledger: it dies with the daemon (PR_SET_PDEATHSIG,
 and the link closing), and the daemon replaces one that dies.
+
+The fast path (FAST_PATHS, a body that came whole): the worker asks the daemon to
+decide (Request.decide) and, granted, calls the replica itself and answers its
+client (the relay's own code: EngineProxy, StreamTap, relay._pump), then tells the
+daemon how it went (Finish); a keyed or regulated answer's last bytes wait for the
+daemon's Settled. Refused or not grantable, the daemon answers it as any request.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import logging
 import signal
 import socket
 import sys
+import time
 from typing import Any
 
 import aiohttp
@@ -27,28 +34,52 @@ from granian.constants import Interfaces
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
+from appliance.access.tenancy import revealing, scrub
 from appliance.dataplane.protocol import (
     Body,
     Call,
     Cancel,
     Chunk,
     End,
+    Finish,
     FrameReader,
     FrameWriter,
     Gone,
+    Grant,
     Head,
     Mailbox,
     Request,
+    Settled,
     Start,
     ToWorker,
     Whole,
     WorkerSettings,
 )
+from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, StateWriteFailed
 from appliance.fleet.engine_access import http_session, tcp_connector
+from appliance.fleet.hold import ClientGone
+from appliance.gateway.capabilities import ENDPOINTS
+from appliance.gateway.metering import StreamTap
+from appliance.gateway.proxy import EngineProxy
+from appliance.gateway.relay import (
+    FREE,
+    SSE_START_HEADERS,
+    WATCH_AFTER_S,
+    _pump,
+    _send_sse_error,
+    send_whole,
+    unless_client_leaves,
+)
+from appliance.gateway.request import ProxyRequest
+from appliance.gateway.serving import wait_disconnect
 
 log = logging.getLogger("appliance.worker")
 
 WORKER_HEADER = b"x-appliance-worker"
+# On an answer the worker carried (a grant): the fast path was taken.
+CARRIED = (b"x-appliance-path", b"fast")
+# The hot endpoints a worker asks to carry (OpenAI's; the daemon still decides).
+FAST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
 
 
 class _OnInheritedSocket(Server):
@@ -70,10 +101,15 @@ class Worker:
         self.settings = settings
         self.reader, self.out = reader, writer
         self.worker_header = (WORKER_HEADER, str(settings.index).encode())
+        self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
         self.ids = itertools.count(1)
-        self.requests: dict[int, Mailbox[Start | Body | None]] = {}
+        self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | None]] = {}
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.session = http_session(tcp_connector(settings.max_connections_per_replica))
+        self.proxy = _GrantedProxy(self.session)
+        # A carried stream's Settled, awaited by the relay before its last bytes.
+        self.receipts: dict[int, asyncio.Future[None]] = {}
+        self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
 
     # The client side: one request, passed to the daemon and its answer sent back.
 
@@ -83,11 +119,13 @@ class Worker:
         first = await receive()
         if first["type"] == "http.disconnect":
             return
-        rid = next(self.ids)
-        answer: Mailbox[Start | Body | None] = Mailbox()
+        started, rid = time.perf_counter(), next(self.ids)
+        answer: Mailbox[Start | Body | Grant | Settled | None] = Mailbox()
         self.requests[rid] = answer
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
+        decide = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
+        more = more and not decide
         try:
             self.out.write(
                 Request(
@@ -100,8 +138,12 @@ class Worker:
                     scope["http_version"],
                     data,
                     more,
+                    decide,
                 )
             )
+            if decide:
+                await self._decided(rid, answer, Carried(started, ENDPOINTS[scope["path"]], data), receive, send)
+                return
             if more and not await self._pass_body(rid, receive, left):
                 return
             watcher = asyncio.ensure_future(self._watch(rid, receive))
@@ -130,10 +172,12 @@ class Worker:
             pass
         self.out.write(Gone(rid))
 
-    async def _answer(self, answer: Mailbox[Start | Body | None], send: Any) -> None:
+    async def _answer(self, answer: Mailbox[Any], send: Any, frame: Any = None) -> None:
+        """The daemon's answer (from frame, else its first), relayed to the client."""
         while True:
-            frame = await answer.get()
-            if frame is None:  # no more answer (the daemon is done with it, or gone): the connection closes
+            if frame is None:
+                frame = await answer.get()
+            if not isinstance(frame, (Start, Body)):  # no more answer (the daemon is done with it, or gone)
                 return
             if isinstance(frame, Start):
                 headers = [*frame.headers, self.worker_header]
@@ -143,6 +187,117 @@ class Worker:
                 await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
             if not frame.more:
                 return
+            frame = None
+
+    # The fast path: a request the daemon decides and this worker carries.
+
+    async def _decided(self, rid: int, frames: Mailbox[Any], carried: Carried, receive: Any, send: Any) -> None:
+        """Granted, the request is carried here (again, when the daemon retries it on
+        another replica); refused, or answered by the daemon, that answer is relayed."""
+        watch = _ClientWatch(self, rid, receive)
+        try:
+            while True:
+                frame = await frames.get()
+                if not isinstance(frame, Grant):
+                    await self._answer(frames, send, frame)
+                    return
+                if watch.gone:  # the client left before the grant came: nothing to carry
+                    self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
+                    continue
+                watch.stop()  # the relay watches the client from here
+                carry = self._carry_stream if frame.stream else self._carry_whole
+                if await carry(rid, frame, carried, receive, send, frames):
+                    return
+                watch = _ClientWatch(self, rid, receive)
+        finally:
+            watch.stop()
+
+    async def _carry_whole(
+        self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
+    ) -> bool:
+        """relay.answer_whole, on the grant's replica: False when the engine failed
+        before answering (the daemon retries it, or answers with the error)."""
+        try:
+            call = self.proxy.unary(_Granted(grant, self._timeout(grant)), "", grant.body, grant.headers)
+            status, data, content_type = await unless_client_leaves(receive, call)
+        except ClientGone:
+            self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
+            return True
+        except (_EngineAnswered, EngineFailure) as exc:
+            self.out.write(_failed(rid, exc))
+            return False
+        endpoint = carried.endpoint
+        usage = FREE if endpoint.free else endpoint.dialect.answer_usage(carried.body, data)
+        if grant.scrub and revealing(data):
+            data = scrub(data)
+        counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+        self.out.write(Finish(rid, status, "", "", b"", counts, 0, None, False))
+        if grant.accountable:  # the answer waits until its row and charge are durable
+            settled = await frames.get()
+            if not isinstance(settled, Settled):  # the daemon answers instead (503: not written)
+                await self._answer(frames, send, settled)
+                return True
+        await send_whole(send, status, content_type, data, {"x-request-id": grant.request_id, **self.carried_headers})
+        return True
+
+    async def _carry_stream(
+        self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
+    ) -> bool:
+        """relay.answer_stream, on the grant's replica: the engine's stream relayed as
+        it arrives (a slow client slows its reading: each piece's send is awaited), its
+        usage tapped, its end told to the daemon (Finish, from the stream's close)."""
+        req = ProxyRequest(grant.request_id, carried.started, 0.0, carried.endpoint, receive)
+        if grant.tap is not None:
+            req.tap = StreamTap(grant.tap, scrub, revealing) if grant.scrub else StreamTap(grant.tap)
+        if grant.accountable:
+            req.receipt = self.receipts[rid] = asyncio.get_running_loop().create_future()
+
+        def done(status: int) -> None:
+            tap = req.tap
+            usage = tap.usage if tap is not None else None
+            counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+            events = tap.events if tap is not None else 0
+            self.out.write(Finish(rid, status, "", "", b"", counts, events, req.ttft, req.bytes_sent))
+
+        try:
+            upstream = _Granted(grant, self._timeout(grant))
+            try:
+                stream = await self.proxy.open_stream(upstream, "", grant.body, grant.headers, done)
+            except (_EngineAnswered, EngineFailure) as exc:
+                self.out.write(_failed(rid, exc))
+                return False
+            await self._relay_carried(stream, req, send)
+            return True
+        finally:
+            self.receipts.pop(rid, None)
+
+    async def _relay_carried(self, stream: Any, req: ProxyRequest, send: Any) -> None:
+        req.bytes_sent = True
+        headers = [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode()), self.worker_header, CARRIED]
+        watcher = asyncio.ensure_future(wait_disconnect(req.receive))
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            pump = asyncio.ensure_future(_pump(stream, send, req))
+            await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
+            if not pump.done():
+                pump.cancel()  # the client left: closing the engine's stream stops its work
+                with contextlib.suppress(BaseException):
+                    await pump
+                return
+            pump.result()
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except ApplianceError as exc:  # its row could not be written: the stream ends with the error event
+            await _send_sse_error(send, exc, req)
+        finally:
+            stream.close()
+            watcher.cancel()
+
+    def _timeout(self, grant: Grant) -> aiohttp.ClientTimeout:
+        key = (grant.connect_timeout_s, grant.read_timeout_s)
+        timeout = self.timeouts.get(key)
+        if timeout is None:
+            timeout = self.timeouts[key] = aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1])
+        return timeout
 
     # The engine side: the calls the daemon asks for.
 
@@ -209,7 +364,11 @@ class Worker:
         try:
             while True:
                 frame = await self.reader.read()
-                if isinstance(frame, (Start, Body, Gone)):
+                if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
+                    if not receipt.done():
+                        ok = frame.ok
+                        receipt.set_result(None) if ok else receipt.set_exception(_NOT_WRITTEN)
+                elif isinstance(frame, (Start, Body, Gone, Grant, Settled)):
                     answer = self.requests.get(frame.rid)
                     if answer is not None:
                         answer.put(None if isinstance(frame, Gone) else frame)
@@ -222,6 +381,109 @@ class Worker:
         finally:
             for answer in self.requests.values():
                 answer.put(None)
+            for receipt in self.receipts.values():  # the daemon is gone: no last bytes without its word
+                if not receipt.done():
+                    receipt.set_exception(_NOT_WRITTEN)
+
+
+class _ClientWatch:
+    """A client watched for leaving while the daemon decides its request (a held one:
+    its Gone takes it out of the queue), from WATCH_AFTER_S on: most decisions take
+    less, and watching costs a task (as relay.unless_client_leaves does)."""
+
+    __slots__ = ("gone", "receive", "rid", "task", "timer", "worker")
+
+    def __init__(self, worker: Worker, rid: int, receive: Any) -> None:
+        self.worker, self.rid, self.receive = worker, rid, receive
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await wait_disconnect(self.receive)
+        self.gone = True
+        self.worker.out.write(Gone(self.rid))
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class Carried:
+    """What the worker keeps of a request it asked to carry."""
+
+    __slots__ = ("body", "endpoint", "started")
+
+    def __init__(self, started: float, endpoint: Any, body: bytes) -> None:
+        self.started, self.endpoint, self.body = started, endpoint, body
+
+
+class _Granted:
+    """The grant's replica, as the proxy sees an upstream: its slot is leased by the daemon."""
+
+    __slots__ = ("base_url", "name", "timeout")
+    session = None  # the worker's own (a supervised replica's secret is in the grant's headers)
+
+    def __init__(self, grant: Grant, timeout: aiohttp.ClientTimeout) -> None:
+        self.name, self.base_url, self.timeout = grant.replica, grant.url, timeout
+
+    def lease(self) -> contextlib.nullcontext[None]:
+        return _NO_LEASE
+
+
+_NO_LEASE: contextlib.nullcontext[None] = contextlib.nullcontext()
+_NOT_WRITTEN = StateWriteFailed("The request's accounting could not be written; see the appliance's log")
+
+
+class _EngineAnswered(Exception):  # noqa: N818 (the engine's answer, not an error here)
+    """The engine refused the request: its status and body, turned into our error by the daemon."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+class _GrantedProxy(EngineProxy):
+    """The proxy, with the worker's session, whose engine refusals go back to the
+    daemon as they came (it says them in the replica's model's words)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=None)
+
+    @staticmethod
+    async def _raise_for_engine_status(replica: Any, resp: aiohttp.ClientResponse) -> None:
+        if resp.status < 400:
+            return
+        try:
+            body = await resp.read()
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            body = b""
+        finally:
+            resp.release()
+        raise _EngineAnswered(resp.status, body)
+
+
+def _failed(rid: int, exc: Exception) -> Finish:
+    """A granted call that failed before its answer reached the client."""
+    if isinstance(exc, _EngineAnswered):
+        return Finish(rid, exc.status, "status", "", exc.body, None, 0, None, False)
+    assert isinstance(exc, EngineFailure)
+    kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
+    return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)
+
+
+def _came_whole(scope: Any, data: bytes) -> bool:
+    """Whether the first piece is the whole body its Content-Length declares (Granian
+    says more_body until it has read past the end: the next message is empty)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.isdigit() and int(value) == len(data)
+    return False
 
 
 def _piece(message: dict[str, Any], left: int) -> tuple[bytes, bool, int]:

@@ -4,8 +4,9 @@ so that the gateway's modules are checked without importing the API layer
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.access.tenancy import Tenancy
 from appliance.gateway.response_homes import ResponseHomes
@@ -58,6 +59,10 @@ class Gateway:
     inflight: int = 0
     # Request traces ([telemetry] otlp_endpoint); None: off, and nothing is recorded.
     tracing: Tracing | None = None
+    # Who answers a request the front door admitted: None, this process's relay
+    # (appliance/gateway/relay.py); with workers, the data plane's (a request its
+    # worker may carry alone is granted to it: appliance/dataplane/authority.py).
+    answer: Callable[[Any, Any, Any], Awaitable[None]] | None = None
 
     def adopt(self, cfg: Config, routes: Routes, providers: dict[str, Provider], tenancy: Tenancy) -> None:
         """A reloaded config's policy, built whole and checked (appliance/api/reload.py),
