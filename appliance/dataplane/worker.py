@@ -9,7 +9,7 @@ and the link closing), and the daemon replaces one that dies.
 
 The fast path (FAST_PATHS, a body that came whole): the worker asks the daemon to
 decide (Request.decide) and, granted, calls the replica itself and answers its
-client (the relay's own code: EngineProxy, StreamTap, relay._pump), then tells the
+client (the relay's own code: EngineProxy, StreamTap, relay.relay_opened), then tells the
 daemon how it went (Finish); a keyed or regulated answer's last bytes wait for the
 daemon's Settled. Refused or not grantable, the daemon answers it as any request.
 """
@@ -65,8 +65,8 @@ from appliance.gateway.relay import (
     FREE,
     SSE_START_HEADERS,
     WATCH_AFTER_S,
-    _pump,
-    _send_sse_error,
+    relay_opened,
+    send_sse_error,
     send_whole,
     unless_client_leaves,
 )
@@ -274,23 +274,13 @@ class Worker:
     async def _relay_carried(self, stream: Any, req: ProxyRequest, send: Any) -> None:
         req.bytes_sent = True
         headers = [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode()), self.worker_header, CARRIED]
-        watcher = asyncio.ensure_future(wait_disconnect(req.receive))
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            pump = asyncio.ensure_future(_pump(stream, send, req))
-            await asyncio.wait([pump, watcher], return_when=asyncio.FIRST_COMPLETED)
-            if not pump.done():
-                pump.cancel()  # the client left: closing the engine's stream stops its work
-                with contextlib.suppress(BaseException):
-                    await pump
-                return
-            pump.result()
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            await relay_opened(stream, send, req)
         except ApplianceError as exc:  # its row could not be written: the stream ends with the error event
-            await _send_sse_error(send, exc, req)
+            await send_sse_error(send, exc, req)
         finally:
             stream.close()
-            watcher.cancel()
 
     def _timeout(self, grant: Grant) -> aiohttp.ClientTimeout:
         key = (grant.connect_timeout_s, grant.read_timeout_s)

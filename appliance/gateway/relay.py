@@ -139,19 +139,24 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
             started = True
         if stream is None:  # it ended with its error event while the model loaded
             return
-        # Relayed in the request's own task, the client watched only once the stream
-        # outlives WATCH_AFTER_S: no task and no wait set up per stream before its
-        # first chunk, work every other stream starting at the same time waits behind.
-        try:
-            await unless_client_leaves(req.receive, _pump(stream, send, req))
-        except ClientGone:
-            return  # the pump, cancelled, closed the engine's stream: that stops its work
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        await relay_opened(stream, send, req)
     except ApplianceError as exc:
         if not started:
             finish_stream(rt, req, exc.status)
             raise
-        await _send_sse_error(send, exc, req)
+        await send_sse_error(send, exc, req)
+
+
+async def relay_opened(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
+    """An opened stream whose response has started, relayed to its end (or until its
+    client leaves). In the request's own task, the client watched only once the stream
+    outlives WATCH_AFTER_S: no task and no wait set up per stream before its first
+    chunk, work every other stream starting at the same time waits behind."""
+    try:
+        await unless_client_leaves(req.receive, _pump(stream, send, req))
+    except ClientGone:
+        return  # the pump, cancelled, closed the engine's stream: that stops its work
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 class _Started:
@@ -188,7 +193,7 @@ async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> An
                     return _Started(opening.result())
                 except ApplianceError as exc:
                     finish_stream(rt, req, exc.status)
-                    await _send_sse_error(send, exc, req)
+                    await send_sse_error(send, exc, req)
                     return _Started(None)
     finally:
         if not opening.done():
@@ -239,11 +244,11 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
         stream.close()
 
 
-async def _send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:
+async def send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:
     """The stream's end, in its API's error event (appliance/gateway/dialects.py)."""
     event = req.endpoint.dialect.stream_error(exc)
     with contextlib.suppress(Exception):
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-__all__ = ["answer_stream", "answer_whole", "send_whole", "unless_client_leaves"]
+__all__ = ["answer_stream", "answer_whole", "relay_opened", "send_sse_error", "send_whole", "unless_client_leaves"]
