@@ -48,6 +48,7 @@ from appliance.errors import (
     ShuttingDown,
     StateWriteFailed,
     Unauthorized,
+    UnsupportedMediaType,
     encode_error,
     error_for_status,
 )
@@ -180,7 +181,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
     started = time.perf_counter()
     rt: Runtime = scope["app"].state.runtime
-    rid = declared = auth = tag = content_type = None
+    rid = declared = auth = tag = content_type = origin = fetch_site = encoding = None
     tag_header = rt.tag_header
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -195,6 +196,12 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
             auth = b"Bearer " + value
         elif name == b"content-type" and ep.form:  # a multipart upload's boundary
             content_type = value
+        elif name == b"origin":
+            origin = value
+        elif name == b"sec-fetch-site":
+            fetch_site = value
+        elif name == b"content-encoding":
+            encoding = value
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
@@ -207,6 +214,11 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         req.trace = rt.tracing.begin(req, path, scope["headers"])
     rt.inflight += 1
     try:
+        if origin is not None or fetch_site is not None:  # only browsers send these
+            site = fetch_site.decode("latin-1") if fetch_site is not None else None
+            rt.admin.refuse_cross_site(origin.decode("latin-1") if origin else None, site, "API", "use")
+        if encoding is not None:
+            _refuse_encoded(encoding)
         await _serve(rt, req, send, path, declared, auth, tag, content_type)
     except ApplianceError as exc:
         finish(rt, req, exc.status)
@@ -223,6 +235,17 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         if not req.finished:  # every path finishes its request; never leave a budget hold behind
             log.warning("request %s ended without being finished", rid)
             finish(rt, req, 500)
+
+
+def _refuse_encoded(encoding: bytes) -> None:
+    """A compressed request body (Content-Encoding: gzip, ...): the body is read and
+    forwarded as it came, so it would be read as malformed JSON; say what is wrong."""
+    if encoding.strip().lower() not in (b"", b"identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported on request bodies: "
+            "send the body uncompressed",
+            code="unsupported_content_encoding",
+        )
 
 
 async def _serve(
