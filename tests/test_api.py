@@ -197,6 +197,12 @@ def test_unknown_route_and_wrong_method_use_the_envelope(shared_daemon):
     assert_envelope(wrong, 405)
 
 
+def test_metrics_content_type_names_its_charset_once(shared_daemon):
+    with shared_daemon.client() as c:
+        kind = c.get("/metrics").headers["content-type"]
+    assert kind.startswith("text/plain; version=0.0.4") and kind.count("charset") == 1
+
+
 def test_a_compressed_request_body_is_refused_as_such_not_as_malformed_json(shared_daemon):
     with shared_daemon.client() as c:
         resp = c.post("/v1/chat/completions", content=gzip.compress(json.dumps(CHAT).encode()),
