@@ -197,6 +197,27 @@ def test_unknown_route_and_wrong_method_use_the_envelope(shared_daemon):
     assert_envelope(wrong, 405)
 
 
+def test_a_wrong_method_says_in_allow_which_methods_the_path_answers(shared_daemon):
+    with shared_daemon.client() as c:
+        proxied = c.get("/v1/chat/completions")
+        routed = c.delete("/healthz")
+    assert_envelope(proxied, 405, "method_not_allowed")
+    assert proxied.headers["allow"] == "POST"
+    assert_envelope(routed, 405, "method_not_allowed")
+    assert {"GET", "HEAD"} <= {m.strip() for m in routed.headers["allow"].split(",")}
+
+
+def test_head_answers_what_get_does_without_a_body(shared_daemon):
+    with shared_daemon.client() as c:
+        for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == got.status_code == 200, (path, head.status_code)
+            assert head.content == b""
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert int(head.headers["content-length"]) == len(got.content)
+        assert c.head("/v1/chat/completions").status_code == 405
+
+
 def test_metrics_content_type_names_its_charset_once(shared_daemon):
     with shared_daemon.client() as c:
         kind = c.get("/metrics").headers["content-type"]

@@ -178,7 +178,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     exception middleware turns anything raised here, before the answer starts,
     into the OpenAI envelope (``_error_response``)."""
     if scope["method"] != "POST":
-        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
+        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}", allow="POST")
     started = time.perf_counter()
     rt: Runtime = scope["app"].state.runtime
     rid = declared = auth = tag = content_type = origin = fetch_site = encoding = None
@@ -403,6 +403,9 @@ def front_door(app: Litestar):
 
     # The server's own scope: plain strings where Litestar's types say enums.
     async def front(scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            await app({**scope, "method": "GET"}, receive, _without_body(send))
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # _forward finds the runtime here
             try:
@@ -418,6 +421,18 @@ def front_door(app: Litestar):
         await app(scope, receive, send)
 
     return front
+
+
+def _without_body(send: Send) -> Send:
+    """HEAD: what GET answers, status and headers (its Content-Length too), without
+    the body (RFC 9110 9.3.2): a monitor's `curl -I /healthz` gets 200, not 405."""
+
+    async def send_head(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 def _client_or_admin(request: Request) -> Runtime:
@@ -710,7 +725,7 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     elif isinstance(exc, HTTPException):
         err = error_for_status(exc.status_code, _framework_message(exc))
         if exc.status_code == 405:
-            err.message = f"Method {method} is not allowed on {path}"
+            err = MethodNotAllowed(f"Method {method} is not allowed on {path}", allow=_allowed(exc))
     else:
         log.error("unhandled error on %s %s", method, path, exc_info=exc)
         err = ApplianceError("Internal error; the appliance's log has the details")
@@ -722,6 +737,14 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     if rid:
         headers["X-Request-Id"] = rid
     return err.status, headers, dialect_for_path(path).envelope(err)
+
+
+def _allowed(exc: HTTPException) -> str:
+    """The Allow of Litestar's 405, with HEAD wherever GET is (the front door answers it)."""
+    methods = [m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    return ", ".join(methods)
 
 
 def _framework_message(exc: HTTPException) -> str:
