@@ -257,6 +257,16 @@ def test_the_daemons_own_origin_and_sdk_clients_still_reach_the_model_api(shared
     assert own.status_code == sdk.status_code == 200
 
 
+def test_every_answer_carries_a_request_id_the_clients_own_if_it_sent_one(shared_daemon):
+    with shared_daemon.client() as c:
+        answers = [c.get("/v1/models"), c.get("/v1/models/nope"), c.head("/healthz"), c.delete("/healthz"),
+                   c.get("/v1/nothing-here")]
+        mine = c.get("/v1/models/nope", headers={"x-request-id": "client-id-42"})
+    for resp in answers:
+        assert len(resp.headers.get_list("x-request-id")) == 1, (resp.request.url, resp.headers)
+    assert mine.headers["x-request-id"] == "client-id-42"
+
+
 def test_a_raw_garbage_request_gets_an_http_error_not_a_hang(shared_daemon):
     with socket.create_connection(("127.0.0.1", shared_daemon.port), timeout=5) as s:
         s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n\xff\xfe\x00\x01\x02")

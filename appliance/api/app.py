@@ -404,7 +404,8 @@ def front_door(app: Litestar):
     # The server's own scope: plain strings where Litestar's types say enums.
     async def front(scope: Any, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "HEAD":
-            await app({**scope, "method": "GET"}, receive, _without_body(send))
+            send = _without_body(_with_request_id(scope, send))
+            await app({**scope, "method": "GET"}, receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # _forward finds the runtime here
@@ -418,9 +419,27 @@ def front_door(app: Litestar):
                 with contextlib.suppress(Exception):  # the client may have gone already
                     await send_whole(send, status, JSON, body, headers)
             return
-        await app(scope, receive, send)
+        await app(scope, receive, _with_request_id(scope, send) if scope["type"] == "http" else send)
 
     return front
+
+
+def _with_request_id(scope: Any, send: Send) -> Send:
+    """Every answer carries X-Request-Id, as the proxied ones do: the client's own
+    (up to 128 characters), else a new one; an error's envelope names the same
+    (``error_parts`` reads scope["request_id"]), and the SDKs show it on their errors."""
+    rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+    scope["request_id"] = rid = rid if 0 < len(rid) <= 128 else _new_request_id()
+
+    async def send_with_id(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_id
 
 
 def _without_body(send: Send) -> Send:
