@@ -188,6 +188,15 @@ def test_appliance_logs_shows_control_characters_an_engine_logged_without_the_te
     assert "hi\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout and "\tdone" in shown.stdout
 
 
+def test_appliance_logs_refuses_a_negative_line_count_instead_of_printing_nothing(tmp_path):
+    cfg_path = tmp_path / "a.toml"
+    cfg_path.write_text(f'[paths]\nlog_dir = "{tmp_path}/log"\n')
+    (tmp_path / "log" / "replicas").mkdir(parents=True)
+    (tmp_path / "log" / "replicas" / "m-0.log").write_text("a line\n")
+    shown = _appliance("logs", "--replica", "m", "-n", "-5", "--no-follow", "--config", str(cfg_path))
+    assert shown.returncode == 2 and "'-n' / '--lines'" in shown.stderr and "Traceback" not in shown.stderr
+
+
 def test_a_recurring_refusal_is_logged_once_per_reason_then_with_its_count(caplog):
     now = [0.0]
     once = OncePer(60.0, clock=lambda: now[0])

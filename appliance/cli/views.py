@@ -181,7 +181,9 @@ def tui(config: str | None, socket: str | None, url: str | None, token_file: str
     help="Show this replica's engine log instead of the daemon's; MODEL: all its "
     "replicas, all: every replica. Repeatable.",
 )
-@click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show first.")
+@click.option(
+    "-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of history to show first."
+)
 @click.option(
     "-f/-F",
     "--follow/--no-follow",
