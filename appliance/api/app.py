@@ -405,7 +405,7 @@ def front_door(app: Litestar):
     async def front(scope: Any, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "HEAD":
             send = _without_body(_with_request_id(scope, send))
-            await app({**scope, "method": "GET"}, receive, send)
+            await app(cast("HTTPScope", {**scope, "method": "GET"}), receive, send)
             return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # _forward finds the runtime here
