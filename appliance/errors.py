@@ -75,6 +75,13 @@ class MethodNotAllowed(ApplianceError):
     type = "invalid_request_error"
     code = "method_not_allowed"
 
+    def __init__(self, message: str, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow  # the methods the path answers (RFC 9110: a 405 says them)
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "Allow": self.allow}
+
 
 class RequestTimeout(ApplianceError):
     status = 408

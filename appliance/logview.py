@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -138,6 +139,19 @@ class Tail:
             self._file.close()
 
 
+# C0 controls but tab, DEL and C1 (0x9b is CSI to some terminals).
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+def printable(line: str) -> str:
+    """A log line as a terminal shows it without obeying it: an engine logs what clients
+    sent (vLLM its prompts), and an escape sequence in one would retitle, clear or write
+    the clipboard of the operator's terminal; control characters are written as \\xNN."""
+    if line.isprintable():
+        return line
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def _text(line: bytes) -> str:
     return line.decode("utf-8", "replace").rstrip("\r")
 
@@ -158,7 +172,7 @@ def show(
         if as_json:
             echo(json.dumps({"source": label, "line": line}))
         else:
-            echo(f"{label} | {line}" if prefix else line)
+            echo(f"{label} | {printable(line)}" if prefix else printable(line))
 
     tails = [(label, Tail(path)) for label, path in files]
     try:

@@ -84,7 +84,7 @@ def write(path: Path, a) -> int:
     head = a.embd // a.heads
     meta = [
         ("general.architecture", STR, "llama"), ("general.name", STR, a.name),
-        ("general.alignment", U32, ALIGN),
+        ("general.alignment", U32, ALIGN), *([("general.license", STR, a.license)] if a.license else []),
         ("llama.block_count", U32, a.layers), ("llama.context_length", U32, a.context),
         ("llama.embedding_length", U32, a.embd), ("llama.feed_forward_length", U32, a.ff),
         ("llama.attention.head_count", U32, a.heads), ("llama.attention.head_count_kv", U32, a.kv_heads),
@@ -147,6 +147,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--context", type=int, default=32768, help="the trained context it claims")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--name", default="tiny-random-llama")
+    p.add_argument("--license", default="", help="general.license (none by default)")
     a = p.parse_args(argv)
     if a.embd % a.heads or a.heads % a.kv_heads or (a.embd // a.heads) % 2:
         p.error("--embd must divide into --heads even-sized heads, --heads into --kv-heads")

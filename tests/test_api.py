@@ -3,6 +3,7 @@ real fake-engine subprocess."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 
@@ -194,6 +195,76 @@ def test_unknown_route_and_wrong_method_use_the_envelope(shared_daemon):
         wrong = c.get("/v1/chat/completions")
     assert_envelope(missing, 404)
     assert_envelope(wrong, 405)
+
+
+def test_a_wrong_method_says_in_allow_which_methods_the_path_answers(shared_daemon):
+    with shared_daemon.client() as c:
+        proxied = c.get("/v1/chat/completions")
+        routed = c.delete("/healthz")
+    assert_envelope(proxied, 405, "method_not_allowed")
+    assert proxied.headers["allow"] == "POST"
+    assert_envelope(routed, 405, "method_not_allowed")
+    assert {"GET", "HEAD"} <= {m.strip() for m in routed.headers["allow"].split(",")}
+
+
+def test_head_answers_what_get_does_without_a_body(shared_daemon):
+    with shared_daemon.client() as c:
+        for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):
+            got, head = c.get(path), c.head(path)
+            assert head.status_code == got.status_code == 200, (path, head.status_code)
+            assert head.content == b""
+            assert head.headers["content-type"] == got.headers["content-type"]
+            assert int(head.headers["content-length"]) == len(got.content)
+        assert c.head("/v1/chat/completions").status_code == 405
+
+
+def test_metrics_content_type_names_its_charset_once(shared_daemon):
+    with shared_daemon.client() as c:
+        kind = c.get("/metrics").headers["content-type"]
+    assert kind.startswith("text/plain; version=0.0.4") and kind.count("charset") == 1
+
+
+def test_a_compressed_request_body_is_refused_as_such_not_as_malformed_json(shared_daemon):
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", content=gzip.compress(json.dumps(CHAT).encode()),
+                      headers={"content-type": "application/json", "content-encoding": "gzip"})
+        plain = c.post("/v1/chat/completions", json=CHAT, headers={"content-encoding": "identity"})
+    err = assert_envelope(resp, 415, "unsupported_content_encoding")
+    assert "gzip" in err["message"] and "uncompressed" in err["message"]
+    assert resp.headers["x-request-id"]
+    assert plain.status_code == 200
+
+
+@pytest.mark.parametrize("headers", [
+    {"origin": "http://evil.example", "content-type": "text/plain"},  # a "simple" cross-site POST
+    {"origin": "http://localhost:3000", "content-type": "text/plain"},  # another local web server's page
+    {"origin": "http://rebound.example:8000"},  # a DNS-rebinding page posts same-origin, with its own name
+    {"sec-fetch-site": "cross-site"},
+])
+def test_a_web_page_of_another_origin_cannot_use_the_model_api(shared_daemon, headers):
+    before = fake_stats(shared_daemon, "fake")["requests"]
+    with shared_daemon.client() as c:
+        resp = c.post("/v1/chat/completions", content=json.dumps(CHAT), headers=headers)
+    assert_envelope(resp, 403, "cross_origin")
+    assert fake_stats(shared_daemon, "fake")["requests"] == before  # nothing ran on the engine
+
+
+def test_the_daemons_own_origin_and_sdk_clients_still_reach_the_model_api(shared_daemon):
+    with shared_daemon.client() as c:
+        own = c.post("/v1/chat/completions", json=CHAT,
+                     headers={"origin": shared_daemon.url, "sec-fetch-site": "same-origin"})
+        sdk = c.post("/v1/chat/completions", json=CHAT)
+    assert own.status_code == sdk.status_code == 200
+
+
+def test_every_answer_carries_a_request_id_the_clients_own_if_it_sent_one(shared_daemon):
+    with shared_daemon.client() as c:
+        answers = [c.get("/v1/models"), c.get("/v1/models/nope"), c.head("/healthz"), c.delete("/healthz"),
+                   c.get("/v1/nothing-here")]
+        mine = c.get("/v1/models/nope", headers={"x-request-id": "client-id-42"})
+    for resp in answers:
+        assert len(resp.headers.get_list("x-request-id")) == 1, (resp.request.url, resp.headers)
+    assert mine.headers["x-request-id"] == "client-id-42"
 
 
 def test_a_raw_garbage_request_gets_an_http_error_not_a_hang(shared_daemon):

@@ -71,6 +71,15 @@ def test_a_key_is_shown_once_and_stored_hashed(keyed):
     assert token.split("-", 2)[2] not in json.dumps(db.execute("SELECT * FROM api_keys").fetchall())
 
 
+@pytest.mark.parametrize("name", ["\x1b]0;owned\x07\x1b[2J", "line\nbreak", "", " "])
+def test_a_key_name_a_terminal_would_obey_is_refused_with_a_clear_error(keyed, name):
+    result = subprocess.run([PY, "-m", "appliance.cli", "keys", "create", "--name", name,
+                             "--config", str(keyed.config)], capture_output=True, text=True, cwd=ROOT, timeout=30)
+    assert result.returncode == 2 and result.stdout == ""
+    assert "'--name'" in result.stderr and "printable" in result.stderr and "Traceback" not in result.stderr
+    assert all(k["name"] != name for k in json.loads(keys_cli(keyed, "ls", "--json")))
+
+
 def test_a_revoked_key_is_refused(keyed):
     token = keys_cli(keyed, "create", "--name", "leaving")
     assert post(keyed, token).status_code == 200

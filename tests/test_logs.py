@@ -175,6 +175,28 @@ def test_following_a_replica_log_survives_rotation(tmp_path):
         proc.wait(timeout=10)
 
 
+def test_appliance_logs_shows_control_characters_an_engine_logged_without_the_terminal_obeying_them(tmp_path):
+    cfg_path = tmp_path / "a.toml"
+    cfg_path.write_text(f'[paths]\nlog_dir = "{tmp_path}/log"\n')
+    (tmp_path / "log" / "replicas").mkdir(parents=True)
+    # What vLLM logs of a client's prompt: a title change, a screen clear, a clipboard write.
+    prompt = "Received request: prompt='hi\x1b]0;owned\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07\x9b31m'\tdone"
+    (tmp_path / "log" / "replicas" / "m-0.log").write_text(prompt + "\n")
+    shown = _appliance("logs", "--replica", "m", "--no-follow", "--config", str(cfg_path))
+    assert shown.returncode == 0, shown.stderr
+    assert not any(c in shown.stdout for c in "\x1b\x07\x9b")
+    assert "hi\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout and "\tdone" in shown.stdout
+
+
+def test_appliance_logs_refuses_a_negative_line_count_instead_of_printing_nothing(tmp_path):
+    cfg_path = tmp_path / "a.toml"
+    cfg_path.write_text(f'[paths]\nlog_dir = "{tmp_path}/log"\n')
+    (tmp_path / "log" / "replicas").mkdir(parents=True)
+    (tmp_path / "log" / "replicas" / "m-0.log").write_text("a line\n")
+    shown = _appliance("logs", "--replica", "m", "-n", "-5", "--no-follow", "--config", str(cfg_path))
+    assert shown.returncode == 2 and "'-n' / '--lines'" in shown.stderr and "Traceback" not in shown.stderr
+
+
 def test_a_recurring_refusal_is_logged_once_per_reason_then_with_its_count(caplog):
     now = [0.0]
     once = OncePer(60.0, clock=lambda: now[0])

@@ -92,3 +92,23 @@ def test_secrets_and_request_bodies_never_reach_logs_errors_or_metrics(daemons, 
         assert token not in text, f"the admin token leaked into {where}"
     assert body_canary not in logs, "a request body reached the logs"
     assert body_canary not in seen[-1], "a request body reached /metrics"
+
+
+def test_the_state_and_log_dirs_the_daemon_makes_are_closed_to_other_users(tmp_path):
+    import os
+
+    from appliance.config import check_writable_dirs
+    from appliance.state.db import connect
+    from appliance.state.lock import hold_state_dir
+
+    old = os.umask(0o022)  # a user's shell: new directories world-readable by default
+    try:
+        cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+                           f'log_dir = "{tmp_path}/log"\n')
+        check_writable_dirs(cfg)
+        hold_state_dir(tmp_path / "locked").close()  # `appliance serve` takes its lock first
+        connect(tmp_path / "keys-first" / "appliance.db").close()  # `appliance keys create`
+    finally:
+        os.umask(old)
+    for made in ("state", "log", "locked", "keys-first"):
+        assert (tmp_path / made).stat().st_mode & 0o007 == 0, made

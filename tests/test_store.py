@@ -485,6 +485,18 @@ def test_a_hostile_general_name_is_shown_without_its_escape_sequences(tmp_path):
     assert not any(c in out["title"] for c in "\x1b\x07\u202e\n\t")
 
 
+def test_a_hostile_general_license_is_shown_without_its_escape_sequences(tmp_path):
+    from . import make_tiny_gguf
+
+    src = tmp_path / "evil.gguf"
+    make_tiny_gguf.main([str(src), "--layers", "1", "--embd", "32", "--heads", "2", "--kv-heads", "1", "--ff", "32",
+                         "--license", "MIT\x1b]52;c;ZXZpbA==\x07\x1b[2J\u202e"])
+    said = run(tmp_path, "models", "import", str(src)).stdout
+    listed = run(tmp_path, "models", "ls", "--port", "1").stdout
+    for shown in (said, listed):
+        assert "MIT ]52;c;ZXZpbA==" in shown and not any(c in shown for c in "\x1b\x07\u202e"), shown
+
+
 def test_one_gguf_under_three_names_is_one_blob_and_each_name_survives_the_others(tmp_path):
     # Before: three imports of one file took three copies (and three times the budget).
     clock = iter(range(100, 1000))

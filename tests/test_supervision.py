@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import threading
 
 import httpx
 
-from .conftest import fake_model, pid_alive, wait_until
+from .conftest import ROOT, fake_model, pid_alive, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -166,3 +167,17 @@ def test_an_operator_restart_of_the_only_replica_does_not_start_a_second_one(dae
     wait_until(lambda: any(r["pid"] not in (None, before["pid"]) and r["state"] == "READY"
                            for r in d.replicas("fake")), timeout=30, what="the restarted engine")
     assert [r["index"] for r in d.replicas("fake")] == [before["index"]]
+
+
+def test_appliance_status_prints_a_fatal_replicas_log_tail_without_the_terminal_obeying_it(daemons, tmp_path):
+    script = tmp_path / "loud_engine.py"
+    script.write_text("import sys\nprint('bad model\\x1b]0;owned\\x07\\x1b[2J')\nsys.exit(7)\n")
+    model = (f'[[models]]\nname = "loud"\nserver = "openai"\n'
+             f'command = ["{sys.executable}", "{script}", "--port", "{{port}}"]\n')
+    d = daemons.start(model, wait=False, supervisor="max_crashes = 1")
+    wait_until(lambda: _reachable(d), timeout=15, what="daemon up")
+    wait_until(lambda: d.replicas("loud")[0]["state"] == "FATAL", timeout=30, what="FATAL")
+    shown = subprocess.run([sys.executable, "-m", "appliance.cli", "status", "--config", str(d.config)],
+                           capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert "bad model\\x1b]0;owned\\x07\\x1b[2J" in shown.stdout
+    assert "\x1b" not in shown.stdout and "\x07" not in shown.stdout

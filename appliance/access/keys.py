@@ -59,6 +59,9 @@ def _digest(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+NAME_MAX = 128
+
+
 class KeyStore:
     def __init__(self, path: Path | str) -> None:
         self.db = connect(path)  # table api_keys: appliance/state/db.py
@@ -75,6 +78,10 @@ class KeyStore:
         """A new key and its one-time token (never stored)."""
         if budget_period not in PERIODS:
             raise ValueError(f"budget period must be one of {', '.join(PERIODS)}")
+        if not name.strip() or len(name) > NAME_MAX or not name.isprintable():
+            # Listed by `keys ls`, `status` and the TUI: a control character would be obeyed
+            # by the terminal showing it (an escape sequence rewriting the screen or its title).
+            raise ValueError(f"a key's name is 1-{NAME_MAX} printable characters, no control characters: got {name!r}")
         key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
         key = ApiKey(key_id, name, _digest(secret), list(routes), tag, rpm, budget_tokens, budget_period, time.time())
         with transaction(self.db):

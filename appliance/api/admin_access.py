@@ -82,15 +82,19 @@ class AdminAccess:
                 "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
                 code="untrusted_host",
             )
-        origin = headers.get("origin")
+        self.refuse_cross_site(headers.get("origin"), headers.get("sec-fetch-site"), "Admin API", "administer")
+
+    def refuse_cross_site(self, origin: str | None, fetch_site: str | None, api: str, verb: str) -> None:
+        """A request a browser sent for a page of another web origin: refused, on the
+        admin API and the model API alike (the daemon serves no CORS, so no other
+        origin may use it; a "simple" cross-site POST would otherwise run, unread)."""
         if origin is not None and not self._our_origin(origin):
             raise Forbidden(
-                f"Admin API: refused a cross-origin request from {origin!r} (a web page may not "
-                "administer this server)",
+                f"{api}: refused a cross-origin request from {origin!r} (a web page may not {verb} this server)",
                 code="cross_origin",
             )
-        if headers.get("sec-fetch-site", "") in ("cross-site", "same-site"):
-            raise Forbidden("Admin API: refused a request a browser marked cross-site", code="cross_origin")
+        if fetch_site in ("cross-site", "same-site"):
+            raise Forbidden(f"{api}: refused a request a browser marked cross-site", code="cross_origin")
 
     def _our_name(self, name: str) -> bool:
         if name == "localhost" or name == self.bind or name in self.names:

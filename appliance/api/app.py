@@ -48,6 +48,7 @@ from appliance.errors import (
     ShuttingDown,
     StateWriteFailed,
     Unauthorized,
+    UnsupportedMediaType,
     encode_error,
     error_for_status,
 )
@@ -177,10 +178,10 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     exception middleware turns anything raised here, before the answer starts,
     into the OpenAI envelope (``_error_response``)."""
     if scope["method"] != "POST":
-        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}")
+        raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}", allow="POST")
     started = time.perf_counter()
     rt: Runtime = scope["app"].state.runtime
-    rid = declared = auth = tag = content_type = None
+    rid = declared = auth = tag = content_type = origin = fetch_site = encoding = None
     tag_header = rt.tag_header
     for name, value in scope["headers"]:
         if name == b"x-request-id":
@@ -195,6 +196,12 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
             auth = b"Bearer " + value
         elif name == b"content-type" and ep.form:  # a multipart upload's boundary
             content_type = value
+        elif name == b"origin":
+            origin = value
+        elif name == b"sec-fetch-site":
+            fetch_site = value
+        elif name == b"content-encoding":
+            encoding = value
     if not rid or len(rid) > 128:
         rid = _new_request_id()
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
@@ -207,6 +214,11 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         req.trace = rt.tracing.begin(req, path, scope["headers"])
     rt.inflight += 1
     try:
+        if origin is not None or fetch_site is not None:  # only browsers send these
+            site = fetch_site.decode("latin-1") if fetch_site is not None else None
+            rt.admin.refuse_cross_site(origin.decode("latin-1") if origin else None, site, "API", "use")
+        if encoding is not None:
+            _refuse_encoded(encoding)
         await _serve(rt, req, send, path, declared, auth, tag, content_type)
     except ApplianceError as exc:
         finish(rt, req, exc.status)
@@ -223,6 +235,17 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         if not req.finished:  # every path finishes its request; never leave a budget hold behind
             log.warning("request %s ended without being finished", rid)
             finish(rt, req, 500)
+
+
+def _refuse_encoded(encoding: bytes) -> None:
+    """A compressed request body (Content-Encoding: gzip, ...): the body is read and
+    forwarded as it came, so it would be read as malformed JSON; say what is wrong."""
+    if encoding.strip().lower() not in (b"", b"identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported on request bodies: "
+            "send the body uncompressed",
+            code="unsupported_content_encoding",
+        )
 
 
 async def _serve(
@@ -382,6 +405,10 @@ def front_door(app: Litestar):
 
     # The server's own scope: plain strings where Litestar's types say enums.
     async def front(scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            send = _without_body(_with_request_id(scope, send))
+            await app(cast("HTTPScope", {**scope, "method": "GET"}), receive, send)
+            return
         if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
             scope["app"] = app  # _forward finds the runtime here
             try:
@@ -394,9 +421,39 @@ def front_door(app: Litestar):
                 with contextlib.suppress(Exception):  # the client may have gone already
                     await send_whole(send, status, JSON, body, headers)
             return
-        await app(scope, receive, send)
+        await app(scope, receive, _with_request_id(scope, send) if scope["type"] == "http" else send)
 
     return front
+
+
+def _with_request_id(scope: Any, send: Send) -> Send:
+    """Every answer carries X-Request-Id, as the proxied ones do: the client's own
+    (up to 128 characters), else a new one; an error's envelope names the same
+    (``error_parts`` reads scope["request_id"]), and the SDKs show it on their errors."""
+    rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
+    scope["request_id"] = rid = rid if 0 < len(rid) <= 128 else _new_request_id()
+
+    async def send_with_id(message: Any) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if not any(k.lower() == b"x-request-id" for k, _ in headers):
+                headers.append((b"x-request-id", rid.encode("latin-1")))
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_id
+
+
+def _without_body(send: Send) -> Send:
+    """HEAD: what GET answers, status and headers (its Content-Length too), without
+    the body (RFC 9110 9.3.2): a monitor's `curl -I /healthz` gets 200, not 405."""
+
+    async def send_head(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return send_head
 
 
 def _client_or_admin(request: Request) -> Runtime:
@@ -689,7 +746,7 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     elif isinstance(exc, HTTPException):
         err = error_for_status(exc.status_code, _framework_message(exc))
         if exc.status_code == 405:
-            err.message = f"Method {method} is not allowed on {path}"
+            err = MethodNotAllowed(f"Method {method} is not allowed on {path}", allow=_allowed(exc))
     else:
         log.error("unhandled error on %s %s", method, path, exc_info=exc)
         err = ApplianceError("Internal error; the appliance's log has the details")
@@ -701,6 +758,14 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     if rid:
         headers["X-Request-Id"] = rid
     return err.status, headers, dialect_for_path(path).envelope(err)
+
+
+def _allowed(exc: HTTPException) -> str:
+    """The Allow of Litestar's 405, with HEAD wherever GET is (the front door answers it)."""
+    methods = [m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()]
+    if "GET" in methods and "HEAD" not in methods:
+        methods.append("HEAD")
+    return ", ".join(methods)
 
 
 def _framework_message(exc: HTTPException) -> str:

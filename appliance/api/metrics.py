@@ -10,7 +10,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 if TYPE_CHECKING:
     from appliance.fleet.supervisor import Supervisor
 
-CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Litestar appends "; charset=utf-8" to a text/* media type itself (one charset, not two).
+CONTENT_TYPE = "text/plain; version=0.0.4"
 
 
 class _SupervisorCollector:

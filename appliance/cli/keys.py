@@ -81,8 +81,12 @@ def register(main: click.Group, load) -> None:
         """Create a key and print it once."""
         check_binding(config, routes, tag)
         s = store(config)
-        key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
-        s.close()
+        try:
+            key, token = s.create(name, list(routes), tag, rpm, budget_tokens, budget_period)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="'--name'") from None
+        finally:
+            s.close()
         click.echo(json.dumps({**_with_iso_times(key.public()), "key": token}, indent=2) if as_json else token)
         click.echo(f"key {key.id} ({name}) created; the key is shown only this once", err=True)
 

@@ -14,6 +14,7 @@ import msgspec
 from appliance.cli.options import CONFIG_HELP, admin_call, load
 from appliance.cli.progress import human_bytes
 from appliance.config import STORE_PREFIX, ConfigError
+from appliance.logview import printable
 from appliance.status import DaemonStatus, GpusStatus, ModelStatus, ReplicaStatus
 
 PS_COLUMNS = ("REPLICA", "ENGINE", "IMAGE", "STATE", "ON", "MEMORY", "IN-FLIGHT", "IDLE UNLOAD", "UP")
@@ -145,9 +146,9 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
                 f"  #{r.index}  {r.state:<9} {where}  in-flight {r.inflight}  restarts {r.restarts}{mem}{up}{image}"
             )
             if r.last_error:
-                click.echo(f"      last error: {r.last_error}")
+                click.echo(f"      last error: {printable(r.last_error)}")
             for line in r.log_tail:
-                click.echo(f"      | {line}")
+                click.echo(f"      | {printable(line)}")
     if not data.ready:
         sys.exit(3)
 
@@ -182,7 +183,9 @@ def tui(config: str | None, socket: str | None, url: str | None, token_file: str
     help="Show this replica's engine log instead of the daemon's; MODEL: all its "
     "replicas, all: every replica. Repeatable.",
 )
-@click.option("-n", "--lines", default=50, show_default=True, help="Lines of history to show first.")
+@click.option(
+    "-n", "--lines", type=click.IntRange(min=0), default=50, show_default=True, help="Lines of history to show first."
+)
 @click.option(
     "-f/-F",
     "--follow/--no-follow",

@@ -105,13 +105,15 @@ def check_writable_dirs(cfg: Config) -> None:
     a ConfigError naming the field, the path and the fix, before anything opens there."""
     import tempfile
 
-    for field, path in (
-        ("paths.state_dir", cfg.paths.state_dir),
-        ("paths.cache_dir", cfg.paths.cache_dir),
-        ("paths.log_dir", cfg.paths.log_dir),
+    # State and logs are made for the daemon's user and group only (audit rows, key hashes,
+    # logs that may hold prompts), as the service's StateDirectoryMode; an existing one is kept.
+    for field, path, mode in (
+        ("paths.state_dir", cfg.paths.state_dir, 0o750),
+        ("paths.cache_dir", cfg.paths.cache_dir, 0o777),
+        ("paths.log_dir", cfg.paths.log_dir, 0o750),
     ):
         try:
-            Path(path).mkdir(parents=True, exist_ok=True)
+            Path(path).mkdir(mode=mode, parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):
                 pass
         except OSError as exc:

@@ -27,7 +27,7 @@ class StateDirBusy(Exception):
 def hold_state_dir(state_dir: str | Path) -> BinaryIO:
     """The held lock (keep it referenced for the daemon's life), or StateDirBusy/OSError."""
     path = Path(state_dir) / LOCK_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)  # no other user reads the state
     f = open(path, "a+b")  # noqa: SIM115 - held for the daemon's life; open() is close-on-exec
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

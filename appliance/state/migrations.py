@@ -120,7 +120,7 @@ def connect(
     memory = str(path) == ":memory:"
     if not memory:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)  # audit rows, key hashes: not for others
         if path.exists():
             version = schema_version(path)
             if version > registry.latest:

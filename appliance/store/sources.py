@@ -59,8 +59,9 @@ _SPDX = {
 WEIGHT_SUFFIXES = (".gguf", ".safetensors", ".bin", ".json", ".model", ".txt", ".tiktoken", ".py", ".md", ".jinja")
 
 
-def spdx(license_text: str | None) -> str:
-    text = (license_text or "").strip()
+def spdx(license_text: object) -> str:
+    # A file's own words (a GGUF's general.license, a model card's): shown on terminals.
+    text = title(license_text)
     if not text:
         return "unknown"
     return _SPDX.get(text.lower(), text)
@@ -408,7 +409,7 @@ def from_bundle(p: Path, expected_version: str | None, only: str | None = None) 
                 name=m["name"],
                 source=f"{p.resolve()}#{m['name']}",
                 files=files,
-                license=m.get("license", "unknown"),
+                license=spdx(m.get("license")),
                 revision=m.get("revision"),
                 license_accepted_by=m.get("license_accepted_by"),
                 license_accepted_at=m.get("license_accepted_at"),
