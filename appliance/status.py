@@ -17,6 +17,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Annotated, Literal
+from urllib.parse import quote
 
 import msgspec
 
@@ -40,6 +41,13 @@ class ReplicaAction(StrEnum):
 
 
 SCALE = "scale"  # POST /admin/models/{model}/scale, with a ScaleBody: `appliance scale MODEL N|auto`
+
+
+def model_path(model: str, *rest: object) -> str:
+    """/admin/models/{model}/{rest...}: the model's name as one segment, its "/" (an
+    ORG/NAME model) sent as %2F (appliance/api/admin_paths.py reads it back whole)."""
+    return "/".join(("/admin/models", quote(model, safe=""), *map(str, rest)))
+
 
 # What each action does: the CLI commands' help.
 MODEL_ACTION_HELP = {

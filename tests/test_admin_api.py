@@ -239,3 +239,30 @@ def test_metrics_labels_are_the_status_names_and_states(token_daemon):
         for r in m["replicas"]:
             labels = f'model="{m["name"]}",replica="{r["index"]}",state="{r["state"]}"'
             assert f"appliance_replica_state{{{labels}}} 1.0" in text
+
+
+def test_an_org_slash_name_model_is_administered_by_the_cli_and_over_both_doors(daemons):
+    """A model named ORG/NAME (the hub's grammar, which the config allows) could not be
+    scaled, loaded, pinned or restarted: its "/" split the admin path and no route matched."""
+    import subprocess
+    import sys
+
+    from appliance.status import model_path
+
+    daemon = daemons.start(fake_model("org/m", "--chunks", "2"))
+    cli = [sys.executable, "-m", "appliance.cli"]
+    pinned = subprocess.run([*cli, "pin", "org/m", "--config", str(daemon.config)], capture_output=True,
+                            text=True, timeout=60)
+    assert pinned.returncode == 0, pinned.stderr
+    assert next(m for m in daemon.status()["models"] if m["name"] == "org/m")["pinned"] is True
+    with over_socket(daemons.tmp / "state" / "admin.sock") as c:
+        scaled = c.post(model_path("org/m", "scale"), json={"replicas": 1})
+        assert scaled.status_code == 200 and scaled.json()["name"] == "org/m"
+        wait_until(lambda: c.get("/admin/status").json()["models"][0]["ready"], 30, what="org/m ready")
+        log = c.get(model_path("org/m", "replicas", 0, "log"))
+        assert log.status_code == 200, log.text
+        restarted = c.post(model_path("org/m", "replicas", 0, "restart"), json={})
+        assert restarted.status_code == 200, restarted.text
+        # A name that is not a model is still a 404 naming it, not a route miss.
+        missing = c.post(model_path("org/other", "pin"), json={})
+        assert missing.status_code == 404 and "org/other" in missing.text

@@ -29,6 +29,7 @@ from appliance.status import (
     ReplicaLog,
     ReplicaStatus,
     ScaleBody,
+    model_path,
 )
 
 T = TypeVar("T")
@@ -79,7 +80,7 @@ class AdminClient:
         return await self._call("GET", "/admin/gpus", GpusStatus)
 
     async def log(self, model: str, index: int, lines: int) -> ReplicaLog:
-        path = f"/admin/models/{model}/replicas/{index}/log"
+        path = model_path(model, "replicas", index, "log")
         return await self._call("GET", path, ReplicaLog, params={"lines": lines})
 
     async def daemon_log(self, lines: int) -> DaemonLog:
@@ -88,13 +89,13 @@ class AdminClient:
     # State-changing calls send JSON (an empty object where there is nothing to say):
     # the daemon refuses any other content type.
     async def scale(self, model: str, replicas: int | None) -> ModelStatus:
-        return await self._post(f"/admin/models/{model}/{SCALE}", ModelStatus, ScaleBody(replicas=replicas))
+        return await self._post(model_path(model, SCALE), ModelStatus, ScaleBody(replicas=replicas))
 
     async def model_action(self, model: str, action: ModelAction) -> ModelStatus:
-        return await self._post(f"/admin/models/{model}/{action}", ModelStatus)
+        return await self._post(model_path(model, action), ModelStatus)
 
     async def replica_action(self, model: str, index: int, action: ReplicaAction) -> ReplicaStatus:
-        return await self._post(f"/admin/models/{model}/replicas/{index}/{action}", ReplicaStatus)
+        return await self._post(model_path(model, "replicas", index, action), ReplicaStatus)
 
     async def reload(self) -> ReloadReport:
         return await self._post("/admin/reload", ReloadReport, ReloadBody())

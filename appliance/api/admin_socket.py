@@ -17,6 +17,7 @@ from pathlib import Path
 from granian.constants import Interfaces
 from granian.server.embed import Server
 
+from appliance.api.admin_paths import routed_whole
 from appliance.errors import encode_error
 
 log = logging.getLogger("appliance.admin_socket")
@@ -53,6 +54,7 @@ class SocketApp:
                 )
                 await send({"type": "http.response.body", "body": body, "more_body": False})
                 return
+            scope = routed_whole(scope)  # an ORG/NAME model's name kept one segment
             scope[SCOPE_KEY] = True
         await self.app(scope, receive, send)
 

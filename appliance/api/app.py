@@ -30,6 +30,8 @@ from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
 from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.api.admin_access import AdminAccess
+from appliance.api.admin_paths import PREFIX as ADMIN_MODELS
+from appliance.api.admin_paths import model_name, routed_whole
 from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.api.metrics import Metrics
@@ -405,6 +407,8 @@ def front_door(app: Litestar):
 
     # The server's own scope: plain strings where Litestar's types say enums.
     async def front(scope: Any, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(ADMIN_MODELS):
+            scope = routed_whole(scope)  # an ORG/NAME model's name kept one segment
         if scope["type"] == "http" and scope["method"] == "HEAD":
             send = _without_body(_with_request_id(scope, send))
             await app(cast("HTTPScope", {**scope, "method": "GET"}), receive, send)
@@ -614,7 +618,7 @@ async def admin_replica_log(request: Request) -> ReplicaLog:
     """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
     rt = _admin(request)
     p = request.path_params
-    replica = rt.supervisor.replica(p["model"], p["index"])
+    replica = rt.supervisor.replica(model_name(p["model"]), p["index"])
     return replica_log(replica, request.query_params.get("lines", "100"))
 
 
@@ -652,7 +656,7 @@ async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
 async def admin_scale(request: Request) -> ModelStatus:
     """Set the model's replica count (kept across restarts); null hands it back to the autoscaler."""
     rt, raw = await _admin_write(request)
-    model = request.path_params["model"]
+    model = model_name(request.path_params["model"])
     body = decode_request(raw, ScaleBody)
     said = rt.supervisor.scale(model, body.replicas)
     return msgspec.structs.replace(model_status(rt, model), said=said)
@@ -663,7 +667,7 @@ async def admin_model_action(request: Request, action: ModelActionName) -> Model
     """Load, unload, pin or unpin the model (appliance/status.py: ModelAction)."""
     rt, raw = await _admin_write(request)
     decode_request(raw, ActionBody)
-    model, sup = request.path_params["model"], rt.supervisor
+    model, sup = model_name(request.path_params["model"]), rt.supervisor
     carry_out = {
         ModelAction.LOAD: lambda: sup.load(model),
         ModelAction.UNLOAD: lambda: sup.unload(model),
@@ -680,7 +684,7 @@ async def admin_replica_action(request: Request, action: ReplicaActionName) -> R
     rt, raw = await _admin_write(request)
     decode_request(raw, ActionBody)
     p = request.path_params
-    replica = rt.supervisor.replica(p["model"], p["index"])
+    replica = rt.supervisor.replica(model_name(p["model"]), p["index"])
     if _action(ReplicaAction, action, "replica action", list(ReplicaAction)) is ReplicaAction.RESTART:
         said = rt.supervisor.restart_replica(replica)
     else:

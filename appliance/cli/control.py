@@ -7,7 +7,16 @@ import click
 import msgspec
 
 from appliance.cli.options import CONFIG_HELP, admin_call, load
-from appliance.status import MODEL_ACTION_HELP, SCALE, ModelAction, ModelStatus, ReloadBody, ReloadReport, ScaleBody
+from appliance.status import (
+    MODEL_ACTION_HELP,
+    SCALE,
+    ModelAction,
+    ModelStatus,
+    ReloadBody,
+    ReloadReport,
+    ScaleBody,
+    model_path,
+)
 
 
 def _model_line(m: ModelStatus) -> str:
@@ -48,7 +57,7 @@ def scale(model: str, replicas: str, config: str | None, port: int | None, as_js
         value = int(replicas)
     else:
         raise click.BadParameter("a number of replicas, or 'auto'", param_hint="REPLICAS")
-    path = f"/admin/models/{model}/{SCALE}"
+    path = model_path(model, SCALE)
     _print_model(admin_call(cfg, port, "POST", path, ModelStatus, ScaleBody(replicas=value)), as_json)
 
 
@@ -56,7 +65,7 @@ def _model_action(action: ModelAction):
     @click.argument("model")
     @_with_model_options
     def command(model: str, config: str | None, port: int | None, as_json: bool) -> None:
-        _print_model(admin_call(load(config), port, "POST", f"/admin/models/{model}/{action}", ModelStatus), as_json)
+        _print_model(admin_call(load(config), port, "POST", model_path(model, action), ModelStatus), as_json)
 
     command.__doc__ = MODEL_ACTION_HELP[action]
     return click.command(name=action.value)(command)
