@@ -60,7 +60,7 @@ from appliance.fleet.engine_access import http_session, tcp_connector
 from appliance.fleet.hold import ClientGone
 from appliance.gateway.capabilities import ENDPOINTS
 from appliance.gateway.metering import StreamTap
-from appliance.gateway.proxy import EngineProxy
+from appliance.gateway.proxy import EngineProxy, engine_error_body
 from appliance.gateway.relay import (
     FREE,
     SSE_START_HEADERS,
@@ -449,13 +449,7 @@ class _GrantedProxy(EngineProxy):
     async def _raise_for_engine_status(replica: Any, resp: aiohttp.ClientResponse) -> None:
         if resp.status < 400:
             return
-        try:
-            body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            body = b""
-        finally:
-            resp.release()
-        raise _EngineAnswered(resp.status, body)
+        raise _EngineAnswered(resp.status, await engine_error_body(resp))
 
 
 def _failed(rid: int, exc: Exception) -> Finish:

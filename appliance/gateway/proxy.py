@@ -74,6 +74,16 @@ class Upstream(Protocol):
     def lease(self) -> AbstractContextManager[object]: ...  # held while a request is at it
 
 
+async def engine_error_body(resp: aiohttp.ClientResponse) -> bytes:
+    """An engine's error answer's body (b"" when it broke off), its connection released."""
+    try:
+        return await resp.read()
+    except (TimeoutError, aiohttp.ClientError, OSError):
+        return b""
+    finally:
+        resp.release()
+
+
 def engine_status_error(replica: Upstream, status: int, body: bytes) -> ApplianceError:
     """An engine's error answer as ours: 4xx keep their status, 5xx become 502."""
     model = getattr(replica, "model", None)  # a local replica's; a provider has none
@@ -128,13 +138,7 @@ class EngineProxy:
         """Engine errors become ours: 4xx keep their status, 5xx become 502."""
         if resp.status < 400:
             return
-        try:
-            body = await resp.read()
-        except (TimeoutError, aiohttp.ClientError, OSError):
-            body = b""
-        finally:
-            resp.release()
-        raise engine_status_error(replica, resp.status, body)
+        raise engine_status_error(replica, resp.status, await engine_error_body(resp))
 
     async def unary(
         self, replica: Upstream, path: str, body: bytes | None, headers: dict[str, str], method: str = "POST"
