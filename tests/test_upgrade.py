@@ -198,12 +198,13 @@ def test_a_release_that_fails_its_readiness_check_is_rolled_back_by_its_install(
     assert good.returncode == 0, good.stdout + good.stderr
     good_version = server.current()
     broken = _copy_of_this_tree(tmp_path / "broken")
-    cli = broken / "appliance" / "cli" / "main.py"
+    cli = broken / "appliance" / "cli" / "serve.py"
+    check = "    _check_databases(cfg, migrate=False)\n"
+    assert check in cli.read_text(), "the readiness check moved: break the release where it is now"
     cli.write_text(cli.read_text().replace(
-        "    _check_databases(cfg, migrate=False)\n",
-        '    raise click.ClickException("this release cannot start: forced failure")\n', 1))
+        check, '    raise click.ClickException("this release cannot start: forced failure")\n', 1))
     result = server.install(broken)
-    assert result.returncode == 1
+    assert result.returncode == 1, result.stdout + result.stderr
     [error] = [line for line in result.stderr.splitlines() if "error:" in line]
     assert "failed its readiness check: this release cannot start: forced failure" in error
     assert "rolled back to appliance" in error
