@@ -87,7 +87,7 @@ async def test_pin_and_unpin(daemon):
         await on_row(app, pilot, "m:other")
         await pilot.press("p")
         await until(lambda: model(daemon, "other")["pinned"], what="pinned")
-        await until(lambda: app.query_one("#models-table").get_cell("m:other", "PIN") == "yes",
+        await until(lambda: app.query_one("#models-table").get_cell("m:other", "PIN").plain == "yes",
                     what="the table shows the pin")
         await pilot.press("p")
         await until(lambda: not model(daemon, "other")["pinned"], what="unpinned")
@@ -357,3 +357,30 @@ async def test_r_reloads_the_config_after_a_confirmation():
         await until(lambda: ("reload",) in admin.calls, what="the reload sent")
         await until(lambda: any(n.message.startswith("config reloaded: 1 models added") for n in app._notifications),
                     what="what it did, said")
+
+
+async def test_a_name_that_reads_as_markup_is_shown_as_it_is_not_a_crash():
+    """Table cells were read as Rich markup: a key named "[/]" crashed the usage tab
+    (MarkupError), "[reverse]..." styled the row, a route's " [tag]" vanished; a filter
+    typed as markup crashed the note that names it."""
+    from . import tui_fake
+
+    class Marked(tui_fake.FakeAdmin):
+        async def status(self):
+            marked = {**tui_fake.STATUS, "usage": [{**u, "key": name} for u, name
+                                                   in zip(tui_fake.STATUS["usage"], ["[/]", "[reverse]x"])]}
+            return await self._answer(marked, tui_fake.DaemonStatus)
+
+    app = ApplianceTUI(Marked(), interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("5")
+        await until(lambda: rows(app, "usage"), what="the usage table filled")
+        table = app.query_one("#usage-table")
+        cells = [table.get_row(key)[0] for key in ("key:[/]", "key:[reverse]x")]
+        assert [str(c) for c in cells] == ["[/]", "[reverse]x"]
+        # A filter that reads as markup and matches nothing is named as typed.
+        await pilot.press("slash", *"[/]zz")
+        await pilot.pause()
+        assert rows(app, "usage") == []
+        assert "No keys match the filter '[/]zz'" in shown(app, "#usage-note")
+        assert app.is_running

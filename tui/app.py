@@ -223,6 +223,9 @@ class ApplianceTUI(App):
     def _fill(self, view: str, rows: list[tuple[str, tuple]]) -> int:
         """Show rows (key, cells) in a view's table, its cursor kept on the same row; how many."""
         table = self._table(view)
+        # A plain string cell is read as Rich markup by the table: names (a key's, a
+        # route's) are shown as they are, never styled or refused as markup ("[/]").
+        rows = [(key, tuple(Text(c) if isinstance(c, str) else c for c in cells)) for key, cells in rows]
         keys = [key for key, _ in rows]
         if keys == [row.key.value for row in table.ordered_rows]:
             for key, cells in rows:
@@ -485,13 +488,14 @@ class ApplianceTUI(App):
             try:
                 answer = await call()
             except (AdminError, DaemonDown) as exc:
-                self.notify(str(exc), title=f"{label}: failed", severity="error", timeout=8)
+                self.notify(str(exc), title=f"{label}: failed", severity="error", timeout=8, markup=False)
                 return
             except Exception as exc:  # never crash on an action
-                self.notify(f"{type(exc).__name__}: {exc}", title=f"{label}: failed", severity="error")
+                self.notify(f"{type(exc).__name__}: {exc}", title=f"{label}: failed", severity="error", markup=False)
                 return
             # The daemon's own words (clamped, waiting for capacity, ...), not a bare "done".
-            self.notify(getattr(answer, "said", None) or label, title=label)
+            # The daemon's words, shown as they are (never read as markup).
+            self.notify(getattr(answer, "said", None) or label, title=label, markup=False)
             self.poll()
 
         self.run_worker(work(), group="actions", exit_on_error=False)

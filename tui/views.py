@@ -380,13 +380,14 @@ def _route_words(r: RouteStatus) -> str:
     return " ".join([r.name, r.model, r.tag, r.target, *r.fallbacks, "regulated" if r.regulated else ""])
 
 
-def empty_note(kind: str, none: str, total: int, shown: int, order: Order) -> str:
-    """What a table says when it shows no row: nothing configured, or nothing matches."""
+def empty_note(kind: str, none: str, total: int, shown: int, order: Order) -> Text:
+    """What a table says when it shows no row: nothing configured, or nothing matches
+    (the filter as typed, never read as markup)."""
     if not total:
-        return none
+        return Text(none)
     if not shown:
-        return f"No {kind} match the filter '{order.filter}' (Esc clears it)."
-    return ""
+        return Text(f"No {kind} match the filter '{order.filter}' (Esc clears it).")
+    return Text("")
 
 
 def route_rows(status: DaemonStatus, order: Order = Order()) -> list[tuple[str, tuple]]:
