@@ -3,7 +3,7 @@
 A second embedded Granian server, bound with ``uds=``, serves the same app: who
 may open the socket file (mode 0660: its owner and group) may administer, with
 no token. Requests that arrive through it are marked in the ASGI scope, where
-``app._admin`` trusts them; only ``/admin/`` paths and ``/healthz`` are served.
+``callers.admin`` trusts them; only ``/admin/`` paths and ``/healthz`` are served.
 """
 
 from __future__ import annotations

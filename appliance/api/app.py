@@ -13,43 +13,47 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from random import getrandbits as _getrandbits
-from typing import Annotated, Any, TypeVar, cast
+from typing import Any, cast
 
-import msgspec
 from litestar import Litestar, Request, Response, asgi, delete, get, post
 from litestar.exceptions import HTTPException
-from litestar.openapi import ResponseSpec
-from litestar.params import Parameter
 from litestar.types import HTTPScope, Receive, Scope, Send
 
 from appliance.access import retention
 from appliance.access.audit import AuditLog
 from appliance.access.keys import ApiKey, Gate, KeyStore
 from appliance.access.tenancy import Tenancy, revealing, scrub
+from appliance.api.admin import (
+    admin_daemon_log,
+    admin_gpus,
+    admin_model_action,
+    admin_reload,
+    admin_replica_action,
+    admin_replica_log,
+    admin_scale,
+    admin_status,
+    version,
+)
 from appliance.api.admin_access import AdminAccess
 from appliance.api.admin_paths import PREFIX as ADMIN_MODELS
-from appliance.api.admin_paths import model_name, routed_whole
-from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
-from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from appliance.api.admin_paths import routed_whole
+from appliance.api.body import read_body as _read_body_asgi
+from appliance.api.callers import admin, authorization, runtime
+from appliance.api.health import healthz, metrics, readyz
 from appliance.api.metrics import Metrics
+from appliance.api.models import get_model, list_models
 from appliance.api.reload import Reloader
 from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
 from appliance.errors import (
     ApplianceError,
     BadRequest,
     MethodNotAllowed,
-    ModelNotFound,
     NoCapacity,
-    NotFound,
-    PayloadTooLarge,
     QueueFull,
-    RequestTimeout,
     ShuttingDown,
     StateWriteFailed,
-    Unauthorized,
     UnsupportedMediaType,
     encode_error,
     error_for_status,
@@ -67,8 +71,6 @@ from appliance.gateway.metering import StreamTap, choices, completion_cap, usage
 from appliance.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    ModelCard,
-    ModelList,
     RequestT,
     decode_request,
 )
@@ -82,22 +84,6 @@ from appliance.gateway.tracing import open_tracing
 from appliance.logs import OncePer, bind_request_id
 from appliance.periodic import Periodic
 from appliance.state.decisions import StateStore
-from appliance.status import (
-    SCALE,
-    ActionBody,
-    DaemonLog,
-    DaemonStatus,
-    GpusStatus,
-    ModelAction,
-    ModelStatus,
-    Readiness,
-    ReloadBody,
-    ReloadReport,
-    ReplicaAction,
-    ReplicaLog,
-    ReplicaStatus,
-    ScaleBody,
-)
 from appliance.store.guard import RECHECK_S, Scrubber
 
 log = logging.getLogger("appliance.api")
@@ -105,7 +91,6 @@ log = logging.getLogger("appliance.api")
 _REFUSALS = OncePer(60.0)
 
 JSON = "application/json"
-Action = TypeVar("Action", bound=StrEnum)
 
 
 @dataclass
@@ -117,57 +102,6 @@ class Runtime(Gateway):
     admin: AdminAccess = field(kw_only=True)
     openapi: dict | None = None
     reloader: Reloader | None = None
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime
-
-
-async def _read_body_asgi(receive: Receive, declared: bytes | None, limit: int, timeout: float = 30.0) -> bytes:
-    """The whole request body straight from the ASGI receive channel, within
-    timeout seconds (a client trickling its body byte by byte gets 408)."""
-    try:
-        async with asyncio.timeout(timeout):
-            return await _receive_body(receive, declared, limit)
-    except TimeoutError:
-        raise RequestTimeout(f"Request body not received within {timeout:g}s") from None
-
-
-async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
-    message: Any = await receive()  # an http.request or http.disconnect message
-    body = message.get("body", b"")
-    if message.get("more_body", False):
-        chunks = [body]
-        size = len(body)
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _body_broken(size)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        body = b"".join(chunks)
-    elif message["type"] == "http.disconnect":
-        raise _body_broken(0)
-    if len(body) > limit:
-        raise PayloadTooLarge(f"Request body of {len(body)} bytes exceeds the limit of {limit} bytes")
-    return body
-
-
-def _body_broken(received: int) -> BadRequest:
-    """Granian ends the body with http.disconnect both when the client left and when
-    its framing broke (a bad chunk size, a chunk longer than it said, the connection
-    closed mid-body): a 400 for whoever still listens, logged and audited."""
-    log.info("request body ended after %d bytes: malformed chunked encoding or connection closed", received)
-    return BadRequest(
-        f"Malformed or incomplete request body (ended after {received} bytes): bad chunked "
-        "encoding, or the connection closed before the whole body arrived",
-        code="invalid_body",
-    )
 
 
 def _new_request_id() -> str:
@@ -460,46 +394,6 @@ def _without_body(send: Send) -> Send:
     return send_head
 
 
-def _client_or_admin(request: Request) -> Runtime:
-    """What the API shows about the box (its models, its metrics): with keys required,
-    only to a caller with an API key or the admin credential."""
-    rt = _runtime(request)
-    if rt.gate.required and not rt.admin.is_admin(request):
-        rt.gate.authenticate(_authorization(request))
-    return rt
-
-
-def _authorization(request: Request) -> bytes | None:
-    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
-    auth = request.headers.get("authorization")
-    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
-        auth = "Bearer " + api_key
-    return auth.encode("latin-1") if auth is not None else None
-
-
-@get("/v1/models")
-async def list_models(request: Request) -> Response[ModelList]:
-    rt = _client_or_admin(request)
-    created = int(rt.started)
-    cards = [_model_card(rt, name, created) for name in rt.supervisor.model_names()]
-    return Response(ModelList(data=cards), media_type=JSON)
-
-
-def _model_card(rt: Runtime, name: str, created: int) -> ModelCard:
-    """A model, or a LoRA adapter (its base model as its parent)."""
-    base = rt.supervisor.adapters.get(name)
-    return ModelCard(id=name, created=created, parent=base.model.name if base is not None else None)
-
-
-@get("/v1/models/{model_id:path}")
-async def get_model(request: Request) -> Response[ModelCard]:
-    rt = _client_or_admin(request)
-    name = str(request.path_params["model_id"]).lstrip("/")
-    if rt.supervisor.find(name) is None:
-        raise ModelNotFound(name)  # 404 in the envelope
-    return Response(_model_card(rt, name, int(rt.started)), media_type=JSON)
-
-
 @get("/v1/responses/{response_id:str}")
 async def get_response(request: Request) -> Response:
     """A stored Response, from the replica that stored it, for the key that made it."""
@@ -529,11 +423,11 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     """A call on a stored Response, sent to the replica that stored it for the key
     that made it (another key's response is a 404, like one that never was),
     audited like any request; runs no inference, so charges nothing."""
-    rt = _runtime(request)
+    rt = runtime(request)
     rid = _request_id(request) or _new_request_id()
     req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
     try:
-        auth = _authorization(request)
+        auth = authorization(request)
         req.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
         rt.audit.admit(req.accountable)
         response_id = request.path_params["response_id"]
@@ -554,179 +448,15 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
 
 
-@get("/healthz")
-async def healthz() -> Response:
-    return Response({"status": "alive"}, media_type=JSON)
-
-
-@get(
-    "/readyz",
-    responses={
-        503: ResponseSpec(Readiness, description="Not ready (starting or draining): the same body, with Retry-After")
-    },
-)
-async def readyz(request: Request) -> Response[Readiness]:
-    rt = _runtime(request)
-    ready = rt.supervisor.ready and not rt.draining
-    body = Readiness(status="draining" if rt.draining else ("ready" if ready else "starting"))
-    if not rt.gate.required or _has_credential(rt, request):  # the box's model names are for callers with a key
-        supervisor = rt.supervisor  # an adapter is as ready as its base
-        body.models = {name: d.ready for name in supervisor.model_names() if (d := supervisor.find(name)) is not None}
-    headers = {} if ready else {"Retry-After": "5"}
-    return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
-
-
-def _has_credential(rt: Runtime, request: Request) -> bool:
-    try:
-        _client_or_admin(request)
-    except Unauthorized:
-        return False
-    return True
-
-
-@get("/metrics", media_type=METRICS_CONTENT_TYPE)
-async def metrics(request: Request) -> Response[bytes]:
-    rt = _runtime(request)
-    if not rt.cfg.server.metrics_public:
-        _client_or_admin(request)
-    return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
-
-
-@get("/admin/status")
-async def admin_status(request: Request) -> DaemonStatus:
-    """The daemon, its models and replicas (with the autoscaler's last decisions), routes, key usage."""
-    return daemon_status(_admin(request), _version())
-
-
-@get("/admin/gpus")
-async def admin_gpus(request: Request) -> GpusStatus:
-    """Each GPU (NVML or the simulated inventory) with the replicas placed on it,
-    and the CPU engines' core budget."""
-    return gpu_view(_admin(request).supervisor)
-
-
-@get("/admin/log")
-async def admin_daemon_log(request: Request) -> DaemonLog:
-    """The last ``?lines=N`` (default 100) lines of the daemon's own log: server.log_file,
-    or the systemd journal (what `appliance logs` shows)."""
-    rt = _admin(request)
-    return await daemon_log(rt.cfg, request.query_params.get("lines", "100"))
-
-
-@get("/admin/models/{model:str}/replicas/{index:int}/log")
-async def admin_replica_log(request: Request) -> ReplicaLog:
-    """The last ``?lines=N`` (default 100) lines of a replica's engine log."""
-    rt = _admin(request)
-    p = request.path_params
-    replica = rt.supervisor.replica(model_name(p["model"]), p["index"])
-    return replica_log(replica, request.query_params.get("lines", "100"))
-
-
-# --- admin: operator control (the CLI and the TUI use these) ----------------------
-
-
-# A path's action, documented as one of the vocabulary's (an unknown one is a 404 from
-# ``_action`` that lists them, not Litestar's 400).
-ModelActionName = Annotated[str, Parameter(schema_extra={"enum": [a.value for a in ModelAction]})]
-ReplicaActionName = Annotated[str, Parameter(schema_extra={"enum": [a.value for a in ReplicaAction]})]
-
-
-def _admin(request: Request) -> Runtime:
-    """Admin routes: the one credential model (appliance/api/admin_access.py)."""
-    rt = _runtime(request)
-    rt.admin.check(request)
-    return rt
-
-
-async def _admin_write(request: Request) -> tuple[Runtime, bytes]:
-    """A state-changing admin call: allowed, and its whole body read (a malformed
-    one is refused before anything changes)."""
-    rt = _admin(request)
-    declared = request.headers.get("content-length")
-    body = await _read_body_asgi(
-        request.receive,
-        declared.encode() if declared else None,
-        rt.cfg.server.max_body_bytes,
-        rt.cfg.server.body_read_timeout_s,
-    )
-    return rt, body
-
-
-@post("/admin/models/{model:str}/scale", status_code=200, opt={"body": ScaleBody})
-async def admin_scale(request: Request) -> ModelStatus:
-    """Set the model's replica count (kept across restarts); null hands it back to the autoscaler."""
-    rt, raw = await _admin_write(request)
-    model = model_name(request.path_params["model"])
-    body = decode_request(raw, ScaleBody)
-    said = rt.supervisor.scale(model, body.replicas)
-    return msgspec.structs.replace(model_status(rt, model), said=said)
-
-
-@post("/admin/models/{model:str}/{action:str}", status_code=200, opt={"body": ActionBody})
-async def admin_model_action(request: Request, action: ModelActionName) -> ModelStatus:
-    """Load, unload, pin or unpin the model (appliance/status.py: ModelAction)."""
-    rt, raw = await _admin_write(request)
-    decode_request(raw, ActionBody)
-    model, sup = model_name(request.path_params["model"]), rt.supervisor
-    carry_out = {
-        ModelAction.LOAD: lambda: sup.load(model),
-        ModelAction.UNLOAD: lambda: sup.unload(model),
-        ModelAction.PIN: lambda: sup.pin(model, True),
-        ModelAction.UNPIN: lambda: sup.pin(model, False),
-    }
-    said = carry_out[_action(ModelAction, action, "admin action", [*ModelAction, SCALE])]()
-    return msgspec.structs.replace(model_status(rt, model), said=said)
-
-
-@post("/admin/models/{model:str}/replicas/{index:int}/{action:str}", status_code=200, opt={"body": ActionBody})
-async def admin_replica_action(request: Request, action: ReplicaActionName) -> ReplicaStatus:
-    """Restart or drain one replica (appliance/status.py: ReplicaAction)."""
-    rt, raw = await _admin_write(request)
-    decode_request(raw, ActionBody)
-    p = request.path_params
-    replica = rt.supervisor.replica(model_name(p["model"]), p["index"])
-    if _action(ReplicaAction, action, "replica action", list(ReplicaAction)) is ReplicaAction.RESTART:
-        said = rt.supervisor.restart_replica(replica)
-    else:
-        said = rt.supervisor.drain_replica(replica)
-    return msgspec.structs.replace(replica.snapshot(), said=said)
-
-
-@post("/admin/reload", status_code=200, opt={"body": ReloadBody})
-async def admin_reload(request: Request) -> ReloadReport:
-    """Read the config file again and apply what changed (appliance/api/reload.py); an
-    invalid file, or a change only a restart may make, is a 400 naming the file and the
-    field, and changes nothing."""
-    rt, raw = await _admin_write(request)
-    body = decode_request(raw, ReloadBody)
-    assert rt.reloader is not None, "the lifespan made it"
-    log.info("operator reload requested over the admin API")
-    return await rt.reloader.reload(wait=body.wait)
-
-
-def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Action:
-    """The action a path names; an unknown one is a 404 that lists the known ones."""
-    try:
-        return kind(name)
-    except ValueError:
-        raise NotFound(f"No {what} '{name}' ({', '.join(known)})") from None
-
-
 @get("/openapi.json", include_in_schema=False)
 async def openapi_document(request: Request) -> Response:
     """The API's OpenAPI document (appliance/api/openapi.py); admin access, like /admin/*."""
-    rt = _admin(request)
+    rt = admin(request)
     if rt.openapi is None:
         from appliance.api.openapi import build
 
-        rt.openapi = build(ROUTE_HANDLERS, rt.supervisor.model_names(), _version())
+        rt.openapi = build(ROUTE_HANDLERS, rt.supervisor.model_names(), version())
     return Response(rt.openapi, media_type=JSON)
-
-
-def _version() -> str:
-    from appliance import __version__
-
-    return __version__
 
 
 # --- errors: the one place domain errors become HTTP ---------------------------

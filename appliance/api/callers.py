@@ -1,0 +1,40 @@
+"""Who calls, for the handlers besides the front door: the app's runtime, the client's
+key header, and the two checks (a client's key or the admin credential; the admin
+credential alone)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from litestar import Request
+
+if TYPE_CHECKING:
+    from appliance.api.app import Runtime
+
+
+def runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def client_or_admin(request: Request) -> Runtime:
+    """What the API shows about the box (its models, its metrics): with keys required,
+    only to a caller with an API key or the admin credential."""
+    rt = runtime(request)
+    if rt.gate.required and not rt.admin.is_admin(request):
+        rt.gate.authenticate(authorization(request))
+    return rt
+
+
+def authorization(request: Request) -> bytes | None:
+    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
+    auth = request.headers.get("authorization")
+    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
+        auth = "Bearer " + api_key
+    return auth.encode("latin-1") if auth is not None else None
+
+
+def admin(request: Request) -> Runtime:
+    """Admin routes: the one credential model (appliance/api/admin_access.py)."""
+    rt = runtime(request)
+    rt.admin.check(request)
+    return rt
