@@ -207,6 +207,23 @@ def test_a_wrong_method_says_in_allow_which_methods_the_path_answers(shared_daem
     assert {"GET", "HEAD"} <= {m.strip() for m in routed.headers["allow"].split(",")}
 
 
+def test_options_allow_names_every_method_the_path_answers_head_included(shared_daemon):
+    expected = {
+        "/v1/models": {"GET", "HEAD", "OPTIONS"},
+        "/healthz": {"GET", "HEAD", "OPTIONS"},
+        "/v1/responses/resp_none": {"DELETE", "GET", "HEAD", "OPTIONS"},  # two handlers on one path
+        "/v1/responses/resp_none/cancel": {"OPTIONS", "POST"},
+    }
+    with shared_daemon.client() as c:
+        for path, methods in expected.items():
+            resp = c.options(path)
+            assert resp.status_code == 204, path
+            assert {m.strip() for m in resp.headers["allow"].split(",")} == methods, path
+            for method in methods - {"OPTIONS", "POST"}:  # each one said is answered, not a 405
+                assert c.request(method, path).status_code != 405, (method, path)
+            assert c.put(path).status_code == 405
+
+
 def test_head_answers_what_get_does_without_a_body(shared_daemon):
     with shared_daemon.client() as c:
         for path in ("/healthz", "/readyz", "/v1/models", "/metrics"):

@@ -18,8 +18,10 @@ from random import getrandbits as _getrandbits
 from typing import Any, cast
 
 from litestar import Litestar, Request, Response, asgi, delete, get, post
+from litestar.datastructures import MutableScopeHeaders
 from litestar.exceptions import HTTPException
-from litestar.types import HTTPScope, Receive, Scope, Send
+from litestar.routes import HTTPRoute
+from litestar.types import HTTPScope, Message, Receive, Scope, Send
 
 from appliance.access import retention
 from appliance.access.audit import AuditLog
@@ -496,10 +498,23 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
 
 def _allowed(exc: HTTPException) -> str:
     """The Allow of Litestar's 405, with HEAD wherever GET is (the front door answers it)."""
-    methods = [m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()]
-    if "GET" in methods and "HEAD" not in methods:
-        methods.append("HEAD")
-    return ", ".join(methods)
+    return _with_head([m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()])
+
+
+def _with_head(methods: list[str]) -> str:
+    return ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else set(methods)))
+
+
+async def _options_allow(message: Message, scope: Scope) -> None:
+    """OPTIONS says every method its path answers. Litestar's own OPTIONS answer lists
+    only those of the first handler registered on the path (GET /v1/responses/{id},
+    not its DELETE), and never HEAD, which the front door answers wherever GET is."""
+    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS" or message["status"] != 204:
+        return
+    template = scope.get("path_template")
+    routes = [r for r in scope["app"].routes if isinstance(r, HTTPRoute) and r.path_format == template]
+    if methods := [m for r in routes for m in r.methods]:
+        MutableScopeHeaders.from_message(message)["allow"] = _with_head(methods)
 
 
 def _framework_message(exc: HTTPException) -> str:
@@ -624,6 +639,7 @@ def create_app(cfg: Config, reread: Callable[[], Config] | None = None) -> Lites
         route_handlers=ROUTE_HANDLERS,
         lifespan=[lifespan],
         exception_handlers={Exception: _error_response},
+        before_send=[_options_allow],
         request_max_body_size=cfg.server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
