@@ -7,6 +7,9 @@ import gzip
 import json
 import socket
 
+from unittest.mock import ANY
+
+import anthropic
 import httpx
 import pytest
 
@@ -114,6 +117,29 @@ def test_models_lists_configured_models(shared_daemon):
     assert {m["id"] for m in resp.json()["data"]} == {"fake", "slow", "embedder"}
     assert resp.json()["object"] == "list"
     assert one.status_code == 200 and one.json()["id"] == "fake"
+
+
+def test_the_anthropic_sdk_lists_and_retrieves_models_in_anthropics_shape(shared_daemon):
+    claude = anthropic.Anthropic(base_url=shared_daemon.url, api_key="x", max_retries=0)
+    listed = list(claude.models.list(limit=1))  # one model a page: the SDK follows after_id
+    assert [m.id for m in listed] == ["fake", "slow", "embedder"]
+    assert {(m.type, m.display_name == m.id) for m in listed} == {("model", True)}
+    assert all(m.created_at.tzinfo is not None for m in listed)  # RFC 3339, parsed as such
+    page = claude.models.list()
+    assert (page.has_more, page.first_id, page.last_id) == (False, "fake", "embedder")
+    assert claude.models.list(limit=2, before_id="embedder").data[0].id == "fake"
+    one = claude.models.retrieve("slow")
+    assert (one.id, one.type) == ("slow", "model")
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        claude.models.retrieve("nope")
+    assert missing.value.body == {"type": "error", "error": {"type": "not_found_error", "message": ANY}}
+    with pytest.raises(anthropic.BadRequestError) as bad:
+        claude.models.list(after_id="nope")
+    assert bad.value.body["error"]["type"] == "invalid_request_error"
+    # The same paths without Anthropic's header: OpenAI's cards and envelope, as before.
+    with shared_daemon.client() as c:
+        assert c.get("/v1/models").json()["object"] == "list"
+        assert_envelope(c.get("/v1/models/nope"), 404, "model_not_found")
 
 
 def test_embeddings_are_proxied_to_an_engine_that_serves_them(shared_daemon):

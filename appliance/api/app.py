@@ -45,7 +45,7 @@ from appliance.api.body import read_body as _read_body_asgi
 from appliance.api.callers import admin, authorization, runtime
 from appliance.api.health import healthz, metrics, readyz
 from appliance.api.metrics import Metrics
-from appliance.api.models import get_model, list_models
+from appliance.api.models import get_model, list_models, request_dialect
 from appliance.api.reload import Reloader
 from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
 from appliance.errors import (
@@ -67,7 +67,7 @@ from appliance.fleet.supervisor import Supervisor
 from appliance.gateway import api_audio, capabilities
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
-from appliance.gateway.dialects import dialect_for_path
+from appliance.gateway.dialects import Dialect, dialect_for_path
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.metering import StreamTap, choices, completion_cap, usage_option
 from appliance.gateway.protocol import (
@@ -465,7 +465,8 @@ async def openapi_document(request: Request) -> Response:
 
 
 def _error_response(request: Request, exc: Exception) -> Response:
-    status, headers, body = error_parts(exc, request.method, request.url.path, _request_id(request))
+    rid, dialect = _request_id(request), request_dialect(request)
+    status, headers, body = error_parts(exc, request.method, request.url.path, rid, dialect)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
 
@@ -475,8 +476,11 @@ def _request_id(request: Request) -> str | None:
     return rid if isinstance(rid, str) else None
 
 
-def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and the OpenAI envelope for any exception: the one mapping."""
+def error_parts(
+    exc: Exception, method: str, path: str, rid: str | None, dialect: Dialect | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Status, headers and the envelope for any exception: the one mapping. The
+    envelope is the dialect's: the path's API unless the request said which it speaks."""
     if isinstance(exc, ApplianceError):
         err = exc
     elif isinstance(exc, HTTPException):
@@ -493,7 +497,7 @@ def error_parts(exc: Exception, method: str, path: str, rid: str | None) -> tupl
     headers = err.headers()
     if rid:
         headers["X-Request-Id"] = rid
-    return err.status, headers, dialect_for_path(path).envelope(err)
+    return err.status, headers, (dialect or dialect_for_path(path)).envelope(err)
 
 
 def _allowed(exc: HTTPException) -> str:
