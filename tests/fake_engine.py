@@ -204,6 +204,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
                                      status=args.fail_status)
         n = max(1, min(args.chunks, _length(body, args.chunks)))
+        width = max(1, int(body.get("n") or 1))  # choices, each n tokens long
         prompt, cached = _cached(body) if args.cache_report else (5, None)
         STATS["last_cached"] = cached
         extra = {}
@@ -212,7 +213,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
                                 "predicted_n": n, "predicted_ms": 1.0}
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage")) and not args.no_usage
-            return await stream(request, chat, n, usage, prompt, cached, extra)
+            return await stream(request, chat, n, usage, prompt, cached, extra, width)
         began = time.monotonic()
         try:
             if args.latency and STATS["requests"] >= args.latency_from:
@@ -223,18 +224,19 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if body.get("max_tokens") == 1:  # a readiness probe: the engine's own answer time
             stamp(args, "probe", began, time.monotonic())
         text = " ".join(f"tok{i}" for i in range(n))
-        choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                  if chat else {"index": 0, "text": text, "finish_reason": "stop"})
+        choices = [{"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                   if chat else {"index": k, "text": text, "finish_reason": "stop"} for k in range(width)]
         maybe_crash()
         STATS["unary_completed"] += 1
         answer = {"id": "fake-1", "object": "chat.completion" if chat else "text_completion",
-                  "created": int(time.time()), "model": body.get("model", args.model), "choices": [choice]}
+                  "created": int(time.time()), "model": body.get("model", args.model), "choices": choices}
         if not args.no_usage:
-            answer["usage"] = _usage(prompt, n, cached)
+            answer["usage"] = _usage(prompt, n * width, cached)
         return web.json_response({**answer, **extra})
 
     async def stream(request: web.Request, chat: bool, n: int, usage: bool = False, prompt: int = 5,
-                     cached: int | None = None, extra: dict | None = None) -> web.StreamResponse:
+                     cached: int | None = None, extra: dict | None = None, width: int = 1) -> web.StreamResponse:
+        """n tokens for each of width choices: one event per token per choice (vLLM's way)."""
         STATS["streams_started"] += 1
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
@@ -244,13 +246,14 @@ def make_app(args: argparse.Namespace) -> web.Application:
                     await asyncio.sleep(args.chunk_delay)
                 # --stamp-chunks: in the text, which every proxy relays, however it re-encodes the chunk.
                 text = f"tok{i} sent_at={time.monotonic():.6f} " if args.stamp_chunks else f"tok{i} "
-                delta = ({"index": 0, "delta": {"content": text}, "finish_reason": None}
-                         if chat else {"index": 0, "text": text, "finish_reason": None})
-                chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
-                         "created": int(time.time()), "model": args.model, "choices": [delta]}
-                if i == n - 1 and extra:  # llama-server: timings on the last content chunk
-                    chunk.update(extra)
-                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+                for k in range(width):
+                    delta = ({"index": k, "delta": {"content": text}, "finish_reason": None}
+                             if chat else {"index": k, "text": text, "finish_reason": None})
+                    chunk = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
+                             "created": int(time.time()), "model": args.model, "choices": [delta]}
+                    if i == n - 1 and k == width - 1 and extra:  # llama-server: timings on the last chunk
+                        chunk.update(extra)
+                    await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
                 if args.die_mid_stream and i + 1 >= args.die_mid_stream:
                     os._exit(3)
                 if args.stall_mid_stream and i + 1 >= args.stall_mid_stream:
@@ -258,7 +261,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
             if usage:  # stream_options.include_usage: one more event, no choices, the usage
                 last = {"id": "fake-1", "object": "chat.completion.chunk" if chat else "text_completion",
                         "created": int(time.time()), "model": args.model, "choices": [],
-                        "usage": _usage(prompt, n, cached)}
+                        "usage": _usage(prompt, n * width, cached)}
                 await resp.write(b"data: " + json.dumps(last).encode() + b"\n\n")
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()

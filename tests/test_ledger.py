@@ -143,6 +143,31 @@ def test_a_request_larger_than_the_budget_left_is_refused_with_retry_after(ledge
     assert chat(ledger, token, {"model": "fake", "max_tokens": 10})[0] == 200
 
 
+def test_n_choices_are_reserved_for_and_charged_each(ledger):
+    # The reservation holds max_tokens for every choice: room for one answer is not room for two.
+    ask = {"model": "fake", "max_tokens": 100}
+    payload = json.dumps({**CHAT, **ask, "n": 2}).encode()
+    token = keys_cli(ledger, "create", "--name", "two-ways", "--budget-tokens", str(len(payload) + 150))
+    status, text, _ = chat(ledger, token, {**ask, "n": 2})
+    assert status == 429 and json.loads(text)["error"]["code"] == "budget_exceeded", text
+    assert chat(ledger, token, {**ask, "n": 1})[0] == 200
+    # What n choices cost is charged: the engine's usage, or each choice's relayed events.
+    rich = keys_cli(ledger, "create", "--name", "n-choices", "--budget-tokens", "100000")
+    status, text, _ = chat(ledger, rich, {"model": "fake", "n": 2})
+    answer = json.loads(text)
+    assert status == 200 and [c["index"] for c in answer["choices"]] == [0, 1], text
+    assert answer["usage"]["completion_tokens"] == 6 and charged(ledger, rich) == 5 + 6
+    status, _, events = chat(ledger, rich, {"model": "fake", "n": 3, "stream_options": {"include_usage": True}},
+                             stream=True)
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert status == 200 and sorted({c["choices"][0]["index"] for c in chunks if c["choices"]}) == [0, 1, 2]
+    assert chunks[-1]["usage"]["completion_tokens"] == 9 and charged(ledger, rich) == 11 + 5 + 9
+    status, _, events = chat(ledger, rich, {"model": "usageless", "n": 2}, stream=True)
+    body = json.dumps({**CHAT, "model": "usageless", "n": 2, "stream": True}).encode()
+    assert status == 200 and len(events) == 2 * 6 + 1
+    assert charged(ledger, rich) == 25 + math.ceil(len(body) / 4) + 2 * 6  # metering.prompt_guess
+
+
 def test_a_request_without_max_tokens_is_capped_at_what_the_budget_leaves(ledger):
     body = json.dumps({**CHAT, "model": "long"}).encode()
     token = keys_cli(ledger, "create", "--name", "capped", "--budget-tokens", str(len(body) + 20))
