@@ -21,7 +21,7 @@ from appliance.config import AuditConfig
 from appliance.state import db as statedb
 from appliance.state.decisions import StateStore
 from appliance.state.migrations import Registry, SchemaError, connect, schema_version
-from appliance.store.store import MIGRATIONS as STORE_MIGRATIONS
+from appliance.store.manifest import MIGRATIONS as STORE_MIGRATIONS
 from appliance.store.store import Store, StoreError
 
 from .conftest import PY, ROOT, fake_model

@@ -117,7 +117,7 @@ def _check_databases(cfg: Config, migrate: bool) -> None:
     from appliance.access import retention
     from appliance.state import db as statedb
     from appliance.state.migrations import SchemaError, schema_version, too_new
-    from appliance.store.store import MIGRATIONS as STORE_MIGRATIONS
+    from appliance.store.manifest import MIGRATIONS as STORE_MIGRATIONS
     from appliance.store.store import Store, StoreError
 
     store = Store.from_config(cfg)

@@ -53,6 +53,7 @@ from appliance.state import migrations
 from appliance.store import budget, integrity, sharing
 from appliance.store.budget import gib
 from appliance.store.hashing import Hasher, PerChunk, copy_and_hash, fingerprint, hash_file, write_all
+from appliance.store.manifest import MIGRATIONS
 from appliance.store.records import (
     READY,
     Incoming,
@@ -519,55 +520,6 @@ class Store:
 
     def admission(self, name: str, *, hash_changed: bool = True, throttle: PerChunk | None = None) -> str | None:
         return integrity.admission(self, name, hash_changed=hash_changed, throttle=throttle)
-
-
-def _v1_tables(db: sqlite3.Connection) -> None:
-    """The manifest of appliance 0.1.0 (a manifest it wrote, version 0, may lack the files'
-    fingerprint and verified_at columns: its rows are hashed again at their next check)."""
-    migrations.run_script(
-        db,
-        """
-CREATE TABLE IF NOT EXISTS "models" (
-   "name" TEXT PRIMARY KEY,
-   "format" TEXT,
-   "source" TEXT,
-   "revision" TEXT,
-   "total_bytes" INTEGER,
-   "license" TEXT,
-   "license_accepted_by" TEXT,
-   "license_accepted_at" REAL,
-   "imported_at" REAL,
-   "last_used_at" REAL,
-   "pinned" INTEGER,
-   "state" TEXT,
-   "state_reason" TEXT
-);
-CREATE TABLE IF NOT EXISTS "files" (
-   "model" TEXT,
-   "path" TEXT,
-   "sha256" TEXT,
-   "size" INTEGER,
-   PRIMARY KEY ("model", "path")
-);
-""",
-    )
-    migrations.add_column(db, "files", "fingerprint", "TEXT")
-    migrations.add_column(db, "files", "verified_at", "REAL")
-
-
-# The manifest's schema (appliance/state/migrations.py): append a step to change it, e.g.
-# `lambda db: migrations.add_column(db, "models", "notes", "TEXT")`; never edit a shipped one.
-def _title_column(db: sqlite3.Connection) -> None:
-    """A model's title (a GGUF's general.name): shown, never used as its name."""
-    migrations.add_column(db, "models", "title", "TEXT")
-
-
-def _kind_column(db: sqlite3.Connection) -> None:
-    """A model's kind: "model", or "adapter" for a LoRA adapter (appliance/store/adapters.py)."""
-    migrations.add_column(db, "models", "kind", "TEXT NOT NULL DEFAULT 'model'")
-
-
-MIGRATIONS = migrations.Registry("store manifest", (_v1_tables, _title_column, _kind_column))
 
 
 def _check_gguf(source: str, path: str, staged: Path) -> None:
