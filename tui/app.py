@@ -22,33 +22,15 @@ from textual.widgets import DataTable, Footer, Input, Log, Static, TabbedContent
 from appliance.status import DaemonStatus, GpusStatus, ModelAction, ModelStatus, ReplicaAction
 from tui import views
 from tui.client import Admin, AdminError, DaemonDown
+from tui.keys import BINDINGS as KEY_BINDINGS
+from tui.keys import TABLE_COLUMNS, TABS, applies
 from tui.screens import ConfirmScreen, HelpScreen, ScaleScreen
 
-# The views, in the order of their number keys; the app opens on the first.
-TABS = ("overview", "models", "routes", "logs", "usage")
-# The views that are tables: `/` filters their rows, `o` / `O` (or a header click) sort them.
-TABLE_COLUMNS = {"models": views.MODEL_COLUMNS, "routes": views.ROUTE_COLUMNS, "usage": views.USAGE_COLUMNS}
 TABLE_IDS = {view: f"{view}-table" for view in TABLE_COLUMNS}
-TABLE_ACTIONS = {"filter", "clear_filter", "sort_next", "sort_reverse"}
-# The key bindings that act on the models tab's selection (appliance/status.py's vocabulary;
-# "pin" toggles pin and unpin).
-MODEL_ACTIONS = {"scale", ModelAction.LOAD, ModelAction.UNLOAD, ModelAction.PIN, *ReplicaAction}
-LOG_ACTIONS = {"prev_log", "next_log", "follow"}
 # The logs view shows the daemon's own log or one replica's (model, index); `[` `]` step through them.
 DAEMON = "daemon"
 LogSource = str | tuple[str, int]
 LOG_LINES = 200
-
-
-def applies(action: str, view: str) -> bool:
-    """Whether a key's action works in a view (the footer and the help screen follow this)."""
-    if action in MODEL_ACTIONS:
-        return view == "models"
-    if action in LOG_ACTIONS:
-        return view == "logs"
-    if action in TABLE_ACTIONS:
-        return view in TABLE_COLUMNS
-    return True
 
 
 class ApplianceTUI(App):
@@ -72,25 +54,7 @@ class ApplianceTUI(App):
     #filter { display: none; height: 1; border: none; padding: 0 1; background: $boost; }
     #filter.shown { display: block; }
     """
-    BINDINGS = [
-        Binding("q", "quit", "Quit"),
-        Binding("question_mark", "help", "Help"),
-        Binding("slash", "filter", "Filter"),
-        Binding("escape", "clear_filter", "Clear filter", show=False),
-        Binding("o", "sort_next", "Sort"),
-        Binding("O", "sort_reverse", "Reverse sort", show=False),
-        Binding("s", "scale", "Scale"),
-        Binding("l", "load", "Load"),
-        Binding("u", "unload", "Unload"),
-        Binding("p", "pin", "Pin/unpin"),
-        Binding("r", "restart", "Restart"),
-        Binding("d", "drain", "Drain"),
-        Binding("R", "reload", "Reload config", show=False),  # in docs/tui.md; the footer is full
-        Binding("left_square_bracket", "prev_log", "Prev log"),
-        Binding("right_square_bracket", "next_log", "Next log (daemon, replicas)"),
-        Binding("f", "follow", "Follow on/off"),
-        *(Binding(str(i + 1), f"show_tab('{tab}')", tab.title(), show=False) for i, tab in enumerate(TABS)),
-    ]
+    BINDINGS = KEY_BINDINGS
 
     def __init__(self, admin: Admin, interval: float = 1.0) -> None:
         super().__init__()
