@@ -3,7 +3,7 @@ screen and ``check_action`` follow ``applies``, so what a key says is what it do
 
 from __future__ import annotations
 
-from textual.binding import Binding
+from textual.binding import Binding, BindingType
 
 from appliance.status import ModelAction, ReplicaAction
 from tui import views
@@ -18,7 +18,7 @@ TABLE_ACTIONS = {"filter", "clear_filter", "sort_next", "sort_reverse"}
 MODEL_ACTIONS = {"scale", ModelAction.LOAD, ModelAction.UNLOAD, ModelAction.PIN, *ReplicaAction}
 LOG_ACTIONS = {"prev_log", "next_log", "follow"}
 
-BINDINGS = [
+BINDINGS: list[BindingType] = [
     Binding("q", "quit", "Quit"),
     Binding("question_mark", "help", "Help"),
     Binding("slash", "filter", "Filter"),

@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -505,7 +505,7 @@ def _allowed(exc: HTTPException) -> str:
     return _with_head([m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()])
 
 
-def _with_head(methods: list[str]) -> str:
+def _with_head(methods: Collection[str]) -> str:
     return ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else set(methods)))
 
 
