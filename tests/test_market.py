@@ -6,7 +6,9 @@ Simulated GPU inventories and tests/fake_engine.py speaking as vLLM; no GPU need
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -20,7 +22,7 @@ from appliance.fleet.supervisor import Supervisor
 from appliance.gpu.probe import GiB
 
 from . import make_tiny_gguf
-from .conftest import PY, ROOT
+from .conftest import PY, ROOT, pid_alive
 from .test_eviction_supervision import fake_llama_server, gguf_model
 from .test_gpu_supervision import DATA, gpu_config, make_model
 
@@ -229,6 +231,56 @@ async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a
         assert c.state is State.READY and a.retiring
         [evicted] = sup.market.recent()
         assert (evicted.replica, evicted.to, evicted.for_model) == ("a#0", "stop", "c")
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+def slow_to_exit_cpu_models(tmp_path: Path, tiny: Path, host_ram_gib: float) -> str:
+    """a and b on a budget of one core; a's engine takes the whole stop grace (30 s) to exit:
+    it ignores SIGTERM."""
+    text = cpu_models(tmp_path, tiny, "", host_ram_gib=host_ram_gib, cores=1)
+    a = gguf_model("a", tiny, gpus=0, threads=1, extra='args = ["--ignore-sigterm"]\n')
+    b = gguf_model("b", tiny, gpus=0, threads=1) + "[models.autoscaling]\nmin_replicas = 0\n"
+    text = text.replace("[supervisor]\n", "[supervisor]\nstop_grace_s = 30\n", 1)
+    return text.replace("[engines.llamacpp]", a + b + "[engines.llamacpp]")
+
+
+async def test_a_cpu_replica_evicting_for_cores_starts_while_its_idle_victim_still_exits(tmp_path, tiny):
+    """Cores are time-shared: b's engine starts beside a's exiting one (a got SIGTERM in the
+    eviction's step, idle) instead of after its exit; b is answered while a still exits."""
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(slow_to_exit_cpu_models(tmp_path, tiny, host_ram_gib=1)), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        pid = a.pid
+        b = await asyncio.wait_for(sup.deployment("b").acquire(), 40)
+        assert pid_alive(pid), "b waited for a's exit"
+        assert b.state is State.READY and a.told_to_stop
+        assert b.cpus == a.cpus  # the core a frees, shared only while a exits
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # (not 30 s of grace at the end)
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_cpu_replica_that_needs_its_victims_host_ram_waits_for_their_exit(tmp_path, tiny):
+    """Host RAM is not time-shared: with room in it for one tiny model (~14 MiB), b's engine
+    starts only once a's has exited (SIGKILL after a short grace)."""
+    session = aiohttp.ClientSession()
+    text = slow_to_exit_cpu_models(tmp_path, tiny, host_ram_gib=0.02).replace("stop_grace_s = 30", "stop_grace_s = 1")
+    sup = Supervisor(parse_config(text), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        pid = a.pid
+        b = await asyncio.wait_for(sup.deployment("b").acquire(), 25)
+        assert b.state is State.READY and not pid_alive(pid)
+        assert b.loading_since >= a.history[-1].at  # spawned after a STOPPED
     finally:
         await sup.stop()
         await session.close()

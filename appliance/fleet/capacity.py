@@ -177,6 +177,19 @@ class Capacity:
             room = min(room, (self.host_ram() - self.host_used(ignoring)) // need)
         return max(room, 0)
 
+    def may_start_beside(self, model: ModelConfig, victims: list[Replica]) -> bool:
+        """A new replica of model may start while the replicas evicted for it are still
+        exiting (docs/autoscaling.md, "Stopping a victim"): a CPU replica, whose victims are
+        all CPU replicas already told to stop (idle, SIGTERM sent), and whose host RAM is
+        free with the victims' still counted. Cores are time-shared: the new engine shares
+        the victims' cores only for their exit. Host RAM is not, so a start that needs the
+        victims' RAM waits for it, as every GPU engine waits for its victims' GPU memory
+        (vLLM and SGLang size their KV cache from the memory they find free)."""
+        if not on_cpu(model) or not all(on_cpu(v.model) and v.told_to_stop for v in victims):
+            return False
+        need = self.host_need(model)
+        return not need or self.host_used() + need <= self.host_ram()
+
     def cpu_lack(self, model: ModelConfig) -> str:
         """What one more CPU replica of model lacks, and who holds it, in words."""
         what = f"{model.name} needs {self.cores(model)} of the CPU engines' {self.cpu_cores()} cores"

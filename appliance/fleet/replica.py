@@ -191,6 +191,9 @@ class Replica:
         # (a store model whose files failed verification).
         self.preflight: Callable[[], Awaitable[str | None]] | None = None
         self.retiring = False  # taken out of service: drains, then stops
+        # Its engine was sent SIGTERM idle (stop_now_if_idle): it serves nothing from then on,
+        # only exits.
+        self.told_to_stop = False
         # Evicted to sleep for another model: takes no new request (its GPU memory is wanted)
         # while it goes to sleep; the supervisor clears it once it has left READY.
         self.evicted = False
@@ -270,7 +273,7 @@ class Replica:
         if self.inflight or self.state not in (State.READY, State.SLEEPING) or self._proc is None:
             return False
         self._stop.set()
-        self._signalled = True
+        self._signalled = self.told_to_stop = True
         self._proc.signal_group(signal.SIGTERM)
         return True
 

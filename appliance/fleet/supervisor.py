@@ -316,7 +316,7 @@ class Supervisor:
             )
         elif on_cpu(dep.model):
             replica.cpus = self.capacity.cpu_set(dep.model, ignoring)
-        if victims:
+        if victims and not self.capacity.may_start_beside(dep.model, victims):
             replica.preflight = self._after_stopped(victims, replica.preflight)
         dep.loading_cause = "evict" if victims else "cold"
         dep.no_room, dep.room_in = None, None
