@@ -592,7 +592,7 @@ async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evict
         for r in (a, b):
             send = r._proc.signal_group
             r._proc.signal_group = lambda sig, r=r, send=send: (signalled.append((r.name, sig)), send(sig))[1]
-        evict_all = sup._evict_all
+        evict_all = sup.room.evict_all
         seen_when_decided: list[list[tuple[str, int]]] = []
 
         def observed(*args, **kwargs):
@@ -600,7 +600,7 @@ async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evict
             seen_when_decided.append(list(signalled))  # before this step yields to the loop
             return victims
 
-        sup._evict_all = observed
+        sup.room.evict_all = observed
         c = await sup.deployment("c").acquire()
         assert c.state is State.READY and c.slot.gpus == (0, 1)
         assert sorted(e.replica for e in sup.market.recent()) == ["a#0", "b#0"]
