@@ -534,6 +534,26 @@ async def test_a_gpu_view_reads_proc_once_whatever_the_number_of_replicas(tmp_pa
         await session.close()
 
 
+async def test_a_loads_eviction_plan_and_placement_read_proc_once_in_their_turn(tmp_path, monkeypatch):
+    # Both ask for the GPU view in the step that decides the load, on its request's path.
+    from appliance.fleet import process
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        reads = []
+        listdir = process.os.listdir
+        monkeypatch.setattr(process.os, "listdir", lambda path: reads.append(path) or listdir(path))
+        sup.on_demand(sup.deployment("b"))  # a is evicted (to sleep) and b placed, in this step
+        assert [e.replica for e in sup.market.recent()] == ["a#0"] and len(sup.deployment("b").replicas) == 1
+        assert reads == ["/proc"]
+        await asyncio.sleep(0)
+        sup.capacity.gpu_view()  # a later turn reads it again
+        assert reads == ["/proc", "/proc"]
+    finally:
+        await sup.stop()
+        await session.close()
+
+
 async def test_a_replica_on_its_way_to_wake_holds_its_gpu_memory_so_no_other_wakes_into_it(tmp_path):
     # a's wake waits for b to go to sleep; b's own next request, meanwhile, found a's memory
     # "free" (a still SLEEPING) and woke b into it: two replicas awake on room for one.
