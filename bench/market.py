@@ -67,6 +67,21 @@ before a change, to compare against: run both, alternating, and note the load av
 
 --trace FILE: one request per line, "SECONDS MODEL" (MODEL: an index 0..N-1 or m<index>),
 or a JSON list of {"t": SECONDS, "model": ...}; replaces the generated trace.
+
+--engine llamacpp: the same three modes on the real CPU engine: N copies of the bundled GGUF
+(share/appliance/models/) served by the real llama-server on a core budget for k of them
+([cpu] cores = k, one thread each; `swap`: every model takes all k cores), no GPU, no sleep
+tier (llama.cpp has none: evictions stop). The engine's own start is read from its own log
+(llama-server --log-timestamps: the time since its logger started, a few ms after its exec,
+at which it logs "listening", plus its own time answering the readiness probe, from the
+task's launch to its release); `victims` is the evicted engines' SIGTERM to exit. A run of
+about three minutes on a 2-core machine:
+
+    .venv/bin/python bench/market.py --engine llamacpp --models 4 --gpus 2 --duration 40 \
+        --rate 1 --residency 2
+
+(--gpus is k, here cores; --cold-start, --wake, --sleep and --service are the fake engine's
+and do not apply; --llama-server BINARY, --gguf FILE choose the engine and the model.)
 """
 
 from __future__ import annotations
@@ -76,6 +91,8 @@ import asyncio
 import json
 import os
 import random
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -91,7 +108,8 @@ if not os.environ.get("PYTHONPATH"):
 
 import aiohttp  # noqa: E402
 
-from appliance.config import parse_config  # noqa: E402
+from appliance.config import EMBEDDED_MODEL_NAME, builtin_model_path, parse_config  # noqa: E402
+from appliance.dist.images import default_llama_server  # noqa: E402
 from appliance.errors import ApplianceError  # noqa: E402
 from appliance.fleet import process  # noqa: E402
 from appliance.fleet.replica import State, free_port  # noqa: E402
@@ -188,6 +206,46 @@ def measure_engine(args: argparse.Namespace) -> dict[str, float]:
         proc.wait()
 
 
+def measure_llama(args: argparse.Namespace) -> dict[str, float]:
+    """llama-server's own cold start (its log's "listening"), alone, on one core; its exit
+    after SIGTERM. It has no sleep or wake."""
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="market-llama-") as tmp:
+        log = Path(tmp) / "engine.log"
+        argv = [
+            args.llama_server,
+            "--model",
+            str(args.gguf),
+            "--port",
+            str(port),
+            "--threads",
+            "1",
+            "--ctx-size",
+            "2048",
+            "--parallel",
+            "2",
+            "--no-webui",
+            "--log-timestamps",
+            "--log-prefix",
+        ]
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            while "listening on" not in log.read_text(errors="replace"):
+                if proc.poll() is not None:
+                    raise SystemExit(f"{args.llama_server} exited: {log.read_text(errors='replace')[-2000:]}")
+                time.sleep(0.01)
+            LOGS[proc.pid] = (log, 0)
+            cold = next(t for t, text in llama_log(proc.pid) if "listening on" in text)
+            t = time.perf_counter()
+            proc.terminate()
+            proc.wait()
+            return {"cold": cold, "sleep": 0.0, "wake": 0.0, "exit": time.perf_counter() - t}
+        finally:
+            proc.kill()
+            proc.wait()
+
+
 # --- one mode -------------------------------------------------------------------------------------
 
 
@@ -234,6 +292,31 @@ def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
     return text
 
 
+def llamacpp_config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
+    """N copies of the GGUF on a budget of k cores: one thread each (``swap``: all k each)."""
+    threads = args.gpus if mode == "swap" else 1
+    residency = {"none": "1000h", "swap": "0s", "market": f"{args.residency}s"}[mode]
+    market = f"max_wait_before_preempt_s = {args.preempt_after}\n" if args.preempt_after is not None else ""
+    market += f"headroom_idle_s = {args.headroom_idle}\n" if args.headroom_idle else ""
+    text = (
+        f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
+        f'[engines.llamacpp]\nbinary = "{args.llama_server}"\n[cpu]\ncores = {args.gpus}\n'
+        "[supervisor]\nhealth_interval_s = 0.5\n"
+        f'[autoscaling]\nmin_residency = "{residency}"\n'
+        f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
+        + (f"[capacity]\n{market}" if mode == "market" and market else "")
+    )
+    for i in range(args.models):
+        gguf = tmp / f"m{i}.gguf"
+        if not gguf.exists():
+            shutil.copyfile(args.gguf, gguf)  # N distinct files, as N models would be
+        text += (
+            f'[[models]]\nname = "m{i}"\nsource = "{gguf}"\ncontext_length = 2048\nparallel = 2\n'
+            f'threads = {threads}\nargs = ["--log-timestamps", "--log-prefix"]\n'
+        )
+    return text
+
+
 @dataclass
 class Result:
     mode: str
@@ -254,12 +337,22 @@ class Result:
 # (monotonic seconds), and each eviction as it was decided: (when, victim's pid, to, for).
 SIGNALLED: dict[int, float] = {}
 EXITED: dict[int, float] = {}
+# Each engine process's log: its file and where its own output begins, by pid.
+LOGS: dict[int, tuple[Path, int]] = {}
 
 
 def observe_processes() -> None:
     """Time each engine's SIGTERM and its exit, in any version of the appliance (the
     process seam, appliance/fleet/process.py)."""
-    signal_group, wait = process._RealProcess.signal_group, process._RealProcess.wait
+    signal_group, wait, init = (
+        process._RealProcess.signal_group,
+        process._RealProcess.wait,
+        process._RealProcess.__init__,
+    )
+
+    def logged(self, proc, log):
+        LOGS[proc.pid] = (log.path, log.path.stat().st_size)
+        init(self, proc, log)
 
     def signalled(self, sig):
         SIGNALLED.setdefault(self.pid, time.monotonic())
@@ -271,6 +364,7 @@ def observe_processes() -> None:
         return await wait(self)
 
     process._RealProcess.signal_group, process._RealProcess.wait = signalled, exited
+    process._RealProcess.__init__ = logged  # type: ignore[method-assign]
 
 
 def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str]]:
@@ -291,7 +385,8 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
     with tempfile.TemporaryDirectory(prefix=f"market-{mode}-") as tmp:
         args.stamp_dir = Path(tmp) / "stamps"
         args.stamp_dir.mkdir()
-        cfg = parse_config(config_text(Path(tmp), mode, args))
+        text = llamacpp_config_text if args.engine == "llamacpp" else config_text
+        cfg = parse_config(text(Path(tmp), mode, args))
         session = aiohttp.ClientSession()
         sup = Supervisor(cfg, session)
         decided = watch_decisions(sup)
@@ -301,7 +396,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             await boot(sup)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
-            sampler = asyncio.create_task(sample(sup, result, args.gpus))
+            sampler = asyncio.create_task(sample(sup, result, args.gpus, args.engine))
             ticker = asyncio.create_task(tick(sup))
             tasks = []
             for at, model in trace:
@@ -316,7 +411,10 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             result.evictions = sum(sup.market.evictions.values())
             for (_, reason), n in sup.market.evictions.items():
                 result.by_reason[reason] = result.by_reason.get(reason, 0) + n
-            engines_own(result.loads, args.stamp_dir, evictions)
+            if args.engine == "llamacpp":
+                llama_engines_own(result.loads, evictions)
+            else:
+                engines_own(result.loads, args.stamp_dir, evictions)
         finally:
             await sup.stop()
             await session.close()
@@ -339,12 +437,17 @@ async def tick(sup: Supervisor) -> None:
         sup.tick()
 
 
-async def sample(sup: Supervisor, result: Result, gpus: int) -> None:
+async def sample(sup: Supervisor, result: Result, gpus: int, engine: str) -> None:
+    """The share of the GPUs' memory (llama.cpp: of the core budget) awake replicas hold."""
     total = gpus * GPU_GIB * GiB
     while True:
-        _, placed, _ = sup.capacity.gpu_view()
-        used = sum(p.bytes_per_gpu * len(p.gpus) for p in placed if not p.sleeping)
-        result.utilisation.append(used / total)
+        if engine == "llamacpp":
+            budget = sup.cpu_budget()
+            result.utilisation.append(budget.used / budget.cores)
+        else:
+            _, placed, _ = sup.capacity.gpu_view()
+            used = sum(p.bytes_per_gpu * len(p.gpus) for p in placed if not p.sleeping)
+            result.utilisation.append(used / total)
         await asyncio.sleep(0.25)
 
 
@@ -443,6 +546,51 @@ def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float,
         load["ours"] = load["over"] - load["victims"]
 
 
+LLAMA_STAMP = re.compile(r"^(\d+)\.(\d+)\.(\d+)\.(\d+) . (.*)$")
+
+
+def llama_log(pid: int) -> list[tuple[float, str]]:
+    """One llama-server process's log lines with its own timestamps (seconds since its
+    logger started: --log-timestamps), up to the next start logged to the same file."""
+    if pid not in LOGS:
+        return []
+    path, offset = LOGS[pid]
+    with open(path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode("utf-8", "replace").split("--- appliance: starting", 1)[0]
+    out = []
+    for line in text.splitlines():
+        if m := LLAMA_STAMP.match(line):
+            minutes, sec, ms, us = (int(x) for x in m.groups()[:4])
+            out.append((minutes * 60 + sec + ms / 1e3 + us / 1e6, m[5]))
+    return out
+
+
+def llama_engines_own(loads: list[dict], evictions: list[tuple[float, int, str, str]]) -> None:
+    """engines_own for llama-server: its own start is the time it logs "listening" (its
+    model loaded), and then its own time on the readiness probe (the first task's launch
+    to its release). What it spends before its logger starts (exec, dynamic linking: a
+    few ms) is not in its log, so it counts as ours here: ``ours`` is an upper bound."""
+    for load in loads:
+        began, spawn_to_ready = load.pop("loading_since"), load["engine"]
+        load["victims"] = min(victims_own(load.pop("model"), load.pop("at"), began, evictions, {}), load["freeing"])
+        lines = llama_log(load.pop("pid"))
+        listening = next((t for t, text in lines if "listening on" in text), None)
+        launched = next((t for t, text in lines if "launch_slot_" in text and listening is not None), None)
+        released = next(
+            (t for t, text in lines if " release: " in text and launched is not None and t >= launched), None
+        )
+        own = spawn_to_ready
+        if listening is not None:
+            own = listening + (released - launched if launched is not None and released is not None else 0.0)
+        if load["cause"] == "evict":
+            load["cause"] = "evict+cold"
+        load["engine"] = own
+        load["detect"] = spawn_to_ready - own
+        load["over"] = load["freeing"] + load["detect"] + load["handoff"]
+        load["ours"] = load["over"] - load["victims"]
+
+
 def victims_own(
     model: str, arrived: float, began: float, evictions: list[tuple[float, int, str, str]], stamps: dict
 ) -> float:
@@ -472,11 +620,12 @@ def pct(values: list[float], q: int) -> str:
 
 def table(results: list[Result], own: dict[str, float]) -> str:
     base = next((r for r in results if r.mode == "none"), results[0])
+    tier = f"sleep {own['sleep']:.2f} s, wake {own['wake']:.2f} s" if own["wake"] else "no sleep tier"
     lines = [
-        f"engine's own times (measured alone): cold start {own['cold']:.2f} s, sleep {own['sleep']:.2f} s, "
-        f"wake {own['wake']:.2f} s, exit after SIGTERM {own['exit']:.2f} s",
+        f"engine's own times (measured alone): cold start {own['cold']:.2f} s, {tier}, "
+        f"exit after SIGTERM {own['exit']:.2f} s",
         "| mode | requests | failed (vs none) | wait, every request: p50 / p99 / max ms | loads "
-        "| evictions/min (by reason) | GPU memory used (mean) |",
+        "| evictions/min (by reason) | GPU memory (llama.cpp: core budget) used, mean |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -541,6 +690,9 @@ def main() -> None:
     p.add_argument("--trace", type=Path, default=None)
     p.add_argument("--preempt-after", type=float, default=None, help="[capacity] max_wait_before_preempt_s")
     p.add_argument("--headroom-idle", type=float, default=0.0, help="[capacity] headroom_idle_s (0: off)")
+    p.add_argument("--engine", choices=("fake", "llamacpp"), default="fake", help="module docstring")
+    p.add_argument("--llama-server", default=default_llama_server(), help="--engine llamacpp: the engine")
+    p.add_argument("--gguf", type=Path, default=builtin_model_path(EMBEDDED_MODEL_NAME), help="--engine llamacpp")
     args = p.parse_args()
     if not 0 < args.gpus < args.models:
         p.error("the benchmark wants capacity for k < N models: 0 < --gpus < --models")
@@ -549,10 +701,11 @@ def main() -> None:
         if args.trace
         else zipf_trace(args.models, args.duration, args.rate, args.zipf, args.seed)
     )
-    own = measure_engine(args)
+    own = measure_llama(args) if args.engine == "llamacpp" else measure_engine(args)
     observe_processes()
+    room = f"{args.gpus} cores (llama.cpp)" if args.engine == "llamacpp" else f"{args.gpus} GPUs"
     print(
-        f"{len(trace)} requests over {args.models} models on {args.gpus} GPUs; load average {os.getloadavg()[0]:.2f}",
+        f"{len(trace)} requests over {args.models} models on {room}; load average {os.getloadavg()[0]:.2f}",
         flush=True,
     )
     results = [asyncio.run(run_mode(mode, trace, args)) for mode in args.modes.split(",")]

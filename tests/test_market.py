@@ -6,7 +6,9 @@ Simulated GPU inventories and tests/fake_engine.py speaking as vLLM; no GPU need
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -20,7 +22,7 @@ from appliance.fleet.supervisor import Supervisor
 from appliance.gpu.probe import GiB
 
 from . import make_tiny_gguf
-from .conftest import PY, ROOT
+from .conftest import PY, ROOT, pid_alive
 from .test_eviction_supervision import fake_llama_server, gguf_model
 from .test_gpu_supervision import DATA, gpu_config, make_model
 
@@ -229,6 +231,56 @@ async def test_a_sleeping_replica_holds_host_ram_and_is_evicted_to_stopped_for_a
         assert c.state is State.READY and a.retiring
         [evicted] = sup.market.recent()
         assert (evicted.replica, evicted.to, evicted.for_model) == ("a#0", "stop", "c")
+    finally:
+        await sup.stop()
+        await session.close()
+
+
+def slow_to_exit_cpu_models(tmp_path: Path, tiny: Path, host_ram_gib: float) -> str:
+    """a and b on a budget of one core; a's engine takes the whole stop grace (30 s) to exit:
+    it ignores SIGTERM."""
+    text = cpu_models(tmp_path, tiny, "", host_ram_gib=host_ram_gib, cores=1)
+    a = gguf_model("a", tiny, gpus=0, threads=1, extra='args = ["--ignore-sigterm"]\n')
+    b = gguf_model("b", tiny, gpus=0, threads=1) + "[models.autoscaling]\nmin_replicas = 0\n"
+    text = text.replace("[supervisor]\n", "[supervisor]\nstop_grace_s = 30\n", 1)
+    return text.replace("[engines.llamacpp]", a + b + "[engines.llamacpp]")
+
+
+async def test_a_cpu_replica_evicting_for_cores_starts_while_its_idle_victim_still_exits(tmp_path, tiny):
+    """Cores are time-shared: b's engine starts beside a's exiting one (a got SIGTERM in the
+    eviction's step, idle) instead of after its exit; b is answered while a still exits."""
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(slow_to_exit_cpu_models(tmp_path, tiny, host_ram_gib=1)), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        pid = a.pid
+        b = await asyncio.wait_for(sup.deployment("b").acquire(), 40)
+        assert pid_alive(pid), "b waited for a's exit"
+        assert b.state is State.READY and a.told_to_stop
+        assert b.cpus == a.cpus  # the core a frees, shared only while a exits
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # (not 30 s of grace at the end)
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_cpu_replica_that_needs_its_victims_host_ram_waits_for_their_exit(tmp_path, tiny):
+    """Host RAM is not time-shared: with room in it for one tiny model (~14 MiB), b's engine
+    starts only once a's has exited (SIGKILL after a short grace)."""
+    session = aiohttp.ClientSession()
+    text = slow_to_exit_cpu_models(tmp_path, tiny, host_ram_gib=0.02).replace("stop_grace_s = 30", "stop_grace_s = 1")
+    sup = Supervisor(parse_config(text), session)
+    try:
+        sup.start()
+        [a] = sup.deployment("a").replicas
+        await a.wait_ready(30)
+        pid = a.pid
+        b = await asyncio.wait_for(sup.deployment("b").acquire(), 25)
+        assert b.state is State.READY and not pid_alive(pid)
+        assert b.loading_since >= a.history[-1].at  # spawned after a STOPPED
     finally:
         await sup.stop()
         await session.close()
@@ -482,6 +534,26 @@ async def test_a_gpu_view_reads_proc_once_whatever_the_number_of_replicas(tmp_pa
         await session.close()
 
 
+async def test_a_loads_eviction_plan_and_placement_read_proc_once_in_their_turn(tmp_path, monkeypatch):
+    # Both ask for the GPU view in the step that decides the load, on its request's path.
+    from appliance.fleet import process
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    try:
+        reads = []
+        listdir = process.os.listdir
+        monkeypatch.setattr(process.os, "listdir", lambda path: reads.append(path) or listdir(path))
+        sup.on_demand(sup.deployment("b"))  # a is evicted (to sleep) and b placed, in this step
+        assert [e.replica for e in sup.market.recent()] == ["a#0"] and len(sup.deployment("b").replicas) == 1
+        assert reads == ["/proc"]
+        await asyncio.sleep(0)
+        sup.capacity.gpu_view()  # a later turn reads it again
+        assert reads == ["/proc", "/proc"]
+    finally:
+        await sup.stop()
+        await session.close()
+
+
 async def test_a_replica_on_its_way_to_wake_holds_its_gpu_memory_so_no_other_wakes_into_it(tmp_path):
     # a's wake waits for b to go to sleep; b's own next request, meanwhile, found a's memory
     # "free" (a still SLEEPING) and woke b into it: two replicas awake on room for one.
@@ -540,7 +612,7 @@ async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evict
         for r in (a, b):
             send = r._proc.signal_group
             r._proc.signal_group = lambda sig, r=r, send=send: (signalled.append((r.name, sig)), send(sig))[1]
-        evict_all = sup._evict_all
+        evict_all = sup.room.evict_all
         seen_when_decided: list[list[tuple[str, int]]] = []
 
         def observed(*args, **kwargs):
@@ -548,7 +620,7 @@ async def test_idle_victims_of_one_load_are_all_signalled_in_the_step_that_evict
             seen_when_decided.append(list(signalled))  # before this step yields to the loop
             return victims
 
-        sup._evict_all = observed
+        sup.room.evict_all = observed
         c = await sup.deployment("c").acquire()
         assert c.state is State.READY and c.slot.gpus == (0, 1)
         assert sorted(e.replica for e in sup.market.recent()) == ["a#0", "b#0"]

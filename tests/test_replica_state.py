@@ -37,6 +37,7 @@ class FakeProcess:
         self.signals: list[int] = []
         self.output = output
         self.ignore_sigterm = False
+        self.wrote = asyncio.Event()
 
     async def wait(self) -> int:
         return await asyncio.shield(self.exited)
@@ -296,4 +297,26 @@ async def test_a_fatal_replica_restarts_on_the_operators_request(tmp_path):
     replica.restart()
     await replica.wait_ready(timeout=5)
     assert replica.state is State.READY
+    await replica.stop()
+
+
+class StillClock(FakeClock):
+    """Time that never passes: a wait on it ends only by something else happening."""
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_a_starting_engine_that_writes_output_is_probed_again_at_once_not_at_the_next_poll(tmp_path):
+    """Engines log as they become ready (llama-server's "listening"): the readiness probe
+    after a refused one runs when the engine writes, not only when the poll's wait ends."""
+    adapter = ScriptedAdapter(["loading", True])
+    replica, runner, _ = make(tmp_path, adapter, clock=StillClock())
+    replica.start()
+    await settle(lambda: runner.processes and len(adapter.ready_answers) == 1)  # "loading" answered
+    for _ in range(50):
+        await asyncio.sleep(0)  # (the poll's wait never ends: time stands still)
+    assert replica.state is State.STARTING
+    runner.processes[0].wrote.set()
+    await settle(lambda: replica.state is State.READY)
     await replica.stop()

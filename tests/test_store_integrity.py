@@ -474,3 +474,41 @@ async def test_a_model_removed_by_a_reload_releases_its_store_lease_once_no_othe
         await sup.stop()
         await session.close()
         store.close()
+
+
+async def test_a_roll_to_another_store_entry_releases_the_previous_entrys_lease_once_its_replicas_stopped(
+        tmp_path):
+    """A reload that serves a model from another store entry rolls its replicas onto it; the
+    entry it left is leased until the old replicas stopped, then free (not at a restart)."""
+    import asyncio
+
+    import aiohttp
+
+    from appliance.config import parse_config
+    from appliance.fleet.supervisor import Supervisor
+
+    _import_victim(tmp_path)
+    run(tmp_path, "models", "import", str(gguf(tmp_path / "n.gguf")), "--name", "other", "--license", "MIT")
+    store = Store(tmp_path / "cache", allowed_licenses=["MIT"])
+    paths = (f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+             f'log_dir = "{tmp_path}/log"\n')
+    session = aiohttp.ClientSession()
+    sup = Supervisor(parse_config(paths + _served_from_store("first", "victim")), session)
+    try:
+        sup.start()
+        [old] = sup.deployments["first"].replicas
+        await old.wait_ready(30)
+        assert store.in_use("victim") and not store.in_use("other")
+        rolled = await sup.roll("first", parse_config(paths + _served_from_store("first", "other")).models[0])
+        assert rolled == "rolled 1 replica" and store.in_use("other")
+        for _ in range(1000):
+            if not store.in_use("victim"):
+                break
+            await asyncio.sleep(0.01)
+        assert old.state.value == "STOPPED"
+        assert not store.in_use("victim") and "victim" not in sup.store_leases
+        assert "other" in sup.store_leases
+    finally:
+        await sup.stop()
+        await session.close()
+        store.close()

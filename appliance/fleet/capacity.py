@@ -19,6 +19,8 @@ until its engine has stopped (draining, it still holds it).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
 import math
 import os
@@ -93,6 +95,7 @@ class Capacity:
         self.measured = measured
         self._host_total = host_total
         self._host_need: dict[tuple[str, bool], int] = {}  # (model, sleeping) -> bytes
+        self._trees: tuple[tuple[int, ...], set[int]] | None = None  # this loop turn's (_process_trees)
 
     # --- CPU cores ----------------------------------------------------------------------------
 
@@ -177,6 +180,19 @@ class Capacity:
             room = min(room, (self.host_ram() - self.host_used(ignoring)) // need)
         return max(room, 0)
 
+    def may_start_beside(self, model: ModelConfig, victims: list[Replica]) -> bool:
+        """A new replica of model may start while the replicas evicted for it are still
+        exiting (docs/autoscaling.md, "Stopping a victim"): a CPU replica, whose victims are
+        all CPU replicas already told to stop (idle, SIGTERM sent), and whose host RAM is
+        free with the victims' still counted. Cores are time-shared: the new engine shares
+        the victims' cores only for their exit. Host RAM is not, so a start that needs the
+        victims' RAM waits for it, as every GPU engine waits for its victims' GPU memory
+        (vLLM and SGLang size their KV cache from the memory they find free)."""
+        if not on_cpu(model) or not all(on_cpu(v.model) and v.told_to_stop for v in victims):
+            return False
+        need = self.host_need(model)
+        return not need or self.host_used() + need <= self.host_ram()
+
     def cpu_lack(self, model: ModelConfig) -> str:
         """What one more CPU replica of model lacks, and who holds it, in words."""
         what = f"{model.name} needs {self.cores(model)} of the CPU engines' {self.cpu_cores()} cores"
@@ -247,7 +263,7 @@ class Capacity:
         those in ``ignoring``), and our engines' PIDs (whose memory is not foreign)."""
         inventory = self.probe.read()
         holding = [r for r in self.replicas() if r.slot is not None and holds_capacity(r)]
-        ours = process_trees([r.pid for r in holding if r.pid])
+        ours = self._process_trees([r.pid for r in holding if r.pid])
         placed = [
             Placed(
                 replica=r.name,
@@ -259,6 +275,22 @@ class Capacity:
             if r.slot is not None and r.name not in ignoring
         ]
         return inventory, placed, ours
+
+    def _process_trees(self, pids: list[int]) -> set[int]:
+        """process_trees, read from /proc once per turn of the event loop: a load's eviction
+        plan and its placement (or a wake's) each ask in the same turn, on the request's path
+        (2-6 ms a read on a busy host)."""
+        key = tuple(sorted(pids))
+        if self._trees is not None and self._trees[0] == key:
+            return self._trees[1]
+        trees = process_trees(pids)
+        with contextlib.suppress(RuntimeError):  # no loop running: nothing to share it with
+            asyncio.get_running_loop().call_soon(self._forget_trees)
+            self._trees = (key, trees)
+        return trees
+
+    def _forget_trees(self) -> None:
+        self._trees = None
 
     def place(
         self, model: ModelConfig, replica: str, ignoring: frozenset[str] = frozenset()

@@ -71,7 +71,7 @@ class Fairness:
 
     def _due(self) -> None:
         self._timer = None
-        self.sup._room_may_have_come()
+        self.sup.room.may_have_come()
 
     def close(self) -> None:
         if self._timer is not None:

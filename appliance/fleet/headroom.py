@@ -56,10 +56,10 @@ def make(sup: Supervisor, now: float) -> None:
     )
     if scarce is None:
         return
-    holders = [(r, sup._holder(r, now, **holds)) for r, holds in scarce.holds]
+    holders = [(r, sup.room.holder(r, now, **holds)) for r, holds in scarce.holds]
     decided = eviction.plan(
         dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, idle_for=idle_s
     )
     if decided.fits and decided.victims:
         by_name = {r.name: r for r, _ in holders}
-        sup._evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, HEADROOM)
+        sup.room.evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, HEADROOM)

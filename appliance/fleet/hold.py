@@ -90,7 +90,7 @@ class HoldQueue:
             )
         # Start (or wake) a replica, evicting idle replicas of other models for it if it must
         # (with the models asked for at the same moment, as one set).
-        await asyncio.shield(dep.supervisor.want_replica(dep))  # shared: one going away cancels no other
+        await asyncio.shield(dep.supervisor.room.want_replica(dep))  # shared: one going away cancels no other
         if not dep.can_become_ready():
             raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
         loop = asyncio.get_running_loop()
@@ -145,7 +145,7 @@ class HoldQueue:
         now = dep.supervisor.clock.monotonic()
         if now - self._room_polled >= ROOM_POLL_S:
             self._room_polled = now
-            dep.supervisor.look_for_room([dep])
+            dep.supervisor.room.look_for_room([dep])
         if not dep.can_become_ready():
             raise NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after())
 

@@ -22,6 +22,9 @@ PR_SET_PDEATHSIG = 1
 
 class ProcessHandle(Protocol):
     pid: int
+    # Set whenever the process writes output (whoever waits on it clears it first): an
+    # engine logs as it becomes ready, so its readiness is probed then, not at a poll.
+    wrote: asyncio.Event
 
     async def wait(self) -> int:
         """Wait for exit; the exit code (negative: killed by that signal)."""
@@ -120,6 +123,7 @@ class _RealProcess:
         self._proc = proc
         self.pid = proc.pid
         self._log = log
+        self.wrote = asyncio.Event()
         self._drain = asyncio.create_task(self._pump(), name=f"log-pump-{proc.pid}")
 
     async def _pump(self) -> None:
@@ -127,6 +131,7 @@ class _RealProcess:
         try:
             while chunk := await self._proc.stdout.read(65536):
                 self._log.write(chunk)
+                self.wrote.set()
         finally:
             self._log.close()
 

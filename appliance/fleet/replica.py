@@ -106,6 +106,7 @@ class _External:
 
     def __init__(self) -> None:
         self._done = asyncio.get_running_loop().create_future()
+        self.wrote = asyncio.Event()  # (its output is not ours to read: never set)
 
     async def wait(self) -> int:
         return await asyncio.shield(self._done)  # a cancelled waiter must not cancel the exit
@@ -191,6 +192,9 @@ class Replica:
         # (a store model whose files failed verification).
         self.preflight: Callable[[], Awaitable[str | None]] | None = None
         self.retiring = False  # taken out of service: drains, then stops
+        # Its engine was sent SIGTERM idle (stop_now_if_idle): it serves nothing from then on,
+        # only exits.
+        self.told_to_stop = False
         # Evicted to sleep for another model: takes no new request (its GPU memory is wanted)
         # while it goes to sleep; the supervisor clears it once it has left READY.
         self.evicted = False
@@ -270,7 +274,7 @@ class Replica:
         if self.inflight or self.state not in (State.READY, State.SLEEPING) or self._proc is None:
             return False
         self._stop.set()
-        self._signalled = True
+        self._signalled = self.told_to_stop = True
         self._proc.signal_group(signal.SIGTERM)
         return True
 
@@ -491,6 +495,8 @@ class Replica:
             if remaining <= 0:
                 await self._kill_now()
                 raise _Crash(f"not ready within {sv.startup_timeout_s:.0f}s: {last}")
+            if self._proc is not None:
+                self._proc.wrote.clear()  # output from here on cuts the wait before the next probe
             probe = self.adapter.probe_ready(
                 self._engine_session(), self.base_url, self.model, timeout=min(remaining, 30.0)
             )
@@ -508,9 +514,22 @@ class Replica:
             # held for this replica waits for exactly this loop to notice it is up. Each wait
             # is at most a twentieth of the start so far (2 ms at first, 20 ms from 0.4 s),
             # so noticing late adds at most 5% to a fast start; a long load (a 70B model) is
-            # polled less.
+            # polled less. Engines log as they become ready (llama-server "listening", vLLM
+            # and SGLang "Application startup complete"), so output ends the wait at once.
             elapsed = sv.startup_timeout_s - (deadline - self.clock.monotonic())
-            await self._race(self.clock.sleep(min(0.02, max(0.002, elapsed / 20)) if elapsed < 30 else 0.25))
+            await self._race(self._until_output(min(0.02, max(0.002, elapsed / 20)) if elapsed < 30 else 0.25))
+
+    async def _until_output(self, seconds: float) -> None:
+        """Wait seconds, or less: until the engine writes output (a supervised one's)."""
+        if self._proc is None or not self.supervised:
+            return await self.clock.sleep(seconds)
+        napped = asyncio.ensure_future(self.clock.sleep(seconds))
+        wrote = asyncio.ensure_future(self._proc.wrote.wait())
+        try:
+            await asyncio.wait((napped, wrote), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in (napped, wrote):
+                waiter.cancel()
 
     _said_starting = 0.0  # seconds into the start when last_error last told why it is not ready
 

@@ -95,7 +95,8 @@ async def roll(sup: Supervisor, name: str, model: ModelConfig) -> str:
     become READY stops the roll, and what is left of the old config keeps serving.
     Returns what happened, in words."""
     dep = sup.deployments[name]
-    if store_name(model) != store_name(dep.model):  # a new store entry passes admission first
+    entry = store_name(dep.model)
+    if store_name(model) != entry:  # a new store entry passes admission first
         admitted = SimpleNamespace(model=model, blocked=None)
         _admit_store_model(sup, admitted)
         if admitted.blocked:
@@ -128,7 +129,18 @@ async def roll(sup: Supervisor, name: str, model: ModelConfig) -> str:
     finally:
         dep.model = model
         dep.control = _operators(saved, frozen, dep.control)
+        if entry is not None and store_name(model) != entry:
+            sup._background(_release_after(sup, old, entry), f"release-{entry}")
     return f"rolled {len(old)} replica{'s' if len(old) != 1 else ''}"
+
+
+async def _release_after(sup: Supervisor, old: list[Replica], entry: str) -> None:
+    """A roll to another store entry: the previous entry's lease, once the replicas of the
+    previous config that were retired have stopped (release_store_entry says when it stays)."""
+    drains = [sup._drains[r.name] for r in old if r.name in sup._drains]
+    if drains:
+        await asyncio.wait(drains)
+    release_store_entry(sup, entry)
 
 
 async def _retired(sup: Supervisor, replica: Replica, reason: str) -> None:
@@ -180,12 +192,22 @@ def release_store_leases(sup: Supervisor, dep: Deployment) -> None:
     rm` may take its entry again, unless another model (configured, or still leaving) is
     served from it. Its adapters' leases are its own (lora.resolve took them): all released."""
     name = store_name(dep.model)
-    others = [d for d in (*sup.deployments.values(), *sup.leaving) if d is not dep]
-    if name is not None and all(store_name(d.model) != name for d in others):
-        lease = sup.store_leases.pop(name, None)
-        if lease is not None:
-            lease.close()
+    if name is not None:
+        release_store_entry(sup, name, leaving=dep)
     for adapter, lease in (dep.lora.leases if dep.lora is not None else {}).items():
         if sup.store_leases.get(adapter) is lease:
             del sup.store_leases[adapter]
+        lease.close()
+
+
+def release_store_entry(sup: Supervisor, name: str, leaving: Deployment | None = None) -> None:
+    """Release store entry name's lease, unless a model other than ``leaving`` (configured,
+    or still leaving) is served from it, or a replica served from it still runs (a roll
+    that stopped half way keeps the previous config's)."""
+    others = [d for d in (*sup.deployments.values(), *sup.leaving) if d is not leaving]
+    running = [r for r in sup.replicas() if r.state not in (State.STOPPED, State.FATAL)]
+    if any(store_name(d.model) == name for d in others) or any(store_name(r.model) == name for r in running):
+        return
+    lease = sup.store_leases.pop(name, None)
+    if lease is not None:
         lease.close()

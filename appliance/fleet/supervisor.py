@@ -16,21 +16,20 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
-from appliance.config import Config, ModelConfig, idle_ttl_s, min_residency_s, uses_gpus
+from appliance.config import Config, ModelConfig, idle_ttl_s, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import eviction, headroom, lora, operator, rollout
+from appliance.fleet import headroom, lora, operator, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
-from appliance.fleet.capacity import Capacity, Scarce, next_indices, on_cpu
+from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.fairness import FAIRNESS, Fairness
-from appliance.fleet.market import Eviction, Market, now
+from appliance.fleet.market import Market
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import (
     Clock,
@@ -41,6 +40,7 @@ from appliance.fleet.replica import (
     Transition,
     free_port,
 )
+from appliance.fleet.room import CANNOT_PLACE, Room
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
@@ -53,13 +53,10 @@ from engines import GpuSlot, adapter_for
 
 log = logging.getLogger("appliance.supervisor")
 
-CANNOT_PLACE = "cannot place on GPUs: "
-WAITING_FOR_ROOM = "waiting for room held by other models: "
 # A replica entering these states frees its room (a backing-off one serves nothing: it goes
 # first), so requests held for room look again; READY frees nothing (the requests it
 # releases free its model's replicas for eviction only once they end: ``on_idle``).
 ROOM_FREED = (State.STOPPED, State.SLEEPING, State.BACKOFF, State.FATAL)
-_DIGITS = re.compile(r"\d+")
 
 
 def default_probe(cfg: Config) -> GpuProbe:
@@ -94,12 +91,8 @@ class Supervisor:
         self.log_dir = Path(cfg.paths.log_dir) / "replicas"
         self._retiring: set[asyncio.Task] = set()
         self._drains: dict[str, asyncio.Task] = {}  # replica name -> the task stopping it
-        self._room_look: asyncio.Handle | None = None  # a look for room, due (``_room_may_have_come``)
-        # Models whose requests just arrived to find no READY replica, and the look for room
-        # that starts theirs once every request arriving with them is held (``want_replica``).
-        self._wanting: dict[str, Deployment] = {}
-        self._wanted: asyncio.Future | None = None
-        self._room_timers: dict[str, asyncio.TimerHandle] = {}  # model -> its residency lapse
+        # Where replicas go, what is evicted for them, and the look for room held requests wait on.
+        self.room = Room(self)
         # Evictions (what, for whom, why) and how long requests waited for a load.
         self.market = Market()
         self.fairness = Fairness(self)  # models held for room too long take busy replicas' room
@@ -144,9 +137,7 @@ class Supervisor:
 
     async def stop(self, drain_timeout: float = 0.0) -> None:
         self._stopping = True
-        for timer in [self._room_look, *self._room_timers.values()]:
-            if timer is not None:
-                timer.cancel()
+        self.room.close()
         self.fairness.close()
         for dep in self.deployments.values():
             dep.fail_waiters(NoCapacity("The appliance is shutting down", retry_after=5))
@@ -230,21 +221,11 @@ class Supervisor:
         """Start several replicas at once (boot, an operator's count, a scale-up by more than
         one) without evicting: the GPU ones are placed as one set (planning.plan packs them
         largest first), so a set that fits is never refused for the order it is listed in."""
-        planned = self._place_together(wanted)
+        planned = self.room.place_together(wanted)
         for dep, count in wanted:
             for _ in range(count):
                 if self.add_replica(dep, reason=reason, planned=planned) is None:
                     break
-
-    def _place_together(self, wanted: list[tuple[Deployment, int]]) -> dict[str, PlanRow]:
-        """Placements for the GPU replicas add_replica will create for ``wanted``, by name."""
-        replicas = [
-            (dep.model, f"{dep.model.name}#{i}")
-            for dep, count in wanted
-            if uses_gpus(dep.model) and not dep.blocked
-            for i in next_indices({r.index for r in dep.replicas}, count)
-        ]
-        return self.capacity.place_together(replicas)
 
     def add_replica(
         self,
@@ -259,23 +240,23 @@ class Supervisor:
         other models (appliance/fleet/eviction.py) when there is none, or else say why in
         dep.no_room; without it (boot, a floor restored with no traffic) nothing is evicted.
         planned: placements made for a set of replicas together (add_together,
-        _start_together); freed_by: the replicas evicted for that set, waited for."""
+        Room._start_together); freed_by: the replicas evicted for that set, waited for."""
         if evict and not dep.blocked:
-            self._forget_unplaced(dep)
+            self.room.forget_unplaced(dep)
         if self._stopping or dep.model.autoscaling.max_replicas <= len(dep.kept()):
             return None
         if dep.blocked and dep.kept():
             return None  # one FATAL replica says why; more would say it again
         victims: list[Replica] = list(freed_by or [])
         if evict and not dep.blocked:
-            found = self._make_room(dep, evict)
+            found = self.room.make_room(dep, evict)
             if found is None:
                 return None
             victims = found
         ignoring = frozenset(v.name for v in victims)
         if self.room_for(dep, ignoring) <= 0:
             if not evict and on_cpu(dep.model) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
-                self._wait_for_room(dep, self.capacity.cpu_lack(dep.model))
+                self.room.wait_for_room(dep, self.capacity.cpu_lack(dep.model))
             return None
         [index] = next_indices({r.index for r in dep.replicas}, 1)
         replica = Replica(
@@ -290,7 +271,7 @@ class Supervisor:
             port_allocator=self.port_allocator,
             listener=self._on_change,
         )
-        replica.on_idle = self._room_may_have_come
+        replica.on_idle = self.room.may_have_come
         if dep.lora is not None:
             replica.loras = dep.lora.loras
         if store_name(dep.model) and self.store_checks is not None:
@@ -298,7 +279,7 @@ class Supervisor:
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif uses_gpus(dep.model):
-            row, uuids = self._place(replica, ignoring, (planned or {}).get(replica.name))
+            row, uuids = self.room.place(replica, ignoring, (planned or {}).get(replica.name))
             if row.assignment is None:
                 if evict:  # at run time a lack of room is no fault of the replica's: say it, keep none
                     dep.no_room, dep.room_in = f"{CANNOT_PLACE}{row.error}", None
@@ -309,15 +290,15 @@ class Supervisor:
                     dep.replicas.append(replica)
                     replica.start()
                 else:  # room that other models hold: no fault of its own; it waits for it
-                    self._wait_for_room(dep, row.error)
+                    self.room.wait_for_room(dep, row.error)
                 return None
             replica.slot = GpuSlot(
                 row.assignment.gpus, row.assignment.memory_fraction, uuids, row.assignment.bytes_per_gpu
             )
         elif on_cpu(dep.model):
             replica.cpus = self.capacity.cpu_set(dep.model, ignoring)
-        if victims:
-            replica.preflight = self._after_stopped(victims, replica.preflight)
+        if victims and not self.capacity.may_start_beside(dep.model, victims):
+            replica.preflight = self.room.after_stopped(victims, replica.preflight)
         dep.loading_cause = "evict" if victims else "cold"
         dep.no_room, dep.room_in = None, None
         dep.replicas.append(replica)
@@ -325,163 +306,7 @@ class Supervisor:
         replica.start()
         return replica
 
-    def _wait_for_room(self, dep: Deployment, error: str | None) -> None:
-        """No room for a replica that nothing asked to evict for (boot, a floor): status shows
-        the model waiting for room (``no_room``), each autoscaler pass tries again, and a
-        request for it may evict idle replicas of other models."""
-        why = f"{WAITING_FOR_ROOM}{error}"
-        if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
-            log.info("%s: %s", dep.model.name, why)
-        dep.no_room, dep.room_in = why, None
-
-    def _place(
-        self, replica: Replica, ignoring: frozenset[str] = frozenset(), planned: PlanRow | None = None
-    ) -> tuple[PlanRow, tuple[str, ...]]:
-        """Where the replica goes (the replicas in ``ignoring`` are being evicted for it; or
-        where the set it starts with placed it), and the UUIDs of those GPUs."""
-        if planned is not None:
-            row, inventory = planned, self.probe.read()
-        else:
-            row, inventory = self.capacity.place(replica.model, replica.name, ignoring)
-        last = next((p for p in self.placements if p.replica == replica.name), None)
-        self.placements = [p for p in self.placements if p.replica != replica.name] + [row]
-        # A model waiting for room is placed again at each autoscaler pass: its refusal is said once.
-        said = bool(row.error and last and last.error and _DIGITS.sub("#", last.error) == _DIGITS.sub("#", row.error))
-        log.log(logging.DEBUG if said else logging.INFO, "placement %s", row.describe())
-        uuid = {g.index: g.uuid for g in inventory.gpus}
-        uuids = tuple(uuid[i] for i in row.assignment.gpus) if row.assignment else ()
-        return row, uuids
-
-    # --- making room: demand-driven eviction ------------------------------------------------
-
-    def _make_room(self, dep: Deployment, trigger: str, waking: Replica | None = None) -> list[Replica] | None:
-        """Room for one more replica of dep (or for its sleeping replica ``waking`` on its
-        own GPUs): [] when there is room already, the replicas stopped or put to sleep for
-        it when idle replicas of other models had to go, or None (dep.no_room says who
-        holds the room and why they stay)."""
-        scarce: Scarce | None
-        if waking is not None:
-            scarce = self.capacity.scarce_for_wake(waking)
-        else:
-            scarce = self.capacity.scarce_for(dep.model, f"{dep.model.name}#new")
-        if scarce is None:
-            return []  # nothing to size it by: the placer will say why
-        now = self.clock.monotonic()
-        holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
-        by_name = {r.name: r for r, _ in holders}
-        decided = eviction.plan(
-            dep.model.name, dep.model.priority, [h for _, h in holders], scarce.fits, now, preempt=trigger == FAIRNESS
-        )
-        if decided.never:
-            if waking is not None:  # not even with every other replica gone: it starts afresh
-                dep.no_room, dep.room_in = None, None
-                return None
-            return []  # too big whatever goes: the placer says what is missing
-        if not decided.fits:
-            why = f"no room: {decided.explain(scarce.what)}"
-            # Once per change of who holds it and why, not once per look or per second it ages.
-            if _DIGITS.sub("#", why) != _DIGITS.sub("#", dep.no_room or ""):
-                log.info("cannot start %s: %s", dep.model.name, why)
-            dep.no_room, dep.room_in = why, decided.room_in
-            if decided.room_in:  # a residency lapses then: look again at that moment
-                self._look_for_room_in(dep, decided.room_in)
-            return None
-        return self._evict_all(decided, by_name, scarce.what == "GPU memory", dep.model.name, trigger)
-
-    def _evict_all(
-        self, decided: eviction.Plan, by_name: dict[str, Replica], gpu: bool, for_model: str, trigger: str
-    ) -> list[Replica]:
-        """Carry out an eviction plan; the replicas evicted."""
-        victims = [by_name[h.replica] for h in decided.victims]
-        ram_left = self.capacity.host_ram() - self.capacity.host_used()
-        for h, victim in zip(decided.victims, victims, strict=True):
-            if h.leaving:
-                continue  # already on its way out: only waited for
-            # Cheapest first: a vLLM replica with sleep mode whose weights fit in host RAM
-            # sleeps (its GPU memory freed, woken in seconds) instead of stopping.
-            asleep = gpu and self._may_sleep(victim, ram_left)
-            ram_left -= self.capacity.host_need(victim.model, sleeping=True) if asleep else 0
-            self._evict(victim, h, for_model, trigger, asleep)
-        return victims
-
-    def _holder(self, r: Replica, now: float, **holds) -> eviction.Holder:
-        d = self.deployments[r.model.name]
-        keep = (
-            d.control.override
-            if d.control.override is not None
-            else (d.model.autoscaling.min_replicas if d.control.pinned else 0)
-        )
-        # A replica still starting (or waking) is inside its residency window from now on.
-        loaded_at = now if r.state in (State.STARTING, State.STOPPED) or r.waking else r.ready_since
-        return eviction.Holder(
-            replica=r.name,
-            model=r.model.name,
-            priority=r.model.priority,
-            last_used=d.rate.last_event,
-            loaded_at=loaded_at,
-            min_residency_s=min_residency_s(self.cfg, r.model),
-            inflight=r.inflight,
-            held=len(d.waiters),  # (one released for a READY replica, until it has taken it)
-            keep=keep,
-            serving=r.state is State.READY and not r.retiring,
-            leaving=r.retiring or r.evicted,
-            **holds,
-        )
-
-    def _may_sleep(self, r: Replica, ram_left: int) -> bool:
-        need = self.capacity.host_need(r.model, sleeping=True)
-        return bool(r.model.sleep_mode and getattr(r.adapter, "can_sleep", False) and need and need <= ram_left)
-
-    def _evict(self, victim: Replica, h: eviction.Holder, for_model: str, trigger: str, asleep: bool) -> None:
-        """Stop (or put to sleep) one replica for for_model (a model, or several placed as one
-        set: "a+b"); the preflight of the new replica waits for it (``_after_stopped``)."""
-        if victim.retiring:
-            return  # already on its way out (scaled down, unloaded): only waited for
-        idle = self.clock.monotonic() - h.last_used
-        why = f"idle {idle:.0f}s, least recently used" + (f", priority {h.priority}" if h.priority else "")
-        why = self.fairness.why(h, for_model) if trigger == FAIRNESS else why
-        to = "sleep" if asleep else "stop"
-        log.info("evicting %s for %s (%s): %s%s", victim.name, for_model, trigger, why, "; to sleep" * asleep)
-        self.market.evicted(Eviction(victim.name, victim.model.name, to, for_model, trigger, why, now()))
-        if asleep:
-            victim.evicted = True  # no new request delays the sleep that frees the memory
-
-            async def sleep() -> None:
-                try:
-                    await victim.sleep()
-                except Exception as exc:  # its state says the rest (a crash restarts it)
-                    log.warning("evicting %s to sleep failed: %s", victim.name, exc)
-                finally:
-                    victim.evicted = False  # (still READY if it did not sleep: it serves again)
-
-            self._freeing(victim, sleep(), f"evict-sleep-{victim.name}")
-            return
-        self.retire(victim, f"evicted for {for_model} ({trigger}; {why})")
-        owner = self.deployments[victim.model.name]
-        if not owner.kept():
-            owner.unloaded = True  # back on its next request, not by its min_replicas floor
-
-    def _after_stopped(self, victims: list[Replica], then):
-        """A preflight that waits for the evicted replicas' engines to have stopped or slept
-        (their memory freed) before the engine starts, then runs ``then`` (the store check)."""
-        drains = [self._drains[v.name] for v in victims if v.name in self._drains]
-
-        async def preflight() -> str | None:
-            pending = [t for t in drains if not t.done()]
-            if pending:
-                await asyncio.wait(pending)  # never cancels them, even if this start is
-            return await then() if then is not None else None
-
-        return preflight
-
-    def _forget_unplaced(self, dep: Deployment) -> None:
-        """A FATAL replica that only said the model could not be placed (at boot) holds
-        nothing: a request that may evict tries again instead."""
-        dep.replicas = [
-            r
-            for r in dep.replicas
-            if not (r.state is State.FATAL and r.slot is None and (r.cannot_start or "").startswith(CANNOT_PLACE))
-        ]
+    # --- store models: checked before each start, blocked and served again -------------------
 
     async def _store_preflight(self, dep: Deployment) -> str | None:
         """Before a replica loads a store model (each start and restart): its files as
@@ -603,7 +428,7 @@ class Supervisor:
 
     def _freeing(self, replica: Replica, coro, name: str) -> None:
         """Run the task that frees replica's capacity (a drain and stop, or a sleep): awaited
-        at shutdown, and by a replica that starts in its room (``_after_stopped``)."""
+        at shutdown, and by a replica that starts in its room (``Room.after_stopped``)."""
         task = asyncio.create_task(coro, name=name, context=contextvars.Context())
         self._retiring.add(task)
         task.add_done_callback(self._retiring.discard)
@@ -635,105 +460,9 @@ class Supervisor:
         elif event.new is State.SLEEPING and dep is not None and dep.waiters:
             self.on_demand(dep)  # requests came while it went to sleep (evicted): wake it again
         if event.new in ROOM_FREED:
-            self._room_may_have_come()
+            self.room.may_have_come()
         for fn in self._listeners:
             fn(replica, event)
-
-    # --- room that may have come: requests held for it look again at once -----------------------
-
-    def _room_may_have_come(self) -> None:
-        """A replica changed state or finished its last request, or a residency lapsed: models
-        whose held requests wait for room (dep.no_room) look for it again, once, soon (after
-        the requests a READY replica just released have taken it)."""
-        if self._room_look is None and any(d.no_room and d.waiters for d in self.deployments.values()):
-            with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
-                self._room_look = asyncio.get_running_loop().call_soon(self.look_for_room)
-
-    def capacity_changed(self) -> None:
-        """A reload changed [capacity]: requests held for room look again under the new
-        settings (a shorter max_wait_before_preempt_s may have passed already)."""
-        self.fairness.close()  # (a look due under the old bound)
-        self._room_may_have_come()
-
-    def want_replica(self, dep: Deployment) -> asyncio.Future:
-        """A request for dep found no READY replica: start or wake one for it once the requests
-        that arrived with it (this turn of the event loop) have asked too, so that several
-        models at zero asked for at once are placed as one set. Done when that look has run."""
-        self._wanting[dep.model.name] = dep
-        if self._wanted is None:
-            loop = asyncio.get_running_loop()
-            self._wanted = loop.create_future()
-            loop.call_soon(self._start_wanted)
-        return self._wanted
-
-    def _start_wanted(self) -> None:
-        done, self._wanted = self._wanted, None
-        wanting, self._wanting = list(self._wanting.values()), {}
-        try:
-            self.look_for_room(wanting)
-        finally:
-            if done is not None and not done.done():
-                done.set_result(None)
-
-    def look_for_room(self, wanting: list[Deployment] | None = None) -> None:
-        """Models whose held requests wait for room (and those in ``wanting``, just asked
-        for) start what they can now: as one set where several wait (``_start_together``),
-        else each on its own (``on_demand``)."""
-        if self._room_look is not None:
-            self._room_look.cancel()
-        self._room_look = None
-        if self._stopping:
-            return
-        wanting = wanting or []
-        waiting = wanting + [d for d in self.deployments.values() if d.no_room and d.waiters and d not in wanting]
-        started = self._start_together(waiting)
-        for dep in waiting:
-            if dep not in started:
-                self.on_demand(dep)
-        self.fairness.look(waiting)
-        for dep in waiting:
-            if dep.waiters and not dep.can_become_ready():  # waiting cannot help any more: say why now
-                dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=dep._retry_after()))
-
-    def _start_together(self, waiting: list[Deployment]) -> list[Deployment]:
-        """Several models at zero whose held requests wait for GPU room at once: their first
-        replicas placed as one set (planning.plan: a set that fits in some order is never
-        refused for the order it waits in), evicting for the set what the rules allow
-        (appliance/fleet/eviction.py, for the lowest priority among them). Those started;
-        none when the set does not fit even so (each then looks for room on its own)."""
-        deps = [d for d in waiting if uses_gpus(d.model) and not d.blocked and not d.live()]
-        if len(deps) < 2:
-            return []
-        for dep in deps:
-            self._forget_unplaced(dep)
-        names = [(d.model, f"{d.model.name}#{next_indices({r.index for r in d.replicas}, 1)[0]}") for d in deps]
-        scarce = self.capacity.scarce_for_set(names)
-        if scarce is None:
-            return []
-        now = self.clock.monotonic()
-        holders = [(r, self._holder(r, now, **holds)) for r, holds in scarce.holds]
-        for_set = "+".join(d.model.name for d in deps)
-        priority = min(d.model.priority for d in deps)
-        decided = eviction.plan(for_set, priority, [h for _, h in holders], scarce.fits, now)
-        if not decided.fits:
-            return []
-        planned = self.capacity.place_together(names, frozenset(h.replica for h in decided.victims))
-        if any(planned[name].assignment is None for _, name in names):
-            return []  # (the plan said the set fits once the victims are gone)
-        victims = self._evict_all(decided, {r.name: r for r, _ in holders}, True, for_set, "request")
-        for dep in deps:
-            dep.unloaded = False
-            self.add_replica(dep, reason=f"held requests, placed with {for_set}", planned=planned, freed_by=victims)
-        return deps
-
-    def _look_for_room_in(self, dep: Deployment, seconds: float) -> None:
-        """Look for room for dep again in ``seconds`` (when a residency lapses)."""
-        name = dep.model.name
-        if name in self._room_timers:
-            self._room_timers.pop(name).cancel()
-        with contextlib.suppress(RuntimeError):  # no loop running: nobody is held
-            loop = asyncio.get_running_loop()
-            self._room_timers[name] = loop.call_later(seconds + 0.001, self._room_may_have_come)
 
     def _measure(self, replica: Replica) -> None:
         """NVML's per-process memory of a ready replica (its whole process tree:
@@ -763,7 +492,7 @@ class Supervisor:
         if sleeping:
             # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
             # another model took its memory meanwhile.
-            victims = self._make_room(dep, trigger, waking=sleeping[0])
+            victims = self.room.make_room(dep, trigger, waking=sleeping[0])
             if victims is not None:
                 dep.loading_cause = "evict" if victims else "wake"
                 dep.no_room, dep.room_in = None, None
@@ -781,7 +510,7 @@ class Supervisor:
     async def _wake(self, r: Replica, victims: list[Replica]) -> None:
         """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
         try:
-            await self._after_stopped(victims, None)()
+            await self.room.after_stopped(victims, None)()
             await r.wake()
         finally:
             r.waking = False
@@ -920,6 +649,10 @@ class Supervisor:
                     )
                 )
         return on_gpu
+
+    def capacity_changed(self) -> None:
+        """A reload changed [capacity]: requests held for room look again (Room.capacity_changed)."""
+        self.room.capacity_changed()
 
     # --- config reload: deployments added, removed, rolled (appliance/fleet/rollout.py) ---------
 
