@@ -65,6 +65,17 @@ def test_serve_with_a_bad_config_exits_naming_the_field(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_serve_refuses_a_port_flag_out_of_range_before_starting(tmp_path, port):
+    """--port skips the config's check (1-65535): 0 served on a port nobody was told,
+    70000 started the engines, then failed to bind with Rust's "number too large"."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = appliance("serve", "--config", str(cfg), "--port", port, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "'--port'" in result.stderr and "1<=x<=65535" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "state").exists()
+
 def test_serve_without_the_cpu_engine_says_how_to_fix_it(tmp_path):
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'[engines.llamacpp]\nbinary = "{tmp_path}/nope/llama-server"\n')

@@ -23,7 +23,7 @@ from appliance.config import (
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--host", help="Address to bind (overrides server.host).")
-@click.option("--port", type=int, help="Port to bind (overrides server.port).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to bind (overrides server.port).")
 def serve(config: str | None, host: str | None, port: int | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
     import logging
