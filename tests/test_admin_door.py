@@ -110,6 +110,23 @@ def test_a_dns_rebinding_page_cannot_read_or_change_anything(dev_daemon):
         assert httpx.get(d.url + "/admin/status", headers={"Host": host}, timeout=10).status_code == 200, host
 
 
+def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(dev_daemon):
+    """One Host was read (the first); a proxy in front, or the framework, may read the
+    other: the rebinding check must not depend on which (RFC 9112: two Hosts are a 400)."""
+    import socket
+
+    d = dev_daemon
+    for first, second in (("localhost", "evil.example"), ("evil.example", "localhost"), ("localhost", "localhost")):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as conn:
+            conn.sendall(f"GET /admin/status HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403"), (first, second, head)
+        assert json.loads(body)["error"]["code"] == "untrusted_host" and b'"models"' not in body
+
 def test_with_keys_required_models_and_metrics_need_a_key_or_the_admin_credential(keyed_daemon):
     d = keyed_daemon
     for path in ("/v1/models", "/v1/models/fake", "/metrics"):
