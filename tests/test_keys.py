@@ -258,3 +258,17 @@ def test_revoking_a_key_by_its_name_says_which_id_to_revoke(tmp_path):
     assert f"keys named 'ci-bot': {first}, {second}" in out.stderr
     assert cli("revoke", first).returncode == 0
     assert "no active key with id 'nobody'" in cli("revoke", "nobody").stderr
+
+
+def test_the_bearer_scheme_is_read_in_any_case(keyed):
+    """RFC 9110: an auth scheme is case-insensitive. "bearer ak-..." (some HTTP clients
+    write it so) was a 401 with keys required, and without them the key was not read
+    at all: the request ran keyless, its key's budget and routes never applied."""
+    token = keys_cli(keyed, "create", "--name", "lowercase")
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        headers = {"Authorization": f"{scheme} {token}"}
+        with keyed.client() as c:
+            assert c.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200, scheme
+            assert c.get("/v1/models", headers=headers).status_code == 200, scheme
+    with keyed.client() as c:  # another scheme is no key
+        assert c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Basic {token}"}).status_code == 401

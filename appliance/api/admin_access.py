@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from litestar import Request
 
+from appliance.access.keys import bearer_token
 from appliance.api.admin_socket import via_admin_socket
 from appliance.config import Config, is_loopback
 from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType
@@ -138,7 +139,7 @@ class AdminAccess:
 
 
 def _bearer(request: Request) -> str:
-    return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return bearer_token(request.headers.get("authorization", ""))
 
 
 def _hostname(host: str) -> str:
