@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 from appliance.access.audit import COLUMNS
 from appliance.config import AuditConfig
@@ -118,7 +118,7 @@ def rows_between(db: sqlite3.Connection, since: float | None, until: float | Non
         yield dict(zip(("id", *COLUMNS), values, strict=True))
 
 
-def write_jsonl(rows: Iterator[dict], out: TextIO) -> int:
+def write_jsonl(rows: Iterator[dict], out: IO[str]) -> int:
     n = 0
     for row in rows:
         out.write(json.dumps({**row, "ts": iso(row["ts"])}) + "\n")
@@ -126,7 +126,7 @@ def write_jsonl(rows: Iterator[dict], out: TextIO) -> int:
     return n
 
 
-def write_csv(rows: Iterator[dict], out: TextIO) -> int:
+def write_csv(rows: Iterator[dict], out: IO[str]) -> int:
     writer = csv.DictWriter(out, fieldnames=("id", *COLUMNS))
     writer.writeheader()
     n = 0
