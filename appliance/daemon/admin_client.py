@@ -95,18 +95,19 @@ def target_from_config(
 def _refuse_unless_the_daemon(host: str, port: int, target: Target, token_file: str) -> None:
     """The admin token goes to this box's port only while the daemon holds it: with the
     daemon down, any local user's program listening there would be sent the token. The
-    daemon holds the port's claim (port_claim.py) as the user that reads the token file:
-    its owner, or root."""
-    from appliance.daemon.port_claim import holder_uid
+    daemon holds the port's claim (port_claim.py) as a user that reads the token file:
+    root, its owner, or its group where the file is group-readable."""
+    from appliance.daemon.port_claim import holder_ids
 
-    uid = holder_uid(host, port)
-    if uid is None:
+    ids = holder_ids(host, port)
+    if ids is None:
         raise DaemonDown(f"the daemon is not running (nothing answers at {target.where})")
-    owner = os.stat(token_file).st_uid
-    if uid not in (owner, 0):
+    uid, gid = ids
+    st = os.stat(token_file)
+    if uid not in (0, st.st_uid) and not (st.st_mode & 0o040 and gid == st.st_gid):
         raise DaemonDown(
-            f"{target.where} is held by uid {uid}, not by the daemon (uid {owner}, the admin token file's "
-            "owner, or root): the admin token was not sent"
+            f"{target.where} is held by uid {uid}, not by the daemon (root, or the user or group that "
+            f"reads the admin token file {token_file}): the admin token was not sent"
         )
 
 
