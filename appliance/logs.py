@@ -6,7 +6,8 @@
 Under systemd (JOURNAL_STREAM names our stderr) each line starts with its syslog
 priority (``<4>WARNING ...``), which journald strips and files as the entry's
 priority, so ``journalctl -u appliance -p warning`` works. Off a terminal, a
-traceback's newlines are escaped so that one event stays one line. A log line
+traceback's newlines are escaped so that one event stays one line, and control
+characters (a client's request id or path in a line) are written as ``\\xNN``. A log line
 emitted while a request is handled carries that request's X-Request-Id; nothing
 is logged per request by default.
 """
@@ -41,6 +42,16 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+# C0 controls but tab and newline, DEL and C1 (0x9b is CSI to some terminals).
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as \\xNN: a log line carries what clients sent (a request id,
+    a path), which the operator's terminal must not obey nor journald file as a blob."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 class LineFormatter(logging.Formatter):
     """One line per event; optionally a syslog priority prefix for journald."""
 
@@ -55,6 +66,8 @@ class LineFormatter(logging.Formatter):
         text = super().format(record)
         if self.one_line:
             text = text.replace("\r", "").replace("\n", "\\n")
+        if not text.isprintable():
+            text = escape_controls(text)
         if self.priority_prefix:
             level = max((lv for lv in _PRIORITY if lv <= record.levelno), default=logging.DEBUG)
             text = f"<{_PRIORITY[level]}>{text}"

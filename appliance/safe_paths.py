@@ -23,14 +23,17 @@ never through a link, and only the file that was checked.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
 import re
 import stat
+import tempfile
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
 
 
 class StoreError(Exception):
@@ -181,4 +184,21 @@ def open_regular(path: Path, expected: tuple[int, int] | None = None) -> io.File
         return os.fdopen(fd, "rb", buffering=0)
     except BaseException:
         os.close(fd)
+        raise
+
+
+@contextlib.contextmanager
+def written_aside(path: Path, mode: str = "w", newline: str | None = None) -> Iterator[IO]:
+    """A file the caller writes, renamed onto PATH once whole: no half-written file is
+    visible under its name. It is written under a fresh name beside PATH, created here
+    with mode 0600 (mkstemp): never a name known in advance, where a local user's link in
+    a shared directory such as /tmp would have a root command write through it; removed
+    if writing fails."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, mode, newline=newline) as out:
+            yield out
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
         raise

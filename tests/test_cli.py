@@ -65,6 +65,30 @@ def test_serve_with_a_bad_config_exits_naming_the_field(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_serve_refuses_a_port_flag_out_of_range_before_starting(tmp_path, port):
+    """--port skips the config's check (1-65535): 0 served on a port nobody was told,
+    70000 started the engines, then failed to bind with Rust's "number too large"."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = appliance("serve", "--config", str(cfg), "--port", port, timeout=20)
+    assert result.returncode == 2, result.stderr
+    assert "'--port'" in result.stderr and "1<=x<=65535" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "state").exists()
+
+@pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
+def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
+    """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""
+    (tmp_path / "garbage.json").write_text("garbage{")
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n'
+                   f'[gpu]\ninventory = "{tmp_path / inventory}"\n')
+    for command in ("check", "serve"):
+        result = appliance(command, "--config", str(cfg), timeout=20)
+        assert result.returncode == 1, (command, result.stderr)
+        assert f"{cfg}: field 'gpu.inventory': {tmp_path / inventory}" in result.stderr, (command, result.stderr)
+        assert "Errno" not in result.stderr and "Traceback" not in result.stderr
+
 def test_serve_without_the_cpu_engine_says_how_to_fix_it(tmp_path):
     cfg = tmp_path / "a.toml"
     cfg.write_text(f'[engines.llamacpp]\nbinary = "{tmp_path}/nope/llama-server"\n')

@@ -129,6 +129,18 @@ def test_validation_errors_name_the_file_and_the_field(tmp_path, toml, field, me
     assert message in text, text
 
 
+def test_two_model_names_that_would_share_a_replica_log_file_are_refused(tmp_path):
+    """'/' is written '_' in a replica log's name: "org/m" and "org_m" both logged to
+    replicas/org_m-0.log, interleaved, and `appliance logs --replica org/m#0` showed both."""
+    path = tmp_path / "a.toml"
+    path.write_text('[[models]]\nname = "org/m"\nsource = "a.gguf"\n[[models]]\nname = "org_m"\nsource = "b.gguf"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    text = str(info.value)
+    assert f"{path}: field 'models[1].name'" in text and "'org/m'" in text and "org_m-N.log" in text, text
+    path.write_text('[[models]]\nname = "org/m"\nsource = "a.gguf"\n[[models]]\nname = "org-m"\nsource = "b.gguf"\n')
+    assert [m.name for m in load_config(str(path)).models] == ["org/m", "org-m"]
+
 def test_invalid_toml_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[server\nport = 1\n")

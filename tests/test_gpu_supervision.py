@@ -185,6 +185,17 @@ def test_plan_on_a_machine_without_gpus_says_so(tmp_path):
     assert "small#0: cannot place: no usable NVIDIA GPU" in out.stdout
 
 
+def test_plan_with_an_inventory_of_no_gpus_says_which_file_lists_none(tmp_path):
+    """It printed "No GPUs: None"."""
+    small = make_model(tmp_path, "small", 1)
+    cfg, inventory = tmp_path / "a.toml", tmp_path / "none.toml"
+    inventory.write_text("# a CPU-only box\n")
+    cfg.write_text(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n')
+    out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg), "--inventory", str(inventory)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert f"No GPUs: simulated:{inventory} lists none" in out.stdout and "None" not in out.stdout
+
 def test_the_daemon_reports_gpu_placement_in_status(daemons, tmp_path):
     small = make_model(tmp_path, "small", 14)
     text = gpu_config(tmp_path, "")

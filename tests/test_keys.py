@@ -239,3 +239,36 @@ def test_provider_keys_never_show_in_a_repr(tmp_path, recorder):
     p = load_providers(cfg)["cloud"]
     assert "sk-test" not in repr(p) and "sk-test" not in repr(p.__dict__)
     assert p.headers({})["Authorization"] == "Bearer sk-test-secret-never-logged"
+
+
+def test_revoking_a_key_by_its_name_says_which_id_to_revoke(tmp_path):
+    """`keys revoke` takes an id (names need not be unique); given a name it said only
+    "no active key 'ci-bot'", beside a `keys ls` listing an active ci-bot."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+
+    def cli(*args):
+        return subprocess.run([PY, "-m", "appliance.cli", "keys", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    first, second = (cli("create", "--name", "ci-bot").stdout.split("-")[1] for _ in range(2))
+    out = cli("revoke", "ci-bot")
+    assert out.returncode == 1
+    assert "no active key with id 'ci-bot'" in out.stderr
+    assert f"keys named 'ci-bot': {first}, {second}" in out.stderr
+    assert cli("revoke", first).returncode == 0
+    assert "no active key with id 'nobody'" in cli("revoke", "nobody").stderr
+
+
+def test_the_bearer_scheme_is_read_in_any_case(keyed):
+    """RFC 9110: an auth scheme is case-insensitive. "bearer ak-..." (some HTTP clients
+    write it so) was a 401 with keys required, and without them the key was not read
+    at all: the request ran keyless, its key's budget and routes never applied."""
+    token = keys_cli(keyed, "create", "--name", "lowercase")
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        headers = {"Authorization": f"{scheme} {token}"}
+        with keyed.client() as c:
+            assert c.post("/v1/chat/completions", json=CHAT, headers=headers).status_code == 200, scheme
+            assert c.get("/v1/models", headers=headers).status_code == 200, scheme
+    with keyed.client() as c:  # another scheme is no key
+        assert c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Basic {token}"}).status_code == 401

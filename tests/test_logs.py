@@ -213,3 +213,19 @@ def test_a_recurring_refusal_is_logged_once_per_reason_then_with_its_count(caplo
         "refused: no room, retry in 9s (and 4 more like it since)",
     ]
     assert {r.levelno for r in caplog.records} == {logging.INFO}
+
+
+def test_a_log_line_writes_control_characters_a_client_sent_as_escapes(tmp_path, monkeypatch, restore_logging):
+    """A client's X-Request-Id (its bytes 0x80-0xff read as latin-1: 0x9b is CSI to a
+    terminal) or a path it asked for reaches a log line: the operator's terminal must not
+    obey it, nor journald file the line as a blob; one line stays one line."""
+    out, to_file = tmp_path / "stderr.txt", tmp_path / "daemon.log"
+    stream = out.open("w")
+    monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+    setup_logging("info", str(to_file), stream=stream)
+    bind_request_id("zz\x9b31mRED")
+    logging.getLogger("appliance.test").error("unhandled error on GET %s", "/v1/\x1b]0;PWNED\x07\ttab")
+    bind_request_id("")
+    stream.close()
+    for text in (out.read_text(), to_file.read_text().split(" ", 2)[2]):
+        assert text == "ERROR appliance.test [req zz\\x9b31mRED]: unhandled error on GET /v1/\\x1b]0;PWNED\\x07\ttab\n"

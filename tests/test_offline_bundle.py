@@ -348,3 +348,26 @@ def test_a_damaged_bundle_installs_nothing_and_names_the_bad_file(bundle, tmp_pa
     error = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and message in error[0], result.stderr
     assert not prefix.exists() and not (tmp_path / "versions").exists()
+
+
+def test_bundle_create_into_a_shared_directory_writes_through_no_link_a_local_user_planted(tmp_path):
+    """-o /tmp/appliance.tar wrote /tmp/appliance.tar.tmp first, a name known in advance: a
+    local user's link there made `bundle create` (run as root) overwrite the file it points to."""
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o1777)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    (shared / "appliance.tar.tmp").symlink_to(victim)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n')
+    made = subprocess.run([PY, "-m", "appliance.cli", "bundle", "create", "-o", str(shared / "appliance.tar"),
+                           "--prebuilt", "none", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=600)
+    if made.returncode != 0 and "download" in made.stderr.lower():
+        pytest.skip(f"PyPI not reachable to make the bundle: {made.stderr.strip()}")
+    assert made.returncode == 0, made.stderr
+    assert victim.read_text() == "precious\n"
+    archive = shared / "appliance.tar"
+    assert not archive.is_symlink() and tarfile.is_tarfile(archive)
+    assert archive.stat().st_mode & 0o777 == 0o644  # a bundle is for copying to the offline server
+    assert sorted(p.name for p in shared.iterdir()) == ["appliance.tar", "appliance.tar.tmp"]

@@ -158,6 +158,13 @@ class _Bucket:
         self.at = now
 
 
+def bearer_token(authorization: str) -> str:
+    """The credential an Authorization header carries: after its Bearer scheme, in any
+    case (RFC 9110: "bearer ak-..." is a key too), or the whole value when it names none."""
+    scheme, _, rest = authorization.strip().partition(" ")
+    return rest.strip() if scheme.lower() == "bearer" else authorization.strip()
+
+
 class Gate:
     """The daemon's view of the keys: authenticate, limit, charge usage."""
 
@@ -197,7 +204,7 @@ class Gate:
 
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The caller's key; None for a keyless local client where that is allowed."""
-        token = authorization.decode("latin-1").removeprefix("Bearer ").strip() if authorization else ""
+        token = bearer_token(authorization.decode("latin-1")) if authorization else ""
         if not token.startswith(PREFIX):
             if self.required:
                 raise Unauthorized(

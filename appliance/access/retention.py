@@ -7,7 +7,8 @@ one batch at most, never for the whole purge. ``usage_ledger`` (budget periods) 
 touched: it is one row per key and period, and a budget must never forget a charge.
 
 Export for compliance (``appliance audit export``) streams rows between two times as JSON
-lines or CSV: the key's id, never the key (the database has only its digest, elsewhere).
+lines or CSV: the key's id, never the key (the database has only its digest, elsewhere). In
+CSV, what a client wrote is neither a spreadsheet formula nor a terminal's escape (csv_cell).
 """
 
 from __future__ import annotations
@@ -20,10 +21,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import IO
 
 from appliance.access.audit import COLUMNS
 from appliance.config import AuditConfig
+from appliance.logs import escape_controls
 from appliance.state.db import connect
 
 log = logging.getLogger("appliance.audit")
@@ -116,7 +118,7 @@ def rows_between(db: sqlite3.Connection, since: float | None, until: float | Non
         yield dict(zip(("id", *COLUMNS), values, strict=True))
 
 
-def write_jsonl(rows: Iterator[dict], out: TextIO) -> int:
+def write_jsonl(rows: Iterator[dict], out: IO[str]) -> int:
     n = 0
     for row in rows:
         out.write(json.dumps({**row, "ts": iso(row["ts"])}) + "\n")
@@ -124,14 +126,29 @@ def write_jsonl(rows: Iterator[dict], out: TextIO) -> int:
     return n
 
 
-def write_csv(rows: Iterator[dict], out: TextIO) -> int:
+def write_csv(rows: Iterator[dict], out: IO[str]) -> int:
     writer = csv.DictWriter(out, fieldnames=("id", *COLUMNS))
     writer.writeheader()
     n = 0
     for row in rows:
-        writer.writerow({**row, "ts": iso(row["ts"])})
+        writer.writerow({k: csv_cell(v) for k, v in row.items()} | {"ts": iso(row["ts"])})
         n += 1
     return n
+
+
+# What makes a spreadsheet read a cell as a formula (OWASP, "CSV Injection").
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """A text cell as a spreadsheet and a terminal show it without obeying it: clients
+    wrote the model names, request ids and prompts in audit rows. A formula's leading
+    character is quoted with ', control characters but tab and newline are \\xNN."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(_FORMULA_START):
+        value = "'" + value
+    return value if value.isprintable() else escape_controls(value)
 
 
 def iso(ts: float) -> str:

@@ -7,7 +7,7 @@
   API keys are not required (a developer's box): once keys.required is true, or
   the daemon listens beyond loopback, TCP admin needs the token.
 
-Every admin request over TCP must also name this server in its Host header (a
+Every admin request over TCP must also name this server in its one Host header (a
 DNS-rebinding page sends its own name), come from no other web origin (a page in
 the operator's browser posting cross-site), and a state-changing call must send
 ``Content-Type: application/json``, which no cross-site "simple" request can.
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 from litestar import Request
 
+from appliance.access.keys import bearer_token
 from appliance.api.admin_socket import via_admin_socket
 from appliance.config import Config, is_loopback
 from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType
@@ -75,7 +76,13 @@ class AdminAccess:
 
     def _check_origin(self, request: Request) -> None:
         headers = request.headers
-        host = headers.get("host", "")
+        hosts = headers.getall("host", [])
+        if len(hosts) > 1:  # which one a proxy in front read is anyone's guess
+            raise Forbidden(
+                f"Admin API: a request with {len(hosts)} Host headers is refused (one names this server)",
+                code="untrusted_host",
+            )
+        host = hosts[0] if hosts else ""
         if host and not self._our_name(_hostname(host)):
             raise Forbidden(
                 f"Admin API: Host {host!r} is not this server's address (a DNS-rebinding page "
@@ -132,7 +139,7 @@ class AdminAccess:
 
 
 def _bearer(request: Request) -> str:
-    return request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+    return bearer_token(request.headers.get("authorization", ""))
 
 
 def _hostname(host: str) -> str:

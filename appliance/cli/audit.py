@@ -42,6 +42,7 @@ def audit() -> None:
 def export(since, until, fmt, output, config) -> None:
     """Stream audit rows (oldest first) with each request's key id, never its key."""
     from appliance.access.retention import rows_between, write_csv, write_jsonl
+    from appliance.safe_paths import written_aside
     from appliance.state.db import path_in
 
     start, end = _when(since), _when(until)
@@ -52,10 +53,8 @@ def export(since, until, fmt, output, config) -> None:
     write = write_csv if fmt == "csv" else write_jsonl
     try:
         if output:
-            tmp = Path(output).with_name(f".{Path(output).name}.partial")
-            with open(tmp, "w", newline="") as out:
+            with written_aside(Path(output), newline="") as out:  # never half-written, never through a link
                 n = write(rows_between(db, start, end), out)
-            tmp.replace(output)  # never a half-written export under its name
         else:
             n = write(rows_between(db, start, end), sys.stdout)
     except sqlite3.Error as exc:

@@ -117,10 +117,15 @@ def register(main: click.Group, load) -> None:
     def revoke(config, key_id, as_json) -> None:
         """Revoke a key by its id (the running daemon refuses it within a second)."""
         s = store(config)
-        ok = s.revoke(key_id.removeprefix("ak-").split("-")[0])
-        s.close()
+        try:
+            ok = s.revoke(key_id.removeprefix("ak-").split("-")[0])
+            named = [k.id for k in s.all() if k.name == key_id and not k.revoked_at] if not ok else []
+        finally:
+            s.close()
         if not ok:
-            raise click.ClickException(f"no active key {key_id!r}")
+            # Names need not be unique: say which ids carry it rather than pick one.
+            hint = f"; keys named {key_id!r}: {', '.join(named)}" if named else ""
+            raise click.ClickException(f"no active key with id {key_id!r}{hint}")
         now = time.time()
         if as_json:
             document = {"id": key_id.removeprefix("ak-").split("-")[0], "revoked": True, "revoked_at": _iso(now)}

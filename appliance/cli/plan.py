@@ -94,7 +94,7 @@ def plan(
             )
         )
     else:
-        click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error}")
+        click.echo(f"GPUs ({inv.source}):" if inv.gpus else f"No GPUs: {inv.error or inv.source + ' lists none'}")
         taken: dict[int, int] = {}
         for r in rows:
             if r.assignment:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -23,7 +24,7 @@ from appliance.config import (
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--host", help="Address to bind (overrides server.host).")
-@click.option("--port", type=int, help="Port to bind (overrides server.port).")
+@click.option("--port", type=click.IntRange(1, 65535), help="Port to bind (overrides server.port).")
 def serve(config: str | None, host: str | None, port: int | None) -> None:
     """Run the daemon in the foreground until SIGTERM or Ctrl-C."""
     import logging
@@ -180,12 +181,19 @@ def _check_policy(cfg: Config) -> None:
 
 
 def _check_files(cfg: Config) -> None:
-    """Fail at start, with the fix, when the CPU engine or a model file is missing."""
+    """Fail at start, with the fix, when the CPU engine, a model file or the simulated GPU
+    inventory is missing."""
     import os
 
     from appliance.dist.images import llamacpp_binary
+    from appliance.gpu.probe import load_inventory
     from appliance.store.store import model_path
 
+    if cfg.gpu.inventory:
+        try:
+            load_inventory(Path(cfg.gpu.inventory))
+        except ValueError as exc:
+            raise click.ClickException(f"{cfg.origin}: field 'gpu.inventory': {exc}") from None
     for m in cfg.models:
         if m.server != "llamacpp":
             continue

@@ -162,13 +162,14 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
 @click.option("--token-file", metavar="FILE", help="The admin token for --url (default: server.admin_token_file).")
 def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
     """The operator's terminal UI: GPUs, models, routes, logs, usage; scale, load, pin, restart."""
+    from appliance.daemon.admin_client import DaemonDown
     from tui.app import ApplianceTUI
     from tui.client import AdminClient, target_from_config
 
     cfg = load(config)
     try:
         target = target_from_config(cfg, socket=socket, url=url, token_file=token_file)
-    except (ConfigError, OSError) as exc:
+    except (ConfigError, OSError, DaemonDown) as exc:
         raise click.ClickException(str(exc)) from None
     ApplianceTUI(AdminClient.to(target)).run()
 

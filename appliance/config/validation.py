@@ -133,11 +133,20 @@ def _validate(cfg: Config) -> None:
     need(cfg.capacity.headroom_idle_s >= 0, "capacity.headroom_idle_s", "must not be negative (0 = off)")
 
     seen: set[str] = set()
+    log_names: dict[str, str] = {}  # a replica log's name -> the model's (fleet/replica.py)
     for i, m in enumerate(cfg.models):
         at = f"models[{i}]"
         _need_model_name(need, m.name, f"{at}.name")
         need(m.name not in seen, f"{at}.name", f"duplicate model name {m.name!r}")
         seen.add(m.name)
+        log_name = m.name.replace("/", "_")
+        other = log_names.setdefault(log_name, m.name)
+        need(
+            other == m.name,
+            f"{at}.name",
+            f"its replicas would log to the same files as model {other!r} (<log_dir>/replicas/"
+            f"{log_name}-N.log: '/' is written '_'); rename one of them",
+        )
         a = m.autoscaling
         need(a.min_replicas >= 0, f"{at}.autoscaling.min_replicas", "must not be negative")
         need(

@@ -84,7 +84,31 @@ def target_from_config(
     host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
     if ":" in host:
         host = f"[{host}]"
-    return Target(url=f"http://{host}:{port or cfg.server.port}", token=token())
+    target = Target(url=f"http://{host}:{port or cfg.server.port}", token=token())
+    if target.token:
+        _refuse_unless_the_daemon(
+            cfg.server.host, port or cfg.server.port, target, token_file or cfg.server.admin_token_file
+        )
+    return target
+
+
+def _refuse_unless_the_daemon(host: str, port: int, target: Target, token_file: str) -> None:
+    """The admin token goes to this box's port only while the daemon holds it: with the
+    daemon down, any local user's program listening there would be sent the token. The
+    daemon holds the port's claim (port_claim.py) as a user that reads the token file:
+    root, its owner, or its group where the file is group-readable."""
+    from appliance.daemon.port_claim import holder_ids
+
+    ids = holder_ids(host, port)
+    if ids is None:
+        raise DaemonDown(f"the daemon is not running (nothing answers at {target.where})")
+    uid, gid = ids
+    st = os.stat(token_file)
+    if uid not in (0, st.st_uid) and not (st.st_mode & 0o040 and gid == st.st_gid):
+        raise DaemonDown(
+            f"{target.where} is held by uid {uid}, not by the daemon (root, or the user or group that "
+            f"reads the admin token file {token_file}): the admin token was not sent"
+        )
 
 
 def answer(resp: httpx.Response, into: type[T]) -> T:

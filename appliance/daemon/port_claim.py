@@ -107,6 +107,20 @@ def _answer(sock: socket.socket, me: bytes) -> None:
                 pass
 
 
+def holder_ids(host: str, port: int) -> tuple[int, int] | None:
+    """The uid and gid of the process holding the claim on host:port (the kernel's word
+    for it, SO_PEERCRED), None when none does: whom a client on that port talks to."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(2.0)
+        try:
+            conn.connect(f"\0appliance-port:{host}:{port}")
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return None
+    _, uid, gid = struct.unpack("3i", creds)
+    return uid, gid
+
+
 def _holder(name: str) -> str:
     """'pid N, config F, state directory D' of the daemon holding the claim, as far as known."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:

@@ -42,7 +42,7 @@ from typing import Any
 
 from appliance.config import Config, install_prefix
 from appliance.dist.images import definition, target_pip_args
-from appliance.safe_paths import StoreError, check_file_path, open_regular
+from appliance.safe_paths import StoreError, check_file_path, open_regular, written_aside
 from appliance.store.hashing import copy_and_hash, hash_file
 from appliance.store.store import Store
 
@@ -124,12 +124,12 @@ def create(cfg: Config, output: Path, *, engines: list[str], models: list[str],
             sums = [f"{hash_file(p)}  {p.relative_to(work).as_posix()}"
                     for p in sorted(work.rglob("*")) if p.is_file()]
             (work / "SHA256SUMS").write_text("\n".join(sums) + "\n")
-            tmp = output.with_name(output.name + ".tmp")
-            with tarfile.open(tmp, "w") as tf:
+            # Never through a link a local user put beside it (-o /tmp/...): written_aside.
+            with written_aside(output, "wb") as out, tarfile.open(fileobj=out, mode="w") as tf:
+                os.fchmod(out.fileno(), 0o644)  # for copying to the offline server
                 for p in sorted(work.rglob("*")):
                     if p.is_file():
                         tf.add(p, arcname=p.relative_to(work).as_posix())
-            os.replace(tmp, output)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return output

@@ -260,7 +260,10 @@ class SimulatedProbe:
 
 
 def load_inventory(path: Path) -> Inventory:
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the inventory: {exc.strerror or exc}") from None
     try:
         data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
     except (ValueError, tomllib.TOMLDecodeError) as exc:
