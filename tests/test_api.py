@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import socket
 
 from unittest.mock import ANY
@@ -308,6 +309,20 @@ def test_every_answer_carries_a_request_id_the_clients_own_if_it_sent_one(shared
     for resp in answers:
         assert len(resp.headers.get_list("x-request-id")) == 1, (resp.request.url, resp.headers)
     assert mine.headers["x-request-id"] == "client-id-42"
+
+
+def test_a_request_id_with_a_byte_beyond_printable_ascii_is_replaced_not_echoed(shared_daemon):
+    # Regression: any latin-1 byte (0x9b is CSI to a terminal) was echoed, audited and sent
+    # to the engine; a printable ASCII id is still the client's own.
+    with shared_daemon.client() as c:
+        for sent in (b"zz\x9b31mRED", "caf\xe9".encode("latin-1"), b"x" * 129):
+            for resp in (c.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": sent}),
+                         c.get("/v1/models", headers={"x-request-id": sent}),
+                         c.get("/v1/models/nope", headers={"x-request-id": sent})):
+                assert re.fullmatch("[0-9a-f]{32}", resp.headers["x-request-id"]), (sent, resp.headers)
+        mine = "job 7/step-2 (retry ~1)"
+        kept = c.post("/v1/chat/completions", json=CHAT, headers={"x-request-id": mine})
+    assert kept.status_code == 200 and kept.headers["x-request-id"] == mine
 
 
 def test_a_raw_garbage_request_gets_an_http_error_not_a_hang(shared_daemon):

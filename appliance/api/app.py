@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
@@ -111,6 +112,19 @@ def _new_request_id() -> str:
     return "%032x" % _getrandbits(128)
 
 
+# A client's own X-Request-Id: 1-128 printable ASCII characters.
+_CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,128}")
+
+
+def _request_id_of(sent: bytes | None) -> str:
+    """The request's id: the client's X-Request-Id when it is 1-128 printable ASCII
+    characters, else a new one. It is echoed, logged, audited and sent to the engine,
+    so a control character or a latin-1 byte in it goes no further than here."""
+    if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return _new_request_id()
+
+
 async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
     """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
     exception middleware turns anything raised here, before the answer starts,
@@ -119,11 +133,11 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}", allow="POST")
     started = time.perf_counter()
     rt: Runtime = scope["app"].state.runtime
-    rid = declared = auth = tag = content_type = origin = fetch_site = encoding = None
+    sent_id = declared = auth = tag = content_type = origin = fetch_site = encoding = None
     tag_header = rt.tag_header
     for name, value in scope["headers"]:
         if name == b"x-request-id":
-            rid = value.decode("latin-1")
+            sent_id = value
         elif name == b"content-length":
             declared = value
         elif name == b"authorization":
@@ -140,8 +154,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
             fetch_site = value
         elif name == b"content-encoding":
             encoding = value
-    if not rid or len(rid) > 128:
-        rid = _new_request_id()
+    rid = _request_id_of(sent_id)
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     req = ProxyRequest(rid, started, time.time(), ep, receive)
@@ -368,10 +381,10 @@ def front_door(app: Litestar):
 
 def _with_request_id(scope: Any, send: Send) -> Send:
     """Every answer carries X-Request-Id, as the proxied ones do: the client's own
-    (up to 128 characters), else a new one; an error's envelope names the same
+    (``_request_id_of``), else a new one; an error's envelope names the same
     (``error_parts`` reads scope["request_id"]), and the SDKs show it on their errors."""
-    rid = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"x-request-id"), "")
-    scope["request_id"] = rid = rid if 0 < len(rid) <= 128 else _new_request_id()
+    sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
+    scope["request_id"] = rid = _request_id_of(sent)
 
     async def send_with_id(message: Any) -> None:
         if message["type"] == "http.response.start":
