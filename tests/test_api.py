@@ -311,6 +311,33 @@ def test_every_answer_carries_a_request_id_the_clients_own_if_it_sent_one(shared
     assert mine.headers["x-request-id"] == "client-id-42"
 
 
+def test_the_anthropic_sdk_reads_the_request_id_of_every_anthropic_answer(shared_daemon):
+    # Regression: only X-Request-Id was sent; Anthropic's SDK reads request-id, so
+    # e.request_id (and a message's _request_id) was None.
+    claude = anthropic.Anthropic(base_url=shared_daemon.url, api_key="x", max_retries=0)
+    said = [{"role": "user", "content": "hi"}]
+    made = claude.messages.with_raw_response.create(model="fake", max_tokens=3, messages=said)
+    assert made.headers["request-id"] == made.headers["x-request-id"] and made.parse()._request_id
+    with claude.messages.with_streaming_response.create(model="fake", max_tokens=3, messages=said,
+                                                        stream=True) as streamed:
+        assert streamed.headers["request-id"] == streamed.headers["x-request-id"]
+    counted = claude.messages.with_raw_response.count_tokens(model="fake", messages=said)
+    listed = claude.models.with_raw_response.list()
+    for raw in (counted, listed):
+        assert raw.headers["request-id"] == raw.headers["x-request-id"], raw.headers
+    for call in (lambda: claude.messages.create(model="nope", max_tokens=3, messages=said),
+                 lambda: claude.models.retrieve("nope")):
+        with pytest.raises(anthropic.NotFoundError) as info:
+            call()
+        assert info.value.request_id == info.value.response.headers["x-request-id"]
+    with pytest.raises(anthropic.BadRequestError) as info:
+        claude.messages.create(model="fake", max_tokens=3, messages=[])
+    assert info.value.request_id
+    # OpenAI's answers carry only X-Request-Id, as before.
+    with shared_daemon.client() as c:
+        assert "request-id" not in c.post("/v1/chat/completions", json=CHAT).headers
+
+
 def test_a_request_id_with_a_byte_beyond_printable_ascii_is_replaced_not_echoed(shared_daemon):
     # Regression: any latin-1 byte (0x9b is CSI to a terminal) was echoed, audited and sent
     # to the engine; a printable ASCII id is still the client's own.

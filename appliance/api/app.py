@@ -508,9 +508,10 @@ def error_parts(
     if refused and not path.startswith("/admin/"):
         _REFUSALS.log(log, logging.INFO, f"refused {method} {path}: {err.status} {err.code}: {err.message}")
     headers = err.headers()
+    dialect = dialect or dialect_for_path(path)
     if rid:
-        headers["X-Request-Id"] = rid
-    return err.status, headers, (dialect or dialect_for_path(path)).envelope(err)
+        headers.update(dialect.id_headers(rid))
+    return err.status, headers, dialect.envelope(err)
 
 
 def _allowed(exc: HTTPException) -> str:

@@ -54,6 +54,13 @@ def request_dialect(request: Request) -> Dialect | None:
     return None
 
 
+def _anthropic(content: AnthropicModelPage | AnthropicModel, request: Request) -> Response:
+    """An answer in Anthropic's shape, naming its request's id as its SDKs read it
+    (request-id; the front door adds X-Request-Id to every answer)."""
+    rid = request.scope.get("request_id")
+    return Response(content, media_type=JSON, headers=ANTHROPIC.id_headers(rid) if isinstance(rid, str) else None)
+
+
 @get(PATH)
 async def list_models(request: Request) -> Response[ModelList | AnthropicModelPage]:
     rt = client_or_admin(request)
@@ -62,7 +69,7 @@ async def list_models(request: Request) -> Response[ModelList | AnthropicModelPa
         page, has_more = _page(names, request)
         cards = [_anthropic_model(rt, name) for name in page]
         first, last = (page[0], page[-1]) if page else (None, None)
-        return Response(AnthropicModelPage(cards, has_more, first, last), media_type=JSON)
+        return _anthropic(AnthropicModelPage(cards, has_more, first, last), request)
     created = int(rt.started)
     return Response(ModelList(data=[_model_card(rt, name, created) for name in names]), media_type=JSON)
 
@@ -110,5 +117,5 @@ async def get_model(request: Request) -> Response[ModelCard | AnthropicModel]:
     if rt.supervisor.find(name) is None:
         raise ModelNotFound(name)  # 404 in the envelope
     if request_dialect(request) is ANTHROPIC:
-        return Response(_anthropic_model(rt, name), media_type=JSON)
+        return _anthropic(_anthropic_model(rt, name), request)
     return Response(_model_card(rt, name, int(rt.started)), media_type=JSON)

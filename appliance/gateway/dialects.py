@@ -55,6 +55,13 @@ class Dialect:
             return api_messages.envelope(err.status, err.message)
         return err.envelope()
 
+    def id_headers(self, rid: str) -> dict[str, str]:
+        """The headers an answer names its request's id in: X-Request-Id, and on
+        Anthropic's API also request-id, the one its SDKs read (``e.request_id``)."""
+        if self is ANTHROPIC:
+            return {"x-request-id": rid, "request-id": rid}
+        return {"x-request-id": rid}
+
     def stream_error(self, err: ApplianceError) -> bytes:
         """The event that tells a client its stream failed after it had begun."""
         if self is ANTHROPIC:

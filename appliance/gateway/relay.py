@@ -61,7 +61,7 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     finish(rt, req, status)
     await committed(req)
     req.bytes_sent = True
-    await send_whole(send, status, content_type, data, {"x-request-id": req.rid})
+    await send_whole(send, status, content_type, data, req.endpoint.dialect.id_headers(req.rid))
 
 
 async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
@@ -203,11 +203,12 @@ async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> An
 async def _start_sse(send: Send, req: ProxyRequest) -> None:
     """Start a 200 event-stream answer; from here on no fallback may take over the request."""
     req.bytes_sent = True
+    id_headers = req.endpoint.dialect.id_headers(req.rid)
     await send(
         {
             "type": "http.response.start",
             "status": 200,
-            "headers": [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode())],
+            "headers": [*SSE_START_HEADERS, *((k.encode(), v.encode()) for k, v in id_headers.items())],
         }
     )
 
