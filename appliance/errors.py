@@ -54,6 +54,19 @@ class Unauthorized(ApplianceError):
     status = 401
     type = "authentication_error"
     code = "invalid_api_key"
+    # RFC 6750 3: the scheme to authenticate with; a credential was sent, and is not valid.
+    challenge = 'Bearer realm="appliance", error="invalid_token"'
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "WWW-Authenticate": self.challenge}
+
+
+class MissingCredential(Unauthorized):
+    """No key where one is required: the message says how to send one."""
+
+    challenge = 'Bearer realm="appliance"'
+    # In Anthropic's envelope (gateway/dialects.py): its SDKs send the key as x-api-key.
+    anthropic_message = "Missing API key: send 'x-api-key: ak-...' (or 'Authorization: Bearer ak-...')"
 
 
 class NotFound(ApplianceError):

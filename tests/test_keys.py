@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import aiohttp
+import anthropic
 import httpx
 import msgspec
 import pytest
@@ -61,6 +62,25 @@ def test_a_missing_or_wrong_key_gets_401_in_the_envelope(keyed):
         assert resp.status_code == 401
         assert resp.json()["error"]["type"] == "authentication_error"
     assert post(keyed, token).status_code == 200
+
+
+def test_a_401_challenges_for_a_bearer_token_and_says_how_anthropics_sdk_sends_one(keyed):
+    # Regression: no WWW-Authenticate (RFC 6750), and a Messages client was told only of
+    # Authorization, which its SDK does not send (x-api-key).
+    missing, wrong = post(keyed, None), post(keyed, "ak-nope-nope")
+    assert missing.headers["www-authenticate"] == 'Bearer realm="appliance"'
+    assert wrong.headers["www-authenticate"] == 'Bearer realm="appliance", error="invalid_token"'
+    with keyed.client() as c:
+        models = c.get("/v1/models")
+        said = {"model": "fake", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}
+        messages = c.post("/v1/messages", json=said)
+    assert models.status_code == 401 and models.headers["www-authenticate"].startswith("Bearer")
+    assert "x-api-key" not in missing.json()["error"]["message"]
+    assert messages.status_code == 401 and messages.headers["www-authenticate"].startswith("Bearer")
+    assert "x-api-key" in messages.json()["error"]["message"], messages.json()
+    claude = anthropic.Anthropic(base_url=keyed.url, api_key="ak-nope-nope", max_retries=0)
+    with pytest.raises(anthropic.AuthenticationError):
+        claude.messages.create(**said)
 
 
 def test_a_key_is_shown_once_and_stored_hashed(keyed):

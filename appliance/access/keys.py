@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.access.audit import connect, transaction
-from appliance.errors import Forbidden, RateLimited, Unauthorized
+from appliance.errors import Forbidden, MissingCredential, RateLimited, Unauthorized
 
 PREFIX = "ak-"
 PERIODS = ("hour", "day", "month")
@@ -206,10 +206,10 @@ class Gate:
         """The caller's key; None for a keyless local client where that is allowed."""
         token = bearer_token(authorization.decode("latin-1")) if authorization else ""
         if not token.startswith(PREFIX):
+            if self.required and not token:
+                raise MissingCredential("Missing API key: send 'Authorization: Bearer ak-...'")
             if self.required:
-                raise Unauthorized(
-                    "Missing API key: send 'Authorization: Bearer ak-...'" if not token else "Invalid API key"
-                )
+                raise Unauthorized("Invalid API key")
             return None
         key_id, _, secret = token[len(PREFIX) :].partition("-")
         key = self.keys.get(key_id)

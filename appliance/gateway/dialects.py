@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from appliance.errors import ApplianceError, ErrorEnvelope, encode_error
+from appliance.errors import ApplianceError, ErrorEnvelope, MissingCredential, encode_error
 from appliance.gateway import api_audio, api_messages, api_responses
 from appliance.gateway.metering import Usage, estimated_usage, prompt_bound, unary_usage
 
@@ -52,7 +52,8 @@ class Dialect:
 
     def envelope(self, err: ApplianceError) -> bytes:
         if self is ANTHROPIC:
-            return api_messages.envelope(err.status, err.message)
+            message = err.anthropic_message if isinstance(err, MissingCredential) else err.message
+            return api_messages.envelope(err.status, message)
         return err.envelope()
 
     def id_headers(self, rid: str) -> dict[str, str]:
