@@ -232,8 +232,7 @@ async def _serve(
         _reserve(rt, req, key, request, fields)
     deployment = req.deployment = rt.supervisor.deployment(target)
     capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
-    if ep.name == "chat":
-        capabilities.check_tools(cfg, deployment.model, request.tool_choice)
+    capabilities.check_fields(cfg, ep, deployment.model, request)
     req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
     stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)

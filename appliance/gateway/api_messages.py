@@ -39,6 +39,8 @@ class MessagesRequest(CountTokensRequest):
     top_p: float | None = None
     top_k: int | None = None
     stop_sequences: list[str] | None = None
+    # {"type": "any"} or {"type": "tool", ...} forces a tool call (capabilities.forces_tool).
+    tool_choice: str | dict[str, Any] | None = None
 
 
 class _Usage(msgspec.Struct):

@@ -30,6 +30,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     temperature: float | None = None
     top_p: float | None = None
     tools: list[Any] | None = None
+    # "required" or a named tool forces a tool call (capabilities.forces_tool).
+    tool_choice: str | dict[str, Any] | None = None
 
     @property
     def stateful(self) -> bool:

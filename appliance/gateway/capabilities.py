@@ -191,19 +191,62 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
         )
 
 
+def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
+    """A 400 naming the field, for what a request asks that the model's engine would not
+    honour and answer as if it had: a forced tool call, an embedding's dimensions.
+    (request: the endpoint's Struct, or anything with its fields.)"""
+    tool_choice = getattr(request, "tool_choice", None)
+    if tool_choice is not None and forces_tool(endpoint, tool_choice):
+        check_tools(cfg, model, tool_choice)
+    if getattr(request, "dimensions", None) is not None:
+        check_dimensions(model)
+
+
+def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
+    """Whether tool_choice obliges the model to call a tool, in the endpoint's API: chat's
+    "required" or a named function (any object), Responses' "required" or a named tool
+    (an object other than allowed_tools in auto mode), Anthropic's {"type": "any"|"tool"}."""
+    if endpoint.dialect is ANTHROPIC:
+        return isinstance(tool_choice, dict) and tool_choice.get("type") in ("any", "tool")
+    if endpoint.dialect is RESPONSES and isinstance(tool_choice, dict) and tool_choice.get("type") == "allowed_tools":
+        return tool_choice.get("mode") == "required"
+    return tool_choice == "required" or isinstance(tool_choice, dict)
+
+
 def check_tools(cfg: Config, model: ModelConfig, tool_choice: object) -> None:
-    """A request that must call a tool (tool_choice "required" or a named function) on a
-    model whose chat template has no tools gets a 400: the engine would drop the tools
-    and answer in words, which the client reads as the model refusing its tool."""
+    """A request that must call a tool (tool_choice "required" or a named function, or
+    their forms in another API: ``forces_tool``) on a model whose chat template has no
+    tools gets a 400: the engine would drop the tools and answer in words, which the
+    client reads as the model refusing its tool."""
     if tool_choice != "required" and not isinstance(tool_choice, dict):
         return
     if serves_tools(cfg, model) is False:
         raise BadRequest(
             f"Model '{model.name}' cannot call tools: its chat template has no tool support, so "
-            "tool_choice 'required' or a named function cannot be honoured; use a model whose "
-            "template supports tools (or give llama.cpp one with --chat-template-file in its args)",
+            "a tool_choice that forces a tool call ('required', a named function or tool, or "
+            "Anthropic's 'any') cannot be honoured; use a model whose template supports tools "
+            "(or give llama.cpp one with --chat-template-file in its args)",
             param="tool_choice",
             code="tools_not_supported",
+        )
+
+
+# The engines that honour an embeddings request's `dimensions` (a matryoshka model's
+# shorter vector): vLLM and SGLang; an operator's OpenAI-compatible server decides
+# itself. llama.cpp ignores it and answers the model's whole width (576 where 8 were asked).
+DIMENSIONS_HONOURED = frozenset({"vllm", "sglang", "openai"})
+
+
+def check_dimensions(model: ModelConfig) -> None:
+    """A 400 naming `dimensions` unless the model's engine honours it."""
+    adapter = engine_of(model)
+    if adapter.name not in DIMENSIONS_HONOURED:
+        raise BadRequest(
+            f"Model '{model.name}' runs on the {adapter.name} engine, which cannot shorten its "
+            "embeddings: leave 'dimensions' out (and truncate the vectors yourself if the model "
+            "was trained for it), or serve the model on vllm or sglang",
+            param="dimensions",
+            code="dimensions_not_supported",
         )
 
 
@@ -225,7 +268,10 @@ __all__ = [
     "TASKS",
     "Endpoint",
     "check",
+    "check_dimensions",
+    "check_fields",
     "check_tools",
+    "forces_tool",
     "keeps_responses",
     "serves",
     "tasks_of",

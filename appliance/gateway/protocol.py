@@ -84,6 +84,8 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     model: Name
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
+    # A shorter vector: honoured by some engines only (gateway/capabilities.check_dimensions).
+    dimensions: int | None = None
 
 
 RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest

@@ -1,0 +1,94 @@
+"""What a request asks that the model's engine cannot honour is a 400 naming the field,
+in every API, before anything is queued or started (appliance/gateway/capabilities.py)."""
+
+from __future__ import annotations
+
+import anthropic
+import httpx
+import openai
+import pytest
+
+from appliance.config import parse_config
+from appliance.errors import BadRequest
+from appliance.gateway.api_messages import MessagesRequest
+from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.capabilities import ENDPOINTS, check_fields
+from appliance.gateway.protocol import EmbeddingRequest
+
+from .conftest import fake_model
+
+SAID = [{"role": "user", "content": "weather?"}]
+FORCED_MESSAGES = ({"type": "any"}, {"type": "tool", "name": "get_weather"})
+FORCED_RESPONSES = ("required", {"type": "function", "name": "get_weather"},
+                    {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "f"}]})
+
+
+def _bundled():
+    cfg = parse_config("")  # the bundled SmolLM2 on llama.cpp: its template never mentions tools
+    return cfg, cfg.models[0]
+
+
+def test_a_forced_tool_on_messages_or_responses_is_refused_like_chats_and_a_free_choice_is_not():
+    # Regression: only chat's tool_choice was checked; Messages' {"type": "any"|"tool"} and
+    # Responses' "required" reached a template without tools, which answered in words.
+    cfg, model = _bundled()
+    messages, responses = ENDPOINTS["/v1/messages"], ENDPOINTS["/v1/responses"]
+    for endpoint, request in [
+        *((messages, MessagesRequest(model="m", messages=SAID, max_tokens=3, tool_choice=c)) for c in FORCED_MESSAGES),
+        *((responses, ResponsesRequest(model="m", input="hi", tool_choice=c)) for c in FORCED_RESPONSES),
+    ]:
+        with pytest.raises(BadRequest, match="cannot call tools") as info:
+            check_fields(cfg, endpoint, model, request)
+        assert (info.value.code, info.value.param) == ("tools_not_supported", "tool_choice")
+    free = [(messages, MessagesRequest(model="m", messages=SAID, max_tokens=3, tool_choice=c))
+            for c in (None, {"type": "auto"}, {"type": "none"})]
+    free += [(responses, ResponsesRequest(model="m", input="hi", tool_choice=c))
+             for c in (None, "auto", "none", {"type": "allowed_tools", "mode": "auto", "tools": []})]
+    for endpoint, request in free:
+        check_fields(cfg, endpoint, model, request)
+
+
+def test_embedding_dimensions_are_refused_on_llama_cpp_and_passed_on_to_vllm():
+    # Regression: llama.cpp ignores dimensions and answered 576 numbers where 8 were asked.
+    cfg, model = _bundled()
+    embeddings = ENDPOINTS["/v1/embeddings"]
+    with pytest.raises(BadRequest, match="dimensions") as info:
+        check_fields(cfg, embeddings, model, EmbeddingRequest(model="m", input="hi", dimensions=8))
+    assert (info.value.code, info.value.param) == ("dimensions_not_supported", "dimensions")
+    check_fields(cfg, embeddings, model, EmbeddingRequest(model="m", input="hi"))
+    vllm = parse_config('[[models]]\nname = "v"\nserver = "vllm"\nsource = "hf:org/matryoshka"\n'
+                        'tasks = ["embed"]\n').models[0]
+    check_fields(cfg, embeddings, vllm, EmbeddingRequest(model="v", input="hi", dimensions=8))
+
+
+@pytest.fixture(scope="module")
+def cold_llama(tmp_path_factory):
+    """A llama.cpp model that serves embeddings, never started: the refusals come first."""
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path_factory.mktemp("capabilities"))
+    models = ('[[models]]\nname = "llama"\nsource = "builtin:smollm2-135m-instruct"\nembeddings = true\n'
+              "[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1\n\n" + fake_model("fake", embeddings=True))
+    yield factory.start(models)
+    factory.cleanup()
+
+
+def test_the_front_door_refuses_what_llama_cpp_cannot_honour_in_each_apis_envelope(cold_llama):
+    url = cold_llama.url
+    with pytest.raises(openai.BadRequestError) as dims:
+        openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0).embeddings.create(
+            model="llama", input="hi", dimensions=8)
+    assert (dims.value.body["param"], dims.value.body["code"]) == ("dimensions", "dimensions_not_supported")
+    claude = anthropic.Anthropic(base_url=url, api_key="x", max_retries=0)
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}}]
+    with pytest.raises(anthropic.BadRequestError) as forced:
+        claude.messages.create(model="llama", max_tokens=3, messages=SAID, tools=tools, tool_choice={"type": "any"})
+    assert "cannot call tools" in forced.value.body["error"]["message"]
+    resp = httpx.post(f"{url}/v1/responses", timeout=30, json={
+        "model": "llama", "input": "hi", "tool_choice": "required",
+        "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]})
+    assert resp.status_code == 400 and resp.json()["error"]["code"] == "tools_not_supported", resp.text
+    # Nothing was started for them; another engine's model keeps its dimensions.
+    assert cold_llama.replicas("llama") == []
+    fake = httpx.post(f"{url}/v1/embeddings", json={"model": "fake", "input": "hi", "dimensions": 8}, timeout=30)
+    assert fake.status_code == 200, fake.text
