@@ -11,6 +11,7 @@ import secrets
 import subprocess
 
 import httpx
+import openai
 import pytest
 
 from .conftest import PY, ROOT, fake_model
@@ -108,6 +109,32 @@ def test_a_dns_rebinding_page_cannot_read_or_change_anything(dev_daemon):
     assert state(d) == ["READY"]
     for host in (f"localhost:{d.port}", f"127.0.0.1:{d.port}", "localhost", f"[::1]:{d.port}"):
         assert httpx.get(d.url + "/admin/status", headers={"Host": host}, timeout=10).status_code == 200, host
+
+
+def test_a_dns_rebinding_page_cannot_read_the_model_list_or_metrics_of_a_keyless_box(dev_daemon):
+    # Regression: the model API's GETs did not check Host; keyless, a page that rebound its
+    # name to 127.0.0.1 read /v1/models and /metrics (a same-origin GET sends no Origin).
+    d = dev_daemon
+    for host in (f"evil.example:{d.port}", "evil.example", "10.11.12.13"):
+        for path in ("/v1/models", "/v1/models/fake", "/metrics"):
+            resp = httpx.get(d.url + path, headers={"Host": host}, timeout=10)
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "untrusted_host", (host, path)
+            assert "fake" not in resp.text.replace(host, "")
+        ready = httpx.get(d.url + "/readyz", headers={"Host": host}, timeout=10)
+        assert ready.status_code == 200 and "models" not in ready.json(), ready.text
+    for host in (f"localhost:{d.port}", f"127.0.0.1:{d.port}", f"[::1]:{d.port}"):
+        for path in ("/v1/models", "/v1/models/fake", "/metrics"):
+            assert httpx.get(d.url + path, headers={"Host": host}, timeout=10).status_code == 200, (host, path)
+    for base in (d.url, f"http://localhost:{d.port}"):  # what SDK clients send: the URL's own host
+        assert [m.id for m in openai.OpenAI(base_url=base + "/v1", api_key="x").models.list()] == ["fake"]
+
+
+def test_a_configured_host_name_reaches_the_model_list_and_public_metrics(daemons):
+    d = daemons.start(fake_model("fake"), server='admin_hosts = ["ai.example"]\nmetrics_public = true')
+    for path in ("/v1/models", "/metrics"):
+        assert httpx.get(d.url + path, headers={"Host": f"ai.example:{d.port}"}, timeout=10).status_code == 200
+        refused = httpx.get(d.url + path, headers={"Host": f"evil.example:{d.port}"}, timeout=10)
+        assert refused.status_code == 403, (path, refused.text)
 
 
 def test_a_request_with_two_host_headers_is_refused_whichever_comes_first(dev_daemon):

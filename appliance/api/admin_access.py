@@ -12,7 +12,8 @@ DNS-rebinding page sends its own name), come from no other web origin (a page in
 the operator's browser posting cross-site), and a state-changing call must send
 ``Content-Type: application/json``, which no cross-site "simple" request can.
 The same credential (admin token or admin socket) also opens /metrics and
-/v1/models when API keys are required.
+/v1/models when API keys are required; without keys, their GETs get the same Host
+check (``check_host``), since no credential stands between a page and their answers.
 """
 
 from __future__ import annotations
@@ -75,21 +76,30 @@ class AdminAccess:
             raise Forbidden("Admin API is served to loopback clients only unless server.admin_token_file is set")
 
     def _check_origin(self, request: Request) -> None:
+        self.check_host(request, "Admin API")
         headers = request.headers
-        hosts = headers.getall("host", [])
+        self.refuse_cross_site(headers.get("origin"), headers.get("sec-fetch-site"), "Admin API", "administer")
+
+    def check_host(self, request: Request, api: str) -> None:
+        """A 403 unless the request names this server in its one Host header: a page that
+        rebound its own DNS name to this address reads the answers of a same-origin GET
+        (it sends no Origin then), so its name must not be served. The admin API checks
+        every request; the model API its GETs that no key guards (appliance/api/callers.py)."""
+        if via_admin_socket(request.scope):
+            return
+        hosts = request.headers.getall("host", [])
         if len(hosts) > 1:  # which one a proxy in front read is anyone's guess
             raise Forbidden(
-                f"Admin API: a request with {len(hosts)} Host headers is refused (one names this server)",
+                f"{api}: a request with {len(hosts)} Host headers is refused (one names this server)",
                 code="untrusted_host",
             )
         host = hosts[0] if hosts else ""
         if host and not self._our_name(_hostname(host)):
             raise Forbidden(
-                f"Admin API: Host {host!r} is not this server's address (a DNS-rebinding page "
+                f"{api}: Host {host!r} is not this server's address (a DNS-rebinding page "
                 "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
                 code="untrusted_host",
             )
-        self.refuse_cross_site(headers.get("origin"), headers.get("sec-fetch-site"), "Admin API", "administer")
 
     def refuse_cross_site(self, origin: str | None, fetch_site: str | None, api: str, verb: str) -> None:
         """A request a browser sent for a page of another web origin: refused, on the

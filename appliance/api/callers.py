@@ -18,9 +18,12 @@ def runtime(request: Request) -> Runtime:
 
 def client_or_admin(request: Request) -> Runtime:
     """What the API shows about the box (its models, its metrics): with keys required,
-    only to a caller with an API key or the admin credential."""
+    only to a caller with an API key or the admin credential; without, only to a
+    request naming this server in Host (AdminAccess.check_host: not a DNS-rebinding page)."""
     rt = runtime(request)
-    if rt.gate.required and not rt.admin.is_admin(request):
+    if not rt.gate.required:  # no key guards the answer from a DNS-rebinding page: its Host must be ours
+        rt.admin.check_host(request, "API")
+    elif not rt.admin.is_admin(request):
         rt.gate.authenticate(authorization(request))
     return rt
 

@@ -7,7 +7,7 @@ from litestar.openapi import ResponseSpec
 
 from appliance.api.callers import client_or_admin, runtime
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from appliance.errors import Unauthorized
+from appliance.errors import Forbidden, Unauthorized
 from appliance.status import Readiness
 
 JSON = "application/json"
@@ -28,7 +28,7 @@ async def readyz(request: Request) -> Response[Readiness]:
     rt = runtime(request)
     ready = rt.supervisor.ready and not rt.draining
     body = Readiness(status="draining" if rt.draining else ("ready" if ready else "starting"))
-    if not rt.gate.required or _has_credential(request):  # the box's model names are for callers with a key
+    if _has_credential(request):  # the box's model names: for callers with a key (keyless: our own Host)
         supervisor = rt.supervisor  # an adapter is as ready as its base
         body.models = {name: d.ready for name in supervisor.model_names() if (d := supervisor.find(name)) is not None}
     headers = {} if ready else {"Retry-After": "5"}
@@ -38,7 +38,7 @@ async def readyz(request: Request) -> Response[Readiness]:
 def _has_credential(request: Request) -> bool:
     try:
         client_or_admin(request)
-    except Unauthorized:
+    except (Unauthorized, Forbidden):
         return False
     return True
 
@@ -48,4 +48,6 @@ async def metrics(request: Request) -> Response[bytes]:
     rt = runtime(request)
     if not rt.cfg.server.metrics_public:
         client_or_admin(request)
+    else:  # open to anyone who reaches the port, not to a page that rebound its name to it
+        rt.admin.check_host(request, "API")
     return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)

@@ -37,7 +37,8 @@ class ServerConfig(_Section):
     admin_token_file: str = ""
     # Names (besides loopback addresses, localhost and server.host) the admin API
     # answers to in the Host header: the DNS name of a reverse proxy, say. A
-    # DNS-rebinding web page sends its own name and is refused.
+    # DNS-rebinding web page sends its own name and is refused. The model API's GETs
+    # that no key guards (keyless /v1/models, a public /metrics) read the same list.
     admin_hosts: list[str] = msgspec.field(default_factory=list)
     # With keys.required, /metrics needs an API key or the admin token; true opens it
     # to anyone who reaches the port (a local Prometheus without credentials).
