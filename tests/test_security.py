@@ -3,8 +3,12 @@ token, and no secret or request body in logs, errors or /metrics."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 import socket
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
@@ -112,3 +116,74 @@ def test_the_state_and_log_dirs_the_daemon_makes_are_closed_to_other_users(tmp_p
         os.umask(old)
     for made in ("state", "log", "locked", "keys-first"):
         assert (tmp_path / made).stat().st_mode & 0o007 == 0, made
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_engine_directories_of_a_killed_daemon_are_removed_and_nothing_else(tmp_path):
+    # Regression: a daemon killed with SIGKILL (no atexit) left /tmp/appliance-engines-*
+    # with its engines' secrets, and each start made another.
+    import os
+    import subprocess
+
+    from appliance.fleet.engine_access import remove_abandoned_roots
+
+    dead, outside = _dead_pid(), tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("x")
+    left = tmp_path / f"appliance-engines-{dead}-abc123"
+    (left / "r0").mkdir(parents=True)
+    (left / "r0" / "api-key").write_text("secret\n")
+    (left / "r0" / "link").symlink_to(outside)  # a link inside is removed, not followed
+    alive = subprocess.Popen(["sleep", "30"])
+    try:
+        running = tmp_path / f"appliance-engines-{alive.pid}-def456"
+        running.mkdir()
+        linked = tmp_path / f"appliance-engines-{dead}-lnk"
+        linked.symlink_to(outside)  # a local user's link, named as ours
+        plain = tmp_path / f"appliance-engines-{dead}-file"
+        plain.write_text("x")
+        legacy, other = tmp_path / "appliance-engines-k2j3h4", tmp_path / f"other-{dead}-abc"
+        legacy.mkdir()
+        other.mkdir()
+        theirs = tmp_path / f"appliance-engines-{dead}-theirs"
+        theirs.mkdir()
+        kept = [running, linked, plain, legacy, other]
+        if os.getuid() == 0:
+            os.chown(theirs, 65534, 65534)  # another user's directory, named as ours
+            kept.append(theirs)
+        removed = remove_abandoned_roots(tmp_path)
+        assert left in removed and not set(kept) & set(removed)
+        assert not left.exists() and (outside / "keep").exists()
+        assert all(p.exists() or p.is_symlink() for p in kept)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def test_a_restarted_daemon_removes_the_engine_directory_its_killed_predecessor_left(daemons):
+    import shutil
+    import signal
+
+    from .conftest import wait_until
+
+    tmp = Path(tempfile.mkdtemp(prefix="ae", dir="/tmp"))  # short: the engines' sockets are under it
+    try:
+        first = daemons.start(fake_model("fake"), env={"TMPDIR": str(tmp)})
+        [left] = list(tmp.glob("appliance-engines-*"))
+        first.terminate(signal.SIGKILL)
+        for pid in first.engine_pids:  # its orphaned engine (not what is under test here)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        second = daemons.start(fake_model("fake"), env={"TMPDIR": str(tmp)})
+        wait_until(lambda: not left.exists(), 10, what="the killed daemon's engine directory to go")
+        assert [p.name.split("-")[2] for p in tmp.glob("appliance-engines-*")] == [str(second.proc.pid)]
+        second.terminate()
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

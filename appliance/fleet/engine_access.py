@@ -19,8 +19,10 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import re
 import secrets
 import shutil
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ PASSED_PREFIXES = ("LC_", "CUDA_", "NCCL_", "NVIDIA_")
 
 _root: Path | None = None
 _serial = itertools.count()
+# The daemon's private root: appliance-engines-<its pid>-<random> (tempfile.mkdtemp).
+_ROOT_NAME = re.compile(r"appliance-engines-(\d+)-[A-Za-z0-9_]+")
 
 
 @dataclass(frozen=True)
@@ -95,10 +99,50 @@ def _private_root() -> Path:
     $RUNTIME_DIRECTORY when systemd gives one, else the temp dir; removed at exit."""
     global _root
     if _root is None or not _root.is_dir():
-        base = os.environ.get("RUNTIME_DIRECTORY") or None
-        _root = Path(tempfile.mkdtemp(prefix="appliance-engines-", dir=base))  # mode 0700
+        base = os.environ.get("RUNTIME_DIRECTORY") or tempfile.gettempdir()
+        remove_abandoned_roots(Path(base))
+        _root = Path(tempfile.mkdtemp(prefix=f"appliance-engines-{os.getpid()}-", dir=base))  # mode 0700
         atexit.register(shutil.rmtree, _root, True)
     return _root
+
+
+def remove_abandoned_roots(base: Path) -> list[Path]:
+    """The private roots a daemon of this user left behind (SIGKILL runs no atexit; their
+    engine secrets stayed on disk): removed, and only those: a directory itself (not a
+    link), owned by this uid, named for a daemon's pid that no longer runs as this user.
+    In a world-writable /tmp another user's entry is theirs (a link, or not our uid),
+    and rmtree does not follow links within the tree."""
+    removed: list[Path] = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    uid = os.getuid()
+    for name in names:
+        match = _ROOT_NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = base / name
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == uid and not _runs_as_us(int(match[1])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _runs_as_us(pid: int) -> bool:
+    """Whether the process pid is alive and ours to signal (root: any live process), so
+    possibly the daemon that made the directory; a pid another user now has is not."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, PermissionError):
+        return False
+    except (OSError, OverflowError):
+        return True  # cannot tell: keep it
+    return True
 
 
 def engine_environment(
