@@ -84,14 +84,14 @@ class WorkerLink:
         """Frames from the worker, until it is gone; then its requests end as cut."""
         try:
             while True:
-                frame = await self.reader.read()
-                if isinstance(frame, Request):
-                    self._start(frame)
-                elif isinstance(frame, (Body, Gone, Finish)):
-                    if (inbox := self.inboxes.get(frame.rid)) is not None:
-                        inbox.put(frame)
-                elif (call := self.calls.get(frame.uid)) is not None:
-                    call.put(frame)
+                for frame in await self.reader.read():
+                    if isinstance(frame, Request):
+                        self._start(frame)
+                    elif isinstance(frame, (Body, Gone, Finish)):
+                        if (inbox := self.inboxes.get(frame.rid)) is not None:
+                            inbox.put(frame)
+                    elif (call := self.calls.get(frame.uid)) is not None:
+                        call.put(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker exited
         except (ValueError, msgspec.MsgspecError) as exc:

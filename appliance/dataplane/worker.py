@@ -359,23 +359,25 @@ class Worker:
             else:
                 resp.close()
 
+    def _take(self, frame: ToWorker) -> None:
+        if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
+            if not receipt.done():
+                receipt.set_result(None) if frame.ok else receipt.set_exception(_NOT_WRITTEN)
+        elif isinstance(frame, (Start, Body, Gone, Grant, Settled, Want)):
+            answer = self.requests.get(frame.rid)
+            if answer is not None:
+                answer.put(None if isinstance(frame, Gone) else frame)
+        elif isinstance(frame, Call):
+            self._call(frame)
+        elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
+            task.cancel()
+
     async def read_link(self) -> None:
         """Frames from the daemon, until it is gone."""
         try:
             while True:
-                frame = await self.reader.read()
-                if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
-                    if not receipt.done():
-                        ok = frame.ok
-                        receipt.set_result(None) if ok else receipt.set_exception(_NOT_WRITTEN)
-                elif isinstance(frame, (Start, Body, Gone, Grant, Settled, Want)):
-                    answer = self.requests.get(frame.rid)
-                    if answer is not None:
-                        answer.put(None if isinstance(frame, Gone) else frame)
-                elif isinstance(frame, Call):
-                    self._call(frame)
-                elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
-                    task.cancel()
+                for frame in await self.reader.read():
+                    self._take(frame)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, msgspec.MsgspecError):
             pass
         finally:
