@@ -277,7 +277,7 @@ async def _serve(
         body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
         # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
         request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
-        facts = facts_of(ep, body, request)
+        facts = facts_of(ep, body, request, keyed=req.key is not None)
     elif facts.size > limit:
         raise PayloadTooLarge(f"Request body of {facts.size} bytes exceeds the limit of {limit} bytes")
     else:
@@ -402,7 +402,10 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, facts: Facts, fields: 
     ep = req.endpoint
     context = dep.model.context_length
     ceiling = dep.model.default_max_tokens or context
-    cap, n, prompt = facts.cap, facts.n, facts.prompt
+    budget = facts.budget
+    if budget is None:  # a worker reads it of every request it passes on with a key's header
+        raise ApplianceError("Internal error: a keyed request came without its budget's facts")
+    cap, n, prompt = budget.cap, budget.n, budget.prompt
     res = req.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     req.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
@@ -410,7 +413,7 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, facts: Facts, fields: 
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
         fields[ep.length_field] = limit
-    n_predict = facts.n_predict
+    n_predict = budget.n_predict
     if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
         # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
         fields["n_predict"] = limit if limit is not None else (cap or 0) // n

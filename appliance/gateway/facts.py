@@ -17,13 +17,20 @@ from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.metering import choices, completion_cap, stream_options
 
 
-class Facts(msgspec.Struct, array_like=True, frozen=True):
-    model: str  # the model the client asked for
-    size: int  # the body's bytes (its limit is the daemon's to check)
+class Budget(msgspec.Struct, array_like=True, frozen=True):
+    """What a key's reservation reads of the body (access/keys.py: Gate.admit)."""
+
     prompt: int  # the most tokens its prompt can be (the budget's bound; 0 on a free endpoint)
     cap: int | None  # the most completion tokens it asked for, all choices together (None: no limit)
     n: int  # its choices
     n_predict: int | None  # llama.cpp's own length field, as sent
+
+
+class Facts(msgspec.Struct, array_like=True, frozen=True):
+    model: str  # the model the client asked for
+    size: int  # the body's bytes (its limit is the daemon's to check)
+    # For a request that may carry a key (None: it has none, so nothing is reserved).
+    budget: Budget | None
     stream: bool
     usage_asked: bool  # a stream whose client asked for its usage (stream_options.include_usage)
     cache_salt: str | None
@@ -39,16 +46,14 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     guess: int | None = None
 
 
-def facts_of(endpoint: Endpoint, body: bytes, request: Any) -> Facts:
-    """A decoded request's facts (request: the endpoint's Struct, decoded from body)."""
+def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
+    """A decoded request's facts (request: the endpoint's Struct, decoded from body);
+    keyed: it may carry a key, whose reservation reads its Budget."""
     options = getattr(request, "stream_options", None)
     return Facts(
         request.model,
         len(body),
-        0 if endpoint.free else endpoint.dialect.bound(body),
-        completion_cap(request) if endpoint.generates else 0,
-        choices(request),
-        getattr(request, "n_predict", None),
+        budget_of(endpoint, body, request) if keyed else None,
         bool(getattr(request, "stream", False)),
         options is not None and bool(options.include_usage),
         getattr(request, "cache_salt", None),
@@ -58,9 +63,19 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any) -> Facts:
     )
 
 
+def budget_of(endpoint: Endpoint, body: bytes, request: Any) -> Budget:
+    return Budget(
+        0 if endpoint.free else endpoint.dialect.bound(body),
+        completion_cap(request) if endpoint.generates else 0,
+        choices(request),
+        getattr(request, "n_predict", None),
+    )
+
+
 def carried_facts(endpoint: Endpoint, body: bytes, request: Any) -> Facts:
-    """facts_of, with what the daemon cannot read without the body: a worker's."""
-    facts = facts_of(endpoint, body, request)
+    """facts_of, with what the daemon cannot read without the body: a worker's (which
+    does not know whether the key it passes on is valid: its budget always)."""
+    facts = facts_of(endpoint, body, request, keyed=True)
     return msgspec.structs.replace(
         facts,
         options=stream_options(body) if facts.stream and not facts.usage_asked else b"",
@@ -69,4 +84,4 @@ def carried_facts(endpoint: Endpoint, body: bytes, request: Any) -> Facts:
     )
 
 
-__all__ = ["Facts", "carried_facts", "facts_of"]
+__all__ = ["Budget", "Facts", "budget_of", "carried_facts", "facts_of"]
