@@ -457,7 +457,7 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
         if args.warmup > 0:
             load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
         spy = None
-        if args.profile and side == "appliance":
+        if args.profile and side.startswith("appliance"):  # with workers: the daemon's own process
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             # PYSPY_EXTRA="--native --threads" etc.; --native cannot run non-blocking.
             pyspy_extra = os.environ.get("PYSPY_EXTRA", "").split()
@@ -467,7 +467,7 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
             spy = subprocess.Popen(
                 [pyspy, "record", "--pid", str(sides.pids[side]), "--rate", "250", *pyspy_extra,
                  "--duration", str(int(args.duration)), "--format", "raw",
-                 "-o", str(Path(args.profile) / f"c{c}.txt")],
+                 "-o", str(Path(args.profile) / f"{side}-c{c}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # CPU per request of the processes that serve this side (the engine itself for
         # "direct"; for the others the proxy and every process below it, the engine excepted).

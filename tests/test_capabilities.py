@@ -92,3 +92,17 @@ def test_the_front_door_refuses_what_llama_cpp_cannot_honour_in_each_apis_envelo
     assert cold_llama.replicas("llama") == []
     fake = httpx.post(f"{url}/v1/embeddings", json={"model": "fake", "input": "hi", "dimensions": 8}, timeout=30)
     assert fake.status_code == 200, fake.text
+
+
+def test_a_workers_facts_carry_what_check_fields_reads():
+    # With workers the daemon decides on the facts a worker read of the body (gateway/facts.py).
+    from appliance.gateway.facts import carried_facts
+    from appliance.gateway.protocol import decode_request
+
+    cfg, model = _bundled()
+    for path, body in (("/v1/embeddings", b'{"model": "m", "input": "hi", "dimensions": 8}'),
+                       ("/v1/messages", b'{"model": "m", "max_tokens": 3, "tool_choice": {"type": "any"},'
+                                        b' "messages": [{"role": "user", "content": "hi"}]}')):
+        endpoint = ENDPOINTS[path]
+        with pytest.raises(BadRequest):
+            check_fields(cfg, endpoint, model, carried_facts(endpoint, body, decode_request(body, endpoint.cls)))

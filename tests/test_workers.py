@@ -33,6 +33,7 @@ MODELS = (
     + fake_model("err5xx", "--fail-status", "500")
     + fake_model("pair", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
     + fake_model("flood", "--chunks", "100000")
+    + fake_model("twin", "--latency", "1", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
 )
 
 
@@ -54,9 +55,9 @@ def _all_ready(daemon) -> bool:
         models = {m["name"]: m for m in daemon.status()["models"]}
     except (httpx.HTTPError, KeyError, ValueError):
         return False
-    pair = models["pair"]["replicas"]
+    pairs = models["pair"]["replicas"] + models["twin"]["replicas"]
     ready = models["fake"]["ready"] and models["flood"]["ready"] and models["slow"]["ready"]
-    return len(pair) == 2 and all(r["state"] == "READY" for r in pair) and ready
+    return len(pairs) == 4 and all(r["state"] == "READY" for r in pairs) and ready
 
 
 def worker_pids(daemon_pid: int) -> dict[int, int]:
@@ -164,6 +165,7 @@ def test_a_regulated_route_never_leaves_the_box_through_the_workers(workers, rec
     assert recorder.requests() == before
     general = post(workers, token, {"model": "general"})  # the same failure, not regulated: it falls back
     assert general.status_code == 200 and recorder.requests() == before + 1
+    assert general.headers.get(CARRIED) is None  # a fallback to weigh: the daemon asked for its body, answered it
 
 
 def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(workers):
@@ -262,6 +264,31 @@ def test_a_carried_stream_settles_exactly_the_usage_the_engine_reported(workers)
     spent = db_rows(workers, "SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE key_id = ?",
                     token.split("-")[1])[0][0]
     assert spent == 2 * sum(expected)
+
+
+def test_a_carried_request_whose_replica_dies_before_answering_is_answered_by_the_other_once(workers):
+    """The worker's engine call fails before a byte came back: the daemon grants it again,
+    on the other replica; the client sees one answer, the ledger one row and one charge."""
+    token = keys_cli(workers, "create", "--name", "retried", "--budget-tokens", "100000")
+    result: dict[str, httpx.Response] = {}
+    sender = threading.Thread(target=lambda: result.update(resp=post(workers, token, {"model": "twin"})))
+    sender.start()
+    busy = wait_until(lambda: [r for r in workers.replicas("twin") if r["inflight"]], 10, what="the request held")
+    os.kill(busy[0]["pid"], signal.SIGKILL)  # its engine dies before answering (latency 1 s)
+    sender.join(timeout=30)
+    resp = result["resp"]
+    assert resp.status_code == 200 and resp.headers.get(CARRIED) == "fast", resp.text
+    usage = resp.json()["usage"]
+    rid = resp.headers["x-request-id"]
+    sql = "SELECT served_by, status, prompt_tokens, completion_tokens FROM audit WHERE request_id = ?"
+    rows = wait_until(lambda: db_rows(workers, sql, rid), 10, what="the request's audit row")
+    assert rows == [(rows[0][0], 200, usage["prompt_tokens"], usage["completion_tokens"])]
+    assert rows[0][0] != busy[0]["replica"]  # answered by the other replica
+    assert "retrying request" in workers.log_text()
+    spent = db_rows(workers, "SELECT coalesce(sum(tokens), 0) FROM usage_ledger WHERE key_id = ?",
+                    token.split("-")[1])[0][0]
+    assert spent == usage["prompt_tokens"] + usage["completion_tokens"]  # settled once, at what it used
+    wait_until(lambda: _all_ready(workers), 30, what="the dead replica's restart")
 
 
 def _rss_kib(pid: int) -> int:

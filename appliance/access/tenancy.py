@@ -108,9 +108,12 @@ class Tenancy:
 
     def answer(self, data: bytes) -> bytes:
         """A whole JSON answer without its cache-revealing fields."""
-        if not self.isolated or not revealing(data):
-            return data
-        return scrub(data)
+        return cleaned(data, self.isolated)
+
+
+def cleaned(data: bytes, isolated: bool) -> bytes:
+    """A whole JSON answer, for tenants kept apart (isolated) without its cache-revealing fields."""
+    return scrub(data) if isolated and revealing(data) else data
 
 
 def scrub(data: bytes) -> bytes:

@@ -54,6 +54,7 @@ from appliance.errors import (
     BadRequest,
     MethodNotAllowed,
     NoCapacity,
+    PayloadTooLarge,
     QueueFull,
     ShuttingDown,
     StateWriteFailed,
@@ -63,18 +64,17 @@ from appliance.errors import (
 )
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ClientGone
+from appliance.fleet.prefix import engine_view
 from appliance.fleet.replica import Replica
 from appliance.fleet.supervisor import Supervisor
 from appliance.gateway import api_audio, capabilities
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import Dialect, dialect_for_path
+from appliance.gateway.facts import Facts, facts_of
 from appliance.gateway.ledger import committed, finish
-from appliance.gateway.metering import StreamTap, choices, completion_cap, usage_option
+from appliance.gateway.metering import StreamTap, stream_options, usage_option
 from appliance.gateway.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    RequestT,
     decode_request,
 )
 from appliance.gateway.providers import load_providers, set_fields
@@ -170,7 +170,8 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
             rt.admin.refuse_cross_site(origin.decode("latin-1") if origin else None, site, "API", "use")
         if encoding is not None:
             _refuse_encoded(encoding)
-        await _serve(rt, req, send, path, declared, auth, tag, content_type)
+        # A worker's request comes with its facts (appliance/dataplane/authority.py).
+        await _serve(rt, req, send, path, declared, auth, tag, content_type, scope.get("facts"))  # type: ignore[arg-type]
     except ApplianceError as exc:
         finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):
@@ -208,74 +209,112 @@ async def _serve(
     auth: bytes | None,
     tag: bytes | None,
     content_type: bytes | None,
+    facts: Facts | None = None,
 ) -> None:
     """The front door's part: who asks (key), what for (body, model, route), what
     it may cost (reservation), which deployment, with what the engine is sent;
-    then routing forwards it and the relay answers."""
+    then routing forwards it and the relay answers. facts: what a worker read of
+    the body it keeps (appliance/dataplane/worker.py); None: the body is read here."""
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     # The policy as it is now, for the whole request: a reload swaps these (Gateway.adopt)
     # in one step, and the body's read below must not let a request see half of each.
     gate, cfg, routes, tenancy = rt.gate, rt.cfg, rt.routes, rt.tenancy
     ep = req.endpoint
-    key = req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
+    req.key = gate.authenticate(auth) if (auth is not None or gate.required) else None
     limit = cfg.server.max_upload_bytes if ep.form else cfg.server.max_body_bytes
-    body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
-    # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
-    request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
-    model = req.model = request.model
-    route = req.route = routes.match(model, tag.decode("latin-1") if tag else "", key, cfg.routing.tag_header)
-    rt.audit.admit(req.accountable)
-    target = req.target = route.target if route is not None else model
-    fields: dict = {} if target == model else {"model": target}
-    if key is not None:
-        _reserve(rt, req, key, request, fields)
-    deployment = req.deployment = rt.supervisor.deployment(target)
-    capabilities.check(path, ep, deployment.model, getattr(request, "stateful", False))
-    capabilities.check_fields(cfg, ep, deployment.model, request)
-    req.path = ep.engine_path or path
-    # Responses an engine stores: where each lives (a conversation goes back there).
-    stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
-    if stores:
-        req.pinned = _home_of(rt, request, key, deployment)
-    stream = req.stream = bool(getattr(request, "stream", False))
-    if stream and (cfg.audit.enabled or key is not None or tenancy.isolated or stores):
-        _tap(req, request, tenancy.isolated, fields)
-    req.forwarded = set_fields(body, **fields) if fields else body
-    tenant = tenancy.tenant(key, route)
-    if tenant is not None and ep.generates and not ep.form:
-        req.salt = tenancy.salt(tenant, getattr(request, "cache_salt", None))
-    if len(deployment.replicas) > 1 and cfg.routing.prefix_aware and ep.view != "":
-        seed = tenancy.seed(tenant) ^ deployment.lora.seed(target) if deployment.lora else tenancy.seed(tenant)
-        req.prefix = deployment.prefix.hashes(req.forwarded, ep.view, seed)
-    if cfg.audit.include_text:
-        req.request_text, req.response_text = api_audio.without_audio(body) if ep.form else req.forwarded, b""
+    if facts is None:
+        body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
+        # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
+        request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
+        facts = facts_of(ep, body, request, keyed=req.key is not None)
+    elif facts.size > limit:
+        raise PayloadTooLarge(f"Request body of {facts.size} bytes exceeds the limit of {limit} bytes")
+    else:
+        req.guess = facts.guess
+    fields = _decide(rt, req, path, facts, tag, cfg, routes, tenancy)
+    if req.body:
+        with_body(cfg, req, req.body, fields)
+    else:  # its worker has the body: it sets these (appliance/dataplane/authority.py)
+        req.fields = fields
     content = content_type.decode("latin-1") if content_type is not None else JSON
     req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
     if rt.answer is not None:  # workers: the data plane answers it (appliance/dataplane/authority.py)
         await rt.answer(rt, req, send)
-    elif stream:
+    elif req.stream:
         await answer_stream(rt, req, send)
     else:
         await answer_whole(rt, req, send)
 
 
-def _home_of(rt: Runtime, request: ResponsesRequest, key: ApiKey | None, deployment: Deployment) -> Replica | None:
+def _decide(
+    rt: Runtime,
+    req: ProxyRequest,
+    path: str,
+    facts: Facts,
+    tag: bytes | None,
+    cfg: Config,
+    routes: Routes,
+    tenancy: Tenancy,
+) -> dict:
+    """The policy on a request's facts, the same whoever read its body: its route,
+    its reservation, its deployment and what that serves, its stream's tap, its
+    tenant's cache salt, its prefix's hashes. The fields to set in its body."""
+    ep = req.endpoint
+    key = req.key
+    model = req.model = facts.model
+    route = req.route = routes.match(model, tag.decode("latin-1") if tag else "", key, cfg.routing.tag_header)
+    rt.audit.admit(req.accountable)
+    target = req.target = route.target if route is not None else model
+    fields: dict = {} if target == model else {"model": target}
+    if key is not None:
+        _reserve(rt, req, key, facts, fields)
+    deployment = req.deployment = rt.supervisor.deployment(target)
+    capabilities.check(path, ep, deployment.model, facts.stateful)
+    capabilities.check_fields(cfg, ep, deployment.model, facts)
+    req.path = ep.engine_path or path
+    # Responses an engine stores: where each lives (a conversation goes back there).
+    stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)
+    if stores:
+        req.pinned = _home_of(rt, facts, key, deployment)
+    stream = req.stream = facts.stream
+    if stream and (cfg.audit.enabled or key is not None or tenancy.isolated or stores):
+        _tap(req, facts, tenancy.isolated, fields)
+    tenant = tenancy.tenant(key, route)
+    if tenant is not None and ep.generates and not ep.form:
+        req.salt = tenancy.salt(tenant, facts.cache_salt)
+    if len(deployment.replicas) > 1 and cfg.routing.prefix_aware and ep.view != "":
+        seed = tenancy.seed(tenant) ^ deployment.lora.seed(target) if deployment.lora else tenancy.seed(tenant)
+        view = facts.view if facts.view is not None else engine_view(req.body, ep.view)
+        req.prefix = deployment.prefix.view_hashes(view, seed)
+    return fields
+
+
+def with_body(cfg: Config, req: ProxyRequest, body: bytes, fields: dict) -> None:
+    """What is sent on of the request's body: the front door's fields set in it (and
+    the audit's copy of its text, [audit] include_text)."""
+    req.body = body
+    req.forwarded = set_fields(body, **fields) if fields else body
+    if cfg.audit.include_text:
+        req.request_text, req.response_text = api_audio.without_audio(body) if req.endpoint.form else req.forwarded, b""
+
+
+def _home_of(rt: Runtime, facts: Facts, key: ApiKey | None, deployment: Deployment) -> Replica | None:
     """The replica a Responses request with previous_response_id must run on."""
-    previous = request.previous_response_id
+    previous = facts.previous
     if previous is None:
         return None
     replica = rt.response_homes.find(previous, key, "previous_response_id")
     if replica not in deployment.replicas:
         raise BadRequest(
-            f"Response '{previous}' was made by another model than '{request.model}'",
+            f"Response '{previous}' was made by another model than '{facts.model}'",
             param="previous_response_id",
             code="response_model_mismatch",
         )
     return replica
 
 
-def _tap(req: ProxyRequest, request: ChatCompletionRequest | CompletionRequest, isolated: bool, fields: dict) -> None:
+def _tap(req: ProxyRequest, facts: Facts, isolated: bool, fields: dict) -> None:
     """A metered or tenant-isolated stream: the engine is asked for its usage (an
     event kept from a client that did not ask for it), and the relay watches the
     events (appliance/gateway/metering.py: StreamTap). Responses and Messages streams
@@ -291,13 +330,14 @@ def _tap(req: ProxyRequest, request: ChatCompletionRequest | CompletionRequest, 
             terminal=dialect.terminal,
         )
         return
-    asked = request.stream_options is not None and bool(request.stream_options.include_usage)
+    asked = facts.usage_asked
     if not asked:
-        fields["stream_options"] = usage_option(req.body)
+        options = facts.options if facts.options is not None else stream_options(req.body)
+        fields["stream_options"] = usage_option(options)
     req.tap = StreamTap(not asked, scrub, revealing) if isolated else StreamTap(not asked)
 
 
-def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fields: dict) -> None:
+def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, facts: Facts, fields: dict) -> None:
     """Admit the key's request against its limits and hold the most it may cost
     against its budget (appliance/access/keys.py). A request that set no completion
     length is reserved at the model's default cap (default_max_tokens, else its
@@ -311,9 +351,10 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fie
     ep = req.endpoint
     context = dep.model.context_length
     ceiling = dep.model.default_max_tokens or context
-    cap = completion_cap(request) if ep.generates else 0
-    n = choices(request)
-    prompt = 0 if ep.free else ep.dialect.bound(req.body)
+    budget = facts.budget
+    if budget is None:  # a worker reads it of every request it passes on with a key's header
+        raise ApplianceError("Internal error: a keyed request came without its budget's facts")
+    cap, n, prompt = budget.cap, budget.n, budget.prompt
     res = req.reservation = rt.gate.admit(key, route, prompt, cap, ceiling, n)
     req.completion_cap = cap if cap is not None else (res.completion or ceiling) * n
     limit = None
@@ -321,7 +362,7 @@ def _reserve(rt: Runtime, req: ProxyRequest, key: ApiKey, request: RequestT, fie
         # Keep prompt + max_tokens within the context (the prompt is at most its bound).
         limit = min(res.completion, context - prompt) if context - prompt >= 1 else res.completion
         fields[ep.length_field] = limit
-    n_predict = getattr(request, "n_predict", None)
+    n_predict = budget.n_predict
     if key.budget_tokens and n_predict is not None and (limit is not None or (n_predict < 0 and cap)):
         # llama.cpp reads n_predict before max_tokens, and a negative one runs to the context's end.
         fields["n_predict"] = limit if limit is not None else (cap or 0) // n

@@ -3,13 +3,18 @@ clients send run on the daemon's own app (so every decision — key, route,
 budget, replica, hold queue, fallback, audit row — is made here, exactly as with
 no workers).
 
-A request on the fast path (Request.decide: a hot endpoint whose whole body the
-worker has) is decided here by the same front door, then granted (``answer``,
-the runtime's answerer): the worker calls the replica chosen here and answers its
-client itself; its Finish frame comes back here, where the replica's slot is
-released and the request settled and audited (gateway/ledger.finish), as the
-relay would. Any other request is answered here, and the engine calls it makes
-are made by its worker (RemoteProxy), whose process relays the bytes.
+A request on the fast path (Request.facts: a hot endpoint whose whole body the
+worker has read and decoded) comes without its body: only what the policy reads
+of it (gateway/facts.py). It is decided here by the same front door on those
+facts (app.py ``_serve``: no body read, no JSON parsed here), then granted
+(``answer``, the runtime's answerer): the worker sets the fields decided here
+in the body it kept, calls the replica chosen here and answers its client
+itself; its Finish frame comes back here, where the replica's slot is released
+and the request settled and audited (gateway/ledger.finish), as the relay
+would. One that may not be granted after all (a fallback to weigh, a trace, the
+audit's text...) has its body asked of the worker (Want) and is answered here.
+Any other request is answered here, and the engine calls it makes are made by
+its worker (RemoteProxy), whose process relays the bytes.
 
 A worker that dies takes its clients' connections along: its requests here see
 the client gone, its engine calls end as broken, so each request ends the way a
@@ -27,6 +32,7 @@ from typing import Any
 
 import msgspec
 
+from appliance.api.app import with_body
 from appliance.dataplane.protocol import (
     Body,
     Call,
@@ -43,17 +49,18 @@ from appliance.dataplane.protocol import (
     Request,
     Settled,
     Start,
+    Want,
     Whole,
 )
 from appliance.errors import EngineFailure, EngineTimeout, StateWriteFailed
-from appliance.fleet.hold import ClientGone, Exclude
+from appliance.fleet.hold import ClientGone
 from appliance.fleet.replica import Replica
 from appliance.gateway.dialects import OPENAI, Dialect
-from appliance.gateway.ledger import committed, finish
+from appliance.gateway.ledger import committed, estimate, finish
 from appliance.gateway.metering import Usage
 from appliance.gateway.proxy import AnswerStream, Done, EngineProxy, Upstream, engine_status_error
 from appliance.gateway.relay import answer_stream, answer_whole
-from appliance.gateway.serving import MAX_ATTEMPTS, body_for, wait_disconnect
+from appliance.gateway.serving import fields_for, on_deployment
 
 log = logging.getLogger("appliance.dataplane")
 
@@ -77,14 +84,14 @@ class WorkerLink:
         """Frames from the worker, until it is gone; then its requests end as cut."""
         try:
             while True:
-                frame = await self.reader.read()
-                if isinstance(frame, Request):
-                    self._start(frame)
-                elif isinstance(frame, (Body, Gone, Finish)):
-                    if (inbox := self.inboxes.get(frame.rid)) is not None:
-                        inbox.put(frame)
-                elif (call := self.calls.get(frame.uid)) is not None:
-                    call.put(frame)
+                for frame in await self.reader.read():
+                    if isinstance(frame, Request):
+                        self._start(frame)
+                    elif isinstance(frame, (Body, Gone, Finish)):
+                        if (inbox := self.inboxes.get(frame.rid)) is not None:
+                            inbox.put(frame)
+                    elif (call := self.calls.get(frame.uid)) is not None:
+                        call.put(frame)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker exited
         except (ValueError, msgspec.MsgspecError) as exc:
@@ -105,7 +112,7 @@ class WorkerLink:
 
     async def _serve(self, req: Request, inbox: Mailbox[Body | Gone | Finish]) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
-        ticket = Ticket(self, req.rid, inbox) if req.decide else None
+        ticket = Ticket(self, req.rid, inbox) if req.facts is not None else None
         TICKET.set(ticket)
         scope = {
             "type": "http",
@@ -120,6 +127,7 @@ class WorkerLink:
             "headers": req.headers,
             "client": req.client,
             "server": self.server,
+            "facts": req.facts,  # what its worker read of the body it keeps (app.py _serve)
         }
         gone = False
         first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
@@ -180,7 +188,7 @@ class WorkerLink:
 
 
 class Ticket:
-    """A request its worker asked to carry (Request.decide): granted, the worker calls
+    """A request its worker asked to carry (Request.facts): granted, the worker calls
     the replica chosen here; each Finish it sends back ends one attempt."""
 
     __slots__ = ("carried", "inbox", "link", "rid")
@@ -190,28 +198,33 @@ class Ticket:
         self.carried = False  # the worker answered its client (or is gone): nothing more to tell it
 
     async def carry(self, rt: Any, req: Any) -> None:
-        """to_deployment's loop (serving.py), the engine call made by the worker: a
-        READY replica (held while the model starts), its slot leased until the Finish,
-        again on another replica when the engine failed before answering a byte."""
+        """The request on a READY replica (serving.on_deployment: held while the model
+        starts, again on another replica when the engine failed before answering a
+        byte), the engine call made by the worker: each attempt a grant, its replica's
+        slot leased until the worker's Finish."""
         dep = req.deployment
-        body = body_for(req, dep)
-        failed = None
-        for attempt in range(1, MAX_ATTEMPTS + 1):
-            replica = await dep.acquire(partial(wait_disconnect, req.receive), failed, req.prefix)
-            req.served_by = replica.name
-            try:
-                with replica.lease():
-                    end = await self._attempt(rt, req, replica, body)
-            except EngineFailure as exc:
-                if not exc.retryable or attempt == MAX_ATTEMPTS:
-                    raise
-                log.warning("retrying request %s on another replica: %s", req.rid, exc)
-                failed = Exclude(replica, dep.supervisor.clock.monotonic())
-                continue
-            await self._settle(rt, req, end)
-            return
+        fields = (req.fields or {}) | fields_for(req, dep)
+        grant = partial(self._leased, rt, req, msgspec.json.encode(fields) if fields else b"")
+        end = await on_deployment(req, dep, grant, watch=True)
+        await self._settle(rt, req, end)
 
-    async def _attempt(self, rt: Any, req: Any, replica: Replica, body: bytes) -> Finish:
+    async def _leased(self, rt: Any, req: Any, fields: bytes, replica: Replica) -> Finish:
+        with replica.lease():
+            return await self._attempt(rt, req, replica, fields)
+
+    async def body(self) -> bytes:
+        """The body its worker kept, for a decided request answered here after all."""
+        self.link.out.write(Want(self.rid))
+        parts = []
+        while True:
+            frame = await self.inbox.get()
+            if not isinstance(frame, Body):
+                raise ClientGone  # its client left (or its worker exited) meanwhile
+            parts.append(frame.data)
+            if not frame.more:
+                return b"".join(parts)
+
+    async def _attempt(self, rt: Any, req: Any, replica: Replica, fields: bytes) -> Finish:
         """One grant, and how it went: the worker's Finish (an engine that refused or
         failed before answering raises here, as the proxy's call would)."""
         secret = _engine_headers(replica)
@@ -227,7 +240,7 @@ class Ticket:
             replica.name,
             replica.base_url + req.path,
             req.headers | secret if secret else req.headers,
-            body,
+            fields,
             req.stream,
             timeout.sock_connect,
             timeout.sock_read,
@@ -265,7 +278,7 @@ class Ticket:
         elif req.tap is not None:
             req.tap.events = end.events
         if self.carried and end.usage is None:  # it died with the ticket: charged as a cut stream is
-            req.usage = req.endpoint.dialect.estimate(req.body, end.events, req.completion_cap)
+            req.usage = estimate(req, end.events)
         finish(rt, req, end.status)
         try:
             await committed(req)
@@ -285,7 +298,7 @@ def grantable(rt: Any, req: Any) -> bool:
     replicas on TCP, no fallback to weigh, no stored Response, nothing the relay
     here must see (traces, audit text), no stream to keep alive while its model loads."""
     dep = req.deployment
-    if req.pinned is not None or req.stores or req.trace is not None or req.response_text is not None:
+    if req.pinned is not None or req.stores or req.trace is not None or rt.cfg.audit.include_text:
         return False
     if (req.route is not None and req.route.fallbacks) or req.endpoint.dialect is not OPENAI:
         return False
@@ -298,9 +311,12 @@ async def answer(rt: Any, req: Any, send: Any) -> None:
     """The runtime's answerer with workers (Gateway.answer): a request its worker
     asked to carry, and may, is granted to it; any other is relayed here."""
     ticket = TICKET.get()
-    if ticket is not None and grantable(rt, req):
-        await ticket.carry(rt, req)
-    elif req.stream:
+    if ticket is not None:
+        if grantable(rt, req):
+            await ticket.carry(rt, req)
+            return
+        with_body(rt.cfg, req, await ticket.body(), req.fields or {})  # decided on its facts
+    if req.stream:
         await answer_stream(rt, req, send)
     else:
         await answer_whole(rt, req, send)

@@ -12,16 +12,20 @@ An engine call:     daemon -> Call
                               or End alone (it failed)
                     daemon -> Cancel (stop it: the engine's connection is dropped)
 
-The fast path (a hot proxy endpoint whose whole body the worker has in hand,
-Request.decide): the daemon runs the same front door on it (key, route, budget,
-replica, hold queue), then, for a request a worker may carry alone, grants it:
+The fast path (a hot proxy endpoint whose whole body the worker has in hand and
+could decode, Request.facts): the worker keeps the body and sends only what the
+policy reads of it (gateway/facts.py); the daemon runs the same front door on
+those (key, route, budget, replica, hold queue), then, for a request a worker
+may carry alone, grants it:
                     daemon -> Grant (the replica's address, the engine's headers, the
-                              body to send, the ticket's settings)
+                              fields to set in the body, the ticket's settings)
                     worker -> Finish (how the engine call went: status, usage,
                               time to first token; or why it failed before answering)
                     daemon -> Grant again (a retry on another replica), Start (a
                               refusal, answered verbatim), or Settled (a keyed or
                               regulated request's row is durable: the last bytes may go)
+                    daemon -> Want (not grantable after all: the daemon answers it,
+                              as a whole request); worker -> Body (the body it kept)
 The engine's answer never crosses the link: a unary request is three frames (a
 keyed one four), a stream's chunks none. Anything else (not on the fast path, or
 not grantable: fallbacks, a provider, a stored Response, a loading model) is
@@ -40,6 +44,8 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from appliance.gateway.facts import Facts
+
 T = TypeVar("T")
 
 
@@ -53,8 +59,9 @@ class Request(msgspec.Struct, tag=1, array_like=True):
     http_version: str
     body: bytes
     more: bool
-    # The worker has the whole body and would carry the answer itself: grant it if you may.
-    decide: bool = False
+    # The worker has the whole body, keeps it, and would carry the answer itself: what
+    # the front door's policy reads of the body (decide on these; grant it if you may).
+    facts: Facts | None = None
 
 
 class Body(msgspec.Struct, tag=2, array_like=True):
@@ -133,7 +140,7 @@ class Grant(msgspec.Struct, tag=11, array_like=True):
     replica: str  # the replica's name (its errors' words)
     url: str
     headers: dict[str, str]
-    body: bytes
+    fields: bytes  # top-level fields to set in the body it keeps (a JSON object; b"": none)
     stream: bool
     connect_timeout_s: float | None
     read_timeout_s: float | None
@@ -162,6 +169,12 @@ class Finish(msgspec.Struct, tag=12, array_like=True):
     started: bool  # bytes of the answer went to the client
 
 
+class Want(msgspec.Struct, tag=14, array_like=True):
+    """The daemon answers a decided request itself after all (not grantable): its body, please."""
+
+    rid: int
+
+
 class Settled(msgspec.Struct, tag=13, array_like=True):
     """A keyed or regulated request's row and charge are durable (ok), or could not be written."""
 
@@ -170,10 +183,11 @@ class Settled(msgspec.Struct, tag=13, array_like=True):
 
 
 ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish
-ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled
+ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some
+READ_SIZE = 256 * 1024
 
 
 class FrameWriter:
@@ -205,16 +219,37 @@ class FrameWriter:
 
 
 class FrameReader:
+    """Frames off the socket: all those that have arrived, from one read (under load
+    a read brings several requests' frames: one wakeup for all, not two awaits each)."""
+
     def __init__(self, reader: asyncio.StreamReader, types: object) -> None:
         self.reader = reader
         self.decode = msgspec.msgpack.Decoder(types).decode
+        self.buffer = bytearray()
 
-    async def read(self):
-        """The next frame; IncompleteReadError when the other side is gone."""
-        (size,) = _LEN.unpack(await self.reader.readexactly(4))
-        if size > MAX_FRAME:
-            raise ValueError(f"frame of {size} bytes")
-        return self.decode(await self.reader.readexactly(size))
+    async def read(self) -> list:
+        """The frames that have arrived, at least one; IncompleteReadError when the other side is gone."""
+        while not (frames := self._frames()):
+            data = await self.reader.read(READ_SIZE)
+            if not data:
+                raise asyncio.IncompleteReadError(bytes(self.buffer), None)
+            self.buffer += data
+        return frames
+
+    def _frames(self) -> list:
+        buffer, frames, at = self.buffer, [], 0
+        with memoryview(buffer) as view:
+            while len(buffer) - at >= _LEN.size:
+                (size,) = _LEN.unpack_from(buffer, at)
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes")
+                start = at + _LEN.size
+                if len(buffer) - start < size:
+                    break
+                frames.append(self.decode(view[start : start + size]))
+                at = start + size
+        del buffer[:at]
+        return frames
 
 
 class WorkerSettings(msgspec.Struct, frozen=True):

@@ -7,11 +7,16 @@ asks for (protocol.Call) the worker makes and relays, byte for byte. A worker
 holds no key, route, budget or ledger: it dies with the daemon (PR_SET_PDEATHSIG,
 and the link closing), and the daemon replaces one that dies.
 
-The fast path (FAST_PATHS, a body that came whole): the worker asks the daemon to
-decide (Request.decide) and, granted, calls the replica itself and answers its
-client (the relay's own code: EngineProxy, StreamTap, relay.relay_opened), then tells the
-daemon how it went (Finish); a keyed or regulated answer's last bytes wait for the
-daemon's Settled. Refused or not grantable, the daemon answers it as any request.
+The fast path (FAST_PATHS, a body that came whole and decodes): the worker reads
+the body with the front door's own decoder, keeps it, and sends the daemon only
+what its policy reads of it (Request.facts, gateway/facts.py); granted, it sets
+the fields the daemon decided, calls the replica itself and answers its client
+(the relay's own code: EngineProxy, StreamTap, relay.relay_opened, relay.charged),
+then tells the daemon how it went (Finish); a keyed or regulated answer's last
+bytes wait for the daemon's Settled. Refused, the daemon's envelope is sent as
+it came; not grantable, the daemon asks for the body (Want) and answers it as
+any request. A body the worker cannot decode goes to the daemon whole, whose
+front door answers it (400, 413, 415) as one process does.
 """
 
 from __future__ import annotations
@@ -52,19 +57,23 @@ from appliance.dataplane.protocol import (
     Settled,
     Start,
     ToWorker,
+    Want,
     Whole,
     WorkerSettings,
 )
 from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, StateWriteFailed
 from appliance.fleet.engine_access import http_session, tcp_connector
 from appliance.fleet.hold import ClientGone
-from appliance.gateway.capabilities import ENDPOINTS
+from appliance.gateway.capabilities import ENDPOINTS, Endpoint
+from appliance.gateway.facts import Facts, carried_facts
 from appliance.gateway.metering import StreamTap
+from appliance.gateway.protocol import decode_request
+from appliance.gateway.providers import set_encoded_fields
 from appliance.gateway.proxy import EngineProxy, engine_error_body
 from appliance.gateway.relay import (
-    FREE,
     SSE_START_HEADERS,
     WATCH_AFTER_S,
+    charged,
     relay_opened,
     send_sse_error,
     send_whole,
@@ -103,7 +112,7 @@ class Worker:
         self.worker_header = (WORKER_HEADER, str(settings.index).encode())
         self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
         self.ids = itertools.count(1)
-        self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | None]] = {}
+        self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | Want | None]] = {}
         self.calls: dict[int, asyncio.Task[None]] = {}
         self.session = http_session(tcp_connector(settings.max_connections_per_replica))
         self.proxy = _GrantedProxy(self.session)
@@ -120,12 +129,13 @@ class Worker:
         if first["type"] == "http.disconnect":
             return
         started, rid = time.perf_counter(), next(self.ids)
-        answer: Mailbox[Start | Body | Grant | Settled | None] = Mailbox()
+        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
         self.requests[rid] = answer
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
-        decide = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
-        more = more and not decide
+        whole = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
+        carried = _carried(started, scope["path"], data) if whole else None
+        more = more and not whole
         try:
             self.out.write(
                 Request(
@@ -136,13 +146,13 @@ class Worker:
                     [(bytes(k), bytes(v)) for k, v in scope["headers"]],
                     (str(client[0]), int(client[1])) if (client := scope.get("client")) else None,
                     scope["http_version"],
-                    data,
+                    data if carried is None else b"",
                     more,
-                    decide,
+                    None if carried is None else carried.facts,
                 )
             )
-            if decide:
-                await self._decided(rid, answer, Carried(started, ENDPOINTS[scope["path"]], data), receive, send)
+            if carried is not None:
+                await self._decided(rid, answer, carried, receive, send)
                 return
             if more and not await self._pass_body(rid, receive, left):
                 return
@@ -198,6 +208,9 @@ class Worker:
         try:
             while True:
                 frame = await frames.get()
+                if isinstance(frame, Want):  # the daemon answers it after all: the body it needs
+                    self.out.write(Body(rid, carried.body, False))
+                    continue
                 if not isinstance(frame, Grant):
                     await self._answer(frames, send, frame)
                     return
@@ -218,7 +231,7 @@ class Worker:
         """relay.answer_whole, on the grant's replica: False when the engine failed
         before answering (the daemon retries it, or answers with the error)."""
         try:
-            call = self.proxy.unary(_Granted(grant, self._timeout(grant)), "", grant.body, grant.headers)
+            call = self.proxy.unary(_Granted(grant, self._timeout(grant)), "", carried.sent(grant), grant.headers)
             status, data, content_type = await unless_client_leaves(receive, call)
         except ClientGone:
             self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
@@ -226,10 +239,7 @@ class Worker:
         except (_EngineAnswered, EngineFailure) as exc:
             self.out.write(_failed(rid, exc))
             return False
-        endpoint = carried.endpoint
-        usage = FREE if endpoint.free else endpoint.dialect.answer_usage(carried.body, data)
-        if grant.scrub and revealing(data):
-            data = scrub(data)
+        usage, data = charged(carried.endpoint, carried.body, data, grant.scrub)
         counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
         self.out.write(Finish(rid, status, "", "", b"", counts, 0, None, False))
         if grant.accountable:  # the answer waits until its row and charge are durable
@@ -262,7 +272,7 @@ class Worker:
         try:
             upstream = _Granted(grant, self._timeout(grant))
             try:
-                stream = await self.proxy.open_stream(upstream, "", grant.body, grant.headers, done)
+                stream = await self.proxy.open_stream(upstream, "", carried.sent(grant), grant.headers, done)
             except (_EngineAnswered, EngineFailure) as exc:
                 self.out.write(_failed(rid, exc))
                 return False
@@ -349,23 +359,25 @@ class Worker:
             else:
                 resp.close()
 
+    def _take(self, frame: ToWorker) -> None:
+        if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
+            if not receipt.done():
+                receipt.set_result(None) if frame.ok else receipt.set_exception(_NOT_WRITTEN)
+        elif isinstance(frame, (Start, Body, Gone, Grant, Settled, Want)):
+            answer = self.requests.get(frame.rid)
+            if answer is not None:
+                answer.put(None if isinstance(frame, Gone) else frame)
+        elif isinstance(frame, Call):
+            self._call(frame)
+        elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
+            task.cancel()
+
     async def read_link(self) -> None:
         """Frames from the daemon, until it is gone."""
         try:
             while True:
-                frame = await self.reader.read()
-                if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
-                    if not receipt.done():
-                        ok = frame.ok
-                        receipt.set_result(None) if ok else receipt.set_exception(_NOT_WRITTEN)
-                elif isinstance(frame, (Start, Body, Gone, Grant, Settled)):
-                    answer = self.requests.get(frame.rid)
-                    if answer is not None:
-                        answer.put(None if isinstance(frame, Gone) else frame)
-                elif isinstance(frame, Call):
-                    self._call(frame)
-                elif isinstance(frame, Cancel) and (task := self.calls.get(frame.uid)) is not None:
-                    task.cancel()
+                for frame in await self.reader.read():
+                    self._take(frame)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, msgspec.MsgspecError):
             pass
         finally:
@@ -404,12 +416,29 @@ class _ClientWatch:
 
 
 class Carried:
-    """What the worker keeps of a request it asked to carry."""
+    """What the worker keeps of a request it asked to carry: its body, and what it
+    told the daemon of it (gateway/facts.py)."""
 
-    __slots__ = ("body", "endpoint", "started")
+    __slots__ = ("body", "endpoint", "facts", "started")
 
-    def __init__(self, started: float, endpoint: Any, body: bytes) -> None:
-        self.started, self.endpoint, self.body = started, endpoint, body
+    def __init__(self, started: float, endpoint: Endpoint, body: bytes, facts: Facts) -> None:
+        self.started, self.endpoint, self.body, self.facts = started, endpoint, body, facts
+
+    def sent(self, grant: Grant) -> bytes:
+        """The body for the grant's engine: with the fields the daemon set."""
+        return set_encoded_fields(self.body, grant.fields) if grant.fields else self.body
+
+
+def _carried(started: float, path: str, body: bytes) -> Carried | None:
+    """A whole body the worker decodes itself (the front door's decoder and limits):
+    None when it cannot (malformed, too large, compressed): the daemon reads it then,
+    as any request's, and answers with its own 400, 413 or 415."""
+    endpoint = ENDPOINTS[path]
+    try:
+        request: Any = decode_request(body, endpoint.cls)
+    except ApplianceError:
+        return None
+    return Carried(started, endpoint, body, carried_facts(endpoint, body, request))
 
 
 class _Granted:

@@ -138,6 +138,10 @@ class PrefixRouter:
     def hashes(self, body: bytes, chat: bool | str, seed: int = 0) -> list[int]:
         return block_hashes(engine_view(body, chat), self.block, seed)
 
+    def view_hashes(self, view: bytes, seed: int = 0) -> list[int]:
+        """hashes, of a request whose engine_view was taken already (by its worker)."""
+        return block_hashes(view, self.block, seed)
+
     def forget(self, replica_name: str) -> None:
         """The replica's engine lost its cache (stopped, crashed, slept)."""
         self.indices.pop(replica_name, None)

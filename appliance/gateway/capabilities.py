@@ -194,7 +194,7 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
     honour and answer as if it had: a forced tool call, an embedding's dimensions.
-    (request: the endpoint's Struct, or anything with its fields.)"""
+    (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
         check_tools(cfg, model, tool_choice)

@@ -10,12 +10,21 @@ from typing import TYPE_CHECKING
 
 from appliance.errors import StateWriteFailed
 from appliance.gateway.api_responses import usage_and_id
+from appliance.gateway.metering import Usage, guessed_usage
 
 if TYPE_CHECKING:
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
 
 STATUS = 7  # the status column of an audit row
+
+
+def estimate(req: ProxyRequest, events: int) -> Usage:
+    """What a request is charged when its engine never said: our count (its prompt's
+    tokens guessed by the worker that read its body, when one did)."""
+    if req.guess is not None:
+        return guessed_usage(req.guess, events, req.completion_cap)
+    return req.endpoint.dialect.estimate(req.body, events, req.completion_cap)
 
 
 def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
@@ -34,7 +43,7 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
     if usage is None and req.served_by is not None and (status in (200, 499) or events):
         # The engine ran it but never said what it used (a client that left, a
         # stream cut short, an engine that ignores stream_options): our count.
-        usage = req.endpoint.dialect.estimate(req.body, events, req.completion_cap)
+        usage = estimate(req, events)
     prompt = completion = None
     if usage is not None:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens
@@ -98,4 +107,4 @@ def _text(data: bytes | None) -> str | None:
     return data.decode("utf-8", "replace") if data else None
 
 
-__all__ = ["committed", "finish", "finish_stream"]
+__all__ = ["committed", "estimate", "finish", "finish_stream"]

@@ -96,20 +96,30 @@ def unary_usage(data: bytes) -> Usage | None:
         return None
 
 
-def usage_option(body: bytes) -> dict:
-    """The request's stream_options with include_usage on, every other option kept
-    (the body was validated: stream_options is an object or absent)."""
+def stream_options(body: bytes) -> bytes:
+    """The request's stream_options as sent (raw JSON; b"" when absent or null)."""
     raw = _TOP.decode(body).get("stream_options")
-    options = _TOP.decode(raw) if raw is not None and bytes(raw) != b"null" else {}
-    options["include_usage"] = msgspec.Raw(b"true")
-    return options
+    return b"" if raw is None or bytes(raw) == b"null" else bytes(raw)
+
+
+def usage_option(options: bytes) -> dict:
+    """The request's stream_options (``stream_options``' raw JSON) with include_usage
+    on, every other option kept (the body was validated: an object or absent)."""
+    kept = _TOP.decode(options) if options else {}
+    kept["include_usage"] = msgspec.Raw(b"true")
+    return kept
 
 
 def estimated_usage(body: bytes, events: int, completion_cap: int | None) -> Usage:
     """What a request without reported usage is charged: its prompt's likely
     tokens and one token per relayed event, no more than it reserved."""
+    return guessed_usage(prompt_guess(body), events, completion_cap)
+
+
+def guessed_usage(prompt: int, events: int, completion_cap: int | None) -> Usage:
+    """estimated_usage, its prompt's tokens guessed already (by the worker that read the body)."""
     completion = events if completion_cap is None else min(events, completion_cap)
-    return Usage(prompt_guess(body), completion)
+    return Usage(prompt, completion)
 
 
 DONE = b"data: [DONE]\n\n"
@@ -237,8 +247,10 @@ __all__ = [
     "Usage",
     "completion_cap",
     "estimated_usage",
+    "guessed_usage",
     "prompt_bound",
     "prompt_guess",
+    "stream_options",
     "unary_usage",
     "usage_option",
 ]

@@ -139,6 +139,13 @@ def set_fields(body: bytes, **fields) -> bytes:
     return msgspec.json.encode(top)
 
 
+def set_encoded_fields(body: bytes, fields: bytes) -> bytes:
+    """set_fields on a JSON body, the fields given as one JSON object (a worker's grant)."""
+    top = _TOP.decode(body)
+    top.update(_TOP.decode(fields))
+    return msgspec.json.encode(top)
+
+
 def read_key(
     cfg: ProviderConfig, at: str, origin: str, environ: Mapping[str, str] = os.environ, permissions: str = "refuse"
 ) -> str:

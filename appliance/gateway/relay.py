@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
+from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
 from appliance.gateway.api_responses import usage_and_id
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from litestar.types import Receive, Send
 
     from appliance.fleet.deployment import Deployment
+    from appliance.gateway.capabilities import Endpoint
     from appliance.gateway.proxy import AnswerStream
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
@@ -53,15 +55,23 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
         req.usage, made = usage_and_id(data)
         if status == 200 and req.deployment is not None:
             rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+        data = rt.tenancy.answer(data)
     else:
-        req.usage = FREE if endpoint.free else endpoint.dialect.answer_usage(req.body, data)
-    data = rt.tenancy.answer(data)
+        req.usage, data = charged(endpoint, req.body, data, rt.tenancy.isolated)
     if req.response_text is not None:
         req.response_text = data
     finish(rt, req, status)
     await committed(req)
     req.bytes_sent = True
     await send_whole(send, status, content_type, data, req.endpoint.dialect.id_headers(req.rid))
+
+
+def charged(endpoint: Endpoint, body: bytes, data: bytes, isolated: bool) -> tuple[Usage | None, bytes]:
+    """A whole answer's charge and what its client gets of it: its usage (the engine's
+    word; nothing on a free endpoint) and, for tenants kept apart, the answer without
+    its cache-revealing fields. One step, for this process's relay and a worker's."""
+    usage = FREE if endpoint.free else endpoint.dialect.answer_usage(body, data)
+    return usage, cleaned(data, isolated)
 
 
 async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
@@ -252,4 +262,12 @@ async def send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> 
         await send({"type": "http.response.body", "body": event, "more_body": False})
 
 
-__all__ = ["answer_stream", "answer_whole", "relay_opened", "send_sse_error", "send_whole", "unless_client_leaves"]
+__all__ = [
+    "answer_stream",
+    "answer_whole",
+    "charged",
+    "relay_opened",
+    "send_sse_error",
+    "send_whole",
+    "unless_client_leaves",
+]

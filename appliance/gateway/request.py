@@ -40,6 +40,8 @@ class ProxyRequest:
     # What it asks for.
     model: str = ""  # the model the client asked for
     body: bytes = b""  # as the client sent it (metered by it when the engine reports no usage)
+    # Its prompt's likely tokens, when a worker read the body (the daemon has only its facts).
+    guess: int | None = None
     stream: bool = False
     route: RouteConfig | None = None
     # Where it goes, and what it carries there.
@@ -48,6 +50,7 @@ class ProxyRequest:
     pinned: Replica | None = None  # the replica holding the stored Response it continues
     path: str = ""  # the engine's path for it
     forwarded: bytes = b""  # the body sent on: the budget's cap, the usage option, the target's name
+    fields: dict | None = None  # what the front door set in the body (forwarded: the body with them)
     salt: str | None = None  # the tenant's cache salt, for engines that partition their cache by one
     headers: dict[str, str] = field(default_factory=dict)
     prefix: list[int] | None = None  # the prompt's block hashes (prefix-aware replica choice)

@@ -10,9 +10,9 @@ Raw ASGI on purpose: this is the hot path (see bench/gateway_overhead.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from appliance.access.tenancy import SALTED_SERVERS
 from appliance.errors import EngineFailure
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("appliance.serving")
 
 MAX_ATTEMPTS = 3
+T = TypeVar("T")
 
 # An engine's whole answer: (status, body, content type).
 Whole = tuple[int, bytes, str]
@@ -40,23 +41,29 @@ Whole = tuple[int, bytes, str]
 Answer = Whole | AnswerStream
 
 
-async def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment, served: str | None = None) -> Answer:
-    """The request on a READY replica of dep (held while the model starts); when
-    the engine failed before answering a byte, again on another one (or the same,
-    restarted), up to MAX_ATTEMPTS. A held stream's client that leaves takes it
-    out of the queue (a whole answer's caller watches for that itself:
-    relay.unless_client_leaves). served: the model name it is served as (a local
-    fallback's; else req.target), the base's or one of its LoRA adapters'."""
+def to_deployment(rt: Gateway, req: ProxyRequest, dep: Deployment, served: str | None = None) -> Awaitable[Answer]:
+    """The request on a READY replica of dep (on_deployment). A held stream's client
+    that leaves takes it out of the queue (a whole answer's caller watches for that
+    itself: relay.unless_client_leaves). served: the model name it is served as (a
+    local fallback's; else req.target), the base's or one of its LoRA adapters'."""
     body = body_for(req, dep, served)
-    receive = req.receive
-    disconnected = partial(wait_disconnect, receive) if req.stream else None
+    return on_deployment(req, dep, partial(to_replica, rt, req, body=body), req.stream)
+
+
+async def on_deployment(req: ProxyRequest, dep: Deployment, send: Callable[[Replica], Awaitable[T]], watch: bool) -> T:
+    """send(replica) on a READY replica of dep (held while the model starts); when
+    the engine failed before answering a byte, again on another one (or the same,
+    restarted), up to MAX_ATTEMPTS. send: this process's call (to_replica), or a
+    grant to the worker that carries it (appliance/dataplane/authority.py). watch:
+    a held request's client that leaves takes it out of the queue."""
+    disconnected = partial(wait_disconnect, req.receive) if watch else None
     failed = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
         acquiring = dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
         replica = await (acquiring if req.trace is None else req.trace.held(dep, acquiring))
         req.served_by = replica.name
         try:
-            return await to_replica(rt, req, replica, body)
+            return await send(replica)
         except EngineFailure as exc:
             if not exc.retryable or attempt == MAX_ATTEMPTS:
                 raise
@@ -96,9 +103,16 @@ def _send(
 
 
 def body_for(req: ProxyRequest, dep: Deployment, served: str | None = None) -> bytes:
-    """The body for a local model: the name its engine knows it by in "model" (and for
-    a LoRA adapter on llama-server, the adapter selected: appliance/fleet/lora.py), and
-    for an engine that partitions its prefix cache by one, the tenant's cache salt."""
+    """The body for a local model (fields_for set in what the front door forwards)."""
+    fields = fields_for(req, dep, served)
+    return set_fields(req.forwarded, **fields) if fields else req.forwarded
+
+
+def fields_for(req: ProxyRequest, dep: Deployment, served: str | None = None) -> dict[str, object]:
+    """What a local model's body says besides what the front door set: the name its
+    engine knows it by in "model" (and for a LoRA adapter on llama-server, the adapter
+    selected: appliance/fleet/lora.py), and for an engine that partitions its prefix
+    cache by one, the tenant's cache salt."""
     fields: dict[str, object]
     if dep.lora is not None:
         fields = dep.lora.fields(served or req.target, req.target, req.endpoint.name)
@@ -106,7 +120,7 @@ def body_for(req: ProxyRequest, dep: Deployment, served: str | None = None) -> b
         fields = {} if dep.model.name == req.target else {"model": dep.model.name}
     if req.salt is not None and dep.model.server in SALTED_SERVERS:
         fields["cache_salt"] = req.salt
-    return set_fields(req.forwarded, **fields) if fields else req.forwarded
+    return fields
 
 
 async def wait_disconnect(receive: Receive) -> None:
@@ -116,4 +130,14 @@ async def wait_disconnect(receive: Receive) -> None:
             return
 
 
-__all__ = ["Answer", "Whole", "body_for", "to_deployment", "to_provider", "to_replica", "wait_disconnect"]
+__all__ = [
+    "Answer",
+    "Whole",
+    "body_for",
+    "fields_for",
+    "on_deployment",
+    "to_deployment",
+    "to_provider",
+    "to_replica",
+    "wait_disconnect",
+]
