@@ -4,6 +4,7 @@ Through the real daemon, with fake-engine replicas and a recording provider."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -19,6 +20,7 @@ import httpx
 import pytest
 
 from appliance.config import ServerConfig, parse_config, worker_count
+from appliance.dataplane.protocol import Mailbox
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
@@ -34,6 +36,7 @@ MODELS = (
     + fake_model("pair", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
     + fake_model("flood", "--chunks", "100000")
     + fake_model("twin", "--latency", "1", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
+    + fake_model("cold", "--slow-start", "2", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
 )
 
 
@@ -348,6 +351,47 @@ def test_a_worker_killed_holding_granted_tickets_leaves_no_reservation_or_replic
     wait_until(lambda: len(worker_pids(workers.proc.pid)) == 2, 20, what="the worker's replacement")
 
 
+def _admin(daemon, path: str) -> httpx.Response:
+    """An admin POST over the admin socket (keys are required: TCP admin wants a token)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=30) as c:
+        return c.post(f"http://appliance/admin/{path}", json={})
+
+
+def _cold(daemon) -> dict:
+    return next(m for m in daemon.status()["models"] if m["name"] == "cold")
+
+
+def _unloaded(daemon) -> None:
+    assert _admin(daemon, "models/cold/unload").status_code == 200
+    wait_until(lambda: _cold(daemon)["replicas"] == [], 20, what="cold unloaded")
+
+
+def test_requests_held_through_a_cold_start_are_answered_through_the_workers(workers):
+    # Held while the model starts, each carried by its worker once a replica is READY:
+    # the worker's Finish reaches the grant (the hold's disconnect watcher took none of it).
+    token = keys_cli(workers, "create", "--name", "cold-start")
+    _unloaded(workers)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post(workers, token, {"model": "cold"}, timeout=20), range(3)))
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
+    wait_until(lambda: sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0, 10, what="cold's slots back")
+
+
+def test_a_held_request_whose_client_leaves_through_a_worker_leaves_no_slot_or_reservation(workers):
+    body = {**CHAT, "model": "cold", "max_tokens": 40}
+    worst = len(json.dumps(body).encode()) + 40
+    token = keys_cli(workers, "create", "--name", "cold-leaver", "--budget-tokens", str(worst + worst // 2))
+    _unloaded(workers)
+    with pytest.raises(httpx.TimeoutException):  # gone while held (the model takes 2 s to start)
+        post(workers, token, {"model": "cold", "max_tokens": 40}, timeout=0.7)
+    wait_until(lambda: _cold(workers)["ready"], 20, what="cold ready")
+    assert sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0
+    again = post(workers, token, {"model": "cold", "max_tokens": 40}, timeout=20)
+    assert again.status_code == 200, again.text  # the leaver's reservation was settled, not left held
+    wait_until(lambda: sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0, 10, what="cold's slot back")
+
+
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
     for reuse_port in (False, True):
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -432,3 +476,17 @@ def test_auto_workers_is_a_share_of_the_cores():
     auto = ServerConfig(workers="auto")
     assert [worker_count(auto, cores) for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
     assert worker_count(ServerConfig(workers=3), 2) == 3
+
+
+def test_a_mailbox_reader_cancelled_as_the_next_one_waits_loses_no_frame():
+    # The hold's watcher is cancelled (its cancellation runs a turn later) as the grant's
+    # reader starts waiting: the Finish that comes next must wake that reader.
+
+    async def attempt(box: Mailbox[str]) -> str:
+        watcher = asyncio.ensure_future(box.get())
+        await asyncio.sleep(0)
+        watcher.cancel()  # then, in the same turn, the next reader waits
+        asyncio.get_running_loop().call_later(0.05, box.put, "finish")
+        return await box.get()
+
+    assert asyncio.run(asyncio.wait_for(attempt(Mailbox()), 2)) == "finish"

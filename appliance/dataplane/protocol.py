@@ -265,7 +265,8 @@ class WorkerSettings(msgspec.Struct, frozen=True):
 
 class Mailbox(Generic[T]):
     """The frames for one request or engine call, in order: asyncio.Queue without
-    what it costs (bounds, putters, task accounting) on the path of every request."""
+    what it costs (bounds, putters, task accounting) on the path of every request.
+    One reader at a time: a second's get would take the first's wakeup."""
 
     __slots__ = ("items", "waiter")
 
@@ -280,9 +281,12 @@ class Mailbox(Generic[T]):
 
     async def get(self) -> T:
         while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await self.waiter
+                await waiter
             finally:
-                self.waiter = None
+                # A reader cancelled here (its cancellation runs a turn later) must not
+                # clear the wakeup of the one that reads next: its frame would wait forever.
+                if self.waiter is waiter:
+                    self.waiter = None
         return self.items.popleft()
