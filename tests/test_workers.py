@@ -27,6 +27,7 @@ from .test_keys import keys_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+BODY_TIMEOUT_S = 2  # [server] body_read_timeout_s of the module's daemon
 WORKER = "x-appliance-worker"
 CARRIED = "x-appliance-path"  # "fast": the worker carried it on the daemon's grant
 MODELS = (
@@ -46,7 +47,7 @@ def workers(tmp_path_factory, recorder):  # noqa: F811  (the module fixture)
     factory = DaemonFactory(tmp)
     routes = route("claims", "claims", "err5xx", True) + route("general", "general", "err5xx", False, ["cloud"])
     extra = "[keys]\nrequired = true\n\n[queue]\nkeepalive_s = 0\n\n" + provider(recorder, tmp) + routes
-    daemon = factory.start(MODELS, extra=extra, server="workers = 2", wait=False)
+    daemon = factory.start(MODELS, extra=extra, server=f"workers = 2\nbody_read_timeout_s = {BODY_TIMEOUT_S}", wait=False)
     wait_until(lambda: _all_ready(daemon), 60, what="the replicas")
     yield daemon
     factory.cleanup()
@@ -390,6 +391,69 @@ def test_a_held_request_whose_client_leaves_through_a_worker_leaves_no_slot_or_r
     again = post(workers, token, {"model": "cold", "max_tokens": 40}, timeout=20)
     assert again.status_code == 200, again.text  # the leaver's reservation was settled, not left held
     wait_until(lambda: sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0, 10, what="cold's slot back")
+
+
+def _stalled_body(daemon, headers: str, sent: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A POST declaring 1000 body bytes that sends only `sent`, then nothing: the answer
+    (status, headers, body) that comes without the rest, or a timeout at the client."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+                     f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + sent)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields, body
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return int(head.split("content-length: ", 1)[1].split("\r\n")[0]) if "content-length: " in head else 0
+
+
+def test_a_body_that_never_arrives_is_answered_408_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "trickler")
+    status, _, body = _stalled_body(workers, f"Authorization: Bearer {token}\r\n", b'{"model": ')
+    assert status == 408, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and f"within {BODY_TIMEOUT_S}s" in error["message"]
+
+
+def test_a_body_that_never_arrives_without_a_key_is_answered_401_at_once_through_the_workers(workers):
+    status, _, body = _stalled_body(workers, "", b'{"model": ')
+    assert status == 401, body
+
+
+def test_a_body_declared_too_large_that_never_arrives_is_answered_413_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "large-trickler")
+    with socket.create_connection(("127.0.0.1", workers.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{}}".encode())
+        assert sock.recv(65536).split(b" ", 2)[1] == b"413"
+
+
+def test_a_body_that_never_starts_is_answered_408_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "silent")
+    status, _, body = _stalled_body(workers, f"Authorization: Bearer {token}\r\n", b"")
+    assert status == 408, body
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):
+    # One process answers a cross-origin request without reading its body: Granian closes
+    # the connection (the rest of the body is never read). Through a worker, the same.
+    token = keys_cli(workers, "create", "--name", "cross-site")
+    big = json.dumps({**CHAT, "model": "fake", "pad": "x" * 300_000})
+    headers = {"Authorization": f"Bearer {token}", "Origin": "http://evil.example", "Content-Type": "application/json"}
+    with workers.client() as c:
+        r = c.post("/v1/chat/completions", content=big, headers=headers)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin"
+    assert r.headers.get("connection") == "close"
 
 
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):

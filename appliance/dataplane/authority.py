@@ -130,12 +130,13 @@ class WorkerLink:
             "facts": req.facts,  # what its worker read of the body it keeps (app.py _serve)
         }
         gone = False
+        unread = req.more  # part of its body not read here yet
         first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
         start: dict[str, Any] | None = None
         answered = False
 
         async def receive() -> dict[str, Any]:
-            nonlocal gone, first
+            nonlocal gone, first, unread
             if first is not None:
                 message, first = first, None
                 return message
@@ -144,6 +145,7 @@ class WorkerLink:
             elif not gone:
                 frame = await inbox.get()
                 if isinstance(frame, Body):
+                    unread = frame.more
                     return {"type": "http.request", "body": frame.data, "more_body": frame.more}
                 gone = True
             return {"type": "http.disconnect"}
@@ -161,6 +163,8 @@ class WorkerLink:
             body, more = message.get("body", b""), message.get("more_body", False)
             if start is not None:
                 headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
+                if unread:  # answered before its whole body (a refusal): its connection closes, as one process's
+                    headers.append((b"connection", b"close"))
                 self.out.write(Start(req.rid, start["status"], headers, body, more))
                 start = None
             else:

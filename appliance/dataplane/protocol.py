@@ -261,6 +261,9 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     max_body_bytes: int
     max_connections_per_replica: int
     backlog: int = 1024
+    # A body not whole within this is answered 408 (server.body_read_timeout_s; the daemon's
+    # front door times out the part it is passed, the worker the wait for its first piece).
+    body_read_timeout_s: float = 30.0
 
 
 class Mailbox(Generic[T]):
