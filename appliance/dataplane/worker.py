@@ -194,7 +194,7 @@ class Worker:
 
     async def sweep_late_bodies(self) -> None:
         """Cancel the requests whose body's first piece is later than the timeout (each
-        answers 408), looking every second (or twice a timeout, if shorter)."""
+        answers 408), looking every second (every half timeout, if that is shorter)."""
         timeout = self.settings.body_read_timeout_s
         while True:
             await asyncio.sleep(min(1.0, timeout / 2))
