@@ -4,6 +4,7 @@ Through the real daemon, with fake-engine replicas and a recording provider."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -19,12 +20,14 @@ import httpx
 import pytest
 
 from appliance.config import ServerConfig, parse_config, worker_count
+from appliance.dataplane.protocol import Mailbox
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+BODY_TIMEOUT_S = 2  # [server] body_read_timeout_s of the module's daemon
 WORKER = "x-appliance-worker"
 CARRIED = "x-appliance-path"  # "fast": the worker carried it on the daemon's grant
 MODELS = (
@@ -34,6 +37,7 @@ MODELS = (
     + fake_model("pair", "--chunks", "2", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
     + fake_model("flood", "--chunks", "100000")
     + fake_model("twin", "--latency", "1", extra="[models.autoscaling]\nmin_replicas = 2\nmax_replicas = 2")
+    + fake_model("cold", "--slow-start", "2", extra="[models.autoscaling]\nmin_replicas = 0\nmax_replicas = 1")
 )
 
 
@@ -43,7 +47,7 @@ def workers(tmp_path_factory, recorder):  # noqa: F811  (the module fixture)
     factory = DaemonFactory(tmp)
     routes = route("claims", "claims", "err5xx", True) + route("general", "general", "err5xx", False, ["cloud"])
     extra = "[keys]\nrequired = true\n\n[queue]\nkeepalive_s = 0\n\n" + provider(recorder, tmp) + routes
-    daemon = factory.start(MODELS, extra=extra, server="workers = 2", wait=False)
+    daemon = factory.start(MODELS, extra=extra, server=f"workers = 2\nbody_read_timeout_s = {BODY_TIMEOUT_S}", wait=False)
     wait_until(lambda: _all_ready(daemon), 60, what="the replicas")
     yield daemon
     factory.cleanup()
@@ -348,6 +352,110 @@ def test_a_worker_killed_holding_granted_tickets_leaves_no_reservation_or_replic
     wait_until(lambda: len(worker_pids(workers.proc.pid)) == 2, 20, what="the worker's replacement")
 
 
+def _admin(daemon, path: str) -> httpx.Response:
+    """An admin POST over the admin socket (keys are required: TCP admin wants a token)."""
+    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=30) as c:
+        return c.post(f"http://appliance/admin/{path}", json={})
+
+
+def _cold(daemon) -> dict:
+    return next(m for m in daemon.status()["models"] if m["name"] == "cold")
+
+
+def _unloaded(daemon) -> None:
+    assert _admin(daemon, "models/cold/unload").status_code == 200
+    wait_until(lambda: _cold(daemon)["replicas"] == [], 20, what="cold unloaded")
+
+
+def test_requests_held_through_a_cold_start_are_answered_through_the_workers(workers):
+    # Held while the model starts, each carried by its worker once a replica is READY:
+    # the worker's Finish reaches the grant (the hold's disconnect watcher took none of it).
+    token = keys_cli(workers, "create", "--name", "cold-start")
+    _unloaded(workers)
+    with ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: post(workers, token, {"model": "cold"}, timeout=20), range(3)))
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert {r.headers.get(CARRIED) for r in answers} == {"fast"}
+    wait_until(lambda: sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0, 10, what="cold's slots back")
+
+
+def test_a_held_request_whose_client_leaves_through_a_worker_leaves_no_slot_or_reservation(workers):
+    body = {**CHAT, "model": "cold", "max_tokens": 40}
+    worst = len(json.dumps(body).encode()) + 40
+    token = keys_cli(workers, "create", "--name", "cold-leaver", "--budget-tokens", str(worst + worst // 2))
+    _unloaded(workers)
+    with pytest.raises(httpx.TimeoutException):  # gone while held (the model takes 2 s to start)
+        post(workers, token, {"model": "cold", "max_tokens": 40}, timeout=0.7)
+    wait_until(lambda: _cold(workers)["ready"], 20, what="cold ready")
+    assert sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0
+    again = post(workers, token, {"model": "cold", "max_tokens": 40}, timeout=20)
+    assert again.status_code == 200, again.text  # the leaver's reservation was settled, not left held
+    wait_until(lambda: sum(r["inflight"] for r in _cold(workers)["replicas"]) == 0, 10, what="cold's slot back")
+
+
+def _stalled_body(daemon, headers: str, sent: bytes) -> tuple[int, dict[str, str], bytes]:
+    """A POST declaring 1000 body bytes that sends only `sent`, then nothing: the answer
+    (status, headers, body) that comes without the rest, or a timeout at the client."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+                     f"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n".encode() + sent)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    head, body = data.split(b"\r\n\r\n", 1)
+    lines = head.decode("latin-1").split("\r\n")
+    fields = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return int(lines[0].split()[1]), fields, body
+
+
+def _length(data: bytes) -> int:
+    head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").lower()
+    return int(head.split("content-length: ", 1)[1].split("\r\n")[0]) if "content-length: " in head else 0
+
+
+def test_a_body_that_never_arrives_is_answered_408_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "trickler")
+    status, _, body = _stalled_body(workers, f"Authorization: Bearer {token}\r\n", b'{"model": ')
+    assert status == 408, body
+    error = json.loads(body)["error"]
+    assert error["code"] == "request_timeout" and f"within {BODY_TIMEOUT_S}s" in error["message"]
+
+
+def test_a_body_that_never_arrives_without_a_key_is_answered_401_at_once_through_the_workers(workers):
+    status, _, body = _stalled_body(workers, "", b'{"model": ')
+    assert status == 401, body
+
+
+def test_a_body_declared_too_large_that_never_arrives_is_answered_413_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "large-trickler")
+    with socket.create_connection(("127.0.0.1", workers.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: 999999999\r\n\r\n{{}}".encode())
+        assert sock.recv(65536).split(b" ", 2)[1] == b"413"
+
+
+def test_a_body_that_never_starts_is_answered_408_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "silent")
+    status, _, body = _stalled_body(workers, f"Authorization: Bearer {token}\r\n", b"")
+    assert status == 408, body
+    assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):
+    # One process answers a cross-origin request without reading its body: Granian closes
+    # the connection (the rest of the body is never read). Through a worker, the same.
+    token = keys_cli(workers, "create", "--name", "cross-site")
+    big = json.dumps({**CHAT, "model": "fake", "pad": "x" * 300_000})
+    headers = {"Authorization": f"Bearer {token}", "Origin": "http://evil.example", "Content-Type": "application/json"}
+    with workers.client() as c:
+        r = c.post("/v1/chat/completions", content=big, headers=headers)
+    assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin"
+    assert r.headers.get("connection") == "close"
+
+
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
     for reuse_port in (False, True):
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -432,3 +540,17 @@ def test_auto_workers_is_a_share_of_the_cores():
     auto = ServerConfig(workers="auto")
     assert [worker_count(auto, cores) for cores in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 4]
     assert worker_count(ServerConfig(workers=3), 2) == 3
+
+
+def test_a_mailbox_reader_cancelled_as_the_next_one_waits_loses_no_frame():
+    # The hold's watcher is cancelled (its cancellation runs a turn later) as the grant's
+    # reader starts waiting: the Finish that comes next must wake that reader.
+
+    async def attempt(box: Mailbox[str]) -> str:
+        watcher = asyncio.ensure_future(box.get())
+        await asyncio.sleep(0)
+        watcher.cancel()  # then, in the same turn, the next reader waits
+        asyncio.get_running_loop().call_later(0.05, box.put, "finish")
+        return await box.get()
+
+    assert asyncio.run(asyncio.wait_for(attempt(Mailbox()), 2)) == "finish"

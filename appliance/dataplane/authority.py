@@ -75,7 +75,7 @@ class WorkerLink:
 
     def __init__(self, app: Any, reader: FrameReader, writer: FrameWriter, server: tuple[str, int]) -> None:
         self.app, self.reader, self.out, self.server = app, reader, writer, server
-        self.inboxes: dict[int, Mailbox[Body | Gone | Finish]] = {}
+        self.inboxes: dict[int, Inbox] = {}
         self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.closed = False
@@ -104,13 +104,13 @@ class WorkerLink:
                 call.put(End(uid, "broke", "the worker relaying it exited"))
 
     def _start(self, req: Request) -> None:
-        inbox: Mailbox[Body | Gone | Finish] = Mailbox()
+        inbox = Inbox()
         self.inboxes[req.rid] = inbox
         task = asyncio.create_task(self._serve(req, inbox))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _serve(self, req: Request, inbox: Mailbox[Body | Gone | Finish]) -> None:
+    async def _serve(self, req: Request, inbox: Inbox) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
         ticket = Ticket(self, req.rid, inbox) if req.facts is not None else None
         TICKET.set(ticket)
@@ -130,18 +130,22 @@ class WorkerLink:
             "facts": req.facts,  # what its worker read of the body it keeps (app.py _serve)
         }
         gone = False
+        unread = req.more  # part of its body not read here yet
         first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
         start: dict[str, Any] | None = None
         answered = False
 
         async def receive() -> dict[str, Any]:
-            nonlocal gone, first
+            nonlocal gone, first, unread
             if first is not None:
                 message, first = first, None
                 return message
-            if not gone:
+            if ticket is not None:  # its frames are the ticket's: its client's leaving is watched apart
+                await inbox.left()
+            elif not gone:
                 frame = await inbox.get()
                 if isinstance(frame, Body):
+                    unread = frame.more
                     return {"type": "http.request", "body": frame.data, "more_body": frame.more}
                 gone = True
             return {"type": "http.disconnect"}
@@ -159,6 +163,8 @@ class WorkerLink:
             body, more = message.get("body", b""), message.get("more_body", False)
             if start is not None:
                 headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
+                if unread:  # answered before its whole body (a refusal): its connection closes, as one process's
+                    headers.append((b"connection", b"close"))
                 self.out.write(Start(req.rid, start["status"], headers, body, more))
                 start = None
             else:
@@ -187,13 +193,45 @@ class WorkerLink:
         return EngineCall(self, frame.uid, queue)
 
 
+class Inbox(Mailbox[Body | Gone | Finish]):
+    """A request's frames from its worker, read by one reader (a ticket's: its body,
+    then each attempt's Finish); its client's leaving (a Gone) is also seen by those
+    that only watch for it (``left``: a held request's watcher), who take no frame."""
+
+    __slots__ = ("gone", "watchers")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gone = False
+        self.watchers: list[asyncio.Future[None]] = []
+
+    def put(self, item: Body | Gone | Finish) -> None:
+        super().put(item)
+        if isinstance(item, Gone):
+            self.gone = True
+            for watcher in self.watchers:
+                if not watcher.done():
+                    watcher.set_result(None)
+
+    async def left(self) -> None:
+        """Once its client has left (or its worker exited)."""
+        if self.gone:
+            return
+        watcher = asyncio.get_running_loop().create_future()
+        self.watchers.append(watcher)
+        try:
+            await watcher
+        finally:
+            self.watchers.remove(watcher)
+
+
 class Ticket:
     """A request its worker asked to carry (Request.facts): granted, the worker calls
     the replica chosen here; each Finish it sends back ends one attempt."""
 
     __slots__ = ("carried", "inbox", "link", "rid")
 
-    def __init__(self, link: WorkerLink, rid: int, inbox: Mailbox[Body | Gone | Finish]) -> None:
+    def __init__(self, link: WorkerLink, rid: int, inbox: Inbox) -> None:
         self.link, self.rid, self.inbox = link, rid, inbox
         self.carried = False  # the worker answered its client (or is gone): nothing more to tell it
 

@@ -142,6 +142,7 @@ class WorkerFront:
             max_body_bytes=max(s.max_body_bytes, s.max_upload_bytes),
             max_connections_per_replica=self.cfg.upstream.max_connections_per_replica,
             backlog=BACKLOG,
+            body_read_timeout_s=s.body_read_timeout_s,
         )
         listen_fd, link_fd = self.sock.fileno(), link.fileno()
         argv = [sys.executable, "-m", "appliance.dataplane.worker", str(listen_fd), str(link_fd)]

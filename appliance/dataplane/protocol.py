@@ -261,11 +261,15 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     max_body_bytes: int
     max_connections_per_replica: int
     backlog: int = 1024
+    # A body not whole within this is answered 408 (server.body_read_timeout_s; the daemon's
+    # front door times out the part it is passed, the worker the wait for its first piece).
+    body_read_timeout_s: float = 30.0
 
 
 class Mailbox(Generic[T]):
     """The frames for one request or engine call, in order: asyncio.Queue without
-    what it costs (bounds, putters, task accounting) on the path of every request."""
+    what it costs (bounds, putters, task accounting) on the path of every request.
+    One reader at a time: a second's get would take the first's wakeup."""
 
     __slots__ = ("items", "waiter")
 
@@ -280,9 +284,12 @@ class Mailbox(Generic[T]):
 
     async def get(self) -> T:
         while not self.items:
-            self.waiter = asyncio.get_running_loop().create_future()
+            waiter = self.waiter = asyncio.get_running_loop().create_future()
             try:
-                await self.waiter
+                await waiter
             finally:
-                self.waiter = None
+                # A reader cancelled here (its cancellation runs a turn later) must not
+                # clear the wakeup of the one that reads next: its frame would wait forever.
+                if self.waiter is waiter:
+                    self.waiter = None
         return self.items.popleft()

@@ -61,10 +61,11 @@ from appliance.dataplane.protocol import (
     Whole,
     WorkerSettings,
 )
-from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, StateWriteFailed
+from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, RequestTimeout, StateWriteFailed
 from appliance.fleet.engine_access import http_session, tcp_connector
 from appliance.fleet.hold import ClientGone
 from appliance.gateway.capabilities import ENDPOINTS, Endpoint
+from appliance.gateway.dialects import dialect_for_path
 from appliance.gateway.facts import Facts, carried_facts
 from appliance.gateway.metering import StreamTap
 from appliance.gateway.protocol import decode_request
@@ -119,13 +120,32 @@ class Worker:
         # A carried stream's Settled, awaited by the relay before its last bytes.
         self.receipts: dict[int, asyncio.Future[None]] = {}
         self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        # The requests whose body's first piece has not come: since when (the loop's clock);
+        # those past server.body_read_timeout_s are cancelled into a 408 (late_bodies).
+        # Swept (a timer per request would cost more than the rest of its reading).
+        self.first_pieces: dict[asyncio.Task[Any], float] = {}
+        self.clock = asyncio.get_running_loop().time
+        self.late_bodies: set[asyncio.Task[Any]] = set()
 
     # The client side: one request, passed to the daemon and its answer sent back.
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        first = await receive()
+        task = asyncio.current_task()
+        assert task is not None
+        self.first_pieces[task] = self.clock()
+        try:  # (the rest of a body that comes in pieces is timed by the daemon's front door)
+            first = await receive()
+        except asyncio.CancelledError:
+            if task not in self.late_bodies:
+                raise
+            self.late_bodies.discard(task)
+            task.uncancel()
+            await self._body_timed_out(scope["path"], send)
+            return
+        finally:
+            self.first_pieces.pop(task, None)
         if first["type"] == "http.disconnect":
             return
         started, rid = time.perf_counter(), next(self.ids)
@@ -154,15 +174,39 @@ class Worker:
             if carried is not None:
                 await self._decided(rid, answer, carried, receive, send)
                 return
-            if more and not await self._pass_body(rid, receive, left):
-                return
-            watcher = asyncio.ensure_future(self._watch(rid, receive))
+            # Its body's rest passed on beside the daemon's answer, which may come before the
+            # body is whole (401, 413, the front door's 408): then the rest is not read.
+            client = self._pass_then_watch(rid, receive, left) if more else self._watch(rid, receive)
+            watcher = asyncio.ensure_future(client)
             try:
                 await self._answer(answer, send)
             finally:
                 watcher.cancel()
         finally:
             del self.requests[rid]
+
+    async def _body_timed_out(self, path: str, send: Any) -> None:
+        """No piece of the body came in time (the daemon never heard of the request):
+        the front door's 408, in the path's API's envelope."""
+        err = RequestTimeout(f"Request body not received within {self.settings.body_read_timeout_s:g}s")
+        headers = {**err.headers(), WORKER_HEADER.decode(): str(self.settings.index)}
+        await send_whole(send, err.status, "application/json", dialect_for_path(path).envelope(err), headers)
+
+    async def sweep_late_bodies(self) -> None:
+        """Cancel the requests whose body's first piece is later than the timeout (each
+        answers 408), looking every second (every half timeout, if that is shorter)."""
+        timeout = self.settings.body_read_timeout_s
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 2))
+            now = self.clock()
+            for task in [t for t, since in self.first_pieces.items() if now - since >= timeout]:
+                del self.first_pieces[task]
+                self.late_bodies.add(task)
+                task.cancel()
+
+    async def _pass_then_watch(self, rid: int, receive: Any, left: int) -> None:
+        if await self._pass_body(rid, receive, left):
+            await self._watch(rid, receive)
 
     async def _pass_body(self, rid: int, receive: Any, left: int) -> bool:
         """The rest of the request's body to the daemon as it arrives; False: the client left."""
@@ -525,12 +569,14 @@ async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
         loop.add_signal_handler(sig, server.stop)  # the daemon drains first: stop taking connections
     serving = asyncio.create_task(server.serve(), name="granian")
     linked = asyncio.create_task(worker.read_link(), name="link")
+    sweeping = asyncio.create_task(worker.sweep_late_bodies(), name="late bodies")
     await asyncio.wait({serving, linked}, return_when=asyncio.FIRST_COMPLETED)
     if not serving.done():  # the daemon is gone: nothing to serve for
         server.stop()
         with contextlib.suppress(Exception):
             await serving
     linked.cancel()
+    sweeping.cancel()
     await worker.session.close()
     return 0
 
