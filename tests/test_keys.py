@@ -14,8 +14,9 @@ import httpx
 import msgspec
 import pytest
 
+from appliance.access.keys import ApiKey
 from appliance.api.metrics import Metrics
-from appliance.config import parse_config
+from appliance.config import RouteConfig, parse_config
 from appliance.errors import NoCapacity, RegulatedFailClosed
 from appliance.gateway.providers import Breaker, load_providers
 from appliance.gateway.capabilities import ENDPOINTS
@@ -151,6 +152,34 @@ def test_a_key_may_use_only_its_routes_and_its_tag_picks_the_route(keyed):
     denied = post(keyed, token, {**CHAT, "model": "m2"})
     assert denied.status_code == 403 and denied.json()["error"]["code"] == "route_not_allowed"
     assert post(keyed, token, {**CHAT, "model": "fake"}).status_code == 403
+
+
+def test_a_key_lists_only_the_models_its_routes_let_it_call(keyed):
+    """/v1/models listed every model to any key, and /v1/models/{id} described one the
+    key's routes refuse: a key sees what it may call; any other is a 404 to it, in
+    OpenAI's shape and Anthropic's, as a model not served is."""
+    scoped = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'listed', '--route', 'r1')}"}
+    anyone = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'lister')}"}
+    anthropic_scoped = {**scoped, "anthropic-version": "2023-06-01"}
+    with keyed.client() as c:
+        assert [m["id"] for m in c.get("/v1/models", headers=anyone).json()["data"]] == ["fake"]
+        assert c.get("/v1/models/fake", headers=anyone).status_code == 200
+        assert c.get("/v1/models", headers=scoped).json()["data"] == []
+        assert c.get("/v1/models", headers=anthropic_scoped).json()["data"] == []
+        hidden = c.get("/v1/models/fake", headers=scoped)
+        anthropic_hidden = c.get("/v1/models/fake", headers=anthropic_scoped)
+    assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
+    assert anthropic_hidden.status_code == 404 and anthropic_hidden.json()["type"] == "error"
+
+
+def test_a_key_may_call_a_model_through_any_route_it_lists_under_a_tag_it_may_send():
+    routes = Routes([RouteConfig("plain", "a", "a"), RouteConfig("gold", "b", "b", tag="gold"),
+                     RouteConfig("other", "c", "c")])
+    key = ApiKey("k", "k", "", routes=["plain", "gold"])
+    assert [m for m in "abcd" if routes.allows(key, m)] == ["a", "b"]
+    bound = ApiKey("k", "k", "", routes=["plain", "gold"], tag="silver")  # its tag binds it: no "gold" header
+    assert [m for m in "abcd" if routes.allows(bound, m)] == ["a"]
+    assert all(routes.allows(ApiKey("k", "k", ""), m) for m in "abcd")  # no routes: any
 
 
 def test_every_request_gets_an_audit_row_without_text(keyed):

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from litestar import Request
 
 if TYPE_CHECKING:
+    from appliance.access.keys import ApiKey
     from appliance.api.app import Runtime
 
 
@@ -20,12 +21,18 @@ def client_or_admin(request: Request) -> Runtime:
     """What the API shows about the box (its models, its metrics): with keys required,
     only to a caller with an API key or the admin credential; without, only to a
     request naming this server in Host (AdminAccess.check_host: not a DNS-rebinding page)."""
+    return caller(request)[0]
+
+
+def caller(request: Request) -> tuple[Runtime, ApiKey | None]:
+    """client_or_admin's check, and the caller's key: None for the admin credential
+    and on a box whose keys are not required (they see every model)."""
     rt = runtime(request)
     if not rt.gate.required:  # no key guards the answer from a DNS-rebinding page: its Host must be ours
         rt.admin.check_host(request, "API")
     elif not rt.admin.is_admin(request):
-        rt.gate.authenticate(authorization(request))
-    return rt
+        return rt, rt.gate.authenticate(authorization(request))
+    return rt, None
 
 
 def authorization(request: Request) -> bytes | None:

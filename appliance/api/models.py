@@ -1,5 +1,6 @@
 """The model list (GET /v1/models, /v1/models/{id}): the models and LoRA adapters the
-box serves, to a caller with a key (or the admin credential).
+box serves, to a caller with a key (or the admin credential). A key sees only the
+models it may call (its routes: Routes.allows); any other is unknown to it (a 404).
 
 Two APIs share these paths: OpenAI's cards by default, Anthropic's model objects (and
 its cursor pages and error envelope) to a request that says it speaks Anthropic's API,
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from litestar import Request, Response, get
 
-from appliance.api.callers import client_or_admin
+from appliance.api.callers import caller
 from appliance.errors import BadRequest, ModelNotFound
 from appliance.gateway.dialects import ANTHROPIC, Dialect
 from appliance.gateway.protocol import ModelCard, ModelList
@@ -63,8 +64,8 @@ def _anthropic(content: AnthropicModelPage | AnthropicModel, request: Request) -
 
 @get(PATH)
 async def list_models(request: Request) -> Response[ModelList | AnthropicModelPage]:
-    rt = client_or_admin(request)
-    names = rt.supervisor.model_names()
+    rt, key = caller(request)
+    names = [name for name in rt.supervisor.model_names() if key is None or rt.routes.allows(key, name)]
     if request_dialect(request) is ANTHROPIC:
         page, has_more = _page(names, request)
         cards = [_anthropic_model(rt, name) for name in page]
@@ -112,10 +113,10 @@ def _cursor(names: list[str], name: str, param: str) -> int:
 
 @get(f"{PATH}/{{model_id:path}}")
 async def get_model(request: Request) -> Response[ModelCard | AnthropicModel]:
-    rt = client_or_admin(request)
+    rt, key = caller(request)
     name = str(request.path_params["model_id"]).lstrip("/")
-    if rt.supervisor.find(name) is None:
-        raise ModelNotFound(name)  # 404 in the envelope
+    if rt.supervisor.find(name) is None or (key is not None and not rt.routes.allows(key, name)):
+        raise ModelNotFound(name)  # 404 in the envelope, as for a model not served
     if request_dialect(request) is ANTHROPIC:
         return _anthropic(_anthropic_model(rt, name), request)
     return Response(_model_card(rt, name, int(rt.started)), media_type=JSON)

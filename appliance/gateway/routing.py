@@ -79,6 +79,15 @@ class Routes:
             return None
         return self.resolve(model, sent_tag or key_tag)
 
+    def allows(self, key: ApiKey, model: str) -> bool:
+        """Whether the key may call this model name, as ``match`` and Gate.admit would
+        decide it: any, for a key without routes; else through a route it lists, under
+        its tag, or (a key bound to none) under any tag a request may send."""
+        if not key.routes:
+            return True
+        tags = [key.tag] if key.tag else ["", *self.tags]
+        return any((route := self.resolve(model, tag)) is not None and route.name in key.routes for tag in tags)
+
 
 def check_may_send(route: RouteConfig | None, provider: Provider) -> None:
     """The last check before a request leaves for a provider: fail closed."""
