@@ -69,6 +69,14 @@ class MissingCredential(Unauthorized):
     anthropic_message = "Missing API key: send 'x-api-key: ak-...' (or 'Authorization: Bearer ak-...')"
 
 
+class BeyondBudget(BadRequest):
+    """A request that may cost more than its API key's whole budget: no reset of the
+    budget period will ever admit it, so it is no 429 (the SDKs retry those on their
+    own, here for hours) but a 400 saying how to make it smaller."""
+
+    code = "request_exceeds_budget"
+
+
 class NotFound(ApplianceError):
     status = 404
     type = "invalid_request_error"

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from .conftest import DaemonFactory, engine_client, fake_model, wait_until
@@ -132,15 +133,36 @@ def test_a_concurrent_burst_never_spends_more_than_the_budget(ledger):
     assert usage["burst"]["tokens"] == spent  # the ledger on disk and the daemon agree
 
 
-def test_a_request_larger_than_the_budget_left_is_refused_with_retry_after(ledger):
+def test_a_request_that_can_never_fit_the_budget_is_a_400_the_sdks_do_not_retry(ledger):
+    """A request costing more than the key's whole budget was a 429 with Retry-After until
+    the period's end: no reset would ever admit it, and the SDKs retry a 429 on their own.
+    It is a 400 naming the budget, the request's cost and the fix, with no Retry-After."""
     token = keys_cli(ledger, "create", "--name", "big-ask", "--budget-tokens", "500", "--budget-period", "hour")
-    status, text, _ = chat(ledger, token, {"model": "fake", "max_tokens": 1000})
-    assert status == 429 and "more than this API key's budget" in json.loads(text)["error"]["message"]
     with httpx.Client(base_url=ledger.url) as c:
         resp = c.post("/v1/chat/completions", json={**CHAT, "model": "fake", "max_tokens": 1000},
                       headers=auth(token))
-    assert resp.status_code == 429 and 0 < int(resp.headers["retry-after"]) <= 3600
+    error = resp.json()["error"]
+    assert resp.status_code == 400 and "retry-after" not in resp.headers, resp.headers
+    assert error["type"] == "invalid_request_error" and error["code"] == "request_exceeds_budget"
+    assert "500 tokens per hour" in error["message"] and "max_tokens" in error["message"], error
+    sdk = openai.OpenAI(base_url=f"{ledger.url}/v1", api_key=token, max_retries=2)
+    with pytest.raises(openai.BadRequestError):
+        sdk.chat.completions.create(model="fake", messages=CHAT["messages"], max_tokens=1000)
+    huge = chat(ledger, token, {"model": "fake", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 600}]})
+    assert huge[0] == 400 and "shorter" in json.loads(huge[1])["error"]["message"]
     assert chat(ledger, token, {"model": "fake", "max_tokens": 10})[0] == 200
+
+
+def test_a_request_larger_than_the_budget_left_is_refused_until_the_period_ends(ledger):
+    token = keys_cli(ledger, "create", "--name", "spent", "--budget-tokens", "500", "--budget-period", "hour")
+    # It holds its prompt's bound (85 bytes) + 410 of 500, and uses 5 + 3: 492 left, 495 asked.
+    assert chat(ledger, token, {"model": "fake", "max_tokens": 410})[0] == 200
+    status, text, _ = chat(ledger, token, {"model": "fake", "max_tokens": 410})
+    assert status == 429 and json.loads(text)["error"]["code"] == "budget_exceeded", text
+    with httpx.Client(base_url=ledger.url) as c:
+        resp = c.post("/v1/chat/completions", content=json.dumps({**CHAT, "model": "fake", "max_tokens": 410}),
+                      headers=auth(token))
+    assert resp.status_code == 429 and 0 < int(resp.headers["retry-after"]) <= 3600
 
 
 def test_n_choices_are_reserved_for_and_charged_each(ledger):
@@ -148,8 +170,8 @@ def test_n_choices_are_reserved_for_and_charged_each(ledger):
     ask = {"model": "fake", "max_tokens": 100}
     payload = json.dumps({**CHAT, **ask, "n": 2}).encode()
     token = keys_cli(ledger, "create", "--name", "two-ways", "--budget-tokens", str(len(payload) + 150))
-    status, text, _ = chat(ledger, token, {**ask, "n": 2})
-    assert status == 429 and json.loads(text)["error"]["code"] == "budget_exceeded", text
+    status, text, _ = chat(ledger, token, {**ask, "n": 2})  # more than the whole budget: never fits
+    assert status == 400 and json.loads(text)["error"]["code"] == "request_exceeds_budget", text
     assert chat(ledger, token, {**ask, "n": 1})[0] == 200
     # What n choices cost is charged: the engine's usage, or each choice's relayed events.
     rich = keys_cli(ledger, "create", "--name", "n-choices", "--budget-tokens", "100000")

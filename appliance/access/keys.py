@@ -10,7 +10,8 @@ UTC), both 0 = none.
 A budget is reserved, then settled: admission holds the most the request can
 cost (its prompt's bound plus its completion cap, appliance/gateway/metering.py) against
 what the key has left, minus what its requests in flight hold, and refuses it
-with 429 when that does not fit; the end of the request settles the hold to its
+with 429 when that does not fit (a 400 when it never can: more than the whole
+budget); the end of the request settles the hold to its
 real usage. Check and hold happen with no await between them, so concurrent
 requests can never together spend more than the budget. ``Gate.admit`` and
 ``Gate.settle`` are the whole interface: a data plane of several processes
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.access.audit import connect, transaction
-from appliance.errors import Forbidden, MissingCredential, RateLimited, Unauthorized
+from appliance.errors import ApplianceError, BeyondBudget, Forbidden, MissingCredential, RateLimited, Unauthorized
 
 PREFIX = "ak-"
 PERIODS = ("hour", "day", "month")
@@ -224,7 +225,8 @@ class Gate:
     def admit(
         self, key: ApiKey, route: str | None, prompt: int = 0, cap: int | None = 0, ceiling: int = 0, choices: int = 1
     ) -> Reservation:
-        """Admit one request of the key, or refuse it (403, 429). A budgeted key
+        """Admit one request of the key, or refuse it (403, 429; 400 beyond its whole
+        budget). A budgeted key
         holds prompt + cap tokens; with no cap (the request set no length), the
         completion is reserved at ``ceiling`` per choice, or at what the budget
         has left for it, which the caller must then impose on the engine
@@ -267,7 +269,7 @@ class Gate:
         else:
             need = prompt + cap
         if need > left:
-            raise _over_budget(key, need, used, end - now)
+            raise _over_budget(key, need, prompt, used, end - now)
         res.period_start, res.held = start, need
         self.held[key.id] = held + need
 
@@ -313,27 +315,38 @@ class Reservation:
     completion: int | None
 
 
-def _over_budget(key: ApiKey, need: int, used: int, until_reset: float) -> RateLimited:
+def _over_budget(key: ApiKey, need: int, prompt: int, used: int, until_reset: float) -> ApplianceError:
     per = f"{key.budget_tokens} tokens per {key.budget_period}"
     if need > key.budget_tokens:
-        message = (
-            f"This request may cost up to {need} tokens (its prompt counts one token per byte until "
-            f"the engine reports it, plus its completion limit), more than this API key's budget of {per}"
-        )
-    elif need <= key.budget_tokens - used:
+        return _beyond_budget(key, need, prompt, per)
+    if need <= key.budget_tokens - used:
         # It would fit once this key's requests in flight settle to what they really used.
         return RateLimited(
             f"This API key's requests in flight hold the rest of its budget of {per}; retry when they finish",
             retry_after=2,
             code="budget_exceeded",
         )
-    else:
-        message = (
-            f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
-            f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
-            "it, plus its completion limit)"
-        )
+    message = (
+        f"This API key has {max(0, key.budget_tokens - used)} of its {per} left; this request "
+        f"may cost up to {need} (its prompt counts one token per byte until the engine reports "
+        "it, plus its completion limit)"
+    )
     return RateLimited(message, retry_after=math.ceil(until_reset), code="budget_exceeded")
+
+
+def _beyond_budget(key: ApiKey, need: int, prompt: int, per: str) -> BeyondBudget:
+    """No reset will ever admit it: the client must send a smaller request, not retry."""
+    room = key.budget_tokens - prompt
+    fix = (
+        f"lower max_tokens (times n: at most {room} in all)"
+        if room > 0
+        else "its prompt alone is more than that: send a shorter one"
+    )
+    return BeyondBudget(
+        f"This request may cost up to {need} tokens (its prompt counts one token per byte until the engine "
+        f"reports it, plus its completion limit: max_tokens times n), more than this API key's whole "
+        f"budget of {per}, so it can never be served under this key: {fix}, or ask for a larger budget"
+    )
 
 
 __all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "Reservation", "period_bounds"]
