@@ -8,6 +8,7 @@ import asyncio
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -439,6 +440,18 @@ def test_a_body_that_never_starts_is_answered_408_through_the_workers(workers):
     status, _, body = _stalled_body(workers, f"Authorization: Bearer {token}\r\n", b"")
     assert status == 408, body
     assert json.loads(body)["error"]["code"] == "request_timeout"
+
+
+def test_the_workers_408_for_a_body_that_never_starts_names_the_request_id(workers):
+    """The worker answers this 408 alone (the daemon never heard of the request): it
+    carried no X-Request-Id, unlike every other answer. The client's, by the front
+    door's rule (1-128 printable ASCII), else a new one."""
+    token = keys_cli(workers, "create", "--name", "silent-id")
+    key = f"Authorization: Bearer {token}\r\n"
+    status, fields, _ = _stalled_body(workers, f"{key}X-Request-Id: trace-42 a/b\r\n", b"")
+    assert status == 408 and fields.get("x-request-id") == "trace-42 a/b", fields
+    status, fields, _ = _stalled_body(workers, f"{key}X-Request-Id: {'x' * 129}\r\n", b"")
+    assert status == 408 and re.fullmatch("[0-9a-f]{32}", fields.get("x-request-id", "")), fields
 
 
 def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):

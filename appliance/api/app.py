@@ -9,13 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 from collections.abc import AsyncIterator, Callable, Collection
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from random import getrandbits as _getrandbits
 from typing import Any, cast
 
 from litestar import Litestar, Request, Response, asgi, delete, get, post
@@ -80,7 +78,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.providers import load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
 from appliance.gateway.relay import FREE, answer_stream, answer_whole, send_whole
-from appliance.gateway.request import ProxyRequest
+from appliance.gateway.request import ProxyRequest, new_request_id, request_id_of
 from appliance.gateway.routing import Routes
 from appliance.gateway.runtime import Gateway
 from appliance.gateway.tracing import open_tracing
@@ -105,24 +103,6 @@ class Runtime(Gateway):
     admin: AdminAccess = field(kw_only=True)
     openapi: dict | None = None
     reloader: Reloader | None = None
-
-
-def _new_request_id() -> str:
-    # Unique enough for correlating logs; not a secret, so no urandom syscall per request.
-    return "%032x" % _getrandbits(128)
-
-
-# A client's own X-Request-Id: 1-128 printable ASCII characters.
-_CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,128}")
-
-
-def _request_id_of(sent: bytes | None) -> str:
-    """The request's id: the client's X-Request-Id when it is 1-128 printable ASCII
-    characters, else a new one. It is echoed, logged, audited and sent to the engine,
-    so a control character or a latin-1 byte in it goes no further than here."""
-    if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
-        return sent.decode("ascii")
-    return _new_request_id()
 
 
 async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
@@ -154,7 +134,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
             fetch_site = value
         elif name == b"content-encoding":
             encoding = value
-    rid = _request_id_of(sent_id)
+    rid = request_id_of(sent_id)
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
     req = ProxyRequest(rid, started, time.time(), ep, receive)
@@ -421,10 +401,10 @@ def front_door(app: Litestar):
 
 def _with_request_id(scope: Any, send: Send) -> Send:
     """Every answer carries X-Request-Id, as the proxied ones do: the client's own
-    (``_request_id_of``), else a new one; an error's envelope names the same
+    (``request_id_of``), else a new one; an error's envelope names the same
     (``error_parts`` reads scope["request_id"]), and the SDKs show it on their errors."""
     sent = next((v for k, v in scope["headers"] if k == b"x-request-id"), None)
-    scope["request_id"] = rid = _request_id_of(sent)
+    scope["request_id"] = rid = request_id_of(sent)
 
     async def send_with_id(message: Any) -> None:
         if message["type"] == "http.response.start":
@@ -479,7 +459,7 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     that made it (another key's response is a 404, like one that never was),
     audited like any request; runs no inference, so charges nothing."""
     rt = runtime(request)
-    rid = _request_id(request) or _new_request_id()
+    rid = _request_id(request) or new_request_id()
     req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
     try:
         auth = authorization(request)

@@ -80,7 +80,7 @@ from appliance.gateway.relay import (
     send_whole,
     unless_client_leaves,
 )
-from appliance.gateway.request import ProxyRequest
+from appliance.gateway.request import ProxyRequest, request_id_of
 from appliance.gateway.serving import wait_disconnect
 
 log = logging.getLogger("appliance.worker")
@@ -142,7 +142,7 @@ class Worker:
                 raise
             self.late_bodies.discard(task)
             task.uncancel()
-            await self._body_timed_out(scope["path"], send)
+            await self._body_timed_out(scope, send)
             return
         finally:
             self.first_pieces.pop(task, None)
@@ -185,12 +185,15 @@ class Worker:
         finally:
             del self.requests[rid]
 
-    async def _body_timed_out(self, path: str, send: Any) -> None:
+    async def _body_timed_out(self, scope: Any, send: Any) -> None:
         """No piece of the body came in time (the daemon never heard of the request):
-        the front door's 408, in the path's API's envelope."""
+        the front door's 408, in the path's API's envelope, naming the request's id as
+        every answer does (the client's X-Request-Id, by the front door's rule, or a new one)."""
         err = RequestTimeout(f"Request body not received within {self.settings.body_read_timeout_s:g}s")
-        headers = {**err.headers(), WORKER_HEADER.decode(): str(self.settings.index)}
-        await send_whole(send, err.status, "application/json", dialect_for_path(path).envelope(err), headers)
+        dialect = dialect_for_path(scope["path"])
+        rid = request_id_of(next((bytes(v) for k, v in scope["headers"] if k == b"x-request-id"), None))
+        headers = {**err.headers(), **dialect.id_headers(rid), WORKER_HEADER.decode(): str(self.settings.index)}
+        await send_whole(send, err.status, "application/json", dialect.envelope(err), headers)
 
     async def sweep_late_bodies(self) -> None:
         """Cancel the requests whose body's first piece is later than the timeout (each

@@ -11,7 +11,9 @@ settlement and audit row from it, once.
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass, field
+from random import getrandbits as _getrandbits
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -24,6 +26,25 @@ if TYPE_CHECKING:
     from appliance.gateway.capabilities import Endpoint
     from appliance.gateway.metering import StreamTap, Usage
     from appliance.gateway.tracing import RequestTrace
+
+
+def new_request_id() -> str:
+    # Unique enough for correlating logs; not a secret, so no urandom syscall per request.
+    return "%032x" % _getrandbits(128)
+
+
+# A client's own X-Request-Id: 1-128 printable ASCII characters.
+_CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,128}")
+
+
+def request_id_of(sent: bytes | None) -> str:
+    """The request's id: the client's X-Request-Id when it is 1-128 printable ASCII
+    characters, else a new one. It is echoed, logged, audited and sent to the engine,
+    so a control character or a latin-1 byte in it goes no further than here (the
+    front door's rule, and a worker's for the answers it gives alone)."""
+    if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
+        return sent.decode("ascii")
+    return new_request_id()
 
 
 @dataclass(slots=True)
