@@ -151,6 +151,24 @@ def test_a_stored_response_is_found_again_on_the_replica_that_stored_it_for_its_
         oai.responses.retrieve("resp_never")
 
 
+def test_a_web_page_cannot_read_cancel_or_delete_a_stored_response_on_a_keyless_box(daemon):
+    """GET /v1/responses/{id} (and DELETE, cancel) skipped the Host rule of the model API's
+    other GETs: keyless, a page that rebound its name to 127.0.0.1 read a stored Response
+    (a same-origin GET sends no Origin), and another origin's page could POST its cancel."""
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
+    made = oai.responses.create(model="stateful", input="a secret", max_output_tokens=2, store=True)
+    path = daemon.url + "/v1/responses/" + made.id
+    for host in (f"evil.example:{daemon.port}", "evil.example"):
+        for call in (httpx.get, httpx.delete, lambda url, **kw: httpx.post(url + "/cancel", **kw)):
+            resp = call(path, headers={"Host": host}, timeout=10)
+            assert resp.status_code == 403 and resp.json()["error"]["code"] == "untrusted_host", resp.text
+            assert "output" not in resp.json()
+    page = {"Origin": "http://evil.example"}
+    cancel = httpx.post(path + "/cancel", headers=page, timeout=10)
+    assert cancel.status_code == 403 and cancel.json()["error"]["code"] == "cross_origin", cancel.text
+    assert oai.responses.retrieve(made.id).id == made.id  # its own Host: served, and nothing was deleted
+
+
 def test_a_stored_response_whose_replica_restarted_is_gone_not_guessed(daemon):
     oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key="x", max_retries=0)
     made = oai.responses.create(model="stateful", input="hi", max_output_tokens=2)

@@ -12,8 +12,9 @@ DNS-rebinding page sends its own name), come from no other web origin (a page in
 the operator's browser posting cross-site), and a state-changing call must send
 ``Content-Type: application/json``, which no cross-site "simple" request can.
 The same credential (admin token or admin socket) also opens /metrics and
-/v1/models when API keys are required; without keys, their GETs get the same Host
-check (``check_host``), since no credential stands between a page and their answers.
+/v1/models when API keys are required; without keys, their GETs (and the calls on a
+stored Response) get the same Host check (``check_host``), since no credential stands
+between a page and their answers.
 """
 
 from __future__ import annotations

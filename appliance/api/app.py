@@ -462,6 +462,7 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     rid = _request_id(request) or new_request_id()
     req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
     try:
+        _refuse_web_pages(rt, request)
         auth = authorization(request)
         req.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
         rt.audit.admit(req.accountable)
@@ -481,6 +482,17 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     finish(rt, req, status)
     await committed(req)
     return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
+
+
+def _refuse_web_pages(rt: Runtime, request: Request) -> None:
+    """What the front door refuses of a web page, for a call on a stored Response: another
+    origin's (a "simple" cross-site POST .../cancel would run), and, with no key required,
+    one that rebound its name to this server (a same-origin GET reads the answer: the
+    model API's other GETs' Host rule, appliance/api/callers.py)."""
+    headers = request.headers
+    rt.admin.refuse_cross_site(headers.get("origin"), headers.get("sec-fetch-site"), "API", "use")
+    if not rt.gate.required:
+        rt.admin.check_host(request, "API")
 
 
 @get("/openapi.json", include_in_schema=False)
