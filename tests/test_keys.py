@@ -172,6 +172,14 @@ def test_a_key_lists_only_the_models_its_routes_let_it_call(keyed):
     assert anthropic_hidden.status_code == 404 and anthropic_hidden.json()["type"] == "error"
 
 
+def test_readyz_names_to_a_key_only_the_models_it_may_call(keyed):
+    scoped = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'ready-scoped', '--route', 'r1')}"}
+    anyone = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'ready-any')}"}
+    with keyed.client() as c:
+        assert c.get("/readyz", headers=anyone).json()["models"] == {"fake": True}
+        assert c.get("/readyz", headers=scoped).json()["models"] == {}
+
+
 def test_a_key_may_call_a_model_through_any_route_it_lists_under_a_tag_it_may_send():
     routes = Routes([RouteConfig("plain", "a", "a"), RouteConfig("gold", "b", "b", tag="gold"),
                      RouteConfig("other", "c", "c")])

@@ -35,6 +35,13 @@ def caller(request: Request) -> tuple[Runtime, ApiKey | None]:
     return rt, None
 
 
+def models_of(rt: Runtime, key: ApiKey | None) -> list[str]:
+    """The model names a caller is shown: those its key may call (Routes.allows); every
+    one to the admin credential and on a box whose keys are not required."""
+    names = rt.supervisor.model_names()
+    return names if key is None else [name for name in names if rt.routes.allows(key, name)]
+
+
 def authorization(request: Request) -> bytes | None:
     """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
     auth = request.headers.get("authorization")

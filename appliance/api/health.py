@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+from typing import TYPE_CHECKING
+
 from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
-from appliance.api.callers import client_or_admin, runtime
+from appliance.api.callers import caller, client_or_admin, models_of, runtime
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.errors import Forbidden, Unauthorized
 from appliance.status import Readiness
+
+if TYPE_CHECKING:
+    from appliance.access.keys import ApiKey
+    from appliance.api.app import Runtime
 
 JSON = "application/json"
 
@@ -28,19 +35,16 @@ async def readyz(request: Request) -> Response[Readiness]:
     rt = runtime(request)
     ready = rt.supervisor.ready and not rt.draining
     body = Readiness(status="draining" if rt.draining else ("ready" if ready else "starting"))
-    if _has_credential(request):  # the box's model names: for callers with a key (keyless: our own Host)
-        supervisor = rt.supervisor  # an adapter is as ready as its base
-        body.models = {name: d.ready for name in supervisor.model_names() if (d := supervisor.find(name)) is not None}
+    with contextlib.suppress(Unauthorized, Forbidden):  # no model names without a credential
+        body.models = _models_ready(rt, caller(request)[1])
     headers = {} if ready else {"Retry-After": "5"}
     return Response(body, status_code=200 if ready else 503, media_type=JSON, headers=headers)
 
 
-def _has_credential(request: Request) -> bool:
-    try:
-        client_or_admin(request)
-    except (Unauthorized, Forbidden):
-        return False
-    return True
+def _models_ready(rt: Runtime, key: ApiKey | None) -> dict[str, bool]:
+    """Whether each model the caller is shown is ready (an adapter: as its base)."""
+    supervisor = rt.supervisor
+    return {name: dep.ready for name in models_of(rt, key) if (dep := supervisor.find(name)) is not None}
 
 
 @get("/metrics", media_type=METRICS_CONTENT_TYPE)

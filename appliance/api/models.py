@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from litestar import Request, Response, get
 
-from appliance.api.callers import caller
+from appliance.api.callers import caller, models_of
 from appliance.errors import BadRequest, ModelNotFound
 from appliance.gateway.dialects import ANTHROPIC, Dialect
 from appliance.gateway.protocol import ModelCard, ModelList
@@ -65,7 +65,7 @@ def _anthropic(content: AnthropicModelPage | AnthropicModel, request: Request) -
 @get(PATH)
 async def list_models(request: Request) -> Response[ModelList | AnthropicModelPage]:
     rt, key = caller(request)
-    names = [name for name in rt.supervisor.model_names() if key is None or rt.routes.allows(key, name)]
+    names = models_of(rt, key)
     if request_dialect(request) is ANTHROPIC:
         page, has_more = _page(names, request)
         cards = [_anthropic_model(rt, name) for name in page]
