@@ -89,6 +89,7 @@ import asyncio
 import contextlib
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -100,7 +101,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from overhead_peer import PEERS, start_peer  # noqa: E402
-from overhead_procs import ROOT, Sides, cpu_spent, free_port, taskset, thread_cpu, tree_cpu_seconds  # noqa: E402
+from overhead_procs import (  # noqa: E402
+    ROOT, Sides, cpu_seconds, cpu_spent, free_port, machine_cpu, taskset, thread_cpu, tree_cpu_seconds)
 from overhead_summary import print_summary  # noqa: E402
 from overhead_stream import median_stream, print_stream_table, run_streams  # noqa: E402
 
@@ -457,7 +459,7 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
         if args.warmup > 0:
             load.run(port, c, args.warmup, tokens.get(side, ""), endpoint)
         spy = None
-        if args.profile and side.startswith("appliance"):  # with workers: the daemon's own process
+        if args.profile and side.startswith("appliance"):  # the daemon and its workers
             Path(args.profile).mkdir(parents=True, exist_ok=True)
             # PYSPY_EXTRA="--native --threads" etc.; --native cannot run non-blocking.
             pyspy_extra = os.environ.get("PYSPY_EXTRA", "").split()
@@ -465,7 +467,7 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
                 pyspy_extra.append("--nonblocking")
             pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
             spy = subprocess.Popen(
-                [pyspy, "record", "--pid", str(sides.pids[side]), "--rate", "250", *pyspy_extra,
+                [pyspy, "record", "--pid", str(sides.pids[side]), "--subprocesses", "--rate", "250", *pyspy_extra,
                  "--duration", str(int(args.duration)), "--format", "raw",
                  "-o", str(Path(args.profile) / f"{side}-c{c}.txt")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -474,9 +476,23 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
         pid = sides.pids[side]
         exclude = () if pid == engine else (engine,)
         cpu0, threads0 = tree_cpu_seconds(pid, exclude), thread_cpu(pid)
+        engine0, machine0, load0 = cpu_seconds(engine), machine_cpu(), _children_cpu()
         res = load.run(port, c, args.duration, tokens.get(side, ""), endpoint)
         n = max(1, res["requests"])
-        res["cpu_us_per_req"] = cpu_spent(cpu0, tree_cpu_seconds(pid, exclude)) * 1e6 / n
+        cpu1 = tree_cpu_seconds(pid, exclude)
+        res["cpu_us_per_req"] = cpu_spent(cpu0, cpu1) * 1e6 / n
+        # Whether the machine had CPU to spare: all of it, busy, in % of one core (2 cores: 200%),
+        # and what the load generator and the engine took of it, per request.
+        machine1 = machine_cpu()
+        res["machine_busy_pct"] = round(
+            100 * (machine1[0] - machine0[0]) / max(machine1[1] - machine0[1], 1e-9) * len(os.sched_getaffinity(0)), 1)
+        res["load_cpu_us_per_req"] = round((_children_cpu() - load0) * 1e6 / n, 1)
+        if pid != engine:
+            res["engine_cpu_us_per_req"] = round((cpu_seconds(engine) - engine0) * 1e6 / n, 1)
+            # Each process below the side's own (a worker), its CPU per request of the side's:
+            # how evenly the kernel spread the connections over them.
+            res["child_cpu_us_per_req"] = sorted(
+                (round((v - cpu0.get(p, 0.0)) * 1e6 / n, 1) for p, v in cpu1.items() if p != pid), reverse=True)
         res["thread_cpu_us_per_req"] = {
             k: round((v - threads0.get(k, 0.0)) * 1e6 / n, 1)
             for k, v in thread_cpu(pid).items() if v - threads0.get(k, 0.0) > 0}
@@ -489,13 +505,20 @@ def measure_round(args, load, sides: Sides, tokens: dict, c: int, names: list[st
     return row
 
 
+def _children_cpu() -> float:
+    """CPU seconds of this process's waited-for children so far (the load generator's runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def median_row(rounds: list[dict]) -> dict:
     """Each side's median over the rounds, metric by metric."""
     row: dict = {}
     for side in rounds[0]:
         runs = [r[side] for r in rounds]
         row[side] = {**runs[0], **{k: statistics.median(run[k] for run in runs)
-                                   for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req")}}
+                                   for k in ("rps", "p50_us", "p99_us", "cpu_us_per_req", "machine_busy_pct",
+                                             "load_cpu_us_per_req")}}
         row[side]["errors"] = sum(run.get("errors", 0) for run in runs)
     return row
 
@@ -550,6 +573,14 @@ def print_workers(row: dict) -> None:
         if floor is not None:
             print(f"{row['concurrency']:>4} | {side} vs floor: {a['rps'] / floor['rps']:.2f}x req/s, "
                   f"{a['cpu_us_per_req'] / max(floor['cpu_us_per_req'], 1e-9):.2f}x CPU per request")
+        if "machine_busy_pct" in a:
+            daemon = sum(a.get("thread_cpu_us_per_req", {}).values())
+            workers = a.get("child_cpu_us_per_req", [])
+            print(f"{row['concurrency']:>4} | {side}: machine busy {a['machine_busy_pct']:.0f}% "
+                  f"(of {100 * len(os.sched_getaffinity(0))}%); CPU us/req: load generator "
+                  f"{a['load_cpu_us_per_req']:.0f}, engine {a.get('engine_cpu_us_per_req', 0):.0f}, "
+                  f"its own process {daemon:.0f}" + (f", workers {' / '.join(f'{w:.0f}' for w in workers)}"
+                                                     if workers else ""))
         if one is not None and a is not one:
             print(f"{row['concurrency']:>4} | {side} vs one worker: {a['rps'] / one['rps']:.2f}x req/s, "
                   f"{a['cpu_us_per_req'] / max(one['cpu_us_per_req'], 1e-9):.2f}x CPU per request "

@@ -99,6 +99,13 @@ def thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def machine_cpu() -> tuple[float, float]:
+    """The whole machine's (busy, total) CPU seconds so far, over all its cores (/proc/stat)."""
+    ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = ticks[3] + ticks[4]  # idle, iowait
+    return (sum(ticks) - idle) / CLK_TCK, sum(ticks) / CLK_TCK
+
+
 def taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
