@@ -77,7 +77,7 @@ class WorkerLink:
         self.app, self.reader, self.out, self.server = app, reader, writer, server
         self.inboxes: dict[int, Inbox] = {}
         self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.tasks: dict[int, asyncio.Task[None]] = {}  # each request's, by rid (asyncio keeps weak ones)
         self.closed = False
 
     async def run(self) -> None:
@@ -106,9 +106,8 @@ class WorkerLink:
     def _start(self, req: Request) -> None:
         inbox = Inbox()
         self.inboxes[req.rid] = inbox
-        task = asyncio.create_task(self._serve(req, inbox))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        # Dropped by the task itself as it ends: a done callback is one more loop turn per request.
+        self.tasks[req.rid] = asyncio.create_task(self._serve(req, inbox))
 
     async def _serve(self, req: Request, inbox: Inbox) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
@@ -178,6 +177,7 @@ class WorkerLink:
             log.exception("request %d from a worker failed", req.rid)
         finally:
             del self.inboxes[req.rid]
+            del self.tasks[req.rid]
             if not answered and not self.closed and (ticket is None or not ticket.carried):
                 # Ended without its whole answer (its client left, or it failed): the
                 # worker drops the connection instead of waiting for the rest.
