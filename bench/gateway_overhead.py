@@ -25,7 +25,8 @@ accounting, measured in the same run.
 --telemetry also measures an appliance with ``[telemetry] otlp_endpoint`` set
 ("traced": every request a sampled trace, exported to a local OTLP/HTTP sink that
 answers 200 and keeps nothing) and prints its CPU per request against the untraced
-appliance's in the same run: what tracing costs a request.
+appliance's in the same run: what tracing costs a request (with --workers N, also
+"traced-wN" against "appliance-wN").
 
 --stream also measures streamed answers (bench/overhead_stream.py): --streams
 streams started together, each of --chunks chunks, the engine writing one every
@@ -339,7 +340,12 @@ def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
         sides.procs.append(subprocess.Popen([sys.executable, "-c", OTLP_SINK, str(sink_port)], env=sides.env,
                                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL))
-        sides.appliance("traced", engine_port, f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{sink_port}"\n')
+        traced = f'[telemetry]\notlp_endpoint = "http://127.0.0.1:{sink_port}"\n'
+        sides.appliance("traced", engine_port, traced)
+        for n in args.worker_counts:  # and with each --workers value, against that appliance
+            if n > 1:
+                sides.optional(f"traced-w{n}", lambda n=n: sides.appliance(f"traced-w{n}", engine_port, traced,
+                                                                          server_extra=f"workers = {n}"))
     for side, wanted in (("naive", not args.no_naive), ("raw", args.raw or args.stream)):
         if wanted:
             port = free_port()
@@ -553,12 +559,14 @@ def print_table(results: list[dict], endpoint: str | None = None) -> None:
                       f"{d['cpu_us_per_req'] - batch['cpu_us_per_req']:+.0f} us CPU per request "
                       f"({d['cpu_us_per_req'] / max(batch['cpu_us_per_req'], 1e-9):.2f}x), "
                       f"{d['rps'] / batch['rps']:.2f}x req/s, {(d['p50_us'] - batch['p50_us']) / 1e3:+.3f} ms p50")
-        traced = row.get("traced")
-        if a is not None and traced is not None:
-            print(f"{row['concurrency']:>4} | traced vs appliance: "
-                  f"{traced['cpu_us_per_req'] - a['cpu_us_per_req']:+.0f} us CPU per request "
-                  f"({traced['cpu_us_per_req'] / max(a['cpu_us_per_req'], 1e-9):.2f}x), "
-                  f"{traced['rps'] / a['rps']:.2f}x req/s, {(traced['p50_us'] - a['p50_us']) / 1e3:+.3f} ms p50")
+        for side in (k for k in row if k == "traced" or k.startswith("traced-w")):
+            traced, plain = row[side], row.get("appliance" + side[6:])
+            if plain is None:
+                continue
+            print(f"{row['concurrency']:>4} | {side} vs {'appliance' + side[6:]}: "
+                  f"{traced['cpu_us_per_req'] - plain['cpu_us_per_req']:+.0f} us CPU per request "
+                  f"({traced['cpu_us_per_req'] / max(plain['cpu_us_per_req'], 1e-9):.2f}x), "
+                  f"{traced['rps'] / plain['rps']:.2f}x req/s, {(traced['p50_us'] - plain['p50_us']) / 1e3:+.3f} ms p50")
         if endpoint:
             print_endpoint(row, endpoint)
     print_goals(results)

@@ -176,6 +176,40 @@ def test_a_clients_traceparent_continues_its_trace_and_reaches_the_engine(daemon
     assert seen == {"traceparent": f"00-{CLIENT_TRACE}-{engine.span_id.hex()}-01", "tracestate": state}
 
 
+def test_a_traced_request_through_the_workers_is_carried_by_its_worker_with_the_same_spans(daemons, collector):
+    # With workers, a traced request was sent back whole to the daemon (its body over the
+    # link, the engine's answer relayed through the daemon): it is granted to its worker
+    # now, its spans made by the daemon as one process makes them, the traceparent naming
+    # its attempt's span sent to the engine in the grant.
+    d = daemons.start(fake_model("fake"), extra=telemetry(collector), server="workers = 2")
+    with d.client() as c:
+        whole = chat(c, headers={"traceparent": f"00-{CLIENT_TRACE}-{CLIENT_SPAN}-01"})
+        assert whole.status_code == 200 and whole.headers.get("x-appliance-path") == "fast"
+        root = collector.wait_for("POST /v1/chat/completions")[0]
+        assert root.trace_id.hex() == CLIENT_TRACE and root.parent_span_id.hex() == CLIENT_SPAN
+        engine = next(s for s in collector.trace(root.trace_id) if s.name.startswith("engine"))
+        assert engine.parent_span_id == root.span_id
+        with engine_client(d.replicas("fake")[0]) as e:
+            seen = e.get("/fake/stats").json()["last_trace_headers"]
+        assert seen == {"traceparent": f"00-{CLIENT_TRACE}-{engine.span_id.hex()}-01"}
+
+        stream = chat(c, stream=True)
+        assert stream.status_code == 200 and "[DONE]" in stream.text
+        assert stream.headers.get("x-appliance-path") == "fast"
+    root = next(r for r in collector.wait_for("POST /v1/chat/completions", 2) if attrs(r)["appliance.stream"])
+    collector.wait_for("time_to_first_token", 2)
+    spans = collector.trace(root.trace_id)
+    assert sorted(s.name for s in spans) == ["POST /v1/chat/completions", "engine fake#0", "time_to_first_token"]
+    engine = next(s for s in spans if s.name.startswith("engine"))
+    first = next(s for s in spans if s.name == "time_to_first_token")
+    assert engine.parent_span_id == root.span_id and first.parent_span_id == engine.span_id
+    assert root.start_time_unix_nano <= engine.start_time_unix_nano <= first.end_time_unix_nano
+    assert first.end_time_unix_nano <= engine.end_time_unix_nano <= root.end_time_unix_nano
+    a = attrs(root)
+    assert a["http.response.status_code"] == 200 and a["appliance.served_by"] == "fake#0"
+    assert a["gen_ai.usage.input_tokens"] == 5 and a["gen_ai.usage.output_tokens"] == 3
+
+
 @pytest.mark.parametrize(
     "value",
     [

@@ -11,8 +11,9 @@ facts (app.py ``_serve``: no body read, no JSON parsed here), then granted
 in the body it kept, calls the replica chosen here and answers its client
 itself; its Finish frame comes back here, where the replica's slot is released
 and the request settled and audited (gateway/ledger.finish), as the relay
-would. One that may not be granted after all (a fallback to weigh, a trace, the
-audit's text...) has its body asked of the worker (Want) and is answered here.
+would. One that may not be granted after all (a fallback to weigh, the audit's
+text...) has its body asked of the worker (Want) and is answered here. A traced one
+is granted too: its attempt's span is made here and its traceparent goes in the grant.
 Any other request is answered here, and the engine calls it makes are made by
 its worker (RemoteProxy), whose process relays the bytes.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from contextvars import ContextVar
 from functools import partial
 from typing import Any
@@ -248,7 +250,11 @@ class Ticket:
 
     async def _leased(self, rt: Any, req: Any, fields: bytes, replica: Replica) -> Finish:
         with replica.lease():
-            return await self._attempt(rt, req, replica, fields)
+            if req.trace is None:
+                return await self._attempt(rt, req, replica, fields, req.headers)
+            # Traced: the attempt's span, as serving.to_replica's; the engine gets its traceparent.
+            attempt = partial(self._attempt, rt, req, replica, fields)
+            return await req.trace.attempt(replica.name, True, req.headers, attempt)
 
     async def body(self) -> bytes:
         """The body its worker kept, for a decided request answered here after all."""
@@ -262,7 +268,7 @@ class Ticket:
             if not frame.more:
                 return b"".join(parts)
 
-    async def _attempt(self, rt: Any, req: Any, replica: Replica, fields: bytes) -> Finish:
+    async def _attempt(self, rt: Any, req: Any, replica: Replica, fields: bytes, headers: dict[str, str]) -> Finish:
         """One grant, and how it went: the worker's Finish (an engine that refused or
         failed before answering raises here, as the proxy's call would)."""
         secret = _engine_headers(replica)
@@ -277,7 +283,7 @@ class Ticket:
             req.rid,
             replica.name,
             replica.base_url + req.path,
-            req.headers | secret if secret else req.headers,
+            headers | secret if secret else headers,
             fields,
             req.stream,
             timeout.sock_connect,
@@ -310,7 +316,10 @@ class Ticket:
         """The relay's end, for an answer the worker relayed: the request finished (its
         metrics, its budget settled, its audit row), and for a keyed or regulated one,
         the worker told once that row is durable (its last bytes wait for it)."""
-        req.bytes_sent, req.ttft = end.started, end.ttft
+        req.bytes_sent = end.started
+        # The worker counts its time to first token from its own read of the request, a
+        # little before this request's start here: never later than now (its trace's span).
+        req.ttft = None if end.ttft is None else min(end.ttft, time.perf_counter() - req.started)
         if end.usage is not None:
             req.usage = Usage(*end.usage)
         elif req.tap is not None:
@@ -334,9 +343,10 @@ class Ticket:
 def grantable(rt: Any, req: Any) -> bool:
     """Whether a decided request's worker may carry it: a local deployment's
     replicas on TCP, no fallback to weigh, no stored Response, nothing the relay
-    here must see (traces, audit text), no stream to keep alive while its model loads."""
+    here must see (the audit's text), no stream to keep alive while its model loads.
+    A traced one is granted: its spans are made here (``Ticket._leased``)."""
     dep = req.deployment
-    if req.pinned is not None or req.stores or req.trace is not None or rt.cfg.audit.include_text:
+    if req.pinned is not None or req.stores or rt.cfg.audit.include_text:
         return False
     if (req.route is not None and req.route.fallbacks) or req.endpoint.dialect is not OPENAI:
         return False
