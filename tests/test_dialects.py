@@ -235,3 +235,13 @@ def test_a_messages_stop_sequence_is_named_only_with_the_stop_sequence_reason(re
     assert events[0]["message"]["id"] == "msg_abc"
     assert (events[1]["delta"]["stop_reason"], events[1]["delta"]["stop_sequence"]) == expected
     assert events[2] == {"type": "message_stop"}
+
+
+def test_a_streamed_tool_use_block_starts_with_its_input_as_anthropics_does():
+    """llama.cpp's content_block_start for a tool_use had no input: a call without
+    arguments ended in the SDK's final message as a block with no input at all."""
+    start = {"type": "content_block_start", "index": 0,
+             "content_block": {"type": "tool_use", "id": "t1", "name": "now"}}
+    stream = _sse([("content_block_start", start), ("content_block_stop", {"type": "content_block_stop", "index": 0})])
+    events = _events(_fixed(api_messages.MessagesEvents(b"{}"), stream, 3))
+    assert events[0]["content_block"] == {"type": "tool_use", "id": "t1", "name": "now", "input": {}}

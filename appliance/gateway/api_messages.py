@@ -155,15 +155,17 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
 
 
 class MessagesEvents(EventRewriter):
-    """A Messages stream with Anthropic's id (message_start) and stop rule
-    (message_delta); its other events pass on as they came."""
+    """A Messages stream with Anthropic's id (message_start), stop rule
+    (message_delta) and a tool_use block's ``input`` from its start (llama.cpp's has
+    none: a call without arguments left the SDK's block with no input); its other
+    events pass on as they came."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()
         self._body = body
 
     def _event(self, event: bytes) -> bytes:
-        if b"message_start" not in event and b"message_delta" not in event:
+        if b"message_start" not in event and b"message_delta" not in event and b'"tool_use"' not in event:
             return event + b"\n\n"
         return super()._event(event)
 
@@ -173,4 +175,7 @@ class MessagesEvents(EventRewriter):
             _fix_id(data["message"])
         elif kind == "message_delta" and isinstance(data.get("delta"), dict):
             _fix_stop(data["delta"], _stop_sequences(self._body))
+        elif kind == "content_block_start" and isinstance(block := data.get("content_block"), dict):
+            if block.get("type") == "tool_use":
+                block.setdefault("input", {})
         return [data]
