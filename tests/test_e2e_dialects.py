@@ -161,3 +161,18 @@ def test_messages_on_llama_cpp_have_anthropic_ids_and_name_a_stop_sequence_only_
         assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "4"), msg.content
     cut = claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
     assert (cut.stop_reason, cut.stop_sequence) == ("max_tokens", None) and cut.id.startswith("msg_")
+
+
+def test_an_image_to_a_model_that_cannot_read_one_is_a_400_the_sdks_do_not_retry(llama_daemon, key, claude):
+    """llama-server answers a 500 for an image part without its mmproj: it was a 502
+    engine_error, which both SDKs retry and report as the server's fault."""
+    oai = openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key=key, max_retries=2, timeout=120)
+    image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAHnOcQAAAAABJRU5ErkJggg=="
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}])
+    assert err.value.body["code"] == "unsupported_input" and MODEL in err.value.body["message"]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}}]}])
+    assert err.value.body["error"]["type"] == "invalid_request_error"
