@@ -9,6 +9,7 @@ import asyncio
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 
 from .test_e2e_llamacpp import MODEL, llama_daemon  # noqa: F401  (the daemon on the bundled model)
@@ -176,3 +177,17 @@ def test_an_image_to_a_model_that_cannot_read_one_is_a_400_the_sdks_do_not_retry
         claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
             {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}}]}])
     assert err.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_a_responses_structured_output_is_honoured_on_llama_cpp(oai):
+    """llama-server reads chat's response_format only, and ignored a Responses request's
+    text.format: responses.parse(text_format=...) got words, not the JSON it asked for."""
+    class Person(pydantic.BaseModel):
+        name: str
+
+    parsed = oai.responses.parse(model=MODEL, input="Give a person's name", max_output_tokens=60,
+                                 temperature=0, text_format=Person)
+    assert isinstance(parsed.output_parsed, Person)
+    with oai.responses.stream(model=MODEL, input="Give a person's name", max_output_tokens=60, temperature=0,
+                              text_format=Person) as stream:
+        assert isinstance(stream.get_final_response().output_parsed, Person)

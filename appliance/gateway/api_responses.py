@@ -251,3 +251,23 @@ class ResponsesEvents(EventRewriter):
         data.setdefault("content_index", max(self._parts.get(item_id, 1) - 1, 0))
         if kind in ("response.output_text.delta", "response.output_text.done"):
             data.setdefault("logprobs", [])
+
+
+def chat_format_fields(body: bytes) -> dict[str, Any]:
+    """A Responses request's structured output (``text.format``) as chat's
+    ``response_format``, for an engine that turns a Responses request into a chat one
+    and reads chat's field only (llama-server ignored text.format and answered in words
+    where a JSON object was asked). Nothing when the request sets neither or both."""
+    if b'"format"' not in body:
+        return {}
+    request = decode_object(body) or {}
+    text = request.get("text")
+    shape = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(shape, dict) or "response_format" in request:
+        return {}
+    if shape.get("type") == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if shape.get("type") == "json_schema":
+        schema = {k: v for k, v in shape.items() if k in ("name", "schema", "strict", "description")}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    return {}
