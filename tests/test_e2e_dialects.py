@@ -4,9 +4,12 @@ anthropic SDKs exactly as a local app or an agent would, with a budgeted key."""
 
 from __future__ import annotations
 
+import asyncio
+
 import anthropic
 import httpx
 import openai
+import pydantic
 import pytest
 
 from .test_e2e_llamacpp import MODEL, llama_daemon  # noqa: F401  (the daemon on the bundled model)
@@ -124,3 +127,67 @@ def test_llama_server_transcribes_nothing_so_an_upload_is_a_400_naming_endpoint_
         oai.audio.transcriptions.create(model=MODEL, file=("a.wav", b"RIFF" + bytes(4000)))
     assert err.value.body["code"] == "endpoint_not_supported"
     assert "/v1/audio/transcriptions" in err.value.body["message"] and MODEL in err.value.body["message"]
+
+
+def test_the_openai_sdks_responses_stream_helper_gets_its_final_response_on_llama_cpp(llama_daemon, oai, key):
+    """llama.cpp's Responses events lack output_index, content_index and sequence_number:
+    the SDK's responses.stream() raised TypeError on the first delta."""
+    with oai.responses.stream(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
+                              instructions="Be brief.", max_output_tokens=8) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = [e for e in events if e.type == "response.output_text.delta"]
+    assert deltas and final.output_text == "".join(e.delta for e in deltas) == deltas[-1].snapshot
+    assert final.instructions == "Be brief." and [t.name for t in final.tools] == ["get_weather"]
+    assert final.usage.output_tokens > 0
+
+    async def helper() -> str:
+        client = openai.AsyncOpenAI(base_url=f"{llama_daemon.url}/v1", api_key=key, max_retries=0, timeout=120)
+        async with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=4) as stream:
+            return (await stream.get_final_response()).output_text
+
+    assert asyncio.run(helper())
+
+
+def test_messages_on_llama_cpp_have_anthropic_ids_and_name_a_stop_sequence_only_when_it_stopped(claude):
+    """llama.cpp's answers had chatcmpl- ids and said end_turn with stop_sequence set."""
+    ask = {"model": MODEL, "max_tokens": 40, "extra_body": {"temperature": 0}, "stop_sequences": ["4"],
+           "messages": [{"role": "user", "content": "Count from 1 to 10, comma separated"}]}
+    whole = claude.messages.create(**ask)
+    with claude.messages.stream(**ask) as stream:
+        streamed = stream.get_final_message()
+    for msg in (whole, streamed):
+        assert msg.id.startswith("msg_")
+        assert (msg.stop_reason, msg.stop_sequence) == ("stop_sequence", "4"), msg.content
+    cut = claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": "Hi"}])
+    assert (cut.stop_reason, cut.stop_sequence) == ("max_tokens", None) and cut.id.startswith("msg_")
+
+
+def test_an_image_to_a_model_that_cannot_read_one_is_a_400_the_sdks_do_not_retry(llama_daemon, key, claude):
+    """llama-server answers a 500 for an image part without its mmproj: it was a 502
+    engine_error, which both SDKs retry and report as the server's fault."""
+    oai = openai.OpenAI(base_url=f"{llama_daemon.url}/v1", api_key=key, max_retries=2, timeout=120)
+    image = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAHnOcQAAAAABJRU5ErkJggg=="
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.chat.completions.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}}]}])
+    assert err.value.body["code"] == "unsupported_input" and MODEL in err.value.body["message"]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=MODEL, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": image}}]}])
+    assert err.value.body["error"]["type"] == "invalid_request_error"
+
+
+def test_a_responses_structured_output_is_honoured_on_llama_cpp(oai):
+    """llama-server reads chat's response_format only, and ignored a Responses request's
+    text.format: responses.parse(text_format=...) got words, not the JSON it asked for."""
+    class Person(pydantic.BaseModel):
+        name: str
+
+    parsed = oai.responses.parse(model=MODEL, input="Give a person's name", max_output_tokens=60,
+                                 temperature=0, text_format=Person)
+    assert isinstance(parsed.output_parsed, Person)
+    with oai.responses.stream(model=MODEL, input="Give a person's name", max_output_tokens=60, temperature=0,
+                              text_format=Person) as stream:
+        assert isinstance(stream.get_final_response().output_parsed, Person)

@@ -12,6 +12,7 @@ import aiohttp
 import anthropic
 import httpx
 import msgspec
+import openai
 import pytest
 
 from appliance.access.keys import ApiKey
@@ -162,10 +163,10 @@ def test_a_key_lists_only_the_models_its_routes_let_it_call(keyed):
     anyone = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'lister')}"}
     anthropic_scoped = {**scoped, "anthropic-version": "2023-06-01"}
     with keyed.client() as c:
-        assert [m["id"] for m in c.get("/v1/models", headers=anyone).json()["data"]] == ["fake"]
+        assert [m["id"] for m in c.get("/v1/models", headers=anyone).json()["data"]] == ["fake", "m1", "m2"]
         assert c.get("/v1/models/fake", headers=anyone).status_code == 200
-        assert c.get("/v1/models", headers=scoped).json()["data"] == []
-        assert c.get("/v1/models", headers=anthropic_scoped).json()["data"] == []
+        assert [m["id"] for m in c.get("/v1/models", headers=scoped).json()["data"]] == ["m1"]
+        assert [m["id"] for m in c.get("/v1/models", headers=anthropic_scoped).json()["data"]] == ["m1"]
         hidden = c.get("/v1/models/fake", headers=scoped)
         anthropic_hidden = c.get("/v1/models/fake", headers=anthropic_scoped)
     assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "model_not_found"
@@ -176,8 +177,27 @@ def test_readyz_names_to_a_key_only_the_models_it_may_call(keyed):
     scoped = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'ready-scoped', '--route', 'r1')}"}
     anyone = {"Authorization": f"Bearer {keys_cli(keyed, 'create', '--name', 'ready-any')}"}
     with keyed.client() as c:
-        assert c.get("/readyz", headers=anyone).json()["models"] == {"fake": True}
-        assert c.get("/readyz", headers=scoped).json()["models"] == {}
+        assert c.get("/readyz", headers=anyone).json()["models"] == {"fake": True, "m1": True, "m2": True}
+        assert c.get("/readyz", headers=scoped).json()["models"] == {"m1": True}
+
+
+def test_a_key_limited_to_routes_lists_and_reads_the_route_names_it_may_call(keyed):
+    """A route's name for a model (m1, served by fake) was in /v1/models for nobody: a key
+    limited to such routes saw an empty list, though it may call m1. The list names what
+    a caller may call, in OpenAI's shape and Anthropic's, as /v1/models/{id} does."""
+    token = keys_cli(keyed, "create", "--name", "route-lister", "--route", "r1")
+    oai = openai.OpenAI(base_url=f"{keyed.url}/v1", api_key=token, max_retries=0)
+    claude = anthropic.Anthropic(base_url=keyed.url, api_key=token, max_retries=0)
+    assert [m.id for m in oai.models.list()] == ["m1"]
+    assert oai.models.retrieve("m1").id == "m1"
+    assert [m.id for m in claude.models.list()] == ["m1"]
+    assert claude.models.retrieve("m1").id == "m1"
+    assert oai.chat.completions.create(model="m1", messages=[{"role": "user", "content": "hi"}]).choices
+    for name in ("fake", "m2"):  # not through its routes: unknown to it
+        with pytest.raises(openai.NotFoundError):
+            oai.models.retrieve(name)
+        with pytest.raises(anthropic.NotFoundError):
+            claude.models.retrieve(name)
 
 
 def test_a_key_may_call_a_model_through_any_route_it_lists_under_a_tag_it_may_send():

@@ -252,6 +252,7 @@ def _decide(
     deployment = req.deployment = rt.supervisor.deployment(target)
     capabilities.check(path, ep, deployment.model, facts.stateful)
     capabilities.check_fields(cfg, ep, deployment.model, facts)
+    fields |= capabilities.engine_fields(ep, deployment.model, req.body)
     req.path = ep.engine_path or path
     # Responses an engine stores: where each lives (a conversation goes back there).
     stores = req.stores = ep is RESPONSES_ENDPOINT and capabilities.keeps_responses(deployment.model)

@@ -11,6 +11,7 @@ from litestar import Request
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey
     from appliance.api.app import Runtime
+    from appliance.fleet.deployment import Deployment
 
 
 def runtime(request: Request) -> Runtime:
@@ -36,10 +37,20 @@ def caller(request: Request) -> tuple[Runtime, ApiKey | None]:
 
 
 def models_of(rt: Runtime, key: ApiKey | None) -> list[str]:
-    """The model names a caller is shown: those its key may call (Routes.allows); every
-    one to the admin credential and on a box whose keys are not required."""
-    names = rt.supervisor.model_names()
+    """The model names a caller is shown: the models served, then the names routes
+    give them (a route's ``model``, which a client calls, served by its target); those
+    its key may call (Routes.allows); every one to the admin credential and on a box
+    whose keys are not required."""
+    served = rt.supervisor.model_names()
+    names = served + sorted(rt.routes.models.difference(served))
     return names if key is None else [name for name in names if rt.routes.allows(key, name)]
+
+
+def deployment_of(rt: Runtime, name: str) -> Deployment | None:
+    """What serves a name models_of shows: a route's target (its untagged route's,
+    else any of its routes'), or the model of that name."""
+    route = rt.routes.resolve(name, "") or next((r for r in rt.routes.named.values() if r.model == name), None)
+    return rt.supervisor.find(route.target if route is not None else name)
 
 
 def authorization(request: Request) -> bytes | None:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
-from appliance.api.callers import caller, client_or_admin, models_of, runtime
+from appliance.api.callers import caller, client_or_admin, deployment_of, models_of, runtime
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.errors import Forbidden, Unauthorized
 from appliance.status import Readiness
@@ -42,9 +42,9 @@ async def readyz(request: Request) -> Response[Readiness]:
 
 
 def _models_ready(rt: Runtime, key: ApiKey | None) -> dict[str, bool]:
-    """Whether each model the caller is shown is ready (an adapter: as its base)."""
-    supervisor = rt.supervisor
-    return {name: dep.ready for name in models_of(rt, key) if (dep := supervisor.find(name)) is not None}
+    """Whether each model the caller is shown is ready (an adapter: as its base; a
+    route's name: as its target)."""
+    return {name: dep.ready for name in models_of(rt, key) if (dep := deployment_of(rt, name)) is not None}
 
 
 @get("/metrics", media_type=METRICS_CONTENT_TYPE)

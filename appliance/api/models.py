@@ -1,6 +1,7 @@
 """The model list (GET /v1/models, /v1/models/{id}): the models and LoRA adapters the
-box serves, to a caller with a key (or the admin credential). A key sees only the
-models it may call (its routes: Routes.allows); any other is unknown to it (a 404).
+box serves and the model names its routes give them, to a caller with a key (or the
+admin credential). A key sees only the names it may call (its routes: Routes.allows);
+any other is unknown to it (a 404).
 
 Two APIs share these paths: OpenAI's cards by default, Anthropic's model objects (and
 its cursor pages and error envelope) to a request that says it speaks Anthropic's API,
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING
 import msgspec
 from litestar import Request, Response, get
 
-from appliance.api.callers import caller, models_of
+from appliance.api.callers import caller, deployment_of, models_of
 from appliance.errors import BadRequest, ModelNotFound
 from appliance.gateway.dialects import ANTHROPIC, Dialect
 from appliance.gateway.protocol import ModelCard, ModelList
@@ -82,7 +83,7 @@ def _model_card(rt: Runtime, name: str, created: int) -> ModelCard:
 
 
 def _anthropic_model(rt: Runtime, name: str) -> AnthropicModel:
-    dep = rt.supervisor.find(name)
+    dep = deployment_of(rt, name)
     started = datetime.fromtimestamp(int(rt.started), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     context = dep.model.context_length if dep is not None else None
     return AnthropicModel(id=name, display_name=name, created_at=started, max_input_tokens=context)
@@ -115,7 +116,7 @@ def _cursor(names: list[str], name: str, param: str) -> int:
 async def get_model(request: Request) -> Response[ModelCard | AnthropicModel]:
     rt, key = caller(request)
     name = str(request.path_params["model_id"]).lstrip("/")
-    if rt.supervisor.find(name) is None or (key is not None and not rt.routes.allows(key, name)):
+    if name not in models_of(rt, key):
         raise ModelNotFound(name)  # 404 in the envelope, as for a model not served
     if request_dialect(request) is ANTHROPIC:
         return _anthropic(_anthropic_model(rt, name), request)

@@ -16,6 +16,7 @@ import msgspec
 
 from appliance.gateway.metering import Usage
 from appliance.gateway.protocol import Count, Name
+from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 
 class AnthropicMessage(msgspec.Struct, kw_only=True):
@@ -112,3 +113,69 @@ def envelope(status: int, message: str) -> bytes:
 
 def stream_error(status: int, message: str) -> bytes:
     return b"event: error\ndata: " + envelope(status, message) + b"\n\n"
+
+
+def _stop_sequences(body: bytes) -> list[str]:
+    asked = (decode_object(body) or {}).get("stop_sequences")
+    return [s for s in asked if isinstance(s, str)] if isinstance(asked, list) else []
+
+
+def _fix_stop(said: dict[str, Any], asked: list[str]) -> None:
+    """Anthropic's rule: ``stop_sequence`` names the request's stop sequence that ended
+    the answer, and then only, with ``stop_reason`` "stop_sequence". llama.cpp says
+    "end_turn" with the word it stopped on (one of the chat template's own, too)."""
+    reason, sequence = said.get("stop_reason"), said.get("stop_sequence")
+    if reason is None and sequence is None:
+        return
+    if sequence is not None and sequence in asked and reason in ("end_turn", "stop_sequence"):
+        said["stop_reason"] = "stop_sequence"
+        return
+    said["stop_sequence"] = None
+    if reason == "stop_sequence":
+        said["stop_reason"] = "end_turn"
+
+
+def _fix_id(message: dict[str, Any]) -> None:
+    """A message's id as Anthropic's: ``msg_...`` (llama.cpp's is chat's ``chatcmpl-...``)."""
+    made = message.get("id")
+    if isinstance(made, str) and not made.startswith("msg_"):
+        message["id"] = "msg_" + made.removeprefix("chatcmpl-")
+
+
+def whole_answer(body: bytes, data: bytes) -> bytes:
+    """A whole message with Anthropic's id and stop rule, whatever the engine said."""
+    if b'"chatcmpl-' not in data and b'"stop_sequence":null' in data:
+        return data  # nothing to fix: the cheap look first
+    message = decode_object(data)
+    if message is None or message.get("type") != "message":
+        return data
+    _fix_id(message)
+    _fix_stop(message, _stop_sequences(body))
+    return encode(message)
+
+
+class MessagesEvents(EventRewriter):
+    """A Messages stream with Anthropic's id (message_start), stop rule
+    (message_delta) and a tool_use block's ``input`` from its start (llama.cpp's has
+    none: a call without arguments left the SDK's block with no input); its other
+    events pass on as they came."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self._body = body
+
+    def _event(self, event: bytes) -> bytes:
+        if b"message_start" not in event and b"message_delta" not in event and b'"tool_use"' not in event:
+            return event + b"\n\n"
+        return super()._event(event)
+
+    def fix(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        kind = data.get("type")
+        if kind == "message_start" and isinstance(data.get("message"), dict):
+            _fix_id(data["message"])
+        elif kind == "message_delta" and isinstance(data.get("delta"), dict):
+            _fix_stop(data["delta"], _stop_sequences(self._body))
+        elif kind == "content_block_start" and isinstance(block := data.get("content_block"), dict):
+            if block.get("type") == "tool_use":
+                block.setdefault("input", {})
+        return [data]

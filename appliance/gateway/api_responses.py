@@ -9,12 +9,14 @@ to the engine byte for byte. State (``store: true``, ``previous_response_id``,
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import msgspec
 
 from appliance.gateway.metering import Usage
 from appliance.gateway.protocol import Count, Name
+from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -82,3 +84,190 @@ def stream_error(message: str, type_: str, param: str | None, code: str | None) 
     error = {"type": type_, "code": code, "message": message, "param": param}
     data = {"type": "error", "code": code, "message": message, "param": param, "sequence_number": 0, "error": error}
     return b"event: error\ndata: " + msgspec.json.encode(data) + b"\n\n"
+
+
+# What a Response says of the request that made it, when the engine leaves it out
+# (llama.cpp's say none of it): the request's own value, else the API's default.
+_ECHOED: dict[str, Any] = {
+    "error": None,
+    "incomplete_details": None,
+    "instructions": None,
+    "max_output_tokens": None,
+    "metadata": {},
+    "parallel_tool_calls": True,
+    "previous_response_id": None,
+    "tool_choice": "auto",
+    "tools": [],
+    "text": {"format": {"type": "text"}},
+    "truncation": "disabled",
+}
+# Echoed only when the request set them: the engine's own defaults are not the API's.
+_ECHOED_IF_SET = ("temperature", "top_p")
+
+
+def _request_echo(body: bytes) -> dict[str, Any]:
+    request = decode_object(body) or {}
+    echo = {name: request.get(name, default) for name, default in _ECHOED.items()}
+    echo |= {name: request[name] for name in _ECHOED_IF_SET if name in request}
+    return echo
+
+
+def _filled(response: dict[str, Any], echo: dict[str, Any], model: str) -> dict[str, Any]:
+    response.setdefault("object", "response")
+    response.setdefault("created_at", int(time.time()))
+    if model:
+        response.setdefault("model", model)
+    for name, value in echo.items():
+        response.setdefault(name, value)
+    return response
+
+
+def whole_answer(body: bytes, data: bytes) -> bytes:
+    """A whole Response with every field the API gives (the request's instructions,
+    tools, ... where the engine left them out)."""
+    answer = decode_object(data)
+    if answer is None or answer.get("object") != "response":
+        return data
+    missing = [name for name in _ECHOED if name not in answer]
+    if not missing:
+        return data
+    return encode(_filled(answer, _request_echo(body), ""))
+
+
+# The events that name the output item (and content part) they are about.
+_ITEM_EVENTS = ("response.output_item.added", "response.output_item.done")
+_LIFECYCLE = ("response.created", "response.in_progress", "response.queued")
+_DELTAS = ("response.output_text.delta", "response.function_call_arguments.delta")
+
+
+class ResponsesEvents(EventRewriter):
+    """A Responses stream as the API sends it, whatever the engine sent: each event
+    numbered (``sequence_number``), each item event naming its ``output_index`` (and
+    ``content_index``), the response in ``response.created`` whole, and a function
+    call's ``response.function_call_arguments.done`` before its item is done.
+    llama.cpp's events lack all of it, and the openai SDK's ``responses.stream()``
+    raises without it. An engine whose first event is numbered is passed on as it is."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self._body = body
+        self._echo: dict[str, Any] | None = None
+        self._model = ""
+        self._sequence = 0
+        self._indexes: dict[str, int] = {}  # output item id -> its output_index
+        self._parts: dict[str, int] = {}  # output item id -> its content parts so far
+        self._arguments_done: set[str] = set()
+        self._done: dict[int, Any] = {}  # output_index -> the item its output_item.done gave
+
+    def fix(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        if self._sequence == 0 and "sequence_number" in data:
+            self.passing = True
+            return [data]
+        kind = data.get("type")
+        response = data.get("response")
+        if isinstance(response, dict):
+            self._fill_response(kind, response)
+        out = [data]
+        if kind in _ITEM_EVENTS:
+            out = self._item_event(kind, data)
+        elif isinstance(data.get("item_id"), str):
+            out = [*self._unannounced(kind, data["item_id"]), data]
+            self._part_event(kind, data)
+        for event in out:
+            event.setdefault("sequence_number", self._sequence)
+            self._sequence += 1
+        return out
+
+    def _fill_response(self, kind: object, response: dict[str, Any]) -> None:
+        if self._echo is None:
+            self._echo = _request_echo(self._body)
+        self._model = response.get("model") or self._model or (decode_object(self._body) or {}).get("model", "")
+        _filled(response, self._echo, self._model)
+        if kind in _LIFECYCLE:
+            response.setdefault("output", [])
+        elif not response.get("output") and self._done:  # the items the stream finished
+            response["output"] = [self._done[index] for index in sorted(self._done)]
+
+    def _index(self, item_id: object) -> int:
+        if not isinstance(item_id, str):
+            return len(self._indexes)
+        return self._indexes.setdefault(item_id, len(self._indexes))
+
+    def _item_event(self, kind: object, data: dict[str, Any]) -> list[dict[str, Any]]:
+        item = data.get("item")
+        item = item if isinstance(item, dict) else {}
+        item_id = item.get("id")
+        data.setdefault("output_index", self._index(item_id))
+        if kind == "response.output_item.done" and item:
+            self._done[data["output_index"]] = item
+        out = [data]
+        if (
+            kind == "response.output_item.done"
+            and item.get("type") == "function_call"
+            and item_id not in self._arguments_done
+        ):
+            done = {
+                "type": "response.function_call_arguments.done",
+                "item_id": item_id,
+                "output_index": data["output_index"],
+                "name": item.get("name"),
+                "arguments": item.get("arguments", ""),
+            }
+            out.insert(0, done)
+        return out
+
+    def _unannounced(self, kind: object, item_id: str) -> list[dict[str, Any]]:
+        """The output_item.added (and content_part.added) an engine left out before
+        the first delta of its item: the SDK's stream accumulates into them."""
+        if item_id in self._indexes or kind not in _DELTAS:
+            return []
+        index = self._index(item_id)
+        if kind == "response.function_call_arguments.delta":
+            call = {"type": "function_call", "id": item_id, "call_id": item_id, "name": "", "arguments": ""}
+            return [{"type": "response.output_item.added", "output_index": index, "item": call}]
+        self._parts[item_id] = 1
+        message = {"type": "message", "id": item_id, "role": "assistant", "status": "in_progress", "content": []}
+        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+        return [
+            {"type": "response.output_item.added", "output_index": index, "item": message},
+            {
+                "type": "response.content_part.added",
+                "item_id": item_id,
+                "output_index": index,
+                "content_index": 0,
+                "part": part,
+            },
+        ]
+
+    def _part_event(self, kind: object, data: dict[str, Any]) -> None:
+        item_id = data["item_id"]
+        data.setdefault("output_index", self._index(item_id))
+        if kind == "response.function_call_arguments.done":
+            self._arguments_done.add(item_id)
+        if kind in ("response.function_call_arguments.delta", "response.function_call_arguments.done"):
+            return
+        if kind == "response.content_part.added":
+            self._parts[item_id] = self._parts.get(item_id, 0) + 1
+        data.setdefault("content_index", max(self._parts.get(item_id, 1) - 1, 0))
+        if kind in ("response.output_text.delta", "response.output_text.done"):
+            data.setdefault("logprobs", [])
+
+
+def chat_format_fields(body: bytes) -> dict[str, Any]:
+    """A Responses request's structured output (``text.format``) as chat's
+    ``response_format``, for an engine that turns a Responses request into a chat one
+    and reads chat's field only (llama-server ignored text.format and answered in words
+    where a JSON object was asked). Nothing when the request sets neither or both."""
+    if b'"format"' not in body:
+        return {}
+    request = decode_object(body) or {}
+    text = request.get("text")
+    shape = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(shape, dict) or "response_format" in request:
+        return {}
+    if shape.get("type") == "json_object":
+        return {"response_format": {"type": "json_object"}}
+    if shape.get("type") == "json_schema":
+        schema = {k: v for k, v in shape.items() if k in ("name", "schema", "strict", "description")}
+        return {"response_format": {"type": "json_schema", "json_schema": schema}}
+    return {}

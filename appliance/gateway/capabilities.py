@@ -17,14 +17,14 @@ started or a request queued. A provider serves the endpoints its ``apis`` name.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
 from appliance.errors import BadRequest
 from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway.api_audio import AudioRequest
 from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
-from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.api_responses import ResponsesRequest, chat_format_fields
 from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from appliance.gateway.dialects import ANTHROPIC, AUDIO, LLAMACPP, OPENAI, RESPONSES, Dialect
 from appliance.gateway.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
@@ -250,6 +250,14 @@ def check_dimensions(model: ModelConfig) -> None:
         )
 
 
+def engine_fields(endpoint: Endpoint, model: ModelConfig, body: bytes) -> dict[str, Any]:
+    """Fields the model's engine needs in a request's body to honour what the API asks:
+    a Responses request's structured output, told to llama-server in chat's words."""
+    if endpoint.dialect is RESPONSES and body and engine_of(model).name == "llamacpp":
+        return chat_format_fields(body)
+    return {}
+
+
 def keeps_responses(model: ModelConfig) -> bool:
     """Whether the model's engine stores Responses (store, previous_response_id)."""
     return engine_of(model).responses_store
@@ -271,6 +279,7 @@ __all__ = [
     "check_dimensions",
     "check_fields",
     "check_tools",
+    "engine_fields",
     "forces_tool",
     "keeps_responses",
     "serves",

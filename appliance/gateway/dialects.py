@@ -10,6 +10,9 @@ an answer says what it used, and which event ends a stream.
 - llama.cpp's own API (infill): usage as tokens_evaluated, tokens_predicted.
 - Anthropic Messages (appliance/gateway/api_messages.py): Anthropic's envelope and
   ``event: error``; usage in message_start and message_delta; message_stop ends it.
+- Responses and Messages answers are made what the API promises where an engine
+  falls short (``fix_whole``, ``fix_stream``: llama.cpp's ids, stop reasons, event
+  indexes and numbers).
 - Audio (appliance/gateway/api_audio.py): the OpenAI envelope and stream; a
   multipart upload charged by its audio's seconds, not its bytes.
 """
@@ -24,6 +27,7 @@ import msgspec
 from appliance.errors import ApplianceError, ErrorEnvelope, MissingCredential, encode_error
 from appliance.gateway import api_audio, api_messages, api_responses
 from appliance.gateway.metering import Usage, estimated_usage, prompt_bound, unary_usage
+from appliance.gateway.sse import EventRewriter
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +50,11 @@ class Dialect:
     whole: Callable[[bytes, bytes], Usage | None] | None = None
     # The shape of its errors (``envelope``), as the OpenAPI document declares them.
     error_envelope: type = ErrorEnvelope
+    # What the API promises that an engine may not say (llama.cpp's Responses and
+    # Messages): a whole answer fixed from the request's body, and a stream's events
+    # fixed by one rewriter per stream (None: engines' answers go on as they come).
+    fix_whole: Callable[[bytes, bytes], bytes] | None = None
+    fix_stream: Callable[[bytes], EventRewriter] | None = None
 
     def answer_usage(self, body: bytes, data: bytes) -> Usage | None:
         return self.usage(data) if self.whole is None else self.whole(body, data)
@@ -92,8 +101,21 @@ OPENAI = Dialect("openai", unary_usage, asks_usage=True)
 # llama-server's own API (/infill): the OpenAI envelope; its answers and a stream's
 # last event count tokens_evaluated and tokens_predicted.
 LLAMACPP = Dialect("llamacpp", _native_usage, usage_marker=b'"tokens_predicted"')
-RESPONSES = Dialect("responses", api_responses.usage, api_responses.TERMINAL)
-ANTHROPIC = Dialect("anthropic", api_messages.usage, api_messages.TERMINAL, error_envelope=api_messages.AnthropicError)
+RESPONSES = Dialect(
+    "responses",
+    api_responses.usage,
+    api_responses.TERMINAL,
+    fix_whole=api_responses.whole_answer,
+    fix_stream=api_responses.ResponsesEvents,
+)
+ANTHROPIC = Dialect(
+    "anthropic",
+    api_messages.usage,
+    api_messages.TERMINAL,
+    error_envelope=api_messages.AnthropicError,
+    fix_whole=api_messages.whole_answer,
+    fix_stream=api_messages.MessagesEvents,
+)
 AUDIO = Dialect(
     "audio",
     api_audio.usage,

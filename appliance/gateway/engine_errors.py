@@ -5,8 +5,10 @@ An engine's own 400 for a prompt longer than a request may be names its own numb
 not the knobs that set them: context_length is shared by `parallel` slots, so a default
 model gives each request a quarter of it. Such an answer becomes the API's own 400,
 ``context_length_exceeded`` (OpenAI's code for it), naming the model's fields and the
-numbers. Any other engine answer is relayed as it is. Only a 400 is ever looked at, and
-only its bytes searched before any parsing: the hot path pays nothing.
+numbers. An image (audio, video) part sent to a model that cannot read it is the
+request's 400, ``unsupported_input``, not llama-server's 500. Any other engine answer
+is relayed as it is. Only an error answer is ever looked at, and only its bytes
+searched before any parsing: the hot path pays nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from appliance.config import ModelConfig, request_context
 from appliance.errors import BadRequest
 
 LLAMACPP_TOO_LONG = b"exceed_context_size_error"
+# llama-server's 500 for an image, audio or video part a model without a multimodal
+# projector cannot read: the request's fault, so a 400 (a 502 the SDKs would retry).
+LLAMACPP_NO_MEDIA = b"input is not supported - hint: if this is unexpected, you may need to provide the mmproj"
 
 
 class _Detail(msgspec.Struct):
@@ -30,6 +35,8 @@ class _LlamaError(msgspec.Struct):
 
 def explain(model: ModelConfig, status: int, body: bytes) -> BadRequest | None:
     """The API's error for an engine answer the operator can fix, else None (relay it)."""
+    if status == 500 and LLAMACPP_NO_MEDIA in body:
+        return _no_media(model, body)
     if status != 400 or LLAMACPP_TOO_LONG not in body:
         return None
     try:
@@ -45,4 +52,14 @@ def explain(model: ModelConfig, status: int, body: bytes) -> BadRequest | None:
         "(or context_length), or lower its parallel",
         param="messages",
         code="context_length_exceeded",
+    )
+
+
+def _no_media(model: ModelConfig, body: bytes) -> BadRequest:
+    kind = next((k for k in ("image", "audio", "video") if f"{k} input".encode() in body), "media")
+    return BadRequest(
+        f"Model '{model.name}' cannot read {kind} input: it is served without a multimodal projector; "
+        f"send text only, or use a model that reads {kind} (llama.cpp: its mmproj file in the model's args)",
+        param="messages",
+        code="unsupported_input",
     )

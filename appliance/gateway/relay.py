@@ -58,6 +58,8 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
         data = rt.tenancy.answer(data)
     else:
         req.usage, data = charged(endpoint, req.body, data, rt.tenancy.isolated)
+    if status == 200 and (fix := endpoint.dialect.fix_whole) is not None:
+        data = fix(req.body, data)
     if req.response_text is not None:
         req.response_text = data
     finish(rt, req, status)
@@ -231,11 +233,15 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
     read = stream.read
+    fix = req.endpoint.dialect.fix_stream
+    fixer = fix(req.body) if fix is not None else None
     try:
         chunk = await read()
         if chunk:
             req.ttft = time.perf_counter() - req.started
         while chunk:
+            if fixer is not None:
+                chunk = fixer.feed(chunk)
             if tap is not None:
                 chunk = tap.feed(chunk)
             if chunk:
@@ -246,6 +252,8 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
         # The engine's stream ended and the relay finished the request (its row);
         # the closing [DONE], held back by the tap, waits until that row is durable.
         stream.close()
+        if fixer is not None and (tail := fixer.rest()):  # an unfinished last event, as it came
+            await send({"type": "http.response.body", "body": tap.feed(tail) if tap else tail, "more_body": True})
         await committed(req)
         if tap is not None and (rest := tap.rest()):
             await send({"type": "http.response.body", "body": rest, "more_body": True})
