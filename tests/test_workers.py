@@ -303,8 +303,13 @@ def _rss_kib(pid: int) -> int:
 def test_a_slow_reader_slows_the_engine_not_its_workers_memory(workers):
     token = keys_cli(workers, "create", "--name", "slow-reader")
     body = json.dumps({**CHAT, "model": "flood", "stream": True}).encode()
+    # Connection: close: the server closes it once the answer has ended, so reading until it
+    # closes reads the whole answer. (On a keep-alive connection the server closes an idle one
+    # after server.header_read_timeout_s, 10 s, counted from the answer's last write: a read
+    # timeout of 10 s raced that close and lost it under load.)
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+               + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+               + body)
     pids = worker_pids(workers.proc.pid)
     with socket.create_connection(("127.0.0.1", workers.port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -315,11 +320,13 @@ def test_a_slow_reader_slows_the_engine_not_its_workers_memory(workers):
         before = _rss_kib(pids[index])
         time.sleep(4)  # not reading: the engine's ~15 MB answer must wait in the engine, not in the worker
         grown = _rss_kib(pids[index]) - before
-        received = len(head)
+        received, tail = len(head), head[-64:]
         sock.settimeout(10)
         while received < 40 * 1024 * 1024 and (data := sock.recv(1 << 20)):
             received += len(data)
-    assert received > 8 * 1024 * 1024  # the whole answer came, once read
+            tail = (tail + data)[-64:]
+    assert received > 8 * 1024 * 1024  # the whole answer came, once read,
+    assert tail.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), tail  # to its end
     assert grown < 8 * 1024, f"the worker grew {grown} KiB while its client did not read"
 
 
