@@ -21,7 +21,8 @@ import httpx
 import pytest
 
 from appliance.config import ServerConfig, parse_config, worker_count
-from appliance.dataplane.protocol import Mailbox
+from appliance.dataplane.protocol import Mailbox, WorkerSettings
+from appliance.dataplane.worker import Worker
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
@@ -459,6 +460,64 @@ def test_the_workers_408_for_a_body_that_never_starts_names_the_request_id(worke
     assert status == 408 and fields.get("x-request-id") == "trace-42 a/b", fields
     status, fields, _ = _stalled_body(workers, f"{key}X-Request-Id: {'x' * 129}\r\n", b"")
     assert status == 408 and re.fullmatch("[0-9a-f]{32}", fields.get("x-request-id", "")), fields
+
+
+class _Frames:
+    """A worker's link to the daemon, as the worker writes it: the frames, kept."""
+
+    def __init__(self) -> None:
+        self.frames: list = []
+
+    def write(self, frame) -> None:
+        self.frames.append(frame)
+
+    async def drain(self) -> None:
+        pass
+
+
+async def _first_piece(came: bool) -> tuple[list, list]:
+    """A request on a worker (its clock a seam) whose body's first piece is swept at the
+    timeout: came, the piece arrives in that same loop turn, before the request's task
+    resumes. The frames the worker sent its daemon, and what it sent its client."""
+    settings = WorkerSettings(index=1, header_read_timeout_s=10, max_body_bytes=1 << 20,
+                              max_connections_per_replica=4, body_read_timeout_s=BODY_TIMEOUT_S)
+    link, sent, now = _Frames(), [], [0.0]
+    worker = Worker(settings, None, link)  # type: ignore[arg-type]
+    worker.clock = lambda: now[0]
+    loop = asyncio.get_running_loop()
+    piece, unheard = loop.create_future(), loop.create_future()
+    pieces = iter([piece])
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/audio/speech", "query_string": b"",
+             "headers": [(b"content-length", b"2")], "client": ("127.0.0.1", 5), "http_version": "1.1"}
+    task = asyncio.create_task(worker(scope, lambda: next(pieces, unheard), send))
+    await asyncio.sleep(0)  # waiting for its first piece
+    now[0] = BODY_TIMEOUT_S
+    if came:
+        piece.set_result({"type": "http.request", "body": b"{}", "more_body": False})
+    worker.sweep()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for answer in worker.requests.values():  # the daemon's answer, for a request it was passed
+        answer.put(None)
+    await asyncio.wait_for(task, 2)
+    await worker.session.close()
+    return link.frames, sent
+
+
+def test_a_body_whose_first_piece_comes_as_the_late_body_sweep_runs_is_passed_on_not_answered_408():
+    frames, sent = asyncio.run(_first_piece(came=True))
+    assert [type(f).__name__ for f in frames] == ["Request"] and frames[0].body == b"{}", frames
+    assert sent == []  # no 408 from the worker: the daemon answers it
+
+
+def test_a_body_whose_first_piece_is_later_than_the_timeout_is_swept_into_the_workers_408():
+    frames, sent = asyncio.run(_first_piece(came=False))
+    assert frames == [] and sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
 
 
 def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):

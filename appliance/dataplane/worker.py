@@ -120,32 +120,31 @@ class Worker:
         # A carried stream's Settled, awaited by the relay before its last bytes.
         self.receipts: dict[int, asyncio.Future[None]] = {}
         self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
-        # The requests whose body's first piece has not come: since when (the loop's clock);
-        # those past server.body_read_timeout_s are cancelled into a 408 (late_bodies).
-        # Swept (a timer per request would cost more than the rest of its reading).
-        self.first_pieces: dict[asyncio.Task[Any], float] = {}
+        # The requests whose body's first piece has not come: the receive awaited for it, and
+        # since when (the loop's clock); a receive past server.body_read_timeout_s is cancelled
+        # (late_bodies), and its request answered 408. Swept (a timer per request would cost
+        # more than the rest of its reading).
+        self.first_pieces: dict[Any, float] = {}
         self.clock = asyncio.get_running_loop().time
-        self.late_bodies: set[asyncio.Task[Any]] = set()
+        self.late_bodies: set[Any] = set()
 
     # The client side: one request, passed to the daemon and its answer sent back.
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
-        task = asyncio.current_task()
-        assert task is not None
-        self.first_pieces[task] = self.clock()
+        piece = receive()  # Granian's awaitable: cancellable, as a future is
+        self.first_pieces[piece] = self.clock()
         try:  # (the rest of a body that comes in pieces is timed by the daemon's front door)
-            first = await receive()
+            first = await piece
         except asyncio.CancelledError:
-            if task not in self.late_bodies:
+            if piece not in self.late_bodies or _cancelling():
                 raise
-            self.late_bodies.discard(task)
-            task.uncancel()
             await self._body_timed_out(scope, send)
             return
         finally:
-            self.first_pieces.pop(task, None)
+            del self.first_pieces[piece]
+            self.late_bodies.discard(piece)
         if first["type"] == "http.disconnect":
             return
         started, rid = time.perf_counter(), next(self.ids)
@@ -198,14 +197,18 @@ class Worker:
     async def sweep_late_bodies(self) -> None:
         """Cancel the requests whose body's first piece is later than the timeout (each
         answers 408), looking every second (every half timeout, if that is shorter)."""
-        timeout = self.settings.body_read_timeout_s
         while True:
-            await asyncio.sleep(min(1.0, timeout / 2))
-            now = self.clock()
-            for task in [t for t, since in self.first_pieces.items() if now - since >= timeout]:
-                del self.first_pieces[task]
-                self.late_bodies.add(task)
-                task.cancel()
+            await asyncio.sleep(min(1.0, self.settings.body_read_timeout_s / 2))
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Cancel the first-piece receives waiting longer than the timeout. The receive
+        is cancelled, not its request's task: a piece that came in this same loop turn
+        (its receive done, its task not yet resumed) cannot be cancelled, and is served."""
+        timeout, now = self.settings.body_read_timeout_s, self.clock()
+        for piece, since in list(self.first_pieces.items()):
+            if now - since >= timeout and piece.cancel():
+                self.late_bodies.add(piece)
 
     async def _pass_then_watch(self, rid: int, receive: Any, left: int) -> None:
         if await self._pass_body(rid, receive, left):
@@ -535,6 +538,12 @@ def _failed(rid: int, exc: Exception) -> Finish:
     assert isinstance(exc, EngineFailure)
     kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
     return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)
+
+
+def _cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not only a receive it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 def _came_whole(scope: Any, data: bytes) -> bool:
