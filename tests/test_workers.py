@@ -22,7 +22,7 @@ import pytest
 
 from appliance.config import ServerConfig, parse_config, worker_count
 from appliance.dataplane.protocol import Mailbox, WorkerSettings
-from appliance.dataplane.worker import Worker
+from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
@@ -482,7 +482,7 @@ async def _first_piece(came: bool) -> tuple[list, list]:
     settings = WorkerSettings(index=1, header_read_timeout_s=10, max_body_bytes=1 << 20,
                               max_connections_per_replica=4, body_read_timeout_s=BODY_TIMEOUT_S)
     link, sent, now = _Frames(), [], [0.0]
-    worker = Worker(settings, None, link)  # type: ignore[arg-type]
+    worker = ClientSide(settings, link, None)  # type: ignore[arg-type]  (no engine called: no session)
     worker.clock = lambda: now[0]
     loop = asyncio.get_running_loop()
     piece, unheard = loop.create_future(), loop.create_future()
@@ -504,7 +504,6 @@ async def _first_piece(came: bool) -> tuple[list, list]:
     for answer in worker.requests.values():  # the daemon's answer, for a request it was passed
         answer.put(None)
     await asyncio.wait_for(task, 2)
-    await worker.session.close()
     return link.frames, sent
 
 
