@@ -26,6 +26,7 @@ from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
+from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -517,6 +518,24 @@ def test_a_body_whose_first_piece_is_later_than_the_timeout_is_swept_into_the_wo
     frames, sent = asyncio.run(_first_piece(came=False))
     assert frames == [] and sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+def test_a_reloads_body_limits_reach_the_running_workers(daemons):
+    # server.max_body_bytes and body_read_timeout_s are live settings: one process reads the
+    # next body by the reloaded ones. The workers did only once replaced: a body the new
+    # limit allows was cut at the old one, and a body that never starts waited the old timeout.
+    limits = "workers = 2\nmax_body_bytes = {0}\nmax_upload_bytes = {0}\nbody_read_timeout_s = {1}"
+    daemon = daemons.start(fake_model("fake"), server=limits.format(2048, 60))
+    daemons.write_config(fake_model("fake"), port=daemon.port, server=limits.format(65536, 1))
+    done = _reload_cli(daemon)
+    assert done.returncode == 0, done.stderr
+    padded = {**CHAT, "model": "fake", "pad": "x" * 10_000}
+    with ThreadPoolExecutor(8) as pool:  # on both workers, most likely
+        answers = list(pool.map(lambda _: post(daemon, "none", padded), range(8)))
+    assert [r.status_code for r in answers] == [200] * 8, answers[0].text
+    for _ in range(2):
+        status, _, body = _stalled_body(daemon, "", b"")
+        assert status == 408 and "within 1s" in json.loads(body)["error"]["message"], body
 
 
 def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):

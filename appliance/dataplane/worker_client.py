@@ -24,6 +24,7 @@ import time
 from typing import Any
 
 import aiohttp
+import msgspec
 
 from appliance.access.tenancy import revealing, scrub
 from appliance.dataplane.protocol import (
@@ -32,6 +33,7 @@ from appliance.dataplane.protocol import (
     FrameWriter,
     Gone,
     Grant,
+    Limits,
     Mailbox,
     Request,
     Settled,
@@ -100,6 +102,10 @@ class ClientSide:
             answer = self.requests.get(frame.rid)
             if answer is not None:
                 answer.put(None if isinstance(frame, Gone) else frame)
+        elif isinstance(frame, Limits):  # a reload's: the requests that come next are read by them
+            self.settings = msgspec.structs.replace(
+                self.settings, body_read_timeout_s=frame.body_read_timeout_s, max_body_bytes=frame.max_body_bytes
+            )
 
     def daemon_gone(self) -> None:
         """The link closed: no answer will come for these requests."""
