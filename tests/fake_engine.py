@@ -244,6 +244,12 @@ def make_app(args: argparse.Namespace) -> web.Application:
             for i in range(n):
                 if args.chunk_delay:
                     await asyncio.sleep(args.chunk_delay)
+                elif i % 64 == 63:
+                    # A write waits only once the client stops reading: a long answer to a fast
+                    # reader would hold the loop, and /health with it, for its whole generation
+                    # (seconds under load: the supervisor's probes fail and it restarts the engine
+                    # mid-answer). A real engine answers /health while it generates.
+                    await asyncio.sleep(0)
                 # --stamp-chunks: in the text, which every proxy relays, however it re-encodes the chunk.
                 text = f"tok{i} sent_at={time.monotonic():.6f} " if args.stamp_chunks else f"tok{i} "
                 for k in range(width):

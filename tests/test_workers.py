@@ -21,10 +21,12 @@ import httpx
 import pytest
 
 from appliance.config import ServerConfig, parse_config, worker_count
-from appliance.dataplane.protocol import Mailbox
+from appliance.dataplane.protocol import Mailbox, WorkerSettings
+from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_keys import keys_cli
+from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -303,8 +305,13 @@ def _rss_kib(pid: int) -> int:
 def test_a_slow_reader_slows_the_engine_not_its_workers_memory(workers):
     token = keys_cli(workers, "create", "--name", "slow-reader")
     body = json.dumps({**CHAT, "model": "flood", "stream": True}).encode()
+    # Connection: close: the server closes it once the answer has ended, so reading until it
+    # closes reads the whole answer. (On a keep-alive connection the server closes an idle one
+    # after server.header_read_timeout_s, 10 s, counted from the answer's last write: a read
+    # timeout of 10 s raced that close and lost it under load.)
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-               + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+               + f"Authorization: Bearer {token}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+               + body)
     pids = worker_pids(workers.proc.pid)
     with socket.create_connection(("127.0.0.1", workers.port)) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
@@ -315,11 +322,13 @@ def test_a_slow_reader_slows_the_engine_not_its_workers_memory(workers):
         before = _rss_kib(pids[index])
         time.sleep(4)  # not reading: the engine's ~15 MB answer must wait in the engine, not in the worker
         grown = _rss_kib(pids[index]) - before
-        received = len(head)
+        received, tail = len(head), head[-64:]
         sock.settimeout(10)
         while received < 40 * 1024 * 1024 and (data := sock.recv(1 << 20)):
             received += len(data)
-    assert received > 8 * 1024 * 1024  # the whole answer came, once read
+            tail = (tail + data)[-64:]
+    assert received > 8 * 1024 * 1024  # the whole answer came, once read,
+    assert tail.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n"), tail  # to its end
     assert grown < 8 * 1024, f"the worker grew {grown} KiB while its client did not read"
 
 
@@ -452,6 +461,81 @@ def test_the_workers_408_for_a_body_that_never_starts_names_the_request_id(worke
     assert status == 408 and fields.get("x-request-id") == "trace-42 a/b", fields
     status, fields, _ = _stalled_body(workers, f"{key}X-Request-Id: {'x' * 129}\r\n", b"")
     assert status == 408 and re.fullmatch("[0-9a-f]{32}", fields.get("x-request-id", "")), fields
+
+
+class _Frames:
+    """A worker's link to the daemon, as the worker writes it: the frames, kept."""
+
+    def __init__(self) -> None:
+        self.frames: list = []
+
+    def write(self, frame) -> None:
+        self.frames.append(frame)
+
+    async def drain(self) -> None:
+        pass
+
+
+async def _first_piece(came: bool) -> tuple[list, list]:
+    """A request on a worker (its clock a seam) whose body's first piece is swept at the
+    timeout: came, the piece arrives in that same loop turn, before the request's task
+    resumes. The frames the worker sent its daemon, and what it sent its client."""
+    settings = WorkerSettings(index=1, header_read_timeout_s=10, max_body_bytes=1 << 20,
+                              max_connections_per_replica=4, body_read_timeout_s=BODY_TIMEOUT_S)
+    link, sent, now = _Frames(), [], [0.0]
+    worker = ClientSide(settings, link, None)  # type: ignore[arg-type]  (no engine called: no session)
+    worker.clock = lambda: now[0]
+    loop = asyncio.get_running_loop()
+    piece, unheard = loop.create_future(), loop.create_future()
+    pieces = iter([piece])
+
+    async def send(message) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/audio/speech", "query_string": b"",
+             "headers": [(b"content-length", b"2")], "client": ("127.0.0.1", 5), "http_version": "1.1"}
+    task = asyncio.create_task(worker(scope, lambda: next(pieces, unheard), send))
+    await asyncio.sleep(0)  # waiting for its first piece
+    now[0] = BODY_TIMEOUT_S
+    if came:
+        piece.set_result({"type": "http.request", "body": b"{}", "more_body": False})
+    worker.sweep()
+    for _ in range(3):
+        await asyncio.sleep(0)
+    for answer in worker.requests.values():  # the daemon's answer, for a request it was passed
+        answer.put(None)
+    await asyncio.wait_for(task, 2)
+    return link.frames, sent
+
+
+def test_a_body_whose_first_piece_comes_as_the_late_body_sweep_runs_is_passed_on_not_answered_408():
+    frames, sent = asyncio.run(_first_piece(came=True))
+    assert [type(f).__name__ for f in frames] == ["Request"] and frames[0].body == b"{}", frames
+    assert sent == []  # no 408 from the worker: the daemon answers it
+
+
+def test_a_body_whose_first_piece_is_later_than_the_timeout_is_swept_into_the_workers_408():
+    frames, sent = asyncio.run(_first_piece(came=False))
+    assert frames == [] and sent[0]["status"] == 408
+    assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+def test_a_reloads_body_limits_reach_the_running_workers(daemons):
+    # server.max_body_bytes and body_read_timeout_s are live settings: one process reads the
+    # next body by the reloaded ones. The workers did only once replaced: a body the new
+    # limit allows was cut at the old one, and a body that never starts waited the old timeout.
+    limits = "workers = 2\nmax_body_bytes = {0}\nmax_upload_bytes = {0}\nbody_read_timeout_s = {1}"
+    daemon = daemons.start(fake_model("fake"), server=limits.format(2048, 60))
+    daemons.write_config(fake_model("fake"), port=daemon.port, server=limits.format(65536, 1))
+    done = _reload_cli(daemon)
+    assert done.returncode == 0, done.stderr
+    padded = {**CHAT, "model": "fake", "pad": "x" * 10_000}
+    with ThreadPoolExecutor(8) as pool:  # on both workers, most likely
+        answers = list(pool.map(lambda _: post(daemon, "none", padded), range(8)))
+    assert [r.status_code for r in answers] == [200] * 8, answers[0].text
+    for _ in range(2):
+        status, _, body = _stalled_body(daemon, "", b"")
+        assert status == 408 and "within 1s" in json.loads(body)["error"]["message"], body
 
 
 def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_workers_as_one_processs(workers):

@@ -27,7 +27,7 @@ import msgspec
 
 from appliance.config import Config
 from appliance.dataplane.authority import RemoteProxy, WorkerLink, answer
-from appliance.dataplane.protocol import FrameReader, FrameWriter, ToDaemon, WorkerSettings
+from appliance.dataplane.protocol import FrameReader, FrameWriter, Limits, ToDaemon, WorkerSettings
 
 log = logging.getLogger("appliance.dataplane")
 
@@ -63,6 +63,7 @@ class WorkerFront:
         self.lifespan = Lifespan(asgi)
         self.stopped = asyncio.Event()
         self.procs: dict[int, asyncio.subprocess.Process] = {}
+        self.links: dict[int, WorkerLink] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.sock: socket.socket | None = None
 
@@ -79,6 +80,8 @@ class WorkerFront:
             runtime.proxy = RemoteProxy(self.cfg, runtime.proxy.session)
             # A request its worker may carry is decided here and granted to it.
             runtime.answer = answer
+            # A reload's body limits reach the running workers (a new one starts with them).
+            runtime.adopted.append(self._adopted)
             for index in range(1, self.count + 1):
                 self._keep(index)
             log.info("%d data-plane workers on %s:%d", self.count, s.host, s.port)
@@ -87,6 +90,13 @@ class WorkerFront:
             await self._stop_workers()
             self.sock.close()
             await self.lifespan.shutdown()
+
+    def _adopted(self, cfg: Config) -> None:
+        self.cfg = cfg
+        limits = body_limits(cfg)
+        for link in self.links.values():
+            if not link.closed:
+                link.out.write(limits)
 
     def _keep(self, index: int) -> None:
         task = asyncio.create_task(self._keep_running(index), name=f"worker-{index}")
@@ -112,6 +122,7 @@ class WorkerFront:
     async def _run_once(self, index: int) -> None:
         assert self.sock is not None, "bound by serve"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        limits = body_limits(self.cfg)
         try:
             proc = await self._spawn(index, theirs)
         finally:
@@ -120,6 +131,9 @@ class WorkerFront:
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         server = self.sock.getsockname()[:2]
         link = WorkerLink(self.asgi, FrameReader(reader, ToDaemon), FrameWriter(writer), server)
+        self.links[index] = link
+        if body_limits(self.cfg) != limits:  # reloaded as it started
+            link.out.write(body_limits(self.cfg))
         linked = asyncio.create_task(link.run(), name=f"worker-{index}-link")
         exited = asyncio.create_task(proc.wait(), name=f"worker-{index}-wait")
         await asyncio.wait({linked, exited}, return_when=asyncio.FIRST_COMPLETED)
@@ -129,20 +143,20 @@ class WorkerFront:
             await exited
         writer.close()
         await linked
-        del self.procs[index]
+        del self.procs[index], self.links[index]
         if not self.stopped.is_set():
             log.warning("worker %d (pid %d) exited with %s: replacing it", index, proc.pid, proc.returncode)
 
     async def _spawn(self, index: int, link: socket.socket) -> asyncio.subprocess.Process:
         assert self.sock is not None
-        s = self.cfg.server
+        limits = body_limits(self.cfg)
         settings = WorkerSettings(
             index=index,
-            header_read_timeout_s=s.header_read_timeout_s,
-            max_body_bytes=max(s.max_body_bytes, s.max_upload_bytes),
+            header_read_timeout_s=self.cfg.server.header_read_timeout_s,
+            max_body_bytes=limits.max_body_bytes,
             max_connections_per_replica=self.cfg.upstream.max_connections_per_replica,
             backlog=BACKLOG,
-            body_read_timeout_s=s.body_read_timeout_s,
+            body_read_timeout_s=limits.body_read_timeout_s,
         )
         listen_fd, link_fd = self.sock.fileno(), link.fileno()
         argv = [sys.executable, "-m", "appliance.dataplane.worker", str(listen_fd), str(link_fd)]
@@ -168,6 +182,12 @@ class WorkerFront:
                     proc.kill()
             if late:
                 await asyncio.wait(late)
+
+
+def body_limits(cfg: Config) -> Limits:
+    """What a worker reads bodies by: the timeout, and the most bytes of any (an upload's, if larger)."""
+    s = cfg.server
+    return Limits(s.body_read_timeout_s, max(s.max_body_bytes, s.max_upload_bytes))
 
 
 def _die_with_parent():

@@ -182,8 +182,16 @@ class Settled(msgspec.Struct, tag=13, array_like=True):
     ok: bool
 
 
+class Limits(msgspec.Struct, tag=15, array_like=True):
+    """A reloaded config's body limits (server.body_read_timeout_s, the body's most bytes):
+    the worker reads the bodies that come next by them (WorkerSettings has those it started with)."""
+
+    body_read_timeout_s: float
+    max_body_bytes: int
+
+
 ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish
-ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want
+ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want | Limits
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some

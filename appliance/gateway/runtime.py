@@ -63,6 +63,9 @@ class Gateway:
     # (appliance/gateway/relay.py); with workers, the data plane's (a request its
     # worker may carry alone is granted to it: appliance/dataplane/authority.py).
     answer: Callable[[Any, Any, Any], Awaitable[None]] | None = None
+    # Told of each config adopt() makes live (with workers: the body limits they read by,
+    # appliance/dataplane/front.py).
+    adopted: list[Callable[[Config], None]] = field(default_factory=list)
 
     def adopt(self, cfg: Config, routes: Routes, providers: dict[str, Provider], tenancy: Tenancy) -> None:
         """A reloaded config's policy, built whole and checked (appliance/api/reload.py),
@@ -70,6 +73,8 @@ class Gateway:
         self.cfg, self.routes, self.providers, self.tenancy = cfg, routes, providers, tenancy
         self.tag_header = cfg.routing.tag_header.lower().encode("latin-1")
         self.gate.required = cfg.keys.required
+        for listener in self.adopted:
+            listener(cfg)
 
 
 __all__ = ["Gateway", "RequestMetrics"]

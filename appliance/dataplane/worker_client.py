@@ -1,0 +1,462 @@
+"""A worker's client side: each HTTP request Granian gives it (its ASGI app), passed to
+the daemon over the link and its answer sent back (appliance/dataplane/worker.py owns
+the process and the link; worker_engine.py the engine calls the daemon asks for).
+
+The fast path (FAST_PATHS, a body that came whole and decodes): the worker reads
+the body with the front door's own decoder, keeps it, and sends the daemon only
+what its policy reads of it (Request.facts, gateway/facts.py); granted, it sets
+the fields the daemon decided, calls the replica itself and answers its client
+(the relay's own code: EngineProxy, StreamTap, relay.relay_opened, relay.charged),
+then tells the daemon how it went (Finish); a keyed or regulated answer's last
+bytes wait for the daemon's Settled. Refused, the daemon's envelope is sent as
+it came; not grantable, the daemon asks for the body (Want) and answers it as
+any request. A body the worker cannot decode goes to the daemon whole, whose
+front door answers it (400, 413, 415) as one process does. A body whose first
+piece never comes is answered 408 here (the daemon never hears of it): swept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from appliance.access.tenancy import revealing, scrub
+from appliance.dataplane.protocol import (
+    Body,
+    Finish,
+    FrameWriter,
+    Gone,
+    Grant,
+    Limits,
+    Mailbox,
+    Request,
+    Settled,
+    Start,
+    ToWorker,
+    Want,
+    WorkerSettings,
+)
+from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, RequestTimeout, StateWriteFailed
+from appliance.fleet.hold import ClientGone
+from appliance.gateway.capabilities import ENDPOINTS, Endpoint
+from appliance.gateway.dialects import dialect_for_path
+from appliance.gateway.facts import Facts, carried_facts
+from appliance.gateway.metering import StreamTap
+from appliance.gateway.protocol import decode_request
+from appliance.gateway.providers import set_encoded_fields
+from appliance.gateway.proxy import EngineProxy, engine_error_body
+from appliance.gateway.relay import (
+    SSE_START_HEADERS,
+    WATCH_AFTER_S,
+    charged,
+    relay_opened,
+    send_sse_error,
+    send_whole,
+    unless_client_leaves,
+)
+from appliance.gateway.request import ProxyRequest, request_id_of
+from appliance.gateway.serving import wait_disconnect
+
+WORKER_HEADER = b"x-appliance-worker"
+# On an answer the worker carried (a grant): the fast path was taken.
+CARRIED = (b"x-appliance-path", b"fast")
+# The hot endpoints a worker asks to carry (OpenAI's; the daemon still decides).
+FAST_PATHS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings"})
+
+
+class ClientSide:
+    """Granian's ASGI app in a worker: its requests, each passed to the daemon (over the
+    link's writer) and answered with what the daemon sends back (take), or carried here."""
+
+    def __init__(self, settings: WorkerSettings, writer: FrameWriter, session: aiohttp.ClientSession) -> None:
+        self.settings = settings
+        self.out = writer
+        self.worker_header = (WORKER_HEADER, str(settings.index).encode())
+        self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
+        self.ids = itertools.count(1)
+        self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | Want | None]] = {}
+        self.proxy = _GrantedProxy(session)
+        # A carried stream's Settled, awaited by the relay before its last bytes.
+        self.receipts: dict[int, asyncio.Future[None]] = {}
+        self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
+        # The requests whose body's first piece has not come: the receive awaited for it, and
+        # since when (the loop's clock); a receive past server.body_read_timeout_s is cancelled
+        # (late_bodies), and its request answered 408. Swept (a timer per request would cost
+        # more than the rest of its reading).
+        self.first_pieces: dict[Any, float] = {}
+        self.clock = asyncio.get_running_loop().time
+        self.late_bodies: set[Any] = set()
+
+    def take(self, frame: ToWorker) -> None:
+        """A frame from the daemon for one of these requests."""
+        if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
+            if not receipt.done():
+                receipt.set_result(None) if frame.ok else receipt.set_exception(_NOT_WRITTEN)
+        elif isinstance(frame, (Start, Body, Gone, Grant, Settled, Want)):
+            answer = self.requests.get(frame.rid)
+            if answer is not None:
+                answer.put(None if isinstance(frame, Gone) else frame)
+        elif isinstance(frame, Limits):  # a reload's: the requests that come next are read by them
+            self.settings = msgspec.structs.replace(
+                self.settings, body_read_timeout_s=frame.body_read_timeout_s, max_body_bytes=frame.max_body_bytes
+            )
+
+    def daemon_gone(self) -> None:
+        """The link closed: no answer will come for these requests."""
+        for answer in self.requests.values():
+            answer.put(None)
+        for receipt in self.receipts.values():  # the daemon is gone: no last bytes without its word
+            if not receipt.done():
+                receipt.set_exception(_NOT_WRITTEN)
+
+    # One request, passed to the daemon and its answer sent back.
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        piece = receive()  # Granian's awaitable: cancellable, as a future is
+        self.first_pieces[piece] = self.clock()
+        try:  # (the rest of a body that comes in pieces is timed by the daemon's front door)
+            first = await piece
+        except asyncio.CancelledError:
+            if piece not in self.late_bodies or _cancelling():
+                raise
+            await self._body_timed_out(scope, send)
+            return
+        finally:
+            del self.first_pieces[piece]
+            self.late_bodies.discard(piece)
+        if first["type"] == "http.disconnect":
+            return
+        started, rid = time.perf_counter(), next(self.ids)
+        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
+        self.requests[rid] = answer
+        left = self.settings.max_body_bytes + 1
+        data, more, left = _piece(first, left)
+        whole = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
+        carried = _carried(started, scope["path"], data) if whole else None
+        more = more and not whole
+        try:
+            self.out.write(
+                Request(
+                    rid,
+                    scope["method"],
+                    scope["path"],
+                    scope["query_string"],
+                    [(bytes(k), bytes(v)) for k, v in scope["headers"]],
+                    (str(client[0]), int(client[1])) if (client := scope.get("client")) else None,
+                    scope["http_version"],
+                    data if carried is None else b"",
+                    more,
+                    None if carried is None else carried.facts,
+                )
+            )
+            if carried is not None:
+                await self._decided(rid, answer, carried, receive, send)
+                return
+            # Its body's rest passed on beside the daemon's answer, which may come before the
+            # body is whole (401, 413, the front door's 408): then the rest is not read.
+            client = self._pass_then_watch(rid, receive, left) if more else self._watch(rid, receive)
+            watcher = asyncio.ensure_future(client)
+            try:
+                await self._answer(answer, send)
+            finally:
+                watcher.cancel()
+        finally:
+            del self.requests[rid]
+
+    async def _body_timed_out(self, scope: Any, send: Any) -> None:
+        """No piece of the body came in time (the daemon never heard of the request):
+        the front door's 408, in the path's API's envelope, naming the request's id as
+        every answer does (the client's X-Request-Id, by the front door's rule, or a new one)."""
+        err = RequestTimeout(f"Request body not received within {self.settings.body_read_timeout_s:g}s")
+        dialect = dialect_for_path(scope["path"])
+        rid = request_id_of(next((bytes(v) for k, v in scope["headers"] if k == b"x-request-id"), None))
+        headers = {**err.headers(), **dialect.id_headers(rid), WORKER_HEADER.decode(): str(self.settings.index)}
+        await send_whole(send, err.status, "application/json", dialect.envelope(err), headers)
+
+    async def sweep_late_bodies(self) -> None:
+        """Cancel the requests whose body's first piece is later than the timeout (each
+        answers 408), looking every second (every half timeout, if that is shorter)."""
+        while True:
+            await asyncio.sleep(min(1.0, self.settings.body_read_timeout_s / 2))
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Cancel the first-piece receives waiting longer than the timeout. The receive
+        is cancelled, not its request's task: a piece that came in this same loop turn
+        (its receive done, its task not yet resumed) cannot be cancelled, and is served."""
+        timeout, now = self.settings.body_read_timeout_s, self.clock()
+        for piece, since in list(self.first_pieces.items()):
+            if now - since >= timeout and piece.cancel():
+                self.late_bodies.add(piece)
+
+    async def _pass_then_watch(self, rid: int, receive: Any, left: int) -> None:
+        if await self._pass_body(rid, receive, left):
+            await self._watch(rid, receive)
+
+    async def _pass_body(self, rid: int, receive: Any, left: int) -> bool:
+        """The rest of the request's body to the daemon as it arrives; False: the client left."""
+        while True:
+            await self.out.drain()
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                self.out.write(Gone(rid))
+                return False
+            data, more, left = _piece(message, left)
+            self.out.write(Body(rid, data, more))
+            if not more:
+                return True
+
+    async def _watch(self, rid: int, receive: Any) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.out.write(Gone(rid))
+
+    async def _answer(self, answer: Mailbox[Any], send: Any, frame: Any = None) -> None:
+        """The daemon's answer (from frame, else its first), relayed to the client."""
+        while True:
+            if frame is None:
+                frame = await answer.get()
+            if not isinstance(frame, (Start, Body)):  # no more answer (the daemon is done with it, or gone)
+                return
+            if isinstance(frame, Start):
+                headers = [*frame.headers, self.worker_header]
+                await send({"type": "http.response.start", "status": frame.status, "headers": headers})
+                await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
+            else:
+                await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
+            if not frame.more:
+                return
+            frame = None
+
+    # The fast path: a request the daemon decides and this worker carries.
+
+    async def _decided(self, rid: int, frames: Mailbox[Any], carried: Carried, receive: Any, send: Any) -> None:
+        """Granted, the request is carried here (again, when the daemon retries it on
+        another replica); refused, or answered by the daemon, that answer is relayed."""
+        watch = _ClientWatch(self, rid, receive)
+        try:
+            while True:
+                frame = await frames.get()
+                if isinstance(frame, Want):  # the daemon answers it after all: the body it needs
+                    self.out.write(Body(rid, carried.body, False))
+                    continue
+                if not isinstance(frame, Grant):
+                    await self._answer(frames, send, frame)
+                    return
+                if watch.gone:  # the client left before the grant came: nothing to carry
+                    self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
+                    continue
+                watch.stop()  # the relay watches the client from here
+                carry = self._carry_stream if frame.stream else self._carry_whole
+                if await carry(rid, frame, carried, receive, send, frames):
+                    return
+                watch = _ClientWatch(self, rid, receive)
+        finally:
+            watch.stop()
+
+    async def _carry_whole(
+        self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
+    ) -> bool:
+        """relay.answer_whole, on the grant's replica: False when the engine failed
+        before answering (the daemon retries it, or answers with the error)."""
+        try:
+            call = self.proxy.unary(_Granted(grant, self._timeout(grant)), "", carried.sent(grant), grant.headers)
+            status, data, content_type = await unless_client_leaves(receive, call)
+        except ClientGone:
+            self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
+            return True
+        except (_EngineAnswered, EngineFailure) as exc:
+            self.out.write(_failed(rid, exc))
+            return False
+        usage, data = charged(carried.endpoint, carried.body, data, grant.scrub)
+        counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+        self.out.write(Finish(rid, status, "", "", b"", counts, 0, None, False))
+        if grant.accountable:  # the answer waits until its row and charge are durable
+            settled = await frames.get()
+            if not isinstance(settled, Settled):  # the daemon answers instead (503: not written)
+                await self._answer(frames, send, settled)
+                return True
+        await send_whole(send, status, content_type, data, {"x-request-id": grant.request_id, **self.carried_headers})
+        return True
+
+    async def _carry_stream(
+        self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
+    ) -> bool:
+        """relay.answer_stream, on the grant's replica: the engine's stream relayed as
+        it arrives (a slow client slows its reading: each piece's send is awaited), its
+        usage tapped, its end told to the daemon (Finish, from the stream's close)."""
+        req = ProxyRequest(grant.request_id, carried.started, 0.0, carried.endpoint, receive)
+        if grant.tap is not None:
+            req.tap = StreamTap(grant.tap, scrub, revealing) if grant.scrub else StreamTap(grant.tap)
+        if grant.accountable:
+            req.receipt = self.receipts[rid] = asyncio.get_running_loop().create_future()
+
+        def done(status: int) -> None:
+            tap = req.tap
+            usage = tap.usage if tap is not None else None
+            counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
+            events = tap.events if tap is not None else 0
+            self.out.write(Finish(rid, status, "", "", b"", counts, events, req.ttft, req.bytes_sent))
+
+        try:
+            upstream = _Granted(grant, self._timeout(grant))
+            try:
+                stream = await self.proxy.open_stream(upstream, "", carried.sent(grant), grant.headers, done)
+            except (_EngineAnswered, EngineFailure) as exc:
+                self.out.write(_failed(rid, exc))
+                return False
+            await self._relay_carried(stream, req, send)
+            return True
+        finally:
+            self.receipts.pop(rid, None)
+
+    async def _relay_carried(self, stream: Any, req: ProxyRequest, send: Any) -> None:
+        req.bytes_sent = True
+        headers = [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode()), self.worker_header, CARRIED]
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await relay_opened(stream, send, req)
+        except ApplianceError as exc:  # its row could not be written: the stream ends with the error event
+            await send_sse_error(send, exc, req)
+        finally:
+            stream.close()
+
+    def _timeout(self, grant: Grant) -> aiohttp.ClientTimeout:
+        key = (grant.connect_timeout_s, grant.read_timeout_s)
+        timeout = self.timeouts.get(key)
+        if timeout is None:
+            timeout = self.timeouts[key] = aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1])
+        return timeout
+
+
+class _ClientWatch:
+    """A client watched for leaving while the daemon decides its request (a held one:
+    its Gone takes it out of the queue), from WATCH_AFTER_S on: most decisions take
+    less, and watching costs a task (as relay.unless_client_leaves does)."""
+
+    __slots__ = ("gone", "receive", "rid", "task", "timer", "worker")
+
+    def __init__(self, worker: ClientSide, rid: int, receive: Any) -> None:
+        self.worker, self.rid, self.receive = worker, rid, receive
+        self.gone = False
+        self.task: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+
+    def _start(self) -> None:
+        self.task = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
+        await wait_disconnect(self.receive)
+        self.gone = True
+        self.worker.out.write(Gone(self.rid))
+
+    def stop(self) -> None:
+        self.timer.cancel()
+        if self.task is not None:
+            self.task.cancel()
+
+
+class Carried:
+    """What the worker keeps of a request it asked to carry: its body, and what it
+    told the daemon of it (gateway/facts.py)."""
+
+    __slots__ = ("body", "endpoint", "facts", "started")
+
+    def __init__(self, started: float, endpoint: Endpoint, body: bytes, facts: Facts) -> None:
+        self.started, self.endpoint, self.body, self.facts = started, endpoint, body, facts
+
+    def sent(self, grant: Grant) -> bytes:
+        """The body for the grant's engine: with the fields the daemon set."""
+        return set_encoded_fields(self.body, grant.fields) if grant.fields else self.body
+
+
+def _carried(started: float, path: str, body: bytes) -> Carried | None:
+    """A whole body the worker decodes itself (the front door's decoder and limits):
+    None when it cannot (malformed, too large, compressed): the daemon reads it then,
+    as any request's, and answers with its own 400, 413 or 415."""
+    endpoint = ENDPOINTS[path]
+    try:
+        request: Any = decode_request(body, endpoint.cls)
+    except ApplianceError:
+        return None
+    return Carried(started, endpoint, body, carried_facts(endpoint, body, request))
+
+
+class _Granted:
+    """The grant's replica, as the proxy sees an upstream: its slot is leased by the daemon."""
+
+    __slots__ = ("base_url", "name", "timeout")
+    session = None  # the worker's own (a supervised replica's secret is in the grant's headers)
+
+    def __init__(self, grant: Grant, timeout: aiohttp.ClientTimeout) -> None:
+        self.name, self.base_url, self.timeout = grant.replica, grant.url, timeout
+
+    def lease(self) -> contextlib.nullcontext[None]:
+        return _NO_LEASE
+
+
+_NO_LEASE: contextlib.nullcontext[None] = contextlib.nullcontext()
+_NOT_WRITTEN = StateWriteFailed("The request's accounting could not be written; see the appliance's log")
+
+
+class _EngineAnswered(Exception):  # noqa: N818 (the engine's answer, not an error here)
+    """The engine refused the request: its status and body, turned into our error by the daemon."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(status)
+        self.status, self.body = status, body
+
+
+class _GrantedProxy(EngineProxy):
+    """The proxy, with the worker's session, whose engine refusals go back to the
+    daemon as they came (it says them in the replica's model's words)."""
+
+    def __init__(self, session: aiohttp.ClientSession) -> None:
+        self.session = session
+        self.timeout = aiohttp.ClientTimeout(total=None)
+
+    @staticmethod
+    async def _raise_for_engine_status(replica: Any, resp: aiohttp.ClientResponse) -> None:
+        if resp.status < 400:
+            return
+        raise _EngineAnswered(resp.status, await engine_error_body(resp))
+
+
+def _failed(rid: int, exc: Exception) -> Finish:
+    """A granted call that failed before its answer reached the client."""
+    if isinstance(exc, _EngineAnswered):
+        return Finish(rid, exc.status, "status", "", exc.body, None, 0, None, False)
+    assert isinstance(exc, EngineFailure)
+    kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
+    return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)
+
+
+def _cancelling() -> bool:
+    """Whether the current task itself is being cancelled (not only a receive it awaited)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _came_whole(scope: Any, data: bytes) -> bool:
+    """Whether the first piece is the whole body its Content-Length declares (Granian
+    says more_body until it has read past the end: the next message is empty)."""
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return value.isdigit() and int(value) == len(data)
+    return False
+
+
+def _piece(message: dict[str, Any], left: int) -> tuple[bytes, bool, int]:
+    """(data, more, bytes left) of a body message: past the limit the worker stops
+    reading, and the daemon, given one byte too many, answers 413."""
+    data = message.get("body", b"")[:left]
+    left -= len(data)
+    return data, message.get("more_body", False) and left > 0, left
