@@ -194,7 +194,7 @@ async def _serve(
     """The front door's part: who asks (key), what for (body, model, route), what
     it may cost (reservation), which deployment, with what the engine is sent;
     then routing forwards it and the relay answers. facts: what a worker read of
-    the body it keeps (appliance/dataplane/worker.py); None: the body is read here."""
+    the body it keeps (appliance/dataplane/worker_client.py); None: the body is read here."""
     if rt.draining:
         raise ShuttingDown("The appliance is shutting down; retry on another instance or shortly", retry_after=5)
     # The policy as it is now, for the whole request: a reload swaps these (Gateway.adopt)

@@ -1,6 +1,6 @@
 """What the front door's policy reads of a request's body, read once by whoever
 read the body: the front door itself (appliance/api/app.py ``_serve``), or, with
-workers, the worker that took the request (appliance/dataplane/worker.py), which
+workers, the worker that took the request (appliance/dataplane/worker_client.py), which
 sends only these to the daemon (protocol.Request.facts). The policy that decides
 on them (key, route, budget, capabilities, tenancy, replica) is the same code
 either way; only who parsed the body differs.
