@@ -306,7 +306,7 @@ def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
     text = (
         f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
         f'[gpu]\ninventory = "{inv}"\n[engines.vllm]\ncommand = {command}\noverhead_gib = 2\n'
-        "[supervisor]\nhealth_interval_s = 0.1\n"
+        "[supervisor]\nhealth_interval_s = 1.0\n"
         f'[autoscaling]\nmin_residency = "{residency}"\n'
         f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
         f"[capacity]\nhost_ram_gib = {host_ram}\n{market}"
@@ -387,6 +387,8 @@ class Result:
     seconds: float = 0.0
     hung: int = 0  # requests neither answered nor refused by the end (queue timeout + 60 s)
     stuck: list[str] = field(default_factory=list)  # replicas not READY then
+    asking: dict[str, int] = field(default_factory=dict)  # requests in acquire, by model
+    ticks: list[float] = field(default_factory=list)  # each autoscaler pass's CPU seconds
     load: str = ""  # the load average (1, 5, 15 min) as the mode ended
 
 
@@ -456,7 +458,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             sampler = asyncio.create_task(sample(sup, result, args.gpus, args.engine))
-            ticker = asyncio.create_task(tick(sup))
+            ticker = asyncio.create_task(tick(sup, result))
             tasks = []
             for at, model in trace:
                 delay = t0 + at - loop.time()
@@ -495,11 +497,14 @@ async def boot(sup: Supervisor) -> None:
     raise SystemExit("boot replicas did not become ready within 60 s")
 
 
-async def tick(sup: Supervisor) -> None:
-    """The autoscaler's pass, as the daemon runs it."""
+async def tick(sup: Supervisor, result: Result) -> None:
+    """The autoscaler's pass, as the daemon runs it; its CPU time (the event loop's, which
+    a held request's handoff waits behind) in result.ticks."""
     while True:
         await asyncio.sleep(sup.cfg.autoscaling.interval_s)
+        began = time.thread_time()
         sup.tick()
+        result.ticks.append(time.thread_time() - began)
 
 
 async def sample(sup: Supervisor, result: Result, gpus: int, engine: str) -> None:
@@ -540,17 +545,21 @@ def watch_decisions(sup: Supervisor) -> dict[str, float]:
 async def one_request(sup: Supervisor, model: str, result: Result, decided: dict[str, float]) -> None:
     result.requests += 1
     dep = sup.deployment(model)
-    # It causes a load: nothing of its model is ready, and no request is held for one already.
-    caused = dep.pick_ready() is None and not dep.waiters
+    # It causes a load: nothing of its model is ready, and no request is held for one already
+    # (nor on its way to the hold: requests of one burst arrive in one turn of the loop).
+    caused = dep.pick_ready() is None and not dep.waiters and not result.asking.get(model)
+    result.asking[model] = result.asking.get(model, 0) + 1
     start = time.monotonic()
     try:
         replica = await dep.acquire()
     except ApplianceError as exc:
+        result.asking[model] -= 1
         result.failed += 1
         why = f"{exc.code} {model}"
         result.reasons[why] = result.reasons.get(why, 0) + 1
         print(f"failed: {model}: {exc.code}: {exc}", file=sys.stderr, flush=True)
         return
+    result.asking[model] -= 1
     result.waits.append(time.monotonic() - start)
     if caused:
         load = cut(start, time.monotonic(), replica, decided.get(replica.name, start))
@@ -692,8 +701,9 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         f"engine's own times (measured alone): cold start {own['cold']:.2f} s, {tier}, "
         f"exit after SIGTERM {own['exit']:.2f} s",
         "| mode | requests | failed (vs none) | wait, every request: p50 / p99 / max ms | loads "
-        "| evictions/min (by reason) | GPU memory (llama.cpp: core budget) used, mean | hung | load at end |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| evictions/min (by reason) | GPU memory (llama.cpp: core budget) used, mean | hung "
+        "| autoscaler pass, CPU ms p50 / max | load at end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.failed / base.failed:.2f}x" if base.failed else "-"
@@ -705,7 +715,8 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         waits = f"{pct(r.waits, 50)} / {pct(r.waits, 99)} / {max(r.waits, default=0) * 1000:.0f}"
         lines.append(
             f"| {r.mode} | {r.requests} | {failed} | {waits} | {len(r.loads)} | {per_min:.1f} ({reasons or '-'}) "
-            f"| {util:.0%} | {r.hung}{' (' + ', '.join(r.stuck) + ')' if r.stuck else ''} | {r.load} |"
+            f"| {util:.0%} | {r.hung}{' (' + ', '.join(r.stuck) + ')' if r.stuck else ''} "
+            f"| {pct(r.ticks, 50)} / {max(r.ticks, default=0) * 1000:.0f} | {r.load} |"
         )
     lines += [
         "",
