@@ -18,7 +18,8 @@ and replica, and the engine's own, which the fake engine writes, --stamp-dir):
 
   queued   from its arrival until the load was decided: room was held by replicas that
            may not go yet (requests in flight, inside min_residency): queueing behind
-           other models' work, not part of a load;
+           other models' work, not part of a load; so is a busy victim's drain (fairness
+           evicts a replica with requests in flight: they finish before it goes);
   freeing  from the decision until the engine was spawned or asked to wake: the evicted
            replicas stopping or going to sleep (their engines' own stop and sleep times);
   engine   THE ENGINE'S OWN START OR WAKE TIME, as the engine itself stamps it: for a cold
@@ -354,7 +355,7 @@ def llamacpp_config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
     text = (
         f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
         f'[engines.llamacpp]\nbinary = "{args.llama_server}"\n[cpu]\ncores = {args.gpus}\n'
-        "[supervisor]\nhealth_interval_s = 0.5\n"
+        "[supervisor]\nhealth_interval_s = 1.0\n"
         f'[autoscaling]\nmin_residency = "{residency}"\n'
         f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
         + (f"[capacity]\n{market}" if mode == "market" and market else "")
@@ -426,13 +427,16 @@ def observe_processes() -> None:
     process._RealProcess.__init__ = logged  # type: ignore[method-assign]
 
 
-def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str]]:
-    evictions: list[tuple[float, int, str, str]] = []
+def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str, bool]]:
+    """Each eviction as it was decided: (when, the victim's pid, to, for, whether it was busy:
+    requests in flight that it finishes before it goes, fairness only)."""
+    evictions: list[tuple[float, int, str, str, bool]] = []
     evicted = sup.market.evicted
 
     def observed(e):
-        pid = next((r.pid for r in sup.replicas() if r.name == e.replica), 0)
-        evictions.append((time.monotonic(), pid, e.to, e.for_model))
+        victim = next((r for r in sup.replicas() if r.name == e.replica), None)
+        pid, busy = (victim.pid, victim.inflight > 0) if victim is not None else (0, False)
+        evictions.append((time.monotonic(), pid, e.to, e.for_model, busy))
         return evicted(e)
 
     sup.market.evicted = observed  # type: ignore[method-assign]
@@ -594,7 +598,7 @@ def cut(arrived: float, held: float, replica, decided: float) -> dict[str, float
     }
 
 
-def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float, int, str, str]]) -> None:
+def engines_own(loads: list[dict], stamp_dir: Path, evictions: list) -> None:
     """Each load's ``engine`` as the engine stamped it (module docstring), the rest of
     spawn-to-READY as ``detect``; ``over`` = freeing + detect + handoff; ``victims`` and
     ``ours``. A cold start is the process's serving stamp; a wake the first wake stamped
@@ -604,7 +608,7 @@ def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float,
         stamps[int(f.name)] = [line.split() for line in f.read_text().splitlines()]
     for load in loads:
         began, spawn_to_ready = load.pop("loading_since"), load["engine"]
-        load["victims"] = min(victims_own(load["model"], load["at"], began, evictions, stamps), load["freeing"])
+        victims_part(load, began, evictions, stamps)
         rows = [(what, [float(x) for x in at]) for what, *at in stamps.get(load["pid"], [])]
         served = [t[0] for what, t in rows if what == "serving" and t[0] >= began - 0.001]
         woken = [t[1] - t[0] for what, t in rows if what == "wake" and t[0] >= began - 0.001]
@@ -642,14 +646,14 @@ def llama_log(pid: int) -> list[tuple[float, str]]:
     return out
 
 
-def llama_engines_own(loads: list[dict], evictions: list[tuple[float, int, str, str]]) -> None:
+def llama_engines_own(loads: list[dict], evictions: list) -> None:
     """engines_own for llama-server: its own start is the time it logs "listening" (its
     model loaded), and then its own time on the readiness probe (the first task's launch
     to its release). What it spends before its logger starts (exec, dynamic linking: a
     few ms) is not in its log, so it counts as ours here: ``ours`` is an upper bound."""
     for load in loads:
         began, spawn_to_ready = load.pop("loading_since"), load["engine"]
-        load["victims"] = min(victims_own(load["model"], load["at"], began, evictions, {}), load["freeing"])
+        victims_part(load, began, evictions, {})
         lines = llama_log(load["pid"])
         listening = next((t for t, text in lines if "listening on" in text), None)
         launched = next((t for t, text in lines if "launch_slot_" in text and listening is not None), None)
@@ -667,23 +671,36 @@ def llama_engines_own(loads: list[dict], evictions: list[tuple[float, int, str, 
         load["ours"] = load["over"] - load["victims"]
 
 
-def victims_own(
-    model: str, arrived: float, began: float, evictions: list[tuple[float, int, str, str]], stamps: dict
-) -> float:
+def victims_own(model: str, arrived: float, began: float, evictions: list, stamps: dict) -> tuple[float, float]:
     """The longest own stop (SIGTERM to exit) or sleep (its /sleep stamp) of the engines
-    evicted for ``model`` between the request's arrival and its engine's start or wake."""
-    own = [0.0]
-    for at, pid, to, for_model in evictions:
+    evicted for ``model`` between the request's arrival and its engine's start or wake; and
+    the longest drain of a busy victim (fairness: from the eviction to its SIGTERM or its
+    /sleep, its requests in flight finishing), which is queueing behind another model's
+    work, not the load's."""
+    own, drained = [0.0], [0.0]
+    for at, pid, to, for_model, busy in evictions:
         if model not in for_model.split("+") or not arrived - 0.001 <= at <= began:
             continue
         if to == "stop" and pid in SIGNALLED and pid in EXITED:
             own.append(EXITED[pid] - SIGNALLED[pid])
+            drained.append(SIGNALLED[pid] - at if busy else 0.0)
         elif to == "sleep":
             slept = [
-                float(t[1]) - float(t[0]) for what, *t in stamps.get(pid, []) if what == "sleep" and float(t[0]) >= at
+                (float(t[0]), float(t[1])) for what, *t in stamps.get(pid, []) if what == "sleep" and float(t[0]) >= at
             ]
-            own += slept[:1]
-    return max(own)
+            own += [end - start for start, end in slept[:1]]
+            drained += [start - at for start, _ in slept[:1] if busy]
+    return max(own), max(drained)
+
+
+def victims_part(load: dict, began: float, evictions: list, stamps: dict) -> None:
+    """A load's ``victims`` (their own stop or sleep), and a busy victim's drain moved from
+    ``freeing`` to ``queued``."""
+    own, drained = victims_own(load["model"], load["at"], began, evictions, stamps)
+    drained = min(drained, load["freeing"])
+    load["queued"] += drained
+    load["freeing"] -= drained
+    load["victims"] = min(own, load["freeing"])
 
 
 def pct(values: list[float], q: int) -> str:
