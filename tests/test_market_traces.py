@@ -4,6 +4,8 @@ that show it. Simulated GPUs and tests/fake_engine.py speaking as vLLM; no GPU n
 
 from __future__ import annotations
 
+import asyncio
+
 from appliance.fleet.replica import State
 
 from .test_market import one_gpu_two_models, started
@@ -34,5 +36,46 @@ async def test_traffic_for_a_model_evicted_to_sleep_wakes_it_only_into_free_room
         await a.wait_ready(30)
         assert [(e.replica, e.for_model) for e in sup.market.recent()] == [("a#0", "b")]
     finally:
+        await sup.stop()
+        await session.close()
+
+
+async def test_a_probe_that_ends_in_its_own_error_as_it_is_told_to_stop_is_not_reported_as_never_retrieved(
+    tmp_path,
+):
+    """A readiness or health probe racing the engine's exit, a stop or a poke is cancelled
+    when another wins; one whose own timeout fired in the same turn ends with ProbeFailed
+    instead of being cancelled, and nobody read it: asyncio logged "Task exception was never
+    retrieved" with the probe's traceback (seen under load in bench/market.py
+    --engine llamacpp)."""
+    import gc
+
+    from engines.base import ProbeFailed
+
+    sup, session = await started(one_gpu_two_models(tmp_path, host_ram_gib=100))
+    loop = asyncio.get_running_loop()
+    unretrieved: list[dict] = []
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _loop, context: unretrieved.append(context))
+    try:
+        [a] = sup.deployment("a").replicas
+
+        async def probe() -> None:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                raise ProbeFailed("GET /metrics failed: TimeoutError") from None
+
+        racing = asyncio.ensure_future(a._race(probe(), poke=True))
+        await asyncio.sleep(0.01)
+        a._poke.set()
+        assert await racing == "poked"
+        for _ in range(3):
+            await asyncio.sleep(0)
+        del racing
+        gc.collect()
+        assert [c for c in unretrieved if "never retrieved" in c.get("message", "")] == []
+    finally:
+        loop.set_exception_handler(previous)
         await sup.stop()
         await session.close()
