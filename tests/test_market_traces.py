@@ -8,7 +8,8 @@ import asyncio
 
 from appliance.fleet.replica import State
 
-from .test_market import one_gpu_two_models, started
+from .test_gpu_supervision import DATA, gpu_config
+from .test_market import one_gpu_two_models, started, vllm_model
 
 
 async def test_traffic_for_a_model_evicted_to_sleep_wakes_it_only_into_free_room_not_by_evicting_idle_others(
@@ -77,5 +78,33 @@ async def test_a_probe_that_ends_in_its_own_error_as_it_is_told_to_stop_is_not_r
         assert [c for c in unretrieved if "never retrieved" in c.get("message", "")] == []
     finally:
         loop.set_exception_handler(previous)
+        await sup.stop()
+        await session.close()
+
+
+async def test_room_that_comes_goes_to_the_model_whose_requests_waited_longest_not_the_first_in_the_config(tmp_path):
+    """One GPU held by a inside its residency; a request for c, then one for b, are held.
+    When a's residency lapses the room goes to c, whose request waited longer: it went to
+    the model listed first (b), so with many models on little room the last ones listed
+    waited out every other model's turn and their requests timed out (bench/market.py
+    --models 8 --gpus 1 --residency 30: models in config order, m7 last)."""
+    inv = tmp_path / "one-gpu.toml"
+    inv.write_text('[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = 80\ncount = 1\n')
+    at_zero = "[models.autoscaling]\nmin_replicas = 0\n"
+    models = vllm_model(tmp_path, "a", 40) + "".join(vllm_model(tmp_path, n, 40) + at_zero for n in "bc")
+    text = gpu_config(tmp_path, models).replace(str(DATA / "inventory-8xh100.toml"), str(inv))
+    sup, session = await started(text + '[autoscaling]\nmin_residency = "2s"\n[capacity]\nhost_ram_gib = 100\n')
+    try:
+        c = asyncio.ensure_future(sup.deployment("c").acquire())
+        while not sup.deployment("c").waiters:
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(sup.deployment("b").acquire())
+        while not sup.deployment("b").waiters:
+            await asyncio.sleep(0.01)
+        done, _ = await asyncio.wait([b, c], return_when=asyncio.FIRST_COMPLETED)
+        assert done == {c}
+        assert [(e.replica, e.for_model) for e in sup.market.recent()] == [("a#0", "c")]
+        b.cancel()
+    finally:
         await sup.stop()
         await session.close()
