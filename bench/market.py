@@ -18,7 +18,8 @@ and replica, and the engine's own, which the fake engine writes, --stamp-dir):
 
   queued   from its arrival until the load was decided: room was held by replicas that
            may not go yet (requests in flight, inside min_residency): queueing behind
-           other models' work, not part of a load;
+           other models' work, not part of a load; so is a busy victim's drain (fairness
+           evicts a replica with requests in flight: they finish before it goes);
   freeing  from the decision until the engine was spawned or asked to wake: the evicted
            replicas stopping or going to sleep (their engines' own stop and sleep times);
   engine   THE ENGINE'S OWN START OR WAKE TIME, as the engine itself stamps it: for a cold
@@ -55,7 +56,29 @@ Run from the repository root (no GPU needed):
     .venv/bin/python bench/market.py [--models 6] [--gpus 2] [--duration 60] [--rate 2]
         [--zipf 1.1] [--cold-start 3] [--wake 0.3] [--sleep 0.2] [--service 0.3]
         [--residency 2] [--host-ram-gib 0] [--modes none,swap,market] [--trace FILE]
-        [--preempt-after S] [--headroom-idle S]
+        [--preempt-after S] [--headroom-idle S] [--seed N] [--burst K] [--burst-every S]
+        [--sizes LIST] [--priorities LIST] [--pin LIST] [--no-sleep LIST] [--log F] [--dump F]
+
+The trace and the models, as a reviewer varies them (each in every mode unless said):
+
+  --zipf S, --seed N     popularity exponent (0: uniform) and the trace's random seed;
+  --burst K              K requests at one instant, every --burst-every S seconds (default:
+                         a third of the trace), each burst for the next least popular model
+                         (N-1, N-2, ...): many requests for a cold model at once;
+  --sizes 1,2 | 0.5,1    each model's size in GPUs' worth of memory, cycled over the models
+                         (2: tensor-parallel over two GPUs, so its load evicts two; 0.5: two
+                         share a GPU); fake engine only, not in `swap`;
+  --priorities 0,0,1     each model's priority, cycled;
+  --pin 0,3              market: these models pinned (operator.pin) once booted;
+  --no-sleep 1,2         market: these models without sleep_mode (their victims stop);
+  --residency 0          min_residency (the appliance's default is 30 s).
+
+A configuration where a model can never get room by the rules (pinned or higher-priority
+replicas hold every GPU it could use) answers its requests 503 naming the holders: failures
+there are the rules', not the market's. Each failure is printed (stderr) with its message;
+requests neither answered nor refused by the queue's timeout + 60 s are counted as hung,
+with the replicas not READY then. --log FILE writes the appliance's log (INFO), --dump FILE
+each load's parts (JSON lines).
 
 --preempt-after and --headroom-idle set [capacity] max_wait_before_preempt_s and
 headroom_idle_s in the market mode (absent: the appliance's defaults; a tree without these
@@ -89,6 +112,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import random
 import re
@@ -111,7 +135,7 @@ import aiohttp  # noqa: E402
 from appliance.config import EMBEDDED_MODEL_NAME, builtin_model_path, parse_config  # noqa: E402
 from appliance.dist.images import default_llama_server  # noqa: E402
 from appliance.errors import ApplianceError  # noqa: E402
-from appliance.fleet import process  # noqa: E402
+from appliance.fleet import operator, process  # noqa: E402
 from appliance.fleet.replica import State, free_port  # noqa: E402
 from appliance.fleet.supervisor import Supervisor  # noqa: E402
 from appliance.gpu.probe import GiB  # noqa: E402
@@ -135,6 +159,25 @@ def zipf_trace(models: int, duration: float, rate: float, s: float, seed: int) -
         if t >= duration:
             return out
         out.append((round(t, 3), rng.choices(range(models), weights)[0]))
+
+
+def with_bursts(trace: list[tuple[float, int]], models: int, size: int, every: float, duration: float):
+    """``size`` requests at one instant every ``every`` seconds, each burst for the next
+    least popular model (N-1, N-2, ...): many requests for a cold model at once."""
+    if size <= 0:
+        return trace
+    every = every or duration / 3
+    bursts, k, t = [], 0, every / 2
+    while t < duration:
+        bursts += [(round(t, 3), models - 1 - k % models)] * size
+        k, t = k + 1, t + every
+    return sorted(trace + bursts)
+
+
+def cycled(text: str, models: int, kind: type = float) -> list:
+    """A comma list given per model, cycled over the N models ("1,2": 1, 2, 1, 2, ...)."""
+    values = [kind(v) for v in text.split(",") if v.strip()]
+    return [values[i % len(values)] for i in range(models)]
 
 
 def read_trace(path: Path, models: int) -> list[tuple[float, int]]:
@@ -252,8 +295,40 @@ def measure_llama(args: argparse.Namespace) -> dict[str, float]:
 def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
     inv = tmp / "inventory.toml"
     inv.write_text(f'[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = {GPU_GIB}\ncount = {args.gpus}\n')
-    tp = args.gpus if mode == "swap" else 1
-    weights = tmp / f"weights-{tp}"
+    sizes = [float(args.gpus)] * args.models if mode == "swap" else cycled(args.sizes, args.models)
+    residency = {"none": "1000h", "swap": "0s", "market": f"{args.residency}s"}[mode]
+    host_ram = args.host_ram_gib or WEIGHTS_GIB * sum(sizes)
+    market = ""
+    if mode == "market" and args.preempt_after is not None:
+        market += f"max_wait_before_preempt_s = {args.preempt_after}\n"
+    if mode == "market" and args.headroom_idle:
+        market += f"headroom_idle_s = {args.headroom_idle}\n"
+    command = json.dumps(engine_argv(args))
+    text = (
+        f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
+        f'[gpu]\ninventory = "{inv}"\n[engines.vllm]\ncommand = {command}\noverhead_gib = 2\n'
+        "[supervisor]\nhealth_interval_s = 1.0\n"
+        f'[autoscaling]\nmin_residency = "{residency}"\n'
+        f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
+        f"[capacity]\nhost_ram_gib = {host_ram}\n{market}"
+    )
+    priorities = cycled(args.priorities, args.models, int)
+    no_sleep = {int(i) for i in args.no_sleep.split(",") if i.strip()}
+    for i in range(args.models):
+        sleeps = mode == "market" and i not in no_sleep
+        text += (
+            f'[[models]]\nname = "m{i}"\nserver = "vllm"\nsource = "{weights_dir(tmp, sizes[i])}"\n'
+            f"kv_cache_tokens = 1024\nsleep_mode = {'true' if sleeps else 'false'}\npriority = {priorities[i]}\n"
+            f"[models.gpus]\ncount = {max(1, int(sizes[i]))}\n"
+        )
+    return text
+
+
+def weights_dir(tmp: Path, size: float) -> Path:
+    """A model of ``size`` GPUs' worth (WEIGHTS_GIB each; 0.5: two share a GPU)."""
+    weights = tmp / f"weights-{size}"
+    if weights.exists():
+        return weights
     weights.mkdir()
     (weights / "config.json").write_text(
         json.dumps(
@@ -267,29 +342,8 @@ def config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
         )
     )
     with open(weights / "model.safetensors", "wb") as f:
-        f.truncate(WEIGHTS_GIB * tp * GiB)  # sparse: only the size matters
-    residency = {"none": "1000h", "swap": "0s", "market": f"{args.residency}s"}[mode]
-    host_ram = args.host_ram_gib or WEIGHTS_GIB * args.models
-    market = ""
-    if mode == "market" and args.preempt_after is not None:
-        market += f"max_wait_before_preempt_s = {args.preempt_after}\n"
-    if mode == "market" and args.headroom_idle:
-        market += f"headroom_idle_s = {args.headroom_idle}\n"
-    command = json.dumps(engine_argv(args))
-    text = (
-        f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
-        f'[gpu]\ninventory = "{inv}"\n[engines.vllm]\ncommand = {command}\noverhead_gib = 2\n'
-        "[supervisor]\nhealth_interval_s = 0.1\n"
-        f'[autoscaling]\nmin_residency = "{residency}"\n'
-        f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
-        f"[capacity]\nhost_ram_gib = {host_ram}\n{market}"
-    )
-    for i in range(args.models):
-        text += (
-            f'[[models]]\nname = "m{i}"\nserver = "vllm"\nsource = "{weights}"\nkv_cache_tokens = 1024\n'
-            f"sleep_mode = {'true' if mode == 'market' else 'false'}\n[models.gpus]\ncount = {tp}\n"
-        )
-    return text
+        f.truncate(int(WEIGHTS_GIB * size * GiB))  # sparse: only the size matters
+    return weights
 
 
 def llamacpp_config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
@@ -301,7 +355,7 @@ def llamacpp_config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
     text = (
         f'[paths]\nstate_dir = "{tmp}/state"\ncache_dir = "{tmp}/cache"\nlog_dir = "{tmp}/log"\n'
         f'[engines.llamacpp]\nbinary = "{args.llama_server}"\n[cpu]\ncores = {args.gpus}\n'
-        "[supervisor]\nhealth_interval_s = 0.5\n"
+        "[supervisor]\nhealth_interval_s = 1.0\n"
         f'[autoscaling]\nmin_residency = "{residency}"\n'
         f"[queue]\nmax_held = 100000\ntimeout_s = {args.queue_timeout}\n"
         + (f"[capacity]\n{market}" if mode == "market" and market else "")
@@ -312,7 +366,8 @@ def llamacpp_config_text(tmp: Path, mode: str, args: argparse.Namespace) -> str:
             shutil.copyfile(args.gguf, gguf)  # N distinct files, as N models would be
         text += (
             f'[[models]]\nname = "m{i}"\nsource = "{gguf}"\ncontext_length = 2048\nparallel = 2\n'
-            f'threads = {threads}\nargs = ["--log-timestamps", "--log-prefix"]\n'
+            f"threads = {threads}\npriority = {cycled(args.priorities, args.models, int)[i]}\n"
+            'args = ["--log-timestamps", "--log-prefix"]\n'
         )
     return text
 
@@ -331,6 +386,11 @@ class Result:
     by_reason: dict[str, int] = field(default_factory=dict)
     utilisation: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    hung: int = 0  # requests neither answered nor refused by the end (queue timeout + 60 s)
+    stuck: list[str] = field(default_factory=list)  # replicas not READY then
+    asking: dict[str, int] = field(default_factory=dict)  # requests in acquire, by model
+    ticks: list[float] = field(default_factory=list)  # each autoscaler pass's CPU seconds
+    load: str = ""  # the load average (1, 5, 15 min) as the mode ended
 
 
 # Each engine process's SIGTERM (its first) and its exit as the daemon saw them, by pid
@@ -367,13 +427,16 @@ def observe_processes() -> None:
     process._RealProcess.__init__ = logged  # type: ignore[method-assign]
 
 
-def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str]]:
-    evictions: list[tuple[float, int, str, str]] = []
+def watch_evictions(sup: Supervisor) -> list[tuple[float, int, str, str, bool]]:
+    """Each eviction as it was decided: (when, the victim's pid, to, for, whether it was busy:
+    requests in flight that it finishes before it goes, fairness only)."""
+    evictions: list[tuple[float, int, str, str, bool]] = []
     evicted = sup.market.evicted
 
     def observed(e):
-        pid = next((r.pid for r in sup.replicas() if r.name == e.replica), 0)
-        evictions.append((time.monotonic(), pid, e.to, e.for_model))
+        victim = next((r for r in sup.replicas() if r.name == e.replica), None)
+        pid, busy = (victim.pid, victim.inflight > 0) if victim is not None else (0, False)
+        evictions.append((time.monotonic(), pid, e.to, e.for_model, busy))
         return evicted(e)
 
     sup.market.evicted = observed  # type: ignore[method-assign]
@@ -394,17 +457,24 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
         sup.start()
         try:
             await boot(sup)
+            for i in (int(i) for i in args.pin.split(",") if i.strip() and mode == "market"):
+                operator.pin(sup, f"m{i}", True)
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             sampler = asyncio.create_task(sample(sup, result, args.gpus, args.engine))
-            ticker = asyncio.create_task(tick(sup))
+            ticker = asyncio.create_task(tick(sup, result))
             tasks = []
             for at, model in trace:
                 delay = t0 + at - loop.time()
                 if delay > 0:
                     await asyncio.sleep(delay)
                 tasks.append(asyncio.create_task(one_request(sup, f"m{model}", result, decided)))
-            await asyncio.gather(*tasks)
+            done, pending = await asyncio.wait(tasks, timeout=args.queue_timeout + 60)
+            if pending:  # hung: neither answered nor refused within the queue's timeout
+                result.hung = len(pending)
+                result.stuck = [f"{r.name} {r.state.name}" for r in sup.replicas() if r.state is not State.READY]
+                for task in pending:
+                    task.cancel()
             result.seconds = loop.time() - t0
             sampler.cancel()
             ticker.cancel()
@@ -416,6 +486,7 @@ async def run_mode(mode: str, trace: list[tuple[float, int]], args) -> Result:
             else:
                 engines_own(result.loads, args.stamp_dir, evictions)
         finally:
+            result.load = " ".join(f"{x:.2f}" for x in os.getloadavg())
             await sup.stop()
             await session.close()
     return result
@@ -430,11 +501,14 @@ async def boot(sup: Supervisor) -> None:
     raise SystemExit("boot replicas did not become ready within 60 s")
 
 
-async def tick(sup: Supervisor) -> None:
-    """The autoscaler's pass, as the daemon runs it."""
+async def tick(sup: Supervisor, result: Result) -> None:
+    """The autoscaler's pass, as the daemon runs it; its CPU time (the event loop's, which
+    a held request's handoff waits behind) in result.ticks."""
     while True:
         await asyncio.sleep(sup.cfg.autoscaling.interval_s)
+        began = time.thread_time()
         sup.tick()
+        result.ticks.append(time.thread_time() - began)
 
 
 async def sample(sup: Supervisor, result: Result, gpus: int, engine: str) -> None:
@@ -475,15 +549,21 @@ def watch_decisions(sup: Supervisor) -> dict[str, float]:
 async def one_request(sup: Supervisor, model: str, result: Result, decided: dict[str, float]) -> None:
     result.requests += 1
     dep = sup.deployment(model)
-    # It causes a load: nothing of its model is ready, and no request is held for one already.
-    caused = dep.pick_ready() is None and not dep.waiters
+    # It causes a load: nothing of its model is ready, and no request is held for one already
+    # (nor on its way to the hold: requests of one burst arrive in one turn of the loop).
+    caused = dep.pick_ready() is None and not dep.waiters and not result.asking.get(model)
+    result.asking[model] = result.asking.get(model, 0) + 1
     start = time.monotonic()
     try:
         replica = await dep.acquire()
     except ApplianceError as exc:
+        result.asking[model] -= 1
         result.failed += 1
-        result.reasons[exc.code] = result.reasons.get(exc.code, 0) + 1
+        why = f"{exc.code} {model}"
+        result.reasons[why] = result.reasons.get(why, 0) + 1
+        print(f"failed: {model}: {exc.code}: {exc}", file=sys.stderr, flush=True)
         return
+    result.asking[model] -= 1
     result.waits.append(time.monotonic() - start)
     if caused:
         load = cut(start, time.monotonic(), replica, decided.get(replica.name, start))
@@ -518,7 +598,7 @@ def cut(arrived: float, held: float, replica, decided: float) -> dict[str, float
     }
 
 
-def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float, int, str, str]]) -> None:
+def engines_own(loads: list[dict], stamp_dir: Path, evictions: list) -> None:
     """Each load's ``engine`` as the engine stamped it (module docstring), the rest of
     spawn-to-READY as ``detect``; ``over`` = freeing + detect + handoff; ``victims`` and
     ``ours``. A cold start is the process's serving stamp; a wake the first wake stamped
@@ -528,8 +608,8 @@ def engines_own(loads: list[dict], stamp_dir: Path, evictions: list[tuple[float,
         stamps[int(f.name)] = [line.split() for line in f.read_text().splitlines()]
     for load in loads:
         began, spawn_to_ready = load.pop("loading_since"), load["engine"]
-        load["victims"] = min(victims_own(load.pop("model"), load.pop("at"), began, evictions, stamps), load["freeing"])
-        rows = [(what, [float(x) for x in at]) for what, *at in stamps.get(load.pop("pid"), [])]
+        victims_part(load, began, evictions, stamps)
+        rows = [(what, [float(x) for x in at]) for what, *at in stamps.get(load["pid"], [])]
         served = [t[0] for what, t in rows if what == "serving" and t[0] >= began - 0.001]
         woken = [t[1] - t[0] for what, t in rows if what == "wake" and t[0] >= began - 0.001]
         # A process spawned for this load: its start; else a wake of a sleeping one (counted
@@ -566,15 +646,15 @@ def llama_log(pid: int) -> list[tuple[float, str]]:
     return out
 
 
-def llama_engines_own(loads: list[dict], evictions: list[tuple[float, int, str, str]]) -> None:
+def llama_engines_own(loads: list[dict], evictions: list) -> None:
     """engines_own for llama-server: its own start is the time it logs "listening" (its
     model loaded), and then its own time on the readiness probe (the first task's launch
     to its release). What it spends before its logger starts (exec, dynamic linking: a
     few ms) is not in its log, so it counts as ours here: ``ours`` is an upper bound."""
     for load in loads:
         began, spawn_to_ready = load.pop("loading_since"), load["engine"]
-        load["victims"] = min(victims_own(load.pop("model"), load.pop("at"), began, evictions, {}), load["freeing"])
-        lines = llama_log(load.pop("pid"))
+        victims_part(load, began, evictions, {})
+        lines = llama_log(load["pid"])
         listening = next((t for t, text in lines if "listening on" in text), None)
         launched = next((t for t, text in lines if "launch_slot_" in text and listening is not None), None)
         released = next(
@@ -591,23 +671,36 @@ def llama_engines_own(loads: list[dict], evictions: list[tuple[float, int, str, 
         load["ours"] = load["over"] - load["victims"]
 
 
-def victims_own(
-    model: str, arrived: float, began: float, evictions: list[tuple[float, int, str, str]], stamps: dict
-) -> float:
+def victims_own(model: str, arrived: float, began: float, evictions: list, stamps: dict) -> tuple[float, float]:
     """The longest own stop (SIGTERM to exit) or sleep (its /sleep stamp) of the engines
-    evicted for ``model`` between the request's arrival and its engine's start or wake."""
-    own = [0.0]
-    for at, pid, to, for_model in evictions:
+    evicted for ``model`` between the request's arrival and its engine's start or wake; and
+    the longest drain of a busy victim (fairness: from the eviction to its SIGTERM or its
+    /sleep, its requests in flight finishing), which is queueing behind another model's
+    work, not the load's."""
+    own, drained = [0.0], [0.0]
+    for at, pid, to, for_model, busy in evictions:
         if model not in for_model.split("+") or not arrived - 0.001 <= at <= began:
             continue
         if to == "stop" and pid in SIGNALLED and pid in EXITED:
             own.append(EXITED[pid] - SIGNALLED[pid])
+            drained.append(SIGNALLED[pid] - at if busy else 0.0)
         elif to == "sleep":
             slept = [
-                float(t[1]) - float(t[0]) for what, *t in stamps.get(pid, []) if what == "sleep" and float(t[0]) >= at
+                (float(t[0]), float(t[1])) for what, *t in stamps.get(pid, []) if what == "sleep" and float(t[0]) >= at
             ]
-            own += slept[:1]
-    return max(own)
+            own += [end - start for start, end in slept[:1]]
+            drained += [start - at for start, _ in slept[:1] if busy]
+    return max(own), max(drained)
+
+
+def victims_part(load: dict, began: float, evictions: list, stamps: dict) -> None:
+    """A load's ``victims`` (their own stop or sleep), and a busy victim's drain moved from
+    ``freeing`` to ``queued``."""
+    own, drained = victims_own(load["model"], load["at"], began, evictions, stamps)
+    drained = min(drained, load["freeing"])
+    load["queued"] += drained
+    load["freeing"] -= drained
+    load["victims"] = min(own, load["freeing"])
 
 
 def pct(values: list[float], q: int) -> str:
@@ -625,8 +718,9 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         f"engine's own times (measured alone): cold start {own['cold']:.2f} s, {tier}, "
         f"exit after SIGTERM {own['exit']:.2f} s",
         "| mode | requests | failed (vs none) | wait, every request: p50 / p99 / max ms | loads "
-        "| evictions/min (by reason) | GPU memory (llama.cpp: core budget) used, mean |",
-        "|---|---|---|---|---|---|---|",
+        "| evictions/min (by reason) | GPU memory (llama.cpp: core budget) used, mean | hung "
+        "| autoscaler pass, CPU ms p50 / max | load at end |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         ratio = f"{r.failed / base.failed:.2f}x" if base.failed else "-"
@@ -638,12 +732,14 @@ def table(results: list[Result], own: dict[str, float]) -> str:
         waits = f"{pct(r.waits, 50)} / {pct(r.waits, 99)} / {max(r.waits, default=0) * 1000:.0f}"
         lines.append(
             f"| {r.mode} | {r.requests} | {failed} | {waits} | {len(r.loads)} | {per_min:.1f} ({reasons or '-'}) "
-            f"| {util:.0%} |"
+            f"| {util:.0%} | {r.hung}{' (' + ', '.join(r.stuck) + ')' if r.stuck else ''} "
+            f"| {pct(r.ticks, 50)} / {max(r.ticks, default=0) * 1000:.0f} | {r.load} |"
         )
     lines += [
         "",
-        "| mode | cause | loads | over own p50 / p99 ms (goal p50 <= 100) | victims p50 | ours p50 / p99 "
-        "| freeing p50 / p99 | detect p50 | handoff p50 | queued p50 / p99 | engine's own p50 |",
+        "| mode | cause | loads | ENGINE: its own start or wake p50 | ENGINE: its victims' own stop or sleep "
+        "p50 / p99 | OURS p50 / p99 (goal p50 <= 100) | ours: freeing beyond the victims' own p50 | ours: detect "
+        "p50 | ours: handoff p50 | over own (victims + ours) p50 / p99 | queued p50 / p99 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     causes = {"evict": ("evict+cold", "evict+wake"), "all": None}
@@ -653,20 +749,23 @@ def table(results: list[Result], own: dict[str, float]) -> str:
             loads = [x for x in r.loads if kinds is None or x["cause"] in kinds]
             if not loads:
                 continue
-            keys = ("over", "victims", "ours", "freeing", "detect", "handoff", "queued", "engine")
-            part = {k: [x[k] for x in loads] for k in keys}
+            part = {k: [x[k] for x in loads] for k in ("over", "victims", "ours", "detect", "handoff", "queued")}
+            part["engine"] = [x["engine"] for x in loads]
+            part["beyond"] = [x["freeing"] - x["victims"] for x in loads]
             lines.append(
-                f"| {r.mode} | {cause} | {len(loads)} | {pct(part['over'], 50)} / {pct(part['over'], 99)} "
-                f"| {pct(part['victims'], 50)} | {pct(part['ours'], 50)} / {pct(part['ours'], 99)} "
-                f"| {pct(part['freeing'], 50)} / {pct(part['freeing'], 99)} | {pct(part['detect'], 50)} "
-                f"| {pct(part['handoff'], 50)} | {pct(part['queued'], 50)} / {pct(part['queued'], 99)} "
-                f"| {pct(part['engine'], 50)} |"
+                f"| {r.mode} | {cause} | {len(loads)} | {pct(part['engine'], 50)} "
+                f"| {pct(part['victims'], 50)} / {pct(part['victims'], 99)} "
+                f"| {pct(part['ours'], 50)} / {pct(part['ours'], 99)} | {pct(part['beyond'], 50)} "
+                f"| {pct(part['detect'], 50)} | {pct(part['handoff'], 50)} "
+                f"| {pct(part['over'], 50)} / {pct(part['over'], 99)} "
+                f"| {pct(part['queued'], 50)} / {pct(part['queued'], 99)} |"
             )
     lines.append(
-        "over own = freeing + detect + handoff: the wait of a request that caused a load less the engine's own "
-        "start or wake (as the engine stamps it) and less the time it queued for room held by busy or resident "
-        "replicas of other models; freeing includes the evicted engines' own stop (SIGTERM to exit) or sleep, "
-        "shown as victims; ours = over - victims."
+        "ENGINE columns are the engines' own times as they report them: the loaded engine's start (spawn to serving) "
+        "or wake (its /wake_up) and its answer to the readiness probe; its victims' stop (SIGTERM to exit) or sleep "
+        "(their /sleep), victims freed in parallel counted once. OURS = the rest of the wait of a request that "
+        "caused a load: freeing beyond the victims' own time + detect (engine ready to READY) + handoff (READY to "
+        "the held request); queued (waiting for room held by busy or resident replicas) is neither."
     )
     return "\n".join(lines)
 
@@ -690,6 +789,14 @@ def main() -> None:
     p.add_argument("--trace", type=Path, default=None)
     p.add_argument("--preempt-after", type=float, default=None, help="[capacity] max_wait_before_preempt_s")
     p.add_argument("--headroom-idle", type=float, default=0.0, help="[capacity] headroom_idle_s (0: off)")
+    p.add_argument("--burst", type=int, default=0, help="requests at one instant for a cold model (0: none)")
+    p.add_argument("--burst-every", type=float, default=0.0, help="seconds between bursts (0: duration / 3)")
+    p.add_argument("--sizes", default="1", help="each model's GPUs' worth, cycled: 1,2 or 0.5,1 (fake engine)")
+    p.add_argument("--priorities", default="0", help="each model's priority, cycled: 0,0,1")
+    p.add_argument("--pin", default="", help="market: models pinned (indices: 0,3)")
+    p.add_argument("--no-sleep", default="", help="market: models without sleep mode (indices: 1,2)")
+    p.add_argument("--dump", type=Path, default=None, help="each load's parts (JSON lines) to this file")
+    p.add_argument("--log", type=Path, default=None, help="the appliance's log (INFO) to this file")
     p.add_argument("--engine", choices=("fake", "llamacpp"), default="fake", help="module docstring")
     p.add_argument("--llama-server", default=default_llama_server(), help="--engine llamacpp: the engine")
     p.add_argument("--gguf", type=Path, default=builtin_model_path(EMBEDDED_MODEL_NAME), help="--engine llamacpp")
@@ -701,6 +808,9 @@ def main() -> None:
         if args.trace
         else zipf_trace(args.models, args.duration, args.rate, args.zipf, args.seed)
     )
+    trace = with_bursts(trace, args.models, args.burst, args.burst_every, max((t for t, _ in trace), default=0))
+    if args.log:
+        logging.basicConfig(filename=args.log, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     own = measure_llama(args) if args.engine == "llamacpp" else measure_engine(args)
     observe_processes()
     room = f"{args.gpus} cores (llama.cpp)" if args.engine == "llamacpp" else f"{args.gpus} GPUs"
@@ -710,6 +820,11 @@ def main() -> None:
     )
     results = [asyncio.run(run_mode(mode, trace, args)) for mode in args.modes.split(",")]
     print(table(results, own))
+    if args.dump:
+        with open(args.dump, "w") as out:
+            for r in results:
+                for load in r.loads:
+                    out.write(json.dumps({"mode": r.mode, **load}) + "\n")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ class Autoscaler:
         floor = max(p.min_replicas, 1 if inp.current else 0)
         if inp.unloaded and not inp.pinned:
             floor = 0
-            why += "; unloaded by the operator"
+            why += "; unloaded (by the operator, or evicted for another model)"
         elif idle and not inp.pinned:
             floor = 0
             why += f"; idle {inp.idle_s:.0f}s >= {p.idle_ttl_s:.0f}s"

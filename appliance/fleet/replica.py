@@ -630,6 +630,9 @@ class Replica:
         finally:
             for w in waiters:
                 if not w.done():
+                    # (a probe told to stop may still end in its own timeout's error: read it
+                    # then, else asyncio logs "Task exception was never retrieved")
+                    w.add_done_callback(_read_outcome)
                     w.cancel()
             for w in (work, stopped, poked):
                 with contextlib.suppress(BaseException):
@@ -725,3 +728,8 @@ class Replica:
         proc.signal_group(signal.SIGKILL)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(proc.wait(), timeout=10)
+
+
+def _read_outcome(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()

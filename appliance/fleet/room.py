@@ -262,6 +262,10 @@ class Room:
             return
         wanting = wanting or []
         waiting = wanting + [d for d in self.sup.deployments.values() if d.no_room and d.waiters and d not in wanting]
+        # Room that comes goes to the longest wait first, not the model listed first: with many
+        # models on little room, the last listed waited out every other's turn.
+        now = self.sup.clock.monotonic()
+        waiting.sort(key=lambda d: d.held.waited(now), reverse=True)
         started = self._start_together(waiting)
         for dep in waiting:
             if dep not in started:

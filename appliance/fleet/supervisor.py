@@ -549,8 +549,15 @@ class Supervisor:
             for r in dep.replicas:
                 if r.state is State.READY and self.capacity.may_sleep(r):  # its weights fit in host RAM
                     self._background(r.sleep(), f"sleep-{r.name}")
-        elif d.action == "wake":
+        elif d.action == "wake" and (dep.waiters or self._wakes_into_free_room(dep)):
+            # Held requests may evict for their wake; recent traffic alone only takes free
+            # room (evicting for it, two models on room for one woke each other at every pass).
             self.on_demand(dep)
+
+    def _wakes_into_free_room(self, dep: Deployment) -> bool:
+        """A sleeping replica of dep may wake on its own GPUs with nothing evicted for it."""
+        sleeping = [r for r in dep.live() if r.state is State.SLEEPING and not r.waking]
+        return bool(sleeping) and self.capacity.fits_on_its_gpus(sleeping[0])
 
     @staticmethod
     def _busy(dep: Deployment) -> bool:
