@@ -148,6 +148,18 @@ def test_invalid_toml_names_the_file(tmp_path):
         load_config(str(path))
 
 
+def test_a_config_nested_too_deeply_is_a_clear_error_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 1 and not isinstance(result.exception, RecursionError), result.exception
+    assert f"{path}: not valid TOML: arrays or tables nested too deeply" in result.output, result.output
+
+
 def test_relative_model_sources_resolve_under_the_cache_dir():
     cfg = parse_config('[paths]\ncache_dir = "/srv/cache"\n[[models]]\nname = "a"\nsource = "a.gguf"\n')
     assert model_path(cfg, cfg.models[0]) == Path("/srv/cache/models/a.gguf")

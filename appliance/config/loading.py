@@ -48,6 +48,8 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
         table = msgspec.toml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    except RecursionError:  # the TOML parser recurses once per level of [ or {
+        raise ConfigError(f"{origin}: not valid TOML: arrays or tables nested too deeply") from None
     if not isinstance(table, dict):
         raise ConfigError(f"{origin}: not a TOML table")
     deprecations = _rename_keys(table, origin)
