@@ -76,6 +76,23 @@ def test_serve_refuses_a_port_flag_out_of_range_before_starting(tmp_path, port):
     assert "'--port'" in result.stderr and "1<=x<=65535" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "state").exists()
 
+@pytest.mark.parametrize("command", [["status"], ["ps"], ["models", "ls"], ["reload"], ["scale", "m", "1"],
+                                     ["load", "m"]])
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_the_admin_commands_refuse_a_port_flag_out_of_range(tmp_path, command, port):
+    """--port 0 was refused for want of the admin token, 70000 read as "the daemon is not
+    running": neither named the flag."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, [*command, "--config", str(cfg), "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "'--port'" in result.output and "1<=x<=65535" in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""
