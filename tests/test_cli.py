@@ -93,6 +93,20 @@ def test_the_admin_commands_refuse_a_port_flag_out_of_range(tmp_path, command, p
     assert "'--port'" in result.output and "1<=x<=65535" in result.output, result.output
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://host", "nonsense", "http://:8000", "http://h:99999"])
+def test_tui_refuses_a_url_that_is_not_http_before_starting(tmp_path, url):
+    """http://[::1 was a traceback; ftp:// or no scheme started a TUI retrying every second."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, ["tui", "--config", str(cfg), "--url", url])
+    assert result.exit_code == 2, result.output
+    assert "'--url'" in result.output and repr(url) in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""
