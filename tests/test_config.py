@@ -160,6 +160,22 @@ def test_a_config_nested_too_deeply_is_a_clear_error_not_a_traceback(tmp_path):
     assert f"{path}: not valid TOML: arrays or tables nested too deeply" in result.output, result.output
 
 
+def test_a_config_path_that_cannot_even_be_looked_at_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    """Path.exists() raises for a folder this user may not enter (EACCES, /etc/appliance
+    0750 to an operator) or a name too long; `check` and `status` were tracebacks."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    long = str(tmp_path / ("a" * 300) / "appliance.toml")
+    result = CliRunner().invoke(main, ["check", "--config", long])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert result.output == f"Error: {long}: cannot read config: File name too long\n", result.output
+    monkeypatch.setenv("APPLIANCE_CONFIG", long)
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 1 and "cannot read config: File name too long" in result.output, result.output
+
+
 def test_relative_model_sources_resolve_under_the_cache_dir():
     cfg = parse_config('[paths]\ncache_dir = "/srv/cache"\n[[models]]\nname = "a"\nsource = "a.gguf"\n')
     assert model_path(cfg, cfg.models[0]) == Path("/srv/cache/models/a.gguf")
