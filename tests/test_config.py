@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgspec
@@ -174,6 +175,19 @@ def test_a_config_path_that_cannot_even_be_looked_at_is_a_clear_error_not_a_trac
     monkeypatch.setenv("APPLIANCE_CONFIG", long)
     result = CliRunner().invoke(main, ["status"])
     assert result.exit_code == 1 and "cannot read config: File name too long" in result.output, result.output
+
+
+@pytest.mark.parametrize("server", ["llamacpp", "vllm", "sglang"])
+@pytest.mark.parametrize("arg", ["--host", "--host=0.0.0.0", "--port", "--api-key", "--api-key-file", "--uds"])
+def test_engine_args_may_not_override_where_a_replica_listens_or_its_key(tmp_path, server, arg):
+    """args are appended last: ["--host", "0.0.0.0", "--api-key", "x"] put a llama.cpp replica
+    on every interface answering a key anyone who read the config knew."""
+    source = "builtin:smollm2-135m-instruct" if server == "llamacpp" else str(tmp_path)
+    path = tmp_path / "a.toml"
+    path.write_text(f'[[models]]\nname = "m"\nserver = "{server}"\nsource = "{source}"\n'
+                    f'args = ["--threads-http", "2", "{arg}", "x"]\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: field 'models[0].args': {arg!r} is the appliance's")):
+        load_config(str(path))
 
 
 def test_relative_model_sources_resolve_under_the_cache_dir():
