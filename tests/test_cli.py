@@ -107,6 +107,33 @@ def test_tui_refuses_a_url_that_is_not_http_before_starting(tmp_path, url):
     assert "'--url'" in result.output and repr(url) in result.output, result.output
 
 
+@pytest.mark.parametrize(("command", "said"), [
+    (["check"], "field 'paths.state_dir': {file} cannot be a directory: {file} is a file"),
+    (["keys", "ls"], "field 'paths.state_dir': cannot open the state database in {file}"),
+    (["keys", "create", "--name", "app"], "field 'paths.state_dir': cannot open the state database in {file}"),
+    (["models", "import", "{gguf}"], "{file}/hf: cannot make the store's folder: Not a directory"),
+    (["models", "verify"], "{file}/hf: cannot make the store's folder: Not a directory"),
+])
+def test_a_file_where_the_state_or_cache_dir_goes_is_one_line_from_every_command(tmp_path, command, said):
+    """check said ok (serve then refused), keys and models were tracebacks."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    from . import make_tiny_gguf
+
+    file = tmp_path / "afile"
+    file.write_text("")
+    gguf = tmp_path / "m.gguf"
+    make_tiny_gguf.main([str(gguf)])
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{file}"\ncache_dir = "{file}"\nlog_dir = "{file}"\n')
+    args = [a.format(gguf=gguf) for a in command]
+    result = CliRunner().invoke(main, [*args, "--config", str(cfg)])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert said.format(file=file) in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""

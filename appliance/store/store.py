@@ -221,6 +221,8 @@ class Store:
                 p.mkdir()
             except FileExistsError:
                 continue
+            except OSError as exc:  # a file where a folder goes (paths.cache_dir), no permission
+                raise StoreError(f"{p}: cannot make the store's folder: {exc.strerror}") from None
             self._own(p)
 
     def _lock_file(self, path: Path) -> BinaryIO:
