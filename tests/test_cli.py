@@ -134,6 +134,27 @@ def test_a_file_where_the_state_or_cache_dir_goes_is_one_line_from_every_command
     assert said.format(file=file) in result.output, result.output
 
 
+@pytest.mark.parametrize(("token_file", "why"), [("fifo", "not a regular file"), ("/dev/zero", "not a regular file"),
+                                                 (".", "Is a directory"), ("missing", "No such file or directory")])
+def test_check_reads_the_admin_token_file_as_serve_does_and_only_a_regular_file(tmp_path, token_file, why):
+    """check said ok for a token file serve could not read; serve blocked for good on a FIFO
+    (SIGTERM could not end it) and read /dev/zero until memory ran out."""
+    import os
+
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    os.mkfifo(tmp_path / "fifo")
+    path = token_file if token_file.startswith("/") else str(tmp_path / token_file)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[server]\nadmin_token_file = "{path}"\n'
+                   f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg)])
+    assert result.exit_code == 1, result.output
+    assert f"field 'server.admin_token_file': cannot read {os.path.normpath(path)}: {why}" in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""

@@ -91,13 +91,14 @@ def check(config: str | None, wait_ready: float | None, as_json: bool) -> None:
     """Whether the daemon can start: the config (renamed keys are warned about), the engine
     and model files, the databases (readable, none from a newer appliance). Writes nothing;
     install.sh runs it as an upgrade's readiness check."""
-    from appliance.config import check_dirs_are_dirs
+    from appliance.config import check_dirs_are_dirs, read_admin_token
 
     cfg = load(config)
     for warning in cfg.deprecations:
         click.echo(f"warning: {warning}", err=True)
     try:
         check_dirs_are_dirs(cfg)
+        read_admin_token(cfg)  # serve reads it at start: said here, not after the engines started
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
     _check_policy(cfg)

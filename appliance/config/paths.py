@@ -73,7 +73,7 @@ def read_admin_token(cfg: Config) -> str:
         return ""
     path = Path(cfg.server.admin_token_file)
     try:
-        token = path.read_text().strip()
+        token = _read_small_file(path).strip()
     except OSError as exc:
         raise ConfigError(
             f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
@@ -87,6 +87,18 @@ def read_admin_token(cfg: Config) -> str:
     if problem := exposed_secret(path):
         log.warning("field 'server.admin_token_file': %s", problem)
     return token
+
+
+def _read_small_file(path: Path, limit: int = 4096) -> str:
+    """A secret's file, read as a regular file only and up to limit bytes: a FIFO there
+    blocked `serve` for good (SIGTERM could not end it), /dev/zero filled its memory."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return f.read(limit).decode(errors="replace")
 
 
 def exposed_secret(path: Path) -> str | None:
