@@ -165,3 +165,17 @@ def test_an_export_into_a_shared_directory_writes_through_no_link_a_local_user_p
     assert not written.is_symlink() and "req-0" in written.read_text()
     assert written.stat().st_mode & 0o777 == 0o600
     assert sorted(p.name for p in shared.iterdir()) == [".audit.csv.partial", "audit.csv"]  # nothing else left
+
+
+def test_an_export_it_cannot_write_says_where_in_one_line_and_a_closed_pipe_ends_it_quietly(tmp_path):
+    """-o into a missing folder, or onto a folder, and `| head` were tracebacks."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    db = connect(path_in(tmp_path / "state"))
+    _fill(db, [NOW + i for i in range(5000)])
+    for output, why in ((tmp_path / "no" / "a.csv", "No such file or directory"), (tmp_path, "Is a directory")):
+        out = _export(cfg, "-o", str(output))
+        assert out.returncode == 1 and out.stderr == f"Error: cannot write {output}: {why}\n", out.stderr
+    head = subprocess.run(f"{PY} -m appliance.cli audit export --config {cfg} | head -1", shell=True,
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert head.stdout.startswith('{"id": 1') and head.stderr == "", head.stderr

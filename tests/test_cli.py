@@ -76,6 +76,85 @@ def test_serve_refuses_a_port_flag_out_of_range_before_starting(tmp_path, port):
     assert "'--port'" in result.stderr and "1<=x<=65535" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "state").exists()
 
+@pytest.mark.parametrize("command", [["status"], ["ps"], ["models", "ls"], ["reload"], ["scale", "m", "1"],
+                                     ["load", "m"]])
+@pytest.mark.parametrize("port", ["0", "70000"])
+def test_the_admin_commands_refuse_a_port_flag_out_of_range(tmp_path, command, port):
+    """--port 0 was refused for want of the admin token, 70000 read as "the daemon is not
+    running": neither named the flag."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, [*command, "--config", str(cfg), "--port", port])
+    assert result.exit_code == 2, result.output
+    assert "'--port'" in result.output and "1<=x<=65535" in result.output, result.output
+
+
+@pytest.mark.parametrize("url", ["http://[::1", "ftp://host", "nonsense", "http://:8000", "http://h:99999"])
+def test_tui_refuses_a_url_that_is_not_http_before_starting(tmp_path, url):
+    """http://[::1 was a traceback; ftp:// or no scheme started a TUI retrying every second."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, ["tui", "--config", str(cfg), "--url", url])
+    assert result.exit_code == 2, result.output
+    assert "'--url'" in result.output and repr(url) in result.output, result.output
+
+
+@pytest.mark.parametrize(("command", "said"), [
+    (["check"], "field 'paths.state_dir': {file} cannot be a directory: {file} is a file"),
+    (["keys", "ls"], "field 'paths.state_dir': cannot open the state database in {file}"),
+    (["keys", "create", "--name", "app"], "field 'paths.state_dir': cannot open the state database in {file}"),
+    (["models", "import", "{gguf}"], "{file}/hf: cannot make the store's folder: Not a directory"),
+    (["models", "verify"], "{file}/hf: cannot make the store's folder: Not a directory"),
+])
+def test_a_file_where_the_state_or_cache_dir_goes_is_one_line_from_every_command(tmp_path, command, said):
+    """check said ok (serve then refused), keys and models were tracebacks."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    from . import make_tiny_gguf
+
+    file = tmp_path / "afile"
+    file.write_text("")
+    gguf = tmp_path / "m.gguf"
+    make_tiny_gguf.main([str(gguf)])
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{file}"\ncache_dir = "{file}"\nlog_dir = "{file}"\n')
+    args = [a.format(gguf=gguf) for a in command]
+    result = CliRunner().invoke(main, [*args, "--config", str(cfg)])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert said.format(file=file) in result.output, result.output
+
+
+@pytest.mark.parametrize(("token_file", "why"), [("fifo", "not a regular file"), ("/dev/zero", "not a regular file"),
+                                                 (".", "Is a directory"), ("missing", "No such file or directory")])
+def test_check_reads_the_admin_token_file_as_serve_does_and_only_a_regular_file(tmp_path, token_file, why):
+    """check said ok for a token file serve could not read; serve blocked for good on a FIFO
+    (SIGTERM could not end it) and read /dev/zero until memory ran out."""
+    import os
+
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    os.mkfifo(tmp_path / "fifo")
+    path = token_file if token_file.startswith("/") else str(tmp_path / token_file)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[server]\nadmin_token_file = "{path}"\n'
+                   f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n')
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg)])
+    assert result.exit_code == 1, result.output
+    assert f"field 'server.admin_token_file': cannot read {os.path.normpath(path)}: {why}" in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import msgspec
@@ -145,6 +146,47 @@ def test_invalid_toml_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[server\nport = 1\n")
     with pytest.raises(ConfigError, match=f"{path}: not valid TOML"):
+        load_config(str(path))
+
+
+def test_a_config_nested_too_deeply_is_a_clear_error_not_a_traceback(tmp_path):
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    path = tmp_path / "deep.toml"
+    path.write_text("a = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 1 and not isinstance(result.exception, RecursionError), result.exception
+    assert f"{path}: not valid TOML: arrays or tables nested too deeply" in result.output, result.output
+
+
+def test_a_config_path_that_cannot_even_be_looked_at_is_a_clear_error_not_a_traceback(tmp_path, monkeypatch):
+    """Path.exists() raises for a folder this user may not enter (EACCES, /etc/appliance
+    0750 to an operator) or a name too long; `check` and `status` were tracebacks."""
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    long = str(tmp_path / ("a" * 300) / "appliance.toml")
+    result = CliRunner().invoke(main, ["check", "--config", long])
+    assert result.exit_code == 1 and not isinstance(result.exception, OSError), result.exception
+    assert result.output == f"Error: {long}: cannot read config: File name too long\n", result.output
+    monkeypatch.setenv("APPLIANCE_CONFIG", long)
+    result = CliRunner().invoke(main, ["status"])
+    assert result.exit_code == 1 and "cannot read config: File name too long" in result.output, result.output
+
+
+@pytest.mark.parametrize("server", ["llamacpp", "vllm", "sglang"])
+@pytest.mark.parametrize("arg", ["--host", "--host=0.0.0.0", "--port", "--api-key", "--api-key-file", "--uds"])
+def test_engine_args_may_not_override_where_a_replica_listens_or_its_key(tmp_path, server, arg):
+    """args are appended last: ["--host", "0.0.0.0", "--api-key", "x"] put a llama.cpp replica
+    on every interface answering a key anyone who read the config knew."""
+    source = "builtin:smollm2-135m-instruct" if server == "llamacpp" else str(tmp_path)
+    path = tmp_path / "a.toml"
+    path.write_text(f'[[models]]\nname = "m"\nserver = "{server}"\nsource = "{source}"\n'
+                    f'args = ["--threads-http", "2", "{arg}", "x"]\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: field 'models[0].args': {arg!r} is the appliance's")):
         load_config(str(path))
 
 

@@ -32,11 +32,29 @@ def test_a_json_inventory_of_mixed_kinds():
 
 
 @pytest.mark.parametrize(("text", "error"), [
-    ('[[gpu]]\nname = "x"\n', "gpu[0] needs 'name' and 'memory_gib'"),
+    ('[[gpu]]\nname = "x"\n', "Object missing required field `memory_gib` - at `$.gpu[0]`"),
     ('[[gpu]]\nname = "x"\nmemory_gib = 8\n[[process]]\ngpu = 3\nused_gib = 1\n', "process[0].gpu must be 0-0"),
     ("[[gpu]\n", "not a valid inventory"),
 ])
 def test_a_bad_inventory_says_what_is_wrong(tmp_path, text, error):
+    path = tmp_path / "inv.toml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(error)) as info:
+        load_inventory(path)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("gpu = 5\n", "Expected `array`, got `int` - at `$.gpu`"),
+    ('[[gpu]]\nname = "x"\nmemory_gib = 80\ncount = 1000000000\n', "Expected `int` <= 4096 - at `$.gpu[0].count`"),
+    ('[[gpu]]\nname = "x"\nmemory_gib = inf\n', "at `$.gpu[0].memory_gib`"),
+    ('[[gpu]]\nname = "x"\nmemory_gib = -8\n', "Expected `float` > 0.0 - at `$.gpu[0].memory_gib`"),
+    ('[[gpu]]\nname = "x"\nmemory_gib = 8\n[[process]]\ngpu = 0\n', "missing required field `used_gib`"),
+    ("x = " + "[" * 50_000 + "]" * 50_000 + "\n", "not a valid inventory"),
+])
+def test_an_inventory_of_wrong_types_or_ranges_is_a_line_naming_the_field_not_a_traceback(tmp_path, text, error):
+    """`plan --inventory` and `serve` with gpu.inventory: a wrong type was a TypeError or
+    KeyError traceback, a count of 10**9 a list that long, inf an OverflowError."""
     path = tmp_path / "inv.toml"
     path.write_text(text)
     with pytest.raises(ValueError, match=re.escape(error)) as info:

@@ -358,6 +358,7 @@ def test_bundle_create_into_a_shared_directory_writes_through_no_link_a_local_us
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     (shared / "appliance.tar.tmp").symlink_to(victim)
+    (shared / ".appliance.tar.parts").symlink_to(tmp_path)  # its parts' folder was a known name too
     cfg = tmp_path / "appliance.toml"
     cfg.write_text(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n')
     made = subprocess.run([PY, "-m", "appliance.cli", "bundle", "create", "-o", str(shared / "appliance.tar"),
@@ -370,4 +371,16 @@ def test_bundle_create_into_a_shared_directory_writes_through_no_link_a_local_us
     archive = shared / "appliance.tar"
     assert not archive.is_symlink() and tarfile.is_tarfile(archive)
     assert archive.stat().st_mode & 0o777 == 0o644  # a bundle is for copying to the offline server
-    assert sorted(p.name for p in shared.iterdir()) == ["appliance.tar", "appliance.tar.tmp"]
+    assert sorted(p.name for p in shared.iterdir()) == [".appliance.tar.parts", "appliance.tar", "appliance.tar.tmp"]
+
+
+def test_bundle_create_into_a_directory_that_does_not_exist_makes_none_and_says_so(tmp_path):
+    """-o /no/such/dir/x.tar made /no/such/dir (as root, a typo's tree) and went on for minutes."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\ncache_dir = "{tmp_path}/cache"\nstate_dir = "{tmp_path}/state"\n')
+    made = subprocess.run([PY, "-m", "appliance.cli", "bundle", "create", "-o", str(tmp_path / "no" / "x.tar"),
+                           "--prebuilt", "none", "--config", str(cfg)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=60)
+    assert made.returncode == 1, made.stderr
+    assert f"{tmp_path / 'no'} is not a directory" in made.stderr and "Traceback" not in made.stderr, made.stderr
+    assert not (tmp_path / "no").exists()

@@ -114,6 +114,29 @@ def test_an_invalid_config_changes_nothing_and_the_cli_names_the_field(daemons):
     assert _chat(daemon, "steady").status_code == 200
 
 
+def test_a_reload_whose_new_model_has_missing_or_cut_weights_is_refused_and_the_old_model_keeps_serving(
+    daemons, tmp_path
+):
+    """`serve` refuses to start on such a file; a reload applied it, drained the serving
+    model and left an engine exiting at each start with only its exit code to say why."""
+    from . import make_tiny_gguf
+
+    daemon = daemons.start(fake_model("steady"))
+    good = daemon.config.read_text()
+    cut = tmp_path / "cut.gguf"
+    make_tiny_gguf.main([str(cut)])
+    with open(cut, "r+b") as f:
+        f.truncate(cut.stat().st_size // 2)
+    for source, problem in ((tmp_path / "gone.gguf", f"weights not found at {tmp_path / 'gone.gguf'}"),
+                            (cut, f"{cut} is not a usable GGUF file: truncated")):
+        daemon.config.write_text(good + f'\n[[models]]\nname = "new"\nsource = "{source}"\n')
+        refused = _reload_cli(daemon)
+        assert refused.returncode == 1, refused.stdout
+        assert f"{daemon.config}: field 'models[1].source': model 'new': {problem}" in refused.stderr, refused.stderr
+        assert [m["name"] for m in daemon.status()["models"]] == ["steady"]
+    assert _chat(daemon, "steady").status_code == 200
+
+
 def test_sighup_reloads_and_a_second_model_serves(daemons):
     daemon = daemons.start(fake_model("steady"))
     daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port)

@@ -118,6 +118,28 @@ def test_the_state_and_log_dirs_the_daemon_makes_are_closed_to_other_users(tmp_p
         assert (tmp_path / made).stat().st_mode & 0o007 == 0, made
 
 
+def test_the_state_database_is_closed_to_other_users_in_a_state_dir_open_to_them(tmp_path):
+    """An operator's `mkdir /var/lib/appliance` (0755) is kept; the database in it, its audit
+    rows and key hashes, and its -wal and -shm files were made 0644 for every user to read."""
+    import os
+
+    from appliance.access.keys import KeyStore
+
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    old = os.umask(0o022)
+    try:
+        keys = KeyStore(state / "appliance.db")  # `appliance keys create`, or the daemon's start
+        keys.create(name="app")
+        made = sorted(p.name for p in state.iterdir())
+        modes = {p.name: p.stat().st_mode & 0o777 for p in state.iterdir()}
+        keys.close()
+    finally:
+        os.umask(old)
+    assert made == ["appliance.db", "appliance.db-shm", "appliance.db-wal"]
+    assert all(mode & 0o007 == 0 for mode in modes.values()), modes
+
+
 def _dead_pid() -> int:
     import subprocess
 

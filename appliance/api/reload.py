@@ -34,6 +34,7 @@ from appliance.fleet import lora, rollout
 from appliance.gateway.providers import Provider, load_providers
 from appliance.gateway.routing import Routes
 from appliance.status import ReloadReport
+from appliance.store.store import unusable_weights
 
 if TYPE_CHECKING:
     from appliance.api.app import Runtime
@@ -158,6 +159,15 @@ def check_regulated(routes: Routes, providers: dict[str, Provider], origin: str)
                 )
 
 
+def check_weights(cfg: Config, starting: set[str]) -> None:
+    """The models a reload starts have weights an engine can load, as `serve` checks at start:
+    a missing or cut file would otherwise take a serving model's place with an engine that
+    exits at each start, saying only its exit code."""
+    for i, m in enumerate(cfg.models):
+        if m.name in starting and (problem := unusable_weights(cfg, m)):
+            raise ConfigError(f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {problem}")
+
+
 class ReloadNotices(Protocol):
     """Who hears that a reload started, and how it ended (appliance/daemon/service_manager.py)."""
 
@@ -232,6 +242,7 @@ class Reloader:
                 f"{new.origin}: field 'models.{busy[0]}': its replicas are still being replaced by the "
                 "last reload; reload again once `appliance status` shows the roll done"
             )
+        check_weights(new, {m.name for m in models.added} | models.rolled.keys())
         routes = Routes(new.routes)
         providers = load_providers(new)
         for name, p in providers.items():  # an unchanged provider keeps its circuit breaker

@@ -4,6 +4,7 @@ compliance. Streamed from the state database (read-only, beside a running daemon
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sqlite3
 import sys
 from pathlib import Path
@@ -59,6 +60,11 @@ def export(since, until, fmt, output, config) -> None:
             n = write(rows_between(db, start, end), sys.stdout)
     except sqlite3.Error as exc:
         raise click.ClickException(f"cannot read {path}: {exc}") from None
+    except BrokenPipeError:  # `| head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+        sys.exit(1)
+    except OSError as exc:  # -o: a folder that is not there, not ours to write, or a folder itself
+        raise click.ClickException(f"cannot write {output or 'stdout'}: {exc.strerror}") from None
     finally:
         db.close()
     click.echo(f"exported {n} rows", err=True)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import click
 import msgspec
 
-from appliance.cli.options import CONFIG_HELP, admin_call, load
+from appliance.cli.options import CONFIG_HELP, PORT, admin_call, load
 from appliance.status import (
     MODEL_ACTION_HELP,
     SCALE,
@@ -29,7 +29,7 @@ def _model_line(m: ModelStatus) -> str:
 
 _MODEL_OPTIONS = [
     click.option("--config", "config", metavar="FILE", help=CONFIG_HELP),
-    click.option("--port", type=int, help="Port of the running daemon."),
+    click.option("--port", type=PORT, help="Port of the running daemon."),
     click.option("--json", "as_json", is_flag=True, help="Print the model as it is after the action (JSON)."),
 ]
 
@@ -77,7 +77,7 @@ MODEL_ACTIONS = [_model_action(action) for action in ModelAction]
 
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--port", type=PORT, help="Port of the running daemon (overrides server.port).")
 @click.option("--no-wait", is_flag=True, help="Return once the new config is live, before changed models roll.")
 @click.option("--json", "as_json", is_flag=True, help="Print what changed as JSON (what POST /admin/reload answers).")
 def reload(config: str | None, port: int | None, no_wait: bool, as_json: bool) -> None:

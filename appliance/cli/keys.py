@@ -7,6 +7,7 @@ picks up new and revoked keys within a second.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from pathlib import Path
 
@@ -36,6 +37,11 @@ def register(main: click.Group, load) -> None:
             return KeyStore(Path(cfg.paths.state_dir) / "appliance.db")
         except SchemaError as exc:
             raise click.ClickException(str(exc)) from None
+        except (OSError, sqlite3.Error) as exc:  # a file where the folder goes, no permission
+            raise click.ClickException(
+                f"{cfg.origin}: field 'paths.state_dir': cannot open the state database in "
+                f"{cfg.paths.state_dir}: {getattr(exc, 'strerror', None) or exc}"
+            ) from None
 
     def check_binding(config: str | None, routes: tuple[str, ...], tag: str) -> None:
         """A key's routes and tag bind it: each must exist in the config it is served by."""

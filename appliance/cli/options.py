@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 CONFIG_HELP = "Config file (default: $APPLIANCE_CONFIG or /etc/appliance/appliance.toml)."
+# A --port flag: a usage error out of range (0 or 70000 read as "the daemon is not
+# running", or as a refusal for want of the admin token, naming no flag).
+PORT = click.IntRange(1, 65535)
 
 
 def load(config: str | None) -> Config:

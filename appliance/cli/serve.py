@@ -91,9 +91,16 @@ def check(config: str | None, wait_ready: float | None, as_json: bool) -> None:
     """Whether the daemon can start: the config (renamed keys are warned about), the engine
     and model files, the databases (readable, none from a newer appliance). Writes nothing;
     install.sh runs it as an upgrade's readiness check."""
+    from appliance.config import check_dirs_are_dirs, read_admin_token
+
     cfg = load(config)
     for warning in cfg.deprecations:
         click.echo(f"warning: {warning}", err=True)
+    try:
+        check_dirs_are_dirs(cfg)
+        read_admin_token(cfg)  # serve reads it at start: said here, not after the engines started
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
     _check_policy(cfg)
     _check_files(cfg)
     _check_databases(cfg, migrate=False)
@@ -187,14 +194,14 @@ def _check_files(cfg: Config) -> None:
 
     from appliance.dist.images import llamacpp_binary
     from appliance.gpu.probe import load_inventory
-    from appliance.store.store import model_path
+    from appliance.store.store import model_path, unusable_weights
 
     if cfg.gpu.inventory:
         try:
             load_inventory(Path(cfg.gpu.inventory))
         except ValueError as exc:
             raise click.ClickException(f"{cfg.origin}: field 'gpu.inventory': {exc}") from None
-    for m in cfg.models:
+    for i, m in enumerate(cfg.models):
         if m.server != "llamacpp":
             continue
         binary = llamacpp_binary(cfg)
@@ -205,25 +212,16 @@ def _check_files(cfg: Config) -> None:
         if m.source.startswith(STORE_PREFIX):
             continue  # the supervisor checks store models and marks them FATAL with the reason
         path = model_path(cfg, m)
-        if path is not None and not path.is_file():
-            raise click.ClickException(
-                f"model '{m.name}': weights not found at {path} (models[].source); run ./install.sh "
-                "for the bundled model"
-            )
-        if m.source.startswith(BUILTIN_PREFIX) and path is not None:
+        if m.source.startswith(BUILTIN_PREFIX) and path is not None and path.is_file():
             digest = _sha256(path)
             if digest != EMBEDDED_MODEL_SHA256:
                 raise click.ClickException(
-                    f"model '{m.name}': {path} has sha256 {digest}, expected {EMBEDDED_MODEL_SHA256}; "
-                    "the file is damaged: run ./install.sh to restore it"
+                    f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {path} has sha256 {digest}, "
+                    f"expected {EMBEDDED_MODEL_SHA256}; the file is damaged: run ./install.sh to restore it"
                 )
-        if path is not None:  # never hand llama.cpp a file that is not a whole GGUF
-            from appliance.store.gguf import GgufError, read_shape
-
-            try:
-                read_shape(path)
-            except GgufError as exc:
-                raise click.ClickException(f"model '{m.name}': {path} is not a usable GGUF file: {exc}") from None
+        if problem := unusable_weights(cfg, m):
+            fix = "; run ./install.sh for the bundled model" if m.source.startswith(BUILTIN_PREFIX) else ""
+            raise click.ClickException(f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {problem}{fix}")
 
 
 def _sha256(path) -> str:

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import click
 import msgspec
 
-from appliance.cli.options import CONFIG_HELP, admin_call, load
+from appliance.cli.options import CONFIG_HELP, PORT, admin_call, load
 from appliance.cli.progress import human_bytes
 from appliance.config import STORE_PREFIX, ConfigError
 from appliance.logview import printable
@@ -22,7 +22,7 @@ PS_COLUMNS = ("REPLICA", "ENGINE", "IMAGE", "STATE", "ON", "MEMORY", "IN-FLIGHT"
 
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--port", type=PORT, help="Port of the running daemon (overrides server.port).")
 @click.option("--json", "as_json", is_flag=True, help="Print the replicas as JSON (those of GET /admin/status).")
 def ps(config: str | None, port: int | None, as_json: bool) -> None:
     """One line per replica: engine and image, state, its GPUs or cores, memory, requests
@@ -114,7 +114,7 @@ def human_duration(seconds: float) -> str:
 
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--port", type=PORT, help="Port of the running daemon (overrides server.port).")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON (what GET /admin/status answers).")
 def status(config: str | None, port: int | None, as_json: bool) -> None:
     """Show the running daemon's models and replicas."""
@@ -153,11 +153,31 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
         sys.exit(3)
 
 
+def _admin_url(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--url is http(s)://HOST[:PORT]: anything else is a usage error, not a TUI retrying
+    every second (ftp://, no scheme) or a traceback (http://[::1)."""
+    from urllib.parse import urlsplit
+
+    if value is None:
+        return None
+    try:
+        url = urlsplit(value)
+        url.port  # noqa: B018 (raises on a port that is not 0-65535)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a URL: {exc}") from None
+    if url.scheme not in ("http", "https") or not url.hostname:
+        raise click.BadParameter(f"{value!r}: expected http://HOST:PORT (or https://)")
+    return value
+
+
 @click.command()
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
 @click.option("--socket", metavar="PATH", help="The daemon's admin socket (default: server.admin_socket).")
 @click.option(
-    "--url", metavar="URL", help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token."
+    "--url",
+    metavar="URL",
+    callback=_admin_url,
+    help="Reach the daemon over TCP instead (http://HOST:PORT), with the admin token.",
 )
 @click.option("--token-file", metavar="FILE", help="The admin token for --url (default: server.admin_token_file).")
 def tui(config: str | None, socket: str | None, url: str | None, token_file: str | None) -> None:
@@ -220,7 +240,7 @@ def logs(config: str | None, replicas: tuple[str, ...], lines: int, follow: bool
 
 @click.command("ls")
 @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-@click.option("--port", type=int, help="Port of the running daemon (overrides server.port).")
+@click.option("--port", type=PORT, help="Port of the running daemon (overrides server.port).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""

@@ -51,6 +51,7 @@ from appliance.config.models import (
 from appliance.config.paths import (
     UNIX_PATH_MAX,
     builtin_model_path,
+    check_dirs_are_dirs,
     check_writable_dirs,
     default_paths,
     exposed_secret,
@@ -150,6 +151,7 @@ __all__ = [
     "UpstreamConfig",
     "bind_error",
     "builtin_model_path",
+    "check_dirs_are_dirs",
     "check_writable_dirs",
     "default_paths",
     "embedded_default_model",

@@ -32,14 +32,14 @@ def resolve_config_path(cli_path: str | None) -> tuple[Path, bool]:
 
 def load_config(cli_path: str | None = None) -> Config:
     path, explicit = resolve_config_path(cli_path)
-    if not path.exists():
-        if explicit:
-            raise ConfigError(f"{path}: config file not found")
-        return finalize(Config(), origin="<built-in defaults>")
     try:
         raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
+    except (FileNotFoundError, NotADirectoryError):
+        if explicit:
+            raise ConfigError(f"{path}: config file not found") from None
+        return finalize(Config(), origin="<built-in defaults>")
+    except OSError as exc:  # a folder on its way this user may not enter, a name too long...: said, not skipped
+        raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
     return parse_config(raw, origin=str(path))
 
 
@@ -48,6 +48,8 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
         table = msgspec.toml.decode(raw)
     except msgspec.DecodeError as exc:
         raise ConfigError(f"{origin}: not valid TOML: {exc}") from None
+    except RecursionError:  # the TOML parser recurses once per level of [ or {
+        raise ConfigError(f"{origin}: not valid TOML: arrays or tables nested too deeply") from None
     if not isinstance(table, dict):
         raise ConfigError(f"{origin}: not a TOML table")
     deprecations = _rename_keys(table, origin)

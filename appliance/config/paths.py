@@ -73,7 +73,7 @@ def read_admin_token(cfg: Config) -> str:
         return ""
     path = Path(cfg.server.admin_token_file)
     try:
-        token = path.read_text().strip()
+        token = _read_small_file(path).strip()
     except OSError as exc:
         raise ConfigError(
             f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
@@ -89,6 +89,18 @@ def read_admin_token(cfg: Config) -> str:
     return token
 
 
+def _read_small_file(path: Path, limit: int = 4096) -> str:
+    """A secret's file, read as a regular file only and up to limit bytes: a FIFO there
+    blocked `serve` for good (SIGTERM could not end it), /dev/zero filled its memory."""
+    import stat
+
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(0, "not a regular file")
+        return f.read(limit).decode(errors="replace")
+
+
 def exposed_secret(path: Path) -> str | None:
     """Why a file holding a secret is open to more than its owner, if it is."""
     mode = path.stat().st_mode & 0o777
@@ -100,18 +112,42 @@ def exposed_secret(path: Path) -> str | None:
     return None
 
 
+def _written_dirs(cfg: Config) -> tuple[tuple[str, str, int], ...]:
+    """(field, path, the mode it is made with) of each directory the daemon writes. State and
+    logs are made for the daemon's user and group only (audit rows, key hashes, logs that may
+    hold prompts), as the service's StateDirectoryMode; an existing one is kept."""
+    return (
+        ("paths.state_dir", cfg.paths.state_dir, 0o750),
+        ("paths.cache_dir", cfg.paths.cache_dir, 0o777),
+        ("paths.log_dir", cfg.paths.log_dir, 0o750),
+    )
+
+
+def check_dirs_are_dirs(cfg: Config) -> None:
+    """What `check` can tell of the directories without writing: each is a directory, or
+    can become one (no file where it or a folder above it would be). Whether this user may
+    write there is serve's to try (check_writable_dirs): check often runs as another user."""
+    for field, path, _ in _written_dirs(cfg):
+        there = Path(path).absolute()
+        try:
+            while not there.exists():
+                there = there.parent
+            ok = there.is_dir()
+        except OSError:  # a folder on the way this user may not enter: not for check to judge
+            continue
+        if not ok:
+            raise ConfigError(
+                f"{cfg.origin}: field '{field}': {path} cannot be a directory: {there} is a file; "
+                f"point {field} elsewhere"
+            )
+
+
 def check_writable_dirs(cfg: Config) -> None:
     """The directories the daemon writes, made if missing and tried with a real file:
     a ConfigError naming the field, the path and the fix, before anything opens there."""
     import tempfile
 
-    # State and logs are made for the daemon's user and group only (audit rows, key hashes,
-    # logs that may hold prompts), as the service's StateDirectoryMode; an existing one is kept.
-    for field, path, mode in (
-        ("paths.state_dir", cfg.paths.state_dir, 0o750),
-        ("paths.cache_dir", cfg.paths.cache_dir, 0o777),
-        ("paths.log_dir", cfg.paths.log_dir, 0o750),
-    ):
+    for field, path, mode in _written_dirs(cfg):
         try:
             Path(path).mkdir(mode=mode, parents=True, exist_ok=True)
             with tempfile.TemporaryFile(dir=path):

@@ -80,6 +80,11 @@ def _validate_adapter_source(source: str, field: str, need) -> None:
     )
 
 
+# The engine flags that keep a replica the daemon's alone (engines/*.py set them): where it
+# listens and the key it asks for.
+ENGINE_OWNED_FLAGS = frozenset({"--host", "--port", "--uds", "--api-key", "--api-key-file"})
+
+
 def _validate(cfg: Config) -> None:
     errors: list[str] = []
 
@@ -174,6 +179,15 @@ def _validate(cfg: Config) -> None:
             except StoreError as exc:
                 need(False, f"{at}.source", str(exc))
         need(not m.health_path or m.server == "openai", f"{at}.health_path", "only an openai engine has one")
+        if m.server != "openai":  # an openai engine's command is the operator's own, {port} and key included
+            owned = [a for a in m.args if a.split("=", 1)[0] in ENGINE_OWNED_FLAGS]
+            need(
+                not owned,
+                f"{at}.args",
+                f"{owned[0] if owned else ''!r} is the appliance's to set: each replica listens on loopback "
+                "(vLLM: a private unix socket) with a fresh key of its own, which an engine argument "
+                "appended last would override (--host 0.0.0.0, a known --api-key); remove it",
+            )
         if m.server == "llamacpp":
             need(bool(m.source), f"{at}.source", "llamacpp needs a GGUF file (or builtin:NAME)")
             need(m.gpus.count >= 0, f"{at}.gpus.count", "must not be negative (0: on the CPU)")

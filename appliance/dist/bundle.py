@@ -34,6 +34,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from importlib.metadata import version as dist_version
@@ -97,9 +98,11 @@ def create(cfg: Config, output: Path, *, engines: list[str], models: list[str],
            wheelhouse: Path | None = None, prebuilt: str | None = "native",
            log: Callable[[str], None] = print) -> Path:
     output = output.resolve()
-    work = output.parent / f".{output.name}.parts"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not output.parent.is_dir():
+        raise BundleError(f"{output.parent} is not a directory: make it first, or write the bundle elsewhere (-o)")
+    # The parts gather beside the archive under a fresh private name: a name known in
+    # advance, in a shared directory (-o /tmp/...), was a local user's to plant first.
+    work = Path(tempfile.mkdtemp(prefix=f".{output.name}.parts-", dir=output.parent))
     try:
         manifest: dict[str, Any] = {"format": FORMAT, "appliance_version": dist_version("appliance"), "created": time.time(),
                     "engines": engines, "prebuilt": [], "models": []}

@@ -16,7 +16,9 @@ import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Annotated, Protocol
+
+import msgspec
 
 from appliance.gpu.placement import kind_key
 
@@ -259,6 +261,32 @@ class SimulatedProbe:
         return self._inventory
 
 
+class _GpuSpec(msgspec.Struct):
+    """One [[gpu]] entry of an inventory file: count GPUs alike."""
+
+    name: str
+    memory_gib: Annotated[float, msgspec.Meta(gt=0, le=1 << 20)]
+    count: Annotated[int, msgspec.Meta(ge=1, le=4096)] = 1
+    compute_capability: str = ""
+    uuid: str | None = None
+
+
+class _ProcessSpec(msgspec.Struct):
+    """One [[process]] entry: memory a process that is not ours holds on GPU `gpu`."""
+
+    gpu: int
+    used_gib: Annotated[float, msgspec.Meta(ge=0, le=1 << 20)]
+    pid: int = 0
+    name: str = ""
+
+
+class _InventoryFile(msgspec.Struct):
+    gpu: list[_GpuSpec] = []
+    gpus: list[_GpuSpec] = []
+    process: list[_ProcessSpec] = []
+    processes: list[_ProcessSpec] = []
+
+
 def load_inventory(path: Path) -> Inventory:
     try:
         raw = path.read_bytes()
@@ -266,32 +294,24 @@ def load_inventory(path: Path) -> Inventory:
         raise ValueError(f"{path}: cannot read the inventory: {exc.strerror or exc}") from None
     try:
         data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode())
-    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        # Each field's type and range checked here: a wrong one is a line naming it, not a
+        # traceback from `plan` or `serve` (a count of 10**9 GPUs was a list that long).
+        spec = msgspec.convert(data, _InventoryFile)
+    except (ValueError, RecursionError) as exc:  # TOML's, JSON's and msgspec's errors are ValueErrors
         raise ValueError(f"{path}: not a valid inventory: {exc}") from None
-    specs = data.get("gpu") or data.get("gpus") or []
-    procs = data.get("process") or data.get("processes") or []
+    specs = spec.gpu or spec.gpus
+    procs = spec.process or spec.processes
     expanded: list[tuple[str, int, str, str | None]] = []
-    for n, spec in enumerate(specs):
-        try:
-            name = str(spec["name"])
-            total = int(float(spec["memory_gib"]) * GiB)
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: gpu[{n}] needs 'name' and 'memory_gib'") from None
-        count = int(spec.get("count", 1))
-        if spec.get("uuid") and count != 1:
+    for n, gpu in enumerate(specs):
+        if gpu.uuid and gpu.count != 1:
             raise ValueError(f"{path}: gpu[{n}] names a uuid: its count must be 1")
-        expanded += [(name, total, str(spec.get("compute_capability", "")), spec.get("uuid"))] * count
+        expanded += [(gpu.name, int(gpu.memory_gib * GiB), gpu.compute_capability, gpu.uuid)] * gpu.count
     per_gpu: dict[int, list[GpuProcess]] = {}
     for n, proc in enumerate(procs):
-        idx = int(proc.get("gpu", -1))
-        if not 0 <= idx < len(expanded):
+        if not 0 <= proc.gpu < len(expanded):
             raise ValueError(f"{path}: process[{n}].gpu must be 0-{len(expanded) - 1}")
-        per_gpu.setdefault(idx, []).append(
-            GpuProcess(
-                pid=int(proc.get("pid", 0)),
-                used_bytes=int(float(proc["used_gib"]) * GiB),
-                name=str(proc.get("name", "")),
-            )
+        per_gpu.setdefault(proc.gpu, []).append(
+            GpuProcess(pid=proc.pid, used_bytes=int(proc.used_gib * GiB), name=proc.name)
         )
     gpus = []
     for i, (name, total, capability, uuid) in enumerate(expanded):

@@ -15,6 +15,7 @@ and never edit a step that has shipped.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from pathlib import Path
 
@@ -80,7 +81,21 @@ MIGRATIONS = Registry("state database", (_v1_tables,))
 
 def connect(path: Path | str) -> sqlite3.Connection:
     """A connection to the state database (autocommit: see audit.transaction), migrated."""
+    if str(path) != ":memory:":
+        _create_closed(Path(path))
     return _connect(path, MIGRATIONS)
+
+
+def _create_closed(path: Path) -> None:
+    """Audit rows (prompts, with audit.include_text) and key hashes are not for other users,
+    even in a state directory open to them (one an operator made 0755): the file is made
+    0640 before SQLite would make it 0644, and its -wal and -shm files take its mode. An
+    existing file is left as it is."""
+    path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640))
+    except FileExistsError:
+        pass
 
 
 def path_in(state_dir: str | Path) -> Path:

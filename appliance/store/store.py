@@ -221,6 +221,8 @@ class Store:
                 p.mkdir()
             except FileExistsError:
                 continue
+            except OSError as exc:  # a file where a folder goes (paths.cache_dir), no permission
+                raise StoreError(f"{p}: cannot make the store's folder: {exc.strerror}") from None
             self._own(p)
 
     def _lock_file(self, path: Path) -> BinaryIO:
@@ -546,6 +548,27 @@ def model_path(cfg: Config, model: ModelConfig) -> Path | None:
     if not path.is_absolute():
         path = Path(cfg.paths.cache_dir) / "models" / path
     return path
+
+
+def unusable_weights(cfg: Config, model: ModelConfig) -> str | None:
+    """Why a llama.cpp model's weights, a file path or builtin:NAME, cannot be served, or
+    None: missing, or not a whole GGUF. `serve` refuses to start on it and a reload refuses
+    the file, rather than crash-loop an engine that says only "exit code 1" (a store:NAME
+    model is checked by the supervisor, which marks it FATAL with the reason)."""
+    if model.server != "llamacpp" or model.source.startswith(STORE_PREFIX):
+        return None
+    path = model_path(cfg, model)
+    if path is None:
+        return None
+    if not path.is_file():
+        return f"weights not found at {path}"
+    from appliance.store.gguf import GgufError, read_shape
+
+    try:
+        read_shape(path)
+    except GgufError as exc:
+        return f"{path} is not a usable GGUF file: {exc}"
+    return None
 
 
 def _resolve(cfg: Config, name: str) -> Path:
