@@ -550,6 +550,73 @@ def test_a_refusal_before_the_whole_body_closes_the_connection_through_the_worke
     assert r.headers.get("connection") == "close"
 
 
+def _answer_then_healthz(daemon, request: bytes) -> tuple[int, dict[str, str], bytes | None]:
+    """Sends `request` whole, in one write, then GET /healthz on the same connection:
+    the first answer's status and headers, and the second's status line (None: the
+    connection was closed after the first answer)."""
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as sock:
+        sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < _length(data):
+            data += sock.recv(65536)
+        head = data.split(b"\r\n\r\n", 1)[0].decode("latin-1").split("\r\n")
+        fields = dict(line.lower().split(": ", 1) for line in head[1:])
+        try:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            after = sock.recv(65536).split(b"\r\n", 1)[0] or None
+        except OSError:  # reset: closed
+            after = None
+    return int(head[0].split()[1]), fields, after
+
+
+REFUSED_BEFORE_THE_BODY = [
+    ("", 401),  # no key
+    ("Authorization: Bearer sk-not-a-key\r\n", 401),
+    ("Origin: http://evil.example\r\n", 403),  # cross-origin
+    ("Content-Encoding: gzip\r\n", 415),
+]
+
+
+def _refused_before_the_body(headers: str) -> bytes:
+    body = b'{"model":"x"}'  # whole, in the same write as the head
+    return (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize(("headers", "status"), REFUSED_BEFORE_THE_BODY)
+def test_a_refusal_made_before_the_body_is_read_closes_the_connection_through_the_workers(workers, headers, status):
+    # The front door refuses these before reading the body, and says `connection: close`
+    # (one process: the test below). A worker has read the whole body already (the fast
+    # path's facts); it must not serve the next request on that connection either (the
+    # probe's repro: a keyless POST, then GET /healthz on the same socket, answered 200).
+    got, fields, after = _answer_then_healthz(workers, _refused_before_the_body(headers))
+    assert got == status
+    assert fields.get("connection") == "close" and after is None, after
+
+
+def test_one_process_closes_the_connection_after_a_refusal_made_before_the_body_is_read(daemons):
+    # Granian alone closes it only when the body was not in its buffer yet (it drains one
+    # that is): a race the front door's `connection: close` takes away, in both modes.
+    single = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n")
+    for headers, status in REFUSED_BEFORE_THE_BODY:
+        got, fields, after = _answer_then_healthz(single, _refused_before_the_body(headers))
+        assert (got, fields.get("connection"), after) == (status, "close", None), headers
+
+
+def test_a_refusal_after_the_body_is_read_keeps_the_connection_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "keep-alive")
+    body = json.dumps({**CHAT, "model": "nothing-here"}).encode()
+    request = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    got, fields, after = _answer_then_healthz(workers, request)
+    assert got == 404 and "connection" not in fields
+    assert after == b"HTTP/1.1 200 OK"
+
+
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
     for reuse_port in (False, True):
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

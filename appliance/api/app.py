@@ -205,13 +205,14 @@ async def _serve(
     limit = cfg.server.max_upload_bytes if ep.form else cfg.server.max_body_bytes
     if facts is None:
         body = req.body = await _read_body_asgi(req.receive, declared, limit, cfg.server.body_read_timeout_s)
+        req.body_taken = True
         # One of the endpoints' Structs (capabilities.ENDPOINTS), read by what it has.
         request: Any = api_audio.decode(body, content_type) if ep.form else decode_request(body, ep.cls)
         facts = facts_of(ep, body, request, keyed=req.key is not None)
     elif facts.size > limit:
         raise PayloadTooLarge(f"Request body of {facts.size} bytes exceeds the limit of {limit} bytes")
     else:
-        req.guess = facts.guess
+        req.guess, req.body_taken = facts.guess, True
     fields = _decide(rt, req, path, facts, tag, cfg, routes, tenancy)
     if req.body:
         with_body(cfg, req, req.body, fields)
@@ -392,6 +393,12 @@ def front_door(app: Litestar):
                 if req is not None and req.bytes_sent:  # the answer is on its way: nothing sane to add to it
                     raise
                 status, headers, body = error_parts(exc, "POST", scope["path"], scope.get("request_id"))
+                if req is not None and not req.body_taken:
+                    # Refused before its body was read (no key, cross-origin, compressed, too
+                    # large): the rest of it is never read, so the connection closes. Said
+                    # here, not left to Granian, which keeps it only when the body happened
+                    # to be in its buffer already; with workers the body always is.
+                    headers["connection"] = "close"
                 with contextlib.suppress(Exception):  # the client may have gone already
                     await send_whole(send, status, JSON, body, headers)
             return

@@ -164,7 +164,8 @@ class WorkerLink:
             body, more = message.get("body", b""), message.get("more_body", False)
             if start is not None:
                 headers = [(bytes(k), bytes(v)) for k, v in start.get("headers", ())]
-                if unread:  # answered before its whole body (a refusal): its connection closes, as one process's
+                if unread and (b"connection", b"close") not in headers:
+                    # Answered before its whole body (a refusal): its connection closes, as one process's.
                     headers.append((b"connection", b"close"))
                 self.out.write(Start(req.rid, start["status"], headers, body, more))
                 start = None

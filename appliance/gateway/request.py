@@ -63,6 +63,9 @@ class ProxyRequest:
     body: bytes = b""  # as the client sent it (metered by it when the engine reports no usage)
     # Its prompt's likely tokens, when a worker read the body (the daemon has only its facts).
     guess: int | None = None
+    # The front door took its body (read it, or its worker's facts): a refusal before
+    # leaves it unread, and its connection closes (api/app.py, the front's error path).
+    body_taken: bool = False
     stream: bool = False
     route: RouteConfig | None = None
     # Where it goes, and what it carries there.
