@@ -617,6 +617,18 @@ def test_a_refusal_after_the_body_is_read_keeps_the_connection_through_the_worke
     assert after == b"HTTP/1.1 200 OK"
 
 
+def test_a_whole_body_refused_unread_off_the_fast_path_keeps_the_connection_through_the_workers(workers):
+    # One process answers a PUT's 405 without reading its body and keeps the connection
+    # (Granian drains a body it has whole). Its worker passed the body on "in pieces"
+    # (Granian says more_body until it reads past the end), so it closed the connection.
+    body = json.dumps({**CHAT, "model": "fake"}).encode()
+    request = (f"PUT /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    got, fields, after = _answer_then_healthz(workers, request)
+    assert got == 405 and "connection" not in fields
+    assert after == b"HTTP/1.1 200 OK"
+
+
 def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
     for reuse_port in (False, True):
         probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

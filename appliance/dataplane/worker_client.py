@@ -139,9 +139,12 @@ class ClientSide:
         self.requests[rid] = answer
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
-        whole = scope["path"] in FAST_PATHS and scope["method"] == "POST" and (not more or _came_whole(scope, data))
+        # A body whose first piece is all of it goes as one (more: False), whatever the path:
+        # answered without reading it, its connection stays open, as one process's (Granian
+        # drains a body it has). A fast path's is carried.
+        more = more and not _came_whole(scope, data)
+        whole = not more and scope["path"] in FAST_PATHS and scope["method"] == "POST"
         carried = _carried(started, scope["path"], data) if whole else None
-        more = more and not whole
         try:
             self.out.write(
                 Request(
