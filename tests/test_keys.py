@@ -257,6 +257,27 @@ def test_a_refused_credential_leaves_an_audit_row_on_every_surface_not_only_the_
         assert guess.split("-", 2)[2] not in json.dumps(conn.execute("SELECT * FROM audit").fetchall())
 
 
+def test_requests_refused_before_routing_are_counted_in_metrics_by_status(keyed):
+    """appliance_requests_total counted a request only once routed: 401s, 413s and 429s
+    (rate, budget) never showed in Prometheus. They count under model "" (a refused
+    request's model name is the client's word, not a bounded label)."""
+    token = keys_cli(keyed, "create", "--name", "refused", "--rpm", "1")
+    assert post(keyed, token).status_code == 200
+    assert post(keyed, token).status_code == 429
+    assert post(keyed, "ak-nope-nope", {**CHAT, "model": "no-such-model-x"}).status_code == 401
+    assert httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": "Bearer ak-nope-nope"}).status_code == 401
+    with keyed.client() as c:
+        big = c.post("/v1/chat/completions", content=b"x" * (4 * 1024 * 1024 + 1),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    assert big.status_code == 413
+    reader = keys_cli(keyed, "create", "--name", "scraper")
+    text = httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {reader}"}).text
+    for status in (401, 413, 429):
+        assert f'appliance_requests_total{{endpoint="chat",model="",status="{status}"}}' in text, text
+    assert 'appliance_requests_total{endpoint="models",model="",status="401"}' in text  # a refused key anywhere
+    assert "no-such-model-x" not in text
+
+
 def test_a_non_loopback_address_without_keys_refuses_to_start(tmp_path):
     cfg = tmp_path / "open.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n' + fake_model("fake"))
