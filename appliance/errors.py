@@ -186,7 +186,7 @@ class EngineTimeout(EngineFailure):
 
 
 class RegulatedFailClosed(NoCapacity):
-    """A fallback would send a regulated route's request off this server: refused."""
+    """A fallback would send a regulated route's request to a commercial provider: refused."""
 
     code = "regulated_fail_closed"
 

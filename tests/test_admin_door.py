@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 
-from .conftest import PY, ROOT, fake_model
+from .conftest import PY, ROOT, fake_model, wait_until
 from .test_keys import keys_cli
 
 
@@ -295,3 +295,25 @@ def test_the_cli_sends_the_admin_token_to_no_other_program_on_the_daemons_port(t
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
     assert token.encode() not in heard.read()
+
+
+def test_a_wrong_admin_token_leaves_an_audit_row_naming_no_token(keyed_daemon):
+    """A wrong admin token on /admin/* (401) wrote no audit row and no log line: a
+    token-guessing client was invisible. Its row says admin, 401, and never what was sent."""
+    import sqlite3
+    from pathlib import Path
+
+    d = keyed_daemon
+    guess = "adm-" + secrets.token_hex(16)
+    for _ in range(3):
+        assert httpx.get(f"{d.url}/admin/status", headers=bearer(guess), timeout=10).status_code == 401
+    db = Path(d.config.read_text().split('state_dir = "')[1].split('"')[0]) / "appliance.db"
+
+    def rows():
+        with sqlite3.connect(db) as conn:
+            found = conn.execute("SELECT endpoint, status, key_id FROM audit WHERE endpoint = 'admin'").fetchall()
+            return (found, json.dumps(conn.execute("SELECT * FROM audit").fetchall())) if len(found) >= 3 else None
+
+    found, everything = wait_until(rows, 15, what="three rows")
+    assert found == [("admin", 401, None)] * 3
+    assert guess not in everything and d.token not in everything

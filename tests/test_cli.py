@@ -155,6 +155,30 @@ def test_check_reads_the_admin_token_file_as_serve_does_and_only_a_regular_file(
     assert f"field 'server.admin_token_file': cannot read {os.path.normpath(path)}: {why}" in result.output, result.output
 
 
+@pytest.mark.parametrize(("key_file", "why"), [("fifo", "not a regular file"), ("/dev/zero", "not a regular file"),
+                                               ("big.key", "larger than 4096 bytes, not a key")])
+def test_check_reads_a_provider_key_file_only_if_it_is_a_small_regular_file(tmp_path, key_file, why):
+    """A FIFO as a provider's api_key_file hung check and serve for good; /dev/zero read until
+    memory ran out. The key file is read as the admin token file is: one reader for both."""
+    import os
+
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "big.key").write_text("k" * 5000)
+    (tmp_path / "big.key").chmod(0o600)
+    path = key_file if key_file.startswith("/") else str(tmp_path / key_file)
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\nlog_dir = "{tmp_path}/log"\n'
+                   f'[[providers]]\nname = "p"\nbase_url = "http://127.0.0.1:9/v1"\napi_key_file = "{path}"\n'
+                   "commercial = false\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(cfg)])
+    assert result.exit_code == 1, result.output
+    assert f"field 'providers[0].api_key_file': cannot read {path}: {why}" in result.output, result.output
+
+
 @pytest.mark.parametrize("inventory", ["missing.toml", ".", "garbage.json"])
 def test_check_and_serve_name_a_gpu_inventory_they_cannot_read_with_its_field(tmp_path, inventory):
     """check said "ok" where serve then failed with a bare FileNotFoundError naming no field."""

@@ -172,3 +172,29 @@ def test_the_module_map_names_every_module_and_nothing_else():
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "appliance").rglob("*.py")
                if p.name not in ("__init__.py", "__main__.py") and p.parent.name != "export"}
     assert mapped == modules
+
+
+def test_every_description_of_a_regulated_route_says_what_it_may_reach_not_this_server_only():
+    """README, routing.md, the example config and the config's own message said regulated
+    routes "never leave this server", yet one may reach a provider declared commercial = false
+    (the operator's server, maybe another host) and target a cluster model: a reviewer reading
+    any one of them was misled. Each says what it may reach, in the same words."""
+    import glob
+
+    from appliance.config import ConfigError, parse_config
+
+    misleading = re.compile(r"never leaves? (this server|the box)|served on this server only|off this server: refused")
+    texts = ["README.md", "appliance.example.toml", *glob.glob("docs/*.md", root_dir=ROOT),
+             *glob.glob("appliance/**/*.py", root_dir=ROOT, recursive=True)]
+    said = {path: misleading.findall((ROOT / path).read_text()) for path in texts}
+    assert not {path: found for path, found in said.items() if found}
+    reach = "commercial = false"
+    for path in ("README.md", "docs/routing.md", "appliance.example.toml"):
+        assert reach in (ROOT / path).read_text(), path
+    snippets = re.findall(r"```toml\n(.+?)```", ROUTING, flags=re.S)
+    try:
+        parse_config(snippets[0].replace("regulated = true ", 'fallbacks = ["openai"]\nregulated = true ', 1))
+    except ConfigError as exc:
+        assert "providers declared commercial = false" in str(exc) and "never leaves" not in str(exc)
+    else:
+        raise AssertionError("a regulated route falling back to a commercial provider was accepted")

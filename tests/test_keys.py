@@ -229,6 +229,55 @@ def test_every_request_gets_an_audit_row_without_text(keyed):
     assert 'appliance_tokens_total{kind="prompt",model="m1"}' in metrics
 
 
+def test_a_refused_credential_leaves_an_audit_row_on_every_surface_not_only_the_front_door(keyed):
+    """401s on /v1/models, /v1/models/{id}, /metrics and /readyz, and the 403 for an admin
+    token on /admin/*, wrote no row and no log line: a key-guessing client was invisible
+    (6 guesses, 1 row). A request that sent no credential (a probe) leaves none."""
+    token = keys_cli(keyed, "create", "--name", "guessed")
+    guess = token[:-6] + "zzzzzz"
+    db = Path(keyed.config.read_text().split('state_dir = "')[1].split('"')[0]) / "appliance.db"
+    wanted = {"/v1/models": ("models", 401), "/v1/models/fake": ("models", 401), "/metrics": ("metrics", 401),
+              "/admin/status": ("admin", 403), "/readyz": ("readyz", 401)}
+    with keyed.client() as c:
+        before = c.get("/readyz").status_code  # no credential: a probe, not a guess
+        for path, (_, status) in wanted.items():
+            answer = c.get(path, headers={"Authorization": f"Bearer {guess}"})
+            assert answer.status_code == (200 if path == "/readyz" else status), (path, answer.text)
+    assert before == 200
+
+    def rows():
+        with sqlite3.connect(db) as conn:
+            found = conn.execute("SELECT endpoint, status, key_id, model FROM audit WHERE endpoint IN "
+                                 "('models', 'metrics', 'admin', 'readyz') AND status IN (401, 403)").fetchall()
+        return found if len(found) >= len(wanted) else None
+
+    found = wait_until(rows, 10, what="a row per refused credential")
+    assert sorted(found) == sorted((e, s, None, "") for e, s in wanted.values())
+    with sqlite3.connect(db) as conn:
+        assert guess.split("-", 2)[2] not in json.dumps(conn.execute("SELECT * FROM audit").fetchall())
+
+
+def test_requests_refused_before_routing_are_counted_in_metrics_by_status(keyed):
+    """appliance_requests_total counted a request only once routed: 401s, 413s and 429s
+    (rate, budget) never showed in Prometheus. They count under model "" (a refused
+    request's model name is the client's word, not a bounded label)."""
+    token = keys_cli(keyed, "create", "--name", "refused", "--rpm", "1")
+    assert post(keyed, token).status_code == 200
+    assert post(keyed, token).status_code == 429
+    assert post(keyed, "ak-nope-nope", {**CHAT, "model": "no-such-model-x"}).status_code == 401
+    assert httpx.get(f"{keyed.url}/v1/models", headers={"Authorization": "Bearer ak-nope-nope"}).status_code == 401
+    with keyed.client() as c:
+        big = c.post("/v1/chat/completions", content=b"x" * (4 * 1024 * 1024 + 1),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    assert big.status_code == 413
+    reader = keys_cli(keyed, "create", "--name", "scraper")
+    text = httpx.get(f"{keyed.url}/metrics", headers={"Authorization": f"Bearer {reader}"}).text
+    for status in (401, 413, 429):
+        assert f'appliance_requests_total{{endpoint="chat",model="",status="{status}"}}' in text, text
+    assert 'appliance_requests_total{endpoint="models",model="",status="401"}' in text  # a refused key anywhere
+    assert "no-such-model-x" not in text
+
+
 def test_a_non_loopback_address_without_keys_refuses_to_start(tmp_path):
     cfg = tmp_path / "open.toml"
     cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}"\n' + fake_model("fake"))

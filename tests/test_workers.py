@@ -245,6 +245,22 @@ def test_a_workers_refusals_are_one_processs_envelopes(workers, daemons):
     assert answers[0] == answers[1]
 
 
+def test_refusals_through_the_workers_are_counted_in_metrics_as_in_one_process(workers):
+    """appliance_requests_total counted a request only once routed: the workers' 401s and
+    413s (answered by the daemon's front door) never showed in Prometheus either."""
+    token = keys_cli(workers, "create", "--name", "counted")
+    time.sleep(1.5)  # the keys' refresh (each second)
+    assert post(workers, "sk-not-a-key", {"model": "fake"}).status_code == 401
+    big = json.dumps({**CHAT, "model": "fake", "pad": "x" * ServerConfig().max_body_bytes})
+    with httpx.Client(base_url=workers.url, timeout=30) as c:
+        too_large = c.post("/v1/chat/completions", content=big,
+                           headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        text = c.get("/metrics", headers={"Authorization": f"Bearer {token}"}).text
+    assert too_large.status_code == 413
+    for status in (401, 413):
+        assert f'appliance_requests_total{{endpoint="chat",model="",status="{status}"}}' in text, text
+
+
 def test_a_carried_stream_settles_exactly_the_usage_the_engine_reported(workers):
     token = keys_cli(workers, "create", "--name", "metered", "--budget-tokens", "100000")
     headers = {"Authorization": f"Bearer {token}"}

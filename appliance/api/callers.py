@@ -1,12 +1,20 @@
 """Who calls, for the handlers besides the front door: the app's runtime, the client's
 key header, and the two checks (a client's key or the admin credential; the admin
-credential alone)."""
+credential alone). A credential either check refuses leaves an audit row, as the front
+door's 401s do (``refused``): a key- or token-guessing client is seen."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from litestar import Request
+
+from appliance.errors import ApplianceError, Forbidden, StateWriteFailed, Unauthorized
+from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.capabilities import Endpoint
+from appliance.gateway.ledger import finish
+from appliance.gateway.request import ProxyRequest, new_request_id
 
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey
@@ -32,7 +40,11 @@ def caller(request: Request) -> tuple[Runtime, ApiKey | None]:
     if not rt.gate.required:  # no key guards the answer from a DNS-rebinding page: its Host must be ours
         rt.admin.check_host(request, "API")
     elif not rt.admin.is_admin(request):
-        return rt, rt.gate.authenticate(authorization(request))
+        try:
+            return rt, rt.gate.authenticate(authorization(request))
+        except Unauthorized as exc:
+            refused(rt, request, exc)
+            raise
     return rt, None
 
 
@@ -64,5 +76,33 @@ def authorization(request: Request) -> bytes | None:
 def admin(request: Request) -> Runtime:
     """Admin routes: the one credential model (appliance/api/admin_access.py)."""
     rt = runtime(request)
-    rt.admin.check(request)
+    try:
+        rt.admin.check(request)
+    except (Unauthorized, Forbidden) as exc:
+        refused(rt, request, exc)
+        raise
     return rt
+
+
+# The surfaces besides the front door, as an audit row's endpoint: "models", "metrics",
+# "readyz", "admin", "openapi" (the first part of the path a routed handler serves).
+_SURFACES: dict[str, Endpoint] = {}
+
+
+def refused(rt: Runtime, request: Request, exc: ApplianceError) -> None:
+    """An audit row for a credential refused here, like the front door's for its 401s
+    (status, endpoint, no key id: the key is what failed; never the credential itself).
+    A request that sent none (a health probe, a scraper without its token) guessed
+    nothing and leaves none; nor does one while the audit writer is full."""
+    if request.headers.get("authorization") is None and request.headers.get("x-api-key") is None:
+        return
+    try:
+        rt.audit.admit(False)
+    except StateWriteFailed:
+        return
+    name = request.url.path.removeprefix("/v1").strip("/").split("/", 1)[0].removesuffix(".json")
+    endpoint = _SURFACES.get(name)
+    if endpoint is None:
+        endpoint = _SURFACES[name] = Endpoint(name, ResponsesRequest, "", generates=False, free=True)
+    req = ProxyRequest(new_request_id(), time.perf_counter(), time.time(), endpoint, request.receive)
+    finish(rt, req, exc.status)

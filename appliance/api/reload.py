@@ -12,7 +12,7 @@ the daemon serves (SIGHUP, `appliance reload`, POST /admin/reload, the TUI's key
          a time (Supervisor.roll): a new replica READY before the old one drains
 
 A request keeps what it was admitted with (its key, limits, route and fallbacks);
-sending data off the box is checked against the live policy when it leaves
+sending to a provider is checked against the live policy when it goes
 (gateway/routing.forward): a route a reload made regulated, or a provider it
 removed, gets nothing from then on, from a request admitted before too.
 """

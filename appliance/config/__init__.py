@@ -57,6 +57,7 @@ from appliance.config.paths import (
     exposed_secret,
     install_prefix,
     read_admin_token,
+    read_secret_file,
 )
 from appliance.config.routes import (
     ENDPOINT_NAMES,
@@ -168,6 +169,7 @@ __all__ = [
     "parse_config",
     "parse_duration",
     "read_admin_token",
+    "read_secret_file",
     "request_context",
     "resolve_config_path",
     "tasks_of",

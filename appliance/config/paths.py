@@ -73,7 +73,7 @@ def read_admin_token(cfg: Config) -> str:
         return ""
     path = Path(cfg.server.admin_token_file)
     try:
-        token = _read_small_file(path).strip()
+        token = read_secret_file(path)
     except OSError as exc:
         raise ConfigError(
             f"{cfg.origin}: field 'server.admin_token_file': cannot read {path}: "
@@ -89,16 +89,24 @@ def read_admin_token(cfg: Config) -> str:
     return token
 
 
-def _read_small_file(path: Path, limit: int = 4096) -> str:
-    """A secret's file, read as a regular file only and up to limit bytes: a FIFO there
-    blocked `serve` for good (SIGTERM could not end it), /dev/zero filled its memory."""
+SECRET_FILE_LIMIT = 4096
+
+
+def read_secret_file(path: Path, limit: int = SECRET_FILE_LIMIT) -> str:
+    """A secret's file (the admin token, a provider's key), stripped: a regular file only, of
+    at most limit bytes, else OSError. A FIFO there blocked `check` and `serve` for good
+    (SIGTERM could not end them), /dev/zero read until memory ran out. Links are followed, as
+    systemd credentials and mounted secrets are often links; the file must be regular."""
     import stat
 
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(0, "not a regular file")
-        return f.read(limit).decode(errors="replace")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise OSError(0, f"larger than {limit} bytes, not a key")
+    return data.decode(errors="replace").strip()
 
 
 def exposed_secret(path: Path) -> str | None:

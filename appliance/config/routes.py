@@ -42,7 +42,9 @@ class RouteConfig(_Section):
     tag: str = ""
     # Tried in order when the local model cannot serve: provider or local model names.
     fallbacks: list[str] = msgspec.field(default_factory=list)
-    # Regulated traffic never leaves this server: no commercial provider, ever.
+    # Regulated traffic never reaches a commercial provider: only this box's engines, the
+    # models the config declares (a cluster model may be another host) and providers
+    # declared commercial = false.
     regulated: bool = True
     # Burst to the fallbacks when taking a request locally would make more than
     # this many wait beyond the engines' slots (0: as soon as every slot is
@@ -58,7 +60,8 @@ class ProviderConfig(_Section):
     # LoadCredential=) or an environment variable. Never in this config.
     api_key_file: str = ""
     api_key_env: str = ""
-    # A commercial provider; regulated routes may never use one.
+    # A commercial provider (the default); regulated routes may never use one. False: the
+    # operator's own server, inside the perimeter, which regulated routes may use.
     commercial: bool = True
     # Requested model name -> the provider's model name (unmapped: sent as is).
     models: dict[str, str] = msgspec.field(default_factory=dict)

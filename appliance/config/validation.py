@@ -318,7 +318,8 @@ def _validate_routes(cfg: Config, need) -> None:
                 not (route.regulated and provider is not None and provider.commercial),
                 f"{at}.fallbacks",
                 f"route {route.name!r} is regulated: it may not fall back to the "
-                f"commercial provider {name!r} (regulated traffic never leaves this server)",
+                f"commercial provider {name!r} (a regulated route reaches only this box's engines, "
+                "the models declared here and providers declared commercial = false)",
             )
 
 

@@ -28,7 +28,8 @@ def estimate(req: ProxyRequest, events: int) -> Usage:
 
 
 def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
-    """The request is answered: metrics, the key's budget settled, one audit row
+    """The request is answered: metrics (every request, refused ones too), the key's
+    budget settled, one audit row
     (awaited by ``committed`` before the answer ends, for a keyed or regulated request)."""
     if req.finished:
         return
@@ -37,6 +38,10 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
     endpoint = req.endpoint.name
     if req.served_by is not None or req.route is not None:
         rt.metrics.observe(req.model, endpoint, status, latency)
+    else:
+        # Refused before routing (401, 413, 429, ...): counted too, under model "", since
+        # the name is the client's word (any number of them). The routed path pays nothing more.
+        rt.metrics.observe("", endpoint, status, latency)
     tap = req.tap
     usage = req.usage or (tap.usage if tap is not None else None)
     events = tap.events if tap is not None else 0

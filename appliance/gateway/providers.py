@@ -20,7 +20,7 @@ from pathlib import Path
 import aiohttp
 import msgspec
 
-from appliance.config import Config, ConfigError, ProviderConfig, exposed_secret
+from appliance.config import Config, ConfigError, ProviderConfig, exposed_secret, read_secret_file
 from appliance.gateway.api_audio import is_form, set_form_fields
 
 log = logging.getLogger("appliance.upstreams")
@@ -168,7 +168,7 @@ def read_key(
             )
         path = Path(creds) / path
     try:
-        key = path.read_text().strip()
+        key = read_secret_file(path)
         problem = exposed_secret(path)
     except OSError as exc:
         raise ConfigError(f"{origin}: field '{at}.api_key_file': cannot read {path}: {exc.strerror}") from None

@@ -95,8 +95,8 @@ def check_may_send(route: RouteConfig | None, provider: Provider) -> None:
         name = route.name if route is not None else "(none)"
         log.error("refused to send route %s to commercial provider %s: the route is regulated", name, provider.cfg.name)
         raise RegulatedFailClosed(
-            f"Route '{name}' is regulated: its requests are served on this server only, and the "
-            "local model cannot serve this one now",
+            f"Route '{name}' is regulated: its requests never go to a commercial provider, and "
+            "the models and non-commercial providers it may use cannot serve this one now",
             retry_after=30,
         )
 
