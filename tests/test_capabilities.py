@@ -106,3 +106,28 @@ def test_a_workers_facts_carry_what_check_fields_reads():
         endpoint = ENDPOINTS[path]
         with pytest.raises(BadRequest):
             check_fields(cfg, endpoint, model, carried_facts(endpoint, body, decode_request(body, endpoint.cls)))
+
+
+def test_a_completions_echo_or_suffix_is_refused_on_llama_cpp_not_answered_without_it(cold_llama):
+    # Regression: llama-server ignores echo and suffix on /v1/completions: echo=True answered
+    # without the prompt, as if it had been honoured. Refused before any engine starts, in
+    # one process and through a worker's facts alike; the fake (openai) engine decides itself.
+    from appliance.gateway.facts import carried_facts
+    from appliance.gateway.protocol import decode_request
+
+    cfg, model = _bundled()
+    completions = ENDPOINTS["/v1/completions"]
+    for field, body in (("echo", b'{"model": "m", "prompt": "Hello", "echo": true}'),
+                        ("suffix", b'{"model": "m", "prompt": "def f(", "suffix": "return x"}')):
+        with pytest.raises(BadRequest) as info:
+            check_fields(cfg, completions, model, carried_facts(completions, body, decode_request(body, completions.cls)))
+        assert (info.value.param, info.value.code) == (field, f"{field}_not_supported")
+    plain = b'{"model": "m", "prompt": "Hello", "echo": false}'
+    check_fields(cfg, completions, model, carried_facts(completions, plain, decode_request(plain, completions.cls)))
+    client = openai.OpenAI(base_url=f"{cold_llama.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as echo:
+        client.completions.create(model="llama", prompt="Hello", max_tokens=3, echo=True)
+    assert (echo.value.body["param"], echo.value.body["code"]) == ("echo", "echo_not_supported")
+    assert cold_llama.replicas("llama") == []
+    fake = client.completions.create(model="fake", prompt="Hello", max_tokens=3, echo=True)
+    assert fake.choices

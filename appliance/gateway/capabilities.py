@@ -193,13 +193,18 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
-    honour and answer as if it had: a forced tool call, an embedding's dimensions.
+    honour and answer as if it had: a forced tool call, an embedding's dimensions, a
+    completion's echo or suffix.
     (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
         check_tools(cfg, model, tool_choice)
     if getattr(request, "dimensions", None) is not None:
         check_dimensions(model)
+    if getattr(request, "echo", False):
+        check_completion_field(model, "echo", "leave 'echo' out and prepend the prompt yourself")
+    if getattr(request, "suffix", None):
+        check_completion_field(model, "suffix", "leave 'suffix' out, or use llama.cpp's /infill for fill-in-the-middle")
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
@@ -250,6 +255,20 @@ def check_dimensions(model: ModelConfig) -> None:
         )
 
 
+def check_completion_field(model: ModelConfig, field: str, instead: str) -> None:
+    """A 400 naming a legacy completions field llama.cpp ignores: it answers without the
+    prompt echoed, or without the suffix, as if it had honoured them. vLLM, SGLang and an
+    operator's server answer for themselves."""
+    adapter = engine_of(model)
+    if adapter.name == "llamacpp":
+        raise BadRequest(
+            f"Model '{model.name}' runs on the llamacpp engine, which ignores '{field}' on "
+            f"/v1/completions: {instead}, or serve the model on vllm or sglang",
+            param=field,
+            code=f"{field}_not_supported",
+        )
+
+
 def engine_fields(endpoint: Endpoint, model: ModelConfig, body: bytes) -> dict[str, Any]:
     """Fields the model's engine needs in a request's body to honour what the API asks:
     a Responses request's structured output, told to llama-server in chat's words."""
@@ -276,6 +295,7 @@ __all__ = [
     "TASKS",
     "Endpoint",
     "check",
+    "check_completion_field",
     "check_dimensions",
     "check_fields",
     "check_tools",

@@ -38,6 +38,8 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     stateful: bool  # a Responses request that needs its engine to keep responses
     previous: str | None  # a Responses request's previous_response_id
     dimensions: int | None  # an embeddings request's (capabilities.check_fields)
+    echo: bool  # a completions request's echo and suffix (capabilities.check_fields)
+    suffix: str | None
     # Read only by a worker (None here: the front door reads them from the body it
     # has, only when the policy needs them): the stream's options as sent (raw JSON,
     # b"" when absent), the prompt as the engine sees it (the prefix hashes' input),
@@ -62,6 +64,8 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         getattr(request, "stateful", False),
         getattr(request, "previous_response_id", None),
         getattr(request, "dimensions", None),
+        getattr(request, "echo", False),
+        getattr(request, "suffix", None),
     )
 
 

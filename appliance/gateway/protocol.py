@@ -78,6 +78,9 @@ Prompt = str | list[str | int | list[int]]
 
 class CompletionRequest(_Request):
     prompt: Prompt
+    # Honoured by some engines only (gateway/capabilities.check_completion_fields).
+    echo: bool = False
+    suffix: str | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
