@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import pytest
 
@@ -53,6 +54,32 @@ def test_framework_statuses_map_to_openai_types():
     assert error_for_status(429, "slow down").type == "rate_limit_error"
     assert error_for_status(418, "teapot").type == "server_error"
     assert error_for_status(413, "big").status == 413
+
+
+def test_a_replica_log_is_never_written_through_a_link_planted_at_its_name(tmp_path):
+    # Regression: CappedLog opened its path with a plain open(), following a link a
+    # local user planted in a log_dir open to others: the daemon appended engine output
+    # to whatever file the link named. Refused now, the target untouched.
+    target = tmp_path / "victim"
+    target.write_bytes(b"precious\n")
+    (tmp_path / "m-0.log").symlink_to(target)
+    with pytest.raises(OSError, match="link there is never followed"):
+        CappedLog(tmp_path / "m-0.log", max_bytes=4096)
+    assert target.read_bytes() == b"precious\n"
+    fresh = CappedLog(tmp_path / "m-1.log", max_bytes=4096)
+    fresh.write(b"one\n")
+    fresh.close()
+    again = CappedLog(tmp_path / "m-1.log", max_bytes=4096)  # appends where the file ends
+    again.write(b"two\n")
+    again.close()
+    assert (tmp_path / "m-1.log").read_bytes() == b"one\ntwo\n"
+    assert (tmp_path / "m-1.log").stat().st_mode & 0o777 == 0o640 & ~_umask()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def test_replica_logs_are_capped_and_keep_one_rotated_copy(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import io
 import os
 import shutil
 import signal
@@ -59,7 +60,7 @@ class CappedLog:
         self._redact = redact.encode()
         self._held = b""  # the end of the output so far that may be the start of the secret
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "ab", buffering=0)  # noqa: SIM115 - closed in close()
+        self._file = _open_log(path)
         self._size = self._file.tell()
 
     def write(self, chunk: bytes) -> None:
@@ -83,12 +84,24 @@ class CappedLog:
     def _rotate(self) -> None:
         self._file.close()
         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115
+        self._file = _open_log(self.path)
         self._size = 0
 
     def close(self) -> None:
         self._append(self._held)
         self._file.close()
+
+
+def _open_log(path: Path) -> io.FileIO:
+    """A replica's log opened for appending, never through a link: one planted at its
+    name (a log_dir others may write to) would have the daemon write where it points."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        raise OSError(
+            f"cannot open the replica log {path}: {exc.strerror or exc} (a link there is never followed)"
+        ) from exc
+    return io.FileIO(fd, "a", closefd=True)
 
 
 def _pdeathsig_preexec() -> Callable[[], None] | None:
