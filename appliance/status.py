@@ -211,6 +211,9 @@ class DaemonStatus(msgspec.Struct, kw_only=True):
     uptime_s: float
     draining: bool = False
     ready: bool = False
+    # Engines start under their seccomp sandbox (appliance/fleet/sandbox.py); False: this
+    # kernel takes no filter, and they start without it (logged at start).
+    engines_sandboxed: bool = False
     listen: str
     paths: Paths
     models: list[ModelStatus] = []

@@ -1,7 +1,7 @@
 """A fake OpenAI-compatible engine, run as a real subprocess by tests and benchmarks.
 
     python tests/fake_engine.py --port 9000 [--latency 0.01] [--chunks 5]
-        [--chunk-delay 0.01] [--stamp-chunks] [--slow-start 2] [--crash-after 3] [--ignore-sigterm]
+        [--chunk-delay 0.01] [--stamp-chunks] [--slow-start 2] [--reuse-port] [--crash-after 3] [--ignore-sigterm]
         [--embeddings] [--fail-status 500 [--fail-from 2]] [--cache-report] [--no-usage]
 
 It answers /v1/chat/completions, /v1/completions (both with stream: true as SSE),
@@ -64,6 +64,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--uds", default="", help="listen on this unix socket instead (vLLM's flag)")
+    p.add_argument("--reuse-port", action="store_true",
+                   help="set SO_REUSEPORT on its listening socket, as vLLM's API server does")
     p.add_argument("--api-key-file", default="", help="the API key, in this file (llama-server's flag)")
     p.add_argument("--config", default="", help="a JSON/YAML file whose 'api-key' is the key (SGLang's)")
     p.add_argument("--model", dest="model", default=None)
@@ -622,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
         stamp(args, "serving", time.monotonic())
 
     app.on_startup.append(serving)
-    web.run_app(app, **where, print=None,
+    web.run_app(app, **where, print=None, reuse_port=args.reuse_port or None,
                 handle_signals=not args.ignore_sigterm, access_log=None, handler_cancellation=True)
 
 

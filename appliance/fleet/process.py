@@ -1,7 +1,8 @@
 """Process spawning behind a seam, so the supervisor is tested without engines.
 
 The real runner starts each engine replica in its own process group, tied to
-the daemon's life with PR_SET_PDEATHSIG, its output drained into a capped log.
+the daemon's life with PR_SET_PDEATHSIG, under its seccomp sandbox (sandbox.py),
+its output drained into a capped log.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
+
+from appliance.fleet.sandbox import EngineSandbox, engine_sandbox
 
 PR_SET_PDEATHSIG = 1
 
@@ -117,18 +120,21 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-def _pinned(preexec: Callable[[], None] | None, cpus: frozenset[int]) -> Callable[[], None] | None:
-    """preexec, then the child (and every thread it starts) bound to cpus, before it runs
-    the engine: two replicas never share a core."""
-    if not cpus:
-        return preexec
+def _engine_preexec(
+    pdeathsig: Callable[[], None] | None, cpus: frozenset[int], sandbox: EngineSandbox
+) -> Callable[[], None]:
+    """What the child does before it runs the engine: die with the daemon, then keep (with
+    every thread it starts) to cpus, so two replicas never share a core, then its seccomp
+    sandbox, last: nothing the daemon does in the child runs under it."""
 
-    def pin() -> None:
-        if preexec is not None:
-            preexec()
-        os.sched_setaffinity(0, cpus)
+    def preexec() -> None:
+        if pdeathsig is not None:
+            pdeathsig()
+        if cpus:
+            os.sched_setaffinity(0, cpus)
+        sandbox.apply()
 
-    return pin
+    return preexec
 
 
 class _RealProcess:
@@ -163,9 +169,10 @@ class _RealProcess:
 
 
 class SubprocessRunner:
-    def __init__(self, log_max_bytes: int) -> None:
+    def __init__(self, log_max_bytes: int, sandbox: EngineSandbox | None = None) -> None:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
+        self._sandbox = sandbox or engine_sandbox()
 
     async def spawn(
         self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "", cpus: frozenset[int] = frozenset()
@@ -183,7 +190,7 @@ class SubprocessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop it whole
-                preexec_fn=_pinned(self._preexec, cpus),
+                preexec_fn=_engine_preexec(self._preexec, cpus, self._sandbox),
             )
         except OSError as exc:
             log.close()
