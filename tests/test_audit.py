@@ -15,7 +15,7 @@ from appliance.config import AuditConfig
 
 
 def _row(rid: str) -> tuple:
-    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None)
+    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None, "127.0.0.1:5000")
 
 
 def _count(path) -> int:

@@ -40,6 +40,7 @@ COLUMNS = (
     "fallback_reason",
     "request_text",
     "response_text",
+    "client",  # the peer's address, host:port (state schema v2)
 )
 
 

@@ -78,6 +78,7 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         req.fallback_reason,
         _text(req.request_text),
         _text(req.response_text),
+        req.client,
     ]
     req.receipt = rt.audit.record(req.row, durable=req.accountable)
     if req.trace is not None:
