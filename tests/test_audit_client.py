@@ -55,3 +55,19 @@ def test_every_audit_row_names_the_clients_address_refusals_included(daemons, wo
         "wrong key, models": (401, "models"),
         "keyed": (200, "chat"),
     }
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_flood_of_wrong_keys_leaves_its_first_rows_and_one_summary_counting_the_rest(daemons, workers):
+    # Every refusal was a row: a local flood of wrong keys filled the disk up to retention.
+    daemon = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n[audit]\nrefusal_rows_per_minute = 2\n",
+                           server=f"workers = {workers}")
+    sent = [_sent_from(daemon.port, "POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer ak-0-no", CHAT)
+            for _ in range(7)]
+    assert [status for status, _ in sent] == [401] * 7
+    assert daemon.terminate() == 0  # the log's close writes the summary of the minute so far
+    rows = _exported(daemon)
+    assert [(rows[client]["status"], rows[client]["folded"]) for _, client in sent if client in rows] == [
+        (401, None), (401, None), (401, 5)  # the first two, then the third standing for five
+    ]
+    assert list(rows) == [client for _, client in sent[:3]]

@@ -81,8 +81,14 @@ def _v2_audit_client(db: sqlite3.Connection) -> None:
     add_column(db, "audit", "client", "TEXT")
 
 
+def _v3_audit_folded(db: sqlite3.Connection) -> None:
+    """A summary row of a refusal flood: how many refusals it stands for (NULL: one row,
+    one request; appliance/access/refusals.py)."""
+    add_column(db, "audit", "folded", "INTEGER")
+
+
 # Append only: step N takes the schema from version N-1 to N.
-MIGRATIONS = Registry("state database", (_v1_tables, _v2_audit_client))
+MIGRATIONS = Registry("state database", (_v1_tables, _v2_audit_client, _v3_audit_folded))
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
