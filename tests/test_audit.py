@@ -15,7 +15,7 @@ from appliance.config import AuditConfig
 
 
 def _row(rid: str) -> tuple:
-    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None)
+    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None, "127.0.0.1:5000", None)
 
 
 def _count(path) -> int:
@@ -160,3 +160,63 @@ def test_concurrent_durable_rows_share_one_commit(tmp_path):
 
     assert asyncio.run(scenario()) == 1
     assert _count(tmp_path / "audit.db") == 50
+
+
+def _refusal(at: float, client: str, status: int = 401, endpoint: str = "chat") -> list:
+    return [at, f"r{at}-{client}", None, None, "", endpoint, None, status, None, None, 1.0, None, None, None, None,
+            client, None]
+
+
+def test_a_flood_of_refused_credentials_leaves_a_few_rows_and_one_summary_a_minute(tmp_path):
+    # Each refusal wrote a row: a local client sending wrong keys as fast as it could
+    # (~1,100 a second, bench/refusal_flood.py) grew the state database by ~0.5 GB an
+    # hour, kept until retention. Per client host, endpoint and status, a few rows a
+    # minute are written one by one, the rest counted in one summary row.
+    path = tmp_path / "audit.db"
+
+    async def scenario() -> None:
+        log = AuditLog(path, AuditConfig(refusal_rows_per_minute=3))
+        now = time.time()
+        for i in range(100):  # one host, a new port each time: one source
+            log.record(_refusal(now + i * 0.01, f"10.0.0.9:{40000 + i}"))
+        for i in range(2):  # another host: its own few rows
+            log.record(_refusal(now, f"10.0.0.8:{50000 + i}"))
+        log.record(_refusal(now, "10.0.0.9:1", status=403))  # another reason: its own
+        log.record(_row("keyed"))  # a keyed request's row is never folded
+        await log.flush()
+        with sqlite3.connect(path) as conn:
+            written = conn.execute("SELECT client, status, folded FROM audit ORDER BY id").fetchall()
+        assert written == [
+            *((f"10.0.0.9:{40000 + i}", 401, None) for i in range(3)),
+            ("10.0.0.8:50000", 401, None),
+            ("10.0.0.8:50001", 401, None),
+            ("10.0.0.9:1", 403, None),
+            ("127.0.0.1:5000", 200, None),
+        ]
+        # The minute's end (or the log's close) writes the summary: the first refusal
+        # not written, standing for all 97.
+        await log.close()
+
+    asyncio.run(scenario())
+    with sqlite3.connect(path) as conn:
+        summary = conn.execute("SELECT client, status, endpoint, folded FROM audit WHERE folded IS NOT NULL").fetchall()
+        total = conn.execute("SELECT sum(coalesce(folded, 1)) FROM audit WHERE client LIKE '10.0.0.9:4%'").fetchone()[0]
+    assert summary == [("10.0.0.9:40003", 401, "chat", 97)]
+    assert total == 100  # every refusal is counted, once
+
+
+def test_a_refusal_flood_past_its_minute_starts_a_new_window_after_its_summary(tmp_path):
+    path = tmp_path / "audit.db"
+
+    async def scenario() -> None:
+        log = AuditLog(path, AuditConfig(refusal_rows_per_minute=1))
+        start = time.time() - 120  # two minutes ago, then now
+        for at in (start, start + 1, start + 2, time.time()):
+            log.record(_refusal(at, "10.0.0.7:1"))
+        await log.flush()
+        await log.close()
+
+    asyncio.run(scenario())
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute("SELECT request_id, folded FROM audit ORDER BY id").fetchall()
+    assert [folded for _, folded in rows] == [None, None, 2]  # first, next minute's first, then the summary of 2

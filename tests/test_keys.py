@@ -380,10 +380,38 @@ def test_revoking_a_key_by_its_name_says_which_id_to_revoke(tmp_path):
     first, second = (cli("create", "--name", "ci-bot").stdout.split("-")[1] for _ in range(2))
     out = cli("revoke", "ci-bot")
     assert out.returncode == 1
-    assert "no active key with id 'ci-bot'" in out.stderr
+    assert "no key with id 'ci-bot'" in out.stderr
     assert f"keys named 'ci-bot': {first}, {second}" in out.stderr
     assert cli("revoke", first).returncode == 0
-    assert "no active key with id 'nobody'" in cli("revoke", "nobody").stderr
+    assert "no key with id 'nobody'" in cli("revoke", "nobody").stderr
+
+
+def test_revoking_a_revoked_or_unknown_key_says_which_truthfully(tmp_path):
+    """A second `keys revoke` of a key said "no active key with id X" and exited 1, as
+    for an id that never was: an operator could not tell a typo from a key revoked
+    already (a retried rotation script failed). A pasted key was echoed whole."""
+    cfg = tmp_path / "appliance.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+
+    def cli(*args):
+        return subprocess.run([PY, "-m", "appliance.cli", "keys", *args, "--config", str(cfg)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    token = cli("create", "--name", "rotated").stdout.strip()
+    key_id = token.split("-")[1]
+    first = cli("revoke", token)  # the whole key pasted: named by its id only
+    assert first.returncode == 0 and first.stdout.startswith(f"key {key_id} revoked at "), first.stdout
+    assert token.split("-", 2)[2] not in first.stdout + first.stderr
+    revoked_at = json.loads(cli("ls", "--json").stdout)[0]["revoked_at"]
+    again = cli("revoke", key_id, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout) == {"id": key_id, "revoked": True, "revoked_at": revoked_at, "already_revoked": True}
+    said = cli("revoke", key_id)
+    assert said.returncode == 0 and "was already revoked at" in said.stdout and "nothing changed" in said.stdout
+    unknown = cli("revoke", "ak-0123456789ab-notasecret")
+    assert unknown.returncode == 1
+    assert "no key with id '0123456789ab'; `appliance keys ls` lists them" in unknown.stderr
+    assert "notasecret" not in unknown.stderr
 
 
 def test_the_bearer_scheme_is_read_in_any_case(keyed):

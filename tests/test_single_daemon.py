@@ -4,9 +4,14 @@ a daemon killed with SIGKILL leaves no lock behind."""
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import sqlite3
+
+import pytest
+
+from appliance.daemon.port_claim import PortBusy, claim_port
 
 from .conftest import DaemonFactory, fake_model
 
@@ -72,3 +77,69 @@ def test_a_port_held_by_another_program_is_one_line_naming_the_port(daemons):
     lines = daemon.log_text().strip().splitlines()
     assert len(lines) == 1, lines
     assert f"port {port} on 127.0.0.1 is already in use by another program" in lines[0], lines[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _as_nobody(port: int) -> tuple[bytes, str]:
+    """What another local user (nobody, in a forked child) is told on connecting to the
+    claim of 127.0.0.1:port, and the error its own `claim_port` there raises."""
+    import os
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+                conn.settimeout(5)
+                conn.connect(f"\0appliance-port:127.0.0.1:{port}")
+                line = conn.makefile("rb").readline(4096)
+            try:
+                claim_port("127.0.0.1", port, config="/other/appliance.toml", state_dir="/other/state")
+                error = "claimed"
+            except PortBusy as exc:
+                error = str(exc)
+            os.write(write_end, json.dumps({"line": line.decode(), "error": error}).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as heard:
+        told = json.loads(heard.read())
+    os.waitpid(pid, 0)
+    return told["line"].encode(), told["error"]
+
+
+def test_the_ports_claim_names_the_config_and_state_dir_only_to_its_own_user(tmp_path):
+    """The claim's abstract socket answered any local user with the holder's pid, config
+    path and state directory: where an appliance keeps its keys and audit log is not
+    another user's to learn. Its own user (and root) still hear it all."""
+    import os
+
+    port = _free_port()
+    config, state = str(tmp_path / "appliance.toml"), str(tmp_path / "state")
+    claim = claim_port("127.0.0.1", port, config=config, state_dir=state)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # its own user
+            conn.settimeout(5)
+            conn.connect(f"\0appliance-port:127.0.0.1:{port}")
+            mine = json.loads(conn.makefile("rb").readline(4096))
+        assert mine == {"pid": os.getpid(), "config": config, "state_dir": state}
+        with pytest.raises(PortBusy) as busy:  # a second daemon of the same user names them
+            claim_port("127.0.0.1", port, config="/second.toml", state_dir="/second")
+        assert f"pid {os.getpid()}, config {config}, state directory {state}" in str(busy.value)
+        if os.geteuid() != 0:
+            pytest.skip("another user's view needs root to fork one")
+        line, error = _as_nobody(port)
+        assert json.loads(line) == {"held": "an appliance daemon holds this port"}
+        assert str(tmp_path) not in line.decode()
+        assert f"port {port} on 127.0.0.1 is already in use by another appliance daemon" in error
+        assert f"pid {os.getpid()}, run by uid 0" in error and str(tmp_path) not in error, error
+    finally:
+        claim.close()

@@ -621,6 +621,41 @@ def test_one_process_closes_the_connection_after_a_refusal_made_before_the_body_
         assert (got, fields.get("connection"), after) == (status, "close", None), headers
 
 
+def _statuses_expecting_continue(daemon, headers: str) -> list[int]:
+    """A POST sent as a client that waits for 100 Continue sends it: its head alone, its
+    body only once told to continue. The status lines that came (100 first, if it came)."""
+    body = json.dumps({**CHAT, "model": "fake"}).encode()
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=20) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n{headers}Expect: 100-continue\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode())
+        data, statuses = b"", []
+        while True:
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536)
+            head, data = data.split(b"\r\n\r\n", 1)
+            statuses.append(int(head.split(b" ", 2)[1]))
+            if statuses[-1] != 100:
+                return statuses
+            sock.sendall(body)
+
+
+@pytest.mark.parametrize(("headers", "status"), REFUSED_BEFORE_THE_BODY)
+def test_a_refusal_before_the_body_sends_no_100_continue_through_the_workers_as_one_processs(
+    workers, daemons, headers, status
+):
+    # A worker read the body before the daemon's word, so its server told a client that
+    # waits for 100 Continue to send the body, then refused it (a keyless client's body
+    # uploaded for nothing); one process refuses it without a 100.
+    single = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n")
+    assert _statuses_expecting_continue(single, headers) == [status]
+    assert _statuses_expecting_continue(workers, headers) == [status]
+
+
+def test_a_client_expecting_100_continue_is_told_to_send_its_body_and_answered_through_the_workers(workers):
+    token = keys_cli(workers, "create", "--name", "expecting")
+    assert _statuses_expecting_continue(workers, f"Authorization: Bearer {token}\r\n") == [100, 200]
+
+
 def test_a_refusal_after_the_body_is_read_keeps_the_connection_through_the_workers(workers):
     token = keys_cli(workers, "create", "--name", "keep-alive")
     body = json.dumps({**CHAT, "model": "nothing-here"}).encode()

@@ -13,11 +13,13 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from pathlib import Path
 
+from appliance.access.refusals import RefusalFolding
 from appliance.config import AuditConfig
 from appliance.errors import StateWriteFailed
 from appliance.state.db import connect
@@ -40,6 +42,8 @@ COLUMNS = (
     "fallback_reason",
     "request_text",
     "response_text",
+    "client",  # the peer's address, host:port (state schema v2)
+    "folded",  # a summary row: how many refusals it stands for (access/refusals.py; v3)
 )
 
 
@@ -89,6 +93,9 @@ class AuditLog:
         self.ledger: dict[tuple[str, int], int] = {}
         self.waiters: list[asyncio.Future] = []
         self.failing: str | None = None  # why the last write failed, while it fails
+        # A flood of refused credentials leaves a summary row past a few rows a minute.
+        per_minute = cfg.refusal_rows_per_minute
+        self.folding = RefusalFolding(per_minute, COLUMNS) if per_minute else None
         self._durable = cfg.durability != "batch"
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="audit-writer")
         self._writing: Future | None = None
@@ -108,7 +115,7 @@ class AuditLog:
 
     def record(self, row: list | tuple, durable: bool = False) -> asyncio.Future | None:
         """Queue one audit row; for a durable one, the future its answer awaits."""
-        if self.cfg.enabled:
+        if self.cfg.enabled and (durable or self.folding is None or self.folding.admit(row)):
             self.rows.append(row)
         if durable and self._durable and (self.cfg.enabled or self.ledger):
             waiter = asyncio.get_running_loop().create_future()
@@ -141,6 +148,7 @@ class AuditLog:
 
     async def flush(self) -> None:
         """Write every row and charge waiting, in one transaction on the writer thread."""
+        self._summaries()
         rows, ledger, waiters = self.rows, self.ledger, self.waiters
         self.rows, self.ledger, self.waiters = [], {}, []
         if not rows and not ledger:
@@ -218,6 +226,7 @@ class AuditLog:
         if self._writing is not None:
             wait_futures([self._writing])
         self._closed = True
+        self._summaries()
         job = self._thread.submit(self._write, self.rows, self.ledger)
         wait_futures([job])
         if job.exception() is None:
@@ -225,6 +234,12 @@ class AuditLog:
         self._lost()
         self._thread.submit(self.db.close)
         self._thread.shutdown(wait=True)
+
+    def _summaries(self) -> None:
+        """The summary rows of the refusal floods whose minute has ended (every one, once
+        the log is closing), queued with the rest."""
+        if self.folding is not None:
+            self.rows.extend(self.folding.due(time.time(), everything=self._stopping))
 
     def _lost(self) -> None:
         if self.rows or self.ledger:

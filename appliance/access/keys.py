@@ -110,12 +110,18 @@ class KeyStore:
         )
         return [ApiKey(r[0], r[1], r[2], json.loads(r[3]), *r[4:]) for r in rows]
 
-    def revoke(self, key_id: str) -> bool:
+    def revoke(self, key_id: str) -> tuple[float, bool] | None:
+        """Revoke a key: (when it was revoked, whether this call did it: False when it
+        was revoked already, at that time), or None when no key has that id."""
         with transaction(self.db):
+            now = time.time()
             cur = self.db.execute(
-                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (time.time(), key_id)
+                "UPDATE api_keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (now, key_id)
             )
-        return cur.rowcount == 1
+            if cur.rowcount == 1:
+                return now, True
+            row = self.db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else (row[0], False)
 
     def used(self, period_starts: dict[str, int]) -> dict[str, int]:
         """Tokens each key used in its current budget period (from the ledger)."""

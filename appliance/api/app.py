@@ -78,7 +78,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.providers import load_providers, set_fields
 from appliance.gateway.proxy import EngineProxy, make_session
 from appliance.gateway.relay import FREE, answer_stream, answer_whole, send_whole
-from appliance.gateway.request import ProxyRequest, new_request_id, request_id_of
+from appliance.gateway.request import ProxyRequest, new_request_id, peer_of, request_id_of
 from appliance.gateway.routing import Routes
 from appliance.gateway.runtime import Gateway
 from appliance.gateway.tracing import open_tracing
@@ -137,7 +137,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     rid = request_id_of(sent_id)
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
-    req = ProxyRequest(rid, started, time.time(), ep, receive)
+    req = ProxyRequest(rid, started, time.time(), ep, receive, peer_of(scope.get("client")))
     # The front door's error path reads whether the answer started (req.bytes_sent):
     # no wrapper around send, which would cost a call per streamed piece.
     scope["proxy_request"] = req  # type: ignore[typeddict-unknown-key]
@@ -468,7 +468,8 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     audited like any request; runs no inference, so charges nothing."""
     rt = runtime(request)
     rid = _request_id(request) or new_request_id()
-    req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, usage=FREE)
+    client = peer_of(request.scope.get("client"))
+    req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, client, usage=FREE)
     try:
         _refuse_web_pages(rt, request)
         auth = authorization(request)

@@ -14,7 +14,7 @@ from appliance.errors import ApplianceError, Forbidden, StateWriteFailed, Unauth
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.ledger import finish
-from appliance.gateway.request import ProxyRequest, new_request_id
+from appliance.gateway.request import ProxyRequest, new_request_id, peer_of
 
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey
@@ -104,5 +104,6 @@ def refused(rt: Runtime, request: Request, exc: ApplianceError) -> None:
     endpoint = _SURFACES.get(name)
     if endpoint is None:
         endpoint = _SURFACES[name] = Endpoint(name, ResponsesRequest, "", generates=False, free=True)
-    req = ProxyRequest(new_request_id(), time.perf_counter(), time.time(), endpoint, request.receive)
+    client = peer_of(request.scope.get("client"))
+    req = ProxyRequest(new_request_id(), time.perf_counter(), time.time(), endpoint, request.receive, client)
     finish(rt, req, exc.status)

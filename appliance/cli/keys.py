@@ -121,20 +121,31 @@ def register(main: click.Group, load) -> None:
     @click.argument("key_id")
     @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
     def revoke(config, key_id, as_json) -> None:
-        """Revoke a key by its id (the running daemon refuses it within a second)."""
+        """Revoke a key by its id (the running daemon refuses it within a second). A key
+        revoked already stays so (exit 0, saying since when); an unknown id is an error."""
+        # An id, ak-<id>, or a whole key pasted: only the id is named back (the secret is
+        # not echoed to the terminal, or to a log of it).
+        wanted = key_id.removeprefix("ak-").split("-")[0]
         s = store(config)
         try:
-            ok = s.revoke(key_id.removeprefix("ak-").split("-")[0])
-            named = [k.id for k in s.all() if k.name == key_id and not k.revoked_at] if not ok else []
+            outcome = s.revoke(wanted)
+            named = [k.id for k in s.all() if k.name == key_id and not k.revoked_at] if outcome is None else []
         finally:
             s.close()
-        if not ok:
+        if outcome is None:
             # Names need not be unique: say which ids carry it rather than pick one.
-            hint = f"; keys named {key_id!r}: {', '.join(named)}" if named else ""
-            raise click.ClickException(f"no active key with id {key_id!r}{hint}")
-        now = time.time()
+            hint = f"; keys named {key_id!r}: {', '.join(named)}" if named else "; `appliance keys ls` lists them"
+            shown = wanted if key_id.startswith("ak-") else key_id
+            raise click.ClickException(f"no key with id {shown!r}{hint}")
+        when, now = outcome
         if as_json:
-            document = {"id": key_id.removeprefix("ak-").split("-")[0], "revoked": True, "revoked_at": _iso(now)}
+            document = {"id": wanted, "revoked": True, "revoked_at": _iso(when), "already_revoked": not now}
             click.echo(json.dumps(document, indent=2))
+        elif now:
+            click.echo(f"key {wanted} revoked at {_local(when)}")
         else:
-            click.echo(f"key {key_id} revoked at {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(now))}")
+            click.echo(f"key {wanted} was already revoked at {_local(when)}; nothing changed")
+
+
+def _local(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))

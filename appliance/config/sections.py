@@ -208,6 +208,10 @@ class AuditConfig(_Section):
     # While the state database cannot be written (disk full), rows wait in memory;
     # beyond this many, requests get 503 state_write_failed.
     max_pending_rows: int = 100_000
+    # Unauthenticated refusals (401/403 with no key) per client host, endpoint and status
+    # written one row each per minute; the minute's rest leave one summary row with their
+    # count (`folded`): a flood of wrong keys cannot fill the disk (0: every one a row).
+    refusal_rows_per_minute: int = 60
     # Retention (0: keep forever): rows older than this many days, and rows beyond the
     # newest max_rows, are deleted every purge_interval in small batches, and the freed
     # space goes back to the filesystem (appliance/access/retention.py).

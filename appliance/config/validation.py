@@ -270,6 +270,7 @@ def _validate_routes(cfg: Config, need) -> None:
     need(a.flush_interval_s > 0, "audit.flush_interval_s", "must be positive")
     need(a.flush_rows >= 1, "audit.flush_rows", "must be >= 1")
     need(a.max_pending_rows >= a.flush_rows, "audit.max_pending_rows", "must be >= flush_rows")
+    need(a.refusal_rows_per_minute >= 0, "audit.refusal_rows_per_minute", "must not be negative (0: no folding)")
     need(a.retention_days >= 0, "audit.retention_days", "must not be negative (0: keep forever)")
     need(a.max_rows >= 0, "audit.max_rows", "must not be negative (0: no limit)")
     need(a.purge_interval.seconds >= 1, "audit.purge_interval", "must be at least 1s")

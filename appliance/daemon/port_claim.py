@@ -8,8 +8,10 @@ anything starts, `serve` therefore:
 1. claims the port in the abstract UNIX socket namespace (``\\0appliance-port:HOST:PORT``,
    per network namespace like the port itself, no file to leave behind, dropped by the
    kernel when the holder dies, SIGKILL included). The holder answers whoever connects
-   with one JSON line naming its pid, config and state directory, so the second daemon's
-   error can name them;
+   with one JSON line: to its own user or root (the kernel's word, SO_PEERCRED), its
+   pid, config and state directory, so the second daemon's error can name them; to any
+   other local user only that an appliance holds the port (where a daemon keeps its
+   config and state is not theirs to learn);
 2. binds the TCP address once WITHOUT SO_REUSEPORT and lets it go: a listener of any
    other program (or of an appliance of another version) makes that bind fail.
 
@@ -61,7 +63,7 @@ def claim_port(host: str, port: int, *, config: str, state_dir: str) -> PortClai
         raise
     sock.listen(8)
     me = json.dumps({"pid": os.getpid(), "config": config, "state_dir": state_dir}).encode() + b"\n"
-    threading.Thread(target=_answer, args=(sock, me), name="port-claim", daemon=True).start()
+    threading.Thread(target=_answer, args=(sock, me, os.geteuid()), name="port-claim", daemon=True).start()
     return PortClaim(sock)
 
 
@@ -92,8 +94,13 @@ def _where(host: str, port: int) -> str:
     return f"port {port} on {host}"
 
 
-def _answer(sock: socket.socket, me: bytes) -> None:
-    """Tell whoever asks who holds the port (until the claim is closed)."""
+# What a local user other than the holder's (or root) is told: nothing but the fact.
+HELD = json.dumps({"held": "an appliance daemon holds this port"}).encode() + b"\n"
+
+
+def _answer(sock: socket.socket, me: bytes, owner: int) -> None:
+    """Tell whoever asks that the port is held (until the claim is closed); who holds it,
+    with which config and state directory, only to the holder's own user or root."""
     while True:
         try:
             conn, _ = sock.accept()
@@ -102,9 +109,18 @@ def _answer(sock: socket.socket, me: bytes) -> None:
         with conn:
             conn.settimeout(1.0)
             try:
-                conn.sendall(me)
+                conn.sendall(me if _peer_uid(conn) in (owner, 0) else HELD)
             except OSError:
                 pass
+
+
+def _peer_uid(conn: socket.socket) -> int | None:
+    """The connecting process's uid, as the kernel says (None: it would not say)."""
+    try:
+        creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    return struct.unpack("3i", creds)[1]
 
 
 def holder_ids(host: str, port: int) -> tuple[int, int] | None:
@@ -122,13 +138,15 @@ def holder_ids(host: str, port: int) -> tuple[int, int] | None:
 
 
 def _holder(name: str) -> str:
-    """'pid N, config F, state directory D' of the daemon holding the claim, as far as known."""
+    """'pid N, config F, state directory D' of the daemon holding the claim, as far as it
+    tells (another user's daemon tells only that it holds it: then its pid and uid, the
+    kernel's word)."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(2.0)
         try:
             conn.connect(name)
             creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-            pid = struct.unpack("3i", creds)[0]
+            pid, uid, _ = struct.unpack("3i", creds)
             line = conn.makefile("rb").readline(4096)
         except OSError:
             return "pid unknown"
@@ -136,4 +154,4 @@ def _holder(name: str) -> str:
         said = json.loads(line)
         return f"pid {pid}, config {said['config']}, state directory {said['state_dir']}"
     except (ValueError, KeyError, TypeError):
-        return f"pid {pid}"
+        return f"pid {pid}" if uid == os.geteuid() else f"pid {pid}, run by uid {uid}"

@@ -132,18 +132,22 @@ class WorkerLink:
         }
         gone = False
         unread = req.more  # part of its body not read here yet
+        held = req.held  # its worker reads the body only when asked (Expect: 100-continue)
         first: dict[str, Any] | None = {"type": "http.request", "body": req.body, "more_body": req.more}
         start: dict[str, Any] | None = None
         answered = False
 
         async def receive() -> dict[str, Any]:
-            nonlocal gone, first, unread
+            nonlocal gone, first, unread, held
             if first is not None:
                 message, first = first, None
                 return message
             if ticket is not None:  # its frames are the ticket's: its client's leaving is watched apart
                 await inbox.left()
             elif not gone:
+                if held:  # the front door reads the body: now its client is told to send it
+                    held = False
+                    self.out.write(Want(req.rid))
                 frame = await inbox.get()
                 if isinstance(frame, Body):
                     unread = frame.more

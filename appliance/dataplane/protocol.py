@@ -26,6 +26,9 @@ may carry alone, grants it:
                               regulated request's row is durable: the last bytes may go)
                     daemon -> Want (not grantable after all: the daemon answers it,
                               as a whole request); worker -> Body (the body it kept)
+A request whose client sent `Expect: 100-continue` (Request.held) comes without any
+of its body; the daemon asks for it (Want) when its front door first reads it, and
+the worker then reads it (its server sends the 100 Continue) and passes it on (Body...).
 The engine's answer never crosses the link: a unary request is three frames (a
 keyed one four), a stream's chunks none. Anything else (not on the fast path, or
 not grantable: fallbacks, a provider, a stored Response, a loading model) is
@@ -62,6 +65,10 @@ class Request(msgspec.Struct, tag=1, array_like=True):
     # The worker has the whole body, keeps it, and would carry the answer itself: what
     # the front door's policy reads of the body (decide on these; grant it if you may).
     facts: Facts | None = None
+    # Its client sent `Expect: 100-continue`: the worker reads the body (and its server
+    # answers 100 Continue) only once the daemon asks for it (Want), as one process reads
+    # it only when its front door does: a refusal before that goes without a 100.
+    held: bool = False
 
 
 class Body(msgspec.Struct, tag=2, array_like=True):
@@ -170,7 +177,8 @@ class Finish(msgspec.Struct, tag=12, array_like=True):
 
 
 class Want(msgspec.Struct, tag=14, array_like=True):
-    """The daemon answers a decided request itself after all (not grantable): its body, please."""
+    """The daemon answers a decided request itself after all (not grantable), or reads a
+    held one's body (Request.held): its body, please."""
 
     rid: int
 

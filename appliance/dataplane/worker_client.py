@@ -120,6 +120,9 @@ class ClientSide:
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return
+        if _expects_continue(scope):
+            await self._held(scope, receive, send)
+            return
         piece = receive()  # Granian's awaitable: cancellable, as a future is
         self.first_pieces[piece] = self.clock()
         try:  # (the rest of a body that comes in pieces is timed by the daemon's front door)
@@ -146,20 +149,7 @@ class ClientSide:
         whole = not more and scope["path"] in FAST_PATHS and scope["method"] == "POST"
         carried = _carried(started, scope["path"], data) if whole else None
         try:
-            self.out.write(
-                Request(
-                    rid,
-                    scope["method"],
-                    scope["path"],
-                    scope["query_string"],
-                    [(bytes(k), bytes(v)) for k, v in scope["headers"]],
-                    (str(client[0]), int(client[1])) if (client := scope.get("client")) else None,
-                    scope["http_version"],
-                    data if carried is None else b"",
-                    more,
-                    None if carried is None else carried.facts,
-                )
-            )
+            self.out.write(_request(rid, scope, data if carried is None else b"", more, carried))
             if carried is not None:
                 await self._decided(rid, answer, carried, receive, send)
                 return
@@ -172,6 +162,28 @@ class ClientSide:
             finally:
                 watcher.cancel()
         finally:
+            del self.requests[rid]
+
+    async def _held(self, scope: Any, receive: Any, send: Any) -> None:
+        """A request whose client waits for 100 Continue before sending its body: passed
+        on without it, its body read (Granian then sends the 100) and passed on only once
+        the daemon's front door asks for it (Want); a refusal before that (401, 403, 413 on
+        the declared length...) goes out with no 100, the body never read, as one process
+        answers. Not carried: its facts would need the body before the daemon's word."""
+        rid = next(self.ids)
+        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
+        self.requests[rid] = answer
+        reader: asyncio.Future[None] | None = None
+        left = self.settings.max_body_bytes + 1
+        try:
+            self.out.write(_request(rid, scope, b"", True, None, held=True))
+            while isinstance(frame := await answer.get(), Want):
+                if reader is None:
+                    reader = asyncio.ensure_future(self._pass_then_watch(rid, receive, left))
+            await self._answer(answer, send, frame)
+        finally:
+            if reader is not None:
+                reader.cancel()
             del self.requests[rid]
 
     async def _body_timed_out(self, scope: Any, send: Any) -> None:
@@ -446,6 +458,33 @@ def _cancelling() -> bool:
     """Whether the current task itself is being cancelled (not only a receive it awaited)."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def _request(rid: int, scope: Any, body: bytes, more: bool, carried: Carried | None, held: bool = False) -> Request:
+    """The Request frame of a client's request: its head, with its body's first piece
+    (or the facts of a body kept here, carried; or nothing yet, held)."""
+    client = scope.get("client")
+    return Request(
+        rid,
+        scope["method"],
+        scope["path"],
+        scope["query_string"],
+        [(bytes(k), bytes(v)) for k, v in scope["headers"]],
+        (str(client[0]), int(client[1])) if client else None,
+        scope["http_version"],
+        body,
+        more,
+        None if carried is None else carried.facts,
+        held,
+    )
+
+
+def _expects_continue(scope: Any) -> bool:
+    """Whether the client waits for 100 Continue before sending its body (RFC 9110 10.1.1)."""
+    for name, value in scope["headers"]:
+        if name == b"expect":
+            return bytes(value).strip().lower() == b"100-continue"
+    return False
 
 
 def _came_whole(scope: Any, data: bytes) -> bool:

@@ -78,6 +78,8 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         req.fallback_reason,
         _text(req.request_text),
         _text(req.response_text),
+        req.client,
+        None,  # folded: a summary row's (access/refusals.py)
     ]
     req.receipt = rt.audit.record(req.row, durable=req.accountable)
     if req.trace is not None:

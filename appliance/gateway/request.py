@@ -14,7 +14,7 @@ import asyncio
 import re
 from dataclasses import dataclass, field
 from random import getrandbits as _getrandbits
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from litestar.types import Receive
@@ -47,6 +47,15 @@ def request_id_of(sent: bytes | None) -> str:
     return new_request_id()
 
 
+def peer_of(client: Any) -> str | None:
+    """The ASGI scope's client, (host, port), as the audit row names it: host:port, an
+    IPv6 host in brackets ([::1]:5000); None without one (a unix socket)."""
+    if not client:
+        return None
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(slots=True)
 class ProxyRequest:
     """A request's facts: what it asked, where it went, what it held and cost, how it ended."""
@@ -57,6 +66,7 @@ class ProxyRequest:
     arrived: float  # unix time at arrival
     endpoint: Endpoint  # what the client called: its request type, dialect, metering
     receive: Receive  # the client's side of the connection (a disconnect cancels the work)
+    client: str | None = None  # who sent it: the peer's host:port (peer_of), audited
     key: ApiKey | None = None
     # What it asks for.
     model: str = ""  # the model the client asked for

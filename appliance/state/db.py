@@ -19,7 +19,7 @@ import os
 import sqlite3
 from pathlib import Path
 
-from appliance.state.migrations import Registry, run_script
+from appliance.state.migrations import Registry, add_column, run_script
 from appliance.state.migrations import connect as _connect
 
 
@@ -75,8 +75,20 @@ CREATE TABLE IF NOT EXISTS usage_ledger (
     )
 
 
+def _v2_audit_client(db: sqlite3.Connection) -> None:
+    """Who sent each request: the peer's address, host:port (NULL: rows written before,
+    and requests on the admin socket, which has no address)."""
+    add_column(db, "audit", "client", "TEXT")
+
+
+def _v3_audit_folded(db: sqlite3.Connection) -> None:
+    """A summary row of a refusal flood: how many refusals it stands for (NULL: one row,
+    one request; appliance/access/refusals.py)."""
+    add_column(db, "audit", "folded", "INTEGER")
+
+
 # Append only: step N takes the schema from version N-1 to N.
-MIGRATIONS = Registry("state database", (_v1_tables,))
+MIGRATIONS = Registry("state database", (_v1_tables, _v2_audit_client, _v3_audit_folded))
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
