@@ -51,6 +51,7 @@ from appliance.dataplane.protocol import (
     Request,
     Settled,
     Start,
+    ToDaemon,
     Want,
     Whole,
 )
@@ -85,15 +86,7 @@ class WorkerLink:
     async def run(self) -> None:
         """Frames from the worker, until it is gone; then its requests end as cut."""
         try:
-            while True:
-                for frame in await self.reader.read():
-                    if isinstance(frame, Request):
-                        self._start(frame)
-                    elif isinstance(frame, (Body, Gone, Finish)):
-                        if (inbox := self.inboxes.get(frame.rid)) is not None:
-                            inbox.put(frame)
-                    elif (call := self.calls.get(frame.uid)) is not None:
-                        call.put(frame)
+            await self.reader.dispatch(self._take, self.out.writer.transport)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the worker exited
         except (ValueError, msgspec.MsgspecError) as exc:
@@ -104,6 +97,16 @@ class WorkerLink:
                 inbox.put(Gone(rid))
             for uid, call in self.calls.items():
                 call.put(End(uid, "broke", "the worker relaying it exited"))
+
+    def _take(self, frame: ToDaemon) -> None:
+        """A frame from the worker, taken as it arrives (FrameReader.dispatch)."""
+        if isinstance(frame, Request):
+            self._start(frame)
+        elif isinstance(frame, (Body, Gone, Finish)):
+            if (inbox := self.inboxes.get(frame.rid)) is not None:
+                inbox.put(frame)
+        elif (call := self.calls.get(frame.uid)) is not None:
+            call.put(frame)
 
     def _start(self, req: Request) -> None:
         inbox = Inbox()

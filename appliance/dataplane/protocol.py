@@ -43,7 +43,8 @@ from __future__ import annotations
 import asyncio
 import struct
 from collections import deque
-from typing import Generic, TypeVar
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
 
 import msgspec
 
@@ -252,6 +253,23 @@ class FrameReader:
             self.buffer += data
         return frames
 
+    async def dispatch(self, take: Callable[[Any], None], transport: asyncio.BaseTransport) -> None:
+        """Each frame handed to take as its bytes arrive, in the transport's own callback
+        (the daemon's end of a link: no task woken per read, one loop turn less for every
+        Request and Finish a worker sends; bench/gateway_overhead.py --workers). Returns
+        never: raises IncompleteReadError when the other side is gone (the connection's
+        error when it broke), or the error of a frame that does not decode."""
+        stream = self.reader
+        if stream.exception() is not None or stream.at_eof():  # gone before it was read
+            await self.read()
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        inline = _Inline(self, take, transport.get_protocol(), ended)
+        transport.set_protocol(inline)
+        # What arrived before the switch, from the stream no more bytes reach (read to its end).
+        stream.feed_eof()
+        inline.data_received(await stream.read())
+        await ended
+
     def _frames(self) -> list:
         buffer, frames, at = self.buffer, [], 0
         with memoryview(buffer) as view:
@@ -266,6 +284,45 @@ class FrameReader:
                 at = start + size
         del buffer[:at]
         return frames
+
+
+class _Inline(asyncio.Protocol):
+    """The link's transport protocol once FrameReader.dispatch has it: frames taken where
+    their bytes arrive; what concerns the writing side (flow control, the connection's
+    loss) still goes to the stream's own protocol, which the FrameWriter's drain waits on."""
+
+    def __init__(
+        self, frames: FrameReader, take: Callable[[Any], None], streams: Any, ended: asyncio.Future[None]
+    ) -> None:
+        self.frames, self.take, self.streams, self.ended = frames, take, streams, ended
+
+    def data_received(self, data: bytes) -> None:
+        if self.ended.done():
+            return
+        self.frames.buffer += data
+        try:
+            for frame in self.frames._frames():
+                self.take(frame)
+        except Exception as exc:  # a frame that does not decode (or a bug taking one): the link ends
+            self.ended.set_exception(exc)
+
+    def eof_received(self) -> bool | None:
+        self._end(asyncio.IncompleteReadError(bytes(self.frames.buffer), None))
+        return self.streams.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._end(exc if exc is not None else asyncio.IncompleteReadError(bytes(self.frames.buffer), None))
+        self.streams.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.streams.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.streams.resume_writing()
+
+    def _end(self, exc: BaseException) -> None:
+        if not self.ended.done():
+            self.ended.set_exception(exc)
 
 
 class WorkerSettings(msgspec.Struct, frozen=True):
