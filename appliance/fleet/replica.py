@@ -36,7 +36,7 @@ from appliance.config import Config, ModelConfig
 from appliance.fleet.engine_access import EngineAccess, engine_environment, engine_session, open_access
 from appliance.fleet.process import ProcessHandle, ProcessRunner, resident_bytes
 from appliance.status import ReplicaLoad, ReplicaStatus
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 from engines import CannotLaunch, EngineAdapter, EngineLoad, GpuSlot, Lora, ProbeFailed
 from engines.base import SleepingEngine
 
