@@ -31,7 +31,8 @@ from pathlib import Path
 from appliance.config import Config, ModelConfig, uses_gpus
 from appliance.fleet import eviction
 from appliance.fleet.process import process_trees
-from appliance.fleet.replica import Replica, State
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import State
 from appliance.gpu.memory import MeasuredMemory, ModelShapeError, estimate_gguf
 from appliance.gpu.placement import GiB, Placed, free_bytes
 from appliance.gpu.planning import PlanRow, demand_for, estimate_for, gpus_from, plan

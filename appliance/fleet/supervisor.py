@@ -31,15 +31,8 @@ from appliance.fleet.deployment import Deployment
 from appliance.fleet.fairness import FAIRNESS, Fairness
 from appliance.fleet.market import Market
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
-from appliance.fleet.replica import (
-    Clock,
-    Listener,
-    RealClock,
-    Replica,
-    State,
-    Transition,
-    free_port,
-)
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import Clock, Listener, RealClock, State, Transition, free_port
 from appliance.fleet.room import CANNOT_PLACE, Room
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
