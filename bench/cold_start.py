@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from appliance.config import parse_config  # noqa: E402
 from appliance.fleet.engine_access import open_access  # noqa: E402
-from appliance.fleet.replica import free_port  # noqa: E402
+from appliance.fleet.replica_state import free_port  # noqa: E402
 from appliance.store.sources import incoming_from  # noqa: E402
 from appliance.store.hashing import hash_file  # noqa: E402
 from appliance.store.store import Store  # noqa: E402

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from appliance.fleet.engine_access import engine_session, http_session, open_access, tcp_connector  # noqa: E402
-from appliance.fleet.replica import free_port  # noqa: E402
+from appliance.fleet.replica_state import free_port  # noqa: E402
 
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hi"}],"max_tokens":4}'
 HEADERS = {"Content-Type": "application/json", "X-Request-Id": "0" * 32}

@@ -136,7 +136,10 @@ from appliance.config import EMBEDDED_MODEL_NAME, builtin_model_path, parse_conf
 from appliance.dist.images import default_llama_server  # noqa: E402
 from appliance.errors import ApplianceError  # noqa: E402
 from appliance.fleet import operator, process  # noqa: E402
-from appliance.fleet.replica import State, free_port  # noqa: E402
+try:
+    from appliance.fleet.replica_state import State, free_port  # noqa: E402
+except ImportError:  # a baseline checkout from before replica.py was split
+    from appliance.fleet.replica import State, free_port  # noqa: E402
 from appliance.fleet.supervisor import Supervisor  # noqa: E402
 from appliance.gpu.probe import GiB  # noqa: E402
 

@@ -30,7 +30,10 @@ import market  # noqa: E402  (bench/market.py: the same engines and config)
 
 from appliance.config import parse_config  # noqa: E402
 from appliance.fleet import process  # noqa: E402
-from appliance.fleet.replica import State  # noqa: E402
+try:
+    from appliance.fleet.replica_state import State  # noqa: E402
+except ImportError:  # a baseline checkout from before replica.py was split
+    from appliance.fleet.replica import State  # noqa: E402
 from appliance.fleet.supervisor import Supervisor  # noqa: E402
 
 SEEN: dict[str, float] = {}

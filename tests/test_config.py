@@ -17,7 +17,7 @@ from appliance.config import (
     load_config,
     parse_config,
 )
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "appliance.example.toml"

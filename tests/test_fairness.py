@@ -11,7 +11,7 @@ from collections import Counter
 import pytest
 
 from appliance.errors import ApplianceError, NoCapacity
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 
 from .test_market import one_gpu_two_models, started
 

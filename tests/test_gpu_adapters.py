@@ -10,7 +10,7 @@ import pytest
 
 from appliance.config import parse_config
 from appliance.fleet.engine_access import EngineAccess
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 from engines import CannotLaunch, GpuSlot, adapter_for
 from engines.metrics import parse_llamacpp, parse_sglang, parse_vllm
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from appliance.config import parse_config
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 from appliance.fleet.supervisor import Supervisor
 from appliance.gpu.probe import GiB, SimulatedProbe
 

@@ -17,7 +17,7 @@ import aiohttp
 import pytest
 
 from appliance.config import parse_config
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 from appliance.fleet.supervisor import Supervisor
 from appliance.gpu.probe import GiB
 

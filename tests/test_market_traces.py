@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 
 from .test_gpu_supervision import DATA, gpu_config
 from .test_market import one_gpu_two_models, started, vllm_model

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import parse_config
-from appliance.fleet.replica import Replica, ReplicaUnavailable, State
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import ReplicaUnavailable, State
 from engines import LaunchSpec, ProbeFailed
 
 

@@ -306,7 +306,7 @@ KILL_POINTS = ["copy", "publish", "snapshot-rename", "before-commit", "after-com
 KILLER = r"""
 import os, signal, sys
 from pathlib import Path
-from appliance.store import store as s
+from appliance.store import importing, store as s
 from appliance.store.sources import incoming_from
 point, cache, src = sys.argv[1], sys.argv[2], sys.argv[3]
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
@@ -316,7 +316,7 @@ def write(fd, data):
     if point == "copy" and calls["n"] == 3:
         die()
     os.write(fd, data)
-orig_publish, orig_replace = s.Store._publish, os.replace
+orig_publish, orig_replace = importing._publish, os.replace
 def publish(self, *a):
     if point == "publish":
         die()
@@ -329,7 +329,7 @@ def publish(self, *a):
     orig_publish(self, *a)
     if point == "before-commit":
         die()
-s.Store._publish = publish
+importing._publish = publish
 store = s.Store(cache, write=write)
 for incoming in incoming_from(src, name="killed"):
     store.add(incoming)

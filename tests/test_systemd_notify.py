@@ -159,7 +159,7 @@ def test_replica_summary_names_what_is_not_ready():
         def __init__(self, name, state):
             self.name, self.state = name, state
 
-    from appliance.fleet.replica import State
+    from appliance.fleet.replica_state import State
 
     replicas = [R("a#0", State.READY), R("b#0", State.STARTING), R("b#1", State.BACKOFF)]
     assert replica_summary(replicas) == "1/3 replicas ready; b#0 starting, b#1 backoff"

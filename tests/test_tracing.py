@@ -21,7 +21,7 @@ from appliance.access.keys import KeyStore
 from appliance.config import ConfigError, TelemetryConfig, parse_config, traces_url
 from appliance.fleet.engine_access import EngineAccess
 from appliance.gateway.tracing import parse_traceparent, traceparent
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 from engines import GpuSlot, adapter_for
 
 from .conftest import ROOT, engine_client, fake_model, free_port, wait_until

@@ -23,7 +23,7 @@ class _SupervisorCollector:
         self.supervisor = supervisor
 
     def collect(self):
-        from appliance.fleet.replica import State
+        from appliance.fleet.replica_state import State
 
         state = GaugeMetricFamily(
             "appliance_replica_state", "1 for the state each replica is in", labels=["model", "replica", "state"]

@@ -34,7 +34,7 @@ from appliance.fleet import lora, rollout
 from appliance.gateway.providers import Provider, load_providers
 from appliance.gateway.routing import Routes
 from appliance.status import ReloadReport
-from appliance.store.store import unusable_weights
+from appliance.store.weights import unusable_weights
 
 if TYPE_CHECKING:
     from appliance.api.app import Runtime

@@ -194,7 +194,7 @@ def _check_files(cfg: Config) -> None:
 
     from appliance.dist.images import llamacpp_binary
     from appliance.gpu.probe import load_inventory
-    from appliance.store.store import model_path, unusable_weights
+    from appliance.store.weights import model_path, unusable_weights
 
     if cfg.gpu.inventory:
         try:

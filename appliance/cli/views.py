@@ -246,7 +246,7 @@ def models_ls(config: str | None, port: int | None, as_json: bool) -> None:
     """List configured models, with their live state when the daemon runs, then the store's models."""
     from appliance.cli.store import store_rows
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
-    from appliance.store.store import model_path
+    from appliance.store.weights import model_path
 
     cfg = load(config)
     live, down = None, "daemon not running"

@@ -138,7 +138,7 @@ def _validate(cfg: Config) -> None:
     need(cfg.capacity.headroom_idle_s >= 0, "capacity.headroom_idle_s", "must not be negative (0 = off)")
 
     seen: set[str] = set()
-    log_names: dict[str, str] = {}  # a replica log's name -> the model's (fleet/replica.py)
+    log_names: dict[str, str] = {}  # a replica log's name -> the model's (fleet/replica_state.py)
     for i, m in enumerate(cfg.models):
         at = f"models[{i}]"
         _need_model_name(need, m.name, f"{at}.name")

@@ -17,7 +17,7 @@ import contextlib
 import logging
 
 from appliance.daemon.sdnotify import Notifier
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 
 log = logging.getLogger("appliance.service")
 

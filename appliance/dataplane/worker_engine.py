@@ -45,10 +45,8 @@ class EngineCalls:
             return
         try:
             data = await resp.read()
-        except TimeoutError:
-            self.out.write(End(uid, "stalled", "stalled mid-answer"))
-        except (aiohttp.ClientError, OSError) as exc:
-            self.out.write(End(uid, "broke", type(exc).__name__))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            self.out.write(_broken_off(uid, exc))
         else:
             self.out.write(Whole(uid, resp.status, resp.headers.get("Content-Type", "application/json"), data))
         finally:
@@ -62,11 +60,8 @@ class EngineCalls:
                 async for chunk in resp.content.iter_any():
                     self.out.write(Chunk(uid, chunk))
                     await self.out.drain()
-            except TimeoutError:
-                self.out.write(End(uid, "stalled", "stalled mid-answer"))
-                return
-            except (aiohttp.ClientError, OSError) as exc:
-                self.out.write(End(uid, "broke", type(exc).__name__))
+            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+                self.out.write(_broken_off(uid, exc))
                 return
             finished = True
             self.out.write(End(uid, "", ""))
@@ -80,3 +75,11 @@ class EngineCalls:
     def cancel(self, uid: int) -> None:
         if (task := self.calls.get(uid)) is not None:
             task.cancel()
+
+
+def _broken_off(uid: int, exc: BaseException) -> End:
+    """The End of an answer the engine broke off after its head: its read timed out
+    (stalled; aiohttp's read timeout is a TimeoutError) or its connection failed (broke)."""
+    if isinstance(exc, TimeoutError):
+        return End(uid, "stalled", "stalled mid-answer")
+    return End(uid, "broke", type(exc).__name__)

@@ -31,13 +31,14 @@ from pathlib import Path
 from appliance.config import Config, ModelConfig, uses_gpus
 from appliance.fleet import eviction
 from appliance.fleet.process import process_trees
-from appliance.fleet.replica import Replica, State
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import State
 from appliance.gpu.memory import MeasuredMemory, ModelShapeError, estimate_gguf
 from appliance.gpu.placement import GiB, Placed, free_bytes
 from appliance.gpu.planning import PlanRow, demand_for, estimate_for, gpus_from, plan
 from appliance.gpu.probe import GpuProbe, Inventory
 from appliance.status import CpuBudget, CpuHolder, SleepingReplica
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 
 # Host RAM kept for the OS, the daemon and page cache when [capacity] host_ram_gib is 0:
 # a tenth of it, at least this much.

@@ -16,7 +16,8 @@ from appliance.fleet.autoscaler import Inputs, Policy
 from appliance.fleet.hold import Exclude, HoldQueue
 from appliance.fleet.prefix import PrefixRouter
 from appliance.fleet.rates import RateWindow
-from appliance.fleet.replica import Replica, State
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import State
 from appliance.state.decisions import ModelControl
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ import functools
 
 from appliance.config import Config, ModelConfig
 from appliance.store import gguf
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 from engines import adapter_for
 from engines.base import EngineAdapter
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from appliance.fleet import eviction
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 
 if TYPE_CHECKING:
     from appliance.fleet.supervisor import Supervisor

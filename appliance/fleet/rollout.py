@@ -18,7 +18,8 @@ from appliance.config import ModelConfig
 from appliance.fleet import lora
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ROOM_POLL_S
-from appliance.fleet.replica import Replica, ReplicaUnavailable, State, Transition
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import ReplicaUnavailable, State, Transition
 from appliance.state.decisions import ModelControl
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
 from appliance.store.store import Store

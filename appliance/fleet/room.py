@@ -22,7 +22,8 @@ from appliance.fleet.capacity import Scarce, next_indices
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.fairness import FAIRNESS
 from appliance.fleet.market import Eviction, now
-from appliance.fleet.replica import Replica, State
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import State
 from appliance.gpu.planning import PlanRow
 
 if TYPE_CHECKING:

@@ -8,6 +8,10 @@ one, ``on_demand``) and holds the request in the model's bounded FIFO queue
 (``tick``) and the operator's commands (``scale``, ``load``, ``unload``, ``pin``:
 appliance/fleet/operator.py) change the count; a replica taken out of service is
 drained before it stops.
+
+Its parts, each called through the supervisor's methods: what demand does (on_demand,
+tick: appliance/fleet/demand.py), store models blocked and served again (blocking.py),
+what it reports (status, gpu_holdings: report.py), a config reload's changes (rollout.py).
 """
 
 from __future__ import annotations
@@ -16,37 +20,28 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 
-from appliance.config import Config, ModelConfig, idle_ttl_s, uses_gpus
+from appliance.config import Config, ModelConfig, uses_gpus
 from appliance.errors import ModelNotFound, NoCapacity
-from appliance.fleet import headroom, lora, operator, rollout
+from appliance.fleet import blocking, demand, lora, operator, report, rollout
 from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
-from appliance.fleet.fairness import FAIRNESS, Fairness
+from appliance.fleet.fairness import Fairness
 from appliance.fleet.market import Market
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
-from appliance.fleet.replica import (
-    Clock,
-    Listener,
-    RealClock,
-    Replica,
-    State,
-    Transition,
-    free_port,
-)
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import Clock, Listener, RealClock, State, Transition, free_port
 from appliance.fleet.room import CANNOT_PLACE, Room
 from appliance.gpu.memory import MeasuredMemory
 from appliance.gpu.planning import PlanRow
 from appliance.gpu.probe import GpuProbe, Inventory, NvmlProbe, SimulatedProbe
 from appliance.state.decisions import StateStore
-from appliance.status import CpuBudget, ModelStatus, PlacedReplica, at_wall_clock
-from appliance.status import Decision as DecisionStatus
+from appliance.status import CpuBudget, ModelStatus, PlacedReplica
 from appliance.store.guard import StoreChecks, admit_store_models, store_name
 from appliance.store.store import Store
 from engines import GpuSlot, adapter_for
@@ -275,7 +270,7 @@ class Supervisor:
         if dep.lora is not None:
             replica.loras = dep.lora.loras
         if store_name(dep.model) and self.store_checks is not None:
-            replica.preflight = lambda: self._store_preflight(dep)
+            replica.preflight = lambda: blocking.store_preflight(self, dep)
         if dep.blocked:
             replica.cannot_start = dep.blocked  # e.g. quarantined in the store: FATAL with the reason
         elif uses_gpus(dep.model):
@@ -307,107 +302,15 @@ class Supervisor:
         return replica
 
     # --- store models: checked before each start, blocked and served again -------------------
-
-    async def _store_preflight(self, dep: Deployment) -> str | None:
-        """Before a replica loads a store model (each start and restart): its files as
-        verified, a changed one rehashed first (appliance/store/guard.py)."""
-        if dep.blocked:
-            return dep.blocked
-        name = store_name(dep.model)
-        assert self.store_checks is not None and name is not None, "add_replica sets it only for a store model"
-        reason = await self.store_checks.check(name)
-        if self._stopping and not reason:
-            # An interrupted check found nothing, which is no verdict: start nothing; the
-            # replica's stop (Supervisor.stop stops every replica) ends this wait.
-            await asyncio.Event().wait()
-        return reason
+    # (appliance/fleet/blocking.py)
 
     def block_store_model(self, name: str, reason: str) -> None:
-        """Store model NAME failed a check (quarantined): block every model serving it,
-        and refuse every LoRA adapter loaded from it."""
-        for dep in self.deployments.values():
-            if store_name(dep.model) == name:
-                self.block(dep, reason)
-            if dep.lora is not None:
-                dep.lora.block_store(name, reason)
-
-    def block(self, dep: Deployment, reason: str) -> None:
-        """Stop serving a model (as admission does at boot): no replica of it starts again,
-        the running ones drain and stop, held and new requests get 503 with the reason,
-        and a FATAL replica in its place says why in `appliance status`. Until its store
-        entry passes admission again (``recheck_blocked``)."""
-        if dep.blocked or self._stopping:
-            return
-        dep.blocked = reason
-        log.error("not serving %s: %s", dep.model.name, reason)
-        had_replicas = bool(dep.kept())
-        for r in dep.kept():
-            self.retire(r, "not served any more: its store files failed verification")
-        dep.fail_waiters(NoCapacity(dep._why_unavailable(), retry_after=30))
-        if had_replicas:
-            self.add_replica(dep, reason="blocked")
+        blocking.block_store_model(self, name, reason)
 
     async def recheck_blocked(self) -> list[str]:
-        """Check the admission of every blocked store model again (the StoreChecks worker:
-        a manifest read and a stat per file; a quarantined model is not rehashed: `models
-        verify` decides). Those that pass are served again (``unblock_store_model``).
-        Returns the store names lifted."""
-        if self.store_checks is None or self._stopping:
-            return []
-        names = sorted({name for d in self.deployments.values() if d.blocked and (name := store_name(d.model))})
-        lifted = []
-        for name in names:
-            reason = await self.store_checks.check(name)
-            if self._stopping:
-                # An interrupted check found nothing, which is no verdict. (mypy keeps the guard's
-                # `not self._stopping` across the await, which can change it.)
-                break  # type: ignore[unreachable]
-            if reason is None:
-                self.unblock_store_model(name)
-                lifted.append(name)
-            else:  # still blocked, maybe for another reason now (verified, license not accepted)
-                for dep in self.deployments.values():
-                    if store_name(dep.model) == name and dep.blocked:
-                        self._reword_block(dep, reason)
-        return lifted
+        return await blocking.recheck_blocked(self)
 
-    @staticmethod
-    def _reword_block(dep: Deployment, reason: str) -> None:
-        """A blocked model's reason changed: the block and its FATAL replica say the new one."""
-        dep.blocked = reason
-        for r in dep.kept():
-            if r.state is State.FATAL and r.cannot_start:
-                r.cannot_start = r.last_error = reason
-
-    def unblock_store_model(self, name: str) -> None:
-        """Store model NAME passed admission again: serve every model blocked on it."""
-        if name not in self.store_leases:
-            try:
-                store = Store.from_config(self.cfg)
-                try:
-                    self.store_leases[name] = store.lease(name)
-                    store.touch(name)
-                finally:
-                    store.close()
-            except Exception as exc:  # a lock or manifest we cannot write: serve it anyway
-                log.warning("cannot lease store model %s: %s", name, exc)
-        for dep in self.deployments.values():
-            if store_name(dep.model) == name and dep.blocked:
-                self.unblock(dep)
-                log.info("store model %s verified again: serving %s", name, dep.model.name)
-
-    def unblock(self, dep: Deployment) -> None:
-        """Serve a blocked model again: its FATAL replica goes, and it gets its count back
-        (the operator's, else min_replicas; none if unloaded: a request starts one)."""
-        if not dep.blocked or self._stopping:
-            return
-        dep.blocked = None
-        for r in dep.kept():
-            if r.state is State.FATAL:
-                self.retire(r, "its store model is served again")
-        while len(dep.kept()) < dep.standing_count():
-            if self.add_replica(dep, reason="its store model is served again") is None:
-                break
+    # --- replicas out of service, and what their state changes set off -----------------------
 
     def retire(self, replica: Replica, reason: str) -> None:
         """Take a replica out of service: no new requests; in-flight ones finish
@@ -477,35 +380,10 @@ class Supervisor:
             log.info("replica %s uses %.1f GiB per GPU (NVML)", replica.name, max(per_gpu) / 1024**3)
 
     # --- demand, decisions, operator commands --------------------------------------------------
+    # (appliance/fleet/demand.py)
 
     def on_demand(self, dep: Deployment, trigger: str = "request") -> None:
-        """A request is waiting and nothing is READY: start or wake a replica now,
-        without waiting for the autoscaler's next tick, evicting idle replicas of other
-        models for it if there is no room."""
-        dep.unloaded = False
-        live = dep.live()
-        if any(r.state in (State.STARTING, State.BACKOFF) for r in live):
-            return
-        sleeping = [r for r in live if r.state is State.SLEEPING]
-        if any(r.waking for r in sleeping):
-            return  # a wake is on its way
-        if sleeping:
-            # A wake is cheaper than any cold start: on its own GPUs, evicting for it if
-            # another model took its memory meanwhile.
-            victims = self.room.make_room(dep, trigger, waking=sleeping[0])
-            if victims is not None:
-                dep.loading_cause = "evict" if victims else "wake"
-                dep.no_room, dep.room_in = None, None
-                sleeping[0].waking = True  # its GPU memory is spoken for from now (capacity.py)
-                self._background(self._wake(sleeping[0], victims), f"wake-{sleeping[0].name}")
-                return
-            if dep.no_room and dep.room_in is not None and dep.room_in < self.cfg.queue.timeout_s:
-                return  # its GPUs free up once a request ends or a residency lapses: wait to wake
-            for r in sleeping:  # its GPUs are held by replicas that stay: start afresh elsewhere
-                self.retire(r, "asleep, and its GPU memory is held by another model: started again instead")
-        if not live or sleeping:
-            why = {"request": "a request arrived for a model at zero", FAIRNESS: "its requests waited too long"}
-            self.add_replica(dep, reason=why.get(trigger, "operator load"), evict=trigger)
+        demand.on_demand(self, dep, trigger)
 
     async def _wake(self, r: Replica, victims: list[Replica]) -> None:
         """Wake a sleeping replica once the replicas evicted for it have freed its GPUs."""
@@ -516,53 +394,7 @@ class Supervisor:
             r.waking = False
 
     def tick(self) -> list[Decision]:
-        """One autoscaler pass over every model; carry out what it decides."""
-        now = self.clock.monotonic()
-        decisions = []
-        for dep in self.deployments.values():
-            if dep.blocked:
-                continue  # nothing of it may start until the block lifts (unblock restores its count)
-            room = self.room_for(dep)
-            if not room and self._busy(dep) and len(dep.kept()) < dep.model.autoscaling.max_replicas:
-                room = 1  # in use: a scale-up may evict idle replicas of other models for one more
-            decision = self.autoscaler.decide(dep.model.name, dep.inputs(now, room), dep.policy(self.cfg))
-            self._apply(dep, decision)
-            decisions.append(decision)
-        headroom.make(self, now)
-        return decisions
-
-    def _apply(self, dep: Deployment, d: Decision) -> None:
-        if self._stopping:
-            return
-        if d.action == "up":
-            # Requests held for a model at zero are what asks for its first replica, whoever
-            # (this tick or the held requests' own look for room) gets there first.
-            trigger = "request" if dep.waiters and not dep.live() else "scale_up"
-            for _ in range(d.desired - d.current):
-                if self.add_replica(dep, reason=d.reason, evict=trigger if self._busy(dep) else None) is None:
-                    break
-        elif d.action == "down":
-            victim = self._victim(dep)
-            if victim is not None:
-                self.retire(victim, d.reason)
-        elif d.action == "sleep":
-            for r in dep.replicas:
-                if r.state is State.READY and self.capacity.may_sleep(r):  # its weights fit in host RAM
-                    self._background(r.sleep(), f"sleep-{r.name}")
-        elif d.action == "wake" and (dep.waiters or self._wakes_into_free_room(dep)):
-            # Held requests may evict for their wake; recent traffic alone only takes free
-            # room (evicting for it, two models on room for one woke each other at every pass).
-            self.on_demand(dep)
-
-    def _wakes_into_free_room(self, dep: Deployment) -> bool:
-        """A sleeping replica of dep may wake on its own GPUs with nothing evicted for it."""
-        sleeping = [r for r in dep.live() if r.state is State.SLEEPING and not r.waking]
-        return bool(sleeping) and self.capacity.fits_on_its_gpus(sleeping[0])
-
-    @staticmethod
-    def _busy(dep: Deployment) -> bool:
-        """Requests in flight or held: a scale-up is demand (one to restore a floor is not)."""
-        return bool(dep.waiters) or dep.inflight > 0
+        return demand.tick(self)
 
     def _background(self, coro, name: str) -> None:
         async def run() -> None:
@@ -602,60 +434,13 @@ class Supervisor:
                 return r
         raise ModelNotFound(f"{model}#{index}")
 
-    # --- status -------------------------------------------------------------------------------
+    # --- status (appliance/fleet/report.py) ----------------------------------------------------
 
     def status(self) -> list[ModelStatus]:
-        """Every deployment as the admin API shows it (appliance/status.py)."""
-        now = self.clock.monotonic()
-        wall = time.time()
-        return [
-            ModelStatus(
-                name=d.model.name,
-                server=d.model.server,
-                source=d.model.source or d.model.url or None,
-                ready=d.ready,
-                pinned=d.control.pinned,
-                override=d.control.override,
-                rps_10s=round(d.rate.rate(10), 3),
-                rps_60s=round(d.rate.rate(60), 3),
-                inflight=d.inflight,
-                queued=len(d.waiters),
-                idle_s=round(now - d.rate.last_event, 1),
-                idle_ttl_s=idle_ttl_s(self.cfg, d.model),
-                last_cold_start_s=d.last_cold_start_s,
-                min_replicas=d.model.autoscaling.min_replicas,
-                max_replicas=d.model.autoscaling.max_replicas,
-                blocked=d.blocked,
-                waiting_for_room=d.no_room if d.waiters or len(d.kept()) < d.standing_count() else None,
-                replicas=[r.snapshot() for r in d.replicas],
-                decisions=[_decision(x, now, wall) for x in self.autoscaler.recent(d.model.name, 5)],
-                prefix_routing=dict(d.prefix.outcomes),
-                adapters={a.name: d.lora.refused.get(a.name, "") for a in d.model.adapters} if d.lora else {},
-            )
-            for d in self.deployments.values()
-        ]
+        return report.status(self)
 
     def gpu_holdings(self, inventory: Inventory) -> dict[int, list[PlacedReplica]]:
-        """Per GPU index, what each replica placed on it holds: reserved by the placer, and
-        used as NVML measures it once its engine runs (its whole process tree)."""
-        on_gpu: dict[int, list[PlacedReplica]] = {}
-        by_index = {g.index: g for g in inventory.gpus}
-        for r in self.replicas():
-            if r.slot is None:
-                continue
-            pids = descendants(r.pid) if r.pid else set()
-            for i in r.slot.gpus:
-                gpu = by_index.get(i)
-                on_gpu.setdefault(i, []).append(
-                    PlacedReplica(
-                        replica=r.name,
-                        state=r.state.value,
-                        memory_fraction=r.slot.memory_fraction,
-                        reserved_bytes=r.slot.bytes_per_gpu or None,
-                        used_bytes=(gpu.used_by(pids) or None) if gpu is not None and pids else None,
-                    )
-                )
-        return on_gpu
+        return report.gpu_holdings(self, inventory)
 
     def capacity_changed(self) -> None:
         """A reload changed [capacity]: requests held for room look again (Room.capacity_changed)."""
@@ -671,17 +456,3 @@ class Supervisor:
 
     async def roll(self, name: str, model: ModelConfig) -> str:
         return await rollout.roll(self, name, model)
-
-
-def _decision(d: Decision, now: float, wall: float) -> DecisionStatus:
-    """An autoscaler decision with its monotonic time as a wall-clock timestamp."""
-    inputs = {k: v for k, v in d.inputs.items() if k != "now"}
-    return DecisionStatus(
-        model=d.model,
-        at=at_wall_clock(d.at, now, wall),
-        current=d.current,
-        desired=d.desired,
-        action=d.action,
-        reason=d.reason,
-        inputs=inputs,
-    )

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, NamedTuple
 
 from appliance.errors import NotFound
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 
 if TYPE_CHECKING:
     from appliance.access.keys import ApiKey

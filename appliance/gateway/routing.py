@@ -32,7 +32,7 @@ from appliance.errors import (
     RegulatedFailClosed,
     ShuttingDown,
 )
-from appliance.fleet.replica import State
+from appliance.fleet.replica_state import State
 from appliance.gateway.capabilities import serves
 from appliance.gateway.serving import Answer, body_for, to_deployment, to_provider, to_replica
 

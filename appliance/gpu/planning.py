@@ -20,7 +20,7 @@ from appliance.gpu.memory import (
 )
 from appliance.gpu.placement import Assignment, Demand, Gpu, Placed, PlacementError, free_bytes, kind_key, place
 from appliance.gpu.probe import GiB, Inventory, kinds_match
-from appliance.store.store import model_path
+from appliance.store.weights import model_path
 
 KV_DTYPE_BYTES = {"fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1, "bfloat16": 2, "float16": 2}
 

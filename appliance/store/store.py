@@ -15,9 +15,9 @@ the complete new model; what a killed import left on disk is removed on the next
 
 Its parts: what the manifest holds (appliance/store/records.py), reading and hashing
 files (hashing.py), blobs shared between models (sharing.py), the budget's evictions
-(budget.py) and the checks that a model is what its manifest says (integrity.py);
-``Store`` here owns the manifest, the tree, imports and removals, and is the one door
-to all of them.
+(budget.py), a model's import (importing.py), the checks that a model is what its
+manifest says (integrity.py) and the weights a deployment loads (weights.py); ``Store``
+here owns the manifest, the tree and removals, and is the one door to all of them.
 
 Nothing from outside is trusted (appliance/safe_paths.py): names, revisions and file
 paths are checked before any filesystem call, every removal and rename goes through
@@ -29,7 +29,6 @@ user), so the daemon reads it.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import getpass
 import io
@@ -37,44 +36,21 @@ import logging
 import os
 import shutil
 import sqlite3
-import tarfile
 import time
-import uuid
-import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import sqlite_utils
 
-from appliance.config import BUILTIN_PREFIX, STORE_PREFIX, Config, ModelConfig, builtin_model_path
-from appliance.safe_paths import StoreError, check_name, check_revision, inside, open_regular
+from appliance.safe_paths import StoreError, check_name, inside, open_regular
 from appliance.state import migrations
-from appliance.store import budget, integrity, sharing
-from appliance.store.budget import gib
-from appliance.store.hashing import Hasher, PerChunk, copy_and_hash, fingerprint, hash_file, write_all
+from appliance.store import importing, integrity, sharing
+from appliance.store.hashing import Hasher, PerChunk, hash_file, write_all
 from appliance.store.manifest import MIGRATIONS
-from appliance.store.records import (
-    READY,
-    Incoming,
-    ModelRecord,
-    blob_name,
-    content_revision,
-    repo_folder,
-)
+from appliance.store.records import Incoming, ModelRecord, blob_name, repo_folder
 
 log = logging.getLogger("appliance.store")
-
-
-BLOB_MODE = 0o440  # read-only, and not for other users: weights may be licensed or private
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Store:
@@ -290,166 +266,8 @@ class Store:
     # --- import ---------------------------------------------------------------
 
     def add(self, incoming: Incoming, progress: Callable[[int], None] | None = None) -> tuple[ModelRecord, list[str]]:
-        """Import a model; returns its record and the names evicted to make room. Models are
-        evicted only once the import is staged and checked: a bad one evicts nothing.
-        progress is told the size of each chunk copied."""
-        incoming.check()
-        with self._writer():
-            existing = self.get(incoming.name)
-            evicted: list[str] = []
-            staging = self.root / ".staging" / uuid.uuid4().hex
-            self._mkdir(staging)
-            try:
-                hashed = self._stage(incoming, staging, progress)
-                revision = incoming.revision or content_revision(hashed)
-                if existing is not None:
-                    if existing.revision == revision and {(f["path"], f["sha256"]) for f in existing.files} == set(
-                        hashed.items()
-                    ):
-                        return existing, []
-                    raise StoreError(
-                        f"model '{incoming.name}' is already in the store (revision "
-                        f"{existing.revision}); `appliance models rm {incoming.name}` first"
-                    )
-                sizes = {hashed[f.path]: f.size for f in incoming.files}
-                evicted = self._make_room(sizes, incoming.name)
-                self._publish(incoming.name, revision, hashed, staging, sizes)
-            finally:
-                self.discard(staging)
-            fmt = "gguf" if len(hashed) == 1 and next(iter(hashed)).endswith(".gguf") else "hf"
-            # Hashed on the way in: the published blobs' fingerprints are their verified state
-            # (none recorded, so hashed at the first check, if the clock does not move on).
-            snap = self.root / repo_folder(incoming.name) / "snapshots" / revision
-            stats = {path: (snap / path).stat() for path in hashed}
-            settled = self.clock_past(max(st.st_ctime_ns for st in stats.values()))
-            prints = {
-                path: fingerprint(st) if settled and fingerprint((snap / path).stat()) == fingerprint(st) else None
-                for path, st in stats.items()
-            }
-            now = self.clock()
-            self._commit(
-                {
-                    "name": incoming.name,
-                    "format": fmt,
-                    "source": incoming.source,
-                    "revision": revision,
-                    "total_bytes": incoming.total_bytes,
-                    "license": incoming.license,
-                    "license_accepted_by": incoming.license_accepted_by,
-                    "license_accepted_at": incoming.license_accepted_at,
-                    "imported_at": now,
-                    "last_used_at": None,
-                    "pinned": 0,
-                    "state": READY,
-                    "state_reason": "",
-                    "title": incoming.title,
-                    "kind": incoming.kind,
-                },
-                [
-                    {
-                        "model": incoming.name,
-                        "path": f.path,
-                        "sha256": hashed[f.path],
-                        "size": f.size,
-                        "fingerprint": prints[f.path],
-                        "verified_at": now,
-                    }
-                    for f in incoming.files
-                ],
-            )
-            log.info(
-                "imported %s (%d files, %d bytes, license %s)",
-                incoming.name,
-                len(hashed),
-                incoming.total_bytes,
-                incoming.license,
-            )
-            return self.need(incoming.name), evicted
-
-    def _commit(self, model: dict, files: list[dict]) -> None:
-        """The model's row and its files' rows in one transaction: all of them or none.
-        (sqlite_utils' insert commits on its own, so plain SQL here.)"""
-
-        def insert(table: str, rows: list[dict]) -> None:
-            columns = list(rows[0])
-            self.db.conn.executemany(
-                f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                [[row[c] for c in columns] for row in rows],
-            )
-
-        try:
-            with self.db.conn:
-                insert("models", [model])
-                insert("files", files)
-        except sqlite3.Error as exc:
-            raise StoreError(
-                f"cannot record model '{model['name']}' in {self.db_path}: {exc}; nothing was imported"
-            ) from None
-
-    def _stage(
-        self, incoming: Incoming, staging: Path, progress: Callable[[int], None] | None = None
-    ) -> dict[str, str]:
-        hashed: dict[str, str] = {}
-        for i, f in enumerate(incoming.files):
-            dest = staging / f"{i}.blob"
-            try:
-                with f.open() as src:
-                    digest, size = copy_and_hash(src, dest, self.write, progress)
-            except (zipfile.BadZipFile, tarfile.TarError, EOFError) as exc:
-                raise StoreError(f"{incoming.source}: {f.path} is damaged or truncated: {exc}") from None
-            except OSError as exc:
-                if exc.errno == errno.ENOSPC:
-                    raise StoreError(
-                        f"disk full while importing {f.path} into {self.root}; nothing was changed"
-                    ) from None
-                raise StoreError(f"{incoming.source}: cannot read {f.path}: {exc}") from None
-            if size != f.size:
-                raise StoreError(f"{incoming.source}: {f.path} is {size} bytes, expected {f.size} (truncated?)")
-            if f.expected_sha256 and digest != f.expected_sha256:
-                raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected {f.expected_sha256}")
-            if f.path.endswith(".gguf"):
-                _check_gguf(incoming.source, f.path, dest)
-            hashed[f.path] = digest
-        return hashed
-
-    def _publish(self, name: str, revision: str, hashed: dict[str, str], staging: Path, sizes: dict[str, int]) -> None:
-        """Blobs into place (content-addressed: renaming one twice is harmless; content another
-        model keeps already is a second name of its blob, one copy per sha256), then the
-        snapshot directory, built in staging, renamed into place in one step."""
-        repo = self.root / repo_folder(name)
-        blobs = repo / "blobs"
-        self._mkdir(blobs)
-        self._mkdir(repo / "snapshots")
-        snap_tmp = staging / "snapshot"
-        for i, (path, digest) in enumerate(hashed.items()):
-            blob = blobs / digest
-            if not blob.exists() and not sharing.link_shared(self, digest, sizes[digest], blob, name):
-                tmp = staging / f"{i}.blob"
-                self._own(tmp)
-                os.chmod(tmp, BLOB_MODE)
-                self._rename(tmp, blob)
-            link = snap_tmp / path
-            self._mkdir(link.parent)
-            depth = len(Path(path).parts) + 1  # snapshots/<rev>/<path...>
-            link.symlink_to(Path(*([".."] * depth)) / "blobs" / digest)
-            self._own(link)
-        _fsync_dir(blobs)
-        target = repo / "snapshots" / check_revision(revision)
-        if target.exists():  # a leftover of a killed import of this very content
-            self.discard(target)
-        self._rename(snap_tmp, target)
-        _fsync_dir(repo / "snapshots")
-
-    def _make_room(self, incoming: dict[str, int], name: str) -> list[str]:
-        """Evict what appliance/store/budget.py chooses so that incoming (sha256 -> size)
-        fits the budget; the names evicted."""
-        if not self.budget_bytes:
-            return []
-        plan = budget.evictions(self.models(), incoming, self.budget_bytes, self.in_use, name)
-        for m in plan:
-            self._delete(m.name)
-            log.warning("evicted %s (%s, least recently used) to make room for %s", m.name, gib(m.total_bytes), name)
-        return [m.name for m in plan]
+        """Import a model (appliance/store/importing.py): its record and the names evicted."""
+        return importing.add(self, incoming, progress)
 
     # --- everything else that writes ------------------------------------------
 
@@ -522,62 +340,3 @@ class Store:
 
     def admission(self, name: str, *, hash_changed: bool = True, throttle: PerChunk | None = None) -> str | None:
         return integrity.admission(self, name, hash_changed=hash_changed, throttle=throttle)
-
-
-def _check_gguf(source: str, path: str, staged: Path) -> None:
-    """A GGUF file must be whole and readable (its header, every tensor inside the file)
-    before it is stored: never hand llama.cpp a file it would choke on."""
-    from appliance.store.gguf import GgufError, read
-
-    try:
-        read(staged)
-    except GgufError as exc:
-        raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
-
-
-def model_path(cfg: Config, model: ModelConfig) -> Path | None:
-    """The weights a model deployment loads (builtin:NAME, store:NAME or a path), or None for
-    engines that bring their own."""
-    if not model.source:
-        return None
-    if model.source.startswith(BUILTIN_PREFIX):
-        return builtin_model_path(model.source[len(BUILTIN_PREFIX) :])
-    if model.source.startswith(STORE_PREFIX):
-        return _resolve(cfg, model.source[len(STORE_PREFIX) :])
-    path = Path(model.source).expanduser()
-    if not path.is_absolute():
-        path = Path(cfg.paths.cache_dir) / "models" / path
-    return path
-
-
-def unusable_weights(cfg: Config, model: ModelConfig) -> str | None:
-    """Why a llama.cpp model's weights, a file path or builtin:NAME, cannot be served, or
-    None: missing, or not a whole GGUF. `serve` refuses to start on it and a reload refuses
-    the file, rather than crash-loop an engine that says only "exit code 1" (a store:NAME
-    model is checked by the supervisor, which marks it FATAL with the reason)."""
-    if model.server != "llamacpp" or model.source.startswith(STORE_PREFIX):
-        return None
-    path = model_path(cfg, model)
-    if path is None:
-        return None
-    if not path.is_file():
-        return f"weights not found at {path}"
-    from appliance.store.gguf import GgufError, read_shape
-
-    try:
-        read_shape(path)
-    except GgufError as exc:
-        return f"{path} is not a usable GGUF file: {exc}"
-    return None
-
-
-def _resolve(cfg: Config, name: str) -> Path:
-    """The path a store:NAME source loads."""
-    store = Store.from_config(cfg)
-    try:
-        record = store.get(name)
-    except StoreError:
-        record = None
-    if record is None:
-        return store.root / "not-in-store" / name.replace("/", "--")
-    return store.model_path(record)
