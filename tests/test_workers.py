@@ -115,8 +115,7 @@ def test_requests_are_answered_through_every_worker(workers):
 
 def clients_on_each_worker(daemon, per_worker: int) -> list[httpx.Client]:
     """Keep-alive clients, per_worker of them connected to each of the two workers. A new
-    connection goes to whichever worker accepts it first: connecting many at once spreads
-    them (one at a time, an idle box gives them all to the same worker)."""
+    connection goes to a worker picked at random (the port group's program: listener.py)."""
     on: dict[str, list[httpx.Client]] = {"1": [], "2": []}
     spare: list[httpx.Client] = []
     with ThreadPoolExecutor(16) as pool:
