@@ -24,7 +24,6 @@ daemon, its workers and its engines, and the engines' seccomp filter
 from __future__ import annotations
 
 import ctypes
-import os
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -125,8 +124,9 @@ class ReuseportGroup:
 class OnListeningSocket(Server):
     """Granian's embedded server on a listening socket bound by someone else (its own
     multi-process server does this on Windows); it never binds one itself. Granian is
-    given its own descriptor (a dup), so what it does with it at its end never closes
-    ours; ours is closed as it shuts down."""
+    given the descriptor itself (detached from the socket object) and closes it as it
+    stops serving, before the app's lifespan shuts down: a dup kept open here would
+    keep the port listening through that shutdown, its queued connections reset at exit."""
 
     def __init__(self, sock: socket.socket | None, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -140,12 +140,12 @@ class OnListeningSocket(Server):
         self.sock = self._listening()
         self._ssp = None
         # Granian 2.x's SocketHolder(fd, is_uds, backlog); its .pyi lags behind.
-        self._shd = SocketHolder(os.dup(self.sock.fileno()), False, self.backlog)  # type: ignore[call-arg,assignment]
+        self._shd = SocketHolder(self.sock.detach(), False, self.backlog)  # type: ignore[call-arg,assignment]
 
     async def shutdown(self, exit_code: int = 0) -> None:
         await super().shutdown(exit_code)
         if self.sock is not None:
-            self.sock.close()
+            self.sock.close()  # Granian's already (detached); ours if it never got that far
 
 
 class OnExclusivePort(OnListeningSocket):
