@@ -42,15 +42,17 @@ def test_a_second_daemon_on_one_state_dir_exits_naming_the_first_and_a_crash_fre
     assert (tmp_path / "state" / "daemon.lock").read_text().strip() == str(again.proc.pid)
 
 
-def test_a_second_daemon_on_a_used_port_exits_naming_the_first_and_binds_nothing(tmp_path):
-    # Granian binds with SO_REUSEPORT: without the claim the second daemon listened too
-    # and the kernel spread clients over two daemons with different configs.
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_second_daemon_on_a_used_port_exits_naming_the_first_and_binds_nothing(tmp_path, workers):
+    # Granian bound with SO_REUSEPORT, and with workers the daemon's sockets are a reuseport
+    # group: without the claim a second daemon of the same user could listen too and the
+    # kernel would spread clients over two daemons with different configs.
     first_home, second_home = tmp_path / "first", tmp_path / "second"
     first_home.mkdir(), second_home.mkdir()
     firsts, seconds = DaemonFactory(first_home), DaemonFactory(second_home)
     try:
-        first = firsts.start(fake_model("first"))
-        second = seconds.start(fake_model("second"), port=first.port, wait=False)
+        first = firsts.start(fake_model("first"), server=f"workers = {workers}")
+        second = seconds.start(fake_model("second"), port=first.port, wait=False, server=f"workers = {workers}")
         assert second.proc.wait(timeout=60) != 0
         lines = second.log_text().strip().splitlines()
         assert len(lines) == 1, lines

@@ -115,8 +115,7 @@ def test_requests_are_answered_through_every_worker(workers):
 
 def clients_on_each_worker(daemon, per_worker: int) -> list[httpx.Client]:
     """Keep-alive clients, per_worker of them connected to each of the two workers. A new
-    connection goes to whichever worker accepts it first: connecting many at once spreads
-    them (one at a time, an idle box gives them all to the same worker)."""
+    connection goes to a worker picked at random (the port group's program: listener.py)."""
     on: dict[str, list[httpx.Client]] = {"1": [], "2": []}
     spare: list[httpx.Client] = []
     with ThreadPoolExecutor(16) as pool:
@@ -680,14 +679,90 @@ def test_a_whole_body_refused_unread_off_the_fast_path_keeps_the_connection_thro
     assert after == b"HTTP/1.1 200 OK"
 
 
-def test_no_second_process_can_bind_the_port_of_a_daemon_with_workers(workers):
+BURST = 32
+
+
+def _joiner(port: int) -> socket.socket:
+    """What Granian and other servers that share a port do: SO_REUSEPORT, bind, listen."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(64)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _workers_of_a_burst(daemon) -> list[str]:
+    """BURST connections opened at once (all made before any is used), then one request
+    on each: which worker answered each (its x-appliance-worker header)."""
+    conns = [socket.create_connection(("127.0.0.1", daemon.port), timeout=30) for _ in range(BURST)]
+    try:
+        for conn in conns:
+            conn.sendall(b"GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        heads = [_head(conn) for conn in conns]
+    finally:
+        for conn in conns:
+            conn.close()
+    assert all(h.startswith(b"HTTP/1.1 200") for h in heads), heads
+    return [h.lower().split(b"\r\nx-appliance-worker: ")[1].split(b"\r\n")[0].decode() for h in heads]
+
+
+def _head(conn: socket.socket) -> bytes:
+    got = b""
+    while b"\r\n\r\n" not in got:
+        piece = conn.recv(4096)
+        assert piece, got
+        got += piece
+    return got.split(b"\r\n\r\n")[0]
+
+
+def test_the_connections_of_a_burst_are_spread_over_both_workers(workers):
+    # One socket shared by the workers: the first awake often took the whole burst.
+    served = _workers_of_a_burst(workers)
+    assert set(served) == {"1", "2"}, served
+
+
+def test_a_process_of_the_daemons_uid_may_join_the_workers_port_but_is_given_no_connection(workers):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as plain, pytest.raises(OSError) as err:
+        plain.bind(("127.0.0.1", workers.port))  # without SO_REUSEPORT: refused
+    assert err.value.errno == errno.EADDRINUSE
+    # With it, the kernel lets a process of the same uid join the group (another uid is
+    # refused); the daemon's program steers only among its own sockets.
+    with _joiner(workers.port) as joiner:
+        served = _workers_of_a_burst(workers)
+        joiner.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            joiner.accept()
+    assert set(served) <= {"1", "2"} and len(served) == BURST
+
+
+def test_new_connections_go_to_the_live_worker_while_a_killed_one_is_down(daemons):
+    daemon = daemons.start(fake_model("fake"), server="workers = 2")
+    wait_until(lambda: set(_workers_of_a_burst(daemon)) == {"1", "2"}, 30, what="both workers serving")
+    pid = worker_pids(daemon.proc.pid)[1]
+    os.kill(pid, signal.SIGKILL)
+    # Logged once the daemon saw it exit (and steered new connections off its socket);
+    # its replacement comes a second later (it died young), and starts then.
+    wait_until(lambda: f"worker 1 (pid {pid}) exited" in daemon.log_text(), 10, what="the daemon to see it")
+    assert set(_workers_of_a_burst(daemon)) == {"2"}  # none waits on the dead one's socket
+    wait_until(lambda: "1" in _workers_of_a_burst(daemon), 30, what="the replacement to take its share")
+    assert worker_pids(daemon.proc.pid)[1] != pid
+
+
+def test_no_process_can_bind_the_port_of_a_daemon_in_one_process_even_with_so_reuseport(daemons):
+    # Granian bound it with SO_REUSEPORT: a process of the daemon's uid could join the
+    # port and be handed a share of the clients' connections (their keys).
+    daemon = daemons.start(fake_model("fake"))
     for reuse_port in (False, True):
-        probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if reuse_port:  # what Granian and other servers that share a port do
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        with probe, pytest.raises(OSError) as err:
-            probe.bind(("127.0.0.1", workers.port))
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe, pytest.raises(OSError) as err:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
+            probe.bind(("127.0.0.1", daemon.port))
         assert err.value.errno == errno.EADDRINUSE
+    with daemon.client() as c:
+        assert c.post("/v1/chat/completions", json={**CHAT, "model": "fake"}).status_code == 200
 
 
 def test_the_daemons_death_takes_its_workers_along(daemons):

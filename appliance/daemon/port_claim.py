@@ -1,9 +1,11 @@
 """One daemon per port: a second `appliance serve` on a port in use exits with one line.
 
-Granian binds its listener with SO_REUSEPORT (on Linux, so that its workers can share
-it), so a second daemon run by the same user on the same port would bind too, and the
-kernel would spread clients over two daemons with different models and policies. Before
-anything starts, `serve` therefore:
+The daemon binds the port itself (appliance/dataplane/listener.py): in one process
+without SO_REUSEPORT, with workers as N sockets in a SO_REUSEPORT group. A group admits
+any socket of the same uid that sets SO_REUSEPORT, so a second daemon run by the same
+user on the same port could join it, and the kernel would spread clients over two daemons
+with different models and policies (Granian, which bound the one-process port before,
+set SO_REUSEPORT too). Before anything starts, `serve` therefore:
 
 1. claims the port in the abstract UNIX socket namespace (``\\0appliance-port:HOST:PORT``,
    per network namespace like the port itself, no file to leave behind, dropped by the
@@ -13,9 +15,10 @@ anything starts, `serve` therefore:
    other local user only that an appliance holds the port (where a daemon keeps its
    config and state is not theirs to learn);
 2. binds the TCP address once WITHOUT SO_REUSEPORT and lets it go: a listener of any
-   other program (or of an appliance of another version) makes that bind fail.
+   other program (or of an appliance of another version), SO_REUSEPORT or not, makes
+   that bind fail.
 
-Granian binds right after; the claim, held for the daemon's life, keeps another
+The daemon binds right after; the claim, held for the daemon's life, keeps another
 appliance from slipping in between.
 """
 

@@ -27,6 +27,7 @@ from appliance.api.app import create_app, front_door
 from appliance.config import Config, worker_count
 from appliance.daemon.service_manager import ServiceNotifier
 from appliance.dataplane.front import WorkerFront
+from appliance.dataplane.listener import OnExclusivePort
 from appliance.errors import ApplianceError
 
 log = logging.getLogger("appliance.server")
@@ -100,8 +101,9 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
 
 
 def _granian(cfg: Config, app) -> Server:
-    """The daemon alone on the port: Granian in this process, on this event loop."""
-    return Server(
+    """The daemon alone on the port: Granian in this process, on this event loop, on a
+    socket the daemon binds without SO_REUSEPORT (listener.py: no other process joins it)."""
+    return OnExclusivePort(
         front_door(app),
         address=cfg.server.host,
         port=cfg.server.port,

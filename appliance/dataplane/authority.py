@@ -49,6 +49,7 @@ from appliance.dataplane.protocol import (
     Head,
     Mailbox,
     Request,
+    Serving,
     Settled,
     Start,
     ToDaemon,
@@ -82,6 +83,7 @@ class WorkerLink:
         self.calls: dict[int, Mailbox[Whole | Head | Chunk | End]] = {}
         self.tasks: dict[int, asyncio.Task[None]] = {}  # each request's, by rid (asyncio keeps weak ones)
         self.closed = False
+        self.serving = asyncio.Event()  # the worker said it takes connections (Serving)
 
     async def run(self) -> None:
         """Frames from the worker, until it is gone; then its requests end as cut."""
@@ -105,6 +107,8 @@ class WorkerLink:
         elif isinstance(frame, (Body, Gone, Finish)):
             if (inbox := self.inboxes.get(frame.rid)) is not None:
                 inbox.put(frame)
+        elif isinstance(frame, Serving):
+            self.serving.set()
         elif (call := self.calls.get(frame.uid)) is not None:
             call.put(frame)
 

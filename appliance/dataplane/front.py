@@ -1,10 +1,11 @@
 """The daemon's front with workers ([server] workers = N > 1): the daemon binds
-the public socket itself (exclusively: no SO_REUSEPORT, so no other process can
-join the port), runs the app's lifespan, and hands the listening socket to N
-worker processes (appliance/dataplane/worker.py) that take the connections.
+the public port itself (N sockets in one reuseport group, steered among the
+daemon's own: listener.py), runs the app's lifespan, and hands socket i to
+worker process i (appliance/dataplane/worker.py), which takes its connections.
 Each worker has a private socketpair to the daemon (no path, no secret to
-guard); one that dies is replaced. The daemon's death takes them along
-(PR_SET_PDEATHSIG; and their link closes).
+guard); one that dies is replaced on the same socket, its share of new
+connections steered to the live workers meanwhile. The daemon's death takes
+them along (PR_SET_PDEATHSIG; and their link closes).
 
 It has the embedded Granian server's face (serve() until stop()), so the daemon
 (appliance/daemon/server.py) runs either the same way.
@@ -27,6 +28,7 @@ import msgspec
 
 from appliance.config import Config
 from appliance.dataplane.authority import RemoteProxy, WorkerLink, answer
+from appliance.dataplane.listener import ReuseportGroup
 from appliance.dataplane.protocol import FrameReader, FrameWriter, Limits, ToDaemon, WorkerSettings
 
 log = logging.getLogger("appliance.dataplane")
@@ -41,22 +43,8 @@ STOP_GRACE_S = 5.0
 BACKLOG = 1024
 
 
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """The public listening socket, bound without SO_REUSEPORT (port_claim checked it is free)."""
-    family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers only
-        sock.bind(addr)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 class WorkerFront:
-    """The listening socket, the app's lifespan and the workers, from serve() until stop()."""
+    """The listening sockets, the app's lifespan and the workers, from serve() until stop()."""
 
     def __init__(self, app: Any, asgi: Any, cfg: Config, workers: int) -> None:
         self.app, self.asgi, self.cfg, self.count = app, asgi, cfg, workers
@@ -65,14 +53,15 @@ class WorkerFront:
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.links: dict[int, WorkerLink] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self.sock: socket.socket | None = None
+        self.group: ReuseportGroup | None = None
+        self.up: set[int] = set()  # the workers (indices from 1) that take connections now
 
     def stop(self) -> None:
         self.stopped.set()
 
     async def serve(self) -> None:
         s = self.cfg.server
-        self.sock = listen_socket(s.host, s.port, BACKLOG)
+        self.group = ReuseportGroup(s.host, s.port, self.count, BACKLOG)
         try:
             await self.lifespan.startup()
             runtime = self.app.state.runtime
@@ -88,7 +77,7 @@ class WorkerFront:
             await self.stopped.wait()
         finally:
             await self._stop_workers()
-            self.sock.close()
+            self.group.close()
             await self.lifespan.shutdown()
 
     def _adopted(self, cfg: Config) -> None:
@@ -120,7 +109,6 @@ class WorkerFront:
                 await asyncio.wait_for(self.stopped.wait(), delay)
 
     async def _run_once(self, index: int) -> None:
-        assert self.sock is not None, "bound by serve"
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         limits = body_limits(self.cfg)
         try:
@@ -129,14 +117,20 @@ class WorkerFront:
             theirs.close()
         self.procs[index] = proc
         reader, writer = await asyncio.open_unix_connection(sock=ours)
-        server = self.sock.getsockname()[:2]
+        server = self._socket(index).getsockname()[:2]
         link = WorkerLink(self.asgi, FrameReader(reader, ToDaemon), FrameWriter(writer), server)
         self.links[index] = link
         if body_limits(self.cfg) != limits:  # reloaded as it started
             link.out.write(body_limits(self.cfg))
         linked = asyncio.create_task(link.run(), name=f"worker-{index}-link")
         exited = asyncio.create_task(proc.wait(), name=f"worker-{index}-wait")
-        await asyncio.wait({linked, exited}, return_when=asyncio.FIRST_COMPLETED)
+        serving = asyncio.create_task(link.serving.wait(), name=f"worker-{index}-serving")
+        serving.add_done_callback(lambda task: self._serving(index, task))
+        try:
+            await asyncio.wait({linked, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            serving.cancel()
+            self._steer(index, up=False)  # new connections go to the live workers meanwhile
         if not exited.done():  # its link broke: a worker we cannot talk to is of no use
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
@@ -147,8 +141,24 @@ class WorkerFront:
         if not self.stopped.is_set():
             log.warning("worker %d (pid %d) exited with %s: replacing it", index, proc.pid, proc.returncode)
 
+    def _socket(self, index: int) -> socket.socket:
+        assert self.group is not None, "bound by serve"
+        return self.group.sockets[index - 1]
+
+    def _serving(self, index: int, said: asyncio.Task[Any]) -> None:
+        if not said.cancelled():
+            self._steer(index, up=True)
+
+    def _steer(self, index: int, *, up: bool) -> None:
+        """Worker index takes new connections (up) or not; the group's program follows."""
+        (self.up.add if up else self.up.discard)(index)
+        if self.group is not None and not self.stopped.is_set():
+            try:
+                self.group.steer([i - 1 for i in self.up])
+            except OSError as exc:  # the kernel keeps the program it had
+                log.error("could not steer connections over workers %s: %s", sorted(self.up), exc)
+
     async def _spawn(self, index: int, link: socket.socket) -> asyncio.subprocess.Process:
-        assert self.sock is not None
         limits = body_limits(self.cfg)
         settings = WorkerSettings(
             index=index,
@@ -158,7 +168,7 @@ class WorkerFront:
             backlog=BACKLOG,
             body_read_timeout_s=limits.body_read_timeout_s,
         )
-        listen_fd, link_fd = self.sock.fileno(), link.fileno()
+        listen_fd, link_fd = self._socket(index).fileno(), link.fileno()
         argv = [sys.executable, "-m", "appliance.dataplane.worker", str(listen_fd), str(link_fd)]
         argv.append(msgspec.json.encode(settings).decode())
         return await asyncio.create_subprocess_exec(

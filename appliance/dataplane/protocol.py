@@ -199,7 +199,11 @@ class Limits(msgspec.Struct, tag=15, array_like=True):
     max_body_bytes: int
 
 
-ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish
+class Serving(msgspec.Struct, tag=16, array_like=True):
+    """The worker is about to take connections on its socket: the daemon steers new ones to it."""
+
+
+ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish | Serving
 ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want | Limits
 
 _LEN = struct.Struct("!I")

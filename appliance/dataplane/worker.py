@@ -1,9 +1,10 @@
 """A data-plane worker process: `python -m appliance.dataplane.worker LISTEN_FD LINK_FD SETTINGS`.
 
 It serves HTTP (Granian) on the listening socket the daemon bound and handed
-down, and passes each request to the daemon over its link (LINK_FD, one end of
-a socketpair): the daemon decides everything and answers; the engine calls it
-asks for (protocol.Call) the worker makes and relays, byte for byte. A worker
+down (its own, in the daemon's reuseport group: listener.py), and passes each
+request to the daemon over its link (LINK_FD, one end of a socketpair): the
+daemon decides everything and answers; the engine calls it asks for
+(protocol.Call) the worker makes and relays, byte for byte. A worker
 holds no key, route, budget or ledger: it dies with the daemon (PR_SET_PDEATHSIG,
 and the link closing), and the daemon replaces one that dies.
 
@@ -22,34 +23,18 @@ import logging
 import signal
 import socket
 import sys
-from typing import Any
 
 import msgspec
-from granian._granian import SocketHolder
 from granian.constants import Interfaces
 from granian.http import HTTP1Settings
-from granian.server.embed import Server
 
-from appliance.dataplane.protocol import Call, Cancel, FrameReader, FrameWriter, ToWorker, WorkerSettings
+from appliance.dataplane.listener import OnListeningSocket
+from appliance.dataplane.protocol import Call, Cancel, FrameReader, FrameWriter, Serving, ToWorker, WorkerSettings
 from appliance.dataplane.worker_client import ClientSide
 from appliance.dataplane.worker_engine import EngineCalls
 from appliance.fleet.engine_access import http_session, tcp_connector
 
 log = logging.getLogger("appliance.worker")
-
-
-class _OnInheritedSocket(Server):
-    """Granian's embedded server on a listening socket bound by someone else (its own
-    multi-process server does this on Windows); it never binds one itself."""
-
-    def __init__(self, fd: int, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._fd = fd
-
-    def _init_shared_socket(self) -> None:
-        self._ssp = None
-        # Granian 2.x's SocketHolder(fd, is_uds, backlog); its .pyi lags behind.
-        self._shd = SocketHolder(self._fd, False, self.backlog)  # type: ignore[call-arg,assignment]
 
 
 class Worker:
@@ -84,9 +69,10 @@ class Worker:
 async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
     link = socket.socket(fileno=link_fd)
     reader, writer = await asyncio.open_unix_connection(sock=link)
-    worker = Worker(settings, FrameReader(reader, ToWorker), FrameWriter(writer))
-    server = _OnInheritedSocket(
-        listen_fd,
+    frames = FrameWriter(writer)
+    worker = Worker(settings, FrameReader(reader, ToWorker), frames)
+    server = OnListeningSocket(
+        socket.socket(fileno=listen_fd),
         worker.clients,
         interface=Interfaces.ASGINL,
         websockets=False,
@@ -98,6 +84,7 @@ async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, server.stop)  # the daemon drains first: stop taking connections
     serving = asyncio.create_task(server.serve(), name="granian")
+    frames.write(Serving())  # its socket gets new connections from now on (listener.py)
     linked = asyncio.create_task(worker.read_link(), name="link")
     sweeping = asyncio.create_task(worker.clients.sweep_late_bodies(), name="late bodies")
     await asyncio.wait({serving, linked}, return_when=asyncio.FIRST_COMPLETED)
