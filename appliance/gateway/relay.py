@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, TypeVar
 from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
+from appliance.gateway import api_completions
 from appliance.gateway.api_responses import usage_and_id
 from appliance.gateway.ledger import committed, finish, finish_stream
 from appliance.gateway.metering import Usage
+from appliance.gateway.response_items import request_input
 from appliance.gateway.routing import forward
 from appliance.gateway.serving import wait_disconnect
 
@@ -54,7 +56,8 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     if req.stores:  # one parse for the usage and the id of the response the engine keeps
         req.usage, made = usage_and_id(data)
         if status == 200 and req.deployment is not None:
-            rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+            inputs = request_input(req.body)
+            rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
         data = rt.tenancy.answer(data)
     else:
         req.usage, data = charged(endpoint, req.body, data, rt.tenancy.isolated)
@@ -73,7 +76,10 @@ def charged(endpoint: Endpoint, body: bytes, data: bytes, isolated: bool) -> tup
     word; nothing on a free endpoint) and, for tenants kept apart, the answer without
     its cache-revealing fields. One step, for this process's relay and a worker's."""
     usage = FREE if endpoint.free else endpoint.dialect.answer_usage(body, data)
-    return usage, cleaned(data, isolated)
+    data = cleaned(data, isolated)
+    if endpoint.name == "completions" and api_completions.needs_fix(data):  # llama.cpp's chat-shaped one
+        data = api_completions.whole_answer(body, data)
+    return usage, data
 
 
 async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
