@@ -121,7 +121,8 @@ def test_llama_server_keeps_no_responses_so_a_stateful_request_is_a_clear_400(ll
             oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, **extra)
         assert err.value.body["code"] == "responses_store_not_supported"
         assert "llamacpp" in err.value.body["message"]
-    assert oai.responses.create(model=MODEL, input="hi", max_output_tokens=64, store=False, temperature=0).status == "completed"
+    answered = oai.responses.create(model=MODEL, input="hi", max_output_tokens=64, store=False, temperature=0)
+    assert answered.status == "completed"
 
 
 def test_llama_server_transcribes_nothing_so_an_upload_is_a_400_naming_endpoint_and_model(llama_daemon, oai):
@@ -218,10 +219,14 @@ def test_a_legacy_completions_logprobs_come_in_the_legacy_shape_on_llama_cpp(oai
     assert "".join(logprobs.tokens) == answer.choices[0].text
     assert all(len(top) == 2 and all(v <= 0 for v in top.values()) for top in logprobs.top_logprobs)
     assert logprobs.text_offset[0] == len(prompt)
-    assert [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:])] == [
-        len(t) for t in logprobs.tokens[:-1]]
+    steps = [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False)]
+    assert steps == [len(t) for t in logprobs.tokens[:-1]]
     assert oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2).id.startswith("cmpl-")
-    # Streamed, llama-server's logprobs come in chat's shape: refused, naming the field.
-    with pytest.raises(openai.BadRequestError) as err:
-        oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, stream=True)
-    assert (err.value.body["code"], err.value.body["param"]) == ("logprobs_not_supported", "logprobs")
+    # Streamed: the same, chunk by chunk, the offsets running on.
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, stream=True,
+                                         temperature=0))
+    assert all(c.id.startswith("cmpl-") for c in chunks)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    assert [p for lp in streamed for p in lp.top_logprobs] == logprobs.top_logprobs

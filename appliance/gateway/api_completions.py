@@ -7,16 +7,16 @@ llama-server answers a completion with a chat completion's id (``chatcmpl-...``)
 and its logprobs in chat's shape (``{"content": [{"token", "logprob",
 "top_logprobs": [...]}]}``), leaving the legacy fields null: the SDK's
 ``choice.logprobs.tokens`` was None. A whole answer is rewritten here (this
-process's relay and a worker's alike: relay.charged); a stream with logprobs on
-llama.cpp is refused before it starts (capabilities.check_fields), as its events
-would need the same rewrite one by one.
+process's relay and a worker's alike: relay.charged), and so is a stream, event by
+event (``CompletionEvents``, from relay._pump, which both run): an engine whose first
+event needs neither fix is passed on untouched from there on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from appliance.gateway.sse import decode_object, encode
+from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 _CHAT_ID = b'"chatcmpl-'
 _COMPLETION = b'"text_completion"'
@@ -59,21 +59,60 @@ def legacy_logprobs(chat: dict[str, Any], start: int) -> dict[str, Any]:
     }
 
 
+def _chat_shaped(choice: object) -> dict[str, Any] | None:
+    logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
+    if isinstance(logprobs, dict) and "content" in logprobs and logprobs.get("tokens") is None:
+        return logprobs
+    return None
+
+
+def _fix_id(answer: dict[str, Any]) -> bool:
+    rid = answer.get("id")
+    if isinstance(rid, str) and rid.startswith("chatcmpl-"):
+        answer["id"] = "cmpl-" + rid.removeprefix("chatcmpl-")
+        return True
+    return False
+
+
 def whole_answer(body: bytes, data: bytes) -> bytes:
     """A completion with a completion's id and the legacy logprobs object."""
     answer = decode_object(data)
     if answer is None or answer.get("object") != "text_completion":
         return data
-    rid = answer.get("id")
-    if isinstance(rid, str) and rid.startswith("chatcmpl-"):
-        answer["id"] = "cmpl-" + rid.removeprefix("chatcmpl-")
+    _fix_id(answer)
     start = None
     for choice in answer.get("choices") or ():
-        logprobs = choice.get("logprobs") if isinstance(choice, dict) else None
-        if isinstance(logprobs, dict) and "content" in logprobs and logprobs.get("tokens") is None:
+        if (logprobs := _chat_shaped(choice)) is not None:
             start = _prompt_length(body) if start is None else start
             choice["logprobs"] = legacy_logprobs(logprobs, start)
     return encode(answer)
 
 
-__all__ = ["legacy_logprobs", "needs_fix", "whole_answer"]
+class CompletionEvents(EventRewriter):
+    """A completion's stream with a completion's id and the legacy logprobs in each
+    chunk, ``text_offset`` running on from chunk to chunk (each choice its own)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self._body = body
+        self._offsets: dict[int, int] = {}  # choice index -> where its next token starts
+        self._start: int | None = None
+
+    def fix(self, data: dict[str, Any]) -> list[dict[str, Any]]:
+        fixed = _fix_id(data)
+        for choice in data.get("choices") or ():
+            if (logprobs := _chat_shaped(choice)) is None:
+                continue
+            fixed = True
+            if self._start is None:
+                self._start = _prompt_length(self._body)
+            index = choice.get("index", 0) if isinstance(choice.get("index"), int) else 0
+            legacy = choice["logprobs"] = legacy_logprobs(logprobs, self._offsets.get(index, self._start))
+            if legacy["tokens"]:
+                self._offsets[index] = legacy["text_offset"][-1] + len(legacy["tokens"][-1])
+        if not fixed and self._start is None and self._offsets == {}:
+            self.passing = True  # an engine that speaks the legacy API: nothing to fix
+        return [data]
+
+
+__all__ = ["CompletionEvents", "legacy_logprobs", "needs_fix", "whole_answer"]

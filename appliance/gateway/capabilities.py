@@ -194,7 +194,7 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
     honour and answer as if it had: a forced tool call, an embedding's dimensions, a
-    completion's echo or suffix, or its logprobs streamed.
+    completion's echo or suffix.
     (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
@@ -205,8 +205,6 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
         check_completion_field(model, "echo", "leave 'echo' out and prepend the prompt yourself")
     if getattr(request, "suffix", None):
         check_completion_field(model, "suffix", "leave 'suffix' out, or use llama.cpp's /infill for fill-in-the-middle")
-    if getattr(request, "logprobs", None) is not None and getattr(request, "stream", False):
-        check_streamed_logprobs(model)
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
@@ -268,20 +266,6 @@ def check_completion_field(model: ModelConfig, field: str, instead: str) -> None
             f"/v1/completions: {instead}, or serve the model on vllm or sglang",
             param=field,
             code=f"{field}_not_supported",
-        )
-
-
-def check_streamed_logprobs(model: ModelConfig) -> None:
-    """A 400 naming `logprobs` for a streamed legacy completion on llama.cpp: it streams
-    them in chat's shape, which the legacy API's clients read as none (a whole answer's
-    are rewritten: appliance/gateway/api_completions.py)."""
-    if engine_of(model).name == "llamacpp":
-        raise BadRequest(
-            f"Model '{model.name}' runs on the llamacpp engine, which streams a completion's "
-            "logprobs in chat's shape, not the legacy one: ask for them without 'stream', "
-            "or stream without 'logprobs', or serve the model on vllm or sglang",
-            param="logprobs",
-            code="logprobs_not_supported",
         )
 
 

@@ -38,9 +38,8 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     stateful: bool  # a Responses request that needs its engine to keep responses
     previous: str | None  # a Responses request's previous_response_id
     dimensions: int | None  # an embeddings request's (capabilities.check_fields)
-    echo: bool  # a completions request's echo, suffix and logprobs (capabilities.check_fields)
+    echo: bool  # a completions request's echo and suffix (capabilities.check_fields)
     suffix: str | None
-    logprobs: int | None
     # Read only by a worker (None here: the front door reads them from the body it
     # has, only when the policy needs them): the stream's options as sent (raw JSON,
     # b"" when absent), the prompt as the engine sees it (the prefix hashes' input),
@@ -67,7 +66,6 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         getattr(request, "dimensions", None),
         getattr(request, "echo", False),
         getattr(request, "suffix", None),
-        getattr(request, "logprobs", None),
     )
 
 

@@ -81,8 +81,6 @@ class CompletionRequest(_Request):
     # Honoured by some engines only (gateway/capabilities.check_completion_fields).
     echo: bool = False
     suffix: str | None = None
-    # The legacy logprobs (how many alternatives per token); a stream of them some engines cannot give.
-    logprobs: int | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

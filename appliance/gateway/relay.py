@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from appliance.gateway.proxy import AnswerStream
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
+    from appliance.gateway.sse import EventRewriter
 
 T = TypeVar("T")
 
@@ -239,8 +240,7 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
     read = stream.read
-    fix = req.endpoint.dialect.fix_stream
-    fixer = fix(req.body) if fix is not None else None
+    fixer = _stream_fixer(req)
     try:
         chunk = await read()
         if chunk:
@@ -267,6 +267,15 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
         if text is not None:
             req.response_text = b"".join(text)
         stream.close()
+
+
+def _stream_fixer(req: ProxyRequest) -> EventRewriter | None:
+    """What rewrites the stream's events into its API's promise (the dialect's fix; a
+    legacy completion's, which chat's dialect shares: api_completions.CompletionEvents)."""
+    endpoint = req.endpoint
+    if endpoint.dialect.fix_stream is not None:
+        return endpoint.dialect.fix_stream(req.body)
+    return api_completions.CompletionEvents(req.body) if endpoint.name == "completions" else None
 
 
 async def send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:
