@@ -20,7 +20,8 @@ def daemon(tmp_path_factory):
 
     factory = DaemonFactory(tmp_path_factory.mktemp("sdk"))
     # Each fake answer is 3 tokens long, fewer when max_output_tokens asks fewer.
-    d = factory.start(fake_model("fake", "--chunks", "3") + fake_model("stateful", "--chunks", "3"))
+    d = factory.start(fake_model("fake", "--chunks", "3") + fake_model("stateful", "--chunks", "3")
+                      + fake_model("capped", "--chunks", "3", extra="default_max_tokens = 2"))
     yield d
     factory.cleanup()
 
@@ -59,6 +60,18 @@ def test_a_streamed_response_cut_by_max_output_tokens_ends_with_response_incompl
     assert whole[-1].type == "response.completed" and whole[-1].response.incomplete_details is None
 
 
+def test_a_response_cut_at_the_cap_the_appliance_set_is_incomplete_too(daemon):
+    # A budgeted key's request without max_output_tokens is held to the model's default_max_tokens
+    # (the engine is told it): cut there, the answer is as incomplete as at its own cap.
+    key = keys_cli(daemon, "create", "--name", "capped", "--budget-tokens", "100000")
+    oai = openai.OpenAI(base_url=daemon.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    cut = oai.responses.create(model="capped", input="count")
+    assert (cut.status, cut.incomplete_details.reason, cut.output_text) == ("incomplete", "max_output_tokens",
+                                                                            "tok0 tok1"), cut
+    events = list(oai.responses.create(model="capped", input="count", stream=True))
+    assert events[-1].type == "response.incomplete"
+
+
 # --- Responses: GET /v1/responses/{id}/input_items ------------------------------------
 
 
@@ -83,6 +96,11 @@ def test_input_items_of_a_stored_response_list_its_input_for_its_key_only(daemon
     assert rest.data[0].content[0].text == "first"
     walked = [i.content[0].text for i in oai.responses.input_items.list(made.id, limit=1, order="asc")]
     assert walked == ["be brief", "first", "second"]
+    included = oai.responses.input_items.list(made.id, include=["message.input_image.image_url"])
+    assert [i.id for i in included.data] == [i.id for i in page.data]
+    with pytest.raises(openai.BadRequestError) as err:
+        oai.responses.input_items.list(made.id, include=["no.such.thing"])
+    assert err.value.body["param"] == "include"
     # Same ids on every call (a cursor must stay valid).
     assert oai.responses.input_items.list(made.id).data[0].id == page.data[0].id
     # A string input is one user message.

@@ -186,7 +186,8 @@ class ResponsesEvents(EventRewriter):
     ``content_index``), the response in ``response.created`` whole, and a function
     call's ``response.function_call_arguments.done`` before its item is done.
     llama.cpp's events lack all of it, and the openai SDK's ``responses.stream()``
-    raises without it. An engine whose first event is numbered is passed on as it is."""
+    raises without it; an answer cut at its cap ends with ``response.incomplete``
+    (``settle_status``). An engine whose first event is numbered is passed on as it is."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()

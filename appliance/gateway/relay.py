@@ -63,7 +63,7 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     else:
         req.usage, data = charged(endpoint, req.body, data, rt.tenancy.isolated)
     if status == 200 and (fix := endpoint.dialect.fix_whole) is not None:
-        data = fix(req.body, data)
+        data = fix(req.forwarded or req.body, data)  # as the engine got it: the cap it was held to
     if req.response_text is not None:
         req.response_text = data
     finish(rt, req, status)
@@ -273,8 +273,8 @@ def _stream_fixer(req: ProxyRequest) -> EventRewriter | None:
     """What rewrites the stream's events into its API's promise (the dialect's fix; a
     legacy completion's, which chat's dialect shares: api_completions.CompletionEvents)."""
     endpoint = req.endpoint
-    if endpoint.dialect.fix_stream is not None:
-        return endpoint.dialect.fix_stream(req.body)
+    if endpoint.dialect.fix_stream is not None:  # the request as the engine got it: the cap it was held to
+        return endpoint.dialect.fix_stream(req.forwarded or req.body)
     return api_completions.CompletionEvents(req.body) if endpoint.name == "completions" else None
 
 
