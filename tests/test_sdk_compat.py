@@ -156,3 +156,16 @@ def test_an_unknown_models_404_quotes_a_bounded_piece_of_a_huge_id(daemon, oai):
     with pytest.raises(openai.NotFoundError) as err:
         oai.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
     assert err.value.body["message"] == "The model 'gpt-4o' does not exist"
+
+
+def test_headers_an_error_names_are_quoted_bounded_too(daemon):
+    long = "x" * 3000
+    responses = [
+        httpx.post(f"{daemon.url}/v1/chat/completions", content=b"{}", timeout=10,
+                   headers={"Content-Type": "application/json", "Content-Encoding": long}),
+        httpx.get(f"{daemon.url}/v1/models", headers={"Host": long + ".example"}, timeout=10),
+        httpx.post(f"{daemon.url}/v1/chat/completions", json={}, timeout=10, headers={"Origin": "http://" + long}),
+    ]
+    for resp in responses:
+        message = resp.json()["error"]["message"]
+        assert resp.status_code in (403, 415) and len(message) < 400 and "cut" in message, (resp.status_code, message)

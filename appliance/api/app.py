@@ -175,7 +175,7 @@ def _refuse_encoded(encoding: bytes) -> None:
     forwarded as it came, so it would be read as malformed JSON; say what is wrong."""
     if encoding.strip().lower() not in (b"", b"identity"):
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported on request bodies: "
+            f"Content-Encoding {quoted(encoding.decode('latin-1'))} is not supported on request bodies: "
             "send the body uncompressed",
             code="unsupported_content_encoding",
         )
