@@ -10,7 +10,8 @@ import httpx
 import openai
 import pytest
 
-from .conftest import fake_model
+from .conftest import fake_model, wait_until
+from .test_api_dialects import _audit
 from .test_keys import keys_cli
 
 
@@ -117,6 +118,9 @@ def test_input_items_of_a_stored_response_list_its_input_for_its_key_only(daemon
     oai.responses.delete(made.id)
     with pytest.raises(openai.NotFoundError):
         oai.responses.input_items.list(made.id)
+    # Audited like GET /v1/responses/{id}: the owner's lists (200), the others' (404).
+    wanted = {("stateful", "responses_input_items", 200), ("", "responses_input_items", 404)}
+    wait_until(lambda: wanted <= {r[:3] for r in _audit(daemon)}, 10, what="the audit rows")
 
 
 @pytest.mark.parametrize("query, param", [
