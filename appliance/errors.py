@@ -8,6 +8,19 @@ from __future__ import annotations
 
 import msgspec
 
+# The most of a client's value (a model name, an id) an error message quotes: enough to
+# recognise it, never the whole of a 10 KB one sent back (every API's envelope).
+QUOTE_LIMIT = 120
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """A value the client sent, in single quotes, as an error message names it: cut
+    after ``limit`` characters, and then marked as cut, with its whole length."""
+    text = str(value)
+    if len(text) <= limit:
+        return f"'{text}'"
+    return f"'{text[:limit]}...' (cut: {len(text)} characters in all)"
+
 
 class ErrorBody(msgspec.Struct, omit_defaults=False):
     message: str
@@ -88,7 +101,7 @@ class ModelNotFound(NotFound):
 
     def __init__(self, model: str) -> None:
         # Name only what the caller sent; never list what else the box serves.
-        super().__init__(f"The model '{model}' does not exist", param="model")
+        super().__init__(f"The model {quoted(model)} does not exist", param="model")
 
 
 class MethodNotAllowed(ApplianceError):

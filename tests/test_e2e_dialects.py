@@ -45,21 +45,23 @@ def test_responses_create_with_a_function_tool_is_answered_and_charged(llama_dae
     before = _used(llama_daemon, "agent")
     resp = oai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
                                 max_output_tokens=16)
-    assert resp.status == "completed" and resp.output
+    # Completed, or cut by max_output_tokens and saying so.
+    assert resp.status == ("incomplete" if resp.usage.output_tokens >= 16 else "completed") and resp.output
     assert resp.usage.input_tokens > 0 and resp.usage.output_tokens > 0
     assert getattr(resp.usage.input_tokens_details, "cached_tokens", None) is None  # no cache oracle
     after = _used(llama_daemon, "agent")
     assert after == (before[0] + resp.usage.input_tokens, before[1] + resp.usage.output_tokens)
 
 
-def test_responses_streamed_with_a_function_tool_ends_with_completed_and_is_charged(llama_daemon, oai):
+def test_responses_streamed_with_a_function_tool_ends_with_its_terminal_event_and_is_charged(llama_daemon, oai):
     before = _used(llama_daemon, "agent")
     events = list(oai.responses.create(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
                                        max_output_tokens=8, stream=True))
     types = [e.type for e in events]
-    assert types[0] == "response.created" and types[-1] == "response.completed"
-    assert any(t in ("response.output_text.delta", "response.function_call_arguments.delta") for t in types)
     usage = events[-1].response.usage
+    ending = "response.incomplete" if usage.output_tokens >= 8 else "response.completed"
+    assert types[0] == "response.created" and types[-1] == ending, types
+    assert any(t in ("response.output_text.delta", "response.function_call_arguments.delta") for t in types)
     after = _used(llama_daemon, "agent")
     assert after == (before[0] + usage.input_tokens, before[1] + usage.output_tokens)
 
@@ -119,7 +121,8 @@ def test_llama_server_keeps_no_responses_so_a_stateful_request_is_a_clear_400(ll
             oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, **extra)
         assert err.value.body["code"] == "responses_store_not_supported"
         assert "llamacpp" in err.value.body["message"]
-    assert oai.responses.create(model=MODEL, input="hi", max_output_tokens=2, store=False).status == "completed"
+    answered = oai.responses.create(model=MODEL, input="hi", max_output_tokens=64, store=False, temperature=0)
+    assert answered.status == "completed"
 
 
 def test_llama_server_transcribes_nothing_so_an_upload_is_a_400_naming_endpoint_and_model(llama_daemon, oai):
@@ -132,8 +135,9 @@ def test_llama_server_transcribes_nothing_so_an_upload_is_a_400_naming_endpoint_
 def test_the_openai_sdks_responses_stream_helper_gets_its_final_response_on_llama_cpp(llama_daemon, oai, key):
     """llama.cpp's Responses events lack output_index, content_index and sequence_number:
     the SDK's responses.stream() raised TypeError on the first delta."""
-    with oai.responses.stream(model=MODEL, input="What is the weather in Paris?", tools=[WEATHER],
-                              instructions="Be brief.", max_output_tokens=8) as stream:
+    # "Hi" is answered in about 10 tokens: a final response needs a completed answer.
+    with oai.responses.stream(model=MODEL, input="Hi", tools=[WEATHER], temperature=0,
+                              instructions="Be brief.", max_output_tokens=64) as stream:
         events = list(stream)
         final = stream.get_final_response()
     assert [e.sequence_number for e in events] == list(range(len(events)))
@@ -144,7 +148,7 @@ def test_the_openai_sdks_responses_stream_helper_gets_its_final_response_on_llam
 
     async def helper() -> str:
         client = openai.AsyncOpenAI(base_url=f"{llama_daemon.url}/v1", api_key=key, max_retries=0, timeout=120)
-        async with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=4) as stream:
+        async with client.responses.stream(model=MODEL, input="Hi", max_output_tokens=64, temperature=0) as stream:
             return (await stream.get_final_response()).output_text
 
     assert asyncio.run(helper())
@@ -191,3 +195,38 @@ def test_a_responses_structured_output_is_honoured_on_llama_cpp(oai):
     with oai.responses.stream(model=MODEL, input="Give a person's name", max_output_tokens=60, temperature=0,
                               text_format=Person) as stream:
         assert isinstance(stream.get_final_response().output_parsed, Person)
+
+
+def test_a_response_cut_by_max_output_tokens_on_llama_cpp_is_incomplete(oai):
+    """llama-server's Responses say "completed" whatever stopped them: an answer cut at
+    max_output_tokens was reported whole, and its stream ended with response.completed."""
+    cut = oai.responses.create(model=MODEL, input="Tell me a long story", max_output_tokens=3)
+    assert (cut.status, cut.incomplete_details.reason) == ("incomplete", "max_output_tokens"), cut
+    with oai.responses.stream(model=MODEL, input="Tell me a long story", max_output_tokens=3) as stream:
+        events = list(stream)
+    assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
+    assert "response.completed" not in [e.type for e in events]
+
+
+def test_a_legacy_completions_logprobs_come_in_the_legacy_shape_on_llama_cpp(oai):
+    """llama-server answered /v1/completions with a chatcmpl- id and chat's logprobs
+    ({"content": [...]}): the SDK's choice.logprobs.tokens was None."""
+    prompt = "Once upon a time"
+    answer = oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, temperature=0)
+    assert answer.id.startswith("cmpl-") and answer.object == "text_completion"
+    logprobs = answer.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 3
+    assert "".join(logprobs.tokens) == answer.choices[0].text
+    assert all(len(top) == 2 and all(v <= 0 for v in top.values()) for top in logprobs.top_logprobs)
+    assert logprobs.text_offset[0] == len(prompt)
+    steps = [b - a for a, b in zip(logprobs.text_offset, logprobs.text_offset[1:], strict=False)]
+    assert steps == [len(t) for t in logprobs.tokens[:-1]]
+    assert oai.completions.create(model=MODEL, prompt=prompt, max_tokens=2).id.startswith("cmpl-")
+    # Streamed: the same, chunk by chunk, the offsets running on.
+    chunks = list(oai.completions.create(model=MODEL, prompt=prompt, max_tokens=3, logprobs=2, stream=True,
+                                         temperature=0))
+    assert all(c.id.startswith("cmpl-") for c in chunks)
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for lp in streamed for t in lp.tokens] == logprobs.tokens
+    assert [o for lp in streamed for o in lp.text_offset] == logprobs.text_offset
+    assert [p for lp in streamed for p in lp.top_logprobs] == logprobs.top_logprobs

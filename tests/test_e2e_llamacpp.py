@@ -183,3 +183,28 @@ def test_embeddings_on_the_bundled_model_answer_the_sdk_and_chat_still_works(tmp
     finally:
         factory.cleanup()
 
+
+
+def test_a_worker_gives_a_legacy_completions_logprobs_as_the_daemon_does(tmp_path):
+    """With workers, a completion is carried by one (x-appliance-path: fast): its whole
+    answer and its stream get the legacy logprobs, the stream's text_offset counting from
+    the prompt's end as the daemon's own relay counts it (the worker had no body to read)."""
+    from .conftest import DaemonFactory
+
+    factory = DaemonFactory(tmp_path)
+    try:
+        daemon = factory.start("", wait=False, server="workers = 2")
+        daemon.wait_ready(timeout=120)
+        sdk = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        ask = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 3, "logprobs": 2, "temperature": 0}
+        whole = sdk.completions.with_raw_response.create(**ask)
+        streamed = sdk.completions.with_raw_response.create(**ask, stream=True)
+        assert whole.headers.get("x-appliance-path") == streamed.headers.get("x-appliance-path") == "fast"
+        logprobs = whole.parse().choices[0].logprobs
+        assert whole.parse().id.startswith("cmpl-") and logprobs.text_offset[0] == len(ask["prompt"])
+        chunks = [c for c in streamed.parse() if c.choices and c.choices[0].logprobs]
+        assert all(c.id.startswith("cmpl-") for c in chunks)
+        assert [o for c in chunks for o in c.choices[0].logprobs.text_offset] == logprobs.text_offset
+        assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == logprobs.tokens
+    finally:
+        factory.cleanup()

@@ -16,7 +16,7 @@ from appliance.api.admin_paths import model_name
 from appliance.api.admin_views import daemon_log, daemon_status, gpu_view, model_status, replica_log
 from appliance.api.body import read_body
 from appliance.api.callers import admin
-from appliance.errors import NotFound
+from appliance.errors import NotFound, quoted
 from appliance.gateway.protocol import decode_request
 from appliance.status import (
     SCALE,
@@ -152,7 +152,7 @@ def _action(kind: type[Action], name: str, what: str, known: list[str]) -> Actio
     try:
         return kind(name)
     except ValueError:
-        raise NotFound(f"No {what} '{name}' ({', '.join(known)})") from None
+        raise NotFound(f"No {what} {quoted(name)} ({', '.join(known)})") from None
 
 
 def version() -> str:

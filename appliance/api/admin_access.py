@@ -28,7 +28,7 @@ from litestar import Request
 from appliance.access.keys import bearer_token
 from appliance.api.admin_socket import via_admin_socket
 from appliance.config import Config, is_loopback
-from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType
+from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType, quoted
 
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -97,7 +97,7 @@ class AdminAccess:
         host = hosts[0] if hosts else ""
         if host and not self._our_name(_hostname(host)):
             raise Forbidden(
-                f"{api}: Host {host!r} is not this server's address (a DNS-rebinding page "
+                f"{api}: Host {quoted(host)} is not this server's address (a DNS-rebinding page "
                 "sends its own name); use 127.0.0.1, localhost or a name in server.admin_hosts",
                 code="untrusted_host",
             )
@@ -108,7 +108,7 @@ class AdminAccess:
         origin may use it; a "simple" cross-site POST would otherwise run, unread)."""
         if origin is not None and not self._our_origin(origin):
             raise Forbidden(
-                f"{api}: refused a cross-origin request from {origin!r} (a web page may not {verb} this server)",
+                f"{api}: refused a cross-origin request from {quoted(origin)} (a web page may not {verb} this server)",
                 code="cross_origin",
             )
         if fetch_site in ("cross-site", "same-site"):
@@ -145,7 +145,7 @@ class AdminAccess:
         if sent.split(";", 1)[0].strip().lower() != "application/json":
             raise UnsupportedMediaType(
                 f"Admin API: a {request.method} needs 'Content-Type: application/json' "
-                f"(got {sent or 'none'!r}); nothing was changed"
+                f"(got {quoted(sent or 'none')}); nothing was changed"
             )
 
 

@@ -59,13 +59,14 @@ from appliance.errors import (
     UnsupportedMediaType,
     encode_error,
     error_for_status,
+    quoted,
 )
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ClientGone
 from appliance.fleet.prefix import engine_view
 from appliance.fleet.replica import Replica
 from appliance.fleet.supervisor import Supervisor
-from appliance.gateway import api_audio, capabilities
+from appliance.gateway import api_audio, capabilities, response_items
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.dialects import Dialect, dialect_for_path
@@ -174,7 +175,7 @@ def _refuse_encoded(encoding: bytes) -> None:
     forwarded as it came, so it would be read as malformed JSON; say what is wrong."""
     if encoding.strip().lower() not in (b"", b"identity"):
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding.decode('latin-1')!r} is not supported on request bodies: "
+            f"Content-Encoding {quoted(encoding.decode('latin-1'))} is not supported on request bodies: "
             "send the body uncompressed",
             code="unsupported_content_encoding",
         )
@@ -289,7 +290,7 @@ def _home_of(rt: Runtime, facts: Facts, key: ApiKey | None, deployment: Deployme
     replica = rt.response_homes.find(previous, key, "previous_response_id")
     if replica not in deployment.replicas:
         raise BadRequest(
-            f"Response '{previous}' was made by another model than '{facts.model}'",
+            f"Response {quoted(previous)} was made by another model than {quoted(facts.model)}",
             param="previous_response_id",
             code="response_model_mismatch",
         )
@@ -455,10 +456,17 @@ async def cancel_response(request: Request) -> Response:
     return await _stored_response(request, "POST", "/cancel", "responses_cancel")
 
 
+@get("/v1/responses/{response_id:str}/input_items")
+async def list_input_items(request: Request) -> Response:
+    """A stored Response's input items (the key that made it only), from the input the
+    daemon kept: no engine lists them (appliance/gateway/response_items.py)."""
+    return await _stored_response(request, "GET", "/input_items", "responses_input_items")
+
+
 # Calls on a stored Response: audited, rate-limited like any request, charged nothing.
 _STORED = {
     name: Endpoint(name, ResponsesRequest, "", generates=False, free=True)
-    for name in ("responses_get", "responses_delete", "responses_cancel")
+    for name in ("responses_get", "responses_delete", "responses_cancel", "responses_input_items")
 }
 
 
@@ -476,10 +484,15 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
         req.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
         rt.audit.admit(req.accountable)
         response_id = request.path_params["response_id"]
+        listing = response_items.query(request.query_params) if suffix == "/input_items" else None
         replica = rt.response_homes.find(response_id, req.key, "response_id")
         req.model, req.served_by = replica.model.name, replica.name
-        path = f"/v1/responses/{response_id}{suffix}"
-        status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+        if listing is not None:  # kept here: answered without the engine
+            data = response_items.listed(rt.response_homes.inputs(response_id), response_id, listing)
+            status, content_type = 200, JSON
+        else:
+            path = f"/v1/responses/{response_id}{suffix}"
+            status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
     except ApplianceError as exc:
         finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):
@@ -591,6 +604,7 @@ ROUTE_HANDLERS = [
     get_response,
     delete_response,
     cancel_response,
+    list_input_items,
     healthz,
     readyz,
     metrics,

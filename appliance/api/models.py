@@ -16,7 +16,7 @@ import msgspec
 from litestar import Request, Response, get
 
 from appliance.api.callers import caller, deployment_of, models_of
-from appliance.errors import BadRequest, ModelNotFound
+from appliance.errors import BadRequest, ModelNotFound, quoted
 from appliance.gateway.dialects import ANTHROPIC, Dialect
 from appliance.gateway.protocol import ModelCard, ModelList
 
@@ -95,7 +95,7 @@ def _page(names: list[str], request: Request) -> tuple[list[str], bool]:
     query = request.query_params
     raw = query.get("limit", str(DEFAULT_LIMIT))
     if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
-        raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, not '{raw}'", param="limit")
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {quoted(raw)}", param="limit")
     limit = int(raw)
     if (before := query.get("before_id")) is not None:
         names = names[: _cursor(names, before, "before_id")]
@@ -109,7 +109,7 @@ def _cursor(names: list[str], name: str, param: str) -> int:
     try:
         return names.index(name)
     except ValueError:
-        raise BadRequest(f"{param} '{name}' is no model served here", param=param) from None
+        raise BadRequest(f"{param} {quoted(name)} is no model served here", param=param) from None
 
 
 @get(f"{PATH}/{{model_id:path}}")

@@ -309,6 +309,7 @@ class ClientSide:
         it arrives (a slow client slows its reading: each piece's send is awaited), its
         usage tapped, its end told to the daemon (Finish, from the stream's close)."""
         req = ProxyRequest(grant.request_id, carried.started, 0.0, carried.endpoint, receive)
+        req.body = carried.body  # what the stream's fixer reads of the request (relay._stream_fixer)
         if grant.tap is not None:
             req.tap = StreamTap(grant.tap, scrub, revealing) if grant.scrub else StreamTap(grant.tap)
         if grant.accountable:

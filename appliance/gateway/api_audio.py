@@ -31,7 +31,7 @@ import re
 
 import msgspec
 
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, quoted
 from appliance.gateway.metering import BYTES_PER_TOKEN, Usage
 
 AUDIO_TOKENS_PER_SECOND = 50
@@ -103,12 +103,12 @@ def decode(body: bytes, content_type: bytes | None) -> AudioRequest:
         is_file = _FILENAME.search(headers) is not None
         if name in _ROUTED and (name in spans or is_file):
             # The engine might read another one than the appliance routed by.
-            raise BadRequest(f"Form field '{name.decode()}' is given more than once", param=name.decode())
+            raise BadRequest(f"Form field {quoted(name.decode())} is given more than once", param=name.decode())
         if is_file:
             audio = audio or name == b"file"
             continue
         if end - start > MAX_FIELD_BYTES:
-            raise BadRequest(f"Form field '{name.decode('latin-1')}' is longer than {MAX_FIELD_BYTES} bytes")
+            raise BadRequest(f"Form field {quoted(name.decode('latin-1'))} is longer than {MAX_FIELD_BYTES} bytes")
         spans[name] = (start, end)
     if not audio:
         raise BadRequest("The form has no 'file' part (the audio to transcribe)", param="file")
@@ -124,7 +124,7 @@ def _text(body: bytes, span: tuple[int, int], name: str) -> str:
     try:
         return body[span[0] : span[1]].decode("utf-8")
     except UnicodeDecodeError:
-        raise BadRequest(f"Form field '{name}' is not valid UTF-8", param=name) from None
+        raise BadRequest(f"Form field {quoted(name)} is not valid UTF-8", param=name) from None
 
 
 def _flag(body: bytes, spans: dict[bytes, tuple[int, int]], name: bytes) -> bool:
@@ -136,7 +136,9 @@ def _flag(body: bytes, spans: dict[bytes, tuple[int, int]], name: bytes) -> bool
         return True
     if value in ("false", "0", "no", "off", ""):
         return False
-    raise BadRequest(f"Form field '{name.decode()}' must be true or false, got {value[:20]!r}", param=name.decode())
+    raise BadRequest(
+        f"Form field {quoted(name.decode())} must be true or false, got {value[:20]!r}", param=name.decode()
+    )
 
 
 def set_form_fields(body: bytes, fields: dict) -> bytes:

@@ -122,14 +122,54 @@ def _filled(response: dict[str, Any], echo: dict[str, Any], model: str) -> dict[
     return response
 
 
+# Why an answer stopped short, as the Responses API says it (incomplete_details.reason),
+# for the engine's finish reason.
+INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}
+
+
+def _output_cap(body: bytes) -> int | None:
+    request = decode_object(body) or {}
+    cap = request.get("max_output_tokens")
+    return cap if isinstance(cap, int) and not isinstance(cap, bool) else None
+
+
+def _finish_reason(response: dict[str, Any], cap: int | None) -> str | None:
+    """Why the engine stopped a Response it calls completed: "length" when it made as
+    many tokens as max_output_tokens allowed (llama-server's Responses say "completed"
+    whatever stopped them: its finish reason is only in its chat answers)."""
+    usage = response.get("usage")
+    made = usage.get("output_tokens") if isinstance(usage, dict) else None
+    if cap is not None and isinstance(made, int) and made >= cap:
+        return "length"
+    return None
+
+
+def settle_status(response: dict[str, Any], cap: int | None) -> bool:
+    """Mark a Response the engine cut short ``incomplete``, with the reason the API
+    gives (``incomplete_details``) and its unfinished message items ``incomplete``:
+    what the SDKs and apps read to know the answer is not whole. True: it was changed."""
+    if response.get("status") != "completed":
+        return False
+    reason = INCOMPLETE_REASONS.get(_finish_reason(response, cap) or "")
+    if reason is None:
+        return False
+    response["status"] = "incomplete"
+    response["incomplete_details"] = {"reason": reason}
+    for item in response.get("output") or ():
+        if isinstance(item, dict) and item.get("type") == "message" and item.get("status") == "completed":
+            item["status"] = "incomplete"
+    return True
+
+
 def whole_answer(body: bytes, data: bytes) -> bytes:
     """A whole Response with every field the API gives (the request's instructions,
-    tools, ... where the engine left them out)."""
+    tools, ... where the engine left them out), and ``incomplete`` when cut short."""
     answer = decode_object(data)
     if answer is None or answer.get("object") != "response":
         return data
+    settled = settle_status(answer, _output_cap(body))
     missing = [name for name in _ECHOED if name not in answer]
-    if not missing:
+    if not missing and not settled:
         return data
     return encode(_filled(answer, _request_echo(body), ""))
 
@@ -146,7 +186,8 @@ class ResponsesEvents(EventRewriter):
     ``content_index``), the response in ``response.created`` whole, and a function
     call's ``response.function_call_arguments.done`` before its item is done.
     llama.cpp's events lack all of it, and the openai SDK's ``responses.stream()``
-    raises without it. An engine whose first event is numbered is passed on as it is."""
+    raises without it; an answer cut at its cap ends with ``response.incomplete``
+    (``settle_status``). An engine whose first event is numbered is passed on as it is."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()
@@ -167,6 +208,8 @@ class ResponsesEvents(EventRewriter):
         response = data.get("response")
         if isinstance(response, dict):
             self._fill_response(kind, response)
+            if kind == "response.completed" and settle_status(response, _output_cap(self._body)):
+                kind = data["type"] = "response.incomplete"  # the event that ends a cut answer
         out = [data]
         if kind in _ITEM_EVENTS:
             out = self._item_event(kind, data)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from appliance.errors import StateWriteFailed
 from appliance.gateway.api_responses import usage_and_id
 from appliance.gateway.metering import Usage, guessed_usage
+from appliance.gateway.response_items import request_input
 
 if TYPE_CHECKING:
     from appliance.gateway.request import ProxyRequest
@@ -92,7 +93,8 @@ def finish_stream(rt: Gateway, req: ProxyRequest, status: int) -> None:
     if req.stores and req.tap is not None and req.tap.held and req.deployment is not None:
         # The response.completed event, held back until now.
         _, made = usage_and_id(req.tap.held.split(b"data: ", 1)[-1])
-        rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+        inputs = request_input(req.body)
+        rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
     finish(rt, req, status)
 
 

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, TypeVar
 from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
+from appliance.gateway import api_completions
 from appliance.gateway.api_responses import usage_and_id
 from appliance.gateway.ledger import committed, finish, finish_stream
 from appliance.gateway.metering import Usage
+from appliance.gateway.response_items import request_input
 from appliance.gateway.routing import forward
 from appliance.gateway.serving import wait_disconnect
 
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from appliance.gateway.proxy import AnswerStream
     from appliance.gateway.request import ProxyRequest
     from appliance.gateway.runtime import Gateway
+    from appliance.gateway.sse import EventRewriter
 
 T = TypeVar("T")
 
@@ -54,12 +57,13 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     if req.stores:  # one parse for the usage and the id of the response the engine keeps
         req.usage, made = usage_and_id(data)
         if status == 200 and req.deployment is not None:
-            rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key)
+            inputs = request_input(req.body)
+            rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
         data = rt.tenancy.answer(data)
     else:
         req.usage, data = charged(endpoint, req.body, data, rt.tenancy.isolated)
     if status == 200 and (fix := endpoint.dialect.fix_whole) is not None:
-        data = fix(req.body, data)
+        data = fix(req.forwarded or req.body, data)  # as the engine got it: the cap it was held to
     if req.response_text is not None:
         req.response_text = data
     finish(rt, req, status)
@@ -73,7 +77,10 @@ def charged(endpoint: Endpoint, body: bytes, data: bytes, isolated: bool) -> tup
     word; nothing on a free endpoint) and, for tenants kept apart, the answer without
     its cache-revealing fields. One step, for this process's relay and a worker's."""
     usage = FREE if endpoint.free else endpoint.dialect.answer_usage(body, data)
-    return usage, cleaned(data, isolated)
+    data = cleaned(data, isolated)
+    if endpoint.name == "completions" and api_completions.needs_fix(data):  # llama.cpp's chat-shaped one
+        data = api_completions.whole_answer(body, data)
+    return usage, data
 
 
 async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
@@ -233,8 +240,7 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
     read = stream.read
-    fix = req.endpoint.dialect.fix_stream
-    fixer = fix(req.body) if fix is not None else None
+    fixer = _stream_fixer(req)
     try:
         chunk = await read()
         if chunk:
@@ -261,6 +267,15 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
         if text is not None:
             req.response_text = b"".join(text)
         stream.close()
+
+
+def _stream_fixer(req: ProxyRequest) -> EventRewriter | None:
+    """What rewrites the stream's events into its API's promise (the dialect's fix; a
+    legacy completion's, which chat's dialect shares: api_completions.CompletionEvents)."""
+    endpoint = req.endpoint
+    if endpoint.dialect.fix_stream is not None:  # the request as the engine got it: the cap it was held to
+        return endpoint.dialect.fix_stream(req.forwarded or req.body)
+    return api_completions.CompletionEvents(req.body) if endpoint.name == "completions" else None
 
 
 async def send_sse_error(send: Send, exc: ApplianceError, req: ProxyRequest) -> None:

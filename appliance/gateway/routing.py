@@ -31,6 +31,7 @@ from appliance.errors import (
     QueueTimeout,
     RegulatedFailClosed,
     ShuttingDown,
+    quoted,
 )
 from appliance.fleet.replica_state import State
 from appliance.gateway.capabilities import serves
@@ -67,12 +68,13 @@ class Routes:
         another tag's routes (a catch-all route, tag "", matches every tag)."""
         if sent_tag and sent_tag not in self.tags:
             raise BadRequest(
-                f"Unknown tag {sent_tag!r} in the {header} header: no route carries it", code="unknown_tag"
+                f"Unknown tag {quoted(sent_tag)} in the {header} header: no route carries it", code="unknown_tag"
             )
         key_tag = key.tag if key is not None else ""
         if key_tag and sent_tag and sent_tag != key_tag:
             raise Forbidden(
-                f"This API key is bound to tag {key_tag!r}; the {header} header may not change it to {sent_tag!r}",
+                f"This API key is bound to tag {key_tag!r}; "
+                f"the {header} header may not change it to {quoted(sent_tag)}",
                 code="tag_not_allowed",
             )
         if not self.models:

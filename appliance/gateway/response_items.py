@@ -1,0 +1,140 @@
+"""The input items of a stored Response, as ``GET /v1/responses/{id}/input_items``
+lists them (the openai SDK's ``client.responses.input_items.list``).
+
+No engine the appliance runs lists them (vLLM keeps a stored Response, not an
+endpoint for its input), so the daemon keeps each stored Response's ``input`` as
+the request sent it, next to where the Response lives (response_homes.py), and
+makes the API's items of it here: a string input is one user message, a message
+whose content is a string gets its content parts, and every item an id (the one
+it came with, else one made from the Response's id and its place, the same on
+every call, so ``after`` pages through them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import msgspec
+
+from appliance.errors import BadRequest, quoted
+
+DEFAULT_LIMIT = 20
+MAX_LIMIT = 100
+ORDERS = ("asc", "desc")
+# What ``include`` may ask for (the API's list); none of it is kept beyond the input
+# itself, so an item has what its request gave, as the API answers a request without it.
+INCLUDABLE = frozenset(
+    {
+        "code_interpreter_call.outputs",
+        "computer_call_output.output.image_url",
+        "file_search_call.results",
+        "message.input_image.image_url",
+        "message.output_text.logprobs",
+        "reasoning.encrypted_content",
+        "web_search_call.action.sources",
+    }
+)
+
+
+class _Input(msgspec.Struct):
+    input: msgspec.Raw = msgspec.Raw(b"null")
+
+
+_INPUT = msgspec.json.Decoder(_Input)
+
+
+def request_input(body: bytes) -> bytes:
+    """A Responses request's ``input``, as the JSON it sent (what the daemon keeps)."""
+    try:
+        return bytes(_INPUT.decode(body).input)
+    except msgspec.MsgspecError:
+        return b""
+
+
+class Query(msgspec.Struct, frozen=True):
+    after: str | None
+    limit: int
+    order: str
+    include: tuple[str, ...]
+
+
+def query(params: Any) -> Query:
+    """The list's query parameters (a multi-dict: ``include`` may repeat), checked: a
+    400 naming the one that is wrong."""
+    raw = params.get("limit", str(DEFAULT_LIMIT))
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_LIMIT:
+        raise BadRequest(f"limit must be a whole number from 1 to {MAX_LIMIT}, not {quoted(raw)}", param="limit")
+    order = params.get("order", "desc")
+    if order not in ORDERS:
+        raise BadRequest(f"order must be 'asc' or 'desc', not {quoted(order)}", param="order")
+    include = (*params.getall("include[]", []), *params.getall("include", []))
+    for name in include:
+        if name not in INCLUDABLE:
+            raise BadRequest(f"include {quoted(name)} is not one of {', '.join(sorted(INCLUDABLE))}", param="include")
+    after = params.get("after")
+    if after == "":
+        raise BadRequest("after must name an item id", param="after")
+    return Query(after, int(raw), order, include)
+
+
+def _made_id(prefix: str, response_id: str, place: int) -> str:
+    digest = hashlib.blake2b(f"{response_id}:{place}".encode(), digest_size=12).hexdigest()
+    return f"{prefix}_{digest}"
+
+
+def _parts(role: str, content: Any) -> Any:
+    if isinstance(content, str):
+        kind = "output_text" if role == "assistant" else "input_text"
+        return [{"type": kind, "text": content}]
+    return content
+
+
+def items(kept: bytes, response_id: str) -> list[dict[str, Any]]:
+    """The input items of the Response, in the order its request gave them."""
+    try:
+        given = msgspec.json.decode(kept) if kept else None
+    except msgspec.DecodeError:
+        given = None
+    if isinstance(given, str):
+        given = [{"role": "user", "content": given}]
+    out = []
+    for place, item in enumerate(given if isinstance(given, list) else []):
+        if not isinstance(item, dict):
+            continue
+        item = dict(item)
+        if item.setdefault("type", "message") == "message":
+            role = item.setdefault("role", "user")
+            item["content"] = _parts(role, item.get("content", []))
+            item.setdefault("status", "completed")
+            item.setdefault("id", _made_id("msg", response_id, place))
+        else:
+            item.setdefault("id", _made_id("item", response_id, place))
+        out.append(item)
+    return out
+
+
+def page(all_items: list[dict[str, Any]], asked: Query) -> dict[str, Any]:
+    """One page of the list, in the API's shape."""
+    ordered = all_items if asked.order == "asc" else all_items[::-1]
+    if asked.after is not None:
+        ids = [item["id"] for item in ordered]
+        if asked.after not in ids:
+            raise BadRequest(f"after {quoted(asked.after)} is no input item of this response", param="after")
+        ordered = ordered[ids.index(asked.after) + 1 :]
+    data = ordered[: asked.limit]
+    return {
+        "object": "list",
+        "data": data,
+        "first_id": data[0]["id"] if data else None,
+        "last_id": data[-1]["id"] if data else None,
+        "has_more": len(ordered) > asked.limit,
+    }
+
+
+def listed(kept: bytes, response_id: str, asked: Query) -> bytes:
+    """The answer to GET .../input_items: the asked page of the kept input's items."""
+    return msgspec.json.encode(page(items(kept, response_id), asked))
+
+
+__all__ = ["Query", "items", "listed", "page", "query", "request_input"]
