@@ -23,7 +23,6 @@ daemon, its workers and its engines, and the engines' seccomp filter
 
 from __future__ import annotations
 
-import ctypes
 import socket
 from collections.abc import Sequence
 from typing import Any
@@ -31,21 +30,12 @@ from typing import Any
 from granian._granian import SocketHolder
 from granian.server.embed import Server
 
+from appliance.cbpf import JEQ_K, LD_W_ABS, MOD_K, RET_K, Instruction, Program, assemble
+
 SO_ATTACH_REUSEPORT_CBPF = 51  # linux/asm-generic/socket.h; Python's socket module lacks it
 
-# Classic BPF (linux/filter.h): the few instructions the steering program uses.
-_LD_RANDOM = (0x20, 0xFFFFF038)  # BPF_LD|BPF_W|BPF_ABS at SKF_AD_OFF + SKF_AD_RANDOM: A = a random u32
-_MOD_K = 0x94  # BPF_ALU|BPF_MOD|BPF_K: A = A % k
-_JEQ_K = 0x15  # BPF_JMP|BPF_JEQ|BPF_K: A == k ? skip jt : skip jf
-_RET_K = 0x06  # BPF_RET|BPF_K: return k (the index of the group's socket that gets the connection)
-
-
-class _Instruction(ctypes.Structure):
-    _fields_ = [("code", ctypes.c_uint16), ("jt", ctypes.c_uint8), ("jf", ctypes.c_uint8), ("k", ctypes.c_uint32)]
-
-
-class _Program(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(_Instruction))]
+# SKF_AD_OFF + SKF_AD_RANDOM (linux/filter.h): loading this word gives a random u32.
+_RANDOM = 0xFFFFF038
 
 
 def _address(host: str, port: int) -> tuple[int, Any]:
@@ -70,24 +60,25 @@ def listen_socket(host: str, port: int, backlog: int, *, reuse_port: bool = Fals
     return sock
 
 
-def steering_program(live: Sequence[int]) -> list[tuple[int, int, int, int]]:
+def steering_program(live: Sequence[int]) -> bytes:
     """Classic BPF that returns one of the live indices at random (A = rand % len;
     then A's index in live). It returns nothing else: not an index of a socket that
     joined after the daemon's."""
     if not live:
         raise ValueError("steering needs a socket to steer to")
-    program = [(_LD_RANDOM[0], 0, 0, _LD_RANDOM[1]), (_MOD_K, 0, 0, len(live))]
+    picks = [f"pick {k}" for k in range(len(live))]
+    program: list[Instruction | str] = [(LD_W_ABS, None, None, _RANDOM), (MOD_K, None, None, len(live))]
+    program += [(JEQ_K, picks[k], None, k) for k in range(len(live) - 1)]
+    program += [picks[-1], (RET_K, None, None, live[-1])]
     for k, index in enumerate(live[:-1]):
-        program += [(_JEQ_K, 0, 1, k), (_RET_K, 0, 0, index)]
-    return program + [(_RET_K, 0, 0, live[-1])]
+        program += [picks[k], (RET_K, None, None, index)]
+    return assemble(program)
 
 
 def attach_steering(sock: socket.socket, live: Sequence[int]) -> None:
     """Set (or replace) the group's program, through any socket of the group."""
-    program = steering_program(live)
-    instructions = (_Instruction * len(program))(*(_Instruction(*i) for i in program))
-    fprog = _Program(len(program), ctypes.cast(instructions, ctypes.POINTER(_Instruction)))
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(fprog))  # copied by the kernel
+    program = Program(steering_program(live))
+    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, bytes(program))  # copied by the kernel
 
 
 class ReuseportGroup:

@@ -32,6 +32,8 @@ import struct
 import sys
 from dataclasses import dataclass
 
+from appliance.cbpf import JEQ_K, JSET_K, LD_W_ABS, RET_K, Instruction, Program, assemble
+
 log = logging.getLogger("appliance.supervisor")
 
 PR_SET_SECCOMP = 22
@@ -75,81 +77,46 @@ ABIS = {
     "aarch64": _Abi(AUDIT_ARCH_AARCH64, setsockopt=208),
 }
 
-# Classic BPF opcodes (linux/filter.h).
-_LD_W_ABS = 0x20
-_JEQ_K = 0x15
-_JSET_K = 0x45
-_RET_K = 0x06
 
-_Insn = tuple[int, str | None, str | None, int]  # code, jump if true, jump if false, k
-
-
-def _assemble(program: list[_Insn | str]) -> bytes:
-    """struct sock_filter[] from instructions whose jumps name labels (a str item marks
-    one); None: the next instruction. BPF jumps only forward, at most 255 on."""
-    labels: dict[str, int] = {}
-    insns: list[_Insn] = []
-    for item in program:
-        if isinstance(item, str):
-            labels[item] = len(insns)
-        else:
-            insns.append(item)
-
-    def offset(at: int, label: str | None) -> int:
-        if label is None:
-            return 0
-        distance = labels[label] - at - 1
-        assert 0 <= distance <= 255, f"jump to {label} out of range"
-        return distance
-
-    return b"".join(
-        struct.pack("=HBBI", code, offset(at, jt), offset(at, jf), k) for at, (code, jt, jf, k) in enumerate(insns)
-    )
-
-
-def _abi_block(name: str, abi: _Abi) -> list[_Insn | str]:
-    foreign: list[_Insn | str] = [(_JSET_K, "enosys", None, abi.foreign_bit)] if abi.foreign_bit else []
+def _abi_block(name: str, abi: _Abi) -> list[Instruction | str]:
+    foreign: list[Instruction | str] = [(JSET_K, "enosys", None, abi.foreign_bit)] if abi.foreign_bit else []
     return [
         name,
-        (_LD_W_ABS, None, None, _NR),
+        (LD_W_ABS, None, None, _NR),
         *foreign,
-        (_JEQ_K, "setsockopt", None, abi.setsockopt),
-        (_JEQ_K, "enosys", "allow", IO_URING_SETUP),
+        (JEQ_K, "setsockopt", None, abi.setsockopt),
+        (JEQ_K, "enosys", "allow", IO_URING_SETUP),
     ]
 
 
 def filter_program() -> bytes:
     """The filter, for x86_64 and aarch64 alike (each ABI's own numbers, told by arch)."""
-    arches: list[_Insn | str] = [(_LD_W_ABS, None, None, _ARCH)]
+    arches: list[Instruction | str] = [(LD_W_ABS, None, None, _ARCH)]
     for name, abi in ABIS.items():
-        arches.append((_JEQ_K, name, None, abi.arch))
-    arches.append((_RET_K, None, None, SECCOMP_RET_ERRNO | errno.ENOSYS))  # any other ABI
+        arches.append((JEQ_K, name, None, abi.arch))
+    arches.append((RET_K, None, None, SECCOMP_RET_ERRNO | errno.ENOSYS))  # any other ABI
     blocks = [item for name, abi in ABIS.items() for item in _abi_block(name, abi)]
-    return _assemble(
+    return assemble(
         [
             *arches,
             *blocks,
             "setsockopt",
-            (_LD_W_ABS, None, None, _arg_low(1)),
-            (_JEQ_K, None, "allow", SOL_SOCKET),
-            (_LD_W_ABS, None, None, _arg_low(2)),
-            (_JEQ_K, "pretend", None, SO_REUSEPORT),
-            (_JEQ_K, "eperm", None, SO_ATTACH_REUSEPORT_CBPF),
-            (_JEQ_K, "eperm", "allow", SO_ATTACH_REUSEPORT_EBPF),
+            (LD_W_ABS, None, None, _arg_low(1)),
+            (JEQ_K, None, "allow", SOL_SOCKET),
+            (LD_W_ABS, None, None, _arg_low(2)),
+            (JEQ_K, "pretend", None, SO_REUSEPORT),
+            (JEQ_K, "eperm", None, SO_ATTACH_REUSEPORT_CBPF),
+            (JEQ_K, "eperm", "allow", SO_ATTACH_REUSEPORT_EBPF),
             "allow",
-            (_RET_K, None, None, SECCOMP_RET_ALLOW),
+            (RET_K, None, None, SECCOMP_RET_ALLOW),
             "enosys",
-            (_RET_K, None, None, SECCOMP_RET_ERRNO | errno.ENOSYS),
+            (RET_K, None, None, SECCOMP_RET_ERRNO | errno.ENOSYS),
             "eperm",
-            (_RET_K, None, None, SECCOMP_RET_ERRNO | errno.EPERM),
+            (RET_K, None, None, SECCOMP_RET_ERRNO | errno.EPERM),
             "pretend",
-            (_RET_K, None, None, SECCOMP_RET_ERRNO | 0),  # skipped, and "succeeded"
+            (RET_K, None, None, SECCOMP_RET_ERRNO | 0),  # skipped, and "succeeded"
         ]
     )
-
-
-class _SockFprog(ctypes.Structure):
-    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
 # An engine whose filter the kernel refused after the daemon's probe said it would take
@@ -163,10 +130,7 @@ class EngineSandbox:
 
     def __init__(self) -> None:
         self._libc: ctypes.CDLL | None = None
-        code = filter_program()
-        self._code = ctypes.create_string_buffer(code, len(code))  # kept: the child reads it
-        self._prog = _SockFprog(len(code) // 8, ctypes.addressof(self._code))
-        self._prog_address = ctypes.addressof(self._prog)
+        self._program = Program(filter_program())  # kept: the child reads it
         self._refusal = b"--- appliance: the kernel refused the engine's seccomp filter; not started\n"
         self.reason = self._why_not()
         self.enforced = not self.reason
@@ -199,7 +163,7 @@ class EngineSandbox:
         if not self.enforced:
             return
         installed = self._prctl(PR_SET_NO_NEW_PRIVS, 1) == 0 and (
-            self._prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._prog_address) == 0
+            self._prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, self._program.address) == 0
         )
         if not installed:
             os.write(2, self._refusal)
