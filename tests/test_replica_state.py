@@ -321,3 +321,142 @@ async def test_a_starting_engine_that_writes_output_is_probed_again_at_once_not_
     runner.processes[0].wrote.set()
     await settle(lambda: replica.state is State.READY)
     await replica.stop()
+
+
+class RefusedWhenExiting(ScriptedAdapter):
+    """A vLLM-like engine whose health check, sleep or wake, once the test holds it, stays in
+    flight until the test ends it with what an engine that is exiting answers: a refused
+    connection."""
+
+    can_sleep = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold: set[str] = set()  # the calls that wait for ``refuse``
+        self.in_flight = ""  # the held call waiting now
+        self.refuse = asyncio.Event()
+
+    async def _answer(self, call: str) -> None:
+        if call in self.hold:
+            self.in_flight = call
+            await self.refuse.wait()
+            raise ProbeFailed(f"{call}: Cannot connect to host 127.0.0.1: Connect call failed (Connection refused)")
+
+    async def probe_health(self, session, base_url, timeout) -> None:
+        await self._answer("health")
+
+    async def sleep(self, session, base_url, timeout) -> None:
+        await self._answer("sleep")
+
+    async def wake(self, session, base_url, timeout) -> None:
+        await self._answer("wake")
+
+
+async def _stopped_idle_while_in_flight(adapter: RefusedWhenExiting, replica: Replica, runner: FakeRunner,
+                                        call: str) -> None:
+    """Hold call in flight; then, in one step, the replica is stopped idle (its engine gets
+    SIGTERM at once: stop_now_if_idle) and the engine, exiting, refuses call. The exit itself
+    is seen later (as a real process's is): once the owner task has begun the stop."""
+    adapter.hold.add(call)
+    await settle(lambda: adapter.in_flight == call)
+    assert replica.stop_now_if_idle()
+    adapter.refuse.set()
+    await settle(lambda: replica.state is State.DRAINING)
+    runner.processes[0].exit(-15)
+    await replica.stop()
+
+
+def _killed_by_the_stop_alone(replica: Replica, runner: FakeRunner, transitions) -> None:
+    assert replica.state is State.STOPPED and transitions[-1] == (State.DRAINING, State.STOPPED)
+    assert replica.last_error == "" and replica.restarts == 0
+    assert runner.processes[0].signals == [15]  # the stop's SIGTERM, no SIGKILL
+
+
+async def test_a_health_check_refused_in_the_step_a_stop_was_asked_is_the_stop_not_an_error(tmp_path):
+    """The engine of a replica stopped idle gets SIGTERM in the caller's step; a health check
+    in flight then is refused, and the owner task may see that failure in the same step as the
+    stop. The stop it asked for wins: no last_error (a stop is not an error), no crash."""
+    adapter = RefusedWhenExiting()
+    runner = FakeRunner()
+    runner.ignore_sigterm = True  # (exits when the test says: after the refusal)
+    replica, runner, transitions = make(tmp_path, adapter, runner)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    await _stopped_idle_while_in_flight(adapter, replica, runner, "health")
+    _killed_by_the_stop_alone(replica, runner, transitions)
+
+
+async def test_a_sleep_refused_in_the_step_a_stop_was_asked_is_the_stop_not_a_failed_sleep(tmp_path):
+    """The same race while the replica goes to sleep: the engine, told to stop, refuses the
+    sleep. A failed sleep kills the engine (SIGKILL); a sleep cut short by the stop asked for
+    is the stop, which ends the engine by its SIGTERM."""
+    adapter = RefusedWhenExiting()
+    runner = FakeRunner()
+    runner.ignore_sigterm = True
+    replica, runner, transitions = make(tmp_path, adapter, runner)
+    replica.model.sleep_mode = True
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    asleep = asyncio.create_task(replica.sleep(timeout=5))
+    await _stopped_idle_while_in_flight(adapter, replica, runner, "sleep")
+    await asleep  # (returns: the replica stopped)
+    _killed_by_the_stop_alone(replica, runner, transitions)
+    assert State.SLEEPING not in {new for _, new in transitions}
+
+
+async def test_a_wake_refused_in_the_step_a_stop_was_asked_is_the_stop_not_a_failed_wake(tmp_path):
+    """The same race while a sleeping replica wakes: the stop wins over the refused wake."""
+    adapter = RefusedWhenExiting()
+    runner = FakeRunner()
+    runner.ignore_sigterm = True
+    replica, runner, transitions = make(tmp_path, adapter, runner)
+    replica.model.sleep_mode = True
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    await replica.sleep(timeout=5)
+    assert replica.state is State.SLEEPING
+    woken = asyncio.create_task(replica.wake(timeout=5))
+    await _stopped_idle_while_in_flight(adapter, replica, runner, "wake")
+    with pytest.raises(ReplicaUnavailable, match="stopped"):
+        await woken
+    _killed_by_the_stop_alone(replica, runner, transitions)
+
+
+class GatedClock(FakeClock):
+    """Virtual time whose waits, once the test closes the gate, end only when it opens it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate: asyncio.Event | None = None
+        self.waiting = 0
+
+    async def sleep(self, seconds: float) -> None:
+        if self.gate is None:
+            return await super().sleep(seconds)
+        self.waiting += 1
+        await self.gate.wait()
+        self.waiting -= 1
+        self.now += seconds
+
+
+async def test_a_health_check_begun_in_the_step_a_stop_was_asked_is_the_stop_not_an_error(tmp_path):
+    """The wait between health checks ends in the same step as the stop: the check that
+    follows reaches an engine already told to exit, which refuses it. That refusal is the
+    stop too: no last_error, no crash."""
+    clock = GatedClock()
+    adapter = RefusedWhenExiting()
+    runner = FakeRunner()
+    runner.ignore_sigterm = True
+    replica, runner, transitions = make(tmp_path, adapter, runner, clock)
+    replica.start()
+    await replica.wait_ready(timeout=5)
+    clock.gate = asyncio.Event()
+    await settle(lambda: clock.waiting == 1)  # the owner task waits for its next health check
+    adapter.hold.add("health")
+    adapter.refuse.set()  # (what the engine answers once it was told to exit)
+    clock.gate.set()
+    assert replica.stop_now_if_idle()
+    await settle(lambda: replica.state is State.DRAINING)
+    runner.processes[0].exit(-15)
+    await replica.stop()
+    _killed_by_the_stop_alone(replica, runner, transitions)

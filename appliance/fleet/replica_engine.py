@@ -183,7 +183,7 @@ class EngineProcess(ReplicaState):
         sleep/wake request.
 
         Returns "done" (its result in _last_result), "exited", "stopped", "poked",
-        or the ProbeFailed coro raised."""
+        or the ProbeFailed coro raised. A stop asked for outranks that failure."""
         work = asyncio.ensure_future(coro)
         exited = asyncio.ensure_future(self._proc.wait()) if self._proc else None
         stopped = asyncio.ensure_future(self._stop.wait())
@@ -214,7 +214,11 @@ class EngineProcess(ReplicaState):
             return "exited"
         if work in done:
             if isinstance(exc, ProbeFailed):
-                return exc
+                # Seen once a stop was asked (whether or not the stop's own waiter has woken
+                # yet): stop_now_if_idle SIGTERMs the engine in its caller's step, and an engine
+                # that is exiting refuses the probe, sleep or wake in flight. The stop asked for
+                # is what happened: not an error to record, nor a failed sleep to SIGKILL for.
+                return "stopped" if self._stop.is_set() else exc
             if exc is not None:
                 raise exc
             self._last_result = work.result()

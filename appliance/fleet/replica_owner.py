@@ -117,6 +117,8 @@ class OwnerTask(EngineProcess):
             outcome = await self._race(probe)
             if outcome == "exited":
                 raise Crash(self._exit_reason("exited"))
+            if outcome == "stopped":
+                continue  # (no answer: neither a failure nor the engine's load)
             if isinstance(outcome, ProbeFailed):
                 failures += 1
                 self.last_error = str(outcome)
