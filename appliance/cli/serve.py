@@ -36,7 +36,11 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     from appliance.daemon.server import run
     from appliance.logs import setup_logging
     from appliance.state.lock import StateDirBusy, hold_state_dir
+    from appliance.undumpable import make_undumpable
 
+    # First, before the config, keys or tokens are read: no other process of this user
+    # (an engine among them) may ptrace the daemon, read its memory or take its fds.
+    make_undumpable()
     overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
 
     def read() -> Config:

@@ -33,6 +33,7 @@ from appliance.dataplane.protocol import Call, Cancel, FrameReader, FrameWriter,
 from appliance.dataplane.worker_client import ClientSide
 from appliance.dataplane.worker_engine import EngineCalls
 from appliance.fleet.engine_access import http_session, tcp_connector
+from appliance.undumpable import make_undumpable
 
 log = logging.getLogger("appliance.worker")
 
@@ -99,6 +100,8 @@ async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
 
 
 def main(argv: list[str]) -> int:
+    # First: exec made this process dumpable again, and it carries keys and prompts in flight.
+    make_undumpable()
     listen_fd, link_fd = int(argv[1]), int(argv[2])
     settings = msgspec.json.decode(argv[3], type=WorkerSettings)
     logging.basicConfig(level=logging.WARNING, format=f"worker {settings.index}: %(levelname)s %(name)s: %(message)s")
