@@ -214,6 +214,10 @@ class DaemonStatus(msgspec.Struct, kw_only=True):
     # Engines start under their seccomp sandbox (appliance/fleet/sandbox.py); False: this
     # kernel takes no filter, and they start without it (logged at start).
     engines_sandboxed: bool = False
+    # Engines start under their Landlock ruleset (appliance/fleet/landlock.py): they cannot
+    # open the state directory, the admin token, provider keys nor other replicas' keys;
+    # False: this kernel has no Landlock, and they start without it (logged at start).
+    engines_landlocked: bool = False
     listen: str
     paths: Paths
     models: list[ModelStatus] = []

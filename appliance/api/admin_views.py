@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.errors import BadRequest, NotFound
+from appliance.fleet.landlock import engine_landlock
 from appliance.fleet.sandbox import engine_sandbox
 from appliance.logview import LogError, Tail, daemon_log_file, journal_command
 from appliance.status import (
@@ -49,6 +50,7 @@ def daemon_status(rt: Runtime, version: str) -> DaemonStatus:
         draining=rt.draining,
         ready=sup.ready,
         engines_sandboxed=engine_sandbox().enforced,
+        engines_landlocked=engine_landlock().enforced,
         listen=f"{cfg.server.host}:{cfg.server.port}",
         paths=Paths(state=cfg.paths.state_dir, cache=cfg.paths.cache_dir, logs=cfg.paths.log_dir),
         models=models_status(rt),

@@ -82,7 +82,7 @@ class EngineAccess:
 
 def open_access() -> EngineAccess:
     """A fresh secret and an empty private directory for one replica start."""
-    access = EngineAccess(secrets.token_hex(32), _private_root() / f"r{next(_serial)}")
+    access = EngineAccess(secrets.token_hex(32), private_root() / f"r{next(_serial)}")
     if len(os.fsencode(access.socket)) >= UNIX_PATH_MAX:
         raise OSError(
             f"engine socket path {access.socket} is too long for a unix socket: "
@@ -94,7 +94,7 @@ def open_access() -> EngineAccess:
     return access
 
 
-def _private_root() -> Path:
+def private_root() -> Path:
     """The daemon's one directory (0700) of engine secrets and sockets: under
     $RUNTIME_DIRECTORY when systemd gives one, else the temp dir; removed at exit."""
     global _root

@@ -1,8 +1,8 @@
 """Process spawning behind a seam, so the supervisor is tested without engines.
 
 The real runner starts each engine replica in its own process group, tied to
-the daemon's life with PR_SET_PDEATHSIG, under its seccomp sandbox (sandbox.py),
-its output drained into a capped log.
+the daemon's life with PR_SET_PDEATHSIG, under its seccomp sandbox (sandbox.py) and
+its Landlock ruleset (landlock.py), its output drained into a capped log.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appliance.fleet.landlock import EngineLandlock, engine_landlock
 from appliance.fleet.sandbox import EngineSandbox, engine_sandbox
 
 PR_SET_PDEATHSIG = 1
@@ -42,13 +43,20 @@ class ProcessHandle(Protocol):
 
 class ProcessRunner(Protocol):
     async def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "", cpus: frozenset[int] = frozenset()
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        redact: str = "",
+        cpus: frozenset[int] = frozenset(),
+        own_dirs: tuple[Path, ...] = (),
     ) -> ProcessHandle:
         """Start argv with exactly env as its environment (nothing of the daemon's
         is added: appliance/fleet/engine_access.py decides), its output logged with redact
         (the replica's key, which some engines print) replaced, on the CPUs in cpus only
-        (empty: wherever the daemon may run); raise OSError (with a clear message) if it
-        cannot start."""
+        (empty: wherever the daemon may run), free to use own_dirs (its private directory,
+        its HOME) even where the daemon's secrets are kept from it; raise OSError (with a
+        clear message) if it cannot start."""
 
 
 class CappedLog:
@@ -121,11 +129,16 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 
 
 def _engine_preexec(
-    pdeathsig: Callable[[], None] | None, cpus: frozenset[int], sandbox: EngineSandbox
+    pdeathsig: Callable[[], None] | None,
+    cpus: frozenset[int],
+    sandbox: EngineSandbox,
+    landlock: EngineLandlock,
+    ruleset: int | None,
 ) -> Callable[[], None]:
     """What the child does before it runs the engine: die with the daemon, then keep (with
     every thread it starts) to cpus, so two replicas never share a core, then its seccomp
-    sandbox, last: nothing the daemon does in the child runs under it."""
+    sandbox and its Landlock ruleset (built by the daemon before the fork), last: nothing
+    the daemon does in the child runs under them."""
 
     def preexec() -> None:
         if pdeathsig is not None:
@@ -133,6 +146,8 @@ def _engine_preexec(
         if cpus:
             os.sched_setaffinity(0, cpus)
         sandbox.apply()
+        if ruleset is not None:
+            landlock.restrict(ruleset)
 
     return preexec
 
@@ -169,17 +184,58 @@ class _RealProcess:
 
 
 class SubprocessRunner:
-    def __init__(self, log_max_bytes: int, sandbox: EngineSandbox | None = None) -> None:
+    """keep_out: what no engine may open (landlock.engine_keep_out), asked at each spawn;
+    None: no Landlock ruleset (nothing to keep from the engines)."""
+
+    def __init__(
+        self,
+        log_max_bytes: int,
+        sandbox: EngineSandbox | None = None,
+        keep_out: Callable[[], list[Path]] | None = None,
+    ) -> None:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
         self._sandbox = sandbox or engine_sandbox()
+        self._keep_out = keep_out
+        self._landlock = engine_landlock()
 
     async def spawn(
-        self, argv: list[str], env: dict[str, str], log_path: Path, redact: str = "", cpus: frozenset[int] = frozenset()
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        redact: str = "",
+        cpus: frozenset[int] = frozenset(),
+        own_dirs: tuple[Path, ...] = (),
     ) -> ProcessHandle:
         exe = argv[0]
         if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")
+        ruleset = self._ruleset(own_dirs)
+        try:
+            return await self._start(argv, env, log_path, redact, cpus, ruleset)
+        finally:
+            if ruleset is not None:
+                os.close(ruleset)  # the child holds its domain; the daemon needs no copy
+
+    def _ruleset(self, own_dirs: tuple[Path, ...]) -> int | None:
+        if self._keep_out is None:
+            return None
+        try:
+            return self._landlock.ruleset(self._keep_out(), own_dirs)
+        except OSError as exc:
+            raise OSError(f"cannot build the engine's Landlock ruleset: {exc.strerror or exc}") from exc
+
+    async def _start(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        redact: str,
+        cpus: frozenset[int],
+        ruleset: int | None,
+    ) -> ProcessHandle:
+        exe = argv[0]
         log = CappedLog(log_path, self.log_max_bytes, redact=redact)
         log.write(f"--- appliance: starting {' '.join(argv)}\n".encode())
         try:
@@ -190,7 +246,7 @@ class SubprocessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop it whole
-                preexec_fn=_engine_preexec(self._preexec, cpus, self._sandbox),
+                preexec_fn=_engine_preexec(self._preexec, cpus, self._sandbox, self._landlock, ruleset),
             )
         except OSError as exc:
             log.close()

@@ -72,8 +72,12 @@ class EngineProcess(ReplicaState):
         try:
             for name, text in spec.files.items():
                 self.access.private_file(name, text)
-            env = engine_environment(spec.env, Path(self.cfg.paths.cache_dir) / "engine-home", self.access)
-            return await self.runner.spawn(spec.argv, env, self.log_path, redact=self.access.secret, cpus=self.cpus)
+            home = Path(self.cfg.paths.cache_dir) / "engine-home"
+            env = engine_environment(spec.env, home, self.access)
+            own = (self.access.dir, home)  # allowed even where the daemon's secrets are kept from engines
+            return await self.runner.spawn(
+                spec.argv, env, self.log_path, redact=self.access.secret, cpus=self.cpus, own_dirs=own
+            )
         except OSError as exc:
             raise Crash(str(exc)) from None
 

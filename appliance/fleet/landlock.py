@@ -1,0 +1,268 @@
+"""The engines' Landlock ruleset: an engine process cannot open the daemon's secrets.
+
+An engine runs as the daemon's user and may run code the operator never read (vLLM with
+trust_remote_code): as that user it could read the state database (audit rows, key
+hashes), the admin token, the providers' keys, and the other replicas' private
+directories (their engine keys: a side door to another engine around the daemon's
+policy). So every engine process gets, between fork and exec and after its seccomp
+filter (sandbox.py), a Landlock domain its threads and children inherit and none of them
+can leave: every filesystem access right this kernel's Landlock knows (read, write,
+execute, list, make, remove, refer, truncate, device ioctl) is handled, and allowed
+everywhere except beneath the protected paths (`engine_keep_out`).
+
+Landlock only allow-lists, so the ruleset is the complement, built in the daemon before
+the fork (`EngineLandlock.ruleset`): from / down to each protected path, every entry of
+each ancestor directory that is neither protected nor an ancestor of a protected path
+gets a rule (a directory: all the rights beneath it; any other file: the rights a file
+takes); the engine's own directories (its private directory, its HOME) get one each,
+even inside a protected tree. The walk opens each entry by O_PATH relative to its
+directory's descriptor, never following a link: a link is given no rule (what it points
+at is governed where it lies), and a link where an ancestor was is not descended.
+
+Known limits: an entry made later directly in an ancestor directory (a new file in /tmp
+when the engines' root is in /tmp) has no rule, so the engine cannot use it; connecting
+to a unix socket (the admin socket in the state directory, a vLLM replica's socket) is
+not a filesystem access Landlock mediates (up to ABI 7), nor is stat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import functools
+import logging
+import os
+import stat
+import struct
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from appliance.fleet.engine_access import private_root
+
+if TYPE_CHECKING:
+    from appliance.config import Config
+
+log = logging.getLogger("appliance.supervisor")
+
+# The syscalls' numbers: the same on x86_64 and aarch64 (the generic table since 5.13).
+SYS_LANDLOCK_CREATE_RULESET = 444
+SYS_LANDLOCK_ADD_RULE = 445
+SYS_LANDLOCK_RESTRICT_SELF = 446
+LANDLOCK_CREATE_RULESET_VERSION = 1
+LANDLOCK_RULE_PATH_BENEATH = 1
+PR_SET_NO_NEW_PRIVS = 38
+
+# LANDLOCK_ACCESS_FS_*: ABI 1 knows the first thirteen; REFER came with ABI 2, TRUNCATE
+# with 3, IOCTL_DEV with 5 (4, 6 and 7 added network, scopes and logging, not files).
+EXECUTE, WRITE_FILE, READ_FILE, TRUNCATE, IOCTL_DEV = 1 << 0, 1 << 1, 1 << 2, 1 << 14, 1 << 15
+ABI1_RIGHTS = (1 << 13) - 1
+REFER = 1 << 13
+FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a non-directory may hold
+
+
+def fs_rights(abi: int) -> int:
+    """Every filesystem access right a kernel of this Landlock ABI handles."""
+    rights = ABI1_RIGHTS
+    for since, right in ((2, REFER), (3, TRUNCATE), (5, IOCTL_DEV)):
+        if abi >= since:
+            rights |= right
+    return rights
+
+
+def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> list[Path]:
+    """What no engine may open: the state directory (database, lock, admin socket), the
+    admin token file, the providers' key files, systemd's credentials directory, and the
+    engines' private root (every replica's secret; a replica's own directory is allowed
+    back by its spawn)."""
+    creds = environ.get("CREDENTIALS_DIRECTORY", "")
+    paths = [Path(cfg.paths.state_dir), private_root()]
+    if cfg.server.admin_token_file:
+        paths.append(Path(cfg.server.admin_token_file))
+    if creds:
+        paths.append(Path(creds))
+    for provider in cfg.providers:
+        if provider.api_key_file and (creds or Path(provider.api_key_file).is_absolute()):
+            paths.append(Path(creds) / provider.api_key_file)  # an absolute name replaces creds
+    return paths
+
+
+def _tree(paths: Iterable[Path]) -> dict:
+    """The protected paths as nested {name: subtree}, None marking a protected one
+    (it wins over anything named beneath it). Each is made absolute and its links
+    resolved first: the walk goes where the daemon itself would open it."""
+    root: dict = {}
+    for path in paths:
+        parts = Path(os.path.realpath(path)).parts[1:]
+        node: dict | None = root
+        for i, name in enumerate(parts):
+            assert node is not None
+            if i == len(parts) - 1:
+                node[name] = None
+            else:
+                node = node.setdefault(name, {})
+                if node is None:
+                    break  # beneath a protected path already
+    return root
+
+
+def _is_dir(fd: int) -> bool | None:
+    """A directory, another file, or None for a link (O_PATH|O_NOFOLLOW opened the link)."""
+    mode = os.fstat(fd).st_mode
+    return None if stat.S_ISLNK(mode) else stat.S_ISDIR(mode)
+
+
+class EngineLandlock:
+    """The Landlock ABI of this kernel, probed once; `ruleset` builds a spawn's ruleset in
+    the daemon, `restrict` enters it in the child. `enforced` False: not (`reason`)."""
+
+    def __init__(self) -> None:
+        self._libc: ctypes.CDLL | None = None
+        self._refusal = b"--- appliance: the kernel refused the engine's Landlock ruleset; not started\n"
+        self.abi = 0
+        self.reason = self._why_not()
+        self.enforced = not self.reason
+        self.rights = fs_rights(self.abi)
+
+    def _why_not(self) -> str:
+        if not sys.platform.startswith("linux"):
+            return f"no Landlock on {sys.platform}"
+        try:
+            self._libc = ctypes.CDLL(None, use_errno=True)
+        except OSError as exc:
+            return f"libc not loaded: {exc}"
+        abi = self._syscall(SYS_LANDLOCK_CREATE_RULESET, None, 0, LANDLOCK_CREATE_RULESET_VERSION)
+        if abi < 1:
+            code = ctypes.get_errno()
+            return f"the kernel has no Landlock ({errno.errorcode.get(code, code)}: {os.strerror(code)})"
+        self.abi = abi
+        return ""
+
+    def _syscall(self, number: int, *args: object) -> int:
+        assert self._libc is not None
+        ctypes.set_errno(0)
+        return int(self._libc.syscall(ctypes.c_long(number), *args))
+
+    def ruleset(self, keep_out: Iterable[Path], own: Iterable[Path]) -> int | None:
+        """A ruleset fd (O_CLOEXEC; the caller closes it after the spawn) allowing every
+        right everywhere but beneath keep_out, and in own; None when not enforced."""
+        if not self.enforced:
+            return None
+        attr = ctypes.create_string_buffer(struct.pack("=Q", self.rights))  # handled_access_fs
+        fd = self._syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint32(0))
+        if fd < 0:
+            raise OSError(ctypes.get_errno(), "cannot create the engine's Landlock ruleset")
+        try:
+            root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                self._allow_around(fd, root, _tree(keep_out))
+            finally:
+                os.close(root)
+            for path in own:
+                with contextlib.suppress(FileNotFoundError):
+                    self._allow_path(fd, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _allow_around(self, ruleset: int, directory: int, protected: dict) -> None:
+        """Rules for every entry of directory but the protected ones; down into those
+        with protected paths beneath them. An unlistable directory allows nothing else."""
+        try:
+            names = os.listdir(directory)
+        except PermissionError:
+            names = list(protected)
+        for name in names:
+            if name not in protected:
+                self._allow_entry(ruleset, directory, name)
+                continue
+            below = protected[name]
+            if below is None:
+                continue  # protected: no rule
+            try:
+                child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EACCES):
+                    raise
+                continue  # gone, or a link or a file where an ancestor was: no rule, not followed
+            try:
+                self._allow_around(ruleset, child, below)
+            finally:
+                os.close(child)
+
+    def _allow_entry(self, ruleset: int, directory: int, name: str) -> None:
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
+        except FileNotFoundError:
+            return  # removed since listed
+        try:
+            self._add_rule(ruleset, fd)
+        finally:
+            os.close(fd)
+
+    def _allow_path(self, ruleset: int, path: Path) -> None:
+        fd = os.open(os.path.realpath(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            self._add_rule(ruleset, fd)
+        finally:
+            os.close(fd)
+
+    def _add_rule(self, ruleset: int, fd: int) -> None:
+        kind = _is_dir(fd)
+        if kind is None:
+            return  # a link: what it points at has its own rule, or none
+        rights = self.rights if kind else self.rights & FILE_RIGHTS
+        attr = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))  # struct landlock_path_beneath_attr
+        if (
+            self._syscall(
+                SYS_LANDLOCK_ADD_RULE,
+                ctypes.c_int(ruleset),
+                ctypes.c_int(LANDLOCK_RULE_PATH_BENEATH),
+                attr,
+                ctypes.c_uint32(0),
+            )
+            != 0
+        ):
+            raise OSError(ctypes.get_errno(), "cannot add a rule to the engine's Landlock ruleset")
+
+    def restrict(self, ruleset: int) -> None:
+        """In the child, after fork and before exec (after the seccomp step): no_new_privs
+        (set already when the seccomp filter went in; set here too for a kernel that took
+        none) and landlock_restrict_self, nothing else. If the kernel refuses, the reason
+        goes to the engine's log (fd 2) and the child exits without running the engine."""
+        assert self._libc is not None
+        nnp = self._libc.prctl(
+            ctypes.c_int(PR_SET_NO_NEW_PRIVS),
+            ctypes.c_ulong(1),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+        if (
+            nnp != 0
+            or self._libc.syscall(ctypes.c_long(SYS_LANDLOCK_RESTRICT_SELF), ctypes.c_int(ruleset), ctypes.c_uint32(0))
+            != 0
+        ):
+            os.write(2, self._refusal)
+            os._exit(EXIT_UNCONFINED)
+
+
+EXIT_UNCONFINED = 126  # as the seccomp step's: the daemon promised the ruleset
+
+
+@functools.cache
+def engine_landlock() -> EngineLandlock:
+    """The daemon's one Landlock probe. A kernel without it (older than 5.13, or built or
+    booted without it: ENOSYS, EOPNOTSUPP) starts engines anyway with one WARNING, the
+    seccomp step's policy (sandbox.py): /admin/status says it (`engines_landlocked`)."""
+    landlock = EngineLandlock()
+    if not landlock.enforced:
+        log.warning(
+            "engines run without their Landlock ruleset (%s): an engine may read the state database, "
+            "the admin token, the providers' keys and the other replicas' keys",
+            landlock.reason,
+        )
+    return landlock

@@ -1,0 +1,109 @@
+"""The engines' Landlock ruleset (appliance/fleet/landlock.py): an engine process started
+the way every replica is cannot open the daemon's secrets (state database, admin token,
+another replica's key), through a link either, and still reads its own key and model and
+writes its TMPDIR."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from appliance.config import parse_config
+from appliance.fleet.landlock import engine_keep_out
+
+from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
+
+# What hostile code in an engine would try before serving: `probe.py OUT_NAME MODEL --
+# ENGINE...` opens each file of the daemon's it can name and reports what the kernel
+# said (PROBE {...} in its log), then runs the engine. Another replica's key: the
+# replicas' directories are siblings in the engines' root (r0, r1...), waited for.
+PROBE = r"""
+import errno, json, os, sys, time
+from pathlib import Path
+
+def attempt(call):
+    try:
+        call()
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode[exc.errno]
+
+sep = sys.argv.index("--")
+tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
+own = Path(os.environ["TMPDIR"]).parent
+others = []
+deadline = time.monotonic() + 20
+while not others and time.monotonic() < deadline:
+    others = [own.parent / f"r{i}" / "api-key" for i in range(10)
+              if f"r{i}" != own.name and (own.parent / f"r{i}" / "api-key").exists()]
+    time.sleep(0.05)
+seen = {
+    "state_db": attempt(lambda: open(tmp / "state" / "appliance.db", "rb").read(1)),
+    "state_dir": attempt(lambda: os.listdir(tmp / "state")),
+    "admin_token": attempt(lambda: open(tmp / "secrets" / "admin-token").read()),
+    "other_key": attempt(lambda: open(others[0]).read()) if others else "none",
+    "engines_root": attempt(lambda: os.listdir(own.parent)),
+    "link_to_db": attempt(lambda: open(tmp / "planted-db", "rb").read(1)),
+    "through_link_to_root": attempt(lambda: open(str(tmp / "planted-root") + str(tmp / "state" / "appliance.db"), "rb").read(1)),
+    "own_key": attempt(lambda: open(own / "api-key").read()),
+    "model": attempt(lambda: open(model, "rb").read()),
+    "tmpdir": attempt(lambda: open(Path(os.environ["TMPDIR"]) / "scratch", "w").write("x")),
+}
+print("PROBE " + json.dumps(seen), flush=True)
+os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
+"""
+KEPT_FROM_SECRETS = {"state_db": "EACCES", "state_dir": "EACCES", "admin_token": "EACCES", "other_key": "EACCES",
+                     "engines_root": "EACCES", "link_to_db": "EACCES", "through_link_to_root": "EACCES",
+                     "own_key": "ok", "model": "ok", "tmpdir": "ok"}
+
+
+def probing_model(tmp: Path, name: str, model: Path) -> str:
+    probe = tmp / "probe.py"
+    probe.write_text(PROBE)
+    argv = [PY, str(probe), str(tmp), str(model), "--", PY, str(FAKE_ENGINE), "--port", "{port}", "--model", name]
+    command = ", ".join(f'"{a}"' for a in argv)
+    return f'[[models]]\nname = "{name}"\nserver = "openai"\ncommand = [{command}]\n'
+
+
+def probe_report(log_dir: Path) -> dict:
+    for log in (log_dir / "replicas").glob("*.log"):
+        for line in log.read_text().splitlines():
+            if line.startswith("PROBE "):
+                return json.loads(line.removeprefix("PROBE "))
+    return {}
+
+
+def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(mode=0o700)
+    (secrets / "admin-token").write_text("t" * 32 + "\n")
+    (secrets / "admin-token").chmod(0o600)
+    model = tmp_path / "cache" / "models" / "weights.bin"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    # Links planted in an ancestor of the state directory (the test's tmp): one to the
+    # database, one to / (a walk that followed it would allow everything).
+    (tmp_path / "planted-db").symlink_to(tmp_path / "state" / "appliance.db")
+    (tmp_path / "planted-root").symlink_to("/")
+    d = daemons.start(fake_model("first") + probing_model(tmp_path, "prober", model),
+                      server=f'admin_token_file = "{secrets / "admin-token"}"')
+    seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
+    assert seen == KEPT_FROM_SECRETS
+    assert (tmp_path / "state" / "appliance.db").is_file()  # there, and denied
+    wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
+    with d.client() as c:
+        resp = c.post("/v1/chat/completions", json={"model": "prober", "messages": [{"role": "user", "content": "hi"}]})
+        assert resp.status_code == 200, resp.text
+    assert d.status()["engines_landlocked"] is True
+
+
+def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path):
+    cfg = parse_config(
+        f'[server]\nadmin_token_file = "{tmp_path}/token"\n[paths]\nstate_dir = "{tmp_path}/state"\n'
+        '[[providers]]\nname = "a"\nbase_url = "https://a.example"\napi_key_file = "a-key"\n'
+        f'[[providers]]\nname = "b"\nbase_url = "https://b.example"\napi_key_file = "{tmp_path}/b-key"\n'
+    )
+    kept = engine_keep_out(cfg, {"CREDENTIALS_DIRECTORY": f"{tmp_path}/creds"})
+    assert {tmp_path / "state", tmp_path / "token", tmp_path / "creds", tmp_path / "creds" / "a-key",
+            tmp_path / "b-key"} <= set(kept)
+    assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
