@@ -6,6 +6,7 @@ writes its TMPDIR."""
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 from appliance.config import parse_config
@@ -107,3 +108,46 @@ def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path
     assert {tmp_path / "state", tmp_path / "token", tmp_path / "creds", tmp_path / "creds" / "a-key",
             tmp_path / "b-key"} <= set(kept)
     assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
+
+
+# A kernel without Landlock, made here by a seccomp filter that answers its three calls
+# ENOSYS (what a kernel built without it answers) in a process that then starts an
+# engine the daemon's way: started anyway, one WARNING, not reported enforced.
+WITHOUT_LANDLOCK = r"""
+import asyncio, ctypes, errno, json, logging, sys
+from pathlib import Path
+from appliance.cbpf import JEQ_K, LD_W_ABS, RET_K, Program, assemble
+from appliance.fleet.sandbox import SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO
+
+program = Program(assemble([(LD_W_ABS, None, None, 0), (JEQ_K, "no", None, 444), (JEQ_K, "no", None, 445),
+                            (JEQ_K, "no", "yes", 446), "yes", (RET_K, None, None, SECCOMP_RET_ALLOW),
+                            "no", (RET_K, None, None, SECCOMP_RET_ERRNO | errno.ENOSYS)]))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+assert libc.prctl(22, ctypes.c_ulong(2), ctypes.c_ulong(program.address), ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(message)s")
+from appliance.fleet.landlock import engine_landlock
+from appliance.fleet.process import SubprocessRunner
+
+async def main():
+    tmp = Path(sys.argv[1])
+    runner = SubprocessRunner(1 << 20, keep_out=lambda: [tmp / "state"])
+    proc = await runner.spawn([sys.executable, "-c", "print('served')"], {"PATH": "/usr/bin:/bin"}, tmp / "e.log")
+    return await proc.wait(), proc.tail(1)
+
+code, tail = asyncio.run(main())
+print(json.dumps({"enforced": engine_landlock().enforced, "reason": engine_landlock().reason, "exit": code,
+                  "tail": tail}))
+"""
+
+
+def test_a_kernel_without_landlock_starts_engines_with_one_warning(tmp_path):
+    script = tmp_path / "without.py"
+    script.write_text(WITHOUT_LANDLOCK)
+    done = subprocess.run([PY, str(script), str(tmp_path)], capture_output=True, text=True, check=True,
+                          cwd=Path(__file__).parent.parent)
+    seen = json.loads(done.stdout)
+    assert seen == {"enforced": False, "reason": seen["reason"], "exit": 0, "tail": ["served"]}
+    assert "ENOSYS" in seen["reason"]
+    warnings = [line for line in done.stderr.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "without their Landlock ruleset" in warnings[0]
