@@ -32,6 +32,7 @@ def attempt(call):
 sep = sys.argv.index("--")
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
 own = Path(os.environ["TMPDIR"]).parent
+via_root_link = str(tmp / "planted-root") + str(tmp / "state" / "appliance.db")
 others = []
 deadline = time.monotonic() + 20
 while not others and time.monotonic() < deadline:
@@ -45,7 +46,7 @@ seen = {
     "other_key": attempt(lambda: open(others[0]).read()) if others else "none",
     "engines_root": attempt(lambda: os.listdir(own.parent)),
     "link_to_db": attempt(lambda: open(tmp / "planted-db", "rb").read(1)),
-    "through_link_to_root": attempt(lambda: open(str(tmp / "planted-root") + str(tmp / "state" / "appliance.db"), "rb").read(1)),
+    "through_link_to_root": attempt(lambda: open(via_root_link, "rb").read(1)),
     "own_key": attempt(lambda: open(own / "api-key").read()),
     "model": attempt(lambda: open(model, "rb").read()),
     "tmpdir": attempt(lambda: open(Path(os.environ["TMPDIR"]) / "scratch", "w").write("x")),
