@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from appliance.config import parse_config
-from appliance.fleet.landlock import engine_keep_out
+from appliance.fleet.landlock import SCOPES_SINCE_ABI, EngineLandlock, engine_keep_out
 
 from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
 
@@ -28,6 +28,12 @@ def attempt(call):
         return "ok"
     except OSError as exc:
         return errno.errorcode[exc.errno]
+
+def claim_connect():
+    import socket
+    names = [line.split()[-1] for line in open("/proc/net/unix") if "@appliance-port:" in line]
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect("\0" + names[0][1:])
 
 sep = sys.argv.index("--")
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
@@ -50,6 +56,8 @@ seen = {
     "own_key": attempt(lambda: open(own / "api-key").read()),
     "model": attempt(lambda: open(model, "rb").read()),
     "tmpdir": attempt(lambda: open(Path(os.environ["TMPDIR"]) / "scratch", "w").write("x")),
+    "signal_daemon": attempt(lambda: os.kill(os.getppid(), 0)),
+    "port_claim": attempt(claim_connect),
 }
 print("PROBE " + json.dumps(seen), flush=True)
 os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
@@ -57,6 +65,10 @@ os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
 KEPT_FROM_SECRETS = {"state_db": "EACCES", "state_dir": "EACCES", "admin_token": "EACCES", "other_key": "EACCES",
                      "engines_root": "EACCES", "link_to_db": "EACCES", "through_link_to_root": "EACCES",
                      "own_key": "ok", "model": "ok", "tmpdir": "ok"}
+# Scoped from Landlock ABI 6 (Linux 6.12): no signal to the daemon, no connecting to its
+# abstract port-claim socket; before it, both still work.
+SCOPED = EngineLandlock().abi >= SCOPES_SINCE_ABI
+KEPT_FROM_SECRETS |= {"signal_daemon": "EPERM" if SCOPED else "ok", "port_claim": "EPERM" if SCOPED else "ok"}
 
 
 def probing_model(tmp: Path, name: str, model: Path) -> str:

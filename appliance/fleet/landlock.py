@@ -19,6 +19,10 @@ even inside a protected tree. The walk opens each entry by O_PATH relative to it
 directory's descriptor, never following a link: a link is given no rule (what it points
 at is governed where it lies), and a link where an ancestor was is not descended.
 
+From ABI 6 (Linux 6.12) the domain is also scoped: an engine cannot signal a process
+outside it (kill the daemon, stop a worker or another engine) nor connect to an abstract
+unix socket made outside it.
+
 Known limits: an entry made later directly in an ancestor directory (a new file in /tmp
 when the engines' root is in /tmp) has no rule, so the engine cannot use it; connecting
 to a unix socket (the admin socket in the state directory, a vLLM replica's socket) is
@@ -61,6 +65,21 @@ EXECUTE, WRITE_FILE, READ_FILE, TRUNCATE, IOCTL_DEV = 1 << 0, 1 << 1, 1 << 2, 1 
 ABI1_RIGHTS = (1 << 13) - 1
 REFER = 1 << 13
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a non-directory may hold
+
+
+# LANDLOCK_SCOPE_* (ABI 6): an engine may not signal a process outside its domain (the
+# daemon, its workers, another engine) nor connect to an abstract unix socket made outside
+# it (the daemon's port claim); its own processes' sockets and signals stay its own.
+SCOPE_ABSTRACT_UNIX_SOCKET, SCOPE_SIGNAL = 1 << 0, 1 << 1
+SCOPES_SINCE_ABI = 6
+
+
+def ruleset_attr(abi: int, rights: int) -> bytes:
+    """struct landlock_ruleset_attr as this ABI reads it: handled_access_fs; from ABI 6
+    handled_access_net (none: ports are the seccomp filter's) and scoped."""
+    if abi < SCOPES_SINCE_ABI:
+        return struct.pack("=Q", rights)
+    return struct.pack("=QQQ", rights, 0, SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL)
 
 
 def fs_rights(abi: int) -> int:
@@ -150,7 +169,7 @@ class EngineLandlock:
         right everywhere but beneath keep_out, and in own; None when not enforced."""
         if not self.enforced:
             return None
-        attr = ctypes.create_string_buffer(struct.pack("=Q", self.rights))  # handled_access_fs
+        attr = ctypes.create_string_buffer(ruleset_attr(self.abi, self.rights))
         fd = self._syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint32(0))
         if fd < 0:
             raise OSError(ctypes.get_errno(), "cannot create the engine's Landlock ruleset")
