@@ -1,7 +1,8 @@
 """The Litestar app: thin handlers over the supervisor and the engine proxy.
 
-Resources (HTTP session, supervisor) open and close in the lifespan. Every error
-leaves through ``_error_response`` in the OpenAI envelope.
+Resources (HTTP session, supervisor...) open and close in the lifespan
+(appliance/api/lifespan.py). Every error leaves through ``http_errors.error_response``
+in its API's envelope.
 """
 
 from __future__ import annotations
@@ -10,21 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Collection
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any, cast
 
-from litestar import Litestar, Request, Response, asgi, delete, get, post
-from litestar.datastructures import MutableScopeHeaders
-from litestar.exceptions import HTTPException
-from litestar.routes import HTTPRoute
-from litestar.types import HTTPScope, Message, Receive, Scope, Send
+from litestar import Litestar, Request, Response, asgi, get
+from litestar.types import HTTPScope, Receive, Scope, Send
 
-from appliance.access import retention
-from appliance.access.audit import AuditLog
-from appliance.access.keys import ApiKey, Gate, KeyStore
+from appliance.access.keys import ApiKey
 from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.api.admin import (
     admin_daemon_log,
@@ -37,79 +30,54 @@ from appliance.api.admin import (
     admin_status,
     version,
 )
-from appliance.api.admin_access import AdminAccess
 from appliance.api.admin_paths import PREFIX as ADMIN_MODELS
 from appliance.api.admin_paths import routed_whole
 from appliance.api.body import read_body as _read_body_asgi
-from appliance.api.callers import admin, authorization, runtime
+from appliance.api.callers import admin
 from appliance.api.health import healthz, metrics, readyz
-from appliance.api.metrics import Metrics
-from appliance.api.models import get_model, list_models, request_dialect
-from appliance.api.reload import Reloader
-from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
+from appliance.api.http_errors import error_parts, error_response, options_allow
+from appliance.api.lifespan import Runtime, lifespan_for
+from appliance.api.models import get_model, list_models
+from appliance.api.stored_responses import cancel_response, delete_response, get_response, list_input_items
+from appliance.config import Config
 from appliance.errors import (
     ApplianceError,
     BadRequest,
     MethodNotAllowed,
-    NoCapacity,
     PayloadTooLarge,
-    QueueFull,
     ShuttingDown,
     StateWriteFailed,
     UnsupportedMediaType,
     encode_error,
-    error_for_status,
     quoted,
 )
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.hold import ClientGone
 from appliance.fleet.prefix import engine_view
 from appliance.fleet.replica import Replica
-from appliance.fleet.supervisor import Supervisor
-from appliance.gateway import api_audio, capabilities, response_items
-from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway import api_audio, capabilities
 from appliance.gateway.capabilities import Endpoint
-from appliance.gateway.dialects import Dialect, dialect_for_path
 from appliance.gateway.facts import Facts, facts_of
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.metering import StreamTap, stream_options, usage_option
 from appliance.gateway.protocol import (
     decode_request,
 )
-from appliance.gateway.providers import load_providers, set_fields
-from appliance.gateway.proxy import EngineProxy, make_session
-from appliance.gateway.relay import FREE, answer_stream, answer_whole, send_whole
-from appliance.gateway.request import ProxyRequest, new_request_id, peer_of, request_id_of
+from appliance.gateway.providers import set_fields
+from appliance.gateway.relay import answer_stream, answer_whole, send_whole
+from appliance.gateway.request import ProxyRequest, peer_of, request_id_of
 from appliance.gateway.routing import Routes
-from appliance.gateway.runtime import Gateway
-from appliance.gateway.tracing import open_tracing
-from appliance.logs import OncePer, bind_request_id
-from appliance.periodic import Periodic
-from appliance.state.decisions import StateStore
-from appliance.store.guard import RECHECK_S, Scrubber
+from appliance.logs import bind_request_id
 
 log = logging.getLogger("appliance.api")
-# Requests refused for capacity: each reason logged at INFO, not once per request.
-_REFUSALS = OncePer(60.0)
 
 JSON = "application/json"
-
-
-@dataclass
-class Runtime(Gateway):
-    """What the lifespan opens: the hot path's runtime, and what only the other handlers use."""
-
-    metrics: Metrics  # the hot path's counters, and /metrics rendering them
-    started: float = field(default_factory=time.time)
-    admin: AdminAccess = field(kw_only=True)
-    openapi: dict | None = None
-    reloader: Reloader | None = None
 
 
 async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
     """The proxy hot path, as a raw ASGI handler: Litestar routes to it and its
     exception middleware turns anything raised here, before the answer starts,
-    into the OpenAI envelope (``_error_response``)."""
+    into the OpenAI envelope (``http_errors.error_response``)."""
     if scope["method"] != "POST":
         raise MethodNotAllowed(f"Method {scope['method']} is not allowed on {path}", allow="POST")
     started = time.perf_counter()
@@ -438,85 +406,6 @@ def _without_body(send: Send) -> Send:
     return send_head
 
 
-@get("/v1/responses/{response_id:str}")
-async def get_response(request: Request) -> Response:
-    """A stored Response, from the replica that stored it, for the key that made it."""
-    return await _stored_response(request, "GET", "", "responses_get")
-
-
-@delete("/v1/responses/{response_id:str}", status_code=200)
-async def delete_response(request: Request) -> Response:
-    """Delete a stored Response on the replica that holds it (the key that made it only)."""
-    return await _stored_response(request, "DELETE", "", "responses_delete")
-
-
-@post("/v1/responses/{response_id:str}/cancel", status_code=200)
-async def cancel_response(request: Request) -> Response:
-    """Cancel a background Response on the replica that runs it (the key that made it only)."""
-    return await _stored_response(request, "POST", "/cancel", "responses_cancel")
-
-
-@get("/v1/responses/{response_id:str}/input_items")
-async def list_input_items(request: Request) -> Response:
-    """A stored Response's input items (the key that made it only), from the input the
-    daemon kept: no engine lists them (appliance/gateway/response_items.py)."""
-    return await _stored_response(request, "GET", "/input_items", "responses_input_items")
-
-
-# Calls on a stored Response: audited, rate-limited like any request, charged nothing.
-_STORED = {
-    name: Endpoint(name, ResponsesRequest, "", generates=False, free=True)
-    for name in ("responses_get", "responses_delete", "responses_cancel", "responses_input_items")
-}
-
-
-async def _stored_response(request: Request, method: str, suffix: str, endpoint: str) -> Response:
-    """A call on a stored Response, sent to the replica that stored it for the key
-    that made it (another key's response is a 404, like one that never was),
-    audited like any request; runs no inference, so charges nothing."""
-    rt = runtime(request)
-    rid = _request_id(request) or new_request_id()
-    client = peer_of(request.scope.get("client"))
-    req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, client, usage=FREE)
-    try:
-        _refuse_web_pages(rt, request)
-        auth = authorization(request)
-        req.key = rt.gate.authenticate(auth) if auth is not None or rt.gate.required else None
-        rt.audit.admit(req.accountable)
-        response_id = request.path_params["response_id"]
-        listing = response_items.query(request.query_params) if suffix == "/input_items" else None
-        replica = rt.response_homes.find(response_id, req.key, "response_id")
-        req.model, req.served_by = replica.model.name, replica.name
-        if listing is not None:  # kept here: answered without the engine
-            data = response_items.listed(rt.response_homes.inputs(response_id), response_id, listing)
-            status, content_type = 200, JSON
-        else:
-            path = f"/v1/responses/{response_id}{suffix}"
-            status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
-    except ApplianceError as exc:
-        finish(rt, req, exc.status)
-        if not isinstance(exc, StateWriteFailed):
-            with contextlib.suppress(StateWriteFailed):
-                await committed(req)
-        raise
-    if method == "DELETE":
-        rt.response_homes.forget(response_id)
-    finish(rt, req, status)
-    await committed(req)
-    return Response(rt.tenancy.answer(data), status_code=status, media_type=content_type)
-
-
-def _refuse_web_pages(rt: Runtime, request: Request) -> None:
-    """What the front door refuses of a web page, for a call on a stored Response: another
-    origin's (a "simple" cross-site POST .../cancel would run), and, with no key required,
-    one that rebound its name to this server (a same-origin GET reads the answer: the
-    model API's other GETs' Host rule, appliance/api/callers.py)."""
-    headers = request.headers
-    rt.admin.refuse_cross_site(headers.get("origin"), headers.get("sec-fetch-site"), "API", "use")
-    if not rt.gate.required:
-        rt.admin.check_host(request, "API")
-
-
 @get("/openapi.json", include_in_schema=False)
 async def openapi_document(request: Request) -> Response:
     """The API's OpenAPI document (appliance/api/openapi.py); admin access, like /admin/*."""
@@ -526,73 +415,6 @@ async def openapi_document(request: Request) -> Response:
 
         rt.openapi = build(ROUTE_HANDLERS, rt.supervisor.model_names(), version())
     return Response(rt.openapi, media_type=JSON)
-
-
-# --- errors: the one place domain errors become HTTP ---------------------------
-
-
-def _error_response(request: Request, exc: Exception) -> Response:
-    rid, dialect = _request_id(request), request_dialect(request)
-    status, headers, body = error_parts(exc, request.method, request.url.path, rid, dialect)
-    return Response(body, status_code=status, media_type=JSON, headers=headers)
-
-
-def _request_id(request: Request) -> str | None:
-    """The id the front door gave a proxied request (scope["request_id"]), if it has one."""
-    rid = request.scope.get("request_id")
-    return rid if isinstance(rid, str) else None
-
-
-def error_parts(
-    exc: Exception, method: str, path: str, rid: str | None, dialect: Dialect | None = None
-) -> tuple[int, dict[str, str], bytes]:
-    """Status, headers and the envelope for any exception: the one mapping. The
-    envelope is the dialect's: the path's API unless the request said which it speaks."""
-    if isinstance(exc, ApplianceError):
-        err = exc
-    elif isinstance(exc, HTTPException):
-        err = error_for_status(exc.status_code, _framework_message(exc))
-        if exc.status_code == 405:
-            err = MethodNotAllowed(f"Method {method} is not allowed on {path}", allow=_allowed(exc))
-    else:
-        log.error("unhandled error on %s %s", method, path, exc_info=exc)
-        err = ApplianceError("Internal error; the appliance's log has the details")
-    # (An operator's refused action is logged by the supervisor, with its own words.)
-    refused = isinstance(err, (NoCapacity, QueueFull)) and not isinstance(err, ShuttingDown)
-    if refused and not path.startswith("/admin/"):
-        _REFUSALS.log(log, logging.INFO, f"refused {method} {path}: {err.status} {err.code}: {err.message}")
-    headers = err.headers()
-    dialect = dialect or dialect_for_path(path)
-    if rid:
-        headers.update(dialect.id_headers(rid))
-    return err.status, headers, dialect.envelope(err)
-
-
-def _allowed(exc: HTTPException) -> str:
-    """The Allow of Litestar's 405, with HEAD wherever GET is (the front door answers it)."""
-    return _with_head([m.strip() for m in (exc.headers or {}).get("allow", "").split(",") if m.strip()])
-
-
-def _with_head(methods: Collection[str]) -> str:
-    return ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else set(methods)))
-
-
-async def _options_allow(message: Message, scope: Scope) -> None:
-    """OPTIONS says every method its path answers. Litestar's own OPTIONS answer lists
-    only those of the first handler registered on the path (GET /v1/responses/{id},
-    not its DELETE), and never HEAD, which the front door answers wherever GET is."""
-    if message["type"] != "http.response.start" or scope.get("method") != "OPTIONS" or message["status"] != 204:
-        return
-    template = scope.get("path_template")
-    routes = [r for r in scope["app"].routes if isinstance(r, HTTPRoute) and r.path_format == template]
-    if methods := [m for r in routes for m in r.methods]:
-        MutableScopeHeaders.from_message(message)["allow"] = _with_head(methods)
-
-
-def _framework_message(exc: HTTPException) -> str:
-    if exc.status_code == 404:
-        return "Not found: no such endpoint"
-    return exc.detail or "Request rejected"
 
 
 # --- the app --------------------------------------------------------------------
@@ -624,104 +446,16 @@ def create_app(cfg: Config, reread: Callable[[], Config] | None = None) -> Lites
     """reread: the config as the daemon's command line reads it, for reloads (default:
     the file cfg came from)."""
 
-    @asynccontextmanager
-    async def lifespan(app: Litestar) -> AsyncIterator[None]:
-        session = None
-        try:
-            # What the config or the machine may get wrong, first: its message (field,
-            # path, fix) is what the log and the exit status say (server.serve).
-            check_writable_dirs(cfg)
-            admin = AdminAccess(cfg, read_admin_token(cfg))
-            providers = load_providers(cfg)
-            session = make_session(cfg)
-            db_path = Path(cfg.paths.state_dir) / "appliance.db"
-            state = StateStore(db_path)
-            supervisor = Supervisor(cfg, session, state=state)
-            audit = AuditLog(db_path, cfg.audit)
-            keys = KeyStore(db_path)
-            gate = Gate(keys, cfg.keys.required, audit.charge)
-            tracing = open_tracing(cfg)
-        except Exception as exc:
-            app.state.startup_error = str(exc) if isinstance(exc, ConfigError) else f"{type(exc).__name__}: {exc}"
-            log.error("startup failed: %s", app.state.startup_error)
-            if session is not None:
-                await session.close()
-            raise
-        runtime = Runtime(
-            cfg=cfg,
-            supervisor=supervisor,
-            proxy=EngineProxy(cfg, session),
-            metrics=Metrics(supervisor),
-            admin=admin,
-            routes=Routes(cfg.routes),
-            providers=providers,
-            gate=gate,
-            audit=audit,
-            tenancy=Tenancy(cfg.routing.tenant_isolation),
-            tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
-            tracing=tracing,
-        )
-        runtime.reloader = Reloader(runtime, reread or (lambda: load_config(_config_file(cfg))))
-        app.state.runtime = runtime
-        supervisor.start()
-        audit.start()
-        jobs = Periodic()
-        # Keys created or revoked by `appliance keys` in another process.
-        jobs.every(1.0, "keys", gate.refresh)
-        jobs.every(cfg.autoscaling.interval_s, "autoscaler", supervisor.tick)
-        if supervisor.store_checks is not None:
-            # A blocked store model that passes admission again (re-imported, verified, its
-            # license accepted) is served again.
-            jobs.every(RECHECK_S, "store-recheck", supervisor.recheck_blocked)
-        if retention.retention_on(cfg.audit):
-            state_db = db_path
-            # Blocking SQLite work, in a worker thread: the loop keeps serving.
-            jobs.every(
-                cfg.audit.purge_interval.seconds,
-                "audit-retention",
-                lambda: asyncio.to_thread(retention.purge_now, state_db, cfg.audit),
-            )
-        # Bit rot in the store: rehashed in the background; a mismatch blocks the model.
-        scrub = Scrubber.from_config(cfg, on_quarantine=supervisor.block_store_model)
-        if scrub is not None:
-            scrub.start()
-        log.info(
-            "serving %s on http://%s:%d/v1 (config: %s)",
-            ", ".join(supervisor.deployments),
-            cfg.server.host,
-            cfg.server.port,
-            cfg.origin,
-        )
-        try:
-            yield
-        finally:
-            runtime.draining = True
-            await jobs.close()
-            if scrub is not None:
-                await scrub.close()
-            await supervisor.stop(drain_timeout=cfg.server.drain_timeout_s)
-            await session.close()
-            if tracing is not None:  # the last spans sent, off the loop
-                await asyncio.to_thread(tracing.close)
-            await audit.close()
-            keys.close()
-            state.close()
-            log.info("stopped")
-
     return Litestar(
         route_handlers=ROUTE_HANDLERS,
-        lifespan=[lifespan],
-        exception_handlers={Exception: _error_response},
-        before_send=[_options_allow],
+        lifespan=[lifespan_for(cfg, reread)],
+        exception_handlers={Exception: error_response},
+        before_send=[options_allow],
         request_max_body_size=cfg.server.max_body_bytes,
         openapi_config=None,
         logging_config=None,
         debug=False,
     )
-
-
-def _config_file(cfg: Config) -> str | None:
-    return None if cfg.origin.startswith("<") else cfg.origin
 
 
 __all__ = ["Runtime", "create_app", "encode_error", "error_parts", "front_door"]

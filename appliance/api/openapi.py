@@ -11,7 +11,7 @@ Every part comes from a typed declaration; nothing here names a route:
   trickled body is refused before anything changes): the Struct each names in
   ``opt["body"]``;
 - every route's errors: its dialect's envelope (``dialects.dialect_for_path``, the
-  same choice ``app.error_parts`` makes), OpenAI's except on the Anthropic paths;
+  same choice ``http_errors.error_parts`` makes), OpenAI's except on the Anthropic paths;
 - the configured model names, the only ones served (any other is a 404).
 """
 

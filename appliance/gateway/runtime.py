@@ -1,6 +1,6 @@
 """What the hot path runs on: the collaborators the app's lifespan opens, typed,
 so that the gateway's modules are checked without importing the API layer
-(appliance/api/app.py's Runtime adds what only its other handlers use)."""
+(appliance/api/lifespan.py's Runtime adds what only its other handlers use)."""
 
 from __future__ import annotations
 
