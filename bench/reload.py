@@ -86,8 +86,10 @@ class Daemon:
 
     def status(self) -> dict | None:
         sock = self.tmp / "state" / "admin.sock"
+        token = Path(f"{sock}.token")  # the socket's token (a baseline before it has none)
+        headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
         try:
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2) as c:
+            with httpx.Client(transport=httpx.HTTPTransport(uds=str(sock)), timeout=2, headers=headers) as c:
                 return c.get("http://appliance/admin/status").json()
         except (httpx.HTTPError, ValueError):
             return None

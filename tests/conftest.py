@@ -116,6 +116,16 @@ def fake_engine_image(images_dir: Path, engine: str, tag: str = "0.0.0-fake", cu
     return folder
 
 
+
+def over_admin_socket(path: Path | str, timeout: float = 10) -> httpx.Client:
+    """A client of the daemon's admin socket, with the token the daemon wrote next to it
+    (appliance/socket_token.py): opening the socket alone is not enough."""
+    from appliance.socket_token import read_token
+
+    token = read_token(path)
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance", timeout=timeout,
+                        headers={"Authorization": f"Bearer {token}"} if token else {})
+
 @dataclass
 class Daemon:
     proc: subprocess.Popen
@@ -140,8 +150,8 @@ class Daemon:
         are required) over the admin socket."""
         resp = httpx.get(f"{self.url}/admin/status", timeout=5)
         if resp.status_code in (401, 403) and self.admin_socket.exists():
-            with httpx.Client(transport=httpx.HTTPTransport(uds=str(self.admin_socket)), timeout=5) as c:
-                resp = c.get("http://appliance/admin/status")
+            with over_admin_socket(self.admin_socket, timeout=5) as c:
+                resp = c.get("/admin/status")
         data = resp.json()
         for m in data["models"]:
             self.engine_pids |= {r["pid"] for r in m["replicas"] if r["pid"]}

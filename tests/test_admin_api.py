@@ -11,13 +11,14 @@ import httpx
 import pytest
 
 from .conftest import fake_model, wait_until
+from .conftest import over_admin_socket as over_socket
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
 
-def over_socket(path: Path) -> httpx.Client:
-    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance",
-                        timeout=10)
+def tokenless(path: Path) -> httpx.Client:
+    """A client that opens the admin socket and sends no token: what an engine can do."""
+    return httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), base_url="http://appliance", timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +45,12 @@ def _ready(daemon) -> bool:
         return False
 
 
-def test_the_admin_socket_is_mode_0660_and_needs_no_token(token_daemon):
+def test_the_admin_socket_is_mode_0660_and_wants_its_token(token_daemon):
     mode = os.stat(token_daemon.socket).st_mode
     assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o660
+    token_file = os.stat(f"{token_daemon.socket}.token", follow_symlinks=False)
+    assert stat.S_ISREG(token_file.st_mode) and stat.S_IMODE(token_file.st_mode) == 0o640
+    assert token_file.st_gid == os.stat(token_daemon.socket).st_gid  # who may open the socket may read it
     with over_socket(token_daemon.socket) as c:
         status = c.get("/admin/status")
         assert status.status_code == 200
@@ -56,6 +60,64 @@ def test_the_admin_socket_is_mode_0660_and_needs_no_token(token_daemon):
     assert httpx.get(f"{token_daemon.url}/admin/status").status_code == 401
     auth = {"Authorization": f"Bearer {token_daemon.token}"}
     assert httpx.get(f"{token_daemon.url}/admin/status", headers=auth).json()["models"][0]["pinned"] is True
+
+
+def test_a_request_on_the_admin_socket_without_its_token_is_refused(token_daemon):
+    """Whoever opens the socket (an engine runs as the daemon's user: Landlock does not
+    mediate connecting to it) administers nothing without the token next to it."""
+    with tokenless(token_daemon.socket) as c:
+        for sent in (None, "wrong", "s3cret"):
+            headers = {"Authorization": f"Bearer {sent}"} if sent else {}
+            refused = c.get("/admin/status", headers=headers)
+            assert refused.status_code == 401, sent
+            assert refused.json()["error"]["code"] == "invalid_admin_token"
+            assert f"{token_daemon.socket}.token" in refused.json()["error"]["message"]
+            assert c.post("/admin/models/fake/unpin", json={}, headers=headers).status_code == 401
+        # The admin token is a credential on the socket too.
+        auth = {"Authorization": f"Bearer {token_daemon.token}"}
+        assert c.get("/admin/status", headers=auth).status_code == 200
+    with over_socket(token_daemon.socket) as c:
+        assert c.get("/admin/status").json()["models"][0]["pinned"] is True  # the unpins changed nothing
+
+
+def test_a_link_planted_at_the_socket_token_path_is_refused(daemons, tmp_path):
+    (tmp_path / "state").mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("untouched\n")
+    planted = tmp_path / "state" / "admin.sock.token"
+    planted.symlink_to(victim)
+    d = daemons.start(fake_model("fake"))  # TCP admin answers this loopback box without keys
+    assert victim.read_text() == "untouched\n" and planted.is_symlink()
+    assert not (tmp_path / "state" / "admin.sock").exists()  # no socket without its token
+    assert "admin socket off" in d.log_text() and "is a symbolic link" in d.log_text()
+
+
+def test_the_socket_token_is_new_at_each_start_and_gone_at_exit(daemons, tmp_path):
+    import asyncio
+    import signal
+
+    from appliance.socket_token import read_token
+    from tui.client import AdminClient
+
+    sock = tmp_path / "state" / "admin.sock"
+    first = daemons.start(fake_model("fake"))
+    before = read_token(sock)
+    client = AdminClient(socket=str(sock))  # the TUI, running across the restart below
+    first.terminate(signal.SIGKILL)
+    assert read_token(sock) == before  # a killed daemon cannot clean up: a stale token
+    second = daemons.start(fake_model("fake"))
+    after = read_token(sock)
+    assert after and after != before
+
+    async def status():
+        try:
+            return await client.status()
+        finally:
+            await client.close()
+
+    assert asyncio.run(status()).listen.endswith(str(second.port))  # the TUI read the new token
+    assert second.terminate() == 0
+    assert not Path(f"{sock}.token").exists()
 
 
 def test_the_admin_socket_serves_admin_paths_only(token_daemon):

@@ -7,6 +7,7 @@ to a caller with a key or the admin credential. The CLI sends the token."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import subprocess
 
@@ -218,6 +219,31 @@ def test_the_cli_uses_the_admin_socket_when_tcp_admin_is_closed(daemons):
     assert status.returncode == 0, status.stderr
     assert [m["name"] for m in json.loads(status.stdout)["models"]] == ["fake"]
     assert cli(d, "load", "fake").returncode == 0
+    assert cli(d, "keys", "ls").returncode == 0  # the state database, not the socket
+
+
+def test_a_user_who_may_open_the_socket_but_not_read_its_token_is_told_what_to_do(tmp_path, monkeypatch):
+    """Root reads any file, so the refusal is the kernel's answer played here; the file
+    and its group are real."""
+    import grp
+
+    from appliance.config import parse_config
+    from appliance.daemon import admin_client
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "admin.sock.token").write_text("t\n")
+    cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path / "state"}"\n')
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(admin_client, "read_token", refused)
+    with pytest.raises(admin_client.DaemonDown) as told:
+        admin_client.target_from_config(cfg)
+    group = grp.getgrgid(os.getgid()).gr_name
+    assert str(told.value).startswith(f"you may open the admin socket {tmp_path / 'state' / 'admin.sock'} but not "
+                                      f"read its token {tmp_path / 'state' / 'admin.sock.token'}")
+    assert f"add yourself to {group}" in str(told.value)
 
 
 

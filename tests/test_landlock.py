@@ -35,6 +35,28 @@ def claim_connect():
     with socket.socket(socket.AF_UNIX) as s:
         s.connect("\0" + names[0][1:])
 
+def admin_without_token(method, path):
+    import socket
+    sock = tmp / "state" / "admin.sock"
+    deadline = time.monotonic() + 20
+    while not sock.exists() and time.monotonic() < deadline:  # the daemon opens it after the engines start
+        time.sleep(0.05)
+    body = b"{}" if method == "POST" else b""
+    head = (f"{method} {path} HTTP/1.1\r\nHost: appliance\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(str(sock))
+        s.sendall(head + body)
+        return s.recv(64).split(b" ")[1].decode()
+
+def create_new_entry(folder):  # made after the engine started, in a directory above a protected path
+    path = folder / f"made-by-engine-{os.getpid()}"
+    try:
+        open(path, "x").close()
+    finally:
+        if path.exists():
+            os.unlink(path)
+
 sep = sys.argv.index("--")
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
 own = Path(os.environ["TMPDIR"]).parent
@@ -58,13 +80,24 @@ seen = {
     "tmpdir": attempt(lambda: open(Path(os.environ["TMPDIR"]) / "scratch", "w").write("x")),
     "signal_daemon": attempt(lambda: os.kill(os.getppid(), 0)),
     "port_claim": attempt(claim_connect),
+    "socket_token": attempt(lambda: open(tmp / "state" / "admin.sock.token").read()),
+    "admin_status_without_token": admin_without_token("GET", "/admin/status"),
+    "admin_unload_without_token": admin_without_token("POST", "/admin/models/first/unload"),
+    "new_entry_in_tmp": attempt(lambda: create_new_entry(Path("/tmp"))),
+    "new_entry_in_parent_of_state": attempt(lambda: create_new_entry(tmp)),
 }
 print("PROBE " + json.dumps(seen), flush=True)
 os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
 """
 KEPT_FROM_SECRETS = {"state_db": "EACCES", "state_dir": "EACCES", "admin_token": "EACCES", "other_key": "EACCES",
                      "engines_root": "EACCES", "link_to_db": "EACCES", "through_link_to_root": "EACCES",
-                     "own_key": "ok", "model": "ok", "tmpdir": "ok"}
+                     "own_key": "ok", "model": "ok", "tmpdir": "ok",
+                     # Connecting to the admin socket is not Landlock's to refuse; its token is.
+                     "socket_token": "EACCES", "admin_status_without_token": "401",
+                     "admin_unload_without_token": "401",
+                     # Landlock's known limit: no new entry directly in a directory above a
+                     # protected path (tmp_path, /tmp: the state directory is beneath both).
+                     "new_entry_in_tmp": "EACCES", "new_entry_in_parent_of_state": "EACCES"}
 # Scoped from Landlock ABI 6 (Linux 6.12): no signal to the daemon, no connecting to its
 # abstract port-claim socket; before it, both still work.
 SCOPED = EngineLandlock().abi >= SCOPES_SINCE_ABI
@@ -104,6 +137,7 @@ def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp
     seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
     assert seen == KEPT_FROM_SECRETS
     assert (tmp_path / "state" / "appliance.db").is_file()  # there, and denied
+    assert d.replicas("first")[0]["state"] == "READY"  # the unload was refused
     wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
     with d.client() as c:
         resp = c.post("/v1/chat/completions", json={"model": "prober", "messages": [{"role": "user", "content": "hi"}]})

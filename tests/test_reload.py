@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from .conftest import PY, ROOT, fake_model, pid_alive, wait_until
+from .conftest import PY, ROOT, fake_model, over_admin_socket, pid_alive, wait_until
 from .test_routes import provider, recorder, route  # noqa: F401  (the recording provider)
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -161,7 +161,7 @@ def test_a_request_in_flight_when_its_route_becomes_regulated_never_reaches_the_
     wait_until(lambda: daemon.replicas("late")[0]["inflight"] >= 1, 10, what="the request to reach the engine")
 
     daemons.write_config(models, extra=limits + cfg + route("general", "general", "late", True), port=daemon.port)
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=10) as admin:
+    with over_admin_socket(daemon.admin_socket) as admin:
         done = admin.post("http://appliance/admin/reload", json={})
     assert done.status_code == 200 and done.json()["policy"] == ["route general: fallbacks, regulated changed"]
     assert answer == []  # still in flight at the swap

@@ -24,7 +24,7 @@ from appliance.config import ServerConfig, parse_config, worker_count
 from appliance.dataplane.protocol import Mailbox, WorkerSettings
 from appliance.dataplane.worker_client import ClientSide
 
-from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
+from .conftest import DaemonFactory, fake_model, over_admin_socket, pid_alive, wait_until
 from .test_keys import keys_cli
 from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
@@ -376,7 +376,7 @@ def test_a_worker_killed_holding_granted_tickets_leaves_no_reservation_or_replic
 
 def _admin(daemon, path: str) -> httpx.Response:
     """An admin POST over the admin socket (keys are required: TCP admin wants a token)."""
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=30) as c:
+    with over_admin_socket(daemon.admin_socket, timeout=30) as c:
         return c.post(f"http://appliance/admin/{path}", json={})
 
 
@@ -813,7 +813,7 @@ def test_a_reload_changes_policy_in_the_daemon_and_the_workers_serve_it_unchange
     wait_until(second_answers, 30, what="the reloaded model to answer through the workers")
     assert worker_pids(daemon.proc.pid) == pids  # the workers hold no policy: nothing restarted
     daemons.write_config(fake_model("steady") + fake_model("second"), port=daemon.port, server="workers = 3")
-    with httpx.Client(transport=httpx.HTTPTransport(uds=str(daemon.admin_socket)), timeout=10) as admin:
+    with over_admin_socket(daemon.admin_socket) as admin:
         refused = admin.post("http://appliance/admin/reload", json={})
     assert refused.status_code >= 400 and "server.workers" in refused.text, refused.text
 

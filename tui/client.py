@@ -1,5 +1,6 @@
 """The TUI's only way to the daemon: its admin API, over the admin unix socket
-(file permissions decide who may administer) or over TCP with the admin token."""
+(file permissions decide who may open it; each request carries the token the daemon
+wrote next to it) or over TCP with the admin token."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from appliance.daemon.admin_client import (
     Target,
     answer,
     encode_body,
+    socket_token,
     target_from_config,
 )
 from appliance.status import (
@@ -57,6 +59,8 @@ class AdminClient:
     def __init__(
         self, *, socket: str | None = None, url: str | None = None, token: str = "", timeout: float = 5.0
     ) -> None:
+        if socket and not token:
+            token = socket_token(socket)
         self.target = Target(socket=socket, url=url or (None if socket else "http://127.0.0.1:8000"), token=token)
         self.where = self.target.where
         transport = httpx.AsyncHTTPTransport(uds=socket) if socket else None
@@ -67,11 +71,19 @@ class AdminClient:
         return cls(socket=target.socket, url=target.url, token=target.token)
 
     async def _call(self, method: str, path: str, into: type[T], **kw: Any) -> T:
+        resp = await self._request(method, path, **kw)
+        if resp.status_code == 401 and (renewed := self.target.reread()) is not None:
+            # The daemon restarted while the TUI ran: its socket has a new token.
+            self.target = renewed
+            self.http.headers.update(renewed.client_options()["headers"])
+            resp = await self._request(method, path, **kw)
+        return answer(resp, into)
+
+    async def _request(self, method: str, path: str, **kw: Any) -> httpx.Response:
         try:
-            resp = await self.http.request(method, path, **kw)
+            return await self.http.request(method, path, **kw)
         except httpx.TransportError as exc:
             raise DaemonDown(self.target.why_down(exc)) from None
-        return answer(resp, into)
 
     async def status(self) -> DaemonStatus:
         return await self._call("GET", "/admin/status", DaemonStatus)

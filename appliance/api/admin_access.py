@@ -1,7 +1,10 @@
 """Who may use the admin API: one credential model, checked in one place.
 
-- The admin socket (server.admin_socket, mode 0660): its file permissions decide,
-  no token. A browser cannot reach it.
+- The admin socket (server.admin_socket, mode 0660): its file permissions decide who
+  may connect, and every request on it carries the socket's token (a fresh one at each
+  start, in ``<admin_socket>.token``, mode 0640: appliance/socket_token.py), or the admin
+  token. An engine runs as the daemon's user and may connect (Landlock does not mediate
+  connecting to a unix socket) but cannot read the token file. A browser cannot reach it.
 - TCP: the admin token (server.admin_token_file) when one is set, from anywhere.
   Without one, loopback clients only, and only on a loopback-bound daemon whose
   API keys are not required (a developer's box): once keys.required is true, or
@@ -29,6 +32,7 @@ from appliance.access.keys import bearer_token
 from appliance.api.admin_socket import via_admin_socket
 from appliance.config import Config, is_loopback
 from appliance.errors import Forbidden, Unauthorized, UnsupportedMediaType, quoted
+from appliance.socket_token import new_token, token_path
 
 WILDCARD_BINDS = ("0.0.0.0", "::", "")
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -41,17 +45,24 @@ class AdminAccess:
         self.bind = cfg.server.host.lower()
         self.names = {n.lower().rstrip(".") for n in cfg.server.admin_hosts}
         self.socket = cfg.server.admin_socket
+        # This start's socket token (the daemon writes it next to the socket).
+        self.socket_token = new_token() if self.socket else ""
         self.keys_required = cfg.keys.required
 
     def check(self, request: Request) -> None:
         """Raise, saying what was refused and why, unless this request may administer."""
         if via_admin_socket(request.scope):
+            if not self._socket_credential(request):
+                raise Unauthorized(
+                    "Admin socket: missing or wrong token: send 'Authorization: Bearer <token>' with the "
+                    f"token in {token_path(self.socket)} (new at each start) or the admin token",
+                    code="invalid_admin_token",
+                )
             self._check_content_type(request)
             return
         self._check_origin(request)
-        sent = _bearer(request)
         if self.token:
-            if not hmac.compare_digest(sent.encode(), self.token.encode()):
+            if not _matches(_bearer(request), self.token):
                 raise Unauthorized("Admin API: missing or wrong admin token", code="invalid_admin_token")
         else:
             self._check_tokenless(request)
@@ -60,8 +71,14 @@ class AdminAccess:
     def is_admin(self, request: Request) -> bool:
         """The admin credential without raising: for what it opens besides /admin/."""
         if via_admin_socket(request.scope):
-            return True
-        return bool(self.token) and hmac.compare_digest(_bearer(request).encode(), self.token.encode())
+            return self._socket_credential(request)
+        return _matches(_bearer(request), self.token)
+
+    def _socket_credential(self, request: Request) -> bool:
+        """A request on the admin socket carries its token, or the admin token: opening the
+        socket is not enough (an engine, as the daemon's user, may)."""
+        sent = _bearer(request)
+        return _matches(sent, self.socket_token) | _matches(sent, self.token)  # both compared, always
 
     def _check_tokenless(self, request: Request) -> None:
         fix = (
@@ -147,6 +164,11 @@ class AdminAccess:
                 f"Admin API: a {request.method} needs 'Content-Type: application/json' "
                 f"(got {quoted(sent or 'none')}); nothing was changed"
             )
+
+
+def _matches(sent: str, token: str) -> bool:
+    """sent is token, compared in constant time; an empty token matches nothing."""
+    return bool(token) and hmac.compare_digest(sent.encode(), token.encode())
 
 
 def _bearer(request: Request) -> str:

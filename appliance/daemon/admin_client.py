@@ -1,6 +1,8 @@
-"""How the CLI and the TUI reach the daemon's admin API: the admin socket (file
-permissions decide who may administer), else TCP with the admin token. One
-resolution (``target_from_config``), one way to say why the daemon did not answer."""
+"""How the CLI and the TUI reach the daemon's admin API: the admin socket (its file
+permissions decide who may open it; each request carries the token the daemon wrote
+next to it, which the same owner and group may read: appliance/socket_token.py), else
+TCP with the admin token. One resolution (``target_from_config``), one way to say why
+the daemon did not answer."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, TypeVar
 import httpx
 import msgspec
 
+from appliance.socket_token import read_token, token_path
 from appliance.status import ActionBody
 
 T = TypeVar("T")
@@ -43,6 +46,14 @@ class Target:
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         return {"base_url": "http://appliance" if self.socket else (self.url or "").rstrip("/"), "headers": headers}
 
+    def reread(self) -> Target | None:
+        """This target with the socket's token read again, if it changed (the daemon
+        restarted and wrote a new one); None otherwise."""
+        if not self.socket:
+            return None
+        token = socket_token(self.socket)
+        return Target(socket=self.socket, token=token) if token and token != self.token else None
+
     def why_down(self, exc: Exception) -> str:
         text = str(exc) or type(exc).__name__
         if self.socket and "Permission denied" in text:
@@ -68,7 +79,8 @@ def target_from_config(
     server.admin_token_file); else the admin socket (--socket, else
     server.admin_socket); with the socket off, TCP to server.host:server.port.
     socket_if_usable: fall back to TCP when the socket is not there or not ours
-    to open (the CLI; the TUI reports it instead)."""
+    to open, or its token not ours to read and an admin token is set (the CLI; the
+    TUI reports it instead)."""
     from appliance.config import read_admin_token
 
     def token() -> str:
@@ -80,7 +92,11 @@ def target_from_config(
         return Target(url=url, token=token())
     path = socket or cfg.server.admin_socket
     if path and port is None and (not socket_if_usable or os.access(path, os.R_OK | os.W_OK)):
-        return Target(socket=path)
+        try:
+            return Target(socket=path, token=socket_token(path))
+        except DaemonDown:
+            if not (socket_if_usable and (token_file or cfg.server.admin_token_file)):
+                raise  # else: the admin token over TCP, as for a socket not ours to open
     host = "127.0.0.1" if cfg.server.host in ("0.0.0.0", "::", "") else cfg.server.host
     if ":" in host:
         host = f"[{host}]"
@@ -90,6 +106,34 @@ def target_from_config(
             cfg.server.host, port or cfg.server.port, target, token_file or cfg.server.admin_token_file
         )
     return target
+
+
+def socket_token(path: str) -> str:
+    """The token to send on the admin socket at path ("" with no token file: no daemon
+    there, and the connection says so); DaemonDown, saying what to do, when this user
+    may open the socket but not read its token."""
+    try:
+        return read_token(path)
+    except PermissionError:
+        raise DaemonDown(_unreadable_token(path)) from None
+    except OSError as exc:
+        raise DaemonDown(f"cannot read the admin socket's token: {exc}") from None
+
+
+def _unreadable_token(path: str) -> str:
+    import grp
+
+    token = token_path(path)
+    try:
+        gid = os.stat(token).st_gid
+        group = grp.getgrgid(gid).gr_name
+    except (OSError, KeyError):
+        group = "the daemon's group"
+    return (
+        f"you may open the admin socket {path} but not read its token {token} (mode 0640, readable by "
+        f"its owner and group {group}): add yourself to {group} (then log in again), run as the "
+        "daemon's user, or use the admin token over TCP (--url, --token-file)"
+    )
 
 
 def _refuse_unless_the_daemon(host: str, port: int, target: Target, token_file: str) -> None:

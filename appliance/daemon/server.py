@@ -29,6 +29,7 @@ from appliance.daemon.service_manager import ServiceNotifier
 from appliance.dataplane.front import WorkerFront
 from appliance.dataplane.listener import OnExclusivePort
 from appliance.errors import ApplianceError
+from appliance.socket_token import remove_token, write_token
 
 log = logging.getLogger("appliance.server")
 
@@ -118,21 +119,26 @@ def _granian(cfg: Config, app) -> Server:
 
 class AdminSocket:
     """The admin API's unix socket server (server.admin_socket), started once the
-    app's lifespan has opened the supervisor, stopped before the TCP server."""
+    app's lifespan has opened the supervisor, stopped before the TCP server. Its token
+    (AdminAccess.socket_token) is written next to it before it listens, and removed
+    after it closed (appliance/socket_token.py)."""
 
     def __init__(self, path: str, app) -> None:
         self.path, self.app = path, app
         self.server: Server | None = None
         self.task: asyncio.Task | None = None
+        self.written: tuple[int, int] | None = None
 
     def on_startup(self, app) -> None:
         if not self.path:
             return
         try:
-            self.server = admin_socket_server(self.app, self.path)
+            server = admin_socket_server(self.app, self.path)  # refuses a socket another daemon answers on
+            self.written = write_token(self.path, app.state.runtime.admin.socket_token)
         except OSError as exc:
             log.error("admin socket off: %s", exc)
             return
+        self.server = server
         self.task = asyncio.create_task(self.server.serve(), name="granian-admin-socket")
         log.info("admin API on unix:%s", self.path)
 
@@ -144,6 +150,8 @@ class AdminSocket:
             self.server.stop()
         with contextlib.suppress(Exception):
             await self.task
+        if self.written is not None:
+            remove_token(self.path, self.written)
 
 
 class SignalReloads:

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from appliance.fleet.engine_access import private_root
+from appliance.socket_token import token_path
 
 if TYPE_CHECKING:
     from appliance.config import Config
@@ -93,13 +94,16 @@ def fs_rights(abi: int) -> int:
 
 def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> list[Path]:
     """What no engine may open: the state directory (database, lock, admin socket), the
-    admin token file, the providers' key files, systemd's credentials directory, and the
-    engines' private root (every replica's secret; a replica's own directory is allowed
-    back by its spawn)."""
+    admin token file, the admin socket's token file (in the state directory unless
+    server.admin_socket names another), the providers' key files, systemd's credentials
+    directory, and the engines' private root (every replica's secret; a replica's own
+    directory is allowed back by its spawn)."""
     creds = environ.get("CREDENTIALS_DIRECTORY", "")
     paths = [Path(cfg.paths.state_dir), private_root()]
     if cfg.server.admin_token_file:
         paths.append(Path(cfg.server.admin_token_file))
+    if cfg.server.admin_socket:
+        paths.append(token_path(cfg.server.admin_socket))
     if creds:
         paths.append(Path(creds))
     for provider in cfg.providers:
