@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 from appliance.config import parse_config
-from appliance.fleet.landlock import SCOPES_SINCE_ABI, EngineLandlock, engine_keep_out
+from appliance.fleet.landlock import SCOPES_SINCE_ABI, EngineLandlock, closed_temp_dirs, engine_keep_out
 
 from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
 
@@ -138,6 +138,7 @@ def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp
     assert seen == KEPT_FROM_SECRETS
     assert (tmp_path / "state" / "appliance.db").is_file()  # there, and denied
     assert d.replicas("first")[0]["state"] == "READY"  # the unload was refused
+    assert "engines cannot make new entries directly in /tmp " in d.log_text()  # the limit, said once
     wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
     with d.client() as c:
         resp = c.post("/v1/chat/completions", json={"model": "prober", "messages": [{"role": "user", "content": "hi"}]})
@@ -155,6 +156,20 @@ def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path
     assert {tmp_path / "state", tmp_path / "token", tmp_path / "creds", tmp_path / "creds" / "a-key",
             tmp_path / "b-key"} <= set(kept)
     assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
+
+
+def test_the_shared_temp_dirs_engines_cannot_make_entries_in_are_those_above_a_protected_path():
+    # A daemon run by hand: its engines' root in /tmp; under the unit, in /run (PrivateTmp).
+    assert closed_temp_dirs([Path("/home/op/.local/state/appliance"), Path("/tmp/appliance-engines-1-x")]) == ["/tmp"]
+    assert closed_temp_dirs([Path("/var/lib/appliance"), Path("/run/appliance/appliance-engines-1-x")]) == []
+    assert closed_temp_dirs([Path("/var/tmp/a/state"), Path("/dev/shm/k")]) == ["/var/tmp", "/dev/shm"]
+    assert closed_temp_dirs([Path("/tmpfoo/state")]) == []  # a sibling named alike is not beneath
+
+
+def test_what_engines_are_kept_from_names_the_admin_sockets_token_wherever_the_socket_is(tmp_path):
+    cfg = parse_config(f'[server]\nadmin_socket = "{tmp_path}/run/admin.sock"\n'
+                       f'[paths]\nstate_dir = "{tmp_path}/state"\n')
+    assert tmp_path / "run" / "admin.sock.token" in engine_keep_out(cfg, {})
 
 
 # A kernel without Landlock, made here by a seccomp filter that answers its three calls

@@ -24,9 +24,16 @@ outside it (kill the daemon, stop a worker or another engine) nor connect to an 
 unix socket made outside it.
 
 Known limits: an entry made later directly in an ancestor directory (a new file in /tmp
-when the engines' root is in /tmp) has no rule, so the engine cannot use it; connecting
-to a unix socket (the admin socket in the state directory, a vLLM replica's socket) is
-not a filesystem access Landlock mediates (up to ABI 7), nor is stat.
+when the engines' root or the state directory is in /tmp) has no rule, so the engine can
+neither make nor use it (EACCES). Landlock cannot lift that: a rule is for a directory
+and everything beneath it, and there is no rule that denies, so granting the right to
+make entries in /tmp would grant it in the protected directory beneath too (a link
+planted where the daemon writes), and the new file could still not be opened, as read
+and write would need the same rule. Engines write under the TMPDIR and HOME the daemon
+gives them; `ruleset` logs once which shared temp directories are so closed. Connecting
+to a unix socket (the admin socket, a vLLM replica's socket) is not a filesystem access
+Landlock mediates (up to ABI 7), nor is stat: the admin socket's token
+(appliance/socket_token.py) is what engines cannot read.
 """
 
 from __future__ import annotations
@@ -148,6 +155,7 @@ class EngineLandlock:
         self.reason = self._why_not()
         self.enforced = not self.reason
         self.rights = fs_rights(self.abi)
+        self._told_closed = False
 
     def _why_not(self) -> str:
         if not sys.platform.startswith("linux"):
@@ -173,6 +181,10 @@ class EngineLandlock:
         right everywhere but beneath keep_out, and in own; None when not enforced."""
         if not self.enforced:
             return None
+        keep_out = list(keep_out)
+        if not self._told_closed:
+            self._told_closed = True
+            _tell_closed_temp_dirs(keep_out)
         attr = ctypes.create_string_buffer(ruleset_attr(self.abi, self.rights))
         fd = self._syscall(SYS_LANDLOCK_CREATE_RULESET, attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint32(0))
         if fd < 0:
@@ -271,6 +283,26 @@ class EngineLandlock:
         ):
             os.write(2, self._refusal)
             os._exit(EXIT_UNCONFINED)
+
+
+SHARED_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def closed_temp_dirs(keep_out: Iterable[Path]) -> list[str]:
+    """The shared temp directories above a protected path: an engine can make no new entry
+    directly in them (the module's known limit)."""
+    real = [os.path.realpath(path) for path in keep_out]
+    return [d for d in SHARED_TEMP_DIRS if any(p.startswith(os.path.realpath(d) + "/") for p in real)]
+
+
+def _tell_closed_temp_dirs(keep_out: list[Path]) -> None:
+    if closed := closed_temp_dirs(keep_out):
+        log.info(
+            "engines cannot make new entries directly in %s (a protected path is beneath it: the state "
+            "directory or the engines' root); they write under their TMPDIR and HOME. docs/operations.md "
+            '"Engines cannot open the daemon\'s secrets" says how to lift it',
+            ", ".join(closed),
+        )
 
 
 EXIT_UNCONFINED = 126  # as the seccomp step's: the daemon promised the ruleset
