@@ -47,7 +47,8 @@ class ServerConfig(_Section):
     # "refuse" (the daemon does not start, naming the file and the fix) or "warn".
     key_file_permissions: Literal["refuse", "warn"] = "refuse"
     # The admin API also on a unix socket (relative: under paths.state_dir), mode
-    # 0660: who may open the file may administer, no token needed. Empty: off.
+    # 0660; each request carries the token the daemon writes at each start next to
+    # it, <admin_socket>.token, mode 0640 (appliance/socket_token.py). Empty: off.
     admin_socket: str = "admin.sock"
     # The daemon logs to stderr (the journal under systemd); a path here also
     # appends it to that file (relative: under paths.log_dir), which `appliance
