@@ -244,6 +244,14 @@ def test_a_user_who_may_open_the_socket_but_not_read_its_token_is_told_what_to_d
     assert str(told.value).startswith(f"you may open the admin socket {tmp_path / 'state' / 'admin.sock'} but not "
                                       f"read its token {tmp_path / 'state' / 'admin.sock.token'}")
     assert f"add yourself to {group}" in str(told.value)
+    # The CLI, with an admin token set, goes over TCP instead (no daemon holds the port here).
+    (tmp_path / "admin.token").write_text("a" * 32 + "\n")
+    (tmp_path / "admin.token").chmod(0o600)
+    cfg = parse_config(f'[server]\nport = 1\nadmin_token_file = "{tmp_path / "admin.token"}"\n'
+                       f'[paths]\nstate_dir = "{tmp_path / "state"}"\n')
+    (tmp_path / "state" / "admin.sock").touch()  # there and openable: os.access is what the CLI asks
+    with pytest.raises(admin_client.DaemonDown, match=r"nothing answers at http://127\.0\.0\.1:1\)"):
+        admin_client.target_from_config(cfg, socket_if_usable=True)
 
 
 
