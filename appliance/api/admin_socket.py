@@ -1,9 +1,11 @@
 """The admin API on a local unix socket (``server.admin_socket``).
 
 A second embedded Granian server, bound with ``uds=``, serves the same app: who
-may open the socket file (mode 0660: its owner and group) may administer, with
-no token. Requests that arrive through it are marked in the ASGI scope, where
-``callers.admin`` trusts them; only ``/admin/`` paths and ``/healthz`` are served.
+may open the socket file (mode 0660: its owner and group) may send requests, and each
+must carry the socket's token (appliance/socket_token.py; the daemon writes it before
+the socket listens) or the admin token. Requests that arrive through it are marked in
+the ASGI scope, where ``AdminAccess`` asks for that token; only ``/admin/`` paths and
+``/healthz`` are served.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def plan(
 
 def _running_market(cfg) -> GpusStatus | None:
     """The running daemon's GPUs, sleeping replicas and evictions, asked on its admin
-    socket (no token needed); None when no daemon answers there."""
+    socket (with its token); None when no daemon answers there."""
     from appliance.daemon.admin_client import AdminError, DaemonDown, call, target_from_config
 
     path = cfg.server.admin_socket
