@@ -61,6 +61,17 @@ def test_a_streamed_response_cut_by_max_output_tokens_ends_with_response_incompl
     assert whole[-1].type == "response.completed" and whole[-1].response.incomplete_details is None
 
 
+def test_a_streamed_cut_messages_output_item_done_says_incomplete_as_its_final_response_does(oai):
+    events = list(oai.responses.create(model="fake", input="count", max_output_tokens=2, stream=True))
+    [done] = [e for e in events if e.type == "response.output_item.done"]
+    final = events[-1].response
+    assert (done.item.status, final.output[0].status, final.status) == ("incomplete", "incomplete", "incomplete")
+    assert done.item.id == final.output[0].id and done.sequence_number == events[-1].sequence_number - 1
+    whole = list(oai.responses.create(model="fake", input="count", max_output_tokens=5, stream=True))
+    [done] = [e for e in whole if e.type == "response.output_item.done"]
+    assert (done.item.status, whole[-1].response.output[0].status) == ("completed", "completed")
+
+
 def test_a_response_cut_at_the_cap_the_appliance_set_is_incomplete_too(daemon):
     # A budgeted key's request without max_output_tokens is held to the model's default_max_tokens
     # (the engine is told it): cut there, the answer is as incomplete as at its own cap.
