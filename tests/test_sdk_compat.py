@@ -5,6 +5,8 @@ same against llama-server)."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -132,6 +134,28 @@ def test_input_items_of_a_stored_response_list_its_input_for_its_key_only(daemon
     # Audited like GET /v1/responses/{id}: the owner's lists (200), the others' (404).
     wanted = {("stateful", "responses_input_items", 200), ("", "responses_input_items", 404)}
     wait_until(lambda: wanted <= {r[:3] for r in _audit(daemon)}, 10, what="the audit rows")
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_input_items_paged_one_by_one_are_the_whole_lists_items_in_its_order(order):
+    # A page makes only its own items (response_items.page): walked with after, the pages
+    # must still be the whole list, ids included (own ids kept, made ones the same each call).
+    from appliance.gateway import response_items
+
+    given = [{"role": "user", "content": "a"}, 7, {"type": "function_call_output", "call_id": "c", "output": "x"},
+             {"type": "message", "id": "msg_own", "role": "assistant", "content": "b"}, {"role": "user", "content": []}]
+    kept = json.dumps(given).encode()
+    whole = response_items.items(kept, "resp_1")
+    assert [i["id"] for i in whole][2] == "msg_own" and len(whole) == 4
+    walked, after = [], None
+    while True:
+        got = response_items.page(kept, "resp_1", response_items.Query(after, 1, order, ()))
+        walked += got["data"]
+        if not got["has_more"]:
+            break
+        after = got["last_id"]
+    assert walked == (whole if order == "asc" else whole[::-1])
+    assert response_items.items(kept, "resp_1") == whole and response_items.items(kept, "resp_2") != whole
 
 
 @pytest.mark.parametrize("query, param", [
