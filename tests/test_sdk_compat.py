@@ -86,6 +86,27 @@ def test_a_response_cut_at_the_cap_the_appliance_set_is_incomplete_too(daemon):
     assert events[-1].type == "response.incomplete"
 
 
+def test_a_stored_response_cut_at_its_cap_is_retrieved_incomplete_as_it_was_created(daemon, oai):
+    # The engine keeps the status it gave ("completed"): retrieve said so of a response its
+    # create had called incomplete.
+    cut = oai.responses.create(model="stateful", input="count", max_output_tokens=2, store=True)
+    streamed = list(oai.responses.create(model="stateful", input="count", max_output_tokens=2, store=True,
+                                         stream=True))[-1].response
+    for made in (cut, streamed):
+        got = oai.responses.retrieve(made.id)
+        assert (got.status, got.incomplete_details.reason, got.output[-1].status) == (
+            "incomplete", "max_output_tokens", "incomplete"), got
+    whole = oai.responses.create(model="stateful", input="count", max_output_tokens=5, store=True)
+    got = oai.responses.retrieve(whole.id)
+    assert (got.status, got.incomplete_details, got.output[-1].status) == ("completed", None, "completed")
+    # Cut at the cap the appliance set (a budgeted key's default_max_tokens), not the client's.
+    key = keys_cli(daemon, "create", "--name", "capped-store", "--budget-tokens", "100000")
+    budgeted = openai.OpenAI(base_url=daemon.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    made = budgeted.responses.create(model="capped", input="count", store=True)
+    assert made.status == "incomplete"
+    assert budgeted.responses.retrieve(made.id).status == "incomplete"
+
+
 # --- Responses: GET /v1/responses/{id}/input_items ------------------------------------
 
 
@@ -144,7 +165,8 @@ def test_input_items_paged_one_by_one_are_the_whole_lists_items_in_its_order(ord
 
     given = [{"role": "user", "content": "a"}, 7, {"type": "function_call_output", "call_id": "c", "output": "x"},
              {"type": "message", "id": "msg_own", "role": "assistant", "content": "b"}, {"role": "user", "content": []}]
-    kept = json.dumps(given).encode()
+    kept = response_items.request_input(json.dumps({"model": "m", "input": given, "max_output_tokens": 9}).encode())
+    assert response_items.kept_cap(kept) == 9
     whole = response_items.items(kept, "resp_1")
     assert [i["id"] for i in whole][2] == "msg_own" and len(whole) == 4
     walked, after = [], None

@@ -16,7 +16,7 @@ from appliance.api.callers import authorization, runtime
 from appliance.api.http_errors import JSON, request_id
 from appliance.errors import ApplianceError, StateWriteFailed
 from appliance.gateway import response_items
-from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.api_responses import ResponsesRequest, stored_answer
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.relay import FREE
@@ -81,6 +81,8 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
         else:
             path = f"/v1/responses/{response_id}{suffix}"
             status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+            if status == 200 and method != "DELETE":  # cut at its cap: incomplete, as its create said
+                data = stored_answer(data, response_items.kept_cap(rt.response_homes.inputs(response_id)))
     except ApplianceError as exc:
         finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):

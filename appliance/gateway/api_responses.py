@@ -177,6 +177,17 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
     return encode(_filled(answer, _request_echo(body), ""))
 
 
+def stored_answer(data: bytes, cap: int | None) -> bytes:
+    """A stored Response as GET /v1/responses/{id} (or its cancel) answers it: cut at
+    the cap its request gave the engine, ``incomplete`` as its create said (the engine
+    keeps the status it gave: llama-server-like engines say "completed" whatever
+    stopped them)."""
+    answer = decode_object(data)
+    if answer is None or answer.get("object") != "response" or not settle_status(answer, cap):
+        return data
+    return encode(answer)
+
+
 # The events that name the output item (and content part) they are about.
 _ITEM_EVENTS = ("response.output_item.added", "response.output_item.done")
 _LIFECYCLE = ("response.created", "response.in_progress", "response.queued")

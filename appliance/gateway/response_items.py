@@ -37,19 +37,38 @@ INCLUDABLE = frozenset(
 )
 
 
-class _Input(msgspec.Struct):
+class _Kept(msgspec.Struct, omit_defaults=True):
+    """What the daemon keeps of a stored Response's request."""
+
     input: msgspec.Raw = msgspec.Raw(b"null")
+    # The cap the engine was given: a GET of the Response says it was cut as its create did.
+    max_output_tokens: int | None = None
 
 
-_INPUT = msgspec.json.Decoder(_Input)
+_KEPT = msgspec.json.Decoder(_Kept)
 
 
 def request_input(body: bytes) -> bytes:
-    """A Responses request's ``input``, as the JSON it sent (what the daemon keeps)."""
+    """What the daemon keeps of a Responses request (body: as the engine got it, with
+    the cap the appliance set): its ``input``, as the JSON it sent, and its
+    ``max_output_tokens``."""
     try:
-        return bytes(_INPUT.decode(body).input)
+        kept = _KEPT.decode(body)
     except msgspec.MsgspecError:
         return b""
+    return msgspec.json.encode(kept)
+
+
+def _kept(kept: bytes) -> _Kept:
+    try:
+        return _KEPT.decode(kept) if kept else _Kept()
+    except msgspec.MsgspecError:
+        return _Kept()
+
+
+def kept_cap(kept: bytes) -> int | None:
+    """The max_output_tokens the kept request gave its engine."""
+    return _kept(kept).max_output_tokens
 
 
 class Query(msgspec.Struct, frozen=True):
@@ -93,7 +112,7 @@ def _parts(role: str, content: Any) -> Any:
 def _entries(kept: bytes) -> list[tuple[int, dict[str, Any]]]:
     """The kept input's items as the request gave them, each with its place."""
     try:
-        given = msgspec.json.decode(kept) if kept else None
+        given = msgspec.json.decode(_kept(kept).input)
     except msgspec.DecodeError:
         given = None
     if isinstance(given, str):
@@ -155,4 +174,4 @@ def listed(kept: bytes, response_id: str, asked: Query) -> bytes:
     return msgspec.json.encode(page(kept, response_id, asked))
 
 
-__all__ = ["Query", "items", "listed", "page", "query", "request_input"]
+__all__ = ["Query", "items", "kept_cap", "listed", "page", "query", "request_input"]
