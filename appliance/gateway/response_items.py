@@ -117,7 +117,8 @@ def _entries(kept: bytes) -> list[tuple[int, dict[str, Any]]]:
         given = None
     if isinstance(given, str):
         given = [{"role": "user", "content": given}]
-    return [(place, item) for place, item in enumerate(given if isinstance(given, list) else []) if isinstance(item, dict)]
+    listed = given if isinstance(given, list) else []
+    return [(place, item) for place, item in enumerate(listed) if isinstance(item, dict)]
 
 
 def _id(entry: tuple[int, dict[str, Any]], base: str) -> str:
