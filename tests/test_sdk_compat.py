@@ -161,6 +161,7 @@ def test_input_items_of_a_stored_response_list_its_input_for_its_key_only(daemon
 def test_input_items_paged_one_by_one_are_the_whole_lists_items_in_its_order(order):
     # A page makes only its own items (response_items.page): walked with after, the pages
     # must still be the whole list, ids included (own ids kept, made ones the same each call).
+    from appliance.errors import BadRequest
     from appliance.gateway import response_items
 
     given = [{"role": "user", "content": "a"}, 7, {"type": "function_call_output", "call_id": "c", "output": "x"},
@@ -178,6 +179,13 @@ def test_input_items_paged_one_by_one_are_the_whole_lists_items_in_its_order(ord
         after = got["last_id"]
     assert walked == (whole if order == "asc" else whole[::-1])
     assert response_items.items(kept, "resp_1") == whole and response_items.items(kept, "resp_2") != whole
+    # A cursor that names no item of this list: another response's id, or a made id for a
+    # place that is no item (7) or that has its own id (msg_own's).
+    nowhere = [response_items.items(kept, "resp_2")[0]["id"], whole[0]["id"][:-1] + "1",
+               whole[0]["id"][:-1] + "3"]
+    for after in nowhere:
+        with pytest.raises(BadRequest):
+            response_items.page(kept, "resp_1", response_items.Query(after, 1, order, ()))
 
 
 @pytest.mark.parametrize("query, param", [
