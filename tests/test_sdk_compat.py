@@ -107,6 +107,18 @@ def test_a_stored_response_cut_at_its_cap_is_retrieved_incomplete_as_it_was_crea
     assert budgeted.responses.retrieve(made.id).status == "incomplete"
 
 
+def test_retrieving_a_stored_response_as_a_stream_is_a_400_naming_stream_not_an_empty_stream(oai):
+    # The daemon answers a stored response whole: the SDK read that JSON as a stream of
+    # no events, and the app saw an empty replay without an error.
+    made = oai.responses.create(model="stateful", input="hi", max_output_tokens=2, store=True)
+    for asked in ({}, {"starting_after": 2}):
+        with pytest.raises(openai.BadRequestError) as err:
+            list(oai.responses.retrieve(made.id, stream=True, **asked))
+        assert (err.value.body["param"], err.value.body["code"]) == ("stream", "stream_not_supported")
+    assert oai.responses.retrieve(made.id).id == made.id
+    assert oai.responses.with_raw_response.retrieve(made.id, extra_query={"stream": "false"}).status_code == 200
+
+
 # --- Responses: GET /v1/responses/{id}/input_items ------------------------------------
 
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import msgspec
 
+from appliance.errors import BadRequest
 from appliance.gateway.metering import Usage
 from appliance.gateway.protocol import Count, Name
 from appliance.gateway.sse import EventRewriter, decode_object, encode, head_of
@@ -175,6 +176,21 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
     if not missing and not settled:
         return data
     return encode(_filled(answer, _request_echo(body), ""))
+
+
+def refuse_streamed_retrieve(params: Any) -> None:
+    """A 400 naming ``stream`` for GET /v1/responses/{id}?stream=true (the openai SDK's
+    ``responses.retrieve(id, stream=True)``, which replays a background response's
+    events): the daemon answers a stored Response whole only, and the SDK read that
+    JSON as a stream of no events, without an error."""
+    asked = params.get("stream")
+    if asked is not None and asked.lower() not in ("false", "0"):
+        raise BadRequest(
+            "A stored response is answered whole here, not replayed as a stream: "
+            "retrieve it without 'stream' (and 'starting_after')",
+            param="stream",
+            code="stream_not_supported",
+        )
 
 
 def stored_answer(data: bytes, cap: int | None) -> bytes:
