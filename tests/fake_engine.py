@@ -160,11 +160,20 @@ def _cached(body: dict) -> tuple[int, int]:
 
 
 def _responses_events(answer: dict, n: int) -> list[tuple[str, dict]]:
+    """llama-server's events: unnumbered, each item's done events just before the end."""
     head = {k: v for k, v in answer.items() if k not in ("output", "usage")}
     events = [("response.created", {"type": "response.created", "response": {**head, "status": "in_progress"}})]
     events += [("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_fake",
                                                "output_index": 0, "content_index": 0, "delta": f"tok{i} "})
                for i in range(n)]
+    for item in answer["output"]:
+        if item["type"] == "message":
+            part = item["content"][0]
+            events += [("response.output_text.done", {"type": "response.output_text.done", "item_id": item["id"],
+                                                      "text": part["text"]}),
+                       ("response.content_part.done", {"type": "response.content_part.done",
+                                                       "item_id": item["id"], "part": part})]
+        events.append(("response.output_item.done", {"type": "response.output_item.done", "item": item}))
     return events + [("response.completed", {"type": "response.completed", "response": answer})]
 
 

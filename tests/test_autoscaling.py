@@ -10,7 +10,9 @@ import subprocess
 import threading
 import time
 
+import anthropic
 import httpx
+import pytest
 
 from .conftest import PY, ROOT, fake_model, wait_until
 
@@ -92,6 +94,13 @@ def test_queue_timeout_gives_503_with_retry_after(daemons):
     assert resp.status_code == 503
     assert resp.json()["error"]["code"] == "queue_timeout"
     assert int(resp.headers["retry-after"]) > 0
+    # To the Anthropic SDK: overloaded_error, on 503 (Anthropic's own is 529), which it
+    # raises as an InternalServerError and retries, as it does a 529, after Retry-After.
+    claude = anthropic.Anthropic(base_url=d.url, api_key="unused", max_retries=0, timeout=30)
+    with pytest.raises(anthropic.ServiceUnavailableError) as err:
+        claude.messages.create(model="fake", max_tokens=3, messages=[{"role": "user", "content": "hi"}])
+    assert isinstance(err.value, anthropic.InternalServerError) and err.value.body["error"]["type"] == "overloaded_error"
+    assert int(err.value.response.headers["retry-after"]) > 0
 
 
 def test_a_client_that_disconnects_while_queued_leaves_the_queue_and_the_load_continues(daemons):

@@ -131,3 +131,30 @@ def test_a_completions_echo_or_suffix_is_refused_on_llama_cpp_not_answered_witho
     assert cold_llama.replicas("llama") == []
     fake = client.completions.create(model="fake", prompt="Hello", max_tokens=3, echo=True)
     assert fake.choices
+
+
+def test_a_completions_best_of_above_one_is_refused_on_llama_cpp_not_answered_with_one_sample(cold_llama):
+    # Regression: llama-server ignores best_of: best_of=2 answered one sample, as if it were
+    # the best of two. Refused before any engine starts, in one process and through a
+    # worker's facts; best_of=1 asks nothing more; the fake (openai) engine decides itself.
+    from appliance.gateway.facts import carried_facts
+    from appliance.gateway.protocol import decode_request
+
+    cfg, model = _bundled()
+    completions = ENDPOINTS["/v1/completions"]
+    for best_of, refused in ((2, True), (1, False)):
+        body = b'{"model": "m", "prompt": "Hello", "best_of": %d}' % best_of
+        for request in (decode_request(body, completions.cls),
+                        carried_facts(completions, body, decode_request(body, completions.cls))):
+            if not refused:
+                check_fields(cfg, completions, model, request)
+                continue
+            with pytest.raises(BadRequest) as info:
+                check_fields(cfg, completions, model, request)
+            assert (info.value.param, info.value.code) == ("best_of", "best_of_not_supported")
+    client = openai.OpenAI(base_url=f"{cold_llama.url}/v1", api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="llama", prompt="Hello", max_tokens=3, best_of=2)
+    assert (err.value.body["param"], err.value.body["code"]) == ("best_of", "best_of_not_supported")
+    assert cold_llama.replicas("llama") == []
+    assert client.completions.create(model="fake", prompt="Hello", max_tokens=3, best_of=2).choices

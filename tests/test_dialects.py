@@ -198,6 +198,32 @@ def test_a_delta_whose_item_the_engine_never_announced_gets_its_added_events():
                                         "response.completed"]
 
 
+def _cut(stream: bytes) -> bytes:
+    return stream.replace(b'"output_tokens":2', b'"output_tokens":9')  # REQUEST's cap: the answer was cut
+
+
+@pytest.mark.parametrize("size", [1, 13, 10_000])
+def test_a_cut_streams_last_output_item_done_says_incomplete_as_its_final_response(size):
+    """The final response said the cut item was incomplete, its output_item.done "completed"."""
+    events = _events(_fixed(api_responses.ResponsesEvents(REQUEST), _cut(LLAMA_RESPONSES_STREAM), size))
+    done = {e["item"]["id"]: e["item"]["status"] for e in events if e["type"] == "response.output_item.done"}
+    final = events[-1]["response"]
+    assert events[-1]["type"] == "response.incomplete"
+    assert done == {"msg_1": "completed", "fc_7": "incomplete"}  # the last item is the one the cap cut
+    assert {o["id"]: o["status"] for o in final["output"]} == done
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    whole = _events(_fixed(api_responses.ResponsesEvents(REQUEST), LLAMA_RESPONSES_STREAM, size))
+    assert [e["type"] for e in whole] == [e["type"] for e in events[:-1]] + ["response.completed"]
+    assert all(e["item"]["status"] == "completed" for e in whole if e["type"] == "response.output_item.done")
+
+
+def test_an_output_item_done_a_stream_ends_on_is_sent_at_its_end():
+    stream = LLAMA_RESPONSES_STREAM[:LLAMA_RESPONSES_STREAM.rfind(b"event: response.completed")]
+    events = _events(_fixed(api_responses.ResponsesEvents(REQUEST), stream, 10_000))
+    assert events[-1]["type"] == "response.output_item.done" and events[-1]["item"]["id"] == "fc_7"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+
+
 def test_a_whole_llama_cpp_response_names_the_requests_instructions_and_tools():
     whole = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
              "output": [], "usage": {"input_tokens": 3, "output_tokens": 2}}

@@ -206,6 +206,9 @@ def test_a_response_cut_by_max_output_tokens_on_llama_cpp_is_incomplete(oai):
         events = list(stream)
     assert events[-1].type == "response.incomplete" and events[-1].response.status == "incomplete"
     assert "response.completed" not in [e.type for e in events]
+    # The cut message's own done event says so too, as the final response does.
+    [done] = [e for e in events if e.type == "response.output_item.done"]
+    assert (done.item.status, events[-1].response.output[-1].status) == ("incomplete", "incomplete")
 
 
 def test_a_legacy_completions_logprobs_come_in_the_legacy_shape_on_llama_cpp(oai):

@@ -5,6 +5,8 @@ same against llama-server)."""
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -61,6 +63,17 @@ def test_a_streamed_response_cut_by_max_output_tokens_ends_with_response_incompl
     assert whole[-1].type == "response.completed" and whole[-1].response.incomplete_details is None
 
 
+def test_a_streamed_cut_messages_output_item_done_says_incomplete_as_its_final_response_does(oai):
+    events = list(oai.responses.create(model="fake", input="count", max_output_tokens=2, stream=True))
+    [done] = [e for e in events if e.type == "response.output_item.done"]
+    final = events[-1].response
+    assert (done.item.status, final.output[0].status, final.status) == ("incomplete", "incomplete", "incomplete")
+    assert done.item.id == final.output[0].id and done.sequence_number == events[-1].sequence_number - 1
+    whole = list(oai.responses.create(model="fake", input="count", max_output_tokens=5, stream=True))
+    [done] = [e for e in whole if e.type == "response.output_item.done"]
+    assert (done.item.status, whole[-1].response.output[0].status) == ("completed", "completed")
+
+
 def test_a_response_cut_at_the_cap_the_appliance_set_is_incomplete_too(daemon):
     # A budgeted key's request without max_output_tokens is held to the model's default_max_tokens
     # (the engine is told it): cut there, the answer is as incomplete as at its own cap.
@@ -71,6 +84,39 @@ def test_a_response_cut_at_the_cap_the_appliance_set_is_incomplete_too(daemon):
                                                                             "tok0 tok1"), cut
     events = list(oai.responses.create(model="capped", input="count", stream=True))
     assert events[-1].type == "response.incomplete"
+
+
+def test_a_stored_response_cut_at_its_cap_is_retrieved_incomplete_as_it_was_created(daemon, oai):
+    # The engine keeps the status it gave ("completed"): retrieve said so of a response its
+    # create had called incomplete.
+    cut = oai.responses.create(model="stateful", input="count", max_output_tokens=2, store=True)
+    streamed = list(oai.responses.create(model="stateful", input="count", max_output_tokens=2, store=True,
+                                         stream=True))[-1].response
+    for made in (cut, streamed):
+        got = oai.responses.retrieve(made.id)
+        assert (got.status, got.incomplete_details.reason, got.output[-1].status) == (
+            "incomplete", "max_output_tokens", "incomplete"), got
+    whole = oai.responses.create(model="stateful", input="count", max_output_tokens=5, store=True)
+    got = oai.responses.retrieve(whole.id)
+    assert (got.status, got.incomplete_details, got.output[-1].status) == ("completed", None, "completed")
+    # Cut at the cap the appliance set (a budgeted key's default_max_tokens), not the client's.
+    key = keys_cli(daemon, "create", "--name", "capped-store", "--budget-tokens", "100000")
+    budgeted = openai.OpenAI(base_url=daemon.url + "/v1", api_key=key, max_retries=0, timeout=30)
+    made = budgeted.responses.create(model="capped", input="count", store=True)
+    assert made.status == "incomplete"
+    assert budgeted.responses.retrieve(made.id).status == "incomplete"
+
+
+def test_retrieving_a_stored_response_as_a_stream_is_a_400_naming_stream_not_an_empty_stream(oai):
+    # The daemon answers a stored response whole: the SDK read that JSON as a stream of
+    # no events, and the app saw an empty replay without an error.
+    made = oai.responses.create(model="stateful", input="hi", max_output_tokens=2, store=True)
+    for asked in ({}, {"starting_after": 2}):
+        with pytest.raises(openai.BadRequestError) as err:
+            list(oai.responses.retrieve(made.id, stream=True, **asked))
+        assert (err.value.body["param"], err.value.body["code"]) == ("stream", "stream_not_supported")
+    assert oai.responses.retrieve(made.id).id == made.id
+    assert oai.responses.with_raw_response.retrieve(made.id, extra_query={"stream": "false"}).status_code == 200
 
 
 # --- Responses: GET /v1/responses/{id}/input_items ------------------------------------
@@ -121,6 +167,37 @@ def test_input_items_of_a_stored_response_list_its_input_for_its_key_only(daemon
     # Audited like GET /v1/responses/{id}: the owner's lists (200), the others' (404).
     wanted = {("stateful", "responses_input_items", 200), ("", "responses_input_items", 404)}
     wait_until(lambda: wanted <= {r[:3] for r in _audit(daemon)}, 10, what="the audit rows")
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_input_items_paged_one_by_one_are_the_whole_lists_items_in_its_order(order):
+    # A page makes only its own items (response_items.page): walked with after, the pages
+    # must still be the whole list, ids included (own ids kept, made ones the same each call).
+    from appliance.errors import BadRequest
+    from appliance.gateway import response_items
+
+    given = [{"role": "user", "content": "a"}, 7, {"type": "function_call_output", "call_id": "c", "output": "x"},
+             {"type": "message", "id": "msg_own", "role": "assistant", "content": "b"}, {"role": "user", "content": []}]
+    kept = response_items.request_input(json.dumps({"model": "m", "input": given, "max_output_tokens": 9}).encode())
+    assert response_items.kept_cap(kept) == 9
+    whole = response_items.items(kept, "resp_1")
+    assert [i["id"] for i in whole][2] == "msg_own" and len(whole) == 4
+    walked, after = [], None
+    while True:
+        got = response_items.page(kept, "resp_1", response_items.Query(after, 1, order, ()))
+        walked += got["data"]
+        if not got["has_more"]:
+            break
+        after = got["last_id"]
+    assert walked == (whole if order == "asc" else whole[::-1])
+    assert response_items.items(kept, "resp_1") == whole and response_items.items(kept, "resp_2") != whole
+    # A cursor that names no item of this list: another response's id, or a made id for a
+    # place that is no item (7) or that has its own id (msg_own's).
+    nowhere = [response_items.items(kept, "resp_2")[0]["id"], whole[0]["id"][:-1] + "1",
+               whole[0]["id"][:-1] + "3"]
+    for after in nowhere:
+        with pytest.raises(BadRequest):
+            response_items.page(kept, "resp_1", response_items.Query(after, 1, order, ()))
 
 
 @pytest.mark.parametrize("query, param", [

@@ -16,7 +16,7 @@ from appliance.api.callers import authorization, runtime
 from appliance.api.http_errors import JSON, request_id
 from appliance.errors import ApplianceError, StateWriteFailed
 from appliance.gateway import response_items
-from appliance.gateway.api_responses import ResponsesRequest
+from appliance.gateway.api_responses import ResponsesRequest, refuse_streamed_retrieve, stored_answer
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.relay import FREE
@@ -73,6 +73,8 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
         rt.audit.admit(req.accountable)
         response_id = request.path_params["response_id"]
         listing = response_items.query(request.query_params) if suffix == "/input_items" else None
+        if method == "GET" and not suffix:
+            refuse_streamed_retrieve(request.query_params)
         replica = rt.response_homes.find(response_id, req.key, "response_id")
         req.model, req.served_by = replica.model.name, replica.name
         if listing is not None:  # kept here: answered without the engine
@@ -81,6 +83,8 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
         else:
             path = f"/v1/responses/{response_id}{suffix}"
             status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+            if status == 200 and method != "DELETE":  # cut at its cap: incomplete, as its create said
+                data = stored_answer(data, response_items.kept_cap(rt.response_homes.inputs(response_id)))
     except ApplianceError as exc:
         finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):

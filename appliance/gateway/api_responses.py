@@ -14,9 +14,10 @@ from typing import Any
 
 import msgspec
 
+from appliance.errors import BadRequest
 from appliance.gateway.metering import Usage
 from appliance.gateway.protocol import Count, Name
-from appliance.gateway.sse import EventRewriter, decode_object, encode
+from appliance.gateway.sse import EventRewriter, decode_object, encode, head_of
 
 
 class ResponsesRequest(msgspec.Struct, kw_only=True):
@@ -76,6 +77,7 @@ def usage_and_id(data: bytes) -> tuple[Usage | None, str]:
 
 # The events that end a stream: held until the request's accounting is durable.
 TERMINAL = (b"response.completed", b"response.incomplete", b"response.failed")
+TERMINAL_TYPES = frozenset(kind.decode() for kind in TERMINAL)
 
 
 def stream_error(message: str, type_: str, param: str | None, code: str | None) -> bytes:
@@ -146,8 +148,9 @@ def _finish_reason(response: dict[str, Any], cap: int | None) -> str | None:
 
 def settle_status(response: dict[str, Any], cap: int | None) -> bool:
     """Mark a Response the engine cut short ``incomplete``, with the reason the API
-    gives (``incomplete_details``) and its unfinished message items ``incomplete``:
-    what the SDKs and apps read to know the answer is not whole. True: it was changed."""
+    gives (``incomplete_details``) and its last output item, the one the cap cut,
+    ``incomplete``: what the SDKs and apps read to know the answer is not whole (the
+    items before it were whole). True: it was changed."""
     if response.get("status") != "completed":
         return False
     reason = INCOMPLETE_REASONS.get(_finish_reason(response, cap) or "")
@@ -155,9 +158,10 @@ def settle_status(response: dict[str, Any], cap: int | None) -> bool:
         return False
     response["status"] = "incomplete"
     response["incomplete_details"] = {"reason": reason}
-    for item in response.get("output") or ():
-        if isinstance(item, dict) and item.get("type") == "message" and item.get("status") == "completed":
-            item["status"] = "incomplete"
+    output = response.get("output")
+    last = output[-1] if isinstance(output, list) and output else None
+    if isinstance(last, dict) and last.get("status") == "completed":  # the item the cap cut
+        last["status"] = "incomplete"
     return True
 
 
@@ -174,6 +178,32 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
     return encode(_filled(answer, _request_echo(body), ""))
 
 
+def refuse_streamed_retrieve(params: Any) -> None:
+    """A 400 naming ``stream`` for GET /v1/responses/{id}?stream=true (the openai SDK's
+    ``responses.retrieve(id, stream=True)``, which replays a background response's
+    events): the daemon answers a stored Response whole only, and the SDK read that
+    JSON as a stream of no events, without an error."""
+    asked = params.get("stream")
+    if asked is not None and asked.lower() not in ("false", "0"):
+        raise BadRequest(
+            "A stored response is answered whole here, not replayed as a stream: "
+            "retrieve it without 'stream' (and 'starting_after')",
+            param="stream",
+            code="stream_not_supported",
+        )
+
+
+def stored_answer(data: bytes, cap: int | None) -> bytes:
+    """A stored Response as GET /v1/responses/{id} (or its cancel) answers it: cut at
+    the cap its request gave the engine, ``incomplete`` as its create said (the engine
+    keeps the status it gave: llama-server-like engines say "completed" whatever
+    stopped them)."""
+    answer = decode_object(data)
+    if answer is None or answer.get("object") != "response" or not settle_status(answer, cap):
+        return data
+    return encode(answer)
+
+
 # The events that name the output item (and content part) they are about.
 _ITEM_EVENTS = ("response.output_item.added", "response.output_item.done")
 _LIFECYCLE = ("response.created", "response.in_progress", "response.queued")
@@ -187,7 +217,10 @@ class ResponsesEvents(EventRewriter):
     call's ``response.function_call_arguments.done`` before its item is done.
     llama.cpp's events lack all of it, and the openai SDK's ``responses.stream()``
     raises without it; an answer cut at its cap ends with ``response.incomplete``
-    (``settle_status``). An engine whose first event is numbered is passed on as it is."""
+    (``settle_status``), and the ``response.output_item.done`` just before it says the
+    item's status the final response gives it: that event is held until the next
+    one comes, to know whether the next one ends a cut answer. An engine whose first
+    event is numbered is passed on as it is."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()
@@ -199,6 +232,7 @@ class ResponsesEvents(EventRewriter):
         self._parts: dict[str, int] = {}  # output item id -> its content parts so far
         self._arguments_done: set[str] = set()
         self._done: dict[int, Any] = {}  # output_index -> the item its output_item.done gave
+        self._held: dict[str, Any] | None = None  # an output_item.done, until the event after it
 
     def fix(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         if self._sequence == 0 and "sequence_number" in data:
@@ -216,6 +250,34 @@ class ResponsesEvents(EventRewriter):
         elif isinstance(data.get("item_id"), str):
             out = [*self._unannounced(kind, data["item_id"]), data]
             self._part_event(kind, data)
+        if self._held is not None:
+            out.insert(0, self._released(self._held, response if kind in TERMINAL_TYPES else None))
+        if out[-1].get("type") == "response.output_item.done":
+            self._held = out.pop()
+        return self._numbered(out)
+
+    def rest(self) -> bytes:
+        """A held output_item.done the stream ended after (no terminal event came), then
+        an unfinished last event, as it came."""
+        held = b""
+        if self._held is not None:
+            [event] = self._numbered([self._released(self._held, None)])
+            held = head_of(event, b"data: ") + encode(event) + b"\n\n"
+        return held + super().rest()
+
+    def _released(self, event: dict[str, Any], final: object) -> dict[str, Any]:
+        """The held output_item.done, its item's status the one the final response gives
+        the same item (a cut answer's last item is ``incomplete``, settle_status)."""
+        self._held = None
+        item = event.get("item")
+        output = final.get("output") if isinstance(final, dict) else None
+        if isinstance(item, dict) and isinstance(output, list):
+            same = [o for o in output if isinstance(o, dict) and o.get("id") == item.get("id")]
+            if same and "status" in same[-1]:
+                item["status"] = same[-1]["status"]
+        return event
+
+    def _numbered(self, out: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for event in out:
             event.setdefault("sequence_number", self._sequence)
             self._sequence += 1

@@ -194,7 +194,7 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
     honour and answer as if it had: a forced tool call, an embedding's dimensions, a
-    completion's echo or suffix.
+    completion's echo, suffix or best_of.
     (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
@@ -205,6 +205,9 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
         check_completion_field(model, "echo", "leave 'echo' out and prepend the prompt yourself")
     if getattr(request, "suffix", None):
         check_completion_field(model, "suffix", "leave 'suffix' out, or use llama.cpp's /infill for fill-in-the-middle")
+    best_of = getattr(request, "best_of", None)
+    if best_of is not None and best_of > 1:
+        check_completion_field(model, "best_of", "leave 'best_of' out, or ask 'n' answers and pick one yourself")
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
@@ -257,8 +260,9 @@ def check_dimensions(model: ModelConfig) -> None:
 
 def check_completion_field(model: ModelConfig, field: str, instead: str) -> None:
     """A 400 naming a legacy completions field llama.cpp ignores: it answers without the
-    prompt echoed, or without the suffix, as if it had honoured them. vLLM, SGLang and an
-    operator's server answer for themselves."""
+    prompt echoed, without the suffix, or with one sample where best_of asked the best of
+    several, as if it had honoured them. vLLM, SGLang and an operator's server answer for
+    themselves."""
     adapter = engine_of(model)
     if adapter.name == "llamacpp":
         raise BadRequest(

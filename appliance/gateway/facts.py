@@ -47,6 +47,7 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     options: bytes | None = None
     view: bytes | None = None
     guess: int | None = None
+    best_of: int | None = None  # a completions request's (capabilities.check_fields)
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -66,6 +67,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         getattr(request, "dimensions", None),
         getattr(request, "echo", False),
         getattr(request, "suffix", None),
+        best_of=getattr(request, "best_of", None),
     )
 
 

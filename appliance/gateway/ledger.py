@@ -93,7 +93,7 @@ def finish_stream(rt: Gateway, req: ProxyRequest, status: int) -> None:
     if req.stores and req.tap is not None and req.tap.held and req.deployment is not None:
         # The response.completed event, held back until now.
         _, made = usage_and_id(req.tap.held.split(b"data: ", 1)[-1])
-        inputs = request_input(req.body)
+        inputs = request_input(req.forwarded or req.body)
         rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
     finish(rt, req, status)
 

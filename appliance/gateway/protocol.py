@@ -81,6 +81,7 @@ class CompletionRequest(_Request):
     # Honoured by some engines only (gateway/capabilities.check_completion_fields).
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):

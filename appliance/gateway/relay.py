@@ -57,7 +57,7 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     if req.stores:  # one parse for the usage and the id of the response the engine keeps
         req.usage, made = usage_and_id(data)
         if status == 200 and req.deployment is not None:
-            inputs = request_input(req.body)
+            inputs = request_input(req.forwarded or req.body)
             rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
         data = rt.tenancy.answer(data)
     else:

@@ -7,7 +7,8 @@ The index is bounded (least recently used out); a response whose replica has
 restarted or gone since is gone with it: a 404 that says so, never another
 replica's guess. GET, DELETE and POST .../cancel all find the replica here. It keeps
 each response's input too (the request's ``input``, which GET .../input_items lists:
-no engine lists it), within a byte budget that also pushes the oldest out.
+no engine lists it; and its ``max_output_tokens``, response_items.request_input),
+within a byte budget that also pushes the oldest out.
 
 It lives in the daemon's memory only, on purpose: the responses it points to
 live in the replicas' memory (vLLM's store), and a daemon restart ends its
@@ -38,7 +39,7 @@ class Home(NamedTuple):  # a tuple: made once per stored response, on the hot pa
     replica: Replica
     pid: int | None  # the engine process that holds it (a restart empties its store)
     owner: str | None  # the API key id that created it (None: keyless)
-    inputs: bytes = b""  # the request's input, as JSON (response_items.py lists it)
+    inputs: bytes = b""  # the request's input and cap, as JSON (response_items.request_input)
 
 
 class ResponseHomes:
