@@ -81,6 +81,9 @@ def test_ready_arrives_once_the_api_listens_and_status_follows_the_replicas(daem
     with socket.create_connection(("127.0.0.1", daemon.port), timeout=5):
         pass
     assert httpx.get(f"{daemon.url}/healthz", timeout=5).status_code == 200
+    # ... and so does the admin socket: `systemctl start` then the CLI finds it listening.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as admin:
+        admin.connect(str(daemon.admin_socket))
     assert all("READY" not in m for m in before[:-1])
     assert "replicas ready" in before[-1]["STATUS"]
     # STATUS follows the replica to READY.

@@ -53,9 +53,9 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
     STOPPING (appliance/daemon/service_manager.py)."""
     service = ServiceNotifier()
     app = app or create_app(cfg, reread)
-    app.on_startup.append(service.on_startup)
     admin = AdminSocket(cfg.server.admin_socket, app)
-    app.on_startup.append(admin.on_startup)
+    app.on_startup.append(admin.on_startup)  # first: READY waits for the socket it opened
+    app.on_startup.append(service.on_startup)
     _tune_gc()
     workers = worker_count(cfg.server)
     server: Server | WorkerFront
@@ -70,7 +70,7 @@ async def serve(cfg: Config, app=None, reread: Callable[[], Config] | None = Non
     reloads = SignalReloads(app)
     loop.add_signal_handler(signal.SIGHUP, reloads.on_signal)
 
-    service.start(cfg.server.host, cfg.server.port)
+    service.start(cfg.server.host, cfg.server.port, admin_socket=lambda: admin.path if admin.task else None)
     serving = asyncio.create_task(server.serve(), name="granian")
     stopping = asyncio.create_task(stop.wait(), name="signals")
     done, _ = await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 
 from appliance.daemon.sdnotify import Notifier
 from appliance.fleet.replica_state import State
@@ -47,13 +48,16 @@ class ServiceNotifier:
     def enabled(self) -> bool:
         return self.notifier.enabled
 
-    def start(self, host: str, port: int) -> None:
-        """Start pinging the watchdog, and announce READY once the API answers."""
+    def start(self, host: str, port: int, admin_socket: Callable[[], str | None] = lambda: None) -> None:
+        """Start pinging the watchdog, and announce READY once the API answers, and
+        the admin socket too when it was opened (admin_socket: its path, asked once the
+        lifespan started; None when it is off), so a script that runs `systemctl start`
+        then the CLI finds the socket listening."""
         if not self.enabled or self._tasks:
             return
         self._tasks = [
             asyncio.create_task(self.notifier.watchdog(), name="sd-watchdog"),
-            asyncio.create_task(self._ready_when_answering(host, port), name="sd-ready"),
+            asyncio.create_task(self._ready_when_answering(host, port, admin_socket), name="sd-ready"),
         ]
 
     def on_startup(self, app) -> None:
@@ -73,12 +77,21 @@ class ServiceNotifier:
     def _summary(self) -> str:
         return replica_summary(self._supervisor.replicas()) if self._supervisor else "starting"
 
-    async def _ready_when_answering(self, host: str, port: int, timeout: float = 10.0) -> None:
-        """READY=1 once the lifespan started and the API answers an HTTP request."""
+    async def _ready_when_answering(
+        self, host: str, port: int, admin_socket: Callable[[], str | None], timeout: float = 10.0
+    ) -> None:
+        """READY=1 once the lifespan started and the API (and the admin socket, if
+        open) answers an HTTP request."""
         await self._started.wait()
-        if not await _answers(host, port, timeout):
+        target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+        if not await _answers(lambda: asyncio.open_connection(target, port), timeout):
             log.warning(
                 "the API did not answer on %s:%d within %.0fs; telling systemd it is ready anyway", host, port, timeout
+            )
+        path = admin_socket()
+        if path and not await _answers(lambda: asyncio.open_unix_connection(path), timeout):
+            log.warning(
+                "the admin socket %s did not answer within %.0fs; telling systemd it is ready anyway", path, timeout
             )
         self.notifier.ready(self._summary())
 
@@ -112,13 +125,15 @@ class ServiceNotifier:
         self.notifier.close()
 
 
-async def _answers(host: str, port: int, timeout: float) -> bool:
-    target = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+async def _answers(
+    connect: Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]], timeout: float
+) -> bool:
+    """True once a server answers GET /healthz on what connect opens."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection(target, port), 2)
+            reader, writer = await asyncio.wait_for(connect(), 2)
             try:
                 writer.write(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
                 line = await asyncio.wait_for(reader.readline(), 2)
