@@ -25,6 +25,8 @@ from appliance.dataplane.protocol import Mailbox, WorkerSettings
 from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
+from .test_hostile_input import CHUNKED
+from .test_hostile_input import _raw as raw_answer
 from .test_keys import keys_cli
 from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
@@ -533,6 +535,24 @@ def test_a_body_whose_first_piece_is_later_than_the_timeout_is_swept_into_the_wo
     frames, sent = asyncio.run(_first_piece(came=False))
     assert frames == [] and sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize(("case", "body", "half_close"), CHUNKED, ids=[c[0] for c in CHUNKED])
+def test_a_malformed_chunked_body_gets_the_front_doors_400_through_the_workers(workers, case, body, half_close):
+    # A chunk size that is not hex ends the body before its first byte: the worker got a
+    # disconnect as its first piece and said nothing, so Granian answered its own bare
+    # 500 ("Internal server error"), where one process answers a 400 envelope, audited.
+    token = keys_cli(workers, "create", "--name", f"chunked-{case}")
+    rid = f"chunked-{case}-{time.monotonic_ns()}"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            f"X-Request-Id: {rid}\r\nConnection: close\r\n\r\n").encode()
+    answer = raw_answer(workers.port, head + body, half_close)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "invalid_body" and "chunked" in error["message"]
+    wait_until(lambda: db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid) == [(400,)], 10,
+               what="the audit row")
 
 
 def test_a_reloads_body_limits_reach_the_running_workers(daemons):
