@@ -176,6 +176,22 @@ def test_a_regulated_route_never_leaves_the_box_through_the_workers(workers, rec
     assert general.headers.get(CARRIED) is None  # a fallback to weigh: the daemon asked for its body, answered it
 
 
+def test_a_regulated_route_is_not_left_by_naming_the_model_twice_through_the_workers(workers, recorder):  # noqa: F811
+    # {"model": "claims", "model": "general"}: the policy read the last, a reader of the
+    # first would see the regulated route's request sent out. Each spelling is refused.
+    token = keys_cli(workers, "create", "--name", "model-twice")
+    before = recorder.requests()
+    messages = '"messages": [{"role": "user", "content": "hi"}]'
+    for names in ('"model": "claims", "model": "general"', '"model": "general", "model": "claims"',
+                  '"model": "claims", "\\u006dodel": "general"'):
+        with workers.client() as c:
+            r = c.post("/v1/chat/completions", content=f"{{{names}, {messages}}}",
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "duplicate_field" and r.json()["error"]["param"] == "model"
+    assert recorder.requests() == before
+
+
 def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(workers):
     token = keys_cli(workers, "create", "--name", "prefix")
     system = "You are a careful assistant. " * 80  # several prefix blocks
