@@ -27,6 +27,7 @@ from appliance.dataplane.worker_client import ClientSide
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
 from .test_hostile_input import CHUNKED
 from .test_hostile_input import _raw as raw_answer
+from .test_keys import _sent_with as sent_with
 from .test_keys import keys_cli
 from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
@@ -190,6 +191,16 @@ def test_a_regulated_route_is_not_left_by_naming_the_model_twice_through_the_wor
         assert r.status_code == 400, r.text
         assert r.json()["error"]["code"] == "duplicate_field" and r.json()["error"]["param"] == "model"
     assert recorder.requests() == before
+
+
+def test_two_different_keys_in_one_request_are_refused_through_the_workers(workers):
+    alice, bob = keys_cli(workers, "create", "--name", "two-a"), keys_cli(workers, "create", "--name", "two-b")
+    body = json.dumps({**CHAT, "model": "fake"}).encode()
+    for pairs in ([("Authorization", f"Bearer {bob}"), ("Authorization", f"Bearer {alice}")],
+                  [("x-api-key", bob), ("Authorization", f"Bearer {alice}")]):
+        status, answer = sent_with(workers, "POST", "/v1/chat/completions", pairs, body)
+        assert status == 401 and b"Two different API keys" in answer, answer
+    assert sent_with(workers, "POST", "/v1/chat/completions", [("x-api-key", alice)], body)[0] == 200
 
 
 def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(workers):
