@@ -265,3 +265,15 @@ def test_a_top_level_field_named_twice_is_found_however_its_values_are_spaced_or
     from appliance.gateway.protocol import repeated_field
 
     assert repeated_field(body) == named
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+
+
+def test_http2_with_prior_knowledge_is_not_spoken_on_the_api_port(hostile_daemon):
+    # Granian's default also spoke HTTP/2 to a client opening with its preface, where the
+    # header timeout does not apply: idle HTTP/2 connections stayed open past it, and a
+    # header block could be 16 MiB. The port speaks HTTP/1.1 only: the preface is refused.
+    answer = _raw(hostile_daemon.port, H2_PREFACE, half_close=True)
+    assert not answer.startswith(b"\x00\x00"), answer[:40]  # no SETTINGS frame: no HTTP/2
+    _still_serves(hostile_daemon)

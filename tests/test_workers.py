@@ -25,7 +25,7 @@ from appliance.dataplane.protocol import Mailbox, WorkerSettings
 from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, pid_alive, wait_until
-from .test_hostile_input import CHUNKED
+from .test_hostile_input import CHUNKED, H2_PREFACE
 from .test_hostile_input import _raw as raw_answer
 from .test_keys import _sent_with as sent_with
 from .test_keys import keys_cli
@@ -580,6 +580,11 @@ def test_a_malformed_chunked_body_gets_the_front_doors_400_through_the_workers(w
     assert error["code"] == "invalid_body" and "chunked" in error["message"]
     wait_until(lambda: db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid) == [(400,)], 10,
                what="the audit row")
+
+
+def test_http2_with_prior_knowledge_is_not_spoken_through_the_workers(workers):
+    for _ in range(4):  # new connections: both workers' sockets
+        assert not raw_answer(workers.port, H2_PREFACE, half_close=True).startswith(b"\x00\x00")
 
 
 def test_a_reloads_body_limits_reach_the_running_workers(daemons):
