@@ -79,12 +79,12 @@ class RefusalFolding:
 
     def due(self, now: float, everything: bool = False) -> list[list]:
         """The summary rows of the windows that have ended (all of them: the log closes)."""
-        ended = []
+        closing = []
         for source, window in self.windows.items():  # oldest first: stop at the first still open
             if not everything and now - window.start < WINDOW_S:
                 break
-            ended.append((source, window))
-        for source, window in ended:
+            closing.append((source, window))
+        for source, window in closing:
             self._ended(source, window)
         ended, self.ended = self.ended, []
         return ended
