@@ -254,7 +254,9 @@ def test_a_malformed_chunked_admin_body_changes_nothing(hostile_daemon):
     (b'{"model":"a","messages":[],"n":1}', None),
     (b' {\t"model" :  "a" ,\n "n" : 1 }\r\n', None),
     (b'{"tools":[{"model":1,"model":2}],"model":"a"}', None),  # nested: the engine's own reading
+    (b'{"model": "a", "messages": [], "n": 1}', None),  # as Python's json.dumps spaces it
     (b'{"model":"a","model":"b"}', "model"),
+    (b'{"model": "a", "model": "b"}', "model"),
     (b'{"model":"a", "\\u006dodel":"b"}', "model"),
     (b'{"\\u006dodel":"a"}', "model"),  # alone: still refused, no client spells a name so
     (b'{"n":1,"model":"a","n":1}', "n"),  # the same value twice

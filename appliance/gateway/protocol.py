@@ -135,6 +135,7 @@ def decode_request(body: bytes, cls: type[Body]) -> Body:
 
 # A body's top level, each field's value as sent (repeated_field reads its spelling).
 _TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ENCODE = msgspec.json.Encoder().encode
 _SPACE = frozenset(b" \t\r\n")
 _COLON, _COMMA, _CLOSE = b":,}"
 
@@ -146,10 +147,14 @@ def repeated_field(body: bytes) -> str | None:
     field's first value (msgspec here, like Python's json, takes its last) would see
     another model, stream or max_tokens than the policy weighed.
 
-    One pass over the top level: the body must be exactly its fields as decoded (each
-    name spelled plainly, each value the bytes it was decoded from, in order), with
-    nothing but the separators between them; a repeated field leaves bytes over."""
+    The body must be exactly its fields as decoded (each name spelled plainly, each
+    value the bytes it was decoded from, in order), with nothing but the separators
+    between them; a repeated field leaves bytes over. A body as clients send it (compact:
+    httpx, JSON.stringify; or spaced as Python's json.dumps) is compared whole with its
+    fields encoded again; any other is walked, one pass over its top level."""
     top = _TOP.decode(body)
+    if _ENCODE(top) == body or _spaced(top) == body:  # as clients send it: each named once
+        return None
     space, startswith = _SPACE, body.startswith
     pos = body.index(b"{") + 1
     try:
@@ -192,6 +197,11 @@ def _named_twice(body: bytes, otherwise: str) -> str:
             return str(name)
         seen.add(name)
     return otherwise
+
+
+def _spaced(top: dict[str, msgspec.Raw]) -> bytes:
+    """The fields as Python's json.dumps spaces them by default (", ", ": ")."""
+    return b"{" + b", ".join([b'"%s": %s' % (name.encode(), value) for name, value in top.items()]) + b"}"
 
 
 def _skip(body: bytes, pos: int) -> int:
