@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from appliance.access.audit import AuditLog
+from appliance.access.audit import COLUMNS, AuditLog
+from appliance.access.refusals import RefusalFolding
 from appliance.config import AuditConfig
 
 
@@ -220,3 +221,35 @@ def test_a_refusal_flood_past_its_minute_starts_a_new_window_after_its_summary(t
     with sqlite3.connect(path) as conn:
         rows = conn.execute("SELECT request_id, folded FROM audit ORDER BY id").fetchall()
     assert [folded for _, folded in rows] == [None, None, 2]  # first, next minute's first, then the summary of 2
+
+
+class _CountedWindows(dict):
+    """The folding's windows, counting how many of them a flush looks at."""
+
+    looked = 0
+
+    def items(self):
+        for item in super().items():
+            self.looked += 1
+            yield item
+
+
+def test_a_flush_during_a_flood_from_many_hosts_looks_only_at_the_windows_that_ended():
+    # RefusalFolding.due walked every open window at each flush: 10,000 hosts' windows
+    # (MAX_SOURCES) cost the daemon's loop ~3 ms a flush. They are kept oldest first, so
+    # it stops at the first still open; a row that comes late starts no earlier window.
+    folding = RefusalFolding(1, COLUMNS)
+    now = time.time()
+    folding.windows = _CountedWindows()
+    for i in range(3):  # three hosts refused a minute ago, twice each: their summaries are due
+        for _ in range(2):
+            folding.admit(_refusal(now - 61, f"10.1.0.{i}:1"))
+    for i in range(5000):  # a flood from many hosts now: open windows
+        folding.admit(_refusal(now, f"10.2.{i // 250}.{i % 250}:1"))
+    folding.admit(_refusal(now - 70, "10.3.0.1:1"))  # late: its window starts with the newest
+    folding.windows.looked = 0
+    due = folding.due(now)
+    assert sorted(row[15] for row in due) == ["10.1.0.0:1", "10.1.0.1:1", "10.1.0.2:1"]
+    assert folding.windows.looked == 4  # the three that ended, and the first still open
+    assert len(folding.windows) == 5001
+    assert len(folding.due(now, everything=True)) == 0  # none of the rest had folded a row

@@ -103,6 +103,12 @@ HOSTILE_BODIES = {
     "no body": (b"", 400),
     "not an object": (b'"just a string"', 400),
     "NUL bytes": (b'{"model": "fake\x00", "messages": [\x00]}', 400),
+    # The body goes on as sent: a reader taking a repeated field's first value would see
+    # another model than the policy did.
+    "the model named twice": (b'{"model": "nowhere", "model": "fake", "messages": [{"role": "user", "content": "x"}]}', 400),
+    "the model named again with escapes": (
+        b'{"model": "nowhere", "\\u006dodel": "fake", "messages": [{"role": "user", "content": "x"}]}', 400),
+    "max_tokens named twice": (b'{"model": "fake", "max_tokens": 1, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}', 400),
 }
 
 
@@ -242,3 +248,34 @@ def test_a_malformed_chunked_admin_body_changes_nothing(hostile_daemon):
         assert b'"code":"invalid_body"' in answer
     after = next(m for m in hostile_daemon.status()["models"] if m["name"] == "fake")
     assert after["pinned"] == before and after["override"] is None
+
+
+@pytest.mark.parametrize(("body", "named"), [
+    (b'{"model":"a","messages":[],"n":1}', None),
+    (b' {\t"model" :  "a" ,\n "n" : 1 }\r\n', None),
+    (b'{"tools":[{"model":1,"model":2}],"model":"a"}', None),  # nested: the engine's own reading
+    (b'{"model": "a", "messages": [], "n": 1}', None),  # as Python's json.dumps spaces it
+    (b'{"model":"a","model":"b"}', "model"),
+    (b'{"model": "a", "model": "b"}', "model"),
+    (b'{"model":"a", "\\u006dodel":"b"}', "model"),
+    (b'{"\\u006dodel":"a"}', "model"),  # alone: still refused, no client spells a name so
+    (b'{"n":1,"model":"a","n":1}', "n"),  # the same value twice
+    (b'{"n":"}","n":1}', "n"),  # the first value's bytes where the last one's end is looked for
+    (b'{"n":1,"n":22222222}', "n"),  # the last value longer than the rest of the body
+])
+def test_a_top_level_field_named_twice_is_found_however_its_values_are_spaced_or_sized(body, named):
+    from appliance.gateway.protocol import repeated_field
+
+    assert repeated_field(body) == named
+
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"  # and an empty SETTINGS
+
+
+def test_http2_with_prior_knowledge_is_not_spoken_on_the_api_port(hostile_daemon):
+    # Granian's default also spoke HTTP/2 to a client opening with its preface, where the
+    # header timeout does not apply: idle HTTP/2 connections stayed open past it, and a
+    # header block could be 16 MiB. The port speaks HTTP/1.1 only: the preface is refused.
+    answer = _raw(hostile_daemon.port, H2_PREFACE, half_close=True)
+    assert not answer.startswith(b"\x00\x00"), answer[:40]  # no SETTINGS frame: no HTTP/2
+    _still_serves(hostile_daemon)

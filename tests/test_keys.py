@@ -4,6 +4,7 @@ guard against a real recording provider."""
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -426,3 +427,36 @@ def test_the_bearer_scheme_is_read_in_any_case(keyed):
             assert c.get("/v1/models", headers=headers).status_code == 200, scheme
     with keyed.client() as c:  # another scheme is no key
         assert c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Basic {token}"}).status_code == 401
+
+
+def _sent_with(daemon, method: str, path: str, pairs: list[tuple[str, str]], body: bytes = b"") -> tuple[int, bytes]:
+    """A request carrying exactly these header pairs (repeats kept): its status and body."""
+    head = f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in pairs) + f"Content-Length: {len(body)}\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", daemon.port), timeout=30) as sock:
+        sock.sendall(head.encode() + body)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return int(answer.split(b" ", 2)[1]), answer.split(b"\r\n\r\n", 1)[1]
+
+
+def test_two_different_keys_in_one_request_are_refused_whichever_header_carries_them(keyed):
+    # Authorization twice (the last one won) or beside x-api-key (Authorization won): which
+    # header wins decided whose key was charged, and a proxy in front checking one passed
+    # the other unseen. Now two different keys are a 401; the same key twice is that key.
+    alice, bob = keys_cli(keyed, "create", "--name", "alice"), keys_cli(keyed, "create", "--name", "bob")
+    chat = json.dumps(CHAT).encode()
+    said = json.dumps({"model": "fake", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]}).encode()
+    for pairs in ([("Authorization", "Bearer ak-nope-nope"), ("Authorization", f"Bearer {alice}")],
+                  [("Authorization", f"Bearer {alice}"), ("Authorization", f"Bearer {bob}")],
+                  [("x-api-key", bob), ("Authorization", f"Bearer {alice}")],
+                  [("Authorization", f"Bearer {alice}"), ("x-api-key", bob)]):
+        for method, path, body in (("POST", "/v1/chat/completions", chat), ("POST", "/v1/messages", said),
+                                   ("GET", "/v1/models", b"")):
+            status, answer = _sent_with(keyed, method, path, pairs, body)
+            assert status == 401 and b"Two different API keys" in answer, (pairs, path, answer)
+    for pairs in ([("Authorization", f"Bearer {alice}"), ("Authorization", f"bearer {alice}")],
+                  [("x-api-key", alice), ("Authorization", f"Bearer {alice}")]):
+        assert _sent_with(keyed, "POST", "/v1/chat/completions", pairs, chat)[0] == 200, pairs
+        assert _sent_with(keyed, "GET", "/v1/models", pairs)[0] == 200, pairs

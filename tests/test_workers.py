@@ -25,6 +25,9 @@ from appliance.dataplane.protocol import Mailbox, WorkerSettings
 from appliance.dataplane.worker_client import ClientSide
 
 from .conftest import DaemonFactory, fake_model, over_admin_socket, pid_alive, wait_until
+from .test_hostile_input import CHUNKED, H2_PREFACE
+from .test_hostile_input import _raw as raw_answer
+from .test_keys import _sent_with as sent_with
 from .test_keys import keys_cli
 from .test_reload import _reload_cli
 from .test_routes import Recorder, provider, recorder, route  # noqa: F401  (the module fixture)
@@ -172,6 +175,32 @@ def test_a_regulated_route_never_leaves_the_box_through_the_workers(workers, rec
     general = post(workers, token, {"model": "general"})  # the same failure, not regulated: it falls back
     assert general.status_code == 200 and recorder.requests() == before + 1
     assert general.headers.get(CARRIED) is None  # a fallback to weigh: the daemon asked for its body, answered it
+
+
+def test_a_regulated_route_is_not_left_by_naming_the_model_twice_through_the_workers(workers, recorder):  # noqa: F811
+    # {"model": "claims", "model": "general"}: the policy read the last, a reader of the
+    # first would see the regulated route's request sent out. Each spelling is refused.
+    token = keys_cli(workers, "create", "--name", "model-twice")
+    before = recorder.requests()
+    messages = '"messages": [{"role": "user", "content": "hi"}]'
+    for names in ('"model": "claims", "model": "general"', '"model": "general", "model": "claims"',
+                  '"model": "claims", "\\u006dodel": "general"'):
+        with workers.client() as c:
+            r = c.post("/v1/chat/completions", content=f"{{{names}, {messages}}}",
+                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "duplicate_field" and r.json()["error"]["param"] == "model"
+    assert recorder.requests() == before
+
+
+def test_two_different_keys_in_one_request_are_refused_through_the_workers(workers):
+    alice, bob = keys_cli(workers, "create", "--name", "two-a"), keys_cli(workers, "create", "--name", "two-b")
+    body = json.dumps({**CHAT, "model": "fake"}).encode()
+    for pairs in ([("Authorization", f"Bearer {bob}"), ("Authorization", f"Bearer {alice}")],
+                  [("x-api-key", bob), ("Authorization", f"Bearer {alice}")]):
+        status, answer = sent_with(workers, "POST", "/v1/chat/completions", pairs, body)
+        assert status == 401 and b"Two different API keys" in answer, answer
+    assert sent_with(workers, "POST", "/v1/chat/completions", [("x-api-key", alice)], body)[0] == 200
 
 
 def test_prefix_routing_sends_a_repeated_prefix_to_one_replica_whichever_worker(workers):
@@ -533,6 +562,29 @@ def test_a_body_whose_first_piece_is_later_than_the_timeout_is_swept_into_the_wo
     frames, sent = asyncio.run(_first_piece(came=False))
     assert frames == [] and sent[0]["status"] == 408
     assert json.loads(sent[1]["body"])["error"]["code"] == "request_timeout"
+
+
+@pytest.mark.parametrize(("case", "body", "half_close"), CHUNKED, ids=[c[0] for c in CHUNKED])
+def test_a_malformed_chunked_body_gets_the_front_doors_400_through_the_workers(workers, case, body, half_close):
+    # A chunk size that is not hex ends the body before its first byte: the worker got a
+    # disconnect as its first piece and said nothing, so Granian answered its own bare
+    # 500 ("Internal server error"), where one process answers a 400 envelope, audited.
+    token = keys_cli(workers, "create", "--name", f"chunked-{case}")
+    rid = f"chunked-{case}-{time.monotonic_ns()}"
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
+            f"X-Request-Id: {rid}\r\nConnection: close\r\n\r\n").encode()
+    answer = raw_answer(workers.port, head + body, half_close)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:300]
+    error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+    assert error["code"] == "invalid_body" and "chunked" in error["message"]
+    wait_until(lambda: db_rows(workers, "SELECT status FROM audit WHERE request_id = ?", rid) == [(400,)], 10,
+               what="the audit row")
+
+
+def test_http2_with_prior_knowledge_is_not_spoken_through_the_workers(workers):
+    for _ in range(4):  # new connections: both workers' sockets
+        assert not raw_answer(workers.port, H2_PREFACE, half_close=True).startswith(b"\x00\x00")
 
 
 def test_a_reloads_body_limits_reach_the_running_workers(daemons):

@@ -172,6 +172,23 @@ def bearer_token(authorization: str) -> str:
     return rest.strip() if scheme.lower() == "bearer" else authorization.strip()
 
 
+# What a request that sent two different keys carries in place of either (Authorization
+# twice, or beside the Anthropic SDK's x-api-key): Gate.authenticate refuses it.
+TWO_KEYS = b"\0two different keys"
+
+
+def one_key(first: bytes | None, other: bytes) -> bytes:
+    """A request's credential once another credential header came (other, as an
+    Authorization value): the first when both name the same key, else TWO_KEYS. Which
+    header wins would otherwise decide whose key is charged and audited, and a proxy
+    in front checking one of them would pass the other unseen."""
+    if first is None:
+        return other
+    if first is TWO_KEYS or bearer_token(first.decode("latin-1")) != bearer_token(other.decode("latin-1")):
+        return TWO_KEYS
+    return first
+
+
 class Gate:
     """The daemon's view of the keys: authenticate, limit, charge usage."""
 
@@ -211,6 +228,8 @@ class Gate:
 
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The caller's key; None for a keyless local client where that is allowed."""
+        if authorization is TWO_KEYS:
+            raise Unauthorized("Two different API keys sent (Authorization twice, or beside x-api-key): send one")
         token = bearer_token(authorization.decode("latin-1")) if authorization else ""
         if not token.startswith(PREFIX):
             if self.required and not token:

@@ -12,7 +12,10 @@ retention (bench/refusal_flood.py; docs/routing.md, "Audit").
 
 The windows kept in memory are bounded (MAX_SOURCES): past that many sources at once,
 a new source's refusals are folded with every other such source's, under its endpoint
-and status, so a client with many addresses gets no more rows than one.
+and status, so a client with many addresses gets no more rows than one. They are kept
+in the order they started (a window never starts before the newest one), so each
+flush looks only at those that ended: a flood from 10,000 hosts cost the daemon's
+loop a walk over all 10,000 (about 3 ms) at every flush of the audit log.
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ class RefusalFolding:
 
     def __init__(self, per_minute: int, columns: Sequence[str]) -> None:
         self.per_minute = per_minute
-        self.windows: dict[tuple[str, str, int], _Window] = {}
+        self.windows: dict[tuple[str, str, int], _Window] = {}  # oldest first
+        self.newest = 0.0  # the newest window's start: none starts before it
         self.ended: list[list] = []  # summary rows to write
         # Where the row's fields are (access/audit.py COLUMNS).
         self.ts, self.key_id, self.endpoint, self.status, self.client, self.folded = (
@@ -61,7 +65,10 @@ class RefusalFolding:
                 source = ("*", row[self.endpoint], status)
                 window = self.windows.get(source)
             if window is None:
-                window = self.windows[source] = _Window(now)
+                # A row may come late (its request's arrival time): its window starts
+                # no earlier than the newest, keeping self.windows in order.
+                self.newest = max(self.newest, now)
+                window = self.windows[source] = _Window(self.newest)
         if window.written < self.per_minute:
             window.written += 1
             return True
@@ -72,9 +79,13 @@ class RefusalFolding:
 
     def due(self, now: float, everything: bool = False) -> list[list]:
         """The summary rows of the windows that have ended (all of them: the log closes)."""
-        for source, window in list(self.windows.items()):
-            if everything or now - window.start >= WINDOW_S:
-                self._ended(source, window)
+        closing = []
+        for source, window in self.windows.items():  # oldest first: stop at the first still open
+            if not everything and now - window.start < WINDOW_S:
+                break
+            closing.append((source, window))
+        for source, window in closing:
+            self._ended(source, window)
         ended, self.ended = self.ended, []
         return ended
 

@@ -17,7 +17,7 @@ from typing import Any, cast
 from litestar import Litestar, Request, Response, asgi, get
 from litestar.types import HTTPScope, Receive, Scope, Send
 
-from appliance.access.keys import ApiKey
+from appliance.access.keys import ApiKey, one_key
 from appliance.access.tenancy import Tenancy, revealing, scrub
 from appliance.api.admin import (
     admin_daemon_log,
@@ -90,11 +90,11 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         elif name == b"content-length":
             declared = value
         elif name == b"authorization":
-            auth = value
+            auth = value if auth is None else one_key(auth, value)
         elif name == tag_header:
             tag = value
-        elif name == b"x-api-key" and auth is None:  # the Anthropic SDK's header
-            auth = b"Bearer " + value
+        elif name == b"x-api-key":  # the Anthropic SDK's header
+            auth = one_key(auth, b"Bearer " + value)
         elif name == b"content-type" and ep.form:  # a multipart upload's boundary
             content_type = value
         elif name == b"origin":

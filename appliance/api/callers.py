@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 from litestar import Request
 
+from appliance.access.keys import one_key
 from appliance.errors import ApplianceError, Forbidden, StateWriteFailed, Unauthorized
 from appliance.gateway.api_responses import ResponsesRequest
 from appliance.gateway.capabilities import Endpoint
@@ -66,11 +67,14 @@ def deployment_of(rt: Runtime, name: str) -> Deployment | None:
 
 
 def authorization(request: Request) -> bytes | None:
-    """The client's key: Authorization, else the Anthropic SDK's x-api-key."""
-    auth = request.headers.get("authorization")
-    if auth is None and (api_key := request.headers.get("x-api-key")) is not None:
-        auth = "Bearer " + api_key
-    return auth.encode("latin-1") if auth is not None else None
+    """The client's key: Authorization, else the Anthropic SDK's x-api-key (two different
+    keys: keys.TWO_KEYS, refused)."""
+    headers = request.headers
+    sent = [*headers.getall("authorization", []), *("Bearer " + k for k in headers.getall("x-api-key", []))]
+    auth: bytes | None = None
+    for value in sent:
+        auth = one_key(auth, value.encode("latin-1"))
+    return auth
 
 
 def admin(request: Request) -> Runtime:

@@ -18,7 +18,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 from granian.server.embed import Server
 
@@ -114,6 +114,9 @@ def _granian(cfg: Config, app) -> Server:
         backlog=1024,
         # A client trickling its headers (slowloris) is cut after this long.
         http1_settings=HTTP1Settings(header_read_timeout=int(cfg.server.header_read_timeout_s * 1000)),
+        # HTTP/1.1 only: Granian's default also spoke HTTP/2 (prior knowledge), where the
+        # header timeout does not apply (idle ones were still open past it).
+        http=HTTPModes.http1,
     )
 
 

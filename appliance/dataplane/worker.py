@@ -25,7 +25,7 @@ import socket
 import sys
 
 import msgspec
-from granian.constants import Interfaces
+from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 
 from appliance.dataplane.listener import OnListeningSocket
@@ -80,6 +80,9 @@ async def serve(listen_fd: int, link_fd: int, settings: WorkerSettings) -> int:
         log_enabled=False,
         backlog=settings.backlog,
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_read_timeout_s * 1000)),
+        # HTTP/1.1 only: Granian's default also spoke HTTP/2 (prior knowledge), where the
+        # header timeout does not apply (idle ones were still open past it).
+        http=HTTPModes.http1,
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

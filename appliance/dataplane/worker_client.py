@@ -135,11 +135,20 @@ class ClientSide:
         finally:
             del self.first_pieces[piece]
             self.late_bodies.discard(piece)
-        if first["type"] == "http.disconnect":
-            return
         started, rid = time.perf_counter(), next(self.ids)
         answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
         self.requests[rid] = answer
+        if first["type"] == "http.disconnect":
+            # Granian ends a body whose chunked framing broke before its first byte (a bad
+            # chunk size) as a client that left: the daemon's front door reads it so, and
+            # answers its 400, logged and audited, as one process does (not Granian's 500).
+            self.out.write(_request(rid, scope, b"", True, None))
+            self.out.write(Gone(rid))
+            try:
+                await self._answer(answer, send)
+            finally:
+                del self.requests[rid]
+            return
         left = self.settings.max_body_bytes + 1
         data, more, left = _piece(first, left)
         # A body whose first piece is all of it goes as one (more: False), whatever the path:

@@ -10,12 +10,13 @@ response_format, logprobs, ...) pass through untouched.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, quoted
 
 # The ranges every endpoint's request is held to, declared on its Struct: msgspec checks
 # them as it decodes (a 400 naming the field) and the OpenAPI document shows them.
@@ -123,7 +124,91 @@ def decode_request(body: bytes, cls: type[Body]) -> Body:
         raise BadRequest(f"Malformed JSON in request body: {exc}") from None
     except (UnicodeDecodeError, RecursionError) as exc:
         raise hostile_json(exc) from None
+    if (field := repeated_field(body)) is not None:
+        raise BadRequest(
+            f"Request body names the field {quoted(field)} twice (or spells a field's name with escapes): "
+            "send each field once, its name plainly",
+            param=field,
+            code="duplicate_field",
+        )
     return req
+
+
+# A body's top level, each field's value as sent (repeated_field reads its spelling).
+_TOP = msgspec.json.Decoder(dict[str, msgspec.Raw])
+_ENCODE = msgspec.json.Encoder().encode
+_SPACE = frozenset(b" \t\r\n")
+_COLON, _COMMA, _CLOSE = b":,}"
+
+
+def repeated_field(body: bytes) -> str | None:
+    """The top-level field of a (valid JSON object) body that is named twice, or whose
+    name is spelled with escapes ("\\u006dodel"); None when each is named once,
+    plainly. The body goes on to the engine as sent: a reader that takes a repeated
+    field's first value (msgspec here, like Python's json, takes its last) would see
+    another model, stream or max_tokens than the policy weighed.
+
+    The body must be exactly its fields as decoded (each name spelled plainly, each
+    value the bytes it was decoded from, in order), with nothing but the separators
+    between them; a repeated field leaves bytes over. A body as clients send it (compact:
+    httpx, JSON.stringify; or spaced as Python's json.dumps) is compared whole with its
+    fields encoded again; any other is walked, one pass over its top level."""
+    top = _TOP.decode(body)
+    if _ENCODE(top) == body or _spaced(top) == body:  # as clients send it: each named once
+        return None
+    space, startswith = _SPACE, body.startswith
+    pos = body.index(b"{") + 1
+    try:
+        for name, value in top.items():
+            if body[pos] in space:
+                pos = _skip(body, pos)
+            spelled = b'"' + name.encode() + b'"' if name.isidentifier() else msgspec.json.encode(name)
+            if not startswith(spelled, pos):
+                return _named_twice(body, name)
+            pos += len(spelled)
+            if body[pos] in space:
+                pos = _skip(body, pos)
+            if body[pos] != _COLON:
+                return _named_twice(body, name)
+            pos += 1
+            if body[pos] in space:
+                pos = _skip(body, pos)
+            if not startswith(value, pos):
+                return _named_twice(body, name)
+            pos += len(value)
+            if body[pos] in space:
+                pos = _skip(body, pos)
+            if body[pos] == _COMMA:
+                pos += 1
+        if body[pos] in space:
+            pos = _skip(body, pos)
+        if body[pos] != _CLOSE or body[pos + 1 :].strip(b" \t\r\n"):
+            return _named_twice(body, "")
+    except IndexError:
+        return _named_twice(body, "")
+    return None
+
+
+def _named_twice(body: bytes, otherwise: str) -> str:
+    """The first top-level name a refused body repeats (else the one spelled with
+    escapes, where the walk stopped): read again, slowly, only to say which."""
+    seen: set[str] = set()
+    for name, _ in json.loads(body, object_pairs_hook=list):
+        if name in seen:
+            return str(name)
+        seen.add(name)
+    return otherwise
+
+
+def _spaced(top: dict[str, msgspec.Raw]) -> bytes:
+    """The fields as Python's json.dumps spaces them by default (", ", ": ")."""
+    return b"{" + b", ".join([b'"%s": %s' % (name.encode(), value) for name, value in top.items()]) + b"}"
+
+
+def _skip(body: bytes, pos: int) -> int:
+    while body[pos] in _SPACE:
+        pos += 1
+    return pos
 
 
 def hostile_json(exc: UnicodeDecodeError | RecursionError) -> BadRequest:
