@@ -328,3 +328,17 @@ def test_an_org_slash_name_model_is_administered_by_the_cli_and_over_both_doors(
         # A name that is not a model is still a 404 naming it, not a route miss.
         missing = c.post(model_path("org/other", "pin"), json={})
         assert missing.status_code == 404 and "org/other" in missing.text
+
+
+def test_the_admin_token_beside_a_second_different_authorization_header_is_refused(token_daemon):
+    """Which of two Authorization headers a proxy in front checked is unknowable: with
+    the admin token in one and anything else in the other, neither is taken."""
+    url = f"{token_daemon.url}/admin/status"
+    token = f"Bearer {token_daemon.token}"
+    for headers in ([("Authorization", token), ("Authorization", "Bearer other")],
+                    [("Authorization", "Bearer other"), ("Authorization", token)]):
+        refused = httpx.get(url, headers=headers)
+        assert refused.status_code == 401, headers
+        assert refused.json()["error"]["code"] == "invalid_admin_token"
+    # The token sent twice is the token.
+    assert httpx.get(url, headers=[("Authorization", token), ("Authorization", token)]).status_code == 200

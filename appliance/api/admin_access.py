@@ -172,7 +172,10 @@ def _matches(sent: str, token: str) -> bool:
 
 
 def _bearer(request: Request) -> str:
-    return bearer_token(request.headers.get("authorization", ""))
+    """The token sent, or none when Authorization came twice with different tokens:
+    which one a proxy in front checked is unknowable, so neither is taken."""
+    sent = {bearer_token(value) for value in request.headers.getall("authorization", [])}
+    return sent.pop() if len(sent) == 1 else ""
 
 
 def _hostname(host: str) -> str:
