@@ -320,6 +320,12 @@ class _DownDeployment:
     async def acquire(self, **_):
         raise NoCapacity("local model down")
 
+    def take_ready(self, *_):
+        return None  # none READY: the request waits (hold)
+
+    async def hold(self, *_):
+        raise NoCapacity("local model down")
+
 
 async def test_the_runtime_check_fails_closed_even_when_config_validation_was_bypassed(tmp_path, recorder):
     cfg = parse_config(provider(recorder, tmp_path) + fake_model("m")

@@ -345,18 +345,18 @@ def front_door(app: Litestar):
     routes the proxy endpoints to the same code (its TestClient, other methods).
     Errors take the same shape either way (``error_parts``)."""
 
+    endpoints = capabilities.ENDPOINTS
+
     # The server's own scope: plain strings where Litestar's types say enums.
     async def front(scope: Any, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"].startswith(ADMIN_MODELS):
-            scope = routed_whole(scope)  # an ORG/NAME model's name kept one segment
-        if scope["type"] == "http" and scope["method"] == "HEAD":
-            send = _without_body(_with_request_id(scope, send))
-            await app(cast("HTTPScope", {**scope, "method": "GET"}), receive, send)
-            return
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in capabilities.ENDPOINTS:
+        # (No coroutine between the server and _forward: each one in the chain is
+        # re-entered every time the request's task resumes.)
+        if scope["type"] == "http" and scope["method"] == "POST" and (ep := endpoints.get(scope["path"])) is not None:
             scope["app"] = app  # _forward finds the runtime here
             try:
-                await _proxy_endpoint(scope, receive, send)
+                await _forward(scope, receive, send, scope["path"], ep)
+            except ClientGone:
+                return
             except Exception as exc:
                 req = scope.get("proxy_request")
                 if req is not None and req.bytes_sent:  # the answer is on its way: nothing sane to add to it
@@ -370,6 +370,12 @@ def front_door(app: Litestar):
                     headers["connection"] = "close"
                 with contextlib.suppress(Exception):  # the client may have gone already
                     await send_whole(send, status, JSON, body, headers)
+            return
+        if scope["type"] == "http" and scope["path"].startswith(ADMIN_MODELS):
+            scope = routed_whole(scope)  # an ORG/NAME model's name kept one segment
+        if scope["type"] == "http" and scope["method"] == "HEAD":
+            send = _without_body(_with_request_id(scope, send))
+            await app(cast("HTTPScope", {**scope, "method": "GET"}), receive, send)
             return
         await app(scope, receive, _with_request_id(scope, send) if scope["type"] == "http" else send)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import time
+from bisect import bisect_left
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from appliance.fleet.supervisor import Supervisor
@@ -99,32 +103,90 @@ class _SupervisorCollector:
         yield from (state, inflight, restarts, ready, rps, queued, replicas, prefix, evictions, waits, *load.values())
 
 
-class Metrics:
-    def __init__(self, supervisor: Supervisor) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "appliance_requests", "API requests answered", ["model", "endpoint", "status"], registry=self.registry
+# A series: a counter's value, or a histogram's count per bucket and sum (counted
+# into the first bucket whose bound the value is within, as prometheus_client does),
+# with the unix time it was first seen (the exposition's _created).
+class _Series:
+    __slots__ = ("buckets", "created", "sum", "value")
+
+    def __init__(self, bounds: int = 0) -> None:
+        self.value = self.sum = 0.0
+        self.buckets = [0] * bounds
+        self.created = time.time()
+
+
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
+
+
+class _RequestCollector:
+    """The request path's counters and histograms as plain numbers, read into metric
+    families per scrape. prometheus_client's own take a lock and do several calls per
+    count (~5 us of a proxied request's CPU for its five: bench/gateway_overhead.py);
+    these are only written from the event loop, and a scrape reads a snapshot of them.
+    The exposition is the same as prometheus_client's Counter and Histogram's."""
+
+    def __init__(self) -> None:
+        # (model, endpoint, status) -> (requests counter, its (model, endpoint) duration histogram)
+        self.requests: dict[tuple[str, str, int], tuple[_Series, _Series]] = {}
+        self.duration: dict[tuple[str, str], _Series] = {}
+        self.ttft: dict[str, _Series] = {}
+        self.tokens: dict[tuple[str, str], _Series] = {}
+
+    def request_series(self, model: str, endpoint: str, status: int) -> tuple[_Series, _Series]:
+        duration = self.duration.get((model, endpoint))
+        if duration is None:
+            duration = self.duration[(model, endpoint)] = _Series(len(DURATION_BUCKETS) + 1)
+        series = self.requests[(model, endpoint, status)] = (_Series(), duration)
+        return series
+
+    def collect(self):
+        requests = CounterMetricFamily(
+            "appliance_requests", "API requests answered", labels=["model", "endpoint", "status"]
         )
-        self.duration = Histogram(
+        for (model, endpoint, status), (count, _) in list(self.requests.items()):
+            requests.add_metric([model, endpoint, str(status)], count.value, created=count.created)
+        duration = _histogram(
             "appliance_request_duration_seconds",
             "Time from request to the last byte of the answer",
             ["model", "endpoint"],
-            registry=self.registry,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            DURATION_BUCKETS,
+            list(self.duration.items()),
         )
-        self.ttft = Histogram(
+        ttft = _histogram(
             "appliance_time_to_first_token_seconds",
             "Streams: time from request to the first chunk of the answer",
             ["model"],
-            registry=self.registry,
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60),
+            TTFT_BUCKETS,
+            [((model,), series) for model, series in list(self.ttft.items())],
         )
-        self.tokens = Counter(
-            "appliance_tokens",
-            "Tokens from the engines' and providers' usage fields",
-            ["model", "kind"],
-            registry=self.registry,
+        tokens = CounterMetricFamily(
+            "appliance_tokens", "Tokens from the engines' and providers' usage fields", labels=["model", "kind"]
         )
+        for labels, series in list(self.tokens.items()):
+            tokens.add_metric(list(labels), series.value, created=series.created)
+        yield from (requests, duration, ttft, tokens)
+
+
+def _histogram(name: str, help_: str, labels: list[str], bounds: tuple, series: list) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, help_, labels=labels)
+    les = [*(floatToGoString(b) for b in bounds), "+Inf"]
+    for values, s in series:
+        cumulative, total = [], 0.0
+        for le, n in zip(les, list(s.buckets), strict=True):
+            total += n
+            cumulative.append((le, total))
+        family.add_metric(list(values), cumulative, s.sum)
+        family.samples.append(Sample(name + "_created", dict(zip(labels, values, strict=True)), s.created, None))
+    return family
+
+
+class Metrics:
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._hot = hot = _RequestCollector()
+        self._requests, self._ttft, self._tokens = hot.requests, hot.ttft, hot.tokens
+        self.registry.register(hot)
         self.fallbacks = Counter(
             "appliance_fallbacks",
             "Fallback decisions of routes, by reason",
@@ -132,37 +194,34 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_SupervisorCollector(supervisor))
-        # labels() locks and builds its key on every call; the label sets are few.
-        self._children: dict[tuple[str, str, int], tuple] = {}
-        self._ttft: dict[str, Any] = {}
-        self._tokens: dict[tuple[str, str], Any] = {}
 
     def observe(self, model: str, endpoint: str, status: int, seconds: float) -> None:
-        key = (model, endpoint, status)
-        children = self._children.get(key)
-        if children is None:
-            children = (self.requests.labels(model, endpoint, str(status)), self.duration.labels(model, endpoint))
-            self._children[key] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        series = self._requests.get((model, endpoint, status))
+        if series is None:
+            series = self._hot.request_series(model, endpoint, status)
+        count, duration = series
+        count.value += 1
+        duration.buckets[bisect_left(DURATION_BUCKETS, seconds)] += 1
+        duration.sum += seconds
 
     def first_token(self, model: str, seconds: float) -> None:
-        child = self._ttft.get(model)
-        if child is None:
-            child = self._ttft[model] = self.ttft.labels(model)
-        child.observe(seconds)
+        series = self._ttft.get(model)
+        if series is None:
+            series = self._ttft[model] = _Series(len(TTFT_BUCKETS) + 1)
+        series.buckets[bisect_left(TTFT_BUCKETS, seconds)] += 1
+        series.sum += seconds
 
     def usage(self, model: str, prompt: int, completion: int) -> None:
         if prompt:
-            self._tokens_of(model, "prompt").inc(prompt)
+            self._tokens_of(model, "prompt").value += prompt
         if completion:
-            self._tokens_of(model, "completion").inc(completion)
+            self._tokens_of(model, "completion").value += completion
 
-    def _tokens_of(self, model: str, kind: str) -> Any:
-        child = self._tokens.get((model, kind))
-        if child is None:
-            child = self._tokens[(model, kind)] = self.tokens.labels(model, kind)
-        return child
+    def _tokens_of(self, model: str, kind: str) -> _Series:
+        series = self._tokens.get((model, kind))
+        if series is None:
+            series = self._tokens[(model, kind)] = _Series()
+        return series
 
     def fallback(self, route: str, reason: str, target: str) -> None:
         self.fallbacks.labels(route, reason, target).inc()

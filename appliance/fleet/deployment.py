@@ -97,12 +97,27 @@ class Deployment:
         wait for it in arrival order (bounded queue, bounded wait). disconnected()
         completes when the client goes away; it is only called if the request waits.
         A retry (exclude set) is the same request: it is not counted again."""
-        if exclude is None:
-            self.rate.record()
-        replica = self.pick_ready(exclude, prefix)
+        replica = self.take_ready(exclude, prefix)
         if replica is not None:
             return replica
         return await self.held.hold(disconnected, exclude, prefix)
+
+    def take_ready(self, exclude: Exclude | None = None, prefix: list[int] | None = None) -> Replica | None:
+        """acquire's first step, without a coroutine (the request path's usual case: a
+        replica is READY): the request counted, and the replica it goes to, else None,
+        and then it waits for one (``hold``)."""
+        if exclude is None:
+            self.rate.record()
+        return self.pick_ready(exclude, prefix)
+
+    def hold(
+        self,
+        disconnected: Callable[[], Awaitable] | None = None,
+        exclude: Exclude | None = None,
+        prefix: list[int] | None = None,
+    ) -> Awaitable[Replica]:
+        """acquire's second step: no replica was READY (``take_ready``), so wait for one."""
+        return self.held.hold(disconnected, exclude, prefix)
 
     def wake_waiters(self) -> None:
         """A replica became READY: release the held requests, oldest first."""

@@ -121,19 +121,16 @@ class Replica(OwnerTask):
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=min(remaining, 1.0))
 
-    @contextlib.contextmanager
-    def lease(self):
+    def lease(self) -> Lease:
         """Count a request against this replica while it runs (drain waits for it)."""
-        self.inflight += 1
-        self._idle.clear()
-        try:
-            yield self
-        finally:
-            self.inflight -= 1
-            if self.inflight == 0:
-                self._idle.set()
-                if self.on_idle is not None:
-                    self.on_idle()
+        return Lease(self)
+
+    def _released(self) -> None:
+        self.inflight -= 1
+        if self.inflight == 0:
+            self._idle.set()
+            if self.on_idle is not None:
+                self.on_idle()
 
     def snapshot(self) -> ReplicaStatus:
         return ReplicaStatus(
@@ -159,3 +156,22 @@ class Replica(OwnerTask):
             log_file=str(self.log_path) if self.supervised else None,
             log_tail=list(self.fatal_log_tail) if self.state is State.FATAL else [],
         )
+
+
+class Lease:
+    """A request held against its replica (Replica.lease): a plain context manager,
+    not a generator's, which costs ~1.4 us more per proxied request (bench/gateway_overhead.py)."""
+
+    __slots__ = ("_replica",)
+
+    def __init__(self, replica: Replica) -> None:
+        self._replica = replica
+
+    def __enter__(self) -> Replica:
+        replica = self._replica
+        replica.inflight += 1
+        replica._idle.clear()
+        return replica
+
+    def __exit__(self, *exc: object) -> None:
+        self._replica._released()

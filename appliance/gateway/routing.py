@@ -38,6 +38,8 @@ from appliance.gateway.capabilities import serves
 from appliance.gateway.serving import Answer, body_for, to_deployment, to_provider, to_replica
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable
+
     from appliance.access.keys import ApiKey
     from appliance.fleet.deployment import Deployment
     from appliance.gateway.providers import Provider
@@ -127,19 +129,27 @@ def reason_of(exc: Exception) -> str:
     return "cannot_start"
 
 
-async def forward(rt: Gateway, req: ProxyRequest) -> Answer:
+def forward(rt: Gateway, req: ProxyRequest) -> Awaitable[Answer]:
     """Decide where the request goes and send it there: the replica holding the
     stored Response it continues, else its local deployment, or the route's
     fallbacks as its policy allows. Raises before the first byte reaches the
-    client when nothing could take it."""
+    client when nothing could take it. A route without fallbacks (nearly every
+    request) gets the deployment's own coroutine, none of this function's: each
+    coroutine in the chain is re-entered every time the request's task resumes."""
     dep = req.deployment
     assert dep is not None, "the front door chose the deployment"
     if req.pinned is not None:
         req.served_by = req.pinned.name
-        return await to_replica(rt, req, req.pinned, body_for(req, dep))
+        return to_replica(rt, req, req.pinned, body_for(req, dep))
     route = req.route
     if route is None or not route.fallbacks:
-        return await to_deployment(rt, req, dep)
+        return to_deployment(rt, req, dep)
+    return _with_fallbacks(rt, req, dep, route)
+
+
+async def _with_fallbacks(rt: Gateway, req: ProxyRequest, dep: Deployment, route: RouteConfig) -> Answer:
+    """forward's way for a route with fallbacks: the local deployment unless it is
+    saturated, then each fallback its policy allows, in order."""
     err: Exception | None = None
     reason = "saturated" if saturated(dep, route.burst_at_queue) else ""
     if not reason:

@@ -56,11 +56,17 @@ async def on_deployment(req: ProxyRequest, dep: Deployment, send: Callable[[Repl
     restarted), up to MAX_ATTEMPTS. send: this process's call (to_replica), or a
     grant to the worker that carries it (appliance/dataplane/authority.py). watch:
     a held request's client that leaves takes it out of the queue."""
-    disconnected = partial(wait_disconnect, req.receive) if watch else None
     failed = None
     for attempt in range(1, MAX_ATTEMPTS + 1):
-        acquiring = dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
-        replica = await (acquiring if req.trace is None else req.trace.held(dep, acquiring))
+        # A READY replica is taken without a coroutine; else the request waits for one.
+        replica = dep.take_ready(failed, req.prefix) if req.trace is None else None
+        if replica is None:
+            disconnected = partial(wait_disconnect, req.receive) if watch else None
+            if req.trace is None:
+                replica = await dep.hold(disconnected, failed, req.prefix)
+            else:  # traced: the time held is a span of its own
+                acquiring = dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
+                replica = await req.trace.held(dep, acquiring)
         req.served_by = replica.name
         try:
             return await send(replica)
