@@ -97,6 +97,7 @@ HOSTILE_BODIES = {
     "huge max_tokens": (json.dumps({**CHAT, "max_tokens": 10**30}).encode(), 400),
     "negative max_tokens": (json.dumps({**CHAT, "max_tokens": -5}).encode(), 400),
     "absurd n": (json.dumps({**CHAT, "n": -(2**63)}).encode(), 400),
+    "a billion choices": (json.dumps({**CHAT, "n": 10**9}).encode(), 400),  # an engine would try to make them
     "a float where an integer goes": (json.dumps({**CHAT, "max_tokens": 1e308}).encode(), 400),
     "unknown role": (json.dumps({"model": "fake", "messages": [{"role": "root", "content": "x"}]}).encode(), 400),
     "empty messages": (json.dumps({"model": "fake", "messages": []}).encode(), 400),

@@ -24,6 +24,10 @@ from appliance.errors import BadRequest, quoted
 MAX_COUNT = 2**31 - 1
 # A completion length or a number of choices or results: at least 1.
 Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_COUNT)]
+# A request's number of choices: OpenAI's own ceiling. An engine asked for a billion
+# choices (vLLM, llama-server) tries to make them: a 400 here, not an engine's crash.
+MAX_CHOICES = 128
+Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 # llama.cpp's completion length: -1 until the context is full, -2 until it is filled.
 NPredict = Annotated[int, msgspec.Meta(ge=-2, le=MAX_COUNT)]
 # A model's name, a cache salt: never empty.
@@ -44,7 +48,7 @@ class _Request(msgspec.Struct, kw_only=True):
     # llama.cpp's own name for max_tokens; it wins over max_tokens there, so a
     # key's budget reserves for it too. Negative: until the context is full.
     n_predict: NPredict | None = None
-    n: Count | None = None
+    n: Choices | None = None
     # vLLM and SGLang partition their prefix cache by it; the appliance sets its
     # own per tenant (appliance/access/tenancy.py), narrowed by the client's.
     cache_salt: Name | None = None
@@ -82,7 +86,7 @@ class CompletionRequest(_Request):
     # Honoured by some engines only (gateway/capabilities.check_completion_fields).
     echo: bool = False
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Choices | None = None
 
 
 class EmbeddingRequest(msgspec.Struct, kw_only=True):
