@@ -30,10 +30,11 @@ Why time to first chunk is taken per burst: on a shared machine a whole burst mo
 streams holds few bursts (64 x 200 chunks at 20 ms: two in 8 s). Pooled over two bursts,
 the p50 is the 64th of 128 streams: once the bursts are apart, the better burst's slowest
 stream, not its median; with many short bursts (64 x 10) the pooled p50 lands near a
-burst's median. So long streams can read later first chunks than short ones for a proxy
-(whose streams start one after another, spread over ~20 ms) than for direct (spread over
-a few), whatever the proxy does. Each burst's own p50 and p99 (its median and slowest
-stream), their median over the bursts of every run, compare like with like.
+burst's median. A proxy's streams start one after another (spread over ~20 ms in a burst,
+direct's over a few), so with long streams its pooled p50 could read later against
+direct's than with short ones, whatever the proxy does. Each burst's own p50 and p99 (its
+median and slowest stream), their median over the bursts of every run, compare like with
+like.
 """
 
 from __future__ import annotations
