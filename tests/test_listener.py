@@ -101,3 +101,23 @@ def test_no_process_binds_the_port_of_an_exclusive_listener_even_with_so_reusepo
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, int(reuse_port))
                 probe.bind(("127.0.0.1", sock.getsockname()[1]))
             assert err.value.errno == errno.EADDRINUSE
+
+
+def _accepted_nodelay(listener: socket.socket) -> int:
+    """TCP_NODELAY on a connection the listener accepted (what Granian serves a client on)."""
+    with socket.create_connection(listener.getsockname()[:2]):
+        listener.setblocking(True)
+        conn, _ = listener.accept()
+        with conn:
+            return conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
+def test_a_clients_connection_sends_each_write_at_once_nagle_off_in_both_modes(group):
+    """Nagle's algorithm held a stream's first event behind the response head until the
+    client ACKed the head (a delayed ACK: tens of ms); Granian sets TCP_NODELAY only on
+    sockets it binds itself, so the daemon's own listeners set it for their connections."""
+    with listen_socket("127.0.0.1", 0, 8) as sock:
+        assert _accepted_nodelay(sock) == 1
+    steer_all = group.sockets[0]
+    group.steer([0])
+    assert _accepted_nodelay(steer_all) == 1

@@ -45,11 +45,18 @@ def _address(host: str, port: int) -> tuple[int, Any]:
 
 def listen_socket(host: str, port: int, backlog: int, *, reuse_port: bool = False) -> socket.socket:
     """A listening socket on host:port; with reuse_port, a member of the port's reuseport
-    group (port_claim checked the port was free). SO_REUSEADDR: TIME_WAIT leftovers only."""
+    group (port_claim checked the port was free). SO_REUSEADDR: TIME_WAIT leftovers only.
+
+    TCP_NODELAY, which every accepted connection inherits (Granian sets it only on the
+    sockets it binds itself): without it Nagle's algorithm holds a stream's first event,
+    written just after the response head, until the client ACKs that head, and a client
+    delays its ACK by up to tens of ms (bench/gateway_overhead.py --stream: the first
+    chunk of 64 streams ~20 ms later than the bare relay's)."""
     family, addr = _address(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind(addr)
