@@ -30,7 +30,7 @@ def _plain() -> tuple[CollectorRegistry, Counter, Histogram, Histogram, Counter]
         Counter("appliance_requests", "API requests answered", ["model", "endpoint", "status"], registry=registry),
         Histogram("appliance_request_duration_seconds", "Time from request to the last byte of the answer",
                   ["model", "endpoint"], registry=registry, buckets=BUCKETS),
-        Histogram("appliance_time_to_first_token_seconds", "Streams: time from request to the first chunk of the answer",
+        Histogram("appliance_time_to_first_token_seconds", "Streams: time to the first chunk",
                   ["model"], registry=registry, buckets=TTFT_BUCKETS),
         Counter("appliance_tokens", "Tokens from the engines' and providers' usage fields", ["model", "kind"],
                 registry=registry),
