@@ -84,6 +84,7 @@ class WorkerLink:
         self.tasks: dict[int, asyncio.Task[None]] = {}  # each request's, by rid (asyncio keeps weak ones)
         self.closed = False
         self.serving = asyncio.Event()  # the worker said it takes connections (Serving)
+        self.loop = asyncio.get_running_loop()
 
     async def run(self) -> None:
         """Frames from the worker, until it is gone; then its requests end as cut."""
@@ -113,10 +114,10 @@ class WorkerLink:
             call.put(frame)
 
     def _start(self, req: Request) -> None:
-        inbox = Inbox()
+        inbox = Inbox(self.loop)
         self.inboxes[req.rid] = inbox
         # Dropped by the task itself as it ends: a done callback is one more loop turn per request.
-        self.tasks[req.rid] = asyncio.create_task(self._serve(req, inbox))
+        self.tasks[req.rid] = self.loop.create_task(self._serve(req, inbox))
 
     async def _serve(self, req: Request, inbox: Inbox) -> None:
         CURRENT.set(self)  # this task's context: the engine calls it makes go to this worker
@@ -214,8 +215,8 @@ class Inbox(Mailbox[Body | Gone | Finish]):
 
     __slots__ = ("gone", "watchers")
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
         self.gone = False
         self.watchers: list[asyncio.Future[None]] = []
 
@@ -231,7 +232,7 @@ class Inbox(Mailbox[Body | Gone | Finish]):
         """Once its client has left (or its worker exited)."""
         if self.gone:
             return
-        watcher = asyncio.get_running_loop().create_future()
+        watcher = (self.loop or asyncio.get_running_loop()).create_future()
         self.watchers.append(watcher)
         try:
             await watcher
@@ -339,14 +340,14 @@ class Ticket:
         if self.carried and end.usage is None:  # it died with the ticket: charged as a cut stream is
             req.usage = estimate(req, end.events)
         finish(rt, req, end.status)
-        try:
-            await committed(req)
-        except StateWriteFailed:
-            if not end.started and not self.carried:
-                raise  # a whole answer becomes the 503 the worker sends instead, as the relay's does
-            ok = False
-        else:
-            ok = True
+        ok = True
+        if req.receipt is not None:  # its row is written before its last bytes (no coroutine else)
+            try:
+                await committed(req)
+            except StateWriteFailed:
+                if not end.started and not self.carried:
+                    raise  # a whole answer becomes the 503 the worker sends instead, as the relay's does
+                ok = False
         if req.accountable and not self.link.closed:
             self.link.out.write(Settled(self.rid, ok))
         self.carried = True

@@ -259,8 +259,9 @@ class FrameReader:
 
     async def dispatch(self, take: Callable[[Any], None], transport: asyncio.BaseTransport) -> None:
         """Each frame handed to take as its bytes arrive, in the transport's own callback
-        (the daemon's end of a link: no task woken per read, one loop turn less for every
-        Request and Finish a worker sends; bench/gateway_overhead.py --workers). Returns
+        (both ends of a link: no task woken per read, one loop turn less for every
+        Request and Finish a worker sends, and every Grant the daemon sends;
+        bench/gateway_overhead.py --workers). Returns
         never: raises IncompleteReadError when the other side is gone (the connection's
         error when it broke), or the error of a frame that does not decode."""
         stream = self.reader
@@ -348,11 +349,14 @@ class Mailbox(Generic[T]):
     what it costs (bounds, putters, task accounting) on the path of every request.
     One reader at a time: a second's get would take the first's wakeup."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "loop", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.items: deque[T] = deque()
         self.waiter: asyncio.Future[None] | None = None
+        # The loop its reader runs on, when its maker knows it: asyncio.get_running_loop
+        # makes a getpid system call on each call (Python 3.11), on every request's path.
+        self.loop = loop
 
     def put(self, item: T) -> None:
         self.items.append(item)
@@ -361,7 +365,7 @@ class Mailbox(Generic[T]):
 
     async def get(self) -> T:
         while not self.items:
-            waiter = self.waiter = asyncio.get_running_loop().create_future()
+            waiter = self.waiter = (self.loop or asyncio.get_running_loop()).create_future()
             try:
                 await waiter
             finally:

@@ -43,6 +43,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings, reader: FrameReader, writer: FrameWriter) -> None:
         self.reader = reader
+        self.transport = writer.writer.transport
         self.session = http_session(tcp_connector(settings.max_connections_per_replica))
         self.clients = ClientSide(settings, writer, self.session)
         self.engine = EngineCalls(writer, self.session)
@@ -56,11 +57,11 @@ class Worker:
             self.clients.take(frame)
 
     async def read_link(self) -> None:
-        """Frames from the daemon, until it is gone."""
+        """Frames from the daemon, until it is gone: each taken where its bytes arrive,
+        in the link's transport callback, as the daemon takes a worker's
+        (FrameReader.dispatch): no reader task woken for each Grant."""
         try:
-            while True:
-                for frame in await self.reader.read():
-                    self._take(frame)
+            await self.reader.dispatch(self._take, self.transport)
         except (asyncio.IncompleteReadError, ConnectionError, ValueError, msgspec.MsgspecError):
             pass
         finally:

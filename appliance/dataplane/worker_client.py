@@ -90,7 +90,8 @@ class ClientSide:
         # (late_bodies), and its request answered 408. Swept (a timer per request would cost
         # more than the rest of its reading).
         self.first_pieces: dict[Any, float] = {}
-        self.clock = asyncio.get_running_loop().time
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
         self.late_bodies: set[Any] = set()
 
     def take(self, frame: ToWorker) -> None:
@@ -136,7 +137,7 @@ class ClientSide:
             del self.first_pieces[piece]
             self.late_bodies.discard(piece)
         started, rid = time.perf_counter(), next(self.ids)
-        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
+        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox(self.loop)
         self.requests[rid] = answer
         if first["type"] == "http.disconnect":
             # Granian ends a body whose chunked framing broke before its first byte (a bad
@@ -180,7 +181,7 @@ class ClientSide:
         the declared length...) goes out with no 100, the body never read, as one process
         answers. Not carried: its facts would need the body before the daemon's word."""
         rid = next(self.ids)
-        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox()
+        answer: Mailbox[Start | Body | Grant | Settled | Want | None] = Mailbox(self.loop)
         self.requests[rid] = answer
         reader: asyncio.Future[None] | None = None
         left = self.settings.max_body_bytes + 1
@@ -322,7 +323,7 @@ class ClientSide:
         if grant.tap is not None:
             req.tap = StreamTap(grant.tap, scrub, revealing) if grant.scrub else StreamTap(grant.tap)
         if grant.accountable:
-            req.receipt = self.receipts[rid] = asyncio.get_running_loop().create_future()
+            req.receipt = self.receipts[rid] = self.loop.create_future()
 
         def done(status: int) -> None:
             tap = req.tap
@@ -373,7 +374,7 @@ class _ClientWatch:
         self.worker, self.rid, self.receive = worker, rid, receive
         self.gone = False
         self.task: asyncio.Task[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, self._start)
+        self.timer = worker.loop.call_later(WATCH_AFTER_S, self._start)
 
     def _start(self) -> None:
         self.task = asyncio.ensure_future(self._watch())
