@@ -7,16 +7,22 @@ vLLM's API key (VLLM_API_KEY) guards only the paths under /v1: /invocations,
 /pooling, /tokenize, /metrics and the dev-mode /sleep, /wake_up and
 /collective_rpc answer anyone who reaches the port. So a replica listens on a
 unix socket (--uds) in its private 0700 directory instead, where only the
-daemon's user can connect, and keeps the key for /v1 as well.
+daemon's user can connect, and keeps the key for /v1 as well. The daemon's user
+includes every other engine (Landlock does not mediate connecting to a unix
+socket), so vLLM also loads the appliance's guard (--middleware, from
+engines/vllm_guard/ on PYTHONPATH), which wants the key on every path.
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
 
 from engines.base import (
+    CannotLaunch,
     GpuSlot,
     LaunchSpec,
     LocalEngine,
@@ -32,10 +38,13 @@ from engines.base import (
 from engines.metrics import EngineLoad, parse_vllm
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from appliance.config import Config, ModelConfig
     from appliance.fleet.engine_access import EngineAccess
+
+# The guard vLLM loads (--middleware): the key on every path, not only /v1. Its directory
+# holds it alone, so putting it on vLLM's PYTHONPATH adds no other module to vLLM.
+GUARD_DIR = Path(__file__).resolve().parent / "vllm_guard"
+GUARD_MIDDLEWARE = "appliance_engine_guard.EngineKeyGuard"
 
 
 class VllmAdapter(LocalEngine):
@@ -94,6 +103,8 @@ class VllmAdapter(LocalEngine):
             "--max-num-seqs",
             str(model.parallel),
             "--enable-prefix-caching",
+            "--middleware",
+            GUARD_MIDDLEWARE,
         ]
         if model.kv_cache_dtype != "auto":
             argv += ["--kv-cache-dtype", model.kv_cache_dtype]
@@ -117,7 +128,8 @@ class VllmAdapter(LocalEngine):
             # the replica's key, on its private socket.
             env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "1"
         argv += model.args
-        return LaunchSpec(argv=argv, env={**env, **model.env, "VLLM_API_KEY": access.secret}, image=image)
+        guarded = {"VLLM_API_KEY": access.secret, "PYTHONPATH": guard_path(model.env.get("PYTHONPATH", ""))}
+        return LaunchSpec(argv=argv, env={**env, **model.env, **guarded}, image=image)
 
     def base_url(self, model: ModelConfig, host: str, port: int) -> str:
         return "http://localhost"  # the Host header; the replica's session connects to its socket
@@ -125,8 +137,8 @@ class VllmAdapter(LocalEngine):
     async def probe_ready(
         self, session: aiohttp.ClientSession, base_url: str, model: ModelConfig, timeout: float
     ) -> None:
-        # No anonymous check: nobody but the daemon's user can reach the socket.
         await one_token_completion(session, base_url, model.name, timeout)
+        await guard_in_force(session, base_url, timeout)
 
     async def probe_health(self, session: aiohttp.ClientSession, base_url: str, timeout: float) -> EngineLoad | None:
         return parse_vllm(await http_text(session, f"{base_url}/metrics", timeout))
@@ -146,6 +158,32 @@ class VllmAdapter(LocalEngine):
 
     async def unload_lora(self, session: aiohttp.ClientSession, base_url: str, name: str, timeout: float) -> None:
         await _lora_call(session, f"{base_url}/v1/unload_lora_adapter", {"lora_name": name}, timeout)
+
+
+def guard_path(model_pythonpath: str) -> str:
+    """vLLM's PYTHONPATH: the guard's directory first, then the model's own entries (its
+    env's PYTHONPATH), so no module of theirs can stand in for the guard."""
+    return os.pathsep.join(p for p in (str(GUARD_DIR), model_pythonpath) if p)
+
+
+async def guard_in_force(session: aiohttp.ClientSession, base_url: str, timeout: float) -> None:
+    """/metrics (outside /v1, which vLLM's own key guards) must refuse a request without
+    the key, on the replica's own socket; a replica that answers it does not run the guard
+    and is not started (CannotLaunch: FATAL, with the fix)."""
+    # The replica's connection (its unix socket), without the session's key header.
+    async with aiohttp.ClientSession(connector=session.connector, connector_owner=False) as anonymous:
+        try:
+            async with anonymous.get(f"{base_url}/metrics", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                status = resp.status
+        except (TimeoutError, aiohttp.ClientError, OSError):
+            return  # no answer at all: the health checks deal with an engine that is gone
+    if status not in (401, 403):
+        raise CannotLaunch(
+            f"vLLM answered GET /metrics sent without its key (HTTP {status}): the appliance's guard "
+            f"(--middleware {GUARD_MIDDLEWARE}, from {GUARD_DIR} on PYTHONPATH) is not in force, so any "
+            "other engine could call its non-/v1 paths; an engines.vllm.command must keep the "
+            "arguments and the environment it is given (docs/operations.md)"
+        )
 
 
 async def _lora_call(session: aiohttp.ClientSession, url: str, body: dict, timeout: float) -> None:

@@ -57,6 +57,7 @@ def test_vllm_argv_and_env():
         "--served-model-name", "llama-8b", "--uds", "/run/appliance/engines/r7/engine.sock",
         "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.45",
         "--max-model-len", "16384", "--max-num-seqs", "32", "--enable-prefix-caching",
+        "--middleware", "appliance_engine_guard.EngineKeyGuard",
         "--kv-cache-dtype", "fp8", "--enable-sleep-mode",
     ]
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
@@ -64,6 +65,27 @@ def test_vllm_argv_and_env():
     assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
     # The key by environment (never argv); the socket is what keeps the rest of vLLM private.
     assert spec.env["VLLM_API_KEY"] == ACCESS.secret and spec.files == {}
+    # ... and the guard that wants it on every path, not only /v1, alone on vLLM's import path.
+    assert spec.env["PYTHONPATH"] == str(ROOT / "engines" / "vllm_guard")
+
+
+def test_vllm_loads_the_engine_key_guard_from_a_directory_holding_only_it():
+    spec = adapter_for("vllm").launch(CFG, CFG.models[0], model_path(CFG, CFG.models[0]), "127.0.0.1", 9100, SLOT, ACCESS)
+    module, _, cls = spec.argv[spec.argv.index("--middleware") + 1].rpartition(".")
+    guard_dir = Path(spec.env["PYTHONPATH"])
+    assert sorted(p.name for p in guard_dir.iterdir() if p.name != "__pycache__") == [f"{module}.py"]
+    text = (guard_dir / f"{module}.py").read_text()
+    assert f"class {cls}:" in text
+
+
+def test_a_models_own_pythonpath_comes_after_the_guard():
+    cfg = parse_config(
+        '[engines.vllm]\ncommand = ["/opt/vllm/bin/vllm", "serve"]\n'
+        '[[models]]\nname = "m"\nserver = "vllm"\nsource = "/srv/models/m"\n'
+        'env = { PYTHONPATH = "/srv/plugins" }\n'
+    )
+    spec = adapter_for("vllm").launch(cfg, cfg.models[0], model_path(cfg, cfg.models[0]), "127.0.0.1", 9100, SLOT, ACCESS)
+    assert spec.env["PYTHONPATH"].split(":") == [str(ROOT / "engines" / "vllm_guard"), "/srv/plugins"]
 
 
 def test_the_replica_key_is_never_on_an_engine_command_line():
