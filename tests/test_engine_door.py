@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 
 from appliance.fleet.process import descendants
+from engines.vllm import GUARD_DIR
 
 from .conftest import FAKE_ENGINE, PY, engine_key, fake_model, wait_until
 from .test_gpu_supervision import DATA, make_model
@@ -118,7 +119,9 @@ def test_engines_get_a_minimal_environment_and_no_secret_on_their_command_line(d
         for name, value in daemon_env.items():
             if name != "LANG":
                 assert name not in environ and value not in "\0".join(environ.values()), (pid, name)
-        assert "NOTIFY_SOCKET" not in environ and "PYTHONPATH" not in environ
+        assert "NOTIFY_SOCKET" not in environ
+        # Not the daemon's PYTHONPATH: none, or (vLLM) the directory of its key guard alone.
+        assert environ.get("PYTHONPATH") in (None, str(GUARD_DIR))
         assert environ["LANG"] == "C.UTF-8"  # the allow-list keeps the locale
         assert Path(environ["HOME"]).is_relative_to(tmp_path / "cache")
         assert stat.S_IMODE(Path(environ["TMPDIR"]).stat().st_mode) == 0o700
