@@ -31,8 +31,11 @@ def defined_tests(file: str) -> frozenset[str]:
 def test_every_test_the_threat_model_cites_exists():
     cited = CITED_TEST.findall(DOC)
     assert len(cited) >= 40, "the pattern no longer finds the doc's citations"
-    missing = [f"tests/{file}::{name}" for file, name in cited
-               if not (ROOT / "tests" / file).is_file() or name not in defined_tests(file)]
+    missing = [
+        f"tests/{file}::{name}"
+        for file, name in cited
+        if not (ROOT / "tests" / file).is_file() or name not in defined_tests(file)
+    ]
     assert not missing, missing
 
 
@@ -46,7 +49,9 @@ def test_every_module_the_threat_model_cites_exists():
 def test_the_citation_patterns_catch_a_wrong_name():
     """The checks above would fail on a renamed test or a moved module."""
     assert "test_no_such_test" not in defined_tests("test_landlock.py")
-    assert CITED_TEST.findall("`tests/test_landlock.py::test_no_such_test`") == [("test_landlock.py", "test_no_such_test")]
+    assert CITED_TEST.findall("`tests/test_landlock.py::test_no_such_test`") == [
+        ("test_landlock.py", "test_no_such_test")
+    ]
     assert CITED_PATH.findall("in `appliance/fleet/gone.py`, not `<cache_dir>/hf`") == ["appliance/fleet/gone.py"]
     assert not Path(ROOT / "appliance/fleet/gone.py").exists()
 
