@@ -11,7 +11,13 @@ import subprocess
 from pathlib import Path
 
 from appliance.config import parse_config
-from appliance.fleet.landlock import SCOPES_SINCE_ABI, EngineLandlock, closed_temp_dirs, engine_keep_out
+from appliance.fleet.landlock import (
+    SCOPES_SINCE_ABI,
+    EngineLandlock,
+    closed_temp_dirs,
+    engine_keep_out,
+    engine_read_only,
+)
 from appliance.store.records import Incoming, SourceFile
 from appliance.store.store import Store
 
@@ -198,6 +204,16 @@ def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path
     assert {tmp_path / "state", tmp_path / "token", tmp_path / "creds", tmp_path / "creds" / "a-key",
             tmp_path / "b-key"} <= set(kept)
     assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
+
+
+def test_what_engines_are_kept_from_in_the_store_is_its_manifest_its_writers_files_and_every_home(tmp_path):
+    cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+                       f'log_dir = "{tmp_path}/logs"\n[server]\nlog_file = "{tmp_path}/daemon.log"\n')
+    kept, hub = set(engine_keep_out(cfg, {})), tmp_path / "cache" / "hf" / "hub"
+    assert {tmp_path / "cache" / name for name in ("store.db", "store.db-wal", "store.db-shm", "engine-home")} <= kept
+    assert {hub / ".lock", hub / ".leases", hub / ".staging", hub / ".downloads"} <= kept
+    assert {tmp_path / "logs", tmp_path / "daemon.log"} <= kept
+    assert engine_read_only(cfg) == [tmp_path / "cache"]  # the rest of the store: read rights only
 
 
 def test_the_shared_temp_dirs_engines_cannot_make_entries_in_are_those_above_a_protected_path():
