@@ -291,8 +291,11 @@ OFFLINE_ENV = {
 
 
 def offline_env(cfg: Config) -> dict[str, str]:
-    """Air-gapped, with caches under the appliance's cache dir."""
-    return {**OFFLINE_ENV, "HF_HOME": f"{cfg.paths.cache_dir}/hf"}
+    """Air-gapped, reading the store's hub cache, which engines may only read
+    (appliance/fleet/landlock.py). HF_HOME, where Hugging Face writes (its modules cache
+    of trust_remote_code code), is left to its default under the replica's own HOME:
+    code one engine leaves there is loaded by no other."""
+    return {**OFFLINE_ENV, "HF_HUB_CACHE": f"{cfg.paths.cache_dir}/hf/hub"}
 
 
 def otlp_traces(telemetry: TelemetryConfig, model: ModelConfig) -> tuple[str, dict[str, str]] | None:

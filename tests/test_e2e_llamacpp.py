@@ -208,3 +208,29 @@ def test_a_worker_gives_a_legacy_completions_logprobs_as_the_daemon_does(tmp_pat
         assert [t for c in chunks for t in c.choices[0].logprobs.tokens] == logprobs.tokens
     finally:
         factory.cleanup()
+
+
+def test_llama_server_serves_a_store_model_it_may_only_read(tmp_path):
+    """The store is read-only to engines and store.db closed to them (appliance/fleet/landlock.py):
+    llama-server still loads its GGUF through the snapshot's link to the blob, and its HOME is its own."""
+    from appliance.store.records import Incoming, SourceFile
+    from appliance.store.store import Store
+
+    from .conftest import DaemonFactory
+
+    gguf = builtin_model_path(MODEL)
+    store = Store(tmp_path / "cache")
+    store.add(Incoming("smol", str(gguf), [SourceFile(gguf.name, gguf.stat().st_size, lambda: open(gguf, "rb"))],
+                       license_accepted_by="test", license_accepted_at=1.0))
+    store.close()
+    factory = DaemonFactory(tmp_path)
+    try:
+        daemon = factory.start(f'[[models]]\nname = "{MODEL}"\nserver = "llamacpp"\nsource = "store:smol"\n',
+                               wait=False)
+        daemon.wait_ready(timeout=120)
+        sdk = openai.OpenAI(base_url=f"{daemon.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        answer = sdk.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert answer.choices[0].message.content
+        assert (tmp_path / "cache" / "engine-home" / f"{MODEL}-0").is_dir()
+    finally:
+        factory.cleanup()

@@ -61,7 +61,8 @@ def test_vllm_argv_and_env():
         "--kv-cache-dtype", "fp8", "--enable-sleep-mode",
     ]
     assert spec.env["CUDA_VISIBLE_DEVICES"] == "2,3"
-    assert spec.env["HF_HUB_OFFLINE"] == "1" and spec.env["HF_HOME"] == "/var/cache/appliance/hf"
+    assert spec.env["HF_HUB_OFFLINE"] == "1" and spec.env["HF_HUB_CACHE"] == "/var/cache/appliance/hf/hub"
+    assert "HF_HOME" not in spec.env  # its default, under the replica's own HOME: no code shared between engines
     assert spec.env["VLLM_SERVER_DEV_MODE"] == "1"
     # The key by environment (never argv); the socket is what keeps the rest of vLLM private.
     assert spec.env["VLLM_API_KEY"] == ACCESS.secret and spec.files == {}

@@ -1,7 +1,8 @@
 """The engines' Landlock ruleset (appliance/fleet/landlock.py): an engine process started
 the way every replica is cannot open the daemon's secrets (state database, admin token,
-another replica's key), through a link either, and still reads its own key and model and
-writes its TMPDIR."""
+another replica's key), through a link either, cannot change the model store nor open its
+manifest, cannot read another replica's log nor write its HOME, and still reads its own
+key and model and writes its TMPDIR and HOME."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ import subprocess
 from pathlib import Path
 
 from appliance.config import parse_config
-from appliance.fleet.landlock import SCOPES_SINCE_ABI, EngineLandlock, closed_temp_dirs, engine_keep_out
+from appliance.fleet.landlock import (
+    SCOPES_SINCE_ABI,
+    EngineLandlock,
+    closed_temp_dirs,
+    engine_keep_out,
+    engine_read_only,
+)
+from appliance.store.records import Incoming, SourceFile
+from appliance.store.store import Store
 
 from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
 
@@ -57,10 +66,20 @@ def create_new_entry(folder):  # made after the engine started, in a directory a
         if path.exists():
             os.unlink(path)
 
+def other_replicas_log():  # another model's, written by the daemon from its engine's output
+    log = tmp / "log" / "replicas" / "first-0.log"
+    deadline = time.monotonic() + 20
+    while not log.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return open(log).read(1)
+
 sep = sys.argv.index("--")
 tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
 own = Path(os.environ["TMPDIR"]).parent
 via_root_link = str(tmp / "planted-root") + str(tmp / "state" / "appliance.db")
+hub = tmp / "cache" / "hf" / "hub"
+snapshot = next((hub / "models--stored" / "snapshots").iterdir())  # the hub itself is not listable
+blob = next((hub / "models--stored" / "blobs").iterdir())
 others = []
 deadline = time.monotonic() + 20
 while not others and time.monotonic() < deadline:
@@ -85,6 +104,23 @@ seen = {
     "admin_unload_without_token": admin_without_token("POST", "/admin/models/first/unload"),
     "new_entry_in_tmp": attempt(lambda: create_new_entry(Path("/tmp"))),
     "new_entry_in_parent_of_state": attempt(lambda: create_new_entry(tmp)),
+    # The model store: read only, its manifest not even that.
+    "store_model": attempt(lambda: open(snapshot / "weights.bin", "rb").read()),
+    "store_listing": attempt(lambda: os.listdir(snapshot)),
+    "hub_listing": attempt(lambda: os.listdir(hub)),
+    "blob_write": attempt(lambda: open(blob, "r+b").write(b"x")),
+    "blob_remove": attempt(lambda: os.unlink(blob)),
+    "blob_replace": attempt(lambda: os.rename(snapshot / "weights.bin", snapshot / "moved")),
+    "plant_weights": attempt(lambda: open(blob.parent / ("0" * 64), "x").close()),
+    "store_db": attempt(lambda: open(tmp / "cache" / "store.db", "rb").read(1)),
+    "store_lock": attempt(lambda: open(hub / ".lock", "rb").close()),
+    # Logs and HOMEs: another replica's are not this one's to read or write.
+    "other_log": attempt(other_replicas_log),
+    "log_dir": attempt(lambda: os.listdir(tmp / "log")),
+    "other_home": attempt(lambda: open(tmp / "cache" / "engine-home" / "first-0" / "planted.py", "x").close()),
+    "shared_home": attempt(lambda: open(tmp / "cache" / "engine-home" / "planted.py", "x").close()),
+    "own_home": attempt(lambda: open(Path(os.environ["HOME"]) / "cache", "w").write("x")),
+    "home_is_own": "ok" if Path(os.environ["HOME"]) == tmp / "cache" / "engine-home" / "prober-0" else os.environ["HOME"],
 }
 print("PROBE " + json.dumps(seen), flush=True)
 os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
@@ -97,7 +133,14 @@ KEPT_FROM_SECRETS = {"state_db": "EACCES", "state_dir": "EACCES", "admin_token":
                      "admin_unload_without_token": "401",
                      # Landlock's known limit: no new entry directly in a directory above a
                      # protected path (tmp_path, /tmp: the state directory is beneath both).
-                     "new_entry_in_tmp": "EACCES", "new_entry_in_parent_of_state": "EACCES"}
+                     "new_entry_in_tmp": "EACCES", "new_entry_in_parent_of_state": "EACCES",
+                     # The store: its model read through its snapshot's link, nothing changed in
+                     # it, its manifest (what the integrity checks compare against) not opened.
+                     "store_model": "ok", "store_listing": "ok", "hub_listing": "EACCES", "blob_write": "EACCES", "blob_remove": "EACCES",
+                     "blob_replace": "EACCES", "plant_weights": "EACCES", "store_db": "EACCES", "store_lock": "EACCES",
+                     # Another replica's log (prompts) and HOME (code it would load): not this one's.
+                     "other_log": "EACCES", "log_dir": "EACCES", "other_home": "EACCES", "shared_home": "EACCES",
+                     "own_home": "ok", "home_is_own": "ok"}
 # Scoped from Landlock ABI 6 (Linux 6.12): no signal to the daemon, no connecting to its
 # abstract port-claim socket; before it, both still work.
 SCOPED = EngineLandlock().abi >= SCOPES_SINCE_ABI
@@ -128,6 +171,9 @@ def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp
     model = tmp_path / "cache" / "models" / "weights.bin"
     model.parent.mkdir(parents=True)
     model.write_bytes(b"weights")
+    store = Store(tmp_path / "cache")
+    store.add(Incoming("stored", str(model), [SourceFile(model.name, model.stat().st_size, lambda: open(model, "rb"))]))
+    store.close()
     # Links planted in an ancestor of the state directory (the test's tmp): one to the
     # database, one to / (a walk that followed it would allow everything).
     (tmp_path / "planted-db").symlink_to(tmp_path / "state" / "appliance.db")
@@ -137,6 +183,8 @@ def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp
     seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
     assert seen == KEPT_FROM_SECRETS
     assert (tmp_path / "state" / "appliance.db").is_file()  # there, and denied
+    assert (tmp_path / "cache" / "store.db").is_file() and (tmp_path / "log" / "replicas" / "first-0.log").is_file()
+    assert (tmp_path / "cache" / "engine-home" / "prober-0" / "cache").read_text() == "x"
     assert d.replicas("first")[0]["state"] == "READY"  # the unload was refused
     assert "engines cannot make new entries directly in /tmp " in d.log_text()  # the limit, said once
     wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
@@ -156,6 +204,16 @@ def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path
     assert {tmp_path / "state", tmp_path / "token", tmp_path / "creds", tmp_path / "creds" / "a-key",
             tmp_path / "b-key"} <= set(kept)
     assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
+
+
+def test_what_engines_are_kept_from_in_the_store_is_its_manifest_its_writers_files_and_every_home(tmp_path):
+    cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
+                       f'log_dir = "{tmp_path}/logs"\n[server]\nlog_file = "{tmp_path}/daemon.log"\n')
+    kept, hub = set(engine_keep_out(cfg, {})), tmp_path / "cache" / "hf" / "hub"
+    assert {tmp_path / "cache" / name for name in ("store.db", "store.db-wal", "store.db-shm", "engine-home")} <= kept
+    assert {hub / ".lock", hub / ".leases", hub / ".staging", hub / ".downloads"} <= kept
+    assert {tmp_path / "logs", tmp_path / "daemon.log"} <= kept
+    assert engine_read_only(cfg) == [tmp_path / "cache"]  # the rest of the store: read rights only
 
 
 def test_the_shared_temp_dirs_engines_cannot_make_entries_in_are_those_above_a_protected_path():

@@ -8,14 +8,17 @@ policy). So every engine process gets, between fork and exec and after its secco
 filter (sandbox.py), a Landlock domain its threads and children inherit and none of them
 can leave: every filesystem access right this kernel's Landlock knows (read, write,
 execute, list, make, remove, refer, truncate, device ioctl) is handled, and allowed
-everywhere except beneath the protected paths (`engine_keep_out`).
+everywhere except beneath the protected paths (`engine_keep_out`) and in the model store
+(`engine_read_only`: the cache directory, where an engine may only read and list).
 
 Landlock only allow-lists, so the ruleset is the complement, built in the daemon before
 the fork (`EngineLandlock.ruleset`): from / down to each protected path, every entry of
 each ancestor directory that is neither protected nor an ancestor of a protected path
 gets a rule (a directory: all the rights beneath it; any other file: the rights a file
-takes); the engine's own directories (its private directory, its HOME) get one each,
-even inside a protected tree. The walk opens each entry by O_PATH relative to its
+takes); beneath a read-only path the rules hold only READ_FILE and READ_DIR, so the
+store's manifest, lock and staging, kept out inside it, get none; the engine's own
+directories (its private directory, its HOME) get every right, even inside a protected
+or read-only tree. The walk opens each entry by O_PATH relative to its
 directory's descriptor, never following a link: a link is given no rule (what it points
 at is governed where it lies), and a link where an ancestor was is not descended.
 
@@ -69,10 +72,13 @@ PR_SET_NO_NEW_PRIVS = 38
 
 # LANDLOCK_ACCESS_FS_*: ABI 1 knows the first thirteen; REFER came with ABI 2, TRUNCATE
 # with 3, IOCTL_DEV with 5 (4, 6 and 7 added network, scopes and logging, not files).
-EXECUTE, WRITE_FILE, READ_FILE, TRUNCATE, IOCTL_DEV = 1 << 0, 1 << 1, 1 << 2, 1 << 14, 1 << 15
+EXECUTE, WRITE_FILE, READ_FILE, READ_DIR = 1 << 0, 1 << 1, 1 << 2, 1 << 3
+TRUNCATE, IOCTL_DEV = 1 << 14, 1 << 15
 ABI1_RIGHTS = (1 << 13) - 1
 REFER = 1 << 13
 FILE_RIGHTS = EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV  # what a rule on a non-directory may hold
+# The store's weights are loaded, never run (mmap is not Landlock's): no EXECUTE there.
+READ_ONLY_RIGHTS = READ_FILE | READ_DIR
 
 
 # LANDLOCK_SCOPE_* (ABI 6): an engine may not signal a process outside its domain (the
@@ -99,14 +105,28 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
+# In the store (appliance/store/store.py): what the integrity checks compare against and
+# what only its writers use, kept from engines inside the read-only cache directory.
+STORE_MANIFEST = ("store.db", "store.db-wal", "store.db-shm", "store.db-journal")
+STORE_WRITERS = (".lock", ".leases", ".staging", ".downloads")  # under <cache_dir>/hf/hub
+ENGINE_HOMES = "engine-home"  # <cache_dir>/engine-home/<replica>: each replica's HOME
+
+
 def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> list[Path]:
     """What no engine may open: the state directory (database, lock, admin socket), the
     admin token file, the admin socket's token file (in the state directory unless
     server.admin_socket names another), the providers' key files, systemd's credentials
-    directory, and the engines' private root (every replica's secret; a replica's own
-    directory is allowed back by its spawn)."""
+    directory, the engines' private root (every replica's secret; a replica's own
+    directory is allowed back by its spawn), the log directory and the daemon's log file
+    (other replicas' logs hold prompts; an engine writes its log through the pipe the
+    daemon reads), the store's manifest and its writers' files, and every replica's HOME
+    (its own is allowed back by its spawn)."""
     creds = environ.get("CREDENTIALS_DIRECTORY", "")
-    paths = [Path(cfg.paths.state_dir), private_root()]
+    cache, hub = Path(cfg.paths.cache_dir), Path(cfg.paths.cache_dir) / "hf" / "hub"
+    paths = [Path(cfg.paths.state_dir), private_root(), Path(cfg.paths.log_dir), cache / ENGINE_HOMES]
+    paths += [cache / name for name in STORE_MANIFEST] + [hub / name for name in STORE_WRITERS]
+    if cfg.server.log_file:
+        paths.append(Path(cfg.server.log_file))
     if cfg.server.admin_token_file:
         paths.append(Path(cfg.server.admin_token_file))
     if cfg.server.admin_socket:
@@ -119,22 +139,40 @@ def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> lis
     return paths
 
 
-def _tree(paths: Iterable[Path]) -> dict:
-    """The protected paths as nested {name: subtree}, None marking a protected one
-    (it wins over anything named beneath it). Each is made absolute and its links
-    resolved first: the walk goes where the daemon itself would open it."""
-    root: dict = {}
-    for path in paths:
-        parts = Path(os.path.realpath(path)).parts[1:]
-        node: dict | None = root
-        for i, name in enumerate(parts):
+def engine_read_only(cfg: Config) -> list[Path]:
+    """Where an engine may only read and list: the cache directory (the model store's
+    blobs and snapshots, which every replica loads and none may change)."""
+    return [Path(cfg.paths.cache_dir)]
+
+
+class _Walk(dict):
+    """A directory the walk goes into: its entries that are protected (None) or walked
+    further, by name; read_only: the rules beneath it hold read rights only."""
+
+    read_only = False
+
+
+def _tree(keep_out: Iterable[Path], read_only: Iterable[Path] = ()) -> _Walk:
+    """The protected and read-only paths as nested walks, None marking a protected one
+    (it wins over anything named beneath it, and over a read-only path). Each is made
+    absolute and its links resolved first: the walk goes where the daemon itself would
+    open it."""
+    root = _Walk()
+    marks = [(path, False) for path in keep_out] + [(path, True) for path in read_only]
+    for path, readable in marks:
+        *parents, last = Path(os.path.realpath(path)).parts[1:] or [""]
+        node: _Walk | None = root
+        for name in parents:
             assert node is not None
-            if i == len(parts) - 1:
-                node[name] = None
-            else:
-                node = node.setdefault(name, {})
-                if node is None:
-                    break  # beneath a protected path already
+            node = node.setdefault(name, _Walk())
+            if node is None:
+                break  # beneath a protected path already
+        if node is None or not last:
+            continue
+        if not readable:
+            node[last] = None
+        elif node.setdefault(last, _Walk()) is not None:
+            node[last].read_only = True
     return root
 
 
@@ -176,9 +214,10 @@ class EngineLandlock:
         ctypes.set_errno(0)
         return int(self._libc.syscall(ctypes.c_long(number), *args))
 
-    def ruleset(self, keep_out: Iterable[Path], own: Iterable[Path]) -> int | None:
+    def ruleset(self, keep_out: Iterable[Path], own: Iterable[Path], read_only: Iterable[Path] = ()) -> int | None:
         """A ruleset fd (O_CLOEXEC; the caller closes it after the spawn) allowing every
-        right everywhere but beneath keep_out, and in own; None when not enforced."""
+        right everywhere but beneath keep_out and read_only (there: reading and listing,
+        but keep_out), and in own; None when not enforced."""
         if not self.enforced:
             return None
         keep_out = list(keep_out)
@@ -192,31 +231,37 @@ class EngineLandlock:
         try:
             root = os.open("/", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
-                self._allow_around(fd, root, _tree(keep_out))
+                self._allow_around(fd, root, _tree(keep_out, read_only), self.rights)
             finally:
                 os.close(root)
             for path in own:
                 with contextlib.suppress(FileNotFoundError):
-                    self._allow_path(fd, path)
+                    self._allow_path(fd, path, self.rights)
         except BaseException:
             os.close(fd)
             raise
         return fd
 
-    def _allow_around(self, ruleset: int, directory: int, protected: dict) -> None:
-        """Rules for every entry of directory but the protected ones; down into those
-        with protected paths beneath them. An unlistable directory allows nothing else."""
+    def _allow_around(self, ruleset: int, directory: int, protected: _Walk, rights: int) -> None:
+        """Rules (of rights) for every entry of directory but the protected ones; down
+        into those with protected or read-only paths beneath them (a read-only one with
+        nothing protected beneath gets its one rule). An unlistable directory allows
+        nothing else."""
         try:
             names = os.listdir(directory)
         except PermissionError:
             names = list(protected)
         for name in names:
             if name not in protected:
-                self._allow_entry(ruleset, directory, name)
+                self._allow_entry(ruleset, directory, name, rights)
                 continue
             below = protected[name]
             if below is None:
                 continue  # protected: no rule
+            below_rights = rights & READ_ONLY_RIGHTS if below.read_only else rights
+            if below.read_only and not below:
+                self._allow_entry(ruleset, directory, name, below_rights)
+                continue
             try:
                 child = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
             except OSError as exc:
@@ -224,32 +269,33 @@ class EngineLandlock:
                     raise
                 continue  # gone, or a link or a file where an ancestor was: no rule, not followed
             try:
-                self._allow_around(ruleset, child, below)
+                self._allow_around(ruleset, child, below, below_rights)
             finally:
                 os.close(child)
 
-    def _allow_entry(self, ruleset: int, directory: int, name: str) -> None:
+    def _allow_entry(self, ruleset: int, directory: int, name: str, rights: int) -> None:
         try:
             fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=directory)
         except FileNotFoundError:
             return  # removed since listed
         try:
-            self._add_rule(ruleset, fd)
+            self._add_rule(ruleset, fd, rights)
         finally:
             os.close(fd)
 
-    def _allow_path(self, ruleset: int, path: Path) -> None:
+    def _allow_path(self, ruleset: int, path: Path, rights: int) -> None:
         fd = os.open(os.path.realpath(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
-            self._add_rule(ruleset, fd)
+            self._add_rule(ruleset, fd, rights)
         finally:
             os.close(fd)
 
-    def _add_rule(self, ruleset: int, fd: int) -> None:
+    def _add_rule(self, ruleset: int, fd: int, rights: int) -> None:
         kind = _is_dir(fd)
         if kind is None:
             return  # a link: what it points at has its own rule, or none
-        rights = self.rights if kind else self.rights & FILE_RIGHTS
+        if not kind:
+            rights &= FILE_RIGHTS
         attr = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))  # struct landlock_path_beneath_attr
         if (
             self._syscall(

@@ -185,18 +185,21 @@ class _RealProcess:
 
 class SubprocessRunner:
     """keep_out: what no engine may open (landlock.engine_keep_out), asked at each spawn;
-    None: no Landlock ruleset (nothing to keep from the engines)."""
+    None: no Landlock ruleset (nothing to keep from the engines). read_only: where an
+    engine may only read (landlock.engine_read_only: the model store)."""
 
     def __init__(
         self,
         log_max_bytes: int,
         sandbox: EngineSandbox | None = None,
         keep_out: Callable[[], list[Path]] | None = None,
+        read_only: Callable[[], list[Path]] = list,
     ) -> None:
         self.log_max_bytes = log_max_bytes
         self._preexec = _pdeathsig_preexec()
         self._sandbox = sandbox or engine_sandbox()
         self._keep_out = keep_out
+        self._read_only = read_only
         self._landlock = engine_landlock()
 
     async def spawn(
@@ -222,7 +225,7 @@ class SubprocessRunner:
         if self._keep_out is None:
             return None
         try:
-            return self._landlock.ruleset(self._keep_out(), own_dirs)
+            return self._landlock.ruleset(self._keep_out(), own_dirs, self._read_only())
         except OSError as exc:
             raise OSError(f"cannot build the engine's Landlock ruleset: {exc.strerror or exc}") from exc
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from appliance.fleet.engine_access import engine_environment
+from appliance.fleet.landlock import ENGINE_HOMES
 from appliance.fleet.process import ProcessHandle
 from appliance.fleet.replica_state import Crash, ReplicaState, State
 from appliance.store.weights import model_path
@@ -72,7 +73,9 @@ class EngineProcess(ReplicaState):
         try:
             for name, text in spec.files.items():
                 self.access.private_file(name, text)
-            home = Path(self.cfg.paths.cache_dir) / "engine-home"
+            # Its own HOME (compile caches, Hugging Face's modules cache of trust_remote_code
+            # code), kept across its restarts and from every other replica (landlock.py).
+            home = Path(self.cfg.paths.cache_dir) / ENGINE_HOMES / self.log_path.stem
             env = engine_environment(spec.env, home, self.access)
             own = (self.access.dir, home)  # allowed even where the daemon's secrets are kept from engines
             return await self.runner.spawn(

@@ -32,7 +32,7 @@ from appliance.fleet.autoscaler import Autoscaler, Decision
 from appliance.fleet.capacity import Capacity, next_indices, on_cpu
 from appliance.fleet.deployment import Deployment
 from appliance.fleet.fairness import Fairness
-from appliance.fleet.landlock import engine_keep_out
+from appliance.fleet.landlock import engine_keep_out, engine_read_only
 from appliance.fleet.market import Market
 from appliance.fleet.process import ProcessRunner, SubprocessRunner, descendants
 from appliance.fleet.replica import Replica
@@ -74,7 +74,9 @@ class Supervisor:
     ) -> None:
         self.cfg = cfg
         self.session = session
-        self.runner = runner or SubprocessRunner(cfg.supervisor.log_max_bytes, keep_out=lambda: engine_keep_out(cfg))
+        self.runner = runner or SubprocessRunner(
+            cfg.supervisor.log_max_bytes, keep_out=lambda: engine_keep_out(cfg), read_only=lambda: engine_read_only(cfg)
+        )
         self.clock = clock or RealClock()
         self.port_allocator = port_allocator
         self.probe = probe or default_probe(cfg)

@@ -1,7 +1,9 @@
 """The model store: weights kept once on local disk, verified, shared by every replica.
 
 Layout (under ``<cache_dir>/hf/hub``, the Hugging Face hub cache that engines
-read with ``HF_HOME=<cache_dir>/hf`` and ``HF_HUB_OFFLINE=1``)::
+read with ``HF_HUB_CACHE=<cache_dir>/hf/hub`` and ``HF_HUB_OFFLINE=1``, and may only
+read: appliance/fleet/landlock.py keeps them from ``store.db``, the lock, the leases and
+staging)::
 
     models--ORG--NAME/blobs/<sha256>                  one read-only copy per file content
     models--ORG--NAME/snapshots/<revision>/<path>     relative links to the blobs
