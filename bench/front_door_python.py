@@ -36,8 +36,15 @@ BODY = b'{"model":"fake","messages":[{"role":"user","content":"hello there"}],"m
 ANSWER = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,'
           b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
           b'"usage":{"prompt_tokens":5,"completion_tokens":1,"total_tokens":6}}')
-HEADERS = [(b"host", b"127.0.0.1:8000"), (b"content-type", b"application/json"),
-           (b"content-length", str(len(BODY)).encode()), (b"user-agent", b"bench")]
+# What the OpenAI Python SDK sends (keyless: no Authorization), in its order.
+HEADERS = [(b"host", b"127.0.0.1:8000"), (b"accept-encoding", b"gzip, deflate"), (b"connection", b"keep-alive"),
+           (b"accept", b"application/json"), (b"content-type", b"application/json"),
+           (b"user-agent", b"OpenAI/Python 1.54.0"), (b"x-stainless-lang", b"python"),
+           (b"x-stainless-package-version", b"1.54.0"), (b"x-stainless-os", b"Linux"),
+           (b"x-stainless-arch", b"x64"), (b"x-stainless-runtime", b"CPython"),
+           (b"x-stainless-runtime-version", b"3.11.7"), (b"x-stainless-async", b"false"),
+           (b"x-stainless-retry-count", b"0"), (b"x-stainless-read-timeout", b"600"),
+           (b"content-length", str(len(BODY)).encode())]
 PROFILED = 2000  # requests under cProfile, for the calls per request
 
 

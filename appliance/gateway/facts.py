@@ -43,7 +43,8 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # Read only by a worker (None here: the front door reads them from the body it
     # has, only when the policy needs them; options b"" here too when the request has
     # none): the stream's options as sent (raw JSON, b"" when absent), the prompt as
-    # the engine sees it (the prefix hashes' input), and the prompt's likely tokens (its charge if the engine reports none).
+    # the engine sees it (the prefix hashes' input), and the prompt's likely tokens
+    # (its charge if the engine reports none).
     options: bytes | None = None
     view: bytes | None = None
     guess: int | None = None
