@@ -72,6 +72,20 @@ from appliance.logs import bind_request_id
 log = logging.getLogger("appliance.api")
 
 JSON = "application/json"
+# The headers _forward reads (and the route tag's, which the config names): any other
+# is passed over with one set lookup, not compared against each of these in turn.
+_READ_HEADERS = frozenset(
+    (
+        b"x-request-id",
+        b"content-length",
+        b"authorization",
+        b"x-api-key",
+        b"content-type",
+        b"origin",
+        b"sec-fetch-site",
+        b"content-encoding",
+    )
+)
 
 
 async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep: Endpoint) -> None:
@@ -85,6 +99,8 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     sent_id = declared = auth = tag = content_type = origin = fetch_site = encoding = None
     tag_header = rt.tag_header
     for name, value in scope["headers"]:
+        if name not in _READ_HEADERS and name != tag_header:  # most of a client's headers (one lookup)
+            continue
         if name == b"x-request-id":
             sent_id = value
         elif name == b"content-length":
@@ -106,7 +122,12 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     rid = request_id_of(sent_id)
     scope["request_id"] = rid  # type: ignore[typeddict-unknown-key]
     bind_request_id(rid)  # log lines of this request carry its id
-    req = ProxyRequest(rid, started, time.time(), ep, receive, peer_of(scope.get("client")))
+    # What the engine is sent with the body, made once (not an empty dict replaced later).
+    headers = {
+        "Content-Type": content_type.decode("latin-1") if content_type is not None else JSON,
+        "X-Request-Id": rid,
+    }
+    req = ProxyRequest(rid, started, time.time(), ep, receive, peer_of(scope.get("client")), headers=headers)
     # The front door's error path reads whether the answer started (req.bytes_sent):
     # no wrapper around send, which would cost a call per streamed piece.
     scope["proxy_request"] = req  # type: ignore[typeddict-unknown-key]
@@ -187,8 +208,6 @@ async def _serve(
         with_body(cfg, req, req.body, fields)
     else:  # its worker has the body: it sets these (appliance/dataplane/authority.py)
         req.fields = fields
-    content = content_type.decode("latin-1") if content_type is not None else JSON
-    req.headers = {"Content-Type": content, "X-Request-Id": req.rid}
     if rt.answer is not None:  # workers: the data plane answers it (appliance/dataplane/authority.py)
         await rt.answer(rt, req, send)
     elif req.stream:

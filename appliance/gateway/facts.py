@@ -41,9 +41,10 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     echo: bool  # a completions request's echo and suffix (capabilities.check_fields)
     suffix: str | None
     # Read only by a worker (None here: the front door reads them from the body it
-    # has, only when the policy needs them): the stream's options as sent (raw JSON,
-    # b"" when absent), the prompt as the engine sees it (the prefix hashes' input),
-    # and the prompt's likely tokens (its charge if the engine reports none).
+    # has, only when the policy needs them; options b"" here too when the request has
+    # none): the stream's options as sent (raw JSON, b"" when absent), the prompt as
+    # the engine sees it (the prefix hashes' input), and the prompt's likely tokens
+    # (its charge if the engine reports none).
     options: bytes | None = None
     view: bytes | None = None
     guess: int | None = None
@@ -67,6 +68,9 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         getattr(request, "dimensions", None),
         getattr(request, "echo", False),
         getattr(request, "suffix", None),
+        # No stream_options (absent or null): b"", so a metered stream's usage option
+        # is set without decoding the body once more for them (api/app.py, _tap).
+        options=b"" if options is None else None,
         best_of=getattr(request, "best_of", None),
     )
 
@@ -86,7 +90,9 @@ def carried_facts(endpoint: Endpoint, body: bytes, request: Any) -> Facts:
     facts = facts_of(endpoint, body, request, keyed=True)
     return msgspec.structs.replace(
         facts,
-        options=stream_options(body) if facts.stream and not facts.usage_asked else b"",
+        options=(facts.options if facts.options is not None else stream_options(body))
+        if facts.stream and not facts.usage_asked
+        else b"",
         view=engine_view(body, endpoint.view) if endpoint.view != "" else b"",
         guess=endpoint.dialect.estimate(body, 0, 0).prompt_tokens,
     )
