@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.config.durations import _decode_duration
-from appliance.config.errors import ConfigError, _field_message
+from appliance.config.errors import ConfigError, decode_error_message
 from appliance.config.models import ModelConfig, embedded_default_model
 from appliance.config.paths import default_paths
 from appliance.config.schema import Config
@@ -56,7 +56,8 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
     try:
         cfg = msgspec.convert(table, type=Config, dec_hook=_decode_duration)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{origin}: {_field_message(exc)}") from None
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        raise ConfigError(f"{origin}: {decode_error_message(exc, Config, text)}") from None
     return finalize(msgspec.structs.replace(cfg, deprecations=tuple(deprecations)), origin=origin)
 
 
