@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from appliance.cli.control import MODEL_ACTIONS, reload, scale
+from appliance.cli.examples import add_examples
 from appliance.cli.options import load
 from appliance.cli.plan import plan
 from appliance.cli.serve import check, serve
@@ -46,6 +47,7 @@ def _register_store_commands() -> None:
 
 
 _register_store_commands()
+add_examples(main)
 
 
 if __name__ == "__main__":
