@@ -3,9 +3,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 
-from .conftest import PY, ROOT
+import httpx
+
+from appliance.socket_token import read_token
+
+from .conftest import PY, ROOT, engine_key, fake_model
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -13,6 +18,48 @@ CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 def cli(daemon, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([PY, "-m", "appliance.cli", *args, "--config", str(daemon.config)],
                           capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+
+def test_no_secret_reaches_the_daemon_log_the_replica_logs_or_status_json(daemons, tmp_path):
+    """After a session of requests with good, wrong and revoked API keys, admin calls with a
+    right and a wrong admin token: no API key, admin token, socket token or engine key in
+    any line of the daemon's log (at debug), a replica's log, or `appliance status --json`."""
+    token = tmp_path / "admin.token"
+    token.write_text("adm1n-t0ken-" + "z" * 32 + "\n")
+    token.chmod(0o600)
+    daemon = daemons.start(fake_model("fake", "--chunks", "3"),
+                           server=f'admin_token_file = "{token}"\nlog_level = "debug"',
+                           extra="[keys]\nrequired = true\n\n[audit]\nflush_interval_s = 0.2\n")
+    created = cli(daemon, "keys", "create", "--name", "ops", "--json")
+    assert created.returncode == 0, created.stderr
+    created = json.loads(created.stdout)
+    key, key_id = created["key"], created["id"]
+    revoked = json.loads(cli(daemon, "keys", "create", "--name", "gone", "--json").stdout)
+    assert cli(daemon, "keys", "revoke", revoked["id"]).returncode == 0
+    wrong = key[:-6] + "ZZZZZZ"  # a key mistyped: as secret as the key itself
+    admin = token.read_text().strip()
+    with daemon.client() as c:
+        for bearer in (key, wrong, revoked["key"], "sk-not-a-key-" + "q" * 30, key, key):
+            c.post("/v1/chat/completions", json=CHAT, headers={"Authorization": f"Bearer {bearer}"})
+        c.post("/v1/chat/completions", json={**CHAT, "model": "nope"}, headers={"Authorization": f"Bearer {key}"})
+        c.get("/v1/models", headers={"Authorization": f"Bearer {wrong}"})
+        c.get("/admin/status", headers={"Authorization": f"Bearer {admin}"})
+        c.get("/admin/status", headers={"Authorization": f"Bearer {admin}x"})
+        c.get("/admin/status", headers={"X-Api-Key": key})
+    status = cli(daemon, "status", "--json")
+    assert status.returncode in (0, 3), status.stderr
+    replicas = [r for m in json.loads(status.stdout)["models"] for r in m["replicas"] if r["pid"]]
+    secrets = {"api key": key, "mistyped api key": wrong, "revoked key": revoked["key"], "admin token": admin,
+               "socket token": read_token(daemon.admin_socket),
+               **{f"engine key of pid {r['pid']}": engine_key(r["pid"]) for r in replicas}}
+    secrets["api key's secret part"] = key.removeprefix(key.split(key_id)[0] + key_id + "-")
+    daemon.terminate()
+    places = {"daemon log": daemon.log_text(), "status --json": status.stdout,
+              **{f"replica log {p.name}": p.read_text(errors="replace")
+                 for p in (daemon.config.parent / "log").rglob("*.log")}}
+    found = [f"{what} in {where}" for what, secret in secrets.items() if secret
+             for where, text in places.items() if secret in text]
+    assert not found, found
 
 
 def _commands(group, path=()):
@@ -54,3 +101,30 @@ def test_every_command_s_help_says_what_it_does_with_an_example_that_parses():
     assert not missing, f"no help text or no example: {missing}"
     assert not broken, broken
     assert "Exit status: 0 done; 1 failed" in CliRunner().invoke(main, ["--help"]).output
+
+
+def test_exit_codes_are_the_documented_ones_and_2_is_only_a_usage_error(tmp_path):
+    """`appliance plan` exited 2 when a replica could not be placed: the status click gives
+    a usage error, so a script could not tell "does not fit" from "wrong flag"."""
+    doc = (ROOT / "docs" / "operations.md").read_text().split("## The command line", 1)[1].split("\n## ", 1)[0]
+    table = {line.split("|")[1].strip(): line for line in doc.splitlines() if line.startswith("| ")}
+    assert {"0", "1", "2", "3"} <= set(table), table
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 2}')
+    (model / "model.safetensors").write_bytes(b"\0" * 1024)
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[server]\nport = 1\n[[models]]\nname = "big"\nserver = "vllm"\nsource = "{model}"\n'
+                   f'[paths]\nstate_dir = "{tmp_path}/st"\ncache_dir = "{tmp_path}/c"\nlog_dir = "{tmp_path}/l"\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([PY, "-m", "appliance.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=60)
+
+    (tmp_path / "none.toml").write_text("# no GPUs\n")
+    unplaced = run("plan", "--config", str(cfg), "--inventory", str(tmp_path / "none.toml"))
+    assert unplaced.returncode == 3 and "big#0: cannot place" in unplaced.stdout, unplaced.stdout + unplaced.stderr
+    down = run("status", "--config", str(cfg), "--json")
+    assert down.returncode == 1 and down.stdout == "" and down.stderr.startswith("Error: the daemon is not running")
+    for usage in (["plan", "--no-such-flag"], ["no-such-command"], ["scale", "m", "many", "--config", str(cfg)]):
+        result = run(*usage)
+        assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, (usage, result)
