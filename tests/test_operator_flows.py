@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import httpx
-
 from appliance.socket_token import read_token
 
 from .conftest import PY, ROOT, engine_key, fake_model
@@ -52,7 +50,7 @@ def test_no_secret_reaches_the_daemon_log_the_replica_logs_or_status_json(daemon
     secrets = {"api key": key, "mistyped api key": wrong, "revoked key": revoked["key"], "admin token": admin,
                "socket token": read_token(daemon.admin_socket),
                **{f"engine key of pid {r['pid']}": engine_key(r["pid"]) for r in replicas}}
-    secrets["api key's secret part"] = key.removeprefix(key.split(key_id)[0] + key_id + "-")
+    secrets["api key's secret part"] = key.split(f"{key_id}-", 1)[1]
     daemon.terminate()
     places = {"daemon log": daemon.log_text(), "status --json": status.stdout,
               **{f"replica log {p.name}": p.read_text(errors="replace")
