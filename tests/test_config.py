@@ -130,6 +130,18 @@ def test_validation_errors_name_the_file_and_the_field(tmp_path, toml, field, me
     assert message in text, text
 
 
+def test_a_missing_config_named_by_the_environment_says_so(tmp_path, monkeypatch):
+    """$APPLIANCE_CONFIG left over in a shell named a file the operator never typed, and the
+    error did not say where the path came from."""
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError) as info:
+        load_config(None)
+    assert str(info.value) == f"{tmp_path / 'gone.toml'}: config file not found (named by $APPLIANCE_CONFIG)"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "typed.toml"))
+    assert str(info.value) == f"{tmp_path / 'typed.toml'}: config file not found"
+
+
 @pytest.mark.parametrize(
     ("toml", "expected"),
     [

@@ -36,7 +36,9 @@ def load_config(cli_path: str | None = None) -> Config:
         raw = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         if explicit:
-            raise ConfigError(f"{path}: config file not found") from None
+            # A path from the environment is one the operator may not have typed: say where it came from.
+            named = " (named by $APPLIANCE_CONFIG)" if not cli_path else ""
+            raise ConfigError(f"{path}: config file not found{named}") from None
         return finalize(Config(), origin="<built-in defaults>")
     except OSError as exc:  # a folder on its way this user may not enter, a name too long...: said, not skipped
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
