@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from appliance.socket_token import read_token
@@ -126,3 +127,13 @@ def test_exit_codes_are_the_documented_ones_and_2_is_only_a_usage_error(tmp_path
     for usage in (["plan", "--no-such-flag"], ["no-such-command"], ["scale", "m", "many", "--config", str(cfg)]):
         result = run(*usage)
         assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr, (usage, result)
+
+
+def test_an_empty_config_path_is_a_usage_error_not_the_built_in_defaults(tmp_path):
+    """`appliance serve --config "$CFG"` with CFG unset started the built-in defaults (the
+    bundled model on the default paths) as if no --config had been given."""
+    for command in (["serve"], ["check"], ["status"], ["keys", "ls"]):
+        result = subprocess.run([PY, "-m", "appliance.cli", *command, "--config", ""], capture_output=True,
+                                text=True, cwd=ROOT, timeout=60, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
+        assert result.returncode == 2, (command, result.stdout, result.stderr[-500:])
+        assert "Invalid value for '--config': an empty path" in result.stderr and result.stdout == ""

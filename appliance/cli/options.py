@@ -23,6 +23,9 @@ PORT = click.IntRange(1, 65535)
 
 
 def load(config: str | None) -> Config:
+    if config == "":
+        # `--config "$CFG"` with CFG unset: the built-in defaults served in its place, silently.
+        raise click.BadParameter("an empty path (unset variable?); name the config file", param_hint="'--config'")
     try:
         return load_config(config)
     except ConfigError as exc:
