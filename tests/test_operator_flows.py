@@ -137,3 +137,25 @@ def test_an_empty_config_path_is_a_usage_error_not_the_built_in_defaults(tmp_pat
                                 text=True, cwd=ROOT, timeout=60, env={**os.environ, "XDG_STATE_HOME": str(tmp_path)})
         assert result.returncode == 2, (command, result.stdout, result.stderr[-500:])
         assert "Invalid value for '--config': an empty path" in result.stderr and result.stdout == ""
+
+
+def test_serve_refuses_an_unopenable_log_file_or_a_file_as_state_dir_in_one_line(tmp_path):
+    """A server.log_file that cannot be opened (a directory, a folder not there in /proc)
+    ended `appliance serve` in a traceback from the logging setup; a state_dir that is a
+    file said "not writable ...: File exists"."""
+    (tmp_path / "a-dir.log").mkdir()
+    (tmp_path / "a-file").write_text("")
+    cases = {
+        "server.log_file": (f'log_file = "{tmp_path / "a-dir.log"}"', f'state_dir = "{tmp_path}/st"'),
+        "paths.state_dir": ("", f'state_dir = "{tmp_path / "a-file"}"'),
+    }
+    for field, (server, state) in cases.items():
+        cfg = tmp_path / "a.toml"
+        cfg.write_text(f"[server]\nport = 1\n{server}\n[paths]\n{state}\n"
+                       f'cache_dir = "{tmp_path}/c"\nlog_dir = "{tmp_path}/l"\n')
+        result = subprocess.run([PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+                                capture_output=True, text=True, cwd=ROOT, timeout=60)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-800:]
+        [line] = result.stderr.splitlines()
+        assert line.startswith(f"Error: {cfg}: field '{field}': "), line
+    assert "is a file; point paths.state_dir elsewhere" in line
