@@ -159,3 +159,25 @@ def test_serve_refuses_an_unopenable_log_file_or_a_file_as_state_dir_in_one_line
         [line] = result.stderr.splitlines()
         assert line.startswith(f"Error: {cfg}: field '{field}': "), line
     assert "is a file; point paths.state_dir elsewhere" in line
+
+
+def test_a_user_who_may_not_open_the_admin_socket_is_told_so_not_only_that_tcp_needs_a_token(
+        daemons, monkeypatch):
+    """An operator not in the daemon's group ran `appliance status` and read only the daemon's
+    "Admin API over TCP needs the admin token ..., or use the admin socket": nothing said the
+    CLI had found the socket and could not open it, nor what to do about that."""
+    import os as os_module
+
+    from click.testing import CliRunner
+
+    from appliance.cli.main import main
+
+    daemon = daemons.start(fake_model("fake"), extra="[keys]\nrequired = true\n")
+    socket = str(daemon.admin_socket)
+    real_access = os_module.access
+    monkeypatch.setattr(os_module, "access", lambda p, mode, **kw: str(p) != socket and real_access(p, mode, **kw))
+    result = CliRunner().invoke(main, ["status", "--config", str(daemon.config)])
+    assert result.exit_code == 1, result.output
+    assert "Admin API over TCP needs the admin token" in result.output, result.output
+    assert f"may not open the admin socket {socket}: run as root or the daemon's user, or add yourself to group" \
+        in result.output, result.output
