@@ -23,7 +23,8 @@ def main() -> None:
 
 @main.group()
 def models() -> None:
-    """Model deployments."""
+    """Models: those the config serves (ls) and the store of their weights (import, pull,
+    verify, rm, accept-license, protect)."""
 
 
 for command in (serve, check, ps, status, plan, scale, *MODEL_ACTIONS, reload, tui, logs):
