@@ -181,3 +181,18 @@ def test_a_user_who_may_not_open_the_admin_socket_is_told_so_not_only_that_tcp_n
     assert "Admin API over TCP needs the admin token" in result.output, result.output
     assert f"may not open the admin socket {socket}: run as root or the daemon's user, or add yourself to group" \
         in result.output, result.output
+
+
+def test_serve_with_a_model_file_missing_says_how_to_fix_it(tmp_path):
+    """"weights not found at /srv/m.gguf" said what, never how: the field to correct, or the
+    store to import it into."""
+    cfg = tmp_path / "a.toml"
+    cfg.write_text(f'[server]\nport = 1\n[paths]\nstate_dir = "{tmp_path}/st"\ncache_dir = "{tmp_path}/c"\n'
+                   f'log_dir = "{tmp_path}/l"\n[[models]]\nname = "m"\nsource = "{tmp_path}/gone.gguf"\n')
+    result = subprocess.run([PY, "-m", "appliance.cli", "serve", "--config", str(cfg)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-800:]
+    [line] = result.stderr.splitlines()
+    assert line == (f"Error: {cfg}: field 'models[0].source': model 'm': weights not found at {tmp_path}/gone.gguf; "
+                    "correct models[0].source, or import the model (`appliance models import PATH --name NAME`) "
+                    'and set source = "store:NAME"'), line

@@ -226,7 +226,12 @@ def _check_files(cfg: Config) -> None:
                     f"expected {EMBEDDED_MODEL_SHA256}; the file is damaged: run ./install.sh to restore it"
                 )
         if problem := unusable_weights(cfg, m):
-            fix = "; run ./install.sh for the bundled model" if m.source.startswith(BUILTIN_PREFIX) else ""
+            fix = (
+                "; run ./install.sh for the bundled model"
+                if m.source.startswith(BUILTIN_PREFIX)
+                else f"; correct models[{i}].source, or import the model (`appliance models import PATH "
+                f"--name NAME`) and set source = \"store:NAME\""
+            )
             raise click.ClickException(f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {problem}{fix}")
 
 
