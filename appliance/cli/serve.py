@@ -230,7 +230,7 @@ def _check_files(cfg: Config) -> None:
                 "; run ./install.sh for the bundled model"
                 if m.source.startswith(BUILTIN_PREFIX)
                 else f"; correct models[{i}].source, or import the model (`appliance models import PATH "
-                f"--name NAME`) and set source = \"store:NAME\""
+                f'--name NAME`) and set source = "store:NAME"'
             )
             raise click.ClickException(f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {problem}{fix}")
 
