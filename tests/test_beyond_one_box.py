@@ -94,7 +94,7 @@ def test_plan_names_the_smallest_multi_node_shape_for_a_model_too_large_for_the_
     inventory = tmp_path / "box.toml"
     inventory.write_text('[[gpu]]\nname = "NVIDIA H100 80GB HBM3"\nmemory_gib = 80\ncount = 8\n')
     out = plan(tmp_path, models, "--inventory", str(inventory))
-    assert out.returncode == 2, out.stderr
+    assert out.returncode == 3, out.stderr
     [line] = [x for x in out.stdout.splitlines() if x.startswith("llama-405b#0")]
     assert ("cannot fit on this box at any tensor-parallel size; the smallest shape that holds it is "
             "2 nodes x 8 GPUs (tp=8 x pp=2)") in line

@@ -263,7 +263,9 @@ def test_a_state_dir_that_cannot_be_written_is_named_with_the_fix(tmp_path):
     result = _serve(tmp_path, paths=f'state_dir = "{tmp_path}/a-file/state"\ncache_dir = "{tmp_path}/cache"\n'
                                     f'log_dir = "{tmp_path}/log"\n')
     assert result.returncode == 1 and "ASGI lifespan" not in result.stderr
-    assert f"field 'paths.state_dir': {tmp_path}/a-file/state is not writable" in result.stderr
+    # A file on the way is said as such (check_dirs_are_dirs), as `appliance check` says it.
+    assert (f"field 'paths.state_dir': {tmp_path}/a-file/state cannot be a directory: {tmp_path}/a-file is a file"
+            in result.stderr)
     assert "point paths.state_dir elsewhere" in result.stderr
 
 

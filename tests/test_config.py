@@ -97,7 +97,7 @@ def test_paths_follow_fhs_for_root_and_xdg_for_users(monkeypatch, tmp_path):
     [
         ('[server]\nport = "eighty"\n', "server.port", "Expected `int`, got `str`"),
         ("[server]\nport = 70000\n", "server.port", "must be 1-65535"),
-        ("[server]\nprot = 8000\n", "server", "unknown field `prot`"),
+        ("[server]\nprot = 8000\n", "server.prot", "is unknown; did you mean 'server.port'?"),
         ("[supervisor]\nmax_crashes = 0\n", "supervisor.max_crashes", "must be >= 1"),
         ("[store]\nscrub_interval_h = -1\n", "store.scrub_interval_h", "must not be negative"),
         ("[store]\nscrub_mb_per_s = -200\n", "store.scrub_mb_per_s", "must not be negative"),
@@ -128,6 +128,44 @@ def test_validation_errors_name_the_file_and_the_field(tmp_path, toml, field, me
     assert text.startswith(f"{path}: ")
     assert f"field '{field}'" in text or f"`{field}`" in text or f"'{field}'" in text, text
     assert message in text, text
+
+
+def test_a_missing_config_named_by_the_environment_says_so(tmp_path, monkeypatch):
+    """$APPLIANCE_CONFIG left over in a shell named a file the operator never typed, and the
+    error did not say where the path came from."""
+    monkeypatch.setenv("APPLIANCE_CONFIG", str(tmp_path / "gone.toml"))
+    with pytest.raises(ConfigError) as info:
+        load_config(None)
+    assert str(info.value) == f"{tmp_path / 'gone.toml'}: config file not found (named by $APPLIANCE_CONFIG)"
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "typed.toml"))
+    assert str(info.value) == f"{tmp_path / 'typed.toml'}: config file not found"
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[server]\nport = 8000\nlog_levl = "info"\n',
+         "line 3: field 'server.log_levl' is unknown; did you mean 'server.log_level'?"),
+        ('[[models]]\nname = "a"\nsource = "a.gguf"\n# the second\n[[models]]\nname = "b"\nsourc = "b.gguf"\n',
+         "line 7: field 'models[1].sourc' is unknown; did you mean 'models[1].source'?"),
+        ('[[models]]\nname = "a"\nsource = "a.gguf"\n[models.autoscaling]\nmin_replica = 1\n',
+         "line 5: field 'models[0].autoscaling.min_replica' is unknown; did you mean "
+         "'models[0].autoscaling.min_replicas'?"),
+        ("[telemtry]\n", "line 1: field 'telemtry' is unknown; did you mean 'telemetry'?"),
+        ("servr.port = 1\n", "line 1: field 'servr' is unknown; did you mean 'server'?"),
+        ("[server]\nzzzz = 1\n", "line 2: field 'server.zzzz' is unknown (appliance.example.toml lists every key)"),
+        ('[server]\n\nport = "eighty"\n', "line 3: field 'server.port': Expected `int`, got `str`"),
+    ],
+)
+def test_a_typo_or_a_wrong_type_in_the_config_names_its_line_and_the_key_meant(tmp_path, toml, expected):
+    """A typo'd key said only "field 'server': Object contains unknown field `log_levl`":
+    no line, and no hint of the key the operator meant."""
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
 
 
 def test_two_model_names_that_would_share_a_replica_log_file_are_refused(tmp_path):

@@ -180,7 +180,7 @@ def test_plan_on_a_machine_without_gpus_says_so(tmp_path):
     cfg.write_text(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n')
     out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg)], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
+    assert out.returncode == 3
     assert "No GPUs: NVML cannot start" in out.stdout
     assert "small#0: cannot place: no usable NVIDIA GPU" in out.stdout
 
@@ -193,7 +193,7 @@ def test_plan_with_an_inventory_of_no_gpus_says_which_file_lists_none(tmp_path):
     cfg.write_text(f'[[models]]\nname = "small"\nserver = "vllm"\nsource = "{small}"\n')
     out = subprocess.run([PY, "-m", "appliance.cli", "plan", "--config", str(cfg), "--inventory", str(inventory)],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2
+    assert out.returncode == 3
     assert f"No GPUs: simulated:{inventory} lists none" in out.stdout and "None" not in out.stdout
 
 def test_the_daemon_reports_gpu_placement_in_status(daemons, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from appliance.cli.control import MODEL_ACTIONS, reload, scale
+from appliance.cli.examples import add_examples
 from appliance.cli.options import load
 from appliance.cli.plan import plan
 from appliance.cli.serve import check, serve
@@ -22,7 +23,8 @@ def main() -> None:
 
 @main.group()
 def models() -> None:
-    """Model deployments."""
+    """Models: those the config serves (ls) and the store of their weights (import, pull,
+    verify, rm, accept-license, protect)."""
 
 
 for command in (serve, check, ps, status, plan, scale, *MODEL_ACTIONS, reload, tui, logs):
@@ -46,6 +48,7 @@ def _register_store_commands() -> None:
 
 
 _register_store_commands()
+add_examples(main)
 
 
 if __name__ == "__main__":

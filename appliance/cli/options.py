@@ -23,6 +23,9 @@ PORT = click.IntRange(1, 65535)
 
 
 def load(config: str | None) -> Config:
+    if config == "":
+        # `--config "$CFG"` with CFG unset: the built-in defaults served in its place, silently.
+        raise click.BadParameter("an empty path (unset variable?); name the config file", param_hint="'--config'")
     try:
         return load_config(config)
     except ConfigError as exc:
@@ -57,4 +60,23 @@ def admin_call(
     try:
         return call(target_from_config(cfg, port=port, socket_if_usable=True), method, path, into, body, timeout)
     except (DaemonDown, AdminError, ConfigError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(f"{exc}{_socket_not_ours(cfg, port)}") from None
+
+
+def _socket_not_ours(cfg: Config, port: int | None) -> str:
+    """Why the CLI went over TCP, when it did because this user may not open the admin
+    socket: the daemon's refusal names the socket, not that it was never tried."""
+    import grp
+    import os
+
+    socket = cfg.server.admin_socket
+    if port is not None or not socket or not os.path.exists(socket) or os.access(socket, os.R_OK | os.W_OK):
+        return ""
+    try:
+        group = grp.getgrgid(os.stat(socket).st_gid).gr_name
+    except (OSError, KeyError):
+        group = "the daemon's group"
+    return (
+        f" (this user, uid {os.getuid()}, may not open the admin socket {socket}: run as root or the "
+        f"daemon's user, or add yourself to group {group} and log in again)"
+    )

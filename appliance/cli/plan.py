@@ -119,7 +119,9 @@ def plan(
             for line in market_lines(market):
                 click.echo(f"  {line}")
     if any(r.error for r in rows):
-        sys.exit(2)
+        # 3, as `status` not ready: the command worked and the answer is no. 2 is click's
+        # usage error, which a script must be able to tell from "does not fit".
+        sys.exit(3)
 
 
 def _running_market(cfg) -> GpusStatus | None:

@@ -31,7 +31,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
 
     import msgspec
 
-    from appliance.config import ConfigError, check_writable_dirs
+    from appliance.config import ConfigError, check_dirs_are_dirs, check_writable_dirs
     from appliance.daemon.port_claim import PortBusy, claim_port
     from appliance.daemon.server import run
     from appliance.logs import setup_logging
@@ -57,7 +57,9 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     if overrides:
         cfg = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **overrides))
     try:
-        # The directories first, so an unwritable one is named with its field and fix.
+        # The directories first, so an unwritable one is named with its field and fix (a
+        # file in a directory's place said as such, not as strerror's "File exists").
+        check_dirs_are_dirs(cfg)
         check_writable_dirs(cfg)
         lock = hold_state_dir(cfg.paths.state_dir)  # before anything starts; held until exit
         claim = claim_port(cfg.server.host, cfg.server.port, config=cfg.origin, state_dir=cfg.paths.state_dir)
@@ -224,7 +226,12 @@ def _check_files(cfg: Config) -> None:
                     f"expected {EMBEDDED_MODEL_SHA256}; the file is damaged: run ./install.sh to restore it"
                 )
         if problem := unusable_weights(cfg, m):
-            fix = "; run ./install.sh for the bundled model" if m.source.startswith(BUILTIN_PREFIX) else ""
+            fix = (
+                "; run ./install.sh for the bundled model"
+                if m.source.startswith(BUILTIN_PREFIX)
+                else f"; correct models[{i}].source, or import the model (`appliance models import PATH "
+                f'--name NAME`) and set source = "store:NAME"'
+            )
             raise click.ClickException(f"{cfg.origin}: field 'models[{i}].source': model '{m.name}': {problem}{fix}")
 
 

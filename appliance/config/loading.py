@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.config.durations import _decode_duration
-from appliance.config.errors import ConfigError, _field_message
+from appliance.config.errors import ConfigError, decode_error_message
 from appliance.config.models import ModelConfig, embedded_default_model
 from appliance.config.paths import default_paths
 from appliance.config.schema import Config
@@ -36,7 +36,9 @@ def load_config(cli_path: str | None = None) -> Config:
         raw = path.read_bytes()
     except (FileNotFoundError, NotADirectoryError):
         if explicit:
-            raise ConfigError(f"{path}: config file not found") from None
+            # A path from the environment is one the operator may not have typed: say where it came from.
+            named = " (named by $APPLIANCE_CONFIG)" if not cli_path else ""
+            raise ConfigError(f"{path}: config file not found{named}") from None
         return finalize(Config(), origin="<built-in defaults>")
     except OSError as exc:  # a folder on its way this user may not enter, a name too long...: said, not skipped
         raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from None
@@ -56,7 +58,8 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
     try:
         cfg = msgspec.convert(table, type=Config, dec_hook=_decode_duration)
     except msgspec.ValidationError as exc:
-        raise ConfigError(f"{origin}: {_field_message(exc)}") from None
+        text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+        raise ConfigError(f"{origin}: {decode_error_message(exc, Config, text)}") from None
     return finalize(msgspec.structs.replace(cfg, deprecations=tuple(deprecations)), origin=origin)
 
 

@@ -166,3 +166,19 @@ def check_writable_dirs(cfg: Config) -> None:
                 f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access "
                 f"(chown/chmod) or point {field} elsewhere"
             ) from None
+    if cfg.server.log_file:
+        _check_log_file(cfg, cfg.server.log_file)
+
+
+def _check_log_file(cfg: Config, path: str) -> None:
+    """server.log_file opened for append as the daemon will (made if missing): one line
+    naming the field, not a traceback from the logging setup."""
+    try:
+        Path(path).parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640))
+    except OSError as exc:
+        raise ConfigError(
+            f"{cfg.origin}: field 'server.log_file': cannot append to {path} as this user "
+            f"(uid {os.getuid()}): {exc.strerror}; give the daemon's user write access there, "
+            "point server.log_file elsewhere, or leave it empty (stderr, the journal under systemd)"
+        ) from None
