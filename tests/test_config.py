@@ -168,6 +168,17 @@ def test_a_typo_or_a_wrong_type_in_the_config_names_its_line_and_the_key_meant(t
     assert str(info.value).startswith(f"{path}: {expected}"), str(info.value)
 
 
+@pytest.mark.parametrize("internal", ["origin", "deprecations"])
+def test_the_fields_the_loader_fills_are_no_keys_of_a_config_file(tmp_path, internal):
+    """Config's own bookkeeping (where it came from, the renamed keys it used) was taken
+    from a file silently, then overwritten: a key that does nothing is a typo to name."""
+    path = tmp_path / "odd.toml"
+    path.write_text(f'{internal} = "x"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert str(info.value) == f"{path}: field '{internal}' is unknown (appliance.example.toml lists every key)"
+
+
 def test_two_model_names_that_would_share_a_replica_log_file_are_refused(tmp_path):
     """'/' is written '_' in a replica log's name: "org/m" and "org_m" both logged to
     replicas/org_m-0.log, interleaved, and `appliance logs --replica org/m#0` showed both."""

@@ -35,7 +35,7 @@ def _field_message(exc: msgspec.ValidationError, raw: str) -> str:
 
 _UNKNOWN_KEY = re.compile(r"^Object contains unknown field `(.+)`$")
 # Fields of Config that the loader fills, never a TOML key: never suggested.
-_NOT_KEYS = {"origin", "deprecations"}
+NOT_KEYS = {"origin", "deprecations"}
 
 
 def unknown_key_message(exc: msgspec.ValidationError, root: type, raw: str) -> str | None:
@@ -67,7 +67,7 @@ def _known_keys(root: type, table: str) -> list[str]:
         if "[" in part and isinstance(inner, msgspec.inspect.ListType):
             inner = inner.item_type
         info = _struct(inner)
-    return [f.encode_name for f in info.fields if f.encode_name not in _NOT_KEYS] if info else []
+    return [f.encode_name for f in info.fields if f.encode_name not in NOT_KEYS] if info else []
 
 
 def _struct(info: msgspec.inspect.Type) -> msgspec.inspect.StructType | None:

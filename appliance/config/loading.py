@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 
 from appliance.config.durations import _decode_duration
-from appliance.config.errors import ConfigError, decode_error_message
+from appliance.config.errors import NOT_KEYS, ConfigError, decode_error_message
 from appliance.config.models import ModelConfig, embedded_default_model
 from appliance.config.paths import default_paths
 from appliance.config.schema import Config
@@ -55,6 +55,8 @@ def parse_config(raw: bytes | str, origin: str = "<string>") -> Config:
     if not isinstance(table, dict):
         raise ConfigError(f"{origin}: not a TOML table")
     deprecations = _rename_keys(table, origin)
+    for internal in sorted(NOT_KEYS & table.keys()):  # the loader fills them: no file may
+        raise ConfigError(f"{origin}: field '{internal}' is unknown (appliance.example.toml lists every key)")
     try:
         cfg = msgspec.convert(table, type=Config, dec_hook=_decode_duration)
     except msgspec.ValidationError as exc:
