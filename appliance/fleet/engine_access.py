@@ -31,6 +31,7 @@ from pathlib import Path
 import aiohttp
 
 from appliance.config import UNIX_PATH_MAX
+from appliance.fleet import eager_writes
 
 # The daemon's variables an engine may see: the program search path, the locale,
 # and what the GPU stack reads (library paths, CUDA/NCCL/NVIDIA settings).
@@ -179,6 +180,7 @@ def tcp_connector(max_connections_per_host: int) -> aiohttp.TCPConnector:
 
 def http_session(connector: aiohttp.BaseConnector, headers: Mapping[str, str] | None = None) -> aiohttp.ClientSession:
     # The session never decodes, follows redirects or keeps cookies for engines.
+    eager_writes.install()  # a request leaves when it is sent, not after the rest of a burst
     return aiohttp.ClientSession(
         connector=connector,
         headers=headers,
