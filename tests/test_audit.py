@@ -16,7 +16,7 @@ from appliance.config import AuditConfig
 
 
 def _row(rid: str) -> tuple:
-    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None, "127.0.0.1:5000", None)
+    return (time.time(), rid, "k1", None, "m", "chat", "m#0", 200, 5, 4, 1.0, None, None, None, None, "127.0.0.1:5000", None, None)
 
 
 def _count(path) -> int:
@@ -165,7 +165,7 @@ def test_concurrent_durable_rows_share_one_commit(tmp_path):
 
 def _refusal(at: float, client: str, status: int = 401, endpoint: str = "chat") -> list:
     return [at, f"r{at}-{client}", None, None, "", endpoint, None, status, None, None, 1.0, None, None, None, None,
-            client, None]
+            client, None, None]
 
 
 def test_a_flood_of_refused_credentials_leaves_a_few_rows_and_one_summary_a_minute(tmp_path):

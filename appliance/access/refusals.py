@@ -97,5 +97,10 @@ class RefusalFolding:
 
 
 def _host(client: str | None) -> str:
-    """The host of host:port ([v6]:port keeps its brackets); "" for none."""
-    return client.rsplit(":", 1)[0] if client else ""
+    """The host of host:port ([v6]:port keeps its brackets); a host alone as it is (an
+    address a trusted proxy named without a port: gateway/forwarded.py); "" for none."""
+    if not client:
+        return ""
+    if client.endswith("]") or ":" not in client:  # a host alone: [v6], or v4
+        return client
+    return client.rsplit(":", 1)[0]

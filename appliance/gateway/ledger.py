@@ -81,6 +81,7 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         _text(req.response_text),
         req.client,
         None,  # folded: a summary row's (access/refusals.py)
+        req.proxy,
     ]
     req.receipt = rt.audit.record(req.row, durable=req.accountable)
     if req.trace is not None:

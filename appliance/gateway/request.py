@@ -67,6 +67,9 @@ class ProxyRequest:
     endpoint: Endpoint  # what the client called: its request type, dialect, metering
     receive: Receive  # the client's side of the connection (a disconnect cancels the work)
     client: str | None = None  # who sent it: the peer's host:port (peer_of), audited
+    # The trusted reverse proxy it came through (its host:port), when client is the
+    # address that proxy named (gateway/forwarded.py); audited beside it.
+    proxy: str | None = None
     key: ApiKey | None = None
     # What it asks for.
     model: str = ""  # the model the client asked for

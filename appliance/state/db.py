@@ -87,8 +87,15 @@ def _v3_audit_folded(db: sqlite3.Connection) -> None:
     add_column(db, "audit", "folded", "INTEGER")
 
 
+def _v4_audit_proxy(db: sqlite3.Connection) -> None:
+    """The trusted reverse proxy a request came through, its host:port, when client is
+    the address that proxy named ([server] trusted_proxies; NULL: the client connected
+    itself, or rows written before)."""
+    add_column(db, "audit", "proxy", "TEXT")
+
+
 # Append only: step N takes the schema from version N-1 to N.
-MIGRATIONS = Registry("state database", (_v1_tables, _v2_audit_client, _v3_audit_folded))
+MIGRATIONS = Registry("state database", (_v1_tables, _v2_audit_client, _v3_audit_folded, _v4_audit_proxy))
 
 
 def connect(path: Path | str) -> sqlite3.Connection:
