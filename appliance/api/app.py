@@ -128,6 +128,8 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         "X-Request-Id": rid,
     }
     req = ProxyRequest(rid, started, time.time(), ep, receive, peer_of(scope.get("client")), headers=headers)
+    if rt.proxies is not None:  # behind a trusted reverse proxy: the client it names
+        rt.proxies.name_client(req, scope.get("client"), scope["headers"])
     # The front door's error path reads whether the answer started (req.bytes_sent):
     # no wrapper around send, which would cost a call per streamed piece.
     scope["proxy_request"] = req  # type: ignore[typeddict-unknown-key]

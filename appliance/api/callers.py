@@ -110,4 +110,6 @@ def refused(rt: Runtime, request: Request, exc: ApplianceError) -> None:
         endpoint = _SURFACES[name] = Endpoint(name, ResponsesRequest, "", generates=False, free=True)
     client = peer_of(request.scope.get("client"))
     req = ProxyRequest(new_request_id(), time.perf_counter(), time.time(), endpoint, request.receive, client)
+    if rt.proxies is not None:
+        rt.proxies.name_client(req, request.scope.get("client"), request.scope["headers"])
     finish(rt, req, exc.status)

@@ -25,6 +25,7 @@ from appliance.api.metrics import Metrics
 from appliance.api.reload import Reloader
 from appliance.config import Config, ConfigError, check_writable_dirs, load_config, read_admin_token
 from appliance.fleet.supervisor import Supervisor
+from appliance.gateway.forwarded import TrustedProxies
 from appliance.gateway.providers import load_providers
 from appliance.gateway.proxy import EngineProxy, make_session
 from appliance.gateway.routing import Routes
@@ -89,6 +90,7 @@ def lifespan_for(
             audit=audit,
             tenancy=Tenancy(cfg.routing.tenant_isolation),
             tag_header=cfg.routing.tag_header.lower().encode("latin-1"),
+            proxies=TrustedProxies.of(cfg.server),
             tracing=tracing,
         )
         runtime.reloader = Reloader(runtime, reread or (lambda: load_config(_config_file(cfg))))

@@ -50,6 +50,8 @@ LIVE_SETTINGS = frozenset(
         "server.max_upload_bytes",
         "server.body_read_timeout_s",
         "server.drain_timeout_s",
+        "server.trusted_proxies",
+        "server.forwarded_header",
         "queue.max_held",
         "queue.timeout_s",
         "queue.keepalive_s",

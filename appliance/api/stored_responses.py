@@ -66,6 +66,8 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
     rid = request_id(request) or new_request_id()
     client = peer_of(request.scope.get("client"))
     req = ProxyRequest(rid, time.perf_counter(), time.time(), _STORED[endpoint], request.receive, client, usage=FREE)
+    if rt.proxies is not None:
+        rt.proxies.name_client(req, request.scope.get("client"), request.scope["headers"])
     try:
         _refuse_web_pages(rt, request)
         auth = authorization(request)

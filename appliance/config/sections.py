@@ -43,6 +43,15 @@ class ServerConfig(_Section):
     # With keys.required, /metrics needs an API key or the admin token; true opens it
     # to anyone who reaches the port (a local Prometheus without credentials).
     metrics_public: bool = False
+    # The reverse proxies in front (addresses or CIDRs): a request whose connection
+    # comes from one of them is audited as from the client that proxy names in
+    # forwarded_header, the proxy itself kept beside it. Empty: every header naming a
+    # client is ignored and the row names the connection's peer.
+    trusted_proxies: list[str] = msgspec.field(default_factory=list)
+    # The header the proxies in trusted_proxies append the client's address to:
+    # X-Forwarded-For, or RFC 7239 Forwarded (its for=). The other is never read: a
+    # proxy that writes one passes the other on as the client wrote it.
+    forwarded_header: Literal["x-forwarded-for", "forwarded"] = "x-forwarded-for"
     # A provider key file (providers[].api_key_file) its group or others may read:
     # "refuse" (the daemon does not start, naming the file and the fix) or "warn".
     key_file_permissions: Literal["refuse", "warn"] = "refuse"

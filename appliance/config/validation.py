@@ -4,6 +4,7 @@ reported at once, each naming its field and the fix."""
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -109,6 +110,7 @@ def _validate(cfg: Config) -> None:
         "server.workers",
         f'must be 1-{MAX_WORKERS} or "auto", got {s.workers!r}: 1 runs the daemon alone, more adds worker processes',
     )
+    _validate_proxies(s.trusted_proxies, need)
     u = cfg.upstream
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
     need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")
@@ -240,6 +242,22 @@ def _validate(cfg: Config) -> None:
     _validate_telemetry(cfg.telemetry, need)
     if errors:
         raise ConfigError(f"{cfg.origin}: " + "; ".join(errors))
+
+
+def _validate_proxies(proxies: list[str], need) -> None:
+    """server.trusted_proxies: addresses or networks (CIDR), none trusting every address."""
+    for i, entry in enumerate(proxies):
+        at = f"server.trusted_proxies[{i}]"
+        try:
+            network = ipaddress.ip_network(entry, strict=True)
+        except ValueError as exc:
+            need(False, at, f"must be an IP address or a network (10.0.0.0/8, fd00::/8): {exc}")
+            continue
+        need(
+            network.prefixlen > 0,
+            at,
+            f"{entry!r} trusts every address: any client could name itself anyone; list the proxies' addresses",
+        )
 
 
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")

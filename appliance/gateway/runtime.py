@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.access.tenancy import Tenancy
+from appliance.gateway.forwarded import TrustedProxies
 from appliance.gateway.response_homes import ResponseHomes
 from appliance.gateway.ttft import TtftTracker
 
@@ -53,6 +54,9 @@ class Gateway:
     # (route, fallback target) -> times taken.
     fallbacks_fired: dict[tuple[str, str], int] = field(default_factory=dict)
     tag_header: bytes = b"x-appliance-tag"
+    # The reverse proxies whose X-Forwarded-For (or Forwarded) names a request's client
+    # ([server] trusted_proxies); None: no list, and no header is read.
+    proxies: TrustedProxies | None = None
     draining: bool = False
     # Requests on the hot path, from arrival to their answer's end: held, at an
     # engine or a provider, or waiting for their audit row. The drain waits for 0.
@@ -72,6 +76,7 @@ class Gateway:
         made live in one step: a request reads all of it before or all of it after."""
         self.cfg, self.routes, self.providers, self.tenancy = cfg, routes, providers, tenancy
         self.tag_header = cfg.routing.tag_header.lower().encode("latin-1")
+        self.proxies = TrustedProxies.of(cfg.server)
         self.gate.required = cfg.keys.required
         for listener in self.adopted:
             listener(cfg)
