@@ -152,7 +152,8 @@ def test_rfc_7239_forwarded_is_read_only_when_configured_and_then_alone():
 def test_trusted_proxies_are_addresses_or_networks_never_everyone(entry, error):
     with pytest.raises(ConfigError, match=re.escape(error)):
         parse_config(f'[server]\ntrusted_proxies = ["{entry}"]\n')
-    assert TrustedProxies.of(parse_config('[server]\ntrusted_proxies = ["127.0.0.1", "fd00::/8"]\n').server) is not None
+    listed = parse_config('[server]\ntrusted_proxies = ["127.0.0.1", "fd00::/8"]\n[keys]\nrequired = true\n')
+    assert TrustedProxies.of(listed.server) is not None
     assert TrustedProxies.of(parse_config("").server) is None  # the default: no header is read
 
 
@@ -183,16 +184,25 @@ def test_behind_a_trusted_proxy_the_row_names_the_client_it_forwarded_and_the_pr
 
 
 def test_a_direct_clients_x_forwarded_for_is_ignored_until_a_reload_trusts_its_address(daemons):
-    daemon = daemons.start(fake_model("fake"), server='workers = 2\ntrusted_proxies = ["192.0.2.1"]')
-    chat = "POST /v1/chat/completions HTTP/1.1"
+    keyed = "[keys]\nrequired = true\n"
+    daemon = daemons.start(fake_model("fake"), extra=keyed, server='workers = 2\ntrusted_proxies = ["192.0.2.1"]')
+    chat = f"POST /v1/chat/completions HTTP/1.1\r\nAuthorization: Bearer {keys_cli(daemon, 'create', '--name', 'c')}"
     direct = _sent_through(daemon.port, chat, "198.51.100.7", CHAT)
     assert direct[0] == 200
     rows = _rows(daemon, 1)
     assert list(rows) == [direct[1]] and rows[direct[1]]["proxy"] is None  # a spoofed header is not the client
 
-    daemons.write_config(fake_model("fake"), port=daemon.port, server='workers = 2\ntrusted_proxies = ["127.0.0.0/8"]')
+    daemons.write_config(fake_model("fake"), keyed, daemon.port, server='workers = 2\ntrusted_proxies = ["127.0.0.0/8"]')
     with over_admin_socket(daemon.admin_socket) as admin:
         assert admin.post("http://appliance/admin/reload", json={}).status_code == 200
     proxied = _sent_through(daemon.port, chat, "198.51.100.7", CHAT)
     assert proxied[0] == 200
     assert _rows(daemon, 2)["198.51.100.7"]["proxy"] == proxied[1]
+
+
+def test_a_listed_reverse_proxy_requires_keys_as_a_non_loopback_bind_does():
+    # A loopback bind behind a proxy on this box was keyless for the proxy's clients, and
+    # answered them the tokenless admin API (they all connect from its loopback address).
+    with pytest.raises(ConfigError, match=re.escape("field 'keys.required': server.trusted_proxies lists a reverse")):
+        parse_config('[server]\ntrusted_proxies = ["127.0.0.1"]\n')
+    assert parse_config('[server]\ntrusted_proxies = ["127.0.0.1"]\n[keys]\nrequired = true\n').keys.required

@@ -274,6 +274,14 @@ def bind_error(cfg: Config) -> str | None:
             f"field 'keys.required': server.host {cfg.server.host!r} is not loopback, so API keys "
             "are required: set keys.required = true and create keys with `appliance keys create`"
         )
+    if cfg.server.trusted_proxies and not cfg.keys.required:
+        # Its clients connect from its address, a loopback one on this box: without keys,
+        # the model API and the tokenless admin API would be theirs.
+        return (
+            "field 'keys.required': server.trusted_proxies lists a reverse proxy in front, which serves "
+            "other hosts, so API keys are required: set keys.required = true and create keys with "
+            "`appliance keys create`"
+        )
     return None
 
 
