@@ -14,7 +14,7 @@ import subprocess
 import pytest
 
 from appliance.config import ConfigError, parse_config
-from appliance.gateway.forwarded import TrustedProxies
+from appliance.gateway.forwarded import REMEMBERED, TrustedProxies
 from appliance.gateway.request import ProxyRequest
 
 from .conftest import PY, ROOT, fake_model, over_admin_socket, wait_until
@@ -140,6 +140,17 @@ def test_rfc_7239_forwarded_is_read_only_when_configured_and_then_alone():
     assert _client_of(forwarded, peer, (XFF, b"198.51.100.7")) == ("10.1.2.3:40000", None)
     for unreadable in (b"proto=https", b"for=unknown", b'for="_gazonk"', b"for=198.51.100.7, by=10.1.2.3"):
         assert _client_of(forwarded, peer, (b"forwarded", unreadable)) == ("10.1.2.3:40000", None)
+
+
+def test_what_trusted_proxies_remember_of_addresses_is_bounded():
+    # Parsing each address costs microseconds, so each is remembered; a flood of new
+    # ones from a proxy must not grow the daemon's memory without end.
+    proxies = TrustedProxies(["10.0.0.0/8"])
+    for i in range(REMEMBERED + 10):
+        assert proxies.client_in([f"198.51.{i // 250}.{i % 250}, 10.0.0.1".encode()]) == f"198.51.{i // 250}.{i % 250}"
+    assert len(proxies._nodes) <= REMEMBERED
+    assert proxies.client_in([b"198.51.0.1, 10.0.0.1"]) == "198.51.0.1"  # forgotten, then read again the same
+    assert proxies.client_in([b"1" * 100]) is None and "1" * 100 not in proxies._nodes  # never an address: not kept
 
 
 @pytest.mark.parametrize(("entry", "error"), [
