@@ -1,4 +1,5 @@
-"""The engines' Landlock ruleset: an engine process cannot open the daemon's secrets.
+"""The engines' Landlock ruleset: an engine process cannot open the daemon's secrets, nor
+another model's weights.
 
 An engine runs as the daemon's user and may run code the operator never read (vLLM with
 trust_remote_code): as that user it could read the state database (audit rows, key
@@ -8,19 +9,27 @@ policy). So every engine process gets, between fork and exec and after its secco
 filter (sandbox.py), a Landlock domain its threads and children inherit and none of them
 can leave: every filesystem access right this kernel's Landlock knows (read, write,
 execute, list, make, remove, refer, truncate, device ioctl) is handled, and allowed
-everywhere except beneath the protected paths (`engine_keep_out`) and in the model store
-(`engine_read_only`: the cache directory, where an engine may only read and list).
+everywhere except beneath the protected paths (`engine_keep_out`) and in the cache
+directory (`engine_read_only`: an engine may only read and list there). The store's hub,
+every model's blobs and snapshots, is protected: a tenant's engine running
+trust_remote_code must not copy another tenant's private fine-tune. Each spawn allows
+back, read-only, the model it serves and its adapters (`store_reads`: a GGUF's blob, an
+HF snapshot and the blobs its links name), as the store holds them at the spawn: a model
+imported later gets no rule, and a blob two models share (one inode) is either's.
 
 Landlock only allow-lists, so the ruleset is the complement, built in the daemon before
 the fork (`EngineLandlock.ruleset`): from / down to each protected path, every entry of
 each ancestor directory that is neither protected nor an ancestor of a protected path
 gets a rule (a directory: all the rights beneath it; any other file: the rights a file
 takes); beneath a read-only path the rules hold only READ_FILE and READ_DIR, so the
-store's manifest, lock and staging, kept out inside it, get none; the engine's own
-directories (its private directory, its HOME) get every right, even inside a protected
-or read-only tree. The walk opens each entry by O_PATH relative to its
-directory's descriptor, never following a link: a link is given no rule (what it points
-at is governed where it lies), and a link where an ancestor was is not descended.
+store's manifest and hub, kept out inside it, get none; the engine's own directories
+(its private directory, its HOME) get every right, and its own model's files in the
+store (`own_reads`) READ_FILE and READ_DIR, even inside a protected or read-only tree
+(Landlock judges a file where its links resolve: the blob, which has its rule). The walk
+opens each entry by O_PATH relative to its directory's descriptor, never following a
+link: a link is given no rule (what it points at is governed where it lies), and a link
+where an ancestor was is not descended. `store_reads` reads a snapshot's links
+(readlink) and allows only a regular file in the same model's blobs folder.
 
 From ABI 6 (Linux 6.12) the domain is also scoped: an engine cannot signal a process
 outside it (kill the daemon, stop a worker or another engine) nor connect to an abstract
@@ -441,7 +450,7 @@ def engine_landlock() -> EngineLandlock:
     if not landlock.enforced:
         log.warning(
             "engines run without their Landlock ruleset (%s): an engine may read the state database, "
-            "the admin token, the providers' keys and the other replicas' keys",
+            "the admin token, the providers' keys, the other replicas' keys and every model's weights",
             landlock.reason,
         )
     return landlock
