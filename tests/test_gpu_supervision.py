@@ -302,8 +302,8 @@ async def test_nvml_measured_memory_corrects_later_placements(tmp_path):
     sup = Supervisor(cfg, session, probe=probe)
     original = sup.runner.spawn
 
-    async def spawn_and_note(argv, env, log_path, redact="", cpus=frozenset(), own_dirs=()):
-        proc = await original(argv, env, log_path, redact, cpus, own_dirs)
+    async def spawn_and_note(argv, env, log_path, redact="", cpus=frozenset(), own_dirs=(), own_reads=()):
+        proc = await original(argv, env, log_path, redact, cpus, own_dirs, own_reads)
         probe.engine_pids.add(proc.pid)
         return proc
 

@@ -1,25 +1,35 @@
 """The engines' Landlock ruleset (appliance/fleet/landlock.py): an engine process started
 the way every replica is cannot open the daemon's secrets (state database, admin token,
 another replica's key), through a link either, cannot change the model store nor open its
-manifest, cannot read another replica's log nor write its HOME, and still reads its own
-key and model and writes its TMPDIR and HOME."""
+manifest, cannot read another model's weights in the store (one imported after it
+started either), cannot read another replica's log nor write its HOME, and still reads
+its own key and model and writes its TMPDIR and HOME."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from appliance.config import parse_config
+from appliance.fleet.engine_access import open_access
 from appliance.fleet.landlock import (
     SCOPES_SINCE_ABI,
     EngineLandlock,
     closed_temp_dirs,
     engine_keep_out,
     engine_read_only,
+    store_reads,
 )
+from appliance.fleet.replica import Replica
+from appliance.fleet.replica_state import Crash
 from appliance.store.records import Incoming, SourceFile
 from appliance.store.store import Store
+from engines import adapter_for
+from engines.base import Lora
 
 from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
 
@@ -78,8 +88,13 @@ tmp, model = Path(sys.argv[1]), Path(sys.argv[2])
 own = Path(os.environ["TMPDIR"]).parent
 via_root_link = str(tmp / "planted-root") + str(tmp / "state" / "appliance.db")
 hub = tmp / "cache" / "hf" / "hub"
-snapshot = next((hub / "models--stored" / "snapshots").iterdir())  # the hub itself is not listable
-blob = next((hub / "models--stored" / "blobs").iterdir())
+store = json.loads((tmp / "handoff" / "store.json").read_text())  # the hub itself is not listable
+snapshot, blob = Path(store["own_snapshot"]), Path(store["own_blob"])
+(tmp / "handoff" / "spawned").write_text("")  # the test imports a model now, after this spawn
+deadline = time.monotonic() + 20
+while not (tmp / "handoff" / "later.json").exists() and time.monotonic() < deadline:
+    time.sleep(0.05)
+store |= json.loads((tmp / "handoff" / "later.json").read_text())
 others = []
 deadline = time.monotonic() + 20
 while not others and time.monotonic() < deadline:
@@ -95,7 +110,7 @@ seen = {
     "link_to_db": attempt(lambda: open(tmp / "planted-db", "rb").read(1)),
     "through_link_to_root": attempt(lambda: open(via_root_link, "rb").read(1)),
     "own_key": attempt(lambda: open(own / "api-key").read()),
-    "model": attempt(lambda: open(model, "rb").read()),
+    "model": attempt(lambda: open(model / "weights.bin", "rb").read()),
     "tmpdir": attempt(lambda: open(Path(os.environ["TMPDIR"]) / "scratch", "w").write("x")),
     "signal_daemon": attempt(lambda: os.kill(os.getppid(), 0)),
     "port_claim": attempt(claim_connect),
@@ -105,8 +120,19 @@ seen = {
     "new_entry_in_tmp": attempt(lambda: create_new_entry(Path("/tmp"))),
     "new_entry_in_parent_of_state": attempt(lambda: create_new_entry(tmp)),
     # The model store: read only, its manifest not even that.
-    "store_model": attempt(lambda: open(snapshot / "weights.bin", "rb").read()),
+    "store_model": attempt(lambda: open(blob, "rb").read()),
     "store_listing": attempt(lambda: os.listdir(snapshot)),
+    # Another model's weights: its snapshot, its file through its link, its blob; and a
+    # model imported after this engine started. A blob shared with its own (one inode,
+    # two names) it may read by either name.
+    "other_listing": attempt(lambda: os.listdir(store["other_snapshot"])),
+    "other_model": attempt(lambda: open(Path(store["other_snapshot"]) / "weights.bin", "rb").read()),
+    "other_blob": attempt(lambda: open(store["other_blob"], "rb").read()),
+    "later_listing": attempt(lambda: os.listdir(store["later_snapshot"])),
+    "later_model": attempt(lambda: open(Path(store["later_snapshot"]) / "weights.bin", "rb").read()),
+    "later_blob": attempt(lambda: open(store["later_blob"], "rb").read()),
+    "twin_blob": attempt(lambda: open(store["twin_blob"], "rb").read()),
+    "twin_listing": attempt(lambda: os.listdir(store["twin_snapshot"])),
     "hub_listing": attempt(lambda: os.listdir(hub)),
     "blob_write": attempt(lambda: open(blob, "r+b").write(b"x")),
     "blob_remove": attempt(lambda: os.unlink(blob)),
@@ -138,6 +164,10 @@ KEPT_FROM_SECRETS = {"state_db": "EACCES", "state_dir": "EACCES", "admin_token":
                      # it, its manifest (what the integrity checks compare against) not opened.
                      "store_model": "ok", "store_listing": "ok", "hub_listing": "EACCES", "blob_write": "EACCES", "blob_remove": "EACCES",
                      "blob_replace": "EACCES", "plant_weights": "EACCES", "store_db": "EACCES", "store_lock": "EACCES",
+                     # Only its own model in the store: no other tenant's weights, nor one imported later.
+                     "other_listing": "EACCES", "other_model": "EACCES", "other_blob": "EACCES",
+                     "later_listing": "EACCES", "later_model": "EACCES", "later_blob": "EACCES",
+                     "twin_blob": "ok", "twin_listing": "EACCES",
                      # Another replica's log (prompts) and HOME (code it would load): not this one's.
                      "other_log": "EACCES", "log_dir": "EACCES", "other_home": "EACCES", "shared_home": "EACCES",
                      "own_home": "ok", "home_is_own": "ok"}
@@ -147,12 +177,12 @@ SCOPED = EngineLandlock().abi >= SCOPES_SINCE_ABI
 KEPT_FROM_SECRETS |= {"signal_daemon": "EPERM" if SCOPED else "ok", "port_claim": "EPERM" if SCOPED else "ok"}
 
 
-def probing_model(tmp: Path, name: str, model: Path) -> str:
+def probing_model(tmp: Path, name: str, model: Path, source: str) -> str:
     probe = tmp / "probe.py"
     probe.write_text(PROBE)
     argv = [PY, str(probe), str(tmp), str(model), "--", PY, str(FAKE_ENGINE), "--port", "{port}", "--model", name]
     command = ", ".join(f'"{a}"' for a in argv)
-    return f'[[models]]\nname = "{name}"\nserver = "openai"\ncommand = [{command}]\n'
+    return f'[[models]]\nname = "{name}"\nserver = "openai"\nsource = "{source}"\ncommand = [{command}]\n'
 
 
 def probe_report(log_dir: Path) -> dict:
@@ -163,24 +193,51 @@ def probe_report(log_dir: Path) -> dict:
     return {}
 
 
+def import_model(cache: Path, name: str, weights: bytes) -> dict[str, str]:
+    """A one-file model imported into the store: its snapshot and its blob."""
+    source = cache / "models" / name / "weights.bin"
+    source.parent.mkdir(parents=True)
+    source.write_bytes(weights)
+    store = Store(cache)
+    try:
+        record, _ = store.add(Incoming(name, str(source), [SourceFile("weights.bin", len(weights),
+                                                                       lambda: open(source, "rb"))]))
+        store.accept_license(name, "test")
+        snapshot = store.snapshot_dir(record)
+        return {"snapshot": str(snapshot), "blob": str(snapshot.parent.parent / "blobs" / record.files[0]["sha256"])}
+    finally:
+        store.close()
+
+
 def test_an_engine_cannot_open_the_daemons_secrets_and_still_serves(daemons, tmp_path):
     secrets = tmp_path / "secrets"
     secrets.mkdir(mode=0o700)
     (secrets / "admin-token").write_text("t" * 32 + "\n")
     (secrets / "admin-token").chmod(0o600)
-    model = tmp_path / "cache" / "models" / "weights.bin"
-    model.parent.mkdir(parents=True)
-    model.write_bytes(b"weights")
-    store = Store(tmp_path / "cache")
-    store.add(Incoming("stored", str(model), [SourceFile(model.name, model.stat().st_size, lambda: open(model, "rb"))]))
-    store.close()
+    # The prober serves "stored"; "other" is another tenant's; "twin" holds the same bytes
+    # as "stored" (the store keeps them once: a second name of its blob).
+    own = import_model(tmp_path / "cache", "stored", b"weights")
+    other = import_model(tmp_path / "cache", "other", b"private")
+    twin = import_model(tmp_path / "cache", "twin", b"weights")
+    assert os.path.samefile(own["blob"], twin["blob"]) and not os.path.samefile(own["blob"], other["blob"])
+    handoff = tmp_path / "handoff"  # made before the engine starts: the engine reads what is put in it later
+    handoff.mkdir()
+    (handoff / "store.json").write_text(json.dumps({
+        "own_snapshot": own["snapshot"], "own_blob": own["blob"], "other_snapshot": other["snapshot"],
+        "other_blob": other["blob"], "twin_snapshot": twin["snapshot"], "twin_blob": twin["blob"]}))
     # Links planted in an ancestor of the state directory (the test's tmp): one to the
     # database, one to / (a walk that followed it would allow everything).
     (tmp_path / "planted-db").symlink_to(tmp_path / "state" / "appliance.db")
     (tmp_path / "planted-root").symlink_to("/")
-    d = daemons.start(fake_model("first") + probing_model(tmp_path, "prober", model),
-                      server=f'admin_token_file = "{secrets / "admin-token"}"')
+    d = daemons.start(fake_model("first") + probing_model(tmp_path, "prober", Path(own["snapshot"]), "store:stored"),
+                      server=f'admin_token_file = "{secrets / "admin-token"}"', wait=False)
+    wait_until(lambda: (handoff / "spawned").exists(), 30, what="the prober's engine started")
+    later = import_model(tmp_path / "cache", "later", b"imported after the engine started")
+    paths = {"later_snapshot": later["snapshot"], "later_blob": later["blob"]}
+    (handoff / "later.json.tmp").write_text(json.dumps(paths))
+    (handoff / "later.json.tmp").rename(handoff / "later.json")
     seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
+    d.wait_ready()
     assert seen == KEPT_FROM_SECRETS
     assert (tmp_path / "state" / "appliance.db").is_file()  # there, and denied
     assert (tmp_path / "cache" / "store.db").is_file() and (tmp_path / "log" / "replicas" / "first-0.log").is_file()
@@ -206,14 +263,66 @@ def test_what_engines_are_kept_from_names_every_secret_the_config_names(tmp_path
     assert any(p.name.startswith("appliance-engines-") for p in kept)  # every replica's private directory
 
 
-def test_what_engines_are_kept_from_in_the_store_is_its_manifest_its_writers_files_and_every_home(tmp_path):
+def test_what_engines_are_kept_from_in_the_store_is_its_manifest_its_hub_and_every_home(tmp_path):
     cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n'
                        f'log_dir = "{tmp_path}/logs"\n[server]\nlog_file = "{tmp_path}/daemon.log"\n')
     kept, hub = set(engine_keep_out(cfg, {})), tmp_path / "cache" / "hf" / "hub"
     assert {tmp_path / "cache" / name for name in ("store.db", "store.db-wal", "store.db-shm", "engine-home")} <= kept
-    assert {hub / ".lock", hub / ".leases", hub / ".staging", hub / ".downloads"} <= kept
+    assert hub in kept  # every model's weights, the lock, leases and staging: its own model allowed back by its spawn
     assert {tmp_path / "logs", tmp_path / "daemon.log"} <= kept
     assert engine_read_only(cfg) == [tmp_path / "cache"]  # the rest of the store: read rights only
+
+
+def test_what_an_engine_reads_back_of_the_store_is_its_snapshot_and_the_blobs_its_links_resolve_to_there(tmp_path):
+    cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n')
+    hub = tmp_path / "cache" / "hf" / "hub"
+    blobs, snap = hub / "models--org--m" / "blobs", hub / "models--org--m" / "snapshots" / "rev"
+    (snap / "sub").mkdir(parents=True)
+    (hub / ".staging").mkdir()
+    blobs.mkdir()
+    for blob in ("a", "b"):
+        (blobs / blob).write_text(blob)
+    (hub / ".staging" / "x").write_text("staged")
+    (snap / "config.json").symlink_to("../../blobs/a")
+    (snap / "sub" / "tokenizer.json").symlink_to("../../../blobs/b")
+    (snap / "README.md").write_text("a file of the snapshot's own")  # read beneath the snapshot's rule
+    # Links the walk gives nothing: out of the store, into its staging, to a directory, dangling.
+    (snap / "escape").symlink_to("/etc/hostname")
+    (snap / "staged").symlink_to("../../../.staging/x")
+    (snap / "folder").symlink_to("../../blobs")
+    (snap / "dangling").symlink_to("../../blobs/gone")
+    assert sorted(store_reads(cfg, [snap])) == sorted(str(p) for p in (snap, blobs / "a", blobs / "b"))
+    assert store_reads(cfg, [snap / "config.json"]) == [str(blobs / "a")]  # a GGUF: the blob its link resolves to
+    # Outside a model's folder of the hub: nothing (the ruleset's other rules govern it).
+    (tmp_path / "cache" / "models").mkdir()
+    assert store_reads(cfg, [None, tmp_path / "elsewhere.gguf", tmp_path / "cache" / "models", hub / ".staging" / "x",
+                             snap / "escape", hub / "models--org--m", hub]) == []
+
+
+async def test_a_replicas_spawn_reads_back_its_store_model_and_its_store_adapters_and_nothing_else(tmp_path):
+    cache = tmp_path / "cache"
+    model, adapter = import_model(cache, "base", b"weights"), import_model(cache, "sql-lora", b"adapter")
+    import_model(cache, "other", b"another tenant's")
+    cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{cache}"\n'
+                       '[[models]]\nname = "base"\nserver = "openai"\nsource = "store:base"\n'
+                       'command = ["engine", "{port}"]\n')
+    spawned: list[tuple[Path, ...]] = []
+
+    class Recorder:
+        async def spawn(self, argv, env, log_path, redact="", cpus=frozenset(), own_dirs=(), own_reads=()):
+            spawned.append(own_reads)
+            raise OSError("recorded, not started")
+
+    replica = Replica(cfg=cfg, model=cfg.models[0], index=0, adapter=adapter_for("openai"), runner=Recorder(),
+                      session=None, log_dir=tmp_path)
+    replica.access = open_access()
+    replica.loras = (Lora("sql", Path(adapter["snapshot"]), 0),)
+    try:
+        with pytest.raises(Crash, match="recorded"):
+            await replica._spawn()
+    finally:
+        replica.access.close()
+    assert sorted(spawned[0]) == sorted((model["snapshot"], model["blob"], adapter["snapshot"], adapter["blob"]))
 
 
 def test_the_shared_temp_dirs_engines_cannot_make_entries_in_are_those_above_a_protected_path():

@@ -206,6 +206,16 @@ def test_adapters_changed_is_live_only_where_the_engine_loads_adapters_at_run_ti
     assert adapters_changed(model("llamacpp", "a"), model("llamacpp", "a")) == "live"
 
 
+def test_a_store_adapter_new_to_a_running_vllm_replica_restarts_it_as_its_engine_may_not_read_it():
+    def model(*adapters: tuple[str, str]) -> ModelConfig:
+        return parse_config(lora_config("vllm", list(adapters))).models[0]
+
+    old = model(("a", "/srv/a"), ("s", "store:s"))
+    assert adapters_changed(old, model(("a", "/srv/a"), ("s", "store:s"), ("t", "store:t"))) == "restart"
+    assert adapters_changed(old, model(("s", "store:s"), ("b", "/srv/b"))) == "live"  # a path one, or one it had
+    assert adapters_changed(old, model(("a", "/srv/a"), ("renamed", "store:s"))) == "live"
+
+
 async def test_apply_live_loads_and_unloads_adapters_in_a_running_vllm_replica(tmp_path):
     port = free_port()
     env = {**os.environ, "VLLM_API_KEY": "k" * 64, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "1"}

@@ -64,7 +64,9 @@ class FakeRunner:
         self.output: list[str] = []
         self.ignore_sigterm = False
 
-    async def spawn(self, argv, env, log_path: Path, redact: str = "", cpus=frozenset(), own_dirs=()) -> FakeProcess:
+    async def spawn(
+        self, argv, env, log_path: Path, redact: str = "", cpus=frozenset(), own_dirs=(), own_reads=()
+    ) -> FakeProcess:
         if self.fail_spawn:
             raise OSError(self.fail_spawn)
         proc = FakeProcess(list(self.output))

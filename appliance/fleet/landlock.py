@@ -1,4 +1,5 @@
-"""The engines' Landlock ruleset: an engine process cannot open the daemon's secrets.
+"""The engines' Landlock ruleset: an engine process cannot open the daemon's secrets, nor
+another model's weights.
 
 An engine runs as the daemon's user and may run code the operator never read (vLLM with
 trust_remote_code): as that user it could read the state database (audit rows, key
@@ -8,19 +9,27 @@ policy). So every engine process gets, between fork and exec and after its secco
 filter (sandbox.py), a Landlock domain its threads and children inherit and none of them
 can leave: every filesystem access right this kernel's Landlock knows (read, write,
 execute, list, make, remove, refer, truncate, device ioctl) is handled, and allowed
-everywhere except beneath the protected paths (`engine_keep_out`) and in the model store
-(`engine_read_only`: the cache directory, where an engine may only read and list).
+everywhere except beneath the protected paths (`engine_keep_out`) and in the cache
+directory (`engine_read_only`: an engine may only read and list there). The store's hub,
+every model's blobs and snapshots, is protected: a tenant's engine running
+trust_remote_code must not copy another tenant's private fine-tune. Each spawn allows
+back, read-only, the model it serves and its adapters (`store_reads`: a GGUF's blob, an
+HF snapshot and the blobs its links name), as the store holds them at the spawn: a model
+imported later gets no rule, and a blob two models share (one inode) is either's.
 
 Landlock only allow-lists, so the ruleset is the complement, built in the daemon before
 the fork (`EngineLandlock.ruleset`): from / down to each protected path, every entry of
 each ancestor directory that is neither protected nor an ancestor of a protected path
 gets a rule (a directory: all the rights beneath it; any other file: the rights a file
 takes); beneath a read-only path the rules hold only READ_FILE and READ_DIR, so the
-store's manifest, lock and staging, kept out inside it, get none; the engine's own
-directories (its private directory, its HOME) get every right, even inside a protected
-or read-only tree. The walk opens each entry by O_PATH relative to its
-directory's descriptor, never following a link: a link is given no rule (what it points
-at is governed where it lies), and a link where an ancestor was is not descended.
+store's manifest and hub, kept out inside it, get none; the engine's own directories
+(its private directory, its HOME) get every right, and its own model's files in the
+store (`own_reads`) READ_FILE and READ_DIR, even inside a protected or read-only tree
+(Landlock judges a file where its links resolve: the blob, which has its rule). The walk
+opens each entry by O_PATH relative to its directory's descriptor, never following a
+link: a link is given no rule (what it points at is governed where it lies), and a link
+where an ancestor was is not descended. `store_reads` reads a snapshot's links
+(readlink) and allows only a regular file in the same model's blobs folder.
 
 From ABI 6 (Linux 6.12) the domain is also scoped: an engine cannot signal a process
 outside it (kill the daemon, stop a worker or another engine) nor connect to an abstract
@@ -105,10 +114,13 @@ def fs_rights(abi: int) -> int:
     return rights
 
 
-# In the store (appliance/store/store.py): what the integrity checks compare against and
-# what only its writers use, kept from engines inside the read-only cache directory.
+# In the store (appliance/store/store.py): what the integrity checks compare against,
+# kept from engines inside the read-only cache directory; and its hub (every model's
+# blobs and snapshots, its writers' lock, leases and staging), kept from engines but for
+# the files of the model an engine serves (`store_reads`, allowed back by its spawn).
 STORE_MANIFEST = ("store.db", "store.db-wal", "store.db-shm", "store.db-journal")
-STORE_WRITERS = (".lock", ".leases", ".staging", ".downloads")  # under <cache_dir>/hf/hub
+STORE_HUB = ("hf", "hub")  # <cache_dir>/hf/hub
+STORE_MODEL_PREFIX = "models--"  # <hub>/models--ORG--NAME: one model's blobs and snapshots
 ENGINE_HOMES = "engine-home"  # <cache_dir>/engine-home/<replica>: each replica's HOME
 
 
@@ -119,12 +131,13 @@ def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> lis
     directory, the engines' private root (every replica's secret; a replica's own
     directory is allowed back by its spawn), the log directory and the daemon's log file
     (other replicas' logs hold prompts; an engine writes its log through the pipe the
-    daemon reads), the store's manifest and its writers' files, and every replica's HOME
-    (its own is allowed back by its spawn)."""
+    daemon reads), the store's manifest, the store's hub (every model's weights, and its
+    writers' files; the engine's own model is allowed back by its spawn: `store_reads`),
+    and every replica's HOME (its own is allowed back by its spawn)."""
     creds = environ.get("CREDENTIALS_DIRECTORY", "")
-    cache, hub = Path(cfg.paths.cache_dir), Path(cfg.paths.cache_dir) / "hf" / "hub"
+    cache = Path(cfg.paths.cache_dir)
     paths = [Path(cfg.paths.state_dir), private_root(), Path(cfg.paths.log_dir), cache / ENGINE_HOMES]
-    paths += [cache / name for name in STORE_MANIFEST] + [hub / name for name in STORE_WRITERS]
+    paths += [cache / name for name in STORE_MANIFEST] + [cache.joinpath(*STORE_HUB)]
     if cfg.server.log_file:
         paths.append(Path(cfg.server.log_file))
     if cfg.server.admin_token_file:
@@ -140,9 +153,73 @@ def engine_keep_out(cfg: Config, environ: Mapping[str, str] = os.environ) -> lis
 
 
 def engine_read_only(cfg: Config) -> list[Path]:
-    """Where an engine may only read and list: the cache directory (the model store's
-    blobs and snapshots, which every replica loads and none may change)."""
+    """Where an engine may only read and list: the cache directory (the model store,
+    which no replica may change; its hub is kept out but for each engine's own model)."""
     return [Path(cfg.paths.cache_dir)]
+
+
+def store_reads(cfg: Config, paths: Iterable[Path | None]) -> list[str]:
+    """What of the store's hub an engine may read, allowed back read-only by its spawn,
+    each resolved: of paths (its weights, its adapters' paths), each that lies in a model's
+    folder of the hub: a file (a GGUF: the blob its snapshot's link resolves to), or a
+    directory (an HF snapshot: the directory, and the blob each link beneath it names in
+    its own model's blobs folder, as the store makes them). Links beneath are read, never
+    followed, and one that names anything else (a path out of the store, another folder,
+    a link) is given nothing. A path outside the hub (the bundled model, a model or
+    adapter named by its path) is given nothing here: the ruleset's other rules govern
+    it, as they govern every other file."""
+    hub = os.path.realpath(Path(cfg.paths.cache_dir).joinpath(*STORE_HUB)) + os.sep
+    reads: list[str] = []
+    for path in paths:
+        if path is not None:
+            reads += _reads_in_hub(hub, os.path.realpath(path))
+    return reads
+
+
+def _in_models(hub: str, real: str) -> bool:
+    """real (resolved) lies in a model's folder of the hub (not its writers' files)."""
+    return real.startswith(hub) and real[len(hub) :].startswith(STORE_MODEL_PREFIX) and os.sep in real[len(hub) :]
+
+
+def _reads_in_hub(hub: str, real: str) -> list[str]:
+    if not _in_models(hub, real):
+        return []
+    try:
+        mode = os.lstat(real).st_mode
+    except OSError:
+        return []  # gone: the engine finds it gone
+    if stat.S_ISREG(mode):
+        return [real]
+    if not stat.S_ISDIR(mode):
+        return []
+    reads = [real]  # a snapshot: listed and read beneath; its links' blobs each allowed below
+    blobs = os.path.join(real[: real.index(os.sep, len(hub))], "blobs", "")  # <hub>/models--X/blobs/
+    try:
+        if not stat.S_ISDIR(os.lstat(blobs[:-1]).st_mode):
+            return reads  # a link, not a folder: no blob is named through it
+    except OSError:
+        return reads
+    folders = [real]  # resolved: each link's target is joined to a folder that is no link
+    while folders:
+        with os.scandir(folders.pop()) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.normpath(os.path.join(os.path.dirname(entry.path), os.readlink(entry.path)))
+                    if _is_blob(blobs, target):
+                        reads.append(target)
+                elif entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+    return reads
+
+
+def _is_blob(blobs: str, path: str) -> bool:
+    """path names a regular file directly in the blobs folder (not a link, not beneath)."""
+    if not path.startswith(blobs) or os.sep in path[len(blobs) :]:
+        return False
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False  # a dangling link
 
 
 class _Walk(dict):
@@ -214,10 +291,17 @@ class EngineLandlock:
         ctypes.set_errno(0)
         return int(self._libc.syscall(ctypes.c_long(number), *args))
 
-    def ruleset(self, keep_out: Iterable[Path], own: Iterable[Path], read_only: Iterable[Path] = ()) -> int | None:
+    def ruleset(
+        self,
+        keep_out: Iterable[Path],
+        own: Iterable[Path],
+        read_only: Iterable[Path] = (),
+        own_reads: Iterable[str] = (),
+    ) -> int | None:
         """A ruleset fd (O_CLOEXEC; the caller closes it after the spawn) allowing every
         right everywhere but beneath keep_out and read_only (there: reading and listing,
-        but keep_out), and in own; None when not enforced."""
+        but keep_out), in own, and reading (and listing) own_reads (`store_reads`: its
+        model's files in the store); None when not enforced."""
         if not self.enforced:
             return None
         keep_out = list(keep_out)
@@ -237,6 +321,9 @@ class EngineLandlock:
             for path in own:
                 with contextlib.suppress(FileNotFoundError):
                     self._allow_path(fd, path, self.rights)
+            for read in own_reads:  # resolved already (store_reads)
+                with contextlib.suppress(FileNotFoundError):  # removed since: the engine finds it gone
+                    self._allow_path(fd, read, self.rights & READ_ONLY_RIGHTS, resolve=False)
         except BaseException:
             os.close(fd)
             raise
@@ -283,8 +370,8 @@ class EngineLandlock:
         finally:
             os.close(fd)
 
-    def _allow_path(self, ruleset: int, path: Path, rights: int) -> None:
-        fd = os.open(os.path.realpath(path), os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    def _allow_path(self, ruleset: int, path: Path | str, rights: int, resolve: bool = True) -> None:
+        fd = os.open(os.path.realpath(path) if resolve else path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             self._add_rule(ruleset, fd, rights)
         finally:
@@ -363,7 +450,7 @@ def engine_landlock() -> EngineLandlock:
     if not landlock.enforced:
         log.warning(
             "engines run without their Landlock ruleset (%s): an engine may read the state database, "
-            "the admin token, the providers' keys and the other replicas' keys",
+            "the admin token, the providers' keys, the other replicas' keys and every model's weights",
             landlock.reason,
         )
     return landlock

@@ -190,11 +190,15 @@ def adapters_changed(old: ModelConfig, new: ModelConfig) -> Literal["live", "res
     old set was not empty) and stay so (the new one is not either); "restart" otherwise
     (the replicas roll, as for any changed engine argument). The caller compares the rest
     of the model itself. A live load the engine refuses (an adapter of a rank above the
-    replica's --max-lora-rank) must fall back to a restart."""
+    replica's --max-lora-rank) must fall back to a restart. A store adapter new to the set
+    is a restart too: a running engine may read of the store only the files it started
+    with (fleet/landlock.store_reads)."""
     if old.adapters == new.adapters:
         return "live"
     if old.server != new.server or new.server not in LIVE_ENGINES or not old.adapters or not new.adapters:
         return "restart"  # LoRA switched on or off is an engine flag
+    if {a.source for a in new.adapters if a.source.startswith(STORE_PREFIX)} - {a.source for a in old.adapters}:
+        return "restart"
     return "live"
 
 

@@ -50,13 +50,15 @@ class ProcessRunner(Protocol):
         redact: str = "",
         cpus: frozenset[int] = frozenset(),
         own_dirs: tuple[Path, ...] = (),
+        own_reads: tuple[str, ...] = (),
     ) -> ProcessHandle:
         """Start argv with exactly env as its environment (nothing of the daemon's
         is added: appliance/fleet/engine_access.py decides), its output logged with redact
         (the replica's key, which some engines print) replaced, on the CPUs in cpus only
         (empty: wherever the daemon may run), free to use own_dirs (its private directory,
-        its HOME) even where the daemon's secrets are kept from it; raise OSError (with a
-        clear message) if it cannot start."""
+        its HOME) even where the daemon's secrets are kept from it, and to read own_reads
+        (its model's files in the store, landlock.store_reads) where every other model's
+        are kept from it; raise OSError (with a clear message) if it cannot start."""
 
 
 class CappedLog:
@@ -210,22 +212,23 @@ class SubprocessRunner:
         redact: str = "",
         cpus: frozenset[int] = frozenset(),
         own_dirs: tuple[Path, ...] = (),
+        own_reads: tuple[str, ...] = (),
     ) -> ProcessHandle:
         exe = argv[0]
         if not (os.sep in exe and os.access(exe, os.X_OK)) and shutil.which(exe, path=env.get("PATH")) is None:
             raise OSError(f"engine program not found or not executable: {exe}")
-        ruleset = self._ruleset(own_dirs)
+        ruleset = self._ruleset(own_dirs, own_reads)
         try:
             return await self._start(argv, env, log_path, redact, cpus, ruleset)
         finally:
             if ruleset is not None:
                 os.close(ruleset)  # the child holds its domain; the daemon needs no copy
 
-    def _ruleset(self, own_dirs: tuple[Path, ...]) -> int | None:
+    def _ruleset(self, own_dirs: tuple[Path, ...], own_reads: tuple[str, ...]) -> int | None:
         if self._keep_out is None:
             return None
         try:
-            return self._landlock.ruleset(self._keep_out(), own_dirs, self._read_only())
+            return self._landlock.ruleset(self._keep_out(), own_dirs, self._read_only(), own_reads)
         except OSError as exc:
             raise OSError(f"cannot build the engine's Landlock ruleset: {exc.strerror or exc}") from exc
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from appliance.fleet.engine_access import engine_environment
-from appliance.fleet.landlock import ENGINE_HOMES
+from appliance.fleet.landlock import ENGINE_HOMES, store_reads
 from appliance.fleet.process import ProcessHandle
 from appliance.fleet.replica_state import Crash, ReplicaState, State
 from appliance.store.weights import model_path
@@ -78,8 +78,17 @@ class EngineProcess(ReplicaState):
             home = Path(self.cfg.paths.cache_dir) / ENGINE_HOMES / self.log_path.stem
             env = engine_environment(spec.env, home, self.access)
             own = (self.access.dir, home)  # allowed even where the daemon's secrets are kept from engines
+            # What it serves, read back from the store that keeps every model from engines:
+            # its weights and its adapters, as they are now (a model imported later is not its).
+            reads = store_reads(self.cfg, (weights, *(lora.path for lora in self.loras)))
             return await self.runner.spawn(
-                spec.argv, env, self.log_path, redact=self.access.secret, cpus=self.cpus, own_dirs=own
+                spec.argv,
+                env,
+                self.log_path,
+                redact=self.access.secret,
+                cpus=self.cpus,
+                own_dirs=own,
+                own_reads=tuple(reads),
             )
         except OSError as exc:
             raise Crash(str(exc)) from None
