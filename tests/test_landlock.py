@@ -299,13 +299,14 @@ def test_what_an_engine_reads_back_of_the_store_is_its_snapshot_and_the_blobs_it
                              snap / "escape", hub / "models--org--m", hub]) == []
 
 
-async def test_a_replicas_spawn_reads_back_its_store_model_and_its_store_adapters_and_nothing_else(tmp_path):
+async def test_a_replicas_spawn_reads_back_its_store_model_its_adapters_and_files_its_command_names(tmp_path):
     cache = tmp_path / "cache"
     model, adapter = import_model(cache, "base", b"weights"), import_model(cache, "sql-lora", b"adapter")
+    mmproj = import_model(cache, "base-mmproj", b"projector")  # named by the operator's --mmproj=
     import_model(cache, "other", b"another tenant's")
     cfg = parse_config(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{cache}"\n'
                        '[[models]]\nname = "base"\nserver = "openai"\nsource = "store:base"\n'
-                       'command = ["engine", "{port}"]\n')
+                       f'command = ["engine", "{{port}}", "--mmproj={mmproj["snapshot"]}"]\n')
     spawned: list[tuple[Path, ...]] = []
 
     class Recorder:
@@ -322,7 +323,8 @@ async def test_a_replicas_spawn_reads_back_its_store_model_and_its_store_adapter
             await replica._spawn()
     finally:
         replica.access.close()
-    assert sorted(spawned[0]) == sorted((model["snapshot"], model["blob"], adapter["snapshot"], adapter["blob"]))
+    assert sorted(spawned[0]) == sorted((model["snapshot"], model["blob"], adapter["snapshot"], adapter["blob"],
+                                         mmproj["snapshot"], mmproj["blob"]))
 
 
 def test_the_shared_temp_dirs_engines_cannot_make_entries_in_are_those_above_a_protected_path():

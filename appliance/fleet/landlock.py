@@ -173,7 +173,19 @@ def store_reads(cfg: Config, paths: Iterable[Path | None]) -> list[str]:
     for path in paths:
         if path is not None:
             reads += _reads_in_hub(hub, os.path.realpath(path))
-    return reads
+    return list(dict.fromkeys(reads))  # the weights named twice (a path and its flag) ruled once
+
+
+def named_paths(argv: Iterable[str]) -> list[Path]:
+    """The absolute paths an engine's command line names (``/p`` or ``--flag=/p``): files
+    the operator gave it beside its weights (llama.cpp's ``--mmproj``, a vLLM
+    ``--tokenizer`` folder), read back by its spawn if they lie in the store."""
+    named = []
+    for arg in argv:
+        value = arg.partition("=")[2] if arg.startswith("-") else arg
+        if value.startswith("/"):
+            named.append(Path(value))
+    return named
 
 
 def _in_models(hub: str, real: str) -> bool:

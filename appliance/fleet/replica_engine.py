@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 
 from appliance.fleet.engine_access import engine_environment
-from appliance.fleet.landlock import ENGINE_HOMES, store_reads
+from appliance.fleet.landlock import ENGINE_HOMES, named_paths, store_reads
 from appliance.fleet.process import ProcessHandle
 from appliance.fleet.replica_state import Crash, ReplicaState, State
 from appliance.store.weights import model_path
@@ -79,8 +79,10 @@ class EngineProcess(ReplicaState):
             env = engine_environment(spec.env, home, self.access)
             own = (self.access.dir, home)  # allowed even where the daemon's secrets are kept from engines
             # What it serves, read back from the store that keeps every model from engines:
-            # its weights and its adapters, as they are now (a model imported later is not its).
-            reads = store_reads(self.cfg, (weights, *(lora.path for lora in self.loras)))
+            # its weights, its adapters and the files its command names (an mmproj), as
+            # they are now (a model imported later is not its).
+            served = (weights, *(lora.path for lora in self.loras), *named_paths(spec.argv))
+            reads = store_reads(self.cfg, served)
             return await self.runner.spawn(
                 spec.argv,
                 env,
