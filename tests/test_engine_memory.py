@@ -114,9 +114,10 @@ os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
 """
 
 # The unit's capability set: none (CapabilityBoundingSet=). The tests may run as root, and
-# a root engine holding root's capabilities still reads another's /proc/PID/environ and
-# maps under Landlock (seen on Linux 6.18: only the attach-mode checks, mem and ptrace,
-# refuse it), so the daemon runs here as the unit runs it, without any.
+# an engine holding CAP_SYS_ADMIN or CAP_PERFMON (root's) still reads another's
+# /proc/PID/environ and maps under Landlock (seen on Linux 6.18: only the attach-mode
+# checks, mem, ptrace, process_vm_readv, pidfd_getfd, refuse it), so the daemon runs here
+# as the unit runs it, without any.
 AS_THE_UNIT = ["setpriv", "--bounding-set=-all", "--inh-caps=-all"] if os.geteuid() == 0 else []
 
 CLOSED = {"ptrace_attach": "EPERM", "ptrace_seize": "EPERM", "process_vm_readv": "EPERM",
