@@ -363,7 +363,7 @@ def engine_landlock() -> EngineLandlock:
     if not landlock.enforced:
         log.warning(
             "engines run without their Landlock ruleset (%s): an engine may read the state database, "
-            "the admin token, the providers' keys and the other replicas' keys",
+            "the admin token, the providers' keys, the other replicas' keys and the other engines' memory",
             landlock.reason,
         )
     return landlock
