@@ -24,10 +24,11 @@ from .conftest import FAKE_ENGINE, PY, fake_model, wait_until
 
 # `probe.py TARGET_MODEL -- ENGINE...`: what hostile code in an engine would try on the
 # other replica (found by its command line, which /proc shows anyone) and on the daemon
-# (its parent); PROBE {"other": {...}, "daemon": {...}} in its log, then it runs the engine.
+# (its parent), and on a process of its own; PROBE {"other": {...}, "daemon": {...},
+# "own": {...}} in its log, then it runs the engine.
 # Each attempt is "ok" or the errno; one that worked is undone (detached, closed).
 PROBE = r"""
-import ctypes, errno, json, os, sys, time
+import ctypes, errno, json, os, subprocess, sys, time
 
 libc = ctypes.CDLL(None, use_errno=True)
 libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p]
@@ -109,7 +110,11 @@ deadline, other = time.monotonic() + 20, None
 while other is None and time.monotonic() < deadline:
     other = find(sys.argv[1])
     time.sleep(0.05)
-print("PROBE " + json.dumps({"other": probe(other), "daemon": probe(os.getppid())}), flush=True)
+own = subprocess.Popen(["sleep", "60"])  # one of its own processes, as vLLM's workers are
+seen = {"other": probe(other), "daemon": probe(os.getppid()), "own": probe(own.pid)}
+own.kill()
+own.wait()
+print("PROBE " + json.dumps(seen), flush=True)
 os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
 """
 
@@ -161,7 +166,7 @@ def probe_report(log_dir: Path) -> dict:
 def test_an_engine_cannot_read_another_engines_memory_nor_the_daemons(daemons, tmp_path):
     d = daemons.start(fake_model("target") + probing_model(tmp_path, "prober", "target"), launcher=AS_THE_UNIT)
     seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
-    assert seen == {"other": CLOSED, "daemon": CLOSED}
+    assert seen == {"other": CLOSED, "daemon": CLOSED, "own": OPEN}  # its own: what NCCL's handle exchange uses
     assert d.status()["engines_landlocked"] is True
     wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
     with d.client() as c:  # both still serve
