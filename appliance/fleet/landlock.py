@@ -462,7 +462,8 @@ def engine_landlock() -> EngineLandlock:
     if not landlock.enforced:
         log.warning(
             "engines run without their Landlock ruleset (%s): an engine may read the state database, "
-            "the admin token, the providers' keys, the other replicas' keys and every model's weights",
+            "the admin token, the providers' keys, the other replicas' keys, every model's weights "
+            "and the other engines' memory",
             landlock.reason,
         )
     return landlock
