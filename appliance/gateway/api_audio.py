@@ -74,8 +74,9 @@ def boundary_of(content_type: bytes | None) -> bytes:
     if match is None:
         raise BadRequest("The multipart/form-data Content-Type names no boundary", code="invalid_content_type")
     if len(_ANY_BOUNDARY.findall(content_type)) != 1:  # a parser taking another would see other parts
-        raise BadRequest("The multipart/form-data Content-Type names its boundary more than once",
-                         code="invalid_content_type")
+        raise BadRequest(
+            "The multipart/form-data Content-Type names its boundary more than once", code="invalid_content_type"
+        )
     return match.group(1)
 
 
@@ -94,8 +95,7 @@ def _name_of(headers: bytes) -> bytes:
         or b"\r\n\t" in headers
     ):
         raise BadRequest(
-            "Malformed multipart body: each part names its field once, in one Content-Disposition "
-            'header as name="..."',
+            'Malformed multipart body: each part names its field once, in one Content-Disposition header as name="..."',
             code="invalid_body",
         )
     return named.group(1)
