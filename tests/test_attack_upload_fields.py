@@ -27,18 +27,29 @@ def part(headers: str, value: str) -> bytes:
 
 def upload(*extra: bytes) -> bytes:
     """The route's model as an SDK sends it, the extra parts, then the audio."""
-    audio = (f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
-             "Content-Type: audio/wav\r\n\r\n").encode() + WAV + b"\r\n"
-    return part('Content-Disposition: form-data; name="model"', "ears") + b"".join(extra) + audio + \
-        f"--{BOUNDARY}--\r\n".encode()
+    audio = (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n'
+            "Content-Type: audio/wav\r\n\r\n"
+        ).encode()
+        + WAV
+        + b"\r\n"
+    )
+    return (
+        part('Content-Disposition: form-data; name="model"', "ears")
+        + b"".join(extra)
+        + audio
+        + f"--{BOUNDARY}--\r\n".encode()
+    )
 
 
 SMUGGLED_PARTS = {
     "an unquoted name": part("Content-Disposition: form-data; name=model", SMUGGLED),
     "an RFC 2231 name": part("Content-Disposition: form-data; name*=utf-8''model", SMUGGLED),
     "a name given twice": part('Content-Disposition: form-data; name="prompt"; name="model"', SMUGGLED),
-    "two Content-Dispositions": part('Content-Disposition: form-data; name="prompt"\r\n'
-                                     'Content-Disposition: form-data; name="model"', SMUGGLED),
+    "two Content-Dispositions": part(
+        'Content-Disposition: form-data; name="prompt"\r\nContent-Disposition: form-data; name="model"', SMUGGLED
+    ),
     "a folded Content-Disposition": part('Content-Disposition: form-data;\r\n name="model"', SMUGGLED),
 }
 
@@ -49,14 +60,16 @@ def daemon(tmp_path_factory):
 
     factory = DaemonFactory(tmp_path_factory.mktemp("upload"))
     ear = 'tasks = ["transcribe"]'
-    yield factory.start(fake_model("whisper", extra=ear) + fake_model("chatty", extra=ear)
-                        + route("ears", "ears", "whisper", False))
+    yield factory.start(
+        fake_model("whisper", extra=ear) + fake_model("chatty", extra=ear) + route("ears", "ears", "whisper", False)
+    )
     factory.cleanup()
 
 
 def _post(d, body: bytes, content_type: str = f"multipart/form-data; boundary={BOUNDARY}") -> httpx.Response:
-    return httpx.post(d.url + "/v1/audio/transcriptions", content=body, timeout=30,
-                      headers={"Content-Type": content_type})
+    return httpx.post(
+        d.url + "/v1/audio/transcriptions", content=body, timeout=30, headers={"Content-Type": content_type}
+    )
 
 
 def _engine_requests(d) -> int:
@@ -76,17 +89,31 @@ def test_a_form_field_name_an_engine_could_read_otherwise_is_refused_before_the_
     assert _post(daemon, upload()).status_code == 200
 
 
+def test_a_file_name_that_holds_name_equals_is_still_one_name(daemon):
+    body = upload().replace(b'filename="a.wav"', b'filename="my name=1; name=x.wav"')
+    assert _post(daemon, body).status_code == 200
+
+
 def test_a_second_boundary_in_the_content_type_is_refused_before_the_engine(daemon):
     # The appliance split the form by the first boundary; a parser taking the last would
     # find the parts hidden inside the "audio" (its own model field among them).
-    hidden = (b"--other\r\nContent-Disposition: form-data; name=\"model\"\r\n\r\n" + SMUGGLED.encode()
-              + b"\r\n--other\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.wav\"\r\n\r\n"
-              + WAV + b"\r\n--other--\r\n")
+    hidden = (
+        b'--other\r\nContent-Disposition: form-data; name="model"\r\n\r\n'
+        + SMUGGLED.encode()
+        + b'\r\n--other\r\nContent-Disposition: form-data; name="file"; filename="b.wav"\r\n\r\n'
+        + WAV
+        + b"\r\n--other--\r\n"
+    )
     before = _engine_requests(daemon)
-    for content_type in (f"multipart/form-data; boundary={BOUNDARY}; boundary=other",
-                         f"multipart/form-data; boundary={BOUNDARY}; BOUNDARY=other"):
-        resp = _post(daemon, upload(part('Content-Disposition: form-data; name="prompt"', hidden.decode("latin-1"))),
-                     content_type)
+    for content_type in (
+        f"multipart/form-data; boundary={BOUNDARY}; boundary=other",
+        f"multipart/form-data; boundary={BOUNDARY}; BOUNDARY=other",
+    ):
+        resp = _post(
+            daemon,
+            upload(part('Content-Disposition: form-data; name="prompt"', hidden.decode("latin-1"))),
+            content_type,
+        )
         assert resp.status_code == 400, (content_type, resp.text[:300])
         assert resp.json()["error"]["code"] == "invalid_content_type", resp.text
     assert _engine_requests(daemon) == before

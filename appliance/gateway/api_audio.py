@@ -50,6 +50,7 @@ _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
 # written (quoted or not, RFC 2231's name*=, any case, on a folded line): each must
 # come once, and as _NAME and _BOUNDARY read it.
 _ANY_NAME = re.compile(rb"(?i)(?<![\w-])name\s*\*?\s*=")
+_QUOTED = re.compile(rb'"[^"\r\n]*"')  # a quoted value (a filename may hold "name=")
 _ANY_BOUNDARY = re.compile(rb"(?i)(?<![\w-])boundary\s*\*?\s*=")
 _DISPOSITION = re.compile(rb"(?im)^content-disposition\s*:[^\r\n]*")
 
@@ -90,7 +91,7 @@ def _name_of(headers: bytes) -> bytes:
     if (
         named is None
         or len(dispositions) != 1
-        or len(_ANY_NAME.findall(dispositions[0])) != 1
+        or len(_ANY_NAME.findall(_QUOTED.sub(b'""', dispositions[0]))) != 1
         or b"\r\n " in headers
         or b"\r\n\t" in headers
     ):
