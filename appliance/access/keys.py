@@ -123,6 +123,11 @@ class KeyStore:
             row = self.db.execute("SELECT revoked_at FROM api_keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else (row[0], False)
 
+    def usable(self, key_id: str) -> bool:
+        """Whether a key of this id exists and is not revoked: one lookup by the primary key."""
+        row = self.db.execute("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
+        return row is not None
+
     def used(self, period_starts: dict[str, int]) -> dict[str, int]:
         """Tokens each key used in its current budget period (from the ledger)."""
         out = {}
@@ -239,8 +244,10 @@ class Gate:
             return None
         key_id, _, secret = token[len(PREFIX) :].partition("-")
         key = self.keys.get(key_id)
-        if key is None and self.store.version() != self._version:
-            self.refresh()  # a key created a moment ago by `appliance keys create`
+        if key is None and self.store.version() != self._version and self.store.usable(key_id):
+            # A key created a moment ago by `appliance keys create`. Only then: a made-up id
+            # (anyone may send one) costs one lookup, not a reload of every key.
+            self.refresh()
             key = self.keys.get(key_id)
         expected = key.secret_sha256 if key is not None else "0" * 64
         if not hmac.compare_digest(_digest(secret), expected) or key is None:

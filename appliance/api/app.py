@@ -66,7 +66,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.providers import set_fields
 from appliance.gateway.relay import answer_stream, answer_whole, send_whole
 from appliance.gateway.request import ProxyRequest, peer_of, request_id_of
-from appliance.gateway.routing import Routes
+from appliance.gateway.routing import Routes, one_tag
 from appliance.logs import bind_request_id
 
 log = logging.getLogger("appliance.api")
@@ -108,7 +108,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         elif name == b"authorization":
             auth = value if auth is None else one_key(auth, value)
         elif name == tag_header:
-            tag = value
+            tag = one_tag(tag, value)
         elif name == b"x-api-key":  # the Anthropic SDK's header
             auth = one_key(auth, b"Bearer " + value)
         elif name == b"content-type" and ep.form:  # a multipart upload's boundary

@@ -46,6 +46,13 @@ _ROUTED = (b"model", b"stream")
 _BOUNDARY = re.compile(rb'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?')
 _NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
 _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
+# What engines' form parsers may take for a part's name, or a form's boundary, however
+# written (quoted or not, RFC 2231's name*=, any case, on a folded line): each must
+# come once, and as _NAME and _BOUNDARY read it.
+_ANY_NAME = re.compile(rb"(?i)(?<![\w-])name\s*\*?\s*=")
+_QUOTED = re.compile(rb'"[^"\r\n]*"')  # a quoted value (a filename may hold "name=")
+_ANY_BOUNDARY = re.compile(rb"(?i)(?<![\w-])boundary\s*\*?\s*=")
+_DISPOSITION = re.compile(rb"(?im)^content-disposition\s*:[^\r\n]*")
 
 
 class AudioRequest:
@@ -67,7 +74,32 @@ def boundary_of(content_type: bytes | None) -> bytes:
     match = _BOUNDARY.search(content_type)
     if match is None:
         raise BadRequest("The multipart/form-data Content-Type names no boundary", code="invalid_content_type")
+    if len(_ANY_BOUNDARY.findall(content_type)) != 1:  # a parser taking another would see other parts
+        raise BadRequest(
+            "The multipart/form-data Content-Type names its boundary more than once", code="invalid_content_type"
+        )
     return match.group(1)
+
+
+def _name_of(headers: bytes) -> bytes:
+    """A part's name, from its one Content-Disposition's one quoted ``name``: a part an
+    engine's form parser could name otherwise (a name unquoted or in RFC 2231's form, two
+    names, two Content-Dispositions, a folded line) is a 400, so that the engine reads
+    the fields, ``model`` first, that the appliance routed by and rewrote."""
+    named = _NAME.search(headers)
+    dispositions = _DISPOSITION.findall(headers)
+    if (
+        named is None
+        or len(dispositions) != 1
+        or len(_ANY_NAME.findall(_QUOTED.sub(b'""', dispositions[0]))) != 1
+        or b"\r\n " in headers
+        or b"\r\n\t" in headers
+    ):
+        raise BadRequest(
+            'Malformed multipart body: each part names its field once, in one Content-Disposition header as name="..."',
+            code="invalid_body",
+        )
+    return named.group(1)
 
 
 def _parts(body: bytes, boundary: bytes):
@@ -98,8 +130,7 @@ def decode(body: bytes, content_type: bytes | None) -> AudioRequest:
     spans: dict[bytes, tuple[int, int]] = {}
     audio = False
     for headers, start, end in _parts(body, boundary):
-        named = _NAME.search(headers)
-        name = named.group(1) if named is not None else b""
+        name = _name_of(headers)
         is_file = _FILENAME.search(headers) is not None
         if name in _ROUTED and (name in spans or is_file):
             # The engine might read another one than the appliance routed by.

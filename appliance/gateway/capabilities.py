@@ -194,7 +194,7 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
     honour and answer as if it had: a forced tool call, an embedding's dimensions, a
-    completion's echo, suffix or best_of.
+    completion's echo, suffix or best_of; a background Response (never served).
     (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
@@ -208,6 +208,16 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
     best_of = getattr(request, "best_of", None)
     if best_of is not None and best_of > 1:
         check_completion_field(model, "best_of", "leave 'best_of' out, or ask 'n' answers and pick one yourself")
+    if getattr(request, "background", False):
+        # vLLM answers a background Response at once, queued and without usage, and
+        # generates it afterwards: out of the replica's slots, and with no answer left
+        # to charge its tokens from (a retrieve is free), so a key's budget would not hold.
+        raise BadRequest(
+            "'background' Responses are not served: their tokens could not be charged nor their "
+            "engine time counted; leave 'background' out (stream the answer instead)",
+            param="background",
+            code="background_not_supported",
+        )
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:

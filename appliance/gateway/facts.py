@@ -49,6 +49,7 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     view: bytes | None = None
     guess: int | None = None
     best_of: int | None = None  # a completions request's (capabilities.check_fields)
+    background: bool = False  # a Responses request's (capabilities.check_fields)
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -72,6 +73,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         # is set without decoding the body once more for them (api/app.py, _tap).
         options=b"" if options is None else None,
         best_of=getattr(request, "best_of", None),
+        background=bool(getattr(request, "background", False)),
     )
 
 

@@ -28,6 +28,17 @@ def estimate(req: ProxyRequest, events: int) -> Usage:
     return req.endpoint.dialect.estimate(req.body, events, req.completion_cap)
 
 
+# What an audit row keeps of the model name: the client's word, any length up to the
+# body limit (a name no model has: configured names are at most 128 characters).
+AUDITED_MODEL_CHARS = 256
+
+
+def _cut(model: str) -> str:
+    """A model name too long to keep whole: its start and its length. One request's row
+    must not cost the state database megabytes (a 404 costs the daemon nothing else)."""
+    return f"{model[:AUDITED_MODEL_CHARS]}... (cut: {len(model)} characters in all)"
+
+
 def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
     """The request is answered: metrics (every request, refused ones too), the key's
     budget settled, one audit row
@@ -68,7 +79,7 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         req.rid,
         req.key.id if req.key is not None else None,
         req.route.name if req.route is not None else None,
-        req.model,
+        req.model if len(req.model) <= AUDITED_MODEL_CHARS else _cut(req.model),
         endpoint,
         req.served_by,
         status,

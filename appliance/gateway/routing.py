@@ -4,7 +4,8 @@ go when that model cannot. ``forward`` decides and sends the request there
 
 A route matches the requested model name and optionally a tag (the tag header,
 or the API key's tag). A key's tag binds it: the header may repeat it, never
-replace it, and a tag no route carries is a 400. Its fallbacks are tried in
+replace it, and a tag no route carries is a 400, as are two different tags
+(``one_tag``). Its fallbacks are tried in
 order, for permitted routes only: a burst when the local model is saturated, a
 failover when it cannot start or fails before the first byte (connection
 error, timeout, 5xx). Once a streamed answer has sent a byte there is no fallback.
@@ -51,6 +52,19 @@ log = logging.getLogger("appliance.routing")
 # Local failures a permitted route may fail over from.
 FALLBACK_ERRORS = (NoCapacity, QueueFull, EngineFailure)
 
+# What a request that sent two different tag headers carries in place of either:
+# Routes.match refuses it.
+TWO_TAGS = b"\0two different tags"
+_TWO_TAGS_SENT = TWO_TAGS.decode("latin-1")
+
+
+def one_tag(first: bytes | None, other: bytes) -> bytes:
+    """A request's tag once another tag header came: the first when both are the same,
+    else TWO_TAGS. A reverse proxy in front may stamp a tag (a department's regulated
+    route) on requests: a client adding its own, different one must not pick which is
+    obeyed, by order, and send its request to an unregulated route's provider."""
+    return other if first is None or first == other else TWO_TAGS
+
 
 class Routes:
     def __init__(self, routes: list[RouteConfig]) -> None:
@@ -68,6 +82,11 @@ class Routes:
         """The route for a request: its model and the tag it carries. A key's tag
         is a ceiling: the tag header may repeat it, never move the key to
         another tag's routes (a catch-all route, tag "", matches every tag)."""
+        if sent_tag == _TWO_TAGS_SENT:
+            raise BadRequest(
+                f"Two different tags in the {header} header: send one (a proxy in front may set it)",
+                code="two_tags",
+            )
         if sent_tag and sent_tag not in self.tags:
             raise BadRequest(
                 f"Unknown tag {quoted(sent_tag)} in the {header} header: no route carries it", code="unknown_tag"
