@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import socket
+import weakref
 
 import aiohttp
 import pytest
@@ -150,3 +152,21 @@ async def test_a_stream_whose_engine_never_answers_its_head_times_out_and_frees_
             for conn in accepted:
                 conn.close()
             listener.close()
+
+
+@_on_both_loops
+async def test_an_ended_deadline_queued_behind_a_waiting_one_keeps_no_task_alive():
+    # A client trickling its body holds the queue's head for the whole timeout: the
+    # requests that ended behind it stay queued until then, but not their tasks.
+    waiting = asyncio.ensure_future(_wait_under(5, asyncio.sleep(5)))
+    await asyncio.sleep(0.01)
+    ended = asyncio.ensure_future(_wait_under(5, asyncio.sleep(0, "done")))
+    assert await ended == "done"
+    await asyncio.sleep(0.01)  # the loop's own references to it (the wakeup of who awaited it) gone
+    gone = weakref.ref(ended)
+    del ended
+    gc.collect()
+    assert gone() is None
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting

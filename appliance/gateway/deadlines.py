@@ -7,7 +7,9 @@ of one length fall due in the order they were set, so they wait in one queue per
 length, behind one loop timer for its head (as the relay's client watches do):
 scheduling and cancelling a uvloop timer cost ~1.8 µs, ``asyncio.timeout``'s context
 manager ~4.5 µs, a queue entry ~0.3 µs. A deadline that ended is passed over when it
-falls due, and dropped sooner when it reaches the queue's head as a later one is set.
+falls due, and dropped sooner when it reaches the queue's head as a later one is set;
+behind one still waiting (a client trickling its body), ended ones stay queued until
+it falls due, each a few dozen bytes (an ended deadline keeps no task).
 
     deadline = deadlines.start(seconds)
     try:
@@ -32,7 +34,8 @@ class Deadline:
     __slots__ = ("at", "cancelling", "expired", "pending", "task")
 
     def __init__(self, task: asyncio.Task, at: float) -> None:
-        self.task, self.at = task, at
+        self.task: asyncio.Task | None = task  # None once ended: a queued one keeps no task alive
+        self.at = at
         self.cancelling = task.cancelling()  # cancels requested before: not ours
         self.pending = True  # until end(): a deadline due then cancels its task
         self.expired = False  # it fell due and cancelled its task; not yet taken back
@@ -41,7 +44,7 @@ class Deadline:
         """In an ``except CancelledError``: whether the cancel being raised is this
         deadline's alone (then it is taken back, and the caller raises its timeout),
         not the task's being cancelled by someone else as well."""
-        if not self.expired:
+        if not self.expired or self.task is None:
             return False
         self.expired = False
         return self.task.uncancel() <= self.cancelling
@@ -50,9 +53,10 @@ class Deadline:
         """The wait is over: the deadline no longer applies. A cancel of its that the
         work swallowed is taken back, as asyncio.timeout takes it back on exit."""
         self.pending = False
-        if self.expired:
+        if self.expired and self.task is not None:
             self.expired = False
             self.task.uncancel()
+        self.task = None
 
 
 class _Queue:
@@ -83,7 +87,7 @@ class _Queue:
         try:
             while due and due[0].at <= now:
                 deadline = due.popleft()
-                if deadline.pending:
+                if deadline.pending and deadline.task is not None:
                     deadline.expired = True
                     deadline.task.cancel()
         finally:
