@@ -11,6 +11,7 @@ from typing import Any
 from litestar.types import Receive
 
 from appliance.errors import BadRequest, PayloadTooLarge, RequestTimeout
+from appliance.gateway import deadlines
 
 log = logging.getLogger("appliance.api")
 
@@ -18,27 +19,17 @@ log = logging.getLogger("appliance.api")
 async def read_body(receive: Receive, declared: bytes | None, limit: int, timeout: float = 30.0) -> bytes:
     """The whole request body straight from the ASGI receive channel, within
     timeout seconds (a client trickling its body byte by byte gets 408). The deadline
-    is one timer that cancels this task, as asyncio.timeout's is, without its context
-    manager's object and calls (~4 us of a proxied request's CPU: bench/gateway_overhead.py)."""
-    task = asyncio.current_task()
-    assert task is not None, "read in a task"
-    cancelling = task.cancelling()
-    expired = False
-
-    def expire() -> None:
-        nonlocal expired
-        expired = True
-        task.cancel()
-
-    timer = asyncio.get_running_loop().call_later(timeout, expire)
+    cancels this task, as asyncio.timeout's would, from a queue of the deadlines of
+    its length rather than a loop timer of its own (gateway/deadlines.py)."""
+    deadline = deadlines.start(timeout)
     try:
         return await _receive_body(receive, declared, limit)
     except asyncio.CancelledError:
-        if expired and task.uncancel() <= cancelling:  # our deadline's cancel, no one else's
+        if deadline.passed():  # our deadline's cancel, no one else's
             raise RequestTimeout(f"Request body not received within {timeout:g}s") from None
         raise
     finally:
-        timer.cancel()
+        deadline.end()
 
 
 async def _receive_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
