@@ -30,6 +30,8 @@ EXAMPLES: dict[str, list[str]] = {
     "unload": ["appliance unload smollm2-135m-instruct"],
     "pin": ["appliance pin smollm2-135m-instruct"],
     "unpin": ["appliance unpin smollm2-135m-instruct"],
+    "restart": ["appliance restart smollm2-135m-instruct#0"],
+    "drain": ["appliance drain smollm2-135m-instruct#1 --json"],
     "tui": ["appliance tui", "appliance tui --url http://10.0.0.5:8000 --token-file admin.token"],
     "logs": ["appliance logs -n 100 --no-follow", "appliance logs --replica smollm2-135m-instruct#0"],
     "export": ["appliance export llama-70b --to vllm-multinode -o deploy/", "appliance export llama-8b --to kserve"],
