@@ -92,22 +92,32 @@ def models_import(path, name, license_, sha256, config, as_json, quiet):
         found = incoming_from(path, name=name, license=license_, sha256=sha256, expected_version=appliance_version())
         results = []
         for incoming in found:
+            before = store.get(incoming.name)
             with ByteProgress(f"importing {incoming.name}", incoming.total_bytes, quiet=quiet) as progress:
                 record, evicted = store.add(incoming, progress)
-            results.append((record, evicted))
+            # The same files again (a second run of a script, the same media): added is False.
+            added = before is None or before.revision != record.revision
+            results.append((record, evicted, added))
     except StoreError as exc:
         raise _fail(exc) from None
     if as_json:
-        click.echo(json.dumps([{**_record_json(store, r), "evicted": e} for r, e in results], indent=2))
+        rows = [{**_record_json(store, r), "evicted": e, "already_imported": not added} for r, e, added in results]
+        click.echo(json.dumps(rows, indent=2))
         return
-    for r, evicted in results:
+    for r, evicted, added in results:
         for e in evicted:
             click.echo(f"evicted {e} (least recently used) to stay within store.budget_gib")
         titled = f' "{r.title}"' if r.title else ""
-        click.echo(
-            f"imported {r.name}{titled} revision {r.revision[:12]} ({len(r.files)} files, "
-            f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
-        )
+        if not added:
+            click.echo(
+                f"{r.name}{titled} revision {r.revision[:12]} is in the store already, with these same files "
+                f"(hashed again): nothing changed -> {store.model_path(r)}"
+            )
+        else:
+            click.echo(
+                f"imported {r.name}{titled} revision {r.revision[:12]} ({len(r.files)} files, "
+                f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
+            )
         if not store.license_ok(r):
             click.echo(
                 f"  license {r.license} is not in store.allowed_licenses: not served until "
