@@ -68,3 +68,25 @@ def test_importing_the_same_folder_twice_says_it_changed_nothing(tmp_path):
     as_json = run(tmp_path, "models", "import", str(folder), "--name", "tiny", "--license", "mit", "--json")
     assert json.loads(as_json.stdout)[0]["already_imported"] is True
     assert stored(tmp_path) == ["models--tiny"]
+
+
+def test_removing_a_model_in_use_names_the_config_model_serving_it_and_the_way_out(tmp_path):
+    """"in use by a running replica; stop it first" named neither which model of the config
+    runs it nor how to stop it for good (an unloaded model starts again at its next request)."""
+    from appliance.store.store import Store
+
+    folder = model_folder(tmp_path / "USB DISK" / "Tiny Model")
+    run(tmp_path, "models", "import", str(folder), "--name", "tiny", "--license", "mit",
+        config='[[models]]\nname = "assistant"\nserver = "vllm"\nsource = "store:tiny"\n')
+    lease = Store(tmp_path / "cache").lease("tiny")  # what a running replica of it holds
+    try:
+        refused = run(tmp_path, "models", "rm", "tiny", check=False)
+    finally:
+        lease.close()
+    assert refused.returncode == 1
+    assert ("model 'tiny' is in use by a running replica of assistant (source = \"store:tiny\" in "
+            in refused.stderr), refused.stderr
+    assert "`appliance reload`" in refused.stderr and "`appliance unload assistant`" in refused.stderr
+    assert stored(tmp_path) == ["models--tiny"]
+    run(tmp_path, "models", "rm", "tiny")
+    assert stored(tmp_path) == []

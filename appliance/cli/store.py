@@ -13,7 +13,7 @@ import click
 
 from appliance.cli.options import CONFIG_HELP, load
 from appliance.cli.progress import QUIET_OPTION, ByteProgress
-from appliance.config import Config
+from appliance.config import STORE_PREFIX, Config
 from appliance.dist.images import ENGINES, ImageError
 from appliance.store.store import Store, StoreError
 
@@ -177,12 +177,34 @@ def models_verify(name, config, as_json, quiet):
 @CONFIG_OPTION
 @JSON_OPTION
 def models_rm(name, config, as_json):
-    """Remove a model from the store (refused while a replica uses it)."""
+    """Remove a model from the store (refused while a replica uses it, saying which model
+    of the config serves it and how to stop it)."""
+    cfg = load(config)
+    store = _store(config)
     try:
-        _store(config).remove(name)
+        if store.in_use(name):
+            raise click.ClickException(_in_use(cfg, name))
+        store.remove(name)
     except StoreError as exc:
         raise _fail(exc) from None
     _done(as_json, f"removed {name}", {"name": name, "removed": True})
+
+
+def _in_use(cfg, name: str) -> str:
+    """Why `models rm` is refused, with the way out: the models of the config that serve
+    it, to unload and take out of the config (else the autoscaler starts them again)."""
+    users = [m.name for m in cfg.models if m.source == f"{STORE_PREFIX}{name}"]
+    if not users:
+        return (
+            f"model '{name}' is in use by a running replica (of a daemon whose config is not "
+            f"{cfg.origin}); stop it there first"
+        )
+    served = ", ".join(users)
+    return (
+        f"model '{name}' is in use by a running replica of {served} (source = \"{STORE_PREFIX}{name}\" in "
+        f"{cfg.origin}): remove {served} from the config and `appliance reload` (its requests in flight "
+        f"finish), or `appliance unload {users[0]}` and keep it unused, then run this again"
+    )
 
 
 def _protect(name, config, as_json, protected):
