@@ -21,8 +21,10 @@
 #                         definitions install it (no checkout needed), its prebuilt llama-server
 #                         where this machine fits it (compiled otherwise), its models into the
 #                         store as the service user, the images of the GPU engines it carries
-#                         (--engine vllm|sglang) built from its wheelhouses; skipped, saying why,
-#                         where the Python their image.toml names (3.11) is missing
+#                         (bundled with `appliance bundle create --engine vllm|sglang`) built from
+#                         its wheelhouses; skipped, saying why, where the Python their image.toml
+#                         names (3.11) is missing. A bundle cut short in copying (a file of
+#                         SHA256SUMS missing or not whole) is refused before anything is installed
 #   --rollback            back to the previous version (one is kept); under systemd an upgrade
 #                         whose new version fails its readiness check rolls back by itself
 #   --uninstall           remove the program and the unit; keep the config, models,
@@ -30,6 +32,10 @@
 #   --uninstall --purge   remove those too
 #   --root DIR            the root install into DIR instead of / (tests, staging);
 #                         nothing is asked of systemd
+#   -h, --help            this text
+#
+# Exit status: 0 installed (or nothing needed changing), 1 failed (the line on stderr says
+# why; an upgrade that fails is switched back), 2 usage error (nothing was done).
 #
 # Upgrades: over an earlier install, the new version goes beside the current one; the
 # config, state, store and engine images stay; the databases whose schema it migrates are
@@ -59,6 +65,11 @@ ready_timeout=${APPLIANCE_READY_TIMEOUT_S:-300}
 
 say() { printf 'install.sh: %s\n' "$*"; }
 die() { printf 'install.sh: error: %s\n' "$*" >&2; exit 1; }
+# A command line that cannot be run as written: exit 2, as every `appliance` command does.
+usage() { printf 'install.sh: %s (see --help)\n' "$*" >&2; exit 2; }
+# pip splits PIP_FIND_LINKS at whitespace: a folder on media mounted as "/media/USB DISK"
+# goes to it as a file:// URL, its spaces %-encoded.
+file_url() { "$PYTHON" -c 'import pathlib, sys; print(pathlib.Path(sys.argv[1]).resolve().as_uri())' "$1"; }
 changes=0
 changed() { say "$*"; changes=$((changes + 1)); }
 
@@ -73,19 +84,22 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dev) mode=dev ;;
     --system) mode=system ;;
-    --offline) [ $# -ge 2 ] || die "--offline needs a BUNDLE file"; offline_bundle=$2; shift ;;
+    --offline) [ $# -ge 2 ] || usage "--offline needs a BUNDLE (the .tar, or the folder it was unpacked into)"
+               offline_bundle=$2; shift ;;
     --rollback) action=rollback ;;
     --uninstall) action=uninstall ;;
     --purge) purge=1 ;;
-    --root) [ $# -ge 2 ] || die "--root needs a directory"; root=$2; shift ;;
+    --root) [ $# -ge 2 ] || usage "--root needs a directory"; root=$2; shift ;;
     --root=*) root=${1#--root=} ;;
     -h|--help) sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "install.sh: unknown option '$1' (see --help)" >&2; exit 2 ;;
+    *) usage "unknown option '$1'" ;;
   esac
   shift
 done
-[ "$purge" = 0 ] || [ "$action" = uninstall ] || die "--purge goes with --uninstall"
-[ -z "$root" ] || [ "$mode" = system ] || die "--root is for the system install, not --dev"
+[ "$purge" = 0 ] || [ "$action" = uninstall ] || usage "--purge goes with --uninstall"
+[ -z "$root" ] || [ "$mode" = system ] || usage "--root is for the system install, not --dev"
+[ -z "$offline_bundle" ] || [ "$mode" = system ] || usage "--offline is for the system install, not --dev"
+[ "$action" != rollback ] || [ "$mode" = system ] || usage "--rollback is for installs; a --dev checkout is its own version"
 if [ -n "$root" ]; then
   mkdir -p "$root"
   root=$(cd "$root" && pwd)
@@ -137,7 +151,6 @@ if [ "$action" = uninstall ]; then
   exit 0
 fi
 if [ "$action" = rollback ]; then
-  [ "$mode" = system ] || die "--rollback is for installs; a --dev checkout is its own version"
   rollback
   summary
   exit 0
@@ -165,11 +178,19 @@ if [ -n "$offline_bundle" ]; then
     bundle_tmp=$(mktemp -d "${TMPDIR:-/tmp}/appliance-bundle.XXXXXX")
     bundle_dir=$bundle_tmp
     tar --no-same-owner --no-same-permissions -xf "$offline_bundle" -C "$bundle_dir" 2>/dev/null \
-      || die "bundle $offline_bundle: not a readable tar archive"
+      || die "bundle $offline_bundle: not a readable tar archive (cut short in copying, or not a bundle:" \
+             "compare its size and sha256 with the original's); nothing was installed"
   fi
   [ -f "$bundle_dir/SHA256SUMS" ] && [ -f "$bundle_dir/bundle.json" ] \
-    || die "bundle $offline_bundle: no SHA256SUMS or bundle.json (not made by 'appliance bundle create')"
+    || die "bundle $offline_bundle: no SHA256SUMS or bundle.json (cut short in copying, or not made by" \
+           "'appliance bundle create'); nothing was installed"
   if [ "${APPLIANCE_BUNDLE_VERIFIED:-}" != "$bundle_dir" ]; then
+    # A file listed but absent is a copy cut short (or an unpacking that failed), not a
+    # damaged file: said so, with what to do.
+    missing=$(cd "$bundle_dir" && cut -c67- SHA256SUMS | while IFS= read -r f; do
+                [ -e "$f" ] || [ -L "$f" ] || { printf '%s\n' "$f"; break; }; done)
+    [ -z "$missing" ] || die "bundle $offline_bundle: $missing is missing (listed in SHA256SUMS; was the" \
+                             "bundle copied whole?); nothing was installed"
     bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
     [ -z "$bad" ] || die "bundle $offline_bundle: checksum mismatch: ${bad%%:*} (${bad#*: }); nothing was installed"
     unlisted=$(cd "$bundle_dir" && comm -23 <(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort) \
@@ -197,8 +218,8 @@ if [ -n "$offline_bundle" ]; then
   this_version=$(grep -m1 '^version' "$here/pyproject.toml" | cut -d'"' -f2)
   [ "$bundle_version" = "$this_version" ] \
     || die "bundle $offline_bundle is for appliance $bundle_version, this installer is $this_version"
-  PIP_FIND_LINKS="$bundle_dir/wheels"
-  [ ! -d "$bundle_dir/wheelhouses/llamacpp" ] || PIP_FIND_LINKS="$PIP_FIND_LINKS $bundle_dir/wheelhouses/llamacpp"
+  PIP_FIND_LINKS=$(file_url "$bundle_dir/wheels")
+  [ ! -d "$bundle_dir/wheelhouses/llamacpp" ] || PIP_FIND_LINKS="$PIP_FIND_LINKS $(file_url "$bundle_dir/wheelhouses/llamacpp")"
   export PIP_NO_INDEX=1 PIP_FIND_LINKS
   # Neither fetched nor built where the bundle carries them: the sdist is the fallback.
   APPLIANCE_LLAMACPP_SDIST=$(ls "$bundle_dir"/wheelhouses/llamacpp/*.tar.gz 2>/dev/null | head -n1 || true)
@@ -332,7 +353,7 @@ if [ -n "$bundle_dir" ]; then
   for engine in vllm sglang; do
     [ -d "$bundle_dir/wheelhouses/$engine" ] || continue
     rc=0
-    out=$(PIP_FIND_LINKS="$bundle_dir/wheelhouses/$engine" APPLIANCE_IMAGE_DEFS="${APPLIANCE_IMAGE_DEFS:-$here/images}" \
+    out=$(PIP_FIND_LINKS=$(file_url "$bundle_dir/wheelhouses/$engine") APPLIANCE_IMAGE_DEFS="${APPLIANCE_IMAGE_DEFS:-$here/images}" \
           "$program/bin/appliance" images build "$engine" 2>&1) || rc=$?
     case $rc in
       0) printf '%s\n' "$out" | sed 's/^/install.sh: /'

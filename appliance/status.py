@@ -378,6 +378,10 @@ class ReloadReport(msgspec.Struct, kw_only=True):
 
     def summary(self) -> str:
         rolls = len(self.rolling) + len(self.rolled)
+        if not (self.added or self.removed or self.changed or rolls or self.failed or self.policy):
+            # Said plainly: a reload after an edit that did not take (a file saved elsewhere,
+            # an editor's swap file) would otherwise read as five zeros to be added up.
+            return "nothing changed (the file says what the daemon runs already)"
         return (
             f"{len(self.added)} models added, {len(self.removed)} removed, {rolls} rolled, "
             f"{len(self.changed) - rolls} changed live, {len(self.policy)} policy changes"

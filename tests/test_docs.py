@@ -149,7 +149,7 @@ def test_every_command_in_the_routing_doc_exists():
     import sys
 
     commands = set(re.findall(r"^appliance (keys [a-z]+)", ROUTING, flags=re.M))
-    assert commands == {"keys create", "keys ls", "keys revoke"}
+    assert commands == {"keys create", "keys ls", "keys set", "keys revoke"}
     for command in commands:
         result = subprocess.run([sys.executable, "-m", "appliance.cli", *command.split(), "--help"],
                                 capture_output=True, text=True, cwd=ROOT, timeout=30)

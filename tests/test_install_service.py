@@ -149,7 +149,7 @@ def test_uninstall_keeps_the_data_and_purge_removes_it(service_root):
 
 def test_purge_goes_only_with_uninstall():
     result = run("--purge")
-    assert result.returncode == 1 and "--purge goes with --uninstall" in result.stderr
+    assert result.returncode == 2 and "--purge goes with --uninstall" in result.stderr  # a usage error
 
 
 def test_help_names_every_option():

@@ -110,6 +110,38 @@ def test_a_revoked_key_is_refused(keyed):
     wait_until(lambda: post(keyed, token).status_code == 401, 10, what="the revocation to apply")
 
 
+def test_keys_set_changes_a_keys_budget_in_place_and_ls_shows_it_in_tokens_with_what_is_used(keyed):
+    """A key's budget changed without a new key (its clients keep theirs): too small for a
+    request, it is raised with `keys set` and the same key is served within a second;
+    `keys ls` says the budget in tokens per period, and the tokens used of it, never the secret."""
+    token = keys_cli(keyed, "create", "--name", "grower", "--budget-tokens", "10")
+    key_id = token.split("-")[1]
+    assert post(keyed, token).json()["error"]["code"] == "request_exceeds_budget"
+    said = keys_cli(keyed, "set", key_id, "--budget-tokens", "100000")
+    assert said == f"key {key_id} (grower): rpm -, budget 100,000 tokens/day (was rpm -, budget 10 tokens/day)"
+    wait_until(lambda: post(keyed, token).status_code == 200, 10, what="the new budget to apply")
+    # The answer's usage (5 prompt + 3 completion) settled before it ended: counted at once.
+    row = next(line for line in keys_cli(keyed, "ls").splitlines() if line.startswith(key_id))
+    assert "100,000 tokens/day" in row and "8 (0%)" in row and token.split("-")[2] not in row
+    listed = next(k for k in json.loads(keys_cli(keyed, "ls", "--json")) if k["id"] == key_id)
+    assert listed["budget_tokens"] == 100000 and listed["budget_used_tokens"] == 8 and "key" not in listed
+
+
+def test_keys_set_refuses_a_revoked_or_unknown_key_and_an_empty_change(keyed):
+    token = keys_cli(keyed, "create", "--name", "gone")
+    key_id = token.split("-")[1]
+    keys_cli(keyed, "revoke", key_id)
+
+    def run(*args):
+        return subprocess.run([PY, "-m", "appliance.cli", "keys", "set", *args, "--config", str(keyed.config)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=30)
+
+    revoked = run(key_id, "--rpm", "5")
+    assert revoked.returncode == 1 and f"no active key with id {key_id!r}" in revoked.stderr
+    empty = run(key_id)
+    assert empty.returncode == 2 and "nothing to change" in empty.stderr
+
+
 def test_a_key_over_its_rate_gets_429_with_retry_after(keyed):
     token = keys_cli(keyed, "create", "--name", "chatty", "--rpm", "2")
     assert [post(keyed, token).status_code for _ in range(2)] == [200, 200]

@@ -9,7 +9,7 @@ import subprocess
 
 from appliance.socket_token import read_token
 
-from .conftest import PY, ROOT, engine_key, fake_model
+from .conftest import PY, ROOT, engine_key, fake_model, wait_until
 
 CHAT = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -196,3 +196,29 @@ def test_serve_with_a_model_file_missing_says_how_to_fix_it(tmp_path):
     assert line == (f"Error: {cfg}: field 'models[0].source': model 'm': weights not found at {tmp_path}/gone.gguf; "
                     "correct models[0].source, or import the model (`appliance models import PATH --name NAME`) "
                     'and set source = "store:NAME"'), line
+
+
+def test_a_replica_the_daemon_gave_up_on_says_why_where_its_log_is_and_restarts_from_the_cli(daemons):
+    """A crash-looping engine, as the operator meets it: `status` said "starting" and only the
+    last crash's reason, so nothing told that no restart was coming, and no CLI command
+    restarted it (only the TUI's r). Now: "not ready (boom#0 FATAL", the give-up with its
+    count and setting, the commands for its log and another try; `appliance restart` works."""
+    daemon = daemons.start(fake_model("fake") + fake_model("boom", "--crash-after", "1"), wait=False,
+                           supervisor="max_crashes = 1\ncrash_window_s = 600")
+    wait_until(lambda: any(r["state"] == "FATAL" for r in daemon.replicas("boom")) if daemon.admin_socket.exists()
+               and read_token(daemon.admin_socket) else False, 60, what="boom#0 FATAL")
+    shown = cli(daemon, "status")
+    assert shown.returncode == 3
+    assert "not ready (boom#0 FATAL" in shown.stdout.splitlines()[0]
+    assert ("last error: gave up after 2 crashes within 600s (supervisor.max_crashes = 1); "
+            "last: engine exited (exit code 3)") in shown.stdout, shown.stdout
+    assert ("its log: appliance logs --replica boom#0 --no-follow; once fixed: appliance restart boom#0"
+            in shown.stdout)
+    log = cli(daemon, "logs", "--replica", "boom#0", "--no-follow")
+    assert log.returncode == 0 and "--crash-after 1" in log.stdout
+    restarted = cli(daemon, "restart", "boom#0")
+    assert restarted.returncode == 0 and "boom#0" in restarted.stdout, restarted.stderr
+    wait_until(lambda: "replica boom#0 FATAL -> STOPPED: restart requested by the operator" in daemon.log_text(),
+               10, what="the restart in the daemon's log")
+    bad = cli(daemon, "restart", "boom")
+    assert bad.returncode == 2 and "expected MODEL#N" in bad.stderr

@@ -302,3 +302,18 @@ def test_a_reload_after_the_default_config_file_was_removed_is_refused_not_the_b
     result = CliRunner().invoke(main, ["serve"])
     assert result.exit_code == 0, result.output
     assert reread == [str(default)]
+
+
+def test_a_reload_that_changes_nothing_says_so_and_a_port_change_says_it_needs_a_restart(daemons):
+    """The operator's two puzzles after an edit: a reload of a file that says what already runs
+    is said to change nothing (not five zeros to add up), and a new port is refused, naming
+    the field and the restart, while the daemon keeps its port."""
+    daemon = daemons.start(fake_model("fake"))
+    same = _reload_cli(daemon)
+    assert same.returncode == 0, same.stderr
+    assert same.stdout.startswith(f"reloaded {daemon.config}") and "nothing changed" in same.stdout
+    daemon.config.write_text(daemon.config.read_text().replace(f"port = {daemon.port}", f"port = {daemon.port + 1}"))
+    moved = _reload_cli(daemon)
+    assert moved.returncode == 1 and moved.stdout == ""
+    assert "field 'server.port' cannot change while the daemon runs: restart it" in moved.stderr, moved.stderr
+    assert _chat(daemon, "fake").status_code == 200

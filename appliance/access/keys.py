@@ -29,7 +29,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from appliance.access.audit import connect, transaction
@@ -127,6 +127,31 @@ class KeyStore:
         """Whether a key of this id exists and is not revoked: one lookup by the primary key."""
         row = self.db.execute("SELECT 1 FROM api_keys WHERE id = ? AND revoked_at IS NULL", (key_id,)).fetchone()
         return row is not None
+
+    def set_limits(
+        self, key_id: str, rpm: int | None = None, budget_tokens: int | None = None, budget_period: str | None = None
+    ) -> tuple[ApiKey, ApiKey] | None:
+        """Change an active key's limits in place (its secret, and so its clients, stay):
+        (the key before, the key after), or None when no active key has that id. The
+        running daemon reads the change as it reads a new key (Gate.refresh); the tokens
+        used in the current period stay counted."""
+        if budget_period is not None and budget_period not in PERIODS:
+            raise ValueError(f"budget period must be one of {', '.join(PERIODS)}")
+        with transaction(self.db):
+            before = next((k for k in self.all() if k.id == key_id and k.revoked_at is None), None)
+            if before is None:
+                return None
+            after = replace(
+                before,
+                rpm=before.rpm if rpm is None else rpm,
+                budget_tokens=before.budget_tokens if budget_tokens is None else budget_tokens,
+                budget_period=budget_period or before.budget_period,
+            )
+            self.db.execute(
+                "UPDATE api_keys SET rpm = ?, budget_tokens = ?, budget_period = ? WHERE id = ?",
+                (after.rpm, after.budget_tokens, after.budget_period, key_id),
+            )
+        return before, after
 
     def used(self, period_starts: dict[str, int]) -> dict[str, int]:
         """Tokens each key used in its current budget period (from the ledger)."""

@@ -1,5 +1,6 @@
 """The operator's actions on the running daemon: `appliance scale`, the model actions
-(`load`, `unload`, `pin`, ...: one command per ModelAction) and `reload`."""
+(`load`, `unload`, `pin`, ...: one command per ModelAction), the replica actions
+(`restart`, `drain` MODEL#N: one per ReplicaAction) and `reload`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from appliance.status import (
     ModelStatus,
     ReloadBody,
     ReloadReport,
+    ReplicaAction,
+    ReplicaStatus,
     ScaleBody,
     model_path,
 )
@@ -73,6 +76,41 @@ def _model_action(action: ModelAction):
 
 # `appliance load|unload|pin|unpin MODEL`: one command per ModelAction.
 MODEL_ACTIONS = [_model_action(action) for action in ModelAction]
+
+REPLICA_ACTION_HELP = {
+    ReplicaAction.RESTART: "Restart replica MODEL#N (as `status` and `ps` name it): its requests in flight "
+    "finish, then its engine stops and starts again. A FATAL replica, one the daemon gave up restarting, "
+    "starts afresh with its crash count cleared.",
+    ReplicaAction.DRAIN: "Take replica MODEL#N out of service: its requests in flight finish, then it stops "
+    "(the autoscaler may start another).",
+}
+
+
+def _replica(value: str) -> tuple[str, int]:
+    """MODEL#N, as `appliance status`, `ps` and `logs --replica` name a replica."""
+    model, sep, index = value.rpartition("#")
+    if not sep or not model or not index.isdigit():
+        raise click.BadParameter(f"{value!r}: expected MODEL#N, a replica as `appliance ps` names it (llama#0)")
+    return model, int(index)
+
+
+def _replica_action(action: ReplicaAction):
+    @click.argument("replica", metavar="MODEL#N")
+    @_with_model_options
+    def command(replica: str, config: str | None, port: int | None, as_json: bool) -> None:
+        model, index = _replica(replica)
+        answer = admin_call(load(config), port, "POST", model_path(model, "replicas", index, action), ReplicaStatus)
+        if as_json:
+            click.echo(msgspec.json.format(msgspec.json.encode(answer), indent=2).decode())
+        else:
+            click.echo(answer.said or f"{answer.replica}: {answer.state}")
+
+    command.__doc__ = REPLICA_ACTION_HELP[action]
+    return click.command(name=action.value)(command)
+
+
+# `appliance restart|drain MODEL#N`: one command per ReplicaAction (the TUI's r and d).
+REPLICA_ACTIONS = [_replica_action(action) for action in ReplicaAction]
 
 
 @click.command()

@@ -1,7 +1,7 @@
-"""`appliance keys create|ls|revoke`: API keys in the state database.
+"""`appliance keys create|ls|set|revoke`: API keys in the state database.
 
 A key is printed once, at creation; only its hash is stored. The running daemon
-picks up new and revoked keys within a second.
+picks up new, changed and revoked keys within a second.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _with_iso_times(key: dict) -> dict:
 
 
 def register(main: click.Group, load) -> None:
-    from appliance.access.keys import PERIODS, KeyStore
+    from appliance.access.keys import PERIODS, KeyStore, period_bounds
 
     def store(config: str | None) -> KeyStore:
         from appliance.state.migrations import SchemaError
@@ -60,7 +60,7 @@ def register(main: click.Group, load) -> None:
 
     @main.group()
     def keys() -> None:
-        """API keys: create (shown once), list, revoke."""
+        """API keys: create (shown once), list (never the secret), change limits, revoke."""
 
     @keys.command("create")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
@@ -98,23 +98,58 @@ def register(main: click.Group, load) -> None:
 
     @keys.command("ls")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
-    @click.option("--json", "as_json", is_flag=True)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON: each key's record, with 'budget_used_tokens'.")
     def ls(config, as_json) -> None:
-        """List keys (never their secrets)."""
+        """List keys (never their secrets): requests a minute, the token budget and the
+        tokens used of it in the current period (UTC)."""
         s = store(config)
-        rows = [k.public() for k in s.all()]
-        s.close()
+        try:
+            keys = s.all()
+            used = s.used({k.id: period_bounds(k.budget_period, time.time())[0] for k in keys if k.budget_tokens})
+        finally:
+            s.close()
+        rows = [{**k.public(), "budget_used_tokens": used.get(k.id) if k.budget_tokens else None} for k in keys]
         if as_json:
             click.echo(json.dumps([_with_iso_times(k) for k in rows], indent=2))
             return
-        click.echo(f"{'ID':<12}  {'NAME':<20}  {'STATE':<8}  {'RPM':>5}  {'BUDGET':<16}  ROUTES")
+        click.echo(f"{'ID':<12}  {'NAME':<20}  {'STATE':<8}  {'RPM':>5}  {'BUDGET':<24}  {'USED':<16}  ROUTES")
         for k in rows:
-            budget = f"{k['budget_tokens']}/{k['budget_period']}" if k["budget_tokens"] else "-"
             state = "revoked" if k["revoked_at"] else "active"
             click.echo(
-                f"{k['id']:<12}  {k['name']:<20}  {state:<8}  {k['rpm'] or '-':>5}  {budget:<16}  "
-                f"{','.join(k['routes']) or '*'}"
+                f"{k['id']:<12}  {k['name']:<20}  {state:<8}  {k['rpm'] or '-':>5}  {_budget(k):<24}  "
+                f"{_used(k):<16}  {','.join(k['routes']) or '*'}"
             )
+
+    @keys.command("set")
+    @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
+    @click.argument("key_id")
+    @click.option("--rpm", type=click.IntRange(min=0), default=None, help="Requests per minute (0: no limit).")
+    @click.option(
+        "--budget-tokens", type=click.IntRange(min=0), default=None, help="Tokens per budget period (0: no budget)."
+    )
+    @click.option("--budget-period", type=click.Choice(PERIODS), default=None)
+    @click.option("--json", "as_json", is_flag=True, help="Print JSON: the key's record as it is now.")
+    def set_limits(config, key_id, rpm, budget_tokens, budget_period, as_json) -> None:
+        """Change a key's limits, keeping the key itself (its clients change nothing): the
+        running daemon applies them within a second, and the tokens used this period stay
+        counted. Give at least one of --rpm, --budget-tokens, --budget-period."""
+        if rpm is None and budget_tokens is None and budget_period is None:
+            raise click.UsageError("nothing to change: give --rpm, --budget-tokens or --budget-period")
+        wanted = key_id.removeprefix("ak-").split("-")[0]
+        s = store(config)
+        try:
+            changed = s.set_limits(wanted, rpm, budget_tokens, budget_period)
+        finally:
+            s.close()
+        if changed is None:
+            raise click.ClickException(f"no active key with id {wanted!r}; `appliance keys ls` lists them")
+        before, after = changed
+        if as_json:
+            click.echo(json.dumps(_with_iso_times(after.public()), indent=2))
+            return
+        was = f"rpm {before.rpm or '-'}, budget {_budget(before.public())}"
+        now = f"rpm {after.rpm or '-'}, budget {_budget(after.public())}"
+        click.echo(f"key {after.id} ({after.name}): {now}" + (f" (was {was})" if was != now else " (unchanged)"))
 
     @keys.command("revoke")
     @click.option("--config", "config", metavar="FILE", help=CONFIG_HELP)
@@ -145,6 +180,19 @@ def register(main: click.Group, load) -> None:
             click.echo(f"key {wanted} revoked at {_local(when)}")
         else:
             click.echo(f"key {wanted} was already revoked at {_local(when)}; nothing changed")
+
+
+def _budget(key: dict) -> str:
+    """A budget as an operator reads it: '2,000,000 tokens/month', '-' for none."""
+    return f"{key['budget_tokens']:,} tokens/{key['budget_period']}" if key["budget_tokens"] else "-"
+
+
+def _used(key: dict) -> str:
+    """Tokens used of the budget this period, with the share: '1,234 (6%)'."""
+    if not key["budget_tokens"]:
+        return "-"
+    used = key["budget_used_tokens"] or 0
+    return f"{used:,} ({100 * used // key['budget_tokens']}%)"
 
 
 def _local(ts: float) -> str:

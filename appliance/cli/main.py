@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli.control import MODEL_ACTIONS, reload, scale
+from appliance.cli.control import MODEL_ACTIONS, REPLICA_ACTIONS, reload, scale
 from appliance.cli.examples import add_examples
 from appliance.cli.options import load
 from appliance.cli.plan import plan
@@ -27,7 +27,7 @@ def models() -> None:
     verify, rm, accept-license, protect)."""
 
 
-for command in (serve, check, ps, status, plan, scale, *MODEL_ACTIONS, reload, tui, logs):
+for command in (serve, check, ps, status, plan, scale, *MODEL_ACTIONS, *REPLICA_ACTIONS, reload, tui, logs):
     main.add_command(command)
 models.add_command(models_ls)
 

@@ -13,7 +13,7 @@ import click
 
 from appliance.cli.options import CONFIG_HELP, load
 from appliance.cli.progress import QUIET_OPTION, ByteProgress
-from appliance.config import Config
+from appliance.config import STORE_PREFIX, Config
 from appliance.dist.images import ENGINES, ImageError
 from appliance.store.store import Store, StoreError
 
@@ -92,22 +92,32 @@ def models_import(path, name, license_, sha256, config, as_json, quiet):
         found = incoming_from(path, name=name, license=license_, sha256=sha256, expected_version=appliance_version())
         results = []
         for incoming in found:
+            before = store.get(incoming.name)
             with ByteProgress(f"importing {incoming.name}", incoming.total_bytes, quiet=quiet) as progress:
                 record, evicted = store.add(incoming, progress)
-            results.append((record, evicted))
+            # The same files again (a second run of a script, the same media): added is False.
+            added = before is None or before.revision != record.revision
+            results.append((record, evicted, added))
     except StoreError as exc:
         raise _fail(exc) from None
     if as_json:
-        click.echo(json.dumps([{**_record_json(store, r), "evicted": e} for r, e in results], indent=2))
+        rows = [{**_record_json(store, r), "evicted": e, "already_imported": not added} for r, e, added in results]
+        click.echo(json.dumps(rows, indent=2))
         return
-    for r, evicted in results:
+    for r, evicted, added in results:
         for e in evicted:
             click.echo(f"evicted {e} (least recently used) to stay within store.budget_gib")
         titled = f' "{r.title}"' if r.title else ""
-        click.echo(
-            f"imported {r.name}{titled} revision {r.revision[:12]} ({len(r.files)} files, "
-            f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
-        )
+        if not added:
+            click.echo(
+                f"{r.name}{titled} revision {r.revision[:12]} is in the store already, with these same files "
+                f"(hashed again): nothing changed -> {store.model_path(r)}"
+            )
+        else:
+            click.echo(
+                f"imported {r.name}{titled} revision {r.revision[:12]} ({len(r.files)} files, "
+                f"{r.total_bytes / 1024**2:.1f} MiB, license {r.license}) -> {store.model_path(r)}"
+            )
         if not store.license_ok(r):
             click.echo(
                 f"  license {r.license} is not in store.allowed_licenses: not served until "
@@ -167,12 +177,34 @@ def models_verify(name, config, as_json, quiet):
 @CONFIG_OPTION
 @JSON_OPTION
 def models_rm(name, config, as_json):
-    """Remove a model from the store (refused while a replica uses it)."""
+    """Remove a model from the store (refused while a replica uses it, saying which model
+    of the config serves it and how to stop it)."""
+    cfg = load(config)
+    store = _store(config)
     try:
-        _store(config).remove(name)
+        if store.in_use(name):
+            raise click.ClickException(_in_use(cfg, name))
+        store.remove(name)
     except StoreError as exc:
         raise _fail(exc) from None
     _done(as_json, f"removed {name}", {"name": name, "removed": True})
+
+
+def _in_use(cfg, name: str) -> str:
+    """Why `models rm` is refused, with the way out: the models of the config that serve
+    it, to unload and take out of the config (else the autoscaler starts them again)."""
+    users = [m.name for m in cfg.models if m.source == f"{STORE_PREFIX}{name}"]
+    if not users:
+        return (
+            f"model '{name}' is in use by a running replica (of a daemon whose config is not "
+            f"{cfg.origin}); stop it there first"
+        )
+    served = ", ".join(users)
+    return (
+        f"model '{name}' is in use by a running replica of {served} (source = \"{STORE_PREFIX}{name}\" in "
+        f"{cfg.origin}): remove {served} from the config and `appliance reload` (its requests in flight "
+        f"finish), or `appliance unload {users[0]}` and keep it unused, then run this again"
+    )
 
 
 def _protect(name, config, as_json, protected):

@@ -122,7 +122,10 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
     if as_json:
         click.echo(msgspec.json.format(msgspec.json.encode(data), indent=2))
         return
+    fatal = [r.replica for m in data.models for r in m.replicas if r.state == "FATAL"]
     state = "draining" if data.draining else ("ready" if data.ready else "starting")
+    if fatal and not data.draining:  # not starting: no restart of these is coming
+        state = f"not ready ({', '.join(fatal)} FATAL, below)"
     click.echo(
         f"appliance {data.version}  {state}  listening on {data.listen}  up {human_duration(data.uptime_s)}  "
         f"config {data.config}"
@@ -149,6 +152,12 @@ def status(config: str | None, port: int | None, as_json: bool) -> None:
                 click.echo(f"      last error: {printable(r.last_error)}")
             for line in r.log_tail:
                 click.echo(f"      | {printable(line)}")
+            if r.state == "FATAL":
+                # The two next steps, as commands: the whole log, and another try.
+                click.echo(
+                    f"      its log: appliance logs --replica {r.replica} --no-follow; "
+                    f"once fixed: appliance restart {r.replica}"
+                )
     if not data.ready:
         sys.exit(3)
 

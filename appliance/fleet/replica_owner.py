@@ -151,7 +151,12 @@ class OwnerTask(EngineProcess):
         self._crash_times_trim()
         if self.supervised and len(self._crash_times) > sv.max_crashes:
             self.fatal_log_tail = tail
-            await self._fatal(f"{len(self._crash_times)} crashes within {sv.crash_window_s:.0f}s; last: {reason}")
+            # The give-up in last_error too: status shows that no restart is coming, and why.
+            self.last_error = (
+                f"gave up after {len(self._crash_times)} crashes within {sv.crash_window_s:.0f}s "
+                f"(supervisor.max_crashes = {sv.max_crashes}); last: {reason}"
+            )
+            await self._fatal(self.last_error)
             for line in tail[-5:]:
                 log.error("replica %s log: %s", self.name, line)
             return False

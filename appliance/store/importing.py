@@ -164,7 +164,10 @@ def _stage(
             raise StoreError(f"{incoming.source}: {f.path} has sha256 {digest}, expected {f.expected_sha256}")
         if f.path.endswith(".gguf"):
             _check_gguf(incoming.source, f.path, dest)
+        elif f.path.endswith(".safetensors"):
+            _check_safetensors(incoming.source, f.path, dest)
         hashed[f.path] = digest
+    _check_shards(incoming, staging)
     return hashed
 
 
@@ -220,3 +223,34 @@ def _check_gguf(source: str, path: str, staged: Path) -> None:
         read(staged)
     except GgufError as exc:
         raise StoreError(f"{source}: {path} is not a usable GGUF file: {exc}") from None
+
+
+def _check_safetensors(source: str, path: str, staged: Path) -> None:
+    """A safetensors file must hold all the data its header describes: a copy cut short on
+    the way from the media is refused here, not by the engine minutes into its load."""
+    from appliance.store.safetensors import SafetensorsError, check_file
+
+    try:
+        check_file(staged)
+    except SafetensorsError as exc:
+        raise StoreError(f"{source}: {path} is not whole ({exc}): was it copied whole? nothing was imported") from None
+
+
+def _check_shards(incoming: Incoming, staging: Path) -> None:
+    """Every shard a sharded checkpoint's index names must have come along."""
+    from appliance.store.safetensors import INDEX_SUFFIX, SafetensorsError, missing_shards
+
+    present = [f.path for f in incoming.files]
+    for i, f in enumerate(incoming.files):
+        if not f.path.endswith(INDEX_SUFFIX):
+            continue
+        try:
+            missing = missing_shards(staging / f"{i}.blob", f.path, present)
+        except SafetensorsError as exc:
+            raise StoreError(f"{incoming.source}: {f.path}: {exc}; nothing was imported") from None
+        if missing:
+            raise StoreError(
+                f"{incoming.source}: {f.path} names {len(missing)} shard(s) that are not there "
+                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): was the folder copied whole? "
+                "nothing was imported"
+            )
