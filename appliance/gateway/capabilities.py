@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, quoted
 from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway.api_audio import AudioRequest
 from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
@@ -208,6 +208,33 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
     best_of = getattr(request, "best_of", None)
     if best_of is not None and best_of > 1:
         check_completion_field(model, "best_of", "leave 'best_of' out, or ask 'n' answers and pick one yourself")
+    if blocks := getattr(request, "blocks", ()):
+        check_blocks(model, blocks)
+
+
+# The content blocks llama-server's Messages API reads (its Anthropic-to-chat
+# conversion): it drops any other without a word (a document, a search result), and the
+# model answers, and count_tokens counts, as if it had not been sent. (redacted_thinking
+# is dropped too, but it is the model's own hidden reasoning: its answer does not need it.)
+LLAMACPP_BLOCKS = frozenset({"text", "image", "thinking", "redacted_thinking", "tool_use", "tool_result"})
+
+
+def check_blocks(model: ModelConfig, blocks: tuple[tuple[str, str], ...]) -> None:
+    """A 400 naming a Messages content block (its type and where it is) that the model's
+    engine would drop: llama.cpp reads only LLAMACPP_BLOCKS. vLLM, SGLang and an
+    operator's server answer for themselves."""
+    if engine_of(model).name != "llamacpp":
+        return
+    for kind, where in blocks:
+        if kind not in LLAMACPP_BLOCKS:
+            raise BadRequest(
+                f"Model '{model.name}' runs on the llamacpp engine, which does not read "
+                f"{quoted(kind)} content blocks ({where}): it would answer without them. Send "
+                "the text in a text block (a document's or search result's text), or serve the "
+                "model on vllm or sglang",
+                param=where,
+                code="content_block_not_supported",
+            )
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
@@ -299,6 +326,7 @@ __all__ = [
     "TASKS",
     "Endpoint",
     "check",
+    "check_blocks",
     "check_completion_field",
     "check_dimensions",
     "check_fields",

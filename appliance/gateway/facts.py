@@ -49,12 +49,16 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     view: bytes | None = None
     guess: int | None = None
     best_of: int | None = None  # a completions request's (capabilities.check_fields)
+    # A Messages request's content block types, each with where it first is
+    # (capabilities.check_fields: blocks an engine would drop).
+    blocks: tuple[tuple[str, str], ...] = ()
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
     """A decoded request's facts (request: the endpoint's Struct, decoded from body);
     keyed: it may carry a key, whose reservation reads its Budget."""
     options = getattr(request, "stream_options", None)
+    block_kinds = getattr(request, "block_kinds", None)
     return Facts(
         request.model,
         len(body),
@@ -72,6 +76,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         # is set without decoding the body once more for them (api/app.py, _tap).
         options=b"" if options is None else None,
         best_of=getattr(request, "best_of", None),
+        blocks=block_kinds() if block_kinds is not None else (),
     )
 
 
