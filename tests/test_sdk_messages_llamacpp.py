@@ -70,3 +70,11 @@ def test_a_content_block_llama_server_would_drop_is_a_400_naming_it_not_an_answe
     read = [{"role": "user", "content": [{"type": "text", "text": "The secret is banana."},
                                          {"type": "text", "text": "What is the secret?"}]}]
     assert claude.messages.create(model=MODEL, max_tokens=2, messages=read).content
+
+
+def test_tool_choice_none_on_llama_server_is_answered_in_words(claude):
+    # The engine is given no tools for "none" (capabilities.engine_fields): still a plain answer.
+    tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+    message = claude.messages.create(model=MODEL, max_tokens=4, tools=tools, tool_choice={"type": "none"},
+                                     messages=[{"role": "user", "content": "Weather in Paris?"}])
+    assert [b.type for b in message.content] == ["text"] and message.stop_reason in ("max_tokens", "end_turn")

@@ -183,6 +183,25 @@ def _drop_prefill(message: dict[str, Any], prefill: str) -> None:
             first["text"] = text[len(prefill) :]
 
 
+def tool_choice_fields(body: bytes) -> dict[str, Any]:
+    """A Messages request's tool_choice as the tools llama-server is given: it reads
+    only "auto" and "any"/"tool" (as chat's "required", any tool), so a named tool is
+    honoured by giving it that tool alone, and "none" by giving it none (it let the
+    model call one). Nothing for any other choice, or a name no tool has."""
+    if b'"tool_choice"' not in body:
+        return {}
+    request = decode_object(body) or {}
+    choice, tools = request.get("tool_choice"), request.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list) or not tools:
+        return {}
+    if choice.get("type") == "none":
+        return {"tools": []}
+    if choice.get("type") == "tool":
+        named = [t for t in tools if isinstance(t, dict) and t.get("name") == choice.get("name")]
+        return {"tools": named} if named and len(named) < len(tools) else {}
+    return {}
+
+
 def _fix_id(message: dict[str, Any]) -> None:
     """A message's id as Anthropic's: ``msg_...`` (llama.cpp's is chat's ``chatcmpl-...``)."""
     made = message.get("id")

@@ -23,7 +23,7 @@ from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
 from appliance.errors import BadRequest, quoted
 from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway.api_audio import AudioRequest
-from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
+from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest, tool_choice_fields
 from appliance.gateway.api_responses import ResponsesRequest, chat_format_fields
 from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from appliance.gateway.dialects import ANTHROPIC, AUDIO, LLAMACPP, OPENAI, RESPONSES, Dialect
@@ -302,9 +302,15 @@ def check_completion_field(model: ModelConfig, field: str, instead: str) -> None
 
 def engine_fields(endpoint: Endpoint, model: ModelConfig, body: bytes) -> dict[str, Any]:
     """Fields the model's engine needs in a request's body to honour what the API asks:
-    a Responses request's structured output, told to llama-server in chat's words."""
-    if endpoint.dialect is RESPONSES and body and engine_of(model).name == "llamacpp":
+    a Responses request's structured output, told to llama-server in chat's words; a
+    Messages request's tool_choice "none" or a named tool, in the tools llama-server
+    is given."""
+    if not body or engine_of(model).name != "llamacpp":
+        return {}
+    if endpoint.dialect is RESPONSES:
         return chat_format_fields(body)
+    if endpoint.name == "messages":
+        return tool_choice_fields(body)
     return {}
 
 
