@@ -277,3 +277,17 @@ def test_openai_endpoints_not_served_at_a_served_path_are_the_sdks_not_found_not
     assert (put.status_code, put.headers["allow"]) == (405, "POST"), put.text
     post = httpx.post(f"{daemon.url}/v1/responses/{made.id}", json={}, timeout=10)
     assert post.status_code == 405 and post.json()["error"]["code"] == "method_not_allowed", post.text
+
+
+def test_an_endpoint_anthropics_sdk_calls_that_is_not_served_is_a_404_in_anthropics_envelope(daemon):
+    # Its files and skills (beta) live outside /v1/messages: the 404 came in OpenAI's
+    # envelope, so e.body["error"]["type"] was "invalid_request_error", not "not_found_error".
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0, timeout=30)
+    for call in (lambda: claude.beta.files.list(), lambda: claude.messages.batches.list()):
+        with pytest.raises(anthropic.NotFoundError) as err:
+            call()
+        assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "not_found_error", err.value.body
+        assert err.value.request_id
+    # Without the SDK's anthropic-version header, the path's API (OpenAI's) answers.
+    plain = httpx.get(f"{daemon.url}/v1/files", timeout=10)
+    assert plain.status_code == 404 and plain.json()["error"]["code"] == "not_found", plain.text

@@ -10,7 +10,7 @@ from collections.abc import Collection
 
 from litestar import Request, Response
 from litestar.datastructures import MutableScopeHeaders
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.routes import HTTPRoute
 from litestar.types import Message, Scope
 
@@ -24,7 +24,7 @@ from appliance.errors import (
     ShuttingDown,
     error_for_status,
 )
-from appliance.gateway.dialects import Dialect, dialect_for_path
+from appliance.gateway.dialects import ANTHROPIC, Dialect, dialect_for_path
 from appliance.logs import OncePer
 
 log = logging.getLogger("appliance.api")
@@ -47,6 +47,8 @@ _UNSERVED = frozenset(
 
 def error_response(request: Request, exc: Exception) -> Response:
     rid, dialect = request_id(request), request_dialect(request)
+    if dialect is None and isinstance(exc, NotFoundException) and "anthropic-version" in request.headers:
+        dialect = ANTHROPIC  # an endpoint Anthropic's SDK calls (its files, skills) not served here
     status, headers, body = error_parts(exc, request.method, request.url.path, rid, dialect)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
