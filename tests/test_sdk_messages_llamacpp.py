@@ -78,3 +78,15 @@ def test_tool_choice_none_on_llama_server_is_answered_in_words(claude):
     message = claude.messages.create(model=MODEL, max_tokens=4, tools=tools, tool_choice={"type": "none"},
                                      messages=[{"role": "user", "content": "Weather in Paris?"}])
     assert [b.type for b in message.content] == ["text"] and message.stop_reason in ("max_tokens", "end_turn")
+
+
+def test_a_models_max_input_tokens_is_what_one_request_may_send_not_the_shared_context(claude):
+    """llama.cpp shares context_length among its `parallel` slots: the bundled model gives
+    one request 8192 / 4 tokens, and a longer prompt is a 400. The model object said 8192,
+    so an app sizing its prompts by it had them refused."""
+    said = claude.models.retrieve(MODEL).max_input_tokens
+    assert said == 8192 // 4
+    assert [m.max_input_tokens for m in claude.models.list() if m.id == MODEL] == [said]
+    with pytest.raises(anthropic.BadRequestError) as err:
+        claude.messages.create(model=MODEL, max_tokens=4, messages=[{"role": "user", "content": "hello world " * 1500}])
+    assert f"{said} tokens" in err.value.body["error"]["message"]
