@@ -219,14 +219,15 @@ def test_body_over_the_limit_without_content_length_is_413(shared_daemon):
 def test_unknown_route_and_wrong_method_use_the_envelope(shared_daemon):
     with shared_daemon.client() as c:
         missing = c.get("/v1/nothing-here")
-        wrong = c.get("/v1/chat/completions")
+        # (GET /v1/chat/completions is OpenAI's list of stored completions: not served, a 404.)
+        wrong = c.get("/v1/embeddings")
     assert_envelope(missing, 404)
     assert_envelope(wrong, 405)
 
 
 def test_a_wrong_method_says_in_allow_which_methods_the_path_answers(shared_daemon):
     with shared_daemon.client() as c:
-        proxied = c.get("/v1/chat/completions")
+        proxied = c.get("/v1/embeddings")
         routed = c.delete("/healthz")
     assert_envelope(proxied, 405, "method_not_allowed")
     assert proxied.headers["allow"] == "POST"
@@ -259,7 +260,7 @@ def test_head_answers_what_get_does_without_a_body(shared_daemon):
             assert head.content == b""
             assert head.headers["content-type"] == got.headers["content-type"]
             assert int(head.headers["content-length"]) == len(got.content)
-        assert c.head("/v1/chat/completions").status_code == 405
+        assert c.head("/v1/embeddings").status_code == 405
 
 
 def test_metrics_content_type_names_its_charset_once(shared_daemon):

@@ -3,6 +3,8 @@ in every API, before anything is queued or started (appliance/gateway/capabiliti
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import httpx
 import openai
@@ -158,3 +160,47 @@ def test_a_completions_best_of_above_one_is_refused_on_llama_cpp_not_answered_wi
     assert (err.value.body["param"], err.value.body["code"]) == ("best_of", "best_of_not_supported")
     assert cold_llama.replicas("llama") == []
     assert client.completions.create(model="fake", prompt="Hello", max_tokens=3, best_of=2).choices
+
+
+def test_a_messages_content_block_llama_cpp_drops_is_refused_through_a_workers_facts_too():
+    # llama-server's Messages API drops a document (any block but text, image, thinking,
+    # tool_use, tool_result) without a word; the refusal reads the block types from the
+    # Facts, which a worker sends the daemon. Other engines read their blocks themselves.
+    from appliance.gateway.facts import carried_facts
+    from appliance.gateway.protocol import decode_request
+
+    cfg, model = _bundled()
+    messages = ENDPOINTS["/v1/messages"]
+    body = (b'{"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"},'
+            b' {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}, {"role": "user", "content":'
+            b' [{"type": "tool_result", "tool_use_id": "t"}, {"type": "document", "source": {}}]}]}')
+    facts = carried_facts(messages, body, decode_request(body, messages.cls))
+    with pytest.raises(BadRequest) as info:
+        check_fields(cfg, messages, model, facts)
+    assert (info.value.param, info.value.code) == ("messages[2].content[1]", "content_block_not_supported")
+    assert "'document'" in info.value.message
+    vllm = parse_config('[[models]]\nname = "v"\nserver = "vllm"\nsource = "hf:org/m"\n').models[0]
+    check_fields(cfg, messages, vllm, facts)
+    read = body.replace(b'"document", "source": {}', b'"image", "source": {}')
+    check_fields(cfg, messages, model, carried_facts(messages, read, decode_request(read, messages.cls)))
+
+
+@pytest.mark.parametrize("choice, given", [
+    ({"type": "none"}, []),
+    ({"type": "tool", "name": "get_time"}, [{"name": "get_time", "input_schema": {"type": "object"}}]),
+    ({"type": "auto"}, None), ({"type": "any"}, None), ({"type": "tool", "name": "nope"}, None),
+])
+def test_a_messages_tool_choice_llama_cpp_cannot_read_is_told_it_in_the_tools_it_is_given(choice, given):
+    # llama-server turns Anthropic's tool_choice into chat's "auto" or "required" and drops
+    # the rest: "none" let the model call a tool, and a named tool let it call any other.
+    # The engine is given no tools, or the named one alone; other choices go as they came.
+    from appliance.gateway.capabilities import engine_fields
+
+    cfg, model = _bundled()
+    tools = [{"name": "get_weather", "input_schema": {"type": "object"}},
+             {"name": "get_time", "input_schema": {"type": "object"}}]
+    body = json.dumps({"model": "m", "max_tokens": 3, "messages": SAID, "tools": tools, "tool_choice": choice}).encode()
+    fields = engine_fields(ENDPOINTS["/v1/messages"], model, body)
+    assert fields == ({} if given is None else {"tools": given})
+    vllm = parse_config('[[models]]\nname = "v"\nserver = "vllm"\nsource = "hf:org/m"\n').models[0]
+    assert engine_fields(ENDPOINTS["/v1/messages"], vllm, body) == {}

@@ -250,3 +250,44 @@ def test_headers_an_error_names_are_quoted_bounded_too(daemon):
     for resp in responses:
         message = resp.json()["error"]["message"]
         assert resp.status_code in (403, 415) and len(message) < 400 and "cut" in message, (resp.status_code, message)
+
+
+# --- OpenAI endpoints the appliance does not serve ------------------------------------
+
+
+def test_openai_endpoints_not_served_at_a_served_path_are_the_sdks_not_found_not_a_405(daemon, oai):
+    # OpenAI serves these at paths the appliance answers with other methods: the SDK's
+    # calls got a 405 (APIStatusError, as no other unsupported endpoint does) where
+    # files, batches or images get a 404 the SDK raises as NotFoundError.
+    calls = {"chat.completions.list": lambda: oai.chat.completions.list(),
+             "responses.input_tokens.count": lambda: oai.responses.input_tokens.count(model="fake", input="hi"),
+             "responses.compact": lambda: oai.responses.compact(model="fake", input="hi"),
+             "files.list": lambda: oai.files.list()}
+    for name, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as err:
+            call()
+        assert (err.value.body["code"], err.value.body["type"]) == ("not_found", "invalid_request_error"), name
+        assert "allow" not in err.value.response.headers, name
+    # What the appliance serves at those paths is as before, and a method no API has
+    # there is still a 405 that says the methods it has.
+    assert oai.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hi"}]).choices
+    made = oai.responses.create(model="stateful", input="hi", max_output_tokens=2, store=True)
+    assert oai.responses.retrieve(made.id).id == made.id
+    put = httpx.put(f"{daemon.url}/v1/chat/completions", json={}, timeout=10)
+    assert (put.status_code, put.headers["allow"]) == (405, "POST"), put.text
+    post = httpx.post(f"{daemon.url}/v1/responses/{made.id}", json={}, timeout=10)
+    assert post.status_code == 405 and post.json()["error"]["code"] == "method_not_allowed", post.text
+
+
+def test_an_endpoint_anthropics_sdk_calls_that_is_not_served_is_a_404_in_anthropics_envelope(daemon):
+    # Its files and skills (beta) live outside /v1/messages: the 404 came in OpenAI's
+    # envelope, so e.body["error"]["type"] was "invalid_request_error", not "not_found_error".
+    claude = anthropic.Anthropic(base_url=daemon.url, api_key="unused", max_retries=0, timeout=30)
+    for call in (lambda: claude.beta.files.list(), lambda: claude.messages.batches.list()):
+        with pytest.raises(anthropic.NotFoundError) as err:
+            call()
+        assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "not_found_error", err.value.body
+        assert err.value.request_id
+    # Without the SDK's anthropic-version header, the path's API (OpenAI's) answers.
+    plain = httpx.get(f"{daemon.url}/v1/files", timeout=10)
+    assert plain.status_code == 404 and plain.json()["error"]["code"] == "not_found", plain.text

@@ -10,7 +10,7 @@ from collections.abc import Collection
 
 from litestar import Request, Response
 from litestar.datastructures import MutableScopeHeaders
-from litestar.exceptions import HTTPException
+from litestar.exceptions import HTTPException, NotFoundException
 from litestar.routes import HTTPRoute
 from litestar.types import Message, Scope
 
@@ -19,21 +19,36 @@ from appliance.errors import (
     ApplianceError,
     MethodNotAllowed,
     NoCapacity,
+    NotFound,
     QueueFull,
     ShuttingDown,
     error_for_status,
 )
-from appliance.gateway.dialects import Dialect, dialect_for_path
+from appliance.gateway.dialects import ANTHROPIC, Dialect, dialect_for_path
 from appliance.logs import OncePer
 
 log = logging.getLogger("appliance.api")
 
 _REFUSALS = OncePer(60.0)
 JSON = "application/json"
+NO_SUCH_ENDPOINT = "Not found: no such endpoint"
+# OpenAI's endpoints at a path the appliance answers with other methods (its SDK's
+# chat.completions.list, responses.input_tokens.count, responses.compact): not served,
+# so a 404, which the SDK raises as NotFoundError as for files or batches, not a 405.
+_UNSERVED = frozenset(
+    {
+        ("GET", "/v1/chat/completions"),
+        ("HEAD", "/v1/chat/completions"),
+        ("POST", "/v1/responses/input_tokens"),
+        ("POST", "/v1/responses/compact"),
+    }
+)
 
 
 def error_response(request: Request, exc: Exception) -> Response:
     rid, dialect = request_id(request), request_dialect(request)
+    if dialect is None and isinstance(exc, NotFoundException) and "anthropic-version" in request.headers:
+        dialect = ANTHROPIC  # an endpoint Anthropic's SDK calls (its files, skills) not served here
     status, headers, body = error_parts(exc, request.method, request.url.path, rid, dialect)
     return Response(body, status_code=status, media_type=JSON, headers=headers)
 
@@ -58,6 +73,8 @@ def error_parts(
     else:
         log.error("unhandled error on %s %s", method, path, exc_info=exc)
         err = ApplianceError("Internal error; the appliance's log has the details")
+    if isinstance(err, MethodNotAllowed) and (method, path.rstrip("/")) in _UNSERVED:
+        err = NotFound(NO_SUCH_ENDPOINT)
     # (An operator's refused action is logged by the supervisor, with its own words.)
     refused = isinstance(err, (NoCapacity, QueueFull)) and not isinstance(err, ShuttingDown)
     if refused and not path.startswith("/admin/"):
@@ -92,5 +109,5 @@ async def options_allow(message: Message, scope: Scope) -> None:
 
 def _framework_message(exc: HTTPException) -> str:
     if exc.status_code == 404:
-        return "Not found: no such endpoint"
+        return NO_SUCH_ENDPOINT
     return exc.detail or "Request rejected"

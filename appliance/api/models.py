@@ -16,6 +16,7 @@ import msgspec
 from litestar import Request, Response, get
 
 from appliance.api.callers import caller, deployment_of, models_of
+from appliance.config import request_context
 from appliance.errors import BadRequest, ModelNotFound, quoted
 from appliance.gateway.dialects import ANTHROPIC, Dialect
 from appliance.gateway.protocol import ModelCard, ModelList
@@ -85,7 +86,8 @@ def _model_card(rt: Runtime, name: str, created: int) -> ModelCard:
 def _anthropic_model(rt: Runtime, name: str) -> AnthropicModel:
     dep = deployment_of(rt, name)
     started = datetime.fromtimestamp(int(rt.started), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    context = dep.model.context_length if dep is not None else None
+    # What one request may send: llama.cpp shares context_length among its slots.
+    context = request_context(dep.model) if dep is not None else None
     return AnthropicModel(id=name, display_name=name, created_at=started, max_input_tokens=context)
 
 

@@ -19,10 +19,17 @@ from appliance.gateway.protocol import Count, Name
 from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 
+class ContentBlock(msgspec.Struct):
+    """A message's content block as the appliance reads it: its type alone (the engine
+    reads the rest from the body as it was sent)."""
+
+    type: str
+
+
 class AnthropicMessage(msgspec.Struct, kw_only=True):
     role: Literal["user", "assistant"]
     # A string, or a list of content blocks (text, image, tool_use, tool_result, ...).
-    content: str | list[Any]
+    content: str | list[ContentBlock]
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
@@ -30,6 +37,18 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     messages: Annotated[list[AnthropicMessage], msgspec.Meta(min_length=1)]
     system: str | list[Any] | None = None
     tools: list[Any] | None = None
+
+    def block_kinds(self) -> tuple[tuple[str, str], ...]:
+        """Each content block type the messages hold, with where it first is
+        (``messages[i].content[j]``): what capabilities.check_blocks reads."""
+        seen: dict[str, str] = {}
+        for i, message in enumerate(self.messages):
+            if isinstance(message.content, str):
+                continue
+            for j, block in enumerate(message.content):
+                if block.type not in seen:
+                    seen[block.type] = f"messages[{i}].content[{j}]"
+        return tuple(seen.items())
 
 
 class MessagesRequest(CountTokensRequest):
@@ -135,6 +154,54 @@ def _fix_stop(said: dict[str, Any], asked: list[str]) -> None:
         said["stop_reason"] = "end_turn"
 
 
+def _prefill(body: bytes) -> str:
+    """The text of the assistant turn a request ends on (Anthropic's prefill, which the
+    answer continues); "" when it ends on the user's turn or the turn holds other blocks."""
+    messages = (decode_object(body) or {}).get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return ""
+    content = last.get("content")
+    if isinstance(content, list) and all(isinstance(b, dict) and b.get("type") == "text" for b in content):
+        content = "".join(str(b.get("text") or "") for b in content)
+    return content if isinstance(content, str) else ""
+
+
+def _echoes_prefill(message: dict[str, Any]) -> bool:
+    """llama.cpp's answer (its chat id, ``chatcmpl-...``) starts with the prefill it
+    continued; Anthropic's is only what the model added."""
+    made = message.get("id")
+    return isinstance(made, str) and made.startswith("chatcmpl-")
+
+
+def _drop_prefill(message: dict[str, Any], prefill: str) -> None:
+    content = message.get("content")
+    first = content[0] if isinstance(content, list) and content else None
+    if isinstance(first, dict) and first.get("type") == "text":
+        text = first.get("text")
+        if isinstance(text, str) and text.startswith(prefill):
+            first["text"] = text[len(prefill) :]
+
+
+def tool_choice_fields(body: bytes) -> dict[str, Any]:
+    """A Messages request's tool_choice as the tools llama-server is given: it reads
+    only "auto" and "any"/"tool" (as chat's "required", any tool), so a named tool is
+    honoured by giving it that tool alone, and "none" by giving it none (it let the
+    model call one). Nothing for any other choice, or a name no tool has."""
+    if b'"tool_choice"' not in body:
+        return {}
+    request = decode_object(body) or {}
+    choice, tools = request.get("tool_choice"), request.get("tools")
+    if not isinstance(choice, dict) or not isinstance(tools, list) or not tools:
+        return {}
+    if choice.get("type") == "none":
+        return {"tools": []}
+    if choice.get("type") == "tool":
+        named = [t for t in tools if isinstance(t, dict) and t.get("name") == choice.get("name")]
+        return {"tools": named} if named and len(named) < len(tools) else {}
+    return {}
+
+
 def _fix_id(message: dict[str, Any]) -> None:
     """A message's id as Anthropic's: ``msg_...`` (llama.cpp's is chat's ``chatcmpl-...``)."""
     made = message.get("id")
@@ -149,6 +216,8 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
     message = decode_object(data)
     if message is None or message.get("type") != "message":
         return data
+    if _echoes_prefill(message) and (prefill := _prefill(body)):
+        _drop_prefill(message, prefill)
     _fix_id(message)
     _fix_stop(message, _stop_sequences(body))
     return encode(message)
@@ -156,23 +225,49 @@ def whole_answer(body: bytes, data: bytes) -> bytes:
 
 class MessagesEvents(EventRewriter):
     """A Messages stream with Anthropic's id (message_start), stop rule
-    (message_delta) and a tool_use block's ``input`` from its start (llama.cpp's has
-    none: a call without arguments left the SDK's block with no input); its other
-    events pass on as they came."""
+    (message_delta), a tool_use block's ``input`` from its start (llama.cpp's has
+    none: a call without arguments left the SDK's block with no input) and, after a
+    prefill, only the text the model added (llama.cpp's first deltas repeat the
+    prefill); its other events pass on as they came."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()
         self._body = body
+        self._prefill = ""  # what is left of the prefill to take off the first text deltas
 
     def _event(self, event: bytes) -> bytes:
-        if b"message_start" not in event and b"message_delta" not in event and b'"tool_use"' not in event:
+        if (
+            b"message_start" not in event
+            and b"message_delta" not in event
+            and b'"tool_use"' not in event
+            and not (self._prefill and b'"text_delta"' in event)
+        ):
             return event + b"\n\n"
         return super()._event(event)
+
+    def _without_prefill(self, delta: dict[str, Any]) -> list[dict[str, Any]] | None:
+        """The prefill taken off a text delta: None keeps the event as it is now, []
+        drops it (it held nothing but prefill)."""
+        text, prefill = delta.get("text"), self._prefill
+        if not isinstance(text, str):
+            self._prefill = ""
+        elif text.startswith(prefill):
+            delta["text"], self._prefill = text[len(prefill) :], ""
+        elif prefill.startswith(text):
+            delta["text"], self._prefill = "", prefill[len(text) :]
+        else:  # not the prefill after all: the answer goes on as it came
+            self._prefill = ""
+        return [] if delta.get("text") == "" else None
 
     def fix(self, data: dict[str, Any]) -> list[dict[str, Any]]:
         kind = data.get("type")
         if kind == "message_start" and isinstance(data.get("message"), dict):
+            if _echoes_prefill(data["message"]):
+                self._prefill = _prefill(self._body)
             _fix_id(data["message"])
+        elif kind == "content_block_delta" and self._prefill and isinstance(delta := data.get("delta"), dict):
+            if delta.get("type") == "text_delta" and (kept := self._without_prefill(delta)) is not None:
+                return kept
         elif kind == "message_delta" and isinstance(data.get("delta"), dict):
             _fix_stop(data["delta"], _stop_sequences(self._body))
         elif kind == "content_block_start" and isinstance(block := data.get("content_block"), dict):

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
-from appliance.errors import BadRequest
+from appliance.errors import BadRequest, quoted
 from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway.api_audio import AudioRequest
-from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest
+from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest, tool_choice_fields
 from appliance.gateway.api_responses import ResponsesRequest, chat_format_fields
 from appliance.gateway.api_tools import DetokenizeRequest, InfillRequest, RerankRequest, ScoreRequest, TokenizeRequest
 from appliance.gateway.dialects import ANTHROPIC, AUDIO, LLAMACPP, OPENAI, RESPONSES, Dialect
@@ -218,6 +218,33 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
             param="background",
             code="background_not_supported",
         )
+    if blocks := getattr(request, "blocks", ()):
+        check_blocks(model, blocks)
+
+
+# The content blocks llama-server's Messages API reads (its Anthropic-to-chat
+# conversion): it drops any other without a word (a document, a search result), and the
+# model answers, and count_tokens counts, as if it had not been sent. (redacted_thinking
+# is dropped too, but it is the model's own hidden reasoning: its answer does not need it.)
+LLAMACPP_BLOCKS = frozenset({"text", "image", "thinking", "redacted_thinking", "tool_use", "tool_result"})
+
+
+def check_blocks(model: ModelConfig, blocks: tuple[tuple[str, str], ...]) -> None:
+    """A 400 naming a Messages content block (its type and where it is) that the model's
+    engine would drop: llama.cpp reads only LLAMACPP_BLOCKS. vLLM, SGLang and an
+    operator's server answer for themselves."""
+    if engine_of(model).name != "llamacpp":
+        return
+    for kind, where in blocks:
+        if kind not in LLAMACPP_BLOCKS:
+            raise BadRequest(
+                f"Model '{model.name}' runs on the llamacpp engine, which does not read "
+                f"{quoted(kind)} content blocks ({where}): it would answer without them. Send "
+                "the text in a text block (a document's or search result's text), or serve the "
+                "model on vllm or sglang",
+                param=where,
+                code="content_block_not_supported",
+            )
 
 
 def forces_tool(endpoint: Endpoint, tool_choice: object) -> bool:
@@ -285,9 +312,15 @@ def check_completion_field(model: ModelConfig, field: str, instead: str) -> None
 
 def engine_fields(endpoint: Endpoint, model: ModelConfig, body: bytes) -> dict[str, Any]:
     """Fields the model's engine needs in a request's body to honour what the API asks:
-    a Responses request's structured output, told to llama-server in chat's words."""
-    if endpoint.dialect is RESPONSES and body and engine_of(model).name == "llamacpp":
+    a Responses request's structured output, told to llama-server in chat's words; a
+    Messages request's tool_choice "none" or a named tool, in the tools llama-server
+    is given."""
+    if not body or engine_of(model).name != "llamacpp":
+        return {}
+    if endpoint.dialect is RESPONSES:
         return chat_format_fields(body)
+    if endpoint.name == "messages":
+        return tool_choice_fields(body)
     return {}
 
 
@@ -309,6 +342,7 @@ __all__ = [
     "TASKS",
     "Endpoint",
     "check",
+    "check_blocks",
     "check_completion_field",
     "check_dimensions",
     "check_fields",

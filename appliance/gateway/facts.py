@@ -50,12 +50,16 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     guess: int | None = None
     best_of: int | None = None  # a completions request's (capabilities.check_fields)
     background: bool = False  # a Responses request's (capabilities.check_fields)
+    # A Messages request's content block types, each with where it first is
+    # (capabilities.check_fields: blocks an engine would drop).
+    blocks: tuple[tuple[str, str], ...] = ()
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
     """A decoded request's facts (request: the endpoint's Struct, decoded from body);
     keyed: it may carry a key, whose reservation reads its Budget."""
     options = getattr(request, "stream_options", None)
+    block_kinds = getattr(request, "block_kinds", None)
     return Facts(
         request.model,
         len(body),
@@ -74,6 +78,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         options=b"" if options is None else None,
         best_of=getattr(request, "best_of", None),
         background=bool(getattr(request, "background", False)),
+        blocks=block_kinds() if block_kinds is not None else (),
     )
 
 
