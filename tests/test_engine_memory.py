@@ -10,7 +10,11 @@ its domain and stay open to each other.
 
 The second test is the same probe with Landlock taken from the daemon (a seccomp filter
 in its launcher answers the Landlock calls ENOSYS, a kernel without it): then the probe
-reads the other engine's memory and its key, which is what the first test guards."""
+reads the other engine's memory and its key, which is what the first test guards.
+
+The third is the daemon run as root by hand, keeping its capabilities (CAP_SYS_ADMIN and
+CAP_PERFMON open another's /proc/PID/environ under Landlock): its engines hold none
+(appliance/fleet/capabilities.py) and stay closed to each other as under the unit."""
 
 from __future__ import annotations
 
@@ -114,6 +118,8 @@ own = subprocess.Popen(["sleep", "60"])  # one of its own processes, as vLLM's w
 seen = {"other": probe(other), "daemon": probe(os.getppid()), "own": probe(own.pid)}
 own.kill()
 own.wait()
+caps = [line.split() for line in open("/proc/self/status") if line.startswith("Cap")]
+print("CAPS " + json.dumps({name.rstrip(":"): value for name, value in caps}), flush=True)
 print("PROBE " + json.dumps(seen), flush=True)
 os.execv(sys.argv[sep + 1], sys.argv[sep + 1:])
 """
@@ -155,12 +161,39 @@ def probing_model(tmp: Path, name: str, target: str) -> str:
     return f'[[models]]\nname = "{name}"\nserver = "openai"\ncommand = [{command}]\n'
 
 
-def probe_report(log_dir: Path) -> dict:
+def probe_report(log_dir: Path, what: str = "PROBE") -> dict:
     for log in (log_dir / "replicas").glob("*.log"):
         for line in log.read_text().splitlines():
-            if line.startswith("PROBE "):
-                return json.loads(line.removeprefix("PROBE "))
+            if line.startswith(what + " "):
+                return json.loads(line.removeprefix(what + " "))
     return {}
+
+
+def _daemon_holds_capabilities() -> bool:
+    status = Path("/proc/self/status").read_text()
+    return any(line.startswith("CapEff:") and int(line.split()[1], 16) for line in status.splitlines())
+
+
+NONE = "0" * 16
+
+# Root's capabilities kept whole (run by hand), and kept but for CAP_SETPCAP (what empties a
+# bounding set): then the engine's bounding set stays, and no_new_privs with its permitted
+# set emptied is what keeps its exec as uid 0 from taking it.
+WITH_CAPABILITIES = {"all": ([], True), "all_but_setpcap": (["setpriv", "--bounding-set=-setpcap"], False)}
+
+
+@pytest.mark.skipif(not _daemon_holds_capabilities(), reason="no capability here for the daemon to keep")
+@pytest.mark.parametrize("kept", WITH_CAPABILITIES)
+def test_an_engine_holds_no_capability_even_when_the_daemon_holds_them(daemons, tmp_path, kept):
+    launcher, bounding_emptied = WITH_CAPABILITIES[kept]
+    d = daemons.start(fake_model("target") + probing_model(tmp_path, "prober", "target"), launcher=launcher)
+    seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
+    caps = probe_report(tmp_path / "log", "CAPS")  # written before the report
+    sets = ("CapEff", "CapPrm", "CapInh", "CapAmb")
+    assert {name: caps[name] for name in sets} == dict.fromkeys(sets, NONE)
+    assert (caps["CapBnd"] == NONE) is bounding_emptied
+    assert seen == {"other": CLOSED, "daemon": CLOSED, "own": OPEN}  # the sibling's key above all
+    assert "the daemon holds capabilities" in d.log_text()
 
 
 def test_an_engine_cannot_read_another_engines_memory_nor_the_daemons(daemons, tmp_path):
@@ -168,6 +201,7 @@ def test_an_engine_cannot_read_another_engines_memory_nor_the_daemons(daemons, t
     seen = wait_until(lambda: probe_report(tmp_path / "log"), 30, what="the probe's report")
     assert seen == {"other": CLOSED, "daemon": CLOSED, "own": OPEN}  # its own: what NCCL's handle exchange uses
     assert d.status()["engines_landlocked"] is True
+    assert "the daemon holds capabilities" not in d.log_text()  # none under the unit: no warning
     wait_until(lambda: d.replicas("prober")[0]["state"] == "READY", 30, what="the prober serving")
     with d.client() as c:  # both still serve
         for model in ("target", "prober"):

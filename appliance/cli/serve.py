@@ -34,6 +34,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     from appliance.config import ConfigError, check_dirs_are_dirs, check_writable_dirs
     from appliance.daemon.port_claim import PortBusy, claim_port
     from appliance.daemon.server import run
+    from appliance.fleet.capabilities import warn_of_held_capabilities
     from appliance.logs import setup_logging
     from appliance.state.lock import StateDirBusy, hold_state_dir
     from appliance.undumpable import make_undumpable
@@ -74,6 +75,7 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
     for warning in cfg.deprecations:
         logging.getLogger("appliance.config").warning("%s", warning)
+    warn_of_held_capabilities()
     _check_policy(cfg)
     _check_files(cfg)
     _check_databases(cfg, migrate=True)

@@ -2,7 +2,8 @@
 
 The real runner starts each engine replica in its own process group, tied to
 the daemon's life with PR_SET_PDEATHSIG, under its seccomp sandbox (sandbox.py) and
-its Landlock ruleset (landlock.py), its output drained into a capped log.
+its Landlock ruleset (landlock.py), holding no capability whatever the daemon holds
+(capabilities.py), its output drained into a capped log.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from appliance.fleet.capabilities import EngineCapabilities, HeldCapabilities, engine_capabilities, held_capabilities
 from appliance.fleet.landlock import EngineLandlock, engine_landlock
 from appliance.fleet.sandbox import EngineSandbox, engine_sandbox
 
@@ -133,20 +135,24 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
 def _engine_preexec(
     pdeathsig: Callable[[], None] | None,
     cpus: frozenset[int],
+    caps: tuple[EngineCapabilities, HeldCapabilities],
     sandbox: EngineSandbox,
     landlock: EngineLandlock,
     ruleset: int | None,
 ) -> Callable[[], None]:
     """What the child does before it runs the engine: die with the daemon, then keep (with
-    every thread it starts) to cpus, so two replicas never share a core, then its seccomp
-    sandbox and its Landlock ruleset (built by the daemon before the fork), last: nothing
-    the daemon does in the child runs under them."""
+    every thread it starts) to cpus, so two replicas never share a core, then give up every
+    capability the daemon holds (caps: the calls and the daemon's sets, read before the
+    fork), then its seccomp sandbox and its Landlock ruleset (built by the daemon before
+    the fork), last: nothing the daemon does in the child runs under them."""
+    capabilities, held = caps
 
     def preexec() -> None:
         if pdeathsig is not None:
             pdeathsig()
         if cpus:
             os.sched_setaffinity(0, cpus)
+        capabilities.drop(held)
         sandbox.apply()
         if ruleset is not None:
             landlock.restrict(ruleset)
@@ -203,6 +209,7 @@ class SubprocessRunner:
         self._keep_out = keep_out
         self._read_only = read_only
         self._landlock = engine_landlock()
+        self._capabilities = engine_capabilities()
 
     async def spawn(
         self,
@@ -252,7 +259,14 @@ class SubprocessRunner:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # own process group: stop it whole
-                preexec_fn=_engine_preexec(self._preexec, cpus, self._sandbox, self._landlock, ruleset),
+                preexec_fn=_engine_preexec(
+                    self._preexec,
+                    cpus,
+                    (self._capabilities, held_capabilities()),
+                    self._sandbox,
+                    self._landlock,
+                    ruleset,
+                ),
             )
         except OSError as exc:
             log.close()
