@@ -363,7 +363,8 @@ class ReloadReport(msgspec.Struct, kw_only=True):
 
     config: str  # the file read
     added: list[str] = []  # models started
-    removed: list[str] = []  # models drained, then stopped
+    removed: list[str] = []  # models draining: no new request, stopped once theirs end
+    removing: dict[str, int] = {}  # removed model -> its requests (in flight or held) at the reload
     changed: dict[str, list[str]] = {}  # model -> its changed settings
     rolling: list[str] = []  # models whose replicas are being replaced (engine settings changed)
     rolled: dict[str, str] = {}  # model -> how its roll ended (when the caller waited for it)
@@ -375,6 +376,14 @@ class ReloadReport(msgspec.Struct, kw_only=True):
     def said(self) -> str:
         """In the words of the operator actions' answers (the TUI shows them)."""
         return f"config reloaded: {self.summary()}"
+
+    def removal(self, name: str) -> str:
+        """A removed model's state when the reload answered, in the present tense: its
+        replicas drain, and stop once the requests it had then end."""
+        running = self.removing.get(name, 0)
+        if not running:
+            return "removed: stopping (no request to finish)"
+        return f"removed: draining, stops when its {running} request{'s end' if running > 1 else ' ends'}"
 
     def summary(self) -> str:
         rolls = len(self.rolling) + len(self.rolled)

@@ -195,6 +195,35 @@ def test_a_request_held_for_a_model_removed_by_a_reload_is_still_served(daemons)
     wait_until(lambda: "stopping the replicas of cold" in daemon.log_text(), 20, what="the removed model to stop")
 
 
+def test_a_reload_says_a_removed_model_drains_while_its_requests_run_not_that_it_stopped(daemons):
+    daemon = daemons.start(fake_model("steady") + fake_model("leaving", "--latency", "3"))
+    answer: list[httpx.Response] = []
+    sender = threading.Thread(target=lambda: answer.append(_chat(daemon, "leaving")))
+    sender.start()
+    wait_until(lambda: next(m for m in daemon.status()["models"] if m["name"] == "leaving")["inflight"] >= 1, 10,
+               what="the request to run")
+    daemons.write_config(fake_model("steady"), port=daemon.port)
+    done = _reload_cli(daemon)
+    assert done.returncode == 0, done.stderr
+    # The reload answers while the request runs: its model drains, it has not stopped.
+    assert "  model leaving: removed: draining, stops when its 1 request ends\n" in done.stdout, done.stdout
+    sender.join(30)
+    [r] = answer
+    assert r.status_code == 200, r.text
+    wait_until(lambda: "stopping the replicas of leaving" in daemon.log_text(), 20, what="the removed model to stop")
+
+
+def test_a_removed_models_words_count_the_requests_it_finishes_before_it_stops():
+    from appliance.status import ReloadReport
+
+    report = ReloadReport(config="c", removed=["idle", "one", "busy"], removing={"one": 1, "busy": 3})
+    assert [report.removal(name) for name in report.removed] == [
+        "removed: stopping (no request to finish)",
+        "removed: draining, stops when its 1 request ends",
+        "removed: draining, stops when its 3 requests end",
+    ]
+
+
 def test_the_diff_tells_rolls_from_live_changes_and_restart_only_settings():
     from appliance.api.reload import diff_models, restart_only
     from appliance.config import parse_config

@@ -6,8 +6,9 @@ the daemon serves (SIGHUP, `appliance reload`, POST /admin/reload, the TUI's key
       ─▶ the new gateway policy built whole: routes, providers (their key files read),
          tenancy; the regulated check run on it ── fails ─▶ refused, nothing changes
       ─▶ one synchronous step (no await: no request runs in between):
-           the policy swapped (Gateway.adopt), models added, removed (drained, then
-           stopped), live model settings (autoscaling, priority, default_max_tokens) set
+           the policy swapped (Gateway.adopt), models added, removed (draining: stopped
+           once their requests end), live model settings (autoscaling, priority,
+           default_max_tokens) set
       ─▶ models whose engine settings changed roll in the background, one replica at
          a time (Supervisor.roll): a new replica READY before the old one drains
 
@@ -261,7 +262,10 @@ class Reloader:
         sup = rt.supervisor
         sup.cfg = sup.capacity.cfg = new
         by_name = {m.name: m for m in new.models}
+        removing: dict[str, int] = {}
         for name in models.removed:
+            dep = sup.deployments[name]
+            removing[name] = dep.inflight + len(dep.waiters)  # what it finishes before it stops
             sup.remove_deployment(name)
         for name in models.updated:
             dep = sup.deployments[name]
@@ -283,6 +287,7 @@ class Reloader:
             config=new.origin,
             added=[m.name for m in models.added],
             removed=models.removed,
+            removing=removing,
             rolling=list(models.rolled),
             changed=models.updated | models.rolled,
             policy=diff_named("route", old.routes, new.routes)

@@ -134,7 +134,7 @@ def reload(config: str | None, port: int | None, no_wait: bool, as_json: bool) -
     for name in report.added:
         click.echo(f"  model {name}: added")
     for name in report.removed:
-        click.echo(f"  model {name}: removed (drained, then stopped)")
+        click.echo(f"  model {name}: {report.removal(name)}")
     for name, fields in report.changed.items():
         how = report.rolled.get(name) or ("rolling" if name in report.rolling else "changed live")
         click.echo(f"  model {name}: {', '.join(fields)} ({how})")
