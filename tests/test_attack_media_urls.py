@@ -88,7 +88,11 @@ REFUSED = {
         responses({"type": "input_file", "file_url": "https://internal.example/report.pdf"}),
         "input[0].content[0].file_url",
     ),
-    "Anthropic image source": ("/v1/messages", messages(source("image", METADATA)), "messages[0].content[0].source.url"),
+    "Anthropic image source": (
+        "/v1/messages",
+        messages(source("image", METADATA)),
+        "messages[0].content[0].source.url",
+    ),
     "Anthropic document source": (
         "/v1/messages",
         messages(TEXT, source("document", "http://[::1]:8000/admin/status")),
