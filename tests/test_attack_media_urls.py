@@ -19,7 +19,7 @@ import pytest
 from appliance.config import ConfigError, parse_config
 from appliance.gateway.media_urls import allowed
 
-from .conftest import engine_client, fake_model, wait_until
+from .conftest import engine_client, fake_model, over_admin_socket, wait_until
 
 MODEL = "seer"
 ALLOWED = "http://images.internal/cat/"
@@ -239,3 +239,19 @@ def test_a_media_url_prefix_that_is_no_plain_http_prefix_is_a_config_error(prefi
     with pytest.raises(ConfigError, match=r"server\.media_url_prefixes\[0\]"):
         parse_config(f'[server]\nmedia_url_prefixes = ["{prefix}"]\n')
     parse_config(f'[server]\nmedia_url_prefixes = ["{ALLOWED}", "https://[fd00::1]:8443/img/"]\n')
+
+
+def test_without_prefixes_every_media_url_is_refused_and_a_reload_allows_one(daemons):
+    d = daemons.start(fake_model(MODEL))
+    url = ALLOWED + "a.png"
+    resp = _post(d, "/v1/chat/completions", chat(TEXT, image(url)))
+    _refused(resp, "/v1/chat/completions", "messages[0].content[1].image_url.url")
+    assert "media_url_prefixes" in resp.json()["error"]["message"]  # the operator's way out, named
+
+    daemons.write_config(fake_model(MODEL), server=f'media_url_prefixes = ["{ALLOWED}"]\n', port=d.port)
+    with over_admin_socket(d.admin_socket) as admin:
+        assert admin.post("http://appliance/admin/reload", json={}).status_code == 200
+    before = _engine_requests(d)
+    assert _post(d, "/v1/chat/completions", chat(TEXT, image(url))).status_code == 200
+    assert _engine_requests(d) == before + 1
+    _refused(_post(d, "/v1/chat/completions", chat(image(METADATA))), "/v1/chat/completions", None)
