@@ -53,6 +53,7 @@ LIVE_SETTINGS = frozenset(
         "server.drain_timeout_s",
         "server.trusted_proxies",
         "server.forwarded_header",
+        "server.media_url_prefixes",  # read at each request (gateway/media_urls.py)
         "queue.max_held",
         "queue.timeout_s",
         "queue.keepalive_s",

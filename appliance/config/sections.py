@@ -55,6 +55,11 @@ class ServerConfig(_Section):
     # A provider key file (providers[].api_key_file) its group or others may read:
     # "refuse" (the daemon does not start, naming the file and the fix) or "warn".
     key_file_permissions: Literal["refuse", "warn"] = "refuse"
+    # Where requests may point an engine at media by URL (image_url, video_url, audio_url,
+    # file_url, Anthropic's source url): absolute http(s) URL prefixes ending in "/", in
+    # normal form (config/urls.py). Empty: only data: URLs (the bytes themselves); any
+    # other is a 400 media_url_not_allowed (appliance/gateway/media_urls.py).
+    media_url_prefixes: list[str] = msgspec.field(default_factory=list)
     # The admin API also on a unix socket (relative: under paths.state_dir), mode
     # 0660; each request carries the token the daemon writes at each start next to
     # it, <admin_socket>.token, mode 0640 (appliance/socket_token.py). Empty: off.

@@ -25,6 +25,7 @@ from appliance.config.routes import ENDPOINT_NAMES, ProviderConfig
 from appliance.config.schema import lora_names
 from appliance.config.sections import MAX_WORKERS
 from appliance.config.telemetry import _validate_telemetry
+from appliance.config.urls import prefix_error
 from appliance.safe_paths import StoreError, check_name
 
 if TYPE_CHECKING:
@@ -111,6 +112,8 @@ def _validate(cfg: Config) -> None:
         f'must be 1-{MAX_WORKERS} or "auto", got {s.workers!r}: 1 runs the daemon alone, more adds worker processes',
     )
     _validate_proxies(s.trusted_proxies, need)
+    for i, prefix in enumerate(s.media_url_prefixes):
+        need((why := prefix_error(prefix)) is None, f"server.media_url_prefixes[{i}]", why or "")
     u = cfg.upstream
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
     need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
 from appliance.errors import BadRequest, quoted
 from appliance.fleet.engine_traits import engine_of, serves_tools
+from appliance.gateway import media_urls
 from appliance.gateway.api_audio import AudioRequest
 from appliance.gateway.api_messages import CountTokensRequest, MessagesRequest, tool_choice_fields
 from appliance.gateway.api_responses import ResponsesRequest, chat_format_fields
@@ -194,8 +195,12 @@ def check(path: str, endpoint: Endpoint, model: ModelConfig, stateful: bool = Fa
 def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: object) -> None:
     """A 400 naming the field, for what a request asks that the model's engine would not
     honour and answer as if it had: a forced tool call, an embedding's dimensions, a
-    completion's echo, suffix or best_of; a background Response (never served).
+    completion's echo, suffix or best_of; a background Response (never served); media
+    by URL (an engine would fetch it: gateway/media_urls.py).
     (request: the endpoint's Struct, or its Facts: gateway/facts.py.)"""
+    media = getattr(request, "media", ())
+    if media:
+        media_urls.check(media, cfg.server.media_url_prefixes)
     tool_choice = getattr(request, "tool_choice", None)
     if tool_choice is not None and forces_tool(endpoint, tool_choice):
         check_tools(cfg, model, tool_choice)

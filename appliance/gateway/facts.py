@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from appliance.fleet.prefix import engine_view
+from appliance.gateway import media_urls
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.metering import choices, completion_cap, stream_options
 
@@ -53,6 +54,9 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # A Messages request's content block types, each with where it first is
     # (capabilities.check_fields: blocks an engine would drop).
     blocks: tuple[tuple[str, str], ...] = ()
+    # The media it names by a URL an engine would fetch (gateway/media_urls.py; checked
+    # against the config in capabilities.check_fields): () for nearly every body.
+    media: tuple[media_urls.Reference, ...] = ()
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -79,6 +83,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         best_of=getattr(request, "best_of", None),
         background=bool(getattr(request, "background", False)),
         blocks=block_kinds() if block_kinds is not None else (),
+        media=() if endpoint.form else media_urls.found(body),
     )
 
 
