@@ -1,5 +1,6 @@
-"""Deadlines on a request's task: the body's read (api/body.py) and the wait for an
-engine stream's head (gateway/proxy.py), without a loop timer per request.
+"""Deadlines on a request's task: the body's read (api/body.py), the wait for an
+engine stream's head (gateway/proxy.py) and each send of an answer to its client
+(``sends``: gateway/relay.py, a worker's relay), without a loop timer per request.
 
 A deadline cancels the task that set it when it falls due, as ``asyncio.timeout``'s
 does, and the code that waited turns that cancel into its own timeout error. Deadlines
@@ -109,6 +110,71 @@ class _Queues(dict[float, _Queue]):
 
 
 _queues = _Queues(None)
+
+
+NEVER = float("inf")
+SWEEP_S = 1.0  # how often the loop's send deadlines are looked at
+
+
+class Sends(Deadline):
+    """A deadline on each send of one answer (a stream's many): the relay sets ``at``
+    to ``clock() + seconds`` before a send and back to NEVER after, two stores and a
+    clock read per piece, no timer and no queue entry; the loop's sweep, once a second
+    while any answer is open, cancels the task of one whose send is due (its client
+    has taken nothing for ``seconds``: it stopped reading). It falls due up to SWEEP_S
+    late. ``passed`` and ``end`` as any deadline's; ``end`` also leaves the sweep."""
+
+    __slots__ = ("clock", "seconds", "sweep")
+
+    def __init__(self, task: asyncio.Task, seconds: float, sweep: _Sweep) -> None:
+        super().__init__(task, NEVER)
+        self.seconds, self.sweep = seconds, sweep
+        self.clock = sweep.loop.time
+
+    def end(self) -> None:
+        super().end()
+        self.sweep.discard(self)
+
+
+class _Sweep(set[Sends]):
+    """The open answers' send deadlines of one loop, looked at every SWEEP_S while any is open."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self, sends: Sends) -> None:
+        self.add(sends)
+        if self.timer is None:
+            self.timer = self.loop.call_later(SWEEP_S, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        for sends in [s for s in self if s.at <= now]:
+            self.discard(sends)
+            if sends.pending and sends.task is not None:
+                sends.expired = True
+                sends.task.cancel()
+        if self:
+            self.timer = self.loop.call_later(SWEEP_S, self._fire)
+
+
+_sweep: _Sweep | None = None
+
+
+def sends(seconds: float) -> Sends:
+    """A send deadline of ``seconds`` on the running task's answer (see Sends)."""
+    global _sweep
+    task = asyncio.current_task()
+    assert task is not None, "a deadline on a task"
+    loop = task.get_loop()
+    if _sweep is None or _sweep.loop is not loop:  # a new loop (tests, startup) gets its own
+        _sweep = _Sweep(loop)
+    deadline = Sends(task, seconds, _sweep)
+    _sweep.watch(deadline)
+    return deadline
 
 
 def start(seconds: float) -> Deadline:
