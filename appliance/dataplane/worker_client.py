@@ -257,35 +257,41 @@ class ClientSide:
         self.out.write(Gone(rid))
 
     async def _answer(self, rid: int, answer: Mailbox[Any], send: Any, frame: Any = None) -> None:
-        """The daemon's answer (from frame, else its first), relayed to the client. A client
-        that takes no piece of it for server.send_timeout_s (it stopped reading) is dropped
-        and the daemon told it left (Gone): it ends the engine's request, as for any leaver."""
-        sends = deadlines.sends(self.settings.send_timeout_s)
-        clock, seconds, never = sends.clock, sends.seconds, deadlines.NEVER
+        """The daemon's answer (from frame, else its first), relayed to the client. One in
+        pieces (a stream; a large whole answer, relay.send_whole_within) whose client takes
+        none for server.send_timeout_s (it stopped reading) is dropped, and the daemon told
+        it left (Gone): that ends the engine's request, as for any leaver. An answer in one
+        frame goes to the server whole, read or not: it is not watched (no cost)."""
+        sends: deadlines.Sends | None = None
         try:
             while True:
                 if frame is None:
                     frame = await answer.get()
                 if not isinstance(frame, (Start, Body)):  # no more answer (the daemon is done with it, or gone)
                     return
-                sends.at = clock() + seconds
+                if sends is None and frame.more:
+                    sends = deadlines.sends(self.settings.send_timeout_s)
+                if sends is not None:
+                    sends.n += 1
                 if isinstance(frame, Start):
                     headers = [*frame.headers, self.worker_header]
                     await send({"type": "http.response.start", "status": frame.status, "headers": headers})
                     await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
                 else:
                     await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
-                sends.at = never
+                if sends is not None:
+                    sends.n += 1
                 if not frame.more:
                     return
                 frame = None
         except asyncio.CancelledError:
-            if not sends.passed():
+            if sends is None or not sends.passed():
                 raise
-            log_stalled(f"{rid} (worker {self.settings.index})", seconds)
+            log_stalled(f"{rid} (worker {self.settings.index})", sends.seconds)
             self.out.write(Gone(rid))
         finally:
-            sends.end()
+            if sends is not None:
+                sends.end()
 
     # The fast path: a request the daemon decides and this worker carries.
 

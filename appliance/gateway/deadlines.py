@@ -112,24 +112,25 @@ class _Queues(dict[float, _Queue]):
 _queues = _Queues(None)
 
 
-NEVER = float("inf")
 SWEEP_S = 1.0  # how often the loop's send deadlines are looked at
 
 
 class Sends(Deadline):
-    """A deadline on each send of one answer (a stream's many): the relay sets ``at``
-    to ``clock() + seconds`` before a send and back to NEVER after, two stores and a
-    clock read per piece, no timer and no queue entry; the loop's sweep, once a second
-    while any answer is open, cancels the task of one whose send is due (its client
-    has taken nothing for ``seconds``: it stopped reading). It falls due up to SWEEP_S
-    late. ``passed`` and ``end`` as any deadline's; ``end`` also leaves the sweep."""
+    """A deadline on each send of one answer (a stream's many). The relay counts its
+    sends, ``n += 1`` before one and again after (odd: one is under way): no clock
+    read, no timer and no queue entry per piece. The loop's sweep, once a second while
+    any answer is open, notes each one's count and when it saw it change; one whose
+    send is the same for ``seconds`` (its client has taken nothing: it stopped reading)
+    has its task cancelled, ``seconds`` to ``seconds`` + SWEEP_S after that send began.
+    ``passed`` and ``end`` as any deadline's; ``end`` also leaves the sweep."""
 
-    __slots__ = ("clock", "seconds", "sweep")
+    __slots__ = ("n", "seconds", "seen", "seen_at", "sweep")
 
     def __init__(self, task: asyncio.Task, seconds: float, sweep: _Sweep) -> None:
-        super().__init__(task, NEVER)
+        super().__init__(task, 0.0)
         self.seconds, self.sweep = seconds, sweep
-        self.clock = sweep.loop.time
+        self.n = 0  # sends begun and ended: odd while one is under way
+        self.seen, self.seen_at = 0, 0.0  # the count the sweep last saw change, and when
 
     def end(self) -> None:
         super().end()
@@ -145,6 +146,7 @@ class _Sweep(set[Sends]):
         self.timer: asyncio.TimerHandle | None = None
 
     def watch(self, sends: Sends) -> None:
+        sends.seen_at = self.loop.time()
         self.add(sends)
         if self.timer is None:
             self.timer = self.loop.call_later(SWEEP_S, self._fire)
@@ -152,11 +154,15 @@ class _Sweep(set[Sends]):
     def _fire(self) -> None:
         self.timer = None
         now = self.loop.time()
-        for sends in [s for s in self if s.at <= now]:
-            self.discard(sends)
-            if sends.pending and sends.task is not None:
-                sends.expired = True
-                sends.task.cancel()
+        for sends in list(self):
+            n = sends.n
+            if n != sends.seen or not n & 1:  # sent since, or not sending: not stuck
+                sends.seen, sends.seen_at = n, now
+            elif now - sends.seen_at >= sends.seconds:
+                self.discard(sends)
+                if sends.pending and sends.task is not None:
+                    sends.expired = True
+                    sends.task.cancel()
         if self:
             self.timer = self.loop.call_later(SWEEP_S, self._fire)
 

@@ -120,14 +120,13 @@ async def send_whole_within(
         await send_whole(send, status, content_type, body, headers)
         return
     sends = deadlines.sends(seconds)
-    clock, never = sends.clock, deadlines.NEVER
     try:
         await send({"type": "http.response.start", "status": status, "headers": _head(content_type, body, headers)})
         for at in range(0, len(body), PIECE_BYTES):
-            sends.at = clock() + seconds
             piece = body[at : at + PIECE_BYTES]
+            sends.n += 1
             await send({"type": "http.response.body", "body": piece, "more_body": at + PIECE_BYTES < len(body)})
-            sends.at = never
+            sends.n += 1
     except asyncio.CancelledError:
         if not sends.passed():
             raise
@@ -353,8 +352,7 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
     piece and nothing else awaited (the tap's work is a few substring scans). A piece
     is whatever arrived since the last read (proxy.EngineStream), so events that
     arrived during the last send go out together, and none waits for a later one.
-    Each send is under the sends deadline (set before, cleared after: no timer)."""
-    clock, seconds, never = sends.clock, sends.seconds, deadlines.NEVER
+    Each send is under the sends deadline (counted before and after: no timer)."""
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
     read = stream.read
@@ -371,9 +369,9 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
             if chunk:
                 if text is not None:
                     text.append(chunk)
-                sends.at = clock() + seconds
+                sends.n += 1
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                sends.at = never
+                sends.n += 1
             chunk = await read()
         # The engine's stream ended and the relay finished the request (its row);
         # the closing [DONE], held back by the tap, waits until that row is durable.
