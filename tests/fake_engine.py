@@ -97,6 +97,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cache-report", action="store_true",
                    help="report cached prompt tokens like llama-server (cached_tokens, timings)")
     p.add_argument("--no-usage", action="store_true", help="never report usage")
+    p.add_argument("--pad-bytes", type=int, default=0,
+                   help="a unary completion's answer (and a --fail-status error's message) carries this many more bytes")
     p.add_argument("--no-completions", action="store_true", help="no /v1/completions (chat-only)")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
@@ -212,8 +214,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
         body = await counted(request)
         chat = request.path.endswith("/chat/completions")
         if args.fail_status and STATS["requests"] >= args.fail_from:
-            return web.json_response({"error": {"message": "fake failure", "type": "server_error"}},
-                                     status=args.fail_status)
+            return web.json_response({"error": {"message": "fake failure" + " padding" * (args.pad_bytes // 8),
+                                                "type": "server_error"}}, status=args.fail_status)
         n = max(1, min(args.chunks, _length(body, args.chunks)))
         width = max(1, int(body.get("n") or 1))  # choices, each n tokens long
         prompt, cached = _cached(body) if args.cache_report else (5, None)
@@ -243,6 +245,8 @@ def make_app(args: argparse.Namespace) -> web.Application:
                   "created": int(time.time()), "model": body.get("model", args.model), "choices": choices}
         if not args.no_usage:
             answer["usage"] = _usage(prompt, n * width, cached)
+        if args.pad_bytes:
+            answer["padding"] = "x" * args.pad_bytes
         return web.json_response({**answer, **extra})
 
     async def stream(request: web.Request, chat: bool, n: int, usage: bool = False, prompt: int = 5,

@@ -50,10 +50,12 @@ LIVE_SETTINGS = frozenset(
         "server.max_body_bytes",
         "server.max_upload_bytes",
         "server.body_read_timeout_s",
+        "server.send_timeout_s",
         "server.drain_timeout_s",
         "server.trusted_proxies",
         "server.forwarded_header",
         "server.media_url_prefixes",  # read at each request (gateway/media_urls.py)
+        "upstream.max_answer_bytes",
         "queue.max_held",
         "queue.timeout_s",
         "queue.keepalive_s",

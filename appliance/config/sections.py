@@ -28,6 +28,10 @@ class ServerConfig(_Section):
     header_read_timeout_s: float = 10.0
     # The request body must arrive within this; a client trickling it gets 408.
     body_read_timeout_s: float = 30.0
+    # A client that takes no piece of its answer for this long (it stopped reading:
+    # its socket is full) is dropped: the engine's request is closed, freeing its
+    # replica slot, and it is charged what was relayed, as a client that left.
+    send_timeout_s: float = 60.0
     # SIGTERM: stop accepting, give in-flight requests this long to finish.
     drain_timeout_s: float = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -115,6 +119,10 @@ class UpstreamConfig(_Section):
     read_timeout_s: float = 600.0
     # Pooled keep-alive connections kept open to each engine replica.
     max_connections_per_replica: int = 256
+    # The most bytes of a whole (unary) answer read from an engine or a provider;
+    # a larger one is a 502 naming this cap (an error answer's body is kept to its
+    # first 64 KiB: appliance/gateway/proxy.py MAX_ERROR_BYTES).
+    max_answer_bytes: int = 64 * 1024 * 1024
 
 
 class SupervisorConfig(_Section):

@@ -100,6 +100,7 @@ def _validate(cfg: Config) -> None:
     need(s.max_upload_bytes >= 1024, "server.max_upload_bytes", "must be at least 1024")
     need(0 < s.header_read_timeout_s <= 3600, "server.header_read_timeout_s", "must be within 0-3600 s")
     need(0 < s.body_read_timeout_s <= 3600, "server.body_read_timeout_s", "must be within 0-3600 s")
+    need(0 < s.send_timeout_s <= 3600, "server.send_timeout_s", "must be within 0-3600 s")
     need(s.drain_timeout_s >= 0, "server.drain_timeout_s", "must not be negative")
     need(
         len(os.fsencode(s.admin_socket)) < UNIX_PATH_MAX,
@@ -118,6 +119,7 @@ def _validate(cfg: Config) -> None:
     need(u.connect_timeout_s > 0, "upstream.connect_timeout_s", "must be positive")
     need(u.read_timeout_s > 0, "upstream.read_timeout_s", "must be positive")
     need(u.max_connections_per_replica >= 1, "upstream.max_connections_per_replica", "must be >= 1")
+    need(u.max_answer_bytes >= 1024 * 1024, "upstream.max_answer_bytes", "must be at least 1048576 (1 MiB)")
     sv = cfg.supervisor
     for field in ("startup_timeout_s", "backoff_initial_s", "backoff_max_s", "crash_window_s", "health_interval_s"):
         need(getattr(sv, field) > 0, f"supervisor.{field}", "must be positive")

@@ -36,6 +36,7 @@ import msgspec
 
 from appliance.api.app import with_body
 from appliance.dataplane.protocol import (
+    TOO_LARGE,
     Body,
     Call,
     Cancel,
@@ -62,7 +63,7 @@ from appliance.fleet.replica import Replica
 from appliance.gateway.dialects import OPENAI, Dialect
 from appliance.gateway.ledger import committed, estimate, finish
 from appliance.gateway.metering import Usage
-from appliance.gateway.proxy import AnswerStream, Done, EngineProxy, Upstream, engine_status_error
+from appliance.gateway.proxy import AnswerStream, AnswerTooLarge, Done, EngineProxy, Upstream, engine_status_error
 from appliance.gateway.relay import answer_stream, answer_whole
 from appliance.gateway.serving import fields_for, on_deployment
 
@@ -317,6 +318,8 @@ class Ticket:
             # Else its client left (a Gone) before the grant arrived: its Finish says so.
         if frame.error == "status":
             raise engine_status_error(replica, frame.status, frame.body)
+        if frame.error == TOO_LARGE:  # its message: the cap the worker read by
+            raise AnswerTooLarge(replica.name, int(frame.message))
         if frame.error:  # the proxy's own error, made in the worker (its message names the replica)
             err = EngineTimeout(frame.message) if frame.error == "timeout" else EngineFailure(frame.message)
             err.retryable = frame.error == "connect"
@@ -477,6 +480,8 @@ class RemoteProxy(EngineProxy):
             finally:
                 call.close()
             if isinstance(answer, End):
+                if answer.error == TOO_LARGE:  # the worker read no more than the cap (its message)
+                    raise AnswerTooLarge(replica.name, int(answer.message))
                 raise (_broke if answer.error in MID_ANSWER else _refused)(replica, answer)
             assert isinstance(answer, Whole), "a whole call's answer"
             if answer.status >= 400:

@@ -167,6 +167,8 @@ class WorkerFront:
             max_connections_per_replica=self.cfg.upstream.max_connections_per_replica,
             backlog=BACKLOG,
             body_read_timeout_s=limits.body_read_timeout_s,
+            send_timeout_s=limits.send_timeout_s,
+            max_answer_bytes=limits.max_answer_bytes,
         )
         listen_fd, link_fd = self._socket(index).fileno(), link.fileno()
         argv = [sys.executable, "-m", "appliance.dataplane.worker", str(listen_fd), str(link_fd)]
@@ -195,9 +197,11 @@ class WorkerFront:
 
 
 def body_limits(cfg: Config) -> Limits:
-    """What a worker reads bodies by: the timeout, and the most bytes of any (an upload's, if larger)."""
+    """What a worker reads bodies by (the timeout, and the most bytes of any: an upload's,
+    if larger), sends answers by (the send timeout) and reads engines' answers by."""
     s = cfg.server
-    return Limits(s.body_read_timeout_s, max(s.max_body_bytes, s.max_upload_bytes))
+    most = max(s.max_body_bytes, s.max_upload_bytes)
+    return Limits(s.body_read_timeout_s, most, s.send_timeout_s, cfg.upstream.max_answer_bytes)
 
 
 def _die_with_parent():

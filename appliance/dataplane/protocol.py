@@ -106,6 +106,9 @@ class Call(msgspec.Struct, tag=5, array_like=True):
     stream: bool
 
 
+TOO_LARGE = "too_large"
+
+
 class Head(msgspec.Struct, tag=6, array_like=True):
     uid: int
     status: int
@@ -129,7 +132,8 @@ class Whole(msgspec.Struct, tag=10, array_like=True):
 class End(msgspec.Struct, tag=8, array_like=True):
     """An engine call's end: error "" (the whole stream came); before an answer,
     "timeout", "connect" (no byte of an answer came back: safe elsewhere) or
-    "failure"; mid-answer, "stalled" or "broke"."""
+    "failure"; mid-answer, "stalled" or "broke"; a whole answer over the cap,
+    TOO_LARGE (its message: the cap, upstream.max_answer_bytes)."""
 
     uid: int
     error: str
@@ -192,11 +196,15 @@ class Settled(msgspec.Struct, tag=13, array_like=True):
 
 
 class Limits(msgspec.Struct, tag=15, array_like=True):
-    """A reloaded config's body limits (server.body_read_timeout_s, the body's most bytes):
-    the worker reads the bodies that come next by them (WorkerSettings has those it started with)."""
+    """A reloaded config's limits (server.body_read_timeout_s, the body's most bytes,
+    server.send_timeout_s, upstream.max_answer_bytes): the worker reads the bodies,
+    sends the answers and reads the engines' answers that come next by them
+    (WorkerSettings has those it started with)."""
 
     body_read_timeout_s: float
     max_body_bytes: int
+    send_timeout_s: float = 60.0
+    max_answer_bytes: int = 64 * 1024 * 1024
 
 
 class Serving(msgspec.Struct, tag=16, array_like=True):
@@ -342,6 +350,10 @@ class WorkerSettings(msgspec.Struct, frozen=True):
     # A body not whole within this is answered 408 (server.body_read_timeout_s; the daemon's
     # front door times out the part it is passed, the worker the wait for its first piece).
     body_read_timeout_s: float = 30.0
+    # A client that takes no piece of its answer this long is dropped (server.send_timeout_s).
+    send_timeout_s: float = 60.0
+    # The most bytes of an engine's whole answer the worker reads (upstream.max_answer_bytes).
+    max_answer_bytes: int = 64 * 1024 * 1024
 
 
 class Mailbox(Generic[T]):

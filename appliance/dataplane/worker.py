@@ -29,7 +29,16 @@ from granian.constants import HTTPModes, Interfaces
 from granian.http import HTTP1Settings
 
 from appliance.dataplane.listener import OnListeningSocket
-from appliance.dataplane.protocol import Call, Cancel, FrameReader, FrameWriter, Serving, ToWorker, WorkerSettings
+from appliance.dataplane.protocol import (
+    Call,
+    Cancel,
+    FrameReader,
+    FrameWriter,
+    Limits,
+    Serving,
+    ToWorker,
+    WorkerSettings,
+)
 from appliance.dataplane.worker_client import ClientSide
 from appliance.dataplane.worker_engine import EngineCalls
 from appliance.fleet.engine_access import http_session, tcp_connector
@@ -46,7 +55,7 @@ class Worker:
         self.transport = writer.writer.transport
         self.session = http_session(tcp_connector(settings.max_connections_per_replica))
         self.clients = ClientSide(settings, writer, self.session)
-        self.engine = EngineCalls(writer, self.session)
+        self.engine = EngineCalls(writer, self.session, settings.max_answer_bytes)
 
     def _take(self, frame: ToWorker) -> None:
         if isinstance(frame, Call):
@@ -54,6 +63,8 @@ class Worker:
         elif isinstance(frame, Cancel):
             self.engine.cancel(frame.uid)
         else:
+            if isinstance(frame, Limits):
+                self.engine.max_answer_bytes = frame.max_answer_bytes
             self.clients.take(frame)
 
     async def read_link(self) -> None:

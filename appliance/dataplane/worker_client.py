@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import time
 from typing import Any
 
@@ -28,6 +29,7 @@ import msgspec
 
 from appliance.access.tenancy import revealing, scrub
 from appliance.dataplane.protocol import (
+    TOO_LARGE,
     Body,
     Finish,
     FrameWriter,
@@ -44,24 +46,29 @@ from appliance.dataplane.protocol import (
 )
 from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, RequestTimeout, StateWriteFailed
 from appliance.fleet.hold import ClientGone
+from appliance.gateway import deadlines
 from appliance.gateway.capabilities import ENDPOINTS, Endpoint
 from appliance.gateway.dialects import dialect_for_path
 from appliance.gateway.facts import Facts, carried_facts
 from appliance.gateway.metering import StreamTap
 from appliance.gateway.protocol import decode_request
 from appliance.gateway.providers import set_encoded_fields
-from appliance.gateway.proxy import EngineProxy, engine_error_body
+from appliance.gateway.proxy import AnswerTooLarge, EngineProxy, engine_error_body
 from appliance.gateway.relay import (
     SSE_START_HEADERS,
     WATCH_AFTER_S,
     charged,
+    log_stalled,
     relay_opened,
     send_sse_error,
     send_whole,
+    send_whole_within,
     unless_client_leaves,
 )
 from appliance.gateway.request import ProxyRequest, request_id_of
 from appliance.gateway.serving import wait_disconnect
+
+log = logging.getLogger("appliance.worker")
 
 WORKER_HEADER = b"x-appliance-worker"
 # On an answer the worker carried (a grant): the fast path was taken.
@@ -81,7 +88,7 @@ class ClientSide:
         self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
         self.ids = itertools.count(1)
         self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | Want | None]] = {}
-        self.proxy = _GrantedProxy(session)
+        self.proxy = _GrantedProxy(session, settings.max_answer_bytes)
         # A carried stream's Settled, awaited by the relay before its last bytes.
         self.receipts: dict[int, asyncio.Future[None]] = {}
         self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
@@ -105,8 +112,13 @@ class ClientSide:
                 answer.put(None if isinstance(frame, Gone) else frame)
         elif isinstance(frame, Limits):  # a reload's: the requests that come next are read by them
             self.settings = msgspec.structs.replace(
-                self.settings, body_read_timeout_s=frame.body_read_timeout_s, max_body_bytes=frame.max_body_bytes
+                self.settings,
+                body_read_timeout_s=frame.body_read_timeout_s,
+                max_body_bytes=frame.max_body_bytes,
+                send_timeout_s=frame.send_timeout_s,
+                max_answer_bytes=frame.max_answer_bytes,
             )
+            self.proxy.max_answer_bytes = frame.max_answer_bytes
 
     def daemon_gone(self) -> None:
         """The link closed: no answer will come for these requests."""
@@ -146,7 +158,7 @@ class ClientSide:
             self.out.write(_request(rid, scope, b"", True, None))
             self.out.write(Gone(rid))
             try:
-                await self._answer(answer, send)
+                await self._answer(rid, answer, send)
             finally:
                 del self.requests[rid]
             return
@@ -168,7 +180,7 @@ class ClientSide:
             client = self._pass_then_watch(rid, receive, left) if more else self._watch(rid, receive)
             watcher = asyncio.ensure_future(client)
             try:
-                await self._answer(answer, send)
+                await self._answer(rid, answer, send)
             finally:
                 watcher.cancel()
         finally:
@@ -190,7 +202,7 @@ class ClientSide:
             while isinstance(frame := await answer.get(), Want):
                 if reader is None:
                     reader = asyncio.ensure_future(self._pass_then_watch(rid, receive, left))
-            await self._answer(answer, send, frame)
+            await self._answer(rid, answer, send, frame)
         finally:
             if reader is not None:
                 reader.cancel()
@@ -244,22 +256,42 @@ class ClientSide:
             pass
         self.out.write(Gone(rid))
 
-    async def _answer(self, answer: Mailbox[Any], send: Any, frame: Any = None) -> None:
-        """The daemon's answer (from frame, else its first), relayed to the client."""
-        while True:
-            if frame is None:
-                frame = await answer.get()
-            if not isinstance(frame, (Start, Body)):  # no more answer (the daemon is done with it, or gone)
-                return
-            if isinstance(frame, Start):
-                headers = [*frame.headers, self.worker_header]
-                await send({"type": "http.response.start", "status": frame.status, "headers": headers})
-                await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
-            else:
-                await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
-            if not frame.more:
-                return
-            frame = None
+    async def _answer(self, rid: int, answer: Mailbox[Any], send: Any, frame: Any = None) -> None:
+        """The daemon's answer (from frame, else its first), relayed to the client. One in
+        pieces (a stream; a large whole answer, relay.send_whole_within) whose client takes
+        none for server.send_timeout_s (it stopped reading) is dropped, and the daemon told
+        it left (Gone): that ends the engine's request, as for any leaver. An answer in one
+        frame goes to the server whole, read or not: it is not watched (no cost)."""
+        sends: deadlines.Sends | None = None
+        try:
+            while True:
+                if frame is None:
+                    frame = await answer.get()
+                if not isinstance(frame, (Start, Body)):  # no more answer (the daemon is done with it, or gone)
+                    return
+                if sends is None and frame.more:
+                    sends = deadlines.sends(self.settings.send_timeout_s)
+                if sends is not None:
+                    sends.n += 1
+                if isinstance(frame, Start):
+                    headers = [*frame.headers, self.worker_header]
+                    await send({"type": "http.response.start", "status": frame.status, "headers": headers})
+                    await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
+                else:
+                    await send({"type": "http.response.body", "body": frame.data, "more_body": frame.more})
+                if sends is not None:
+                    sends.n += 1
+                if not frame.more:
+                    return
+                frame = None
+        except asyncio.CancelledError:
+            if sends is None or not sends.passed():
+                raise
+            log_stalled(f"{rid} (worker {self.settings.index})", sends.seconds)
+            self.out.write(Gone(rid))
+        finally:
+            if sends is not None:
+                sends.end()
 
     # The fast path: a request the daemon decides and this worker carries.
 
@@ -274,7 +306,7 @@ class ClientSide:
                     self.out.write(Body(rid, carried.body, False))
                     continue
                 if not isinstance(frame, Grant):
-                    await self._answer(frames, send, frame)
+                    await self._answer(rid, frames, send, frame)
                     return
                 if watch.gone:  # the client left before the grant came: nothing to carry
                     self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
@@ -307,9 +339,11 @@ class ClientSide:
         if grant.accountable:  # the answer waits until its row and charge are durable
             settled = await frames.get()
             if not isinstance(settled, Settled):  # the daemon answers instead (503: not written)
-                await self._answer(frames, send, settled)
+                await self._answer(rid, frames, send, settled)
                 return True
-        await send_whole(send, status, content_type, data, {"x-request-id": grant.request_id, **self.carried_headers})
+        request_id = grant.request_id
+        headers = {"x-request-id": request_id, **self.carried_headers}
+        await send_whole_within(self.settings.send_timeout_s, send, status, content_type, data, headers, request_id)
         return True
 
     async def _carry_stream(
@@ -349,7 +383,7 @@ class ClientSide:
         headers = [*SSE_START_HEADERS, (b"x-request-id", req.rid.encode()), self.worker_header, CARRIED]
         try:
             await send({"type": "http.response.start", "status": 200, "headers": headers})
-            await relay_opened(stream, send, req)
+            await relay_opened(stream, send, req, self.settings.send_timeout_s)
         except ApplianceError as exc:  # its row could not be written: the stream ends with the error event
             await send_sse_error(send, exc, req)
         finally:
@@ -445,8 +479,9 @@ class _GrantedProxy(EngineProxy):
     """The proxy, with the worker's session, whose engine refusals go back to the
     daemon as they came (it says them in the replica's model's words)."""
 
-    def __init__(self, session: aiohttp.ClientSession) -> None:
+    def __init__(self, session: aiohttp.ClientSession, max_answer_bytes: int) -> None:
         self.session = session
+        self.max_answer_bytes = max_answer_bytes
         self.timeout = aiohttp.ClientTimeout(total=None)
 
     @staticmethod
@@ -460,6 +495,8 @@ def _failed(rid: int, exc: Exception) -> Finish:
     """A granted call that failed before its answer reached the client."""
     if isinstance(exc, _EngineAnswered):
         return Finish(rid, exc.status, "status", "", exc.body, None, 0, None, False)
+    if isinstance(exc, AnswerTooLarge):
+        return Finish(rid, exc.status, TOO_LARGE, str(exc.cap), b"", None, 0, None, False)
     assert isinstance(exc, EngineFailure)
     kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
     return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)

@@ -9,15 +9,17 @@ import asyncio
 
 import aiohttp
 
-from appliance.dataplane.protocol import Call, Chunk, End, FrameWriter, Head, Whole
+from appliance.dataplane.protocol import TOO_LARGE, Call, Chunk, End, FrameWriter, Head, Whole
+from appliance.gateway.proxy import engine_error_body, read_at_most
 
 
 class EngineCalls:
     """The daemon's engine calls in flight through this worker, by call id."""
 
-    def __init__(self, writer: FrameWriter, session: aiohttp.ClientSession) -> None:
+    def __init__(self, writer: FrameWriter, session: aiohttp.ClientSession, max_answer_bytes: int) -> None:
         self.out, self.session = writer, session
         self.calls: dict[int, asyncio.Task[None]] = {}
+        self.max_answer_bytes = max_answer_bytes  # upstream.max_answer_bytes; a reload's Limits sets it anew
 
     def call(self, call: Call) -> None:
         task = asyncio.create_task(self._relay(call))
@@ -40,17 +42,22 @@ class EngineCalls:
         except aiohttp.ClientError as exc:
             self.out.write(End(uid, "failure", type(exc).__name__))
             return
-        if call.stream:
+        if call.stream and resp.status < 400:
             await self._relay_stream(uid, resp)
             return
         try:
-            data = await resp.read()
+            # An error's body is kept to its first bytes (proxy.MAX_ERROR_BYTES), an answer's to the cap.
+            cap = self.max_answer_bytes
+            data = await engine_error_body(resp) if resp.status >= 400 else await read_at_most(resp, cap)
         except (TimeoutError, aiohttp.ClientError, OSError) as exc:
             self.out.write(_broken_off(uid, exc))
         else:
-            self.out.write(Whole(uid, resp.status, resp.headers.get("Content-Type", "application/json"), data))
+            if data is None:
+                self.out.write(End(uid, TOO_LARGE, str(cap)))
+            else:
+                self.out.write(Whole(uid, resp.status, resp.headers.get("Content-Type", "application/json"), data))
         finally:
-            resp.release()
+            resp.release()  # one cut short is closed, not pooled
 
     async def _relay_stream(self, uid: int, resp: aiohttp.ClientResponse) -> None:
         finished = False

@@ -1,5 +1,6 @@
-"""Deadlines on a request's task: the body's read (api/body.py) and the wait for an
-engine stream's head (gateway/proxy.py), without a loop timer per request.
+"""Deadlines on a request's task: the body's read (api/body.py), the wait for an
+engine stream's head (gateway/proxy.py) and each send of an answer to its client
+(``sends``: gateway/relay.py, a worker's relay), without a loop timer per request.
 
 A deadline cancels the task that set it when it falls due, as ``asyncio.timeout``'s
 does, and the code that waited turns that cancel into its own timeout error. Deadlines
@@ -109,6 +110,77 @@ class _Queues(dict[float, _Queue]):
 
 
 _queues = _Queues(None)
+
+
+SWEEP_S = 1.0  # how often the loop's send deadlines are looked at
+
+
+class Sends(Deadline):
+    """A deadline on each send of one answer (a stream's many). The relay counts its
+    sends, ``n += 1`` before one and again after (odd: one is under way): no clock
+    read, no timer and no queue entry per piece. The loop's sweep, once a second while
+    any answer is open, notes each one's count and when it saw it change; one whose
+    send is the same for ``seconds`` (its client has taken nothing: it stopped reading)
+    has its task cancelled, ``seconds`` to ``seconds`` + SWEEP_S after that send began.
+    ``passed`` and ``end`` as any deadline's; ``end`` also leaves the sweep."""
+
+    __slots__ = ("n", "seconds", "seen", "seen_at", "sweep")
+
+    def __init__(self, task: asyncio.Task, seconds: float, sweep: _Sweep) -> None:
+        super().__init__(task, 0.0)
+        self.seconds, self.sweep = seconds, sweep
+        self.n = 0  # sends begun and ended: odd while one is under way
+        self.seen, self.seen_at = 0, 0.0  # the count the sweep last saw change, and when
+
+    def end(self) -> None:
+        super().end()
+        self.sweep.discard(self)
+
+
+class _Sweep(set[Sends]):
+    """The open answers' send deadlines of one loop, looked at every SWEEP_S while any is open."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.loop = loop
+        self.timer: asyncio.TimerHandle | None = None
+
+    def watch(self, sends: Sends) -> None:
+        sends.seen_at = self.loop.time()
+        self.add(sends)
+        if self.timer is None:
+            self.timer = self.loop.call_later(SWEEP_S, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = self.loop.time()
+        for sends in list(self):
+            n = sends.n
+            if n != sends.seen or not n & 1:  # sent since, or not sending: not stuck
+                sends.seen, sends.seen_at = n, now
+            elif now - sends.seen_at >= sends.seconds:
+                self.discard(sends)
+                if sends.pending and sends.task is not None:
+                    sends.expired = True
+                    sends.task.cancel()
+        if self:
+            self.timer = self.loop.call_later(SWEEP_S, self._fire)
+
+
+_sweep: _Sweep | None = None
+
+
+def sends(seconds: float) -> Sends:
+    """A send deadline of ``seconds`` on the running task's answer (see Sends)."""
+    global _sweep
+    task = asyncio.current_task()
+    assert task is not None, "a deadline on a task"
+    loop = task.get_loop()
+    if _sweep is None or _sweep.loop is not loop:  # a new loop (tests, startup) gets its own
+        _sweep = _Sweep(loop)
+    deadline = Sends(task, seconds, _sweep)
+    _sweep.watch(deadline)
+    return deadline
 
 
 def start(seconds: float) -> Deadline:

@@ -26,6 +26,39 @@ from appliance.gateway.engine_errors import explain
 
 log = logging.getLogger("appliance.proxy")
 
+# What is kept of an engine's or a provider's error answer: its message is in its
+# first bytes; the rest is dropped with its connection (not read into memory).
+MAX_ERROR_BYTES = 64 * 1024
+
+
+class AnswerTooLarge(EngineFailure):
+    """A whole answer larger than upstream.max_answer_bytes: not read past the cap."""
+
+    code = "answer_too_large"
+
+    def __init__(self, upstream: str, cap: int) -> None:
+        self.cap = cap
+        super().__init__(
+            f"Engine {upstream}'s answer is larger than upstream.max_answer_bytes ({cap} bytes): "
+            "ask for less (max_tokens, n), or raise the cap"
+        )
+
+
+async def read_at_most(resp: aiohttp.ClientResponse, cap: int) -> bytes | None:
+    """An answer's body up to cap bytes, or None when it has more (the rest unread:
+    the caller closes the connection). Its declared length, when it has one, decides
+    before any byte is read; a chunked one is read piece by piece up to the cap."""
+    length = resp.content_length
+    if length is not None:
+        return await resp.read() if length <= cap else None
+    pieces, size = [], 0
+    while piece := await resp.content.readany():
+        size += len(piece)
+        if size > cap:
+            return None
+        pieces.append(piece)
+    return b"".join(pieces)
+
 
 def make_session(cfg: Config) -> aiohttp.ClientSession:
     """The shared session: providers and external engines (a supervised replica has its own)."""
@@ -76,13 +109,20 @@ class Upstream(Protocol):
 
 
 async def engine_error_body(resp: aiohttp.ClientResponse) -> bytes:
-    """An engine's error answer's body (b"" when it broke off), its connection released."""
+    """An engine's error answer's body (b"" when it broke off), its first MAX_ERROR_BYTES
+    only: a longer one's rest is dropped with its connection, not read."""
+    kept = b""
     try:
-        return await resp.read()
+        while len(kept) < MAX_ERROR_BYTES and (piece := await resp.content.read(MAX_ERROR_BYTES - len(kept))):
+            kept += piece
     except (TimeoutError, aiohttp.ClientError, OSError):
         return b""
     finally:
-        resp.release()
+        if resp.content.at_eof():
+            resp.release()
+        else:
+            resp.close()
+    return kept
 
 
 def engine_status_error(replica: Upstream, status: int, body: bytes) -> ApplianceError:
@@ -100,6 +140,7 @@ def engine_status_error(replica: Upstream, status: int, body: bytes) -> Applianc
 class EngineProxy:
     def __init__(self, cfg: Config, session: aiohttp.ClientSession) -> None:
         self.session = session
+        self.max_answer_bytes = cfg.upstream.max_answer_bytes  # a reload sets it anew (Gateway.adopt)
         self.timeout = aiohttp.ClientTimeout(
             total=None,
             sock_connect=cfg.upstream.connect_timeout_s,
@@ -149,13 +190,17 @@ class EngineProxy:
             resp = await self._open(replica, path, body, headers, method)
             await self._raise_for_engine_status(replica, resp)
             try:
-                data = await resp.read()
+                data = await read_at_most(resp, self.max_answer_bytes)
             except TimeoutError:
                 raise EngineTimeout(f"Engine {replica.name} stalled mid-answer") from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise EngineFailure(f"Engine {replica.name} broke mid-answer: {type(exc).__name__}") from None
             finally:
-                resp.release()
+                resp.release()  # one read whole goes back to the pool; one cut short is closed
+            if data is None:
+                resp.close()
+                log.warning("answer from %s is larger than upstream.max_answer_bytes: dropped", replica.name)
+                raise AnswerTooLarge(replica.name, self.max_answer_bytes)
             return resp.status, data, resp.headers.get("Content-Type", "application/json")
 
     async def open_stream(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
-from appliance.gateway import api_completions
+from appliance.gateway import api_completions, deadlines
 from appliance.gateway.api_responses import usage_and_id
 from appliance.gateway.ledger import committed, finish, finish_stream
 from appliance.gateway.metering import Usage
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
     from appliance.gateway.sse import EventRewriter
 
 T = TypeVar("T")
+log = logging.getLogger("appliance.relay")
 
 SSE_START_HEADERS = [
     (b"content-type", b"text/event-stream"),
@@ -70,7 +72,8 @@ async def answer_whole(rt: Gateway, req: ProxyRequest, send: Send) -> None:
     finish(rt, req, status)
     await committed(req)
     req.bytes_sent = True
-    await send_whole(send, status, content_type, data, req.endpoint.dialect.id_headers(req.rid))
+    headers = req.endpoint.dialect.id_headers(req.rid)
+    await send_whole_within(rt.cfg.server.send_timeout_s, send, status, content_type, data, headers, req.rid)
 
 
 def charged(endpoint: Endpoint, body: bytes, data: bytes, isolated: bool) -> tuple[Usage | None, bytes]:
@@ -86,14 +89,58 @@ def charged(endpoint: Endpoint, body: bytes, data: bytes, isolated: bool) -> tup
 
 async def send_whole(send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str]) -> None:
     """A whole answer on the raw ASGI path: status, content type and length, headers, body."""
+    await send({"type": "http.response.start", "status": status, "headers": _head(content_type, body, headers)})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+def _head(content_type: str, body: bytes, headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     head = [
         (b"content-type", _CONTENT_TYPES.get(content_type) or content_type.encode("latin-1")),
         (b"content-length", b"%d" % len(body)),
     ]
     for name, value in headers.items():
         head.append((_HEADER_NAMES.get(name) or name.lower().encode("latin-1"), value.encode("latin-1")))
-    await send({"type": "http.response.start", "status": status, "headers": head})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    return head
+
+
+# A whole answer up to this size goes to the server in one send (it takes it all,
+# whether its client reads or not); a larger one goes in pieces of this size, each
+# under the send deadline, so a client that stops reading holds no more of it than a
+# piece or two.
+PIECE_BYTES = 256 * 1024
+
+
+async def send_whole_within(
+    seconds: float, send: Send, status: int, content_type: str, body: bytes, headers: dict[str, str], rid: str
+) -> None:
+    """send_whole, for an engine's answer: a large one in pieces, given up when its
+    client has taken none for ``seconds`` (it stopped reading), with a log line. Its
+    ledger entry is written already (the engine's slot was freed once it answered)."""
+    if len(body) <= PIECE_BYTES:
+        await send_whole(send, status, content_type, body, headers)
+        return
+    sends = deadlines.sends(seconds)
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": _head(content_type, body, headers)})
+        for at in range(0, len(body), PIECE_BYTES):
+            piece = body[at : at + PIECE_BYTES]
+            sends.n += 1
+            await send({"type": "http.response.body", "body": piece, "more_body": at + PIECE_BYTES < len(body)})
+            sends.n += 1
+    except asyncio.CancelledError:
+        if not sends.passed():
+            raise
+        log_stalled(rid, seconds, len(body))
+    finally:
+        sends.end()
+
+
+def log_stalled(rid: str, seconds: float, size: int | None = None) -> None:
+    """The log line of an answer whose client stopped reading it."""
+    what = "its answer" if size is None else f"its answer ({size} bytes)"
+    log.warning(
+        "request %s: its client took no piece of %s for %gs (server.send_timeout_s): dropped", rid, what, seconds
+    )
 
 
 # What send_whole sends most, encoded once: the usual content types, and the names of
@@ -217,7 +264,7 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
             started = True
         if stream is None:  # it ended with its error event while the model loaded
             return
-        await relay_opened(stream, send, req)
+        await relay_opened(stream, send, req, rt.cfg.server.send_timeout_s)
     except ApplianceError as exc:
         if not started:
             finish_stream(rt, req, exc.status)
@@ -225,15 +272,24 @@ async def answer_stream(rt: Gateway, req: ProxyRequest, send: Send) -> None:
         await send_sse_error(send, exc, req)
 
 
-async def relay_opened(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
+async def relay_opened(stream: AnswerStream, send: Send, req: ProxyRequest, send_timeout_s: float) -> None:
     """An opened stream whose response has started, relayed to its end (or until its
-    client leaves). In the request's own task, the client watched only once the stream
-    outlives WATCH_AFTER_S: no task and no wait set up per stream before its first
-    chunk, work every other stream starting at the same time waits behind."""
+    client leaves, or takes no piece for send_timeout_s: a client that stopped reading
+    is treated as one that left). In the request's own task, the client watched only
+    once the stream outlives WATCH_AFTER_S: no task and no wait set up per stream
+    before its first chunk, work every other stream starting at the same time waits behind."""
+    sends = deadlines.sends(send_timeout_s)
     try:
-        await unless_client_leaves(req.receive, _pump(stream, send, req))
+        await unless_client_leaves(req.receive, _pump(stream, send, req, sends))
     except ClientGone:
         return  # the pump, cancelled, closed the engine's stream: that stops its work
+    except asyncio.CancelledError:
+        if sends.passed():  # the pump, cancelled, closed the stream: charged as a client that left
+            log_stalled(req.rid, send_timeout_s)
+            return
+        raise
+    finally:
+        sends.end()
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
@@ -291,11 +347,12 @@ async def _start_sse(send: Send, req: ProxyRequest) -> None:
     )
 
 
-async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
+async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: deadlines.Sends) -> None:
     """Each piece the engine sent, sent on as it arrives: one read and one send per
     piece and nothing else awaited (the tap's work is a few substring scans). A piece
     is whatever arrived since the last read (proxy.EngineStream), so events that
-    arrived during the last send go out together, and none waits for a later one."""
+    arrived during the last send go out together, and none waits for a later one.
+    Each send is under the sends deadline (counted before and after: no timer)."""
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
     read = stream.read
@@ -312,7 +369,9 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest) -> None:
             if chunk:
                 if text is not None:
                     text.append(chunk)
+                sends.n += 1
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                sends.n += 1
             chunk = await read()
         # The engine's stream ended and the relay finished the request (its row);
         # the closing [DONE], held back by the tap, waits until that row is durable.
@@ -348,8 +407,10 @@ __all__ = [
     "answer_stream",
     "answer_whole",
     "charged",
+    "log_stalled",
     "relay_opened",
     "send_sse_error",
     "send_whole",
+    "send_whole_within",
     "unless_client_leaves",
 ]

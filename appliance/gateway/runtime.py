@@ -78,6 +78,7 @@ class Gateway:
         self.tag_header = cfg.routing.tag_header.lower().encode("latin-1")
         self.proxies = TrustedProxies.of(cfg.server)
         self.gate.required = cfg.keys.required
+        self.proxy.max_answer_bytes = cfg.upstream.max_answer_bytes
         for listener in self.adopted:
             listener(cfg)
 
