@@ -35,7 +35,7 @@ def ask(daemon, token: str, model: str, stream: bool = False) -> httpx.Response:
                       headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
 
 
-def test_a_whole_answer_over_the_cap_is_a_502_naming_it_and_charged_as_a_failed_answer(capped):
+def test_a_whole_answer_over_the_cap_is_a_502_naming_it_and_its_generation_is_charged(capped):
     # Regression: a provider's or an engine's whole answer was read into memory whatever its size.
     token = keys_cli(capped, "create", "--name", "bulk")
     key_id = token.split("-")[1]
@@ -43,10 +43,12 @@ def test_a_whole_answer_over_the_cap_is_a_502_naming_it_and_charged_as_a_failed_
     assert resp.status_code == 502
     error = resp.json()["error"]
     assert error["code"] == "answer_too_large" and f"upstream.max_answer_bytes ({CAP} bytes)" in error["message"]
-    [(status, completion)] = wait_until(
-        lambda: query(capped, "SELECT status, completion_tokens FROM audit WHERE key_id = ?", key_id),
+    [(status, prompt, completion)] = wait_until(
+        lambda: query(capped, "SELECT status, prompt_tokens, completion_tokens FROM audit WHERE key_id = ?", key_id),
         30, what="the audit row")
-    assert status == 502 and not completion  # a failed answer: its completion is not charged
+    # The engine made the answer: charged (its cap, or a token per 4 bytes it had at least),
+    # not free generation for a key that asks for more than the cap again and again.
+    assert status == 502 and prompt > 0 and completion >= 1
     assert wait_until(lambda: capped.replicas("bulky")[0]["inflight"] == 0, 30, what="the slot freed")
     assert ask(capped, token, "fits").status_code == 200  # under the cap: whole
 

@@ -64,6 +64,7 @@ from appliance.gateway.protocol import (
     decode_request,
 )
 from appliance.gateway.providers import set_fields
+from appliance.gateway.proxy import AnswerTooLarge
 from appliance.gateway.relay import answer_stream, answer_whole, send_whole
 from appliance.gateway.request import ProxyRequest, peer_of, request_id_of
 from appliance.gateway.routing import Routes, one_tag
@@ -145,6 +146,8 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
         # A worker's request comes with its facts (appliance/dataplane/authority.py).
         await _serve(rt, req, send, path, declared, auth, tag, content_type, scope.get("facts"))  # type: ignore[arg-type]
     except ApplianceError as exc:
+        if isinstance(exc, AnswerTooLarge):
+            req.dropped_at = exc.cap
         finish(rt, req, exc.status)
         if not isinstance(exc, StateWriteFailed):
             with contextlib.suppress(StateWriteFailed):

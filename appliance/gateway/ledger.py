@@ -28,6 +28,15 @@ def estimate(req: ProxyRequest, events: int) -> Usage:
     return req.endpoint.dialect.estimate(req.body, events, req.completion_cap)
 
 
+def dropped_usage(req: ProxyRequest) -> Usage:
+    """What an answer dropped at upstream.max_answer_bytes is charged: its prompt as we
+    count it, and its completion's cap, which an answer that large reached (without a
+    cap: one token per 4 bytes of the answer it had at least). Free generation otherwise."""
+    prompt = estimate(req, 0).prompt_tokens
+    cap = req.completion_cap
+    return Usage(prompt, cap if cap is not None else req.dropped_at // 4)
+
+
 # What an audit row keeps of the model name: the client's word, any length up to the
 # body limit (a name no model has: configured names are at most 128 characters).
 AUDITED_MODEL_CHARS = 256
@@ -61,6 +70,8 @@ def finish(rt: Gateway, req: ProxyRequest, status: int) -> None:
         # The engine ran it but never said what it used (a client that left, a
         # stream cut short, an engine that ignores stream_options): our count.
         usage = estimate(req, events)
+    elif usage is None and req.dropped_at:
+        usage = dropped_usage(req)
     prompt = completion = None
     if usage is not None:
         prompt, completion = usage.prompt_tokens, usage.completion_tokens

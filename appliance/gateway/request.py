@@ -101,6 +101,9 @@ class ProxyRequest:
     ttft: float | None = None
     tap: StreamTap | None = None
     usage: Usage | None = None
+    # An answer dropped at upstream.max_answer_bytes (its bytes, the cap): the engine
+    # made it, so the ledger charges it though the client got a 502 (gateway/ledger.py).
+    dropped_at: int = 0
     bytes_sent: bool = False  # the answer has started: no fallback may take over
     request_text: bytes | None = None  # audit.include_text
     response_text: bytes | None = None  # b"" collects the answer (audit.include_text)
