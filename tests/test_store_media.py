@@ -8,6 +8,8 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from .test_store import run
 
 
@@ -105,8 +107,6 @@ def test_removing_a_model_in_use_names_the_config_model_serving_it_and_the_way_o
     run(tmp_path, "models", "rm", "tiny")
     assert stored(tmp_path) == []
 
-
-import pytest  # noqa: E402
 
 
 HOSTILE_HEADERS = {
