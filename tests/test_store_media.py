@@ -108,7 +108,6 @@ def test_removing_a_model_in_use_names_the_config_model_serving_it_and_the_way_o
     assert stored(tmp_path) == []
 
 
-
 HOSTILE_HEADERS = {
     "nested past the parser's depth": b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "a number past int's digit limit": b'{"w": {"data_offsets": [0, ' + b"9" * 5000 + b"]}}",
