@@ -48,17 +48,13 @@ def test_a_sharded_checkpoint_missing_a_shard_is_refused_naming_it(tmp_path):
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")
     safetensors(folder / "model-00001-of-00002.safetensors")
-    index = {
-        "metadata": {},
-        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
-    }
+    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
+                                            "b": "model-00002-of-00002.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     result = run(tmp_path, "models", "import", str(folder), "--name", "sharded", "--license", "mit", check=False)
     assert result.returncode == 1
-    assert (
-        "model.safetensors.index.json names 1 shard(s) that are not there (model-00002-of-00002.safetensors)"
-        in result.stderr
-    ), result.stderr
+    assert ("model.safetensors.index.json names 1 shard(s) that are not there (model-00002-of-00002.safetensors)"
+            in result.stderr), result.stderr
     assert stored(tmp_path) == []
     safetensors(folder / "model-00002-of-00002.safetensors")  # the rest of the copy: now it imports
     run(tmp_path, "models", "import", str(folder), "--name", "sharded", "--license", "mit")
@@ -77,31 +73,21 @@ def test_importing_the_same_folder_twice_says_it_changed_nothing(tmp_path):
 
 
 def test_removing_a_model_in_use_names_the_config_model_serving_it_and_the_way_out(tmp_path):
-    """ "in use by a running replica; stop it first" named neither which model of the config
+    """"in use by a running replica; stop it first" named neither which model of the config
     runs it nor how to stop it for good (an unloaded model starts again at its next request)."""
     from appliance.store.store import Store
 
     folder = model_folder(tmp_path / "USB DISK" / "Tiny Model")
-    run(
-        tmp_path,
-        "models",
-        "import",
-        str(folder),
-        "--name",
-        "tiny",
-        "--license",
-        "mit",
-        config='[[models]]\nname = "assistant"\nserver = "vllm"\nsource = "store:tiny"\n',
-    )
+    run(tmp_path, "models", "import", str(folder), "--name", "tiny", "--license", "mit",
+        config='[[models]]\nname = "assistant"\nserver = "vllm"\nsource = "store:tiny"\n')
     lease = Store(tmp_path / "cache").lease("tiny")  # what a running replica of it holds
     try:
         refused = run(tmp_path, "models", "rm", "tiny", check=False)
     finally:
         lease.close()
     assert refused.returncode == 1
-    assert "model 'tiny' is in use by a running replica of assistant (source = \"store:tiny\" in " in refused.stderr, (
-        refused.stderr
-    )
+    assert ("model 'tiny' is in use by a running replica of assistant (source = \"store:tiny\" in "
+            in refused.stderr), refused.stderr
     assert "`appliance reload`" in refused.stderr and "`appliance unload assistant`" in refused.stderr
     assert stored(tmp_path) == ["models--tiny"]
     run(tmp_path, "models", "rm", "tiny")
