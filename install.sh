@@ -187,8 +187,10 @@ if [ -n "$offline_bundle" ]; then
   if [ "${APPLIANCE_BUNDLE_VERIFIED:-}" != "$bundle_dir" ]; then
     # A file listed but absent is a copy cut short (or an unpacking that failed), not a
     # damaged file: said so, with what to do.
-    missing=$(cd "$bundle_dir" && cut -c67- SHA256SUMS | while IFS= read -r f; do
-                [ -e "$f" ] || [ -L "$f" ] || { printf '%s\n' "$f"; break; }; done)
+    # (Read from the file, not through a pipe: a break would kill the writer with SIGPIPE,
+    # and pipefail with set -e end this script there, silently.)
+    missing=$(cd "$bundle_dir" && while IFS= read -r line; do f=${line:66}
+                [ -e "$f" ] || [ -L "$f" ] || { printf '%s\n' "$f"; break; }; done < SHA256SUMS)
     [ -z "$missing" ] || die "bundle $offline_bundle: $missing is missing (listed in SHA256SUMS; was the" \
                              "bundle copied whole?); nothing was installed"
     bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
