@@ -120,3 +120,24 @@ def test_a_sharded_index_json_cannot_read_is_refused_naming_it_not_a_traceback(t
     assert "Traceback" not in result.stderr, result.stderr[-2000:]
     assert "model.safetensors.index.json: unreadable index" in result.stderr, result.stderr
     assert stored(tmp_path) == []
+
+
+def test_removing_an_adapter_in_use_names_the_config_model_whose_adapter_it_is(tmp_path):
+    """A store adapter's replicas lease it as a model's do: `models rm` named no user and
+    said it was another daemon's, though this config's model loads it as an adapter."""
+    from appliance.store.store import Store
+
+    folder = model_folder(tmp_path / "USB DISK" / "Tiny Model")
+    config = (
+        '[[models]]\nname = "assistant"\nserver = "vllm"\nsource = "/models/base"\n'
+        '[[models.adapters]]\nname = "assistant-legal"\nsource = "store:tiny"\n'
+    )
+    run(tmp_path, "models", "import", str(folder), "--name", "tiny", "--license", "mit", config=config)
+    lease = Store(tmp_path / "cache").lease("tiny")  # what a running replica loading it holds
+    try:
+        refused = run(tmp_path, "models", "rm", "tiny", check=False)
+    finally:
+        lease.close()
+    assert refused.returncode == 1, refused.stderr
+    assert "in use by a running replica of assistant (its adapter 'assistant-legal'" in refused.stderr, refused.stderr
+    assert "whose config is not" not in refused.stderr
