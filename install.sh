@@ -187,16 +187,18 @@ if [ -n "$offline_bundle" ]; then
   if [ "${APPLIANCE_BUNDLE_VERIFIED:-}" != "$bundle_dir" ]; then
     # A file listed but absent is a copy cut short (or an unpacking that failed), not a
     # damaged file: said so, with what to do.
-    missing=$(cd "$bundle_dir" && cut -c67- SHA256SUMS | while IFS= read -r f; do
-                [ -e "$f" ] || [ -L "$f" ] || { printf '%s\n' "$f"; break; }; done)
+    # (Read from the file, not through a pipe: a break would kill the writer with SIGPIPE,
+    # and pipefail with set -e end this script there, silently.)
+    missing=$(cd "$bundle_dir" && while IFS= read -r line; do f=${line:66}
+                [ -e "$f" ] || [ -L "$f" ] || { printf '%s\n' "$f"; break; }; done < SHA256SUMS)
     [ -z "$missing" ] || die "bundle $offline_bundle: $missing is missing (listed in SHA256SUMS; was the" \
                              "bundle copied whole?); nothing was installed"
     bad=$(cd "$bundle_dir" && sha256sum --check --quiet SHA256SUMS 2>/dev/null | head -n1 || true)
     [ -z "$bad" ] || die "bundle $offline_bundle: checksum mismatch: ${bad%%:*} (${bad#*: }); nothing was installed"
     unlisted=$(cd "$bundle_dir" && comm -23 <(find . -type f ! -name SHA256SUMS | sed 's|^\./||' | LC_ALL=C sort) \
-               <(cut -c67- SHA256SUMS | LC_ALL=C sort) | head -n1)
+               <(cut -c67- SHA256SUMS | LC_ALL=C sort) | head -n1 || true)  # (head's exit: comm's SIGPIPE)
     [ -z "$unlisted" ] || die "bundle $offline_bundle: $unlisted is not in SHA256SUMS; nothing was installed"
-    odd=$(cd "$bundle_dir" && find . ! -type f ! -type d | head -n1)
+    odd=$(cd "$bundle_dir" && find . ! -type f ! -type d | head -n1 || true)
     [ -z "$odd" ] || die "bundle $offline_bundle: ${odd#./} is not a regular file (a bundle has none); nothing was installed"
     say "bundle verified ($(wc -l < "$bundle_dir/SHA256SUMS") files): installing with no network"
   fi

@@ -117,3 +117,62 @@ def test_a_second_boundary_in_the_content_type_is_refused_before_the_engine(daem
         assert resp.status_code == 400, (content_type, resp.text[:300])
         assert resp.json()["error"]["code"] == "invalid_content_type", resp.text
     assert _engine_requests(daemon) == before
+
+
+# Parts the appliance once named otherwise than a mail parser does: it now reads each
+# part's name where that parser does, and so sees a second ``model`` (refused).
+NAMED_ELSEWHERE = {
+    "an RFC 2231 continuation": part('Content-Disposition: form-data; name="prompt"; name*0="model"', SMUGGLED),
+    "a name= inside another parameter's quoted value": part(
+        'Content-Disposition: form-data; x="a name="; name="model"', SMUGGLED
+    ),
+    "a name in a header that only ends in Content-Disposition": part(
+        'X-Content-Disposition: form-data; name="prompt"\r\nContent-Disposition: form-data; name="model"', SMUGGLED
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(NAMED_ELSEWHERE))
+def test_a_part_named_model_where_a_mail_parser_reads_its_name_is_refused_before_the_engine(daemon, case):
+    before = _engine_requests(daemon)
+    resp = _post(daemon, upload(NAMED_ELSEWHERE[case]))
+    assert resp.status_code == 400, (case, resp.status_code, resp.text[:300])
+    assert _engine_requests(daemon) == before
+
+
+def _engine_form(model: str) -> bytes:
+    """A whole form in the engine's boundary (BOUNDARY), naming model."""
+    return (
+        part('Content-Disposition: form-data; name="model"', model)
+        + f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="b.wav"\r\n\r\n'.encode()
+        + WAV
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        # boundary=other inside another parameter's quoted value: the appliance took it.
+        f'multipart/form-data; x="aboundary=other"; boundary={BOUNDARY}',
+        # RFC 2231's continuation of a second boundary.
+        f"multipart/form-data; boundary=other; boundary*0={BOUNDARY}",
+    ],
+)
+def test_a_boundary_the_appliance_could_read_otherwise_than_the_engine_never_carries_a_hidden_model(
+    daemon, content_type
+):
+    # The appliance's view (boundary "other"): the route's model and a file, which holds
+    # a whole form in the engine's boundary naming another model.
+    hidden = _engine_form(SMUGGLED)
+    body = (
+        b'--other\r\nContent-Disposition: form-data; name="model"\r\n\r\nears\r\n'
+        + b'--other\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\n\r\n'
+        + hidden
+        + b"\r\n--other--\r\n"
+    )
+    before = _engine_requests(daemon)
+    resp = _post(daemon, body, content_type)
+    assert resp.status_code == 400, (content_type, resp.status_code, resp.text[:300])
+    assert resp.json()["error"]["code"] in ("invalid_body", "invalid_content_type"), resp.text
+    assert _engine_requests(daemon) == before

@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 
+import httpx
 import pytest
 
 from appliance.config import ConfigError, parse_config
@@ -217,3 +218,19 @@ def test_a_listed_reverse_proxy_requires_keys_as_a_non_loopback_bind_does():
     with pytest.raises(ConfigError, match=re.escape("field 'keys.required': server.trusted_proxies lists a reverse")):
         parse_config('[server]\ntrusted_proxies = ["127.0.0.1"]\n')
     assert parse_config('[server]\ntrusted_proxies = ["127.0.0.1"]\n[keys]\nrequired = true\n').keys.required
+
+
+def test_a_reload_that_requires_keys_closes_the_tokenless_admin_api_over_tcp(daemons):
+    # A keyless loopback box answers its loopback clients' admin calls without a token. A
+    # reload that puts a reverse proxy in front (whose clients all connect from loopback)
+    # must require keys, and with them the admin token over TCP; the admin door kept the
+    # keys.required it started with, so the proxy's clients were answered as the operator.
+    daemon = daemons.start(fake_model("fake"))
+    assert httpx.get(daemon.url + "/admin/status", timeout=10).status_code == 200  # tokenless, as before
+    keyed = "[keys]\nrequired = true\n"
+    daemons.write_config(fake_model("fake"), keyed, daemon.port, server='trusted_proxies = ["127.0.0.0/8"]')
+    with over_admin_socket(daemon.admin_socket) as admin:
+        assert admin.post("http://appliance/admin/reload", json={}).status_code == 200
+    refused = httpx.get(daemon.url + "/admin/status", timeout=10)
+    assert refused.status_code == 403, refused.text
+    assert "needs the admin token when keys.required = true" in refused.json()["error"]["message"]

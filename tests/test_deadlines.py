@@ -170,3 +170,21 @@ async def test_an_ended_deadline_queued_behind_a_waiting_one_keeps_no_task_alive
     waiting.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await waiting
+
+
+@_on_both_loops
+async def test_the_ended_deadlines_behind_a_waiting_one_stay_bounded_by_those_still_waiting():
+    # An engine that never sends a stream's head holds the queue's head for
+    # upstream.read_timeout_s (600 s): the ended deadlines of every request served
+    # meanwhile were kept until it fell due (hundreds of thousands at a few hundred a
+    # second), then dropped in one callback. They are dropped as they pile up instead.
+    waiting = asyncio.ensure_future(_wait_under(600, asyncio.sleep(600)))
+    await asyncio.sleep(0)
+    for _ in range(20_000):
+        await _wait_under(600, asyncio.sleep(0))
+    [queue] = [q for length, q in deadlines._queues.items() if length == 600]
+    assert len(queue.due) <= 2 * deadlines.COMPACT_AT, len(queue.due)
+    assert queue.due[0].pending  # the waiting one kept, and still due
+    waiting.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await waiting

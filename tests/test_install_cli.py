@@ -75,6 +75,36 @@ def test_a_bundle_copied_in_part_names_the_missing_file_and_installs_nothing(tmp
     assert not (tmp_path / "venv").exists()
 
 
+def test_a_bundle_missing_a_file_early_in_a_long_sha256sums_names_it_not_a_silent_exit(tmp_path):
+    """The missing file was looked for through a pipe (cut | while ... break): past the pipe's
+    buffer the loop's break killed cut with SIGPIPE, and pipefail with set -e ended install.sh
+    there, at 141, saying nothing. A bundle with engine wheelhouses lists thousands of files."""
+    bundle = _bundle_folder(tmp_path / "USB DISK" / "appliance")
+    (bundle / "wheels" / "a-1.0-py3-none-any.whl").unlink()
+    sums = (bundle / "SHA256SUMS").read_text().splitlines(keepends=True)
+    sums = [line for line in sums if "a-1.0" in line] + [line for line in sums if "a-1.0" not in line]
+    sums += [f"{'0' * 64}  wheelhouses/vllm/package-number-{i:05d}-py3-none-any.whl\n" for i in range(3000)]
+    (bundle / "SHA256SUMS").write_text("".join(sums))
+    result = install_sh("--offline", str(bundle), tmp_path=tmp_path)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "wheels/a-1.0-py3-none-any.whl is missing" in result.stderr, result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
+def test_a_bundle_with_thousands_of_unlisted_files_names_one_not_a_silent_exit(tmp_path):
+    """comm | head -n1: past the pipe's buffer, head's exit killed comm with SIGPIPE, and
+    pipefail with set -e ended install.sh at 141, saying nothing."""
+    bundle = _bundle_folder(tmp_path / "b")
+    extra = bundle / "wheelhouses" / "vllm"
+    extra.mkdir(parents=True)
+    for i in range(3000):
+        (extra / f"an-unlisted-package-with-a-long-name-{i:05d}-py3-none-any.whl").write_bytes(b"")
+    result = install_sh("--offline", str(bundle), tmp_path=tmp_path)
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "is not in SHA256SUMS; nothing was installed" in result.stderr, result.stderr
+    assert not (tmp_path / "venv").exists()
+
+
 @pytest.mark.parametrize(("cut_at", "said"), [
     (1600, "not a readable tar archive (cut short in copying"),  # inside a member: tar fails
     (700, "no SHA256SUMS or bundle.json (cut short in copying"),  # after whole members: tar does not

@@ -222,3 +222,12 @@ def test_a_replica_the_daemon_gave_up_on_says_why_where_its_log_is_and_restarts_
                10, what="the restart in the daemon's log")
     bad = cli(daemon, "restart", "boom")
     assert bad.returncode == 2 and "expected MODEL#N" in bad.stderr
+
+
+def test_a_replica_number_in_other_digits_is_a_usage_error_not_a_traceback():
+    """'²'.isdigit() is true and int('²') raises: `appliance restart boom#²` was a traceback."""
+    for replica in ("boom#²", "boom#١"):
+        result = subprocess.run([PY, "-m", "appliance.cli", "restart", replica], capture_output=True, text=True,
+                                cwd=ROOT, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "expected MODEL#N" in result.stderr and "Traceback" not in result.stderr, result.stderr

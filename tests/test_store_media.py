@@ -8,6 +8,8 @@ import json
 import struct
 from pathlib import Path
 
+import pytest
+
 from .test_store import run
 
 
@@ -90,3 +92,52 @@ def test_removing_a_model_in_use_names_the_config_model_serving_it_and_the_way_o
     assert stored(tmp_path) == ["models--tiny"]
     run(tmp_path, "models", "rm", "tiny")
     assert stored(tmp_path) == []
+
+
+HOSTILE_HEADERS = {
+    "nested past the parser's depth": b'{"w": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "a number past int's digit limit": b'{"w": {"data_offsets": [0, ' + b"9" * 5000 + b"]}}",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_HEADERS))
+def test_a_safetensors_header_json_cannot_read_is_refused_naming_it_not_a_traceback(tmp_path, case):
+    folder = model_folder(tmp_path / "media" / "Hostile")
+    header = HOSTILE_HEADERS[case]
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+    result = run(tmp_path, "models", "import", str(folder), "--name", "hostile", "--license", "mit", check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{folder}: model.safetensors is not whole (its header is not JSON" in result.stderr, result.stderr
+    assert stored(tmp_path) == []
+
+
+def test_a_sharded_index_json_cannot_read_is_refused_naming_it_not_a_traceback(tmp_path):
+    folder = model_folder(tmp_path / "media" / "Hostile index")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    result = run(tmp_path, "models", "import", str(folder), "--name", "hostile", "--license", "mit", check=False)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "model.safetensors.index.json: unreadable index" in result.stderr, result.stderr
+    assert stored(tmp_path) == []
+
+
+def test_removing_an_adapter_in_use_names_the_config_model_whose_adapter_it_is(tmp_path):
+    """A store adapter's replicas lease it as a model's do: `models rm` named no user and
+    said it was another daemon's, though this config's model loads it as an adapter."""
+    from appliance.store.store import Store
+
+    folder = model_folder(tmp_path / "USB DISK" / "Tiny Model")
+    config = (
+        '[[models]]\nname = "assistant"\nserver = "vllm"\nsource = "/models/base"\n'
+        '[[models.adapters]]\nname = "assistant-legal"\nsource = "store:tiny"\n'
+    )
+    run(tmp_path, "models", "import", str(folder), "--name", "tiny", "--license", "mit", config=config)
+    lease = Store(tmp_path / "cache").lease("tiny")  # what a running replica loading it holds
+    try:
+        refused = run(tmp_path, "models", "rm", "tiny", check=False)
+    finally:
+        lease.close()
+    assert refused.returncode == 1, refused.stderr
+    assert "in use by a running replica of assistant (its adapter 'assistant-legal'" in refused.stderr, refused.stderr
+    assert "whose config is not" not in refused.stderr

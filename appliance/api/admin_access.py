@@ -49,6 +49,12 @@ class AdminAccess:
         self.socket_token = new_token() if self.socket else ""
         self.keys_required = cfg.keys.required
 
+    def adopt(self, cfg: Config) -> None:
+        """A reloaded config's keys.required (a live setting): with it, the admin API over
+        TCP needs the admin token, as at a start with it (a reload that lists a reverse
+        proxy in front, whose clients connect from loopback, requires it)."""
+        self.keys_required = cfg.keys.required
+
     def check(self, request: Request) -> None:
         """Raise, saying what was refused and why, unless this request may administer."""
         if via_admin_socket(request.scope):

@@ -94,6 +94,7 @@ def lifespan_for(
             tracing=tracing,
         )
         runtime.reloader = Reloader(runtime, reread or (lambda: load_config(_config_file(cfg))))
+        runtime.adopted.append(admin.adopt)  # keys.required, live: the admin door reads it too
         app.state.runtime = runtime
         supervisor.start()
         audit.start()

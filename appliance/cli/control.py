@@ -89,7 +89,7 @@ REPLICA_ACTION_HELP = {
 def _replica(value: str) -> tuple[str, int]:
     """MODEL#N, as `appliance status`, `ps` and `logs --replica` name a replica."""
     model, sep, index = value.rpartition("#")
-    if not sep or not model or not index.isdigit():
+    if not sep or not model or not (index.isascii() and index.isdigit()):  # int("²") raises
         raise click.BadParameter(f"{value!r}: expected MODEL#N, a replica as `appliance ps` names it (llama#0)")
     return model, int(index)
 

@@ -75,10 +75,10 @@ def serve(config: str | None, host: str | None, port: int | None) -> None:
     setup_logging(cfg.server.log_level, cfg.server.log_file or None)
     for warning in cfg.deprecations:
         logging.getLogger("appliance.config").warning("%s", warning)
-    warn_of_held_capabilities()
     _check_policy(cfg)
     _check_files(cfg)
     _check_databases(cfg, migrate=True)
+    warn_of_held_capabilities()  # once it will start: a refused start says only why
     code = run(cfg, reread=read)
     claim.close()
     lock.close()

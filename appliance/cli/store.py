@@ -193,17 +193,22 @@ def models_rm(name, config, as_json):
 def _in_use(cfg, name: str) -> str:
     """Why `models rm` is refused, with the way out: the models of the config that serve
     it, to unload and take out of the config (else the autoscaler starts them again)."""
-    users = [m.name for m in cfg.models if m.source == f"{STORE_PREFIX}{name}"]
-    if not users:
+    source = f"{STORE_PREFIX}{name}"
+    # A model of the config, or its LoRA adapter (whose replicas lease it as well).
+    serving = [m for m in cfg.models if m.source == source]
+    loading = [(m, a) for m in cfg.models for a in m.adapters if a.source == source]
+    users = [m.name for m in serving] + [f"{m.name} (its adapter '{a.name}')" for m, a in loading]
+    first = (serving or [m for m, _ in loading] or [None])[0]
+    if first is None:
         return (
             f"model '{name}' is in use by a running replica (of a daemon whose config is not "
             f"{cfg.origin}); stop it there first"
         )
     served = ", ".join(users)
     return (
-        f"model '{name}' is in use by a running replica of {served} (source = \"{STORE_PREFIX}{name}\" in "
+        f"model '{name}' is in use by a running replica of {served} (source = \"{source}\" in "
         f"{cfg.origin}): remove {served} from the config and `appliance reload` (its requests in flight "
-        f"finish), or `appliance unload {users[0]}` and keep it unused, then run this again"
+        f"finish), or `appliance unload {first.name}` and keep it unused, then run this again"
     )
 
 

@@ -43,15 +43,20 @@ MAX_FIELD_BYTES = 64 * 1024
 
 # The fields the appliance acts on: each given once, as a value (never a file).
 _ROUTED = (b"model", b"stream")
-_BOUNDARY = re.compile(rb'boundary="?([0-9A-Za-z\'()+_,./:=?-]{1,70})"?')
-_NAME = re.compile(rb'(?i)content-disposition:[^\r\n]*?\bname="([^"\r\n]*)"')
+# A boundary=, quoted or not, ending where its parameter does (so that a parser reading
+# more of it, a quoted one's spaces, finds no other delimiter than the appliance's).
+_BOUNDARY = re.compile(
+    rb'(?i:boundary)=(?:"([0-9A-Za-z\'()+_,./:=?-]{1,70})"|([0-9A-Za-z\'()+_,./:=?-]{1,70}))(?=[ \t]*(?:;|$))'
+)
+_NAME = re.compile(rb'(?i)name="([^"\r\n]*)"')  # read at the one name= of the Content-Disposition
 _FILENAME = re.compile(rb"(?i)content-disposition:[^\r\n]*?\bfilename\*?=")
 # What engines' form parsers may take for a part's name, or a form's boundary, however
 # written (quoted or not, RFC 2231's name*=, any case, on a folded line): each must
 # come once, and as _NAME and _BOUNDARY read it.
-_ANY_NAME = re.compile(rb"(?i)(?<![\w-])name\s*\*?\s*=")
+# (name*=, and RFC 2231's continuations name*0=, name*1*=: a mail parser joins them.)
+_ANY_NAME = re.compile(rb"(?i)(?<![\w-])name\s*[*=]")
 _QUOTED = re.compile(rb'"[^"\r\n]*"')  # a quoted value (a filename may hold "name=")
-_ANY_BOUNDARY = re.compile(rb"(?i)(?<![\w-])boundary\s*\*?\s*=")
+_ANY_BOUNDARY = re.compile(rb"(?i)(?<![\w-])boundary\s*[*=]")
 _DISPOSITION = re.compile(rb"(?im)^content-disposition\s*:[^\r\n]*")
 
 
@@ -71,14 +76,16 @@ def boundary_of(content_type: bytes | None) -> bytes:
             "This endpoint takes multipart/form-data (the audio as the 'file' field, 'model' as another field)",
             code="invalid_content_type",
         )
-    match = _BOUNDARY.search(content_type)
-    if match is None:
-        raise BadRequest("The multipart/form-data Content-Type names no boundary", code="invalid_content_type")
-    if len(_ANY_BOUNDARY.findall(content_type)) != 1:  # a parser taking another would see other parts
+    found = [m.start() for m in _ANY_BOUNDARY.finditer(content_type)]
+    if len(found) > 1:  # a parser taking another would see other parts
         raise BadRequest(
             "The multipart/form-data Content-Type names its boundary more than once", code="invalid_content_type"
         )
-    return match.group(1)
+    # Read where that one boundary parameter is, never inside another's value.
+    match = _BOUNDARY.match(content_type, found[0]) if found else None
+    if match is None:
+        raise BadRequest("The multipart/form-data Content-Type names no boundary", code="invalid_content_type")
+    return match.group(1) or match.group(2)
 
 
 def _name_of(headers: bytes) -> bytes:
@@ -86,15 +93,15 @@ def _name_of(headers: bytes) -> bytes:
     engine's form parser could name otherwise (a name unquoted or in RFC 2231's form, two
     names, two Content-Dispositions, a folded line) is a 400, so that the engine reads
     the fields, ``model`` first, that the appliance routed by and rewrote."""
-    named = _NAME.search(headers)
     dispositions = _DISPOSITION.findall(headers)
-    if (
-        named is None
-        or len(dispositions) != 1
-        or len(_ANY_NAME.findall(_QUOTED.sub(b'""', dispositions[0]))) != 1
-        or b"\r\n " in headers
-        or b"\r\n\t" in headers
-    ):
+    named = None
+    # An escaped quote (\") would end a quoted value for this scan, not for a mail parser.
+    if len(dispositions) == 1 and b'\\"' not in dispositions[0]:
+        # Quoted values blanked, at the same length: a name= inside one is not a name.
+        blanked = _QUOTED.sub(lambda m: b'"' + b" " * (len(m[0]) - 2) + b'"', dispositions[0])
+        names = [m.start() for m in _ANY_NAME.finditer(blanked)]
+        named = _NAME.match(dispositions[0], names[0]) if len(names) == 1 else None
+    if named is None or b"\r\n " in headers or b"\r\n\t" in headers:
         raise BadRequest(
             'Malformed multipart body: each part names its field once, in one Content-Disposition header as name="..."',
             code="invalid_body",
@@ -178,9 +185,8 @@ def set_form_fields(body: bytes, fields: dict) -> bytes:
     boundary = body[2 : body.index(b"\r\n")]
     spans = {}
     for headers, start, end in _parts(body, boundary):
-        named = _NAME.search(headers)
-        if named is not None and not _FILENAME.search(headers):
-            spans[named.group(1).decode("latin-1")] = (start, end)
+        if not _FILENAME.search(headers):  # (decode read the form: each part has its one name)
+            spans[_name_of(headers).decode("latin-1")] = (start, end)
     edits = []
     added = b""
     for name, value in fields.items():

@@ -9,8 +9,10 @@ length, behind one loop timer for its head (as the relay's client watches do):
 scheduling and cancelling a uvloop timer cost ~1.8 µs, ``asyncio.timeout``'s context
 manager ~4.5 µs, a queue entry ~0.3 µs. A deadline that ended is passed over when it
 falls due, and dropped sooner when it reaches the queue's head as a later one is set;
-behind one still waiting (a client trickling its body), ended ones stay queued until
-it falls due, each a few dozen bytes (an ended deadline keeps no task).
+behind one still waiting (a client trickling its body, an engine that never sends a
+stream's head: up to upstream.read_timeout_s), ended ones are dropped from anywhere in
+the queue once it holds COMPACT_AT and twice those still waiting (an ended deadline keeps
+no task; the queue stays within twice its waiting deadlines, or COMPACT_AT).
 
     deadline = deadlines.start(seconds)
     try:
@@ -27,6 +29,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+
+# Queued deadlines (one length's) past which the ended ones are dropped from the whole
+# queue, not only its head: one pass over it per that many set, a fraction of a µs each.
+COMPACT_AT = 1024
 
 
 class Deadline:
@@ -63,17 +69,21 @@ class Deadline:
 class _Queue:
     """The deadlines of one length on one loop, in the order they fall due."""
 
-    __slots__ = ("due", "length", "loop", "timer")
+    __slots__ = ("compact_at", "due", "length", "loop", "timer")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, length: float) -> None:
         self.loop, self.length = loop, length
         self.due: deque[Deadline] = deque()
         self.timer: asyncio.TimerHandle | None = None
+        self.compact_at = COMPACT_AT
 
     def add(self, task: asyncio.Task) -> Deadline:
         due = self.due
         while due and not due[0].pending:  # ended ones at the head: the queue stays short
             due.popleft()
+        if len(due) >= self.compact_at:  # ended ones behind one still waiting: dropped too
+            self.due = due = deque(d for d in due if d.pending)
+            self.compact_at = max(COMPACT_AT, 2 * len(due))
         deadline = Deadline(task, self.loop.time() + self.length)
         due.append(deadline)
         if self.timer is None:

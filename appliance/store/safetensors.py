@@ -39,7 +39,9 @@ def check_file(path: Path) -> None:
             raise SafetensorsError(f"truncated: the header ends at byte {8 + length}, the file has {size}")
         try:
             header = json.loads(f.read(length))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # (ValueError: JSONDecodeError, and a number past int's digit limit; RecursionError:
+        # arrays nested past the parser's depth. The file is the media's, or a hub repo's.)
+        except (ValueError, RecursionError) as exc:
             raise SafetensorsError(f"its header is not JSON: {exc}") from None
     if not isinstance(header, dict):
         raise SafetensorsError("its header is not a JSON object")
@@ -64,7 +66,7 @@ def missing_shards(index: Path, index_path: str, present: Iterable[str]) -> list
     not among present."""
     try:
         weight_map = json.loads(index.read_text()).get("weight_map", {})
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as exc:
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:  # (as the header's, above)
         raise SafetensorsError(f"unreadable index: {exc}") from None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise SafetensorsError("its weight_map is not an object of file names")
