@@ -185,6 +185,25 @@ def test_a_messages_content_block_llama_cpp_drops_is_refused_through_a_workers_f
     check_fields(cfg, messages, model, carried_facts(messages, read, decode_request(read, messages.cls)))
 
 
+def test_a_messages_content_block_llama_cpp_drops_inside_a_tool_result_is_refused_where_it_is():
+    # Regression: only a message's own blocks were read, so a document inside a
+    # tool_result's content went to llama-server, which dropped it without a word.
+    from appliance.gateway.facts import carried_facts
+    from appliance.gateway.protocol import decode_request
+
+    cfg, model = _bundled()
+    messages = ENDPOINTS["/v1/messages"]
+    body = (b'{"model": "m", "max_tokens": 3, "messages": [{"role": "user", "content": [{"type": "text",'
+            b' "text": "hi"}, {"type": "tool_result", "tool_use_id": "t", "content": [{"type": "text",'
+            b' "text": "found"}, {"type": "document", "source": {}}]}]}]}')
+    with pytest.raises(BadRequest) as info:
+        check_fields(cfg, messages, model, carried_facts(messages, body, decode_request(body, messages.cls)))
+    assert (info.value.param, info.value.code) == ("messages[0].content[1].content[1]", "content_block_not_supported")
+    for read in (body.replace(b'"document", "source": {}', b'"image", "source": {}'),
+                 body.replace(b'[{"type": "text", "text": "found"}, {"type": "document", "source": {}}]', b'"found"')):
+        check_fields(cfg, messages, model, carried_facts(messages, read, decode_request(read, messages.cls)))
+
+
 @pytest.mark.parametrize("choice, given", [
     ({"type": "none"}, []),
     ({"type": "tool", "name": "get_time"}, [{"name": "get_time", "input_schema": {"type": "object"}}]),

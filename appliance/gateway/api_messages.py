@@ -20,10 +20,13 @@ from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 
 class ContentBlock(msgspec.Struct):
-    """A message's content block as the appliance reads it: its type alone (the engine
-    reads the rest from the body as it was sent)."""
+    """A message's content block as the appliance reads it: its type, and a tool_result's
+    content (the blocks inside it; the engine reads the rest from the body as it was sent)."""
 
     type: str
+    # A tool_result's content: a string or blocks. Any, read in block_kinds: a field
+    # of another block's shape is not this request's to refuse.
+    content: Any = None
 
 
 class AnthropicMessage(msgspec.Struct, kw_only=True):
@@ -40,14 +43,19 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 
     def block_kinds(self) -> tuple[tuple[str, str], ...]:
         """Each content block type the messages hold, with where it first is
-        (``messages[i].content[j]``): what capabilities.check_blocks reads."""
+        (``messages[i].content[j]``, or ``messages[i].content[j].content[k]`` inside a
+        tool_result's content): what capabilities.check_blocks reads."""
         seen: dict[str, str] = {}
         for i, message in enumerate(self.messages):
             if isinstance(message.content, str):
                 continue
             for j, block in enumerate(message.content):
-                if block.type not in seen:
-                    seen[block.type] = f"messages[{i}].content[{j}]"
+                where = f"messages[{i}].content[{j}]"
+                seen.setdefault(block.type, where)
+                if isinstance(block.content, list):
+                    for k, inner in enumerate(block.content):
+                        if isinstance(inner, dict) and isinstance(inner.get("type"), str):
+                            seen.setdefault(inner["type"], f"{where}.content[{k}]")
         return tuple(seen.items())
 
 
