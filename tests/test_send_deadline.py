@@ -90,3 +90,37 @@ def test_a_large_whole_answer_left_unread_is_given_up(stalling):
     finally:
         sock.close()
     assert len(received) < 48 * 1024 * 1024  # given up before its end: the rest never sent
+
+
+def test_a_workers_stall_log_line_names_the_request_id_its_client_and_audit_row_know(caplog):
+    # Regression: a worker relaying the daemon's answer logged its own number for the
+    # request ("request 7 (worker 0)"), which no client, access log or audit row knows.
+    import asyncio
+
+    from appliance.dataplane.protocol import Mailbox, Start, WorkerSettings
+    from appliance.dataplane.worker_client import ClientSide
+
+    class Writer:
+        def __init__(self):
+            self.frames = []
+
+        def write(self, frame):
+            self.frames.append(frame)
+
+    async def client_that_stops_reading(message):
+        if message["type"] == "http.response.body":
+            await asyncio.Future()  # never taken
+
+    async def relay():
+        settings = WorkerSettings(0, 10.0, 1 << 20, 8, send_timeout_s=0.05)
+        worker = ClientSide(settings, Writer(), None)
+        answer = Mailbox()
+        answer.put(Start(7, 200, [(b"x-request-id", b"req-the-client-knows")], b"first", True))
+        await worker._answer(7, answer, client_that_stops_reading)
+        return worker.out.frames
+
+    with caplog.at_level("WARNING"):
+        frames = asyncio.run(relay())
+    assert [type(f).__name__ for f in frames] == ["Gone"]
+    [line] = [r.getMessage() for r in caplog.records if "server.send_timeout_s" in r.getMessage()]
+    assert "req-the-client-knows" in line

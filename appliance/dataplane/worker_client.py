@@ -263,6 +263,7 @@ class ClientSide:
         it left (Gone): that ends the engine's request, as for any leaver. An answer in one
         frame goes to the server whole, read or not: it is not watched (no cost)."""
         sends: deadlines.Sends | None = None
+        start: Start | None = None  # its head: the X-Request-Id the client and the audit row know
         try:
             while True:
                 if frame is None:
@@ -274,6 +275,7 @@ class ClientSide:
                 if sends is not None:
                     sends.n += 1
                 if isinstance(frame, Start):
+                    start = frame
                     headers = [*frame.headers, self.worker_header]
                     await send({"type": "http.response.start", "status": frame.status, "headers": headers})
                     await send({"type": "http.response.body", "body": frame.body, "more_body": frame.more})
@@ -287,7 +289,7 @@ class ClientSide:
         except asyncio.CancelledError:
             if sends is None or not sends.passed():
                 raise
-            log_stalled(f"{rid} (worker {self.settings.index})", sends.seconds)
+            log_stalled(f"{_request_id(start, rid)} (worker {self.settings.index})", sends.seconds)
             self.out.write(Gone(rid))
         finally:
             if sends is not None:
@@ -395,6 +397,13 @@ class ClientSide:
         if timeout is None:
             timeout = self.timeouts[key] = aiohttp.ClientTimeout(total=None, sock_connect=key[0], sock_read=key[1])
         return timeout
+
+
+def _request_id(start: Start | None, rid: int) -> str:
+    """The request's X-Request-Id, from its answer's head (every answer names it), for a log
+    line: the worker's own number for it is known to no client, access log or audit row."""
+    found = next((v for k, v in start.headers if k == b"x-request-id"), None) if start is not None else None
+    return found.decode(errors="replace") if found is not None else f"#{rid}"
 
 
 class _ClientWatch:
