@@ -204,3 +204,35 @@ async def _simultaneous_in_process(front_door, app) -> tuple[list[list[bytes]], 
     await down.wait()
     await life
     return answers, created
+
+
+def test_an_audited_streams_text_is_kept_up_to_max_answer_bytes_and_marked_cut():
+    # Regression: on an audited route (audit.include_text, a regulated route) the relay
+    # kept a stream's whole text in memory for its row, however long the stream.
+    import asyncio
+
+    from appliance.gateway import deadlines, relay
+    from appliance.gateway.capabilities import ENDPOINTS
+    from appliance.gateway.request import ProxyRequest
+
+    class Stream:
+        def __init__(self, pieces):
+            self.pieces = list(pieces)
+
+        async def read(self):
+            return self.pieces.pop(0) if self.pieces else b""
+
+        def close(self):
+            pass
+
+    async def send(message):
+        pass
+
+    async def relayed(cap: int) -> bytes:
+        req = ProxyRequest("r", 0.0, 0.0, ENDPOINTS["/v1/embeddings"], None)
+        req.response_text, req.response_text_cap = b"", cap
+        await relay._pump(Stream([b"x" * 1000] * 10), send, req, deadlines.sends(60))
+        return req.response_text
+
+    assert asyncio.run(relayed(2500)) == b"x" * 2500 + relay.TEXT_CUT
+    assert asyncio.run(relayed(10000)) == b"x" * 10000

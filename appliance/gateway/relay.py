@@ -347,6 +347,10 @@ async def _start_sse(send: Send, req: ProxyRequest) -> None:
     )
 
 
+# The end of an audit row's answer text cut at upstream.max_answer_bytes.
+TEXT_CUT = b"\n[cut: the answer was longer than upstream.max_answer_bytes]"
+
+
 async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: deadlines.Sends) -> None:
     """Each piece the engine sent, sent on as it arrives: one read and one send per
     piece and nothing else awaited (the tap's work is a few substring scans). A piece
@@ -355,6 +359,7 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
     Each send is under the sends deadline (counted before and after: no timer)."""
     tap = req.tap
     text: list[bytes] | None = [] if req.response_text is not None else None
+    room = req.response_text_cap  # what more of the text is kept: cut there, not held whole
     read = stream.read
     fixer = _stream_fixer(req)
     try:
@@ -367,8 +372,9 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
             if tap is not None:
                 chunk = tap.feed(chunk)
             if chunk:
-                if text is not None:
-                    text.append(chunk)
+                if text is not None and room >= 0:
+                    text.append(chunk if len(chunk) <= room else chunk[:room] + TEXT_CUT)
+                    room = room - len(chunk) if len(chunk) <= room else -1
                 sends.n += 1
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 sends.n += 1
