@@ -236,3 +236,38 @@ def test_an_audited_streams_text_is_kept_up_to_max_answer_bytes_and_marked_cut()
 
     assert asyncio.run(relayed(2500)) == b"x" * 2500 + relay.TEXT_CUT
     assert asyncio.run(relayed(10000)) == b"x" * 10000
+
+
+def test_a_client_that_stops_reading_the_model_is_loading_comments_is_dropped_at_send_timeout(monkeypatch):
+    # Regression: while a stream was held through a cold start, its keep-alive comments
+    # were sent under no deadline: a client that stopped reading held the request (and,
+    # once the model was up, its replica slot) for as long as it kept the connection.
+    import asyncio
+    from types import SimpleNamespace
+
+    from appliance.fleet.hold import ClientGone
+    from appliance.gateway import relay
+    from appliance.gateway.capabilities import ENDPOINTS
+    from appliance.gateway.request import ProxyRequest
+
+    async def still_loading(rt, req):
+        await asyncio.Future()
+
+    monkeypatch.setattr(relay, "_open", still_loading)
+    rt = SimpleNamespace(cfg=SimpleNamespace(queue=SimpleNamespace(keepalive_s=0.01),
+                                             server=SimpleNamespace(send_timeout_s=0.05)))
+    req = ProxyRequest("r", 0.0, 0.0, ENDPOINTS["/v1/chat/completions"], None)
+    req.deployment = SimpleNamespace(pick_ready=lambda: None)
+    sent = []
+
+    async def stops_reading(message):
+        sent.append(message)
+        if len(sent) > 2:  # the head and one comment taken, then nothing
+            await asyncio.Future()
+
+    async def held():
+        with pytest.raises(ClientGone):
+            await asyncio.wait_for(relay._open_with_keepalive(rt, req, stops_reading), 30)
+
+    asyncio.run(held())
+    assert sent[1]["body"] == b": model is loading\n\n"

@@ -313,14 +313,26 @@ async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> An
     if keepalive <= 0 or dep is None or dep.pick_ready() is not None:
         return await _open(rt, req)
     opening = asyncio.ensure_future(_open(rt, req))
+    sends: deadlines.Sends | None = None
     try:
         opened, _ = await asyncio.wait([opening], timeout=keepalive)
         if opened:
             return opening.result()
-        # Still loading: start the answer now, and keep it alive with SSE comments.
+        # Still loading: start the answer now, and keep it alive with SSE comments,
+        # each under server.send_timeout_s (a client that stops reading them has left).
         await _start_sse(send, req)
+        sends = deadlines.sends(rt.cfg.server.send_timeout_s)
         while True:
-            await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
+            sends.n += 1
+            try:
+                await send({"type": "http.response.body", "body": b": model is loading\n\n", "more_body": True})
+            except asyncio.CancelledError:
+                if not sends.passed():
+                    raise
+                log_stalled(req.rid, sends.seconds)
+                raise ClientGone from None
+            finally:
+                sends.n += 1
             opened, _ = await asyncio.wait([opening], timeout=keepalive)
             if opened:
                 try:
@@ -330,6 +342,8 @@ async def _open_with_keepalive(rt: Gateway, req: ProxyRequest, send: Send) -> An
                     await send_sse_error(send, exc, req)
                     return _Started(None)
     finally:
+        if sends is not None:
+            sends.end()
         if not opening.done():
             opening.cancel()
 
