@@ -110,6 +110,9 @@ ESCAPED = {
     "escaped slashes": "http:\\/\\/169.254.169.254\\/latest\\/",
     "an escaped colon": "http\\u003a//169.254.169.254/",
     "escaped colon and slashes": "http\\u003A\\u002F\\u002f169.254.169.254/",
+    # Backslashes for slashes: a WHATWG URL parser (browsers, many HTTP clients) reads
+    # http:\\host/ as http://host/.
+    "backslashes for slashes": "http:\\\\\\\\169.254.169.254/",
 }
 
 # Look-alikes of ALLOWED, each fetching elsewhere (or from outside the prefix).

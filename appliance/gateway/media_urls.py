@@ -91,9 +91,9 @@ def _walk(node: Any, at: list[str], refs: list[Reference]) -> None:
 
 
 def _seen(value: object, at: list[str], key: str, refs: list[Reference]) -> None:
-    """A reference holding a URL other than data: (one with ':/' in it: engines fetch
-    no other) is kept, with its field's path."""
-    if not isinstance(value, str) or ":/" not in value:
+    """A reference holding a URL other than data: (one with ':/' in it, or ':\\', which
+    a WHATWG URL parser reads as ':/': engines fetch no other) is kept, with its field's path."""
+    if not isinstance(value, str) or (":/" not in value and ":\\" not in value):
         return
     if value.lstrip(_C0_AND_SPACE)[:5].lower() == "data:":
         return
