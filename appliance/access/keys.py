@@ -289,10 +289,9 @@ class Gate:
         has left for it, which the caller must then impose on the engine
         (Reservation.completion)."""
         if key.routes and route not in key.routes:
-            raise Forbidden(
-                f"This API key may not use {'route ' + repr(route) if route else 'this model'}",
-                code="route_not_allowed",
-            )
+            # The same words whether the model is another route's or none: naming the
+            # route would tell a key another team's route, and that its model exists.
+            raise Forbidden("This API key may not use this model", code="route_not_allowed")
         now = self.clock()
         bucket = None
         if key.rpm:

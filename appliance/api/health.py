@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from litestar import Request, Response, get
 from litestar.openapi import ResponseSpec
 
-from appliance.api.callers import caller, client_or_admin, deployment_of, models_of, runtime
+from appliance.api.callers import caller, deployment_of, models_of, runtime
 from appliance.api.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from appliance.errors import Forbidden, Unauthorized
 from appliance.status import Readiness
@@ -51,7 +51,15 @@ def _models_ready(rt: Runtime, key: ApiKey | None) -> dict[str, bool]:
 async def metrics(request: Request) -> Response[bytes]:
     rt = runtime(request)
     if not rt.cfg.server.metrics_public:
-        client_or_admin(request)
+        _refuse_confined_key(caller(request)[1])
     else:  # open to anyone who reaches the port, not to a page that rebound its name to it
         rt.admin.check_host(request, "API")
     return Response(rt.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+
+def _refuse_confined_key(key: ApiKey | None) -> None:
+    """The metrics label every model and route by name, with its requests and tokens:
+    a key confined to its routes, shown its own models alone (models_of), may not read
+    the others' there (another team's traffic)."""
+    if key is not None and key.routes:
+        raise Forbidden("This API key may use some routes only: /metrics is for a key with every route or the admin")
