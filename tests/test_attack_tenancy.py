@@ -54,3 +54,23 @@ def test_a_key_confined_to_its_routes_cannot_read_other_teams_models_in_metrics(
     # A key with every route still reads them (it may call every model).
     assert httpx.get(shared_box.url + "/metrics", headers=_bearer(shared_box, "--name", "ops"),
                      timeout=10).status_code == 200
+
+
+def test_a_response_request_cannot_name_its_id_and_overwrite_another_keys_stored_response(daemons):
+    """vLLM stores a Response under the request_id its body names (its extra field): a key
+    that learnt another key's response id could overwrite that Response in the engine's
+    store, and take it over in the daemon's index. Refused before the engine."""
+    d = daemons.start(fake_model("stateful"), extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    victim, attacker = _bearer(d, "--name", "victim"), _bearer(d, "--name", "attacker")
+    made = httpx.post(d.url + "/v1/responses", headers=victim, timeout=30,
+                      json={"model": "stateful", "input": "my secret plan", "store": True})
+    assert made.status_code == 200, made.text
+    taken = httpx.post(d.url + "/v1/responses", headers=attacker, timeout=30,
+                       json={"model": "stateful", "input": "x", "store": True, "request_id": made.json()["id"]})
+    assert taken.status_code == 400, taken.text
+    error = taken.json()["error"]
+    assert error["code"] == "request_id_not_allowed" and error["param"] == "request_id", error
+    # The victim's Response is still its own.
+    again = httpx.get(f"{d.url}/v1/responses/{made.json()['id']}", headers=victim, timeout=30)
+    assert again.status_code == 200, again.text

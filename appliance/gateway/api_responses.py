@@ -35,6 +35,8 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     tools: list[Any] | None = None
     # "required" or a named tool forces a tool call (capabilities.forces_tool).
     tool_choice: str | dict[str, Any] | None = None
+    # vLLM's extra field: the stored Response's id (capabilities.check_fields refuses it).
+    request_id: str | None = None
 
     @property
     def stateful(self) -> bool:

@@ -223,6 +223,15 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
             param="background",
             code="background_not_supported",
         )
+    if getattr(request, "names_its_id", False):
+        # vLLM stores the Response under the request_id a body names: one key naming
+        # another's response id would overwrite it in the engine's store.
+        raise BadRequest(
+            "'request_id' is not accepted: it would name the stored Response's id; leave it out "
+            "(send X-Request-Id to correlate logs)",
+            param="request_id",
+            code="request_id_not_allowed",
+        )
     if blocks := getattr(request, "blocks", ()):
         check_blocks(model, blocks)
 

@@ -57,6 +57,7 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # The media it names by a URL an engine would fetch (gateway/media_urls.py; checked
     # against the config in capabilities.check_fields): () for nearly every body.
     media: tuple[media_urls.Reference, ...] = ()
+    names_its_id: bool = False  # a Responses request's own request_id (capabilities.check_fields)
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -84,6 +85,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         background=bool(getattr(request, "background", False)),
         blocks=block_kinds() if block_kinds is not None else (),
         media=() if endpoint.form else media_urls.found(body),
+        names_its_id=getattr(request, "request_id", None) is not None,
     )
 
 
