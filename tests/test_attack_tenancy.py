@@ -56,11 +56,13 @@ def test_a_key_confined_to_its_routes_cannot_read_other_teams_models_in_metrics(
                      timeout=10).status_code == 200
 
 
-def test_a_response_request_cannot_name_its_id_and_overwrite_another_keys_stored_response(daemons):
+@pytest.mark.parametrize("workers", [1, 2], ids=["alone", "workers=2"])
+def test_a_response_request_cannot_name_its_id_and_overwrite_another_keys_stored_response(daemons, workers):
     """vLLM stores a Response under the request_id its body names (its extra field): a key
     that learnt another key's response id could overwrite that Response in the engine's
     store, and take it over in the daemon's index. Refused before the engine."""
-    d = daemons.start(fake_model("stateful"), extra="[keys]\nrequired = true\n", wait=False)
+    server = f"workers = {workers}\n" if workers > 1 else ""
+    d = daemons.start(fake_model("stateful"), server=server, extra="[keys]\nrequired = true\n", wait=False)
     d.wait_ready(status=False)
     victim, attacker = _bearer(d, "--name", "victim"), _bearer(d, "--name", "attacker")
     made = httpx.post(d.url + "/v1/responses", headers=victim, timeout=30,
