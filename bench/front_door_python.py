@@ -22,16 +22,16 @@ import argparse
 import asyncio
 import gc
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from alternate import alternate, free_port, load_line  # noqa: E402
+
 BODY = b'{"model":"fake","messages":[{"role":"user","content":"hello there"}],"max_tokens":16}'
 ANSWER = (b'{"id":"chatcmpl-1","object":"chat.completion","created":1,"model":"fake","choices":[{"index":0,'
           b'"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
@@ -46,12 +46,6 @@ HEADERS = [(b"host", b"127.0.0.1:8000"), (b"accept-encoding", b"gzip, deflate"),
            (b"x-stainless-retry-count", b"0"), (b"x-stainless-read-timeout", b"600"),
            (b"content-length", str(len(BODY)).encode())]
 PROFILED = 2000  # requests under cProfile, for the calls per request
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure(tree: str, port: int, requests: int, batches: int) -> dict:
@@ -152,28 +146,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batches", type=int, default=7, help="batches per round (default 7)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each tree, alternating (default 3)")
     args = p.parse_args(argv)
-    port = _free_port()
-    engine = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_engine.py"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    results: dict[str, list[dict]] = {"base": [], "tree": []}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    try:
-        time.sleep(1.5)
-        for r in range(args.rounds):
-            order = [("base", args.baseline), ("tree", str(ROOT))]
-            for side, tree in order if r % 2 == 0 else reversed(order):
-                out = subprocess.run(
-                    [sys.executable, __file__, "--_measure", tree, str(port), str(args.requests), str(args.batches)],
-                    capture_output=True, text=True, timeout=600, env=env, check=True)
-                results[side].append(json.loads(out.stdout.splitlines()[-1]))
-                print(f"round {r + 1} {side}: {results[side][-1]['min']:.1f} us/req (min)", file=sys.stderr)
-    finally:
-        engine.terminate()
-        engine.wait(timeout=10)
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.rounds} rounds of "
-          f"{args.batches} batches of {args.requests}; baseline: {args.baseline}")
+    port = free_port()
+    here = str(Path(__file__).resolve())
+    measured = [str(port), str(args.requests), str(args.batches)]
+    sides = [("base", [here, "--_measure", args.baseline, *measured]),
+             ("tree", [here, "--_measure", str(ROOT), *measured])]
+    med = alternate(sides, args.rounds, port)
+    print(load_line(args.rounds, args.batches, args.requests, args.baseline))
     print(f"{'side':<4} | {'us/req min':>10} | {'us/req med':>10} | {'calls/req':>9} | {'floor us':>8}")
-    med = {side: {f: statistics.median(run[f] for run in runs) for f in runs[0]} for side, runs in results.items()}
     for side in ("base", "tree"):
         m = med[side]
         print(f"{side:<4} | {m['min']:>10.1f} | {m['median']:>10.1f} | {m['calls']:>9.1f} | {m['floor']:>8.1f}")

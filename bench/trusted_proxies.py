@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 XFF = (b"x-forwarded-for", b"203.0.113.9, 10.1.2.3")
 PROXIES = ["127.0.0.1", "10.0.0.0/8"]
+
+sys.path.insert(0, str(HERE))
+from alternate import alternate, free_port, load_line  # noqa: E402
 
 
 def measure(tree: str, listed: bool, port: int, requests: int, batches: int) -> dict:
@@ -59,31 +58,14 @@ def main(argv: list[str]) -> int:
     p.add_argument("--batches", type=int, default=5, help="batches per round (default 5)")
     p.add_argument("--rounds", type=int, default=3, help="runs of each side, the order rotating (default 3)")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(HERE))
-    import front_door_python as fdp
-
-    port = fdp._free_port()
-    engine = subprocess.Popen([sys.executable, str(ROOT / "tests" / "fake_engine.py"), "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    sides = [("base", args.baseline, "0"), ("without", str(ROOT), "0"), ("with", str(ROOT), "1")]
-    results: dict[str, list[dict]] = {side: [] for side, _, _ in sides}
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    try:
-        time.sleep(1.5)
-        for r in range(args.rounds):
-            for side, tree, listed in sides[r % 3:] + sides[:r % 3]:
-                out = subprocess.run(
-                    [sys.executable, __file__, "--_measure", tree, listed, str(port), str(args.requests),
-                     str(args.batches)], capture_output=True, text=True, timeout=600, env=env, check=True)
-                results[side].append(json.loads(out.stdout.splitlines()[-1]))
-                print(f"round {r + 1} {side}: {results[side][-1]['min']:.1f} us/req (min)", file=sys.stderr)
-    finally:
-        engine.terminate()
-        engine.wait(timeout=10)
-    print(f"load average: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {args.rounds} rounds of "
-          f"{args.batches} batches of {args.requests}; baseline: {args.baseline}")
+    port = free_port()
+    measured = [str(port), str(args.requests), str(args.batches)]
+    sides = [("base", [__file__, "--_measure", args.baseline, "0", *measured]),
+             ("without", [__file__, "--_measure", str(ROOT), "0", *measured]),
+             ("with", [__file__, "--_measure", str(ROOT), "1", *measured])]
+    med = alternate(sides, args.rounds, port)
+    print(load_line(args.rounds, args.batches, args.requests, args.baseline))
     print(f"{'side':<7} | {'us/req min':>10} | {'us/req med':>10} | {'calls/req':>9}")
-    med = {side: {f: statistics.median(run[f] for run in runs) for f in runs[0]} for side, runs in results.items()}
     for side, m in med.items():
         print(f"{side:<7} | {m['min']:>10.1f} | {m['median']:>10.1f} | {m['calls']:>9.1f}")
     b, wo, w = med["base"], med["without"], med["with"]

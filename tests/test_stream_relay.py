@@ -238,6 +238,27 @@ def test_an_audited_streams_text_is_kept_up_to_max_answer_bytes_and_marked_cut()
     assert asyncio.run(relayed(10000)) == b"x" * 10000
 
 
+def test_the_audit_text_cap_is_the_configs_max_answer_bytes_set_with_the_collection():
+    # The cap on an audited answer's kept text has one owner: upstream.max_answer_bytes.
+    # The front door sets it whenever it starts collecting; a request that collects
+    # nothing carries no cap (and no default of its own to drift from the config's).
+    from appliance.api.app import with_body
+    from appliance.config import AuditConfig, Config, UpstreamConfig
+    from appliance.gateway.capabilities import ENDPOINTS
+    from appliance.gateway.request import ProxyRequest
+
+    body = b'{"model": "m", "messages": []}'
+    cap = 3 * 1024 * 1024
+    cfg = Config(upstream=UpstreamConfig(max_answer_bytes=cap), audit=AuditConfig(include_text=True))
+    collecting = ProxyRequest("r", 0.0, 0.0, ENDPOINTS["/v1/chat/completions"], None)
+    with_body(cfg, collecting, body, {})
+    assert (collecting.response_text, collecting.response_text_cap) == (b"", cap)
+
+    quiet = ProxyRequest("q", 0.0, 0.0, ENDPOINTS["/v1/chat/completions"], None)
+    with_body(Config(upstream=UpstreamConfig(max_answer_bytes=cap)), quiet, body, {})
+    assert (quiet.response_text, quiet.response_text_cap) == (None, 0)
+
+
 def test_a_client_that_stops_reading_the_model_is_loading_comments_is_dropped_at_send_timeout(monkeypatch):
     # Regression: while a stream was held through a cold start, its keep-alive comments
     # were sent under no deadline: a client that stopped reading held the request (and,

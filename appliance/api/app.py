@@ -271,8 +271,8 @@ def with_body(cfg: Config, req: ProxyRequest, body: bytes, fields: dict) -> None
     req.body = body
     req.forwarded = set_fields(body, **fields) if fields else body
     if cfg.audit.include_text:
-        req.request_text, req.response_text = api_audio.without_audio(body) if req.endpoint.form else req.forwarded, b""
-        req.response_text_cap = cfg.upstream.max_answer_bytes
+        req.request_text = api_audio.without_audio(body) if req.endpoint.form else req.forwarded
+        req.response_text, req.response_text_cap = b"", cfg.upstream.max_answer_bytes  # collected up to that cap
 
 
 def _home_of(rt: Runtime, facts: Facts, key: ApiKey | None, deployment: Deployment) -> Replica | None:

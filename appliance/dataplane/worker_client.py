@@ -1,6 +1,7 @@
 """A worker's client side: each HTTP request Granian gives it (its ASGI app), passed to
 the daemon over the link and its answer sent back (appliance/dataplane/worker.py owns
-the process and the link; worker_engine.py the engine calls the daemon asks for).
+the process and the link; worker_engine.py the engine calls the daemon asks for;
+worker_carried.py what a carried request keeps and its granted call's pieces).
 
 The fast path (FAST_PATHS, a body that came whole and decodes): the worker reads
 the body with the front door's own decoder, keeps it, and sends the daemon only
@@ -18,7 +19,6 @@ piece never comes is answered 408 here (the daemon never hears of it): swept.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import logging
 import time
@@ -29,7 +29,6 @@ import msgspec
 
 from appliance.access.tenancy import revealing, scrub
 from appliance.dataplane.protocol import (
-    TOO_LARGE,
     Body,
     Finish,
     FrameWriter,
@@ -44,16 +43,20 @@ from appliance.dataplane.protocol import (
     Want,
     WorkerSettings,
 )
-from appliance.errors import ApplianceError, EngineFailure, EngineTimeout, RequestTimeout, StateWriteFailed
+from appliance.dataplane.worker_carried import (
+    NOT_WRITTEN,
+    Carried,
+    EngineAnswered,
+    Granted,
+    GrantedProxy,
+    decode_carried,
+    failed,
+)
+from appliance.errors import ApplianceError, EngineFailure, RequestTimeout
 from appliance.fleet.hold import ClientGone
 from appliance.gateway import deadlines
-from appliance.gateway.capabilities import ENDPOINTS, Endpoint
 from appliance.gateway.dialects import dialect_for_path
-from appliance.gateway.facts import Facts, carried_facts
 from appliance.gateway.metering import StreamTap
-from appliance.gateway.protocol import decode_request
-from appliance.gateway.providers import set_encoded_fields
-from appliance.gateway.proxy import AnswerTooLarge, EngineProxy, engine_error_body
 from appliance.gateway.relay import (
     SSE_START_HEADERS,
     WATCH_AFTER_S,
@@ -88,7 +91,7 @@ class ClientSide:
         self.carried_headers = {WORKER_HEADER.decode(): str(settings.index), CARRIED[0].decode(): CARRIED[1].decode()}
         self.ids = itertools.count(1)
         self.requests: dict[int, Mailbox[Start | Body | Grant | Settled | Want | None]] = {}
-        self.proxy = _GrantedProxy(session, settings.max_answer_bytes)
+        self.proxy = GrantedProxy(session, settings.max_answer_bytes)
         # A carried stream's Settled, awaited by the relay before its last bytes.
         self.receipts: dict[int, asyncio.Future[None]] = {}
         self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
@@ -105,7 +108,7 @@ class ClientSide:
         """A frame from the daemon for one of these requests."""
         if isinstance(frame, Settled) and (receipt := self.receipts.get(frame.rid)) is not None:
             if not receipt.done():
-                receipt.set_result(None) if frame.ok else receipt.set_exception(_NOT_WRITTEN)
+                receipt.set_result(None) if frame.ok else receipt.set_exception(NOT_WRITTEN)
         elif isinstance(frame, (Start, Body, Gone, Grant, Settled, Want)):
             answer = self.requests.get(frame.rid)
             if answer is not None:
@@ -126,7 +129,7 @@ class ClientSide:
             answer.put(None)
         for receipt in self.receipts.values():  # the daemon is gone: no last bytes without its word
             if not receipt.done():
-                receipt.set_exception(_NOT_WRITTEN)
+                receipt.set_exception(NOT_WRITTEN)
 
     # One request, passed to the daemon and its answer sent back.
 
@@ -169,7 +172,7 @@ class ClientSide:
         # drains a body it has). A fast path's is carried.
         more = more and not _came_whole(scope, data)
         whole = not more and scope["path"] in FAST_PATHS and scope["method"] == "POST"
-        carried = _carried(started, scope["path"], data) if whole else None
+        carried = decode_carried(started, scope["path"], data) if whole else None
         try:
             self.out.write(_request(rid, scope, data if carried is None else b"", more, carried))
             if carried is not None:
@@ -327,13 +330,13 @@ class ClientSide:
         """relay.answer_whole, on the grant's replica: False when the engine failed
         before answering (the daemon retries it, or answers with the error)."""
         try:
-            call = self.proxy.unary(_Granted(grant, self._timeout(grant)), "", carried.sent(grant), grant.headers)
+            call = self.proxy.unary(Granted(grant, self._timeout(grant)), "", carried.sent(grant), grant.headers)
             status, data, content_type = await unless_client_leaves(receive, call)
         except ClientGone:
             self.out.write(Finish(rid, 499, "", "", b"", None, 0, None, False))
             return True
-        except (_EngineAnswered, EngineFailure) as exc:
-            self.out.write(_failed(rid, exc))
+        except (EngineAnswered, EngineFailure) as exc:
+            self.out.write(failed(rid, exc))
             return False
         usage, data = charged(carried.endpoint, carried.body, data, grant.scrub)
         counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
@@ -369,11 +372,11 @@ class ClientSide:
             self.out.write(Finish(rid, status, "", "", b"", counts, events, req.ttft, req.bytes_sent))
 
         try:
-            upstream = _Granted(grant, self._timeout(grant))
+            upstream = Granted(grant, self._timeout(grant))
             try:
                 stream = await self.proxy.open_stream(upstream, "", carried.sent(grant), grant.headers, done)
-            except (_EngineAnswered, EngineFailure) as exc:
-                self.out.write(_failed(rid, exc))
+            except (EngineAnswered, EngineFailure) as exc:
+                self.out.write(failed(rid, exc))
                 return False
             await self._relay_carried(stream, req, send)
             return True
@@ -431,84 +434,6 @@ class _ClientWatch:
         self.timer.cancel()
         if self.task is not None:
             self.task.cancel()
-
-
-class Carried:
-    """What the worker keeps of a request it asked to carry: its body, and what it
-    told the daemon of it (gateway/facts.py)."""
-
-    __slots__ = ("body", "endpoint", "facts", "started")
-
-    def __init__(self, started: float, endpoint: Endpoint, body: bytes, facts: Facts) -> None:
-        self.started, self.endpoint, self.body, self.facts = started, endpoint, body, facts
-
-    def sent(self, grant: Grant) -> bytes:
-        """The body for the grant's engine: with the fields the daemon set."""
-        return set_encoded_fields(self.body, grant.fields) if grant.fields else self.body
-
-
-def _carried(started: float, path: str, body: bytes) -> Carried | None:
-    """A whole body the worker decodes itself (the front door's decoder and limits):
-    None when it cannot (malformed, too large, compressed): the daemon reads it then,
-    as any request's, and answers with its own 400, 413 or 415."""
-    endpoint = ENDPOINTS[path]
-    try:
-        request: Any = decode_request(body, endpoint.cls)
-    except ApplianceError:
-        return None
-    return Carried(started, endpoint, body, carried_facts(endpoint, body, request))
-
-
-class _Granted:
-    """The grant's replica, as the proxy sees an upstream: its slot is leased by the daemon."""
-
-    __slots__ = ("base_url", "name", "timeout")
-    session = None  # the worker's own (a supervised replica's secret is in the grant's headers)
-
-    def __init__(self, grant: Grant, timeout: aiohttp.ClientTimeout) -> None:
-        self.name, self.base_url, self.timeout = grant.replica, grant.url, timeout
-
-    def lease(self) -> contextlib.nullcontext[None]:
-        return _NO_LEASE
-
-
-_NO_LEASE: contextlib.nullcontext[None] = contextlib.nullcontext()
-_NOT_WRITTEN = StateWriteFailed("The request's accounting could not be written; see the appliance's log")
-
-
-class _EngineAnswered(Exception):  # noqa: N818 (the engine's answer, not an error here)
-    """The engine refused the request: its status and body, turned into our error by the daemon."""
-
-    def __init__(self, status: int, body: bytes) -> None:
-        super().__init__(status)
-        self.status, self.body = status, body
-
-
-class _GrantedProxy(EngineProxy):
-    """The proxy, with the worker's session, whose engine refusals go back to the
-    daemon as they came (it says them in the replica's model's words)."""
-
-    def __init__(self, session: aiohttp.ClientSession, max_answer_bytes: int) -> None:
-        self.session = session
-        self.max_answer_bytes = max_answer_bytes
-        self.timeout = aiohttp.ClientTimeout(total=None)
-
-    @staticmethod
-    async def _raise_for_engine_status(replica: Any, resp: aiohttp.ClientResponse) -> None:
-        if resp.status < 400:
-            return
-        raise _EngineAnswered(resp.status, await engine_error_body(resp))
-
-
-def _failed(rid: int, exc: Exception) -> Finish:
-    """A granted call that failed before its answer reached the client."""
-    if isinstance(exc, _EngineAnswered):
-        return Finish(rid, exc.status, "status", "", exc.body, None, 0, None, False)
-    if isinstance(exc, AnswerTooLarge):
-        return Finish(rid, exc.status, TOO_LARGE, str(exc.cap), b"", None, 0, None, False)
-    assert isinstance(exc, EngineFailure)
-    kind = "timeout" if isinstance(exc, EngineTimeout) else ("connect" if exc.retryable else "failure")
-    return Finish(rid, exc.status, kind, exc.message, b"", None, 0, None, False)
 
 
 def _cancelling() -> bool:

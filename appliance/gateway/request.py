@@ -107,9 +107,11 @@ class ProxyRequest:
     bytes_sent: bool = False  # the answer has started: no fallback may take over
     request_text: bytes | None = None  # audit.include_text
     response_text: bytes | None = None  # b"" collects the answer (audit.include_text)
-    # The most of a streamed answer's text kept for its row (upstream.max_answer_bytes):
-    # a longer stream's text is cut there, and says so (gateway/relay.py, _pump).
-    response_text_cap: int = 64 * 1024 * 1024
+    # The most of a streamed answer's text kept for its row: a longer stream's text is
+    # cut there, and says so (gateway/relay.py, _pump). Read only while response_text
+    # collects; set with it by the front door (api/app.py with_body) to
+    # upstream.max_answer_bytes, whose default the config alone owns.
+    response_text_cap: int = 0
     # The ledger entry: written once; its audit row, and the future that resolves
     # once it (and the request's charge) is on disk (None: written in the background).
     finished: bool = False
