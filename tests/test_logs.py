@@ -229,3 +229,15 @@ def test_a_log_line_writes_control_characters_a_client_sent_as_escapes(tmp_path,
     stream.close()
     for text in (out.read_text(), to_file.read_text().split(" ", 2)[2]):
         assert text == "ERROR appliance.test [req zz\\x9b31mRED]: unhandled error on GET /v1/\\x1b]0;PWNED\\x07\ttab\n"
+
+
+@pytest.mark.parametrize(("keys", "said"), [
+    ("", "; no API key required: anyone who reaches the port is served (keys.required = false)"),
+    ("[keys]\nrequired = true\n", "; API keys required (keys.required = true)"),
+], ids=["open", "guarded"])
+def test_the_start_line_says_whether_a_key_is_required(daemons, keys, said):
+    """The operator's first question of a new journal: is what is served open to anyone?"""
+    daemon = daemons.start(fake_model("fake"), extra=keys)
+    [line] = [x for x in daemon.log.read_text().splitlines() if "INFO appliance.api: serving " in x]
+    assert line.startswith(f"INFO appliance.api: serving fake on http://127.0.0.1:{daemon.port}/v1 (config: ")
+    assert line.endswith(said)

@@ -212,3 +212,23 @@ def test_appliance_check_reads_and_writes_nothing(old_dbs, tmp_path):
     assert result.stdout.startswith(f"ok: {cfg}")
     assert {p: p.read_bytes() for p in before} == before
     assert sorted(p.name for p in state_db.parent.iterdir()) == ["appliance.db"]
+
+
+def test_audit_export_reads_a_database_an_older_appliance_wrote_before_any_daemon_migrated_it(old_dbs, tmp_path):
+    """After an upgrade and before the new daemon's first start (the one that migrates), an
+    export reads the old file as it is: every row, the columns that version did not have
+    empty, and the file left byte-identical (the export never writes the database)."""
+    state_db, _ = old_dbs
+    before = state_db.read_bytes()
+    cfg = tmp_path / "export.toml"
+    cfg.write_text(f'[paths]\nstate_dir = "{tmp_path}/state"\ncache_dir = "{tmp_path}/cache"\n')
+    result = subprocess.run([PY, "-m", "appliance.cli", "audit", "export", "--config", str(cfg)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    expected = CONTENTS["tables"]["appliance.db"]["audit"]
+    assert [[row[c] for c in expected["columns"] if c != "ts"] for row in rows] == [
+        [v for c, v in zip(expected["columns"], values, strict=True) if c != "ts"] for values in expected["rows"]]
+    assert all(row["client"] is None and row["proxy"] is None for row in rows)
+    assert result.stderr.strip().splitlines()[-1].startswith("exported 4 rows")
+    assert state_db.read_bytes() == before

@@ -55,3 +55,51 @@ def test_the_appliance_logs_examples_parse():
         result = subprocess.run([PY, "-m", "appliance.cli", *args, "--help"], capture_output=True,
                                 text=True, cwd=ROOT, timeout=30)
         assert result.returncode == 0, (line, result.stderr)
+
+
+
+# Each question an operator asks first: words the troubleshooting section quotes, each with
+# the piece of the source that says them (one source line's literal), so the doc quotes what
+# the appliance really says.
+TROUBLESHOOTING = {
+    "The port is taken.": {
+        "is already in use by another program; stop it, or set server.port (or --port) to a free port":
+            '"stop it, or set server.port (or --port) to a free port"',
+        "is already in use by another appliance daemon": "is already in use by another appliance daemon (",
+    },
+    "No GPU is seen.": {
+        "no usable NVIDIA GPU: <NVML's reason>; running CPU-only": 'no usable NVIDIA GPU: {error}; running CPU-only"',
+        "`appliance plan` says `No GPUs: <reason>`": "No GPUs: ",
+    },
+    "A model will not load.": {
+        "gave up after N crashes within Ws (supervisor.max_crashes = M); last: ":
+            '(supervisor.max_crashes = {sv.max_crashes}); last: {reason}"',
+    },
+    "Out of memory.": {
+        "cannot place on GPUs: ": 'CANNOT_PLACE = "cannot place on GPUs: "',
+        "waiting for room held by other models: ": '"waiting for room held by other models: "',
+        "(killed by SIGKILL)": 'f" (killed by {signal.Signals(-code).name})"',
+    },
+    "The disk is full.": {
+        "disk full while importing ...; nothing was changed": "disk full while importing {f.path} into {store.root}; nothing was changed",
+        "The appliance cannot write its audit log and token ledger now (...); retry later":
+            '"The appliance cannot write its audit log and token ledger now "',
+    },
+}
+SOURCES = "\n".join(p.read_text() for p in (ROOT / "appliance").rglob("*.py"))
+
+
+def _unwrapped(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_the_troubleshooting_section_answers_the_first_five_questions_with_the_messages_the_code_gives():
+    section = _unwrapped(DOC.split("## Troubleshooting\n", 1)[1].split("\n## ", 1)[0])
+    for question, quotes in TROUBLESHOOTING.items():
+        assert f"**{question}**" in section, question
+        for quote, source in quotes.items():
+            assert quote in section, quote
+            assert source in SOURCES, source
+    for command in set(re.findall(r"`appliance ([a-z]+)", section)):
+        assert subprocess.run([PY, "-m", "appliance.cli", command, "--help"], capture_output=True,
+                              cwd=ROOT, timeout=30).returncode == 0, command

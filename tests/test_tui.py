@@ -384,3 +384,25 @@ async def test_a_name_that_reads_as_markup_is_shown_as_it_is_not_a_crash():
         assert rows(app, "usage") == []
         assert "No keys match the filter '[/]zz'" in shown(app, "#usage-note")
         assert app.is_running
+
+
+async def test_a_fatal_replicas_detail_says_no_restart_is_coming_and_the_keys_that_fix_it():
+    """The daemon gave up on a FATAL replica: the detail says so and how to act from the
+    keyboard (its log, then a restart), as `appliance status` names the commands."""
+    from . import tui_fake
+
+    class Fatal(tui_fake.FakeAdmin):
+        async def status(self):
+            first = {**tui_fake.STATUS["models"][0], "ready": False, "replicas": [tui_fake._replica(
+                "llama-3.1-70b", 0, "FATAL", 0,
+                last_error="gave up after 6 crashes within 300s (supervisor.max_crashes = 5); last: engine exited")]}
+            status = {**tui_fake.STATUS, "ready": False, "models": [first, *tui_fake.STATUS["models"][1:]]}
+            return await self._answer(status, tui_fake.DaemonStatus)
+
+    app = ApplianceTUI(Fatal(), interval=3600)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("2")
+        await until(lambda: "FATAL" in shown(app, "#model-detail"), what="the detail filled")
+        detail = " ".join(shown(app, "#model-detail").split())
+        assert "no restart is coming" in detail
+        assert "its log: 4 then ]" in detail and "press r on #0 in this table to restart it" in detail

@@ -350,6 +350,14 @@ def model_detail(status: DaemonStatus, name: str | None, gpus: GpusStatus | None
         if r.last_error:
             line.append(f"  last error: {r.last_error}", style="red")
         lines.append(line)
+        if r.state == "FATAL":  # the daemon gave up: nothing happens until the operator acts
+            lines.append(
+                Text(
+                    f"  no restart is coming: fix the cause (its log: 4 then ] to #{r.index}), "
+                    f"then press r on #{r.index} in this table to restart it",
+                    style="yellow",
+                )
+            )
     lines.append(Text("Autoscaler:" if m.decisions else "Autoscaler: no decisions yet", style="bold"))
     for d in reversed(m.decisions[-4:]):
         ago = f"{duration((status.now - d.at).total_seconds())} ago"

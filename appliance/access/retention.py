@@ -104,7 +104,12 @@ def _delete_while(db: sqlite3.Connection, where: str, args: tuple, batch: int, p
 
 
 def rows_between(db: sqlite3.Connection, since: float | None, until: float | None) -> Iterator[dict]:
-    """Audit rows with since <= ts < until, oldest first, one at a time (a cursor, not a list)."""
+    """Audit rows with since <= ts < until, oldest first, one at a time (a cursor, not a list).
+    A database an older appliance wrote (not yet migrated: no daemon of this version has
+    started on it) is read as it is: a column that version did not have comes back None."""
+    present = {row[1] for row in db.execute("PRAGMA table_info(audit)")}
+    if not present:
+        return  # no audit table yet: nothing audited
     clauses, args = [], []
     if since is not None:
         clauses.append("ts >= ?")
@@ -113,7 +118,7 @@ def rows_between(db: sqlite3.Connection, since: float | None, until: float | Non
         clauses.append("ts < ?")
         args.append(until)
     where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    columns = ", ".join(("id", *COLUMNS))
+    columns = ", ".join(c if c in present else "NULL" for c in ("id", *COLUMNS))
     for values in db.execute(f"SELECT {columns} FROM audit {where} ORDER BY id", args):  # noqa: S608
         yield dict(zip(("id", *COLUMNS), values, strict=True))
 

@@ -119,11 +119,12 @@ def lifespan_for(
         if scrub is not None:
             scrub.start()
         log.info(
-            "serving %s on http://%s:%d/v1 (config: %s)",
-            ", ".join(supervisor.deployments),
+            "serving %s on http://%s:%d/v1 (config: %s)%s",
+            ", ".join(supervisor.deployments) or "no models",
             cfg.server.host,
             cfg.server.port,
             cfg.origin,
+            _who_is_served(cfg),
         )
         try:
             yield
@@ -146,3 +147,11 @@ def lifespan_for(
 
 def _config_file(cfg: Config) -> str | None:
     return None if cfg.origin.startswith("<") else cfg.origin
+
+
+def _who_is_served(cfg: Config) -> str:
+    """The start line's last words: whether what it serves is open to anyone who reaches the
+    port (the operator's first question of a new journal)."""
+    if cfg.keys.required:
+        return "; API keys required (keys.required = true)"
+    return "; no API key required: anyone who reaches the port is served (keys.required = false)"
