@@ -15,7 +15,7 @@ import msgspec
 from appliance.fleet.prefix import engine_view
 from appliance.gateway import media_urls
 from appliance.gateway.capabilities import Endpoint
-from appliance.gateway.metering import choices, completion_cap, stream_options
+from appliance.gateway.metering import choices, completion_cap, longest_length, stream_options
 
 
 class Budget(msgspec.Struct, array_like=True, frozen=True):
@@ -57,6 +57,9 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # The media it names by a URL an engine would fetch (gateway/media_urls.py; checked
     # against the config in capabilities.check_fields): () for nearly every body.
     media: tuple[media_urls.Reference, ...] = ()
+    # The largest completion length one choice asked, and its field (None: none set),
+    # checked against the model's context (capabilities.check_fields).
+    length: tuple[str, int] | None = None
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -84,6 +87,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         background=bool(getattr(request, "background", False)),
         blocks=block_kinds() if block_kinds is not None else (),
         media=() if endpoint.form else media_urls.found(body),
+        length=longest_length(request) if endpoint.generates else None,
     )
 
 
