@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 
 from appliance.gateway.metering import Usage
-from appliance.gateway.protocol import Count, Name
+from appliance.gateway.protocol import Count, Name, Probability
 from appliance.gateway.sse import EventRewriter, decode_object, encode
 
 
@@ -63,8 +63,9 @@ class MessagesRequest(CountTokensRequest):
     # Required by the Messages API: the budget reserves for it.
     max_tokens: Count
     stream: bool = False
-    temperature: float | None = None
-    top_p: float | None = None
+    # Anthropic's bounds: a temperature from 0 to 1 (OpenAI's goes to 2), a nucleus from 0 to 1.
+    temperature: Probability | None = None
+    top_p: Probability | None = None
     top_k: int | None = None
     stop_sequences: list[str] | None = None
     # {"type": "any"} or {"type": "tool", ...} forces a tool call (capabilities.forces_tool).

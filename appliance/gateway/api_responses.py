@@ -16,7 +16,7 @@ import msgspec
 
 from appliance.errors import BadRequest
 from appliance.gateway.metering import Usage
-from appliance.gateway.protocol import Count, Name
+from appliance.gateway.protocol import Count, Name, Probability, Temperature, TopLogprobs
 from appliance.gateway.sse import EventRewriter, decode_object, encode, head_of
 
 
@@ -30,8 +30,9 @@ class ResponsesRequest(msgspec.Struct, kw_only=True):
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[Any] | None = None
     # "required" or a named tool forces a tool call (capabilities.forces_tool).
     tool_choice: str | dict[str, Any] | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from appliance.config import ENDPOINT_NAMES, TASKS, tasks_of
+from appliance.config import ENDPOINT_NAMES, TASKS, request_context, tasks_of
 from appliance.errors import BadRequest, quoted
 from appliance.fleet.engine_traits import engine_of, serves_tools
 from appliance.gateway import media_urls
@@ -234,6 +234,25 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
         )
     if blocks := getattr(request, "blocks", ()):
         check_blocks(model, blocks)
+    length = getattr(request, "length", None)
+    if length is not None and length[1] > request_context(model) and model.server != "openai":
+        raise_too_long(model, *length)
+
+
+def raise_too_long(model: ModelConfig, field: str, asked: int) -> None:
+    """A completion length no answer can reach: prompt and answer share one request's
+    context, so the engine would cut it anyway (llama.cpp) or refuse it (vLLM). Said
+    before any engine, as OpenAI and Anthropic refuse a max_tokens over the model's
+    own bound. (A commercial provider's model: its own bound, which the config does not know.)"""
+    per_request = request_context(model)
+    shared = f" (context_length {model.context_length} shared by parallel = {model.parallel} slots)"
+    raise BadRequest(
+        f"{field} is too large: {asked}; model '{model.name}' gives one request at most {per_request} tokens, "
+        f"prompt and answer together{shared if per_request != model.context_length else ''}; "
+        f"ask at most {per_request} less the prompt's tokens",
+        param=field,
+        code="context_length_exceeded",
+    )
 
 
 # The content blocks llama-server's Messages API reads (its Anthropic-to-chat

@@ -15,7 +15,7 @@ import msgspec
 from appliance.fleet.prefix import engine_view
 from appliance.gateway import media_urls
 from appliance.gateway.capabilities import Endpoint
-from appliance.gateway.metering import choices, completion_cap, stream_options
+from appliance.gateway.metering import choices, completion_cap, longest_length, stream_options
 
 
 class Budget(msgspec.Struct, array_like=True, frozen=True):
@@ -58,6 +58,9 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # against the config in capabilities.check_fields): () for nearly every body.
     media: tuple[media_urls.Reference, ...] = ()
     names_its_id: bool = False  # a Responses request's own request_id (capabilities.check_fields)
+    # The largest completion length one choice asked, and its field (None: none set),
+    # checked against the model's context (capabilities.check_fields).
+    length: tuple[str, int] | None = None
 
 
 def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Facts:
@@ -86,6 +89,7 @@ def facts_of(endpoint: Endpoint, body: bytes, request: Any, keyed: bool) -> Fact
         blocks=block_kinds() if block_kinds is not None else (),
         media=() if endpoint.form else media_urls.found(body),
         names_its_id=getattr(request, "request_id", None) is not None,
+        length=longest_length(request) if endpoint.generates else None,
     )
 
 

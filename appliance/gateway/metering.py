@@ -66,6 +66,21 @@ def completion_cap(req: RequestT) -> int | None:
     return max(caps) * choices(req)
 
 
+# A request's completion length fields, in the order a message names the first of equals.
+LENGTH_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n_predict")
+
+
+def longest_length(req: RequestT) -> tuple[str, int] | None:
+    """The largest completion length one choice may have, and the field that asked
+    it; None when the request set none (a negative n_predict: llama.cpp's "no limit")."""
+    longest: tuple[str, int] | None = None
+    for name in LENGTH_FIELDS:
+        v = getattr(req, name, None)
+        if v is not None and v >= 0 and (longest is None or v > longest[1]):
+            longest = (name, v)
+    return longest
+
+
 def choices(req: RequestT) -> int:
     return getattr(req, "n", None) or 1
 

@@ -30,6 +30,12 @@ MAX_CHOICES = 128
 Choices = Annotated[int, msgspec.Meta(ge=1, le=MAX_CHOICES)]
 # llama.cpp's completion length: -1 until the context is full, -2 until it is filled.
 NPredict = Annotated[int, msgspec.Meta(ge=-2, le=MAX_COUNT)]
+# Sampling bounds as OpenAI's API documents them (a client moving from it already keeps
+# them): a temperature from 0 to 2, a nucleus from 0 to 1, at most 20 top logprobs.
+# llama.cpp took -1 or 5 and answered 200; an out-of-range value is a 400 naming it.
+Temperature = Annotated[float, msgspec.Meta(ge=0, le=2)]
+Probability = Annotated[float, msgspec.Meta(ge=0, le=1)]
+TopLogprobs = Annotated[int, msgspec.Meta(ge=0, le=20)]
 # A model's name, a cache salt: never empty.
 Name = Annotated[str, msgspec.Meta(min_length=1)]
 
@@ -52,8 +58,8 @@ class _Request(msgspec.Struct, kw_only=True):
     # vLLM and SGLang partition their prefix cache by it; the appliance sets its
     # own per tenant (appliance/access/tenancy.py), narrowed by the client's.
     cache_salt: Name | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Temperature | None = None
+    top_p: Probability | None = None
     stop: str | list[str] | None = None
     user: str | None = None
 
@@ -74,6 +80,7 @@ class ChatCompletionRequest(_Request):
     # whose template renders tools (gateway/capabilities.check_tools).
     tool_choice: str | dict[str, Any] | None = None
     max_completion_tokens: Count | None = None
+    top_logprobs: TopLogprobs | None = None
 
 
 # A prompt is a string, or a list of strings, of token ids, or of token-id lists;
