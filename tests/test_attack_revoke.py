@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from appliance.access.keys import Gate, KeyStore, ended_error
+
 from .conftest import DaemonFactory, fake_model, wait_until
 from .test_keys import keys_cli
 
@@ -78,3 +80,34 @@ def test_a_revoked_keys_stream_ends_with_the_error_event_and_is_charged_for_what
     # Another key's stream is untouched: it runs to its end.
     kept.join(60)
     assert kept.events[-1] == "[DONE]" and not any('"error"' in e for e in kept.events)
+
+
+def _gate(tmp_path, budget: int = 0):
+    store = KeyStore(tmp_path / "keys.db")
+    key, _ = store.create("k", budget_tokens=budget)
+    gate = Gate(store, required=True, charge=lambda *a: None, clock=lambda: 1_700_000_000.0)
+    return store, gate, gate.keys[key.id]
+
+
+def test_a_keys_standing_is_kept_across_refreshes_and_ended_by_its_revocation(tmp_path):
+    """A request holds the ApiKey it was admitted with; the gate makes new ones every
+    second (refresh): the revocation must reach the one a request in flight holds."""
+    store, gate, admitted = _gate(tmp_path)
+    gate.refresh()
+    gate.refresh()
+    assert admitted.standing.ended is None and gate.keys[admitted.id].standing is admitted.standing
+    store.revoke(admitted.id)
+    gate.refresh()
+    assert admitted.standing.ended == "revoked"
+    assert ended_error(admitted.standing).status == 401
+
+
+def test_a_keys_budget_lowered_below_what_it_used_ends_its_requests_in_flight(tmp_path):
+    store, gate, admitted = _gate(tmp_path, budget=1000)
+    gate.settle(admitted, gate.admit(admitted, None, prompt=100, cap=100), 100, 100)
+    store.set_limits(admitted.id, budget_tokens=500)  # above the 200 used: goes on
+    gate.refresh()
+    assert admitted.standing.ended is None
+    store.set_limits(admitted.id, budget_tokens=150)
+    gate.refresh()
+    assert admitted.standing.ended == "budget" and ended_error(admitted.standing).status == 429
