@@ -39,6 +39,21 @@ PREFIX = "ak-"
 PERIODS = ("hour", "day", "month")
 
 
+class Standing:
+    """Whether a key's requests in flight may go on: one object per key id, kept by
+    every ApiKey the daemon makes of it (Gate.refresh), so a stream holding the key
+    it was admitted with reads a revocation as one attribute (the relay, per chunk)."""
+
+    __slots__ = ("ended",)
+
+    def __init__(self) -> None:
+        self.ended: str | None = None  # why its requests in flight end: "revoked", "budget"
+
+
+# The standing of a keyless request's (nothing ends it).
+NO_KEY = Standing()
+
+
 @dataclass
 class ApiKey:
     id: str
@@ -51,9 +66,10 @@ class ApiKey:
     budget_period: str = "day"
     created_at: float = 0.0
     revoked_at: float | None = None
+    standing: Standing = field(default_factory=Standing, compare=False, repr=False)
 
     def public(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "secret_sha256"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("secret_sha256", "standing")}
 
 
 def _digest(secret: str) -> str:
@@ -254,7 +270,22 @@ class Gate:
             current = self.used.get(key_id)
             if current is None or current[0] != start or stored[key_id] > current[1]:
                 self.used[key_id] = (start, max(stored[key_id], current[1] if current and current[0] == start else 0))
+        self._carry_standing(keys)
         self.keys = keys
+
+    def _carry_standing(self, keys: dict[str, ApiKey]) -> None:
+        """Each key's Standing passed on to its new ApiKey; a key gone (revoked) ends its
+        requests in flight, and so does one whose budget is now below what it used."""
+        for key_id, old in self.keys.items():
+            new = keys.get(key_id)
+            if new is None:
+                old.standing.ended = "revoked"
+                continue
+            new.standing = old.standing
+            if new.budget_tokens and new.budget_tokens != old.budget_tokens:
+                start = period_bounds(new.budget_period, self.clock())[0]
+                if self._used(key_id, start) >= new.budget_tokens:
+                    old.standing.ended = "budget"
 
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The caller's key; None for a keyless local client where that is allowed."""
@@ -371,6 +402,18 @@ class Reservation:
     completion: int | None
 
 
+def ended_error(standing: Standing) -> ApplianceError:
+    """What a request of a key whose standing ended gets: its stream's error event, or
+    a held request's refusal."""
+    if standing.ended == "budget":
+        return RateLimited(
+            "This API key's budget was lowered below what it has used: its request was ended",
+            retry_after=60,
+            code="budget_exceeded",
+        )
+    return Unauthorized("This API key was revoked: its request was ended")
+
+
 def _over_budget(key: ApiKey, need: int, prompt: int, used: int, until_reset: float) -> ApplianceError:
     per = f"{key.budget_tokens} tokens per {key.budget_period}"
     if need > key.budget_tokens:
@@ -405,4 +448,4 @@ def _beyond_budget(key: ApiKey, need: int, prompt: int, per: str) -> BeyondBudge
     )
 
 
-__all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "Reservation", "period_bounds"]
+__all__ = ["ApiKey", "Gate", "KeyStore", "PERIODS", "NO_KEY", "Reservation", "Standing", "ended_error", "period_bounds"]

@@ -118,7 +118,7 @@ def finish_stream(rt: Gateway, req: ProxyRequest, status: int) -> None:
         _, made = usage_and_id(req.tap.held.split(b"data: ", 1)[-1])
         inputs = request_input(req.forwarded or req.body)
         rt.response_homes.remember_made(made, req.deployment.replicas, req.served_by, req.key, inputs)
-    finish(rt, req, status)
+    finish(rt, req, req.cut_status or status)
 
 
 async def committed(req: ProxyRequest) -> None:

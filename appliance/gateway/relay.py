@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
+from appliance.access.keys import NO_KEY, ended_error
 from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
@@ -376,11 +377,16 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
     room = req.response_text_cap  # what more of the text is kept: cut there, not held whole
     read = stream.read
     fixer = _stream_fixer(req)
+    # Its key's standing: revoked (or its budget lowered below what it used) ends the
+    # stream at its next piece, one attribute read per piece (Gate.refresh sets it).
+    standing = req.key.standing if req.key is not None else NO_KEY
     try:
         chunk = await read()
         if chunk:
             req.ttft = time.perf_counter() - req.started
         while chunk:
+            if standing.ended is not None:
+                raise _cut(req, standing.ended)
             if fixer is not None:
                 chunk = fixer.feed(chunk)
             if tap is not None:
@@ -405,6 +411,19 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
         if text is not None:
             req.response_text = b"".join(text)
         stream.close()
+
+
+def _cut(req: ProxyRequest, why: str) -> ApplianceError:
+    """A stream its key's standing ended: its error event, and its row's status (the
+    pump's close charges what it generated so far and closes the engine's connection)."""
+    exc = ended_error(req.key.standing if req.key is not None else NO_KEY)
+    req.cut_status = exc.status
+    log.warning(
+        "request %s: its stream was ended: its key %s",
+        req.rid,
+        "was revoked" if why == "revoked" else "is over its lowered budget",
+    )
+    return exc
 
 
 def _stream_fixer(req: ProxyRequest) -> EventRewriter | None:

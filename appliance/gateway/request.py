@@ -98,6 +98,8 @@ class ProxyRequest:
     # How it went.
     served_by: str | None = None  # the replica or provider
     fallback_reason: str | None = None
+    # A stream its key's revocation (or lowered budget) ended: its row's status (401, 429).
+    cut_status: int | None = None
     ttft: float | None = None
     tap: StreamTap | None = None
     usage: Usage | None = None

@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, TypeVar
 
+from appliance.access.keys import ended_error
 from appliance.access.tenancy import SALTED_SERVERS
 from appliance.errors import EngineFailure
 from appliance.fleet.hold import Exclude
@@ -67,6 +68,8 @@ async def on_deployment(req: ProxyRequest, dep: Deployment, send: Callable[[Repl
             else:  # traced: the time held is a span of its own
                 acquiring = dep.acquire(disconnected=disconnected, exclude=failed, prefix=req.prefix)
                 replica = await req.trace.held(dep, acquiring)
+            if req.key is not None and req.key.standing.ended is not None:
+                raise ended_error(req.key.standing)  # revoked while it was held
         req.served_by = replica.name
         try:
             return await send(replica)
