@@ -40,8 +40,9 @@ _CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,128}")
 def request_id_of(sent: bytes | None) -> str:
     """The request's id: the client's X-Request-Id when it is 1-128 printable ASCII
     characters, else a new one. It is echoed, logged, audited and sent to the engine
-    (made unique first: ``engine_request_id``), so a control character or a latin-1 byte in it goes no further than here (the
-    front door's rule, and a worker's for the answers it gives alone)."""
+    (made unique first: ``engine_request_id``), so a control character or a latin-1
+    byte in it goes no further than here (the front door's rule, and a worker's for
+    the answers it gives alone)."""
     if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
         return sent.decode("ascii")
     return new_request_id()
