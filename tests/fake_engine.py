@@ -201,6 +201,7 @@ def make_app(args: argparse.Namespace) -> web.Application:
         STATS["requests"] += 1
         body = await request.json()
         STATS["last_body"] = body
+        STATS["last_request_id"] = request.headers.get("X-Request-Id")  # the engine's own id for it (vLLM)
         # What a tracing engine would continue (tests/test_tracing.py).
         STATS["last_trace_headers"] = {k: v for k, v in request.headers.items()
                                        if k.lower() in ("traceparent", "tracestate")}

@@ -4,10 +4,13 @@ fake engine. Each test is named after what it guards."""
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
+
 import httpx
 import pytest
 
-from .conftest import fake_model
+from .conftest import engine_client, fake_model, wait_until
 from .test_keys import keys_cli
 
 ROUTES = ('[[routes]]\nname = "team-a"\nmodel = "assistant-a"\ntarget = "fake"\n\n'
@@ -76,3 +79,51 @@ def test_a_response_request_cannot_name_its_id_and_overwrite_another_keys_stored
     # The victim's Response is still its own.
     again = httpx.get(f"{d.url}/v1/responses/{made.json()['id']}", headers=victim, timeout=30)
     assert again.status_code == 200, again.text
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["alone", "workers=2"])
+def test_a_clients_own_request_id_never_becomes_the_engines_id_for_its_request(daemons, workers):
+    """vLLM takes X-Request-Id as its own id for the request, one table for every key:
+    two tenants sending the same id at once broke or hung each other's requests. The
+    engine gets the client's id made unique; the answer and the audit row keep the client's."""
+    server = f"workers = {workers}\n" if workers > 1 else ""
+    d = daemons.start(fake_model("fake"), server=server, extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    key = _bearer(d, "--name", "tenant")
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}
+    answer = httpx.post(d.url + "/v1/chat/completions", headers={**key, "X-Request-Id": "shared-id"},
+                        json=chat, timeout=30)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["x-request-id"] == "shared-id"
+    with engine_client(d.replicas("fake")[0]) as engine:
+        engines = engine.get("/fake/stats").json()["last_request_id"]
+    assert engines != "shared-id" and engines.startswith("shared-id."), engines
+    db = Path(d.config.read_text().split('state_dir = "')[1].split('"')[0]) / "appliance.db"
+
+    def audited():
+        with sqlite3.connect(db) as conn:
+            return conn.execute("SELECT request_id FROM audit WHERE endpoint = 'chat'").fetchone()
+
+    assert wait_until(audited, 10, what="the chat's audit row") == ("shared-id",)
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["alone", "workers=2"])
+def test_a_body_cannot_name_the_engines_own_id_for_its_request(daemons, workers):
+    """vLLM also takes a body's request_id as its id for the request (chat, completions,
+    its pooling requests): one tenant could collide with another's. Refused before the
+    engine, as on Responses."""
+    server = f"workers = {workers}\n" if workers > 1 else ""
+    d = daemons.start(fake_model("fake"), server=server, extra="[keys]\nrequired = true\n", wait=False)
+    d.wait_ready(status=False)
+    key = _bearer(d, "--name", "tenant")
+    with engine_client(d.replicas("fake")[0]) as engine:
+        before = engine.get("/fake/stats").json()["requests"]  # the daemon's own warm-up, if any
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"prompt": "hi"})):
+        refused = httpx.post(d.url + path, headers=key, json={"model": "fake", "request_id": "theirs", **body},
+                             timeout=30)
+        assert refused.status_code == 400, (path, refused.text)
+        error = refused.json()["error"]
+        assert error["code"] == "request_id_not_allowed" and error["param"] == "request_id", (path, error)
+    with engine_client(d.replicas("fake")[0]) as engine:
+        assert engine.get("/fake/stats").json()["requests"] == before

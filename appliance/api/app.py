@@ -66,7 +66,7 @@ from appliance.gateway.protocol import (
 from appliance.gateway.providers import set_fields
 from appliance.gateway.proxy import AnswerTooLarge
 from appliance.gateway.relay import answer_stream, answer_whole, send_whole
-from appliance.gateway.request import ProxyRequest, peer_of, request_id_of
+from appliance.gateway.request import ProxyRequest, engine_request_id, peer_of, request_id_of
 from appliance.gateway.routing import Routes, one_tag
 from appliance.logs import bind_request_id
 
@@ -126,7 +126,7 @@ async def _forward(scope: HTTPScope, receive: Receive, send: Send, path: str, ep
     # What the engine is sent with the body, made once (not an empty dict replaced later).
     headers = {
         "Content-Type": content_type.decode("latin-1") if content_type is not None else JSON,
-        "X-Request-Id": rid,
+        "X-Request-Id": engine_request_id(rid, sent_id is not None),
     }
     req = ProxyRequest(rid, started, time.time(), ep, receive, peer_of(scope.get("client")), headers=headers)
     if rt.proxies is not None:  # behind a trusted reverse proxy: the client it names

@@ -20,7 +20,7 @@ from appliance.gateway.api_responses import ResponsesRequest, refuse_streamed_re
 from appliance.gateway.capabilities import Endpoint
 from appliance.gateway.ledger import committed, finish
 from appliance.gateway.relay import FREE
-from appliance.gateway.request import ProxyRequest, new_request_id, peer_of
+from appliance.gateway.request import ProxyRequest, engine_request_id, new_request_id, peer_of
 
 if TYPE_CHECKING:
     from appliance.api.app import Runtime
@@ -84,7 +84,9 @@ async def _stored_response(request: Request, method: str, suffix: str, endpoint:
             status, content_type = 200, JSON
         else:
             path = f"/v1/responses/{response_id}{suffix}"
-            status, data, content_type = await rt.proxy.unary(replica, path, None, {"X-Request-Id": rid}, method)
+            # Made unique whoever chose the id (a rare call: no need to ask who did).
+            sent = {"X-Request-Id": engine_request_id(rid, True)}
+            status, data, content_type = await rt.proxy.unary(replica, path, None, sent, method)
             if status == 200 and method != "DELETE":  # cut at its cap: incomplete, as its create said
                 data = stored_answer(data, response_items.kept_cap(rt.response_homes.inputs(response_id)))
     except ApplianceError as exc:

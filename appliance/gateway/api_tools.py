@@ -48,9 +48,11 @@ class RerankRequest(msgspec.Struct, kw_only=True):
     # Strings, or objects with a "text" (vLLM, Cohere's v2 shape).
     documents: list[str | dict[str, Any]]
     top_n: Count | None = None
+    request_id: str | None = None  # vLLM's pooling requests' id: refused (capabilities.check_fields)
 
 
 class ScoreRequest(msgspec.Struct, kw_only=True):
     model: Name
     text_1: str | list[str]
     text_2: str | list[str]
+    request_id: str | None = None  # vLLM's pooling requests' id: refused (capabilities.check_fields)

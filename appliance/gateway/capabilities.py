@@ -224,11 +224,12 @@ def check_fields(cfg: Config, endpoint: Endpoint, model: ModelConfig, request: o
             code="background_not_supported",
         )
     if getattr(request, "names_its_id", False):
-        # vLLM stores the Response under the request_id a body names: one key naming
-        # another's response id would overwrite it in the engine's store.
+        # vLLM takes a body's request_id as its own id for the request, shared by every
+        # key: a Response is stored under it (one key could overwrite another's), and two
+        # requests naming the same id at once break each other (before vLLM PR #27987).
         raise BadRequest(
-            "'request_id' is not accepted: it would name the stored Response's id; leave it out "
-            "(send X-Request-Id to correlate logs)",
+            "'request_id' is not accepted: it would name the engine's own id for the request, "
+            "shared by every key; leave it out (send X-Request-Id to correlate logs)",
             param="request_id",
             code="request_id_not_allowed",
         )

@@ -57,7 +57,7 @@ class Facts(msgspec.Struct, array_like=True, frozen=True):
     # The media it names by a URL an engine would fetch (gateway/media_urls.py; checked
     # against the config in capabilities.check_fields): () for nearly every body.
     media: tuple[media_urls.Reference, ...] = ()
-    names_its_id: bool = False  # a Responses request's own request_id (capabilities.check_fields)
+    names_its_id: bool = False  # a body's own request_id, vLLM's (capabilities.check_fields)
     # The largest completion length one choice asked, and its field (None: none set),
     # checked against the model's context (capabilities.check_fields).
     length: tuple[str, int] | None = None

@@ -62,6 +62,8 @@ class _Request(msgspec.Struct, kw_only=True):
     top_p: Probability | None = None
     stop: str | list[str] | None = None
     user: str | None = None
+    # vLLM's extra field: its own id for the request (capabilities.check_fields refuses it).
+    request_id: str | None = None
 
 
 # The roles OpenAI accepts; any other is a 400 here, not an engine's 500.
@@ -102,6 +104,7 @@ class EmbeddingRequest(msgspec.Struct, kw_only=True):
     encoding_format: Literal["float", "base64"] | None = None
     # A shorter vector: honoured by some engines only (gateway/capabilities.check_dimensions).
     dimensions: int | None = None
+    request_id: str | None = None  # vLLM's, as on _Request: refused
 
 
 RequestT = ChatCompletionRequest | CompletionRequest | EmbeddingRequest

@@ -39,12 +39,22 @@ _CLIENT_REQUEST_ID = re.compile(rb"[\x20-\x7e]{1,128}")
 
 def request_id_of(sent: bytes | None) -> str:
     """The request's id: the client's X-Request-Id when it is 1-128 printable ASCII
-    characters, else a new one. It is echoed, logged, audited and sent to the engine,
-    so a control character or a latin-1 byte in it goes no further than here (the
-    front door's rule, and a worker's for the answers it gives alone)."""
+    characters, else a new one. It is echoed, logged, audited and sent to the engine
+    (made unique first: ``engine_request_id``), so a control character or a latin-1
+    byte in it goes no further than here (the front door's rule, and a worker's for
+    the answers it gives alone)."""
     if sent is not None and _CLIENT_REQUEST_ID.fullmatch(sent):
         return sent.decode("ascii")
     return new_request_id()
+
+
+def engine_request_id(rid: str, chosen: bool) -> str:
+    """The id the engine is sent as X-Request-Id: vLLM takes it as its own id for the
+    request, one table for every key, and two requests with one id at once break or
+    hang each other (before vLLM PR #27987). A client's own id (``chosen``) gets a
+    daemon-made suffix, so no tenant can pick another's; a generated one is unique
+    already. The client's id stays what the answer, the logs and the audit row name."""
+    return f"{rid}.{_getrandbits(64):016x}" if chosen else rid
 
 
 def peer_of(client: Any) -> str | None:
