@@ -25,7 +25,12 @@ max_completion_tokens (a negative n_predict: --chunks). --cache-report counts th
 prompt's words as its tokens and keeps a prefix cache per cache_salt: answers say how
 many leading words were cached, in usage.prompt_tokens_details.cached_tokens and
 llama-server's timings (cache_n, prompt_n). --no-usage leaves usage out of every
-answer (an engine that ignores stream_options).
+answer (an engine that ignores stream_options). --tool-calls N answers a request that
+offers tools with N calls (the k-th of tools[k % len(tools)]), streamed as llama-server
+streams them: chat deltas (index, id, type, name, empty arguments, then argument pieces,
+finish_reason tool_calls), Messages tool_use blocks (input_json_delta pieces, no input
+at the start, every block stopped at the end) and Responses function_call items (no
+numbers, no arguments.done, no item id: events name an item by its call_id).
 
 It takes its API key the way the engine it plays does: $ENGINE_API_KEY or
 --api-key-file (a server = "openai" command), $VLLM_API_KEY (--as-engine vllm,
@@ -100,6 +105,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--pad-bytes", type=int, default=0,
                    help="a unary completion's answer (and a --fail-status error's message) carries this many more bytes")
     p.add_argument("--no-completions", action="store_true", help="no /v1/completions (chat-only)")
+    p.add_argument("--tool-calls", type=int, default=0,
+                   help="answer a chat, Messages or Responses request that offers tools (tool_choice not "
+                        "'none') with this many calls of them, streamed as llama-server streams them")
     args, unknown = p.parse_known_args(argv)
     if unknown and not args.as_engine:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -196,6 +204,73 @@ def _messages_events(answer: dict, n: int) -> list[tuple[str, dict]]:
                      ("message_delta", delta), ("message_stop", {"type": "message_stop"})]
 
 
+ARG_PIECES = ['{"city', '": "Pa', 'ris", "', 'call": ', '{k}}']  # one call's arguments, as the engine streams them
+
+
+def _tool_calls(body: dict, count: int) -> list[tuple[str, str, list[str]]]:
+    """(id, name, argument pieces) of each call the answer makes: none unless tools are offered."""
+    tools = body.get("tools") or []
+    choice = body.get("tool_choice")
+    if not count or not tools or choice == "none" or (isinstance(choice, dict) and choice.get("type") == "none"):
+        return []
+    names = [t.get("name") or (t.get("function") or {}).get("name") for t in tools]
+    return [(f"call_fake{k}", names[k % len(names)], [piece.replace("{k}", str(k)) for piece in ARG_PIECES])
+            for k in range(count)]
+
+
+def _chat_tool_chunks(calls: list[tuple[str, str, list[str]]]) -> list[dict]:
+    """llama-server's (and vLLM's) chat deltas: each call announced whole with empty
+    arguments, then its arguments in pieces; a last chunk says tool_calls."""
+    chunks = [{"role": "assistant", "content": None,
+               "tool_calls": [{"index": 0, "id": calls[0][0], "type": "function",
+                               "function": {"name": calls[0][1], "arguments": ""}}]}]
+    for k, (call_id, name, pieces) in enumerate(calls):
+        if k:
+            chunks.append({"tool_calls": [{"index": k, "id": call_id, "type": "function",
+                                           "function": {"name": name, "arguments": ""}}]})
+        chunks += [{"tool_calls": [{"index": k, "function": {"arguments": piece}}]} for piece in pieces]
+    return [{"index": 0, "delta": delta, "finish_reason": None} for delta in chunks] + [
+        {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]
+
+
+def _messages_tool_events(answer: dict, calls: list[tuple[str, str, list[str]]]) -> list[tuple[str, dict]]:
+    """llama-server's Messages stream of tool calls: a tool_use block's start without input."""
+    usage = answer.get("usage")
+    start = {**answer, "content": [], "stop_reason": None}
+    if usage is not None:
+        start["usage"] = {**usage, "output_tokens": 0}
+    events = [("message_start", {"type": "message_start", "message": start})]
+    for k, (call_id, name, pieces) in enumerate(calls):
+        events.append(("content_block_start", {"type": "content_block_start", "index": k,
+                                               "content_block": {"type": "tool_use", "id": call_id, "name": name}}))
+        events += [("content_block_delta", {"type": "content_block_delta", "index": k,
+                                            "delta": {"type": "input_json_delta", "partial_json": piece}})
+                   for piece in pieces]
+    # llama-server stops every block at the end, after the last call's deltas.
+    events += [("content_block_stop", {"type": "content_block_stop", "index": k}) for k in range(len(calls))]
+    delta = {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}}
+    if usage is not None:
+        delta["usage"] = {"output_tokens": usage["output_tokens"]}
+    return events + [("message_delta", delta), ("message_stop", {"type": "message_stop"})]
+
+
+def _responses_tool_events(answer: dict, calls: list[tuple[str, str, list[str]]]) -> list[tuple[str, dict]]:
+    """llama-server's Responses stream of function calls: items added with empty
+    arguments, argument deltas, each item done at the end; unnumbered, and an item
+    has no id: its events name it by its call_id."""
+    head = {k: v for k, v in answer.items() if k not in ("output", "usage")}
+    events = [("response.created", {"type": "response.created", "response": {**head, "status": "in_progress"}})]
+    for (call_id, name, pieces), item in zip(calls, answer["output"], strict=True):
+        events.append(("response.output_item.added", {"type": "response.output_item.added",
+                                                      "item": {**item, "arguments": "", "status": "in_progress"}}))
+        events += [("response.function_call_arguments.delta", {"type": "response.function_call_arguments.delta",
+                                                               "item_id": item["call_id"], "delta": piece})
+                   for piece in pieces]
+    events += [("response.output_item.done", {"type": "response.output_item.done", "item": item})
+               for item in answer["output"]]
+    return events + [("response.completed", {"type": "response.completed", "response": answer})]
+
+
 def make_app(args: argparse.Namespace) -> web.Application:
     async def counted(request: web.Request) -> dict:
         STATS["requests"] += 1
@@ -225,8 +300,11 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if cached is not None:
             extra["timings"] = {"cache_n": cached, "prompt_n": prompt - cached, "prompt_ms": 1.0,
                                 "predicted_n": n, "predicted_ms": 1.0}
+        calls = _tool_calls(body, args.tool_calls) if chat else []
         if body.get("stream"):
             usage = bool((body.get("stream_options") or {}).get("include_usage")) and not args.no_usage
+            if calls:
+                return await tool_stream(request, calls, usage, prompt)
             return await stream(request, chat, n, usage, prompt, cached, extra, width)
         began = time.monotonic()
         try:
@@ -240,6 +318,11 @@ def make_app(args: argparse.Namespace) -> web.Application:
         text = " ".join(f"tok{i}" for i in range(n))
         choices = [{"index": k, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                    if chat else {"index": k, "text": text, "finish_reason": "stop"} for k in range(width)]
+        if calls:
+            choices = [{"index": 0, "finish_reason": "tool_calls", "message": {
+                "role": "assistant", "content": None,
+                "tool_calls": [{"id": i, "type": "function", "function": {"name": name, "arguments": "".join(p)}}
+                               for i, name, p in calls]}}]
         maybe_crash()
         STATS["unary_completed"] += 1
         answer = {"id": "fake-1", "object": "chat.completion" if chat else "text_completion",
@@ -294,6 +377,29 @@ def make_app(args: argparse.Namespace) -> web.Application:
         maybe_crash()
         return resp
 
+    async def tool_stream(request: web.Request, calls: list, usage: bool, prompt: int) -> web.StreamResponse:
+        """A chat answer that is tool calls, streamed (then usage when asked, then [DONE])."""
+        STATS["streams_started"] += 1
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        head = {"id": "fake-1", "object": "chat.completion.chunk", "created": int(time.time()), "model": args.model}
+        tokens = sum(len(pieces) + 1 for _, _, pieces in calls)
+        chunks = [{**head, "choices": [choice]} for choice in _chat_tool_chunks(calls)]
+        if usage:
+            chunks.append({**head, "choices": [], "usage": _usage(prompt, tokens)})
+        try:
+            for chunk in chunks:
+                if args.chunk_delay:
+                    await asyncio.sleep(args.chunk_delay)
+                await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+        except (ConnectionResetError, asyncio.CancelledError):
+            STATS["streams_cancelled"] += 1
+            raise
+        STATS["streams_completed"] += 1
+        return resp
+
     async def dialect(request: web.Request) -> web.StreamResponse:
         """/v1/responses and /v1/messages: the Responses and Anthropic Messages shapes."""
         body = await counted(request)
@@ -324,6 +430,14 @@ def make_app(args: argparse.Namespace) -> web.Application:
             answer = {"id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model", args.model),
                       "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
                       "stop_sequence": None, "usage": usage}
+        calls = _tool_calls(body, args.tool_calls)
+        if calls and responses:
+            answer["output"] = [{"type": "function_call", "call_id": f"fc_{i}", "name": name,
+                                 "arguments": "".join(p), "status": "completed"} for i, name, p in calls]
+        elif calls:
+            answer["content"] = [{"type": "tool_use", "id": i, "name": name, "input": json.loads("".join(p))}
+                                 for i, name, p in calls]
+            answer["stop_reason"] = "tool_use"
         if args.no_usage:
             answer.pop("usage")
         if responses and body.get("store", True) is not False:
@@ -331,7 +445,10 @@ def make_app(args: argparse.Namespace) -> web.Application:
         if not body.get("stream"):
             STATS["unary_completed"] += 1
             return web.json_response(answer)
-        events = _responses_events(answer, n) if responses else _messages_events(answer, n)
+        if calls:
+            events = (_responses_tool_events if responses else _messages_tool_events)(answer, calls)
+        else:
+            events = _responses_events(answer, n) if responses else _messages_events(answer, n)
         return await send_events(request, events)
 
     async def send_events(request: web.Request, events: list[tuple[str, dict]]) -> web.StreamResponse:
