@@ -237,17 +237,22 @@ class MessagesEvents(EventRewriter):
     (message_delta), a tool_use block's ``input`` from its start (llama.cpp's has
     none: a call without arguments left the SDK's block with no input) and, after a
     prefill, only the text the model added (llama.cpp's first deltas repeat the
-    prefill); its other events pass on as they came."""
+    prefill); each block stopped before the next one starts, as Anthropic's API
+    streams them (llama.cpp stops every block at the end, after the last tool call's
+    deltas); its other events pass on as they came."""
 
     def __init__(self, body: bytes) -> None:
         super().__init__()
         self._body = body
         self._prefill = ""  # what is left of the prefill to take off the first text deltas
+        self._open: object = None  # the index of the block started and not yet stopped
+        self._stopped: set[object] = set()  # blocks stopped already (their later stop is dropped)
 
     def _event(self, event: bytes) -> bytes:
         if (
             b"message_start" not in event
             and b"message_delta" not in event
+            and b"content_block_st" not in event  # a block's start or stop
             and b'"tool_use"' not in event
             and not (self._prefill and b'"text_delta"' in event)
         ):
@@ -279,7 +284,26 @@ class MessagesEvents(EventRewriter):
                 return kept
         elif kind == "message_delta" and isinstance(data.get("delta"), dict):
             _fix_stop(data["delta"], _stop_sequences(self._body))
-        elif kind == "content_block_start" and isinstance(block := data.get("content_block"), dict):
-            if block.get("type") == "tool_use":
+        elif kind == "content_block_start":
+            if isinstance(block := data.get("content_block"), dict) and block.get("type") == "tool_use":
                 block.setdefault("input", {})
+            return self._started(data)
+        elif kind == "content_block_stop":
+            return self._stop(data.get("index"))
         return [data]
+
+    def _started(self, start: dict[str, Any]) -> list[dict[str, Any]]:
+        """A block's start, after the stop of the block still open (llama.cpp's comes
+        only at the end)."""
+        before = [] if self._open is None else self._stop(self._open)
+        self._open = start.get("index")
+        return [*before, start]
+
+    def _stop(self, index: object) -> list[dict[str, Any]]:
+        """A block's stop, once: the engine's own later stop of it is dropped."""
+        if self._open == index:
+            self._open = None
+        if index in self._stopped:
+            return []
+        self._stopped.add(index)
+        return [{"type": "content_block_stop", "index": index}]

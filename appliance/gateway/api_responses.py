@@ -117,6 +117,14 @@ def _request_echo(body: bytes) -> dict[str, Any]:
     return echo
 
 
+def _named_call(item: object) -> None:
+    """A function call item's ``id``: its ``call_id`` where the engine gave none
+    (llama.cpp's items have no id, and its argument deltas name the call_id as their
+    item_id; the openai SDK's stream took every such item for the first one)."""
+    if isinstance(item, dict) and item.get("type") == "function_call" and isinstance(item.get("call_id"), str):
+        item.setdefault("id", item["call_id"])
+
+
 def _filled(response: dict[str, Any], echo: dict[str, Any], model: str) -> dict[str, Any]:
     response.setdefault("object", "response")
     response.setdefault("created_at", int(time.time()))
@@ -295,6 +303,8 @@ class ResponsesEvents(EventRewriter):
             response.setdefault("output", [])
         elif not response.get("output") and self._done:  # the items the stream finished
             response["output"] = [self._done[index] for index in sorted(self._done)]
+        for item in response.get("output") or ():
+            _named_call(item)
 
     def _index(self, item_id: object) -> int:
         if not isinstance(item_id, str):
@@ -304,6 +314,7 @@ class ResponsesEvents(EventRewriter):
     def _item_event(self, kind: object, data: dict[str, Any]) -> list[dict[str, Any]]:
         item = data.get("item")
         item = item if isinstance(item, dict) else {}
+        _named_call(item)
         item_id = item.get("id")
         data.setdefault("output_index", self._index(item_id))
         if kind == "response.output_item.done" and item:
