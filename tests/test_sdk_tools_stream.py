@@ -144,3 +144,24 @@ def test_a_streamed_responses_function_call_is_announced_argued_and_completed(oa
     assert [(o.type, o.call_id, o.name, json.loads(o.arguments)) for o in final.output] == [
         ("function_call", f"fc_call_fake{k}", ["get_weather", "get_time"][k], _arguments(k)) for k in range(calls)]
     assert final.status == "completed" and final.usage is not None
+
+
+def test_a_text_block_then_a_tool_use_from_llama_cpp_are_stopped_in_turn_each_once():
+    """llama.cpp's text, then a call: both blocks stopped only at the end."""
+    from appliance.gateway.api_messages import MessagesEvents
+
+    def event(data: dict) -> bytes:
+        return f"event: {data['type']}\ndata: {json.dumps(data)}\n\n".encode()
+
+    engine = [{"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+              {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Let me look."}},
+              {"type": "content_block_start", "index": 1,
+               "content_block": {"type": "tool_use", "id": "c1", "name": "get_weather"}},
+              {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
+              {"type": "content_block_stop", "index": 0}, {"type": "content_block_stop", "index": 1}]
+    out = MessagesEvents(b"{}").feed(b"".join(event(e) for e in engine))
+    sent = [json.loads(e.split(b"data: ", 1)[1]) for e in out.split(b"\n\n") if e]
+    assert [(e["type"], e["index"]) for e in sent] == [
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1)]
+    assert sent[3]["content_block"]["input"] == {}
