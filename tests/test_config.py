@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -344,3 +345,20 @@ def test_context_per_request_sets_the_total_the_slots_share():
     assert cfg.models[0].context_length == 16384 and request_context(cfg.models[0]) == 4096
     with pytest.raises(ConfigError, match=r"models\[0\]\.context_per_request"):
         parse_config('[[models]]\nname = "m"\nsource = "builtin:smollm2-135m-instruct"\ncontext_per_request = 10\n')
+
+
+@pytest.mark.parametrize(("args", "per_request"), [
+    ([], 2048),
+    (["--kv-unified"], 8192),
+    (["-kvu"], 8192),
+    (["-kvu", "--no-kv-unified"], 2048),  # llama-server reads the last of them
+])
+def test_a_unified_kv_cache_gives_one_llamacpp_request_the_whole_context(args, per_request):
+    """llama-server with --kv-unified (-kvu in a model's args) lets one slot use the whole
+    shared context: its requests' max_tokens up to context_length are not a 400
+    context_length_exceeded (capabilities.check_fields reads request_context)."""
+    from appliance.config import request_context
+
+    cfg = parse_config('[[models]]\nname = "m"\nsource = "builtin:smollm2-135m-instruct"\nparallel = 4\n'
+                       f"context_length = 8192\nargs = {json.dumps(args)}\n")
+    assert request_context(cfg.models[0]) == per_request

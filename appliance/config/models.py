@@ -65,7 +65,8 @@ class ModelConfig(_Section):
     args: list[str] = msgspec.field(default_factory=list)
     env: dict[str, str] = msgspec.field(default_factory=dict)
     # llama.cpp: parallel decode slots and total context (shared by the slots: each
-    # request gets context_length / parallel tokens, prompt and answer together), or the
+    # request gets context_length / parallel tokens, prompt and answer together; all of it
+    # with args = ["--kv-unified"]: request_context), or the
     # context each request gets (then context_length = context_per_request x parallel).
     parallel: int = 4
     context_length: int = 8192
@@ -134,8 +135,22 @@ def embedded_default_model() -> ModelConfig:
 
 
 def request_context(m: ModelConfig) -> int:
-    """The tokens one request may use, prompt and answer together."""
-    return m.context_length // m.parallel if m.server == "llamacpp" else m.context_length
+    """The tokens one request may use, prompt and answer together: on llama.cpp a slot's
+    share of the context, unless its args unify the slots' KV cache (then any one slot
+    may fill the whole of it)."""
+    if m.server != "llamacpp" or _kv_unified(m.args):
+        return m.context_length
+    return m.context_length // m.parallel
+
+
+# llama-server's switch for one KV cache its slots share (off when --parallel is given,
+# as the adapter does); the last of these in a model's args is the one it reads.
+_KV_UNIFIED = {"--kv-unified": True, "-kvu": True, "--no-kv-unified": False, "-no-kvu": False}
+
+
+def _kv_unified(args: list[str]) -> bool:
+    said = [_KV_UNIFIED[a] for a in args if a in _KV_UNIFIED]
+    return bool(said) and said[-1]
 
 
 # What a model can be for (tasks = [...]); the gateway's endpoints each need one of them.
