@@ -21,11 +21,7 @@ from .test_keys import keys_cli
 LONG = {"model": "long", "messages": [{"role": "user", "content": "hi"}], "stream": True}
 
 
-@pytest.fixture(scope="module", params=[
-    "",
-    pytest.param("workers = 2", marks=pytest.mark.xfail(
-        strict=True, reason="not yet: a stream its worker carries (granted, dataplane/authority.py) runs to its end")),
-], ids=["alone", "workers=2"])
+@pytest.fixture(scope="module", params=["", "workers = 2"], ids=["alone", "workers=2"])
 def long_streams(tmp_path_factory, request):
     factory = DaemonFactory(tmp_path_factory.mktemp("revoke"))
     # 400 pieces, 50 ms apart: a 20 s stream, long enough to revoke its key in the middle.

@@ -42,12 +42,23 @@ PERIODS = ("hour", "day", "month")
 class Standing:
     """Whether a key's requests in flight may go on: one object per key id, kept by
     every ApiKey the daemon makes of it (Gate.refresh), so a stream holding the key
-    it was admitted with reads a revocation as one attribute (the relay, per chunk)."""
+    it was admitted with reads a revocation as one attribute (the relay, per chunk).
+    A stream a worker carries is not relayed here: its ticket watches the standing
+    (``carriers``) and tells the worker when it ends (dataplane/authority.py)."""
 
-    __slots__ = ("ended",)
+    __slots__ = ("carriers", "ended")
 
     def __init__(self) -> None:
         self.ended: str | None = None  # why its requests in flight end: "revoked", "budget"
+        # Told why, once, when it ends: the tickets of its streams workers carry.
+        self.carriers: set[Callable[[str], None]] = set()
+
+    def end(self, why: str) -> None:
+        first = self.ended is None
+        self.ended = why
+        if first:
+            for tell in list(self.carriers):
+                tell(why)
 
 
 # The standing of a keyless request's (nothing ends it).
@@ -279,13 +290,13 @@ class Gate:
         for key_id, old in self.keys.items():
             new = keys.get(key_id)
             if new is None:
-                old.standing.ended = "revoked"
+                old.standing.end("revoked")
                 continue
             new.standing = old.standing
             if new.budget_tokens and new.budget_tokens != old.budget_tokens:
                 start = period_bounds(new.budget_period, self.clock())[0]
                 if self._used(key_id, start) >= new.budget_tokens:
-                    old.standing.ended = "budget"
+                    old.standing.end("budget")
 
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The caller's key; None for a keyless local client where that is allowed."""

@@ -39,6 +39,7 @@ from appliance.dataplane.protocol import (
     Body,
     Call,
     Chunk,
+    Cut,
     End,
     Finish,
     FrameReader,
@@ -301,15 +302,24 @@ class Ticket:
             req.accountable,
         )
         self.link.out.write(grant)
-        while True:
-            frame = await self.inbox.get()
-            if isinstance(frame, Finish):
-                break
-            if isinstance(frame, Gone) and self.link.closed:
-                # The worker died with the ticket: its client's connection went with it.
-                self.carried = True
-                return Finish(self.rid, 502, "", "the worker carrying it exited", b"", None, 0, None, True)
-            # Else its client left (a Gone) before the grant arrived: its Finish says so.
+        # A keyed stream is relayed by the worker: its key's standing ending (revoked, or
+        # its budget lowered below what it used) is told to it (Cut), as the relay reads it.
+        standing = req.key.standing if req.stream and req.key is not None else None
+        if standing is not None:
+            standing.carriers.add(self._cut)
+        try:
+            while True:
+                frame = await self.inbox.get()
+                if isinstance(frame, Finish):
+                    break
+                if isinstance(frame, Gone) and self.link.closed:
+                    # The worker died with the ticket: its client's connection went with it.
+                    self.carried = True
+                    return Finish(self.rid, 502, "", "the worker carrying it exited", b"", None, 0, None, True)
+                # Else its client left (a Gone) before the grant arrived: its Finish says so.
+        finally:
+            if standing is not None:
+                standing.carriers.discard(self._cut)
         if frame.error == "status":
             raise engine_status_error(replica, frame.status, frame.body)
         if frame.error == TOO_LARGE:  # its message: the cap the worker read by
@@ -321,6 +331,10 @@ class Ticket:
         if frame.status == 499 and not frame.started:
             raise ClientGone  # as relay.unless_client_leaves says it: the front door finishes it 499
         return frame
+
+    def _cut(self, why: str) -> None:
+        if not self.link.closed:
+            self.link.out.write(Cut(self.rid, why))
 
     async def _settle(self, rt: Any, req: Any, end: Finish) -> None:
         """The relay's end, for an answer the worker relayed: the request finished (its

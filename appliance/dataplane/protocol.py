@@ -26,6 +26,8 @@ may carry alone, grants it:
                               regulated request's row is durable: the last bytes may go)
                     daemon -> Want (not grantable after all: the daemon answers it,
                               as a whole request); worker -> Body (the body it kept)
+                    daemon -> Cut (a granted stream's key was revoked, or its budget
+                              lowered below what it used: end it with that error)
 A request whose client sent `Expect: 100-continue` (Request.held) comes without any
 of its body; the daemon asks for it (Want) when its front door first reads it, and
 the worker then reads it (its server sends the 100 Continue) and passes it on (Body...).
@@ -207,12 +209,21 @@ class Limits(msgspec.Struct, tag=15, array_like=True):
     max_answer_bytes: int = 64 * 1024 * 1024
 
 
+class Cut(msgspec.Struct, tag=17, array_like=True):
+    """A carried stream's key ended its standing (revoked, or its budget lowered below
+    what it used: access/keys.py Standing): end it at its next piece with that error
+    event (why: the standing's reason), charged for what it generated (its Finish)."""
+
+    rid: int
+    why: str
+
+
 class Serving(msgspec.Struct, tag=16, array_like=True):
     """The worker is about to take connections on its socket: the daemon steers new ones to it."""
 
 
 ToDaemon = Request | Body | Gone | Whole | Head | Chunk | End | Finish | Serving
-ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want | Limits
+ToWorker = Start | Body | Gone | Call | Cancel | Grant | Settled | Want | Limits | Cut
 
 _LEN = struct.Struct("!I")
 MAX_FRAME = 64 * 1024 * 1024  # a request body or an engine's whole answer, and then some

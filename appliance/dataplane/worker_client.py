@@ -27,9 +27,11 @@ from typing import Any
 import aiohttp
 import msgspec
 
+from appliance.access.keys import Standing
 from appliance.access.tenancy import revealing, scrub
 from appliance.dataplane.protocol import (
     Body,
+    Cut,
     Finish,
     FrameWriter,
     Gone,
@@ -94,6 +96,9 @@ class ClientSide:
         self.proxy = GrantedProxy(session, settings.max_answer_bytes)
         # A carried stream's Settled, awaited by the relay before its last bytes.
         self.receipts: dict[int, asyncio.Future[None]] = {}
+        # Each carried request's standing, ended by the daemon's Cut (its key revoked, or
+        # its budget lowered below what it used): its stream's relay reads it per piece.
+        self.standings: dict[int, Standing] = {}
         self.timeouts: dict[tuple[float | None, float | None], aiohttp.ClientTimeout] = {}
         # The requests whose body's first piece has not come: the receive awaited for it, and
         # since when (the loop's clock); a receive past server.body_read_timeout_s is cancelled
@@ -122,6 +127,8 @@ class ClientSide:
                 max_answer_bytes=frame.max_answer_bytes,
             )
             self.proxy.max_answer_bytes = frame.max_answer_bytes
+        elif isinstance(frame, Cut) and (standing := self.standings.get(frame.rid)) is not None:
+            standing.ended = frame.why
 
     def daemon_gone(self) -> None:
         """The link closed: no answer will come for these requests."""
@@ -304,6 +311,7 @@ class ClientSide:
         """Granted, the request is carried here (again, when the daemon retries it on
         another replica); refused, or answered by the daemon, that answer is relayed."""
         watch = _ClientWatch(self, rid, receive)
+        self.standings[rid] = Standing()  # before any grant: a Cut may follow it in the same read
         try:
             while True:
                 frame = await frames.get()
@@ -323,6 +331,7 @@ class ClientSide:
                 watch = _ClientWatch(self, rid, receive)
         finally:
             watch.stop()
+            del self.standings[rid]
 
     async def _carry_whole(
         self, rid: int, grant: Grant, carried: Carried, receive: Any, send: Any, frames: Mailbox[Any]
@@ -359,6 +368,7 @@ class ClientSide:
         usage tapped, its end told to the daemon (Finish, from the stream's close)."""
         req = ProxyRequest(grant.request_id, carried.started, 0.0, carried.endpoint, receive)
         req.body = carried.body  # what the stream's fixer reads of the request (relay._stream_fixer)
+        req.standing = self.standings[rid]
         if grant.tap is not None:
             req.tap = StreamTap(grant.tap, scrub, revealing) if grant.scrub else StreamTap(grant.tap)
         if grant.accountable:
@@ -369,6 +379,7 @@ class ClientSide:
             usage = tap.usage if tap is not None else None
             counts = (usage.prompt_tokens, usage.completion_tokens) if usage is not None else None
             events = tap.events if tap is not None else 0
+            status = req.cut_status or status  # its key's standing ended it: 401, 429
             self.out.write(Finish(rid, status, "", "", b"", counts, events, req.ttft, req.bytes_sent))
 
         try:

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, TypeVar
 
-from appliance.access.keys import NO_KEY, ended_error
+from appliance.access.keys import NO_KEY, Standing, ended_error
 from appliance.access.tenancy import cleaned
 from appliance.errors import ApplianceError
 from appliance.fleet.hold import ClientGone
@@ -378,15 +378,16 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
     read = stream.read
     fixer = _stream_fixer(req)
     # Its key's standing: revoked (or its budget lowered below what it used) ends the
-    # stream at its next piece, one attribute read per piece (Gate.refresh sets it).
-    standing = req.key.standing if req.key is not None else NO_KEY
+    # stream at its next piece, one attribute read per piece (Gate.refresh sets it; in
+    # a worker carrying the stream, the daemon's Cut: dataplane/worker_client.py).
+    standing = req.key.standing if req.key is not None else req.standing or NO_KEY
     try:
         chunk = await read()
         if chunk:
             req.ttft = time.perf_counter() - req.started
         while chunk:
             if standing.ended is not None:
-                raise _cut(req, standing.ended)
+                raise _cut(req, standing)
             if fixer is not None:
                 chunk = fixer.feed(chunk)
             if tap is not None:
@@ -413,15 +414,15 @@ async def _pump(stream: AnswerStream, send: Send, req: ProxyRequest, sends: dead
         stream.close()
 
 
-def _cut(req: ProxyRequest, why: str) -> ApplianceError:
+def _cut(req: ProxyRequest, standing: Standing) -> ApplianceError:
     """A stream its key's standing ended: its error event, and its row's status (the
     pump's close charges what it generated so far and closes the engine's connection)."""
-    exc = ended_error(req.key.standing if req.key is not None else NO_KEY)
+    exc = ended_error(standing)
     req.cut_status = exc.status
     log.warning(
         "request %s: its stream was ended: its key %s",
         req.rid,
-        "was revoked" if why == "revoked" else "is over its lowered budget",
+        "was revoked" if standing.ended == "revoked" else "is over its lowered budget",
     )
     return exc
 

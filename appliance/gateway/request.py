@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from litestar.types import Receive
 
-    from appliance.access.keys import ApiKey, Reservation
+    from appliance.access.keys import ApiKey, Reservation, Standing
     from appliance.config import RouteConfig
     from appliance.fleet.deployment import Deployment
     from appliance.fleet.replica import Replica
@@ -81,6 +81,8 @@ class ProxyRequest:
     # address that proxy named (gateway/forwarded.py); audited beside it.
     proxy: str | None = None
     key: ApiKey | None = None
+    # A stream its worker carries has no key there: the standing the daemon's Cut ends.
+    standing: Standing | None = None
     # What it asks for.
     model: str = ""  # the model the client asked for
     body: bytes = b""  # as the client sent it (metered by it when the engine reports no usage)
