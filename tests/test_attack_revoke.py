@@ -111,3 +111,19 @@ def test_a_keys_budget_lowered_below_what_it_used_ends_its_requests_in_flight(tm
     store.set_limits(admitted.id, budget_tokens=150)
     gate.refresh()
     assert admitted.standing.ended == "budget" and ended_error(admitted.standing).status == 429
+
+
+def test_a_budget_raised_again_after_it_ended_the_keys_streams_lets_its_new_requests_run(tmp_path):
+    """The ended standing stays with the requests it cut, never with the key: a raised
+    budget (or a new period, or no budget) must not cut every later stream of the key."""
+    store, gate, admitted = _gate(tmp_path, budget=1000)
+    gate.settle(admitted, gate.admit(admitted, None, prompt=100, cap=100), 100, 100)
+    store.set_limits(admitted.id, budget_tokens=150)
+    gate.refresh()
+    assert admitted.standing.ended == "budget"
+    store.set_limits(admitted.id, budget_tokens=100_000)
+    gate.refresh()
+    again = gate.keys[admitted.id]
+    assert again.standing.ended is None and admitted.standing.ended == "budget"
+    gate.refresh()  # and the next refresh keeps the new standing, not the ended one
+    assert gate.keys[admitted.id].standing is again.standing and again.standing.ended is None

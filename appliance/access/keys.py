@@ -292,11 +292,15 @@ class Gate:
             if new is None:
                 old.standing.end("revoked")
                 continue
-            new.standing = old.standing
+            # An ended standing stays with the requests it ended; the key's next ones
+            # get a new one (a budget raised again, or a new period, lets them run:
+            # admit judges them).
+            if old.standing.ended is None:
+                new.standing = old.standing
             if new.budget_tokens and new.budget_tokens != old.budget_tokens:
                 start = period_bounds(new.budget_period, self.clock())[0]
                 if self._used(key_id, start) >= new.budget_tokens:
-                    old.standing.end("budget")
+                    new.standing.end("budget")
 
     def authenticate(self, authorization: bytes | None) -> ApiKey | None:
         """The caller's key; None for a keyless local client where that is allowed."""
