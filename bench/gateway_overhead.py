@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python bench/gateway_overhead.py [--duration 8] [--warmup 2]
         [--concurrency 1,16,64] [--engine-latency S] [--client auto|wrk|python] [--no-pin]
-        [--no-naive] [--raw] [--keys] [--endpoint responses|messages] [--rounds N] [--profile DIR]
+        [--no-naive] [--raw] [--rsgi] [--keys] [--endpoint responses|messages] [--rounds N] [--profile DIR]
         [--telemetry] [--workers 1,2] [--stream [--streams 64] [--chunks 200] [--pacing-ms 20]
         [--no-gap]] [--peer litellm]
 
@@ -10,7 +10,7 @@ Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
 ``bench/naive_proxy.py`` (a naive aiohttp proxy on Granian: the bar DEVELOPERS.md
 sets) and, with --raw, the floor of the stack (a bare ASGI proxy, same server
-and client), all on 127.0.0.1 only. For each concurrency it runs the load generator for
+and client; with --rsgi, the same on Granian's RSGI protocol), all on 127.0.0.1 only. For each concurrency it runs the load generator for
 --warmup seconds (discarded) and --duration seconds (measured) against the engine
 directly, through the naive proxy and through the appliance, and prints one table:
 each side's req/s, p50, p99 and CPU per request, and each proxy against direct.
@@ -31,8 +31,8 @@ appliance's in the same run: what tracing costs a request (with --workers N, als
 --stream also measures streamed answers (bench/overhead_stream.py): --streams
 streams started together, each of --chunks chunks, the engine writing one every
 --pacing-ms and stamping it with its send time, against direct, the floor of the
-stack (``naive_proxy.py --raw`` relaying each read as it comes), the naive proxy and
-each appliance; one table of chunks/s, CPU per relayed chunk, time to first chunk
+stack (``naive_proxy.py --raw`` relaying each read as it comes; with --rsgi, its RSGI
+twin too), the naive proxy and each appliance; one table of chunks/s, CPU per relayed chunk, time to first chunk
 added to direct's (p50/p99), relay delay (a chunk's transit added to direct's,
 p50/p99), and each appliance against the floor. --no-gap adds 16 streams with no time
 between chunks. --concurrency none measures streams only.
@@ -115,7 +115,7 @@ REQUESTS = {
     "responses": ("/v1/responses", b'{"model":"fake","input":"hi","max_output_tokens":4}'),
     "messages": ("/v1/messages", b'{"model":"fake","max_tokens":4,"messages":[{"role":"user","content":"hi"}]}'),
 }
-SIDES = ("direct", "raw", "naive", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
+SIDES = ("direct", "raw", "rsgi", "naive", "appliance", "batch", "commit", "fsync", "ep-direct", "ep-appl", "traced")
 # Sides that send the --endpoint request instead of chat's.
 ENDPOINT_SIDES = ("ep-direct", "ep-appl")
 DURABILITY = ("batch", "commit", "fsync")  # --keys: keyed sides, one per [audit] durability
@@ -267,6 +267,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true", help="skip the naive-proxy baseline")
     p.add_argument("--raw", action="store_true",
                    help="also measure the floor of the stack: a bare ASGI proxy on the same server and client")
+    p.add_argument("--rsgi", action="store_true",
+                   help="also measure that floor on Granian's RSGI protocol (naive_proxy.py --rsgi; "
+                        "with --stream, streamed too)")
     p.add_argument("--keys", action="store_true",
                    help="also measure keyed requests (budgeted key, audit on) with [audit] durability "
                         "batch (before durable accounting), commit and fsync")
@@ -346,11 +349,11 @@ def start_sides(args, sides: Sides, engine_port: int) -> dict[str, str]:
             if n > 1:
                 sides.optional(f"traced-w{n}", lambda n=n: sides.appliance(f"traced-w{n}", engine_port, traced,
                                                                           server_extra=f"workers = {n}"))
-    for side, wanted in (("naive", not args.no_naive), ("raw", args.raw or args.stream)):
+    for side, wanted in (("naive", not args.no_naive), ("raw", args.raw or args.stream), ("rsgi", args.rsgi)):
         if wanted:
             port = free_port()
             sides.start(side, [sys.executable, str(ROOT / "bench" / "naive_proxy.py"), str(port),
-                               f"http://127.0.0.1:{engine_port}", *(["--raw"] if side == "raw" else [])],
+                               f"http://127.0.0.1:{engine_port}", *([f"--{side}"] if side != "naive" else [])],
                         "/health", port=port)
     if args.peer:
         start_peer(args.peer, sides, engine_port, args.worker_counts)
@@ -365,10 +368,12 @@ def side_order(names) -> list[str]:
     """The sides in the table's order: direct, the baselines, the appliances by workers, the
     peers, then the appliance's variants (keys, tracing, another API)."""
     names = set(names)
-    fixed = [s for s in SIDES if s in names]
+    cut = SIDES.index("appliance") + 1
+    first = [s for s in SIDES[:cut] if s in names]
+    variants = [s for s in SIDES[cut:] if s in names]
     appliances = sorted((n for n in names if n.startswith("appliance-w")), key=lambda n: int(n[11:]))
     peers = sorted((n for n in names if n not in SIDES and n not in appliances), key=lambda n: (len(n), n))
-    return fixed[:4] + appliances + peers + fixed[4:]
+    return first + appliances + peers + variants
 
 
 def main(argv: list[str]) -> int:
@@ -430,7 +435,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-STREAM_SIDES = ("direct", "raw", "naive")  # with the appliances and the peers: the sides a stream is measured on
+STREAM_SIDES = ("direct", "raw", "rsgi", "naive")  # with the appliances and the peers: the sides a stream is measured on
 
 
 def measure_streams(args, sides: Sides, tokens: dict, cpus: str | None, names: list[str]) -> list[dict]:
