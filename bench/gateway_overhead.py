@@ -10,7 +10,8 @@ Starts ``tests/fake_engine.py`` (a real aiohttp server), ``appliance serve``
 pointed at it as an external (unsupervised) ``openai`` engine, and the baseline,
 ``bench/naive_proxy.py`` (a naive aiohttp proxy on Granian: the bar DEVELOPERS.md
 sets) and, with --raw, the floor of the stack (a bare ASGI proxy, same server
-and client; with --rsgi, the same on Granian's RSGI protocol), all on 127.0.0.1 only. For each concurrency it runs the load generator for
+and client; with --rsgi, the same on Granian's RSGI protocol), all on 127.0.0.1
+only. For each concurrency it runs the load generator for
 --warmup seconds (discarded) and --duration seconds (measured) against the engine
 directly, through the naive proxy and through the appliance, and prints one table:
 each side's req/s, p50, p99 and CPU per request, and each proxy against direct.
@@ -435,7 +436,8 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-STREAM_SIDES = ("direct", "raw", "rsgi", "naive")  # with the appliances and the peers: the sides a stream is measured on
+# With the appliances and the peers: the sides a stream is measured on.
+STREAM_SIDES = ("direct", "raw", "rsgi", "naive")
 
 
 def measure_streams(args, sides: Sides, tokens: dict, cpus: str | None, names: list[str]) -> list[dict]:

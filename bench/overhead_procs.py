@@ -110,8 +110,8 @@ def taskset(cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus] if cpus else []
 
 
-LABELS = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "rsgi": "floor (bare RSGI)", "naive": "naive proxy",
-          "appliance": "appliance, workers=1", "litellm": "LiteLLM, workers=1"}
+LABELS = {"direct": "direct (fake engine)", "raw": "floor (bare ASGI)", "rsgi": "floor (bare RSGI)",
+          "naive": "naive proxy", "appliance": "appliance, workers=1", "litellm": "LiteLLM, workers=1"}
 
 
 def side_label(side: str) -> str:
